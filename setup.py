@@ -1,0 +1,31 @@
+"""sparsectx: Triton kernels for Sparse Context in reference-conditioned diffusion transformers.
+
+The Triton kernels live in the top-level ``kernels/`` folder but are installed as ``sparsectx.kernels``
+only: Hugging Face's ``kernels`` package owns the top-level name ``kernels`` and diffusers probes for it.
+"""
+from setuptools import setup
+
+setup(
+    name="sparsectx",
+    version="0.1.0",
+    description="Gather-based sparse reference attention and token compaction kernels for DiT editing models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["sparsectx", "sparsectx.kernels"],
+    package_dir={"sparsectx": "sparsectx", "sparsectx.kernels": "kernels"},
+    install_requires=[
+        # no upper pin and no CUDA-only pin: a machine that already has torch keeps it
+        "torch>=2.5",
+        "triton>=3.2; platform_system == 'Linux'",
+        "diffusers>=0.35",
+        "einops",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers"],
+        "train": ["peft", "accelerate"],
+        "plot": ["matplotlib"],
+    },
+    entry_points={"console_scripts": ["sparsectx=sparsectx.cli:main"]},
+)

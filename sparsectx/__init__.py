@@ -1,0 +1,14 @@
+"""sparsectx: Sparse Context for reference-conditioned diffusion transformers.
+
+Public ops (``sparsectx.ops``): ``sparse_attention``, ``masked_attention``, ``compact_tokens``, ``scatter_tokens``.
+"""
+from .ops import (  # noqa: F401
+    Compacted,
+    backend_for,
+    compact_tokens,
+    masked_attention,
+    scatter_tokens,
+    sparse_attention,
+)
+
+__version__ = "0.1.0"

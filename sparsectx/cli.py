@@ -1,0 +1,74 @@
+"""The ``sparsectx`` command: ``sparsectx info`` and ``sparsectx bench``."""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+
+def _info(_args) -> int:
+    import torch
+
+    from . import __version__
+    from .ops import backend_for
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # pragma: no cover - platform without triton
+        triton_version = "not installed"
+    try:
+        import diffusers
+
+        diffusers_version = diffusers.__version__
+    except Exception:  # pragma: no cover
+        diffusers_version = "not installed"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    rows = [
+        ("sparsectx", __version__),
+        ("python", platform.python_version()),
+        ("torch", torch.__version__),
+        ("triton", triton_version),
+        ("diffusers", diffusers_version),
+        ("device", f"{device} ({name})"),
+    ]
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        path = backend_for(device, dtype)
+        rows.append((f"ops path, {str(dtype).replace('torch.', '')}", path))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _bench(args) -> int:
+    from . import benchmarks
+
+    return benchmarks.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsectx", description="Sparse Context kernels for diffusion transformers")
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="versions, device, and which path (Triton GPU / interpreter / torch) ops take")
+    info.set_defaults(func=_info)
+    bench = sub.add_parser("bench", help="benchmarks against the peers users would otherwise use, as a table")
+    try:
+        from . import benchmarks
+
+        benchmarks.add_arguments(bench)
+    except ImportError:  # pragma: no cover
+        pass
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

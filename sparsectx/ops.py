@@ -1,0 +1,418 @@
+"""Public ops of sparsectx: validation, dispatch, autograd and torch.library registration.
+
+Dispatch (``backend_for``): CUDA tensors run the Triton kernels; CPU tensors run the same Triton kernels through
+the interpreter when ``TRITON_INTERPRET=1`` was set before sparsectx's kernels were first imported (bf16 excepted:
+the interpreter computes bf16 wrongly, so bf16 on the CPU takes the reference path); anything else runs the
+plain-torch reference of ``sparsectx.reference``. Every path gives the same results within rounding.
+
+Ops:
+- ``sparse_attention``: flash_attn_varlen_func-style joint attention whose keys are each sample's own packed keys
+  plus keys gathered by index from a reference K/V buffer (no copy of the kept references).
+- ``masked_attention``: the same kernel for diffusers' dense layout ``[B, S, H, D]`` with a key keep-mask
+  (training with random drop masks): work scales with the kept keys.
+- ``compact_tokens`` / ``scatter_tokens``: keep-mask or scores+budget -> packed kept rows, and back.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+
+from . import reference
+
+# ----------------------------------------------------------------------------------------------------------------
+# dispatch
+# ----------------------------------------------------------------------------------------------------------------
+TRITON_GPU, TRITON_INTERPRETER, TORCH_REFERENCE = "triton-gpu", "triton-interpreter", "torch-reference"
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - platform without triton
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def backend_for(device: Union[torch.device, str], dtype: torch.dtype = torch.float16) -> str:
+    """Which implementation an op takes for tensors on ``device`` of ``dtype``."""
+    device = torch.device(device)
+    if device.type == "cuda" and _triton_available() and not interpreter_enabled():
+        return TRITON_GPU
+    if device.type == "cpu" and interpreter_enabled() and _triton_available() and dtype != torch.bfloat16:
+        return TRITON_INTERPRETER
+    return TORCH_REFERENCE
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return backend_for(t.device, t.dtype) != TORCH_REFERENCE
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# validation helpers: every message names the argument, and all run before any launch
+# ----------------------------------------------------------------------------------------------------------------
+_ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_tensor(name: str, t, ndim: Optional[int] = None, dtypes=None, device=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
+
+
+def _check_cu_seqlens(name: str, cu: torch.Tensor, batch: Optional[int], total: Optional[int], device) -> int:
+    """Checks shape/dtype/monotonicity/total of a cu_seqlens tensor (one small host read) and returns B."""
+    _check_tensor(name, cu, ndim=1, dtypes=(torch.int32,), device=device)
+    if cu.numel() < 1:
+        raise ValueError(f"{name} must have B+1 >= 1 entries")
+    if batch is not None and cu.numel() != batch + 1:
+        raise ValueError(f"{name} has {cu.numel()} entries but the batch has {batch} samples (need {batch + 1})")
+    host = cu.tolist()
+    if host[0] != 0:
+        raise ValueError(f"{name}[0] must be 0, got {host[0]}")
+    if any(b < a for a, b in zip(host, host[1:])):
+        raise ValueError(f"{name} must be non-decreasing, got {host}")
+    if total is not None and host[-1] != total:
+        raise ValueError(f"{name}[-1] = {host[-1]} does not match the {total} packed rows of the tensor it indexes")
+    return cu.numel() - 1
+
+
+def _max_len(cu: torch.Tensor) -> int:
+    return int((cu[1:] - cu[:-1]).max().item()) if cu.numel() > 1 else 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sparse attention: torch.library custom ops (forward, backward) + autograd
+# ----------------------------------------------------------------------------------------------------------------
+def _empty_like_missing(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return t if t is not None else like.new_empty(0)
+
+
+@torch.library.custom_op("sparsectx::sparse_attention_fwd", mutates_args=())
+def _attention_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int, ref_k: Optional[torch.Tensor], ref_v: Optional[torch.Tensor],
+    ref_index: Optional[torch.Tensor], cu_seqlens_ref: Optional[torch.Tensor], softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if _use_triton(q):
+        from .kernels import attention as _k
+
+        return _k.attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                    ref_k, ref_v, ref_index, cu_seqlens_ref, softmax_scale)
+    out, lse = reference.sparse_attention_ref(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, ref_k=ref_k, ref_v=ref_v, ref_index=ref_index,
+        cu_seqlens_ref=cu_seqlens_ref, softmax_scale=softmax_scale)
+    return out.to(q.dtype).contiguous(), lse.contiguous()
+
+
+@_attention_fwd_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ref_k, ref_v, ref_index, cu_seqlens_ref, softmax_scale):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("sparsectx::sparse_attention_bwd", mutates_args=())
+def _attention_bwd_op(
+    dout: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+    ref_k: Optional[torch.Tensor], ref_v: Optional[torch.Tensor], ref_index: Optional[torch.Tensor],
+    cu_seqlens_ref: Optional[torch.Tensor], max_seqlen_ref: int, softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dq, dk, dv, dref_k, dref_v); the last two are empty when there is no reference buffer."""
+    if _use_triton(q):
+        from .kernels import attention as _k
+
+        dq, dk, dv, dref_k, dref_v = _k.attention_backward(
+            dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            ref_k, ref_v, ref_index, cu_seqlens_ref, max_seqlen_ref, softmax_scale)
+    else:
+        dq, dk, dv, dref_k, dref_v = reference.sparse_attention_bwd_ref(
+            dout, dlse.masked_fill(~torch.isfinite(lse), 0.0), q, k, v, cu_seqlens_q, cu_seqlens_k, ref_k=ref_k,
+            ref_v=ref_v, ref_index=ref_index, cu_seqlens_ref=cu_seqlens_ref, softmax_scale=softmax_scale)
+        if ref_k is None:
+            dref_k, dref_v = q.new_empty(0), q.new_empty(0)
+    return dq, dk, dv, dref_k, dref_v
+
+
+@_attention_bwd_op.register_fake
+def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ref_k, ref_v,
+      ref_index, cu_seqlens_ref, max_seqlen_ref, softmax_scale):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(ref_k) if ref_k is not None else q.new_empty(0),
+            torch.empty_like(ref_v) if ref_v is not None else q.new_empty(0))
+
+
+def _attention_setup_context(ctx, inputs, output):
+    (q, k, v, cu_q, cu_k, max_q, ref_k, ref_v, ref_index, cu_ref, scale) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, ref_k, ref_v, ref_index, cu_ref)
+    ctx.max_q, ctx.scale = max_q, scale
+    ctx.max_k = k.shape[0]  # upper bounds for the key-block grid: programs past a sample's end exit at once
+    ctx.max_ref = ref_k.shape[1] if ref_k is not None else 0
+
+
+def _attention_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k, ref_k, ref_v, ref_index, cu_ref = ctx.saved_tensors
+    dout = dout.contiguous() if dout is not None else torch.zeros_like(out)
+    dlse = dlse.contiguous() if dlse is not None else torch.zeros_like(lse)
+    dq, dk, dv, dref_k, dref_v = _attention_bwd_op(
+        dout, dlse, q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, ref_k, ref_v, ref_index, cu_ref,
+        ctx.max_ref, ctx.scale)
+    has_ref = ref_k is not None
+    return (dq, dk, dv, None, None, None, dref_k if has_ref else None, dref_v if has_ref else None,
+            None, None, None)
+
+
+torch.library.register_autograd("sparsectx::sparse_attention_fwd", _attention_backward,
+                                setup_context=_attention_setup_context)
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    ref_k: Optional[torch.Tensor] = None,
+    ref_v: Optional[torch.Tensor] = None,
+    ref_index: Optional[torch.Tensor] = None,
+    cu_seqlens_ref: Optional[torch.Tensor] = None,
+    softmax_scale: Optional[float] = None,
+    return_lse: bool = False,
+    validate: bool = True,
+):
+    """Varlen joint attention with keys gathered from a reference buffer (flash_attn_varlen_func-style).
+
+    q ``[Tq, H, D]``; k, v ``[Tk, H, D]``, packed over the batch by ``cu_seqlens_q``/``cu_seqlens_k`` (int32
+    ``[B+1]``). Optional ``ref_k``/``ref_v`` ``[B, R, H, D]`` with ``ref_index`` int32 ``[Tref]`` packed by
+    ``cu_seqlens_ref``: sample b's keys are its own packed keys followed by
+    ``ref_k[b, ref_index[cu_seqlens_ref[b]:cu_seqlens_ref[b+1]]]`` (indices unique within a sample). No causal mask.
+
+    Returns ``out [Tq, H, D]`` in q's dtype (and ``lse [H, Tq]`` fp32, natural log, when ``return_lse``). A query
+    that sees no key outputs zeros with lse ``-inf``. fp16/bf16 compute with fp32 accumulation; fp32 inputs use
+    full-precision (IEEE) dot products. Gradients flow to q, k, v, ref_k and ref_v.
+
+    ``validate=True`` checks cu_seqlens and indices with a few small host reads; pass False in a hot loop once the
+    inputs are known to be well formed (then nothing synchronises with the host).
+    """
+    _check_tensor("q", q, ndim=3, dtypes=_ATTN_DTYPES)
+    dev, dt = q.device, q.dtype
+    _check_tensor("k", k, ndim=3, device=dev)
+    _check_tensor("v", v, ndim=3, device=dev)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != dt:
+            raise ValueError(f"{name} has dtype {t.dtype} but q has {dt}")
+    tq, heads, dim = q.shape
+    if k.shape[1:] != (heads, dim):
+        raise ValueError(f"k must be [Tk, {heads}, {dim}] like q's heads and head dim, got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if dim > 256 or dim < 1:
+        raise ValueError(f"head dim (q.shape[-1]) must be in 1..256, got {dim}")
+    if not isinstance(max_seqlen_q, int) or not isinstance(max_seqlen_k, int):
+        raise TypeError("max_seqlen_q and max_seqlen_k must be Python ints")
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(dim)
+    if not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale must be a finite number, got {softmax_scale!r}")
+    has_ref = ref_k is not None or ref_v is not None or ref_index is not None or cu_seqlens_ref is not None
+    if validate:
+        batch = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, None, tq, dev)
+        _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, batch, k.shape[0], dev)
+        if _max_len(cu_seqlens_q) > max_seqlen_q:
+            raise ValueError(f"max_seqlen_q={max_seqlen_q} is smaller than the longest query sequence")
+        if _max_len(cu_seqlens_k) > max_seqlen_k:
+            raise ValueError(f"max_seqlen_k={max_seqlen_k} is smaller than the longest key sequence")
+    else:
+        batch = cu_seqlens_q.numel() - 1
+    if has_ref:
+        if ref_k is None or ref_v is None or ref_index is None or cu_seqlens_ref is None:
+            raise ValueError("ref_k, ref_v, ref_index and cu_seqlens_ref must be given together")
+        _check_tensor("ref_k", ref_k, ndim=4, device=dev)
+        _check_tensor("ref_v", ref_v, ndim=4, device=dev)
+        if ref_k.dtype != dt or ref_v.dtype != dt:
+            raise ValueError(f"ref_k/ref_v must have q's dtype {dt}, got {ref_k.dtype}/{ref_v.dtype}")
+        if ref_k.shape[0] != batch or ref_k.shape[2:] != (heads, dim):
+            raise ValueError(f"ref_k must be [B={batch}, R, H={heads}, D={dim}], got {tuple(ref_k.shape)}")
+        if ref_v.shape != ref_k.shape:
+            raise ValueError(f"ref_v must have ref_k's shape {tuple(ref_k.shape)}, got {tuple(ref_v.shape)}")
+        _check_tensor("ref_index", ref_index, ndim=1, dtypes=(torch.int32,), device=dev)
+        if validate:
+            _check_cu_seqlens("cu_seqlens_ref", cu_seqlens_ref, batch, ref_index.numel(), dev)
+            if ref_index.numel():
+                lo, hi = int(ref_index.min()), int(ref_index.max())
+                if lo < 0 or hi >= ref_k.shape[1]:
+                    raise ValueError(f"ref_index must lie in [0, {ref_k.shape[1]}), got values in [{lo}, {hi}]")
+        else:
+            _check_tensor("cu_seqlens_ref", cu_seqlens_ref, ndim=1, dtypes=(torch.int32,), device=dev)
+        ref_k, ref_v = _last_dim_contiguous(ref_k), _last_dim_contiguous(ref_v)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    out, lse = _attention_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+                                 ref_k, ref_v, ref_index if has_ref else None, cu_seqlens_ref if has_ref else None,
+                                 float(softmax_scale))
+    return (out, lse) if return_lse else out
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take any token/head strides but need unit stride along the head dim."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor,
+    *,
+    query_mask: Optional[torch.Tensor] = None,
+    softmax_scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Attention in diffusers' dense layout ``q, k, v [B, S, H, D]`` where sample b attends only to the keys with
+    ``key_mask[b]`` True (bool ``[B, S]``). Dropped tokens stay in the tensors; the kernel gathers the kept keys by
+    index, so its work scales with the kept count. ``query_mask`` (bool ``[B, S]``, e.g. the same mask) skips the
+    queries where it is False: their output is zero and they cost nothing. Queries with no kept key output zero.
+
+    Gradients flow to q, k, v (zero at dropped keys and skipped queries). One small host read sizes the packed
+    index; nothing else synchronises.
+    """
+    _check_tensor("q", q, ndim=4, dtypes=_ATTN_DTYPES)
+    dev = q.device
+    for name, t in (("k", k), ("v", v)):
+        _check_tensor(name, t, ndim=4, device=dev)
+        if t.shape != q.shape or t.dtype != q.dtype:
+            raise ValueError(f"{name} must match q's shape {tuple(q.shape)} and dtype {q.dtype}, "
+                             f"got {tuple(t.shape)} {t.dtype}")
+    batch, seq, heads, dim = q.shape
+    _check_tensor("key_mask", key_mask, ndim=2, dtypes=(torch.bool,), device=dev)
+    if key_mask.shape != (batch, seq):
+        raise ValueError(f"key_mask must be [B={batch}, S={seq}], got {tuple(key_mask.shape)}")
+    if query_mask is not None:
+        _check_tensor("query_mask", query_mask, ndim=2, dtypes=(torch.bool,), device=dev)
+        if query_mask.shape != (batch, seq):
+            raise ValueError(f"query_mask must be [B={batch}, S={seq}], got {tuple(query_mask.shape)}")
+    kept = compact_tokens(key_mask, max_total=batch * seq)
+    empty_kv = q.new_empty((0, heads, dim))
+    cu_k = torch.zeros(batch + 1, dtype=torch.int32, device=dev)
+    if query_mask is None:
+        cu_q = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=dev)
+        out = sparse_attention(q.reshape(batch * seq, heads, dim), empty_kv, empty_kv, cu_q, cu_k, seq, 0,
+                               ref_k=k, ref_v=v, ref_index=kept.index, cu_seqlens_ref=kept.cu_seqlens,
+                               softmax_scale=softmax_scale, validate=False)
+        return out.view(batch, seq, heads, dim)
+    queries = compact_tokens(query_mask, q.reshape(batch, seq, heads * dim), max_total=batch * seq)
+    packed_q = queries.tensors[0].view(-1, heads, dim)
+    out = sparse_attention(packed_q, empty_kv, empty_kv, queries.cu_seqlens, cu_k, seq, 0,
+                           ref_k=k, ref_v=v, ref_index=kept.index, cu_seqlens_ref=kept.cu_seqlens,
+                           softmax_scale=softmax_scale, validate=False)
+    dense = scatter_tokens(out.reshape(-1, heads * dim), queries.index, queries.cu_seqlens, seq)
+    return dense.view(batch, seq, heads, dim)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# token compaction
+# ----------------------------------------------------------------------------------------------------------------
+class Compacted(NamedTuple):
+    """Result of ``compact_tokens``: positions of the kept tokens within their sample (int32 ``[total]``, original
+    order), ``cu_seqlens`` (int32 ``[B+1]``), ``max_seqlen`` (int, or None unless asked for), and the packed
+    ``tensors`` (``[total, ...]``, in the order given)."""
+
+    index: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: Optional[int]
+    tensors: tuple
+
+
+def _check_budget(budget, batch: int, n_tokens: int) -> list[int]:
+    if budget is None:
+        raise ValueError("budget is required when selection holds scores (pass a keep mask to select directly)")
+    if isinstance(budget, torch.Tensor):
+        if budget.ndim > 1 or (budget.ndim == 1 and budget.numel() != batch):
+            raise ValueError(f"budget tensor must be a scalar or have one entry per sample ({batch}), "
+                             f"got shape {tuple(budget.shape)}")
+        if budget.is_floating_point() and not torch.isfinite(budget).all():
+            raise ValueError("budget must be finite")
+        values = budget.tolist() if budget.ndim else [budget.item()] * batch
+    elif isinstance(budget, (list, tuple)):
+        if len(budget) != batch:
+            raise ValueError(f"budget must have one entry per sample ({batch}), got {len(budget)}")
+        values = list(budget)
+    else:
+        values = [budget] * batch
+    for b in values:
+        if isinstance(b, bool) or not isinstance(b, (int, float)):
+            raise TypeError(f"budget entries must be int (count) or float (ratio), got {type(b).__name__}")
+        if isinstance(b, float):
+            if not (0.0 < b <= 1.0):
+                raise ValueError(f"budget ratio must be in (0, 1], got {b}")
+        elif not (0 <= b <= n_tokens):
+            raise ValueError(f"budget count must be in [0, N={n_tokens}], got {b}")
+    return reference.budget_to_counts(values, batch, n_tokens)
+
+
+def _check_compaction_inputs(selection, tensors):
+    _check_tensor("selection", selection, ndim=2)
+    if selection.dtype != torch.bool and not selection.is_floating_point():
+        raise ValueError(f"selection must be a bool keep mask or floating-point scores, got {selection.dtype}")
+    batch, n_tokens = selection.shape
+    for i, t in enumerate(tensors):
+        _check_tensor(f"tensors[{i}]", t, device=selection.device)
+        if t.ndim < 2 or tuple(t.shape[:2]) != (batch, n_tokens):
+            raise ValueError(f"tensors[{i}] must be [B={batch}, N={n_tokens}, ...], got {tuple(t.shape)}")
+    if selection.is_floating_point() and torch.isnan(selection).any():
+        raise ValueError("selection scores contain NaN")
+    return batch, n_tokens
+
+
+def compact_tokens(selection: torch.Tensor, *tensors: torch.Tensor, budget=None, max_total: Optional[int] = None,
+                   return_max_seqlen: bool = False) -> Compacted:
+    """Select tokens per sample and pack the selected rows of ``tensors`` (each ``[B, N, ...]``), no padding.
+
+    ``selection`` is a keep mask bool ``[B, N]``, or scores float ``[B, N]`` with ``budget``: an int count, a float
+    ratio in (0, 1] (count = round-half-up(ratio * N)), or one of either per sample (list or tensor ``[B]``). The
+    top-budget tokens by score are kept, ties to the lower index, and returned in original token order.
+
+    Host synchronisation: the scores+budget path never waits for the device (the counts are known on the host;
+    a budget given as a CUDA tensor is read once). The mask path reads the kept total once to size the outputs,
+    unless ``max_total`` is given: then outputs have ``max_total`` rows, of which ``cu_seqlens[-1]`` are valid.
+    ``return_max_seqlen=True`` costs one host read. Gradients flow from the packed tensors to the inputs.
+    """
+    batch, n_tokens = _check_compaction_inputs(selection, tensors)
+    if selection.dtype == torch.bool:
+        if budget is not None:
+            raise ValueError("budget must be None when selection is a keep mask")
+        keep = selection
+    else:
+        keep = reference.topk_keep_mask(selection, _check_budget(budget, batch, n_tokens))
+    index, cu_seqlens, packed = reference.compact_ref(keep, *tensors)
+    if max_total is not None:
+        if max_total < index.numel():
+            raise ValueError(f"max_total={max_total} is smaller than the {index.numel()} kept tokens")
+        pad = max_total - index.numel()
+        index = torch.cat([index, index.new_zeros(pad)])
+        packed = [torch.cat([p, p.new_zeros((pad, *p.shape[1:]))]) for p in packed]
+    max_seqlen = _max_len(cu_seqlens) if return_max_seqlen else None
+    return Compacted(index, cu_seqlens, max_seqlen, tuple(packed))
+
+
+def scatter_tokens(packed: torch.Tensor, index: torch.Tensor, cu_seqlens: torch.Tensor, n_tokens: int,
+                   fill: Union[float, torch.Tensor] = 0.0) -> torch.Tensor:
+    """Inverse of ``compact_tokens``: packed rows ``[total, ...]`` back to ``[B, N, ...]``. Positions that were not
+    kept get ``fill``: a scalar, or a ``[B, N, ...]`` tensor whose values are kept there. Differentiable."""
+    _check_tensor("packed", packed)
+    _check_tensor("index", index, ndim=1, dtypes=(torch.int32,), device=packed.device)
+    _check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=packed.device)
+    valid = int(cu_seqlens[-1])
+    return reference.scatter_ref(packed[:valid], index[:valid], cu_seqlens, n_tokens, fill)

@@ -1,0 +1,180 @@
+"""Plain-torch reference implementations: the specification every kernel is tested against.
+
+Nothing here is fast. Every function computes in the dtype of its inputs (pass float64 tensors for the exact
+reference, or the kernel's dtype for "what PyTorch itself gets in that dtype"), loops over samples where that keeps
+the semantics obvious, and supports autograd through ordinary torch ops.
+
+Conventions (shared with ``sparsectx.ops``):
+- packed varlen tensors are ``[total, ...]`` with ``cu_seqlens`` int32 ``[B+1]`` (flash-attn's convention);
+- ``index`` int32 ``[total]`` gives, for each packed row, its position inside its own sample.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+
+Budget = Union[int, float, Sequence[Union[int, float]], torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# token compaction
+# ----------------------------------------------------------------------------------------------------------------
+def budget_to_counts(budget: Budget, batch: int, n_tokens: int) -> list[int]:
+    """Per-sample number of kept tokens. int = count, float = ratio of N rounded half-up, or one of either per sample.
+
+    (Validation with clear errors happens in ``sparsectx.ops``; this is the arithmetic.)
+    """
+    if isinstance(budget, torch.Tensor):
+        budget = budget.tolist() if budget.ndim else budget.item()
+    values = list(budget) if isinstance(budget, (list, tuple)) else [budget] * batch
+    counts = []
+    for b in values:
+        if isinstance(b, float):
+            counts.append(min(n_tokens, int(math.floor(b * n_tokens + 0.5))))
+        else:
+            counts.append(int(b))
+    return counts
+
+
+def topk_keep_mask(scores: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """bool[B, N]: the ``counts[b]`` highest scores of each row; ties go to the lower index."""
+    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    for b, k in enumerate(counts):
+        keep[b, order[b, :k]] = True
+    return keep
+
+
+def compact_ref(keep: torch.Tensor, *tensors: torch.Tensor):
+    """Kept positions per sample in original order, packed.
+
+    Returns ``(index int32[total], cu_seqlens int32[B+1], packed tensors [total, ...])``.
+    """
+    batch = keep.shape[0]
+    positions = [torch.nonzero(keep[b], as_tuple=False).flatten() for b in range(batch)]
+    counts = torch.tensor([len(p) for p in positions], dtype=torch.int64)
+    cu_seqlens = torch.zeros(batch + 1, dtype=torch.int32)
+    cu_seqlens[1:] = torch.cumsum(counts, 0).to(torch.int32)
+    index = torch.cat(positions).to(torch.int32) if batch else torch.zeros(0, dtype=torch.int32)
+    packed = [torch.cat([t[b, positions[b]] for b in range(batch)]) for t in tensors]
+    return index.to(keep.device), cu_seqlens.to(keep.device), packed
+
+
+def scatter_ref(packed: torch.Tensor, index: torch.Tensor, cu_seqlens: torch.Tensor, n_tokens: int,
+                fill: Union[float, torch.Tensor] = 0.0) -> torch.Tensor:
+    """Inverse of ``compact_ref``: rows back to ``[B, N, ...]``; elsewhere ``fill`` (a scalar or a ``[B, N, ...]``
+    tensor whose values are kept)."""
+    batch = cu_seqlens.numel() - 1
+    if isinstance(fill, torch.Tensor):
+        out = fill.clone()
+    else:
+        out = packed.new_full((batch, n_tokens, *packed.shape[1:]), fill)
+    pieces = []
+    for b in range(batch):
+        lo, hi = int(cu_seqlens[b]), int(cu_seqlens[b + 1])
+        pos = index[lo:hi].long()
+        row = out[b].index_put((pos,), packed[lo:hi])
+        pieces.append(row)
+    return torch.stack(pieces) if pieces else out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sparse joint attention
+# ----------------------------------------------------------------------------------------------------------------
+def sparse_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    *,
+    ref_k: Optional[torch.Tensor] = None,
+    ref_v: Optional[torch.Tensor] = None,
+    ref_index: Optional[torch.Tensor] = None,
+    cu_seqlens_ref: Optional[torch.Tensor] = None,
+    softmax_scale: Optional[float] = None,
+):
+    """Bidirectional varlen attention in which sample b's keys are its own packed keys followed by
+    ``ref_k[b, ref_index[cu_seqlens_ref[b]:cu_seqlens_ref[b+1]]]`` (same for values).
+
+    q ``[Tq, H, D]``, k/v ``[Tk, H, D]``, ref_k/ref_v ``[B, R, H, D]``. Returns ``(out [Tq, H, D], lse [H, Tq])``;
+    ``lse`` is the natural-log log-sum-exp of the scaled scores, ``-inf`` for a query that sees no key (whose output
+    is then zero).
+    """
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    batch = cu_seqlens_q.numel() - 1
+    outs, lses = [], []
+    for b in range(batch):
+        q_b = q[int(cu_seqlens_q[b]):int(cu_seqlens_q[b + 1])]
+        k_b = k[int(cu_seqlens_k[b]):int(cu_seqlens_k[b + 1])]
+        v_b = v[int(cu_seqlens_k[b]):int(cu_seqlens_k[b + 1])]
+        if ref_k is not None:
+            sel = ref_index[int(cu_seqlens_ref[b]):int(cu_seqlens_ref[b + 1])].long()
+            k_b = torch.cat([k_b, ref_k[b, sel]])
+            v_b = torch.cat([v_b, ref_v[b, sel]])
+        scores = torch.einsum("qhd,khd->hqk", q_b, k_b) * scale  # [H, q, k]
+        if k_b.shape[0] == 0:
+            outs.append(torch.zeros_like(q_b))
+            lses.append(torch.full(scores.shape[:2], -math.inf, dtype=torch.float32, device=q.device))
+            continue
+        lse = torch.logsumexp(scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores, -1)
+        probs = torch.softmax(scores, dim=-1)
+        outs.append(torch.einsum("hqk,khd->qhd", probs, v_b))
+        lses.append(lse.float())
+    out = torch.cat(outs) if outs else torch.zeros_like(q)
+    lse = torch.cat(lses, dim=1) if lses else q.new_zeros((q.shape[1], 0), dtype=torch.float32)
+    return out, lse
+
+
+def masked_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor,
+                         softmax_scale: Optional[float] = None, query_mask: Optional[torch.Tensor] = None):
+    """Dense layout ``[B, S, H, D]``: each query attends to the keys of its sample where ``key_mask[b]`` is True.
+    Queries that see no key, and queries where ``query_mask`` is False, output zero."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    scores = scores.masked_fill(~key_mask[:, None, None, :], -math.inf)
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
+    if query_mask is not None:
+        out = out * query_mask[:, :, None, None].to(out.dtype)
+    return out
+
+
+def sparse_attention_bwd_ref(dout, dlse, q, k, v, cu_seqlens_q, cu_seqlens_k, *, ref_k=None, ref_v=None,
+                             ref_index=None, cu_seqlens_ref=None, softmax_scale=None):
+    """Explicit gradients of ``sparse_attention_ref`` for upstream grads ``dout [Tq,H,D]`` and ``dlse [H,Tq]``:
+    ``(dq, dk, dv, dref_k, dref_v)`` (the last two None without a reference buffer). Computed in the inputs' dtype
+    (pass float64 for the exact reference). The backward kernel implements these same formulas:
+    P = softmax(scale·QKᵀ), dV = Pᵀ dO, dP = dO Vᵀ, Δ = rowsum(dO∘O) − dlse, dS = P∘(dP − Δ), dQ = scale·dS K,
+    dK = scale·dSᵀ Q; reference rows of dK/dV go back to their place in the buffer."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dref_k = torch.zeros_like(ref_k) if ref_k is not None else None
+    dref_v = torch.zeros_like(ref_v) if ref_v is not None else None
+    for b in range(cu_seqlens_q.numel() - 1):
+        q0, q1 = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])
+        k0, k1 = int(cu_seqlens_k[b]), int(cu_seqlens_k[b + 1])
+        k_b, v_b = k[k0:k1], v[k0:k1]
+        sel = None
+        if ref_k is not None:
+            sel = ref_index[int(cu_seqlens_ref[b]):int(cu_seqlens_ref[b + 1])].long()
+            k_b, v_b = torch.cat([k_b, ref_k[b, sel]]), torch.cat([v_b, ref_v[b, sel]])
+        if k_b.shape[0] == 0 or q1 == q0:
+            continue
+        q_b, do_b = q[q0:q1], dout[q0:q1].to(q.dtype)
+        probs = torch.softmax(torch.einsum("qhd,khd->hqk", q_b, k_b) * scale, dim=-1)  # [H, q, k]
+        o_b = torch.einsum("hqk,khd->qhd", probs, v_b)
+        dv_b = torch.einsum("hqk,qhd->khd", probs, do_b)
+        dp = torch.einsum("qhd,khd->hqk", do_b, v_b)
+        delta = (do_b * o_b).sum(-1).transpose(0, 1) - dlse[:, q0:q1].to(q.dtype)  # [H, q]
+        ds = probs * (dp - delta[..., None])
+        dq[q0:q1] = torch.einsum("hqk,khd->qhd", ds, k_b) * scale
+        dk_b = torch.einsum("hqk,qhd->khd", ds, q_b) * scale
+        n_own = k1 - k0
+        dk[k0:k1], dv[k0:k1] = dk_b[:n_own], dv_b[:n_own]
+        if sel is not None:
+            dref_k[b, sel] = dk_b[n_own:]
+            dref_v[b, sel] = dv_b[n_own:]
+    return dq, dk, dv, dref_k, dref_v
