@@ -102,9 +102,11 @@ def _empty_like_missing(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.
 @torch.library.custom_op("sparsectx::sparse_attention_fwd", mutates_args=())
 def _attention_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int, ref_k: Optional[torch.Tensor], ref_v: Optional[torch.Tensor],
-    ref_index: Optional[torch.Tensor], cu_seqlens_ref: Optional[torch.Tensor], softmax_scale: float,
+    max_seqlen_q: int, max_seqlen_k: int, ref_k: Optional[torch.Tensor], ref_v: Optional[torch.Tensor],
+    ref_index: Optional[torch.Tensor], cu_seqlens_ref: Optional[torch.Tensor], max_seqlen_ref: int,
+    softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward; ``max_seqlen_k``/``max_seqlen_ref`` are not needed here but saved for the backward's grid."""
     if _use_triton(q):
         from .kernels import attention as _k
 
@@ -117,7 +119,8 @@ def _attention_fwd_op(
 
 
 @_attention_fwd_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ref_k, ref_v, ref_index, cu_seqlens_ref, softmax_scale):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ref_k, ref_v, ref_index, cu_seqlens_ref,
+      max_seqlen_ref, softmax_scale):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
@@ -153,12 +156,10 @@ def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
 
 
 def _attention_setup_context(ctx, inputs, output):
-    (q, k, v, cu_q, cu_k, max_q, ref_k, ref_v, ref_index, cu_ref, scale) = inputs
+    (q, k, v, cu_q, cu_k, max_q, max_k, ref_k, ref_v, ref_index, cu_ref, max_ref, scale) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, ref_k, ref_v, ref_index, cu_ref)
-    ctx.max_q, ctx.scale = max_q, scale
-    ctx.max_k = k.shape[0]  # upper bounds for the key-block grid: programs past a sample's end exit at once
-    ctx.max_ref = ref_k.shape[1] if ref_k is not None else 0
+    ctx.max_q, ctx.max_k, ctx.max_ref, ctx.scale = max_q, max_k, max_ref, scale
 
 
 def _attention_backward(ctx, dout, dlse):
@@ -169,8 +170,8 @@ def _attention_backward(ctx, dout, dlse):
         dout, dlse, q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, ref_k, ref_v, ref_index, cu_ref,
         ctx.max_ref, ctx.scale)
     has_ref = ref_k is not None
-    return (dq, dk, dv, None, None, None, dref_k if has_ref else None, dref_v if has_ref else None,
-            None, None, None)
+    return (dq, dk, dv, None, None, None, None, dref_k if has_ref else None, dref_v if has_ref else None,
+            None, None, None, None)
 
 
 torch.library.register_autograd("sparsectx::sparse_attention_fwd", _attention_backward,
@@ -191,6 +192,7 @@ def sparse_attention(
     ref_index: Optional[torch.Tensor] = None,
     cu_seqlens_ref: Optional[torch.Tensor] = None,
     softmax_scale: Optional[float] = None,
+    max_seqlen_ref: Optional[int] = None,
     return_lse: bool = False,
     validate: bool = True,
 ):
@@ -204,6 +206,9 @@ def sparse_attention(
     Returns ``out [Tq, H, D]`` in q's dtype (and ``lse [H, Tq]`` fp32, natural log, when ``return_lse``). A query
     that sees no key outputs zeros with lse ``-inf``. fp16/bf16 compute with fp32 accumulation; fp32 inputs use
     full-precision (IEEE) dot products. Gradients flow to q, k, v, ref_k and ref_v.
+
+    ``max_seqlen_ref`` bounds the kept reference keys of one sample (default: the buffer length R, which needs no
+    host read); only the backward's grid uses it.
 
     ``validate=True`` checks cu_seqlens and indices with a few small host reads; pass False in a hot loop once the
     inputs are known to be well formed (then nothing synchronises with the host).
@@ -259,10 +264,16 @@ def sparse_attention(
         else:
             _check_tensor("cu_seqlens_ref", cu_seqlens_ref, ndim=1, dtypes=(torch.int32,), device=dev)
         ref_k, ref_v = _last_dim_contiguous(ref_k), _last_dim_contiguous(ref_v)
+        if max_seqlen_ref is None:
+            max_seqlen_ref = ref_k.shape[1]
+        elif not isinstance(max_seqlen_ref, int) or max_seqlen_ref < 0:
+            raise ValueError(f"max_seqlen_ref must be a non-negative int, got {max_seqlen_ref!r}")
+        elif validate and _max_len(cu_seqlens_ref) > max_seqlen_ref:
+            raise ValueError(f"max_seqlen_ref={max_seqlen_ref} is smaller than a sample's kept reference count")
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    out, lse = _attention_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+    out, lse = _attention_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
                                  ref_k, ref_v, ref_index if has_ref else None, cu_seqlens_ref if has_ref else None,
-                                 float(softmax_scale))
+                                 int(max_seqlen_ref or 0), float(softmax_scale))
     return (out, lse) if return_lse else out
 
 

@@ -1,0 +1,380 @@
+"""Gather-based sparse joint attention: varlen forward and backward in Triton.
+
+Spec: ``sparsectx.reference.sparse_attention_ref`` (forward) and ``sparse_attention_bwd_ref`` (backward).
+
+Sample b's queries are rows ``cu_q[b]:cu_q[b+1]`` of the packed ``q [Tq, H, D]``; its keys are its own packed rows
+``cu_k[b]:cu_k[b+1]`` of ``k/v [Tk, H, D]`` followed by the reference rows ``ref_k[b, ref_index[j]]`` for
+``j in cu_r[b]:cu_r[b+1]`` of a ``[B, R, H, D]`` buffer. The kept reference rows are never copied: each key block of
+the reference loop is loaded through a vector of row pointers. There is no causal mask.
+
+Layout of the work (no host synchronisation: grids are sized from host-side upper bounds, and programs past the end
+of their sample return at once):
+- forward: one program per (query block, head, sample); it streams over the sample's own keys, then over its
+  gathered reference keys, with an online softmax in base 2 (fp32 statistics).
+- backward (FlashAttention-2 split, no atomics): a pre-pass computes ``delta = rowsum(dO * O) - dlse``; one kernel
+  per key block accumulates dK and dV over all query blocks of the sample (launched once for the own keys and once
+  for the reference keys, whose gradients are stored straight into their rows of the reference-buffer gradient:
+  indices are unique within a sample, so every row has a single writer); one kernel per query block accumulates dQ.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # scores are scaled by scale*log2(e) so that exp2 replaces exp
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # lse is returned in natural log
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launch configurations: a small autotune set on the GPU (the best block shape differs between contiguous and
+# gathered keys), one fixed config in the interpreter (where several configs fail and big blocks run fastest)
+# ----------------------------------------------------------------------------------------------------------------
+def _configs(gpu_shapes, interpreter_shape):
+    if _interpreting():
+        bm, bn = interpreter_shape
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in gpu_shapes]
+
+
+FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3)], (32, 32))
+# dK/dV: a program holds BLOCK_N keys and streams BLOCK_M queries; dQ: BLOCK_M queries, streams BLOCK_N keys
+DKDV_CONFIGS = _configs([(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3)], (32, 32))
+DQ_CONFIGS = _configs([(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)], (32, 32))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _online_softmax_step(acc, m_i, l_i, q, k, v, key_valid, qk_scale, IEEE: tl.constexpr):
+    """Folds one key block into the running (acc, max, sum): scores in base 2, masked keys get -inf."""
+    if IEEE:
+        qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        qk = tl.dot(q, tl.trans(k))
+    qk = tl.where(key_valid[None, :], qk * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet stay at zero
+    p = tl.math.exp2(qk - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.autotune(configs=FWD_CONFIGS, key=["HEAD_DIM", "HAS_REF"])
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, RK, RV, RIDX, CU_Q, CU_K, CU_R, O, LSE,
+    qk_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_rkb, stride_rkr, stride_rkh, stride_rvb, stride_rvr, stride_rvh,
+    stride_ot, stride_oh, stride_lse_h,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_REF: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_start = tl.load(CU_Q + batch)
+    q_len = tl.load(CU_Q + batch + 1) - q_start
+    if pid_m * BLOCK_M >= q_len:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    q_valid = offs_m < q_len
+    q_rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(Q + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=q_valid[:, None] & d_valid[None, :], other=0.0)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    # the sample's own keys: contiguous packed rows
+    k_start = tl.load(CU_K + batch)
+    k_len = tl.load(CU_K + batch + 1) - k_start
+    for start_n in range(0, k_len, BLOCK_N):
+        key_valid = start_n + offs_n < k_len
+        rows = (k_start + start_n + offs_n).to(tl.int64)
+        kv_mask = key_valid[:, None] & d_valid[None, :]
+        k = tl.load(K + rows[:, None] * stride_kt + head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + rows[:, None] * stride_vt + head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, key_valid, qk_scale, IEEE)
+
+    # the sample's kept reference keys: rows of ref_k[batch] gathered through ref_index
+    if HAS_REF:
+        r_start = tl.load(CU_R + batch)
+        r_len = tl.load(CU_R + batch + 1) - r_start
+        rk_base = RK + batch.to(tl.int64) * stride_rkb + head * stride_rkh
+        rv_base = RV + batch.to(tl.int64) * stride_rvb + head * stride_rvh
+        for start_n in range(0, r_len, BLOCK_N):
+            key_valid = start_n + offs_n < r_len
+            idx = tl.load(RIDX + r_start + start_n + offs_n, mask=key_valid, other=0).to(tl.int64)
+            kv_mask = key_valid[:, None] & d_valid[None, :]
+            k = tl.load(rk_base + idx[:, None] * stride_rkr + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(rv_base + idx[:, None] * stride_rvr + offs_d[None, :], mask=kv_mask, other=0.0)
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, key_valid, qk_scale, IEEE)
+
+    # normalise; a query that saw no key outputs zeros and lse = -inf
+    seen = l_i > 0.0
+    acc = acc / tl.where(seen, l_i, 1.0)[:, None]
+    tl.store(O + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :], acc.to(O.dtype.element_ty),
+             mask=q_valid[:, None] & d_valid[None, :])
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+    tl.store(LSE + head * stride_lse_h + q_start + offs_m, lse, mask=q_valid)
+
+
+def _block_d(dim: int) -> int:
+    return max(16, triton.next_power_of_2(dim))
+
+
+def _ref_args(ref_k, ref_v, ref_index, cu_r, like):
+    """Kernel arguments for the reference buffer (dummies when there is none: HAS_REF=False skips its loop)."""
+    if ref_k is None:
+        dummy = like.new_empty((1, 1, 1, 1))
+        index = torch.zeros(1, dtype=torch.int32, device=like.device)
+        return dummy, dummy, index, index, False
+    return ref_k, ref_v, ref_index, cu_r, True
+
+
+def attention_forward(q, k, v, cu_q, cu_k, max_seqlen_q, ref_k, ref_v, ref_index, cu_r, softmax_scale):
+    """Launches the forward kernel. Returns ``(out [Tq, H, D], lse [H, Tq] fp32, natural log)``."""
+    tq, heads, dim = q.shape
+    batch = cu_q.numel() - 1
+    out = torch.empty_like(q)
+    lse = torch.empty((heads, tq), dtype=torch.float32, device=q.device)
+    if tq == 0 or batch == 0 or max_seqlen_q == 0:
+        return out, lse
+    rk, rv, ridx, cur, has_ref = _ref_args(ref_k, ref_v, ref_index, cu_r, q)
+
+    def grid(meta):
+        return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)
+
+    _fwd_kernel[grid](
+        q, k, v, rk, rv, ridx, cu_q, cu_k, cur, out, lse,
+        softmax_scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
+        out.stride(0), out.stride(1), lse.stride(0),
+        HEAD_DIM=dim, BLOCK_D=_block_d(dim), HAS_REF=has_ref, IEEE=q.dtype == torch.float32,
+    )
+    return out, lse
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_delta_kernel(O, DO, DLSE, DELTA, stride_ot, stride_oh, stride_dot, stride_doh, n_rows,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta[h, t] = sum_d dO[t, h, d] * O[t, h, d] - dlse[h, t] (the row term of dS = P * (dP - delta))."""
+    pid_m, head = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_valid = rows < n_rows
+    mask = row_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
+    rows64 = rows.to(tl.int64)
+    o = tl.load(O + rows64[:, None] * stride_ot + head * stride_oh + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + rows64[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=mask, other=0.0)
+    dlse = tl.load(DLSE + head * n_rows + rows, mask=row_valid, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1) - dlse
+    tl.store(DELTA + head * n_rows + rows, delta, mask=row_valid)
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.autotune(configs=DKDV_CONFIGS, key=["HEAD_DIM", "IS_REF"])
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, DO, LSE2, DELTA, K, V, DK, DV, CU_Q, CU_K, KIDX,
+    qk_scale, sm_scale, stride_qt, stride_qh, stride_dot, stride_doh, stride_lse_h,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_REF: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dK, dV for one block of BLOCK_N keys of one sample and head.
+
+    Own keys (IS_REF=False): K/V/DK/DV are the packed [Tk, H, D] tensors, key rows cu_k[b] + n (stride_*b unused).
+    Reference keys (IS_REF=True): K/V are the [B, R, H, D] buffers and DK/DV their gradients; cu_k is cu_seqlens_ref
+    and the key rows are ref_index[cu_k[b] + n] inside sample b's slice of the buffer.
+    """
+    pid_n, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    k_start = tl.load(CU_K + batch)
+    k_len = tl.load(CU_K + batch + 1) - k_start
+    if pid_n * BLOCK_N >= k_len:
+        return
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    key_valid = offs_n < k_len
+    kv_mask = key_valid[:, None] & d_valid[None, :]
+    if IS_REF:
+        rows = tl.load(KIDX + k_start + offs_n, mask=key_valid, other=0).to(tl.int64)
+    else:
+        rows = (k_start + offs_n).to(tl.int64)
+    b64 = batch.to(tl.int64)
+    k = tl.load(K + b64 * stride_kb + rows[:, None] * stride_kt + head * stride_kh + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b64 * stride_vb + rows[:, None] * stride_vt + head * stride_vh + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    q_start = tl.load(CU_Q + batch)
+    q_len = tl.load(CU_Q + batch + 1) - q_start
+    # stream over every query block of the sample: P^T = exp2(K Q^T * scale - lse), dV += P^T dO,
+    # dS^T = P^T * (V dO^T - delta), dK += dS^T Q
+    for start_m in range(0, q_len, BLOCK_M):
+        q_valid = start_m + offs_m < q_len
+        q_rows = (q_start + start_m + offs_m).to(tl.int64)
+        q_mask = q_valid[:, None] & d_valid[None, :]
+        q = tl.load(Q + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DO + q_rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=q_mask,
+                     other=0.0)
+        lse2 = tl.load(LSE2 + head * stride_lse_h + q_start + start_m + offs_m, mask=q_valid, other=0.0)
+        delta = tl.load(DELTA + head * stride_lse_h + q_start + start_m + offs_m, mask=q_valid, other=0.0)
+        qk_t = _dot(k, tl.trans(q), IEEE) * qk_scale
+        p_t = tl.where(q_valid[None, :], tl.math.exp2(qk_t - lse2[None, :]), 0.0)
+        dv += _dot(p_t.to(do.dtype), do, IEEE)
+        dp_t = _dot(v, tl.trans(do), IEEE)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _dot(ds_t.to(q.dtype), q, IEEE)
+    dk = dk * sm_scale
+    tl.store(DK + b64 * stride_dkb + rows[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b64 * stride_dvb + rows[:, None] * stride_dvt + head * stride_dvh + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse2, delta, k, v, key_valid, qk_scale, IEEE: tl.constexpr):
+    """dQ += dS K for one key block, with P = exp2(Q K^T * scale - lse) and dS = P * (dO V^T - delta)."""
+    qk = _dot(q, tl.trans(k), IEEE) * qk_scale
+    p = tl.where(key_valid[None, :], tl.math.exp2(qk - lse2[:, None]), 0.0)
+    dp = _dot(do, tl.trans(v), IEEE)
+    ds = p * (dp - delta[:, None])
+    return dq + _dot(ds.to(k.dtype), k, IEEE)
+
+
+@triton.autotune(configs=DQ_CONFIGS, key=["HEAD_DIM", "HAS_REF"])
+@triton.jit
+def _bwd_dq_kernel(
+    Q, DO, LSE2, DELTA, K, V, RK, RV, RIDX, CU_Q, CU_K, CU_R, DQ,
+    qk_scale, sm_scale, stride_qt, stride_qh, stride_dot, stride_doh, stride_lse_h,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_rkb, stride_rkr, stride_rkh, stride_rvb, stride_rvr, stride_rvh, stride_dqt, stride_dqh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_REF: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_start = tl.load(CU_Q + batch)
+    q_len = tl.load(CU_Q + batch + 1) - q_start
+    if pid_m * BLOCK_M >= q_len:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    q_valid = offs_m < q_len
+    q_rows = (q_start + offs_m).to(tl.int64)
+    q_mask = q_valid[:, None] & d_valid[None, :]
+    q = tl.load(Q + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + q_rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=q_mask, other=0.0)
+    lse2 = tl.load(LSE2 + head * stride_lse_h + q_start + offs_m, mask=q_valid, other=0.0)
+    delta = tl.load(DELTA + head * stride_lse_h + q_start + offs_m, mask=q_valid, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # the sample's own keys
+    k_start = tl.load(CU_K + batch)
+    k_len = tl.load(CU_K + batch + 1) - k_start
+    for start_n in range(0, k_len, BLOCK_N):
+        key_valid = start_n + offs_n < k_len
+        rows = (k_start + start_n + offs_n).to(tl.int64)
+        kv_mask = key_valid[:, None] & d_valid[None, :]
+        k = tl.load(K + rows[:, None] * stride_kt + head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + rows[:, None] * stride_vt + head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+        dq = _dq_step(dq, q, do, lse2, delta, k, v, key_valid, qk_scale, IEEE)
+
+    # the sample's gathered reference keys
+    if HAS_REF:
+        r_start = tl.load(CU_R + batch)
+        r_len = tl.load(CU_R + batch + 1) - r_start
+        rk_base = RK + batch.to(tl.int64) * stride_rkb + head * stride_rkh
+        rv_base = RV + batch.to(tl.int64) * stride_rvb + head * stride_rvh
+        for start_n in range(0, r_len, BLOCK_N):
+            key_valid = start_n + offs_n < r_len
+            idx = tl.load(RIDX + r_start + start_n + offs_n, mask=key_valid, other=0).to(tl.int64)
+            kv_mask = key_valid[:, None] & d_valid[None, :]
+            k = tl.load(rk_base + idx[:, None] * stride_rkr + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(rv_base + idx[:, None] * stride_rvr + offs_d[None, :], mask=kv_mask, other=0.0)
+            dq = _dq_step(dq, q, do, lse2, delta, k, v, key_valid, qk_scale, IEEE)
+
+    dq = dq * sm_scale
+    tl.store(DQ + q_rows[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=q_mask)
+
+
+DELTA_BLOCK_M = 64
+
+
+def attention_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k,
+                       ref_k, ref_v, ref_index, cu_r, max_seqlen_ref, softmax_scale):
+    """Launches the backward kernels. Returns ``(dq, dk, dv, dref_k, dref_v)``; the reference-buffer gradients are
+    zero on rows no sample kept (and empty tensors when there is no buffer)."""
+    tq, heads, dim = q.shape
+    batch = cu_q.numel() - 1
+    block_d = _block_d(dim)
+    ieee = q.dtype == torch.float32
+    qk_scale = softmax_scale * LOG2E
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    has_ref = ref_k is not None
+    dref_k = torch.zeros_like(ref_k) if has_ref else q.new_empty(0)
+    dref_v = torch.zeros_like(ref_v) if has_ref else q.new_empty(0)
+    if batch == 0:
+        return dq, dk, dv, dref_k, dref_v
+    # the kernels take lse in base 2; queries that see no key (lse = -inf) take part in no product, and a finite
+    # stand-in keeps exp2 NaN-free
+    lse2 = torch.where(torch.isfinite(lse), lse * LOG2E, torch.zeros_like(lse)).contiguous()
+    delta = torch.empty_like(lse2)
+    if tq:
+        _bwd_delta_kernel[(triton.cdiv(tq, DELTA_BLOCK_M), heads)](
+            out, dout, dlse, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), tq,
+            HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=DELTA_BLOCK_M)
+
+    common = (qk_scale, softmax_scale, q.stride(0), q.stride(1), dout.stride(0), dout.stride(1), lse2.stride(0))
+    if max_seqlen_k > 0 and k.shape[0] > 0:
+        _bwd_dkdv_kernel[lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), heads, batch)](
+            q, dout, lse2, delta, k, v, dk, dv, cu_q, cu_k, cu_k, *common,
+            0, k.stride(0), k.stride(1), 0, v.stride(0), v.stride(1),
+            0, dk.stride(0), dk.stride(1), 0, dv.stride(0), dv.stride(1),
+            HEAD_DIM=dim, BLOCK_D=block_d, IS_REF=False, IEEE=ieee)
+    if has_ref and max_seqlen_ref > 0 and ref_index.numel() > 0:
+        _bwd_dkdv_kernel[lambda meta: (triton.cdiv(max_seqlen_ref, meta["BLOCK_N"]), heads, batch)](
+            q, dout, lse2, delta, ref_k, ref_v, dref_k, dref_v, cu_q, cu_r, ref_index, *common,
+            *ref_k.stride()[:3], *ref_v.stride()[:3], *dref_k.stride()[:3], *dref_v.stride()[:3],
+            HEAD_DIM=dim, BLOCK_D=block_d, IS_REF=True, IEEE=ieee)
+    if tq and max_seqlen_q > 0:
+        rk, rv, ridx, cur, _ = _ref_args(ref_k, ref_v, ref_index, cu_r, q)
+        _bwd_dq_kernel[lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)](
+            q, dout, lse2, delta, k, v, rk, rv, ridx, cu_q, cu_k, cur, dq, *common,
+            k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
+            dq.stride(0), dq.stride(1),
+            HEAD_DIM=dim, BLOCK_D=block_d, HAS_REF=has_ref, IEEE=ieee)
+    return dq, dk, dv, dref_k, dref_v

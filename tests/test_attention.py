@@ -1,0 +1,309 @@
+"""sparse_attention / masked_attention against the fp64 reference, with the flash-attention criterion.
+
+Criterion: the error of the kernel against the float64 reference is at most twice the error that PyTorch itself
+makes in the same dtype (the reference computed in that dtype) plus a small absolute term. Inputs are random;
+outputs are poisoned (allocated full of NaN) before every call so an unwritten element cannot pass.
+"""
+import math
+import types
+
+import pytest
+import torch
+
+import sparsectx
+from sparsectx import reference as ref
+from sparsectx.ops import backend_for
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+DTYPES_HERE = [torch.float32, torch.float16] if DEVICE == "cpu" else [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _cu(lengths):
+    return torch.tensor([0] + torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist(), dtype=torch.int32,
+                        device=DEVICE)
+
+
+def make_case(lq, lk, lr, ref_len, heads, dim, dtype, seed, with_ref=True):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(DEVICE, dtype)
+
+    case = types.SimpleNamespace(
+        q=rnd(sum(lq), heads, dim), k=rnd(sum(lk), heads, dim), v=rnd(sum(lk), heads, dim),
+        cu_q=_cu(lq), cu_k=_cu(lk), max_q=max(lq), max_k=max(lk), ref=None)
+    if with_ref:
+        index = torch.cat([torch.randperm(ref_len, generator=g)[:n] for n in lr]).to(torch.int32).to(DEVICE)
+        case.ref = dict(ref_k=rnd(len(lq), ref_len, heads, dim), ref_v=rnd(len(lq), ref_len, heads, dim),
+                        ref_index=index, cu_seqlens_ref=_cu(lr))
+    return case
+
+
+def run_ops(case, dout, dlse):
+    """sparsectx forward + backward; returns out, lse and the gradients of every floating input."""
+    leaves = {n: getattr(case, n).detach().clone().requires_grad_(True) for n in ("q", "k", "v")}
+    refs = {}
+    if case.ref is not None:
+        refs = dict(case.ref)
+        for n in ("ref_k", "ref_v"):
+            refs[n] = refs[n].detach().clone().requires_grad_(True)
+    out, lse = sparsectx.sparse_attention(leaves["q"], leaves["k"], leaves["v"], case.cu_q, case.cu_k, case.max_q,
+                                          case.max_k, return_lse=True, **refs)
+    torch.autograd.backward([out, lse], [dout, dlse.masked_fill(~torch.isfinite(lse), 0.0)])
+    grads = {n: t.grad for n, t in leaves.items()}
+    grads.update({n: refs[n].grad for n in ("ref_k", "ref_v") if n in refs})
+    return out, lse, grads
+
+
+def run_reference(case, dtype, dout, dlse):
+    """The torch reference in ``dtype``: forward through autograd-free code, gradients from the explicit formulas."""
+    cast = {n: getattr(case, n).to(dtype) for n in ("q", "k", "v")}
+    refs = {}
+    if case.ref is not None:
+        refs = dict(case.ref, ref_k=case.ref["ref_k"].to(dtype), ref_v=case.ref["ref_v"].to(dtype))
+    out, lse = ref.sparse_attention_ref(cast["q"], cast["k"], cast["v"], case.cu_q, case.cu_k, **refs)
+    dlse = dlse.masked_fill(~torch.isfinite(lse), 0.0)
+    dq, dk, dv, drk, drv = ref.sparse_attention_bwd_ref(dout.to(dtype), dlse.to(dtype), cast["q"], cast["k"],
+                                                        cast["v"], case.cu_q, case.cu_k, **refs)
+    grads = dict(q=dq, k=dk, v=dv)
+    if case.ref is not None:
+        grads.update(ref_k=drk, ref_v=drv)
+    return out, lse, grads
+
+
+def assert_flash_criterion(name, got, same_dtype, exact, dtype):
+    err = (got.double() - exact).abs().max().item() if exact.numel() else 0.0
+    baseline = (same_dtype.double() - exact).abs().max().item() if exact.numel() else 0.0
+    assert math.isfinite(err), f"{name}: non-finite error (unwritten or NaN output)"
+    assert err <= 2 * baseline + ATOL[dtype], f"{name}: error {err:.3e} > 2 x torch's {baseline:.3e} + atol"
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Every buffer the kernels allocate with empty/empty_like starts as NaN (ints: a sentinel)."""
+    if backend_for(DEVICE) == "torch-reference":
+        return
+    from sparsectx.kernels import attention as kernel_module
+
+    real = torch
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)
+
+    proxy = types.SimpleNamespace(**{n: getattr(real, n) for n in dir(real) if not n.startswith("__")})
+    proxy.empty = lambda *a, **kw: poison(real.empty(*a, **kw))
+    proxy.empty_like = lambda *a, **kw: poison(real.empty_like(*a, **kw))
+    monkeypatch.setattr(kernel_module, "torch", proxy)
+
+
+CASES = {
+    # name: (q lengths, own key lengths, kept reference lengths, reference buffer length R, heads, head dim)
+    "mixed_varlen": ([5, 40, 0, 33], [3, 0, 37, 10], [7, 20, 3, 0], 50, 2, 64),
+    "single_sample_all_refs_kept": ([17], [1], [24], 24, 1, 64),
+    "no_own_keys_refs_only": ([9, 31], [0, 0], [1, 45], 45, 2, 64),
+    "sample_sees_no_key": ([6, 3], [0, 4], [0, 2], 8, 1, 64),
+    "head_dim_not_power_of_two": ([12, 20], [7, 2], [5, 9], 16, 2, 40),
+    "head_dim_128": ([34], [10], [30], 40, 1, 128),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES_HERE, ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_and_backward_match_reference(name, dtype, poisoned_outputs):
+    lq, lk, lr, ref_len, heads, dim = CASES[name]
+    seed = sum(map(ord, name))
+    case = make_case(lq, lk, lr, ref_len, heads, dim, dtype, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    dout = torch.randn(case.q.shape, generator=g).to(DEVICE, dtype)
+    dlse = torch.randn(heads, sum(lq), generator=g).to(DEVICE)
+    out, lse, grads = run_ops(case, dout, dlse)
+    exact_out, exact_lse, exact_grads = run_reference(case, torch.float64, dout, dlse)
+    torch_out, torch_lse, torch_grads = run_reference(case, dtype, dout, dlse)
+
+    assert out.dtype == dtype and out.shape == case.q.shape
+    assert lse.dtype == torch.float32 and lse.shape == (heads, sum(lq))
+    # lse is -inf exactly where a query sees no key, and the output there is zero
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(exact_lse))
+    assert torch.all(out[torch.isneginf(lse).any(0)] == 0)
+    finite = torch.isfinite(exact_lse)
+    assert_flash_criterion("out", out, torch_out, exact_out, dtype)
+    assert_flash_criterion("lse", lse[finite], torch_lse[finite], exact_lse[finite], dtype)
+    for key, exact in exact_grads.items():
+        assert grads[key] is not None, f"no gradient for {key}"
+        assert_flash_criterion(f"d{key}", grads[key], torch_grads[key], exact, dtype)
+
+
+def test_reference_rows_not_kept_get_zero_gradient(poisoned_outputs):
+    case = make_case([8, 8], [4, 4], [3, 5], 12, 2, 64, torch.float32, seed=3)
+    _, _, grads = run_ops(case, torch.randn_like(case.q), torch.zeros(2, 16, device=DEVICE))
+    kept = torch.zeros(2, 12, dtype=torch.bool, device=DEVICE)
+    cu = case.ref["cu_seqlens_ref"].tolist()
+    for b in range(2):
+        kept[b, case.ref["ref_index"][cu[b]:cu[b + 1]].long()] = True
+    assert torch.all(grads["ref_k"][~kept] == 0) and torch.all(grads["ref_v"][~kept] == 0)
+    assert torch.all(grads["ref_k"][kept].abs().sum(-1) > 0)
+
+
+def test_without_reference_buffer_equals_plain_varlen_attention(poisoned_outputs):
+    case = make_case([10, 23], [14, 5], [], 0, 2, 64, torch.float16, seed=5, with_ref=False)
+    out = sparsectx.sparse_attention(case.q, case.k, case.v, case.cu_q, case.cu_k, case.max_q, case.max_k)
+    exact, _ = ref.sparse_attention_ref(case.q.double(), case.k.double(), case.v.double(), case.cu_q, case.cu_k)
+    same, _ = ref.sparse_attention_ref(case.q, case.k, case.v, case.cu_q, case.cu_k)
+    assert_flash_criterion("out", out, same, exact, torch.float16)
+
+
+def test_gather_path_equals_precompacted_copy():
+    """Keys gathered from the buffer by index give the same result as the same keys copied into k/v."""
+    case = make_case([20, 13], [6, 9], [11, 4], 30, 2, 64, torch.float32, seed=11)
+    out_gather = sparsectx.sparse_attention(case.q, case.k, case.v, case.cu_q, case.cu_k, case.max_q, case.max_k,
+                                            **case.ref)
+    cu_k, cu_r, idx = case.cu_k.tolist(), case.ref["cu_seqlens_ref"].tolist(), case.ref["ref_index"].long()
+    ks, vs, lens = [], [], []
+    for b in range(2):
+        sel = idx[cu_r[b]:cu_r[b + 1]]
+        ks.append(torch.cat([case.k[cu_k[b]:cu_k[b + 1]], case.ref["ref_k"][b, sel]]))
+        vs.append(torch.cat([case.v[cu_k[b]:cu_k[b + 1]], case.ref["ref_v"][b, sel]]))
+        lens.append(len(ks[-1]))
+    out_copy = sparsectx.sparse_attention(case.q, torch.cat(ks), torch.cat(vs), case.cu_q, _cu(lens), case.max_q,
+                                          max(lens))
+    torch.testing.assert_close(out_gather, out_copy, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("skip_queries", [False, True])
+def test_masked_attention_equals_packed_form_and_reference(skip_queries):
+    g = torch.Generator().manual_seed(7)
+    batch, seq, heads, dim = 2, 37, 2, 64
+    q, k, v = (torch.randn(batch, seq, heads, dim, generator=g).to(DEVICE).requires_grad_(True) for _ in range(3))
+    key_mask = torch.rand(batch, seq, generator=g).to(DEVICE) < 0.3
+    key_mask[1] = False  # a sample with no kept key: its queries output zero
+    query_mask = key_mask.clone() if skip_queries else None
+    out = sparsectx.masked_attention(q, k, v, key_mask, query_mask=query_mask)
+    expected = ref.masked_attention_ref(q.double(), k.double(), v.double(), key_mask, query_mask=query_mask)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    # packed form: queries of sample b are its rows, keys gathered from the same dense k by the kept positions
+    kept = sparsectx.compact_tokens(key_mask)
+    packed = sparsectx.sparse_attention(q.detach().reshape(-1, heads, dim), q.new_empty(0, heads, dim),
+                                        q.new_empty(0, heads, dim), _cu([seq] * batch), _cu([0] * batch), seq, 0,
+                                        ref_k=k.detach(), ref_v=v.detach(), ref_index=kept.index,
+                                        cu_seqlens_ref=kept.cu_seqlens)
+    packed = packed.view(batch, seq, heads, dim)
+    if skip_queries:
+        packed = packed * query_mask[:, :, None, None]
+    torch.testing.assert_close(out.detach(), packed, rtol=1e-6, atol=1e-6)
+    # gradients: against autograd through the dense reference
+    dout = torch.randn(out.shape, generator=g).to(DEVICE)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    qd, kd, vd = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    want = torch.autograd.grad(ref.masked_attention_ref(qd, kd, vd, key_mask, query_mask=query_mask), (qd, kd, vd),
+                               dout.double())
+    for name, a, b in zip("qkv", got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5, msg=f"d{name}")
+    assert torch.all(got[1][~key_mask] == 0), "dropped keys must get zero gradient"
+
+
+def test_custom_op_passes_opcheck():
+    case = make_case([6, 9], [4, 3], [2, 5], 10, 2, 16, torch.float32, seed=13)
+    args = (case.q, case.k, case.v, case.cu_q, case.cu_k, case.max_q, case.max_k, case.ref["ref_k"],
+            case.ref["ref_v"], case.ref["ref_index"], case.ref["cu_seqlens_ref"], 10, 0.25)
+    for t in (args[0], args[1], args[2], args[7], args[8]):
+        t.requires_grad_(True)
+    torch.library.opcheck(torch.ops.sparsectx.sparse_attention_fwd.default, args)
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    case = make_case([7, 12], [5, 2], [4, 6], 9, 2, 16, torch.float32, seed=17)
+
+    def fn(q, k, v, ref_k, ref_v):
+        return sparsectx.sparse_attention(q, k, v, case.cu_q, case.cu_k, case.max_q, case.max_k, ref_k=ref_k,
+                                          ref_v=ref_v, ref_index=case.ref["ref_index"],
+                                          cu_seqlens_ref=case.ref["cu_seqlens_ref"], validate=False)
+
+    inputs = [t.detach().clone().requires_grad_(True)
+              for t in (case.q, case.k, case.v, case.ref["ref_k"], case.ref["ref_v"])]
+    eager_inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out = compiled(*inputs)
+    out.sum().backward()
+    expected = fn(*eager_inputs)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected)
+    for a, b in zip(inputs, eager_inputs):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad input: ValueError/TypeError naming the argument, before any launch
+# ---------------------------------------------------------------------------------------------------------------
+def _valid():
+    case = make_case([4, 6], [3, 2], [2, 3], 8, 2, 16, torch.float16, seed=19)
+    kwargs = dict(q=case.q, k=case.k, v=case.v, cu_seqlens_q=case.cu_q, cu_seqlens_k=case.cu_k,
+                  max_seqlen_q=case.max_q, max_seqlen_k=case.max_k, **case.ref)
+    return kwargs
+
+
+@pytest.mark.parametrize("change, error, words", [
+    (lambda a: a.update(q=a["q"][0]), ValueError, "q must have 3 dimensions"),
+    (lambda a: a.update(q=a["q"].to(torch.int32)), ValueError, "q must have dtype"),
+    (lambda a: a.update(k=a["k"].float()), ValueError, "k has dtype"),
+    (lambda a: a.update(k=a["k"][:, :1]), ValueError, "k must be"),
+    (lambda a: a.update(v=a["v"][:-1]), ValueError, "v must have"),
+    (lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"].long()), ValueError, "cu_seqlens_q must have dtype"),
+    (lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"].flip(0)), ValueError, "cu_seqlens_q"),
+    (lambda a: a.update(cu_seqlens_k=a["cu_seqlens_k"][:2]), ValueError, "cu_seqlens_k has 2 entries"),
+    (lambda a: a.update(max_seqlen_q=2), ValueError, "max_seqlen_q"),
+    (lambda a: a.update(max_seqlen_k=3.0), TypeError, "max_seqlen_k"),
+    (lambda a: a.update(ref_index=a["ref_index"] + 100), ValueError, "ref_index must lie in"),
+    (lambda a: a.update(ref_index=a["ref_index"].long()), ValueError, "ref_index must have dtype"),
+    (lambda a: a.update(ref_k=a["ref_k"][:, :, :1]), ValueError, "ref_k must be"),
+    (lambda a: a.update(ref_v=None), ValueError, "must be given together"),
+    (lambda a: a.update(cu_seqlens_ref=a["cu_seqlens_ref"][:2]), ValueError, "cu_seqlens_ref"),
+    (lambda a: a.update(softmax_scale=float("nan")), ValueError, "softmax_scale"),
+])
+def test_bad_input_raises_naming_the_argument(change, error, words):
+    kwargs = _valid()
+    change(kwargs)
+    with pytest.raises(error, match=words):
+        sparsectx.sparse_attention(**kwargs)
+
+
+def test_masked_attention_bad_input():
+    q = torch.randn(2, 5, 2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="key_mask must have dtype"):
+        sparsectx.masked_attention(q, q, q, torch.ones(2, 5, device=DEVICE))
+    with pytest.raises(ValueError, match="key_mask must be"):
+        sparsectx.masked_attention(q, q, q, torch.ones(2, 4, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match="k must match"):
+        sparsectx.masked_attention(q, q[:, :4], q, torch.ones(2, 5, dtype=torch.bool, device=DEVICE))
+
+
+def test_non_contiguous_head_dim_is_handled():
+    case = make_case([9], [5], [4], 6, 2, 32, torch.float32, seed=23)
+    q_strided = torch.randn(9, 2, 64, device=DEVICE)[..., ::2]
+    assert q_strided.stride(-1) != 1
+    out = sparsectx.sparse_attention(q_strided, case.k, case.v, case.cu_q, case.cu_k, 9, 5, **case.ref)
+    expected, _ = ref.sparse_attention_ref(q_strided.double(), case.k.double(), case.v.double(), case.cu_q,
+                                           case.cu_k, **{k: (v.double() if v.is_floating_point() else v)
+                                                         for k, v in case.ref.items()})
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU only: bf16 (the interpreter computes bf16 wrongly) and realistic shapes
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim", [64, 128])
+def test_gpu_bf16_realistic_varlen(dim):
+    lq = [4608, 1000, 1, 2000]
+    case = make_case(lq, lq, [205, 0, 4096, 1024], 4096, 24, dim, torch.bfloat16, seed=dim)
+    g = torch.Generator().manual_seed(dim)
+    dout = torch.randn(case.q.shape, generator=g).to(DEVICE, torch.bfloat16)
+    dlse = torch.zeros(24, sum(lq), device=DEVICE)
+    out, lse, grads = run_ops(case, dout, dlse)
+    exact_out, exact_lse, exact_grads = run_reference(case, torch.float64, dout, dlse)
+    torch_out, torch_lse, torch_grads = run_reference(case, torch.bfloat16, dout, dlse)
+    assert_flash_criterion("out", out, torch_out, exact_out, torch.bfloat16)
+    assert_flash_criterion("lse", lse, torch_lse, exact_lse, torch.bfloat16)
+    for key, exact in exact_grads.items():
+        assert_flash_criterion(f"d{key}", grads[key], torch_grads[key], exact, torch.bfloat16)
