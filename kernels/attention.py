@@ -53,22 +53,34 @@ DQ_CONFIGS = _configs([(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)], (32, 3
 # forward
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _online_softmax_step(acc, m_i, l_i, q, k, v, key_valid, qk_scale, IEEE: tl.constexpr):
-    """Folds one key block into the running (acc, max, sum): scores in base 2, masked keys get -inf."""
+def _dot(a, b, IEEE: tl.constexpr):
+    """Matrix product with fp32 accumulation; fp32 inputs use full IEEE precision instead of tf32."""
     if IEEE:
-        qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, key_valid, d_valid, qk_scale,
+                  MASK_KEYS: tl.constexpr, MASK_D: tl.constexpr, IEEE: tl.constexpr):
+    """Loads one block of keys/values (one pointer per row and feature) and folds it into the running output,
+    max and sum of the online softmax (base 2, fp32 statistics). MASK_KEYS: the block is a sequence tail and its
+    invalid keys get score -inf; every block holds at least one valid key, so the running max stays finite."""
+    if MASK_KEYS or MASK_D:
+        kv_mask = key_valid[:, None] & d_valid[None, :]
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
     else:
-        qk = tl.dot(q, tl.trans(k))
-    qk = tl.where(key_valid[None, :], qk * qk_scale, float("-inf"))
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    qk = _dot(q, tl.trans(k), IEEE) * qk_scale
+    if MASK_KEYS:
+        qk = tl.where(key_valid[None, :], qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet stay at zero
-    p = tl.math.exp2(qk - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
+    p = tl.math.exp2(qk - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
     return acc, m_new, l_i
 
 
@@ -82,6 +94,7 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_REF: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    MASK_D: tl.constexpr = BLOCK_D != HEAD_DIM
     pid_m, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(CU_Q + batch)
     q_len = tl.load(CU_Q + batch + 1) - q_start
@@ -100,30 +113,38 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    # the sample's own keys: contiguous packed rows
+    # the sample's own keys, contiguous packed rows: full blocks unmasked, then the tail
     k_start = tl.load(CU_K + batch)
     k_len = tl.load(CU_K + batch + 1) - k_start
-    for start_n in range(0, k_len, BLOCK_N):
-        key_valid = start_n + offs_n < k_len
-        rows = (k_start + start_n + offs_n).to(tl.int64)
-        kv_mask = key_valid[:, None] & d_valid[None, :]
-        k = tl.load(K + rows[:, None] * stride_kt + head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + rows[:, None] * stride_vt + head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, key_valid, qk_scale, IEEE)
+    k_base = K + head * stride_kh + offs_d[None, :]
+    v_base = V + head * stride_vh + offs_d[None, :]
+    k_full = (k_len // BLOCK_N) * BLOCK_N
+    for start_n in range(0, k_full, BLOCK_N):
+        rows = (k_start + start_n + offs_n).to(tl.int64)[:, None]
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_base + rows * stride_kt, v_base + rows * stride_vt,
+                                      offs_n < BLOCK_N, d_valid, qk_scale, False, MASK_D, IEEE)
+    if k_full < k_len:
+        key_valid = k_full + offs_n < k_len
+        rows = (k_start + k_full + offs_n).to(tl.int64)[:, None]
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_base + rows * stride_kt, v_base + rows * stride_vt,
+                                      key_valid, d_valid, qk_scale, True, MASK_D, IEEE)
 
-    # the sample's kept reference keys: rows of ref_k[batch] gathered through ref_index
+    # the sample's kept reference keys: rows of ref_k[batch] gathered through ref_index, same full/tail split
     if HAS_REF:
         r_start = tl.load(CU_R + batch)
         r_len = tl.load(CU_R + batch + 1) - r_start
-        rk_base = RK + batch.to(tl.int64) * stride_rkb + head * stride_rkh
-        rv_base = RV + batch.to(tl.int64) * stride_rvb + head * stride_rvh
-        for start_n in range(0, r_len, BLOCK_N):
-            key_valid = start_n + offs_n < r_len
-            idx = tl.load(RIDX + r_start + start_n + offs_n, mask=key_valid, other=0).to(tl.int64)
-            kv_mask = key_valid[:, None] & d_valid[None, :]
-            k = tl.load(rk_base + idx[:, None] * stride_rkr + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(rv_base + idx[:, None] * stride_rvr + offs_d[None, :], mask=kv_mask, other=0.0)
-            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, key_valid, qk_scale, IEEE)
+        rk_base = RK + batch.to(tl.int64) * stride_rkb + head * stride_rkh + offs_d[None, :]
+        rv_base = RV + batch.to(tl.int64) * stride_rvb + head * stride_rvh + offs_d[None, :]
+        r_full = (r_len // BLOCK_N) * BLOCK_N
+        for start_n in range(0, r_full, BLOCK_N):
+            idx = tl.load(RIDX + r_start + start_n + offs_n).to(tl.int64)[:, None]
+            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, rk_base + idx * stride_rkr, rv_base + idx * stride_rvr,
+                                          offs_n < BLOCK_N, d_valid, qk_scale, False, MASK_D, IEEE)
+        if r_full < r_len:
+            key_valid = r_full + offs_n < r_len
+            idx = tl.load(RIDX + r_start + r_full + offs_n, mask=key_valid, other=0).to(tl.int64)[:, None]
+            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, rk_base + idx * stride_rkr, rv_base + idx * stride_rvr,
+                                          key_valid, d_valid, qk_scale, True, MASK_D, IEEE)
 
     # normalise; a query that saw no key outputs zeros and lse = -inf
     seen = l_i > 0.0
@@ -188,13 +209,6 @@ def _bwd_delta_kernel(O, DO, DLSE, DELTA, stride_ot, stride_oh, stride_dot, stri
     dlse = tl.load(DLSE + head * n_rows + rows, mask=row_valid, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1) - dlse
     tl.store(DELTA + head * n_rows + rows, delta, mask=row_valid)
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
 
 
 @triton.autotune(configs=DKDV_CONFIGS, key=["HEAD_DIM", "IS_REF"])

@@ -106,6 +106,7 @@ CASES = {
     "sample_sees_no_key": ([6, 3], [0, 4], [0, 2], 8, 1, 64),
     "head_dim_not_power_of_two": ([12, 20], [7, 2], [5, 9], 16, 2, 40),
     "head_dim_128": ([34], [10], [30], 40, 1, 128),
+    "lengths_multiple_of_the_block": ([32, 64], [32, 0], [64, 32], 64, 1, 64),
 }
 
 
