@@ -16,7 +16,7 @@ of their sample return at once):
   for the reference keys, whose gradients are stored straight into their rows of the reference-buffer gradient:
   indices are unique within a sample, so every row has a single writer); one kernel per query block accumulates dQ.
 """
-import math
+import os
 
 import torch
 import triton
@@ -27,26 +27,29 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # lse is returned in natur
 
 
 def _interpreting() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # launch configurations: a small autotune set on the GPU (the best block shape differs between contiguous and
-# gathered keys), one fixed config in the interpreter (where several configs fail and big blocks run fastest)
+# gathered keys), one fixed config in the interpreter (where several configs fail and big blocks run fastest).
+# The first GPU config of each list compiled for sm_90 (bf16, D=128) without register spills; SPARSECTX_AUTOTUNE=0
+# keeps only that one (saves compile time, e.g. in test runs over many shapes and dtypes).
 # ----------------------------------------------------------------------------------------------------------------
 def _configs(gpu_shapes, interpreter_shape):
     if _interpreting():
         bm, bn = interpreter_shape
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=1)]
+    if os.environ.get("SPARSECTX_AUTOTUNE", "1") == "0":
+        gpu_shapes = gpu_shapes[:1]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in gpu_shapes]
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages)
 FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3)], (32, 32))
 # dK/dV: a program holds BLOCK_N keys and streams BLOCK_M queries; dQ: BLOCK_M queries, streams BLOCK_N keys
-DKDV_CONFIGS = _configs([(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3)], (32, 32))
-DQ_CONFIGS = _configs([(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)], (32, 32))
+DKDV_CONFIGS = _configs([(32, 64, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2), (32, 64, 4, 3)], (32, 32))
+DQ_CONFIGS = _configs([(64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2)], (32, 32))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -91,10 +94,9 @@ def _fwd_kernel(
     qk_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_rkb, stride_rkr, stride_rkh, stride_rvb, stride_rvr, stride_rvh,
     stride_ot, stride_oh, stride_lse_h,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_REF: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_D: tl.constexpr, HAS_REF: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    MASK_D: tl.constexpr = BLOCK_D != HEAD_DIM
     pid_m, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(CU_Q + batch)
     q_len = tl.load(CU_Q + batch + 1) - q_start
@@ -186,7 +188,8 @@ def attention_forward(q, k, v, cu_q, cu_k, max_seqlen_q, ref_k, ref_v, ref_index
         softmax_scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
         out.stride(0), out.stride(1), lse.stride(0),
-        HEAD_DIM=dim, BLOCK_D=_block_d(dim), HAS_REF=has_ref, IEEE=q.dtype == torch.float32,
+        HEAD_DIM=dim, BLOCK_D=_block_d(dim), MASK_D=_block_d(dim) != dim, HAS_REF=has_ref,
+        IEEE=q.dtype == torch.float32,
     )
     return out, lse
 
