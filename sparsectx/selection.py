@@ -1,0 +1,781 @@
+"""Which reference tokens to keep: selectors (scores per token) and budgets (how many to keep per image).
+
+A *selector* is called as ``selector(reference_latents [B, N, C], context) -> scores float [B, N]`` (higher = keep)
+or ``-> keep mask bool [B, N]``. The ``N`` reference tokens are the concatenation of ``context.num_references``
+images of ``context.ref_lengths`` tokens each, in sequence order. A *budget* turns scores into per-image counts and a
+keep mask: every reference image keeps its own share (top-k within the image, ties to the lower index, the same
+rule as ``sparsectx.compact_tokens``). Budgets may differ per image and per request.
+
+Built-in selectors (``available_selectors()``):
+
+- ``random``: i.i.d. uniform scores from ``context.generator`` (the training-time baseline; deterministic under a
+  seed).
+- ``uniform``: a strided grid over each image: a low-discrepancy rank order, so the top-k of any k is evenly spread.
+- ``edit``: spatially-aligned editing: the edit region (user mask and/or instruction-to-reference attention) plus
+  a context ring around it, then an evenly spread remainder.
+- ``subject``: subject-driven generation: foreground saliency of the reference latents and/or reference-to-target
+  attention (ReCAST-style).
+- ``attention``: generic attention mass that probe queries give each reference key.
+
+Signals that selectors read from ``context.extra`` (all optional; a selector that needs one it lacks raises a
+``ValueError`` naming it):
+
+- ``"user_mask"`` bool ``[B, N]``: reference tokens the user marked as the edit region.
+- ``"ref_keys"`` ``[B, N, H, D]``: reference keys at a probe layer (after norm and RoPE).
+- ``"text_queries"`` ``[B, T, H, D]`` with optional ``"text_mask"`` bool ``[B, T]`` (False = padding).
+- ``"target_queries"`` ``[B, Q, H, D]``: target (noisy latent) queries at the probe layer.
+- ``"queries"`` ``[B, Q, H, D]`` with optional ``"query_mask"`` bool ``[B, Q]``: any probe queries (``attention``).
+- ``"attention_probe"``: a callable ``(reference_latents, context) -> dict`` giving any of the tensors above; it is
+  called at most once, only when a selector needs a tensor that is not in ``extra`` (so the probe pass costs
+  nothing when no attention-based selector runs), and its result is cached in ``extra``.
+- ``"ref_shapes"``: list of ``(h, w)`` per reference (row-major token order), the grid when ``reference_ids`` is
+  None (e.g. Qwen-Image, which has no explicit ids).
+
+Grid layout: with ``reference_ids [B, N, n_axes]``, the (h, w) axes are ``ID_HW_AXES[n_axes]`` (axes 1, 2 of FLUX.1's
+(plane, h, w) and FLUX.2's (t, h, w, l)); with ``extra["ref_shapes"]``, row-major grids; otherwise each image is a
+1D token sequence.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------------
+# constants
+# ----------------------------------------------------------------------------------------------------------------
+ID_HW_AXES = {2: (0, 1), 3: (1, 2), 4: (1, 2)}  # n_axes of reference_ids -> which axes hold (h, w)
+LOW_DISCREPANCY_BITS = 16  # coordinates and 1D positions below 2**16 get distinct low-discrepancy codes
+CONTEXT_WEIGHT = 0.5  # edit: weight of the dilated (ring) signal relative to the edit region itself
+SPREAD_WEIGHT = 1e-3  # weight of the uniform order used to break ties (leftover budget goes to an even spread)
+MASK_PAD_WEIGHT = 0.5  # select(): a selector's keep mask padded/capped by a budget ranks mask > spread order
+DEFAULT_RING = 2  # edit: context ring radius in tokens (2 latent tokens = 32 pixels for FLUX)
+DEFAULT_MAX_QUERIES = 1024  # probes subsample at most this many queries (evenly strided) per sample
+PROBE_CHUNK_ELEMENTS = 1 << 25  # attention probes process heads in chunks of at most this many scores
+COVERAGE_TOL = 1e-9  # adaptive budgets: mass compared in float64 with this slack against rounding
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# selection context and the selector wrapper
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class SelectionContext:
+    """What a selector may know besides the reference latents.
+
+    ``num_references`` images of ``ref_lengths`` tokens each (sequence order, ``sum == N``); ``reference_ids``
+    ``[B, N, n_axes]`` position ids (``[N, n_axes]`` is taken as batch 1) or None; ``target_shape`` (h, w) of the
+    target in tokens or None; ``generator`` for random selectors; ``extra``: free-form signals (see the module
+    docstring).
+    """
+
+    num_references: int
+    ref_lengths: list
+    reference_ids: Optional[torch.Tensor] = None
+    target_shape: Optional[tuple] = None
+    generator: Optional[torch.Generator] = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if isinstance(self.num_references, bool) or not isinstance(self.num_references, int) \
+                or self.num_references < 1:
+            raise ValueError(f"num_references must be a positive int, got {self.num_references!r}")
+        if not isinstance(self.ref_lengths, (list, tuple)) or len(self.ref_lengths) != self.num_references:
+            raise ValueError(f"ref_lengths must be a list of num_references={self.num_references} ints, "
+                             f"got {self.ref_lengths!r}")
+        for n in self.ref_lengths:
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"ref_lengths entries must be positive ints, got {self.ref_lengths!r}")
+        self.ref_lengths = list(self.ref_lengths)
+        if self.reference_ids is not None:
+            if not isinstance(self.reference_ids, torch.Tensor) or self.reference_ids.ndim not in (2, 3):
+                raise ValueError("reference_ids must be a [B, N, n_axes] (or [N, n_axes]) tensor or None")
+            if self.reference_ids.ndim == 2:  # diffusers' Flux ids carry no batch axis
+                self.reference_ids = self.reference_ids.unsqueeze(0)
+            if self.reference_ids.shape[1] != sum(self.ref_lengths):
+                raise ValueError(f"reference_ids has {self.reference_ids.shape[1]} tokens but ref_lengths sum "
+                                 f"to {sum(self.ref_lengths)}")
+        if self.target_shape is not None and (len(self.target_shape) != 2
+                                              or not all(isinstance(s, int) for s in self.target_shape)):
+            raise ValueError(f"target_shape must be (h, w) ints or None, got {self.target_shape!r}")
+        if self.generator is not None and not isinstance(self.generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(self.generator).__name__}")
+        if not isinstance(self.extra, dict):
+            raise TypeError(f"extra must be a dict, got {type(self.extra).__name__}")
+
+
+SelectorFn = Callable[[torch.Tensor, SelectionContext], torch.Tensor]
+
+
+class Selector:
+    """A selector with validated inputs and output: ``selector(reference_latents, context) -> [B, N]`` float scores
+    (higher = keep) or bool keep mask."""
+
+    def __init__(self, fn: SelectorFn, name: Optional[str] = None):
+        if not callable(fn):
+            raise TypeError(f"a selector must be callable, got {type(fn).__name__}")
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", type(fn).__name__)
+
+    def __call__(self, reference_latents: torch.Tensor, context: SelectionContext) -> torch.Tensor:
+        batch, n_tokens = _check_selector_inputs(reference_latents, context)
+        out = self.fn(reference_latents, context)
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(f"selector {self.name!r} must return a tensor, got {type(out).__name__}")
+        if tuple(out.shape) != (batch, n_tokens):
+            raise ValueError(f"selector {self.name!r} must return [B={batch}, N={n_tokens}], "
+                             f"got {tuple(out.shape)}")
+        if out.dtype != torch.bool and not out.is_floating_point():
+            raise ValueError(f"selector {self.name!r} must return float scores or a bool mask, got {out.dtype}")
+        if out.is_floating_point() and torch.isnan(out).any():
+            raise ValueError(f"selector {self.name!r} returned NaN scores")
+        return out
+
+    def __repr__(self):
+        return f"Selector({self.name!r})"
+
+
+def _check_selector_inputs(reference_latents, context) -> tuple[int, int]:
+    if not isinstance(reference_latents, torch.Tensor) or reference_latents.ndim != 3:
+        raise ValueError("reference_latents must be a [B, N, C] tensor, got "
+                         f"{getattr(reference_latents, 'shape', type(reference_latents).__name__)}")
+    if not isinstance(context, SelectionContext):
+        raise TypeError(f"context must be a SelectionContext, got {type(context).__name__}")
+    batch, n_tokens, _ = reference_latents.shape
+    if sum(context.ref_lengths) != n_tokens:
+        raise ValueError(f"context.ref_lengths {context.ref_lengths} sum to {sum(context.ref_lengths)} but "
+                         f"reference_latents has N={n_tokens} tokens")
+    ids = context.reference_ids
+    if ids is not None and ids.shape[0] not in (1, batch):
+        raise ValueError(f"context.reference_ids must have batch 1 or {batch}, got {tuple(ids.shape)}")
+    return batch, n_tokens
+
+
+_REGISTRY: dict[str, Selector] = {}
+
+
+def register_selector(name: str, fn: SelectorFn, *, overwrite: bool = False) -> Selector:
+    """Registers ``fn`` under ``name`` (``get_selector(name)`` then returns it). Returns the wrapped Selector."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"selector name must be a non-empty string, got {name!r}")
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"a selector named {name!r} is already registered (pass overwrite=True to replace it)")
+    selector = fn if isinstance(fn, Selector) else Selector(fn, name)
+    _REGISTRY[name] = selector
+    return selector
+
+
+def available_selectors() -> list[str]:
+    """Names of the registered selectors, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_selector(name_or_callable: Union[str, SelectorFn, Selector]) -> Selector:
+    """A registered selector by name, or a user callable ``(reference_latents, context) -> scores|mask`` wrapped so
+    that its output is validated."""
+    if isinstance(name_or_callable, Selector):
+        return name_or_callable
+    if isinstance(name_or_callable, str):
+        if name_or_callable not in _REGISTRY:
+            raise ValueError(f"unknown selector {name_or_callable!r}; available: {available_selectors()}")
+        return _REGISTRY[name_or_callable]
+    if callable(name_or_callable):
+        return Selector(name_or_callable)
+    raise TypeError(f"selector must be a name or a callable, got {type(name_or_callable).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# layout helpers: image slices and token grids
+# ----------------------------------------------------------------------------------------------------------------
+def _image_slices(ref_lengths: Sequence[int]) -> list[tuple[int, int]]:
+    bounds = [0]
+    for n in ref_lengths:
+        bounds.append(bounds[-1] + n)
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _token_grid(context: SelectionContext, batch: int, device) -> Optional[torch.Tensor]:
+    """long ``[B, N, 2]`` (row, col) of each reference token inside its own image (origin 0), or None (1D)."""
+    ids = context.reference_ids
+    if ids is not None:
+        n_axes = ids.shape[-1]
+        if n_axes not in ID_HW_AXES:
+            return None
+        hw = ids[..., list(ID_HW_AXES[n_axes])].to(device)
+        hw = torch.round(hw).long().expand(batch, -1, -1)
+        pieces = [hw[:, lo:hi] - hw[:, lo:hi].amin(dim=1, keepdim=True) for lo, hi in
+                  _image_slices(context.ref_lengths)]
+        return torch.cat(pieces, dim=1)
+    shapes = context.extra.get("ref_shapes")
+    if shapes is None:
+        return None
+    if len(shapes) != context.num_references:
+        raise ValueError(f"extra['ref_shapes'] must give (h, w) for each of the {context.num_references} references")
+    pieces = []
+    for (h, w), n in zip(shapes, context.ref_lengths):
+        if h * w != n:
+            raise ValueError(f"extra['ref_shapes'] entry ({h}, {w}) does not match the reference's {n} tokens")
+        rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+        pieces.append(torch.stack([rows.flatten(), cols.flatten()], dim=-1))
+    return torch.cat(pieces).unsqueeze(0).expand(batch, -1, -1)
+
+
+def _bit_reverse(x: torch.Tensor, bits: int) -> torch.Tensor:
+    out = torch.zeros_like(x)
+    for i in range(bits):
+        out |= ((x >> i) & 1) << (bits - 1 - i)
+    return out
+
+
+def _bayer_code(row: torch.Tensor, col: torch.Tensor, bits: int) -> torch.Tensor:
+    """Ordered-dither (Bayer) threshold of each grid cell: the cells with code < 4**j form the lattice of stride
+    2**(bits-j), so thresholding at any level leaves an evenly spread subset."""
+    code = torch.zeros_like(row)
+    mixed = row ^ col
+    for i in range(bits):  # interleave bits of (row ^ col, row), low coordinate bits -> high code bits
+        code |= ((mixed >> i) & 1) << (2 * (bits - 1 - i) + 1)
+        code |= ((row >> i) & 1) << (2 * (bits - 1 - i))
+    return code
+
+
+def _rank_in_image(keys: torch.Tensor, ref_lengths: Sequence[int]) -> torch.Tensor:
+    """Rank of each token's key inside its own image (0 = smallest; ties to the lower index), long [B, N]."""
+    ranks = torch.empty_like(keys, dtype=torch.long)
+    for lo, hi in _image_slices(ref_lengths):
+        order = torch.sort(keys[:, lo:hi], dim=1, stable=True).indices
+        positions = torch.arange(hi - lo, device=keys.device).expand_as(order)
+        ranks[:, lo:hi] = torch.empty_like(order).scatter_(1, order, positions)
+    return ranks
+
+
+def _lengths_per_token(ref_lengths: Sequence[int], device) -> torch.Tensor:
+    return torch.repeat_interleave(torch.tensor(ref_lengths, device=device, dtype=torch.float32),
+                                   torch.tensor(ref_lengths, device=device))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# baseline selectors
+# ----------------------------------------------------------------------------------------------------------------
+def random_scores(reference_latents: torch.Tensor, context: SelectionContext) -> torch.Tensor:
+    """i.i.d. U[0, 1) scores drawn from ``context.generator`` (on the generator's device, then moved): a random
+    subset of any size, reproducible under a seed. Signal: none (the Sparse Context training distribution)."""
+    batch, n_tokens, _ = reference_latents.shape
+    gen = context.generator
+    draw_device = gen.device if gen is not None else reference_latents.device
+    scores = torch.rand((batch, n_tokens), generator=gen, device=draw_device, dtype=torch.float32)
+    return scores.to(reference_latents.device)
+
+
+def uniform_scores(reference_latents: torch.Tensor, context: SelectionContext) -> torch.Tensor:
+    """Strided-grid scores in (0, 1]: ``1 - rank / L`` of a low-discrepancy order inside each image of L tokens.
+
+    On a 2D grid (``reference_ids`` or ``extra["ref_shapes"]``) the order is the ordered-dither (Bayer) code of
+    (row, col): the top-k of any k contains the lattice of stride s as soon as k reaches its size
+    ``ceil(h/s)·ceil(w/s)``. Without a grid it is the bit-reversed (van der Corput) position, the 1D analogue.
+    Scores of all images lie on the same scale, so even a global top-k spreads its picks over the images in
+    proportion to their sizes. Signal: none (deterministic, content-blind baseline).
+    """
+    batch, n_tokens, _ = reference_latents.shape
+    device = reference_latents.device
+    grid = _token_grid(context, batch, device)
+    if grid is not None:
+        code = _bayer_code(grid[..., 0], grid[..., 1], LOW_DISCREPANCY_BITS)
+    else:
+        starts = torch.repeat_interleave(
+            torch.tensor([lo for lo, _ in _image_slices(context.ref_lengths)], device=device),
+            torch.tensor(context.ref_lengths, device=device))
+        position = torch.arange(n_tokens, device=device) - starts
+        code = _bit_reverse(position, 2 * LOW_DISCREPANCY_BITS).expand(batch, -1)
+    rank = _rank_in_image(code, context.ref_lengths).float()
+    return 1.0 - rank / _lengths_per_token(context.ref_lengths, device)
+
+
+register_selector("random", random_scores)
+register_selector("uniform", uniform_scores)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# signals shared by the task-aware selectors
+# ----------------------------------------------------------------------------------------------------------------
+def _probe_tensor(reference_latents, context: SelectionContext, name: str, selector: str,
+                  required: bool = True) -> Optional[torch.Tensor]:
+    """``extra[name]``, running ``extra["attention_probe"]`` once (result cached in ``extra``) when it is absent."""
+    extra = context.extra
+    if name not in extra and callable(extra.get("attention_probe")) and not extra.get("_probe_ran"):
+        produced = extra["attention_probe"](reference_latents, context)
+        if not isinstance(produced, dict):
+            raise ValueError("extra['attention_probe'] must return a dict of probe tensors, "
+                             f"got {type(produced).__name__}")
+        for key, value in produced.items():
+            extra.setdefault(key, value)
+        extra["_probe_ran"] = True
+    value = extra.get(name)
+    if value is None and required:
+        raise ValueError(f"selector {selector!r} needs context.extra[{name!r}] (or an extra['attention_probe'] "
+                         "that provides it)")
+    return value
+
+
+def _check_qk(queries, keys, query_mask, batch: int, n_tokens: int, q_name: str):
+    if not isinstance(queries, torch.Tensor) or queries.ndim != 4 or queries.shape[0] != batch:
+        raise ValueError(f"extra[{q_name!r}] must be [B={batch}, Q, H, D], "
+                         f"got {getattr(queries, 'shape', type(queries).__name__)}")
+    if not isinstance(keys, torch.Tensor) or keys.ndim != 4 or tuple(keys.shape[:2]) != (batch, n_tokens) \
+            or keys.shape[2:] != queries.shape[2:]:
+        raise ValueError(f"extra['ref_keys'] must be [B={batch}, N={n_tokens}, H, D] with the heads and head dim "
+                         f"of extra[{q_name!r}] {tuple(queries.shape)}, "
+                         f"got {getattr(keys, 'shape', type(keys).__name__)}")
+    if query_mask is not None and (not isinstance(query_mask, torch.Tensor) or query_mask.dtype != torch.bool
+                                   or tuple(query_mask.shape) != tuple(queries.shape[:2])):
+        raise ValueError(f"the query mask for extra[{q_name!r}] must be bool [B, Q={queries.shape[1]}]")
+
+
+def attention_mass(queries: torch.Tensor, keys: torch.Tensor, query_mask: Optional[torch.Tensor] = None, *,
+                   softmax_scale: Optional[float] = None, max_queries: Optional[int] = DEFAULT_MAX_QUERIES
+                   ) -> torch.Tensor:
+    """Mean attention probability each key receives: ``mean over heads and valid queries of softmax_k(s·q·kᵀ)``,
+    float32 ``[B, N]`` (each row sums to 1 when a sample has a valid query).
+
+    ``queries [B, Q, H, D]``, ``keys [B, N, H, D]``; ``query_mask`` bool ``[B, Q]`` drops padding queries. At most
+    ``max_queries`` evenly strided queries are used (None = all). The softmax runs over the given keys only: the mass
+    is each reference token's share of the attention the queries give the references.
+
+    Cost: ``2·B·H·Q'·N·(D + 3)`` flops (QKᵀ, then exp/normalise/sum), Q' = min(Q, max_queries); heads are
+    processed in chunks of at most ``PROBE_CHUNK_ELEMENTS`` scores (fp32), so memory stays bounded. At the klein-9B
+    shapes (H=32, D=128, 3 references of 4096 tokens, Q'=1024) that is 2·32·1024·12288·131 ≈ 105 GFLOP.
+    """
+    batch, n_queries, heads, dim = queries.shape
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(dim)
+    if max_queries is not None and n_queries > max_queries:
+        picked = torch.linspace(0, n_queries - 1, max_queries, device=queries.device).round().long()
+        queries = queries[:, picked]
+        query_mask = query_mask[:, picked] if query_mask is not None else None
+        n_queries = max_queries
+    weights = (query_mask.float() if query_mask is not None
+               else queries.new_ones((batch, n_queries), dtype=torch.float32))
+    weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1.0)  # [B, Q]: mean over valid queries
+    n_keys = keys.shape[1]
+    heads_per_chunk = max(1, PROBE_CHUNK_ELEMENTS // max(1, batch * n_queries * n_keys))
+    mass = torch.zeros((batch, n_keys), dtype=torch.float32, device=queries.device)
+    for h0 in range(0, heads, heads_per_chunk):
+        q = queries[:, :, h0:h0 + heads_per_chunk]
+        k = keys[:, :, h0:h0 + heads_per_chunk]
+        logits = torch.einsum("bqhd,bkhd->bhqk", q, k).float() * scale  # [B, h, Q, N]
+        probs = torch.softmax(logits, dim=-1)
+        mass += torch.einsum("bhqk,bq->bk", probs, weights)
+    return mass / heads
+
+
+def _normalise_per_image(signal: torch.Tensor, ref_lengths: Sequence[int]) -> torch.Tensor:
+    """Min-max scaling of a float [B, N] signal to [0, 1] inside each image (a constant image maps to 0)."""
+    out = torch.empty_like(signal, dtype=torch.float32)
+    for lo, hi in _image_slices(ref_lengths):
+        part = signal[:, lo:hi].float()
+        low = part.amin(dim=1, keepdim=True)
+        span = part.amax(dim=1, keepdim=True) - low
+        out[:, lo:hi] = torch.where(span > 0, (part - low) / span.clamp(min=torch.finfo(torch.float32).tiny),
+                                    torch.zeros_like(part))
+    return out
+
+
+def _dilate(signal: torch.Tensor, context: SelectionContext, radius: int) -> torch.Tensor:
+    """Max of ``signal`` over the (2r+1)² neighbourhood of each token in its image's grid (a 2r+1 window along the
+    token order without a grid). One small host read per image sizes the grid when it comes from reference_ids."""
+    if radius <= 0:
+        return signal
+    batch = signal.shape[0]
+    grid = _token_grid(context, batch, signal.device)
+    window = 2 * radius + 1
+    out = torch.empty_like(signal)
+    for lo, hi in _image_slices(context.ref_lengths):
+        part = signal[:, lo:hi]
+        if grid is None:
+            out[:, lo:hi] = F.max_pool1d(part[:, None], window, stride=1, padding=radius)[:, 0]
+            continue
+        rows, cols = grid[:, lo:hi, 0], grid[:, lo:hi, 1]
+        height, width = int(rows.max()) + 1, int(cols.max()) + 1
+        flat = rows * width + cols  # [B, L]: cell of each token
+        dense = part.new_full((batch, height * width), -math.inf).scatter(1, flat, part)
+        pooled = F.max_pool2d(dense.view(batch, 1, height, width), window, stride=1, padding=radius)
+        out[:, lo:hi] = pooled.view(batch, -1).gather(1, flat)
+    return out
+
+
+def _border_background(reference_latents: torch.Tensor, context: SelectionContext) -> torch.Tensor:
+    """Per-token background estimate ``[B, N, C]``: the mean latent of its image's border tokens (first/last row or
+    column) on a grid, else of the whole image."""
+    batch = reference_latents.shape[0]
+    grid = _token_grid(context, batch, reference_latents.device)
+    latents = reference_latents.float()
+    background = torch.empty_like(latents)
+    for lo, hi in _image_slices(context.ref_lengths):
+        part = latents[:, lo:hi]
+        if grid is None:
+            weight = torch.ones(part.shape[:2], device=part.device)
+        else:
+            rows, cols = grid[:, lo:hi, 0], grid[:, lo:hi, 1]
+            on_border = (rows == 0) | (cols == 0) | (rows == rows.amax(1, keepdim=True)) \
+                | (cols == cols.amax(1, keepdim=True))
+            weight = on_border.float()
+        mean = (part * weight[..., None]).sum(1) / weight.sum(1, keepdim=True).clamp(min=1.0)
+        background[:, lo:hi] = mean[:, None]
+    return background
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# task-aware selectors
+# ----------------------------------------------------------------------------------------------------------------
+def edit_scores(reference_latents: torch.Tensor, context: SelectionContext, *, ring: int = DEFAULT_RING,
+                max_queries: Optional[int] = DEFAULT_MAX_QUERIES) -> torch.Tensor:
+    """Spatially-aligned editing (target and reference share their layout): keep where the edit happens, a context
+    ring around it, then an evenly spread remainder.
+
+    Signals: ``extra["user_mask"]`` (the user said where the edit is: exact, free) and/or the instruction's
+    attention ``attention_mass(extra["text_queries"], extra["ref_keys"], extra.get("text_mask"))`` (the instruction
+    tokens attend to the reference tokens they talk about: needs one probe layer of the first step). With both, the
+    edit region is their maximum (the mask wins where it is set). The region is scaled to [0, 1] per image, dilated
+    by ``ring`` tokens for context (boundaries must blend), and ranked as
+    ``region + CONTEXT_WEIGHT·dilated + SPREAD_WEIGHT·uniform``: top-k takes the region first, then its ring, then
+    an even spread of the rest (global layout). Cost: the probe's attention mass (see ``attention_mass``) plus
+    O(N) pooling.
+    """
+    batch, n_tokens, _ = reference_latents.shape
+    user_mask = context.extra.get("user_mask")
+    queries = _probe_tensor(reference_latents, context, "text_queries", "edit", required=False)
+    if user_mask is None and queries is None:
+        raise ValueError("selector 'edit' needs context.extra['user_mask'] and/or extra['text_queries'] with "
+                         "extra['ref_keys'] (or an extra['attention_probe'] that provides them)")
+    region = torch.zeros((batch, n_tokens), dtype=torch.float32, device=reference_latents.device)
+    if user_mask is not None:
+        if not isinstance(user_mask, torch.Tensor) or user_mask.dtype != torch.bool \
+                or tuple(user_mask.shape) != (batch, n_tokens):
+            raise ValueError(f"extra['user_mask'] must be bool [B={batch}, N={n_tokens}]")
+        region = user_mask.to(region.device).float()
+    if queries is not None:
+        keys = _probe_tensor(reference_latents, context, "ref_keys", "edit")
+        text_mask = context.extra.get("text_mask")
+        _check_qk(queries, keys, text_mask, batch, n_tokens, "text_queries")
+        probe = _normalise_per_image(attention_mass(queries, keys, text_mask, max_queries=max_queries),
+                                     context.ref_lengths)
+        region = torch.maximum(region, probe.to(region.device))
+    dilated = _dilate(region, context, ring)
+    return region + CONTEXT_WEIGHT * dilated + SPREAD_WEIGHT * uniform_scores(reference_latents, context)
+
+
+def subject_scores(reference_latents: torch.Tensor, context: SelectionContext, *, saliency: bool = True,
+                   max_queries: Optional[int] = DEFAULT_MAX_QUERIES) -> torch.Tensor:
+    """Subject-driven generation: keep the subject, drop the background.
+
+    Signals: foreground saliency, ``‖latent - background‖₂`` with the background estimated as the mean latent of
+    the image's border tokens (subjects are framed inside the picture; training-free, no probe), and, when
+    ``extra["target_queries"]`` and ``extra["ref_keys"]`` are available, reference-to-target attention
+    (ReCAST-style: the target queries attend to the reference keys they copy from, i.e. the subject). Each signal is
+    min-max scaled per image and the available ones are averaged, plus ``SPREAD_WEIGHT·uniform`` to break ties
+    evenly. ``saliency=False`` uses the attention alone. Cost: O(N·C) for saliency, ``attention_mass`` for the
+    probe.
+    """
+    batch, n_tokens, _ = reference_latents.shape
+    signals = []
+    if saliency:
+        distance = (reference_latents.float() - _border_background(reference_latents, context)).norm(dim=-1)
+        signals.append(_normalise_per_image(distance, context.ref_lengths))
+    queries = _probe_tensor(reference_latents, context, "target_queries", "subject", required=not saliency)
+    if queries is not None:
+        keys = _probe_tensor(reference_latents, context, "ref_keys", "subject")
+        _check_qk(queries, keys, None, batch, n_tokens, "target_queries")
+        mass = attention_mass(queries, keys, max_queries=max_queries).to(reference_latents.device)
+        signals.append(_normalise_per_image(mass, context.ref_lengths))
+    combined = torch.stack(signals).mean(dim=0)
+    return combined + SPREAD_WEIGHT * uniform_scores(reference_latents, context)
+
+
+def attention_scores(reference_latents: torch.Tensor, context: SelectionContext, *,
+                     max_queries: Optional[int] = DEFAULT_MAX_QUERIES) -> torch.Tensor:
+    """Generic model-internal scores from one cheap probe: the attention mass probe queries give each reference
+    key (``attention_mass``), from ``extra["queries"]`` (+ ``extra["query_mask"]``), or else from the available
+    ``extra["text_queries"]`` / ``extra["target_queries"]`` together, and ``extra["ref_keys"]``.
+
+    Cost of the probe: ``2·B·H·Q'·N·(D + 3)`` flops with Q' = min(Q, max_queries) — ≈105 GFLOP at the klein-9B
+    shapes (H=32, D=128, N=3×4096, Q'=1024), a fraction of a millisecond on an H100, besides the probe layer's own
+    projections. Scores are raw masses (non-negative, summing to 1 per sample), so ``adaptive`` budgets read them as
+    a distribution.
+    """
+    batch, n_tokens, _ = reference_latents.shape
+    _probe_tensor(reference_latents, context, "ref_keys", "attention", required=False)  # runs a lazy probe once
+    extra = context.extra
+    if extra.get("queries") is not None:
+        queries, query_mask, name = extra["queries"], extra.get("query_mask"), "queries"
+    else:
+        parts = [(extra[n], extra.get(m)) for n, m in (("text_queries", "text_mask"), ("target_queries", None))
+                 if extra.get(n) is not None]
+        if not parts:
+            raise ValueError("selector 'attention' needs context.extra['queries'] (or 'text_queries' / "
+                             "'target_queries') and extra['ref_keys']")
+        for q, m in parts:
+            _check_qk(q, extra.get("ref_keys"), m, batch, n_tokens, "text_queries/target_queries")
+        queries = torch.cat([q for q, _ in parts], dim=1)
+        query_mask = torch.cat([m if m is not None else q.new_ones(q.shape[:2], dtype=torch.bool)
+                                for q, m in parts], dim=1)
+        name = "text_queries/target_queries"
+    keys = _probe_tensor(reference_latents, context, "ref_keys", "attention")
+    _check_qk(queries, keys, query_mask, batch, n_tokens, name)
+    return attention_mass(queries, keys, query_mask, max_queries=max_queries).to(reference_latents.device)
+
+
+register_selector("edit", edit_scores)
+register_selector("subject", subject_scores)
+register_selector("attention", attention_scores)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# budgets
+# ----------------------------------------------------------------------------------------------------------------
+class BudgetResult(NamedTuple):
+    """``counts`` int64 ``[B, n_refs]`` kept per reference image, and the matching ``keep`` mask bool ``[B, N]``.
+    ``compact_tokens(keep, ...)`` packs exactly this selection; ``per_sample`` (int64 ``[B]``) is the kept total of
+    each request."""
+
+    counts: torch.Tensor
+    keep: torch.Tensor
+
+    @property
+    def per_sample(self) -> torch.Tensor:
+        return self.counts.sum(dim=1)
+
+
+PerImage = Union[int, float, Sequence, torch.Tensor]
+
+
+def _per_image(name: str, value: PerImage, batch: int, ref_lengths: Sequence[int], device,
+               allow_ratio: bool = True, allow_count: bool = True) -> torch.Tensor:
+    """A count-or-ratio setting as an int64 ``[B, n_refs]`` count tensor. Floats are ratios of each image's length
+    (rounded half up, as ``compact_tokens`` does), ints are counts (clamped to the image length). Tensors (and
+    lists) broadcast to ``[B, n_refs]``: ``[n_refs]`` per image, ``[B, 1]`` per request, ``[B, n_refs]`` both.
+    Python scalars are checked on the host; tensors with one small host read."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int (count) or a float (ratio), got bool")
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} ratio must lie in [0, 1], got {value}")
+        if isinstance(value, int) and value < 0:
+            raise ValueError(f"{name} count must be >= 0, got {value}")
+        tensor = torch.tensor(value, device=device)
+    else:
+        tensor = value.to(device) if isinstance(value, torch.Tensor) else torch.tensor(value, device=device)
+        if tensor.dtype == torch.bool or tensor.is_complex():
+            raise TypeError(f"{name} must hold ints (counts) or floats (ratios), got {tensor.dtype}")
+        if tensor.is_floating_point() and bool(((tensor < 0) | (tensor > 1) | ~torch.isfinite(tensor)).any()):
+            raise ValueError(f"{name} ratios must lie in [0, 1]")
+        if not tensor.is_floating_point() and bool((tensor < 0).any()):
+            raise ValueError(f"{name} counts must be >= 0")
+    if tensor.is_floating_point() and not allow_ratio:
+        raise TypeError(f"{name} must be an int count, got floats")
+    if not tensor.is_floating_point() and not allow_count:
+        raise TypeError(f"{name} must be a float ratio, got ints")
+    try:
+        tensor = torch.broadcast_to(tensor, (batch, len(ref_lengths)))
+    except RuntimeError:
+        raise ValueError(f"{name} of shape {tuple(tensor.shape)} does not broadcast to [B={batch}, "
+                         f"n_refs={len(ref_lengths)}]") from None
+    lengths = torch.tensor(ref_lengths, device=device)
+    if tensor.is_floating_point():
+        return torch.minimum(torch.floor(tensor.double() * lengths + 0.5).long(), lengths)
+    return torch.minimum(tensor.long(), lengths)
+
+
+def _topk_per_image(scores: torch.Tensor, ref_lengths: Sequence[int], counts: torch.Tensor) -> torch.Tensor:
+    """bool [B, N]: the ``counts[b, i]`` highest scores inside image i of sample b (ties to the lower index)."""
+    keep = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+    ranks = _rank_in_image(-scores.float(), ref_lengths)
+    for i, (lo, hi) in enumerate(_image_slices(ref_lengths)):
+        keep[:, lo:hi] = ranks[:, lo:hi] < counts[:, i:i + 1]
+    return keep
+
+
+def _check_scores(scores) -> None:
+    if not isinstance(scores, torch.Tensor) or scores.ndim != 2 or not scores.is_floating_point():
+        raise ValueError(f"scores must be a float [B, N] tensor, got {getattr(scores, 'shape', type(scores))}")
+    if torch.isnan(scores).any():
+        raise ValueError("scores contain NaN")
+
+
+def _check_ref_lengths(ref_lengths, n_tokens: int) -> list[int]:
+    """``ref_lengths`` as a list summing to ``n_tokens`` (None = a single image)."""
+    if ref_lengths is None:
+        return [n_tokens]
+    if not isinstance(ref_lengths, (list, tuple)) or not ref_lengths \
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in ref_lengths):
+        raise ValueError(f"ref_lengths must be a non-empty list of positive ints, got {ref_lengths!r}")
+    if sum(ref_lengths) != n_tokens:
+        raise ValueError(f"ref_lengths {list(ref_lengths)} sum to {sum(ref_lengths)} but scores has N={n_tokens}")
+    return list(ref_lengths)
+
+
+class FixedBudget:
+    """Budget keeping a fixed count per image: ``budget(scores, ref_lengths) -> BudgetResult``."""
+
+    def __init__(self, name: str, value: PerImage, ratio: bool):
+        self.name, self.value, self.ratio = name, value, ratio
+
+    def __call__(self, scores: torch.Tensor, ref_lengths: Optional[Sequence[int]] = None) -> BudgetResult:
+        _check_scores(scores)
+        ref_lengths = _check_ref_lengths(ref_lengths, scores.shape[1])
+        value = self.value
+        if self.ratio and not isinstance(value, torch.Tensor):
+            value = torch.tensor(value, dtype=torch.float64)  # ratios given as 0/1 ints stay ratios
+        counts = _per_image(self.name, value, scores.shape[0], ref_lengths, scores.device,
+                            allow_ratio=self.ratio, allow_count=not self.ratio)
+        return BudgetResult(counts, _topk_per_image(scores, ref_lengths, counts))
+
+    def __repr__(self):
+        return f"{self.name}({self.value!r})"
+
+
+def fixed_ratio(ratio: PerImage) -> FixedBudget:
+    """Keep ``round-half-up(ratio · L)`` tokens of each image of L tokens; ``ratio`` a float in [0, 1] or a tensor
+    broadcasting to ``[B, n_refs]`` (``[n_refs]`` per image, ``[B, 1]`` per request)."""
+    if isinstance(ratio, bool) or (isinstance(ratio, (int, float)) and not 0.0 <= ratio <= 1.0):
+        raise ValueError(f"fixed_ratio: ratio must lie in [0, 1], got {ratio!r}")
+    return FixedBudget("fixed_ratio", ratio, ratio=True)
+
+
+def fixed_count(count: PerImage) -> FixedBudget:
+    """Keep ``count`` tokens of each image (clamped to its length); an int or an int tensor broadcasting to
+    ``[B, n_refs]``."""
+    if isinstance(count, (bool, float)) or (isinstance(count, int) and count < 0):
+        raise ValueError(f"fixed_count: count must be an int >= 0, got {count!r}")
+    return FixedBudget("fixed_count", count, ratio=False)
+
+
+MASS_MODES = ("auto", "linear", "softmax")
+
+
+def _score_mass(scores: torch.Tensor, mode: str) -> torch.Tensor:
+    """Scores of one image [B, L] as a probability distribution per row (float64).
+
+    ``linear``: scores / their sum (scores must be >= 0; an all-zero row is uniform); ``softmax``: softmax of the
+    scores; ``auto``: linear for rows without a negative score, softmax otherwise (decided on the device)."""
+    scores = scores.double()
+    soft = torch.softmax(scores, dim=1)
+    clipped = scores.clamp(min=0.0)
+    total = clipped.sum(dim=1, keepdim=True)
+    linear = torch.where(total > 0, clipped / total.clamp(min=torch.finfo(torch.float64).tiny),
+                         torch.full_like(clipped, 1.0 / scores.shape[1]))
+    if mode == "linear":
+        return linear
+    if mode == "softmax":
+        return soft
+    has_negative = (scores < 0).any(dim=1, keepdim=True)
+    return torch.where(has_negative, soft, linear)
+
+
+def adaptive_budget(scores: torch.Tensor, coverage: Union[float, torch.Tensor] = 0.9, floor: PerImage = 0,
+                    cap: PerImage = 1.0, ref_lengths: Optional[Sequence[int]] = None, *,
+                    mass: str = "auto") -> BudgetResult:
+    """Adaptive budget: per reference image and per request, the smallest set of top-scored tokens whose score mass
+    reaches ``coverage`` of the image's mass, clamped to ``[floor, cap]``.
+
+    ``scores`` float ``[B, N]`` (N = sum(ref_lengths); None = one image). The mass is ``scores / sum`` for
+    non-negative scores and ``softmax(scores)`` otherwise (``mass="auto"``; force one with ``"linear"`` or
+    ``"softmax"``). ``coverage`` in [0, 1] (0 keeps nothing before the floor), a float or a tensor broadcasting to
+    ``[B, n_refs]``. ``floor`` and ``cap`` are counts (int) or ratios of each image's length (float), scalars or
+    tensors broadcasting to ``[B, n_refs]``; where floor > cap, cap wins. A peaked score distribution keeps few
+    tokens, a flat one many. The count is non-decreasing in ``coverage``. Host reads: the NaN/+inf check of the
+    scores, and the range check of tensor settings; everything else stays on the device.
+    """
+    if mass not in MASS_MODES:
+        raise ValueError(f"mass must be one of {MASS_MODES}, got {mass!r}")
+    _check_scores(scores)
+    ref_lengths = _check_ref_lengths(ref_lengths, scores.shape[1])
+    if torch.isposinf(scores).any():
+        raise ValueError("scores contain +inf: their mass is undefined")
+    batch, device = scores.shape[0], scores.device
+    if isinstance(coverage, torch.Tensor):
+        cov = coverage.to(device=device, dtype=torch.float64)
+        bad = bool((~torch.isfinite(cov) | (cov < 0) | (cov > 1)).any())
+    elif isinstance(coverage, (int, float)) and not isinstance(coverage, bool):
+        cov = torch.tensor(float(coverage), dtype=torch.float64, device=device)
+        bad = not 0.0 <= coverage <= 1.0
+    else:
+        raise TypeError(f"coverage must be a float or a tensor, got {type(coverage).__name__}")
+    if bad:
+        raise ValueError(f"coverage must lie in [0, 1], got {coverage!r}")
+    try:
+        cov = torch.broadcast_to(cov, (batch, len(ref_lengths)))
+    except RuntimeError:
+        raise ValueError(f"coverage of shape {tuple(cov.shape)} does not broadcast to [B={batch}, "
+                         f"n_refs={len(ref_lengths)}]") from None
+    low = _per_image("floor", floor, batch, ref_lengths, device)
+    high = _per_image("cap", cap, batch, ref_lengths, device)
+    counts = torch.empty((batch, len(ref_lengths)), dtype=torch.long, device=device)
+    for i, (lo, hi) in enumerate(_image_slices(ref_lengths)):
+        probs = torch.sort(_score_mass(scores[:, lo:hi], mass), dim=1, descending=True).values
+        before = torch.cumsum(probs, dim=1) - probs  # mass of the tokens ranked above each token
+        target = cov[:, i:i + 1]
+        needed = (before < target - COVERAGE_TOL).sum(dim=1)
+        needed = torch.where(target[:, 0] > 0, needed.clamp(min=1), torch.zeros_like(needed))
+        counts[:, i] = torch.minimum(torch.maximum(needed, low[:, i]), high[:, i])
+    return BudgetResult(counts, _topk_per_image(scores, ref_lengths, counts))
+
+
+class AdaptiveBudget:
+    """``adaptive_budget`` with its settings bound: ``budget(scores, ref_lengths) -> BudgetResult``."""
+
+    def __init__(self, coverage, floor, cap, mass):
+        self.coverage, self.floor, self.cap, self.mass = coverage, floor, cap, mass
+
+    def __call__(self, scores: torch.Tensor, ref_lengths: Optional[Sequence[int]] = None) -> BudgetResult:
+        return adaptive_budget(scores, self.coverage, self.floor, self.cap, ref_lengths, mass=self.mass)
+
+    def __repr__(self):
+        return f"adaptive(coverage={self.coverage!r}, floor={self.floor!r}, cap={self.cap!r}, mass={self.mass!r})"
+
+
+def adaptive(coverage: Union[float, torch.Tensor] = 0.9, floor: PerImage = 0, cap: PerImage = 1.0, *,
+             mass: str = "auto") -> AdaptiveBudget:
+    """A budget for ``select``: ``adaptive_budget`` with these settings (see there)."""
+    if mass not in MASS_MODES:
+        raise ValueError(f"mass must be one of {MASS_MODES}, got {mass!r}")
+    return AdaptiveBudget(coverage, floor, cap, mass)
+
+
+BudgetSpec = Union[float, int, FixedBudget, AdaptiveBudget, Callable[..., BudgetResult]]
+
+
+def as_budget(budget: BudgetSpec) -> Callable[..., BudgetResult]:
+    """A float is ``fixed_ratio``, an int ``fixed_count``; a budget object or callable
+    ``(scores, ref_lengths) -> BudgetResult`` is returned as is."""
+    if isinstance(budget, bool):
+        raise TypeError("budget must be a float ratio, an int count or a budget callable, got bool")
+    if isinstance(budget, float):
+        return fixed_ratio(budget)
+    if isinstance(budget, int):
+        return fixed_count(budget)
+    if callable(budget):
+        return budget
+    raise TypeError(f"budget must be a float ratio, an int count or a budget callable, got {type(budget).__name__}")
+
+
+def select(reference_latents: torch.Tensor, context: SelectionContext, selector="uniform",
+           budget: Optional[BudgetSpec] = 0.25) -> torch.Tensor:
+    """Keep mask bool ``[B, N]`` over the reference tokens: the selector's scores, then the budget applied per
+    reference image (each image keeps its own share; top-k, ties to the lower index, as ``compact_tokens``).
+
+    ``budget``: a float (``fixed_ratio``), an int (``fixed_count`` per image), ``adaptive(...)`` or any callable
+    ``(scores, ref_lengths) -> BudgetResult``; None only for a selector that returns a keep mask, which is then
+    returned as is. A selector's keep mask with a budget is ranked mask first, then by the ``uniform`` order, so the
+    budget caps it (or pads it with evenly spread tokens).
+    """
+    chosen = get_selector(selector)(reference_latents, context)
+    if budget is None:
+        if chosen.dtype != torch.bool:
+            raise ValueError(f"budget is required: selector {get_selector(selector).name!r} returned scores")
+        return chosen
+    if chosen.dtype == torch.bool:
+        chosen = chosen.float() + MASK_PAD_WEIGHT * uniform_scores(reference_latents, context)
+    result = as_budget(budget)(chosen, context.ref_lengths)
+    if not isinstance(result, BudgetResult):
+        raise ValueError(f"budget {budget!r} must return a BudgetResult, got {type(result).__name__}")
+    return result.keep

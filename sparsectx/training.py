@@ -1,0 +1,103 @@
+"""Random-ratio drop masks for training with Sparse Context.
+
+The recipe: for each sample (and each reference image) draw a keep ratio r ~ U[r_min, r_max] (or pick one from a
+list), keep a random r-subset of that image's reference tokens, and always keep the prefix (text and target
+tokens). The model thus sees every budget it will meet at inference. Dropped tokens stay in diffusers' dense
+``[B, S, H, D]`` layout; ``sparsectx.masked_attention`` skips them as keys (and, by default, as queries: their
+outputs are zero, as if they had been removed from the sequence; only the prefix outputs feed the loss).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .ops import masked_attention
+
+DEFAULT_RATIO_RANGE = (0.05, 1.0)  # the keep ratios a trained model should handle, 5% to all tokens
+
+
+def _check_layout(batch, ref_lengths, n_prefix) -> list[int]:
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    if not isinstance(ref_lengths, (list, tuple)) or not ref_lengths \
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in ref_lengths):
+        raise ValueError(f"ref_lengths must be a non-empty list of positive ints, got {ref_lengths!r}")
+    if isinstance(n_prefix, bool) or not isinstance(n_prefix, int) or n_prefix < 0:
+        raise ValueError(f"n_prefix must be an int >= 0, got {n_prefix!r}")
+    return list(ref_lengths)
+
+
+def _draw_ratios(shape: tuple, ratio_range, ratios, generator, device) -> torch.Tensor:
+    """float64 keep ratios of ``shape``: from ``ratios`` (uniform choice) if given, else U[r_min, r_max]."""
+    if ratios is not None:
+        if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Sequence) or not ratios \
+                or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0.0 <= r <= 1.0
+                           for r in ratios):
+            raise ValueError(f"ratios must be a non-empty list of keep ratios in [0, 1], got {ratios!r}")
+        pick = torch.randint(len(ratios), shape, generator=generator, device=device)
+        return torch.tensor([float(r) for r in ratios], dtype=torch.float64, device=device)[pick]
+    if not isinstance(ratio_range, (tuple, list)) or len(ratio_range) != 2 \
+            or not all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in ratio_range) \
+            or not 0.0 <= ratio_range[0] <= ratio_range[1] <= 1.0:
+        raise ValueError(f"ratio_range must be (r_min, r_max) with 0 <= r_min <= r_max <= 1, got {ratio_range!r}")
+    low, high = float(ratio_range[0]), float(ratio_range[1])
+    return low + (high - low) * torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
+
+
+def random_drop_mask(batch: int, ref_lengths: Sequence[int], n_prefix: int,
+                     ratio_range: tuple = DEFAULT_RATIO_RANGE, generator: Optional[torch.Generator] = None, *,
+                     ratios: Optional[Sequence[float]] = None, per_image: bool = True,
+                     device=None) -> torch.Tensor:
+    """Keep mask bool ``[B, S]`` for the dense layout ``S = n_prefix + sum(ref_lengths)``: the first ``n_prefix``
+    tokens (text + target) are always kept; reference image i (``ref_lengths[i]`` tokens, in order after the
+    prefix) keeps ``round-half-up(r · L_i)`` tokens chosen uniformly at random.
+
+    ``r`` is drawn per sample and, with ``per_image=True``, per reference image: from U[``ratio_range``] or, when
+    ``ratios`` is given, uniformly from that list. Everything is drawn from ``generator`` (on its device; the mask is
+    then moved to ``device``, default the generator's device), so a seed fixes the mask.
+    """
+    ref_lengths = _check_layout(batch, ref_lengths, n_prefix)
+    draw_device = generator.device if generator is not None else torch.device(device or "cpu")
+    n_refs = len(ref_lengths)
+    rates = _draw_ratios((batch, n_refs if per_image else 1), ratio_range, ratios, generator, draw_device)
+    lengths = torch.tensor(ref_lengths, device=draw_device)
+    counts = torch.minimum(torch.floor(rates * lengths + 0.5).long(), lengths)  # [B, n_refs]
+    noise = torch.rand((batch, sum(ref_lengths)), generator=generator, device=draw_device)
+    keep = torch.ones((batch, n_prefix + sum(ref_lengths)), dtype=torch.bool, device=draw_device)
+    start = n_prefix
+    for i, length in enumerate(ref_lengths):
+        part = noise[:, start - n_prefix:start - n_prefix + length]
+        # rank of each token's random key inside its image: the `count` smallest ranks are a uniform subset
+        rank = torch.empty_like(part, dtype=torch.long).scatter_(
+            1, torch.argsort(part, dim=1), torch.arange(length, device=draw_device).expand(batch, -1))
+        keep[:, start:start + length] = rank < counts[:, i:i + 1]
+        start += length
+    return keep.to(device) if device is not None else keep
+
+
+def random_drop_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ref_lengths: Sequence[int],
+                          n_prefix: int, ratio_range: tuple = DEFAULT_RATIO_RANGE,
+                          generator: Optional[torch.Generator] = None, *, ratios: Optional[Sequence[float]] = None,
+                          per_image: bool = True, keep_mask: Optional[torch.Tensor] = None,
+                          drop_queries: bool = True, softmax_scale: Optional[float] = None):
+    """Attention of the dense layout ``q, k, v [B, S, H, D]`` with a random drop mask (``random_drop_mask``, or
+    ``keep_mask`` when given) through ``sparsectx.masked_attention``. Returns ``(out [B, S, H, D], keep_mask)``.
+
+    Dropped tokens are never keys; with ``drop_queries`` they are not computed as queries either (zero output, no
+    cost), which equals removing them from the sequence. Gradients flow to q, k and v (zero at dropped tokens). Use
+    the same ``keep_mask`` in every layer of one step: pass the returned mask on.
+    """
+    if not isinstance(q, torch.Tensor) or q.ndim != 4:
+        raise ValueError(f"q must be a [B, S, H, D] tensor, got {getattr(q, 'shape', type(q).__name__)}")
+    batch, seq = q.shape[:2]
+    ref_lengths = _check_layout(batch, ref_lengths, n_prefix)
+    if n_prefix + sum(ref_lengths) != seq:
+        raise ValueError(f"n_prefix + sum(ref_lengths) = {n_prefix + sum(ref_lengths)} must equal q's sequence "
+                         f"length S={seq}")
+    if keep_mask is None:
+        keep_mask = random_drop_mask(batch, ref_lengths, n_prefix, ratio_range, generator, ratios=ratios,
+                                     per_image=per_image, device=q.device)
+    out = masked_attention(q, k, v, keep_mask, query_mask=keep_mask if drop_queries else None,
+                           softmax_scale=softmax_scale)
+    return out, keep_mask

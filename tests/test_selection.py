@@ -1,0 +1,542 @@
+"""Selectors, budgets and select(): contract, determinism, planted signals, spread, adaptive budgets, bad input."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sparsectx
+from sparsectx import reference, selection
+from sparsectx.selection import (
+    BudgetResult,
+    SelectionContext,
+    adaptive,
+    adaptive_budget,
+    available_selectors,
+    fixed_count,
+    fixed_ratio,
+    get_selector,
+    register_selector,
+    select,
+)
+
+BUILTIN = ["attention", "edit", "random", "subject", "uniform"]
+HEADS, HEAD_DIM, CHANNELS = 2, 8, 4
+# reference grids (h, w) for 1..4 references of different sizes
+GRIDS = [(6, 8), (4, 4), (5, 7), (3, 9)]
+
+
+def _layout(n_refs):
+    shapes = GRIDS[:n_refs]
+    return shapes, [h * w for h, w in shapes]
+
+
+def _ids(shapes, n_axes=3):
+    """FLUX-style position ids [1, N, n_axes] with (h, w) on axes 1, 2 and a per-image offset (ids need not start
+    at 0)."""
+    pieces = []
+    for i, (h, w) in enumerate(shapes):
+        rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        ids = torch.zeros(h * w, n_axes)
+        ids[:, 0] = i + 1
+        ids[:, 1] = rows.flatten() + 2 * i
+        ids[:, 2] = cols.flatten() + 3 * i
+        pieces.append(ids)
+    return torch.cat(pieces)[None]
+
+
+def _full_context(batch, n_refs, seed=0, n_text=5, n_target=6):
+    """A context with every signal the built-in selectors read."""
+    shapes, lengths = _layout(n_refs)
+    gen = torch.Generator().manual_seed(seed)
+    n = sum(lengths)
+    extra = {
+        "user_mask": torch.rand(batch, n, generator=gen) < 0.1,
+        "text_queries": torch.randn(batch, n_text, HEADS, HEAD_DIM, generator=gen),
+        "text_mask": torch.arange(n_text).expand(batch, -1) < n_text - 1,
+        "target_queries": torch.randn(batch, n_target, HEADS, HEAD_DIM, generator=gen),
+        "ref_keys": torch.randn(batch, n, HEADS, HEAD_DIM, generator=gen),
+    }
+    ctx = SelectionContext(n_refs, lengths, reference_ids=_ids(shapes), target_shape=(4, 4),
+                           generator=torch.Generator().manual_seed(seed + 1), extra=extra)
+    latents = torch.randn(batch, n, CHANNELS, generator=gen)
+    return latents, ctx
+
+
+def _square_mask(shapes, image, top, left, size, batch):
+    """bool [B, N]: a size×size square at (top, left) of reference `image`."""
+    lengths = [h * w for h, w in shapes]
+    mask = torch.zeros(batch, sum(lengths), dtype=torch.bool)
+    h, w = shapes[image]
+    grid = torch.zeros(h, w, dtype=torch.bool)
+    grid[top:top + size, left:left + size] = True
+    start = sum(lengths[:image])
+    mask[:, start:start + h * w] = grid.flatten()
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# contract
+# ----------------------------------------------------------------------------------------------------------------
+def test_builtin_selectors_are_registered():
+    assert set(BUILTIN) <= set(available_selectors())
+    assert available_selectors() == sorted(available_selectors())
+
+
+def test_unknown_selector_lists_the_available_names():
+    with pytest.raises(ValueError) as err:
+        get_selector("no-such-selector")
+    for name in BUILTIN:
+        assert name in str(err.value)
+    with pytest.raises(TypeError):
+        get_selector(42)
+
+
+def test_register_selector_and_duplicates():
+    def first_tokens(latents, context):
+        return -torch.arange(latents.shape[1], dtype=torch.float32).expand(latents.shape[0], -1)
+
+    try:
+        register_selector("test-first", first_tokens)
+        assert "test-first" in available_selectors()
+        latents, ctx = _full_context(2, 2)
+        keep = select(latents, ctx, "test-first", 3)
+        # each image keeps its first three tokens
+        expected = torch.zeros_like(keep)
+        for lo in (0, ctx.ref_lengths[0]):
+            expected[:, lo:lo + 3] = True
+        assert torch.equal(keep, expected)
+        with pytest.raises(ValueError, match="already registered"):
+            register_selector("test-first", first_tokens)
+        register_selector("test-first", selection.uniform_scores, overwrite=True)
+        assert torch.equal(get_selector("test-first")(latents, ctx), selection.uniform_scores(latents, ctx))
+    finally:
+        selection._REGISTRY.pop("test-first", None)
+    with pytest.raises(ValueError):
+        register_selector("", first_tokens)
+    with pytest.raises(TypeError):
+        register_selector("test-not-callable", 3)
+
+
+@pytest.mark.parametrize("bad_output, message", [
+    (lambda x, c: torch.zeros(x.shape[0], x.shape[1] + 1), "must return"),
+    (lambda x, c: torch.zeros(x.shape[:2], dtype=torch.int64), "float scores or a bool mask"),
+    (lambda x, c: torch.full(x.shape[:2], math.nan), "NaN"),
+    (lambda x, c: [0.0] * x.shape[1], "tensor"),
+])
+def test_user_callable_output_is_validated(bad_output, message):
+    latents, ctx = _full_context(2, 2)
+    with pytest.raises(ValueError, match=message):
+        get_selector(bad_output)(latents, ctx)
+
+
+def test_user_callable_mask_is_accepted_and_budget_caps_it():
+    latents, ctx = _full_context(2, 2)
+    mask = ctx.extra["user_mask"] | _square_mask(GRIDS[:2], 0, 1, 1, 3, 2)
+
+    def user(latents, context):
+        return mask
+
+    assert torch.equal(select(latents, ctx, user, None), mask)
+    capped = select(latents, ctx, user, 2)
+    for lo, hi in selection._image_slices(ctx.ref_lengths):
+        in_mask = mask[:, lo:hi].sum(1)
+        # the budget keeps mask tokens first (capping the mask), then pads images whose mask is smaller
+        assert torch.equal((capped[:, lo:hi] & mask[:, lo:hi]).sum(1), torch.clamp(in_mask, max=2))
+        assert torch.equal(capped[:, lo:hi].sum(1), torch.full_like(in_mask, 2))
+
+
+def test_context_validation():
+    with pytest.raises(ValueError, match="ref_lengths"):
+        SelectionContext(2, [4])
+    with pytest.raises(ValueError, match="ref_lengths"):
+        SelectionContext(1, [0])
+    with pytest.raises(ValueError, match="num_references"):
+        SelectionContext(0, [])
+    with pytest.raises(TypeError, match="generator"):
+        SelectionContext(1, [4], generator=0)
+    with pytest.raises(ValueError, match="reference_ids"):
+        SelectionContext(1, [4], reference_ids=torch.zeros(1, 5, 3))
+    with pytest.raises(ValueError, match="target_shape"):
+        SelectionContext(1, [4], target_shape=(4,))
+    with pytest.raises(TypeError, match="extra"):
+        SelectionContext(1, [4], extra=[])
+
+
+def test_selector_input_validation():
+    ctx = SelectionContext(2, [4, 4])
+    with pytest.raises(ValueError, match="ref_lengths"):
+        get_selector("uniform")(torch.zeros(1, 9, 2), ctx)
+    with pytest.raises(ValueError, match="reference_latents"):
+        get_selector("uniform")(torch.zeros(1, 8), ctx)
+    with pytest.raises(TypeError, match="context"):
+        get_selector("uniform")(torch.zeros(1, 8, 2), {"ref_lengths": [8]})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shapes and determinism
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n_refs", [1, 2, 3, 4])
+@pytest.mark.parametrize("name", BUILTIN)
+def test_scores_shape_and_per_image_budget(name, n_refs):
+    batch = 2
+    latents, ctx = _full_context(batch, n_refs)
+    scores = get_selector(name)(latents, ctx)
+    assert scores.shape == (batch, sum(ctx.ref_lengths))
+    assert scores.is_floating_point() and torch.isfinite(scores).all()
+    ratio = 0.25
+    keep = select(*_full_context(batch, n_refs), name, ratio)  # a fresh context: random draws the same scores
+    assert keep.dtype == torch.bool and keep.shape == scores.shape
+    for length, (lo, hi) in zip(ctx.ref_lengths, selection._image_slices(ctx.ref_lengths)):
+        expected = math.floor(ratio * length + 0.5)
+        assert keep[:, lo:hi].sum(1).tolist() == [expected] * batch
+        # within each image, the kept tokens are the top-k by score with ties to the lower index
+        assert torch.equal(keep[:, lo:hi], reference.topk_keep_mask(scores[:, lo:hi], [expected] * batch))
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_deterministic_under_a_seed(name):
+    first = get_selector(name)(*_full_context(2, 3, seed=5))
+    second = get_selector(name)(*_full_context(2, 3, seed=5))
+    assert torch.equal(first, second)
+
+
+def test_random_depends_on_the_seed_only():
+    latents, ctx = _full_context(2, 2, seed=3)
+
+    def scores(x, seed):
+        return get_selector("random")(x, SelectionContext(2, ctx.ref_lengths,
+                                                          generator=torch.Generator().manual_seed(seed)))
+
+    assert torch.equal(scores(latents, 4), scores(2 * latents + 1, 4))  # content-blind
+    assert not torch.equal(scores(latents, 4), scores(latents, 5))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# uniform: evenly spread
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("length", [1, 7, 16, 45])
+def test_uniform_1d_keeps_every_stride(length):
+    latents = torch.zeros(1, length, 1)
+    ctx = SelectionContext(1, [length])
+    scores = get_selector("uniform")(latents, ctx)
+    assert sorted((1 - scores[0]) * length) == pytest.approx(list(range(length)))  # a permutation
+    for k in range(1, length + 1):
+        kept = torch.nonzero(reference.topk_keep_mask(scores, [k])[0]).flatten()
+        stride = 1 << max(0, math.ceil(math.log2(length / k)))  # smallest power of 2 with ceil(L/s) <= k
+        assert set(range(0, length, stride)) <= set(kept.tolist())
+        gaps = torch.diff(torch.cat([kept, torch.tensor([length])]))
+        assert gaps.max() <= stride < 2 * length / k + 1
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (5, 7), (3, 12)])
+def test_uniform_2d_covers_the_grid(shape):
+    h, w = shape
+    latents = torch.zeros(1, h * w, 1)
+    by_ids = get_selector("uniform")(latents, SelectionContext(1, [h * w], reference_ids=_ids([shape])))
+    by_shape = get_selector("uniform")(latents, SelectionContext(1, [h * w], extra={"ref_shapes": [shape]}))
+    assert torch.equal(by_ids, by_shape)
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    rows, cols = rows.flatten(), cols.flatten()
+    for stride in (1, 2, 4):
+        k = math.ceil(h / stride) * math.ceil(w / stride)
+        kept = reference.topk_keep_mask(by_ids, [k])[0]
+        # every cell lies within Chebyshev distance < stride of a kept cell
+        dist = torch.maximum((rows[:, None] - rows[kept][None]).abs(), (cols[:, None] - cols[kept][None]).abs())
+        assert dist.min(dim=1).values.max() < stride
+
+
+def test_uniform_global_topk_shares_in_proportion():
+    shapes, lengths = _layout(3)
+    n = sum(lengths)
+    latents = torch.zeros(1, n, 1)
+    scores = get_selector("uniform")(latents, SelectionContext(3, lengths, reference_ids=_ids(shapes)))
+    for k in (5, 17, 40, n // 2):
+        packed = sparsectx.compact_tokens(scores, budget=k)
+        index = packed.index[:k].long()
+        for length, (lo, hi) in zip(lengths, selection._image_slices(lengths)):
+            share = ((index >= lo) & (index < hi)).sum().item()
+            assert abs(share - k * length / n) <= len(lengths)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# planted signals
+# ----------------------------------------------------------------------------------------------------------------
+def _planted_latents(shapes, squares, batch=2, seed=0):
+    """Background latents near one vector per image, with distinct latents inside the planted squares."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [h * w for h, w in shapes]
+    latents = torch.randn(batch, 1, CHANNELS, generator=gen) + 0.05 * torch.randn(batch, sum(lengths), CHANNELS,
+                                                                                  generator=gen)
+    planted = torch.zeros(batch, sum(lengths), dtype=torch.bool)
+    for image, top, left, size in squares:
+        planted |= _square_mask(shapes, image, top, left, size, batch)
+    latents[planted] += 3.0 * torch.randn(int(planted.sum()), CHANNELS, generator=gen).sign()
+    return latents, planted
+
+
+def _planted_keys(planted, seed=0, n_queries=6):
+    """Queries aligned with one direction that the planted keys share: they get almost all the attention."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, n = planted.shape
+    direction = torch.randn(HEADS, HEAD_DIM, generator=gen)
+    keys = 0.1 * torch.randn(batch, n, HEADS, HEAD_DIM, generator=gen)
+    keys[planted] += 2.0 * direction
+    queries = 2.0 * direction + 0.1 * torch.randn(batch, n_queries, HEADS, HEAD_DIM, generator=gen)
+    return queries, keys
+
+
+@pytest.mark.parametrize("n_refs", [1, 2, 3, 4])
+def test_subject_saliency_recovers_planted_squares(n_refs):
+    shapes, lengths = _layout(n_refs)
+    squares = [(i, 1, 1 + i % 2, 2) for i in range(n_refs)]
+    latents, planted = _planted_latents(shapes, squares)
+    ctx = SelectionContext(n_refs, lengths, extra={"ref_shapes": shapes})
+    keep = select(latents, ctx, "subject", 4)  # each image keeps exactly its 2x2 square
+    assert torch.equal(keep, planted)
+
+
+def test_subject_recast_attention_recovers_the_subject():
+    shapes, lengths = _layout(2)
+    planted = _square_mask(shapes, 0, 2, 3, 3, 2) | _square_mask(shapes, 1, 0, 0, 3, 2)
+    queries, keys = _planted_keys(planted)
+    latents = torch.randn(2, sum(lengths), CHANNELS, generator=torch.Generator().manual_seed(1))
+    ctx = SelectionContext(2, lengths, reference_ids=_ids(shapes),
+                           extra={"target_queries": queries, "ref_keys": keys})
+    subject_by_attention = selection.get_selector(
+        lambda x, c: selection.subject_scores(x, c, saliency=False))
+    assert torch.equal(select(latents, ctx, subject_by_attention, 9), planted)
+
+
+def test_edit_keeps_region_then_ring_then_spread():
+    shapes, lengths = _layout(2)
+    batch = 2
+    region = _square_mask(shapes, 0, 2, 3, 2, batch) | _square_mask(shapes, 1, 2, 2, 1, batch)
+    ctx = SelectionContext(2, lengths, reference_ids=_ids(shapes), extra={"user_mask": region})
+    latents = torch.randn(batch, sum(lengths), CHANNELS, generator=torch.Generator().manual_seed(0))
+    edit = get_selector(lambda x, c: selection.edit_scores(x, c, ring=1))
+    assert torch.equal(select(latents, ctx, edit, fixed_count(torch.tensor([4, 1]))), region)
+    ring = _square_mask(shapes, 0, 1, 2, 4, batch) | _square_mask(shapes, 1, 1, 1, 3, batch)
+    assert torch.equal(select(latents, ctx, edit, fixed_count(torch.tensor([16, 9]))), ring)
+    # beyond the ring, the rest of the budget follows the uniform order
+    extra = torch.tensor([4, 3])
+    wide = select(latents, ctx, edit, fixed_count(torch.tensor([16, 9]) + extra))
+    assert torch.equal(wide & ring, ring)
+    outside = selection.uniform_scores(latents, ctx).masked_fill(ring, -1.0)
+    assert torch.equal(wide & ~ring, selection._topk_per_image(outside, lengths, extra.expand(batch, -1)))
+
+
+def test_edit_text_probe_recovers_the_instruction_region():
+    shapes, lengths = _layout(3)
+    planted = _square_mask(shapes, 2, 0, 4, 3, 2)
+    queries, keys = _planted_keys(planted)
+    latents = torch.randn(2, sum(lengths), CHANNELS)
+    ctx = SelectionContext(3, lengths, reference_ids=_ids(shapes),
+                           extra={"text_queries": queries, "ref_keys": keys})
+    scores = selection.edit_scores(latents, ctx, ring=0)
+    lo, hi = selection._image_slices(lengths)[2]
+    assert torch.equal(reference.topk_keep_mask(scores[:, lo:hi], [9, 9]), planted[:, lo:hi])
+
+
+def test_attention_mass_matches_a_direct_computation(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    queries = torch.randn(2, 7, 3, HEAD_DIM, generator=gen)
+    keys = torch.randn(2, 11, 3, HEAD_DIM, generator=gen)
+    query_mask = torch.rand(2, 7, generator=gen) < 0.7
+    query_mask[:, 0] = True
+    probs = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", queries.double(), keys.double()) / math.sqrt(HEAD_DIM),
+                          dim=-1)
+    weights = query_mask.double() / query_mask.sum(1, keepdim=True)
+    expected = torch.einsum("bhqk,bq->bk", probs, weights) / 3
+    got = selection.attention_mass(queries, keys, query_mask)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.sum(1), torch.ones(2), rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(selection, "PROBE_CHUNK_ELEMENTS", 1)  # one head per chunk
+    torch.testing.assert_close(selection.attention_mass(queries, keys, query_mask), got, rtol=1e-6, atol=1e-7)
+    # evenly strided query subsampling keeps the first and the last query
+    sub = selection.attention_mass(queries, keys, max_queries=2)
+    assert torch.allclose(sub, selection.attention_mass(queries[:, [0, 6]], keys))
+
+
+def test_attention_probe_runs_lazily_once():
+    latents, ctx = _full_context(2, 2)
+    provided = {name: ctx.extra.pop(name) for name in ("text_queries", "target_queries", "ref_keys")}
+    calls = []
+
+    def probe(x, context):
+        calls.append(1)
+        return dict(provided)
+
+    ctx.extra["attention_probe"] = probe
+    get_selector("uniform")(latents, ctx)
+    assert calls == []
+    lazy = get_selector("attention")(latents, ctx)
+    get_selector("subject")(latents, ctx)
+    assert calls == [1]
+    eager = get_selector("attention")(latents, _full_context(2, 2)[1])
+    torch.testing.assert_close(lazy, eager)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# budgets
+# ----------------------------------------------------------------------------------------------------------------
+def test_fixed_budgets_per_image_and_per_request():
+    lengths = [10, 6, 9]
+    scores = torch.randn(2, sum(lengths), generator=torch.Generator().manual_seed(0))
+    per_image = fixed_ratio(torch.tensor([0.5, 0.25, 1.0]))(scores, lengths)
+    rounded = [math.floor(r * n + 0.5) for r, n in zip([0.5, 0.25, 1.0], lengths)]
+    assert per_image.counts.tolist() == [rounded, rounded]
+    per_request = fixed_count(torch.tensor([[2], [7]]))(scores, lengths)
+    assert per_request.counts.tolist() == [[2, 2, 2], [7, 6, 7]]  # clamped to each image's length
+    assert torch.equal(per_request.per_sample, per_request.keep.sum(1))
+    for result in (per_image, per_request):
+        for i, (lo, hi) in enumerate(selection._image_slices(lengths)):
+            assert torch.equal(result.keep[:, lo:hi],
+                               reference.topk_keep_mask(scores[:, lo:hi], result.counts[:, i].tolist()))
+
+
+def test_budget_result_feeds_compact_tokens():
+    latents, ctx = _full_context(3, 3)
+    scores = get_selector("subject")(latents, ctx)
+    result = adaptive(0.6, floor=2, cap=0.5)(scores, ctx.ref_lengths)
+    packed = sparsectx.compact_tokens(result.keep, latents)
+    assert torch.equal(torch.diff(packed.cu_seqlens).long(), result.per_sample)
+    assert torch.equal(packed.tensors[0], latents[result.keep])
+
+
+def _coverage_needed(mass):
+    """Smallest count of top-mass tokens whose mass reaches each coverage: brute force over prefixes."""
+    ordered = torch.sort(mass, descending=True).values.double()
+    return [ordered[:k].sum().item() for k in range(len(ordered) + 1)]
+
+
+@settings(max_examples=40, deadline=None, database=None)
+@given(seed=st.integers(0, 2**16), lengths=st.lists(st.integers(1, 12), min_size=1, max_size=4),
+       c1=st.floats(0.0, 1.0), c2=st.floats(0.0, 1.0), softmax=st.booleans())
+def test_adaptive_budget_is_monotone_and_minimal(seed, lengths, c1, c2, softmax):
+    low, high = min(c1, c2), max(c1, c2)
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randn(2, sum(lengths), generator=gen)
+    scores = scores if softmax else scores.abs()
+    mode = "softmax" if softmax else "linear"
+    small = adaptive_budget(scores, low, 0, 1.0, lengths, mass=mode)
+    large = adaptive_budget(scores, high, 0, 1.0, lengths, mass=mode)
+    assert (small.counts <= large.counts).all()
+    assert not (small.keep & ~large.keep).any()  # nested sets
+    for b in range(2):
+        for i, (lo, hi) in enumerate(selection._image_slices(lengths)):
+            part = scores[b, lo:hi]
+            mass = torch.softmax(part.double(), 0) if softmax else part.double() / part.double().sum()
+            prefix = _coverage_needed(mass)
+            count = int(large.counts[b, i])
+            assert prefix[count] >= high - 1e-6  # covers
+            if count > 1:
+                assert prefix[count - 1] < high + 1e-6  # and one token fewer does not
+
+
+def test_adaptive_budget_adapts_and_clamps():
+    lengths = [16, 16]
+    peaked = torch.full((1, 32), -4.0)
+    peaked[0, [3, 20]] = 4.0
+    flat = torch.zeros(1, 32)
+    scores = torch.cat([peaked, flat])
+    counts = adaptive_budget(scores, 0.8, 0, 1.0, lengths).counts
+    assert (counts[0] < counts[1]).all()  # a peaked distribution keeps fewer tokens than a flat one
+    floored = adaptive_budget(scores, 0.8, 5, 1.0, lengths).counts
+    assert (floored >= 5).all() and torch.equal(floored, counts.clamp(min=5))
+    capped = adaptive_budget(scores, 0.8, 0, 0.25, lengths).counts
+    assert torch.equal(capped, counts.clamp(max=4))
+    per_request = adaptive_budget(flat.expand(2, -1), torch.tensor([[0.25], [0.75]]), 0, 1.0, lengths).counts
+    assert per_request.tolist() == [[4, 4], [12, 12]]  # flat mass: coverage c keeps c·L tokens
+    assert adaptive_budget(scores, 0.0, 0, 1.0, lengths).counts.sum() == 0
+
+
+def test_select_with_an_adaptive_budget_keeps_the_planted_subject():
+    shapes, lengths = _layout(2)
+    latents, planted = _planted_latents(shapes, [(0, 2, 2, 3), (1, 0, 1, 2)])
+    ctx = SelectionContext(2, lengths, extra={"ref_shapes": shapes})
+    scores = selection.subject_scores(latents, ctx)
+    # coverage just under each image's planted share of the score mass: the smallest covering set is the subject
+    share = torch.stack([(scores[:, lo:hi] * planted[:, lo:hi]).sum(1) / scores[:, lo:hi].sum(1)
+                         for lo, hi in selection._image_slices(lengths)], dim=1)
+    keep = select(latents, ctx, "subject", adaptive(share.double() - 1e-6, mass="linear"))
+    assert torch.equal(keep, planted)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bad input
+# ----------------------------------------------------------------------------------------------------------------
+def test_bad_budgets():
+    scores = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="ratio"):
+        fixed_ratio(1.5)
+    with pytest.raises(ValueError, match="count"):
+        fixed_count(-1)
+    with pytest.raises(ValueError, match="count"):
+        fixed_count(0.5)
+    with pytest.raises(TypeError, match="fixed_count"):
+        fixed_count(torch.tensor([0.5]))(scores, [8])
+    with pytest.raises(ValueError, match="broadcast"):
+        fixed_ratio(torch.tensor([0.5, 0.5, 0.5]))(scores, [4, 4])
+    with pytest.raises(ValueError, match="coverage"):
+        adaptive_budget(scores, 1.5)
+    with pytest.raises(ValueError, match="floor"):
+        adaptive_budget(scores, 0.5, floor=-1)
+    with pytest.raises(ValueError, match="mass"):
+        adaptive(0.5, mass="log")
+    with pytest.raises(ValueError, match="ref_lengths"):
+        adaptive_budget(scores, 0.5, ref_lengths=[3, 4])
+    with pytest.raises(ValueError, match="NaN"):
+        adaptive_budget(torch.full((1, 4), math.nan), 0.5)
+    with pytest.raises(ValueError, match="inf"):
+        adaptive_budget(torch.full((1, 4), math.inf), 0.5)
+    latents, ctx = _full_context(2, 2)
+    with pytest.raises(ValueError, match="budget is required"):
+        select(latents, ctx, "uniform", None)
+    with pytest.raises(TypeError, match="budget"):
+        select(latents, ctx, "uniform", "half")
+    with pytest.raises(ValueError, match="BudgetResult"):
+        select(latents, ctx, "uniform", lambda s, lengths: s > 0)
+    assert isinstance(fixed_count(1)(scores), BudgetResult)
+
+
+def test_missing_or_malformed_signals():
+    latents, ctx = _full_context(2, 2)
+    bare = SelectionContext(2, ctx.ref_lengths)
+    with pytest.raises(ValueError, match="user_mask"):
+        get_selector("edit")(latents, bare)
+    with pytest.raises(ValueError, match="queries"):
+        get_selector("attention")(latents, bare)
+    with pytest.raises(ValueError, match="target_queries"):
+        get_selector(lambda x, c: selection.subject_scores(x, c, saliency=False))(latents, bare)
+    wrong_mask = SelectionContext(2, ctx.ref_lengths, extra={"user_mask": ctx.extra["user_mask"].float()})
+    with pytest.raises(ValueError, match="user_mask"):
+        get_selector("edit")(latents, wrong_mask)
+    wrong_keys = SelectionContext(2, ctx.ref_lengths, extra={"queries": ctx.extra["text_queries"],
+                                                             "ref_keys": ctx.extra["ref_keys"][:, :-1]})
+    with pytest.raises(ValueError, match="ref_keys"):
+        get_selector("attention")(latents, wrong_keys)
+    bad_shapes = SelectionContext(2, ctx.ref_lengths, extra={"ref_shapes": [(2, 2), (2, 2)]})
+    with pytest.raises(ValueError, match="ref_shapes"):
+        get_selector("uniform")(latents, bad_shapes)
+    bad_probe = SelectionContext(2, ctx.ref_lengths, extra={"attention_probe": lambda x, c: None})
+    with pytest.raises(ValueError, match="attention_probe"):
+        get_selector("attention")(latents, bad_probe)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU: the same selection on the device as on the CPU
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", BUILTIN)
+def test_device_selection_matches_cpu(name):
+    latents, ctx = _full_context(2, 4)
+    cuda_extra = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in ctx.extra.items()}
+    cuda_ctx = SelectionContext(4, ctx.ref_lengths, reference_ids=ctx.reference_ids.cuda(),
+                                generator=torch.Generator("cuda").manual_seed(1), extra=cuda_extra)
+    keep = select(latents.cuda(), cuda_ctx, name, adaptive(0.7, floor=2, cap=0.5))
+    assert keep.device.type == "cuda"
+    if name != "random":  # the CUDA generator draws other numbers than the CPU one
+        expected = select(latents, ctx, name, adaptive(0.7, floor=2, cap=0.5))
+        assert torch.equal(keep.cpu(), expected)

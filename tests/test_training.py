@@ -1,0 +1,168 @@
+"""Random-ratio drop masks and attention with them (through sparsectx.masked_attention)."""
+import math
+
+import pytest
+import torch
+
+from sparsectx.reference import masked_attention_ref
+from sparsectx.training import random_drop_attention, random_drop_mask
+
+REF_LENGTHS, N_PREFIX = [20, 12, 9], 7
+SEQ = N_PREFIX + sum(REF_LENGTHS)
+
+
+def _image_bounds(ref_lengths, n_prefix):
+    start = n_prefix
+    for length in ref_lengths:
+        yield start, start + length
+        start += length
+
+
+def _kept_fractions(mask, ref_lengths, n_prefix):
+    """float [B, n_refs]: kept fraction of each reference image."""
+    return torch.stack([mask[:, lo:hi].double().mean(1) for lo, hi in _image_bounds(ref_lengths, n_prefix)], 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# mask statistics
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ratio_range", [(0.2, 0.6), (0.0, 1.0), (0.5, 0.5)])
+def test_kept_fraction_within_range_and_prefix_kept(ratio_range):
+    batch = 64
+    mask = random_drop_mask(batch, REF_LENGTHS, N_PREFIX, ratio_range, torch.Generator().manual_seed(0))
+    assert mask.shape == (batch, SEQ) and mask.dtype == torch.bool
+    assert mask[:, :N_PREFIX].all()
+    low, high = ratio_range
+    fractions = _kept_fractions(mask, REF_LENGTHS, N_PREFIX)
+    lengths = torch.tensor(REF_LENGTHS, dtype=torch.float64)
+    # count = round-half-up(r·L) with r in [low, high]: the fraction is within half a token of the range
+    assert (fractions >= low - 0.5 / lengths).all() and (fractions <= high + 0.5 / lengths).all()
+    if low < high:
+        # ratios are drawn per sample and per image: they vary along both axes
+        assert fractions.std(0).min() > 0 and fractions.std(1).max() > 0
+
+
+def test_ratio_distribution_is_uniform_over_the_range():
+    batch, low, high = 4000, 0.1, 0.7
+    lengths = [200]
+    mask = random_drop_mask(batch, lengths, 0, (low, high), torch.Generator().manual_seed(1))
+    fractions = mask.double().mean(1)
+    # mean and spread of U[low, high] (the count rounding moves each fraction by at most 1/(2L))
+    stderr = (high - low) / math.sqrt(12 * batch)
+    assert abs(fractions.mean().item() - (low + high) / 2) < 5 * stderr + 0.5 / lengths[0]
+    assert fractions.std().item() == pytest.approx((high - low) / math.sqrt(12), rel=0.1)
+
+
+def test_ratios_from_a_list_and_shared_per_sample():
+    choices = [0.25, 0.5, 1.0]
+    lengths = [8, 16]
+    mask = random_drop_mask(200, lengths, 3, generator=torch.Generator().manual_seed(2), ratios=choices)
+    fractions = _kept_fractions(mask, lengths, 3)
+    assert set(fractions.flatten().tolist()) == set(choices)  # every ratio appears, and only those
+    shared = random_drop_mask(200, lengths, 3, generator=torch.Generator().manual_seed(2), ratios=choices,
+                              per_image=False)
+    shared_fractions = _kept_fractions(shared, lengths, 3)
+    assert torch.equal(shared_fractions[:, 0], shared_fractions[:, 1])
+
+
+def test_kept_subset_is_uniform_over_positions():
+    # with one fixed ratio, every position of an image is kept equally often
+    batch, length, ratio = 3000, 10, 0.3
+    mask = random_drop_mask(batch, [length], 0, (ratio, ratio), torch.Generator().manual_seed(3))
+    per_position = mask.double().mean(0)
+    stderr = math.sqrt(ratio * (1 - ratio) / batch)
+    assert (per_position - ratio).abs().max() < 5 * stderr
+
+
+def test_deterministic_under_a_seed():
+    first = random_drop_mask(4, REF_LENGTHS, N_PREFIX, (0.1, 0.9), torch.Generator().manual_seed(7))
+    again = random_drop_mask(4, REF_LENGTHS, N_PREFIX, (0.1, 0.9), torch.Generator().manual_seed(7))
+    other = random_drop_mask(4, REF_LENGTHS, N_PREFIX, (0.1, 0.9), torch.Generator().manual_seed(8))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    (dict(batch=0), ValueError),
+    (dict(ref_lengths=[4, 0]), ValueError),
+    (dict(ref_lengths=[]), ValueError),
+    (dict(n_prefix=-1), ValueError),
+    (dict(ratio_range=(0.8, 0.2)), ValueError),
+    (dict(ratio_range=(0.1, 1.5)), ValueError),
+    (dict(ratio_range=0.5), ValueError),
+    (dict(ratios=[]), ValueError),
+    (dict(ratios=[0.5, 2.0]), ValueError),
+])
+def test_bad_mask_arguments(kwargs, error):
+    args = dict(batch=2, ref_lengths=[4, 3], n_prefix=2, ratio_range=(0.1, 0.9))
+    args.update(kwargs)
+    with pytest.raises(error, match=next(iter(kwargs))):
+        random_drop_mask(**args)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# attention with the drop mask: values and gradients against the torch reference
+# ----------------------------------------------------------------------------------------------------------------
+def _qkv(batch, seq, heads=2, dim=16, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, seq, heads, dim, generator=gen, dtype=dtype).requires_grad_() for _ in range(3)]
+
+
+@pytest.mark.parametrize("drop_queries", [True, False])
+def test_drop_attention_matches_reference_and_gradients(drop_queries):
+    ref_lengths, n_prefix, batch = [10, 6], 5, 2
+    seq = n_prefix + sum(ref_lengths)
+    q, k, v = _qkv(batch, seq)
+    out, keep = random_drop_attention(q, k, v, ref_lengths, n_prefix, (0.2, 0.7),
+                                      torch.Generator().manual_seed(4), drop_queries=drop_queries)
+    assert keep[:, :n_prefix].all() and not keep.all()
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    expected = masked_attention_ref(q64, k64, v64, keep, query_mask=keep if drop_queries else None)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    out.backward(grad_out)
+    expected.backward(grad_out.double())
+    for got, want in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    # dropped tokens get no key/value gradient: they were never attended to
+    dropped = ~keep[:, :, None, None]
+    assert (k.grad.masked_select(dropped) == 0).all() and (v.grad.masked_select(dropped) == 0).all()
+    assert k.grad[keep].abs().sum() > 0
+
+
+def test_drop_attention_reuses_a_given_mask():
+    ref_lengths, n_prefix = [6, 4], 3
+    q, k, v = _qkv(1, n_prefix + sum(ref_lengths), seed=1)
+    keep = random_drop_mask(1, ref_lengths, n_prefix, (0.3, 0.3), torch.Generator().manual_seed(0))
+    out, used = random_drop_attention(q, k, v, ref_lengths, n_prefix, keep_mask=keep, drop_queries=False)
+    assert used is keep
+    expected = masked_attention_ref(q.detach().double(), k.detach().double(), v.detach().double(), keep)
+    torch.testing.assert_close(out.detach().double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_attention_arguments():
+    q, k, v = _qkv(1, 10)
+    with pytest.raises(ValueError, match="sequence length"):
+        random_drop_attention(q, k, v, [4, 4], 3)
+    with pytest.raises(ValueError, match="q must be"):
+        random_drop_attention(q[0], k, v, [4, 4], 2)
+    with pytest.raises(ValueError, match="key_mask"):
+        random_drop_attention(q, k, v, [4, 4], 2, keep_mask=torch.ones(1, 9, dtype=torch.bool))
+
+
+@pytest.mark.gpu
+def test_drop_attention_bf16_on_gpu():
+    ref_lengths, n_prefix, batch = [256, 128], 192, 2
+    seq = n_prefix + sum(ref_lengths)
+    q, k, v = (t.detach().cuda().requires_grad_() for t in _qkv(batch, seq, heads=4, dim=64, dtype=torch.bfloat16))
+    gen = torch.Generator("cuda").manual_seed(0)
+    out, keep = random_drop_attention(q, k, v, ref_lengths, n_prefix, (0.05, 0.5), gen)
+    assert keep.device.type == "cuda" and keep[:, :n_prefix].all()
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    expected = masked_attention_ref(q32, k32, v32, keep, query_mask=keep)
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+    grad_out = torch.randn_like(expected)
+    out.backward(grad_out.bfloat16())
+    expected.backward(grad_out)
+    for got, want in ((q.grad, q32.grad), (k.grad, k32.grad), (v.grad, v32.grad)):
+        torch.testing.assert_close(got.float(), want, rtol=5e-2, atol=5e-2)
