@@ -10,5 +10,13 @@ from .ops import (  # noqa: F401
     scatter_tokens,
     sparse_attention,
 )
+from .integration import disable, enable, sparse_context  # noqa: F401  (imports diffusers only when used)
+from .selection import (  # noqa: F401
+    SelectionContext,
+    available_selectors,
+    get_selector,
+    register_selector,
+    select,
+)
 
 __version__ = "0.1.0"

@@ -1,0 +1,580 @@
+"""Drop-in Sparse Context for diffusers pipelines: FLUX.1 Kontext, FLUX.2 / klein (+ reference KV cache),
+Qwen-Image-Edit(-Plus).
+
+```python
+sparsectx.enable(pipe, budget=0.1, selector="random", seed=0)   # a pipeline or a bare transformer
+image = pipe(image=[ref1, ref2], prompt=...).images[0]
+sparsectx.disable(pipe)                                          # the original forward, bit-exact
+with sparsectx.sparse_context(pipe, budget=0.25): ...            # enabled inside the block only
+pipe(..., attention_kwargs={"sparsectx": {"budget": 0.05}})      # per-call override (budget and/or selector)
+```
+
+How it works. ``enable`` wraps the transformer's ``forward``. When the image sequence that reaches it holds
+reference tokens (FLUX.1/FLUX.2: the first axis of ``img_ids`` is non-zero, one value per reference image;
+Qwen-Image: ``img_shapes`` lists the references after the target), the wrapper
+
+1. scores the reference tokens with the selector and keeps each image's budget of them (top-k per image);
+2. removes the dropped rows from ``hidden_states`` and from the position information (``img_ids`` rows; for
+   Qwen-Image the rows of the RoPE table that ``pos_embed`` builds from ``img_shapes``, and ``modulate_index``
+   shortened to match when ``zero_cond_t``), so dropped tokens leave every block, MLP included;
+3. runs the original forward on the shorter sequence and writes its rows back at their original positions
+   (reference rows of the output are zeros: pipelines only read the target rows). When every token is kept, the
+   original forward runs unchanged.
+
+The selection is computed once per pipeline call and reused at every step (and by the CFG branch): it is cached
+with the reference latents it was made for, and a new pipeline call (or different reference latents) selects again.
+
+Batches: FLUX.1/FLUX.2 share one RoPE table (``img_ids[0]``) and Qwen-Image one ``img_shapes`` entry across the
+batch, so samples that keep different tokens (per-request budgets, per-sample selection) run as separate groups of
+equal keep masks, each exact; samples with equal masks (the common case: one budget, references repeated over the
+batch) run as one batch.
+
+Reference KV cache (``Flux2KleinKVPipeline``): the extract step is compacted like any other (``num_ref_tokens``
+becomes the kept count), so the cache holds the kept tokens only and the cached steps need nothing more.
+
+Not supported (clear errors): context parallelism (``_parallel_config``), ControlNet residuals, and in the KV
+extract step, samples of one batch keeping different tokens.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+
+from .ops import compact_tokens
+
+# ----------------------------------------------------------------------------------------------------------------
+# constants
+# ----------------------------------------------------------------------------------------------------------------
+FLUX2, FLUX, QWEN = "flux2", "flux", "qwen"
+SUPPORTED_TRANSFORMERS = {  # diffusers class name -> family
+    "Flux2Transformer2DModel": FLUX2,
+    "FluxTransformer2DModel": FLUX,
+    "QwenImageTransformer2DModel": QWEN,
+}
+SUPPORTED_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinKVPipeline", "FluxKontextPipeline",
+                       "QwenImageEditPipeline", "QwenImageEditPlusPipeline")
+CALL_KWARG = "sparsectx"  # key of the per-call override dict inside (joint_)attention_kwargs
+OVERRIDE_KEYS = ("budget", "selector")
+PATCH_ATTR = "_sparsectx_patch"  # the transformer attribute holding its _SparsePatch while enabled
+TARGET_PLANE = 0  # FLUX.1 / FLUX.2: first id axis of target tokens; references use any other value
+KV_EXTRACT = "extract"
+
+# per family: the forward arguments that carry the batch dimension first (sliced when samples run as groups),
+# the argument holding the (joint) attention kwargs, and the arguments this integration can not compact
+_BATCH_ARGS = {
+    FLUX2: ("hidden_states", "encoder_hidden_states", "timestep", "guidance"),
+    FLUX: ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance"),
+    QWEN: ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep", "guidance",
+           "img_shapes", "additional_t_cond"),
+}
+_IDS_ARGS = ("img_ids", "txt_ids")  # batched only when 3-D ([B, S, n_axes])
+_ATTN_KWARGS_ARG = {FLUX2: "joint_attention_kwargs", FLUX: "joint_attention_kwargs", QWEN: "attention_kwargs"}
+_UNSUPPORTED_ARGS = ("controlnet_block_samples", "controlnet_single_block_samples")
+
+Budget = Union[int, float, Sequence[Union[int, float]], Sequence[Sequence[Union[int, float]]]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# budgets: scalar | one per reference image | one of those per request
+# ----------------------------------------------------------------------------------------------------------------
+def _check_budget_value(b) -> None:
+    if isinstance(b, bool) or not isinstance(b, (int, float)):
+        raise ValueError(f"budget entries must be an int (token count) or a float (ratio), got {b!r}")
+    if isinstance(b, float) and not (0.0 < b <= 1.0):
+        raise ValueError(f"budget ratio must be in (0, 1], got {b}")
+    if isinstance(b, int) and b < 0:
+        raise ValueError(f"budget count must be >= 0, got {b}")
+
+
+def _check_per_image(spec) -> None:
+    if isinstance(spec, (list, tuple)):
+        if not spec:
+            raise ValueError("a per-image budget list must not be empty")
+        for b in spec:
+            _check_budget_value(b)
+    else:
+        _check_budget_value(spec)
+
+
+def check_budget(budget: Budget) -> Budget:
+    """Validates a budget: a ratio in (0, 1] or a count >= 0 for every reference image; a list of those, one per
+    reference image; or a list whose entries are lists (one per request, each a per-image list, where a
+    one-element list applies to all images). Raises ``ValueError`` naming what is wrong."""
+    if isinstance(budget, (list, tuple)) and any(isinstance(b, (list, tuple)) for b in budget):
+        if not all(isinstance(b, (list, tuple)) for b in budget):
+            raise ValueError("a per-request budget must be a list of lists (one per request), got "
+                             f"{budget!r}")
+        for spec in budget:
+            _check_per_image(spec)
+    else:
+        _check_per_image(budget)
+    return budget
+
+
+def _is_per_request(budget: Budget) -> bool:
+    return isinstance(budget, (list, tuple)) and bool(budget) and isinstance(budget[0], (list, tuple))
+
+
+def _image_counts(spec, ref_lengths: Sequence[int]) -> list[int]:
+    """Kept tokens per reference image: ratio -> round-half-up(ratio * n) (compact_tokens' rule); counts above an
+    image's size keep the whole image."""
+    values = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    if len(values) == 1:
+        values = values * len(ref_lengths)
+    if len(values) != len(ref_lengths):
+        raise ValueError(f"budget has {len(values)} entries but the input holds {len(ref_lengths)} reference "
+                         f"images (of {list(ref_lengths)} tokens)")
+    counts = []
+    for b, n in zip(values, ref_lengths):
+        count = int(math.floor(b * n + 0.5)) if isinstance(b, float) else b
+        counts.append(min(count, n))
+    return counts
+
+
+def budget_counts(budget: Budget, batch: int, ref_lengths: Sequence[int]) -> list[list[int]]:
+    """``[batch][num_references]`` kept-token counts. A per-request budget of R entries needs ``batch % R == 0``:
+    each request covers ``batch // R`` consecutive samples (diffusers' ``num_images_per_prompt`` order)."""
+    if not _is_per_request(budget):
+        return [_image_counts(budget, ref_lengths)] * batch
+    if batch % len(budget):
+        raise ValueError(f"a per-request budget has {len(budget)} entries, which does not divide the batch of "
+                         f"{batch} samples")
+    repeat = batch // len(budget)
+    return [_image_counts(budget[b // repeat], ref_lengths) for b in range(batch)]
+
+
+def keep_mask_from_scores(scores: torch.Tensor, counts: Sequence[Sequence[int]],
+                          ref_lengths: Sequence[int]) -> torch.Tensor:
+    """bool ``[B, N]``: in each reference image (consecutive ``ref_lengths`` slices of N), the ``counts[b][i]``
+    highest scores of sample b; ties go to the lower index (``sparsectx.compact_tokens``' rule)."""
+    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    start = 0
+    for i, n in enumerate(ref_lengths):
+        segment = scores[:, start:start + n]
+        order = torch.sort(segment, dim=1, descending=True, stable=True).indices
+        positions = torch.arange(n, device=scores.device).expand_as(order)
+        rank = torch.empty_like(order).scatter_(1, order, positions)  # rank of each token within its image
+        wanted = torch.tensor([c[i] for c in counts], device=scores.device)
+        keep[:, start:start + n] = rank < wanted[:, None]
+        start += n
+    return keep
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# settings
+# ----------------------------------------------------------------------------------------------------------------
+def _resolve_selector(selector):
+    if not isinstance(selector, str) and not callable(selector):
+        raise ValueError(f"selector must be a registered name or a callable, got {type(selector).__name__}")
+    from . import selection  # deferred: only enable() needs it
+
+    return selection.get_selector(selector)  # ValueError for an unknown name
+
+
+def _selector_key(selector):
+    return selector if isinstance(selector, str) else id(selector)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    budget: Budget
+    selector: Any  # a sparsectx.selection.Selector
+    seed: Optional[int]
+
+
+def _make_settings(budget, selector, seed) -> _Settings:
+    check_budget(budget)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed must be an int or None, got {seed!r}")
+    return _Settings(budget, _resolve_selector(selector), seed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# layout of the image sequence: which rows are target, which belong to which reference image
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Layout:
+    target_positions: torch.Tensor  # long [S_t]
+    ref_positions: torch.Tensor  # long [N], sequence order
+    ref_lengths: list  # tokens per reference image
+    reference_ids: Optional[torch.Tensor]  # [1, N, n_axes] or None
+    target_shape: Optional[tuple]
+    extra: dict
+
+
+def _ids_layout(call: dict) -> Optional[_Layout]:
+    """FLUX.1 / FLUX.2: target tokens have first id axis TARGET_PLANE; each reference image one other value."""
+    ids = call.get("img_ids")
+    if ids is None:
+        return None
+    ids = ids[0] if ids.ndim == 3 else ids
+    is_ref = ids[:, 0] != TARGET_PLANE
+    ref_positions = torch.nonzero(is_ref).flatten()
+    if ref_positions.numel() == 0:
+        return None
+    _, lengths = torch.unique_consecutive(ids[ref_positions, 0], return_counts=True)
+    target_positions = torch.nonzero(~is_ref).flatten()
+    target_shape = None
+    if target_positions.numel():
+        target_ids = ids[target_positions]
+        target_shape = (int(target_ids[:, 1].max()) + 1, int(target_ids[:, 2].max()) + 1)
+    return _Layout(target_positions, ref_positions, lengths.tolist(), ids[ref_positions][None], target_shape, {})
+
+
+def _qwen_layout(call: dict) -> Optional[_Layout]:
+    """Qwen-Image: ``img_shapes[b] = [(f, h, w) of the target, (f, h, w) of each reference, ...]``, sequence in that
+    order (the pipeline concatenates the packed references after the target latents)."""
+    shapes = call.get("img_shapes")
+    if not shapes or not isinstance(shapes[0], (list, tuple)) or len(shapes[0]) < 2:
+        return None
+    target, *refs = shapes[0]
+    n_target = math.prod(target)
+    ref_lengths = [math.prod(s) for s in refs]
+    seq = call["hidden_states"].shape[1]
+    if n_target + sum(ref_lengths) != seq:
+        raise ValueError(f"img_shapes {shapes[0]} describe {n_target + sum(ref_lengths)} tokens but hidden_states "
+                         f"has {seq}")
+    device = call["hidden_states"].device
+    extra = {"ref_shapes": [(f * h, w) for f, h, w in refs]}
+    return _Layout(torch.arange(n_target, device=device), torch.arange(n_target, seq, device=device), ref_lengths,
+                   None, (target[0] * target[1], target[2]), extra)
+
+
+_LAYOUTS = {FLUX2: _ids_layout, FLUX: _ids_layout, QWEN: _qwen_layout}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the forward wrapper
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class _CachedSelection:
+    key: tuple
+    references: torch.Tensor  # the reference latents the selection was made for
+    keep: torch.Tensor  # bool [B, N]
+
+
+class _SparsePatch:
+    """Holds what ``enable`` changed on one transformer and runs the compacting forward."""
+
+    def __init__(self, transformer: torch.nn.Module, family: str, settings: _Settings):
+        self.transformer = transformer
+        self.family = family
+        self.settings = settings
+        self.had_instance_forward = "forward" in transformer.__dict__
+        self.original_forward = transformer.forward
+        # the model's own signature, even when forward is already wrapped (offload hooks take *args, **kwargs)
+        self.signature = inspect.signature(functools.partial(type(transformer).forward, transformer))
+        self.call_epoch = 0  # bumped at each pipeline call: a new call selects again
+        self.cache: Optional[_CachedSelection] = None
+
+    def install(self) -> None:
+        def forward(*args, **kwargs):
+            return self.forward(*args, **kwargs)
+
+        forward = functools.wraps(self.original_forward)(forward)
+        self.transformer.forward = forward
+        self.wrapped_forward = forward
+        setattr(self.transformer, PATCH_ATTR, self)
+
+    def uninstall(self) -> None:
+        if self.had_instance_forward:
+            self.transformer.forward = self.original_forward
+        else:
+            del self.transformer.forward
+        delattr(self.transformer, PATCH_ATTR)
+
+    def new_call(self) -> None:
+        self.call_epoch += 1
+        self.cache = None
+
+    # -- forward ---------------------------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        call = dict(self.signature.bind(*args, **kwargs).arguments)
+        overrides = self._pop_overrides(call)
+        layout = _LAYOUTS[self.family](call)
+        if layout is None:  # no reference tokens (text-to-image, or a KV-cached step)
+            return self.original_forward(**call)
+        self._check_supported(call, layout)
+        keep = self._select(call, layout, overrides)
+        if bool(keep.all()):
+            return self.original_forward(**call)
+        groups = torch.unique(keep, dim=0, return_inverse=True)
+        if groups[0].shape[0] == 1:
+            samples = [torch.arange(keep.shape[0], device=keep.device)]
+        else:
+            samples = [torch.nonzero(groups[1] == g).flatten() for g in range(groups[0].shape[0])]
+        if len(samples) > 1 and call.get("kv_cache_mode") == KV_EXTRACT:
+            raise ValueError("the KV-cache extract step needs every sample of the batch to keep the same reference "
+                             "tokens (one cache for the batch); use one budget per batch with the KV pipeline")
+        results = [self._run_group(call, layout, keep, idx, single=len(samples) == 1) for idx in samples]
+        return self._merge(call, layout, samples, results)
+
+    def _pop_overrides(self, call: dict) -> dict:
+        name = _ATTN_KWARGS_ARG[self.family]
+        attn_kwargs = call.get(name)
+        if not attn_kwargs or CALL_KWARG not in attn_kwargs:
+            return {}
+        attn_kwargs = dict(attn_kwargs)  # never mutate the caller's (the pipeline's) dicts
+        overrides = dict(attn_kwargs.pop(CALL_KWARG) or {})
+        call[name] = attn_kwargs or None
+        unknown = set(overrides) - set(OVERRIDE_KEYS)
+        if unknown:
+            raise ValueError(f"{name}['{CALL_KWARG}'] accepts {OVERRIDE_KEYS}, got unknown keys {sorted(unknown)}")
+        if "budget" in overrides:
+            check_budget(overrides["budget"])
+        if "selector" in overrides:
+            # the user's object keys the cached selection (its wrapper is new at every step)
+            overrides["selector_key"] = _selector_key(overrides["selector"])
+            overrides["selector"] = _resolve_selector(overrides["selector"])
+        return overrides
+
+    def _check_supported(self, call: dict, layout: _Layout) -> None:
+        if getattr(self.transformer, "_parallel_config", None) is not None:
+            raise RuntimeError("sparsectx does not support diffusers context parallelism: the compacted sequence "
+                               "can not be split by the transformer's _cp_plan; disable parallelism first")
+        for name in _UNSUPPORTED_ARGS:
+            if call.get(name) is not None:
+                raise ValueError(f"sparsectx does not support {name} (ControlNet residuals are laid out for the "
+                                 "full image sequence)")
+        if call.get("kv_cache_mode") == KV_EXTRACT:
+            n_ref = layout.ref_positions.numel()
+            if call.get("num_ref_tokens") != n_ref or int(layout.ref_positions[-1]) != n_ref - 1:
+                raise ValueError("KV extract step: the reference tokens must be the first num_ref_tokens rows of "
+                                 f"hidden_states (num_ref_tokens={call.get('num_ref_tokens')}, found {n_ref})")
+
+    def _select(self, call: dict, layout: _Layout, overrides: dict) -> torch.Tensor:
+        hidden = call["hidden_states"]
+        references = hidden[:, layout.ref_positions]
+        budget = overrides.get("budget", self.settings.budget)
+        selector = overrides.get("selector", self.settings.selector)
+        selector_key = overrides.get("selector_key", _selector_key(selector))
+        key = (self.call_epoch, tuple(references.shape), tuple(layout.ref_lengths), repr(budget), selector_key)
+        cached = self.cache
+        if cached is not None and cached.key == key and torch.equal(cached.references, references):
+            return cached.keep
+        generator = None
+        if self.settings.seed is not None:
+            generator = torch.Generator(device=hidden.device).manual_seed(self.settings.seed)
+        from .selection import SelectionContext
+
+        context = SelectionContext(num_references=len(layout.ref_lengths), ref_lengths=list(layout.ref_lengths),
+                                   reference_ids=layout.reference_ids, target_shape=layout.target_shape,
+                                   generator=generator, extra=dict(layout.extra))
+        batch = references.shape[0]
+        counts = budget_counts(budget, batch, layout.ref_lengths)
+        # pipelines repeat the same references over the batch: select once so the batch runs as one group
+        shared = batch > 1 and all(c == counts[0] for c in counts) and \
+            torch.equal(references, references[:1].expand_as(references))
+        selection = selector(references[:1] if shared else references, context)
+        if selection.dtype == torch.bool:
+            keep = selection.to(hidden.device)
+        else:
+            keep = keep_mask_from_scores(selection, counts[:1] if shared else counts, layout.ref_lengths)
+        keep = keep.expand(batch, -1) if shared else keep
+        self.cache = _CachedSelection(key, references.detach().clone(), keep)
+        return keep
+
+    # -- one group of samples that keep the same tokens --------------------------------------------------------------
+    def _run_group(self, call: dict, layout: _Layout, keep: torch.Tensor, samples: torch.Tensor, single: bool):
+        batch, seq = call["hidden_states"].shape[:2]
+        group = dict(call) if single else self._slice_batch(call, samples, batch)
+        keep_row = keep[samples[0]]
+        full_keep = torch.zeros(seq, dtype=torch.bool, device=keep.device)
+        full_keep[layout.target_positions] = True
+        full_keep[layout.ref_positions] = keep_row
+        positions = torch.nonzero(full_keep).flatten()  # kept rows of the image sequence, in sequence order
+        hidden = group["hidden_states"]
+        mask = full_keep.expand(hidden.shape[0], seq)
+        packed = compact_tokens(mask, hidden.reshape(hidden.shape[0], seq, -1)).tensors[0]
+        group["hidden_states"] = packed.view(hidden.shape[0], positions.numel(), *hidden.shape[2:])
+        if self.family == QWEN:
+            return self._run_qwen(group, layout, keep_row, positions)
+        ids = group["img_ids"]
+        group["img_ids"] = ids[:, positions] if ids.ndim == 3 else ids[positions]
+        if group.get("kv_cache_mode") == KV_EXTRACT:
+            group["num_ref_tokens"] = int(keep_row.sum())
+        return self.original_forward(**group), positions
+
+    def _run_qwen(self, group: dict, layout: _Layout, keep_row: torch.Tensor, positions: torch.Tensor):
+        """Qwen-Image: RoPE and ``modulate_index`` come from ``img_shapes``. The references' shapes become
+        ``(1, 1, kept)`` (so ``modulate_index``, computed from them, has one entry per kept token) while
+        ``pos_embed`` still sees the true shapes and its image rows are gathered at the kept positions."""
+        true_shapes = group["img_shapes"]
+        kept = [int(segment.sum()) for segment in keep_row.split(layout.ref_lengths)]
+        group["img_shapes"] = [[shapes[0], *[(1, 1, k) for k in kept]] for shapes in true_shapes]
+
+        def true_shapes_in(module, args, kwargs):
+            if args:
+                return (true_shapes, *args[1:]), kwargs
+            return args, {**kwargs, "video_fhw": true_shapes}
+
+        def kept_rows_out(module, args, kwargs, output):
+            image_freqs, text_freqs = output
+            return image_freqs[positions], text_freqs
+
+        pos_embed = self.transformer.pos_embed
+        handles = [pos_embed.register_forward_pre_hook(true_shapes_in, with_kwargs=True),
+                   pos_embed.register_forward_hook(kept_rows_out, with_kwargs=True)]
+        try:
+            return self.original_forward(**group), positions
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _slice_batch(self, call: dict, samples: torch.Tensor, batch: int) -> dict:
+        group = dict(call)
+        rows = samples.tolist()
+        for name in _BATCH_ARGS[self.family] + _IDS_ARGS:
+            value = call.get(name)
+            if isinstance(value, torch.Tensor):
+                batched = value.ndim == 3 if name in _IDS_ARGS else value.ndim >= 1 and value.shape[0] == batch
+                if batched:
+                    group[name] = value[samples.to(value.device)]
+            elif isinstance(value, list) and len(value) == batch:
+                group[name] = [value[r] for r in rows]
+        return group
+
+    # -- outputs back to the input's layout ----------------------------------------------------------------------
+    def _merge(self, call: dict, layout: _Layout, samples: list, results: list):
+        first, _ = results[0]
+        extract = call.get("kv_cache_mode") == KV_EXTRACT
+        if extract:  # the transformer already returns the target rows only, and the batch ran as one group
+            return first
+        hidden = call["hidden_states"]
+        is_target = torch.zeros(hidden.shape[1], dtype=torch.bool, device=hidden.device)
+        is_target[layout.target_positions] = True
+        sample0 = _sample_of(first)
+        full = sample0.new_zeros((hidden.shape[0], hidden.shape[1], *sample0.shape[2:]))
+        for idx, (result, positions) in zip(samples, results):
+            rows = is_target[positions]  # target rows of the compacted output; reference rows stay zero
+            full[idx[:, None], positions[rows][None, :]] = _sample_of(result)[:, rows]
+        return _with_sample(first, full)
+
+
+def _sample_of(result) -> torch.Tensor:
+    return result[0] if isinstance(result, tuple) else result.sample
+
+
+def _with_sample(result, sample: torch.Tensor):
+    if isinstance(result, tuple):
+        return (sample, *result[1:])
+    result.sample = sample
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pipelines: a new __call__ starts a new selection
+# ----------------------------------------------------------------------------------------------------------------
+_PIPELINE_CLASSES: dict = {}  # original pipeline class -> its sparsectx subclass
+
+
+def _pipeline_class(base: type) -> type:
+    """A subclass of ``base`` whose ``__call__`` tells the transformer's patch that a new call begins (Python
+    looks ``__call__`` up on the type, so the instance's class is swapped; ``disable`` swaps it back)."""
+    if base not in _PIPELINE_CLASSES:
+        def __call__(self, *args, **kwargs):
+            patch = getattr(self.transformer, PATCH_ATTR, None)
+            if patch is not None:
+                patch.new_call()
+            return base.__call__(self, *args, **kwargs)
+
+        _PIPELINE_CLASSES[base] = type(base.__name__, (base,), {
+            "__call__": functools.wraps(base.__call__)(__call__), "__module__": base.__module__,
+            "_sparsectx_base": base})
+    return _PIPELINE_CLASSES[base]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------------------------
+def _family_of(module) -> Optional[str]:
+    if not isinstance(module, torch.nn.Module):
+        return None
+    for cls in type(module).__mro__:
+        if cls.__name__ in SUPPORTED_TRANSFORMERS and cls.__module__.startswith("diffusers."):
+            return SUPPORTED_TRANSFORMERS[cls.__name__]
+    return None
+
+
+def _split_target(pipe_or_transformer):
+    """(pipeline or None, transformer, family); TypeError naming the supported classes otherwise."""
+    family = _family_of(pipe_or_transformer)
+    if family is not None:
+        return None, pipe_or_transformer, family
+    transformer = getattr(pipe_or_transformer, "transformer", None)
+    family = _family_of(transformer)
+    if family is not None and not isinstance(pipe_or_transformer, torch.nn.Module):
+        return pipe_or_transformer, transformer, family
+    raise TypeError(f"sparsectx supports the pipelines {', '.join(SUPPORTED_PIPELINES)} (or any pipeline whose "
+                    f"transformer is supported) and the transformers {', '.join(SUPPORTED_TRANSFORMERS)}; got "
+                    f"{type(pipe_or_transformer).__name__}")
+
+
+def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Callable] = "random",
+           seed: Optional[int] = None):
+    """Sparse Context on a diffusers pipeline or transformer: each reference image keeps ``budget`` of its tokens
+    (a ratio in (0, 1] or a count; one value, one per reference image, or a list of such lists, one per request),
+    chosen by ``selector`` (a name from ``sparsectx.selection.available_selectors()`` or a callable
+    ``(reference_latents [B, N, C], context) -> scores [B, N] | keep mask [B, N]``; a mask is used as is).
+    ``seed`` makes random selectors deterministic (a fresh generator per selection). Enabling again only replaces
+    the settings. Returns ``pipe_or_transformer``."""
+    pipe, transformer, family = _split_target(pipe_or_transformer)
+    settings = _make_settings(budget, selector, seed)
+    if getattr(transformer, "_parallel_config", None) is not None:
+        raise RuntimeError("sparsectx does not support diffusers context parallelism (the transformer has a "
+                           "_parallel_config); enable it on a model without parallelism")
+    patch = getattr(transformer, PATCH_ATTR, None)
+    if patch is None:
+        patch = _SparsePatch(transformer, family, settings)
+        patch.install()
+    else:
+        patch.settings = settings
+        patch.new_call()
+    if pipe is not None and not hasattr(type(pipe), "_sparsectx_base"):
+        pipe.__class__ = _pipeline_class(type(pipe))
+    return pipe_or_transformer
+
+
+def disable(pipe_or_transformer):
+    """Restores the original forward (and pipeline class) exactly; a no-op when sparsectx is not enabled."""
+    pipe, transformer, _ = _split_target(pipe_or_transformer)
+    patch = getattr(transformer, PATCH_ATTR, None)
+    if patch is not None:
+        if transformer.__dict__.get("forward") is not patch.wrapped_forward:
+            raise RuntimeError("the transformer's forward was wrapped again after sparsectx.enable (e.g. by a "
+                               "hook); remove that wrapper before sparsectx.disable")
+        patch.uninstall()
+    if pipe is not None and hasattr(type(pipe), "_sparsectx_base"):
+        pipe.__class__ = type(pipe)._sparsectx_base
+    return pipe_or_transformer
+
+
+def is_enabled(pipe_or_transformer) -> bool:
+    _, transformer, _ = _split_target(pipe_or_transformer)
+    return getattr(transformer, PATCH_ATTR, None) is not None
+
+
+@contextlib.contextmanager
+def sparse_context(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Callable] = "random",
+                   seed: Optional[int] = None):
+    """``with sparse_context(pipe, budget=...):`` enables Sparse Context inside the block; on exit the previous
+    state comes back (disabled, or the settings enabled before)."""
+    _, transformer, _ = _split_target(pipe_or_transformer)
+    previous = getattr(transformer, PATCH_ATTR, None)
+    previous_settings = previous.settings if previous is not None else None
+    enable(pipe_or_transformer, budget=budget, selector=selector, seed=seed)
+    try:
+        yield pipe_or_transformer
+    finally:
+        if previous_settings is None:
+            disable(pipe_or_transformer)
+        else:
+            patch = getattr(transformer, PATCH_ATTR)
+            patch.settings = previous_settings
+            patch.new_call()

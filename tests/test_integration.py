@@ -1,0 +1,441 @@
+"""Drop-in Sparse Context for diffusers (sparsectx.integration): tiny random-weight models built from configs, fp32,
+CPU, offline. Families: FLUX.2 (Flux2Transformer2DModel, 4-axis ids), FLUX.1 Kontext layout (FluxTransformer2DModel,
+reference plane 1), Qwen-Image (QwenImageTransformer2DModel, RoPE from img_shapes, zero_cond_t)."""
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry  # noqa: E402
+
+import sparsectx  # noqa: E402
+from sparsectx import integration  # noqa: E402
+from sparsectx.reference import topk_keep_mask  # noqa: E402
+
+HEADS, HEAD_DIM = 2, 16
+TEXT_TOKENS, TEXT_DIM = 6, 32
+TARGET_HW = (4, 4)
+REF_HWS = ((3, 3), (2, 4))  # two references of different sizes
+FP32_ATOL = 2e-5  # fp32 rounding of a different (shorter) summation order
+FAMILIES = ("flux2", "flux", "qwen")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tiny models and their inputs
+# ----------------------------------------------------------------------------------------------------------------
+def _build_model(family):
+    torch.manual_seed(0)
+    if family == "flux2":
+        return diffusers.Flux2Transformer2DModel(
+            patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=HEAD_DIM,
+            num_attention_heads=HEADS, joint_attention_dim=TEXT_DIM, timestep_guidance_channels=32,
+            axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False).eval()
+    if family == "flux":
+        return diffusers.FluxTransformer2DModel(
+            patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=HEAD_DIM,
+            num_attention_heads=HEADS, joint_attention_dim=TEXT_DIM, pooled_projection_dim=16,
+            guidance_embeds=False, axes_dims_rope=(4, 6, 6)).eval()
+    return diffusers.QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=HEAD_DIM,
+        num_attention_heads=HEADS, joint_attention_dim=TEXT_DIM, axes_dims_rope=(4, 6, 6), zero_cond_t=True).eval()
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {family: _build_model(family) for family in FAMILIES}
+
+
+def _grid_ids(plane, hw, n_axes):
+    h, w = hw
+    grid = torch.cartesian_prod(torch.tensor([plane]), torch.arange(h), torch.arange(w))
+    return torch.cat([grid, torch.zeros(h * w, 1, dtype=grid.dtype)], 1) if n_axes == 4 else grid
+
+
+def _ref_hws(family):
+    return REF_HWS[:1] if family == "flux" else REF_HWS  # FLUX.1 Kontext takes one reference
+
+
+def _inputs(family, batch=2, seed=1):
+    """Forward kwargs: target tokens first, then the references (the pipelines' layout)."""
+    g = torch.Generator().manual_seed(seed)
+    hws = _ref_hws(family)
+    seq = TARGET_HW[0] * TARGET_HW[1] + sum(h * w for h, w in hws)
+    text = torch.randn(batch, TEXT_TOKENS, TEXT_DIM, generator=g)
+    timestep = torch.full((batch,), 0.7)
+    if family == "qwen":
+        shapes = [[(1, *TARGET_HW), *[(1, h, w) for h, w in hws]]] * batch
+        text_mask = torch.ones(batch, TEXT_TOKENS, dtype=torch.long)
+        text_mask[-1, -2:] = 0  # padded prompt in the last sample
+        return dict(hidden_states=torch.randn(batch, seq, 16, generator=g), encoder_hidden_states=text,
+                    encoder_hidden_states_mask=text_mask, timestep=timestep, img_shapes=shapes, return_dict=False)
+    if family == "flux2":
+        ids = torch.cat([_grid_ids(0, TARGET_HW, 4)] + [_grid_ids(10 * (i + 1), hw, 4) for i, hw in enumerate(hws)])
+        txt_ids = torch.cartesian_prod(*[torch.zeros(1, dtype=torch.long)] * 3, torch.arange(TEXT_TOKENS))
+        return dict(hidden_states=torch.randn(batch, seq, 8, generator=g), encoder_hidden_states=text,
+                    timestep=timestep, img_ids=ids[None].expand(batch, -1, -1),
+                    txt_ids=txt_ids[None].expand(batch, -1, -1), return_dict=False)
+    ids = torch.cat([_grid_ids(0, TARGET_HW, 3), _grid_ids(1, hws[0], 3)]).float()
+    return dict(hidden_states=torch.randn(batch, seq, 8, generator=g), encoder_hidden_states=text,
+                pooled_projections=torch.randn(batch, 16, generator=g), timestep=timestep, img_ids=ids,
+                txt_ids=torch.zeros(TEXT_TOKENS, 3), return_dict=False)
+
+
+def _n_target():
+    return TARGET_HW[0] * TARGET_HW[1]
+
+
+def random_selector(latents, context):
+    return torch.rand(latents.shape[:2], generator=context.generator)
+
+
+def norm_selector(latents, context):
+    """Content scores: the same for a sample alone or in a batch."""
+    return latents.norm(dim=-1)
+
+
+def _run(model, kwargs):
+    with torch.no_grad():
+        return model(**kwargs)[0]
+
+
+@pytest.fixture(autouse=True)
+def _always_disabled(models):
+    yield
+    for model in models.values():
+        integration.disable(model)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# exactness
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keep_all_matches_unpatched(models, family):
+    model, kwargs = models[family], _inputs(family)
+    expected = _run(model, kwargs)
+    sparsectx.enable(model, budget=1.0, selector=random_selector, seed=0)
+    torch.testing.assert_close(_run(model, kwargs), expected, rtol=0, atol=FP32_ATOL)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_disable_restores_bit_exact(models, family):
+    model, kwargs = models[family], _inputs(family)
+    expected = _run(model, kwargs)
+    sparsectx.enable(model, budget=0.5, selector=random_selector, seed=0)
+    assert not torch.equal(_run(model, kwargs)[:, :_n_target()], expected[:, :_n_target()])
+    sparsectx.disable(model)
+    assert "forward" not in model.__dict__ and not integration.is_enabled(model)
+    assert torch.equal(_run(model, kwargs), expected)
+
+
+class _KeyMaskedNative:
+    """Test-only: diffusers' native attention backend with the dropped reference tokens masked out as keys (the
+    joint sequence is [text, image] in every family)."""
+
+    def __init__(self, image_keep):
+        self.image_keep = image_keep  # bool [B, S_image]
+        self.native = _AttentionBackendRegistry._backends[AttentionBackendName.NATIVE]
+
+    def __call__(self, query, key, value, attn_mask=None, **kwargs):
+        batch, n_image = self.image_keep.shape
+        text = torch.ones(batch, key.shape[1] - n_image, dtype=torch.bool)
+        key_mask = torch.cat([text, self.image_keep], 1)[:, None, None, :]
+        if attn_mask is not None:
+            key_mask = key_mask & attn_mask.bool()
+        return self.native(query, key, value, attn_mask=key_mask, **kwargs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dropping_rows_equals_masking_keys(models, family, monkeypatch):
+    model, kwargs = models[family], _inputs(family)
+    sparsectx.enable(model, budget=[0.5, 3] if family != "flux" else 0.4, selector=random_selector, seed=0)
+    dropped = _run(model, kwargs)
+    keep = model._sparsectx_patch.cache.keep
+    assert 0 < int(keep.sum()) < keep.numel()
+    sparsectx.disable(model)
+
+    image_keep = torch.cat([torch.ones(keep.shape[0], _n_target(), dtype=torch.bool), keep], 1)
+    monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.NATIVE, _KeyMaskedNative(image_keep))
+    masked = _run(model, kwargs)
+    torch.testing.assert_close(dropped[:, :_n_target()], masked[:, :_n_target()], rtol=0, atol=FP32_ATOL)
+    assert torch.count_nonzero(dropped[:, _n_target():]) == 0  # reference rows of the output are zeros
+
+
+@pytest.mark.parametrize("family", ("flux2", "qwen"))
+def test_mixed_budgets_equal_each_sample_alone(models, family):
+    model, kwargs = models[family], _inputs(family, batch=3)
+    budgets = [[0.25], [2, 0.75], [1.0]]
+    sparsectx.enable(model, budget=budgets, selector=norm_selector)
+    together = _run(model, kwargs)
+    for b, budget in enumerate(budgets):
+        alone = {k: (v[b:b + 1] if isinstance(v, (torch.Tensor, list)) and len(v) == 3 and k != "txt_ids"
+                     else v) for k, v in kwargs.items()}
+        alone["txt_ids"] = kwargs["txt_ids"][b:b + 1] if "txt_ids" in kwargs else None
+        alone = {k: v for k, v in alone.items() if v is not None}
+        sparsectx.enable(model, budget=budget, selector=norm_selector)
+        torch.testing.assert_close(together[b:b + 1, :_n_target()], _run(model, alone)[:, :_n_target()],
+                                   rtol=0, atol=FP32_ATOL)
+
+
+def _same_references(kwargs):
+    """The pipelines' batch: every sample carries the same reference latents."""
+    hidden = kwargs["hidden_states"].clone()
+    hidden[:, _n_target():] = hidden[:1, _n_target():]
+    return {**kwargs, "hidden_states": hidden}
+
+
+def test_kontext_layout_keeps_budget_tokens(models):
+    """FLUX.1 Kontext ids (2-D, reference plane 1); shared references: one selection, the batch runs once."""
+    model, kwargs = models["flux"], _same_references(_inputs("flux"))
+    seen = []
+    handle = model.x_embedder.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+    try:
+        sparsectx.enable(model, budget=4, selector=random_selector, seed=0)
+        _run(model, kwargs)
+    finally:
+        handle.remove()
+    assert seen == [_n_target() + 4]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# selection: per image budgets, caching, overrides
+# ----------------------------------------------------------------------------------------------------------------
+def test_budget_counts_per_image_and_request():
+    lengths = [9, 8]
+    assert integration.budget_counts(0.5, 2, lengths) == [[5, 4], [5, 4]]  # round half up, per image
+    assert integration.budget_counts([3, 1.0], 1, lengths) == [[3, 8]]
+    assert integration.budget_counts(20, 1, lengths) == [[9, 8]]  # counts above an image's size keep it whole
+    assert integration.budget_counts([[0.25], [2, 3]], 4, lengths) == [[2, 2], [2, 2], [2, 3], [2, 3]]
+
+
+def test_keep_mask_is_top_k_per_image():
+    g = torch.Generator().manual_seed(3)
+    lengths = [9, 8]
+    scores = torch.randint(0, 4, (2, 17), generator=g).float()  # many ties: lower index wins
+    counts = [[2, 5], [9, 0]]
+    keep = integration.keep_mask_from_scores(scores, counts, lengths)
+    for i, (lo, hi) in enumerate(((0, 9), (9, 17))):
+        expected = topk_keep_mask(scores[:, lo:hi], [c[i] for c in counts])
+        assert torch.equal(keep[:, lo:hi], expected)
+
+
+def test_selection_is_cached_per_call(models):
+    model, kwargs = models["flux2"], _inputs("flux2")
+    calls = []
+
+    def counting(latents, context):
+        calls.append(latents.shape)
+        return random_selector(latents, context)
+
+    sparsectx.enable(model, budget=0.5, selector=counting, seed=0)
+    _run(model, kwargs)
+    _run(model, {**kwargs, "timestep": torch.full((2,), 0.3)})  # next step: same references
+    assert len(calls) == 1
+    _run(model, {**kwargs, "hidden_states": torch.randn_like(kwargs["hidden_states"])})  # other references
+    assert len(calls) == 2
+    model._sparsectx_patch.new_call()  # what a new pipeline call does
+    _run(model, kwargs)
+    assert len(calls) == 3
+
+
+def test_per_call_override_through_attention_kwargs(models):
+    model, kwargs = models["flux2"], _same_references(_inputs("flux2"))
+    seen = []
+    handle = model.x_embedder.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+    attn_kwargs = {"sparsectx": {"budget": 2}}
+    try:
+        sparsectx.enable(model, budget=0.5, selector=random_selector, seed=0)
+        _run(model, {**kwargs, "joint_attention_kwargs": attn_kwargs})
+    finally:
+        handle.remove()
+    assert seen == [_n_target() + 2 * len(REF_HWS)]
+    assert attn_kwargs == {"sparsectx": {"budget": 2}}  # the caller's dict is left alone
+
+
+def test_per_call_selector_override_is_cached_across_steps(models):
+    model, kwargs = models["flux2"], _inputs("flux2")
+    calls = []
+
+    def counting(latents, context):
+        calls.append(1)
+        return norm_selector(latents, context)
+
+    sparsectx.enable(model, budget=0.5, selector=random_selector, seed=0)
+    step = {**kwargs, "joint_attention_kwargs": {"sparsectx": {"selector": counting}}}
+    _run(model, step)
+    _run(model, {**step, "timestep": torch.full((2,), 0.2)})
+    assert len(calls) == 1
+
+
+def test_named_selector_is_deterministic_under_seed(models):
+    model, kwargs = models["flux2"], _inputs("flux2")
+    masks = []
+    for _ in range(2):
+        sparsectx.enable(model, budget=0.5, selector="random", seed=7)
+        _run(model, kwargs)
+        masks.append(model._sparsectx_patch.cache.keep)
+        sparsectx.disable(model)
+    assert torch.equal(masks[0], masks[1])
+    assert masks[0].sum(1).tolist() == [5 + 4] * 2
+
+
+def test_selector_mask_is_used_as_given(models):
+    model, kwargs = models["flux2"], _inputs("flux2")
+    wanted = torch.zeros(2, 17, dtype=torch.bool)
+    wanted[:, [0, 4, 10]] = True
+    sparsectx.enable(model, budget=0.5, selector=lambda latents, context: wanted)
+    _run(model, kwargs)
+    assert torch.equal(model._sparsectx_patch.cache.keep, wanted)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# API: errors, idempotence, context manager
+# ----------------------------------------------------------------------------------------------------------------
+def test_unsupported_class_names_supported_ones():
+    for bad in (object(), torch.nn.Linear(2, 2)):
+        with pytest.raises(TypeError, match="Flux2KleinPipeline.*QwenImageTransformer2DModel"):
+            sparsectx.enable(bad)
+
+
+@pytest.mark.parametrize("budget", [0.0, 1.5, -1, True, "half", [0.5, "x"], [[0.5], 0.5], []])
+def test_bad_budget_raises(models, budget):
+    with pytest.raises(ValueError, match="budget"):
+        sparsectx.enable(models["flux2"], budget=budget, selector=random_selector)
+    assert not integration.is_enabled(models["flux2"])
+
+
+@pytest.mark.parametrize("selector", ["no-such-selector", 3])
+def test_bad_selector_raises(models, selector):
+    with pytest.raises(ValueError, match="selector"):
+        sparsectx.enable(models["flux2"], budget=0.5, selector=selector)
+
+
+def test_budget_list_must_match_references(models):
+    sparsectx.enable(models["flux2"], budget=[0.5, 0.5, 0.5], selector=random_selector, seed=0)
+    with pytest.raises(ValueError, match="3 entries.*2 reference images"):
+        _run(models["flux2"], _inputs("flux2"))
+
+
+def test_enable_twice_is_idempotent(models):
+    model, kwargs = models["flux2"], _inputs("flux2")
+    expected = _run(model, kwargs)
+    sparsectx.enable(model, budget=0.5, selector=random_selector, seed=0)
+    once = _run(model, kwargs)
+    forward = model.forward
+    sparsectx.enable(model, budget=0.5, selector=random_selector, seed=0)
+    assert model.forward is forward
+    assert torch.equal(_run(model, kwargs), once)
+    sparsectx.disable(model)
+    assert torch.equal(_run(model, kwargs), expected)
+
+
+def test_sparse_context_manager(models):
+    model = models["qwen"]
+    with sparsectx.sparse_context(model, budget=0.25, selector=random_selector, seed=0):
+        assert model._sparsectx_patch.settings.budget == 0.25
+        with sparsectx.sparse_context(model, budget=0.5, selector=random_selector):
+            assert model._sparsectx_patch.settings.budget == 0.5
+        assert model._sparsectx_patch.settings.budget == 0.25
+    assert not integration.is_enabled(model)
+
+
+def test_context_parallel_is_rejected(models):
+    model = models["flux2"]
+    model._parallel_config = object()
+    try:
+        with pytest.raises(RuntimeError, match="context parallelism"):
+            sparsectx.enable(model, budget=0.5, selector=random_selector)
+    finally:
+        model._parallel_config = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# whole pipelines (FLUX.2 klein, klein + reference KV cache): tiny VAE, prompt_embeds instead of a text encoder
+# ----------------------------------------------------------------------------------------------------------------
+IMAGE_PX = 64  # the Flux2 image processor's minimum side; with a 3-level VAE and 2x2 patches: 16 px per token
+REF_SIZES = ((IMAGE_PX, IMAGE_PX), (2 * IMAGE_PX, IMAGE_PX))  # (width, height): 16 and 32 reference tokens
+
+
+def _tiny_pipeline(cls):
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKLFlux2(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        latent_channels=2, norm_num_groups=4, sample_size=IMAGE_PX, mid_block_add_attention=False).eval()
+    return cls(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+               transformer=_build_model("flux2"))
+
+
+def _reference_images():
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(5)
+    return [Image.fromarray(torch.randint(0, 255, (h, w, 3), generator=g, dtype=torch.uint8).numpy())
+            for w, h in REF_SIZES]
+
+
+def _count_tokens(transformer):
+    seen = []
+    return seen, transformer.x_embedder.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+
+
+def test_klein_pipeline_call_sends_target_plus_kept_tokens():
+    pipe = _tiny_pipeline(diffusers.Flux2KleinPipeline)
+    selections = []
+
+    def counting(latents, context):
+        selections.append(tuple(latents.shape[:2]))
+        return random_selector(latents, context)
+
+    embeds = torch.randn(1, TEXT_TOKENS, TEXT_DIM)
+    call = dict(image=_reference_images(), prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds),
+                guidance_scale=2.0, height=IMAGE_PX, width=IMAGE_PX, num_inference_steps=2,
+                num_images_per_prompt=2, output_type="latent")
+    sparsectx.enable(pipe, budget=0.25, selector=counting, seed=0)
+    seen, handle = _count_tokens(pipe.transformer)
+    try:
+        pipe(**call)
+        pipe(**call)
+    finally:
+        handle.remove()
+    n_target = (IMAGE_PX // 16) ** 2
+    kept = 4 + 8  # 25% of 16 and of 32 reference tokens
+    assert seen == [n_target + kept] * 8  # 2 calls x 2 steps x (cond + uncond)
+    assert selections == [(1, 48)] * 2  # one selection per pipeline call, shared by the batch of 2 images
+    sparsectx.disable(pipe)
+    assert type(pipe) is diffusers.Flux2KleinPipeline and "forward" not in pipe.transformer.__dict__
+
+
+def test_klein_kv_pipeline_caches_kept_tokens_only():
+    pipe = _tiny_pipeline(diffusers.Flux2KleinKVPipeline)
+    caches = []
+    original = pipe.transformer.forward
+
+    def record_cache(*args, **kwargs):
+        out = original(*args, **kwargs)
+        if kwargs.get("kv_cache_mode") == "extract":
+            caches.append(out[1].get_double(0).k_ref.shape)
+        return out
+
+    pipe.transformer.forward = record_cache  # under sparsectx's wrapper: sees the compacted call
+    sparsectx.enable(pipe, budget=0.25, selector=random_selector, seed=0)
+    seen, handle = _count_tokens(pipe.transformer)
+    try:
+        pipe(image=_reference_images(), prompt_embeds=torch.randn(1, TEXT_TOKENS, TEXT_DIM), height=IMAGE_PX,
+             width=IMAGE_PX, num_inference_steps=3, output_type="latent")
+    finally:
+        handle.remove()
+        sparsectx.disable(pipe)
+        del pipe.transformer.forward
+    n_target = (IMAGE_PX // 16) ** 2
+    assert seen == [n_target + 12, n_target, n_target]  # extract step with the kept references, then cached steps
+    assert caches == [(1, 12, HEADS, HEAD_DIM)]
+
+
+def test_kv_extract_rejects_different_selections_in_one_batch(models):
+    model, kwargs = models["flux2"], _inputs("flux2")
+    ids = kwargs["img_ids"]
+    refs_first = torch.cat([ids[:, _n_target():], ids[:, :_n_target()]], 1)
+    hidden = torch.cat([kwargs["hidden_states"][:, _n_target():], kwargs["hidden_states"][:, :_n_target()]], 1)
+    sparsectx.enable(model, budget=[[0.25], [0.5]], selector=random_selector, seed=0)
+    with pytest.raises(ValueError, match="extract step"):
+        _run(model, {**kwargs, "hidden_states": hidden, "img_ids": refs_first, "kv_cache_mode": "extract",
+                     "num_ref_tokens": 17})
