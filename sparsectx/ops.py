@@ -382,9 +382,93 @@ def _check_compaction_inputs(selection, tensors):
         _check_tensor(f"tensors[{i}]", t, device=selection.device)
         if t.ndim < 2 or tuple(t.shape[:2]) != (batch, n_tokens):
             raise ValueError(f"tensors[{i}] must be [B={batch}, N={n_tokens}, ...], got {tuple(t.shape)}")
-    if selection.is_floating_point() and torch.isnan(selection).any():
+    # off CUDA the check is free; on CUDA it would wait for the device, and the kernel ranks NaN like torch.sort
+    if selection.is_floating_point() and selection.device.type != "cuda" and torch.isnan(selection).any():
         raise ValueError("selection scores contain NaN")
     return batch, n_tokens
+
+
+def _check_count(name: str, value, minimum: int = 0) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+# the kernel reads these score dtypes exactly as fp32; others (fp64) get their keep mask from the reference
+_KERNEL_SCORE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class _GatherRows(torch.autograd.Function):
+    """Packed kept rows of each payload (rows past ``cu_seqlens[-1]`` are zero). Backward: the packed gradients
+    scattered back to ``[B, N, ...]``, zero at tokens that were not kept."""
+
+    @staticmethod
+    def forward(ctx, index, cu_seqlens, n_rows, *payloads):
+        from .kernels import compaction as _k
+
+        ctx.save_for_backward(index, cu_seqlens)
+        ctx.payload_shapes = [p.shape for p in payloads]
+        packed = _k.gather_rows(payloads, index, cu_seqlens, n_rows)
+        ctx.mark_non_differentiable(*[p for p in packed if not p.is_floating_point()])
+        return tuple(packed)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        from .kernels import compaction as _k
+
+        index, cu_seqlens = ctx.saved_tensors
+        payload_grads = []
+        for i, (grad, shape) in enumerate(zip(grads, ctx.payload_shapes)):
+            if grad is None or not ctx.needs_input_grad[3 + i]:
+                payload_grads.append(None)
+            else:
+                payload_grads.append(_k.scatter_rows(grad, index, cu_seqlens, grad.new_zeros(shape)))
+        return (None, None, None, *payload_grads)
+
+
+class _ScatterRows(torch.autograd.Function):
+    """``[B, N, ...]`` holding the packed rows at their positions and ``base`` (or ``fill_value``) elsewhere.
+    Backward: the packed rows' gradients gathered from the upstream gradient; ``base``'s gradient is the upstream
+    gradient with the kept positions zeroed."""
+
+    @staticmethod
+    def forward(ctx, packed, index, cu_seqlens, n_tokens, fill_value, base):
+        from .kernels import compaction as _k
+
+        if base is not None:
+            out = base.clone(memory_format=torch.contiguous_format)
+        else:
+            out = packed.new_full((cu_seqlens.numel() - 1, n_tokens, *packed.shape[1:]), fill_value)
+        ctx.save_for_backward(index, cu_seqlens)
+        ctx.n_rows = packed.shape[0]
+        return _k.scatter_rows(packed, index, cu_seqlens, out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from .kernels import compaction as _k
+
+        index, cu_seqlens = ctx.saved_tensors
+        grad = grad.contiguous()
+        d_packed = d_base = None
+        if ctx.needs_input_grad[0]:
+            d_packed = _k.gather_rows([grad], index, cu_seqlens, ctx.n_rows)[0]
+        if ctx.needs_input_grad[5]:
+            d_base = _k.scatter_rows(None, index, cu_seqlens, grad.clone())
+        return d_packed, None, None, None, None, d_base
+
+
+def _compact_reference(selection, counts, tensors, max_total):
+    """The plain-torch path of ``compact_tokens``: ``(index, cu_seqlens, packed)``."""
+    keep = selection if counts is None else reference.topk_keep_mask(selection, counts)
+    index, cu_seqlens, packed = reference.compact_ref(keep, *tensors)
+    if max_total is not None:
+        if max_total < index.numel():
+            raise ValueError(f"max_total={max_total} is smaller than the {index.numel()} kept tokens")
+        pad = max_total - index.numel()
+        index = torch.cat([index, index.new_zeros(pad)])
+        packed = [torch.cat([p, p.new_zeros((pad, *p.shape[1:]))]) for p in packed]
+    return index, cu_seqlens, packed
 
 
 def compact_tokens(selection: torch.Tensor, *tensors: torch.Tensor, budget=None, max_total: Optional[int] = None,
@@ -397,33 +481,72 @@ def compact_tokens(selection: torch.Tensor, *tensors: torch.Tensor, budget=None,
 
     Host synchronisation: the scores+budget path never waits for the device (the counts are known on the host;
     a budget given as a CUDA tensor is read once). The mask path reads the kept total once to size the outputs,
-    unless ``max_total`` is given: then outputs have ``max_total`` rows, of which ``cu_seqlens[-1]`` are valid.
-    ``return_max_seqlen=True`` costs one host read. Gradients flow from the packed tensors to the inputs.
+    unless ``max_total`` is given: then outputs have ``max_total`` rows, of which ``cu_seqlens[-1]`` are valid (the
+    rest are zero). ``return_max_seqlen=True`` costs one host read on the mask path (none with scores).
+    NaN scores raise ``ValueError`` off CUDA; on CUDA the check would synchronise, so it is skipped and NaN ranks
+    above +inf (torch.sort's order). Likewise a ``max_total`` below the kept total of a CUDA mask is not detected
+    (rows past ``max_total`` are dropped). Gradients flow from the packed tensors to the inputs.
     """
     batch, n_tokens = _check_compaction_inputs(selection, tensors)
+    if max_total is not None:
+        _check_count("max_total", max_total)
     if selection.dtype == torch.bool:
         if budget is not None:
             raise ValueError("budget must be None when selection is a keep mask")
-        keep = selection
+        counts = None
     else:
-        keep = reference.topk_keep_mask(selection, _check_budget(budget, batch, n_tokens))
-    index, cu_seqlens, packed = reference.compact_ref(keep, *tensors)
-    if max_total is not None:
-        if max_total < index.numel():
-            raise ValueError(f"max_total={max_total} is smaller than the {index.numel()} kept tokens")
-        pad = max_total - index.numel()
-        index = torch.cat([index, index.new_zeros(pad)])
-        packed = [torch.cat([p, p.new_zeros((pad, *p.shape[1:]))]) for p in packed]
-    max_seqlen = _max_len(cu_seqlens) if return_max_seqlen else None
+        counts = _check_budget(budget, batch, n_tokens)
+        if max_total is not None and max_total < sum(counts):
+            raise ValueError(f"max_total={max_total} is smaller than the {sum(counts)} kept tokens")
+    if not _use_triton(selection):
+        index, cu_seqlens, packed = _compact_reference(selection, counts, tensors, max_total)
+    else:
+        from .kernels import compaction as _k
+
+        if counts is not None and selection.dtype not in _KERNEL_SCORE_DTYPES:
+            selection = reference.topk_keep_mask(selection, counts)
+        if counts is None and max_total is not None and selection.device.type != "cuda":
+            kept = int(selection.sum())  # free off CUDA
+            if max_total < kept:
+                raise ValueError(f"max_total={max_total} is smaller than the {kept} kept tokens")
+        index, cu_seqlens = _k.compact_index(selection, counts, max_total)
+        packed = _GatherRows.apply(index, cu_seqlens, index.numel(), *tensors) if tensors else ()
+    max_seqlen = None
+    if return_max_seqlen:
+        max_seqlen = max(counts, default=0) if counts is not None else _max_len(cu_seqlens)
     return Compacted(index, cu_seqlens, max_seqlen, tuple(packed))
 
 
 def scatter_tokens(packed: torch.Tensor, index: torch.Tensor, cu_seqlens: torch.Tensor, n_tokens: int,
                    fill: Union[float, torch.Tensor] = 0.0) -> torch.Tensor:
     """Inverse of ``compact_tokens``: packed rows ``[total, ...]`` back to ``[B, N, ...]``. Positions that were not
-    kept get ``fill``: a scalar, or a ``[B, N, ...]`` tensor whose values are kept there. Differentiable."""
+    kept get ``fill``: a scalar, or a ``[B, N, ...]`` tensor whose values are kept there. Differentiable.
+
+    ``packed`` and ``index`` have the same number of rows; rows past ``cu_seqlens[-1]`` (``max_total`` padding)
+    are ignored. The Triton path never waits for the device (index values are trusted as produced by
+    ``compact_tokens``; out-of-range ones are skipped); the reference path reads ``cu_seqlens[-1]``.
+    """
     _check_tensor("packed", packed)
+    if packed.ndim < 1:
+        raise ValueError("packed must have a row dimension, got a 0-d tensor")
     _check_tensor("index", index, ndim=1, dtypes=(torch.int32,), device=packed.device)
     _check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=packed.device)
-    valid = int(cu_seqlens[-1])
-    return reference.scatter_ref(packed[:valid], index[:valid], cu_seqlens, n_tokens, fill)
+    if cu_seqlens.numel() < 1:
+        raise ValueError("cu_seqlens must have B+1 >= 1 entries")
+    if index.numel() != packed.shape[0]:
+        raise ValueError(f"index has {index.numel()} rows but packed has {packed.shape[0]}")
+    _check_count("n_tokens", n_tokens)
+    base = None
+    if isinstance(fill, torch.Tensor):
+        _check_tensor("fill", fill, device=packed.device)
+        expected = (cu_seqlens.numel() - 1, n_tokens, *packed.shape[1:])
+        if tuple(fill.shape) != expected or fill.dtype != packed.dtype:
+            raise ValueError(f"fill tensor must be {list(expected)} of dtype {packed.dtype}, "
+                             f"got {list(fill.shape)} {fill.dtype}")
+        base = fill
+    elif not isinstance(fill, (int, float)):
+        raise TypeError(f"fill must be a number or a tensor, got {type(fill).__name__}")
+    if not _use_triton(index):
+        valid = int(cu_seqlens[-1])
+        return reference.scatter_ref(packed[:valid], index[:valid], cu_seqlens, n_tokens, fill)
+    return _ScatterRows.apply(packed, index, cu_seqlens, n_tokens, 0 if base is not None else fill, base)

@@ -1,0 +1,432 @@
+"""Token compaction kernels (kernels/compaction.py) through the public ops, against sparsectx.reference.
+
+On a machine without CUDA the kernels run through the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET);
+every comparison with the reference is exact: selection, ranks and row copies involve no rounding.
+"""
+import pytest
+import torch
+
+import sparsectx
+from sparsectx import ops, reference
+from sparsectx.kernels import compaction as kc
+
+CPU_DTYPES = (torch.float32, torch.float16)
+
+
+def _expected(selection, counts, tensors, max_total=None):
+    """(index, cu_seqlens, packed) of the reference, padded to max_total rows like compact_tokens."""
+    keep = selection if counts is None else reference.topk_keep_mask(selection, counts)
+    index, cu_seqlens, packed = reference.compact_ref(keep, *tensors)
+    if max_total is not None:
+        pad = max_total - index.numel()
+        index = torch.cat([index, index.new_zeros(pad)])
+        packed = [torch.cat([p, p.new_zeros((pad, *p.shape[1:]))]) for p in packed]
+    return index, cu_seqlens, packed
+
+
+def _assert_same(result, expected):
+    index, cu_seqlens, packed = expected
+    assert torch.equal(result.cu_seqlens, cu_seqlens)
+    assert torch.equal(result.index, index)
+    assert len(result.tensors) == len(packed)
+    for got, want in zip(result.tensors, packed):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert torch.equal(got, want)
+
+
+def _payloads(gen, batch, n_tokens, width, device):
+    """Hidden states fp32 and fp16, int64 position ids [B, N, 4], and a per-token scalar [B, N]."""
+    return (
+        torch.randn(batch, n_tokens, width, generator=gen).to(device),
+        torch.randn(batch, n_tokens, 2, width // 2 + 1, generator=gen).half().to(device),
+        torch.randint(0, 1 << 40, (batch, n_tokens, 4), generator=gen).to(device),
+        torch.randn(batch, n_tokens, generator=gen).to(device),
+    )
+
+
+def _scores(gen, batch, n_tokens, dtype, device, distinct=None):
+    """Random scores; with `distinct`, drawn from that many values so that ties are everywhere."""
+    if distinct is None:
+        scores = torch.randn(batch, n_tokens, generator=gen)
+    else:
+        scores = torch.randint(0, distinct, (batch, n_tokens), generator=gen).float() - distinct // 2
+    return scores.to(dtype).to(device)
+
+
+def test_kernel_path_is_tested(device):
+    # without this, every comparison below would compare the reference with itself
+    assert ops.backend_for(device, torch.float32) != ops.TORCH_REFERENCE
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# scores + budget
+# ----------------------------------------------------------------------------------------------------------------
+BUDGET_CASES = [
+    # (batch, n_tokens, budget)
+    (1, 1, 1),
+    (1, 1, 0),
+    (2, 37, 0),
+    (3, 37, 1),
+    (2, 37, 37),
+    (2, 100, 1.0),
+    (3, 129, 0.3),
+    (4, 64, [0, 1, 64, 17]),
+    (3, 50, [0.5, 3, 1.0]),
+    (1, 300, 0.1),
+]
+
+
+@pytest.mark.parametrize("batch,n_tokens,budget", BUDGET_CASES)
+@pytest.mark.parametrize("distinct", [None, 3])
+def test_topk_matches_reference(device, batch, n_tokens, budget, distinct):
+    gen = torch.Generator().manual_seed(n_tokens * 7 + batch)
+    scores = _scores(gen, batch, n_tokens, torch.float32, device, distinct)
+    tensors = _payloads(gen, batch, n_tokens, 24, device)
+    counts = reference.budget_to_counts(budget, batch, n_tokens)
+    result = sparsectx.compact_tokens(scores, *tensors, budget=budget, return_max_seqlen=True)
+    _assert_same(result, _expected(scores, counts, tensors))
+    assert result.max_seqlen == max(counts)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES + (torch.float64,))
+def test_score_dtypes_with_ties(device, dtype):
+    gen = torch.Generator().manual_seed(1)
+    scores = _scores(gen, 3, 90, dtype, device, distinct=5)
+    x = torch.randn(3, 90, 8, generator=gen).to(device)
+    for budget in (0, 7, 45, 90):
+        result = sparsectx.compact_tokens(scores, x, budget=budget)
+        _assert_same(result, _expected(scores, [budget] * 3, (x,)))
+
+
+def test_per_sample_budget_tensor(device):
+    gen = torch.Generator().manual_seed(2)
+    scores = _scores(gen, 4, 33, torch.float32, device, distinct=4)
+    x = torch.randn(4, 33, 5, generator=gen).to(device)
+    for budget in (torch.tensor([0, 33, 4, 1]), torch.tensor([0.25, 1.0, 0.5, 0.01]), torch.tensor(6)):
+        counts = reference.budget_to_counts(budget, 4, 33)
+        _assert_same(sparsectx.compact_tokens(scores, x, budget=budget.to(device)), _expected(scores, counts, (x,)))
+
+
+def test_special_scores_follow_torch_sort(device):
+    """-0.0 ties +0.0, infinities rank at the ends; NaN (rejected by the public op off CUDA) ranks above +inf in
+    the kernel, like torch.sort."""
+    inf, nan = float("inf"), float("nan")
+    row = [0.0, -0.0, inf, -inf, 1e-40, -1e-40, nan, 2.0, -nan, -0.0, 0.0, -inf]
+    scores = torch.tensor([row, row[::-1]], device=device)
+    for k in range(len(row) + 1):
+        index, cu_seqlens = kc.compact_index(scores, [k, k])
+        want_index, want_cu, _ = reference.compact_ref(reference.topk_keep_mask(scores, [k, k]))
+        assert torch.equal(cu_seqlens, want_cu) and torch.equal(index, want_index), k
+
+
+def test_long_rows_use_several_blocks(device, monkeypatch):
+    # the selection kernel holds at most MAX_SELECT_BLOCK tokens at once: shrink it to cover the multi-block loops
+    monkeypatch.setattr(kc, "MAX_SELECT_BLOCK", 64)
+    gen = torch.Generator().manual_seed(3)
+    scores = _scores(gen, 2, 300, torch.float32, device, distinct=7)
+    mask = torch.rand(2, 300, generator=gen).to(device) > 0.6
+    x = torch.randn(2, 300, 6, generator=gen).to(device)
+    for budget in ([0, 300], [150, 77], [1, 299]):
+        _assert_same(sparsectx.compact_tokens(scores, x, budget=budget), _expected(scores, budget, (x,)))
+    _assert_same(sparsectx.compact_tokens(mask, x, max_total=700), _expected(mask, None, (x,), 700))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_configurations(device, seed):
+    gen = torch.Generator().manual_seed(100 + seed)
+    batch = int(torch.randint(1, 5, (1,), generator=gen))
+    n_tokens = int(torch.randint(1, 200, (1,), generator=gen))
+    width = int(torch.randint(1, 64, (1,), generator=gen))
+    scores = _scores(gen, batch, n_tokens, CPU_DTYPES[seed % 2], device, distinct=[None, 2, 9][seed % 3])
+    budget = torch.randint(0, n_tokens + 1, (batch,), generator=gen).tolist()
+    tensors = _payloads(gen, batch, n_tokens, width, device)
+    _assert_same(sparsectx.compact_tokens(scores, *tensors, budget=budget), _expected(scores, budget, tensors))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# keep mask, max_total padding, payload layouts
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["random", "all_false", "all_true", "one_sample_empty"])
+def test_mask_matches_reference(device, kind):
+    gen = torch.Generator().manual_seed(4)
+    batch, n_tokens = 3, 75
+    mask = torch.rand(batch, n_tokens, generator=gen) > 0.7
+    if kind == "all_false":
+        mask[:] = False
+    elif kind == "all_true":
+        mask[:] = True
+    elif kind == "one_sample_empty":
+        mask[1] = False
+    mask = mask.to(device)
+    tensors = _payloads(gen, batch, n_tokens, 40, device)
+    result = sparsectx.compact_tokens(mask, *tensors, return_max_seqlen=True)
+    _assert_same(result, _expected(mask, None, tensors))
+    assert result.max_seqlen == int(mask.sum(1).max())
+    padded = sparsectx.compact_tokens(mask, *tensors, max_total=batch * n_tokens)
+    _assert_same(padded, _expected(mask, None, tensors, batch * n_tokens))
+
+
+def test_budget_with_max_total_pads(device):
+    gen = torch.Generator().manual_seed(5)
+    scores = _scores(gen, 2, 40, torch.float32, device)
+    tensors = _payloads(gen, 2, 40, 9, device)
+    result = sparsectx.compact_tokens(scores, *tensors, budget=[3, 10], max_total=50)
+    _assert_same(result, _expected(scores, [3, 10], tensors, 50))
+
+
+def test_payload_layouts(device):
+    """Payloads that are views (a token range of a longer sequence, a transposed trailing dim), bool, bf16."""
+    gen = torch.Generator().manual_seed(6)
+    batch, n_tokens = 2, 60
+    sequence = torch.randn(batch, 100, 32, generator=gen).to(device)
+    window = sequence[:, 30:30 + n_tokens]  # strided over B and N, contiguous rows
+    transposed = torch.randn(batch, n_tokens, 8, 3, generator=gen).to(device).transpose(2, 3)
+    flags = (torch.rand(batch, n_tokens, 5, generator=gen) > 0.5).to(device)
+    bf16 = torch.randn(batch, n_tokens, 12, generator=gen).bfloat16().to(device)
+    scores = _scores(gen, batch, n_tokens, torch.float32, device)
+    tensors = (window, transposed, flags, bf16)
+    _assert_same(sparsectx.compact_tokens(scores, *tensors, budget=0.4), _expected(scores, [24, 24], tensors))
+
+
+def test_degenerate_shapes(device):
+    """No tokens, no feature columns, no samples."""
+    scores, x = torch.randn(2, 0, device=device), torch.randn(2, 0, 3, device=device)
+    _assert_same(sparsectx.compact_tokens(scores, x, budget=0), _expected(scores, [0, 0], (x,)))
+    _assert_same(sparsectx.compact_tokens(scores > 0, x, max_total=4), _expected(scores > 0, None, (x,), 4))
+    scores, x = torch.randn(2, 5, device=device), torch.randn(2, 5, 0, device=device)
+    _assert_same(sparsectx.compact_tokens(scores, x, budget=2), _expected(scores, [2, 2], (x,)))
+    empty = sparsectx.compact_tokens(torch.randn(0, 5, device=device), torch.randn(0, 5, 3, device=device),
+                                     budget=0.5, max_total=3)
+    assert empty.cu_seqlens.tolist() == [0] and empty.index.tolist() == [0, 0, 0]
+    assert torch.equal(empty.tensors[0], torch.zeros(3, 3, device=device))
+
+
+def test_bf16_copy_is_bit_exact(device):
+    # the interpreter computes bf16 wrongly; the row kernels only load and store it, so every bit pattern survives
+    patterns = torch.arange(-(1 << 15), 1 << 15, 37, dtype=torch.int32).to(torch.int16)
+    n_tokens = patterns.numel() // 16
+    bits = patterns[: n_tokens * 16].view(1, n_tokens, 16).to(device)
+    payload = bits.view(torch.bfloat16)
+    mask = torch.ones(1, n_tokens, dtype=torch.bool, device=device)
+    mask[0, ::3] = False
+    packed = sparsectx.compact_tokens(mask, payload).tensors[0]
+    assert torch.equal(packed.view(torch.int16), bits[0, mask[0]])
+    back = sparsectx.scatter_tokens(packed, *sparsectx.compact_tokens(mask)[:2], n_tokens, fill=payload)
+    assert torch.equal(back.view(torch.int16), bits)
+
+
+def test_many_payloads_and_column_blocks(device, monkeypatch):
+    # more payloads than one launch copies, and narrow column blocks: several launches and column programs
+    monkeypatch.setattr(kc, "COPY_MAX_BLOCK_COLS", 16)
+    gen = torch.Generator().manual_seed(7)
+    mask = (torch.rand(2, 45, generator=gen) > 0.5).to(device)
+    tensors = tuple(torch.randn(2, 45, width, generator=gen).to(device) for width in (1, 16, 50, 7, 33))
+    _assert_same(sparsectx.compact_tokens(mask, *tensors, max_total=90), _expected(mask, None, tensors, 90))
+
+
+def _poisoned_empty(real_empty):
+    """torch.empty that fills new tensors with NaN / -7 / True, so unwritten output rows can not pass."""
+    def empty(*size, dtype=None, device=None, **kwargs):
+        out = real_empty(*size, dtype=dtype, device=device, **kwargs)
+        if out.dtype == torch.bool:
+            return out.fill_(True)
+        return out.fill_(float("nan") if out.is_floating_point() else -7)
+    return empty
+
+
+def test_outputs_fully_written(device, monkeypatch):
+    gen = torch.Generator().manual_seed(8)
+    scores = _scores(gen, 3, 50, torch.float32, device, distinct=6)
+    mask = (torch.rand(3, 50, generator=gen) > 0.5).to(device)
+    tensors = _payloads(gen, 3, 50, 10, device) + ((torch.rand(3, 50, 2, generator=gen) > 0.5).to(device),)
+    monkeypatch.setattr(torch, "empty", _poisoned_empty(torch.empty))
+    _assert_same(sparsectx.compact_tokens(scores, *tensors, budget=[5, 0, 50], max_total=70),
+                 _expected(scores, [5, 0, 50], tensors, 70))
+    _assert_same(sparsectx.compact_tokens(mask, *tensors, max_total=150), _expected(mask, None, tensors, 150))
+    _assert_same(sparsectx.compact_tokens(mask, *tensors), _expected(mask, None, tensors))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# scatter, round trip, gradients
+# ----------------------------------------------------------------------------------------------------------------
+def test_round_trip(device):
+    gen = torch.Generator().manual_seed(9)
+    batch, n_tokens = 3, 70
+    scores = _scores(gen, batch, n_tokens, torch.float32, device, distinct=4)
+    x = torch.randn(batch, n_tokens, 4, 5, generator=gen).to(device)
+    keep = reference.topk_keep_mask(scores, [10, 0, 70])
+    result = sparsectx.compact_tokens(scores, x, budget=[10, 0, 70], max_total=100)
+    index, cu_seqlens, (packed,) = result.index, result.cu_seqlens, result.tensors
+    # scalar fill: kept rows come back, the others hold the fill
+    back = sparsectx.scatter_tokens(packed, index, cu_seqlens, n_tokens, fill=-3.0)
+    assert torch.equal(back, torch.where(keep[..., None, None], x, torch.full_like(x, -3.0)))
+    # tensor fill: the original tensor itself comes back
+    base = torch.randn(x.shape, generator=gen).to(device)
+    assert torch.equal(sparsectx.scatter_tokens(packed, index, cu_seqlens, n_tokens, fill=base),
+                       torch.where(keep[..., None, None], x, base))
+    valid = int(cu_seqlens[-1])
+    assert torch.equal(back, reference.scatter_ref(packed[:valid], index[:valid], cu_seqlens, n_tokens, -3.0))
+    # and compacting the scattered tensor again gives the packed rows
+    again = sparsectx.compact_tokens(keep, back)
+    assert torch.equal(again.tensors[0], packed[:valid])
+
+
+def test_compact_gradients_match_reference(device):
+    gen = torch.Generator().manual_seed(10)
+    scores = _scores(gen, 2, 40, torch.float32, device, distinct=5)
+    x = torch.randn(2, 40, 6, generator=gen).to(device).requires_grad_()
+    h = torch.randn(2, 40, 3, generator=gen).to(device).half().requires_grad_()
+    ids = torch.randint(0, 9, (2, 40, 4), generator=gen).to(device)
+    result = sparsectx.compact_tokens(scores, x, ids, h, budget=[7, 21], max_total=30)
+    assert not result.tensors[1].requires_grad
+    up_x = torch.randn(result.tensors[0].shape, generator=gen).to(device)
+    up_h = torch.randn(result.tensors[2].shape, generator=gen).to(device).half()
+    torch.autograd.backward([result.tensors[0], result.tensors[2]], [up_x, up_h])
+
+    x_ref, h_ref = x.detach().clone().requires_grad_(), h.detach().clone().requires_grad_()
+    _, _, (px, ph) = reference.compact_ref(reference.topk_keep_mask(scores, [7, 21]), x_ref, h_ref)
+    torch.autograd.backward([px, ph], [up_x[:28], up_h[:28]])  # padding rows do not reach the inputs
+    assert torch.equal(x.grad, x_ref.grad) and torch.equal(h.grad, h_ref.grad)
+
+
+def test_scatter_gradients_match_reference(device):
+    gen = torch.Generator().manual_seed(11)
+    mask = (torch.rand(3, 30, generator=gen) > 0.5).to(device)
+    index, cu_seqlens, _, _ = sparsectx.compact_tokens(mask, max_total=90)
+    valid = int(cu_seqlens[-1])
+    packed = torch.randn(90, 4, generator=gen).to(device).requires_grad_()
+    base = torch.randn(3, 30, 4, generator=gen).to(device).requires_grad_()
+    upstream = torch.randn(3, 30, 4, generator=gen).to(device)
+    sparsectx.scatter_tokens(packed, index, cu_seqlens, 30, fill=base).backward(upstream)
+
+    packed_ref, base_ref = packed.detach().clone().requires_grad_(), base.detach().clone().requires_grad_()
+    reference.scatter_ref(packed_ref[:valid], index[:valid], cu_seqlens, 30, base_ref).backward(upstream)
+    assert torch.equal(base.grad, base_ref.grad)
+    assert torch.equal(packed.grad[:valid], packed_ref.grad[:valid])
+    assert torch.equal(packed.grad[valid:], torch.zeros_like(packed.grad[valid:]))
+
+
+def test_gradcheck_float64(device):
+    gen = torch.Generator().manual_seed(12)
+    mask = torch.tensor([[True, False, True, True, False], [False, True, False, False, False]], device=device)
+    x = torch.randn(2, 5, 2, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: sparsectx.compact_tokens(mask, t, max_total=6).tensors[0], (x,),
+                                    fast_mode=True)
+    index, cu_seqlens, _, _ = sparsectx.compact_tokens(mask, max_total=6)
+    packed = torch.randn(6, 2, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    base = torch.randn(2, 5, 2, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    assert torch.autograd.gradcheck(lambda p, b: sparsectx.scatter_tokens(p, index, cu_seqlens, 5, fill=b),
+                                    (packed, base), fast_mode=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bad input
+# ----------------------------------------------------------------------------------------------------------------
+def _bad_compact_calls(device):
+    scores = torch.randn(2, 10, device=device)
+    mask = scores > 0
+    x = torch.randn(2, 10, 3, device=device)
+    nan_scores = scores.clone()
+    nan_scores[1, 4] = float("nan")
+    return [
+        (TypeError, "selection", lambda: sparsectx.compact_tokens(scores.tolist(), budget=1)),
+        (ValueError, "selection", lambda: sparsectx.compact_tokens(scores.long(), budget=1)),
+        (ValueError, "selection", lambda: sparsectx.compact_tokens(scores[0], budget=1)),
+        (ValueError, "selection", lambda: sparsectx.compact_tokens(nan_scores, budget=1)),
+        (ValueError, r"tensors\[0\]", lambda: sparsectx.compact_tokens(scores, x[:, :9], budget=1)),
+        (ValueError, r"tensors\[1\]", lambda: sparsectx.compact_tokens(scores, x, x[0], budget=1)),
+        (ValueError, r"tensors\[0\]", lambda: sparsectx.compact_tokens(scores, x.to("meta"), budget=1)),
+        (ValueError, "budget", lambda: sparsectx.compact_tokens(scores)),
+        (ValueError, "budget", lambda: sparsectx.compact_tokens(scores, budget=-1)),
+        (ValueError, "budget", lambda: sparsectx.compact_tokens(scores, budget=11)),
+        (ValueError, "budget", lambda: sparsectx.compact_tokens(scores, budget=0.0)),
+        (ValueError, "budget", lambda: sparsectx.compact_tokens(scores, budget=1.5)),
+        (ValueError, "budget", lambda: sparsectx.compact_tokens(scores, budget=[1, 2, 3])),
+        (ValueError, "budget", lambda: sparsectx.compact_tokens(scores, budget=torch.tensor([1, 2, 3]))),
+        (ValueError, "budget", lambda: sparsectx.compact_tokens(scores, budget=torch.tensor([0.5, float("nan")]))),
+        (TypeError, "budget", lambda: sparsectx.compact_tokens(scores, budget=True)),
+        (TypeError, "budget", lambda: sparsectx.compact_tokens(scores, budget=[1, "2"])),
+        (ValueError, "budget", lambda: sparsectx.compact_tokens(mask, budget=3)),
+        (ValueError, "max_total", lambda: sparsectx.compact_tokens(scores, budget=5, max_total=9)),
+        (ValueError, "max_total", lambda: sparsectx.compact_tokens(mask, max_total=int(mask.sum()) - 1)),
+        (ValueError, "max_total", lambda: sparsectx.compact_tokens(mask, max_total=-1)),
+        (TypeError, "max_total", lambda: sparsectx.compact_tokens(mask, max_total=True)),
+    ]
+
+
+def test_bad_compact_input(device):
+    for error, name, call in _bad_compact_calls(device):
+        with pytest.raises(error, match=name):
+            call()
+
+
+def test_bad_scatter_input(device):
+    mask = torch.tensor([[True, False, True], [False, False, True]], device=device)
+    index, cu_seqlens, _, _ = sparsectx.compact_tokens(mask)
+    packed = torch.randn(3, 2, device=device)
+    calls = [
+        (TypeError, "packed", lambda: sparsectx.scatter_tokens(packed.tolist(), index, cu_seqlens, 3)),
+        (ValueError, "packed", lambda: sparsectx.scatter_tokens(packed[0, 0], index, cu_seqlens, 3)),
+        (ValueError, "index", lambda: sparsectx.scatter_tokens(packed, index.long(), cu_seqlens, 3)),
+        (ValueError, "index", lambda: sparsectx.scatter_tokens(packed, index[:2], cu_seqlens, 3)),
+        (ValueError, "index", lambda: sparsectx.scatter_tokens(packed.to("meta"), index, cu_seqlens, 3)),
+        (ValueError, "cu_seqlens", lambda: sparsectx.scatter_tokens(packed, index, cu_seqlens.long(), 3)),
+        (ValueError, "cu_seqlens", lambda: sparsectx.scatter_tokens(packed, index, cu_seqlens[:0], 3)),
+        (ValueError, "n_tokens", lambda: sparsectx.scatter_tokens(packed, index, cu_seqlens, -1)),
+        (TypeError, "n_tokens", lambda: sparsectx.scatter_tokens(packed, index, cu_seqlens, 3.0)),
+        (ValueError, "fill", lambda: sparsectx.scatter_tokens(packed, index, cu_seqlens, 3,
+                                                                fill=torch.zeros(2, 4, 2, device=device))),
+        (ValueError, "fill", lambda: sparsectx.scatter_tokens(packed, index, cu_seqlens, 3,
+                                                                fill=torch.zeros(2, 3, 2, device=device).half())),
+        (TypeError, "fill", lambda: sparsectx.scatter_tokens(packed, index, cu_seqlens, 3, fill="0")),
+    ]
+    for error, name, call in calls:
+        with pytest.raises(error, match=name):
+            call()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CUDA: bf16 payloads and the benchmark shape (B=1, 3 references x 4096 tokens, C=3072, keep 10%)
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_cuda_benchmark_shape_bf16():
+    gen = torch.Generator().manual_seed(13)
+    n_tokens, width = 3 * 4096, 3072
+    hidden = torch.randn(1, n_tokens, width, generator=gen).cuda().bfloat16()
+    ids = torch.randint(0, 4096, (1, n_tokens, 4), generator=gen).cuda()
+    for scores in (torch.randn(1, n_tokens, generator=gen).cuda(),
+                   torch.randn(1, n_tokens, generator=gen).cuda().bfloat16()):  # bf16: many ties
+        result = sparsectx.compact_tokens(scores, hidden, ids, budget=0.1)
+        _assert_same(result, _expected(scores, reference.budget_to_counts(0.1, 1, n_tokens), (hidden, ids)))
+    mask = torch.rand(4, n_tokens // 4, generator=gen).cuda() > 0.9
+    hidden4 = hidden.view(4, n_tokens // 4, width)
+    _assert_same(sparsectx.compact_tokens(mask, hidden4, max_total=n_tokens), _expected(mask, None, (hidden4,),
+                                                                                       n_tokens))
+    result = sparsectx.compact_tokens(mask, hidden4)
+    assert torch.equal(sparsectx.scatter_tokens(result.tensors[0], result.index, result.cu_seqlens, n_tokens // 4,
+                                                fill=hidden4), hidden4)
+
+
+@pytest.mark.gpu
+def test_cuda_scores_path_never_syncs():
+    gen = torch.Generator().manual_seed(14)
+    scores = torch.randn(2, 4096, generator=gen).cuda()
+    hidden = torch.randn(2, 4096, 256, generator=gen).cuda().bfloat16().requires_grad_()
+
+    def compact_scatter_backward():
+        result = sparsectx.compact_tokens(scores, hidden, budget=[0.1, 300])
+        back = sparsectx.scatter_tokens(result.tensors[0], result.index, result.cu_seqlens, 4096)
+        back.float().sum().backward()
+        return back
+
+    compact_scatter_backward()  # compiles the kernels outside the check
+    hidden.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation raises
+    try:
+        back = compact_scatter_backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    keep = reference.topk_keep_mask(scores, [410, 300])
+    assert torch.equal(back, torch.where(keep[..., None], hidden.detach(), torch.zeros_like(hidden)))
+    assert torch.equal(hidden.grad, keep[..., None].expand_as(hidden).bfloat16())
