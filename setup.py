@@ -23,7 +23,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "peft"],
         "train": ["peft", "accelerate"],
         "plot": ["matplotlib"],
     },

@@ -18,5 +18,6 @@ from .selection import (  # noqa: F401
     register_selector,
     select,
 )
+from .training import disable_drop_training, enable_drop_training, random_drop_mask  # noqa: F401
 
 __version__ = "0.1.0"

@@ -3,6 +3,7 @@ Qwen-Image-Edit(-Plus).
 
 ```python
 sparsectx.enable(pipe, budget=0.1, selector="random", seed=0)   # a pipeline or a bare transformer
+sparsectx.enable(pipe, budget=0.1, attention="sparsectx")       # attention by sparsectx's kernel
 image = pipe(image=[ref1, ref2], prompt=...).images[0]
 sparsectx.disable(pipe)                                          # the original forward, bit-exact
 with sparsectx.sparse_context(pipe, budget=0.25): ...            # enabled inside the block only
@@ -28,6 +29,11 @@ Batches: FLUX.1/FLUX.2 share one RoPE table (``img_ids[0]``) and Qwen-Image one 
 batch, so samples that keep different tokens (per-request budgets, per-sample selection) run as separate groups of
 equal keep masks, each exact; samples with equal masks (the common case: one budget, references repeated over the
 batch) run as one batch.
+
+Attention on the compacted sequence: ``enable(..., attention="native")`` (default) keeps the transformer's own
+processors (diffusers' SDPA dispatch: exact, and cuDNN on a GPU); ``attention="sparsectx"`` installs the processors
+of ``sparsectx.processors`` so that sparsectx's Triton kernel computes every attention layer. ``disable`` restores
+the original processor objects.
 
 Reference KV cache (``Flux2KleinKVPipeline``): the extract step is compacted like any other (``num_ref_tokens``
 becomes the kept count), so the cache holds the kept tokens only and the cached steps need nothing more.
@@ -59,6 +65,9 @@ SUPPORTED_TRANSFORMERS = {  # diffusers class name -> family
 }
 SUPPORTED_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinKVPipeline", "FluxKontextPipeline",
                        "QwenImageEditPipeline", "QwenImageEditPlusPipeline")
+NATIVE, SPARSECTX = "native", "sparsectx"  # enable(attention=...): diffusers' own attention or sparsectx's kernel
+ATTENTION_CHOICES = (NATIVE, SPARSECTX)
+DROP_TRAINING_ATTR = "_sparsectx_drop_training"  # set by sparsectx.training.enable_drop_training
 CALL_KWARG = "sparsectx"  # key of the per-call override dict inside (joint_)attention_kwargs
 OVERRIDE_KEYS = ("budget", "selector")
 PATCH_ATTR = "_sparsectx_patch"  # the transformer attribute holding its _SparsePatch while enabled
@@ -259,19 +268,29 @@ class _CachedSelection:
     keep: torch.Tensor  # bool [B, N]
 
 
-class _SparsePatch:
-    """Holds what ``enable`` changed on one transformer and runs the compacting forward."""
+def reference_layout(family: str, call: dict) -> Optional[_Layout]:
+    """Where the reference tokens of a transformer call lie (``call``: its bound forward arguments); None when the
+    image sequence holds none."""
+    return _LAYOUTS[family](call)
 
-    def __init__(self, transformer: torch.nn.Module, family: str, settings: _Settings):
+
+class ForwardPatch:
+    """Replaces a transformer's ``forward`` with ``self.forward`` (an instance attribute) and puts the original back
+    exactly; ``attr`` names the transformer attribute that points at the patch while it is installed."""
+
+    attr: str = PATCH_ATTR
+
+    def __init__(self, transformer: torch.nn.Module, family: str):
         self.transformer = transformer
         self.family = family
-        self.settings = settings
         self.had_instance_forward = "forward" in transformer.__dict__
         self.original_forward = transformer.forward
         # the model's own signature, even when forward is already wrapped (offload hooks take *args, **kwargs)
         self.signature = inspect.signature(functools.partial(type(transformer).forward, transformer))
-        self.call_epoch = 0  # bumped at each pipeline call: a new call selects again
-        self.cache: Optional[_CachedSelection] = None
+
+    def bind(self, args, kwargs) -> dict:
+        """The call's arguments by name (the model's own parameter names)."""
+        return dict(self.signature.bind(*args, **kwargs).arguments)
 
     def install(self) -> None:
         def forward(*args, **kwargs):
@@ -280,14 +299,49 @@ class _SparsePatch:
         forward = functools.wraps(self.original_forward)(forward)
         self.transformer.forward = forward
         self.wrapped_forward = forward
-        setattr(self.transformer, PATCH_ATTR, self)
+        setattr(self.transformer, self.attr, self)
 
     def uninstall(self) -> None:
+        if self.transformer.__dict__.get("forward") is not self.wrapped_forward:
+            raise RuntimeError("the transformer's forward was wrapped again after sparsectx patched it (e.g. by a "
+                               "hook); remove that wrapper first")
         if self.had_instance_forward:
             self.transformer.forward = self.original_forward
         else:
             del self.transformer.forward
-        delattr(self.transformer, PATCH_ATTR)
+        delattr(self.transformer, self.attr)
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError
+
+
+class _SparsePatch(ForwardPatch):
+    """Holds what ``enable`` changed on one transformer and runs the compacting forward."""
+
+    def __init__(self, transformer: torch.nn.Module, family: str, settings: _Settings):
+        super().__init__(transformer, family)
+        self.settings = settings
+        self.call_epoch = 0  # bumped at each pipeline call: a new call selects again
+        self.cache: Optional[_CachedSelection] = None
+        self.attention = NATIVE
+        self.original_processors: Optional[dict] = None  # module name -> processor, while attention="sparsectx"
+
+    def set_attention(self, attention: str) -> None:
+        """Installs sparsectx's attention processors (``"sparsectx"``) or puts diffusers' own back (``"native"``)."""
+        if attention == self.attention:
+            return
+        from . import processors  # deferred: imports diffusers' model modules
+
+        if attention == SPARSECTX:
+            self.original_processors = processors.install_processors(self.transformer, processors.AttentionState())
+        else:
+            processors.restore_processors(self.transformer, self.original_processors)
+            self.original_processors = None
+        self.attention = attention
+
+    def uninstall(self) -> None:
+        super().uninstall()
+        self.set_attention(NATIVE)
 
     def new_call(self) -> None:
         self.call_epoch += 1
@@ -295,9 +349,9 @@ class _SparsePatch:
 
     # -- forward ---------------------------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        call = dict(self.signature.bind(*args, **kwargs).arguments)
+        call = self.bind(args, kwargs)
         overrides = self._pop_overrides(call)
-        layout = _LAYOUTS[self.family](call)
+        layout = reference_layout(self.family, call)
         if layout is None:  # no reference tokens (text-to-image, or a KV-cached step)
             return self.original_forward(**call)
         self._check_supported(call, layout)
@@ -516,25 +570,49 @@ def _split_target(pipe_or_transformer):
                     f"{type(pipe_or_transformer).__name__}")
 
 
+def _check_attention(attention) -> str:
+    if attention not in ATTENTION_CHOICES:
+        raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
+    return attention
+
+
 def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Callable] = "random",
-           seed: Optional[int] = None):
+           seed: Optional[int] = None, attention: str = NATIVE):
     """Sparse Context on a diffusers pipeline or transformer: each reference image keeps ``budget`` of its tokens
     (a ratio in (0, 1] or a count; one value, one per reference image, or a list of such lists, one per request),
     chosen by ``selector`` (a name from ``sparsectx.selection.available_selectors()`` or a callable
     ``(reference_latents [B, N, C], context) -> scores [B, N] | keep mask [B, N]``; a mask is used as is).
-    ``seed`` makes random selectors deterministic (a fresh generator per selection). Enabling again only replaces
-    the settings. Returns ``pipe_or_transformer``."""
+    ``seed`` makes random selectors deterministic (a fresh generator per selection).
+
+    ``attention`` picks what computes attention on the compacted sequence:
+
+    - ``"native"`` (default): the transformer's own attention processors (diffusers' dispatcher: SDPA, cuDNN on a
+      GPU, or whichever backend ``set_attention_backend`` chose). Exact, and the fastest choice for the dense
+      compacted sequence on a GPU.
+    - ``"sparsectx"``: every attention layer gets a sparsectx processor (``sparsectx.processors``) that keeps the
+      layer's projections, norms, RoPE and output projections and runs ``sparsectx.sparse_attention`` (the Triton
+      kernel; the Triton interpreter or the torch reference off the GPU). Equal to ``"native"`` within floating
+      point rounding. ``disable`` puts the original processor objects back.
+
+    Enabling again replaces the settings (and switches ``attention`` if it changed). Context parallelism is
+    rejected with a ``RuntimeError``. Returns ``pipe_or_transformer``."""
     pipe, transformer, family = _split_target(pipe_or_transformer)
     settings = _make_settings(budget, selector, seed)
+    _check_attention(attention)
     if getattr(transformer, "_parallel_config", None) is not None:
         raise RuntimeError("sparsectx does not support diffusers context parallelism (the transformer has a "
                            "_parallel_config); enable it on a model without parallelism")
+    if getattr(transformer, DROP_TRAINING_ATTR, None) is not None:
+        raise RuntimeError("drop training is enabled on this transformer; call "
+                           "sparsectx.training.disable_drop_training first")
     patch = getattr(transformer, PATCH_ATTR, None)
     if patch is None:
         patch = _SparsePatch(transformer, family, settings)
+        patch.set_attention(attention)  # first: raises before anything changed when a processor is unsupported
         patch.install()
     else:
         patch.settings = settings
+        patch.set_attention(attention)
         patch.new_call()
     if pipe is not None and not hasattr(type(pipe), "_sparsectx_base"):
         pipe.__class__ = _pipeline_class(type(pipe))
@@ -542,13 +620,11 @@ def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Call
 
 
 def disable(pipe_or_transformer):
-    """Restores the original forward (and pipeline class) exactly; a no-op when sparsectx is not enabled."""
+    """Restores the original forward, attention processors and pipeline class exactly (the same objects); a no-op
+    when sparsectx is not enabled."""
     pipe, transformer, _ = _split_target(pipe_or_transformer)
     patch = getattr(transformer, PATCH_ATTR, None)
     if patch is not None:
-        if transformer.__dict__.get("forward") is not patch.wrapped_forward:
-            raise RuntimeError("the transformer's forward was wrapped again after sparsectx.enable (e.g. by a "
-                               "hook); remove that wrapper before sparsectx.disable")
         patch.uninstall()
     if pipe is not None and hasattr(type(pipe), "_sparsectx_base"):
         pipe.__class__ = type(pipe)._sparsectx_base
@@ -562,19 +638,20 @@ def is_enabled(pipe_or_transformer) -> bool:
 
 @contextlib.contextmanager
 def sparse_context(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Callable] = "random",
-                   seed: Optional[int] = None):
-    """``with sparse_context(pipe, budget=...):`` enables Sparse Context inside the block; on exit the previous
-    state comes back (disabled, or the settings enabled before)."""
+                   seed: Optional[int] = None, attention: str = NATIVE):
+    """``with sparse_context(pipe, budget=...):`` enables Sparse Context inside the block (arguments as for
+    ``enable``); on exit the previous state comes back (disabled, or the settings enabled before)."""
     _, transformer, _ = _split_target(pipe_or_transformer)
     previous = getattr(transformer, PATCH_ATTR, None)
-    previous_settings = previous.settings if previous is not None else None
-    enable(pipe_or_transformer, budget=budget, selector=selector, seed=seed)
+    previous_state = (previous.settings, previous.attention) if previous is not None else None
+    enable(pipe_or_transformer, budget=budget, selector=selector, seed=seed, attention=attention)
     try:
         yield pipe_or_transformer
     finally:
-        if previous_settings is None:
+        if previous_state is None:
             disable(pipe_or_transformer)
         else:
             patch = getattr(transformer, PATCH_ATTR)
-            patch.settings = previous_settings
+            patch.settings = previous_state[0]
+            patch.set_attention(previous_state[1])
             patch.new_call()

@@ -101,7 +101,7 @@ def sparse_attention_ref(
 
     q ``[Tq, H, D]``, k/v ``[Tk, H, D]``, ref_k/ref_v ``[B, R, H, D]``. Returns ``(out [Tq, H, D], lse [H, Tq])``;
     ``lse`` is the natural-log log-sum-exp of the scaled scores, ``-inf`` for a query that sees no key (whose output
-    is then zero).
+    is then zero) and for rows of q past ``cu_seqlens_q[-1]``.
     """
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     batch = cu_seqlens_q.numel() - 1
@@ -123,9 +123,11 @@ def sparse_attention_ref(
         probs = torch.softmax(scores, dim=-1)
         outs.append(torch.einsum("hqk,khd->qhd", probs, v_b))
         lses.append(lse.float())
-    out = torch.cat(outs) if outs else torch.zeros_like(q)
-    lse = torch.cat(lses, dim=1) if lses else q.new_zeros((q.shape[1], 0), dtype=torch.float32)
-    return out, lse
+    # rows of q past cu_seqlens_q[-1] (a caller's padding) belong to no sample: output zero, lse -inf
+    tail = q.shape[0] - int(cu_seqlens_q[-1])
+    outs.append(q.new_zeros((tail, *q.shape[1:])))
+    lses.append(torch.full((q.shape[1], tail), -math.inf, dtype=torch.float32, device=q.device))
+    return torch.cat(outs), torch.cat(lses, dim=1)
 
 
 def masked_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor,

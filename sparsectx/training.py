@@ -5,6 +5,18 @@ list), keep a random r-subset of that image's reference tokens, and always keep 
 tokens). The model thus sees every budget it will meet at inference. Dropped tokens stay in diffusers' dense
 ``[B, S, H, D]`` layout; ``sparsectx.masked_attention`` skips them as keys (and, by default, as queries: their
 outputs are zero, as if they had been removed from the sequence; only the prefix outputs feed the loss).
+
+On a diffusers transformer (FLUX.1 Kontext, FLUX.2 / klein, Qwen-Image-Edit(-Plus))::
+
+    enable_drop_training(transformer, ratio_range=(0.05, 1.0), generator=torch.Generator().manual_seed(0))
+    loss = ((transformer(**batch).sample[:, :n_target] - target) ** 2).mean()   # training mode: masks drawn
+    disable_drop_training(transformer)                                           # original processors back
+
+``enable_drop_training`` installs sparsectx's attention processors (``sparsectx.processors``). At each forward in
+training mode it finds the reference tokens (``img_ids`` / ``img_shapes``, as ``sparsectx.enable`` does), draws
+one drop mask per sample and reference image, and every attention layer of that forward runs
+``masked_attention`` with it. Text and target tokens are always kept. In eval mode, or when a draw keeps every
+token, the original processors run (bit-exact with the unpatched model).
 """
 from __future__ import annotations
 
@@ -12,6 +24,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import integration
 from .ops import masked_attention
 
 DEFAULT_RATIO_RANGE = (0.05, 1.0)  # the keep ratios a trained model should handle, 5% to all tokens
@@ -28,6 +41,14 @@ def _check_layout(batch, ref_lengths, n_prefix) -> list[int]:
     return list(ref_lengths)
 
 
+def _check_ratio_range(ratio_range) -> tuple[float, float]:
+    if not isinstance(ratio_range, (tuple, list)) or len(ratio_range) != 2 \
+            or not all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in ratio_range) \
+            or not 0.0 <= ratio_range[0] <= ratio_range[1] <= 1.0:
+        raise ValueError(f"ratio_range must be (r_min, r_max) with 0 <= r_min <= r_max <= 1, got {ratio_range!r}")
+    return float(ratio_range[0]), float(ratio_range[1])
+
+
 def _draw_ratios(shape: tuple, ratio_range, ratios, generator, device) -> torch.Tensor:
     """float64 keep ratios of ``shape``: from ``ratios`` (uniform choice) if given, else U[r_min, r_max]."""
     if ratios is not None:
@@ -37,11 +58,7 @@ def _draw_ratios(shape: tuple, ratio_range, ratios, generator, device) -> torch.
             raise ValueError(f"ratios must be a non-empty list of keep ratios in [0, 1], got {ratios!r}")
         pick = torch.randint(len(ratios), shape, generator=generator, device=device)
         return torch.tensor([float(r) for r in ratios], dtype=torch.float64, device=device)[pick]
-    if not isinstance(ratio_range, (tuple, list)) or len(ratio_range) != 2 \
-            or not all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in ratio_range) \
-            or not 0.0 <= ratio_range[0] <= ratio_range[1] <= 1.0:
-        raise ValueError(f"ratio_range must be (r_min, r_max) with 0 <= r_min <= r_max <= 1, got {ratio_range!r}")
-    low, high = float(ratio_range[0]), float(ratio_range[1])
+    low, high = _check_ratio_range(ratio_range)
     return low + (high - low) * torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
 
 
@@ -101,3 +118,120 @@ def random_drop_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ref
     out = masked_attention(q, k, v, keep_mask, query_mask=keep_mask if drop_queries else None,
                            softmax_scale=softmax_scale)
     return out, keep_mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# drop training on a diffusers transformer
+# ----------------------------------------------------------------------------------------------------------------
+class _DropTrainingPatch(integration.ForwardPatch):
+    """Draws the drop mask of each training forward and hands it to the processors through their shared state."""
+
+    attr = integration.DROP_TRAINING_ATTR
+
+    def __init__(self, transformer: torch.nn.Module, family: str):
+        super().__init__(transformer, family)
+        from . import processors  # deferred: imports diffusers' model modules
+
+        self.state = processors.AttentionState(delegate_when_unmasked=True)
+        self.original_processors = processors.install_processors(transformer, self.state)
+        self.ratio_range = DEFAULT_RATIO_RANGE
+        self.ref_lengths: Optional[list] = None
+        self.generator: Optional[torch.Generator] = None
+
+    def uninstall(self) -> None:
+        super().uninstall()
+        from . import processors
+
+        processors.restore_processors(self.transformer, self.original_processors)
+        self.state.image_keep = None
+
+    def forward(self, *args, **kwargs):
+        call = self.bind(args, kwargs)
+        # kept after the forward on purpose: gradient checkpointing recomputes the layers during backward
+        self.state.image_keep = self._draw_mask(call) if self.transformer.training else None
+        return self.original_forward(**call)
+
+    def _reference_rows(self, call: dict, n_image: int):
+        """``(positions of the reference tokens in the image sequence, tokens per reference image)`` or None."""
+        if self.ref_lengths is not None:
+            total = sum(self.ref_lengths)
+            if total > n_image:
+                raise ValueError(f"ref_lengths {self.ref_lengths} hold {total} tokens but the image sequence has "
+                                 f"{n_image}")
+            device = call["hidden_states"].device
+            return torch.arange(n_image - total, n_image, device=device), self.ref_lengths
+        layout = integration.reference_layout(self.family, call)
+        if layout is None:
+            return None
+        return layout.ref_positions, layout.ref_lengths
+
+    def _draw_mask(self, call: dict) -> Optional[torch.Tensor]:
+        """bool ``[B, S_image]`` keep mask of the image sequence (target tokens kept), or None when all are kept."""
+        if call.get("kv_cache_mode") is not None:
+            raise ValueError("drop training does not support the FLUX.2 reference KV cache (kv_cache_mode="
+                             f"{call['kv_cache_mode']!r})")
+        hidden = call["hidden_states"]
+        batch, n_image = hidden.shape[:2]
+        rows = self._reference_rows(call, n_image)
+        if rows is None:
+            return None
+        positions, lengths = rows
+        ref_keep = random_drop_mask(batch, list(lengths), 0, self.ratio_range, self.generator, device=hidden.device)
+        image_keep = torch.ones((batch, n_image), dtype=torch.bool, device=hidden.device)
+        image_keep[:, positions.to(hidden.device)] = ref_keep
+        return None if bool(image_keep.all()) else image_keep
+
+
+def enable_drop_training(transformer, ratio_range: tuple = DEFAULT_RATIO_RANGE,
+                         ref_lengths: Optional[Sequence[int]] = None, generator: Optional[torch.Generator] = None,
+                         skip_dropped_queries: bool = True):
+    """Trains ``transformer`` (a diffusers FLUX.1 / FLUX.2 / Qwen-Image transformer, or a pipeline holding one) with
+    random-ratio drop masks of its reference tokens.
+
+    At each forward in training mode, each sample keeps ``round-half-up(r · L_i)`` random tokens of reference image
+    i, r ~ U[``ratio_range``] drawn per sample and image from ``generator`` (``random_drop_mask``); every attention
+    layer of that forward attends only to the kept tokens (``sparsectx.masked_attention``). Text and target tokens
+    are always kept. Dropped tokens stay in the tensors; with ``skip_dropped_queries`` they are not computed as
+    queries either (their attention output is zero), which equals removing them from the sequence for the target
+    and text outputs. The reference tokens are found as ``sparsectx.enable`` finds them (``img_ids`` first axis,
+    ``img_shapes``); ``ref_lengths`` overrides that: the references are then the last ``sum(ref_lengths)`` tokens
+    of the image sequence, in that order.
+
+    In eval mode (or when a draw keeps every token) the original processors run: the output equals the unpatched
+    model's. Gradients flow as through the original model (LoRA / peft adapters included). The mask of the last
+    training forward stays active until the next forward, so gradient checkpointing recomputes with it. Enabling
+    again replaces the settings. Returns ``transformer``.
+    """
+    _check_ratio_range(ratio_range)
+    if ref_lengths is not None:
+        _check_layout(1, ref_lengths, 0)
+        ref_lengths = list(ref_lengths)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if not isinstance(skip_dropped_queries, bool):
+        raise TypeError(f"skip_dropped_queries must be a bool, got {type(skip_dropped_queries).__name__}")
+    _, model, family = integration._split_target(transformer)
+    if getattr(model, integration.PATCH_ATTR, None) is not None:
+        raise RuntimeError("sparsectx.enable is active on this transformer; call sparsectx.disable first")
+    patch = getattr(model, integration.DROP_TRAINING_ATTR, None)
+    if patch is None:
+        patch = _DropTrainingPatch(model, family)
+        patch.install()
+    patch.ratio_range, patch.ref_lengths, patch.generator = tuple(ratio_range), ref_lengths, generator
+    patch.state.skip_dropped_queries = skip_dropped_queries
+    return transformer
+
+
+def disable_drop_training(transformer):
+    """Restores the original forward and attention processors (the same objects); a no-op when drop training is not
+    enabled. Returns ``transformer``."""
+    _, model, _ = integration._split_target(transformer)
+    patch = getattr(model, integration.DROP_TRAINING_ATTR, None)
+    if patch is not None:
+        patch.uninstall()
+    return transformer
+
+
+def is_drop_training_enabled(transformer) -> bool:
+    _, model, _ = integration._split_target(transformer)
+    return getattr(model, integration.DROP_TRAINING_ATTR, None) is not None

@@ -136,8 +136,8 @@ class _KeyMaskedNative:
 
     def __call__(self, query, key, value, attn_mask=None, **kwargs):
         batch, n_image = self.image_keep.shape
-        text = torch.ones(batch, key.shape[1] - n_image, dtype=torch.bool)
-        key_mask = torch.cat([text, self.image_keep], 1)[:, None, None, :]
+        text = torch.ones(batch, key.shape[1] - n_image, dtype=torch.bool, device=key.device)
+        key_mask = torch.cat([text, self.image_keep.to(key.device)], 1)[:, None, None, :]
         if attn_mask is not None:
             key_mask = key_mask & attn_mask.bool()
         return self.native(query, key, value, attn_mask=key_mask, **kwargs)

@@ -1,0 +1,417 @@
+"""diffusers attention processors that run sparsectx's attention kernel.
+
+Each processor does what the diffusers processor it replaces does (projections, QK norms, RoPE, output
+projections, the KV-cache bookkeeping of FLUX.2 klein) and swaps only the attention call:
+
+- no key mask: ``sparsectx.sparse_attention`` on the dense equal-length batch (``[B, S, H, D]`` viewed as packed
+  ``[B*S, H, D]``, ``cu_seqlens = arange(B+1) * S``; nothing waits for the device);
+- a key keep-mask (training with random drop masks, Qwen-Image's text padding mask, a boolean ``attention_mask``):
+  ``sparsectx.masked_attention`` on the dense layout, optionally skipping the dropped queries.
+
+Per-call state (the drop mask of the current training step) lives in a shared ``AttentionState``, never in the
+processor, so one processor instance may serve every layer (diffusers' ``set_attn_processor(proc)``).
+
+| diffusers processor                   | sparsectx processor                   |
+|---------------------------------------|---------------------------------------|
+| ``Flux2AttnProcessor``                | ``SparsectxFlux2AttnProcessor``       |
+| ``Flux2ParallelSelfAttnProcessor``    | ``SparsectxFlux2ParallelSelfAttnProcessor`` |
+| ``Flux2KVAttnProcessor``              | ``SparsectxFlux2KVAttnProcessor``     |
+| ``Flux2KVParallelSelfAttnProcessor``  | ``SparsectxFlux2KVParallelSelfAttnProcessor`` |
+| ``FluxAttnProcessor``                 | ``SparsectxFluxAttnProcessor``        |
+| ``QwenDoubleStreamAttnProcessor2_0``  | ``SparsectxQwenDoubleStreamAttnProcessor`` |
+
+``install_processors(transformer, state)`` swaps every supported processor of a transformer (and returns the
+originals); ``restore_processors(transformer, originals)`` puts the very same objects back.
+
+Context parallelism (a processor's ``_parallel_config`` holding a ``context_parallel_config``) splits the sequence
+across devices inside diffusers' dispatcher; these processors do not, and raise a ``RuntimeError`` instead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers import transformer_flux, transformer_flux2, transformer_qwenimage
+
+from .ops import masked_attention, sparse_attention
+
+KV_EXTRACT, KV_CACHED = "extract", "cached"  # FLUX.2 klein's kv_cache_mode values
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shared per-call state
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class AttentionState:
+    """What every sparsectx processor of one transformer reads at each call.
+
+    ``image_keep``: bool ``[B, S_image]`` keep mask of the image-stream tokens (the last ``S_image`` tokens of the
+    joint ``[text, image]`` sequence in every family), or None (all kept). Dropped tokens are never keys.
+    ``skip_dropped_queries``: dropped tokens are not computed as queries either (their attention output is zero).
+    ``delegate_when_unmasked``: with no mask active, call the processor that was replaced instead of the kernel
+    (bit-exact with the unpatched model: drop training in eval mode).
+    """
+
+    image_keep: Optional[torch.Tensor] = None
+    skip_dropped_queries: bool = True
+    delegate_when_unmasked: bool = False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the attention call
+# ----------------------------------------------------------------------------------------------------------------
+def _cu_seqlens(batch: int, seq: int, device) -> torch.Tensor:
+    """int32 ``[B+1]`` offsets of B sequences of ``seq`` tokens each, built on the device (no host sync)."""
+    return torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=device) if seq else \
+        torch.zeros(batch + 1, dtype=torch.int32, device=device)
+
+
+def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    ref_key: Optional[torch.Tensor] = None, ref_value: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Full attention of ``query [B, Sq, H, D]`` over ``key/value [B, Sk, H, D]`` (and, when given, every row of
+    ``ref_key/ref_value [B, R, H, D]`` as further keys) through ``sparse_attention``. Returns ``[B, Sq, H, D]``."""
+    batch, seq_q, heads, dim = query.shape
+    seq_k = key.shape[1]
+    device = query.device
+    extra = {}
+    if ref_key is not None:
+        n_ref = ref_key.shape[1]
+        extra = dict(ref_k=ref_key, ref_v=ref_value, max_seqlen_ref=n_ref,
+                     ref_index=torch.arange(n_ref, dtype=torch.int32, device=device).repeat(batch),
+                     cu_seqlens_ref=_cu_seqlens(batch, n_ref, device))
+    out = sparse_attention(query.reshape(batch * seq_q, heads, dim), key.reshape(batch * seq_k, heads, dim),
+                           value.reshape(batch * seq_k, heads, dim), _cu_seqlens(batch, seq_q, device),
+                           _cu_seqlens(batch, seq_k, device), seq_q, seq_k, validate=False, **extra)
+    return out.view(batch, seq_q, heads, dim)
+
+
+def _key_mask_from_attention_mask(attention_mask: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+    """diffusers' boolean key masks (``[B, S]`` or ``[B, 1, 1, S]``) -> bool ``[B, S]``."""
+    if attention_mask.dtype != torch.bool:
+        raise ValueError("sparsectx processors take a boolean key mask as attention_mask (True = attend), got "
+                         f"dtype {attention_mask.dtype}")
+    mask = attention_mask
+    if mask.ndim == 4 and mask.shape[1] == 1 and mask.shape[2] == 1:
+        mask = mask[:, 0, 0]
+    if mask.ndim != 2 or mask.shape[1] != seq or mask.shape[0] not in (1, batch):
+        raise ValueError(f"attention_mask must be a key mask [B={batch}, S={seq}] or [B, 1, 1, S], got "
+                         f"{tuple(attention_mask.shape)}")
+    return mask.expand(batch, seq)
+
+
+class _SparsectxProcessor:
+    """Common part: the attention call with the state's mask, and the checks diffusers' dispatcher would do."""
+
+    _attention_backend = None  # set by diffusers' set_attention_backend walk; unused: sparsectx's op computes
+    _parallel_config = None  # set by diffusers' enable_parallelism: context parallelism is rejected at call time
+
+    def __init__(self, state: Optional[AttentionState] = None, original=None):
+        self.state = state if state is not None else AttentionState()
+        self.original = original  # the replaced processor (delegate_when_unmasked)
+
+    def _check_parallel(self) -> None:
+        config = self._parallel_config
+        if config is not None and getattr(config, "context_parallel_config", config) is not None:
+            raise RuntimeError(f"{type(self).__name__} does not support diffusers context parallelism (the sequence "
+                               "is split across devices by diffusers' own attention dispatch); restore the original "
+                               "processors (sparsectx.disable / disable_drop_training) before enable_parallelism")
+
+    def _delegates(self) -> bool:
+        """Whether this call goes to the replaced processor (checked first in every call, with the parallelism)."""
+        self._check_parallel()
+        return self.state.delegate_when_unmasked and self.state.image_keep is None and self.original is not None
+
+    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                text_keep: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Attention of the joint ``[B, S, H, D]`` sequence ``[text, image]``. ``text_keep`` (bool ``[B, S_text]``)
+        masks text keys (Qwen-Image padding); the state's ``image_keep`` masks the last ``S_image`` tokens."""
+        self._check_parallel()
+        batch, seq = query.shape[:2]
+        image_keep = self.state.image_keep
+        if image_keep is None and text_keep is None and attention_mask is None:
+            return dense_attention(query, key, value)
+        key_mask = torch.ones((batch, seq), dtype=torch.bool, device=query.device)
+        query_mask = None
+        if text_keep is not None:
+            key_mask[:, :text_keep.shape[1]] = text_keep
+        if image_keep is not None:
+            n_image = image_keep.shape[1]
+            if image_keep.shape[0] != batch or n_image > seq:
+                raise ValueError(f"the drop mask is [{image_keep.shape[0]}, {n_image}] but attention sees a batch "
+                                 f"of {batch} sequences of {seq} tokens")
+            key_mask[:, seq - n_image:] &= image_keep.to(query.device)
+            if self.state.skip_dropped_queries:
+                query_mask = torch.ones_like(key_mask)
+                query_mask[:, seq - n_image:] = image_keep.to(query.device)
+        if attention_mask is not None:
+            key_mask &= _key_mask_from_attention_mask(attention_mask, batch, seq)
+        return masked_attention(query, key, value, key_mask, query_mask=query_mask)
+
+    def _no_mask_with_kv_cache(self, kv_cache_mode) -> None:
+        if kv_cache_mode is not None and self.state.image_keep is not None:
+            raise ValueError("random drop masks can not be combined with the FLUX.2 reference KV cache "
+                             f"(kv_cache_mode={kv_cache_mode!r})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FLUX.2 (klein) and FLUX.1: joint attention blocks and single-stream blocks
+# ----------------------------------------------------------------------------------------------------------------
+def _joint_qkv(attn, hidden_states, encoder_hidden_states, get_qkv_projections, rotary_emb):
+    """Projections, QK norms, [text, image] concatenation and RoPE of FLUX.1/FLUX.2 attention: ``(q, k, v)``."""
+    query, key, value, encoder_query, encoder_key, encoder_value = get_qkv_projections(
+        attn, hidden_states, encoder_hidden_states)
+    query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+    key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+    value = value.unflatten(-1, (-1, attn.head_dim))
+    if attn.added_kv_proj_dim is not None:
+        encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
+        encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
+        encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
+        query = torch.cat([encoder_query, query], dim=1)
+        key = torch.cat([encoder_key, key], dim=1)
+        value = torch.cat([encoder_value, value], dim=1)
+    if rotary_emb is not None:
+        query = apply_rotary_emb(query, rotary_emb, sequence_dim=1)
+        key = apply_rotary_emb(key, rotary_emb, sequence_dim=1)
+    return query, key, value
+
+
+def _split_joint_output(attn, out, encoder_hidden_states, contiguous_inputs: bool):
+    """Text/image split of the joint attention output and the output projections (FLUX.1 makes the split halves
+    contiguous first; FLUX.2 does not)."""
+    if encoder_hidden_states is None:
+        return attn.to_out[1](attn.to_out[0](out))
+    n_text = encoder_hidden_states.shape[1]
+    text_out, image_out = out.split_with_sizes([n_text, out.shape[1] - n_text], dim=1)
+    if contiguous_inputs:
+        text_out, image_out = text_out.contiguous(), image_out.contiguous()
+    image_out = attn.to_out[1](attn.to_out[0](image_out))
+    return image_out, attn.to_add_out(text_out)
+
+
+class SparsectxFlux2AttnProcessor(_SparsectxProcessor):
+    """Replaces ``Flux2AttnProcessor`` (FLUX.2 double-stream blocks)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None):
+        if self._delegates():
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        query, key, value = _joint_qkv(attn, hidden_states, encoder_hidden_states,
+                                       transformer_flux2._get_qkv_projections, image_rotary_emb)
+        out = self._attend(query, key, value, attention_mask=attention_mask).flatten(2, 3).to(query.dtype)
+        return _split_joint_output(attn, out, encoder_hidden_states, contiguous_inputs=False)
+
+
+class SparsectxFluxAttnProcessor(_SparsectxProcessor):
+    """Replaces ``FluxAttnProcessor`` (FLUX.1 / Kontext double-stream and single-stream blocks)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None):
+        if self._delegates():
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        query, key, value = _joint_qkv(attn, hidden_states, encoder_hidden_states,
+                                       transformer_flux._get_qkv_projections, image_rotary_emb)
+        out = self._attend(query, key, value, attention_mask=attention_mask).flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is None:  # single-stream block: FluxSingleTransformerBlock projects the output
+            return out
+        return _split_joint_output(attn, out, encoder_hidden_states, contiguous_inputs=True)
+
+
+def _parallel_qkv_mlp(attn, hidden_states, rotary_emb):
+    """FLUX.2 single-stream block input: fused QKV + MLP projection, split by the global QKV:MLP ratio (works with
+    column-sharded weights), QK norms and RoPE. Returns ``(q, k, v, mlp_hidden_states)``."""
+    projected = attn.to_qkv_mlp_proj(hidden_states)
+    qkv_dim = 3 * attn.inner_dim
+    mlp_dim = attn.mlp_hidden_dim * attn.mlp_mult_factor
+    local_qkv = projected.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)
+    qkv, mlp_hidden_states = torch.split(projected, [local_qkv, projected.shape[-1] - local_qkv], dim=-1)
+    query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in qkv.chunk(3, dim=-1))
+    query, key = attn.norm_q(query), attn.norm_k(key)
+    if rotary_emb is not None:
+        query = apply_rotary_emb(query, rotary_emb, sequence_dim=1)
+        key = apply_rotary_emb(key, rotary_emb, sequence_dim=1)
+    return query, key, value, mlp_hidden_states
+
+
+def _parallel_output(attn, attn_out, mlp_hidden_states):
+    """FLUX.2 single-stream block output: SwiGLU on the MLP half, then the fused output projection."""
+    return attn.to_out(torch.cat([attn_out, attn.mlp_act_fn(mlp_hidden_states)], dim=-1))
+
+
+class SparsectxFlux2ParallelSelfAttnProcessor(_SparsectxProcessor):
+    """Replaces ``Flux2ParallelSelfAttnProcessor`` (FLUX.2 single-stream blocks: attention and MLP in parallel)."""
+
+    def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None):
+        if self._delegates():
+            return self.original(attn, hidden_states, attention_mask, image_rotary_emb)
+        query, key, value, mlp_hidden_states = _parallel_qkv_mlp(attn, hidden_states, image_rotary_emb)
+        out = self._attend(query, key, value, attention_mask=attention_mask).flatten(2, 3).to(query.dtype)
+        return _parallel_output(attn, out, mlp_hidden_states)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FLUX.2 klein reference KV cache
+# ----------------------------------------------------------------------------------------------------------------
+def _kv_attention(processor: _SparsectxProcessor, query, key, value, attention_mask, kv_cache, kv_cache_mode,
+                  num_txt_tokens: int, num_ref_tokens: int):
+    """FLUX.2 klein's KV-cache attention. Extract: the ``[txt, ref, img]`` sequence stores the reference K/V in the
+    cache; text and target queries attend to every key, reference queries to the reference keys only. Cached:
+    ``[txt, img]`` queries attend to their own keys plus every cached reference key (passed to the kernel as its
+    reference buffer: no concatenation). Otherwise plain attention."""
+    processor._no_mask_with_kv_cache(kv_cache_mode)
+    ref_start, ref_end = num_txt_tokens, num_txt_tokens + num_ref_tokens
+    if kv_cache_mode == KV_EXTRACT and kv_cache is not None and num_ref_tokens > 0:
+        kv_cache.store(key[:, ref_start:ref_end].clone(), value[:, ref_start:ref_end].clone())
+    if kv_cache_mode == KV_EXTRACT and num_ref_tokens > 0:
+        processor._check_parallel()
+        outer_query = torch.cat([query[:, :ref_start], query[:, ref_end:]], dim=1)
+        outer = dense_attention(outer_query, key, value)
+        ref_out = dense_attention(query[:, ref_start:ref_end], key[:, ref_start:ref_end], value[:, ref_start:ref_end])
+        return torch.cat([outer[:, :ref_start], ref_out, outer[:, ref_start:]], dim=1)
+    if kv_cache_mode == KV_CACHED and kv_cache is not None:
+        processor._check_parallel()
+        ref_key, ref_value = kv_cache.get()
+        return dense_attention(query, key, value, ref_key, ref_value)
+    return processor._attend(query, key, value, attention_mask=attention_mask)
+
+
+class SparsectxFlux2KVAttnProcessor(_SparsectxProcessor):
+    """Replaces ``Flux2KVAttnProcessor`` (FLUX.2 klein KV pipeline, double-stream blocks)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                 kv_cache=None, kv_cache_mode=None, num_ref_tokens=0):
+        if self._delegates():
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
+                                 kv_cache=kv_cache, kv_cache_mode=kv_cache_mode, num_ref_tokens=num_ref_tokens)
+        query, key, value = _joint_qkv(attn, hidden_states, encoder_hidden_states,
+                                       transformer_flux2._get_qkv_projections, image_rotary_emb)
+        num_txt_tokens = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else 0
+        out = _kv_attention(self, query, key, value, attention_mask, kv_cache, kv_cache_mode, num_txt_tokens,
+                            num_ref_tokens)
+        return _split_joint_output(attn, out.flatten(2, 3).to(query.dtype), encoder_hidden_states,
+                                   contiguous_inputs=False)
+
+
+class SparsectxFlux2KVParallelSelfAttnProcessor(_SparsectxProcessor):
+    """Replaces ``Flux2KVParallelSelfAttnProcessor`` (FLUX.2 klein KV pipeline, single-stream blocks)."""
+
+    def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None, kv_cache=None,
+                 kv_cache_mode=None, num_txt_tokens=0, num_ref_tokens=0):
+        if self._delegates():
+            return self.original(attn, hidden_states, attention_mask, image_rotary_emb, kv_cache=kv_cache,
+                                 kv_cache_mode=kv_cache_mode, num_txt_tokens=num_txt_tokens,
+                                 num_ref_tokens=num_ref_tokens)
+        query, key, value, mlp_hidden_states = _parallel_qkv_mlp(attn, hidden_states, image_rotary_emb)
+        out = _kv_attention(self, query, key, value, attention_mask, kv_cache, kv_cache_mode, num_txt_tokens,
+                            num_ref_tokens)
+        return _parallel_output(attn, out.flatten(2, 3).to(query.dtype), mlp_hidden_states)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Qwen-Image(-Edit/-Plus)
+# ----------------------------------------------------------------------------------------------------------------
+class SparsectxQwenDoubleStreamAttnProcessor(_SparsectxProcessor):
+    """Replaces ``QwenDoubleStreamAttnProcessor2_0``: the text padding mask (``encoder_hidden_states_mask``) becomes
+    a key mask of ``masked_attention``."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
+                 attention_mask=None, image_rotary_emb=None):
+        if self._delegates():
+            return self.original(attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
+                                 attention_mask, image_rotary_emb)
+        if encoder_hidden_states is None:
+            raise ValueError(f"{type(self).__name__} requires encoder_hidden_states (the text stream)")
+        if attention_mask is not None:
+            raise ValueError(f"{type(self).__name__} does not accept an external attention_mask; pass "
+                             "encoder_hidden_states_mask (the text padding mask)")
+        n_text = encoder_hidden_states.shape[1]
+        head_dim = attn.inner_dim // attn.heads
+        image_qkv = [t.unflatten(-1, (-1, head_dim))
+                     for t in (attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states))]
+        text_qkv = [t.unflatten(-1, (-1, head_dim)) for t in (
+            attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
+            attn.add_v_proj(encoder_hidden_states))]
+        # QK norms (each optional), then RoPE on both streams
+        for qkv, norms in ((image_qkv, (attn.norm_q, attn.norm_k)), (text_qkv, (attn.norm_added_q, attn.norm_added_k))):
+            for i, norm in enumerate(norms):
+                if norm is not None:
+                    qkv[i] = norm(qkv[i])
+        if image_rotary_emb is not None:
+            image_freqs, text_freqs = image_rotary_emb
+            for qkv, freqs in ((image_qkv, image_freqs), (text_qkv, text_freqs)):
+                for i in (0, 1):
+                    qkv[i] = transformer_qwenimage.apply_rotary_emb_qwen(qkv[i], freqs, use_real=False)
+        query, key, value = (torch.cat([text, image], dim=1) for text, image in zip(text_qkv, image_qkv))
+        text_keep = None
+        if encoder_hidden_states_mask is not None:
+            text_keep = encoder_hidden_states_mask.to(device=query.device, dtype=torch.bool)
+        out = self._attend(query, key, value, text_keep=text_keep).flatten(2, 3).to(query.dtype)
+        image_out = attn.to_out[0](out[:, n_text:].contiguous())
+        if len(attn.to_out) > 1:
+            image_out = attn.to_out[1](image_out)  # dropout
+        return image_out, attn.to_add_out(out[:, :n_text].contiguous())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# installing and restoring
+# ----------------------------------------------------------------------------------------------------------------
+_REPLACEMENTS = (  # (diffusers module, processor class name, its sparsectx replacement)
+    (transformer_flux2, "Flux2AttnProcessor", SparsectxFlux2AttnProcessor),
+    (transformer_flux2, "Flux2ParallelSelfAttnProcessor", SparsectxFlux2ParallelSelfAttnProcessor),
+    (transformer_flux2, "Flux2KVAttnProcessor", SparsectxFlux2KVAttnProcessor),
+    (transformer_flux2, "Flux2KVParallelSelfAttnProcessor", SparsectxFlux2KVParallelSelfAttnProcessor),
+    (transformer_flux, "FluxAttnProcessor", SparsectxFluxAttnProcessor),
+    (transformer_qwenimage, "QwenDoubleStreamAttnProcessor2_0", SparsectxQwenDoubleStreamAttnProcessor),
+)
+# diffusers processor class -> its sparsectx replacement (the KV-cache processors exist from diffusers 0.42)
+PROCESSOR_MAP = {getattr(module, name): replacement for module, name, replacement in _REPLACEMENTS
+                 if hasattr(module, name)}
+SPARSECTX_PROCESSORS = tuple(PROCESSOR_MAP.values())
+
+
+def _attention_modules(transformer: torch.nn.Module):
+    """``(name, module)`` of every submodule that carries a diffusers attention processor."""
+    return [(name, module) for name, module in transformer.named_modules()
+            if hasattr(module, "processor") and hasattr(module, "set_processor")]
+
+
+def _uses_context_parallel(transformer: torch.nn.Module, processors) -> bool:
+    configs = [getattr(transformer, "_parallel_config", None)] + [getattr(p, "_parallel_config", None)
+                                                                  for p in processors]
+    return any(c is not None and getattr(c, "context_parallel_config", c) is not None for c in configs)
+
+
+def install_processors(transformer: torch.nn.Module, state: AttentionState) -> dict:
+    """Replaces every supported diffusers attention processor of ``transformer`` with a sparsectx processor (one
+    instance per layer, all reading ``state``). Returns ``{module name: original processor}`` for
+    ``restore_processors``. Raises ``TypeError`` (naming the supported classes) when a layer has a processor
+    sparsectx can not replace (nothing is changed then), ``RuntimeError`` under context parallelism."""
+    modules = _attention_modules(transformer)
+    if not modules:
+        raise TypeError(f"{type(transformer).__name__} has no diffusers attention layers")
+    unsupported = sorted({type(m.processor).__name__ for _, m in modules
+                          if type(m.processor) not in PROCESSOR_MAP and not isinstance(m.processor,
+                                                                                         SPARSECTX_PROCESSORS)})
+    if unsupported:
+        raise TypeError(f"sparsectx can not replace the attention processors {unsupported}; supported: "
+                        f"{', '.join(cls.__name__ for cls in PROCESSOR_MAP)}")
+    if any(isinstance(m.processor, SPARSECTX_PROCESSORS) for _, m in modules):
+        raise RuntimeError(f"{type(transformer).__name__} already runs sparsectx processors")
+    if _uses_context_parallel(transformer, [m.processor for _, m in modules]):
+        raise RuntimeError("sparsectx processors do not support diffusers context parallelism; install them on a "
+                           "model without it")
+    originals = {}
+    for name, module in modules:
+        originals[name] = module.processor
+        module.set_processor(PROCESSOR_MAP[type(module.processor)](state, original=module.processor))
+    return originals
+
+
+def restore_processors(transformer: torch.nn.Module, originals: dict) -> None:
+    """Puts back the very processor objects ``install_processors`` replaced."""
+    modules = dict(transformer.named_modules())
+    for name, processor in originals.items():
+        modules[name].set_processor(processor)

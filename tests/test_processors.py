@@ -1,0 +1,400 @@
+"""sparsectx attention processors for diffusers (sparsectx.processors), ``enable(attention="sparsectx")`` and drop
+training (sparsectx.training.enable_drop_training). Tiny random-weight fp32 models on the CPU: the kernel runs
+through the Triton interpreter (tests/conftest.py)."""
+import importlib.util
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry  # noqa: E402
+
+import sparsectx  # noqa: E402
+from sparsectx import processors  # noqa: E402
+from sparsectx.training import disable_drop_training, enable_drop_training, is_drop_training_enabled  # noqa: E402
+
+
+def _load_integration_helpers():
+    """The tiny models and inputs of tests/test_integration.py (one definition for both files)."""
+    spec = importlib.util.spec_from_file_location("_integration_helpers",
+                                                  Path(__file__).with_name("test_integration.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+shared = _load_integration_helpers()
+FAMILIES, FP32_ATOL = shared.FAMILIES, shared.FP32_ATOL
+N_TARGET = shared.TARGET_HW[0] * shared.TARGET_HW[1]
+GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-5  # fp32 gradients through two layers computed in a different order
+BF16_ATOL = 1e-3  # GPU check: error vs fp32 may exceed twice the bf16 native path's error by this much
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {family: shared._build_model(family) for family in FAMILIES}
+
+
+@pytest.fixture(autouse=True)
+def _always_restored(models):
+    yield
+    for model in models.values():
+        sparsectx.disable(model)
+        disable_drop_training(model)
+        model.eval()
+
+
+def _run(model, kwargs):
+    with torch.no_grad():
+        return model(**kwargs)[0]
+
+
+def _processors(model):
+    return {name: module.processor for name, module in processors._attention_modules(model)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# inference: enable(attention="sparsectx")
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("budget", [1.0, 0.5])
+def test_sparsectx_attention_equals_native(models, family, budget, monkeypatch):
+    model, kwargs = models[family], shared._inputs(family)
+    sparsectx.enable(model, budget=budget, selector=shared.random_selector, seed=0)
+    native = _run(model, kwargs)
+    calls = []
+    monkeypatch.setattr(processors, "sparse_attention",
+                        lambda *a, **k: calls.append(1) or sparsectx.sparse_attention(*a, **k))
+    monkeypatch.setattr(processors, "masked_attention",
+                        lambda *a, **k: calls.append(1) or sparsectx.masked_attention(*a, **k))
+    sparsectx.enable(model, budget=budget, selector=shared.random_selector, seed=0, attention="sparsectx")
+    assert all(isinstance(p, processors.SPARSECTX_PROCESSORS) for p in _processors(model).values())
+    forwards = []  # one entry per forward of the transformer (samples keeping different tokens run apart)
+    handle = model.transformer_blocks[0].register_forward_pre_hook(lambda module, args: forwards.append(1))
+    try:
+        kernel = _run(model, kwargs)
+    finally:
+        handle.remove()
+    assert len(calls) == len(_processors(model)) * len(forwards)  # every attention layer ran sparsectx's op
+    torch.testing.assert_close(kernel[:, :N_TARGET], native[:, :N_TARGET], rtol=0, atol=FP32_ATOL)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_disable_restores_processors_bit_exact(models, family):
+    model, kwargs = models[family], shared._inputs(family)
+    originals = _processors(model)
+    expected = _run(model, kwargs)
+    sparsectx.enable(model, budget=0.5, selector=shared.random_selector, seed=0, attention="sparsectx")
+    assert not any(p is originals[name] for name, p in _processors(model).items())
+    sparsectx.disable(model)
+    assert all(p is originals[name] for name, p in _processors(model).items())
+    assert torch.equal(_run(model, kwargs), expected)
+
+
+def test_switching_attention_back_to_native_restores_processors(models):
+    model = models["flux2"]
+    originals = _processors(model)
+    sparsectx.enable(model, budget=0.5, attention="sparsectx")
+    sparsectx.enable(model, budget=0.5, attention="sparsectx")  # idempotent: installed once
+    sparsectx.enable(model, budget=0.5, attention="native")
+    assert all(p is originals[name] for name, p in _processors(model).items())
+    with sparsectx.sparse_context(model, budget=0.25, attention="sparsectx"):
+        assert isinstance(model.transformer_blocks[0].attn.processor, processors.SparsectxFlux2AttnProcessor)
+    assert model.transformer_blocks[0].attn.processor is originals["transformer_blocks.0.attn"]
+
+
+def test_shared_processor_instance_across_layers(models):
+    """diffusers' set_attn_processor(proc) gives every layer the same instance: it holds no per-layer state."""
+    model, kwargs = models["flux"], shared._inputs("flux")
+    expected = _run(model, kwargs)
+    originals = _processors(model)
+    model.set_attn_processor(processors.SparsectxFluxAttnProcessor())
+    try:
+        assert len({id(p) for p in _processors(model).values()}) == 1 and len(originals) > 1
+        torch.testing.assert_close(_run(model, kwargs), expected, rtol=0, atol=FP32_ATOL)
+    finally:
+        processors.restore_processors(model, originals)
+
+
+def test_boolean_attention_mask_is_a_key_mask(models):
+    model, kwargs = models["flux2"], shared._inputs("flux2")
+    g = torch.Generator().manual_seed(4)
+    n_total = shared.TEXT_TOKENS + kwargs["hidden_states"].shape[1]
+    key_mask = torch.rand(2, n_total, generator=g) < 0.7
+    call = {**kwargs, "joint_attention_kwargs": {"attention_mask": key_mask[:, None, None, :]}}
+    expected = _run(model, call)
+    originals = processors.install_processors(model, processors.AttentionState())
+    try:
+        torch.testing.assert_close(_run(model, call), expected, rtol=0, atol=FP32_ATOL)
+        with pytest.raises(ValueError, match="attention_mask"):
+            _run(model, {**kwargs, "joint_attention_kwargs": {"attention_mask": key_mask.float()}})
+    finally:
+        processors.restore_processors(model, originals)
+
+
+def _kv_model():
+    model = shared._build_model("flux2")
+    for block in model.transformer_blocks:
+        block.attn.set_processor(diffusers.models.transformers.transformer_flux2.Flux2KVAttnProcessor())
+    for block in model.single_transformer_blocks:
+        block.attn.set_processor(diffusers.models.transformers.transformer_flux2.Flux2KVParallelSelfAttnProcessor())
+    return model
+
+
+def _kv_steps(model, kwargs):
+    """FLUX.2 klein's KV-cache run: an extract step on [references, target], then a cached step on the target."""
+    n_ref = kwargs["hidden_states"].shape[1] - N_TARGET
+    refs_first = lambda t: torch.cat([t[:, N_TARGET:], t[:, :N_TARGET]], 1)  # noqa: E731
+    extract = {**kwargs, "hidden_states": refs_first(kwargs["hidden_states"]), "img_ids": refs_first(kwargs["img_ids"]),
+               "kv_cache_mode": "extract", "num_ref_tokens": n_ref, "ref_fixed_timestep": 0.0}
+    with torch.no_grad():
+        first, cache = model(**extract)
+        cached = {**kwargs, "hidden_states": kwargs["hidden_states"][:, :N_TARGET],
+                  "img_ids": kwargs["img_ids"][:, :N_TARGET], "kv_cache_mode": "cached", "kv_cache": cache}
+        second = model(**cached)[0]
+    return first, second
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.5])
+def test_kv_cache_processors_equal_native(budget):
+    model, kwargs = _kv_model(), shared._same_references(shared._inputs("flux2"))
+    sparsectx.enable(model, budget=budget, selector=shared.random_selector, seed=0)
+    expected = _kv_steps(model, kwargs)
+    sparsectx.enable(model, budget=budget, selector=shared.random_selector, seed=0, attention="sparsectx")
+    try:
+        assert isinstance(model.single_transformer_blocks[0].attn.processor,
+                          processors.SparsectxFlux2KVParallelSelfAttnProcessor)
+        for got, want in zip(_kv_steps(model, kwargs), expected):
+            torch.testing.assert_close(got, want, rtol=0, atol=FP32_ATOL)
+    finally:
+        sparsectx.disable(model)
+
+
+def test_klein_kv_pipeline_with_sparsectx_attention_equals_native():
+    pipe = shared._tiny_pipeline(diffusers.Flux2KleinKVPipeline)
+    call = dict(image=shared._reference_images(), prompt_embeds=torch.randn(1, shared.TEXT_TOKENS, shared.TEXT_DIM),
+                height=shared.IMAGE_PX, width=shared.IMAGE_PX, num_inference_steps=3, output_type="latent")
+    latents = {}
+    for attention in ("native", "sparsectx"):
+        sparsectx.enable(pipe, budget=0.25, selector=shared.random_selector, seed=0, attention=attention)
+        latents[attention] = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    sparsectx.disable(pipe)
+    assert type(pipe.transformer.transformer_blocks[0].attn.processor).__name__ == "Flux2KVAttnProcessor"
+    torch.testing.assert_close(latents["sparsectx"], latents["native"], rtol=0, atol=FP32_ATOL)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bad input
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("attention", ["flash", None, "SPARSECTX"])
+def test_unknown_attention_name_raises(models, attention):
+    with pytest.raises(ValueError, match="attention must be one of"):
+        sparsectx.enable(models["flux2"], budget=0.5, attention=attention)
+    assert not sparsectx.integration.is_enabled(models["flux2"])
+
+
+def test_context_parallel_is_rejected(models):
+    model, kwargs = models["flux2"], shared._inputs("flux2")
+    model._parallel_config = types.SimpleNamespace(context_parallel_config=object())
+    try:
+        with pytest.raises(RuntimeError, match="context parallelism"):
+            sparsectx.enable(model, budget=0.5, attention="sparsectx")
+        with pytest.raises(RuntimeError, match="context parallelism"):
+            enable_drop_training(model)
+    finally:
+        model._parallel_config = None
+    # configured after the processors were installed (what enable_parallelism does to every processor)
+    sparsectx.enable(model, budget=0.5, attention="sparsectx")
+    model.transformer_blocks[0].attn.processor._parallel_config = types.SimpleNamespace(
+        context_parallel_config=object())
+    with pytest.raises(RuntimeError, match="context parallelism"):
+        _run(model, kwargs)
+
+
+def test_unsupported_processor_raises_and_changes_nothing(models):
+    model = models["flux2"]
+    attn = model.single_transformer_blocks[0].attn
+    original = attn.processor
+    attn.set_processor(lambda *args, **kwargs: None)
+    before = _processors(model)
+    try:
+        with pytest.raises(TypeError, match="Flux2AttnProcessor.*QwenDoubleStreamAttnProcessor2_0"):
+            sparsectx.enable(model, budget=0.5, attention="sparsectx")
+        assert not sparsectx.integration.is_enabled(model) and _processors(model) == before
+    finally:
+        attn.set_processor(original)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training with random drop masks
+# ----------------------------------------------------------------------------------------------------------------
+def _train_inputs(family):
+    return {**shared._inputs(family), "return_dict": False}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_drop_training_in_eval_mode_or_keeping_all_is_the_unpatched_model(models, family):
+    model, kwargs = models[family], _train_inputs(family)
+    expected = _run(model, kwargs)
+    enable_drop_training(model, ratio_range=(0.1, 0.5), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(_run(model, kwargs), expected)  # eval mode
+    model.train()
+    enable_drop_training(model, ratio_range=(1.0, 1.0))
+    assert torch.equal(_run(model, kwargs), expected)
+    disable_drop_training(model)
+    model.eval()
+    assert not is_drop_training_enabled(model) and torch.equal(_run(model, kwargs), expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("skip_dropped_queries", [True, False])
+def test_drop_training_equals_masking_keys(models, family, skip_dropped_queries, monkeypatch):
+    model, kwargs = models[family], _train_inputs(family)
+    model.train()
+    enable_drop_training(model, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(1),
+                         skip_dropped_queries=skip_dropped_queries)
+    query_masks = []
+    monkeypatch.setattr(processors, "masked_attention", lambda *a, query_mask=None, **k: query_masks.append(
+        query_mask) or sparsectx.masked_attention(*a, query_mask=query_mask, **k))
+    dropped = _run(model, kwargs)
+    assert len(query_masks) == len(_processors(model))  # every layer attended with the drop mask
+    assert all((mask is not None) == skip_dropped_queries for mask in query_masks)
+    image_keep = model._sparsectx_drop_training.state.image_keep
+    assert image_keep[:, :N_TARGET].all() and not image_keep.all()
+    assert not torch.equal(image_keep[0], image_keep[1])  # one draw per sample
+    disable_drop_training(model)
+    monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.NATIVE,
+                        shared._KeyMaskedNative(image_keep))
+    masked = _run(model, kwargs)
+    rows = slice(0, N_TARGET) if skip_dropped_queries else slice(None)  # skipped queries' rows differ
+    torch.testing.assert_close(dropped[:, rows], masked[:, rows], rtol=0, atol=FP32_ATOL)
+
+
+def test_drop_masks_are_new_each_step_and_seeded(models):
+    model, kwargs = models["flux2"], _train_inputs("flux2")
+    model.train()
+    masks = []
+    for seed in (0, 0):
+        enable_drop_training(model, ratio_range=(0.2, 0.8), generator=torch.Generator().manual_seed(seed))
+        for _ in range(2):
+            _run(model, kwargs)
+            masks.append(model._sparsectx_drop_training.state.image_keep.clone())
+    assert torch.equal(masks[0], masks[2]) and torch.equal(masks[1], masks[3])
+    assert not torch.equal(masks[0], masks[1])
+    # ref_lengths given: the references are the last tokens of the image sequence, as detected from img_ids
+    enable_drop_training(model, ratio_range=(0.2, 0.8), ref_lengths=[9, 8],
+                         generator=torch.Generator().manual_seed(0))
+    _run(model, kwargs)
+    assert torch.equal(model._sparsectx_drop_training.state.image_keep, masks[0])
+
+
+def _flux2_for_training(lora: bool):
+    model = shared._build_model("flux2")
+    if lora:
+        peft = pytest.importorskip("peft")
+        model.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                          target_modules=["to_q", "to_k", "to_v", "to_qkv_mlp_proj"]))
+    return model.train()
+
+
+def _grads(model, kwargs, target):
+    """Gradients of a loss on the target rows, for every trainable parameter (only the adapters' with LoRA)."""
+    model.zero_grad(set_to_none=True)
+    out = model(**kwargs)[0]
+    ((out[:, :N_TARGET] - target) ** 2).mean().backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("skip_dropped_queries,checkpointing,lora", [
+    (True, False, False), (False, False, False), (True, True, False), (True, False, True)])
+def test_gradients_equal_key_masked_reference(skip_dropped_queries, checkpointing, lora, monkeypatch):
+    model, kwargs = _flux2_for_training(lora), _train_inputs("flux2")
+    if checkpointing:
+        model.enable_gradient_checkpointing()  # layers recomputed during backward: the mask must still hold
+    target = torch.randn(2, N_TARGET, kwargs["hidden_states"].shape[-1], generator=torch.Generator().manual_seed(2))
+    enable_drop_training(model, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(3),
+                         skip_dropped_queries=skip_dropped_queries)
+    grads = _grads(model, kwargs, target)
+    image_keep = model._sparsectx_drop_training.state.image_keep
+    assert image_keep is not None and not image_keep.all()
+    disable_drop_training(model)
+    monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.NATIVE,
+                        shared._KeyMaskedNative(image_keep))
+    expected = _grads(model, kwargs, target)
+    assert grads.keys() == expected.keys() and all(("lora" in name) == lora for name in grads)
+    for name, grad in grads.items():
+        assert torch.isfinite(grad).all(), name
+        torch.testing.assert_close(grad, expected[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+    assert all(grad.abs().max() > 0 for name, grad in grads.items() if "lora_A" in name or "to_q" in name)
+
+
+def test_drop_training_bad_input(models):
+    model = models["flux2"]
+    with pytest.raises(ValueError, match="ratio_range"):
+        enable_drop_training(model, ratio_range=(0.8, 0.2))
+    with pytest.raises(ValueError, match="ref_lengths"):
+        enable_drop_training(model, ref_lengths=[4, 0])
+    with pytest.raises(TypeError, match="generator"):
+        enable_drop_training(model, generator=3)
+    with pytest.raises(TypeError, match="QwenImageTransformer2DModel"):
+        enable_drop_training(torch.nn.Linear(2, 2))
+    assert not is_drop_training_enabled(model)
+    enable_drop_training(model)
+    with pytest.raises(RuntimeError, match="disable_drop_training"):
+        sparsectx.enable(model, budget=0.5)
+    disable_drop_training(model)
+    sparsectx.enable(model, budget=0.5)
+    with pytest.raises(RuntimeError, match="sparsectx.disable"):
+        enable_drop_training(model)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU (bf16): the flash-attention criterion against an fp32 run of the same model
+# ----------------------------------------------------------------------------------------------------------------
+def _to(kwargs, device, dtype):
+    """Inputs on ``device``; floating tensors other than position ids in ``dtype``."""
+    moved = {}
+    for name, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            keep_dtype = name.endswith("_ids") or not value.is_floating_point()
+            value = value.to(device) if keep_dtype else value.to(device, dtype)
+        moved[name] = value
+    return moved
+
+
+def _assert_within_twice_native_error(got, native, exact):
+    err = (got.double() - exact.double()).abs().max().item()
+    baseline = (native.double() - exact.double()).abs().max().item()
+    assert err <= 2 * baseline + BF16_ATOL, f"error {err:.3e} > 2 x native's {baseline:.3e} + {BF16_ATOL}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gpu_bf16_sparsectx_attention_and_drop_training(family, monkeypatch):
+    model = shared._build_model(family).to("cuda")
+    kwargs = shared._same_references(shared._inputs(family))
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model.to(dtype)
+        for attention in ("native", "sparsectx"):
+            sparsectx.enable(model, budget=0.5, selector="random", seed=0, attention=attention)
+            runs[dtype, attention] = _run(model, _to(kwargs, "cuda", dtype))[:, :N_TARGET]
+        sparsectx.disable(model)
+    _assert_within_twice_native_error(runs[torch.bfloat16, "sparsectx"], runs[torch.bfloat16, "native"],
+                                      runs[torch.float32, "native"])
+
+    model.train()
+    enable_drop_training(model, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(1))
+    dropped = _run(model, _to(kwargs, "cuda", torch.bfloat16))[:, :N_TARGET]
+    image_keep = model._sparsectx_drop_training.state.image_keep
+    disable_drop_training(model)
+    monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.NATIVE,
+                        shared._KeyMaskedNative(image_keep))
+    masked = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        model.to(dtype)
+        masked[dtype] = _run(model, _to(kwargs, "cuda", dtype))[:, :N_TARGET]
+    _assert_within_twice_native_error(dropped, masked[torch.bfloat16], masked[torch.float32])
+
