@@ -4,9 +4,12 @@ Three kernels, each one concept (the plain-torch specification is in ``sparsectx
 ``topk_keep_mask``, ``compact_ref``, ``scatter_ref``):
 
 - ``_compact_index_kernel`` (one program per sample): decides which tokens a sample keeps, either from a keep mask
-  or as the ``k`` highest scores (ties to the lower index; found on the device by bisection over order-preserving
-  integer keys, so no host sync), then writes each kept token's position at its packed row (stream compaction:
-  block-wise exclusive prefix sums with a running carry) and the sample's ``cu_seqlens`` entry.
+  or as the ``k`` highest scores (ties to the lower index), then writes each kept token's position at its packed row
+  and the sample's ``cu_seqlens`` entry. Top-k runs on the device without a host sync: a radix select over
+  order-preserving integer keys, two bits per pass (16 passes of one three-count reduction), finds the k-th largest
+  key and how many keys lie above it; the compaction pass then keeps the keys above it and the first ties in index
+  order, ranking both with one block-wise prefix scan and a running carry (stream compaction). A row that fits in one
+  block is loaded once and held in registers for every pass.
 - ``_gather_rows_kernel`` (grid: packed-row blocks x feature blocks): copies the kept rows of up to
   ``PAYLOADS_PER_LAUNCH`` payloads ``[B, N, C]`` into their packed ``[rows, C]`` outputs; rows past the kept total
   are zero-filled.
@@ -27,12 +30,26 @@ import torch
 import triton
 import triton.language as tl
 
-# Bits of the order-preserving integer key of an fp32 score: the top-k threshold is found one bit per step.
+# Order-preserving integer keys of fp32 scores: the top-k threshold is found RADIX_BITS bits per pass. Two bits per
+# pass need 3 counts per pass (candidate digits 1..3); more bits per pass would cost 2**bits - 1 counts, each a full
+# compare-and-add over the row, for fewer passes: two is the cheapest total on one SM for rows of ~10k tokens.
 KEY_BITS = tl.constexpr(32)
+RADIX_BITS = tl.constexpr(2)
+RADIX_PASSES = tl.constexpr(16)  # KEY_BITS // RADIX_BITS
+# Offset between a signed int32 key and its unsigned rank in [0, 2**32).
+KEY_OFFSET = tl.constexpr(1 << 31)
+# Key of positions past the row's end: below every real key (-inf is -0x7F800000), so never counted, kept or tied.
+PAD_KEY = tl.constexpr(-(1 << 31))
 # Bit pattern of +inf in fp32: larger magnitudes are NaN.
 FP32_INF_BITS = tl.constexpr(0x7F800000)
-# Largest token block the selection kernel holds at once; longer samples are processed in several blocks.
+# Largest token block the selection kernel holds at once: a row that fits is loaded once and kept in registers for
+# every pass; longer rows are streamed block by block in each pass.
 MAX_SELECT_BLOCK = 16384
+# Several per-token flags of a block are summed (or prefix-summed) by one reduction (or scan) in 16-bit fields of
+# one integer: a block's count, at most MAX_SELECT_BLOCK, fits in a field.
+COUNT_FIELD_BITS = tl.constexpr(16)
+COUNT_FIELD_MASK = tl.constexpr((1 << 16) - 1)
+assert MAX_SELECT_BLOCK < 1 << COUNT_FIELD_BITS.value, "a block's count must fit in a count field"
 # Payloads copied by one gather launch (more are split over several launches).
 PAYLOADS_PER_LAUNCH = 3
 # Row-copy tile: packed rows x (at most) feature columns per program.
@@ -46,72 +63,76 @@ COPY_MAX_BLOCK_COLS = 512
 @triton.jit
 def _score_keys(scores_ptr, row_offset, stride_n, pos, valid):
     """int32 keys whose signed order is torch.sort's order of the fp32 scores: sign-magnitude float bits -> two's
-    complement (so -0.0 and +0.0 get the same key, as they compare equal), and every NaN -> INT32_MAX, above +inf."""
+    complement (so -0.0 and +0.0 get the same key, as they compare equal), every NaN -> INT32_MAX, above +inf, and
+    PAD_KEY where not ``valid``."""
     score = tl.load(scores_ptr + row_offset + pos.to(tl.int64) * stride_n, mask=valid, other=0.0).to(tl.float32)
     bits = score.to(tl.int32, bitcast=True)
     magnitude = bits & 0x7FFFFFFF
     key = tl.where(bits < 0, -magnitude, bits)
-    return tl.where(magnitude > FP32_INF_BITS, 0x7FFFFFFF, key)
+    key = tl.where(magnitude > FP32_INF_BITS, 0x7FFFFFFF, key)
+    return tl.where(valid, key, PAD_KEY)
 
 
 @triton.jit
-def _topk_cut(scores_ptr, row_offset, stride_n, n_tokens, k, idx_bits, BLOCK_N: tl.constexpr):
-    """Returns ``(threshold, cut)`` such that the k highest scores of the row, ties to the lower index, are exactly
-    the tokens with ``key > threshold`` or ``key == threshold and position < cut``."""
-    # 1) threshold = the k-th largest key = the largest t with count(key >= t) >= k, built greedily from the top
-    #    bit. The search runs over the unsigned offset u = t + 2**31 (int64), so every candidate fits in int32.
-    u = tl.zeros((), dtype=tl.int64)
-    for step in range(KEY_BITS):
-        bit = tl.full((), 1, dtype=tl.int64) << (KEY_BITS - 1 - step)
-        candidate = (u + bit - 0x7FFFFFFF - 1).to(tl.int32)
-        count_ge = 0
-        for start in range(0, n_tokens, BLOCK_N):
-            pos = start + tl.arange(0, BLOCK_N)
-            valid = pos < n_tokens
-            key = _score_keys(scores_ptr, row_offset, stride_n, pos, valid)
-            count_ge += tl.sum((valid & (key >= candidate)).to(tl.int32))
-        if count_ge >= k:
-            u += bit
-    threshold = (u - 0x7FFFFFFF - 1).to(tl.int32)  # k = 0: INT32_MAX, only NaN ties it (and none is kept)
-
-    # 2) keys above the threshold are all kept; `need` of the keys equal to it are kept too
-    count_gt = 0
-    count_eq = 0
-    for start in range(0, n_tokens, BLOCK_N):
+def _block_keys(scores_ptr, row_offset, stride_n, n_tokens, start, row_keys, BLOCK_N: tl.constexpr,
+                ONE_BLOCK: tl.constexpr):
+    """Keys of tokens [start, start + BLOCK_N): the row's keys held since the start (ONE_BLOCK), else loaded now."""
+    if ONE_BLOCK:
+        return row_keys
+    else:
         pos = start + tl.arange(0, BLOCK_N)
-        valid = pos < n_tokens
-        key = _score_keys(scores_ptr, row_offset, stride_n, pos, valid)
-        count_gt += tl.sum((valid & (key > threshold)).to(tl.int32))
-        count_eq += tl.sum((valid & (key == threshold)).to(tl.int32))
-    need = k - count_gt
+        return _score_keys(scores_ptr, row_offset, stride_n, pos, pos < n_tokens)
 
-    # 3) ties: cut = the largest c with count(key == threshold and position < c) <= need, i.e. the position of the
-    #    first tie that is not kept (bisection over the position bits); all ties are kept when none is dropped.
-    cut = n_tokens
-    if need < count_eq:
-        cut = 0
-        for step in range(idx_bits):
-            candidate = cut + (1 << (idx_bits - 1 - step))
-            count_lt = 0
-            for start in range(0, n_tokens, BLOCK_N):
-                pos = start + tl.arange(0, BLOCK_N)
-                valid = pos < n_tokens
-                key = _score_keys(scores_ptr, row_offset, stride_n, pos, valid)
-                count_lt += tl.sum((valid & (key == threshold) & (pos < candidate)).to(tl.int32))
-            if count_lt <= need:
-                cut = candidate
-    return threshold, cut
+
+@triton.jit
+def _topk_threshold(scores_ptr, row_offset, stride_n, n_tokens, k, row_keys, BLOCK_N: tl.constexpr,
+                    ONE_BLOCK: tl.constexpr):
+    """Returns ``(threshold, count_above)``: the k-th largest key (INT32_MAX when k = 0) and the number of keys above
+    it. The k highest scores, ties to the lower index, are the keys above the threshold and the first
+    ``k - count_above`` keys equal to it."""
+    # Radix select: threshold = the largest t with count(key >= t) >= k, built RADIX_BITS bits per pass from the top,
+    # over the unsigned rank u = t + KEY_OFFSET (int64, so every candidate fits in int32 once offset back). A pass
+    # counts the keys >= each candidate u + d * bit (d = 1..3) in one reduction; the counts fall as d rises, so the
+    # accepted digit is the number of candidates whose count reaches k.
+    u = tl.zeros((), dtype=tl.int64)
+    # count(key >= u + 4 * bit), the smallest rejected candidate so far: after the last pass, count(key > threshold)
+    count_above = tl.zeros((), dtype=tl.int32)
+    for step in range(RADIX_PASSES):
+        bit = tl.full((), 1, dtype=tl.int64) << (KEY_BITS - RADIX_BITS * (step + 1))
+        cand1 = (u + bit - KEY_OFFSET).to(tl.int32)
+        cand2 = (u + 2 * bit - KEY_OFFSET).to(tl.int32)
+        cand3 = (u + 3 * bit - KEY_OFFSET).to(tl.int32)
+        count1 = 0
+        count2 = 0
+        count3 = 0
+        for start in range(0, n_tokens, BLOCK_N):
+            key = _block_keys(scores_ptr, row_offset, stride_n, n_tokens, start, row_keys, BLOCK_N, ONE_BLOCK)
+            # the three counts of this block, one per 16-bit field of an int64 sum
+            fields = ((key >= cand1).to(tl.int64) + ((key >= cand2).to(tl.int64) << COUNT_FIELD_BITS)
+                      + ((key >= cand3).to(tl.int64) << (2 * COUNT_FIELD_BITS)))
+            block_counts = tl.sum(fields)
+            count1 += (block_counts & COUNT_FIELD_MASK).to(tl.int32)
+            count2 += ((block_counts >> COUNT_FIELD_BITS) & COUNT_FIELD_MASK).to(tl.int32)
+            count3 += (block_counts >> (2 * COUNT_FIELD_BITS)).to(tl.int32)
+        digit = (count1 >= k).to(tl.int32) + (count2 >= k).to(tl.int32) + (count3 >= k).to(tl.int32)
+        u += digit.to(tl.int64) * bit
+        count_above = tl.where(digit == 0, count1, tl.where(digit == 1, count2, tl.where(digit == 2, count3,
+                                                                                           count_above)))
+    threshold = (u - KEY_OFFSET).to(tl.int32)  # k = 0: INT32_MAX, only NaN ties it (and none is kept)
+    return threshold, count_above
 
 
 @triton.jit
 def _compact_index_kernel(
     sel_ptr, stride_sel_b, stride_sel_n, n_tokens,
     counts_ptr, uniform_count, n_samples,
-    index_ptr, cu_seqlens_ptr, n_rows, idx_bits,
+    index_ptr, cu_seqlens_ptr, n_rows,
     HAS_SCORES: tl.constexpr, PER_SAMPLE_COUNTS: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
 ):
     """Program b: keep set of sample b (mask, or top-k of scores), then index[cu_seqlens[b] + rank] = position for
-    every kept token in order, and cu_seqlens[b + 1]. The last program zero-fills index rows past the kept total."""
+    every kept token in order, and cu_seqlens[b + 1]. The last program zero-fills index rows past the kept total.
+    ONE_BLOCK: the sample fits in one BLOCK_N block (its keys are loaded once)."""
     b = tl.program_id(0)
     # where this sample's packed rows start, and how many it keeps (host-known counts: one scalar for all samples)
     if PER_SAMPLE_COUNTS:
@@ -127,23 +148,42 @@ def _compact_index_kernel(
     if b == 0:
         tl.store(cu_seqlens_ptr, 0)
 
+    # keep rule: every token "above", plus the first `need` "ties" in index order (the mask path has no ties)
+    need = 0
     if HAS_SCORES:
-        threshold, cut = _topk_cut(sel_ptr, row_offset, stride_sel_n, n_tokens, k, idx_bits, BLOCK_N)
+        first = tl.arange(0, BLOCK_N)
+        row_keys = _score_keys(sel_ptr, row_offset, stride_sel_n, first, first < n_tokens)  # used when ONE_BLOCK
+        threshold, count_above = _topk_threshold(sel_ptr, row_offset, stride_sel_n, n_tokens, k, row_keys, BLOCK_N,
+                                                 ONE_BLOCK)
+        need = k - count_above
 
-    # stream compaction: rank of each kept token = kept tokens before it in this sample (running carry over blocks)
-    carry = 0
+    # stream compaction: a kept token's row = kept tokens before it = tokens above before it + min(ties before it,
+    # need); both are exclusive prefix sums of one scan (above in the low 16-bit field, ties in the next), with a
+    # running carry over blocks
+    above_carry = 0
+    ties_carry = 0
     for start in range(0, n_tokens, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         valid = pos < n_tokens
         if HAS_SCORES:
-            key = _score_keys(sel_ptr, row_offset, stride_sel_n, pos, valid)
-            keep = valid & ((key > threshold) | ((key == threshold) & (pos < cut)))
+            key = _block_keys(sel_ptr, row_offset, stride_sel_n, n_tokens, start, row_keys, BLOCK_N, ONE_BLOCK)
+            above = key > threshold
+            tie = key == threshold
         else:
-            keep = valid & (tl.load(sel_ptr + row_offset + pos.to(tl.int64) * stride_sel_n, mask=valid, other=0) != 0)
-        kept = keep.to(tl.int32)
-        row = row_start + carry + tl.cumsum(kept, 0) - kept
+            above = valid & (tl.load(sel_ptr + row_offset + pos.to(tl.int64) * stride_sel_n, mask=valid, other=0)
+                             != 0)
+            tie = pos < 0  # all false
+        flags = above.to(tl.int32) + (tie.to(tl.int32) << COUNT_FIELD_BITS)
+        before = tl.cumsum(flags, 0) - flags
+        above_before = above_carry + (before & COUNT_FIELD_MASK)
+        ties_before = ties_carry + (before >> COUNT_FIELD_BITS)
+        keep = above | (tie & (ties_before < need))
+        row = row_start + above_before + tl.minimum(ties_before, need)
         tl.store(index_ptr + row, pos, mask=keep & (row < n_rows))
-        carry += tl.sum(kept)
+        if not ONE_BLOCK:  # carry into the next block
+            block_flags = tl.sum(flags)
+            above_carry += block_flags & COUNT_FIELD_MASK
+            ties_carry += block_flags >> COUNT_FIELD_BITS
 
     # padding rows of an output sized for more than the kept total get index 0
     if b == n_samples - 1:
@@ -282,9 +322,9 @@ def compact_index(
     _compact_index_kernel[(batch,)](
         sel, sel.stride(0), sel.stride(1), n_tokens,
         counts_dev if counts_dev is not None else index, uniform_count, batch,
-        index, cu_seqlens, n_rows, max(n_tokens - 1, 0).bit_length(),
+        index, cu_seqlens, n_rows,
         HAS_SCORES=has_scores, PER_SAMPLE_COUNTS=not uniform, B_PAD=triton.next_power_of_2(batch),
-        BLOCK_N=block_n, num_warps=num_warps,
+        BLOCK_N=block_n, ONE_BLOCK=n_tokens <= block_n, num_warps=num_warps,
     )
     return index, cu_seqlens
 

@@ -131,6 +131,34 @@ def test_long_rows_use_several_blocks(device, monkeypatch):
     _assert_same(sparsectx.compact_tokens(mask, x, max_total=700), _expected(mask, None, (x,), 700))
 
 
+def test_keys_differing_in_low_bits(device):
+    """Scores that share all but their lowest bits (adjacent floats, both signs, and +-0): the radix select must
+    resolve the threshold down to its last digit, and every budget splits the ties at a different place."""
+    gen = torch.Generator().manual_seed(15)
+    one_bits = torch.tensor(1.0).view(torch.int32)
+    bits = one_bits + torch.randint(0, 6, (2, 80), generator=gen, dtype=torch.int32)
+    scores = bits.view(torch.float32) * (torch.rand(2, 80, generator=gen) > 0.5).float().mul(2).sub(1)
+    scores[:, ::9] = 0.0
+    scores[:, 4::9] = -0.0
+    scores = scores.to(device)
+    for k in range(0, 81, 3):
+        index, cu_seqlens = kc.compact_index(scores, [k, 80 - k])
+        want_index, want_cu, _ = reference.compact_ref(reference.topk_keep_mask(scores, [k, 80 - k]))
+        assert torch.equal(cu_seqlens, want_cu) and torch.equal(index, want_index), k
+
+
+@pytest.mark.parametrize("distinct", [1, 2])
+def test_ties_across_blocks(device, monkeypatch, distinct):
+    # ties that continue over several selection blocks: the tie rank carries from block to block
+    monkeypatch.setattr(kc, "MAX_SELECT_BLOCK", 32)
+    gen = torch.Generator().manual_seed(16)
+    scores = _scores(gen, 3, 150, torch.float32, device, distinct=distinct)
+    for budget in ([0, 1, 150], [31, 32, 33], [75, 149, 100]):
+        index, cu_seqlens = kc.compact_index(scores, budget)
+        want_index, want_cu, _ = reference.compact_ref(reference.topk_keep_mask(scores, budget))
+        assert torch.equal(cu_seqlens, want_cu) and torch.equal(index, want_index), budget
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_random_configurations(device, seed):
     gen = torch.Generator().manual_seed(100 + seed)
