@@ -1,0 +1,190 @@
+#!/usr/bin/env bash
+# One-call GPU check for a lent H100/H200 (no network there): environment, install, GPU tests + the test suite on
+# CUDA, then the benchmarks (key cases first), then a short summary printed last. Every step has its own timeout
+# and runs even when an earlier one failed; a global deadline keeps the whole run under GPU_CHECK_BUDGET_S.
+#
+# Usage, from anywhere:  bash bench/gpu_check.sh          (writes under "$OUT", default ./bench_out)
+# Files written: env.log, tests.log, bench.log, bench.json (all cases merged), summary.txt.
+# Dry run on a CPU machine: GPU tests are skipped there and the benchmarks use the tiny shapes.
+set -u   # no `set -e`: a failing step must not stop the steps after it
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+REPO=$PWD
+OUT=${OUT:-./bench_out}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+PY=${PYTHON:-python3}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-420}    # whole script, wall time
+SUMMARY_RESERVE_S=25                   # kept back for the summary (15 s) and timeout's kill grace
+KILL_GRACE_S=5
+TESTS_BUDGET_S=150                     # GPU tests + the rest of the suite together
+BENCH_BUDGET_S=240                     # all benchmark invocations together
+SCRATCH=$(mktemp -d /tmp/gpu_check.XXXXXX)
+START=$SECONDS
+STEP_LINES=()
+export PYTHONUNBUFFERED=1
+
+RESERVE_AFTER_S=0                      # time a step must leave for the steps after it (set per phase below)
+
+seconds_left() { echo $(( BUDGET_S - (SECONDS - START) - SUMMARY_RESERVE_S - RESERVE_AFTER_S )); }
+
+# step NAME CAP_S LOG CMD...: run CMD with timeout min(CAP_S, time left), output appended to LOG
+step() {
+    local name=$1 cap=$2 log=$3; shift 3
+    local left; left=$(seconds_left)
+    local limit=$(( cap < left ? cap : left ))
+    if (( limit < 10 )); then
+        STEP_LINES+=("$(printf '%-26s skipped: no time left' "$name")")
+        echo "=== $name: skipped (no time left)" | tee -a "$log"
+        return 124
+    fi
+    local command="$*"
+    echo "=== $name (timeout ${limit}s): ${command:0:160}" | tee -a "$log"
+    local t0=$SECONDS rc
+    timeout -k "$KILL_GRACE_S" "$limit" "$@" >>"$log" 2>&1
+    rc=$?
+    local verdict=ok
+    (( rc == 124 || rc == 137 )) && verdict="TIMED OUT"
+    (( rc != 0 && rc != 124 && rc != 137 )) && verdict="FAILED"
+    STEP_LINES+=("$(printf '%-26s %-9s rc=%-3s %4ss' "$name" "$verdict" "$rc" "$(( SECONDS - t0 ))")")
+    echo "=== $name: $verdict (rc=$rc, $(( SECONDS - t0 ))s)" | tee -a "$log"
+    return "$rc"
+}
+
+# ---- (a) environment -------------------------------------------------------------------------------------------
+ENV_LOG=$OUT/env.log
+: >"$ENV_LOG"
+if command -v nvidia-smi >/dev/null; then
+    step "nvidia-smi" 20 "$ENV_LOG" nvidia-smi
+else
+    echo "nvidia-smi: not found (no NVIDIA driver on this machine)" | tee -a "$ENV_LOG"
+fi
+step "versions" 30 "$ENV_LOG" "$PY" -c "
+import sys, torch
+print('python', sys.version.split()[0], sys.executable)
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())
+if torch.cuda.is_available():
+    print('device', torch.cuda.get_device_name(), torch.cuda.get_device_capability())
+try:
+    import triton; print('triton', triton.__version__)
+except Exception as exc:
+    print('triton missing:', exc)
+"
+cat "$ENV_LOG"
+
+# ---- (b) carried wheels (diffusers is not installed on the GPU machines) ---------------------------------------
+shopt -s nullglob
+WHEELS=(.whl/*.whl)
+shopt -u nullglob
+if (( ${#WHEELS[@]} )); then
+    if step "install wheels" 60 "$ENV_LOG" "$PY" -m pip install -q --no-index --no-deps --target /tmp/site \
+            "${WHEELS[@]}"; then
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    fi
+else
+    echo "no .whl/ folder: using the diffusers already installed, if any" | tee -a "$ENV_LOG"
+fi
+
+# ---- (c) sparsectx itself: editable, no dependency resolution, no index (nothing can be fetched there) ---------
+# kernels/ must import as sparsectx.kernels, which only the installation provides (never put the root on a path).
+# The import checks run outside the repository, so that they see the installation and not the source folder.
+IN_SCRATCH=(bash -c 'cd "$0" && exec "$@"' "$SCRATCH")   # prefix: run a command from the scratch folder
+in_scratch() { step "$1" "$2" "$ENV_LOG" "${IN_SCRATCH[@]}" "${@:3}"; }
+IMPORT_SPARSECTX="import sparsectx, sparsectx.kernels, sparsectx.benchmarks; print('sparsectx from', sparsectx.__file__)"
+step "pip install -e ." 90 "$ENV_LOG" "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e .
+if ! in_scratch "import sparsectx" 60 "$PY" -c "$IMPORT_SPARSECTX"; then
+    # fallback 1: a plain (non-editable) install into a folder of its own
+    step "pip install --target" 90 "$ENV_LOG" "$PY" -m pip install -q --no-deps --no-build-isolation --no-index \
+        --target "$SCRATCH/sparsectx_site" .
+    export PYTHONPATH=$SCRATCH/sparsectx_site${PYTHONPATH:+:$PYTHONPATH}
+    if ! in_scratch "import sparsectx (target)" 60 "$PY" -c "$IMPORT_SPARSECTX"; then
+        # fallback 2, no pip: the installed layout made of links (sparsectx/* and kernels/ as sparsectx/kernels)
+        LINKS=$SCRATCH/sparsectx_links
+        mkdir -p "$LINKS/sparsectx" && ln -sfn "$REPO"/sparsectx/* "$LINKS/sparsectx/" \
+            && ln -sfn "$REPO/kernels" "$LINKS/sparsectx/kernels"
+        export PYTHONPATH=$LINKS${PYTHONPATH:+:$PYTHONPATH}
+        in_scratch "import sparsectx (links)" 60 "$PY" -c "$IMPORT_SPARSECTX"
+    fi
+fi
+in_scratch "import diffusers" 60 "$PY" -c "import diffusers; print('diffusers', diffusers.__version__)"
+grep -E "^(sparsectx from|diffusers)" "$ENV_LOG"
+
+# ---- (d) tests on CUDA -----------------------------------------------------------------------------------------
+TESTS_LOG=$OUT/tests.log
+: >"$TESTS_LOG"
+# pytest's own script (`python -m pytest` would put the repository root on sys.path)
+PYTEST=("$(dirname "$(command -v "$PY")")/pytest")
+[[ -x ${PYTEST[0]} ]] || PYTEST=("$(command -v pytest)")
+[[ -x ${PYTEST[0]} ]] || PYTEST=("$PY" -m pytest)
+TESTS_START=$SECONDS
+RESERVE_AFTER_S=$BENCH_BUDGET_S   # slow tests must not eat the benchmarks' time
+# one launch config per kernel in tests (SPARSECTX_AUTOTUNE=0): many dtypes/shapes, compile time matters more
+export SPARSECTX_AUTOTUNE=0
+step "pytest -m gpu" 100 "$TESTS_LOG" "${PYTEST[@]}" -m gpu tests -x -q --durations=5
+# the rest of the suite (the non-gpu tests) on the CUDA device, in what is left of the tests' budget
+step "pytest not gpu" $(( TESTS_BUDGET_S - (SECONDS - TESTS_START) )) "$TESTS_LOG" \
+    "${PYTEST[@]}" tests -q -m "not gpu" --durations=5
+
+unset SPARSECTX_AUTOTUNE
+
+# ---- (e) benchmarks: key cases first, then training, then end-to-end (each writes JSON as it goes) -------------
+BENCH_LOG=$OUT/bench.log
+: >"$BENCH_LOG"
+BENCH_START=$SECONDS
+RESERVE_AFTER_S=0
+bench_cap() { echo $(( BENCH_BUDGET_S - (SECONDS - BENCH_START) )); }
+BENCH=("${IN_SCRATCH[@]}" "$PY" -m sparsectx.cli bench)   # from the scratch folder: the installed package
+step "bench key cases" 150 "$BENCH_LOG" "${BENCH[@]}" --case attention --case compaction --case batch \
+    --case masked --json "$SCRATCH/bench_key.json"
+step "bench training" "$(( $(bench_cap) < 50 ? $(bench_cap) : 50 ))" "$BENCH_LOG" "${BENCH[@]}" --case training \
+    --json "$SCRATCH/bench_training.json"
+step "bench e2e" "$(bench_cap)" "$BENCH_LOG" "${BENCH[@]}" --case e2e --json "$SCRATCH/bench_e2e.json"
+
+# ---- (f) summary, printed last ---------------------------------------------------------------------------------
+SUMMARY=$OUT/summary.txt
+{
+    echo "##### GPU check summary ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(( SECONDS - START ))s of ${BUDGET_S}s)"
+    printf '%s\n' "${STEP_LINES[@]}"
+    echo "--- tests (tests.log)"
+    grep -E "^(FAILED|ERROR) " "$TESTS_LOG" | head -n 20
+    grep -E "[0-9]+ (passed|failed|skipped|error|deselected)|no tests ran" "$TESTS_LOG" | tail -n 4
+    echo "--- bench (bench.log, bench.json; ratio = peer time / sparsectx time, > 1: sparsectx faster)"
+    grep -E "^FAILED: " "$BENCH_LOG" | head -n 20
+    timeout 15 "$PY" - "$OUT/bench.json" "$SCRATCH"/bench_key.json "$SCRATCH"/bench_training.json \
+        "$SCRATCH"/bench_e2e.json <<'EOF'
+import json, os, sys
+
+merged, parts = {"meta": None, "rows": []}, sys.argv[2:]
+for path in parts:
+    if os.path.exists(path):
+        data = json.load(open(path))
+        merged["meta"] = merged["meta"] or data["meta"]
+        merged["rows"] += data["rows"]
+if merged["meta"] is None:
+    print("no benchmark JSON was written")
+    sys.exit(0)
+merged["meta"]["cases"] = sorted({r["case"] for r in merged["rows"]})
+json.dump(merged, open(sys.argv[1], "w"), indent=1)
+m = merged["meta"]
+print(f"{m['device']} driver {m['driver']} torch {m['torch']} triton {m['triton']} {m['date']}")
+blocks = {}
+for r in merged["rows"]:
+    blocks.setdefault((r["case"], r["shape"]), []).append(r)
+for (case, shape), rows in blocks.items():
+    base = rows[0]
+    rate = lambda r: (f" {r['tflops']:.0f}TF" if r["tflops"] else (f" {r['gbps']:.0f}GB/s" if r["gbps"] else "")) \
+        + (f" {r['peak_mem_gb']:.1f}GiB" if r.get("peak_mem_gb") else "")
+    head = f"{case:<10} {shape[:44]:<44} {base['impl'][:30]} "
+    head += f"{base['time_ms']:.3f}ms{rate(base)}" if base["time_ms"] else f"-- {base['note'][:60]}"
+    peers = []
+    for r in rows[1:]:
+        if r["time_ms"] is None:
+            continue
+        flag = " FAIL" if r["ok"] is False else ""
+        peers.append(f"{r['impl'][:30]} {r['time_ms']:.3f}ms x{r['ratio']:.2f}{flag}" if r["ratio"]
+                     else f"{r['impl'][:30]} {r['time_ms']:.3f}ms{flag}")
+        peers[-1] += f" {r['peak_mem_gb']:.1f}GiB" if r.get("peak_mem_gb") else ""
+    print(head + (" | " + " | ".join(peers) if peers else ""))
+EOF
+} >"$SUMMARY" 2>&1
+cat "$SUMMARY"
+rm -rf "$SCRATCH"

@@ -1,0 +1,149 @@
+"""The ``sparsectx`` command (help, info, bench) and the packaging of the kernels folder."""
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sparsectx
+from sparsectx import benchmarks, cli
+
+REPO_ROOT = Path(sparsectx.__file__).resolve().parents[1]
+SMALL_CASE = "compaction"
+ROW_KEYS = {"case", "shape", "impl", "time_ms", "tflops", "gbps", "ratio", "ok", "err", "peak_mem_gb", "note"}
+SUBPROCESS_TIMEOUT_S = 120
+
+
+def _console_script() -> str:
+    """The installed ``sparsectx`` entry point: beside this interpreter, else on PATH."""
+    beside = Path(sys.executable).with_name("sparsectx")
+    found = str(beside) if beside.exists() else shutil.which("sparsectx")
+    assert found, "the sparsectx console script is not installed (pip install -e .)"
+    return found
+
+
+def test_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "info" in out and "bench" in out
+
+
+def test_bench_help_lists_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--case", "--json", "--plot", "--quick"):
+        assert option in out
+
+
+def test_bench_rejects_unknown_case(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--case", "no-such-case"])
+    assert exit_info.value.code != 0
+    assert "--case" in capsys.readouterr().err
+
+
+def test_info_prints_the_path_each_op_takes(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        name = str(dtype).replace("torch.", "")
+        match = re.search(rf"^ops path, {name}\s+(\S+)\s*$", out, re.MULTILINE)
+        assert match, f"no ops path line for {name} in:\n{out}"
+        assert match.group(1) == sparsectx.backend_for(device, dtype)
+    assert torch.__version__ in out
+
+
+def _check_bench_json(path: Path, case: str) -> list:
+    data = json.loads(path.read_text())
+    assert {"meta", "rows"} <= set(data)
+    meta, rows = data["meta"], data["rows"]
+    assert meta["cases"] == [case]
+    assert meta["torch"] == torch.__version__
+    assert meta["ceilings"]["copy_GBps"] > 0
+    assert rows and all(set(row) == ROW_KEYS for row in rows)
+    assert {row["case"] for row in rows} == {case}
+    blocks = {}
+    for row in rows:
+        blocks.setdefault(row["shape"], []).append(row)
+    for block in blocks.values():
+        base = block[0]
+        assert base["impl"].startswith("sparsectx")
+        assert base["time_ms"] > 0 and base["ratio"] == 1.0
+        for row in block[1:]:
+            assert row["ok"] is not False, f"{row['impl']}: {row['note']}"
+            if row["time_ms"] is not None:
+                assert math.isclose(row["ratio"], row["time_ms"] / base["time_ms"], rel_tol=1e-9)
+            else:
+                assert row["note"].startswith("unavailable")
+        # every peer that ran was checked against sparsectx's result
+        checked = [r for r in block[1:] if r["ok"] is not None]
+        assert checked and all(r["ok"] for r in checked)
+    return rows
+
+
+def test_bench_in_process_writes_json_table_and_plot(tmp_path, capsys):
+    out_json, plot = tmp_path / "bench.json", tmp_path / "ratios.png"
+    assert cli.main(["bench", "--quick", "--case", SMALL_CASE, "--json", str(out_json), "--plot", str(plot)]) == 0
+    rows = _check_bench_json(out_json, SMALL_CASE)
+    printed = capsys.readouterr().out
+    for row in rows:
+        assert row["impl"] in printed  # the table shows every implementation
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # the plot is optional: a clear message, no file, no failure
+        assert "matplotlib is not installed" in printed and not plot.exists()
+    else:
+        assert plot.exists() and plot.stat().st_size > 0
+
+
+def test_bench_console_script_writes_json(tmp_path):
+    out_json = tmp_path / "bench.json"
+    done = subprocess.run([_console_script(), "bench", "--quick", "--case", SMALL_CASE, "--json", str(out_json)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    _check_bench_json(out_json, SMALL_CASE)
+
+
+def test_format_table_marks_failed_checks():
+    row = dict(case="c", shape="s", impl="peer", time_ms=2.0, tflops=None, gbps=None, ratio=2.0, ok=False,
+               err=0.5, peak_mem_gb=None, note="MISMATCH with sparsectx")
+    base = dict(row, impl="sparsectx", time_ms=1.0, ratio=1.0, ok=None, err=None, note="")
+    table = benchmarks.format_table([base, row])
+    peer_line = next(line for line in table.splitlines() if line.strip().startswith("peer"))
+    assert "FAIL" in peer_line
+
+
+def test_relative_error_flags_nan_and_shape_changes():
+    a = torch.ones(4, dtype=torch.float64)
+    assert benchmarks.relative_error(a, a) == 0.0
+    assert benchmarks.relative_error(a * float("nan"), a) == math.inf
+    assert benchmarks.relative_error(torch.ones(5, dtype=torch.float64), a) == math.inf
+    assert benchmarks.relative_error((a, a + 1e-3), (a, a)) == pytest.approx(1e-3)
+
+
+def test_kernels_import_as_sparsectx_kernels():
+    import sparsectx.kernels as kernels
+
+    assert kernels.__name__ == "sparsectx.kernels"
+    assert Path(kernels.__file__).resolve().parent == REPO_ROOT / "kernels"
+
+
+def test_top_level_kernels_folder_is_not_hugging_face_kernels():
+    """Run in the repo root (its folder ``kernels/`` is then importable as ``kernels``): transformers must not
+    take it for Hugging Face's ``kernels`` package."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", "import transformers.utils as u; print(u.is_kernels_available())"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "False"
