@@ -87,6 +87,16 @@ def _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, key_valid, d_valid, qk_scale
     return acc, m_new, l_i
 
 
+@triton.jit
+def _query_block(CU_Q, batch, pid_m, BLOCK_M: tl.constexpr):
+    """Rows of query block ``pid_m`` of sample ``batch``: (first packed row of the sample, its query count, offsets
+    within the sample, which offsets are real queries, int64 packed row numbers)."""
+    q_start = tl.load(CU_Q + batch)
+    q_len = tl.load(CU_Q + batch + 1) - q_start
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    return q_start, q_len, offs_m, offs_m < q_len, (q_start + offs_m).to(tl.int64)
+
+
 @triton.autotune(configs=FWD_CONFIGS, key=["HEAD_DIM", "HAS_REF"])
 @triton.jit
 def _fwd_kernel(
@@ -98,16 +108,12 @@ def _fwd_kernel(
     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    q_start = tl.load(CU_Q + batch)
-    q_len = tl.load(CU_Q + batch + 1) - q_start
+    q_start, q_len, offs_m, q_valid, q_rows = _query_block(CU_Q, batch, pid_m, BLOCK_M)
     if pid_m * BLOCK_M >= q_len:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
-    q_valid = offs_m < q_len
-    q_rows = (q_start + offs_m).to(tl.int64)
     q = tl.load(Q + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
                 mask=q_valid[:, None] & d_valid[None, :], other=0.0)
 
@@ -300,16 +306,12 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    q_start = tl.load(CU_Q + batch)
-    q_len = tl.load(CU_Q + batch + 1) - q_start
+    q_start, q_len, offs_m, q_valid, q_rows = _query_block(CU_Q, batch, pid_m, BLOCK_M)
     if pid_m * BLOCK_M >= q_len:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
-    q_valid = offs_m < q_len
-    q_rows = (q_start + offs_m).to(tl.int64)
     q_mask = q_valid[:, None] & d_valid[None, :]
     q = tl.load(Q + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
     do = tl.load(DO + q_rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=q_mask, other=0.0)
