@@ -411,7 +411,7 @@ def _coverage_needed(mass):
     return [ordered[:k].sum().item() for k in range(len(ordered) + 1)]
 
 
-@settings(max_examples=40, deadline=None, database=None)
+@settings(max_examples=40, deadline=None, database=None, derandomize=True)
 @given(seed=st.integers(0, 2**16), lengths=st.lists(st.integers(1, 12), min_size=1, max_size=4),
        c1=st.floats(0.0, 1.0), c2=st.floats(0.0, 1.0), softmax=st.booleans())
 def test_adaptive_budget_is_monotone_and_minimal(seed, lengths, c1, c2, softmax):
