@@ -1,15 +1,18 @@
 """Token compaction kernels: keep-mask or top-k selection -> packed kept rows, and the inverse scatter.
 
-Three kernels, each one concept (the plain-torch specification is in ``sparsectx/reference.py``:
+Five kernels, each one concept (the plain-torch specification is in ``sparsectx/reference.py``:
 ``topk_keep_mask``, ``compact_ref``, ``scatter_ref``):
 
-- ``_compact_index_kernel`` (one program per sample): decides which tokens a sample keeps, either from a keep mask
-  or as the ``k`` highest scores (ties to the lower index), then writes each kept token's position at its packed row
-  and the sample's ``cu_seqlens`` entry. Top-k runs on the device without a host sync: a radix select over
-  order-preserving integer keys, two bits per pass (16 passes of one three-count reduction), finds the k-th largest
-  key and how many keys lie above it; the compaction pass then keeps the keys above it and the first ties in index
-  order, ranking both with one block-wise prefix scan and a running carry (stream compaction). A row that fits in one
-  block is loaded once and held in registers for every pass.
+- ``_topk_threshold_kernel`` (one program per sample, scores only): the keep rule of top-k, ties to the lower
+  index, without a host sync. A radix select over order-preserving integer keys, two bits per pass (16 passes of
+  one three-count reduction), finds the k-th largest key (``threshold``) and how many keys lie above it; the sample
+  keeps the keys above it and the first ``need = k - above`` keys equal to it. A row that fits in one block is
+  loaded once and held in registers for every pass.
+- ``_block_counts_kernel`` (grid: samples x token blocks): counts the tokens above the threshold (a mask's kept
+  tokens) and the ties in each token block.
+- ``_write_index_kernel`` (same grid): stream compaction. Each program sums the counts of its sample's earlier
+  blocks, ranks its block's tokens with a local prefix scan, and writes each kept token's position at its packed
+  row; it also writes ``cu_seqlens`` and zero-fills index rows past the kept total.
 - ``_gather_rows_kernel`` (grid: packed-row blocks x feature blocks): copies the kept rows of up to
   ``PAYLOADS_PER_LAUNCH`` payloads ``[B, N, C]`` into their packed ``[rows, C]`` outputs; rows past the kept total
   are zero-filled.
@@ -50,6 +53,11 @@ MAX_SELECT_BLOCK = 16384
 COUNT_FIELD_BITS = tl.constexpr(16)
 COUNT_FIELD_MASK = tl.constexpr((1 << 16) - 1)
 assert MAX_SELECT_BLOCK < 1 << COUNT_FIELD_BITS.value, "a block's count must fit in a count field"
+# Token block of one program of the block-count and index-write kernels (a short local scan: many programs per
+# sample instead of one long scan), and their warps.
+COMPACT_BLOCK = 1024
+COMPACT_WARPS = 4
+assert COMPACT_BLOCK < 1 << COUNT_FIELD_BITS.value, "a block's count must fit in a count field"
 # Payloads copied by one gather launch (more are split over several launches).
 PAYLOADS_PER_LAUNCH = 3
 # Row-copy tile: packed rows x (at most) feature columns per program.
@@ -123,73 +131,118 @@ def _topk_threshold(scores_ptr, row_offset, stride_n, n_tokens, k, row_keys, BLO
 
 
 @triton.jit
-def _compact_index_kernel(
-    sel_ptr, stride_sel_b, stride_sel_n, n_tokens,
-    counts_ptr, uniform_count, n_samples,
-    index_ptr, cu_seqlens_ptr, n_rows,
-    HAS_SCORES: tl.constexpr, PER_SAMPLE_COUNTS: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    ONE_BLOCK: tl.constexpr,
-):
-    """Program b: keep set of sample b (mask, or top-k of scores), then index[cu_seqlens[b] + rank] = position for
-    every kept token in order, and cu_seqlens[b + 1]. The last program zero-fills index rows past the kept total.
-    ONE_BLOCK: the sample fits in one BLOCK_N block (its keys are loaded once)."""
-    b = tl.program_id(0)
-    # where this sample's packed rows start, and how many it keeps (host-known counts: one scalar for all samples)
+def _sample_counts(counts_ptr, uniform_count, n_samples, b, PER_SAMPLE_COUNTS: tl.constexpr, B_PAD: tl.constexpr):
+    """(first packed row, kept count) of sample b, from host-known counts (one scalar for all samples, or a
+    per-sample vector summed over the earlier samples)."""
     if PER_SAMPLE_COUNTS:
         samples = tl.arange(0, B_PAD)
         counts = tl.load(counts_ptr + samples, mask=samples < n_samples, other=0)
-        row_start = tl.sum(tl.where(samples < b, counts, 0))
-        k = tl.load(counts_ptr + b)
+        return tl.sum(tl.where(samples < b, counts, 0)), tl.load(counts_ptr + b)
     else:
-        row_start = b * uniform_count
-        k = uniform_count
-    row_offset = b.to(tl.int64) * stride_sel_b
-    tl.store(cu_seqlens_ptr + b + 1, row_start + k)
-    if b == 0:
-        tl.store(cu_seqlens_ptr, 0)
+        return b * uniform_count, uniform_count
+
+
+@triton.jit
+def _token_flags(sel_ptr, row_offset, stride_sel_n, n_tokens, pos, threshold, HAS_SCORES: tl.constexpr):
+    """(above, tie) of tokens ``pos``: scores above / equal to the sample's threshold key, or a mask's kept tokens
+    (no ties). Positions past the row's end are neither."""
+    valid = pos < n_tokens
+    if HAS_SCORES:
+        key = _score_keys(sel_ptr, row_offset, stride_sel_n, pos, valid)
+        return key > threshold, key == threshold
+    else:
+        kept = tl.load(sel_ptr + row_offset + pos.to(tl.int64) * stride_sel_n, mask=valid, other=0) != 0
+        return kept, pos < 0
+
+
+@triton.jit
+def _topk_threshold_kernel(
+    scores_ptr, stride_b, stride_n, n_tokens,
+    counts_ptr, uniform_count, n_samples,
+    threshold_ptr, need_ptr,
+    PER_SAMPLE_COUNTS: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr,
+):
+    """Program b: threshold[b] = the k-th largest key of sample b and need[b] = how many keys equal to it are kept
+    (k minus the keys above it). ONE_BLOCK: the sample fits in one BLOCK_N block (its keys are loaded once)."""
+    b = tl.program_id(0)
+    _, k = _sample_counts(counts_ptr, uniform_count, n_samples, b, PER_SAMPLE_COUNTS, B_PAD)
+    row_offset = b.to(tl.int64) * stride_b
+    first = tl.arange(0, BLOCK_N)
+    row_keys = _score_keys(scores_ptr, row_offset, stride_n, first, first < n_tokens)  # used when ONE_BLOCK
+    threshold, count_above = _topk_threshold(scores_ptr, row_offset, stride_n, n_tokens, k, row_keys, BLOCK_N,
+                                             ONE_BLOCK)
+    tl.store(threshold_ptr + b, threshold)
+    tl.store(need_ptr + b, k - count_above)
+
+
+@triton.jit
+def _block_counts_kernel(
+    sel_ptr, stride_sel_b, stride_sel_n, n_tokens, threshold_ptr, block_counts_ptr, n_blocks,
+    HAS_SCORES: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Program (b, j): block_counts[b, j] = tokens above (low count field) and ties (next field) in token block j
+    of sample b."""
+    b = tl.program_id(0)
+    block = tl.program_id(1)
+    pos = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    threshold = tl.load(threshold_ptr + b) if HAS_SCORES else 0
+    above, tie = _token_flags(sel_ptr, b.to(tl.int64) * stride_sel_b, stride_sel_n, n_tokens, pos, threshold,
+                              HAS_SCORES)
+    tl.store(block_counts_ptr + b * n_blocks + block,
+             tl.sum(above.to(tl.int32) + (tie.to(tl.int32) << COUNT_FIELD_BITS)))
+
+
+@triton.jit
+def _write_index_kernel(
+    sel_ptr, stride_sel_b, stride_sel_n, n_tokens, threshold_ptr, need_ptr, block_counts_ptr, n_blocks,
+    counts_ptr, uniform_count, n_samples,
+    index_ptr, cu_seqlens_ptr, n_rows,
+    HAS_SCORES: tl.constexpr, PER_SAMPLE_COUNTS: tl.constexpr, B_PAD: tl.constexpr, NB_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Program (b, j): index[row] = position for every kept token of token block j of sample b, at its packed row
+    (stream compaction: the earlier blocks' counts, then a prefix scan within the block). Program (b, 0) writes
+    cu_seqlens[b + 1]; the last program zero-fills index rows past the kept total."""
+    b = tl.program_id(0)
+    block = tl.program_id(1)
+    row_start, k = _sample_counts(counts_ptr, uniform_count, n_samples, b, PER_SAMPLE_COUNTS, B_PAD)
+    if block == 0:
+        tl.store(cu_seqlens_ptr + b + 1, row_start + k)
+        if b == 0:
+            tl.store(cu_seqlens_ptr, 0)
 
     # keep rule: every token "above", plus the first `need` "ties" in index order (the mask path has no ties)
+    threshold = 0
     need = 0
     if HAS_SCORES:
-        first = tl.arange(0, BLOCK_N)
-        row_keys = _score_keys(sel_ptr, row_offset, stride_sel_n, first, first < n_tokens)  # used when ONE_BLOCK
-        threshold, count_above = _topk_threshold(sel_ptr, row_offset, stride_sel_n, n_tokens, k, row_keys, BLOCK_N,
-                                                 ONE_BLOCK)
-        need = k - count_above
+        threshold = tl.load(threshold_ptr + b)
+        need = tl.load(need_ptr + b)
 
-    # stream compaction: a kept token's row = kept tokens before it = tokens above before it + min(ties before it,
-    # need); both are exclusive prefix sums of one scan (above in the low 16-bit field, ties in the next), with a
-    # running carry over blocks
-    above_carry = 0
-    ties_carry = 0
-    for start in range(0, n_tokens, BLOCK_N):
-        pos = start + tl.arange(0, BLOCK_N)
-        valid = pos < n_tokens
-        if HAS_SCORES:
-            key = _block_keys(sel_ptr, row_offset, stride_sel_n, n_tokens, start, row_keys, BLOCK_N, ONE_BLOCK)
-            above = key > threshold
-            tie = key == threshold
-        else:
-            above = valid & (tl.load(sel_ptr + row_offset + pos.to(tl.int64) * stride_sel_n, mask=valid, other=0)
-                             != 0)
-            tie = pos < 0  # all false
-        flags = above.to(tl.int32) + (tie.to(tl.int32) << COUNT_FIELD_BITS)
-        before = tl.cumsum(flags, 0) - flags
-        above_before = above_carry + (before & COUNT_FIELD_MASK)
-        ties_before = ties_carry + (before >> COUNT_FIELD_BITS)
-        keep = above | (tie & (ties_before < need))
-        row = row_start + above_before + tl.minimum(ties_before, need)
-        tl.store(index_ptr + row, pos, mask=keep & (row < n_rows))
-        if not ONE_BLOCK:  # carry into the next block
-            block_flags = tl.sum(flags)
-            above_carry += block_flags & COUNT_FIELD_MASK
-            ties_carry += block_flags >> COUNT_FIELD_BITS
+    # tokens above / ties in the earlier blocks of this sample: one masked vector of block counts, each field summed
+    # on its own (a sample's total may not fit in a field)
+    earlier = tl.arange(0, NB_PAD)
+    counts = tl.load(block_counts_ptr + b * n_blocks + earlier, mask=earlier < block, other=0)
+    above_carry = tl.sum(counts & COUNT_FIELD_MASK)
+    ties_carry = tl.sum(counts >> COUNT_FIELD_BITS)
+
+    # a kept token's row = tokens above before it + min(ties before it, need); both are exclusive prefix sums of one
+    # scan over the block (above in the low count field, ties in the next), plus the carries
+    pos = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    above, tie = _token_flags(sel_ptr, b.to(tl.int64) * stride_sel_b, stride_sel_n, n_tokens, pos, threshold,
+                              HAS_SCORES)
+    flags = above.to(tl.int32) + (tie.to(tl.int32) << COUNT_FIELD_BITS)
+    before = tl.cumsum(flags, 0) - flags
+    above_before = above_carry + (before & COUNT_FIELD_MASK)
+    ties_before = ties_carry + (before >> COUNT_FIELD_BITS)
+    keep = above | (tie & (ties_before < need))
+    row = row_start + above_before + tl.minimum(ties_before, need)
+    tl.store(index_ptr + row, pos, mask=keep & (row < n_rows))
 
     # padding rows of an output sized for more than the kept total get index 0
-    if b == n_samples - 1:
+    if (b == n_samples - 1) & (block == tl.num_programs(1) - 1):
         for start in range(row_start + k, n_rows, BLOCK_N):
-            row = start + tl.arange(0, BLOCK_N)
-            tl.store(index_ptr + row, tl.zeros((BLOCK_N,), dtype=tl.int32), mask=row < n_rows)
+            pad_row = start + tl.arange(0, BLOCK_N)
+            tl.store(index_ptr + pad_row, tl.zeros((BLOCK_N,), dtype=tl.int32), mask=pad_row < n_rows)
 
 
 @triton.jit
@@ -267,6 +320,12 @@ def _select_config(n_tokens: int) -> tuple[int, int]:
     return block, max(1, min(16, block // 1024))
 
 
+def _compact_config(n_tokens: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) of the block-count and index-write kernels."""
+    block = min(triton.next_power_of_2(max(n_tokens, 16)), COMPACT_BLOCK)
+    return block, max(1, min(COMPACT_WARPS, block // 256))
+
+
 def _copy_config(max_width: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_C, num_warps) of the row kernels."""
     block_c = min(triton.next_power_of_2(max(max_width, 1)), COPY_MAX_BLOCK_COLS)
@@ -318,13 +377,33 @@ def compact_index(
         return index.zero_(), torch.zeros(1, dtype=torch.int32, device=device)
     cu_seqlens = torch.empty(batch + 1, dtype=torch.int32, device=device)
     sel = selection if has_scores else selection.view(torch.uint8)
-    block_n, num_warps = _select_config(n_tokens)
-    _compact_index_kernel[(batch,)](
-        sel, sel.stride(0), sel.stride(1), n_tokens,
-        counts_dev if counts_dev is not None else index, uniform_count, batch,
-        index, cu_seqlens, n_rows,
-        HAS_SCORES=has_scores, PER_SAMPLE_COUNTS=not uniform, B_PAD=triton.next_power_of_2(batch),
-        BLOCK_N=block_n, ONE_BLOCK=n_tokens <= block_n, num_warps=num_warps,
+    counts_arg = counts_dev if counts_dev is not None else index  # unused pointer when the count is uniform
+    b_pad = triton.next_power_of_2(batch)
+    # 1) scores: per-sample threshold key and number of kept ties (one program per sample)
+    threshold = need = index  # unused pointers on the mask path
+    if has_scores:
+        threshold = torch.empty(batch, dtype=torch.int32, device=device)
+        need = torch.empty(batch, dtype=torch.int32, device=device)
+        select_block, select_warps = _select_config(n_tokens)
+        _topk_threshold_kernel[(batch,)](
+            sel, sel.stride(0), sel.stride(1), n_tokens, counts_arg, uniform_count, batch, threshold, need,
+            PER_SAMPLE_COUNTS=not uniform, B_PAD=b_pad, BLOCK_N=select_block,
+            ONE_BLOCK=n_tokens <= select_block, num_warps=select_warps,
+        )
+    # 2) per token block: counts of tokens above and ties; 3) per token block: packed rows of its kept tokens
+    block_n, num_warps = _compact_config(n_tokens)
+    n_blocks = max(triton.cdiv(n_tokens, block_n), 1)
+    block_counts = torch.empty((batch, n_blocks), dtype=torch.int32, device=device)
+    grid = (batch, n_blocks)
+    _block_counts_kernel[grid](
+        sel, sel.stride(0), sel.stride(1), n_tokens, threshold, block_counts, n_blocks,
+        HAS_SCORES=has_scores, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    _write_index_kernel[grid](
+        sel, sel.stride(0), sel.stride(1), n_tokens, threshold, need, block_counts, n_blocks,
+        counts_arg, uniform_count, batch, index, cu_seqlens, n_rows,
+        HAS_SCORES=has_scores, PER_SAMPLE_COUNTS=not uniform, B_PAD=b_pad,
+        NB_PAD=triton.next_power_of_2(n_blocks), BLOCK_N=block_n, num_warps=num_warps,
     )
     return index, cu_seqlens
 

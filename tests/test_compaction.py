@@ -159,6 +159,72 @@ def test_ties_across_blocks(device, monkeypatch, distinct):
         assert torch.equal(cu_seqlens, want_cu) and torch.equal(index, want_index), budget
 
 
+@pytest.mark.parametrize("distinct", [None, 1, 3])
+def test_ties_across_write_blocks(device, monkeypatch, distinct):
+    # the index-write kernel ranks each token block locally after the counts of the earlier blocks: small blocks
+    # (and a count of blocks that is not a power of two) put budgets and runs of ties across many block boundaries
+    monkeypatch.setattr(kc, "COMPACT_BLOCK", 16)
+    gen = torch.Generator().manual_seed(17)
+    n_tokens = 5 * 16 + 7
+    assert kc._compact_config(n_tokens)[0] < n_tokens
+    scores = _scores(gen, 3, n_tokens, torch.float32, device, distinct=distinct)
+    x = torch.randn(3, n_tokens, 3, generator=gen).to(device)
+    for budget in ([0, 1, n_tokens], [15, 16, 17], [40, 86, 33]):
+        _assert_same(sparsectx.compact_tokens(scores, x, budget=budget, max_total=300),
+                     _expected(scores, budget, (x,), 300))
+    mask = (torch.rand(3, n_tokens, generator=gen) > 0.4).to(device)
+    _assert_same(sparsectx.compact_tokens(mask, x), _expected(mask, None, (x,)))
+    _assert_same(sparsectx.compact_tokens(mask, x, max_total=3 * n_tokens), _expected(mask, None, (x,),
+                                                                                     3 * n_tokens))
+
+
+class _FirstBlocksOnly:
+    """Stands in for the index-write kernel: launches only the programs of the first `n_blocks` token blocks."""
+
+    def __init__(self, kernel, n_blocks):
+        self.kernel, self.n_blocks = kernel, n_blocks
+
+    def __getitem__(self, grid):
+        return self.kernel[(grid[0], self.n_blocks)]
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_write_programs_write_only_their_rows(device, monkeypatch, seed):
+    # each write program must store exactly the rows of its own kept tokens: a tie past the budget stored at the
+    # next kept row (the next token "above") would be overwritten by that row's program when all run, so run only
+    # the first blocks. Scores: 1 at each block's first token ("above"), else 0 (ties) or -1.
+    monkeypatch.setattr(kc, "COMPACT_BLOCK", 16)
+    gen = torch.Generator().manual_seed(18 + seed)
+    n_tokens = 80
+    scores = torch.where(torch.rand(3, n_tokens, generator=gen) > 0.7, -1.0, 0.0)
+    scores[:, ::16] = 1.0
+    scores = scores.to(device)
+    budget = torch.randint(n_tokens // 16 + 1, n_tokens // 2, (3,), generator=gen).tolist()
+    keep = reference.topk_keep_mask(scores, budget)
+    want_index, want_cu, _ = reference.compact_ref(keep)
+    real_kernel = kc._write_index_kernel
+    for n_blocks in range(1, n_tokens // 16 + 1):
+        monkeypatch.setattr(kc, "_write_index_kernel", _FirstBlocksOnly(real_kernel, n_blocks))
+        with monkeypatch.context() as poisoned:
+            poisoned.setattr(torch, "empty", _poisoned_empty(torch.empty))
+            index, cu_seqlens = kc.compact_index(scores, budget)
+        written = torch.cat([torch.arange(n_tokens, device=device)[keep[b]] < n_blocks * 16 for b in range(3)])
+        assert torch.equal(cu_seqlens, want_cu)
+        assert torch.equal(index[written], want_index[written]), n_blocks
+        assert bool((index[~written] == -7).all()), n_blocks
+
+
+def test_block_counts_past_a_count_field(device):
+    # a sample keeps more tokens than one 16-bit count field holds: the earlier blocks' counts are summed per field
+    n_tokens = (1 << kc.COUNT_FIELD_BITS.value) + 3 * kc.COMPACT_BLOCK + 5
+    mask = torch.ones(1, n_tokens, dtype=torch.bool, device=device)
+    mask[0, 7::101] = False
+    assert int(mask.sum()) >= 1 << kc.COUNT_FIELD_BITS.value
+    index, cu_seqlens = kc.compact_index(mask)
+    want_index, want_cu, _ = reference.compact_ref(mask)
+    assert torch.equal(cu_seqlens, want_cu) and torch.equal(index, want_index)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_random_configurations(device, seed):
     gen = torch.Generator().manual_seed(100 + seed)
