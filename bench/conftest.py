@@ -55,10 +55,14 @@ def bench_impl(benchmark, workload_for, bench_device):
             fn, result, expected = benchmarks.checked_run(workload, impl_name)
         except benchmarks.Unavailable as exc:
             pytest.skip(str(exc))
-        if workload.impl(impl_name).comparable:
+        impl = workload.impl(impl_name)
+        if impl.comparable:
             match, err = benchmarks.results_match(result, expected, workload)
             assert match, f"{impl_name} disagrees with the comparison result: relative error {err:.3e}"
-        else:  # a reference point computing a different function: same output shape, finite values
+        if impl.verify is not None:  # a result with its own check (e.g. a part of a step, an adaptive budget)
+            problem = impl.verify(result)
+            assert not problem, problem
+        elif not impl.comparable:  # a reference point computing a different function: same shape, finite values
             assert result.shape == expected.shape
             assert torch.isfinite(result).all()
         del result, expected
@@ -69,10 +73,12 @@ def bench_impl(benchmark, workload_for, bench_device):
                 torch.cuda.synchronize(bench_device)
 
         benchmark.extra_info.update(case=case_name, shape=workload.shape, impl=impl_name)
-        if bench_device.type == "cuda" and workload.reps is None:
-            benchmark(timed)
-        else:
-            benchmark.pedantic(timed, rounds=workload.reps or CPU_ROUNDS, warmup_rounds=1, iterations=1)
+        reps = None if impl.short else workload.reps
+        with impl.context():  # e.g. sparsectx enabled once, outside the timed calls
+            if bench_device.type == "cuda" and reps is None:
+                benchmark(timed)
+            else:
+                benchmark.pedantic(timed, rounds=reps or CPU_ROUNDS, warmup_rounds=1, iterations=1)
         median = benchmark.stats.stats.median if benchmark.stats else None
         if median:
             if workload.flops:

@@ -13,11 +13,13 @@ REPO=$PWD
 OUT=${OUT:-./bench_out}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
-BUDGET_S=${GPU_CHECK_BUDGET_S:-420}    # whole script, wall time
+BUDGET_S=${GPU_CHECK_BUDGET_S:-470}    # whole script, wall time
 SUMMARY_RESERVE_S=25                   # kept back for the summary (15 s) and timeout's kill grace
 KILL_GRACE_S=5
 TESTS_BUDGET_S=210                     # GPU tests + the rest of the suite together
-BENCH_BUDGET_S=240                     # all benchmark invocations together
+BENCH_BUDGET_S=270                     # all benchmark invocations together
+E2E_CAP_S=95                           # e2e step (55 s on the H200 before its enable-path breakdown was added)
+SELECTION_CAP_S=40                     # selection cost: small tensors, mostly start-up
 SCRATCH=$(mktemp -d /tmp/gpu_check.XXXXXX)
 START=$SECONDS
 STEP_LINES=()
@@ -124,7 +126,7 @@ step "pytest not gpu" $(( TESTS_BUDGET_S - (SECONDS - TESTS_START) )) "$TESTS_LO
 
 unset SPARSECTX_AUTOTUNE
 
-# ---- (e) benchmarks: key cases first, then training, then end-to-end (each writes JSON as it goes) -------------
+# ---- (e) benchmarks: key cases, training, end-to-end, selection, KV cache (each writes JSON as it goes) ---------
 BENCH_LOG=$OUT/bench.log
 : >"$BENCH_LOG"
 BENCH_START=$SECONDS
@@ -135,7 +137,12 @@ step "bench key cases" 150 "$BENCH_LOG" "${BENCH[@]}" --case attention --case co
     --case masked --json "$SCRATCH/bench_key.json"
 step "bench training" "$(( $(bench_cap) < 50 ? $(bench_cap) : 50 ))" "$BENCH_LOG" "${BENCH[@]}" --case training \
     --json "$SCRATCH/bench_training.json"
-step "bench e2e" "$(bench_cap)" "$BENCH_LOG" "${BENCH[@]}" --case e2e --json "$SCRATCH/bench_e2e.json"
+step "bench e2e" "$(( $(bench_cap) < E2E_CAP_S ? $(bench_cap) : E2E_CAP_S ))" "$BENCH_LOG" "${BENCH[@]}" \
+    --case e2e --json "$SCRATCH/bench_e2e.json"
+# selection cost as a share of the denoising step measured by the e2e step just before
+step "bench selection" "$(( $(bench_cap) < SELECTION_CAP_S ? $(bench_cap) : SELECTION_CAP_S ))" "$BENCH_LOG" \
+    "${BENCH[@]}" --case selection --steps-from "$SCRATCH/bench_e2e.json" --json "$SCRATCH/bench_selection.json"
+step "bench kv" "$(bench_cap)" "$BENCH_LOG" "${BENCH[@]}" --case kv --json "$SCRATCH/bench_kv.json"
 
 # ---- (f) summary, printed last ---------------------------------------------------------------------------------
 SUMMARY=$OUT/summary.txt
@@ -148,7 +155,7 @@ SUMMARY=$OUT/summary.txt
     echo "--- bench (bench.log, bench.json; ratio = peer time / sparsectx time, > 1: sparsectx faster)"
     grep -E "^FAILED: " "$BENCH_LOG" | head -n 20
     timeout 15 "$PY" - "$OUT/bench.json" "$SCRATCH"/bench_key.json "$SCRATCH"/bench_training.json \
-        "$SCRATCH"/bench_e2e.json <<'EOF'
+        "$SCRATCH"/bench_e2e.json "$SCRATCH"/bench_selection.json "$SCRATCH"/bench_kv.json <<'EOF'
 import json, os, sys
 
 merged, parts = {"meta": None, "rows": []}, sys.argv[2:]

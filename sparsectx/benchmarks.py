@@ -15,6 +15,7 @@ repetitions.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -36,7 +37,7 @@ from . import ops
 
 SEED = 0
 SIZES = ("tiny", "full")
-CASE_ORDER = ("attention", "compaction", "batch", "masked", "training", "e2e")
+CASE_ORDER = ("attention", "compaction", "batch", "masked", "training", "e2e", "selection", "kv")
 # relative L2 error bound between two implementations computing the same function in one dtype
 REL_ERR_BOUND = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # timing: do_bench warm-up / measuring windows (ms) on a GPU; repetitions and time budget (s) on the CPU
@@ -67,6 +68,14 @@ class Impl:
     note: str = ""
     skip: str = ""
     shared_key: Optional[tuple] = None  # workloads that share this key share one timing (e.g. the keep-all step)
+    # entered around this implementation's check and timing (e.g. sparsectx enabled once, outside the timed calls)
+    scope: Optional[Callable[[], Any]] = None
+    short: bool = False  # a short call in a slow workload: timed like fast workloads, not with its fixed reps
+    # checks a result that has no peer to be compared with: returns "" when fine, else what is wrong
+    verify: Optional[Callable[[Any], str]] = None
+
+    def context(self):
+        return self.scope() if self.scope is not None else contextlib.nullcontext()
 
 
 @dataclass
@@ -80,6 +89,8 @@ class Workload:
     exact: bool = False  # data movement: results must be equal, not close
     reps: Optional[int] = None  # fixed repetitions for slow steps (else do_bench / the CPU budget)
     track_memory: bool = False
+    passes: int = 1  # timing passes over all implementations in turn (A B A B: drift shows as a pass difference)
+    count_syncs: bool = False  # count host synchronisations of one call per implementation (CUDA only)
 
     def impl(self, name: str) -> Optional[Impl]:
         return next((i for i in self.impls if i.name == name), None)
@@ -712,16 +723,384 @@ def _grid_ids(side: int, time_coord: int, device) -> torch.Tensor:
     return ids
 
 
+def _klein_inputs(model, size_spec: dict, refs: int, device, dtype, gen) -> dict:
+    """Random inputs of one FLUX.2 klein step: target latents and ids, ``refs`` reference images (latents and 4-axis
+    ids, reference i at time coordinate 10·(i+1)), text embeddings and ids, and the timestep."""
+    cfg = model.config
+    channels, n_target, n_ref = cfg.in_channels, size_spec["target_side"] ** 2, size_spec["ref_side"] ** 2
+    text_ids = torch.zeros(1, size_spec["text"], 4, dtype=torch.int64, device=device)
+    text_ids[0, :, 3] = torch.arange(size_spec["text"], device=device)
+    return dict(
+        channels=channels, n_target=n_target, n_ref=n_ref,
+        target=_randn(gen, 1, n_target, channels, device=device, dtype=dtype),
+        ref_latents=_randn(gen, refs, n_ref, channels, device=device, dtype=dtype),
+        text=_randn(gen, 1, size_spec["text"], cfg.joint_attention_dim, device=device, dtype=dtype),
+        text_ids=text_ids,
+        target_ids=_grid_ids(size_spec["target_side"], 0, device)[None],
+        ref_ids=torch.stack([_grid_ids(size_spec["ref_side"], REFERENCE_TIME_STRIDE * (i + 1), device)
+                             for i in range(refs)]),
+        timestep=torch.full((1,), 0.5, device=device, dtype=dtype),
+    )
+
+
+def _score_selector(scores: torch.Tensor) -> Callable:
+    """A sparsectx selector returning fixed per-token ``scores`` ([refs, N_ref]: the references' tokens in sequence
+    order), so that the drop-in path keeps the same tokens as the hand-compacted implementations."""
+    flat_scores = scores.reshape(1, -1)
+
+    def selector(reference_latents, context):
+        return flat_scores.expand(reference_latents.shape[0], -1)
+
+    return selector
+
+
+def _torch_topk_rows(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Per reference image (rows of ``scores``), the positions of its ``count`` highest scores in increasing order."""
+    return scores.topk(count, dim=1).indices.sort(dim=1).values
+
+
 class EndToEndCase:
     name = "e2e"
     title = "one denoising step, FLUX.2-klein-9B architecture (random weights), kept reference tokens in the sequence"
     impl_names = ("sparsectx compact_tokens + step", "sparsectx.enable (sparsectx attn)",
                   "sparsectx.enable (native attn)", "torch topk+sort+index_select + step",
                   "keep all reference tokens", "no reference (limit)")
+    # the overhead breakdown of the drop-in path (configs marked BREAKDOWN): the enable step and its parts
+    BREAKDOWN = "breakdown"
+    breakdown_impl_names = ("sparsectx compact_tokens + step", "sparsectx.enable (native attn)",
+                            "(d) enabled once, step", "(d2) enabled once, new selection per step",
+                            "(b) model on the compacted inputs", "(a) wrapper without the model",
+                            "(a1) reference_layout", "(a2) _select (fresh selection)",
+                            "(a3) compaction (_run_group, model stubbed)", "(c) enable + disable (native)",
+                            "(c2) enable + disable (sparsectx attn)")
     sizes = {
         "full": dict(target_side=64, text=512, ref_side=64, refs=(3, 1), keeps=(0.25, 0.10, 0.05),
-                     quick=[(1, 0.10), (3, 0.10)], reps=3),
+                     quick=[(1, 0.10), (3, 0.10)], breakdown=[(3, 0.05), (1, 0.05)], quick_breakdown=[(3, 0.05)],
+                     reps=3),
         "tiny": dict(target_side=8, text=16, ref_side=8, refs=(1, 3), keeps=(0.25, 0.05), quick=[(1, 0.25)],
+                     breakdown=[(3, 0.05)], quick_breakdown=[(3, 0.05)], reps=None),
+    }
+    BREAKDOWN_PASSES = 2  # A B A B: the breakdown's implementations are timed twice, alternating
+
+    def configs(self, size: str, quick: bool = False):
+        s = self.sizes[size]
+        main = s["quick"] if quick else [(r, k) for r in s["refs"] for k in s["keeps"]]
+        breakdown = s["quick_breakdown"] if quick else s["breakdown"]
+        return list(main) + [(r, k, self.BREAKDOWN) for r, k in breakdown]
+
+    def label(self, config) -> str:
+        refs, keep = config[:2]
+        return f"{refs}ref-{_pct(keep)}" + (f"-{self.BREAKDOWN}" if len(config) > 2 else "")
+
+    def impl_names_for(self, config) -> tuple:
+        return self.breakdown_impl_names if len(config) > 2 else self.impl_names
+
+    def build(self, config, size: str, device: torch.device) -> Workload:
+        refs, keep = config[:2]
+        breakdown = len(config) > 2
+        s = self.sizes[size]
+        dtype, gen = _dtype_for(device), _generator(device)
+        model = _flux2_model(size, device, dtype)
+        x = _klein_inputs(model, s, refs, device, dtype, gen)
+        channels, n_target, n_ref = x["channels"], x["n_target"], x["n_ref"]
+        scores = torch.rand(refs, n_ref, generator=gen, device=device)  # a random selector, per reference image
+        count = math.floor(keep * n_ref + 0.5)
+
+        def step_kwargs(latents, ids) -> dict:
+            return dict(hidden_states=latents, encoder_hidden_states=x["text"], timestep=x["timestep"], img_ids=ids,
+                        txt_ids=x["text_ids"], return_dict=False)
+
+        def step(latents, ids):
+            with torch.inference_mode():
+                out = model(**step_kwargs(latents, ids))[0]
+            return out[:, :n_target]
+
+        def with_refs(packed_latents, packed_ids):
+            return step(torch.cat([x["target"], packed_latents.reshape(1, -1, channels)], 1),
+                        torch.cat([x["target_ids"], packed_ids.reshape(1, -1, 4)], 1))
+
+        def sparsectx_step():
+            kept = ops.compact_tokens(scores, x["ref_latents"], x["ref_ids"], budget=count)
+            return with_refs(*kept.tensors)
+
+        def torch_step():
+            idx = _torch_topk_rows(scores, count)
+            lat = torch.stack([x["ref_latents"][i].index_select(0, idx[i]) for i in range(refs)])
+            ids = torch.stack([x["ref_ids"][i].index_select(0, idx[i]) for i in range(refs)])
+            return with_refs(lat, ids)
+
+        full_step = lambda: with_refs(x["ref_latents"], x["ref_ids"])  # noqa: E731 - every reference token
+        shape = (f"{refs} ref x {_pct(keep)} ({refs * count} of {refs * n_ref} tokens), target {n_target}, "
+                 f"text {s['text']}, {'klein-9B' if size == 'full' else 'tiny'} {str(dtype).replace('torch.', '')}")
+        primary = Impl("sparsectx compact_tokens + step", sparsectx_step, note="compaction inside the timed step")
+        if breakdown:
+            full_kwargs = step_kwargs(torch.cat([x["target"], x["ref_latents"].reshape(1, -1, channels)], 1),
+                                      torch.cat([x["target_ids"], x["ref_ids"].reshape(1, -1, 4)], 1))
+            impls = [primary, _enable_impl(model, full_step, scores, count, "native"),
+                     *_breakdown_impls(model, full_step, full_kwargs, scores, count, n_target, refs * count)]
+            return Workload(self.name, shape + ", enable-path breakdown", impls, dtype, reps=s["reps"],
+                            track_memory=False, passes=self.BREAKDOWN_PASSES, count_syncs=True)
+        impls = [
+            primary,
+            *(_enable_impl(model, full_step, scores, count, attention) for attention in ("sparsectx", "native")),
+            Impl("torch topk+sort+index_select + step", torch_step, note="the compacted ideal"),
+            Impl("keep all reference tokens", full_step, comparable=False,
+                 note="100% kept (a different output by design)", shared_key=(self.name, refs, "all")),
+            Impl("no reference (limit)", lambda: step(x["target"], x["target_ids"]), comparable=False,
+                 note="lower bound of any selection", shared_key=(self.name, "none")),
+        ]
+        return Workload(self.name, shape, impls, dtype, reps=s["reps"], track_memory=True)
+
+
+def _breakdown_impls(model, full_step: Callable[[], Any], full_kwargs: dict, scores: torch.Tensor, count: int,
+                     n_target: int, n_kept: int) -> list:
+    """The parts of one ``sparsectx.enable`` step, each timed alone (see ``EndToEndCase.breakdown_impl_names``):
+    (a) the patch's work without the model (its forward with the model replaced by a stub), and its pieces;
+    (b) the model forward on the compacted inputs, called exactly as the patch calls it; (c) entering and leaving
+    ``sparse_context`` alone; (d) the full step with ``sparse_context`` entered once outside the timed calls."""
+    names = EndToEndCase.breakdown_impl_names[2:]
+    try:
+        from . import integration
+    except Exception as exc:  # the integration depends on diffusers internals
+        return [Impl(name, skip=f"sparsectx.integration not importable ({_first_line(exc)})") for name in names]
+    selector = _score_selector(scores)
+    enable_args = dict(budget=count, selector=selector, attention=integration.NATIVE)
+    family = integration.SUPPORTED_TRANSFORMERS[type(model).__name__]
+    settings = integration._make_settings(count, selector, None)
+    # a patch that is never installed: its forward runs the enable path's pre- and post-processing, with the model
+    # replaced by a stub returning a zero output of the compacted sequence's shape (FLUX.2: out = in channels)
+    dry = integration._SparsePatch(model, family, settings)
+    real_forward = dry.original_forward
+    seen = {}
+
+    def stub(**group):
+        seen["group"] = group
+        return (torch.zeros_like(group["hidden_states"]),)
+
+    dry.original_forward = stub
+    call = dry.bind((), full_kwargs)
+    layout = integration.reference_layout(family, call)
+    with torch.inference_mode():
+        keep = dry._select(call, layout, {})
+        dry.forward(**full_kwargs)  # fills seen["group"]: the inputs the patch gives the model
+    group = seen.pop("group")
+    one_group = torch.arange(keep.shape[0], device=keep.device)
+
+    def wrapper_only():
+        dry.new_call()  # a fresh selection, as in each per-call enable step
+        with torch.inference_mode():
+            return dry.forward(**full_kwargs)
+
+    def select_fresh():
+        dry.new_call()
+        with torch.inference_mode():
+            return dry._select(call, layout, {})
+
+    def compaction_only():
+        with torch.inference_mode():
+            return dry._run_group(call, layout, keep, one_group, single=True)
+
+    def model_on_compacted():
+        with torch.inference_mode():
+            return real_forward(**group)
+
+    def enable_disable(attention):
+        def fn():
+            with integration.sparse_context(model, **{**enable_args, "attention": attention}):
+                pass
+
+        return fn
+
+    def enabled_once():
+        return integration.sparse_context(model, **enable_args)
+
+    def step_new_selection():
+        getattr(model, integration.PATCH_ATTR).new_call()
+        return full_step()
+
+    def kept_rows(result) -> str:
+        rows = seen.pop("group")["hidden_states"].shape[1]
+        return "" if rows == n_target + n_kept else f"the model got {rows} rows, not {n_target} + {n_kept}"
+
+    def disabled(_) -> str:
+        return "" if not integration.is_enabled(model) else "sparsectx still enabled after sparse_context's exit"
+
+    def layout_found(found) -> str:
+        return "" if found is not None and found.ref_positions.numel() == scores.numel() else "wrong reference layout"
+
+    def kept_count(mask) -> str:
+        return "" if int(mask.sum()) == n_kept else f"{int(mask.sum())} tokens kept, not {n_kept}"
+
+    return [
+        Impl(names[0], full_step, scope=enabled_once,
+             note="sparse_context entered once outside the timed calls: selection cached, as across a pipeline's steps"),
+        Impl(names[1], step_new_selection, scope=enabled_once, note="entered once; selection recomputed each call"),
+        Impl(names[2], model_on_compacted, output=lambda o: o[0][:, :n_target],
+             note="the transformer's forward on the patch's compacted call"),
+        Impl(names[3], wrapper_only, comparable=False, short=True, verify=kept_rows,
+             note="layout + selection + compaction + merge (model stubbed)"),
+        Impl(names[4], lambda: integration.reference_layout(family, dry.bind((), full_kwargs)), comparable=False,
+             short=True, verify=layout_found),
+        Impl(names[5], select_fresh, comparable=False, short=True, verify=kept_count),
+        Impl(names[6], compaction_only, comparable=False, short=True, verify=lambda _: kept_rows(None)),
+        Impl(names[7], enable_disable(integration.NATIVE), comparable=False, short=True, verify=disabled),
+        Impl(names[8], enable_disable(integration.SPARSECTX), comparable=False, short=True, verify=disabled),
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# case: selection cost (issue 6): every registered selector, fixed 10% and adaptive budgets, klein-9B shapes
+# ----------------------------------------------------------------------------------------------------------------
+SELECTION_RATIO = 0.10
+# adaptive budget: the smallest set covering this share of the score mass, between a floor and a cap per image
+ADAPTIVE_COVERAGE, ADAPTIVE_FLOOR, ADAPTIVE_CAP = 0.9, 0.02, 0.5
+SELECTION_STEP_TARGET_PCT = 2.0  # issue 6: selection under 2% of a klein-9B denoising step
+NO_REFERENCE_ROW, KEEP_ALL_ROW = "no reference (limit)", "keep all reference tokens"
+
+
+class SelectionCase:
+    name = "selection"
+    title = ("reference-token selection, B=1: each selector with a fixed 10% and an adaptive budget "
+             f"(issue 6: < {SELECTION_STEP_TARGET_PCT:g}% of a denoising step)")
+    impl_names = ("select, fixed 10%", "selector scores + torch stable top-k (fixed 10%)", "select, adaptive")
+    sizes = {  # klein-9B: 128 latent channels, 32 heads x 128, references of 64 x 64 tokens, 1024 probe queries
+        "full": dict(refs=(1, 3), side=64, channels=128, heads=32, head_dim=128, queries=1024),
+        "tiny": dict(refs=(1, 3), side=8, channels=16, heads=2, head_dim=32, queries=64),
+    }
+    # the signals each built-in selector is given (module docstring of sparsectx.selection); other (user-registered)
+    # selectors get all of them
+    SIGNALS = {"random": (), "uniform": (), "edit": ("user_mask",), "subject": ("target_queries", "ref_keys"),
+               "attention": ("queries", "ref_keys")}
+    ALL_SIGNALS = ("user_mask", "queries", "target_queries", "ref_keys")
+    EDIT_REGION_FRACTION = 0.25  # edit: the user mask marks the central quarter (by side) of each reference
+
+    def configs(self, size: str, quick: bool = False):
+        from .selection import available_selectors
+
+        return [(refs, name) for refs in self.sizes[size]["refs"] for name in available_selectors()]
+
+    def label(self, config) -> str:
+        refs, name = config
+        return f"{refs}ref-{name}"
+
+    def build(self, config, size: str, device: torch.device) -> Workload:
+        from .selection import SelectionContext, adaptive, get_selector, select
+
+        refs, name = config
+        s = self.sizes[size]
+        dtype, gen = _dtype_for(device), _generator(device)
+        side, heads, dim = s["side"], s["heads"], s["head_dim"]
+        n_ref = side * side
+        n_tokens = refs * n_ref
+        latents = _randn(gen, 1, n_tokens, s["channels"], device=device, dtype=dtype)
+        ids = torch.cat([_grid_ids(side, REFERENCE_TIME_STRIDE * (i + 1), device) for i in range(refs)])[None]
+        available = dict(
+            user_mask=self._central_mask(refs, side, device),
+            queries=_randn(gen, 1, s["queries"], heads, dim, device=device, dtype=dtype),
+            target_queries=_randn(gen, 1, s["queries"], heads, dim, device=device, dtype=dtype),
+            ref_keys=_randn(gen, 1, n_tokens, heads, dim, device=device, dtype=dtype),
+        )
+        signals = self.SIGNALS.get(name, self.ALL_SIGNALS)
+        selection_gen = torch.Generator(device=device)
+
+        def context() -> SelectionContext:
+            # a fresh context per call with a re-seeded generator (as the integration makes one per selection):
+            # the random selector then draws the same scores in every implementation
+            selection_gen.manual_seed(SEED)
+            return SelectionContext(num_references=refs, ref_lengths=[n_ref] * refs, reference_ids=ids,
+                                    target_shape=(side, side), generator=selection_gen,
+                                    extra={k: available[k] for k in signals})
+
+        count = math.floor(SELECTION_RATIO * n_ref + 0.5)  # fixed_ratio's rounding
+        budget = adaptive(ADAPTIVE_COVERAGE, floor=ADAPTIVE_FLOOR, cap=ADAPTIVE_CAP)
+
+        def torch_topk():
+            scores = get_selector(name)(latents, context()).float()
+            keep = torch.zeros(scores.shape, dtype=torch.bool, device=device)
+            for lo in range(0, n_tokens, n_ref):
+                order = torch.sort(scores[:, lo:lo + n_ref], dim=1, descending=True, stable=True).indices
+                keep[:, lo:lo + n_ref].scatter_(1, order[:, :count], True)
+            return keep
+
+        low, high = math.floor(ADAPTIVE_FLOOR * n_ref + 0.5), math.floor(ADAPTIVE_CAP * n_ref + 0.5)
+
+        def within_floor_and_cap(mask) -> str:
+            kept = mask.reshape(refs, n_ref).sum(dim=1).tolist()
+            return "" if all(low <= k <= high for k in kept) else f"kept {kept} outside [{low}, {high}] per image"
+
+        note = f"signals: {', '.join(signals) or 'none'}"
+        impls = [
+            Impl("select, fixed 10%", lambda: select(latents, context(), name, budget=SELECTION_RATIO), note=note),
+            Impl("selector scores + torch stable top-k (fixed 10%)", torch_topk, note="same tokens by another path"),
+            Impl("select, adaptive", lambda: select(latents, context(), name, budget=budget), comparable=False,
+                 verify=within_floor_and_cap,
+                 note=f"coverage {ADAPTIVE_COVERAGE:g}, floor {_pct(ADAPTIVE_FLOOR)}, cap {_pct(ADAPTIVE_CAP)}"),
+        ]
+        shape = (f"{refs} ref x {n_ref} tokens, C={s['channels']}, selector {name}, H={heads}, D={dim}, "
+                 f"{s['queries']} probe queries, {str(dtype).replace('torch.', '')}")
+        return Workload(self.name, shape, impls, dtype, exact=True)
+
+    @staticmethod
+    def _central_mask(refs: int, side: int, device) -> torch.Tensor:
+        """bool [1, refs·side²]: the central square of each reference, EDIT_REGION_FRACTION of its side wide."""
+        lo = int(side * (1 - SelectionCase.EDIT_REGION_FRACTION) / 2)
+        hi = side - lo
+        grid = torch.zeros(side, side, dtype=torch.bool, device=device)
+        grid[lo:hi, lo:hi] = True
+        return grid.flatten().repeat(refs)[None]
+
+    def annotate(self, rows: list, earlier_rows: Sequence[dict]) -> None:
+        """Adds to each timed row its share of the denoising step measured by the e2e case in this run (the
+        no-reference step: the cheapest, so the strictest share; and the keep-all step with as many references)."""
+        refs = int(rows[0]["shape"].split(" ref")[0])
+        steps = [r for r in earlier_rows if r["case"] == EndToEndCase.name and r["time_ms"]]
+        none = next((r["time_ms"] for r in steps if r["impl"] == NO_REFERENCE_ROW), None)
+        full = next((r["time_ms"] for r in steps if r["impl"] == KEEP_ALL_ROW
+                     and r["shape"].startswith(f"{refs} ref x")), None)
+        for row in rows:
+            if row["time_ms"] is None:
+                continue
+            if none is None:
+                _append_note(row, "step not measured in this run")
+                continue
+            share = 100.0 * row["time_ms"] / none
+            verdict = "meets" if share < SELECTION_STEP_TARGET_PCT else "MISSES"
+            text = f"{share:.2f}% of the no-reference step ({none:.4g} ms; {verdict} < {SELECTION_STEP_TARGET_PCT:g}%)"
+            if full is not None:
+                text += f", {100.0 * row['time_ms'] / full:.2f}% of keep-all with {refs} ref"
+            _append_note(row, text)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# case: 4-step run with diffusers' reference KV cache (FLUX.2 klein KV), with and without sparsectx (issue 5)
+# ----------------------------------------------------------------------------------------------------------------
+KV_STEPS = 4  # 1 extract step + 3 cached steps
+KV_TARGET_SPEEDUP = {3: 4.5, 4: 6.0}  # issue 5: sparse + KV 4-step run vs the plain 4-step run, by reference count
+
+
+def _install_kv_processors(model) -> None:
+    """diffusers' KV-cache processors on every block, as ``Flux2KleinKVPipeline`` installs them (they behave as
+    the standard processors when no KV arguments are passed, so the shared model stays usable by other cases)."""
+    from diffusers.models.transformers.transformer_flux2 import (Flux2KVAttnProcessor,
+                                                                  Flux2KVParallelSelfAttnProcessor)
+
+    for blocks, kind in ((model.transformer_blocks, Flux2KVAttnProcessor),
+                         (model.single_transformer_blocks, Flux2KVParallelSelfAttnProcessor)):
+        for block in blocks:
+            if not isinstance(block.attn.processor, kind):
+                block.attn.set_processor(kind())
+
+
+class KVCacheCase:
+    name = "kv"
+    title = (f"{KV_STEPS}-step run (1 extract + {KV_STEPS - 1} cached steps), FLUX.2-klein-9B architecture (random "
+             "weights), diffusers' reference KV cache with and without Sparse Context")
+    impl_names = ("sparsectx.enable + KV cache", "torch topk+sort+index_select + KV cache",
+                  "KV cache, all reference tokens", "plain run, all references, no cache", "no reference (limit)")
+    sizes = {
+        "full": dict(target_side=64, text=512, ref_side=64, refs=(3, 4), keeps=(0.10, 0.05),
+                     quick=[(3, 0.10), (4, 0.05)], reps=2),
+        "tiny": dict(target_side=8, text=16, ref_side=8, refs=(3, 4), keeps=(0.10, 0.05), quick=[(3, 0.10)],
                      reps=None),
     }
 
@@ -734,55 +1113,74 @@ class EndToEndCase:
         return f"{refs}ref-{_pct(keep)}"
 
     def build(self, config, size: str, device: torch.device) -> Workload:
+        from .integration import sparse_context
+
         refs, keep = config
         s = self.sizes[size]
         dtype, gen = _dtype_for(device), _generator(device)
         model = _flux2_model(size, device, dtype)
-        cfg = model.config
-        channels, n_target, n_ref = cfg.in_channels, s["target_side"] ** 2, s["ref_side"] ** 2
-        target = _randn(gen, 1, n_target, channels, device=device, dtype=dtype)
-        ref_latents = _randn(gen, refs, n_ref, channels, device=device, dtype=dtype)
-        text = _randn(gen, 1, s["text"], cfg.joint_attention_dim, device=device, dtype=dtype)
-        text_ids = torch.zeros(1, s["text"], 4, dtype=torch.int64, device=device)
-        text_ids[0, :, 3] = torch.arange(s["text"], device=device)
-        target_ids = _grid_ids(s["target_side"], 0, device)[None]
-        ref_ids = torch.stack([_grid_ids(s["ref_side"], REFERENCE_TIME_STRIDE * (i + 1), device) for i in range(refs)])
-        timestep = torch.full((1,), 0.5, device=device, dtype=dtype)
-        scores = torch.rand(refs, n_ref, generator=gen, device=device)  # a random selector, per reference image
+        _install_kv_processors(model)
+        x = _klein_inputs(model, s, refs, device, dtype, gen)
+        channels, n_target, n_ref = x["channels"], x["n_target"], x["n_ref"]
+        scores = torch.rand(refs, n_ref, generator=gen, device=device)
         count = math.floor(keep * n_ref + 0.5)
+        sigmas = torch.linspace(1.0, 0.0, KV_STEPS + 1).tolist()  # flow matching: t from 1 to 0, Euler steps
+        common = dict(encoder_hidden_states=x["text"], txt_ids=x["text_ids"], return_dict=False)
 
-        def step(latents, ids):
+        def run(ref_latents=None, ref_ids=None, cache=True):
+            """KV_STEPS Euler steps from the same noise. With references and ``cache``: the references come first in
+            the extract step (as the KV pipeline puts them), then cached steps; without ``cache`` they follow the
+            target at every step (the plain pipeline)."""
+            latents, kv_cache = x["target"], None
             with torch.inference_mode():
-                out = model(hidden_states=latents, encoder_hidden_states=text, timestep=timestep, img_ids=ids,
-                            txt_ids=text_ids, return_dict=False)[0]
-            return out[:, :n_target]
+                for i, (t, t_next) in enumerate(zip(sigmas, sigmas[1:])):
+                    timestep = torch.full((1,), t, device=device, dtype=dtype)
+                    if ref_latents is None:
+                        v = model(hidden_states=latents, timestep=timestep, img_ids=x["target_ids"], **common)[0]
+                    elif not cache:
+                        v = model(hidden_states=torch.cat([latents, ref_latents.reshape(1, -1, channels)], 1),
+                                  timestep=timestep, img_ids=torch.cat([x["target_ids"], ref_ids.reshape(1, -1, 4)], 1),
+                                  **common)[0][:, :n_target]
+                    elif i == 0:
+                        refs_flat = ref_latents.reshape(1, -1, channels)
+                        v, kv_cache = model(hidden_states=torch.cat([refs_flat, latents], 1), timestep=timestep,
+                                            img_ids=torch.cat([ref_ids.reshape(1, -1, 4), x["target_ids"]], 1),
+                                            kv_cache_mode="extract", num_ref_tokens=refs_flat.shape[1], **common)
+                    else:
+                        v = model(hidden_states=latents, timestep=timestep, img_ids=x["target_ids"],
+                                  kv_cache=kv_cache, kv_cache_mode="cached", **common)[0]
+                    latents = latents + (t_next - t) * v
+            return latents
 
-        def with_refs(packed_latents, packed_ids):
-            return step(torch.cat([target, packed_latents.reshape(1, -1, channels)], 1),
-                        torch.cat([target_ids, packed_ids.reshape(1, -1, 4)], 1))
+        selector = _score_selector(scores)
 
-        def sparsectx_step():
-            kept = ops.compact_tokens(scores, ref_latents, ref_ids, budget=count)
-            return with_refs(*kept.tensors)
+        def sparse_run():
+            # enabled per run, as a pipeline call selects once: the extract step is compacted, the cache holds the
+            # kept tokens only, and the cached steps carry no reference tokens (the patch leaves them alone)
+            with sparse_context(model, budget=count, selector=selector):
+                return run(x["ref_latents"], x["ref_ids"])
 
-        def torch_step():
-            idx = scores.topk(count, dim=1).indices.sort(dim=1).values
-            lat = torch.stack([ref_latents[i].index_select(0, idx[i]) for i in range(refs)])
-            ids = torch.stack([ref_ids[i].index_select(0, idx[i]) for i in range(refs)])
-            return with_refs(lat, ids)
+        def torch_run():
+            idx = _torch_topk_rows(scores, count)
+            lat = torch.stack([x["ref_latents"][i].index_select(0, idx[i]) for i in range(refs)])
+            ids = torch.stack([x["ref_ids"][i].index_select(0, idx[i]) for i in range(refs)])
+            return run(lat, ids)
 
+        target = KV_TARGET_SPEEDUP.get(refs)
         impls = [
-            Impl("sparsectx compact_tokens + step", sparsectx_step, note="compaction inside the timed step"),
-            *(_enable_impl(model, lambda: with_refs(ref_latents, ref_ids), scores, count, attention)
-              for attention in ("sparsectx", "native")),
-            Impl("torch topk+sort+index_select + step", torch_step, note="the compacted ideal"),
-            Impl("keep all reference tokens", lambda: with_refs(ref_latents, ref_ids), comparable=False,
-                 note="100% kept (a different output by design)", shared_key=(self.name, refs, "all")),
-            Impl("no reference (limit)", lambda: step(target, target_ids), comparable=False,
-                 note="lower bound of any selection", shared_key=(self.name, "none")),
+            Impl("sparsectx.enable + KV cache", sparse_run, note="cache of the kept tokens only"),
+            Impl("torch topk+sort+index_select + KV cache", torch_run, note="references compacted by hand"),
+            Impl("KV cache, all reference tokens", lambda: run(x["ref_latents"], x["ref_ids"]), comparable=False,
+                 note="diffusers' KV cache alone (a different output by design)", shared_key=(self.name, refs, "kv")),
+            Impl("plain run, all references, no cache", lambda: run(x["ref_latents"], x["ref_ids"], cache=False),
+                 comparable=False, shared_key=(self.name, refs, "plain"),
+                 note=(f"issue 5 target: ratio >= {target:g}" if target else "") + " (a different output by design)"),
+            Impl("no reference (limit)", run, comparable=False, shared_key=(self.name, "none"),
+                 note="lower bound of any selection"),
         ]
         shape = (f"{refs} ref x {_pct(keep)} ({refs * count} of {refs * n_ref} tokens), target {n_target}, "
-                 f"text {s['text']}, {'klein-9B' if size == 'full' else 'tiny'} {str(dtype).replace('torch.', '')}")
+                 f"text {s['text']}, {KV_STEPS} steps, {'klein-9B' if size == 'full' else 'tiny'} "
+                 f"{str(dtype).replace('torch.', '')}")
         return Workload(self.name, shape, impls, dtype, reps=s["reps"], track_memory=True)
 
 
@@ -807,10 +1205,7 @@ def _enable_impl(model, full_step: Callable[[], Any], scores: torch.Tensor, coun
         from .integration import sparse_context
     except Exception as exc:  # the integration depends on diffusers internals
         return Impl(name, skip=f"sparsectx.integration not importable ({_first_line(exc)})")
-    flat_scores = scores.reshape(1, -1)  # the references' tokens in sequence order, one sample
-
-    def selector(reference_latents, context):
-        return flat_scores.expand(reference_latents.shape[0], -1)
+    selector = _score_selector(scores)
 
     def step():
         with sparse_context(model, budget=count, selector=selector, attention=attention):
@@ -820,7 +1215,8 @@ def _enable_impl(model, full_step: Callable[[], Any], scores: torch.Tensor, coun
 
 
 CASES = {case.name: case for case in (AttentionCase(), CompactionCase(), BatchCase(), MaskedCase(), TrainingCase(),
-                                      EndToEndCase())}
+                                      EndToEndCase(), SelectionCase(), KVCacheCase())}
+MODEL_CASES = (EndToEndCase.name, KVCacheCase.name)  # cases that build the cached model (released after them)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -842,13 +1238,33 @@ def _row(workload: Workload, impl: Impl, **values) -> dict:
     return row
 
 
+def count_host_syncs(fn: Callable[[], Any]) -> int:
+    """Host synchronisations during one call of ``fn``, as reported by torch's CUDA sync debug mode ("warn")."""
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def _append_note(row: dict, text: str) -> None:
+    row["note"] = f"{row['note']}; {text}" if row["note"] else text
+
+
 def run_workload(workload: Workload, device: torch.device, *, quick: bool = False, shared: Optional[dict] = None,
                  on_row: Optional[Callable[[list], None]] = None) -> list:
     """Checks every implementation against sparsectx's result, then times it. Returns one row per implementation
     (plus a bytes-moved floor row when the workload moves data). ``shared`` carries timings between workloads
-    and the measured ceilings; ``on_row(rows)`` is called after each row (a run cut short keeps what it had)."""
+    and the measured ceilings; ``on_row(rows)`` is called after each row (a run cut short keeps what it had).
+    With ``workload.passes > 1`` every implementation is timed again, in the same order, after the first pass
+    (A B A B); the row keeps the first pass's time and notes the later ones with their ratios."""
     shared = {} if shared is None else shared
     rows: list = []
+    timed: list = []  # (impl, row) timed in this workload, for the later passes
 
     def add(row: dict) -> None:
         _complete_row(workload, row, rows[0]["time_ms"] if rows else row["time_ms"])
@@ -856,9 +1272,13 @@ def run_workload(workload: Workload, device: torch.device, *, quick: bool = Fals
         if on_row is not None:
             on_row(rows)
 
+    def timing(impl: Impl) -> float:
+        return time_ms(impl.fn, device, reps=None if impl.short else workload.reps, quick=quick)
+
     primary = workload.impls[0]
     try:
-        expected = primary.output(primary.fn())
+        with primary.context():
+            expected = primary.output(primary.fn())
     except Exception as exc:  # sparsectx failed: report it, time nothing
         add(_row(workload, primary, ok=False, note=f"error: {_first_line(exc)}"))
         return rows
@@ -870,20 +1290,29 @@ def run_workload(workload: Workload, device: torch.device, *, quick: bool = Fals
             add(_row(workload, impl, **shared[impl.shared_key]))
             continue
         values = {}
+        notes = [impl.note] if impl.note else []
         try:
-            if impl is not primary:
-                result = impl.output(impl.fn())
-                if impl.comparable:
-                    ok, err = results_match(result, expected, workload)
-                    values.update(ok=ok, err=err)
-                    if not ok:
-                        values["note"] = f"MISMATCH with sparsectx (rel err {err:.2e}); {impl.note}".rstrip("; ")
-                del result
-            if workload.track_memory and device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            values["time_ms"] = time_ms(impl.fn, device, reps=workload.reps, quick=quick)
-            if workload.track_memory and device.type == "cuda":
-                values["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            with impl.context():
+                if impl is not primary or impl.verify is not None:
+                    result = impl.output(impl.fn()) if impl is not primary else expected
+                    if impl.comparable and impl is not primary:
+                        ok, err = results_match(result, expected, workload)
+                        values.update(ok=ok, err=err)
+                        if not ok:
+                            notes.insert(0, f"MISMATCH with sparsectx (rel err {err:.2e})")
+                    if impl.verify is not None:
+                        problem = impl.verify(result)
+                        values["ok"] = values.get("ok", True) and not problem
+                        if problem:
+                            notes.insert(0, f"CHECK FAILED: {problem}")
+                    del result
+                if workload.count_syncs and device.type == "cuda":
+                    notes.append(f"{count_host_syncs(impl.fn)} host syncs per call")
+                if workload.track_memory and device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                values["time_ms"] = timing(impl)
+                if workload.track_memory and device.type == "cuda":
+                    values["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         except Exception as exc:  # sparsectx failing is an error; a peer failing is one this setup lacks
             failed = impl is primary
             add(_row(workload, impl, ok=False if failed else None,
@@ -891,8 +1320,25 @@ def run_workload(workload: Workload, device: torch.device, *, quick: bool = Fals
             continue
         if impl.shared_key is not None:
             shared[impl.shared_key] = {k: values[k] for k in ("time_ms", "peak_mem_gb") if k in values}
+        values["note"] = "; ".join(notes)
         add(_row(workload, impl, **values))
+        timed.append((impl, rows[-1]))
     del expected
+    for number in range(2, workload.passes + 1):
+        times = []
+        for impl, row in timed:
+            try:
+                with impl.context():
+                    times.append(timing(impl))
+            except Exception as exc:
+                times.append(None)
+                _append_note(row, f"pass {number}: error {_first_line(exc, 60)}")
+        base = times[0] if timed and timed[0][0] is primary else None
+        for (impl, row), t in zip(timed, times):
+            if t is not None:
+                _append_note(row, f"pass {number}: {t:.4g} ms" + (f" x{t / base:.2f}" if base else ""))
+        if on_row is not None:
+            on_row(rows)
     ceilings = shared.get("ceilings")
     if workload.bytes_moved and ceilings:
         floor_ms = workload.bytes_moved / (ceilings["copy_GBps"] * 1e9) * 1e3
@@ -920,36 +1366,45 @@ class Unavailable(Exception):
 
 def checked_run(workload: Workload, impl_name: str) -> tuple:
     """Runs one implementation once (for pytest-benchmark). Returns ``(fn, result, expected)``: the callable to
-    time, its result, and the result it must match: sparsectx's for a peer, the first peer's that runs here for
-    sparsectx itself. (A peer with ``comparable=False`` computes a different function by design: its result only
-    shares sparsectx's shape.) Raises ``Unavailable`` when the implementation does not run here."""
+    time (inside ``impl.context()``), its result, and the result it must match: sparsectx's for a peer, the first
+    peer's that runs here for sparsectx itself. (A peer with ``comparable=False`` computes a different function by
+    design: its result is checked by its ``verify``, or only shares sparsectx's shape.) Raises ``Unavailable``
+    when the implementation does not run here."""
     impl = workload.impl(impl_name)
     if impl is None:
         raise Unavailable(f"{impl_name} is not part of this workload")
     if impl.skip:
         raise Unavailable(impl.skip)
     primary = workload.impls[0]
+
+    def run(which: Impl):
+        with which.context():
+            return which.output(which.fn())
+
     if impl is primary:
-        result = primary.output(primary.fn())
+        result = run(primary)
         for peer in workload.impls[1:]:
             if peer.skip or not peer.comparable:
                 continue
             try:
-                return impl.fn, result, peer.output(peer.fn())
+                return impl.fn, result, run(peer)
             except Exception:  # a peer this device does not offer: try the next one
                 continue
         raise Unavailable("no peer runs here to check sparsectx against")
     try:
-        result = impl.output(impl.fn())
+        result = run(impl)
     except Exception as exc:
         raise Unavailable(_first_line(exc)) from exc
-    expected = primary.output(primary.fn())
+    expected = run(primary)
     return impl.fn, result, expected
 
 
 def run_case(name: str, device: torch.device, size: str, *, quick: bool = False, shared: Optional[dict] = None,
-             progress=None, on_rows: Optional[Callable[[list], None]] = None) -> list:
-    """All workloads of a case; ``on_rows(case_rows)`` after each row, for incremental JSON."""
+             progress=None, on_rows: Optional[Callable[[list], None]] = None,
+             earlier_rows: Sequence[dict] = ()) -> list:
+    """All workloads of a case; ``on_rows(case_rows)`` after each row, for incremental JSON. ``earlier_rows``: rows
+    of the cases run before (or loaded with ``--steps-from``), which a case with an ``annotate(rows, earlier)``
+    method reads (the selection case relates its times to the measured denoising step)."""
     case = CASES[name]
     rows = []
     shared = {} if shared is None else shared
@@ -966,12 +1421,15 @@ def run_case(name: str, device: torch.device, size: str, *, quick: bool = False,
             else:
                 done = list(rows)
                 report = (lambda current: on_rows(done + current)) if on_rows is not None else None
-                rows += run_workload(workload, device, quick=quick, shared=shared, on_row=report)
+                workload_rows = run_workload(workload, device, quick=quick, shared=shared, on_row=report)
+                if hasattr(case, "annotate"):
+                    case.annotate(workload_rows, earlier_rows)
+                rows += workload_rows
                 del workload
             if progress is not None:
                 progress.update(1)
     finally:
-        if name == EndToEndCase.name:
+        if name in MODEL_CASES:
             release_cached_models()
     return rows
 
@@ -1062,6 +1520,15 @@ def write_json(path: str, meta: dict, rows: list) -> None:
     os.replace(tmp, path)  # a run cut short by a timeout still leaves the last complete file
 
 
+def load_rows(path: str) -> list:
+    """The rows of a JSON written by ``write_json`` (an empty list when the file is missing: a step that did not
+    run leaves none)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)["rows"]
+
+
 def write_plot(path: str, rows: list) -> str:
     """Horizontal bars of each peer's ratio vs sparsectx. Returns a message (the plot is optional)."""
     try:
@@ -1101,6 +1568,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
     parser.add_argument("--size", choices=SIZES, help="tiny (CPU default) or full (GPU default: the real shapes)")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--steps-from", metavar="PATH",
+                        help="JSON of an earlier run whose e2e rows give the denoising-step times that the selection "
+                             "case relates its times to (when e2e does not run in the same invocation)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -1117,6 +1587,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"ceilings measured now: copy {meta['ceilings']['copy_GBps']:.0f} GB/s (read + write), matmul "
           f"{meta['ceilings']['matmul_TFLOPs']:.3g} TFLOP/s ({meta['ceilings']['matmul']}); {RATIO_MEANING}\n")
     rows: list = []
+    earlier = load_rows(args.steps_from) if args.steps_from else []
     total = sum(len(CASES[n].configs(size, args.quick)) for n in names)
     # the bar is drawn on a terminal only (disable=None), so logs keep only the tables
     with tqdm(total=total, desc="bench", unit="shape", file=sys.stderr, disable=None) as progress:
@@ -1125,7 +1596,7 @@ def main(args: argparse.Namespace) -> int:
             done = list(rows)
             save = (lambda case_rows: write_json(args.json, meta, done + case_rows)) if args.json else None
             case_rows = run_case(name, device, size, quick=args.quick, shared=shared, progress=progress,
-                                 on_rows=save)
+                                 on_rows=save, earlier_rows=earlier + rows)
             rows += case_rows
             tqdm.write(f"== {CASES[name].title}\n{format_table(case_rows)}")
             if args.json:
