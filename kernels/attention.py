@@ -220,6 +220,19 @@ def _bwd_delta_kernel(O, DO, DLSE, DELTA, stride_ot, stride_oh, stride_dot, stri
     tl.store(DELTA + head * n_rows + rows, delta, mask=row_valid)
 
 
+@triton.jit
+def _load_query_grads(Q, DO, LSE2, DELTA, q_rows, q_cols, q_valid, offs_d, d_valid, head,
+                      stride_qt, stride_qh, stride_dot, stride_doh, stride_lse_h):
+    """The backward's per-query inputs of one query block: q and dO (packed rows ``q_rows``), lse in base 2 and
+    delta (columns ``q_cols`` of their ``[H, Tq]`` tensors); rows past the sample's end load zeros."""
+    mask = q_valid[:, None] & d_valid[None, :]
+    q = tl.load(Q + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + q_rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=mask, other=0.0)
+    lse2 = tl.load(LSE2 + head * stride_lse_h + q_cols, mask=q_valid, other=0.0)
+    delta = tl.load(DELTA + head * stride_lse_h + q_cols, mask=q_valid, other=0.0)
+    return q, do, lse2, delta
+
+
 @triton.autotune(configs=DKDV_CONFIGS, key=["HEAD_DIM", "IS_REF"])
 @triton.jit
 def _bwd_dkdv_kernel(
@@ -265,13 +278,10 @@ def _bwd_dkdv_kernel(
     # dS^T = P^T * (V dO^T - delta), dK += dS^T Q
     for start_m in range(0, q_len, BLOCK_M):
         q_valid = start_m + offs_m < q_len
-        q_rows = (q_start + start_m + offs_m).to(tl.int64)
-        q_mask = q_valid[:, None] & d_valid[None, :]
-        q = tl.load(Q + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(DO + q_rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=q_mask,
-                     other=0.0)
-        lse2 = tl.load(LSE2 + head * stride_lse_h + q_start + start_m + offs_m, mask=q_valid, other=0.0)
-        delta = tl.load(DELTA + head * stride_lse_h + q_start + start_m + offs_m, mask=q_valid, other=0.0)
+        q_cols = q_start + start_m + offs_m
+        q, do, lse2, delta = _load_query_grads(Q, DO, LSE2, DELTA, q_cols.to(tl.int64), q_cols, q_valid, offs_d,
+                                               d_valid, head, stride_qt, stride_qh, stride_dot, stride_doh,
+                                               stride_lse_h)
         qk_t = _dot(k, tl.trans(q), IEEE) * qk_scale
         p_t = tl.where(q_valid[None, :], tl.math.exp2(qk_t - lse2[None, :]), 0.0)
         dv += _dot(p_t.to(do.dtype), do, IEEE)
@@ -312,11 +322,8 @@ def _bwd_dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
-    q_mask = q_valid[:, None] & d_valid[None, :]
-    q = tl.load(Q + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + q_rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=q_mask, other=0.0)
-    lse2 = tl.load(LSE2 + head * stride_lse_h + q_start + offs_m, mask=q_valid, other=0.0)
-    delta = tl.load(DELTA + head * stride_lse_h + q_start + offs_m, mask=q_valid, other=0.0)
+    q, do, lse2, delta = _load_query_grads(Q, DO, LSE2, DELTA, q_rows, q_start + offs_m, q_valid, offs_d, d_valid,
+                                           head, stride_qt, stride_qh, stride_dot, stride_doh, stride_lse_h)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     # the sample's own keys
@@ -346,7 +353,7 @@ def _bwd_dq_kernel(
 
     dq = dq * sm_scale
     tl.store(DQ + q_rows[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-             mask=q_mask)
+             mask=q_valid[:, None] & d_valid[None, :])
 
 
 DELTA_BLOCK_M = 64
