@@ -401,7 +401,27 @@ class AttentionCase:
 # ----------------------------------------------------------------------------------------------------------------
 # case: batch of 4 samples with different budgets, forward, one launch vs the ways to batch with SDPA
 # ----------------------------------------------------------------------------------------------------------------
-class BatchCase:
+class _MixedBudgetCase:
+    """A batch of 4 samples (text + target + 1 reference each) whose reference keeps a different share per sample;
+    one config: the tuple of the 4 keep ratios."""
+
+    sizes: dict
+
+    def configs(self, size: str, quick: bool = False):
+        return [self.sizes[size]["keeps"]]
+
+    def label(self, config) -> str:
+        return "keep-" + "-".join(_pct(k) for k in config)
+
+    def data(self, config, size: str, device: torch.device):
+        s = self.sizes[size]
+        dtype, gen = _dtype_for(device), _generator(device)
+        data = _Varlen(s["heads"], s["dim"], s["own"], s["ref_tokens"], [_kept(k, s["ref_tokens"]) for k in config],
+                       device, dtype, gen)
+        return s, dtype, gen, data
+
+
+class BatchCase(_MixedBudgetCase):
     name = "batch"
     title = "mixed-budget batch, forward: each sample text + target + 1 reference kept at its own budget"
     impl_names = ("sparsectx (packed varlen)", "sparsectx (gather)", "sdpa per-sample loop", "sdpa padded + key mask",
@@ -411,17 +431,8 @@ class BatchCase:
         "tiny": dict(heads=2, dim=64, own=16 + 64, ref_tokens=64, keeps=(0.05, 0.10, 0.25, 0.50)),
     }
 
-    def configs(self, size: str, quick: bool = False):
-        return [self.sizes[size]["keeps"]]
-
-    def label(self, config) -> str:
-        return "keep-" + "-".join(_pct(k) for k in config)
-
     def build(self, config, size: str, device: torch.device) -> Workload:
-        s = self.sizes[size]
-        dtype, gen = _dtype_for(device), _generator(device)
-        data = _Varlen(s["heads"], s["dim"], s["own"], s["ref_tokens"], [_kept(k, s["ref_tokens"]) for k in config],
-                       device, dtype, gen)
+        s, dtype, gen, data = self.data(config, size, device)
         best = _best_sdpa(device)
         views = [tuple(_heads_first(t[lo:hi]) for t in (data.q, data.k, data.v)) for lo, hi in data.slices()]
 
@@ -476,7 +487,7 @@ def _flash_attn_varlen_impl(data: _Varlen) -> Impl:
 # ----------------------------------------------------------------------------------------------------------------
 # case: training, forward + backward, batch of 4 with different budgets
 # ----------------------------------------------------------------------------------------------------------------
-class TrainingCase:
+class TrainingCase(_MixedBudgetCase):
     name = "training"
     title = "training step of attention (forward + backward), batch of 4 with different budgets of 1 reference"
     impl_names = ("sparsectx (packed varlen)", "sdpa padded + key mask", "sdpa per-sample loop")
@@ -485,17 +496,8 @@ class TrainingCase:
         "tiny": dict(heads=2, dim=64, own=16 + 64, ref_tokens=64, keeps=(0.05, 0.30, 0.60, 1.0)),
     }
 
-    def configs(self, size: str, quick: bool = False):
-        return [self.sizes[size]["keeps"]]
-
-    def label(self, config) -> str:
-        return "keep-" + "-".join(_pct(k) for k in config)
-
     def build(self, config, size: str, device: torch.device) -> Workload:
-        s = self.sizes[size]
-        dtype, gen = _dtype_for(device), _generator(device)
-        data = _Varlen(s["heads"], s["dim"], s["own"], s["ref_tokens"], [_kept(k, s["ref_tokens"]) for k in config],
-                       device, dtype, gen)
+        s, dtype, gen, data = self.data(config, size, device)
         leaves = [t.detach().clone().requires_grad_(True) for t in (data.q, data.k, data.v)]
         dout = _randn(gen, *data.q.shape, device=device, dtype=dtype)
 
