@@ -548,6 +548,15 @@ class BudgetResult(NamedTuple):
 PerImage = Union[int, float, Sequence, torch.Tensor]
 
 
+def _broadcast_per_image(name: str, tensor: torch.Tensor, batch: int, n_refs: int) -> torch.Tensor:
+    """``tensor`` broadcast to one value per (sample, reference image), or a ValueError naming ``name``."""
+    try:
+        return torch.broadcast_to(tensor, (batch, n_refs))
+    except RuntimeError:
+        raise ValueError(f"{name} of shape {tuple(tensor.shape)} does not broadcast to [B={batch}, "
+                         f"n_refs={n_refs}]") from None
+
+
 def _per_image(name: str, value: PerImage, batch: int, ref_lengths: Sequence[int], device,
                allow_ratio: bool = True, allow_count: bool = True) -> torch.Tensor:
     """A count-or-ratio setting as an int64 ``[B, n_refs]`` count tensor. Floats are ratios of each image's length
@@ -574,11 +583,7 @@ def _per_image(name: str, value: PerImage, batch: int, ref_lengths: Sequence[int
         raise TypeError(f"{name} must be an int count, got floats")
     if not tensor.is_floating_point() and not allow_count:
         raise TypeError(f"{name} must be a float ratio, got ints")
-    try:
-        tensor = torch.broadcast_to(tensor, (batch, len(ref_lengths)))
-    except RuntimeError:
-        raise ValueError(f"{name} of shape {tuple(tensor.shape)} does not broadcast to [B={batch}, "
-                         f"n_refs={len(ref_lengths)}]") from None
+    tensor = _broadcast_per_image(name, tensor, batch, len(ref_lengths))
     lengths = torch.tensor(ref_lengths, device=device)
     if tensor.is_floating_point():
         return torch.minimum(torch.floor(tensor.double() * lengths + 0.5).long(), lengths)
@@ -702,11 +707,7 @@ def adaptive_budget(scores: torch.Tensor, coverage: Union[float, torch.Tensor] =
         raise TypeError(f"coverage must be a float or a tensor, got {type(coverage).__name__}")
     if bad:
         raise ValueError(f"coverage must lie in [0, 1], got {coverage!r}")
-    try:
-        cov = torch.broadcast_to(cov, (batch, len(ref_lengths)))
-    except RuntimeError:
-        raise ValueError(f"coverage of shape {tuple(cov.shape)} does not broadcast to [B={batch}, "
-                         f"n_refs={len(ref_lengths)}]") from None
+    cov = _broadcast_per_image("coverage", cov, batch, len(ref_lengths))
     low = _per_image("floor", floor, batch, ref_lengths, device)
     high = _per_image("cap", cap, batch, ref_lengths, device)
     counts = torch.empty((batch, len(ref_lengths)), dtype=torch.long, device=device)
