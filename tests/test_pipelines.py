@@ -1,0 +1,267 @@
+"""Whole-pipeline calls of FluxKontextPipeline and QwenImageEditPlusPipeline under sparsectx.enable: tiny random-weight
+components built from configs (fp32, CPU, offline). No text encoder, tokenizer or Qwen2.5-VL processor is built: the
+prompts come as ``prompt_embeds`` (+ ``pooled_prompt_embeds`` for Flux, ``prompt_embeds_mask`` for Qwen), which
+makes both pipelines skip them, so they are passed as None."""
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")  # without it the Flux / Qwen pipelines are import placeholders
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry  # noqa: E402
+from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as qwen_edit_plus  # noqa: E402
+
+import sparsectx  # noqa: E402
+
+HEADS, HEAD_DIM = 2, 16
+TEXT_TOKENS, TEXT_DIM, POOLED_DIM = 6, 32, 16
+PADDED_TEXT_TOKENS = 2  # Qwen prompts: the last tokens of the mask are padding
+STEPS = 2
+FP32_ATOL = 2e-5  # fp32 rounding of a different summation order
+SEED = 0
+REFERENCE_SEED = 2  # pixels of the reference images
+CFG_SCALE = 2.0
+
+# FLUX.1 Kontext: 4-level AutoencoderKL (8x) and 2x2 packing -> 16 pixels per token
+KONTEXT = "kontext"
+KONTEXT_PX_PER_TOKEN = 16
+KONTEXT_LATENT_CHANNELS = 2
+KONTEXT_TARGET_PX = 64  # 4x4 target tokens
+KONTEXT_REF_SIZE = (96, 48)  # (width, height): 6x3 reference tokens (kept as given: _auto_resize=False)
+KONTEXT_BUDGET = 0.5
+
+# Qwen-Image-Edit-Plus: 3-level AutoencoderKLQwenImage (4x) and 2x2 packing -> 8 pixels per token
+QWEN, QWEN_ZERO_COND = "qwen-edit-plus", "qwen-edit-plus-zero-cond-t"  # zero_cond_t: Qwen-Image-Edit-2511 style
+QWEN_PX_PER_TOKEN = 8
+QWEN_Z_DIM = 4
+QWEN_TARGET_PX = 32  # 4x4 target tokens
+QWEN_REF_SIZES = ((64, 64), (128, 64))  # (width, height): two references of different aspect ratios
+# The pipeline resizes every reference to VAE_IMAGE_SIZE pixels of area (1024², 16k tokens each here); the tests
+# shrink that module constant so that the two references stay small and of different sizes
+QWEN_VAE_AREA = 64 * 64
+QWEN_BUDGET = [0.25, 0.5]  # one ratio per reference image
+
+FAMILIES = (KONTEXT, QWEN, QWEN_ZERO_COND)
+PLAIN, CFG_BATCH = "plain", "cfg+2-images"  # one image without guidance; true CFG with num_images_per_prompt=2
+MODES = (PLAIN, CFG_BATCH)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tiny pipelines
+# ----------------------------------------------------------------------------------------------------------------
+def _kontext_pipeline():
+    torch.manual_seed(SEED)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        latent_channels=KONTEXT_LATENT_CHANNELS, norm_num_groups=4, sample_size=KONTEXT_TARGET_PX,
+        shift_factor=0.0, scaling_factor=1.0, mid_block_add_attention=False).eval()
+    transformer = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * KONTEXT_LATENT_CHANNELS, num_layers=1, num_single_layers=1,
+        attention_head_dim=HEAD_DIM, num_attention_heads=HEADS, joint_attention_dim=TEXT_DIM,
+        pooled_projection_dim=POOLED_DIM, guidance_embeds=True, axes_dims_rope=(4, 6, 6)).eval()
+    return diffusers.FluxKontextPipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+        text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+
+
+def _qwen_pipeline(zero_cond_t):
+    torch.manual_seed(SEED)
+    vae = diffusers.AutoencoderKLQwenImage(
+        base_dim=8, z_dim=QWEN_Z_DIM, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
+        latents_mean=[0.0] * QWEN_Z_DIM, latents_std=[1.0] * QWEN_Z_DIM).eval()
+    transformer = diffusers.QwenImageTransformer2DModel(
+        patch_size=2, in_channels=4 * QWEN_Z_DIM, out_channels=QWEN_Z_DIM, num_layers=2, attention_head_dim=HEAD_DIM,
+        num_attention_heads=HEADS, joint_attention_dim=TEXT_DIM, axes_dims_rope=(4, 6, 6),
+        zero_cond_t=zero_cond_t).eval()
+    return diffusers.QwenImageEditPlusPipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+        processor=None, transformer=transformer)
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def pipe(family, monkeypatch):
+    if family == KONTEXT:
+        pipeline = _kontext_pipeline()
+    else:
+        monkeypatch.setattr(qwen_edit_plus, "VAE_IMAGE_SIZE", QWEN_VAE_AREA)
+        pipeline = _qwen_pipeline(zero_cond_t=family == QWEN_ZERO_COND)
+    pipeline.set_progress_bar_config(disable=True)
+    yield pipeline
+    sparsectx.disable(pipeline)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# inputs and expected token counts
+# ----------------------------------------------------------------------------------------------------------------
+def _images(sizes, seed):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    return [Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy())
+            for w, h in sizes]
+
+
+def _call_kwargs(family, mode):
+    """Pipeline arguments: fixed noise, prompt embeddings instead of a text encoder, latents out."""
+    g = torch.Generator().manual_seed(SEED + 1)
+    kwargs = dict(num_inference_steps=STEPS, output_type="latent", generator=torch.Generator().manual_seed(SEED))
+    embeds, negative = (torch.randn(1, TEXT_TOKENS, TEXT_DIM, generator=g) for _ in range(2))
+    if family == KONTEXT:
+        kwargs.update(image=_images([KONTEXT_REF_SIZE], seed=REFERENCE_SEED)[0], prompt_embeds=embeds,
+                      pooled_prompt_embeds=torch.randn(1, POOLED_DIM, generator=g), height=KONTEXT_TARGET_PX,
+                      width=KONTEXT_TARGET_PX, max_area=KONTEXT_TARGET_PX ** 2, _auto_resize=False)
+        negative_kwargs = dict(negative_prompt_embeds=negative,
+                               negative_pooled_prompt_embeds=torch.randn(1, POOLED_DIM, generator=g))
+    else:
+        mask = torch.ones(1, TEXT_TOKENS, dtype=torch.long)
+        mask[:, -PADDED_TEXT_TOKENS:] = 0
+        kwargs.update(image=_images(QWEN_REF_SIZES, seed=REFERENCE_SEED), prompt_embeds=embeds,
+                      prompt_embeds_mask=mask, height=QWEN_TARGET_PX, width=QWEN_TARGET_PX)
+        negative_kwargs = dict(negative_prompt_embeds=negative, negative_prompt_embeds_mask=mask.clone())
+    if mode == CFG_BATCH:
+        kwargs.update(negative_kwargs, true_cfg_scale=CFG_SCALE, num_images_per_prompt=2)
+    else:
+        kwargs.update(true_cfg_scale=1.0)  # Qwen's default (4.0) would warn without a negative prompt
+    return kwargs
+
+
+def _target_tokens(family):
+    px, per_token = (KONTEXT_TARGET_PX, KONTEXT_PX_PER_TOKEN) if family == KONTEXT else \
+        (QWEN_TARGET_PX, QWEN_PX_PER_TOKEN)
+    return (px // per_token) ** 2
+
+
+def _reference_tokens(family):
+    """Tokens per reference image as each pipeline resizes it: Kontext keeps the size (rounded down to whole
+    tokens), Qwen-Image-Edit-Plus resizes every reference to a fixed area at its aspect ratio."""
+    if family == KONTEXT:
+        w, h = KONTEXT_REF_SIZE
+        return [(w // KONTEXT_PX_PER_TOKEN) * (h // KONTEXT_PX_PER_TOKEN)]
+    sizes = [qwen_edit_plus.calculate_dimensions(QWEN_VAE_AREA, w / h) for w, h in QWEN_REF_SIZES]
+    return [(w // QWEN_PX_PER_TOKEN) * (h // QWEN_PX_PER_TOKEN) for w, h in sizes]
+
+
+def _budget(family):
+    return KONTEXT_BUDGET if family == KONTEXT else QWEN_BUDGET
+
+
+def _kept_tokens(family):
+    ratios = [KONTEXT_BUDGET] if family == KONTEXT else QWEN_BUDGET
+    counts = [ratio * n for ratio, n in zip(ratios, _reference_tokens(family))]
+    assert all(c == int(c) for c in counts), "choose budgets that keep whole tokens (no rounding rule involved)"
+    return [int(c) for c in counts]
+
+
+def _image_embedder(transformer):
+    """The transformer's first layer on the image sequence: it sees the sequence the blocks run on."""
+    return transformer.x_embedder if hasattr(transformer, "x_embedder") else transformer.img_in
+
+
+def _run(pipe, family, mode):
+    with torch.no_grad():
+        return pipe(**_call_kwargs(family, mode)).images
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# exactness
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+def test_keep_all_equals_unpatched_pipeline(pipe, family, mode):
+    expected = _run(pipe, family, mode)
+    sparsectx.enable(pipe, budget=1.0, selector="random", seed=SEED)
+    torch.testing.assert_close(_run(pipe, family, mode), expected, rtol=0, atol=FP32_ATOL)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_disable_restores_bit_exact(pipe, family, mode):
+    original_class = type(pipe)
+    expected = _run(pipe, family, mode)
+    sparsectx.enable(pipe, budget=_budget(family), selector="random", seed=SEED)
+    sparse = _run(pipe, family, mode)
+    assert sparse.shape == expected.shape
+    assert not torch.allclose(sparse, expected, rtol=0, atol=FP32_ATOL)  # the dropped tokens did matter
+    sparsectx.disable(pipe)
+    assert type(pipe) is original_class and "forward" not in pipe.transformer.__dict__
+    assert torch.equal(_run(pipe, family, mode), expected)
+
+
+class _KeyMaskedNative:
+    """Test-only: diffusers' native attention backend with the dropped reference tokens masked out as keys. The
+    joint sequence is [text, image] in both families; ``image_keep`` (bool [1, S_image]) is shared by the batch."""
+
+    def __init__(self, image_keep):
+        self.image_keep = image_keep
+        self.native = _AttentionBackendRegistry._backends[AttentionBackendName.NATIVE]
+
+    def __call__(self, query, key, value, attn_mask=None, **kwargs):
+        batch, n_keys = key.shape[:2]
+        n_text = n_keys - self.image_keep.shape[1]
+        text = torch.ones(1, n_text, dtype=torch.bool, device=key.device)
+        key_mask = torch.cat([text, self.image_keep.to(key.device)], 1).expand(batch, -1)[:, None, None, :]
+        if attn_mask is not None:  # the padded prompt tokens stay masked too
+            key_mask = key_mask & attn_mask.bool()
+        return self.native(query, key, value, attn_mask=key_mask, **kwargs)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sparse_pipeline_equals_masking_dropped_keys(pipe, family, mode, monkeypatch):
+    """Dropping the unselected reference rows (sparsectx) == keeping them and masking them as keys in every
+    attention layer, over the whole denoising loop (positions, RoPE and modulation of the kept tokens are right)."""
+    sparsectx.enable(pipe, budget=_budget(family), selector="random", seed=SEED)
+    sparse = _run(pipe, family, mode)
+    keep = pipe.transformer._sparsectx_patch.cache.keep  # the same seeded selection at every call
+    assert torch.equal(keep, keep[:1].expand_as(keep))  # shared by the images of the batch
+    sparsectx.disable(pipe)
+
+    image_keep = torch.cat([torch.ones(1, _target_tokens(family), dtype=torch.bool), keep[:1]], 1)
+    monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.NATIVE,
+                        _KeyMaskedNative(image_keep))
+    torch.testing.assert_close(sparse, _run(pipe, family, mode), rtol=0, atol=FP32_ATOL)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# what reaches the transformer
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+def test_transformer_sees_target_plus_kept_tokens(pipe, family, mode):
+    selections = []
+
+    def counting_random(latents, context):
+        selections.append((tuple(latents.shape[:2]), list(context.ref_lengths)))
+        return torch.rand(latents.shape[:2], generator=context.generator)
+
+    calls = 2  # a second call with the same references must select again
+    branches = 2 if mode == CFG_BATCH else 1  # cond (+ uncond) forward per step
+    images = 2 if mode == CFG_BATCH else 1
+    full, compacted = [], []
+    handles = [
+        # the transformer's own pre-hook sees the pipeline's input: target + every reference token
+        pipe.transformer.register_forward_pre_hook(
+            lambda mod, args, kwargs: full.append(tuple(kwargs["hidden_states"].shape[:2])), with_kwargs=True),
+        # inside the transformer, the blocks' input: target + kept tokens
+        _image_embedder(pipe.transformer).register_forward_pre_hook(
+            lambda mod, args: compacted.append(tuple(args[0].shape[:2]))),
+    ]
+    sparsectx.enable(pipe, budget=_budget(family), selector=counting_random, seed=SEED)
+    try:
+        for _ in range(calls):
+            latents = _run(pipe, family, mode)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    n_target, n_refs, n_kept = _target_tokens(family), _reference_tokens(family), _kept_tokens(family)
+    if family != KONTEXT:  # Qwen: two references of different token counts, each keeping its own budget
+        assert len(set(n_refs)) == len(n_refs) == 2 and all(0 < k < n for k, n in zip(n_kept, n_refs))
+    forwards = calls * STEPS * branches
+    assert full == [(images, n_target + sum(n_refs))] * forwards
+    assert compacted == [(images, n_target + sum(n_kept))] * forwards  # the batch runs as one group
+    # one selection per pipeline call, on one copy of the references shared by the images and the CFG branch
+    assert selections == [((1, sum(n_refs)), n_refs)] * calls
+    assert latents.shape[:2] == (images, n_target)
+
