@@ -37,7 +37,8 @@ from . import ops
 
 SEED = 0
 SIZES = ("tiny", "full")
-CASE_ORDER = ("attention", "compaction", "batch", "masked", "training", "e2e", "selection", "kv")
+CASE_ORDER = ("attention", "compaction", "batch", "masked", "training", "e2e", "selection", "e2e_kontext",
+              "kv")
 # relative L2 error bound between two implementations computing the same function in one dtype
 REL_ERR_BOUND = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # timing: do_bench warm-up / measuring windows (ms) on a GPU; repetitions and time budget (s) on the CPU
@@ -670,7 +671,8 @@ class CompactionCase:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# case: one denoising step of the real FLUX.2-klein-9B architecture with random weights
+# cases: one denoising step of a real reference-conditioned architecture (FLUX.2-klein-9B, FLUX.1-Kontext-12B)
+# with random weights
 # ----------------------------------------------------------------------------------------------------------------
 FLUX2_KLEIN_9B = dict(patch_size=1, in_channels=128, num_layers=8, num_single_layers=24, attention_head_dim=128,
                       num_attention_heads=32, joint_attention_dim=12288, mlp_ratio=3.0,
@@ -678,8 +680,46 @@ FLUX2_KLEIN_9B = dict(patch_size=1, in_channels=128, num_layers=8, num_single_la
 FLUX2_TINY = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=32,
                   num_attention_heads=2, joint_attention_dim=64, mlp_ratio=3.0, axes_dims_rope=(8, 8, 8, 8),
                   rope_theta=2000, guidance_embeds=False)
+# FLUX.1-dev / Kontext-dev (FACTS §2): packed 2x2 latents (64 channels), T5 text (4096) + pooled CLIP (768)
+FLUX1_KONTEXT_12B = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                         num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                         guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+FLUX1_TINY = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                  num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=24, guidance_embeds=True,
+                  axes_dims_rope=(4, 6, 6))
 REFERENCE_TIME_STRIDE = 10  # FLUX.2: reference i has time coordinate 10 * (i + 1)
+KONTEXT_PLANE_STRIDE = 1  # FLUX.1 Kontext: reference i on id plane i + 1 (the pipeline's single reference: plane 1)
+KONTEXT_GUIDANCE = 3.5  # FluxKontextPipeline's default guidance_scale (guidance-distilled: an embedding input)
+STEP_TIMESTEP = 0.5  # the pipelines pass t in [0, 1]; the models scale it by 1000
 _MODEL_CACHE: dict = {}
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """What the end-to-end cases need to know of a transformer family: the diffusers class and its real and tiny
+    configs, and the layout of one step's inputs (position ids and the extra conditioning arguments)."""
+
+    label: str  # the real model, in shape labels
+    class_name: str  # diffusers transformer class
+    configs: dict  # size -> constructor arguments
+    n_axes: int  # position-id axes: (plane or time, h, w[, l])
+    ref_plane_stride: int  # reference i has first id axis ref_plane_stride * (i + 1); the target has 0
+    batched_ids: bool  # ids passed as [1, S, n_axes] (FLUX.2) or [S, n_axes] (FLUX.1)
+    text_position_axis: Optional[int]  # the id axis counting text tokens (FLUX.2: L), None: all-zero text ids
+    pooled: bool  # pooled text embedding input (FLUX.1: CLIP)
+    guidance: Optional[float]  # guidance-embedding input (guidance-distilled FLUX.1-dev / Kontext-dev)
+
+    def ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Batched ``[1, S, n_axes]`` ids in the form the model takes."""
+        return ids if self.batched_ids else ids[0]
+
+
+KLEIN = ModelFamily("klein-9B", "Flux2Transformer2DModel", {"full": FLUX2_KLEIN_9B, "tiny": FLUX2_TINY}, n_axes=4,
+                    ref_plane_stride=REFERENCE_TIME_STRIDE, batched_ids=True, text_position_axis=3, pooled=False,
+                    guidance=None)
+KONTEXT = ModelFamily("Kontext-12B", "FluxTransformer2DModel", {"full": FLUX1_KONTEXT_12B, "tiny": FLUX1_TINY},
+                      n_axes=3, ref_plane_stride=KONTEXT_PLANE_STRIDE, batched_ids=False, text_position_axis=None,
+                      pooled=True, guidance=KONTEXT_GUIDANCE)
 
 
 def release_cached_models() -> None:
@@ -703,45 +743,55 @@ class _DefaultDtype:
         torch.set_default_dtype(self.saved)
 
 
-def _flux2_model(size: str, device: torch.device, dtype: torch.dtype):
-    key = (size, str(device), dtype)
+def _cached_model(family: ModelFamily, size: str, device: torch.device, dtype: torch.dtype):
+    """The family's transformer with random weights (one model cached at a time: a 12B model is 24 GB in bf16)."""
+    key = (family.class_name, size, str(device), dtype)
     if key not in _MODEL_CACHE:
         _MODEL_CACHE.clear()
-        from diffusers import Flux2Transformer2DModel
+        import diffusers
 
-        config = FLUX2_KLEIN_9B if size == "full" else FLUX2_TINY
+        model_class = getattr(diffusers, family.class_name)
         # random weights created directly on the device in the benchmark dtype (initialisation runs there, fast)
         with torch.device(device), _DefaultDtype(dtype), torch.no_grad():
-            model = Flux2Transformer2DModel(**config)
+            model = model_class(**family.configs[size])
         _MODEL_CACHE[key] = model.eval()
     return _MODEL_CACHE[key]
 
 
-def _grid_ids(side: int, time_coord: int, device) -> torch.Tensor:
-    """FLUX.2 4-axis position ids (T, H, W, L) of a ``side x side`` latent grid."""
+def _grid_ids(side: int, plane: int, device, n_axes: int = KLEIN.n_axes) -> torch.Tensor:
+    """Position ids of a ``side x side`` latent grid: first axis ``plane`` (FLUX.2: time T, FLUX.1: plane), then
+    row and column (FLUX.2's fourth axis L stays 0), as the FLUX.2 / FLUX.1 pipelines make them."""
     hh, ww = torch.meshgrid(torch.arange(side, device=device), torch.arange(side, device=device), indexing="ij")
-    ids = torch.zeros(side * side, 4, dtype=torch.int64, device=device)
-    ids[:, 0], ids[:, 1], ids[:, 2] = time_coord, hh.flatten(), ww.flatten()
+    ids = torch.zeros(side * side, n_axes, dtype=torch.int64, device=device)
+    ids[:, 0], ids[:, 1], ids[:, 2] = plane, hh.flatten(), ww.flatten()
     return ids
 
 
-def _klein_inputs(model, size_spec: dict, refs: int, device, dtype, gen) -> dict:
-    """Random inputs of one FLUX.2 klein step: target latents and ids, ``refs`` reference images (latents and 4-axis
-    ids, reference i at time coordinate 10·(i+1)), text embeddings and ids, and the timestep."""
+def _step_inputs(family: ModelFamily, model, size_spec: dict, refs: int, device, dtype, gen) -> dict:
+    """Random inputs of one step: target latents and ids (plane 0), ``refs`` reference images (latents and ids,
+    reference i on plane ``ref_plane_stride·(i+1)``), text embeddings and ids, the timestep, and the family's extra
+    conditioning (``extra``: pooled text embedding, guidance). Ids are batched ``[1 or refs, S, n_axes]``."""
     cfg = model.config
     channels, n_target, n_ref = cfg.in_channels, size_spec["target_side"] ** 2, size_spec["ref_side"] ** 2
-    text_ids = torch.zeros(1, size_spec["text"], 4, dtype=torch.int64, device=device)
-    text_ids[0, :, 3] = torch.arange(size_spec["text"], device=device)
+    text_ids = torch.zeros(1, size_spec["text"], family.n_axes, dtype=torch.int64, device=device)
+    if family.text_position_axis is not None:
+        text_ids[0, :, family.text_position_axis] = torch.arange(size_spec["text"], device=device)
+    extra = {}
+    if family.pooled:
+        extra["pooled_projections"] = _randn(gen, 1, cfg.pooled_projection_dim, device=device, dtype=dtype)
+    if family.guidance is not None:
+        extra["guidance"] = torch.full((1,), family.guidance, device=device, dtype=dtype)
     return dict(
         channels=channels, n_target=n_target, n_ref=n_ref,
         target=_randn(gen, 1, n_target, channels, device=device, dtype=dtype),
         ref_latents=_randn(gen, refs, n_ref, channels, device=device, dtype=dtype),
         text=_randn(gen, 1, size_spec["text"], cfg.joint_attention_dim, device=device, dtype=dtype),
         text_ids=text_ids,
-        target_ids=_grid_ids(size_spec["target_side"], 0, device)[None],
-        ref_ids=torch.stack([_grid_ids(size_spec["ref_side"], REFERENCE_TIME_STRIDE * (i + 1), device)
-                             for i in range(refs)]),
-        timestep=torch.full((1,), 0.5, device=device, dtype=dtype),
+        target_ids=_grid_ids(size_spec["target_side"], 0, device, family.n_axes)[None],
+        ref_ids=torch.stack([_grid_ids(size_spec["ref_side"], family.ref_plane_stride * (i + 1), device,
+                                       family.n_axes) for i in range(refs)]),
+        timestep=torch.full((1,), STEP_TIMESTEP, device=device, dtype=dtype),
+        extra=extra,
     )
 
 
@@ -762,8 +812,14 @@ def _torch_topk_rows(scores: torch.Tensor, count: int) -> torch.Tensor:
 
 
 class EndToEndCase:
+    """One denoising step of a family's real architecture with its reference tokens compacted by sparsectx (by hand
+    and through ``sparsectx.enable``), by plain torch, all kept, and none (the limit). A subclass sets another
+    ``family``, ``sizes`` and names; configs are ``(refs, keep)``, or ``(refs, keep, BREAKDOWN)`` where ``sizes``
+    lists breakdown configs."""
+
     name = "e2e"
     title = "one denoising step, FLUX.2-klein-9B architecture (random weights), kept reference tokens in the sequence"
+    family = KLEIN
     impl_names = ("sparsectx compact_tokens + step", "sparsectx.enable (sparsectx attn)",
                   "sparsectx.enable (native attn)", "torch topk+sort+index_select + step",
                   "keep all reference tokens", "no reference (limit)")
@@ -787,7 +843,7 @@ class EndToEndCase:
     def configs(self, size: str, quick: bool = False):
         s = self.sizes[size]
         main = s["quick"] if quick else [(r, k) for r in s["refs"] for k in s["keeps"]]
-        breakdown = s["quick_breakdown"] if quick else s["breakdown"]
+        breakdown = s.get("quick_breakdown" if quick else "breakdown", [])
         return list(main) + [(r, k, self.BREAKDOWN) for r, k in breakdown]
 
     def label(self, config) -> str:
@@ -801,16 +857,17 @@ class EndToEndCase:
         refs, keep = config[:2]
         breakdown = len(config) > 2
         s = self.sizes[size]
+        family = self.family
         dtype, gen = _dtype_for(device), _generator(device)
-        model = _flux2_model(size, device, dtype)
-        x = _klein_inputs(model, s, refs, device, dtype, gen)
-        channels, n_target, n_ref = x["channels"], x["n_target"], x["n_ref"]
+        model = _cached_model(family, size, device, dtype)
+        x = _step_inputs(family, model, s, refs, device, dtype, gen)
+        channels, n_target, n_ref, n_axes = x["channels"], x["n_target"], x["n_ref"], family.n_axes
         scores = torch.rand(refs, n_ref, generator=gen, device=device)  # a random selector, per reference image
         count = math.floor(keep * n_ref + 0.5)
 
         def step_kwargs(latents, ids) -> dict:
-            return dict(hidden_states=latents, encoder_hidden_states=x["text"], timestep=x["timestep"], img_ids=ids,
-                        txt_ids=x["text_ids"], return_dict=False)
+            return dict(hidden_states=latents, encoder_hidden_states=x["text"], timestep=x["timestep"],
+                        img_ids=family.ids(ids), txt_ids=family.ids(x["text_ids"]), return_dict=False, **x["extra"])
 
         def step(latents, ids):
             with torch.inference_mode():
@@ -819,7 +876,7 @@ class EndToEndCase:
 
         def with_refs(packed_latents, packed_ids):
             return step(torch.cat([x["target"], packed_latents.reshape(1, -1, channels)], 1),
-                        torch.cat([x["target_ids"], packed_ids.reshape(1, -1, 4)], 1))
+                        torch.cat([x["target_ids"], packed_ids.reshape(1, -1, n_axes)], 1))
 
         def sparsectx_step():
             kept = ops.compact_tokens(scores, x["ref_latents"], x["ref_ids"], budget=count)
@@ -833,11 +890,12 @@ class EndToEndCase:
 
         full_step = lambda: with_refs(x["ref_latents"], x["ref_ids"])  # noqa: E731 - every reference token
         shape = (f"{refs} ref x {_pct(keep)} ({refs * count} of {refs * n_ref} tokens), target {n_target}, "
-                 f"text {s['text']}, {'klein-9B' if size == 'full' else 'tiny'} {str(dtype).replace('torch.', '')}")
+                 f"text {s['text']}, {family.label if size == 'full' else 'tiny ' + family.class_name} "
+                 f"{str(dtype).replace('torch.', '')}")
         primary = Impl("sparsectx compact_tokens + step", sparsectx_step, note="compaction inside the timed step")
         if breakdown:
             full_kwargs = step_kwargs(torch.cat([x["target"], x["ref_latents"].reshape(1, -1, channels)], 1),
-                                      torch.cat([x["target_ids"], x["ref_ids"].reshape(1, -1, 4)], 1))
+                                      torch.cat([x["target_ids"], x["ref_ids"].reshape(1, -1, n_axes)], 1))
             impls = [primary, _enable_impl(model, full_step, scores, count, "native"),
                      *_breakdown_impls(model, full_step, full_kwargs, scores, count, n_target, refs * count)]
             return Workload(self.name, shape + ", enable-path breakdown", impls, dtype, reps=s["reps"],
@@ -852,6 +910,30 @@ class EndToEndCase:
                  note="lower bound of any selection", shared_key=(self.name, "none")),
         ]
         return Workload(self.name, shape, impls, dtype, reps=s["reps"], track_memory=True)
+
+
+class KontextEndToEndCase(EndToEndCase):
+    """The same step on the FLUX.1-Kontext-12B architecture (``FluxTransformer2DModel``, guidance embedding as in
+    Kontext-dev), 1024² target as packed 2x2 latents (64 x 64 tokens of 64 channels), 512 T5 tokens + pooled CLIP.
+
+    Reference ids: ``FluxKontextPipeline`` takes one reference, whose ids are a latent grid's (plane, row, column)
+    made by ``_prepare_latent_image_ids`` with the plane then set to 1 (``image_ids[..., 0] = 1``; the target: 0).
+    With several references each gets its own plane (1, 2, 3), rows and columns from 0: sparsectx finds reference
+    images by their plane (as with FLUX.2's time coordinates), so all of them on plane 1 (with row/column offsets)
+    would be one image of their joint length to it, and a per-image budget would apply to the group (checked: the
+    enable rows then disagree with the per-image compaction). No enable-path breakdown here (the klein case has
+    it)."""
+
+    name = "e2e_kontext"
+    title = ("one denoising step, FLUX.1-Kontext-12B architecture (random weights; reference i on id plane i+1), kept "
+             "reference tokens in the sequence")
+    family = KONTEXT
+    sizes = {
+        "full": dict(target_side=64, text=512, ref_side=64, refs=(3, 1), keeps=(0.25, 0.10, 0.05),
+                     quick=[(1, 0.10), (3, 0.10)], reps=3),
+        "tiny": dict(target_side=8, text=16, ref_side=8, refs=(1, 3), keeps=(0.25, 0.05), quick=[(1, 0.25)],
+                     reps=None),
+    }
 
 
 def _breakdown_impls(model, full_step: Callable[[], Any], full_kwargs: dict, scores: torch.Tensor, count: int,
@@ -1120,9 +1202,9 @@ class KVCacheCase:
         refs, keep = config
         s = self.sizes[size]
         dtype, gen = _dtype_for(device), _generator(device)
-        model = _flux2_model(size, device, dtype)
+        model = _cached_model(KLEIN, size, device, dtype)
         _install_kv_processors(model)
-        x = _klein_inputs(model, s, refs, device, dtype, gen)
+        x = _step_inputs(KLEIN, model, s, refs, device, dtype, gen)
         channels, n_target, n_ref = x["channels"], x["n_target"], x["n_ref"]
         scores = torch.rand(refs, n_ref, generator=gen, device=device)
         count = math.floor(keep * n_ref + 0.5)
@@ -1134,20 +1216,20 @@ class KVCacheCase:
             the extract step (as the KV pipeline puts them), then cached steps; without ``cache`` they follow the
             target at every step (the plain pipeline)."""
             latents, kv_cache = x["target"], None
+            if ref_latents is not None:  # the references' tokens as one sequence
+                ref_latents, ref_ids = ref_latents.reshape(1, -1, channels), ref_ids.reshape(1, -1, KLEIN.n_axes)
             with torch.inference_mode():
                 for i, (t, t_next) in enumerate(zip(sigmas, sigmas[1:])):
                     timestep = torch.full((1,), t, device=device, dtype=dtype)
                     if ref_latents is None:
                         v = model(hidden_states=latents, timestep=timestep, img_ids=x["target_ids"], **common)[0]
                     elif not cache:
-                        v = model(hidden_states=torch.cat([latents, ref_latents.reshape(1, -1, channels)], 1),
-                                  timestep=timestep, img_ids=torch.cat([x["target_ids"], ref_ids.reshape(1, -1, 4)], 1),
-                                  **common)[0][:, :n_target]
+                        v = model(hidden_states=torch.cat([latents, ref_latents], 1), timestep=timestep,
+                                  img_ids=torch.cat([x["target_ids"], ref_ids], 1), **common)[0][:, :n_target]
                     elif i == 0:
-                        refs_flat = ref_latents.reshape(1, -1, channels)
-                        v, kv_cache = model(hidden_states=torch.cat([refs_flat, latents], 1), timestep=timestep,
-                                            img_ids=torch.cat([ref_ids.reshape(1, -1, 4), x["target_ids"]], 1),
-                                            kv_cache_mode="extract", num_ref_tokens=refs_flat.shape[1], **common)
+                        v, kv_cache = model(hidden_states=torch.cat([ref_latents, latents], 1), timestep=timestep,
+                                            img_ids=torch.cat([ref_ids, x["target_ids"]], 1),
+                                            kv_cache_mode="extract", num_ref_tokens=ref_latents.shape[1], **common)
                     else:
                         v = model(hidden_states=latents, timestep=timestep, img_ids=x["target_ids"],
                                   kv_cache=kv_cache, kv_cache_mode="cached", **common)[0]
@@ -1217,8 +1299,9 @@ def _enable_impl(model, full_step: Callable[[], Any], scores: torch.Tensor, coun
 
 
 CASES = {case.name: case for case in (AttentionCase(), CompactionCase(), BatchCase(), MaskedCase(), TrainingCase(),
-                                      EndToEndCase(), SelectionCase(), KVCacheCase())}
-MODEL_CASES = (EndToEndCase.name, KVCacheCase.name)  # cases that build the cached model (released after them)
+                                      EndToEndCase(), KontextEndToEndCase(), SelectionCase(), KVCacheCase())}
+# cases that build the cached model (released after them)
+MODEL_CASES = (EndToEndCase.name, KontextEndToEndCase.name, KVCacheCase.name)
 
 
 # ----------------------------------------------------------------------------------------------------------------
