@@ -544,9 +544,11 @@ class TrainingCase(_MixedBudgetCase):
 class MaskedCase:
     name = "masked"
     title = "dense layout [B, S, H, D] + key keep-mask: 3 references with 5% of their tokens kept"
-    impl_names = ("sparsectx masked_attention", "sdpa bool key mask (cudnn)", "sdpa bool key mask (default)",
+    impl_names = ("sparsectx masked_attention", "sparsectx masked_attention (kept_prefix)",
+                  "sdpa bool key mask (cudnn)", "sdpa bool key mask (default)",
                   "sdpa bool key mask (efficient)", "ideal: sdpa on compacted keys", "flex_attention mask_mod",
-                  "sparsectx masked_attention (query_mask)", "ideal: sdpa on compacted queries and keys")
+                  "sparsectx masked_attention (query_mask)", "sparsectx masked_attention (query_mask, kept_prefix)",
+                  "ideal: sdpa on compacted queries and keys")
     sizes = {
         "full": dict(heads=24, dim=128, own=512 + 4096, refs=3, ref_tokens=4096, keep=0.05),
         "tiny": dict(heads=2, dim=64, own=16 + 64, refs=3, ref_tokens=64, keep=0.05),
@@ -566,7 +568,7 @@ class MaskedCase:
         s = self.sizes[size]
         dtype, gen = _dtype_for(device), _generator(device)
         seq = s["own"] + s["refs"] * s["ref_tokens"]
-        heads, dim = s["heads"], s["dim"]
+        heads, dim, own = s["heads"], s["dim"], s["own"]
         q, k, v = (_randn(gen, 1, seq, heads, dim, device=device, dtype=dtype) for _ in range(3))
         key_mask = torch.zeros(1, seq, dtype=torch.bool, device=device)
         key_mask[0, :s["own"]] = True
@@ -587,6 +589,9 @@ class MaskedCase:
             impls = [
                 Impl("sparsectx masked_attention", lambda: ops.masked_attention(q, k, v, key_mask),
                      note="kept keys gathered by index"),
+                Impl("sparsectx masked_attention (kept_prefix)",
+                     lambda: ops.masked_attention(q, k, v, key_mask, kept_prefix=own),
+                     note=f"text + target ({own}) as contiguous keys, references gathered"),
                 *_sdpa_impls(["cudnn"], q4, k4, v4, device, to_dense, attn_mask=attn_mask,
                              label="sdpa bool key mask ({})"),
                 Impl("sdpa bool key mask (default)", lambda: _sdpa(q4, k4, v4, attn_mask=attn_mask),
@@ -606,6 +611,9 @@ class MaskedCase:
             Impl("sparsectx masked_attention (query_mask)",
                  lambda: ops.masked_attention(q, k, v, key_mask, query_mask=key_mask),
                  output=lambda o: o[0, kept_rows], note="dropped queries skipped"),
+            Impl("sparsectx masked_attention (query_mask, kept_prefix)",
+                 lambda: ops.masked_attention(q, k, v, key_mask, query_mask=key_mask, kept_prefix=own),
+                 output=lambda o: o[0, kept_rows], note=f"text + target ({own}) as contiguous keys"),
             Impl("ideal: sdpa on compacted queries and keys", lambda: _sdpa(qc4, kc4, vc4, best),
                  output=lambda o: o.transpose(1, 2)[0], note=f"backend {best or 'default'}; compacted beforehand"),
         ]

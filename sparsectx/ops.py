@@ -290,14 +290,18 @@ def masked_attention(
     *,
     query_mask: Optional[torch.Tensor] = None,
     softmax_scale: Optional[float] = None,
+    kept_prefix: int = 0,
 ) -> torch.Tensor:
     """Attention in diffusers' dense layout ``q, k, v [B, S, H, D]`` where sample b attends only to the keys with
     ``key_mask[b]`` True (bool ``[B, S]``). Dropped tokens stay in the tensors; the kernel gathers the kept keys by
     index, so its work scales with the kept count. ``query_mask`` (bool ``[B, S]``, e.g. the same mask) skips the
     queries where it is False: their output is zero and they cost nothing. Queries with no kept key output zero.
 
-    Gradients flow to q, k, v (zero at dropped keys and skipped queries). One small host read sizes the packed
-    index; nothing else synchronises.
+    ``kept_prefix``: the first ``kept_prefix`` tokens of every sample are keys whatever ``key_mask`` says there
+    (e.g. the text and target tokens of a training drop mask). They are copied once into contiguous key blocks,
+    which the kernel reads faster than gathered rows; only the rest of the keys is gathered through ``key_mask``.
+
+    Gradients flow to q, k, v (zero at dropped keys and skipped queries). Nothing synchronises with the host.
     """
     _check_tensor("q", q, ndim=4, dtypes=_ATTN_DTYPES)
     dev = q.device
@@ -314,20 +318,29 @@ def masked_attention(
         _check_tensor("query_mask", query_mask, ndim=2, dtypes=(torch.bool,), device=dev)
         if query_mask.shape != (batch, seq):
             raise ValueError(f"query_mask must be [B={batch}, S={seq}], got {tuple(query_mask.shape)}")
-    kept = compact_tokens(key_mask, max_total=batch * seq)
-    empty_kv = q.new_empty((0, heads, dim))
-    cu_k = torch.zeros(batch + 1, dtype=torch.int32, device=dev)
+    if isinstance(kept_prefix, bool) or not isinstance(kept_prefix, int) or not 0 <= kept_prefix <= seq:
+        raise ValueError(f"kept_prefix must be an int in [0, S={seq}], got {kept_prefix!r}")
+
+    # keys: the kept prefix as contiguous own keys, the rest gathered from the dense tensors by kept position
+    own_k = k[:, :kept_prefix].reshape(batch * kept_prefix, heads, dim)
+    own_v = v[:, :kept_prefix].reshape(batch * kept_prefix, heads, dim)
+    cu_k = torch.arange(0, (batch + 1) * kept_prefix, kept_prefix, dtype=torch.int32, device=dev) \
+        if kept_prefix else torch.zeros(batch + 1, dtype=torch.int32, device=dev)
+    refs = {}
+    if kept_prefix < seq:
+        rest = compact_tokens(key_mask[:, kept_prefix:], max_total=batch * (seq - kept_prefix))
+        refs = dict(ref_k=k[:, kept_prefix:], ref_v=v[:, kept_prefix:], ref_index=rest.index,
+                    cu_seqlens_ref=rest.cu_seqlens)
+
     if query_mask is None:
         cu_q = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=dev)
-        out = sparse_attention(q.reshape(batch * seq, heads, dim), empty_kv, empty_kv, cu_q, cu_k, seq, 0,
-                               ref_k=k, ref_v=v, ref_index=kept.index, cu_seqlens_ref=kept.cu_seqlens,
-                               softmax_scale=softmax_scale, validate=False)
+        out = sparse_attention(q.reshape(batch * seq, heads, dim), own_k, own_v, cu_q, cu_k, seq, kept_prefix,
+                               softmax_scale=softmax_scale, validate=False, **refs)
         return out.view(batch, seq, heads, dim)
     queries = compact_tokens(query_mask, q.reshape(batch, seq, heads * dim), max_total=batch * seq)
     packed_q = queries.tensors[0].view(-1, heads, dim)
-    out = sparse_attention(packed_q, empty_kv, empty_kv, queries.cu_seqlens, cu_k, seq, 0,
-                           ref_k=k, ref_v=v, ref_index=kept.index, cu_seqlens_ref=kept.cu_seqlens,
-                           softmax_scale=softmax_scale, validate=False)
+    out = sparse_attention(packed_q, own_k, own_v, queries.cu_seqlens, cu_k, seq, kept_prefix,
+                           softmax_scale=softmax_scale, validate=False, **refs)
     dense = scatter_tokens(out.reshape(-1, heads * dim), queries.index, queries.cu_seqlens, seq)
     return dense.view(batch, seq, heads, dim)
 

@@ -49,12 +49,15 @@ class AttentionState:
 
     ``image_keep``: bool ``[B, S_image]`` keep mask of the image-stream tokens (the last ``S_image`` tokens of the
     joint ``[text, image]`` sequence in every family), or None (all kept). Dropped tokens are never keys.
+    ``image_kept_prefix``: how many leading image tokens ``image_keep`` always keeps (the target before the
+    references); with the text tokens they are read as contiguous key blocks instead of gathered rows.
     ``skip_dropped_queries``: dropped tokens are not computed as queries either (their attention output is zero).
     ``delegate_when_unmasked``: with no mask active, call the processor that was replaced instead of the kernel
     (bit-exact with the unpatched model: drop training in eval mode).
     """
 
     image_keep: Optional[torch.Tensor] = None
+    image_kept_prefix: int = 0
     skip_dropped_queries: bool = True
     delegate_when_unmasked: bool = False
 
@@ -146,9 +149,12 @@ class _SparsectxProcessor:
             if self.state.skip_dropped_queries:
                 query_mask = torch.ones_like(key_mask)
                 query_mask[:, seq - n_image:] = image_keep.to(query.device)
+        kept_prefix = 0
         if attention_mask is not None:
             key_mask &= _key_mask_from_attention_mask(attention_mask, batch, seq)
-        return masked_attention(query, key, value, key_mask, query_mask=query_mask)
+        elif text_keep is None and image_keep is not None:  # every text token and the leading image tokens
+            kept_prefix = seq - image_keep.shape[1] + self.state.image_kept_prefix
+        return masked_attention(query, key, value, key_mask, query_mask=query_mask, kept_prefix=kept_prefix)
 
     def _no_mask_with_kv_cache(self, kv_cache_mode) -> None:
         if kv_cache_mode is not None and self.state.image_keep is not None:

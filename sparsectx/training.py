@@ -143,12 +143,13 @@ class _DropTrainingPatch(integration.ForwardPatch):
         from . import processors
 
         processors.restore_processors(self.transformer, self.original_processors)
-        self.state.image_keep = None
+        self.state.image_keep, self.state.image_kept_prefix = None, 0
 
     def forward(self, *args, **kwargs):
         call = self.bind(args, kwargs)
         # kept after the forward on purpose: gradient checkpointing recomputes the layers during backward
-        self.state.image_keep = self._draw_mask(call) if self.transformer.training else None
+        self.state.image_keep, self.state.image_kept_prefix = \
+            self._draw_mask(call) if self.transformer.training else (None, 0)
         return self.original_forward(**call)
 
     def _reference_rows(self, call: dict, n_image: int):
@@ -165,8 +166,9 @@ class _DropTrainingPatch(integration.ForwardPatch):
             return None
         return layout.ref_positions, layout.ref_lengths
 
-    def _draw_mask(self, call: dict) -> Optional[torch.Tensor]:
-        """bool ``[B, S_image]`` keep mask of the image sequence (target tokens kept), or None when all are kept."""
+    def _draw_mask(self, call: dict) -> tuple[Optional[torch.Tensor], int]:
+        """bool ``[B, S_image]`` keep mask of the image sequence (target tokens kept), or None when all are kept, and
+        the number of leading image tokens it always keeps (the tokens before the first reference)."""
         if call.get("kv_cache_mode") is not None:
             raise ValueError("drop training does not support the FLUX.2 reference KV cache (kv_cache_mode="
                              f"{call['kv_cache_mode']!r})")
@@ -174,12 +176,14 @@ class _DropTrainingPatch(integration.ForwardPatch):
         batch, n_image = hidden.shape[:2]
         rows = self._reference_rows(call, n_image)
         if rows is None:
-            return None
+            return None, 0
         positions, lengths = rows
         ref_keep = random_drop_mask(batch, list(lengths), 0, self.ratio_range, self.generator, device=hidden.device)
         image_keep = torch.ones((batch, n_image), dtype=torch.bool, device=hidden.device)
         image_keep[:, positions.to(hidden.device)] = ref_keep
-        return None if bool(image_keep.all()) else image_keep
+        if bool(image_keep.all()):
+            return None, 0
+        return image_keep, int(positions.min()) if positions.numel() else n_image
 
 
 def enable_drop_training(transformer, ratio_range: tuple = DEFAULT_RATIO_RANGE,

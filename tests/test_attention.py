@@ -308,3 +308,33 @@ def test_gpu_bf16_realistic_varlen(dim):
     assert_flash_criterion("lse", lse, torch_lse, exact_lse, torch.bfloat16)
     for key, exact in exact_grads.items():
         assert_flash_criterion(f"d{key}", grads[key], torch_grads[key], exact, torch.bfloat16)
+
+
+@pytest.mark.parametrize("kept_prefix", [1, 13, 37])
+@pytest.mark.parametrize("skip_queries", [False, True])
+def test_masked_attention_kept_prefix_reads_the_prefix_as_contiguous_keys(kept_prefix, skip_queries):
+    """kept_prefix = P equals the plain key mask with its first P entries forced True, forward and gradients."""
+    g = torch.Generator().manual_seed(kept_prefix)
+    batch, seq, heads, dim = 2, 37, 2, 32
+    q, k, v = (torch.randn(batch, seq, heads, dim, generator=g).to(DEVICE).requires_grad_(True) for _ in range(3))
+    key_mask = torch.rand(batch, seq, generator=g).to(DEVICE) < 0.3  # the prefix part is ignored
+    query_mask = (torch.rand(batch, seq, generator=g).to(DEVICE) < 0.6) if skip_queries else None
+    out = sparsectx.masked_attention(q, k, v, key_mask, query_mask=query_mask, kept_prefix=kept_prefix)
+    effective = key_mask.clone()
+    effective[:, :kept_prefix] = True
+    qd, kd, vd = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    expected = ref.masked_attention_ref(qd, kd, vd, effective, query_mask=query_mask)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    dout = torch.randn(out.shape, generator=g).to(DEVICE)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    want = torch.autograd.grad(expected, (qd, kd, vd), dout.double())
+    for name, a, b in zip("qkv", got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5, msg=f"d{name}")
+
+
+def test_masked_attention_kept_prefix_bad_values():
+    q = torch.randn(1, 5, 1, 16, device=DEVICE)
+    mask = torch.ones(1, 5, dtype=torch.bool, device=DEVICE)
+    for bad in (-1, 6, 2.0, True):
+        with pytest.raises(ValueError, match="kept_prefix"):
+            sparsectx.masked_attention(q, q, q, mask, kept_prefix=bad)

@@ -255,12 +255,19 @@ def test_drop_training_equals_masking_keys(models, family, skip_dropped_queries,
     model.train()
     enable_drop_training(model, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(1),
                          skip_dropped_queries=skip_dropped_queries)
-    query_masks = []
-    monkeypatch.setattr(processors, "masked_attention", lambda *a, query_mask=None, **k: query_masks.append(
-        query_mask) or sparsectx.masked_attention(*a, query_mask=query_mask, **k))
+    query_masks, prefixes = [], []
+
+    def spy(*args, query_mask=None, kept_prefix=0, **kw):
+        query_masks.append(query_mask)
+        prefixes.append(kept_prefix)
+        return sparsectx.masked_attention(*args, query_mask=query_mask, kept_prefix=kept_prefix, **kw)
+
+    monkeypatch.setattr(processors, "masked_attention", spy)
     dropped = _run(model, kwargs)
     assert len(query_masks) == len(_processors(model))  # every layer attended with the drop mask
     assert all((mask is not None) == skip_dropped_queries for mask in query_masks)
+    if kwargs.get("encoder_hidden_states_mask") is None:  # no text padding: text + target are contiguous keys
+        assert prefixes == [kwargs["encoder_hidden_states"].shape[1] + N_TARGET] * len(prefixes)
     image_keep = model._sparsectx_drop_training.state.image_keep
     assert image_keep[:, :N_TARGET].all() and not image_keep.all()
     assert not torch.equal(image_keep[0], image_keep[1])  # one draw per sample
