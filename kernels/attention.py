@@ -204,13 +204,14 @@ def attention_forward(q, k, v, cu_q, cu_k, max_seqlen_q, ref_k, ref_v, ref_index
 # backward
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _bwd_delta_kernel(O, DO, DLSE, DELTA, stride_ot, stride_oh, stride_dot, stride_doh, n_rows,
+def _bwd_delta_kernel(O, DO, DLSE, DELTA, CU_Q, n_samples, stride_ot, stride_oh, stride_dot, stride_doh, n_rows,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta[h, t] = sum_d dO[t, h, d] * O[t, h, d] - dlse[h, t] (the row term of dS = P * (dP - delta))."""
+    """delta[h, t] = sum_d dO[t, h, d] * O[t, h, d] - dlse[h, t] (the row term of dS = P * (dP - delta)), for the
+    rows that belong to a sample (rows past cu_q[B], a caller's padding, are never written by the forward)."""
     pid_m, head = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    row_valid = rows < n_rows
+    row_valid = rows < tl.load(CU_Q + n_samples)
     mask = row_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
     rows64 = rows.to(tl.int64)
     o = tl.load(O + rows64[:, None] * stride_ot + head * stride_oh + offs_d[None, :], mask=mask, other=0.0)
@@ -380,7 +381,7 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, 
     delta = torch.empty_like(lse2)
     if tq:
         _bwd_delta_kernel[(triton.cdiv(tq, DELTA_BLOCK_M), heads)](
-            out, dout, dlse, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), tq,
+            out, dout, dlse, delta, cu_q, batch, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), tq,
             HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=DELTA_BLOCK_M)
 
     common = (qk_scale, softmax_scale, q.stride(0), q.stride(1), dout.stride(0), dout.stride(1), lse2.stride(0))

@@ -210,6 +210,9 @@ def sparse_attention(
     ``max_seqlen_ref`` bounds the kept reference keys of one sample (default: the buffer length R, which needs no
     host read); only the backward's grid uses it.
 
+    Rows of q past ``cu_seqlens_q[-1]`` (a caller's padding, possible with ``validate=False``) belong to no sample:
+    the kernels leave their output rows unwritten and the torch reference fills them with zeros (lse ``-inf``).
+
     ``validate=True`` checks cu_seqlens and indices with a few small host reads; pass False in a hot loop once the
     inputs are known to be well formed (then nothing synchronises with the host).
     """
