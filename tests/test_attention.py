@@ -338,3 +338,17 @@ def test_masked_attention_kept_prefix_bad_values():
     for bad in (-1, 6, 2.0, True):
         with pytest.raises(ValueError, match="kept_prefix"):
             sparsectx.masked_attention(q, q, q, mask, kept_prefix=bad)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_masked_attention_with_kept_prefix_and_query_skipping():
+    g = torch.Generator().manual_seed(29)
+    batch, seq, heads, dim, prefix = 2, 2048, 8, 128, 512
+    q, k, v = (torch.randn(batch, seq, heads, dim, generator=g).to(DEVICE, torch.bfloat16) for _ in range(3))
+    key_mask = torch.rand(batch, seq, generator=g).to(DEVICE) < 0.1
+    key_mask[:, :prefix] = True
+    for query_mask in (None, key_mask):
+        out = sparsectx.masked_attention(q, k, v, key_mask, query_mask=query_mask, kept_prefix=prefix)
+        exact = ref.masked_attention_ref(q.double(), k.double(), v.double(), key_mask, query_mask=query_mask)
+        same = ref.masked_attention_ref(q, k, v, key_mask, query_mask=query_mask)
+        assert_flash_criterion("out", out, same, exact, torch.bfloat16)
