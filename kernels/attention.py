@@ -46,10 +46,11 @@ def _configs(gpu_shapes, interpreter_shape):
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages)
-FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3)], (32, 32))
+FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+                       (32, 32))
 # dK/dV: a program holds BLOCK_N keys and streams BLOCK_M queries; dQ: BLOCK_M queries, streams BLOCK_N keys
 DKDV_CONFIGS = _configs([(32, 64, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2), (32, 64, 4, 3)], (32, 32))
-DQ_CONFIGS = _configs([(64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2)], (32, 32))
+DQ_CONFIGS = _configs([(64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2), (64, 128, 8, 2), (64, 32, 4, 3)], (32, 32))
 
 
 # ----------------------------------------------------------------------------------------------------------------
