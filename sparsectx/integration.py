@@ -47,7 +47,7 @@ import contextlib
 import functools
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -69,7 +69,7 @@ NATIVE, SPARSECTX = "native", "sparsectx"  # enable(attention=...): diffusers' o
 ATTENTION_CHOICES = (NATIVE, SPARSECTX)
 DROP_TRAINING_ATTR = "_sparsectx_drop_training"  # set by sparsectx.training.enable_drop_training
 CALL_KWARG = "sparsectx"  # key of the per-call override dict inside (joint_)attention_kwargs
-OVERRIDE_KEYS = ("budget", "selector")
+OVERRIDE_KEYS = ("budget", "selector", "signals")
 PATCH_ATTR = "_sparsectx_patch"  # the transformer attribute holding its _SparsePatch while enabled
 TARGET_PLANE = 0  # FLUX.1 / FLUX.2: first id axis of target tokens; references use any other value
 KV_EXTRACT = "extract"
@@ -195,13 +195,40 @@ class _Settings:
     budget: Budget
     selector: Any  # a sparsectx.selection.Selector
     seed: Optional[int]
+    signals: dict = field(default_factory=dict)  # merged into the selection context's ``extra``
 
 
-def _make_settings(budget, selector, seed) -> _Settings:
+def _check_signals(signals) -> dict:
+    if signals is None:
+        return {}
+    if not isinstance(signals, dict) or not all(isinstance(k, str) for k in signals):
+        raise ValueError(f"signals must be a dict from signal names to values (e.g. {{'user_mask': mask}}), "
+                         f"got {type(signals).__name__}")
+    return dict(signals)
+
+
+def _make_settings(budget, selector, seed, signals=None) -> _Settings:
     check_budget(budget)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"seed must be an int or None, got {seed!r}")
-    return _Settings(budget, _resolve_selector(selector), seed)
+    return _Settings(budget, _resolve_selector(selector), seed, _check_signals(signals))
+
+
+def _signals_for(signals: dict, batch: int, shared: bool, device) -> dict:
+    """The user's selector signals for one selection: tensors on the model's device; per-sample tensors (leading
+    dim = the batch) cut to the first sample when the batch shares its references and is selected once. A signal
+    with a batch of 1 is used for every sample."""
+    out = {}
+    for name, value in signals.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device)
+            if value.ndim and value.shape[0] not in (1, batch):
+                raise ValueError(f"signal {name!r} has a leading dim {value.shape[0]}; expected 1 or the batch "
+                                 f"size {batch}")
+            if shared and value.ndim and value.shape[0] == batch:
+                value = value[:1]
+        out[name] = value
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -382,6 +409,8 @@ class _SparsePatch(ForwardPatch):
             raise ValueError(f"{name}['{CALL_KWARG}'] accepts {OVERRIDE_KEYS}, got unknown keys {sorted(unknown)}")
         if "budget" in overrides:
             check_budget(overrides["budget"])
+        if "signals" in overrides:
+            overrides["signals"] = _check_signals(overrides["signals"])
         if "selector" in overrides:
             # the user's object keys the cached selection (its wrapper is new at every step)
             overrides["selector_key"] = _selector_key(overrides["selector"])
@@ -408,7 +437,9 @@ class _SparsePatch(ForwardPatch):
         budget = overrides.get("budget", self.settings.budget)
         selector = overrides.get("selector", self.settings.selector)
         selector_key = overrides.get("selector_key", _selector_key(selector))
-        key = (self.call_epoch, tuple(references.shape), tuple(layout.ref_lengths), repr(budget), selector_key)
+        signals = overrides.get("signals", self.settings.signals)
+        key = (self.call_epoch, tuple(references.shape), tuple(layout.ref_lengths), repr(budget), selector_key,
+               tuple((name, id(value)) for name, value in sorted(signals.items())))
         cached = self.cache
         if cached is not None and cached.key == key and torch.equal(cached.references, references):
             return cached.keep
@@ -417,14 +448,15 @@ class _SparsePatch(ForwardPatch):
             generator = torch.Generator(device=hidden.device).manual_seed(self.settings.seed)
         from .selection import SelectionContext
 
-        context = SelectionContext(num_references=len(layout.ref_lengths), ref_lengths=list(layout.ref_lengths),
-                                   reference_ids=layout.reference_ids, target_shape=layout.target_shape,
-                                   generator=generator, extra=dict(layout.extra))
         batch = references.shape[0]
         counts = budget_counts(budget, batch, layout.ref_lengths)
         # pipelines repeat the same references over the batch: select once so the batch runs as one group
         shared = batch > 1 and all(c == counts[0] for c in counts) and \
             torch.equal(references, references[:1].expand_as(references))
+        context = SelectionContext(num_references=len(layout.ref_lengths), ref_lengths=list(layout.ref_lengths),
+                                   reference_ids=layout.reference_ids, target_shape=layout.target_shape,
+                                   generator=generator,
+                                   extra={**layout.extra, **_signals_for(signals, batch, shared, hidden.device)})
         selection = selector(references[:1] if shared else references, context)
         if selection.dtype == torch.bool:
             keep = selection.to(hidden.device)
@@ -577,12 +609,14 @@ def _check_attention(attention) -> str:
 
 
 def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Callable] = "random",
-           seed: Optional[int] = None, attention: str = NATIVE):
+           seed: Optional[int] = None, attention: str = NATIVE, signals: Optional[dict] = None):
     """Sparse Context on a diffusers pipeline or transformer: each reference image keeps ``budget`` of its tokens
     (a ratio in (0, 1] or a count; one value, one per reference image, or a list of such lists, one per request),
     chosen by ``selector`` (a name from ``sparsectx.selection.available_selectors()`` or a callable
     ``(reference_latents [B, N, C], context) -> scores [B, N] | keep mask [B, N]``; a mask is used as is).
-    ``seed`` makes random selectors deterministic (a fresh generator per selection).
+    ``seed`` makes random selectors deterministic (a fresh generator per selection). ``signals`` are the inputs
+    task-aware selectors read from ``context.extra`` (e.g. ``{"user_mask": bool [B or 1, N]}`` for ``"edit"``, or
+    probe queries/keys; see ``sparsectx.selection``); tensors go to the model's device.
 
     ``attention`` picks what computes attention on the compacted sequence:
 
@@ -597,7 +631,7 @@ def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Call
     Enabling again replaces the settings (and switches ``attention`` if it changed). Context parallelism is
     rejected with a ``RuntimeError``. Returns ``pipe_or_transformer``."""
     pipe, transformer, family = _split_target(pipe_or_transformer)
-    settings = _make_settings(budget, selector, seed)
+    settings = _make_settings(budget, selector, seed, signals)
     _check_attention(attention)
     if getattr(transformer, "_parallel_config", None) is not None:
         raise RuntimeError("sparsectx does not support diffusers context parallelism (the transformer has a "
@@ -638,13 +672,13 @@ def is_enabled(pipe_or_transformer) -> bool:
 
 @contextlib.contextmanager
 def sparse_context(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Callable] = "random",
-                   seed: Optional[int] = None, attention: str = NATIVE):
+                   seed: Optional[int] = None, attention: str = NATIVE, signals: Optional[dict] = None):
     """``with sparse_context(pipe, budget=...):`` enables Sparse Context inside the block (arguments as for
     ``enable``); on exit the previous state comes back (disabled, or the settings enabled before)."""
     _, transformer, _ = _split_target(pipe_or_transformer)
     previous = getattr(transformer, PATCH_ATTR, None)
     previous_state = (previous.settings, previous.attention) if previous is not None else None
-    enable(pipe_or_transformer, budget=budget, selector=selector, seed=seed, attention=attention)
+    enable(pipe_or_transformer, budget=budget, selector=selector, seed=seed, attention=attention, signals=signals)
     try:
         yield pipe_or_transformer
     finally:

@@ -439,3 +439,22 @@ def test_kv_extract_rejects_different_selections_in_one_batch(models):
     with pytest.raises(ValueError, match="extract step"):
         _run(model, {**kwargs, "hidden_states": hidden, "img_ids": refs_first, "kv_cache_mode": "extract",
                      "num_ref_tokens": 17})
+
+
+def test_signals_reach_task_aware_selectors(models):
+    """enable(..., selector="edit", signals={"user_mask": ...}): with a budget equal to the marked count per image,
+    each sample keeps exactly the tokens its user mask marks."""
+    model, kwargs = models["flux2"], _inputs("flux2")
+    n_refs = [h * w for h, w in REF_HWS]
+    user_mask = torch.zeros(2, sum(n_refs), dtype=torch.bool)
+    user_mask[0, [0, 1, 3, 9 + 2, 9 + 5]] = True  # 3 tokens of image 1, 2 of image 2
+    user_mask[1, [4, 7, 8, 9 + 0, 9 + 7]] = True
+    try:
+        sparsectx.enable(model, budget=[3, 2], selector="edit", signals={"user_mask": user_mask})
+        model(**kwargs)
+        keep = getattr(model, integration.PATCH_ATTR).cache.keep
+        assert torch.equal(keep, user_mask)
+        with pytest.raises(ValueError, match="signals must be a dict"):
+            sparsectx.enable(model, budget=0.5, signals=[user_mask])
+    finally:
+        sparsectx.disable(model)
