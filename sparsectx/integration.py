@@ -35,6 +35,14 @@ processors (diffusers' SDPA dispatch: exact, and cuDNN on a GPU); ``attention="s
 of ``sparsectx.processors`` so that sparsectx's Triton kernel computes every attention layer. ``disable`` restores
 the original processor objects.
 
+Attention probe (task-aware selectors). For FLUX.1 and FLUX.2, the selection context's ``extra`` holds an
+``"attention_probe"``: when a selector needs probe tensors (``edit``, ``subject``, ``attention``) that the user did
+not give in ``signals``, it runs the original forward on the full (uncompacted) call, under ``torch.no_grad()``,
+with a temporary processor on the first double-stream block's attention that computes that block's q and k (after
+norms and RoPE) and stops the forward there: the probe costs the embedders and one block's projections, not a step.
+It returns ``"text_queries"``, ``"target_queries"`` (= ``"queries"``) and ``"ref_keys"`` (see
+``sparsectx.selection``). Qwen-Image has no probe: its task-aware selectors need those signals in ``signals``.
+
 Reference KV cache (``Flux2KleinKVPipeline``): the extract step is compacted like any other (``num_ref_tokens``
 becomes the kept count), so the cache holds the kept tokens only and the cached steps need nothing more.
 
@@ -73,6 +81,10 @@ OVERRIDE_KEYS = ("budget", "selector", "signals")
 PATCH_ATTR = "_sparsectx_patch"  # the transformer attribute holding its _SparsePatch while enabled
 TARGET_PLANE = 0  # FLUX.1 / FLUX.2: first id axis of target tokens; references use any other value
 KV_EXTRACT = "extract"
+PROBE_FAMILIES = (FLUX2, FLUX)  # families whose first double-stream block the attention probe reads
+# signals that make the automatic probe unnecessary: the user's own probe or probe tensors, or a user edit mask
+# (the user said where the edit is; probe attention would be mixed into it)
+PROBE_SKIP_SIGNALS = ("attention_probe", "ref_keys", "text_queries", "target_queries", "queries", "user_mask")
 
 # per family: the forward arguments that carry the batch dimension first (sliced when samples run as groups),
 # the argument holding the (joint) attention kwargs, and the arguments this integration can not compact
@@ -286,6 +298,69 @@ _LAYOUTS = {FLUX2: _ids_layout, FLUX: _ids_layout, QWEN: _qwen_layout}
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# attention probe: q and k of the first double-stream block (FLUX.1 / FLUX.2)
+# ----------------------------------------------------------------------------------------------------------------
+class _ProbeDone(Exception):
+    """Raised by the probe processor once it holds q and k: ends the transformer's forward there."""
+
+
+class _QKProbeProcessor:
+    """Temporary processor of the first double-stream attention: the joint ``[text, image]`` q and k exactly as
+    the original processor computes them (same projection function, norms, RoPE), then ``_ProbeDone``. The KV-cache
+    arguments of FLUX.2 klein are accepted (so diffusers passes them without a warning) and unused."""
+
+    def __init__(self, get_qkv_projections: Callable):
+        self.get_qkv_projections = get_qkv_projections
+        self.query: Optional[torch.Tensor] = None  # [B, T + S, H, D]
+        self.key: Optional[torch.Tensor] = None
+        self.n_text = 0
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                 kv_cache=None, kv_cache_mode=None, num_ref_tokens=0):
+        from .processors import _joint_qkv  # deferred: imports diffusers' model modules
+
+        self.query, self.key, _ = _joint_qkv(attn, hidden_states, encoder_hidden_states, self.get_qkv_projections,
+                                             image_rotary_emb)
+        self.n_text = encoder_hidden_states.shape[1]
+        raise _ProbeDone
+
+
+def _qkv_projections(family: str) -> Callable:
+    """The projection helper diffusers' own processor of the family's double-stream attention calls."""
+    from diffusers.models.transformers import transformer_flux, transformer_flux2
+
+    return {FLUX2: transformer_flux2, FLUX: transformer_flux}[family]._get_qkv_projections
+
+
+def _probe_qk(transformer: torch.nn.Module, family: str, forward: Callable, call: dict) -> _QKProbeProcessor:
+    """Runs ``forward(**call)`` with the probe processor on ``transformer.transformer_blocks[0].attn`` until it
+    stops there; the original processor object is put back whatever happens."""
+    attn = transformer.transformer_blocks[0].attn
+    recorder = _QKProbeProcessor(_qkv_projections(family))
+    original = attn.processor
+    attn.set_processor(recorder)
+    try:
+        with torch.no_grad():
+            forward(**call)
+    except _ProbeDone:
+        return recorder
+    finally:
+        attn.set_processor(original)
+    raise RuntimeError("the attention probe did not reach the first double-stream block's attention (the forward "
+                       "returned first)")
+
+
+def _probe_tensors(recorder: _QKProbeProcessor, layout: _Layout) -> dict:
+    """The probe's joint q/k split into the selectors' signals, each ``[B, ., H, D]``: text rows, target rows,
+    reference rows in sequence (layout) order."""
+    query, key, n_text = recorder.query, recorder.key, recorder.n_text
+    image_query, image_key = query[:, n_text:], key[:, n_text:]
+    target = image_query[:, layout.target_positions.to(query.device)]
+    return {"text_queries": query[:, :n_text], "target_queries": target, "queries": target,
+            "ref_keys": image_key[:, layout.ref_positions.to(key.device)]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # the forward wrapper
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
@@ -453,10 +528,12 @@ class _SparsePatch(ForwardPatch):
         # pipelines repeat the same references over the batch: select once so the batch runs as one group
         shared = batch > 1 and all(c == counts[0] for c in counts) and \
             torch.equal(references, references[:1].expand_as(references))
+        extra = {**layout.extra, **_signals_for(signals, batch, shared, hidden.device)}
+        if self.family in PROBE_FAMILIES and not any(name in signals for name in PROBE_SKIP_SIGNALS):
+            extra["attention_probe"] = self._attention_probe(call, layout, shared)
         context = SelectionContext(num_references=len(layout.ref_lengths), ref_lengths=list(layout.ref_lengths),
                                    reference_ids=layout.reference_ids, target_shape=layout.target_shape,
-                                   generator=generator,
-                                   extra={**layout.extra, **_signals_for(signals, batch, shared, hidden.device)})
+                                   generator=generator, extra=extra)
         selection = selector(references[:1] if shared else references, context)
         if selection.dtype == torch.bool:
             keep = selection.to(hidden.device)
@@ -465,6 +542,17 @@ class _SparsePatch(ForwardPatch):
         keep = keep.expand(batch, -1) if shared else keep
         self.cache = _CachedSelection(key, references.detach().clone(), keep)
         return keep
+
+    def _attention_probe(self, call: dict, layout: _Layout, shared: bool) -> Callable:
+        """``extra["attention_probe"]`` for this call: selectors call it at most once, only when they need a probe
+        tensor. A batch that shares its references is probed on its first sample (the batch the selector sees)."""
+
+        def probe(reference_latents: torch.Tensor, context) -> dict:
+            batch = call["hidden_states"].shape[0]
+            probed = self._slice_batch(call, torch.zeros(1, dtype=torch.long), batch) if shared else call
+            return _probe_tensors(_probe_qk(self.transformer, self.family, self.original_forward, probed), layout)
+
+        return probe
 
     # -- one group of samples that keep the same tokens --------------------------------------------------------------
     def _run_group(self, call: dict, layout: _Layout, keep: torch.Tensor, samples: torch.Tensor, single: bool):
@@ -616,7 +704,8 @@ def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Call
     ``(reference_latents [B, N, C], context) -> scores [B, N] | keep mask [B, N]``; a mask is used as is).
     ``seed`` makes random selectors deterministic (a fresh generator per selection). ``signals`` are the inputs
     task-aware selectors read from ``context.extra`` (e.g. ``{"user_mask": bool [B or 1, N]}`` for ``"edit"``, or
-    probe queries/keys; see ``sparsectx.selection``); tensors go to the model's device.
+    probe queries/keys; see ``sparsectx.selection``); tensors go to the model's device. On FLUX.1 / FLUX.2, probe
+    tensors missing from ``signals`` come from the automatic attention probe (module docstring).
 
     ``attention`` picks what computes attention on the compacted sequence:
 

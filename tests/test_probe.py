@@ -1,0 +1,249 @@
+"""The automatic attention probe of sparsectx.enable (sparsectx.integration): tiny random-weight FLUX.2 / FLUX.1
+(Kontext layout) / Qwen-Image models built from configs, fp32, CPU, offline. The probe's q/k are checked against
+``processors._joint_qkv`` applied by hand to the first double-stream block's attention inputs."""
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers.models.transformers import transformer_flux, transformer_flux2  # noqa: E402
+
+import sparsectx  # noqa: E402
+from sparsectx import integration, processors, selection  # noqa: E402
+from sparsectx.reference import topk_keep_mask  # noqa: E402
+
+HEADS, HEAD_DIM = 2, 16
+TEXT_TOKENS, TEXT_DIM = 6, 32
+TARGET_HW = (4, 4)
+REF_HWS = {"flux2": ((3, 3), (2, 4)), "flux": ((3, 3),)}  # FLUX.1 Kontext takes one reference
+N_TARGET = TARGET_HW[0] * TARGET_HW[1]
+DOUBLE_LAYERS = 2  # so the last double-stream block is not the probed one
+BUDGET = 3  # kept tokens per reference image
+FLUX_FAMILIES = ("flux2", "flux")
+PROJECTIONS = {"flux2": transformer_flux2._get_qkv_projections, "flux": transformer_flux._get_qkv_projections}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tiny models and their inputs (target tokens first, then the references: the pipelines' layout)
+# ----------------------------------------------------------------------------------------------------------------
+def _build_model(family):
+    torch.manual_seed(0)
+    if family == "flux2":
+        return diffusers.Flux2Transformer2DModel(
+            patch_size=1, in_channels=8, num_layers=DOUBLE_LAYERS, num_single_layers=1, attention_head_dim=HEAD_DIM,
+            num_attention_heads=HEADS, joint_attention_dim=TEXT_DIM, timestep_guidance_channels=32,
+            axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False).eval()
+    if family == "flux":
+        return diffusers.FluxTransformer2DModel(
+            patch_size=1, in_channels=8, num_layers=DOUBLE_LAYERS, num_single_layers=1, attention_head_dim=HEAD_DIM,
+            num_attention_heads=HEADS, joint_attention_dim=TEXT_DIM, pooled_projection_dim=16,
+            guidance_embeds=False, axes_dims_rope=(4, 6, 6)).eval()
+    return diffusers.QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=HEAD_DIM,
+        num_attention_heads=HEADS, joint_attention_dim=TEXT_DIM, axes_dims_rope=(4, 6, 6)).eval()
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {family: _build_model(family) for family in (*FLUX_FAMILIES, "qwen")}
+
+
+@pytest.fixture(autouse=True)
+def _always_disabled(models):
+    yield
+    for model in models.values():
+        integration.disable(model)
+
+
+def _grid_ids(plane, hw, n_axes):
+    h, w = hw
+    grid = torch.cartesian_prod(torch.tensor([plane]), torch.arange(h), torch.arange(w))
+    return torch.cat([grid, torch.zeros(h * w, 1, dtype=grid.dtype)], 1) if n_axes == 4 else grid
+
+
+def _inputs(family, batch=2, shared=False, seed=1):
+    """Forward kwargs; ``shared``: every sample holds the first sample's reference latents."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randn(batch, TEXT_TOKENS, TEXT_DIM, generator=g)
+    timestep = torch.full((batch,), 0.7)
+    if family == "qwen":
+        hws = REF_HWS["flux2"]
+        seq = N_TARGET + sum(h * w for h, w in hws)
+        shapes = [[(1, *TARGET_HW), *[(1, h, w) for h, w in hws]]] * batch
+        return dict(hidden_states=torch.randn(batch, seq, 16, generator=g), encoder_hidden_states=text,
+                    encoder_hidden_states_mask=torch.ones(batch, TEXT_TOKENS, dtype=torch.long),
+                    timestep=timestep, img_shapes=shapes, return_dict=False)
+    hws = REF_HWS[family]
+    seq = N_TARGET + sum(h * w for h, w in hws)
+    hidden = torch.randn(batch, seq, 8, generator=g)
+    if shared:
+        hidden[1:, N_TARGET:] = hidden[:1, N_TARGET:]
+    if family == "flux2":
+        ids = torch.cat([_grid_ids(0, TARGET_HW, 4)] + [_grid_ids(10 * (i + 1), hw, 4) for i, hw in enumerate(hws)])
+        txt_ids = torch.cartesian_prod(*[torch.zeros(1, dtype=torch.long)] * 3, torch.arange(TEXT_TOKENS))
+        return dict(hidden_states=hidden, encoder_hidden_states=text, timestep=timestep,
+                    img_ids=ids[None].expand(batch, -1, -1), txt_ids=txt_ids[None].expand(batch, -1, -1),
+                    return_dict=False)
+    ids = torch.cat([_grid_ids(0, TARGET_HW, 3), _grid_ids(1, hws[0], 3)]).float()
+    pooled = torch.randn(batch, 16, generator=g)
+    return dict(hidden_states=hidden, encoder_hidden_states=text, pooled_projections=pooled, timestep=timestep,
+                img_ids=ids, txt_ids=torch.zeros(TEXT_TOKENS, 3), return_dict=False)
+
+
+def _first_sample(kwargs):
+    """The same forward kwargs for the first sample alone (FLUX.1's 2-D ids carry no batch axis)."""
+    batched = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
+    return {name: value[:1] if name in batched or (name.endswith("_ids") and value.ndim == 3) else value
+            for name, value in kwargs.items()}
+
+
+def _hand_qk(model, family, kwargs):
+    """Joint [text, image] q, k of the first double-stream block of the unpatched model: its attention's inputs
+    captured by a pre-hook, then processors._joint_qkv with diffusers' projection helper."""
+    attn = model.transformer_blocks[0].attn
+    seen = {}
+
+    def capture(module, args, call_kwargs):
+        seen.update(call_kwargs)
+
+    handle = attn.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**kwargs)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        query, key, _ = processors._joint_qkv(attn, seen["hidden_states"], seen["encoder_hidden_states"],
+                                              PROJECTIONS[family], seen["image_rotary_emb"])
+    return query, key
+
+
+def _recording_attention(record):
+    """The 'attention' selector, also recording the selection context's extra (the probe's tensors land there)."""
+
+    def selector(latents, context):
+        scores = selection.attention_scores(latents, context)
+        record.update(context.extra)
+        return scores
+
+    return selector
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (1) the probe's tensors are the first block's q/k
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("family", FLUX_FAMILIES)
+def test_probe_tensors_equal_first_block_qk(models, family, shared):
+    model, kwargs = models[family], _inputs(family, shared=shared)
+    # a shared batch is probed on its first sample alone (bit-exact only against a batch-1 computation)
+    query, key = _hand_qk(model, family, _first_sample(kwargs) if shared else kwargs)
+    n_refs = sum(h * w for h, w in REF_HWS[family])
+    record = {}
+    sparsectx.enable(model, budget=BUDGET, selector=_recording_attention(record))
+    with torch.no_grad():
+        model(**kwargs)
+    image_query, image_key = query[:, TEXT_TOKENS:], key[:, TEXT_TOKENS:]
+    torch.testing.assert_close(record["text_queries"], query[:, :TEXT_TOKENS], rtol=0, atol=0)
+    torch.testing.assert_close(record["target_queries"], image_query[:, :N_TARGET], rtol=0, atol=0)
+    torch.testing.assert_close(record["queries"], image_query[:, :N_TARGET], rtol=0, atol=0)
+    torch.testing.assert_close(record["ref_keys"], image_key[:, N_TARGET:N_TARGET + n_refs], rtol=0, atol=0)
+
+
+def test_probe_follows_the_kv_extract_layout(models):
+    """FLUX.2 klein KV extract step (references first): ref_keys / target_queries are taken at their rows."""
+    model, kwargs = models["flux2"], _inputs("flux2", shared=True)
+    n_refs = sum(h * w for h, w in REF_HWS["flux2"])
+    refs_first = {name: torch.cat([kwargs[name][:, N_TARGET:], kwargs[name][:, :N_TARGET]], 1)
+                  for name in ("hidden_states", "img_ids")}
+    kwargs = {**kwargs, **refs_first, "kv_cache_mode": "extract", "num_ref_tokens": n_refs}
+    query, key = _hand_qk(model, "flux2", _first_sample(kwargs))
+    record = {}
+    sparsectx.enable(model, budget=BUDGET, selector=_recording_attention(record))
+    with torch.no_grad():
+        model(**kwargs)
+    torch.testing.assert_close(record["ref_keys"], key[:, TEXT_TOKENS:TEXT_TOKENS + n_refs], rtol=0, atol=0)
+    torch.testing.assert_close(record["target_queries"], query[:, TEXT_TOKENS + n_refs:], rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (2) the probe stops after the first block's projections and puts the processor back
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", FLUX_FAMILIES)
+def test_probe_stops_early_and_restores_processor(models, family):
+    model, kwargs = models[family], _inputs(family, shared=True)
+    attn = model.transformer_blocks[0].attn
+    original = attn.processor
+    calls = {"last_double": 0, "last_single": 0}
+    during_probe = {}
+
+    def counter(name):
+        def hook(module, args, output):
+            calls[name] += 1
+        return hook
+
+    def selector(latents, context):
+        before = dict(calls)
+        scores = selection.attention_scores(latents, context)  # runs the probe
+        during_probe.update({name: calls[name] - before[name] for name in calls})
+        during_probe["processor_restored"] = attn.processor is original
+        return scores
+
+    handles = [model.transformer_blocks[-1].register_forward_hook(counter("last_double")),
+               model.single_transformer_blocks[-1].register_forward_hook(counter("last_single"))]
+    try:
+        sparsectx.enable(model, budget=BUDGET, selector=selector)
+        with torch.no_grad():
+            model(**kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert during_probe == {"last_double": 0, "last_single": 0, "processor_restored": True}
+    assert calls == {"last_double": 1, "last_single": 1}  # the compacted forward itself, one group
+    assert attn.processor is original
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (3) selector="attention" keeps the top attention mass of the hand-computed q/k
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", FLUX_FAMILIES)
+def test_attention_selector_keeps_top_mass(models, family):
+    model, kwargs = models[family], _inputs(family)
+    query, key = _hand_qk(model, family, kwargs)
+    lengths = [h * w for h, w in REF_HWS[family]]
+    image_query, image_key = query[:, TEXT_TOKENS:], key[:, TEXT_TOKENS:]
+    mass = selection.attention_mass(image_query[:, :N_TARGET], image_key[:, N_TARGET:N_TARGET + sum(lengths)])
+    expected = torch.cat([topk_keep_mask(segment, [BUDGET] * mass.shape[0]) for segment in mass.split(lengths, 1)],
+                         dim=1)
+    sparsectx.enable(model, budget=BUDGET, selector="attention")
+    with torch.no_grad():
+        model(**kwargs)
+    keep = getattr(model, integration.PATCH_ATTR).cache.keep
+    assert torch.equal(keep, expected)
+
+
+def test_user_probe_tensors_skip_the_automatic_probe(models):
+    """Probe tensors given in ``signals`` are used as they are: planted keys that every query attends to most."""
+    model, kwargs = models["flux2"], _inputs("flux2", shared=True)
+    lengths = [h * w for h, w in REF_HWS["flux2"]]
+    g = torch.Generator().manual_seed(2)
+    queries = torch.randn(1, N_TARGET, HEADS, HEAD_DIM, generator=g)
+    keys = torch.zeros(1, sum(lengths), HEADS, HEAD_DIM)
+    planted = torch.zeros(1, sum(lengths), dtype=torch.bool)
+    planted[0, [1, 4, 8, lengths[0] + 0, lengths[0] + 5, lengths[0] + 6]] = True  # BUDGET tokens per image
+    keys[planted] = queries.mean(dim=1).expand(int(planted.sum()), -1, -1) * 4.0  # aligned with the mean query
+    sparsectx.enable(model, budget=BUDGET, selector="attention", signals={"queries": queries, "ref_keys": keys})
+    with torch.no_grad():
+        model(**kwargs)
+    keep = getattr(model, integration.PATCH_ATTR).cache.keep
+    assert torch.equal(keep, planted.expand_as(keep))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (4) Qwen-Image has no automatic probe
+# ----------------------------------------------------------------------------------------------------------------
+def test_qwen_attention_selector_needs_signals(models):
+    model = models["qwen"]
+    sparsectx.enable(model, budget=BUDGET, selector="attention")
+    with pytest.raises(ValueError, match="needs context.extra"):
+        with torch.no_grad():
+            model(**_inputs("qwen"))
