@@ -838,7 +838,8 @@ class EndToEndCase:
                             "(b) model on the compacted inputs", "(a) wrapper without the model",
                             "(a1) reference_layout", "(a2) _select (fresh selection)",
                             "(a3) compaction (_run_group, model stubbed)", "(c) enable + disable (native)",
-                            "(c2) enable + disable (sparsectx attn)")
+                            "(c2) enable + disable (sparsectx attn)",
+                            "(e) attention probe (first block q/k on the full call)")
     sizes = {
         "full": dict(target_side=64, text=512, ref_side=64, refs=(3, 1), keeps=(0.25, 0.10, 0.05),
                      quick=[(1, 0.10), (3, 0.10)], breakdown=[(3, 0.05), (1, 0.05)], quick_breakdown=[(3, 0.05)],
@@ -1017,6 +1018,14 @@ def _breakdown_impls(model, full_step: Callable[[], Any], full_kwargs: dict, sco
     def disabled(_) -> str:
         return "" if not integration.is_enabled(model) else "sparsectx still enabled after sparse_context's exit"
 
+    def probe():
+        with torch.inference_mode():
+            return integration._probe_qk(model, family, real_forward, call)
+
+    def probe_shapes(recorder) -> str:
+        rows = full_kwargs["hidden_states"].shape[1] + full_kwargs["encoder_hidden_states"].shape[1]
+        return "" if recorder.query.shape[1] == rows else f"probe q has {recorder.query.shape[1]} rows, not {rows}"
+
     def layout_found(found) -> str:
         return "" if found is not None and found.ref_positions.numel() == scores.numel() else "wrong reference layout"
 
@@ -1037,6 +1046,8 @@ def _breakdown_impls(model, full_step: Callable[[], Any], full_kwargs: dict, sco
         Impl(names[6], compaction_only, comparable=False, short=True, verify=lambda _: kept_rows(None)),
         Impl(names[7], enable_disable(integration.NATIVE), comparable=False, short=True, verify=disabled),
         Impl(names[8], enable_disable(integration.SPARSECTX), comparable=False, short=True, verify=disabled),
+        Impl(names[9], probe, comparable=False, short=True, verify=probe_shapes,
+             note="what the edit/subject/attention selectors add once per pipeline call (issue 6)"),
     ]
 
 
