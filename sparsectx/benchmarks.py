@@ -819,6 +819,16 @@ def _torch_topk_rows(scores: torch.Tensor, count: int) -> torch.Tensor:
     return scores.topk(count, dim=1).indices.sort(dim=1).values
 
 
+def _refs_keep_configs(size_spec: dict, quick: bool) -> list:
+    """(references, keep ratio) configs of a model case: the quick subset, or every refs x keeps pair."""
+    return list(size_spec["quick"]) if quick else [(r, k) for r in size_spec["refs"] for k in size_spec["keeps"]]
+
+
+def _refs_keep_label(config) -> str:
+    refs, keep = config[:2]
+    return f"{refs}ref-{_pct(keep)}"
+
+
 class EndToEndCase:
     """One denoising step of a family's real architecture with its reference tokens compacted by sparsectx (by hand
     and through ``sparsectx.enable``), by plain torch, all kept, and none (the limit). A subclass sets another
@@ -851,13 +861,11 @@ class EndToEndCase:
 
     def configs(self, size: str, quick: bool = False):
         s = self.sizes[size]
-        main = s["quick"] if quick else [(r, k) for r in s["refs"] for k in s["keeps"]]
         breakdown = s.get("quick_breakdown" if quick else "breakdown", [])
-        return list(main) + [(r, k, self.BREAKDOWN) for r, k in breakdown]
+        return _refs_keep_configs(s, quick) + [(r, k, self.BREAKDOWN) for r, k in breakdown]
 
     def label(self, config) -> str:
-        refs, keep = config[:2]
-        return f"{refs}ref-{_pct(keep)}" + (f"-{self.BREAKDOWN}" if len(config) > 2 else "")
+        return _refs_keep_label(config) + (f"-{self.BREAKDOWN}" if len(config) > 2 else "")
 
     def impl_names_for(self, config) -> tuple:
         return self.breakdown_impl_names if len(config) > 2 else self.impl_names
@@ -1208,12 +1216,10 @@ class KVCacheCase:
     }
 
     def configs(self, size: str, quick: bool = False):
-        s = self.sizes[size]
-        return s["quick"] if quick else [(r, k) for r in s["refs"] for k in s["keeps"]]
+        return _refs_keep_configs(self.sizes[size], quick)
 
     def label(self, config) -> str:
-        refs, keep = config
-        return f"{refs}ref-{_pct(keep)}"
+        return _refs_keep_label(config)
 
     def build(self, config, size: str, device: torch.device) -> Workload:
         from .integration import sparse_context
