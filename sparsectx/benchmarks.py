@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .diagnostics import count_host_reads
 
 SEED = 0
 SIZES = ("tiny", "full")
@@ -846,6 +847,7 @@ class EndToEndCase:
     breakdown_impl_names = ("sparsectx compact_tokens + step", "sparsectx.enable (native attn)",
                             "(d) enabled once, step", "(d2) enabled once, new selection per step",
                             "(b) model on the compacted inputs", "(a) wrapper without the model",
+                            "(a0) wrapper, later step (plan reused)",
                             "(a1) reference_layout", "(a2) _select (fresh selection)",
                             "(a3) compaction (_run_group, model stubbed)", "(c) enable + disable (native)",
                             "(c2) enable + disable (sparsectx attn)",
@@ -983,12 +985,16 @@ def _breakdown_impls(model, full_step: Callable[[], Any], full_kwargs: dict, sco
     layout = integration.reference_layout(family, call)
     with torch.inference_mode():
         keep = dry._select(call, layout, {})
+        groups = dry._groups(call, layout, keep)
         dry.forward(**full_kwargs)  # fills seen["group"]: the inputs the patch gives the model
     group = seen.pop("group")
-    one_group = torch.arange(keep.shape[0], device=keep.device)
 
     def wrapper_only():
         dry.new_call()  # a fresh selection, as in each per-call enable step
+        with torch.inference_mode():
+            return dry.forward(**full_kwargs)
+
+    def wrapper_later_step():
         with torch.inference_mode():
             return dry.forward(**full_kwargs)
 
@@ -999,7 +1005,7 @@ def _breakdown_impls(model, full_step: Callable[[], Any], full_kwargs: dict, sco
 
     def compaction_only():
         with torch.inference_mode():
-            return dry._run_group(call, layout, keep, one_group, single=True)
+            return dry._run_group(call, groups[0])
 
     def model_on_compacted():
         with torch.inference_mode():
@@ -1048,13 +1054,15 @@ def _breakdown_impls(model, full_step: Callable[[], Any], full_kwargs: dict, sco
              note="the transformer's forward on the patch's compacted call"),
         Impl(names[3], wrapper_only, comparable=False, short=True, verify=kept_rows,
              note="layout + selection + compaction + merge (model stubbed)"),
-        Impl(names[4], lambda: integration.reference_layout(family, dry.bind((), full_kwargs)), comparable=False,
+        Impl(names[4], wrapper_later_step, comparable=False, short=True, verify=kept_rows,
+             note="a later step of the same call: the plan's check, compaction, merge (model stubbed)"),
+        Impl(names[5], lambda: integration.reference_layout(family, dry.bind((), full_kwargs)), comparable=False,
              short=True, verify=layout_found),
-        Impl(names[5], select_fresh, comparable=False, short=True, verify=kept_count),
-        Impl(names[6], compaction_only, comparable=False, short=True, verify=lambda _: kept_rows(None)),
-        Impl(names[7], enable_disable(integration.NATIVE), comparable=False, short=True, verify=disabled),
-        Impl(names[8], enable_disable(integration.SPARSECTX), comparable=False, short=True, verify=disabled),
-        Impl(names[9], probe, comparable=False, short=True, verify=probe_shapes,
+        Impl(names[6], select_fresh, comparable=False, short=True, verify=kept_count),
+        Impl(names[7], compaction_only, comparable=False, short=True, verify=lambda _: kept_rows(None)),
+        Impl(names[8], enable_disable(integration.NATIVE), comparable=False, short=True, verify=disabled),
+        Impl(names[9], enable_disable(integration.SPARSECTX), comparable=False, short=True, verify=disabled),
+        Impl(names[10], probe, comparable=False, short=True, verify=probe_shapes,
              note="what the edit/subject/attention selectors add once per pipeline call (issue 6)"),
     ]
 
@@ -1306,21 +1314,19 @@ def param_grid(case_name: str, size: Optional[str] = None) -> dict:
 
 
 def _enable_impl(model, full_step: Callable[[], Any], scores: torch.Tensor, count: int, attention: str) -> Impl:
-    """The drop-in path: ``sparsectx.sparse_context`` around a step that passes every reference token, with a
-    selector returning ``scores`` (so it keeps the same tokens as the other implementations). Enabled and disabled
-    around each call: the model is shared with the other implementations (that overhead is timed too)."""
+    """The drop-in path: a step that passes every reference token to the model with ``sparsectx.sparse_context``
+    entered once around the check and the timed calls (as across a pipeline's steps: the first call selects, the
+    timed ones reuse its plan), with a selector returning ``scores`` (so it keeps the same tokens as the other
+    implementations). A fresh selection per call is the breakdown's row (d2)."""
     name = f"sparsectx.enable ({attention} attn)"
     try:
         from .integration import sparse_context
     except Exception as exc:  # the integration depends on diffusers internals
         return Impl(name, skip=f"sparsectx.integration not importable ({_first_line(exc)})")
     selector = _score_selector(scores)
-
-    def step():
-        with sparse_context(model, budget=count, selector=selector, attention=attention):
-            return full_step()
-
-    return Impl(name, step, note="selection + compaction + step, per call")
+    return Impl(name, full_step, scope=lambda: sparse_context(model, budget=count, selector=selector,
+                                                                  attention=attention),
+                note="a pipeline's later steps: plan reused, compaction + step")
 
 
 CASES = {case.name: case for case in (AttentionCase(), CompactionCase(), BatchCase(), MaskedCase(), TrainingCase(),
@@ -1416,8 +1422,12 @@ def run_workload(workload: Workload, device: torch.device, *, quick: bool = Fals
                         if problem:
                             notes.insert(0, f"CHECK FAILED: {problem}")
                     del result
-                if workload.count_syncs and device.type == "cuda":
-                    notes.append(f"{count_host_syncs(impl.fn)} host syncs per call")
+                if workload.count_syncs:
+                    if device.type == "cuda":
+                        notes.append(f"{count_host_syncs(impl.fn)} host syncs per call")
+                    with count_host_reads() as reads:
+                        impl.fn()
+                    notes.append(f"{reads.count} host reads per call (aten ops)")
                 if workload.track_memory and device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 values["time_ms"] = timing(impl)

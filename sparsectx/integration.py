@@ -22,8 +22,11 @@ Qwen-Image: ``img_shapes`` lists the references after the target), the wrapper
    (reference rows of the output are zeros: pipelines only read the target rows). When every token is kept, the
    original forward runs unchanged.
 
-The selection is computed once per pipeline call and reused at every step (and by the CFG branch): it is cached
-with the reference latents it was made for, and a new pipeline call (or different reference latents) selects again.
+The selection is computed once per pipeline call and reused at every step (and by the CFG branch), with every
+index derived from it (the plan: layout, keep mask, kept rows, output rows). The first step reads the device
+several times (layout, selection); a later step reads it once, to check that its reference latents and ids are
+those the plan was made for (different ones, or a new pipeline call, plan again). Steady-state steps thus run
+without stalling the GPU queue (``sparsectx.diagnostics.count_host_reads`` shows it).
 
 Batches: FLUX.1/FLUX.2 share one RoPE table (``img_ids[0]``) and Qwen-Image one ``img_shapes`` entry across the
 batch, so samples that keep different tokens (per-request budgets, per-sample selection) run as separate groups of
@@ -59,8 +62,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
-
-from .ops import compact_tokens
 
 # ----------------------------------------------------------------------------------------------------------------
 # constants
@@ -364,10 +365,33 @@ def _probe_tensors(recorder: _QKProbeProcessor, layout: _Layout) -> dict:
 # the forward wrapper
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
-class _CachedSelection:
-    key: tuple
-    references: torch.Tensor  # the reference latents the selection was made for
-    keep: torch.Tensor  # bool [B, N]
+class _Group:
+    """Samples of the batch that keep the same tokens, and the indices their forward needs (all on the device,
+    computed once per selection)."""
+
+    rows: Optional[list]  # batch rows of the group, or None: the whole batch in order
+    samples: Optional[torch.Tensor]  # long [G] the same rows on the device (None with rows)
+    positions: torch.Tensor  # long [S_kept] kept rows of the image sequence, in sequence order
+    kept_refs: list  # kept tokens of each reference image
+    out_rows: torch.Tensor  # long: rows of the compacted output that are target rows ...
+    out_dest: torch.Tensor  # long: ... and their rows in the full output
+
+
+@dataclass
+class _Plan:
+    """What one selection fixes for every later step of a pipeline call: the layout, the keep mask and the
+    groups' indices. ``groups`` is empty when the original forward runs unchanged (no reference token, or every
+    token kept). ``ids`` and ``references`` are the inputs the plan was made for: a step reuses the plan only if its
+    inputs equal them, which costs the step's one host read."""
+
+    layout: Optional[_Layout]
+    keep: Optional[torch.Tensor]  # bool [B, N], or None without reference tokens
+    groups: list
+    ids: Optional[torch.Tensor]  # img_ids when the plan was made (FLUX), or None
+    references: Optional[torch.Tensor]  # the reference rows of hidden_states the selection was made on
+
+
+MAX_PLANS = 4  # plans kept per pipeline call (e.g. a KV-cache extract step and the cached steps' plan)
 
 
 def reference_layout(family: str, call: dict) -> Optional[_Layout]:
@@ -418,15 +442,25 @@ class ForwardPatch:
 
 
 class _SparsePatch(ForwardPatch):
-    """Holds what ``enable`` changed on one transformer and runs the compacting forward."""
+    """Holds what ``enable`` changed on one transformer and runs the compacting forward.
+
+    Host reads: the first step of a pipeline call finds the layout and selects (several reads: ``nonzero`` of the
+    ids, the keep mask to the host); the later steps reuse that plan and read the host once (the check that their
+    reference latents and ids equal the plan's)."""
 
     def __init__(self, transformer: torch.nn.Module, family: str, settings: _Settings):
         super().__init__(transformer, family)
         self.settings = settings
         self.call_epoch = 0  # bumped at each pipeline call: a new call selects again
-        self.cache: Optional[_CachedSelection] = None
+        self.plans: dict = {}  # plan key -> _Plan, for the current call
         self.attention = NATIVE
         self.original_processors: Optional[dict] = None  # module name -> processor, while attention="sparsectx"
+
+    @property
+    def cache(self) -> Optional[_Plan]:
+        """The most recent plan that holds a selection (None before any)."""
+        with_keep = [plan for plan in self.plans.values() if plan.keep is not None]
+        return with_keep[-1] if with_keep else None
 
     def set_attention(self, attention: str) -> None:
         """Installs sparsectx's attention processors (``"sparsectx"``) or puts diffusers' own back (``"native"``)."""
@@ -447,29 +481,66 @@ class _SparsePatch(ForwardPatch):
 
     def new_call(self) -> None:
         self.call_epoch += 1
-        self.cache = None
+        self.plans = {}
 
     # -- forward ---------------------------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         call = self.bind(args, kwargs)
         overrides = self._pop_overrides(call)
+        plan = self._plan(call, overrides)
+        if not plan.groups:  # no reference tokens (text-to-image, a KV-cached step), or every token kept
+            return self.original_forward(**call)
+        results = [self._run_group(call, group) for group in plan.groups]
+        return self._merge(call, plan, results)
+
+    def _plan(self, call: dict, overrides: dict) -> _Plan:
+        """The cached plan of this step's inputs, or a new one (layout, selection, groups)."""
+        key = self._plan_key(call, overrides)
+        plan = self.plans.get(key)
+        if plan is not None and self._matches(plan, call):
+            return plan
         layout = reference_layout(self.family, call)
-        if layout is None:  # no reference tokens (text-to-image, or a KV-cached step)
-            return self.original_forward(**call)
-        self._check_supported(call, layout)
-        keep = self._select(call, layout, overrides)
-        if bool(keep.all()):
-            return self.original_forward(**call)
-        groups = torch.unique(keep, dim=0, return_inverse=True)
-        if groups[0].shape[0] == 1:
-            samples = [torch.arange(keep.shape[0], device=keep.device)]
+        if layout is None:
+            plan = self._new_plan(call, None, None, [])
         else:
-            samples = [torch.nonzero(groups[1] == g).flatten() for g in range(groups[0].shape[0])]
-        if len(samples) > 1 and call.get("kv_cache_mode") == KV_EXTRACT:
-            raise ValueError("the KV-cache extract step needs every sample of the batch to keep the same reference "
-                             "tokens (one cache for the batch); use one budget per batch with the KV pipeline")
-        results = [self._run_group(call, layout, keep, idx, single=len(samples) == 1) for idx in samples]
-        return self._merge(call, layout, samples, results)
+            self._check_supported(call, layout)
+            keep = self._select(call, layout, overrides)
+            plan = self._new_plan(call, layout, keep, self._groups(call, layout, keep))
+        self.plans.pop(key, None)
+        if len(self.plans) >= MAX_PLANS:
+            self.plans.pop(next(iter(self.plans)))
+        self.plans[key] = plan
+        return plan
+
+    def _plan_key(self, call: dict, overrides: dict) -> tuple:
+        """Host-side facts a plan depends on: the call epoch, the input shapes and Qwen's image shapes, the KV mode,
+        and the selection settings (budget, selector, signals) in effect."""
+        ids = call.get("img_ids")
+        signals = overrides.get("signals", self.settings.signals)
+        return (self.call_epoch, tuple(call["hidden_states"].shape), None if ids is None else tuple(ids.shape),
+                repr(call.get("img_shapes")), call.get("kv_cache_mode"),
+                repr(overrides.get("budget", self.settings.budget)),
+                overrides.get("selector_key", _selector_key(overrides.get("selector", self.settings.selector))),
+                tuple((name, id(value)) for name, value in sorted(signals.items())))
+
+    @staticmethod
+    def _new_plan(call: dict, layout: Optional[_Layout], keep: Optional[torch.Tensor], groups: list) -> _Plan:
+        ids = call.get("img_ids")
+        references = None if layout is None else call["hidden_states"][:, layout.ref_positions].detach().clone()
+        return _Plan(layout, keep, groups, None if ids is None else ids.detach().clone(), references)
+
+    @staticmethod
+    def _matches(plan: _Plan, call: dict) -> bool:
+        """Whether this step's ``img_ids`` (FLUX: the layout comes from them) and reference rows of
+        ``hidden_states`` (the selection was made on them) equal the plan's: one host read."""
+        pairs = []
+        if plan.ids is not None:
+            pairs.append((call["img_ids"], plan.ids))
+        if plan.layout is not None:
+            pairs.append((call["hidden_states"][:, plan.layout.ref_positions], plan.references))
+        if not pairs:
+            return True
+        return bool(torch.stack([torch.eq(now, then).all() for now, then in pairs]).all())
 
     def _pop_overrides(self, call: dict) -> dict:
         name = _ATTN_KWARGS_ARG[self.family]
@@ -491,7 +562,6 @@ class _SparsePatch(ForwardPatch):
             overrides["selector_key"] = _selector_key(overrides["selector"])
             overrides["selector"] = _resolve_selector(overrides["selector"])
         return overrides
-
     def _check_supported(self, call: dict, layout: _Layout) -> None:
         if getattr(self.transformer, "_parallel_config", None) is not None:
             raise RuntimeError("sparsectx does not support diffusers context parallelism: the compacted sequence "
@@ -507,17 +577,13 @@ class _SparsePatch(ForwardPatch):
                                  f"hidden_states (num_ref_tokens={call.get('num_ref_tokens')}, found {n_ref})")
 
     def _select(self, call: dict, layout: _Layout, overrides: dict) -> torch.Tensor:
+        """bool ``[B, N]``: the reference tokens each sample keeps (the selector's mask, or each image's budget of
+        its scores)."""
         hidden = call["hidden_states"]
         references = hidden[:, layout.ref_positions]
         budget = overrides.get("budget", self.settings.budget)
         selector = overrides.get("selector", self.settings.selector)
-        selector_key = overrides.get("selector_key", _selector_key(selector))
         signals = overrides.get("signals", self.settings.signals)
-        key = (self.call_epoch, tuple(references.shape), tuple(layout.ref_lengths), repr(budget), selector_key,
-               tuple((name, id(value)) for name, value in sorted(signals.items())))
-        cached = self.cache
-        if cached is not None and cached.key == key and torch.equal(cached.references, references):
-            return cached.keep
         generator = None
         if self.settings.seed is not None:
             generator = torch.Generator(device=hidden.device).manual_seed(self.settings.seed)
@@ -539,49 +605,68 @@ class _SparsePatch(ForwardPatch):
             keep = selection.to(hidden.device)
         else:
             keep = keep_mask_from_scores(selection, counts[:1] if shared else counts, layout.ref_lengths)
-        keep = keep.expand(batch, -1) if shared else keep
-        self.cache = _CachedSelection(key, references.detach().clone(), keep)
-        return keep
+        return keep.expand(batch, -1) if shared else keep
 
     def _attention_probe(self, call: dict, layout: _Layout, shared: bool) -> Callable:
         """``extra["attention_probe"]`` for this call: selectors call it at most once, only when they need a probe
         tensor. A batch that shares its references is probed on its first sample (the batch the selector sees)."""
 
         def probe(reference_latents: torch.Tensor, context) -> dict:
-            batch = call["hidden_states"].shape[0]
-            probed = self._slice_batch(call, torch.zeros(1, dtype=torch.long), batch) if shared else call
+            probed = self._slice_batch(call, [0]) if shared else call
             return _probe_tensors(_probe_qk(self.transformer, self.family, self.original_forward, probed), layout)
 
         return probe
 
-    # -- one group of samples that keep the same tokens --------------------------------------------------------------
-    def _run_group(self, call: dict, layout: _Layout, keep: torch.Tensor, samples: torch.Tensor, single: bool):
-        batch, seq = call["hidden_states"].shape[:2]
-        group = dict(call) if single else self._slice_batch(call, samples, batch)
-        keep_row = keep[samples[0]]
-        full_keep = torch.zeros(seq, dtype=torch.bool, device=keep.device)
-        full_keep[layout.target_positions] = True
-        full_keep[layout.ref_positions] = keep_row
-        positions = torch.nonzero(full_keep).flatten()  # kept rows of the image sequence, in sequence order
-        hidden = group["hidden_states"]
-        mask = full_keep.expand(hidden.shape[0], seq)
-        packed = compact_tokens(mask, hidden.reshape(hidden.shape[0], seq, -1)).tensors[0]
-        group["hidden_states"] = packed.view(hidden.shape[0], positions.numel(), *hidden.shape[2:])
-        if self.family == QWEN:
-            return self._run_qwen(group, layout, keep_row, positions)
-        ids = group["img_ids"]
-        group["img_ids"] = ids[:, positions] if ids.ndim == 3 else ids[positions]
-        if group.get("kv_cache_mode") == KV_EXTRACT:
-            group["num_ref_tokens"] = int(keep_row.sum())
-        return self.original_forward(**group), positions
+    # -- groups of samples that keep the same tokens ---------------------------------------------------------------
+    def _groups(self, call: dict, layout: _Layout, keep: torch.Tensor) -> list:
+        """The groups of a selection, their indices built on the host once and moved to the device together.
+        Empty when every token is kept."""
+        keep_host = keep.cpu()
+        if bool(keep_host.all()):
+            return []
+        device = keep.device
+        seq = call["hidden_states"].shape[1]
+        target = layout.target_positions.cpu()
+        refs = layout.ref_positions.cpu()
+        masks, inverse = torch.unique(keep_host, dim=0, return_inverse=True)
+        if masks.shape[0] > 1 and call.get("kv_cache_mode") == KV_EXTRACT:
+            raise ValueError("the KV-cache extract step needs every sample of the batch to keep the same reference "
+                             "tokens (one cache for the batch); use one budget per batch with the KV pipeline")
+        is_target = torch.zeros(seq, dtype=torch.bool)
+        is_target[target] = True
+        groups = []
+        for g in range(masks.shape[0]):
+            rows = torch.nonzero(inverse == g).flatten().tolist()
+            full_keep = is_target.clone()
+            full_keep[refs] = masks[g]
+            positions = torch.nonzero(full_keep).flatten()  # kept rows of the image sequence, in sequence order
+            target_rows = torch.nonzero(is_target[positions]).flatten()
+            whole = masks.shape[0] == 1
+            groups.append(_Group(
+                rows=None if whole else rows,
+                samples=None if whole else torch.tensor(rows, device=device),
+                positions=positions.to(device), kept_refs=[int(s.sum()) for s in masks[g].split(layout.ref_lengths)],
+                out_rows=target_rows.to(device), out_dest=positions[target_rows].to(device)))
+        return groups
 
-    def _run_qwen(self, group: dict, layout: _Layout, keep_row: torch.Tensor, positions: torch.Tensor):
+    def _run_group(self, call: dict, group: _Group):
+        """The original forward on the group's samples, their dropped rows removed."""
+        g = dict(call) if group.rows is None else self._slice_batch(call, group.rows, group.samples)
+        g["hidden_states"] = g["hidden_states"].index_select(1, group.positions)
+        if self.family == QWEN:
+            return self._run_qwen(g, group)
+        ids = g["img_ids"]
+        g["img_ids"] = ids.index_select(ids.ndim - 2, group.positions.to(ids.device))
+        if g.get("kv_cache_mode") == KV_EXTRACT:
+            g["num_ref_tokens"] = sum(group.kept_refs)
+        return self.original_forward(**g)
+
+    def _run_qwen(self, call: dict, group: _Group):
         """Qwen-Image: RoPE and ``modulate_index`` come from ``img_shapes``. The references' shapes become
         ``(1, 1, kept)`` (so ``modulate_index``, computed from them, has one entry per kept token) while
         ``pos_embed`` still sees the true shapes and its image rows are gathered at the kept positions."""
-        true_shapes = group["img_shapes"]
-        kept = [int(segment.sum()) for segment in keep_row.split(layout.ref_lengths)]
-        group["img_shapes"] = [[shapes[0], *[(1, 1, k) for k in kept]] for shapes in true_shapes]
+        true_shapes = call["img_shapes"]
+        call["img_shapes"] = [[shapes[0], *[(1, 1, k) for k in group.kept_refs]] for shapes in true_shapes]
 
         def true_shapes_in(module, args, kwargs):
             if args:
@@ -590,44 +675,47 @@ class _SparsePatch(ForwardPatch):
 
         def kept_rows_out(module, args, kwargs, output):
             image_freqs, text_freqs = output
-            return image_freqs[positions], text_freqs
+            return image_freqs.index_select(0, group.positions.to(image_freqs.device)), text_freqs
 
         pos_embed = self.transformer.pos_embed
         handles = [pos_embed.register_forward_pre_hook(true_shapes_in, with_kwargs=True),
                    pos_embed.register_forward_hook(kept_rows_out, with_kwargs=True)]
         try:
-            return self.original_forward(**group), positions
+            return self.original_forward(**call)
         finally:
             for handle in handles:
                 handle.remove()
 
-    def _slice_batch(self, call: dict, samples: torch.Tensor, batch: int) -> dict:
+    def _slice_batch(self, call: dict, rows: list, samples: Optional[torch.Tensor] = None) -> dict:
+        """The call restricted to batch ``rows`` (``samples``: the same rows as a device tensor)."""
+        batch = call["hidden_states"].shape[0]
+        if samples is None:
+            samples = torch.tensor(rows, device=call["hidden_states"].device)
         group = dict(call)
-        rows = samples.tolist()
         for name in _BATCH_ARGS[self.family] + _IDS_ARGS:
             value = call.get(name)
             if isinstance(value, torch.Tensor):
                 batched = value.ndim == 3 if name in _IDS_ARGS else value.ndim >= 1 and value.shape[0] == batch
                 if batched:
-                    group[name] = value[samples.to(value.device)]
+                    group[name] = value.index_select(0, samples.to(value.device))
             elif isinstance(value, list) and len(value) == batch:
                 group[name] = [value[r] for r in rows]
         return group
 
     # -- outputs back to the input's layout ----------------------------------------------------------------------
-    def _merge(self, call: dict, layout: _Layout, samples: list, results: list):
-        first, _ = results[0]
-        extract = call.get("kv_cache_mode") == KV_EXTRACT
-        if extract:  # the transformer already returns the target rows only, and the batch ran as one group
+    def _merge(self, call: dict, plan: _Plan, results: list):
+        first = results[0]
+        if call.get("kv_cache_mode") == KV_EXTRACT:  # the transformer returns the target rows only (one group)
             return first
         hidden = call["hidden_states"]
-        is_target = torch.zeros(hidden.shape[1], dtype=torch.bool, device=hidden.device)
-        is_target[layout.target_positions] = True
         sample0 = _sample_of(first)
         full = sample0.new_zeros((hidden.shape[0], hidden.shape[1], *sample0.shape[2:]))
-        for idx, (result, positions) in zip(samples, results):
-            rows = is_target[positions]  # target rows of the compacted output; reference rows stay zero
-            full[idx[:, None], positions[rows][None, :]] = _sample_of(result)[:, rows]
+        for group, result in zip(plan.groups, results):
+            rows = _sample_of(result).index_select(1, group.out_rows)  # reference rows of the output stay zero
+            if group.samples is None:
+                full.index_copy_(1, group.out_dest, rows)
+            else:
+                full[group.samples[:, None], group.out_dest[None, :]] = rows
         return _with_sample(first, full)
 
 

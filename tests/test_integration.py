@@ -9,6 +9,7 @@ from diffusers.models.attention_dispatch import AttentionBackendName, _Attention
 
 import sparsectx  # noqa: E402
 from sparsectx import integration  # noqa: E402
+from sparsectx.diagnostics import count_host_reads  # noqa: E402
 from sparsectx.reference import topk_keep_mask  # noqa: E402
 
 HEADS, HEAD_DIM = 2, 16
@@ -234,6 +235,28 @@ def test_selection_is_cached_per_call(models):
     model._sparsectx_patch.new_call()  # what a new pipeline call does
     _run(model, kwargs)
     assert len(calls) == 3
+    ids = kwargs["img_ids"].clone()
+    ids[:, -1, 1] += 1  # same shapes and references, other positions: the layout is found and selected again
+    _run(model, {**kwargs, "img_ids": ids})
+    assert len(calls) == 4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_later_steps_read_the_host_once(models, family):
+    """The first step finds the layout and selects (host reads); a later step of the same call reuses that plan and
+    reads the host once (the check that its references and ids are the plan's), beyond what the model reads."""
+    model, kwargs = models[family], _same_references(_inputs(family))
+    with count_host_reads() as plain:
+        _run(model, kwargs)
+    sparsectx.enable(model, budget=0.5, selector=random_selector, seed=0)
+    with count_host_reads() as first:
+        out_first = _run(model, kwargs)
+    with count_host_reads() as later:
+        out_later = _run(model, {**kwargs, "timestep": kwargs["timestep"] * 0.5})
+    assert later.count == plain.count + 1, later.ops
+    assert first.count > later.count
+    assert torch.equal(_run(model, kwargs), out_first)  # the reused plan keeps the same tokens
+    assert not torch.equal(out_later, out_first)
 
 
 def test_per_call_override_through_attention_kwargs(models):

@@ -1,0 +1,102 @@
+"""Host reads: the operations whose result the host must wait for (on a GPU, each one synchronises the stream and
+lets the GPU idle while Python catches up).
+
+``count_host_reads()`` watches the aten operations of a block (a ``TorchDispatchMode``) on any device, CPU
+included, and records every one that reads device data on the host:
+
+- a scalar read: ``.item()``, ``bool(t)``, ``int(t)``, ``torch.equal`` (``aten._local_scalar_dense``,
+  ``aten.is_nonzero``, ``aten.equal``), and ``Tensor.tolist()`` (not an aten operation: it is watched by wrapping
+  the method while the block runs);
+- an output whose size depends on the data: ``nonzero``, ``masked_select``, ``unique``, boolean-mask indexing
+  (``aten.index`` / ``index_put`` with a bool index), ``repeat_interleave`` without ``output_size``;
+- a copy between a device and the host (``.cpu()``, ``torch.tensor(list, device="cuda")``).
+
+On CUDA, ``torch.cuda.set_sync_debug_mode`` reports the synchronisations themselves; this counter runs on the CPU
+too, so tests without a GPU can assert that a code path reads nothing back (the same code runs on the GPU).
+Kernels launched outside aten (Triton launchers) are not seen.
+
+```python
+with sparsectx.diagnostics.count_host_reads() as reads:
+    model(**inputs)
+print(reads.count, reads.ops)   # e.g. 1, ['aten.eq... all -> _local_scalar_dense']
+```
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+_aten = torch.ops.aten
+# operations that always read device data on the host
+_ALWAYS = {
+    _aten._local_scalar_dense.default, _aten.is_nonzero.default, _aten.equal.default,
+    _aten.nonzero.default, _aten.nonzero.out, _aten.masked_select.default,
+    _aten._unique.default, _aten._unique2.default, _aten.unique_dim.default, _aten.unique_consecutive.default,
+    _aten.unique_dim_consecutive.default,
+}
+# operations that read the host only with a boolean index
+_INDEXING = {_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default, _aten._index_put_impl_.default}
+
+
+def _has_bool_index(args) -> bool:
+    indices = args[1] if len(args) > 1 else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices or ())
+
+
+def _crosses_host(func, args, kwargs, out) -> bool:
+    """A copy whose source and destination lie on different sides of the host/device boundary."""
+    if func not in (_aten._to_copy.default, _aten.copy_.default):
+        return False
+    src = args[0] if func is _aten._to_copy.default else args[1]
+    dst = out if func is _aten._to_copy.default else args[0]
+    if not isinstance(src, torch.Tensor) or not isinstance(dst, torch.Tensor):
+        return False
+    return (src.device.type == "cpu") != (dst.device.type == "cpu")
+
+
+class HostReads(TorchDispatchMode):
+    """The host reads of a block: ``ops`` (names, in order) and ``count``. Use ``count_host_reads()``, which also
+    watches ``Tensor.tolist``."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.ops)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in _ALWAYS:
+            self.ops.append(str(func))
+        elif func in _INDEXING and _has_bool_index(args):
+            self.ops.append(f"{func} (bool index)")
+        elif func is _aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
+            self.ops.append(str(func))
+        elif _crosses_host(func, args, kwargs, out):
+            self.ops.append(f"{func} ({args[0].device if func is _aten._to_copy.default else args[1].device} -> "
+                            f"{out.device if func is _aten._to_copy.default else args[0].device})")
+        return out
+
+
+@contextlib.contextmanager
+def count_host_reads() -> Iterator[HostReads]:
+    """``with count_host_reads() as reads: ...`` records the host reads of the block in ``reads.ops``."""
+    mode = HostReads()
+    tolist = torch.Tensor.tolist
+
+    def watched_tolist(tensor):
+        mode.ops.append("Tensor.tolist")
+        return tolist(tensor)
+
+    torch.Tensor.tolist = watched_tolist
+    try:
+        with mode:
+            yield mode
+    finally:
+        torch.Tensor.tolist = tolist
