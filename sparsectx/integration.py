@@ -38,13 +38,14 @@ processors (diffusers' SDPA dispatch: exact, and cuDNN on a GPU); ``attention="s
 of ``sparsectx.processors`` so that sparsectx's Triton kernel computes every attention layer. ``disable`` restores
 the original processor objects.
 
-Attention probe (task-aware selectors). For FLUX.1 and FLUX.2, the selection context's ``extra`` holds an
+Attention probe (task-aware selectors). For FLUX.1, FLUX.2 and Qwen-Image, the selection context's ``extra`` holds an
 ``"attention_probe"``: when a selector needs probe tensors (``edit``, ``subject``, ``attention``) that the user did
 not give in ``signals``, it runs the original forward on the full (uncompacted) call, under ``torch.no_grad()``,
 with a temporary processor on the first double-stream block's attention that computes that block's q and k (after
 norms and RoPE) and stops the forward there: the probe costs the embedders and one block's projections, not a step.
 It returns ``"text_queries"``, ``"target_queries"`` (= ``"queries"``) and ``"ref_keys"`` (see
-``sparsectx.selection``). Qwen-Image has no probe: its task-aware selectors need those signals in ``signals``.
+``sparsectx.selection``), and for Qwen-Image also ``"text_mask"`` (its prompt padding, from
+``encoder_hidden_states_mask``), so padded text tokens do not vote.
 
 Reference KV cache (``Flux2KleinKVPipeline``): the extract step is compacted like any other (``num_ref_tokens``
 becomes the kept count), so the cache holds the kept tokens only and the cached steps need nothing more.
@@ -82,7 +83,7 @@ OVERRIDE_KEYS = ("budget", "selector", "signals")
 PATCH_ATTR = "_sparsectx_patch"  # the transformer attribute holding its _SparsePatch while enabled
 TARGET_PLANE = 0  # FLUX.1 / FLUX.2: first id axis of target tokens; references use any other value
 KV_EXTRACT = "extract"
-PROBE_FAMILIES = (FLUX2, FLUX)  # families whose first double-stream block the attention probe reads
+PROBE_FAMILIES = (FLUX2, FLUX, QWEN)  # families whose first double-stream block the attention probe reads
 # signals that make the automatic probe unnecessary: the user's own probe or probe tensors, or a user edit mask
 # (the user said where the edit is; probe attention would be mixed into it)
 PROBE_SKIP_SIGNALS = ("attention_probe", "ref_keys", "text_queries", "target_queries", "queries", "user_mask")
@@ -299,7 +300,7 @@ _LAYOUTS = {FLUX2: _ids_layout, FLUX: _ids_layout, QWEN: _qwen_layout}
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# attention probe: q and k of the first double-stream block (FLUX.1 / FLUX.2)
+# attention probe: q and k of the first double-stream block (FLUX.1, FLUX.2, Qwen-Image)
 # ----------------------------------------------------------------------------------------------------------------
 class _ProbeDone(Exception):
     """Raised by the probe processor once it holds q and k: ends the transformer's forward there."""
@@ -307,37 +308,64 @@ class _ProbeDone(Exception):
 
 class _QKProbeProcessor:
     """Temporary processor of the first double-stream attention: the joint ``[text, image]`` q and k exactly as
-    the original processor computes them (same projection function, norms, RoPE), then ``_ProbeDone``. The KV-cache
-    arguments of FLUX.2 klein are accepted (so diffusers passes them without a warning) and unused."""
+    the original processor computes them (same projections, norms, RoPE), then ``_ProbeDone``. One subclass per
+    family, each with the signature of the processor it stands in for (diffusers passes a processor only the
+    arguments its ``__call__`` names)."""
 
-    def __init__(self, get_qkv_projections: Callable):
-        self.get_qkv_projections = get_qkv_projections
+    def __init__(self):
         self.query: Optional[torch.Tensor] = None  # [B, T + S, H, D]
         self.key: Optional[torch.Tensor] = None
         self.n_text = 0
+        self.text_mask: Optional[torch.Tensor] = None  # bool [B, T] (False = padding), when the family has one
+
+    def _record(self, query, key, encoder_hidden_states, text_mask=None):
+        self.query, self.key, self.n_text = query, key, encoder_hidden_states.shape[1]
+        if text_mask is not None:
+            self.text_mask = text_mask.to(device=query.device, dtype=torch.bool)
+        raise _ProbeDone
+
+
+class _FluxQKProbe(_QKProbeProcessor):
+    """FLUX.1 / FLUX.2 double-stream attention (the KV-cache arguments of FLUX.2 klein are accepted, unused)."""
+
+    def __init__(self, get_qkv_projections: Callable):
+        super().__init__()
+        self.get_qkv_projections = get_qkv_projections
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
                  kv_cache=None, kv_cache_mode=None, num_ref_tokens=0):
         from .processors import _joint_qkv  # deferred: imports diffusers' model modules
 
-        self.query, self.key, _ = _joint_qkv(attn, hidden_states, encoder_hidden_states, self.get_qkv_projections,
-                                             image_rotary_emb)
-        self.n_text = encoder_hidden_states.shape[1]
-        raise _ProbeDone
+        query, key, _ = _joint_qkv(attn, hidden_states, encoder_hidden_states, self.get_qkv_projections,
+                                   image_rotary_emb)
+        self._record(query, key, encoder_hidden_states)
 
 
-def _qkv_projections(family: str) -> Callable:
-    """The projection helper diffusers' own processor of the family's double-stream attention calls."""
+class _QwenQKProbe(_QKProbeProcessor):
+    """Qwen-Image double-stream attention; the text padding mask comes along as ``text_mask``."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
+                 attention_mask=None, image_rotary_emb=None):
+        from .processors import _qwen_joint_qkv  # deferred: imports diffusers' model modules
+
+        query, key, _ = _qwen_joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        self._record(query, key, encoder_hidden_states, encoder_hidden_states_mask)
+
+
+def _probe_processor(family: str) -> _QKProbeProcessor:
+    """The probe processor of a family (FLUX: with the projection helper diffusers' own processor calls)."""
+    if family == QWEN:
+        return _QwenQKProbe()
     from diffusers.models.transformers import transformer_flux, transformer_flux2
 
-    return {FLUX2: transformer_flux2, FLUX: transformer_flux}[family]._get_qkv_projections
+    return _FluxQKProbe({FLUX2: transformer_flux2, FLUX: transformer_flux}[family]._get_qkv_projections)
 
 
 def _probe_qk(transformer: torch.nn.Module, family: str, forward: Callable, call: dict) -> _QKProbeProcessor:
     """Runs ``forward(**call)`` with the probe processor on ``transformer.transformer_blocks[0].attn`` until it
     stops there; the original processor object is put back whatever happens."""
     attn = transformer.transformer_blocks[0].attn
-    recorder = _QKProbeProcessor(_qkv_projections(family))
+    recorder = _probe_processor(family)
     original = attn.processor
     attn.set_processor(recorder)
     try:
@@ -357,8 +385,11 @@ def _probe_tensors(recorder: _QKProbeProcessor, layout: _Layout) -> dict:
     query, key, n_text = recorder.query, recorder.key, recorder.n_text
     image_query, image_key = query[:, n_text:], key[:, n_text:]
     target = image_query[:, layout.target_positions.to(query.device)]
-    return {"text_queries": query[:, :n_text], "target_queries": target, "queries": target,
-            "ref_keys": image_key[:, layout.ref_positions.to(key.device)]}
+    tensors = {"text_queries": query[:, :n_text], "target_queries": target, "queries": target,
+               "ref_keys": image_key[:, layout.ref_positions.to(key.device)]}
+    if recorder.text_mask is not None:
+        tensors["text_mask"] = recorder.text_mask
+    return tensors
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -792,7 +823,7 @@ def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Call
     ``(reference_latents [B, N, C], context) -> scores [B, N] | keep mask [B, N]``; a mask is used as is).
     ``seed`` makes random selectors deterministic (a fresh generator per selection). ``signals`` are the inputs
     task-aware selectors read from ``context.extra`` (e.g. ``{"user_mask": bool [B or 1, N]}`` for ``"edit"``, or
-    probe queries/keys; see ``sparsectx.selection``); tensors go to the model's device. On FLUX.1 / FLUX.2, probe
+    probe queries/keys; see ``sparsectx.selection``); tensors go to the model's device. Probe
     tensors missing from ``signals`` come from the automatic attention probe (module docstring).
 
     ``attention`` picks what computes attention on the compacted sequence:

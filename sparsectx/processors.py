@@ -319,6 +319,29 @@ class SparsectxFlux2KVParallelSelfAttnProcessor(_SparsectxProcessor):
 # ----------------------------------------------------------------------------------------------------------------
 # Qwen-Image(-Edit/-Plus)
 # ----------------------------------------------------------------------------------------------------------------
+def _qwen_joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb):
+    """Projections, QK norms and RoPE of both Qwen-Image streams, joined as ``[text, image]``: ``(q, k, v)``, each
+    ``[B, T + S, H, D]``."""
+    head_dim = attn.inner_dim // attn.heads
+    image_qkv = [t.unflatten(-1, (-1, head_dim))
+                 for t in (attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states))]
+    text_qkv = [t.unflatten(-1, (-1, head_dim)) for t in (
+        attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
+        attn.add_v_proj(encoder_hidden_states))]
+    # QK norms (each optional), then RoPE on both streams
+    for qkv, norms in ((image_qkv, (attn.norm_q, attn.norm_k)), (text_qkv, (attn.norm_added_q, attn.norm_added_k))):
+        for i, norm in enumerate(norms):
+            if norm is not None:
+                qkv[i] = norm(qkv[i])
+    if image_rotary_emb is not None:
+        image_freqs, text_freqs = image_rotary_emb
+        for qkv, freqs in ((image_qkv, image_freqs), (text_qkv, text_freqs)):
+            for i in (0, 1):
+                qkv[i] = transformer_qwenimage.apply_rotary_emb_qwen(qkv[i], freqs, use_real=False)
+    query, key, value = (torch.cat([text, image], dim=1) for text, image in zip(text_qkv, image_qkv))
+    return query, key, value
+
+
 class SparsectxQwenDoubleStreamAttnProcessor(_SparsectxProcessor):
     """Replaces ``QwenDoubleStreamAttnProcessor2_0``: the text padding mask (``encoder_hidden_states_mask``) becomes
     a key mask of ``masked_attention``."""
@@ -334,23 +357,7 @@ class SparsectxQwenDoubleStreamAttnProcessor(_SparsectxProcessor):
             raise ValueError(f"{type(self).__name__} does not accept an external attention_mask; pass "
                              "encoder_hidden_states_mask (the text padding mask)")
         n_text = encoder_hidden_states.shape[1]
-        head_dim = attn.inner_dim // attn.heads
-        image_qkv = [t.unflatten(-1, (-1, head_dim))
-                     for t in (attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states))]
-        text_qkv = [t.unflatten(-1, (-1, head_dim)) for t in (
-            attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
-            attn.add_v_proj(encoder_hidden_states))]
-        # QK norms (each optional), then RoPE on both streams
-        for qkv, norms in ((image_qkv, (attn.norm_q, attn.norm_k)), (text_qkv, (attn.norm_added_q, attn.norm_added_k))):
-            for i, norm in enumerate(norms):
-                if norm is not None:
-                    qkv[i] = norm(qkv[i])
-        if image_rotary_emb is not None:
-            image_freqs, text_freqs = image_rotary_emb
-            for qkv, freqs in ((image_qkv, image_freqs), (text_qkv, text_freqs)):
-                for i in (0, 1):
-                    qkv[i] = transformer_qwenimage.apply_rotary_emb_qwen(qkv[i], freqs, use_real=False)
-        query, key, value = (torch.cat([text, image], dim=1) for text, image in zip(text_qkv, image_qkv))
+        query, key, value = _qwen_joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         text_keep = None
         if encoder_hidden_states_mask is not None:
             text_keep = encoder_hidden_states_mask.to(device=query.device, dtype=torch.bool)

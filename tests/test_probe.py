@@ -1,6 +1,7 @@
 """The automatic attention probe of sparsectx.enable (sparsectx.integration): tiny random-weight FLUX.2 / FLUX.1
 (Kontext layout) / Qwen-Image models built from configs, fp32, CPU, offline. The probe's q/k are checked against
-``processors._joint_qkv`` applied by hand to the first double-stream block's attention inputs."""
+``processors._joint_qkv`` (FLUX) / ``processors._qwen_joint_qkv`` applied by hand to the first double-stream
+block's attention inputs."""
 import pytest
 import torch
 
@@ -14,11 +15,13 @@ from sparsectx.reference import topk_keep_mask  # noqa: E402
 HEADS, HEAD_DIM = 2, 16
 TEXT_TOKENS, TEXT_DIM = 6, 32
 TARGET_HW = (4, 4)
-REF_HWS = {"flux2": ((3, 3), (2, 4)), "flux": ((3, 3),)}  # FLUX.1 Kontext takes one reference
+REF_HWS = {"flux2": ((3, 3), (2, 4)), "flux": ((3, 3),), "qwen": ((3, 3), (2, 4))}  # FLUX.1 Kontext: one reference
 N_TARGET = TARGET_HW[0] * TARGET_HW[1]
 DOUBLE_LAYERS = 2  # so the last double-stream block is not the probed one
 BUDGET = 3  # kept tokens per reference image
 FLUX_FAMILIES = ("flux2", "flux")
+FAMILIES = (*FLUX_FAMILIES, "qwen")
+PADDED_TEXT = 2  # Qwen-Image: the last sample's prompt ends with this many padding tokens
 PROJECTIONS = {"flux2": transformer_flux2._get_qkv_projections, "flux": transformer_flux._get_qkv_projections}
 
 
@@ -38,13 +41,13 @@ def _build_model(family):
             num_attention_heads=HEADS, joint_attention_dim=TEXT_DIM, pooled_projection_dim=16,
             guidance_embeds=False, axes_dims_rope=(4, 6, 6)).eval()
     return diffusers.QwenImageTransformer2DModel(
-        patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=HEAD_DIM,
+        patch_size=2, in_channels=16, out_channels=4, num_layers=DOUBLE_LAYERS, attention_head_dim=HEAD_DIM,
         num_attention_heads=HEADS, joint_attention_dim=TEXT_DIM, axes_dims_rope=(4, 6, 6)).eval()
 
 
 @pytest.fixture(scope="module")
 def models():
-    return {family: _build_model(family) for family in (*FLUX_FAMILIES, "qwen")}
+    return {family: _build_model(family) for family in FAMILIES}
 
 
 @pytest.fixture(autouse=True)
@@ -65,18 +68,17 @@ def _inputs(family, batch=2, shared=False, seed=1):
     g = torch.Generator().manual_seed(seed)
     text = torch.randn(batch, TEXT_TOKENS, TEXT_DIM, generator=g)
     timestep = torch.full((batch,), 0.7)
-    if family == "qwen":
-        hws = REF_HWS["flux2"]
-        seq = N_TARGET + sum(h * w for h, w in hws)
-        shapes = [[(1, *TARGET_HW), *[(1, h, w) for h, w in hws]]] * batch
-        return dict(hidden_states=torch.randn(batch, seq, 16, generator=g), encoder_hidden_states=text,
-                    encoder_hidden_states_mask=torch.ones(batch, TEXT_TOKENS, dtype=torch.long),
-                    timestep=timestep, img_shapes=shapes, return_dict=False)
     hws = REF_HWS[family]
     seq = N_TARGET + sum(h * w for h, w in hws)
-    hidden = torch.randn(batch, seq, 8, generator=g)
+    hidden = torch.randn(batch, seq, 16 if family == "qwen" else 8, generator=g)
     if shared:
         hidden[1:, N_TARGET:] = hidden[:1, N_TARGET:]
+    if family == "qwen":
+        shapes = [[(1, *TARGET_HW), *[(1, h, w) for h, w in hws]]] * batch
+        text_mask = torch.ones(batch, TEXT_TOKENS, dtype=torch.long)
+        text_mask[-1, -PADDED_TEXT:] = 0
+        return dict(hidden_states=hidden, encoder_hidden_states=text, encoder_hidden_states_mask=text_mask,
+                    timestep=timestep, img_shapes=shapes, return_dict=False)
     if family == "flux2":
         ids = torch.cat([_grid_ids(0, TARGET_HW, 4)] + [_grid_ids(10 * (i + 1), hw, 4) for i, hw in enumerate(hws)])
         txt_ids = torch.cartesian_prod(*[torch.zeros(1, dtype=torch.long)] * 3, torch.arange(TEXT_TOKENS))
@@ -91,7 +93,8 @@ def _inputs(family, batch=2, shared=False, seed=1):
 
 def _first_sample(kwargs):
     """The same forward kwargs for the first sample alone (FLUX.1's 2-D ids carry no batch axis)."""
-    batched = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
+    batched = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep",
+               "encoder_hidden_states_mask", "img_shapes")
     return {name: value[:1] if name in batched or (name.endswith("_ids") and value.ndim == 3) else value
             for name, value in kwargs.items()}
 
@@ -112,8 +115,12 @@ def _hand_qk(model, family, kwargs):
     finally:
         handle.remove()
     with torch.no_grad():
-        query, key, _ = processors._joint_qkv(attn, seen["hidden_states"], seen["encoder_hidden_states"],
-                                              PROJECTIONS[family], seen["image_rotary_emb"])
+        if family == "qwen":
+            query, key, _ = processors._qwen_joint_qkv(attn, seen["hidden_states"], seen["encoder_hidden_states"],
+                                                       seen["image_rotary_emb"])
+        else:
+            query, key, _ = processors._joint_qkv(attn, seen["hidden_states"], seen["encoder_hidden_states"],
+                                                  PROJECTIONS[family], seen["image_rotary_emb"])
     return query, key
 
 
@@ -132,7 +139,7 @@ def _recording_attention(record):
 # (1) the probe's tensors are the first block's q/k
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shared", [False, True])
-@pytest.mark.parametrize("family", FLUX_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_probe_tensors_equal_first_block_qk(models, family, shared):
     model, kwargs = models[family], _inputs(family, shared=shared)
     # a shared batch is probed on its first sample alone (bit-exact only against a batch-1 computation)
@@ -147,6 +154,11 @@ def test_probe_tensors_equal_first_block_qk(models, family, shared):
     torch.testing.assert_close(record["target_queries"], image_query[:, :N_TARGET], rtol=0, atol=0)
     torch.testing.assert_close(record["queries"], image_query[:, :N_TARGET], rtol=0, atol=0)
     torch.testing.assert_close(record["ref_keys"], image_key[:, N_TARGET:N_TARGET + n_refs], rtol=0, atol=0)
+    if family == "qwen":  # the prompt padding comes along, for the probe's own batch
+        probed = _first_sample(kwargs) if shared else kwargs
+        assert torch.equal(record["text_mask"], probed["encoder_hidden_states_mask"].bool())
+    else:
+        assert "text_mask" not in record
 
 
 def test_probe_follows_the_kv_extract_layout(models):
@@ -168,12 +180,15 @@ def test_probe_follows_the_kv_extract_layout(models):
 # ----------------------------------------------------------------------------------------------------------------
 # (2) the probe stops after the first block's projections and puts the processor back
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", FLUX_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_probe_stops_early_and_restores_processor(models, family):
     model, kwargs = models[family], _inputs(family, shared=True)
     attn = model.transformer_blocks[0].attn
     original = attn.processor
-    calls = {"last_double": 0, "last_single": 0}
+    last_blocks = {"last_double": model.transformer_blocks[-1]}
+    if family != "qwen":  # Qwen-Image has double-stream blocks only
+        last_blocks["last_single"] = model.single_transformer_blocks[-1]
+    calls = {name: 0 for name in last_blocks}
     during_probe = {}
 
     def counter(name):
@@ -188,8 +203,7 @@ def test_probe_stops_early_and_restores_processor(models, family):
         during_probe["processor_restored"] = attn.processor is original
         return scores
 
-    handles = [model.transformer_blocks[-1].register_forward_hook(counter("last_double")),
-               model.single_transformer_blocks[-1].register_forward_hook(counter("last_single"))]
+    handles = [block.register_forward_hook(counter(name)) for name, block in last_blocks.items()]
     try:
         sparsectx.enable(model, budget=BUDGET, selector=selector)
         with torch.no_grad():
@@ -197,15 +211,15 @@ def test_probe_stops_early_and_restores_processor(models, family):
     finally:
         for handle in handles:
             handle.remove()
-    assert during_probe == {"last_double": 0, "last_single": 0, "processor_restored": True}
-    assert calls == {"last_double": 1, "last_single": 1}  # the compacted forward itself, one group
+    assert during_probe == {**{name: 0 for name in last_blocks}, "processor_restored": True}
+    assert calls == {name: 1 for name in last_blocks}  # the compacted forward itself, one group
     assert attn.processor is original
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # (3) selector="attention" keeps the top attention mass of the hand-computed q/k
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", FLUX_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_attention_selector_keeps_top_mass(models, family):
     model, kwargs = models[family], _inputs(family)
     query, key = _hand_qk(model, family, kwargs)
@@ -239,11 +253,25 @@ def test_user_probe_tensors_skip_the_automatic_probe(models):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# (4) Qwen-Image has no automatic probe
+# (4) Qwen-Image: the prompt's padding tokens do not vote in the text-driven 'edit' selector
 # ----------------------------------------------------------------------------------------------------------------
-def test_qwen_attention_selector_needs_signals(models):
-    model = models["qwen"]
-    sparsectx.enable(model, budget=BUDGET, selector="attention")
-    with pytest.raises(ValueError, match="needs context.extra"):
-        with torch.no_grad():
-            model(**_inputs("qwen"))
+def test_qwen_edit_selector_ignores_padded_text(models):
+    model, kwargs = models["qwen"], _inputs("qwen")
+    query, key = _hand_qk(model, "qwen", kwargs)
+    lengths = [h * w for h, w in REF_HWS["qwen"]]
+    n_refs = sum(lengths)
+    text_mask = kwargs["encoder_hidden_states_mask"].bool()
+    context = selection.SelectionContext(
+        num_references=len(lengths), ref_lengths=lengths, target_shape=TARGET_HW,
+        extra={"ref_shapes": list(REF_HWS["qwen"]), "text_queries": query[:, :TEXT_TOKENS], "text_mask": text_mask,
+               "ref_keys": key[:, TEXT_TOKENS + N_TARGET:TEXT_TOKENS + N_TARGET + n_refs]})
+    references = kwargs["hidden_states"][:, N_TARGET:]
+    scores = selection.edit_scores(references, context)
+    expected = torch.cat([topk_keep_mask(part, [BUDGET] * scores.shape[0]) for part in scores.split(lengths, 1)], 1)
+    unmasked = selection.edit_scores(references, context.__class__(**{**vars(context), "extra": {
+        **context.extra, "text_mask": None}}))
+    assert not torch.allclose(unmasked[-1], scores[-1])  # the padding would change the last sample's scores
+    sparsectx.enable(model, budget=BUDGET, selector="edit")
+    with torch.no_grad():
+        model(**kwargs)
+    assert torch.equal(getattr(model, integration.PATCH_ATTR).cache.keep, expected)
