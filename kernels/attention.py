@@ -3,9 +3,11 @@
 Spec: ``sparsectx.reference.sparse_attention_ref`` (forward) and ``sparse_attention_bwd_ref`` (backward).
 
 Sample b's queries are rows ``cu_q[b]:cu_q[b+1]`` of the packed ``q [Tq, H, D]``; its keys are its own packed rows
-``cu_k[b]:cu_k[b+1]`` of ``k/v [Tk, H, D]`` followed by the reference rows ``ref_k[b, ref_index[j]]`` for
-``j in cu_r[b]:cu_r[b+1]`` of a ``[B, R, H, D]`` buffer. The kept reference rows are never copied: each key block of
-the reference loop is loaded through a vector of row pointers. There is no causal mask.
+``cu_k[b]:cu_k[b+1]`` of ``k/v [Tk, H, D]`` followed by its reference rows ``j in cu_r[b]:cu_r[b+1]``: either
+``ref_k[b, ref_index[j]]`` of a ``[B, R, H, D]`` buffer (gathered), or, with ``REF_PACKED``, rows ``ref_k[j]`` of a
+packed ``[Tref, H, D]`` tensor (a second contiguous key segment per sample, e.g. the image tokens of a sequence whose
+text tokens are the own keys). The kept reference rows are never copied: each key block of the reference loop is
+loaded through a vector of row pointers. There is no causal mask.
 
 Layout of the work (no host synchronisation: grids are sized from host-side upper bounds, and programs past the end
 of their sample return at once):
@@ -98,7 +100,19 @@ def _query_block(CU_Q, batch, pid_m, BLOCK_M: tl.constexpr):
     return q_start, q_len, offs_m, offs_m < q_len, (q_start + offs_m).to(tl.int64)
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=["HEAD_DIM", "HAS_REF"])
+@triton.jit
+def _ref_rows(RIDX, r_start, offs, valid, REF_PACKED: tl.constexpr, MASKED: tl.constexpr):
+    """int64 rows of reference keys ``r_start + offs`` of a sample: consecutive rows of the packed tensor
+    (REF_PACKED), else the buffer rows ``ref_index[r_start + offs]`` (MASKED: only where ``valid``, 0 elsewhere)."""
+    if REF_PACKED:
+        return (r_start + offs).to(tl.int64)
+    elif MASKED:
+        return tl.load(RIDX + r_start + offs, mask=valid, other=0).to(tl.int64)
+    else:
+        return tl.load(RIDX + r_start + offs).to(tl.int64)
+
+
+@triton.autotune(configs=FWD_CONFIGS, key=["HEAD_DIM", "HAS_REF", "REF_PACKED"])
 @triton.jit
 def _fwd_kernel(
     Q, K, V, RK, RV, RIDX, CU_Q, CU_K, CU_R, O, LSE,
@@ -106,7 +120,7 @@ def _fwd_kernel(
     stride_rkb, stride_rkr, stride_rkh, stride_rvb, stride_rvr, stride_rvh,
     stride_ot, stride_oh, stride_lse_h,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_D: tl.constexpr, HAS_REF: tl.constexpr,
-    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    REF_PACKED: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start, q_len, offs_m, q_valid, q_rows = _query_block(CU_Q, batch, pid_m, BLOCK_M)
@@ -138,7 +152,8 @@ def _fwd_kernel(
         acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_base + rows * stride_kt, v_base + rows * stride_vt,
                                       key_valid, d_valid, qk_scale, True, MASK_D, IEEE)
 
-    # the sample's kept reference keys: rows of ref_k[batch] gathered through ref_index, same full/tail split
+    # the sample's kept reference keys (rows of ref_k[batch] gathered through ref_index, or its packed rows; the
+    # packed tensor's batch stride is 0), same full/tail split
     if HAS_REF:
         r_start = tl.load(CU_R + batch)
         r_len = tl.load(CU_R + batch + 1) - r_start
@@ -146,12 +161,12 @@ def _fwd_kernel(
         rv_base = RV + batch.to(tl.int64) * stride_rvb + head * stride_rvh + offs_d[None, :]
         r_full = (r_len // BLOCK_N) * BLOCK_N
         for start_n in range(0, r_full, BLOCK_N):
-            idx = tl.load(RIDX + r_start + start_n + offs_n).to(tl.int64)[:, None]
+            idx = _ref_rows(RIDX, r_start, start_n + offs_n, None, REF_PACKED, False)[:, None]
             acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, rk_base + idx * stride_rkr, rv_base + idx * stride_rvr,
                                           offs_n < BLOCK_N, d_valid, qk_scale, False, MASK_D, IEEE)
         if r_full < r_len:
             key_valid = r_full + offs_n < r_len
-            idx = tl.load(RIDX + r_start + r_full + offs_n, mask=key_valid, other=0).to(tl.int64)[:, None]
+            idx = _ref_rows(RIDX, r_start, r_full + offs_n, key_valid, REF_PACKED, True)[:, None]
             acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, rk_base + idx * stride_rkr, rv_base + idx * stride_rvr,
                                           key_valid, d_valid, qk_scale, True, MASK_D, IEEE)
 
@@ -169,12 +184,20 @@ def _block_d(dim: int) -> int:
 
 
 def _ref_args(ref_k, ref_v, ref_index, cu_r, like):
-    """Kernel arguments for the reference buffer (dummies when there is none: HAS_REF=False skips its loop)."""
+    """Kernel arguments for the references: ``(ref_k, ref_v, ref_index, cu_r, has_ref, packed)`` (dummies when there
+    are none: HAS_REF=False skips their loop; a packed tensor's index argument is unused)."""
     if ref_k is None:
         dummy = like.new_empty((1, 1, 1, 1))
         index = torch.zeros(1, dtype=torch.int32, device=like.device)
-        return dummy, dummy, index, index, False
-    return ref_k, ref_v, ref_index, cu_r, True
+        return dummy, dummy, index, index, False, False
+    packed = ref_index is None
+    return ref_k, ref_v, cu_r if packed else ref_index, cu_r, True, packed
+
+
+def _ref_strides(t):
+    """(batch, row, head) strides of a reference tensor: a packed ``[Tref, H, D]`` one has batch stride 0 (its rows
+    are addressed by their packed number)."""
+    return (0, t.stride(0), t.stride(1)) if t.ndim == 3 else (t.stride(0), t.stride(1), t.stride(2))
 
 
 def attention_forward(q, k, v, cu_q, cu_k, max_seqlen_q, ref_k, ref_v, ref_index, cu_r, softmax_scale):
@@ -185,7 +208,7 @@ def attention_forward(q, k, v, cu_q, cu_k, max_seqlen_q, ref_k, ref_v, ref_index
     lse = torch.empty((heads, tq), dtype=torch.float32, device=q.device)
     if tq == 0 or batch == 0 or max_seqlen_q == 0:
         return out, lse
-    rk, rv, ridx, cur, has_ref = _ref_args(ref_k, ref_v, ref_index, cu_r, q)
+    rk, rv, ridx, cur, has_ref, packed = _ref_args(ref_k, ref_v, ref_index, cu_r, q)
 
     def grid(meta):
         return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)
@@ -193,9 +216,8 @@ def attention_forward(q, k, v, cu_q, cu_k, max_seqlen_q, ref_k, ref_v, ref_index
     _fwd_kernel[grid](
         q, k, v, rk, rv, ridx, cu_q, cu_k, cur, out, lse,
         softmax_scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
-        out.stride(0), out.stride(1), lse.stride(0),
-        HEAD_DIM=dim, BLOCK_D=_block_d(dim), MASK_D=_block_d(dim) != dim, HAS_REF=has_ref,
+        *_ref_strides(rk), *_ref_strides(rv), out.stride(0), out.stride(1), lse.stride(0),
+        HEAD_DIM=dim, BLOCK_D=_block_d(dim), MASK_D=_block_d(dim) != dim, HAS_REF=has_ref, REF_PACKED=packed,
         IEEE=q.dtype == torch.float32,
     )
     return out, lse
@@ -235,21 +257,22 @@ def _load_query_grads(Q, DO, LSE2, DELTA, q_rows, q_cols, q_valid, offs_d, d_val
     return q, do, lse2, delta
 
 
-@triton.autotune(configs=DKDV_CONFIGS, key=["HEAD_DIM", "IS_REF"])
+@triton.autotune(configs=DKDV_CONFIGS, key=["HEAD_DIM", "IS_REF", "REF_PACKED"])
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, DO, LSE2, DELTA, K, V, DK, DV, CU_Q, CU_K, KIDX,
     qk_scale, sm_scale, stride_qt, stride_qh, stride_dot, stride_doh, stride_lse_h,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_REF: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_REF: tl.constexpr, REF_PACKED: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV for one block of BLOCK_N keys of one sample and head.
 
-    Own keys (IS_REF=False): K/V/DK/DV are the packed [Tk, H, D] tensors, key rows cu_k[b] + n (stride_*b unused).
-    Reference keys (IS_REF=True): K/V are the [B, R, H, D] buffers and DK/DV their gradients; cu_k is cu_seqlens_ref
-    and the key rows are ref_index[cu_k[b] + n] inside sample b's slice of the buffer.
+    Own keys (IS_REF=False), or packed reference keys (IS_REF and REF_PACKED): K/V/DK/DV are packed [T, H, D]
+    tensors, key rows cu_k[b] + n (batch strides 0). Gathered reference keys (IS_REF only): K/V are the
+    [B, R, H, D] buffers and DK/DV their gradients; cu_k is cu_seqlens_ref and the key rows are
+    ref_index[cu_k[b] + n] inside sample b's slice of the buffer.
     """
     pid_n, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     k_start = tl.load(CU_K + batch)
@@ -263,7 +286,7 @@ def _bwd_dkdv_kernel(
     key_valid = offs_n < k_len
     kv_mask = key_valid[:, None] & d_valid[None, :]
     if IS_REF:
-        rows = tl.load(KIDX + k_start + offs_n, mask=key_valid, other=0).to(tl.int64)
+        rows = _ref_rows(KIDX, k_start, offs_n, key_valid, REF_PACKED, True)
     else:
         rows = (k_start + offs_n).to(tl.int64)
     b64 = batch.to(tl.int64)
@@ -307,15 +330,15 @@ def _dq_step(dq, q, do, lse2, delta, k, v, key_valid, qk_scale, IEEE: tl.constex
     return dq + _dot(ds.to(k.dtype), k, IEEE)
 
 
-@triton.autotune(configs=DQ_CONFIGS, key=["HEAD_DIM", "HAS_REF"])
+@triton.autotune(configs=DQ_CONFIGS, key=["HEAD_DIM", "HAS_REF", "REF_PACKED"])
 @triton.jit
 def _bwd_dq_kernel(
     Q, DO, LSE2, DELTA, K, V, RK, RV, RIDX, CU_Q, CU_K, CU_R, DQ,
     qk_scale, sm_scale, stride_qt, stride_qh, stride_dot, stride_doh, stride_lse_h,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_rkb, stride_rkr, stride_rkh, stride_rvb, stride_rvr, stride_rvh, stride_dqt, stride_dqh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_REF: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_REF: tl.constexpr, REF_PACKED: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start, q_len, offs_m, q_valid, q_rows = _query_block(CU_Q, batch, pid_m, BLOCK_M)
@@ -339,7 +362,7 @@ def _bwd_dq_kernel(
         v = tl.load(V + rows[:, None] * stride_vt + head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
         dq = _dq_step(dq, q, do, lse2, delta, k, v, key_valid, qk_scale, IEEE)
 
-    # the sample's gathered reference keys
+    # the sample's reference keys (gathered, or packed rows)
     if HAS_REF:
         r_start = tl.load(CU_R + batch)
         r_len = tl.load(CU_R + batch + 1) - r_start
@@ -347,7 +370,7 @@ def _bwd_dq_kernel(
         rv_base = RV + batch.to(tl.int64) * stride_rvb + head * stride_rvh
         for start_n in range(0, r_len, BLOCK_N):
             key_valid = start_n + offs_n < r_len
-            idx = tl.load(RIDX + r_start + start_n + offs_n, mask=key_valid, other=0).to(tl.int64)
+            idx = _ref_rows(RIDX, r_start, start_n + offs_n, key_valid, REF_PACKED, True)
             kv_mask = key_valid[:, None] & d_valid[None, :]
             k = tl.load(rk_base + idx[:, None] * stride_rkr + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(rv_base + idx[:, None] * stride_rvr + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -386,23 +409,21 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, 
             HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=DELTA_BLOCK_M)
 
     common = (qk_scale, softmax_scale, q.stride(0), q.stride(1), dout.stride(0), dout.stride(1), lse2.stride(0))
+    rk, rv, ridx, cur, _, packed = _ref_args(ref_k, ref_v, ref_index, cu_r, q)
     if max_seqlen_k > 0 and k.shape[0] > 0:
         _bwd_dkdv_kernel[lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), heads, batch)](
             q, dout, lse2, delta, k, v, dk, dv, cu_q, cu_k, cu_k, *common,
-            0, k.stride(0), k.stride(1), 0, v.stride(0), v.stride(1),
-            0, dk.stride(0), dk.stride(1), 0, dv.stride(0), dv.stride(1),
-            HEAD_DIM=dim, BLOCK_D=block_d, IS_REF=False, IEEE=ieee)
-    if has_ref and max_seqlen_ref > 0 and ref_index.numel() > 0:
+            *_ref_strides(k), *_ref_strides(v), *_ref_strides(dk), *_ref_strides(dv),
+            HEAD_DIM=dim, BLOCK_D=block_d, IS_REF=False, REF_PACKED=False, IEEE=ieee)
+    if has_ref and max_seqlen_ref > 0 and ref_k.shape[-3] > 0 and (packed or ref_index.numel() > 0):
         _bwd_dkdv_kernel[lambda meta: (triton.cdiv(max_seqlen_ref, meta["BLOCK_N"]), heads, batch)](
-            q, dout, lse2, delta, ref_k, ref_v, dref_k, dref_v, cu_q, cu_r, ref_index, *common,
-            *ref_k.stride()[:3], *ref_v.stride()[:3], *dref_k.stride()[:3], *dref_v.stride()[:3],
-            HEAD_DIM=dim, BLOCK_D=block_d, IS_REF=True, IEEE=ieee)
+            q, dout, lse2, delta, ref_k, ref_v, dref_k, dref_v, cu_q, cu_r, ridx, *common,
+            *_ref_strides(ref_k), *_ref_strides(ref_v), *_ref_strides(dref_k), *_ref_strides(dref_v),
+            HEAD_DIM=dim, BLOCK_D=block_d, IS_REF=True, REF_PACKED=packed, IEEE=ieee)
     if tq and max_seqlen_q > 0:
-        rk, rv, ridx, cur, _ = _ref_args(ref_k, ref_v, ref_index, cu_r, q)
         _bwd_dq_kernel[lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)](
             q, dout, lse2, delta, k, v, rk, rv, ridx, cu_q, cu_k, cur, dq, *common,
-            k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2),
+            k.stride(0), k.stride(1), v.stride(0), v.stride(1), *_ref_strides(rk), *_ref_strides(rv),
             dq.stride(0), dq.stride(1),
-            HEAD_DIM=dim, BLOCK_D=block_d, HAS_REF=has_ref, IEEE=ieee)
+            HEAD_DIM=dim, BLOCK_D=block_d, HAS_REF=has_ref, REF_PACKED=packed, IEEE=ieee)
     return dq, dk, dv, dref_k, dref_v

@@ -201,14 +201,17 @@ def sparse_attention(
     q ``[Tq, H, D]``; k, v ``[Tk, H, D]``, packed over the batch by ``cu_seqlens_q``/``cu_seqlens_k`` (int32
     ``[B+1]``). Optional ``ref_k``/``ref_v`` ``[B, R, H, D]`` with ``ref_index`` int32 ``[Tref]`` packed by
     ``cu_seqlens_ref``: sample b's keys are its own packed keys followed by
-    ``ref_k[b, ref_index[cu_seqlens_ref[b]:cu_seqlens_ref[b+1]]]`` (indices unique within a sample). No causal mask.
+    ``ref_k[b, ref_index[cu_seqlens_ref[b]:cu_seqlens_ref[b+1]]]`` (indices unique within a sample). Without
+    ``ref_index``, ``ref_k``/``ref_v`` are packed ``[Tref, H, D]`` and sample b's further keys are their rows
+    ``cu_seqlens_ref[b]:cu_seqlens_ref[b+1]`` (a second contiguous key segment per sample: e.g. the image tokens of
+    a packed batch whose text tokens are the own keys). No causal mask.
 
     Returns ``out [Tq, H, D]`` in q's dtype (and ``lse [H, Tq]`` fp32, natural log, when ``return_lse``). A query
     that sees no key outputs zeros with lse ``-inf``. fp16/bf16 compute with fp32 accumulation; fp32 inputs use
     full-precision (IEEE) dot products. Gradients flow to q, k, v, ref_k and ref_v.
 
-    ``max_seqlen_ref`` bounds the kept reference keys of one sample (default: the buffer length R, which needs no
-    host read); only the backward's grid uses it.
+    ``max_seqlen_ref`` bounds the reference keys of one sample (default: the buffer length R, or Tref for packed
+    references, which needs no host read); only the backward's grid uses it.
 
     Rows of q past ``cu_seqlens_q[-1]`` (a caller's padding, possible with ``validate=False``) belong to no sample:
     the kernels leave their output rows unwritten and the torch reference fills them with zeros (lse ``-inf``).
@@ -247,20 +250,28 @@ def sparse_attention(
     else:
         batch = cu_seqlens_q.numel() - 1
     if has_ref:
-        if ref_k is None or ref_v is None or ref_index is None or cu_seqlens_ref is None:
-            raise ValueError("ref_k, ref_v, ref_index and cu_seqlens_ref must be given together")
-        _check_tensor("ref_k", ref_k, ndim=4, device=dev)
-        _check_tensor("ref_v", ref_v, ndim=4, device=dev)
+        if ref_k is None or ref_v is None or cu_seqlens_ref is None:
+            raise ValueError("ref_k, ref_v and cu_seqlens_ref must be given together (with ref_index for a "
+                             "[B, R, H, D] buffer, without it for packed [Tref, H, D] references)")
+        packed = ref_index is None
+        _check_tensor("ref_k", ref_k, device=dev)
+        _check_tensor("ref_v", ref_v, device=dev)
         if ref_k.dtype != dt or ref_v.dtype != dt:
             raise ValueError(f"ref_k/ref_v must have q's dtype {dt}, got {ref_k.dtype}/{ref_v.dtype}")
-        if ref_k.shape[0] != batch or ref_k.shape[2:] != (heads, dim):
-            raise ValueError(f"ref_k must be [B={batch}, R, H={heads}, D={dim}], got {tuple(ref_k.shape)}")
+        if packed and (ref_k.ndim != 3 or ref_k.shape[1:] != (heads, dim)):
+            raise ValueError(f"without ref_index, ref_k must hold packed references [Tref, H={heads}, D={dim}], got "
+                             f"{tuple(ref_k.shape)}")
+        if not packed and (ref_k.ndim != 4 or ref_k.shape[0] != batch or ref_k.shape[2:] != (heads, dim)):
+            raise ValueError(f"ref_k must be [B={batch}, R, H={heads}, D={dim}] (with ref_index), got "
+                             f"{tuple(ref_k.shape)}")
         if ref_v.shape != ref_k.shape:
             raise ValueError(f"ref_v must have ref_k's shape {tuple(ref_k.shape)}, got {tuple(ref_v.shape)}")
-        _check_tensor("ref_index", ref_index, ndim=1, dtypes=(torch.int32,), device=dev)
+        if not packed:
+            _check_tensor("ref_index", ref_index, ndim=1, dtypes=(torch.int32,), device=dev)
         if validate:
-            _check_cu_seqlens("cu_seqlens_ref", cu_seqlens_ref, batch, ref_index.numel(), dev)
-            if ref_index.numel():
+            _check_cu_seqlens("cu_seqlens_ref", cu_seqlens_ref, batch,
+                              ref_k.shape[0] if packed else ref_index.numel(), dev)
+            if not packed and ref_index.numel():
                 lo, hi = int(ref_index.min()), int(ref_index.max())
                 if lo < 0 or hi >= ref_k.shape[1]:
                     raise ValueError(f"ref_index must lie in [0, {ref_k.shape[1]}), got values in [{lo}, {hi}]")
@@ -268,7 +279,7 @@ def sparse_attention(
             _check_tensor("cu_seqlens_ref", cu_seqlens_ref, ndim=1, dtypes=(torch.int32,), device=dev)
         ref_k, ref_v = _last_dim_contiguous(ref_k), _last_dim_contiguous(ref_v)
         if max_seqlen_ref is None:
-            max_seqlen_ref = ref_k.shape[1]
+            max_seqlen_ref = ref_k.shape[-3]
         elif not isinstance(max_seqlen_ref, int) or max_seqlen_ref < 0:
             raise ValueError(f"max_seqlen_ref must be a non-negative int, got {max_seqlen_ref!r}")
         elif validate and _max_len(cu_seqlens_ref) > max_seqlen_ref:

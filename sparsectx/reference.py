@@ -83,6 +83,17 @@ def scatter_ref(packed: torch.Tensor, index: torch.Tensor, cu_seqlens: torch.Ten
 # ----------------------------------------------------------------------------------------------------------------
 # sparse joint attention
 # ----------------------------------------------------------------------------------------------------------------
+def _ref_rows(ref_index, cu_seqlens_ref, b: int, packed: bool):
+    """Sample b's reference rows: a slice of the packed tensor, or its buffer rows ``ref_index[...]``."""
+    r0, r1 = int(cu_seqlens_ref[b]), int(cu_seqlens_ref[b + 1])
+    return slice(r0, r1) if packed else ref_index[r0:r1].long()
+
+
+def _ref_select(ref, b: int, rows):
+    """Rows ``rows`` of sample b's references (packed ``[Tref, H, D]``: the rows themselves)."""
+    return ref[rows] if ref.ndim == 3 else ref[b, rows]
+
+
 def sparse_attention_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -97,9 +108,10 @@ def sparse_attention_ref(
     softmax_scale: Optional[float] = None,
 ):
     """Bidirectional varlen attention in which sample b's keys are its own packed keys followed by
-    ``ref_k[b, ref_index[cu_seqlens_ref[b]:cu_seqlens_ref[b+1]]]`` (same for values).
+    ``ref_k[b, ref_index[cu_seqlens_ref[b]:cu_seqlens_ref[b+1]]]`` (same for values), or, when ``ref_index`` is
+    None, by the packed rows ``ref_k[cu_seqlens_ref[b]:cu_seqlens_ref[b+1]]``.
 
-    q ``[Tq, H, D]``, k/v ``[Tk, H, D]``, ref_k/ref_v ``[B, R, H, D]``. Returns ``(out [Tq, H, D], lse [H, Tq])``;
+    q ``[Tq, H, D]``, k/v ``[Tk, H, D]``, ref_k/ref_v ``[B, R, H, D]`` (or packed ``[Tref, H, D]``). Returns ``(out [Tq, H, D], lse [H, Tq])``;
     ``lse`` is the natural-log log-sum-exp of the scaled scores, ``-inf`` for a query that sees no key (whose output
     is then zero) and for rows of q past ``cu_seqlens_q[-1]``.
     """
@@ -111,9 +123,9 @@ def sparse_attention_ref(
         k_b = k[int(cu_seqlens_k[b]):int(cu_seqlens_k[b + 1])]
         v_b = v[int(cu_seqlens_k[b]):int(cu_seqlens_k[b + 1])]
         if ref_k is not None:
-            sel = ref_index[int(cu_seqlens_ref[b]):int(cu_seqlens_ref[b + 1])].long()
-            k_b = torch.cat([k_b, ref_k[b, sel]])
-            v_b = torch.cat([v_b, ref_v[b, sel]])
+            sel = _ref_rows(ref_index, cu_seqlens_ref, b, ref_index is None)
+            k_b = torch.cat([k_b, _ref_select(ref_k, b, sel)])
+            v_b = torch.cat([v_b, _ref_select(ref_v, b, sel)])
         scores = torch.einsum("qhd,khd->hqk", q_b, k_b) * scale  # [H, q, k]
         if k_b.shape[0] == 0:
             outs.append(torch.zeros_like(q_b))
@@ -161,8 +173,8 @@ def sparse_attention_bwd_ref(dout, dlse, q, k, v, cu_seqlens_q, cu_seqlens_k, *,
         k_b, v_b = k[k0:k1], v[k0:k1]
         sel = None
         if ref_k is not None:
-            sel = ref_index[int(cu_seqlens_ref[b]):int(cu_seqlens_ref[b + 1])].long()
-            k_b, v_b = torch.cat([k_b, ref_k[b, sel]]), torch.cat([v_b, ref_v[b, sel]])
+            sel = _ref_rows(ref_index, cu_seqlens_ref, b, ref_index is None)
+            k_b, v_b = torch.cat([k_b, _ref_select(ref_k, b, sel)]), torch.cat([v_b, _ref_select(ref_v, b, sel)])
         if k_b.shape[0] == 0 or q1 == q0:
             continue
         q_b, do_b = q[q0:q1], dout[q0:q1].to(q.dtype)
@@ -177,6 +189,7 @@ def sparse_attention_bwd_ref(dout, dlse, q, k, v, cu_seqlens_q, cu_seqlens_k, *,
         n_own = k1 - k0
         dk[k0:k1], dv[k0:k1] = dk_b[:n_own], dv_b[:n_own]
         if sel is not None:
-            dref_k[b, sel] = dk_b[n_own:]
-            dref_v[b, sel] = dv_b[n_own:]
+            target = (sel,) if ref_k.ndim == 3 else (b, sel)
+            dref_k[target] = dk_b[n_own:]
+            dref_v[target] = dv_b[n_own:]
     return dq, dk, dv, dref_k, dref_v

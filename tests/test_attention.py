@@ -25,7 +25,9 @@ def _cu(lengths):
                         device=DEVICE)
 
 
-def make_case(lq, lk, lr, ref_len, heads, dim, dtype, seed, with_ref=True):
+def make_case(lq, lk, lr, ref_len, heads, dim, dtype, seed, with_ref=True, packed=False):
+    """Random varlen inputs. References: a ``[B, ref_len, H, D]`` buffer with ``lr[b]`` distinct random rows kept
+    per sample, or (``packed``) ``[sum(lr), H, D]`` packed rows (``ref_len`` unused)."""
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape):
@@ -34,7 +36,9 @@ def make_case(lq, lk, lr, ref_len, heads, dim, dtype, seed, with_ref=True):
     case = types.SimpleNamespace(
         q=rnd(sum(lq), heads, dim), k=rnd(sum(lk), heads, dim), v=rnd(sum(lk), heads, dim),
         cu_q=_cu(lq), cu_k=_cu(lk), max_q=max(lq), max_k=max(lk), ref=None)
-    if with_ref:
+    if with_ref and packed:
+        case.ref = dict(ref_k=rnd(sum(lr), heads, dim), ref_v=rnd(sum(lr), heads, dim), cu_seqlens_ref=_cu(lr))
+    elif with_ref:
         index = torch.cat([torch.randperm(ref_len, generator=g)[:n] for n in lr]).to(torch.int32).to(DEVICE)
         case.ref = dict(ref_k=rnd(len(lq), ref_len, heads, dim), ref_v=rnd(len(lq), ref_len, heads, dim),
                         ref_index=index, cu_seqlens_ref=_cu(lr))
@@ -110,12 +114,17 @@ CASES = {
 }
 
 
+PACKED_CASES = ("mixed_varlen", "no_own_keys_refs_only", "sample_sees_no_key", "head_dim_not_power_of_two",
+                "lengths_multiple_of_the_block")
+
+
 @pytest.mark.parametrize("dtype", DTYPES_HERE, ids=str)
-@pytest.mark.parametrize("name", list(CASES))
-def test_forward_and_backward_match_reference(name, dtype, poisoned_outputs):
+@pytest.mark.parametrize("name, packed", [(n, False) for n in CASES] + [(n, True) for n in PACKED_CASES],
+                         ids=lambda v: {True: "packed_refs", False: "gathered_refs"}.get(v, v))
+def test_forward_and_backward_match_reference(name, packed, dtype, poisoned_outputs):
     lq, lk, lr, ref_len, heads, dim = CASES[name]
     seed = sum(map(ord, name))
-    case = make_case(lq, lk, lr, ref_len, heads, dim, dtype, seed)
+    case = make_case(lq, lk, lr, ref_len, heads, dim, dtype, seed, packed=packed)
     g = torch.Generator().manual_seed(seed + 1)
     dout = torch.randn(case.q.shape, generator=g).to(DEVICE, dtype)
     dlse = torch.randn(heads, sum(lq), generator=g).to(DEVICE)
@@ -172,6 +181,34 @@ def test_gather_path_equals_precompacted_copy():
     torch.testing.assert_close(out_gather, out_copy, rtol=1e-5, atol=1e-5)
 
 
+def test_packed_references_equal_the_same_rows_gathered():
+    """Packed references (rows cu_seqlens_ref[b]:cu_seqlens_ref[b+1]) equal a buffer holding those rows, gathered
+    by index; and their gradients land on the same rows."""
+    case = make_case([20, 13, 7], [6, 9, 0], [11, 0, 30], 0, 2, 64, torch.float32, seed=31, packed=True)
+    lr = [11, 0, 30]
+    buffer_k = torch.zeros(3, max(lr), 2, 64, device=DEVICE)
+    buffer_v = torch.zeros_like(buffer_k)
+    cu = case.ref["cu_seqlens_ref"].tolist()
+    for b in range(3):
+        buffer_k[b, :lr[b]] = case.ref["ref_k"][cu[b]:cu[b + 1]]
+        buffer_v[b, :lr[b]] = case.ref["ref_v"][cu[b]:cu[b + 1]]
+    index = torch.cat([torch.arange(n, dtype=torch.int32) for n in lr]).to(DEVICE)
+    gathered = types.SimpleNamespace(**{**vars(case), "ref": dict(ref_k=buffer_k, ref_v=buffer_v, ref_index=index,
+                                                                  cu_seqlens_ref=case.ref["cu_seqlens_ref"])})
+    dout = torch.randn_like(case.q)
+    dlse = torch.zeros(2, case.q.shape[0], device=DEVICE)
+    out_p, lse_p, grads_p = run_ops(case, dout, dlse)
+    out_g, lse_g, grads_g = run_ops(gathered, dout, dlse)
+    torch.testing.assert_close(out_p, out_g, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse_p, lse_g, rtol=1e-5, atol=1e-5)
+    for name in ("q", "k", "v"):
+        torch.testing.assert_close(grads_p[name], grads_g[name], rtol=1e-5, atol=1e-5)
+    for name in ("ref_k", "ref_v"):
+        for b in range(3):
+            torch.testing.assert_close(grads_p[name][cu[b]:cu[b + 1]], grads_g[name][b, :lr[b]], rtol=1e-5,
+                                       atol=1e-5)
+
+
 @pytest.mark.parametrize("skip_queries", [False, True])
 def test_masked_attention_equals_packed_form_and_reference(skip_queries):
     g = torch.Generator().manual_seed(7)
@@ -208,6 +245,12 @@ def test_custom_op_passes_opcheck():
     case = make_case([6, 9], [4, 3], [2, 5], 10, 2, 16, torch.float32, seed=13)
     args = (case.q, case.k, case.v, case.cu_q, case.cu_k, case.max_q, case.max_k, case.ref["ref_k"],
             case.ref["ref_v"], case.ref["ref_index"], case.ref["cu_seqlens_ref"], 10, 0.25)
+    for t in (args[0], args[1], args[2], args[7], args[8]):
+        t.requires_grad_(True)
+    torch.library.opcheck(torch.ops.sparsectx.sparse_attention_fwd.default, args)
+    packed = make_case([6, 9], [4, 3], [2, 5], 0, 2, 16, torch.float32, seed=14, packed=True)
+    args = (packed.q, packed.k, packed.v, packed.cu_q, packed.cu_k, packed.max_q, packed.max_k,
+            packed.ref["ref_k"], packed.ref["ref_v"], None, packed.ref["cu_seqlens_ref"], 5, 0.25)
     for t in (args[0], args[1], args[2], args[7], args[8]):
         t.requires_grad_(True)
     torch.library.opcheck(torch.ops.sparsectx.sparse_attention_fwd.default, args)
@@ -261,6 +304,11 @@ def _valid():
     (lambda a: a.update(ref_v=None), ValueError, "must be given together"),
     (lambda a: a.update(cu_seqlens_ref=a["cu_seqlens_ref"][:2]), ValueError, "cu_seqlens_ref"),
     (lambda a: a.update(softmax_scale=float("nan")), ValueError, "softmax_scale"),
+    (lambda a: a.update(ref_index=None), ValueError, "without ref_index, ref_k must hold packed references"),
+    (lambda a: a.update(ref_index=None, ref_k=a["ref_k"][0, :4], ref_v=a["ref_v"][0, :4]), ValueError,
+     "cu_seqlens_ref.* does not match the 4 packed rows"),
+    (lambda a: a.update(ref_index=None, ref_k=a["ref_k"][0, :5, :1], ref_v=a["ref_v"][0, :5, :1]), ValueError,
+     "packed references \\[Tref, H=2"),
 ])
 def test_bad_input_raises_naming_the_argument(change, error, words):
     kwargs = _valid()
@@ -299,6 +347,23 @@ def test_gpu_bf16_realistic_varlen(dim):
     lq = [4608, 1000, 1, 2000]
     case = make_case(lq, lq, [205, 0, 4096, 1024], 4096, 24, dim, torch.bfloat16, seed=dim)
     g = torch.Generator().manual_seed(dim)
+    dout = torch.randn(case.q.shape, generator=g).to(DEVICE, torch.bfloat16)
+    dlse = torch.zeros(24, sum(lq), device=DEVICE)
+    out, lse, grads = run_ops(case, dout, dlse)
+    exact_out, exact_lse, exact_grads = run_reference(case, torch.float64, dout, dlse)
+    torch_out, torch_lse, torch_grads = run_reference(case, torch.bfloat16, dout, dlse)
+    assert_flash_criterion("out", out, torch_out, exact_out, torch.bfloat16)
+    assert_flash_criterion("lse", lse, torch_lse, exact_lse, torch.bfloat16)
+    for key, exact in exact_grads.items():
+        assert_flash_criterion(f"d{key}", grads[key], torch_grads[key], exact, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_packed_references():
+    """The packed-batch layout of a FLUX.2 step: own keys = each sample's text, packed references = its image."""
+    lq, lr = [512, 512, 512], [4300, 4812, 6144]
+    case = make_case(lq, lq, lr, 0, 24, 128, torch.bfloat16, seed=37, packed=True)
+    g = torch.Generator().manual_seed(37)
     dout = torch.randn(case.q.shape, generator=g).to(DEVICE, torch.bfloat16)
     dlse = torch.zeros(24, sum(lq), device=DEVICE)
     out, lse, grads = run_ops(case, dout, dlse)
