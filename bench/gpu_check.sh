@@ -17,13 +17,17 @@ BUDGET_S=${GPU_CHECK_BUDGET_S:-470}    # whole script, wall time
 SUMMARY_RESERVE_S=25                   # kept back for the summary (15 s) and timeout's kill grace
 KILL_GRACE_S=5
 # 45 s of the tests' time went to the Kontext step: the non-gpu suite on CUDA never finished in 210 s anyway
-TESTS_BUDGET_S=165                     # GPU tests + the rest of the suite together
-BENCH_BUDGET_S=315                     # all benchmark invocations together
+TESTS_BUDGET_S=135                     # GPU tests + the rest of the suite together
+BENCH_BUDGET_S=345                     # all benchmark invocations together
 E2E_CAP_S=95                           # e2e step (55 s on the H200 before its enable-path breakdown was added)
 SELECTION_CAP_S=40                     # selection cost: small tensors, mostly start-up
 # FLUX.1-Kontext-12B step, --quick subset (1 ref x 10%, 3 refs x 10%): start-up, a 12B model built on the GPU,
 # two shapes (the full grid, 6 shapes, would take ~70 s more and does not fit the budget)
 KONTEXT_CAP_S=50
+KV_CAP_S=50                            # klein 4-step KV-cache runs
+# mixed-budget batch of 4 requests, --quick (1024² only): packed vs exact groups vs a per-request loop; the packed
+# kernel variant compiles here for the first time
+BATCH_E2E_CAP_S=45
 SCRATCH=$(mktemp -d /tmp/gpu_check.XXXXXX)
 START=$SECONDS
 STEP_LINES=()
@@ -130,7 +134,7 @@ step "pytest not gpu" $(( TESTS_BUDGET_S - (SECONDS - TESTS_START) )) "$TESTS_LO
 
 unset SPARSECTX_AUTOTUNE
 
-# ---- (e) benchmarks: key cases, training, end-to-end, selection, Kontext, KV cache (each writes JSON as it goes) -
+# ---- (e) benchmarks: key cases, training, end-to-end, selection, Kontext, KV cache, mixed batch (JSON as they go)
 BENCH_LOG=$OUT/bench.log
 : >"$BENCH_LOG"
 BENCH_START=$SECONDS
@@ -148,7 +152,10 @@ step "bench selection" "$(( $(bench_cap) < SELECTION_CAP_S ? $(bench_cap) : SELE
     "${BENCH[@]}" --case selection --steps-from "$SCRATCH/bench_e2e.json" --json "$SCRATCH/bench_selection.json"
 step "bench e2e_kontext" "$(( $(bench_cap) < KONTEXT_CAP_S ? $(bench_cap) : KONTEXT_CAP_S ))" "$BENCH_LOG" \
     "${BENCH[@]}" --case e2e_kontext --quick --json "$SCRATCH/bench_e2e_kontext.json"
-step "bench kv" "$(bench_cap)" "$BENCH_LOG" "${BENCH[@]}" --case kv --json "$SCRATCH/bench_kv.json"
+step "bench kv" "$(( $(bench_cap) < KV_CAP_S ? $(bench_cap) : KV_CAP_S ))" "$BENCH_LOG" "${BENCH[@]}" --case kv \
+    --json "$SCRATCH/bench_kv.json"
+step "bench e2e_batch" "$(bench_cap)" "$BENCH_LOG" "${BENCH[@]}" --case e2e_batch --quick \
+    --json "$SCRATCH/bench_e2e_batch.json"
 
 # ---- (f) summary, printed last ---------------------------------------------------------------------------------
 SUMMARY=$OUT/summary.txt
@@ -162,7 +169,7 @@ SUMMARY=$OUT/summary.txt
     grep -E "^FAILED: " "$BENCH_LOG" | head -n 20
     timeout 15 "$PY" - "$OUT/bench.json" "$SCRATCH"/bench_key.json "$SCRATCH"/bench_training.json \
         "$SCRATCH"/bench_e2e.json "$SCRATCH"/bench_selection.json "$SCRATCH"/bench_e2e_kontext.json \
-        "$SCRATCH"/bench_kv.json <<'EOF'
+        "$SCRATCH"/bench_kv.json "$SCRATCH"/bench_e2e_batch.json <<'EOF'
 import json, os, sys
 
 merged, parts = {"meta": None, "rows": []}, sys.argv[2:]

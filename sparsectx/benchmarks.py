@@ -39,7 +39,7 @@ from .diagnostics import count_host_reads
 SEED = 0
 SIZES = ("tiny", "full")
 CASE_ORDER = ("attention", "compaction", "batch", "masked", "training", "e2e", "selection", "e2e_kontext",
-              "kv")
+              "kv", "e2e_batch")
 # relative L2 error bound between two implementations computing the same function in one dtype
 REL_ERR_BOUND = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # timing: do_bench warm-up / measuring windows (ms) on a GPU; repetitions and time budget (s) on the CPU
@@ -985,7 +985,7 @@ def _breakdown_impls(model, full_step: Callable[[], Any], full_kwargs: dict, sco
     layout = integration.reference_layout(family, call)
     with torch.inference_mode():
         keep = dry._select(call, layout, {})
-        groups = dry._groups(call, layout, keep)
+        groups, _ = dry._groups(call, layout, keep)
         dry.forward(**full_kwargs)  # fills seen["group"]: the inputs the patch gives the model
     group = seen.pop("group")
 
@@ -1301,6 +1301,89 @@ class KVCacheCase:
         return Workload(self.name, shape, impls, dtype, reps=s["reps"], track_memory=True)
 
 
+class MixedBatchCase:
+    """One klein-9B denoising step for a batch of requests that keep different shares of their reference's tokens
+    (one reference each, its own latents): the drop-in as one packed sequence (sparsectx attention), as exact
+    groups (one forward per request, sparsectx or native attention), against a loop of per-request steps on
+    references compacted by hand (cuDNN attention) and the dense batch keeping every token."""
+
+    name = "e2e_batch"
+    title = ("one denoising step of a batch of requests keeping different budgets (1 reference each), "
+             "FLUX.2-klein-9B architecture (random weights)")
+    impl_names = ("sparsectx.enable, packed (sparsectx attn)", "sparsectx.enable, groups (sparsectx attn)",
+                  "sparsectx.enable, groups (native attn)", "per-request steps, compacted by hand",
+                  "batch keeping every token")
+    BUDGETS = (0.05, 0.10, 0.25, 0.50)  # one per request, as the kernel-level batch case
+    sizes = {
+        "full": dict(sides=(64, 32), text=512, quick_sides=(64,), reps=3),  # 1024² and 512² targets
+        "tiny": dict(sides=(8,), text=16, quick_sides=(8,), reps=None),
+    }
+
+    def configs(self, size: str, quick: bool = False):
+        s = self.sizes[size]
+        return list(s["quick_sides"] if quick else s["sides"])
+
+    def label(self, side) -> str:
+        return f"{len(self.BUDGETS)}req-{side * 16}px"
+
+    def build(self, side, size: str, device: torch.device) -> Workload:
+        from .integration import PATCH_ATTR, sparse_context
+
+        s = self.sizes[size]
+        dtype, gen = _dtype_for(device), _generator(device)
+        model = _cached_model(KLEIN, size, device, dtype)
+        batch = len(self.BUDGETS)
+        spec = dict(target_side=side, ref_side=side, text=s["text"])
+        x = _step_inputs(KLEIN, model, spec, batch, device, dtype, gen)  # one reference image per request
+        channels, n_target, n_ref = x["channels"], x["n_target"], x["n_ref"]
+        counts = [math.floor(b * n_ref + 0.5) for b in self.BUDGETS]
+        scores = torch.rand(batch, n_ref, generator=gen, device=device)
+        ref_ids = x["ref_ids"][:1]  # every request's reference on the first reference plane
+        full_ids = torch.cat([x["target_ids"], ref_ids], 1)
+        hidden = torch.cat([x["target"].expand(batch, -1, -1), x["ref_latents"]], 1)
+        step_args = dict(encoder_hidden_states=x["text"].expand(batch, -1, -1),
+                         timestep=x["timestep"].expand(batch), txt_ids=x["text_ids"], return_dict=False)
+
+        def full_batch():
+            with torch.inference_mode():
+                return model(hidden_states=hidden, img_ids=full_ids, **step_args)[0][:, :n_target]
+
+        def per_request():
+            outs = []
+            with torch.inference_mode():
+                for b, count in enumerate(counts):
+                    idx = _torch_topk_rows(scores[b:b + 1], count)[0]
+                    latents = torch.cat([x["target"], x["ref_latents"][b:b + 1, idx]], 1)
+                    ids = torch.cat([x["target_ids"], ref_ids[:, idx]], 1)
+                    outs.append(model(hidden_states=latents, img_ids=ids, encoder_hidden_states=x["text"],
+                                      timestep=x["timestep"], txt_ids=x["text_ids"], return_dict=False)[0])
+            return torch.cat([o[:, :n_target] for o in outs])
+
+        def selector(reference_latents, context):
+            return scores
+
+        @contextlib.contextmanager
+        def enabled(attention: str, pack: bool):
+            with sparse_context(model, budget=[[b] for b in self.BUDGETS], selector=selector, attention=attention):
+                getattr(model, PATCH_ATTR).pack = pack
+                yield
+
+        def impl(name, attention, pack, note):
+            return Impl(name, full_batch, scope=lambda: enabled(attention, pack), note=note)
+
+        impls = [
+            impl(self.impl_names[0], "sparsectx", True, "one forward, samples packed in one sequence, no padding"),
+            impl(self.impl_names[1], "sparsectx", False, "one forward per request (exact groups)"),
+            impl(self.impl_names[2], "native", False, "one forward per request (exact groups), cuDNN attention"),
+            Impl(self.impl_names[3], per_request, note="torch top-k + index_select, one step per request"),
+            Impl(self.impl_names[4], full_batch, comparable=False, note="100% kept (a different output by design)"),
+        ]
+        shape = (f"{batch} requests x 1 ref kept at {'/'.join(_pct(b) for b in self.BUDGETS)} "
+                 f"({'+'.join(map(str, counts))} of {n_ref} tokens each), target {n_target}, text {s['text']}, "
+                 f"{'klein-9B' if size == 'full' else 'tiny'} {str(dtype).replace('torch.', '')}")
+        return Workload(self.name, shape, impls, dtype, reps=s["reps"], track_memory=True)
+
+
 def impl_names_for(case, config) -> tuple:
     """The implementations a config's workload holds (all of the case's, unless the case splits them)."""
     return case.impl_names_for(config) if hasattr(case, "impl_names_for") else case.impl_names
@@ -1330,9 +1413,10 @@ def _enable_impl(model, full_step: Callable[[], Any], scores: torch.Tensor, coun
 
 
 CASES = {case.name: case for case in (AttentionCase(), CompactionCase(), BatchCase(), MaskedCase(), TrainingCase(),
-                                      EndToEndCase(), KontextEndToEndCase(), SelectionCase(), KVCacheCase())}
+                                      EndToEndCase(), KontextEndToEndCase(), SelectionCase(), KVCacheCase(),
+                                      MixedBatchCase())}
 # cases that build the cached model (released after them)
-MODEL_CASES = (EndToEndCase.name, KontextEndToEndCase.name, KVCacheCase.name)
+MODEL_CASES = (EndToEndCase.name, KontextEndToEndCase.name, KVCacheCase.name, MixedBatchCase.name)
 
 
 # ----------------------------------------------------------------------------------------------------------------

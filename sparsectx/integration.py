@@ -29,9 +29,13 @@ those the plan was made for (different ones, or a new pipeline call, plan again)
 without stalling the GPU queue (``sparsectx.diagnostics.count_host_reads`` shows it).
 
 Batches: FLUX.1/FLUX.2 share one RoPE table (``img_ids[0]``) and Qwen-Image one ``img_shapes`` entry across the
-batch, so samples that keep different tokens (per-request budgets, per-sample selection) run as separate groups of
-equal keep masks, each exact; samples with equal masks (the common case: one budget, references repeated over the
-batch) run as one batch.
+batch, so samples that keep different tokens (per-request budgets, per-sample selection) can not stay one dense
+batch. With ``attention="sparsectx"`` on FLUX.2, whose modulation depends only on (timestep, guidance), they run
+as one packed sequence (a batch of 1: every sample's text tokens, then every sample's kept image tokens, with
+their own ids; the processors attend within each sample through ``cu_seqlens``, no padding) whenever the samples
+share their timestep and guidance; otherwise (FLUX.1 with its per-prompt pooled embedding, Qwen-Image, native
+attention, the KV extract step, per-sample timesteps) they run as separate groups of equal keep masks, each exact.
+Samples with equal masks (the common case: one budget, references repeated over the batch) run as one batch.
 
 Attention on the compacted sequence: ``enable(..., attention="native")`` (default) keeps the transformer's own
 processors (diffusers' SDPA dispatch: exact, and cuDNN on a GPU); ``attention="sparsectx"`` installs the processors
@@ -58,6 +62,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
@@ -420,6 +425,23 @@ class _Plan:
     groups: list
     ids: Optional[torch.Tensor]  # img_ids when the plan was made (FLUX), or None
     references: Optional[torch.Tensor]  # the reference rows of hidden_states the selection was made on
+    packing: Optional[_Packing] = None  # FLUX.2 with sparsectx attention and several groups: one packed sequence
+
+
+@dataclass
+class _Packing:
+    """FLUX.2 samples that keep different tokens, run as one sequence (``attention="sparsectx"``): the image rows
+    of every sample packed one after another, as flat rows of ``hidden_states.reshape(B*S, C)`` (``rows``) and
+    their image-sequence positions (``positions``: rows of the shared ``img_ids``); ``cu_image`` / ``max_image``
+    describe the packed image segments for the kernel; ``out_rows`` (target rows of the packed output) go to
+    ``out_dest`` (flat rows of the full ``[B*S]`` output)."""
+
+    rows: torch.Tensor
+    positions: torch.Tensor
+    cu_image: torch.Tensor  # int32 [B+1]
+    max_image: int
+    out_rows: torch.Tensor
+    out_dest: torch.Tensor
 
 
 MAX_PLANS = 4  # plans kept per pipeline call (e.g. a KV-cache extract step and the cached steps' plan)
@@ -486,6 +508,8 @@ class _SparsePatch(ForwardPatch):
         self.plans: dict = {}  # plan key -> _Plan, for the current call
         self.attention = NATIVE
         self.original_processors: Optional[dict] = None  # module name -> processor, while attention="sparsectx"
+        self.attention_state = None  # the installed processors' shared AttentionState, while attention="sparsectx"
+        self.pack = True  # FLUX.2 + sparsectx attention: samples that keep different tokens run as one sequence
 
     @property
     def cache(self) -> Optional[_Plan]:
@@ -500,11 +524,15 @@ class _SparsePatch(ForwardPatch):
         from . import processors  # deferred: imports diffusers' model modules
 
         if attention == SPARSECTX:
-            self.original_processors = processors.install_processors(self.transformer, processors.AttentionState())
+            state = processors.AttentionState()
+            self.original_processors = processors.install_processors(self.transformer, state)
+            self.attention_state = state
         else:
             processors.restore_processors(self.transformer, self.original_processors)
             self.original_processors = None
+            self.attention_state = None
         self.attention = attention
+        self.plans = {}  # a plan's packing depends on the attention
 
     def uninstall(self) -> None:
         super().uninstall()
@@ -518,37 +546,45 @@ class _SparsePatch(ForwardPatch):
     def forward(self, *args, **kwargs):
         call = self.bind(args, kwargs)
         overrides = self._pop_overrides(call)
-        plan = self._plan(call, overrides)
+        plan, packable = self._plan(call, overrides)
         if not plan.groups:  # no reference tokens (text-to-image, a KV-cached step), or every token kept
             return self.original_forward(**call)
+        if packable:
+            return self._run_packed(call, plan.packing)
         results = [self._run_group(call, group) for group in plan.groups]
         return self._merge(call, plan, results)
 
-    def _plan(self, call: dict, overrides: dict) -> _Plan:
-        """The cached plan of this step's inputs, or a new one (layout, selection, groups)."""
+    def _plan(self, call: dict, overrides: dict) -> tuple:
+        """``(plan, packable)``: the cached plan of this step's inputs, or a new one (layout, selection, groups);
+        ``packable``: the plan has a packing and this step's samples share their modulation (timestep, guidance)."""
         key = self._plan_key(call, overrides)
         plan = self.plans.get(key)
-        if plan is not None and self._matches(plan, call):
-            return plan
+        if plan is not None:
+            matches, packable = self._step_checks(plan, call)
+            if matches:
+                return plan, packable
         layout = reference_layout(self.family, call)
         if layout is None:
             plan = self._new_plan(call, None, None, [])
         else:
             self._check_supported(call, layout)
             keep = self._select(call, layout, overrides)
-            plan = self._new_plan(call, layout, keep, self._groups(call, layout, keep))
+            groups, packing = self._groups(call, layout, keep)
+            plan = self._new_plan(call, layout, keep, groups)
+            plan.packing = packing
         self.plans.pop(key, None)
         if len(self.plans) >= MAX_PLANS:
             self.plans.pop(next(iter(self.plans)))
         self.plans[key] = plan
-        return plan
+        return plan, plan.packing is not None and all(_uniform_over_batch(call).tolist())
 
     def _plan_key(self, call: dict, overrides: dict) -> tuple:
         """Host-side facts a plan depends on: the call epoch, the input shapes and Qwen's image shapes, the KV mode,
         and the selection settings (budget, selector, signals) in effect."""
         ids = call.get("img_ids")
         signals = overrides.get("signals", self.settings.signals)
-        return (self.call_epoch, tuple(call["hidden_states"].shape), None if ids is None else tuple(ids.shape),
+        return (self.call_epoch, self.attention, self.pack, tuple(call["hidden_states"].shape),
+                None if ids is None else tuple(ids.shape),
                 repr(call.get("img_shapes")), call.get("kv_cache_mode"),
                 repr(overrides.get("budget", self.settings.budget)),
                 overrides.get("selector_key", _selector_key(overrides.get("selector", self.settings.selector))),
@@ -561,17 +597,20 @@ class _SparsePatch(ForwardPatch):
         return _Plan(layout, keep, groups, None if ids is None else ids.detach().clone(), references)
 
     @staticmethod
-    def _matches(plan: _Plan, call: dict) -> bool:
-        """Whether this step's ``img_ids`` (FLUX: the layout comes from them) and reference rows of
-        ``hidden_states`` (the selection was made on them) equal the plan's: one host read."""
-        pairs = []
+    def _step_checks(plan: _Plan, call: dict) -> tuple:
+        """``(matches, packable)`` in one host read: whether this step's ``img_ids`` (FLUX: the layout comes from
+        them) and reference rows of ``hidden_states`` (the selection was made on them) equal the plan's, and, for a
+        plan with a packing, whether the samples share their timestep and guidance."""
+        checks = []
         if plan.ids is not None:
-            pairs.append((call["img_ids"], plan.ids))
+            checks.append(torch.eq(call["img_ids"], plan.ids).all())
         if plan.layout is not None:
-            pairs.append((call["hidden_states"][:, plan.layout.ref_positions], plan.references))
-        if not pairs:
-            return True
-        return bool(torch.stack([torch.eq(now, then).all() for now, then in pairs]).all())
+            checks.append(torch.eq(call["hidden_states"][:, plan.layout.ref_positions], plan.references).all())
+        n_match = len(checks)
+        if plan.packing is not None:
+            checks.append(_uniform_over_batch(call).all())
+        flags = torch.stack(checks).tolist() if checks else []
+        return all(flags[:n_match]), plan.packing is not None and all(flags[n_match:])
 
     def _pop_overrides(self, call: dict) -> dict:
         name = _ATTN_KWARGS_ARG[self.family]
@@ -649,12 +688,13 @@ class _SparsePatch(ForwardPatch):
         return probe
 
     # -- groups of samples that keep the same tokens ---------------------------------------------------------------
-    def _groups(self, call: dict, layout: _Layout, keep: torch.Tensor) -> list:
-        """The groups of a selection, their indices built on the host once and moved to the device together.
-        Empty when every token is kept."""
+    def _groups(self, call: dict, layout: _Layout, keep: torch.Tensor) -> tuple:
+        """``(groups, packing)`` of a selection, their indices built on the host once and moved to the device
+        together. No group when every token is kept; a packing (FLUX.2 with sparsectx attention, several groups,
+        no KV cache) to run the groups as one sequence."""
         keep_host = keep.cpu()
         if bool(keep_host.all()):
-            return []
+            return [], None
         device = keep.device
         seq = call["hidden_states"].shape[1]
         target = layout.target_positions.cpu()
@@ -665,7 +705,7 @@ class _SparsePatch(ForwardPatch):
                              "tokens (one cache for the batch); use one budget per batch with the KV pipeline")
         is_target = torch.zeros(seq, dtype=torch.bool)
         is_target[target] = True
-        groups = []
+        groups, host = [], []
         for g in range(masks.shape[0]):
             rows = torch.nonzero(inverse == g).flatten().tolist()
             full_keep = is_target.clone()
@@ -673,12 +713,67 @@ class _SparsePatch(ForwardPatch):
             positions = torch.nonzero(full_keep).flatten()  # kept rows of the image sequence, in sequence order
             target_rows = torch.nonzero(is_target[positions]).flatten()
             whole = masks.shape[0] == 1
+            host.append((positions, target_rows))
             groups.append(_Group(
                 rows=None if whole else rows,
                 samples=None if whole else torch.tensor(rows, device=device),
                 positions=positions.to(device), kept_refs=[int(s.sum()) for s in masks[g].split(layout.ref_lengths)],
                 out_rows=target_rows.to(device), out_dest=positions[target_rows].to(device)))
-        return groups
+        packs = (self.pack and self.family == FLUX2 and self.attention == SPARSECTX and len(groups) > 1
+                 and call.get("kv_cache_mode") is None)
+        return groups, (self._packing(host, inverse.tolist(), seq, device) if packs else None)
+
+    @staticmethod
+    def _packing(host: list, group_of: list, seq: int, device) -> _Packing:
+        """The packed layout of the batch (sample b of group ``group_of[b]``, whose host-side positions and target
+        rows are ``host[group]``)."""
+        rows, positions, out_rows, out_dest, lengths = [], [], [], [], []
+        offset = 0
+        for b, g in enumerate(group_of):
+            kept, target_rows = host[g]
+            rows.append(b * seq + kept)
+            positions.append(kept)
+            out_rows.append(offset + target_rows)
+            out_dest.append(b * seq + kept[target_rows])
+            lengths.append(kept.numel())
+            offset += kept.numel()
+        cu_image = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+        return _Packing(rows=torch.cat(rows).to(device), positions=torch.cat(positions).to(device),
+                        cu_image=cu_image.to(device), max_image=max(lengths),
+                        out_rows=torch.cat(out_rows).to(device), out_dest=torch.cat(out_dest).to(device))
+
+    def _run_packed(self, call: dict, packing: _Packing):
+        """FLUX.2: every sample's kept rows as one sequence (a batch of 1; its modulation is the samples' shared
+        one), text tokens of all samples first; the processors attend within each sample (``PackedBatch``)."""
+        from .processors import PackedBatch  # deferred: imports diffusers' model modules
+
+        hidden, text = call["hidden_states"], call["encoder_hidden_states"]
+        batch, seq = hidden.shape[:2]
+        n_text = text.shape[1]
+        packed = dict(call)
+        packed["hidden_states"] = hidden.reshape(batch * seq, *hidden.shape[2:]).index_select(0, packing.rows)[None]
+        packed["encoder_hidden_states"] = text.reshape(1, batch * n_text, *text.shape[2:])
+        for name in ("timestep", "guidance"):
+            value = call.get(name)
+            if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch:
+                packed[name] = value[:1]
+        ids, txt_ids = call["img_ids"], call["txt_ids"]
+        ids = ids[0] if ids.ndim == 3 else ids  # FLUX.2 uses the first sample's ids for the whole batch
+        txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
+        packed["img_ids"] = ids.index_select(0, packing.positions.to(ids.device))
+        packed["txt_ids"] = txt_ids.repeat(batch, 1)
+        self.attention_state.packed = PackedBatch(
+            cu_text=torch.arange(0, (batch + 1) * n_text, n_text, dtype=torch.int32, device=hidden.device)
+            if n_text else torch.zeros(batch + 1, dtype=torch.int32, device=hidden.device),
+            cu_image=packing.cu_image, n_text=batch * n_text, max_text=n_text, max_image=packing.max_image)
+        try:
+            result = self.original_forward(**packed)
+        finally:
+            self.attention_state.packed = None
+        out = _sample_of(result)[0]
+        full = out.new_zeros((batch * seq, *out.shape[1:]))
+        full.index_copy_(0, packing.out_dest, out.index_select(0, packing.out_rows))
+        return _with_sample(result, full.view(batch, seq, *out.shape[1:]))
 
     def _run_group(self, call: dict, group: _Group):
         """The original forward on the group's samples, their dropped rows removed."""
@@ -726,7 +821,9 @@ class _SparsePatch(ForwardPatch):
         for name in _BATCH_ARGS[self.family] + _IDS_ARGS:
             value = call.get(name)
             if isinstance(value, torch.Tensor):
-                batched = value.ndim == 3 if name in _IDS_ARGS else value.ndim >= 1 and value.shape[0] == batch
+                # ids are batched only as [B, S, n_axes]; a leading dim of 1 is shared by every sample
+                per_sample = value.ndim == 3 if name in _IDS_ARGS else value.ndim >= 1
+                batched = per_sample and value.shape[0] == batch
                 if batched:
                     group[name] = value.index_select(0, samples.to(value.device))
             elif isinstance(value, list) and len(value) == batch:
@@ -748,6 +845,16 @@ class _SparsePatch(ForwardPatch):
             else:
                 full[group.samples[:, None], group.out_dest[None, :]] = rows
         return _with_sample(first, full)
+
+
+def _uniform_over_batch(call: dict) -> torch.Tensor:
+    """bool ``[n]`` on the device: whether every sample has the first sample's timestep (and guidance)."""
+    flags = [torch.ones((), dtype=torch.bool, device=call["hidden_states"].device)]
+    for name in ("timestep", "guidance"):
+        value = call.get(name)
+        if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] > 1:
+            flags.append(torch.eq(value, value[:1]).all())
+    return torch.stack(flags)
 
 
 def _sample_of(result) -> torch.Tensor:

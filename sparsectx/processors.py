@@ -6,7 +6,9 @@ projections, the KV-cache bookkeeping of FLUX.2 klein) and swaps only the attent
 - no key mask: ``sparsectx.sparse_attention`` on the dense equal-length batch (``[B, S, H, D]`` viewed as packed
   ``[B*S, H, D]``, ``cu_seqlens = arange(B+1) * S``; nothing waits for the device);
 - a key keep-mask (training with random drop masks, Qwen-Image's text padding mask, a boolean ``attention_mask``):
-  ``sparsectx.masked_attention`` on the dense layout, optionally skipping the dropped queries.
+  ``sparsectx.masked_attention`` on the dense layout, optionally skipping the dropped queries;
+- a packed batch (``AttentionState.packed``: the drop-in runs FLUX.2 samples that keep different tokens as one
+  sequence): ``packed_attention``, each sample's queries over its own text and image keys, no padding.
 
 Per-call state (the drop mask of the current training step) lives in a shared ``AttentionState``, never in the
 processor, so one processor instance may serve every layer (diffusers' ``set_attn_processor(proc)``).
@@ -60,6 +62,21 @@ class AttentionState:
     image_kept_prefix: int = 0
     skip_dropped_queries: bool = True
     delegate_when_unmasked: bool = False
+    packed: Optional["PackedBatch"] = None
+
+
+@dataclass
+class PackedBatch:
+    """Several samples run as one sequence (a batch of 1): the joint ``[text, image]`` sequence holds every sample's
+    text tokens first, sample after sample (``cu_text``), then every sample's image tokens (``cu_image``). Sample b
+    attends to its own text and image tokens only: text rows as the kernel's own keys, image rows as packed
+    references, its text queries and its image queries in two launches. Built on the device once per selection."""
+
+    cu_text: torch.Tensor  # int32 [B+1]
+    cu_image: torch.Tensor  # int32 [B+1]
+    n_text: int  # text tokens of all samples (the joint sequence's first n_text rows)
+    max_text: int
+    max_image: int
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -88,6 +105,21 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            value.reshape(batch * seq_k, heads, dim), _cu_seqlens(batch, seq_q, device),
                            _cu_seqlens(batch, seq_k, device), seq_q, seq_k, validate=False, **extra)
     return out.view(batch, seq_q, heads, dim)
+
+
+def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, packed: PackedBatch) -> torch.Tensor:
+    """Attention of a packed batch's joint ``[1, L, H, D]`` sequence (``PackedBatch``): each sample's text and image
+    queries attend to that sample's text keys (own keys) and image keys (packed references), in two launches (text
+    queries, image queries) that share the key description. Returns ``[1, L, H, D]``."""
+    q, k, v = query[0], key[0], value[0]
+    n_text = packed.n_text
+    keys = dict(ref_k=k[n_text:], ref_v=v[n_text:], cu_seqlens_ref=packed.cu_image, max_seqlen_ref=packed.max_image,
+                softmax_scale=None, validate=False)
+    text = sparse_attention(q[:n_text], k[:n_text], v[:n_text], packed.cu_text, packed.cu_text, packed.max_text,
+                            packed.max_text, **keys)
+    image = sparse_attention(q[n_text:], k[:n_text], v[:n_text], packed.cu_image, packed.cu_text, packed.max_image,
+                             packed.max_text, **keys)
+    return torch.cat([text, image])[None]
 
 
 def _key_mask_from_attention_mask(attention_mask: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
@@ -134,6 +166,11 @@ class _SparsectxProcessor:
         self._check_parallel()
         batch, seq = query.shape[:2]
         image_keep = self.state.image_keep
+        if self.state.packed is not None:
+            if image_keep is not None or text_keep is not None or attention_mask is not None or batch != 1:
+                raise ValueError("a packed batch (one sequence of several samples) takes no key mask, and its "
+                                 f"attention sees one sequence (got a batch of {batch})")
+            return packed_attention(query, key, value, self.state.packed)
         if image_keep is None and text_keep is None and attention_mask is None:
             return dense_attention(query, key, value)
         key_mask = torch.ones((batch, seq), dtype=torch.bool, device=query.device)

@@ -176,6 +176,54 @@ def test_mixed_budgets_equal_each_sample_alone(models, family):
                                    rtol=0, atol=FP32_ATOL)
 
 
+def test_mixed_budgets_with_ids_shared_by_the_batch(models):
+    """FLUX.2 ids given once ([1, S, 4]) for a batch of 3 samples that run as groups: same output as batched ids."""
+    model, kwargs = models["flux2"], _inputs("flux2", batch=3)
+    sparsectx.enable(model, budget=[[0.25], [2, 0.75], [1.0]], selector=norm_selector)
+    batched = _run(model, kwargs)
+    shared = _run(model, {**kwargs, "img_ids": kwargs["img_ids"][:1], "txt_ids": kwargs["txt_ids"][:1]})
+    assert torch.equal(shared, batched)
+
+
+def test_flux2_mixed_budgets_run_packed_with_sparsectx_attention(models):
+    """FLUX.2 + attention="sparsectx": samples that keep different tokens run as one packed sequence (one forward,
+    batch of 1, no padding), equal to each sample run alone; with per-sample timesteps, as exact groups."""
+    model, kwargs = models["flux2"], _inputs("flux2", batch=3)
+    budgets = [[0.25], [2, 0.75], [1.0]]
+    seen = []
+    handle = model.x_embedder.register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[0].shape[:2])))
+    try:
+        sparsectx.enable(model, budget=budgets, selector=norm_selector, attention="sparsectx")
+        together = _run(model, kwargs)
+        kept = getattr(model, integration.PATCH_ATTR).cache.keep.sum(1).tolist()
+        assert seen == [(1, 3 * _n_target() + sum(kept))]  # one forward, every sample's rows in one sequence
+        with count_host_reads() as later:  # a later step: the plan's check and the shared-timestep check, one read
+            again = _run(model, kwargs)
+        assert later.count == 1, later.ops
+        assert torch.equal(again, together)
+        for b, budget in enumerate(budgets):
+            alone = {**kwargs, "hidden_states": kwargs["hidden_states"][b:b + 1],
+                     "encoder_hidden_states": kwargs["encoder_hidden_states"][b:b + 1],
+                     "timestep": kwargs["timestep"][b:b + 1], "img_ids": kwargs["img_ids"][b:b + 1],
+                     "txt_ids": kwargs["txt_ids"][b:b + 1]}
+            sparsectx.enable(model, budget=budget, selector=norm_selector, attention="native")
+            torch.testing.assert_close(together[b:b + 1, :_n_target()], _run(model, alone)[:, :_n_target()],
+                                       rtol=0, atol=FP32_ATOL)
+        assert not together[:, _n_target():].any()  # reference rows of the output stay zero
+        # samples at different timesteps do not share a modulation: exact groups, one forward per group
+        sparsectx.enable(model, budget=budgets, selector=norm_selector, attention="sparsectx")
+        seen.clear()
+        steps = {**kwargs, "timestep": torch.tensor([0.7, 0.5, 0.7])}
+        grouped = _run(model, steps)
+        assert len(seen) == 3 and all(n == 1 for n, _ in seen)
+        sparsectx.enable(model, budget=budgets[1], selector=norm_selector)
+        second = {name: (value[1:2] if name not in ("return_dict",) else value) for name, value in steps.items()}
+        torch.testing.assert_close(grouped[1:2, :_n_target()], _run(model, second)[:, :_n_target()], rtol=0,
+                                   atol=FP32_ATOL)
+    finally:
+        handle.remove()
+
+
 def _same_references(kwargs):
     """The pipelines' batch: every sample carries the same reference latents."""
     hidden = kwargs["hidden_states"].clone()
