@@ -1034,11 +1034,12 @@ def _breakdown_impls(model, full_step: Callable[[], Any], full_kwargs: dict, sco
 
     def probe():
         with torch.inference_mode():
-            return integration._probe_qk(model, family, real_forward, call)
+            return integration._probe_qk(model, family, real_forward, call, layout)
 
     def probe_shapes(recorder) -> str:
-        rows = full_kwargs["hidden_states"].shape[1] + full_kwargs["encoder_hidden_states"].shape[1]
-        return "" if recorder.query.shape[1] == rows else f"probe q has {recorder.query.shape[1]} rows, not {rows}"
+        got = (recorder.text_queries.shape[1], recorder.target_queries.shape[1], recorder.ref_keys.shape[1])
+        want = (full_kwargs["encoder_hidden_states"].shape[1], n_target, scores.numel())
+        return "" if got == want else f"probe rows (text q, target q, ref k) {got}, not {want}"
 
     def layout_found(found) -> str:
         return "" if found is not None and found.ref_positions.numel() == scores.numel() else "wrong reference layout"

@@ -316,38 +316,42 @@ class _ProbeDone(Exception):
 
 
 class _QKProbeProcessor:
-    """Temporary processor of the first double-stream attention: the joint ``[text, image]`` q and k exactly as
-    the original processor computes them (same projections, norms, RoPE), then ``_ProbeDone``. One subclass per
-    family, each with the signature of the processor it stands in for (diffusers passes a processor only the
-    arguments its ``__call__`` names)."""
+    """Temporary processor of the first double-stream attention: what the probe returns (text queries, target
+    queries, reference keys), computed as the original processor computes those rows (same projections, norms,
+    RoPE) and only for those rows, then ``_ProbeDone``. One subclass per family, each with the signature of the
+    processor it stands in for (diffusers passes a processor only the arguments its ``__call__`` names)."""
 
-    def __init__(self):
-        self.query: Optional[torch.Tensor] = None  # [B, T + S, H, D]
-        self.key: Optional[torch.Tensor] = None
-        self.n_text = 0
+    def __init__(self, layout: _Layout):
+        self.layout = layout
+        self.text_queries: Optional[torch.Tensor] = None  # [B, T, H, D]
+        self.target_queries: Optional[torch.Tensor] = None  # [B, S_t, H, D]
+        self.ref_keys: Optional[torch.Tensor] = None  # [B, N, H, D]
         self.text_mask: Optional[torch.Tensor] = None  # bool [B, T] (False = padding), when the family has one
 
-    def _record(self, query, key, encoder_hidden_states, text_mask=None):
-        self.query, self.key, self.n_text = query, key, encoder_hidden_states.shape[1]
+    def _rows(self, hidden_states) -> tuple:
+        device = hidden_states.device
+        return self.layout.target_positions.to(device), self.layout.ref_positions.to(device)
+
+    def _record(self, text_queries, target_queries, ref_keys, text_mask=None):
+        self.text_queries, self.target_queries, self.ref_keys = text_queries, target_queries, ref_keys
         if text_mask is not None:
-            self.text_mask = text_mask.to(device=query.device, dtype=torch.bool)
+            self.text_mask = text_mask.to(device=text_queries.device, dtype=torch.bool)
         raise _ProbeDone
 
 
 class _FluxQKProbe(_QKProbeProcessor):
     """FLUX.1 / FLUX.2 double-stream attention (the KV-cache arguments of FLUX.2 klein are accepted, unused)."""
 
-    def __init__(self, get_qkv_projections: Callable):
-        super().__init__()
+    def __init__(self, layout: _Layout, get_qkv_projections: Callable):
+        super().__init__(layout)
         self.get_qkv_projections = get_qkv_projections
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
                  kv_cache=None, kv_cache_mode=None, num_ref_tokens=0):
-        from .processors import _joint_qkv  # deferred: imports diffusers' model modules
+        from .processors import flux_probe_qk  # deferred: imports diffusers' model modules
 
-        query, key, _ = _joint_qkv(attn, hidden_states, encoder_hidden_states, self.get_qkv_projections,
-                                   image_rotary_emb)
-        self._record(query, key, encoder_hidden_states)
+        self._record(*flux_probe_qk(attn, hidden_states, encoder_hidden_states, self.get_qkv_projections,
+                                    image_rotary_emb, *self._rows(hidden_states)))
 
 
 class _QwenQKProbe(_QKProbeProcessor):
@@ -355,26 +359,27 @@ class _QwenQKProbe(_QKProbeProcessor):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
                  attention_mask=None, image_rotary_emb=None):
-        from .processors import _qwen_joint_qkv  # deferred: imports diffusers' model modules
+        from .processors import qwen_probe_qk  # deferred: imports diffusers' model modules
 
-        query, key, _ = _qwen_joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-        self._record(query, key, encoder_hidden_states, encoder_hidden_states_mask)
+        self._record(*qwen_probe_qk(attn, hidden_states, encoder_hidden_states, image_rotary_emb,
+                                    *self._rows(hidden_states)), encoder_hidden_states_mask)
 
 
-def _probe_processor(family: str) -> _QKProbeProcessor:
+def _probe_processor(family: str, layout: _Layout) -> _QKProbeProcessor:
     """The probe processor of a family (FLUX: with the projection helper diffusers' own processor calls)."""
     if family == QWEN:
-        return _QwenQKProbe()
+        return _QwenQKProbe(layout)
     from diffusers.models.transformers import transformer_flux, transformer_flux2
 
-    return _FluxQKProbe({FLUX2: transformer_flux2, FLUX: transformer_flux}[family]._get_qkv_projections)
+    return _FluxQKProbe(layout, {FLUX2: transformer_flux2, FLUX: transformer_flux}[family]._get_qkv_projections)
 
 
-def _probe_qk(transformer: torch.nn.Module, family: str, forward: Callable, call: dict) -> _QKProbeProcessor:
+def _probe_qk(transformer: torch.nn.Module, family: str, forward: Callable, call: dict,
+              layout: _Layout) -> _QKProbeProcessor:
     """Runs ``forward(**call)`` with the probe processor on ``transformer.transformer_blocks[0].attn`` until it
     stops there; the original processor object is put back whatever happens."""
     attn = transformer.transformer_blocks[0].attn
-    recorder = _probe_processor(family)
+    recorder = _probe_processor(family, layout)
     original = attn.processor
     attn.set_processor(recorder)
     try:
@@ -388,14 +393,11 @@ def _probe_qk(transformer: torch.nn.Module, family: str, forward: Callable, call
                        "returned first)")
 
 
-def _probe_tensors(recorder: _QKProbeProcessor, layout: _Layout) -> dict:
-    """The probe's joint q/k split into the selectors' signals, each ``[B, ., H, D]``: text rows, target rows,
-    reference rows in sequence (layout) order."""
-    query, key, n_text = recorder.query, recorder.key, recorder.n_text
-    image_query, image_key = query[:, n_text:], key[:, n_text:]
-    target = image_query[:, layout.target_positions.to(query.device)]
-    tensors = {"text_queries": query[:, :n_text], "target_queries": target, "queries": target,
-               "ref_keys": image_key[:, layout.ref_positions.to(key.device)]}
+def _probe_tensors(recorder: _QKProbeProcessor) -> dict:
+    """The probe's signals for the selectors, each ``[B, ., H, D]``: text queries, target queries, reference keys
+    in sequence (layout) order, and Qwen-Image's prompt padding as ``text_mask``."""
+    tensors = {"text_queries": recorder.text_queries, "target_queries": recorder.target_queries,
+               "queries": recorder.target_queries, "ref_keys": recorder.ref_keys}
     if recorder.text_mask is not None:
         tensors["text_mask"] = recorder.text_mask
     return tensors
@@ -687,7 +689,7 @@ class _SparsePatch(ForwardPatch):
 
         def probe(reference_latents: torch.Tensor, context) -> dict:
             probed = self._slice_batch(call, [0]) if shared else call
-            return _probe_tensors(_probe_qk(self.transformer, self.family, self.original_forward, probed), layout)
+            return _probe_tensors(_probe_qk(self.transformer, self.family, self.original_forward, probed, layout))
 
         return probe
 

@@ -222,6 +222,37 @@ def _joint_qkv(attn, hidden_states, encoder_hidden_states, get_qkv_projections, 
     return query, key, value
 
 
+def _rotary_rows(rotary_emb, rows):
+    """Rows ``rows`` (a slice or an index) of a RoPE table: FLUX's ``(cos, sin)`` pair or Qwen-Image's complex
+    frequencies."""
+    if isinstance(rotary_emb, (tuple, list)):
+        return tuple(t[rows] for t in rotary_emb)
+    return rotary_emb[rows]
+
+
+def flux_probe_qk(attn, hidden_states, encoder_hidden_states, get_qkv_projections, rotary_emb, target_rows,
+                  ref_rows):
+    """What the attention probe reads of a FLUX.1/FLUX.2 double-stream attention: the text queries, the queries of
+    image rows ``target_rows`` and the keys of image rows ``ref_rows``, each ``[B, n, H, D]`` exactly as
+    ``_joint_qkv`` computes those rows (projection, QK norm, RoPE), without projecting the rows and tensors the probe
+    does not return (a fused QKV matrix projects the needed rows only)."""
+    n_text = encoder_hidden_states.shape[1]
+    target, refs = hidden_states[:, target_rows], hidden_states[:, ref_rows]
+    if getattr(attn, "fused_projections", False):
+        target_q, _, _, text_q, _, _ = get_qkv_projections(attn, target, encoder_hidden_states)
+        _, ref_k, _, _, _, _ = get_qkv_projections(attn, refs, None)
+    else:
+        target_q, ref_k, text_q = attn.to_q(target), attn.to_k(refs), attn.add_q_proj(encoder_hidden_states)
+    target_q = attn.norm_q(target_q.unflatten(-1, (-1, attn.head_dim)))
+    ref_k = attn.norm_k(ref_k.unflatten(-1, (-1, attn.head_dim)))
+    text_q = attn.norm_added_q(text_q.unflatten(-1, (-1, attn.head_dim)))
+    if rotary_emb is not None:
+        text_q = apply_rotary_emb(text_q, _rotary_rows(rotary_emb, slice(0, n_text)), sequence_dim=1)
+        target_q = apply_rotary_emb(target_q, _rotary_rows(rotary_emb, n_text + target_rows), sequence_dim=1)
+        ref_k = apply_rotary_emb(ref_k, _rotary_rows(rotary_emb, n_text + ref_rows), sequence_dim=1)
+    return text_q, target_q, ref_k
+
+
 def _split_joint_output(attn, out, encoder_hidden_states, contiguous_inputs: bool):
     """Text/image split of the joint attention output and the output projections (FLUX.1 makes the split halves
     contiguous first; FLUX.2 does not)."""
@@ -356,27 +387,40 @@ class SparsectxFlux2KVParallelSelfAttnProcessor(_SparsectxProcessor):
 # ----------------------------------------------------------------------------------------------------------------
 # Qwen-Image(-Edit/-Plus)
 # ----------------------------------------------------------------------------------------------------------------
+def _qwen_projection(attn, rows, linear, norm=None, freqs=None):
+    """``[B, n, H, D]``: rows of one Qwen-Image stream through one projection, its QK norm (if any) and RoPE with
+    those rows' frequencies (if given)."""
+    out = linear(rows).unflatten(-1, (-1, attn.inner_dim // attn.heads))
+    if norm is not None:
+        out = norm(out)
+    if freqs is not None:
+        out = transformer_qwenimage.apply_rotary_emb_qwen(out, freqs, use_real=False)
+    return out
+
+
 def _qwen_joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb):
     """Projections, QK norms and RoPE of both Qwen-Image streams, joined as ``[text, image]``: ``(q, k, v)``, each
     ``[B, T + S, H, D]``."""
-    head_dim = attn.inner_dim // attn.heads
-    image_qkv = [t.unflatten(-1, (-1, head_dim))
-                 for t in (attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states))]
-    text_qkv = [t.unflatten(-1, (-1, head_dim)) for t in (
-        attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
-        attn.add_v_proj(encoder_hidden_states))]
-    # QK norms (each optional), then RoPE on both streams
-    for qkv, norms in ((image_qkv, (attn.norm_q, attn.norm_k)), (text_qkv, (attn.norm_added_q, attn.norm_added_k))):
-        for i, norm in enumerate(norms):
-            if norm is not None:
-                qkv[i] = norm(qkv[i])
-    if image_rotary_emb is not None:
-        image_freqs, text_freqs = image_rotary_emb
-        for qkv, freqs in ((image_qkv, image_freqs), (text_qkv, text_freqs)):
-            for i in (0, 1):
-                qkv[i] = transformer_qwenimage.apply_rotary_emb_qwen(qkv[i], freqs, use_real=False)
-    query, key, value = (torch.cat([text, image], dim=1) for text, image in zip(text_qkv, image_qkv))
+    image_freqs, text_freqs = image_rotary_emb if image_rotary_emb is not None else (None, None)
+    image, text = hidden_states, encoder_hidden_states
+    query = torch.cat([_qwen_projection(attn, text, attn.add_q_proj, attn.norm_added_q, text_freqs),
+                       _qwen_projection(attn, image, attn.to_q, attn.norm_q, image_freqs)], dim=1)
+    key = torch.cat([_qwen_projection(attn, text, attn.add_k_proj, attn.norm_added_k, text_freqs),
+                     _qwen_projection(attn, image, attn.to_k, attn.norm_k, image_freqs)], dim=1)
+    value = torch.cat([_qwen_projection(attn, text, attn.add_v_proj), _qwen_projection(attn, image, attn.to_v)],
+                      dim=1)
     return query, key, value
+
+
+def qwen_probe_qk(attn, hidden_states, encoder_hidden_states, image_rotary_emb, target_rows, ref_rows):
+    """``flux_probe_qk`` for a Qwen-Image double-stream attention: text queries, queries of image rows
+    ``target_rows``, keys of image rows ``ref_rows``, each ``[B, n, H, D]`` as ``_qwen_joint_qkv`` computes them."""
+    image_freqs, text_freqs = image_rotary_emb if image_rotary_emb is not None else (None, None)
+    target_freqs, ref_freqs = (None, None) if image_freqs is None else \
+        (_rotary_rows(image_freqs, target_rows), _rotary_rows(image_freqs, ref_rows))
+    return (_qwen_projection(attn, encoder_hidden_states, attn.add_q_proj, attn.norm_added_q, text_freqs),
+            _qwen_projection(attn, hidden_states[:, target_rows], attn.to_q, attn.norm_q, target_freqs),
+            _qwen_projection(attn, hidden_states[:, ref_rows], attn.to_k, attn.norm_k, ref_freqs))
 
 
 class SparsectxQwenDoubleStreamAttnProcessor(_SparsectxProcessor):

@@ -19,6 +19,7 @@ REF_HWS = {"flux2": ((3, 3), (2, 4)), "flux": ((3, 3),), "qwen": ((3, 3), (2, 4)
 N_TARGET = TARGET_HW[0] * TARGET_HW[1]
 DOUBLE_LAYERS = 2  # so the last double-stream block is not the probed one
 BUDGET = 3  # kept tokens per reference image
+FP32_RTOL, FP32_ATOL = 1e-5, 1e-6  # fp32 rounding of a matrix product whose row count differs
 FLUX_FAMILIES = ("flux2", "flux")
 FAMILIES = (*FLUX_FAMILIES, "qwen")
 PADDED_TEXT = 2  # Qwen-Image: the last sample's prompt ends with this many padding tokens
@@ -150,10 +151,12 @@ def test_probe_tensors_equal_first_block_qk(models, family, shared):
     with torch.no_grad():
         model(**kwargs)
     image_query, image_key = query[:, TEXT_TOKENS:], key[:, TEXT_TOKENS:]
-    torch.testing.assert_close(record["text_queries"], query[:, :TEXT_TOKENS], rtol=0, atol=0)
-    torch.testing.assert_close(record["target_queries"], image_query[:, :N_TARGET], rtol=0, atol=0)
-    torch.testing.assert_close(record["queries"], image_query[:, :N_TARGET], rtol=0, atol=0)
-    torch.testing.assert_close(record["ref_keys"], image_key[:, N_TARGET:N_TARGET + n_refs], rtol=0, atol=0)
+    # the probe projects only the rows it returns: the same products over fewer rows, equal to fp32 rounding
+    close = dict(rtol=FP32_RTOL, atol=FP32_ATOL)
+    torch.testing.assert_close(record["text_queries"], query[:, :TEXT_TOKENS], **close)
+    torch.testing.assert_close(record["target_queries"], image_query[:, :N_TARGET], **close)
+    torch.testing.assert_close(record["queries"], image_query[:, :N_TARGET], **close)
+    torch.testing.assert_close(record["ref_keys"], image_key[:, N_TARGET:N_TARGET + n_refs], **close)
     if family == "qwen":  # the prompt padding comes along, for the probe's own batch
         probed = _first_sample(kwargs) if shared else kwargs
         assert torch.equal(record["text_mask"], probed["encoder_hidden_states_mask"].bool())
@@ -173,8 +176,9 @@ def test_probe_follows_the_kv_extract_layout(models):
     sparsectx.enable(model, budget=BUDGET, selector=_recording_attention(record))
     with torch.no_grad():
         model(**kwargs)
-    torch.testing.assert_close(record["ref_keys"], key[:, TEXT_TOKENS:TEXT_TOKENS + n_refs], rtol=0, atol=0)
-    torch.testing.assert_close(record["target_queries"], query[:, TEXT_TOKENS + n_refs:], rtol=0, atol=0)
+    close = dict(rtol=FP32_RTOL, atol=FP32_ATOL)
+    torch.testing.assert_close(record["ref_keys"], key[:, TEXT_TOKENS:TEXT_TOKENS + n_refs], **close)
+    torch.testing.assert_close(record["target_queries"], query[:, TEXT_TOKENS + n_refs:], **close)
 
 
 # ----------------------------------------------------------------------------------------------------------------
