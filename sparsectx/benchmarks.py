@@ -629,7 +629,8 @@ class CompactionCase:
     name = "compaction"
     title = "token compaction: keep the top 10% of 3 references' tokens, pack hidden states and position ids"
     impl_names = ("sparsectx compact_tokens (scores+budget)", "sparsectx compact_tokens (keep mask)",
-                  "x[mask] (host sync)", "index_select (precomputed indices)", "topk+sort+gather")
+                  "x[mask] (host sync)", "index_select (precomputed indices)", "topk+sort+gather",
+                  "sparsectx compact_tokens (scores+budget), CUDA graph replay")
     sizes = {
         "full": dict(batch=1, tokens=3 * 4096, channels=3072, id_axes=4, keep=0.1),
         "tiny": dict(batch=1, tokens=3 * 64, channels=64, id_axes=4, keep=0.1),
@@ -671,12 +672,39 @@ class CompactionCase:
                  lambda: (hidden_rows.index_select(0, flat), ids_rows.index_select(0, flat)),
                  note="selection not included"),
             Impl("topk+sort+gather", topk_sort_gather),
+            _graph_replay_impl("sparsectx compact_tokens (scores+budget), CUDA graph replay",
+                               lambda: ops.compact_tokens(scores, hidden, ids, budget=config), device, output=packed,
+                               note="diagnostic: the kernels' GPU time without Python and launch overhead"),
         ]
         moved = (scores.numel() * scores.element_size()
                  + 2 * count * batch * (channels * hidden.element_size() + ids.shape[-1] * ids.element_size()))
         shape = (f"B={batch}, N={n}, C={channels} {str(dtype).replace('torch.', '')} + ids int64[{s['id_axes']}], "
                  f"keep {_pct(config)} ({count} rows)")
         return Workload(self.name, shape, impls, dtype, bytes_moved=moved, exact=True)
+
+
+def _graph_replay_impl(name: str, fn: Callable[[], Any], device: torch.device, **impl_args) -> Impl:
+    """``fn`` captured once in a CUDA graph (after a warm-up call on a side stream) and timed as graph replays,
+    returning the captured outputs: the GPU time of its kernels without the host's launch work. CUDA only."""
+    if device.type != "cuda":
+        return Impl(name, skip="CUDA graphs need a CUDA device")
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            fn()  # compiles, allocates
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = fn()
+    except Exception as exc:  # a capture failure is reported in the row, the rest of the case still runs
+        return Impl(name, skip=f"CUDA graph capture failed ({_first_line(exc)})")
+
+    def replay():
+        graph.replay()
+        return captured
+
+    return Impl(name, replay, **impl_args)
 
 
 # ----------------------------------------------------------------------------------------------------------------
