@@ -7,9 +7,9 @@ Five kernels, each one concept (the plain-torch specification is in ``sparsectx/
   index, without a host sync. A radix select over order-preserving integer keys, two bits per pass (16 passes of
   one three-count reduction), finds the k-th largest key (``threshold``) and how many keys lie above it; the sample
   keeps the keys above it and the first ``need = k - above`` keys equal to it. A row that fits in one block is
-  loaded once and held in registers for every pass.
+  loaded once and held in registers for every pass, and its block counts (below) are written from them.
 - ``_block_counts_kernel`` (grid: samples x token blocks): counts the tokens above the threshold (a mask's kept
-  tokens) and the ties in each token block.
+  tokens) and the ties in each token block; launched for masks and for rows longer than one selection block.
 - ``_write_index_kernel`` (same grid): stream compaction. Each program sums the counts of its sample's earlier
   blocks, ranks its block's tokens with a local prefix scan, and writes each kept token's position at its packed
   row; it also writes ``cu_seqlens`` and zero-fills index rows past the kept total.
@@ -159,11 +159,14 @@ def _token_flags(sel_ptr, row_offset, stride_sel_n, n_tokens, pos, threshold, HA
 def _topk_threshold_kernel(
     scores_ptr, stride_b, stride_n, n_tokens,
     counts_ptr, uniform_count, n_samples,
-    threshold_ptr, need_ptr,
+    threshold_ptr, need_ptr, block_counts_ptr, n_blocks,
     PER_SAMPLE_COUNTS: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr,
+    COUNT_BLOCK: tl.constexpr,
 ):
     """Program b: threshold[b] = the k-th largest key of sample b and need[b] = how many keys equal to it are kept
-    (k minus the keys above it). ONE_BLOCK: the sample fits in one BLOCK_N block (its keys are loaded once)."""
+    (k minus the keys above it). ONE_BLOCK: the sample fits in one BLOCK_N block (its keys are loaded once); the
+    program then also writes the sample's block counts (``_block_counts_kernel``'s output, for COUNT_BLOCK-token
+    blocks) from the keys it holds, which saves that launch."""
     b = tl.program_id(0)
     _, k = _sample_counts(counts_ptr, uniform_count, n_samples, b, PER_SAMPLE_COUNTS, B_PAD)
     row_offset = b.to(tl.int64) * stride_b
@@ -173,6 +176,13 @@ def _topk_threshold_kernel(
                                              ONE_BLOCK)
     tl.store(threshold_ptr + b, threshold)
     tl.store(need_ptr + b, k - count_above)
+    if ONE_BLOCK:
+        # tokens above the threshold (low count field) and ties (next field) per COUNT_BLOCK tokens; padding keys
+        # lie below every real key, so they are neither
+        flags = (row_keys > threshold).to(tl.int32) + ((row_keys == threshold).to(tl.int32) << COUNT_FIELD_BITS)
+        per_block = tl.sum(tl.reshape(flags, (BLOCK_N // COUNT_BLOCK, COUNT_BLOCK)), axis=1)
+        blocks = tl.arange(0, BLOCK_N // COUNT_BLOCK)
+        tl.store(block_counts_ptr + b * n_blocks + blocks, per_block, mask=blocks < n_blocks)
 
 
 @triton.jit
@@ -379,26 +389,31 @@ def compact_index(
     sel = selection if has_scores else selection.view(torch.uint8)
     counts_arg = counts_dev if counts_dev is not None else index  # unused pointer when the count is uniform
     b_pad = triton.next_power_of_2(batch)
-    # 1) scores: per-sample threshold key and number of kept ties (one program per sample)
+    block_n, num_warps = _compact_config(n_tokens)
+    n_blocks = max(triton.cdiv(n_tokens, block_n), 1)
+    block_counts = torch.empty((batch, n_blocks), dtype=torch.int32, device=device)
+    # 1) scores: per-sample threshold key and number of kept ties (one program per sample); a sample that fits in
+    # one selection block gets its block counts there too
     threshold = need = index  # unused pointers on the mask path
+    counted = False
     if has_scores:
         threshold = torch.empty(batch, dtype=torch.int32, device=device)
         need = torch.empty(batch, dtype=torch.int32, device=device)
         select_block, select_warps = _select_config(n_tokens)
+        counted = n_tokens <= select_block
         _topk_threshold_kernel[(batch,)](
             sel, sel.stride(0), sel.stride(1), n_tokens, counts_arg, uniform_count, batch, threshold, need,
-            PER_SAMPLE_COUNTS=not uniform, B_PAD=b_pad, BLOCK_N=select_block,
-            ONE_BLOCK=n_tokens <= select_block, num_warps=select_warps,
+            block_counts, n_blocks, PER_SAMPLE_COUNTS=not uniform, B_PAD=b_pad, BLOCK_N=select_block,
+            ONE_BLOCK=counted, COUNT_BLOCK=block_n, num_warps=select_warps,
         )
-    # 2) per token block: counts of tokens above and ties; 3) per token block: packed rows of its kept tokens
-    block_n, num_warps = _compact_config(n_tokens)
-    n_blocks = max(triton.cdiv(n_tokens, block_n), 1)
-    block_counts = torch.empty((batch, n_blocks), dtype=torch.int32, device=device)
+    # 2) per token block: counts of tokens above and ties (unless counted above); 3) per token block: packed rows
+    # of its kept tokens
     grid = (batch, n_blocks)
-    _block_counts_kernel[grid](
-        sel, sel.stride(0), sel.stride(1), n_tokens, threshold, block_counts, n_blocks,
-        HAS_SCORES=has_scores, BLOCK_N=block_n, num_warps=num_warps,
-    )
+    if not counted:
+        _block_counts_kernel[grid](
+            sel, sel.stride(0), sel.stride(1), n_tokens, threshold, block_counts, n_blocks,
+            HAS_SCORES=has_scores, BLOCK_N=block_n, num_warps=num_warps,
+        )
     _write_index_kernel[grid](
         sel, sel.stride(0), sel.stride(1), n_tokens, threshold, need, block_counts, n_blocks,
         counts_arg, uniform_count, batch, index, cu_seqlens, n_rows,

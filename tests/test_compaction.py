@@ -328,7 +328,12 @@ def _poisoned_empty(real_empty):
     return empty
 
 
-def test_outputs_fully_written(device, monkeypatch):
+@pytest.mark.parametrize("count_block", [None, 16], ids=["one_count_block", "several_count_blocks"])
+def test_outputs_fully_written(device, monkeypatch, count_block):
+    """Every output and intermediate buffer starts poisoned; with several token blocks per sample, the selection
+    kernel writes all the block counts of a row it holds (the block-count kernel is not launched for it)."""
+    if count_block is not None:
+        monkeypatch.setattr(kc, "COMPACT_BLOCK", count_block)
     gen = torch.Generator().manual_seed(8)
     scores = _scores(gen, 3, 50, torch.float32, device, distinct=6)
     mask = (torch.rand(3, 50, generator=gen) > 0.5).to(device)
