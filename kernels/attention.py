@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import cdiv, next_power_of_2
+
 LOG2E = 1.4426950408889634  # scores are scaled by scale*log2(e) so that exp2 replaces exp
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # lse is returned in natural log
 
@@ -180,7 +182,7 @@ def _fwd_kernel(
 
 
 def _block_d(dim: int) -> int:
-    return max(16, triton.next_power_of_2(dim))
+    return max(16, next_power_of_2(dim))
 
 
 def _ref_args(ref_k, ref_v, ref_index, cu_r, like):
@@ -211,7 +213,7 @@ def attention_forward(q, k, v, cu_q, cu_k, max_seqlen_q, ref_k, ref_v, ref_index
     rk, rv, ridx, cur, has_ref, packed = _ref_args(ref_k, ref_v, ref_index, cu_r, q)
 
     def grid(meta):
-        return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)
+        return (cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)
 
     _fwd_kernel[grid](
         q, k, v, rk, rv, ridx, cu_q, cu_k, cur, out, lse,
@@ -404,24 +406,24 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, 
     lse2 = torch.where(torch.isfinite(lse), lse * LOG2E, torch.zeros_like(lse)).contiguous()
     delta = torch.empty_like(lse2)
     if tq:
-        _bwd_delta_kernel[(triton.cdiv(tq, DELTA_BLOCK_M), heads)](
+        _bwd_delta_kernel[(cdiv(tq, DELTA_BLOCK_M), heads)](
             out, dout, dlse, delta, cu_q, batch, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), tq,
             HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=DELTA_BLOCK_M)
 
     common = (qk_scale, softmax_scale, q.stride(0), q.stride(1), dout.stride(0), dout.stride(1), lse2.stride(0))
     rk, rv, ridx, cur, _, packed = _ref_args(ref_k, ref_v, ref_index, cu_r, q)
     if max_seqlen_k > 0 and k.shape[0] > 0:
-        _bwd_dkdv_kernel[lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), heads, batch)](
+        _bwd_dkdv_kernel[lambda meta: (cdiv(max_seqlen_k, meta["BLOCK_N"]), heads, batch)](
             q, dout, lse2, delta, k, v, dk, dv, cu_q, cu_k, cu_k, *common,
             *_ref_strides(k), *_ref_strides(v), *_ref_strides(dk), *_ref_strides(dv),
             HEAD_DIM=dim, BLOCK_D=block_d, IS_REF=False, REF_PACKED=False, IEEE=ieee)
     if has_ref and max_seqlen_ref > 0 and ref_k.shape[-3] > 0 and (packed or ref_index.numel() > 0):
-        _bwd_dkdv_kernel[lambda meta: (triton.cdiv(max_seqlen_ref, meta["BLOCK_N"]), heads, batch)](
+        _bwd_dkdv_kernel[lambda meta: (cdiv(max_seqlen_ref, meta["BLOCK_N"]), heads, batch)](
             q, dout, lse2, delta, ref_k, ref_v, dref_k, dref_v, cu_q, cu_r, ridx, *common,
             *_ref_strides(ref_k), *_ref_strides(ref_v), *_ref_strides(dref_k), *_ref_strides(dref_v),
             HEAD_DIM=dim, BLOCK_D=block_d, IS_REF=True, REF_PACKED=packed, IEEE=ieee)
     if tq and max_seqlen_q > 0:
-        _bwd_dq_kernel[lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)](
+        _bwd_dq_kernel[lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)](
             q, dout, lse2, delta, k, v, rk, rv, ridx, cu_q, cu_k, cur, dq, *common,
             k.stride(0), k.stride(1), v.stride(0), v.stride(1), *_ref_strides(rk), *_ref_strides(rv),
             dq.stride(0), dq.stride(1),

@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import cdiv, next_power_of_2
+
 # Order-preserving integer keys of fp32 scores: the top-k threshold is found RADIX_BITS bits per pass. Two bits per
 # pass need 3 counts per pass (candidate digits 1..3); more bits per pass would cost 2**bits - 1 counts, each a full
 # compare-and-add over the row, for fewer passes: two is the cheapest total on one SM for rows of ~10k tokens.
@@ -326,19 +328,19 @@ def _scatter_rows_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 def _select_config(n_tokens: int) -> tuple[int, int]:
     """(BLOCK_N, num_warps) of the selection kernel: one block holds the whole sample when it fits."""
-    block = min(triton.next_power_of_2(max(n_tokens, 16)), MAX_SELECT_BLOCK)
+    block = min(next_power_of_2(max(n_tokens, 16)), MAX_SELECT_BLOCK)
     return block, max(1, min(16, block // 1024))
 
 
 def _compact_config(n_tokens: int) -> tuple[int, int]:
     """(BLOCK_N, num_warps) of the block-count and index-write kernels."""
-    block = min(triton.next_power_of_2(max(n_tokens, 16)), COMPACT_BLOCK)
+    block = min(next_power_of_2(max(n_tokens, 16)), COMPACT_BLOCK)
     return block, max(1, min(COMPACT_WARPS, block // 256))
 
 
 def _copy_config(max_width: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_C, num_warps) of the row kernels."""
-    block_c = min(triton.next_power_of_2(max(max_width, 1)), COPY_MAX_BLOCK_COLS)
+    block_c = min(next_power_of_2(max(max_width, 1)), COPY_MAX_BLOCK_COLS)
     return COPY_BLOCK_ROWS, block_c, 4
 
 
@@ -388,17 +390,16 @@ def compact_index(
     cu_seqlens = torch.empty(batch + 1, dtype=torch.int32, device=device)
     sel = selection if has_scores else selection.view(torch.uint8)
     counts_arg = counts_dev if counts_dev is not None else index  # unused pointer when the count is uniform
-    b_pad = triton.next_power_of_2(batch)
+    b_pad = next_power_of_2(batch)
     block_n, num_warps = _compact_config(n_tokens)
-    n_blocks = max(triton.cdiv(n_tokens, block_n), 1)
+    n_blocks = max(cdiv(n_tokens, block_n), 1)
     block_counts = torch.empty((batch, n_blocks), dtype=torch.int32, device=device)
     # 1) scores: per-sample threshold key and number of kept ties (one program per sample); a sample that fits in
     # one selection block gets its block counts there too
     threshold = need = index  # unused pointers on the mask path
     counted = False
     if has_scores:
-        threshold = torch.empty(batch, dtype=torch.int32, device=device)
-        need = torch.empty(batch, dtype=torch.int32, device=device)
+        threshold, need = torch.empty((2, batch), dtype=torch.int32, device=device)
         select_block, select_warps = _select_config(n_tokens)
         counted = n_tokens <= select_block
         _topk_threshold_kernel[(batch,)](
@@ -418,7 +419,7 @@ def compact_index(
         sel, sel.stride(0), sel.stride(1), n_tokens, threshold, need, block_counts, n_blocks,
         counts_arg, uniform_count, batch, index, cu_seqlens, n_rows,
         HAS_SCORES=has_scores, PER_SAMPLE_COUNTS=not uniform, B_PAD=b_pad,
-        NB_PAD=triton.next_power_of_2(n_blocks), BLOCK_N=block_n, num_warps=num_warps,
+        NB_PAD=next_power_of_2(n_blocks), BLOCK_N=block_n, num_warps=num_warps,
     )
     return index, cu_seqlens
 
@@ -450,10 +451,10 @@ def gather_rows(
         args = []
         for src, dst in group + [group[0]] * (PAYLOADS_PER_LAUNCH - len(group)):  # unused slots repeat the first
             args += [src, dst, src.shape[2], src.stride(0), src.stride(1)]
-        grid = (triton.cdiv(n_rows, block_r), triton.cdiv(max_width, block_c))
+        grid = (cdiv(n_rows, block_r), cdiv(max_width, block_c))
         _gather_rows_kernel[grid](
             index, cu_seqlens, batch, n_rows, *args,
-            NUM_PAYLOADS=len(group), B_PAD=triton.next_power_of_2(max(batch, 1)),
+            NUM_PAYLOADS=len(group), B_PAD=next_power_of_2(max(batch, 1)),
             BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
         )
     return outputs
@@ -474,10 +475,10 @@ def scatter_rows(
         return out
     src = None if packed is None else _as_rows(packed.contiguous().view(1, *packed.shape))
     block_r, block_c, num_warps = _copy_config(width)
-    grid = (triton.cdiv(n_rows, block_r), triton.cdiv(width, block_c))
+    grid = (cdiv(n_rows, block_r), cdiv(width, block_c))
     _scatter_rows_kernel[grid](
         src, index, cu_seqlens, batch, n_rows, n_tokens, dst, width, dst.stride(0), dst.stride(1),
-        HAS_SRC=src is not None, B_PAD=triton.next_power_of_2(batch),
+        HAS_SRC=src is not None, B_PAD=next_power_of_2(batch),
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
     )
     return out

@@ -537,7 +537,12 @@ def compact_tokens(selection: torch.Tensor, *tensors: torch.Tensor, budget=None,
             if max_total < kept:
                 raise ValueError(f"max_total={max_total} is smaller than the {kept} kept tokens")
         index, cu_seqlens = _k.compact_index(selection, counts, max_total)
-        packed = _GatherRows.apply(index, cu_seqlens, index.numel(), *tensors) if tensors else ()
+        if not tensors:
+            packed = ()
+        elif torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            packed = _GatherRows.apply(index, cu_seqlens, index.numel(), *tensors)
+        else:  # no graph to record: skip the autograd Function's own launch work
+            packed = _k.gather_rows(tensors, index, cu_seqlens, index.numel())
     max_seqlen = None
     if return_max_seqlen:
         max_seqlen = max(counts, default=0) if counts is not None else _max_len(cu_seqlens)
