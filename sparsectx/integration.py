@@ -487,13 +487,18 @@ class ForwardPatch:
         setattr(self.transformer, self.attr, self)
 
     def uninstall(self) -> None:
-        if self.transformer.__dict__.get("forward") is not self.wrapped_forward:
-            raise RuntimeError("the transformer's forward was wrapped again after sparsectx patched it (e.g. by a "
-                               "hook); remove that wrapper first")
-        if self.had_instance_forward:
-            self.transformer.forward = self.original_forward
+        if self.transformer.__dict__.get("forward") is self.wrapped_forward:
+            if self.had_instance_forward:
+                self.transformer.forward = self.original_forward
+            else:
+                del self.transformer.forward
+        elif getattr(self.transformer, "_old_forward", None) is self.wrapped_forward:
+            # accelerate's add_hook_to_module (e.g. enable_model_cpu_offload after enable) wrapped this patch: the
+            # hook stays, and calls what this patch replaced
+            self.transformer._old_forward = self.original_forward
         else:
-            del self.transformer.forward
+            raise RuntimeError("the transformer's forward was wrapped again after sparsectx patched it (by something "
+                               "other than an accelerate hook); remove that wrapper first")
         delattr(self.transformer, self.attr)
 
     def forward(self, *args, **kwargs):

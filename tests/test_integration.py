@@ -385,6 +385,42 @@ def test_budget_list_must_match_references(models):
         _run(models["flux2"], _inputs("flux2"))
 
 
+@pytest.mark.parametrize("hook_first", [True, False], ids=["hook_then_enable", "enable_then_hook"])
+def test_accelerate_hooks_around_enable(models, hook_first):
+    """accelerate's module hooks (what enable_model_cpu_offload installs), added before or after enable: the hook
+    runs at every call, sparsectx compacts, and disable gives the hooked original back, bit-exact."""
+    accelerate_hooks = pytest.importorskip("accelerate.hooks")
+    model, kwargs = models["flux2"], _inputs("flux2")
+    expected = _run(model, kwargs)
+    calls = []
+
+    class Counting(accelerate_hooks.ModelHook):
+        def pre_forward(self, module, *args, **kw):
+            calls.append(kw["hidden_states"].shape[1])
+            return args, kw
+
+    seq = kwargs["hidden_states"].shape[1]
+    try:
+        if hook_first:
+            accelerate_hooks.add_hook_to_module(model, Counting())
+        sparsectx.enable(model, budget=2, selector=random_selector, seed=0)
+        if not hook_first:
+            accelerate_hooks.add_hook_to_module(model, Counting())
+        sparse = _run(model, kwargs)
+        assert getattr(model, integration.PATCH_ATTR).cache.keep.sum(1).tolist() == [4, 4]  # 2 per reference image
+        assert not torch.equal(sparse[:, :_n_target()], expected[:, :_n_target()])
+        sparsectx.disable(model)
+        assert not integration.is_enabled(model)
+        assert torch.equal(_run(model, kwargs), expected)
+        # a hook beneath the patch sees each group's compacted call (the two samples keep different tokens); a hook
+        # above it sees the full input; both run at every call
+        sparse_calls = [_n_target() + 4] * 2 if hook_first else [seq]
+        assert calls == sparse_calls + [seq]
+    finally:
+        accelerate_hooks.remove_hook_from_module(model)
+    assert torch.equal(_run(model, kwargs), expected)
+
+
 def test_enable_twice_is_idempotent(models):
     model, kwargs = models["flux2"], _inputs("flux2")
     expected = _run(model, kwargs)
