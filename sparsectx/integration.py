@@ -496,10 +496,21 @@ class ForwardPatch:
             # accelerate's add_hook_to_module (e.g. enable_model_cpu_offload after enable) wrapped this patch: the
             # hook stays, and calls what this patch replaced
             self.transformer._old_forward = self.original_forward
-        else:
+        elif not self._unhook_from_diffusers_registry():
             raise RuntimeError("the transformer's forward was wrapped again after sparsectx patched it (by something "
-                               "other than an accelerate hook); remove that wrapper first")
+                               "other than an accelerate or diffusers hook); remove that wrapper first")
         delattr(self.transformer, self.attr)
+
+    def _unhook_from_diffusers_registry(self) -> bool:
+        """A diffusers hook (``diffusers.hooks.HookRegistry``: group offloading, caches) registered on the transformer
+        after this patch calls it as its inner forward: point that reference at what this patch replaced."""
+        registry = getattr(self.transformer, "_diffusers_hook", None)
+        for fn_ref in getattr(registry, "_fn_refs", ()):
+            for attr in ("forward", "original_forward"):
+                if getattr(fn_ref, attr, None) is self.wrapped_forward:
+                    setattr(fn_ref, attr, self.original_forward)
+                    return True
+        return False
 
     def forward(self, *args, **kwargs):
         raise NotImplementedError

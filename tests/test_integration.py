@@ -421,6 +421,34 @@ def test_accelerate_hooks_around_enable(models, hook_first):
     assert torch.equal(_run(model, kwargs), expected)
 
 
+def test_diffusers_hook_registered_after_enable(models):
+    """A diffusers ModelHook (HookRegistry: group offloading, caches) registered on the transformer after enable:
+    disable unhooks sparsectx beneath it; the hook keeps running, and removing it gives the model back."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    model, kwargs = models["flux2"], _inputs("flux2")
+    expected = _run(model, kwargs)
+    calls = []
+
+    class Counting(ModelHook):
+        def pre_forward(self, module, *args, **kw):
+            calls.append(kw["hidden_states"].shape[1])
+            return args, kw
+
+    registry = HookRegistry.check_if_exists_or_initialize(model)
+    try:
+        sparsectx.enable(model, budget=2, selector=random_selector, seed=0)
+        registry.register_hook(Counting(), "counting")
+        sparse = _run(model, kwargs)
+        assert not torch.equal(sparse[:, :_n_target()], expected[:, :_n_target()])
+        sparsectx.disable(model)
+        assert torch.equal(_run(model, kwargs), expected)
+        assert calls == [kwargs["hidden_states"].shape[1]] * 2
+    finally:
+        registry.remove_hook("counting")
+    assert torch.equal(_run(model, kwargs), expected)
+
+
 def test_enable_twice_is_idempotent(models):
     model, kwargs = models["flux2"], _inputs("flux2")
     expected = _run(model, kwargs)
