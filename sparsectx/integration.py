@@ -924,12 +924,21 @@ def _family_of(module) -> Optional[str]:
     return None
 
 
+def _uncompiled(module):
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) holds, or ``module`` itself: sparsectx patches
+    the real transformer, and the compiled wrapper calls it."""
+    while isinstance(module, torch.nn.Module) and type(module).__name__ == "OptimizedModule" \
+            and isinstance(getattr(module, "_orig_mod", None), torch.nn.Module):
+        module = module._orig_mod
+    return module
+
+
 def _split_target(pipe_or_transformer):
     """(pipeline or None, transformer, family); TypeError naming the supported classes otherwise."""
-    family = _family_of(pipe_or_transformer)
+    family = _family_of(_uncompiled(pipe_or_transformer))
     if family is not None:
-        return None, pipe_or_transformer, family
-    transformer = getattr(pipe_or_transformer, "transformer", None)
+        return None, _uncompiled(pipe_or_transformer), family
+    transformer = _uncompiled(getattr(pipe_or_transformer, "transformer", None))
     family = _family_of(transformer)
     if family is not None and not isinstance(pipe_or_transformer, torch.nn.Module):
         return pipe_or_transformer, transformer, family

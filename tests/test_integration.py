@@ -449,6 +449,23 @@ def test_diffusers_hook_registered_after_enable(models):
     assert torch.equal(_run(model, kwargs), expected)
 
 
+def test_enable_on_a_compiled_transformer(models):
+    """torch.compile(transformer) (an OptimizedModule): enable patches the module inside; the compiled call gives
+    the eager sparse result, and disable the original one."""
+    model, kwargs = models["flux2"], _inputs("flux2")
+    expected = _run(model, kwargs)
+    sparsectx.enable(model, budget=2, selector=random_selector, seed=0)
+    eager_sparse = _run(model, kwargs)
+    sparsectx.disable(model)
+    compiled = torch.compile(model, backend="eager")
+    sparsectx.enable(compiled, budget=2, selector=random_selector, seed=0)
+    assert integration.is_enabled(model) and integration.is_enabled(compiled)
+    torch.testing.assert_close(_run(compiled, kwargs), eager_sparse, rtol=0, atol=FP32_ATOL)
+    sparsectx.disable(compiled)
+    assert not integration.is_enabled(model)
+    torch.testing.assert_close(_run(compiled, kwargs), expected, rtol=0, atol=FP32_ATOL)
+
+
 def test_enable_twice_is_idempotent(models):
     model, kwargs = models["flux2"], _inputs("flux2")
     expected = _run(model, kwargs)
