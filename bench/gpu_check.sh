@@ -127,7 +127,7 @@ TESTS_START=$SECONDS
 RESERVE_AFTER_S=$BENCH_BUDGET_S   # slow tests must not eat the benchmarks' time
 # one launch config per kernel in tests (SPARSECTX_AUTOTUNE=0): many dtypes/shapes, compile time matters more
 export SPARSECTX_AUTOTUNE=0
-step "pytest -m gpu" 100 "$TESTS_LOG" "${PYTEST[@]}" -m gpu tests -x -q --durations=5
+step "pytest -m gpu" 100 "$TESTS_LOG" "${PYTEST[@]}" -m gpu tests -q --durations=5
 # the rest of the suite (the non-gpu tests) on the CUDA device, in what is left of the tests' budget
 step "pytest not gpu" $(( TESTS_BUDGET_S - (SECONDS - TESTS_START) )) "$TESTS_LOG" \
     "${PYTEST[@]}" tests -q -m "not gpu" --durations=5

@@ -185,6 +185,37 @@ def test_mixed_budgets_with_ids_shared_by_the_batch(models):
     assert torch.equal(shared, batched)
 
 
+def _cuda_syncs(fn) -> int:
+    """Host synchronisations during ``fn()`` (torch's CUDA sync debug mode, "warn")."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["native", "sparsectx"])
+def test_later_steps_synchronise_once_on_cuda(attention):
+    """On CUDA, a later step of a pipeline call synchronises with the host once (the plan's check) beyond what the
+    model itself does; the first step selects (several)."""
+    model = _build_model("flux2").cuda()
+    kwargs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in _same_references(_inputs("flux2")).items()}
+    plain = _cuda_syncs(lambda: _run(model, kwargs))
+    try:
+        sparsectx.enable(model, budget=0.5, selector="random", seed=0, attention=attention)
+        first = _cuda_syncs(lambda: _run(model, kwargs))
+        later = _cuda_syncs(lambda: _run(model, kwargs))
+    finally:
+        sparsectx.disable(model)
+    assert later == plain + 1 and first > later, (plain, first, later)
+
+
 def test_flux2_mixed_budgets_run_packed_with_sparsectx_attention(models):
     """FLUX.2 + attention="sparsectx": samples that keep different tokens run as one packed sequence (one forward,
     batch of 1, no padding), equal to each sample run alone; with per-sample timesteps, as exact groups."""
