@@ -91,15 +91,16 @@ def _cu_seqlens(batch: int, seq: int, device) -> torch.Tensor:
 def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     ref_key: Optional[torch.Tensor] = None, ref_value: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Full attention of ``query [B, Sq, H, D]`` over ``key/value [B, Sk, H, D]`` (and, when given, every row of
-    ``ref_key/ref_value [B, R, H, D]`` as further keys) through ``sparse_attention``. Returns ``[B, Sq, H, D]``."""
+    ``ref_key/ref_value [B, R, H, D]`` as further keys: packed references, read as contiguous rows, never
+    concatenated) through ``sparse_attention``. Returns ``[B, Sq, H, D]``."""
     batch, seq_q, heads, dim = query.shape
     seq_k = key.shape[1]
     device = query.device
     extra = {}
     if ref_key is not None:
         n_ref = ref_key.shape[1]
-        extra = dict(ref_k=ref_key, ref_v=ref_value, max_seqlen_ref=n_ref,
-                     ref_index=torch.arange(n_ref, dtype=torch.int32, device=device).repeat(batch),
+        extra = dict(ref_k=ref_key.reshape(batch * n_ref, heads, dim),
+                     ref_v=ref_value.reshape(batch * n_ref, heads, dim), max_seqlen_ref=n_ref,
                      cu_seqlens_ref=_cu_seqlens(batch, n_ref, device))
     out = sparse_attention(query.reshape(batch * seq_q, heads, dim), key.reshape(batch * seq_k, heads, dim),
                            value.reshape(batch * seq_k, heads, dim), _cu_seqlens(batch, seq_q, device),
