@@ -1197,14 +1197,21 @@ class SelectionCase:
         grid[lo:hi, lo:hi] = True
         return grid.flatten().repeat(refs)[None]
 
+    PROBE_SIGNALS = ("queries", "target_queries", "ref_keys")  # what the drop-in's automatic probe provides
+
     def annotate(self, rows: list, earlier_rows: Sequence[dict]) -> None:
         """Adds to each timed row its share of the denoising step measured by the e2e case in this run (the
-        no-reference step: the cheapest, so the strictest share; and the keep-all step with as many references)."""
+        no-reference step: the cheapest, so the strictest share; and the keep-all step with as many references).
+        For selectors that read probe tensors, the share with the drop-in's automatic probe added (the e2e
+        breakdown's row (e), same reference count) is given too: that is what such a selection costs through
+        ``sparsectx.enable`` when the user passes no signals."""
         refs = int(rows[0]["shape"].split(" ref")[0])
         steps = [r for r in earlier_rows if r["case"] == EndToEndCase.name and r["time_ms"]]
         none = next((r["time_ms"] for r in steps if r["impl"] == NO_REFERENCE_ROW), None)
         full = next((r["time_ms"] for r in steps if r["impl"] == KEEP_ALL_ROW
                      and r["shape"].startswith(f"{refs} ref x")), None)
+        probe = next((r["time_ms"] for r in steps if r["impl"].startswith("(e) attention probe")
+                      and r["shape"].startswith(f"{refs} ref x")), None)
         for row in rows:
             if row["time_ms"] is None:
                 continue
@@ -1216,6 +1223,12 @@ class SelectionCase:
             text = f"{share:.2f}% of the no-reference step ({none:.4g} ms; {verdict} < {SELECTION_STEP_TARGET_PCT:g}%)"
             if full is not None:
                 text += f", {100.0 * row['time_ms'] / full:.2f}% of keep-all with {refs} ref"
+            selector = re.search(r"selector (\w+)", row["shape"])
+            signals = self.SIGNALS.get(selector.group(1), self.ALL_SIGNALS) if selector else ()
+            if probe is not None and any(name in self.PROBE_SIGNALS for name in signals):
+                with_probe = 100.0 * (row["time_ms"] + probe) / none
+                text += (f"; with the automatic probe ({probe:.3g} ms): {with_probe:.2f}% "
+                         f"({'meets' if with_probe < SELECTION_STEP_TARGET_PCT else 'MISSES'})")
             _append_note(row, text)
 
 
