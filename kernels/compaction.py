@@ -441,7 +441,8 @@ def gather_rows(
     if n_rows == 0 or not payloads:
         return outputs
     for first in range(0, len(payloads), PAYLOADS_PER_LAUNCH):
-        group = [(_as_rows(p), _as_rows(o.view(1, *o.shape)))
+        # outputs are fresh contiguous [n_rows, ...] tensors: only their base pointer is passed (bool as bytes)
+        group = [(_as_rows(p), o.view(torch.uint8) if o.dtype == torch.bool else o)
                  for p, o in zip(payloads[first:first + PAYLOADS_PER_LAUNCH],
                                  outputs[first:first + PAYLOADS_PER_LAUNCH])]
         max_width = max(src.shape[2] for src, _ in group)
