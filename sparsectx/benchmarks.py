@@ -1377,7 +1377,7 @@ class MixedBatchCase:
         batch = len(self.BUDGETS)
         spec = dict(target_side=side, ref_side=side, text=s["text"])
         x = _step_inputs(KLEIN, model, spec, batch, device, dtype, gen)  # one reference image per request
-        channels, n_target, n_ref = x["channels"], x["n_target"], x["n_ref"]
+        n_target, n_ref = x["n_target"], x["n_ref"]
         counts = [math.floor(b * n_ref + 0.5) for b in self.BUDGETS]
         scores = torch.rand(batch, n_ref, generator=gen, device=device)
         ref_ids = x["ref_ids"][:1]  # every request's reference on the first reference plane

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 
