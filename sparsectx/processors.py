@@ -160,24 +160,22 @@ class _SparsectxProcessor:
         return self.state.delegate_when_unmasked and self.state.image_keep is None and self.original is not None
 
     def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                text_keep: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Attention of the joint ``[B, S, H, D]`` sequence ``[text, image]``. ``text_keep`` (bool ``[B, S_text]``)
-        masks text keys (Qwen-Image padding); the state's ``image_keep`` masks the last ``S_image`` tokens."""
+        """Attention of the joint ``[B, S, H, D]`` sequence ``[text, image]`` (FLUX.1 / FLUX.2): the state's
+        ``image_keep`` masks the last ``S_image`` tokens, a packed batch attends within each sample, and a boolean
+        ``attention_mask`` masks keys."""
         self._check_parallel()
         batch, seq = query.shape[:2]
         image_keep = self.state.image_keep
         if self.state.packed is not None:
-            if image_keep is not None or text_keep is not None or attention_mask is not None or batch != 1:
+            if image_keep is not None or attention_mask is not None or batch != 1:
                 raise ValueError("a packed batch (one sequence of several samples) takes no key mask, and its "
                                  f"attention sees one sequence (got a batch of {batch})")
             return packed_attention(query, key, value, self.state.packed)
-        if image_keep is None and text_keep is None and attention_mask is None:
+        if image_keep is None and attention_mask is None:
             return dense_attention(query, key, value)
         key_mask = torch.ones((batch, seq), dtype=torch.bool, device=query.device)
         query_mask = None
-        if text_keep is not None:
-            key_mask[:, :text_keep.shape[1]] = text_keep
         if image_keep is not None:
             n_image = image_keep.shape[1]
             if image_keep.shape[0] != batch or n_image > seq:
@@ -190,8 +188,38 @@ class _SparsectxProcessor:
         kept_prefix = 0
         if attention_mask is not None:
             key_mask &= _key_mask_from_attention_mask(attention_mask, batch, seq)
-        elif text_keep is None and image_keep is not None:  # every text token and the leading image tokens
+        else:  # every text token and the leading image tokens
             kept_prefix = seq - image_keep.shape[1] + self.state.image_kept_prefix
+        return masked_attention(query, key, value, key_mask, query_mask=query_mask, kept_prefix=kept_prefix)
+
+    def _attend_image_first(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, n_text: int,
+                            text_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Attention of a joint ``[B, S, H, D]`` sequence laid out ``[image, text]`` (Qwen-Image, whose text carries a
+        padding mask): the always-kept image tokens (all of them, or under a drop mask the ones before the first
+        reference) lead, so the kernel reads them as contiguous key blocks; the text (through ``text_keep``) and the
+        kept references are gathered."""
+        self._check_parallel()
+        batch, seq = query.shape[:2]
+        n_image = seq - n_text
+        image_keep = self.state.image_keep
+        if self.state.packed is not None:
+            raise ValueError(f"{type(self).__name__} does not run packed batches")
+        if image_keep is None and text_keep is None:
+            return dense_attention(query, key, value)
+        key_mask = torch.ones((batch, seq), dtype=torch.bool, device=query.device)
+        query_mask = None
+        if text_keep is not None:
+            key_mask[:, n_image:] = text_keep
+        kept_prefix = n_image
+        if image_keep is not None:
+            if tuple(image_keep.shape) != (batch, n_image):
+                raise ValueError(f"the drop mask is {list(image_keep.shape)} but attention sees a batch of {batch} "
+                                 f"sequences of {n_image} image tokens")
+            key_mask[:, :n_image] = image_keep.to(query.device)
+            kept_prefix = self.state.image_kept_prefix
+            if self.state.skip_dropped_queries:
+                query_mask = torch.ones_like(key_mask)
+                query_mask[:, :n_image] = image_keep.to(query.device)
         return masked_attention(query, key, value, key_mask, query_mask=query_mask, kept_prefix=kept_prefix)
 
     def _no_mask_with_kv_cache(self, kv_cache_mode) -> None:
@@ -399,18 +427,20 @@ def _qwen_projection(attn, rows, linear, norm=None, freqs=None):
     return out
 
 
-def _qwen_joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb):
-    """Projections, QK norms and RoPE of both Qwen-Image streams, joined as ``[text, image]``: ``(q, k, v)``, each
-    ``[B, T + S, H, D]``."""
+def _qwen_joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb, image_first: bool = False):
+    """Projections, QK norms and RoPE of both Qwen-Image streams, joined as ``[text, image]`` (diffusers' order) or,
+    with ``image_first``, ``[image, text]``: ``(q, k, v)``, each ``[B, T + S, H, D]``."""
     image_freqs, text_freqs = image_rotary_emb if image_rotary_emb is not None else (None, None)
     image, text = hidden_states, encoder_hidden_states
-    query = torch.cat([_qwen_projection(attn, text, attn.add_q_proj, attn.norm_added_q, text_freqs),
-                       _qwen_projection(attn, image, attn.to_q, attn.norm_q, image_freqs)], dim=1)
-    key = torch.cat([_qwen_projection(attn, text, attn.add_k_proj, attn.norm_added_k, text_freqs),
-                     _qwen_projection(attn, image, attn.to_k, attn.norm_k, image_freqs)], dim=1)
-    value = torch.cat([_qwen_projection(attn, text, attn.add_v_proj), _qwen_projection(attn, image, attn.to_v)],
-                      dim=1)
-    return query, key, value
+    streams = (
+        (_qwen_projection(attn, text, attn.add_q_proj, attn.norm_added_q, text_freqs),
+         _qwen_projection(attn, image, attn.to_q, attn.norm_q, image_freqs)),
+        (_qwen_projection(attn, text, attn.add_k_proj, attn.norm_added_k, text_freqs),
+         _qwen_projection(attn, image, attn.to_k, attn.norm_k, image_freqs)),
+        (_qwen_projection(attn, text, attn.add_v_proj), _qwen_projection(attn, image, attn.to_v)),
+    )
+    return tuple(torch.cat([image_part, text_part] if image_first else [text_part, image_part], dim=1)
+                 for text_part, image_part in streams)
 
 
 def qwen_probe_qk(attn, hidden_states, encoder_hidden_states, image_rotary_emb, target_rows, ref_rows):
@@ -426,7 +456,9 @@ def qwen_probe_qk(attn, hidden_states, encoder_hidden_states, image_rotary_emb, 
 
 class SparsectxQwenDoubleStreamAttnProcessor(_SparsectxProcessor):
     """Replaces ``QwenDoubleStreamAttnProcessor2_0``: the text padding mask (``encoder_hidden_states_mask``) becomes
-    a key mask of ``masked_attention``."""
+    a key mask of ``masked_attention``. The joint sequence is built ``[image, text]`` (attention does not depend on
+    the order of its keys; each query row is its own), so the image tokens are contiguous key blocks and only the
+    text goes through the mask."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
                  attention_mask=None, image_rotary_emb=None):
@@ -439,15 +471,17 @@ class SparsectxQwenDoubleStreamAttnProcessor(_SparsectxProcessor):
             raise ValueError(f"{type(self).__name__} does not accept an external attention_mask; pass "
                              "encoder_hidden_states_mask (the text padding mask)")
         n_text = encoder_hidden_states.shape[1]
-        query, key, value = _qwen_joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        n_image = hidden_states.shape[1]
+        query, key, value = _qwen_joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb,
+                                            image_first=True)
         text_keep = None
         if encoder_hidden_states_mask is not None:
             text_keep = encoder_hidden_states_mask.to(device=query.device, dtype=torch.bool)
-        out = self._attend(query, key, value, text_keep=text_keep).flatten(2, 3).to(query.dtype)
-        image_out = attn.to_out[0](out[:, n_text:].contiguous())
+        out = self._attend_image_first(query, key, value, n_text, text_keep).flatten(2, 3).to(query.dtype)
+        image_out = attn.to_out[0](out[:, :n_image].contiguous())
         if len(attn.to_out) > 1:
             image_out = attn.to_out[1](image_out)  # dropout
-        return image_out, attn.to_add_out(out[:, :n_text].contiguous())
+        return image_out, attn.to_add_out(out[:, n_image:].contiguous())
 
 
 # ----------------------------------------------------------------------------------------------------------------

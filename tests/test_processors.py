@@ -84,6 +84,27 @@ def test_sparsectx_attention_equals_native(models, family, budget, monkeypatch):
     torch.testing.assert_close(kernel[:, :N_TARGET], native[:, :N_TARGET], rtol=0, atol=FP32_ATOL)
 
 
+@pytest.mark.parametrize("drop_training", [False, True])
+def test_qwen_image_tokens_are_contiguous_keys(models, monkeypatch, drop_training):
+    """Qwen-Image (text padding mask): the processor lays the joint sequence out [image, text] so that the image
+    tokens (inference), or the target tokens before the references (drop training), are the kernel's contiguous
+    key prefix and only the text (and kept references) are gathered."""
+    model, kwargs = models["qwen"], shared._inputs("qwen")  # the last sample's prompt is padded
+    n_image = kwargs["hidden_states"].shape[1]
+    prefixes = []
+    real = processors.masked_attention
+    monkeypatch.setattr(processors, "masked_attention",
+                        lambda *a, **k: prefixes.append((a[0].shape[1], k["kept_prefix"])) or real(*a, **k))
+    if drop_training:
+        enable_drop_training(model, ratio_range=(0.5, 0.5), generator=torch.Generator().manual_seed(0))
+        model.train()
+    else:
+        sparsectx.enable(model, budget=1.0, attention="sparsectx")  # every token kept: the full sequence
+    _run(model, kwargs)
+    expected = N_TARGET if drop_training else n_image
+    assert prefixes and all(prefix == (n_image + shared.TEXT_TOKENS, expected) for prefix in prefixes), prefixes
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_disable_restores_processors_bit_exact(models, family):
     model, kwargs = models[family], shared._inputs(family)
