@@ -10,7 +10,7 @@ from .ops import (  # noqa: F401
     scatter_tokens,
     sparse_attention,
 )
-from .integration import disable, enable, sparse_context  # noqa: F401  (imports diffusers only when used)
+from .integration import disable, enable, last_selection, sparse_context  # noqa: F401  (imports diffusers only when used)
 from .selection import (  # noqa: F401
     SelectionContext,
     available_selectors,

@@ -69,7 +69,7 @@ import inspect
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 
@@ -1014,6 +1014,31 @@ def disable(pipe_or_transformer):
 def is_enabled(pipe_or_transformer) -> bool:
     _, transformer, _ = _split_target(pipe_or_transformer)
     return getattr(transformer, PATCH_ATTR, None) is not None
+
+
+class Selection(NamedTuple):
+    """What the latest selection kept: ``keep`` bool ``[B, N]`` over the reference tokens in sequence order (the
+    reference images one after another), ``ref_lengths`` their token counts, and ``ref_positions`` long ``[N]``
+    where those tokens sit in the transformer's image sequence."""
+
+    keep: torch.Tensor
+    ref_lengths: list
+    ref_positions: torch.Tensor
+
+    def per_image(self) -> list:
+        """``keep`` split into one bool ``[B, L_i]`` mask per reference image (e.g. to view it on the latent grid)."""
+        return list(self.keep.split(self.ref_lengths, dim=1))
+
+
+def last_selection(pipe_or_transformer) -> Optional[Selection]:
+    """The reference tokens the latest pipeline (or transformer) call kept, or None when sparsectx is not enabled or
+    has not selected yet in this call."""
+    _, transformer, _ = _split_target(pipe_or_transformer)
+    patch = getattr(transformer, PATCH_ATTR, None)
+    plan = patch.cache if patch is not None else None
+    if plan is None:
+        return None
+    return Selection(plan.keep, list(plan.layout.ref_lengths), plan.layout.ref_positions)
 
 
 @contextlib.contextmanager

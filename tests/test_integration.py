@@ -497,6 +497,20 @@ def test_enable_on_a_compiled_transformer(models):
     torch.testing.assert_close(_run(compiled, kwargs), expected, rtol=0, atol=FP32_ATOL)
 
 
+def test_last_selection_reports_the_kept_tokens(models):
+    model, kwargs = models["flux2"], _same_references(_inputs("flux2"))
+    sparsectx.enable(model, budget=[2, 0.5], selector=random_selector, seed=0)
+    assert sparsectx.last_selection(model) is None  # nothing selected yet
+    _run(model, kwargs)
+    selection = sparsectx.last_selection(model)
+    lengths = [h * w for h, w in REF_HWS]
+    assert selection.ref_lengths == lengths
+    assert [part.sum(1).tolist() for part in selection.per_image()] == [[2, 2], [4, 4]]  # 2 tokens, half of 8
+    assert torch.equal(selection.ref_positions, torch.arange(_n_target(), _n_target() + sum(lengths)))
+    sparsectx.disable(model)
+    assert sparsectx.last_selection(model) is None
+
+
 def test_enable_twice_is_idempotent(models):
     model, kwargs = models["flux2"], _inputs("flux2")
     expected = _run(model, kwargs)
