@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .diagnostics import count_host_reads
+from .diagnostics import count_cuda_syncs, count_host_reads
 
 SEED = 0
 SIZES = ("tiny", "full")
@@ -848,6 +848,15 @@ def _torch_topk_rows(scores: torch.Tensor, count: int) -> torch.Tensor:
     return scores.topk(count, dim=1).indices.sort(dim=1).values
 
 
+def _compact_by_hand(x: dict, scores: torch.Tensor, count: int) -> tuple:
+    """The plain-torch peer of compaction: each reference image's ``count`` top-scored latents and ids (top-k, sort,
+    index_select per image), as ``[refs, count, ...]``."""
+    idx = _torch_topk_rows(scores, count)
+    lat = torch.stack([x["ref_latents"][i].index_select(0, idx[i]) for i in range(len(idx))])
+    ids = torch.stack([x["ref_ids"][i].index_select(0, idx[i]) for i in range(len(idx))])
+    return lat, ids
+
+
 def _refs_keep_configs(size_spec: dict, quick: bool) -> list:
     """(references, keep ratio) configs of a model case: the quick subset, or every refs x keeps pair."""
     return list(size_spec["quick"]) if quick else [(r, k) for r in size_spec["refs"] for k in size_spec["keeps"]]
@@ -930,9 +939,7 @@ class EndToEndCase:
             return with_refs(*kept.tensors)
 
         def torch_step():
-            idx = _torch_topk_rows(scores, count)
-            lat = torch.stack([x["ref_latents"][i].index_select(0, idx[i]) for i in range(refs)])
-            ids = torch.stack([x["ref_ids"][i].index_select(0, idx[i]) for i in range(refs)])
+            lat, ids = _compact_by_hand(x, scores, count)
             return with_refs(lat, ids)
 
         full_step = lambda: with_refs(x["ref_latents"], x["ref_ids"])  # noqa: E731 - every reference token
@@ -1320,9 +1327,7 @@ class KVCacheCase:
                 return run(x["ref_latents"], x["ref_ids"])
 
         def torch_run():
-            idx = _torch_topk_rows(scores, count)
-            lat = torch.stack([x["ref_latents"][i].index_select(0, idx[i]) for i in range(refs)])
-            ids = torch.stack([x["ref_ids"][i].index_select(0, idx[i]) for i in range(refs)])
+            lat, ids = _compact_by_hand(x, scores, count)
             return run(lat, ids)
 
         target = KV_TARGET_SPEEDUP.get(refs)
@@ -1480,19 +1485,6 @@ def _row(workload: Workload, impl: Impl, **values) -> dict:
     return row
 
 
-def count_host_syncs(fn: Callable[[], Any]) -> int:
-    """Host synchronisations during one call of ``fn``, as reported by torch's CUDA sync debug mode ("warn")."""
-    previous = torch.cuda.get_sync_debug_mode()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode(previous)
-    return sum("synchroniz" in str(w.message) for w in caught)
-
-
 def _append_note(row: dict, text: str) -> None:
     row["note"] = f"{row['note']}; {text}" if row["note"] else text
 
@@ -1550,7 +1542,7 @@ def run_workload(workload: Workload, device: torch.device, *, quick: bool = Fals
                     del result
                 if workload.count_syncs:
                     if device.type == "cuda":
-                        notes.append(f"{count_host_syncs(impl.fn)} host syncs per call")
+                        notes.append(f"{count_cuda_syncs(impl.fn)} host syncs per call")
                     with count_host_reads() as reads:
                         impl.fn()
                     notes.append(f"{reads.count} host reads per call (aten ops)")

@@ -24,7 +24,8 @@ print(reads.count, reads.ops)   # e.g. 1, ['aten.eq... all -> _local_scalar_dens
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import warnings
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -100,3 +101,17 @@ def count_host_reads() -> Iterator[HostReads]:
             yield mode
     finally:
         torch.Tensor.tolist = tolist
+
+
+def count_cuda_syncs(fn: Callable[[], Any]) -> int:
+    """Host synchronisations during one call of ``fn()``, as torch's CUDA sync debug mode ("warn") reports them
+    (CUDA only: the real synchronisations, including those of launchers outside aten)."""
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return sum("synchroniz" in str(w.message) for w in caught)

@@ -591,9 +591,7 @@ class _SparsePatch(ForwardPatch):
         else:
             self._check_supported(call, layout)
             keep = self._select(call, layout, overrides)
-            groups, packing = self._groups(call, layout, keep)
-            plan = self._new_plan(call, layout, keep, groups)
-            plan.packing = packing
+            plan = self._new_plan(call, layout, keep, *self._groups(call, layout, keep))
         self.plans.pop(key, None)
         if len(self.plans) >= MAX_PLANS:
             self.plans.pop(next(iter(self.plans)))
@@ -613,10 +611,11 @@ class _SparsePatch(ForwardPatch):
                 tuple((name, id(value)) for name, value in sorted(signals.items())))
 
     @staticmethod
-    def _new_plan(call: dict, layout: Optional[_Layout], keep: Optional[torch.Tensor], groups: list) -> _Plan:
+    def _new_plan(call: dict, layout: Optional[_Layout], keep: Optional[torch.Tensor], groups: list,
+                  packing: Optional[_Packing] = None) -> _Plan:
         ids = call.get("img_ids")
         references = None if layout is None else call["hidden_states"][:, layout.ref_positions].detach().clone()
-        return _Plan(layout, keep, groups, None if ids is None else ids.detach().clone(), references)
+        return _Plan(layout, keep, groups, None if ids is None else ids.detach().clone(), references, packing)
 
     @staticmethod
     def _step_checks(plan: _Plan, call: dict) -> tuple:

@@ -115,7 +115,7 @@ def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     q, k, v = query[0], key[0], value[0]
     n_text = packed.n_text
     keys = dict(ref_k=k[n_text:], ref_v=v[n_text:], cu_seqlens_ref=packed.cu_image, max_seqlen_ref=packed.max_image,
-                softmax_scale=None, validate=False)
+                validate=False)
     text = sparse_attention(q[:n_text], k[:n_text], v[:n_text], packed.cu_text, packed.cu_text, packed.max_text,
                             packed.max_text, **keys)
     image = sparse_attention(q[n_text:], k[:n_text], v[:n_text], packed.cu_image, packed.cu_text, packed.max_image,

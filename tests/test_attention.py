@@ -341,14 +341,11 @@ def test_non_contiguous_head_dim_is_handled():
 # ---------------------------------------------------------------------------------------------------------------
 # GPU only: bf16 (the interpreter computes bf16 wrongly) and realistic shapes
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.gpu
-@pytest.mark.parametrize("dim", [64, 128])
-def test_gpu_bf16_realistic_varlen(dim):
-    lq = [4608, 1000, 1, 2000]
-    case = make_case(lq, lq, [205, 0, 4096, 1024], 4096, 24, dim, torch.bfloat16, seed=dim)
-    g = torch.Generator().manual_seed(dim)
+def _assert_bf16_forward_and_backward(case, seed):
+    """The flash-attention criterion in bf16 for out, lse and every gradient of ``case`` (random dO, zero dlse)."""
+    g = torch.Generator().manual_seed(seed)
     dout = torch.randn(case.q.shape, generator=g).to(DEVICE, torch.bfloat16)
-    dlse = torch.zeros(24, sum(lq), device=DEVICE)
+    dlse = torch.zeros(case.q.shape[1], case.q.shape[0], device=DEVICE)
     out, lse, grads = run_ops(case, dout, dlse)
     exact_out, exact_lse, exact_grads = run_reference(case, torch.float64, dout, dlse)
     torch_out, torch_lse, torch_grads = run_reference(case, torch.bfloat16, dout, dlse)
@@ -356,6 +353,14 @@ def test_gpu_bf16_realistic_varlen(dim):
     assert_flash_criterion("lse", lse, torch_lse, exact_lse, torch.bfloat16)
     for key, exact in exact_grads.items():
         assert_flash_criterion(f"d{key}", grads[key], torch_grads[key], exact, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim", [64, 128])
+def test_gpu_bf16_realistic_varlen(dim):
+    lq = [4608, 1000, 1, 2000]
+    case = make_case(lq, lq, [205, 0, 4096, 1024], 4096, 24, dim, torch.bfloat16, seed=dim)
+    _assert_bf16_forward_and_backward(case, seed=dim)
 
 
 @pytest.mark.gpu
@@ -363,16 +368,7 @@ def test_gpu_bf16_packed_references():
     """The packed-batch layout of a FLUX.2 step: own keys = each sample's text, packed references = its image."""
     lq, lr = [512, 512, 512], [4300, 4812, 6144]
     case = make_case(lq, lq, lr, 0, 24, 128, torch.bfloat16, seed=37, packed=True)
-    g = torch.Generator().manual_seed(37)
-    dout = torch.randn(case.q.shape, generator=g).to(DEVICE, torch.bfloat16)
-    dlse = torch.zeros(24, sum(lq), device=DEVICE)
-    out, lse, grads = run_ops(case, dout, dlse)
-    exact_out, exact_lse, exact_grads = run_reference(case, torch.float64, dout, dlse)
-    torch_out, torch_lse, torch_grads = run_reference(case, torch.bfloat16, dout, dlse)
-    assert_flash_criterion("out", out, torch_out, exact_out, torch.bfloat16)
-    assert_flash_criterion("lse", lse, torch_lse, exact_lse, torch.bfloat16)
-    for key, exact in exact_grads.items():
-        assert_flash_criterion(f"d{key}", grads[key], torch_grads[key], exact, torch.bfloat16)
+    _assert_bf16_forward_and_backward(case, seed=37)
 
 
 @pytest.mark.parametrize("kept_prefix", [1, 13, 37])

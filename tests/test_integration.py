@@ -9,7 +9,7 @@ from diffusers.models.attention_dispatch import AttentionBackendName, _Attention
 
 import sparsectx  # noqa: E402
 from sparsectx import integration  # noqa: E402
-from sparsectx.diagnostics import count_host_reads  # noqa: E402
+from sparsectx.diagnostics import count_cuda_syncs, count_host_reads  # noqa: E402
 from sparsectx.reference import topk_keep_mask  # noqa: E402
 
 HEADS, HEAD_DIM = 2, 16
@@ -185,20 +185,6 @@ def test_mixed_budgets_with_ids_shared_by_the_batch(models):
     assert torch.equal(shared, batched)
 
 
-def _cuda_syncs(fn) -> int:
-    """Host synchronisations during ``fn()`` (torch's CUDA sync debug mode, "warn")."""
-    import warnings
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("attention", ["native", "sparsectx"])
 def test_later_steps_synchronise_once_on_cuda(attention):
@@ -206,11 +192,11 @@ def test_later_steps_synchronise_once_on_cuda(attention):
     model itself does; the first step selects (several)."""
     model = _build_model("flux2").cuda()
     kwargs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in _same_references(_inputs("flux2")).items()}
-    plain = _cuda_syncs(lambda: _run(model, kwargs))
+    plain = count_cuda_syncs(lambda: _run(model, kwargs))
     try:
         sparsectx.enable(model, budget=0.5, selector="random", seed=0, attention=attention)
-        first = _cuda_syncs(lambda: _run(model, kwargs))
-        later = _cuda_syncs(lambda: _run(model, kwargs))
+        first = count_cuda_syncs(lambda: _run(model, kwargs))
+        later = count_cuda_syncs(lambda: _run(model, kwargs))
     finally:
         sparsectx.disable(model)
     assert later == plain + 1 and first > later, (plain, first, later)
