@@ -1263,7 +1263,8 @@ class KVCacheCase:
     name = "kv"
     title = (f"{KV_STEPS}-step run (1 extract + {KV_STEPS - 1} cached steps), FLUX.2-klein-9B architecture (random "
              "weights), diffusers' reference KV cache with and without Sparse Context")
-    impl_names = ("sparsectx.enable + KV cache", "torch topk+sort+index_select + KV cache",
+    impl_names = ("sparsectx.enable + KV cache", "sparsectx.enable (sparsectx attn) + KV cache",
+                  "torch topk+sort+index_select + KV cache", "KV cache of every token, kept rows gathered",
                   "KV cache, all reference tokens", "plain run, all references, no cache", "no reference (limit)")
     sizes = {
         "full": dict(target_side=64, text=512, ref_side=64, refs=(3, 4), keeps=(0.10, 0.05),
@@ -1280,6 +1281,7 @@ class KVCacheCase:
 
     def build(self, config, size: str, device: torch.device) -> Workload:
         from .integration import sparse_context
+        from .processors import KEPT_INDEX
 
         refs, keep = config
         s = self.sizes[size]
@@ -1293,10 +1295,11 @@ class KVCacheCase:
         sigmas = torch.linspace(1.0, 0.0, KV_STEPS + 1).tolist()  # flow matching: t from 1 to 0, Euler steps
         common = dict(encoder_hidden_states=x["text"], txt_ids=x["text_ids"], return_dict=False)
 
-        def run(ref_latents=None, ref_ids=None, cache=True):
+        def run(ref_latents=None, ref_ids=None, cache=True, kept_index=None):
             """KV_STEPS Euler steps from the same noise. With references and ``cache``: the references come first in
-            the extract step (as the KV pipeline puts them), then cached steps; without ``cache`` they follow the
-            target at every step (the plain pipeline)."""
+            the extract step (as the KV pipeline puts them), then cached steps (attending to the cached rows
+            ``kept_index`` only, when given); without ``cache`` they follow the target at every step (the plain
+            pipeline)."""
             latents, kv_cache = x["target"], None
             if ref_latents is not None:  # the references' tokens as one sequence
                 ref_latents, ref_ids = ref_latents.reshape(1, -1, channels), ref_ids.reshape(1, -1, KLEIN.n_axes)
@@ -1312,6 +1315,9 @@ class KVCacheCase:
                         v, kv_cache = model(hidden_states=torch.cat([ref_latents, latents], 1), timestep=timestep,
                                             img_ids=torch.cat([ref_ids, x["target_ids"]], 1),
                                             kv_cache_mode="extract", num_ref_tokens=ref_latents.shape[1], **common)
+                        if kept_index is not None:
+                            for layer in kv_cache.double_block_caches + kv_cache.single_block_caches:
+                                setattr(layer, KEPT_INDEX, kept_index)
                     else:
                         v = model(hidden_states=latents, timestep=timestep, img_ids=x["target_ids"],
                                   kv_cache=kv_cache, kv_cache_mode="cached", **common)[0]
@@ -1320,11 +1326,19 @@ class KVCacheCase:
 
         selector = _score_selector(scores)
 
-        def sparse_run():
+        def sparse_run(attention="native"):
             # enabled per run, as a pipeline call selects once: the extract step is compacted, the cache holds the
             # kept tokens only, and the cached steps carry no reference tokens (the patch leaves them alone)
-            with sparse_context(model, budget=count, selector=selector):
+            with sparse_context(model, budget=count, selector=selector, attention=attention):
                 return run(x["ref_latents"], x["ref_ids"])
+
+        # the alternative the issue asks to measure: cache every reference token (an uncompacted extract step), then
+        # gather the same kept rows in every cached layer (sparsectx attention: the kernel reads them by index)
+        kept_index = (_torch_topk_rows(scores, count) + n_ref * torch.arange(refs, device=device)[:, None]).reshape(1, -1)
+
+        def cache_all_run():
+            with sparse_context(model, budget=1.0, attention="sparsectx"):  # the processors only: every token kept
+                return run(x["ref_latents"], x["ref_ids"], kept_index=kept_index)
 
         def torch_run():
             lat, ids = _compact_by_hand(x, scores, count)
@@ -1333,7 +1347,12 @@ class KVCacheCase:
         target = KV_TARGET_SPEEDUP.get(refs)
         impls = [
             Impl("sparsectx.enable + KV cache", sparse_run, note="cache of the kept tokens only"),
+            Impl("sparsectx.enable (sparsectx attn) + KV cache", lambda: sparse_run("sparsectx"),
+                 note="cache of the kept tokens only, every layer by sparsectx's kernel"),
             Impl("torch topk+sort+index_select + KV cache", torch_run, note="references compacted by hand"),
+            Impl("KV cache of every token, kept rows gathered", cache_all_run, comparable=False,
+                 note="the same kept tokens, their K/V computed with every reference present (a different output "
+                      "by design)"),
             Impl("KV cache, all reference tokens", lambda: run(x["ref_latents"], x["ref_ids"]), comparable=False,
                  note="diffusers' KV cache alone (a different output by design)", shared_key=(self.name, refs, "kv")),
             Impl("plain run, all references, no cache", lambda: run(x["ref_latents"], x["ref_ids"], cache=False),

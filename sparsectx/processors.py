@@ -40,6 +40,7 @@ from diffusers.models.transformers import transformer_flux, transformer_flux2, t
 from .ops import masked_attention, sparse_attention
 
 KV_EXTRACT, KV_CACHED = "extract", "cached"  # FLUX.2 klein's kv_cache_mode values
+KEPT_INDEX = "kept_index"  # optional attribute of a KV layer cache: [B, n] cached rows the cached steps attend to
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -89,15 +90,21 @@ def _cu_seqlens(batch: int, seq: int, device) -> torch.Tensor:
 
 
 def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    ref_key: Optional[torch.Tensor] = None, ref_value: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Full attention of ``query [B, Sq, H, D]`` over ``key/value [B, Sk, H, D]`` (and, when given, every row of
-    ``ref_key/ref_value [B, R, H, D]`` as further keys: packed references, read as contiguous rows, never
-    concatenated) through ``sparse_attention``. Returns ``[B, Sq, H, D]``."""
+                    ref_key: Optional[torch.Tensor] = None, ref_value: Optional[torch.Tensor] = None,
+                    ref_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Full attention of ``query [B, Sq, H, D]`` over ``key/value [B, Sk, H, D]`` (and, when given, rows of
+    ``ref_key/ref_value [B, R, H, D]`` as further keys, never concatenated: every row, read as contiguous packed
+    references, or with ``ref_index [B, n]`` the rows ``ref_key[b, ref_index[b]]``, gathered by the kernel) through
+    ``sparse_attention``. Returns ``[B, Sq, H, D]``."""
     batch, seq_q, heads, dim = query.shape
     seq_k = key.shape[1]
     device = query.device
     extra = {}
-    if ref_key is not None:
+    if ref_key is not None and ref_index is not None:
+        n_ref = ref_index.shape[1]
+        extra = dict(ref_k=ref_key, ref_v=ref_value, ref_index=ref_index.reshape(-1).to(torch.int32),
+                     max_seqlen_ref=n_ref, cu_seqlens_ref=_cu_seqlens(batch, n_ref, device))
+    elif ref_key is not None:
         n_ref = ref_key.shape[1]
         extra = dict(ref_k=ref_key.reshape(batch * n_ref, heads, dim),
                      ref_v=ref_value.reshape(batch * n_ref, heads, dim), max_seqlen_ref=n_ref,
@@ -362,8 +369,11 @@ def _kv_attention(processor: _SparsectxProcessor, query, key, value, attention_m
                   num_txt_tokens: int, num_ref_tokens: int):
     """FLUX.2 klein's KV-cache attention. Extract: the ``[txt, ref, img]`` sequence stores the reference K/V in the
     cache; text and target queries attend to every key, reference queries to the reference keys only. Cached:
-    ``[txt, img]`` queries attend to their own keys plus every cached reference key (passed to the kernel as its
-    reference buffer: no concatenation). Otherwise plain attention."""
+    ``[txt, img]`` queries attend to their own keys plus the cached reference keys (passed to the kernel as its
+    reference buffer: no concatenation): every cached row, or, when the layer cache carries ``kept_index``
+    (``[B, n]`` positions in the cache), only those rows, gathered per layer (a cache of every reference token read
+    under a selection: the alternative to caching the kept tokens only, measured by the ``kv`` bench case).
+    Otherwise plain attention."""
     processor._no_mask_with_kv_cache(kv_cache_mode)
     ref_start, ref_end = num_txt_tokens, num_txt_tokens + num_ref_tokens
     if kv_cache_mode == KV_EXTRACT and kv_cache is not None and num_ref_tokens > 0:
@@ -377,7 +387,7 @@ def _kv_attention(processor: _SparsectxProcessor, query, key, value, attention_m
     if kv_cache_mode == KV_CACHED and kv_cache is not None:
         processor._check_parallel()
         ref_key, ref_value = kv_cache.get()
-        return dense_attention(query, key, value, ref_key, ref_value)
+        return dense_attention(query, key, value, ref_key, ref_value, getattr(kv_cache, KEPT_INDEX, None))
     return processor._attend(query, key, value, attention_mask=attention_mask)
 
 

@@ -196,6 +196,42 @@ def test_kv_cache_processors_equal_native(budget):
         sparsectx.disable(model)
 
 
+def test_kv_cache_kept_index_equals_cache_of_the_kept_rows():
+    """A cached step reading a cache of every reference token through ``kept_index`` (rows gathered per layer) equals
+    the same step on a cache that holds those rows only."""
+    model, kwargs = _kv_model(), shared._same_references(shared._inputs("flux2"))
+    sparsectx.enable(model, budget=1.0, attention="sparsectx")
+    try:
+        n_ref = kwargs["hidden_states"].shape[1] - N_TARGET
+        batch = kwargs["hidden_states"].shape[0]
+        gen = torch.Generator().manual_seed(3)
+        kept = torch.stack([torch.randperm(n_ref, generator=gen)[: n_ref // 3].sort().values for _ in range(batch)])
+        refs_first = lambda t: torch.cat([t[:, N_TARGET:], t[:, :N_TARGET]], 1)  # noqa: E731
+        extract = {**kwargs, "hidden_states": refs_first(kwargs["hidden_states"]),
+                   "img_ids": refs_first(kwargs["img_ids"]), "kv_cache_mode": "extract", "num_ref_tokens": n_ref,
+                   "ref_fixed_timestep": 0.0}
+        cached = {**kwargs, "hidden_states": kwargs["hidden_states"][:, :N_TARGET],
+                  "img_ids": kwargs["img_ids"][:, :N_TARGET], "kv_cache_mode": "cached"}
+        with torch.no_grad():
+            cache = model(**extract)[1]
+            layers = cache.double_block_caches + cache.single_block_caches
+            rows = kept[:, :, None, None]
+            small = type(cache)(len(cache.double_block_caches), len(cache.single_block_caches))
+            for src, dst in zip(layers, small.double_block_caches + small.single_block_caches):
+                k, v = src.get()
+                dst.store(k.gather(1, rows.expand(-1, -1, *k.shape[2:])),
+                          v.gather(1, rows.expand(-1, -1, *v.shape[2:])))
+            expected = model(**cached, kv_cache=small)[0]
+            every_row = model(**cached, kv_cache=cache)[0]
+            for layer in layers:
+                setattr(layer, processors.KEPT_INDEX, kept)
+            got = model(**cached, kv_cache=cache)[0]
+        torch.testing.assert_close(got, expected, rtol=0, atol=FP32_ATOL)
+        assert (every_row - expected).abs().max() > 100 * FP32_ATOL  # the index changes what is attended
+    finally:
+        sparsectx.disable(model)
+
+
 def test_klein_kv_pipeline_with_sparsectx_attention_equals_native():
     pipe = shared._tiny_pipeline(diffusers.Flux2KleinKVPipeline)
     call = dict(image=shared._reference_images(), prompt_embeds=torch.randn(1, shared.TEXT_TOKENS, shared.TEXT_DIM),
