@@ -206,7 +206,7 @@ def attention_forward(q, k, v, cu_q, cu_k, max_seqlen_q, ref_k, ref_v, ref_index
     """Launches the forward kernel. Returns ``(out [Tq, H, D], lse [H, Tq] fp32, natural log)``."""
     tq, heads, dim = q.shape
     batch = cu_q.numel() - 1
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape)  # contiguous whatever q's strides (as the reference and the fake op)
     lse = torch.empty((heads, tq), dtype=torch.float32, device=q.device)
     if tq == 0 or batch == 0 or max_seqlen_q == 0:
         return out, lse
@@ -395,10 +395,10 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, 
     block_d = _block_d(dim)
     ieee = q.dtype == torch.float32
     qk_scale = softmax_scale * LOG2E
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous
     has_ref = ref_k is not None
-    dref_k = torch.zeros_like(ref_k) if has_ref else q.new_empty(0)
-    dref_v = torch.zeros_like(ref_v) if has_ref else q.new_empty(0)
+    dref_k = ref_k.new_zeros(ref_k.shape) if has_ref else q.new_empty(0)
+    dref_v = ref_v.new_zeros(ref_v.shape) if has_ref else q.new_empty(0)
     if batch == 0:
         return dq, dk, dv, dref_k, dref_v
     # the kernels take lse in base 2; queries that see no key (lse = -inf) take part in no product, and a finite

@@ -344,11 +344,18 @@ def _copy_config(max_width: int) -> tuple[int, int, int]:
     return COPY_BLOCK_ROWS, block_c, 4
 
 
-def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    """``[B, N, ...]`` -> ``[B, N, C]`` view with unit column stride (copies only when the trailing dims can not be
-    flattened); bool is copied as bytes."""
+def _loadable(t: torch.Tensor) -> torch.Tensor:
+    """A view of ``t`` in a dtype Triton loads and stores (the row kernels only copy bits): bool as bytes, complex
+    as its (real, imaginary) pairs."""
     if t.dtype == torch.bool:
-        t = t.view(torch.uint8)
+        return t.view(torch.uint8)
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """``[B, N, ...]`` -> ``[B, N, C]`` view (of ``_loadable(t)``) with unit column stride (copies only when the
+    trailing dims can not be flattened)."""
+    t = _loadable(t)
     flat = t.reshape(t.shape[0], t.shape[1], math.prod(t.shape[2:]))
     return flat if flat.stride(-1) == 1 else flat.contiguous()
 
@@ -441,8 +448,8 @@ def gather_rows(
     if n_rows == 0 or not payloads:
         return outputs
     for first in range(0, len(payloads), PAYLOADS_PER_LAUNCH):
-        # outputs are fresh contiguous [n_rows, ...] tensors: only their base pointer is passed (bool as bytes)
-        group = [(_as_rows(p), o.view(torch.uint8) if o.dtype == torch.bool else o)
+        # outputs are fresh contiguous [n_rows, ...] tensors: only their base pointer is passed
+        group = [(_as_rows(p), _loadable(o))
                  for p, o in zip(payloads[first:first + PAYLOADS_PER_LAUNCH],
                                  outputs[first:first + PAYLOADS_PER_LAUNCH])]
         max_width = max(src.shape[2] for src, _ in group)

@@ -121,7 +121,7 @@ def _attention_fwd_op(
 @_attention_fwd_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ref_k, ref_v, ref_index, cu_seqlens_ref,
       max_seqlen_ref, softmax_scale):
-    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("sparsectx::sparse_attention_bwd", mutates_args=())
@@ -144,15 +144,17 @@ def _attention_bwd_op(
             ref_v=ref_v, ref_index=ref_index, cu_seqlens_ref=cu_seqlens_ref, softmax_scale=softmax_scale)
         if ref_k is None:
             dref_k, dref_v = q.new_empty(0), q.new_empty(0)
+        dq, dk, dv, dref_k, dref_v = (g.contiguous() for g in (dq, dk, dv, dref_k, dref_v))
     return dq, dk, dv, dref_k, dref_v
 
 
 @_attention_bwd_op.register_fake
 def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ref_k, ref_v,
       ref_index, cu_seqlens_ref, max_seqlen_ref, softmax_scale):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            torch.empty_like(ref_k) if ref_k is not None else q.new_empty(0),
-            torch.empty_like(ref_v) if ref_v is not None else q.new_empty(0))
+    # every result is contiguous, whatever the inputs' strides (as both implementations return them)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            ref_k.new_empty(ref_k.shape) if ref_k is not None else q.new_empty(0),
+            ref_v.new_empty(ref_v.shape) if ref_v is not None else q.new_empty(0))
 
 
 def _attention_setup_context(ctx, inputs, output):
@@ -247,8 +249,12 @@ def sparse_attention(
             raise ValueError(f"max_seqlen_q={max_seqlen_q} is smaller than the longest query sequence")
         if _max_len(cu_seqlens_k) > max_seqlen_k:
             raise ValueError(f"max_seqlen_k={max_seqlen_k} is smaller than the longest key sequence")
-    else:
+    else:  # no host read: types only
+        _check_tensor("cu_seqlens_q", cu_seqlens_q, ndim=1, dtypes=(torch.int32,), device=dev)
+        _check_tensor("cu_seqlens_k", cu_seqlens_k, ndim=1, dtypes=(torch.int32,), device=dev)
         batch = cu_seqlens_q.numel() - 1
+    # the kernels read index tensors with unit stride
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     if has_ref:
         if ref_k is None or ref_v is None or cu_seqlens_ref is None:
             raise ValueError("ref_k, ref_v and cu_seqlens_ref must be given together (with ref_index for a "
@@ -272,16 +278,18 @@ def sparse_attention(
             _check_cu_seqlens("cu_seqlens_ref", cu_seqlens_ref, batch,
                               ref_k.shape[0] if packed else ref_index.numel(), dev)
             if not packed and ref_index.numel():
-                lo, hi = int(ref_index.min()), int(ref_index.max())
-                if lo < 0 or hi >= ref_k.shape[1]:
-                    raise ValueError(f"ref_index must lie in [0, {ref_k.shape[1]}), got values in [{lo}, {hi}]")
+                _check_ref_index(ref_index, cu_seqlens_ref, ref_k.shape[1])
         else:
             _check_tensor("cu_seqlens_ref", cu_seqlens_ref, ndim=1, dtypes=(torch.int32,), device=dev)
+        cu_seqlens_ref = cu_seqlens_ref.contiguous()
+        ref_index = ref_index.contiguous() if ref_index is not None else None
         ref_k, ref_v = _last_dim_contiguous(ref_k), _last_dim_contiguous(ref_v)
         if max_seqlen_ref is None:
             max_seqlen_ref = ref_k.shape[-3]
-        elif not isinstance(max_seqlen_ref, int) or max_seqlen_ref < 0:
-            raise ValueError(f"max_seqlen_ref must be a non-negative int, got {max_seqlen_ref!r}")
+        elif isinstance(max_seqlen_ref, bool) or not isinstance(max_seqlen_ref, int):
+            raise TypeError(f"max_seqlen_ref must be a Python int, got {max_seqlen_ref!r}")
+        elif max_seqlen_ref < 0:
+            raise ValueError(f"max_seqlen_ref must be non-negative, got {max_seqlen_ref}")
         elif validate and _max_len(cu_seqlens_ref) > max_seqlen_ref:
             raise ValueError(f"max_seqlen_ref={max_seqlen_ref} is smaller than a sample's kept reference count")
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
@@ -291,9 +299,29 @@ def sparse_attention(
     return (out, lse) if return_lse else out
 
 
+def _check_ref_index(ref_index: torch.Tensor, cu_seqlens_ref: torch.Tensor, n_ref: int) -> None:
+    """Every index within the buffer's R rows and none twice within a sample (a repeated key would be attended
+    twice and its gradient written once). A few host reads."""
+    lo, hi = int(ref_index.min()), int(ref_index.max())
+    if lo < 0 or hi >= n_ref:
+        raise ValueError(f"ref_index must lie in [0, {n_ref}), got values in [{lo}, {hi}]")
+    rows = torch.arange(ref_index.numel(), device=ref_index.device, dtype=torch.int32)
+    sample = torch.searchsorted(cu_seqlens_ref[1:].contiguous(), rows, right=True)
+    keys = sample.to(torch.int64) * n_ref + ref_index.to(torch.int64)
+    if torch.unique(keys).numel() != keys.numel():
+        raise ValueError("ref_index repeats a position within a sample (indices must be unique per sample)")
+
+
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     """The kernels take any token/head strides but need unit stride along the head dim."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def uniform_cu_seqlens(batch: int, seq: int, device) -> torch.Tensor:
+    """int32 ``[B+1]`` offsets of B sequences of ``seq`` tokens each (``seq`` may be 0), built on the device."""
+    if seq == 0:
+        return torch.zeros(batch + 1, dtype=torch.int32, device=device)
+    return torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=device)
 
 
 def masked_attention(
@@ -338,8 +366,7 @@ def masked_attention(
     # keys: the kept prefix as contiguous own keys, the rest gathered from the dense tensors by kept position
     own_k = k[:, :kept_prefix].reshape(batch * kept_prefix, heads, dim)
     own_v = v[:, :kept_prefix].reshape(batch * kept_prefix, heads, dim)
-    cu_k = torch.arange(0, (batch + 1) * kept_prefix, kept_prefix, dtype=torch.int32, device=dev) \
-        if kept_prefix else torch.zeros(batch + 1, dtype=torch.int32, device=dev)
+    cu_k = uniform_cu_seqlens(batch, kept_prefix, dev)
     refs = {}
     if kept_prefix < seq:
         rest = compact_tokens(key_mask[:, kept_prefix:], max_total=batch * (seq - kept_prefix))
@@ -347,7 +374,7 @@ def masked_attention(
                     cu_seqlens_ref=rest.cu_seqlens)
 
     if query_mask is None:
-        cu_q = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=dev)
+        cu_q = uniform_cu_seqlens(batch, seq, dev)
         out = sparse_attention(q.reshape(batch * seq, heads, dim), own_k, own_v, cu_q, cu_k, seq, kept_prefix,
                                softmax_scale=softmax_scale, validate=False, **refs)
         return out.view(batch, seq, heads, dim)
@@ -568,6 +595,7 @@ def scatter_tokens(packed: torch.Tensor, index: torch.Tensor, cu_seqlens: torch.
     if index.numel() != packed.shape[0]:
         raise ValueError(f"index has {index.numel()} rows but packed has {packed.shape[0]}")
     _check_count("n_tokens", n_tokens)
+    index, cu_seqlens = index.contiguous(), cu_seqlens.contiguous()  # the kernel reads them with unit stride
     base = None
     if isinstance(fill, torch.Tensor):
         _check_tensor("fill", fill, device=packed.device)

@@ -37,7 +37,7 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers import transformer_flux, transformer_flux2, transformer_qwenimage
 
-from .ops import masked_attention, sparse_attention
+from .ops import masked_attention, sparse_attention, uniform_cu_seqlens
 
 KV_EXTRACT, KV_CACHED = "extract", "cached"  # FLUX.2 klein's kv_cache_mode values
 KEPT_INDEX = "kept_index"  # optional attribute of a KV layer cache: [B, n] cached rows the cached steps attend to
@@ -83,12 +83,6 @@ class PackedBatch:
 # ----------------------------------------------------------------------------------------------------------------
 # the attention call
 # ----------------------------------------------------------------------------------------------------------------
-def _cu_seqlens(batch: int, seq: int, device) -> torch.Tensor:
-    """int32 ``[B+1]`` offsets of B sequences of ``seq`` tokens each, built on the device (no host sync)."""
-    return torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=device) if seq else \
-        torch.zeros(batch + 1, dtype=torch.int32, device=device)
-
-
 def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     ref_key: Optional[torch.Tensor] = None, ref_value: Optional[torch.Tensor] = None,
                     ref_index: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -103,15 +97,15 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if ref_key is not None and ref_index is not None:
         n_ref = ref_index.shape[1]
         extra = dict(ref_k=ref_key, ref_v=ref_value, ref_index=ref_index.reshape(-1).to(torch.int32),
-                     max_seqlen_ref=n_ref, cu_seqlens_ref=_cu_seqlens(batch, n_ref, device))
+                     max_seqlen_ref=n_ref, cu_seqlens_ref=uniform_cu_seqlens(batch, n_ref, device))
     elif ref_key is not None:
         n_ref = ref_key.shape[1]
         extra = dict(ref_k=ref_key.reshape(batch * n_ref, heads, dim),
                      ref_v=ref_value.reshape(batch * n_ref, heads, dim), max_seqlen_ref=n_ref,
-                     cu_seqlens_ref=_cu_seqlens(batch, n_ref, device))
+                     cu_seqlens_ref=uniform_cu_seqlens(batch, n_ref, device))
     out = sparse_attention(query.reshape(batch * seq_q, heads, dim), key.reshape(batch * seq_k, heads, dim),
-                           value.reshape(batch * seq_k, heads, dim), _cu_seqlens(batch, seq_q, device),
-                           _cu_seqlens(batch, seq_k, device), seq_q, seq_k, validate=False, **extra)
+                           value.reshape(batch * seq_k, heads, dim), uniform_cu_seqlens(batch, seq_q, device),
+                           uniform_cu_seqlens(batch, seq_k, device), seq_q, seq_k, validate=False, **extra)
     return out.view(batch, seq_q, heads, dim)
 
 

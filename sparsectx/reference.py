@@ -58,7 +58,7 @@ def compact_ref(keep: torch.Tensor, *tensors: torch.Tensor):
     cu_seqlens = torch.zeros(batch + 1, dtype=torch.int32)
     cu_seqlens[1:] = torch.cumsum(counts, 0).to(torch.int32)
     index = torch.cat(positions).to(torch.int32) if batch else torch.zeros(0, dtype=torch.int32)
-    packed = [torch.cat([t[b, positions[b]] for b in range(batch)]) for t in tensors]
+    packed = [t[keep] for t in tensors]  # row-major boolean indexing: sample by sample, positions in order
     return index.to(keep.device), cu_seqlens.to(keep.device), packed
 
 

@@ -68,3 +68,87 @@ def test_masked_attention_with_query_mask_on_the_reference_path(monkeypatch, dty
                                                     query_mask=mask)
     assert out.shape == q.shape and torch.isfinite(leaf.grad).all()
     assert (out.double() - exact).abs().max() <= 2 * (same.double() - exact).abs().max() + 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# inputs every path must handle alike (the interpreter's kernels and the torch reference)
+# ----------------------------------------------------------------------------------------------------------------
+PATHS = [pytest.param("1", id="interpreter"), pytest.param("0", id="reference")]
+
+
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values as ``t`` (1-d), in a view with stride 2 whose neighbours are junk."""
+    base = torch.full((t.numel(), 2), 999, dtype=t.dtype, device=t.device)
+    base[:, 0] = t
+    view = base[:, 0]
+    assert view.stride(0) == 2 and torch.equal(view, t)
+    return view
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="switches between the CPU interpreter and reference paths")
+@pytest.mark.parametrize("interpret", PATHS)
+def test_strided_index_tensors_read_by_value(monkeypatch, interpret):
+    """cu_seqlens and index views with a non-unit stride give the results of their contiguous copies."""
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    args, kwargs = _inputs(torch.float32)
+    expected = sparsectx.sparse_attention(*args, **kwargs)
+    q, k, v, cu_q, cu_k, max_q, max_k = args
+    strided = dict(kwargs, ref_index=_strided(kwargs["ref_index"]), cu_seqlens_ref=_strided(kwargs["cu_seqlens_ref"]))
+    for validate in (True, False):
+        got = sparsectx.sparse_attention(q, k, v, _strided(cu_q), _strided(cu_k), max_q, max_k, validate=validate,
+                                         **strided)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+    mask = torch.tensor([[True, False, True, True], [False, True, False, True]])
+    kept = sparsectx.compact_tokens(mask)
+    packed = torch.arange(1.0, 6.0)[:, None]
+    want = sparsectx.scatter_tokens(packed, kept.index, kept.cu_seqlens, 4, fill=-1.0)
+    got = sparsectx.scatter_tokens(packed, _strided(kept.index), _strided(kept.cu_seqlens), 4, fill=-1.0)
+    assert want[mask].flatten().tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="switches between the CPU interpreter and reference paths")
+@pytest.mark.parametrize("interpret", PATHS)
+def test_results_are_contiguous_whatever_the_input_strides(monkeypatch, interpret):
+    """Head-major q/k/v views: out and every gradient are contiguous ``[T, H, D]`` on both paths, as the fake op
+    says (torch.compile's inductor relies on the fake op's strides)."""
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    args, kwargs = _inputs(torch.float32)
+    q, k, v = (t.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(True) for t in args[:3])
+    ref_k, ref_v = (kwargs[n].clone().requires_grad_(True) for n in ("ref_k", "ref_v"))
+    assert q.stride(0) != q.shape[1] * q.shape[2]
+    out = sparsectx.sparse_attention(q, k, v, *args[3:], **dict(kwargs, ref_k=ref_k, ref_v=ref_v))
+    # autograd.grad: the op's own gradients (a leaf's .grad is re-laid out like the leaf)
+    grads = torch.autograd.grad(out.sum(), (q, k, v, ref_k, ref_v))
+    for name, t in zip(("out", "dq", "dk", "dv", "dref_k", "dref_v"), (out, *grads)):
+        assert t.is_contiguous(), name
+    op_args = (q, k, v, *args[3:], ref_k, ref_v, kwargs["ref_index"], kwargs["cu_seqlens_ref"], 12, 0.25)
+    torch.library.opcheck(torch.ops.sparsectx.sparse_attention_fwd.default, op_args)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="switches between the CPU interpreter and reference paths")
+@pytest.mark.parametrize("interpret", PATHS)
+def test_empty_sequences_and_batches(monkeypatch, interpret):
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    q = torch.randn(2, 0, 2, 16)
+    assert sparsectx.masked_attention(q, q, q, torch.zeros(2, 0, dtype=torch.bool)).shape == (2, 0, 2, 16)
+    x, ids = torch.randn(0, 5, 3), torch.zeros(0, 5, 4, dtype=torch.int64)
+    by_mask = sparsectx.compact_tokens(torch.zeros(0, 5, dtype=torch.bool), x, ids)
+    assert by_mask.cu_seqlens.tolist() == [0] and by_mask.index.numel() == 0
+    assert by_mask.tensors[0].shape == (0, 3) and by_mask.tensors[1].shape == (0, 4)
+    by_scores = sparsectx.compact_tokens(torch.randn(0, 5), x, budget=2, max_total=3)
+    assert by_scores.index.tolist() == [0, 0, 0] and torch.equal(by_scores.tensors[0], torch.zeros(3, 3))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="switches between the CPU interpreter and reference paths")
+@pytest.mark.parametrize("interpret", PATHS)
+def test_complex_payload_rows_are_copied(monkeypatch, interpret):
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 7, 3, dtype=torch.complex64, generator=g)
+    mask = torch.rand(2, 7, generator=g) > 0.5
+    kept = sparsectx.compact_tokens(mask, x)
+    assert torch.equal(kept.tensors[0], x[mask])
+    back = sparsectx.scatter_tokens(kept.tensors[0], kept.index, kept.cu_seqlens, 7)
+    assert torch.equal(back[mask], x[mask]) and torch.all(back[~mask] == 0)
