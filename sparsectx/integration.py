@@ -28,6 +28,14 @@ several times (layout, selection); a later step reads it once, to check that its
 those the plan was made for (different ones, or a new pipeline call, plan again). Steady-state steps thus run
 without stalling the GPU queue (``sparsectx.diagnostics.count_host_reads`` shows it).
 
+Where a call starts: ``enable(pipe)`` marks each pipeline call, so both branches of classifier-free guidance use
+the selection made on the first transformer call (the positive prompt). A transformer enabled on its own (or a
+pipeline sharing an enabled transformer, e.g. made with ``from_pipe``) can not see calls: there a selection is kept
+per prompt-embedding tensor (``encoder_hidden_states``) as well, so a new prompt selects again, and each guidance
+branch gets the selection made on its own prompt. A batch whose samples share their references is selected once
+(on its first sample) unless a per-sample signal differs or, when the selector reads the attention probe, the
+prompts differ.
+
 Batches: FLUX.1/FLUX.2 share one RoPE table (``img_ids[0]``) and Qwen-Image one ``img_shapes`` entry across the
 batch, so samples that keep different tokens (per-request budgets, per-sample selection) can not stay one dense
 batch. With ``attention="sparsectx"`` on FLUX.2, whose modulation depends only on (timestep, guidance), they run
@@ -209,8 +217,24 @@ def _resolve_selector(selector):
     return selection.get_selector(selector)  # ValueError for an unknown name
 
 
+class _Identity:
+    """A plan-key entry equal only to another for the very same object. It holds the object, so the object's id can
+    not be reused by a new object while a plan keyed by it exists."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __eq__(self, other):
+        return isinstance(other, _Identity) and other.obj is self.obj
+
+    def __hash__(self):
+        return id(self.obj)
+
+
 def _selector_key(selector):
-    return selector if isinstance(selector, str) else id(selector)
+    return selector if isinstance(selector, str) else _Identity(selector)
 
 
 @dataclass(frozen=True)
@@ -235,6 +259,19 @@ def _make_settings(budget, selector, seed, signals=None) -> _Settings:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"seed must be an int or None, got {seed!r}")
     return _Settings(budget, _resolve_selector(selector), seed, _check_signals(signals))
+
+
+# transformer arguments that carry the prompt (per sample): the probe's text queries depend on them
+PROMPT_ARGS = ("encoder_hidden_states", "encoder_hidden_states_mask", "pooled_projections")
+
+
+class _SamplesDiffer(Exception):
+    """Raised by the probe of a selection made once for a batch whose samples have different prompts."""
+
+
+def _same_rows(t: torch.Tensor) -> bool:
+    """Whether every sample (leading dim) of ``t`` equals the first (one host read)."""
+    return t.ndim == 0 or t.shape[0] <= 1 or torch.equal(t, t[:1].expand_as(t))
 
 
 def _signals_for(signals: dict, batch: int, shared: bool, device) -> dict:
@@ -290,7 +327,9 @@ def _qwen_layout(call: dict) -> Optional[_Layout]:
     """Qwen-Image: ``img_shapes[b] = [(f, h, w) of the target, (f, h, w) of each reference, ...]``, sequence in that
     order (the pipeline concatenates the packed references after the target latents)."""
     shapes = call.get("img_shapes")
-    if not shapes or not isinstance(shapes[0], (list, tuple)) or len(shapes[0]) < 2:
+    # a flat [(f, h, w)] * B (e.g. the ControlNet pipelines) describes targets only
+    if not shapes or not isinstance(shapes[0], (list, tuple)) or len(shapes[0]) < 2 \
+            or not all(isinstance(shape, (list, tuple)) for shape in shapes[0]):
         return None
     target, *refs = shapes[0]
     n_target = math.prod(target)
@@ -532,6 +571,7 @@ class _SparsePatch(ForwardPatch):
         self.original_processors: Optional[dict] = None  # module name -> processor, while attention="sparsectx"
         self.attention_state = None  # the installed processors' shared AttentionState, while attention="sparsectx"
         self.pack = True  # FLUX.2 + sparsectx attention: samples that keep different tokens run as one sequence
+        self.pipeline_calls = 0  # enabled pipelines' __call__s running now (each starts a new call epoch)
 
     @property
     def cache(self) -> Optional[_Plan]:
@@ -600,7 +640,8 @@ class _SparsePatch(ForwardPatch):
 
     def _plan_key(self, call: dict, overrides: dict) -> tuple:
         """Host-side facts a plan depends on: the call epoch, the input shapes and Qwen's image shapes, the KV mode,
-        and the selection settings (budget, selector, signals) in effect."""
+        the selection settings (budget, selector, signals) in effect, and outside an enabled pipeline's call the
+        text embedding tensor (selectors may read the prompt)."""
         ids = call.get("img_ids")
         signals = overrides.get("signals", self.settings.signals)
         return (self.call_epoch, self.attention, self.pack, tuple(call["hidden_states"].shape),
@@ -608,7 +649,10 @@ class _SparsePatch(ForwardPatch):
                 repr(call.get("img_shapes")), call.get("kv_cache_mode"),
                 repr(overrides.get("budget", self.settings.budget)),
                 overrides.get("selector_key", _selector_key(overrides.get("selector", self.settings.selector))),
-                tuple((name, id(value)) for name, value in sorted(signals.items())))
+                tuple((name, _Identity(value)) for name, value in sorted(signals.items())),
+                # outside a pipeline call (a bare transformer, or a pipeline sharing an enabled transformer) nothing
+                # marks where a call starts: the prompt embedding's tensor keys the selection
+                None if self.pipeline_calls else _Identity(call.get("encoder_hidden_states")))
 
     @staticmethod
     def _new_plan(call: dict, layout: Optional[_Layout], keep: Optional[torch.Tensor], groups: list,
@@ -675,34 +719,47 @@ class _SparsePatch(ForwardPatch):
         budget = overrides.get("budget", self.settings.budget)
         selector = overrides.get("selector", self.settings.selector)
         signals = overrides.get("signals", self.settings.signals)
-        generator = None
-        if self.settings.seed is not None:
-            generator = torch.Generator(device=hidden.device).manual_seed(self.settings.seed)
         from .selection import SelectionContext
 
         batch = references.shape[0]
         counts = budget_counts(budget, batch, layout.ref_lengths)
-        # pipelines repeat the same references over the batch: select once so the batch runs as one group
-        shared = batch > 1 and all(c == counts[0] for c in counts) and \
-            torch.equal(references, references[:1].expand_as(references))
-        extra = {**layout.extra, **_signals_for(signals, batch, shared, hidden.device)}
-        if self.family in PROBE_FAMILIES and not any(name in signals for name in PROBE_SKIP_SIGNALS):
-            extra["attention_probe"] = self._attention_probe(call, layout, shared)
-        context = SelectionContext(num_references=len(layout.ref_lengths), ref_lengths=list(layout.ref_lengths),
-                                   reference_ids=layout.reference_ids, target_shape=layout.target_shape,
-                                   generator=generator, extra=extra)
-        selection = selector(references[:1] if shared else references, context)
-        if selection.dtype == torch.bool:
-            keep = selection.to(hidden.device)
-        else:
-            keep = keep_mask_from_scores(selection, counts[:1] if shared else counts, layout.ref_lengths)
-        return keep.expand(batch, -1) if shared else keep
+
+        def select(shared: bool) -> torch.Tensor:
+            generator = None
+            if self.settings.seed is not None:
+                generator = torch.Generator(device=hidden.device).manual_seed(self.settings.seed)
+            extra = {**layout.extra, **_signals_for(signals, batch, shared, hidden.device)}
+            if self.family in PROBE_FAMILIES and not any(name in signals for name in PROBE_SKIP_SIGNALS):
+                extra["attention_probe"] = self._attention_probe(call, layout, shared)
+            context = SelectionContext(num_references=len(layout.ref_lengths), ref_lengths=list(layout.ref_lengths),
+                                       reference_ids=layout.reference_ids, target_shape=layout.target_shape,
+                                       generator=generator, extra=extra)
+            selection = selector(references[:1] if shared else references, context)
+            if selection.dtype == torch.bool:
+                keep = selection.to(hidden.device)
+            else:
+                keep = keep_mask_from_scores(selection, counts[:1] if shared else counts, layout.ref_lengths)
+            return keep.expand(batch, -1) if shared else keep
+
+        # pipelines repeat the same references over the batch: select once so the batch runs as one group (unless
+        # a per-sample signal differs, or, found by the probe when a selector reads it, the prompts differ)
+        shared = batch > 1 and all(c == counts[0] for c in counts) and _same_rows(references) and \
+            all(_same_rows(value) for value in signals.values()
+                if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch)
+        try:
+            return select(shared)
+        except _SamplesDiffer:
+            return select(False)
 
     def _attention_probe(self, call: dict, layout: _Layout, shared: bool) -> Callable:
         """``extra["attention_probe"]`` for this call: selectors call it at most once, only when they need a probe
-        tensor. A batch that shares its references is probed on its first sample (the batch the selector sees)."""
+        tensor. A batch that shares its references and its prompt is probed on its first sample (the batch the
+        selector sees)."""
 
         def probe(reference_latents: torch.Tensor, context) -> dict:
+            if shared and not all(_same_rows(call[name]) for name in PROMPT_ARGS
+                                  if isinstance(call.get(name), torch.Tensor)):
+                raise _SamplesDiffer  # the probe reads the prompt: each sample is selected on its own
             probed = self._slice_batch(call, [0]) if shared else call
             return _probe_tensors(_probe_qk(self.transformer, self.family, self.original_forward, probed, layout))
 
@@ -901,9 +958,14 @@ def _pipeline_class(base: type) -> type:
     if base not in _PIPELINE_CLASSES:
         def __call__(self, *args, **kwargs):
             patch = getattr(self.transformer, PATCH_ATTR, None)
-            if patch is not None:
-                patch.new_call()
-            return base.__call__(self, *args, **kwargs)
+            if patch is None:
+                return base.__call__(self, *args, **kwargs)
+            patch.new_call()
+            patch.pipeline_calls += 1
+            try:
+                return base.__call__(self, *args, **kwargs)
+            finally:
+                patch.pipeline_calls -= 1
 
         _PIPELINE_CLASSES[base] = type(base.__name__, (base,), {
             "__call__": functools.wraps(base.__call__)(__call__), "__module__": base.__module__,
@@ -976,6 +1038,9 @@ def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Call
     Enabling again replaces the settings (and switches ``attention`` if it changed). Context parallelism is
     rejected with a ``RuntimeError``. Returns ``pipe_or_transformer``."""
     pipe, transformer, family = _split_target(pipe_or_transformer)
+    if family == QWEN and getattr(getattr(transformer, "config", None), "use_layer3d_rope", False):
+        raise TypeError("sparsectx does not support Qwen-Image-Layered (a transformer with use_layer3d_rope): its "
+                        "image sequence holds several target layers, not target + references")
     settings = _make_settings(budget, selector, seed, signals)
     _check_attention(attention)
     if getattr(transformer, "_parallel_config", None) is not None:
@@ -990,8 +1055,8 @@ def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Call
         patch.set_attention(attention)  # first: raises before anything changed when a processor is unsupported
         patch.install()
     else:
+        patch.set_attention(attention)  # first: on an unsupported processor nothing changes
         patch.settings = settings
-        patch.set_attention(attention)
         patch.new_call()
     if pipe is not None and not hasattr(type(pipe), "_sparsectx_base"):
         pipe.__class__ = _pipeline_class(type(pipe))
@@ -1048,8 +1113,9 @@ def sparse_context(pipe_or_transformer, budget: Budget = 0.25, selector: Union[s
     _, transformer, _ = _split_target(pipe_or_transformer)
     previous = getattr(transformer, PATCH_ATTR, None)
     previous_state = (previous.settings, previous.attention) if previous is not None else None
-    enable(pipe_or_transformer, budget=budget, selector=selector, seed=seed, attention=attention, signals=signals)
     try:
+        enable(pipe_or_transformer, budget=budget, selector=selector, seed=seed, attention=attention,
+               signals=signals)
         yield pipe_or_transformer
     finally:
         if previous_state is None:

@@ -324,6 +324,61 @@ def test_later_steps_read_the_host_once(models, family):
     assert not torch.equal(out_later, out_first)
 
 
+def test_bare_transformer_selects_again_for_a_new_prompt_tensor(models):
+    """Outside a pipeline call nothing marks where a call starts: the same prompt tensor reuses the selection, a new
+    one (a new call's prompt) selects again, even with the same references."""
+    model, kwargs = models["flux2"], _inputs("flux2")
+    calls = []
+
+    def counting(latents, context):
+        calls.append(1)
+        return random_selector(latents, context)
+
+    sparsectx.enable(model, budget=0.5, selector=counting, seed=0)
+    _run(model, kwargs)
+    _run(model, {**kwargs, "timestep": torch.full((2,), 0.3)})
+    assert len(calls) == 1
+    _run(model, {**kwargs, "encoder_hidden_states": torch.randn_like(kwargs["encoder_hidden_states"])})
+    assert len(calls) == 2
+
+
+def test_fresh_per_call_selectors_and_signals_are_never_mistaken_for_earlier_ones(models):
+    """Per-call overrides made anew at each call (a new function, a new mask tensor) select anew, even when an
+    earlier override object was freed and its id reused."""
+    model, kwargs = models["flux2"], _same_references(_inputs("flux2"))
+    n_ref = sum(h * w for h, w in REF_HWS)
+    sparsectx.enable(model, budget=0.5, selector="random", seed=0)
+    for wanted in ([0, 1, 2], [10, 11], [3, 12], [5, 6, 7]):
+        mask = torch.zeros(1, n_ref, dtype=torch.bool)
+        mask[:, wanted] = True
+        selector = lambda latents, context, mask=mask: mask.expand(latents.shape[0], -1)  # noqa: E731
+        _run(model, {**kwargs, "joint_attention_kwargs": {"sparsectx": {"selector": selector}}})
+        assert sparsectx.last_selection(model).keep[0].nonzero().flatten().tolist() == wanted
+        del selector, mask
+    sparsectx.enable(model, budget=[2, 2], selector="edit", seed=0)
+    for wanted in ([0, 1, 9, 10], [5, 6, 15, 16], [2, 3, 11, 12]):
+        user_mask = torch.zeros(1, n_ref, dtype=torch.bool)
+        user_mask[:, wanted] = True
+        _run(model, {**kwargs, "joint_attention_kwargs": {"sparsectx": {"signals": {"user_mask": user_mask}}}})
+        assert sparsectx.last_selection(model).keep[0].nonzero().flatten().tolist() == wanted
+        del user_mask
+
+
+def test_per_sample_signals_are_honoured_when_references_are_shared(models):
+    model, kwargs = models["flux2"], _same_references(_inputs("flux2"))
+    wanted = torch.zeros(2, 17, dtype=torch.bool)
+    wanted[0, [0, 1, 2, 9, 10]] = True
+    wanted[1, [6, 7, 8, 15, 16]] = True
+    sparsectx.enable(model, budget=[3, 2], selector="edit", signals={"user_mask": wanted})
+    _run(model, kwargs)
+    assert torch.equal(sparsectx.last_selection(model).keep, wanted)
+    # the same mask for every sample: one selection for the batch (one group)
+    sparsectx.enable(model, budget=[3, 2], selector="edit", signals={"user_mask": wanted[:1].expand(2, -1)})
+    _run(model, kwargs)
+    plan = model._sparsectx_patch.cache
+    assert torch.equal(plan.keep, wanted[:1].expand(2, -1)) and len(plan.groups) == 1
+
+
 def test_per_call_override_through_attention_kwargs(models):
     model, kwargs = models["flux2"], _same_references(_inputs("flux2"))
     seen = []
@@ -517,6 +572,51 @@ def test_sparse_context_manager(models):
         with sparsectx.sparse_context(model, budget=0.5, selector=random_selector):
             assert model._sparsectx_patch.settings.budget == 0.5
         assert model._sparsectx_patch.settings.budget == 0.25
+    assert not integration.is_enabled(model)
+
+
+def test_failed_enable_keeps_the_previous_settings(models):
+    """Switching to sparsectx attention fails on a processor sparsectx can not replace: nothing changes."""
+    model = models["flux2"]
+    sparsectx.enable(model, budget=0.25, selector=random_selector, seed=0)
+    attn = model.single_transformer_blocks[0].attn
+    original = attn.processor
+    attn.set_processor(lambda *args, **kwargs: original(*args, **kwargs))  # e.g. a user's wrapper
+    try:
+        with pytest.raises(TypeError, match="can not replace"):
+            with sparsectx.sparse_context(model, budget=0.9, attention="sparsectx"):
+                pass
+        with pytest.raises(TypeError, match="can not replace"):
+            sparsectx.enable(model, budget=0.9, attention="sparsectx")
+        settings = model._sparsectx_patch.settings
+        assert (settings.budget, settings.seed, model._sparsectx_patch.attention) == (0.25, 0, "native")
+    finally:
+        attn.set_processor(original)
+
+
+def test_qwen_targets_only_img_shapes_run_unchanged(models):
+    """The flat ``img_shapes=[(1, h, w)] * B`` of Qwen-Image's ControlNet pipelines: no reference, plain forward."""
+    model = diffusers.QwenImageTransformer2DModel(  # a text-to-image model (no zero_cond_t)
+        patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=HEAD_DIM,
+        num_attention_heads=HEADS, joint_attention_dim=TEXT_DIM, axes_dims_rope=(4, 6, 6)).eval()
+    kwargs = _inputs("qwen")
+    n_target = _n_target()
+    kwargs = {**kwargs, "hidden_states": kwargs["hidden_states"][:, :n_target],
+              "img_shapes": [(1, *TARGET_HW)] * 2}
+    expected = _run(model, kwargs)
+    sparsectx.enable(model, budget=0.5, selector=random_selector, seed=0)
+    try:
+        assert torch.equal(_run(model, kwargs), expected)
+    finally:
+        sparsectx.disable(model)
+
+
+def test_qwen_image_layered_is_rejected():
+    model = diffusers.QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=HEAD_DIM,
+        num_attention_heads=HEADS, joint_attention_dim=TEXT_DIM, axes_dims_rope=(4, 6, 6), use_layer3d_rope=True)
+    with pytest.raises(TypeError, match="Qwen-Image-Layered"):
+        sparsectx.enable(model, budget=0.5)
     assert not integration.is_enabled(model)
 
 

@@ -64,8 +64,11 @@ def _grid_ids(plane, hw, n_axes):
     return torch.cat([grid, torch.zeros(h * w, 1, dtype=grid.dtype)], 1) if n_axes == 4 else grid
 
 
-def _inputs(family, batch=2, shared=False, seed=1):
-    """Forward kwargs; ``shared``: every sample holds the first sample's reference latents."""
+def _inputs(family, batch=2, shared=False, seed=1, same_prompt=None):
+    """Forward kwargs; ``shared``: every sample holds the first sample's reference latents and (unless
+    ``same_prompt`` is False) its prompt (text embedding, pooled embedding, padding mask), as with several images
+    per prompt."""
+    same_prompt = shared if same_prompt is None else same_prompt
     g = torch.Generator().manual_seed(seed)
     text = torch.randn(batch, TEXT_TOKENS, TEXT_DIM, generator=g)
     timestep = torch.full((batch,), 0.7)
@@ -74,10 +77,12 @@ def _inputs(family, batch=2, shared=False, seed=1):
     hidden = torch.randn(batch, seq, 16 if family == "qwen" else 8, generator=g)
     if shared:
         hidden[1:, N_TARGET:] = hidden[:1, N_TARGET:]
+    if same_prompt:
+        text[1:] = text[:1]
     if family == "qwen":
         shapes = [[(1, *TARGET_HW), *[(1, h, w) for h, w in hws]]] * batch
         text_mask = torch.ones(batch, TEXT_TOKENS, dtype=torch.long)
-        text_mask[-1, -PADDED_TEXT:] = 0
+        text_mask[-1 if not same_prompt else slice(None), -PADDED_TEXT:] = 0
         return dict(hidden_states=hidden, encoder_hidden_states=text, encoder_hidden_states_mask=text_mask,
                     timestep=timestep, img_shapes=shapes, return_dict=False)
     if family == "flux2":
@@ -88,6 +93,8 @@ def _inputs(family, batch=2, shared=False, seed=1):
                     return_dict=False)
     ids = torch.cat([_grid_ids(0, TARGET_HW, 3), _grid_ids(1, hws[0], 3)]).float()
     pooled = torch.randn(batch, 16, generator=g)
+    if same_prompt:
+        pooled[1:] = pooled[:1]
     return dict(hidden_states=hidden, encoder_hidden_states=text, pooled_projections=pooled, timestep=timestep,
                 img_ids=ids, txt_ids=torch.zeros(TEXT_TOKENS, 3), return_dict=False)
 
@@ -139,10 +146,14 @@ def _recording_attention(record):
 # ----------------------------------------------------------------------------------------------------------------
 # (1) the probe's tensors are the first block's q/k
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("shared, same_prompt", [(False, False), (True, True), (True, False)],
+                         ids=["per-sample", "shared", "shared-references-own-prompts"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_probe_tensors_equal_first_block_qk(models, family, shared):
-    model, kwargs = models[family], _inputs(family, shared=shared)
+def test_probe_tensors_equal_first_block_qk(models, family, shared, same_prompt):
+    """A batch sharing references and prompt is probed (and selected) once, on its first sample; samples that
+    share their references but not their prompt are probed each with its own prompt."""
+    kwargs = _inputs(family, shared=shared, same_prompt=same_prompt)
+    model, shared = models[family], shared and same_prompt
     # a shared batch is probed on its first sample alone (bit-exact only against a batch-1 computation)
     query, key = _hand_qk(model, family, _first_sample(kwargs) if shared else kwargs)
     n_refs = sum(h * w for h, w in REF_HWS[family])
