@@ -906,6 +906,9 @@ class _SparsePatch(ForwardPatch):
                     group[name] = value.index_select(0, samples.to(value.device))
             elif isinstance(value, list) and len(value) == batch:
                 group[name] = [value[r] for r in rows]
+        attn_name = _ATTN_KWARGS_ARG[self.family]
+        if call.get(attn_name):  # per-sample tensors there too (e.g. FLUX.1's ip_adapter_image_embeds); a new dict
+            group[attn_name] = {key: _sample_rows(value, samples, batch) for key, value in call[attn_name].items()}
         return group
 
     # -- outputs back to the input's layout ----------------------------------------------------------------------
@@ -923,6 +926,16 @@ class _SparsePatch(ForwardPatch):
             else:
                 full[group.samples[:, None], group.out_dest[None, :]] = rows
         return _with_sample(first, full)
+
+
+def _sample_rows(value, samples: torch.Tensor, batch: int):
+    """``value``'s rows ``samples`` when it is a per-sample tensor (leading dim = the batch) or a list/tuple of them,
+    else ``value`` unchanged."""
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, samples.to(value.device)) if value.ndim and value.shape[0] == batch else value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return type(value)(_sample_rows(v, samples, batch) for v in value)
+    return value
 
 
 def _uniform_over_batch(call: dict) -> torch.Tensor:

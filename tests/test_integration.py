@@ -176,6 +176,21 @@ def test_mixed_budgets_equal_each_sample_alone(models, family):
                                    rtol=0, atol=FP32_ATOL)
 
 
+def test_groups_take_their_rows_of_per_sample_attention_kwargs(models):
+    """A group (or the probe's first sample) gets its rows of per-sample tensors in the attention kwargs, e.g. FLUX.1's
+    ``ip_adapter_image_embeds`` (one [B, ...] tensor per IP adapter); other entries and the caller's dict stay."""
+    model, kwargs = models["flux"], _inputs("flux", batch=3)
+    sparsectx.enable(model, budget=0.5)
+    embeds = [torch.randn(3, 4, 8), torch.randn(3, 2)]
+    attn_kwargs = {"ip_adapter_image_embeds": embeds, "scale": 0.5, "shared": torch.randn(1, 5)}
+    group = model._sparsectx_patch._slice_batch({**kwargs, "joint_attention_kwargs": attn_kwargs}, [2, 0])
+    got = group["joint_attention_kwargs"]
+    assert torch.equal(got["ip_adapter_image_embeds"][0], embeds[0][[2, 0]])
+    assert torch.equal(got["ip_adapter_image_embeds"][1], embeds[1][[2, 0]])
+    assert got["scale"] == 0.5 and got["shared"] is attn_kwargs["shared"]
+    assert attn_kwargs["ip_adapter_image_embeds"] is embeds and got is not attn_kwargs
+
+
 def test_mixed_budgets_with_ids_shared_by_the_batch(models):
     """FLUX.2 ids given once ([1, S, 4]) for a batch of 3 samples that run as groups: same output as batched ids."""
     model, kwargs = models["flux2"], _inputs("flux2", batch=3)
