@@ -24,7 +24,9 @@ SELECTION_CAP_S=40                     # selection cost: small tensors, mostly s
 # FLUX.1-Kontext-12B step, --quick subset (1 ref x 10%, 3 refs x 10%): start-up, a 12B model built on the GPU,
 # two shapes (the full grid, 6 shapes, would take ~70 s more and does not fit the budget)
 KONTEXT_CAP_S=50
-KV_CAP_S=50                            # klein 4-step KV-cache runs
+# klein 4-step KV-cache runs, 2 shapes x 7 implementations (estimate, never run on a GPU: ~25 s of 4-step runs per
+# shape + the 9B model build + sparsectx attention's autotuning); later steps get what it leaves
+KV_CAP_S=80
 # mixed-budget batch of 4 requests, --quick (1024² only): packed vs exact groups vs a per-request loop; the packed
 # kernel variant compiles here for the first time
 BATCH_E2E_CAP_S=45
