@@ -1830,10 +1830,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "case relates its times to (when e2e does not run in the same invocation)")
 
 
+def _parse_device(name: str) -> torch.device:
+    """``--device`` as a torch device this machine has; ``SystemExit`` (an argparse-style error) otherwise."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise SystemExit(f"sparsectx bench: error: --device {name!r} is not a torch device ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"sparsectx bench: error: --device {name!r}: this torch has no CUDA device")
+    return device
+
+
 def main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    device = torch.device(args.device) if args.device else default_device()
+    device = _parse_device(args.device) if args.device else default_device()
+    if args.steps_from and not os.path.exists(args.steps_from):
+        print(f"note: --steps-from {args.steps_from} does not exist; the selection case has no step time to relate "
+              "to", file=sys.stderr)
     size = args.size or default_size(device)
     names = [n for n in CASE_ORDER if n in args.case] if args.case else list(CASE_ORDER)
     meta = run_metadata(device, size, args.quick, names)

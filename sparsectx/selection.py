@@ -503,8 +503,10 @@ def attention_scores(reference_latents: torch.Tensor, context: SelectionContext,
     a distribution.
     """
     batch, n_tokens, _ = reference_latents.shape
-    _probe_tensor(reference_latents, context, "ref_keys", "attention", required=False)  # runs a lazy probe once
     extra = context.extra
+    if extra.get("queries") is None and extra.get("text_queries") is None and extra.get("target_queries") is None:
+        _probe_tensor(reference_latents, context, "queries", "attention", required=False)  # a lazy probe, once
+    _probe_tensor(reference_latents, context, "ref_keys", "attention", required=False)
     if extra.get("queries") is not None:
         queries, query_mask, name = extra["queries"], extra.get("query_mask"), "queries"
     else:
@@ -557,6 +559,19 @@ def _broadcast_per_image(name: str, tensor: torch.Tensor, batch: int, n_refs: in
                          f"n_refs={n_refs}]") from None
 
 
+def _check_kind(name: str, tensor: torch.Tensor, allow_ratio: bool, allow_count: bool) -> None:
+    if tensor.is_floating_point() and not allow_ratio:
+        raise TypeError(f"{name} must be an int count, got floats")
+    if not tensor.is_floating_point() and not allow_count:
+        raise TypeError(f"{name} must be a float ratio, got ints")
+
+
+def _check_per_image_setting(name: str, value) -> None:
+    """Construction-time check of a count-or-ratio setting's type (values are checked when the budget runs)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor, list, tuple)):
+        raise TypeError(f"{name} must be an int, a float, a tensor or a list of them, got {type(value).__name__}")
+
+
 def _per_image(name: str, value: PerImage, batch: int, ref_lengths: Sequence[int], device,
                allow_ratio: bool = True, allow_count: bool = True) -> torch.Tensor:
     """A count-or-ratio setting as an int64 ``[B, n_refs]`` count tensor. Floats are ratios of each image's length
@@ -570,19 +585,17 @@ def _per_image(name: str, value: PerImage, batch: int, ref_lengths: Sequence[int
             raise ValueError(f"{name} ratio must lie in [0, 1], got {value}")
         if isinstance(value, int) and value < 0:
             raise ValueError(f"{name} count must be >= 0, got {value}")
-        tensor = torch.tensor(value, device=device)
+        tensor = torch.tensor(value, device=device, dtype=torch.float64 if isinstance(value, float) else None)
     else:
         tensor = value.to(device) if isinstance(value, torch.Tensor) else torch.tensor(value, device=device)
         if tensor.dtype == torch.bool or tensor.is_complex():
             raise TypeError(f"{name} must hold ints (counts) or floats (ratios), got {tensor.dtype}")
+        _check_kind(name, tensor, allow_ratio, allow_count)
         if tensor.is_floating_point() and bool(((tensor < 0) | (tensor > 1) | ~torch.isfinite(tensor)).any()):
             raise ValueError(f"{name} ratios must lie in [0, 1]")
         if not tensor.is_floating_point() and bool((tensor < 0).any()):
             raise ValueError(f"{name} counts must be >= 0")
-    if tensor.is_floating_point() and not allow_ratio:
-        raise TypeError(f"{name} must be an int count, got floats")
-    if not tensor.is_floating_point() and not allow_count:
-        raise TypeError(f"{name} must be a float ratio, got ints")
+    _check_kind(name, tensor, allow_ratio, allow_count)
     tensor = _broadcast_per_image(name, tensor, batch, len(ref_lengths))
     lengths = torch.tensor(ref_lengths, device=device)
     if tensor.is_floating_point():
@@ -593,7 +606,7 @@ def _per_image(name: str, value: PerImage, batch: int, ref_lengths: Sequence[int
 def _topk_per_image(scores: torch.Tensor, ref_lengths: Sequence[int], counts: torch.Tensor) -> torch.Tensor:
     """bool [B, N]: the ``counts[b, i]`` highest scores inside image i of sample b (ties to the lower index)."""
     keep = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
-    ranks = _rank_in_image(-scores.float(), ref_lengths)
+    ranks = _rank_in_image(-scores.to(torch.promote_types(scores.dtype, torch.float32)), ref_lengths)  # fp64 stays
     for i, (lo, hi) in enumerate(_image_slices(ref_lengths)):
         keep[:, lo:hi] = ranks[:, lo:hi] < counts[:, i:i + 1]
     return keep
@@ -641,7 +654,8 @@ class FixedBudget:
 def fixed_ratio(ratio: PerImage) -> FixedBudget:
     """Keep ``round-half-up(ratio · L)`` tokens of each image of L tokens; ``ratio`` a float in [0, 1] or a tensor
     broadcasting to ``[B, n_refs]`` (``[n_refs]`` per image, ``[B, 1]`` per request)."""
-    if isinstance(ratio, bool) or (isinstance(ratio, (int, float)) and not 0.0 <= ratio <= 1.0):
+    _check_per_image_setting("fixed_ratio: ratio", ratio)
+    if isinstance(ratio, (int, float)) and not 0.0 <= ratio <= 1.0:
         raise ValueError(f"fixed_ratio: ratio must lie in [0, 1], got {ratio!r}")
     return FixedBudget("fixed_ratio", ratio, ratio=True)
 
@@ -667,7 +681,7 @@ def _score_mass(scores: torch.Tensor, mode: str) -> torch.Tensor:
     clipped = scores.clamp(min=0.0)
     total = clipped.sum(dim=1, keepdim=True)
     linear = torch.where(total > 0, clipped / total.clamp(min=torch.finfo(torch.float64).tiny),
-                         torch.full_like(clipped, 1.0 / scores.shape[1]))
+                         torch.full_like(clipped, 1.0 / max(scores.shape[1], 1)))
     if mode == "linear":
         return linear
     if mode == "softmax":
@@ -739,6 +753,16 @@ def adaptive(coverage: Union[float, torch.Tensor] = 0.9, floor: PerImage = 0, ca
     """A budget for ``select``: ``adaptive_budget`` with these settings (see there)."""
     if mass not in MASS_MODES:
         raise ValueError(f"mass must be one of {MASS_MODES}, got {mass!r}")
+    if isinstance(coverage, bool) or not isinstance(coverage, (int, float, torch.Tensor)):
+        raise TypeError(f"coverage must be a float or a tensor, got {type(coverage).__name__}")
+    if isinstance(coverage, (int, float)) and not 0.0 <= coverage <= 1.0:
+        raise ValueError(f"coverage must lie in [0, 1], got {coverage!r}")
+    for name, value in (("floor", floor), ("cap", cap)):
+        _check_per_image_setting(name, value)
+        if isinstance(value, float) and not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} ratio must lie in [0, 1], got {value}")
+        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            raise ValueError(f"{name} count must be >= 0, got {value}")
     return AdaptiveBudget(coverage, floor, cap, mass)
 
 

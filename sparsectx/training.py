@@ -20,7 +20,7 @@ token, the original processors run (bit-exact with the unpatched model).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -137,6 +137,8 @@ class _DropTrainingPatch(integration.ForwardPatch):
         self.ratio_range = DEFAULT_RATIO_RANGE
         self.ref_lengths: Optional[list] = None
         self.generator: Optional[torch.Generator] = None
+        # the modules whose blocks diffusers may run through a gradient-checkpointing function
+        self.checkpointing_modules = [m for m in transformer.modules() if hasattr(m, "gradient_checkpointing")]
 
     def uninstall(self) -> None:
         super().uninstall()
@@ -147,10 +149,37 @@ class _DropTrainingPatch(integration.ForwardPatch):
 
     def forward(self, *args, **kwargs):
         call = self.bind(args, kwargs)
-        # kept after the forward on purpose: gradient checkpointing recomputes the layers during backward
-        self.state.image_keep, self.state.image_kept_prefix = \
-            self._draw_mask(call) if self.transformer.training else (None, 0)
-        return self.original_forward(**call)
+        mask = self._draw_mask(call) if self.transformer.training else (None, 0)
+        self.state.image_keep, self.state.image_kept_prefix = mask
+        # gradient checkpointing recomputes blocks during backward, possibly after other forwards drew other masks:
+        # each checkpointed block of this forward runs (and is recomputed) with this forward's mask
+        swapped = [(m, m._gradient_checkpointing_func) for m in self.checkpointing_modules
+                   if m.gradient_checkpointing and getattr(m, "_gradient_checkpointing_func", None) is not None]
+        for module, checkpoint in swapped:
+            module._gradient_checkpointing_func = self._with_mask(checkpoint, mask)
+        try:
+            return self.original_forward(**call)
+        finally:
+            for module, checkpoint in swapped:
+                module._gradient_checkpointing_func = checkpoint
+
+    def _with_mask(self, checkpoint: Callable, mask: tuple) -> Callable:
+        """``checkpoint`` (diffusers' ``_gradient_checkpointing_func(block, *args)``) running ``block`` with the
+        processors' state set to ``mask``, in the forward and in the recomputation."""
+        state = self.state
+
+        def checkpoint_with_mask(block, *args, **kwargs):
+            def run(*block_args, **block_kwargs):
+                outer = (state.image_keep, state.image_kept_prefix)
+                state.image_keep, state.image_kept_prefix = mask
+                try:
+                    return block(*block_args, **block_kwargs)
+                finally:
+                    state.image_keep, state.image_kept_prefix = outer
+
+            return checkpoint(run, *args, **kwargs)
+
+        return checkpoint_with_mask
 
     def _reference_rows(self, call: dict, n_image: int):
         """``(positions of the reference tokens in the image sequence, tokens per reference image)`` or None."""
@@ -202,9 +231,10 @@ def enable_drop_training(transformer, ratio_range: tuple = DEFAULT_RATIO_RANGE,
     of the image sequence, in that order.
 
     In eval mode (or when a draw keeps every token) the original processors run: the output equals the unpatched
-    model's. Gradients flow as through the original model (LoRA / peft adapters included). The mask of the last
-    training forward stays active until the next forward, so gradient checkpointing recomputes with it. Enabling
-    again replaces the settings. Returns ``transformer``.
+    model's. Gradients flow as through the original model (LoRA / peft adapters included). With gradient checkpointing
+    (``enable_gradient_checkpointing``), each block is recomputed with the mask of the forward that ran it, even when
+    other forwards (micro-batches, an eval pass) came before the backward. Enabling again replaces the settings.
+    Returns ``transformer``.
     """
     _check_ratio_range(ratio_range)
     if ref_lengths is not None:

@@ -52,6 +52,14 @@ def test_bench_rejects_unknown_case(capsys):
     assert "--case" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("device, words", [("bogus", "not a torch device")] +
+                         ([] if torch.cuda.is_available() else [("cuda", "no CUDA device")]))
+def test_bench_rejects_an_unusable_device(device, words):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--case", SMALL_CASE, "--device", device])
+    assert words in str(exit_info.value.code) and "--device" in str(exit_info.value.code)
+
+
 def test_info_prints_the_path_each_op_takes(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out

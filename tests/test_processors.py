@@ -465,3 +465,33 @@ def test_gpu_bf16_sparsectx_attention_and_drop_training(family, monkeypatch):
         masked[dtype] = _run(model, _to(kwargs, "cuda", dtype))[:, :N_TARGET]
     _assert_within_twice_native_error(dropped, masked[torch.bfloat16], masked[torch.float32])
 
+
+
+@pytest.mark.parametrize("between", ["train", "eval"])
+def test_gradient_checkpointing_recomputes_with_each_forwards_own_mask(between):
+    """Checkpointed blocks are recomputed in backward with the mask of the forward that ran them, even when another
+    forward (a second micro-batch, an eval pass) drew another mask in between: the gradients equal those of the same
+    forward without checkpointing."""
+    kwargs = shared._inputs("flux2")
+
+    def gradients(checkpointing: bool, interleave: bool):
+        model = shared._build_model("flux2").train()
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        enable_drop_training(model, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(3))
+        out = model(**kwargs)[0]
+        if interleave and between == "train":
+            model(**kwargs)  # draws another mask (and ratio) before the first forward's backward
+        elif interleave:
+            model.eval()
+            with torch.no_grad():
+                model(**kwargs)
+            model.train()
+        out[:, :N_TARGET].pow(2).mean().backward()
+        return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+    expected = gradients(checkpointing=False, interleave=False)
+    got = gradients(checkpointing=True, interleave=True)
+    assert got.keys() == expected.keys() and len(got) > 10
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)

@@ -378,6 +378,17 @@ def test_attention_probe_runs_lazily_once():
     torch.testing.assert_close(lazy, eager)
 
 
+def test_attention_selector_probes_for_the_queries_it_lacks():
+    """Keys given, queries left to the probe: the probe runs and its queries are used."""
+    latents, ctx = _full_context(2, 2)
+    provided = {name: ctx.extra.pop(name) for name in ("text_queries", "target_queries")}
+    calls = []
+    ctx.extra["attention_probe"] = lambda x, context: calls.append(1) or dict(provided)
+    lazy = get_selector("attention")(latents, ctx)
+    assert calls == [1]
+    torch.testing.assert_close(lazy, get_selector("attention")(latents, _full_context(2, 2)[1]))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # budgets
 # ----------------------------------------------------------------------------------------------------------------
@@ -467,6 +478,47 @@ def test_select_with_an_adaptive_budget_keeps_the_planted_subject():
 # ----------------------------------------------------------------------------------------------------------------
 # bad input
 # ----------------------------------------------------------------------------------------------------------------
+def test_float64_scores_are_ranked_in_float64():
+    """Scores that differ below fp32 resolution (or overflow it) keep the truly highest, as compact_tokens does."""
+    scores = torch.tensor([[1.0, 1.0 + 1e-12, 0.5, 0.25], [1e300, 2e300, 0.0, -1.0]], dtype=torch.float64)
+    expected = reference.topk_keep_mask(scores, [1, 1])
+    assert expected[:, 1].all()
+    assert torch.equal(fixed_count(1)(scores, [4]).keep, expected)
+    assert torch.equal(adaptive_budget(scores[:1], 0.01, floor=1, cap=1).keep, expected[:1])
+
+
+def test_ratio_settings_round_half_up_like_fixed_ratio():
+    """A Python float floor/cap is a ratio rounded half up in float64, as fixed_ratio and compact_tokens do."""
+    scores = torch.rand(1, 40, generator=torch.Generator().manual_seed(0))
+    for length, ratio in ((5, 0.7), (10, 0.35), (10, 0.45), (20, 0.025)):
+        lengths = [length, 40 - length]
+        fixed = fixed_ratio(ratio)(scores, lengths).counts[0, 0]
+        floored = adaptive_budget(scores, 0.0, floor=ratio, ref_lengths=lengths).counts[0, 0]
+        assert int(fixed) == math.floor(ratio * length + 0.5) == int(floored), (length, ratio)
+
+
+def test_adaptive_budget_without_reference_tokens():
+    result = adaptive_budget(torch.zeros(2, 0), 0.9)
+    assert result.counts.tolist() == [[0], [0]] and result.keep.shape == (2, 0)
+
+
+def test_budget_settings_checked_when_built():
+    with pytest.raises(TypeError, match="ratio"):
+        fixed_ratio("0.5")
+    with pytest.raises(TypeError, match="ratio"):
+        fixed_ratio(None)
+    with pytest.raises(ValueError, match="coverage"):
+        adaptive(1.5)
+    with pytest.raises(TypeError, match="coverage"):
+        adaptive("high")
+    with pytest.raises(ValueError, match="cap"):
+        adaptive(0.5, cap=2.0)
+    with pytest.raises(TypeError, match="floor"):
+        adaptive(0.5, floor=None)
+    with pytest.raises(TypeError, match="must be an int count"):  # a count budget, not a bad ratio
+        fixed_count(torch.tensor(2.0))(torch.randn(1, 8), [8])
+
+
 def test_bad_budgets():
     scores = torch.randn(2, 8)
     with pytest.raises(ValueError, match="ratio"):
