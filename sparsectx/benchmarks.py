@@ -45,6 +45,8 @@ REL_ERR_BOUND = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # timing: do_bench warm-up / measuring windows (ms) on a GPU; repetitions and time budget (s) on the CPU
 GPU_WARMUP_MS, GPU_REP_MS, GPU_QUICK_REP_MS = 25, 100, 40
 CPU_REPS, CPU_QUICK_REPS, CPU_BUDGET_S = 7, 3, 1.0
+# loop_ms: batches of back-to-back calls, each batch ~LOOP_BATCH_S long
+LOOP_BATCH_S, LOOP_MAX_CALLS, LOOP_BATCHES, LOOP_QUICK_BATCHES = 0.02, 1000, 7, 3
 # FACTS §1 counts a forward+backward as 3.5x the forward's flops
 FWD_BWD_FLOP_FACTOR = 3.5
 RATIO_MEANING = "ratio = implementation time / sparsectx time (> 1: sparsectx is faster)"
@@ -89,6 +91,8 @@ class Workload:
     flops: float = 0.0  # useful floating-point operations (TFLOP/s column)
     bytes_moved: float = 0.0  # fewest bytes read + written (GB/s column, bytes-moved floor row)
     exact: bool = False  # data movement: results must be equal, not close
+    # host-bound calls: each row also notes its per-call time back to back (loop_ms), host launch work included
+    loop_note: bool = False
     reps: Optional[int] = None  # fixed repetitions for slow steps (else do_bench / the CPU budget)
     track_memory: bool = False
     passes: int = 1  # timing passes over all implementations in turn (A B A B: drift shows as a pass difference)
@@ -169,6 +173,41 @@ def time_ms(fn: Callable[[], Any], device: torch.device, *, reps: Optional[int] 
         if i >= CPU_QUICK_REPS - 1 and time.perf_counter() > budget_end:
             break
     return statistics.median(samples)
+
+
+def loop_ms(fn: Callable[[], Any], device: torch.device, *, quick: bool = False) -> float:
+    """Per-call time of ``fn`` run back to back in ms: the median over batches of calls with one device sync per
+    batch. Unlike CUDA-event timing (``time_ms``), it includes the host's work (Python, launches) whenever that is
+    the bottleneck, as a loop of calls in a program does."""
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    calls = max(1, min(LOOP_MAX_CALLS, int(LOOP_BATCH_S / max(time.perf_counter() - t0, 1e-7))))
+    samples = []
+    for _ in range(LOOP_QUICK_BATCHES if quick else LOOP_BATCHES):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        _sync(device)
+        samples.append((time.perf_counter() - t0) * 1e3 / calls)
+    return statistics.median(samples)
+
+
+def reference_point_problem(result, expected) -> str:
+    """The check of a row computing a different function by design (``comparable=False``, no ``verify``): ""
+    when its result has sparsectx's shapes and finite values, else what is wrong."""
+    results = result if isinstance(result, (tuple, list)) else [result]
+    expecteds = expected if isinstance(expected, (tuple, list)) else [expected]
+    if len(results) != len(expecteds):
+        return f"{len(results)} outputs, not {len(expecteds)}"
+    for got, want in zip(results, expecteds):
+        if got.shape != want.shape:
+            return f"shape {tuple(got.shape)}, not {tuple(want.shape)}"
+        if got.is_floating_point() and not torch.isfinite(got).all():
+            return "non-finite values"
+    return ""
 
 
 def measure_ceilings(device: torch.device) -> dict:
@@ -462,13 +501,13 @@ class BatchCase(_MixedBudgetCase):
             Impl("sparsectx (gather)", data.sparsectx_gather, note="kept reference keys gathered by index"),
             Impl("sdpa per-sample loop", loop, note=f"backend {best or 'default'}"),
             Impl("sdpa padded + key mask", lambda: _sdpa(*padded, attn_mask=key_mask),
-                 output=lambda o: _unpad(o, rows), note="padded to the longest sample"),
+                 output=lambda o: _unpad(o, rows), note="padded to the longest sample (padding, unpadding untimed)"),
             Impl("nested jagged sdpa", lambda: F.scaled_dot_product_attention(*nested),
                  output=lambda o: o.transpose(1, 2).values()),
             _flash_attn_varlen_impl(data),
             # last: its compilation is the slowest step of the case
             Impl("flex_attention document mask", lambda: flex(*packed4, block_mask=block_mask),
-                 output=lambda o: o.transpose(1, 2)[0], note=flex_mode),
+                 output=lambda o: o.transpose(1, 2)[0], note=f"{flex_mode}; block mask built untimed"),
         ]
         shape = (f"B=4, L={'/'.join(map(str, data.lengths))} (1 ref kept at "
                  f"{'/'.join(_pct(k) for k in config)}), H={s['heads']}, D={s['dim']}, "
@@ -530,7 +569,7 @@ class TrainingCase(_MixedBudgetCase):
         impls = [
             Impl("sparsectx (packed varlen)", sparse_step),
             Impl("sdpa padded + key mask", padded_step, output=lambda r: tuple(_unpad(t, rows) for t in r),
-                 note="padded to the longest sample"),
+                 note="padded to the longest sample (padding, unpadding untimed)"),
             Impl("sdpa per-sample loop", loop_step, note=f"backend {best or 'default'}"),
         ]
         shape = (f"B=4, L={'/'.join(map(str, data.lengths))} (1 ref kept at "
@@ -603,7 +642,7 @@ class MaskedCase:
                      note=f"backend {best or 'default'}; keys compacted beforehand"),
                 # last: its compilation is the slowest step of the case
                 Impl("flex_attention mask_mod", lambda: flex(q4, k4, v4, block_mask=block_mask), output=to_dense,
-                     note=flex_mode),
+                     note=f"{flex_mode}; block mask built untimed (a new drop mask needs a new one)"),
             ]
             shape = f"S={seq}, {kept} keys kept, all queries, H={heads}, D={dim}, {dt}"
             return Workload(self.name, shape, impls, dtype, flops=4.0 * heads * seq * kept * dim)
@@ -666,12 +705,13 @@ class CompactionCase:
             Impl("sparsectx compact_tokens (scores+budget)",
                  lambda: ops.compact_tokens(scores, hidden, ids, budget=config), output=packed, note="no host sync"),
             Impl("sparsectx compact_tokens (keep mask)", lambda: ops.compact_tokens(mask, hidden, ids),
-                 output=packed, note="reads the kept total (host sync)"),
-            Impl("x[mask] (host sync)", lambda: (hidden[mask], ids[mask])),
+                 output=packed, note="reads the kept total (host sync); mask made beforehand, selection not included"),
+            Impl("x[mask] (host sync)", lambda: (hidden[mask], ids[mask]),
+                 note="mask made beforehand, selection not included"),
             Impl("index_select (precomputed indices)",
                  lambda: (hidden_rows.index_select(0, flat), ids_rows.index_select(0, flat)),
                  note="selection not included"),
-            Impl("topk+sort+gather", topk_sort_gather),
+            Impl("topk+sort+gather", topk_sort_gather, note="the peer doing the same work (selection included)"),
             _graph_replay_impl("sparsectx compact_tokens (scores+budget), CUDA graph replay",
                                lambda: ops.compact_tokens(scores, hidden, ids, budget=config), device, output=packed,
                                note="diagnostic: the kernels' GPU time without Python and launch overhead"),
@@ -680,7 +720,7 @@ class CompactionCase:
                  + 2 * count * batch * (channels * hidden.element_size() + ids.shape[-1] * ids.element_size()))
         shape = (f"B={batch}, N={n}, C={channels} {str(dtype).replace('torch.', '')} + ids int64[{s['id_axes']}], "
                  f"keep {_pct(config)} ({count} rows)")
-        return Workload(self.name, shape, impls, dtype, bytes_moved=moved, exact=True)
+        return Workload(self.name, shape, impls, dtype, bytes_moved=moved, exact=True, loop_note=True)
 
 
 def _graph_replay_impl(name: str, fn: Callable[[], Any], device: torch.device, **impl_args) -> Impl:
@@ -1526,7 +1566,9 @@ def run_workload(workload: Workload, device: torch.device, *, quick: bool = Fals
             on_row(rows)
 
     def timing(impl: Impl) -> float:
-        return time_ms(impl.fn, device, reps=None if impl.short else workload.reps, quick=quick)
+        if impl.short:  # host work (a wrapper, enable/disable): CUDA events would not see it
+            return loop_ms(impl.fn, device, quick=quick)
+        return time_ms(impl.fn, device, reps=workload.reps, quick=quick)
 
     primary = workload.impls[0]
     try:
@@ -1553,8 +1595,12 @@ def run_workload(workload: Workload, device: torch.device, *, quick: bool = Fals
                         values.update(ok=ok, err=err)
                         if not ok:
                             notes.insert(0, f"MISMATCH with sparsectx (rel err {err:.2e})")
+                    problem = None
                     if impl.verify is not None:
                         problem = impl.verify(result)
+                    elif not impl.comparable and impl is not primary:
+                        problem = reference_point_problem(result, expected)
+                    if problem is not None:
                         values["ok"] = values.get("ok", True) and not problem
                         if problem:
                             notes.insert(0, f"CHECK FAILED: {problem}")
@@ -1568,6 +1614,8 @@ def run_workload(workload: Workload, device: torch.device, *, quick: bool = Fals
                 if workload.track_memory and device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 values["time_ms"] = timing(impl)
+                if workload.loop_note and device.type == "cuda" and not impl.short:
+                    notes.append(f"{loop_ms(impl.fn, device, quick=quick) * 1e3:.1f} us/call back to back")
                 if workload.track_memory and device.type == "cuda":
                     values["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         except Exception as exc:  # sparsectx failing is an error; a peer failing is one this setup lacks

@@ -158,3 +158,20 @@ def test_top_level_kernels_folder_is_not_hugging_face_kernels():
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_reference_point_rows_are_checked_for_shape_and_finite_values():
+    """A row computing a different function by design (comparable=False, no verify) still fails on a wrong shape or
+    non-finite values, in the table as in pytest bench/."""
+    device = torch.device("cpu")
+    x = torch.randn(3, 4)
+    impls = [benchmarks.Impl("sparsectx", lambda: x * 2),
+             benchmarks.Impl("different but sound", lambda: x * 3, comparable=False),
+             benchmarks.Impl("wrong shape", lambda: x[:2], comparable=False),
+             benchmarks.Impl("nan", lambda: x * math.nan, comparable=False)]
+    rows = benchmarks.run_workload(benchmarks.Workload("t", "3x4", impls, torch.float32), device, quick=True)
+    by_name = {row["impl"]: row for row in rows}
+    assert by_name["different but sound"]["ok"] is True
+    assert by_name["wrong shape"]["ok"] is False and "shape (2, 4)" in by_name["wrong shape"]["note"]
+    assert by_name["nan"]["ok"] is False and "non-finite" in by_name["nan"]["note"]
+    assert benchmarks.reference_point_problem((x, x), (x,)) == "2 outputs, not 1"
