@@ -97,9 +97,10 @@ class SelectionContext:
             if self.reference_ids.shape[1] != sum(self.ref_lengths):
                 raise ValueError(f"reference_ids has {self.reference_ids.shape[1]} tokens but ref_lengths sum "
                                  f"to {sum(self.ref_lengths)}")
-        if self.target_shape is not None and (len(self.target_shape) != 2
-                                              or not all(isinstance(s, int) for s in self.target_shape)):
-            raise ValueError(f"target_shape must be (h, w) ints or None, got {self.target_shape!r}")
+        if self.target_shape is not None and (
+                not isinstance(self.target_shape, (tuple, list)) or len(self.target_shape) != 2
+                or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in self.target_shape)):
+            raise ValueError(f"target_shape must be (h, w) positive ints or None, got {self.target_shape!r}")
         if self.generator is not None and not isinstance(self.generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(self.generator).__name__}")
         if not isinstance(self.extra, dict):
@@ -710,6 +711,8 @@ def adaptive_budget(scores: torch.Tensor, coverage: Union[float, torch.Tensor] =
     ref_lengths = _check_ref_lengths(ref_lengths, scores.shape[1])
     if torch.isposinf(scores).any():
         raise ValueError("scores contain +inf: their mass is undefined")
+    if mass == "linear" and bool((scores < 0).any()):
+        raise ValueError("mass='linear' needs scores >= 0 (use 'softmax' or 'auto' for signed scores)")
     batch, device = scores.shape[0], scores.device
     if isinstance(coverage, torch.Tensor):
         cov = coverage.to(device=device, dtype=torch.float64)

@@ -160,6 +160,9 @@ def test_context_validation():
         SelectionContext(1, [4], reference_ids=torch.zeros(1, 5, 3))
     with pytest.raises(ValueError, match="target_shape"):
         SelectionContext(1, [4], target_shape=(4,))
+    for bad in (4, (4, True), (-1, 3), (2.0, 2)):
+        with pytest.raises(ValueError, match="target_shape"):
+            SelectionContext(1, [4], target_shape=bad)
     with pytest.raises(TypeError, match="extra"):
         SelectionContext(1, [4], extra=[])
 
@@ -495,6 +498,12 @@ def test_ratio_settings_round_half_up_like_fixed_ratio():
         fixed = fixed_ratio(ratio)(scores, lengths).counts[0, 0]
         floored = adaptive_budget(scores, 0.0, floor=ratio, ref_lengths=lengths).counts[0, 0]
         assert int(fixed) == math.floor(ratio * length + 0.5) == int(floored), (length, ratio)
+
+
+def test_linear_mass_rejects_negative_scores():
+    with pytest.raises(ValueError, match="linear"):
+        adaptive_budget(torch.tensor([[0.5, -0.1, 0.2]]), 0.5, mass="linear")
+    assert adaptive_budget(torch.tensor([[0.5, -0.1, 0.2]]), 0.5, mass="softmax").counts.shape == (1, 1)
 
 
 def test_adaptive_budget_without_reference_tokens():
