@@ -7,7 +7,8 @@ Five kernels, each one concept (the plain-torch specification is in ``sparsectx/
   index, without a host sync. A radix select over order-preserving integer keys, two bits per pass (16 passes of
   one three-count reduction), finds the k-th largest key (``threshold``) and how many keys lie above it; the sample
   keeps the keys above it and the first ``need = k - above`` keys equal to it. A row that fits in one block is
-  loaded once and held in registers for every pass, and its block counts (below) are written from them.
+  loaded once and held in registers for every pass, and the program then writes the sample's packed index rows
+  itself (one prefix scan over the row): the scores path is then this launch and the row gather.
 - ``_block_counts_kernel`` (grid: samples x token blocks): counts the tokens above the threshold (a mask's kept
   tokens) and the ties in each token block; launched for masks and for rows longer than one selection block.
 - ``_write_index_kernel`` (same grid): stream compaction. Each program sums the counts of its sample's earlier
@@ -161,30 +162,31 @@ def _token_flags(sel_ptr, row_offset, stride_sel_n, n_tokens, pos, threshold, HA
 def _topk_threshold_kernel(
     scores_ptr, stride_b, stride_n, n_tokens,
     counts_ptr, uniform_count, n_samples,
-    threshold_ptr, need_ptr, block_counts_ptr, n_blocks,
+    threshold_ptr, need_ptr, index_ptr, cu_seqlens_ptr, n_rows,
     PER_SAMPLE_COUNTS: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr,
-    COUNT_BLOCK: tl.constexpr,
 ):
     """Program b: threshold[b] = the k-th largest key of sample b and need[b] = how many keys equal to it are kept
-    (k minus the keys above it). ONE_BLOCK: the sample fits in one BLOCK_N block (its keys are loaded once); the
-    program then also writes the sample's block counts (``_block_counts_kernel``'s output, for COUNT_BLOCK-token
-    blocks) from the keys it holds, which saves that launch."""
+    (k minus the keys above it). ONE_BLOCK: the sample fits in one BLOCK_N block, its keys are loaded once, and the
+    program also does ``_write_index_kernel``'s work for it (its packed index rows, its cu_seqlens entry, and for the
+    last sample the zero padding), which saves two launches."""
     b = tl.program_id(0)
-    _, k = _sample_counts(counts_ptr, uniform_count, n_samples, b, PER_SAMPLE_COUNTS, B_PAD)
+    row_start, k = _sample_counts(counts_ptr, uniform_count, n_samples, b, PER_SAMPLE_COUNTS, B_PAD)
     row_offset = b.to(tl.int64) * stride_b
     first = tl.arange(0, BLOCK_N)
     row_keys = _score_keys(scores_ptr, row_offset, stride_n, first, first < n_tokens)  # used when ONE_BLOCK
     threshold, count_above = _topk_threshold(scores_ptr, row_offset, stride_n, n_tokens, k, row_keys, BLOCK_N,
                                              ONE_BLOCK)
-    tl.store(threshold_ptr + b, threshold)
-    tl.store(need_ptr + b, k - count_above)
+    need = k - count_above
     if ONE_BLOCK:
-        # tokens above the threshold (low count field) and ties (next field) per COUNT_BLOCK tokens; padding keys
-        # lie below every real key, so they are neither
-        flags = (row_keys > threshold).to(tl.int32) + ((row_keys == threshold).to(tl.int32) << COUNT_FIELD_BITS)
-        per_block = tl.sum(tl.reshape(flags, (BLOCK_N // COUNT_BLOCK, COUNT_BLOCK)), axis=1)
-        blocks = tl.arange(0, BLOCK_N // COUNT_BLOCK)
-        tl.store(block_counts_ptr + b * n_blocks + blocks, per_block, mask=blocks < n_blocks)
+        # padding keys lie below every real key, so they are neither above nor tied
+        _write_kept_rows(index_ptr, first, row_keys > threshold, row_keys == threshold, 0, 0, need, row_start,
+                         n_rows)
+        _write_cu_seqlens(cu_seqlens_ptr, b, row_start + k)
+        if b == n_samples - 1:
+            _zero_pad_index(index_ptr, row_start + k, n_rows, BLOCK_N)
+    else:
+        tl.store(threshold_ptr + b, threshold)
+        tl.store(need_ptr + b, need)
 
 
 @triton.jit
@@ -205,6 +207,36 @@ def _block_counts_kernel(
 
 
 @triton.jit
+def _write_kept_rows(index_ptr, pos, above, tie, above_carry, ties_carry, need, row_start, n_rows):
+    """index[row] = pos for the kept tokens among ``pos`` (every token above, the first ``need`` ties in token order
+    counting ``ties_carry`` earlier ones), at row = row_start + kept tokens before it (``above_carry`` earlier ones
+    above): both ranks are exclusive prefix sums of one scan (above in the low count field, ties in the next)."""
+    flags = above.to(tl.int32) + (tie.to(tl.int32) << COUNT_FIELD_BITS)
+    before = tl.cumsum(flags, 0) - flags
+    above_before = above_carry + (before & COUNT_FIELD_MASK)
+    ties_before = ties_carry + (before >> COUNT_FIELD_BITS)
+    keep = above | (tie & (ties_before < need))
+    row = row_start + above_before + tl.minimum(ties_before, need)
+    tl.store(index_ptr + row, pos, mask=keep & (row < n_rows))
+
+
+@triton.jit
+def _write_cu_seqlens(cu_seqlens_ptr, b, end):
+    """cu_seqlens[b + 1] = end (the packed rows of samples 0..b), and cu_seqlens[0] = 0 for sample 0."""
+    tl.store(cu_seqlens_ptr + b + 1, end)
+    if b == 0:
+        tl.store(cu_seqlens_ptr, 0)
+
+
+@triton.jit
+def _zero_pad_index(index_ptr, start, n_rows, BLOCK_N: tl.constexpr):
+    """index rows [start, n_rows) (an output sized for more rows than kept) get 0."""
+    for first in range(start, n_rows, BLOCK_N):
+        pad_row = first + tl.arange(0, BLOCK_N)
+        tl.store(index_ptr + pad_row, tl.zeros((BLOCK_N,), dtype=tl.int32), mask=pad_row < n_rows)
+
+
+@triton.jit
 def _write_index_kernel(
     sel_ptr, stride_sel_b, stride_sel_n, n_tokens, threshold_ptr, need_ptr, block_counts_ptr, n_blocks,
     counts_ptr, uniform_count, n_samples,
@@ -218,10 +250,6 @@ def _write_index_kernel(
     b = tl.program_id(0)
     block = tl.program_id(1)
     row_start, k = _sample_counts(counts_ptr, uniform_count, n_samples, b, PER_SAMPLE_COUNTS, B_PAD)
-    if block == 0:
-        tl.store(cu_seqlens_ptr + b + 1, row_start + k)
-        if b == 0:
-            tl.store(cu_seqlens_ptr, 0)
 
     # keep rule: every token "above", plus the first `need` "ties" in index order (the mask path has no ties)
     threshold = 0
@@ -237,24 +265,14 @@ def _write_index_kernel(
     above_carry = tl.sum(counts & COUNT_FIELD_MASK)
     ties_carry = tl.sum(counts >> COUNT_FIELD_BITS)
 
-    # a kept token's row = tokens above before it + min(ties before it, need); both are exclusive prefix sums of one
-    # scan over the block (above in the low count field, ties in the next), plus the carries
     pos = block * BLOCK_N + tl.arange(0, BLOCK_N)
     above, tie = _token_flags(sel_ptr, b.to(tl.int64) * stride_sel_b, stride_sel_n, n_tokens, pos, threshold,
                               HAS_SCORES)
-    flags = above.to(tl.int32) + (tie.to(tl.int32) << COUNT_FIELD_BITS)
-    before = tl.cumsum(flags, 0) - flags
-    above_before = above_carry + (before & COUNT_FIELD_MASK)
-    ties_before = ties_carry + (before >> COUNT_FIELD_BITS)
-    keep = above | (tie & (ties_before < need))
-    row = row_start + above_before + tl.minimum(ties_before, need)
-    tl.store(index_ptr + row, pos, mask=keep & (row < n_rows))
-
-    # padding rows of an output sized for more than the kept total get index 0
+    _write_kept_rows(index_ptr, pos, above, tie, above_carry, ties_carry, need, row_start, n_rows)
+    if block == 0:
+        _write_cu_seqlens(cu_seqlens_ptr, b, row_start + k)
     if (b == n_samples - 1) & (block == tl.num_programs(1) - 1):
-        for start in range(row_start + k, n_rows, BLOCK_N):
-            pad_row = start + tl.arange(0, BLOCK_N)
-            tl.store(index_ptr + pad_row, tl.zeros((BLOCK_N,), dtype=tl.int32), mask=pad_row < n_rows)
+        _zero_pad_index(index_ptr, row_start + k, n_rows, BLOCK_N)
 
 
 @triton.jit
@@ -398,30 +416,29 @@ def compact_index(
     sel = selection if has_scores else selection.view(torch.uint8)
     counts_arg = counts_dev if counts_dev is not None else index  # unused pointer when the count is uniform
     b_pad = next_power_of_2(batch)
-    block_n, num_warps = _compact_config(n_tokens)
-    n_blocks = max(cdiv(n_tokens, block_n), 1)
-    block_counts = torch.empty((batch, n_blocks), dtype=torch.int32, device=device)
     # 1) scores: per-sample threshold key and number of kept ties (one program per sample); a sample that fits in
-    # one selection block gets its block counts there too
+    # one selection block writes its packed index rows there too, and that is all
     threshold = need = index  # unused pointers on the mask path
-    counted = False
     if has_scores:
         threshold, need = torch.empty((2, batch), dtype=torch.int32, device=device)
         select_block, select_warps = _select_config(n_tokens)
-        counted = n_tokens <= select_block
+        one_block = n_tokens <= select_block
         _topk_threshold_kernel[(batch,)](
             sel, sel.stride(0), sel.stride(1), n_tokens, counts_arg, uniform_count, batch, threshold, need,
-            block_counts, n_blocks, PER_SAMPLE_COUNTS=not uniform, B_PAD=b_pad, BLOCK_N=select_block,
-            ONE_BLOCK=counted, COUNT_BLOCK=block_n, num_warps=select_warps,
+            index, cu_seqlens, n_rows, PER_SAMPLE_COUNTS=not uniform, B_PAD=b_pad, BLOCK_N=select_block,
+            ONE_BLOCK=one_block, num_warps=select_warps,
         )
-    # 2) per token block: counts of tokens above and ties (unless counted above); 3) per token block: packed rows
-    # of its kept tokens
+        if one_block:
+            return index, cu_seqlens
+    # 2) per token block: counts of tokens above and ties; 3) per token block: packed rows of its kept tokens
+    block_n, num_warps = _compact_config(n_tokens)
+    n_blocks = max(cdiv(n_tokens, block_n), 1)
+    block_counts = torch.empty((batch, n_blocks), dtype=torch.int32, device=device)
     grid = (batch, n_blocks)
-    if not counted:
-        _block_counts_kernel[grid](
-            sel, sel.stride(0), sel.stride(1), n_tokens, threshold, block_counts, n_blocks,
-            HAS_SCORES=has_scores, BLOCK_N=block_n, num_warps=num_warps,
-        )
+    _block_counts_kernel[grid](
+        sel, sel.stride(0), sel.stride(1), n_tokens, threshold, block_counts, n_blocks,
+        HAS_SCORES=has_scores, BLOCK_N=block_n, num_warps=num_warps,
+    )
     _write_index_kernel[grid](
         sel, sel.stride(0), sel.stride(1), n_tokens, threshold, need, block_counts, n_blocks,
         counts_arg, uniform_count, batch, index, cu_seqlens, n_rows,

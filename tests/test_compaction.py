@@ -159,11 +159,15 @@ def test_ties_across_blocks(device, monkeypatch, distinct):
         assert torch.equal(cu_seqlens, want_cu) and torch.equal(index, want_index), budget
 
 
+@pytest.mark.parametrize("one_block", [False, True], ids=["write_kernel", "selection_kernel"])
 @pytest.mark.parametrize("distinct", [None, 1, 3])
-def test_ties_across_write_blocks(device, monkeypatch, distinct):
+def test_ties_across_write_blocks(device, monkeypatch, distinct, one_block):
     # the index-write kernel ranks each token block locally after the counts of the earlier blocks: small blocks
-    # (and a count of blocks that is not a power of two) put budgets and runs of ties across many block boundaries
+    # (and a count of blocks that is not a power of two) put budgets and runs of ties across many block boundaries;
+    # a row the selection kernel holds in one block is ranked there by one scan
     monkeypatch.setattr(kc, "COMPACT_BLOCK", 16)
+    if not one_block:
+        monkeypatch.setattr(kc, "MAX_SELECT_BLOCK", 16)
     gen = torch.Generator().manual_seed(17)
     n_tokens = 5 * 16 + 7
     assert kc._compact_config(n_tokens)[0] < n_tokens
@@ -194,6 +198,7 @@ def test_write_programs_write_only_their_rows(device, monkeypatch, seed):
     # next kept row (the next token "above") would be overwritten by that row's program when all run, so run only
     # the first blocks. Scores: 1 at each block's first token ("above"), else 0 (ties) or -1.
     monkeypatch.setattr(kc, "COMPACT_BLOCK", 16)
+    monkeypatch.setattr(kc, "MAX_SELECT_BLOCK", 16)  # rows longer than a selection block use the write kernel
     gen = torch.Generator().manual_seed(18 + seed)
     n_tokens = 80
     scores = torch.where(torch.rand(3, n_tokens, generator=gen) > 0.7, -1.0, 0.0)
@@ -328,12 +333,13 @@ def _poisoned_empty(real_empty):
     return empty
 
 
-@pytest.mark.parametrize("count_block", [None, 16], ids=["one_count_block", "several_count_blocks"])
-def test_outputs_fully_written(device, monkeypatch, count_block):
-    """Every output and intermediate buffer starts poisoned; with several token blocks per sample, the selection
-    kernel writes all the block counts of a row it holds (the block-count kernel is not launched for it)."""
-    if count_block is not None:
-        monkeypatch.setattr(kc, "COMPACT_BLOCK", count_block)
+@pytest.mark.parametrize("block", [None, 16], ids=["one_block_rows", "several_block_rows"])
+def test_outputs_fully_written(device, monkeypatch, block):
+    """Every output and intermediate buffer starts poisoned: the selection kernel alone writes every index row of
+    rows it holds in one block; longer rows (several selection and count blocks) go through the block kernels."""
+    if block is not None:
+        monkeypatch.setattr(kc, "MAX_SELECT_BLOCK", block)
+        monkeypatch.setattr(kc, "COMPACT_BLOCK", block)
     gen = torch.Generator().manual_seed(8)
     scores = _scores(gen, 3, 50, torch.float32, device, distinct=6)
     mask = (torch.rand(3, 50, generator=gen) > 0.5).to(device)
