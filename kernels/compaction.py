@@ -418,11 +418,12 @@ def compact_index(
     b_pad = next_power_of_2(batch)
     # 1) scores: per-sample threshold key and number of kept ties (one program per sample); a sample that fits in
     # one selection block writes its packed index rows there too, and that is all
-    threshold = need = index  # unused pointers on the mask path
+    threshold = need = index  # unused pointers on the mask path and for one-block rows
     if has_scores:
-        threshold, need = torch.empty((2, batch), dtype=torch.int32, device=device)
         select_block, select_warps = _select_config(n_tokens)
         one_block = n_tokens <= select_block
+        if not one_block:
+            threshold, need = torch.empty((2, batch), dtype=torch.int32, device=device)
         _topk_threshold_kernel[(batch,)](
             sel, sel.stride(0), sel.stride(1), n_tokens, counts_arg, uniform_count, batch, threshold, need,
             index, cu_seqlens, n_rows, PER_SAMPLE_COUNTS=not uniform, B_PAD=b_pad, BLOCK_N=select_block,
