@@ -575,7 +575,7 @@ class _SparsePatch(ForwardPatch):
 
     @property
     def cache(self) -> Optional[_Plan]:
-        """The most recent plan that holds a selection (None before any)."""
+        """The most recently used plan that holds a selection (None before any)."""
         with_keep = [plan for plan in self.plans.values() if plan.keep is not None]
         return with_keep[-1] if with_keep else None
 
@@ -624,6 +624,7 @@ class _SparsePatch(ForwardPatch):
         if plan is not None:
             matches, packable = self._step_checks(plan, call)
             if matches:
+                self.plans[key] = self.plans.pop(key)  # most recently used last: evicted last, reported by cache
                 return plan, packable
         layout = reference_layout(self.family, call)
         if layout is None:

@@ -357,6 +357,21 @@ def test_bare_transformer_selects_again_for_a_new_prompt_tensor(models):
     assert len(calls) == 2
 
 
+def test_last_selection_follows_the_plan_used_last(models):
+    """Two prompts on a bare transformer (e.g. the two guidance branches) keep two plans; last_selection reports
+    the one the latest call used."""
+    model, kwargs = models["flux2"], _inputs("flux2")
+    sparsectx.enable(model, budget=0.5, selector=random_selector)  # unseeded: each selection differs
+    other = {**kwargs, "encoder_hidden_states": torch.randn_like(kwargs["encoder_hidden_states"])}
+    _run(model, kwargs)
+    first = sparsectx.last_selection(model).keep.clone()
+    _run(model, other)
+    second = sparsectx.last_selection(model).keep.clone()
+    assert not torch.equal(first, second)
+    _run(model, kwargs)  # reuses the first plan
+    assert torch.equal(sparsectx.last_selection(model).keep, first)
+
+
 def test_fresh_per_call_selectors_and_signals_are_never_mistaken_for_earlier_ones(models):
     """Per-call overrides made anew at each call (a new function, a new mask tensor) select anew, even when an
     earlier override object was freed and its id reused."""
