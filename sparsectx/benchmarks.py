@@ -203,9 +203,13 @@ def reference_point_problem(result, expected) -> str:
     if len(results) != len(expecteds):
         return f"{len(results)} outputs, not {len(expecteds)}"
     for got, want in zip(results, expecteds):
-        if got.shape != want.shape:
-            return f"shape {tuple(got.shape)}, not {tuple(want.shape)}"
-        if got.is_floating_point() and not torch.isfinite(got).all():
+        if not isinstance(got, torch.Tensor) or not isinstance(want, torch.Tensor):
+            if (got is None) != (want is None):
+                return f"output {type(got).__name__}, not {type(want).__name__}"
+            continue
+        if got.shape != want.shape or got.dtype != want.dtype:
+            return f"{tuple(got.shape)} {got.dtype}, not {tuple(want.shape)} {want.dtype}"
+        if (got.is_floating_point() or got.is_complex()) and not torch.isfinite(got).all():
             return "non-finite values"
     return ""
 

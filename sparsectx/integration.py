@@ -76,6 +76,7 @@ import functools
 import inspect
 import itertools
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
@@ -218,19 +219,28 @@ def _resolve_selector(selector):
 
 
 class _Identity:
-    """A plan-key entry equal only to another for the very same object. It holds the object, so the object's id can
-    not be reused by a new object while a plan keyed by it exists."""
+    """A plan-key entry equal only to another for the very same live object. It refers to the object weakly (a plan
+    does not keep a call's prompt or per-call selector alive), and once the object is gone it equals nothing, so a
+    new object reusing its id never matches it. Objects without weak references are held."""
 
-    __slots__ = ("obj",)
+    __slots__ = ("ref", "hash")
 
     def __init__(self, obj):
-        self.obj = obj
+        try:
+            # a bound method is a new object at each attribute access: compare its (object, function) instead
+            self.ref = weakref.WeakMethod(obj) if inspect.ismethod(obj) else weakref.ref(obj)
+        except TypeError:
+            self.ref = lambda: obj
+        self.hash = hash(obj) if inspect.ismethod(obj) else id(obj)
 
     def __eq__(self, other):
-        return isinstance(other, _Identity) and other.obj is self.obj
+        if not isinstance(other, _Identity):
+            return False
+        mine, theirs = self.ref(), other.ref()
+        return mine is not None and (mine is theirs or (inspect.ismethod(mine) and mine == theirs))
 
     def __hash__(self):
-        return id(self.obj)
+        return self.hash
 
 
 def _selector_key(selector):

@@ -20,6 +20,7 @@ token, the original processors run (bit-exact with the unpatched model).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -123,6 +124,31 @@ def random_drop_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ref
 # ----------------------------------------------------------------------------------------------------------------
 # drop training on a diffusers transformer
 # ----------------------------------------------------------------------------------------------------------------
+class _MaskedBlock:
+    """Stands in for a checkpointed block in a checkpointing function: calling it (or its ``forward``) runs the block
+    inside ``masked()``; every other attribute is the block's, and ``isinstance`` (and ``__class__``) see the block's
+    class, so a user's ``gradient_checkpointing_func`` that inspects the module still works (``type()`` shows the
+    stand-in)."""
+
+    def __init__(self, block: torch.nn.Module, masked: Callable):
+        self._block, self._masked = block, masked
+
+    @property
+    def __class__(self):
+        return type(self._block)
+
+    def __call__(self, *args, **kwargs):
+        with self._masked():
+            return self._block(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        with self._masked():
+            return self._block.forward(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._block, name)
+
+
 class _DropTrainingPatch(integration.ForwardPatch):
     """Draws the drop mask of each training forward and hands it to the processors through their shared state."""
 
@@ -164,20 +190,21 @@ class _DropTrainingPatch(integration.ForwardPatch):
                 module._gradient_checkpointing_func = checkpoint
 
     def _with_mask(self, checkpoint: Callable, mask: tuple) -> Callable:
-        """``checkpoint`` (diffusers' ``_gradient_checkpointing_func(block, *args)``) running ``block`` with the
-        processors' state set to ``mask``, in the forward and in the recomputation."""
+        """``checkpoint`` (diffusers' ``_gradient_checkpointing_func(block, *args)``) given a stand-in for ``block``
+        whose calls (forward and recomputation) run with the processors' state set to ``mask``."""
         state = self.state
 
-        def checkpoint_with_mask(block, *args, **kwargs):
-            def run(*block_args, **block_kwargs):
-                outer = (state.image_keep, state.image_kept_prefix)
-                state.image_keep, state.image_kept_prefix = mask
-                try:
-                    return block(*block_args, **block_kwargs)
-                finally:
-                    state.image_keep, state.image_kept_prefix = outer
+        @contextlib.contextmanager
+        def masked():
+            outer = (state.image_keep, state.image_kept_prefix)
+            state.image_keep, state.image_kept_prefix = mask
+            try:
+                yield
+            finally:
+                state.image_keep, state.image_kept_prefix = outer
 
-            return checkpoint(run, *args, **kwargs)
+        def checkpoint_with_mask(block, *args, **kwargs):
+            return checkpoint(_MaskedBlock(block, masked), *args, **kwargs)
 
         return checkpoint_with_mask
 

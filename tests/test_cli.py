@@ -172,6 +172,8 @@ def test_reference_point_rows_are_checked_for_shape_and_finite_values():
     rows = benchmarks.run_workload(benchmarks.Workload("t", "3x4", impls, torch.float32), device, quick=True)
     by_name = {row["impl"]: row for row in rows}
     assert by_name["different but sound"]["ok"] is True
-    assert by_name["wrong shape"]["ok"] is False and "shape (2, 4)" in by_name["wrong shape"]["note"]
+    assert by_name["wrong shape"]["ok"] is False and "(2, 4)" in by_name["wrong shape"]["note"]
     assert by_name["nan"]["ok"] is False and "non-finite" in by_name["nan"]["note"]
     assert benchmarks.reference_point_problem((x, x), (x,)) == "2 outputs, not 1"
+    assert "float64" in benchmarks.reference_point_problem(x.double(), x)
+    assert benchmarks.reference_point_problem((x, None), (x, None)) == ""

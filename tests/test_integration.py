@@ -1,6 +1,9 @@
 """Drop-in Sparse Context for diffusers (sparsectx.integration): tiny random-weight models built from configs, fp32,
 CPU, offline. Families: FLUX.2 (Flux2Transformer2DModel, 4-axis ids), FLUX.1 Kontext layout (FluxTransformer2DModel,
 reference plane 1), Qwen-Image (QwenImageTransformer2DModel, RoPE from img_shapes, zero_cond_t)."""
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -355,6 +358,15 @@ def test_bare_transformer_selects_again_for_a_new_prompt_tensor(models):
     assert len(calls) == 1
     _run(model, {**kwargs, "encoder_hidden_states": torch.randn_like(kwargs["encoder_hidden_states"])})
     assert len(calls) == 2
+    # the plans do not keep a call's prompt or per-call signals alive
+    prompt, user_mask = torch.randn_like(kwargs["encoder_hidden_states"]), torch.ones(1, 17, dtype=torch.bool)
+    alive = [weakref.ref(prompt), weakref.ref(user_mask)]
+    _run(model, {**kwargs, "encoder_hidden_states": prompt,
+                 "joint_attention_kwargs": {"sparsectx": {"signals": {"user_mask": user_mask}}}})
+    assert len(calls) == 3
+    del prompt, user_mask
+    gc.collect()
+    assert [ref() for ref in alive] == [None, None]
 
 
 def test_last_selection_follows_the_plan_used_last(models):
@@ -436,6 +448,16 @@ def test_per_call_selector_override_is_cached_across_steps(models):
     _run(model, step)
     _run(model, {**step, "timestep": torch.full((2,), 0.2)})
     assert len(calls) == 1
+
+    class Selector:  # a bound method is a new object at each attribute access: still the same selector
+        def select(self, latents, context):
+            return counting(latents, context)
+
+    user = Selector()
+    for t in (0.5, 0.3):
+        _run(model, {**kwargs, "timestep": torch.full((2,), t),
+                     "joint_attention_kwargs": {"sparsectx": {"selector": user.select}}})
+    assert len(calls) == 2
 
 
 def test_named_selector_is_deterministic_under_seed(models):

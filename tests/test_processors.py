@@ -467,17 +467,33 @@ def test_gpu_bf16_sparsectx_attention_and_drop_training(family, monkeypatch):
 
 
 
+def _module_aware_checkpointing(seen):
+    """A user's gradient_checkpointing_func that looks at the module it is given (selective checkpointing)."""
+
+    def checkpointing(module, *args):
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"expected the block, got {type(module).__name__}")
+        seen.append(module.__class__.__name__)
+        return torch.utils.checkpoint.checkpoint(module.forward, *args, use_reentrant=False)
+
+    return checkpointing
+
+
+@pytest.mark.parametrize("function", ["diffusers", "module-aware"])
 @pytest.mark.parametrize("between", ["train", "eval"])
-def test_gradient_checkpointing_recomputes_with_each_forwards_own_mask(between):
+def test_gradient_checkpointing_recomputes_with_each_forwards_own_mask(between, function):
     """Checkpointed blocks are recomputed in backward with the mask of the forward that ran them, even when another
     forward (a second micro-batch, an eval pass) drew another mask in between: the gradients equal those of the same
     forward without checkpointing."""
     kwargs = shared._inputs("flux2")
 
+    seen = []
+
     def gradients(checkpointing: bool, interleave: bool):
         model = shared._build_model("flux2").train()
         if checkpointing:
-            model.enable_gradient_checkpointing()
+            model.enable_gradient_checkpointing(
+                None if function == "diffusers" else _module_aware_checkpointing(seen))
         enable_drop_training(model, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(3))
         out = model(**kwargs)[0]
         if interleave and between == "train":
@@ -493,5 +509,7 @@ def test_gradient_checkpointing_recomputes_with_each_forwards_own_mask(between):
     expected = gradients(checkpointing=False, interleave=False)
     got = gradients(checkpointing=True, interleave=True)
     assert got.keys() == expected.keys() and len(got) > 10
+    if function == "module-aware":  # the function saw the blocks themselves (as isinstance tells)
+        assert set(seen) == {"Flux2TransformerBlock", "Flux2SingleTransformerBlock"}
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
