@@ -275,8 +275,9 @@ def _make_settings(budget, selector, seed, signals=None) -> _Settings:
 PROMPT_ARGS = ("encoder_hidden_states", "encoder_hidden_states_mask", "pooled_projections")
 
 
-class _SamplesDiffer(Exception):
-    """Raised by the probe of a selection made once for a batch whose samples have different prompts."""
+class _SamplesDiffer(BaseException):
+    """Raised by the probe of a selection made once for a batch whose samples have different prompts (a
+    BaseException, so a selector's own ``except Exception`` around the probe does not swallow it)."""
 
 
 def _same_rows(t: torch.Tensor) -> bool:

@@ -365,7 +365,7 @@ def _kv_attention(processor: _SparsectxProcessor, query, key, value, attention_m
     cache; text and target queries attend to every key, reference queries to the reference keys only. Cached:
     ``[txt, img]`` queries attend to their own keys plus the cached reference keys (passed to the kernel as its
     reference buffer: no concatenation): every cached row, or, when the layer cache carries ``kept_index``
-    (``[B, n]`` positions in the cache), only those rows, gathered per layer (a cache of every reference token read
+    (``[B, n]`` positions in the cache, unique per sample: not checked here), only those rows, gathered per layer (a cache of every reference token read
     under a selection: the alternative to caching the kept tokens only, measured by the ``kv`` bench case).
     Otherwise plain attention."""
     processor._no_mask_with_kv_cache(kv_cache_mode)
