@@ -508,4 +508,3 @@ def scatter_rows(
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
     )
     return out
-

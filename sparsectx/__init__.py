@@ -10,7 +10,8 @@ from .ops import (  # noqa: F401
     scatter_tokens,
     sparse_attention,
 )
-from .integration import disable, enable, last_selection, sparse_context  # noqa: F401  (imports diffusers only when used)
+# the integration imports diffusers only when used
+from .integration import disable, enable, last_selection, sparse_context  # noqa: F401
 from .selection import (  # noqa: F401
     SelectionContext,
     available_selectors,

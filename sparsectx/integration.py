@@ -709,6 +709,7 @@ class _SparsePatch(ForwardPatch):
             overrides["selector_key"] = _selector_key(overrides["selector"])
             overrides["selector"] = _resolve_selector(overrides["selector"])
         return overrides
+
     def _check_supported(self, call: dict, layout: _Layout) -> None:
         if getattr(self.transformer, "_parallel_config", None) is not None:
             raise RuntimeError("sparsectx does not support diffusers context parallelism: the compacted sequence "

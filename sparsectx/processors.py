@@ -182,16 +182,24 @@ class _SparsectxProcessor:
             if image_keep.shape[0] != batch or n_image > seq:
                 raise ValueError(f"the drop mask is [{image_keep.shape[0]}, {n_image}] but attention sees a batch "
                                  f"of {batch} sequences of {seq} tokens")
-            key_mask[:, seq - n_image:] &= image_keep.to(query.device)
-            if self.state.skip_dropped_queries:
-                query_mask = torch.ones_like(key_mask)
-                query_mask[:, seq - n_image:] = image_keep.to(query.device)
+            query_mask = self._apply_drop_mask(key_mask, slice(seq - n_image, seq))
         kept_prefix = 0
         if attention_mask is not None:
             key_mask &= _key_mask_from_attention_mask(attention_mask, batch, seq)
         else:  # every text token and the leading image tokens
             kept_prefix = seq - image_keep.shape[1] + self.state.image_kept_prefix
         return masked_attention(query, key, value, key_mask, query_mask=query_mask, kept_prefix=kept_prefix)
+
+    def _apply_drop_mask(self, key_mask: torch.Tensor, image_columns: slice) -> Optional[torch.Tensor]:
+        """Drops the state's dropped image tokens from ``key_mask`` (bool ``[B, S]``, in place) at the joint
+        sequence's ``image_columns``; returns the query mask that skips them too, or None (queries not skipped)."""
+        image_keep = self.state.image_keep.to(key_mask.device)
+        key_mask[:, image_columns] &= image_keep
+        if not self.state.skip_dropped_queries:
+            return None
+        query_mask = torch.ones_like(key_mask)
+        query_mask[:, image_columns] = image_keep
+        return query_mask
 
     def _attend_image_first(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, n_text: int,
                             text_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -216,11 +224,8 @@ class _SparsectxProcessor:
             if tuple(image_keep.shape) != (batch, n_image):
                 raise ValueError(f"the drop mask is {list(image_keep.shape)} but attention sees a batch of {batch} "
                                  f"sequences of {n_image} image tokens")
-            key_mask[:, :n_image] = image_keep.to(query.device)
+            query_mask = self._apply_drop_mask(key_mask, slice(0, n_image))
             kept_prefix = self.state.image_kept_prefix
-            if self.state.skip_dropped_queries:
-                query_mask = torch.ones_like(key_mask)
-                query_mask[:, :n_image] = image_keep.to(query.device)
         return masked_attention(query, key, value, key_mask, query_mask=query_mask, kept_prefix=kept_prefix)
 
     def _no_mask_with_kv_cache(self, kv_cache_mode) -> None:
@@ -365,8 +370,9 @@ def _kv_attention(processor: _SparsectxProcessor, query, key, value, attention_m
     cache; text and target queries attend to every key, reference queries to the reference keys only. Cached:
     ``[txt, img]`` queries attend to their own keys plus the cached reference keys (passed to the kernel as its
     reference buffer: no concatenation): every cached row, or, when the layer cache carries ``kept_index``
-    (``[B, n]`` positions in the cache, unique per sample: not checked here), only those rows, gathered per layer (a cache of every reference token read
-    under a selection: the alternative to caching the kept tokens only, measured by the ``kv`` bench case).
+    (``[B, n]`` positions in the cache, unique per sample: not checked here), only those rows, gathered per layer
+    (a cache of every reference token read under a selection: the alternative to caching the kept tokens only,
+    measured by the ``kv`` bench case).
     Otherwise plain attention."""
     processor._no_mask_with_kv_cache(kv_cache_mode)
     ref_start, ref_end = num_txt_tokens, num_txt_tokens + num_ref_tokens

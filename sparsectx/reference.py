@@ -111,9 +111,9 @@ def sparse_attention_ref(
     ``ref_k[b, ref_index[cu_seqlens_ref[b]:cu_seqlens_ref[b+1]]]`` (same for values), or, when ``ref_index`` is
     None, by the packed rows ``ref_k[cu_seqlens_ref[b]:cu_seqlens_ref[b+1]]``.
 
-    q ``[Tq, H, D]``, k/v ``[Tk, H, D]``, ref_k/ref_v ``[B, R, H, D]`` (or packed ``[Tref, H, D]``). Returns ``(out [Tq, H, D], lse [H, Tq])``;
-    ``lse`` is the natural-log log-sum-exp of the scaled scores, ``-inf`` for a query that sees no key (whose output
-    is then zero) and for rows of q past ``cu_seqlens_q[-1]``.
+    q ``[Tq, H, D]``, k/v ``[Tk, H, D]``, ref_k/ref_v ``[B, R, H, D]`` (or packed ``[Tref, H, D]``). Returns
+    ``(out [Tq, H, D], lse [H, Tq])``; ``lse`` is the natural-log log-sum-exp of the scaled scores, ``-inf`` for a
+    query that sees no key (whose output is then zero) and for rows of q past ``cu_seqlens_q[-1]``.
     """
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     batch = cu_seqlens_q.numel() - 1

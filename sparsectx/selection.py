@@ -568,9 +568,28 @@ def _check_kind(name: str, tensor: torch.Tensor, allow_ratio: bool, allow_count:
 
 
 def _check_per_image_setting(name: str, value) -> None:
-    """Construction-time check of a count-or-ratio setting's type (values are checked when the budget runs)."""
+    """Construction-time check of a count-or-ratio setting's type (tensor values are checked when the budget
+    runs)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor, list, tuple)):
         raise TypeError(f"{name} must be an int, a float, a tensor or a list of them, got {type(value).__name__}")
+
+
+def _check_scalar_setting(name: str, value) -> None:
+    """A Python-scalar count-or-ratio setting: a float ratio in [0, 1] or an int count >= 0."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int (count) or a float (ratio), got bool")
+    if isinstance(value, float) and not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} ratio must lie in [0, 1], got {value}")
+    if isinstance(value, int) and value < 0:
+        raise ValueError(f"{name} count must be >= 0, got {value}")
+
+
+def _check_coverage(coverage) -> None:
+    """``coverage``'s type, and its range when it is a Python scalar (a tensor's is checked where it is used)."""
+    if isinstance(coverage, bool) or not isinstance(coverage, (int, float, torch.Tensor)):
+        raise TypeError(f"coverage must be a float or a tensor, got {type(coverage).__name__}")
+    if isinstance(coverage, (int, float)) and not 0.0 <= coverage <= 1.0:
+        raise ValueError(f"coverage must lie in [0, 1], got {coverage!r}")
 
 
 def _per_image(name: str, value: PerImage, batch: int, ref_lengths: Sequence[int], device,
@@ -579,24 +598,20 @@ def _per_image(name: str, value: PerImage, batch: int, ref_lengths: Sequence[int
     (rounded half up, as ``compact_tokens`` does), ints are counts (clamped to the image length). Tensors (and
     lists) broadcast to ``[B, n_refs]``: ``[n_refs]`` per image, ``[B, 1]`` per request, ``[B, n_refs]`` both.
     Python scalars are checked on the host; tensors with one small host read."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int (count) or a float (ratio), got bool")
-    if isinstance(value, (int, float)):
-        if isinstance(value, float) and not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} ratio must lie in [0, 1], got {value}")
-        if isinstance(value, int) and value < 0:
-            raise ValueError(f"{name} count must be >= 0, got {value}")
+    scalar = isinstance(value, (int, float))
+    if scalar:
+        _check_scalar_setting(name, value)
         tensor = torch.tensor(value, device=device, dtype=torch.float64 if isinstance(value, float) else None)
     else:
         tensor = value.to(device) if isinstance(value, torch.Tensor) else torch.tensor(value, device=device)
         if tensor.dtype == torch.bool or tensor.is_complex():
             raise TypeError(f"{name} must hold ints (counts) or floats (ratios), got {tensor.dtype}")
-        _check_kind(name, tensor, allow_ratio, allow_count)
-        if tensor.is_floating_point() and bool(((tensor < 0) | (tensor > 1) | ~torch.isfinite(tensor)).any()):
-            raise ValueError(f"{name} ratios must lie in [0, 1]")
-        if not tensor.is_floating_point() and bool((tensor < 0).any()):
-            raise ValueError(f"{name} counts must be >= 0")
-    _check_kind(name, tensor, allow_ratio, allow_count)
+    _check_kind(name, tensor, allow_ratio, allow_count)  # before the range: a count budget reports a count error
+    if not scalar and tensor.is_floating_point() and bool(
+            ((tensor < 0) | (tensor > 1) | ~torch.isfinite(tensor)).any()):
+        raise ValueError(f"{name} ratios must lie in [0, 1]")
+    if not scalar and not tensor.is_floating_point() and bool((tensor < 0).any()):
+        raise ValueError(f"{name} counts must be >= 0")
     tensor = _broadcast_per_image(name, tensor, batch, len(ref_lengths))
     lengths = torch.tensor(ref_lengths, device=device)
     if tensor.is_floating_point():
@@ -714,16 +729,13 @@ def adaptive_budget(scores: torch.Tensor, coverage: Union[float, torch.Tensor] =
     if mass == "linear" and bool((scores < 0).any()):
         raise ValueError("mass='linear' needs scores >= 0 (use 'softmax' or 'auto' for signed scores)")
     batch, device = scores.shape[0], scores.device
+    _check_coverage(coverage)
     if isinstance(coverage, torch.Tensor):
         cov = coverage.to(device=device, dtype=torch.float64)
-        bad = bool((~torch.isfinite(cov) | (cov < 0) | (cov > 1)).any())
-    elif isinstance(coverage, (int, float)) and not isinstance(coverage, bool):
-        cov = torch.tensor(float(coverage), dtype=torch.float64, device=device)
-        bad = not 0.0 <= coverage <= 1.0
+        if bool((~torch.isfinite(cov) | (cov < 0) | (cov > 1)).any()):
+            raise ValueError(f"coverage must lie in [0, 1], got {coverage!r}")
     else:
-        raise TypeError(f"coverage must be a float or a tensor, got {type(coverage).__name__}")
-    if bad:
-        raise ValueError(f"coverage must lie in [0, 1], got {coverage!r}")
+        cov = torch.tensor(float(coverage), dtype=torch.float64, device=device)
     cov = _broadcast_per_image("coverage", cov, batch, len(ref_lengths))
     low = _per_image("floor", floor, batch, ref_lengths, device)
     high = _per_image("cap", cap, batch, ref_lengths, device)
@@ -756,16 +768,11 @@ def adaptive(coverage: Union[float, torch.Tensor] = 0.9, floor: PerImage = 0, ca
     """A budget for ``select``: ``adaptive_budget`` with these settings (see there)."""
     if mass not in MASS_MODES:
         raise ValueError(f"mass must be one of {MASS_MODES}, got {mass!r}")
-    if isinstance(coverage, bool) or not isinstance(coverage, (int, float, torch.Tensor)):
-        raise TypeError(f"coverage must be a float or a tensor, got {type(coverage).__name__}")
-    if isinstance(coverage, (int, float)) and not 0.0 <= coverage <= 1.0:
-        raise ValueError(f"coverage must lie in [0, 1], got {coverage!r}")
+    _check_coverage(coverage)
     for name, value in (("floor", floor), ("cap", cap)):
         _check_per_image_setting(name, value)
-        if isinstance(value, float) and not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} ratio must lie in [0, 1], got {value}")
-        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
-            raise ValueError(f"{name} count must be >= 0, got {value}")
+        if isinstance(value, (int, float)):
+            _check_scalar_setting(name, value)
     return AdaptiveBudget(coverage, floor, cap, mass)
 
 

@@ -264,4 +264,3 @@ def test_transformer_sees_target_plus_kept_tokens(pipe, family, mode):
     # one selection per pipeline call, on one copy of the references shared by the images and the CFG branch
     assert selections == [((1, sum(n_refs)), n_refs)] * calls
     assert latents.shape[:2] == (images, n_target)
-

@@ -167,17 +167,24 @@ def _kv_model():
     return model
 
 
-def _kv_steps(model, kwargs):
-    """FLUX.2 klein's KV-cache run: an extract step on [references, target], then a cached step on the target."""
+def _kv_calls(kwargs):
+    """FLUX.2 klein's KV-cache calls: ``(extract, cached)`` kwargs, the extract step on [references, target], the
+    cached step on the target (its ``kv_cache`` to be added)."""
     n_ref = kwargs["hidden_states"].shape[1] - N_TARGET
     refs_first = lambda t: torch.cat([t[:, N_TARGET:], t[:, :N_TARGET]], 1)  # noqa: E731
     extract = {**kwargs, "hidden_states": refs_first(kwargs["hidden_states"]), "img_ids": refs_first(kwargs["img_ids"]),
                "kv_cache_mode": "extract", "num_ref_tokens": n_ref, "ref_fixed_timestep": 0.0}
+    cached = {**kwargs, "hidden_states": kwargs["hidden_states"][:, :N_TARGET],
+              "img_ids": kwargs["img_ids"][:, :N_TARGET], "kv_cache_mode": "cached"}
+    return extract, cached
+
+
+def _kv_steps(model, kwargs):
+    """FLUX.2 klein's KV-cache run: the extract step's output, then the cached step's."""
+    extract, cached = _kv_calls(kwargs)
     with torch.no_grad():
         first, cache = model(**extract)
-        cached = {**kwargs, "hidden_states": kwargs["hidden_states"][:, :N_TARGET],
-                  "img_ids": kwargs["img_ids"][:, :N_TARGET], "kv_cache_mode": "cached", "kv_cache": cache}
-        second = model(**cached)[0]
+        second = model(**cached, kv_cache=cache)[0]
     return first, second
 
 
@@ -206,12 +213,7 @@ def test_kv_cache_kept_index_equals_cache_of_the_kept_rows():
         batch = kwargs["hidden_states"].shape[0]
         gen = torch.Generator().manual_seed(3)
         kept = torch.stack([torch.randperm(n_ref, generator=gen)[: n_ref // 3].sort().values for _ in range(batch)])
-        refs_first = lambda t: torch.cat([t[:, N_TARGET:], t[:, :N_TARGET]], 1)  # noqa: E731
-        extract = {**kwargs, "hidden_states": refs_first(kwargs["hidden_states"]),
-                   "img_ids": refs_first(kwargs["img_ids"]), "kv_cache_mode": "extract", "num_ref_tokens": n_ref,
-                   "ref_fixed_timestep": 0.0}
-        cached = {**kwargs, "hidden_states": kwargs["hidden_states"][:, :N_TARGET],
-                  "img_ids": kwargs["img_ids"][:, :N_TARGET], "kv_cache_mode": "cached"}
+        extract, cached = _kv_calls(kwargs)
         with torch.no_grad():
             cache = model(**extract)[1]
             layers = cache.double_block_caches + cache.single_block_caches
@@ -466,7 +468,6 @@ def test_gpu_bf16_sparsectx_attention_and_drop_training(family, monkeypatch):
     _assert_within_twice_native_error(dropped, masked[torch.bfloat16], masked[torch.float32])
 
 
-
 def _module_aware_checkpointing(seen):
     """A user's gradient_checkpointing_func that looks at the module it is given (selective checkpointing)."""
 
@@ -486,7 +487,6 @@ def test_gradient_checkpointing_recomputes_with_each_forwards_own_mask(between, 
     forward (a second micro-batch, an eval pass) drew another mask in between: the gradients equal those of the same
     forward without checkpointing."""
     kwargs = shared._inputs("flux2")
-
     seen = []
 
     def gradients(checkpointing: bool, interleave: bool):
