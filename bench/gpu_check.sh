@@ -180,6 +180,7 @@ for path in parts:
     if os.path.exists(path):
         data = json.load(open(path))
         merged["meta"] = merged["meta"] or data["meta"]
+        merged["meta"].setdefault("autotune_runs", []).append(data["meta"].get("autotune", {}))
         merged["rows"] += data["rows"]
 if merged["meta"] is None:
     print("no benchmark JSON was written")
@@ -206,6 +207,10 @@ for (case, shape), rows in blocks.items():
                      else f"{r['impl'][:30]} {r['time_ms']:.3f}ms{flag}")
         peers[-1] += f" {r['peak_mem_gb']:.1f}GiB" if r.get("peak_mem_gb") else ""
     print(head + (" | " + " | ".join(peers) if peers else ""))
+picks = sorted({(k, key, cfg) for part in m.get("autotune_runs", []) for k, info in part.items()
+                for key, cfg in info["picked"].items()})
+for kernel, key, cfg in picks[:16]:
+    print(f"autotune {kernel} {key[:70]}: {cfg[:90]}")
 EOF
 } >"$SUMMARY" 2>&1
 cat "$SUMMARY"

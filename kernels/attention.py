@@ -57,6 +57,25 @@ DKDV_CONFIGS = _configs([(32, 64, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2), (32, 6
 DQ_CONFIGS = _configs([(64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2), (64, 128, 8, 2), (64, 32, 4, 3)], (32, 32))
 
 
+def tuned_configs() -> dict:
+    """The launch configuration the autotuner picked for each kernel and tuning key so far in this process, as
+    ``{kernel: {key: config}}`` strings, plus the timings (ms) of every candidate for the key each kernel tuned last
+    (``{kernel: {"last_tuned": {config: ms}}}``). Empty before the first launch and in the interpreter."""
+    choices = {}
+    for name, kernel in (("fwd", _fwd_kernel), ("bwd_dkdv", _bwd_dkdv_kernel), ("bwd_dq", _bwd_dq_kernel)):
+        picked = {str(key): str(config) for key, config in getattr(kernel, "cache", {}).items()}
+        timings = getattr(kernel, "configs_timings", None) or {}
+        if picked and len(kernel.configs) > 1:
+            choices[name] = {"picked": picked,
+                             "last_tuned": {str(config): _first(ms) for config, ms in timings.items()}}
+    return choices
+
+
+def _first(ms):
+    """A candidate's timing as one float (the autotuner stores a list of quantiles or a float)."""
+    return float(ms[0]) if isinstance(ms, (list, tuple)) else float(ms)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------------------------

@@ -1923,6 +1923,7 @@ def main(args: argparse.Namespace) -> int:
             case_rows = run_case(name, device, size, quick=args.quick, shared=shared, progress=progress,
                                  on_rows=save, earlier_rows=earlier + rows)
             rows += case_rows
+            meta["autotune"] = ops.kernel_configs()  # what the attention kernels' autotuner chose in this run
             tqdm.write(f"== {CASES[name].title}\n{format_table(case_rows)}")
             if args.json:
                 write_json(args.json, meta, rows)

@@ -54,6 +54,18 @@ def _use_triton(t: torch.Tensor) -> bool:
     return backend_for(t.device, t.dtype) != TORCH_REFERENCE
 
 
+def kernel_configs() -> dict:
+    """The launch configurations the attention kernels' autotuner picked so far in this process, per kernel and
+    tuning key, and the timings of every candidate for the key each kernel tuned last (see
+    ``sparsectx.kernels.attention.tuned_configs``). Empty before the first GPU launch, without Triton and in the
+    interpreter (one configuration there). Benchmarks record it with their results."""
+    if not _triton_available():
+        return {}
+    from .kernels.attention import tuned_configs
+
+    return tuned_configs()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # validation helpers: every message names the argument, and all run before any launch
 # ----------------------------------------------------------------------------------------------------------------

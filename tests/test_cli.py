@@ -79,6 +79,7 @@ def _check_bench_json(path: Path, case: str) -> list:
     assert meta["cases"] == [case]
     assert meta["torch"] == torch.__version__
     assert meta["ceilings"]["copy_GBps"] > 0
+    assert meta["autotune"] == sparsectx.ops.kernel_configs()
     assert rows and all(set(row) == ROW_KEYS for row in rows)
     assert {row["case"] for row in rows} == {case}
     blocks = {}

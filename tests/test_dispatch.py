@@ -19,6 +19,26 @@ def test_backend_for_follows_device_dtype_and_interpreter_flag(monkeypatch):
                                                        ops.TORCH_REFERENCE)
 
 
+@pytest.mark.skipif(not ops._triton_available(), reason="needs triton")
+def test_kernel_configs_report_the_autotuner_choices(monkeypatch):
+    import triton
+
+    from sparsectx.kernels import attention
+
+    kernel = attention._fwd_kernel
+    small, big = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4), triton.Config(
+        {"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8)
+    monkeypatch.setattr(kernel, "configs", [small, big])
+    monkeypatch.setattr(kernel, "cache", {(128, True, False, "torch.bfloat16"): big})
+    monkeypatch.setattr(kernel, "configs_timings", {small: [0.9, 0.8, 1.0], big: 0.5}, raising=False)
+    report = ops.kernel_configs()["fwd"]
+    assert report["picked"] == {str((128, True, False, "torch.bfloat16")): str(big)}
+    assert report["last_tuned"] == {str(small): 0.9, str(big): 0.5}
+    # one candidate: nothing was tuned, nothing is reported
+    monkeypatch.setattr(kernel, "configs", [big])
+    assert "fwd" not in ops.kernel_configs()
+
+
 def _inputs(dtype):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(21, 2, 32, generator=g).to(dtype)
