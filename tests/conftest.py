@@ -13,6 +13,34 @@ if not torch.cuda.is_available():
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _interpreter_needs_older_numpy() -> bool:
+    """Triton 3.6's interpreter turns a scalar kernel argument into an int with ``int(array_of_shape_1)``, which
+    numpy >= 2.4 refuses (3.9's interpreter squeezes it first): every kernel looping over a runtime length fails."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import inspect
+
+        import numpy
+        from triton.runtime import interpreter
+    except Exception:
+        return False
+    try:
+        int(numpy.zeros(1))
+    except TypeError:
+        return "int(self.handle.data))" in inspect.getsource(interpreter)
+    return False
+
+
+def pytest_configure(config):
+    if _interpreter_needs_older_numpy():
+        import numpy
+        import triton
+
+        raise pytest.UsageError(f"the Triton interpreter of triton {triton.__version__} cannot run these kernels "
+                                f"with numpy {numpy.__version__}: install numpy<2.4 or a newer Triton (3.9 works)")
+
+
 @pytest.fixture
 def device():
     return DEVICE
