@@ -200,6 +200,12 @@ def _fwd_kernel(
     tl.store(LSE + head * stride_lse_h + q_start + offs_m, lse, mask=q_valid)
 
 
+def _empty_as(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous uninitialised tensor of ``t``'s shape, dtype and device, whatever ``t``'s strides (outputs and
+    gradients are contiguous, as the reference's and the fake op's)."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
 def _block_d(dim: int) -> int:
     return max(16, next_power_of_2(dim))
 
@@ -225,7 +231,7 @@ def attention_forward(q, k, v, cu_q, cu_k, max_seqlen_q, ref_k, ref_v, ref_index
     """Launches the forward kernel. Returns ``(out [Tq, H, D], lse [H, Tq] fp32, natural log)``."""
     tq, heads, dim = q.shape
     batch = cu_q.numel() - 1
-    out = q.new_empty(q.shape)  # contiguous whatever q's strides (as the reference and the fake op)
+    out = _empty_as(q)
     lse = torch.empty((heads, tq), dtype=torch.float32, device=q.device)
     if tq == 0 or batch == 0 or max_seqlen_q == 0:
         return out, lse
@@ -414,7 +420,7 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, 
     block_d = _block_d(dim)
     ieee = q.dtype == torch.float32
     qk_scale = softmax_scale * LOG2E
-    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous
+    dq, dk, dv = _empty_as(q), _empty_as(k), _empty_as(v)
     has_ref = ref_k is not None
     dref_k = ref_k.new_zeros(ref_k.shape) if has_ref else q.new_empty(0)
     dref_v = ref_v.new_zeros(ref_v.shape) if has_ref else q.new_empty(0)

@@ -298,7 +298,7 @@ def _copy_kept_rows(src_ptr, dst_ptr, width, stride_b, stride_n, sample, pos, ro
 
 @triton.jit
 def _gather_rows_kernel(
-    index_ptr, cu_seqlens_ptr, n_samples, n_rows,
+    index_ptr, cu_seqlens_ptr, n_samples, n_rows, n_tokens,
     src0, dst0, width0, stride_b0, stride_n0,
     src1, dst1, width1, stride_b1, stride_n1,
     src2, dst2, width2, stride_b2, stride_n2,
@@ -311,6 +311,7 @@ def _gather_rows_kernel(
     sample, kept = _sample_of_rows(cu_seqlens_ptr, rows, n_samples, B_PAD)
     kept = kept & in_output
     pos = tl.load(index_ptr + rows, mask=kept, other=0)
+    kept = kept & (pos >= 0) & (pos < n_tokens)  # a malformed index (scatter's backward) reads nothing: zeros
     _copy_kept_rows(src0, dst0, width0, stride_b0, stride_n0, sample, pos, rows, kept, in_output, cols)
     if NUM_PAYLOADS > 1:
         _copy_kept_rows(src1, dst1, width1, stride_b1, stride_n1, sample, pos, rows, kept, in_output, cols)
@@ -460,7 +461,7 @@ def gather_rows(
 ) -> list[torch.Tensor]:
     """Packed copies ``[n_rows, ...]`` of the kept rows of each payload ``[B, N, ...]`` (any dtype, any strides on the
     first two dims): row r holds ``payload[b, index[r]]`` for the sample b whose range of ``cu_seqlens`` contains r,
-    and zeros for ``r >= cu_seqlens[-1]``. Never reads the device from the host."""
+    and zeros for ``r >= cu_seqlens[-1]`` and for indices outside ``[0, N)``. Never reads the device from the host."""
     outputs = [torch.empty((n_rows, *p.shape[2:]), dtype=p.dtype, device=p.device) for p in payloads]
     batch = cu_seqlens.numel() - 1
     if n_rows == 0 or not payloads:
@@ -479,7 +480,7 @@ def gather_rows(
             args += [src, dst, src.shape[2], src.stride(0), src.stride(1)]
         grid = (cdiv(n_rows, block_r), cdiv(max_width, block_c))
         _gather_rows_kernel[grid](
-            index, cu_seqlens, batch, n_rows, *args,
+            index, cu_seqlens, batch, n_rows, payloads[0].shape[1], *args,
             NUM_PAYLOADS=len(group), B_PAD=next_power_of_2(max(batch, 1)),
             BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
         )

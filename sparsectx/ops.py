@@ -594,8 +594,9 @@ def scatter_tokens(packed: torch.Tensor, index: torch.Tensor, cu_seqlens: torch.
     kept get ``fill``: a scalar, or a ``[B, N, ...]`` tensor whose values are kept there. Differentiable.
 
     ``packed`` and ``index`` have the same number of rows; rows past ``cu_seqlens[-1]`` (``max_total`` padding)
-    are ignored. The Triton path never waits for the device (index values are trusted as produced by
-    ``compact_tokens``; out-of-range ones are skipped); the reference path reads ``cu_seqlens[-1]``.
+    are ignored, and so are rows whose index lies outside ``[0, n_tokens)`` (nothing is written for them and their
+    gradient is zero): the Triton path never waits for the device to check indices. The reference path reads
+    ``cu_seqlens[-1]``.
     """
     _check_tensor("packed", packed)
     if packed.ndim < 1:

@@ -65,7 +65,8 @@ def compact_ref(keep: torch.Tensor, *tensors: torch.Tensor):
 def scatter_ref(packed: torch.Tensor, index: torch.Tensor, cu_seqlens: torch.Tensor, n_tokens: int,
                 fill: Union[float, torch.Tensor] = 0.0) -> torch.Tensor:
     """Inverse of ``compact_ref``: rows back to ``[B, N, ...]``; elsewhere ``fill`` (a scalar or a ``[B, N, ...]``
-    tensor whose values are kept)."""
+    tensor whose values are kept). Rows whose index lies outside ``[0, N)`` are skipped (their gradient is
+    zero)."""
     batch = cu_seqlens.numel() - 1
     if isinstance(fill, torch.Tensor):
         out = fill.clone()
@@ -75,7 +76,8 @@ def scatter_ref(packed: torch.Tensor, index: torch.Tensor, cu_seqlens: torch.Ten
     for b in range(batch):
         lo, hi = int(cu_seqlens[b]), int(cu_seqlens[b + 1])
         pos = index[lo:hi].long()
-        row = out[b].index_put((pos,), packed[lo:hi])
+        valid = (pos >= 0) & (pos < n_tokens)
+        row = out[b].index_put((pos[valid],), packed[lo:hi][valid])
         pieces.append(row)
     return torch.stack(pieces) if pieces else out
 

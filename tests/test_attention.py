@@ -25,9 +25,10 @@ def _cu(lengths):
                         device=DEVICE)
 
 
-def make_case(lq, lk, lr, ref_len, heads, dim, dtype, seed, with_ref=True, packed=False):
+def make_case(lq, lk, lr, ref_len, heads, dim, dtype, seed, with_ref=True, packed=False, scale=None):
     """Random varlen inputs. References: a ``[B, ref_len, H, D]`` buffer with ``lr[b]`` distinct random rows kept
-    per sample, or (``packed``) ``[sum(lr), H, D]`` packed rows (``ref_len`` unused)."""
+    per sample, or (``packed``) ``[sum(lr), H, D]`` packed rows (``ref_len`` unused). ``scale``: the softmax scale
+    passed to both sparsectx and the reference (None: their default, 1/sqrt(D))."""
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape):
@@ -35,7 +36,7 @@ def make_case(lq, lk, lr, ref_len, heads, dim, dtype, seed, with_ref=True, packe
 
     case = types.SimpleNamespace(
         q=rnd(sum(lq), heads, dim), k=rnd(sum(lk), heads, dim), v=rnd(sum(lk), heads, dim),
-        cu_q=_cu(lq), cu_k=_cu(lk), max_q=max(lq), max_k=max(lk), ref=None)
+        cu_q=_cu(lq), cu_k=_cu(lk), max_q=max(lq), max_k=max(lk), ref=None, scale=scale)
     if with_ref and packed:
         case.ref = dict(ref_k=rnd(sum(lr), heads, dim), ref_v=rnd(sum(lr), heads, dim), cu_seqlens_ref=_cu(lr))
     elif with_ref:
@@ -54,7 +55,7 @@ def run_ops(case, dout, dlse):
         for n in ("ref_k", "ref_v"):
             refs[n] = refs[n].detach().clone().requires_grad_(True)
     out, lse = sparsectx.sparse_attention(leaves["q"], leaves["k"], leaves["v"], case.cu_q, case.cu_k, case.max_q,
-                                          case.max_k, return_lse=True, **refs)
+                                          case.max_k, return_lse=True, softmax_scale=case.scale, **refs)
     torch.autograd.backward([out, lse], [dout, dlse.masked_fill(~torch.isfinite(lse), 0.0)])
     grads = {n: t.grad for n, t in leaves.items()}
     grads.update({n: refs[n].grad for n in ("ref_k", "ref_v") if n in refs})
@@ -67,10 +68,12 @@ def run_reference(case, dtype, dout, dlse):
     refs = {}
     if case.ref is not None:
         refs = dict(case.ref, ref_k=case.ref["ref_k"].to(dtype), ref_v=case.ref["ref_v"].to(dtype))
-    out, lse = ref.sparse_attention_ref(cast["q"], cast["k"], cast["v"], case.cu_q, case.cu_k, **refs)
+    out, lse = ref.sparse_attention_ref(cast["q"], cast["k"], cast["v"], case.cu_q, case.cu_k,
+                                        softmax_scale=case.scale, **refs)
     dlse = dlse.masked_fill(~torch.isfinite(lse), 0.0)
     dq, dk, dv, drk, drv = ref.sparse_attention_bwd_ref(dout.to(dtype), dlse.to(dtype), cast["q"], cast["k"],
-                                                        cast["v"], case.cu_q, case.cu_k, **refs)
+                                                        cast["v"], case.cu_q, case.cu_k, softmax_scale=case.scale,
+                                                        **refs)
     grads = dict(q=dq, k=dk, v=dv)
     if case.ref is not None:
         grads.update(ref_k=drk, ref_v=drv)
@@ -103,14 +106,15 @@ def poisoned_outputs(monkeypatch):
 
 
 CASES = {
-    # name: (q lengths, own key lengths, kept reference lengths, reference buffer length R, heads, head dim)
-    "mixed_varlen": ([5, 40, 0, 33], [3, 0, 37, 10], [7, 20, 3, 0], 50, 2, 64),
-    "single_sample_all_refs_kept": ([17], [1], [24], 24, 1, 64),
-    "no_own_keys_refs_only": ([9, 31], [0, 0], [1, 45], 45, 2, 64),
-    "sample_sees_no_key": ([6, 3], [0, 4], [0, 2], 8, 1, 64),
-    "head_dim_not_power_of_two": ([12, 20], [7, 2], [5, 9], 16, 2, 40),
-    "head_dim_128": ([34], [10], [30], 40, 1, 128),
-    "lengths_multiple_of_the_block": ([32, 64], [32, 0], [64, 32], 64, 1, 64),
+    # name: (q lengths, own key lengths, kept reference lengths, reference buffer length R, heads, head dim,
+    #        softmax scale: None = the default 1/sqrt(D))
+    "mixed_varlen": ([5, 40, 0, 33], [3, 0, 37, 10], [7, 20, 3, 0], 50, 2, 64, 0.3),
+    "single_sample_all_refs_kept": ([17], [1], [24], 24, 1, 64, None),
+    "no_own_keys_refs_only": ([9, 31], [0, 0], [1, 45], 45, 2, 64, None),
+    "sample_sees_no_key": ([6, 3], [0, 4], [0, 2], 8, 1, 64, None),
+    "head_dim_not_power_of_two": ([12, 20], [7, 2], [5, 9], 16, 2, 40, 0.05),
+    "head_dim_128": ([34], [10], [30], 40, 1, 128, None),
+    "lengths_multiple_of_the_block": ([32, 64], [32, 0], [64, 32], 64, 1, 64, 1.0),
 }
 
 
@@ -122,9 +126,9 @@ PACKED_CASES = ("mixed_varlen", "no_own_keys_refs_only", "sample_sees_no_key", "
 @pytest.mark.parametrize("name, packed", [(n, False) for n in CASES] + [(n, True) for n in PACKED_CASES],
                          ids=lambda v: {True: "packed_refs", False: "gathered_refs"}.get(v, v))
 def test_forward_and_backward_match_reference(name, packed, dtype, poisoned_outputs):
-    lq, lk, lr, ref_len, heads, dim = CASES[name]
+    lq, lk, lr, ref_len, heads, dim, scale = CASES[name]
     seed = sum(map(ord, name))
-    case = make_case(lq, lk, lr, ref_len, heads, dim, dtype, seed, packed=packed)
+    case = make_case(lq, lk, lr, ref_len, heads, dim, dtype, seed, packed=packed, scale=scale)
     g = torch.Generator().manual_seed(seed + 1)
     dout = torch.randn(case.q.shape, generator=g).to(DEVICE, dtype)
     dlse = torch.randn(heads, sum(lq), generator=g).to(DEVICE)
@@ -143,6 +147,28 @@ def test_forward_and_backward_match_reference(name, packed, dtype, poisoned_outp
     for key, exact in exact_grads.items():
         assert grads[key] is not None, f"no gradient for {key}"
         assert_flash_criterion(f"d{key}", grads[key], torch_grads[key], exact, dtype)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["gathered_refs", "packed_refs"])
+def test_backward_reference_equals_autograd_of_the_forward_reference(packed):
+    """The explicit backward formulas (the spec the backward kernel implements, dlse term included) are the
+    gradients of the forward reference: checked in float64 against autograd, with a non-default scale."""
+    case = make_case([5, 12, 0], [3, 0, 4], [6, 2, 3], 9, 2, 16, torch.float64, seed=41, packed=packed, scale=0.4)
+    leaves = [case.q, case.k, case.v, case.ref["ref_k"], case.ref["ref_v"]]
+    leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    refs = dict(case.ref, ref_k=leaves[3], ref_v=leaves[4])
+    out, lse = ref.sparse_attention_ref(*leaves[:3], case.cu_q, case.cu_k, softmax_scale=0.4, **refs)
+    g = torch.Generator().manual_seed(42)
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64).to(DEVICE)
+    dlse = torch.randn(lse.shape, generator=g).to(DEVICE)  # lse is float32 (as the kernel's), so is its gradient
+    seen = torch.isfinite(lse)
+    assert seen.any() and dlse[seen].abs().min() > 0  # the dlse term contributes
+    autograd = torch.autograd.grad([out, lse[seen]], leaves, [dout, dlse[seen]])
+    explicit = ref.sparse_attention_bwd_ref(dout, dlse.masked_fill(~seen, 0.0).double(),
+                                            *[t.detach() for t in leaves[:3]], case.cu_q, case.cu_k,
+                                            softmax_scale=0.4, **case.ref)
+    for name, a, b in zip(("q", "k", "v", "ref_k", "ref_v"), autograd, explicit):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"d{name}: {m}")
 
 
 def test_reference_rows_not_kept_get_zero_gradient(poisoned_outputs):
@@ -309,6 +335,10 @@ def _valid():
     (lambda a: a.update(ref_v=None), ValueError, "must be given together"),
     (lambda a: a.update(cu_seqlens_ref=a["cu_seqlens_ref"][:2]), ValueError, "cu_seqlens_ref"),
     (lambda a: a.update(softmax_scale=float("nan")), ValueError, "softmax_scale"),
+    (lambda a: a.update(q=a["q"].new_zeros(10, 2, 300), k=a["k"].new_zeros(5, 2, 300),
+                        v=a["v"].new_zeros(5, 2, 300)), ValueError, "head dim"),
+    (lambda a: a.update(max_seqlen_ref=2), ValueError, "max_seqlen_ref=2 is smaller"),
+    (lambda a: a["ref_index"].__setitem__(0, -1), ValueError, "ref_index must lie in"),
     (lambda a: a.update(ref_index=None), ValueError, "without ref_index, ref_k must hold packed references"),
     (lambda a: a.update(ref_index=None, ref_k=a["ref_k"][0, :4], ref_v=a["ref_v"][0, :4]), ValueError,
      "cu_seqlens_ref.* does not match the 4 packed rows"),

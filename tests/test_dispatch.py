@@ -39,6 +39,13 @@ def test_kernel_configs_report_the_autotuner_choices(monkeypatch):
     assert "fwd" not in ops.kernel_configs()
 
 
+def test_the_suite_runs_the_kernels(device):
+    """Without this, every kernel test (attention, compaction, dispatch) would compare the torch reference with
+    itself: fp32/fp16 take the Triton kernels here (compiled on a GPU, interpreted on the CPU)."""
+    for dtype in (torch.float32, torch.float16):
+        assert ops.backend_for(device, dtype) != ops.TORCH_REFERENCE
+
+
 def _inputs(dtype):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(21, 2, 32, generator=g).to(dtype)
