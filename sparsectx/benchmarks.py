@@ -77,6 +77,13 @@ class Impl:
     short: bool = False  # a short call in a slow workload: timed like fast workloads, not with its fixed reps
     # checks a result that has no peer to be compared with: returns "" when fine, else what is wrong
     verify: Optional[Callable[[Any], str]] = None
+    # sparsectx's own code (its ops, the drop-in and its parts, selection): an exception there is an error of the
+    # run, never "unavailable" (that is for peers this machine lacks). Names starting with "sparsectx", a
+    # breakdown letter "(" or "select" are ours without saying so.
+    ours: bool = False
+
+    def __post_init__(self):
+        self.ours = self.ours or self.name.startswith(("sparsectx", "(", "select"))
 
     def context(self):
         return self.scope() if self.scope is not None else contextlib.nullcontext()
@@ -1396,7 +1403,7 @@ class KVCacheCase:
             Impl("sparsectx.enable (sparsectx attn) + KV cache", lambda: sparse_run("sparsectx"),
                  note="cache of the kept tokens only, every layer by sparsectx's kernel"),
             Impl("torch topk+sort+index_select + KV cache", torch_run, note="references compacted by hand"),
-            Impl("KV cache of every token, kept rows gathered", cache_all_run, comparable=False,
+            Impl("KV cache of every token, kept rows gathered", cache_all_run, comparable=False, ours=True,
                  note="the same kept tokens, their K/V computed with every reference present (a different output "
                       "by design)"),
             Impl("KV cache, all reference tokens", lambda: run(x["ref_latents"], x["ref_ids"]), comparable=False,
@@ -1625,7 +1632,7 @@ def run_workload(workload: Workload, device: torch.device, *, quick: bool = Fals
                 if workload.track_memory and device.type == "cuda":
                     values["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         except Exception as exc:  # sparsectx failing is an error; a peer failing is one this setup lacks
-            failed = impl is primary
+            failed = impl is primary or impl.ours
             add(_row(workload, impl, ok=False if failed else None,
                      note=f"{'error' if failed else 'unavailable'}: {_first_line(exc)}"))
             continue
@@ -1705,6 +1712,8 @@ def checked_run(workload: Workload, impl_name: str) -> tuple:
     try:
         result = run(impl)
     except Exception as exc:
+        if impl.ours:  # sparsectx's own code failing is a failure, not a missing peer
+            raise
         raise Unavailable(_first_line(exc)) from exc
     expected = run(primary)
     return impl.fn, result, expected

@@ -178,3 +178,29 @@ def test_reference_point_rows_are_checked_for_shape_and_finite_values():
     assert benchmarks.reference_point_problem((x, x), (x,)) == "2 outputs, not 1"
     assert "float64" in benchmarks.reference_point_problem(x.double(), x)
     assert benchmarks.reference_point_problem((x, None), (x, None)) == ""
+
+
+def test_a_failing_sparsectx_row_is_an_error_and_a_failing_peer_is_unavailable():
+    """Only peers may be "unavailable": an exception in one of sparsectx's own rows (a variant, a breakdown part)
+    fails the table and pytest bench/ instead of passing as a skip."""
+    device = torch.device("cpu")
+    x = torch.randn(3, 4)
+
+    def broken():
+        raise RuntimeError("boom")
+
+    impls = [benchmarks.Impl("sparsectx", lambda: x * 2), benchmarks.Impl("sparsectx variant", broken),
+             benchmarks.Impl("(a) a part of the drop-in", broken, comparable=False),
+             benchmarks.Impl("cache of every token", broken, comparable=False, ours=True),
+             benchmarks.Impl("a peer", broken), benchmarks.Impl("a working peer", lambda: x * 2)]
+    workload = benchmarks.Workload("t", "3x4", impls, torch.float32)
+    by_name = {row["impl"]: row for row in benchmarks.run_workload(workload, device, quick=True)}
+    for name in ("sparsectx variant", "(a) a part of the drop-in", "cache of every token"):
+        assert by_name[name]["ok"] is False and by_name[name]["note"] == "error: RuntimeError: boom"
+    assert by_name["a peer"]["ok"] is None and by_name["a peer"]["note"].startswith("unavailable")
+    assert by_name["a working peer"]["ok"] is True
+    with pytest.raises(RuntimeError, match="boom"):
+        benchmarks.checked_run(workload, "sparsectx variant")
+    with pytest.raises(benchmarks.Unavailable, match="boom"):
+        benchmarks.checked_run(workload, "a peer")
+
