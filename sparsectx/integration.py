@@ -61,10 +61,12 @@ It returns ``"text_queries"``, ``"target_queries"`` (= ``"queries"``) and ``"ref
 
 Reference KV cache (``Flux2KleinKVPipeline``): the extract step is compacted like any other (``num_ref_tokens``
 becomes the kept count), so the cache holds the kept tokens only and the cached steps need nothing more. The
-alternative, caching every reference token and gathering the kept rows in each cached layer, is not offered: its
-extract step runs every reference token through every block (the cost Sparse Context removes) and its cached steps
-attend to the same number of keys through gathered instead of contiguous loads, so it is slower at both ends; it
-would only pay if the selection changed from step to step, which it does not here.
+alternative, caching every reference token and gathering the kept rows in each cached layer, is not what
+``enable`` does: its extract step runs every reference token through every block (the cost Sparse Context removes)
+and its cached steps attend to the same number of keys through gathered instead of contiguous loads, so it is
+expected to be slower at both ends; it would only pay if the selection changed from step to step, which it does
+not here. It exists at the processor level for comparison (a layer cache's ``kept_index``, read by the sparsectx KV
+processors; ``sparsectx bench --case kv`` measures both).
 
 Not supported (clear errors): context parallelism (``_parallel_config``), ControlNet residuals, and in the KV
 extract step, samples of one batch keeping different tokens.

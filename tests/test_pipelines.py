@@ -264,3 +264,25 @@ def test_transformer_sees_target_plus_kept_tokens(pipe, family, mode):
     # one selection per pipeline call, on one copy of the references shared by the images and the CFG branch
     assert selections == [((1, sum(n_refs)), n_refs)] * calls
     assert latents.shape[:2] == (images, n_target)
+
+
+def test_per_call_settings_through_the_pipelines_own_attention_kwargs(pipe, family):
+    """The per-call form goes through each pipeline's own keyword (FluxKontextPipeline: joint_attention_kwargs,
+    Qwen-Image-Edit-Plus and FLUX.2: attention_kwargs) and overrides enable's settings for that call only."""
+    sparsectx.enable(pipe, budget=_budget(family), selector="random", seed=SEED)
+    seen = []
+    handle = _image_embedder(pipe.transformer).register_forward_pre_hook(
+        lambda mod, args: seen.append(args[0].shape[1]))
+    name = "joint_attention_kwargs" if family == KONTEXT else "attention_kwargs"
+    try:
+        with torch.no_grad():
+            pipe(**_call_kwargs(family, PLAIN), **{name: {"sparsectx": {"budget": 1.0}}})
+            per_call = list(seen)
+            seen.clear()
+            pipe(**_call_kwargs(family, PLAIN))
+    finally:
+        handle.remove()
+    n_target = _target_tokens(family)
+    assert per_call == [n_target + sum(_reference_tokens(family))] * STEPS
+    assert seen == [n_target + sum(_kept_tokens(family))] * STEPS  # enable's budget again on the next call
+
