@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
-# One-call GPU check for a lent H100/H200 (no network there): environment, install, GPU tests + the test suite on
-# CUDA, then the benchmarks (key cases first), then a short summary printed last. Every step has its own timeout
-# and runs even when an earlier one failed; a global deadline keeps the whole run under GPU_CHECK_BUDGET_S.
+# GPU check for a lent H100/H200 (no network there): environment, install, GPU tests, then the benchmarks, then a
+# short summary printed last. Every step has its own timeout and runs even when an earlier one failed; a global
+# deadline keeps the whole run under GPU_CHECK_BUDGET_S. Steps run in order of importance (the issues' targets
+# first), so a deadline cuts the least important.
 #
-# Usage, from anywhere:  bash bench/gpu_check.sh          (writes under "$OUT", default ./bench_out)
-# Files written: env.log, tests.log, bench.log, bench.json (all cases merged), summary.txt.
+# Two parts, to fit a device session (15 minutes, start-up included; one command at most 10 minutes):
+#   GPU_CHECK_PART=1  (default) GPU tests (first launch config), benchmarks: key cases (attention, compaction,
+#                     mixed batch, dense key mask), training, e2e step + breakdown, selection cost, KV cache 4-step
+#                     (--quick)                                                  ~ 9 minutes: GPU_CHECK_BUDGET_S=570
+#   GPU_CHECK_PART=2  every autotune candidate under the flash-attention criterion, the mixed-budget batch step,
+#                     the FLUX.1-Kontext step, then the rest of the suite on CUDA ~ 2.5 minutes or what is left
+#   GPU_CHECK_PART=all  both, in that order (a machine without a per-command limit)
+# Usage, from anywhere:  GPU_CHECK_PART=1 bash bench/gpu_check.sh      (writes under "$OUT", default ./bench_out)
+# Files written: env.log, tests.log, bench.log, bench.json (the part's cases merged), summary.txt.
 # Dry run on a CPU machine: GPU tests are skipped there and the benchmarks use the tiny shapes.
 set -u   # no `set -e`: a failing step must not stop the steps after it
 
@@ -13,31 +21,33 @@ REPO=$PWD
 OUT=${OUT:-./bench_out}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
-BUDGET_S=${GPU_CHECK_BUDGET_S:-470}    # whole script, wall time
-SUMMARY_RESERVE_S=25                   # kept back for the summary (15 s) and timeout's kill grace
+PART=${GPU_CHECK_PART:-1}
+case $PART in 1|2|all) ;; *) echo "GPU_CHECK_PART must be 1, 2 or all, got '$PART'" >&2; exit 2 ;; esac
+part() { [[ $PART == all || $PART == "$1" ]]; }
+BUDGET_S=${GPU_CHECK_BUDGET_S:-570}    # whole script, wall time
+SUMMARY_RESERVE_S=20                   # kept back for the summary (15 s) and timeout's kill grace
 KILL_GRACE_S=5
-# 45 s of the tests' time went to the Kontext step: the non-gpu suite on CUDA never finished in 210 s anyway
-TESTS_BUDGET_S=135                     # GPU tests + the rest of the suite together
-BENCH_BUDGET_S=345                     # all benchmark invocations together
-E2E_CAP_S=95                           # e2e step (55 s on the H200 before its enable-path breakdown was added)
+# caps per step (seconds; on the 2026-11-27 H200: set-up 44 s, 13 GPU tests 64 s, key cases 59 s, training 36 s,
+# e2e without its breakdown 55 s)
+GPU_TESTS_CAP_S=100                    # 17 GPU tests, first launch config (SPARSECTX_AUTOTUNE=0)
+KEY_CAP_S=120                          # attention, compaction (+ CUDA graph row), batch, masked (+ kept_prefix)
+TRAINING_CAP_S=50
+E2E_CAP_S=95                           # e2e step and its enable-path breakdown (two passes)
 SELECTION_CAP_S=40                     # selection cost: small tensors, mostly start-up
-# FLUX.1-Kontext-12B step, --quick subset (1 ref x 10%, 3 refs x 10%): start-up, a 12B model built on the GPU,
-# two shapes (the full grid, 6 shapes, would take ~70 s more and does not fit the budget)
-KONTEXT_CAP_S=50
-# klein 4-step KV-cache runs, 2 shapes x 7 implementations (estimate, never run on a GPU: ~25 s of 4-step runs per
-# shape + the 9B model build + sparsectx attention's autotuning); later steps get what it leaves
-KV_CAP_S=80
-# mixed-budget batch of 4 requests, --quick (1024² only): packed vs exact groups vs a per-request loop; the packed
-# kernel variant compiles here for the first time
+# klein 4-step KV-cache runs, --quick: 2 shapes (3 refs x 10%, 4 refs x 5%) x 7 implementations (never run on a
+# GPU: ~25 s of 4-step runs per shape + the 9B model build + sparsectx attention's autotuning)
+KV_CAP_S=90
+CANDIDATES_CAP_S=70                    # part 2: every autotune candidate (compiles ~14 kernel variants)
+# mixed-budget batch of 4 requests, --quick (1024² only): packed vs exact groups vs a per-request loop
 BATCH_E2E_CAP_S=45
+# FLUX.1-Kontext-12B step, --quick subset (1 ref x 10%, 3 refs x 10%): start-up, a 12B model built on the GPU
+KONTEXT_CAP_S=50
 SCRATCH=$(mktemp -d /tmp/gpu_check.XXXXXX)
 START=$SECONDS
 STEP_LINES=()
 export PYTHONUNBUFFERED=1
 
-RESERVE_AFTER_S=0                      # time a step must leave for the steps after it (set per phase below)
-
-seconds_left() { echo $(( BUDGET_S - (SECONDS - START) - SUMMARY_RESERVE_S - RESERVE_AFTER_S )); }
+seconds_left() { echo $(( BUDGET_S - (SECONDS - START) - SUMMARY_RESERVE_S )); }
 
 # step NAME CAP_S LOG CMD...: run CMD with timeout min(CAP_S, time left), output appended to LOG
 step() {
@@ -118,55 +128,54 @@ fi
 in_scratch "import diffusers" 60 "$PY" -c "import diffusers; print('diffusers', diffusers.__version__)"
 grep -E "^(sparsectx from|diffusers)" "$ENV_LOG"
 
-# ---- (d) tests on CUDA -----------------------------------------------------------------------------------------
+# ---- (d) tests and benchmarks on CUDA, in order of importance --------------------------------------------------
 TESTS_LOG=$OUT/tests.log
+BENCH_LOG=$OUT/bench.log
 : >"$TESTS_LOG"
+: >"$BENCH_LOG"
 # pytest's own script (`python -m pytest` would put the repository root on sys.path)
 PYTEST=("$(dirname "$(command -v "$PY")")/pytest")
 [[ -x ${PYTEST[0]} ]] || PYTEST=("$(command -v pytest)")
 [[ -x ${PYTEST[0]} ]] || PYTEST=("$PY" -m pytest)
-TESTS_START=$SECONDS
-RESERVE_AFTER_S=$BENCH_BUDGET_S   # slow tests must not eat the benchmarks' time
-# one launch config per kernel in tests (SPARSECTX_AUTOTUNE=0): many dtypes/shapes, compile time matters more
-export SPARSECTX_AUTOTUNE=0
-step "pytest -m gpu" 100 "$TESTS_LOG" "${PYTEST[@]}" -m gpu tests -q --durations=5
-# the rest of the suite (the non-gpu tests) on the CUDA device, in what is left of the tests' budget
-step "pytest not gpu" $(( TESTS_BUDGET_S - (SECONDS - TESTS_START) )) "$TESTS_LOG" \
-    "${PYTEST[@]}" tests -q -m "not gpu" --durations=5
-
-unset SPARSECTX_AUTOTUNE
-
-# ---- (e) benchmarks: key cases, training, end-to-end, selection, KV cache, mixed batch, Kontext (JSON as they go)
-BENCH_LOG=$OUT/bench.log
-: >"$BENCH_LOG"
-BENCH_START=$SECONDS
-RESERVE_AFTER_S=0
-bench_cap() { echo $(( BENCH_BUDGET_S - (SECONDS - BENCH_START) )); }
+# -v: one line per test as it finishes, so a run cut by its timeout still says which tests passed or failed
+PYTEST+=(-p no:cacheprovider -v -rfE --durations=5)
 BENCH=("${IN_SCRATCH[@]}" "$PY" -m sparsectx.cli bench)   # from the scratch folder: the installed package
-step "bench key cases" 150 "$BENCH_LOG" "${BENCH[@]}" --case attention --case compaction --case batch \
-    --case masked --json "$SCRATCH/bench_key.json"
-step "bench training" "$(( $(bench_cap) < 50 ? $(bench_cap) : 50 ))" "$BENCH_LOG" "${BENCH[@]}" --case training \
-    --json "$SCRATCH/bench_training.json"
-step "bench e2e" "$(( $(bench_cap) < E2E_CAP_S ? $(bench_cap) : E2E_CAP_S ))" "$BENCH_LOG" "${BENCH[@]}" \
-    --case e2e --json "$SCRATCH/bench_e2e.json"
-# selection cost as a share of the denoising step measured by the e2e step just before
-step "bench selection" "$(( $(bench_cap) < SELECTION_CAP_S ? $(bench_cap) : SELECTION_CAP_S ))" "$BENCH_LOG" \
-    "${BENCH[@]}" --case selection --steps-from "$SCRATCH/bench_e2e.json" --json "$SCRATCH/bench_selection.json"
-step "bench kv" "$(( $(bench_cap) < KV_CAP_S ? $(bench_cap) : KV_CAP_S ))" "$BENCH_LOG" "${BENCH[@]}" --case kv \
-    --json "$SCRATCH/bench_kv.json"
-step "bench e2e_batch" "$(( $(bench_cap) < BATCH_E2E_CAP_S ? $(bench_cap) : BATCH_E2E_CAP_S ))" "$BENCH_LOG" \
-    "${BENCH[@]}" --case e2e_batch --quick --json "$SCRATCH/bench_e2e_batch.json"
-# last: the FLUX.1-Kontext-12B step (another family's shapes; the klein cases above carry the issues' targets)
-step "bench e2e_kontext" "$(( $(bench_cap) < KONTEXT_CAP_S ? $(bench_cap) : KONTEXT_CAP_S ))" "$BENCH_LOG" \
-    "${BENCH[@]}" --case e2e_kontext --quick --json "$SCRATCH/bench_e2e_kontext.json"
+CANDIDATES=every_autotune_candidate
+# tests run one launch config per kernel (SPARSECTX_AUTOTUNE=0: many dtypes/shapes, compile time matters more);
+# the candidates test forces each config itself
+tests() { SPARSECTX_AUTOTUNE=0 step "$@"; }
+
+if part 1; then
+    tests "pytest -m gpu" "$GPU_TESTS_CAP_S" "$TESTS_LOG" "${PYTEST[@]}" tests -m gpu -k "not $CANDIDATES"
+    step "bench key cases" "$KEY_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case attention --case compaction \
+        --case batch --case masked --json "$SCRATCH/bench_key.json"
+    step "bench training" "$TRAINING_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case training \
+        --json "$SCRATCH/bench_training.json"
+    step "bench e2e" "$E2E_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case e2e --json "$SCRATCH/bench_e2e.json"
+    # selection cost as a share of the denoising step measured by the e2e step just before
+    step "bench selection" "$SELECTION_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case selection \
+        --steps-from "$SCRATCH/bench_e2e.json" --json "$SCRATCH/bench_selection.json"
+    step "bench kv" "$KV_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case kv --quick --json "$SCRATCH/bench_kv.json"
+fi
+if part 2; then
+    tests "pytest candidates" "$CANDIDATES_CAP_S" "$TESTS_LOG" "${PYTEST[@]}" tests -m gpu -k "$CANDIDATES"
+    step "bench e2e_batch" "$BATCH_E2E_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case e2e_batch --quick \
+        --json "$SCRATCH/bench_e2e_batch.json"
+    # the FLUX.1-Kontext-12B step (another family's shapes; the klein cases carry the issues' targets)
+    step "bench e2e_kontext" "$KONTEXT_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case e2e_kontext --quick \
+        --json "$SCRATCH/bench_e2e_kontext.json"
+    # the rest of the suite (the non-gpu tests) on the CUDA device, in whatever time is left
+    tests "pytest not gpu" "$(seconds_left)" "$TESTS_LOG" "${PYTEST[@]}" tests -m "not gpu" -q
+fi
 
 # ---- (f) summary, printed last ---------------------------------------------------------------------------------
 SUMMARY=$OUT/summary.txt
 {
-    echo "##### GPU check summary ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(( SECONDS - START ))s of ${BUDGET_S}s)"
+    echo "##### GPU check summary, part $PART ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(( SECONDS - START ))s of ${BUDGET_S}s)"
     printf '%s\n' "${STEP_LINES[@]}"
     echo "--- tests (tests.log)"
-    grep -E "^(FAILED|ERROR) " "$TESTS_LOG" | head -n 20
+    grep -E "^(FAILED|ERROR) | (FAILED|ERROR)( |$)" "$TESTS_LOG" | head -n 20
+    echo "$(grep -cE " PASSED( |$)" "$TESTS_LOG") tests PASSED (counted from -v lines, also in a run cut short)"
     grep -E "[0-9]+ (passed|failed|skipped|error|deselected)|no tests ran" "$TESTS_LOG" | tail -n 4
     echo "--- bench (bench.log, bench.json; ratio = peer time / sparsectx time, > 1: sparsectx faster)"
     grep -E "^FAILED: " "$BENCH_LOG" | head -n 20

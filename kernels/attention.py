@@ -38,15 +38,19 @@ def _interpreting() -> bool:
 # launch configurations: a small autotune set on the GPU (the best block shape differs between contiguous and
 # gathered keys), one fixed config in the interpreter (where several configs fail and big blocks run fastest).
 # The first GPU config of each list compiled for sm_90 (bf16, D=128) without register spills; SPARSECTX_AUTOTUNE=0
-# keeps only that one (saves compile time, e.g. in test runs over many shapes and dtypes).
+# has the autotuner keep only that one (saves compile time, e.g. in test runs over many shapes and dtypes); the
+# lists below stay complete (a GPU test runs every candidate).
 # ----------------------------------------------------------------------------------------------------------------
 def _configs(gpu_shapes, interpreter_shape):
     if _interpreting():
         bm, bn = interpreter_shape
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=1)]
-    if os.environ.get("SPARSECTX_AUTOTUNE", "1") == "0":
-        gpu_shapes = gpu_shapes[:1]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in gpu_shapes]
+
+
+def _tuned(configs):
+    """The candidates the autotuner measures: all of them, or the first one under SPARSECTX_AUTOTUNE=0."""
+    return configs[:1] if os.environ.get("SPARSECTX_AUTOTUNE", "1") == "0" else configs
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages)
@@ -133,7 +137,7 @@ def _ref_rows(RIDX, r_start, offs, valid, REF_PACKED: tl.constexpr, MASKED: tl.c
         return tl.load(RIDX + r_start + offs).to(tl.int64)
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=["HEAD_DIM", "HAS_REF", "REF_PACKED"])
+@triton.autotune(configs=_tuned(FWD_CONFIGS), key=["HEAD_DIM", "HAS_REF", "REF_PACKED"])
 @triton.jit
 def _fwd_kernel(
     Q, K, V, RK, RV, RIDX, CU_Q, CU_K, CU_R, O, LSE,
@@ -254,21 +258,36 @@ def attention_forward(q, k, v, cu_q, cu_k, max_seqlen_q, ref_k, ref_v, ref_index
 # backward
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _bwd_delta_kernel(O, DO, DLSE, DELTA, CU_Q, n_samples, stride_ot, stride_oh, stride_dot, stride_doh, n_rows,
+def _bwd_delta_kernel(O, DO, DLSE, DELTA, CU_Q, CU_K, DQ, DK, DV, n_samples, stride_ot, stride_oh, stride_dot,
+                      stride_doh, n_rows, n_key_rows, stride_dqt, stride_dqh, stride_dkt, stride_dkh,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta[h, t] = sum_d dO[t, h, d] * O[t, h, d] - dlse[h, t] (the row term of dS = P * (dP - delta)), for the
-    rows that belong to a sample (rows past cu_q[B], a caller's padding, are never written by the forward)."""
+    rows that belong to a sample (rows past cu_q[B], a caller's padding, are never written by the forward). Also
+    zeroes the gradient rows no other backward kernel writes: dq rows past cu_q[B] and dk/dv rows past cu_k[B]
+    (the grid covers max(Tq, Tk) rows; the reference path gives zeros there too)."""
     pid_m, head = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    row_valid = rows < tl.load(CU_Q + n_samples)
-    mask = row_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
+    d_valid = offs_d[None, :] < HEAD_DIM
+    q_end = tl.load(CU_Q + n_samples)
+    row_valid = rows < q_end
+    mask = row_valid[:, None] & d_valid
     rows64 = rows.to(tl.int64)
     o = tl.load(O + rows64[:, None] * stride_ot + head * stride_oh + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(DO + rows64[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=mask, other=0.0)
     dlse = tl.load(DLSE + head * n_rows + rows, mask=row_valid, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1) - dlse
     tl.store(DELTA + head * n_rows + rows, delta, mask=row_valid)
+
+    # gradient rows of no sample: zero
+    zeros = tl.zeros([BLOCK_M, BLOCK_D], dtype=DQ.dtype.element_ty)
+    q_pad = (rows >= q_end) & (rows < n_rows)
+    tl.store(DQ + rows64[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :], zeros,
+             mask=q_pad[:, None] & d_valid)
+    k_pad = ((rows >= tl.load(CU_K + n_samples)) & (rows < n_key_rows))[:, None] & d_valid
+    k_offs = rows64[:, None] * stride_dkt + head * stride_dkh + offs_d[None, :]
+    tl.store(DK + k_offs, zeros, mask=k_pad)
+    tl.store(DV + k_offs, zeros, mask=k_pad)
 
 
 @triton.jit
@@ -284,7 +303,7 @@ def _load_query_grads(Q, DO, LSE2, DELTA, q_rows, q_cols, q_valid, offs_d, d_val
     return q, do, lse2, delta
 
 
-@triton.autotune(configs=DKDV_CONFIGS, key=["HEAD_DIM", "IS_REF", "REF_PACKED"])
+@triton.autotune(configs=_tuned(DKDV_CONFIGS), key=["HEAD_DIM", "IS_REF", "REF_PACKED"])
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, DO, LSE2, DELTA, K, V, DK, DV, CU_Q, CU_K, KIDX,
@@ -357,7 +376,7 @@ def _dq_step(dq, q, do, lse2, delta, k, v, key_valid, qk_scale, IEEE: tl.constex
     return dq + _dot(ds.to(k.dtype), k, IEEE)
 
 
-@triton.autotune(configs=DQ_CONFIGS, key=["HEAD_DIM", "HAS_REF", "REF_PACKED"])
+@triton.autotune(configs=_tuned(DQ_CONFIGS), key=["HEAD_DIM", "HAS_REF", "REF_PACKED"])
 @triton.jit
 def _bwd_dq_kernel(
     Q, DO, LSE2, DELTA, K, V, RK, RV, RIDX, CU_Q, CU_K, CU_R, DQ,
@@ -420,19 +439,21 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, 
     block_d = _block_d(dim)
     ieee = q.dtype == torch.float32
     qk_scale = softmax_scale * LOG2E
-    dq, dk, dv = _empty_as(q), _empty_as(k), _empty_as(v)
+    tk = k.shape[0]
     has_ref = ref_k is not None
     dref_k = ref_k.new_zeros(ref_k.shape) if has_ref else q.new_empty(0)
     dref_v = ref_v.new_zeros(ref_v.shape) if has_ref else q.new_empty(0)
-    if batch == 0:
-        return dq, dk, dv, dref_k, dref_v
+    if batch == 0:  # every row is padding
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dref_k, dref_v
+    dq, dk, dv = _empty_as(q), _empty_as(k), _empty_as(v)  # same shapes and strides: dk's serve dv
     # the kernels take lse in base 2; queries that see no key (lse = -inf) take part in no product, and a finite
     # stand-in keeps exp2 NaN-free
     lse2 = torch.where(torch.isfinite(lse), lse * LOG2E, torch.zeros_like(lse)).contiguous()
     delta = torch.empty_like(lse2)
-    if tq:
-        _bwd_delta_kernel[(cdiv(tq, DELTA_BLOCK_M), heads)](
-            out, dout, dlse, delta, cu_q, batch, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), tq,
+    if tq or tk:
+        _bwd_delta_kernel[(cdiv(max(tq, tk), DELTA_BLOCK_M), heads)](
+            out, dout, dlse, delta, cu_q, cu_k, dq, dk, dv, batch, out.stride(0), out.stride(1), dout.stride(0),
+            dout.stride(1), tq, tk, dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
             HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=DELTA_BLOCK_M)
 
     common = (qk_scale, softmax_scale, q.stride(0), q.stride(1), dout.stride(0), dout.stride(1), lse2.stride(0))

@@ -9,7 +9,8 @@ included, and records every one that reads device data on the host:
   the method while the block runs);
 - an output whose size depends on the data: ``nonzero``, ``masked_select``, ``unique``, boolean-mask indexing
   (``aten.index`` / ``index_put`` with a bool index), ``repeat_interleave`` without ``output_size``;
-- a copy between a device and the host (``.cpu()``, ``torch.tensor(list, device="cuda")``).
+- a copy between a device and the host (``.cpu()``, ``torch.tensor(list, device="cuda")``), except a
+  ``non_blocking`` copy from pinned host memory to the device (it is queued like a kernel and waits for nothing).
 
 On CUDA, ``torch.cuda.set_sync_debug_mode`` reports the synchronisations themselves; this counter runs on the CPU
 too, so tests without a GPU can assert that a code path reads nothing back (the same code runs on the GPU).
@@ -48,14 +49,20 @@ def _has_bool_index(args) -> bool:
 
 
 def _crosses_host(func, args, kwargs, out) -> bool:
-    """A copy whose source and destination lie on different sides of the host/device boundary."""
+    """A copy whose source and destination lie on different sides of the host/device boundary, other than an
+    asynchronous upload (``non_blocking`` from pinned host memory)."""
     if func not in (_aten._to_copy.default, _aten.copy_.default):
         return False
-    src = args[0] if func is _aten._to_copy.default else args[1]
-    dst = out if func is _aten._to_copy.default else args[0]
+    to_copy = func is _aten._to_copy.default
+    src = args[0] if to_copy else args[1]
+    dst = out if to_copy else args[0]
     if not isinstance(src, torch.Tensor) or not isinstance(dst, torch.Tensor):
         return False
-    return (src.device.type == "cpu") != (dst.device.type == "cpu")
+    if (src.device.type == "cpu") == (dst.device.type == "cpu"):
+        return False
+    non_blocking = kwargs.get("non_blocking", False) if to_copy else (
+        args[2] if len(args) > 2 else kwargs.get("non_blocking", False))
+    return not (non_blocking and src.device.type == "cpu" and src.is_pinned())
 
 
 class HostReads(TorchDispatchMode):

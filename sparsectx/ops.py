@@ -228,7 +228,9 @@ def sparse_attention(
     references, which needs no host read); only the backward's grid uses it.
 
     Rows of q past ``cu_seqlens_q[-1]`` (a caller's padding, possible with ``validate=False``) belong to no sample:
-    the kernels leave their output rows unwritten and the torch reference fills them with zeros (lse ``-inf``).
+    the kernels leave their output rows unwritten (as flash-attn's varlen kernels do; slice them off before using
+    the output) and the torch reference fills them with zeros (lse ``-inf``). Their gradients, and those of k/v
+    rows past ``cu_seqlens_k[-1]``, are zero on every path.
 
     ``validate=True`` checks cu_seqlens and indices with a few small host reads; pass False in a hot loop once the
     inputs are known to be well formed (then nothing synchronises with the host).
@@ -419,9 +421,7 @@ def _check_budget(budget, batch: int, n_tokens: int) -> list[int]:
         if budget.ndim > 1 or (budget.ndim == 1 and budget.numel() != batch):
             raise ValueError(f"budget tensor must be a scalar or have one entry per sample ({batch}), "
                              f"got shape {tuple(budget.shape)}")
-        if budget.is_floating_point() and not torch.isfinite(budget).all():
-            raise ValueError("budget must be finite")
-        values = budget.tolist() if budget.ndim else [budget.item()] * batch
+        values = budget.tolist() if budget.ndim else [budget.item()] * batch  # the one host read (NaN: below)
     elif isinstance(budget, (list, tuple)):
         if len(budget) != batch:
             raise ValueError(f"budget must have one entry per sample ({batch}), got {len(budget)}")
@@ -432,7 +432,7 @@ def _check_budget(budget, batch: int, n_tokens: int) -> list[int]:
         if isinstance(b, bool) or not isinstance(b, (int, float)):
             raise TypeError(f"budget entries must be int (count) or float (ratio), got {type(b).__name__}")
         if isinstance(b, float):
-            if not (0.0 < b <= 1.0):
+            if not (0.0 < b <= 1.0):  # NaN fails this too
                 raise ValueError(f"budget ratio must be in (0, 1], got {b}")
         elif not (0 <= b <= n_tokens):
             raise ValueError(f"budget count must be in [0, N={n_tokens}], got {b}")

@@ -171,6 +171,27 @@ def test_backward_reference_equals_autograd_of_the_forward_reference(packed):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"d{name}: {m}")
 
 
+def test_padding_rows_past_the_last_sample_get_zero_gradient(poisoned_outputs):
+    """q/k/v rows past cu_seqlens[-1] (a caller's padding, validate=False) belong to no sample: their gradients are
+    zero, as on the reference path, and the other rows' equal those of the same call without the padding."""
+    case = make_case([9, 14], [5, 7], [3, 6], 10, 2, 32, torch.float32, seed=44)
+    g = torch.Generator().manual_seed(45)
+    pad_q, pad_k = torch.randn(4, 2, 32, generator=g).to(DEVICE), torch.randn(3, 2, 32, generator=g).to(DEVICE)
+    dout = torch.randn(27, 2, 32, generator=g).to(DEVICE)
+    grads = []
+    for padded in (True, False):
+        leaves = [torch.cat([t, pad]) if padded else t.clone() for t, pad in
+                  ((case.q, pad_q), (case.k, pad_k), (case.v, pad_k))]
+        leaves = [t.requires_grad_(True) for t in leaves]
+        out = sparsectx.sparse_attention(*leaves, case.cu_q, case.cu_k, case.max_q, case.max_k, validate=False,
+                                         **case.ref)
+        out[:23].backward(dout[:23])
+        grads.append([t.grad for t in leaves])
+    for name, padded, plain, real in zip("qkv", grads[0], grads[1], (23, 12, 12)):
+        assert torch.equal(padded[real:], torch.zeros_like(padded[real:])), f"d{name} padding rows"
+        torch.testing.assert_close(padded[:real], plain, rtol=0, atol=0, msg=f"d{name}")
+
+
 def test_reference_rows_not_kept_get_zero_gradient(poisoned_outputs):
     case = make_case([8, 8], [4, 4], [3, 5], 12, 2, 64, torch.float32, seed=3)
     _, _, grads = run_ops(case, torch.randn_like(case.q), torch.zeros(2, 16, device=DEVICE))
@@ -396,6 +417,23 @@ def test_gpu_bf16_realistic_varlen(dim):
     lq = [4608, 1000, 1, 2000]
     case = make_case(lq, lq, [205, 0, 4096, 1024], 4096, 24, dim, torch.bfloat16, seed=dim)
     _assert_bf16_forward_and_backward(case, seed=dim)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("candidate", range(5))
+def test_gpu_bf16_every_autotune_candidate(candidate, monkeypatch):
+    """Each launch configuration the autotuner may pick (forward, dK/dV, dQ), forced one at a time, meets the
+    flash-attention criterion on varlen tails and gathered references (test runs elsewhere use the first one)."""
+    from sparsectx.kernels import attention as kernels
+
+    for kernel, candidates in ((kernels._fwd_kernel, kernels.FWD_CONFIGS),
+                               (kernels._bwd_dkdv_kernel, kernels.DKDV_CONFIGS),
+                               (kernels._bwd_dq_kernel, kernels.DQ_CONFIGS)):
+        monkeypatch.setattr(kernel, "configs", [candidates[min(candidate, len(candidates) - 1)]])
+        monkeypatch.setattr(kernel, "cache", {})
+    case = make_case([300, 77, 0, 513], [129, 5, 64, 0], [200, 31, 0, 64], 256, 4, 128, torch.bfloat16,
+                     seed=50 + candidate)
+    _assert_bf16_forward_and_backward(case, seed=50 + candidate)
 
 
 @pytest.mark.gpu

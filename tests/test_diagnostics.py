@@ -55,3 +55,29 @@ def test_tolist_is_restored_after_the_block():
         with count_host_reads():
             raise RuntimeError("inside")
     assert torch.Tensor.tolist is original
+
+
+def test_copies_across_the_host_boundary_are_counted():
+    x = _x()
+    with count_host_reads() as reads:
+        x.to("meta")  # host -> another device (meta stands in for a GPU on this machine)
+        x.to("meta", non_blocking=True)  # not pinned: still waits for the copy
+        torch.empty(3, 4, device="meta").copy_(x)
+    assert reads.count == 3, reads.ops
+    with count_host_reads() as reads:
+        x.to("meta").to(torch.float64)  # the second copy stays on the device
+        x.clone()
+    assert reads.count == 1, reads.ops
+
+
+@pytest.mark.gpu
+def test_an_asynchronous_upload_from_pinned_memory_is_not_counted():
+    pinned = torch.arange(4, dtype=torch.int32).pin_memory()
+    with count_host_reads() as reads:
+        pinned.to("cuda", non_blocking=True)
+    assert reads.count == 0, reads.ops
+    with count_host_reads() as reads:
+        pinned.to("cuda")  # blocking
+        torch.arange(4).to("cuda", non_blocking=True)  # pageable
+    assert reads.count == 2, reads.ops
+
