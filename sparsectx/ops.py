@@ -222,7 +222,10 @@ def sparse_attention(
 
     Returns ``out [Tq, H, D]`` in q's dtype (and ``lse [H, Tq]`` fp32, natural log, when ``return_lse``). A query
     that sees no key outputs zeros with lse ``-inf``. fp16/bf16 compute with fp32 accumulation; fp32 inputs use
-    full-precision (IEEE) dot products. Gradients flow to q, k, v, ref_k and ref_v.
+    full-precision (IEEE) dot products. Gradients flow to q, k, v, ref_k and ref_v. As in FlashAttention, the
+    backward recomputes the probabilities from the stored fp32 lse, whose rounding grows with its magnitude: with
+    scaled logits in the hundreds (a saturated softmax) fp32 gradients carry a relative error of about
+    ``|lse| * 1e-7``, above what a plain fp32 softmax makes; at ordinary scales they match it.
 
     ``max_seqlen_ref`` bounds the reference keys of one sample (default: the buffer length R, or Tref for packed
     references, which needs no host read); only the backward's grid uses it.

@@ -203,4 +203,3 @@ def test_a_failing_sparsectx_row_is_an_error_and_a_failing_peer_is_unavailable()
         benchmarks.checked_run(workload, "sparsectx variant")
     with pytest.raises(benchmarks.Unavailable, match="boom"):
         benchmarks.checked_run(workload, "a peer")
-

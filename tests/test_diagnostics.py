@@ -80,4 +80,3 @@ def test_an_asynchronous_upload_from_pinned_memory_is_not_counted():
         pinned.to("cuda")  # blocking
         torch.arange(4).to("cuda", non_blocking=True)  # pageable
     assert reads.count == 2, reads.ops
-

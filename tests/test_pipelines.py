@@ -285,4 +285,3 @@ def test_per_call_settings_through_the_pipelines_own_attention_kwargs(pipe, fami
     n_target = _target_tokens(family)
     assert per_call == [n_target + sum(_reference_tokens(family))] * STEPS
     assert seen == [n_target + sum(_kept_tokens(family))] * STEPS  # enable's budget again on the next call
-
