@@ -165,7 +165,7 @@ if part 2; then
     step "bench e2e_kontext" "$KONTEXT_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case e2e_kontext --quick \
         --json "$SCRATCH/bench_e2e_kontext.json"
     # the rest of the suite (the non-gpu tests) on the CUDA device, in whatever time is left
-    tests "pytest not gpu" "$(seconds_left)" "$TESTS_LOG" "${PYTEST[@]}" tests -m "not gpu" -q
+    tests "pytest not gpu" "$(seconds_left)" "$TESTS_LOG" "${PYTEST[@]}" tests -m "not gpu"
 fi
 
 # ---- (f) summary, printed last ---------------------------------------------------------------------------------
