@@ -35,8 +35,9 @@ def _interpreting() -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# launch configurations: a small autotune set on the GPU (the best block shape differs between contiguous and
-# gathered keys), one fixed config in the interpreter (where several configs fail and big blocks run fastest).
+# launch configurations: a small autotune set on the GPU, tuned per head dim, key source (the best block shape
+# differs between contiguous and gathered keys) and launch size class (``_tune_rows``); one fixed config in the
+# interpreter (where several configs fail and big blocks run fastest).
 # The first GPU config of each list compiled for sm_90 (bf16, D=128) without register spills; SPARSECTX_AUTOTUNE=0
 # has the autotuner keep only that one (saves compile time, e.g. in test runs over many shapes and dtypes); the
 # lists below stay complete (a GPU test runs every candidate).
@@ -137,13 +138,13 @@ def _ref_rows(RIDX, r_start, offs, valid, REF_PACKED: tl.constexpr, MASKED: tl.c
         return tl.load(RIDX + r_start + offs).to(tl.int64)
 
 
-@triton.autotune(configs=_tuned(FWD_CONFIGS), key=["HEAD_DIM", "HAS_REF", "REF_PACKED"])
+@triton.autotune(configs=_tuned(FWD_CONFIGS), key=["HEAD_DIM", "HAS_REF", "REF_PACKED", "tune_rows"])
 @triton.jit
 def _fwd_kernel(
     Q, K, V, RK, RV, RIDX, CU_Q, CU_K, CU_R, O, LSE,
     qk_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_rkb, stride_rkr, stride_rkh, stride_rvb, stride_rvr, stride_rvh,
-    stride_ot, stride_oh, stride_lse_h,
+    stride_ot, stride_oh, stride_lse_h, tune_rows,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_D: tl.constexpr, HAS_REF: tl.constexpr,
     REF_PACKED: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -210,6 +211,13 @@ def _empty_as(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
+def _tune_rows(batch: int, max_len: int, heads: int) -> int:
+    """Autotuning key for the size of a launch: the (batch x longest sequence x heads) rows its programs cover,
+    rounded up to a power of two. The best block shape depends on it (how many waves of programs fill the GPU), so
+    each size class is tuned once; the kernels do not read it."""
+    return next_power_of_2(max(batch * max_len * heads, 1))
+
+
 def _block_d(dim: int) -> int:
     return max(16, next_power_of_2(dim))
 
@@ -248,7 +256,7 @@ def attention_forward(q, k, v, cu_q, cu_k, max_seqlen_q, ref_k, ref_v, ref_index
         q, k, v, rk, rv, ridx, cu_q, cu_k, cur, out, lse,
         softmax_scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         *_ref_strides(rk), *_ref_strides(rv), out.stride(0), out.stride(1), lse.stride(0),
-        HEAD_DIM=dim, BLOCK_D=_block_d(dim), MASK_D=_block_d(dim) != dim, HAS_REF=has_ref, REF_PACKED=packed,
+        _tune_rows(batch, max_seqlen_q, heads), HEAD_DIM=dim, BLOCK_D=_block_d(dim), MASK_D=_block_d(dim) != dim, HAS_REF=has_ref, REF_PACKED=packed,
         IEEE=q.dtype == torch.float32,
     )
     return out, lse
@@ -303,13 +311,13 @@ def _load_query_grads(Q, DO, LSE2, DELTA, q_rows, q_cols, q_valid, offs_d, d_val
     return q, do, lse2, delta
 
 
-@triton.autotune(configs=_tuned(DKDV_CONFIGS), key=["HEAD_DIM", "IS_REF", "REF_PACKED"])
+@triton.autotune(configs=_tuned(DKDV_CONFIGS), key=["HEAD_DIM", "IS_REF", "REF_PACKED", "tune_rows"])
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, DO, LSE2, DELTA, K, V, DK, DV, CU_Q, CU_K, KIDX,
     qk_scale, sm_scale, stride_qt, stride_qh, stride_dot, stride_doh, stride_lse_h,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
+    stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh, tune_rows,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_REF: tl.constexpr, REF_PACKED: tl.constexpr,
     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -376,13 +384,13 @@ def _dq_step(dq, q, do, lse2, delta, k, v, key_valid, qk_scale, IEEE: tl.constex
     return dq + _dot(ds.to(k.dtype), k, IEEE)
 
 
-@triton.autotune(configs=_tuned(DQ_CONFIGS), key=["HEAD_DIM", "HAS_REF", "REF_PACKED"])
+@triton.autotune(configs=_tuned(DQ_CONFIGS), key=["HEAD_DIM", "HAS_REF", "REF_PACKED", "tune_rows"])
 @triton.jit
 def _bwd_dq_kernel(
     Q, DO, LSE2, DELTA, K, V, RK, RV, RIDX, CU_Q, CU_K, CU_R, DQ,
     qk_scale, sm_scale, stride_qt, stride_qh, stride_dot, stride_doh, stride_lse_h,
     stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_rkb, stride_rkr, stride_rkh, stride_rvb, stride_rvr, stride_rvh, stride_dqt, stride_dqh,
+    stride_rkb, stride_rkr, stride_rkh, stride_rvb, stride_rvr, stride_rvh, stride_dqt, stride_dqh, tune_rows,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_REF: tl.constexpr, REF_PACKED: tl.constexpr,
     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -462,16 +470,16 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, 
         _bwd_dkdv_kernel[lambda meta: (cdiv(max_seqlen_k, meta["BLOCK_N"]), heads, batch)](
             q, dout, lse2, delta, k, v, dk, dv, cu_q, cu_k, cu_k, *common,
             *_ref_strides(k), *_ref_strides(v), *_ref_strides(dk), *_ref_strides(dv),
-            HEAD_DIM=dim, BLOCK_D=block_d, IS_REF=False, REF_PACKED=False, IEEE=ieee)
+            _tune_rows(batch, max_seqlen_k, heads), HEAD_DIM=dim, BLOCK_D=block_d, IS_REF=False, REF_PACKED=False, IEEE=ieee)
     if has_ref and max_seqlen_ref > 0 and ref_k.shape[-3] > 0 and (packed or ref_index.numel() > 0):
         _bwd_dkdv_kernel[lambda meta: (cdiv(max_seqlen_ref, meta["BLOCK_N"]), heads, batch)](
             q, dout, lse2, delta, ref_k, ref_v, dref_k, dref_v, cu_q, cu_r, ridx, *common,
             *_ref_strides(ref_k), *_ref_strides(ref_v), *_ref_strides(dref_k), *_ref_strides(dref_v),
-            HEAD_DIM=dim, BLOCK_D=block_d, IS_REF=True, REF_PACKED=packed, IEEE=ieee)
+            _tune_rows(batch, max_seqlen_ref, heads), HEAD_DIM=dim, BLOCK_D=block_d, IS_REF=True, REF_PACKED=packed, IEEE=ieee)
     if tq and max_seqlen_q > 0:
         _bwd_dq_kernel[lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)](
             q, dout, lse2, delta, k, v, rk, rv, ridx, cu_q, cu_k, cur, dq, *common,
             k.stride(0), k.stride(1), v.stride(0), v.stride(1), *_ref_strides(rk), *_ref_strides(rv),
-            dq.stride(0), dq.stride(1),
+            dq.stride(0), dq.stride(1), _tune_rows(batch, max_seqlen_q, heads),
             HEAD_DIM=dim, BLOCK_D=block_d, HAS_REF=has_ref, REF_PACKED=packed, IEEE=ieee)
     return dq, dk, dv, dref_k, dref_v
