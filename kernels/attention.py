@@ -256,7 +256,8 @@ def attention_forward(q, k, v, cu_q, cu_k, max_seqlen_q, ref_k, ref_v, ref_index
         q, k, v, rk, rv, ridx, cu_q, cu_k, cur, out, lse,
         softmax_scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         *_ref_strides(rk), *_ref_strides(rv), out.stride(0), out.stride(1), lse.stride(0),
-        _tune_rows(batch, max_seqlen_q, heads), HEAD_DIM=dim, BLOCK_D=_block_d(dim), MASK_D=_block_d(dim) != dim, HAS_REF=has_ref, REF_PACKED=packed,
+        _tune_rows(batch, max_seqlen_q, heads),
+        HEAD_DIM=dim, BLOCK_D=_block_d(dim), MASK_D=_block_d(dim) != dim, HAS_REF=has_ref, REF_PACKED=packed,
         IEEE=q.dtype == torch.float32,
     )
     return out, lse
@@ -470,12 +471,14 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, 
         _bwd_dkdv_kernel[lambda meta: (cdiv(max_seqlen_k, meta["BLOCK_N"]), heads, batch)](
             q, dout, lse2, delta, k, v, dk, dv, cu_q, cu_k, cu_k, *common,
             *_ref_strides(k), *_ref_strides(v), *_ref_strides(dk), *_ref_strides(dv),
-            _tune_rows(batch, max_seqlen_k, heads), HEAD_DIM=dim, BLOCK_D=block_d, IS_REF=False, REF_PACKED=False, IEEE=ieee)
+            _tune_rows(batch, max_seqlen_k, heads),
+            HEAD_DIM=dim, BLOCK_D=block_d, IS_REF=False, REF_PACKED=False, IEEE=ieee)
     if has_ref and max_seqlen_ref > 0 and ref_k.shape[-3] > 0 and (packed or ref_index.numel() > 0):
         _bwd_dkdv_kernel[lambda meta: (cdiv(max_seqlen_ref, meta["BLOCK_N"]), heads, batch)](
             q, dout, lse2, delta, ref_k, ref_v, dref_k, dref_v, cu_q, cu_r, ridx, *common,
             *_ref_strides(ref_k), *_ref_strides(ref_v), *_ref_strides(dref_k), *_ref_strides(dref_v),
-            _tune_rows(batch, max_seqlen_ref, heads), HEAD_DIM=dim, BLOCK_D=block_d, IS_REF=True, REF_PACKED=packed, IEEE=ieee)
+            _tune_rows(batch, max_seqlen_ref, heads),
+            HEAD_DIM=dim, BLOCK_D=block_d, IS_REF=True, REF_PACKED=packed, IEEE=ieee)
     if tq and max_seqlen_q > 0:
         _bwd_dq_kernel[lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)](
             q, dout, lse2, delta, k, v, rk, rv, ridx, cu_q, cu_k, cur, dq, *common,
