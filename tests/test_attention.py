@@ -303,18 +303,22 @@ def test_custom_op_passes_opcheck():
     torch.library.opcheck(torch.ops.sparsectx.sparse_attention_fwd.default, args)
 
 
-def test_torch_compile_fullgraph_forward_and_backward():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_forward_and_backward(backend):
+    """Traced whole (fullgraph) with the surrounding ops: inductor fuses the projections and the scaling around
+    the custom op and relies on its fake implementation's shapes and strides."""
     case = make_case([7, 12], [5, 2], [4, 6], 9, 2, 16, torch.float32, seed=17)
 
     def fn(q, k, v, ref_k, ref_v):
-        return sparsectx.sparse_attention(q, k, v, case.cu_q, case.cu_k, case.max_q, case.max_k, ref_k=ref_k,
-                                          ref_v=ref_v, ref_index=case.ref["ref_index"],
-                                          cu_seqlens_ref=case.ref["cu_seqlens_ref"], validate=False)
+        out = sparsectx.sparse_attention(q * 1.5, k, v, case.cu_q, case.cu_k, case.max_q, case.max_k,
+                                         ref_k=ref_k, ref_v=ref_v, ref_index=case.ref["ref_index"],
+                                         cu_seqlens_ref=case.ref["cu_seqlens_ref"], validate=False)
+        return out.transpose(0, 1).tanh()
 
     inputs = [t.detach().clone().requires_grad_(True)
               for t in (case.q, case.k, case.v, case.ref["ref_k"], case.ref["ref_v"])]
     eager_inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(fn, fullgraph=True, backend=backend)
     out = compiled(*inputs)
     out.sum().backward()
     expected = fn(*eager_inputs)
