@@ -139,7 +139,7 @@ def _ref_rows(RIDX, r_start, offs, valid, REF_PACKED: tl.constexpr, MASKED: tl.c
 
 
 @triton.autotune(configs=_tuned(FWD_CONFIGS), key=["HEAD_DIM", "HAS_REF", "REF_PACKED", "tune_rows"])
-@triton.jit
+@triton.jit(do_not_specialize=["tune_rows"])  # the key only: one binary for every value
 def _fwd_kernel(
     Q, K, V, RK, RV, RIDX, CU_Q, CU_K, CU_R, O, LSE,
     qk_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -313,7 +313,7 @@ def _load_query_grads(Q, DO, LSE2, DELTA, q_rows, q_cols, q_valid, offs_d, d_val
 
 
 @triton.autotune(configs=_tuned(DKDV_CONFIGS), key=["HEAD_DIM", "IS_REF", "REF_PACKED", "tune_rows"])
-@triton.jit
+@triton.jit(do_not_specialize=["tune_rows"])  # the key only: one binary for every value
 def _bwd_dkdv_kernel(
     Q, DO, LSE2, DELTA, K, V, DK, DV, CU_Q, CU_K, KIDX,
     qk_scale, sm_scale, stride_qt, stride_qh, stride_dot, stride_doh, stride_lse_h,
@@ -386,7 +386,7 @@ def _dq_step(dq, q, do, lse2, delta, k, v, key_valid, qk_scale, IEEE: tl.constex
 
 
 @triton.autotune(configs=_tuned(DQ_CONFIGS), key=["HEAD_DIM", "HAS_REF", "REF_PACKED", "tune_rows"])
-@triton.jit
+@triton.jit(do_not_specialize=["tune_rows"])  # the key only: one binary for every value
 def _bwd_dq_kernel(
     Q, DO, LSE2, DELTA, K, V, RK, RV, RIDX, CU_Q, CU_K, CU_R, DQ,
     qk_scale, sm_scale, stride_qt, stride_qh, stride_dot, stride_doh, stride_lse_h,
@@ -453,7 +453,7 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, 
     dref_k = ref_k.new_zeros(ref_k.shape) if has_ref else q.new_empty(0)
     dref_v = ref_v.new_zeros(ref_v.shape) if has_ref else q.new_empty(0)
     if batch == 0:  # every row is padding
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dref_k, dref_v
+        return _empty_as(q).zero_(), _empty_as(k).zero_(), _empty_as(v).zero_(), dref_k, dref_v
     dq, dk, dv = _empty_as(q), _empty_as(k), _empty_as(v)  # same shapes and strides: dk's serve dv
     # the kernels take lse in base 2; queries that see no key (lse = -inf) take part in no product, and a finite
     # stand-in keeps exp2 NaN-free

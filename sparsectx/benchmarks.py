@@ -79,11 +79,11 @@ class Impl:
     verify: Optional[Callable[[Any], str]] = None
     # sparsectx's own code (its ops, the drop-in and its parts, selection): an exception there is an error of the
     # run, never "unavailable" (that is for peers this machine lacks). Names starting with "sparsectx", a
-    # breakdown letter "(" or "select" are ours without saying so.
+    # breakdown letter "(" or "select," are ours without saying so.
     ours: bool = False
 
     def __post_init__(self):
-        self.ours = self.ours or self.name.startswith(("sparsectx", "(", "select"))
+        self.ours = self.ours or self.name.startswith(("sparsectx", "(", "select,"))
 
     def context(self):
         return self.scope() if self.scope is not None else contextlib.nullcontext()
@@ -748,8 +748,13 @@ def _graph_replay_impl(name: str, fn: Callable[[], Any], device: torch.device, *
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             captured = fn()
-    except Exception as exc:  # a capture failure is reported in the row, the rest of the case still runs
-        return Impl(name, skip=f"CUDA graph capture failed ({_first_line(exc)})")
+    except Exception as exc:  # reported in the row (an error for sparsectx's own op), the rest of the case runs
+        message = f"CUDA graph capture failed ({_first_line(exc)})"
+
+        def failed():
+            raise RuntimeError(message)
+
+        return Impl(name, failed, **impl_args)
 
     def replay():
         graph.replay()

@@ -192,6 +192,16 @@ def test_padding_rows_past_the_last_sample_get_zero_gradient(poisoned_outputs):
         torch.testing.assert_close(padded[:real], plain, rtol=0, atol=0, msg=f"d{name}")
 
 
+def test_batch_of_no_sample_gives_zero_contiguous_gradients(poisoned_outputs):
+    """cu_seqlens = [0] (every row padding, validate=False): zero gradients, contiguous like the fake op's, whatever
+    the inputs' strides (inductor relies on the fake op's strides)."""
+    q, k, v = (torch.randn(2, 5, 16, device=DEVICE).transpose(0, 1).requires_grad_(True) for _ in range(3))
+    empty = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    out = sparsectx.sparse_attention(q, k, v, empty, empty, 0, 0, validate=False)
+    for grad in torch.autograd.grad(out.sum(), (q, k, v)):  # as the op returns them (no .grad layout rule)
+        assert grad.is_contiguous() and torch.equal(grad, torch.zeros_like(grad))
+
+
 def test_reference_rows_not_kept_get_zero_gradient(poisoned_outputs):
     case = make_case([8, 8], [4, 4], [3, 5], 12, 2, 64, torch.float32, seed=3)
     _, _, grads = run_ops(case, torch.randn_like(case.q), torch.zeros(2, 16, device=DEVICE))
