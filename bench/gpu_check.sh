@@ -12,7 +12,9 @@
 #                     the FLUX.1-Kontext step, then the rest of the suite on CUDA ~ 2.5 minutes or what is left
 #   GPU_CHECK_PART=all  both, in that order (a machine without a per-command limit)
 # Usage, from anywhere:  GPU_CHECK_PART=1 bash bench/gpu_check.sh      (writes under "$OUT", default ./bench_out)
-# Files written: env.log, tests.log, bench.log, bench.json (the part's cases merged), summary.txt.
+# Files written: env.log, tests.log, bench.log, bench.json (the part's cases merged), summary.txt, results.md (the
+# run as markdown for bench/RESULTS.md). Set SPARSECTX_COMMIT=<hash> when the tree has no .git (a GPU machine's
+# copy), so that the run records which commit it measured.
 # Dry run on a CPU machine: GPU tests are skipped there and the benchmarks use the tiny shapes.
 set -u   # no `set -e`: a failing step must not stop the steps after it
 
@@ -222,5 +224,7 @@ for kernel, key, cfg in picks[:16]:
     print(f"autotune {kernel} {key[:70]}: {cfg[:90]}")
 EOF
 } >"$SUMMARY" 2>&1
+# the same run as markdown tables for bench/RESULTS.md
+[[ -f $OUT/bench.json ]] && "${IN_SCRATCH[@]}" "$PY" -m sparsectx.cli report "$OUT/bench.json" >"$OUT/results.md" 2>&1
 cat "$SUMMARY"
 rm -rf "$SCRATCH"

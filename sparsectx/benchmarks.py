@@ -1795,6 +1795,61 @@ def format_table(rows: list) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(meta: dict, rows: list) -> str:
+    """A run as ``bench/RESULTS.md`` records it: a header (date, card, driver, CUDA, torch, Triton, diffusers,
+    sparsectx version and commit, the ceilings measured in the run), one markdown table per (case, shape), and the
+    autotuner's picks."""
+    ceilings = meta.get("ceilings") or {}
+    lines = [f"### {str(meta.get('date', '?'))[:10]}, {meta.get('device')}, driver {meta.get('driver')}, "
+             f"CUDA {meta.get('cuda')}, torch {meta.get('torch')}, Triton {meta.get('triton')}, diffusers "
+             f"{meta.get('diffusers')}, sparsectx {meta.get('sparsectx')} (commit {meta.get('commit')})", ""]
+    if ceilings:
+        lines += [f"Ceilings (this run): copy {ceilings.get('copy_GBps', 0) / 1e3:.2f} TB/s (read + write), "
+                  f"{ceilings.get('matmul')} {ceilings.get('matmul_TFLOPs', 0):.0f} TFLOP/s. {RATIO_MEANING}.", ""]
+    blocks: dict = {}
+    for row in rows:
+        blocks.setdefault((row["case"], row["shape"]), []).append(row)
+    for (case, shape), block in blocks.items():
+        unit = "GB/s" if any(r["gbps"] for r in block) else "TFLOP/s"
+        mem = any(r.get("peak_mem_gb") for r in block)
+        lines += [f"**{case}**, {shape}", "",
+                  f"| implementation | time ms | {unit} | ratio |{' peak GiB |' if mem else ''} check / note |",
+                  f"|---|---|---|---|{'---|' if mem else ''}---|"]
+        for r in block:
+            rate = r["gbps"] if unit == "GB/s" else r["tflops"]
+            check = "" if r["ok"] is None else ("ok" if r["ok"] else "**FAIL**")
+            if r["err"] is not None and r["ok"] and r["err"] > 0:
+                check += f" {r['err']:.0e}"
+            note = "; ".join(x for x in (check.strip(), r["note"]) if x).replace("|", "/")
+            cells = [r["impl"], _fmt(r["time_ms"], ".4g").strip(), _fmt(rate, ".4g").strip(),
+                     _fmt(r["ratio"], ".2f").strip()]
+            cells += [_fmt(r.get("peak_mem_gb"), ".1f").strip()] if mem else []
+            lines.append("| " + " | ".join(cells + [note]) + " |")
+        lines.append("")
+    runs = meta.get("autotune_runs") or [meta.get("autotune") or {}]
+    picks = sorted({(kernel, key, config) for run in runs for kernel, info in run.items()
+                    for key, config in info["picked"].items()})
+    if picks:
+        lines += ["Autotuner picks (kernel, key: config):", ""]
+        lines += [f"- {kernel} {key}: {config}" for kernel, key, config in picks]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _git_commit() -> Optional[str]:
+    """The sparsectx commit: ``SPARSECTX_COMMIT`` when set (a copy of the tree without .git, e.g. a GPU machine),
+    else ``git rev-parse`` in the package's folder, else None."""
+    if os.environ.get("SPARSECTX_COMMIT"):
+        return os.environ["SPARSECTX_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        if out.returncode != 0:
+            return None
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def _driver_version() -> Optional[str]:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -1824,6 +1879,7 @@ def run_metadata(device: torch.device, size: str, quick: bool, cases: Sequence[s
         "triton": version("triton"),
         "diffusers": version("diffusers"),
         "sparsectx": __version__,
+        "commit": _git_commit(),
         "sparsectx_path": {str(dt).replace("torch.", ""): ops.backend_for(device, dt)
                            for dt in (torch.float16, torch.bfloat16, torch.float32)},
         "size": size,
@@ -1843,6 +1899,18 @@ def write_json(path: str, meta: dict, rows: list) -> None:
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump({"meta": meta, "rows": rows}, fh, indent=1)
     os.replace(tmp, path)  # a run cut short by a timeout still leaves the last complete file
+
+
+def report(args: argparse.Namespace) -> int:
+    """``sparsectx report BENCH_JSON``: the run as markdown for ``bench/RESULTS.md``."""
+    if not os.path.exists(args.json_path):
+        raise SystemExit(f"sparsectx report: error: {args.json_path} does not exist")
+    with open(args.json_path, encoding="utf-8") as fh:
+        data = json.load(fh)
+    if not isinstance(data, dict) or not {"meta", "rows"} <= set(data):
+        raise SystemExit(f"sparsectx report: error: {args.json_path} is not a `sparsectx bench --json` file")
+    print(format_markdown(data["meta"], data["rows"]), end="")
+    return 0
 
 
 def load_rows(path: str) -> list:

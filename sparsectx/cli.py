@@ -1,4 +1,4 @@
-"""The ``sparsectx`` command: ``sparsectx info`` and ``sparsectx bench``."""
+"""The ``sparsectx`` command: ``sparsectx info``, ``sparsectx bench`` and ``sparsectx report``."""
 from __future__ import annotations
 
 import argparse
@@ -49,6 +49,12 @@ def _bench(args) -> int:
     return benchmarks.main(args)
 
 
+def _report(args) -> int:
+    from . import benchmarks
+
+    return benchmarks.report(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsectx", description="Sparse Context kernels for diffusion transformers")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:  # pragma: no cover
         pass
     bench.set_defaults(func=_bench)
+    report = sub.add_parser("report", help="a `sparsectx bench --json` file as markdown tables for bench/RESULTS.md")
+    report.add_argument("json_path", metavar="BENCH_JSON")
+    report.set_defaults(func=_report)
     return parser
 
 

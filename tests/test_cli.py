@@ -107,6 +107,21 @@ def test_bench_in_process_writes_json_table_and_plot(tmp_path, capsys):
     rows = _check_bench_json(out_json, SMALL_CASE)
     assert json.loads(out_json.read_text())["meta"]["autotune"] == sparsectx.ops.kernel_configs()  # same process
     printed = capsys.readouterr().out
+    # the same run as markdown for bench/RESULTS.md: a header with the versions, one table row per implementation
+    assert cli.main(["report", str(out_json)]) == 0
+    markdown = capsys.readouterr().out
+    assert markdown.startswith("### ") and f"torch {torch.__version__}" in markdown
+    table_lines = [line for line in markdown.splitlines()
+                   if line.startswith("| ") and not line.startswith("| implementation |")]
+    assert len(table_lines) == len(rows)  # rows come block by block, in the tables' order
+    for row, line in zip(rows, table_lines):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == row["impl"]
+        if row["time_ms"] is not None:
+            assert math.isclose(float(cells[1]), row["time_ms"], rel_tol=1e-3)
+            assert math.isclose(float(cells[3]), row["ratio"], abs_tol=0.006)
+    with pytest.raises(SystemExit, match="does not exist"):
+        cli.main(["report", str(out_json) + ".missing"])
     for row in rows:
         assert row["impl"] in printed  # the table shows every implementation
     try:
