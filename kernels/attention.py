@@ -63,9 +63,9 @@ DQ_CONFIGS = _configs([(64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2), (64, 12
 
 
 def tuned_configs() -> dict:
-    """The launch configuration the autotuner picked for each kernel and tuning key so far in this process, as
-    ``{kernel: {key: config}}`` strings, plus the timings (ms) of every candidate for the key each kernel tuned last
-    (``{kernel: {"last_tuned": {config: ms}}}``). Empty before the first launch and in the interpreter."""
+    """What the autotuner chose so far in this process: ``{kernel: {"picked": {key: config}, "last_tuned":
+    {config: ms}}}`` (strings; ``last_tuned``: every candidate's time for the key that kernel tuned last). Kernels
+    that tuned nothing are absent: empty before the first GPU launch, in the interpreter and with one candidate."""
     choices = {}
     for name, kernel in (("fwd", _fwd_kernel), ("bwd_dkdv", _bwd_dkdv_kernel), ("bwd_dq", _bwd_dq_kernel)):
         picked = {str(key): str(config) for key, config in getattr(kernel, "cache", {}).items()}
