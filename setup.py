@@ -15,9 +15,11 @@ setup(
     packages=["sparsectx", "sparsectx.kernels"],
     package_dir={"sparsectx": "sparsectx", "sparsectx.kernels": "kernels"},
     install_requires=[
-        # no upper pin and no CUDA-only pin: a machine that already has torch keeps it
-        "torch>=2.5",
-        "triton>=3.2; platform_system == 'Linux'",
+        # no upper pin and no CUDA-only pin: a machine that already has torch keeps it. Triton 3.4 is the oldest
+        # release whose interpreter runs the test suite and that compiles every kernel for sm_90 (3.2/3.3 cannot
+        # even import the autotuned kernels without a GPU driver); torch 2.8 is the first release that ships it
+        "torch>=2.8",
+        "triton>=3.4; platform_system == 'Linux'",
         "diffusers>=0.35",
         "einops",
         "tqdm",

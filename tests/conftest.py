@@ -28,7 +28,7 @@ def _interpreter_needs_older_numpy() -> bool:
     try:
         int(numpy.zeros(1))
     except TypeError:
-        return "int(self.handle.data))" in inspect.getsource(interpreter)
+        return "int(self.handle.data)" in inspect.getsource(interpreter)
     return False
 
 
