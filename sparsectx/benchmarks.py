@@ -1770,27 +1770,37 @@ def _fmt(value, spec: str) -> str:
     return format(value, spec)
 
 
-def format_table(rows: list) -> str:
-    """Readable table: one block per (case, shape); time, throughput, ratio vs sparsectx, check."""
-    lines = []
+def _table_blocks(rows: list):
+    """Rows grouped by (case, shape), in order: ``(case, shape, block, unit, mem)`` with the throughput column's unit
+    and whether the block reports peak memory."""
     blocks: dict = {}
     for row in rows:
         blocks.setdefault((row["case"], row["shape"]), []).append(row)
     for (case, shape), block in blocks.items():
         unit = "GB/s" if any(r["gbps"] for r in block) else "TFLOP/s"
-        mem = any(r.get("peak_mem_gb") for r in block)
+        yield case, shape, block, unit, any(r.get("peak_mem_gb") for r in block)
+
+
+def _check_and_note(row: dict, fail: str = "FAIL") -> str:
+    """The row's check (``ok`` with its relative error, or ``fail``) joined with its note."""
+    check = "" if row["ok"] is None else ("ok" if row["ok"] else fail)
+    if row["err"] is not None and row["ok"] and row["err"] > 0:
+        check += f" {row['err']:.0e}"
+    return "; ".join(x for x in (check.strip(), row["note"]) if x)
+
+
+def format_table(rows: list) -> str:
+    """Readable table: one block per (case, shape); time, throughput, ratio vs sparsectx, check."""
+    lines = []
+    for case, shape, block, unit, mem in _table_blocks(rows):
         lines.append(f"{case} | {shape}")
         head = f"  {'implementation':<42} {'time ms':>10} {unit:>8} {'ratio':>7}"
         lines.append(head + (f" {'peak GiB':>8}" if mem else "") + "  check / note")
         for r in block:
             rate = r["gbps"] if unit == "GB/s" else r["tflops"]
-            check = "" if r["ok"] is None else ("ok" if r["ok"] else "FAIL")
-            if r["err"] is not None and r["ok"] and r["err"] > 0:
-                check += f" {r['err']:.0e}"
-            note = "; ".join(x for x in (check.strip(), r["note"]) if x)
             line = (f"  {r['impl']:<42} {_fmt(r['time_ms'], '10.4g')} {_fmt(rate, '8.4g')} "
                     f"{_fmt(r['ratio'], '7.2f')}")
-            lines.append(line + (f" {_fmt(r.get('peak_mem_gb'), '8.1f')}" if mem else "") + f"  {note}")
+            lines.append(line + (f" {_fmt(r.get('peak_mem_gb'), '8.1f')}" if mem else "") + f"  {_check_and_note(r)}")
         lines.append("")
     return "\n".join(lines)
 
@@ -1806,21 +1816,13 @@ def format_markdown(meta: dict, rows: list) -> str:
     if ceilings:
         lines += [f"Ceilings (this run): copy {ceilings.get('copy_GBps', 0) / 1e3:.2f} TB/s (read + write), "
                   f"{ceilings.get('matmul')} {ceilings.get('matmul_TFLOPs', 0):.0f} TFLOP/s. {RATIO_MEANING}.", ""]
-    blocks: dict = {}
-    for row in rows:
-        blocks.setdefault((row["case"], row["shape"]), []).append(row)
-    for (case, shape), block in blocks.items():
-        unit = "GB/s" if any(r["gbps"] for r in block) else "TFLOP/s"
-        mem = any(r.get("peak_mem_gb") for r in block)
+    for case, shape, block, unit, mem in _table_blocks(rows):
         lines += [f"**{case}**, {shape}", "",
                   f"| implementation | time ms | {unit} | ratio |{' peak GiB |' if mem else ''} check / note |",
                   f"|---|---|---|---|{'---|' if mem else ''}---|"]
         for r in block:
             rate = r["gbps"] if unit == "GB/s" else r["tflops"]
-            check = "" if r["ok"] is None else ("ok" if r["ok"] else "**FAIL**")
-            if r["err"] is not None and r["ok"] and r["err"] > 0:
-                check += f" {r['err']:.0e}"
-            note = "; ".join(x for x in (check.strip(), r["note"]) if x).replace("|", "/")
+            note = _check_and_note(r, fail="**FAIL**").replace("|", "/")
             cells = [r["impl"], _fmt(r["time_ms"], ".4g").strip(), _fmt(rate, ".4g").strip(),
                      _fmt(r["ratio"], ".2f").strip()]
             cells += [_fmt(r.get("peak_mem_gb"), ".1f").strip()] if mem else []

@@ -14,8 +14,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _interpreter_needs_older_numpy() -> bool:
-    """Triton 3.6's interpreter turns a scalar kernel argument into an int with ``int(array_of_shape_1)``, which
-    numpy >= 2.4 refuses (3.9's interpreter squeezes it first): every kernel looping over a runtime length fails."""
+    """The interpreters of Triton 3.4-3.6 turn a scalar kernel argument into an int with ``int(array_of_shape_1)``,
+    which numpy >= 2.4 refuses (3.9's squeezes it first): every kernel looping over a runtime length fails."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         return False
     try:
