@@ -1,10 +1,19 @@
-"""Host-side launch arithmetic in plain Python.
+"""Host-side launch helpers in plain Python.
 
 ``triton.cdiv`` and ``triton.next_power_of_2`` are ``constexpr_function`` objects in recent Triton releases: each
 call from the host costs microseconds of argument unwrapping, which adds up to a noticeable share of a small op's
 launch work (token compaction runs several launches of a few microseconds each). These are the same functions for
 Python ints.
+
+``on_device_of``: Triton launches a kernel on the *current* CUDA device (and that device's current stream), not on
+the device of the tensors it is given. A model split over GPUs (diffusers/accelerate ``device_map``) calls ops
+with tensors on ``cuda:1`` while ``cuda:0`` is current: without a guard the kernel would run on the wrong GPU with
+pointers it can not address (an error, or silently wrong results). Every launcher enters its tensors' device.
 """
+import functools
+import inspect
+
+import torch
 
 
 def cdiv(a: int, b: int) -> int:
@@ -15,3 +24,24 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= n, for n >= 1."""
     return 1 << max(n - 1, 0).bit_length()
+
+
+def on_device_of(arg: str):
+    """Decorator for a launcher: its kernels launch on the CUDA device of its tensor argument ``arg`` (made the
+    current device for the call when it is not already; nothing changes for CPU tensors, the interpreter's)."""
+
+    def decorate(launcher):
+        position = list(inspect.signature(launcher).parameters).index(arg)
+
+        @functools.wraps(launcher)
+        def launch(*args, **kwargs):
+            device = (args[position] if position < len(args) else kwargs[arg]).device
+            if device.type != "cuda" or device.index == torch.cuda.current_device():
+                return launcher(*args, **kwargs)
+            with torch.cuda.device(device):
+                return launcher(*args, **kwargs)
+
+        launch.launch_device_arg = arg
+        return launch
+
+    return decorate

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, next_power_of_2
+from ._launch import cdiv, next_power_of_2, on_device_of
 
 LOG2E = 1.4426950408889634  # scores are scaled by scale*log2(e) so that exp2 replaces exp
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # lse is returned in natural log
@@ -239,6 +239,7 @@ def _ref_strides(t):
     return (0, t.stride(0), t.stride(1)) if t.ndim == 3 else (t.stride(0), t.stride(1), t.stride(2))
 
 
+@on_device_of("q")
 def attention_forward(q, k, v, cu_q, cu_k, max_seqlen_q, ref_k, ref_v, ref_index, cu_r, softmax_scale):
     """Launches the forward kernel. Returns ``(out [Tq, H, D], lse [H, Tq] fp32, natural log)``."""
     tq, heads, dim = q.shape
@@ -439,6 +440,7 @@ def _bwd_dq_kernel(
 DELTA_BLOCK_M = 64
 
 
+@on_device_of("q")
 def attention_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k,
                        ref_k, ref_v, ref_index, cu_r, max_seqlen_ref, softmax_scale):
     """Launches the backward kernels. Returns ``(dq, dk, dv, dref_k, dref_v)``; the reference-buffer gradients are

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, next_power_of_2
+from ._launch import cdiv, next_power_of_2, on_device_of
 
 # Order-preserving integer keys of fp32 scores: the top-k threshold is found RADIX_BITS bits per pass. Two bits per
 # pass need 3 counts per pass (candidate digits 1..3); more bits per pass would cost 2**bits - 1 counts, each a full
@@ -379,6 +379,7 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return flat if flat.stride(-1) == 1 else flat.contiguous()
 
 
+@on_device_of("selection")
 def compact_index(
     selection: torch.Tensor, counts: Optional[Sequence[int]] = None, n_rows: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -456,6 +457,7 @@ def _to_device_int32(values: Sequence[int], device: torch.device) -> torch.Tenso
     return host.to(device, non_blocking=True)
 
 
+@on_device_of("index")
 def gather_rows(
     payloads: Sequence[torch.Tensor], index: torch.Tensor, cu_seqlens: torch.Tensor, n_rows: int,
 ) -> list[torch.Tensor]:
@@ -487,6 +489,7 @@ def gather_rows(
     return outputs
 
 
+@on_device_of("index")
 def scatter_rows(
     packed: Optional[torch.Tensor], index: torch.Tensor, cu_seqlens: torch.Tensor, out: torch.Tensor,
 ) -> torch.Tensor:

@@ -179,3 +179,93 @@ def test_complex_payload_rows_are_copied(monkeypatch, interpret):
     assert torch.equal(kept.tensors[0], x[mask])
     back = sparsectx.scatter_tokens(kept.tensors[0], kept.index, kept.cu_seqlens, 7)
     assert torch.equal(back[mask], x[mask]) and torch.all(back[~mask] == 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launch device: Triton launches on the current CUDA device, not on the tensors' device
+# ----------------------------------------------------------------------------------------------------------------
+def _launchers():
+    """Every host function of the kernel modules that launches a kernel (the modules' public functions, less the
+    ones that launch nothing)."""
+    import inspect
+
+    from sparsectx.kernels import attention, compaction
+
+    launch_nothing = {"tuned_configs"}
+    return [fn for module in (attention, compaction) for name, fn in vars(module).items()
+            if inspect.isfunction(fn) and fn.__module__ == module.__name__ and not name.startswith("_")
+            and name not in launch_nothing]
+
+
+@pytest.mark.skipif(not ops._triton_available(), reason="needs triton")
+def test_every_launcher_enters_its_tensors_device():
+    import inspect
+
+    launchers = _launchers()
+    assert {fn.__name__ for fn in launchers} == {"attention_forward", "attention_backward", "compact_index",
+                                                 "gather_rows", "scatter_rows"}
+    for fn in launchers:
+        arg = getattr(fn, "launch_device_arg", None)
+        assert arg is not None, f"{fn.__name__} launches kernels without entering its tensors' device"
+        assert arg in inspect.signature(fn.__wrapped__).parameters
+
+
+class _OnDevice:
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+
+def test_launch_guard_makes_the_tensors_device_current(monkeypatch):
+    """A tensor on cuda:1 while cuda:0 is current: the launcher runs with cuda:1 current; on the current device or
+    the CPU it runs as is (and the CPU never asks CUDA anything)."""
+    from sparsectx.kernels._launch import on_device_of
+
+    current, entered = [0], []
+
+    class _Guard:
+        def __init__(self, device):
+            self.index = torch.device(device).index
+
+        def __enter__(self):
+            entered.append(self.index)
+            self.previous, current[0] = current[0], self.index
+
+        def __exit__(self, *exc):
+            current[0] = self.previous
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", _Guard)
+
+    @on_device_of("x")
+    def launcher(scale, x, *, tag=None):
+        return current[0], tag
+
+    assert launcher(2.0, _OnDevice("cuda:1"), tag="a") == (1, "a")
+    assert launcher(2.0, x=_OnDevice("cuda:1")) == (1, None)  # given by keyword
+    assert entered == [1, 1] and current[0] == 0  # restored after the call
+    assert launcher(2.0, _OnDevice("cuda:0")) == (0, None)
+    assert entered == [1, 1]  # already current: no guard
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: pytest.fail("asked CUDA for a CPU tensor"))
+    assert launcher(2.0, torch.zeros(1)) == (0, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_ops_on_a_device_that_is_not_current():
+    """Attention forward/backward and compaction on cuda:1 while cuda:0 is current give the CPU reference's
+    results (without the launch guard they would launch on cuda:0)."""
+    torch.cuda.set_device(0)
+    (q, k, v, cu_q, cu_k, mq, mk), refs = _inputs(torch.float32)
+    expected = ops.sparse_attention(q, k, v, cu_q, cu_k, mq, mk, **refs)
+    moved = [t.to("cuda:1").requires_grad_(t.is_floating_point()) for t in (q, k, v)]
+    out = ops.sparse_attention(*moved, cu_q.to("cuda:1"), cu_k.to("cuda:1"), mq, mk,
+                               **{name: t.to("cuda:1") for name, t in refs.items()})
+    out.sum().backward()
+    torch.testing.assert_close(out.cpu(), expected, atol=2e-3, rtol=2e-3)
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in moved)
+    scores = torch.rand(2, 50)
+    kept = sparsectx.compact_tokens(scores.to("cuda:1"), scores.to("cuda:1")[..., None], budget=[7, 20])
+    expected = sparsectx.compact_tokens(scores, scores[..., None], budget=[7, 20])
+    assert torch.equal(kept.index.cpu(), expected.index) and torch.equal(kept.tensors[0].cpu(), expected.tensors[0])
+    assert torch.cuda.current_device() == 0
