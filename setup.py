@@ -20,7 +20,9 @@ setup(
         # even import the autotuned kernels without a GPU driver); torch 2.8 is the first release that ships it
         "torch>=2.8",
         "triton>=3.4; platform_system == 'Linux'",
-        "diffusers>=0.35",
+        # 0.39: the oldest release the whole suite passes with (0.38 passes Qwen-Image's text mask to the
+        # processors in another form; 0.37 has no FLUX.2 klein KV cache; 0.35 no FLUX.2 / Qwen-Image-Edit-Plus)
+        "diffusers>=0.39",
         "einops",
         "tqdm",
     ],

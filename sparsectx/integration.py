@@ -78,6 +78,7 @@ import functools
 import inspect
 import itertools
 import math
+import re
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
@@ -88,6 +89,7 @@ import torch
 # constants
 # ----------------------------------------------------------------------------------------------------------------
 FLUX2, FLUX, QWEN = "flux2", "flux", "qwen"
+MIN_DIFFUSERS = (0, 39)  # the oldest diffusers release the test suite passes with (setup.py's floor)
 SUPPORTED_TRANSFORMERS = {  # diffusers class name -> family
     "Flux2Transformer2DModel": FLUX2,
     "FluxTransformer2DModel": FLUX,
@@ -1022,6 +1024,18 @@ def _uncompiled(module):
     return module
 
 
+def check_diffusers_version() -> None:
+    """ImportError when the installed diffusers is older than MIN_DIFFUSERS (e.g. installed with ``--no-deps``):
+    older releases hand Qwen-Image's text mask to the attention processors in another form, which would silently
+    mislead the probe, and lack classes the processors replace."""
+    import diffusers
+
+    release = tuple(int(part) for part in re.findall(r"\d+", diffusers.__version__)[:2])
+    if release < MIN_DIFFUSERS:
+        raise ImportError(f"sparsectx needs diffusers >= {'.'.join(map(str, MIN_DIFFUSERS))}, found "
+                          f"{diffusers.__version__}: pip install -U diffusers")
+
+
 def _split_target(pipe_or_transformer):
     """(pipeline or None, transformer, family); TypeError naming the supported classes otherwise."""
     family = _family_of(_uncompiled(pipe_or_transformer))
@@ -1066,6 +1080,7 @@ def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Call
     Enabling again replaces the settings (and switches ``attention`` if it changed). Context parallelism is
     rejected with a ``RuntimeError``. Returns ``pipe_or_transformer``."""
     pipe, transformer, family = _split_target(pipe_or_transformer)
+    check_diffusers_version()
     if family == QWEN and getattr(getattr(transformer, "config", None), "use_layer3d_rope", False):
         raise TypeError("sparsectx does not support Qwen-Image-Layered (a transformer with use_layer3d_rope): its "
                         "image sequence holds several target layers, not target + references")

@@ -505,7 +505,8 @@ _REPLACEMENTS = (  # (diffusers module, processor class name, its sparsectx repl
     (transformer_flux, "FluxAttnProcessor", SparsectxFluxAttnProcessor),
     (transformer_qwenimage, "QwenDoubleStreamAttnProcessor2_0", SparsectxQwenDoubleStreamAttnProcessor),
 )
-# diffusers processor class -> its sparsectx replacement (the KV-cache processors exist from diffusers 0.42)
+# diffusers processor class -> its sparsectx replacement (all exist in diffusers >= 0.39, setup.py's floor; a
+# class a later release drops is left out rather than failing the import)
 PROCESSOR_MAP = {getattr(module, name): replacement for module, name, replacement in _REPLACEMENTS
                  if hasattr(module, name)}
 SPARSECTX_PROCESSORS = tuple(PROCESSOR_MAP.values())

@@ -272,6 +272,7 @@ def enable_drop_training(transformer, ratio_range: tuple = DEFAULT_RATIO_RANGE,
     if not isinstance(skip_dropped_queries, bool):
         raise TypeError(f"skip_dropped_queries must be a bool, got {type(skip_dropped_queries).__name__}")
     _, model, family = integration._split_target(transformer)
+    integration.check_diffusers_version()
     if getattr(model, integration.PATCH_ATTR, None) is not None:
         raise RuntimeError("sparsectx.enable is active on this transformer; call sparsectx.disable first")
     patch = getattr(model, integration.DROP_TRAINING_ATTR, None)

@@ -486,6 +486,23 @@ def test_unsupported_class_names_supported_ones():
             sparsectx.enable(bad)
 
 
+@pytest.mark.parametrize("old", ["0.38.0", "0.35.2", "0.9.1"])
+def test_older_diffusers_is_refused_by_name(models, monkeypatch, old):
+    """A diffusers installed below setup.py's floor (e.g. with --no-deps) gets a clear error before anything
+    changes, from the drop-in and from drop training (0.38 would silently hand the probe no text mask)."""
+    import diffusers
+
+    monkeypatch.setattr(diffusers, "__version__", old)
+    for enable in (sparsectx.enable, sparsectx.enable_drop_training):
+        with pytest.raises(ImportError, match=f"diffusers >= 0.39, found {old}"):
+            enable(models["qwen"])
+    assert not integration.is_enabled(models["qwen"])
+    for current in ("0.39.0", "0.40.0.dev0", "1.0.0"):
+        monkeypatch.setattr(diffusers, "__version__", current)
+        sparsectx.enable(models["qwen"], budget=0.5, selector=random_selector)
+        sparsectx.disable(models["qwen"])
+
+
 @pytest.mark.parametrize("budget", [0.0, 1.5, -1, True, "half", [0.5, "x"], [[0.5], 0.5], []])
 def test_bad_budget_raises(models, budget):
     with pytest.raises(ValueError, match="budget"):
