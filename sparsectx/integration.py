@@ -74,6 +74,7 @@ extract step, samples of one batch keeping different tokens.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import itertools
@@ -513,9 +514,19 @@ def reference_layout(family: str, call: dict) -> Optional[_Layout]:
     return _LAYOUTS[family](call)
 
 
+def _patched_forward(transformer: torch.nn.Module, attr: str, *args, **kwargs):
+    """The forward of a patched transformer: runs the patch the transformer holds under ``attr``. Installed as a
+    ``functools.partial`` over the transformer (not a closure over the patch), so a deep copy of the transformer
+    (e.g. an EMA model) calls its own copy of the patch, bound to the copy's weights."""
+    return getattr(transformer, attr).forward(*args, **kwargs)
+
+
 class ForwardPatch:
     """Replaces a transformer's ``forward`` with ``self.forward`` (an instance attribute) and puts the original back
-    exactly; ``attr`` names the transformer attribute that points at the patch while it is installed."""
+    exactly; ``attr`` names the transformer attribute that points at the patch while it is installed.
+
+    ``copy.deepcopy`` of the patched transformer copies the patch with it (the copy runs its own weights and can be
+    disabled on its own); pickling it (``torch.save(module)``) raises a ``TypeError`` saying to disable first."""
 
     attr: str = PATCH_ATTR
 
@@ -532,10 +543,8 @@ class ForwardPatch:
         return dict(self.signature.bind(*args, **kwargs).arguments)
 
     def install(self) -> None:
-        def forward(*args, **kwargs):
-            return self.forward(*args, **kwargs)
-
-        forward = functools.wraps(self.original_forward)(forward)
+        forward = functools.partial(_patched_forward, self.transformer, self.attr)
+        forward.__wrapped__ = self.original_forward  # inspect.signature(transformer.forward) stays the model's
         self.transformer.forward = forward
         self.wrapped_forward = forward
         setattr(self.transformer, self.attr, self)
@@ -568,6 +577,18 @@ class ForwardPatch:
 
     def forward(self, *args, **kwargs):
         raise NotImplementedError
+
+    def __deepcopy__(self, memo):
+        clone = object.__new__(type(self))
+        memo[id(self)] = clone
+        for name, value in self.__dict__.items():
+            setattr(clone, name, copy.deepcopy(value, memo))
+        return clone
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(f"{type(self.transformer).__name__} runs with sparsectx patched in and can not be pickled "
+                        "(torch.save of the module): call sparsectx.disable / disable_drop_training first, or save "
+                        "its state_dict or save_pretrained (neither holds sparsectx state)")
 
 
 class _SparsePatch(ForwardPatch):

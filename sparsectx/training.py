@@ -20,6 +20,7 @@ token, the original processors run (bit-exact with the unpatched model).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 from typing import Callable, Optional, Sequence
 
@@ -29,6 +30,7 @@ from . import integration
 from .ops import masked_attention
 
 DEFAULT_RATIO_RANGE = (0.05, 1.0)  # the keep ratios a trained model should handle, 5% to all tokens
+RECENT_MASKS = 64  # masks of the latest training forwards kept for their recomputation by an outer checkpoint
 
 
 def _check_layout(batch, ref_lengths, n_prefix) -> list[int]:
@@ -165,6 +167,7 @@ class _DropTrainingPatch(integration.ForwardPatch):
         self.generator: Optional[torch.Generator] = None
         # the modules whose blocks diffusers may run through a gradient-checkpointing function
         self.checkpointing_modules = [m for m in transformer.modules() if hasattr(m, "gradient_checkpointing")]
+        self.recent_masks: collections.OrderedDict = collections.OrderedDict()  # input key -> mask of that forward
 
     def uninstall(self) -> None:
         super().uninstall()
@@ -172,10 +175,11 @@ class _DropTrainingPatch(integration.ForwardPatch):
 
         processors.restore_processors(self.transformer, self.original_processors)
         self.state.image_keep, self.state.image_kept_prefix = None, 0
+        self.recent_masks.clear()
 
     def forward(self, *args, **kwargs):
         call = self.bind(args, kwargs)
-        mask = self._draw_mask(call) if self.transformer.training else (None, 0)
+        mask = self._mask_for(call) if self.transformer.training else (None, 0)
         self.state.image_keep, self.state.image_kept_prefix = mask
         # gradient checkpointing recomputes blocks during backward, possibly after other forwards drew other masks:
         # each checkpointed block of this forward runs (and is recomputed) with this forward's mask
@@ -188,6 +192,21 @@ class _DropTrainingPatch(integration.ForwardPatch):
         finally:
             for module, checkpoint in swapped:
                 module._gradient_checkpointing_func = checkpoint
+
+    def _mask_for(self, call: dict) -> tuple[Optional[torch.Tensor], int]:
+        """The drop mask of a training forward: a new draw, except for a forward that a checkpoint around the whole
+        transformer (``torch.utils.checkpoint``) recomputes during backward, which gets the mask its first run drew
+        (found by its input tensor: the same storage and version). A redraw would recompute with another mask: a
+        user's generator is not part of the RNG state checkpointing restores."""
+        hidden = call["hidden_states"]
+        key = (hidden.data_ptr(), tuple(hidden.shape), hidden._version)
+        if torch._C._current_graph_task_id() != -1 and key in self.recent_masks:  # inside a backward pass
+            return self.recent_masks[key]
+        mask = self._draw_mask(call)
+        self.recent_masks[key] = mask
+        while len(self.recent_masks) > RECENT_MASKS:
+            self.recent_masks.popitem(last=False)
+        return mask
 
     def _with_mask(self, checkpoint: Callable, mask: tuple) -> Callable:
         """``checkpoint`` (diffusers' ``_gradient_checkpointing_func(block, *args)``) given a stand-in for ``block``

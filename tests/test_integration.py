@@ -617,6 +617,33 @@ def test_last_selection_reports_the_kept_tokens(models):
     assert sparsectx.last_selection(model) is None
 
 
+@pytest.mark.parametrize("attention", ["native", "sparsectx"])
+def test_deep_copy_of_an_enabled_transformer_runs_its_own_weights(models, attention):
+    """copy.deepcopy of an enabled transformer (e.g. an EMA model): the copy runs its own weights through its own
+    patch, and each can be disabled on its own; pickling (torch.save of the module) asks to disable first."""
+    import copy
+    import pickle
+
+    model, kwargs = models["flux2"], _inputs("flux2")
+    plain = _run(model, kwargs)
+    sparsectx.enable(model, budget=0.5, selector=random_selector, seed=0, attention=attention)
+    expected = _run(model, kwargs)
+    clone = copy.deepcopy(model)
+    torch.testing.assert_close(_run(clone, kwargs), expected, rtol=0, atol=0)
+    with torch.no_grad():
+        for parameter in clone.proj_out.parameters():
+            parameter.zero_()
+    assert _run(clone, kwargs).abs().max() == 0 and torch.equal(_run(model, kwargs), expected)
+    with pytest.raises(TypeError, match="sparsectx.disable"):
+        pickle.dumps(model)
+    sparsectx.disable(clone)
+    assert integration.is_enabled(model) and not integration.is_enabled(clone)
+    assert torch.equal(_run(model, kwargs), expected)
+    sparsectx.disable(model)
+    assert torch.equal(_run(model, kwargs), plain)
+    pickle.dumps(model)  # a disabled transformer pickles as usual
+
+
 def test_enable_twice_is_idempotent(models):
     model, kwargs = models["flux2"], _inputs("flux2")
     expected = _run(model, kwargs)

@@ -513,3 +513,49 @@ def test_gradient_checkpointing_recomputes_with_each_forwards_own_mask(between, 
         assert set(seen) == {"Flux2TransformerBlock", "Flux2SingleTransformerBlock"}
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_checkpoint_around_the_transformer_recomputes_with_the_forwards_own_mask(reentrant):
+    """torch.utils.checkpoint around the whole transformer, with a user generator (not part of the RNG state that
+    checkpointing restores): the recomputation in backward uses the mask its forward drew, also when another
+    training forward came in between; gradients equal those without checkpointing."""
+    kwargs = shared._inputs("flux2")
+
+    def gradients(checkpointing: bool):
+        model = shared._build_model("flux2").train()
+        enable_drop_training(model, ratio_range=(0.3, 0.6), generator=torch.Generator().manual_seed(0))
+        hidden = kwargs["hidden_states"].clone().requires_grad_()
+
+        def run(hidden_states):
+            return model(**{**kwargs, "hidden_states": hidden_states})[0]
+
+        out = torch.utils.checkpoint.checkpoint(run, hidden, use_reentrant=reentrant) if checkpointing else run(hidden)
+        model(**{**kwargs, "hidden_states": kwargs["hidden_states"] + 1})  # another forward, another mask
+        out[:, :N_TARGET].pow(2).mean().backward()
+        return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+    expected, got = gradients(False), gradients(True)
+    assert got.keys() == expected.keys() and len(got) > 10
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+
+
+def test_deep_copy_of_a_drop_training_transformer_runs_its_own_weights(models):
+    """An EMA copy made with copy.deepcopy during drop training: the copy runs its own weights and its own patch;
+    disabling it leaves the original patched."""
+    import copy
+
+    model, kwargs = models["flux2"], _train_inputs("flux2")
+    enable_drop_training(model, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    expected = _run(model, kwargs)
+    clone = copy.deepcopy(model)
+    assert torch.equal(_run(clone, kwargs), expected)
+    with torch.no_grad():
+        for parameter in clone.proj_out.parameters():
+            parameter.zero_()
+    assert _run(clone, kwargs).abs().max() == 0 and torch.equal(_run(model, kwargs), expected)
+    disable_drop_training(clone)
+    assert is_drop_training_enabled(model) and not is_drop_training_enabled(clone)
+    disable_drop_training(model)
