@@ -34,7 +34,10 @@ pipeline sharing an enabled transformer, e.g. made with ``from_pipe``) can not s
 per prompt-embedding tensor (``encoder_hidden_states``) as well, so a new prompt selects again, and each guidance
 branch gets the selection made on its own prompt. A batch whose samples share their references is selected once
 (on its first sample) unless a per-sample signal differs or, when the selector reads the attention probe, the
-prompts differ.
+prompts differ. The probe's target queries come from that first sample's noisy latents, so with a selector that
+reads them (``attention``, and ``subject``/``edit`` when they use the probe) the tokens every sample keeps, and
+hence its image, depend on which sample came first (e.g. the images of ``num_images_per_prompt``); run requests
+separately where each must be selected on its own latents.
 
 Batches: FLUX.1/FLUX.2 share one RoPE table (``img_ids[0]``) and Qwen-Image one ``img_shapes`` entry across the
 batch, so samples that keep different tokens (per-request budgets, per-sample selection) can not stay one dense
@@ -79,6 +82,7 @@ import functools
 import inspect
 import itertools
 import math
+import numbers
 import re
 import weakref
 from dataclasses import dataclass, field
@@ -129,38 +133,37 @@ Budget = Union[int, float, Sequence[Union[int, float]], Sequence[Sequence[Union[
 # ----------------------------------------------------------------------------------------------------------------
 # budgets: scalar | one per reference image | one of those per request
 # ----------------------------------------------------------------------------------------------------------------
-def _check_budget_value(b) -> None:
-    if isinstance(b, bool) or not isinstance(b, (int, float)):
+def _check_budget_value(b) -> Union[int, float]:
+    """One budget entry as a Python int (count) or float (ratio); numpy scalars are taken by kind."""
+    if isinstance(b, bool) or not isinstance(b, numbers.Real):
         raise ValueError(f"budget entries must be an int (token count) or a float (ratio), got {b!r}")
+    b = int(b) if isinstance(b, numbers.Integral) else float(b)
     if isinstance(b, float) and not (0.0 < b <= 1.0):
         raise ValueError(f"budget ratio must be in (0, 1], got {b}")
     if isinstance(b, int) and b < 0:
         raise ValueError(f"budget count must be >= 0, got {b}")
+    return b
 
 
-def _check_per_image(spec) -> None:
+def _check_per_image(spec):
     if isinstance(spec, (list, tuple)):
         if not spec:
             raise ValueError("a per-image budget list must not be empty")
-        for b in spec:
-            _check_budget_value(b)
-    else:
-        _check_budget_value(spec)
+        return [_check_budget_value(b) for b in spec]
+    return _check_budget_value(spec)
 
 
 def check_budget(budget: Budget) -> Budget:
     """Validates a budget: a ratio in (0, 1] or a count >= 0 for every reference image; a list of those, one per
     reference image; or a list whose entries are lists (one per request, each a per-image list, where a
-    one-element list applies to all images). Raises ``ValueError`` naming what is wrong."""
+    one-element list applies to all images). Raises ``ValueError`` naming what is wrong. Returns it with every
+    entry a Python int or float (numpy integers count tokens, numpy floats are ratios) and lists for tuples."""
     if isinstance(budget, (list, tuple)) and any(isinstance(b, (list, tuple)) for b in budget):
         if not all(isinstance(b, (list, tuple)) for b in budget):
             raise ValueError("a per-request budget must be a list of lists (one per request), got "
                              f"{budget!r}")
-        for spec in budget:
-            _check_per_image(spec)
-    else:
-        _check_per_image(budget)
-    return budget
+        return [_check_per_image(spec) for spec in budget]
+    return _check_per_image(budget)
 
 
 def _is_per_request(budget: Budget) -> bool:
@@ -270,7 +273,7 @@ def _check_signals(signals) -> dict:
 
 
 def _make_settings(budget, selector, seed, signals=None) -> _Settings:
-    check_budget(budget)
+    budget = check_budget(budget)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"seed must be an int or None, got {seed!r}")
     return _Settings(budget, _resolve_selector(selector), seed, _check_signals(signals))
@@ -299,8 +302,8 @@ def _signals_for(signals: dict, batch: int, shared: bool, device) -> dict:
         if isinstance(value, torch.Tensor):
             value = value.to(device)
             if value.ndim and value.shape[0] not in (1, batch):
-                raise ValueError(f"signal {name!r} has a leading dim {value.shape[0]}; expected 1 or the batch "
-                                 f"size {batch}")
+                raise ValueError(f"signal {name!r} has shape {tuple(value.shape)}: its first dim must be 1 or the "
+                                 f"batch size {batch} (e.g. user_mask is bool [B or 1, N], N = the reference tokens)")
             if shared and value.ndim and value.shape[0] == batch:
                 value = value[:1]
         out[name] = value
@@ -726,7 +729,7 @@ class _SparsePatch(ForwardPatch):
         if unknown:
             raise ValueError(f"{name}['{CALL_KWARG}'] accepts {OVERRIDE_KEYS}, got unknown keys {sorted(unknown)}")
         if "budget" in overrides:
-            check_budget(overrides["budget"])
+            overrides["budget"] = check_budget(overrides["budget"])
         if "signals" in overrides:
             overrides["signals"] = _check_signals(overrides["signals"])
         if "selector" in overrides:
@@ -1174,9 +1177,10 @@ def sparse_context(pipe_or_transformer, budget: Budget = 0.25, selector: Union[s
                    seed: Optional[int] = None, attention: str = NATIVE, signals: Optional[dict] = None):
     """``with sparse_context(pipe, budget=...):`` enables Sparse Context inside the block (arguments as for
     ``enable``); on exit the previous state comes back (disabled, or the settings enabled before)."""
-    _, transformer, _ = _split_target(pipe_or_transformer)
+    pipe, transformer, _ = _split_target(pipe_or_transformer)
     previous = getattr(transformer, PATCH_ATTR, None)
     previous_state = (previous.settings, previous.attention) if previous is not None else None
+    pipe_class = type(pipe) if pipe is not None else None  # sparsectx's subclass only if the pipeline was enabled
     try:
         enable(pipe_or_transformer, budget=budget, selector=selector, seed=seed, attention=attention,
                signals=signals)
@@ -1189,3 +1193,5 @@ def sparse_context(pipe_or_transformer, budget: Budget = 0.25, selector: Union[s
             patch.settings = previous_state[0]
             patch.set_attention(previous_state[1])
             patch.new_call()
+            if pipe is not None:  # e.g. only the transformer was enabled before: the pipeline's class comes back
+                pipe.__class__ = pipe_class

@@ -503,6 +503,21 @@ def test_older_diffusers_is_refused_by_name(models, monkeypatch, old):
         sparsectx.disable(models["qwen"])
 
 
+def test_numpy_budgets_count_as_their_kind(models):
+    """numpy integers are token counts and numpy floats ratios, as Python's; numpy bools are refused."""
+    import numpy as np
+
+    model, kwargs = models["flux2"], _inputs("flux2")
+    per_request = [[np.float16(0.5)], [np.int32(4)]]
+    for python, numpy_budget in ((0.5, np.float32(0.5)), (3, np.int64(3)), ([[0.5], [4]], per_request)):
+        sparsectx.enable(model, budget=python, selector=random_selector, seed=0)
+        expected, kept = _run(model, kwargs), sparsectx.last_selection(model).keep
+        sparsectx.enable(model, budget=numpy_budget, selector=random_selector, seed=0)
+        assert torch.equal(_run(model, kwargs), expected) and torch.equal(sparsectx.last_selection(model).keep, kept)
+    with pytest.raises(ValueError, match="budget entries"):
+        sparsectx.enable(model, budget=np.bool_(True))
+
+
 @pytest.mark.parametrize("budget", [0.0, 1.5, -1, True, "half", [0.5, "x"], [[0.5], 0.5], []])
 def test_bad_budget_raises(models, budget):
     with pytest.raises(ValueError, match="budget"):
@@ -828,5 +843,9 @@ def test_signals_reach_task_aware_selectors(models):
         assert torch.equal(keep, user_mask)
         with pytest.raises(ValueError, match="signals must be a dict"):
             sparsectx.enable(model, budget=0.5, signals=[user_mask])
+        # one sample's mask without its batch dim: the error says which shape is expected
+        sparsectx.enable(model, budget=[3, 2], selector="edit", signals={"user_mask": user_mask[0]})
+        with pytest.raises(ValueError, match=r"'user_mask' has shape \(17,\).*user_mask is bool \[B or 1, N\]"):
+            model(**kwargs)
     finally:
         sparsectx.disable(model)

@@ -190,6 +190,18 @@ def test_disable_restores_bit_exact(pipe, family, mode):
     assert torch.equal(_run(pipe, family, mode), expected)
 
 
+def test_context_on_a_pipeline_whose_transformer_was_enabled_alone(pipe, family):
+    """The pipeline's class is swapped for the block only: after it, the transformer runs with its own settings
+    again, and the pipeline is the plain class it was (selection per prompt tensor, as before the block)."""
+    original_class = type(pipe)
+    sparsectx.enable(pipe.transformer, budget=_budget(family), selector="uniform")
+    settings = pipe.transformer._sparsectx_patch.settings
+    with sparsectx.sparse_context(pipe, budget=1.0, selector="random", seed=SEED):
+        assert type(pipe) is not original_class
+    assert type(pipe) is original_class and pipe.transformer._sparsectx_patch.settings is settings
+    sparsectx.disable(pipe.transformer)
+
+
 class _KeyMaskedNative:
     """Test-only: diffusers' native attention backend with the dropped reference tokens masked out as keys. The
     joint sequence is [text, image] in both families; ``image_keep`` (bool [1, S_image]) is shared by the batch."""
