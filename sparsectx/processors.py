@@ -155,6 +155,14 @@ class _SparsectxProcessor:
                                "is split across devices by diffusers' own attention dispatch); restore the original "
                                "processors (sparsectx.disable / disable_drop_training) before enable_parallelism")
 
+    def _check_inputs(self, query: torch.Tensor) -> None:
+        """Before a sparsectx attention call: no context parallelism, and a dtype the op computes."""
+        self._check_parallel()
+        if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"{type(self).__name__} (attention='sparsectx', drop training) computes attention in "
+                            f"fp16, bf16 or fp32; this model runs {query.dtype}: enable with attention='native' or "
+                            "run the model in a supported dtype")
+
     def _delegates(self) -> bool:
         """Whether this call goes to the replaced processor (checked first in every call, with the parallelism)."""
         self._check_parallel()
@@ -165,7 +173,7 @@ class _SparsectxProcessor:
         """Attention of the joint ``[B, S, H, D]`` sequence ``[text, image]`` (FLUX.1 / FLUX.2): the state's
         ``image_keep`` masks the last ``S_image`` tokens, a packed batch attends within each sample, and a boolean
         ``attention_mask`` masks keys."""
-        self._check_parallel()
+        self._check_inputs(query)
         batch, seq = query.shape[:2]
         image_keep = self.state.image_keep
         if self.state.packed is not None:
@@ -207,7 +215,7 @@ class _SparsectxProcessor:
         padding mask): the always-kept image tokens (all of them, or under a drop mask the ones before the first
         reference) lead, so the kernel reads them as contiguous key blocks; the text (through ``text_keep``) and the
         kept references are gathered."""
-        self._check_parallel()
+        self._check_inputs(query)
         batch, seq = query.shape[:2]
         n_image = seq - n_text
         image_keep = self.state.image_keep
@@ -379,13 +387,13 @@ def _kv_attention(processor: _SparsectxProcessor, query, key, value, attention_m
     if kv_cache_mode == KV_EXTRACT and kv_cache is not None and num_ref_tokens > 0:
         kv_cache.store(key[:, ref_start:ref_end].clone(), value[:, ref_start:ref_end].clone())
     if kv_cache_mode == KV_EXTRACT and num_ref_tokens > 0:
-        processor._check_parallel()
+        processor._check_inputs(query)
         outer_query = torch.cat([query[:, :ref_start], query[:, ref_end:]], dim=1)
         outer = dense_attention(outer_query, key, value)
         ref_out = dense_attention(query[:, ref_start:ref_end], key[:, ref_start:ref_end], value[:, ref_start:ref_end])
         return torch.cat([outer[:, :ref_start], ref_out, outer[:, ref_start:]], dim=1)
     if kv_cache_mode == KV_CACHED and kv_cache is not None:
-        processor._check_parallel()
+        processor._check_inputs(query)
         ref_key, ref_value = kv_cache.get()
         return dense_attention(query, key, value, ref_key, ref_value, getattr(kv_cache, KEPT_INDEX, None))
     return processor._attend(query, key, value, attention_mask=attention_mask)

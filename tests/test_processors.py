@@ -559,3 +559,21 @@ def test_deep_copy_of_a_drop_training_transformer_runs_its_own_weights(models):
     disable_drop_training(clone)
     assert is_drop_training_enabled(model) and not is_drop_training_enabled(clone)
     disable_drop_training(model)
+
+
+def test_float64_model_with_sparsectx_attention_says_what_to_do(models):
+    """fp64 is not a kernel dtype: the processors say so (naming attention='native') instead of the op's error about
+    q; native attention keeps working in fp64."""
+    model, kwargs = models["flux2"], _train_inputs("flux2")
+    kwargs64 = {name: value.double() if isinstance(value, torch.Tensor) and value.is_floating_point()
+                and not name.endswith("_ids") else value for name, value in kwargs.items()}
+    try:
+        model.double()
+        sparsectx.enable(model, budget=0.5, selector="uniform", attention="sparsectx")
+        with pytest.raises(TypeError, match="runs torch.float64: enable with attention='native'"):
+            _run(model, kwargs64)
+        sparsectx.enable(model, budget=0.5, selector="uniform", attention="native")
+        assert _run(model, kwargs64).dtype == torch.float64
+    finally:
+        sparsectx.disable(model)
+        model.float()
