@@ -546,8 +546,9 @@ class ForwardPatch:
         return dict(self.signature.bind(*args, **kwargs).arguments)
 
     def install(self) -> None:
-        forward = functools.partial(_patched_forward, self.transformer, self.attr)
-        forward.__wrapped__ = self.original_forward  # inspect.signature(transformer.forward) stays the model's
+        # the model's name, docstring and (through __wrapped__) inspect.signature(transformer.forward)
+        forward = functools.update_wrapper(functools.partial(_patched_forward, self.transformer, self.attr),
+                                           self.original_forward)
         self.transformer.forward = forward
         self.wrapped_forward = forward
         setattr(self.transformer, self.attr, self)

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import warnings
+import weakref
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -196,14 +198,33 @@ class _DropTrainingPatch(integration.ForwardPatch):
     def _mask_for(self, call: dict) -> tuple[Optional[torch.Tensor], int]:
         """The drop mask of a training forward: a new draw, except for a forward that a checkpoint around the whole
         transformer (``torch.utils.checkpoint``) recomputes during backward, which gets the mask its first run drew
-        (found by its input tensor: the same storage and version). A redraw would recompute with another mask: a
-        user's generator is not part of the RNG state checkpointing restores."""
+        (found by its input tensor: the same live tensor storage and version). A redraw would recompute with another
+        mask: a user's generator is not part of the RNG state checkpointing restores. A recomputation whose forward
+        can not be told (its input was made inside the checkpoint, or two forwards took the same input tensor) gets
+        a warning: its gradients are computed with another mask."""
         hidden = call["hidden_states"]
         key = (hidden.data_ptr(), tuple(hidden.shape), hidden._version)
-        if torch._C._current_graph_task_id() != -1 and key in self.recent_masks:  # inside a backward pass
-            return self.recent_masks[key]
+        entry = self.recent_masks.get(key)
+        if entry is not None and entry[0]() is None:  # that forward's input is gone: its address was reused
+            del self.recent_masks[key]
+            entry = None
+        if torch._C._current_graph_task_id() != -1:  # inside a backward pass: a checkpoint's recomputation
+            if entry is not None and not entry[2]:
+                entry[3] = True  # recomputed: a later forward on the same input is no longer ambiguous
+                return entry[1]
+            warnings.warn("drop training: a training forward ran during backward (a torch.utils.checkpoint "
+                          "recomputation) and its forward's drop mask can not be told ("
+                          + ("two forwards took the same hidden_states tensor" if entry is not None else
+                             "its hidden_states tensor was made inside the checkpointed function")
+                          + "): it is recomputed with another mask and its gradients are wrong. Pass a distinct "
+                          "hidden_states tensor to each checkpointed forward, as an argument of the checkpoint.",
+                          RuntimeWarning, stacklevel=4)
+            if entry is not None:
+                return entry[1]
         mask = self._draw_mask(call)
-        self.recent_masks[key] = mask
+        # [input, mask, ambiguous, recomputed]: ambiguous when an earlier forward on this input was not recomputed
+        self.recent_masks[key] = [weakref.ref(hidden), mask, entry is not None and not entry[3], False]
+        self.recent_masks.move_to_end(key)
         while len(self.recent_masks) > RECENT_MASKS:
             self.recent_masks.popitem(last=False)
         return mask

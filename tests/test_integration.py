@@ -849,3 +849,15 @@ def test_signals_reach_task_aware_selectors(models):
             model(**kwargs)
     finally:
         sparsectx.disable(model)
+
+
+def test_patched_forward_keeps_the_models_name_and_docstring(models):
+    """The instance forward a patch installs reads as the model's (help(), __name__, inspect.signature)."""
+    import inspect
+
+    model = models["flux2"]
+    before = model.forward
+    sparsectx.enable(model, budget=0.5)
+    assert model.forward.__name__ == "forward" and model.forward.__doc__ == before.__doc__
+    assert model.forward.__qualname__ == before.__qualname__
+    assert inspect.signature(model.forward) == inspect.signature(before)

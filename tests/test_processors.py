@@ -577,3 +577,26 @@ def test_float64_model_with_sparsectx_attention_says_what_to_do(models):
     finally:
         sparsectx.disable(model)
         model.float()
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("case", ["input made inside", "same input twice"])
+def test_checkpoint_recomputation_whose_mask_can_not_be_told_warns(reentrant, case):
+    """A recomputation whose forward can not be told (its hidden_states made inside the checkpointed function, whose
+    freed storage a later input may reuse; or one input tensor in two checkpointed forwards) warns instead of
+    silently taking another forward's mask."""
+    kwargs = shared._inputs("flux2")
+    model = shared._build_model("flux2").train()
+    enable_drop_training(model, ratio_range=(0.3, 0.6), generator=torch.Generator().manual_seed(0))
+    hidden = kwargs["hidden_states"].clone().requires_grad_()
+    refs = hidden[:, N_TARGET:].detach()
+
+    def run(h):
+        if case == "input made inside":
+            h = torch.cat([h, refs], 1)
+        return model(**{**kwargs, "hidden_states": h})[0][:, :N_TARGET].pow(2).mean()
+
+    inputs = (hidden[:, :N_TARGET], hidden[:, :N_TARGET] * 2) if case == "input made inside" else (hidden, hidden)
+    loss = sum(torch.utils.checkpoint.checkpoint(run, x, use_reentrant=reentrant) for x in inputs)
+    with pytest.warns(RuntimeWarning, match="drop mask can not be told"):
+        loss.backward()
