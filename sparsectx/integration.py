@@ -127,7 +127,7 @@ _IDS_ARGS = ("img_ids", "txt_ids")  # batched only when 3-D ([B, S, n_axes])
 _ATTN_KWARGS_ARG = {FLUX2: "joint_attention_kwargs", FLUX: "joint_attention_kwargs", QWEN: "attention_kwargs"}
 _UNSUPPORTED_ARGS = ("controlnet_block_samples", "controlnet_single_block_samples")
 
-Budget = Union[int, float, Sequence[Union[int, float]], Sequence[Sequence[Union[int, float]]]]
+Budget = Union[int, float, Sequence[Union[int, float]], Sequence[Sequence[Union[int, float]]], Callable]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -153,11 +153,20 @@ def _check_per_image(spec):
     return _check_budget_value(spec)
 
 
+def _is_budget_fn(budget) -> bool:
+    """A budget object (``sparsectx.selection.adaptive(...)``, ``fixed_ratio``, ``fixed_count``) or any callable
+    ``(scores [B, N], ref_lengths) -> BudgetResult``: sized on the selector's scores."""
+    return callable(budget) and not isinstance(budget, (numbers.Real, list, tuple, str))
+
+
 def check_budget(budget: Budget) -> Budget:
     """Validates a budget: a ratio in (0, 1] or a count >= 0 for every reference image; a list of those, one per
-    reference image; or a list whose entries are lists (one per request, each a per-image list, where a
-    one-element list applies to all images). Raises ``ValueError`` naming what is wrong. Returns it with every
+    reference image; a list whose entries are lists (one per request, each a per-image list, where a
+    one-element list applies to all images); or a budget callable (``sparsectx.selection.adaptive(...)``: the
+    count adapts to each image's scores). Raises ``ValueError`` naming what is wrong. Returns it with every
     entry a Python int or float (numpy integers count tokens, numpy floats are ratios) and lists for tuples."""
+    if _is_budget_fn(budget):
+        return budget
     if isinstance(budget, (list, tuple)) and any(isinstance(b, (list, tuple)) for b in budget):
         if not all(isinstance(b, (list, tuple)) for b in budget):
             raise ValueError("a per-request budget must be a list of lists (one per request), got "
@@ -196,6 +205,17 @@ def budget_counts(budget: Budget, batch: int, ref_lengths: Sequence[int]) -> lis
                          f"{batch} samples")
     repeat = batch // len(budget)
     return [_image_counts(budget[b // repeat], ref_lengths) for b in range(batch)]
+
+
+def _budget_keep(budget: Callable, scores: torch.Tensor, ref_lengths: Sequence[int]) -> torch.Tensor:
+    """The keep mask a budget callable makes of a selector's scores."""
+    from .selection import BudgetResult
+
+    result = budget(scores, list(ref_lengths))
+    if not isinstance(result, BudgetResult):
+        raise ValueError(f"budget {budget!r} must return a sparsectx.selection.BudgetResult, "
+                         f"got {type(result).__name__}")
+    return result.keep
 
 
 def keep_mask_from_scores(scores: torch.Tensor, counts: Sequence[Sequence[int]],
@@ -249,6 +269,14 @@ class _Identity:
 
     def __hash__(self):
         return self.hash
+
+
+def _budget_key(budget):
+    """A budget in a plan key: its value, or for a user's budget callable the object itself."""
+    from .selection import AdaptiveBudget, FixedBudget
+
+    return _Identity(budget) if _is_budget_fn(budget) and not isinstance(budget, (AdaptiveBudget, FixedBudget)) \
+        else repr(budget)
 
 
 def _selector_key(selector):
@@ -306,6 +334,8 @@ def _signals_for(signals: dict, batch: int, shared: bool, device) -> dict:
                                  f"batch size {batch} (e.g. user_mask is bool [B or 1, N], N = the reference tokens)")
             if shared and value.ndim and value.shape[0] == batch:
                 value = value[:1]
+            elif not shared and value.ndim and value.shape[0] == 1 and batch > 1:
+                value = value.expand(batch, *value.shape[1:])  # selectors check their signals against the batch
         out[name] = value
     return out
 
@@ -688,7 +718,7 @@ class _SparsePatch(ForwardPatch):
         return (self.call_epoch, self.attention, self.pack, tuple(call["hidden_states"].shape),
                 None if ids is None else tuple(ids.shape),
                 repr(call.get("img_shapes")), call.get("kv_cache_mode"),
-                repr(overrides.get("budget", self.settings.budget)),
+                _budget_key(overrides.get("budget", self.settings.budget)),
                 overrides.get("selector_key", _selector_key(overrides.get("selector", self.settings.selector))),
                 tuple((name, _Identity(value)) for name, value in sorted(signals.items())),
                 # outside a pipeline call (a bare transformer, or a pipeline sharing an enabled transformer) nothing
@@ -764,7 +794,7 @@ class _SparsePatch(ForwardPatch):
         from .selection import SelectionContext
 
         batch = references.shape[0]
-        counts = budget_counts(budget, batch, layout.ref_lengths)
+        counts = None if _is_budget_fn(budget) else budget_counts(budget, batch, layout.ref_lengths)
 
         def select(shared: bool) -> torch.Tensor:
             generator = None
@@ -779,13 +809,16 @@ class _SparsePatch(ForwardPatch):
             selection = selector(references[:1] if shared else references, context)
             if selection.dtype == torch.bool:
                 keep = selection.to(hidden.device)
+            elif counts is None:
+                keep = _budget_keep(budget, selection, layout.ref_lengths).to(hidden.device)
             else:
                 keep = keep_mask_from_scores(selection, counts[:1] if shared else counts, layout.ref_lengths)
             return keep.expand(batch, -1) if shared else keep
 
         # pipelines repeat the same references over the batch: select once so the batch runs as one group (unless
         # a per-sample signal differs, or, found by the probe when a selector reads it, the prompts differ)
-        shared = batch > 1 and all(c == counts[0] for c in counts) and _same_rows(references) and \
+        same_counts = counts is None or all(c == counts[0] for c in counts)
+        shared = batch > 1 and same_counts and _same_rows(references) and \
             all(_same_rows(value) for value in signals.values()
                 if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch)
         try:
@@ -1084,7 +1117,9 @@ def _check_attention(attention) -> str:
 def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Callable] = "random",
            seed: Optional[int] = None, attention: str = NATIVE, signals: Optional[dict] = None):
     """Sparse Context on a diffusers pipeline or transformer: each reference image keeps ``budget`` of its tokens
-    (a ratio in (0, 1] or a count; one value, one per reference image, or a list of such lists, one per request),
+    (a ratio in (0, 1] or a count; one value, one per reference image, or a list of such lists, one per request;
+    or an adaptive budget, ``sparsectx.selection.adaptive(coverage, floor, cap)``, whose count follows each image's
+    scores, or any budget callable ``(scores, ref_lengths) -> BudgetResult``),
     chosen by ``selector`` (a name from ``sparsectx.selection.available_selectors()`` or a callable
     ``(reference_latents [B, N, C], context) -> scores [B, N] | keep mask [B, N]``; a mask is used as is).
     ``seed`` makes random selectors deterministic (a fresh generator per selection). ``signals`` are the inputs

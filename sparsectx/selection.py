@@ -38,6 +38,7 @@ Grid layout: with ``reference_ids [B, N, n_axes]``, the (h, w) axes are ``ID_HW_
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
@@ -54,7 +55,7 @@ SPREAD_WEIGHT = 1e-3  # weight of the uniform order used to break ties (leftover
 MASK_PAD_WEIGHT = 0.5  # select(): a selector's keep mask padded/capped by a budget ranks mask > spread order
 DEFAULT_RING = 2  # edit: context ring radius in tokens (2 latent tokens = 32 pixels for FLUX)
 DEFAULT_MAX_QUERIES = 1024  # probes subsample at most this many queries (evenly strided) per sample
-PROBE_CHUNK_ELEMENTS = 1 << 25  # attention probes process heads in chunks of at most this many scores
+PROBE_CHUNK_ELEMENTS = 1 << 25  # attention probes process heads and queries in chunks of at most this many scores
 COVERAGE_TOL = 1e-9  # adaptive budgets: mass compared in float64 with this slack against rounding
 
 
@@ -132,7 +133,7 @@ class Selector:
             raise ValueError(f"selector {self.name!r} must return float scores or a bool mask, got {out.dtype}")
         if out.is_floating_point() and torch.isnan(out).any():
             raise ValueError(f"selector {self.name!r} returned NaN scores")
-        return out
+        return out.to(reference_latents.device)  # a user callable may score on another device (e.g. the CPU)
 
     def __repr__(self):
         return f"Selector({self.name!r})"
@@ -340,33 +341,55 @@ def attention_mass(queries: torch.Tensor, keys: torch.Tensor, query_mask: Option
     float32 ``[B, N]`` (each row sums to 1 when a sample has a valid query).
 
     ``queries [B, Q, H, D]``, ``keys [B, N, H, D]``; ``query_mask`` bool ``[B, Q]`` drops padding queries. At most
-    ``max_queries`` evenly strided queries are used (None = all). The softmax runs over the given keys only: the mass
-    is each reference token's share of the attention the queries give the references.
+    ``max_queries`` evenly strided valid queries are used per sample (None = all). The softmax runs over the given
+    keys only: the mass is each reference token's share of the attention the queries give the references. fp16
+    probe tensors are multiplied in fp32 (their q·kᵀ can overflow fp16); bf16 ones in bf16.
 
-    Cost: ``2·B·H·Q'·N·(D + 3)`` flops (QKᵀ, then exp/normalise/sum), Q' = min(Q, max_queries); heads are
-    processed in chunks of at most ``PROBE_CHUNK_ELEMENTS`` scores (fp32), so memory stays bounded. At the klein-9B
-    shapes (H=32, D=128, 3 references of 4096 tokens, Q'=1024) that is 2·32·1024·12288·131 ≈ 105 GFLOP.
+    Cost: ``2·B·H·Q'·N·(D + 3)`` flops (QKᵀ, then exp/normalise/sum), Q' = min(Q, max_queries); the scores are
+    made in chunks of heads (and of queries) of at most ``PROBE_CHUNK_ELEMENTS`` fp32 values, so memory stays
+    bounded. At the klein-9B shapes (H=32, D=128, 3 references of 4096 tokens, Q'=1024) that is
+    2·32·1024·12288·131 ≈ 105 GFLOP.
     """
     batch, n_queries, heads, dim = queries.shape
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(dim)
     if max_queries is not None and n_queries > max_queries:
-        picked = torch.linspace(0, n_queries - 1, max_queries, device=queries.device).round().long()
-        queries = queries[:, picked]
-        query_mask = query_mask[:, picked] if query_mask is not None else None
+        queries, query_mask = _subsample_queries(queries, query_mask, max_queries)
         n_queries = max_queries
+    if queries.dtype == torch.float16:  # q·kᵀ of fp16 probe activations overflows fp16's range (bf16 has fp32's)
+        queries, keys = queries.float(), keys.float()
     weights = (query_mask.float() if query_mask is not None
                else queries.new_ones((batch, n_queries), dtype=torch.float32))
     weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1.0)  # [B, Q]: mean over valid queries
     n_keys = keys.shape[1]
-    heads_per_chunk = max(1, PROBE_CHUNK_ELEMENTS // max(1, batch * n_queries * n_keys))
+    # chunks of heads, and of queries when one head alone exceeds the bound (the softmax is per query: exact)
+    queries_per_chunk = max(1, min(n_queries, PROBE_CHUNK_ELEMENTS // max(1, batch * n_keys)))
+    heads_per_chunk = max(1, PROBE_CHUNK_ELEMENTS // max(1, batch * queries_per_chunk * n_keys))
     mass = torch.zeros((batch, n_keys), dtype=torch.float32, device=queries.device)
     for h0 in range(0, heads, heads_per_chunk):
-        q = queries[:, :, h0:h0 + heads_per_chunk]
         k = keys[:, :, h0:h0 + heads_per_chunk]
-        logits = torch.einsum("bqhd,bkhd->bhqk", q, k).float() * scale  # [B, h, Q, N]
-        probs = torch.softmax(logits, dim=-1)
-        mass += torch.einsum("bhqk,bq->bk", probs, weights)
+        for q0 in range(0, n_queries, queries_per_chunk):  # softmax over keys of this block of queries
+            q = queries[:, q0:q0 + queries_per_chunk, h0:h0 + heads_per_chunk]
+            logits = torch.einsum("bqhd,bkhd->bhqk", q, k).float() * scale  # [B, h, q, N]
+            probs = torch.softmax(logits, dim=-1)
+            mass += torch.einsum("bhqk,bq->bk", probs, weights[:, q0:q0 + queries_per_chunk])
     return mass / heads
+
+
+def _subsample_queries(queries: torch.Tensor, query_mask: Optional[torch.Tensor], count: int) -> tuple:
+    """``count`` evenly strided queries per sample, taken among its valid ones (``query_mask``): a sample with at
+    most ``count`` valid queries keeps them all, the remaining slots masked out. Returns ``(queries, mask)``."""
+    n_queries, device = queries.shape[1], queries.device
+    if query_mask is None:
+        picked = torch.linspace(0, n_queries - 1, count, device=device).round().long()
+        return queries[:, picked], None
+    valid = query_mask.sum(dim=1, keepdim=True)  # [B, 1]
+    order = torch.sort((~query_mask).to(torch.uint8), dim=1, stable=True).indices  # valid queries first, in order
+    slot = torch.arange(count, device=device)[None]
+    strided = torch.div(slot * valid, count, rounding_mode="floor")  # evenly spread over the valid ones
+    position = torch.where(valid > count, strided, slot).clamp(max=n_queries - 1)
+    picked = order.gather(1, position)  # [B, count]
+    gathered = queries.gather(1, picked[:, :, None, None].expand(-1, -1, *queries.shape[2:]))
+    return gathered, slot < valid
 
 
 def _normalise_per_image(signal: torch.Tensor, ref_lengths: Sequence[int]) -> torch.Tensor:
@@ -560,17 +583,10 @@ def _broadcast_per_image(name: str, tensor: torch.Tensor, batch: int, n_refs: in
                          f"n_refs={n_refs}]") from None
 
 
-def _check_kind(name: str, tensor: torch.Tensor, allow_ratio: bool, allow_count: bool) -> None:
-    if tensor.is_floating_point() and not allow_ratio:
-        raise TypeError(f"{name} must be an int count, got floats")
-    if not tensor.is_floating_point() and not allow_count:
-        raise TypeError(f"{name} must be a float ratio, got ints")
-
-
 def _check_per_image_setting(name: str, value) -> None:
     """Construction-time check of a count-or-ratio setting's type (tensor values are checked when the budget
     runs)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor, list, tuple)):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor, list, tuple)):
         raise TypeError(f"{name} must be an int, a float, a tensor or a list of them, got {type(value).__name__}")
 
 
@@ -592,31 +608,79 @@ def _check_coverage(coverage) -> None:
         raise ValueError(f"coverage must lie in [0, 1], got {coverage!r}")
 
 
+def _entry_kinds(name: str, value) -> list:
+    """Nested lists of Python/numpy numbers (or 0-d tensors): True where an entry is a ratio (float), False where it
+    is a count (int). Bools are refused: a flag is neither."""
+    if isinstance(value, (list, tuple)):
+        return [_entry_kinds(name, v) for v in value]
+    if isinstance(value, torch.Tensor) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy bools are not Real either
+        raise TypeError(f"{name} entries must be ints (counts) or floats (ratios), got {value!r}")
+    return not isinstance(value, numbers.Integral)
+
+
+def _list_setting(name: str, value, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (nested) list setting as ``(values float64, is_ratio bool)`` tensors of the same shape: each entry keeps
+    its own kind, so ``[1, 0.25]`` is one token of the first image and a quarter of the second."""
+    kinds = _entry_kinds(name, value)
+    try:
+        values = torch.tensor(_as_floats(value), dtype=torch.float64, device=device)
+        is_ratio = torch.tensor(kinds, dtype=torch.bool, device=device)
+    except (ValueError, TypeError):
+        raise ValueError(f"{name} must be a rectangular list (one entry per image, or one list per request), "
+                         f"got {value!r}") from None
+    return values, is_ratio
+
+
+def _as_floats(value):
+    if isinstance(value, (list, tuple)):
+        return [_as_floats(v) for v in value]
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
 def _per_image(name: str, value: PerImage, batch: int, ref_lengths: Sequence[int], device,
                allow_ratio: bool = True, allow_count: bool = True) -> torch.Tensor:
     """A count-or-ratio setting as an int64 ``[B, n_refs]`` count tensor. Floats are ratios of each image's length
-    (rounded half up, as ``compact_tokens`` does), ints are counts (clamped to the image length). Tensors (and
-    lists) broadcast to ``[B, n_refs]``: ``[n_refs]`` per image, ``[B, 1]`` per request, ``[B, n_refs]`` both.
+    (rounded half up, as ``compact_tokens`` does), ints are counts (clamped to the image length). Tensors and lists
+    broadcast to ``[B, n_refs]``: ``[n_refs]`` per image, ``[B, 1]`` per request, ``[B, n_refs]`` both; a tensor
+    has one kind (its dtype), a list's entries each their own (``[1, 0.25]``: one token, then a quarter).
     Python scalars are checked on the host; tensors with one small host read."""
-    scalar = isinstance(value, (int, float))
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+        value = int(value) if isinstance(value, numbers.Integral) else float(value)  # numpy scalars: their kind
+    scalar = isinstance(value, (int, float)) and not isinstance(value, bool)
     if scalar:
         _check_scalar_setting(name, value)
-        tensor = torch.tensor(value, device=device, dtype=torch.float64 if isinstance(value, float) else None)
+        values = torch.tensor(float(value), dtype=torch.float64, device=device)
+        is_ratio = torch.tensor(isinstance(value, float), device=device)
+    elif isinstance(value, torch.Tensor):
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must hold ints (counts) or floats (ratios), got {value.dtype}")
+        values = value.to(device=device, dtype=torch.float64)
+        is_ratio = torch.full(value.shape, value.is_floating_point(), device=device)
+    elif isinstance(value, (list, tuple)):
+        values, is_ratio = _list_setting(name, value, device)
     else:
-        tensor = value.to(device) if isinstance(value, torch.Tensor) else torch.tensor(value, device=device)
-        if tensor.dtype == torch.bool or tensor.is_complex():
-            raise TypeError(f"{name} must hold ints (counts) or floats (ratios), got {tensor.dtype}")
-    _check_kind(name, tensor, allow_ratio, allow_count)  # before the range: a count budget reports a count error
-    if not scalar and tensor.is_floating_point() and bool(
-            ((tensor < 0) | (tensor > 1) | ~torch.isfinite(tensor)).any()):
-        raise ValueError(f"{name} ratios must lie in [0, 1]")
-    if not scalar and not tensor.is_floating_point() and bool((tensor < 0).any()):
-        raise ValueError(f"{name} counts must be >= 0")
-    tensor = _broadcast_per_image(name, tensor, batch, len(ref_lengths))
+        raise TypeError(f"{name} must be an int, a float, a tensor or a list of them, got {type(value).__name__}")
+    if not scalar:
+        # the kind before the range: a count budget given ratios reports the kind; one host read for both
+        has_ratio, has_count, bad_ratio, bad_count = torch.stack([
+            is_ratio.any(), (~is_ratio).any(),
+            (is_ratio & ((values < 0) | (values > 1) | ~torch.isfinite(values))).any(),
+            (~is_ratio & ((values < 0) | ~torch.isfinite(values))).any()]).tolist()
+        if has_ratio and not allow_ratio:
+            raise TypeError(f"{name} must be an int count, got floats")
+        if has_count and not allow_count:
+            raise TypeError(f"{name} must be a float ratio, got ints")
+        if bad_ratio:
+            raise ValueError(f"{name} ratios must lie in [0, 1]")
+        if bad_count:
+            raise ValueError(f"{name} counts must be >= 0")
+    values = _broadcast_per_image(name, values, batch, len(ref_lengths))
+    is_ratio = torch.broadcast_to(is_ratio, values.shape)
     lengths = torch.tensor(ref_lengths, device=device)
-    if tensor.is_floating_point():
-        return torch.minimum(torch.floor(tensor.double() * lengths + 0.5).long(), lengths)
-    return torch.minimum(tensor.long(), lengths)
+    counts = torch.where(is_ratio, torch.floor(values * lengths + 0.5), values).long()
+    return torch.minimum(counts, lengths)
 
 
 def _topk_per_image(scores: torch.Tensor, ref_lengths: Sequence[int], counts: torch.Tensor) -> torch.Tensor:
@@ -780,17 +844,16 @@ BudgetSpec = Union[float, int, FixedBudget, AdaptiveBudget, Callable[..., Budget
 
 
 def as_budget(budget: BudgetSpec) -> Callable[..., BudgetResult]:
-    """A float is ``fixed_ratio``, an int ``fixed_count``; a budget object or callable
-    ``(scores, ref_lengths) -> BudgetResult`` is returned as is."""
-    if isinstance(budget, bool):
-        raise TypeError("budget must be a float ratio, an int count or a budget callable, got bool")
-    if isinstance(budget, float):
-        return fixed_ratio(budget)
-    if isinstance(budget, int):
-        return fixed_count(budget)
-    if callable(budget):
-        return budget
-    raise TypeError(f"budget must be a float ratio, an int count or a budget callable, got {type(budget).__name__}")
+    """A float (numpy floats included) is ``fixed_ratio``, an int (numpy ints included) ``fixed_count``; a budget
+    object or callable ``(scores, ref_lengths) -> BudgetResult`` is returned as is."""
+    if isinstance(budget, bool) or not (isinstance(budget, numbers.Real) or callable(budget)):
+        raise TypeError("budget must be a float ratio, an int count or a budget callable, got "
+                        f"{type(budget).__name__}")
+    if isinstance(budget, numbers.Integral):
+        return fixed_count(int(budget))
+    if isinstance(budget, numbers.Real):
+        return fixed_ratio(float(budget))
+    return budget
 
 
 def select(reference_latents: torch.Tensor, context: SelectionContext, selector="uniform",
@@ -800,7 +863,8 @@ def select(reference_latents: torch.Tensor, context: SelectionContext, selector=
 
     ``budget``: a float (``fixed_ratio``), an int (``fixed_count`` per image), ``adaptive(...)`` or any callable
     ``(scores, ref_lengths) -> BudgetResult``; None only for a selector that returns a keep mask, which is then
-    returned as is. A selector's keep mask with a budget is ranked mask first, then by the ``uniform`` order, so the
+    returned as is. With a budget, a selector's keep mask sizes the budget (``adaptive`` keeps its ``coverage`` share
+    of the mask's tokens, within its floor and cap) and is ranked mask first, then by the ``uniform`` order, so the
     budget caps it (or pads it with evenly spread tokens).
     """
     chosen = get_selector(selector)(reference_latents, context)
@@ -808,9 +872,13 @@ def select(reference_latents: torch.Tensor, context: SelectionContext, selector=
         if chosen.dtype != torch.bool:
             raise ValueError(f"budget is required: selector {get_selector(selector).name!r} returned scores")
         return chosen
-    if chosen.dtype == torch.bool:
-        chosen = chosen.float() + MASK_PAD_WEIGHT * uniform_scores(reference_latents, context)
-    result = as_budget(budget)(chosen, context.ref_lengths)
+    sized_on = chosen.float() if chosen.dtype == torch.bool else chosen
+    result = as_budget(budget)(sized_on, context.ref_lengths)
     if not isinstance(result, BudgetResult):
         raise ValueError(f"budget {budget!r} must return a BudgetResult, got {type(result).__name__}")
-    return result.keep
+    if chosen.dtype != torch.bool:
+        return result.keep
+    # a keep mask: the budget is sized on the mask alone (an adaptive budget covers that share of the mask's
+    # tokens), then the mask ranks first and the uniform order pads or caps it
+    ranking = sized_on + MASK_PAD_WEIGHT * uniform_scores(reference_latents, context)
+    return _topk_per_image(ranking, context.ref_lengths, result.counts.to(ranking.device))

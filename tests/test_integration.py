@@ -851,6 +851,52 @@ def test_signals_reach_task_aware_selectors(models):
         sparsectx.disable(model)
 
 
+def test_batch_one_signal_serves_samples_selected_one_by_one(models):
+    """A signal with a batch of 1 is used for every sample, also when the samples' references differ (each sample
+    is selected on its own)."""
+    model, kwargs = models["flux2"], _inputs("flux2")  # different reference latents per sample
+    user_mask = torch.zeros(1, 17, dtype=torch.bool)
+    user_mask[0, [0, 4, 8, 10, 12]] = True  # 3 tokens of image 1, 2 of image 2
+    sparsectx.enable(model, budget=[3, 2], selector="edit", signals={"user_mask": user_mask})
+    _run(model, kwargs)
+    assert torch.equal(sparsectx.last_selection(model).keep, user_mask.expand(2, -1))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adaptive_budget_through_enable(models, family):
+    """enable(budget=adaptive(...)): each sample keeps the smallest top-scored set covering the coverage share of
+    each image's score mass (the selection adaptive_budget makes of the selector's scores; its counts differ between
+    the samples), and runs as that selection given as a selector mask; a per-call adaptive budget overrides."""
+    from sparsectx.selection import adaptive, adaptive_budget
+
+    model, kwargs = models[family], _inputs(family)
+    n_refs = [h * w for h, w in _ref_hws(family)]
+    seq = kwargs["hidden_states"].shape[1]
+    references = kwargs["hidden_states"][:, seq - sum(n_refs):]
+    expected = adaptive_budget(norm_selector(references, None), 0.6, floor=1, ref_lengths=n_refs).keep
+    sparsectx.enable(model, budget=adaptive(0.6, floor=1), selector=norm_selector)
+    out = _run(model, kwargs)
+    keep = sparsectx.last_selection(model).keep
+    assert torch.equal(keep.cpu(), expected)
+    assert 0 < int(keep.sum()) < keep.numel()
+    # the same selection as a fixed per-sample selector mask: the same output
+    sparsectx.enable(model, budget=1.0, selector=lambda latents, context: expected[:latents.shape[0]])
+    torch.testing.assert_close(_run(model, kwargs), out, rtol=0, atol=FP32_ATOL)
+    # a per-call adaptive override, and a different coverage selects again
+    sparsectx.enable(model, budget=0.5, selector=norm_selector)
+    name = "attention_kwargs" if family == "qwen" else "joint_attention_kwargs"
+    _run(model, {**kwargs, name: {"sparsectx": {"budget": adaptive(0.3)}}})
+    assert torch.equal(sparsectx.last_selection(model).keep.cpu(),
+                       adaptive_budget(norm_selector(references, None), 0.3, ref_lengths=n_refs).keep)
+
+
+def test_budget_callable_must_return_a_budget_result(models):
+    model, kwargs = models["flux2"], _inputs("flux2")
+    sparsectx.enable(model, budget=lambda scores, lengths: scores > 0, selector=norm_selector)
+    with pytest.raises(ValueError, match="BudgetResult"):
+        _run(model, kwargs)
+
+
 def test_patched_forward_keeps_the_models_name_and_docstring(models):
     """The instance forward a patch installs reads as the model's (help(), __name__, inspect.signature)."""
     import inspect

@@ -362,6 +362,91 @@ def test_attention_mass_matches_a_direct_computation(monkeypatch):
     assert torch.allclose(sub, selection.attention_mass(queries[:, [0, 6]], keys))
 
 
+def test_query_subsampling_picks_among_the_valid_queries():
+    """With padding (a text mask) the strided subsample is taken among each sample's valid queries: a sample with
+    few valid queries keeps all of them, one with many keeps an even spread of them."""
+    gen = torch.Generator().manual_seed(1)
+    queries = torch.randn(2, 12, 2, HEAD_DIM, generator=gen)
+    keys = torch.randn(2, 9, 2, HEAD_DIM, generator=gen)
+    query_mask = torch.zeros(2, 12, dtype=torch.bool)
+    query_mask[0, [2, 5, 11]] = True  # 3 valid queries (< max_queries): all of them
+    query_mask[1] = True  # 12 valid: every third one
+    got = selection.attention_mass(queries, keys, query_mask, max_queries=4)
+    alone = [selection.attention_mass(queries[:1, [2, 5, 11]], keys[:1], max_queries=None),
+             selection.attention_mass(queries[1:, [0, 3, 6, 9]], keys[1:], max_queries=None)]
+    torch.testing.assert_close(got, torch.cat(alone), rtol=1e-6, atol=1e-7)
+
+
+def test_probe_scores_stay_within_the_chunk_bound(monkeypatch):
+    """Every softmax block of the probe holds at most PROBE_CHUNK_ELEMENTS scores (queries are chunked when one
+    head alone exceeds it), and chunking does not change the result."""
+    gen = torch.Generator().manual_seed(2)
+    queries = torch.randn(2, 16, 3, HEAD_DIM, generator=gen)
+    keys = torch.randn(2, 10, 3, HEAD_DIM, generator=gen)
+    query_mask = torch.rand(2, 16, generator=gen) < 0.6
+    whole = selection.attention_mass(queries, keys, query_mask)
+    sizes, softmax = [], torch.softmax
+
+    def recording_softmax(x, *args, **kwargs):
+        sizes.append(x.numel())
+        return softmax(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "softmax", recording_softmax)
+    monkeypatch.setattr(selection, "PROBE_CHUNK_ELEMENTS", 2 * 10 * 4)  # 4 queries of one head per chunk
+    chunked = selection.attention_mass(queries, keys, query_mask)
+    assert sizes and max(sizes) <= 2 * 10 * 4 and len(sizes) == 3 * 4
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-7)
+
+
+def test_fp16_probe_tensors_do_not_overflow():
+    """q·kᵀ of large fp16 activations exceeds fp16's range: the probe multiplies fp16 tensors in fp32."""
+    gen = torch.Generator().manual_seed(3)
+    queries = (40 * torch.randn(1, 6, 2, 64, generator=gen)).half()
+    keys = (40 * torch.randn(1, 9, 2, 64, generator=gen)).half()
+    keys[:, :6] = queries  # aligned keys: |q|² ≈ 64·40² exceeds fp16's 65504
+    assert not torch.isfinite(torch.einsum("bqhd,bkhd->bhqk", queries, keys)).all()  # the fp16 product overflows
+    got = selection.attention_mass(queries, keys)
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, selection.attention_mass(queries.float(), keys.float()))
+
+
+def test_mixed_count_and_ratio_lists_keep_each_entrys_kind():
+    """[1, 0.25]: one token of the first image, a quarter of the second (not a ratio of 1.0 for the first)."""
+    scores = torch.rand(2, 16, generator=torch.Generator().manual_seed(4))
+    assert adaptive_budget(scores, 0.0, floor=[1, 0.25], ref_lengths=[8, 8]).counts.tolist() == [[1, 2], [1, 2]]
+    assert adaptive_budget(scores, 1.0, cap=[[3, 0.5], [1.0, 2]], ref_lengths=[8, 8]).counts.tolist() == \
+        [[3, 4], [8, 2]]
+    with pytest.raises(TypeError, match="floor entries"):
+        adaptive_budget(scores, 0.5, floor=[1, True], ref_lengths=[8, 8])
+    with pytest.raises(ValueError, match="cap ratios"):
+        adaptive_budget(scores, 0.5, cap=[2, 1.5], ref_lengths=[8, 8])
+
+
+def test_numpy_scalar_budgets_count_as_their_kind():
+    import numpy as np
+
+    latents, ctx = _full_context(2, 2)
+    assert torch.equal(select(latents, ctx, "uniform", np.float32(0.25)), select(latents, ctx, "uniform", 0.25))
+    assert torch.equal(select(latents, ctx, "uniform", np.int64(3)), select(latents, ctx, "uniform", 3))
+    scores = latents.norm(dim=-1)
+    assert torch.equal(adaptive_budget(scores, 0.5, floor=np.int64(4), ref_lengths=ctx.ref_lengths).counts,
+                       adaptive_budget(scores, 0.5, floor=4, ref_lengths=ctx.ref_lengths).counts)
+    with pytest.raises(TypeError, match="budget"):
+        select(latents, ctx, "uniform", np.bool_(True))
+
+
+def test_adaptive_budget_on_a_selector_mask_covers_the_mask():
+    """A selector's keep mask with an adaptive budget keeps its coverage share of the mask's tokens (all inside the
+    mask), not a share of the mask padded by the spread order."""
+    latents, ctx = _full_context(2, 2)
+    mask = torch.zeros(2, sum(ctx.ref_lengths), dtype=torch.bool)
+    mask[:, :10] = True  # 10 tokens of image 0 (48 tokens)
+    mask[:, 48:52] = True  # 4 tokens of image 1 (16 tokens)
+    kept = select(latents, ctx, lambda latents, context: mask, adaptive(0.9))
+    assert not (kept & ~mask).any()
+    assert kept[:, :48].sum(1).tolist() == [9, 9] and kept[:, 48:].sum(1).tolist() == [4, 4]
+
+
 def test_attention_probe_runs_lazily_once():
     latents, ctx = _full_context(2, 2)
     provided = {name: ctx.extra.pop(name) for name in ("text_queries", "target_queries", "ref_keys")}
@@ -606,3 +691,16 @@ def test_device_selection_matches_cpu(name):
     if name != "random":  # the CUDA generator draws other numbers than the CPU one
         expected = select(latents, ctx, name, adaptive(0.7, floor=2, cap=0.5))
         assert torch.equal(keep.cpu(), expected)
+
+
+@pytest.mark.gpu
+def test_user_scores_on_another_device_are_moved_to_the_latents():
+    """A user callable that scores on the CPU for CUDA latents: its scores (and so the keep mask) come back on the
+    latents' device, for select() and for the selector wrapper that enable() calls."""
+    latents, ctx = _full_context(2, 2)
+    cuda_ctx = SelectionContext(2, ctx.ref_lengths, reference_ids=ctx.reference_ids.cuda())
+    scores = get_selector(lambda latents, context: latents.norm(dim=-1).cpu())(latents.cuda(), cuda_ctx)
+    assert scores.device.type == "cuda"
+    keep = select(latents.cuda(), cuda_ctx, lambda latents, context: latents.norm(dim=-1).cpu(), adaptive(0.5))
+    assert keep.device.type == "cuda"
+    assert torch.equal(keep.cpu(), select(latents, ctx, lambda latents, context: latents.norm(dim=-1), adaptive(0.5)))
