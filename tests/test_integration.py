@@ -791,6 +791,35 @@ def test_klein_pipeline_call_sends_target_plus_kept_tokens():
     assert type(pipe) is diffusers.Flux2KleinPipeline and "forward" not in pipe.transformer.__dict__
 
 
+def test_klein_pipeline_call_with_an_adaptive_budget():
+    """A whole pipeline call with budget=adaptive(0.5): an image whose scores put all their mass on one token keeps
+    that token, an image with flat scores keeps half of its tokens."""
+    from sparsectx.selection import adaptive
+
+    pipe = _tiny_pipeline(diffusers.Flux2KleinPipeline)
+
+    def peaked_then_flat(latents, context):
+        first, second = context.ref_lengths
+        scores = torch.ones(latents.shape[:2], device=latents.device)
+        scores[:, :first] = 0.0
+        scores[:, 3] = 1.0  # image 1: all its mass on its token 3
+        return scores
+
+    embeds = torch.randn(1, TEXT_TOKENS, TEXT_DIM)
+    sparsectx.enable(pipe, budget=adaptive(0.5), selector=peaked_then_flat)
+    seen, handle = _count_tokens(pipe.transformer)
+    try:
+        pipe(image=_reference_images(), prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds),
+             guidance_scale=2.0, height=IMAGE_PX, width=IMAGE_PX, num_inference_steps=2, output_type="latent")
+        keep = sparsectx.last_selection(pipe).keep[0]
+    finally:
+        handle.remove()
+        sparsectx.disable(pipe)
+    n_target = (IMAGE_PX // 16) ** 2
+    assert seen == [n_target + 1 + 16] * 4  # 2 steps x (cond + uncond); references of 16 and 32 tokens
+    assert keep[:16].nonzero().flatten().tolist() == [3] and int(keep[16:].sum()) == 16
+
+
 def test_klein_kv_pipeline_caches_kept_tokens_only():
     pipe = _tiny_pipeline(diffusers.Flux2KleinKVPipeline)
     caches = []
