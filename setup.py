@@ -23,7 +23,6 @@ setup(
         # 0.39: the oldest release the whole suite passes with (0.38 passes Qwen-Image's text mask to the
         # processors in another form; 0.37 has no FLUX.2 klein KV cache; 0.35 no FLUX.2 / Qwen-Image-Edit-Plus)
         "diffusers>=0.39",
-        "einops",
         "tqdm",
     ],
     extras_require={

@@ -34,7 +34,7 @@ KILL_GRACE_S=5
 GPU_TESTS_CAP_S=100                    # the GPU tests but the candidates, first launch config (no autotuning)
 KEY_CAP_S=120                          # attention, compaction (+ CUDA graph row), batch, masked (+ kept_prefix)
 TRAINING_CAP_S=50
-E2E_CAP_S=95                           # e2e step and its enable-path breakdown (two passes)
+E2E_CAP_S=125                          # e2e step (1, 3, 4 refs) and its enable-path breakdown (2 passes)
 SELECTION_CAP_S=40                     # selection cost: small tensors, mostly start-up
 # klein 4-step KV-cache runs, --quick: 2 shapes (3 refs x 10%, 4 refs x 5%) x 7 implementations (never run on a
 # GPU: ~25 s of 4-step runs per shape + the 9B model build + sparsectx attention's autotuning)
@@ -45,6 +45,9 @@ BATCH_E2E_CAP_S=45
 # FLUX.1-Kontext-12B step, --quick subset (1 ref x 10%, 3 refs x 10%): start-up, a 12B model built on the GPU
 KONTEXT_CAP_S=50
 SCRATCH=$(mktemp -d /tmp/gpu_check.XXXXXX)
+# the benchmark steps' JSON files, in the order the summary lists them
+BENCH_PARTS=("$SCRATCH"/bench_{key,training,e2e,selection,kv,e2e_batch,e2e_kontext}.json)
+rm -f "$OUT/bench.json" "$OUT/results.md"   # an earlier run's files must not pass for this run's
 START=$SECONDS
 STEP_LINES=()
 export PYTHONUNBUFFERED=1
@@ -181,50 +184,18 @@ SUMMARY=$OUT/summary.txt
     grep -E "[0-9]+ (passed|failed|skipped|error|deselected)|no tests ran" "$TESTS_LOG" | tail -n 4
     echo "--- bench (bench.log, bench.json; ratio = peer time / sparsectx time, > 1: sparsectx faster)"
     grep -E "^FAILED: " "$BENCH_LOG" | head -n 20
-    timeout 15 "$PY" - "$OUT/bench.json" "$SCRATCH"/bench_key.json "$SCRATCH"/bench_training.json \
-        "$SCRATCH"/bench_e2e.json "$SCRATCH"/bench_selection.json "$SCRATCH"/bench_e2e_kontext.json \
-        "$SCRATCH"/bench_kv.json "$SCRATCH"/bench_e2e_batch.json <<'EOF'
-import json, os, sys
-
-merged, parts = {"meta": None, "rows": []}, sys.argv[2:]
-for path in parts:
-    if os.path.exists(path):
-        data = json.load(open(path))
-        merged["meta"] = merged["meta"] or data["meta"]
-        merged["meta"].setdefault("autotune_runs", []).append(data["meta"].get("autotune", {}))
-        merged["rows"] += data["rows"]
-if merged["meta"] is None:
-    print("no benchmark JSON was written")
-    sys.exit(0)
-merged["meta"]["cases"] = sorted({r["case"] for r in merged["rows"]})
-json.dump(merged, open(sys.argv[1], "w"), indent=1)
-m = merged["meta"]
-print(f"{m['device']} driver {m['driver']} torch {m['torch']} triton {m['triton']} {m['date']}")
-blocks = {}
-for r in merged["rows"]:
-    blocks.setdefault((r["case"], r["shape"]), []).append(r)
-for (case, shape), rows in blocks.items():
-    base = rows[0]
-    rate = lambda r: (f" {r['tflops']:.0f}TF" if r["tflops"] else (f" {r['gbps']:.0f}GB/s" if r["gbps"] else "")) \
-        + (f" {r['peak_mem_gb']:.1f}GiB" if r.get("peak_mem_gb") else "")
-    head = f"{case:<10} {shape[:44]:<44} {base['impl'][:30]} "
-    head += f"{base['time_ms']:.3f}ms{rate(base)}" if base["time_ms"] else f"-- {base['note'][:60]}"
-    peers = []
-    for r in rows[1:]:
-        if r["time_ms"] is None:
-            continue
-        flag = " FAIL" if r["ok"] is False else ""
-        peers.append(f"{r['impl'][:30]} {r['time_ms']:.3f}ms x{r['ratio']:.2f}{flag}" if r["ratio"]
-                     else f"{r['impl'][:30]} {r['time_ms']:.3f}ms{flag}")
-        peers[-1] += f" {r['peak_mem_gb']:.1f}GiB" if r.get("peak_mem_gb") else ""
-    print(head + (" | " + " | ".join(peers) if peers else ""))
-picks = sorted({(k, key, cfg) for part in m.get("autotune_runs", []) for k, info in part.items()
-                for key, cfg in info["picked"].items()})
-for kernel, key, cfg in picks[:16]:
-    print(f"autotune {kernel} {key[:70]}: {cfg[:90]}")
-EOF
+    # the steps' JSON files merged into bench.json (missing ones skipped), then the run in a few lines: a line per
+    # shape with each peer's ratio, each issue target met or MISSED, the autotuner's picks (sparsectx.benchmarks)
+    WRITTEN=()
+    for part_json in "${BENCH_PARTS[@]}"; do [[ -f $part_json ]] && WRITTEN+=("$part_json"); done
+    if (( ${#WRITTEN[@]} )); then
+        timeout 30 "${IN_SCRATCH[@]}" "$PY" -m sparsectx.cli report --summary --merged "$OUT/bench.json" \
+            "${WRITTEN[@]}" || echo "sparsectx report --summary failed (rc=$?)"
+    else
+        echo "no benchmark JSON was written"
+    fi
 } >"$SUMMARY" 2>&1
-# the same run as markdown tables for bench/RESULTS.md
+# the same run as markdown tables for bench/RESULTS.md (bench.json is this run's: removed at the start)
 [[ -f $OUT/bench.json ]] && "${IN_SCRATCH[@]}" "$PY" -m sparsectx.cli report "$OUT/bench.json" >"$OUT/results.md" 2>&1
 cat "$SUMMARY"
 rm -rf "$SCRATCH"

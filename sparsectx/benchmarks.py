@@ -103,7 +103,7 @@ class Workload:
     reps: Optional[int] = None  # fixed repetitions for slow steps (else do_bench / the CPU budget)
     track_memory: bool = False
     passes: int = 1  # timing passes over all implementations in turn (A B A B: drift shows as a pass difference)
-    count_syncs: bool = False  # count host synchronisations of one call per implementation (CUDA only)
+    count_syncs: bool = False  # note per implementation its host syncs (CUDA) and host reads (any device)
 
     def impl(self, name: str) -> Optional[Impl]:
         return next((i for i in self.impls if i.name == name), None)
@@ -714,7 +714,8 @@ class CompactionCase:
         packed = lambda c: c.tensors  # noqa: E731
         impls = [
             Impl("sparsectx compact_tokens (scores+budget)",
-                 lambda: ops.compact_tokens(scores, hidden, ids, budget=config), output=packed, note="no host sync"),
+                 lambda: ops.compact_tokens(scores, hidden, ids, budget=config), output=packed,
+                 note="selection included; no host sync on CUDA (on the CPU, one read: the scores' NaN check)"),
             Impl("sparsectx compact_tokens (keep mask)", lambda: ops.compact_tokens(mask, hidden, ids),
                  output=packed, note="reads the kept total (host sync); mask made beforehand, selection not included"),
             Impl("x[mask] (host sync)", lambda: (hidden[mask], ids[mask]),
@@ -731,7 +732,9 @@ class CompactionCase:
                  + 2 * count * batch * (channels * hidden.element_size() + ids.shape[-1] * ids.element_size()))
         shape = (f"B={batch}, N={n}, C={channels} {str(dtype).replace('torch.', '')} + ids int64[{s['id_axes']}], "
                  f"keep {_pct(config)} ({count} rows)")
-        return Workload(self.name, shape, impls, dtype, bytes_moved=moved, exact=True, loop_note=True)
+        # host syncs counted per implementation (the issue: the budget path must not synchronise)
+        return Workload(self.name, shape, impls, dtype, bytes_moved=moved, exact=True, loop_note=True,
+                        count_syncs=True)
 
 
 def _graph_replay_impl(name: str, fn: Callable[[], Any], device: torch.device, **impl_args) -> Impl:
@@ -946,7 +949,7 @@ class EndToEndCase:
                             "(c2) enable + disable (sparsectx attn)",
                             "(e) attention probe (first block q/k on the full call)")
     sizes = {
-        "full": dict(target_side=64, text=512, ref_side=64, refs=(3, 1), keeps=(0.25, 0.10, 0.05),
+        "full": dict(target_side=64, text=512, ref_side=64, refs=(3, 1, 4), keeps=(0.25, 0.10, 0.05),
                      quick=[(1, 0.10), (3, 0.10)], breakdown=[(3, 0.05), (1, 0.05)], quick_breakdown=[(3, 0.05)],
                      reps=3),
         "tiny": dict(target_side=8, text=16, ref_side=8, refs=(1, 3), keeps=(0.25, 0.05), quick=[(1, 0.25)],
@@ -1283,6 +1286,7 @@ class SelectionCase:
                 _append_note(row, "step not measured in this run")
                 continue
             share = 100.0 * row["time_ms"] / none
+            row["step_pct"] = share
             verdict = "meets" if share < SELECTION_STEP_TARGET_PCT else "MISSES"
             text = f"{share:.2f}% of the no-reference step ({none:.4g} ms; {verdict} < {SELECTION_STEP_TARGET_PCT:g}%)"
             if full is not None:
@@ -1291,6 +1295,7 @@ class SelectionCase:
             signals = self.SIGNALS.get(selector.group(1), self.ALL_SIGNALS) if selector else ()
             if probe is not None and any(name in self.PROBE_SIGNALS for name in signals):
                 with_probe = 100.0 * (row["time_ms"] + probe) / none
+                row["step_pct_with_probe"] = with_probe
                 text += (f"; with the automatic probe ({probe:.3g} ms): {with_probe:.2f}% "
                          f"({'meets' if with_probe < SELECTION_STEP_TARGET_PCT else 'MISSES'})")
             _append_note(row, text)
@@ -1837,6 +1842,150 @@ def format_markdown(meta: dict, rows: list) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# the issues' targets, judged on a run's rows; the short summary a GPU check prints last
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Target:
+    """An issue's speed target as a ratio between two rows of one (case, shape) block: ``peer`` time / ``ours``
+    time must be at least ``min_ratio`` (a number, or a dict by the shape's reference count)."""
+
+    issue: int
+    case: str
+    ours: str
+    peer: str
+    min_ratio: Any
+    goal: str
+
+
+TARGETS = (
+    Target(4, "attention", "sparsectx (compacted)", "sdpa cudnn", 0.75, ">= 0.75x cuDNN's speed"),
+    Target(4, "attention", "sparsectx (compacted)", "sdpa flash", 1.15, ">= 1.15x the FA2 backend's speed"),
+    Target(4, "attention", "sparsectx (gather)", "sparsectx (compacted)", 1 / 1.10,
+           "gather within 10% of compacted"),
+    Target(4, "batch", "sparsectx (packed varlen)", "sdpa per-sample loop", 1 / 1.2, "<= 1.2x the per-sample loop"),
+    Target(4, "training", "sparsectx (packed varlen)", "sdpa padded + key mask", 1.5, ">= 1.5x faster than padded"),
+    Target(4, "masked", "sparsectx masked_attention", "ideal: sdpa on compacted keys", 1 / 1.3,
+           "within 1.3x of the ideal (all queries)"),
+    Target(4, "masked", "sparsectx masked_attention (query_mask)", "ideal: sdpa on compacted queries and keys",
+           1 / 1.3, "within 1.3x of the ideal (kept queries)"),
+    Target(3, "compaction", "sparsectx compact_tokens (scores+budget)", "topk+sort+gather", 5.0,
+           ">= 5x faster than topk+sort+gather"),
+    Target(5, "e2e", "sparsectx.enable (native attn)", "torch topk+sort+index_select + step", 1 / 1.03,
+           "drop-in within 3% of the compacted ideal"),
+    Target(5, "e2e", "sparsectx compact_tokens + step", "torch topk+sort+index_select + step", 1 / 1.03,
+           "within 3% of the compacted ideal"),
+    Target(5, "kv", "sparsectx.enable + KV cache", "plain run, all references, no cache", KV_TARGET_SPEEDUP,
+           "sparse + KV 4-step speed-up over the plain run"),
+)
+
+
+def _reference_count(shape: str) -> Optional[int]:
+    found = re.match(r"(\d+) ref", shape)
+    return int(found.group(1)) if found else None
+
+
+def target_verdicts(rows: list) -> list:
+    """One line per (target, shape) that the rows measure: the ratio, the goal and ``meets`` or ``MISSES``; then
+    the selection line (``selection_verdict``) when the run has selection rows."""
+    lines = []
+    for target in TARGETS:
+        for case, shape, block, _unit, _mem in _table_blocks(rows):
+            if case != target.case:
+                continue
+            times = {r["impl"]: r["time_ms"] for r in block}
+            minimum = target.min_ratio
+            if isinstance(minimum, dict):
+                minimum = minimum.get(_reference_count(shape))
+            if target.ours not in times or target.peer not in times or minimum is None:
+                continue
+            head = f"issue {target.issue} {case:<10} {shape[:48]:<48} {target.goal}:"
+            ours, peer = times[target.ours], times[target.peer]
+            if not ours or not peer:
+                lines.append(f"{head} not measured ({target.ours if not ours else target.peer} has no time)")
+                continue
+            ratio = peer / ours
+            lines.append(f"{head} x{ratio:.3f} (>= {minimum:.3f}: {'meets' if ratio >= minimum else 'MISSES'})")
+    selection = selection_verdict(rows)
+    return lines + ([selection] if selection else [])
+
+
+def selection_verdict(rows: list) -> Optional[str]:
+    """Issue 6's target (selection under ``SELECTION_STEP_TARGET_PCT`` % of a denoising step) over the run's
+    selection rows of sparsectx's own ``select``: the worst share (with the automatic probe where a selector needs
+    it), or why it could not be judged. None when the run has no selection rows."""
+    rows = [r for r in rows if r["case"] == SelectionCase.name and r["impl"].startswith("select,")]
+    if not rows:
+        return None
+    head = f"issue 6 selection < {SELECTION_STEP_TARGET_PCT:g}% of a denoising step:"
+    judged = [(r.get("step_pct_with_probe") or r["step_pct"], r) for r in rows if r.get("step_pct") is not None]
+    if not judged:
+        return f"{head} not judged (no e2e step time in this run, or no selection row was timed)"
+    worst, row = max(judged, key=lambda pair: pair[0])
+    selector = re.search(r"selector (\w+)", row["shape"])
+    where = f"{selector.group(1) if selector else '?'}, {_reference_count(row['shape'])} ref, {row['impl']}"
+    probe = " with the automatic probe" if row.get("step_pct_with_probe") else ""
+    verdict = "meets" if worst < SELECTION_STEP_TARGET_PCT else "MISSES"
+    return f"{head} {verdict}: worst {worst:.2f}%{probe} ({where}; {len(judged)} of {len(rows)} rows judged)"
+
+
+def merge_runs(paths: Sequence[str]) -> dict:
+    """Several ``sparsectx bench --json`` files (the steps of one GPU check) as one: the first file's metadata,
+    every file's autotuner picks (``meta.autotune_runs``), all rows in order, ``meta.cases`` the cases present.
+    Missing files are skipped (a step that did not run writes none); ``ValueError`` when none exists."""
+    merged: dict = {"meta": None, "rows": []}
+    for path in paths:
+        if not os.path.exists(path):
+            continue
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+        if not isinstance(data, dict) or not {"meta", "rows"} <= set(data):
+            raise ValueError(f"{path} is not a `sparsectx bench --json` file")
+        merged["meta"] = merged["meta"] or dict(data["meta"])
+        merged["meta"].setdefault("autotune_runs", []).append(data["meta"].get("autotune") or {})
+        merged["rows"] += data["rows"]
+    if merged["meta"] is None:
+        raise ValueError(f"none of {', '.join(paths)} exists")
+    merged["meta"]["cases"] = sorted({r["case"] for r in merged["rows"]})
+    return merged
+
+
+def _rate(row: dict) -> str:
+    text = f" {row['tflops']:.0f}TF" if row["tflops"] else (f" {row['gbps']:.0f}GB/s" if row["gbps"] else "")
+    return text + (f" {row['peak_mem_gb']:.1f}GiB" if row.get("peak_mem_gb") else "")
+
+
+def format_summary(meta: dict, rows: list, max_picks: int = 16) -> str:
+    """A run in a few lines (the end of a GPU check's log): versions, one line per (case, shape) with sparsectx's
+    time and each peer's time and ratio (``n/a`` for a peer that was not timed, ``FAIL`` for a failed check), the
+    issues' targets (``target_verdicts``) and the autotuner's picks."""
+    lines = [f"{meta.get('device')} driver {meta.get('driver')} torch {meta.get('torch')} triton "
+             f"{meta.get('triton')} {meta.get('date')} commit {meta.get('commit')}"]
+    for case, shape, block, _unit, _mem in _table_blocks(rows):
+        base = block[0]
+        head = f"{case:<10} {shape[:44]:<44} {base['impl'][:30]} "
+        head += f"{base['time_ms']:.3f}ms{_rate(base)}" if base["time_ms"] else f"-- {base['note'][:60]}"
+        peers = []
+        for r in block[1:]:
+            flag = " FAIL" if r["ok"] is False else ""
+            if r["time_ms"] is None:
+                peers.append(f"{r['impl'][:30]} n/a{flag}")
+                continue
+            ratio = f" x{r['ratio']:.2f}" if r["ratio"] else ""
+            peers.append(f"{r['impl'][:30]} {r['time_ms']:.3f}ms{ratio}{flag}"
+                         + (f" {r['peak_mem_gb']:.1f}GiB" if r.get("peak_mem_gb") else ""))
+        lines.append(head + (" | " + " | ".join(peers) if peers else ""))
+    verdicts = target_verdicts(rows)
+    if verdicts:
+        scope = "" if meta.get("size") == "full" else "; these are tiny shapes: the targets hold for the full ones"
+        lines += [f"--- targets (ratio = peer time / sparsectx time{scope})", *verdicts]
+    runs = meta.get("autotune_runs") or [meta.get("autotune") or {}]
+    picks = sorted({(kernel, key, config) for run in runs for kernel, info in run.items()
+                    for key, config in info["picked"].items()})
+    lines += [f"autotune {kernel} {key[:70]}: {config[:90]}" for kernel, key, config in picks[:max_picks]]
+    return "\n".join(lines) + "\n"
+
+
 def _git_commit() -> Optional[str]:
     """The sparsectx commit: ``SPARSECTX_COMMIT`` when set (a copy of the tree without .git, e.g. a GPU machine),
     else ``git rev-parse`` in the package's folder, else None."""
@@ -1904,14 +2053,23 @@ def write_json(path: str, meta: dict, rows: list) -> None:
 
 
 def report(args: argparse.Namespace) -> int:
-    """``sparsectx report BENCH_JSON``: the run as markdown for ``bench/RESULTS.md``."""
-    if not os.path.exists(args.json_path):
-        raise SystemExit(f"sparsectx report: error: {args.json_path} does not exist")
-    with open(args.json_path, encoding="utf-8") as fh:
-        data = json.load(fh)
-    if not isinstance(data, dict) or not {"meta", "rows"} <= set(data):
-        raise SystemExit(f"sparsectx report: error: {args.json_path} is not a `sparsectx bench --json` file")
-    print(format_markdown(data["meta"], data["rows"]), end="")
+    """``sparsectx report BENCH_JSON...``: the run as markdown for ``bench/RESULTS.md`` or, with ``--summary``, in a
+    few lines with the issues' targets. Several files are merged into one run (``merge_runs``; missing ones are
+    skipped), written to ``--merged PATH`` when given."""
+    paths = args.json_paths
+    missing = [p for p in paths if not os.path.exists(p)]
+    if len(missing) == len(paths):
+        raise SystemExit(f"sparsectx report: error: {', '.join(missing)} does not exist")
+    try:
+        data = merge_runs(paths)
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise SystemExit(f"sparsectx report: error: {exc}") from None
+    if args.merged:
+        write_json(args.merged, data["meta"], data["rows"])
+    for path in missing:
+        print(f"note: {path} does not exist (skipped)", file=sys.stderr)
+    text = format_summary if args.summary else format_markdown
+    print(text(data["meta"], data["rows"]), end="")
     return 0
 
 

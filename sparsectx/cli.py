@@ -68,8 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:  # pragma: no cover
         pass
     bench.set_defaults(func=_bench)
-    report = sub.add_parser("report", help="a `sparsectx bench --json` file as markdown tables for bench/RESULTS.md")
-    report.add_argument("json_path", metavar="BENCH_JSON")
+    report = sub.add_parser("report", help="`sparsectx bench --json` files as markdown tables for bench/RESULTS.md, "
+                                           "or as a short summary with the issues' targets")
+    report.add_argument("json_paths", metavar="BENCH_JSON", nargs="+",
+                        help="one run, or the parts of one run (merged in order; missing parts are skipped)")
+    report.add_argument("--summary", action="store_true",
+                        help="a few lines: one per shape with each peer's ratio, then each target met or missed")
+    report.add_argument("--merged", metavar="PATH", help="also write the merged run as one JSON file")
     report.set_defaults(func=_report)
     return parser
 

@@ -1,0 +1,119 @@
+"""The benchmark harness's judgement: the issues' targets read off a run's rows, the short summary a GPU check prints,
+the merge of a GPU check's per-step JSON files. Rows are made by hand: these test the harness, not a speed."""
+import json
+
+import pytest
+
+from sparsectx import benchmarks, cli
+
+
+def _row(case, shape, impl, time_ms, ok=True, **extra):
+    row = dict(case=case, shape=shape, impl=impl, time_ms=time_ms, tflops=None, gbps=None, ratio=None, ok=ok,
+               err=None, peak_mem_gb=None, note="")
+    row.update(extra)
+    return row
+
+
+def _block(case, shape, times):
+    """Rows of one (case, shape) block with ratios to the first row, as run_workload fills them."""
+    rows = [_row(case, shape, impl, t, ok=None if i == 0 else True) for i, (impl, t) in enumerate(times.items())]
+    for r in rows:
+        if r["time_ms"] and rows[0]["time_ms"]:
+            r["ratio"] = r["time_ms"] / rows[0]["time_ms"]
+    return rows
+
+
+def test_every_target_names_rows_its_case_produces():
+    for target in benchmarks.TARGETS:
+        names = benchmarks.CASES[target.case].impl_names
+        assert target.ours in names and target.peer in names, target
+
+
+def test_target_verdicts_judge_each_shape_against_its_goal():
+    rows = _block("attention", "L=5632 (1 ref x 25%), H=24, D=128, bfloat16",
+                  {"sparsectx (compacted)": 1.0, "sparsectx (gather)": 1.2, "sdpa cudnn": 0.7, "sdpa flash": 1.3})
+    rows += _block("kv", "3 ref x 10% (1230 of 12288 tokens), target 4096", {
+        "sparsectx.enable + KV cache": 10.0, "plain run, all references, no cache": 46.0})
+    rows += _block("kv", "4 ref x 5% (820 of 16384 tokens), target 4096", {
+        "sparsectx.enable + KV cache": 10.0, "plain run, all references, no cache": 59.0})
+    rows += _block("training", "B=4", {"sparsectx (packed varlen)": 2.0, "sdpa padded + key mask": None})
+    lines = benchmarks.target_verdicts(rows)
+    by_goal = {goal: [line for line in lines if goal in line] for goal in
+               ("cuDNN", "FA2", "gather within 10%", "sparse + KV", "padded")}
+    assert len(by_goal["cuDNN"]) == 1 and "x0.700 (>= 0.750: MISSES)" in by_goal["cuDNN"][0]
+    assert len(by_goal["FA2"]) == 1 and "x1.300 (>= 1.150: meets)" in by_goal["FA2"][0]
+    # gather 1.2 ms vs compacted 1.0 ms: 20% slower, outside the 10% allowed
+    assert len(by_goal["gather within 10%"]) == 1 and "MISSES" in by_goal["gather within 10%"][0]
+    kv = by_goal["sparse + KV"]
+    assert len(kv) == 2  # the target depends on the reference count: 4.5 for 3 refs, 6.0 for 4 refs
+    assert "3 ref" in kv[0] and "x4.600 (>= 4.500: meets)" in kv[0]
+    assert "4 ref" in kv[1] and "x5.900 (>= 6.000: MISSES)" in kv[1]
+    assert len(by_goal["padded"]) == 1 and "not measured" in by_goal["padded"][0]
+    assert len(lines) == 6  # no line for the targets whose rows the run lacks
+
+
+def test_selection_verdict_takes_the_worst_share_probe_included():
+    shape = "3 ref x 4096 tokens, C=128, selector {}, H=32, D=128"
+    rows = [_row("selection", shape.format("uniform"), "select, fixed 10%", 0.1, step_pct=0.3),
+            _row("selection", shape.format("attention"), "select, adaptive", 0.2, step_pct=0.6,
+                 step_pct_with_probe=2.4),
+            _row("selection", shape.format("attention"), "selector scores + torch stable top-k (fixed 10%)", 9.0,
+                 step_pct=30.0)]  # a peer: not ours, not judged
+    line = benchmarks.selection_verdict(rows)
+    assert "MISSES: worst 2.40% with the automatic probe (attention, 3 ref, select, adaptive" in line
+    assert "2 of 2 rows judged" in line
+    rows[1]["step_pct_with_probe"] = 1.5
+    assert "meets: worst 1.50%" in benchmarks.selection_verdict(rows)
+    unjudged = [dict(r, step_pct=None, step_pct_with_probe=None) for r in rows]
+    assert "not judged" in benchmarks.selection_verdict(unjudged)
+    assert benchmarks.selection_verdict(_block("kv", "3 ref", {"a": 1.0})) is None
+
+
+def test_summary_lists_untimed_and_failed_peers_and_the_targets():
+    rows = _block("compaction", "B=1, N=12288", {"sparsectx compact_tokens (scores+budget)": 0.02,
+                                                 "topk+sort+gather": 0.13, "x[mask] (host sync)": 0.07})
+    rows += [_row("compaction", "B=1, N=12288", "CUDA graph replay", None, ok=None),
+             _row("compaction", "B=1, N=12288", "broken peer", None, ok=False)]
+    rows[2]["ok"] = False
+    meta = {"device": "NVIDIA H200", "size": "full", "autotune_runs": [
+        {"attention_fwd": {"picked": {"D=128": "BLOCK_M: 128"}}}]}
+    text = benchmarks.format_summary(meta, rows)
+    block_line = next(line for line in text.splitlines() if line.startswith("compaction"))
+    assert "topk+sort+gather 0.130ms x6.50 |" in block_line
+    assert "x[mask] (host sync) 0.070ms x3.50 FAIL" in block_line
+    assert block_line.endswith("CUDA graph replay n/a | broken peer n/a FAIL")
+    assert "issue 3 compaction" in text and "x6.500 (>= 5.000: meets)" in text
+    assert "tiny shapes" not in text
+    assert "autotune attention_fwd D=128: BLOCK_M: 128" in text
+    assert "tiny shapes" in benchmarks.format_summary(dict(meta, size="tiny"), rows)
+
+
+def test_report_merges_step_files_and_prints_the_summary(tmp_path, capsys):
+    meta = {"device": "NVIDIA H200", "size": "full", "autotune": {}}
+    first = _block("attention", "L=1", {"sparsectx (compacted)": 1.0, "sdpa cudnn": 0.8})
+    second = _block("training", "B=4", {"sparsectx (packed varlen)": 1.0, "sdpa padded + key mask": 1.6})
+    paths = [tmp_path / "a.json", tmp_path / "missing.json", tmp_path / "b.json"]
+    benchmarks.write_json(str(paths[0]), meta, first)
+    benchmarks.write_json(str(paths[2]), dict(meta, device="another"), second)
+    merged = tmp_path / "bench.json"
+    assert cli.main(["report", "--summary", "--merged", str(merged), *map(str, paths)]) == 0
+    out, err = capsys.readouterr()
+    data = json.loads(merged.read_text())
+    assert data["rows"] == first + second
+    assert data["meta"]["device"] == "NVIDIA H200" and data["meta"]["cases"] == ["attention", "training"]
+    assert len(data["meta"]["autotune_runs"]) == 2
+    assert "missing.json does not exist (skipped)" in err
+    assert "x0.800 (>= 0.750: meets)" in out and "x1.600 (>= 1.500: meets)" in out
+    # the merged file is a run like any other: markdown by default
+    assert cli.main(["report", str(merged)]) == 0
+    assert capsys.readouterr().out.startswith("### ")
+    with pytest.raises(SystemExit, match="does not exist"):
+        cli.main(["report", str(paths[1])])
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="not a `sparsectx bench --json` file"):
+        cli.main(["report", str(tmp_path / "bad.json")])
+
+
+def test_e2e_full_shapes_cover_one_three_and_four_references():
+    configs = benchmarks.CASES["e2e"].configs("full")
+    assert {refs for refs, *_ in configs} == {1, 3, 4}
