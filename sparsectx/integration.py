@@ -127,7 +127,7 @@ _IDS_ARGS = ("img_ids", "txt_ids")  # batched only when 3-D ([B, S, n_axes])
 _ATTN_KWARGS_ARG = {FLUX2: "joint_attention_kwargs", FLUX: "joint_attention_kwargs", QWEN: "attention_kwargs"}
 _UNSUPPORTED_ARGS = ("controlnet_block_samples", "controlnet_single_block_samples")
 
-Budget = Union[int, float, Sequence[Union[int, float]], Sequence[Sequence[Union[int, float]]], Callable]
+Budget = Optional[Union[int, float, Sequence[Union[int, float]], Sequence[Sequence[Union[int, float]]], Callable]]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -163,9 +163,10 @@ def check_budget(budget: Budget) -> Budget:
     """Validates a budget: a ratio in (0, 1] or a count >= 0 for every reference image; a list of those, one per
     reference image; a list whose entries are lists (one per request, each a per-image list, where a
     one-element list applies to all images); or a budget callable (``sparsectx.selection.adaptive(...)``: the
-    count adapts to each image's scores). Raises ``ValueError`` naming what is wrong. Returns it with every
-    entry a Python int or float (numpy integers count tokens, numpy floats are ratios) and lists for tuples."""
-    if _is_budget_fn(budget):
+    count adapts to each image's scores); or None, for a selector that returns a keep mask, kept as given. Raises
+    ``ValueError`` naming what is wrong. Returns it with every entry a Python int or float (numpy integers count
+    tokens, numpy floats are ratios) and lists for tuples."""
+    if budget is None or _is_budget_fn(budget):
         return budget
     if isinstance(budget, (list, tuple)) and any(isinstance(b, (list, tuple)) for b in budget):
         if not all(isinstance(b, (list, tuple)) for b in budget):
@@ -205,17 +206,6 @@ def budget_counts(budget: Budget, batch: int, ref_lengths: Sequence[int]) -> lis
                          f"{batch} samples")
     repeat = batch // len(budget)
     return [_image_counts(budget[b // repeat], ref_lengths) for b in range(batch)]
-
-
-def _budget_keep(budget: Callable, scores: torch.Tensor, ref_lengths: Sequence[int]) -> torch.Tensor:
-    """The keep mask a budget callable makes of a selector's scores."""
-    from .selection import BudgetResult
-
-    result = budget(scores, list(ref_lengths))
-    if not isinstance(result, BudgetResult):
-        raise ValueError(f"budget {budget!r} must return a sparsectx.selection.BudgetResult, "
-                         f"got {type(result).__name__}")
-    return result.keep
 
 
 def keep_mask_from_scores(scores: torch.Tensor, counts: Sequence[Sequence[int]],
@@ -793,8 +783,10 @@ class _SparsePatch(ForwardPatch):
         signals = overrides.get("signals", self.settings.signals)
         from .selection import SelectionContext
 
+        from .selection import apply_budget, mask_ranking
+
         batch = references.shape[0]
-        counts = None if _is_budget_fn(budget) else budget_counts(budget, batch, layout.ref_lengths)
+        counts = None if budget is None or _is_budget_fn(budget) else budget_counts(budget, batch, layout.ref_lengths)
 
         def select(shared: bool) -> torch.Tensor:
             generator = None
@@ -806,13 +798,14 @@ class _SparsePatch(ForwardPatch):
             context = SelectionContext(num_references=len(layout.ref_lengths), ref_lengths=list(layout.ref_lengths),
                                        reference_ids=layout.reference_ids, target_shape=layout.target_shape,
                                        generator=generator, extra=extra)
-            selection = selector(references[:1] if shared else references, context)
-            if selection.dtype == torch.bool:
-                keep = selection.to(hidden.device)
-            elif counts is None:
-                keep = _budget_keep(budget, selection, layout.ref_lengths).to(hidden.device)
-            else:
-                keep = keep_mask_from_scores(selection, counts[:1] if shared else counts, layout.ref_lengths)
+            latents = references[:1] if shared else references
+            selection = selector(latents, context)
+            if counts is None:  # budget None (a keep mask as given) or a budget callable: select()'s rule
+                keep = apply_budget(selection, latents, context, budget)
+            else:  # fixed counts, which may differ per request: select()'s rule, per sample
+                ranking = mask_ranking(selection, latents, context) if selection.dtype == torch.bool else selection
+                keep = keep_mask_from_scores(ranking, counts[:1] if shared else counts, layout.ref_lengths)
+            keep = keep.to(hidden.device)
             return keep.expand(batch, -1) if shared else keep
 
         # pipelines repeat the same references over the batch: select once so the batch runs as one group (unless
@@ -1121,7 +1114,9 @@ def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Call
     or an adaptive budget, ``sparsectx.selection.adaptive(coverage, floor, cap)``, whose count follows each image's
     scores, or any budget callable ``(scores, ref_lengths) -> BudgetResult``),
     chosen by ``selector`` (a name from ``sparsectx.selection.available_selectors()`` or a callable
-    ``(reference_latents [B, N, C], context) -> scores [B, N] | keep mask [B, N]``; a mask is used as is).
+    ``(reference_latents [B, N, C], context) -> scores [B, N] | keep mask [B, N]``; the budget caps a keep mask or
+    pads it with evenly spread tokens, as ``sparsectx.selection.select`` does; ``budget=None`` keeps a selector's
+    keep mask as given).
     ``seed`` makes random selectors deterministic (a fresh generator per selection). ``signals`` are the inputs
     task-aware selectors read from ``context.extra`` (e.g. ``{"user_mask": bool [B or 1, N]}`` for ``"edit"``, or
     probe queries/keys; see ``sparsectx.selection``); tensors go to the model's device. Probe

@@ -856,29 +856,43 @@ def as_budget(budget: BudgetSpec) -> Callable[..., BudgetResult]:
     return budget
 
 
-def select(reference_latents: torch.Tensor, context: SelectionContext, selector="uniform",
-           budget: Optional[BudgetSpec] = 0.25) -> torch.Tensor:
-    """Keep mask bool ``[B, N]`` over the reference tokens: the selector's scores, then the budget applied per
-    reference image (each image keeps its own share; top-k, ties to the lower index, as ``compact_tokens``).
+def mask_ranking(mask: torch.Tensor, reference_latents: torch.Tensor, context: SelectionContext) -> torch.Tensor:
+    """float ``[B, N]``: a selector's keep mask as scores a budget can rank: the mask's tokens first, then the
+    others, each part in the ``uniform`` (evenly spread) order. A budget's top-k of it caps the mask or pads it."""
+    return mask.float() + MASK_PAD_WEIGHT * uniform_scores(reference_latents, context)
+
+
+def apply_budget(chosen: torch.Tensor, reference_latents: torch.Tensor, context: SelectionContext,
+                 budget: Optional[BudgetSpec]) -> torch.Tensor:
+    """Keep mask bool ``[B, N]`` from a selector's output ``chosen`` (scores or a keep mask) and ``budget``, per
+    reference image (top-k, ties to the lower index, as ``compact_tokens``).
 
     ``budget``: a float (``fixed_ratio``), an int (``fixed_count`` per image), ``adaptive(...)`` or any callable
-    ``(scores, ref_lengths) -> BudgetResult``; None only for a selector that returns a keep mask, which is then
-    returned as is. With a budget, a selector's keep mask sizes the budget (``adaptive`` keeps its ``coverage`` share
-    of the mask's tokens, within its floor and cap) and is ranked mask first, then by the ``uniform`` order, so the
-    budget caps it (or pads it with evenly spread tokens).
-    """
-    chosen = get_selector(selector)(reference_latents, context)
+    ``(scores, ref_lengths) -> BudgetResult``; None only for a keep mask, which is then returned as is. With a
+    budget, a keep mask sizes the budget (``adaptive`` keeps its ``coverage`` share of the mask's tokens, within its
+    floor and cap) and ranks by ``mask_ranking``, so the budget caps it (or pads it with evenly spread tokens)."""
     if budget is None:
         if chosen.dtype != torch.bool:
-            raise ValueError(f"budget is required: selector {get_selector(selector).name!r} returned scores")
+            raise ValueError("budget is required: the selector returned scores (budget=None keeps a selector's keep "
+                             "mask as given)")
         return chosen
     sized_on = chosen.float() if chosen.dtype == torch.bool else chosen
     result = as_budget(budget)(sized_on, context.ref_lengths)
     if not isinstance(result, BudgetResult):
-        raise ValueError(f"budget {budget!r} must return a BudgetResult, got {type(result).__name__}")
+        raise ValueError(f"budget {budget!r} must return a sparsectx.selection.BudgetResult, got "
+                         f"{type(result).__name__}")
     if chosen.dtype != torch.bool:
         return result.keep
     # a keep mask: the budget is sized on the mask alone (an adaptive budget covers that share of the mask's
     # tokens), then the mask ranks first and the uniform order pads or caps it
-    ranking = sized_on + MASK_PAD_WEIGHT * uniform_scores(reference_latents, context)
+    ranking = mask_ranking(chosen, reference_latents, context)
     return _topk_per_image(ranking, context.ref_lengths, result.counts.to(ranking.device))
+
+
+def select(reference_latents: torch.Tensor, context: SelectionContext, selector="uniform",
+           budget: Optional[BudgetSpec] = 0.25) -> torch.Tensor:
+    """Keep mask bool ``[B, N]`` over the reference tokens: the selector's output (scores or a keep mask), then the
+    budget applied per reference image (``apply_budget``: each image keeps its own share; None only for a selector
+    that returns a keep mask, returned as is; a keep mask with a budget is capped or padded to it). The drop-in
+    (``sparsectx.enable``) selects the same way."""
+    return apply_budget(get_selector(selector)(reference_latents, context), reference_latents, context, budget)

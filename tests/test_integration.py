@@ -390,7 +390,7 @@ def test_fresh_per_call_selectors_and_signals_are_never_mistaken_for_earlier_one
     earlier override object was freed and its id reused."""
     model, kwargs = models["flux2"], _same_references(_inputs("flux2"))
     n_ref = sum(h * w for h, w in REF_HWS)
-    sparsectx.enable(model, budget=0.5, selector="random", seed=0)
+    sparsectx.enable(model, budget=None, selector="random", seed=0)  # the masks as given
     for wanted in ([0, 1, 2], [10, 11], [3, 12], [5, 6, 7]):
         mask = torch.zeros(1, n_ref, dtype=torch.bool)
         mask[:, wanted] = True
@@ -468,13 +468,45 @@ def test_named_selector_is_deterministic_under_seed(models):
     assert masks[0].sum(1).tolist() == [5 + 4] * 2
 
 
-def test_selector_mask_is_used_as_given(models):
+def test_selector_mask_is_kept_as_given_without_a_budget_and_sized_by_one(models):
+    """A selector's keep mask: as given with budget=None; with a budget, capped or padded to it per image, the same
+    keep as ``sparsectx.selection.select`` (one rule for both public paths, no budget silently ignored)."""
+    from sparsectx.selection import select
+
     model, kwargs = models["flux2"], _inputs("flux2")
     wanted = torch.zeros(2, 17, dtype=torch.bool)
-    wanted[:, [0, 4, 10]] = True
-    sparsectx.enable(model, budget=0.5, selector=lambda latents, context: wanted)
+    wanted[:, [0, 4, 10]] = True  # image 0 (9 tokens): 0 and 4; image 1 (8 tokens): its second token
+    seen = {}
+
+    def mask_selector(latents, context):
+        seen["args"] = (latents, context)
+        return wanted[:latents.shape[0]]
+
+    sparsectx.enable(model, budget=None, selector=mask_selector)
     _run(model, kwargs)
     assert torch.equal(model._sparsectx_patch.cache.keep, wanted)
+
+    # 0.5: 5 of 9 and 4 of 8 tokens, the mask's first; a count of 1: one of the mask's tokens per image
+    for budget, counts in ((0.5, [5, 4]), (1, [1, 1])):
+        sparsectx.enable(model, budget=budget, selector=mask_selector)
+        _run(model, kwargs)
+        keep = model._sparsectx_patch.cache.keep
+        assert [int(keep[0, :9].sum()), int(keep[0, 9:].sum())] == counts
+        assert torch.equal(keep[0], keep[1])
+        covered = keep & wanted
+        assert torch.equal(covered, wanted) if budget == 0.5 else torch.equal(keep, covered)
+        latents, context = seen["args"]
+        assert torch.equal(keep, select(latents, context, mask_selector, budget=budget))
+    # per request: the first request's mask padded to half its tokens, the second's capped at one per image
+    sparsectx.enable(model, budget=[[0.5], [1]], selector=mask_selector)
+    _run(model, kwargs)
+    keep = model._sparsectx_patch.cache.keep
+    assert keep.sum(dim=1).tolist() == [9, 2] and bool((keep[0] >= wanted[0]).all())
+    assert bool((keep[1] <= wanted[1]).all())
+
+    sparsectx.enable(model, budget=None, selector=norm_selector)  # scores need a budget
+    with pytest.raises(ValueError, match="budget is required"):
+        _run(model, kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -909,7 +941,7 @@ def test_adaptive_budget_through_enable(models, family):
     assert torch.equal(keep.cpu(), expected)
     assert 0 < int(keep.sum()) < keep.numel()
     # the same selection as a fixed per-sample selector mask: the same output
-    sparsectx.enable(model, budget=1.0, selector=lambda latents, context: expected[:latents.shape[0]])
+    sparsectx.enable(model, budget=None, selector=lambda latents, context: expected[:latents.shape[0]])
     torch.testing.assert_close(_run(model, kwargs), out, rtol=0, atol=FP32_ATOL)
     # a per-call adaptive override, and a different coverage selects again
     sparsectx.enable(model, budget=0.5, selector=norm_selector)
