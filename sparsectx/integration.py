@@ -783,10 +783,11 @@ class _SparsePatch(ForwardPatch):
         signals = overrides.get("signals", self.settings.signals)
         from .selection import SelectionContext
 
-        from .selection import apply_budget, mask_ranking
+        from .selection import apply_budget, budget_first_sample, budget_for_batch, mask_ranking
 
         batch = references.shape[0]
         counts = None if budget is None or _is_budget_fn(budget) else budget_counts(budget, batch, layout.ref_lengths)
+        budget = budget_for_batch(budget, batch)  # a budget object's per-request tensor settings over the batch
 
         def select(shared: bool) -> torch.Tensor:
             generator = None
@@ -801,7 +802,7 @@ class _SparsePatch(ForwardPatch):
             latents = references[:1] if shared else references
             selection = selector(latents, context)
             if counts is None:  # budget None (a keep mask as given) or a budget callable: select()'s rule
-                keep = apply_budget(selection, latents, context, budget)
+                keep = apply_budget(selection, latents, context, budget_first_sample(budget) if shared else budget)
             else:  # fixed counts, which may differ per request: select()'s rule, per sample
                 ranking = mask_ranking(selection, latents, context) if selection.dtype == torch.bool else selection
                 keep = keep_mask_from_scores(ranking, counts[:1] if shared else counts, layout.ref_lengths)
@@ -810,7 +811,11 @@ class _SparsePatch(ForwardPatch):
 
         # pipelines repeat the same references over the batch: select once so the batch runs as one group (unless
         # a per-sample signal differs, or, found by the probe when a selector reads it, the prompts differ)
-        same_counts = counts is None or all(c == counts[0] for c in counts)
+        if counts is None:  # a budget object's settings may differ per sample
+            same_counts = all(_same_rows(value) for value in getattr(budget, "settings", dict)().values()
+                              if isinstance(value, torch.Tensor) and value.ndim == 2)
+        else:
+            same_counts = all(c == counts[0] for c in counts)
         shared = batch > 1 and same_counts and _same_rows(references) and \
             all(_same_rows(value) for value in signals.values()
                 if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch)
@@ -1112,7 +1117,8 @@ def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Call
     """Sparse Context on a diffusers pipeline or transformer: each reference image keeps ``budget`` of its tokens
     (a ratio in (0, 1] or a count; one value, one per reference image, or a list of such lists, one per request;
     or an adaptive budget, ``sparsectx.selection.adaptive(coverage, floor, cap)``, whose count follows each image's
-    scores, or any budget callable ``(scores, ref_lengths) -> BudgetResult``),
+    scores (tensor settings ``[R, 1]`` or ``[R, n_images]``: one row per request, as a per-request list), or any
+    budget callable ``(scores, ref_lengths) -> BudgetResult``),
     chosen by ``selector`` (a name from ``sparsectx.selection.available_selectors()`` or a callable
     ``(reference_latents [B, N, C], context) -> scores [B, N] | keep mask [B, N]``; the budget caps a keep mask or
     pads it with evenly spread tokens, as ``sparsectx.selection.select`` does; ``budget=None`` keeps a selector's

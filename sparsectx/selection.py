@@ -727,6 +727,12 @@ class FixedBudget:
                             allow_ratio=self.ratio, allow_count=not self.ratio)
         return BudgetResult(counts, _topk_per_image(scores, ref_lengths, counts))
 
+    def settings(self) -> dict:
+        return {"value": self.value}
+
+    def replace(self, **settings) -> "FixedBudget":
+        return FixedBudget(self.name, settings.get("value", self.value), self.ratio)
+
     def __repr__(self):
         return f"{self.name}({self.value!r})"
 
@@ -823,8 +829,43 @@ class AdaptiveBudget:
     def __call__(self, scores: torch.Tensor, ref_lengths: Optional[Sequence[int]] = None) -> BudgetResult:
         return adaptive_budget(scores, self.coverage, self.floor, self.cap, ref_lengths, mass=self.mass)
 
+    def settings(self) -> dict:
+        return {"coverage": self.coverage, "floor": self.floor, "cap": self.cap}
+
+    def replace(self, **settings) -> "AdaptiveBudget":
+        merged = {**self.settings(), **settings}
+        return AdaptiveBudget(merged["coverage"], merged["floor"], merged["cap"], self.mass)
+
     def __repr__(self):
         return f"adaptive(coverage={self.coverage!r}, floor={self.floor!r}, cap={self.cap!r}, mass={self.mass!r})"
+
+
+def budget_for_batch(budget, batch: int):
+    """``budget`` for a batch of ``batch`` samples made of R requests of ``batch // R`` consecutive samples each
+    (diffusers' ``num_images_per_prompt`` order, as a per-request budget list): a budget object's tensor settings
+    with R > 1 rows (``[R, 1]`` per request, ``[R, n_refs]`` per request and image) get each row repeated over its
+    request's samples. ``ValueError`` when R does not divide the batch. Other budgets are returned as is."""
+    if not isinstance(budget, (FixedBudget, AdaptiveBudget)):
+        return budget
+    expanded = {}
+    for name, value in budget.settings().items():
+        if isinstance(value, torch.Tensor) and value.ndim == 2 and value.shape[0] not in (1, batch):
+            rows = value.shape[0]
+            if batch % rows:
+                raise ValueError(f"budget {budget!r}: its {name} has {rows} rows (one per request), which does not "
+                                 f"divide the batch of {batch} samples")
+            expanded[name] = value.repeat_interleave(batch // rows, dim=0)
+    return budget.replace(**expanded) if expanded else budget
+
+
+def budget_first_sample(budget):
+    """``budget`` with its per-sample tensor settings (``[B, ...]``, B > 1) cut to the first sample's row, for a
+    selection made once for a batch whose samples share everything; other budgets are returned as is."""
+    if not isinstance(budget, (FixedBudget, AdaptiveBudget)):
+        return budget
+    cut = {name: value[:1] for name, value in budget.settings().items()
+           if isinstance(value, torch.Tensor) and value.ndim == 2 and value.shape[0] > 1}
+    return budget.replace(**cut) if cut else budget
 
 
 def adaptive(coverage: Union[float, torch.Tensor] = 0.9, floor: PerImage = 0, cap: PerImage = 1.0, *,

@@ -951,6 +951,36 @@ def test_adaptive_budget_through_enable(models, family):
                        adaptive_budget(norm_selector(references, None), 0.3, ref_lengths=n_refs).keep)
 
 
+def test_budget_object_settings_per_request_map_onto_the_batch(models):
+    """A budget object's [R, 1] tensor settings give one value per request; a pipeline's batch of B = R x n samples
+    (num_images_per_prompt order) repeats each over its request's samples, with the references shared or not."""
+    from sparsectx.selection import adaptive, adaptive_budget, fixed_ratio
+
+    model = models["flux2"]
+    n_refs = [h * w for h, w in REF_HWS]
+    coverage = torch.tensor([[0.2], [0.95]])
+    for kwargs in (_same_references(_inputs("flux2", batch=4)), _inputs("flux2", batch=4)):
+        references = kwargs["hidden_states"][:, _n_target():]
+        scores = norm_selector(references, None)
+        expected = adaptive_budget(scores, coverage.repeat_interleave(2, dim=0), floor=1, ref_lengths=n_refs).keep
+        sparsectx.enable(model, budget=adaptive(coverage, floor=1), selector=norm_selector)
+        _run(model, kwargs)
+        keep = sparsectx.last_selection(model).keep
+        assert torch.equal(keep.cpu(), expected)
+        assert int(keep[0].sum()) < int(keep[2].sum())  # the second request covers more of the mass
+    sparsectx.enable(model, budget=fixed_ratio(torch.tensor([[0.25], [1.0]])), selector=norm_selector)
+    _run(model, _same_references(_inputs("flux2", batch=4)))
+    assert sparsectx.last_selection(model).keep.sum(dim=1).tolist() == [2 + 2, 2 + 2, 17, 17]
+    # every request with the same settings and shared references: one selection for the batch
+    calls, counting = _counting(norm_selector)
+    sparsectx.enable(model, budget=adaptive(torch.tensor([[0.5], [0.5]])), selector=counting)
+    _run(model, _same_references(_inputs("flux2", batch=4)))
+    assert calls == [(1, sum(n_refs), 8)]
+    sparsectx.enable(model, budget=adaptive(torch.tensor([[0.2], [0.5], [0.9]])), selector=norm_selector)
+    with pytest.raises(ValueError, match="3 rows .one per request., which does not divide the batch of 4"):
+        _run(model, _inputs("flux2", batch=4))
+
+
 def test_budget_callable_must_return_a_budget_result(models):
     model, kwargs = models["flux2"], _inputs("flux2")
     sparsectx.enable(model, budget=lambda scores, lengths: scores > 0, selector=norm_selector)
