@@ -544,6 +544,52 @@ def _patched_forward(transformer: torch.nn.Module, attr: str, *args, **kwargs):
     return getattr(transformer, attr).forward(*args, **kwargs)
 
 
+class _ScopedBlock:
+    """Stands in for a checkpointed block in a checkpointing function: calling it (or its ``forward``) runs the block
+    inside ``scope()``; every other attribute is the block's, and ``isinstance`` (and ``__class__``) see the block's
+    class, so a user's ``gradient_checkpointing_func`` that inspects the module still works (``type()`` shows the
+    stand-in)."""
+
+    def __init__(self, block: torch.nn.Module, scope: Callable):
+        self._block, self._scope = block, scope
+
+    @property
+    def __class__(self):
+        return type(self._block)
+
+    def __call__(self, *args, **kwargs):
+        with self._scope():
+            return self._block(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        with self._scope():
+            return self._block.forward(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._block, name)
+
+
+def state_scope(state, **values) -> Callable:
+    """A context-manager factory that sets ``state``'s attributes to ``values`` and puts the previous ones back."""
+
+    @contextlib.contextmanager
+    def scope():
+        outer = {name: getattr(state, name) for name in values}
+        for name, value in values.items():
+            setattr(state, name, value)
+        try:
+            yield
+        finally:
+            for name, value in outer.items():
+                setattr(state, name, value)
+
+    return scope
+
+
+def _checkpoint_in_scope(checkpoint: Callable, scope: Callable, block, *args, **kwargs):
+    return checkpoint(_ScopedBlock(block, scope), *args, **kwargs)
+
+
 class ForwardPatch:
     """Replaces a transformer's ``forward`` with ``self.forward`` (an instance attribute) and puts the original back
     exactly; ``attr`` names the transformer attribute that points at the patch while it is installed.
@@ -560,6 +606,23 @@ class ForwardPatch:
         self.original_forward = transformer.forward
         # the model's own signature, even when forward is already wrapped (offload hooks take *args, **kwargs)
         self.signature = inspect.signature(functools.partial(type(transformer).forward, transformer))
+        # the modules whose blocks diffusers may run through a gradient-checkpointing function
+        self.checkpointing_modules = [m for m in transformer.modules() if hasattr(m, "gradient_checkpointing")]
+
+    @contextlib.contextmanager
+    def checkpointed_in(self, scope: Callable):
+        """While active, each block that diffusers' gradient checkpointing runs (``_gradient_checkpointing_func``)
+        runs inside ``scope()``, and so does its recomputation during backward, which comes after this forward has
+        put the processors' state back: a forward's per-call state holds for its recomputed blocks too."""
+        swapped = [(m, m._gradient_checkpointing_func) for m in self.checkpointing_modules
+                   if m.gradient_checkpointing and getattr(m, "_gradient_checkpointing_func", None) is not None]
+        for module, checkpoint in swapped:
+            module._gradient_checkpointing_func = functools.partial(_checkpoint_in_scope, checkpoint, scope)
+        try:
+            yield
+        finally:
+            for module, checkpoint in swapped:
+                module._gradient_checkpointing_func = checkpoint
 
     def bind(self, args, kwargs) -> dict:
         """The call's arguments by name (the model's own parameter names)."""
@@ -913,14 +976,13 @@ class _SparsePatch(ForwardPatch):
         txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
         packed["img_ids"] = ids.index_select(0, packing.positions.to(ids.device))
         packed["txt_ids"] = txt_ids.repeat(batch, 1)
-        self.attention_state.packed = PackedBatch(
+        packed_scope = state_scope(self.attention_state, packed=PackedBatch(
             cu_text=torch.arange(0, (batch + 1) * n_text, n_text, dtype=torch.int32, device=hidden.device)
             if n_text else torch.zeros(batch + 1, dtype=torch.int32, device=hidden.device),
-            cu_image=packing.cu_image, n_text=batch * n_text, max_text=n_text, max_image=packing.max_image)
-        try:
+            cu_image=packing.cu_image, n_text=batch * n_text, max_text=n_text, max_image=packing.max_image))
+        # gradient checkpointing recomputes blocks during backward: they attend within each sample then too
+        with packed_scope(), self.checkpointed_in(packed_scope):
             result = self.original_forward(**packed)
-        finally:
-            self.attention_state.packed = None
         out = _sample_of(result)[0]
         full = out.new_zeros((batch * seq, *out.shape[1:]))
         full.index_copy_(0, packing.out_dest, out.index_select(0, packing.out_rows))

@@ -21,10 +21,9 @@ token, the original processors run (bit-exact with the unpatched model).
 from __future__ import annotations
 
 import collections
-import contextlib
 import warnings
 import weakref
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -128,31 +127,6 @@ def random_drop_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ref
 # ----------------------------------------------------------------------------------------------------------------
 # drop training on a diffusers transformer
 # ----------------------------------------------------------------------------------------------------------------
-class _MaskedBlock:
-    """Stands in for a checkpointed block in a checkpointing function: calling it (or its ``forward``) runs the block
-    inside ``masked()``; every other attribute is the block's, and ``isinstance`` (and ``__class__``) see the block's
-    class, so a user's ``gradient_checkpointing_func`` that inspects the module still works (``type()`` shows the
-    stand-in)."""
-
-    def __init__(self, block: torch.nn.Module, masked: Callable):
-        self._block, self._masked = block, masked
-
-    @property
-    def __class__(self):
-        return type(self._block)
-
-    def __call__(self, *args, **kwargs):
-        with self._masked():
-            return self._block(*args, **kwargs)
-
-    def forward(self, *args, **kwargs):
-        with self._masked():
-            return self._block.forward(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._block, name)
-
-
 class _DropTrainingPatch(integration.ForwardPatch):
     """Draws the drop mask of each training forward and hands it to the processors through their shared state."""
 
@@ -167,8 +141,6 @@ class _DropTrainingPatch(integration.ForwardPatch):
         self.ratio_range = DEFAULT_RATIO_RANGE
         self.ref_lengths: Optional[list] = None
         self.generator: Optional[torch.Generator] = None
-        # the modules whose blocks diffusers may run through a gradient-checkpointing function
-        self.checkpointing_modules = [m for m in transformer.modules() if hasattr(m, "gradient_checkpointing")]
         self.recent_masks: collections.OrderedDict = collections.OrderedDict()  # input key -> mask of that forward
 
     def uninstall(self) -> None:
@@ -185,15 +157,9 @@ class _DropTrainingPatch(integration.ForwardPatch):
         self.state.image_keep, self.state.image_kept_prefix = mask
         # gradient checkpointing recomputes blocks during backward, possibly after other forwards drew other masks:
         # each checkpointed block of this forward runs (and is recomputed) with this forward's mask
-        swapped = [(m, m._gradient_checkpointing_func) for m in self.checkpointing_modules
-                   if m.gradient_checkpointing and getattr(m, "_gradient_checkpointing_func", None) is not None]
-        for module, checkpoint in swapped:
-            module._gradient_checkpointing_func = self._with_mask(checkpoint, mask)
-        try:
+        with self.checkpointed_in(integration.state_scope(self.state, image_keep=mask[0],
+                                                          image_kept_prefix=mask[1])):
             return self.original_forward(**call)
-        finally:
-            for module, checkpoint in swapped:
-                module._gradient_checkpointing_func = checkpoint
 
     def _mask_for(self, call: dict) -> tuple[Optional[torch.Tensor], int]:
         """The drop mask of a training forward: a new draw, except for a forward that a checkpoint around the whole
@@ -228,25 +194,6 @@ class _DropTrainingPatch(integration.ForwardPatch):
         while len(self.recent_masks) > RECENT_MASKS:
             self.recent_masks.popitem(last=False)
         return mask
-
-    def _with_mask(self, checkpoint: Callable, mask: tuple) -> Callable:
-        """``checkpoint`` (diffusers' ``_gradient_checkpointing_func(block, *args)``) given a stand-in for ``block``
-        whose calls (forward and recomputation) run with the processors' state set to ``mask``."""
-        state = self.state
-
-        @contextlib.contextmanager
-        def masked():
-            outer = (state.image_keep, state.image_kept_prefix)
-            state.image_keep, state.image_kept_prefix = mask
-            try:
-                yield
-            finally:
-                state.image_keep, state.image_kept_prefix = outer
-
-        def checkpoint_with_mask(block, *args, **kwargs):
-            return checkpoint(_MaskedBlock(block, masked), *args, **kwargs)
-
-        return checkpoint_with_mask
 
     def _reference_rows(self, call: dict, n_image: int):
         """``(positions of the reference tokens in the image sequence, tokens per reference image)`` or None."""

@@ -1,6 +1,7 @@
 """sparsectx attention processors for diffusers (sparsectx.processors), ``enable(attention="sparsectx")`` and drop
 training (sparsectx.training.enable_drop_training). Tiny random-weight fp32 models on the CPU: the kernel runs
 through the Triton interpreter (tests/conftest.py)."""
+import functools
 import importlib.util
 import types
 from pathlib import Path
@@ -534,6 +535,32 @@ def test_checkpoint_around_the_transformer_recomputes_with_the_forwards_own_mask
         model(**{**kwargs, "hidden_states": kwargs["hidden_states"] + 1})  # another forward, another mask
         out[:, :N_TARGET].pow(2).mean().backward()
         return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+    expected, got = gradients(False), gradients(True)
+    assert got.keys() == expected.keys() and len(got) > 10
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+
+
+@pytest.mark.parametrize("function", ["diffusers", "reentrant"])
+def test_gradient_checkpointing_of_a_packed_batch_recomputes_within_each_sample(function):
+    """FLUX.2 with attention="sparsectx" and samples that keep different tokens runs one packed sequence whose
+    processors attend within each sample; the blocks that gradient checkpointing recomputes during backward (after
+    the forward returned) attend within each sample too: the gradients equal those without checkpointing."""
+    kwargs = shared._inputs("flux2")
+
+    def gradients(checkpointing: bool):
+        model = shared._build_model("flux2").train()
+        if checkpointing:
+            model.enable_gradient_checkpointing(None if function == "diffusers" else functools.partial(
+                torch.utils.checkpoint.checkpoint, use_reentrant=True))
+        sparsectx.enable(model, budget=0.5, selector=shared.norm_selector, attention="sparsectx")
+        hidden = kwargs["hidden_states"].clone().requires_grad_()
+        out = model(**{**kwargs, "hidden_states": hidden})[0]
+        assert getattr(model, integration.PATCH_ATTR).cache.packing is not None  # the batch ran packed
+        out[:, :N_TARGET].pow(2).mean().backward()
+        return {"hidden_states": hidden.grad, **{name: p.grad for name, p in model.named_parameters()
+                                                 if p.grad is not None}}
 
     expected, got = gradients(False), gradients(True)
     assert got.keys() == expected.keys() and len(got) > 10
