@@ -698,8 +698,14 @@ class _SparsePatch(ForwardPatch):
 
     @property
     def cache(self) -> Optional[_Plan]:
-        """The most recently used plan that holds a selection (None before any)."""
-        with_keep = [plan for plan in self.plans.values() if plan.keep is not None]
+        """The most recently used plan that holds a selection, among the plans of the latest call (None when that
+        call selected nothing). A call: one pipeline call (its KV-cached steps select nothing but report the first
+        step's selection), or outside one the forwards on the same prompt embedding tensor."""
+        if not self.plans:
+            return None
+        latest = next(reversed(self.plans))
+        with_keep = [plan for key, plan in self.plans.items()
+                     if plan.keep is not None and key[0] == latest[0] and key[-1] == latest[-1]]
         return with_keep[-1] if with_keep else None
 
     def set_attention(self, attention: str) -> None:
@@ -763,13 +769,14 @@ class _SparsePatch(ForwardPatch):
         return plan, plan.packing is not None and all(_uniform_over_batch(call).tolist())
 
     def _plan_key(self, call: dict, overrides: dict) -> tuple:
-        """Host-side facts a plan depends on: the call epoch, the input shapes and Qwen's image shapes, the KV mode,
-        the selection settings (budget, selector, signals) in effect, and outside an enabled pipeline's call the
-        text embedding tensor (selectors may read the prompt)."""
+        """Host-side facts a plan depends on: the call epoch (first), inference mode, the input shapes and Qwen's image
+        shapes, the KV mode, the selection settings (budget, selector, signals) in effect, and (last) outside an
+        enabled pipeline's call the text embedding tensor (selectors may read the prompt)."""
         ids = call.get("img_ids")
         signals = overrides.get("signals", self.settings.signals)
-        return (self.call_epoch, self.attention, self.pack, tuple(call["hidden_states"].shape),
-                None if ids is None else tuple(ids.shape),
+        # index tensors made under torch.inference_mode can not be saved for backward: a plan per mode
+        return (self.call_epoch, torch.is_inference_mode_enabled(), self.attention, self.pack,
+                tuple(call["hidden_states"].shape), None if ids is None else tuple(ids.shape),
                 repr(call.get("img_shapes")), call.get("kv_cache_mode"),
                 _budget_key(overrides.get("budget", self.settings.budget)),
                 overrides.get("selector_key", _selector_key(overrides.get("selector", self.settings.selector))),

@@ -385,6 +385,44 @@ def test_last_selection_follows_the_plan_used_last(models):
     assert torch.equal(sparsectx.last_selection(model).keep, first)
 
 
+def test_last_selection_is_none_after_a_call_that_selected_nothing(models):
+    """A text-to-image call (no reference rows) on a bare transformer after a call with references: last_selection
+    says nothing was selected instead of reporting the earlier call's selection."""
+    model, kwargs = models["flux2"], _inputs("flux2")
+    sparsectx.enable(model, budget=0.5, selector="uniform")
+    _run(model, kwargs)
+    assert sparsectx.last_selection(model) is not None
+    n_target = _n_target()
+    text_to_image = {**kwargs, "hidden_states": kwargs["hidden_states"][:, :n_target],
+                     "img_ids": kwargs["img_ids"][:, :n_target],
+                     "encoder_hidden_states": torch.randn_like(kwargs["encoder_hidden_states"])}
+    _run(model, text_to_image)
+    assert sparsectx.last_selection(model) is None
+    _run(model, kwargs)  # the first prompt again: its plan and selection
+    assert sparsectx.last_selection(model) is not None
+
+
+def test_training_step_after_an_inference_mode_pass_on_the_same_inputs(models):
+    """A validation pass under torch.inference_mode, then a training step on the same prompt embedding and
+    references (a bare transformer reuses its plan for them): the step's backward works and its gradients equal
+    those of a model that never ran under inference mode."""
+    kwargs = _inputs("flux2")
+
+    def gradients(inference_first: bool):
+        model = _build_model("flux2").train()
+        sparsectx.enable(model, budget=0.5, selector="uniform")
+        if inference_first:
+            with torch.inference_mode():
+                model(**kwargs)
+        model(**kwargs)[0][:, :_n_target()].pow(2).mean().backward()
+        return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+    expected, got = gradients(False), gradients(True)
+    assert got.keys() == expected.keys() and len(got) > 10
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+
+
 def test_fresh_per_call_selectors_and_signals_are_never_mistaken_for_earlier_ones(models):
     """Per-call overrides made anew at each call (a new function, a new mask tensor) select anew, even when an
     earlier override object was freed and its id reused."""
