@@ -292,9 +292,22 @@ def _check_signals(signals) -> dict:
 
 def _make_settings(budget, selector, seed, signals=None) -> _Settings:
     budget = check_budget(budget)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
         raise ValueError(f"seed must be an int or None, got {seed!r}")
-    return _Settings(budget, _resolve_selector(selector), seed, _check_signals(signals))
+    if seed is not None:
+        try:
+            torch.Generator().manual_seed(int(seed))
+        except (RuntimeError, ValueError) as error:  # out of range: the first call would fail instead
+            raise ValueError(f"seed {seed} is out of range for torch.Generator.manual_seed: {error}") from None
+    selector = _resolve_selector(selector)
+    _check_budget_for(budget, selector)
+    return _Settings(budget, selector, None if seed is None else int(seed), _check_signals(signals))
+
+
+def _check_budget_for(budget, selector) -> None:
+    if budget is None and selector.returns_scores:
+        raise ValueError(f"budget=None keeps a selector's keep mask as given, but selector {selector.name!r} returns "
+                         "scores: give a budget (a ratio, a count or a budget object)")
 
 
 # transformer arguments that carry the prompt (per sample): the probe's text queries depend on them
@@ -704,8 +717,8 @@ class _SparsePatch(ForwardPatch):
         if not self.plans:
             return None
         latest = next(reversed(self.plans))
-        with_keep = [plan for key, plan in self.plans.items()
-                     if plan.keep is not None and key[0] == latest[0] and key[-1] == latest[-1]]
+        with_keep = [plan for key, plan in self.plans.items() if plan.keep is not None and (
+            key is latest or (key[0] == latest[0] and key[-1] == latest[-1]))]  # (a freed prompt equals nothing)
         return with_keep[-1] if with_keep else None
 
     def set_attention(self, attention: str) -> None:
@@ -827,6 +840,8 @@ class _SparsePatch(ForwardPatch):
             # the user's object keys the cached selection (its wrapper is new at every step)
             overrides["selector_key"] = _selector_key(overrides["selector"])
             overrides["selector"] = _resolve_selector(overrides["selector"])
+        _check_budget_for(overrides.get("budget", self.settings.budget),
+                          overrides.get("selector", self.settings.selector))
         return overrides
 
     def _check_supported(self, call: dict, layout: _Layout) -> None:

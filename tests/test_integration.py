@@ -428,7 +428,8 @@ def test_fresh_per_call_selectors_and_signals_are_never_mistaken_for_earlier_one
     earlier override object was freed and its id reused."""
     model, kwargs = models["flux2"], _same_references(_inputs("flux2"))
     n_ref = sum(h * w for h, w in REF_HWS)
-    sparsectx.enable(model, budget=None, selector="random", seed=0)  # the masks as given
+    keep_all = lambda latents, context: torch.ones(latents.shape[:2], dtype=torch.bool)  # noqa: E731
+    sparsectx.enable(model, budget=None, selector=keep_all)  # the masks as given
     for wanted in ([0, 1, 2], [10, 11], [3, 12], [5, 6, 7]):
         mask = torch.zeros(1, n_ref, dtype=torch.bool)
         mask[:, wanted] = True
@@ -599,6 +600,37 @@ def test_bad_budget_raises(models, budget):
 def test_bad_selector_raises(models, selector):
     with pytest.raises(ValueError, match="selector"):
         sparsectx.enable(models["flux2"], budget=0.5, selector=selector)
+
+
+@pytest.mark.parametrize("selector", ["random", "uniform", "edit", "subject", "attention"])
+def test_no_budget_with_a_scoring_selector_is_refused_at_once(models, selector):
+    """budget=None keeps a selector's mask as given; the built-in selectors return scores, so enable (and a per-call
+    override) refuse it before any call instead of failing at the first step."""
+    model, kwargs = models["flux2"], _inputs("flux2")
+    with pytest.raises(ValueError, match=f"budget=None.*selector '{selector}' returns scores"):
+        sparsectx.enable(model, budget=None, selector=selector)
+    assert not integration.is_enabled(model)
+    sparsectx.enable(model, budget=0.5, selector=selector)
+    with pytest.raises(ValueError, match=f"budget=None.*selector '{selector}' returns scores"):
+        _run(model, {**kwargs, "joint_attention_kwargs": {"sparsectx": {"budget": None}}})
+
+
+@pytest.mark.parametrize("seed", [2 ** 70, -2 ** 64, 1.0, "1"])
+def test_bad_seed_raises(models, seed):
+    with pytest.raises(ValueError, match="seed"):
+        sparsectx.enable(models["flux2"], budget=0.5, selector="random", seed=seed)
+    assert not integration.is_enabled(models["flux2"])
+
+
+def test_numpy_seed_is_accepted(models):
+    np = pytest.importorskip("numpy")
+    model, kwargs = models["flux2"], _inputs("flux2")
+    sparsectx.enable(model, budget=0.5, selector="random", seed=np.int64(7))
+    _run(model, kwargs)
+    kept = sparsectx.last_selection(model).keep
+    sparsectx.enable(model, budget=0.5, selector="random", seed=7)
+    _run(model, {**kwargs, "encoder_hidden_states": kwargs["encoder_hidden_states"].clone()})
+    assert torch.equal(sparsectx.last_selection(model).keep, kept)
 
 
 def test_budget_list_must_match_references(models):
