@@ -1137,9 +1137,15 @@ def _pipeline_class(base: type) -> type:
             finally:
                 patch.pipeline_calls -= 1
 
-        _PIPELINE_CLASSES[base] = type(base.__name__, (base,), {
-            "__call__": functools.wraps(base.__call__)(__call__), "__module__": base.__module__,
+        # the class keeps the base's name (diffusers' save_pretrained writes it as _class_name); pickle finds it
+        # as an attribute of this module, so a pipeline whose transformer was disabled alone still pickles (one
+        # with an enabled transformer raises the transformer's TypeError, which says to disable first)
+        qualname = f"_Sparse_{base.__module__.replace('.', '_')}_{base.__qualname__.replace('.', '_')}"
+        cls = type(base.__name__, (base,), {
+            "__call__": functools.wraps(base.__call__)(__call__), "__module__": __name__, "__qualname__": qualname,
             "_sparsectx_base": base})
+        globals()[qualname] = cls
+        _PIPELINE_CLASSES[base] = cls
     return _PIPELINE_CLASSES[base]
 
 
@@ -1310,7 +1316,10 @@ def sparse_context(pipe_or_transformer, budget: Budget = 0.25, selector: Union[s
         if previous_state is None:
             disable(pipe_or_transformer)
         else:
-            patch = getattr(transformer, PATCH_ATTR)
+            patch = getattr(transformer, PATCH_ATTR, None)
+            if patch is None:  # disabled inside the block: the settings enabled before come back all the same
+                patch = _SparsePatch(transformer, previous.family, previous_state[0])
+                patch.install()
             patch.settings = previous_state[0]
             patch.set_attention(previous_state[1])
             patch.new_call()

@@ -784,6 +784,24 @@ def test_sparse_context_manager(models):
     assert not integration.is_enabled(model)
 
 
+def test_sparse_context_exit_after_disable_inside_the_block(models):
+    """disable() inside a context whose transformer was enabled before it: on exit the settings enabled before come
+    back (before, the exit raised AttributeError); without an enable before it, the model stays disabled."""
+    model, kwargs = models["flux2"], _inputs("flux2")
+    sparsectx.enable(model, budget=0.25, selector="uniform", attention="sparsectx")
+    expected = _run(model, kwargs)
+    settings = model._sparsectx_patch.settings
+    with sparsectx.sparse_context(model, budget=0.5, selector="random"):
+        sparsectx.disable(model)
+    assert model._sparsectx_patch.settings is settings and model._sparsectx_patch.attention == "sparsectx"
+    torch.testing.assert_close(_run(model, {**kwargs, "encoder_hidden_states": kwargs["encoder_hidden_states"] + 0}),
+                               expected, rtol=0, atol=0)
+    sparsectx.disable(model)
+    with sparsectx.sparse_context(model, budget=0.5):
+        sparsectx.disable(model)
+    assert not integration.is_enabled(model)
+
+
 def test_failed_enable_keeps_the_previous_settings(models):
     """Switching to sparsectx attention fails on a processor sparsectx can not replace: nothing changes."""
     model = models["flux2"]

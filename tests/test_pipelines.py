@@ -202,6 +202,27 @@ def test_context_on_a_pipeline_whose_transformer_was_enabled_alone(pipe, family)
     sparsectx.disable(pipe.transformer)
 
 
+def test_pipeline_pickles_after_its_transformer_is_disabled_alone(pipe, family):
+    """enable(pipe) then disable(pipe.transformer): the pipeline (its class still sparsectx's subclass, which now
+    runs the plain call) pickles and unpickles; with the transformer enabled, pickling raises the documented
+    TypeError; a deep copy stays enabled and distinct."""
+    import copy
+    import pickle
+
+    sparsectx.enable(pipe, budget=_budget(family), selector="uniform")
+    with pytest.raises(TypeError, match="disable"):
+        pickle.dumps(pipe)
+    clone = copy.deepcopy(pipe)
+    assert sparsectx.integration.is_enabled(clone) and clone.transformer is not pipe.transformer
+    sparsectx.disable(clone)
+    assert sparsectx.integration.is_enabled(pipe)
+    sparsectx.disable(pipe.transformer)
+    restored = pickle.loads(pickle.dumps(pipe))
+    assert type(restored).__name__ == type(pipe).__name__ and not sparsectx.integration.is_enabled(restored)
+    assert torch.equal(_run(restored, family, PLAIN), _run(pipe, family, PLAIN))
+    sparsectx.disable(pipe)
+
+
 class _KeyMaskedNative:
     """Test-only: diffusers' native attention backend with the dropped reference tokens masked out as keys. The
     joint sequence is [text, image] in both families; ``image_keep`` (bool [1, S_image]) is shared by the batch."""
