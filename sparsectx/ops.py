@@ -15,6 +15,7 @@ Ops:
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from typing import NamedTuple, Optional, Union
 
@@ -124,10 +125,17 @@ def _attention_fwd_op(
 
         return _k.attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                     ref_k, ref_v, ref_index, cu_seqlens_ref, softmax_scale)
+    # the reference in fp32 for half inputs, as the kernels accumulate (q.k of legal fp16 inputs can overflow fp16)
+    q32, k32, v32, ref_k32, ref_v32 = (_float32(t) for t in (q, k, v, ref_k, ref_v))
     out, lse = reference.sparse_attention_ref(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, ref_k=ref_k, ref_v=ref_v, ref_index=ref_index,
+        q32, k32, v32, cu_seqlens_q, cu_seqlens_k, ref_k=ref_k32, ref_v=ref_v32, ref_index=ref_index,
         cu_seqlens_ref=cu_seqlens_ref, softmax_scale=softmax_scale)
-    return out.to(q.dtype).contiguous(), lse.contiguous()
+    return out.to(q.dtype).contiguous(), lse.float().contiguous()
+
+
+def _float32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Half-precision tensors upcast to fp32 (others, and None, unchanged)."""
+    return t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 @_attention_fwd_op.register_fake
@@ -152,11 +160,12 @@ def _attention_bwd_op(
             ref_k, ref_v, ref_index, cu_seqlens_ref, max_seqlen_ref, softmax_scale)
     else:
         dq, dk, dv, dref_k, dref_v = reference.sparse_attention_bwd_ref(
-            dout, dlse.masked_fill(~torch.isfinite(lse), 0.0), q, k, v, cu_seqlens_q, cu_seqlens_k, ref_k=ref_k,
-            ref_v=ref_v, ref_index=ref_index, cu_seqlens_ref=cu_seqlens_ref, softmax_scale=softmax_scale)
+            _float32(dout), dlse.masked_fill(~torch.isfinite(lse), 0.0), *(_float32(t) for t in (q, k, v)),
+            cu_seqlens_q, cu_seqlens_k, ref_k=_float32(ref_k), ref_v=_float32(ref_v), ref_index=ref_index,
+            cu_seqlens_ref=cu_seqlens_ref, softmax_scale=softmax_scale)
         if ref_k is None:
             dref_k, dref_v = q.new_empty(0), q.new_empty(0)
-        dq, dk, dv, dref_k, dref_v = (g.contiguous() for g in (dq, dk, dv, dref_k, dref_v))
+        dq, dk, dv, dref_k, dref_v = (g.to(q.dtype).contiguous() for g in (dq, dk, dv, dref_k, dref_v))
     return dq, dk, dv, dref_k, dref_v
 
 
@@ -236,7 +245,8 @@ def sparse_attention(
     rows past ``cu_seqlens_k[-1]``, are zero on every path.
 
     ``validate=True`` checks cu_seqlens and indices with a few small host reads; pass False in a hot loop once the
-    inputs are known to be well formed (then nothing synchronises with the host).
+    inputs are known to be well formed (then nothing synchronises with the host). While ``torch.compile`` traces
+    (no data to read) those checks are skipped, as are the finiteness check of a traced ``softmax_scale``.
     """
     _check_tensor("q", q, ndim=3, dtypes=_ATTN_DTYPES)
     dev, dt = q.device, q.dtype
@@ -252,12 +262,18 @@ def sparse_attention(
         raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
     if dim > 256 or dim < 1:
         raise ValueError(f"head dim (q.shape[-1]) must be in 1..256, got {dim}")
-    if not isinstance(max_seqlen_q, int) or not isinstance(max_seqlen_k, int):
+    if not _is_int(max_seqlen_q) or not _is_int(max_seqlen_k):
         raise TypeError("max_seqlen_q and max_seqlen_k must be Python ints")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(dim)
-    if not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float, torch.SymInt, torch.SymFloat)):
         raise ValueError(f"softmax_scale must be a finite number, got {softmax_scale!r}")
+    # torch.compile traces with tensors that hold no data and may trace the scale as a symbol: the checks that
+    # read the device or the scale's value are skipped there
+    compiling = torch.compiler.is_compiling()
+    if not compiling and not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale must be a finite number, got {softmax_scale!r}")
+    validate = validate and not compiling
     has_ref = ref_k is not None or ref_v is not None or ref_index is not None or cu_seqlens_ref is not None
     if validate:
         batch = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, None, tq, dev)
@@ -303,7 +319,7 @@ def sparse_attention(
         ref_k, ref_v = _last_dim_contiguous(ref_k), _last_dim_contiguous(ref_v)
         if max_seqlen_ref is None:
             max_seqlen_ref = ref_k.shape[-3]
-        elif isinstance(max_seqlen_ref, bool) or not isinstance(max_seqlen_ref, int):
+        elif not _is_int(max_seqlen_ref):
             raise TypeError(f"max_seqlen_ref must be a Python int, got {max_seqlen_ref!r}")
         elif max_seqlen_ref < 0:
             raise ValueError(f"max_seqlen_ref must be non-negative, got {max_seqlen_ref}")
@@ -314,6 +330,11 @@ def sparse_attention(
                                  ref_k, ref_v, ref_index if has_ref else None, cu_seqlens_ref if has_ref else None,
                                  int(max_seqlen_ref or 0), float(softmax_scale))
     return (out, lse) if return_lse else out
+
+
+def _is_int(value) -> bool:
+    """A Python int, or the symbolic int torch.compile traces one as (not a bool)."""
+    return not isinstance(value, bool) and isinstance(value, (int, torch.SymInt))
 
 
 def _check_ref_index(ref_index: torch.Tensor, cu_seqlens_ref: torch.Tensor, n_ref: int) -> None:
@@ -431,6 +452,8 @@ def _check_budget(budget, batch: int, n_tokens: int) -> list[int]:
         values = list(budget)
     else:
         values = [budget] * batch
+    # numpy scalars count as the Python number they hold
+    values = [int(b) if _is_integral(b) else float(b) if _is_real(b) else b for b in values]
     for b in values:
         if isinstance(b, bool) or not isinstance(b, (int, float)):
             raise TypeError(f"budget entries must be int (count) or float (ratio), got {type(b).__name__}")
@@ -440,6 +463,14 @@ def _check_budget(budget, batch: int, n_tokens: int) -> list[int]:
         elif not (0 <= b <= n_tokens):
             raise ValueError(f"budget count must be in [0, N={n_tokens}], got {b}")
     return reference.budget_to_counts(values, batch, n_tokens)
+
+
+def _is_integral(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral))
 
 
 def _check_compaction_inputs(selection, tensors):
@@ -452,7 +483,8 @@ def _check_compaction_inputs(selection, tensors):
         if t.ndim < 2 or tuple(t.shape[:2]) != (batch, n_tokens):
             raise ValueError(f"tensors[{i}] must be [B={batch}, N={n_tokens}, ...], got {tuple(t.shape)}")
     # off CUDA the check is free; on CUDA it would wait for the device, and the kernel ranks NaN like torch.sort
-    if selection.is_floating_point() and selection.device.type != "cuda" and torch.isnan(selection).any():
+    if (selection.is_floating_point() and selection.device.type != "cuda" and not torch.compiler.is_compiling()
+            and torch.isnan(selection).any()):
         raise ValueError("selection scores contain NaN")
     return batch, n_tokens
 
@@ -468,76 +500,127 @@ def _check_count(name: str, value, minimum: int = 0) -> None:
 _KERNEL_SCORE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-class _GatherRows(torch.autograd.Function):
-    """Packed kept rows of each payload (rows past ``cu_seqlens[-1]`` are zero). Backward: the packed gradients
-    scattered back to ``[B, N, ...]``, zero at tokens that were not kept."""
-
-    @staticmethod
-    def forward(ctx, index, cu_seqlens, n_rows, *payloads):
+# Compaction as torch.library custom ops: autograd and torch.compile go through them (their fake implementations
+# give every output shape without reading the device). Eager calls that record no graph take the launchers directly:
+# a custom op's dispatch costs about 10 us of host time, a large share of the compaction's GPU budget.
+def _compact_index(selection: torch.Tensor, counts: Optional[list], n_rows: Optional[int]):
+    """``(index, cu_seqlens)`` of the kept tokens (``compact_index``'s contract): the Triton kernel, or the
+    reference."""
+    if _use_triton(selection):
         from .kernels import compaction as _k
 
-        ctx.save_for_backward(index, cu_seqlens)
-        ctx.payload_shapes = [p.shape for p in payloads]
-        packed = _k.gather_rows(payloads, index, cu_seqlens, n_rows)
-        ctx.mark_non_differentiable(*[p for p in packed if not p.is_floating_point()])
-        return tuple(packed)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        from .kernels import compaction as _k
-
-        index, cu_seqlens = ctx.saved_tensors
-        payload_grads = []
-        for i, (grad, shape) in enumerate(zip(grads, ctx.payload_shapes)):
-            if grad is None or not ctx.needs_input_grad[3 + i]:
-                payload_grads.append(None)
-            else:
-                payload_grads.append(_k.scatter_rows(grad, index, cu_seqlens, grad.new_zeros(shape)))
-        return (None, None, None, *payload_grads)
-
-
-class _ScatterRows(torch.autograd.Function):
-    """``[B, N, ...]`` holding the packed rows at their positions and ``base`` (or ``fill_value``) elsewhere.
-    Backward: the packed rows' gradients gathered from the upstream gradient; ``base``'s gradient is the upstream
-    gradient with the kept positions zeroed."""
-
-    @staticmethod
-    def forward(ctx, packed, index, cu_seqlens, n_tokens, fill_value, base):
-        from .kernels import compaction as _k
-
-        if base is not None:
-            out = base.clone(memory_format=torch.contiguous_format)
-        else:
-            out = packed.new_full((cu_seqlens.numel() - 1, n_tokens, *packed.shape[1:]), fill_value)
-        ctx.save_for_backward(index, cu_seqlens)
-        ctx.n_rows = packed.shape[0]
-        return _k.scatter_rows(packed, index, cu_seqlens, out)
-
-    @staticmethod
-    def backward(ctx, grad):
-        from .kernels import compaction as _k
-
-        index, cu_seqlens = ctx.saved_tensors
-        grad = grad.contiguous()
-        d_packed = d_base = None
-        if ctx.needs_input_grad[0]:
-            d_packed = _k.gather_rows([grad], index, cu_seqlens, ctx.n_rows)[0]
-        if ctx.needs_input_grad[5]:
-            d_base = _k.scatter_rows(None, index, cu_seqlens, grad.clone())
-        return d_packed, None, None, None, None, d_base
-
-
-def _compact_reference(selection, counts, tensors, max_total):
-    """The plain-torch path of ``compact_tokens``: ``(index, cu_seqlens, packed)``."""
+        if counts is not None and selection.dtype not in _KERNEL_SCORE_DTYPES:
+            selection = reference.topk_keep_mask(selection, counts)
+        return _k.compact_index(selection, counts, n_rows)
     keep = selection if counts is None else reference.topk_keep_mask(selection, counts)
-    index, cu_seqlens, packed = reference.compact_ref(keep, *tensors)
-    if max_total is not None:
-        if max_total < index.numel():
-            raise ValueError(f"max_total={max_total} is smaller than the {index.numel()} kept tokens")
-        pad = max_total - index.numel()
-        index = torch.cat([index, index.new_zeros(pad)])
-        packed = [torch.cat([p, p.new_zeros((pad, *p.shape[1:]))]) for p in packed]
-    return index, cu_seqlens, packed
+    index, cu_seqlens, _ = reference.compact_ref(keep)
+    if n_rows is not None:  # the kernel's contract: n_rows rows, zero past the kept total, rows past n_rows dropped
+        index = torch.cat([index[:n_rows], index.new_zeros(max(n_rows - index.numel(), 0))])
+    return index, cu_seqlens
+
+
+def _gather_rows(payloads: list, index: torch.Tensor, cu_seqlens: torch.Tensor) -> list:
+    """The packed rows of each payload (``gather_rows``'s contract, ``index.numel()`` rows)."""
+    if payloads and all(_use_triton(p) for p in payloads):
+        from .kernels import compaction as _k
+
+        return _k.gather_rows(payloads, index, cu_seqlens, index.numel())
+    return [reference.gather_rows_ref(p, index, cu_seqlens) for p in payloads]
+
+
+def _scatter_rows(packed: Optional[torch.Tensor], index: torch.Tensor, cu_seqlens: torch.Tensor,
+                  base: Optional[torch.Tensor], n_tokens: int, fill_value) -> torch.Tensor:
+    """A new ``[B, N, ...]`` tensor: ``base`` (or ``fill_value``) with the valid packed rows (zeros when ``packed``
+    is None) written at their positions."""
+    if base is not None:
+        out = base.clone(memory_format=torch.contiguous_format)
+    else:
+        out = packed.new_full((cu_seqlens.numel() - 1, n_tokens, *packed.shape[1:]), fill_value)
+    if _use_triton(out):
+        from .kernels import compaction as _k
+
+        return _k.scatter_rows(packed, index, cu_seqlens, out)
+    return reference.scatter_rows_ref(packed, index, cu_seqlens, out)
+
+
+@torch.library.custom_op("sparsectx::compact_index", mutates_args=())
+def _compact_index_op(selection: torch.Tensor, counts: Optional[list[int]],
+                      n_rows: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _compact_index(selection, counts, n_rows)
+
+
+@_compact_index_op.register_fake
+def _(selection, counts, n_rows):
+    if n_rows is None:  # a mask without a row bound: the kept total is data
+        n_rows = sum(counts) if counts is not None else torch.library.get_ctx().new_dynamic_size()
+    return (selection.new_empty(n_rows, dtype=torch.int32),
+            selection.new_empty(selection.shape[0] + 1, dtype=torch.int32))
+
+
+@torch.library.custom_op("sparsectx::gather_rows", mutates_args=())
+def _gather_rows_op(payloads: list[torch.Tensor], index: torch.Tensor,
+                    cu_seqlens: torch.Tensor) -> list[torch.Tensor]:
+    return _gather_rows(payloads, index, cu_seqlens)
+
+
+@_gather_rows_op.register_fake
+def _(payloads, index, cu_seqlens):
+    return [p.new_empty((index.shape[0], *p.shape[2:])) for p in payloads]
+
+
+@torch.library.custom_op("sparsectx::scatter_rows", mutates_args=())
+def _scatter_rows_op(packed: Optional[torch.Tensor], index: torch.Tensor, cu_seqlens: torch.Tensor,
+                     base: Optional[torch.Tensor], n_tokens: int, fill_value: float) -> torch.Tensor:
+    return _scatter_rows(packed, index, cu_seqlens, base, n_tokens, fill_value)
+
+
+@_scatter_rows_op.register_fake
+def _(packed, index, cu_seqlens, base, n_tokens, fill_value):
+    if base is not None:
+        return torch.empty_like(base, memory_format=torch.contiguous_format)
+    return packed.new_empty((cu_seqlens.shape[0] - 1, n_tokens, *packed.shape[1:]))
+
+
+def _gather_setup_context(ctx, inputs, output):
+    payloads, index, cu_seqlens = inputs
+    ctx.save_for_backward(index, cu_seqlens)
+    ctx.shapes = [(p.shape[1], p.is_floating_point() or p.is_complex()) for p in payloads]
+
+
+def _gather_backward(ctx, grads):
+    """Each packed gradient scattered back to ``[B, N, ...]``, zero at tokens that were not kept."""
+    index, cu_seqlens = ctx.saved_tensors
+    payload_grads = [None if grad is None or not differentiable else
+                     _scatter_rows_op(grad, index, cu_seqlens, None, n_tokens, 0.0)
+                     for grad, (n_tokens, differentiable) in zip(grads, ctx.shapes)]
+    return payload_grads, None, None
+
+
+def _scatter_setup_context(ctx, inputs, output):
+    packed, index, cu_seqlens, base, n_tokens, fill_value = inputs
+    ctx.save_for_backward(index, cu_seqlens)
+
+
+def _scatter_backward(ctx, grad):
+    """The packed rows' gradient gathered from the upstream gradient; ``base``'s is the upstream gradient with the
+    written positions zeroed."""
+    index, cu_seqlens = ctx.saved_tensors
+    d_packed = d_base = None
+    if ctx.needs_input_grad[0]:
+        d_packed = _gather_rows_op([grad], index, cu_seqlens)[0]
+    if ctx.needs_input_grad[3]:
+        d_base = _scatter_rows_op(None, index, cu_seqlens, grad, grad.shape[1], 0.0)
+    return d_packed, None, None, d_base, None, None
+
+
+torch.library.register_autograd("sparsectx::gather_rows", _gather_backward, setup_context=_gather_setup_context)
+torch.library.register_autograd("sparsectx::scatter_rows", _scatter_backward, setup_context=_scatter_setup_context)
+
+
+def _records_graph(tensors) -> bool:
+    """Whether autograd or torch.compile must see this call (then it goes through the custom ops)."""
+    return torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors))
 
 
 def compact_tokens(selection: torch.Tensor, *tensors: torch.Tensor, budget=None, max_total: Optional[int] = None,
@@ -567,24 +650,15 @@ def compact_tokens(selection: torch.Tensor, *tensors: torch.Tensor, budget=None,
         counts = _check_budget(budget, batch, n_tokens)
         if max_total is not None and max_total < sum(counts):
             raise ValueError(f"max_total={max_total} is smaller than the {sum(counts)} kept tokens")
-    if not _use_triton(selection):
-        index, cu_seqlens, packed = _compact_reference(selection, counts, tensors, max_total)
-    else:
-        from .kernels import compaction as _k
-
-        if counts is not None and selection.dtype not in _KERNEL_SCORE_DTYPES:
-            selection = reference.topk_keep_mask(selection, counts)
-        if counts is None and max_total is not None and selection.device.type != "cuda":
-            kept = int(selection.sum())  # free off CUDA
-            if max_total < kept:
-                raise ValueError(f"max_total={max_total} is smaller than the {kept} kept tokens")
-        index, cu_seqlens = _k.compact_index(selection, counts, max_total)
-        if not tensors:
-            packed = ()
-        elif torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            packed = _GatherRows.apply(index, cu_seqlens, index.numel(), *tensors)
-        else:  # no graph to record: skip the autograd Function's own launch work
-            packed = _k.gather_rows(tensors, index, cu_seqlens, index.numel())
+    if (counts is None and max_total is not None and selection.device.type != "cuda"
+            and not torch.compiler.is_compiling()):
+        kept = int(selection.sum())  # free off CUDA
+        if max_total < kept:
+            raise ValueError(f"max_total={max_total} is smaller than the {kept} kept tokens")
+    compact = _compact_index_op if torch.compiler.is_compiling() else _compact_index
+    index, cu_seqlens = compact(selection, counts, max_total)
+    gather = _gather_rows_op if _records_graph(tensors) and tensors else _gather_rows
+    packed = gather(list(tensors), index, cu_seqlens)
     max_seqlen = None
     if return_max_seqlen:
         max_seqlen = max(counts, default=0) if counts is not None else _max_len(cu_seqlens)
@@ -622,7 +696,7 @@ def scatter_tokens(packed: torch.Tensor, index: torch.Tensor, cu_seqlens: torch.
         base = fill
     elif not isinstance(fill, (int, float)):
         raise TypeError(f"fill must be a number or a tensor, got {type(fill).__name__}")
-    if not _use_triton(index):
-        valid = int(cu_seqlens[-1])
-        return reference.scatter_ref(packed[:valid], index[:valid], cu_seqlens, n_tokens, fill)
-    return _ScatterRows.apply(packed, index, cu_seqlens, n_tokens, 0 if base is not None else fill, base)
+    fill_value = 0.0 if base is not None else fill
+    if _records_graph((packed, base)):
+        return _scatter_rows_op(packed, index, cu_seqlens, base, n_tokens, fill_value)
+    return _scatter_rows(packed, index, cu_seqlens, base, n_tokens, fill_value)

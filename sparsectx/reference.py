@@ -82,6 +82,38 @@ def scatter_ref(packed: torch.Tensor, index: torch.Tensor, cu_seqlens: torch.Ten
     return torch.stack(pieces) if pieces else out
 
 
+def _flat_rows(index: torch.Tensor, cu_seqlens: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """For each packed row, its row ``b * N + index`` in the ``[B * N, ...]`` view, or ``B * N`` (one row past the
+    end) when it is not valid: past ``cu_seqlens[-1]``, or its index outside ``[0, N)``."""
+    batch = cu_seqlens.numel() - 1
+    rows = torch.arange(index.numel(), device=index.device)
+    sample = torch.searchsorted(cu_seqlens[1:].to(torch.int64).contiguous(), rows, right=True)
+    position = index.to(torch.int64)
+    valid = (rows < cu_seqlens[-1]) & (position >= 0) & (position < n_tokens)
+    return torch.where(valid, sample * n_tokens + position, batch * n_tokens)
+
+
+def gather_rows_ref(payload: torch.Tensor, index: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """``[rows, ...]``: row r holds ``payload[b, index[r]]`` for the sample b whose range of ``cu_seqlens`` holds r;
+    zeros for rows past ``cu_seqlens[-1]`` and for indices outside ``[0, N)``. Shapes never depend on the data."""
+    batch, n_tokens, *rest = payload.shape
+    flat = payload.reshape(batch * n_tokens, *rest)
+    with_zero_row = torch.cat([flat, flat.new_zeros((1, *rest))])
+    return with_zero_row[_flat_rows(index, cu_seqlens, n_tokens)]
+
+
+def scatter_rows_ref(packed: Optional[torch.Tensor], index: torch.Tensor, cu_seqlens: torch.Tensor,
+                     out: torch.Tensor) -> torch.Tensor:
+    """``out`` ``[B, N, ...]`` with ``out[b, index[r]]`` replaced by ``packed[r]`` (zeros when ``packed`` is None)
+    for every valid packed row r (as in ``gather_rows_ref``); a new tensor, differentiable in both."""
+    batch, n_tokens, *rest = out.shape
+    flat = out.reshape(batch * n_tokens, *rest)
+    with_spare_row = torch.cat([flat, flat.new_zeros((1, *rest))])  # invalid rows all land in the spare row
+    rows = packed if packed is not None else flat.new_zeros((index.numel(), *rest))
+    written = with_spare_row.index_put((_flat_rows(index, cu_seqlens, n_tokens),), rows.to(out.dtype))
+    return written[:-1].view(out.shape)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # sparse joint attention
 # ----------------------------------------------------------------------------------------------------------------

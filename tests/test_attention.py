@@ -313,29 +313,60 @@ def test_custom_op_passes_opcheck():
     torch.library.opcheck(torch.ops.sparsectx.sparse_attention_fwd.default, args)
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph_forward_and_backward(backend):
+@pytest.mark.parametrize("skip_queries", [False, True])
+def test_masked_attention_torch_compile_fullgraph(skip_queries):
+    """The training form (dense layout, key mask, optional query mask, kept prefix) traced whole: its compaction
+    and attention are custom ops with fake implementations, so no shape depends on the masks' data; values and
+    gradients equal eager."""
+    g = torch.Generator().manual_seed(31)
+    batch, seq, heads, dim = 2, 12, 2, 16
+    key_mask = torch.rand(batch, seq, generator=g).to(DEVICE) < 0.5
+    query_mask = key_mask.clone() if skip_queries else None
+
+    def fn(q, k, v):
+        return sparsectx.masked_attention(q * 1.5, k, v, key_mask, query_mask=query_mask, kept_prefix=3).tanh()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    inputs = [torch.randn(batch, seq, heads, dim, generator=g).to(DEVICE).requires_grad_() for _ in range(3)]
+    eager_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    out, expected = compiled(*inputs), fn(*eager_inputs)
+    out.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    for a, b in zip(inputs, eager_inputs):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend,validate,dynamic", [
+    ("aot_eager", False, False), ("inductor", False, False), ("aot_eager", True, False), ("aot_eager", True, True)])
+def test_torch_compile_fullgraph_forward_and_backward(backend, validate, dynamic):
     """Traced whole (fullgraph) with the surrounding ops: inductor fuses the projections and the scaling around
-    the custom op and relies on its fake implementation's shapes and strides."""
+    the custom op and relies on its fake implementation's shapes and strides. The default validate=True traces
+    too (its host-read checks are skipped while compiling), and so does a softmax_scale that changes between
+    calls or that dynamic=True traces as a symbol."""
     case = make_case([7, 12], [5, 2], [4, 6], 9, 2, 16, torch.float32, seed=17)
 
-    def fn(q, k, v, ref_k, ref_v):
+    def fn(q, k, v, ref_k, ref_v, scale):
         out = sparsectx.sparse_attention(q * 1.5, k, v, case.cu_q, case.cu_k, case.max_q, case.max_k,
                                          ref_k=ref_k, ref_v=ref_v, ref_index=case.ref["ref_index"],
-                                         cu_seqlens_ref=case.ref["cu_seqlens_ref"], validate=False)
+                                         cu_seqlens_ref=case.ref["cu_seqlens_ref"], softmax_scale=scale,
+                                         validate=validate)
         return out.transpose(0, 1).tanh()
 
-    inputs = [t.detach().clone().requires_grad_(True)
-              for t in (case.q, case.k, case.v, case.ref["ref_k"], case.ref["ref_v"])]
-    eager_inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
-    compiled = torch.compile(fn, fullgraph=True, backend=backend)
-    out = compiled(*inputs)
-    out.sum().backward()
-    expected = fn(*eager_inputs)
-    expected.sum().backward()
-    torch.testing.assert_close(out, expected)
-    for a, b in zip(inputs, eager_inputs):
-        torch.testing.assert_close(a.grad, b.grad)
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend=backend, dynamic=dynamic)
+    for scale in (0.25, 0.3):
+        inputs = [t.detach().clone().requires_grad_(True)
+                  for t in (case.q, case.k, case.v, case.ref["ref_k"], case.ref["ref_v"])]
+        eager_inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+        out = compiled(*inputs, scale)
+        out.sum().backward()
+        expected = fn(*eager_inputs, scale)
+        expected.sum().backward()
+        torch.testing.assert_close(out, expected)
+        for a, b in zip(inputs, eager_inputs):
+            torch.testing.assert_close(a.grad, b.grad)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -93,6 +93,18 @@ def test_score_dtypes_with_ties(device, dtype):
         _assert_same(result, _expected(scores, [budget] * 3, (x,)))
 
 
+def test_numpy_budgets_count_as_python_numbers(device):
+    np = pytest.importorskip("numpy")
+    gen = torch.Generator().manual_seed(3)
+    scores = _scores(gen, 2, 20, torch.float32, device)
+    for numpy_budget, python_budget in ((np.int64(5), 5), (np.float32(0.25), 0.25), ([np.int32(3), np.float64(0.5)],
+                                                                                      [3, 0.5])):
+        got, want = (sparsectx.compact_tokens(scores, budget=b) for b in (numpy_budget, python_budget))
+        assert torch.equal(got.index, want.index) and torch.equal(got.cu_seqlens, want.cu_seqlens)
+    with pytest.raises(TypeError, match="budget"):
+        sparsectx.compact_tokens(scores, budget=np.bool_(True))
+
+
 def test_per_sample_budget_tensor(device):
     gen = torch.Generator().manual_seed(2)
     scores = _scores(gen, 4, 33, torch.float32, device, distinct=4)
@@ -549,3 +561,52 @@ def test_cuda_scores_path_never_syncs():
     keep = reference.topk_keep_mask(scores, [410, 300])
     assert torch.equal(back, torch.where(keep[..., None], hidden.detach(), torch.zeros_like(hidden)))
     assert torch.equal(hidden.grad, keep[..., None].expand_as(hidden).bfloat16())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.library custom ops and torch.compile
+# ----------------------------------------------------------------------------------------------------------------
+def test_compaction_custom_ops_pass_opcheck(device):
+    gen = torch.Generator().manual_seed(21)
+    scores = torch.randn(2, 11, generator=gen).to(device)
+    mask = scores > 0.2
+    torch.library.opcheck(torch.ops.sparsectx.compact_index.default, (scores, [3, 5], None))
+    torch.library.opcheck(torch.ops.sparsectx.compact_index.default, (mask, None, 22))
+    index, cu_seqlens = torch.ops.sparsectx.compact_index(scores, [3, 5], 10)  # two rows of padding
+    x = torch.randn(2, 11, 4, generator=gen).to(device).requires_grad_()
+    ids = torch.randint(0, 9, (2, 11, 3), generator=gen).to(device)
+    torch.library.opcheck(torch.ops.sparsectx.gather_rows.default, ([x, ids], index, cu_seqlens))
+    packed = torch.randn(10, 4, generator=gen).to(device).requires_grad_()
+    base = torch.randn(2, 11, 4, generator=gen).to(device).requires_grad_()
+    torch.library.opcheck(torch.ops.sparsectx.scatter_rows.default, (packed, index, cu_seqlens, base, 11, 0.0))
+    torch.library.opcheck(torch.ops.sparsectx.scatter_rows.default, (packed, index, cu_seqlens, None, 11, -2.0))
+
+
+@pytest.mark.parametrize("path", ["scores", "mask"])
+def test_torch_compile_fullgraph_compaction_forward_and_backward(device, path):
+    """compact_tokens and scatter_tokens traced whole with the ops around them (aot_eager): the same values and
+    gradients as eager, the scores path with its budget and the mask path with max_total (no data-dependent
+    shape anywhere)."""
+    gen = torch.Generator().manual_seed(22)
+    scores = torch.randn(2, 13, generator=gen).to(device)
+    selection, kwargs = (scores, {"budget": [4, 0.5]}) if path == "scores" else (scores > 0, {"max_total": 26})
+    ids = torch.randint(0, 9, (2, 13, 3), generator=gen).to(device)
+
+    def fn(x, base):
+        result = sparsectx.compact_tokens(selection, x * 2, ids, **kwargs)
+        hidden, packed_ids = result.tensors
+        back = sparsectx.scatter_tokens(hidden.tanh() + packed_ids[:, :1], result.index, result.cu_seqlens, 13,
+                                        fill=base)
+        return back * 3
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    inputs = [torch.randn(2, 13, 5, generator=gen).to(device).requires_grad_() for _ in range(2)]
+    eager_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    upstream = torch.randn(2, 13, 5, generator=gen).to(device)
+    out, expected = compiled(*inputs), fn(*eager_inputs)
+    out.backward(upstream)
+    expected.backward(upstream)
+    assert torch.equal(out, expected)
+    for got, want in zip(inputs, eager_inputs):
+        assert torch.equal(got.grad, want.grad)

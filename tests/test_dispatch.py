@@ -1,4 +1,6 @@
 """Dispatch: which implementation each device/dtype takes, and that every path computes the same function."""
+import math
+
 import pytest
 import torch
 
@@ -68,6 +70,26 @@ def test_interpreter_and_reference_paths_agree(monkeypatch):
     assert ops.backend_for("cpu", torch.float32) == ops.TORCH_REFERENCE
     torch_out = sparsectx.sparse_attention(*args, **kwargs)
     torch.testing.assert_close(triton_out, torch_out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("interpret", ["0", "1"])
+def test_half_logits_beyond_the_fp16_range_stay_finite_on_every_cpu_path(monkeypatch, interpret):
+    """Legal fp16 inputs whose q.k exceeds fp16's range before scaling (|q.k| = 65536, scale 1e-3): every path
+    accumulates in fp32 (the torch reference path too: before, it computed q.k in fp16 and returned NaN), so the
+    output is the mean of v and the gradients are finite, also for masked_attention."""
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    q = torch.full((4, 1, 64), 32.0, dtype=torch.float16)
+    v = torch.randn(4, 1, 64, generator=torch.Generator().manual_seed(0)).half()
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    query = q.clone().requires_grad_()
+    out, lse = sparsectx.sparse_attention(query, q, v, cu, cu, 4, 4, softmax_scale=1e-3, return_lse=True)
+    torch.testing.assert_close(out.float(), v.float().mean(0, keepdim=True).expand(4, 1, 64), rtol=0, atol=2e-3)
+    torch.testing.assert_close(lse, torch.full_like(lse, 65.536 + math.log(4)), rtol=1e-5, atol=0)
+    out.float().sum().backward()
+    assert torch.isfinite(query.grad).all()
+    masked = sparsectx.masked_attention(q[None], q[None], v[None], torch.ones(1, 4, dtype=torch.bool),
+                                        softmax_scale=1e-3)
+    assert torch.isfinite(masked).all()
 
 
 def test_bf16_on_cpu_runs_the_reference_correctly():
