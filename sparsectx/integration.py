@@ -299,15 +299,21 @@ def _make_settings(budget, selector, seed, signals=None) -> _Settings:
             torch.Generator().manual_seed(int(seed))
         except (RuntimeError, ValueError) as error:  # out of range: the first call would fail instead
             raise ValueError(f"seed {seed} is out of range for torch.Generator.manual_seed: {error}") from None
-    selector = _resolve_selector(selector)
-    _check_budget_for(budget, selector)
-    return _Settings(budget, selector, None if seed is None else int(seed), _check_signals(signals))
+    selector, signals = _resolve_selector(selector), _check_signals(signals)
+    _check_settings_for(selector, budget, signals)
+    return _Settings(budget, selector, None if seed is None else int(seed), signals)
 
 
-def _check_budget_for(budget, selector) -> None:
+def _check_settings_for(selector, budget, signals: dict) -> None:
+    """What the selector is known to need: a budget for scores, signal names it reads (a misspelt name would be
+    ignored silently)."""
     if budget is None and selector.returns_scores:
         raise ValueError(f"budget=None keeps a selector's keep mask as given, but selector {selector.name!r} returns "
                          "scores: give a budget (a ratio, a count or a budget object)")
+    unknown = sorted(set(signals) - selector.signals) if selector.signals is not None else []
+    if unknown:
+        raise ValueError(f"selector {selector.name!r} reads no signal named {unknown}; its signals are "
+                         f"{sorted(selector.signals)}")
 
 
 # transformer arguments that carry the prompt (per sample): the probe's text queries depend on them
@@ -708,6 +714,7 @@ class _SparsePatch(ForwardPatch):
         self.attention_state = None  # the installed processors' shared AttentionState, while attention="sparsectx"
         self.pack = True  # FLUX.2 + sparsectx attention: samples that keep different tokens run as one sequence
         self.pipeline_calls = 0  # enabled pipelines' __call__s running now (each starts a new call epoch)
+        self.call_seed: Optional[int] = None  # without a seed: the initial seed of the pipeline call's generator
 
     @property
     def cache(self) -> Optional[_Plan]:
@@ -840,8 +847,9 @@ class _SparsePatch(ForwardPatch):
             # the user's object keys the cached selection (its wrapper is new at every step)
             overrides["selector_key"] = _selector_key(overrides["selector"])
             overrides["selector"] = _resolve_selector(overrides["selector"])
-        _check_budget_for(overrides.get("budget", self.settings.budget),
-                          overrides.get("selector", self.settings.selector))
+        _check_settings_for(overrides.get("selector", self.settings.selector),
+                            overrides.get("budget", self.settings.budget),
+                            overrides.get("signals", self.settings.signals))
         return overrides
 
     def _check_supported(self, call: dict, layout: _Layout) -> None:
@@ -876,8 +884,9 @@ class _SparsePatch(ForwardPatch):
 
         def select(shared: bool) -> torch.Tensor:
             generator = None
-            if self.settings.seed is not None:
-                generator = torch.Generator(device=hidden.device).manual_seed(self.settings.seed)
+            seed = self.settings.seed if self.settings.seed is not None else self.call_seed
+            if seed is not None:
+                generator = torch.Generator(device=hidden.device).manual_seed(seed)
             extra = {**layout.extra, **_signals_for(signals, batch, shared, hidden.device)}
             if self.family in PROBE_FAMILIES and not any(name in signals for name in PROBE_SKIP_SIGNALS):
                 extra["attention_probe"] = self._attention_probe(call, layout, shared)
@@ -1122,6 +1131,13 @@ def _with_sample(result, sample: torch.Tensor):
 _PIPELINE_CLASSES: dict = {}  # original pipeline class -> its sparsectx subclass
 
 
+def _initial_seed(generator) -> Optional[int]:
+    """The initial seed of a pipeline call's ``generator`` (the first of a list), read without advancing it."""
+    if isinstance(generator, (list, tuple)) and generator:
+        generator = generator[0]
+    return generator.initial_seed() if isinstance(generator, torch.Generator) else None
+
+
 def _pipeline_class(base: type) -> type:
     """A subclass of ``base`` whose ``__call__`` tells the transformer's patch that a new call begins (Python
     looks ``__call__`` up on the type, so the instance's class is swapped; ``disable`` swaps it back)."""
@@ -1132,10 +1148,12 @@ def _pipeline_class(base: type) -> type:
                 return base.__call__(self, *args, **kwargs)
             patch.new_call()
             patch.pipeline_calls += 1
+            outer_seed, patch.call_seed = patch.call_seed, _initial_seed(kwargs.get("generator"))
             try:
                 return base.__call__(self, *args, **kwargs)
             finally:
                 patch.pipeline_calls -= 1
+                patch.call_seed = outer_seed
 
         # the class keeps the base's name (diffusers' save_pretrained writes it as _class_name); pickle finds it
         # as an attribute of this module, so a pipeline whose transformer was disabled alone still pickles (one
@@ -1213,7 +1231,9 @@ def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Call
     ``(reference_latents [B, N, C], context) -> scores [B, N] | keep mask [B, N]``; the budget caps a keep mask or
     pads it with evenly spread tokens, as ``sparsectx.selection.select`` does; ``budget=None`` keeps a selector's
     keep mask as given).
-    ``seed`` makes random selectors deterministic (a fresh generator per selection). ``signals`` are the inputs
+    ``seed`` makes random selectors deterministic (a fresh generator per selection); without it a pipeline call
+    given a ``generator`` seeds the selection with that generator's initial seed (without advancing it), and other
+    calls draw from torch's global RNG. ``signals`` are the inputs
     task-aware selectors read from ``context.extra`` (e.g. ``{"user_mask": bool [B or 1, N]}`` for ``"edit"``, or
     probe queries/keys; see ``sparsectx.selection``); tensors go to the model's device. Probe
     tensors missing from ``signals`` come from the automatic attention probe (module docstring).

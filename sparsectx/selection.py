@@ -113,14 +113,17 @@ SelectorFn = Callable[[torch.Tensor, SelectionContext], torch.Tensor]
 
 class Selector:
     """A selector with validated inputs and output: ``selector(reference_latents, context) -> [B, N]`` float scores
-    (higher = keep) or bool keep mask. ``returns_scores``: known to return scores (so it needs a budget)."""
+    (higher = keep) or bool keep mask. ``returns_scores``: known to return scores (so it needs a budget);
+    ``signals``: the names of ``context.extra`` it can read, when known (then others are refused as misspelt)."""
 
-    def __init__(self, fn: SelectorFn, name: Optional[str] = None, returns_scores: bool = False):
+    def __init__(self, fn: SelectorFn, name: Optional[str] = None, returns_scores: bool = False,
+                 signals: Optional[frozenset] = None):
         if not callable(fn):
             raise TypeError(f"a selector must be callable, got {type(fn).__name__}")
         self.fn = fn
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
         self.returns_scores = returns_scores
+        self.signals = signals
 
     def __call__(self, reference_latents: torch.Tensor, context: SelectionContext) -> torch.Tensor:
         batch, n_tokens = _check_selector_inputs(reference_latents, context)
@@ -158,15 +161,22 @@ def _check_selector_inputs(reference_latents, context) -> tuple[int, int]:
 
 _REGISTRY: dict[str, Selector] = {}
 
+# every context.extra name a built-in selector reads (user signals and probe tensors)
+BUILTIN_SIGNALS = frozenset({"user_mask", "text_queries", "text_mask", "target_queries", "queries", "query_mask",
+                             "ref_keys", "ref_shapes", "attention_probe"})
 
-def register_selector(name: str, fn: SelectorFn, *, overwrite: bool = False, returns_scores: bool = False) -> Selector:
+
+def register_selector(name: str, fn: SelectorFn, *, overwrite: bool = False, returns_scores: bool = False,
+                      signals: Optional[Sequence[str]] = None) -> Selector:
     """Registers ``fn`` under ``name`` (``get_selector(name)`` then returns it). Returns the wrapped Selector.
-    ``returns_scores=True`` says ``fn`` always returns scores: ``enable(budget=None)`` with it is refused at once."""
+    ``returns_scores=True`` says ``fn`` always returns scores: ``enable(budget=None)`` with it is refused at once.
+    ``signals``: every ``context.extra`` name ``fn`` reads; ``enable(signals=...)`` then refuses other names."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"selector name must be a non-empty string, got {name!r}")
     if name in _REGISTRY and not overwrite:
         raise ValueError(f"a selector named {name!r} is already registered (pass overwrite=True to replace it)")
-    selector = fn if isinstance(fn, Selector) else Selector(fn, name, returns_scores)
+    selector = fn if isinstance(fn, Selector) else Selector(
+        fn, name, returns_scores, None if signals is None else frozenset(signals))
     _REGISTRY[name] = selector
     return selector
 
@@ -296,8 +306,8 @@ def uniform_scores(reference_latents: torch.Tensor, context: SelectionContext) -
     return 1.0 - rank / _lengths_per_token(context.ref_lengths, device)
 
 
-register_selector("random", random_scores, returns_scores=True)
-register_selector("uniform", uniform_scores, returns_scores=True)
+register_selector("random", random_scores, returns_scores=True, signals=BUILTIN_SIGNALS)
+register_selector("uniform", uniform_scores, returns_scores=True, signals=BUILTIN_SIGNALS)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -552,9 +562,9 @@ def attention_scores(reference_latents: torch.Tensor, context: SelectionContext,
     return attention_mass(queries, keys, query_mask, max_queries=max_queries).to(reference_latents.device)
 
 
-register_selector("edit", edit_scores, returns_scores=True)
-register_selector("subject", subject_scores, returns_scores=True)
-register_selector("attention", attention_scores, returns_scores=True)
+register_selector("edit", edit_scores, returns_scores=True, signals=BUILTIN_SIGNALS)
+register_selector("subject", subject_scores, returns_scores=True, signals=BUILTIN_SIGNALS)
+register_selector("attention", attention_scores, returns_scores=True, signals=BUILTIN_SIGNALS)
 
 
 # ----------------------------------------------------------------------------------------------------------------

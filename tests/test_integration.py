@@ -615,6 +615,21 @@ def test_no_budget_with_a_scoring_selector_is_refused_at_once(models, selector):
         _run(model, {**kwargs, "joint_attention_kwargs": {"sparsectx": {"budget": None}}})
 
 
+def test_misspelt_signal_names_of_a_built_in_selector_are_refused(models):
+    """A built-in selector reads known signal names: another name (a typo of user_mask) would be ignored and the
+    selection silently made without it, so enable and the per-call override refuse it; a user callable's signals
+    are its own business."""
+    model, kwargs = models["flux2"], _inputs("flux2")
+    mask = torch.ones(1, 17, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"selector 'edit' reads no signal named \['usr_mask'\]"):
+        sparsectx.enable(model, budget=4, selector="edit", signals={"usr_mask": mask})
+    assert not integration.is_enabled(model)
+    sparsectx.enable(model, budget=4, selector="edit", signals={"user_mask": mask})
+    with pytest.raises(ValueError, match="reads no signal named"):
+        _run(model, {**kwargs, "joint_attention_kwargs": {"sparsectx": {"signals": {"usermask": mask}}}})
+    sparsectx.enable(model, budget=4, selector=norm_selector, signals={"anything": mask})  # a user callable
+
+
 @pytest.mark.parametrize("seed", [2 ** 70, -2 ** 64, 1.0, "1"])
 def test_bad_seed_raises(models, seed):
     with pytest.raises(ValueError, match="seed"):

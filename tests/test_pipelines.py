@@ -202,6 +202,26 @@ def test_context_on_a_pipeline_whose_transformer_was_enabled_alone(pipe, family)
     sparsectx.disable(pipe.transformer)
 
 
+def test_seedless_random_selection_follows_the_call_generator(pipe, family):
+    """enable(selector="random") without a seed: a call given a generator selects with that generator's initial
+    seed, so the same generator seed gives the same selection and images, another seed another selection, and the
+    global RNG is not drawn from (before, the selection drew from it and the generator did not reproduce the call)."""
+    sparsectx.enable(pipe, budget=_budget(family), selector="random")
+    runs = []
+    for seed in (SEED, SEED, SEED + 7):
+        kwargs = {**_call_kwargs(family, PLAIN), "generator": torch.Generator().manual_seed(seed)}
+        torch.manual_seed(123)
+        with torch.no_grad():
+            images = pipe(**kwargs).images
+        global_draw = torch.rand(1)  # what the global RNG gives next: unchanged when the call drew nothing from it
+        runs.append((images, sparsectx.last_selection(pipe).keep.clone(), global_draw))
+    torch.manual_seed(123)
+    untouched = torch.rand(1)
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert not torch.equal(runs[0][1], runs[2][1])
+    assert all(torch.equal(draw, untouched) for _, _, draw in runs)
+
+
 def test_pipeline_pickles_after_its_transformer_is_disabled_alone(pipe, family):
     """enable(pipe) then disable(pipe.transformer): the pipeline (its class still sparsectx's subclass, which now
     runs the plain call) pickles and unpickles; with the transformer enabled, pickling raises the documented
