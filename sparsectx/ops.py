@@ -570,7 +570,8 @@ def _(payloads, index, cu_seqlens):
 
 @torch.library.custom_op("sparsectx::scatter_rows", mutates_args=())
 def _scatter_rows_op(packed: Optional[torch.Tensor], index: torch.Tensor, cu_seqlens: torch.Tensor,
-                     base: Optional[torch.Tensor], n_tokens: int, fill_value: float) -> torch.Tensor:
+                     base: Optional[torch.Tensor], n_tokens: int,
+                     fill_value: Union[int, float, bool]) -> torch.Tensor:  # a Scalar: an int64 fill stays exact
     return _scatter_rows(packed, index, cu_seqlens, base, n_tokens, fill_value)
 
 
@@ -637,7 +638,8 @@ def compact_tokens(selection: torch.Tensor, *tensors: torch.Tensor, budget=None,
     rest are zero). ``return_max_seqlen=True`` costs one host read on the mask path (none with scores).
     NaN scores raise ``ValueError`` off CUDA; on CUDA the check would synchronise, so it is skipped and NaN ranks
     above +inf (torch.sort's order). Likewise a ``max_total`` below the kept total of a CUDA mask is not detected
-    (rows past ``max_total`` are dropped). Gradients flow from the packed tensors to the inputs.
+    (rows past ``max_total`` are dropped). While ``torch.compile`` traces, both checks are skipped on every device
+    (they read data). Gradients flow from the packed tensors to the inputs.
     """
     batch, n_tokens = _check_compaction_inputs(selection, tensors)
     if max_total is not None:
@@ -698,5 +700,8 @@ def scatter_tokens(packed: torch.Tensor, index: torch.Tensor, cu_seqlens: torch.
         raise TypeError(f"fill must be a number or a tensor, got {type(fill).__name__}")
     fill_value = 0.0 if base is not None else fill
     if _records_graph((packed, base)):
+        if base is None and not (packed.is_floating_point() or packed.is_complex()) and fill_value:
+            # inductor passes a Scalar argument as a double: an integer fill beyond 2**53 would change
+            base, fill_value = packed.new_full((cu_seqlens.numel() - 1, n_tokens, *packed.shape[1:]), fill), 0.0
         return _scatter_rows_op(packed, index, cu_seqlens, base, n_tokens, fill_value)
     return _scatter_rows(packed, index, cu_seqlens, base, n_tokens, fill_value)

@@ -175,8 +175,13 @@ def register_selector(name: str, fn: SelectorFn, *, overwrite: bool = False, ret
         raise ValueError(f"selector name must be a non-empty string, got {name!r}")
     if name in _REGISTRY and not overwrite:
         raise ValueError(f"a selector named {name!r} is already registered (pass overwrite=True to replace it)")
-    selector = fn if isinstance(fn, Selector) else Selector(
-        fn, name, returns_scores, None if signals is None else frozenset(signals))
+    if isinstance(signals, (str, bytes)):
+        raise TypeError(f"signals must be a list of names, got the string {signals!r} (write [{signals!r}])")
+    if isinstance(fn, Selector):  # re-registered under another name: this call's facts join the selector's own
+        returns_scores = returns_scores or fn.returns_scores
+        signals = fn.signals if signals is None else signals
+        fn = fn.fn
+    selector = Selector(fn, name, returns_scores, None if signals is None else frozenset(signals))
     _REGISTRY[name] = selector
     return selector
 
@@ -362,6 +367,9 @@ def attention_mass(queries: torch.Tensor, keys: torch.Tensor, query_mask: Option
     bounded. At the klein-9B shapes (H=32, D=128, 3 references of 4096 tokens, Q'=1024) that is
     2·32·1024·12288·131 ≈ 105 GFLOP.
     """
+    if max_queries is not None and (isinstance(max_queries, bool) or not isinstance(max_queries, numbers.Integral)
+                                    or max_queries < 1):
+        raise ValueError(f"max_queries must be None or an int >= 1, got {max_queries!r}")
     batch, n_queries, heads, dim = queries.shape
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(dim)
     if max_queries is not None and n_queries > max_queries:
@@ -542,22 +550,23 @@ def attention_scores(reference_latents: torch.Tensor, context: SelectionContext,
     extra = context.extra
     if extra.get("queries") is None and extra.get("text_queries") is None and extra.get("target_queries") is None:
         _probe_tensor(reference_latents, context, "queries", "attention", required=False)  # a lazy probe, once
-    _probe_tensor(reference_latents, context, "ref_keys", "attention", required=False)
+    _probe_tensor(reference_latents, context, "ref_keys", "attention", required=False)  # the same lazy probe
     if extra.get("queries") is not None:
         queries, query_mask, name = extra["queries"], extra.get("query_mask"), "queries"
+        keys = _probe_tensor(reference_latents, context, "ref_keys", "attention")
     else:
         parts = [(extra[n], extra.get(m)) for n, m in (("text_queries", "text_mask"), ("target_queries", None))
                  if extra.get(n) is not None]
         if not parts:
             raise ValueError("selector 'attention' needs context.extra['queries'] (or 'text_queries' / "
                              "'target_queries') and extra['ref_keys']")
+        keys = _probe_tensor(reference_latents, context, "ref_keys", "attention")
         for q, m in parts:
-            _check_qk(q, extra.get("ref_keys"), m, batch, n_tokens, "text_queries/target_queries")
+            _check_qk(q, keys, m, batch, n_tokens, "text_queries/target_queries")
         queries = torch.cat([q for q, _ in parts], dim=1)
         query_mask = torch.cat([m if m is not None else q.new_ones(q.shape[:2], dtype=torch.bool)
                                 for q, m in parts], dim=1)
         name = "text_queries/target_queries"
-    keys = _probe_tensor(reference_latents, context, "ref_keys", "attention")
     _check_qk(queries, keys, query_mask, batch, n_tokens, name)
     return attention_mass(queries, keys, query_mask, max_queries=max_queries).to(reference_latents.device)
 
@@ -614,9 +623,9 @@ def _check_scalar_setting(name: str, value) -> None:
 
 def _check_coverage(coverage) -> None:
     """``coverage``'s type, and its range when it is a Python scalar (a tensor's is checked where it is used)."""
-    if isinstance(coverage, bool) or not isinstance(coverage, (int, float, torch.Tensor)):
+    if isinstance(coverage, bool) or not isinstance(coverage, (numbers.Real, torch.Tensor)):
         raise TypeError(f"coverage must be a float or a tensor, got {type(coverage).__name__}")
-    if isinstance(coverage, (int, float)) and not 0.0 <= coverage <= 1.0:
+    if isinstance(coverage, numbers.Real) and not 0.0 <= coverage <= 1.0:  # numpy scalars too (NaN fails)
         raise ValueError(f"coverage must lie in [0, 1], got {coverage!r}")
 
 
@@ -662,6 +671,10 @@ def _per_image(name: str, value: PerImage, batch: int, ref_lengths: Sequence[int
         value = int(value) if isinstance(value, numbers.Integral) else float(value)  # numpy scalars: their kind
     scalar = isinstance(value, (int, float)) and not isinstance(value, bool)
     if scalar:
+        if isinstance(value, float) and not allow_ratio:
+            raise TypeError(f"{name} must be an int count, got the float {value!r}")
+        if isinstance(value, int) and not allow_count:
+            raise TypeError(f"{name} must be a float ratio, got the int {value!r}")
         _check_scalar_setting(name, value)
         values = torch.tensor(float(value), dtype=torch.float64, device=device)
         is_ratio = torch.tensor(isinstance(value, float), device=device)
@@ -761,8 +774,9 @@ def fixed_ratio(ratio: PerImage) -> FixedBudget:
 def fixed_count(count: PerImage) -> FixedBudget:
     """Keep ``count`` tokens of each image (clamped to its length); an int or an int tensor broadcasting to
     ``[B, n_refs]``."""
-    if isinstance(count, (bool, float)) or (isinstance(count, int) and count < 0):
-        raise ValueError(f"fixed_count: count must be an int >= 0, got {count!r}")
+    _check_per_image_setting("fixed_count: count", count)
+    if isinstance(count, numbers.Real) and (not isinstance(count, numbers.Integral) or count < 0):
+        raise ValueError(f"fixed_count: count must be an int >= 0, got {count!r}")  # numpy floats too
     return FixedBudget("fixed_count", count, ratio=False)
 
 
@@ -841,6 +855,19 @@ class AdaptiveBudget:
     def __call__(self, scores: torch.Tensor, ref_lengths: Optional[Sequence[int]] = None) -> BudgetResult:
         return adaptive_budget(scores, self.coverage, self.floor, self.cap, ref_lengths, mass=self.mass)
 
+    def sized_on_mask(self, mask: torch.Tensor, ref_lengths: Sequence[int]) -> BudgetResult:
+        """Counts for a selector's keep mask: ``ceil(coverage · marked)`` tokens of each image with ``marked``
+        tokens in the mask (each marked token an equal share of the mass, whatever ``mass`` says), within floor
+        and cap; an image with nothing marked keeps its floor (the uniform mass of an all-zero score row does not
+        apply: nothing is there to cover)."""
+        result = adaptive_budget(mask.float(), self.coverage, self.floor, self.cap, ref_lengths, mass="linear")
+        batch, device = mask.shape[0], mask.device
+        marked = torch.stack([mask[:, lo:hi].sum(dim=1) for lo, hi in _image_slices(ref_lengths)], dim=1)
+        nothing = torch.minimum(_per_image("floor", self.floor, batch, ref_lengths, device),
+                                _per_image("cap", self.cap, batch, ref_lengths, device))
+        counts = torch.where(marked > 0, result.counts, nothing)
+        return BudgetResult(counts, _topk_per_image(mask.float(), ref_lengths, counts))
+
     def settings(self) -> dict:
         return {"coverage": self.coverage, "floor": self.floor, "cap": self.cap}
 
@@ -861,13 +888,27 @@ def budget_for_batch(budget, batch: int):
         return budget
     expanded = {}
     for name, value in budget.settings().items():
-        if isinstance(value, torch.Tensor) and value.ndim == 2 and value.shape[0] not in (1, batch):
-            rows = value.shape[0]
-            if batch % rows:
-                raise ValueError(f"budget {budget!r}: its {name} has {rows} rows (one per request), which does not "
-                                 f"divide the batch of {batch} samples")
+        rows = _request_rows(value)
+        if rows is None or rows in (1, batch):
+            continue
+        if batch % rows:
+            raise ValueError(f"budget {budget!r}: its {name} has {rows} rows (one per request), which does not "
+                             f"divide the batch of {batch} samples")
+        if isinstance(value, torch.Tensor):
             expanded[name] = value.repeat_interleave(batch // rows, dim=0)
+        else:
+            expanded[name] = [row for row in value for _ in range(batch // rows)]
     return budget.replace(**expanded) if expanded else budget
+
+
+def _request_rows(value) -> Optional[int]:
+    """How many rows (requests) a per-request setting has: a 2-d tensor's first dim, or a list of lists' length;
+    None for other settings."""
+    if isinstance(value, torch.Tensor):
+        return value.shape[0] if value.ndim == 2 else None
+    if isinstance(value, (list, tuple)) and value and all(isinstance(row, (list, tuple)) for row in value):
+        return len(value)
+    return None
 
 
 def budget_first_sample(budget):
@@ -875,8 +916,7 @@ def budget_first_sample(budget):
     selection made once for a batch whose samples share everything; other budgets are returned as is."""
     if not isinstance(budget, (FixedBudget, AdaptiveBudget)):
         return budget
-    cut = {name: value[:1] for name, value in budget.settings().items()
-           if isinstance(value, torch.Tensor) and value.ndim == 2 and value.shape[0] > 1}
+    cut = {name: value[:1] for name, value in budget.settings().items() if (_request_rows(value) or 0) > 1}
     return budget.replace(**cut) if cut else budget
 
 
@@ -929,8 +969,11 @@ def apply_budget(chosen: torch.Tensor, reference_latents: torch.Tensor, context:
             raise ValueError("budget is required: the selector returned scores (budget=None keeps a selector's keep "
                              "mask as given)")
         return chosen
-    sized_on = chosen.float() if chosen.dtype == torch.bool else chosen
-    result = as_budget(budget)(sized_on, context.ref_lengths)
+    budget = as_budget(budget)
+    if chosen.dtype == torch.bool and isinstance(budget, AdaptiveBudget):
+        result = budget.sized_on_mask(chosen, context.ref_lengths)
+    else:
+        result = budget(chosen.float() if chosen.dtype == torch.bool else chosen, context.ref_lengths)
     if not isinstance(result, BudgetResult):
         raise ValueError(f"budget {budget!r} must return a sparsectx.selection.BudgetResult, got "
                          f"{type(result).__name__}")

@@ -610,3 +610,21 @@ def test_torch_compile_fullgraph_compaction_forward_and_backward(device, path):
     assert torch.equal(out, expected)
     for got, want in zip(inputs, eager_inputs):
         assert torch.equal(got.grad, want.grad)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_scatter_keeps_an_exact_integer_fill(device, backend):
+    """An int64 payload scattered with fill = INT64_MAX (a common sentinel) under compile equals eager (before:
+    inductor passed the fill as a double, which wrapped to INT64_MIN; 2**53 + 1 became 2**53)."""
+    mask = torch.tensor([[True, False, True], [False, True, False]], device=device)
+    ids = torch.arange(6, dtype=torch.int64, device=device).view(2, 3) + 2 ** 53
+
+    def fn(mask, ids, fill):
+        kept = sparsectx.compact_tokens(mask, ids, max_total=6)
+        return sparsectx.scatter_tokens(kept.tensors[0], kept.index, kept.cu_seqlens, 3, fill=fill)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend=backend)
+    for fill in (torch.iinfo(torch.int64).max, 2 ** 53 + 1):
+        assert torch.equal(compiled(mask, ids, fill), fn(mask, ids, fill))
+        assert int(fn(mask, ids, fill)[0, 1]) == fill

@@ -10,6 +10,7 @@ import sparsectx
 from sparsectx import reference, selection
 from sparsectx.selection import (
     BudgetResult,
+    Selector,
     SelectionContext,
     adaptive,
     adaptive_budget,
@@ -704,3 +705,94 @@ def test_user_scores_on_another_device_are_moved_to_the_latents():
     keep = select(latents.cuda(), cuda_ctx, lambda latents, context: latents.norm(dim=-1).cpu(), adaptive(0.5))
     assert keep.device.type == "cuda"
     assert torch.equal(keep.cpu(), select(latents, ctx, lambda latents, context: latents.norm(dim=-1), adaptive(0.5)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a second review's findings: each test failed before its fix
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mass", ["auto", "linear", "softmax"])
+def test_adaptive_budget_on_a_keep_mask_covers_the_marked_tokens_only(mass):
+    """A selector's keep mask with an adaptive budget keeps ceil(coverage x marked) of each image's marked tokens;
+    an image with nothing marked keeps its floor (before: an all-zero row read as a uniform mass kept 90% of it, and
+    mass='softmax' spread the mass over unmarked tokens too)."""
+    latents = torch.randn(1, 20, CHANNELS)
+    context = SelectionContext(2, [10, 10])
+    marked = torch.zeros(1, 20, dtype=torch.bool)
+    marked[0, [1, 5, 6]] = True
+
+    def counts(budget):
+        keep = select(latents, context, lambda x, c: marked, budget)
+        assert not (keep & ~marked).any() or budget.floor  # only marked tokens, unless the floor pads
+        return [int(keep[0, :10].sum()), int(keep[0, 10:].sum())]
+
+    assert counts(adaptive(coverage=0.9, mass=mass)) == [3, 0]
+    assert counts(adaptive(coverage=0.5, mass=mass)) == [2, 0]
+    assert counts(adaptive(coverage=0.9, floor=2, mass=mass)) == [3, 2]
+    assert counts(adaptive(coverage=0.9, floor=4, cap=2, mass=mass)) == [2, 2]  # cap wins over floor
+
+
+def test_fixed_count_refuses_numpy_floats_and_strings():
+    np = pytest.importorskip("numpy")
+    with pytest.raises(ValueError, match="count must be an int"):
+        fixed_count(np.float32(0.5))  # was read as a ratio: half of each image
+    with pytest.raises(TypeError, match="fixed_count"):
+        fixed_count("3")  # was accepted, failed when used
+    assert fixed_count(np.int64(3))(torch.rand(1, 10), [10]).counts.tolist() == [[3]]
+    with pytest.raises(TypeError, match="must be an int count"):  # a ratio reaching a count budget's scalar path
+        selection._per_image("count", np.float32(0.5), 1, [10], "cpu", allow_ratio=False)
+
+
+def test_register_selector_signals_and_selector_objects():
+    """signals given as a string is refused (it was split into characters); a Selector registered under another
+    name takes that name and the call's returns_scores / signals (they were ignored)."""
+    with pytest.raises(TypeError, match="signals must be a list of names"):
+        register_selector("_test_string_signals", lambda x, c: torch.rand(x.shape[:2]), signals="user_mask")
+    assert "_test_string_signals" not in available_selectors()
+    base = get_selector("uniform")
+    try:
+        again = register_selector("_test_uniform_again", base, signals=["my_signal"])
+        assert again.name == "_test_uniform_again" and again.returns_scores and again.signals == {"my_signal"}
+        plain = register_selector("_test_mask_selector", Selector(lambda x, c: x[..., 0] > 0), signals=["a"])
+        assert not plain.returns_scores and plain.signals == {"a"}
+    finally:
+        for name in ("_test_uniform_again", "_test_mask_selector"):
+            selection._REGISTRY.pop(name, None)
+
+
+def test_per_request_lists_in_budget_objects_map_onto_the_batch():
+    """fixed_ratio([[0.5], [0.25]]) / adaptive(floor=[[6], [1]]) (one list per request) on a batch of 2 requests
+    x 2 samples: the same as the [R, 1] tensor form (before: 'does not broadcast to [B=4, n_refs=2]')."""
+    from sparsectx.selection import budget_first_sample, budget_for_batch
+
+    for as_list, as_tensor in ((fixed_ratio([[0.5], [0.25]]), fixed_ratio(torch.tensor([[0.5], [0.25]]))),
+                               (adaptive(0.5, floor=[[6], [1]]), adaptive(0.5, floor=torch.tensor([[6], [1]])))):
+        scores = torch.rand(4, 20, generator=torch.Generator().manual_seed(0))
+        got, want = (budget_for_batch(b, 4)(scores, [12, 8]) for b in (as_list, as_tensor))
+        assert torch.equal(got.counts, want.counts) and torch.equal(got.keep, want.keep)
+        assert not torch.equal(got.counts[0], got.counts[2])  # the two requests differ
+        first = budget_first_sample(as_list)(scores[:1], [12, 8]).counts
+        assert torch.equal(first, want.counts[:1])
+    with pytest.raises(ValueError, match="3 rows .one per request., which does not divide the batch of 4"):
+        budget_for_batch(fixed_ratio([[0.5], [0.25], [1.0]]), 4)
+
+
+def test_numpy_coverage_is_accepted():
+    np = pytest.importorskip("numpy")
+    scores = torch.rand(2, 12, generator=torch.Generator().manual_seed(1))
+    for numpy_value in (np.float32(0.7), np.float64(0.7)):
+        assert torch.equal(adaptive(numpy_value)(scores).counts, adaptive(float(numpy_value))(scores).counts)
+    with pytest.raises(ValueError, match="coverage"):
+        adaptive(np.float32(1.5))
+
+
+def test_attention_selector_names_a_missing_ref_keys():
+    batch, n = 2, 16
+    context = SelectionContext(1, [n], extra={"text_queries": torch.randn(batch, 3, HEADS, HEAD_DIM)})
+    with pytest.raises(ValueError, match=r"selector 'attention' needs context.extra\['ref_keys'\]"):
+        get_selector("attention")(torch.randn(batch, n, CHANNELS), context)
+
+
+@pytest.mark.parametrize("max_queries", [0, -1, 1.5, True])
+def test_attention_mass_refuses_a_bad_max_queries(max_queries):
+    with pytest.raises(ValueError, match="max_queries must be None or an int >= 1"):
+        selection.attention_mass(torch.randn(1, 4, 1, 8), torch.randn(1, 6, 1, 8), max_queries=max_queries)
