@@ -13,13 +13,16 @@
 #   GPU_CHECK_PART=all  both, in that order (a machine without a per-command limit)
 # Usage, from anywhere:  GPU_CHECK_PART=1 bash bench/gpu_check.sh      (writes under "$OUT", default ./bench_out)
 # Files written: env.log, tests.log, bench.log, bench.json (the part's cases merged), summary.txt, results.md (the
-# run as markdown for bench/RESULTS.md). Set SPARSECTX_COMMIT=<hash> when the tree has no .git (a GPU machine's
-# copy), so that the run records which commit it measured.
+# run as markdown for bench/RESULTS.md). The commit measured is read from the tree's git; set SPARSECTX_COMMIT=<hash>
+# when the tree has no .git (a GPU machine's copy).
 # Dry run on a CPU machine: GPU tests are skipped there and the benchmarks use the tiny shapes.
 set -u   # no `set -e`: a failing step must not stop the steps after it
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 REPO=$PWD
+# the package runs from an installed copy, outside the tree: the commit is read here (with -dirty for local edits)
+SPARSECTX_COMMIT=${SPARSECTX_COMMIT:-$(git -C "$REPO" describe --always --dirty --abbrev=7 --exclude '*' 2>/dev/null)}
+export SPARSECTX_COMMIT
 OUT=${OUT:-./bench_out}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}

@@ -140,9 +140,9 @@ def results_match(actual, expected, workload: Workload) -> tuple[bool, float]:
     return err <= REL_ERR_BOUND[workload.dtype], err
 
 
-def _first_line(exc: BaseException, limit: int = 110) -> str:
+def _first_line(exc: BaseException, limit: int = 160) -> str:
     text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
-    return text[:limit]
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -318,8 +318,11 @@ def _block_mask(mask_mod, q_len: int, kv_len: int, device):
 def _sdpa_impls(names: Sequence[str], q4, k4, v4, device, output, *, attn_mask=None, label="sdpa {}") -> list:
     impls = []
     for name in names:
-        skip = "math backend not timed on CUDA (materialises the scores)" if name == "math" and \
-            device.type == "cuda" else ""
+        skip = ""
+        if name == "math" and device.type == "cuda":
+            skip = "math backend not timed on CUDA (materialises the scores)"
+        elif name in ("cudnn", "flash", "efficient") and device.type != "cuda":
+            skip = f"the {name} SDPA backend needs a CUDA device"
         impls.append(Impl(label.format(name),
                           lambda b=name: _sdpa(q4, k4, v4, b, attn_mask=attn_mask), output=output, skip=skip))
     return impls
@@ -715,7 +718,8 @@ class CompactionCase:
         impls = [
             Impl("sparsectx compact_tokens (scores+budget)",
                  lambda: ops.compact_tokens(scores, hidden, ids, budget=config), output=packed,
-                 note="selection included; no host sync on CUDA (on the CPU, one read: the scores' NaN check)"),
+                 note="selection included; no host sync on CUDA (on the CPU the scores' NaN check reads the host, "
+                      "and the torch reference path more)"),
             Impl("sparsectx compact_tokens (keep mask)", lambda: ops.compact_tokens(mask, hidden, ids),
                  output=packed, note="reads the kept total (host sync); mask made beforehand, selection not included"),
             Impl("x[mask] (host sync)", lambda: (hidden[mask], ids[mask]),
@@ -1562,7 +1566,7 @@ def default_size(device: Optional[torch.device] = None) -> str:
 
 def _row(workload: Workload, impl: Impl, **values) -> dict:
     row = dict(case=workload.case, shape=workload.shape, impl=impl.name, time_ms=None, tflops=None, gbps=None,
-               ratio=None, ok=None, err=None, peak_mem_gb=None, note=impl.note)
+               ratio=None, ok=None, err=None, peak_mem_gb=None, note=impl.note, ours=impl.ours)
     row.update(values)
     return row
 
@@ -1747,7 +1751,7 @@ def run_case(name: str, device: torch.device, size: str, *, quick: bool = False,
             except Exception as exc:
                 rows.append(dict(case=name, shape=case.label(config), impl="(setup)", time_ms=None, tflops=None,
                                  gbps=None, ratio=None, ok=False, err=None, peak_mem_gb=None,
-                                 note=f"error: {_first_line(exc)}"))
+                                 note=f"error: {_first_line(exc)}", ours=True))
             else:
                 done = list(rows)
                 report = (lambda current: on_rows(done + current)) if on_rows is not None else None
@@ -1880,6 +1884,25 @@ TARGETS = (
 )
 
 
+@dataclass(frozen=True)
+class TimeTarget:
+    """An issue's target on a row's own time: ``impl``'s time at most ``max_ms``."""
+
+    issue: int
+    case: str
+    impl: str
+    max_ms: float
+    goal: str
+
+
+TIME_TARGETS = (
+    TimeTarget(3, "compaction", "sparsectx compact_tokens (scores+budget)", 0.025,
+               "scores+budget -> packed hidden+ids in <= 25 us"),
+    TimeTarget(3, "compaction", "sparsectx compact_tokens (scores+budget), CUDA graph replay", 0.025,
+               "the same, GPU time alone (graph replay)"),
+)
+
+
 def _reference_count(shape: str) -> Optional[int]:
     found = re.match(r"(\d+) ref", shape)
     return int(found.group(1)) if found else None
@@ -1893,7 +1916,8 @@ def target_verdicts(rows: list) -> list:
         for case, shape, block, _unit, _mem in _table_blocks(rows):
             if case != target.case:
                 continue
-            times = {r["impl"]: r["time_ms"] for r in block}
+            by_impl = {r["impl"]: r for r in block}
+            times = {impl: r["time_ms"] for impl, r in by_impl.items()}
             minimum = target.min_ratio
             if isinstance(minimum, dict):
                 minimum = minimum.get(_reference_count(shape))
@@ -1901,11 +1925,28 @@ def target_verdicts(rows: list) -> list:
                 continue
             head = f"issue {target.issue} {case:<10} {shape[:48]:<48} {target.goal}:"
             ours, peer = times[target.ours], times[target.peer]
-            if not ours or not peer:
+            failed = [impl for impl in (target.ours, target.peer) if by_impl[impl]["ok"] is False]
+            if failed:  # a time whose result is wrong judges nothing
+                lines.append(f"{head} not judged ({' and '.join(failed)}: check FAILED)")
+            elif not ours or not peer:
                 lines.append(f"{head} not measured ({target.ours if not ours else target.peer} has no time)")
                 continue
-            ratio = peer / ours
-            lines.append(f"{head} x{ratio:.3f} (>= {minimum:.3f}: {'meets' if ratio >= minimum else 'MISSES'})")
+            else:
+                ratio = peer / ours
+                lines.append(f"{head} x{ratio:.3f} (>= {minimum:.3f}: {'meets' if ratio >= minimum else 'MISSES'})")
+    for target in TIME_TARGETS:
+        for case, shape, block, _unit, _mem in _table_blocks(rows):
+            row = next((r for r in block if case == target.case and r["impl"] == target.impl), None)
+            if row is None:
+                continue
+            head = f"issue {target.issue} {case:<10} {shape[:48]:<48} {target.goal}:"
+            if row["ok"] is False:
+                lines.append(f"{head} not judged ({target.impl}: check FAILED)")
+            elif not row["time_ms"]:
+                lines.append(f"{head} not measured ({target.impl} has no time)")
+            else:
+                verdict = "meets" if row["time_ms"] <= target.max_ms else "MISSES"
+                lines.append(f"{head} {row['time_ms'] * 1e3:.1f} us (<= {target.max_ms * 1e3:g} us: {verdict})")
     selection = selection_verdict(rows)
     return lines + ([selection] if selection else [])
 
@@ -1918,7 +1959,11 @@ def selection_verdict(rows: list) -> Optional[str]:
     if not rows:
         return None
     head = f"issue 6 selection < {SELECTION_STEP_TARGET_PCT:g}% of a denoising step:"
+    failed = [r for r in rows if r["ok"] is False]
+    rows = [r for r in rows if r["ok"] is not False]  # a selection whose result is wrong judges nothing
     judged = [(r.get("step_pct_with_probe") or r["step_pct"], r) for r in rows if r.get("step_pct") is not None]
+    if failed:
+        head += f" ({len(failed)} row(s) with a FAILED check not judged)"
     if not judged:
         return f"{head} not judged (no e2e step time in this run, or no selection row was timed)"
     worst, row = max(judged, key=lambda pair: pair[0])
@@ -1934,24 +1979,62 @@ def merge_runs(paths: Sequence[str]) -> dict:
     every file's autotuner picks (``meta.autotune_runs``), all rows in order, ``meta.cases`` the cases present.
     Missing files are skipped (a step that did not run writes none); ``ValueError`` when none exists."""
     merged: dict = {"meta": None, "rows": []}
+    first, seen, planned = None, {}, []
     for path in paths:
         if not os.path.exists(path):
             continue
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-        if not isinstance(data, dict) or not {"meta", "rows"} <= set(data):
-            raise ValueError(f"{path} is not a `sparsectx bench --json` file")
-        merged["meta"] = merged["meta"] or dict(data["meta"])
-        merged["meta"].setdefault("autotune_runs", []).append(data["meta"].get("autotune") or {})
+        data = load_run(path)
+        meta = data["meta"]
+        if first is None:
+            first, merged["meta"] = path, dict(meta)
+            merged["meta"]["parts"] = []
+        else:  # parts of one run only: a ratio must never pair times of two runs
+            for key in MERGE_MUST_MATCH:
+                mine, theirs = merged["meta"].get(key), meta.get(key)
+                if mine is not None and theirs is not None and mine != theirs:
+                    raise ValueError(f"{path}: its {key} {theirs!r} differs from {first}'s {mine!r}; merge the "
+                                     "parts of one run only")
+        for row in data["rows"]:
+            key = (row["case"], row["shape"], row["impl"])
+            if key in seen:
+                raise ValueError(f"{path}: {' | '.join(key)} is also in {seen[key]} (one timing per row)")
+            seen[key] = path
+        merged["meta"]["parts"].append({"file": os.path.basename(path), "cases": meta.get("cases"),
+                                        "size": meta.get("size"), "quick": meta.get("quick")})
+        merged["meta"].setdefault("autotune_runs", []).append(meta.get("autotune") or {})
+        planned += [c for c in meta.get("cases") or [] if c not in planned]
         merged["rows"] += data["rows"]
     if merged["meta"] is None:
         raise ValueError(f"none of {', '.join(paths)} exists")
     merged["meta"]["cases"] = sorted({r["case"] for r in merged["rows"]})
+    merged["meta"]["planned_cases"] = planned
+    merged["meta"]["quick"] = any(part["quick"] for part in merged["meta"]["parts"])
     return merged
 
 
+MERGE_MUST_MATCH = ("device", "size", "commit", "torch", "triton")
+ROW_KEYS = ("case", "shape", "impl", "time_ms", "ratio", "ok", "note")
+
+
+def load_run(path: str) -> dict:
+    """A ``sparsectx bench --json`` file as ``{"meta", "rows"}``; ``ValueError`` naming the file and what is wrong."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: can not be read as JSON ({exc})") from None
+    if not isinstance(data, dict) or not {"meta", "rows"} <= set(data) or not isinstance(data["rows"], list) \
+            or not isinstance(data["meta"], dict):
+        raise ValueError(f"{path} is not a `sparsectx bench --json` file")
+    for i, row in enumerate(data["rows"]):
+        lacking = [k for k in ROW_KEYS if not isinstance(row, dict) or k not in row]
+        if lacking:
+            raise ValueError(f"{path}: row {i} lacks {lacking}")
+    return data
+
+
 def _rate(row: dict) -> str:
-    text = f" {row['tflops']:.0f}TF" if row["tflops"] else (f" {row['gbps']:.0f}GB/s" if row["gbps"] else "")
+    text = f" {row['tflops']:.3g}TF" if row["tflops"] else (f" {row['gbps']:.3g}GB/s" if row["gbps"] else "")
     return text + (f" {row['peak_mem_gb']:.1f}GiB" if row.get("peak_mem_gb") else "")
 
 
@@ -1961,9 +2044,13 @@ def format_summary(meta: dict, rows: list, max_picks: int = 16) -> str:
     issues' targets (``target_verdicts``) and the autotuner's picks."""
     lines = [f"{meta.get('device')} driver {meta.get('driver')} torch {meta.get('torch')} triton "
              f"{meta.get('triton')} {meta.get('date')} commit {meta.get('commit')}"]
+    present = {r["case"] for r in rows}
+    not_run = [c for c in meta.get("planned_cases") or meta.get("cases") or [] if c not in present]
+    if not_run:
+        lines.append(f"NOT RUN (planned, no row; a step cut short?): {', '.join(not_run)}")
     for case, shape, block, _unit, _mem in _table_blocks(rows):
         base = block[0]
-        head = f"{case:<10} {shape[:44]:<44} {base['impl'][:30]} "
+        head = f"{case:<10} {shape[:60]:<60} {base['impl'][:30]} "
         head += f"{base['time_ms']:.3f}ms{_rate(base)}" if base["time_ms"] else f"-- {base['note'][:60]}"
         peers = []
         for r in block[1:]:
@@ -1992,7 +2079,9 @@ def _git_commit() -> Optional[str]:
     if os.environ.get("SPARSECTX_COMMIT"):
         return os.environ["SPARSECTX_COMMIT"]
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+        # "-dirty" when the tree differs from the commit: the run did not measure that commit alone
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7", "--exclude", "*"],
+                             capture_output=True, text=True, timeout=10,
                              cwd=os.path.dirname(os.path.abspath(__file__)))
         if out.returncode != 0:
             return None
@@ -2043,6 +2132,12 @@ def run_metadata(device: torch.device, size: str, quick: bool, cases: Sequence[s
     }
 
 
+def check_output_path(option: str, path: str) -> None:
+    """``SystemExit`` (an argparse-style error) before any work when ``path`` can not be written as a file."""
+    if os.path.isdir(path) or path.endswith(os.sep):
+        raise SystemExit(f"sparsectx: error: {option} {path!r} is a folder; give a file path")
+
+
 def write_json(path: str, meta: dict, rows: list) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -2057,12 +2152,18 @@ def report(args: argparse.Namespace) -> int:
     few lines with the issues' targets. Several files are merged into one run (``merge_runs``; missing ones are
     skipped), written to ``--merged PATH`` when given."""
     paths = args.json_paths
+    if args.merged:
+        check_output_path("--merged", args.merged)
+    folders = [p for p in paths if os.path.isdir(p)]
+    if folders:
+        raise SystemExit(f"sparsectx report: error: {', '.join(folders)} is a folder, not a `sparsectx bench --json` "
+                         "file")
     missing = [p for p in paths if not os.path.exists(p)]
     if len(missing) == len(paths):
         raise SystemExit(f"sparsectx report: error: {', '.join(missing)} does not exist")
     try:
         data = merge_runs(paths)
-    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:
         raise SystemExit(f"sparsectx report: error: {exc}") from None
     if args.merged:
         write_json(args.merged, data["meta"], data["rows"])
@@ -2073,13 +2174,21 @@ def report(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_rows(path: str) -> list:
-    """The rows of a JSON written by ``write_json`` (an empty list when the file is missing: a step that did not
-    run leaves none)."""
+def steps_from(path: str, meta: dict) -> list:
+    """The rows of an earlier run (``--steps-from``) whose e2e step times this run's selection relates to: an
+    empty list when the file is missing (a step that did not run leaves none); ``SystemExit`` when it can not be
+    read or was measured on another device or at another size (its step times would judge the wrong shares)."""
     if not os.path.exists(path):
         return []
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)["rows"]
+    try:
+        data = load_run(path)
+    except ValueError as exc:
+        raise SystemExit(f"sparsectx bench: error: --steps-from {exc}") from None
+    for key in ("device", "size"):
+        if data["meta"].get(key) != meta.get(key):
+            raise SystemExit(f"sparsectx bench: error: --steps-from {path} was measured with {key} "
+                             f"{data['meta'].get(key)!r}, this run with {meta.get(key)!r}")
+    return data["rows"]
 
 
 def write_plot(path: str, rows: list) -> str:
@@ -2091,10 +2200,12 @@ def write_plot(path: str, rows: list) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return f"plot skipped: matplotlib is not installed (pip install matplotlib) - {path} not written"
-    peers = [r for r in rows if r["ratio"] is not None and not r["impl"].startswith("sparsectx")]
+    # peers only: sparsectx's own rows (parts, breakdowns, other sparsectx variants) are not "peer time"
+    peers = [r for r in rows if r["ratio"] is not None
+             and not r.get("ours", r["impl"].startswith(("sparsectx", "(", "select,")))]
     if not peers:
         return "plot skipped: no peer was timed"
-    labels = [f"{r['case']}: {r['impl']} [{r['shape'].split(',')[0]}]" for r in peers]
+    labels = [f"{r['case']}: {r['impl'][:40]} [{r['shape'][:50]}]" for r in peers]
     fig, ax = plt.subplots(figsize=(10, 0.28 * len(peers) + 1.5))
     ax.barh(range(len(peers)), [r["ratio"] for r in peers], color=["tab:green" if r["ratio"] >= 1 else "tab:red"
                                                                    for r in peers])
@@ -2104,6 +2215,7 @@ def write_plot(path: str, rows: list) -> str:
     ax.set_xscale("log")
     ax.set_xlabel("peer time / sparsectx time (> 1: sparsectx faster)")
     fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return f"plot written to {path}"
@@ -2134,6 +2246,8 @@ def _parse_device(name: str) -> torch.device:
         raise SystemExit(f"sparsectx bench: error: --device {name!r} is not a torch device ({exc})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"sparsectx bench: error: --device {name!r}: this torch has no CUDA device")
+    if device.type not in ("cuda", "cpu"):
+        raise SystemExit(f"sparsectx bench: error: --device {name!r}: the benchmarks run on cuda or cpu")
     return device
 
 
@@ -2141,6 +2255,15 @@ def main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     device = _parse_device(args.device) if args.device else default_device()
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            check_output_path(option, path)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401  (said before the run, not only after it)
+        except ImportError:
+            print(f"note: --plot needs matplotlib (pip install matplotlib); {args.plot} will not be written",
+                  file=sys.stderr)
     if args.steps_from and not os.path.exists(args.steps_from):
         print(f"note: --steps-from {args.steps_from} does not exist; the selection case has no step time to relate "
               "to", file=sys.stderr)
@@ -2154,7 +2277,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"ceilings measured now: copy {meta['ceilings']['copy_GBps']:.0f} GB/s (read + write), matmul "
           f"{meta['ceilings']['matmul_TFLOPs']:.3g} TFLOP/s ({meta['ceilings']['matmul']}); {RATIO_MEANING}\n")
     rows: list = []
-    earlier = load_rows(args.steps_from) if args.steps_from else []
+    earlier = steps_from(args.steps_from, meta) if args.steps_from else []
     total = sum(len(CASES[n].configs(size, args.quick)) for n in names)
     # the bar is drawn on a terminal only (disable=None), so logs keep only the tables
     with tqdm(total=total, desc="bench", unit="shape", file=sys.stderr, disable=None) as progress:

@@ -94,7 +94,7 @@ def test_report_merges_step_files_and_prints_the_summary(tmp_path, capsys):
     second = _block("training", "B=4", {"sparsectx (packed varlen)": 1.0, "sdpa padded + key mask": 1.6})
     paths = [tmp_path / "a.json", tmp_path / "missing.json", tmp_path / "b.json"]
     benchmarks.write_json(str(paths[0]), meta, first)
-    benchmarks.write_json(str(paths[2]), dict(meta, device="another"), second)
+    benchmarks.write_json(str(paths[2]), dict(meta, autotune={"fwd": {"picked": {}}}), second)
     merged = tmp_path / "bench.json"
     assert cli.main(["report", "--summary", "--merged", str(merged), *map(str, paths)]) == 0
     out, err = capsys.readouterr()
@@ -117,3 +117,80 @@ def test_report_merges_step_files_and_prints_the_summary(tmp_path, capsys):
 def test_e2e_full_shapes_cover_one_three_and_four_references():
     configs = benchmarks.CASES["e2e"].configs("full")
     assert {refs for refs, *_ in configs} == {1, 3, 4}
+
+
+def test_a_failed_check_judges_no_target():
+    """A row whose result failed its check (wrong output) is never counted as meeting a target."""
+    rows = _block("e2e", "3 ref x 5%", {"sparsectx compact_tokens + step": 150.0,
+                                        "sparsectx.enable (native attn)": 150.0,
+                                        "torch topk+sort+index_select + step": 200.0})
+    rows[1]["ok"] = False
+    lines = [line for line in benchmarks.target_verdicts(rows) if "e2e" in line]
+    assert any("not judged (sparsectx.enable (native attn): check FAILED)" in line for line in lines)
+    assert not any("meets" in line and "drop-in" in line for line in lines)
+    shape = "3 ref x 4096 tokens, C=128, selector uniform, H=32, D=128"
+    selection = [_row("selection", shape, "select, fixed 10%", 0.1, step_pct=0.3, ok=False)]
+    assert "not judged" in benchmarks.selection_verdict(selection)
+    assert "1 row(s) with a FAILED check" in benchmarks.selection_verdict(selection)
+
+
+def test_compaction_time_target_is_judged_on_the_row_itself():
+    """Issue 3's <= 25 us holds on the compaction's own time (a 5x ratio to a slow peer is not enough)."""
+    rows = _block("compaction", "B=1, N=12288", {"sparsectx compact_tokens (scores+budget)": 0.030,
+                                                 "topk+sort+gather": 0.160})
+    rows += [_row("compaction", "B=1, N=12288", "sparsectx compact_tokens (scores+budget), CUDA graph replay", 0.02)]
+    lines = benchmarks.target_verdicts(rows)
+    assert any("x5.333 (>= 5.000: meets)" in line for line in lines)
+    assert any("<= 25 us" in line and "30.0 us (<= 25 us: MISSES)" in line for line in lines)
+    assert any("graph replay" in line and "20.0 us (<= 25 us: meets)" in line for line in lines)
+
+
+def test_report_refuses_parts_of_different_runs_and_names_bad_files(tmp_path):
+    meta = {"device": "NVIDIA H200", "size": "full", "commit": "abc1234", "cases": ["attention"]}
+    block = _block("attention", "L=1", {"sparsectx (compacted)": 1.0, "sdpa cudnn": 0.8})
+    a, b, c = (str(tmp_path / name) for name in ("a.json", "b.json", "c.json"))
+    benchmarks.write_json(a, meta, block)
+    benchmarks.write_json(b, dict(meta, commit="def5678", cases=["training"]),
+                          _block("training", "B=4", {"sparsectx (packed varlen)": 1.0}))
+    with pytest.raises(SystemExit, match="b.json: its commit 'def5678' differs from .*a.json's 'abc1234'"):
+        cli.main(["report", "--summary", a, b])
+    benchmarks.write_json(c, meta, block[:1])  # the same row timed again (a rerun of one step)
+    with pytest.raises(SystemExit, match=r"c.json: attention \| L=1 \| sparsectx \(compacted\) is also in .*a.json"):
+        cli.main(["report", "--summary", a, c])
+    (tmp_path / "empty.json").write_text("")
+    with pytest.raises(SystemExit, match="empty.json: can not be read as JSON"):
+        cli.main(["report", a, str(tmp_path / "empty.json")])
+    (tmp_path / "rowless.json").write_text(json.dumps({"meta": {}, "rows": [{}]}))
+    with pytest.raises(SystemExit, match=r"rowless.json: row 0 lacks \['case'"):
+        cli.main(["report", str(tmp_path / "rowless.json")])
+    with pytest.raises(SystemExit, match="is a folder"):
+        cli.main(["report", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--merged .* is a folder"):
+        cli.main(["report", "--merged", str(tmp_path), a])
+    assert not (tmp_path.parent / f"{tmp_path.name}.tmp").exists()
+
+
+def test_summary_names_planned_cases_that_did_not_run(tmp_path, capsys):
+    meta = {"device": "cpu", "size": "tiny", "cases": ["attention", "kv", "e2e_batch"]}
+    benchmarks.write_json(str(tmp_path / "cut.json"), meta,
+                          _block("attention", "L=1", {"sparsectx (compacted)": 1.0, "sdpa cudnn": 0.8}))
+    assert cli.main(["report", "--summary", str(tmp_path / "cut.json")]) == 0
+    assert "NOT RUN (planned, no row; a step cut short?): kv, e2e_batch" in capsys.readouterr().out
+
+
+def test_steps_from_refuses_another_device_or_size(tmp_path):
+    path = str(tmp_path / "h200.json")
+    benchmarks.write_json(path, {"device": "NVIDIA H200", "size": "full"}, [])
+    with pytest.raises(SystemExit, match="measured with device 'NVIDIA H200', this run with 'x86_64'"):
+        benchmarks.steps_from(path, {"device": "x86_64", "size": "tiny"})
+    assert benchmarks.steps_from(path, {"device": "NVIDIA H200", "size": "full"}) == []
+    assert benchmarks.steps_from(str(tmp_path / "missing.json"), {}) == []
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(SystemExit, match="--steps-from .*bad.json: can not be read as JSON"):
+        benchmarks.steps_from(str(tmp_path / "bad.json"), {})
+
+
+@pytest.mark.parametrize("device", ["xpu", "meta"])
+def test_bench_refuses_devices_it_does_not_run_on(device):
+    with pytest.raises(SystemExit, match="the benchmarks run on cuda or cpu"):
+        benchmarks._parse_device(device)

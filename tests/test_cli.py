@@ -16,7 +16,7 @@ from sparsectx import benchmarks, cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # this checkout (sparsectx may be installed elsewhere)
 SMALL_CASE = "compaction"
-ROW_KEYS = {"case", "shape", "impl", "time_ms", "tflops", "gbps", "ratio", "ok", "err", "peak_mem_gb", "note"}
+ROW_KEYS = {"case", "shape", "impl", "time_ms", "tflops", "gbps", "ratio", "ok", "err", "peak_mem_gb", "note", "ours"}
 SUBPROCESS_TIMEOUT_S = 120
 
 
