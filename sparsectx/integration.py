@@ -730,9 +730,17 @@ class _SparsePatch(ForwardPatch):
 
     def set_attention(self, attention: str) -> None:
         """Installs sparsectx's attention processors (``"sparsectx"``) or puts diffusers' own back (``"native"``)."""
-        if attention == self.attention:
+        if attention == self.attention and attention != SPARSECTX:
             return
         from . import processors  # deferred: imports diffusers' model modules
+
+        if attention == self.attention:
+            if processors.processors_installed(self.transformer, self.original_processors):
+                return
+            # processors replaced since sparsectx installed its own (e.g. Flux2KleinKVPipeline.from_pipe sets its
+            # KV processors on a shared transformer): the layers still ours go back, then every layer gets ours again
+            processors.restore_processors(self.transformer, self.original_processors)
+            self.attention, self.original_processors, self.attention_state = NATIVE, None, None
 
         if attention == SPARSECTX:
             state = processors.AttentionState()

@@ -559,7 +559,21 @@ def install_processors(transformer: torch.nn.Module, state: AttentionState) -> d
 
 
 def restore_processors(transformer: torch.nn.Module, originals: dict) -> None:
-    """Puts back the very processor objects ``install_processors`` replaced."""
+    """Puts back the very processor objects ``install_processors`` replaced, in the layers that still run the
+    sparsectx processor installed over them: a processor set since (e.g. the KV-cache processors that
+    ``Flux2KleinKVPipeline.from_pipe`` installs on a shared transformer) stays."""
     modules = dict(transformer.named_modules())
     for name, processor in originals.items():
-        modules[name].set_processor(processor)
+        if _runs_ours_over(modules.get(name), processor):
+            modules[name].set_processor(processor)
+
+
+def processors_installed(transformer: torch.nn.Module, originals: Optional[dict]) -> bool:
+    """Whether every layer ``install_processors`` replaced still runs the sparsectx processor it installed."""
+    modules = dict(transformer.named_modules())
+    return bool(originals) and all(_runs_ours_over(modules.get(name), p) for name, p in originals.items())
+
+
+def _runs_ours_over(module, original) -> bool:
+    current = getattr(module, "processor", None)
+    return isinstance(current, SPARSECTX_PROCESSORS) and getattr(current, "original", None) is original

@@ -130,6 +130,30 @@ def test_switching_attention_back_to_native_restores_processors(models):
     assert model.transformer_blocks[0].attn.processor is originals["transformer_blocks.0.attn"]
 
 
+def test_processors_set_behind_sparsectx_are_kept_by_disable_and_replaced_by_enable(models):
+    """A processor set on a layer after enable(attention="sparsectx") (as Flux2KleinKVPipeline.from_pipe does on a
+    shared transformer): disable leaves it in place (before, it put the pre-enable processor back over it), and
+    enable(attention="sparsectx") installs sparsectx's processor again (before, it saw its mode unchanged and did
+    nothing)."""
+    model = models["flux2"]
+    originals = _processors(model)
+    sparsectx.enable(model, budget=1.0, attention="sparsectx")
+    name = next(iter(originals))
+    module = dict(model.named_modules())[name]
+    later = type(originals[name])()  # a processor of the model's own class, set by someone else
+    module.set_processor(later)
+    sparsectx.enable(model, budget=1.0, attention="sparsectx")
+    now = _processors(model)
+    assert all(isinstance(p, processors.SPARSECTX_PROCESSORS) for p in now.values()) and now[name].original is later
+    module.set_processor(type(originals[name])())  # replaced again, then disabled
+    replaced = module.processor
+    sparsectx.disable(model)
+    restored = _processors(model)
+    assert restored[name] is replaced
+    assert all(restored[n] is p for n, p in originals.items() if n != name)
+    module.set_processor(originals[name])
+
+
 def test_shared_processor_instance_across_layers(models):
     """diffusers' set_attn_processor(proc) gives every layer the same instance: it holds no per-layer state."""
     model, kwargs = models["flux"], shared._inputs("flux")
