@@ -452,8 +452,7 @@ def _check_budget(budget, batch: int, n_tokens: int) -> list[int]:
         values = list(budget)
     else:
         values = [budget] * batch
-    # numpy scalars count as the Python number they hold
-    values = [int(b) if _is_integral(b) else float(b) if _is_real(b) else b for b in values]
+    values = [_python_number(b) for b in values]
     for b in values:
         if isinstance(b, bool) or not isinstance(b, (int, float)):
             raise TypeError(f"budget entries must be int (count) or float (ratio), got {type(b).__name__}")
@@ -465,12 +464,11 @@ def _check_budget(budget, batch: int, n_tokens: int) -> list[int]:
     return reference.budget_to_counts(values, batch, n_tokens)
 
 
-def _is_integral(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral))
+def _python_number(value):
+    """A numpy (or other ``numbers.Real``) scalar as the Python int or float it holds; anything else unchanged."""
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+        return int(value) if isinstance(value, numbers.Integral) else float(value)
+    return value
 
 
 def _check_compaction_inputs(selection, tensors):
@@ -585,7 +583,7 @@ def _(packed, index, cu_seqlens, base, n_tokens, fill_value):
 def _gather_setup_context(ctx, inputs, output):
     payloads, index, cu_seqlens = inputs
     ctx.save_for_backward(index, cu_seqlens)
-    ctx.shapes = [(p.shape[1], p.is_floating_point() or p.is_complex()) for p in payloads]
+    ctx.payloads = [(p.shape[1], p.is_floating_point() or p.is_complex()) for p in payloads]  # (N, differentiable)
 
 
 def _gather_backward(ctx, grads):
@@ -593,7 +591,7 @@ def _gather_backward(ctx, grads):
     index, cu_seqlens = ctx.saved_tensors
     payload_grads = [None if grad is None or not differentiable else
                      _scatter_rows_op(grad, index, cu_seqlens, None, n_tokens, 0.0)
-                     for grad, (n_tokens, differentiable) in zip(grads, ctx.shapes)]
+                     for grad, (n_tokens, differentiable) in zip(grads, ctx.payloads)]
     return payload_grads, None, None
 
 
