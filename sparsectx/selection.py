@@ -548,19 +548,18 @@ def attention_scores(reference_latents: torch.Tensor, context: SelectionContext,
     """
     batch, n_tokens, _ = reference_latents.shape
     extra = context.extra
-    if extra.get("queries") is None and extra.get("text_queries") is None and extra.get("target_queries") is None:
+    query_names = ("queries", "text_queries", "target_queries")
+    if all(extra.get(n) is None for n in query_names):
         _probe_tensor(reference_latents, context, "queries", "attention", required=False)  # a lazy probe, once
-    _probe_tensor(reference_latents, context, "ref_keys", "attention", required=False)  # the same lazy probe
+    if all(extra.get(n) is None for n in query_names):
+        raise ValueError("selector 'attention' needs context.extra['queries'] (or 'text_queries' / "
+                         "'target_queries') and extra['ref_keys']")
+    keys = _probe_tensor(reference_latents, context, "ref_keys", "attention")
     if extra.get("queries") is not None:
         queries, query_mask, name = extra["queries"], extra.get("query_mask"), "queries"
-        keys = _probe_tensor(reference_latents, context, "ref_keys", "attention")
     else:
         parts = [(extra[n], extra.get(m)) for n, m in (("text_queries", "text_mask"), ("target_queries", None))
                  if extra.get(n) is not None]
-        if not parts:
-            raise ValueError("selector 'attention' needs context.extra['queries'] (or 'text_queries' / "
-                             "'target_queries') and extra['ref_keys']")
-        keys = _probe_tensor(reference_latents, context, "ref_keys", "attention")
         for q, m in parts:
             _check_qk(q, keys, m, batch, n_tokens, "text_queries/target_queries")
         queries = torch.cat([q for q, _ in parts], dim=1)
