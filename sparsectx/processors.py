@@ -141,12 +141,26 @@ def _key_mask_from_attention_mask(attention_mask: torch.Tensor, batch: int, seq:
 class _SparsectxProcessor:
     """Common part: the attention call with the state's mask, and the checks diffusers' dispatcher would do."""
 
-    _attention_backend = None  # set by diffusers' set_attention_backend walk; unused: sparsectx's op computes
     _parallel_config = None  # set by diffusers' enable_parallelism: context parallelism is rejected at call time
 
     def __init__(self, state: Optional[AttentionState] = None, original=None):
         self.state = state if state is not None else AttentionState()
         self.original = original  # the replaced processor (delegate_when_unmasked)
+        self._own_backend = None
+
+    @property
+    def _attention_backend(self):
+        """diffusers' per-processor backend (``set_attention_backend`` / ``reset_attention_backend`` walk the
+        layers' processors): unused by sparsectx's op, kept on the replaced processor so that it holds the backend
+        set while sparsectx was installed when ``disable`` puts it back."""
+        return getattr(self.original, "_attention_backend", None) if self.original is not None else self._own_backend
+
+    @_attention_backend.setter
+    def _attention_backend(self, backend) -> None:
+        if self.original is not None:
+            self.original._attention_backend = backend
+        else:
+            self._own_backend = backend
 
     def _check_parallel(self) -> None:
         config = self._parallel_config

@@ -53,3 +53,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _diffusers_backend_unchanged():
+    """diffusers' ``set_attention_backend`` also sets a process-wide active backend that ``reset_attention_backend``
+    leaves alone: a test that sets one and does not put it back changes every later test's attention."""
+    try:
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+    except Exception:
+        yield
+        return
+    before = _AttentionBackendRegistry._active_backend
+    yield
+    after = _AttentionBackendRegistry._active_backend
+    _AttentionBackendRegistry.set_active_backend(before)
+    assert after == before, f"the test left diffusers' active attention backend at {after} (was {before})"

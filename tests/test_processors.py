@@ -154,6 +154,27 @@ def test_processors_set_behind_sparsectx_are_kept_by_disable_and_replaced_by_ena
     module.set_processor(originals[name])
 
 
+def test_attention_backend_set_while_enabled_survives_disable(models):
+    """set_attention_backend / reset_attention_backend called while sparsectx's processors are installed reach
+    the replaced processors: disable puts back processors that hold what the user set (before, None)."""
+    model = models["flux"]
+    active = _AttentionBackendRegistry._active_backend  # set_attention_backend also sets diffusers' global one
+    sparsectx.enable(model, budget=1.0, attention="sparsectx")
+    try:
+        model.set_attention_backend("_native_math")
+        sparsectx.disable(model)
+        backends = {getattr(p, "_attention_backend", None) for p in _processors(model).values()}
+        assert backends == {"_native_math"}
+        sparsectx.enable(model, budget=1.0, attention="sparsectx")
+        model.reset_attention_backend()
+        sparsectx.disable(model)
+        assert {getattr(p, "_attention_backend", None) for p in _processors(model).values()} == {None}
+    finally:
+        sparsectx.disable(model)
+        model.reset_attention_backend()
+        _AttentionBackendRegistry.set_active_backend(active)
+
+
 def test_shared_processor_instance_across_layers(models):
     """diffusers' set_attn_processor(proc) gives every layer the same instance: it holds no per-layer state."""
     model, kwargs = models["flux"], shared._inputs("flux")
