@@ -9,7 +9,7 @@ rule as ``sparsectx.compact_tokens``). Budgets may differ per image and per requ
 Built-in selectors (``available_selectors()``):
 
 - ``random``: i.i.d. uniform scores from ``context.generator`` (the training-time baseline; deterministic under a
-  seed).
+  seed, and then the same for every sample of a batch, whatever its position).
 - ``uniform``: a strided grid over each image: a low-discrepancy rank order, so the top-k of any k is evenly spread.
 - ``edit``: spatially-aligned editing: the edit region (user mask and/or instruction-to-reference attention) plus
   a context ring around it, then an evenly spread remainder.
@@ -279,12 +279,17 @@ def _lengths_per_token(ref_lengths: Sequence[int], device) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 def random_scores(reference_latents: torch.Tensor, context: SelectionContext) -> torch.Tensor:
     """i.i.d. U[0, 1) scores drawn from ``context.generator`` (on the generator's device, then moved): a random
-    subset of any size, reproducible under a seed. Signal: none (the Sparse Context training distribution)."""
+    subset of any size, reproducible under a seed. Signal: none (the Sparse Context training distribution).
+
+    With a generator, one row of N scores is drawn and shared by every sample, so a sample's selection does not
+    depend on its position in the batch or on its batch-mates (a request run alone keeps what it keeps inside a
+    batch, at any budget); without one, each sample draws its own row."""
     batch, n_tokens, _ = reference_latents.shape
     gen = context.generator
     draw_device = gen.device if gen is not None else reference_latents.device
-    scores = torch.rand((batch, n_tokens), generator=gen, device=draw_device, dtype=torch.float32)
-    return scores.to(reference_latents.device)
+    rows = 1 if gen is not None else batch
+    scores = torch.rand((rows, n_tokens), generator=gen, device=draw_device, dtype=torch.float32)
+    return scores.to(reference_latents.device).expand(batch, n_tokens)
 
 
 def uniform_scores(reference_latents: torch.Tensor, context: SelectionContext) -> torch.Tensor:

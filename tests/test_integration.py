@@ -507,6 +507,24 @@ def test_named_selector_is_deterministic_under_seed(models):
     assert masks[0].sum(1).tolist() == [5 + 4] * 2
 
 
+def test_seeded_random_selection_does_not_depend_on_batch_position(models):
+    """Seeded, ``random`` keeps the same tokens for a request alone or at any position of a batch whose samples
+    differ (own references, mixed budgets), so a served request is reproducible whatever it is batched with."""
+    model, kwargs = models["flux2"], _inputs("flux2", batch=3)
+    budgets = [[0.5], [0.25], [0.5]]
+    sparsectx.enable(model, budget=budgets, selector="random", seed=7)
+    _run(model, kwargs)
+    batched = sparsectx.last_selection(model).keep
+    assert batched.shape[0] == 3 and not torch.equal(batched[0], batched[1])  # different budgets, one selection
+    for i in (2, 1):
+        alone = {k: v[i:i + 1] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == 3 else v
+                 for k, v in kwargs.items()}
+        sparsectx.enable(model, budget=budgets[i], selector="random", seed=7)
+        _run(model, alone)
+        assert torch.equal(sparsectx.last_selection(model).keep[0], batched[i]), i
+    assert torch.equal(batched[0] & batched[1], batched[1])  # the same scores: a smaller budget keeps a subset
+
+
 def test_selector_mask_is_kept_as_given_without_a_budget_and_sized_by_one(models):
     """A selector's keep mask: as given with budget=None; with a budget, capped or padded to it per image, the same
     keep as ``sparsectx.selection.select`` (one rule for both public paths, no budget silently ignored)."""
