@@ -9,6 +9,9 @@ Python ints.
 the device of the tensors it is given. A model split over GPUs (diffusers/accelerate ``device_map``) calls ops
 with tensors on ``cuda:1`` while ``cuda:0`` is current: without a guard the kernel would run on the wrong GPU with
 pointers it can not address (an error, or silently wrong results). Every launcher enters its tensors' device.
+
+``built_for_interpreter``: ``triton.jit`` reads ``TRITON_INTERPRET`` when it decorates, so a kernel module keeps the
+mode it was imported in, whatever the variable says later; dispatch asks the kernels, not the environment.
 """
 import functools
 import inspect
@@ -45,3 +48,12 @@ def on_device_of(arg: str):
         return launch
 
     return decorate
+
+
+def built_for_interpreter(kernel) -> bool:
+    """Whether ``kernel`` (a ``triton.jit`` function, autotuned or not) runs through Triton's interpreter."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    while not isinstance(kernel, InterpretedFunction) and hasattr(kernel, "fn"):
+        kernel = kernel.fn  # an Autotuner (or heuristics) wraps the jitted function
+    return isinstance(kernel, InterpretedFunction)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, next_power_of_2, on_device_of
+from ._launch import built_for_interpreter, cdiv, next_power_of_2, on_device_of
 
 LOG2E = 1.4426950408889634  # scores are scaled by scale*log2(e) so that exp2 replaces exp
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # lse is returned in natural log
@@ -488,3 +488,6 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, 
             dq.stride(0), dq.stride(1), _tune_rows(batch, max_seqlen_q, heads),
             HEAD_DIM=dim, BLOCK_D=block_d, HAS_REF=has_ref, REF_PACKED=packed, IEEE=ieee)
     return dq, dk, dv, dref_k, dref_v
+
+
+INTERPRETED = built_for_interpreter(_fwd_kernel)  # how this module's kernels were built (see ops.backend_for)

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cdiv, next_power_of_2, on_device_of
+from ._launch import built_for_interpreter, cdiv, next_power_of_2, on_device_of
 
 # Order-preserving integer keys of fp32 scores: the top-k threshold is found RADIX_BITS bits per pass. Two bits per
 # pass need 3 counts per pass (candidate digits 1..3); more bits per pass would cost 2**bits - 1 counts, each a full
@@ -512,3 +512,6 @@ def scatter_rows(
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
     )
     return out
+
+
+INTERPRETED = built_for_interpreter(_gather_rows_kernel)  # how this module's kernels were built (see ops.backend_for)

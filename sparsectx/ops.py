@@ -1,9 +1,10 @@
 """Public ops of sparsectx: validation, dispatch, autograd and torch.library registration.
 
 Dispatch (``backend_for``): CUDA tensors run the Triton kernels; CPU tensors run the same Triton kernels through
-the interpreter when ``TRITON_INTERPRET=1`` was set before sparsectx's kernels were first imported (bf16 excepted:
-the interpreter computes bf16 wrongly, so bf16 on the CPU takes the reference path); anything else runs the
-plain-torch reference of ``sparsectx.reference``. Every path gives the same results within rounding.
+the interpreter when ``TRITON_INTERPRET=1`` is set and was set when sparsectx's kernels were first imported (bf16
+excepted: the interpreter computes bf16 wrongly, so bf16 on the CPU takes the reference path); anything else
+(e.g. the variable set after the kernels were imported for a GPU) runs the plain-torch reference of
+``sparsectx.reference``. Every path gives the same results within rounding.
 
 Ops:
 - ``sparse_attention``: flash_attn_varlen_func-style joint attention whose keys are each sample's own packed keys
@@ -14,9 +15,12 @@ Ops:
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import numbers
 import os
+import sys
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -37,16 +41,28 @@ def _triton_available() -> bool:
     return True
 
 
+_KERNEL_MODULES = ("sparsectx.kernels.attention", "sparsectx.kernels.compaction")
+
+
 def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _kernels_built_as(interpreted: bool) -> bool:
+    """Whether every kernel module imported so far was built in that mode (``triton.jit`` fixes it at import:
+    setting ``TRITON_INTERPRET`` afterwards does not turn compiled kernels into interpreted ones, or back)."""
+    return all(sys.modules[name].INTERPRETED == interpreted for name in _KERNEL_MODULES if name in sys.modules)
+
+
 def backend_for(device: Union[torch.device, str], dtype: torch.dtype = torch.float16) -> str:
-    """Which implementation an op takes for tensors on ``device`` of ``dtype``."""
+    """Which implementation an op takes for tensors on ``device`` of ``dtype``: the kernels when they can run there
+    (the environment asks for their mode and the kernels imported so far were built in it), else the reference."""
     device = torch.device(device)
-    if device.type == "cuda" and _triton_available() and not interpreter_enabled():
+    interpret = interpreter_enabled()
+    if device.type == "cuda" and not interpret and _triton_available() and _kernels_built_as(False):
         return TRITON_GPU
-    if device.type == "cpu" and interpreter_enabled() and _triton_available() and dtype != torch.bfloat16:
+    if (device.type == "cpu" and interpret and dtype != torch.bfloat16 and _triton_available()
+            and _kernels_built_as(True)):
         return TRITON_INTERPRETER
     return TORCH_REFERENCE
 
@@ -201,6 +217,42 @@ torch.library.register_autograd("sparsectx::sparse_attention_fwd", _attention_ba
                                 setup_context=_attention_setup_context)
 
 
+def _autocast_dtype(t) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` asks for on ``t``'s device type, or None when it is off there."""
+    device_type = t.device.type if isinstance(t, torch.Tensor) else None
+    if device_type is None or not torch.amp.is_autocast_available(device_type) \
+            or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _casts_under_autocast(*names: str):
+    """Decorator of an attention op whose first parameter is q: inside ``torch.autocast`` for q's device type, the
+    named floating-point inputs are cast to the autocast dtype (as torch's SDPA does) and the op runs with autocast
+    off, so that what it computes in fp32 (the torch reference path) stays fp32. Outside autocast: one check."""
+
+    def decorate(op):
+        signature = inspect.signature(op)
+
+        @functools.wraps(op)
+        def run(*args, **kwargs):
+            dtype = _autocast_dtype(args[0] if args else kwargs.get("q"))
+            if dtype is None:
+                return op(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
+            for name in names:
+                value = bound.arguments.get(name)
+                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    bound.arguments[name] = value.to(dtype)
+            with torch.autocast(bound.arguments["q"].device.type, enabled=False):
+                return op(*bound.args, **bound.kwargs)
+
+        return run
+
+    return decorate
+
+
+@_casts_under_autocast("q", "k", "v", "ref_k", "ref_v")
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -247,6 +299,9 @@ def sparse_attention(
     ``validate=True`` checks cu_seqlens and indices with a few small host reads; pass False in a hot loop once the
     inputs are known to be well formed (then nothing synchronises with the host). While ``torch.compile`` traces
     (no data to read) those checks are skipped, as are the finiteness check of a traced ``softmax_scale``.
+
+    Inside ``torch.autocast`` (for q's device type) q, k, v, ref_k and ref_v are cast to the autocast dtype first,
+    as torch's SDPA does: e.g. a model whose fp32 norms return fp32 q and k beside a bf16 v.
     """
     _check_tensor("q", q, ndim=3, dtypes=_ATTN_DTYPES)
     dev, dt = q.device, q.dtype
@@ -262,12 +317,14 @@ def sparse_attention(
         raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
     if dim > 256 or dim < 1:
         raise ValueError(f"head dim (q.shape[-1]) must be in 1..256, got {dim}")
+    max_seqlen_q, max_seqlen_k = _python_number(max_seqlen_q), _python_number(max_seqlen_k)
     if not _is_int(max_seqlen_q) or not _is_int(max_seqlen_k):
         raise TypeError("max_seqlen_q and max_seqlen_k must be Python ints")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(dim)
+    softmax_scale = _python_number(softmax_scale)
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float, torch.SymInt, torch.SymFloat)):
-        raise ValueError(f"softmax_scale must be a finite number, got {softmax_scale!r}")
+        raise TypeError(f"softmax_scale must be a Python number or None, got {type(softmax_scale).__name__}")
     # torch.compile traces with tensors that hold no data and may trace the scale as a symbol: the checks that
     # read the device or the scale's value are skipped there
     compiling = torch.compiler.is_compiling()
@@ -317,6 +374,7 @@ def sparse_attention(
         cu_seqlens_ref = cu_seqlens_ref.contiguous()
         ref_index = ref_index.contiguous() if ref_index is not None else None
         ref_k, ref_v = _last_dim_contiguous(ref_k), _last_dim_contiguous(ref_v)
+        max_seqlen_ref = _python_number(max_seqlen_ref)
         if max_seqlen_ref is None:
             max_seqlen_ref = ref_k.shape[-3]
         elif not _is_int(max_seqlen_ref):
@@ -362,6 +420,7 @@ def uniform_cu_seqlens(batch: int, seq: int, device) -> torch.Tensor:
     return torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=device)
 
 
+@_casts_under_autocast("q", "k", "v")
 def masked_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -382,6 +441,7 @@ def masked_attention(
     which the kernel reads faster than gathered rows; only the rest of the keys is gathered through ``key_mask``.
 
     Gradients flow to q, k, v (zero at dropped keys and skipped queries). Nothing synchronises with the host.
+    Inside ``torch.autocast`` q, k and v are cast to the autocast dtype first, as in ``sparse_attention``.
     """
     _check_tensor("q", q, ndim=4, dtypes=_ATTN_DTYPES)
     dev = q.device
@@ -398,6 +458,7 @@ def masked_attention(
         _check_tensor("query_mask", query_mask, ndim=2, dtypes=(torch.bool,), device=dev)
         if query_mask.shape != (batch, seq):
             raise ValueError(f"query_mask must be [B={batch}, S={seq}], got {tuple(query_mask.shape)}")
+    kept_prefix = _python_number(kept_prefix)
     if isinstance(kept_prefix, bool) or not isinstance(kept_prefix, int) or not 0 <= kept_prefix <= seq:
         raise ValueError(f"kept_prefix must be an int in [0, S={seq}], got {kept_prefix!r}")
 
@@ -487,11 +548,14 @@ def _check_compaction_inputs(selection, tensors):
     return batch, n_tokens
 
 
-def _check_count(name: str, value, minimum: int = 0) -> None:
+def _check_count(name: str, value, minimum: int = 0) -> int:
+    """``value`` as a Python int (a numpy integer converted), checked to be at least ``minimum``."""
+    value = _python_number(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
 
 
 # the kernel reads these score dtypes exactly as fp32; others (fp64) get their keep mask from the reference
@@ -641,7 +705,7 @@ def compact_tokens(selection: torch.Tensor, *tensors: torch.Tensor, budget=None,
     """
     batch, n_tokens = _check_compaction_inputs(selection, tensors)
     if max_total is not None:
-        _check_count("max_total", max_total)
+        max_total = _check_count("max_total", max_total)
     if selection.dtype == torch.bool:
         if budget is not None:
             raise ValueError("budget must be None when selection is a keep mask")
@@ -661,7 +725,8 @@ def compact_tokens(selection: torch.Tensor, *tensors: torch.Tensor, budget=None,
     packed = gather(list(tensors), index, cu_seqlens)
     max_seqlen = None
     if return_max_seqlen:
-        max_seqlen = max(counts, default=0) if counts is not None else _max_len(cu_seqlens)
+        # (not max(counts, default=0): dynamo refuses the keyword when the counts are symbolic ints)
+        max_seqlen = (max(counts) if counts else 0) if counts is not None else _max_len(cu_seqlens)
     return Compacted(index, cu_seqlens, max_seqlen, tuple(packed))
 
 
@@ -684,7 +749,7 @@ def scatter_tokens(packed: torch.Tensor, index: torch.Tensor, cu_seqlens: torch.
         raise ValueError("cu_seqlens must have B+1 >= 1 entries")
     if index.numel() != packed.shape[0]:
         raise ValueError(f"index has {index.numel()} rows but packed has {packed.shape[0]}")
-    _check_count("n_tokens", n_tokens)
+    n_tokens = _check_count("n_tokens", n_tokens)
     index, cu_seqlens = index.contiguous(), cu_seqlens.contiguous()  # the kernel reads them with unit stride
     base = None
     if isinstance(fill, torch.Tensor):
@@ -694,8 +759,10 @@ def scatter_tokens(packed: torch.Tensor, index: torch.Tensor, cu_seqlens: torch.
             raise ValueError(f"fill tensor must be {list(expected)} of dtype {packed.dtype}, "
                              f"got {list(fill.shape)} {fill.dtype}")
         base = fill
-    elif not isinstance(fill, (int, float)):
-        raise TypeError(f"fill must be a number or a tensor, got {type(fill).__name__}")
+    else:
+        fill = _python_number(fill)
+        if not isinstance(fill, (int, float)):
+            raise TypeError(f"fill must be a number or a tensor, got {type(fill).__name__}")
     fill_value = 0.0 if base is not None else fill
     if _records_graph((packed, base)):
         if base is None and not (packed.is_floating_point() or packed.is_complex()) and fill_value:

@@ -12,6 +12,14 @@ if not torch.cuda.is_available():
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+# triton.jit fixes a kernel's mode (compiled or interpreted) when it decorates: import the kernels now, in the
+# suite's mode, rather than in the mode of whichever test first sets TRITON_INTERPRET
+try:
+    import sparsectx.kernels.attention  # noqa: E402,F401
+    import sparsectx.kernels.compaction  # noqa: E402,F401
+except ImportError:  # no triton: every op takes the reference
+    pass
+
 
 def _interpreter_needs_older_numpy() -> bool:
     """The interpreters of Triton 3.4-3.6 turn a scalar kernel argument into an int with ``int(array_of_shape_1)``,

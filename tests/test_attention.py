@@ -418,6 +418,46 @@ def test_bad_input_raises_naming_the_argument(change, error, words):
         sparsectx.sparse_attention(**kwargs)
 
 
+def test_numpy_scalars_count_as_python_numbers():
+    """softmax_scale, max_seqlen_* and kept_prefix given as numpy scalars work as the numbers they hold (before:
+    np.float32 scale refused as 'not finite', numpy ints as not ints); a tensor scale is a TypeError naming it."""
+    np = pytest.importorskip("numpy")
+    kwargs = _valid()
+    want = sparsectx.sparse_attention(**kwargs, softmax_scale=0.3)
+    numpy_kwargs = {**kwargs, "max_seqlen_q": np.int64(kwargs["max_seqlen_q"]),
+                    "max_seqlen_k": np.int32(kwargs["max_seqlen_k"]), "max_seqlen_ref": np.int64(8)}
+    got = sparsectx.sparse_attention(**numpy_kwargs, softmax_scale=np.float32(0.3))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # the scale as float(np.float32(0.3))
+    with pytest.raises(TypeError, match="softmax_scale must be a Python number"):
+        sparsectx.sparse_attention(**kwargs, softmax_scale=torch.tensor(0.3))
+    q = torch.randn(2, 5, 2, 16, device=DEVICE)
+    mask = torch.rand(2, 5, generator=torch.Generator().manual_seed(0)).to(DEVICE) > 0.5
+    torch.testing.assert_close(sparsectx.masked_attention(q, q, q, mask, kept_prefix=np.int64(2)),
+                               sparsectx.masked_attention(q, q, q, mask, kept_prefix=2), rtol=0, atol=0)
+
+
+def test_autocast_casts_the_inputs_as_sdpa_does():
+    """Inside torch.autocast, q/k/v of mixed dtypes (fp32 q and k from fp32 norms, a bf16 v) are cast to the
+    autocast dtype, as torch's SDPA does: the result equals the call on inputs cast by hand. Outside autocast the
+    mix stays an error naming the argument."""
+    device_type = torch.device(DEVICE).type
+    kwargs = _valid()
+    mixed = {**kwargs, "q": kwargs["q"].float(), "k": kwargs["k"].float(), "v": kwargs["v"].bfloat16(),
+             "ref_k": kwargs["ref_k"].float(), "ref_v": kwargs["ref_v"].bfloat16()}
+    by_hand = {name: t.bfloat16() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+               for name, t in mixed.items()}
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        out = sparsectx.sparse_attention(**mixed)
+        dense = sparsectx.masked_attention(*(mixed[n][None, :4] for n in ("q", "k", "v")),
+                                           torch.ones(1, 4, dtype=torch.bool, device=DEVICE))
+    assert out.dtype == torch.bfloat16 and dense.dtype == torch.bfloat16
+    assert torch.equal(out, sparsectx.sparse_attention(**by_hand))
+    assert torch.equal(dense, sparsectx.masked_attention(*(by_hand[n][None, :4] for n in ("q", "k", "v")),
+                                                         torch.ones(1, 4, dtype=torch.bool, device=DEVICE)))
+    with pytest.raises(ValueError, match="v has dtype"):
+        sparsectx.sparse_attention(**mixed)
+
+
 def test_masked_attention_bad_input():
     q = torch.randn(2, 5, 2, 16, device=DEVICE)
     with pytest.raises(ValueError, match="key_mask must have dtype"):

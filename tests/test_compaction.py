@@ -105,6 +105,38 @@ def test_numpy_budgets_count_as_python_numbers(device):
         sparsectx.compact_tokens(scores, budget=np.bool_(True))
 
 
+def test_numpy_counts_and_fill_count_as_python_numbers(device):
+    """max_total, n_tokens and a scalar fill given as numpy scalars work as the Python numbers they hold (before:
+    TypeError), as numpy budgets do."""
+    np = pytest.importorskip("numpy")
+    gen = torch.Generator().manual_seed(4)
+    scores, x = _scores(gen, 2, 12, torch.float32, device), torch.randn(2, 12, 3, generator=gen).to(device)
+    mask = scores > 0.5
+    got, want = (sparsectx.compact_tokens(mask, x, max_total=m) for m in (np.int64(24), 24))
+    assert torch.equal(got.index, want.index) and torch.equal(got.tensors[0], want.tensors[0])
+    kept = sparsectx.compact_tokens(scores, x, budget=5)
+    back = [sparsectx.scatter_tokens(kept.tensors[0], kept.index, kept.cu_seqlens, n, fill=f)
+            for n, f in ((np.int64(12), np.float32(-1.5)), (12, -1.5))]
+    assert torch.equal(back[0], back[1]) and bool((back[0] == -1.5).any())
+    with pytest.raises(TypeError, match="fill"):
+        sparsectx.scatter_tokens(kept.tensors[0], kept.index, kept.cu_seqlens, 12, fill="0")
+
+
+def test_max_seqlen_of_a_budget_traces_with_dynamic_shapes(device):
+    """return_max_seqlen on the scores path under torch.compile(fullgraph=True, dynamic=True): the counts are
+    symbolic ints there (before: dynamo refused ``max(counts, default=0)``)."""
+    def f(scores, x):
+        kept = sparsectx.compact_tokens(scores, x, budget=0.25, return_max_seqlen=True)
+        return kept.tensors[0] * kept.max_seqlen
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=True)
+    gen = torch.Generator().manual_seed(5)
+    for n in (8, 12):
+        scores, x = _scores(gen, 2, n, torch.float32, device), torch.randn(2, n, 3, generator=gen).to(device)
+        assert torch.equal(compiled(scores, x), f(scores, x))
+
+
 def test_per_sample_budget_tensor(device):
     gen = torch.Generator().manual_seed(2)
     scores = _scores(gen, 4, 33, torch.float32, device, distinct=4)

@@ -17,8 +17,38 @@ def test_backend_for_follows_device_dtype_and_interpreter_flag(monkeypatch):
     assert ops.backend_for("meta", torch.float16) == ops.TORCH_REFERENCE
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert ops.backend_for("cpu", torch.float16) == ops.TORCH_REFERENCE
-    assert ops.backend_for("cuda", torch.bfloat16) == (ops.TRITON_GPU if ops._triton_available() else
-                                                       ops.TORCH_REFERENCE)
+    # CUDA tensors take the kernels when they were built for a GPU, not the interpreted ones of a CPU test run
+    # (tests/conftest.py imports the kernels at start-up, in the suite's mode)
+    assert ops.backend_for("cuda", torch.bfloat16) == (ops.TRITON_GPU if ops._triton_available()
+                                                       and torch.cuda.is_available() else ops.TORCH_REFERENCE)
+
+
+@pytest.mark.skipif(not ops._triton_available(), reason="needs triton")
+def test_kernels_imported_without_the_interpreter_are_not_sent_cpu_tensors():
+    """triton.jit fixes a kernel's mode at import: TRITON_INTERPRET=1 set after the kernels were imported for a GPU
+    (e.g. by ``sparsectx info``) sends CPU tensors to the reference path (before: Triton's '0 active drivers'
+    error), and the results are right."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import os, torch, sparsectx
+from sparsectx import ops
+import sparsectx.kernels.attention, sparsectx.kernels.compaction
+assert not sparsectx.kernels.attention.INTERPRETED and not sparsectx.kernels.compaction.INTERPRETED
+os.environ["TRITON_INTERPRET"] = "1"
+assert ops.backend_for("cpu", torch.float32) == ops.TORCH_REFERENCE, ops.backend_for("cpu", torch.float32)
+q = torch.randn(5, 1, 16); cu = torch.tensor([0, 5], dtype=torch.int32)
+out = sparsectx.sparse_attention(q, q, q, cu, cu, 5, 5)
+torch.testing.assert_close(out, sparsectx.reference.sparse_attention_ref(q, q, q, cu, cu)[0])
+kept = sparsectx.compact_tokens(torch.tensor([[0.1, 0.9, 0.5]]), budget=2)
+assert kept.index.tolist() == [1, 2], kept.index
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
 @pytest.mark.skipif(not ops._triton_available(), reason="needs triton")
