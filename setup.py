@@ -26,7 +26,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "peft"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "peft", "accelerate"],
         "train": ["peft", "accelerate"],
         "plot": ["matplotlib"],
     },

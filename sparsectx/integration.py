@@ -84,6 +84,7 @@ import itertools
 import math
 import numbers
 import re
+import types
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
@@ -556,11 +557,29 @@ def reference_layout(family: str, call: dict) -> Optional[_Layout]:
     return _LAYOUTS[family](call)
 
 
-def _patched_forward(transformer: torch.nn.Module, attr: str, *args, **kwargs):
-    """The forward of a patched transformer: runs the patch the transformer holds under ``attr``. Installed as a
-    ``functools.partial`` over the transformer (not a closure over the patch), so a deep copy of the transformer
-    (e.g. an EMA model) calls its own copy of the patch, bound to the copy's weights."""
-    return getattr(transformer, attr).forward(*args, **kwargs)
+def _patched_forward(attr: str, model_forward: Callable) -> Callable:
+    """The forward a patch installs, as a function of ``(module, *args, **kwargs)`` that runs the patch ``module``
+    holds under ``attr``, reading as ``model_forward`` (a bound forward: name, docstring, ``inspect.signature``).
+
+    It is installed bound to the transformer (a method, not a closure over the patch): a deep copy of the transformer
+    (e.g. an EMA model) rebinds it to the copy, which calls its own copy of the patch; a wrapper that rebinds a
+    model's forward through ``__func__`` (accelerate's mixed precision, and its ``unwrap_model``) calls it as the
+    model's own method. It has no ``__wrapped__``: unwrapping stops at it instead of reaching the model's forward."""
+
+    def forward(module, *args, **kwargs):
+        # bound twice when accelerate's unwrap_model(keep_fp32_wrapper=False) binds the forward it unwraps to the
+        # model and that forward is this one, already bound (sparsectx enabled after Accelerator.prepare)
+        if args and args[0] is module:
+            args = args[1:]
+        return getattr(module, attr).forward(*args, **kwargs)
+
+    for name in ("__module__", "__name__", "__qualname__", "__doc__"):
+        if hasattr(model_forward, name):
+            setattr(forward, name, getattr(model_forward, name))
+    signature = inspect.signature(model_forward)
+    forward.__signature__ = signature.replace(parameters=[
+        inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY), *signature.parameters.values()])
+    return forward
 
 
 class _ScopedBlock:
@@ -648,15 +667,22 @@ class ForwardPatch:
         return dict(self.signature.bind(*args, **kwargs).arguments)
 
     def install(self) -> None:
-        # the model's name, docstring and (through __wrapped__) inspect.signature(transformer.forward)
-        forward = functools.update_wrapper(functools.partial(_patched_forward, self.transformer, self.attr),
-                                           self.original_forward)
+        forward = types.MethodType(_patched_forward(self.attr, self.original_forward), self.transformer)
         self.transformer.forward = forward
         self.wrapped_forward = forward
         setattr(self.transformer, self.attr, self)
 
+    def _is_installed(self, forward) -> bool:
+        """Whether ``forward`` is the forward this patch installed, or its function bound again to the transformer
+        (accelerate's ``unwrap_model(..., keep_fp32_wrapper=False)`` rebinds the function it unwraps to)."""
+        while isinstance(forward, types.MethodType) and forward.__self__ is self.transformer:
+            if forward is self.wrapped_forward or forward.__func__ is self.wrapped_forward.__func__:
+                return True
+            forward = forward.__func__  # bound twice (see _patched_forward)
+        return False
+
     def uninstall(self) -> None:
-        if self.transformer.__dict__.get("forward") is self.wrapped_forward:
+        if self._is_installed(self.transformer.__dict__.get("forward")):
             if self.had_instance_forward:
                 self.transformer.forward = self.original_forward
             else:
@@ -665,6 +691,10 @@ class ForwardPatch:
             # accelerate's add_hook_to_module (e.g. enable_model_cpu_offload after enable) wrapped this patch: the
             # hook stays, and calls what this patch replaced
             self.transformer._old_forward = self.original_forward
+        elif self._is_installed(self.transformer.__dict__.get("_original_forward")):
+            raise RuntimeError("accelerate's mixed precision (Accelerator.prepare) wrapped the transformer's forward "
+                               "after sparsectx patched it: call accelerator.unwrap_model(model, "
+                               "keep_fp32_wrapper=False) before disabling, or enable sparsectx after prepare")
         elif not self._unhook_from_diffusers_registry():
             raise RuntimeError("the transformer's forward was wrapped again after sparsectx patched it (by something "
                                "other than an accelerate or diffusers hook); remove that wrapper first")

@@ -21,9 +21,12 @@ token, the original processors run (bit-exact with the unpatched model).
 from __future__ import annotations
 
 import collections
+import contextlib
+import functools
+import numbers
 import warnings
 import weakref
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -34,20 +37,31 @@ DEFAULT_RATIO_RANGE = (0.05, 1.0)  # the keep ratios a trained model should hand
 RECENT_MASKS = 64  # masks of the latest training forwards kept for their recomputation by an outer checkpoint
 
 
+def _is_int(value) -> bool:
+    """A Python or numpy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    """A Python or numpy real number, not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _check_layout(batch, ref_lengths, n_prefix) -> list[int]:
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+    """``ref_lengths`` as a list of Python ints, after checking the three arguments."""
+    if not _is_int(batch) or batch < 1:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
     if not isinstance(ref_lengths, (list, tuple)) or not ref_lengths \
-            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in ref_lengths):
+            or not all(_is_int(n) and n > 0 for n in ref_lengths):
         raise ValueError(f"ref_lengths must be a non-empty list of positive ints, got {ref_lengths!r}")
-    if isinstance(n_prefix, bool) or not isinstance(n_prefix, int) or n_prefix < 0:
+    if not _is_int(n_prefix) or n_prefix < 0:
         raise ValueError(f"n_prefix must be an int >= 0, got {n_prefix!r}")
-    return list(ref_lengths)
+    return [int(n) for n in ref_lengths]
 
 
 def _check_ratio_range(ratio_range) -> tuple[float, float]:
     if not isinstance(ratio_range, (tuple, list)) or len(ratio_range) != 2 \
-            or not all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in ratio_range) \
+            or not all(_is_real(r) for r in ratio_range) \
             or not 0.0 <= ratio_range[0] <= ratio_range[1] <= 1.0:
         raise ValueError(f"ratio_range must be (r_min, r_max) with 0 <= r_min <= r_max <= 1, got {ratio_range!r}")
     return float(ratio_range[0]), float(ratio_range[1])
@@ -57,7 +71,7 @@ def _draw_ratios(shape: tuple, ratio_range, ratios, generator, device) -> torch.
     """float64 keep ratios of ``shape``: from ``ratios`` (uniform choice) if given, else U[r_min, r_max]."""
     if ratios is not None:
         if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Sequence) or not ratios \
-                or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0.0 <= r <= 1.0
+                or not all(_is_real(r) and 0.0 <= r <= 1.0
                            for r in ratios):
             raise ValueError(f"ratios must be a non-empty list of keep ratios in [0, 1], got {ratios!r}")
         pick = torch.randint(len(ratios), shape, generator=generator, device=device)
@@ -155,11 +169,22 @@ class _DropTrainingPatch(integration.ForwardPatch):
         call = self.bind(args, kwargs)
         mask = self._mask_for(call) if self.transformer.training else (None, 0)
         self.state.image_keep, self.state.image_kept_prefix = mask
-        # gradient checkpointing recomputes blocks during backward, possibly after other forwards drew other masks:
-        # each checkpointed block of this forward runs (and is recomputed) with this forward's mask
-        with self.checkpointed_in(integration.state_scope(self.state, image_keep=mask[0],
-                                                          image_kept_prefix=mask[1])):
+        # gradient checkpointing recomputes blocks during backward, possibly after other forwards drew other masks
+        # or settings changed: each checkpointed block of this forward runs (and is recomputed) with this forward's
+        # mask and settings, and only while drop training is still enabled
+        scope = integration.state_scope(self.state, image_keep=mask[0], image_kept_prefix=mask[1],
+                                        skip_dropped_queries=self.state.skip_dropped_queries)
+        with self.checkpointed_in(functools.partial(self._enabled_scope, scope)):
             return self.original_forward(**call)
+
+    @contextlib.contextmanager
+    def _enabled_scope(self, scope: Callable):
+        if getattr(self.transformer, self.attr, None) is not self:
+            raise RuntimeError("drop training was disabled between a forward and its backward: gradient "
+                               "checkpointing recomputes that forward's blocks with its drop mask, which needs "
+                               "sparsectx's processors; call disable_drop_training after the backward")
+        with scope():
+            yield
 
     def _mask_for(self, call: dict) -> tuple[Optional[torch.Tensor], int]:
         """The drop mask of a training forward: a new draw, except for a forward that a checkpoint around the whole
@@ -169,6 +194,8 @@ class _DropTrainingPatch(integration.ForwardPatch):
         can not be told (its input was made inside the checkpoint, or two forwards took the same input tensor) gets
         a warning: its gradients are computed with another mask."""
         hidden = call["hidden_states"]
+        if hidden.is_inference():  # made under torch.inference_mode: no version counter, and no backward to come
+            return self._draw_mask(call)
         key = (hidden.data_ptr(), tuple(hidden.shape), hidden._version)
         entry = self.recent_masks.get(key)
         if entry is not None and entry[0]() is None:  # that forward's input is gone: its address was reused
@@ -252,8 +279,7 @@ def enable_drop_training(transformer, ratio_range: tuple = DEFAULT_RATIO_RANGE,
     """
     _check_ratio_range(ratio_range)
     if ref_lengths is not None:
-        _check_layout(1, ref_lengths, 0)
-        ref_lengths = list(ref_lengths)
+        ref_lengths = _check_layout(1, ref_lengths, 0)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if not isinstance(skip_dropped_queries, bool):

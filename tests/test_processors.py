@@ -407,6 +407,57 @@ def test_drop_masks_are_new_each_step_and_seeded(models):
     assert torch.equal(model._sparsectx_drop_training.state.image_keep, masks[0])
 
 
+def test_a_train_mode_forward_on_inference_tensors_draws_a_mask(models, monkeypatch):
+    """A validation pass under torch.inference_mode with the model left in train mode (its inputs, made there, have
+    no version counter) draws a mask and attends with it like any training forward (before: RuntimeError)."""
+    model = models["flux2"]
+    try:
+        model.train()
+        enable_drop_training(model, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(4))
+        with torch.inference_mode():
+            kwargs = _train_inputs("flux2")
+            dropped = model(**kwargs)[0]
+        image_keep = model._sparsectx_drop_training.state.image_keep
+        assert image_keep is not None and not image_keep.all()
+        disable_drop_training(model)
+        monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.NATIVE,
+                            shared._KeyMaskedNative(image_keep))
+        with torch.inference_mode():
+            masked = model(**kwargs)[0]
+        torch.testing.assert_close(dropped[:, :N_TARGET], masked[:, :N_TARGET], rtol=0, atol=FP32_ATOL)
+    finally:
+        disable_drop_training(model)
+        model.eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_drop_training_under_autocast_matches_masked_native_attention(models, family, monkeypatch):
+    """Under torch.autocast (bf16 on the CPU) Qwen-Image's fp32 norms hand the processors fp32 q and k beside a
+    bf16 v: sparsectx casts them as SDPA does (before: ValueError "v must match q's dtype"). The output's error
+    against the fp32 key-masked model is at most twice that of native attention under the same autocast."""
+    model, kwargs = models[family], _train_inputs(family)
+    try:
+        model.train()
+        enable_drop_training(model, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(5))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            dropped = model(**kwargs)[0]
+        image_keep = model._sparsectx_drop_training.state.image_keep
+        assert dropped.dtype == torch.bfloat16 and image_keep is not None and not image_keep.all()
+        disable_drop_training(model)
+        monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.NATIVE,
+                            shared._KeyMaskedNative(image_keep))
+        with torch.no_grad():
+            exact = model(**kwargs)[0]
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                native = model(**kwargs)[0]
+    finally:
+        disable_drop_training(model)
+        model.eval()
+    ours_err = (dropped[:, :N_TARGET].float() - exact[:, :N_TARGET]).abs().max()
+    native_err = (native[:, :N_TARGET].float() - exact[:, :N_TARGET]).abs().max()
+    assert ours_err <= 2 * native_err + 1e-3, (ours_err, native_err)
+
+
 def _flux2_for_training(lora: bool):
     model = shared._build_model("flux2")
     if lora:
@@ -445,6 +496,31 @@ def test_gradients_equal_key_masked_reference(skip_dropped_queries, checkpointin
         assert torch.isfinite(grad).all(), name
         torch.testing.assert_close(grad, expected[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
     assert all(grad.abs().max() > 0 for name, grad in grads.items() if "lora_A" in name or "to_q" in name)
+
+
+def test_settings_changed_before_the_backward_of_a_checkpointed_forward(monkeypatch):
+    """With gradient checkpointing, enabling again with other settings between a forward and its backward does not
+    change the recomputed blocks: gradients equal the key-masked reference of that forward (before: CheckpointError,
+    skip_dropped_queries was read at recompute time); disabling there says what to do (before: CheckpointError)."""
+    model, kwargs = _flux2_for_training(False), _train_inputs("flux2")
+    model.enable_gradient_checkpointing()
+    target = torch.randn(2, N_TARGET, kwargs["hidden_states"].shape[-1], generator=torch.Generator().manual_seed(2))
+    enable_drop_training(model, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(3))
+    model.zero_grad(set_to_none=True)
+    out = model(**kwargs)[0]
+    image_keep = model._sparsectx_drop_training.state.image_keep
+    enable_drop_training(model, ratio_range=(0.2, 0.6), skip_dropped_queries=False)
+    ((out[:, :N_TARGET] - target) ** 2).mean().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    out = model(**kwargs)[0]
+    disable_drop_training(model)
+    with pytest.raises(RuntimeError, match="disabled between a forward and its backward"):
+        out.sum().backward()
+    monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.NATIVE,
+                        shared._KeyMaskedNative(image_keep))
+    expected = _grads(model, kwargs, target)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
 
 
 def test_drop_training_bad_input(models):
@@ -613,6 +689,43 @@ def test_gradient_checkpointing_of_a_packed_batch_recomputes_within_each_sample(
     assert got.keys() == expected.keys() and len(got) > 10
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+
+
+@pytest.mark.parametrize("order", ["enable, prepare", "prepare, enable"])
+def test_accelerate_mixed_precision_around_drop_training(order):
+    """accelerate's Accelerator.prepare with mixed precision wraps the forward (autocast, fp32 outputs): training
+    draws masks in either order, and unwrap_model(keep_fp32_wrapper=False) keeps sparsectx's forward (before: a
+    TypeError for enable-then-prepare; sparsectx silently bypassed for prepare-then-enable); disable then puts back
+    what enable replaced. Disabling under the wrapper says what to do."""
+    accelerate = pytest.importorskip("accelerate")
+    model, kwargs = shared._build_model("flux2").train(), _train_inputs("flux2")
+    accelerator = accelerate.Accelerator(mixed_precision="bf16", cpu=True)
+    try:
+        if order == "enable, prepare":
+            enable_drop_training(model, ratio_range=(0.2, 0.6))
+            model = accelerator.prepare(model)
+        else:
+            model = accelerator.prepare(model)
+            replaced = model.forward
+            enable_drop_training(model, ratio_range=(0.2, 0.6))
+        state = model._sparsectx_drop_training.state
+        out = model(**kwargs)[0]
+        assert out.dtype == torch.float32 and state.image_keep is not None and not state.image_keep.all()
+        if order == "enable, prepare":
+            with pytest.raises(RuntimeError, match="keep_fp32_wrapper=False"):
+                disable_drop_training(model)
+        model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+        state.image_keep = None
+        model(**kwargs)
+        assert is_drop_training_enabled(model) and state.image_keep is not None  # still sparsectx's forward
+        disable_drop_training(model)
+        assert not is_drop_training_enabled(model)
+        if order == "enable, prepare":
+            assert "forward" not in model.__dict__  # the class's forward, as before enable
+        else:
+            assert model.forward is replaced  # what enable replaced: accelerate's mixed-precision forward
+    finally:
+        accelerate.state.AcceleratorState._reset_state(True)
 
 
 def test_deep_copy_of_a_drop_training_transformer_runs_its_own_weights(models):

@@ -100,6 +100,19 @@ def test_bad_mask_arguments(kwargs, error):
         random_drop_mask(**args)
 
 
+def test_numpy_numbers_count_as_python_numbers():
+    """Sizes and ratios given as numpy numbers (e.g. read from a config array) give the mask of the Python numbers
+    they hold (before: ValueError), as the ops' numpy budgets do; bools stay refused."""
+    np = pytest.importorskip("numpy")
+    want = random_drop_mask(4, [20, 12, 9], 7, (0.25, 0.75), torch.Generator().manual_seed(9), ratios=[0.5, 1.0])
+    got = random_drop_mask(np.int64(4), [np.int64(20), np.int32(12), 9], np.int64(7),
+                           (np.float32(0.25), np.float64(0.75)), torch.Generator().manual_seed(9),
+                           ratios=[np.float64(0.5), np.float32(1.0)])
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="ref_lengths"):
+        random_drop_mask(2, [np.bool_(True)], 0)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # attention with the drop mask: values and gradients against the torch reference
 # ----------------------------------------------------------------------------------------------------------------
