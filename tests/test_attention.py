@@ -401,6 +401,7 @@ def _valid():
     (lambda a: a.update(ref_v=None), ValueError, "must be given together"),
     (lambda a: a.update(cu_seqlens_ref=a["cu_seqlens_ref"][:2]), ValueError, "cu_seqlens_ref"),
     (lambda a: a.update(softmax_scale=float("nan")), ValueError, "softmax_scale"),
+    (lambda a: a.update(softmax_scale=10 ** 400), ValueError, "softmax_scale"),  # no float holds it
     (lambda a: a.update(q=a["q"].new_zeros(10, 2, 300), k=a["k"].new_zeros(5, 2, 300),
                         v=a["v"].new_zeros(5, 2, 300)), ValueError, "head dim"),
     (lambda a: a.update(max_seqlen_ref=2), ValueError, "max_seqlen_ref=2 is smaller"),
