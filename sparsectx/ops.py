@@ -506,6 +506,9 @@ def _check_budget(budget, batch: int, n_tokens: int) -> list[int]:
     if budget is None:
         raise ValueError("budget is required when selection holds scores (pass a keep mask to select directly)")
     if isinstance(budget, torch.Tensor):
+        if torch.compiler.is_compiling():
+            raise TypeError("compact_tokens: a budget tensor can not be traced by torch.compile (its values size "
+                            "the outputs); pass the budget as Python numbers (an int, a float or a list)")
         if budget.ndim > 1 or (budget.ndim == 1 and budget.numel() != batch):
             raise ValueError(f"budget tensor must be a scalar or have one entry per sample ({batch}), "
                              f"got shape {tuple(budget.shape)}")
