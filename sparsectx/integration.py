@@ -628,6 +628,26 @@ def _checkpoint_in_scope(checkpoint: Callable, scope: Callable, block, *args, **
     return checkpoint(_ScopedBlock(block, scope), *args, **kwargs)
 
 
+def _check_no_stateful_hooks(transformer: torch.nn.Module, n_groups: int) -> None:
+    """``RuntimeError`` when diffusers hooks that keep state across the transformer's calls (the step caches of
+    ``enable_cache``: FirstBlockCache, PyramidAttentionBroadcast, TaylorSeer, FasterCache, MagCache, ...) are
+    registered on it: their state is kept per cache context, which the separate forwards of several groups would
+    share (a sample would be given another group's cached outputs)."""
+    names = set()
+    for module in transformer.modules():
+        registry = module.__dict__.get("_diffusers_hook")
+        if registry is not None:
+            names.update(name for name, hook in getattr(registry, "hooks", {}).items()
+                         if getattr(hook, "_is_stateful", False))
+    if names:
+        raise RuntimeError(
+            f"the samples of this batch keep different reference tokens (other references or budgets), so sparsectx "
+            f"runs them as {n_groups} separate forwards, but diffusers' stateful hooks {sorted(names)} (a step "
+            "cache: enable_cache) keep one state per denoiser call and would hand one forward's cached outputs to "
+            "another: run requests that keep different tokens in separate calls, or disable the cache "
+            "(transformer.disable_cache())")
+
+
 class ForwardPatch:
     """Replaces a transformer's ``forward`` with ``self.forward`` (an instance attribute) and puts the original back
     exactly; ``attr`` names the transformer attribute that points at the patch while it is installed.
@@ -641,7 +661,12 @@ class ForwardPatch:
         self.transformer = transformer
         self.family = family
         self.had_instance_forward = "forward" in transformer.__dict__
-        self.original_forward = transformer.forward
+        # an accelerate hook already on the transformer (enable_model_cpu_offload before enable): the patch goes
+        # beneath it, as the forward the hook calls (_old_forward). After each call the pipeline's
+        # maybe_free_model_hooks removes the hooks (the forward becomes _old_forward again) and adds them anew: a
+        # patch over the hook would be dropped there
+        self.beneath_hook = hasattr(transformer, "_hf_hook") and "_old_forward" in transformer.__dict__
+        self.original_forward = transformer._old_forward if self.beneath_hook else transformer.forward
         # the model's own signature, even when forward is already wrapped (offload hooks take *args, **kwargs)
         self.signature = inspect.signature(functools.partial(type(transformer).forward, transformer))
         # the modules whose blocks diffusers may run through a gradient-checkpointing function
@@ -668,7 +693,10 @@ class ForwardPatch:
 
     def install(self) -> None:
         forward = types.MethodType(_patched_forward(self.attr, self.original_forward), self.transformer)
-        self.transformer.forward = forward
+        if self.beneath_hook:
+            self.transformer._old_forward = forward
+        else:
+            self.transformer.forward = forward
         self.wrapped_forward = forward
         setattr(self.transformer, self.attr, self)
 
@@ -683,13 +711,13 @@ class ForwardPatch:
 
     def uninstall(self) -> None:
         if self._is_installed(self.transformer.__dict__.get("forward")):
-            if self.had_instance_forward:
+            if self.had_instance_forward or self.beneath_hook:  # (a removed hook leaves its _old_forward there)
                 self.transformer.forward = self.original_forward
             else:
                 del self.transformer.forward
-        elif getattr(self.transformer, "_old_forward", None) is self.wrapped_forward:
-            # accelerate's add_hook_to_module (e.g. enable_model_cpu_offload after enable) wrapped this patch: the
-            # hook stays, and calls what this patch replaced
+        elif self._is_installed(self.transformer.__dict__.get("_old_forward")):
+            # an accelerate hook (add_hook_to_module, e.g. enable_model_cpu_offload) calls this patch: the hook
+            # stays, and calls what this patch replaced
             self.transformer._old_forward = self.original_forward
         elif self._is_installed(self.transformer.__dict__.get("_original_forward")):
             raise RuntimeError("accelerate's mixed precision (Accelerator.prepare) wrapped the transformer's forward "
@@ -783,6 +811,16 @@ class _SparsePatch(ForwardPatch):
         self.attention = attention
         self.plans = {}  # a plan's packing depends on the attention
 
+    def _reinstall_replaced_processors(self) -> None:
+        """With ``attention="sparsectx"``, at each new plan (a pipeline call's first step): processors set since
+        enable (``Flux2KleinKVPipeline.from_pipe`` sets its KV processors on the shared transformer) are replaced by
+        sparsectx's again; before, they ran until the next enable."""
+        if self.attention == SPARSECTX:
+            from . import processors  # deferred: imports diffusers' model modules
+
+            if not processors.processors_installed(self.transformer, self.original_processors):
+                self.set_attention(SPARSECTX)
+
     def uninstall(self) -> None:
         super().uninstall()
         self.set_attention(NATIVE)
@@ -793,6 +831,11 @@ class _SparsePatch(ForwardPatch):
 
     # -- forward ---------------------------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            # (without fullgraph, dynamo runs this function eagerly, and compiles the model's forward it calls)
+            raise RuntimeError("torch.compile(transformer, fullgraph=True) can not trace sparsectx's selection and "
+                               "compaction (host-side decisions made once per call): compile the blocks instead "
+                               "(transformer.compile_repeated_blocks(fullgraph=True)) or compile without fullgraph")
         call = self.bind(args, kwargs)
         overrides = self._pop_overrides(call)
         plan, packable = self._plan(call, overrides)
@@ -800,6 +843,8 @@ class _SparsePatch(ForwardPatch):
             return self.original_forward(**call)
         if packable:
             return self._run_packed(call, plan.packing)
+        if len(plan.groups) > 1:
+            _check_no_stateful_hooks(self.transformer, len(plan.groups))
         results = [self._run_group(call, group) for group in plan.groups]
         return self._merge(call, plan, results)
 
@@ -813,6 +858,7 @@ class _SparsePatch(ForwardPatch):
             if matches:
                 self.plans[key] = self.plans.pop(key)  # most recently used last: evicted last, reported by cache
                 return plan, packable
+        self._reinstall_replaced_processors()
         layout = reference_layout(self.family, call)
         if layout is None:
             plan = self._new_plan(call, None, None, [])

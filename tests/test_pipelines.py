@@ -319,6 +319,34 @@ def test_transformer_sees_target_plus_kept_tokens(pipe, family, mode):
     assert latents.shape[:2] == (images, n_target)
 
 
+@pytest.mark.parametrize("offload_first", [True, False], ids=["offload_then_enable", "enable_then_offload"])
+def test_model_cpu_offload_in_either_order_compacts_every_call(pipe, family, offload_first):
+    """enable_model_cpu_offload (accelerate hooks, removed and added anew by the pipeline after each call) before
+    or after enable: every call compacts (before: with offload first, only the first call did, then sparsectx was
+    silently gone and disable raised), and disable gives the offloaded original back, bit-exact."""
+    pytest.importorskip("accelerate")
+    mode = MODES[0]
+    expected = _run(pipe, family, mode)
+    if offload_first:
+        pipe.enable_model_cpu_offload(device="cpu")
+    sparsectx.enable(pipe, budget=_budget(family), selector="random", seed=SEED)
+    if not offload_first:
+        pipe.enable_model_cpu_offload(device="cpu")
+    compacted = []
+    handle = _image_embedder(pipe.transformer).register_forward_pre_hook(
+        lambda mod, args: compacted.append(args[0].shape[1]))
+    try:
+        sparse = [_run(pipe, family, mode) for _ in range(3)]
+    finally:
+        handle.remove()
+    n_kept = _target_tokens(family) + sum(_kept_tokens(family))
+    assert set(compacted) == {n_kept} and len(compacted) % 3 == 0
+    assert torch.equal(sparse[0], sparse[2]) and not torch.allclose(sparse[0], expected, rtol=0, atol=FP32_ATOL)
+    sparsectx.disable(pipe)
+    assert not sparsectx.integration.is_enabled(pipe)
+    assert torch.equal(_run(pipe, family, mode), expected)
+
+
 def test_per_call_settings_through_the_pipelines_own_attention_kwargs(pipe, family):
     """The per-call form goes through each pipeline's own keyword (FluxKontextPipeline: joint_attention_kwargs,
     Qwen-Image-Edit-Plus and FLUX.2: attention_kwargs) and overrides enable's settings for that call only."""

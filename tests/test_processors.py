@@ -154,6 +154,31 @@ def test_processors_set_behind_sparsectx_are_kept_by_disable_and_replaced_by_ena
     module.set_processor(originals[name])
 
 
+def test_processors_set_behind_sparsectx_are_replaced_at_the_next_call(models):
+    """Processors set after enable(attention="sparsectx") (Flux2KleinKVPipeline.from_pipe sets its KV processors on
+    the shared transformer) are replaced by sparsectx's at the next call's first step (before: they ran until the
+    next enable, silently without sparsectx's attention); disable then puts back the processor set last."""
+    model, kwargs = models["flux2"], shared._inputs("flux2")
+    originals = _processors(model)
+    sparsectx.enable(model, budget=0.5, selector="uniform", attention="sparsectx")
+    expected = _run(model, kwargs)
+    name = next(iter(originals))
+    module = dict(model.named_modules())[name]
+    later = type(originals[name])()
+    module.set_processor(later)
+    try:
+        # a new call (outside a pipeline: a new prompt tensor) makes a new plan
+        new_call = {**kwargs, "encoder_hidden_states": kwargs["encoder_hidden_states"].clone()}
+        torch.testing.assert_close(_run(model, new_call), expected, rtol=0, atol=FP32_ATOL)
+        assert isinstance(module.processor, processors.SPARSECTX_PROCESSORS) and module.processor.original is later
+        assert all(isinstance(p, processors.SPARSECTX_PROCESSORS) for p in _processors(model).values())
+        sparsectx.disable(model)
+        assert module.processor is later
+    finally:
+        sparsectx.disable(model)
+        module.set_processor(originals[name])
+
+
 def test_attention_backend_set_while_enabled_survives_disable(models):
     """set_attention_backend / reset_attention_backend called while sparsectx's processors are installed reach
     the replaced processors: disable puts back processors that hold what the user set (before, None)."""
