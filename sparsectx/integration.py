@@ -331,6 +331,16 @@ def _same_rows(t: torch.Tensor) -> bool:
     return t.ndim == 0 or t.shape[0] <= 1 or torch.equal(t, t[:1].expand_as(t))
 
 
+def _same_setting_rows(value) -> bool:
+    """Whether a budget object's setting is the same for every sample: a per-request one (a 2-d tensor or a list of
+    lists, one row per sample once expanded over the batch) has equal rows; any other setting is shared."""
+    if isinstance(value, torch.Tensor):
+        return value.ndim != 2 or _same_rows(value)
+    if isinstance(value, (list, tuple)) and value and all(isinstance(row, (list, tuple)) for row in value):
+        return all(list(row) == list(value[0]) for row in value)
+    return True
+
+
 def _signals_for(signals: dict, batch: int, shared: bool, device) -> dict:
     """The user's selector signals for one selection: tensors on the model's device; per-sample tensors (leading
     dim = the batch) cut to the first sample when the batch shares its references and is selected once. A signal
@@ -530,6 +540,7 @@ class _Plan:
     ids: Optional[torch.Tensor]  # img_ids when the plan was made (FLUX), or None
     references: Optional[torch.Tensor]  # the reference rows of hidden_states the selection was made on
     packing: Optional[_Packing] = None  # FLUX.2 with sparsectx attention and several groups: one packed sequence
+    reports: Optional["_Plan"] = None  # a plan without a selection (a KV-cached step): the call's plan that selected
 
 
 @dataclass
@@ -782,8 +793,14 @@ class _SparsePatch(ForwardPatch):
         if not self.plans:
             return None
         latest = next(reversed(self.plans))
-        with_keep = [plan for key, plan in self.plans.items() if plan.keep is not None and (
-            key is latest or (key[0] == latest[0] and key[-1] == latest[-1]))]  # (a freed prompt equals nothing)
+        plan = self.plans[latest]
+        return plan if plan.keep is not None else plan.reports or self._selecting_plan(latest)
+
+    def _selecting_plan(self, key: tuple) -> Optional[_Plan]:
+        """The most recently used plan with a selection among the plans of ``key``'s call (same call epoch and, outside
+        a pipeline call, the same live prompt tensor: a freed prompt equals nothing)."""
+        with_keep = [plan for k, plan in self.plans.items()
+                     if plan.keep is not None and k[0] == key[0] and k[-1] == key[-1]]
         return with_keep[-1] if with_keep else None
 
     def set_attention(self, attention: str) -> None:
@@ -862,6 +879,9 @@ class _SparsePatch(ForwardPatch):
         layout = reference_layout(self.family, call)
         if layout is None:
             plan = self._new_plan(call, None, None, [])
+            # a KV-cached step: its call's selection, found now while the call's prompt is alive (a pipeline frees
+            # it when the call returns), is what last_selection reports after the call
+            plan.reports = self._selecting_plan(key)
         else:
             self._check_supported(call, layout)
             keep = self._select(call, layout, overrides)
@@ -990,8 +1010,7 @@ class _SparsePatch(ForwardPatch):
         # pipelines repeat the same references over the batch: select once so the batch runs as one group (unless
         # a per-sample signal differs, or, found by the probe when a selector reads it, the prompts differ)
         if counts is None:  # a budget object's settings may differ per sample
-            same_counts = all(_same_rows(value) for value in getattr(budget, "settings", dict)().values()
-                              if isinstance(value, torch.Tensor) and value.ndim == 2)
+            same_counts = all(_same_setting_rows(value) for value in getattr(budget, "settings", dict)().values())
         else:
             same_counts = all(c == counts[0] for c in counts)
         shared = batch > 1 and same_counts and _same_rows(references) and \
@@ -1031,7 +1050,9 @@ class _SparsePatch(ForwardPatch):
         masks, inverse = torch.unique(keep_host, dim=0, return_inverse=True)
         if masks.shape[0] > 1 and call.get("kv_cache_mode") == KV_EXTRACT:
             raise ValueError("the KV-cache extract step needs every sample of the batch to keep the same reference "
-                             "tokens (one cache for the batch); use one budget per batch with the KV pipeline")
+                             "tokens (one cache for the batch), but they keep different ones: per-request budgets, "
+                             "or a selector reading each sample's own prompt or signals; use one budget and one "
+                             "selection for the batch, or run the requests in separate calls")
         is_target = torch.zeros(seq, dtype=torch.bool)
         is_target[target] = True
         groups, host = [], []

@@ -271,7 +271,7 @@ def _rank_in_image(keys: torch.Tensor, ref_lengths: Sequence[int]) -> torch.Tens
 
 def _lengths_per_token(ref_lengths: Sequence[int], device) -> torch.Tensor:
     return torch.repeat_interleave(torch.tensor(ref_lengths, device=device, dtype=torch.float32),
-                                   torch.tensor(ref_lengths, device=device))
+                                   torch.tensor(ref_lengths, device=device), output_size=sum(ref_lengths))  # no sync
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -309,7 +309,7 @@ def uniform_scores(reference_latents: torch.Tensor, context: SelectionContext) -
     else:
         starts = torch.repeat_interleave(
             torch.tensor([lo for lo, _ in _image_slices(context.ref_lengths)], device=device),
-            torch.tensor(context.ref_lengths, device=device))
+            torch.tensor(context.ref_lengths, device=device), output_size=n_tokens)
         position = torch.arange(n_tokens, device=device) - starts
         code = _bit_reverse(position, 2 * LOW_DISCREPANCY_BITS).expand(batch, -1)
     rank = _rank_in_image(code, context.ref_lengths).float()
@@ -431,20 +431,23 @@ def _normalise_per_image(signal: torch.Tensor, ref_lengths: Sequence[int]) -> to
 
 def _dilate(signal: torch.Tensor, context: SelectionContext, radius: int) -> torch.Tensor:
     """Max of ``signal`` over the (2r+1)² neighbourhood of each token in its image's grid (a 2r+1 window along the
-    token order without a grid). One small host read per image sizes the grid when it comes from reference_ids."""
+    token order without a grid). One small host read sizes every image's grid."""
     if radius <= 0:
         return signal
     batch = signal.shape[0]
     grid = _token_grid(context, batch, signal.device)
     window = 2 * radius + 1
     out = torch.empty_like(signal)
-    for lo, hi in _image_slices(context.ref_lengths):
+    slices = _image_slices(context.ref_lengths)
+    if grid is not None:
+        sizes = (torch.stack([grid[:, lo:hi].amax(dim=(0, 1)) for lo, hi in slices]) + 1).tolist()  # (h, w) each
+    for i, (lo, hi) in enumerate(slices):
         part = signal[:, lo:hi]
         if grid is None:
             out[:, lo:hi] = F.max_pool1d(part[:, None], window, stride=1, padding=radius)[:, 0]
             continue
         rows, cols = grid[:, lo:hi, 0], grid[:, lo:hi, 1]
-        height, width = int(rows.max()) + 1, int(cols.max()) + 1
+        height, width = sizes[i]
         flat = rows * width + cols  # [B, L]: cell of each token
         dense = part.new_full((batch, height * width), -math.inf).scatter(1, flat, part)
         pooled = F.max_pool2d(dense.view(batch, 1, height, width), window, stride=1, padding=radius)
@@ -750,8 +753,10 @@ class FixedBudget:
         _check_scores(scores)
         ref_lengths = _check_ref_lengths(ref_lengths, scores.shape[1])
         value = self.value
-        if self.ratio and not isinstance(value, torch.Tensor):
-            value = torch.tensor(value, dtype=torch.float64)  # ratios given as 0/1 ints stay ratios
+        if self.ratio and isinstance(value, numbers.Real):
+            value = float(value)  # ratios given as 0/1 ints stay ratios; a scalar needs no host read
+        elif self.ratio and not isinstance(value, torch.Tensor):
+            value = torch.tensor(value, dtype=torch.float64)
         counts = _per_image(self.name, value, scores.shape[0], ref_lengths, scores.device,
                             allow_ratio=self.ratio, allow_count=not self.ratio)
         return BudgetResult(counts, _topk_per_image(scores, ref_lengths, counts))
@@ -791,13 +796,18 @@ def _score_mass(scores: torch.Tensor, mode: str) -> torch.Tensor:
     """Scores of one image [B, L] as a probability distribution per row (float64).
 
     ``linear``: scores / their sum (scores must be >= 0; an all-zero row is uniform); ``softmax``: softmax of the
-    scores; ``auto``: linear for rows without a negative score, softmax otherwise (decided on the device)."""
+    scores (an all -inf row is uniform, as any row of equal scores); ``auto``: linear for rows without a negative
+    score, softmax otherwise (decided on the device)."""
     scores = scores.double()
+    uniform = 1.0 / max(scores.shape[1], 1)
     soft = torch.softmax(scores, dim=1)
+    soft = torch.where(torch.isnan(soft), uniform, soft)  # NaN only from an all -inf row (NaN, +inf: refused)
     clipped = scores.clamp(min=0.0)
+    if clipped.shape[1]:  # scaled by the row's largest score first: the sum of scores near float64's max is finite
+        clipped = clipped / clipped.amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)
     total = clipped.sum(dim=1, keepdim=True)
     linear = torch.where(total > 0, clipped / total.clamp(min=torch.finfo(torch.float64).tiny),
-                         torch.full_like(clipped, 1.0 / max(scores.shape[1], 1)))
+                         torch.full_like(clipped, uniform))
     if mode == "linear":
         return linear
     if mode == "softmax":
@@ -981,12 +991,33 @@ def apply_budget(chosen: torch.Tensor, reference_latents: torch.Tensor, context:
     if not isinstance(result, BudgetResult):
         raise ValueError(f"budget {budget!r} must return a sparsectx.selection.BudgetResult, got "
                          f"{type(result).__name__}")
+    _check_budget_result(result, budget, chosen.shape, len(context.ref_lengths))
     if chosen.dtype != torch.bool:
         return result.keep
     # a keep mask: the budget is sized on the mask alone (an adaptive budget covers that share of the mask's
     # tokens), then the mask ranks first and the uniform order pads or caps it
     ranking = mask_ranking(chosen, reference_latents, context)
     return _topk_per_image(ranking, context.ref_lengths, result.counts.to(ranking.device))
+
+
+def _check_budget_result(result: BudgetResult, budget, shape: torch.Size, n_refs: int) -> None:
+    """``ValueError`` naming ``budget`` unless its result has the documented types and shapes (checked on the host:
+    that ``keep`` holds ``counts`` tokens per image is the budget's promise, not read back)."""
+    batch, n_tokens = shape
+    counts, keep = result
+    if not isinstance(counts, torch.Tensor) or counts.dtype.is_floating_point or counts.dtype.is_complex \
+            or counts.dtype == torch.bool or tuple(counts.shape) != (batch, n_refs):
+        raise ValueError(f"budget {budget!r} returned counts {_described(counts)}: expected an integer tensor "
+                         f"[B={batch}, n_refs={n_refs}]")
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or tuple(keep.shape) != (batch, n_tokens):
+        raise ValueError(f"budget {budget!r} returned keep {_described(keep)}: expected a bool tensor "
+                         f"[B={batch}, N={n_tokens}]")
+
+
+def _described(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{value.dtype} of shape {list(value.shape)}"
+    return type(value).__name__
 
 
 def select(reference_latents: torch.Tensor, context: SelectionContext, selector="uniform",

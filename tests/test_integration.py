@@ -1037,6 +1037,25 @@ def test_klein_kv_pipeline_caches_kept_tokens_only():
     assert caches == [(1, 12, HEADS, HEAD_DIM)]
 
 
+def test_last_selection_after_a_kv_call_on_a_transformer_enabled_alone():
+    """A KV pipeline whose transformer alone is enabled (or shared by from_pipe): after the call, last_selection
+    reports the extract step's selection (before: None, the cached steps' plan being looked up by a prompt tensor the
+    pipeline had freed)."""
+    pipe = _tiny_pipeline(diffusers.Flux2KleinKVPipeline)
+    sparsectx.enable(pipe.transformer, budget=0.25, selector=random_selector, seed=0)
+    seen, handle = _count_tokens(pipe.transformer)
+    try:
+        pipe(image=_reference_images(), prompt_embeds=torch.randn(1, TEXT_TOKENS, TEXT_DIM), height=IMAGE_PX,
+             width=IMAGE_PX, num_inference_steps=3, output_type="latent")
+        selection = sparsectx.last_selection(pipe.transformer)
+    finally:
+        handle.remove()
+        sparsectx.disable(pipe.transformer)
+    n_target = (IMAGE_PX // 16) ** 2
+    assert seen == [n_target + 12, n_target, n_target]  # the extract step compacted, then cached steps
+    assert selection is not None and selection.keep.sum(dim=1).tolist() == [12]
+
+
 def test_kv_extract_rejects_different_selections_in_one_batch(models):
     model, kwargs = models["flux2"], _inputs("flux2")
     ids = kwargs["img_ids"]
@@ -1127,9 +1146,15 @@ def test_budget_object_settings_per_request_map_onto_the_batch(models):
         keep = sparsectx.last_selection(model).keep
         assert torch.equal(keep.cpu(), expected)
         assert int(keep[0].sum()) < int(keep[2].sum())  # the second request covers more of the mass
-    sparsectx.enable(model, budget=fixed_ratio(torch.tensor([[0.25], [1.0]])), selector=norm_selector)
+    # shared references: each request's own row, given as a tensor or as a list of lists (before, the list form was
+    # cut to the first request's row, its references being shared)
+    for setting in (torch.tensor([[0.25], [1.0]]), [[0.25], [1.0]]):
+        sparsectx.enable(model, budget=fixed_ratio(setting), selector=norm_selector)
+        _run(model, _same_references(_inputs("flux2", batch=4)))
+        assert sparsectx.last_selection(model).keep.sum(dim=1).tolist() == [2 + 2, 2 + 2, 17, 17], setting
+    sparsectx.enable(model, budget=adaptive(0.0, floor=[[1.0], [0.0]]), selector=norm_selector)
     _run(model, _same_references(_inputs("flux2", batch=4)))
-    assert sparsectx.last_selection(model).keep.sum(dim=1).tolist() == [2 + 2, 2 + 2, 17, 17]
+    assert sparsectx.last_selection(model).keep.sum(dim=1).tolist() == [17, 17, 0, 0]
     # every request with the same settings and shared references: one selection for the batch
     calls, counting = _counting(norm_selector)
     sparsectx.enable(model, budget=adaptive(torch.tensor([[0.5], [0.5]])), selector=counting)

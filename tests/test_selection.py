@@ -592,6 +592,52 @@ def test_linear_mass_rejects_negative_scores():
     assert adaptive_budget(torch.tensor([[0.5, -0.1, 0.2]]), 0.5, mass="softmax").counts.shape == (1, 1)
 
 
+def test_mass_of_extreme_scores_is_defined():
+    """An image whose scores are all -inf has uniform mass, as any image of equal scores (before: NaN mass, and one
+    token kept at every coverage); scores near float64's maximum sum without overflow (before: zero mass)."""
+    for row in ([-math.inf] * 8, [-5.0] * 8):
+        kept = [int(adaptive_budget(torch.tensor([row]), c).counts) for c in (0.1, 0.5, 0.9)]
+        assert kept == [1, 4, 8], (row, kept)
+    big = torch.tensor([[1e308, 1e308, 1.0, 1.0]], dtype=torch.float64)
+    assert adaptive_budget(big, 0.5).keep.tolist() == [[True, False, False, False]]
+
+
+def test_a_budget_callables_result_is_checked():
+    """A user budget callable's BudgetResult must hold integer counts [B, n_refs] and a bool keep [B, N]: anything
+    else is a ValueError naming the budget (before: a wrong-width or float keep mask was returned as the
+    selection, wrong-shaped counts failed with an IndexError)."""
+    scores = torch.rand(2, 12, generator=torch.Generator().manual_seed(0))
+    context = SelectionContext(2, [8, 4])
+    good = adaptive_budget(scores, 0.5, ref_lengths=[8, 4])
+    for bad in (BudgetResult(good.counts[:, 0], good.keep), BudgetResult(good.counts.float(), good.keep),
+                BudgetResult(good.counts, good.keep[:, 1:]), BudgetResult(good.counts, good.keep.float())):
+        def budget(s, lengths, result=bad):
+            return result
+        for chosen in (scores, scores > 0.5):
+            with pytest.raises(ValueError, match="budget .* returned (counts|keep)"):
+                selection.apply_budget(chosen, torch.zeros(2, 12, 3), context, budget)
+    assert torch.equal(selection.apply_budget(scores, torch.zeros(2, 12, 3), context, lambda s, lengths: good),
+                       good.keep)
+
+
+def test_host_reads_of_a_selection_do_not_grow_with_images_or_batch():
+    """Each host read is a GPU sync: `uniform` and `edit` with a ratio or a count read the host a fixed number of
+    times, whatever the batch and the number of references (before: one more per repeat_interleave, a scalar ratio
+    cost a read a count did not, and edit's grids cost two reads per image)."""
+    from sparsectx.diagnostics import count_host_reads
+
+    counts = {}
+    for batch, n_refs in ((1, 1), (3, 4)):
+        latents, context = _full_context(batch, n_refs)
+        for name in ("uniform", "edit"):
+            for budget in (0.25, 3):
+                with count_host_reads() as reads:
+                    select(latents, context, name, budget=budget)
+                counts.setdefault((name, budget), set()).add(reads.count)
+    assert all(len(seen) == 1 for seen in counts.values()), counts
+    assert counts[("uniform", 0.25)] == counts[("uniform", 3)] and max(counts[("edit", 3)]) <= 4, counts
+
+
 def test_adaptive_budget_without_reference_tokens():
     result = adaptive_budget(torch.zeros(2, 0), 0.9)
     assert result.counts.tolist() == [[0], [0]] and result.keep.shape == (2, 0)
