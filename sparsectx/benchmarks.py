@@ -2064,7 +2064,7 @@ def format_summary(meta: dict, rows: list, max_picks: int = 16) -> str:
         lines.append(head + (" | " + " | ".join(peers) if peers else ""))
     verdicts = target_verdicts(rows)
     if verdicts:
-        scope = "" if meta.get("size") == "full" else "; these are tiny shapes: the targets hold for the full ones"
+        scope = "" if meta.get("size") == "full" else "; these are tiny shapes: the targets apply to the full ones"
         lines += [f"--- targets (ratio = peer time / sparsectx time{scope})", *verdicts]
     runs = meta.get("autotune_runs") or [meta.get("autotune") or {}]
     picks = sorted({(kernel, key, config) for run in runs for kernel, info in run.items()
