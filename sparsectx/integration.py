@@ -85,6 +85,7 @@ import math
 import numbers
 import re
 import types
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
@@ -541,6 +542,7 @@ class _Plan:
     references: Optional[torch.Tensor]  # the reference rows of hidden_states the selection was made on
     packing: Optional[_Packing] = None  # FLUX.2 with sparsectx attention and several groups: one packed sequence
     reports: Optional["_Plan"] = None  # a plan without a selection (a KV-cached step): the call's plan that selected
+    hooks_checked: bool = False  # several groups: checked once per plan for diffusers' stateful hooks
 
 
 @dataclass
@@ -569,27 +571,36 @@ def reference_layout(family: str, call: dict) -> Optional[_Layout]:
 
 
 def _patched_forward(attr: str, model_forward: Callable) -> Callable:
-    """The forward a patch installs, as a function of ``(module, *args, **kwargs)`` that runs the patch ``module``
-    holds under ``attr``, reading as ``model_forward`` (a bound forward: name, docstring, ``inspect.signature``).
+    """The forward a patch installs, a function of ``(module, *args, **kwargs)`` that runs the patch ``module`` holds
+    under ``attr``, reading as ``model_forward`` (a bound forward: name, docstring, ``inspect.signature``).
 
     It is installed bound to the transformer (a method, not a closure over the patch): a deep copy of the transformer
     (e.g. an EMA model) rebinds it to the copy, which calls its own copy of the patch; a wrapper that rebinds a
-    model's forward through ``__func__`` (accelerate's mixed precision, and its ``unwrap_model``) calls it as the
-    model's own method. It has no ``__wrapped__``: unwrapping stops at it instead of reaching the model's forward."""
+    model's forward through ``__func__`` (accelerate's mixed precision) calls it as the model's own method. Its
+    ``__wrapped__`` is a twin that does the same and carries the signature (``__signature__``, with a leading
+    ``self``): ``inspect.signature`` follows it there; unwrapping (accelerate's ``unwrap_model``) ends at the twin,
+    which works the same once bound to the transformer; and a hook that copies the forward's attributes onto its
+    own wrapper (``functools.update_wrapper``: accelerate's, diffusers' HookRegistry) copies no signature of an
+    unbound function."""
 
-    def forward(module, *args, **kwargs):
-        # bound twice when accelerate's unwrap_model(keep_fp32_wrapper=False) binds the forward it unwraps to the
-        # model and that forward is this one, already bound (sparsectx enabled after Accelerator.prepare)
-        if args and args[0] is module:
-            args = args[1:]
-        return getattr(module, attr).forward(*args, **kwargs)
+    def make() -> Callable:
+        def forward(module, *args, **kwargs):
+            # bound twice when accelerate's unwrap_model(keep_fp32_wrapper=False) binds the forward it unwraps to
+            # the model and that forward is this one, already bound (sparsectx enabled after Accelerator.prepare)
+            if args and args[0] is module:
+                args = args[1:]
+            return getattr(module, attr).forward(*args, **kwargs)
 
-    for name in ("__module__", "__name__", "__qualname__", "__doc__"):
-        if hasattr(model_forward, name):
-            setattr(forward, name, getattr(model_forward, name))
+        for name in ("__module__", "__name__", "__qualname__", "__doc__"):
+            if hasattr(model_forward, name):
+                setattr(forward, name, getattr(model_forward, name))
+        return forward
+
+    forward, twin = make(), make()
     signature = inspect.signature(model_forward)
-    forward.__signature__ = signature.replace(parameters=[
+    twin.__signature__ = signature.replace(parameters=[
         inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY), *signature.parameters.values()])
+    forward.__wrapped__ = twin
     return forward
 
 
@@ -678,6 +689,9 @@ class ForwardPatch:
         # patch over the hook would be dropped there
         self.beneath_hook = hasattr(transformer, "_hf_hook") and "_old_forward" in transformer.__dict__
         self.original_forward = transformer._old_forward if self.beneath_hook else transformer.forward
+        # accelerate's mixed precision (Accelerator.prepare) keeps the forward it wrapped here, until its
+        # unwrap_model(keep_fp32_wrapper=False) removes the wrapper
+        self.accelerate_unwrapped = transformer.__dict__.get("_original_forward")
         # the model's own signature, even when forward is already wrapped (offload hooks take *args, **kwargs)
         self.signature = inspect.signature(functools.partial(type(transformer).forward, transformer))
         # the modules whose blocks diffusers may run through a gradient-checkpointing function
@@ -712,17 +726,23 @@ class ForwardPatch:
         setattr(self.transformer, self.attr, self)
 
     def _is_installed(self, forward) -> bool:
-        """Whether ``forward`` is the forward this patch installed, or its function bound again to the transformer
-        (accelerate's ``unwrap_model(..., keep_fp32_wrapper=False)`` rebinds the function it unwraps to)."""
+        """Whether ``forward`` is the forward this patch installed, or its function or that function's twin bound
+        again to the transformer (accelerate's ``unwrap_model(..., keep_fp32_wrapper=False)`` rebinds the function it
+        unwraps to)."""
+        ours = self.wrapped_forward.__func__
         while isinstance(forward, types.MethodType) and forward.__self__ is self.transformer:
-            if forward is self.wrapped_forward or forward.__func__ is self.wrapped_forward.__func__:
+            if forward is self.wrapped_forward or forward.__func__ in (ours, ours.__wrapped__):
                 return True
             forward = forward.__func__  # bound twice (see _patched_forward)
         return False
 
     def uninstall(self) -> None:
         if self._is_installed(self.transformer.__dict__.get("forward")):
-            if self.had_instance_forward or self.beneath_hook:  # (a removed hook leaves its _old_forward there)
+            if self.accelerate_unwrapped is not None and "_original_forward" not in self.transformer.__dict__:
+                # prepare, enable, then unwrap_model(keep_fp32_wrapper=False): the mixed-precision wrapper this
+                # patch replaced was removed since; what that unwrap leaves is the forward it had wrapped
+                self.transformer.forward = self.accelerate_unwrapped
+            elif self.had_instance_forward or self.beneath_hook:  # (a removed hook leaves its _old_forward there)
                 self.transformer.forward = self.original_forward
             else:
                 del self.transformer.forward
@@ -784,6 +804,7 @@ class _SparsePatch(ForwardPatch):
         self.pack = True  # FLUX.2 + sparsectx attention: samples that keep different tokens run as one sequence
         self.pipeline_calls = 0  # enabled pipelines' __call__s running now (each starts a new call epoch)
         self.call_seed: Optional[int] = None  # without a seed: the initial seed of the pipeline call's generator
+        self.warned_unsupported = False  # the warning of _reinstall_replaced_processors is given once
 
     @property
     def cache(self) -> Optional[_Plan]:
@@ -831,12 +852,22 @@ class _SparsePatch(ForwardPatch):
     def _reinstall_replaced_processors(self) -> None:
         """With ``attention="sparsectx"``, at each new plan (a pipeline call's first step): processors set since
         enable (``Flux2KleinKVPipeline.from_pipe`` sets its KV processors on the shared transformer) are replaced by
-        sparsectx's again; before, they ran until the next enable."""
-        if self.attention == SPARSECTX:
-            from . import processors  # deferred: imports diffusers' model modules
+        sparsectx's again; before, they ran until the next enable. Processors sparsectx can not replace (a user's
+        own, set on purpose) stay, with a warning (once), and nothing changes."""
+        if self.attention != SPARSECTX:
+            return
+        from . import processors  # deferred: imports diffusers' model modules
 
-            if not processors.processors_installed(self.transformer, self.original_processors):
-                self.set_attention(SPARSECTX)
+        if processors.processors_installed(self.transformer, self.original_processors):
+            return
+        unsupported = processors.unsupported_processors(self.transformer)
+        if not unsupported:
+            self.set_attention(SPARSECTX)
+        elif not self.warned_unsupported:
+            self.warned_unsupported = True
+            warnings.warn(f"attention processors {unsupported} were set on the transformer after "
+                          "enable(attention='sparsectx'); sparsectx can not replace them, so those layers run them "
+                          "instead of sparsectx's attention", RuntimeWarning, stacklevel=4)
 
     def uninstall(self) -> None:
         super().uninstall()
@@ -860,8 +891,9 @@ class _SparsePatch(ForwardPatch):
             return self.original_forward(**call)
         if packable:
             return self._run_packed(call, plan.packing)
-        if len(plan.groups) > 1:
+        if len(plan.groups) > 1 and not plan.hooks_checked:  # (a walk over the modules: once per plan)
             _check_no_stateful_hooks(self.transformer, len(plan.groups))
+            plan.hooks_checked = True
         results = [self._run_group(call, group) for group in plan.groups]
         return self._merge(call, plan, results)
 

@@ -231,7 +231,8 @@ def _autocast_dtype(t) -> Optional[torch.dtype]:
 
 def _casts_under_autocast(*names: str):
     """Decorator of an attention op whose first parameter is q: inside ``torch.autocast`` for q's device type, the
-    named floating-point inputs are cast to the autocast dtype (as torch's SDPA does) and the op runs with autocast
+    named floating-point inputs (float64 excepted, as autocast does) are cast to the autocast dtype (as torch's SDPA
+    does) and the op runs with autocast
     off, so that what it computes in fp32 (the torch reference path) stays fp32. Outside autocast: one check."""
 
     def decorate(op):
@@ -245,8 +246,8 @@ def _casts_under_autocast(*names: str):
             bound = signature.bind(*args, **kwargs)
             for name in names:
                 value = bound.arguments.get(name)
-                if isinstance(value, torch.Tensor) and value.is_floating_point():
-                    bound.arguments[name] = value.to(dtype)
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float64:
+                    bound.arguments[name] = value.to(dtype)  # (autocast leaves float64 alone, as here)
             with torch.autocast(bound.arguments["q"].device.type, enabled=False):
                 return op(*bound.args, **bound.kwargs)
 

@@ -554,9 +554,7 @@ def install_processors(transformer: torch.nn.Module, state: AttentionState) -> d
     modules = _attention_modules(transformer)
     if not modules:
         raise TypeError(f"{type(transformer).__name__} has no diffusers attention layers")
-    unsupported = sorted({type(m.processor).__name__ for _, m in modules
-                          if type(m.processor) not in PROCESSOR_MAP and not isinstance(m.processor,
-                                                                                         SPARSECTX_PROCESSORS)})
+    unsupported = unsupported_processors(transformer)
     if unsupported:
         raise TypeError(f"sparsectx can not replace the attention processors {unsupported}; supported: "
                         f"{', '.join(cls.__name__ for cls in PROCESSOR_MAP)}")
@@ -570,6 +568,12 @@ def install_processors(transformer: torch.nn.Module, state: AttentionState) -> d
         originals[name] = module.processor
         module.set_processor(PROCESSOR_MAP[type(module.processor)](state, original=module.processor))
     return originals
+
+
+def unsupported_processors(transformer: torch.nn.Module) -> list[str]:
+    """Class names of the processors of ``transformer`` that sparsectx can not replace (sorted, unique)."""
+    return sorted({type(m.processor).__name__ for _, m in _attention_modules(transformer)
+                   if type(m.processor) not in PROCESSOR_MAP and not isinstance(m.processor, SPARSECTX_PROCESSORS)})
 
 
 def restore_processors(transformer: torch.nn.Module, originals: dict) -> None:

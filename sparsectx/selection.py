@@ -289,7 +289,7 @@ def random_scores(reference_latents: torch.Tensor, context: SelectionContext) ->
     draw_device = gen.device if gen is not None else reference_latents.device
     rows = 1 if gen is not None else batch
     scores = torch.rand((rows, n_tokens), generator=gen, device=draw_device, dtype=torch.float32)
-    return scores.to(reference_latents.device).expand(batch, n_tokens)
+    return scores.to(reference_latents.device).expand(batch, n_tokens).contiguous()  # writable, like any scores
 
 
 def uniform_scores(reference_latents: torch.Tensor, context: SelectionContext) -> torch.Tensor:

@@ -174,12 +174,14 @@ class _DropTrainingPatch(integration.ForwardPatch):
         # mask and settings, and only while drop training is still enabled
         scope = integration.state_scope(self.state, image_keep=mask[0], image_kept_prefix=mask[1],
                                         skip_dropped_queries=self.state.skip_dropped_queries)
-        with self.checkpointed_in(functools.partial(self._enabled_scope, scope)):
+        with self.checkpointed_in(functools.partial(self._enabled_scope, scope, mask[0] is not None)):
             return self.original_forward(**call)
 
     @contextlib.contextmanager
-    def _enabled_scope(self, scope: Callable):
-        if getattr(self.transformer, self.attr, None) is not self:
+    def _enabled_scope(self, scope: Callable, masked: bool):
+        """``scope()`` for a recomputed block; a forward that dropped tokens needs drop training still enabled (a
+        forward that kept every token ran the original processors, which disable puts back)."""
+        if masked and getattr(self.transformer, self.attr, None) is not self:
             raise RuntimeError("drop training was disabled between a forward and its backward: gradient "
                                "checkpointing recomputes that forward's blocks with its drop mask, which needs "
                                "sparsectx's processors; call disable_drop_training after the backward")

@@ -457,6 +457,10 @@ def test_autocast_casts_the_inputs_as_sdpa_does():
                                                          torch.ones(1, 4, dtype=torch.bool, device=DEVICE)))
     with pytest.raises(ValueError, match="v has dtype"):
         sparsectx.sparse_attention(**mixed)
+    # float64 is left alone, as autocast does: refused as outside autocast (not computed in bf16 silently)
+    with torch.autocast(device_type, dtype=torch.bfloat16), pytest.raises(ValueError, match="q must have dtype"):
+        sparsectx.sparse_attention(**{name: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point()
+                                      else t for name, t in kwargs.items()})
 
 
 def test_masked_attention_bad_input():

@@ -1173,7 +1173,9 @@ def test_budget_callable_must_return_a_budget_result(models):
 
 
 def test_patched_forward_keeps_the_models_name_and_docstring(models):
-    """The instance forward a patch installs reads as the model's (help(), __name__, inspect.signature)."""
+    """The instance forward a patch installs reads as the model's (help(), __name__, inspect.signature), also
+    through a hook added after enable that copies its attributes (accelerate's add_hook_to_module; before, such a
+    hook's forward read as an unbound function with a leading ``self``)."""
     import inspect
 
     model = models["flux2"]
@@ -1182,3 +1184,11 @@ def test_patched_forward_keeps_the_models_name_and_docstring(models):
     assert model.forward.__name__ == "forward" and model.forward.__doc__ == before.__doc__
     assert model.forward.__qualname__ == before.__qualname__
     assert inspect.signature(model.forward) == inspect.signature(before)
+    accelerate_hooks = pytest.importorskip("accelerate.hooks")
+    accelerate_hooks.add_hook_to_module(model, accelerate_hooks.ModelHook())
+    try:
+        assert inspect.signature(model.forward) == inspect.signature(before)
+    finally:
+        accelerate_hooks.remove_hook_from_module(model)
+        sparsectx.disable(model)
+    assert "forward" not in model.__dict__ or model.forward == before

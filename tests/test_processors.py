@@ -4,6 +4,7 @@ through the Triton interpreter (tests/conftest.py)."""
 import functools
 import importlib.util
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -174,6 +175,34 @@ def test_processors_set_behind_sparsectx_are_replaced_at_the_next_call(models):
         assert all(isinstance(p, processors.SPARSECTX_PROCESSORS) for p in _processors(model).values())
         sparsectx.disable(model)
         assert module.processor is later
+    finally:
+        sparsectx.disable(model)
+        module.set_processor(originals[name])
+
+
+def test_a_users_unsupported_processor_set_after_enable_stays_with_a_warning(models):
+    """A processor sparsectx can not replace, set on purpose after enable(attention="sparsectx") (e.g. a subclass
+    of the model's own): the next calls warn once and run it, the other layers keep sparsectx's attention (before:
+    the first call raised and left every layer native from then on)."""
+    model, kwargs = models["flux2"], shared._inputs("flux2")
+    originals = _processors(model)
+    name = next(iter(originals))
+    module = dict(model.named_modules())[name]
+
+    class Custom(type(originals[name])):
+        pass
+
+    sparsectx.enable(model, budget=0.5, selector="uniform", attention="sparsectx")
+    custom = Custom()
+    module.set_processor(custom)
+    try:
+        with pytest.warns(RuntimeWarning, match="can not replace them"):
+            _run(model, {**kwargs, "encoder_hidden_states": kwargs["encoder_hidden_states"].clone()})
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once only
+            _run(model, {**kwargs, "encoder_hidden_states": kwargs["encoder_hidden_states"].clone()})
+        assert model._sparsectx_patch.attention == "sparsectx" and module.processor is custom
+        assert all(isinstance(p, processors.SPARSECTX_PROCESSORS) for n, p in _processors(model).items() if n != name)
     finally:
         sparsectx.disable(model)
         module.set_processor(originals[name])
@@ -541,6 +570,10 @@ def test_settings_changed_before_the_backward_of_a_checkpointed_forward(monkeypa
     disable_drop_training(model)
     with pytest.raises(RuntimeError, match="disabled between a forward and its backward"):
         out.sum().backward()
+    enable_drop_training(model, ratio_range=(1.0, 1.0))  # a forward that keeps every token runs the originals:
+    out = model(**kwargs)[0]  # disabling before its backward is fine
+    disable_drop_training(model)
+    out.sum().backward()
     monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.NATIVE,
                         shared._KeyMaskedNative(image_keep))
     expected = _grads(model, kwargs, target)
@@ -720,8 +753,8 @@ def test_gradient_checkpointing_of_a_packed_batch_recomputes_within_each_sample(
 def test_accelerate_mixed_precision_around_drop_training(order):
     """accelerate's Accelerator.prepare with mixed precision wraps the forward (autocast, fp32 outputs): training
     draws masks in either order, and unwrap_model(keep_fp32_wrapper=False) keeps sparsectx's forward (before: a
-    TypeError for enable-then-prepare; sparsectx silently bypassed for prepare-then-enable); disable then puts back
-    what enable replaced. Disabling under the wrapper says what to do."""
+    TypeError for enable-then-prepare; sparsectx silently bypassed for prepare-then-enable); disable then leaves
+    what the unwrap would (not the wrapper it removed). Disabling under the wrapper says what to do."""
     accelerate = pytest.importorskip("accelerate")
     model, kwargs = shared._build_model("flux2").train(), _train_inputs("flux2")
     accelerator = accelerate.Accelerator(mixed_precision="bf16", cpu=True)
@@ -730,8 +763,8 @@ def test_accelerate_mixed_precision_around_drop_training(order):
             enable_drop_training(model, ratio_range=(0.2, 0.6))
             model = accelerator.prepare(model)
         else:
+            before_prepare = model.forward
             model = accelerator.prepare(model)
-            replaced = model.forward
             enable_drop_training(model, ratio_range=(0.2, 0.6))
         state = model._sparsectx_drop_training.state
         out = model(**kwargs)[0]
@@ -747,8 +780,8 @@ def test_accelerate_mixed_precision_around_drop_training(order):
         assert not is_drop_training_enabled(model)
         if order == "enable, prepare":
             assert "forward" not in model.__dict__  # the class's forward, as before enable
-        else:
-            assert model.forward is replaced  # what enable replaced: accelerate's mixed-precision forward
+        else:  # what the unwrap left: the forward before prepare (not the mixed-precision wrapper enable replaced)
+            assert model.forward == before_prepare and "_original_forward" not in model.__dict__
     finally:
         accelerate.state.AcceleratorState._reset_state(True)
 

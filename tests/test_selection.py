@@ -206,6 +206,16 @@ def test_deterministic_under_a_seed(name):
     assert torch.equal(first, second)
 
 
+def test_seeded_random_scores_are_one_writable_row_per_sample():
+    """Seeded, every sample gets the same scores (a request keeps the same tokens at any batch position), as an
+    ordinary tensor a user selector may edit in place (not a stride-0 view)."""
+    latents, context = _full_context(3, 2)
+    scores = get_selector("random")(latents, context)
+    assert torch.equal(scores[0], scores[1]) and torch.equal(scores[0], scores[2])
+    scores[:, :2] = 2.0
+    assert bool((scores[:, :2] == 2.0).all())
+
+
 def test_random_depends_on_the_seed_only():
     latents, ctx = _full_context(2, 2, seed=3)
 
