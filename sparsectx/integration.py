@@ -332,16 +332,6 @@ def _same_rows(t: torch.Tensor) -> bool:
     return t.ndim == 0 or t.shape[0] <= 1 or torch.equal(t, t[:1].expand_as(t))
 
 
-def _same_setting_rows(value) -> bool:
-    """Whether a budget object's setting is the same for every sample: a per-request one (a 2-d tensor or a list of
-    lists, one row per sample once expanded over the batch) has equal rows; any other setting is shared."""
-    if isinstance(value, torch.Tensor):
-        return value.ndim != 2 or _same_rows(value)
-    if isinstance(value, (list, tuple)) and value and all(isinstance(row, (list, tuple)) for row in value):
-        return all(list(row) == list(value[0]) for row in value)
-    return True
-
-
 def _signals_for(signals: dict, batch: int, shared: bool, device) -> dict:
     """The user's selector signals for one selection: tensors on the model's device; per-sample tensors (leading
     dim = the batch) cut to the first sample when the batch shares its references and is selected once. A signal
@@ -1012,7 +1002,7 @@ class _SparsePatch(ForwardPatch):
         signals = overrides.get("signals", self.settings.signals)
         from .selection import SelectionContext
 
-        from .selection import apply_budget, budget_first_sample, budget_for_batch, mask_ranking
+        from .selection import apply_budget, budget_first_sample, budget_for_batch, budget_same_per_sample, mask_ranking
 
         batch = references.shape[0]
         counts = None if budget is None or _is_budget_fn(budget) else budget_counts(budget, batch, layout.ref_lengths)
@@ -1042,7 +1032,7 @@ class _SparsePatch(ForwardPatch):
         # pipelines repeat the same references over the batch: select once so the batch runs as one group (unless
         # a per-sample signal differs, or, found by the probe when a selector reads it, the prompts differ)
         if counts is None:  # a budget object's settings may differ per sample
-            same_counts = all(_same_setting_rows(value) for value in getattr(budget, "settings", dict)().values())
+            same_counts = budget_same_per_sample(budget)
         else:
             same_counts = all(c == counts[0] for c in counts)
         shared = batch > 1 and same_counts and _same_rows(references) and \

@@ -217,9 +217,6 @@ torch.library.register_autograd("sparsectx::sparse_attention_fwd", _attention_ba
                                 setup_context=_attention_setup_context)
 
 
-_FLOAT_MAX = 1.7976931348623157e308  # largest finite float
-
-
 def _autocast_dtype(t) -> Optional[torch.dtype]:
     """The dtype ``torch.autocast`` asks for on ``t``'s device type, or None when it is off there."""
     device_type = t.device.type if isinstance(t, torch.Tensor) else None
@@ -231,9 +228,9 @@ def _autocast_dtype(t) -> Optional[torch.dtype]:
 
 def _casts_under_autocast(*names: str):
     """Decorator of an attention op whose first parameter is q: inside ``torch.autocast`` for q's device type, the
-    named floating-point inputs (float64 excepted, as autocast does) are cast to the autocast dtype (as torch's SDPA
-    does) and the op runs with autocast
-    off, so that what it computes in fp32 (the torch reference path) stays fp32. Outside autocast: one check."""
+    named floating-point inputs (float64 excepted, as autocast does) are cast to the autocast dtype, as torch's SDPA
+    does, and the op runs with autocast off, so that what it computes in fp32 (the torch reference path) stays fp32.
+    Outside autocast: one check."""
 
     def decorate(op):
         signature = inspect.signature(op)
@@ -332,7 +329,7 @@ def sparse_attention(
     # torch.compile traces with tensors that hold no data and may trace the scale as a symbol: the checks that
     # read the device or the scale's value are skipped there
     compiling = torch.compiler.is_compiling()
-    if not compiling and not (abs(softmax_scale) <= _FLOAT_MAX):  # NaN, inf, and ints beyond any float
+    if not compiling and not (abs(softmax_scale) <= sys.float_info.max):  # NaN, inf, and ints beyond any float
         raise ValueError(f"softmax_scale must be a finite number, got {softmax_scale!r}")
     validate = validate and not compiling
     has_ref = ref_k is not None or ref_v is not None or ref_index is not None or cu_seqlens_ref is not None

@@ -45,6 +45,8 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from .ops import _python_number
+
 # ----------------------------------------------------------------------------------------------------------------
 # constants
 # ----------------------------------------------------------------------------------------------------------------
@@ -674,8 +676,7 @@ def _per_image(name: str, value: PerImage, batch: int, ref_lengths: Sequence[int
     broadcast to ``[B, n_refs]``: ``[n_refs]`` per image, ``[B, 1]`` per request, ``[B, n_refs]`` both; a tensor
     has one kind (its dtype), a list's entries each their own (``[1, 0.25]``: one token, then a quarter).
     Python scalars are checked on the host; tensors with one small host read."""
-    if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
-        value = int(value) if isinstance(value, numbers.Integral) else float(value)  # numpy scalars: their kind
+    value = _python_number(value)  # numpy scalars: their kind
     scalar = isinstance(value, (int, float)) and not isinstance(value, bool)
     if scalar:
         if isinstance(value, float) and not allow_ratio:
@@ -923,6 +924,21 @@ def _request_rows(value) -> Optional[int]:
     if isinstance(value, (list, tuple)) and value and all(isinstance(row, (list, tuple)) for row in value):
         return len(value)
     return None
+
+
+def budget_same_per_sample(budget) -> bool:
+    """Whether ``budget`` (as ``budget_for_batch`` gives it) sets every sample alike: the rows of each per-request
+    setting are equal. Other budgets (numbers, lists of numbers, callables) are the same for every sample."""
+    if not isinstance(budget, (FixedBudget, AdaptiveBudget)):
+        return True
+    for value in budget.settings().values():
+        if (_request_rows(value) or 0) < 2:
+            continue
+        same = torch.equal(value, value[:1].expand_as(value)) if isinstance(value, torch.Tensor) else \
+            all(list(row) == list(value[0]) for row in value)
+        if not same:
+            return False
+    return True
 
 
 def budget_first_sample(budget):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import numbers
 import warnings
 import weakref
 from typing import Callable, Optional, Sequence
@@ -31,20 +30,22 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import integration
-from .ops import masked_attention
+from .ops import _python_number, masked_attention
 
 DEFAULT_RATIO_RANGE = (0.05, 1.0)  # the keep ratios a trained model should handle, 5% to all tokens
 RECENT_MASKS = 64  # masks of the latest training forwards kept for their recomputation by an outer checkpoint
 
 
 def _is_int(value) -> bool:
-    """A Python or numpy integer, not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    """A Python int (or a numpy integer, as ``_python_number`` turns it into one), not a bool."""
+    value = _python_number(value)
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_real(value) -> bool:
-    """A Python or numpy real number, not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    """A Python int or float (or a numpy number), not a bool."""
+    value = _python_number(value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_layout(batch, ref_lengths, n_prefix) -> list[int]:
