@@ -26,7 +26,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "peft", "accelerate"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "peft", "accelerate", "matplotlib"],
         "train": ["peft", "accelerate"],
         "plot": ["matplotlib"],
     },

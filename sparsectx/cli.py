@@ -1,4 +1,5 @@
-"""The ``sparsectx`` command: ``sparsectx info``, ``sparsectx bench`` and ``sparsectx report``."""
+"""The ``sparsectx`` command: ``sparsectx info``, ``sparsectx bench``, ``sparsectx report`` and
+``sparsectx compile-check``."""
 from __future__ import annotations
 
 import argparse
@@ -49,6 +50,12 @@ def _bench(args) -> int:
     return benchmarks.main(args)
 
 
+def _compile_check(args) -> int:
+    from . import compile_check
+
+    return compile_check.main(args)
+
+
 def _report(args) -> int:
     from . import benchmarks
 
@@ -76,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a few lines: one per shape with each peer's ratio, then each target met or missed")
     report.add_argument("--merged", metavar="PATH", help="also write the merged run as one JSON file")
     report.set_defaults(func=_report)
+    check = sub.add_parser("compile-check", help="compile every Triton kernel for an NVIDIA arch on this machine (no "
+                                                 "GPU needed): compile errors, registers, spills, shared memory")
+    from . import compile_check
+
+    compile_check.add_arguments(check)
+    check.set_defaults(func=_compile_check)
     return parser
 
 

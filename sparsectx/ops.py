@@ -441,7 +441,8 @@ def masked_attention(
     (e.g. the text and target tokens of a training drop mask). They are copied once into contiguous key blocks,
     which the kernel reads faster than gathered rows; only the rest of the keys is gathered through ``key_mask``.
 
-    Gradients flow to q, k, v (zero at dropped keys and skipped queries). Nothing synchronises with the host.
+    Gradients flow to q, k, v (zero at dropped keys and skipped queries). Nothing synchronises with the host on a GPU
+    (on the CPU, each compaction checks ``max_total`` against the mask's kept total: one read).
     Inside ``torch.autocast`` q, k and v are cast to the autocast dtype first, as in ``sparse_attention``.
     """
     _check_tensor("q", q, ndim=4, dtypes=_ATTN_DTYPES)

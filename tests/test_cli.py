@@ -124,12 +124,18 @@ def test_bench_in_process_writes_json_table_and_plot(tmp_path, capsys):
         cli.main(["report", str(out_json) + ".missing"])
     for row in rows:
         assert row["impl"] in printed  # the table shows every implementation
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:  # the plot is optional: a clear message, no file, no failure
-        assert "matplotlib is not installed" in printed and not plot.exists()
-    else:
-        assert plot.exists() and plot.stat().st_size > 0
+    assert plot.read_bytes().startswith(b"\x89PNG") and f"plot written to {plot}" in printed
+
+
+def test_bench_plot_without_matplotlib_is_refused_before_the_run(tmp_path, monkeypatch, capsys):
+    """--plot asks for a file: without matplotlib the command fails at once (it ran the whole benchmark and exited 0
+    without the plot before), and nothing is measured or written."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    out_json, plot = tmp_path / "bench.json", tmp_path / "ratios.png"
+    with pytest.raises(SystemExit, match=r"--plot .*matplotlib is not installed"):
+        cli.main(["bench", "--quick", "--case", SMALL_CASE, "--json", str(out_json), "--plot", str(plot)])
+    assert not out_json.exists() and not plot.exists()
+    assert "sparsectx bench on" not in capsys.readouterr().out  # refused before the run started
 
 
 def test_bench_console_script_writes_json(tmp_path):

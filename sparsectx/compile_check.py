@@ -1,0 +1,353 @@
+"""Compile every Triton kernel for an NVIDIA GPU, on a machine without one: ``sparsectx compile-check``.
+
+A GPU is needed to *run* a kernel, not to compile it: Triton lowers a kernel to PTX and ``ptxas`` (shipped inside
+Triton's wheel) assembles it for any ``sm_XX`` on the CPU. This check drives the real launchers of ``kernels/``
+(``attention_forward``, ``attention_backward``, ``compact_index``, ``gather_rows``, ``scatter_rows``) with CPU
+tensors over the variants the public ops launch (dtypes, head dims, reference layouts, selection paths), with every
+launch turned into a compile for the chosen architecture (nothing runs, nothing is read back), and every autotune
+candidate compiled, not measured. It reports per compiled kernel: registers per thread, spilled bytes (stack) and
+shared memory, next to the architecture's per-block shared memory limit.
+
+What it catches before any GPU time is spent: a kernel that does not compile with the installed Triton for that
+architecture (an API or lowering difference between releases), a config whose shared memory exceeds what a block
+may use (the launch would fail, or the autotuner would silently drop the candidate), and register spills (slow).
+What it can not tell: whether the results are right or how fast the kernels run (that needs the GPU tests and
+``bench/``).
+
+    sparsectx compile-check                     # sm_90 (H100/H200), every autotune candidate
+    sparsectx compile-check --arch 80 --first-config --json out.json
+
+Runs in a child process without ``TRITON_INTERPRET`` when the parent has it set (the kernel modules keep the mode
+they were imported in). Uses Triton's own launch path (argument specialisation, autotune configs, compile options)
+with a stand-in driver that names the target; tested with Triton 3.6 and 3.9.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, Iterator, Optional
+
+# Largest shared memory one block may use (dynamic, opt-in), bytes, per compute capability (CUDA programming guide,
+# "Technical Specifications per Compute Capability"). A compiled kernel above it fails to launch there.
+SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+# Shapes of the compile-only launches: realistic strides (Triton specialises integers and pointers on divisibility
+# by 16, and the kernels' code depends on it), tiny extents (nothing is computed).
+HEADS = 24
+SEQ = 64
+MODEL_WIDTH = 3072
+# What the public ops launch: fp16/bf16/fp32 (fp32 with IEEE-precision dots); head dims 64 and 128 (the supported
+# models), 40 (a head dim that is not a power of two: masked tail), 256 (the largest the ops accept).
+_DTYPE_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+DTYPES = ("fp16", "bf16", "fp32")
+HEAD_DIMS = (40, 64, 128, 256)
+
+
+@dataclasses.dataclass
+class Compiled:
+    """One compiled kernel binary (one launch variant x one autotune candidate)."""
+    variant: str            # the launch that compiled it, e.g. "attention bf16 D=128 gathered refs"
+    kernel: str             # the @triton.jit function
+    config: str             # block sizes and other constexprs that differ between candidates, warps, stages
+    registers: Optional[int] = None
+    spill_bytes: Optional[int] = None   # stack frame: registers spilled to local memory
+    shared_bytes: Optional[int] = None
+    seconds: Optional[float] = None     # compile time (0 when Triton's cache had it)
+    error: Optional[str] = None         # compile error (then the resource fields are None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the compile-only launch path
+# ----------------------------------------------------------------------------------------------------------------
+class _TargetOnlyDriver:
+    """Stands in for Triton's CUDA driver while compiling: it names the target, a device of its own and stream 0;
+    anything that would touch a GPU (a launch, a benchmark) is never reached because every launch is a warm-up. The
+    device is a name per target: a kernel keeps its compiled binaries per device, so binaries compiled for one arch
+    (or for a real GPU of this process) are never handed out for another."""
+
+    def __init__(self, target):
+        self._target = target
+
+    def get_current_target(self):
+        return self._target
+
+    def get_current_device(self):
+        return f"compile-check:{self._target.backend}:{self._target.arch}"
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_benchmarker(self):  # pragma: no cover - autotuning is replaced by compiling every candidate
+        raise RuntimeError("compile-check does not measure")
+
+
+@contextlib.contextmanager
+def _compile_only(arch: int, record: Callable) -> Iterator[None]:
+    """Within the block, every ``kernel[grid](...)`` compiles for ``sm_<arch>`` instead of launching, and an
+    autotuned kernel compiles each of its candidates; ``record(jit_function, kwargs, compiled_kernel)`` sees each."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    jit_run, tuner_run, active = JITFunction.run, Autotuner.run, getattr(driver, "_active", None)
+
+    def compile_instead(self, *args, grid, warmup, **kwargs):
+        start = time.perf_counter()
+        compiled = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
+        compiled = compiled.result() if hasattr(compiled, "result") else compiled
+        record(self, kwargs, compiled, time.perf_counter() - start)
+        return compiled
+
+    def every_candidate(self, *args, **kwargs):
+        kwargs.pop("warmup", None)
+        return self.warmup(*args, **kwargs)  # compiles each config through JITFunction.run
+
+    driver.set_active(_TargetOnlyDriver(GPUTarget("cuda", arch, 32)))
+    JITFunction.run, Autotuner.run = compile_instead, every_candidate
+    try:
+        yield
+    finally:
+        JITFunction.run, Autotuner.run = jit_run, tuner_run
+        driver.set_active(active)  # None: the real driver is looked up at its next use, as before
+
+
+def _cuobjdump() -> str:
+    """Path of the ``cuobjdump`` Triton ships with its NVIDIA backend."""
+    from triton import knobs
+    from triton.backends.nvidia import compiler
+
+    tool = getattr(knobs.nvidia, "cuobjdump", None)
+    path = getattr(tool, "path", None)
+    return path or os.path.join(os.path.dirname(compiler.__file__), "bin", "cuobjdump")
+
+
+def _resources(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, stack bytes) of a compiled binary, as ``cuobjdump -res-usage`` reads them from it (a
+    stack frame in these kernels, which keep no local arrays, is spilled registers)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        usage = subprocess.run([_cuobjdump(), "-res-usage", path], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    if found is None:
+        raise RuntimeError(f"cuobjdump -res-usage printed no REG/STACK line: {usage[-300:]!r}")
+    return int(found.group(1)), int(found.group(2))
+
+
+def _config_label(jit_function, kwargs: dict, compiled) -> str:
+    """The compile parameters that tell one candidate from another: block-size constexprs, warps, stages."""
+    blocks = [f"{name}={value}" for name, value in sorted(kwargs.items()) if name.startswith("BLOCK")]
+    return " ".join(blocks + [f"w{compiled.metadata.num_warps}", f"s{compiled.metadata.num_stages}"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the variants the public ops launch
+# ----------------------------------------------------------------------------------------------------------------
+def _attention_variants(dtypes, head_dims):
+    """(label, launch) pairs: forward and backward of the three key layouts, per dtype and head dim."""
+    import torch
+
+    from .kernels.attention import attention_backward, attention_forward
+
+    for name in dtypes:
+        dtype = getattr(torch, _DTYPE_NAMES[name])
+        for dim in head_dims:
+            for refs in ("no refs", "gathered refs", "packed refs"):
+                def launch(dtype=dtype, dim=dim, refs=refs):
+                    def rows(*shape):
+                        return torch.zeros(*shape, HEADS, dim, dtype=dtype)
+                    q, k, v = rows(2 * SEQ), rows(2 * SEQ), rows(2 * SEQ)
+                    cu = torch.tensor([0, SEQ, 2 * SEQ], dtype=torch.int32)
+                    ref_k = ref_v = ref_index = cu_r = None
+                    if refs == "gathered refs":
+                        ref_k, ref_v = rows(2, SEQ), rows(2, SEQ)
+                        ref_index = torch.zeros(SEQ, dtype=torch.int32)
+                        cu_r = torch.tensor([0, SEQ // 2, SEQ], dtype=torch.int32)
+                    elif refs == "packed refs":
+                        ref_k, ref_v, cu_r = rows(SEQ), rows(SEQ), torch.tensor([0, SEQ // 2, SEQ], dtype=torch.int32)
+                    out, lse = attention_forward(q, k, v, cu, cu, SEQ, ref_k, ref_v, ref_index, cu_r, dim ** -0.5)
+                    attention_backward(torch.zeros_like(out), torch.zeros_like(lse), q, k, v, out, lse, cu, cu, SEQ,
+                                       SEQ, ref_k, ref_v, ref_index, cu_r, SEQ // 2, dim ** -0.5)
+                yield f"attention {name} D={dim} {refs}", launch
+
+
+def _compaction_variants():
+    """Selection (scores in each dtype the ops accept; a row that fits one block and a longer one; one count for
+    every sample or one per sample; a keep mask) and the row copies (1 to 3 payloads of mixed dtypes, scatter of
+    rows or zeros)."""
+    import torch
+
+    from .kernels.compaction import MAX_SELECT_BLOCK, compact_index, gather_rows, scatter_rows
+
+    for name in DTYPES:
+        dtype = getattr(torch, _DTYPE_NAMES[name])
+        for n_tokens in (3 * 4096, 3 * MAX_SELECT_BLOCK):
+            for per_sample in (False, True):
+                counts = [n_tokens // 10, n_tokens // 5] if per_sample else [n_tokens // 10] * 2
+
+                def select(dtype=dtype, n_tokens=n_tokens, counts=counts):
+                    compact_index(torch.zeros(2, n_tokens, dtype=dtype), counts)
+                one_block = "one block" if n_tokens <= MAX_SELECT_BLOCK else "streamed"
+                yield (f"select scores {name} {one_block} "
+                       f"{'per-sample' if per_sample else 'uniform'} counts"), select
+
+    def select_mask():
+        compact_index(torch.zeros(2, 3 * 4096, dtype=torch.bool), n_rows=1024)
+    yield "select keep mask", select_mask
+
+    def gather():
+        index, cu = torch.zeros(1024, dtype=torch.int32), torch.tensor([0, 512, 1024], dtype=torch.int32)
+        hidden = torch.zeros(2, 4096, MODEL_WIDTH, dtype=torch.bfloat16)
+        ids = torch.zeros(2, 4096, 4, dtype=torch.int64)
+        keep = torch.zeros(2, 4096, dtype=torch.bool)
+        gather_rows([hidden], index, cu, 1024)
+        gather_rows([hidden, ids], index, cu, 1024)
+        gather_rows([hidden, ids, keep], index, cu, 1024)
+    yield "gather 1-3 payloads (bf16, int64, bool)", gather
+
+    def scatter():
+        index, cu = torch.zeros(1024, dtype=torch.int32), torch.tensor([0, 512, 1024], dtype=torch.int32)
+        out = torch.zeros(2, 4096, MODEL_WIDTH, dtype=torch.bfloat16)
+        scatter_rows(torch.zeros(1024, MODEL_WIDTH, dtype=torch.bfloat16), index, cu, out)
+        scatter_rows(None, index, cu, out)
+    yield "scatter rows and zeros (bf16)", scatter
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the check
+# ----------------------------------------------------------------------------------------------------------------
+def run_check(arch: int = 90, dtypes=DTYPES, head_dims=HEAD_DIMS, progress: bool = True) -> list[Compiled]:
+    """Compiles every variant for ``sm_<arch>`` in this process (which must not have imported the kernels through
+    the interpreter): attention in ``dtypes`` (names: fp16, bf16, fp32) at ``head_dims``, and every compaction
+    kernel. The autotune candidates are the kernels' (all, or the first under ``SPARSECTX_AUTOTUNE=0``). Returns
+    one row per compiled binary, and one row per variant that failed."""
+    from .kernels import attention, compaction
+
+    if attention.INTERPRETED or compaction.INTERPRETED:
+        raise RuntimeError("the kernels were imported for Triton's interpreter (TRITON_INTERPRET=1): run "
+                           "compile-check in a process without it (the command line does so by itself)")
+    variants = list(_attention_variants(dtypes, head_dims)) + list(_compaction_variants())
+    rows: list[Compiled] = []
+    seen: set = set()
+    try:
+        from tqdm import tqdm
+        bar = tqdm(variants, desc=f"compiling for sm_{arch}", unit="variant", disable=not progress, file=sys.stderr)
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        bar = variants
+    for label, launch in bar:
+        def record(jit_function, kwargs, compiled, seconds, label=label):
+            key = (jit_function.fn.__qualname__, compiled.hash)
+            if key in seen:  # the same binary reached again (a launcher calls a kernel twice)
+                return
+            seen.add(key)
+            registers, stack = _resources(compiled.asm["cubin"])
+            rows.append(Compiled(label, jit_function.fn.__name__, _config_label(jit_function, kwargs, compiled),
+                                 registers, stack, compiled.metadata.shared, round(seconds, 2)))
+        try:
+            with _compile_only(arch, record):
+                launch()
+        except Exception as e:  # a compile failure is a finding: report it and go on with the other variants
+            rows.append(Compiled(label, "?", "?", error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"))
+    return rows
+
+
+def problems(rows: list[Compiled], arch: int) -> list[str]:
+    """What would fail on the GPU: compile errors and shared memory above the architecture's per-block limit."""
+    limit = SHARED_MEMORY_LIMIT.get(arch)
+    found = [f"{r.variant}: does not compile: {r.error}" for r in rows if r.error]
+    if limit is not None:
+        found += [f"{r.variant}: {r.kernel} [{r.config}] needs {r.shared_bytes} B of shared memory, sm_{arch} allows "
+                  f"{limit} B per block" for r in rows if r.shared_bytes is not None and r.shared_bytes > limit]
+    return found
+
+
+def format_table(rows: list[Compiled], arch: int) -> str:
+    header = ("variant", "kernel", "config", "registers", "spill B", "shared B", "compile s")
+    body = [(r.variant, r.kernel, r.config, *(("-",) * 4 if r.error else
+                                              (str(r.registers), str(r.spill_bytes), str(r.shared_bytes),
+                                               f"{r.seconds:.1f}")))
+            for r in rows]
+    widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header] + body]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    spilled = [r for r in rows if r.spill_bytes]
+    lines.append(f"\n{len(rows)} binaries for sm_{arch}; spilling: {len(spilled)}"
+                 + "".join(f"\n  {r.variant}: {r.kernel} [{r.config}] {r.spill_bytes} B" for r in spilled))
+    return "\n".join(lines)
+
+
+def _names(text: str, allowed) -> tuple:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(map(str, allowed))}, "
+                                         f"got {text!r}")
+    return names
+
+
+def _dtype_list(text: str) -> tuple:
+    return _names(text, DTYPES)
+
+
+def _dim_list(text: str) -> tuple:
+    try:
+        return tuple(int(d) for d in _names(text, [str(d) for d in range(1, 257)]))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated head dims in 1..256, got {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", type=int, default=90,
+                        help="compute capability x 10: 90 for H100/H200 (default), 80 for A100, 89 for L40S/4090")
+    parser.add_argument("--dtypes", type=_dtype_list, default=DTYPES,
+                        help=f"attention and score dtypes (default {','.join(DTYPES)})")
+    parser.add_argument("--head-dims", type=_dim_list, default=HEAD_DIMS,
+                        help=f"attention head dims (default {','.join(map(str, HEAD_DIMS))})")
+    parser.add_argument("--quick", action="store_true", help="short for --dtypes bf16 --head-dims 64,128")
+    parser.add_argument("--first-config", action="store_true",
+                        help="only the first autotune candidate of each attention kernel (SPARSECTX_AUTOTUNE=0)")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Exit status 1 when something would fail on the GPU (see ``problems``), else 0."""
+    dtypes, head_dims = (("bf16",), (64, 128)) if args.quick else (args.dtypes, args.head_dims)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1" or args.first_config != (
+            os.environ.get("SPARSECTX_AUTOTUNE", "1") == "0"):
+        # the kernel modules fix their mode and candidates at import: a fresh process without the interpreter
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["SPARSECTX_AUTOTUNE"] = "0" if args.first_config else "1"
+        argv = [sys.executable, "-m", "sparsectx.compile_check", "--arch", str(args.arch),
+                "--dtypes", ",".join(dtypes), "--head-dims", ",".join(map(str, head_dims))]
+        argv += (["--first-config"] if args.first_config else []) + (["--json", args.json] if args.json else [])
+        return subprocess.call(argv, env=env)
+    start = time.perf_counter()
+    rows = run_check(args.arch, dtypes, head_dims)
+    import triton
+
+    print(f"Triton {triton.__version__}, sm_{args.arch}, {time.perf_counter() - start:.0f} s\n")
+    print(format_table(rows, args.arch))
+    found = problems(rows, args.arch)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"triton": triton.__version__, "arch": args.arch, "first_config": args.first_config,
+                       "dtypes": list(dtypes), "head_dims": list(head_dims), "problems": found,
+                       "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
+    for line in found:
+        print(f"PROBLEM: {line}")
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m sparsectx.compile_check", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))
