@@ -38,9 +38,12 @@ def _interpreting() -> bool:
 # launch configurations: a small autotune set on the GPU, tuned per head dim, key source (the best block shape
 # differs between contiguous and gathered keys) and launch size class (``_tune_rows``); one fixed config in the
 # interpreter (where several configs fail and big blocks run fastest).
-# The first GPU config of each list compiled for sm_90 (bf16, D=128) without register spills; SPARSECTX_AUTOTUNE=0
-# has the autotuner keep only that one (saves compile time, e.g. in test runs over many shapes and dtypes); the
-# lists below stay complete (a GPU test runs every candidate).
+# Two sets per kernel, by head-dim block: up to WIDE_HEAD_BLOCK_D, and wider (head dims 129-256), whose tiles must
+# be smaller (the narrow set's first forward tile needs 256 KB of shared memory at BLOCK_D=256; sm_90 gives a block
+# 227 KB). The first GPU config of each list compiled for sm_90 (bf16: D=64 and 128, resp. D=256) without register
+# spills (`sparsectx compile-check`, a test checks it); SPARSECTX_AUTOTUNE=0 has the autotuner keep only that one
+# (saves compile time, e.g. in test runs over many shapes and dtypes); the lists below stay complete (a GPU test
+# runs every candidate).
 # ----------------------------------------------------------------------------------------------------------------
 def _configs(gpu_shapes, interpreter_shape):
     if _interpreting():
@@ -60,19 +63,36 @@ FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (128,
 # dK/dV: a program holds BLOCK_N keys and streams BLOCK_M queries; dQ: BLOCK_M queries, streams BLOCK_N keys
 DKDV_CONFIGS = _configs([(32, 64, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2), (32, 64, 4, 3)], (32, 32))
 DQ_CONFIGS = _configs([(64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2), (64, 128, 8, 2), (64, 32, 4, 3)], (32, 32))
+WIDE_HEAD_BLOCK_D = 128
+FWD_CONFIGS_WIDE = _configs([(64, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 3), (128, 64, 8, 1), (64, 32, 4, 2)],
+                            (32, 32))
+DKDV_CONFIGS_WIDE = _configs([(32, 32, 8, 2), (64, 32, 8, 2), (16, 32, 4, 2)], (32, 32))
+DQ_CONFIGS_WIDE = _configs([(64, 32, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)], (32, 32))
+
+
+def _autotuned(kernel, configs, wide_configs, key):
+    """Two autotuners over the same jitted kernel: ``(for BLOCK_D <= WIDE_HEAD_BLOCK_D, for wider heads)``."""
+    return tuple(triton.autotune(configs=_tuned(c), key=key)(kernel) for c in (configs, wide_configs))
+
+
+def _for_head(tuners, block_d: int):
+    """The autotuner of a launch's head-dim block."""
+    return tuners[block_d > WIDE_HEAD_BLOCK_D]
 
 
 def tuned_configs() -> dict:
     """What the autotuner chose so far in this process: ``{kernel: {"picked": {key: config}, "last_tuned":
     {config: ms}}}`` (strings; ``last_tuned``: every candidate's time for the key that kernel tuned last). Kernels
-    that tuned nothing are absent: empty before the first GPU launch, in the interpreter and with one candidate."""
+    that tuned nothing are absent: empty before the first GPU launch, in the interpreter and with one candidate.
+    Kernels of head dims above 128 are reported as ``fwd_wide``, ``bwd_dkdv_wide``, ``bwd_dq_wide``."""
     choices = {}
-    for name, kernel in (("fwd", _fwd_kernel), ("bwd_dkdv", _bwd_dkdv_kernel), ("bwd_dq", _bwd_dq_kernel)):
-        picked = {str(key): str(config) for key, config in getattr(kernel, "cache", {}).items()}
-        timings = getattr(kernel, "configs_timings", None) or {}
-        if picked and len(kernel.configs) > 1:
-            choices[name] = {"picked": picked,
-                             "last_tuned": {str(config): _first(ms) for config, ms in timings.items()}}
+    for name, pair in (("fwd", FWD_TUNERS), ("bwd_dkdv", DKDV_TUNERS), ("bwd_dq", DQ_TUNERS)):
+        for kernel, suffix in zip(pair, ("", "_wide")):
+            picked = {str(key): str(config) for key, config in getattr(kernel, "cache", {}).items()}
+            timings = getattr(kernel, "configs_timings", None) or {}
+            if picked and len(kernel.configs) > 1:
+                choices[name + suffix] = {"picked": picked,
+                                          "last_tuned": {str(config): _first(ms) for config, ms in timings.items()}}
     return choices
 
 
@@ -138,7 +158,6 @@ def _ref_rows(RIDX, r_start, offs, valid, REF_PACKED: tl.constexpr, MASKED: tl.c
         return tl.load(RIDX + r_start + offs).to(tl.int64)
 
 
-@triton.autotune(configs=_tuned(FWD_CONFIGS), key=["HEAD_DIM", "HAS_REF", "REF_PACKED", "tune_rows"])
 @triton.jit(do_not_specialize=["tune_rows"])  # the key only: one binary for every value
 def _fwd_kernel(
     Q, K, V, RK, RV, RIDX, CU_Q, CU_K, CU_R, O, LSE,
@@ -205,6 +224,10 @@ def _fwd_kernel(
     tl.store(LSE + head * stride_lse_h + q_start + offs_m, lse, mask=q_valid)
 
 
+FWD_TUNERS = _autotuned(_fwd_kernel, FWD_CONFIGS, FWD_CONFIGS_WIDE,
+                        key=["HEAD_DIM", "HAS_REF", "REF_PACKED", "tune_rows"])
+
+
 def _empty_as(t: torch.Tensor) -> torch.Tensor:
     """A contiguous uninitialised tensor of ``t``'s shape, dtype and device, whatever ``t``'s strides (outputs and
     gradients are contiguous, as the reference's and the fake op's)."""
@@ -253,7 +276,7 @@ def attention_forward(q, k, v, cu_q, cu_k, max_seqlen_q, ref_k, ref_v, ref_index
     def grid(meta):
         return (cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)
 
-    _fwd_kernel[grid](
+    _for_head(FWD_TUNERS, _block_d(dim))[grid](
         q, k, v, rk, rv, ridx, cu_q, cu_k, cur, out, lse,
         softmax_scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         *_ref_strides(rk), *_ref_strides(rv), out.stride(0), out.stride(1), lse.stride(0),
@@ -313,7 +336,6 @@ def _load_query_grads(Q, DO, LSE2, DELTA, q_rows, q_cols, q_valid, offs_d, d_val
     return q, do, lse2, delta
 
 
-@triton.autotune(configs=_tuned(DKDV_CONFIGS), key=["HEAD_DIM", "IS_REF", "REF_PACKED", "tune_rows"])
 @triton.jit(do_not_specialize=["tune_rows"])  # the key only: one binary for every value
 def _bwd_dkdv_kernel(
     Q, DO, LSE2, DELTA, K, V, DK, DV, CU_Q, CU_K, KIDX,
@@ -376,6 +398,10 @@ def _bwd_dkdv_kernel(
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
+DKDV_TUNERS = _autotuned(_bwd_dkdv_kernel, DKDV_CONFIGS, DKDV_CONFIGS_WIDE,
+                         key=["HEAD_DIM", "IS_REF", "REF_PACKED", "tune_rows"])
+
+
 @triton.jit
 def _dq_step(dq, q, do, lse2, delta, k, v, key_valid, qk_scale, IEEE: tl.constexpr):
     """dQ += dS K for one key block, with P = exp2(Q K^T * scale - lse) and dS = P * (dO V^T - delta)."""
@@ -386,7 +412,6 @@ def _dq_step(dq, q, do, lse2, delta, k, v, key_valid, qk_scale, IEEE: tl.constex
     return dq + _dot(ds.to(k.dtype), k, IEEE)
 
 
-@triton.autotune(configs=_tuned(DQ_CONFIGS), key=["HEAD_DIM", "HAS_REF", "REF_PACKED", "tune_rows"])
 @triton.jit(do_not_specialize=["tune_rows"])  # the key only: one binary for every value
 def _bwd_dq_kernel(
     Q, DO, LSE2, DELTA, K, V, RK, RV, RIDX, CU_Q, CU_K, CU_R, DQ,
@@ -437,6 +462,10 @@ def _bwd_dq_kernel(
              mask=q_valid[:, None] & d_valid[None, :])
 
 
+DQ_TUNERS = _autotuned(_bwd_dq_kernel, DQ_CONFIGS, DQ_CONFIGS_WIDE,
+                       key=["HEAD_DIM", "HAS_REF", "REF_PACKED", "tune_rows"])
+
+
 DELTA_BLOCK_M = 64
 
 
@@ -470,19 +499,19 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, 
     common = (qk_scale, softmax_scale, q.stride(0), q.stride(1), dout.stride(0), dout.stride(1), lse2.stride(0))
     rk, rv, ridx, cur, _, packed = _ref_args(ref_k, ref_v, ref_index, cu_r, q)
     if max_seqlen_k > 0 and k.shape[0] > 0:
-        _bwd_dkdv_kernel[lambda meta: (cdiv(max_seqlen_k, meta["BLOCK_N"]), heads, batch)](
+        _for_head(DKDV_TUNERS, block_d)[lambda meta: (cdiv(max_seqlen_k, meta["BLOCK_N"]), heads, batch)](
             q, dout, lse2, delta, k, v, dk, dv, cu_q, cu_k, cu_k, *common,
             *_ref_strides(k), *_ref_strides(v), *_ref_strides(dk), *_ref_strides(dv),
             _tune_rows(batch, max_seqlen_k, heads),
             HEAD_DIM=dim, BLOCK_D=block_d, IS_REF=False, REF_PACKED=False, IEEE=ieee)
     if has_ref and max_seqlen_ref > 0 and ref_k.shape[-3] > 0 and (packed or ref_index.numel() > 0):
-        _bwd_dkdv_kernel[lambda meta: (cdiv(max_seqlen_ref, meta["BLOCK_N"]), heads, batch)](
+        _for_head(DKDV_TUNERS, block_d)[lambda meta: (cdiv(max_seqlen_ref, meta["BLOCK_N"]), heads, batch)](
             q, dout, lse2, delta, ref_k, ref_v, dref_k, dref_v, cu_q, cu_r, ridx, *common,
             *_ref_strides(ref_k), *_ref_strides(ref_v), *_ref_strides(dref_k), *_ref_strides(dref_v),
             _tune_rows(batch, max_seqlen_ref, heads),
             HEAD_DIM=dim, BLOCK_D=block_d, IS_REF=True, REF_PACKED=packed, IEEE=ieee)
     if tq and max_seqlen_q > 0:
-        _bwd_dq_kernel[lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)](
+        _for_head(DQ_TUNERS, block_d)[lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)](
             q, dout, lse2, delta, k, v, rk, rv, ridx, cu_q, cu_k, cur, dq, *common,
             k.stride(0), k.stride(1), v.stride(0), v.stride(1), *_ref_strides(rk), *_ref_strides(rv),
             dq.stride(0), dq.stride(1), _tune_rows(batch, max_seqlen_q, heads),

@@ -114,12 +114,13 @@ CASES = {
     "sample_sees_no_key": ([6, 3], [0, 4], [0, 2], 8, 1, 64, None),
     "head_dim_not_power_of_two": ([12, 20], [7, 2], [5, 9], 16, 2, 40, 0.05),
     "head_dim_128": ([34], [10], [30], 40, 1, 128, None),
+    "head_dim_wide": ([11, 6], [4, 0], [9, 5], 12, 1, 160, None),  # the launch configurations of heads above 128
     "lengths_multiple_of_the_block": ([32, 64], [32, 0], [64, 32], 64, 1, 64, 1.0),
 }
 
 
 PACKED_CASES = ("mixed_varlen", "no_own_keys_refs_only", "sample_sees_no_key", "head_dim_not_power_of_two",
-                "lengths_multiple_of_the_block")
+                "lengths_multiple_of_the_block", "head_dim_wide")
 
 
 @pytest.mark.parametrize("dtype", DTYPES_HERE, ids=str)
@@ -510,20 +511,32 @@ def test_gpu_bf16_realistic_varlen(dim):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dim", [128, 256])
 @pytest.mark.parametrize("candidate", range(5))
-def test_gpu_bf16_every_autotune_candidate(candidate, monkeypatch):
-    """Each launch configuration the autotuner may pick (forward, dK/dV, dQ), forced one at a time, meets the
-    flash-attention criterion on varlen tails and gathered references (test runs elsewhere use the first one)."""
+def test_gpu_bf16_every_autotune_candidate(candidate, dim, monkeypatch):
+    """Each launch configuration the autotuner may pick (forward, dK/dV, dQ; the head-dim-128 lists and the lists of
+    wider heads), forced one at a time, meets the flash-attention criterion on varlen tails and gathered references
+    (test runs elsewhere use the first one)."""
     from sparsectx.kernels import attention as kernels
 
-    for kernel, candidates in ((kernels._fwd_kernel, kernels.FWD_CONFIGS),
-                               (kernels._bwd_dkdv_kernel, kernels.DKDV_CONFIGS),
-                               (kernels._bwd_dq_kernel, kernels.DQ_CONFIGS)):
-        monkeypatch.setattr(kernel, "configs", [candidates[min(candidate, len(candidates) - 1)]])
-        monkeypatch.setattr(kernel, "cache", {})
-    case = make_case([300, 77, 0, 513], [129, 5, 64, 0], [200, 31, 0, 64], 256, 4, 128, torch.bfloat16,
+    wide = dim > kernels.WIDE_HEAD_BLOCK_D
+    for tuners, candidates in ((kernels.FWD_TUNERS, kernels.FWD_CONFIGS_WIDE if wide else kernels.FWD_CONFIGS),
+                               (kernels.DKDV_TUNERS, kernels.DKDV_CONFIGS_WIDE if wide else kernels.DKDV_CONFIGS),
+                               (kernels.DQ_TUNERS, kernels.DQ_CONFIGS_WIDE if wide else kernels.DQ_CONFIGS)):
+        monkeypatch.setattr(tuners[wide], "configs", [candidates[min(candidate, len(candidates) - 1)]])
+        monkeypatch.setattr(tuners[wide], "cache", {})
+    case = make_case([300, 77, 0, 513], [129, 5, 64, 0], [200, 31, 0, 64], 256, 4, dim, torch.bfloat16,
                      seed=50 + candidate)
     _assert_bf16_forward_and_backward(case, seed=50 + candidate)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim", [160, 256])
+def test_gpu_bf16_wide_heads(dim):
+    """Head dims above 128 (BLOCK_D 256) run their own launch configurations: the first forward tile of the
+    head-dim-128 list needs more shared memory than an H100/H200 block has (`sparsectx compile-check`)."""
+    case = make_case([300, 77, 0, 513], [129, 5, 64, 0], [200, 31, 0, 64], 256, 4, dim, torch.bfloat16, seed=dim)
+    _assert_bf16_forward_and_backward(case, seed=dim)
 
 
 @pytest.mark.gpu

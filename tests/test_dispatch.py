@@ -57,7 +57,7 @@ def test_kernel_configs_report_the_autotuner_choices(monkeypatch):
 
     from sparsectx.kernels import attention
 
-    kernel = attention._fwd_kernel
+    kernel = attention.FWD_TUNERS[0]  # the forward's autotuner for head dims up to 128
     small, big = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4), triton.Config(
         {"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8)
     monkeypatch.setattr(kernel, "configs", [small, big])
