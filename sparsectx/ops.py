@@ -742,8 +742,10 @@ def scatter_tokens(packed: torch.Tensor, index: torch.Tensor, cu_seqlens: torch.
 
     ``packed`` and ``index`` have the same number of rows; rows past ``cu_seqlens[-1]`` (``max_total`` padding)
     are ignored, and so are rows whose index lies outside ``[0, n_tokens)`` (nothing is written for them and their
-    gradient is zero): the Triton path never waits for the device to check indices. The reference path reads
-    ``cu_seqlens[-1]``.
+    gradient is zero): the Triton path never waits for the device to check indices. ``cu_seqlens`` (as
+    ``compact_tokens`` returns it: starts at 0, non-decreasing, at most the packed rows) is checked off the GPU,
+    where reading it costs no device wait; on a GPU it is trusted. A scalar ``fill`` must be representable in
+    ``packed``'s dtype.
     """
     _check_tensor("packed", packed)
     if packed.ndim < 1:
@@ -754,6 +756,10 @@ def scatter_tokens(packed: torch.Tensor, index: torch.Tensor, cu_seqlens: torch.
         raise ValueError("cu_seqlens must have B+1 >= 1 entries")
     if index.numel() != packed.shape[0]:
         raise ValueError(f"index has {index.numel()} rows but packed has {packed.shape[0]}")
+    if cu_seqlens.device.type != "cuda" and not torch.compiler.is_compiling():
+        _check_cu_seqlens("cu_seqlens", cu_seqlens, None, None, packed.device)
+        if int(cu_seqlens[-1]) > packed.shape[0]:
+            raise ValueError(f"cu_seqlens[-1] = {int(cu_seqlens[-1])} exceeds the {packed.shape[0]} packed rows")
     n_tokens = _check_count("n_tokens", n_tokens)
     index, cu_seqlens = index.contiguous(), cu_seqlens.contiguous()  # the kernel reads them with unit stride
     base = None
@@ -768,6 +774,10 @@ def scatter_tokens(packed: torch.Tensor, index: torch.Tensor, cu_seqlens: torch.
         fill = _python_number(fill)
         if not isinstance(fill, (int, float)):
             raise TypeError(f"fill must be a number or a tensor, got {type(fill).__name__}")
+        try:
+            torch.empty(2, dtype=packed.dtype).fill_(fill)  # on the host, the output fill's conversion and checks
+        except (RuntimeError, OverflowError) as e:
+            raise ValueError(f"fill={fill!r} can not be stored in packed's dtype {packed.dtype}: {e}") from None
     fill_value = 0.0 if base is not None else fill
     if _records_graph((packed, base)):
         if base is None and not (packed.is_floating_point() or packed.is_complex()) and fill_value:

@@ -102,10 +102,17 @@ def gather_rows_ref(payload: torch.Tensor, index: torch.Tensor, cu_seqlens: torc
     return with_zero_row[_flat_rows(index, cu_seqlens, n_tokens)]
 
 
+_NO_INDEX_PUT = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
+
+
 def scatter_rows_ref(packed: Optional[torch.Tensor], index: torch.Tensor, cu_seqlens: torch.Tensor,
                      out: torch.Tensor) -> torch.Tensor:
     """``out`` ``[B, N, ...]`` with ``out[b, index[r]]`` replaced by ``packed[r]`` (zeros when ``packed`` is None)
     for every valid packed row r (as in ``gather_rows_ref``); a new tensor, differentiable in both."""
+    if out.dtype in _NO_INDEX_PUT:  # unsigned ints torch can not index_put: the same bits as signed ints
+        signed = _NO_INDEX_PUT[out.dtype]
+        return scatter_rows_ref(None if packed is None else packed.view(signed), index, cu_seqlens,
+                                out.view(signed)).view(out.dtype)
     batch, n_tokens, *rest = out.shape
     flat = out.reshape(batch * n_tokens, *rest)
     with_spare_row = torch.cat([flat, flat.new_zeros((1, *rest))])  # invalid rows all land in the spare row

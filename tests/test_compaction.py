@@ -357,6 +357,52 @@ def test_bf16_copy_is_bit_exact(device):
     assert torch.equal(back.view(torch.int16), bits)
 
 
+_SIGNED_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.uint16, torch.uint32, torch.uint64],
+                         ids=str)
+def test_fp8_and_unsigned_payloads_round_trip_bit_exactly(device, dtype):
+    """Payload dtypes Triton can not load with a fill value (fp8) or torch can not index_put (uint16/32/64) are
+    copied as bits on every path (they failed on one path each: fp8 in the kernels, unsigned in the reference)."""
+    signed = _SIGNED_OF_SIZE[dtype.itemsize]
+    gen = torch.Generator().manual_seed(dtype.itemsize)
+    bits = torch.randint(-100, 100, (2, 11, 3), generator=gen).to(signed).to(device)
+    payload = bits.view(dtype)
+    mask = torch.rand(2, 11, generator=gen).to(device) < 0.5
+    result = sparsectx.compact_tokens(mask, payload)
+    assert result.tensors[0].dtype == dtype and torch.equal(result.tensors[0].view(signed), bits[mask])
+    back = sparsectx.scatter_tokens(result.tensors[0], result.index, result.cu_seqlens, 11)
+    assert back.dtype == dtype and torch.equal(back.view(signed), torch.where(mask[..., None], bits, 0))
+    spec = reference.scatter_rows_ref(result.tensors[0], result.index, result.cu_seqlens,
+                                      torch.zeros(2, 11, 3, dtype=signed, device=device).view(dtype))
+    assert torch.equal(spec.view(signed), back.view(signed))
+
+
+def test_scatter_refuses_malformed_cu_seqlens_off_the_gpu():
+    """cu_seqlens that compact_tokens can not have returned: refused on the CPU, where reading it costs no device
+    wait (the two CPU paths wrote different rows for them before)."""
+    packed, index = torch.arange(1.0, 5.0), torch.arange(4, dtype=torch.int32)
+    for cu, message in (([0, 3, 1, 4], "non-decreasing"), ([2, 4], r"cu_seqlens\[0\] must be 0"),
+                        ([0, 2, 5], "exceeds the 4 packed rows")):
+        with pytest.raises(ValueError, match=message):
+            sparsectx.scatter_tokens(packed, index, torch.tensor(cu, dtype=torch.int32), 4)
+    # padding rows past cu_seqlens[-1] stay allowed
+    out = sparsectx.scatter_tokens(packed, index, torch.tensor([0, 1, 3], dtype=torch.int32), 4)
+    assert out.tolist() == [[1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 3.0, 0.0]]
+
+
+@pytest.mark.parametrize("dtype, fill", [(torch.float16, 1e10), (torch.int8, 300), (torch.int64, float("nan")),
+                                         (torch.int64, 2 ** 63), (torch.uint8, 256)])
+def test_scatter_fill_the_dtype_can_not_hold_is_a_value_error(device, dtype, fill):
+    index, cu = torch.tensor([0, 2], dtype=torch.int32, device=device), torch.tensor([0, 2], dtype=torch.int32,
+                                                                                     device=device)
+    with pytest.raises(ValueError, match=r"fill=.* can not be stored in packed's dtype"):
+        sparsectx.scatter_tokens(torch.ones(2, dtype=dtype, device=device), index, cu, 3, fill=fill)
+    assert sparsectx.scatter_tokens(torch.ones(2, dtype=dtype, device=device), index, cu, 3, fill=7).tolist() == \
+        [[1, 7, 1]]
+
+
 def test_many_payloads_and_column_blocks(device, monkeypatch):
     # more payloads than one launch copies, and narrow column blocks: several launches and column programs
     monkeypatch.setattr(kc, "COPY_MAX_BLOCK_COLS", 16)
