@@ -793,7 +793,8 @@ class _SparsePatch(ForwardPatch):
         self.attention_state = None  # the installed processors' shared AttentionState, while attention="sparsectx"
         self.pack = True  # FLUX.2 + sparsectx attention: samples that keep different tokens run as one sequence
         self.pipeline_calls = 0  # enabled pipelines' __call__s running now (each starts a new call epoch)
-        self.call_seed: Optional[int] = None  # without a seed: the initial seed of the pipeline call's generator
+        # without a seed: the initial seed of the pipeline call's generator (a tuple: one generator per image)
+        self.call_seed: Union[int, tuple, None] = None
         self.warned_unsupported = False  # the warning of _reinstall_replaced_processors is given once
 
     @property
@@ -1007,18 +1008,24 @@ class _SparsePatch(ForwardPatch):
         batch = references.shape[0]
         counts = None if budget is None or _is_budget_fn(budget) else budget_counts(budget, batch, layout.ref_lengths)
         budget = budget_for_batch(budget, batch)  # a budget object's per-request tensor settings over the batch
+        seed = self.settings.seed if self.settings.seed is not None else self.call_seed
+        # one generator per image (diffusers' per-image seeds): a sample draws what its request would draw alone;
+        # a list of another length than the batch, or a KV-cache extract step (one cache for the batch: every sample
+        # keeps the same tokens), seeds every sample with the first generator's seed
+        sample_seeds = seed if (isinstance(seed, tuple) and len(seed) == batch and selector.reads_generator
+                                and call.get("kv_cache_mode") != KV_EXTRACT) else None
+        seed = seed[0] if isinstance(seed, tuple) else seed
 
         def select(shared: bool) -> torch.Tensor:
-            generator = None
-            seed = self.settings.seed if self.settings.seed is not None else self.call_seed
-            if seed is not None:
-                generator = torch.Generator(device=hidden.device).manual_seed(seed)
+            generator = None if seed is None else torch.Generator(device=hidden.device).manual_seed(seed)
+            sample_generators = None if sample_seeds is None or shared else [
+                torch.Generator(device=hidden.device).manual_seed(s) for s in sample_seeds]
             extra = {**layout.extra, **_signals_for(signals, batch, shared, hidden.device)}
             if self.family in PROBE_FAMILIES and not any(name in signals for name in PROBE_SKIP_SIGNALS):
                 extra["attention_probe"] = self._attention_probe(call, layout, shared)
             context = SelectionContext(num_references=len(layout.ref_lengths), ref_lengths=list(layout.ref_lengths),
                                        reference_ids=layout.reference_ids, target_shape=layout.target_shape,
-                                       generator=generator, extra=extra)
+                                       generator=generator, extra=extra, sample_generators=sample_generators)
             latents = references[:1] if shared else references
             selection = selector(latents, context)
             if counts is None:  # budget None (a keep mask as given) or a budget callable: select()'s rule
@@ -1035,7 +1042,7 @@ class _SparsePatch(ForwardPatch):
             same_counts = budget_same_per_sample(budget)
         else:
             same_counts = all(c == counts[0] for c in counts)
-        shared = batch > 1 and same_counts and _same_rows(references) and \
+        shared = batch > 1 and same_counts and sample_seeds is None and _same_rows(references) and \
             all(_same_rows(value) for value in signals.values()
                 if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch)
         try:
@@ -1258,10 +1265,14 @@ def _with_sample(result, sample: torch.Tensor):
 _PIPELINE_CLASSES: dict = {}  # original pipeline class -> its sparsectx subclass
 
 
-def _initial_seed(generator) -> Optional[int]:
-    """The initial seed of a pipeline call's ``generator`` (the first of a list), read without advancing it."""
+def _initial_seed(generator) -> Union[int, tuple, None]:
+    """The initial seed of a pipeline call's ``generator``, read without advancing it: an int, or for a list of
+    generators (diffusers: one per image of the batch) the tuple of their seeds (an int when they are all equal)."""
     if isinstance(generator, (list, tuple)) and generator:
-        generator = generator[0]
+        seeds = tuple(g.initial_seed() if isinstance(g, torch.Generator) else None for g in generator)
+        if None in seeds:
+            return None
+        return seeds[0] if len(set(seeds)) == 1 else seeds
     return generator.initial_seed() if isinstance(generator, torch.Generator) else None
 
 
@@ -1359,8 +1370,9 @@ def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Call
     pads it with evenly spread tokens, as ``sparsectx.selection.select`` does; ``budget=None`` keeps a selector's
     keep mask as given).
     ``seed`` makes random selectors deterministic (a fresh generator per selection); without it a pipeline call
-    given a ``generator`` seeds the selection with that generator's initial seed (without advancing it), and other
-    calls draw from torch's global RNG. ``signals`` are the inputs
+    given a ``generator`` seeds the selection with that generator's initial seed (without advancing it; a list of
+    one generator per image seeds each image with its own, except under the KV cache), and other calls draw from
+    torch's global RNG. ``signals`` are the inputs
     task-aware selectors read from ``context.extra`` (e.g. ``{"user_mask": bool [B or 1, N]}`` for ``"edit"``, or
     probe queries/keys; see ``sparsectx.selection``); tensors go to the model's device. Probe
     tensors missing from ``signals`` come from the automatic attention probe (module docstring).

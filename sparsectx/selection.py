@@ -70,8 +70,10 @@ class SelectionContext:
 
     ``num_references`` images of ``ref_lengths`` tokens each (sequence order, ``sum == N``); ``reference_ids``
     ``[B, N, n_axes]`` position ids (``[N, n_axes]`` is taken as batch 1) or None; ``target_shape`` (h, w) of the
-    target in tokens or None; ``generator`` for random selectors; ``extra``: free-form signals (see the module
-    docstring).
+    target in tokens or None; ``generator`` for random selectors; ``sample_generators``: one generator per sample,
+    or None (a pipeline call given one generator per image, diffusers' per-image seeds: a random selector draws
+    sample b's scores from ``sample_generators[b]``; ``generator`` is then the first sample's); ``extra``: free-form
+    signals (see the module docstring).
     """
 
     num_references: int
@@ -80,6 +82,7 @@ class SelectionContext:
     target_shape: Optional[tuple] = None
     generator: Optional[torch.Generator] = None
     extra: dict = field(default_factory=dict)
+    sample_generators: Optional[list] = None
 
     def __post_init__(self):
         if isinstance(self.num_references, bool) or not isinstance(self.num_references, int) \
@@ -108,6 +111,10 @@ class SelectionContext:
             raise TypeError(f"generator must be a torch.Generator or None, got {type(self.generator).__name__}")
         if not isinstance(self.extra, dict):
             raise TypeError(f"extra must be a dict, got {type(self.extra).__name__}")
+        if self.sample_generators is not None and (
+                not isinstance(self.sample_generators, (list, tuple))
+                or not all(isinstance(g, torch.Generator) for g in self.sample_generators)):
+            raise TypeError("sample_generators must be a list of torch.Generator (one per sample) or None")
 
 
 SelectorFn = Callable[[torch.Tensor, SelectionContext], torch.Tensor]
@@ -116,16 +123,19 @@ SelectorFn = Callable[[torch.Tensor, SelectionContext], torch.Tensor]
 class Selector:
     """A selector with validated inputs and output: ``selector(reference_latents, context) -> [B, N]`` float scores
     (higher = keep) or bool keep mask. ``returns_scores``: known to return scores (so it needs a budget);
-    ``signals``: the names of ``context.extra`` it can read, when known (then others are refused as misspelt)."""
+    ``signals``: the names of ``context.extra`` it can read, when known (then others are refused as misspelt);
+    ``reads_generator``: whether it may draw from ``context.generator`` / ``sample_generators`` (True unless known
+    otherwise: samples seeded differently are then selected each on its own)."""
 
     def __init__(self, fn: SelectorFn, name: Optional[str] = None, returns_scores: bool = False,
-                 signals: Optional[frozenset] = None):
+                 signals: Optional[frozenset] = None, reads_generator: bool = True):
         if not callable(fn):
             raise TypeError(f"a selector must be callable, got {type(fn).__name__}")
         self.fn = fn
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
         self.returns_scores = returns_scores
         self.signals = signals
+        self.reads_generator = reads_generator  # False: deterministic (samples with other seeds select alike)
 
     def __call__(self, reference_latents: torch.Tensor, context: SelectionContext) -> torch.Tensor:
         batch, n_tokens = _check_selector_inputs(reference_latents, context)
@@ -169,10 +179,11 @@ BUILTIN_SIGNALS = frozenset({"user_mask", "text_queries", "text_mask", "target_q
 
 
 def register_selector(name: str, fn: SelectorFn, *, overwrite: bool = False, returns_scores: bool = False,
-                      signals: Optional[Sequence[str]] = None) -> Selector:
+                      signals: Optional[Sequence[str]] = None, reads_generator: bool = True) -> Selector:
     """Registers ``fn`` under ``name`` (``get_selector(name)`` then returns it). Returns the wrapped Selector.
     ``returns_scores=True`` says ``fn`` always returns scores: ``enable(budget=None)`` with it is refused at once.
-    ``signals``: every ``context.extra`` name ``fn`` reads; ``enable(signals=...)`` then refuses other names."""
+    ``signals``: every ``context.extra`` name ``fn`` reads; ``enable(signals=...)`` then refuses other names.
+    ``reads_generator=False`` says ``fn`` draws no random numbers (a batch seeded per image still selects once)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"selector name must be a non-empty string, got {name!r}")
     if name in _REGISTRY and not overwrite:
@@ -182,8 +193,9 @@ def register_selector(name: str, fn: SelectorFn, *, overwrite: bool = False, ret
     if isinstance(fn, Selector):  # re-registered under another name: this call's facts join the selector's own
         returns_scores = returns_scores or fn.returns_scores
         signals = fn.signals if signals is None else signals
+        reads_generator = reads_generator and fn.reads_generator
         fn = fn.fn
-    selector = Selector(fn, name, returns_scores, None if signals is None else frozenset(signals))
+    selector = Selector(fn, name, returns_scores, None if signals is None else frozenset(signals), reads_generator)
     _REGISTRY[name] = selector
     return selector
 
@@ -285,8 +297,13 @@ def random_scores(reference_latents: torch.Tensor, context: SelectionContext) ->
 
     With a generator, one row of N scores is drawn and shared by every sample, so a sample's selection does not
     depend on its position in the batch or on its batch-mates (a request run alone keeps what it keeps inside a
-    batch, at any budget); without one, each sample draws its own row."""
+    batch, at any budget); with ``sample_generators`` (one per sample), sample b's row is the one its own generator
+    draws (what the request would draw alone with that generator); without any, each sample draws its own row."""
     batch, n_tokens, _ = reference_latents.shape
+    if context.sample_generators is not None and len(context.sample_generators) == batch:
+        rows = [torch.rand(n_tokens, generator=g, device=g.device, dtype=torch.float32).to(reference_latents.device)
+                for g in context.sample_generators]
+        return torch.stack(rows)
     gen = context.generator
     draw_device = gen.device if gen is not None else reference_latents.device
     rows = 1 if gen is not None else batch
@@ -319,7 +336,7 @@ def uniform_scores(reference_latents: torch.Tensor, context: SelectionContext) -
 
 
 register_selector("random", random_scores, returns_scores=True, signals=BUILTIN_SIGNALS)
-register_selector("uniform", uniform_scores, returns_scores=True, signals=BUILTIN_SIGNALS)
+register_selector("uniform", uniform_scores, returns_scores=True, signals=BUILTIN_SIGNALS, reads_generator=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -580,9 +597,9 @@ def attention_scores(reference_latents: torch.Tensor, context: SelectionContext,
     return attention_mass(queries, keys, query_mask, max_queries=max_queries).to(reference_latents.device)
 
 
-register_selector("edit", edit_scores, returns_scores=True, signals=BUILTIN_SIGNALS)
-register_selector("subject", subject_scores, returns_scores=True, signals=BUILTIN_SIGNALS)
-register_selector("attention", attention_scores, returns_scores=True, signals=BUILTIN_SIGNALS)
+register_selector("edit", edit_scores, returns_scores=True, signals=BUILTIN_SIGNALS, reads_generator=False)
+register_selector("subject", subject_scores, returns_scores=True, signals=BUILTIN_SIGNALS, reads_generator=False)
+register_selector("attention", attention_scores, returns_scores=True, signals=BUILTIN_SIGNALS, reads_generator=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1037,6 +1037,35 @@ def test_klein_kv_pipeline_caches_kept_tokens_only():
     assert caches == [(1, 12, HEADS, HEAD_DIM)]
 
 
+@pytest.mark.parametrize("kv", [False, True], ids=["klein", "klein-kv"])
+def test_klein_per_image_generators(kv):
+    """FLUX.2 klein called with one generator per image: without the KV cache each image is selected with its own
+    generator's seed (as it would be alone); the KV cache holds one selection for the batch, so there every image
+    is selected with the first generator's seed (and the call runs, instead of refusing differing selections)."""
+    pipe = _tiny_pipeline(diffusers.Flux2KleinKVPipeline if kv else diffusers.Flux2KleinPipeline)
+    sparsectx.enable(pipe, budget=0.25, selector="random")
+
+    embeds = torch.randn(1, TEXT_TOKENS, TEXT_DIM, generator=torch.Generator().manual_seed(3))
+    guidance = {} if kv else dict(negative_prompt_embeds=torch.zeros_like(embeds), guidance_scale=2.0)
+
+    def call(seeds):
+        pipe(image=_reference_images(), prompt_embeds=embeds, height=IMAGE_PX, width=IMAGE_PX, num_inference_steps=2,
+             output_type="latent", num_images_per_prompt=len(seeds),
+             generator=[torch.Generator().manual_seed(s) for s in seeds], **guidance)
+        return sparsectx.last_selection(pipe).keep.clone()
+
+    try:
+        batched = call([5, 6])
+        alone = [call([5])[0], call([6])[0]]
+    finally:
+        sparsectx.disable(pipe)
+    assert batched.shape[0] == 2 and not torch.equal(alone[0], alone[1])
+    if kv:
+        assert torch.equal(batched[0], alone[0]) and torch.equal(batched[1], alone[0])
+    else:
+        assert torch.equal(batched[0], alone[0]) and torch.equal(batched[1], alone[1])
+
+
 def test_last_selection_after_a_kv_call_on_a_transformer_enabled_alone():
     """A KV pipeline whose transformer alone is enabled (or shared by from_pipe): after the call, last_selection
     reports the extract step's selection (before: None, the cached steps' plan being looked up by a prompt tensor the

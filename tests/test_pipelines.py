@@ -222,6 +222,25 @@ def test_seedless_random_selection_follows_the_call_generator(pipe, family):
     assert all(torch.equal(draw, untouched) for _, _, draw in runs)
 
 
+def test_per_image_generators_select_each_image_as_it_would_alone(pipe, family):
+    """A call given one generator per image (diffusers' per-image seeds) selects each image's reference tokens with
+    its own generator's seed: image b of the batch keeps, and makes, what a call of that image alone with generator
+    b keeps and makes (before, every image of the batch was selected with the first generator's seed)."""
+    sparsectx.enable(pipe, budget=_budget(family), selector="random")
+    seeds = (SEED, SEED + 7)
+    kwargs = {**_call_kwargs(family, PLAIN), "num_images_per_prompt": 2,
+              "generator": [torch.Generator().manual_seed(s) for s in seeds]}
+    with torch.no_grad():
+        batched = pipe(**kwargs).images
+    keep = sparsectx.last_selection(pipe).keep.clone()
+    assert keep.shape[0] == 2 and not torch.equal(keep[0], keep[1])
+    for b, seed in enumerate(seeds):
+        with torch.no_grad():
+            alone = pipe(**{**_call_kwargs(family, PLAIN), "generator": torch.Generator().manual_seed(seed)}).images
+        assert torch.equal(sparsectx.last_selection(pipe).keep[0], keep[b])
+        torch.testing.assert_close(alone[0], batched[b])
+
+
 def test_pipeline_pickles_after_its_transformer_is_disabled_alone(pipe, family):
     """enable(pipe) then disable(pipe.transformer): the pipeline (its class still sparsectx's subclass, which now
     runs the plain call) pickles and unpickles; with the transformer enabled, pickling raises the documented

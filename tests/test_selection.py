@@ -216,6 +216,26 @@ def test_seeded_random_scores_are_one_writable_row_per_sample():
     assert bool((scores[:, :2] == 2.0).all())
 
 
+def test_random_scores_draw_each_sample_from_its_own_generator():
+    """sample_generators (one per sample: diffusers' per-image generators): sample b's scores are what its generator
+    draws alone, i.e. what a batch of that sample alone seeded with it gets."""
+    latents, ctx = _full_context(2, 2)
+    seeds = (11, 12)
+    per_sample = get_selector("random")(latents, SelectionContext(
+        2, ctx.ref_lengths, generator=torch.Generator().manual_seed(seeds[0]),
+        sample_generators=[torch.Generator().manual_seed(s) for s in seeds]))
+    for b, seed in enumerate(seeds):
+        alone = get_selector("random")(latents[b:b + 1], SelectionContext(
+            2, ctx.ref_lengths, generator=torch.Generator().manual_seed(seed)))
+        assert torch.equal(per_sample[b], alone[0])
+    assert not torch.equal(per_sample[0], per_sample[1])
+    with pytest.raises(TypeError, match="sample_generators"):
+        SelectionContext(2, ctx.ref_lengths, sample_generators=[5, 6])
+    # which selectors draw random numbers (a batch seeded per image is selected per sample only for those)
+    assert get_selector("random").reads_generator and get_selector(lambda x, c: x[..., 0]).reads_generator
+    assert not any(get_selector(name).reads_generator for name in ("uniform", "edit", "subject", "attention"))
+
+
 def test_random_depends_on_the_seed_only():
     latents, ctx = _full_context(2, 2, seed=3)
 
