@@ -42,7 +42,7 @@ SELECTION_CAP_S=40                     # selection cost: small tensors, mostly s
 # klein 4-step KV-cache runs, --quick: 2 shapes (3 refs x 10%, 4 refs x 5%) x 7 implementations (never run on a
 # GPU: ~25 s of 4-step runs per shape + the 9B model build + sparsectx attention's autotuning)
 KV_CAP_S=90
-CANDIDATES_CAP_S=70                    # part 2: every autotune candidate (compiles ~14 kernel variants)
+CANDIDATES_CAP_S=130                   # part 2: every autotune candidate, head dims 128 and 256 (~26 kernel variants)
 # mixed-budget batch of 4 requests, --quick (1024² only): packed vs exact groups vs a per-request loop
 BATCH_E2E_CAP_S=45
 # FLUX.1-Kontext-12B step, --quick subset (1 ref x 10%, 3 refs x 10%): start-up, a 12B model built on the GPU

@@ -91,7 +91,8 @@ class _TargetOnlyDriver:
 @contextlib.contextmanager
 def _compile_only(arch: int, record: Callable) -> Iterator[None]:
     """Within the block, every ``kernel[grid](...)`` compiles for ``sm_<arch>`` instead of launching, and an
-    autotuned kernel compiles each of its candidates; ``record(jit_function, kwargs, compiled_kernel)`` sees each."""
+    autotuned kernel compiles each of its candidates; ``record(jit_function, kwargs, compiled_kernel, seconds)``
+    sees each (``kwargs``: the launch's keyword arguments, constexprs and the candidate's block sizes)."""
     from triton.backends.compiler import GPUTarget
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.driver import driver
@@ -143,7 +144,7 @@ def _resources(cubin: bytes) -> tuple[int, int]:
     return int(found.group(1)), int(found.group(2))
 
 
-def _config_label(jit_function, kwargs: dict, compiled) -> str:
+def _config_label(kwargs: dict, compiled) -> str:
     """The compile parameters that tell one candidate from another: block-size constexprs, warps, stages."""
     blocks = [f"{name}={value}" for name, value in sorted(kwargs.items()) if name.startswith("BLOCK")]
     return " ".join(blocks + [f"w{compiled.metadata.num_warps}", f"s{compiled.metadata.num_stages}"])
@@ -250,7 +251,7 @@ def run_check(arch: int = 90, dtypes=DTYPES, head_dims=HEAD_DIMS, progress: bool
                 return
             seen.add(key)
             registers, stack = _resources(compiled.asm["cubin"])
-            rows.append(Compiled(label, jit_function.fn.__name__, _config_label(jit_function, kwargs, compiled),
+            rows.append(Compiled(label, jit_function.fn.__name__, _config_label(kwargs, compiled),
                                  registers, stack, compiled.metadata.shared, round(seconds, 2)))
         try:
             with _compile_only(arch, record):
