@@ -25,7 +25,8 @@ def _block(case, shape, times):
 
 def test_every_target_names_rows_its_case_produces():
     for target in benchmarks.TARGETS:
-        names = benchmarks.CASES[target.case].impl_names
+        case = benchmarks.CASES[target.case]
+        names = tuple(case.impl_names) + tuple(getattr(case, "breakdown_impl_names", ()))
         assert target.ours in names and target.peer in names, target
 
 
@@ -194,3 +195,155 @@ def test_steps_from_refuses_another_device_or_size(tmp_path):
 def test_bench_refuses_devices_it_does_not_run_on(device):
     with pytest.raises(SystemExit, match="the benchmarks run on cuda or cpu"):
         benchmarks._parse_device(device)
+
+
+def _workload(impls, **kw):
+    import torch
+
+    return benchmarks.Workload("compaction", "B=1, N=8", impls, torch.float32, exact=True, **kw)
+
+
+def test_a_sparsectx_output_every_peer_disagrees_with_fails_and_judges_no_target():
+    """sparsectx's row is the one the peers are compared with: when every compared peer disagrees with it, its
+    output is the suspect, so its row fails and the shape's targets are not judged (before, only the peers showed
+    FAIL and the compaction time target still said meets / MISSES on a wrong output)."""
+    import torch
+
+    right = torch.arange(8.0)
+    impls = [benchmarks.Impl("sparsectx compact_tokens (scores+budget)", lambda: right + 1),
+             benchmarks.Impl("x[mask] (host sync)", lambda: right),
+             benchmarks.Impl("topk+sort+gather", lambda: right)]
+    rows = benchmarks.run_workload(_workload(impls), torch.device("cpu"), quick=True)
+    assert [r["ok"] for r in rows] == [False, False, False]
+    assert "every compared peer (2) disagrees" in rows[0]["note"]
+    assert "not bit-exact" in rows[1]["note"]  # an exact comparison has no relative error to show
+    lines = [line for line in benchmarks.target_verdicts(rows) if "compaction" in line]
+    assert lines and all("not judged" in line for line in lines), lines
+    # one peer disagreeing among agreeing ones is that peer's fault: sparsectx's row stays unflagged
+    impls[1] = benchmarks.Impl("x[mask] (host sync)", lambda: right + 1)
+    rows = benchmarks.run_workload(_workload(impls), torch.device("cpu"), quick=True)
+    assert [r["ok"] for r in rows] == [None, True, False]
+
+
+def test_a_later_timing_pass_that_fails_fails_sparsectx_rows():
+    import torch
+
+    broken = []
+
+    def flaky():
+        if broken:
+            raise RuntimeError("boom")
+        return torch.zeros(2)
+
+    # the first pass's row is added (on_row), then every later call fails
+    rows = benchmarks.run_workload(_workload([benchmarks.Impl("sparsectx x", flaky)], passes=2, reps=1),
+                                   torch.device("cpu"), quick=True, on_row=lambda rows: broken.append(1))
+    assert rows[0]["ok"] is False and "pass 2: error RuntimeError: boom" in rows[0]["note"]
+
+
+def test_a_target_whose_other_row_is_missing_says_so():
+    """A step cut short before the peer's row (or a peer dropped) leaves a 'not measured' line, not silence."""
+    rows = _block("e2e", "3 ref x 5%", {"sparsectx compact_tokens + step": 150.0})
+    lines = [line for line in benchmarks.target_verdicts(rows) if "3% of the compacted ideal" in line]
+    assert len(lines) == 1 and "not measured (no row 'torch topk+sort+index_select + step' in this run)" in lines[0]
+
+
+def test_ratio_and_bound_never_read_equal_when_they_differ():
+    rows = _block("e2e", "3 ref x 5%", {"sparsectx compact_tokens + step": 1.0,
+                                        "torch topk+sort+index_select + step": 0.9706})
+    line = next(line for line in benchmarks.target_verdicts(rows)
+                if "compacted ideal" in line and "drop-in" not in line)
+    assert "x0.9706 (>= 0.9709: MISSES)" in line
+    assert benchmarks._distinct(1.5, 1.15) == ("1.500", "1.150") and benchmarks._distinct(0.75, 0.75)[0] == "0.750"
+
+
+def test_report_refuses_parts_with_other_versions_or_no_commit(tmp_path):
+    meta = {"device": "NVIDIA H200", "size": "full", "commit": "abc1234", "diffusers": "0.42.1",
+            "cases": ["attention"]}
+    a, b, c = (str(tmp_path / name) for name in ("a.json", "b.json", "c.json"))
+    benchmarks.write_json(a, meta, _block("attention", "L=1", {"sparsectx (compacted)": 1.0}))
+    benchmarks.write_json(b, dict(meta, diffusers="0.30.0"), _block("training", "B=4", {"sparsectx (packed)": 1.0}))
+    benchmarks.write_json(c, dict(meta, commit=None), _block("training", "B=4", {"sparsectx (packed)": 1.0}))
+    with pytest.raises(SystemExit, match="b.json: its diffusers '0.30.0' differs"):
+        cli.main(["report", "--summary", a, b])
+    with pytest.raises(SystemExit, match="c.json: its commit None differs"):
+        cli.main(["report", "--summary", a, c])
+
+
+def test_summary_prints_implementation_names_and_shapes_in_full(tmp_path, capsys):
+    shape = "B=1, 3 ref x 4096 tokens, C=3072 bfloat16 + ids int64[4], keep 10% (a long shape that goes on)"
+    rows = _block("compaction", shape, {"sparsectx compact_tokens (scores+budget)": 0.03,
+                                        "sparsectx compact_tokens (scores+budget), CUDA graph replay": 0.02})
+    benchmarks.write_json(str(tmp_path / "run.json"), {"device": "cpu", "size": "tiny"}, rows)
+    assert cli.main(["report", "--summary", str(tmp_path / "run.json")]) == 0
+    out = capsys.readouterr().out
+    assert shape in out and "sparsectx compact_tokens (scores+budget), CUDA graph replay" in out
+
+
+def test_plot_leaves_out_reference_points_and_marks_failed_peers(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = _block("compaction", "B=1", {"sparsectx compact_tokens (scores+budget)": 0.03, "x[mask] (host sync)": 0.07,
+                                        "topk+sort+gather": 0.13, "bytes-moved floor": 0.004})
+    rows[2]["ok"] = False
+    drawn = {}
+    import matplotlib.axes
+
+    original = matplotlib.axes.Axes.set_yticks
+
+    def record(self, ticks, labels=None, **kw):
+        drawn["labels"] = list(labels)
+        return original(self, ticks, labels, **kw)
+
+    matplotlib.axes.Axes.set_yticks = record
+    try:
+        assert benchmarks.write_plot(str(tmp_path / "p.png"), rows).startswith("plot written")
+    finally:
+        matplotlib.axes.Axes.set_yticks = original
+    assert len(drawn["labels"]) == 2 and not any("floor" in label for label in drawn["labels"])
+    assert drawn["labels"][1].startswith("FAILED CHECK: compaction: topk+sort+gather")
+
+
+def test_this_runs_step_times_come_before_steps_from(tmp_path, monkeypatch):
+    """`--steps-from` supplies step times a run lacks; a run that measured its own e2e step relates its selection
+    to that (it took the file's first before)."""
+
+    earlier_row = _row("e2e", "1 ref x 5%", benchmarks.NO_REFERENCE_ROW, 240.5)
+    this_row = _row("e2e", "1 ref x 5%", benchmarks.NO_REFERENCE_ROW, 24.0)
+    meta = benchmarks.run_metadata(benchmarks.default_device(), "tiny", True, ["e2e", "selection"])
+    path = str(tmp_path / "steps.json")
+    benchmarks.write_json(path, {"device": meta["device"], "size": "tiny"}, [earlier_row])
+    seen = {}
+
+    def fake_run_case(name, device, size, *, earlier_rows=(), **kw):
+        seen[name] = list(earlier_rows)
+        return [this_row] if name == "e2e" else []
+
+    monkeypatch.setattr(benchmarks, "run_case", fake_run_case)
+    monkeypatch.setattr(benchmarks, "measure_ceilings", lambda device: {"copy_GBps": 1.0, "matmul_TFLOPs": 1.0,
+                                                                        "matmul": "x"})
+    args = cli.build_parser().parse_args(["bench", "--quick", "--case", "e2e", "selection", "--steps-from", path])
+    assert benchmarks.main(args) == 0
+    assert seen["selection"][0] is this_row and seen["selection"][1]["time_ms"] == 240.5
+
+
+def test_the_drop_in_is_also_judged_against_the_model_on_pre_compacted_inputs():
+    """The by-hand peer selects on every call while the drop-in row reuses its selection (a later step): the
+    breakdown block also judges the drop-in against the model on pre-compacted inputs, which does neither."""
+    rows = _block("e2e", "3 ref x 5%, enable-path breakdown", {
+        "sparsectx compact_tokens + step": 100.0, "sparsectx.enable (native attn)": 104.0,
+        "(b) model on the compacted inputs": 100.0})
+    lines = [line for line in benchmarks.target_verdicts(rows) if "pre-compacted" in line]
+    assert len(lines) == 1 and "x0.962 (>= 0.971: MISSES)" in lines[0]
+
+
+def test_a_row_a_block_never_has_is_not_reported_missing():
+    """The breakdown block has no by-hand peer and the plain block no breakdown rows, by design: no line for them."""
+    plain = _block("e2e", "3 ref x 5%", {"sparsectx compact_tokens + step": 100.0,
+                                         "sparsectx.enable (native attn)": 101.0,
+                                         "torch topk+sort+index_select + step": 101.0})
+    breakdown = _block("e2e", "3 ref x 5%, enable-path breakdown", {
+        "sparsectx compact_tokens + step": 100.0, "sparsectx.enable (native attn)": 101.0,
+        "(b) model on the compacted inputs": 100.0})
+    lines = benchmarks.target_verdicts(plain + breakdown)
+    assert not any("not measured" in line for line in lines), lines
+    assert len(lines) == 3  # compacted ideal (drop-in, by hand) on the plain block, pre-compacted on the breakdown
