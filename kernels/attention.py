@@ -63,6 +63,7 @@ FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (128,
 # dK/dV: a program holds BLOCK_N keys and streams BLOCK_M queries; dQ: BLOCK_M queries, streams BLOCK_N keys
 DKDV_CONFIGS = _configs([(32, 64, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2), (32, 64, 4, 3)], (32, 32))
 DQ_CONFIGS = _configs([(64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2), (64, 128, 8, 2), (64, 32, 4, 3)], (32, 32))
+# heads wider than WIDE_HEAD_BLOCK_D (BLOCK_D 256): smaller tiles, chosen from sm_90 compiles of bf16 D=256
 WIDE_HEAD_BLOCK_D = 128
 FWD_CONFIGS_WIDE = _configs([(64, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 3), (128, 64, 8, 1), (64, 32, 4, 2)],
                             (32, 32))
