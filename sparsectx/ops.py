@@ -511,6 +511,8 @@ def _check_budget(budget, batch: int, n_tokens: int) -> list[int]:
         if budget.ndim > 1 or (budget.ndim == 1 and budget.numel() != batch):
             raise ValueError(f"budget tensor must be a scalar or have one entry per sample ({batch}), "
                              f"got shape {tuple(budget.shape)}")
+        if budget.device.type == "meta":
+            raise ValueError("budget tensor is on the meta device: it has no values to read")
         values = budget.tolist() if budget.ndim else [budget.item()] * batch  # the one host read (NaN: below)
     elif isinstance(budget, (list, tuple)):
         if len(budget) != batch:

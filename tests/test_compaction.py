@@ -557,6 +557,7 @@ def _bad_compact_calls(device):
         (ValueError, "budget", lambda: sparsectx.compact_tokens(scores, budget=[1, 2, 3])),
         (ValueError, "budget", lambda: sparsectx.compact_tokens(scores, budget=torch.tensor([1, 2, 3]))),
         (ValueError, "budget", lambda: sparsectx.compact_tokens(scores, budget=torch.tensor([0.5, float("nan")]))),
+        (ValueError, "budget", lambda: sparsectx.compact_tokens(scores, budget=torch.tensor([1, 2], device="meta"))),
         (TypeError, "budget", lambda: sparsectx.compact_tokens(scores, budget=True)),
         (TypeError, "budget", lambda: sparsectx.compact_tokens(scores, budget=[1, "2"])),
         (ValueError, "budget", lambda: sparsectx.compact_tokens(mask, budget=3)),
