@@ -9,6 +9,10 @@ packed ``[Tref, H, D]`` tensor (a second contiguous key segment per sample, e.g.
 text tokens are the own keys). The kept reference rows are never copied: each key block of the reference loop is
 loaded through a vector of row pointers. There is no causal mask.
 
+Offsets are int64 wherever a product can pass 2**31 elements: token rows, the batch and the head (a head-major
+view, e.g. ``[B, H, R, D]`` transposed to ``[B, R, H, D]``, has a head stride of ``R * D``: with 24 heads of 128 at
+R = 730k, ``head * stride`` wrapped in int32 and addressed memory before the tensor).
+
 Layout of the work (no host synchronisation: grids are sized from host-side upper bounds, and programs past the end
 of their sample return at once):
 - forward: one program per (query block, head, sample); it streams over the sample's own keys, then over its
@@ -168,7 +172,7 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_D: tl.constexpr, HAS_REF: tl.constexpr,
     REF_PACKED: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_m, head, batch = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)  # int64: module doc
     q_start, q_len, offs_m, q_valid, q_rows = _query_block(CU_Q, batch, pid_m, BLOCK_M)
     if pid_m * BLOCK_M >= q_len:
         return
@@ -299,7 +303,7 @@ def _bwd_delta_kernel(O, DO, DLSE, DELTA, CU_Q, CU_K, DQ, DK, DV, n_samples, str
     rows that belong to a sample (rows past cu_q[B], a caller's padding, are never written by the forward). Also
     zeroes the gradient rows no other backward kernel writes: dq rows past cu_q[B] and dk/dv rows past cu_k[B]
     (the grid covers max(Tq, Tk) rows; the reference path gives zeros there too)."""
-    pid_m, head = tl.program_id(0), tl.program_id(1)
+    pid_m, head = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: module doc
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d[None, :] < HEAD_DIM
@@ -353,7 +357,7 @@ def _bwd_dkdv_kernel(
     [B, R, H, D] buffers and DK/DV their gradients; cu_k is cu_seqlens_ref and the key rows are
     ref_index[cu_k[b] + n] inside sample b's slice of the buffer.
     """
-    pid_n, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_n, head, batch = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)  # int64: module doc
     k_start = tl.load(CU_K + batch)
     k_len = tl.load(CU_K + batch + 1) - k_start
     if pid_n * BLOCK_N >= k_len:
@@ -422,7 +426,7 @@ def _bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_REF: tl.constexpr, REF_PACKED: tl.constexpr,
     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_m, head, batch = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)  # int64: module doc
     q_start, q_len, offs_m, q_valid, q_rows = _query_block(CU_Q, batch, pid_m, BLOCK_M)
     if pid_m * BLOCK_M >= q_len:
         return

@@ -87,6 +87,7 @@ def kernel_configs() -> dict:
 # validation helpers: every message names the argument, and all run before any launch
 # ----------------------------------------------------------------------------------------------------------------
 _ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_GRID_SAMPLES = 65535  # the attention kernels launch (blocks, heads, samples): CUDA's grid y/z limit
 
 
 def _check_tensor(name: str, t, ndim: Optional[int] = None, dtypes=None, device=None) -> None:
@@ -344,6 +345,10 @@ def sparse_attention(
         _check_tensor("cu_seqlens_q", cu_seqlens_q, ndim=1, dtypes=(torch.int32,), device=dev)
         _check_tensor("cu_seqlens_k", cu_seqlens_k, ndim=1, dtypes=(torch.int32,), device=dev)
         batch = cu_seqlens_q.numel() - 1
+    if batch > MAX_GRID_SAMPLES:
+        raise ValueError(f"cu_seqlens_q holds {batch} samples; one call takes at most {MAX_GRID_SAMPLES} (the "
+                         "kernels' grid has a program row per sample, and CUDA caps that grid dimension): split "
+                         "the batch")
     # the kernels read index tensors with unit stride
     cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     if has_ref:

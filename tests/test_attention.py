@@ -412,6 +412,11 @@ def _valid():
      "cu_seqlens_ref.* does not match the 4 packed rows"),
     (lambda a: a.update(ref_index=None, ref_k=a["ref_k"][0, :5, :1], ref_v=a["ref_v"][0, :5, :1]), ValueError,
      "packed references \\[Tref, H=2"),
+    # more samples than CUDA lets a grid dimension have (65535): a clear error, not a failed launch
+    (lambda a: a.update(q=a["q"][:0], k=a["k"][:0], v=a["v"][:0], ref_k=None, ref_v=None, ref_index=None,
+                        cu_seqlens_ref=None, cu_seqlens_q=torch.zeros(65537, dtype=torch.int32, device=DEVICE),
+                        cu_seqlens_k=torch.zeros(65537, dtype=torch.int32, device=DEVICE)),
+     ValueError, "cu_seqlens_q holds 65536 samples; one call takes at most 65535"),
 ])
 def test_bad_input_raises_naming_the_argument(change, error, words):
     kwargs = _valid()
@@ -483,6 +488,33 @@ def test_non_contiguous_head_dim_is_handled():
                                            case.cu_k, **{k: (v.double() if v.is_floating_point() else v)
                                                          for k, v in case.ref.items()})
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_head_offsets_past_int32_in_a_head_major_reference_view():
+    """A ``[B, H, R, D]`` buffer seen as ``[B, R, H, D]`` (a transpose: head stride R*D) with R*D just under 2**31:
+    head 2's offset passes 2**31 elements. It was computed in int32 and wrapped to an address before the buffer;
+    the output must equal the same attention over a compact copy of the gathered rows. The 6 GiB buffer is
+    allocated, never touched but for the gathered rows (float16: 3 heads x (2**30 + 2**20) elements)."""
+    heads, dim = 3, 16
+    rows = (2 ** 30 + 2 ** 20) // dim  # head stride R * D < 2**31 (an int32 argument), 2 * R * D > 2**31
+    try:
+        buffer = torch.empty(1, heads, rows, dim, dtype=torch.float16, device=DEVICE)
+    except (RuntimeError, MemoryError) as e:  # pragma: no cover - a machine without 6 GiB of address space
+        pytest.skip(f"can not reserve the 6 GiB buffer: {e}")
+    g = torch.Generator().manual_seed(41)
+    index = torch.tensor([7, rows - 1, 1000, 123456], dtype=torch.int32, device=DEVICE)
+    buffer[:, :, index.long()] = torch.randn(1, heads, 4, dim, generator=g).to(DEVICE, torch.float16)
+    view = buffer.transpose(1, 2)  # [1, R, H, D], strides (H*R*D, D, R*D, 1)
+    assert view.stride(2) * (heads - 1) > 2 ** 31 > view.stride(2)
+    q, k, v = (torch.randn(5, heads, dim, generator=g).to(DEVICE, torch.float16) for _ in range(3))
+    cu_q, cu_k, cu_r = (torch.tensor([0, n], dtype=torch.int32, device=DEVICE) for n in (5, 5, 4))
+    out = sparsectx.sparse_attention(q, k, v, cu_q, cu_k, 5, 5, ref_k=view, ref_v=view, ref_index=index,
+                                     cu_seqlens_ref=cu_r)
+    compact = view[:, index.long()].contiguous()  # [1, 4, H, D]: the same rows, small strides
+    expected = sparsectx.sparse_attention(q, k, v, cu_q, cu_k, 5, 5, ref_k=compact, ref_v=compact,
+                                          ref_index=torch.arange(4, dtype=torch.int32, device=DEVICE),
+                                          cu_seqlens_ref=cu_r)
+    assert torch.equal(out, expected)
 
 
 # ---------------------------------------------------------------------------------------------------------------
