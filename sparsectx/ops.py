@@ -301,9 +301,9 @@ def sparse_attention(
     ``validate=True`` checks cu_seqlens and indices with a few small host reads; pass False in a hot loop once the
     inputs are known to be well formed (then nothing synchronises with the host, and nothing is checked: a
     ``max_seqlen_*`` below a sample's length leaves that sample's rows past it unwritten (output and dq rows for
-    ``max_seqlen_q``, dk/dv or reference-gradient rows for the others), a position repeated in
-    one sample's ``ref_index`` gives its reference-gradient row one of the writers' values). While ``torch.compile`` traces
-    (no data to read) those checks are skipped, as are the finiteness check of a traced ``softmax_scale``.
+    ``max_seqlen_q``, dk/dv or reference-gradient rows for the others), a position repeated in one sample's
+    ``ref_index`` gives its reference-gradient row one of the writers' values). While ``torch.compile`` traces (no
+    data to read) those checks are skipped, as are the finiteness check of a traced ``softmax_scale``.
 
     Inside ``torch.autocast`` (for q's device type) q, k, v, ref_k and ref_v are cast to the autocast dtype first,
     as torch's SDPA does: e.g. a model whose fp32 norms return fp32 q and k beside a bf16 v.
