@@ -44,10 +44,10 @@ HEADS = 24
 SEQ = 64
 MODEL_WIDTH = 3072
 # What the public ops launch: fp16/bf16/fp32 (fp32 with IEEE-precision dots); head dims 64 and 128 (the supported
-# models), 40 (a head dim that is not a power of two: masked tail), 256 (the largest the ops accept).
+# models), 40 and 160 (not powers of two: masked tails, below and above 128), 256 (the largest the ops accept).
 _DTYPE_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 DTYPES = ("fp16", "bf16", "fp32")
-HEAD_DIMS = (40, 64, 128, 256)
+HEAD_DIMS = (40, 64, 128, 160, 256)
 
 
 @dataclasses.dataclass
@@ -58,9 +58,10 @@ class Compiled:
     config: str             # block sizes and other constexprs that differ between candidates, warps, stages
     registers: Optional[int] = None
     spill_bytes: Optional[int] = None   # stack frame: registers spilled to local memory
-    shared_bytes: Optional[int] = None
-    seconds: Optional[float] = None     # compile time (0 when Triton's cache had it)
+    shared_bytes: Optional[int] = None  # what a block needs: the launch's dynamic shared memory + the binary's static
+    seconds: Optional[float] = None     # compile time (short when Triton's cache had the binary)
     error: Optional[str] = None         # compile error (then the resource fields are None)
+    candidate: Optional[int] = None     # index in the autotuner's candidate list (None: not autotuned)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -91,25 +92,37 @@ class _TargetOnlyDriver:
 @contextlib.contextmanager
 def _compile_only(arch: int, record: Callable) -> Iterator[None]:
     """Within the block, every ``kernel[grid](...)`` compiles for ``sm_<arch>`` instead of launching, and an
-    autotuned kernel compiles each of its candidates; ``record(jit_function, kwargs, compiled_kernel, seconds)``
-    sees each (``kwargs``: the launch's keyword arguments, constexprs and the candidate's block sizes)."""
+    autotuned kernel compiles each of its candidates; ``record(jit_function, kwargs, compiled_kernel, seconds,
+    candidate, error)`` sees each (``kwargs``: the launch's keyword arguments, constexprs and the candidate's block
+    sizes; ``candidate``: its index in the autotuner's list, or None; on a compile error ``compiled_kernel`` is None
+    and ``error`` the exception)."""
     from triton.backends.compiler import GPUTarget
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
 
     jit_run, tuner_run, active = JITFunction.run, Autotuner.run, getattr(driver, "_active", None)
+    candidate = [None]  # the autotune candidate being compiled (None outside an autotuned launch)
 
     def compile_instead(self, *args, grid, warmup, **kwargs):
         start = time.perf_counter()
-        compiled = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
-        compiled = compiled.result() if hasattr(compiled, "result") else compiled
-        record(self, kwargs, compiled, time.perf_counter() - start)
+        try:
+            compiled = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
+            compiled = compiled.result() if hasattr(compiled, "result") else compiled
+        except Exception as e:  # this kernel's finding: the launcher goes on with its other kernels
+            record(self, kwargs, None, time.perf_counter() - start, candidate[0], e)
+            return None
+        record(self, kwargs, compiled, time.perf_counter() - start, candidate[0], None)
         return compiled
 
     def every_candidate(self, *args, **kwargs):
         kwargs.pop("warmup", None)
-        return self.warmup(*args, **kwargs)  # compiles each config through JITFunction.run
+        for index, config in enumerate(self.configs):  # in the autotuner's order: the first is SPARSECTX_AUTOTUNE=0's
+            candidate[0] = index
+            try:
+                self.fn.run(*args, warmup=True, **kwargs, **config.all_kwargs())
+            finally:
+                candidate[0] = None
 
     driver.set_active(_TargetOnlyDriver(GPUTarget("cuda", arch, 32)))
     JITFunction.run, Autotuner.run = compile_instead, every_candidate
@@ -130,24 +143,34 @@ def _cuobjdump() -> str:
     return path or os.path.join(os.path.dirname(compiler.__file__), "bin", "cuobjdump")
 
 
-def _resources(cubin: bytes) -> tuple[int, int]:
-    """(registers per thread, stack bytes) of a compiled binary, as ``cuobjdump -res-usage`` reads them from it (a
-    stack frame in these kernels, which keep no local arrays, is spilled registers)."""
+def _resources(cubin: bytes) -> tuple[int, int, int]:
+    """(registers per thread, stack bytes, static shared memory bytes) of a compiled binary, as
+    ``cuobjdump -res-usage`` reads them from it (a stack frame in these kernels, which keep no local arrays, is
+    spilled registers; the static shared memory counts against a block's limit beside the launch's dynamic
+    shared memory)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
         usage = subprocess.run([_cuobjdump(), "-res-usage", path], capture_output=True, text=True, check=True).stdout
-    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", usage)
     if found is None:
-        raise RuntimeError(f"cuobjdump -res-usage printed no REG/STACK line: {usage[-300:]!r}")
-    return int(found.group(1)), int(found.group(2))
+        raise RuntimeError(f"cuobjdump -res-usage printed no REG/STACK/SHARED line: {usage[-300:]!r}")
+    return int(found.group(1)), int(found.group(2)), int(found.group(3))
 
 
-def _config_label(kwargs: dict, compiled) -> str:
-    """The compile parameters that tell one candidate from another: block-size constexprs, warps, stages."""
-    blocks = [f"{name}={value}" for name, value in sorted(kwargs.items()) if name.startswith("BLOCK")]
-    return " ".join(blocks + [f"w{compiled.metadata.num_warps}", f"s{compiled.metadata.num_stages}"])
+def _config_label(kwargs: dict) -> str:
+    """The compile parameters that tell one binary of a variant from another: block sizes, payload count, the
+    flags that are on, warps and stages (Triton's defaults, 4 and 3, where the launch sets none)."""
+    shown = [f"{name}={value}" for name, value in sorted(kwargs.items())
+             if name.startswith("BLOCK") or name == "NUM_PAYLOADS"]
+    shown += [name for name, value in sorted(kwargs.items()) if value is True and name.isupper()]
+    return " ".join(shown + [f"w{kwargs.get('num_warps', 4)}", f"s{kwargs.get('num_stages', 3)}"])
+
+
+def _error_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[-1][:300] if lines else ''}".rstrip(": ")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -182,45 +205,56 @@ def _attention_variants(dtypes, head_dims):
 
 
 def _compaction_variants():
-    """Selection (scores in each dtype the ops accept; a row that fits one block and a longer one; one count for
-    every sample or one per sample; a keep mask) and the row copies (1 to 3 payloads of mixed dtypes, scatter of
-    rows or zeros)."""
+    """Selection (scores in each dtype the ops accept, for one sample and for two; rows of 100 tokens, one
+    reference of 4096, three, and more than one selection block; one count for every sample or one per sample; a
+    keep mask, also as an unaligned view: ``masked_attention``'s ``key_mask[:, kept_prefix:]``) and the row copies
+    (1 to 3 payloads of mixed dtypes and widths, scatter of rows or zeros)."""
     import torch
 
     from .kernels.compaction import MAX_SELECT_BLOCK, compact_index, gather_rows, scatter_rows
 
     for name in DTYPES:
         dtype = getattr(torch, _DTYPE_NAMES[name])
-        for n_tokens in (3 * 4096, 3 * MAX_SELECT_BLOCK):
-            for per_sample in (False, True):
-                counts = [n_tokens // 10, n_tokens // 5] if per_sample else [n_tokens // 10] * 2
+        for batch in (1, 2):
+            for n_tokens in (100, 4096, 3 * 4096, 3 * MAX_SELECT_BLOCK):
+                for per_sample in (False, True) if batch > 1 else (False,):
+                    counts = [n_tokens // 10, n_tokens // 5] if per_sample else [n_tokens // 10] * batch
 
-                def select(dtype=dtype, n_tokens=n_tokens, counts=counts):
-                    compact_index(torch.zeros(2, n_tokens, dtype=dtype), counts)
-                one_block = "one block" if n_tokens <= MAX_SELECT_BLOCK else "streamed"
-                yield (f"select scores {name} {one_block} "
-                       f"{'per-sample' if per_sample else 'uniform'} counts"), select
+                    def select(dtype=dtype, batch=batch, n_tokens=n_tokens, counts=counts):
+                        compact_index(torch.zeros(batch, n_tokens, dtype=dtype), counts)
+                    yield (f"select scores {name} B={batch} N={n_tokens} "
+                           f"{'per-sample' if per_sample else 'uniform'} counts"), select
 
-    def select_mask():
-        compact_index(torch.zeros(2, 3 * 4096, dtype=torch.bool), n_rows=1024)
-    yield "select keep mask", select_mask
+    for batch in (1, 2):
+        for n_tokens in (100, 3 * 4096):
+            def select_mask(batch=batch, n_tokens=n_tokens):
+                compact_index(torch.zeros(batch, n_tokens, dtype=torch.bool), n_rows=batch * n_tokens)
+                compact_index(torch.zeros(batch, n_tokens + 1, dtype=torch.bool)[:, 1:], n_rows=batch * n_tokens)
+            yield f"select keep mask B={batch} N={n_tokens} (and an unaligned view)", select_mask
 
-    def gather():
-        index, cu = torch.zeros(1024, dtype=torch.int32), torch.tensor([0, 512, 1024], dtype=torch.int32)
-        hidden = torch.zeros(2, 4096, MODEL_WIDTH, dtype=torch.bfloat16)
-        ids = torch.zeros(2, 4096, 4, dtype=torch.int64)
-        keep = torch.zeros(2, 4096, dtype=torch.bool)
-        gather_rows([hidden], index, cu, 1024)
-        gather_rows([hidden, ids], index, cu, 1024)
-        gather_rows([hidden, ids, keep], index, cu, 1024)
-    yield "gather 1-3 payloads (bf16, int64, bool)", gather
+    def gather(batch, dtype, width):
+        rows = 512 * batch
+        index, cu = torch.zeros(rows, dtype=torch.int32), torch.arange(batch + 1, dtype=torch.int32) * 512
+        hidden = torch.zeros(batch, 4096, width, dtype=dtype)
+        ids = torch.zeros(batch, 4096, 4, dtype=torch.int64)
+        keep = torch.zeros(batch, 4096, dtype=torch.bool)
+        for payloads in ([hidden], [hidden, ids], [hidden, ids, keep], [keep]):
+            gather_rows(payloads, index, cu, rows)
 
-    def scatter():
-        index, cu = torch.zeros(1024, dtype=torch.int32), torch.tensor([0, 512, 1024], dtype=torch.int32)
-        out = torch.zeros(2, 4096, MODEL_WIDTH, dtype=torch.bfloat16)
-        scatter_rows(torch.zeros(1024, MODEL_WIDTH, dtype=torch.bfloat16), index, cu, out)
+    def scatter(batch, dtype, width):
+        rows = 512 * batch
+        index, cu = torch.zeros(rows, dtype=torch.int32), torch.arange(batch + 1, dtype=torch.int32) * 512
+        out = torch.zeros(batch, 4096, width, dtype=dtype)
+        scatter_rows(torch.zeros(rows, width, dtype=dtype), index, cu, out)
         scatter_rows(None, index, cu, out)
-    yield "scatter rows and zeros (bf16)", scatter
+
+    for batch in (1, 2):
+        for name in DTYPES:
+            dtype = getattr(torch, _DTYPE_NAMES[name])
+            yield (f"gather {name} [{MODEL_WIDTH}] + int64 ids + bool, B={batch}",
+                   lambda batch=batch, dtype=dtype: gather(batch, dtype, MODEL_WIDTH))
+            yield (f"scatter {name} rows and zeros [{MODEL_WIDTH}], B={batch}",
+                   lambda batch=batch, dtype=dtype: scatter(batch, dtype, MODEL_WIDTH))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -245,30 +279,59 @@ def run_check(arch: int = 90, dtypes=DTYPES, head_dims=HEAD_DIMS, progress: bool
     except ImportError:  # pragma: no cover - tqdm is a dependency
         bar = variants
     for label, launch in bar:
-        def record(jit_function, kwargs, compiled, seconds, label=label):
-            key = (jit_function.fn.__qualname__, compiled.hash)
+        def record(jit_function, kwargs, compiled, seconds, candidate, error, label=label):
+            name, config = jit_function.fn.__name__, _config_label(kwargs)
+            if error is not None:
+                rows.append(Compiled(label, name, config, error=_error_line(error), candidate=candidate))
+                return
+            key = (name, compiled.hash)
             if key in seen:  # the same binary reached again (a launcher calls a kernel twice)
                 return
             seen.add(key)
-            registers, stack = _resources(compiled.asm["cubin"])
-            rows.append(Compiled(label, jit_function.fn.__name__, _config_label(kwargs, compiled),
-                                 registers, stack, compiled.metadata.shared, round(seconds, 2)))
+            registers, stack, static_shared = _resources(compiled.asm["cubin"])
+            rows.append(Compiled(label, name, config, registers, stack, compiled.metadata.shared + static_shared,
+                                 round(seconds, 2), candidate=candidate))
         try:
             with _compile_only(arch, record):
                 launch()
-        except Exception as e:  # a compile failure is a finding: report it and go on with the other variants
-            rows.append(Compiled(label, "?", "?", error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"))
+        except Exception as e:  # the launcher itself failed: report it and go on with the other variants
+            rows.append(Compiled(label, "?", "?", error=_error_line(e)))
     return rows
 
 
+def _over(rows: list[Compiled], limit: int) -> list[Compiled]:
+    return [r for r in rows if r.shared_bytes is not None and r.shared_bytes > limit]
+
+
 def problems(rows: list[Compiled], arch: int) -> list[str]:
-    """What would fail on the GPU: compile errors and shared memory above the architecture's per-block limit."""
+    """What would fail on the GPU: compile errors, and shared memory above the architecture's per-block limit in a
+    binary that a launch can not avoid: a kernel without autotuning, the first autotune candidate (the one config
+    under SPARSECTX_AUTOTUNE=0), or every candidate of a kernel in a variant. A later candidate that does not fit is
+    no problem: the autotuner drops it (``dropped``)."""
     limit = SHARED_MEMORY_LIMIT.get(arch)
-    found = [f"{r.variant}: does not compile: {r.error}" for r in rows if r.error]
-    if limit is not None:
-        found += [f"{r.variant}: {r.kernel} [{r.config}] needs {r.shared_bytes} B of shared memory, sm_{arch} allows "
-                  f"{limit} B per block" for r in rows if r.shared_bytes is not None and r.shared_bytes > limit]
+    found = [f"{r.variant}: {r.kernel} [{r.config}] does not compile: {r.error}" for r in rows if r.error]
+    if limit is None:
+        return found
+    for r in _over(rows, limit):
+        if r.candidate is None or r.candidate == 0:
+            why = "the first autotune candidate" if r.candidate == 0 else "no autotuning"
+            found.append(f"{r.variant}: {r.kernel} [{r.config}] needs {r.shared_bytes} B of shared memory, sm_{arch} "
+                         f"allows {limit} B per block ({why})")
+    groups: dict = {}
+    for r in rows:
+        if r.candidate is not None and not r.error:
+            groups.setdefault((r.variant, r.kernel), []).append(r)
+    for (variant, kernel), group in groups.items():
+        if len(_over(group, limit)) == len(group) > 1:
+            found.append(f"{variant}: {kernel}: none of its {len(group)} autotune candidates fits sm_{arch}'s "
+                         f"{limit} B of shared memory per block")
     return found
+
+
+def dropped(rows: list[Compiled], arch: int) -> list[Compiled]:
+    """Later autotune candidates whose shared memory exceeds the arch's limit: the autotuner skips them there."""
+    limit = SHARED_MEMORY_LIMIT.get(arch)
+    return [] if limit is None else [r for r in _over(rows, limit) if r.candidate]
 
 
 def format_table(rows: list[Compiled], arch: int) -> str:
@@ -283,6 +346,14 @@ def format_table(rows: list[Compiled], arch: int) -> str:
     spilled = [r for r in rows if r.spill_bytes]
     lines.append(f"\n{len(rows)} binaries for sm_{arch}; spilling: {len(spilled)}"
                  + "".join(f"\n  {r.variant}: {r.kernel} [{r.config}] {r.spill_bytes} B" for r in spilled))
+    skipped = dropped(rows, arch)
+    if skipped:
+        lines.append(f"autotune candidates the autotuner drops on sm_{arch} (shared memory over "
+                     f"{SHARED_MEMORY_LIMIT[arch]} B): {len(skipped)}"
+                     + "".join(f"\n  {r.variant}: {r.kernel} [{r.config}] {r.shared_bytes} B" for r in skipped))
+    if arch not in SHARED_MEMORY_LIMIT:
+        lines.append(f"shared memory NOT checked: no per-block limit known for sm_{arch} "
+                     f"(known: {', '.join(f'sm_{a}' for a in SHARED_MEMORY_LIMIT)})")
     return "\n".join(lines)
 
 
@@ -310,7 +381,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", type=int, default=90,
                         help="compute capability x 10: 90 for H100/H200 (default), 80 for A100, 89 for L40S/4090")
     parser.add_argument("--dtypes", type=_dtype_list, default=DTYPES,
-                        help=f"attention and score dtypes (default {','.join(DTYPES)})")
+                        help=f"attention dtypes (default {','.join(DTYPES)}; the selection kernel is compiled for "
+                             "every score dtype)")
     parser.add_argument("--head-dims", type=_dim_list, default=HEAD_DIMS,
                         help=f"attention head dims (default {','.join(map(str, HEAD_DIMS))})")
     parser.add_argument("--quick", action="store_true", help="short for --dtypes bf16 --head-dims 64,128")
@@ -322,7 +394,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Exit status 1 when something would fail on the GPU (see ``problems``), else 0."""
     dtypes, head_dims = (("bf16",), (64, 128)) if args.quick else (args.dtypes, args.head_dims)
-    if os.environ.get("TRITON_INTERPRET", "0") == "1" or args.first_config != (
+    interpreting = os.environ.get("TRITON_INTERPRET", "").strip().lower() not in ("", "0", "false", "no", "off")
+    if interpreting or args.first_config != (
             os.environ.get("SPARSECTX_AUTOTUNE", "1") == "0"):
         # the kernel modules fix their mode and candidates at import: a fresh process without the interpreter
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -341,7 +414,8 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"triton": triton.__version__, "arch": args.arch, "first_config": args.first_config,
-                       "dtypes": list(dtypes), "head_dims": list(head_dims), "problems": found,
+                       "dtypes": list(dtypes), "head_dims": list(head_dims),
+                       "shared_memory_limit": SHARED_MEMORY_LIMIT.get(args.arch), "problems": found,
                        "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
     for line in found:
         print(f"PROBLEM: {line}")

@@ -34,13 +34,14 @@ def _kernel_names(module_name):
 
 @pytest.fixture(scope="module")
 def quick_check(tmp_path_factory):
-    """bf16 attention at head dims 64/128 (the supported models') and 256 (the largest the ops accept: its own
-    launch configurations) with the first autotune candidate (the launch config under SPARSECTX_AUTOTUNE=0), and
-    every compaction kernel, compiled for sm_90 through the command line."""
+    """bf16 attention at head dims 64/128 (the supported models'), 160 and 256 (above 128: their own launch
+    configurations; 160 with a masked tail, 256 the largest the ops accept) with the first autotune candidate (the
+    launch config under SPARSECTX_AUTOTUNE=0), and every compaction kernel, compiled for sm_90 through the command
+    line."""
     out = tmp_path_factory.mktemp("compile") / "check.json"
     env = dict(os.environ, TRITON_INTERPRET="1")  # as the suite runs: the command must leave the interpreter itself
     done = subprocess.run([sys.executable, "-m", "sparsectx.cli", "compile-check", "--dtypes", "bf16", "--head-dims",
-                           "64,128,256", "--first-config", "--json", str(out)],
+                           "64,128,160,256", "--first-config", "--json", str(out)],
                           capture_output=True, text=True, env=env, timeout=900)
     return done, json.loads(out.read_text()) if out.exists() else None
 
@@ -55,13 +56,15 @@ def test_every_kernel_compiles_for_sm90(quick_check):
     expected = _kernel_names("sparsectx.kernels.attention") | _kernel_names("sparsectx.kernels.compaction")
     assert len(expected) >= 8 and compiled == expected  # no kernel left out of the check
     # each key layout at each head dim compiles its forward and its three backward kernels
-    for dim in (64, 128, 256):
+    for dim in (64, 128, 160, 256):
         for refs in ("no refs", "gathered refs", "packed refs"):
             kernels = {r["kernel"] for r in rows if r["variant"] == f"attention bf16 D={dim} {refs}"}
             assert {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"} <= kernels, (dim, refs, kernels)
-    limit = compile_check.SHARED_MEMORY_LIMIT[90]
-    assert all(0 <= r["shared_bytes"] <= limit for r in rows)
-    assert all(0 < r["registers"] <= 255 for r in rows)
+    assert report["shared_memory_limit"] == compile_check.SHARED_MEMORY_LIMIT[90]
+    # the compaction kernels at batch 1 (the usual inference call) as well as 2, and every score dtype
+    variants = {r["variant"] for r in rows}
+    assert {f"select scores {d} B={b} N=4096 uniform counts" for d in ("fp16", "bf16", "fp32") for b in (1, 2)} \
+        <= variants
 
 
 def test_first_configs_do_not_spill_in_bf16_and_compaction_never_spills(quick_check):
@@ -105,40 +108,95 @@ def test_compile_only_launch_reports_resources_and_compile_errors(tmp_path):
         def bad(X, BLOCK: tl.constexpr):
             tl.store(X + tl.arange(0, BLOCK), 1.0)  # BLOCK is not a power of two: not compilable
 
+        @triton.autotune(configs=[triton.Config({"BLOCK": 64}, num_warps=2), triton.Config({"BLOCK": 128})],
+                         key=["N"])
+        @triton.jit
+        def tuned(X, Y, N, BLOCK: tl.constexpr):
+            offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+            tl.store(Y + offs, tl.load(X + offs, mask=offs < N), mask=offs < N)
+
+        from triton.runtime.driver import driver
+        from triton.runtime.jit import JITFunction
+        from triton.runtime.autotuner import Autotuner
+        before = (driver._active, JITFunction.run, Autotuner.run)
         seen = []
         x, y = torch.ones(256), torch.full((256,), 7.0)
         for arch in (80, 90):
-            with cc._compile_only(arch, lambda f, kw, k, s: seen.append((arch, f.fn.__name__, k))):
+            with cc._compile_only(arch, lambda f, kw, k, s, c, e: seen.append((arch, f.fn.__name__, k, c, e))):
                 double[(2,)](x, y, 256, BLOCK=128)
-        assert torch.equal(y, torch.full((256,), 7.0)), "a compile-only launch ran"
-        assert [(a, n) for a, n, _ in seen] == [(80, "double"), (90, "double")]
+        assert [(a, n, c, e) for a, n, _, c, e in seen] == [(80, "double", None, None), (90, "double", None, None)]
         assert ".target sm_80" in seen[0][2].asm["ptx"] and ".target sm_90a" in seen[1][2].asm["ptx"]
-        regs, stack = cc._resources(seen[1][2].asm["cubin"])
-        assert 0 < regs <= 255 and stack == 0
-        try:
-            with cc._compile_only(90, lambda *a: None):
-                bad[(1,)](x, BLOCK=100)
-        except Exception as e:
-            print("compile error:", type(e).__name__)
-        else:
-            raise AssertionError("a kernel that can not compile compiled")
-        # after the block, Triton's own driver and launch path are back
-        from triton.runtime.jit import JITFunction
-        from triton.runtime.autotuner import Autotuner
-        assert JITFunction.run.__name__ == "run" and Autotuner.run.__name__ == "run"
+        regs, stack, static = cc._resources(seen[1][2].asm["cubin"])
+        assert 0 < regs <= 255 and stack == 0 and static == 0
+        # an autotuned kernel compiles every candidate, in order, each with its index and its own warps
+        seen.clear()
+        with cc._compile_only(90, lambda f, kw, k, s, c, e: seen.append((c, kw["BLOCK"], k.metadata.num_warps))):
+            tuned[lambda meta: (4,)](x, y, 256)
+        assert seen == [(0, 64, 2), (1, 128, 4)], seen
+        # a kernel that can not compile is reported with its error, and the launch goes on
+        errors = []
+        with cc._compile_only(90, lambda f, kw, k, s, c, e: errors.append((f.fn.__name__, k, type(e).__name__))):
+            bad[(1,)](x, BLOCK=100)
+            double[(2,)](x, y, 256, BLOCK=128)
+        assert [(n, k is None) for n, k, _ in errors] == [("bad", True), ("double", False)], errors
+        print("compile error:", errors[0][2])
+        # after the blocks, Triton's own driver and launch path are back
+        assert (driver._active, JITFunction.run, Autotuner.run) == before
         print("ok")
     """)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "compile error:" in done.stdout and done.stdout.rstrip().endswith("ok")
 
 
-def test_problems_flags_errors_and_shared_memory_over_the_arch_limit():
-    rows = [compile_check.Compiled("a", "_fwd_kernel", "w8", 128, 0, compile_check.SHARED_MEMORY_LIMIT[90]),
-            compile_check.Compiled("b", "_fwd_kernel", "w8", 128, 0, compile_check.SHARED_MEMORY_LIMIT[90] + 1),
-            compile_check.Compiled("c", "?", "?", error="CompilationError: boom")]
+def test_problems_are_what_a_launch_can_not_avoid():
+    """Shared memory over the arch's limit fails a launch only where the launch has no other choice: a kernel
+    without autotuning, the first candidate (SPARSECTX_AUTOTUNE=0's only one), or all candidates of a kernel; a
+    later candidate that does not fit is dropped by the autotuner (listed, not a problem). Compile errors always
+    are problems."""
+    limit = compile_check.SHARED_MEMORY_LIMIT[90]
+
+    def row(variant, kernel, shared, candidate=None, error=None):
+        return compile_check.Compiled(variant, kernel, "w8", 128, 0, shared, 1.0, error=error, candidate=candidate)
+
+    rows = [row("fits", "_gather_rows_kernel", limit),
+            row("plain", "_gather_rows_kernel", limit + 1),
+            row("first", "_fwd_kernel", limit + 1, candidate=0), row("first", "_fwd_kernel", limit, candidate=1),
+            row("later", "_fwd_kernel", limit, candidate=0), row("later", "_fwd_kernel", limit + 1, candidate=1),
+            row("none", "_bwd_dq_kernel", limit + 1, candidate=1),
+            row("none", "_bwd_dq_kernel", limit + 2, candidate=2),
+            row("broken", "_bwd_dq_kernel", None, error="CompilationError: boom")]
     found = compile_check.problems(rows, 90)
-    assert len(found) == 2 and found[0].startswith("c: does not compile") and found[1].startswith("b: _fwd_kernel")
-    assert compile_check.problems(rows[:2], 89)[0].startswith("a:")  # 99 KB per block on sm_89
+    assert [line.split(":")[0] for line in found] == ["broken", "plain", "first", "none"], found
+    assert "(no autotuning)" in found[1] and "(the first autotune candidate)" in found[2]
+    assert "none of its 2 autotune candidates fits" in found[3]
+    assert {(r.variant, r.candidate) for r in compile_check.dropped(rows, 90)} == {("later", 1), ("none", 1),
+                                                                                   ("none", 2)}
+    table = compile_check.format_table(rows, 90)
+    assert "autotune candidates the autotuner drops on sm_90" in table
+    assert "shared memory NOT checked: no per-block limit known for sm_75" in compile_check.format_table(rows, 75)
+    assert compile_check.problems(rows, 75) == [found[0]]  # no limit known: only the compile error
+
+
+def test_main_exits_1_on_a_problem_and_writes_it_to_the_json(tmp_path, monkeypatch, capsys):
+    from sparsectx import cli
+
+    limit = compile_check.SHARED_MEMORY_LIMIT[90]
+    rows = [compile_check.Compiled("v", "_fwd_kernel", "w8", 128, 0, limit + 1, 1.0, candidate=0)]
+    monkeypatch.setattr(compile_check, "run_check", lambda arch, dtypes, head_dims: rows)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # runs in this process: run_check is the stand-in
+    monkeypatch.setenv("SPARSECTX_AUTOTUNE", "1")
+    out = tmp_path / "check.json"
+    assert cli.main(["compile-check", "--json", str(out)]) == 1
+    report = json.loads(out.read_text())
+    assert len(report["problems"]) == 1 and "needs" in report["problems"][0] and report["rows"][0]["candidate"] == 0
+    assert "PROBLEM: v: _fwd_kernel" in capsys.readouterr().out
+    rows[0].shared_bytes = limit
+    assert cli.main(["compile-check", "--json", str(out)]) == 0 and json.loads(out.read_text())["problems"] == []
+
+
+def test_an_error_without_a_message_is_reported():
+    assert compile_check._error_line(AssertionError()) == "AssertionError"
+    assert compile_check._error_line(ValueError("first\nlast")) == "ValueError: last"
 
 
 def test_command_line_refuses_unknown_dtypes_and_head_dims(capsys):
