@@ -2066,6 +2066,7 @@ def merge_runs(paths: Sequence[str]) -> dict:
 MERGE_MUST_MATCH = ("device", "driver", "cuda", "size", "commit", "sparsectx", "python", "torch", "triton",
                     "diffusers")
 ROW_KEYS = ("case", "shape", "impl", "time_ms", "ratio", "ok", "note")
+OPTIONAL_ROW_KEYS = ("tflops", "gbps", "err", "peak_mem_gb")
 
 
 def load_run(path: str) -> dict:
@@ -2082,6 +2083,8 @@ def load_run(path: str) -> dict:
         lacking = [k for k in ROW_KEYS if not isinstance(row, dict) or k not in row]
         if lacking:
             raise ValueError(f"{path}: row {i} lacks {lacking}")
+        for key in OPTIONAL_ROW_KEYS:  # columns a row may lack (older files, hand-made rows): empty cells
+            row.setdefault(key, None)
     return data
 
 

@@ -347,3 +347,14 @@ def test_a_row_a_block_never_has_is_not_reported_missing():
     lines = benchmarks.target_verdicts(plain + breakdown)
     assert not any("not measured" in line for line in lines), lines
     assert len(lines) == 3  # compacted ideal (drop-in, by hand) on the plain block, pre-compacted on the breakdown
+
+
+def test_report_reads_rows_without_the_optional_columns(tmp_path, capsys):
+    """A row with only the required keys (an older or hand-made file) is reported with empty cells (the report
+    raised KeyError: 'gbps')."""
+    row = {"case": "attention", "shape": "L=1", "impl": "sparsectx (compacted)", "time_ms": 1.0, "ratio": 1.0,
+           "ok": None, "note": ""}
+    (tmp_path / "bare.json").write_text(json.dumps({"meta": {"device": "cpu"}, "rows": [row]}))
+    assert cli.main(["report", str(tmp_path / "bare.json")]) == 0
+    assert cli.main(["report", "--summary", str(tmp_path / "bare.json")]) == 0
+    assert "sparsectx (compacted)" in capsys.readouterr().out
