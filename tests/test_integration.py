@@ -1066,6 +1066,33 @@ def test_klein_per_image_generators(kv):
         assert torch.equal(batched[0], alone[0]) and torch.equal(batched[1], alone[1])
 
 
+@pytest.mark.parametrize("reads_generator", [False, True])
+def test_per_image_generators_select_once_with_a_deterministic_selector(reads_generator):
+    """With one generator per image, a selector registered as drawing no random numbers still selects once for a
+    batch that shares its references (it sees one sample); one that may draw them selects every image."""
+    from sparsectx import selection
+
+    seen = []
+
+    def strided(latents, context):
+        seen.append(latents.shape[0])
+        return torch.arange(latents.shape[1], 0, -1, dtype=torch.float32).expand(latents.shape[0], -1).clone()
+
+    chosen = selection.register_selector("test_strided", strided, returns_scores=True,
+                                         reads_generator=reads_generator, overwrite=True)
+    pipe = _tiny_pipeline(diffusers.Flux2KleinPipeline)
+    sparsectx.enable(pipe, budget=0.25, selector=chosen)
+    embeds = torch.randn(1, TEXT_TOKENS, TEXT_DIM)
+    try:
+        pipe(image=_reference_images(), prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds),
+             guidance_scale=2.0, height=IMAGE_PX, width=IMAGE_PX, num_inference_steps=2, output_type="latent",
+             num_images_per_prompt=2, generator=[torch.Generator().manual_seed(s) for s in (5, 6)])
+    finally:
+        sparsectx.disable(pipe)
+        selection._REGISTRY.pop("test_strided", None)
+    assert seen == ([2] if reads_generator else [1])  # one selection per pipeline call, of the batch or one sample
+
+
 def test_last_selection_after_a_kv_call_on_a_transformer_enabled_alone():
     """A KV pipeline whose transformer alone is enabled (or shared by from_pipe): after the call, last_selection
     reports the extract step's selection (before: None, the cached steps' plan being looked up by a prompt tensor the
