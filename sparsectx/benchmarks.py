@@ -2320,9 +2320,16 @@ def _parse_device(name: str) -> torch.device:
 
 
 def main(args: argparse.Namespace) -> int:
+    device = _parse_device(args.device) if args.device else default_device()
+    if device.type == "cuda":  # timers, events and graph capture use the current device: make it the measured one
+        with torch.cuda.device(device):
+            return _main(args, device)
+    return _main(args, device)
+
+
+def _main(args: argparse.Namespace, device: torch.device) -> int:
     from tqdm import tqdm
 
-    device = _parse_device(args.device) if args.device else default_device()
     for option, path in (("--json", args.json), ("--plot", args.plot)):
         if path:
             check_output_path(option, path)

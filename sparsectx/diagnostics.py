@@ -9,8 +9,11 @@ included, and records every one that reads device data on the host:
   the method while the block runs);
 - an output whose size depends on the data: ``nonzero``, ``masked_select``, ``unique``, boolean-mask indexing
   (``aten.index`` / ``index_put`` with a bool index), ``repeat_interleave`` without ``output_size``;
-- a copy between a device and the host (``.cpu()``, ``torch.tensor(list, device="cuda")``), except a
-  ``non_blocking`` copy from pinned host memory to the device (it is queued like a kernel and waits for nothing).
+- a copy between a device and the host (``.cpu()``, ``.to("cuda")`` of a host tensor), except a ``non_blocking``
+  copy from pinned host memory to the device (it is queued like a kernel and waits for nothing).
+
+Not seen: a tensor built from host data directly on the device (``torch.tensor(list, device="cuda")``): its copy
+happens below the dispatcher. On CUDA that copy also waits for the stream; ``set_sync_debug_mode`` reports it.
 
 On CUDA, ``torch.cuda.set_sync_debug_mode`` reports the synchronisations themselves; this counter runs on the CPU
 too, so tests without a GPU can assert that a code path reads nothing back (the same code runs on the GPU).

@@ -952,7 +952,9 @@ class _SparsePatch(ForwardPatch):
         n_match = len(checks)
         if plan.packing is not None:
             checks.append(_uniform_over_batch(call).all())
-        flags = torch.stack(checks).tolist() if checks else []
+        # img_ids may live on another device than the hidden states (diffusers accepts CPU ids)
+        device = call["hidden_states"].device
+        flags = torch.stack([flag.to(device) for flag in checks]).tolist() if checks else []
         return all(flags[:n_match]), plan.packing is not None and all(flags[n_match:])
 
     def _pop_overrides(self, call: dict) -> dict:

@@ -299,10 +299,11 @@ def sparse_attention(
     rows past ``cu_seqlens_k[-1]``, are zero on every path.
 
     ``validate=True`` checks cu_seqlens and indices with a few small host reads; pass False in a hot loop once the
-    inputs are known to be well formed (then nothing synchronises with the host, and nothing is checked: a
-    ``max_seqlen_*`` below a sample's length leaves that sample's rows past it unwritten (output and dq rows for
-    ``max_seqlen_q``, dk/dv or reference-gradient rows for the others), a position repeated in one sample's
-    ``ref_index`` gives its reference-gradient row one of the writers' values). While ``torch.compile`` traces (no
+    inputs are known to be well formed (then nothing synchronises with the host, but for the autotuner's first
+    launch of each size class on a GPU, and nothing is checked: a ``max_seqlen_*`` below a sample's length leaves
+    that sample's rows past it unwritten (output and dq rows for ``max_seqlen_q``, dk/dv or reference-gradient rows
+    for the others), a position repeated in one sample's ``ref_index`` gives its reference-gradient row one of the
+    writers' values). While ``torch.compile`` traces (no
     data to read) those checks are skipped, as are the finiteness check of a traced ``softmax_scale``.
 
     Inside ``torch.autocast`` (for q's device type) q, k, v, ref_k and ref_v are cast to the autocast dtype first,

@@ -115,11 +115,13 @@ def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     queries, image queries) that share the key description. Returns ``[1, L, H, D]``."""
     q, k, v = query[0], key[0], value[0]
     n_text = packed.n_text
-    keys = dict(ref_k=k[n_text:], ref_v=v[n_text:], cu_seqlens_ref=packed.cu_image, max_seqlen_ref=packed.max_image,
+    # the packing is built where the forward starts; a model split over GPUs runs this block on another one
+    cu_text, cu_image = packed.cu_text.to(q.device), packed.cu_image.to(q.device)
+    keys = dict(ref_k=k[n_text:], ref_v=v[n_text:], cu_seqlens_ref=cu_image, max_seqlen_ref=packed.max_image,
                 validate=False)
-    text = sparse_attention(q[:n_text], k[:n_text], v[:n_text], packed.cu_text, packed.cu_text, packed.max_text,
+    text = sparse_attention(q[:n_text], k[:n_text], v[:n_text], cu_text, cu_text, packed.max_text,
                             packed.max_text, **keys)
-    image = sparse_attention(q[n_text:], k[:n_text], v[:n_text], packed.cu_image, packed.cu_text, packed.max_image,
+    image = sparse_attention(q[n_text:], k[:n_text], v[:n_text], cu_image, cu_text, packed.max_image,
                              packed.max_text, **keys)
     return torch.cat([text, image])[None]
 

@@ -284,8 +284,9 @@ def _rank_in_image(keys: torch.Tensor, ref_lengths: Sequence[int]) -> torch.Tens
 
 
 def _lengths_per_token(ref_lengths: Sequence[int], device) -> torch.Tensor:
-    return torch.repeat_interleave(torch.tensor(ref_lengths, device=device, dtype=torch.float32),
-                                   torch.tensor(ref_lengths, device=device), output_size=sum(ref_lengths))  # no sync
+    """float ``[N]``: each token's image length. Filled on the device (``torch.tensor(list, device=...)`` would be a
+    host-to-device copy, which waits for the CUDA stream)."""
+    return torch.cat([torch.full((n,), float(n), device=device) for n in ref_lengths])
 
 
 # ----------------------------------------------------------------------------------------------------------------
