@@ -92,6 +92,8 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 
+from .ops import _device_values
+
 # ----------------------------------------------------------------------------------------------------------------
 # constants
 # ----------------------------------------------------------------------------------------------------------------
@@ -221,7 +223,7 @@ def keep_mask_from_scores(scores: torch.Tensor, counts: Sequence[Sequence[int]],
         order = torch.sort(segment, dim=1, descending=True, stable=True).indices
         positions = torch.arange(n, device=scores.device).expand_as(order)
         rank = torch.empty_like(order).scatter_(1, order, positions)  # rank of each token within its image
-        wanted = torch.tensor([c[i] for c in counts], device=scores.device)
+        wanted = _device_values([c[i] for c in counts], None, scores.device)
         keep[:, start:start + n] = rank < wanted[:, None]
         start += n
     return keep

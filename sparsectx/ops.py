@@ -541,6 +541,16 @@ def _check_budget(budget, batch: int, n_tokens: int) -> list[int]:
     return reference.budget_to_counts(values, batch, n_tokens)
 
 
+def _device_values(values, dtype: Optional[torch.dtype], device) -> torch.Tensor:
+    """A small tensor of Python values on ``device`` without waiting for it: on CUDA the values are copied from
+    pinned host memory with a queued (non-blocking) copy; ``torch.tensor(values, device="cuda")`` would wait for
+    the stream. (Ragged lists raise ``ValueError`` as ``torch.tensor`` does.)"""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 def _python_number(value):
     """A numpy (or other ``numbers.Real``) scalar as the Python int or float it holds; anything else unchanged."""
     if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):

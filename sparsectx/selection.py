@@ -45,7 +45,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .ops import _python_number
+from .ops import _device_values, _python_number
 
 # ----------------------------------------------------------------------------------------------------------------
 # constants
@@ -328,8 +328,8 @@ def uniform_scores(reference_latents: torch.Tensor, context: SelectionContext) -
         code = _bayer_code(grid[..., 0], grid[..., 1], LOW_DISCREPANCY_BITS)
     else:
         starts = torch.repeat_interleave(
-            torch.tensor([lo for lo, _ in _image_slices(context.ref_lengths)], device=device),
-            torch.tensor(context.ref_lengths, device=device), output_size=n_tokens)
+            _device_values([lo for lo, _ in _image_slices(context.ref_lengths)], None, device),
+            _device_values(context.ref_lengths, None, device), output_size=n_tokens)
         position = torch.arange(n_tokens, device=device) - starts
         code = _bit_reverse(position, 2 * LOW_DISCREPANCY_BITS).expand(batch, -1)
     rank = _rank_in_image(code, context.ref_lengths).float()
@@ -673,8 +673,8 @@ def _list_setting(name: str, value, device) -> tuple[torch.Tensor, torch.Tensor]
     its own kind, so ``[1, 0.25]`` is one token of the first image and a quarter of the second."""
     kinds = _entry_kinds(name, value)
     try:
-        values = torch.tensor(_as_floats(value), dtype=torch.float64, device=device)
-        is_ratio = torch.tensor(kinds, dtype=torch.bool, device=device)
+        values = _device_values(_as_floats(value), torch.float64, device)
+        is_ratio = _device_values(kinds, torch.bool, device)
     except (ValueError, TypeError):
         raise ValueError(f"{name} must be a rectangular list (one entry per image, or one list per request), "
                          f"got {value!r}") from None
@@ -702,8 +702,8 @@ def _per_image(name: str, value: PerImage, batch: int, ref_lengths: Sequence[int
         if isinstance(value, int) and not allow_count:
             raise TypeError(f"{name} must be a float ratio, got the int {value!r}")
         _check_scalar_setting(name, value)
-        values = torch.tensor(float(value), dtype=torch.float64, device=device)
-        is_ratio = torch.tensor(isinstance(value, float), device=device)
+        values = torch.full((), float(value), dtype=torch.float64, device=device)  # a fill: no copy to wait for
+        is_ratio = torch.full((), isinstance(value, float), dtype=torch.bool, device=device)
     elif isinstance(value, torch.Tensor):
         if value.dtype == torch.bool or value.is_complex():
             raise TypeError(f"{name} must hold ints (counts) or floats (ratios), got {value.dtype}")
@@ -729,7 +729,7 @@ def _per_image(name: str, value: PerImage, batch: int, ref_lengths: Sequence[int
             raise ValueError(f"{name} counts must be >= 0")
     values = _broadcast_per_image(name, values, batch, len(ref_lengths))
     is_ratio = torch.broadcast_to(is_ratio, values.shape)
-    lengths = torch.tensor(ref_lengths, device=device)
+    lengths = _device_values(ref_lengths, None, device)
     counts = torch.where(is_ratio, torch.floor(values * lengths + 0.5), values).long()
     return torch.minimum(counts, lengths)
 
@@ -864,7 +864,7 @@ def adaptive_budget(scores: torch.Tensor, coverage: Union[float, torch.Tensor] =
         if bool((~torch.isfinite(cov) | (cov < 0) | (cov > 1)).any()):
             raise ValueError(f"coverage must lie in [0, 1], got {coverage!r}")
     else:
-        cov = torch.tensor(float(coverage), dtype=torch.float64, device=device)
+        cov = torch.full((), float(coverage), dtype=torch.float64, device=device)
     cov = _broadcast_per_image("coverage", cov, batch, len(ref_lengths))
     low = _per_image("floor", floor, batch, ref_lengths, device)
     high = _per_image("cap", cap, batch, ref_lengths, device)

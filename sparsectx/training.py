@@ -30,7 +30,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import integration
-from .ops import _python_number, masked_attention
+from .ops import _device_values, _python_number, masked_attention
 
 DEFAULT_RATIO_RANGE = (0.05, 1.0)  # the keep ratios a trained model should handle, 5% to all tokens
 RECENT_MASKS = 64  # masks of the latest training forwards kept for their recomputation by an outer checkpoint
@@ -76,7 +76,7 @@ def _draw_ratios(shape: tuple, ratio_range, ratios, generator, device) -> torch.
                            for r in ratios):
             raise ValueError(f"ratios must be a non-empty list of keep ratios in [0, 1], got {ratios!r}")
         pick = torch.randint(len(ratios), shape, generator=generator, device=device)
-        return torch.tensor([float(r) for r in ratios], dtype=torch.float64, device=device)[pick]
+        return _device_values([float(r) for r in ratios], torch.float64, device)[pick]
     low, high = _check_ratio_range(ratio_range)
     return low + (high - low) * torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
 
@@ -97,7 +97,7 @@ def random_drop_mask(batch: int, ref_lengths: Sequence[int], n_prefix: int,
     draw_device = generator.device if generator is not None else torch.device(device or "cpu")
     n_refs = len(ref_lengths)
     rates = _draw_ratios((batch, n_refs if per_image else 1), ratio_range, ratios, generator, draw_device)
-    lengths = torch.tensor(ref_lengths, device=draw_device)
+    lengths = _device_values(ref_lengths, None, draw_device)
     counts = torch.minimum(torch.floor(rates * lengths + 0.5).long(), lengths)  # [B, n_refs]
     noise = torch.rand((batch, sum(ref_lengths)), generator=generator, device=draw_device)
     keep = torch.ones((batch, n_prefix + sum(ref_lengths)), dtype=torch.bool, device=draw_device)

@@ -80,3 +80,19 @@ def test_an_asynchronous_upload_from_pinned_memory_is_not_counted():
         pinned.to("cuda")  # blocking
         torch.arange(4).to("cuda", non_blocking=True)  # pageable
     assert reads.count == 2, reads.ops
+
+
+def test_device_values_build_what_torch_tensor_builds():
+    """ops._device_values (small tensors of Python values, built on CUDA from pinned memory without waiting) gives
+    torch.tensor's values, dtype and errors on the CPU."""
+    import pytest
+    import torch
+
+    from sparsectx.ops import _device_values
+
+    for values, dtype in (([3, 1, 4], None), ([0.5, 2.0], torch.float64), ([True, False], torch.bool),
+                          ([[1, 2], [3, 4]], torch.int32)):
+        got, want = _device_values(values, dtype, "cpu"), torch.tensor(values, dtype=dtype)
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    with pytest.raises(ValueError):
+        _device_values([[1, 2], [3]], None, "cpu")
