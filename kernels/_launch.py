@@ -10,11 +10,15 @@ the device of the tensors it is given. A model split over GPUs (diffusers/accele
 with tensors on ``cuda:1`` while ``cuda:0`` is current: without a guard the kernel would run on the wrong GPU with
 pointers it can not address (an error, or silently wrong results). Every launcher enters its tensors' device.
 
+``to_device``: ``torch.tensor(values, device="cuda")`` waits for the stream (a pageable host-to-device copy); small
+tensors of host values (per-sample counts, budgets) are copied from pinned memory with a queued copy instead.
+
 ``built_for_interpreter``: ``triton.jit`` reads ``TRITON_INTERPRET`` when it decorates, so a kernel module keeps the
 mode it was imported in, whatever the variable says later; dispatch asks the kernels, not the environment.
 """
 import functools
 import inspect
+from typing import Optional
 
 import torch
 
@@ -27,6 +31,15 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= n, for n >= 1."""
     return 1 << max(n - 1, 0).bit_length()
+
+
+def to_device(values, dtype: Optional[torch.dtype], device) -> torch.Tensor:
+    """``torch.tensor(values, dtype=dtype)`` on ``device`` without waiting for it: on CUDA the copy is queued from
+    pinned host memory (``non_blocking``). Ragged lists raise ``ValueError`` as ``torch.tensor`` does."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 def on_device_of(arg: str):

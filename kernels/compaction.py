@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import built_for_interpreter, cdiv, next_power_of_2, on_device_of
+from ._launch import built_for_interpreter, cdiv, next_power_of_2, on_device_of, to_device
 
 # Order-preserving integer keys of fp32 scores: the top-k threshold is found RADIX_BITS bits per pass. Two bits per
 # pass need 3 counts per pass (candidate digits 1..3); more bits per pass would cost 2**bits - 1 counts, each a full
@@ -405,7 +405,7 @@ def compact_index(
         uniform_count = counts[0] if counts else 0
         if n_rows is None:
             n_rows = sum(counts)
-        counts_dev = None if uniform else _to_device_int32(counts, device)
+        counts_dev = None if uniform else to_device(counts, torch.int32, device)
     else:
         uniform, uniform_count = False, 0
         counts_dev = selection.sum(dim=1, dtype=torch.int32)
@@ -449,12 +449,6 @@ def compact_index(
         NB_PAD=next_power_of_2(n_blocks), BLOCK_N=block_n, num_warps=num_warps,
     )
     return index, cu_seqlens
-
-
-def _to_device_int32(values: Sequence[int], device: torch.device) -> torch.Tensor:
-    """Host ints -> int32 device tensor without waiting for the device (pinned, asynchronous copy on CUDA)."""
-    host = torch.tensor(values, dtype=torch.int32, pin_memory=device.type == "cuda")
-    return host.to(device, non_blocking=True)
 
 
 @on_device_of("index")

@@ -1947,6 +1947,12 @@ def _distinct(value: float, bound: float) -> tuple:
     return a, b
 
 
+def _failed(block: list, *rows: dict) -> list:
+    """Names of the rows (and of the block's sparsectx row, whose output the others are checked against) whose
+    check failed: a time whose result is wrong judges nothing."""
+    return list(dict.fromkeys(r["impl"] for r in (block[0], *rows) if r["ok"] is False))
+
+
 def target_verdicts(rows: list) -> list:
     """One line per (target, shape) that the rows measure: the ratio, the goal and ``meets`` or ``MISSES``; then
     the selection line (``selection_verdict``) when the run has selection rows."""
@@ -1970,9 +1976,8 @@ def target_verdicts(rows: list) -> list:
                     lines.append(f"{head} not measured (no row {missing!r} in this run)")
                 continue
             ours, peer = times[target.ours], times[target.peer]
-            failed = [impl for impl in (block[0]["impl"], target.ours, target.peer) if by_impl[impl]["ok"] is False]
-            failed = list(dict.fromkeys(failed))
-            if failed:  # a time whose result is wrong (or the shape's sparsectx output) judges nothing
+            failed = _failed(block, by_impl[target.ours], by_impl[target.peer])
+            if failed:
                 lines.append(f"{head} not judged ({' and '.join(failed)}: check FAILED)")
             elif not ours or not peer:
                 lines.append(f"{head} not measured ({target.ours if not ours else target.peer} has no time)")
@@ -1987,7 +1992,7 @@ def target_verdicts(rows: list) -> list:
             if row is None:
                 continue
             head = f"issue {target.issue} {case:<10} {shape:<48} {target.goal}:"
-            failed = list(dict.fromkeys(r["impl"] for r in (block[0], row) if r["ok"] is False))
+            failed = _failed(block, row)
             ms = row.get(target.field)
             if failed:
                 lines.append(f"{head} not judged ({' and '.join(failed)}: check FAILED)")
@@ -2251,14 +2256,12 @@ NOT_PEERS = ("bytes-moved floor", "no reference (limit)")  # reference points of
 
 
 def write_plot(path: str, rows: list) -> str:
-    """Horizontal bars of each peer's ratio vs sparsectx. Returns a message (the plot is optional)."""
-    try:
-        import matplotlib
+    """Horizontal bars of each peer's ratio vs sparsectx (needs matplotlib: ``main`` refuses ``--plot`` without
+    it before the run). Returns a message."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return f"plot skipped: matplotlib is not installed (pip install matplotlib) - {path} not written"
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     # peers only: sparsectx's own rows (parts, breakdowns, other sparsectx variants) are not "peer time", and
     # neither are the reference points that are no implementation (the bytes-moved floor, the no-reference limit)
     peers = [r for r in rows if r["ratio"] is not None and r["impl"] not in NOT_PEERS
@@ -2272,11 +2275,11 @@ def write_plot(path: str, rows: list) -> str:
     ratios = [r["ratio"] for r in peers]
     # bars grow from 1 (equal time) on the log axis: right = sparsectx faster, left = slower; hatched: a peer whose
     # result disagreed with sparsectx's (its ratio compares different outputs)
-    ax.barh(range(len(peers)), [x - 1.0 for x in ratios], left=1.0,
-            color=["tab:gray" if bad else "tab:green" if x >= 1 else "tab:red" for x, bad in zip(ratios, failed)])
-    for i, bad in enumerate(failed):
-        if bad:
-            ax.patches[i].set_hatch("//")
+    bars = ax.barh(range(len(peers)), [x - 1.0 for x in ratios], left=1.0,
+                   color=["tab:gray" if bad else "tab:green" if x >= 1 else "tab:red"
+                          for x, bad in zip(ratios, failed)])
+    for bar, bad in zip(bars, failed):
+        bar.set_hatch("//" if bad else None)
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_yticks(range(len(peers)), labels, fontsize=7)
     ax.invert_yaxis()

@@ -26,6 +26,8 @@ from typing import NamedTuple, Optional, Union
 import torch
 
 from . import reference
+# small tensors of host values on a device without a wait (plain torch; shared with the kernels' launchers)
+from .kernels._launch import to_device as _device_values  # noqa: F401  (used by selection, integration, training)
 
 # ----------------------------------------------------------------------------------------------------------------
 # dispatch
@@ -101,8 +103,10 @@ def _check_tensor(name: str, t, ndim: Optional[int] = None, dtypes=None, device=
         raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
 
 
-def _check_cu_seqlens(name: str, cu: torch.Tensor, batch: Optional[int], total: Optional[int], device) -> int:
-    """Checks shape/dtype/monotonicity/total of a cu_seqlens tensor (one small host read) and returns B."""
+def _check_cu_seqlens(name: str, cu: torch.Tensor, batch: Optional[int], total: Optional[int], device,
+                      at_most: Optional[int] = None) -> int:
+    """Checks shape/dtype/monotonicity/total (or, with ``at_most``, an upper bound of the total: padding rows past
+    it) of a cu_seqlens tensor (one small host read) and returns B."""
     _check_tensor(name, cu, ndim=1, dtypes=(torch.int32,), device=device)
     if cu.numel() < 1:
         raise ValueError(f"{name} must have B+1 >= 1 entries")
@@ -115,6 +119,8 @@ def _check_cu_seqlens(name: str, cu: torch.Tensor, batch: Optional[int], total: 
         raise ValueError(f"{name} must be non-decreasing, got {host}")
     if total is not None and host[-1] != total:
         raise ValueError(f"{name}[-1] = {host[-1]} does not match the {total} packed rows of the tensor it indexes")
+    if at_most is not None and host[-1] > at_most:
+        raise ValueError(f"{name}[-1] = {host[-1]} exceeds the {at_most} packed rows")
     return cu.numel() - 1
 
 
@@ -303,8 +309,8 @@ def sparse_attention(
     launch of each size class on a GPU, and nothing is checked: a ``max_seqlen_*`` below a sample's length leaves
     that sample's rows past it unwritten (output and dq rows for ``max_seqlen_q``, dk/dv or reference-gradient rows
     for the others), a position repeated in one sample's ``ref_index`` gives its reference-gradient row one of the
-    writers' values). While ``torch.compile`` traces (no
-    data to read) those checks are skipped, as are the finiteness check of a traced ``softmax_scale``.
+    writers' values). While ``torch.compile`` traces (no data to read) those checks are skipped, as are the
+    finiteness check of a traced ``softmax_scale``.
 
     Inside ``torch.autocast`` (for q's device type) q, k, v, ref_k and ref_v are cast to the autocast dtype first,
     as torch's SDPA does: e.g. a model whose fp32 norms return fp32 q and k beside a bf16 v.
@@ -541,16 +547,6 @@ def _check_budget(budget, batch: int, n_tokens: int) -> list[int]:
     return reference.budget_to_counts(values, batch, n_tokens)
 
 
-def _device_values(values, dtype: Optional[torch.dtype], device) -> torch.Tensor:
-    """A small tensor of Python values on ``device`` without waiting for it: on CUDA the values are copied from
-    pinned host memory with a queued (non-blocking) copy; ``torch.tensor(values, device="cuda")`` would wait for
-    the stream. (Ragged lists raise ``ValueError`` as ``torch.tensor`` does.)"""
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if device.type != "cuda":
-        return torch.tensor(values, dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
-
-
 def _python_number(value):
     """A numpy (or other ``numbers.Real``) scalar as the Python int or float it holds; anything else unchanged."""
     if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
@@ -778,9 +774,7 @@ def scatter_tokens(packed: torch.Tensor, index: torch.Tensor, cu_seqlens: torch.
     if index.numel() != packed.shape[0]:
         raise ValueError(f"index has {index.numel()} rows but packed has {packed.shape[0]}")
     if cu_seqlens.device.type != "cuda" and not torch.compiler.is_compiling():
-        _check_cu_seqlens("cu_seqlens", cu_seqlens, None, None, packed.device)
-        if int(cu_seqlens[-1]) > packed.shape[0]:
-            raise ValueError(f"cu_seqlens[-1] = {int(cu_seqlens[-1])} exceeds the {packed.shape[0]} packed rows")
+        _check_cu_seqlens("cu_seqlens", cu_seqlens, None, None, packed.device, at_most=packed.shape[0])
     n_tokens = _check_count("n_tokens", n_tokens)
     index, cu_seqlens = index.contiguous(), cu_seqlens.contiguous()  # the kernel reads them with unit stride
     base = None

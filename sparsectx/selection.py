@@ -283,10 +283,9 @@ def _rank_in_image(keys: torch.Tensor, ref_lengths: Sequence[int]) -> torch.Tens
     return ranks
 
 
-def _lengths_per_token(ref_lengths: Sequence[int], device) -> torch.Tensor:
-    """float ``[N]``: each token's image length. Filled on the device (``torch.tensor(list, device=...)`` would be a
-    host-to-device copy, which waits for the CUDA stream)."""
-    return torch.cat([torch.full((n,), float(n), device=device) for n in ref_lengths])
+def _per_token(values: Sequence, ref_lengths: Sequence[int], device, dtype: torch.dtype) -> torch.Tensor:
+    """``[N]``: ``values[i]`` at every token of image i, filled on the device (no host-to-device copy to wait for)."""
+    return torch.cat([torch.full((n,), value, dtype=dtype, device=device) for value, n in zip(values, ref_lengths)])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -302,9 +301,9 @@ def random_scores(reference_latents: torch.Tensor, context: SelectionContext) ->
     draws (what the request would draw alone with that generator); without any, each sample draws its own row."""
     batch, n_tokens, _ = reference_latents.shape
     if context.sample_generators is not None and len(context.sample_generators) == batch:
-        rows = [torch.rand(n_tokens, generator=g, device=g.device, dtype=torch.float32).to(reference_latents.device)
+        rows = [torch.rand(n_tokens, generator=g, device=g.device, dtype=torch.float32)
                 for g in context.sample_generators]
-        return torch.stack(rows)
+        return torch.stack(rows).to(reference_latents.device)
     gen = context.generator
     draw_device = gen.device if gen is not None else reference_latents.device
     rows = 1 if gen is not None else batch
@@ -327,13 +326,12 @@ def uniform_scores(reference_latents: torch.Tensor, context: SelectionContext) -
     if grid is not None:
         code = _bayer_code(grid[..., 0], grid[..., 1], LOW_DISCREPANCY_BITS)
     else:
-        starts = torch.repeat_interleave(
-            _device_values([lo for lo, _ in _image_slices(context.ref_lengths)], None, device),
-            _device_values(context.ref_lengths, None, device), output_size=n_tokens)
+        starts = _per_token([lo for lo, _ in _image_slices(context.ref_lengths)], context.ref_lengths, device,
+                            torch.int64)
         position = torch.arange(n_tokens, device=device) - starts
         code = _bit_reverse(position, 2 * LOW_DISCREPANCY_BITS).expand(batch, -1)
     rank = _rank_in_image(code, context.ref_lengths).float()
-    return 1.0 - rank / _lengths_per_token(context.ref_lengths, device)
+    return 1.0 - rank / _per_token(context.ref_lengths, context.ref_lengths, device, torch.float32)
 
 
 register_selector("random", random_scores, returns_scores=True, signals=BUILTIN_SIGNALS)
