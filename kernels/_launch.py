@@ -34,9 +34,17 @@ def next_power_of_2(n: int) -> int:
 
 
 def to_device(values, dtype: Optional[torch.dtype], device) -> torch.Tensor:
-    """``torch.tensor(values, dtype=dtype)`` on ``device`` without waiting for it: on CUDA the copy is queued from
-    pinned host memory (``non_blocking``). Ragged lists raise ``ValueError`` as ``torch.tensor`` does."""
+    """``torch.tensor(values, dtype=dtype)`` (or a host tensor ``values`` in ``dtype``, None: its own) on ``device``
+    without waiting for it: on CUDA the copy is queued from pinned host memory (``non_blocking``). Ragged lists
+    raise ``ValueError`` as ``torch.tensor`` does."""
     device = torch.device(device)
+    if isinstance(values, torch.Tensor):
+        if values.device.type != "cpu":
+            raise ValueError(f"to_device copies host values, got a tensor on {values.device}")
+        host = values.to(dtype) if dtype is not None else values
+        if device.type != "cuda":
+            return host.to(device)
+        return host.pin_memory().to(device, non_blocking=True)
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)

@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Callable, Iterator
+import weakref
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
+from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 _aten = torch.ops.aten
@@ -70,19 +72,45 @@ def _crosses_host(func, args, kwargs, out) -> bool:
 
 class HostReads(TorchDispatchMode):
     """The host reads of a block: ``ops`` (names, in order) and ``count``. Use ``count_host_reads()``, which also
-    watches ``Tensor.tolist``."""
+    watches ``Tensor.tolist`` (and, given ``device_data``, ``Tensor.cpu``)."""
 
-    def __init__(self):
+    def __init__(self, device_data=None):
         super().__init__()
         self.ops: list[str] = []
+        # id -> weak reference of every tensor holding device data (None: every tensor does)
+        self._device: Optional[dict] = None
+        if device_data is not None:
+            self._device = {}
+            for t in device_data:
+                self.mark(t)
 
     @property
     def count(self) -> int:
         return len(self.ops)
 
+    def mark(self, t) -> None:
+        if self._device is not None and isinstance(t, torch.Tensor):
+            self._device[id(t)] = weakref.ref(t)
+
+    def holds_device_data(self, t) -> bool:
+        if self._device is None:
+            return True
+        ref = self._device.get(id(t))
+        return ref is not None and ref() is t
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if self._device is not None:
+            inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            if not any(self.holds_device_data(t) for t in inputs):
+                return out  # host work: reads nothing from the device
+            # results of device data are device data, and so are the tensors an operation writes into
+            for t in pytree.tree_leaves(out):
+                self.mark(t)
+            for arg, value in zip(func._schema.arguments, args):
+                if arg.alias_info is not None and arg.alias_info.is_write:
+                    self.mark(value)
         if func in _ALWAYS:
             self.ops.append(str(func))
         elif func in _INDEXING and _has_bool_index(args):
@@ -96,21 +124,48 @@ class HostReads(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def count_host_reads() -> Iterator[HostReads]:
-    """``with count_host_reads() as reads: ...`` records the host reads of the block in ``reads.ops``."""
-    mode = HostReads()
-    tolist = torch.Tensor.tolist
+def count_host_reads(device_data: Optional[Iterable] = None) -> Iterator[HostReads]:
+    """``with count_host_reads() as reads: ...`` records the host reads of the block in ``reads.ops``.
+
+    ``device_data`` (tensors, or modules for their parameters and buffers) tells device data from host data on a
+    machine where both are on the CPU: only reads of those tensors and of what the block computes from them count,
+    and ``Tensor.cpu()`` of such data counts as one read whose result is host data (on a GPU it is one copy to the
+    host; here it returns a copy). Tensors the block creates from nothing (``torch.ones(..., device=x.device)``)
+    count as host data: on a GPU a read of one of those is missed."""
+    tensors = None
+    if device_data is not None:
+        tensors = []
+        for item in device_data:
+            if isinstance(item, torch.nn.Module):
+                tensors += [*item.parameters(), *item.buffers()]
+            elif isinstance(item, torch.Tensor):
+                tensors.append(item)
+            else:
+                raise TypeError(f"device_data must hold tensors or modules, got {type(item).__name__}")
+    mode = HostReads(tensors)
+    tolist, cpu = torch.Tensor.tolist, torch.Tensor.cpu
 
     def watched_tolist(tensor):
-        mode.ops.append("Tensor.tolist")
+        if mode.holds_device_data(tensor):
+            mode.ops.append("Tensor.tolist")
         return tolist(tensor)
 
+    def watched_cpu(tensor, *args, **kwargs):
+        if not mode.holds_device_data(tensor):
+            return cpu(tensor, *args, **kwargs)
+        mode.ops.append("Tensor.cpu")
+        with torch.utils._python_dispatch._disable_current_modes():
+            host = cpu(tensor, *args, **kwargs)
+            return host.clone() if host is tensor else host
+
     torch.Tensor.tolist = watched_tolist
+    if tensors is not None:
+        torch.Tensor.cpu = watched_cpu
     try:
         with mode:
             yield mode
     finally:
-        torch.Tensor.tolist = tolist
+        torch.Tensor.tolist, torch.Tensor.cpu = tolist, cpu
 
 
 def count_cuda_syncs(fn: Callable[[], Any]) -> int:

@@ -358,31 +358,39 @@ def _signals_for(signals: dict, batch: int, shared: bool, device) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class _Layout:
-    target_positions: torch.Tensor  # long [S_t]
-    ref_positions: torch.Tensor  # long [N], sequence order
+    target_positions: torch.Tensor  # long [S_t], on the model's device
+    ref_positions: torch.Tensor  # long [N], sequence order, on the model's device
     ref_lengths: list  # tokens per reference image
     reference_ids: Optional[torch.Tensor]  # [1, N, n_axes] or None
     target_shape: Optional[tuple]
     extra: dict
+    # the same positions on the host (work on them there reads nothing back from the device)
+    target_host: torch.Tensor
+    ref_host: torch.Tensor
 
 
 def _ids_layout(call: dict) -> Optional[_Layout]:
-    """FLUX.1 / FLUX.2: target tokens have first id axis TARGET_PLANE; each reference image one other value."""
+    """FLUX.1 / FLUX.2: target tokens have first id axis TARGET_PLANE; each reference image one other value.
+    Computed on a host copy of the ids' first three axes (one read; the positions go back to the device as a queued
+    copy)."""
     ids = call.get("img_ids")
     if ids is None:
         return None
     ids = ids[0] if ids.ndim == 3 else ids
-    is_ref = ids[:, 0] != TARGET_PLANE
-    ref_positions = torch.nonzero(is_ref).flatten()
-    if ref_positions.numel() == 0:
+    host = ids[:, :3].cpu()
+    is_ref = host[:, 0] != TARGET_PLANE
+    ref_host = torch.nonzero(is_ref).flatten()
+    if ref_host.numel() == 0:
         return None
-    _, lengths = torch.unique_consecutive(ids[ref_positions, 0], return_counts=True)
-    target_positions = torch.nonzero(~is_ref).flatten()
+    _, lengths = torch.unique_consecutive(host[ref_host, 0], return_counts=True)
+    target_host = torch.nonzero(~is_ref).flatten()
     target_shape = None
-    if target_positions.numel():
-        target_ids = ids[target_positions]
+    if target_host.numel():
+        target_ids = host[target_host]
         target_shape = (int(target_ids[:, 1].max()) + 1, int(target_ids[:, 2].max()) + 1)
-    return _Layout(target_positions, ref_positions, lengths.tolist(), ids[ref_positions][None], target_shape, {})
+    target_positions, ref_positions = (_device_values(p, None, ids.device) for p in (target_host, ref_host))
+    return _Layout(target_positions, ref_positions, lengths.tolist(), ids[ref_positions][None], target_shape, {},
+                   target_host, ref_host)
 
 
 def _qwen_layout(call: dict) -> Optional[_Layout]:
@@ -403,7 +411,7 @@ def _qwen_layout(call: dict) -> Optional[_Layout]:
     device = call["hidden_states"].device
     extra = {"ref_shapes": [(f * h, w) for f, h, w in refs]}
     return _Layout(torch.arange(n_target, device=device), torch.arange(n_target, seq, device=device), ref_lengths,
-                   None, (target[0] * target[1], target[2]), extra)
+                   None, (target[0] * target[1], target[2]), extra, torch.arange(n_target), torch.arange(n_target, seq))
 
 
 _LAYOUTS = {FLUX2: _ids_layout, FLUX: _ids_layout, QWEN: _qwen_layout}
@@ -993,7 +1001,7 @@ class _SparsePatch(ForwardPatch):
                                  "full image sequence)")
         if call.get("kv_cache_mode") == KV_EXTRACT:
             n_ref = layout.ref_positions.numel()
-            if call.get("num_ref_tokens") != n_ref or int(layout.ref_positions[-1]) != n_ref - 1:
+            if call.get("num_ref_tokens") != n_ref or int(layout.ref_host[-1]) != n_ref - 1:
                 raise ValueError("KV extract step: the reference tokens must be the first num_ref_tokens rows of "
                                  f"hidden_states (num_ref_tokens={call.get('num_ref_tokens')}, found {n_ref})")
 
@@ -1070,16 +1078,15 @@ class _SparsePatch(ForwardPatch):
 
     # -- groups of samples that keep the same tokens ---------------------------------------------------------------
     def _groups(self, call: dict, layout: _Layout, keep: torch.Tensor) -> tuple:
-        """``(groups, packing)`` of a selection, their indices built on the host once and moved to the device
-        together. No group when every token is kept; a packing (FLUX.2 with sparsectx attention, several groups,
-        no KV cache) to run the groups as one sequence."""
+        """``(groups, packing)`` of a selection, their indices built on the host once and queued to the device
+        (copies from pinned memory: no wait). No group when every token is kept; a packing (FLUX.2 with sparsectx
+        attention, several groups, no KV cache) to run the groups as one sequence."""
         keep_host = keep.cpu()
         if bool(keep_host.all()):
             return [], None
         device = keep.device
         seq = call["hidden_states"].shape[1]
-        target = layout.target_positions.cpu()
-        refs = layout.ref_positions.cpu()
+        target, refs = layout.target_host, layout.ref_host
         masks, inverse = torch.unique(keep_host, dim=0, return_inverse=True)
         if masks.shape[0] > 1 and call.get("kv_cache_mode") == KV_EXTRACT:
             raise ValueError("the KV-cache extract step needs every sample of the batch to keep the same reference "
@@ -1099,9 +1106,11 @@ class _SparsePatch(ForwardPatch):
             host.append((positions, target_rows))
             groups.append(_Group(
                 rows=None if whole else rows,
-                samples=None if whole else torch.tensor(rows, device=device),
-                positions=positions.to(device), kept_refs=[int(s.sum()) for s in masks[g].split(layout.ref_lengths)],
-                out_rows=target_rows.to(device), out_dest=positions[target_rows].to(device)))
+                samples=None if whole else _device_values(rows, torch.long, device),
+                positions=_device_values(positions, None, device),
+                kept_refs=[int(s.sum()) for s in masks[g].split(layout.ref_lengths)],
+                out_rows=_device_values(target_rows, None, device),
+                out_dest=_device_values(positions[target_rows], None, device)))
         packs = (self.pack and self.family == FLUX2 and self.attention == SPARSECTX and len(groups) > 1
                  and call.get("kv_cache_mode") is None)
         return groups, (self._packing(host, inverse.tolist(), seq, device) if packs else None)
@@ -1121,9 +1130,11 @@ class _SparsePatch(ForwardPatch):
             lengths.append(kept.numel())
             offset += kept.numel()
         cu_image = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
-        return _Packing(rows=torch.cat(rows).to(device), positions=torch.cat(positions).to(device),
-                        cu_image=cu_image.to(device), max_image=max(lengths),
-                        out_rows=torch.cat(out_rows).to(device), out_dest=torch.cat(out_dest).to(device))
+        return _Packing(rows=_device_values(torch.cat(rows), None, device),
+                        positions=_device_values(torch.cat(positions), None, device),
+                        cu_image=_device_values(cu_image, None, device), max_image=max(lengths),
+                        out_rows=_device_values(torch.cat(out_rows), None, device),
+                        out_dest=_device_values(torch.cat(out_dest), None, device))
 
     def _run_packed(self, call: dict, packing: _Packing):
         """FLUX.2: every sample's kept rows as one sequence (a batch of 1; its modulation is the samples' shared
@@ -1198,7 +1209,7 @@ class _SparsePatch(ForwardPatch):
         """The call restricted to batch ``rows`` (``samples``: the same rows as a device tensor)."""
         batch = call["hidden_states"].shape[0]
         if samples is None:
-            samples = torch.tensor(rows, device=call["hidden_states"].device)
+            samples = _device_values(rows, torch.long, call["hidden_states"].device)
         group = dict(call)
         for name in _BATCH_ARGS[self.family] + _IDS_ARGS:
             value = call.get(name)

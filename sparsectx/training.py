@@ -226,22 +226,25 @@ class _DropTrainingPatch(integration.ForwardPatch):
         return mask
 
     def _reference_rows(self, call: dict, n_image: int):
-        """``(positions of the reference tokens in the image sequence, tokens per reference image)`` or None."""
+        """``(host positions of the reference tokens in the image sequence, tokens per reference image)`` or None."""
         if self.ref_lengths is not None:
             total = sum(self.ref_lengths)
             if total > n_image:
                 raise ValueError(f"ref_lengths {self.ref_lengths} hold {total} tokens but the image sequence has "
                                  f"{n_image}")
-            device = call["hidden_states"].device
-            return torch.arange(n_image - total, n_image, device=device), self.ref_lengths
+            return torch.arange(n_image - total, n_image), self.ref_lengths
         layout = integration.reference_layout(self.family, call)
         if layout is None:
             return None
-        return layout.ref_positions, layout.ref_lengths
+        return layout.ref_host, layout.ref_lengths
 
     def _draw_mask(self, call: dict) -> tuple[Optional[torch.Tensor], int]:
         """bool ``[B, S_image]`` keep mask of the image sequence (target tokens kept), or None when all are kept, and
-        the number of leading image tokens it always keeps (the tokens before the first reference)."""
+        the number of leading image tokens it always keeps (the tokens before the first reference).
+
+        The mask is drawn where the generator lives, on the host without one: the host then builds and checks it and
+        queues its copy to the device, reading nothing back (a CUDA generator draws on its device, and the check
+        that a draw dropped something reads it once)."""
         if call.get("kv_cache_mode") is not None:
             raise ValueError("drop training does not support the FLUX.2 reference KV cache (kv_cache_mode="
                              f"{call['kv_cache_mode']!r})")
@@ -251,12 +254,15 @@ class _DropTrainingPatch(integration.ForwardPatch):
         if rows is None:
             return None, 0
         positions, lengths = rows
-        ref_keep = random_drop_mask(batch, list(lengths), 0, self.ratio_range, self.generator, device=hidden.device)
-        image_keep = torch.ones((batch, n_image), dtype=torch.bool, device=hidden.device)
-        image_keep[:, positions.to(hidden.device)] = ref_keep
+        ref_keep = random_drop_mask(batch, list(lengths), 0, self.ratio_range, self.generator)
+        image_keep = torch.ones((batch, n_image), dtype=torch.bool, device=ref_keep.device)
+        image_keep[:, positions.to(ref_keep.device)] = ref_keep
         if bool(image_keep.all()):
             return None, 0
-        return image_keep, int(positions.min()) if positions.numel() else n_image
+        first_ref = int(positions.min())
+        if image_keep.device.type == "cpu":
+            return _device_values(image_keep, None, hidden.device), first_ref
+        return image_keep.to(hidden.device), first_ref
 
 
 def enable_drop_training(transformer, ratio_range: tuple = DEFAULT_RATIO_RANGE,
@@ -266,7 +272,10 @@ def enable_drop_training(transformer, ratio_range: tuple = DEFAULT_RATIO_RANGE,
     random-ratio drop masks of its reference tokens.
 
     At each forward in training mode, each sample keeps ``round-half-up(r · L_i)`` random tokens of reference image
-    i, r ~ U[``ratio_range``] drawn per sample and image from ``generator`` (``random_drop_mask``); every attention
+    i, r ~ U[``ratio_range``] drawn per sample and image from ``generator`` (``random_drop_mask``; without one, from
+    torch's global CPU generator). A mask drawn on the host is checked there and its copy to the device is queued:
+    a forward then reads back from the device only FLUX's ``img_ids`` (one copy, to locate the references; nothing
+    with Qwen-Image's ``img_shapes`` or with ``ref_lengths``). Every attention
     layer of that forward attends only to the kept tokens (``sparsectx.masked_attention``). Text and target tokens
     are always kept. Dropped tokens stay in the tensors; with ``skip_dropped_queries`` they are not computed as
     queries either (their attention output is zero), which equals removing them from the sequence for the target

@@ -96,3 +96,54 @@ def test_device_values_build_what_torch_tensor_builds():
         assert got.dtype == want.dtype and torch.equal(got, want)
     with pytest.raises(ValueError):
         _device_values([[1, 2], [3]], None, "cpu")
+    host = torch.tensor([[2, 7], [1, 8]])  # a host tensor: its values, in its dtype or the one asked for
+    for dtype in (None, torch.int32, torch.float64):
+        got = _device_values(host, dtype, "cpu")
+        assert got.dtype == (dtype or host.dtype) and torch.equal(got, host.to(got.dtype))
+    with pytest.raises(ValueError, match="host values"):
+        _device_values(torch.zeros(2, device="meta"), None, "cpu")
+
+
+@pytest.mark.gpu
+def test_device_values_from_a_host_tensor_wait_for_nothing_on_cuda():
+    from sparsectx.diagnostics import count_cuda_syncs
+    from sparsectx.ops import _device_values
+
+    host = torch.arange(1000).reshape(10, 100)
+    out = []
+    assert count_cuda_syncs(lambda: out.append(_device_values(host, torch.int32, "cuda"))) == 0
+    assert out[0].device.type == "cuda" and torch.equal(out[0].cpu(), host.int())
+
+
+def test_device_data_tells_device_reads_from_host_work():
+    """count_host_reads(device_data=...): on a machine where everything is on the CPU, only reads of the given
+    tensors and of what is computed from them count; a .cpu() of such data counts once and gives host data."""
+    device = _x()
+    host = torch.arange(6)
+    with count_host_reads(device_data=[device]) as reads:
+        int(host.sum())  # host work
+        torch.nonzero(host > 2)
+        host.tolist()
+        derived = device[1:] * 2  # a view, then a product: device data
+        copy = derived.cpu()
+        int(copy.max()), copy.tolist(), torch.nonzero(copy)  # host work on the copy
+        written = torch.zeros(2, 4)
+        written.copy_(device[:2])  # an operation writes device data into it
+        bool(written.any())
+        derived.tolist()
+    assert reads.ops == ["Tensor.cpu", "aten._local_scalar_dense.default", "Tensor.tolist"], reads.ops
+    assert copy is not derived and torch.equal(copy, derived)
+    assert derived.cpu() is derived  # .cpu() restored: a CPU tensor's own
+
+
+def test_device_data_of_a_module_and_bad_items():
+    layer = torch.nn.Linear(3, 2)
+    with count_host_reads(device_data=[layer]) as reads:
+        float(layer.weight.detach().sum())
+        y = layer(torch.ones(1, 3)).detach()  # computed from the parameters
+        y.tolist()
+        float(torch.ones(3).sum())  # host work
+    assert reads.count == 2, reads.ops
+    with pytest.raises(TypeError, match="device_data"):
+        with count_host_reads(device_data=[3]):
+            pass

@@ -15,6 +15,7 @@ from diffusers.models.attention_dispatch import AttentionBackendName, _Attention
 
 import sparsectx  # noqa: E402
 from sparsectx import integration, processors  # noqa: E402
+from sparsectx.diagnostics import count_cuda_syncs, count_host_reads  # noqa: E402
 from sparsectx.training import disable_drop_training, enable_drop_training, is_drop_training_enabled  # noqa: E402
 
 
@@ -459,6 +460,39 @@ def test_drop_masks_are_new_each_step_and_seeded(models):
                          generator=torch.Generator().manual_seed(0))
     _run(model, kwargs)
     assert torch.equal(model._sparsectx_drop_training.state.image_keep, masks[0])
+
+
+@pytest.mark.parametrize("family, ref_lengths, reads", [("flux2", None, ["Tensor.cpu"]), ("flux", None, ["Tensor.cpu"]),
+                                                        ("qwen", None, []), ("flux2", [9, 8], [])])
+def test_a_training_forward_reads_the_device_once_at_most(models, family, ref_lengths, reads):
+    """The drop mask is drawn and checked on the host (a CPU generator) and queued to the device: beyond what the
+    model reads, a training forward reads back only FLUX's img_ids (one copy; nothing with Qwen-Image's img_shapes or
+    given ref_lengths). Before: 8 reads of the ids and the mask, plus a blocking copy of the mask to the device."""
+    model, kwargs = models[family], _train_inputs(family)
+    model.train()
+    device_data = [model, *(v for v in kwargs.values() if isinstance(v, torch.Tensor))]
+    with count_host_reads(device_data=device_data) as plain:
+        _run(model, kwargs)
+    enable_drop_training(model, ratio_range=(0.2, 0.6), ref_lengths=ref_lengths,
+                         generator=torch.Generator().manual_seed(2))
+    with count_host_reads(device_data=device_data) as dropped:
+        _run(model, kwargs)
+    assert not model._sparsectx_drop_training.state.image_keep.all()
+    assert dropped.ops == plain.ops + reads, (plain.ops, dropped.ops)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family, extra_syncs", [("flux2", 1), ("qwen", 0)])
+def test_gpu_a_training_forward_synchronises_once_at_most(family, extra_syncs):
+    """On CUDA: a drop-training forward synchronises with the host as often as the unpatched model's, plus FLUX's one
+    copy of img_ids (the mask is drawn on the host and copied from pinned memory without waiting)."""
+    model = shared._build_model(family).to("cuda").train()
+    kwargs = _to(_train_inputs(family), "cuda", torch.float32)
+    _run(model, kwargs)
+    plain = count_cuda_syncs(lambda: _run(model, kwargs))
+    enable_drop_training(model, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(2))
+    _run(model, kwargs)  # first launches (the autotuner measures its candidates)
+    assert count_cuda_syncs(lambda: _run(model, kwargs)) == plain + extra_syncs
 
 
 def test_a_train_mode_forward_on_inference_tensors_draws_a_mask(models, monkeypatch):
