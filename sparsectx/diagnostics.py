@@ -16,7 +16,10 @@ Not seen: a tensor built from host data directly on the device (``torch.tensor(l
 happens below the dispatcher. On CUDA that copy also waits for the stream; ``set_sync_debug_mode`` reports it.
 
 On CUDA, ``torch.cuda.set_sync_debug_mode`` reports the synchronisations themselves; this counter runs on the CPU
-too, so tests without a GPU can assert that a code path reads nothing back (the same code runs on the GPU).
+too, so tests without a GPU can assert that a code path reads nothing back (the same code runs on the GPU). There
+every tensor is on the CPU, and host-side work (e.g. on a host copy of small index tensors) counts like a read of
+the device unless ``count_host_reads(device_data=[model, *inputs])`` says which tensors stand for device data.
+``Tensor.numpy()`` is not watched.
 Kernels launched outside aten (Triton launchers) are not seen.
 
 ```python
@@ -28,11 +31,12 @@ print(reads.count, reads.ops)   # e.g. 1, ['aten.eq... all -> _local_scalar_dens
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
-import weakref
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -77,7 +81,8 @@ class HostReads(TorchDispatchMode):
     def __init__(self, device_data=None):
         super().__init__()
         self.ops: list[str] = []
-        # id -> weak reference of every tensor holding device data (None: every tensor does)
+        # the storages holding device data, by address -> weak reference (None: every tensor is device data). By
+        # storage: a view of device data is device data, and so is a tensor written through one of its views.
         self._device: Optional[dict] = None
         if device_data is not None:
             self._device = {}
@@ -90,13 +95,14 @@ class HostReads(TorchDispatchMode):
 
     def mark(self, t) -> None:
         if self._device is not None and isinstance(t, torch.Tensor):
-            self._device[id(t)] = weakref.ref(t)
+            ref = StorageWeakRef(t.untyped_storage())
+            self._device[ref.cdata] = ref
 
     def holds_device_data(self, t) -> bool:
         if self._device is None:
             return True
-        ref = self._device.get(id(t))
-        return ref is not None and ref() is t
+        ref = self._device.get(t.untyped_storage()._cdata)
+        return ref is not None and not ref.expired()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -123,15 +129,64 @@ class HostReads(TorchDispatchMode):
         return out
 
 
+# Tensor methods watched outside aten while any count_host_reads block runs (installed once for all threads; each
+# thread's blocks are found through a thread-local stack, so blocks of different threads may overlap)
+_WATCHED = threading.local()
+_PATCH_LOCK = threading.Lock()
+_patch_users = 0
+_ORIGINALS = {name: getattr(torch.Tensor, name) for name in ("tolist", "cpu")}
+
+
+def _modes() -> list:
+    if not hasattr(_WATCHED, "modes"):
+        _WATCHED.modes = []
+    return _WATCHED.modes
+
+
+def _watched_tolist(tensor):
+    for mode in _modes():
+        if mode.holds_device_data(tensor):
+            mode.ops.append("Tensor.tolist")
+    return _ORIGINALS["tolist"](tensor)
+
+
+def _watched_cpu(tensor, *args, **kwargs):
+    """``tensor.cpu()``; of device data, in a block given ``device_data``: one read, and a result that is host data (a
+    new tensor even where the data already is on the CPU)."""
+    original = _ORIGINALS["cpu"]
+    readers = [mode for mode in _modes() if mode._device is not None and mode.holds_device_data(tensor)]
+    if not readers:
+        return original(tensor, *args, **kwargs)
+    for mode in readers:
+        mode.ops.append("Tensor.cpu")
+    with torch.utils._python_dispatch._disable_current_modes():
+        host = original(tensor, *args, **kwargs)
+        return host.clone() if host.untyped_storage()._cdata == tensor.untyped_storage()._cdata else host
+
+
+def _watch_methods(on: bool) -> None:
+    global _patch_users
+    with _PATCH_LOCK:
+        _patch_users += 1 if on else -1
+        if on and _patch_users == 1:
+            torch.Tensor.tolist, torch.Tensor.cpu = _watched_tolist, _watched_cpu
+        elif not on and _patch_users == 0:
+            for name, method in _ORIGINALS.items():
+                setattr(torch.Tensor, name, method)
+
+
 @contextlib.contextmanager
 def count_host_reads(device_data: Optional[Iterable] = None) -> Iterator[HostReads]:
     """``with count_host_reads() as reads: ...`` records the host reads of the block in ``reads.ops``.
 
     ``device_data`` (tensors, or modules for their parameters and buffers) tells device data from host data on a
-    machine where both are on the CPU: only reads of those tensors and of what the block computes from them count,
-    and ``Tensor.cpu()`` of such data counts as one read whose result is host data (on a GPU it is one copy to the
-    host; here it returns a copy). Tensors the block creates from nothing (``torch.ones(..., device=x.device)``)
-    count as host data: on a GPU a read of one of those is missed."""
+    machine where both are on the CPU: only reads of those tensors and of what the block computes from them count
+    (tracked by storage: views and tensors written through views included), and ``.cpu()`` of such data counts as
+    one read whose result is host data (on a GPU it is one copy; here it returns a new tensor). Not modelled:
+    tensors the block creates from nothing (``torch.ones(..., device=x.device)``) count as host data, so a read of
+    one made on a GPU is missed; ``.to("cpu")`` and a copy into an existing host tensor (``host.copy_(x)``) can not
+    be told here from a move to the model's device (the CPU too), so their results stay device data and their later
+    reads count instead of the copy."""
     tensors = None
     if device_data is not None:
         tensors = []
@@ -143,29 +198,14 @@ def count_host_reads(device_data: Optional[Iterable] = None) -> Iterator[HostRea
             else:
                 raise TypeError(f"device_data must hold tensors or modules, got {type(item).__name__}")
     mode = HostReads(tensors)
-    tolist, cpu = torch.Tensor.tolist, torch.Tensor.cpu
-
-    def watched_tolist(tensor):
-        if mode.holds_device_data(tensor):
-            mode.ops.append("Tensor.tolist")
-        return tolist(tensor)
-
-    def watched_cpu(tensor, *args, **kwargs):
-        if not mode.holds_device_data(tensor):
-            return cpu(tensor, *args, **kwargs)
-        mode.ops.append("Tensor.cpu")
-        with torch.utils._python_dispatch._disable_current_modes():
-            host = cpu(tensor, *args, **kwargs)
-            return host.clone() if host is tensor else host
-
-    torch.Tensor.tolist = watched_tolist
-    if tensors is not None:
-        torch.Tensor.cpu = watched_cpu
+    _watch_methods(True)
+    _modes().append(mode)
     try:
         with mode:
             yield mode
     finally:
-        torch.Tensor.tolist, torch.Tensor.cpu = tolist, cpu
+        _modes().remove(mode)
+        _watch_methods(False)
 
 
 def count_cuda_syncs(fn: Callable[[], Any]) -> int:

@@ -104,8 +104,9 @@ SUPPORTED_TRANSFORMERS = {  # diffusers class name -> family
     "FluxTransformer2DModel": FLUX,
     "QwenImageTransformer2DModel": QWEN,
 }
-SUPPORTED_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinKVPipeline", "FluxKontextPipeline",
-                       "QwenImageEditPipeline", "QwenImageEditPlusPipeline")
+SUPPORTED_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinKVPipeline", "Flux2KleinInpaintPipeline",
+                       "FluxKontextPipeline", "FluxKontextInpaintPipeline", "QwenImageEditPipeline",
+                       "QwenImageEditPlusPipeline", "QwenImageEditInpaintPipeline")
 NATIVE, SPARSECTX = "native", "sparsectx"  # enable(attention=...): diffusers' own attention or sparsectx's kernel
 ATTENTION_CHOICES = (NATIVE, SPARSECTX)
 DROP_TRAINING_ATTR = "_sparsectx_drop_training"  # set by sparsectx.training.enable_drop_training

@@ -243,8 +243,8 @@ class _DropTrainingPatch(integration.ForwardPatch):
         the number of leading image tokens it always keeps (the tokens before the first reference).
 
         The mask is drawn where the generator lives, on the host without one: the host then builds and checks it and
-        queues its copy to the device, reading nothing back (a CUDA generator draws on its device, and the check
-        that a draw dropped something reads it once)."""
+        queues its copy to the device, reading nothing back (a CUDA generator draws on its device, the positions are
+        queued there, and the check that a draw dropped something reads it once)."""
         if call.get("kv_cache_mode") is not None:
             raise ValueError("drop training does not support the FLUX.2 reference KV cache (kv_cache_mode="
                              f"{call['kv_cache_mode']!r})")
@@ -256,7 +256,7 @@ class _DropTrainingPatch(integration.ForwardPatch):
         positions, lengths = rows
         ref_keep = random_drop_mask(batch, list(lengths), 0, self.ratio_range, self.generator)
         image_keep = torch.ones((batch, n_image), dtype=torch.bool, device=ref_keep.device)
-        image_keep[:, positions.to(ref_keep.device)] = ref_keep
+        image_keep[:, _device_values(positions, None, ref_keep.device)] = ref_keep
         if bool(image_keep.all()):
             return None, 0
         first_ref = int(positions.min())

@@ -133,7 +133,42 @@ def test_device_data_tells_device_reads_from_host_work():
         derived.tolist()
     assert reads.ops == ["Tensor.cpu", "aten._local_scalar_dense.default", "Tensor.tolist"], reads.ops
     assert copy is not derived and torch.equal(copy, derived)
-    assert derived.cpu() is derived  # .cpu() restored: a CPU tensor's own
+    assert derived.cpu() is derived  # restored: a CPU tensor's own
+    with count_host_reads(device_data=[device]) as reads:
+        base = torch.zeros(3, 4)
+        base[0] = device[0]  # written through a view: the base holds device data
+        int(base.sum())
+        moved = device.to(device.device)  # here the model's device is the CPU: still device data
+        int(moved[0, 0])
+        device.to(torch.float64).tolist()  # a copy on the device
+    assert reads.ops == ["aten._local_scalar_dense.default"] * 2 + ["Tensor.tolist"], reads.ops
+
+
+def test_blocks_of_two_threads_may_overlap():
+    import threading
+
+    entered, leave_first = threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with count_host_reads(device_data=[]) as reads:
+            entered.set()
+            leave_first.wait()
+        seen["first"] = reads.ops
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    entered.wait()
+    x = _x()
+    with count_host_reads(device_data=[x]) as reads:  # enters after the other thread's block, leaves after it
+        leave_first.set()
+        thread.join()
+        x.cpu()
+    assert reads.ops == ["Tensor.cpu"] and seen["first"] == []
+    from sparsectx import diagnostics
+
+    assert x.cpu() is x and all(  # methods restored once both blocks ended
+        getattr(torch.Tensor, name) is method for name, method in diagnostics._ORIGINALS.items())
 
 
 def test_device_data_of_a_module_and_bad_items():

@@ -385,3 +385,91 @@ def test_per_call_settings_through_the_pipelines_own_attention_kwargs(pipe, fami
     n_target = _target_tokens(family)
     assert per_call == [n_target + sum(_reference_tokens(family))] * STEPS
     assert seen == [n_target + sum(_kept_tokens(family))] * STEPS  # enable's budget again on the next call
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# inpainting pipelines: their reference images ride in the sequence as in the edit pipelines
+# ----------------------------------------------------------------------------------------------------------------
+INPAINT_PX = 64  # the image to inpaint (and the target), square
+INPAINT_BUDGET = 0.25  # of each reference (Kontext: KONTEXT_BUDGET), chosen to keep whole tokens
+KLEIN_PX_PER_TOKEN = 16  # tests/test_integration.py's tiny FLUX.2 klein VAE: 3 levels and 2x2 packing
+INPAINT_PIPELINES = ("FluxKontextInpaintPipeline", "Flux2KleinInpaintPipeline", "QwenImageEditInpaintPipeline")
+
+
+def _inpaint_mask():
+    from PIL import Image
+
+    return Image.fromarray(((torch.arange(INPAINT_PX) > INPAINT_PX // 2).to(torch.uint8) * 255)
+                           .expand(INPAINT_PX, INPAINT_PX).contiguous().numpy())
+
+
+def _inpaint_case(name, monkeypatch):
+    """(pipeline, call arguments, target tokens, tokens per reference image, budget) of a tiny inpainting
+    pipeline."""
+    g = torch.Generator().manual_seed(SEED + 1)
+    image = _images([(INPAINT_PX, INPAINT_PX)], seed=REFERENCE_SEED + 1)[0]
+    kwargs = dict(image=image, mask_image=_inpaint_mask(), strength=1.0, num_inference_steps=STEPS,
+                  output_type="latent", height=INPAINT_PX, width=INPAINT_PX)
+    if name == "FluxKontextInpaintPipeline":
+        base = _kontext_pipeline()
+        pipe = diffusers.FluxKontextInpaintPipeline(**base.components)
+        kwargs.update(image_reference=_images([KONTEXT_REF_SIZE], seed=REFERENCE_SEED)[0], _auto_resize=False,
+                      prompt_embeds=torch.randn(1, TEXT_TOKENS, TEXT_DIM, generator=g),
+                      pooled_prompt_embeds=torch.randn(1, POOLED_DIM, generator=g))
+        return pipe, kwargs, (INPAINT_PX // KONTEXT_PX_PER_TOKEN) ** 2, _reference_tokens(KONTEXT), KONTEXT_BUDGET
+    if name == "Flux2KleinInpaintPipeline":
+        import importlib.util
+        from pathlib import Path
+
+        spec = importlib.util.spec_from_file_location("_integration_helpers",
+                                                      Path(__file__).with_name("test_integration.py"))
+        klein = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(klein)
+        pipe = klein._tiny_pipeline(diffusers.Flux2KleinInpaintPipeline)
+        embeds = torch.randn(1, klein.TEXT_TOKENS, klein.TEXT_DIM, generator=g)
+        kwargs.update(image_reference=klein._reference_images(), prompt_embeds=embeds,
+                      negative_prompt_embeds=torch.zeros_like(embeds), guidance_scale=CFG_SCALE)
+        refs = [(w // KLEIN_PX_PER_TOKEN) * (h // KLEIN_PX_PER_TOKEN) for w, h in klein.REF_SIZES]
+        return pipe, kwargs, (INPAINT_PX // KLEIN_PX_PER_TOKEN) ** 2, refs, INPAINT_BUDGET
+    # Qwen-Image-Edit inpainting: the image is the reference too, resized to a fixed area (shrunk here, as
+    # VAE_IMAGE_SIZE for the edit-plus tests), and the target takes the reference's size
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_inpaint as qwen_inpaint
+
+    full_size = qwen_inpaint.calculate_dimensions
+    monkeypatch.setattr(qwen_inpaint, "calculate_dimensions", lambda area, ratio: full_size(QWEN_VAE_AREA, ratio))
+    pipe = diffusers.QwenImageEditInpaintPipeline(**_qwen_pipeline(zero_cond_t=False).components)
+    kwargs.update(prompt_embeds=torch.randn(1, TEXT_TOKENS, TEXT_DIM, generator=g),
+                  prompt_embeds_mask=torch.ones(1, TEXT_TOKENS, dtype=torch.long), true_cfg_scale=1.0)
+    width, height, _ = full_size(QWEN_VAE_AREA, 1.0)
+    n_tokens = (width // QWEN_PX_PER_TOKEN) * (height // QWEN_PX_PER_TOKEN)
+    return pipe, kwargs, n_tokens, [n_tokens], INPAINT_BUDGET
+
+
+@pytest.mark.parametrize("name", INPAINT_PIPELINES)
+def test_inpainting_pipelines(name, monkeypatch):
+    """The inpainting variants of the three families (each also given a reference image): keeping every token equals
+    the unpatched pipeline, a budget sends target + kept tokens to the transformer, disable is bit-exact."""
+    pipe, kwargs, n_target, n_refs, budget = _inpaint_case(name, monkeypatch)
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    _image_embedder(pipe.transformer).register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+
+    def run():
+        seen.clear()
+        with torch.no_grad():
+            return pipe(**kwargs, generator=torch.Generator().manual_seed(SEED)).images
+
+    expected = run()
+    forwards = len(seen)
+    assert forwards >= STEPS and seen == [n_target + sum(n_refs)] * forwards
+    sparsectx.enable(pipe, budget=1.0)
+    torch.testing.assert_close(run(), expected, rtol=0, atol=FP32_ATOL)
+    sparsectx.enable(pipe, budget=budget, selector="random", seed=SEED)
+    sparse = run()
+    kept = [round(budget * n) for n in n_refs]
+    assert all(k == budget * n for k, n in zip(kept, n_refs))  # budgets that keep whole tokens
+    assert seen == [n_target + sum(kept)] * forwards
+    assert sparse.shape == expected.shape and torch.isfinite(sparse).all()
+    assert not torch.allclose(sparse, expected, rtol=0, atol=FP32_ATOL)
+    sparsectx.disable(pipe)
+    assert torch.equal(run(), expected)
