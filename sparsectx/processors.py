@@ -143,26 +143,34 @@ def _key_mask_from_attention_mask(attention_mask: torch.Tensor, batch: int, seq:
 class _SparsectxProcessor:
     """Common part: the attention call with the state's mask, and the checks diffusers' dispatcher would do."""
 
-    _parallel_config = None  # set by diffusers' enable_parallelism: context parallelism is rejected at call time
-
     def __init__(self, state: Optional[AttentionState] = None, original=None):
+        # built without a state: by hand, or as diffusers rebuilds a layer's processor (``type(p)()`` in
+        # unload_ip_adapter): it attends unmasked with a state of its own, and install/restore take it for the
+        # diffusers processor it stands for
+        self.orphan = state is None
         self.state = state if state is not None else AttentionState()
         self.original = original  # the replaced processor (delegate_when_unmasked)
-        self._own_backend = None
+        self._own = {"_attention_backend": None, "_parallel_config": None}
 
-    @property
-    def _attention_backend(self):
-        """diffusers' per-processor backend (``set_attention_backend`` / ``reset_attention_backend`` walk the
-        layers' processors): unused by sparsectx's op, kept on the replaced processor so that it holds the backend
-        set while sparsectx was installed when ``disable`` puts it back."""
-        return getattr(self.original, "_attention_backend", None) if self.original is not None else self._own_backend
+    # diffusers' per-processor settings (set_attention_backend / reset_attention_backend, enable_parallelism walk the
+    # layers' processors): kept on the replaced processor, so that it holds what was set while sparsectx was
+    # installed when disable puts it back (context parallelism itself is rejected at call time)
+    def _get_setting(name: str):
+        def get(self):
+            return getattr(self.original, name, None) if self.original is not None else self._own[name]
+        return get
 
-    @_attention_backend.setter
-    def _attention_backend(self, backend) -> None:
-        if self.original is not None:
-            self.original._attention_backend = backend
-        else:
-            self._own_backend = backend
+    def _set_setting(name: str):
+        def set_(self, value) -> None:
+            if self.original is not None:
+                setattr(self.original, name, value)
+            else:
+                self._own[name] = value
+        return set_
+
+    _attention_backend = property(_get_setting("_attention_backend"), _set_setting("_attention_backend"))
+    _parallel_config = property(_get_setting("_parallel_config"), _set_setting("_parallel_config"))
+    del _get_setting, _set_setting
 
     def _check_parallel(self) -> None:
         config = self._parallel_config
@@ -534,6 +542,7 @@ _REPLACEMENTS = (  # (diffusers module, processor class name, its sparsectx repl
 PROCESSOR_MAP = {getattr(module, name): replacement for module, name, replacement in _REPLACEMENTS
                  if hasattr(module, name)}
 SPARSECTX_PROCESSORS = tuple(PROCESSOR_MAP.values())
+_REPLACED = {replacement: original for original, replacement in PROCESSOR_MAP.items()}
 
 
 def _attention_modules(transformer: torch.nn.Module):
@@ -560,16 +569,25 @@ def install_processors(transformer: torch.nn.Module, state: AttentionState) -> d
     if unsupported:
         raise TypeError(f"sparsectx can not replace the attention processors {unsupported}; supported: "
                         f"{', '.join(cls.__name__ for cls in PROCESSOR_MAP)}")
-    if any(isinstance(m.processor, SPARSECTX_PROCESSORS) for _, m in modules):
+    if any(isinstance(m.processor, SPARSECTX_PROCESSORS) and not m.processor.orphan for _, m in modules):
         raise RuntimeError(f"{type(transformer).__name__} already runs sparsectx processors")
     if _uses_context_parallel(transformer, [m.processor for _, m in modules]):
         raise RuntimeError("sparsectx processors do not support diffusers context parallelism; install them on a "
                            "model without it")
     originals = {}
     for name, module in modules:
-        originals[name] = module.processor
-        module.set_processor(PROCESSOR_MAP[type(module.processor)](state, original=module.processor))
+        original = _diffusers_processor(module.processor)
+        originals[name] = original
+        module.set_processor(PROCESSOR_MAP[type(original)](state, original=original))
     return originals
+
+
+def _diffusers_processor(processor):
+    """The diffusers processor a layer runs: ``processor``, or for a sparsectx processor built without a state (an
+    orphan) the one it stands for, new (or the one it was built over)."""
+    if isinstance(processor, SPARSECTX_PROCESSORS) and processor.orphan:
+        return processor.original if processor.original is not None else _REPLACED[type(processor)]()
+    return processor
 
 
 def unsupported_processors(transformer: torch.nn.Module) -> list[str]:
@@ -581,11 +599,16 @@ def unsupported_processors(transformer: torch.nn.Module) -> list[str]:
 def restore_processors(transformer: torch.nn.Module, originals: dict) -> None:
     """Puts back the very processor objects ``install_processors`` replaced, in the layers that still run the
     sparsectx processor installed over them: a processor set since (e.g. the KV-cache processors that
-    ``Flux2KleinKVPipeline.from_pipe`` installs on a shared transformer) stays."""
+    ``Flux2KleinKVPipeline.from_pipe`` installs on a shared transformer) stays, except a sparsectx processor built
+    without a state (diffusers' ``unload_ip_adapter`` rebuilds processors as ``type(p)()``), which becomes the
+    diffusers processor it stands for."""
     modules = dict(transformer.named_modules())
     for name, processor in originals.items():
         if _runs_ours_over(modules.get(name), processor):
             modules[name].set_processor(processor)
+    for _, module in _attention_modules(transformer):  # orphans (e.g. left by unload_ip_adapter) go back too
+        if isinstance(module.processor, SPARSECTX_PROCESSORS) and module.processor.orphan:
+            module.set_processor(_diffusers_processor(module.processor))
 
 
 def processors_installed(transformer: torch.nn.Module, originals: Optional[dict]) -> bool:

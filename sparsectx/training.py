@@ -169,6 +169,8 @@ class _DropTrainingPatch(integration.ForwardPatch):
     def forward(self, *args, **kwargs):
         call = self.bind(args, kwargs)
         mask = self._mask_for(call) if self.transformer.training else (None, 0)
+        if mask[0] is not None:
+            self._reinstall_replaced_processors()
         self.state.image_keep, self.state.image_kept_prefix = mask
         # gradient checkpointing recomputes blocks during backward, possibly after other forwards drew other masks
         # or settings changed: each checkpointed block of this forward runs (and is recomputed) with this forward's
@@ -177,6 +179,22 @@ class _DropTrainingPatch(integration.ForwardPatch):
                                         skip_dropped_queries=self.state.skip_dropped_queries)
         with self.checkpointed_in(functools.partial(self._enabled_scope, scope, mask[0] is not None)):
             return self.original_forward(**call)
+
+    def _reinstall_replaced_processors(self) -> None:
+        """Before a forward that drops tokens: processors set on the transformer since enable (``set_attn_processor``,
+        ``unload_ip_adapter``, ``from_pipe``) would ignore the mask, so sparsectx's go back over them (they become
+        the originals disable restores); processors sparsectx can not replace raise ``RuntimeError``."""
+        from . import processors
+
+        if processors.processors_installed(self.transformer, self.original_processors):
+            return
+        unsupported = processors.unsupported_processors(self.transformer)
+        if unsupported:
+            raise RuntimeError(f"drop training: attention processors {unsupported} were set on the transformer after "
+                               "enable_drop_training and can not attend with its drop mask; set them before "
+                               "enabling, or disable drop training first")
+        processors.restore_processors(self.transformer, self.original_processors)
+        self.original_processors = processors.install_processors(self.transformer, self.state)
 
     @contextlib.contextmanager
     def _enabled_scope(self, scope: Callable, masked: bool):

@@ -245,6 +245,91 @@ def test_shared_processor_instance_across_layers(models):
             modules[name].set_processor(processor)
 
 
+def _rebuild_processors(model):
+    """diffusers' idiom (FluxIPAdapterMixin.unload_ip_adapter): every layer gets a new processor of its class."""
+    model.set_attn_processor({name: p.__class__() for name, p in model.attn_processors.items()})
+
+
+@pytest.mark.parametrize("drop_training", [False, True])
+def test_processors_rebuilt_by_diffusers_are_taken_back(models, drop_training):
+    """A sparsectx processor rebuilt as type(p)() has no state: under enable(attention="sparsectx") the next call
+    installs sparsectx's over diffusers' own again and disable leaves diffusers' classes, bit-exact (before: the
+    next call raised "already runs sparsectx processors" and disable left the rebuilt ones); under drop training
+    the next training forward attends with its mask (before: it was silently ignored)."""
+    model, kwargs = models["flux"], shared._inputs("flux")
+    expected = _run(model, kwargs)
+    classes = {type(p) for p in _processors(model).values()}
+    if drop_training:
+        model.train()
+        masked = []
+        for rebuild in (False, True):
+            enable_drop_training(model, ratio_range=(0.2, 0.4), generator=torch.Generator().manual_seed(1))
+            if rebuild:
+                _rebuild_processors(model)
+            masked.append(_run(model, kwargs))
+        assert not torch.allclose(masked[0], expected, rtol=0, atol=FP32_ATOL)  # the mask dropped something
+        assert torch.equal(masked[1], masked[0])
+        disable_drop_training(model)
+        model.eval()
+    else:
+        sparsectx.enable(model, budget=1.0, attention="sparsectx")
+        _rebuild_processors(model)
+        torch.testing.assert_close(_run(model, kwargs), expected, rtol=0, atol=FP32_ATOL)
+        assert all(isinstance(p, processors.SPARSECTX_PROCESSORS) and not p.orphan
+                   for p in _processors(model).values())
+        sparsectx.disable(model)
+    assert {type(p) for p in _processors(model).values()} == classes
+    assert torch.equal(_run(model, kwargs), expected)
+
+
+def test_drop_training_takes_back_processors_set_after_enable(models):
+    """Processors set after enable_drop_training would ignore its mask: the next training forward puts sparsectx's
+    over them (and disable restores them); processors sparsectx can not replace raise."""
+    model, kwargs = models["flux2"], shared._inputs("flux2")
+    model.train()
+    enable_drop_training(model, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(1))
+    masked = _run(model, kwargs)
+    enable_drop_training(model, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(1))  # same draw
+    block = model.transformer_blocks[0].attn
+    replaced = type(block.processor.original)()
+    block.set_processor(replaced)
+    assert torch.equal(_run(model, kwargs), masked)
+    disable_drop_training(model)
+    assert block.processor is replaced
+
+    class Custom:
+        def __call__(self, attn, hidden_states, *args, **kw):
+            raise AssertionError("not reached")
+
+    enable_drop_training(model, ratio_range=(0.2, 0.6))
+    block.set_processor(Custom())
+    with pytest.raises(RuntimeError, match="Custom"):
+        _run(model, kwargs)
+    disable_drop_training(model)
+    block.set_processor(replaced)
+
+
+def test_parallel_config_set_on_sparsectx_processors_reaches_the_originals(models):
+    """diffusers' enable_parallelism sets each processor's _parallel_config: with sparsectx's installed it lands on
+    the replaced processor, which disable puts back (before: lost, and the restored processors ran unsplit attention
+    on a sequence diffusers' hooks split)."""
+    model = models["flux2"]
+    originals = processors.install_processors(model, processors.AttentionState())
+    config = types.SimpleNamespace(context_parallel_config=object())
+    try:
+        for processor in _processors(model).values():
+            processor._parallel_config = config
+        assert all(p._parallel_config is config for p in originals.values())
+        orphan = processors.SparsectxFlux2AttnProcessor()
+        orphan._parallel_config = config
+        assert orphan._parallel_config is config
+    finally:
+        processors.restore_processors(model, originals)
+    assert all(p._parallel_config is config for p in _processors(model).values())
+    for processor in _processors(model).values():
+        processor._parallel_config = None
+
+
 def test_boolean_attention_mask_is_a_key_mask(models):
     model, kwargs = models["flux2"], shared._inputs("flux2")
     g = torch.Generator().manual_seed(4)
@@ -372,10 +457,13 @@ def test_context_parallel_is_rejected(models):
         model._parallel_config = None
     # configured after the processors were installed (what enable_parallelism does to every processor)
     sparsectx.enable(model, budget=0.5, attention="sparsectx")
-    model.transformer_blocks[0].attn.processor._parallel_config = types.SimpleNamespace(
-        context_parallel_config=object())
-    with pytest.raises(RuntimeError, match="context parallelism"):
-        _run(model, kwargs)
+    processor = model.transformer_blocks[0].attn.processor
+    processor._parallel_config = types.SimpleNamespace(context_parallel_config=object())
+    try:
+        with pytest.raises(RuntimeError, match="context parallelism"):
+            _run(model, kwargs)
+    finally:
+        processor._parallel_config = None  # held by the original processor, which disable puts back
 
 
 def test_unsupported_processor_raises_and_changes_nothing(models):
