@@ -161,7 +161,7 @@ def _watched_cpu(tensor, *args, **kwargs):
         mode.ops.append("Tensor.cpu")
     with torch.utils._python_dispatch._disable_current_modes():
         host = original(tensor, *args, **kwargs)
-        return host.clone() if host.untyped_storage()._cdata == tensor.untyped_storage()._cdata else host
+        return host.clone() if host is tensor else host
 
 
 def _watch_methods(on: bool) -> None:

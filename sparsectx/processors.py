@@ -140,8 +140,33 @@ def _key_mask_from_attention_mask(attention_mask: torch.Tensor, batch: int, seq:
     return mask.expand(batch, seq)
 
 
+class _OnOriginal:
+    """A diffusers per-processor setting (``set_attention_backend`` / ``reset_attention_backend`` and
+    ``enable_parallelism`` walk the layers' processors) kept on the replaced processor, so that it holds what was set
+    while sparsectx was installed when disable puts it back; a processor without one keeps it itself."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, processor, owner=None):
+        if processor is None:
+            return self
+        if processor.original is not None:
+            return getattr(processor.original, self.name, None)
+        return processor._own.get(self.name)
+
+    def __set__(self, processor, value) -> None:
+        if processor.original is not None:
+            setattr(processor.original, self.name, value)
+        else:
+            processor._own[self.name] = value
+
+
 class _SparsectxProcessor:
     """Common part: the attention call with the state's mask, and the checks diffusers' dispatcher would do."""
+
+    _attention_backend = _OnOriginal()  # unused by sparsectx's op
+    _parallel_config = _OnOriginal()  # context parallelism is rejected at call time
 
     def __init__(self, state: Optional[AttentionState] = None, original=None):
         # built without a state: by hand, or as diffusers rebuilds a layer's processor (``type(p)()`` in
@@ -150,27 +175,7 @@ class _SparsectxProcessor:
         self.orphan = state is None
         self.state = state if state is not None else AttentionState()
         self.original = original  # the replaced processor (delegate_when_unmasked)
-        self._own = {"_attention_backend": None, "_parallel_config": None}
-
-    # diffusers' per-processor settings (set_attention_backend / reset_attention_backend, enable_parallelism walk the
-    # layers' processors): kept on the replaced processor, so that it holds what was set while sparsectx was
-    # installed when disable puts it back (context parallelism itself is rejected at call time)
-    def _get_setting(name: str):
-        def get(self):
-            return getattr(self.original, name, None) if self.original is not None else self._own[name]
-        return get
-
-    def _set_setting(name: str):
-        def set_(self, value) -> None:
-            if self.original is not None:
-                setattr(self.original, name, value)
-            else:
-                self._own[name] = value
-        return set_
-
-    _attention_backend = property(_get_setting("_attention_backend"), _set_setting("_attention_backend"))
-    _parallel_config = property(_get_setting("_parallel_config"), _set_setting("_parallel_config"))
-    del _get_setting, _set_setting
+        self._own = {}  # the _OnOriginal settings of a processor without an original
 
     def _check_parallel(self) -> None:
         config = self._parallel_config
