@@ -27,6 +27,12 @@ originals); ``restore_processors(transformer, originals)`` puts the very same ob
 
 Context parallelism (a processor's ``_parallel_config`` holding a ``context_parallel_config``) splits the sequence
 across devices inside diffusers' dispatcher; these processors do not, and raise a ``RuntimeError`` instead.
+
+diffusers' layer skip (``apply_layer_skip``, used by its skip-layer and perturbed-attention guiders) finds a
+layer's skip behaviour by its processor class: each sparsectx processor is registered with the metadata of the
+processor it replaces (where diffusers has some), and ``skip_attention_scores``, which diffusers implements by
+making ``scaled_dot_product_attention`` return its values, is honoured the same way (sparsectx's op is not that
+function): attention of equal query and key lengths outputs the values.
 """
 from __future__ import annotations
 
@@ -36,6 +42,12 @@ from typing import Optional
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers import transformer_flux, transformer_flux2, transformer_qwenimage
+
+try:  # diffusers' layer skip: absent from some releases, then nothing to honour
+    from diffusers.hooks._helpers import AttentionProcessorRegistry
+    from diffusers.hooks.layer_skip import AttentionScoreSkipFunctionMode
+except ImportError:
+    AttentionProcessorRegistry = AttentionScoreSkipFunctionMode = None
 
 from .ops import masked_attention, sparse_attention, uniform_cu_seqlens
 
@@ -140,6 +152,13 @@ def _key_mask_from_attention_mask(attention_mask: torch.Tensor, batch: int, seq:
     return mask.expand(batch, seq)
 
 
+def _attention_scores_skipped() -> bool:
+    """Whether diffusers' layer skip runs this call with ``skip_attention_scores`` (its torch function mode, under
+    which attention of equal query and key lengths returns the values, is active)."""
+    return AttentionScoreSkipFunctionMode is not None and any(
+        isinstance(mode, AttentionScoreSkipFunctionMode) for mode in torch.overrides._get_current_function_mode_stack())
+
+
 class _OnOriginal:
     """A diffusers per-processor setting (``set_attention_backend`` / ``reset_attention_backend`` and
     ``enable_parallelism`` walk the layers' processors) kept on the replaced processor, so that it holds what was set
@@ -203,6 +222,8 @@ class _SparsectxProcessor:
         ``image_keep`` masks the last ``S_image`` tokens, a packed batch attends within each sample, and a boolean
         ``attention_mask`` masks keys."""
         self._check_inputs(query)
+        if _attention_scores_skipped():
+            return value
         batch, seq = query.shape[:2]
         image_keep = self.state.image_keep
         if self.state.packed is not None:
@@ -245,6 +266,8 @@ class _SparsectxProcessor:
         reference) lead, so the kernel reads them as contiguous key blocks; the text (through ``text_keep``) and the
         kept references are gathered."""
         self._check_inputs(query)
+        if _attention_scores_skipped():
+            return value
         batch, seq = query.shape[:2]
         n_image = seq - n_text
         image_keep = self.state.image_keep
@@ -419,7 +442,8 @@ def _kv_attention(processor: _SparsectxProcessor, query, key, value, attention_m
         processor._check_inputs(query)
         outer_query = torch.cat([query[:, :ref_start], query[:, ref_end:]], dim=1)
         outer = dense_attention(outer_query, key, value)
-        ref_out = dense_attention(query[:, ref_start:ref_end], key[:, ref_start:ref_end], value[:, ref_start:ref_end])
+        ref_out = value[:, ref_start:ref_end] if _attention_scores_skipped() else \
+            dense_attention(query[:, ref_start:ref_end], key[:, ref_start:ref_end], value[:, ref_start:ref_end])
         return torch.cat([outer[:, :ref_start], ref_out, outer[:, ref_start:]], dim=1)
     if kv_cache_mode == KV_CACHED and kv_cache is not None:
         processor._check_inputs(query)
@@ -550,6 +574,19 @@ SPARSECTX_PROCESSORS = tuple(PROCESSOR_MAP.values())
 _REPLACED = {replacement: original for original, replacement in PROCESSOR_MAP.items()}
 
 
+def _register_for_layer_skip() -> None:
+    """Gives each sparsectx processor diffusers' layer-skip metadata of the processor it replaces, where diffusers
+    has some (in 0.42.1: Qwen-Image's), so ``apply_layer_skip`` treats a layer running sparsectx as diffusers'."""
+    if AttentionProcessorRegistry is None:
+        return
+    for original, replacement in PROCESSOR_MAP.items():
+        try:
+            metadata = AttentionProcessorRegistry.get(original)
+        except ValueError:  # diffusers' layer skip does not know this processor: neither does it know ours
+            continue
+        AttentionProcessorRegistry.register(replacement, metadata)
+
+
 def _attention_modules(transformer: torch.nn.Module):
     """``(name, module)`` of every submodule that carries a diffusers attention processor."""
     return [(name, module) for name, module in transformer.named_modules()
@@ -579,6 +616,7 @@ def install_processors(transformer: torch.nn.Module, state: AttentionState) -> d
     if _uses_context_parallel(transformer, [m.processor for _, m in modules]):
         raise RuntimeError("sparsectx processors do not support diffusers context parallelism; install them on a "
                            "model without it")
+    _register_for_layer_skip()
     originals = {}
     for name, module in modules:
         original = _diffusers_processor(module.processor)

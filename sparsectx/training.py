@@ -157,6 +157,7 @@ class _DropTrainingPatch(integration.ForwardPatch):
         self.ref_lengths: Optional[list] = None
         self.generator: Optional[torch.Generator] = None
         self.recent_masks: collections.OrderedDict = collections.OrderedDict()  # input key -> mask of that forward
+        self.recent_draws: collections.deque = collections.deque(maxlen=RECENT_MASKS)  # host masks, latest last
 
     def uninstall(self) -> None:
         super().uninstall()
@@ -165,6 +166,7 @@ class _DropTrainingPatch(integration.ForwardPatch):
         processors.restore_processors(self.transformer, self.original_processors)
         self.state.image_keep, self.state.image_kept_prefix = None, 0
         self.recent_masks.clear()
+        self.recent_draws.clear()
 
     def forward(self, *args, **kwargs):
         call = self.bind(args, kwargs)
@@ -210,13 +212,16 @@ class _DropTrainingPatch(integration.ForwardPatch):
     def _mask_for(self, call: dict) -> tuple[Optional[torch.Tensor], int]:
         """The drop mask of a training forward: a new draw, except for a forward that a checkpoint around the whole
         transformer (``torch.utils.checkpoint``) recomputes during backward, which gets the mask its first run drew
-        (found by its input tensor: the same live tensor storage and version). A redraw would recompute with another
-        mask: a user's generator is not part of the RNG state checkpointing restores. A recomputation whose forward
-        can not be told (its input was made inside the checkpoint, or two forwards took the same input tensor) gets
-        a warning: its gradients are computed with another mask."""
+        (found by its input tensor: the same live tensor storage and version; a user's generator is not part of the
+        RNG state checkpointing restores, so a redraw would give another mask). A recomputation whose forward can
+        not be told (its input was made inside the checkpoint, or two forwards took the same input tensor) redraws:
+        without a generator the draw comes from torch's global CPU RNG, which the checkpoint restores
+        (``preserve_rng_state=True``, its default), so it is that forward's mask, recognised among the recent
+        forwards' masks; otherwise (a generator, or the RNG state not restored) a warning says its gradients are
+        computed with another mask."""
         hidden = call["hidden_states"]
         if hidden.is_inference():  # made under torch.inference_mode: no version counter, and no backward to come
-            return self._draw_mask(call)
+            return self._draw_mask(call)[0]
         key = (hidden.data_ptr(), tuple(hidden.shape), hidden._version)
         entry = self.recent_masks.get(key)
         if entry is not None and entry[0]() is None:  # that forward's input is gone: its address was reused
@@ -226,16 +231,20 @@ class _DropTrainingPatch(integration.ForwardPatch):
             if entry is not None and not entry[2]:
                 entry[3] = True  # recomputed: a later forward on the same input is no longer ambiguous
                 return entry[1]
+            mask, host = self._draw_mask(call)
+            if self.generator is None and any(_same_draw(host, drawn) for drawn in self.recent_draws):
+                return mask  # the restored global RNG drew that forward's mask again
             warnings.warn("drop training: a training forward ran during backward (a torch.utils.checkpoint "
                           "recomputation) and its forward's drop mask can not be told ("
                           + ("two forwards took the same hidden_states tensor" if entry is not None else
                              "its hidden_states tensor was made inside the checkpointed function")
                           + "): it is recomputed with another mask and its gradients are wrong. Pass a distinct "
-                          "hidden_states tensor to each checkpointed forward, as an argument of the checkpoint.",
+                          "hidden_states tensor to each checkpointed forward, as an argument of the checkpoint, or "
+                          "draw from torch's global RNG (generator=None) under a checkpoint that restores it.",
                           RuntimeWarning, stacklevel=4)
-            if entry is not None:
-                return entry[1]
-        mask = self._draw_mask(call)
+            return entry[1] if entry is not None else mask
+        mask, host = self._draw_mask(call)
+        self.recent_draws.append(host)
         # [input, mask, ambiguous, recomputed]: ambiguous when an earlier forward on this input was not recomputed
         self.recent_masks[key] = [weakref.ref(hidden), mask, entry is not None and not entry[3], False]
         self.recent_masks.move_to_end(key)
@@ -256,9 +265,10 @@ class _DropTrainingPatch(integration.ForwardPatch):
             return None
         return layout.ref_host, layout.ref_lengths
 
-    def _draw_mask(self, call: dict) -> tuple[Optional[torch.Tensor], int]:
-        """bool ``[B, S_image]`` keep mask of the image sequence (target tokens kept), or None when all are kept, and
-        the number of leading image tokens it always keeps (the tokens before the first reference).
+    def _draw_mask(self, call: dict) -> tuple[tuple[Optional[torch.Tensor], int], Optional[torch.Tensor]]:
+        """``((mask, kept prefix), host mask)``: the bool ``[B, S_image]`` keep mask of the image sequence (target
+        tokens kept) on the model's device, or None when all are kept; the number of leading image tokens it always
+        keeps (the tokens before the first reference); the mask on the host (None when drawn on a device).
 
         The mask is drawn where the generator lives, on the host without one: the host then builds and checks it and
         queues its copy to the device, reading nothing back (a CUDA generator draws on its device, the positions are
@@ -270,17 +280,24 @@ class _DropTrainingPatch(integration.ForwardPatch):
         batch, n_image = hidden.shape[:2]
         rows = self._reference_rows(call, n_image)
         if rows is None:
-            return None, 0
+            return (None, 0), None
         positions, lengths = rows
         ref_keep = random_drop_mask(batch, list(lengths), 0, self.ratio_range, self.generator)
         image_keep = torch.ones((batch, n_image), dtype=torch.bool, device=ref_keep.device)
         image_keep[:, _device_values(positions, None, ref_keep.device)] = ref_keep
         if bool(image_keep.all()):
-            return None, 0
+            return (None, 0), None
         first_ref = int(positions.min())
         if image_keep.device.type == "cpu":
-            return _device_values(image_keep, None, hidden.device), first_ref
-        return image_keep.to(hidden.device), first_ref
+            return (_device_values(image_keep, None, hidden.device), first_ref), image_keep
+        return (image_keep.to(hidden.device), first_ref), None
+
+
+def _same_draw(host: Optional[torch.Tensor], other: Optional[torch.Tensor]) -> bool:
+    """Whether two host-drawn masks (None: every token kept) are the same draw."""
+    if host is None or other is None:
+        return host is other
+    return host.shape == other.shape and torch.equal(host, other)
 
 
 def enable_drop_training(transformer, ratio_range: tuple = DEFAULT_RATIO_RANGE,

@@ -396,6 +396,18 @@ KLEIN_PX_PER_TOKEN = 16  # tests/test_integration.py's tiny FLUX.2 klein VAE: 3 
 INPAINT_PIPELINES = ("FluxKontextInpaintPipeline", "Flux2KleinInpaintPipeline", "QwenImageEditInpaintPipeline")
 
 
+def _klein_helpers():
+    """tests/test_integration.py, where the tiny FLUX.2 klein pipeline and its reference images are defined."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("_integration_helpers",
+                                                  Path(__file__).with_name("test_integration.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _inpaint_mask():
     from PIL import Image
 
@@ -418,13 +430,7 @@ def _inpaint_case(name, monkeypatch):
                       pooled_prompt_embeds=torch.randn(1, POOLED_DIM, generator=g))
         return pipe, kwargs, (INPAINT_PX // KONTEXT_PX_PER_TOKEN) ** 2, _reference_tokens(KONTEXT), KONTEXT_BUDGET
     if name == "Flux2KleinInpaintPipeline":
-        import importlib.util
-        from pathlib import Path
-
-        spec = importlib.util.spec_from_file_location("_integration_helpers",
-                                                      Path(__file__).with_name("test_integration.py"))
-        klein = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(klein)
+        klein = _klein_helpers()
         pipe = klein._tiny_pipeline(diffusers.Flux2KleinInpaintPipeline)
         embeds = torch.randn(1, klein.TEXT_TOKENS, klein.TEXT_DIM, generator=g)
         kwargs.update(image_reference=klein._reference_images(), prompt_embeds=embeds,
@@ -472,4 +478,94 @@ def test_inpainting_pipelines(name, monkeypatch):
     assert sparse.shape == expected.shape and torch.isfinite(sparse).all()
     assert not torch.allclose(sparse, expected, rtol=0, atol=FP32_ATOL)
     sparsectx.disable(pipe)
+    assert torch.equal(run(), expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# modular pipelines (diffusers.modular_pipelines): the same components run by blocks
+# ----------------------------------------------------------------------------------------------------------------
+MODULAR_BLOCKS = ("FluxKontextAutoBlocks", "Flux2KleinBaseAutoBlocks", "QwenImageEditPlusAutoBlocks")
+MODULAR_KLEIN_BUDGET = 0.25  # of each reference, chosen to keep whole tokens
+
+
+def _modular_case(blocks_name, monkeypatch):
+    """(pipeline built from the blocks without their text encoder, call arguments, target tokens, tokens per
+    reference image, budget, transformer forwards per step)."""
+    modular = pytest.importorskip("diffusers.modular_pipelines")
+    if not hasattr(modular, blocks_name):
+        pytest.skip(f"diffusers {diffusers.__version__} has no {blocks_name}")
+    g = torch.Generator().manual_seed(SEED + 1)
+    embeds, negative = (torch.randn(1, TEXT_TOKENS, TEXT_DIM, generator=g) for _ in range(2))
+    kwargs = dict(prompt_embeds=embeds, num_inference_steps=STEPS, output="latents")
+    if blocks_name == "FluxKontextAutoBlocks":
+        components = _kontext_pipeline().components
+        kwargs.update(image=_images([KONTEXT_REF_SIZE], seed=REFERENCE_SEED)[0], height=KONTEXT_TARGET_PX,
+                      width=KONTEXT_TARGET_PX, max_area=KONTEXT_TARGET_PX ** 2, _auto_resize=False,
+                      pooled_prompt_embeds=torch.randn(1, POOLED_DIM, generator=g))
+        case = (_target_tokens(KONTEXT), _reference_tokens(KONTEXT), KONTEXT_BUDGET, 1)
+    elif blocks_name == "Flux2KleinBaseAutoBlocks":  # with a negative prompt: the guider runs two forwards a step
+        klein = _klein_helpers()
+        components = klein._tiny_pipeline(diffusers.Flux2KleinPipeline).components
+        kwargs.update(image=klein._reference_images(), negative_prompt_embeds=negative, height=klein.IMAGE_PX,
+                      width=klein.IMAGE_PX)
+        refs = [(w // KLEIN_PX_PER_TOKEN) * (h // KLEIN_PX_PER_TOKEN) for w, h in klein.REF_SIZES]
+        case = ((klein.IMAGE_PX // KLEIN_PX_PER_TOKEN) ** 2, refs, MODULAR_KLEIN_BUDGET, 2)
+    else:  # the blocks resize every reference to a fixed area: shrunk as VAE_IMAGE_SIZE for the pipeline tests
+        from diffusers.modular_pipelines.qwenimage import encoders
+
+        full_size = encoders.calculate_dimensions
+        monkeypatch.setattr(encoders, "calculate_dimensions", lambda area, ratio: full_size(QWEN_VAE_AREA, ratio))
+        components = _qwen_pipeline(zero_cond_t=True).components
+        mask = torch.ones(1, TEXT_TOKENS, dtype=torch.long)
+        mask[:, -PADDED_TEXT_TOKENS:] = 0
+        kwargs.update(image=_images(QWEN_REF_SIZES, seed=REFERENCE_SEED), prompt_embeds_mask=mask,
+                      negative_prompt_embeds=negative, negative_prompt_embeds_mask=mask.clone(),
+                      height=QWEN_TARGET_PX, width=QWEN_TARGET_PX)
+        case = (_target_tokens(QWEN), _reference_tokens(QWEN), QWEN_BUDGET, 2)
+    blocks = getattr(modular, blocks_name)()
+    blocks.sub_blocks.pop("text_encoder")  # the prompts come as embeddings
+    pipe = blocks.init_pipeline()
+    pipe.update_components(**{name: components[name] for name in ("vae", "transformer", "scheduler")})
+    pipe.set_progress_bar_config(disable=True)
+    return (pipe, kwargs, *case)
+
+
+@pytest.mark.parametrize("enabled", ["pipeline", "transformer"])
+@pytest.mark.parametrize("blocks_name", MODULAR_BLOCKS)
+def test_modular_pipelines(blocks_name, enabled, monkeypatch):
+    """diffusers' modular pipelines of the three families, enabled as a pipeline or through their transformer:
+    keeping every token equals the unpatched pipeline, a budget sends target + kept tokens to the transformer (a
+    pipeline selects once per call, its guidance branches sharing the selection; a transformer once per prompt
+    tensor), disable is bit-exact and restores the pipeline's class."""
+    pipe, kwargs, n_target, n_refs, budget, per_step = _modular_case(blocks_name, monkeypatch)
+    ratios = budget if isinstance(budget, list) else [budget] * len(n_refs)
+    kept = [round(ratio * n) for ratio, n in zip(ratios, n_refs)]
+    assert all(k == ratio * n for k, ratio, n in zip(kept, ratios, n_refs))  # budgets that keep whole tokens
+    seen, selections = [], []
+    _image_embedder(pipe.transformer).register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+
+    def run():
+        seen.clear()
+        with torch.no_grad():
+            return pipe(**kwargs, generator=torch.Generator().manual_seed(SEED))
+
+    def counting(latents, context):
+        selections.append(list(context.ref_lengths))
+        return torch.rand(latents.shape[:2], generator=context.generator)
+
+    original_class = type(pipe)
+    expected = run()
+    assert seen == [n_target + sum(n_refs)] * (STEPS * per_step)
+    target = pipe if enabled == "pipeline" else pipe.transformer
+    sparsectx.enable(target, budget=1.0)
+    torch.testing.assert_close(run(), expected, rtol=0, atol=FP32_ATOL)
+    sparsectx.enable(target, budget=budget, selector=counting, seed=SEED)
+    try:
+        sparse = run()
+    finally:
+        sparsectx.disable(target)
+    assert seen == [n_target + sum(kept)] * (STEPS * per_step)
+    assert selections == [n_refs] * (1 if enabled == "pipeline" else per_step)
+    assert torch.isfinite(sparse).all() and not torch.allclose(sparse, expected, rtol=0, atol=FP32_ATOL)
+    assert type(pipe) is original_class and "forward" not in pipe.transformer.__dict__
     assert torch.equal(run(), expected)

@@ -330,6 +330,46 @@ def test_parallel_config_set_on_sparsectx_processors_reaches_the_originals(model
         processor._parallel_config = None
 
 
+def _layer_skipped_run(model, kwargs, config):
+    """The model's output under diffusers' layer-skip hook (as its guiders apply it), the hook removed after."""
+    from diffusers.hooks import HookRegistry, apply_layer_skip
+    apply_layer_skip(model, config)
+    try:
+        return _run(model, kwargs)
+    finally:
+        HookRegistry.check_if_exists_or_initialize(model).remove_hook("layer_skip_hook", recurse=True)
+
+
+@pytest.mark.parametrize("order", ["enable_first", "skip_first"])
+def test_attention_score_skip_acts_on_sparsectx_processors(models, order):
+    """diffusers' layer skip with ``skip_attention_scores`` (perturbed-attention guidance: attention outputs its
+    values) on the Qwen-Image layers (the only family whose processors layer skip knows in diffusers 0.42.1, where
+    skipping the whole attention fails in diffusers' own Qwen-Image block): the sparsectx processors skip what
+    diffusers' would, whether sparsectx is enabled before the hook is applied (the guiders apply it at each step)
+    or after."""
+    from diffusers.hooks import LayerSkipConfig
+    model, kwargs = models["qwen"], shared._inputs("qwen")
+    config = functools.partial(LayerSkipConfig, indices=[0], skip_ff=False, skip_attention=False,
+                               skip_attention_scores=True)
+    sparsectx.enable(model, budget=0.5, selector=shared.random_selector, seed=0)
+    plain = _run(model, kwargs)
+    expected = _layer_skipped_run(model, kwargs, config())  # diffusers' processors
+    assert (expected - plain)[:, :N_TARGET].abs().max() > 1e-2  # the skip changes the output
+    if order == "enable_first":
+        sparsectx.enable(model, budget=0.5, selector=shared.random_selector, seed=0, attention="sparsectx")
+        got = _layer_skipped_run(model, kwargs, config())
+    else:
+        from diffusers.hooks import HookRegistry, apply_layer_skip
+        apply_layer_skip(model, config())
+        try:
+            sparsectx.enable(model, budget=0.5, selector=shared.random_selector, seed=0, attention="sparsectx")
+            got = _run(model, kwargs)
+        finally:
+            HookRegistry.check_if_exists_or_initialize(model).remove_hook("layer_skip_hook", recurse=True)
+    assert all(isinstance(p, processors.SPARSECTX_PROCESSORS) for p in _processors(model).values())
+    torch.testing.assert_close(got[:, :N_TARGET], expected[:, :N_TARGET], rtol=0, atol=FP32_ATOL)
+
+
 def test_boolean_attention_mask_is_a_key_mask(models):
     model, kwargs = models["flux2"], shared._inputs("flux2")
     g = torch.Generator().manual_seed(4)
@@ -389,6 +429,49 @@ def test_kv_cache_processors_equal_native(budget):
             torch.testing.assert_close(got, want, rtol=0, atol=FP32_ATOL)
     finally:
         sparsectx.disable(model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_score_skip_mode_is_honoured(models, family):
+    """Under diffusers' score-skip function mode (what ``skip_attention_scores`` runs a layer under) sparsectx's
+    attention outputs what diffusers' does: the values (query and key lengths are equal in joint attention)."""
+    from diffusers.hooks.layer_skip import AttentionScoreSkipFunctionMode
+    model, kwargs = models[family], shared._inputs(family)
+    sparsectx.enable(model, budget=0.5, selector=shared.random_selector, seed=0)
+    plain = _run(model, kwargs)[:, :N_TARGET]
+    with AttentionScoreSkipFunctionMode():
+        expected = _run(model, kwargs)[:, :N_TARGET]
+    sparsectx.enable(model, budget=0.5, selector=shared.random_selector, seed=0, attention="sparsectx")
+    with AttentionScoreSkipFunctionMode():
+        got = _run(model, kwargs)[:, :N_TARGET]
+    assert all(isinstance(p, processors.SPARSECTX_PROCESSORS) for p in _processors(model).values())
+    assert (expected - plain).abs().max() > 1e-2
+    torch.testing.assert_close(got, expected, rtol=0, atol=FP32_ATOL)
+
+
+@pytest.mark.parametrize("mode", [processors.KV_EXTRACT, processors.KV_CACHED])
+def test_kv_cache_attention_honours_the_score_skip_mode(mode):
+    """FLUX.2 klein's KV-cache attention under the score-skip mode, against diffusers' own function: the extract
+    step's reference queries (over the reference keys: equal lengths) output their values, the other queries attend;
+    the cached step's queries attend over more keys than they are, so nothing is skipped."""
+    from diffusers.hooks.layer_skip import AttentionScoreSkipFunctionMode
+    from diffusers.models.transformers.transformer_flux2 import Flux2KVLayerCache, _flux2_kv_causal_attention
+    g = torch.Generator().manual_seed(3)
+    n_txt, n_ref, n_img = 5, 7, 6
+    n_seq = n_txt + n_img + (n_ref if mode == processors.KV_EXTRACT else 0)
+    q, k, v = (torch.randn(2, n_seq, 2, 16, generator=g) for _ in range(3))
+    cache = None
+    if mode == processors.KV_CACHED:
+        cache = Flux2KVLayerCache()
+        cache.store(torch.randn(2, n_ref, 2, 16, generator=g), torch.randn(2, n_ref, 2, 16, generator=g))
+    processor = processors.SparsectxFlux2KVAttnProcessor()
+    with AttentionScoreSkipFunctionMode():
+        expected = _flux2_kv_causal_attention(q, k, v, n_txt, n_ref if cache is None else 0, kv_cache=cache)
+        got = processors._kv_attention(processor, q, k, v, None, cache, mode, n_txt, n_ref)
+    refs = slice(n_txt, n_txt + n_ref) if mode == processors.KV_EXTRACT else slice(0, 0)
+    assert torch.equal(expected[:, refs], v[:, refs])
+    assert not torch.equal(expected[:, :n_txt], v[:, :n_txt])  # the text queries attended
+    torch.testing.assert_close(got, expected, rtol=0, atol=FP32_ATOL)
 
 
 def test_kv_cache_kept_index_equals_cache_of_the_kept_rows():
@@ -953,6 +1036,46 @@ def test_float64_model_with_sparsectx_attention_says_what_to_do(models):
     finally:
         sparsectx.disable(model)
         model.float()
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("case", ["input made inside", "same input twice", "rng state not restored"])
+def test_checkpoint_recomputation_without_a_generator_redraws_its_forwards_mask(reentrant, case):
+    """Without a generator the masks come from torch's global CPU RNG, which a checkpoint restores before its
+    recomputation: a recomputation whose forward can not be told redraws that forward's mask (the gradients equal
+    those of the same forwards run without checkpointing, no warning); a checkpoint that does not restore the RNG
+    state (``preserve_rng_state=False``) gets the warning."""
+    kwargs = shared._inputs("flux2")
+    model = shared._build_model("flux2").train()
+    enable_drop_training(model, ratio_range=(0.3, 0.6))
+    hidden = kwargs["hidden_states"].clone().requires_grad_()
+    refs = hidden[:, N_TARGET:].detach()
+
+    def run(h):
+        if case != "same input twice":
+            h = torch.cat([h, refs], 1)
+        return model(**{**kwargs, "hidden_states": h})[0][:, :N_TARGET].pow(2).mean()
+
+    def gradient(checkpointed):
+        torch.manual_seed(0)
+        hidden.grad = None
+        inputs = (hidden, hidden) if case == "same input twice" else (hidden[:, :N_TARGET], hidden[:, :N_TARGET] * 2)
+        losses = [torch.utils.checkpoint.checkpoint(run, x, use_reentrant=reentrant,
+                                                    preserve_rng_state=case != "rng state not restored")
+                  if checkpointed else run(x) for x in inputs]
+        torch.randn(3)  # the global RNG moves on before the backward
+        sum(losses).backward()
+        return hidden.grad.clone()
+
+    expected = gradient(checkpointed=False)
+    if case == "rng state not restored":
+        with pytest.warns(RuntimeWarning, match="drop mask can not be told"):
+            gradient(checkpointed=True)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = gradient(checkpointed=True)
+    torch.testing.assert_close(got, expected, rtol=GRAD_RTOL, atol=GRAD_ATOL)
 
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
