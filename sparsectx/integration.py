@@ -1292,6 +1292,30 @@ def _initial_seed(generator) -> Union[int, tuple, None]:
     return generator.initial_seed() if isinstance(generator, torch.Generator) else None
 
 
+_ENABLED_THROUGH = weakref.WeakKeyDictionary()  # pipeline -> weakref of the transformer enable(pipeline) patched
+
+
+def _note_enabled_through(pipe, transformer) -> None:
+    try:
+        _ENABLED_THROUGH[pipe] = weakref.ref(transformer)
+    except TypeError:  # a pipeline that is not hashable or weakly referenceable: replacements go unnoticed
+        pass
+
+
+def _replaced_transformer(pipe):
+    """The transformer ``enable(pipe)`` patched, when ``pipe.transformer`` is another one and it is still enabled
+    (the pipeline's transformer was replaced since: ``pipe.transformer = ...``, ``update_components``), else None."""
+    try:
+        ref = _ENABLED_THROUGH.get(pipe)
+    except TypeError:
+        return None
+    old = ref() if ref is not None else None
+    if old is None or old is _uncompiled(getattr(pipe, "transformer", None)) or \
+            getattr(old, PATCH_ATTR, None) is None:
+        return None
+    return old
+
+
 def _pipeline_class(base: type) -> type:
     """A subclass of ``base`` whose ``__call__`` tells the transformer's patch that a new call begins (Python
     looks ``__call__`` up on the type, so the instance's class is swapped; ``disable`` swaps it back)."""
@@ -1299,6 +1323,10 @@ def _pipeline_class(base: type) -> type:
         def __call__(self, *args, **kwargs):
             patch = getattr(self.transformer, PATCH_ATTR, None)
             if patch is None:
+                if _replaced_transformer(self) is not None:
+                    warnings.warn(f"{base.__name__}.transformer was replaced since sparsectx.enable: this call runs "
+                                  "every reference token. Enable the pipeline again (enabling or disabling the "
+                                  "pipeline restores the transformer it replaced)", RuntimeWarning, stacklevel=2)
                 return base.__call__(self, *args, **kwargs)
             patch.new_call()
             patch.pipeline_calls += 1
@@ -1427,18 +1455,26 @@ def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Call
         patch.set_attention(attention)  # first: on an unsupported processor nothing changes
         patch.settings = settings
         patch.new_call()
-    if pipe is not None and not hasattr(type(pipe), "_sparsectx_base"):
-        pipe.__class__ = _pipeline_class(type(pipe))
+    if pipe is not None:
+        if not hasattr(type(pipe), "_sparsectx_base"):
+            pipe.__class__ = _pipeline_class(type(pipe))
+        replaced = _replaced_transformer(pipe)
+        if replaced is not None:  # the transformer an earlier enable patched, since replaced in the pipeline
+            getattr(replaced, PATCH_ATTR).uninstall()
+        _note_enabled_through(pipe, transformer)
     return pipe_or_transformer
 
 
 def disable(pipe_or_transformer):
     """Restores the original forward, attention processors and pipeline class exactly (the same objects); a no-op
-    when sparsectx is not enabled."""
+    when sparsectx is not enabled. On a pipeline whose transformer was replaced since ``enable``, the transformer
+    ``enable`` patched is restored too."""
     pipe, transformer, _ = _split_target(pipe_or_transformer)
-    patch = getattr(transformer, PATCH_ATTR, None)
-    if patch is not None:
-        patch.uninstall()
+    replaced = _replaced_transformer(pipe) if pipe is not None else None
+    for module in (transformer, replaced):
+        patch = getattr(module, PATCH_ATTR, None)
+        if patch is not None:
+            patch.uninstall()
     if pipe is not None and hasattr(type(pipe), "_sparsectx_base"):
         pipe.__class__ = type(pipe)._sparsectx_base
     return pipe_or_transformer

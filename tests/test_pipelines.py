@@ -202,6 +202,32 @@ def test_context_on_a_pipeline_whose_transformer_was_enabled_alone(pipe, family)
     sparsectx.disable(pipe.transformer)
 
 
+@pytest.mark.parametrize("then", ["disable", "enable"])
+def test_transformer_replaced_after_enable(pipe, family, then):
+    """``pipe.transformer = other`` after ``enable(pipe)``: the call warns that it runs every token (the new
+    transformer is not enabled); disabling or enabling the pipeline again restores the replaced transformer (its
+    forward and processors), and enabling makes the new one sparse."""
+    new_transformer = (_kontext_pipeline() if family == KONTEXT else
+                       _qwen_pipeline(zero_cond_t=family == QWEN_ZERO_COND)).transformer  # the same weights
+    expected = _run(pipe, family, PLAIN)
+    old = pipe.transformer
+    sparsectx.enable(pipe, budget=_budget(family), selector="random", seed=SEED, attention="sparsectx")
+    sparse = _run(pipe, family, PLAIN)
+    pipe.transformer = new_transformer
+    with pytest.warns(RuntimeWarning, match="transformer was replaced since sparsectx.enable"):
+        assert torch.equal(_run(pipe, family, PLAIN), expected)
+    if then == "disable":
+        sparsectx.disable(pipe)
+    else:
+        sparsectx.enable(pipe, budget=_budget(family), selector="random", seed=SEED, attention="sparsectx")
+        torch.testing.assert_close(_run(pipe, family, PLAIN), sparse, rtol=0, atol=FP32_ATOL)
+    assert not sparsectx.integration.is_enabled(old) and "forward" not in old.__dict__
+    assert not any(isinstance(m.processor, sparsectx.processors.SPARSECTX_PROCESSORS) for m in old.modules()
+                   if hasattr(m, "set_processor"))
+    sparsectx.disable(pipe)
+    assert torch.equal(_run(pipe, family, PLAIN), expected)
+
+
 def test_seedless_random_selection_follows_the_call_generator(pipe, family):
     """enable(selector="random") without a seed: a call given a generator selects with that generator's initial
     seed, so the same generator seed gives the same selection and images, another seed another selection, and the
