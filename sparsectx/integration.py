@@ -616,7 +616,8 @@ class _ScopedBlock:
 
     @property
     def __class__(self):
-        return type(self._block)
+        block = self.__dict__.get("_block")  # unset while torch.compile builds the object (before __init__ runs)
+        return _ScopedBlock if block is None else type(block)
 
     def __call__(self, *args, **kwargs):
         with self._scope():
@@ -627,7 +628,9 @@ class _ScopedBlock:
             return self._block.forward(*args, **kwargs)
 
     def __getattr__(self, name):
-        return getattr(self._block, name)
+        if name.startswith("__") or name in ("_block", "_scope"):  # not set yet: no recursion through _block
+            raise AttributeError(name)
+        return getattr(self.__dict__["_block"], name)
 
 
 def state_scope(state, **values) -> Callable:
@@ -899,6 +902,7 @@ class _SparsePatch(ForwardPatch):
         results = [self._run_group(call, group) for group in plan.groups]
         return self._merge(call, plan, results)
 
+    @torch.compiler.disable  # host work once per call (layout, selection, groups): eager beside a compiled model
     def _plan(self, call: dict, overrides: dict) -> tuple:
         """``(plan, packable)``: the cached plan of this step's inputs, or a new one (layout, selection, groups);
         ``packable``: the plan has a packing and this step's samples share their modulation (timestep, guidance)."""

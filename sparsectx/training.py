@@ -209,6 +209,8 @@ class _DropTrainingPatch(integration.ForwardPatch):
         with scope():
             yield
 
+    @torch.compiler.disable  # host work (generator draws, input keys, the ids' layout): eager under torch.compile,
+    # which would split it into many small graphs, each recompiled for new resolutions
     def _mask_for(self, call: dict) -> tuple[Optional[torch.Tensor], int]:
         """The drop mask of a training forward: a new draw, except for a forward that a checkpoint around the whole
         transformer (``torch.utils.checkpoint``) recomputes during backward, which gets the mask its first run drew
