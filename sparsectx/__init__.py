@@ -19,6 +19,11 @@ from .selection import (  # noqa: F401
     register_selector,
     select,
 )
-from .training import disable_drop_training, enable_drop_training, random_drop_mask  # noqa: F401
+from .training import (  # noqa: F401
+    disable_drop_training,
+    enable_drop_training,
+    is_drop_training_enabled,
+    random_drop_mask,
+)
 
 __version__ = "0.1.0"

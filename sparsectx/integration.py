@@ -1314,7 +1314,7 @@ def _replaced_transformer(pipe):
     except TypeError:
         return None
     old = ref() if ref is not None else None
-    if old is None or old is _uncompiled(getattr(pipe, "transformer", None)) or \
+    if old is None or old is _unwrapped(getattr(pipe, "transformer", None)) or \
             getattr(old, PATCH_ATTR, None) is None:
         return None
     return old
@@ -1365,12 +1365,18 @@ def _family_of(module) -> Optional[str]:
     return None
 
 
-def _uncompiled(module):
-    """The module a ``torch.compile`` wrapper (``OptimizedModule``) holds, or ``module`` itself: sparsectx patches
-    the real transformer, and the compiled wrapper calls it."""
-    while isinstance(module, torch.nn.Module) and type(module).__name__ == "OptimizedModule" \
-            and isinstance(getattr(module, "_orig_mod", None), torch.nn.Module):
-        module = module._orig_mod
+def _unwrapped(module):
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) or a data-parallel wrapper
+    (``DistributedDataParallel``, as accelerate's ``prepare`` makes, or ``DataParallel``) holds, or ``module``
+    itself: sparsectx patches the real transformer, and the wrapper calls it."""
+    while isinstance(module, torch.nn.Module):
+        if type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None),
+                                                                     torch.nn.Module):
+            module = module._orig_mod
+        elif isinstance(module, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            module = module.module
+        else:
+            break
     return module
 
 
@@ -1388,10 +1394,10 @@ def check_diffusers_version() -> None:
 
 def _split_target(pipe_or_transformer):
     """(pipeline or None, transformer, family); TypeError naming the supported classes otherwise."""
-    family = _family_of(_uncompiled(pipe_or_transformer))
+    family = _family_of(_unwrapped(pipe_or_transformer))
     if family is not None:
-        return None, _uncompiled(pipe_or_transformer), family
-    transformer = _uncompiled(getattr(pipe_or_transformer, "transformer", None))
+        return None, _unwrapped(pipe_or_transformer), family
+    transformer = _unwrapped(getattr(pipe_or_transformer, "transformer", None))
     family = _family_of(transformer)
     if family is not None and not isinstance(pipe_or_transformer, torch.nn.Module):
         return pipe_or_transformer, transformer, family

@@ -1051,6 +1051,30 @@ def test_accelerate_mixed_precision_around_drop_training(order):
         accelerate.state.AcceleratorState._reset_state(True)
 
 
+@pytest.mark.parametrize("wrapper", ["DataParallel", "DistributedDataParallel"])
+def test_drop_training_through_a_data_parallel_wrapper(wrapper, tmp_path):
+    """enable / is_enabled / disable given a data-parallel wrapper (accelerate's prepare returns a
+    DistributedDataParallel) act on the transformer it holds (they raised TypeError naming the supported classes),
+    and the wrapper's forward drops tokens."""
+    import torch.distributed as dist
+
+    model, kwargs = shared._build_model("flux2").train(), _train_inputs("flux2")
+    group = wrapper == "DistributedDataParallel" and not dist.is_initialized()
+    if group:  # a one-process group: DistributedDataParallel needs one
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        wrapped = getattr(torch.nn.parallel, wrapper)(model)
+        enable_drop_training(wrapped, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(0))
+        assert is_drop_training_enabled(wrapped) and is_drop_training_enabled(model)
+        wrapped(**kwargs)[0].sum().backward()
+        assert not model._sparsectx_drop_training.recent_draws[-1].all()
+        disable_drop_training(wrapped)
+        assert not is_drop_training_enabled(model) and "forward" not in model.__dict__
+    finally:
+        if group:
+            dist.destroy_process_group()
+
+
 def test_deep_copy_of_a_drop_training_transformer_runs_its_own_weights(models):
     """An EMA copy made with copy.deepcopy during drop training: the copy runs its own weights and its own patch;
     disabling it leaves the original patched."""
