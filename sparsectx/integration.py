@@ -654,6 +654,11 @@ def _checkpoint_in_scope(checkpoint: Callable, scope: Callable, block, *args, **
     return checkpoint(_ScopedBlock(block, scope), *args, **kwargs)
 
 
+def _is_checkpoint_wrapper(module: torch.nn.Module) -> bool:
+    """torch's ``CheckpointWrapper`` (``checkpoint_wrapper``): its forward is ``checkpoint_fn(block, *args)``."""
+    return type(module).__name__ == "CheckpointWrapper" and callable(getattr(module, "checkpoint_fn", None))
+
+
 def _check_no_stateful_hooks(transformer: torch.nn.Module, n_groups: int) -> None:
     """``RuntimeError`` when diffusers hooks that keep state across the transformer's calls (the step caches of
     ``enable_cache``: FirstBlockCache, PyramidAttentionBroadcast, TaylorSeer, FasterCache, MagCache, ...) are
@@ -704,17 +709,21 @@ class ForwardPatch:
     @contextlib.contextmanager
     def checkpointed_in(self, scope: Callable):
         """While active, each block that diffusers' gradient checkpointing runs (``_gradient_checkpointing_func``)
-        runs inside ``scope()``, and so does its recomputation during backward, which comes after this forward has
-        put the processors' state back: a forward's per-call state holds for its recomputed blocks too."""
-        swapped = [(m, m._gradient_checkpointing_func) for m in self.checkpointing_modules
+        or that torch's ``checkpoint_wrapper`` wraps (``apply_activation_checkpointing``, as accelerate's FSDP
+        activation checkpointing applies it; found at each call, as it may come after enable) runs inside
+        ``scope()``, and so does its recomputation during backward, which comes after this forward has put the
+        processors' state back: a forward's per-call state holds for its recomputed blocks too."""
+        swapped = [(m, "_gradient_checkpointing_func") for m in self.checkpointing_modules
                    if m.gradient_checkpointing and getattr(m, "_gradient_checkpointing_func", None) is not None]
-        for module, checkpoint in swapped:
-            module._gradient_checkpointing_func = functools.partial(_checkpoint_in_scope, checkpoint, scope)
+        swapped += [(m, "checkpoint_fn") for m in self.transformer.modules() if _is_checkpoint_wrapper(m)]
+        checkpoints = [getattr(module, name) for module, name in swapped]
+        for (module, name), checkpoint in zip(swapped, checkpoints):
+            setattr(module, name, functools.partial(_checkpoint_in_scope, checkpoint, scope))
         try:
             yield
         finally:
-            for module, checkpoint in swapped:
-                module._gradient_checkpointing_func = checkpoint
+            for (module, name), checkpoint in zip(swapped, checkpoints):
+                setattr(module, name, checkpoint)
 
     def bind(self, args, kwargs) -> dict:
         """The call's arguments by name (the model's own parameter names)."""

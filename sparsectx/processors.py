@@ -587,9 +587,20 @@ def _register_for_layer_skip() -> None:
         AttentionProcessorRegistry.register(replacement, metadata)
 
 
+# the submodule a wrapper holds: torch's checkpoint_wrapper / offload_wrapper, FSDP1, torch.compile
+_WRAPPED_MODULE_NAMES = frozenset({"_checkpoint_wrapped_module", "_fsdp_wrapped_module", "_orig_mod"})
+
+
+def _named_modules(transformer: torch.nn.Module) -> dict:
+    """``{name: module}`` of every submodule, named without the wrappers' segments: a layer keeps its name when
+    its block is wrapped after install (``apply_activation_checkpointing``, FSDP)."""
+    return {".".join(part for part in name.split(".") if part not in _WRAPPED_MODULE_NAMES): module
+            for name, module in transformer.named_modules()}
+
+
 def _attention_modules(transformer: torch.nn.Module):
     """``(name, module)`` of every submodule that carries a diffusers attention processor."""
-    return [(name, module) for name, module in transformer.named_modules()
+    return [(name, module) for name, module in _named_modules(transformer).items()
             if hasattr(module, "processor") and hasattr(module, "set_processor")]
 
 
@@ -645,7 +656,7 @@ def restore_processors(transformer: torch.nn.Module, originals: dict) -> None:
     ``Flux2KleinKVPipeline.from_pipe`` installs on a shared transformer) stays, except a sparsectx processor built
     without a state (diffusers' ``unload_ip_adapter`` rebuilds processors as ``type(p)()``), which becomes the
     diffusers processor it stands for."""
-    modules = dict(transformer.named_modules())
+    modules = _named_modules(transformer)
     for name, processor in originals.items():
         if _runs_ours_over(modules.get(name), processor):
             modules[name].set_processor(processor)
@@ -656,7 +667,7 @@ def restore_processors(transformer: torch.nn.Module, originals: dict) -> None:
 
 def processors_installed(transformer: torch.nn.Module, originals: Optional[dict]) -> bool:
     """Whether every layer ``install_processors`` replaced still runs the sparsectx processor it installed."""
-    modules = dict(transformer.named_modules())
+    modules = _named_modules(transformer)
     return bool(originals) and all(_runs_ours_over(modules.get(name), p) for name, p in originals.items())
 
 

@@ -1051,6 +1051,45 @@ def test_accelerate_mixed_precision_around_drop_training(order):
         accelerate.state.AcceleratorState._reset_state(True)
 
 
+@pytest.mark.parametrize("order", ["enable, wrap", "wrap, enable"])
+def test_torch_checkpoint_wrapper_recomputes_each_forwards_mask(order):
+    """torch's ``apply_activation_checkpointing`` on the blocks (accelerate's FSDP activation checkpointing), before
+    or after enable: two training forwards before one backward give the gradients of the same forwards without
+    checkpointing (each block recomputed with its forward's mask; they were recomputed with the last mask, silently
+    off by ~5e-4), and disable restores every processor (enabling before wrapping crashed at the first forward
+    with "already runs sparsectx processors", the layers' names having changed, and disable left sparsectx's)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    kwargs = _train_inputs("flux2")
+
+    def gradients(wrapped):
+        model = shared._build_model("flux2").train()
+        blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+
+        def wrap():
+            apply_activation_checkpointing(model, check_fn=lambda module: any(module is b for b in blocks))
+
+        if wrapped and order == "wrap, enable":
+            wrap()
+        enable_drop_training(model, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(0))
+        if wrapped and order == "enable, wrap":
+            wrap()
+        assert wrapped == any(type(m).__name__ == "CheckpointWrapper" for m in model.modules())
+        losses = [model(**{**kwargs, "hidden_states": kwargs["hidden_states"] * scale})[0][:, :N_TARGET].square().mean()
+                  for scale in (1.0, 2.0)]
+        sum(losses).backward()
+        disable_drop_training(model)
+        left = [type(m.processor).__name__ for m in model.modules()
+                if isinstance(getattr(m, "processor", None), processors.SPARSECTX_PROCESSORS)]
+        return {name.replace("._checkpoint_wrapped_module", ""): p.grad for name, p in model.named_parameters()}, left
+
+    expected, _ = gradients(wrapped=False)
+    got, left = gradients(wrapped=True)
+    assert not left and got.keys() == expected.keys()
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, expected[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+
+
 @pytest.mark.parametrize("wrapper", ["DataParallel", "DistributedDataParallel"])
 def test_drop_training_through_a_data_parallel_wrapper(wrapper, tmp_path):
     """enable / is_enabled / disable given a data-parallel wrapper (accelerate's prepare returns a
