@@ -24,6 +24,7 @@ import sys
 from typing import NamedTuple, Optional, Union
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from . import reference
 # small tensors of host values on a device without a wait (plain torch; shared with the kernels' launchers)
@@ -95,6 +96,10 @@ MAX_GRID_SAMPLES = 65535  # the attention kernels launch (blocks, heads, samples
 def _check_tensor(name: str, t, ndim: Optional[int] = None, dtypes=None, device=None) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if _forward_ad._current_level >= 0 and _forward_ad.unpack_dual(t).tangent is not None:
+        # the kernels would return outputs without a tangent: torch.func.jvp would see a zero derivative
+        raise NotImplementedError(f"{name} carries a forward-mode AD tangent (torch.func.jvp, "
+                                  "torch.autograd.forward_ad): sparsectx's ops have reverse-mode gradients only")
     if ndim is not None and t.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:

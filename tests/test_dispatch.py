@@ -321,3 +321,38 @@ def test_gpu_ops_on_a_device_that_is_not_current():
     expected = sparsectx.compact_tokens(scores, scores[..., None], budget=[7, 20])
     assert torch.equal(kept.index.cpu(), expected.index) and torch.equal(kept.tensors[0].cpu(), expected.tensors[0])
     assert torch.cuda.current_device() == 0
+
+
+def _forward_ad_calls():
+    """(name, f(x) -> tensor) of each public op, differentiable in x."""
+    g = torch.Generator().manual_seed(0)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    q = torch.randn(8, 2, 8, generator=g)
+    dense = torch.randn(2, 5, 2, 8, generator=g)
+    mask = torch.rand(2, 5, generator=g) < 0.6
+    scores = torch.randn(2, 5, generator=g)
+    return {
+        "sparse_attention": (q, lambda x: sparsectx.sparse_attention(x, q, q, cu, cu, 5, 5)),
+        "masked_attention": (dense, lambda x: sparsectx.masked_attention(x, dense, dense, mask)),
+        "compact_tokens": (dense, lambda x: sparsectx.compact_tokens(scores, x, budget=2).tensors[0]),
+        "scatter_tokens": (q, lambda x: sparsectx.scatter_tokens(x, torch.arange(8, dtype=torch.int32) % 4, cu, 4)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_forward_ad_calls()))
+@pytest.mark.parametrize("mode", ["torch.func.jvp", "forward_ad"])
+def test_forward_mode_ad_is_refused(name, mode):
+    """The kernels' outputs carry no forward-mode tangent: torch.func.jvp saw a zero derivative (sparse_attention,
+    masked_attention) or no tangent (compaction), silently. Each op now refuses a tangent; without one, under the same
+    forward-AD level, it runs."""
+    import torch.autograd.forward_ad as forward_ad
+
+    x, f = _forward_ad_calls()[name]
+    with pytest.raises(NotImplementedError, match="forward-mode AD tangent"):
+        if mode == "torch.func.jvp":
+            torch.func.jvp(f, (x,), (torch.ones_like(x),))
+        else:
+            with forward_ad.dual_level():
+                f(forward_ad.make_dual(x, torch.ones_like(x)))
+    with forward_ad.dual_level():
+        assert torch.equal(f(x), f(x.clone()))
