@@ -405,9 +405,10 @@ def sparse_attention(
         elif validate and _max_len(cu_seqlens_ref) > max_seqlen_ref:
             raise ValueError(f"max_seqlen_ref={max_seqlen_ref} is smaller than a sample's kept reference count")
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    out, lse = _attention_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+    # the lengths stay symbolic where they are (torch.export with dynamic shapes: int() would specialise them)
+    out, lse = _attention_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                  ref_k, ref_v, ref_index if has_ref else None, cu_seqlens_ref if has_ref else None,
-                                 int(max_seqlen_ref or 0), float(softmax_scale))
+                                 max_seqlen_ref if has_ref else 0, float(softmax_scale))
     return (out, lse) if return_lse else out
 
 
@@ -435,10 +436,9 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def uniform_cu_seqlens(batch: int, seq: int, device) -> torch.Tensor:
-    """int32 ``[B+1]`` offsets of B sequences of ``seq`` tokens each (``seq`` may be 0), built on the device."""
-    if seq == 0:
-        return torch.zeros(batch + 1, dtype=torch.int32, device=device)
-    return torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=device)
+    """int32 ``[B+1]`` offsets of B sequences of ``seq`` tokens each (``seq`` may be 0), built on the device (a
+    symbolic ``seq`` stays symbolic: no arange of step ``seq``, whose length would specialise it)."""
+    return torch.arange(batch + 1, dtype=torch.int32, device=device) * seq
 
 
 @_casts_under_autocast("q", "k", "v")
@@ -576,11 +576,12 @@ def _check_compaction_inputs(selection, tensors):
 
 
 def _check_count(name: str, value, minimum: int = 0) -> int:
-    """``value`` as a Python int (a numpy integer converted), checked to be at least ``minimum``."""
+    """``value`` as a Python int (a numpy integer converted), checked to be at least ``minimum``; a symbolic int
+    (torch.compile / torch.export with dynamic shapes) passes unchecked (a check would specialise it)."""
     value = _python_number(value)
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not _is_int(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
+    if isinstance(value, int) and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
 

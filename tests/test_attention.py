@@ -370,6 +370,41 @@ def test_torch_compile_fullgraph_forward_and_backward(backend, validate, dynamic
             torch.testing.assert_close(a.grad, b.grad)
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+@pytest.mark.parametrize("op", ["sparse_attention", "masked_attention"])
+def test_torch_export_with_a_dynamic_token_dim(op, strict):
+    """torch.export with a dynamic token dimension, as an inference stack exports a model: the exported program
+    runs other lengths and equals eager (non-strict export specialised the length: max_seqlen went through int(),
+    and masked_attention's offsets were an arange of step S, whose length guards S)."""
+    from torch.export import Dim, export
+
+    g = torch.Generator().manual_seed(41)
+    if op == "sparse_attention":
+        class Model(torch.nn.Module):
+            def forward(self, q, cu):
+                return sparsectx.sparse_attention(q, q * 0.5, q, cu, cu, q.shape[0], q.shape[0])
+
+        def inputs(n):
+            return torch.randn(n, 2, 16, generator=g).to(DEVICE), _cu([n - 3, 3])
+
+        dynamic = {"q": {0: Dim("T", min=4, max=64)}, "cu": None}
+    else:
+        class Model(torch.nn.Module):
+            def forward(self, q, mask):
+                return sparsectx.masked_attention(q, q * 0.5, q, mask)
+
+        def inputs(n):
+            return (torch.randn(2, n, 2, 16, generator=g).to(DEVICE),
+                    (torch.rand(2, n, generator=g) < 0.6).to(DEVICE))
+
+        dynamic = {"q": {1: Dim("S", min=2, max=64)}, "mask": {1: Dim("S", min=2, max=64)}}
+    model = Model()
+    exported = export(model, inputs(8), dynamic_shapes=dynamic, strict=strict).module()
+    for n in (8, 11):
+        args = inputs(n)
+        torch.testing.assert_close(exported(*args), model(*args), rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # bad input: ValueError/TypeError naming the argument, before any launch
 # ---------------------------------------------------------------------------------------------------------------
