@@ -25,6 +25,7 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
+from torch._subclasses import fake_tensor as _fake_tensor
 
 from . import reference
 # small tensors of host values on a device without a wait (plain torch; shared with the kernels' launchers)
@@ -344,7 +345,7 @@ def sparse_attention(
         raise TypeError(f"softmax_scale must be a Python number or None, got {type(softmax_scale).__name__}")
     # torch.compile traces with tensors that hold no data and may trace the scale as a symbol: the checks that
     # read the device or the scale's value are skipped there
-    compiling = torch.compiler.is_compiling()
+    compiling = _traced(q, cu_seqlens_q)
     if not compiling and not (abs(softmax_scale) <= sys.float_info.max):  # NaN, inf, and ints beyond any float
         raise ValueError(f"softmax_scale must be a finite number, got {softmax_scale!r}")
     validate = validate and not compiling
@@ -569,7 +570,7 @@ def _check_compaction_inputs(selection, tensors):
         if t.ndim < 2 or tuple(t.shape[:2]) != (batch, n_tokens):
             raise ValueError(f"tensors[{i}] must be [B={batch}, N={n_tokens}, ...], got {tuple(t.shape)}")
     # off CUDA the check is free; on CUDA it would wait for the device, and the kernel ranks NaN like torch.sort
-    if (selection.is_floating_point() and selection.device.type != "cuda" and not torch.compiler.is_compiling()
+    if (selection.is_floating_point() and selection.device.type != "cuda" and not _traced(selection)
             and torch.isnan(selection).any()):
         raise ValueError("selection scores contain NaN")
     return batch, n_tokens
@@ -708,10 +709,16 @@ torch.library.register_autograd("sparsectx::gather_rows", _gather_backward, setu
 torch.library.register_autograd("sparsectx::scatter_rows", _scatter_backward, setup_context=_scatter_setup_context)
 
 
+def _traced(*tensors) -> bool:
+    """Whether this call is traced: by torch.compile / torch.export, or with tensors that hold no data (the meta
+    device, FakeTensors): no host read of values then, and the custom ops' fake implementations give the shapes."""
+    return torch.compiler.is_compiling() or any(
+        t is not None and (t.is_meta or _fake_tensor.is_fake(t)) for t in tensors)
+
+
 def _records_graph(tensors) -> bool:
-    """Whether autograd or torch.compile must see this call (then it goes through the custom ops)."""
-    return torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in tensors))
+    """Whether autograd or a tracer must see this call (then it goes through the custom ops)."""
+    return _traced(*tensors) or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
 
 def compact_tokens(selection: torch.Tensor, *tensors: torch.Tensor, budget=None, max_total: Optional[int] = None,
@@ -742,12 +749,11 @@ def compact_tokens(selection: torch.Tensor, *tensors: torch.Tensor, budget=None,
         counts = _check_budget(budget, batch, n_tokens)
         if max_total is not None and max_total < sum(counts):
             raise ValueError(f"max_total={max_total} is smaller than the {sum(counts)} kept tokens")
-    if (counts is None and max_total is not None and selection.device.type != "cuda"
-            and not torch.compiler.is_compiling()):
+    if counts is None and max_total is not None and selection.device.type != "cuda" and not _traced(selection):
         kept = int(selection.sum())  # free off CUDA
         if max_total < kept:
             raise ValueError(f"max_total={max_total} is smaller than the {kept} kept tokens")
-    compact = _compact_index_op if torch.compiler.is_compiling() else _compact_index
+    compact = _compact_index_op if _traced(selection) else _compact_index
     index, cu_seqlens = compact(selection, counts, max_total)
     gather = _gather_rows_op if _records_graph(tensors) and tensors else _gather_rows
     packed = gather(list(tensors), index, cu_seqlens)
@@ -779,7 +785,7 @@ def scatter_tokens(packed: torch.Tensor, index: torch.Tensor, cu_seqlens: torch.
         raise ValueError("cu_seqlens must have B+1 >= 1 entries")
     if index.numel() != packed.shape[0]:
         raise ValueError(f"index has {index.numel()} rows but packed has {packed.shape[0]}")
-    if cu_seqlens.device.type != "cuda" and not torch.compiler.is_compiling():
+    if cu_seqlens.device.type != "cuda" and not _traced(cu_seqlens):
         _check_cu_seqlens("cu_seqlens", cu_seqlens, None, None, packed.device, at_most=packed.shape[0])
     n_tokens = _check_count("n_tokens", n_tokens)
     index, cu_seqlens = index.contiguous(), cu_seqlens.contiguous()  # the kernel reads them with unit stride

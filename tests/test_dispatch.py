@@ -323,19 +323,21 @@ def test_gpu_ops_on_a_device_that_is_not_current():
     assert torch.cuda.current_device() == 0
 
 
-def _forward_ad_calls():
-    """(name, f(x) -> tensor) of each public op, differentiable in x."""
+def _forward_ad_calls(device="cpu"):
+    """(name, f(x) -> tensor) of each public op, differentiable in x (its other inputs on ``device``)."""
     g = torch.Generator().manual_seed(0)
-    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32).to(device)
     q = torch.randn(8, 2, 8, generator=g)
     dense = torch.randn(2, 5, 2, 8, generator=g)
-    mask = torch.rand(2, 5, generator=g) < 0.6
-    scores = torch.randn(2, 5, generator=g)
+    mask = (torch.rand(2, 5, generator=g) < 0.6).to(device)
+    scores = torch.randn(2, 5, generator=g).to(device)
+    index = (torch.arange(8, dtype=torch.int32) % 4).to(device)
+    other_q, other_dense = q.to(device), dense.to(device)
     return {
-        "sparse_attention": (q, lambda x: sparsectx.sparse_attention(x, q, q, cu, cu, 5, 5)),
-        "masked_attention": (dense, lambda x: sparsectx.masked_attention(x, dense, dense, mask)),
+        "sparse_attention": (q, lambda x: sparsectx.sparse_attention(x, other_q, other_q, cu, cu, 5, 5)),
+        "masked_attention": (dense, lambda x: sparsectx.masked_attention(x, other_dense, other_dense, mask)),
         "compact_tokens": (dense, lambda x: sparsectx.compact_tokens(scores, x, budget=2).tensors[0]),
-        "scatter_tokens": (q, lambda x: sparsectx.scatter_tokens(x, torch.arange(8, dtype=torch.int32) % 4, cu, 4)),
+        "scatter_tokens": (q, lambda x: sparsectx.scatter_tokens(x, index, cu, 4)),
     }
 
 
@@ -356,3 +358,24 @@ def test_forward_mode_ad_is_refused(name, mode):
                 f(forward_ad.make_dual(x, torch.ones_like(x)))
     with forward_ad.dual_level():
         assert torch.equal(f(x), f(x.clone()))
+
+
+@pytest.mark.parametrize("name", list(_forward_ad_calls()))
+@pytest.mark.parametrize("where", ["meta", "FakeTensorMode"])
+def test_ops_on_tensors_without_data_give_the_output_shapes(name, where):
+    """Inputs that hold no data (the meta device, FakeTensors: shape propagation by tracers and inference stacks)
+    run the ops' fake implementations with the default validate=True (failed: "Cannot copy out of meta tensor",
+    "Tensor.item() cannot be called on meta tensors", DataDependentOutputException)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, f = _forward_ad_calls()[name]
+    expected = f(x)
+    if where == "meta":
+        _, f_meta = _forward_ad_calls("meta")[name]
+        out = f_meta(x.to("meta"))
+        assert out.is_meta
+    else:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            _, f_fake = _forward_ad_calls()[name]
+            out = f_fake(mode.from_tensor(x))
+    assert out.shape == expected.shape and out.dtype == expected.dtype
