@@ -101,6 +101,10 @@ def _check_tensor(name: str, t, ndim: Optional[int] = None, dtypes=None, device=
         # the kernels would return outputs without a tangent: torch.func.jvp would see a zero derivative
         raise NotImplementedError(f"{name} carries a forward-mode AD tangent (torch.func.jvp, "
                                   "torch.autograd.forward_ad): sparsectx's ops have reverse-mode gradients only")
+    if not torch.compiler.is_compiling() and torch._C._functorch.is_gradtrackingtensor(t):  # (dynamo: its own)
+        raise NotImplementedError(f"{name} is traced by a torch.func gradient transform (grad, vjp, jacrev): "
+                                  "sparsectx's ops have torch.autograd gradients only (backward, "
+                                  "torch.autograd.grad)")
     if ndim is not None and t.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
@@ -576,6 +580,18 @@ def _check_compaction_inputs(selection, tensors):
     return batch, n_tokens
 
 
+def _refuse_vmap(op: str, **inputs) -> None:
+    """``NotImplementedError`` for an input batched by ``torch.vmap``: the kept counts differ per sample, so the
+    compaction has no batching rule (its inputs already carry the batch as their first dimension)."""
+    if torch.compiler.is_compiling():  # dynamo handles torch.func transforms itself
+        return
+    for name, value in inputs.items():
+        for t in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(t, torch.Tensor) and torch._C._functorch.is_batchedtensor(t):
+                raise NotImplementedError(f"{op} does not run under torch.vmap ({name} is batched by it): call it on "
+                                          "the whole batch, whose samples may keep different numbers of tokens")
+
+
 def _check_count(name: str, value, minimum: int = 0) -> int:
     """``value`` as a Python int (a numpy integer converted), checked to be at least ``minimum``; a symbolic int
     (torch.compile / torch.export with dynamic shapes) passes unchecked (a check would specialise it)."""
@@ -738,6 +754,7 @@ def compact_tokens(selection: torch.Tensor, *tensors: torch.Tensor, budget=None,
     (rows past ``max_total`` are dropped). While ``torch.compile`` traces, both checks are skipped on every device
     (they read data). Gradients flow from the packed tensors to the inputs.
     """
+    _refuse_vmap("compact_tokens", selection=selection, tensors=tensors)
     batch, n_tokens = _check_compaction_inputs(selection, tensors)
     if max_total is not None:
         max_total = _check_count("max_total", max_total)
@@ -776,6 +793,7 @@ def scatter_tokens(packed: torch.Tensor, index: torch.Tensor, cu_seqlens: torch.
     where reading it costs no device wait; on a GPU it is trusted. A scalar ``fill`` must be representable in
     ``packed``'s dtype.
     """
+    _refuse_vmap("scatter_tokens", packed=packed, fill=fill)
     _check_tensor("packed", packed)
     if packed.ndim < 1:
         raise ValueError("packed must have a row dimension, got a 0-d tensor")

@@ -379,3 +379,26 @@ def test_ops_on_tensors_without_data_give_the_output_shapes(name, where):
             _, f_fake = _forward_ad_calls()[name]
             out = f_fake(mode.from_tensor(x))
     assert out.shape == expected.shape and out.dtype == expected.dtype
+
+
+@pytest.mark.parametrize("name", list(_forward_ad_calls()))
+def test_torch_func_gradient_transforms_are_refused(name):
+    """torch.func.grad through the ops failed with torch's internals ("Cannot access storage of TensorWrapper",
+    "must override the setup_context staticmethod"); now a NotImplementedError naming the input and what works."""
+    x, f = _forward_ad_calls()[name]
+    with pytest.raises(NotImplementedError, match="torch.func gradient transform"):
+        torch.func.grad(lambda t: f(t).sum())(x)
+
+
+def test_vmap_runs_attention_and_refuses_the_compaction():
+    """torch.vmap over sparse_attention equals a loop over the vmapped dimension (torch's fallback for custom ops);
+    over the compaction, whose kept counts differ per sample, a NotImplementedError says to call it on the batch
+    (it failed with "Cannot access storage of BatchedTensorImpl" or a data-dependent control-flow error)."""
+    calls = _forward_ad_calls()
+    x, f = calls["sparse_attention"]
+    stacked = torch.stack([x, x * 0.5, x.flip(0)])
+    torch.testing.assert_close(torch.vmap(f)(stacked), torch.stack([f(row) for row in stacked]), rtol=0, atol=0)
+    for name in ("compact_tokens", "scatter_tokens"):
+        x, f = calls[name]
+        with pytest.raises(NotImplementedError, match=f"{name} does not run under torch.vmap"):
+            torch.vmap(f)(torch.stack([x, x]))
