@@ -710,12 +710,14 @@ class ForwardPatch:
     def checkpointed_in(self, scope: Callable):
         """While active, each block that diffusers' gradient checkpointing runs (``_gradient_checkpointing_func``)
         or that torch's ``checkpoint_wrapper`` wraps (``apply_activation_checkpointing``, as accelerate's FSDP
-        activation checkpointing applies it; found at each call, as it may come after enable) runs inside
-        ``scope()``, and so does its recomputation during backward, which comes after this forward has put the
-        processors' state back: a forward's per-call state holds for its recomputed blocks too."""
+        activation checkpointing applies it; found at each call that records gradients, as it may come after
+        enable) runs inside ``scope()``, and so does its recomputation during backward, which comes after this
+        forward has put the processors' state back: a forward's per-call state holds for its recomputed blocks
+        too. (Without gradients nothing is recomputed, and the blocks run inside the forward's own scope.)"""
         swapped = [(m, "_gradient_checkpointing_func") for m in self.checkpointing_modules
                    if m.gradient_checkpointing and getattr(m, "_gradient_checkpointing_func", None) is not None]
-        swapped += [(m, "checkpoint_fn") for m in self.transformer.modules() if _is_checkpoint_wrapper(m)]
+        if torch.is_grad_enabled():
+            swapped += [(m, "checkpoint_fn") for m in self.transformer.modules() if _is_checkpoint_wrapper(m)]
         checkpoints = [getattr(module, name) for module, name in swapped]
         for (module, name), checkpoint in zip(swapped, checkpoints):
             setattr(module, name, functools.partial(_checkpoint_in_scope, checkpoint, scope))

@@ -347,12 +347,12 @@ def sparse_attention(
     softmax_scale = _python_number(softmax_scale)
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float, torch.SymInt, torch.SymFloat)):
         raise TypeError(f"softmax_scale must be a Python number or None, got {type(softmax_scale).__name__}")
-    # torch.compile traces with tensors that hold no data and may trace the scale as a symbol: the checks that
-    # read the device or the scale's value are skipped there
-    compiling = _traced(q, cu_seqlens_q)
-    if not compiling and not (abs(softmax_scale) <= sys.float_info.max):  # NaN, inf, and ints beyond any float
+    # traced (torch.compile, export, meta / fake tensors): no data to read, and the scale may be a symbol: the
+    # checks that read the device or the scale's value are skipped there
+    traced = _traced(q, cu_seqlens_q)
+    if not traced and not (abs(softmax_scale) <= sys.float_info.max):  # NaN, inf, and ints beyond any float
         raise ValueError(f"softmax_scale must be a finite number, got {softmax_scale!r}")
-    validate = validate and not compiling
+    validate = validate and not traced
     has_ref = ref_k is not None or ref_v is not None or ref_index is not None or cu_seqlens_ref is not None
     if validate:
         batch = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, None, tq, dev)
@@ -766,11 +766,12 @@ def compact_tokens(selection: torch.Tensor, *tensors: torch.Tensor, budget=None,
         counts = _check_budget(budget, batch, n_tokens)
         if max_total is not None and max_total < sum(counts):
             raise ValueError(f"max_total={max_total} is smaller than the {sum(counts)} kept tokens")
-    if counts is None and max_total is not None and selection.device.type != "cuda" and not _traced(selection):
+    traced = _traced(selection)
+    if counts is None and max_total is not None and selection.device.type != "cuda" and not traced:
         kept = int(selection.sum())  # free off CUDA
         if max_total < kept:
             raise ValueError(f"max_total={max_total} is smaller than the {kept} kept tokens")
-    compact = _compact_index_op if _traced(selection) else _compact_index
+    compact = _compact_index_op if traced else _compact_index
     index, cu_seqlens = compact(selection, counts, max_total)
     gather = _gather_rows_op if _records_graph(tensors) and tensors else _gather_rows
     packed = gather(list(tensors), index, cu_seqlens)

@@ -594,8 +594,13 @@ _WRAPPED_MODULE_NAMES = frozenset({"_checkpoint_wrapped_module", "_fsdp_wrapped_
 def _named_modules(transformer: torch.nn.Module) -> dict:
     """``{name: module}`` of every submodule, named without the wrappers' segments: a layer keeps its name when
     its block is wrapped after install (``apply_activation_checkpointing``, FSDP)."""
-    return {".".join(part for part in name.split(".") if part not in _WRAPPED_MODULE_NAMES): module
-            for name, module in transformer.named_modules()}
+    return {_unwrapped_name(name): module for name, module in transformer.named_modules()}
+
+
+def _unwrapped_name(name: str) -> str:
+    if "_wrapped_module" not in name and "_orig_mod" not in name:  # (most names: no split)
+        return name
+    return ".".join(part for part in name.split(".") if part not in _WRAPPED_MODULE_NAMES)
 
 
 def _attention_modules(transformer: torch.nn.Module):
