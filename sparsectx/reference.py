@@ -31,7 +31,9 @@ def budget_to_counts(budget: Budget, batch: int, n_tokens: int) -> list[int]:
     values = list(budget) if isinstance(budget, (list, tuple)) else [budget] * batch
     counts = []
     for b in values:
-        if isinstance(b, float):
+        if isinstance(b, float) and isinstance(n_tokens, torch.SymInt):  # traced with a dynamic N: stays symbolic
+            counts.append(torch.sym_min(n_tokens, math.floor(b * n_tokens + 0.5)))
+        elif isinstance(b, float):
             counts.append(min(n_tokens, int(math.floor(b * n_tokens + 0.5))))
         else:
             counts.append(int(b))

@@ -141,6 +141,35 @@ def test_max_seqlen_of_a_budget_traces_with_dynamic_shapes(device):
                       backend="aot_eager")(scores)
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+def test_torch_export_of_a_ratio_budget_with_a_dynamic_token_dim(device, strict):
+    """torch.export with a dynamic token dimension and float ratio budgets (one and per sample, with a count among
+    them): the exported program keeps round-half-up(ratio * N) symbolic and equals eager at other N, including N
+    where ratio * N + 0.5 is an exact integer (before: export reported the constraint on N as violated)."""
+    from torch.export import Dim, export
+
+    class Model(torch.nn.Module):
+        def __init__(self, budget):
+            super().__init__()
+            self.budget = budget
+
+        def forward(self, scores, x):
+            kept = sparsectx.compact_tokens(scores, x, budget=self.budget, return_max_seqlen=True)
+            return kept.tensors[0], kept.index, kept.cu_seqlens, torch.full((1,), kept.max_seqlen)
+
+    gen = torch.Generator().manual_seed(8)
+    n_dim = Dim("N", min=4, max=256)
+    for budget in (0.25, [0.1, 0.5], [3, 0.3]):
+        model = Model(budget)
+        scores, x = _scores(gen, 2, 16, torch.float32, device), torch.randn(2, 16, 3, generator=gen).to(device)
+        exported = export(model, (scores, x), dynamic_shapes={"scores": {1: n_dim}, "x": {1: n_dim}},
+                          strict=strict).module()
+        for n in (6, 10, 33):  # 0.25 * 6 + 0.5 and 0.5 * 33 + 0.5 are integers
+            scores, x = _scores(gen, 2, n, torch.float32, device), torch.randn(2, n, 3, generator=gen).to(device)
+            for got, want in zip(exported(scores, x), model(scores, x)):
+                assert torch.equal(got, want)
+
+
 def test_per_sample_budget_tensor(device):
     gen = torch.Generator().manual_seed(2)
     scores = _scores(gen, 4, 33, torch.float32, device, distinct=4)
