@@ -402,3 +402,36 @@ def test_vmap_runs_attention_and_refuses_the_compaction():
         x, f = calls[name]
         with pytest.raises(NotImplementedError, match=f"{name} does not run under torch.vmap"):
             torch.vmap(f)(torch.stack([x, x]))
+
+
+def test_data_less_inputs_are_told_from_plain_ones_as_torch_does():
+    """The ops' quick test for inputs without data (plain tensors answered without torch's ``is_fake``, 2.5 us per
+    tensor on the host) agrees with ``is_fake``/meta for plain tensors, parameters, meta tensors, FakeTensors and
+    FakeTensors wrapped by functionalization (as aot_autograd traces) or by vmap."""
+    from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+
+    from sparsectx import ops
+
+    plain = torch.randn(3, 2)
+    mode = FakeTensorMode()
+    fake = mode.from_tensor(plain)
+    cases = {"plain": plain, "parameter": torch.nn.Parameter(plain.clone()), "meta": plain.to("meta"),
+             "fake": fake, "functional plain": torch._to_functional_tensor(plain),
+             "functional fake": torch._to_functional_tensor(fake)}
+    expected = {"plain": False, "parameter": False, "meta": True, "fake": True, "functional plain": False,
+                "functional fake": True}
+    for name, t in cases.items():
+        assert ops._holds_no_data(t) is expected[name], name
+        assert expected[name] == (t.is_meta or is_fake(t)), name
+    seen = {}
+
+    def record(name):
+        def f(t):
+            seen[name] = ops._holds_no_data(t)
+            return t
+        return f
+
+    torch.vmap(record("vmapped plain"))(plain)
+    with mode:
+        torch.vmap(record("vmapped fake"))(fake)
+    assert seen == {"vmapped plain": False, "vmapped fake": True}
