@@ -122,7 +122,8 @@ def _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, key_valid, d_valid, qk_scale
                   MASK_KEYS: tl.constexpr, MASK_D: tl.constexpr, IEEE: tl.constexpr):
     """Loads one block of keys/values (one pointer per row and feature) and folds it into the running output,
     max and sum of the online softmax (base 2, fp32 statistics). MASK_KEYS: the block is a sequence tail and its
-    invalid keys get score -inf; every block holds at least one valid key, so the running max stays finite."""
+    invalid keys get score -inf. While a row has seen only -inf scores (keys holding -inf), its running max is -inf
+    and the exponentials are taken from 0 instead (they are 0, where -inf - -inf would give NaN)."""
     if MASK_KEYS or MASK_D:
         kv_mask = key_valid[:, None] & d_valid[None, :]
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
@@ -134,8 +135,9 @@ def _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, key_valid, d_valid, qk_scale
     if MASK_KEYS:
         qk = tl.where(key_valid[None, :], qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.math.exp2(qk - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
+    m_from = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_from[:, None])
+    alpha = tl.math.exp2(m_i - m_from)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
     return acc, m_new, l_i

@@ -1,10 +1,11 @@
 """Public ops of sparsectx: validation, dispatch, autograd and torch.library registration.
 
 Dispatch (``backend_for``): CUDA tensors run the Triton kernels; CPU tensors run the same Triton kernels through
-the interpreter when ``TRITON_INTERPRET=1`` is set and was set when sparsectx's kernels were first imported (bf16
-excepted: the interpreter computes bf16 wrongly, so bf16 on the CPU takes the reference path); anything else
-(e.g. the variable set after the kernels were imported for a GPU) runs the plain-torch reference of
-``sparsectx.reference``. Every path gives the same results within rounding.
+the interpreter when ``TRITON_INTERPRET=1`` is set and was set when Triton and sparsectx's kernels were first
+imported (bf16 excepted: the interpreter computes bf16 wrongly, so bf16 on the CPU takes the reference path);
+anything else runs the plain-torch reference of ``sparsectx.reference``, with a warning when the variable was set
+too late (``import sparsectx`` imports Triton: set it before importing torch or sparsectx). Every path gives the
+same results within rounding.
 
 Ops:
 - ``sparse_attention``: flash_attn_varlen_func-style joint attention whose keys are each sample's own packed keys
@@ -21,6 +22,7 @@ import math
 import numbers
 import os
 import sys
+import warnings
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -53,9 +55,36 @@ def interpreter_enabled() -> bool:
 
 
 def _kernels_built_as(interpreted: bool) -> bool:
-    """Whether every kernel module imported so far was built in that mode (``triton.jit`` fixes it at import:
-    setting ``TRITON_INTERPRET`` afterwards does not turn compiled kernels into interpreted ones, or back)."""
+    """Whether every kernel module imported so far, and Triton's own library of jitted functions (``tl.zeros`` and
+    the like, which the kernels call), were built in that mode. ``triton.jit`` fixes it at import: setting
+    ``TRITON_INTERPRET`` afterwards does not turn compiled kernels into interpreted ones, or back, and torch
+    imports Triton early (``import sparsectx`` does)."""
+    if _triton_library_interpreted() not in (None, interpreted):
+        return False
     return all(sys.modules[name].INTERPRETED == interpreted for name in _KERNEL_MODULES if name in sys.modules)
+
+
+_LIBRARY_MODE: list = []  # [interpreted], once Triton's library is imported (its mode can not change after)
+
+
+def _triton_library_interpreted() -> Optional[bool]:
+    """Whether Triton's jitted library functions run in the interpreter; None before Triton imported them."""
+    if not _LIBRARY_MODE:
+        library = getattr(sys.modules.get("triton.language.standard"), "zeros", None)
+        if library is None:
+            return None
+        from .kernels._launch import built_for_interpreter
+
+        _LIBRARY_MODE.append(built_for_interpreter(library))
+    return _LIBRARY_MODE[0]
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_interpreter_set_late() -> None:
+    warnings.warn("TRITON_INTERPRET=1 was set after Triton or sparsectx's kernels were imported without it (import "
+                  "sparsectx imports Triton): ops on CPU tensors run the plain-torch reference, not the Triton "
+                  "interpreter. Set TRITON_INTERPRET=1 before importing torch or sparsectx to run the kernels.",
+                  RuntimeWarning, stacklevel=3)
 
 
 def backend_for(device: Union[torch.device, str], dtype: torch.dtype = torch.float16) -> str:
@@ -65,9 +94,10 @@ def backend_for(device: Union[torch.device, str], dtype: torch.dtype = torch.flo
     interpret = interpreter_enabled()
     if device.type == "cuda" and not interpret and _triton_available() and _kernels_built_as(False):
         return TRITON_GPU
-    if (device.type == "cpu" and interpret and dtype != torch.bfloat16 and _triton_available()
-            and _kernels_built_as(True)):
-        return TRITON_INTERPRETER
+    if device.type == "cpu" and interpret and dtype != torch.bfloat16 and _triton_available():
+        if _kernels_built_as(True):
+            return TRITON_INTERPRETER
+        _warn_interpreter_set_late()
     return TORCH_REFERENCE
 
 
@@ -234,6 +264,16 @@ torch.library.register_autograd("sparsectx::sparse_attention_fwd", _attention_ba
                                 setup_context=_attention_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("sparsectx's attention has first-order gradients only: a backward through its "
+                              "gradients (torch.autograd.grad(..., create_graph=True) and then a second backward, "
+                              "e.g. a gradient penalty) is not supported")
+
+
+torch.library.register_autograd("sparsectx::sparse_attention_bwd", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)
+
+
 def _autocast_dtype(t) -> Optional[torch.dtype]:
     """The dtype ``torch.autocast`` asks for on ``t``'s device type, or None when it is off there."""
     device_type = t.device.type if isinstance(t, torch.Tensor) else None
@@ -334,7 +374,10 @@ def sparse_attention(
             raise ValueError(f"{name} has dtype {t.dtype} but q has {dt}")
     tq, heads, dim = q.shape
     if k.shape[1:] != (heads, dim):
-        raise ValueError(f"k must be [Tk, {heads}, {dim}] like q's heads and head dim, got {tuple(k.shape)}")
+        gqa = (k.shape[2] == dim and 0 < k.shape[1] < heads and heads % k.shape[1] == 0)
+        raise ValueError(f"k must be [Tk, {heads}, {dim}] like q's heads and head dim, got {tuple(k.shape)}" + (
+            f" (k/v with fewer heads than q, GQA/MQA, are not supported: repeat them, e.g. "
+            f"k.repeat_interleave({heads // k.shape[1]}, dim=1), which is flash-attn's grouping)" if gqa else ""))
     if v.shape != k.shape:
         raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
     if dim > 256 or dim < 1:
@@ -737,6 +780,8 @@ _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 def _holds_no_data(t: torch.Tensor) -> bool:
     """A meta tensor or a FakeTensor (also wrapped by functionalization or functorch). Plain tensors are answered
     without ``is_fake`` (2.5 us of host time per tensor, several tensors per op call)."""
+    if not isinstance(t, torch.Tensor):  # (a wrong type is reported by the argument checks)
+        return False
     if t.is_meta:
         return True
     if (type(t) in _PLAIN_TENSOR_TYPES and not torch._is_functional_tensor(t)

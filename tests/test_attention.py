@@ -419,7 +419,8 @@ def _valid():
     (lambda a: a.update(q=a["q"][0]), ValueError, "q must have 3 dimensions"),
     (lambda a: a.update(q=a["q"].to(torch.int32)), ValueError, "q must have dtype"),
     (lambda a: a.update(k=a["k"].float()), ValueError, "k has dtype"),
-    (lambda a: a.update(k=a["k"][:, :1]), ValueError, "k must be"),
+    (lambda a: a.update(k=a["k"][:, :1]), ValueError, "k must be.*GQA/MQA, are not supported.*repeat_interleave"),
+    (lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"].tolist()), TypeError, "cu_seqlens_q must be a torch.Tensor"),
     (lambda a: a.update(v=a["v"][:-1]), ValueError, "v must have"),
     (lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"].long()), ValueError, "cu_seqlens_q must have dtype"),
     (lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"].flip(0)), ValueError, "cu_seqlens_q"),
@@ -512,6 +513,43 @@ def test_masked_attention_bad_input():
         sparsectx.masked_attention(q, q, q, torch.ones(2, 4, dtype=torch.bool, device=DEVICE))
     with pytest.raises(ValueError, match="k must match"):
         sparsectx.masked_attention(q, q[:, :4], q, torch.ones(2, 5, dtype=torch.bool, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", DTYPES_HERE, ids=str)
+def test_keys_at_minus_infinity_get_zero_weight(dtype, poisoned_outputs):
+    """Keys holding -inf (score -inf: zero weight, as in softmax and SDPA) in a sample's first key block: the
+    kernel's running max was -inf there and exp2(-inf - -inf) made the whole row NaN (the reference was right).
+    Sample 0: its 3 own keys at -inf (one tail block), then finite references; sample 1: its first 32 own keys at
+    -inf (a whole block in the interpreter), then finite own keys and references."""
+    case = make_case([4, 5], [3, 40], [5, 6], 8, 2, 64, dtype, seed=77)
+    g = torch.Generator().manual_seed(78)
+    case.q = (torch.rand(case.q.shape, generator=g) + 0.1).to(DEVICE, dtype)  # positive: q . (-inf) = -inf
+    case.k[:3] = float("-inf")
+    case.k[3:3 + 32] = float("-inf")
+    out = sparsectx.sparse_attention(case.q, case.k, case.v, case.cu_q, case.cu_k, case.max_q, case.max_k,
+                                     **case.ref)
+    exact, _ = ref.sparse_attention_ref(*(t.double() for t in (case.q, case.k, case.v)), case.cu_q, case.cu_k,
+                                        **{n: (t.double() if t.is_floating_point() else t)
+                                           for n, t in case.ref.items()})
+    same_dtype, _ = ref.sparse_attention_ref(case.q, case.k, case.v, case.cu_q, case.cu_k, **case.ref)
+    assert torch.isfinite(exact).all()
+    assert_flash_criterion("out", out, same_dtype, exact, dtype)
+
+
+def test_double_backward_is_refused_with_a_clear_error():
+    """A second backward through the attention's gradients (create_graph=True, e.g. a gradient penalty) failed
+    inside torch ("no autograd formula was registered" for an internal op); now a NotImplementedError says that
+    the attention has first-order gradients only. First-order gradients with create_graph=True are unchanged."""
+    case = make_case([3, 4], [3, 4], [2, 1], 5, 1, 16, torch.float32, seed=5)
+    q = case.q.detach().clone().requires_grad_(True)
+    out = sparsectx.sparse_attention(q, case.k, case.v, case.cu_q, case.cu_k, case.max_q, case.max_k, **case.ref)
+    (grad,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    (plain,) = torch.autograd.grad(
+        sparsectx.sparse_attention(q, case.k, case.v, case.cu_q, case.cu_k, case.max_q, case.max_k,
+                                   **case.ref).square().sum(), q)
+    torch.testing.assert_close(grad, plain, rtol=0, atol=0)
+    with pytest.raises(NotImplementedError, match="first-order gradients only"):
+        grad.sum().backward()
 
 
 def test_non_contiguous_head_dim_is_handled():
