@@ -76,6 +76,7 @@ extract step, samples of one batch keeping different tokens.
 """
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import copy
 import functools
@@ -116,9 +117,6 @@ PATCH_ATTR = "_sparsectx_patch"  # the transformer attribute holding its _Sparse
 TARGET_PLANE = 0  # FLUX.1 / FLUX.2: first id axis of target tokens; references use any other value
 KV_EXTRACT = "extract"
 PROBE_FAMILIES = (FLUX2, FLUX, QWEN)  # families whose first double-stream block the attention probe reads
-# signals that make the automatic probe unnecessary: the user's own probe or probe tensors, or a user edit mask
-# (the user said where the edit is; probe attention would be mixed into it)
-PROBE_SKIP_SIGNALS = ("attention_probe", "ref_keys", "text_queries", "target_queries", "queries", "user_mask")
 
 # per family: the forward arguments that carry the batch dimension first (sliced when samples run as groups),
 # the argument holding the (joint) attention kwargs, and the arguments this integration can not compact
@@ -130,6 +128,8 @@ _BATCH_ARGS = {
 }
 _IDS_ARGS = ("img_ids", "txt_ids")  # batched only when 3-D ([B, S, n_axes])
 _ATTN_KWARGS_ARG = {FLUX2: "joint_attention_kwargs", FLUX: "joint_attention_kwargs", QWEN: "attention_kwargs"}
+# the pipelines' keyword that reaches it (FLUX.2 pipelines take attention_kwargs), for messages
+_PIPELINE_ATTN_KWARGS_ARG = {FLUX2: "attention_kwargs", FLUX: "joint_attention_kwargs", QWEN: "attention_kwargs"}
 _UNSUPPORTED_ARGS = ("controlnet_block_samples", "controlnet_single_block_samples")
 
 Budget = Optional[Union[int, float, Sequence[Union[int, float]], Sequence[Sequence[Union[int, float]]], Callable]]
@@ -484,6 +484,28 @@ def _probe_processor(family: str, layout: _Layout) -> _QKProbeProcessor:
     return _FluxQKProbe(layout, {FLUX2: transformer_flux2, FLUX: transformer_flux}[family]._get_qkv_projections)
 
 
+@contextlib.contextmanager
+def _step_cache_states_set_aside(transformer: torch.nn.Module):
+    """diffusers' step caches (``enable_cache``) keep per-step state in their hooks (``StateManager``), which a
+    forward advances (e.g. TaylorSeer's step count): the probe's stopped forward runs on fresh states, and the
+    denoising step's states are put back untouched after it."""
+    saved = []
+    for module in transformer.modules():
+        registry = module.__dict__.get("_diffusers_hook")
+        for hook in getattr(registry, "hooks", {}).values():
+            if not getattr(hook, "_is_stateful", False):
+                continue
+            for manager in vars(hook).values():
+                if isinstance(getattr(manager, "_state_cache", None), dict) and hasattr(manager, "get_state"):
+                    saved.append((manager, manager._state_cache))
+                    manager._state_cache = {}
+    try:
+        yield
+    finally:
+        for manager, states in saved:
+            manager._state_cache = states
+
+
 def _probe_qk(transformer: torch.nn.Module, family: str, forward: Callable, call: dict,
               layout: _Layout) -> _QKProbeProcessor:
     """Runs ``forward(**call)`` with the probe processor on ``transformer.transformer_blocks[0].attn`` until it
@@ -493,7 +515,7 @@ def _probe_qk(transformer: torch.nn.Module, family: str, forward: Callable, call
     original = attn.processor
     attn.set_processor(recorder)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _step_cache_states_set_aside(transformer):
             forward(**call)
     except _ProbeDone:
         return recorder
@@ -989,11 +1011,18 @@ class _SparsePatch(ForwardPatch):
         if not attn_kwargs or CALL_KWARG not in attn_kwargs:
             return {}
         attn_kwargs = dict(attn_kwargs)  # never mutate the caller's (the pipeline's) dicts
-        overrides = dict(attn_kwargs.pop(CALL_KWARG) or {})
+        raw = attn_kwargs.pop(CALL_KWARG)
         call[name] = attn_kwargs or None
+        pipeline_name = _PIPELINE_ATTN_KWARGS_ARG[self.family]
+        where = f"{pipeline_name}['{CALL_KWARG}']" + (
+            f" (the transformer's {name}['{CALL_KWARG}'])" if pipeline_name != name else "")
+        if raw is not None and not isinstance(raw, collections.abc.Mapping):
+            raise TypeError(f"{where} must be a dict with keys from {OVERRIDE_KEYS} (e.g. {{'budget': 0.1}}), got "
+                            f"{type(raw).__name__}")
+        overrides = dict(raw or {})
         unknown = set(overrides) - set(OVERRIDE_KEYS)
         if unknown:
-            raise ValueError(f"{name}['{CALL_KWARG}'] accepts {OVERRIDE_KEYS}, got unknown keys {sorted(unknown)}")
+            raise ValueError(f"{where} accepts {OVERRIDE_KEYS}, got unknown keys {sorted(unknown)}")
         if "budget" in overrides:
             overrides["budget"] = check_budget(overrides["budget"])
         if "signals" in overrides:
@@ -1049,7 +1078,9 @@ class _SparsePatch(ForwardPatch):
             sample_generators = None if sample_seeds is None or shared else [
                 torch.Generator(device=hidden.device).manual_seed(s) for s in sample_seeds]
             extra = {**layout.extra, **_signals_for(signals, batch, shared, hidden.device)}
-            if self.family in PROBE_FAMILIES and not any(name in signals for name in PROBE_SKIP_SIGNALS):
+            # the automatic probe, unless the user gave their own: it runs only if a selector asks for a probe
+            # tensor the signals lack (probe tensors given in the signals are used as given)
+            if self.family in PROBE_FAMILIES and "attention_probe" not in signals:
                 extra["attention_probe"] = self._attention_probe(call, layout, shared)
             context = SelectionContext(num_references=len(layout.ref_lengths), ref_lengths=list(layout.ref_lengths),
                                        reference_ids=layout.reference_ids, target_shape=layout.target_shape,

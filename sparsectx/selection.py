@@ -504,8 +504,10 @@ def edit_scores(reference_latents: torch.Tensor, context: SelectionContext, *, r
 
     Signals: ``extra["user_mask"]`` (the user said where the edit is: exact, free) and/or the instruction's
     attention ``attention_mass(extra["text_queries"], extra["ref_keys"], extra.get("text_mask"))`` (the instruction
-    tokens attend to the reference tokens they talk about: needs one probe layer of the first step). With both, the
-    edit region is their maximum (the mask wins where it is set). The region is scaled to [0, 1] per image, dilated
+    tokens attend to the reference tokens they talk about: needs one probe layer of the first step). Given a
+    ``user_mask``, the probe is not run (the user said where the edit is): the instruction's attention is used only
+    if ``text_queries`` and ``ref_keys`` are given too, and then the edit region is their maximum (the mask wins
+    where it is set). The region is scaled to [0, 1] per image, dilated
     by ``ring`` tokens for context (boundaries must blend), and ranked as
     ``region + CONTEXT_WEIGHT·dilated + SPREAD_WEIGHT·uniform``: top-k takes the region first, then its ring, then
     an even spread of the rest (global layout). Cost: the probe's attention mass (see ``attention_mass``) plus
@@ -513,7 +515,10 @@ def edit_scores(reference_latents: torch.Tensor, context: SelectionContext, *, r
     """
     batch, n_tokens, _ = reference_latents.shape
     user_mask = context.extra.get("user_mask")
-    queries = _probe_tensor(reference_latents, context, "text_queries", "edit", required=False)
+    if user_mask is None:
+        queries = _probe_tensor(reference_latents, context, "text_queries", "edit", required=False)
+    else:  # the user's region: no probe, their own instruction queries only
+        queries = context.extra.get("text_queries")
     if user_mask is None and queries is None:
         raise ValueError("selector 'edit' needs context.extra['user_mask'] and/or extra['text_queries'] with "
                          "extra['ref_keys'] (or an extra['attention_probe'] that provides them)")

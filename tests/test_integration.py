@@ -211,6 +211,35 @@ def test_step_caches_refuse_a_batch_run_as_several_forwards(models):
         model.disable_cache()
 
 
+@pytest.mark.parametrize("family", ["flux2", "qwen"])
+def test_the_probe_leaves_step_cache_states_alone(models, family):
+    """A selector that reads the attention probe under diffusers' TaylorSeer step cache: the probe's stopped forward
+    advanced the cache's step count, so the step after it asked the cache for a prediction it could not make
+    ("Cannot predict without prior initialization/update", even keeping every token). The probe now runs on set-aside
+    cache states: keeping every token equals the cache alone over several steps."""
+    hooks = pytest.importorskip("diffusers.hooks")
+    if not hasattr(hooks, "TaylorSeerCacheConfig"):
+        pytest.skip("this diffusers has no TaylorSeer cache")
+    model, kwargs = models[family], _inputs(family)
+
+    def steps():
+        with model.cache_context("cond"):
+            return [_run(model, {**kwargs, "timestep": kwargs["timestep"] * (1.0 - 0.2 * i)}) for i in range(4)]
+
+    try:
+        model.enable_cache(hooks.TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1,
+                                                       taylor_factors_dtype=torch.float32))
+        cached = steps()
+        model.disable_cache()
+        model.enable_cache(hooks.TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1,
+                                                       taylor_factors_dtype=torch.float32))
+        sparsectx.enable(model, budget=1.0, selector="attention")
+        for got, want in zip(steps(), cached):
+            torch.testing.assert_close(got, want, rtol=0, atol=FP32_ATOL)
+    finally:
+        model.disable_cache()
+
+
 def test_groups_take_their_rows_of_per_sample_attention_kwargs(models):
     """A group (or the probe's first sample) gets its rows of per-sample tensors in the attention kwargs, e.g. FLUX.1's
     ``ip_adapter_image_embeds`` (one [B, ...] tensor per IP adapter); other entries and the caller's dict stay."""
@@ -494,6 +523,23 @@ def test_per_call_override_through_attention_kwargs(models):
         handle.remove()
     assert seen == [_n_target() + 2 * len(REF_HWS)]
     assert attn_kwargs == {"sparsectx": {"budget": 2}}  # the caller's dict is left alone
+
+
+@pytest.mark.parametrize("override, error, words", [
+    (0.1, TypeError, r"must be a dict with keys from \('budget', 'selector', 'signals'\).*got float"),
+    ("attention", TypeError, "must be a dict.*got str"),
+    ([("budget", 0.1)], TypeError, "must be a dict.*got list"),
+    ({"Budget": 0.1}, ValueError, r"accepts \('budget', 'selector', 'signals'\), got unknown keys \['Budget'\]"),
+])
+def test_per_call_override_that_is_not_the_documented_dict_is_refused(models, override, error, words):
+    """attention_kwargs={"sparsectx": 0.1} failed with "'float' object is not iterable", a string with "dictionary
+    update sequence element", and a list of pairs was taken silently. The messages name the pipeline's keyword
+    (FLUX.2 pipelines take attention_kwargs; the transformer's is joint_attention_kwargs)."""
+    model, kwargs = models["flux2"], _inputs("flux2")
+    sparsectx.enable(model, budget=0.5, selector=norm_selector)
+    with pytest.raises(error, match=r"^attention_kwargs\['sparsectx'\] \(the transformer's joint_attention_kwargs"
+                                    r"\['sparsectx'\]\) " + words):
+        _run(model, {**kwargs, "joint_attention_kwargs": {"sparsectx": override}})
 
 
 def test_per_call_selector_override_is_cached_across_steps(models):

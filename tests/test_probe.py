@@ -269,6 +269,47 @@ def test_attention_selector_keeps_top_mass(models, family):
     assert torch.equal(keep, expected)
 
 
+@pytest.mark.parametrize("given", ["user_mask", "ref_keys"])
+def test_signals_a_selector_does_not_replace_leave_the_probe_on(models, given):
+    """A signal that does not give the selector's probe tensors (an edit mask for 'attention', or the reference keys
+    without queries) switched the automatic probe off: 'attention' raised "needs context.extra['queries']" and
+    'subject' silently lost its attention half. Now the probe supplies what is missing: same keep mask as without
+    signals. 'edit' given a user mask still runs no probe (the user said where the edit is)."""
+    model, kwargs = models["flux2"], _inputs("flux2")
+    query, key = _hand_qk(model, "flux2", kwargs)
+    lengths = [h * w for h, w in REF_HWS["flux2"]]
+    image_key = key[:, TEXT_TOKENS:]
+    ref_keys = image_key[:, N_TARGET:N_TARGET + sum(lengths)]
+    mass = selection.attention_mass(query[:, TEXT_TOKENS:][:, :N_TARGET], ref_keys)
+    expected = torch.cat([topk_keep_mask(segment, [BUDGET] * mass.shape[0]) for segment in mass.split(lengths, 1)],
+                         dim=1)
+    user_mask = torch.zeros(2, sum(lengths), dtype=torch.bool)
+    user_mask[:, [0, 2, 4, lengths[0] + 1, lengths[0] + 3, lengths[0] + 7]] = True  # BUDGET tokens per image
+    signal = {"user_mask": user_mask, "ref_keys": ref_keys}[given]
+    calls = []
+    handle = model.transformer_blocks[0].register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        counts = []
+        for signals in (None, {given: signal}):
+            calls.clear()
+            sparsectx.enable(model, budget=BUDGET, selector="attention", signals=signals)
+            with torch.no_grad():
+                model(**kwargs)
+            keep = getattr(model, integration.PATCH_ATTR).cache.keep
+            torch.testing.assert_close(keep, expected, rtol=0, atol=0)
+            counts.append(len(calls))
+        assert counts[0] == counts[1]  # the probe's stopped forward and the step's (one per group of samples)
+        if given == "user_mask":
+            calls.clear()
+            sparsectx.enable(model, budget=BUDGET, selector="edit", signals={given: signal})
+            with torch.no_grad():
+                model(**kwargs)
+            assert torch.equal(getattr(model, integration.PATCH_ATTR).cache.keep, user_mask)
+            assert len(calls) == 1  # no probe
+    finally:
+        handle.remove()
+
+
 def test_user_probe_tensors_skip_the_automatic_probe(models):
     """Probe tensors given in ``signals`` are used as they are: planted keys that every query attends to most."""
     model, kwargs = models["flux2"], _inputs("flux2", shared=True)
