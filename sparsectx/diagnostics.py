@@ -25,7 +25,7 @@ Kernels launched outside aten (Triton launchers) are not seen.
 ```python
 with sparsectx.diagnostics.count_host_reads() as reads:
     model(**inputs)
-print(reads.count, reads.ops)   # e.g. 1, ['aten.eq... all -> _local_scalar_dense']
+print(reads.count, reads.ops)   # e.g. 1 ['aten._local_scalar_dense.default']
 ```
 """
 from __future__ import annotations

@@ -510,7 +510,8 @@ def masked_attention(
     which the kernel reads faster than gathered rows; only the rest of the keys is gathered through ``key_mask``.
 
     Gradients flow to q, k, v (zero at dropped keys and skipped queries). Nothing synchronises with the host on a GPU
-    (on the CPU, each compaction checks ``max_total`` against the mask's kept total: one read).
+    (on the CPU, each compaction checks ``max_total`` against the mask's kept total: one read; the torch reference
+    path, without ``TRITON_INTERPRET=1``, reads twice more to build the index with ``nonzero``).
     Inside ``torch.autocast`` q, k and v are cast to the autocast dtype first, as in ``sparse_attention``.
     """
     _check_tensor("q", q, ndim=4, dtypes=_ATTN_DTYPES)
