@@ -15,7 +15,11 @@
 # Files written: env.log, tests.log, bench.log, bench.json (the part's cases merged), summary.txt, results.md (the
 # run as markdown for bench/RESULTS.md). The commit measured is read from the tree's git; set SPARSECTX_COMMIT=<hash>
 # when the tree has no .git (a GPU machine's copy).
-# Dry run on a CPU machine: GPU tests are skipped there and the benchmarks use the tiny shapes.
+# Dry run on a CPU machine: GPU tests are skipped there and the benchmarks use the tiny shapes, on the torch
+# reference path unless TRITON_INTERPRET=1 is exported first (then the kernels run through the interpreter: give it
+# GPU_CHECK_BUDGET_S=1500). CUDA-only rows (CUDA graph replay, sync counts, peak memory) run on a GPU only.
+# Exit status: 1 when a step FAILED (a step cut by its timeout or skipped for lack of time does not count: the
+# summary says which), else 0.
 set -u   # no `set -e`: a failing step must not stop the steps after it
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -203,3 +207,5 @@ SUMMARY=$OUT/summary.txt
 [[ -f $OUT/bench.json ]] && "${IN_SCRATCH[@]}" "$PY" -m sparsectx.cli report "$OUT/bench.json" >"$OUT/results.md" 2>&1
 cat "$SUMMARY"
 rm -rf "$SCRATCH"
+for line in "${STEP_LINES[@]}"; do [[ $line == *" FAILED "* ]] && exit 1; done
+exit 0

@@ -2187,7 +2187,7 @@ def run_metadata(device: torch.device, size: str, quick: bool, cases: Sequence[s
         "quick": quick,
         "cases": list(cases),
         "timing": ("median of CUDA-event timings (triton.testing.do_bench)" if gpu
-                   else "median of time.perf_counter"),
+                   else f"median of time.perf_counter, {CPU_THREADS} torch thread"),
         "ratio": RATIO_MEANING,
         "command": " ".join(sys.argv),
     }
@@ -2322,12 +2322,22 @@ def _parse_device(name: str) -> torch.device:
     return device
 
 
+CPU_THREADS = 1  # torch threads of a CPU run (see main)
+
+
 def main(args: argparse.Namespace) -> int:
     device = _parse_device(args.device) if args.device else default_device()
     if device.type == "cuda":  # timers, events and graph capture use the current device: make it the measured one
         with torch.cuda.device(device):
             return _main(args, device)
-    return _main(args, device)
+    # on a CPU, one thread: tiny shapes gain nothing from more, and on a busy machine torch's threads competing with
+    # other work inflated single timings 50-100x (ratios between implementations became noise)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(CPU_THREADS)
+    try:
+        return _main(args, device)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _main(args: argparse.Namespace, device: torch.device) -> int:

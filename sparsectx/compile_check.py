@@ -378,14 +378,16 @@ def _dim_list(text: str) -> tuple:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", type=int, default=90,
-                        help="compute capability x 10: 90 for H100/H200 (default), 80 for A100, 89 for L40S/4090")
-    parser.add_argument("--dtypes", type=_dtype_list, default=DTYPES,
-                        help=f"attention dtypes (default {','.join(DTYPES)}; the selection kernel is compiled for "
-                             "every score dtype)")
-    parser.add_argument("--head-dims", type=_dim_list, default=HEAD_DIMS,
-                        help=f"attention head dims (default {','.join(map(str, HEAD_DIMS))})")
-    parser.add_argument("--quick", action="store_true", help="short for --dtypes bf16 --head-dims 64,128")
+    parser.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_MEMORY_LIMIT), metavar="ARCH",
+                        help="compute capability x 10: 90 for H100/H200 (default), 80 for A100, 89 for L40S/4090 "
+                             f"(one of {', '.join(map(str, sorted(SHARED_MEMORY_LIMIT)))})")
+    sizes = parser.add_argument_group("variants (--quick, or --dtypes/--head-dims)")
+    sizes.add_argument("--dtypes", type=_dtype_list, default=None,
+                       help=f"attention dtypes (default {','.join(DTYPES)}; the selection kernel is compiled for "
+                            "every score dtype)")
+    sizes.add_argument("--head-dims", type=_dim_list, default=None,
+                       help=f"attention head dims (default {','.join(map(str, HEAD_DIMS))})")
+    sizes.add_argument("--quick", action="store_true", help="short for --dtypes bf16 --head-dims 64,128")
     parser.add_argument("--first-config", action="store_true",
                         help="only the first autotune candidate of each attention kernel (SPARSECTX_AUTOTUNE=0)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
@@ -393,7 +395,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Exit status 1 when something would fail on the GPU (see ``problems``), else 0."""
-    dtypes, head_dims = (("bf16",), (64, 128)) if args.quick else (args.dtypes, args.head_dims)
+    if args.quick and (args.dtypes is not None or args.head_dims is not None):
+        print("sparsectx compile-check: error: --quick stands for --dtypes bf16 --head-dims 64,128: give it or "
+              "those options, not both", file=sys.stderr)
+        return 2
+    dtypes, head_dims = (("bf16",), (64, 128)) if args.quick else (args.dtypes or DTYPES, args.head_dims or HEAD_DIMS)
     interpreting = os.environ.get("TRITON_INTERPRET", "").strip().lower() not in ("", "0", "false", "no", "off")
     if interpreting or args.first_config != (
             os.environ.get("SPARSECTX_AUTOTUNE", "1") == "0"):

@@ -227,3 +227,21 @@ def test_a_failing_sparsectx_row_is_an_error_and_a_failing_peer_is_unavailable()
         benchmarks.checked_run(workload, "sparsectx variant")
     with pytest.raises(benchmarks.Unavailable, match="boom"):
         benchmarks.checked_run(workload, "a peer")
+
+
+def test_bench_on_a_cpu_runs_one_torch_thread_and_restores_the_count(monkeypatch):
+    """On a busy 2-core machine torch's threads competing with other work inflated CPU timings 50-100x (ratios
+    became noise): a CPU run uses one thread, says so in its metadata, and gives the caller its count back."""
+    from sparsectx import benchmarks
+
+    seen = []
+    monkeypatch.setattr(benchmarks, "_main", lambda args, device: seen.append(torch.get_num_threads()) or 0)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert cli.main(["bench", "--device", "cpu"]) == 0
+        assert seen == [benchmarks.CPU_THREADS] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    meta = benchmarks.run_metadata(torch.device("cpu"), "tiny", True, ["compaction"])
+    assert f"{benchmarks.CPU_THREADS} torch thread" in meta["timing"]

@@ -206,3 +206,24 @@ def test_command_line_refuses_unknown_dtypes_and_head_dims(capsys):
         with pytest.raises(SystemExit):
             cli.main(["compile-check", *argv])
         assert "expected" in capsys.readouterr().err
+
+
+def test_command_line_refuses_an_unknown_arch_and_quick_with_explicit_variants(tmp_path, monkeypatch, capsys):
+    """--arch 12 reached LLVM ("'sm_12' is not a recognized processor", then an abort); --quick with --dtypes or
+    --head-dims silently compiled --quick's variants. The defaults stand when neither is given."""
+    from sparsectx import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["compile-check", "--arch", "12"])
+    assert "invalid choice: 12" in capsys.readouterr().err
+    for extra in (["--dtypes", "fp32"], ["--head-dims", "40"]):
+        assert cli.main(["compile-check", "--quick", *extra]) == 2
+        assert "--quick stands for --dtypes bf16 --head-dims 64,128" in capsys.readouterr().err
+    seen = []
+    monkeypatch.setattr(compile_check, "run_check", lambda arch, dtypes, head_dims: seen.append((dtypes, head_dims))
+                        or [])
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # runs in this process: run_check is the stand-in
+    monkeypatch.setenv("SPARSECTX_AUTOTUNE", "1")
+    for argv in ([], ["--quick"], ["--dtypes", "fp32", "--head-dims", "40"]):
+        assert cli.main(["compile-check", *argv]) == 0
+    assert seen == [(compile_check.DTYPES, compile_check.HEAD_DIMS), (("bf16",), (64, 128)), (("fp32",), (40,))]
