@@ -1496,8 +1496,9 @@ def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Call
         raise RuntimeError("sparsectx does not support diffusers context parallelism (the transformer has a "
                            "_parallel_config); enable it on a model without parallelism")
     if getattr(transformer, DROP_TRAINING_ATTR, None) is not None:
-        raise RuntimeError("drop training is enabled on this transformer; call "
-                           "sparsectx.training.disable_drop_training first")
+        raise RuntimeError("drop training is enabled on this transformer; call sparsectx.disable_drop_training "
+                           "first (for a validation pass during fine-tuning: disable_drop_training, enable, run, "
+                           "disable, enable_drop_training again)")
     patch = getattr(transformer, PATCH_ATTR, None)
     if patch is None:
         patch = _SparsePatch(transformer, family, settings)

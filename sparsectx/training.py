@@ -336,7 +336,8 @@ def enable_drop_training(transformer, ratio_range: tuple = DEFAULT_RATIO_RANGE,
     _, model, family = integration._split_target(transformer)
     integration.check_diffusers_version()
     if getattr(model, integration.PATCH_ATTR, None) is not None:
-        raise RuntimeError("sparsectx.enable is active on this transformer; call sparsectx.disable first")
+        raise RuntimeError("sparsectx.enable is active on this transformer; call sparsectx.disable first (drop "
+                           "training and the drop-in do not run together: disable one before enabling the other)")
     patch = getattr(model, integration.DROP_TRAINING_ATTR, None)
     if patch is None:
         patch = _DropTrainingPatch(model, family)

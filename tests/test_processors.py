@@ -585,6 +585,44 @@ def test_drop_training_in_eval_mode_or_keeping_all_is_the_unpatched_model(models
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_validation_with_the_drop_in_between_drop_training_steps(models, family):
+    """The README's validation pass during fine-tuning: drop training and the drop-in refuse each other with a
+    message saying what to do; disable_drop_training, enable, run, disable, enable_drop_training again gives the
+    unpatched model's output when every token is kept, and the training masks go on from the generator as if no
+    validation had run."""
+    model, kwargs = models[family], _train_inputs(family)
+    plain = _run(model, kwargs)
+
+    def training_outputs(validate):
+        generator = torch.Generator().manual_seed(3)
+        outputs = []
+        for step in range(2):
+            enable_drop_training(model, ratio_range=(0.2, 0.6), generator=generator)
+            model.train()
+            with torch.no_grad():
+                outputs.append(model(**kwargs)[0])
+            model.eval()
+            if validate:
+                with pytest.raises(RuntimeError, match="disable_drop_training, enable, run, disable"):
+                    sparsectx.enable(model, budget=0.5)
+                disable_drop_training(model)
+                sparsectx.enable(model, budget=1.0)
+                with pytest.raises(RuntimeError, match="disable one before enabling the other"):
+                    enable_drop_training(model, generator=generator)
+                assert torch.equal(_run(model, kwargs), plain)
+                sparsectx.enable(model, budget=0.3, selector="random", seed=step)
+                assert not torch.equal(_run(model, kwargs), plain)
+                sparsectx.disable(model)
+        disable_drop_training(model)
+        return outputs
+
+    without, with_validation = training_outputs(False), training_outputs(True)
+    assert not torch.equal(without[0], without[1])  # a new mask each step
+    for a, b in zip(without, with_validation):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("skip_dropped_queries", [True, False])
 def test_drop_training_equals_masking_keys(models, family, skip_dropped_queries, monkeypatch):
     model, kwargs = models[family], _train_inputs(family)
