@@ -147,6 +147,8 @@ class Selector:
                              f"got {tuple(out.shape)}")
         if out.dtype != torch.bool and not out.is_floating_point():
             raise ValueError(f"selector {self.name!r} must return float scores or a bool mask, got {out.dtype}")
+        if out.is_meta:
+            raise ValueError(f"selector {self.name!r} returned a meta tensor: its scores hold no values")
         if out.is_floating_point() and torch.isnan(out).any():
             raise ValueError(f"selector {self.name!r} returned NaN scores")
         return out.to(reference_latents.device)  # a user callable may score on another device (e.g. the CPU)
@@ -857,7 +859,8 @@ def adaptive_budget(scores: torch.Tensor, coverage: Union[float, torch.Tensor] =
     _check_scores(scores)
     ref_lengths = _check_ref_lengths(ref_lengths, scores.shape[1])
     if torch.isposinf(scores).any():
-        raise ValueError("scores contain +inf: their mass is undefined")
+        raise ValueError("scores contain +inf: their mass is undefined (an adaptive budget reads the selector's "
+                         "scores as a distribution: return finite scores, or use a ratio or count budget)")
     if mass == "linear" and bool((scores < 0).any()):
         raise ValueError("mass='linear' needs scores >= 0 (use 'softmax' or 'auto' for signed scores)")
     batch, device = scores.shape[0], scores.device

@@ -125,6 +125,7 @@ def test_register_selector_and_duplicates():
     (lambda x, c: torch.zeros(x.shape[:2], dtype=torch.int64), "float scores or a bool mask"),
     (lambda x, c: torch.full(x.shape[:2], math.nan), "NaN"),
     (lambda x, c: [0.0] * x.shape[1], "tensor"),
+    (lambda x, c: torch.zeros(x.shape[:2], device="meta"), "meta tensor: its scores hold no values"),
 ])
 def test_user_callable_output_is_validated(bad_output, message):
     latents, ctx = _full_context(2, 2)
@@ -712,7 +713,8 @@ def test_bad_budgets():
         adaptive_budget(scores, 0.5, ref_lengths=[3, 4])
     with pytest.raises(ValueError, match="NaN"):
         adaptive_budget(torch.full((1, 4), math.nan), 0.5)
-    with pytest.raises(ValueError, match="inf"):
+    with pytest.raises(ValueError, match=r"\+inf: their mass is undefined \(an adaptive budget reads the "
+                                         r"selector.s scores as a distribution"):
         adaptive_budget(torch.full((1, 4), math.inf), 0.5)
     latents, ctx = _full_context(2, 2)
     with pytest.raises(ValueError, match="budget is required"):
