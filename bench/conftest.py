@@ -58,7 +58,8 @@ def bench_impl(benchmark, workload_for, bench_device):
         impl = workload.impl(impl_name)
         if impl.comparable:
             match, err = benchmarks.results_match(result, expected, workload)
-            assert match, f"{impl_name} disagrees with the comparison result: relative error {err:.3e}"
+            assert match, (f"{impl_name} disagrees with the comparison result: relative error {err:.3e}, worst row "
+                           f"{benchmarks.worst_row_error(result, expected):.3e} of the mean row norm")
         if impl.verify is not None:  # a result with its own check (e.g. a part of a step, an adaptive budget)
             problem = impl.verify(result)
             assert not problem, problem

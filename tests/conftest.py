@@ -3,6 +3,8 @@
 TRITON_INTERPRET must be set before any kernel module is imported (sparsectx imports its kernels lazily).
 """
 import os
+import sys
+import types
 
 import pytest
 import torch
@@ -77,3 +79,31 @@ def _diffusers_backend_unchanged():
     after = _AttentionBackendRegistry._active_backend
     _AttentionBackendRegistry.set_active_backend(before)
     assert after == before, f"the test left diffusers' active attention backend at {after} (was {before})"
+
+
+_KERNEL_MODULES = ("sparsectx.kernels.attention", "sparsectx.kernels.compaction")
+_POISONING_TORCH = []  # the proxy, built once
+
+
+def _poisoning_torch():
+    """``torch`` as the kernel launchers see it in tests: ``empty``/``empty_like`` return buffers full of NaN (ints
+    and bools: -7 / True), so an element a kernel should write and does not can never pass for a right value."""
+    if not _POISONING_TORCH:
+        def poison(t):
+            return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)
+
+        proxy = types.SimpleNamespace(**{n: getattr(torch, n) for n in dir(torch) if not n.startswith("__")})
+        proxy.empty = lambda *args, **kwargs: poison(torch.empty(*args, **kwargs))
+        proxy.empty_like = lambda *args, **kwargs: poison(torch.empty_like(*args, **kwargs))
+        _POISONING_TORCH.append(proxy)
+    return _POISONING_TORCH[0]
+
+
+@pytest.fixture(autouse=True)
+def _kernel_buffers_start_poisoned(monkeypatch):
+    """Every test: buffers the kernel launchers allocate uninitialised start poisoned (see ``_poisoning_torch``)."""
+    for name in _KERNEL_MODULES:
+        module = sys.modules.get(name)
+        if module is not None:
+            monkeypatch.setattr(module, "torch", _poisoning_torch())
+    yield

@@ -2,7 +2,8 @@
 
 Criterion: the error of the kernel against the float64 reference is at most twice the error that PyTorch itself
 makes in the same dtype (the reference computed in that dtype) plus a small absolute term. Inputs are random;
-outputs are poisoned (allocated full of NaN) before every call so an unwritten element cannot pass.
+outputs are poisoned (allocated full of NaN, tests/conftest.py) before every call so an unwritten element
+cannot pass.
 """
 import math
 import types
@@ -12,7 +13,6 @@ import torch
 
 import sparsectx
 from sparsectx import reference as ref
-from sparsectx.ops import backend_for
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -87,24 +87,6 @@ def assert_flash_criterion(name, got, same_dtype, exact, dtype):
     assert err <= 2 * baseline + ATOL[dtype], f"{name}: error {err:.3e} > 2 x torch's {baseline:.3e} + atol"
 
 
-@pytest.fixture
-def poisoned_outputs(monkeypatch):
-    """Every buffer the kernels allocate with empty/empty_like starts as NaN (ints: a sentinel)."""
-    if backend_for(DEVICE) == "torch-reference":
-        return
-    from sparsectx.kernels import attention as kernel_module
-
-    real = torch
-
-    def poison(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)
-
-    proxy = types.SimpleNamespace(**{n: getattr(real, n) for n in dir(real) if not n.startswith("__")})
-    proxy.empty = lambda *a, **kw: poison(real.empty(*a, **kw))
-    proxy.empty_like = lambda *a, **kw: poison(real.empty_like(*a, **kw))
-    monkeypatch.setattr(kernel_module, "torch", proxy)
-
-
 CASES = {
     # name: (q lengths, own key lengths, kept reference lengths, reference buffer length R, heads, head dim,
     #        softmax scale: None = the default 1/sqrt(D))
@@ -126,7 +108,7 @@ PACKED_CASES = ("mixed_varlen", "no_own_keys_refs_only", "sample_sees_no_key", "
 @pytest.mark.parametrize("dtype", DTYPES_HERE, ids=str)
 @pytest.mark.parametrize("name, packed", [(n, False) for n in CASES] + [(n, True) for n in PACKED_CASES],
                          ids=lambda v: {True: "packed_refs", False: "gathered_refs"}.get(v, v))
-def test_forward_and_backward_match_reference(name, packed, dtype, poisoned_outputs):
+def test_forward_and_backward_match_reference(name, packed, dtype):
     lq, lk, lr, ref_len, heads, dim, scale = CASES[name]
     seed = sum(map(ord, name))
     case = make_case(lq, lk, lr, ref_len, heads, dim, dtype, seed, packed=packed, scale=scale)
@@ -172,7 +154,7 @@ def test_backward_reference_equals_autograd_of_the_forward_reference(packed):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"d{name}: {m}")
 
 
-def test_padding_rows_past_the_last_sample_get_zero_gradient(poisoned_outputs):
+def test_padding_rows_past_the_last_sample_get_zero_gradient():
     """q/k/v rows past cu_seqlens[-1] (a caller's padding, validate=False) belong to no sample: their gradients are
     zero, as on the reference path, and the other rows' equal those of the same call without the padding."""
     case = make_case([9, 14], [5, 7], [3, 6], 10, 2, 32, torch.float32, seed=44)
@@ -193,7 +175,7 @@ def test_padding_rows_past_the_last_sample_get_zero_gradient(poisoned_outputs):
         torch.testing.assert_close(padded[:real], plain, rtol=0, atol=0, msg=f"d{name}")
 
 
-def test_batch_of_no_sample_gives_zero_contiguous_gradients(poisoned_outputs):
+def test_batch_of_no_sample_gives_zero_contiguous_gradients():
     """cu_seqlens = [0] (every row padding, validate=False): zero gradients, contiguous like the fake op's, whatever
     the inputs' strides (inductor relies on the fake op's strides)."""
     q, k, v = (torch.randn(2, 5, 16, device=DEVICE).transpose(0, 1).requires_grad_(True) for _ in range(3))
@@ -203,7 +185,7 @@ def test_batch_of_no_sample_gives_zero_contiguous_gradients(poisoned_outputs):
         assert grad.is_contiguous() and torch.equal(grad, torch.zeros_like(grad))
 
 
-def test_reference_rows_not_kept_get_zero_gradient(poisoned_outputs):
+def test_reference_rows_not_kept_get_zero_gradient():
     case = make_case([8, 8], [4, 4], [3, 5], 12, 2, 64, torch.float32, seed=3)
     _, _, grads = run_ops(case, torch.randn_like(case.q), torch.zeros(2, 16, device=DEVICE))
     kept = torch.zeros(2, 12, dtype=torch.bool, device=DEVICE)
@@ -214,7 +196,7 @@ def test_reference_rows_not_kept_get_zero_gradient(poisoned_outputs):
     assert torch.all(grads["ref_k"][kept].abs().sum(-1) > 0)
 
 
-def test_without_reference_buffer_equals_plain_varlen_attention(poisoned_outputs):
+def test_without_reference_buffer_equals_plain_varlen_attention():
     case = make_case([10, 23], [14, 5], [], 0, 2, 64, torch.float16, seed=5, with_ref=False)
     out = sparsectx.sparse_attention(case.q, case.k, case.v, case.cu_q, case.cu_k, case.max_q, case.max_k)
     exact, _ = ref.sparse_attention_ref(case.q.double(), case.k.double(), case.v.double(), case.cu_q, case.cu_k)
@@ -516,7 +498,7 @@ def test_masked_attention_bad_input():
 
 
 @pytest.mark.parametrize("dtype", DTYPES_HERE, ids=str)
-def test_keys_at_minus_infinity_get_zero_weight(dtype, poisoned_outputs):
+def test_keys_at_minus_infinity_get_zero_weight(dtype):
     """Keys holding -inf (score -inf: zero weight, as in softmax and SDPA) in a sample's first key block: the
     kernel's running max was -inf there and exp2(-inf - -inf) made the whole row NaN (the reference was right).
     Sample 0: its 3 own keys at -inf (one tail block), then finite references; sample 1: its first 32 own keys at
@@ -594,10 +576,11 @@ def test_head_offsets_past_int32_in_a_head_major_reference_view():
 # GPU only: bf16 (the interpreter computes bf16 wrongly) and realistic shapes
 # ---------------------------------------------------------------------------------------------------------------
 def _assert_bf16_forward_and_backward(case, seed):
-    """The flash-attention criterion in bf16 for out, lse and every gradient of ``case`` (random dO, zero dlse)."""
+    """The flash-attention criterion in bf16 for out, lse and every gradient of ``case`` (random dO and dlse: the
+    backward's delta kernel folds dlse in)."""
     g = torch.Generator().manual_seed(seed)
     dout = torch.randn(case.q.shape, generator=g).to(DEVICE, torch.bfloat16)
-    dlse = torch.zeros(case.q.shape[1], case.q.shape[0], device=DEVICE)
+    dlse = torch.randn(case.q.shape[1], case.q.shape[0], generator=g).to(DEVICE)
     out, lse, grads = run_ops(case, dout, dlse)
     exact_out, exact_lse, exact_grads = run_reference(case, torch.float64, dout, dlse)
     torch_out, torch_lse, torch_grads = run_reference(case, torch.bfloat16, dout, dlse)
@@ -690,7 +673,26 @@ def test_gpu_bf16_masked_attention_with_kept_prefix_and_query_skipping():
     key_mask = torch.rand(batch, seq, generator=g).to(DEVICE) < 0.1
     key_mask[:, :prefix] = True
     for query_mask in (None, key_mask):
-        out = sparsectx.masked_attention(q, k, v, key_mask, query_mask=query_mask, kept_prefix=prefix)
-        exact = ref.masked_attention_ref(q.double(), k.double(), v.double(), key_mask, query_mask=query_mask)
-        same = ref.masked_attention_ref(q, k, v, key_mask, query_mask=query_mask)
-        assert_flash_criterion("out", out, same, exact, torch.bfloat16)
+        _assert_masked_forward_and_backward(q, k, v, key_mask, query_mask, prefix, seed=30)
+
+
+def _assert_masked_forward_and_backward(q, k, v, key_mask, query_mask, kept_prefix, seed):
+    """The flash-attention criterion in q's dtype for masked_attention's output and the gradients of q, k, v (random
+    dO), against the reference's autograd in fp64 and in q's dtype."""
+    dtype = q.dtype
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed)).to(q.device, dtype)
+
+    def run(fn, cast):
+        leaves = [t.detach().to(cast).requires_grad_(True) for t in (q, k, v)]
+        out = fn(*leaves)
+        out.backward(dout.to(cast))
+        return out, [t.grad for t in leaves]
+
+    out, grads = run(lambda *qkv: sparsectx.masked_attention(*qkv, key_mask, query_mask=query_mask,
+                                                             kept_prefix=kept_prefix), dtype)
+    reference = lambda *qkv: ref.masked_attention_ref(*qkv, key_mask, query_mask=query_mask)  # noqa: E731
+    exact_out, exact_grads = run(reference, torch.float64)
+    same_out, same_grads = run(reference, dtype)
+    assert_flash_criterion("out", out, same_out, exact_out, dtype)
+    for name, got, same, exact in zip("qkv", grads, same_grads, exact_grads):
+        assert_flash_criterion(f"d{name}", got, same, exact, dtype)

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,23 @@ def test_relative_error_flags_nan_and_shape_changes():
     assert benchmarks.relative_error(a * float("nan"), a) == math.inf
     assert benchmarks.relative_error(torch.ones(5, dtype=torch.float64), a) == math.inf
     assert benchmarks.relative_error((a, a + 1e-3), (a, a)) == pytest.approx(1e-3)
+
+
+def test_one_wrong_row_among_many_fails_the_benchmark_check():
+    """The whole-tensor relative error hardly sees one zeroed token among 16384 (7.8e-3 of the norm: under bf16's
+    bound); the worst row's error against the mean row norm (~1 here) fails the check. Rounding-sized noise on
+    every row passes."""
+    gen = torch.Generator().manual_seed(0)
+    expected = torch.randn(16384, 2, 32, generator=gen)
+    workload = types.SimpleNamespace(exact=False, dtype=torch.bfloat16)
+    wrong = expected.clone()
+    wrong[1234] = 0.0
+    assert benchmarks.relative_error(wrong, expected) <= benchmarks.REL_ERR_BOUND[torch.bfloat16]
+    assert benchmarks.worst_row_error(wrong, expected) > 0.5  # the zeroed row: its own norm over the mean one
+    assert benchmarks.results_match(wrong, expected, workload)[0] is False
+    noisy = expected * (1 + 4e-3 * torch.randn(expected.shape, generator=gen))
+    assert benchmarks.results_match(noisy, expected, workload)[0] is True
+    assert benchmarks.results_match((noisy, wrong), (expected, expected), workload)[0] is False
 
 
 def test_kernels_import_as_sparsectx_kernels():

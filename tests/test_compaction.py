@@ -136,7 +136,7 @@ def test_max_seqlen_of_a_budget_traces_with_dynamic_shapes(device):
         scores, x = _scores(gen, 2, n, torch.float32, device), torch.randn(2, n, 3, generator=gen).to(device)
         assert torch.equal(compiled(scores, x), f(scores, x))
     # a budget tensor's values size the outputs: refused with a message saying what to pass instead
-    with pytest.raises(Exception, match="budget tensor can not be traced"):
+    with pytest.raises(RuntimeError, match="budget tensor can not be traced"):
         torch.compile(lambda s: sparsectx.compact_tokens(s, budget=torch.tensor([2, 3])).index, fullgraph=True,
                       backend="aot_eager")(scores)
 

@@ -829,7 +829,7 @@ def test_whole_model_fullgraph_compile_says_to_compile_the_blocks(models):
     eager_sparse = _run(model, kwargs)
     torch._dynamo.reset()
     try:
-        with pytest.raises(Exception, match=r"compile_repeated_blocks\(fullgraph=True\)\) or compile without"):
+        with pytest.raises(RuntimeError, match=r"compile_repeated_blocks\(fullgraph=True\)\) or compile without"):
             _run(torch.compile(model, backend="eager", fullgraph=True), kwargs)
         model.compile_repeated_blocks(fullgraph=True, backend="eager")
         torch.testing.assert_close(_run(model, kwargs), eager_sparse, rtol=0, atol=FP32_ATOL)

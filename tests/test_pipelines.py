@@ -314,6 +314,7 @@ def test_sparse_pipeline_equals_masking_dropped_keys(pipe, family, mode, monkeyp
     sparse = _run(pipe, family, mode)
     keep = pipe.transformer._sparsectx_patch.cache.keep  # the same seeded selection at every call
     assert torch.equal(keep, keep[:1].expand_as(keep))  # shared by the images of the batch
+    assert not bool(keep.all())  # reference tokens were dropped
     sparsectx.disable(pipe)
 
     image_keep = torch.cat([torch.ones(1, _target_tokens(family), dtype=torch.bool), keep[:1]], 1)

@@ -289,6 +289,7 @@ def test_drop_training_takes_back_processors_set_after_enable(models):
     model.train()
     enable_drop_training(model, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(1))
     masked = _run(model, kwargs)
+    assert not bool(model._sparsectx_drop_training.state.image_keep.all())  # the draw dropped tokens
     enable_drop_training(model, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(1))  # same draw
     block = model.transformer_blocks[0].attn
     replaced = type(block.processor.original)()
@@ -927,30 +928,53 @@ def _assert_within_twice_native_error(got, native, exact):
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gpu_bf16_sparsectx_attention_and_drop_training(family, monkeypatch):
-    model = shared._build_model(family).to("cuda")
+    _check_sparsectx_attention_and_drop_training(family, "cuda", torch.bfloat16, monkeypatch)
+
+
+def _check_sparsectx_attention_and_drop_training(family, device, low, monkeypatch):
+    """In ``low`` precision on ``device``: sparsectx attention's output within twice native attention's error (the
+    fp32 native run as the reference), with sparsectx's ops counted so a silent fallback to native cannot pass;
+    drop training's output and input gradient within twice the error of native attention with the same key mask."""
+    model = shared._build_model(family).to(device)
     kwargs = shared._same_references(shared._inputs(family))
+    calls = []
+    for name in ("sparse_attention", "masked_attention"):
+        op = getattr(sparsectx, name)
+        monkeypatch.setattr(processors, name, lambda *a, _op=op, **k: calls.append(1) or _op(*a, **k))
     runs = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, low):
         model.to(dtype)
         for attention in ("native", "sparsectx"):
             sparsectx.enable(model, budget=0.5, selector="random", seed=0, attention=attention)
-            runs[dtype, attention] = _run(model, _to(kwargs, "cuda", dtype))[:, :N_TARGET]
+            calls.clear()
+            runs[dtype, attention] = _run(model, _to(kwargs, device, dtype))[:, :N_TARGET]
+            assert bool(calls) == (attention == "sparsectx")
         sparsectx.disable(model)
-    _assert_within_twice_native_error(runs[torch.bfloat16, "sparsectx"], runs[torch.bfloat16, "native"],
-                                      runs[torch.float32, "native"])
+    _assert_within_twice_native_error(runs[low, "sparsectx"], runs[low, "native"], runs[torch.float32, "native"])
 
-    model.train()
+    def forward_and_input_grad(dtype):
+        inputs = _to(kwargs, device, dtype)
+        hidden = inputs["hidden_states"].detach().requires_grad_(True)
+        out = model(**{**inputs, "hidden_states": hidden})[0][:, :N_TARGET]
+        out.float().square().sum().backward()
+        return out.detach(), hidden.grad
+
+    model.to(low).train()
     enable_drop_training(model, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(1))
-    dropped = _run(model, _to(kwargs, "cuda", torch.bfloat16))[:, :N_TARGET]
+    calls.clear()
+    dropped = forward_and_input_grad(low)
+    assert calls  # sparsectx's masked attention ran
     image_keep = model._sparsectx_drop_training.state.image_keep
+    assert image_keep is not None and not bool(image_keep.all())  # tokens were dropped
     disable_drop_training(model)
     monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.NATIVE,
                         shared._KeyMaskedNative(image_keep))
     masked = {}
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in (low, torch.float32):
         model.to(dtype)
-        masked[dtype] = _run(model, _to(kwargs, "cuda", dtype))[:, :N_TARGET]
-    _assert_within_twice_native_error(dropped, masked[torch.bfloat16], masked[torch.float32])
+        masked[dtype] = forward_and_input_grad(dtype)
+    for part in range(2):  # output, then the gradient of the input
+        _assert_within_twice_native_error(dropped[part], masked[low][part], masked[torch.float32][part])
 
 
 def _module_aware_checkpointing(seen):
