@@ -481,7 +481,8 @@ def _inpaint_case(name, monkeypatch):
 @pytest.mark.parametrize("name", INPAINT_PIPELINES)
 def test_inpainting_pipelines(name, monkeypatch):
     """The inpainting variants of the three families (each also given a reference image): keeping every token equals
-    the unpatched pipeline, a budget sends target + kept tokens to the transformer, disable is bit-exact."""
+    the unpatched pipeline, a budget sends target + kept tokens to the transformer and equals masking the dropped
+    tokens as keys, disable is bit-exact."""
     pipe, kwargs, n_target, n_refs, budget = _inpaint_case(name, monkeypatch)
     pipe.set_progress_bar_config(disable=True)
     seen = []
@@ -504,8 +505,15 @@ def test_inpainting_pipelines(name, monkeypatch):
     assert seen == [n_target + sum(kept)] * forwards
     assert sparse.shape == expected.shape and torch.isfinite(sparse).all()
     assert not torch.allclose(sparse, expected, rtol=0, atol=FP32_ATOL)
+    keep = pipe.transformer._sparsectx_patch.cache.keep  # the same seeded selection at every call
+    assert torch.equal(keep, keep[:1].expand_as(keep)) and not bool(keep.all())
     sparsectx.disable(pipe)
     assert torch.equal(run(), expected)
+    # dropping the rows == keeping them and masking them as keys in every attention layer (positions, RoPE and
+    # modulation of the kept tokens are right in the inpainting layouts too)
+    image_keep = torch.cat([torch.ones(1, n_target, dtype=torch.bool), keep[:1]], 1)
+    monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.NATIVE, _KeyMaskedNative(image_keep))
+    torch.testing.assert_close(run(), sparse, rtol=0, atol=FP32_ATOL)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -563,7 +571,7 @@ def test_modular_pipelines(blocks_name, enabled, monkeypatch):
     """diffusers' modular pipelines of the three families, enabled as a pipeline or through their transformer:
     keeping every token equals the unpatched pipeline, a budget sends target + kept tokens to the transformer (a
     pipeline selects once per call, its guidance branches sharing the selection; a transformer once per prompt
-    tensor), disable is bit-exact and restores the pipeline's class."""
+    tensor) and equals masking the dropped tokens as keys, disable is bit-exact and restores the pipeline's class."""
     pipe, kwargs, n_target, n_refs, budget, per_step = _modular_case(blocks_name, monkeypatch)
     ratios = budget if isinstance(budget, list) else [budget] * len(n_refs)
     kept = [round(ratio * n) for ratio, n in zip(ratios, n_refs)]
@@ -589,6 +597,7 @@ def test_modular_pipelines(blocks_name, enabled, monkeypatch):
     sparsectx.enable(target, budget=budget, selector=counting, seed=SEED)
     try:
         sparse = run()
+        keep = pipe.transformer._sparsectx_patch.cache.keep
     finally:
         sparsectx.disable(target)
     assert seen == [n_target + sum(kept)] * (STEPS * per_step)
@@ -596,3 +605,8 @@ def test_modular_pipelines(blocks_name, enabled, monkeypatch):
     assert torch.isfinite(sparse).all() and not torch.allclose(sparse, expected, rtol=0, atol=FP32_ATOL)
     assert type(pipe) is original_class and "forward" not in pipe.transformer.__dict__
     assert torch.equal(run(), expected)
+    # dropping the rows == masking them as keys (every selection of the call drew the same seeded scores)
+    assert torch.equal(keep, keep[:1].expand_as(keep)) and not bool(keep.all())
+    image_keep = torch.cat([torch.ones(1, n_target, dtype=torch.bool), keep[:1]], 1)
+    monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.NATIVE, _KeyMaskedNative(image_keep))
+    torch.testing.assert_close(run(), sparse, rtol=0, atol=FP32_ATOL)
