@@ -393,6 +393,40 @@ def test_model_cpu_offload_in_either_order_compacts_every_call(pipe, family, off
     assert torch.equal(_run(pipe, family, mode), expected)
 
 
+@pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
+@pytest.mark.parametrize("offload_first", [True, False], ids=["offload_then_enable", "enable_then_offload"])
+def test_group_offloading_in_either_order(pipe, family, offload_type, offload_first):
+    """diffusers' group offloading of the transformer (its hooks on the blocks or the leaf modules), before or after
+    enable: keeping every token equals the unpatched pipeline, every call compacts, and disable gives the offloaded
+    original back, bit-exact (the README's claim, untested before)."""
+    mode = MODES[0]
+    expected = _run(pipe, family, mode)
+
+    def offload():
+        cpu = torch.device("cpu")
+        pipe.transformer.enable_group_offload(onload_device=cpu, offload_device=cpu, offload_type=offload_type,
+                                              **({"num_blocks_per_group": 1} if offload_type == "block_level" else {}))
+
+    if offload_first:
+        offload()
+    sparsectx.enable(pipe, budget=1.0)
+    if not offload_first:
+        offload()
+    torch.testing.assert_close(_run(pipe, family, mode), expected, rtol=0, atol=FP32_ATOL)
+    sparsectx.enable(pipe, budget=_budget(family), selector="random", seed=SEED)
+    compacted = []
+    handle = _image_embedder(pipe.transformer).register_forward_pre_hook(
+        lambda mod, args: compacted.append(args[0].shape[1]))
+    try:
+        sparse = [_run(pipe, family, mode) for _ in range(2)]
+    finally:
+        handle.remove()
+    assert set(compacted) == {_target_tokens(family) + sum(_kept_tokens(family))}
+    assert torch.equal(sparse[0], sparse[1]) and not torch.allclose(sparse[0], expected, rtol=0, atol=FP32_ATOL)
+    sparsectx.disable(pipe)
+    assert torch.equal(_run(pipe, family, mode), expected)
+
+
 def test_per_call_settings_through_the_pipelines_own_attention_kwargs(pipe, family):
     """The per-call form goes through each pipeline's own keyword (FluxKontextPipeline: joint_attention_kwargs,
     Qwen-Image-Edit-Plus and FLUX.2: attention_kwargs) and overrides enable's settings for that call only."""
