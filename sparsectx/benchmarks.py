@@ -2251,6 +2251,9 @@ def report(args: argparse.Namespace) -> int:
         write_json(args.merged, data["meta"], data["rows"])
     for path in missing:
         print(f"note: {path} does not exist (skipped)", file=sys.stderr)
+    if not data["rows"]:
+        raise SystemExit(f"sparsectx report: error: {', '.join(p for p in paths if p not in missing)} holds no "
+                         "result rows (the run measured nothing)")
     text = format_summary if args.summary else format_markdown
     print(text(data["meta"], data["rows"]), end="")
     return 0

@@ -164,6 +164,9 @@ def test_report_refuses_parts_of_different_runs_and_names_bad_files(tmp_path):
     (tmp_path / "rowless.json").write_text(json.dumps({"meta": {}, "rows": [{}]}))
     with pytest.raises(SystemExit, match=r"rowless.json: row 0 lacks \['case'"):
         cli.main(["report", str(tmp_path / "rowless.json")])
+    (tmp_path / "norows.json").write_text(json.dumps({"meta": {}, "rows": []}))
+    with pytest.raises(SystemExit, match="norows.json holds no result rows"):  # printed '### ?, None' before
+        cli.main(["report", str(tmp_path / "norows.json")])
     with pytest.raises(SystemExit, match="is a folder"):
         cli.main(["report", str(tmp_path)])
     with pytest.raises(SystemExit, match="--merged .* is a folder"):
