@@ -945,6 +945,8 @@ class _SparsePatch(ForwardPatch):
             matches, packable = self._step_checks(plan, call)
             if matches:
                 self.plans[key] = self.plans.pop(key)  # most recently used last: evicted last, reported by cache
+                if plan.keep is None:  # a KV-cached step after a new extract step (a transformer enabled alone
+                    plan.reports = self._selecting_plan(key)  # reuses its plan): report that extract's selection
                 return plan, packable
         self._reinstall_replaced_processors()
         layout = reference_layout(self.family, call)
