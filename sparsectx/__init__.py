@@ -20,6 +20,7 @@ from .selection import (  # noqa: F401
     select,
 )
 from .training import (  # noqa: F401
+    GeneratorState,
     disable_drop_training,
     enable_drop_training,
     is_drop_training_enabled,

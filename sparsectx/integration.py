@@ -789,8 +789,10 @@ class ForwardPatch:
             self.transformer._old_forward = self.original_forward
         elif self._is_installed(self.transformer.__dict__.get("_original_forward")):
             raise RuntimeError("accelerate's mixed precision (Accelerator.prepare) wrapped the transformer's forward "
-                               "after sparsectx patched it: call accelerator.unwrap_model(model, "
-                               "keep_fp32_wrapper=False) before disabling, or enable sparsectx after prepare")
+                               "after sparsectx patched it: enable sparsectx after prepare (then it can be disabled "
+                               "and enabled again with mixed precision kept), or call accelerator.unwrap_model(model, "
+                               "keep_fp32_wrapper=False) before disabling, which also removes accelerate's autocast "
+                               "from the model for the rest of training")
         elif not self._unhook_from_diffusers_registry():
             raise RuntimeError("the transformer's forward was wrapped again after sparsectx patched it (by something "
                                "other than an accelerate or diffusers hook); remove that wrapper first")

@@ -360,3 +360,21 @@ def disable_drop_training(transformer):
 def is_drop_training_enabled(transformer) -> bool:
     _, model, _ = integration._split_target(transformer)
     return getattr(model, integration.DROP_TRAINING_ATTR, None) is not None
+
+
+class GeneratorState:
+    """A ``torch.Generator`` as an object with ``state_dict`` / ``load_state_dict``, for checkpointing the drop masks'
+    generator with the rest of a training run, e.g. ``accelerator.register_for_checkpointing(GeneratorState(g))``
+    (accelerate refuses a bare generator): a run resumed with ``load_state`` then draws the masks the uninterrupted
+    run would have drawn, where re-seeding the generator replays the first steps' masks."""
+
+    def __init__(self, generator: torch.Generator):
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        self.generator = generator
+
+    def state_dict(self) -> dict:
+        return {"generator_state": self.generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.generator.set_state(state_dict["generator_state"])

@@ -201,3 +201,34 @@ def test_drop_attention_bf16_on_gpu():
         err = (got.double() - exact.detach()).abs().max().item()
         baseline = (same.detach().double() - exact.detach()).abs().max().item()
         assert math.isfinite(err) and err <= 2 * baseline + 2e-3, f"{name}: {err:.3e} > 2 x {baseline:.3e} + 2e-3"
+
+
+def test_generator_state_resumes_the_drop_masks_through_accelerate(tmp_path):
+    """accelerate refuses a bare generator for checkpointing; wrapped in GeneratorState it is saved and restored
+    with the run, so a resumed run draws the masks the uninterrupted run draws (a re-seeded generator replays the
+    first steps' masks instead)."""
+    accelerate = pytest.importorskip("accelerate")
+    from sparsectx import GeneratorState
+
+    def draw(generator):
+        return random_drop_mask(2, [8, 8], 3, (0.2, 0.6), generator)
+
+    generator = torch.Generator().manual_seed(0)
+    accelerator = accelerate.Accelerator(cpu=True)
+    with pytest.raises(ValueError, match="state_dict"):
+        accelerator.register_for_checkpointing(generator)
+    accelerator.register_for_checkpointing(GeneratorState(generator))
+    first = draw(generator)
+    accelerator.save_state(str(tmp_path / "checkpoint"))
+    uninterrupted = [draw(generator) for _ in range(2)]
+
+    assert torch.equal(draw(torch.Generator().manual_seed(0)), first)  # re-seeded alone: the first mask again
+    resumed_generator = torch.Generator().manual_seed(0)  # the restarted script seeds as the first run did
+    resumed_accelerator = accelerate.Accelerator(cpu=True)
+    resumed_accelerator.register_for_checkpointing(GeneratorState(resumed_generator))
+    resumed_accelerator.load_state(str(tmp_path / "checkpoint"))
+    for expected in uninterrupted:
+        assert torch.equal(draw(resumed_generator), expected)
+    assert not torch.equal(uninterrupted[0], first)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        GeneratorState(0)
