@@ -365,6 +365,17 @@ def test_transformer_sees_target_plus_kept_tokens(pipe, family, mode):
     assert latents.shape[:2] == (images, n_target)
 
 
+def _runs_and_image_tokens(pipe, family, mode, calls):
+    """The outputs of ``calls`` pipeline calls and the image token count of every transformer forward."""
+    seen = []
+    handle = _image_embedder(pipe.transformer).register_forward_pre_hook(
+        lambda mod, args: seen.append(args[0].shape[1]))
+    try:
+        return [_run(pipe, family, mode) for _ in range(calls)], seen
+    finally:
+        handle.remove()
+
+
 @pytest.mark.parametrize("offload_first", [True, False], ids=["offload_then_enable", "enable_then_offload"])
 def test_model_cpu_offload_in_either_order_compacts_every_call(pipe, family, offload_first):
     """enable_model_cpu_offload (accelerate hooks, removed and added anew by the pipeline after each call) before
@@ -378,13 +389,7 @@ def test_model_cpu_offload_in_either_order_compacts_every_call(pipe, family, off
     sparsectx.enable(pipe, budget=_budget(family), selector="random", seed=SEED)
     if not offload_first:
         pipe.enable_model_cpu_offload(device="cpu")
-    compacted = []
-    handle = _image_embedder(pipe.transformer).register_forward_pre_hook(
-        lambda mod, args: compacted.append(args[0].shape[1]))
-    try:
-        sparse = [_run(pipe, family, mode) for _ in range(3)]
-    finally:
-        handle.remove()
+    sparse, compacted = _runs_and_image_tokens(pipe, family, mode, 3)
     n_kept = _target_tokens(family) + sum(_kept_tokens(family))
     assert set(compacted) == {n_kept} and len(compacted) % 3 == 0
     assert torch.equal(sparse[0], sparse[2]) and not torch.allclose(sparse[0], expected, rtol=0, atol=FP32_ATOL)
@@ -414,13 +419,7 @@ def test_group_offloading_in_either_order(pipe, family, offload_type, offload_fi
         offload()
     torch.testing.assert_close(_run(pipe, family, mode), expected, rtol=0, atol=FP32_ATOL)
     sparsectx.enable(pipe, budget=_budget(family), selector="random", seed=SEED)
-    compacted = []
-    handle = _image_embedder(pipe.transformer).register_forward_pre_hook(
-        lambda mod, args: compacted.append(args[0].shape[1]))
-    try:
-        sparse = [_run(pipe, family, mode) for _ in range(2)]
-    finally:
-        handle.remove()
+    sparse, compacted = _runs_and_image_tokens(pipe, family, mode, 2)
     assert set(compacted) == {_target_tokens(family) + sum(_kept_tokens(family))}
     assert torch.equal(sparse[0], sparse[1]) and not torch.allclose(sparse[0], expected, rtol=0, atol=FP32_ATOL)
     sparsectx.disable(pipe)
