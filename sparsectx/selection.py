@@ -98,6 +98,8 @@ class SelectionContext:
         if self.reference_ids is not None:
             if not isinstance(self.reference_ids, torch.Tensor) or self.reference_ids.ndim not in (2, 3):
                 raise ValueError("reference_ids must be a [B, N, n_axes] (or [N, n_axes]) tensor or None")
+            if self.reference_ids.dtype == torch.bool or self.reference_ids.is_complex():
+                raise TypeError(f"reference_ids must hold integer or float positions, got {self.reference_ids.dtype}")
             if self.reference_ids.ndim == 2:  # diffusers' Flux ids carry no batch axis
                 self.reference_ids = self.reference_ids.unsqueeze(0)
             if self.reference_ids.shape[1] != sum(self.ref_lengths):
@@ -170,6 +172,10 @@ def _check_selector_inputs(reference_latents, context) -> tuple[int, int]:
     ids = context.reference_ids
     if ids is not None and ids.shape[0] not in (1, batch):
         raise ValueError(f"context.reference_ids must have batch 1 or {batch}, got {tuple(ids.shape)}")
+    if context.sample_generators is not None and len(context.sample_generators) != batch:
+        # (random_scores would fall back to the global RNG: other tokens at every call)
+        raise ValueError(f"context.sample_generators has {len(context.sample_generators)} generators for a batch of "
+                         f"{batch}: give one per sample, or None")
     return batch, n_tokens
 
 
@@ -395,6 +401,19 @@ def attention_mass(queries: torch.Tensor, keys: torch.Tensor, query_mask: Option
     if max_queries is not None and (isinstance(max_queries, bool) or not isinstance(max_queries, numbers.Integral)
                                     or max_queries < 1):
         raise ValueError(f"max_queries must be None or an int >= 1, got {max_queries!r}")
+    for name, t in (("queries", queries), ("keys", keys)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 4 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a float [B, ., H, D] tensor, got "
+                             f"{getattr(t, 'dtype', '')} {tuple(getattr(t, 'shape', ())) or type(t).__name__}")
+    if keys.shape[0] != queries.shape[0] or keys.shape[2:] != queries.shape[2:]:
+        raise ValueError(f"keys {tuple(keys.shape)} must have the batch, heads and head dim of queries "
+                         f"{tuple(queries.shape)}")
+    if query_mask is not None and (not isinstance(query_mask, torch.Tensor) or query_mask.dtype != torch.bool
+                                   or tuple(query_mask.shape) != tuple(queries.shape[:2])):
+        raise ValueError(f"query_mask must be bool [B, Q] = {tuple(queries.shape[:2])}")
+    if queries.dtype != keys.dtype:  # e.g. fp32 queries beside fp16 keys: both in the wider dtype
+        common = torch.promote_types(queries.dtype, keys.dtype)
+        queries, keys = queries.to(common), keys.to(common)
     batch, n_queries, heads, dim = queries.shape
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(dim)
     if max_queries is not None and n_queries > max_queries:
@@ -1065,5 +1084,7 @@ def select(reference_latents: torch.Tensor, context: SelectionContext, selector=
     """Keep mask bool ``[B, N]`` over the reference tokens: the selector's output (scores or a keep mask), then the
     budget applied per reference image (``apply_budget``: each image keeps its own share; None only for a selector
     that returns a keep mask, returned as is; a keep mask with a budget is capped or padded to it). The drop-in
-    (``sparsectx.enable``) selects the same way."""
+    (``sparsectx.enable``) selects the same way, after turning its list forms into budget objects and repeating
+    per-request rows over each request's samples; here give a ratio, a count, or ``fixed_ratio`` / ``fixed_count`` /
+    ``adaptive`` with one value, one per image, or one row per sample."""
     return apply_budget(get_selector(selector)(reference_latents, context), reference_latents, context, budget)

@@ -878,3 +878,31 @@ def test_attention_selector_names_a_missing_ref_keys():
 def test_attention_mass_refuses_a_bad_max_queries(max_queries):
     with pytest.raises(ValueError, match="max_queries must be None or an int >= 1"):
         selection.attention_mass(torch.randn(1, 4, 1, 8), torch.randn(1, 6, 1, 8), max_queries=max_queries)
+
+
+def test_standalone_api_refuses_what_it_would_get_wrong():
+    """Found by using the selection API outside a pipeline: sample_generators of another length than the batch
+    fell back to the global RNG (other tokens at every call), bool reference_ids failed inside torch, and
+    attention_mass failed inside einsum on mismatched or 3-D inputs; each is now a ValueError/TypeError naming the
+    argument. Queries and keys of different float dtypes are computed in the wider one (they failed in matmul)."""
+    latents, ctx = _full_context(3, 2)
+    generators = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    short = SelectionContext(2, ctx.ref_lengths, sample_generators=generators)
+    with pytest.raises(ValueError, match="sample_generators has 2 generators for a batch of 3"):
+        select(latents, short, "random", 5)
+    with pytest.raises(TypeError, match="reference_ids must hold integer or float positions"):
+        SelectionContext(2, ctx.ref_lengths, reference_ids=ctx.reference_ids.bool())
+    from sparsectx.selection import attention_mass
+
+    queries, keys = ctx.extra["target_queries"], ctx.extra["ref_keys"]
+    for bad_queries, bad_keys, mask, words in (
+            (queries[..., 0], keys, None, "queries must be a float"),
+            (queries, keys[:1], None, "keys .* must have the batch, heads and head dim of queries"),
+            (queries, keys[:, :, :1], None, "keys .* must have the batch, heads and head dim of queries"),
+            (queries, keys, torch.ones(3, 2, dtype=torch.bool), "query_mask must be bool")):
+        with pytest.raises(ValueError, match=words):
+            attention_mass(bad_queries, bad_keys, mask)
+    expected = attention_mass(queries.double(), keys.double())
+    for q_dtype, k_dtype in ((torch.float32, torch.float16), (torch.bfloat16, torch.float32)):
+        got = attention_mass(queries.to(q_dtype), keys.to(k_dtype))
+        torch.testing.assert_close(got.double(), expected.double(), rtol=2e-2, atol=1e-3)  # the narrower input rounds
