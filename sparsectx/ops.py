@@ -608,7 +608,7 @@ def _python_number(value):
     return value
 
 
-def _check_compaction_inputs(selection, tensors):
+def _check_compaction_inputs(selection, tensors, traced: bool):
     _check_tensor("selection", selection, ndim=2)
     if selection.dtype != torch.bool and not selection.is_floating_point():
         raise ValueError(f"selection must be a bool keep mask or floating-point scores, got {selection.dtype}")
@@ -618,7 +618,7 @@ def _check_compaction_inputs(selection, tensors):
         if t.ndim < 2 or tuple(t.shape[:2]) != (batch, n_tokens):
             raise ValueError(f"tensors[{i}] must be [B={batch}, N={n_tokens}, ...], got {tuple(t.shape)}")
     # off CUDA the check is free; on CUDA it would wait for the device, and the kernel ranks NaN like torch.sort
-    if (selection.is_floating_point() and selection.device.type != "cuda" and not _traced(selection)
+    if (selection.is_floating_point() and selection.device.type != "cuda" and not traced
             and torch.isnan(selection).any()):
         raise ValueError("selection scores contain NaN")
     return batch, n_tokens
@@ -814,7 +814,8 @@ def compact_tokens(selection: torch.Tensor, *tensors: torch.Tensor, budget=None,
     (they read data). Gradients flow from the packed tensors to the inputs.
     """
     _refuse_vmap("compact_tokens", selection=selection, tensors=tensors)
-    batch, n_tokens = _check_compaction_inputs(selection, tensors)
+    traced = _traced(selection)  # (False for a non-tensor, which the checks report)
+    batch, n_tokens = _check_compaction_inputs(selection, tensors, traced)
     if max_total is not None:
         max_total = _check_count("max_total", max_total)
     if selection.dtype == torch.bool:
@@ -825,7 +826,6 @@ def compact_tokens(selection: torch.Tensor, *tensors: torch.Tensor, budget=None,
         counts = _check_budget(budget, batch, n_tokens)
         if max_total is not None and max_total < sum(counts):
             raise ValueError(f"max_total={max_total} is smaller than the {sum(counts)} kept tokens")
-    traced = _traced(selection)
     if counts is None and max_total is not None and selection.device.type != "cuda" and not traced:
         kept = int(selection.sum())  # free off CUDA
         if max_total < kept:
