@@ -526,4 +526,124 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, 
     return dq, dk, dv, dref_k, dref_v
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# key mass (token-selection probes): the softmax probability each key receives, summed over weighted queries.
+# Spec: ``sparsectx.reference.attention_key_mass_ref``. Dense ``[B, S, H, D]`` layouts, no varlen, no gradient.
+# Two passes, as the softmax of a query needs all its keys before any of its probabilities is known:
+# - rows: one program per (query block, head, sample) streams the keys: each query's log-sum-exp (base 2);
+# - columns: one program per (key block, head, sample) streams the queries: sum_q w_q * exp2(s_qk - lse2_q).
+# Neither pass writes a score: 2·B·H·Q·N·D flops per pass, reading q and k once per block of the other.
+# One launch configuration per head-dim class (a probe runs once per pipeline call: autotuning would cost more
+# than it saves); fp16/bf16 compile for sm_90 without spills (Triton 3.6, D=40/64/128/160/256).
+# ----------------------------------------------------------------------------------------------------------------
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) for the rows and the columns kernel, heads up to / above 128.
+# fp32 inputs (IEEE dots, no tensor cores) spill at these tiles as at smaller ones (0.5-6 KB at D=64-128): correct,
+# slow; fp16/bf16 do not spill.
+MASS_CONFIGS = {False: ((128, 64, 8, 3), (64, 128, 8, 3)), True: ((64, 64, 8, 2), (64, 64, 8, 2))}
+MASS_INTERPRETER_CONFIG = (32, 32, 4, 1)
+
+
+def _mass_config(block_d: int, columns: bool):
+    return MASS_INTERPRETER_CONFIG if _interpreting() else MASS_CONFIGS[block_d > WIDE_HEAD_BLOCK_D][columns]
+
+
+@triton.jit
+def _mass_rows_block(PTR, rows, valid, head, stride_t, stride_h, offs_d, d_valid):
+    """Rows ``rows`` (int32, within the sample; zeros where not ``valid``) of one head of a sample-offset
+    ``[S, H, D]`` tensor, as a ``[rows, BLOCK_D]`` tile."""
+    return tl.load(PTR + rows.to(tl.int64)[:, None] * stride_t + head * stride_h + offs_d[None, :],
+                   mask=valid[:, None] & d_valid[None, :], other=0.0)
+
+
+@triton.jit
+def _mass_rows_kernel(
+    Q, K, LSE2, qk_scale, n_queries, n_keys,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_lb, stride_lh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_m, head, batch = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    Q += batch * stride_qb
+    K += batch * stride_kb
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_valid = offs_m < n_queries
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    q = _mass_rows_block(Q, offs_m, q_valid, head, stride_qt, stride_qh, offs_d, d_valid)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # running max and sum of exp2 over every key block (exponentials from 0 while a row has seen only -inf)
+    for start_n in range(0, n_keys, BLOCK_N):
+        key_valid = start_n + offs_n < n_keys
+        k = _mass_rows_block(K, start_n + offs_n, key_valid, head, stride_kt, stride_kh, offs_d, d_valid)
+        s = tl.where(key_valid[None, :], _dot(q, tl.trans(k), IEEE) * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_from = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.math.exp2(m_i - m_from) + tl.sum(tl.math.exp2(s - m_from[:, None]), 1)
+        m_i = m_new
+    # a query that sees no finite score gets +inf: it gives every key probability 0 in the column pass
+    lse2 = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("inf"))
+    tl.store(LSE2 + batch * stride_lb + head * stride_lh + offs_m, lse2, mask=q_valid)
+
+
+@triton.jit
+def _mass_columns_kernel(
+    Q, K, LSE2, W, MASS, qk_scale, n_queries, n_keys,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_lb, stride_lh, stride_wb,
+    stride_mb, stride_mh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_n, head, batch = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+    Q += batch * stride_qb
+    LSE2 += batch * stride_lb + head * stride_lh
+    W += batch * stride_wb
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_valid = offs_n < n_keys
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    k = _mass_rows_block(K + batch * stride_kb, offs_n, key_valid, head, stride_kt, stride_kh, offs_d, d_valid)
+    mass = tl.zeros([BLOCK_N], dtype=tl.float32)
+    # this key block's probability under every query, weighted and summed over the query blocks
+    for start_m in range(0, n_queries, BLOCK_M):
+        rows = start_m + offs_m
+        q_valid = rows < n_queries
+        q = _mass_rows_block(Q, rows, q_valid, head, stride_qt, stride_qh, offs_d, d_valid)
+        lse2 = tl.load(LSE2 + rows, mask=q_valid, other=0.0)
+        weight = tl.load(W + rows, mask=q_valid, other=0.0)
+        s = _dot(q, tl.trans(k), IEEE) * qk_scale  # keys past the end: their column is not stored
+        # rows past the end add nothing, also where a key of -inf meets their zero padding (0 * -inf = NaN)
+        mass += tl.sum(tl.where(q_valid[:, None], tl.math.exp2(s - lse2[:, None]) * weight[:, None], 0.0), 0)
+    tl.store(MASS + batch * stride_mb + head * stride_mh + offs_n, mass, mask=key_valid)
+
+
+@on_device_of("q")
+def attention_key_mass(q, k, weights, softmax_scale):
+    """Launches the two key-mass kernels on ``q [B, Q, H, D]``, ``k [B, N, H, D]`` (last dim contiguous) and fp32
+    ``weights [B, Q]`` (last dim contiguous). Returns fp32 ``[B, H, N]``: per head, ``sum_q weights[b, q] *
+    softmax_n(scale * q·k)``."""
+    batch, n_queries, heads, dim = q.shape
+    n_keys = k.shape[1]
+    if batch == 0 or heads == 0 or n_keys == 0 or n_queries == 0:
+        return torch.zeros((batch, heads, n_keys), dtype=torch.float32, device=q.device)
+    mass = torch.empty((batch, heads, n_keys), dtype=torch.float32, device=q.device)  # every element is stored
+    lse2 = torch.empty((batch, heads, n_queries), dtype=torch.float32, device=q.device)
+    block_d = _block_d(dim)
+    common = dict(HEAD_DIM=dim, BLOCK_D=block_d, IEEE=q.dtype == torch.float32)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               lse2.stride(0), lse2.stride(1))
+    block_m, block_n, warps, stages = _mass_config(block_d, columns=False)
+    _mass_rows_kernel[(cdiv(n_queries, block_m), heads, batch)](
+        q, k, lse2, softmax_scale * LOG2E, n_queries, n_keys, *strides,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
+    block_m, block_n, warps, stages = _mass_config(block_d, columns=True)
+    _mass_columns_kernel[(cdiv(n_keys, block_n), heads, batch)](
+        q, k, lse2, weights, mass, softmax_scale * LOG2E, n_queries, n_keys, *strides, weights.stride(0),
+        mass.stride(0), mass.stride(1),
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
+    return mass
+
+
 INTERPRETED = built_for_interpreter(_fwd_kernel)  # how this module's kernels were built (see ops.backend_for)

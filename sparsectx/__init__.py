@@ -1,9 +1,11 @@
 """sparsectx: Sparse Context for reference-conditioned diffusion transformers.
 
-Public ops (``sparsectx.ops``): ``sparse_attention``, ``masked_attention``, ``compact_tokens``, ``scatter_tokens``.
+Public ops (``sparsectx.ops``): ``sparse_attention``, ``masked_attention``, ``compact_tokens``, ``scatter_tokens``,
+``attention_key_mass``.
 """
 from .ops import (  # noqa: F401
     Compacted,
+    attention_key_mass,
     backend_for,
     compact_tokens,
     masked_attention,

@@ -1201,6 +1201,8 @@ class SelectionCase:
     title = ("reference-token selection, B=1: each selector with a fixed 10% and an adaptive budget "
              f"(issue 6: < {SELECTION_STEP_TARGET_PCT:g}% of a denoising step)")
     impl_names = ("select, fixed 10%", "selector scores + torch stable top-k (fixed 10%)", "select, adaptive")
+    # the attention selector's probe alone: the op behind it against torch computing the same mass
+    probe_impl_names = ("sparsectx attention_key_mass (probe mass)", "probe mass, torch einsum + softmax (chunked)")
     sizes = {  # klein-9B: 128 latent channels, 32 heads x 128, references of 64 x 64 tokens, 1024 probe queries
         "full": dict(refs=(1, 3), side=64, channels=128, heads=32, head_dim=128, queries=1024),
         "tiny": dict(refs=(1, 3), side=8, channels=16, heads=2, head_dim=32, queries=64),
@@ -1220,6 +1222,9 @@ class SelectionCase:
     def label(self, config) -> str:
         refs, name = config
         return f"{refs}ref-{name}"
+
+    def impl_names_for(self, config) -> tuple:
+        return self.impl_names + (self.probe_impl_names if config[1] == "attention" else ())
 
     def build(self, config, size: str, device: torch.device) -> Workload:
         from .selection import SelectionContext, adaptive, get_selector, select
@@ -1274,9 +1279,30 @@ class SelectionCase:
                  verify=within_floor_and_cap,
                  note=f"coverage {ADAPTIVE_COVERAGE:g}, floor {_pct(ADAPTIVE_FLOOR)}, cap {_pct(ADAPTIVE_CAP)}"),
         ]
+        if name == "attention":
+            impls += self._probe_mass_impls(available["queries"], available["ref_keys"])
         shape = (f"{refs} ref x {n_ref} tokens, C={s['channels']}, selector {name}, H={heads}, D={dim}, "
                  f"{s['queries']} probe queries, {str(dtype).replace('torch.', '')}")
         return Workload(self.name, shape, impls, dtype, exact=True)
+
+    def _probe_mass_impls(self, queries: torch.Tensor, keys: torch.Tensor) -> list:
+        """The probe's attention mass alone (mean over the queries, per head): ``ops.attention_key_mass`` (two
+        passes that never write a score) against torch's einsum + softmax in the inputs' dtype, chunked as the
+        reference is (what selection computed before the op). Checked against the fp32 reference."""
+        from . import reference
+
+        weights = torch.full(queries.shape[:2], 1.0 / queries.shape[1], device=queries.device)
+        expected = reference.attention_key_mass_ref(queries.float(), keys.float(), weights)
+
+        def close(mass) -> str:
+            error = ((mass.float() - expected).norm() / expected.norm()).item()
+            return "" if error <= 1e-2 else f"relative error {error:.2e} against the fp32 reference"
+
+        ours, peer = self.probe_impl_names
+        return [Impl(ours, lambda: ops.attention_key_mass(queries, keys, weights), comparable=False, verify=close,
+                     note="2 passes, scores never written"),
+                Impl(peer, lambda: reference.attention_key_mass_ref(queries, keys, weights), comparable=False,
+                     verify=close, note="scores written in chunks (the reference in the inputs' dtype)")]
 
     @staticmethod
     def _central_mask(refs: int, side: int, device) -> torch.Tensor:

@@ -2,11 +2,11 @@
 
 A GPU is needed to *run* a kernel, not to compile it: Triton lowers a kernel to PTX and ``ptxas`` (shipped inside
 Triton's wheel) assembles it for any ``sm_XX`` on the CPU. This check drives the real launchers of ``kernels/``
-(``attention_forward``, ``attention_backward``, ``compact_index``, ``gather_rows``, ``scatter_rows``) with CPU
-tensors over the variants the public ops launch (dtypes, head dims, reference layouts, selection paths), with every
-launch turned into a compile for the chosen architecture (nothing runs, nothing is read back), and every autotune
-candidate compiled, not measured. It reports per compiled kernel: registers per thread, spilled bytes (stack) and
-shared memory, next to the architecture's per-block shared memory limit.
+(``attention_forward``, ``attention_backward``, ``attention_key_mass``, ``compact_index``, ``gather_rows``,
+``scatter_rows``) with CPU tensors over the variants the public ops launch (dtypes, head dims, reference layouts,
+selection paths), with every launch turned into a compile for the chosen architecture (nothing runs, nothing is
+read back), and every autotune candidate compiled, not measured. It reports per compiled kernel: registers per
+thread, spilled bytes (stack) and shared memory, next to the architecture's per-block shared memory limit.
 
 What it catches before any GPU time is spent: a kernel that does not compile with the installed Triton for that
 architecture (an API or lowering difference between releases), a config whose shared memory exceeds what a block
@@ -204,6 +204,22 @@ def _attention_variants(dtypes, head_dims):
                 yield f"attention {name} D={dim} {refs}", launch
 
 
+def _key_mass_variants(dtypes, head_dims):
+    """(label, launch) pairs: the two key-mass passes of the selection probes, per dtype and head dim."""
+    import torch
+
+    from .kernels.attention import attention_key_mass
+
+    for name in dtypes:
+        dtype = getattr(torch, _DTYPE_NAMES[name])
+        for dim in head_dims:
+            def launch(dtype=dtype, dim=dim):
+                q = torch.zeros(2, SEQ, HEADS, dim, dtype=dtype)
+                attention_key_mass(q, torch.zeros(2, 2 * SEQ, HEADS, dim, dtype=dtype),
+                                   torch.zeros(2, SEQ), dim ** -0.5)
+            yield f"key mass {name} D={dim}", launch
+
+
 def _compaction_variants():
     """Selection (scores in each dtype the ops accept, for one sample and for two; rows of 100 tokens, one
     reference of 4096, three, and more than one selection block; one count for every sample or one per sample; a
@@ -270,7 +286,8 @@ def run_check(arch: int = 90, dtypes=DTYPES, head_dims=HEAD_DIMS, progress: bool
     if attention.INTERPRETED or compaction.INTERPRETED:
         raise RuntimeError("the kernels were imported for Triton's interpreter (TRITON_INTERPRET=1): run "
                            "compile-check in a process without it (the command line does so by itself)")
-    variants = list(_attention_variants(dtypes, head_dims)) + list(_compaction_variants())
+    variants = (list(_attention_variants(dtypes, head_dims)) + list(_key_mass_variants(dtypes, head_dims))
+                + list(_compaction_variants()))
     rows: list[Compiled] = []
     seen: set = set()
     try:

@@ -13,6 +13,8 @@ Ops:
 - ``masked_attention``: the same kernel for diffusers' dense layout ``[B, S, H, D]`` with a key keep-mask
   (training with random drop masks): work scales with the kept keys.
 - ``compact_tokens`` / ``scatter_tokens``: keep-mask or scores+budget -> packed kept rows, and back.
+- ``attention_key_mass``: the attention probability each key receives from a set of weighted queries (token
+  selection's probes), without writing the scores.
 """
 from __future__ import annotations
 
@@ -554,6 +556,61 @@ def masked_attention(
                            softmax_scale=softmax_scale, validate=False, **refs)
     dense = scatter_tokens(out.reshape(-1, heads * dim), queries.index, queries.cu_seqlens, seq)
     return dense.view(batch, seq, heads, dim)
+
+
+_KEY_MASS_DTYPES = _ATTN_DTYPES + (torch.float64,)  # float64: the reference path (an exact check)
+
+
+def attention_key_mass(q: torch.Tensor, k: torch.Tensor, query_weights: Optional[torch.Tensor] = None, *,
+                       softmax_scale: Optional[float] = None) -> torch.Tensor:
+    """How much attention each key receives: float32 ``[B, H, N]`` (float64 for float64 inputs) with
+    ``mass[b, h, n] = sum_q query_weights[b, q] · softmax_n(softmax_scale · q[b, q, h]·k[b, n, h])``, the softmax
+    running over the given keys only (a query whose scores are all -inf gives nothing).
+
+    ``q [B, Q, H, D]``, ``k [B, N, H, D]`` in diffusers' dense layout, one dtype (fp16, bf16, fp32; float64 on the
+    reference path), head dim 1..256; ``query_weights`` float ``[B, Q]`` (None: ``1/Q`` each, the mean over the
+    queries), e.g. a mask of the valid queries divided by their count; ``softmax_scale`` defaults to ``1/sqrt(D)``.
+    Token selection's probes use it (``sparsectx.selection.attention_mass``).
+
+    On a GPU (or the interpreter): two Triton passes, each query's log-sum-exp then each key block's weighted sum
+    of probabilities; no score is written to memory; scores accumulate in fp32 from the inputs' products (fp32
+    inputs: full IEEE products). The torch reference computes in fp32 (float64 inputs: float64), in chunks of at
+    most ``reference.KEY_MASS_CHUNK_ELEMENTS`` scores. No gradient: inputs that require one are refused while
+    autograd records (detach them). Nothing synchronises with the host.
+    """
+    _check_tensor("q", q, ndim=4, dtypes=_KEY_MASS_DTYPES)
+    _check_tensor("k", k, ndim=4, device=q.device)
+    if k.dtype != q.dtype:
+        raise ValueError(f"k has dtype {k.dtype} but q has {q.dtype}")
+    batch, n_queries, heads, dim = q.shape
+    if k.shape[0] != batch or k.shape[2:] != q.shape[2:]:
+        raise ValueError(f"k must be [B={batch}, N, H={heads}, D={dim}] like q, got {tuple(k.shape)}")
+    if dim > 256 or dim < 1:
+        raise ValueError(f"head dim (q.shape[-1]) must be in 1..256, got {dim}")
+    if query_weights is None:
+        query_weights = torch.full((batch, n_queries), 1.0 / max(n_queries, 1), dtype=torch.float32,
+                                   device=q.device)
+    _check_tensor("query_weights", query_weights, ndim=2, device=q.device)
+    if not query_weights.is_floating_point() or tuple(query_weights.shape) != (batch, n_queries):
+        raise ValueError(f"query_weights must be a float [B={batch}, Q={n_queries}] tensor, got "
+                         f"{query_weights.dtype} {tuple(query_weights.shape)}")
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(dim)
+    softmax_scale = _python_number(softmax_scale)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale must be a Python number or None, got {type(softmax_scale).__name__}")
+    if not abs(softmax_scale) <= sys.float_info.max:
+        raise ValueError(f"softmax_scale must be a finite number, got {softmax_scale!r}")
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or query_weights.requires_grad):
+        raise ValueError("attention_key_mass has no gradient: pass detached q, k and query_weights (or call it "
+                         "under torch.no_grad())")
+    if q.dtype != torch.float64 and _use_triton(q):
+        from .kernels.attention import attention_key_mass as launch
+
+        weights = query_weights.to(torch.float32).contiguous()
+        return launch(_last_dim_contiguous(q), _last_dim_contiguous(k), weights, float(softmax_scale))
+    wide = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return reference.attention_key_mass_ref(q.to(wide), k.to(wide), query_weights.to(wide), float(softmax_scale))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -199,6 +199,34 @@ def masked_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_
     return out
 
 
+KEY_MASS_CHUNK_ELEMENTS = 1 << 25  # attention_key_mass_ref holds at most this many scores at a time
+
+
+def attention_key_mass_ref(q: torch.Tensor, k: torch.Tensor, query_weights: torch.Tensor,
+                           softmax_scale: Optional[float] = None) -> torch.Tensor:
+    """Dense ``q [B, Q, H, D]``, ``k [B, N, H, D]``, ``query_weights [B, Q]``: ``[B, H, N]`` with
+    ``mass[b, h, n] = sum_q query_weights[b, q] * softmax_n(scale * q[b, q, h]·k[b, n, h])`` (the softmax over the
+    given keys; a query whose scores are all -inf gives no mass). Computed in the inputs' dtype, in chunks of heads
+    (and of queries, when one head alone is larger) of at most ``KEY_MASS_CHUNK_ELEMENTS`` scores: exact, since
+    each query's softmax stays in one chunk."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    batch, n_queries, heads, _ = q.shape
+    n_keys = k.shape[1]
+    weights = query_weights.to(q.dtype)
+    queries_per_chunk = max(1, min(n_queries, KEY_MASS_CHUNK_ELEMENTS // max(1, batch * n_keys)))
+    heads_per_chunk = max(1, KEY_MASS_CHUNK_ELEMENTS // max(1, batch * queries_per_chunk * n_keys))
+    mass = q.new_zeros((batch, heads, n_keys))
+    for h0 in range(0, heads, heads_per_chunk):
+        h1 = h0 + heads_per_chunk
+        for q0 in range(0, n_queries, queries_per_chunk):
+            q1 = q0 + queries_per_chunk
+            scores = torch.einsum("bqhd,bkhd->bhqk", q[:, q0:q1, h0:h1], k[:, :, h0:h1]) * scale
+            probs = torch.softmax(scores, dim=-1)
+            probs = probs.masked_fill(torch.isneginf(scores.amax(dim=-1, keepdim=True)), 0.0)  # all -inf: none
+            mass[:, h0:h1] += torch.einsum("bhqk,bq->bhk", probs, weights[:, q0:q1])
+    return mass
+
+
 def sparse_attention_bwd_ref(dout, dlse, q, k, v, cu_seqlens_q, cu_seqlens_k, *, ref_k=None, ref_v=None,
                              ref_index=None, cu_seqlens_ref=None, softmax_scale=None):
     """Explicit gradients of ``sparse_attention_ref`` for upstream grads ``dout [Tq,H,D]`` and ``dlse [H,Tq]``:

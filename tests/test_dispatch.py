@@ -285,8 +285,8 @@ def test_every_launcher_enters_its_tensors_device():
     import inspect
 
     launchers = _launchers()
-    assert {fn.__name__ for fn in launchers} == {"attention_forward", "attention_backward", "compact_index",
-                                                 "gather_rows", "scatter_rows"}
+    assert {fn.__name__ for fn in launchers} == {"attention_forward", "attention_backward", "attention_key_mass",
+                                                 "compact_index", "gather_rows", "scatter_rows"}
     for fn in launchers:
         arg = getattr(fn, "launch_device_arg", None)
         assert arg is not None, f"{fn.__name__} launches kernels without entering its tensors' device"
