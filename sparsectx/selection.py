@@ -45,6 +45,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from . import ops
 from .ops import _device_values, _python_number
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -57,7 +58,6 @@ SPREAD_WEIGHT = 1e-3  # weight of the uniform order used to break ties (leftover
 MASK_PAD_WEIGHT = 0.5  # select(): a selector's keep mask padded/capped by a budget ranks mask > spread order
 DEFAULT_RING = 2  # edit: context ring radius in tokens (2 latent tokens = 32 pixels for FLUX)
 DEFAULT_MAX_QUERIES = 1024  # probes subsample at most this many queries (evenly strided) per sample
-PROBE_CHUNK_ELEMENTS = 1 << 25  # attention probes process heads and queries in chunks of at most this many scores
 COVERAGE_TOL = 1e-9  # adaptive budgets: mass compared in float64 with this slack against rounding
 
 
@@ -237,63 +237,129 @@ def _image_slices(ref_lengths: Sequence[int]) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def _token_grid(context: SelectionContext, batch: int, device) -> Optional[torch.Tensor]:
-    """long ``[B, N, 2]`` (row, col) of each reference token inside its own image (origin 0), or None (1D)."""
-    ids = context.reference_ids
+def _token_layout(ref_lengths: Sequence[int], device) -> torch.Tensor:
+    """long ``[3, N]`` on ``device``: each token's image index, its image's first token and its image's length.
+    Built on the host from the lengths (a handful of CPU ops, whatever the number of images) and copied once."""
+    if len(ref_lengths) == 1:
+        return _device_values([[0], [0], [ref_lengths[0]]], torch.long, device).expand(3, ref_lengths[0])
+    lengths = torch.tensor(ref_lengths)
+    image = torch.repeat_interleave(torch.arange(len(ref_lengths)), lengths, output_size=sum(ref_lengths))
+    rows = torch.stack([image, (torch.cumsum(lengths, 0) - lengths)[image], lengths[image]])
+    return _device_values(rows, None, device)
+
+
+def _image_rows(x: torch.Tensor, ref_lengths: Sequence[int], fill=None) -> torch.Tensor:
+    """``x [b, N, ...]`` as ``[b, n_refs, longest, ...]``: row i holds image i's tokens in order, then (past the
+    image's end) ``fill``, or with ``fill=None`` copies of the image's first token, which leave ``amin`` / ``amax``
+    unchanged. A view when every image has the same length; else one gather (its index built on the host)."""
+    n_refs, longest = len(ref_lengths), max(ref_lengths)
+    if min(ref_lengths) == longest:
+        return x.unflatten(1, (n_refs, longest))
+    slot = torch.arange(longest)
+    lengths = torch.tensor(ref_lengths)[:, None]
+    starts = torch.cumsum(lengths, 0) - lengths
+    inside = slot < lengths
+    if fill is None:
+        index = starts + slot * inside
+    else:  # padding slots read one extra token holding `fill`
+        x = torch.cat([x, x.new_full((x.shape[0], 1, *x.shape[2:]), fill)], dim=1)
+        index = torch.where(inside, starts + slot, x.shape[1] - 1)
+    return x.index_select(1, _device_values(index.flatten(), None, x.device)).unflatten(1, (n_refs, longest))
+
+
+def _image_grid(context: SelectionContext, device) -> Optional[torch.Tensor]:
+    """long ``[b, N, 2]`` (row, col) of each reference token inside its own image (origin 0), b = the batch of
+    ``reference_ids`` (1 for ``ref_shapes``), or None (1D)."""
+    ids, lengths = context.reference_ids, context.ref_lengths
     if ids is not None:
         n_axes = ids.shape[-1]
         if n_axes not in ID_HW_AXES:
             return None
-        hw = ids[..., list(ID_HW_AXES[n_axes])].to(device)
-        hw = torch.round(hw).long().expand(batch, -1, -1)
-        pieces = [hw[:, lo:hi] - hw[:, lo:hi].amin(dim=1, keepdim=True) for lo, hi in
-                  _image_slices(context.ref_lengths)]
-        return torch.cat(pieces, dim=1)
+        first, second = ID_HW_AXES[n_axes]
+        hw = ids[..., first:second + 1] if second == first + 1 else ids[..., [first, second]]  # a view: no index op
+        hw = torch.round(hw.to(device)).long()
+        low = _image_rows(hw, lengths).amin(dim=2)  # [b, n_refs, 2]: each image's smallest (row, col)
+        if len(lengths) == 1:
+            return hw - low
+        return hw - low.index_select(1, _token_layout(lengths, device)[0])
     shapes = context.extra.get("ref_shapes")
     if shapes is None:
         return None
     if len(shapes) != context.num_references:
         raise ValueError(f"extra['ref_shapes'] must give (h, w) for each of the {context.num_references} references")
-    pieces = []
-    for (h, w), n in zip(shapes, context.ref_lengths):
+    for (h, w), n in zip(shapes, lengths):
         if h * w != n:
             raise ValueError(f"extra['ref_shapes'] entry ({h}, {w}) does not match the reference's {n} tokens")
-        rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-        pieces.append(torch.stack([rows.flatten(), cols.flatten()], dim=-1))
-    return torch.cat(pieces).unsqueeze(0).expand(batch, -1, -1)
+    # row-major grids built on the host (position p of an image of width w sits at (p // w, p % w)), copied once
+    counts, total = torch.tensor(lengths), sum(lengths)
+    position = torch.arange(total) - (torch.cumsum(counts, 0) - counts).repeat_interleave(counts, output_size=total)
+    width = torch.tensor([w for _, w in shapes]).repeat_interleave(counts, output_size=total)
+    return _device_values(torch.stack([position // width, position % width], dim=-1), None, device)[None]
+
+
+def _token_grid(context: SelectionContext, batch: int, device) -> Optional[torch.Tensor]:
+    """long ``[B, N, 2]`` (row, col) of each reference token inside its own image (origin 0), or None (1D)."""
+    grid = _image_grid(context, device)
+    return None if grid is None else grid.expand(batch, -1, -1)
+
+
+# bytes with their 8 bits reversed (bit k -> bit 7-k), and reversed then spread to the even bits (bit k -> bit 2·(7-k))
+_REVERSED_BYTE = torch.tensor([sum(((b >> k) & 1) << (7 - k) for k in range(8)) for b in range(256)])
+_REVERSED_SPREAD_BYTE = torch.tensor([sum(((b >> k) & 1) << (2 * (7 - k)) for k in range(8)) for b in range(256)])
+
+
+def _reversed_bits(x: torch.Tensor, bits: int, spread: bool) -> torch.Tensor:
+    """The low ``bits`` bits of ``x`` reversed (bit i goes to bit ``bits - 1 - i``; ``spread``: to bit
+    ``2·(bits - 1 - i)``), a byte at a time through a 256-entry table: a few ops per byte, not per bit."""
+    n_bytes = -(-bits // 8)
+    pad = 8 * n_bytes - bits
+    if pad:  # the low `bits` bits as the top bits of whole bytes
+        x = (x & ((1 << bits) - 1)) << pad
+    table = _device_values(_REVERSED_SPREAD_BYTE if spread else _REVERSED_BYTE, None, x.device)
+    out = None
+    for k in range(n_bytes):  # byte k of x lands, reversed, in byte n_bytes-1-k of the result
+        part = table[(x >> (8 * k)) & 255 if k else x & 255]
+        shift = (2 if spread else 1) * 8 * (n_bytes - 1 - k)
+        part = part << shift if shift else part
+        out = part if out is None else out | part
+    return out
 
 
 def _bit_reverse(x: torch.Tensor, bits: int) -> torch.Tensor:
-    out = torch.zeros_like(x)
-    for i in range(bits):
-        out |= ((x >> i) & 1) << (bits - 1 - i)
-    return out
+    """The low ``bits`` bits of ``x`` reversed (bit i goes to bit ``bits - 1 - i``)."""
+    return _reversed_bits(x, bits, spread=False)
 
 
 def _bayer_code(row: torch.Tensor, col: torch.Tensor, bits: int) -> torch.Tensor:
     """Ordered-dither (Bayer) threshold of each grid cell: the cells with code < 4**j form the lattice of stride
     2**(bits-j), so thresholding at any level leaves an evenly spread subset."""
-    code = torch.zeros_like(row)
-    mixed = row ^ col
-    for i in range(bits):  # interleave bits of (row ^ col, row), low coordinate bits -> high code bits
-        code |= ((mixed >> i) & 1) << (2 * (bits - 1 - i) + 1)
-        code |= ((row >> i) & 1) << (2 * (bits - 1 - i))
-    return code
+    # interleave bits of (row ^ col, row), low coordinate bits -> high code bits: bit i of row goes to code bit
+    # 2·(bits-1-i), bit i of row ^ col to the bit above it
+    spread = _reversed_bits(torch.stack([row, row ^ col], dim=-1), bits, spread=True)  # both at once
+    return spread[..., 0] | (spread[..., 1] << 1)
 
 
-def _rank_in_image(keys: torch.Tensor, ref_lengths: Sequence[int]) -> torch.Tensor:
-    """Rank of each token's key inside its own image (0 = smallest; ties to the lower index), long [B, N]."""
-    ranks = torch.empty_like(keys, dtype=torch.long)
-    for lo, hi in _image_slices(ref_lengths):
-        order = torch.sort(keys[:, lo:hi], dim=1, stable=True).indices
-        positions = torch.arange(hi - lo, device=keys.device).expand_as(order)
-        ranks[:, lo:hi] = torch.empty_like(order).scatter_(1, order, positions)
-    return ranks
+def _rank_in_image(keys: torch.Tensor, ref_lengths: Sequence[int], layout: Optional[torch.Tensor] = None,
+                   key_bits: Optional[int] = None) -> torch.Tensor:
+    """Rank of each token's key inside its own image (0 = smallest; ties to the lower index), long [B, N].
 
-
-def _per_token(values: Sequence, ref_lengths: Sequence[int], device, dtype: torch.dtype) -> torch.Tensor:
-    """``[N]``: ``values[i]`` at every token of image i, filled on the device (no host-to-device copy to wait for)."""
-    return torch.cat([torch.full((n,), value, dtype=dtype, device=device) for value, n in zip(values, ref_lengths)])
+    One stable sort for all images (a stable sort orders each image's tokens as a sort of that image alone would):
+    keys given as ints in ``[0, 2**key_bits)`` are sorted packed with their image index (image in the high bits),
+    so a token's rank is its position minus its image's start; other keys are sorted whole, and a token's rank is
+    the count of its image's tokens before it in that order. ``layout``: ``_token_layout`` of ``ref_lengths``."""
+    if len(ref_lengths) == 1:
+        order = torch.sort(keys, dim=1, stable=True).indices
+        positions = torch.arange(keys.shape[1], device=keys.device).expand(order.shape)
+        return torch.empty_like(order).scatter_(1, order, positions)
+    image, start, _ = layout if layout is not None else _token_layout(ref_lengths, keys.device)
+    if key_bits is not None:
+        order = torch.sort(keys + (image << key_bits), dim=1, stable=True).indices
+        positions = torch.arange(keys.shape[1], device=keys.device).expand(order.shape)
+        return torch.empty_like(order).scatter_(1, order, positions) - start  # position in the image's run
+    order = torch.sort(keys, dim=1, stable=True).indices
+    image = image[order][..., None]  # [B, N, 1]: image of each token in sorted order
+    seen = (image == torch.arange(len(ref_lengths), device=keys.device)).cumsum(dim=1)  # [B, N, n_refs]
+    return torch.empty_like(order).scatter_(1, order, seen.gather(2, image)[..., 0] - 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -330,16 +396,17 @@ def uniform_scores(reference_latents: torch.Tensor, context: SelectionContext) -
     """
     batch, n_tokens, _ = reference_latents.shape
     device = reference_latents.device
-    grid = _token_grid(context, batch, device)
+    layout = _token_layout(context.ref_lengths, device)
+    _, start, length = layout
+    grid = _image_grid(context, device)  # scored at the ids' own batch (usually 1), expanded at the end
     if grid is not None:
         code = _bayer_code(grid[..., 0], grid[..., 1], LOW_DISCREPANCY_BITS)
     else:
-        starts = _per_token([lo for lo, _ in _image_slices(context.ref_lengths)], context.ref_lengths, device,
-                            torch.int64)
-        position = torch.arange(n_tokens, device=device) - starts
-        code = _bit_reverse(position, 2 * LOW_DISCREPANCY_BITS).expand(batch, -1)
-    rank = _rank_in_image(code, context.ref_lengths).float()
-    return 1.0 - rank / _per_token(context.ref_lengths, context.ref_lengths, device, torch.float32)
+        code = _bit_reverse(torch.arange(n_tokens, device=device) - start, 2 * LOW_DISCREPANCY_BITS)[None]
+    # codes are below 2**(2·LOW_DISCREPANCY_BITS): one sort of (image, code) ranks every image
+    rank = _rank_in_image(code, context.ref_lengths, layout, key_bits=2 * LOW_DISCREPANCY_BITS).float()
+    scores = 1.0 - rank / length  # the int64 length is divided as float32, like a float32 length
+    return scores.expand(batch, -1).contiguous()  # writable, like any scores
 
 
 register_selector("random", random_scores, returns_scores=True, signals=BUILTIN_SIGNALS)
@@ -390,13 +457,14 @@ def attention_mass(queries: torch.Tensor, keys: torch.Tensor, query_mask: Option
 
     ``queries [B, Q, H, D]``, ``keys [B, N, H, D]``; ``query_mask`` bool ``[B, Q]`` drops padding queries. At most
     ``max_queries`` evenly strided valid queries are used per sample (None = all). The softmax runs over the given
-    keys only: the mass is each reference token's share of the attention the queries give the references. fp16
-    probe tensors are multiplied in fp32 (their q·kᵀ can overflow fp16); bf16 ones in bf16.
+    keys only: the mass is each reference token's share of the attention the queries give the references.
+    Queries and keys of different float dtypes are computed in the wider one. Not differentiable (selection is a
+    top-k): the inputs are detached.
 
-    Cost: ``2·B·H·Q'·N·(D + 3)`` flops (QKᵀ, then exp/normalise/sum), Q' = min(Q, max_queries); the scores are
-    made in chunks of heads (and of queries) of at most ``PROBE_CHUNK_ELEMENTS`` fp32 values, so memory stays
-    bounded. At the klein-9B shapes (H=32, D=128, 3 references of 4096 tokens, Q'=1024) that is
-    2·32·1024·12288·131 ≈ 105 GFLOP.
+    Computed by ``sparsectx.ops.attention_key_mass`` (two Triton passes on a GPU that never write the scores;
+    products accumulated in fp32, also from fp16 inputs whose q·kᵀ would overflow fp16). Cost:
+    ``4·B·H·Q'·N·D`` flops (QKᵀ in each pass), Q' = min(Q, max_queries): at the klein-9B shapes (H=32, D=128,
+    3 references of 4096 tokens, Q'=1024) 2·103 GFLOP.
     """
     if max_queries is not None and (isinstance(max_queries, bool) or not isinstance(max_queries, numbers.Integral)
                                     or max_queries < 1):
@@ -419,24 +487,11 @@ def attention_mass(queries: torch.Tensor, keys: torch.Tensor, query_mask: Option
     if max_queries is not None and n_queries > max_queries:
         queries, query_mask = _subsample_queries(queries, query_mask, max_queries)
         n_queries = max_queries
-    if queries.dtype == torch.float16:  # q·kᵀ of fp16 probe activations overflows fp16's range (bf16 has fp32's)
-        queries, keys = queries.float(), keys.float()
     weights = (query_mask.float() if query_mask is not None
                else queries.new_ones((batch, n_queries), dtype=torch.float32))
     weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1.0)  # [B, Q]: mean over valid queries
-    n_keys = keys.shape[1]
-    # chunks of heads, and of queries when one head alone exceeds the bound (the softmax is per query: exact)
-    queries_per_chunk = max(1, min(n_queries, PROBE_CHUNK_ELEMENTS // max(1, batch * n_keys)))
-    heads_per_chunk = max(1, PROBE_CHUNK_ELEMENTS // max(1, batch * queries_per_chunk * n_keys))
-    mass = torch.zeros((batch, n_keys), dtype=torch.float32, device=queries.device)
-    for h0 in range(0, heads, heads_per_chunk):
-        k = keys[:, :, h0:h0 + heads_per_chunk]
-        for q0 in range(0, n_queries, queries_per_chunk):  # softmax over keys of this block of queries
-            q = queries[:, q0:q0 + queries_per_chunk, h0:h0 + heads_per_chunk]
-            logits = torch.einsum("bqhd,bkhd->bhqk", q, k).float() * scale  # [B, h, q, N]
-            probs = torch.softmax(logits, dim=-1)
-            mass += torch.einsum("bhqk,bq->bk", probs, weights[:, q0:q0 + queries_per_chunk])
-    return mass / heads
+    mass = ops.attention_key_mass(queries.detach(), keys.detach(), weights, softmax_scale=scale)
+    return mass.float().mean(dim=1)
 
 
 def _subsample_queries(queries: torch.Tensor, query_mask: Optional[torch.Tensor], count: int) -> tuple:
@@ -458,14 +513,14 @@ def _subsample_queries(queries: torch.Tensor, query_mask: Optional[torch.Tensor]
 
 def _normalise_per_image(signal: torch.Tensor, ref_lengths: Sequence[int]) -> torch.Tensor:
     """Min-max scaling of a float [B, N] signal to [0, 1] inside each image (a constant image maps to 0)."""
-    out = torch.empty_like(signal, dtype=torch.float32)
-    for lo, hi in _image_slices(ref_lengths):
-        part = signal[:, lo:hi].float()
-        low = part.amin(dim=1, keepdim=True)
-        span = part.amax(dim=1, keepdim=True) - low
-        out[:, lo:hi] = torch.where(span > 0, (part - low) / span.clamp(min=torch.finfo(torch.float32).tiny),
-                                    torch.zeros_like(part))
-    return out
+    signal = signal.float()
+    rows = _image_rows(signal, ref_lengths)  # [B, n_refs, longest]: all images' min and max in one op each
+    low = rows.amin(dim=2)
+    span = rows.amax(dim=2) - low
+    if len(ref_lengths) > 1:  # each image's values at its tokens (one image: [B, 1] broadcasts)
+        image = _token_layout(ref_lengths, signal.device)[0]
+        low, span = low.index_select(1, image), span.index_select(1, image)
+    return torch.where(span > 0, (signal - low) / span.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
 
 
 def _dilate(signal: torch.Tensor, context: SelectionContext, radius: int) -> torch.Tensor:
@@ -473,46 +528,47 @@ def _dilate(signal: torch.Tensor, context: SelectionContext, radius: int) -> tor
     token order without a grid). One small host read sizes every image's grid."""
     if radius <= 0:
         return signal
-    batch = signal.shape[0]
-    grid = _token_grid(context, batch, signal.device)
+    batch, n_tokens = signal.shape
+    lengths, device = context.ref_lengths, signal.device
+    grid = _image_grid(context, device)
     window = 2 * radius + 1
-    out = torch.empty_like(signal)
-    slices = _image_slices(context.ref_lengths)
-    if grid is not None:
-        sizes = (torch.stack([grid[:, lo:hi].amax(dim=(0, 1)) for lo, hi in slices]) + 1).tolist()  # (h, w) each
-    for i, (lo, hi) in enumerate(slices):
-        part = signal[:, lo:hi]
-        if grid is None:
-            out[:, lo:hi] = F.max_pool1d(part[:, None], window, stride=1, padding=radius)[:, 0]
-            continue
-        rows, cols = grid[:, lo:hi, 0], grid[:, lo:hi, 1]
-        height, width = sizes[i]
-        flat = rows * width + cols  # [B, L]: cell of each token
-        dense = part.new_full((batch, height * width), -math.inf).scatter(1, flat, part)
-        pooled = F.max_pool2d(dense.view(batch, 1, height, width), window, stride=1, padding=radius)
-        out[:, lo:hi] = pooled.view(batch, -1).gather(1, flat)
-    return out
+    image, start, _ = _token_layout(lengths, device)
+    # every image on its own plane of one canvas sized for the largest, -inf around it (as max pooling pads): one
+    # scatter, one pooling and one gather for all images
+    if grid is None:
+        plane = (max(lengths),)
+        cell = image * plane[0] + torch.arange(n_tokens, device=device) - start  # [N]: canvas cell of each token
+    else:
+        sizes = (_image_rows(grid, lengths).amax(dim=(0, 2)) + 1).tolist()  # (h, w) of each image: the host read
+        plane = (max(h for h, _ in sizes), max(w for _, w in sizes))
+        cell = (image * plane[0] + grid[..., 0]) * plane[1] + grid[..., 1]  # [b, N]
+    cell = cell.expand(batch, n_tokens)
+    dense = signal.new_full((batch, len(lengths) * math.prod(plane)), -math.inf).scatter(1, cell, signal)
+    pool = F.max_pool1d if grid is None else F.max_pool2d
+    pooled = pool(dense.view(batch * len(lengths), 1, *plane), window, stride=1, padding=radius)
+    return pooled.view(batch, -1).gather(1, cell)
 
 
 def _border_background(reference_latents: torch.Tensor, context: SelectionContext) -> torch.Tensor:
     """Per-token background estimate ``[B, N, C]``: the mean latent of its image's border tokens (first/last row or
     column) on a grid, else of the whole image."""
-    batch = reference_latents.shape[0]
-    grid = _token_grid(context, batch, reference_latents.device)
+    batch, lengths, device = reference_latents.shape[0], context.ref_lengths, reference_latents.device
+    grid = _image_grid(context, device)
     latents = reference_latents.float()
-    background = torch.empty_like(latents)
-    for lo, hi in _image_slices(context.ref_lengths):
-        part = latents[:, lo:hi]
-        if grid is None:
-            weight = torch.ones(part.shape[:2], device=part.device)
-        else:
-            rows, cols = grid[:, lo:hi, 0], grid[:, lo:hi, 1]
-            on_border = (rows == 0) | (cols == 0) | (rows == rows.amax(1, keepdim=True)) \
-                | (cols == cols.amax(1, keepdim=True))
-            weight = on_border.float()
-        mean = (part * weight[..., None]).sum(1) / weight.sum(1, keepdim=True).clamp(min=1.0)
-        background[:, lo:hi] = mean[:, None]
-    return background
+    image = _token_layout(lengths, device)[0]
+    if grid is None:
+        weight = torch.ones(latents.shape[:2], device=device)
+    else:
+        last = _image_rows(grid, lengths).amax(dim=2)  # [b, n_refs, 2]: each image's last row and column
+        if len(lengths) > 1:
+            last = last.index_select(1, image)
+        weight = ((grid == 0) | (grid == last)).any(dim=-1).float().expand(batch, -1)  # first/last row or column
+    # the weighted sums image by image, each over its own slice as before (a float sum's rounding depends on the
+    # shape it reduces); the border counts are integers, exact when summed for all images at once
+    sums = torch.stack([(latents[:, lo:hi] * weight[:, lo:hi, None]).sum(1) for lo, hi in _image_slices(lengths)],
+                       dim=1)  # [B, n_refs, C]
+    count = _image_rows(weight, lengths, fill=0.0).sum(dim=2)  # [B, n_refs]
+    return (sums / count.clamp(min=1.0)[..., None]).index_select(1, image)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -593,10 +649,10 @@ def attention_scores(reference_latents: torch.Tensor, context: SelectionContext,
     key (``attention_mass``), from ``extra["queries"]`` (+ ``extra["query_mask"]``), or else from the available
     ``extra["text_queries"]`` / ``extra["target_queries"]`` together, and ``extra["ref_keys"]``.
 
-    Cost of the probe: ``2·B·H·Q'·N·(D + 3)`` flops with Q' = min(Q, max_queries) — ≈105 GFLOP at the klein-9B
-    shapes (H=32, D=128, N=3×4096, Q'=1024), a fraction of a millisecond on an H100, besides the probe layer's own
-    projections. Scores are raw masses (non-negative, summing to 1 per sample), so ``adaptive`` budgets read them as
-    a distribution.
+    Cost of the probe's mass (``attention_mass``): ``4·B·H·Q'·N·D`` flops with Q' = min(Q, max_queries), 2·103
+    GFLOP at the klein-9B shapes (H=32, D=128, N=3×4096, Q'=1024), besides the probe layer's own projections
+    (measured: ``sparsectx bench --case selection``). Scores are raw masses (non-negative, summing to 1 per
+    sample), so ``adaptive`` budgets read them as a distribution.
     """
     batch, n_tokens, _ = reference_latents.shape
     extra = context.extra
@@ -717,7 +773,8 @@ def _per_image(name: str, value: PerImage, batch: int, ref_lengths: Sequence[int
     (rounded half up, as ``compact_tokens`` does), ints are counts (clamped to the image length). Tensors and lists
     broadcast to ``[B, n_refs]``: ``[n_refs]`` per image, ``[B, 1]`` per request, ``[B, n_refs]`` both; a tensor
     has one kind (its dtype), a list's entries each their own (``[1, 0.25]``: one token, then a quarter).
-    Python scalars are checked on the host; tensors with one small host read."""
+    Python scalars and lists are checked and turned into counts on the host (the same float64 arithmetic), then
+    copied to the device at once; tensors are checked with one small host read."""
     value = _python_number(value)  # numpy scalars: their kind
     scalar = isinstance(value, (int, float)) and not isinstance(value, bool)
     if scalar:
@@ -726,6 +783,9 @@ def _per_image(name: str, value: PerImage, batch: int, ref_lengths: Sequence[int
         if isinstance(value, int) and not allow_count:
             raise TypeError(f"{name} must be a float ratio, got the int {value!r}")
         _check_scalar_setting(name, value)
+        if isinstance(value, float) or value < 2 ** 53:  # exact as a float64, like the device path below
+            row = [min(math.floor(value * n + 0.5) if isinstance(value, float) else value, n) for n in ref_lengths]
+            return _device_values([row] * batch, torch.long, device)
         values = torch.full((), float(value), dtype=torch.float64, device=device)  # a fill: no copy to wait for
         is_ratio = torch.full((), isinstance(value, float), dtype=torch.bool, device=device)
     elif isinstance(value, torch.Tensor):
@@ -734,15 +794,15 @@ def _per_image(name: str, value: PerImage, batch: int, ref_lengths: Sequence[int
         values = value.to(device=device, dtype=torch.float64)
         is_ratio = torch.full(value.shape, value.is_floating_point(), device=device)
     elif isinstance(value, (list, tuple)):
-        values, is_ratio = _list_setting(name, value, device)
+        values, is_ratio = _list_setting(name, value, "cpu")  # host values: checked and converted on the host
     else:
         raise TypeError(f"{name} must be an int, a float, a tensor or a list of them, got {type(value).__name__}")
     if not scalar:
-        # the kind before the range: a count budget given ratios reports the kind; one host read for both
-        has_ratio, has_count, bad_ratio, bad_count = torch.stack([
+        # the kind before the range: a count budget given ratios reports the kind; one host read for all
+        has_ratio, has_count, bad_ratio, bad_count, huge = torch.stack([
             is_ratio.any(), (~is_ratio).any(),
             (is_ratio & ((values < 0) | (values > 1) | ~torch.isfinite(values))).any(),
-            (~is_ratio & ((values < 0) | ~torch.isfinite(values))).any()]).tolist()
+            (~is_ratio & ((values < 0) | ~torch.isfinite(values))).any(), (values >= 2.0 ** 63).any()]).tolist()
         if has_ratio and not allow_ratio:
             raise TypeError(f"{name} must be an int count, got floats")
         if has_count and not allow_count:
@@ -753,24 +813,27 @@ def _per_image(name: str, value: PerImage, batch: int, ref_lengths: Sequence[int
             raise ValueError(f"{name} counts must be >= 0")
     values = _broadcast_per_image(name, values, batch, len(ref_lengths))
     is_ratio = torch.broadcast_to(is_ratio, values.shape)
-    lengths = _device_values(ref_lengths, None, device)
-    counts = torch.where(is_ratio, torch.floor(values * lengths + 0.5), values).long()
-    return torch.minimum(counts, lengths)
+    if not scalar and huge and values.device.type == "cpu":  # beyond int64: converted on the device as before
+        values, is_ratio = values.to(device), is_ratio.to(device)  # (what it gives differs by device)
+    lengths = _device_values(ref_lengths, None, values.device)
+    counts = torch.minimum(torch.where(is_ratio, torch.floor(values * lengths + 0.5), values).long(), lengths)
+    return _device_values(counts, None, device) if counts.device.type == "cpu" else counts  # host lists: one copy
 
 
 def _topk_per_image(scores: torch.Tensor, ref_lengths: Sequence[int], counts: torch.Tensor) -> torch.Tensor:
     """bool [B, N]: the ``counts[b, i]`` highest scores inside image i of sample b (ties to the lower index)."""
-    keep = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
-    ranks = _rank_in_image(-scores.to(torch.promote_types(scores.dtype, torch.float32)), ref_lengths)  # fp64 stays
-    for i, (lo, hi) in enumerate(_image_slices(ref_lengths)):
-        keep[:, lo:hi] = ranks[:, lo:hi] < counts[:, i:i + 1]
-    return keep
+    keys = -scores.to(torch.promote_types(scores.dtype, torch.float32))  # fp64 stays
+    if len(ref_lengths) == 1:
+        return _rank_in_image(keys, ref_lengths) < counts[:, :1]
+    layout = _token_layout(ref_lengths, scores.device)
+    return _rank_in_image(keys, ref_lengths, layout) < counts.index_select(1, layout[0])  # each token's image's count
 
 
-def _check_scores(scores) -> None:
+def _check_scores(scores, nan: bool = True) -> None:
+    """``scores`` a float [B, N] tensor, and (``nan``: one host read) without NaN."""
     if not isinstance(scores, torch.Tensor) or scores.ndim != 2 or not scores.is_floating_point():
         raise ValueError(f"scores must be a float [B, N] tensor, got {getattr(scores, 'shape', type(scores))}")
-    if torch.isnan(scores).any():
+    if nan and torch.isnan(scores).any():
         raise ValueError("scores contain NaN")
 
 
@@ -843,18 +906,18 @@ def _score_mass(scores: torch.Tensor, mode: str) -> torch.Tensor:
     score, softmax otherwise (decided on the device)."""
     scores = scores.double()
     uniform = 1.0 / max(scores.shape[1], 1)
-    soft = torch.softmax(scores, dim=1)
-    soft = torch.where(torch.isnan(soft), uniform, soft)  # NaN only from an all -inf row (NaN, +inf: refused)
+    if mode != "linear":  # (each mode computes only what it returns)
+        soft = torch.softmax(scores, dim=1)
+        soft = torch.where(torch.isnan(soft), uniform, soft)  # NaN only from an all -inf row (NaN, +inf: refused)
+        if mode == "softmax":
+            return soft
     clipped = scores.clamp(min=0.0)
     if clipped.shape[1]:  # scaled by the row's largest score first: the sum of scores near float64's max is finite
         clipped = clipped / clipped.amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)
     total = clipped.sum(dim=1, keepdim=True)
-    linear = torch.where(total > 0, clipped / total.clamp(min=torch.finfo(torch.float64).tiny),
-                         torch.full_like(clipped, uniform))
+    linear = torch.where(total > 0, clipped / total.clamp(min=torch.finfo(torch.float64).tiny), uniform)
     if mode == "linear":
         return linear
-    if mode == "softmax":
-        return soft
     has_negative = (scores < 0).any(dim=1, keepdim=True)
     return torch.where(has_negative, soft, linear)
 
@@ -875,33 +938,63 @@ def adaptive_budget(scores: torch.Tensor, coverage: Union[float, torch.Tensor] =
     """
     if mass not in MASS_MODES:
         raise ValueError(f"mass must be one of {MASS_MODES}, got {mass!r}")
-    _check_scores(scores)
+    _check_scores(scores, nan=False)
+    # the NaN, +inf and (linear mass) sign checks in one host read, raised in this order
+    flags = [torch.isnan(scores).any(), torch.isposinf(scores).any()]
+    if mass == "linear":
+        flags.append((scores < 0).any())
+    has_nan, has_posinf, *has_negative = torch.stack(flags).tolist()
+    if has_nan:
+        raise ValueError("scores contain NaN")
     ref_lengths = _check_ref_lengths(ref_lengths, scores.shape[1])
-    if torch.isposinf(scores).any():
+    if has_posinf:
         raise ValueError("scores contain +inf: their mass is undefined (an adaptive budget reads the selector's "
                          "scores as a distribution: return finite scores, or use a ratio or count budget)")
-    if mass == "linear" and bool((scores < 0).any()):
+    if has_negative and has_negative[0]:
         raise ValueError("mass='linear' needs scores >= 0 (use 'softmax' or 'auto' for signed scores)")
-    batch, device = scores.shape[0], scores.device
+    cov, low, high = _adaptive_settings(coverage, floor, cap, scores.shape[0], ref_lengths, scores.device)
+    counts = _adaptive_counts(scores, cov, low, high, ref_lengths, mass)
+    return BudgetResult(counts, _topk_per_image(scores, ref_lengths, counts))
+
+
+def _adaptive_settings(coverage, floor: PerImage, cap: PerImage, batch: int, ref_lengths: Sequence[int], device):
+    """``adaptive_budget``'s settings checked: ``(coverage, floor, cap)``, the counts int64 ``[B, n_refs]``, the
+    coverage a Python float (given one) or a float64 ``[B, n_refs]`` tensor (its range checked with one host read)."""
     _check_coverage(coverage)
     if isinstance(coverage, torch.Tensor):
         cov = coverage.to(device=device, dtype=torch.float64)
         if bool((~torch.isfinite(cov) | (cov < 0) | (cov > 1)).any()):
             raise ValueError(f"coverage must lie in [0, 1], got {coverage!r}")
+        cov = _broadcast_per_image("coverage", cov, batch, len(ref_lengths))
     else:
-        cov = torch.full((), float(coverage), dtype=torch.float64, device=device)
-    cov = _broadcast_per_image("coverage", cov, batch, len(ref_lengths))
-    low = _per_image("floor", floor, batch, ref_lengths, device)
-    high = _per_image("cap", cap, batch, ref_lengths, device)
-    counts = torch.empty((batch, len(ref_lengths)), dtype=torch.long, device=device)
-    for i, (lo, hi) in enumerate(_image_slices(ref_lengths)):
+        cov = float(coverage)
+    return cov, _per_image("floor", floor, batch, ref_lengths, device), _per_image("cap", cap, batch, ref_lengths,
+                                                                                   device)
+
+
+def _adaptive_counts(scores: torch.Tensor, cov, low: torch.Tensor, high: torch.Tensor, ref_lengths: Sequence[int],
+                     mass: str) -> torch.Tensor:
+    """int64 ``[B, n_refs]``: per image, the fewest top-scored tokens covering ``cov`` of its mass, within
+    ``[low, high]`` (see ``adaptive_budget``; ``cov`` a float or a ``[B, n_refs]`` tensor)."""
+    # each image's mass, sorted, and the mass ranked above each token: image by image, each on its own slice (the
+    # softmax, sum and cumsum round by the shape they reduce); the integer counts after that for all images at once
+    before = []
+    for lo, hi in _image_slices(ref_lengths):
         probs = torch.sort(_score_mass(scores[:, lo:hi], mass), dim=1, descending=True).values
-        before = torch.cumsum(probs, dim=1) - probs  # mass of the tokens ranked above each token
-        target = cov[:, i:i + 1]
-        needed = (before < target - COVERAGE_TOL).sum(dim=1)
-        needed = torch.where(target[:, 0] > 0, needed.clamp(min=1), torch.zeros_like(needed))
-        counts[:, i] = torch.minimum(torch.maximum(needed, low[:, i]), high[:, i])
-    return BudgetResult(counts, _topk_per_image(scores, ref_lengths, counts))
+        before.append(torch.cumsum(probs, dim=1) - probs)  # mass of the tokens ranked above each token
+    before = torch.cat(before, dim=1) if len(before) > 1 else before[0]
+    if isinstance(cov, torch.Tensor):
+        threshold, positive = cov - COVERAGE_TOL, cov > 0
+        if len(ref_lengths) > 1:  # each token's image's threshold
+            threshold = threshold.index_select(1, _token_layout(ref_lengths, scores.device)[0])
+    else:  # the same float64 arithmetic on the host
+        threshold, positive = cov - COVERAGE_TOL, cov > 0
+    needed = _image_rows(before < threshold, ref_lengths, fill=False).sum(dim=2)  # [B, n_refs]
+    if isinstance(positive, torch.Tensor):
+        needed = torch.where(positive, needed.clamp(min=1), 0)
+    else:
+        needed = needed.clamp(min=1) if positive else torch.zeros_like(needed)
+    return torch.minimum(torch.maximum(needed, low), high)
 
 
 class AdaptiveBudget:
@@ -918,13 +1011,15 @@ class AdaptiveBudget:
         tokens in the mask (each marked token an equal share of the mass, whatever ``mass`` says), within floor
         and cap; an image with nothing marked keeps its floor (the uniform mass of an all-zero score row does not
         apply: nothing is there to cover)."""
-        result = adaptive_budget(mask.float(), self.coverage, self.floor, self.cap, ref_lengths, mass="linear")
-        batch, device = mask.shape[0], mask.device
-        marked = torch.stack([mask[:, lo:hi].sum(dim=1) for lo, hi in _image_slices(ref_lengths)], dim=1)
-        nothing = torch.minimum(_per_image("floor", self.floor, batch, ref_lengths, device),
-                                _per_image("cap", self.cap, batch, ref_lengths, device))
-        counts = torch.where(marked > 0, result.counts, nothing)
-        return BudgetResult(counts, _topk_per_image(mask.float(), ref_lengths, counts))
+        scores = mask.float()  # a bool mask's scores: no NaN, +inf or negative to read for
+        _check_scores(scores, nan=False)
+        ref_lengths = _check_ref_lengths(ref_lengths, mask.shape[1])
+        cov, low, high = _adaptive_settings(self.coverage, self.floor, self.cap, mask.shape[0], ref_lengths,
+                                            mask.device)
+        counts = _adaptive_counts(scores, cov, low, high, ref_lengths, "linear")
+        marked = _image_rows(mask, ref_lengths, fill=False).sum(dim=2)  # [B, n_refs]
+        counts = torch.where(marked > 0, counts, torch.minimum(low, high))
+        return BudgetResult(counts, _topk_per_image(scores, ref_lengths, counts))
 
     def settings(self) -> dict:
         return {"coverage": self.coverage, "floor": self.floor, "cap": self.cap}
