@@ -587,6 +587,9 @@ def attention_key_mass(q: torch.Tensor, k: torch.Tensor, query_weights: Optional
         raise ValueError(f"k must be [B={batch}, N, H={heads}, D={dim}] like q, got {tuple(k.shape)}")
     if dim > 256 or dim < 1:
         raise ValueError(f"head dim (q.shape[-1]) must be in 1..256, got {dim}")
+    if max(batch, heads) > MAX_GRID_SAMPLES:  # the kernels launch (blocks, heads, samples)
+        raise ValueError(f"q has {batch} samples and {heads} heads; one call takes at most {MAX_GRID_SAMPLES} of "
+                         "each (CUDA's grid limit): split the batch")
     if query_weights is None:
         query_weights = torch.full((batch, n_queries), 1.0 / max(n_queries, 1), dtype=torch.float32,
                                    device=q.device)

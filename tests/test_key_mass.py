@@ -147,6 +147,8 @@ def _valid():
     (dict(k=torch.zeros(1, 7, 2, 16)), ValueError, r"k must be \[B=2, N, H=2, D=16\]"),
     (dict(k=torch.zeros(2, 7, 1, 16)), ValueError, r"k must be \[B=2, N, H=2, D=16\]"),
     (dict(q=torch.zeros(2, 5, 1, 300), k=torch.zeros(2, 7, 1, 300)), ValueError, "head dim"),
+    (dict(q=torch.zeros(65536, 1, 1, 1), k=torch.zeros(65536, 1, 1, 1), query_weights=None), ValueError,
+     "one call takes at most 65535"),
     (dict(query_weights=torch.ones(2, 4)), ValueError, r"query_weights must be a float \[B=2, Q=5\]"),
     (dict(query_weights=torch.ones(2, 5, dtype=torch.bool)), ValueError, "query_weights must be a float"),
     (dict(query_weights=[1.0]), TypeError, "query_weights must be a torch.Tensor"),
