@@ -1287,8 +1287,9 @@ class SelectionCase:
 
     def _probe_mass_impls(self, queries: torch.Tensor, keys: torch.Tensor) -> list:
         """The probe's attention mass alone (mean over the queries, per head): ``ops.attention_key_mass`` (two
-        passes that never write a score) against torch's einsum + softmax in the inputs' dtype, chunked as the
-        reference is (what selection computed before the op). Checked against the fp32 reference."""
+        passes that never write a score) against torch's einsum + softmax in the inputs' dtype, chunked (the
+        reference; selection's code before the op made the same chunks with an fp32 softmax). Both are checked
+        against the fp32 reference."""
         from . import reference
 
         weights = torch.full(queries.shape[:2], 1.0 / queries.shape[1], device=queries.device)
