@@ -559,24 +559,46 @@ def masked_attention(
 
 
 _KEY_MASS_DTYPES = _ATTN_DTYPES + (torch.float64,)  # float64: the reference path (an exact check)
+_KEY_MASS_MAX_SCALE = torch.finfo(torch.float32).max / 2.0  # the kernels scale the scores in fp32 (times log2(e))
+
+
+@torch.library.custom_op("sparsectx::attention_key_mass", mutates_args=())
+def _key_mass_op(q: torch.Tensor, k: torch.Tensor, query_weights: torch.Tensor,
+                 softmax_scale: float) -> torch.Tensor:
+    if q.dtype != torch.float64 and _use_triton(q):
+        from .kernels.attention import attention_key_mass as launch
+
+        weights = query_weights.to(torch.float32).contiguous()
+        return launch(_last_dim_contiguous(q), _last_dim_contiguous(k), weights, softmax_scale)
+    wide = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return reference.attention_key_mass_ref(q.to(wide), k.to(wide), query_weights.to(wide), softmax_scale)
+
+
+@_key_mass_op.register_fake
+def _(q, k, query_weights, softmax_scale):
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty((q.shape[0], q.shape[2], k.shape[1]), dtype=dtype)
 
 
 def attention_key_mass(q: torch.Tensor, k: torch.Tensor, query_weights: Optional[torch.Tensor] = None, *,
                        softmax_scale: Optional[float] = None) -> torch.Tensor:
     """How much attention each key receives: float32 ``[B, H, N]`` (float64 for float64 inputs) with
     ``mass[b, h, n] = sum_q query_weights[b, q] · softmax_n(softmax_scale · q[b, q, h]·k[b, n, h])``, the softmax
-    running over the given keys only (a query whose scores are all -inf gives nothing).
+    running over the given keys only (a query whose scores are all -inf gives nothing; NaN or +inf scores give NaN,
+    as torch's softmax does).
 
     ``q [B, Q, H, D]``, ``k [B, N, H, D]`` in diffusers' dense layout, one dtype (fp16, bf16, fp32; float64 on the
     reference path), head dim 1..256; ``query_weights`` float ``[B, Q]`` (None: ``1/Q`` each, the mean over the
     queries), e.g. a mask of the valid queries divided by their count; ``softmax_scale`` defaults to ``1/sqrt(D)``.
     Token selection's probes use it (``sparsectx.selection.attention_mass``).
 
-    On a GPU (or the interpreter): two Triton passes, each query's log-sum-exp then each key block's weighted sum
-    of probabilities; no score is written to memory; scores accumulate in fp32 from the inputs' products (fp32
-    inputs: full IEEE products). The torch reference computes in fp32 (float64 inputs: float64), in chunks of at
-    most ``reference.KEY_MASS_CHUNK_ELEMENTS`` scores. No gradient: inputs that require one are refused while
-    autograd records (detach them). Nothing synchronises with the host.
+    On a GPU (or the interpreter): two Triton passes, each query's max score and sum of exponentials, then each key
+    block's weighted sum of probabilities; no score is written to memory; scores accumulate in fp32 from the
+    inputs' products (fp32 inputs: full IEEE products). The torch reference computes in fp32 (float64 inputs:
+    float64), in chunks of at most ``reference.KEY_MASS_CHUNK_ELEMENTS`` scores. A ``torch.library`` custom op
+    (``torch.ops.sparsectx.attention_key_mass``, with a fake implementation): ``torch.compile`` traces it. No
+    gradient: inputs that require one are refused while autograd records (detach them). Nothing synchronises with
+    the host.
     """
     _check_tensor("q", q, ndim=4, dtypes=_KEY_MASS_DTYPES)
     _check_tensor("k", k, ndim=4, device=q.device)
@@ -587,7 +609,7 @@ def attention_key_mass(q: torch.Tensor, k: torch.Tensor, query_weights: Optional
         raise ValueError(f"k must be [B={batch}, N, H={heads}, D={dim}] like q, got {tuple(k.shape)}")
     if dim > 256 or dim < 1:
         raise ValueError(f"head dim (q.shape[-1]) must be in 1..256, got {dim}")
-    if max(batch, heads) > MAX_GRID_SAMPLES:  # the kernels launch (blocks, heads, samples)
+    if q.dtype != torch.float64 and max(batch, heads) > MAX_GRID_SAMPLES:  # kernels launch (blocks, heads, samples)
         raise ValueError(f"q has {batch} samples and {heads} heads; one call takes at most {MAX_GRID_SAMPLES} of "
                          "each (CUDA's grid limit): split the batch")
     if query_weights is None:
@@ -602,18 +624,13 @@ def attention_key_mass(q: torch.Tensor, k: torch.Tensor, query_weights: Optional
     softmax_scale = _python_number(softmax_scale)
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
         raise TypeError(f"softmax_scale must be a Python number or None, got {type(softmax_scale).__name__}")
-    if not abs(softmax_scale) <= sys.float_info.max:
-        raise ValueError(f"softmax_scale must be a finite number, got {softmax_scale!r}")
+    if not abs(softmax_scale) <= _KEY_MASS_MAX_SCALE:  # NaN, inf, and what overflows the kernels' fp32 scale
+        raise ValueError(f"softmax_scale must be a finite number of magnitude at most {_KEY_MASS_MAX_SCALE:.3g}, "
+                         f"got {softmax_scale!r}")
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or query_weights.requires_grad):
         raise ValueError("attention_key_mass has no gradient: pass detached q, k and query_weights (or call it "
                          "under torch.no_grad())")
-    if q.dtype != torch.float64 and _use_triton(q):
-        from .kernels.attention import attention_key_mass as launch
-
-        weights = query_weights.to(torch.float32).contiguous()
-        return launch(_last_dim_contiguous(q), _last_dim_contiguous(k), weights, float(softmax_scale))
-    wide = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return reference.attention_key_mass_ref(q.to(wide), k.to(wide), query_weights.to(wide), float(softmax_scale))
+    return _key_mass_op(q, k, query_weights, float(softmax_scale))
 
 
 # ----------------------------------------------------------------------------------------------------------------

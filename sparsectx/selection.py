@@ -783,11 +783,8 @@ def _per_image(name: str, value: PerImage, batch: int, ref_lengths: Sequence[int
         if isinstance(value, int) and not allow_count:
             raise TypeError(f"{name} must be a float ratio, got the int {value!r}")
         _check_scalar_setting(name, value)
-        if isinstance(value, float) or value < 2 ** 53:  # exact as a float64, like the device path below
-            row = [min(math.floor(value * n + 0.5) if isinstance(value, float) else value, n) for n in ref_lengths]
-            return _device_values([row] * batch, torch.long, device)
-        values = torch.full((), float(value), dtype=torch.float64, device=device)  # a fill: no copy to wait for
-        is_ratio = torch.full((), isinstance(value, float), dtype=torch.bool, device=device)
+        row = [min(math.floor(value * n + 0.5) if isinstance(value, float) else value, n) for n in ref_lengths]
+        return _device_values([row] * batch, torch.long, device)
     elif isinstance(value, torch.Tensor):
         if value.dtype == torch.bool or value.is_complex():
             raise TypeError(f"{name} must hold ints (counts) or floats (ratios), got {value.dtype}")
@@ -797,26 +794,24 @@ def _per_image(name: str, value: PerImage, batch: int, ref_lengths: Sequence[int
         values, is_ratio = _list_setting(name, value, "cpu")  # host values: checked and converted on the host
     else:
         raise TypeError(f"{name} must be an int, a float, a tensor or a list of them, got {type(value).__name__}")
-    if not scalar:
-        # the kind before the range: a count budget given ratios reports the kind; one host read for all
-        has_ratio, has_count, bad_ratio, bad_count, huge = torch.stack([
-            is_ratio.any(), (~is_ratio).any(),
-            (is_ratio & ((values < 0) | (values > 1) | ~torch.isfinite(values))).any(),
-            (~is_ratio & ((values < 0) | ~torch.isfinite(values))).any(), (values >= 2.0 ** 63).any()]).tolist()
-        if has_ratio and not allow_ratio:
-            raise TypeError(f"{name} must be an int count, got floats")
-        if has_count and not allow_count:
-            raise TypeError(f"{name} must be a float ratio, got ints")
-        if bad_ratio:
-            raise ValueError(f"{name} ratios must lie in [0, 1]")
-        if bad_count:
-            raise ValueError(f"{name} counts must be >= 0")
+    # the kind before the range: a count budget given ratios reports the kind; one host read for all
+    has_ratio, has_count, bad_ratio, bad_count = torch.stack([
+        is_ratio.any(), (~is_ratio).any(),
+        (is_ratio & ((values < 0) | (values > 1) | ~torch.isfinite(values))).any(),
+        (~is_ratio & ((values < 0) | ~torch.isfinite(values))).any()]).tolist()
+    if has_ratio and not allow_ratio:
+        raise TypeError(f"{name} must be an int count, got floats")
+    if has_count and not allow_count:
+        raise TypeError(f"{name} must be a float ratio, got ints")
+    if bad_ratio:
+        raise ValueError(f"{name} ratios must lie in [0, 1]")
+    if bad_count:
+        raise ValueError(f"{name} counts must be >= 0")
     values = _broadcast_per_image(name, values, batch, len(ref_lengths))
     is_ratio = torch.broadcast_to(is_ratio, values.shape)
-    if not scalar and huge and values.device.type == "cpu":  # beyond int64: converted on the device as before
-        values, is_ratio = values.to(device), is_ratio.to(device)  # (what it gives differs by device)
-    lengths = _device_values(ref_lengths, None, values.device)
-    counts = torch.minimum(torch.where(is_ratio, torch.floor(values * lengths + 0.5), values).long(), lengths)
+    lengths = _device_values(ref_lengths, torch.float64, values.device)
+    # clamped to the image length while still float64: a count beyond int64 (2**63 and up) keeps the whole image
+    counts = torch.where(is_ratio, torch.floor(values * lengths + 0.5), torch.minimum(values, lengths)).long()
     return _device_values(counts, None, device) if counts.device.type == "cpu" else counts  # host lists: one copy
 
 

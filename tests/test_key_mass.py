@@ -88,6 +88,58 @@ def test_keys_at_minus_infinity_get_no_mass_and_queries_seeing_none_give_nothing
     torch.testing.assert_close(mass.double(), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("where", ["nan_in_a_key", "inf_key", "nan_query"])
+def test_nan_and_inf_scores_give_nan_as_the_reference_does(where):
+    """A NaN or +inf score makes its head's mass NaN everywhere (torch's softmax gives NaN rows), never a silent 0
+    for the other keys (before: a NaN row sum read as "no finite score" and gave every other key 0)."""
+    q, k, weights = _inputs((1, 4, 6, 2, 8), torch.float32, seed=12)
+    q = q.abs() + 0.1
+    if where == "nan_in_a_key":
+        k[0, 2, 0, 3] = math.nan
+    elif where == "inf_key":
+        k[0, 2, 0] = math.inf
+    else:
+        q[0, 1, 0, 0] = math.nan
+    mass = attention_key_mass(q, k, weights)
+    expected = ref.attention_key_mass_ref(q.double(), k.double(), weights.double())
+    assert torch.isnan(expected[:, 0]).all() and torch.isnan(mass[:, 0]).all()
+    torch.testing.assert_close(mass[:, 1].double(), expected[:, 1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES_HERE, ids=str)
+def test_large_scores_keep_their_precision(dtype):
+    """Scores of large magnitude (a big softmax scale, huge activations): the kernels keep each query's max and
+    sum apart (max + log2(sum) in fp32 lost the sum: 6e-5 error at scores ~1e4, and keys of equal huge scores got
+    the whole mass each instead of an equal share)."""
+    q, k, weights = _inputs((1, 9, 40, 2, 16), dtype, seed=13)
+    _assert_flash_criterion(attention_key_mass(q, k, weights, softmax_scale=1000.0), q, k, weights, 1000.0)
+    if dtype == torch.float16:  # five keys equal to the query, scores ~1e11 (no overflow: fp32 accumulation)
+        q = torch.full((1, 1, 1, 64), 6e4, dtype=dtype, device=DEVICE)
+        mass = attention_key_mass(q, q.expand(1, 5, 1, 64), torch.ones(1, 1, device=DEVICE))
+        torch.testing.assert_close(mass, torch.full((1, 1, 5), 0.2, device=DEVICE))
+
+
+def test_queries_and_keys_with_different_strides():
+    """q contiguous beside k a view of a fused k/v tensor: each is addressed with its own token and head strides."""
+    gen = torch.Generator().manual_seed(14)
+    q = torch.randn(2, 21, 3, 16, generator=gen).to(DEVICE)
+    kv = torch.randn(2, 37, 2, 3, 16, generator=gen).to(DEVICE)
+    k = kv[:, :, 0]
+    weights = torch.rand(2, 21, generator=gen).to(DEVICE)
+    _assert_flash_criterion(attention_key_mass(q, k, weights), q, k, weights)
+    _assert_flash_criterion(attention_key_mass(k[:, :21], q.transpose(1, 0).transpose(0, 1), weights), k[:, :21],
+                            q, weights)
+
+
+def test_custom_op_passes_opcheck_and_compiles_fullgraph():
+    q, k, weights = _inputs((2, 9, 13, 2, 16), torch.float32, seed=15)
+    torch.library.opcheck(torch.ops.sparsectx.attention_key_mass.default, (q, k, weights, 0.25))
+    compiled = torch.compile(lambda q, k, w: attention_key_mass(q, k, w) * 2.0, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, weights), 2.0 * attention_key_mass(q, k, weights))
+    meta = attention_key_mass(q.to("meta"), k.to("meta"), weights.to("meta"))
+    assert meta.shape == (2, 2, 13) and meta.dtype == torch.float32
+
+
 def test_fp16_scores_beyond_the_fp16_range_are_accumulated_in_fp32():
     """q·kᵀ of large fp16 activations exceeds fp16's 65504: the kernel accumulates the products in fp32."""
     q, k, weights = _inputs((1, 6, 9, 2, 64), torch.float16, seed=7, scale=40.0)
@@ -153,6 +205,7 @@ def _valid():
     (dict(query_weights=torch.ones(2, 5, dtype=torch.bool)), ValueError, "query_weights must be a float"),
     (dict(query_weights=[1.0]), TypeError, "query_weights must be a torch.Tensor"),
     (dict(softmax_scale=float("nan")), ValueError, "softmax_scale must be a finite number"),
+    (dict(softmax_scale=1e39), ValueError, "softmax_scale must be a finite number of magnitude at most"),
     (dict(softmax_scale="0.1"), TypeError, "softmax_scale must be a Python number"),
 ])
 def test_bad_input_raises_naming_the_argument(change, error, words):

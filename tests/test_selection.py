@@ -917,3 +917,15 @@ def test_selection_ops_do_not_grow_per_bit_or_per_image():
     assert ops["uniform", 3] == ops["uniform", 4] <= 80, ops
     assert ops["fixed", 3] == ops["fixed", 4] <= 40, ops
     assert ops["adaptive", 4] <= 160, ops  # the mass of each image is still made image by image (exact rounding)
+
+
+def test_counts_beyond_int64_keep_the_whole_image():
+    """A count budget of 2**63 or more (a scalar, or a list entry) keeps every token of its image (before: the
+    float64 count overflowed int64 when converted and the image kept nothing)."""
+    latents, context = _full_context(1, 2)
+    context.extra.clear()
+    everything = torch.ones(latents.shape[:2], dtype=torch.bool)
+    for budget in (2 ** 63 - 1, 2 ** 64, fixed_count([2 ** 63, 2 ** 70])):
+        assert torch.equal(select(latents, context, "uniform", budget=budget), everything), budget
+    assert torch.equal(fixed_count([2 ** 63, 3])(torch.rand(latents.shape[:2]), context.ref_lengths).counts,
+                       torch.tensor([[context.ref_lengths[0], 3]]))
