@@ -523,6 +523,9 @@ def _normalise_per_image(signal: torch.Tensor, ref_lengths: Sequence[int]) -> to
     return torch.where(span > 0, (signal - low) / span.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
 
 
+GRID_SPAN_LIMIT = 64  # _dilate: an image's id grid may span at most this many cells per token (else: not a grid)
+
+
 def _dilate(signal: torch.Tensor, context: SelectionContext, radius: int) -> torch.Tensor:
     """Max of ``signal`` over the (2r+1)² neighbourhood of each token in its image's grid (a 2r+1 window along the
     token order without a grid). One small host read sizes every image's grid."""
@@ -531,21 +534,34 @@ def _dilate(signal: torch.Tensor, context: SelectionContext, radius: int) -> tor
     batch, n_tokens = signal.shape
     lengths, device = context.ref_lengths, signal.device
     grid = _image_grid(context, device)
-    window = 2 * radius + 1
     image, start, _ = _token_layout(lengths, device)
-    # every image on its own plane of one canvas sized for the largest, -inf around it (as max pooling pads): one
-    # scatter, one pooling and one gather for all images
+    # every image on its own plane of one canvas sized for the largest
     if grid is None:
         plane = (max(lengths),)
         cell = image * plane[0] + torch.arange(n_tokens, device=device) - start  # [N]: canvas cell of each token
     else:
         sizes = (_image_rows(grid, lengths).amax(dim=(0, 2)) + 1).tolist()  # (h, w) of each image: the host read
+        for i, ((h, w), n) in enumerate(zip(sizes, lengths)):
+            if h * w > GRID_SPAN_LIMIT * n:
+                raise ValueError(f"the ids of reference {i} span a {h} x {w} grid for its {n} tokens: not a token "
+                                 "grid (pass integer token positions as reference_ids, or extra['ref_shapes'])")
         plane = (max(h for h, _ in sizes), max(w for _, w in sizes))
+        if len(lengths) * math.prod(plane) > 4 * sum(h * w for h, w in sizes):  # shapes far apart: image by image
+            return torch.cat([_dilate_planes(signal[:, lo:hi], grid[:, lo:hi, 0] * w + grid[:, lo:hi, 1], (h, w),
+                                             1, radius) for (lo, hi), (h, w) in zip(_image_slices(lengths), sizes)],
+                             dim=1)
         cell = (image * plane[0] + grid[..., 0]) * plane[1] + grid[..., 1]  # [b, N]
+    return _dilate_planes(signal, cell, plane, len(lengths), radius)
+
+
+def _dilate_planes(signal: torch.Tensor, cell: torch.Tensor, plane: tuple, n_planes: int, radius: int):
+    """Max pooling of ``signal [B, N]`` placed at ``cell`` ([b, N] or [N]) of ``n_planes`` planes of shape ``plane``
+    (-inf elsewhere, as max pooling pads): one scatter, one pooling and one gather for all planes."""
+    batch, n_tokens = signal.shape
     cell = cell.expand(batch, n_tokens)
-    dense = signal.new_full((batch, len(lengths) * math.prod(plane)), -math.inf).scatter(1, cell, signal)
-    pool = F.max_pool1d if grid is None else F.max_pool2d
-    pooled = pool(dense.view(batch * len(lengths), 1, *plane), window, stride=1, padding=radius)
+    dense = signal.new_full((batch, n_planes * math.prod(plane)), -math.inf).scatter(1, cell, signal)
+    pool = F.max_pool1d if len(plane) == 1 else F.max_pool2d
+    pooled = pool(dense.view(batch * n_planes, 1, *plane), 2 * radius + 1, stride=1, padding=radius)
     return pooled.view(batch, -1).gather(1, cell)
 
 

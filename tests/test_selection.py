@@ -929,3 +929,39 @@ def test_counts_beyond_int64_keep_the_whole_image():
         assert torch.equal(select(latents, context, "uniform", budget=budget), everything), budget
     assert torch.equal(fixed_count([2 ** 63, 3])(torch.rand(latents.shape[:2]), context.ref_lengths).counts,
                        torch.tensor([[context.ref_lengths[0], 3]]))
+
+
+def _dilate_brute_force(signal, shapes, radius):
+    """Max of signal over each token's (2r+1)² neighbourhood in its own image (row-major h x w images)."""
+    out, lo = torch.empty_like(signal), 0
+    for h, w in shapes:
+        image = signal[:, lo:lo + h * w].view(-1, h, w)
+        for r in range(h):
+            for c in range(w):
+                window = image[:, max(r - radius, 0):r + radius + 1, max(c - radius, 0):c + radius + 1]
+                out[:, lo + r * w + c] = window.amax(dim=(1, 2))
+        lo += h * w
+    return out
+
+
+@pytest.mark.parametrize("shapes", [[(4, 5), (5, 4), (3, 3)], [(2, 24), (24, 2), (1, 1)]],
+                         ids=["similar_shapes", "shapes_far_apart"])
+def test_dilation_stays_inside_each_image(shapes):
+    """The edit selector's context ring: max over each token's neighbourhood in its own image, whether the images
+    share one canvas (similar shapes) or are pooled one by one (shapes far apart: one canvas sized for the largest
+    height and width would be mostly padding)."""
+    lengths = [h * w for h, w in shapes]
+    signal = torch.rand(2, sum(lengths), generator=torch.Generator().manual_seed(16))
+    context = SelectionContext(len(shapes), lengths, reference_ids=_ids(shapes))
+    for radius in (1, 2):
+        assert torch.equal(selection._dilate(signal, context, radius), _dilate_brute_force(signal, shapes, radius))
+
+
+def test_dilation_refuses_ids_that_are_not_a_token_grid():
+    """Ids far from a token grid (scaled positions: 4 tokens spanning 1e6 x 1e6 cells) would size a dense canvas
+    of 1e12 cells: a ValueError names the reference instead of an allocation failure."""
+    ids = _ids([(2, 2), (2, 2)])
+    ids[:, 4:, 1:] *= 1e6
+    context = SelectionContext(2, [4, 4], reference_ids=ids)
+    with pytest.raises(ValueError, match="the ids of reference 1 span a .* grid for its 4 tokens: not a token grid"):
+        selection._dilate(torch.rand(1, 8), context, 1)
