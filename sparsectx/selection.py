@@ -1192,5 +1192,14 @@ def select(reference_latents: torch.Tensor, context: SelectionContext, selector=
     that returns a keep mask, returned as is; a keep mask with a budget is capped or padded to it). The drop-in
     (``sparsectx.enable``) selects the same way, after turning its list forms into budget objects and repeating
     per-request rows over each request's samples; here give a ratio, a count, or ``fixed_ratio`` / ``fixed_count`` /
-    ``adaptive`` with one value, one per image, or one row per sample."""
-    return apply_budget(get_selector(selector)(reference_latents, context), reference_latents, context, budget)
+    ``adaptive`` with one value, one per image, or one row per sample. A ``context.extra`` name the selector is
+    known not to read (a misspelt signal, which it would ignore) is refused, as ``enable(signals=...)`` does."""
+    selector = get_selector(selector)
+    if selector.signals is not None and isinstance(context, SelectionContext):
+        # names the built-in probe may have added to a context used before are not the user's
+        unknown = sorted(name for name in context.extra if not str(name).startswith("_")
+                         and name not in selector.signals and name not in BUILTIN_SIGNALS)
+        if unknown:
+            raise ValueError(f"selector {selector.name!r} reads no signal named {unknown} (context.extra); its "
+                             f"signals are {sorted(selector.signals)}")
+    return apply_budget(selector(reference_latents, context), reference_latents, context, budget)

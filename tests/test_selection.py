@@ -965,3 +965,22 @@ def test_dilation_refuses_ids_that_are_not_a_token_grid():
     context = SelectionContext(2, [4, 4], reference_ids=ids)
     with pytest.raises(ValueError, match="the ids of reference 1 span a .* grid for its 4 tokens: not a token grid"):
         selection._dilate(torch.rand(1, 8), context, 1)
+
+
+def test_select_refuses_a_signal_the_selector_does_not_read():
+    """A misspelt signal in context.extra was ignored by select() (`subject` then ran on saliency alone); it is
+    refused as enable(signals=...) refuses it. Names a selector reads, and internal ones, pass."""
+    latents, context = _full_context(1, 2)
+    context.extra["target_query"] = context.extra.pop("target_queries")
+    with pytest.raises(ValueError, match=r"selector 'subject' reads no signal named \['target_query'\]"):
+        select(latents, context, "subject", 0.25)
+    context.extra["target_queries"] = context.extra.pop("target_query")
+    context.extra["_probe_ran"] = False
+    assert select(latents, context, "subject", 0.25).sum() > 0
+    custom = selection.Selector(lambda latents, context: context.extra["my_mask"].float(), "reads_my_mask",
+                                returns_scores=True, signals=frozenset({"my_mask"}))
+    context.extra = {"my_mask": torch.ones(latents.shape[:2], dtype=torch.bool), "text_queries": None}
+    assert select(latents, context, custom, 3).sum() == 6  # a probe tensor name left from an earlier selection
+    context.extra["my_masks"] = context.extra["my_mask"]
+    with pytest.raises(ValueError, match=r"reads no signal named \['my_masks'\]"):
+        select(latents, context, custom, 3)
