@@ -37,6 +37,7 @@ Grid layout: with ``reference_ids [B, N, n_axes]``, the (h, w) axes are ``ID_HW_
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -308,6 +309,12 @@ _REVERSED_BYTE = torch.tensor([sum(((b >> k) & 1) << (7 - k) for k in range(8)) 
 _REVERSED_SPREAD_BYTE = torch.tensor([sum(((b >> k) & 1) << (2 * (7 - k)) for k in range(8)) for b in range(256)])
 
 
+@functools.lru_cache(maxsize=None)
+def _byte_table(spread: bool, device: torch.device) -> torch.Tensor:
+    """One of the tables above on ``device``, copied there once per process."""
+    return _device_values(_REVERSED_SPREAD_BYTE if spread else _REVERSED_BYTE, None, device)
+
+
 def _reversed_bits(x: torch.Tensor, bits: int, spread: bool) -> torch.Tensor:
     """The low ``bits`` bits of ``x`` reversed (bit i goes to bit ``bits - 1 - i``; ``spread``: to bit
     ``2·(bits - 1 - i)``), a byte at a time through a 256-entry table: a few ops per byte, not per bit."""
@@ -315,7 +322,7 @@ def _reversed_bits(x: torch.Tensor, bits: int, spread: bool) -> torch.Tensor:
     pad = 8 * n_bytes - bits
     if pad:  # the low `bits` bits as the top bits of whole bytes
         x = (x & ((1 << bits) - 1)) << pad
-    table = _device_values(_REVERSED_SPREAD_BYTE if spread else _REVERSED_BYTE, None, x.device)
+    table = _byte_table(spread, x.device)
     out = None
     for k in range(n_bytes):  # byte k of x lands, reversed, in byte n_bytes-1-k of the result
         part = table[(x >> (8 * k)) & 255 if k else x & 255]
