@@ -3,7 +3,8 @@
 Each module holds kernels and their launchers; the plain-torch specification of what each computes lives in
 ``sparsectx/reference.py`` and the public, validated entry points in ``sparsectx/ops.py``.
 
-- ``attention``: gather-based sparse joint attention, varlen forward and backward.
+- ``attention``: gather-based sparse joint attention, varlen forward and backward; the attention mass each key
+  receives (token-selection probes).
 - ``compaction``: top-k / keep-mask token compaction with fused row gather, and the inverse scatter.
 """
 if __name__ != "sparsectx.kernels":

@@ -1,6 +1,8 @@
-"""Gather-based sparse joint attention: varlen forward and backward in Triton.
+"""Gather-based sparse joint attention: varlen forward and backward in Triton; and the attention mass each key
+receives from a set of queries (token selection's probes, at the end of the module).
 
-Spec: ``sparsectx.reference.sparse_attention_ref`` (forward) and ``sparse_attention_bwd_ref`` (backward).
+Spec: ``sparsectx.reference.sparse_attention_ref`` (forward), ``sparse_attention_bwd_ref`` (backward) and
+``attention_key_mass_ref`` (key mass).
 
 Sample b's queries are rows ``cu_q[b]:cu_q[b+1]`` of the packed ``q [Tq, H, D]``; its keys are its own packed rows
 ``cu_k[b]:cu_k[b+1]`` of ``k/v [Tk, H, D]`` followed by its reference rows ``j in cu_r[b]:cu_r[b+1]``: either
