@@ -298,12 +298,6 @@ def _image_grid(context: SelectionContext, device) -> Optional[torch.Tensor]:
     return _device_values(torch.stack([position // width, position % width], dim=-1), None, device)[None]
 
 
-def _token_grid(context: SelectionContext, batch: int, device) -> Optional[torch.Tensor]:
-    """long ``[B, N, 2]`` (row, col) of each reference token inside its own image (origin 0), or None (1D)."""
-    grid = _image_grid(context, device)
-    return None if grid is None else grid.expand(batch, -1, -1)
-
-
 # bytes with their 8 bits reversed (bit k -> bit 7-k), and reversed then spread to the even bits (bit k -> bit 2·(7-k))
 _REVERSED_BYTE = torch.tensor([sum(((b >> k) & 1) << (7 - k) for k in range(8)) for b in range(256)])
 _REVERSED_SPREAD_BYTE = torch.tensor([sum(((b >> k) & 1) << (2 * (7 - k)) for k in range(8)) for b in range(256)])
