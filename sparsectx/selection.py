@@ -240,7 +240,18 @@ def _image_slices(ref_lengths: Sequence[int]) -> list[tuple[int, int]]:
 
 def _token_layout(ref_lengths: Sequence[int], device) -> torch.Tensor:
     """long ``[3, N]`` on ``device``: each token's image index, its image's first token and its image's length.
-    Built on the host from the lengths (a handful of CPU ops, whatever the number of images) and copied once."""
+    Built on the host from the lengths (a handful of CPU ops, whatever the number of images) and copied once per
+    layout and device (a selection's helpers all read it; the tensor is shared: never modify it)."""
+    return _cached_token_layout(tuple(int(n) for n in ref_lengths), torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_token_layout(ref_lengths: tuple, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):  # a plain tensor even when first made under inference mode (it is reused)
+        return _make_token_layout(ref_lengths, device)
+
+
+def _make_token_layout(ref_lengths: tuple, device: torch.device) -> torch.Tensor:
     if len(ref_lengths) == 1:
         return _device_values([[0], [0], [ref_lengths[0]]], torch.long, device).expand(3, ref_lengths[0])
     lengths = torch.tensor(ref_lengths)
@@ -306,7 +317,8 @@ _REVERSED_SPREAD_BYTE = torch.tensor([sum(((b >> k) & 1) << (2 * (7 - k)) for k 
 @functools.lru_cache(maxsize=None)
 def _byte_table(spread: bool, device: torch.device) -> torch.Tensor:
     """One of the tables above on ``device``, copied there once per process."""
-    return _device_values(_REVERSED_SPREAD_BYTE if spread else _REVERSED_BYTE, None, device)
+    with torch.inference_mode(False):  # a plain tensor even when first made under inference mode (it is reused)
+        return _device_values(_REVERSED_SPREAD_BYTE if spread else _REVERSED_BYTE, None, device)
 
 
 def _reversed_bits(x: torch.Tensor, bits: int, spread: bool) -> torch.Tensor:
