@@ -112,36 +112,46 @@ def _first(ms):
 # forward
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    """Matrix product with fp32 accumulation; fp32 inputs use full IEEE precision instead of tf32."""
+def _dot(a, b, IEEE: tl.constexpr, acc=None):
+    """Matrix product with fp32 accumulation (into ``acc`` when given: the tensor cores add it, no separate pass);
+    fp32 inputs use full IEEE precision instead of tf32."""
     if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
 
 
 @triton.jit
-def _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, key_valid, d_valid, qk_scale,
-                  MASK_KEYS: tl.constexpr, MASK_D: tl.constexpr, IEEE: tl.constexpr):
-    """Loads one block of keys/values (one pointer per row and feature) and folds it into the running output,
-    max and sum of the online softmax (base 2, fp32 statistics). MASK_KEYS: the block is a sequence tail and its
-    invalid keys get score -inf. While a row has seen only -inf scores (keys holding -inf), its running max is -inf
-    and the exponentials are taken from 0 instead (they are 0, where -inf - -inf would give NaN)."""
-    if MASK_KEYS or MASK_D:
+def _load_kv(k_ptrs, v_ptrs, key_valid, d_valid, MASKED: tl.constexpr):
+    """One block of keys and values through one pointer per row and feature (MASKED: zeros outside the valid keys
+    and features)."""
+    if MASKED:
         kv_mask = key_valid[:, None] & d_valid[None, :]
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        return tl.load(k_ptrs, mask=kv_mask, other=0.0), tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    return tl.load(k_ptrs), tl.load(v_ptrs)
+
+
+@triton.jit
+def _attend_block(acc, m_i, l_i, q, k, v, key_valid, qk_scale, MASK_KEYS: tl.constexpr, IEEE: tl.constexpr):
+    """Folds one block of keys/values into the running output, max and sum of the online softmax (base 2, fp32
+    statistics). ``qk_scale`` is >= 0 (the launcher negates q for a negative scale), so a full block's row max is
+    taken on the raw products and the scale folds into one multiply-add per score. MASK_KEYS: the block is a
+    sequence tail and its invalid keys get score -inf. While a row has seen only -inf scores (keys holding -inf),
+    its running max is -inf and the exponentials are taken from 0 instead (they are 0, where -inf - -inf would give
+    NaN)."""
+    qk = _dot(q, tl.trans(k), IEEE)
+    if MASK_KEYS:  # scaled first: a zero scale must not meet the -inf of a masked key
+        qk = tl.where(key_valid[None, :], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
     else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
-    qk = _dot(q, tl.trans(k), IEEE) * qk_scale
-    if MASK_KEYS:
-        qk = tl.where(key_valid[None, :], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     m_from = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(qk - m_from[:, None])
+    if MASK_KEYS:
+        p = tl.math.exp2(qk - m_from[:, None])
+    else:
+        p = tl.math.exp2(qk * qk_scale - m_from[:, None])
     alpha = tl.math.exp2(m_i - m_from)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    acc = _dot(p.to(v.dtype), v, IEEE, acc * alpha[:, None])
     return acc, m_new, l_i
 
 
@@ -198,13 +208,13 @@ def _fwd_kernel(
     k_full = (k_len // BLOCK_N) * BLOCK_N
     for start_n in range(0, k_full, BLOCK_N):
         rows = (k_start + start_n + offs_n).to(tl.int64)[:, None]
-        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_base + rows * stride_kt, v_base + rows * stride_vt,
-                                      offs_n < BLOCK_N, d_valid, qk_scale, False, MASK_D, IEEE)
+        k, v = _load_kv(k_base + rows * stride_kt, v_base + rows * stride_vt, offs_n < BLOCK_N, d_valid, MASK_D)
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k, v, offs_n < BLOCK_N, qk_scale, False, IEEE)
     if k_full < k_len:
         key_valid = k_full + offs_n < k_len
         rows = (k_start + k_full + offs_n).to(tl.int64)[:, None]
-        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_base + rows * stride_kt, v_base + rows * stride_vt,
-                                      key_valid, d_valid, qk_scale, True, MASK_D, IEEE)
+        k, v = _load_kv(k_base + rows * stride_kt, v_base + rows * stride_vt, key_valid, d_valid, True)
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k, v, key_valid, qk_scale, True, IEEE)
 
     # the sample's kept reference keys (rows of ref_k[batch] gathered through ref_index, or its packed rows; the
     # packed tensor's batch stride is 0), same full/tail split
@@ -216,13 +226,13 @@ def _fwd_kernel(
         r_full = (r_len // BLOCK_N) * BLOCK_N
         for start_n in range(0, r_full, BLOCK_N):
             idx = _ref_rows(RIDX, r_start, start_n + offs_n, None, REF_PACKED, False)[:, None]
-            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, rk_base + idx * stride_rkr, rv_base + idx * stride_rvr,
-                                          offs_n < BLOCK_N, d_valid, qk_scale, False, MASK_D, IEEE)
+            k, v = _load_kv(rk_base + idx * stride_rkr, rv_base + idx * stride_rvr, offs_n < BLOCK_N, d_valid, MASK_D)
+            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k, v, offs_n < BLOCK_N, qk_scale, False, IEEE)
         if r_full < r_len:
             key_valid = r_full + offs_n < r_len
             idx = _ref_rows(RIDX, r_start, r_full + offs_n, key_valid, REF_PACKED, True)[:, None]
-            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, rk_base + idx * stride_rkr, rv_base + idx * stride_rvr,
-                                          key_valid, d_valid, qk_scale, True, MASK_D, IEEE)
+            k, v = _load_kv(rk_base + idx * stride_rkr, rv_base + idx * stride_rvr, key_valid, d_valid, True)
+            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k, v, key_valid, qk_scale, True, IEEE)
 
     # normalise; a query that saw no key outputs zeros and lse = -inf
     seen = l_i > 0.0
@@ -281,6 +291,8 @@ def attention_forward(q, k, v, cu_q, cu_k, max_seqlen_q, ref_k, ref_v, ref_index
     if tq == 0 or batch == 0 or max_seqlen_q == 0:
         return out, lse
     rk, rv, ridx, cur, has_ref, packed = _ref_args(ref_k, ref_v, ref_index, cu_r, q)
+    if softmax_scale < 0:  # the kernel needs a scale >= 0 (its row max is taken before scaling): negation is exact
+        q, softmax_scale = -q, -softmax_scale
 
     def grid(meta):
         return (cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)

@@ -98,6 +98,9 @@ CASES = {
     "head_dim_128": ([34], [10], [30], 40, 1, 128, None),
     "head_dim_wide": ([11, 6], [4, 0], [9, 5], 12, 1, 160, None),  # the launch configurations of heads above 128
     "lengths_multiple_of_the_block": ([32, 64], [32, 0], [64, 32], 64, 1, 64, 1.0),
+    # the forward kernel takes its row max before scaling: a negative scale reaches it as -q and |scale|, zero as is
+    "negative_scale": ([9, 14], [5, 0], [7, 3], 12, 2, 32, -0.2),
+    "zero_scale": ([9, 14], [5, 1], [7, 0], 12, 2, 32, 0.0),
 }
 
 
