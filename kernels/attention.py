@@ -9,7 +9,10 @@ Sample b's queries are rows ``cu_q[b]:cu_q[b+1]`` of the packed ``q [Tq, H, D]``
 ``ref_k[b, ref_index[j]]`` of a ``[B, R, H, D]`` buffer (gathered), or, with ``REF_PACKED``, rows ``ref_k[j]`` of a
 packed ``[Tref, H, D]`` tensor (a second contiguous key segment per sample, e.g. the image tokens of a sequence whose
 text tokens are the own keys). The kept reference rows are never copied: each key block of the reference loop is
-loaded through a vector of row pointers. There is no causal mask.
+loaded through a vector of row pointers (sm_90 has no tensor-descriptor gather). Full blocks of consecutive rows (the
+own keys, packed references) are loaded by the bulk tensor copy engine where the layout allows it: host-side tensor
+descriptors over the ``[rows, H*D]`` view, whose tile is the launch config's (``_descriptor_tiles``). There is no
+causal mask.
 
 Offsets are int64 wherever a product can pass 2**31 elements: token rows, the batch and the head (a head-major
 view, e.g. ``[B, H, R, D]`` transposed to ``[B, R, H, D]``, has a head stride of ``R * D``: with 24 heads of 128 at
@@ -29,6 +32,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._launch import built_for_interpreter, cdiv, next_power_of_2, on_device_of
 
@@ -51,11 +55,22 @@ def _interpreting() -> bool:
 # (saves compile time, e.g. in test runs over many shapes and dtypes); the lists below stay complete (a GPU test
 # runs every candidate).
 # ----------------------------------------------------------------------------------------------------------------
-def _configs(gpu_shapes, interpreter_shape):
+def _configs(gpu_shapes, interpreter_shape, pre_hook=None):
     if _interpreting():
         bm, bn = interpreter_shape
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in gpu_shapes]
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=1, pre_hook=pre_hook)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=pre_hook)
+            for bm, bn, w, s in gpu_shapes]
+
+
+DESCRIPTOR_ARGS = ("K_DESC", "V_DESC", "RK_DESC", "RV_DESC")
+
+
+def _descriptor_tiles(nargs):
+    """Config pre-hook of the forward: the key/value tensor descriptors move tiles of the config's block shape."""
+    for name in DESCRIPTOR_ARGS:
+        if nargs[name] is not None:
+            nargs[name].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_D"]]
 
 
 def _tuned(configs):
@@ -63,16 +78,19 @@ def _tuned(configs):
     return configs[:1] if os.environ.get("SPARSECTX_AUTOTUNE", "1") == "0" else configs
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages)
-FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
-                       (32, 32))
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Ordered from `bench/sweep_attention.py` on an H200 (2026-11-29, Triton
+# 3.6, bf16, D=128, L 4.6k-17k: bench/runs/2026-11-29-h200-s8-run1-sweep.json): the forward's fastest was 128x128 with
+# 8 warps and 3 stages (it spills 40 B with gathered keys under Triton 3.9, so it is not first), dK/dV's 64x128/8/3
+# (spills 16-24 B), dQ's 128x64/8/3; the dK/dV and dQ candidates that ran 1.5-2x slower there were dropped.
+FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 128, 8, 2)],
+                       (32, 32), _descriptor_tiles)
 # dK/dV: a program holds BLOCK_N keys and streams BLOCK_M queries; dQ: BLOCK_M queries, streams BLOCK_N keys
-DKDV_CONFIGS = _configs([(32, 64, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2), (32, 64, 4, 3)], (32, 32))
-DQ_CONFIGS = _configs([(64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2), (64, 128, 8, 2), (64, 32, 4, 3)], (32, 32))
+DKDV_CONFIGS = _configs([(32, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (16, 64, 4, 3), (32, 128, 8, 2)], (32, 32))
+DQ_CONFIGS = _configs([(128, 64, 8, 3), (64, 32, 4, 3), (64, 32, 4, 4), (128, 32, 4, 3), (128, 64, 8, 2)], (32, 32))
 # heads wider than WIDE_HEAD_BLOCK_D (BLOCK_D 256): smaller tiles, chosen from sm_90 compiles of bf16 D=256
 WIDE_HEAD_BLOCK_D = 128
 FWD_CONFIGS_WIDE = _configs([(64, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 3), (128, 64, 8, 1), (64, 32, 4, 2)],
-                            (32, 32))
+                            (32, 32), _descriptor_tiles)
 DKDV_CONFIGS_WIDE = _configs([(32, 32, 8, 2), (64, 32, 8, 2), (16, 32, 4, 2)], (32, 32))
 DQ_CONFIGS_WIDE = _configs([(64, 32, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)], (32, 32))
 
@@ -131,6 +149,17 @@ def _load_kv(k_ptrs, v_ptrs, key_valid, d_valid, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _load_kv_rows(K_DESC, V_DESC, k_base, v_base, stride_kt, stride_vt, row0, col, offs_n, d_valid,
+                  TMA: tl.constexpr, MASK_D: tl.constexpr):
+    """A full block of keys and values from ``BLOCK_N`` consecutive rows starting at ``row0``: one bulk tensor copy
+    each (TMA: descriptors over the ``[rows, H*D]`` view, tile at column ``col``), else a pointer per element."""
+    if TMA:
+        return K_DESC.load([row0, col]), V_DESC.load([row0, col])
+    rows = (row0 + offs_n).to(tl.int64)[:, None]
+    return _load_kv(k_base + rows * stride_kt, v_base + rows * stride_vt, offs_n >= 0, d_valid, MASK_D)
+
+
+@triton.jit
 def _attend_block(acc, m_i, l_i, q, k, v, key_valid, qk_scale, MASK_KEYS: tl.constexpr, IEEE: tl.constexpr):
     """Folds one block of keys/values into the running output, max and sum of the online softmax (base 2, fp32
     statistics). ``qk_scale`` is >= 0 (the launcher negates q for a negative scale), so a full block's row max is
@@ -179,12 +208,13 @@ def _ref_rows(RIDX, r_start, offs, valid, REF_PACKED: tl.constexpr, MASKED: tl.c
 
 @triton.jit(do_not_specialize=["tune_rows"])  # the key only: one binary for every value
 def _fwd_kernel(
-    Q, K, V, RK, RV, RIDX, CU_Q, CU_K, CU_R, O, LSE,
+    Q, K, V, RK, RV, RIDX, CU_Q, CU_K, CU_R, O, LSE, K_DESC, V_DESC, RK_DESC, RV_DESC,
     qk_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_rkb, stride_rkr, stride_rkh, stride_rvb, stride_rvr, stride_rvh,
     stride_ot, stride_oh, stride_lse_h, tune_rows,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_D: tl.constexpr, HAS_REF: tl.constexpr,
-    REF_PACKED: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    REF_PACKED: tl.constexpr, IEEE: tl.constexpr, OWN_TMA: tl.constexpr, REF_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m, head, batch = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)  # int64: module doc
     q_start, q_len, offs_m, q_valid, q_rows = _query_block(CU_Q, batch, pid_m, BLOCK_M)
@@ -206,9 +236,10 @@ def _fwd_kernel(
     k_base = K + head * stride_kh + offs_d[None, :]
     v_base = V + head * stride_vh + offs_d[None, :]
     k_full = (k_len // BLOCK_N) * BLOCK_N
+    col = tl.program_id(1) * HEAD_DIM  # the head's first column in the descriptors' [rows, H*D] view
     for start_n in range(0, k_full, BLOCK_N):
-        rows = (k_start + start_n + offs_n).to(tl.int64)[:, None]
-        k, v = _load_kv(k_base + rows * stride_kt, v_base + rows * stride_vt, offs_n < BLOCK_N, d_valid, MASK_D)
+        k, v = _load_kv_rows(K_DESC, V_DESC, k_base, v_base, stride_kt, stride_vt, k_start + start_n, col, offs_n,
+                             d_valid, OWN_TMA, MASK_D)
         acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k, v, offs_n < BLOCK_N, qk_scale, False, IEEE)
     if k_full < k_len:
         key_valid = k_full + offs_n < k_len
@@ -225,8 +256,13 @@ def _fwd_kernel(
         rv_base = RV + batch.to(tl.int64) * stride_rvb + head * stride_rvh + offs_d[None, :]
         r_full = (r_len // BLOCK_N) * BLOCK_N
         for start_n in range(0, r_full, BLOCK_N):
-            idx = _ref_rows(RIDX, r_start, start_n + offs_n, None, REF_PACKED, False)[:, None]
-            k, v = _load_kv(rk_base + idx * stride_rkr, rv_base + idx * stride_rvr, offs_n < BLOCK_N, d_valid, MASK_D)
+            if REF_TMA:  # packed rows: consecutive, as the own keys
+                k, v = _load_kv_rows(RK_DESC, RV_DESC, rk_base, rv_base, stride_rkr, stride_rvr, r_start + start_n,
+                                     col, offs_n, d_valid, True, MASK_D)
+            else:
+                idx = _ref_rows(RIDX, r_start, start_n + offs_n, None, REF_PACKED, False)[:, None]
+                k, v = _load_kv(rk_base + idx * stride_rkr, rv_base + idx * stride_rvr, offs_n < BLOCK_N, d_valid,
+                                MASK_D)
             acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k, v, offs_n < BLOCK_N, qk_scale, False, IEEE)
         if r_full < r_len:
             key_valid = r_full + offs_n < r_len
@@ -297,15 +333,33 @@ def attention_forward(q, k, v, cu_q, cu_k, max_seqlen_q, ref_k, ref_v, ref_index
     def grid(meta):
         return (cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)
 
+    own_desc = _row_descriptors(k, v)
+    ref_desc = _row_descriptors(rk, rv) if packed else (None, None)
     _for_head(FWD_TUNERS, _block_d(dim))[grid](
-        q, k, v, rk, rv, ridx, cu_q, cu_k, cur, out, lse,
+        q, k, v, rk, rv, ridx, cu_q, cu_k, cur, out, lse, *own_desc, *ref_desc,
         softmax_scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         *_ref_strides(rk), *_ref_strides(rv), out.stride(0), out.stride(1), lse.stride(0),
         _tune_rows(batch, max_seqlen_q, heads),
         HEAD_DIM=dim, BLOCK_D=_block_d(dim), MASK_D=_block_d(dim) != dim, HAS_REF=has_ref, REF_PACKED=packed,
-        IEEE=q.dtype == torch.float32,
+        IEEE=q.dtype == torch.float32, OWN_TMA=own_desc[0] is not None, REF_TMA=ref_desc[0] is not None,
     )
     return out, lse
+
+
+def _row_descriptors(k, v):
+    """Tensor descriptors over the ``[rows, H*D]`` views of packed ``[T, H, D]`` keys and values, for loads of whole
+    row blocks by bulk tensor copies; ``(None, None)`` (pointer loads) where such a view does not exist or the copy
+    engine cannot address it: heads not adjacent, a feature stride other than 1, rows that overlap (e.g. expanded),
+    row strides or base addresses not 16-byte aligned, head dims that are not their own block (power of two up to WIDE_HEAD_BLOCK_D), no rows. The
+    tile shape is the launch config's (``_descriptor_tiles``)."""
+    rows, heads, dim = k.shape
+    if rows == 0 or dim != _block_d(dim) or dim > WIDE_HEAD_BLOCK_D:
+        return None, None
+    size = k.element_size()
+    if not all(t.stride(2) == 1 and t.stride(1) == dim and t.stride(0) >= heads * dim and t.stride(0) * size % 16 == 0
+               and t.data_ptr() % 16 == 0 for t in (k, v)):
+        return None, None
+    return tuple(TensorDescriptor(t, [rows, heads * dim], [t.stride(0), 1], [16, dim]) for t in (k, v))
 
 
 # ----------------------------------------------------------------------------------------------------------------

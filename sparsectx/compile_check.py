@@ -119,6 +119,8 @@ def _compile_only(arch: int, record: Callable) -> Iterator[None]:
         kwargs.pop("warmup", None)
         for index, config in enumerate(self.configs):  # in the autotuner's order: the first is SPARSECTX_AUTOTUNE=0's
             candidate[0] = index
+            if config.pre_hook is not None:  # as the autotuner: e.g. tensor descriptors take the config's tile shape
+                config.pre_hook({**dict(zip(self.arg_names, args)), **kwargs, **config.all_kwargs()})
             try:
                 self.fn.run(*args, warmup=True, **kwargs, **config.all_kwargs())
             finally:

@@ -548,6 +548,52 @@ def test_non_contiguous_head_dim_is_handled():
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+def _in_layout(values, layout):
+    """``values [rows, H, D]`` in one of the layouts the forward's key loads tell apart (same values)."""
+    rows, heads, dim = values.shape
+    if layout == "unaligned rows":  # row stride 2*H*D + 1 elements: not a multiple of 16 bytes
+        wide = torch.zeros(rows, 2 * heads * dim + 1, dtype=values.dtype, device=values.device)
+        view = wide[:, :heads * dim].unflatten(1, (heads, dim))
+    elif layout == "heads apart":  # head stride 2*D: the heads are not one [rows, H*D] row
+        view = torch.zeros(rows, heads, 2 * dim, dtype=values.dtype, device=values.device)[..., :dim]
+    elif layout == "expanded":  # every row the same memory (stride 0): values must repeat one row
+        assert torch.equal(values, values[:1].expand_as(values))
+        return values[:1].expand_as(values)
+    else:
+        raise AssertionError(layout)
+    view.copy_(values)
+    return view
+
+
+@pytest.mark.parametrize("layout", ["unaligned rows", "heads apart", "expanded"])
+@pytest.mark.parametrize("packed", [False, True], ids=["own_keys", "packed_refs"])
+def test_tile_copies_and_pointer_loads_give_the_same_output(layout, packed):
+    """Blocks of consecutive key rows load through tensor descriptors (bulk tile copies) only where the layout
+    allows; other layouts take per-element pointers. Both paths compute the same output, bit for bit."""
+    from sparsectx.kernels.attention import _row_descriptors
+
+    heads, dim, lq, lk, lr = 2, 32, [37, 21], [40, 33], [35, 0]
+    case = make_case(lq, lk, lr, 0, heads, dim, torch.float16, seed=61, packed=True)
+    tokens = sum(lr) if packed else sum(lk)
+    g = torch.Generator().manual_seed(62)
+    k_fast, v_fast = (torch.randn(1 if layout == "expanded" else tokens, heads, dim, generator=g)
+                      .expand(tokens, heads, dim).contiguous().to(DEVICE, torch.float16) for _ in range(2))
+    k_slow, v_slow = _in_layout(k_fast, layout), _in_layout(v_fast, layout)
+    assert _row_descriptors(k_fast, v_fast)[0] is not None and _row_descriptors(k_slow, v_slow) == (None, None)
+    assert _row_descriptors(*(torch.zeros(8, 2, 40, device=DEVICE),) * 2) == (None, None)  # D not its block
+    outs = []
+    for k_rows, v_rows in ((k_fast, v_fast), (k_slow, v_slow)):
+        if packed:
+            refs = dict(case.ref, ref_k=k_rows, ref_v=v_rows)
+            outs.append(sparsectx.sparse_attention(case.q, case.k, case.v, case.cu_q, case.cu_k, case.max_q,
+                                                   case.max_k, **refs))
+        else:
+            outs.append(sparsectx.sparse_attention(case.q, k_rows, v_rows, case.cu_q, case.cu_k, case.max_q,
+                                                   case.max_k))
+    assert torch.isfinite(outs[0]).all()
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_head_offsets_past_int32_in_a_head_major_reference_view():
     """A ``[B, H, R, D]`` buffer seen as ``[B, R, H, D]`` (a transpose: head stride R*D) with R*D just under 2**31:
     head 2's offset passes 2**31 elements. It was computed in int32 and wrapped to an address before the buffer;
