@@ -370,9 +370,11 @@ def _rank_in_image(keys: torch.Tensor, ref_lengths: Sequence[int], layout: Optio
         positions = torch.arange(keys.shape[1], device=keys.device).expand(order.shape)
         return torch.empty_like(order).scatter_(1, order, positions) - start  # position in the image's run
     order = torch.sort(keys, dim=1, stable=True).indices
-    image = image[order][..., None]  # [B, N, 1]: image of each token in sorted order
-    seen = (image == torch.arange(len(ref_lengths), device=keys.device)).cumsum(dim=1)  # [B, N, n_refs]
-    return torch.empty_like(order).scatter_(1, order, seen.gather(2, image)[..., 0] - 1)
+    image = image[order][:, None, :]  # [B, 1, N]: image of each token in sorted order
+    # [B, n_refs, N]: the running count of each image's tokens, scanned along the last (contiguous) dim: a scan
+    # along dim 1 of [B, N, n_refs] took 1.5 ms of CUDA time at 3 x 4096 tokens (H200, 2026-11-29), 30x the sort
+    seen = (image == torch.arange(len(ref_lengths), device=keys.device)[:, None]).cumsum(dim=2)
+    return torch.empty_like(order).scatter_(1, order, seen.gather(1, image)[:, 0] - 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
