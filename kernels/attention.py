@@ -350,10 +350,12 @@ def _row_descriptors(k, v):
     """Tensor descriptors over the ``[rows, H*D]`` views of packed ``[T, H, D]`` keys and values, for loads of whole
     row blocks by bulk tensor copies; ``(None, None)`` (pointer loads) where such a view does not exist or the copy
     engine cannot address it: heads not adjacent, a feature stride other than 1, rows that overlap (e.g. expanded),
-    row strides or base addresses not 16-byte aligned, head dims that are not their own block (power of two up to WIDE_HEAD_BLOCK_D), no rows. The
-    tile shape is the launch config's (``_descriptor_tiles``)."""
+    row strides or base addresses not 16-byte aligned, head dims that are not their own block (powers of two up to
+    WIDE_HEAD_BLOCK_D), no rows; and fp32, whose IEEE dots spill registers at every tile (compiled for sm_90 with
+    Triton 3.6, the first forward candidate's stack grows with tile copies from 3.2 to 9.5 KB at D=64 and from 14 to
+    18 KB at D=128). The tile shape is the launch config's (``_descriptor_tiles``)."""
     rows, heads, dim = k.shape
-    if rows == 0 or dim != _block_d(dim) or dim > WIDE_HEAD_BLOCK_D:
+    if rows == 0 or dim != _block_d(dim) or dim > WIDE_HEAD_BLOCK_D or k.element_size() != 2:
         return None, None
     size = k.element_size()
     if not all(t.stride(2) == 1 and t.stride(1) == dim and t.stride(0) >= heads * dim and t.stride(0) * size % 16 == 0

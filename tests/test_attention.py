@@ -580,7 +580,8 @@ def test_tile_copies_and_pointer_loads_give_the_same_output(layout, packed):
                       .expand(tokens, heads, dim).contiguous().to(DEVICE, torch.float16) for _ in range(2))
     k_slow, v_slow = _in_layout(k_fast, layout), _in_layout(v_fast, layout)
     assert _row_descriptors(k_fast, v_fast)[0] is not None and _row_descriptors(k_slow, v_slow) == (None, None)
-    assert _row_descriptors(*(torch.zeros(8, 2, 40, device=DEVICE),) * 2) == (None, None)  # D not its block
+    assert _row_descriptors(*(torch.zeros(8, 2, 40, device=DEVICE, dtype=torch.float16),) * 2) == (None, None)
+    assert _row_descriptors(*(torch.zeros(8, 2, 32, device=DEVICE),) * 2) == (None, None)  # fp32: pointer loads
     outs = []
     for k_rows, v_rows in ((k_fast, v_fast), (k_slow, v_slow)):
         if packed:
