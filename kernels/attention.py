@@ -28,6 +28,7 @@ of their sample return at once):
   indices are unique within a sample, so every row has a single writer); one kernel per query block accumulates dQ.
 """
 import os
+import threading
 
 import torch
 import triton
@@ -100,6 +101,13 @@ def _autotuned(kernel, configs, wide_configs, key):
     return tuple(triton.autotune(configs=_tuned(c), key=key)(kernel) for c in (configs, wide_configs))
 
 
+# Triton's Autotuner keeps a launch's arguments on the shared tuner object while it runs a config's pre-hook
+# (``_descriptor_tiles``) and while it benchmarks candidates: launches from several threads (DataParallel replicas,
+# a threaded server) would mix them (a tile shape set on another call's descriptors, or a TypeError). Every
+# autotuned launch holds this lock; it covers the host-side launch only, not the kernel's run.
+_TUNER_LOCK = threading.Lock()
+
+
 def _for_head(tuners, block_d: int):
     """The autotuner of a launch's head-dim block."""
     return tuners[block_d > WIDE_HEAD_BLOCK_D]
@@ -150,10 +158,12 @@ def _load_kv(k_ptrs, v_ptrs, key_valid, d_valid, MASKED: tl.constexpr):
 
 @triton.jit
 def _load_kv_rows(K_DESC, V_DESC, k_base, v_base, stride_kt, stride_vt, row0, col, offs_n, d_valid,
-                  TMA: tl.constexpr, MASK_D: tl.constexpr):
+                  TMA: tl.constexpr, MASK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """A full block of keys and values from ``BLOCK_N`` consecutive rows starting at ``row0``: one bulk tensor copy
     each (TMA: descriptors over the ``[rows, H*D]`` view, tile at column ``col``), else a pointer per element."""
-    if TMA:
+    if TMA:  # a descriptor whose tile is not the launch's block would load a smaller block without an error
+        tl.static_assert(K_DESC.block_shape[0] == BLOCK_N and K_DESC.block_shape[1] == BLOCK_D)
+        tl.static_assert(V_DESC.block_shape[0] == BLOCK_N and V_DESC.block_shape[1] == BLOCK_D)
         return K_DESC.load([row0, col]), V_DESC.load([row0, col])
     rows = (row0 + offs_n).to(tl.int64)[:, None]
     return _load_kv(k_base + rows * stride_kt, v_base + rows * stride_vt, offs_n >= 0, d_valid, MASK_D)
@@ -239,7 +249,7 @@ def _fwd_kernel(
     col = tl.program_id(1) * HEAD_DIM  # the head's first column in the descriptors' [rows, H*D] view
     for start_n in range(0, k_full, BLOCK_N):
         k, v = _load_kv_rows(K_DESC, V_DESC, k_base, v_base, stride_kt, stride_vt, k_start + start_n, col, offs_n,
-                             d_valid, OWN_TMA, MASK_D)
+                             d_valid, OWN_TMA, MASK_D, BLOCK_N, BLOCK_D)
         acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k, v, offs_n < BLOCK_N, qk_scale, False, IEEE)
     if k_full < k_len:
         key_valid = k_full + offs_n < k_len
@@ -258,7 +268,7 @@ def _fwd_kernel(
         for start_n in range(0, r_full, BLOCK_N):
             if REF_TMA:  # packed rows: consecutive, as the own keys
                 k, v = _load_kv_rows(RK_DESC, RV_DESC, rk_base, rv_base, stride_rkr, stride_rvr, r_start + start_n,
-                                     col, offs_n, d_valid, True, MASK_D)
+                                     col, offs_n, d_valid, True, MASK_D, BLOCK_N, BLOCK_D)
             else:
                 idx = _ref_rows(RIDX, r_start, start_n + offs_n, None, REF_PACKED, False)[:, None]
                 k, v = _load_kv(rk_base + idx * stride_rkr, rv_base + idx * stride_rvr, offs_n < BLOCK_N, d_valid,
@@ -279,8 +289,10 @@ def _fwd_kernel(
     tl.store(LSE + head * stride_lse_h + q_start + offs_m, lse, mask=q_valid)
 
 
+# (the load path is part of the key: the best tile, and what fits in shared memory, differ between tile copies and
+# pointer loads)
 FWD_TUNERS = _autotuned(_fwd_kernel, FWD_CONFIGS, FWD_CONFIGS_WIDE,
-                        key=["HEAD_DIM", "HAS_REF", "REF_PACKED", "tune_rows"])
+                        key=["HEAD_DIM", "HAS_REF", "REF_PACKED", "OWN_TMA", "REF_TMA", "tune_rows"])
 
 
 def _empty_as(t: torch.Tensor) -> torch.Tensor:
@@ -335,14 +347,15 @@ def attention_forward(q, k, v, cu_q, cu_k, max_seqlen_q, ref_k, ref_v, ref_index
 
     own_desc = _row_descriptors(k, v)
     ref_desc = _row_descriptors(rk, rv) if packed else (None, None)
-    _for_head(FWD_TUNERS, _block_d(dim))[grid](
-        q, k, v, rk, rv, ridx, cu_q, cu_k, cur, out, lse, *own_desc, *ref_desc,
-        softmax_scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        *_ref_strides(rk), *_ref_strides(rv), out.stride(0), out.stride(1), lse.stride(0),
-        _tune_rows(batch, max_seqlen_q, heads),
-        HEAD_DIM=dim, BLOCK_D=_block_d(dim), MASK_D=_block_d(dim) != dim, HAS_REF=has_ref, REF_PACKED=packed,
-        IEEE=q.dtype == torch.float32, OWN_TMA=own_desc[0] is not None, REF_TMA=ref_desc[0] is not None,
-    )
+    with _TUNER_LOCK:
+        _for_head(FWD_TUNERS, _block_d(dim))[grid](
+            q, k, v, rk, rv, ridx, cu_q, cu_k, cur, out, lse, *own_desc, *ref_desc,
+            softmax_scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            *_ref_strides(rk), *_ref_strides(rv), out.stride(0), out.stride(1), lse.stride(0),
+            _tune_rows(batch, max_seqlen_q, heads),
+            HEAD_DIM=dim, BLOCK_D=_block_d(dim), MASK_D=_block_d(dim) != dim, HAS_REF=has_ref, REF_PACKED=packed,
+            IEEE=q.dtype == torch.float32, OWN_TMA=own_desc[0] is not None, REF_TMA=ref_desc[0] is not None,
+        )
     return out, lse
 
 
@@ -575,24 +588,25 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, 
 
     common = (qk_scale, softmax_scale, q.stride(0), q.stride(1), dout.stride(0), dout.stride(1), lse2.stride(0))
     rk, rv, ridx, cur, _, packed = _ref_args(ref_k, ref_v, ref_index, cu_r, q)
-    if max_seqlen_k > 0 and k.shape[0] > 0:
-        _for_head(DKDV_TUNERS, block_d)[lambda meta: (cdiv(max_seqlen_k, meta["BLOCK_N"]), heads, batch)](
-            q, dout, lse2, delta, k, v, dk, dv, cu_q, cu_k, cu_k, *common,
-            *_ref_strides(k), *_ref_strides(v), *_ref_strides(dk), *_ref_strides(dv),
-            _tune_rows(batch, max_seqlen_k, heads),
-            HEAD_DIM=dim, BLOCK_D=block_d, IS_REF=False, REF_PACKED=False, IEEE=ieee)
-    if has_ref and max_seqlen_ref > 0 and ref_k.shape[-3] > 0 and (packed or ref_index.numel() > 0):
-        _for_head(DKDV_TUNERS, block_d)[lambda meta: (cdiv(max_seqlen_ref, meta["BLOCK_N"]), heads, batch)](
-            q, dout, lse2, delta, ref_k, ref_v, dref_k, dref_v, cu_q, cu_r, ridx, *common,
-            *_ref_strides(ref_k), *_ref_strides(ref_v), *_ref_strides(dref_k), *_ref_strides(dref_v),
-            _tune_rows(batch, max_seqlen_ref, heads),
-            HEAD_DIM=dim, BLOCK_D=block_d, IS_REF=True, REF_PACKED=packed, IEEE=ieee)
-    if tq and max_seqlen_q > 0:
-        _for_head(DQ_TUNERS, block_d)[lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)](
-            q, dout, lse2, delta, k, v, rk, rv, ridx, cu_q, cu_k, cur, dq, *common,
-            k.stride(0), k.stride(1), v.stride(0), v.stride(1), *_ref_strides(rk), *_ref_strides(rv),
-            dq.stride(0), dq.stride(1), _tune_rows(batch, max_seqlen_q, heads),
-            HEAD_DIM=dim, BLOCK_D=block_d, HAS_REF=has_ref, REF_PACKED=packed, IEEE=ieee)
+    with _TUNER_LOCK:  # (module comment above _TUNER_LOCK)
+        if max_seqlen_k > 0 and k.shape[0] > 0:
+            _for_head(DKDV_TUNERS, block_d)[lambda meta: (cdiv(max_seqlen_k, meta["BLOCK_N"]), heads, batch)](
+                q, dout, lse2, delta, k, v, dk, dv, cu_q, cu_k, cu_k, *common,
+                *_ref_strides(k), *_ref_strides(v), *_ref_strides(dk), *_ref_strides(dv),
+                _tune_rows(batch, max_seqlen_k, heads),
+                HEAD_DIM=dim, BLOCK_D=block_d, IS_REF=False, REF_PACKED=False, IEEE=ieee)
+        if has_ref and max_seqlen_ref > 0 and ref_k.shape[-3] > 0 and (packed or ref_index.numel() > 0):
+            _for_head(DKDV_TUNERS, block_d)[lambda meta: (cdiv(max_seqlen_ref, meta["BLOCK_N"]), heads, batch)](
+                q, dout, lse2, delta, ref_k, ref_v, dref_k, dref_v, cu_q, cu_r, ridx, *common,
+                *_ref_strides(ref_k), *_ref_strides(ref_v), *_ref_strides(dref_k), *_ref_strides(dref_v),
+                _tune_rows(batch, max_seqlen_ref, heads),
+                HEAD_DIM=dim, BLOCK_D=block_d, IS_REF=True, REF_PACKED=packed, IEEE=ieee)
+        if tq and max_seqlen_q > 0:
+            _for_head(DQ_TUNERS, block_d)[lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)](
+                q, dout, lse2, delta, k, v, rk, rv, ridx, cu_q, cu_k, cur, dq, *common,
+                k.stride(0), k.stride(1), v.stride(0), v.stride(1), *_ref_strides(rk), *_ref_strides(rv),
+                dq.stride(0), dq.stride(1), _tune_rows(batch, max_seqlen_q, heads),
+                HEAD_DIM=dim, BLOCK_D=block_d, HAS_REF=has_ref, REF_PACKED=packed, IEEE=ieee)
     return dq, dk, dv, dref_k, dref_v
 
 

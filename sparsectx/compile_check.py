@@ -179,19 +179,26 @@ def _error_line(error: BaseException) -> str:
 # the variants the public ops launch
 # ----------------------------------------------------------------------------------------------------------------
 def _attention_variants(dtypes, head_dims):
-    """(label, launch) pairs: forward and backward of the three key layouts, per dtype and head dim."""
+    """(label, launch) pairs: forward and backward of the three key layouts, per dtype and head dim; and, where the
+    forward loads contiguous keys by tile copies (fp16/bf16, head dims that are powers of two up to 128), the same
+    without references on keys whose heads are not adjacent (the per-element pointer loads of such layouts)."""
     import torch
 
-    from .kernels.attention import attention_backward, attention_forward
+    from .kernels.attention import _row_descriptors, attention_backward, attention_forward
 
     for name in dtypes:
         dtype = getattr(torch, _DTYPE_NAMES[name])
         for dim in head_dims:
-            for refs in ("no refs", "gathered refs", "packed refs"):
+            layouts = ["no refs", "gathered refs", "packed refs"]
+            if _row_descriptors(*(torch.zeros(1, HEADS, dim, dtype=dtype),) * 2)[0] is not None:
+                layouts.append("no refs, keys by pointers")
+            for refs in layouts:
                 def launch(dtype=dtype, dim=dim, refs=refs):
                     def rows(*shape):
                         return torch.zeros(*shape, HEADS, dim, dtype=dtype)
                     q, k, v = rows(2 * SEQ), rows(2 * SEQ), rows(2 * SEQ)
+                    if refs == "no refs, keys by pointers":  # heads 2*D apart: no [rows, H*D] view to copy tiles of
+                        k, v = (torch.zeros(2 * SEQ, HEADS, 2 * dim, dtype=dtype)[..., :dim] for _ in range(2))
                     cu = torch.tensor([0, SEQ, 2 * SEQ], dtype=torch.int32)
                     ref_k = ref_v = ref_index = cu_r = None
                     if refs == "gathered refs":

@@ -93,7 +93,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from .ops import _device_values
+from .ops import _device_values, _eager_under_compile
 
 # ----------------------------------------------------------------------------------------------------------------
 # constants
@@ -937,7 +937,7 @@ class _SparsePatch(ForwardPatch):
         results = [self._run_group(call, group) for group in plan.groups]
         return self._merge(call, plan, results)
 
-    @torch.compiler.disable  # host work once per call (layout, selection, groups): eager beside a compiled model
+    @_eager_under_compile  # host work once per call (layout, selection, groups): eager beside a compiled model
     def _plan(self, call: dict, overrides: dict) -> tuple:
         """``(plan, packable)``: the cached plan of this step's inputs, or a new one (layout, selection, groups);
         ``packable``: the plan has a packing and this step's samples share their modulation (timestep, guidance)."""

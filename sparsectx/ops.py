@@ -868,6 +868,24 @@ def _holds_no_data(t: torch.Tensor) -> bool:
     return _fake_tensor.is_fake(t)
 
 
+def _eager_under_compile(fn):
+    """``torch.compiler.disable(fn)`` (host work that torch.compile must not trace) without importing
+    ``torch._dynamo`` when sparsectx is imported (about 2 s on this project's CPU machines, half of the import):
+    while nothing has imported it, nothing can be compiling and ``fn`` runs as is; after, the disabled function,
+    made at its first call, runs."""
+    disabled = []
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if "torch._dynamo" not in sys.modules:
+            return fn(*args, **kwargs)
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+
+    return call
+
+
 def _records_graph(tensors) -> bool:
     """Whether autograd or a tracer must see this call (then it goes through the custom ops)."""
     return _traced(*tensors) or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))

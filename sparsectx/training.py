@@ -30,7 +30,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import integration
-from .ops import _device_values, _python_number, masked_attention
+from .ops import _device_values, _eager_under_compile, _python_number, masked_attention
 
 DEFAULT_RATIO_RANGE = (0.05, 1.0)  # the keep ratios a trained model should handle, 5% to all tokens
 RECENT_MASKS = 64  # masks of the latest training forwards kept for their recomputation by an outer checkpoint
@@ -209,7 +209,7 @@ class _DropTrainingPatch(integration.ForwardPatch):
         with scope():
             yield
 
-    @torch.compiler.disable  # host work (generator draws, input keys, the ids' layout): eager under torch.compile,
+    @_eager_under_compile  # host work (generator draws, input keys, the ids' layout): eager under torch.compile,
     # which would split it into many small graphs, each recompiled for new resolutions
     def _mask_for(self, call: dict) -> tuple[Optional[torch.Tensor], int]:
         """The drop mask of a training forward: a new draw, except for a forward that a checkpoint around the whole

@@ -746,3 +746,48 @@ def _assert_masked_forward_and_backward(q, k, v, key_mask, query_mask, kept_pref
     assert_flash_criterion("out", out, same_out, exact_out, dtype)
     for name, got, same, exact in zip("qkv", grads, same_grads, exact_grads):
         assert_flash_criterion(f"d{name}", got, same, exact, dtype)
+
+
+def test_forward_launches_from_threads_keep_their_own_descriptor_tiles(monkeypatch):
+    """The forward's autotuner sets each launch's descriptor tiles in a config pre-hook from arguments it keeps on
+    the shared tuner object; launches from several threads (DataParallel replicas, threaded servers) must not see
+    each other's: every launch reaches the kernel with its descriptors' tile equal to its block, and none fails.
+    The kernel itself is skipped (only what reaches it matters here)."""
+    import sys
+    import threading
+
+    from sparsectx.kernels import attention as kernels
+
+    tuner = kernels.FWD_TUNERS[0]
+    seen = {"launches": 0, "stale": 0}
+
+    def record_launch(*args, **kwargs):
+        seen["launches"] += 1
+        descriptor = args[11]  # K_DESC
+        if descriptor is None or list(descriptor.block_shape) != [kwargs["BLOCK_N"], kwargs["BLOCK_D"]]:
+            seen["stale"] += 1
+
+    monkeypatch.setattr(tuner.fn, "run", record_launch)
+    g = torch.Generator().manual_seed(71)
+    q, k, v = (torch.randn(n, 1, 16, generator=g).to(DEVICE, torch.float16) for n in (1, 64, 64))
+    cu_q, cu_k = _cu([1]), _cu([64])
+    errors = []
+
+    def worker():
+        for _ in range(400):
+            try:
+                sparsectx.sparse_attention(q, k, v, cu_q, cu_k, 1, 64)
+            except Exception as exc:  # a race shows as a TypeError inside Triton's autotuner
+                errors.append(repr(exc))
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert errors == [] and seen == {"launches": 1600, "stale": 0}

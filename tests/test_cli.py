@@ -37,6 +37,16 @@ def test_help_lists_subcommands(capsys):
     assert "info" in out and "bench" in out
 
 
+def test_importing_sparsectx_leaves_torch_dynamo_unimported(tmp_path):
+    """torch._dynamo takes about as long to import as torch itself: sparsectx's host work that torch.compile must
+    not trace is marked lazily (``ops._eager_under_compile``), so a plain import (the CLI's too) does not load it."""
+    code = "import sys, sparsectx, sparsectx.cli; print('torch._dynamo' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
+
+
 def test_bench_help_lists_options(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["bench", "--help"])
