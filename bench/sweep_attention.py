@@ -284,9 +284,10 @@ def main(argv=None):
     def log(row):
         print(f"[{time.time() - started:6.1f}s] " + json.dumps(row), flush=True)
 
-    report = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (interpreter)", "torch": torch.__version__, "triton": triton.__version__,
-              "commit": os.environ.get("SPARSECTX_COMMIT", "?"), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                        time.gmtime())}
+    report = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (interpreter)",
+              "torch": torch.__version__, "triton": triton.__version__,
+              "commit": os.environ.get("SPARSECTX_COMMIT", "?"),
+              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     report["forward"] = sweep_forward(variants, {n for n in variants if n not in args.candidates_only}, log)
     if not args.skip_backward:
         report["backward"] = sweep_backward(log)
