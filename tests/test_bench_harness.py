@@ -1,8 +1,12 @@
 """The benchmark harness's judgement: the issues' targets read off a run's rows, the short summary a GPU check prints,
 the merge of a GPU check's per-step JSON files. Rows are made by hand: these test the harness, not a speed."""
+import importlib.util
 import json
+import os
+from pathlib import Path
 
 import pytest
+import torch
 
 from sparsectx import benchmarks, cli
 
@@ -361,3 +365,26 @@ def test_report_reads_rows_without_the_optional_columns(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path / "bare.json")]) == 0
     assert cli.main(["report", "--summary", str(tmp_path / "bare.json")]) == 0
     assert "sparsectx (compacted)" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the sweep's dry run needs the kernels (interpreter) on the CPU")
+def test_attention_sweep_dry_run_checks_and_times_every_forced_configuration(tmp_path, monkeypatch):
+    """``bench/sweep_attention.py --tiny`` (the GPU tool's CPU dry run): every configuration it forces passes its
+    accuracy check against the fp32 reference (a forced configuration must carry the kernel's pre-hook, which sets
+    the descriptors' tile), both key layouts are measured, and the backward's configurations are timed."""
+    if torch.cuda.is_available():
+        pytest.skip("the dry run is for machines without a GPU (the tool itself runs the full sizes there)")
+    path = Path(__file__).resolve().parents[1] / "bench" / "sweep_attention.py"
+    spec = importlib.util.spec_from_file_location("sweep_attention_under_test", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    sweep.main(["--tiny", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "sweep.json").read_text())
+    ours = [r for r in report["forward"] if r["variant"] == "shipped"]
+    assert ours and all("error" not in r and r["ok"] and r["ms"] > 0 for r in ours), [
+        r for r in ours if "error" in r or not r.get("ok")][:3]
+    assert {r["mode"] for r in ours} == {"compacted", "gathered"}
+    assert len({tuple(r["config"]) for r in ours}) == len(sweep.FWD_EXTRA) + len(sweep.shipped.FWD_CONFIGS)
+    timed = [r for r in report["backward"] if r.get("kernel") in ("dkdv", "dq")]
+    assert {r["kernel"] for r in timed} == {"dkdv", "dq"} and all(r.get("ms", 0) > 0 for r in timed)
