@@ -82,7 +82,8 @@ def _tuned(configs):
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). Ordered from `bench/sweep_attention.py` on an H200 (2026-11-29, Triton
 # 3.6, bf16, D=128, L 4.6k-17k: bench/runs/2026-11-29-h200-s8-run1-sweep.json): the forward's fastest was 128x128 with
 # 8 warps and 3 stages (it spills 40 B with gathered keys under Triton 3.9, so it is not first), dK/dV's 64x128/8/3
-# (spills 16-24 B), dQ's 128x64/8/3; the dK/dV and dQ candidates that ran 1.5-2x slower there were dropped.
+# (spills 16-24 B), dQ's 128x64/8/3; dropped: the dK/dV candidates with which the backward took 1.5-1.9x the best
+# time there, and the dQ candidates with which it took 1.14-1.20x.
 FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 128, 8, 2)],
                        (32, 32), _descriptor_tiles)
 # dK/dV: a program holds BLOCK_N keys and streams BLOCK_M queries; dQ: BLOCK_M queries, streams BLOCK_N keys
