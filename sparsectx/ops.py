@@ -4,8 +4,8 @@ Dispatch (``backend_for``): CUDA tensors run the Triton kernels; CPU tensors run
 the interpreter when ``TRITON_INTERPRET=1`` is set and was set when Triton and sparsectx's kernels were first
 imported (bf16 excepted: the interpreter computes bf16 wrongly, so bf16 on the CPU takes the reference path);
 anything else runs the plain-torch reference of ``sparsectx.reference``, with a warning when the variable was set
-too late (``import sparsectx`` imports Triton: set it before importing torch or sparsectx). Every path gives the
-same results within rounding.
+too late (after Triton was imported, e.g. by torch.compile: set it before importing torch or sparsectx). Every
+path gives the same results within rounding.
 
 Ops:
 - ``sparse_attention``: flash_attn_varlen_func-style joint attention whose keys are each sample's own packed keys
@@ -59,8 +59,8 @@ def interpreter_enabled() -> bool:
 def _kernels_built_as(interpreted: bool) -> bool:
     """Whether every kernel module imported so far, and Triton's own library of jitted functions (``tl.zeros`` and
     the like, which the kernels call), were built in that mode. ``triton.jit`` fixes it at import: setting
-    ``TRITON_INTERPRET`` afterwards does not turn compiled kernels into interpreted ones, or back, and torch
-    imports Triton early (``import sparsectx`` does)."""
+    ``TRITON_INTERPRET`` afterwards does not turn compiled kernels into interpreted ones, or back; and Triton is
+    often imported early (by torch.compile and libraries built on it; ``import sparsectx`` does not import it)."""
     if _triton_library_interpreted() not in (None, interpreted):
         return False
     return all(sys.modules[name].INTERPRETED == interpreted for name in _KERNEL_MODULES if name in sys.modules)
@@ -83,8 +83,8 @@ def _triton_library_interpreted() -> Optional[bool]:
 
 @functools.lru_cache(maxsize=1)
 def _warn_interpreter_set_late() -> None:
-    warnings.warn("TRITON_INTERPRET=1 was set after Triton or sparsectx's kernels were imported without it (import "
-                  "sparsectx imports Triton): ops on CPU tensors run the plain-torch reference, not the Triton "
+    warnings.warn("TRITON_INTERPRET=1 was set after Triton or sparsectx's kernels were imported without it (e.g. "
+                  "by torch.compile): ops on CPU tensors run the plain-torch reference, not the Triton "
                   "interpreter. Set TRITON_INTERPRET=1 before importing torch or sparsectx to run the kernels.",
                   RuntimeWarning, stacklevel=3)
 

@@ -52,17 +52,47 @@ print("ok")
 
 
 @pytest.mark.skipif(not ops._triton_available(), reason="needs triton")
-def test_interpreter_asked_for_after_import_runs_the_reference_and_says_so():
-    """TRITON_INTERPRET=1 set after ``import sparsectx`` (a notebook cell, a test fixture): torch has imported
-    Triton by then, whose own jitted library (``tl.zeros``...) is built for a GPU, so interpreted kernels can not
-    run. Every op crashed ("Cannot call @triton.jit'd outside of the scope of a kernel") while ``backend_for`` said
-    "triton-interpreter"; now the reference runs, right, after one RuntimeWarning saying what to do."""
+def test_interpreter_asked_for_after_a_plain_import_runs_the_kernels_interpreted():
+    """``import sparsectx`` imports neither Triton nor its kernels: TRITON_INTERPRET=1 set afterwards (and before
+    the first op) still runs the ops through the interpreted kernels, with the reference's results and no
+    warning."""
     import os
     import subprocess
     import sys
 
     script = """
-import os, warnings, torch, sparsectx
+import os, sys, warnings, torch, sparsectx
+from sparsectx import ops
+assert "triton" not in sys.modules
+os.environ["TRITON_INTERPRET"] = "1"
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    assert ops.backend_for("cpu", torch.float32) == ops.TRITON_INTERPRETER, ops.backend_for("cpu", torch.float32)
+    q = torch.randn(5, 1, 16); cu = torch.tensor([0, 5], dtype=torch.int32)
+    out = sparsectx.sparse_attention(q, q, q, cu, cu, 5, 5)
+assert sparsectx.kernels.attention.INTERPRETED
+torch.testing.assert_close(out, sparsectx.reference.sparse_attention_ref(q, q, q, cu, cu)[0])
+assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+@pytest.mark.skipif(not ops._triton_available(), reason="needs triton")
+def test_interpreter_asked_for_after_import_runs_the_reference_and_says_so():
+    """TRITON_INTERPRET=1 set after Triton was imported (a notebook cell after torch.compile or another library
+    loaded it; ``import sparsectx`` itself no longer does): Triton's own jitted library (``tl.zeros``...) is built
+    for a GPU then, so interpreted kernels can not run. Every op crashed ("Cannot call @triton.jit'd outside of the
+    scope of a kernel") while ``backend_for`` said "triton-interpreter"; now the reference runs, right, after one
+    RuntimeWarning saying what to do."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import os, warnings, torch, triton, sparsectx
 from sparsectx import ops
 os.environ["TRITON_INTERPRET"] = "1"
 with warnings.catch_warnings(record=True) as caught:
