@@ -1,11 +1,22 @@
 """Dispatch: which implementation each device/dtype takes, and that every path computes the same function."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import sparsectx
 from sparsectx import ops
+
+
+def _prints_ok_in_a_fresh_process(script: str) -> None:
+    """Runs ``script`` in a new Python process without TRITON_INTERPRET (the scripts set it themselves, at the
+    moment they test) and checks that it printed ``ok``."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
 def test_backend_for_follows_device_dtype_and_interpreter_flag(monkeypatch):
@@ -28,10 +39,6 @@ def test_kernels_imported_without_the_interpreter_are_not_sent_cpu_tensors():
     """triton.jit fixes a kernel's mode at import: TRITON_INTERPRET=1 set after the kernels were imported for a GPU
     (e.g. by ``sparsectx info``) sends CPU tensors to the reference path (before: Triton's '0 active drivers'
     error), and the results are right."""
-    import os
-    import subprocess
-    import sys
-
     script = """
 import os, torch, sparsectx
 from sparsectx import ops
@@ -46,9 +53,7 @@ kept = sparsectx.compact_tokens(torch.tensor([[0.1, 0.9, 0.5]]), budget=2)
 assert kept.index.tolist() == [1, 2], kept.index
 print("ok")
 """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+    _prints_ok_in_a_fresh_process(script)
 
 
 @pytest.mark.skipif(not ops._triton_available(), reason="needs triton")
@@ -56,10 +61,6 @@ def test_interpreter_asked_for_after_a_plain_import_runs_the_kernels_interpreted
     """``import sparsectx`` imports neither Triton nor its kernels: TRITON_INTERPRET=1 set afterwards (and before
     the first op) still runs the ops through the interpreted kernels, with the reference's results and no
     warning."""
-    import os
-    import subprocess
-    import sys
-
     script = """
 import os, sys, warnings, torch, sparsectx
 from sparsectx import ops
@@ -75,9 +76,7 @@ torch.testing.assert_close(out, sparsectx.reference.sparse_attention_ref(q, q, q
 assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]
 print("ok")
 """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+    _prints_ok_in_a_fresh_process(script)
 
 
 @pytest.mark.skipif(not ops._triton_available(), reason="needs triton")
@@ -87,10 +86,6 @@ def test_interpreter_asked_for_after_import_runs_the_reference_and_says_so():
     for a GPU then, so interpreted kernels can not run. Every op crashed ("Cannot call @triton.jit'd outside of the
     scope of a kernel") while ``backend_for`` said "triton-interpreter"; now the reference runs, right, after one
     RuntimeWarning saying what to do."""
-    import os
-    import subprocess
-    import sys
-
     script = """
 import os, warnings, torch, triton, sparsectx
 from sparsectx import ops
@@ -107,9 +102,7 @@ messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarn
 assert len(messages) == 1 and "before importing torch or sparsectx" in messages[0], messages
 print("ok")
 """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+    _prints_ok_in_a_fresh_process(script)
 
 
 @pytest.mark.skipif(not ops._triton_available(), reason="needs triton")
