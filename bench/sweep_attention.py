@@ -55,11 +55,11 @@ def shape_of(config):
     return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
 
 
-def force(tuner, shape, pre_hook=None):
+def force(tuner, shape):
     """The autotuner runs ``shape`` only (a single candidate is launched without benchmarking), with the kernel's
-    config pre-hook (the forward's sets its tensor descriptors' tile to the block: without it they keep a
-    placeholder tile and the kernel refuses to compile)."""
-    tuner.configs = [config_of(shape, pre_hook)]
+    config pre-hook, the one its candidates carry (the forward's sets its tensor descriptors' tile to the block:
+    without it they keep a placeholder tile and the kernel refuses to compile)."""
+    tuner.configs = [config_of(shape, tuner.configs[0].pre_hook)]
     tuner.cache = {}
 
 
@@ -166,12 +166,11 @@ def sweep_forward(variants, extra_for, log):
         for vname, module in variants.items():
             tuner = module.FWD_TUNERS[0]
             saved = (tuner.configs, tuner.cache)
-            pre_hook = tuner.configs[0].pre_hook
             candidates = [shape_of(c) for c in module.FWD_CONFIGS]
             extra = [s for s in FWD_EXTRA if s not in candidates] if vname in extra_for else []
             try:
                 for shape in candidates + extra:
-                    force(tuner, shape, pre_hook)
+                    force(tuner, shape)
                     for mode, call in fwd_calls(module, case).items():
                         row = dict(shape=label, variant=vname, mode=mode, config=list(shape),
                                    candidate=shape in candidates)

@@ -267,11 +267,11 @@ def _fwd_kernel(
         rv_base = RV + batch.to(tl.int64) * stride_rvb + head * stride_rvh + offs_d[None, :]
         r_full = (r_len // BLOCK_N) * BLOCK_N
         for start_n in range(0, r_full, BLOCK_N):
-            if REF_TMA:  # packed rows: consecutive, as the own keys
+            if REF_PACKED:  # consecutive rows, loaded as the own keys are
                 k, v = _load_kv_rows(RK_DESC, RV_DESC, rk_base, rv_base, stride_rkr, stride_rvr, r_start + start_n,
-                                     col, offs_n, d_valid, True, MASK_D, BLOCK_N, BLOCK_D)
+                                     col, offs_n, d_valid, REF_TMA, MASK_D, BLOCK_N, BLOCK_D)
             else:
-                idx = _ref_rows(RIDX, r_start, start_n + offs_n, None, REF_PACKED, False)[:, None]
+                idx = _ref_rows(RIDX, r_start, start_n + offs_n, None, False, False)[:, None]
                 k, v = _load_kv(rk_base + idx * stride_rkr, rv_base + idx * stride_rvr, offs_n < BLOCK_N, d_valid,
                                 MASK_D)
             acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k, v, offs_n < BLOCK_N, qk_scale, False, IEEE)
