@@ -501,6 +501,25 @@ def test_masked_attention_bad_input():
 
 
 @pytest.mark.parametrize("dtype", DTYPES_HERE, ids=str)
+@pytest.mark.parametrize("scale", [-0.5, 0.5])
+def test_wide_score_ranges_with_either_sign_of_scale(scale, dtype):
+    """Scores spread over thousands (in base 2): a row max taken on the wrong side of a negative scale would put
+    exp2 of the spread in the sum (inf, then NaN). The kernel sees a negative scale as -q with |scale|; the result
+    meets the flash-attention criterion against the float64 reference."""
+    case = make_case([20, 9], [70, 12], [40, 5], 48, 2, 32, dtype, seed=83, scale=scale)
+    # q·k spread over a few thousand: full blocks of the 32-key interpreter tile and of the GPU's 64-128
+    case.q, case.k, case.ref["ref_k"] = case.q * 16, case.k * 16, case.ref["ref_k"] * 16
+    g = torch.Generator().manual_seed(84)
+    dout = torch.randn(case.q.shape, generator=g).to(DEVICE, dtype)
+    dlse = torch.randn(2, 29, generator=g).to(DEVICE)
+    out, lse, _ = run_ops(case, dout, dlse)
+    exact_out, exact_lse, _ = run_reference(case, torch.float64, dout, dlse)
+    torch_out, torch_lse, _ = run_reference(case, dtype, dout, dlse)
+    assert_flash_criterion("out", out, torch_out, exact_out, dtype)
+    assert_flash_criterion("lse", lse, torch_lse, exact_lse, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES_HERE, ids=str)
 def test_keys_at_minus_infinity_get_zero_weight(dtype):
     """Keys holding -inf (score -inf: zero weight, as in softmax and SDPA) in a sample's first key block: the
     kernel's running max was -inf there and exp2(-inf - -inf) made the whole row NaN (the reference was right).
