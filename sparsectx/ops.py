@@ -503,13 +503,16 @@ def masked_attention(
     kept_prefix: int = 0,
 ) -> torch.Tensor:
     """Attention in diffusers' dense layout ``q, k, v [B, S, H, D]`` where sample b attends only to the keys with
-    ``key_mask[b]`` True (bool ``[B, S]``). Dropped tokens stay in the tensors; the kernel gathers the kept keys by
-    index, so its work scales with the kept count. ``query_mask`` (bool ``[B, S]``, e.g. the same mask) skips the
-    queries where it is False: their output is zero and they cost nothing. Queries with no kept key output zero.
+    ``key_mask[b]`` True (bool ``[B, S]``). Dropped tokens stay in the tensors and the kernel's work scales with the
+    kept count: without autograd (inference, ``torch.no_grad``) the kept keys and values are first copied into
+    contiguous blocks (one pass over them; the kernel reads those faster than gathered rows), and when gradients
+    are recorded the kernel gathers them from ``k`` and ``v`` by index (no copy kept for the backward).
+    ``query_mask`` (bool ``[B, S]``, e.g. the same mask) skips the queries where it is False: their output is zero
+    and they cost nothing. Queries with no kept key output zero.
 
     ``kept_prefix``: the first ``kept_prefix`` tokens of every sample are keys whatever ``key_mask`` says there
     (e.g. the text and target tokens of a training drop mask). They are copied once into contiguous key blocks,
-    which the kernel reads faster than gathered rows; only the rest of the keys is gathered through ``key_mask``.
+    which the kernel reads faster than gathered rows; ``key_mask`` chooses among the rest of the keys only.
 
     Gradients flow to q, k, v (zero at dropped keys and skipped queries). Nothing synchronises with the host on a GPU
     (on the CPU, each compaction checks ``max_total`` against the mask's kept total: one read; the torch reference
@@ -535,15 +538,22 @@ def masked_attention(
     if isinstance(kept_prefix, bool) or not isinstance(kept_prefix, int) or not 0 <= kept_prefix <= seq:
         raise ValueError(f"kept_prefix must be an int in [0, S={seq}], got {kept_prefix!r}")
 
-    # keys: the kept prefix as contiguous own keys, the rest gathered from the dense tensors by kept position
+    # keys: the kept prefix as contiguous own keys; the rest by kept position, copied into contiguous blocks when
+    # no gradient is recorded, else gathered from the dense tensors (the backward then saves no copy of them)
     own_k = k[:, :kept_prefix].reshape(batch * kept_prefix, heads, dim)
     own_v = v[:, :kept_prefix].reshape(batch * kept_prefix, heads, dim)
     cu_k = uniform_cu_seqlens(batch, kept_prefix, dev)
     refs = {}
     if kept_prefix < seq:
-        rest = compact_tokens(key_mask[:, kept_prefix:], max_total=batch * (seq - kept_prefix))
-        refs = dict(ref_k=k[:, kept_prefix:], ref_v=v[:, kept_prefix:], ref_index=rest.index,
-                    cu_seqlens_ref=rest.cu_seqlens)
+        rest_mask, rest_k, rest_v = key_mask[:, kept_prefix:], k[:, kept_prefix:], v[:, kept_prefix:]
+        rest_rows = batch * (seq - kept_prefix)
+        if _records_graph((rest_k, rest_v)):
+            rest = compact_tokens(rest_mask, max_total=rest_rows)
+            refs = dict(ref_k=rest_k, ref_v=rest_v, ref_index=rest.index, cu_seqlens_ref=rest.cu_seqlens)
+        else:
+            rest = compact_tokens(rest_mask, rest_k, rest_v, max_total=rest_rows)
+            refs = dict(ref_k=rest.tensors[0], ref_v=rest.tensors[1], cu_seqlens_ref=rest.cu_seqlens,
+                        max_seqlen_ref=seq - kept_prefix)
 
     if query_mask is None:
         cu_q = uniform_cu_seqlens(batch, seq, dev)

@@ -356,14 +356,16 @@ def _rank_in_image(keys: torch.Tensor, ref_lengths: Sequence[int], layout: Optio
                    key_bits: Optional[int] = None) -> torch.Tensor:
     """Rank of each token's key inside its own image (0 = smallest; ties to the lower index), long [B, N].
 
-    One stable sort for all images (a stable sort orders each image's tokens as a sort of that image alone would):
-    keys given as ints in ``[0, 2**key_bits)`` are sorted packed with their image index (image in the high bits),
-    so a token's rank is its position minus its image's start; other keys are sorted whole, and a token's rank is
-    the count of its image's tokens before it in that order. ``layout``: ``_token_layout`` of ``ref_lengths``."""
-    if len(ref_lengths) == 1:
-        order = torch.sort(keys, dim=1, stable=True).indices
-        positions = torch.arange(keys.shape[1], device=keys.device).expand(order.shape)
-        return torch.empty_like(order).scatter_(1, order, positions)
+    Images of one length: one stable sort per (sample, image) row. Else one stable sort for all images (a stable
+    sort orders each image's tokens as a sort of that image alone would): keys given as ints in
+    ``[0, 2**key_bits)`` are sorted packed with their image index (image in the high bits), so a token's rank is its
+    position minus its image's start; other keys are sorted whole, and a token's rank is the count of its image's
+    tokens before it in that order. ``layout``: ``_token_layout`` of ``ref_lengths``."""
+    if min(ref_lengths) == max(ref_lengths):  # images of one length (one image too): a row per (sample, image)
+        rows = keys.reshape(keys.shape[0] * len(ref_lengths), ref_lengths[0])
+        order = torch.sort(rows, dim=1, stable=True).indices
+        positions = torch.arange(rows.shape[1], device=keys.device).expand(order.shape)
+        return torch.empty_like(order).scatter_(1, order, positions).view(keys.shape)
     image, start, _ = layout if layout is not None else _token_layout(ref_lengths, keys.device)
     if key_bits is not None:
         order = torch.sort(keys + (image << key_bits), dim=1, stable=True).indices
@@ -530,8 +532,12 @@ def _normalise_per_image(signal: torch.Tensor, ref_lengths: Sequence[int]) -> to
     """Min-max scaling of a float [B, N] signal to [0, 1] inside each image (a constant image maps to 0)."""
     signal = signal.float()
     rows = _image_rows(signal, ref_lengths)  # [B, n_refs, longest]: all images' min and max in one op each
-    low = rows.amin(dim=2)
-    span = rows.amax(dim=2) - low
+    low = rows.amin(dim=2, keepdim=True)
+    span = rows.amax(dim=2, keepdim=True) - low
+    if min(ref_lengths) == max(ref_lengths):  # rows is a view of the signal: scaled in place of the index_select
+        return torch.where(span > 0, (rows - low) / span.clamp(min=torch.finfo(torch.float32).tiny),
+                           0.0).view(signal.shape)
+    low, span = low[..., 0], span[..., 0]
     if len(ref_lengths) > 1:  # each image's values at its tokens (one image: [B, 1] broadcasts)
         image = _token_layout(ref_lengths, signal.device)[0]
         low, span = low.index_select(1, image), span.index_select(1, image)
@@ -594,10 +600,13 @@ def _border_background(reference_latents: torch.Tensor, context: SelectionContex
         if len(lengths) > 1:
             last = last.index_select(1, image)
         weight = ((grid == 0) | (grid == last)).any(dim=-1).float().expand(batch, -1)  # first/last row or column
-    # the weighted sums image by image, each over its own slice as before (a float sum's rounding depends on the
-    # shape it reduces); the border counts are integers, exact when summed for all images at once
-    sums = torch.stack([(latents[:, lo:hi] * weight[:, lo:hi, None]).sum(1) for lo, hi in _image_slices(lengths)],
-                       dim=1)  # [B, n_refs, C]
+    # the weighted sums [B, n_refs, C]: of all images at once when they have one length, else image by image, each
+    # over its own slice; the border counts are integers, exact when summed for all images at once
+    weighted = latents * weight[..., None]
+    if min(lengths) == max(lengths):
+        sums = _image_rows(weighted, lengths).sum(dim=2)
+    else:
+        sums = torch.stack([weighted[:, lo:hi].sum(1) for lo, hi in _image_slices(lengths)], dim=1)
     count = _image_rows(weight, lengths, fill=0.0).sum(dim=2)  # [B, n_refs]
     return (sums / count.clamp(min=1.0)[..., None]).index_select(1, image)
 
@@ -849,8 +858,9 @@ def _per_image(name: str, value: PerImage, batch: int, ref_lengths: Sequence[int
 def _topk_per_image(scores: torch.Tensor, ref_lengths: Sequence[int], counts: torch.Tensor) -> torch.Tensor:
     """bool [B, N]: the ``counts[b, i]`` highest scores inside image i of sample b (ties to the lower index)."""
     keys = -scores.to(torch.promote_types(scores.dtype, torch.float32))  # fp64 stays
-    if len(ref_lengths) == 1:
-        return _rank_in_image(keys, ref_lengths) < counts[:, :1]
+    if min(ref_lengths) == max(ref_lengths):  # images of one length: each image's count against its row of ranks
+        ranks = _rank_in_image(keys, ref_lengths).view(scores.shape[0], len(ref_lengths), ref_lengths[0])
+        return (ranks < counts[:, :, None]).view(scores.shape)
     layout = _token_layout(ref_lengths, scores.device)
     return _rank_in_image(keys, ref_lengths, layout) < counts.index_select(1, layout[0])  # each token's image's count
 
@@ -1002,13 +1012,17 @@ def _adaptive_counts(scores: torch.Tensor, cov, low: torch.Tensor, high: torch.T
                      mass: str) -> torch.Tensor:
     """int64 ``[B, n_refs]``: per image, the fewest top-scored tokens covering ``cov`` of its mass, within
     ``[low, high]`` (see ``adaptive_budget``; ``cov`` a float or a ``[B, n_refs]`` tensor)."""
-    # each image's mass, sorted, and the mass ranked above each token: image by image, each on its own slice (the
-    # softmax, sum and cumsum round by the shape they reduce); the integer counts after that for all images at once
+    # each image's mass, sorted, and the mass ranked above each token: one row per (sample, image) when the images
+    # have one length, else image by image on its own slice; the integer counts after that for all images at once
+    if min(ref_lengths) == max(ref_lengths):
+        slices = [scores.reshape(scores.shape[0] * len(ref_lengths), ref_lengths[0])]
+    else:
+        slices = [scores[:, lo:hi] for lo, hi in _image_slices(ref_lengths)]
     before = []
-    for lo, hi in _image_slices(ref_lengths):
-        probs = torch.sort(_score_mass(scores[:, lo:hi], mass), dim=1, descending=True).values
+    for rows in slices:
+        probs = torch.sort(_score_mass(rows, mass), dim=1, descending=True).values
         before.append(torch.cumsum(probs, dim=1) - probs)  # mass of the tokens ranked above each token
-    before = torch.cat(before, dim=1) if len(before) > 1 else before[0]
+    before = torch.cat(before, dim=1) if len(before) > 1 else before[0].view(scores.shape)
     if isinstance(cov, torch.Tensor):
         threshold, positive = cov - COVERAGE_TOL, cov > 0
         if len(ref_lengths) > 1:  # each token's image's threshold

@@ -726,6 +726,34 @@ def test_masked_attention_kept_prefix_reads_the_prefix_as_contiguous_keys(kept_p
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5, msg=f"d{name}")
 
 
+@pytest.mark.parametrize("kept_prefix", [0, 5])
+@pytest.mark.parametrize("skip_queries", [False, True])
+def test_masked_attention_copies_the_kept_keys_when_no_gradient_is_recorded(monkeypatch, kept_prefix, skip_queries):
+    """Without autograd the kept keys past the prefix reach the kernel as packed contiguous references; with it they
+    are gathered from k and v by index. Both equal the fp64 reference."""
+    g = torch.Generator().manual_seed(11 + kept_prefix)
+    batch, seq, heads, dim = 2, 37, 2, 32
+    q, k, v = (torch.randn(batch, seq, heads, dim, generator=g).to(DEVICE) for _ in range(3))
+    key_mask = torch.rand(batch, seq, generator=g).to(DEVICE) < 0.3
+    key_mask[1, kept_prefix:] = False  # a sample that keeps no key past the prefix
+    query_mask = (torch.rand(batch, seq, generator=g).to(DEVICE) < 0.6) if skip_queries else None
+    effective = key_mask.clone()
+    effective[:, :kept_prefix] = True
+    expected = ref.masked_attention_ref(q.double(), k.double(), v.double(), effective, query_mask=query_mask)
+    calls = []
+    real = sparsectx.ops.sparse_attention
+    monkeypatch.setattr(sparsectx.ops, "sparse_attention", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    with torch.no_grad():
+        copied = sparsectx.masked_attention(q, k, v, key_mask, query_mask=query_mask, kept_prefix=kept_prefix)
+    gathered = sparsectx.masked_attention(*(t.clone().requires_grad_(True) for t in (q, k, v)), key_mask,
+                                          query_mask=query_mask, kept_prefix=kept_prefix)
+    assert calls[0].get("ref_index") is None  # packed references
+    assert calls[0]["ref_k"].shape == (batch * (seq - kept_prefix), heads, dim)
+    assert calls[1]["ref_index"] is not None and calls[1]["ref_k"].shape == (batch, seq - kept_prefix, heads, dim)
+    torch.testing.assert_close(copied.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gathered.detach().double(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_masked_attention_kept_prefix_bad_values():
     q = torch.randn(1, 5, 1, 16, device=DEVICE)
     mask = torch.ones(1, 5, dtype=torch.bool, device=DEVICE)
@@ -735,9 +763,10 @@ def test_masked_attention_kept_prefix_bad_values():
 
 
 @pytest.mark.gpu
-def test_gpu_bf16_masked_attention_with_kept_prefix_and_query_skipping():
+@pytest.mark.parametrize("prefix", [0, 512])
+def test_gpu_bf16_masked_attention_with_kept_prefix_and_query_skipping(prefix):
     g = torch.Generator().manual_seed(29)
-    batch, seq, heads, dim, prefix = 2, 2048, 8, 128, 512
+    batch, seq, heads, dim = 2, 2048, 8, 128
     q, k, v = (torch.randn(batch, seq, heads, dim, generator=g).to(DEVICE, torch.bfloat16) for _ in range(3))
     key_mask = torch.rand(batch, seq, generator=g).to(DEVICE) < 0.1
     key_mask[:, :prefix] = True
@@ -765,6 +794,9 @@ def _assert_masked_forward_and_backward(q, k, v, key_mask, query_mask, kept_pref
     assert_flash_criterion("out", out, same_out, exact_out, dtype)
     for name, got, same, exact in zip("qkv", grads, same_grads, exact_grads):
         assert_flash_criterion(f"d{name}", got, same, exact, dtype)
+    with torch.no_grad():  # the kept keys copied into contiguous blocks instead of gathered
+        copied = sparsectx.masked_attention(q, k, v, key_mask, query_mask=query_mask, kept_prefix=kept_prefix)
+    assert_flash_criterion("out (no autograd)", copied, same_out, exact_out, dtype)
 
 
 def test_forward_launches_from_threads_keep_their_own_descriptor_tiles(monkeypatch):

@@ -916,7 +916,28 @@ def test_selection_ops_do_not_grow_per_bit_or_per_image():
         ops["adaptive", n_refs] = _aten_ops(lambda: adaptive(0.9, floor=0.02, cap=0.5)(scores, context.ref_lengths))
     assert ops["uniform", 3] == ops["uniform", 4] <= 80, ops
     assert ops["fixed", 3] == ops["fixed", 4] <= 40, ops
-    assert ops["adaptive", 4] <= 160, ops  # the mass of each image is still made image by image (exact rounding)
+    assert ops["adaptive", 4] <= 160, ops  # images of different lengths: each image's mass on its own slice
+
+
+def test_images_of_one_length_are_budgeted_in_one_pass():
+    """Images of one length are budgeted as one row per (sample, image): counts and keep masks equal those of each
+    image budgeted alone, and the ops do not grow with the number of images."""
+    gen = torch.Generator().manual_seed(3)
+    budgets = {"fixed": fixed_ratio(0.3), "adaptive": adaptive(0.8, floor=1, cap=0.9),
+               "linear": adaptive(0.6, mass="linear")}
+    ops = {}
+    for n_refs in (1, 3, 4):
+        lengths = [7] * n_refs
+        scores = torch.randn(2, 7 * n_refs, generator=gen).round(decimals=1)  # ties inside and across images
+        for name, budget in budgets.items():
+            x = scores.abs() if name == "linear" else scores
+            whole = budget(x, lengths)
+            alone = [budget(x[:, lo:hi], [7]) for lo, hi in selection._image_slices(lengths)]
+            assert torch.equal(whole.counts, torch.cat([r.counts for r in alone], dim=1)), (name, n_refs)
+            assert torch.equal(whole.keep, torch.cat([r.keep for r in alone], dim=1)), (name, n_refs)
+            ops[name, n_refs] = _aten_ops(lambda: budget(x, lengths))
+    for name in budgets:
+        assert ops[name, 3] == ops[name, 4], ops
 
 
 def test_counts_beyond_int64_keep_the_whole_image():
