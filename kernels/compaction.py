@@ -375,6 +375,8 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     """``[B, N, ...]`` -> ``[B, N, C]`` view (of ``_loadable(t)``) with unit column stride (copies only when the
     trailing dims can not be flattened)."""
     t = _loadable(t)
+    if t.ndim == 3 and t.stride(2) == 1:
+        return t
     flat = t.reshape(t.shape[0], t.shape[1], math.prod(t.shape[2:]))
     return flat if flat.stride(-1) == 1 else flat.contiguous()
 

@@ -41,6 +41,7 @@ from .kernels._launch import to_device as _device_values  # noqa: F401  (used by
 TRITON_GPU, TRITON_INTERPRETER, TORCH_REFERENCE = "triton-gpu", "triton-interpreter", "torch-reference"
 
 
+@functools.lru_cache(maxsize=1)
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -61,9 +62,21 @@ def _kernels_built_as(interpreted: bool) -> bool:
     the like, which the kernels call), were built in that mode. ``triton.jit`` fixes it at import: setting
     ``TRITON_INTERPRET`` afterwards does not turn compiled kernels into interpreted ones, or back; and Triton is
     often imported early (by torch.compile and libraries built on it; ``import sparsectx`` does not import it)."""
-    if _triton_library_interpreted() not in (None, interpreted):
-        return False
-    return all(sys.modules[name].INTERPRETED == interpreted for name in _KERNEL_MODULES if name in sys.modules)
+    known = _BUILT_AS.get(interpreted)
+    if known is not None:
+        return known
+    library = _triton_library_interpreted()
+    if library not in (None, interpreted):
+        built_as = False
+    else:
+        built_as = all(sys.modules[name].INTERPRETED == interpreted for name in _KERNEL_MODULES
+                       if name in sys.modules)
+    if library is not None and all(name in sys.modules for name in _KERNEL_MODULES):
+        _BUILT_AS[interpreted] = built_as  # every mode is fixed now: the answer is too (read on every op call)
+    return built_as
+
+
+_BUILT_AS: dict = {}  # interpreted -> _kernels_built_as's answer, once Triton's library and every kernel module exist
 
 
 _LIBRARY_MODE: list = []  # [interpreted], once Triton's library is imported (its mode can not change after)
@@ -674,6 +687,8 @@ def _check_budget(budget, batch: int, n_tokens: int) -> list[int]:
         if len(budget) != batch:
             raise ValueError(f"budget must have one entry per sample ({batch}), got {len(budget)}")
         values = list(budget)
+    elif type(budget) is int and 0 <= budget <= n_tokens:  # the common case, without the general checks below
+        return [budget] * batch
     else:
         values = [budget] * batch
     values = [_python_number(b) for b in values]
