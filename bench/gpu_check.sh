@@ -7,13 +7,14 @@
 # Two parts, to fit a device session (15 minutes, start-up included; one command at most 10 minutes):
 #   GPU_CHECK_PART=1  (default) GPU tests (first launch config), benchmarks: key cases (attention, compaction,
 #                     mixed batch, dense key mask), training, e2e step + breakdown, selection cost, KV cache 4-step
-#                     (--quick), in that order     at most 8 minutes (GPU_CHECK_BUDGET_S=480, the default)
+#                     (--quick), profiler tables (bench/profile_ops.py), in that order
+#                                                  at most 8 minutes (GPU_CHECK_BUDGET_S=480, the default)
 #   GPU_CHECK_PART=2  every autotune candidate under the flash-attention criterion, the mixed-budget batch step,
 #                     the FLUX.1-Kontext step, then the rest of the suite on CUDA ~ 2.5 minutes or what is left
 #   GPU_CHECK_PART=all  both, in that order (a machine without a per-command limit)
 # Usage, from anywhere:  GPU_CHECK_PART=1 bash bench/gpu_check.sh      (writes under "$OUT", default ./bench_out)
 # Files written: env.log, tests.log, bench.log, bench.json (the part's cases merged), summary.txt, results.md (the
-# run as markdown for bench/RESULTS.md). The commit measured is read from the tree's git; set SPARSECTX_COMMIT=<hash>
+# run as markdown for bench/RESULTS.md), profile_ops.txt (part 1). The commit measured is read from the tree's git; set SPARSECTX_COMMIT=<hash>
 # when the tree has no .git (a GPU machine's copy).
 # Dry run on a CPU machine: GPU tests are skipped there and the benchmarks use the tiny shapes, on the torch
 # reference path unless TRITON_INTERPRET=1 is exported first (then the kernels run through the interpreter: give it
@@ -33,6 +34,8 @@ PY=${PYTHON:-python3}
 PART=${GPU_CHECK_PART:-1}
 case $PART in 1|2|all) ;; *) echo "GPU_CHECK_PART must be 1, 2 or all, got '$PART'" >&2; exit 2 ;; esac
 part() { [[ $PART == all || $PART == "$1" ]]; }
+SKIP_STEPS=${GPU_CHECK_SKIP:-}         # step names to skip, comma-separated (e.g. "bench training,bench kv")
+E2E_ARGS=${GPU_CHECK_E2E_ARGS:-}       # e.g. --quick: the e2e step's subset (it still gives the selection shares)
 BUDGET_S=${GPU_CHECK_BUDGET_S:-480}    # whole script, wall time: 8 minutes leave a device session time to rerun
 SUMMARY_RESERVE_S=20                   # kept back for the summary (15 s) and timeout's kill grace
 KILL_GRACE_S=5
@@ -47,6 +50,7 @@ SELECTION_CAP_S=40                     # selection cost: small tensors, mostly s
 # klein 4-step KV-cache runs, --quick: 2 shapes (3 refs x 10%, 4 refs x 5%) x 7 implementations (never run on a
 # GPU: ~25 s of 4-step runs per shape + the 9B model build + sparsectx attention's autotuning)
 KV_CAP_S=90
+PROFILE_CAP_S=75                       # bench/profile_ops.py: compaction, selection, the klein-9B probe (model build)
 CANDIDATES_CAP_S=130                   # part 2: every autotune candidate, head dims 128 and 256 (~26 kernel variants)
 # mixed-budget batch of 4 requests, --quick (1024² only): packed vs exact groups vs a per-request loop, then the
 # keep-all batch (2026-11-29 H200: the first four rows took the whole 45 s cap then, the keep-all row was cut)
@@ -66,6 +70,11 @@ seconds_left() { echo $(( BUDGET_S - (SECONDS - START) - SUMMARY_RESERVE_S )); }
 # step NAME CAP_S LOG CMD...: run CMD with timeout min(CAP_S, time left), output appended to LOG
 step() {
     local name=$1 cap=$2 log=$3; shift 3
+    if [[ ",$SKIP_STEPS," == *",$name,"* ]]; then
+        STEP_LINES+=("$(printf '%-26s skipped: GPU_CHECK_SKIP' "$name")")
+        echo "=== $name: skipped (GPU_CHECK_SKIP)" | tee -a "$log"
+        return 0
+    fi
     local left; left=$(seconds_left)
     local limit=$(( cap < left ? cap : left ))
     if (( limit < 10 )); then
@@ -165,11 +174,13 @@ if part 1; then
         --case batch --case masked --json "$SCRATCH/bench_key.json"
     step "bench training" "$TRAINING_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case training \
         --json "$SCRATCH/bench_training.json"
-    step "bench e2e" "$E2E_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case e2e --json "$SCRATCH/bench_e2e.json"
+    step "bench e2e" "$E2E_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case e2e $E2E_ARGS --json "$SCRATCH/bench_e2e.json"
     # selection cost as a share of the denoising step measured by the e2e step just before
     step "bench selection" "$SELECTION_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case selection \
         --steps-from "$SCRATCH/bench_e2e.json" --json "$SCRATCH/bench_selection.json"
     step "bench kv" "$KV_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case kv --quick --json "$SCRATCH/bench_kv.json"
+    # diagnosis, not a target: profiler tables of the ops that miss theirs (bench/profile_ops.py), in profile_ops.txt
+    step "profile ops" "$PROFILE_CAP_S" "$BENCH_LOG" "${IN_SCRATCH[@]}" "$PY" "$REPO/bench/profile_ops.py" --out "$OUT"
 fi
 if part 2; then
     tests "pytest candidates" "$CANDIDATES_CAP_S" "$TESTS_LOG" "${PYTEST[@]}" tests -m gpu -k "$CANDIDATES"

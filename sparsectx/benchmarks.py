@@ -618,7 +618,7 @@ class MaskedCase:
     name = "masked"
     title = "dense layout [B, S, H, D] + key keep-mask: 3 references with 5% of their tokens kept"
     impl_names = ("sparsectx masked_attention", "sparsectx masked_attention (kept_prefix)",
-                  "sdpa bool key mask (cudnn)", "sdpa bool key mask (default)",
+                  "sparsectx masked_attention (autograd: gathered)", "sdpa bool key mask (cudnn)", "sdpa bool key mask (default)",
                   "sdpa bool key mask (efficient)", "ideal: sdpa on compacted keys", "flex_attention mask_mod",
                   "sparsectx masked_attention (query_mask)", "sparsectx masked_attention (query_mask, kept_prefix)",
                   "ideal: sdpa on compacted queries and keys")
@@ -656,15 +656,20 @@ class MaskedCase:
         to_dense = lambda o: o.transpose(1, 2)  # noqa: E731 - [B, H, S, D] -> [B, S, H, D]
         dt = str(dtype).replace("torch.", "")
         if config == "all-queries":
+            q_grad, k_grad, v_grad = (t.detach().requires_grad_(True) for t in (q, k, v))
             flex, flex_mode = _flex_attention(device)
             block_mask = _block_mask(lambda b, h, q_idx, kv_idx: key_mask[b, kv_idx], seq, seq, device)
             attn_mask = key_mask[:, None, None, :]
             impls = [
                 Impl("sparsectx masked_attention", lambda: ops.masked_attention(q, k, v, key_mask),
-                     note="kept keys gathered by index"),
+                     note="no autograd: kept keys copied into contiguous blocks first (copy timed)"),
                 Impl("sparsectx masked_attention (kept_prefix)",
                      lambda: ops.masked_attention(q, k, v, key_mask, kept_prefix=own),
-                     note=f"text + target ({own}) as contiguous keys, references gathered"),
+                     note=f"text + target ({own}) as contiguous keys, kept references copied after them"),
+                Impl("sparsectx masked_attention (autograd: gathered)",
+                     lambda: ops.masked_attention(q_grad, k_grad, v_grad, key_mask), output=lambda o: o.detach(),
+                     note="inputs that require grad: kept keys gathered by index (the forward of a training step, "
+                          "its graph recorded)"),
                 *_sdpa_impls(["cudnn"], q4, k4, v4, device, to_dense, attn_mask=attn_mask,
                              label="sdpa bool key mask ({})"),
                 Impl("sdpa bool key mask (default)", lambda: _sdpa(q4, k4, v4, attn_mask=attn_mask),
@@ -1927,6 +1932,8 @@ TARGETS = (
     Target(4, "training", "sparsectx (packed varlen)", "sdpa padded + key mask", 1.5, ">= 1.5x faster than padded"),
     Target(4, "masked", "sparsectx masked_attention", "ideal: sdpa on compacted keys", 1 / 1.3,
            "within 1.3x of the ideal (all queries)"),
+    Target(4, "masked", "sparsectx masked_attention (autograd: gathered)", "ideal: sdpa on compacted keys", 1 / 1.3,
+           "within 1.3x of the ideal (all queries, inputs requiring grad)"),
     Target(4, "masked", "sparsectx masked_attention (query_mask)", "ideal: sdpa on compacted queries and keys",
            1 / 1.3, "within 1.3x of the ideal (kept queries)"),
     Target(3, "compaction", "sparsectx compact_tokens (scores+budget)", "topk+sort+gather", 5.0,

@@ -388,3 +388,24 @@ def test_attention_sweep_dry_run_checks_and_times_every_forced_configuration(tmp
     assert len({tuple(r["config"]) for r in ours}) == len(sweep.FWD_EXTRA) + len(sweep.shipped.FWD_CONFIGS)
     timed = [r for r in report["backward"] if r.get("kernel") in ("dkdv", "dq")]
     assert {r["kernel"] for r in timed} == {"dkdv", "dq"} and all(r.get("ms", 0) > 0 for r in timed)
+
+
+def test_profile_dry_run_writes_every_section(tmp_path):
+    """``bench/profile_ops.py --tiny`` (the GPU diagnosis tool's CPU dry run): each section runs its op, times it
+    and writes its profiler table; a section that raises is reported as FAILED with a non-zero exit status."""
+    if torch.cuda.is_available():
+        pytest.skip("the dry run is for machines without a GPU (the tool itself runs the full sizes there)")
+    path = Path(__file__).resolve().parents[1] / "bench" / "profile_ops.py"
+    spec = importlib.util.spec_from_file_location("profile_ops_under_test", path)
+    profile_ops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_ops)
+    assert profile_ops.main(["--tiny", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "profile_ops.txt").read_text()
+    for name in profile_ops.SECTIONS:
+        section = report.split(f"##### {name} ")[1].split("#####")[0]
+        assert "ms per call back to back" in section and "Self CPU time total" in section, (name, section[:300])
+    assert "FAILED" not in report
+    broken = lambda *args: 1 / 0  # noqa: E731
+    profile_ops.compaction_section = broken
+    assert profile_ops.main(["--tiny", "--section", "compaction", "--out", str(tmp_path)]) == 1
+    assert "FAILED: ZeroDivisionError" in (tmp_path / "profile_ops.txt").read_text()

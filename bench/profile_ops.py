@@ -1,0 +1,169 @@
+"""Torch-profiler tables of the ops whose targets the benchmarks miss, to find where their time goes (a diagnosis
+tool beside ``sparsectx bench``; it times nothing the issues judge).
+
+Sections (``--section``, default all, in this order):
+- ``compaction``: ``compact_tokens(scores, hidden, ids, budget)`` at issue 3's shape (B=1, 3 x 4096 tokens, C=3072,
+  keep 10%): the CUDA time of each kernel, then the selection kernel's time at each warp count it could launch with
+  (``kernels.compaction._select_config`` forced; the index it writes is checked against the shipped count's).
+- ``selection``: ``select`` with the ``subject`` selector and an adaptive budget at 3 references (issue 6's worst
+  row): kernel count, CUDA time and host time per call.
+- ``probe``: the drop-in's automatic attention probe on the FLUX.2-klein-9B architecture (random weights, 3
+  references of 64 x 64 tokens): the ops with the most CUDA time and the most host time.
+
+Usage: ``python bench/profile_ops.py [--section NAME]... [--out DIR] [--tiny]``; writes ``profile_ops.txt`` (and
+prints it). ``--tiny`` (and any machine without CUDA) runs the small shapes on the CPU: a dry run of the script,
+without the CUDA tables.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Callable
+
+import torch
+
+SECTIONS = ("compaction", "selection", "probe")
+ROWS = 18  # rows of each profiler table
+
+
+def _per_call_ms(fn: Callable[[], object], calls: int) -> float:
+    """Wall time per call, back to back (host work included), after a warm-up call."""
+    fn()
+    _sync()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    _sync()
+    return (time.perf_counter() - start) * 1e3 / calls
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _profile(fn: Callable[[], object], calls: int, sort_by: tuple) -> str:
+    """Profiler tables of ``calls`` calls of ``fn`` (after one warm-up call), one table per sort key."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    _sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        _sync()
+    averages = prof.key_averages()
+    tables = []
+    for key in sort_by:
+        if "cuda" in key and not torch.cuda.is_available():
+            continue
+        tables.append(f"sorted by {key} ({calls} calls):\n{averages.table(sort_by=key, row_limit=ROWS)}")
+    return "\n".join(tables)
+
+
+def compaction_section(tiny: bool, device: torch.device) -> str:
+    from sparsectx import ops
+    from sparsectx.kernels import compaction as kernels
+
+    n_tokens, width = (3 * 64, 48) if tiny else (3 * 4096, 3072)
+    count = (n_tokens + 5) // 10
+    gen = torch.Generator(device=device).manual_seed(0)
+    scores = torch.rand(1, n_tokens, generator=gen, device=device)
+    hidden = torch.randn(1, n_tokens, width, generator=gen, device=device).to(torch.bfloat16 if not tiny
+                                                                                else torch.float16)
+    ids = torch.randint(0, 64, (1, n_tokens, 4), generator=gen, device=device)
+    call = lambda: ops.compact_tokens(scores, hidden, ids, budget=count)  # noqa: E731
+    lines = [f"compact_tokens: B=1, N={n_tokens}, C={width}, keep {count}: "
+             f"{_per_call_ms(call, 50 if not tiny else 3):.4f} ms per call back to back",
+             _profile(call, 20 if not tiny else 2, ("self_cuda_time_total", "self_cpu_time_total"))]
+    if not torch.cuda.is_available():
+        return "\n".join(lines)
+    # the selection kernel alone at each warp count (its block is fixed by the row length)
+    expected = call().index.clone()
+    shipped = kernels._select_config
+    block, shipped_warps = shipped(n_tokens)
+    try:
+        for warps in (4, 8, 16, 32):
+            kernels._select_config = lambda n, w=warps: (block, w)
+            got = call().index
+            same = "same index" if torch.equal(got, expected) else "INDEX DIFFERS"
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+            index_only = lambda: kernels.compact_index(scores, [count])  # noqa: E731
+            for _ in range(5):
+                index_only()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(20):
+                    index_only()
+            graph.replay()
+            torch.cuda.synchronize()
+            events[0].record()
+            for _ in range(10):
+                graph.replay()
+            events[1].record()
+            torch.cuda.synchronize()
+            us = events[0].elapsed_time(events[1]) * 1e3 / 200
+            mark = " (shipped)" if warps == shipped_warps else ""
+            lines.append(f"selection kernel, BLOCK_N={block}, {warps} warps{mark}: {us:.2f} us per launch "
+                         f"(CUDA graph of 20 launches), {same}")
+    finally:
+        kernels._select_config = shipped
+    return "\n".join(lines)
+
+
+def selection_section(tiny: bool, device: torch.device) -> str:
+    from sparsectx.benchmarks import SelectionCase
+
+    case = SelectionCase()
+    workload = case.build((3, "subject"), "tiny" if tiny else "full", device)
+    lines = []
+    for impl in workload.impls:
+        if impl.name not in ("select, fixed 10%", "select, adaptive"):
+            continue
+        lines.append(f"{workload.shape}, {impl.name}: {_per_call_ms(impl.fn, 20 if not tiny else 2):.4f} ms per "
+                     "call back to back")
+        lines.append(_profile(impl.fn, 5 if not tiny else 1, ("self_cuda_time_total", "cpu_time_total")))
+    return "\n".join(lines)
+
+
+def probe_section(tiny: bool, device: torch.device) -> str:
+    from sparsectx.benchmarks import EndToEndCase
+
+    case = EndToEndCase()
+    workload = case.build((3, 0.05, case.BREAKDOWN), "tiny" if tiny else "full", device)
+    probe = next(impl for impl in workload.impls if impl.name.startswith("(e) attention probe"))
+    return "\n".join([f"{workload.shape}: {probe.name}: {_per_call_ms(probe.fn, 10 if not tiny else 1):.4f} ms per "
+                      "call back to back",
+                      _profile(probe.fn, 5 if not tiny else 1, ("self_cuda_time_total", "cpu_time_total",
+                                                               "count"))])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--section", action="append", choices=SECTIONS)
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--tiny", action="store_true", help="small shapes on the CPU (a dry run)")
+    args = parser.parse_args(argv)
+    tiny = args.tiny or not torch.cuda.is_available()  # no CUDA device: the dry run (as sparsectx bench does)
+    device = torch.device("cpu" if tiny else "cuda")
+    builders = {"compaction": compaction_section, "selection": selection_section, "probe": probe_section}
+    report = []
+    for name in args.section or SECTIONS:
+        started = time.perf_counter()
+        try:
+            text = builders[name](tiny, device)
+        except Exception as exc:  # one section's failure must not lose the others
+            text = f"FAILED: {type(exc).__name__}: {exc}"
+        report.append(f"##### {name} ({time.perf_counter() - started:.1f} s)\n{text}\n")
+        print(report[-1], flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "profile_ops.txt"), "w") as f:
+        f.write("\n".join(report))
+    return 1 if any("\nFAILED: " in part for part in report) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
