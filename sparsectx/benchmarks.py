@@ -618,7 +618,8 @@ class MaskedCase:
     name = "masked"
     title = "dense layout [B, S, H, D] + key keep-mask: 3 references with 5% of their tokens kept"
     impl_names = ("sparsectx masked_attention", "sparsectx masked_attention (kept_prefix)",
-                  "sparsectx masked_attention (autograd: gathered)", "sdpa bool key mask (cudnn)", "sdpa bool key mask (default)",
+                  "sparsectx masked_attention (autograd: gathered)", "sdpa bool key mask (cudnn)",
+                  "sdpa bool key mask (default)",
                   "sdpa bool key mask (efficient)", "ideal: sdpa on compacted keys", "flex_attention mask_mod",
                   "sparsectx masked_attention (query_mask)", "sparsectx masked_attention (query_mask, kept_prefix)",
                   "ideal: sdpa on compacted queries and keys")
