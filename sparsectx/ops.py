@@ -521,7 +521,8 @@ def masked_attention(
     contiguous blocks (one pass over them; the kernel reads those faster than gathered rows), and when gradients
     are recorded the kernel gathers them from ``k`` and ``v`` by index (no copy kept for the backward).
     ``query_mask`` (bool ``[B, S]``, e.g. the same mask) skips the queries where it is False: their output is zero
-    and they cost nothing. Queries with no kept key output zero.
+    and they cost nothing (passed as the very ``key_mask`` object, without ``kept_prefix`` or autograd, one
+    compaction packs the queries, keys and values together). Queries with no kept key output zero.
 
     ``kept_prefix``: the first ``kept_prefix`` tokens of every sample are keys whatever ``key_mask`` says there
     (e.g. the text and target tokens of a training drop mask). They are copied once into contiguous key blocks,
@@ -550,6 +551,15 @@ def masked_attention(
     kept_prefix = _python_number(kept_prefix)
     if isinstance(kept_prefix, bool) or not isinstance(kept_prefix, int) or not 0 <= kept_prefix <= seq:
         raise ValueError(f"kept_prefix must be an int in [0, S={seq}], got {kept_prefix!r}")
+
+    if query_mask is key_mask and kept_prefix == 0 and not _records_graph((q, k, v)):
+        # one mask for the queries and the keys, no autograd: one compaction packs q, k and v, whose kept keys are
+        # then each sample's own contiguous keys
+        kept = compact_tokens(key_mask, q, k, v, max_total=batch * seq)
+        packed_q, packed_k, packed_v = kept.tensors
+        out = sparse_attention(packed_q, packed_k, packed_v, kept.cu_seqlens, kept.cu_seqlens, seq, seq,
+                               softmax_scale=softmax_scale, validate=False)
+        return scatter_tokens(out.reshape(-1, heads * dim), kept.index, kept.cu_seqlens, seq).view(q.shape)
 
     # keys: the kept prefix as contiguous own keys; the rest by kept position, copied into contiguous blocks when
     # no gradient is recorded, else gathered from the dense tensors (the backward then saves no copy of them)

@@ -754,6 +754,34 @@ def test_masked_attention_copies_the_kept_keys_when_no_gradient_is_recorded(monk
     torch.testing.assert_close(gathered.detach().double(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("same_object", [True, False])
+def test_masked_attention_packs_queries_and_keys_together_for_one_mask(monkeypatch, same_object):
+    """query_mask passed as the key_mask object itself (no prefix, no autograd): one compaction packs q, k and v,
+    and the attention reads the kept keys as each sample's own keys; an equal but distinct mask takes the general
+    path. Both equal the fp64 reference."""
+    g = torch.Generator().manual_seed(5)
+    batch, seq, heads, dim = 3, 29, 2, 32
+    q, k, v = (torch.randn(batch, seq, heads, dim, generator=g).to(DEVICE) for _ in range(3))
+    key_mask = torch.rand(batch, seq, generator=g).to(DEVICE) < 0.4
+    key_mask[1] = False  # a sample that keeps nothing
+    query_mask = key_mask if same_object else key_mask.clone()
+    compactions, attentions = [], []
+    real_compact, real_attention = sparsectx.ops.compact_tokens, sparsectx.ops.sparse_attention
+    monkeypatch.setattr(sparsectx.ops, "compact_tokens",
+                        lambda *a, **kw: compactions.append(len(a) - 1) or real_compact(*a, **kw))
+    monkeypatch.setattr(sparsectx.ops, "sparse_attention",
+                        lambda *a, **kw: attentions.append(kw) or real_attention(*a, **kw))
+    with torch.no_grad():
+        out = sparsectx.masked_attention(q, k, v, key_mask, query_mask=query_mask)
+    expected = ref.masked_attention_ref(q.double(), k.double(), v.double(), key_mask, query_mask=key_mask)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.all(out[~key_mask] == 0)
+    if same_object:
+        assert compactions == [3] and "ref_k" not in attentions[0], (compactions, attentions)
+    else:
+        assert compactions == [2, 1] and attentions[0]["ref_k"] is not None, compactions
+
+
 def test_masked_attention_kept_prefix_bad_values():
     q = torch.randn(1, 5, 1, 16, device=DEVICE)
     mask = torch.ones(1, 5, dtype=torch.bool, device=DEVICE)
