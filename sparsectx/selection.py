@@ -411,12 +411,16 @@ def uniform_scores(reference_latents: torch.Tensor, context: SelectionContext) -
     Scores of all images lie on the same scale, so even a global top-k spreads its picks over the images in
     proportion to their sizes. Signal: none (deterministic, content-blind baseline).
     """
+    return _uniform_scores(reference_latents, context, _image_grid(context, reference_latents.device))
+
+
+def _uniform_scores(reference_latents: torch.Tensor, context: SelectionContext, grid: Optional[torch.Tensor]):
+    """``uniform_scores`` with the context's ``_image_grid`` (or None) given."""
     batch, n_tokens, _ = reference_latents.shape
     device = reference_latents.device
     layout = _token_layout(context.ref_lengths, device)
     _, start, length = layout
-    grid = _image_grid(context, device)  # scored at the ids' own batch (usually 1), expanded at the end
-    if grid is not None:
+    if grid is not None:  # scored at the ids' own batch (usually 1), expanded at the end
         code = _bayer_code(grid[..., 0], grid[..., 1], LOW_DISCREPANCY_BITS)
     else:
         code = _bit_reverse(torch.arange(n_tokens, device=device) - start, 2 * LOW_DISCREPANCY_BITS)[None]
@@ -504,9 +508,11 @@ def attention_mass(queries: torch.Tensor, keys: torch.Tensor, query_mask: Option
     if max_queries is not None and n_queries > max_queries:
         queries, query_mask = _subsample_queries(queries, query_mask, max_queries)
         n_queries = max_queries
-    weights = (query_mask.float() if query_mask is not None
-               else queries.new_ones((batch, n_queries), dtype=torch.float32))
-    weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1.0)  # [B, Q]: mean over valid queries
+    if query_mask is not None:  # [B, Q]: the mean over each sample's valid queries
+        weights = query_mask.float()
+        weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1.0)
+    else:  # (the same fp32 division as above, by the exact count)
+        weights = queries.new_ones((batch, n_queries), dtype=torch.float32).div_(max(n_queries, 1))
     mass = ops.attention_key_mass(queries.detach(), keys.detach(), weights, softmax_scale=scale)
     return mass.float().mean(dim=1)
 
@@ -547,14 +553,19 @@ def _normalise_per_image(signal: torch.Tensor, ref_lengths: Sequence[int]) -> to
 GRID_SPAN_LIMIT = 64  # _dilate: an image's id grid may span at most this many cells per token (else: not a grid)
 
 
-def _dilate(signal: torch.Tensor, context: SelectionContext, radius: int) -> torch.Tensor:
+_GRID_OF_CONTEXT = object()  # _dilate's default: the context's own _image_grid
+
+
+def _dilate(signal: torch.Tensor, context: SelectionContext, radius: int, grid=_GRID_OF_CONTEXT) -> torch.Tensor:
     """Max of ``signal`` over the (2r+1)² neighbourhood of each token in its image's grid (a 2r+1 window along the
-    token order without a grid). One small host read sizes every image's grid."""
+    token order without a grid). One small host read sizes every image's grid. ``grid``: the context's
+    ``_image_grid`` when the caller has it already."""
     if radius <= 0:
         return signal
     batch, n_tokens = signal.shape
     lengths, device = context.ref_lengths, signal.device
-    grid = _image_grid(context, device)
+    if grid is _GRID_OF_CONTEXT:
+        grid = _image_grid(context, device)
     image, start, _ = _token_layout(lengths, device)
     # every image on its own plane of one canvas sized for the largest
     if grid is None:
@@ -586,11 +597,11 @@ def _dilate_planes(signal: torch.Tensor, cell: torch.Tensor, plane: tuple, n_pla
     return pooled.view(batch, -1).gather(1, cell)
 
 
-def _border_background(reference_latents: torch.Tensor, context: SelectionContext) -> torch.Tensor:
+def _border_background(reference_latents: torch.Tensor, context: SelectionContext,
+                       grid: Optional[torch.Tensor]) -> torch.Tensor:
     """Per-token background estimate ``[B, N, C]``: the mean latent of its image's border tokens (first/last row or
-    column) on a grid, else of the whole image."""
+    column) on a grid (the context's ``_image_grid``), else (None) of the whole image."""
     batch, lengths, device = reference_latents.shape[0], context.ref_lengths, reference_latents.device
-    grid = _image_grid(context, device)
     latents = reference_latents.float()
     image = _token_layout(lengths, device)[0]
     if grid is None:
@@ -652,8 +663,9 @@ def edit_scores(reference_latents: torch.Tensor, context: SelectionContext, *, r
         probe = _normalise_per_image(attention_mass(queries, keys, text_mask, max_queries=max_queries),
                                      context.ref_lengths)
         region = torch.maximum(region, probe.to(region.device))
-    dilated = _dilate(region, context, ring)
-    return region + CONTEXT_WEIGHT * dilated + SPREAD_WEIGHT * uniform_scores(reference_latents, context)
+    grid = _image_grid(context, reference_latents.device)  # read by the dilation and the spread
+    dilated = _dilate(region, context, ring, grid)
+    return region + CONTEXT_WEIGHT * dilated + SPREAD_WEIGHT * _uniform_scores(reference_latents, context, grid)
 
 
 def subject_scores(reference_latents: torch.Tensor, context: SelectionContext, *, saliency: bool = True,
@@ -669,18 +681,19 @@ def subject_scores(reference_latents: torch.Tensor, context: SelectionContext, *
     probe.
     """
     batch, n_tokens, _ = reference_latents.shape
+    grid = _image_grid(context, reference_latents.device)  # read by the background and the spread
     signals = []
     if saliency:
-        distance = (reference_latents.float() - _border_background(reference_latents, context)).norm(dim=-1)
-        signals.append(_normalise_per_image(distance, context.ref_lengths))
+        background = _border_background(reference_latents, context, grid)
+        signals.append((reference_latents.float() - background).norm(dim=-1))
     queries = _probe_tensor(reference_latents, context, "target_queries", "subject", required=not saliency)
     if queries is not None:
         keys = _probe_tensor(reference_latents, context, "ref_keys", "subject")
         _check_qk(queries, keys, None, batch, n_tokens, "target_queries")
-        mass = attention_mass(queries, keys, max_queries=max_queries).to(reference_latents.device)
-        signals.append(_normalise_per_image(mass, context.ref_lengths))
-    combined = torch.stack(signals).mean(dim=0)
-    return combined + SPREAD_WEIGHT * uniform_scores(reference_latents, context)
+        signals.append(attention_mass(queries, keys, max_queries=max_queries).to(reference_latents.device).float())
+    # every signal scaled per image at once (its rows stacked), then averaged
+    scaled = _normalise_per_image(torch.cat(signals), context.ref_lengths).view(len(signals), batch, n_tokens)
+    return scaled.mean(dim=0) + SPREAD_WEIGHT * _uniform_scores(reference_latents, context, grid)
 
 
 def attention_scores(reference_latents: torch.Tensor, context: SelectionContext, *,

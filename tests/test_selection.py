@@ -921,7 +921,8 @@ def test_selection_ops_do_not_grow_per_bit_or_per_image():
 
 def test_images_of_one_length_are_budgeted_in_one_pass():
     """Images of one length are budgeted as one row per (sample, image): counts and keep masks equal those of each
-    image budgeted alone, and the ops do not grow with the number of images."""
+    image budgeted alone, and the ops of the budgets and of the task-aware selectors do not grow with the number
+    of images."""
     gen = torch.Generator().manual_seed(3)
     budgets = {"fixed": fixed_ratio(0.3), "adaptive": adaptive(0.8, floor=1, cap=0.9),
                "linear": adaptive(0.6, mass="linear")}
@@ -936,7 +937,15 @@ def test_images_of_one_length_are_budgeted_in_one_pass():
             assert torch.equal(whole.counts, torch.cat([r.counts for r in alone], dim=1)), (name, n_refs)
             assert torch.equal(whole.keep, torch.cat([r.keep for r in alone], dim=1)), (name, n_refs)
             ops[name, n_refs] = _aten_ops(lambda: budget(x, lengths))
-    for name in budgets:
+        shapes = [(3, 4)] * n_refs  # the task-aware selectors' per-image work too
+        extra = {"user_mask": torch.rand(1, 12 * n_refs, generator=gen) < 0.2,
+                 "target_queries": torch.randn(1, 5, HEADS, HEAD_DIM, generator=gen),
+                 "ref_keys": torch.randn(1, 12 * n_refs, HEADS, HEAD_DIM, generator=gen)}
+        context = SelectionContext(n_refs, [12] * n_refs, reference_ids=_ids(shapes), extra=extra)
+        latents = torch.randn(1, 12 * n_refs, CHANNELS, generator=gen)
+        for name in ("subject", "edit"):
+            ops[name, n_refs] = _aten_ops(lambda: get_selector(name)(latents, context))
+    for name in (*budgets, "subject", "edit"):
         assert ops[name, 3] == ops[name, 4], ops
 
 
