@@ -367,18 +367,25 @@ def test_report_reads_rows_without_the_optional_columns(tmp_path, capsys):
     assert "sparsectx (compacted)" in capsys.readouterr().out
 
 
+def _bench_tool_for_a_dry_run(name: str):
+    """The GPU tool ``bench/<name>.py`` loaded as a module (it is a script, not part of the package); the test is
+    skipped on a GPU machine, where the tool runs its full sizes instead of the CPU dry run."""
+    if torch.cuda.is_available():
+        pytest.skip("the dry run is for machines without a GPU (the tool itself runs the full sizes there)")
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                     reason="the sweep's dry run needs the kernels (interpreter) on the CPU")
 def test_attention_sweep_dry_run_checks_and_times_every_forced_configuration(tmp_path, monkeypatch):
     """``bench/sweep_attention.py --tiny`` (the GPU tool's CPU dry run): every configuration it forces passes its
     accuracy check against the fp32 reference (a forced configuration must carry the kernel's pre-hook, which sets
     the descriptors' tile), both key layouts are measured, and the backward's configurations are timed."""
-    if torch.cuda.is_available():
-        pytest.skip("the dry run is for machines without a GPU (the tool itself runs the full sizes there)")
-    path = Path(__file__).resolve().parents[1] / "bench" / "sweep_attention.py"
-    spec = importlib.util.spec_from_file_location("sweep_attention_under_test", path)
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = _bench_tool_for_a_dry_run("sweep_attention")
     sweep.main(["--tiny", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "sweep.json").read_text())
     ours = [r for r in report["forward"] if r["variant"] == "shipped"]
@@ -393,12 +400,7 @@ def test_attention_sweep_dry_run_checks_and_times_every_forced_configuration(tmp
 def test_profile_dry_run_writes_every_section(tmp_path):
     """``bench/profile_ops.py --tiny`` (the GPU diagnosis tool's CPU dry run): each section runs its op, times it
     and writes its profiler table; a section that raises is reported as FAILED with a non-zero exit status."""
-    if torch.cuda.is_available():
-        pytest.skip("the dry run is for machines without a GPU (the tool itself runs the full sizes there)")
-    path = Path(__file__).resolve().parents[1] / "bench" / "profile_ops.py"
-    spec = importlib.util.spec_from_file_location("profile_ops_under_test", path)
-    profile_ops = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(profile_ops)
+    profile_ops = _bench_tool_for_a_dry_run("profile_ops")
     assert profile_ops.main(["--tiny", "--out", str(tmp_path)]) == 0
     report = (tmp_path / "profile_ops.txt").read_text()
     for name in profile_ops.SECTIONS:
