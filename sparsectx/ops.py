@@ -198,6 +198,13 @@ def _attention_fwd_op(
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward; ``max_seqlen_k``/``max_seqlen_ref`` are not needed here but saved for the backward's grid."""
+    return _attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ref_k, ref_v, ref_index,
+                          cu_seqlens_ref, max_seqlen_ref, softmax_scale)
+
+
+def _attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ref_k, ref_v, ref_index,
+                   cu_seqlens_ref, max_seqlen_ref, softmax_scale):
+    """The forward custom op's implementation (eager calls that record no graph call it directly)."""
     if _use_triton(q):
         from .kernels import attention as _k
 
@@ -469,7 +476,8 @@ def sparse_attention(
             raise ValueError(f"max_seqlen_ref={max_seqlen_ref} is smaller than a sample's kept reference count")
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     # the lengths stay symbolic where they are (torch.export with dynamic shapes: int() would specialise them)
-    out, lse = _attention_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+    forward = _attention_fwd if _plain_eager(q, k, v, ref_k, ref_v) else _attention_fwd_op
+    out, lse = forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                  ref_k, ref_v, ref_index if has_ref else None, cu_seqlens_ref if has_ref else None,
                                  max_seqlen_ref if has_ref else 0, float(softmax_scale))
     return (out, lse) if return_lse else out
@@ -598,6 +606,11 @@ _KEY_MASS_MAX_SCALE = torch.finfo(torch.float32).max / 2.0  # the kernels scale 
 @torch.library.custom_op("sparsectx::attention_key_mass", mutates_args=())
 def _key_mass_op(q: torch.Tensor, k: torch.Tensor, query_weights: torch.Tensor,
                  softmax_scale: float) -> torch.Tensor:
+    return _key_mass(q, k, query_weights, softmax_scale)
+
+
+def _key_mass(q, k, query_weights, softmax_scale):
+    """The key-mass custom op's implementation (eager calls that record no graph call it directly)."""
     if q.dtype != torch.float64 and _use_triton(q):
         from .kernels.attention import attention_key_mass as launch
 
@@ -663,7 +676,8 @@ def attention_key_mass(q: torch.Tensor, k: torch.Tensor, query_weights: Optional
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or query_weights.requires_grad):
         raise ValueError("attention_key_mass has no gradient: pass detached q, k and query_weights (or call it "
                          "under torch.no_grad())")
-    return _key_mass_op(q, k, query_weights, float(softmax_scale))
+    key_mass = _key_mass if _plain_eager(q, k, query_weights) else _key_mass_op
+    return key_mass(q, k, query_weights, float(softmax_scale))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -919,6 +933,19 @@ def _eager_under_compile(fn):
         return disabled[0](*args, **kwargs)
 
     return call
+
+
+def _plain_eager(*tensors) -> bool:
+    """Whether an op may call its custom op's implementation directly: plain tensors (or None) in eager mode, with
+    nothing that must see the op (autograd recording, torch.compile, meta or fake tensors, functionalization,
+    torch.func transforms such as vmap, whose fallback loops over the custom op, or a dispatch mode). The custom
+    op's dispatch costs tens of microseconds of host time per call."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    grad = torch.is_grad_enabled()
+    return all(t is None or (type(t) in _PLAIN_TENSOR_TYPES and not t.is_meta and not (grad and t.requires_grad)
+                             and not torch._is_functional_tensor(t)
+                             and not torch._C._functorch.is_functorch_wrapped_tensor(t)) for t in tensors)
 
 
 def _records_graph(tensors) -> bool:

@@ -489,3 +489,36 @@ def test_data_less_inputs_are_told_from_plain_ones_as_torch_does():
     with mode:
         torch.vmap(record("vmapped fake"))(fake)
     assert seen == {"vmapped plain": False, "vmapped fake": True}
+
+
+def test_eager_calls_that_record_nothing_skip_the_custom_ops(monkeypatch):
+    """sparse_attention and attention_key_mass on plain tensors without autograd call their implementations
+    directly (a custom op's dispatch costs tens of microseconds of host time per call, once per attention layer);
+    with inputs that require grad, under torch.vmap or inside a dispatch mode they go through the custom ops, which
+    those need to see. The results are the same either way."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+    for name in ("_attention_fwd_op", "_key_mass_op"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, real=real, name=name: seen.append(name) or real(*a))
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(6, 2, 16, generator=g)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    attend = lambda x: sparsectx.sparse_attention(x, x * 0.5, x, cu, cu, 4, 4)  # noqa: E731
+    dense = torch.randn(1, 5, 2, 16, generator=g)
+    mass = lambda x: sparsectx.attention_key_mass(x, x * 0.5)  # noqa: E731
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    direct = attend(q), mass(dense)
+    assert seen == []
+    assert torch.equal(attend(q.clone().requires_grad_(True)).detach(), direct[0]) and seen == ["_attention_fwd_op"]
+    seen.clear()
+    assert torch.equal(torch.vmap(attend)(q[None])[0], direct[0]) and seen == ["_attention_fwd_op"]
+    seen.clear()
+    with Passthrough():
+        assert torch.equal(attend(q), direct[0]) and torch.equal(mass(dense), direct[1])
+    assert seen == ["_attention_fwd_op", "_key_mass_op"]
