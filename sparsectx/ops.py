@@ -62,21 +62,21 @@ def _kernels_built_as(interpreted: bool) -> bool:
     the like, which the kernels call), were built in that mode. ``triton.jit`` fixes it at import: setting
     ``TRITON_INTERPRET`` afterwards does not turn compiled kernels into interpreted ones, or back; and Triton is
     often imported early (by torch.compile and libraries built on it; ``import sparsectx`` does not import it)."""
-    known = _BUILT_AS.get(interpreted)
+    imported = tuple(name in sys.modules for name in _KERNEL_MODULES)
+    known = _BUILT_AS.get((interpreted, imported))
     if known is not None:
         return known
     library = _triton_library_interpreted()
-    if library not in (None, interpreted):
-        built_as = False
-    else:
-        built_as = all(sys.modules[name].INTERPRETED == interpreted for name in _KERNEL_MODULES
-                       if name in sys.modules)
-    if library is not None and all(name in sys.modules for name in _KERNEL_MODULES):
-        _BUILT_AS[interpreted] = built_as  # every mode is fixed now: the answer is too (read on every op call)
+    built_as = library in (None, interpreted) and all(
+        sys.modules[name].INTERPRETED == interpreted for name, present in zip(_KERNEL_MODULES, imported) if present)
+    if library is not None:  # the modes of the library and of these modules are fixed now, and so is the answer
+        _BUILT_AS[interpreted, imported] = built_as
     return built_as
 
 
-_BUILT_AS: dict = {}  # interpreted -> _kernels_built_as's answer, once Triton's library and every kernel module exist
+# (interpreted, which kernel modules are imported) -> _kernels_built_as's answer, once Triton's library is imported
+# (every op call asks)
+_BUILT_AS: dict = {}
 
 
 _LIBRARY_MODE: list = []  # [interpreted], once Triton's library is imported (its mode can not change after)
