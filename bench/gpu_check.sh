@@ -34,8 +34,10 @@ PY=${PYTHON:-python3}
 PART=${GPU_CHECK_PART:-1}
 case $PART in 1|2|all) ;; *) echo "GPU_CHECK_PART must be 1, 2 or all, got '$PART'" >&2; exit 2 ;; esac
 part() { [[ $PART == all || $PART == "$1" ]]; }
-SKIP_STEPS=${GPU_CHECK_SKIP:-}         # step names to skip, comma-separated (e.g. "bench training,bench kv")
-E2E_ARGS=${GPU_CHECK_E2E_ARGS:-}       # e.g. --quick: the e2e step's subset (it still gives the selection shares)
+# step names to skip, comma-separated (e.g. "bench training, bench kv"; spaces around the commas are ignored)
+SKIP_STEPS=$(sed -e 's/ *, */,/g' -e 's/^ *//' -e 's/ *$//' <<<"${GPU_CHECK_SKIP:-}")
+# extra arguments of the e2e step, split on spaces (e.g. --quick: its subset, which still gives the selection shares)
+read -r -a E2E_ARGS <<<"${GPU_CHECK_E2E_ARGS:-}"
 BUDGET_S=${GPU_CHECK_BUDGET_S:-480}    # whole script, wall time: 8 minutes leave a device session time to rerun
 SUMMARY_RESERVE_S=20                   # kept back for the summary (15 s) and timeout's kill grace
 KILL_GRACE_S=5
@@ -174,7 +176,7 @@ if part 1; then
         --case batch --case masked --json "$SCRATCH/bench_key.json"
     step "bench training" "$TRAINING_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case training \
         --json "$SCRATCH/bench_training.json"
-    step "bench e2e" "$E2E_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case e2e $E2E_ARGS --json "$SCRATCH/bench_e2e.json"
+    step "bench e2e" "$E2E_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case e2e "${E2E_ARGS[@]}" --json "$SCRATCH/bench_e2e.json"
     # selection cost as a share of the denoising step measured by the e2e step just before
     step "bench selection" "$SELECTION_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case selection \
         --steps-from "$SCRATCH/bench_e2e.json" --json "$SCRATCH/bench_selection.json"

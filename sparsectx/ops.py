@@ -560,7 +560,7 @@ def masked_attention(
     if isinstance(kept_prefix, bool) or not isinstance(kept_prefix, int) or not 0 <= kept_prefix <= seq:
         raise ValueError(f"kept_prefix must be an int in [0, S={seq}], got {kept_prefix!r}")
 
-    if query_mask is key_mask and kept_prefix == 0 and not _records_graph((q, k, v)):
+    if query_mask is key_mask and kept_prefix == 0 and _plain_eager(q, k, v):
         # one mask for the queries and the keys, no autograd: one compaction packs q, k and v, whose kept keys are
         # then each sample's own contiguous keys
         kept = compact_tokens(key_mask, q, k, v, max_total=batch * seq)
@@ -578,7 +578,7 @@ def masked_attention(
     if kept_prefix < seq:
         rest_mask, rest_k, rest_v = key_mask[:, kept_prefix:], k[:, kept_prefix:], v[:, kept_prefix:]
         rest_rows = batch * (seq - kept_prefix)
-        if _records_graph((rest_k, rest_v)):
+        if not _plain_eager(rest_k, rest_v):  # (e.g. autograd, or vmap: the compaction refuses batched tensors)
             rest = compact_tokens(rest_mask, max_total=rest_rows)
             refs = dict(ref_k=rest_k, ref_v=rest_v, ref_index=rest.index, cu_seqlens_ref=rest.cu_seqlens)
         else:
@@ -938,9 +938,10 @@ def _eager_under_compile(fn):
 def _plain_eager(*tensors) -> bool:
     """Whether an op may call its custom op's implementation directly: plain tensors (or None) in eager mode, with
     nothing that must see the op (autograd recording, torch.compile, meta or fake tensors, functionalization,
-    torch.func transforms such as vmap, whose fallback loops over the custom op, or a dispatch mode). The custom
-    op's dispatch costs tens of microseconds of host time per call."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+    torch.func transforms such as vmap, whose fallback loops over the custom op, ``torch.jit.trace``, a dispatch or
+    a torch-function mode). The custom op's dispatch costs tens of microseconds of host time per call."""
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled()):
         return False
     grad = torch.is_grad_enabled()
     return all(t is None or (type(t) in _PLAIN_TENSOR_TYPES and not t.is_meta and not (grad and t.requires_grad)

@@ -522,3 +522,29 @@ def test_eager_calls_that_record_nothing_skip_the_custom_ops(monkeypatch):
     with Passthrough():
         assert torch.equal(attend(q), direct[0]) and torch.equal(mass(dense), direct[1])
     assert seen == ["_attention_fwd_op", "_key_mass_op"]
+    seen.clear()
+
+    class FunctionLog(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with FunctionLog():
+        assert torch.equal(attend(q), direct[0])
+    assert seen == ["_attention_fwd_op"]
+    seen.clear()
+    traced = torch.jit.trace(attend, (q,), check_trace=False)
+    assert seen == ["_attention_fwd_op"] and "sparsectx::sparse_attention_fwd" in str(traced.graph)
+    assert torch.equal(traced(q * 2), attend(q * 2))
+
+
+def test_masked_attention_under_vmap_without_autograd_equals_a_loop():
+    """vmap over masked_attention with no gradient recorded: the kept keys are gathered by index (the compaction,
+    which the no-autograd path uses to copy them, refuses batched tensors), and the custom op's fallback loops."""
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, 2, 9, 2, 16, generator=g) for _ in range(3))
+    mask = torch.rand(2, 9, generator=g) < 0.5
+    for prefix in (0, 3):
+        f = lambda a, b, c: sparsectx.masked_attention(a, b, c, mask, kept_prefix=prefix)  # noqa: E731
+        with torch.no_grad():
+            batched = torch.vmap(f)(q, k, v)
+        torch.testing.assert_close(batched, torch.stack([f(*t) for t in zip(q, k, v)]), rtol=0, atol=0)
