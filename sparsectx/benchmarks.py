@@ -618,7 +618,8 @@ class MaskedCase:
     name = "masked"
     title = "dense layout [B, S, H, D] + key keep-mask: 3 references with 5% of their tokens kept"
     impl_names = ("sparsectx masked_attention", "sparsectx masked_attention (kept_prefix)",
-                  "sparsectx masked_attention (autograd: gathered)", "sdpa bool key mask (cudnn)",
+                  "sparsectx masked_attention (autograd: gathered)",
+                  "sparsectx masked_attention (autograd, kept_prefix)", "sdpa bool key mask (cudnn)",
                   "sdpa bool key mask (default)",
                   "sdpa bool key mask (efficient)", "ideal: sdpa on compacted keys", "flex_attention mask_mod",
                   "sparsectx masked_attention (query_mask)", "sparsectx masked_attention (query_mask, kept_prefix)",
@@ -671,6 +672,11 @@ class MaskedCase:
                      lambda: ops.masked_attention(q_grad, k_grad, v_grad, key_mask), output=lambda o: o.detach(),
                      note="inputs that require grad: kept keys gathered by index (the forward of a training step, "
                           "its graph recorded)"),
+                Impl("sparsectx masked_attention (autograd, kept_prefix)",
+                     lambda: ops.masked_attention(q_grad, k_grad, v_grad, key_mask, kept_prefix=own),
+                     output=lambda o: o.detach(),
+                     note=f"as drop training calls it (queries kept): text + target ({own}) as contiguous keys, kept "
+                          "references gathered"),
                 *_sdpa_impls(["cudnn"], q4, k4, v4, device, to_dense, attn_mask=attn_mask,
                              label="sdpa bool key mask ({})"),
                 Impl("sdpa bool key mask (default)", lambda: _sdpa(q4, k4, v4, attn_mask=attn_mask),
