@@ -478,8 +478,8 @@ def sparse_attention(
     # the lengths stay symbolic where they are (torch.export with dynamic shapes: int() would specialise them)
     forward = _attention_fwd if _plain_eager(q, k, v, ref_k, ref_v) else _attention_fwd_op
     out, lse = forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                 ref_k, ref_v, ref_index if has_ref else None, cu_seqlens_ref if has_ref else None,
-                                 max_seqlen_ref if has_ref else 0, float(softmax_scale))
+                       ref_k, ref_v, ref_index if has_ref else None, cu_seqlens_ref if has_ref else None,
+                       max_seqlen_ref if has_ref else 0, float(softmax_scale))
     return (out, lse) if return_lse else out
 
 
