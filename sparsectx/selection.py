@@ -837,6 +837,8 @@ def _per_image(name: str, value: PerImage, batch: int, ref_lengths: Sequence[int
             raise TypeError(f"{name} must be a float ratio, got the int {value!r}")
         _check_scalar_setting(name, value)
         row = [min(math.floor(value * n + 0.5) if isinstance(value, float) else value, n) for n in ref_lengths]
+        if batch == 0:  # (a list of no rows would lose the image dimension)
+            return torch.zeros((0, len(ref_lengths)), dtype=torch.long, device=device)
         return _device_values([row] * batch, torch.long, device)
     elif isinstance(value, torch.Tensor):
         if value.dtype == torch.bool or value.is_complex():

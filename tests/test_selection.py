@@ -651,6 +651,15 @@ def test_adaptive_budget_without_reference_tokens():
     assert result.counts.tolist() == [[0], [0]] and result.keep.shape == (2, 0)
 
 
+@pytest.mark.parametrize("lengths", [[16], [16, 16], [8, 24]])
+def test_budgets_of_an_empty_batch_keep_their_shapes(lengths):
+    """A batch of no samples: counts [0, n_refs] and an empty keep mask, for every budget kind (the scalar settings'
+    rows lost the image dimension: a RuntimeError, or counts of shape [0, 0])."""
+    for budget in (adaptive(0.8), adaptive(0.8, floor=1, cap=0.5), fixed_ratio(0.5), fixed_count(3)):
+        result = budget(torch.randn(0, sum(lengths)), lengths)
+        assert result.counts.shape == (0, len(lengths)) and result.keep.shape == (0, sum(lengths)), budget
+
+
 def test_budget_settings_checked_when_built():
     with pytest.raises(TypeError, match="ratio"):
         fixed_ratio("0.5")
