@@ -14,8 +14,8 @@
 #   GPU_CHECK_PART=all  both, in that order (a machine without a per-command limit)
 # Usage, from anywhere:  GPU_CHECK_PART=1 bash bench/gpu_check.sh      (writes under "$OUT", default ./bench_out)
 # Files written: env.log, tests.log, bench.log, bench.json (the part's cases merged), summary.txt, results.md (the
-# run as markdown for bench/RESULTS.md), profile_ops.txt (part 1). The commit measured is read from the tree's git; set SPARSECTX_COMMIT=<hash>
-# when the tree has no .git (a GPU machine's copy).
+# run as markdown for bench/RESULTS.md), profile_ops.txt (part 1). The commit measured is read from the tree's git;
+# set SPARSECTX_COMMIT=<hash> when the tree has no .git (a GPU machine's copy).
 # Dry run on a CPU machine: GPU tests are skipped there and the benchmarks use the tiny shapes, on the torch
 # reference path unless TRITON_INTERPRET=1 is exported first (then the kernels run through the interpreter: give it
 # GPU_CHECK_BUDGET_S=1500). CUDA-only rows (CUDA graph replay, sync counts, peak memory) run on a GPU only.

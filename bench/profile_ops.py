@@ -28,15 +28,12 @@ SECTIONS = ("compaction", "selection", "probe")
 ROWS = 18  # rows of each profiler table
 
 
-def _per_call_ms(fn: Callable[[], object], calls: int) -> float:
-    """Wall time per call, back to back (host work included), after a warm-up call."""
+def _per_call_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall time per call, back to back (host work included): the benchmarks' ``loop_ms`` (after a warm-up call)."""
+    from sparsectx.benchmarks import loop_ms
+
     fn()
-    _sync()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    _sync()
-    return (time.perf_counter() - start) * 1e3 / calls
+    return loop_ms(fn, device, quick=True)
 
 
 def _sync() -> None:
@@ -77,7 +74,7 @@ def compaction_section(tiny: bool, device: torch.device) -> str:
     ids = torch.randint(0, 64, (1, n_tokens, 4), generator=gen, device=device)
     call = lambda: ops.compact_tokens(scores, hidden, ids, budget=count)  # noqa: E731
     lines = [f"compact_tokens: B=1, N={n_tokens}, C={width}, keep {count}: "
-             f"{_per_call_ms(call, 50 if not tiny else 3):.4f} ms per call back to back",
+             f"{_per_call_ms(call, device):.4f} ms per call back to back",
              _profile(call, 20 if not tiny else 2, ("self_cuda_time_total", "self_cpu_time_total"))]
     if not torch.cuda.is_available():
         return "\n".join(lines)
@@ -85,13 +82,13 @@ def compaction_section(tiny: bool, device: torch.device) -> str:
     expected = call().index.clone()
     shipped = kernels._select_config
     block, shipped_warps = shipped(n_tokens)
+    index_only = lambda: kernels.compact_index(scores, [count])  # noqa: E731 - reads _select_config at each call
     try:
         for warps in (4, 8, 16, 32):
             kernels._select_config = lambda n, w=warps: (block, w)
             got = call().index
             same = "same index" if torch.equal(got, expected) else "INDEX DIFFERS"
             events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-            index_only = lambda: kernels.compact_index(scores, [count])  # noqa: E731
             for _ in range(5):
                 index_only()
             graph = torch.cuda.CUDAGraph()
@@ -123,7 +120,7 @@ def selection_section(tiny: bool, device: torch.device) -> str:
     for impl in workload.impls:
         if impl.name not in ("select, fixed 10%", "select, adaptive"):
             continue
-        lines.append(f"{workload.shape}, {impl.name}: {_per_call_ms(impl.fn, 20 if not tiny else 2):.4f} ms per "
+        lines.append(f"{workload.shape}, {impl.name}: {_per_call_ms(impl.fn, device):.4f} ms per "
                      "call back to back")
         lines.append(_profile(impl.fn, 5 if not tiny else 1, ("self_cuda_time_total", "cpu_time_total")))
     return "\n".join(lines)
@@ -135,7 +132,7 @@ def probe_section(tiny: bool, device: torch.device) -> str:
     case = EndToEndCase()
     workload = case.build((3, 0.05, case.BREAKDOWN), "tiny" if tiny else "full", device)
     probe = next(impl for impl in workload.impls if impl.name.startswith("(e) attention probe"))
-    return "\n".join([f"{workload.shape}: {probe.name}: {_per_call_ms(probe.fn, 10 if not tiny else 1):.4f} ms per "
+    return "\n".join([f"{workload.shape}: {probe.name}: {_per_call_ms(probe.fn, device):.4f} ms per "
                       "call back to back",
                       _profile(probe.fn, 5 if not tiny else 1, ("self_cuda_time_total", "cpu_time_total",
                                                                "count"))])

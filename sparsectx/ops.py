@@ -904,6 +904,12 @@ def _traced(*tensors) -> bool:
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
+def _unwrapped(t: torch.Tensor) -> bool:
+    """A tensor of a plain type that neither functionalization nor a torch.func transform (vmap, grad) wraps."""
+    return (type(t) in _PLAIN_TENSOR_TYPES and not torch._is_functional_tensor(t)
+            and not torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
 def _holds_no_data(t: torch.Tensor) -> bool:
     """A meta tensor or a FakeTensor (also wrapped by functionalization or functorch). Plain tensors are answered
     without ``is_fake`` (2.5 us of host time per tensor, several tensors per op call)."""
@@ -911,8 +917,7 @@ def _holds_no_data(t: torch.Tensor) -> bool:
         return False
     if t.is_meta:
         return True
-    if (type(t) in _PLAIN_TENSOR_TYPES and not torch._is_functional_tensor(t)
-            and not torch._C._functorch.is_functorch_wrapped_tensor(t)):
+    if _unwrapped(t):
         return False
     return _fake_tensor.is_fake(t)
 
@@ -944,9 +949,7 @@ def _plain_eager(*tensors) -> bool:
             or torch._C._is_torch_function_mode_enabled()):
         return False
     grad = torch.is_grad_enabled()
-    return all(t is None or (type(t) in _PLAIN_TENSOR_TYPES and not t.is_meta and not (grad and t.requires_grad)
-                             and not torch._is_functional_tensor(t)
-                             and not torch._C._functorch.is_functorch_wrapped_tensor(t)) for t in tensors)
+    return all(t is None or (_unwrapped(t) and not t.is_meta and not (grad and t.requires_grad)) for t in tensors)
 
 
 def _records_graph(tensors) -> bool:

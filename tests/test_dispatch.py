@@ -494,8 +494,9 @@ def test_data_less_inputs_are_told_from_plain_ones_as_torch_does():
 def test_eager_calls_that_record_nothing_skip_the_custom_ops(monkeypatch):
     """sparse_attention and attention_key_mass on plain tensors without autograd call their implementations
     directly (a custom op's dispatch costs tens of microseconds of host time per call, once per attention layer);
-    with inputs that require grad, under torch.vmap or inside a dispatch mode they go through the custom ops, which
-    those need to see. The results are the same either way."""
+    with inputs that require grad, under torch.vmap, inside a dispatch or torch-function mode and under
+    torch.jit.trace they go through the custom ops, which those need to see. The results are the same either
+    way."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     seen = []
