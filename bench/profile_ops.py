@@ -4,7 +4,8 @@ tool beside ``sparsectx bench``; it times nothing the issues judge).
 Sections (``--section``, default all, in this order):
 - ``compaction``: ``compact_tokens(scores, hidden, ids, budget)`` at issue 3's shape (B=1, 3 x 4096 tokens, C=3072,
   keep 10%): the CUDA time of each kernel, then the selection kernel's time at each warp count it could launch with
-  (``kernels.compaction._select_config`` forced; the index it writes is checked against the shipped count's).
+  and at each number of radix passes over the whole row before its candidate filter (``_select_config`` forced;
+  the index it writes is checked against the shipped configuration's).
 - ``selection``: ``select`` with the ``subject`` selector and an adaptive budget at 3 references (issue 6's worst
   row): kernel count, CUDA time and host time per call.
 - ``probe``: the drop-in's automatic attention probe on the FLUX.2-klein-9B architecture (random weights, 3
@@ -78,14 +79,17 @@ def compaction_section(tiny: bool, device: torch.device) -> str:
              _profile(call, 20 if not tiny else 2, ("self_cuda_time_total", "self_cpu_time_total"))]
     if not torch.cuda.is_available():
         return "\n".join(lines)
-    # the selection kernel alone at each warp count (its block is fixed by the row length)
+    # the selection kernel alone at each warp count and each number of full passes before the candidate filter
+    # (RADIX_PASSES: no filter); its block is fixed by the row length
     expected = call().index.clone()
     shipped = kernels._select_config
-    block, shipped_warps = shipped(n_tokens)
+    block, shipped_warps, shipped_passes = shipped(n_tokens)
     index_only = lambda: kernels.compact_index(scores, [count])  # noqa: E731 - reads _select_config at each call
+    variants = [(warps, shipped_passes) for warps in (4, 8, 16, 32)]
+    variants += [(shipped_warps, passes) for passes in (4, 5, 7, 8, kernels.RADIX_PASSES.value)]
     try:
-        for warps in (4, 8, 16, 32):
-            kernels._select_config = lambda n, w=warps: (block, w)
+        for warps, passes in variants:
+            kernels._select_config = lambda n, w=warps, p=passes: (block, w, p)
             got = call().index
             same = "same index" if torch.equal(got, expected) else "INDEX DIFFERS"
             events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
@@ -103,9 +107,9 @@ def compaction_section(tiny: bool, device: torch.device) -> str:
             events[1].record()
             torch.cuda.synchronize()
             us = events[0].elapsed_time(events[1]) * 1e3 / 200
-            mark = " (shipped)" if warps == shipped_warps else ""
-            lines.append(f"selection kernel, BLOCK_N={block}, {warps} warps{mark}: {us:.2f} us per launch "
-                         f"(CUDA graph of 20 launches), {same}")
+            mark = " (shipped)" if (warps, passes) == (shipped_warps, shipped_passes) else ""
+            lines.append(f"selection kernel, BLOCK_N={block}, {warps} warps, {passes} full passes{mark}: "
+                         f"{us:.2f} us per launch (CUDA graph of 20 launches), {same}")
     finally:
         kernels._select_config = shipped
     return "\n".join(lines)

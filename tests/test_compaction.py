@@ -231,6 +231,51 @@ def test_ties_across_blocks(device, monkeypatch, distinct):
         assert torch.equal(cu_seqlens, want_cu) and torch.equal(index, want_index), budget
 
 
+def _check_topk_index(scores, budget):
+    index, cu_seqlens = kc.compact_index(scores, budget)
+    want_index, want_cu, _ = reference.compact_ref(reference.topk_keep_mask(scores, budget))
+    assert torch.equal(cu_seqlens, want_cu) and torch.equal(index, want_index), budget
+
+
+@pytest.mark.parametrize("block", [None, 32], ids=["one_block_rows", "several_block_rows"])
+def test_candidate_filter_forced_on_short_rows(device, monkeypatch, block):
+    """The selection kernel's candidate filter (the last radix passes count only the keys that share the
+    threshold's leading digits, compacted into a poisoned scratch row a few keys at a time), forced on short rows:
+    special values, keys differing in their lowest bits only, runs of ties (with one distinct value every key is a
+    candidate) and spread scores give torch's top-k."""
+    monkeypatch.setattr(kc, "FILTER_MIN_TOKENS", 1)
+    if block is not None:
+        monkeypatch.setattr(kc, "MAX_SELECT_BLOCK", block)
+    monkeypatch.setattr(torch, "empty", _poisoned_empty(torch.empty))
+    inf, nan = float("inf"), float("nan")
+    row = [0.0, -0.0, inf, -inf, 1e-40, -1e-40, nan, 2.0, -nan, -0.0, 0.0, -inf] * 4
+    special = torch.tensor([row, row[::-1]], device=device)
+    gen = torch.Generator().manual_seed(19)
+    one_bits = torch.tensor(1.0).view(torch.int32)
+    bits = one_bits + torch.randint(0, 6, (2, 80), generator=gen, dtype=torch.int32)
+    low_bits = (bits.view(torch.float32) * (torch.rand(2, 80, generator=gen) > 0.5).float().mul(2).sub(1)).to(device)
+    for scores in (special, low_bits, _scores(gen, 2, 150, torch.float32, device, distinct=1),
+                   _scores(gen, 2, 150, torch.float32, device, distinct=3),
+                   _scores(gen, 2, 300, torch.float16, device)):
+        n_tokens = scores.shape[1]
+        assert kc._select_config(n_tokens)[2] < kc.RADIX_PASSES.value  # the filter runs
+        for k in sorted({0, 1, 7, n_tokens // 3, n_tokens - 1, n_tokens}):
+            _check_topk_index(scores, [k, n_tokens - k])
+
+
+def test_candidate_filter_at_benchmark_length(device):
+    """Issue 3's row (3 x 4096 tokens, held in one block) and a row of several blocks, with their shipped
+    configuration (the filter on): spread scores (a few percent of the keys left after the first passes) and one
+    value repeated (every key left, counted in several scratch blocks)."""
+    gen = torch.Generator().manual_seed(20)
+    for n_tokens in (3 * 4096, 2 * kc.MAX_SELECT_BLOCK + 5):
+        assert kc._select_config(n_tokens)[2] < kc.RADIX_PASSES.value
+        spread = torch.rand(1, n_tokens, generator=gen).to(device)
+        for k in (1, n_tokens // 10, n_tokens):
+            _check_topk_index(spread, [k])
+        _check_topk_index(torch.zeros(1, n_tokens, device=device), [n_tokens // 10])
+
+
 @pytest.mark.parametrize("one_block", [False, True], ids=["write_kernel", "selection_kernel"])
 @pytest.mark.parametrize("distinct", [None, 1, 3])
 def test_ties_across_write_blocks(device, monkeypatch, distinct, one_block):
