@@ -18,7 +18,7 @@ Five kernels, each one concept (the plain-torch specification is in ``sparsectx/
   row; it also writes ``cu_seqlens`` and zero-fills index rows past the kept total.
 - ``_gather_rows_kernel`` (grid: packed-row blocks x feature blocks): copies the kept rows of up to
   ``PAYLOADS_PER_LAUNCH`` payloads ``[B, N, C]`` into their packed ``[rows, C]`` outputs; rows past the kept total
-  are zero-filled.
+  are zero-filled (or, when the caller never reads them, not written).
 - ``_scatter_rows_kernel`` (same grid): the inverse, writes packed rows (or zeros) to ``out[b, index]``.
 
 The row kernels only load and store payload values (never compute on them), so every dtype is copied bit-exactly,
@@ -349,13 +349,13 @@ def _sample_of_rows(cu_seqlens_ptr, rows, n_samples, B_PAD: tl.constexpr):
 
 
 @triton.jit
-def _copy_kept_rows(src_ptr, dst_ptr, width, stride_b, stride_n, sample, pos, rows, kept, in_output, cols):
-    """dst[rows, cols] = src[sample, pos, cols] for kept rows, 0 for the other rows of the output."""
+def _copy_kept_rows(src_ptr, dst_ptr, width, stride_b, stride_n, sample, pos, rows, kept, written, cols):
+    """dst[rows, cols] = src[sample, pos, cols] for the kept rows, 0 for the other ``written`` rows."""
     col_ok = cols < width
     src_row = sample.to(tl.int64) * stride_b + pos.to(tl.int64) * stride_n
     values = tl.load(src_ptr + src_row[:, None] + cols[None, :], mask=kept[:, None] & col_ok[None, :], other=0)
     dst_row = rows.to(tl.int64) * width
-    tl.store(dst_ptr + dst_row[:, None] + cols[None, :], values, mask=in_output[:, None] & col_ok[None, :])
+    tl.store(dst_ptr + dst_row[:, None] + cols[None, :], values, mask=written[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -365,20 +365,23 @@ def _gather_rows_kernel(
     src1, dst1, width1, stride_b1, stride_n1,
     src2, dst2, width2, stride_b2, stride_n2,
     NUM_PAYLOADS: tl.constexpr, B_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ZERO_PADDING: tl.constexpr,
 ):
-    """Packed rows [pid_r * BLOCK_R, +BLOCK_R) x columns [pid_c * BLOCK_C, +BLOCK_C) of every payload."""
+    """Packed rows [pid_r * BLOCK_R, +BLOCK_R) x columns [pid_c * BLOCK_C, +BLOCK_C) of every payload; rows past
+    the kept total are zeros (ZERO_PADDING) or left as they are."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     in_output = rows < n_rows
     sample, kept = _sample_of_rows(cu_seqlens_ptr, rows, n_samples, B_PAD)
+    written = in_output if ZERO_PADDING else kept & in_output
     kept = kept & in_output
     pos = tl.load(index_ptr + rows, mask=kept, other=0)
     kept = kept & (pos >= 0) & (pos < n_tokens)  # a malformed index (scatter's backward) reads nothing: zeros
-    _copy_kept_rows(src0, dst0, width0, stride_b0, stride_n0, sample, pos, rows, kept, in_output, cols)
+    _copy_kept_rows(src0, dst0, width0, stride_b0, stride_n0, sample, pos, rows, kept, written, cols)
     if NUM_PAYLOADS > 1:
-        _copy_kept_rows(src1, dst1, width1, stride_b1, stride_n1, sample, pos, rows, kept, in_output, cols)
+        _copy_kept_rows(src1, dst1, width1, stride_b1, stride_n1, sample, pos, rows, kept, written, cols)
     if NUM_PAYLOADS > 2:
-        _copy_kept_rows(src2, dst2, width2, stride_b2, stride_n2, sample, pos, rows, kept, in_output, cols)
+        _copy_kept_rows(src2, dst2, width2, stride_b2, stride_n2, sample, pos, rows, kept, written, cols)
 
 
 @triton.jit
@@ -523,10 +526,13 @@ def compact_index(
 @on_device_of("index")
 def gather_rows(
     payloads: Sequence[torch.Tensor], index: torch.Tensor, cu_seqlens: torch.Tensor, n_rows: int,
+    zero_padding: bool = True,
 ) -> list[torch.Tensor]:
     """Packed copies ``[n_rows, ...]`` of the kept rows of each payload ``[B, N, ...]`` (any dtype, any strides on the
     first two dims): row r holds ``payload[b, index[r]]`` for the sample b whose range of ``cu_seqlens`` contains r,
-    and zeros for ``r >= cu_seqlens[-1]`` and for indices outside ``[0, N)``. Never reads the device from the host."""
+    and zeros for indices outside ``[0, N)`` and for ``r >= cu_seqlens[-1]`` (with ``zero_padding=False`` those
+    rows are left uninitialised: no write for a consumer that never reads them). Never reads the device from the
+    host."""
     outputs = [torch.empty((n_rows, *p.shape[2:]), dtype=p.dtype, device=p.device) for p in payloads]
     batch = cu_seqlens.numel() - 1
     if n_rows == 0 or not payloads:
@@ -547,7 +553,7 @@ def gather_rows(
         _gather_rows_kernel[grid](
             index, cu_seqlens, batch, n_rows, payloads[0].shape[1], *args,
             NUM_PAYLOADS=len(group), B_PAD=next_power_of_2(max(batch, 1)),
-            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
+            BLOCK_R=block_r, BLOCK_C=block_c, ZERO_PADDING=zero_padding, num_warps=num_warps,
         )
     return outputs
 

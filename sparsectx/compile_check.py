@@ -233,7 +233,7 @@ def _compaction_variants():
     """Selection (scores in each dtype the ops accept, for one sample and for two; rows of 100 tokens, one
     reference of 4096, three, and more than one selection block; one count for every sample or one per sample; a
     keep mask, also as an unaligned view: ``masked_attention``'s ``key_mask[:, kept_prefix:]``) and the row copies
-    (1 to 3 payloads of mixed dtypes and widths, scatter of rows or zeros)."""
+    (1 to 3 payloads of mixed dtypes and widths, with and without zero padding; scatter of rows or zeros)."""
     import torch
 
     from .kernels.compaction import MAX_SELECT_BLOCK, compact_index, gather_rows, scatter_rows
@@ -265,6 +265,7 @@ def _compaction_variants():
         keep = torch.zeros(batch, 4096, dtype=torch.bool)
         for payloads in ([hidden], [hidden, ids], [hidden, ids, keep], [keep]):
             gather_rows(payloads, index, cu, rows)
+        gather_rows([hidden] * 3, index, cu, rows, zero_padding=False)  # masked_attention's q, k, v
 
     def scatter(batch, dtype, width):
         rows = 512 * batch

@@ -563,7 +563,7 @@ def masked_attention(
     if query_mask is key_mask and kept_prefix == 0 and _plain_eager(q, k, v):
         # one mask for the queries and the keys, no autograd: one compaction packs q, k and v, whose kept keys are
         # then each sample's own contiguous keys
-        kept = compact_tokens(key_mask, q, k, v, max_total=batch * seq)
+        kept = _pack_for_attention(key_mask, q, k, v)
         packed_q, packed_k, packed_v = kept.tensors
         out = sparse_attention(packed_q, packed_k, packed_v, kept.cu_seqlens, kept.cu_seqlens, seq, seq,
                                softmax_scale=softmax_scale, validate=False)
@@ -582,7 +582,7 @@ def masked_attention(
             rest = compact_tokens(rest_mask, max_total=rest_rows)
             refs = dict(ref_k=rest_k, ref_v=rest_v, ref_index=rest.index, cu_seqlens_ref=rest.cu_seqlens)
         else:
-            rest = compact_tokens(rest_mask, rest_k, rest_v, max_total=rest_rows)
+            rest = _pack_for_attention(rest_mask, rest_k, rest_v)
             refs = dict(ref_k=rest.tensors[0], ref_v=rest.tensors[1], cu_seqlens_ref=rest.cu_seqlens,
                         max_seqlen_ref=seq - kept_prefix)
 
@@ -591,12 +591,22 @@ def masked_attention(
         out = sparse_attention(q.reshape(batch * seq, heads, dim), own_k, own_v, cu_q, cu_k, seq, kept_prefix,
                                softmax_scale=softmax_scale, validate=False, **refs)
         return out.view(batch, seq, heads, dim)
-    queries = compact_tokens(query_mask, q.reshape(batch, seq, heads * dim), max_total=batch * seq)
+    dense_q = q.reshape(batch, seq, heads * dim)
+    queries = (_pack_for_attention(query_mask, dense_q) if _plain_eager(q) else
+               compact_tokens(query_mask, dense_q, max_total=batch * seq))
     packed_q = queries.tensors[0].view(-1, heads, dim)
     out = sparse_attention(packed_q, own_k, own_v, queries.cu_seqlens, cu_k, seq, kept_prefix,
                            softmax_scale=softmax_scale, validate=False, **refs)
     dense = scatter_tokens(out.reshape(-1, heads * dim), queries.index, queries.cu_seqlens, seq)
     return dense.view(batch, seq, heads, dim)
+
+
+def _pack_for_attention(mask: torch.Tensor, *tensors: torch.Tensor) -> Compacted:
+    """``compact_tokens(mask, *tensors, max_total=B * S)`` for ``masked_attention``'s plain eager calls (checked
+    inputs, no autograd): the packed rows past the kept total are left unwritten (``sparse_attention`` reads no row
+    past a sample's end; zeroing them would be one more write of every dropped row of every tensor)."""
+    index, cu_seqlens = _compact_index(mask, None, mask.numel())
+    return Compacted(index, cu_seqlens, None, tuple(_gather_rows(list(tensors), index, cu_seqlens, False)))
 
 
 _KEY_MASS_DTYPES = _ATTN_DTYPES + (torch.float64,)  # float64: the reference path (an exact check)
@@ -796,12 +806,13 @@ def _compact_index(selection: torch.Tensor, counts: Optional[list], n_rows: Opti
     return index, cu_seqlens
 
 
-def _gather_rows(payloads: list, index: torch.Tensor, cu_seqlens: torch.Tensor) -> list:
-    """The packed rows of each payload (``gather_rows``'s contract, ``index.numel()`` rows)."""
+def _gather_rows(payloads: list, index: torch.Tensor, cu_seqlens: torch.Tensor, zero_padding: bool = True) -> list:
+    """The packed rows of each payload (``gather_rows``'s contract, ``index.numel()`` rows; without
+    ``zero_padding`` the rows past the kept total are unspecified)."""
     if payloads and all(_use_triton(p) for p in payloads):
         from .kernels import compaction as _k
 
-        return _k.gather_rows(payloads, index, cu_seqlens, index.numel())
+        return _k.gather_rows(payloads, index, cu_seqlens, index.numel(), zero_padding)
     return [reference.gather_rows_ref(p, index, cu_seqlens) for p in payloads]
 
 

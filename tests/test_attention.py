@@ -766,9 +766,11 @@ def test_masked_attention_packs_queries_and_keys_together_for_one_mask(monkeypat
     key_mask[1] = False  # a sample that keeps nothing
     query_mask = key_mask if same_object else key_mask.clone()
     compactions, attentions = [], []
-    real_compact, real_attention = sparsectx.ops.compact_tokens, sparsectx.ops.sparse_attention
-    monkeypatch.setattr(sparsectx.ops, "compact_tokens",
-                        lambda *a, **kw: compactions.append(len(a) - 1) or real_compact(*a, **kw))
+    real_attention = sparsectx.ops.sparse_attention
+    for name in ("compact_tokens", "_pack_for_attention"):  # (payloads per compaction)
+        real = getattr(sparsectx.ops, name)
+        monkeypatch.setattr(sparsectx.ops, name,
+                            lambda *a, real=real, **kw: compactions.append(len(a) - 1) or real(*a, **kw))
     monkeypatch.setattr(sparsectx.ops, "sparse_attention",
                         lambda *a, **kw: attentions.append(kw) or real_attention(*a, **kw))
     with torch.no_grad():

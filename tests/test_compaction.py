@@ -514,6 +514,24 @@ def test_outputs_fully_written(device, monkeypatch, block):
     _assert_same(sparsectx.compact_tokens(mask, *tensors), _expected(mask, None, tensors))
 
 
+def test_gather_without_zero_padding_writes_only_the_kept_rows(device):
+    """``gather_rows(..., zero_padding=False)`` (masked_attention's packing, whose consumer reads no row past a
+    sample's end): the kept rows as with padding, the rows past the kept total left as allocated (poisoned)."""
+    gen = torch.Generator().manual_seed(21)
+    mask = (torch.rand(3, 40, generator=gen) > 0.6).to(device)
+    mask[1] = False
+    tensors = _payloads(gen, 3, 40, 10, device)
+    index, cu_seqlens = kc.compact_index(mask, n_rows=3 * 40)
+    total = int(cu_seqlens[-1])
+    padded = kc.gather_rows(tensors, index, cu_seqlens, 3 * 40)
+    unpadded = kc.gather_rows(tensors, index, cu_seqlens, 3 * 40, zero_padding=False)
+    for with_zeros, without in zip(padded, unpadded):
+        assert torch.equal(without[:total], with_zeros[:total])
+        assert bool((with_zeros[total:] == 0).all())
+        poison = without[total:].isnan() if without.is_floating_point() else without[total:] == -7
+        assert bool(poison.all())
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # scatter, round trip, gradients
 # ----------------------------------------------------------------------------------------------------------------
