@@ -990,22 +990,29 @@ def adaptive_budget(scores: torch.Tensor, coverage: Union[float, torch.Tensor] =
     if mass not in MASS_MODES:
         raise ValueError(f"mass must be one of {MASS_MODES}, got {mass!r}")
     _check_scores(scores, nan=False)
-    # the NaN, +inf and (linear mass) sign checks in one host read, raised in this order
-    flags = [torch.isnan(scores).any(), torch.isposinf(scores).any()]
-    if mass == "linear":
-        flags.append((scores < 0).any())
-    has_nan, has_posinf, *has_negative = torch.stack(flags).tolist()
-    if has_nan:
+    # the NaN, +inf and sign checks from one host read of the scores' range, raised in this order
+    lowest, highest = _score_range(scores)
+    if math.isnan(lowest):
         raise ValueError("scores contain NaN")
     ref_lengths = _check_ref_lengths(ref_lengths, scores.shape[1])
-    if has_posinf:
+    if highest == math.inf:
         raise ValueError("scores contain +inf: their mass is undefined (an adaptive budget reads the selector's "
                          "scores as a distribution: return finite scores, or use a ratio or count budget)")
-    if has_negative and has_negative[0]:
+    if lowest < 0 and mass == "linear":
         raise ValueError("mass='linear' needs scores >= 0 (use 'softmax' or 'auto' for signed scores)")
+    if mass == "auto" and not lowest < 0:  # no row has a negative score: 'auto' is linear for every row
+        mass = "linear"
     cov, low, high = _adaptive_settings(coverage, floor, cap, scores.shape[0], ref_lengths, scores.device)
     counts = _adaptive_counts(scores, cov, low, high, ref_lengths, mass)
     return BudgetResult(counts, _topk_per_image(scores, ref_lengths, counts))
+
+
+def _score_range(scores: torch.Tensor) -> tuple[float, float]:
+    """``(min, max)`` of ``scores`` as Python floats, in one host read (both NaN when a score is NaN: ``aminmax``
+    propagates it; ``(inf, -inf)`` when there are no scores)."""
+    if not scores.numel():
+        return math.inf, -math.inf
+    return tuple(torch.stack(torch.aminmax(scores)).tolist())
 
 
 def _adaptive_settings(coverage, floor: PerImage, cap: PerImage, batch: int, ref_lengths: Sequence[int], device):
@@ -1049,7 +1056,7 @@ def _adaptive_counts(scores: torch.Tensor, cov, low: torch.Tensor, high: torch.T
         needed = torch.where(positive, needed.clamp(min=1), 0)
     else:
         needed = needed.clamp(min=1) if positive else torch.zeros_like(needed)
-    return torch.minimum(torch.maximum(needed, low), high)
+    return needed.clamp(low, high)  # min(max(needed, low), high): where low > high, high
 
 
 class AdaptiveBudget:
