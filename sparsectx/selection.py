@@ -827,7 +827,8 @@ def _per_image(name: str, value: PerImage, batch: int, ref_lengths: Sequence[int
     broadcast to ``[B, n_refs]``: ``[n_refs]`` per image, ``[B, 1]`` per request, ``[B, n_refs]`` both; a tensor
     has one kind (its dtype), a list's entries each their own (``[1, 0.25]``: one token, then a quarter).
     Python scalars and lists are checked and turned into counts on the host (the same float64 arithmetic), then
-    copied to the device at once; tensors are checked with one small host read."""
+    copied to the device at once (a scalar's counts once per process: shared, never modify them); tensors are
+    checked with one small host read."""
     value = _python_number(value)  # numpy scalars: their kind
     scalar = isinstance(value, (int, float)) and not isinstance(value, bool)
     if scalar:
@@ -836,10 +837,7 @@ def _per_image(name: str, value: PerImage, batch: int, ref_lengths: Sequence[int
         if isinstance(value, int) and not allow_count:
             raise TypeError(f"{name} must be a float ratio, got the int {value!r}")
         _check_scalar_setting(name, value)
-        row = [min(math.floor(value * n + 0.5) if isinstance(value, float) else value, n) for n in ref_lengths]
-        if batch == 0:  # (a list of no rows would lose the image dimension)
-            return torch.zeros((0, len(ref_lengths)), dtype=torch.long, device=device)
-        return _device_values([row] * batch, torch.long, device)
+        return _scalar_counts(value, batch, tuple(ref_lengths), torch.device(device))
     elif isinstance(value, torch.Tensor):
         if value.dtype == torch.bool or value.is_complex():
             raise TypeError(f"{name} must hold ints (counts) or floats (ratios), got {value.dtype}")
@@ -870,9 +868,20 @@ def _per_image(name: str, value: PerImage, batch: int, ref_lengths: Sequence[int
     return _device_values(counts, None, device) if counts.device.type == "cpu" else counts  # host lists: one copy
 
 
+@functools.lru_cache(maxsize=256, typed=True)  # typed: the count 1 and the ratio 1.0 are other settings
+def _scalar_counts(value: Union[int, float], batch: int, ref_lengths: tuple, device: torch.device) -> torch.Tensor:
+    """``_per_image`` of a checked Python scalar: int64 ``[batch, n_refs]``, made on the host and copied once per
+    setting, batch, layout and device (the tensor is shared: never modify it)."""
+    with torch.inference_mode(False):  # a plain tensor even when first made under inference mode (it is reused)
+        if batch == 0:  # (a list of no rows would lose the image dimension)
+            return torch.zeros((0, len(ref_lengths)), dtype=torch.long, device=device)
+        row = [min(math.floor(value * n + 0.5) if isinstance(value, float) else value, n) for n in ref_lengths]
+        return _device_values([row] * batch, torch.long, device)
+
+
 def _topk_per_image(scores: torch.Tensor, ref_lengths: Sequence[int], counts: torch.Tensor) -> torch.Tensor:
     """bool [B, N]: the ``counts[b, i]`` highest scores inside image i of sample b (ties to the lower index)."""
-    keys = -scores.to(torch.promote_types(scores.dtype, torch.float32))  # fp64 stays
+    keys = -(scores if scores.dtype in (torch.float32, torch.float64) else scores.float())  # fp64 stays
     if min(ref_lengths) == max(ref_lengths):  # images of one length: each image's count against its row of ranks
         ranks = _rank_in_image(keys, ref_lengths).view(scores.shape[0], len(ref_lengths), ref_lengths[0])
         return (ranks < counts[:, :, None]).view(scores.shape)
@@ -916,7 +925,8 @@ class FixedBudget:
             value = torch.tensor(value, dtype=torch.float64)
         counts = _per_image(self.name, value, scores.shape[0], ref_lengths, scores.device,
                             allow_ratio=self.ratio, allow_count=not self.ratio)
-        return BudgetResult(counts, _topk_per_image(scores, ref_lengths, counts))
+        keep = _topk_per_image(scores, ref_lengths, counts)
+        return BudgetResult(counts.clone() if isinstance(value, numbers.Real) else counts, keep)  # (not the cache's)
 
     def settings(self) -> dict:
         return {"value": self.value}
