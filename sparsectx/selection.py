@@ -154,7 +154,9 @@ class Selector:
             raise ValueError(f"selector {self.name!r} returned a meta tensor: its scores hold no values")
         if out.is_floating_point() and torch.isnan(out).any():
             raise ValueError(f"selector {self.name!r} returned NaN scores")
-        return out.to(reference_latents.device)  # a user callable may score on another device (e.g. the CPU)
+        if out.device != reference_latents.device:  # a user callable may score on another device (e.g. the CPU)
+            out = out.to(reference_latents.device)
+        return out
 
     def __repr__(self):
         return f"Selector({self.name!r})"
@@ -263,25 +265,41 @@ def _make_token_layout(ref_lengths: tuple, device: torch.device) -> torch.Tensor
 def _image_rows(x: torch.Tensor, ref_lengths: Sequence[int], fill=None) -> torch.Tensor:
     """``x [b, N, ...]`` as ``[b, n_refs, longest, ...]``: row i holds image i's tokens in order, then (past the
     image's end) ``fill``, or with ``fill=None`` copies of the image's first token, which leave ``amin`` / ``amax``
-    unchanged. A view when every image has the same length; else one gather (its index built on the host)."""
+    unchanged. A view when every image has the same length; else one gather (its index built on the host, once
+    per layout and device)."""
     n_refs, longest = len(ref_lengths), max(ref_lengths)
     if min(ref_lengths) == longest:
         return x.unflatten(1, (n_refs, longest))
-    slot = torch.arange(longest)
-    lengths = torch.tensor(ref_lengths)[:, None]
-    starts = torch.cumsum(lengths, 0) - lengths
-    inside = slot < lengths
-    if fill is None:
-        index = starts + slot * inside
-    else:  # padding slots read one extra token holding `fill`
+    if fill is not None:  # padding slots read one extra token holding `fill`
         x = torch.cat([x, x.new_full((x.shape[0], 1, *x.shape[2:]), fill)], dim=1)
-        index = torch.where(inside, starts + slot, x.shape[1] - 1)
-    return x.index_select(1, _device_values(index.flatten(), None, x.device)).unflatten(1, (n_refs, longest))
+    index = _image_rows_index(tuple(int(n) for n in ref_lengths), fill is not None, x.device)
+    return x.index_select(1, index).unflatten(1, (n_refs, longest))
+
+
+@functools.lru_cache(maxsize=64)
+def _image_rows_index(ref_lengths: tuple, padded: bool, device: torch.device) -> torch.Tensor:
+    """``_image_rows``' gather index (long ``[n_refs · longest]``): image i's tokens, then its first token, or with
+    ``padded`` the extra token after the N tokens (the tensor is shared: never modify it)."""
+    with torch.inference_mode(False):  # a plain tensor even when first made under inference mode (it is reused)
+        slot = torch.arange(max(ref_lengths))
+        lengths = torch.tensor(ref_lengths)[:, None]
+        starts = torch.cumsum(lengths, 0) - lengths
+        inside = slot < lengths
+        index = torch.where(inside, starts + slot, sum(ref_lengths)) if padded else starts + slot * inside
+        return _device_values(index.flatten(), None, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _positions(n: int, device: torch.device) -> torch.Tensor:
+    """long ``[n]``: 0 .. n-1 on ``device``, made once per length and device (the tensor is shared: never modify
+    it)."""
+    with torch.inference_mode(False):  # a plain tensor even when first made under inference mode (it is reused)
+        return torch.arange(n, device=device)
 
 
 def _image_grid(context: SelectionContext, device) -> Optional[torch.Tensor]:
     """long ``[b, N, 2]`` (row, col) of each reference token inside its own image (origin 0), b = the batch of
-    ``reference_ids`` (1 for ``ref_shapes``), or None (1D)."""
+    ``reference_ids`` (1 for ``ref_shapes``: a cached tensor, never modify it), or None (1D)."""
     ids, lengths = context.reference_ids, context.ref_lengths
     if ids is not None:
         n_axes = ids.shape[-1]
@@ -289,7 +307,8 @@ def _image_grid(context: SelectionContext, device) -> Optional[torch.Tensor]:
             return None
         first, second = ID_HW_AXES[n_axes]
         hw = ids[..., first:second + 1] if second == first + 1 else ids[..., [first, second]]  # a view: no index op
-        hw = torch.round(hw.to(device)).long()
+        hw = torch.round(hw) if hw.is_floating_point() else hw  # (rounded where it lies: the same values)
+        hw = hw.to(device=device, dtype=torch.long)
         low = _image_rows(hw, lengths).amin(dim=2)  # [b, n_refs, 2]: each image's smallest (row, col)
         if len(lengths) == 1:
             return hw - low
@@ -302,37 +321,49 @@ def _image_grid(context: SelectionContext, device) -> Optional[torch.Tensor]:
     for (h, w), n in zip(shapes, lengths):
         if h * w != n:
             raise ValueError(f"extra['ref_shapes'] entry ({h}, {w}) does not match the reference's {n} tokens")
-    # row-major grids built on the host (position p of an image of width w sits at (p // w, p % w)), copied once
-    counts, total = torch.tensor(lengths), sum(lengths)
-    position = torch.arange(total) - (torch.cumsum(counts, 0) - counts).repeat_interleave(counts, output_size=total)
-    width = torch.tensor([w for _, w in shapes]).repeat_interleave(counts, output_size=total)
-    return _device_values(torch.stack([position // width, position % width], dim=-1), None, device)[None]
+    return _shapes_grid(tuple(tuple(shape) for shape in shapes), tuple(lengths), torch.device(device))
 
 
-# bytes with their 8 bits reversed (bit k -> bit 7-k), and reversed then spread to the even bits (bit k -> bit 2·(7-k))
-_REVERSED_BYTE = torch.tensor([sum(((b >> k) & 1) << (7 - k) for k in range(8)) for b in range(256)])
-_REVERSED_SPREAD_BYTE = torch.tensor([sum(((b >> k) & 1) << (2 * (7 - k)) for k in range(8)) for b in range(256)])
+@functools.lru_cache(maxsize=64)
+def _shapes_grid(shapes: tuple, ref_lengths: tuple, device: torch.device) -> torch.Tensor:
+    """``_image_grid`` of checked ``ref_shapes``: row-major grids built on the host (position p of an image of width
+    w sits at (p // w, p % w)), copied once per shapes and device (the tensor is shared: never modify it)."""
+    with torch.inference_mode(False):  # a plain tensor even when first made under inference mode (it is reused)
+        counts, total = torch.tensor(ref_lengths), sum(ref_lengths)
+        starts = (torch.cumsum(counts, 0) - counts).repeat_interleave(counts, output_size=total)
+        position = torch.arange(total) - starts
+        width = torch.tensor([w for _, w in shapes]).repeat_interleave(counts, output_size=total)
+        return _device_values(torch.stack([position // width, position % width], dim=-1), None, device)[None]
+
+
+WORD_BITS = 16  # _reversed_bits: bits reversed per table lookup (tables of 2**16 entries)
 
 
 @functools.lru_cache(maxsize=None)
-def _byte_table(spread: bool, device: torch.device) -> torch.Tensor:
-    """One of the tables above on ``device``, copied there once per process."""
+def _word_table(spread: bool, device: torch.device) -> torch.Tensor:
+    """long ``[2**WORD_BITS]``: each word with its bits reversed (bit k -> bit WORD_BITS-1-k; ``spread``: to bit
+    2·(WORD_BITS-1-k)), built on the host and copied to ``device`` once per process."""
     with torch.inference_mode(False):  # a plain tensor even when first made under inference mode (it is reused)
-        return _device_values(_REVERSED_SPREAD_BYTE if spread else _REVERSED_BYTE, None, device)
+        word = torch.arange(1 << WORD_BITS)
+        table = torch.zeros_like(word)
+        for k in range(WORD_BITS):
+            table |= ((word >> k) & 1) << ((2 if spread else 1) * (WORD_BITS - 1 - k))
+        return _device_values(table, None, device)
 
 
 def _reversed_bits(x: torch.Tensor, bits: int, spread: bool) -> torch.Tensor:
     """The low ``bits`` bits of ``x`` reversed (bit i goes to bit ``bits - 1 - i``; ``spread``: to bit
-    ``2·(bits - 1 - i)``), a byte at a time through a 256-entry table: a few ops per byte, not per bit."""
-    n_bytes = -(-bits // 8)
-    pad = 8 * n_bytes - bits
-    if pad:  # the low `bits` bits as the top bits of whole bytes
+    ``2·(bits - 1 - i)``), a word of WORD_BITS at a time through a table: a few ops per word, not per bit."""
+    n_words = -(-bits // WORD_BITS)
+    pad = WORD_BITS * n_words - bits
+    if pad:  # the low `bits` bits as the top bits of whole words
         x = (x & ((1 << bits) - 1)) << pad
-    table = _byte_table(spread, x.device)
+    table = _word_table(spread, x.device)
+    word_mask = (1 << WORD_BITS) - 1
     out = None
-    for k in range(n_bytes):  # byte k of x lands, reversed, in byte n_bytes-1-k of the result
-        part = table[(x >> (8 * k)) & 255 if k else x & 255]
-        shift = (2 if spread else 1) * 8 * (n_bytes - 1 - k)
+    for k in range(n_words):  # word k of x lands, reversed, in word n_words-1-k of the result
+        part = table[(x >> (WORD_BITS * k)) & word_mask if k else x & word_mask]
+        shift = (2 if spread else 1) * WORD_BITS * (n_words - 1 - k)
         part = part << shift if shift else part
         out = part if out is None else out | part
     return out
@@ -348,8 +379,7 @@ def _bayer_code(row: torch.Tensor, col: torch.Tensor, bits: int) -> torch.Tensor
     2**(bits-j), so thresholding at any level leaves an evenly spread subset."""
     # interleave bits of (row ^ col, row), low coordinate bits -> high code bits: bit i of row goes to code bit
     # 2·(bits-1-i), bit i of row ^ col to the bit above it
-    spread = _reversed_bits(torch.stack([row, row ^ col], dim=-1), bits, spread=True)  # both at once
-    return spread[..., 0] | (spread[..., 1] << 1)
+    return _reversed_bits(row, bits, spread=True) | (_reversed_bits(row ^ col, bits, spread=True) << 1)
 
 
 def _rank_in_image(keys: torch.Tensor, ref_lengths: Sequence[int], layout: Optional[torch.Tensor] = None,
@@ -364,12 +394,12 @@ def _rank_in_image(keys: torch.Tensor, ref_lengths: Sequence[int], layout: Optio
     if min(ref_lengths) == max(ref_lengths):  # images of one length (one image too): a row per (sample, image)
         rows = keys.reshape(keys.shape[0] * len(ref_lengths), ref_lengths[0])
         order = torch.sort(rows, dim=1, stable=True).indices
-        positions = torch.arange(rows.shape[1], device=keys.device).expand(order.shape)
+        positions = _positions(rows.shape[1], keys.device).expand(order.shape)
         return torch.empty_like(order).scatter_(1, order, positions).view(keys.shape)
     image, start, _ = layout if layout is not None else _token_layout(ref_lengths, keys.device)
     if key_bits is not None:
         order = torch.sort(keys + (image << key_bits), dim=1, stable=True).indices
-        positions = torch.arange(keys.shape[1], device=keys.device).expand(order.shape)
+        positions = _positions(keys.shape[1], keys.device).expand(order.shape)
         return torch.empty_like(order).scatter_(1, order, positions) - start  # position in the image's run
     order = torch.sort(keys, dim=1, stable=True).indices
     image = image[order][:, None, :]  # [B, 1, N]: image of each token in sorted order
@@ -421,9 +451,9 @@ def _uniform_scores(reference_latents: torch.Tensor, context: SelectionContext, 
     layout = _token_layout(context.ref_lengths, device)
     _, start, length = layout
     if grid is not None:  # scored at the ids' own batch (usually 1), expanded at the end
-        code = _bayer_code(grid[..., 0], grid[..., 1], LOW_DISCREPANCY_BITS)
+        code = _bayer_code(*grid.unbind(-1), LOW_DISCREPANCY_BITS)
     else:
-        code = _bit_reverse(torch.arange(n_tokens, device=device) - start, 2 * LOW_DISCREPANCY_BITS)[None]
+        code = _bit_reverse(_positions(n_tokens, device) - start, 2 * LOW_DISCREPANCY_BITS)[None]
     # codes are below 2**(2·LOW_DISCREPANCY_BITS): one sort of (image, code) ranks every image
     rank = _rank_in_image(code, context.ref_lengths, layout, key_bits=2 * LOW_DISCREPANCY_BITS).float()
     scores = 1.0 - rank / length  # the int64 length is divided as float32, like a float32 length
@@ -536,7 +566,7 @@ def _subsample_queries(queries: torch.Tensor, query_mask: Optional[torch.Tensor]
 
 def _normalise_per_image(signal: torch.Tensor, ref_lengths: Sequence[int]) -> torch.Tensor:
     """Min-max scaling of a float [B, N] signal to [0, 1] inside each image (a constant image maps to 0)."""
-    signal = signal.float()
+    signal = signal if signal.dtype == torch.float32 else signal.float()
     rows = _image_rows(signal, ref_lengths)  # [B, n_refs, longest]: all images' min and max in one op each
     low = rows.amin(dim=2, keepdim=True)
     span = rows.amax(dim=2, keepdim=True) - low
@@ -570,7 +600,7 @@ def _dilate(signal: torch.Tensor, context: SelectionContext, radius: int, grid=_
     # every image on its own plane of one canvas sized for the largest
     if grid is None:
         plane = (max(lengths),)
-        cell = image * plane[0] + torch.arange(n_tokens, device=device) - start  # [N]: canvas cell of each token
+        cell = image * plane[0] + _positions(n_tokens, device) - start  # [N]: canvas cell of each token
     else:
         sizes = (_image_rows(grid, lengths).amax(dim=(0, 2)) + 1).tolist()  # (h, w) of each image: the host read
         for i, ((h, w), n) in enumerate(zip(sizes, lengths)):
@@ -597,12 +627,11 @@ def _dilate_planes(signal: torch.Tensor, cell: torch.Tensor, plane: tuple, n_pla
     return pooled.view(batch, -1).gather(1, cell)
 
 
-def _border_background(reference_latents: torch.Tensor, context: SelectionContext,
-                       grid: Optional[torch.Tensor]) -> torch.Tensor:
-    """Per-token background estimate ``[B, N, C]``: the mean latent of its image's border tokens (first/last row or
-    column) on a grid (the context's ``_image_grid``), else (None) of the whole image."""
-    batch, lengths, device = reference_latents.shape[0], context.ref_lengths, reference_latents.device
-    latents = reference_latents.float()
+def _border_background(latents: torch.Tensor, context: SelectionContext, grid: Optional[torch.Tensor]) -> torch.Tensor:
+    """Per-token background estimate ``[B, N, C]`` of the float32 reference latents ``[B, N, C]``: the mean latent of
+    its image's border tokens (first/last row or column) on a grid (the context's ``_image_grid``), else (None) of
+    the whole image."""
+    batch, lengths, device = latents.shape[0], context.ref_lengths, latents.device
     image = _token_layout(lengths, device)[0]
     if grid is None:
         weight = torch.ones(latents.shape[:2], device=device)
@@ -684,8 +713,8 @@ def subject_scores(reference_latents: torch.Tensor, context: SelectionContext, *
     grid = _image_grid(context, reference_latents.device)  # read by the background and the spread
     signals = []
     if saliency:
-        background = _border_background(reference_latents, context, grid)
-        signals.append((reference_latents.float() - background).norm(dim=-1))
+        latents = reference_latents.float()
+        signals.append((latents - _border_background(latents, context, grid)).norm(dim=-1))
     queries = _probe_tensor(reference_latents, context, "target_queries", "subject", required=not saliency)
     if queries is not None:
         keys = _probe_tensor(reference_latents, context, "ref_keys", "subject")
