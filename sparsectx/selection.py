@@ -719,7 +719,8 @@ def subject_scores(reference_latents: torch.Tensor, context: SelectionContext, *
     if queries is not None:
         keys = _probe_tensor(reference_latents, context, "ref_keys", "subject")
         _check_qk(queries, keys, None, batch, n_tokens, "target_queries")
-        signals.append(attention_mass(queries, keys, max_queries=max_queries).to(reference_latents.device).float())
+        mass = attention_mass(queries, keys, max_queries=max_queries)
+        signals.append(mass.to(reference_latents.device, torch.float32))
     # every signal scaled per image at once (its rows stacked), then averaged
     scaled = _normalise_per_image(torch.cat(signals), context.ref_lengths).view(len(signals), batch, n_tokens)
     return scaled.mean(dim=0) + SPREAD_WEIGHT * _uniform_scores(reference_latents, context, grid)
@@ -911,9 +912,11 @@ def _scalar_counts(value: Union[int, float], batch: int, ref_lengths: tuple, dev
 def _topk_per_image(scores: torch.Tensor, ref_lengths: Sequence[int], counts: torch.Tensor) -> torch.Tensor:
     """bool [B, N]: the ``counts[b, i]`` highest scores inside image i of sample b (ties to the lower index)."""
     keys = -(scores if scores.dtype in (torch.float32, torch.float64) else scores.float())  # fp64 stays
-    if min(ref_lengths) == max(ref_lengths):  # images of one length: each image's count against its row of ranks
-        ranks = _rank_in_image(keys, ref_lengths).view(scores.shape[0], len(ref_lengths), ref_lengths[0])
-        return (ranks < counts[:, :, None]).view(scores.shape)
+    if min(ref_lengths) == max(ref_lengths):  # images of one length: one stable sort per (sample, image) row
+        rows = keys.reshape(scores.shape[0] * len(ref_lengths), ref_lengths[0])
+        order = torch.sort(rows, dim=1, stable=True).indices
+        kept = _positions(rows.shape[1], scores.device) < counts.reshape(rows.shape[0], 1)  # each row's first counts
+        return torch.empty_like(kept).scatter_(1, order, kept).view(scores.shape)  # back to the tokens' places
     layout = _token_layout(ref_lengths, scores.device)
     return _rank_in_image(keys, ref_lengths, layout) < counts.index_select(1, layout[0])  # each token's image's count
 
