@@ -1092,7 +1092,8 @@ class _SparsePatch(ForwardPatch):
             latents = references[:1] if shared else references
             selection = selector(latents, context)
             if counts is None:  # budget None (a keep mask as given) or a budget callable: select()'s rule
-                keep = apply_budget(selection, latents, context, budget_first_sample(budget) if shared else budget)
+                keep = apply_budget(selection, latents, context, budget_first_sample(budget) if shared else budget,
+                                    checked=True)  # a Selector's output: checked for NaN
             else:  # fixed counts, which may differ per request: select()'s rule, per sample
                 ranking = mask_ranking(selection, latents, context) if selection.dtype == torch.bool else selection
                 keep = keep_mask_from_scores(ranking, counts[:1] if shared else counts, layout.ref_lengths)

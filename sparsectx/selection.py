@@ -947,8 +947,11 @@ class FixedBudget:
     def __init__(self, name: str, value: PerImage, ratio: bool):
         self.name, self.value, self.ratio = name, value, ratio
 
-    def __call__(self, scores: torch.Tensor, ref_lengths: Optional[Sequence[int]] = None) -> BudgetResult:
-        _check_scores(scores)
+    def __call__(self, scores: torch.Tensor, ref_lengths: Optional[Sequence[int]] = None, *,
+                 nan_checked: bool = False) -> BudgetResult:
+        """``nan_checked``: the caller has checked that ``scores`` hold no NaN (a ``Selector``'s output): no second
+        check (a host read)."""
+        _check_scores(scores, nan=not nan_checked)
         ref_lengths = _check_ref_lengths(ref_lengths, scores.shape[1])
         value = self.value
         if self.ratio and isinstance(value, numbers.Real):
@@ -1224,28 +1227,34 @@ def as_budget(budget: BudgetSpec) -> Callable[..., BudgetResult]:
 def mask_ranking(mask: torch.Tensor, reference_latents: torch.Tensor, context: SelectionContext) -> torch.Tensor:
     """float ``[B, N]``: a selector's keep mask as scores a budget can rank: the mask's tokens first, then the
     others, each part in the ``uniform`` (evenly spread) order. A budget's top-k of it caps the mask or pads it."""
-    return mask.float() + MASK_PAD_WEIGHT * uniform_scores(reference_latents, context)
+    spread = _uniform_scores(reference_latents, context, _image_grid(context, reference_latents.device))
+    return mask.float() + MASK_PAD_WEIGHT * spread
 
 
 def apply_budget(chosen: torch.Tensor, reference_latents: torch.Tensor, context: SelectionContext,
-                 budget: Optional[BudgetSpec]) -> torch.Tensor:
+                 budget: Optional[BudgetSpec], *, checked: bool = False) -> torch.Tensor:
     """Keep mask bool ``[B, N]`` from a selector's output ``chosen`` (scores or a keep mask) and ``budget``, per
     reference image (top-k, ties to the lower index, as ``compact_tokens``).
 
     ``budget``: a float (``fixed_ratio``), an int (``fixed_count`` per image), ``adaptive(...)`` or any callable
     ``(scores, ref_lengths) -> BudgetResult``; None only for a keep mask, which is then returned as is. With a
     budget, a keep mask sizes the budget (``adaptive`` keeps its ``coverage`` share of the mask's tokens, within its
-    floor and cap) and ranks by ``mask_ranking``, so the budget caps it (or pads it with evenly spread tokens)."""
+    floor and cap) and ranks by ``mask_ranking``, so the budget caps it (or pads it with evenly spread tokens).
+    ``checked``: ``chosen`` is a ``Selector``'s output, already checked for NaN scores (a fixed budget then skips
+    its own NaN check, a host read)."""
     if budget is None:
         if chosen.dtype != torch.bool:
             raise ValueError("budget is required: the selector returned scores (budget=None keeps a selector's keep "
                              "mask as given)")
         return chosen
     budget = as_budget(budget)
+    scores = chosen.float() if chosen.dtype == torch.bool else chosen
     if chosen.dtype == torch.bool and isinstance(budget, AdaptiveBudget):
         result = budget.sized_on_mask(chosen, context.ref_lengths)
+    elif isinstance(budget, FixedBudget):  # a mask's scores hold no NaN either
+        result = budget(scores, context.ref_lengths, nan_checked=checked or chosen.dtype == torch.bool)
     else:
-        result = budget(chosen.float() if chosen.dtype == torch.bool else chosen, context.ref_lengths)
+        result = budget(scores, context.ref_lengths)
     if not isinstance(result, BudgetResult):
         raise ValueError(f"budget {budget!r} must return a sparsectx.selection.BudgetResult, got "
                          f"{type(result).__name__}")
@@ -1295,4 +1304,4 @@ def select(reference_latents: torch.Tensor, context: SelectionContext, selector=
         if unknown:
             raise ValueError(f"selector {selector.name!r} reads no signal named {unknown} (context.extra); its "
                              f"signals are {sorted(selector.signals)}")
-    return apply_budget(selector(reference_latents, context), reference_latents, context, budget)
+    return apply_budget(selector(reference_latents, context), reference_latents, context, budget, checked=True)
