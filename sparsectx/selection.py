@@ -441,23 +441,40 @@ def uniform_scores(reference_latents: torch.Tensor, context: SelectionContext) -
     Scores of all images lie on the same scale, so even a global top-k spreads its picks over the images in
     proportion to their sizes. Signal: none (deterministic, content-blind baseline).
     """
-    return _uniform_scores(reference_latents, context, _image_grid(context, reference_latents.device))
+    scores = _uniform_scores(reference_latents, context, _image_grid(context, reference_latents.device))
+    return scores.expand(reference_latents.shape[0], -1).clone(memory_format=torch.contiguous_format)  # writable
 
 
 def _uniform_scores(reference_latents: torch.Tensor, context: SelectionContext, grid: Optional[torch.Tensor]):
-    """``uniform_scores`` with the context's ``_image_grid`` (or None) given."""
-    batch, n_tokens, _ = reference_latents.shape
-    device = reference_latents.device
-    layout = _token_layout(context.ref_lengths, device)
+    """``uniform_scores`` with the context's ``_image_grid`` (or None) given, at the grid's batch (1 without ids;
+    it broadcasts over the samples). Without ids the scores depend on the layout alone: made once per layout and
+    device (a shared tensor: never modify it)."""
+    lengths, device = context.ref_lengths, reference_latents.device
+    if grid is not None and context.reference_ids is not None:
+        return _grid_uniform_scores(grid, lengths, device)
+    shapes = None if grid is None else tuple(tuple(shape) for shape in context.extra["ref_shapes"])
+    return _layout_uniform_scores(tuple(lengths), shapes, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_uniform_scores(ref_lengths: tuple, shapes: Optional[tuple], device: torch.device) -> torch.Tensor:
+    """``_uniform_scores`` ``[1, N]`` of the ``ref_shapes`` grids (checked), or of 1D images (None)."""
+    with torch.inference_mode(False):  # a plain tensor even when first made under inference mode (it is reused)
+        grid = None if shapes is None else _shapes_grid(shapes, ref_lengths, device)
+        return _grid_uniform_scores(grid, ref_lengths, device)
+
+
+def _grid_uniform_scores(grid: Optional[torch.Tensor], ref_lengths: Sequence[int], device) -> torch.Tensor:
+    """``_uniform_scores`` from the grid ``[b, N, 2]`` (None: 1D images): float32 ``[b, N]`` (b = 1 for 1D)."""
+    layout = _token_layout(ref_lengths, device)
     _, start, length = layout
-    if grid is not None:  # scored at the ids' own batch (usually 1), expanded at the end
+    if grid is not None:  # scored at the ids' own batch (usually 1)
         code = _bayer_code(*grid.unbind(-1), LOW_DISCREPANCY_BITS)
     else:
-        code = _bit_reverse(_positions(n_tokens, device) - start, 2 * LOW_DISCREPANCY_BITS)[None]
+        code = _bit_reverse(_positions(sum(ref_lengths), device) - start, 2 * LOW_DISCREPANCY_BITS)[None]
     # codes are below 2**(2·LOW_DISCREPANCY_BITS): one sort of (image, code) ranks every image
-    rank = _rank_in_image(code, context.ref_lengths, layout, key_bits=2 * LOW_DISCREPANCY_BITS).float()
-    scores = 1.0 - rank / length  # the int64 length is divided as float32, like a float32 length
-    return scores.expand(batch, -1).contiguous()  # writable, like any scores
+    rank = _rank_in_image(code, ref_lengths, layout, key_bits=2 * LOW_DISCREPANCY_BITS).float()
+    return 1.0 - rank / length  # the int64 length is divided as float32, like a float32 length
 
 
 register_selector("random", random_scores, returns_scores=True, signals=BUILTIN_SIGNALS)
