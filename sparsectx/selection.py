@@ -605,8 +605,8 @@ _GRID_OF_CONTEXT = object()  # _dilate's default: the context's own _image_grid
 
 def _dilate(signal: torch.Tensor, context: SelectionContext, radius: int, grid=_GRID_OF_CONTEXT) -> torch.Tensor:
     """Max of ``signal`` over the (2r+1)² neighbourhood of each token in its image's grid (a 2r+1 window along the
-    token order without a grid). One small host read sizes every image's grid. ``grid``: the context's
-    ``_image_grid`` when the caller has it already."""
+    token order without a grid). One small host read sizes every image's grid of ids (``ref_shapes`` give the
+    sizes). ``grid``: the context's ``_image_grid`` when the caller has it already."""
     if radius <= 0:
         return signal
     batch, n_tokens = signal.shape
@@ -619,7 +619,10 @@ def _dilate(signal: torch.Tensor, context: SelectionContext, radius: int, grid=_
         plane = (max(lengths),)
         cell = image * plane[0] + _positions(n_tokens, device) - start  # [N]: canvas cell of each token
     else:
-        sizes = (_image_rows(grid, lengths).amax(dim=(0, 2)) + 1).tolist()  # (h, w) of each image: the host read
+        if context.reference_ids is None:  # the grid of extra["ref_shapes"]
+            sizes = [(int(h), int(w)) for h, w in context.extra["ref_shapes"]]
+        else:  # (h, w) of each image: the host read
+            sizes = (_image_rows(grid, lengths).amax(dim=(0, 2)) + 1).tolist()
         for i, ((h, w), n) in enumerate(zip(sizes, lengths)):
             if h * w > GRID_SPAN_LIMIT * n:
                 raise ValueError(f"the ids of reference {i} span a {h} x {w} grid for its {n} tokens: not a token "
