@@ -1023,3 +1023,84 @@ def test_select_refuses_a_signal_the_selector_does_not_read():
     context.extra["my_masks"] = context.extra["my_mask"]
     with pytest.raises(ValueError, match=r"reads no signal named \['my_masks'\]"):
         select(latents, context, custom, 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# host work: cached constants, shortcuts that must select exactly as the general path does
+# ----------------------------------------------------------------------------------------------------------------
+def test_cached_layout_tensors_never_reach_callers():
+    """Counts of scalar budget settings and uniform scores of a layout without ids are cached per layout: what a
+    caller gets is its own copy (writing into it changes no later result)."""
+    shapes = [(3, 5), (4, 4)]
+    lengths = [h * w for h, w in shapes]
+    latents = torch.randn(1, sum(lengths), CHANNELS)
+    for extra in ({"ref_shapes": shapes}, {}):
+        context = SelectionContext(2, lengths, extra=extra)
+        first = get_selector("uniform")(latents, context)
+        expected = first.clone()
+        first.fill_(0.0)
+        assert torch.equal(get_selector("uniform")(latents, context), expected)
+    scores = torch.rand(2, sum(lengths), generator=torch.Generator().manual_seed(3))
+    result = fixed_ratio(0.3)(scores, lengths)
+    expected = result.counts.clone()
+    result.counts.zero_()
+    assert torch.equal(fixed_ratio(0.3)(scores, lengths).counts, expected)
+    assert torch.equal(fixed_ratio(0.3)(scores, lengths).keep.sum(dim=1), expected.sum(dim=1))
+
+
+def test_constants_cached_under_inference_mode_serve_autograd_calls():
+    """A layout first seen under torch.inference_mode (a pipeline call) caches plain tensors: a later call with
+    latents that require grad (training) can use them."""
+    shapes = [(3, 7), (2, 9)]  # a layout no other test uses: its constants are made under inference mode here
+    lengths = [h * w for h, w in shapes]
+    latents = torch.randn(2, sum(lengths), CHANNELS)
+    for extra in ({"ref_shapes": shapes}, {}):
+        context = SelectionContext(2, lengths, extra=extra)
+        with torch.inference_mode():
+            expected = [select(latents, context, name, budget)
+                        for name in ("subject", "uniform") for budget in (0.3, 4, adaptive(0.8, floor=2, cap=0.5))]
+        grad_latents = latents.clone().requires_grad_(True)
+        scores = get_selector("subject")(grad_latents, context)
+        scores.sum().backward()  # the cached grid and spread enter the graph as constants
+        assert grad_latents.grad is not None
+        got = [select(grad_latents, context, name, budget)
+               for name in ("subject", "uniform") for budget in (0.3, 4, adaptive(0.8, floor=2, cap=0.5))]
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+@pytest.mark.parametrize("bits", [1, 5, 16, 20, 32])
+@pytest.mark.parametrize("spread", [False, True])
+def test_bit_reversal_matches_a_bit_by_bit_reference(bits, spread):
+    values = torch.randint(0, 2**40, (300,), generator=torch.Generator().manual_seed(bits))
+    values[:3] = torch.tensor([0, 2**bits - 1, 2**bits])
+    expected = [sum(((v >> i) & 1) << ((2 if spread else 1) * (bits - 1 - i)) for i in range(bits))
+                for v in values.tolist()]
+    assert selection._reversed_bits(values, bits, spread).tolist() == expected
+
+
+def test_adaptive_auto_mass_is_decided_per_row():
+    """mass='auto' reads the scores of a row without a negative score linearly and a row with one through a
+    softmax, whether or not other rows of the batch have negative scores."""
+    generator = torch.Generator().manual_seed(8)
+    positive, signed = torch.rand(1, 24, generator=generator), torch.randn(1, 24, generator=generator)
+    lengths = [10, 14]
+    for coverage in (0.3, 0.7, 0.95):
+        alone_positive = adaptive_budget(positive, coverage, ref_lengths=lengths, mass="linear")
+        alone_signed = adaptive_budget(signed, coverage, ref_lengths=lengths, mass="softmax")
+        assert torch.equal(adaptive_budget(positive, coverage, ref_lengths=lengths).counts, alone_positive.counts)
+        batch = adaptive_budget(torch.cat([positive, signed]), coverage, ref_lengths=lengths)
+        assert torch.equal(batch.counts, torch.cat([alone_positive.counts, alone_signed.counts]))
+        assert torch.equal(batch.keep, torch.cat([alone_positive.keep, alone_signed.keep]))
+
+
+def test_a_fixed_budget_given_unchecked_scores_still_refuses_nan():
+    """select() skips the fixed budget's NaN check (its Selector checked the scores); apply_budget given scores of
+    its own still checks them, and a selector returning NaN is still refused by name."""
+    latents = torch.randn(1, 8, CHANNELS)
+    context = SelectionContext(2, [4, 4])
+    nan_scores = torch.full((1, 8), math.nan)
+    for budget in (0.5, 2, fixed_ratio([0.5, 0.25])):
+        with pytest.raises(ValueError, match="scores contain NaN"):
+            selection.apply_budget(nan_scores, latents, context, budget)
+        with pytest.raises(ValueError, match="returned NaN scores"):
+            select(latents, context, lambda x, c: torch.full(x.shape[:2], math.nan), budget)
