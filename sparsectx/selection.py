@@ -319,9 +319,16 @@ def _image_grid(context: SelectionContext, device) -> Optional[torch.Tensor]:
     if len(shapes) != context.num_references:
         raise ValueError(f"extra['ref_shapes'] must give (h, w) for each of the {context.num_references} references")
     for (h, w), n in zip(shapes, lengths):
-        if h * w != n:
-            raise ValueError(f"extra['ref_shapes'] entry ({h}, {w}) does not match the reference's {n} tokens")
-    return _shapes_grid(tuple(tuple(shape) for shape in shapes), tuple(lengths), torch.device(device))
+        h, w = _python_number(h), _python_number(w)
+        if not (_is_size(h) and _is_size(w)) or h * w != n:
+            raise ValueError(f"extra['ref_shapes'] entry ({h}, {w}) must be two positive ints whose product is the "
+                             f"reference's {n} tokens")
+    return _shapes_grid(tuple((int(h), int(w)) for h, w in shapes), tuple(lengths), torch.device(device))
+
+
+def _is_size(value) -> bool:
+    """A positive Python int (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 @functools.lru_cache(maxsize=64)
@@ -452,7 +459,7 @@ def _uniform_scores(reference_latents: torch.Tensor, context: SelectionContext, 
     lengths, device = context.ref_lengths, reference_latents.device
     if grid is not None and context.reference_ids is not None:
         return _grid_uniform_scores(grid, lengths, device)
-    shapes = None if grid is None else tuple(tuple(shape) for shape in context.extra["ref_shapes"])
+    shapes = None if grid is None else tuple((int(h), int(w)) for h, w in context.extra["ref_shapes"])
     return _layout_uniform_scores(tuple(lengths), shapes, device)
 
 
@@ -644,7 +651,7 @@ def _dilate_planes(signal: torch.Tensor, cell: torch.Tensor, plane: tuple, n_pla
     dense = signal.new_full((batch, n_planes * math.prod(plane)), -math.inf).scatter(1, cell, signal)
     pool = F.max_pool1d if len(plane) == 1 else F.max_pool2d
     pooled = pool(dense.view(batch * n_planes, 1, *plane), 2 * radius + 1, stride=1, padding=radius)
-    return pooled.view(batch, -1).gather(1, cell)
+    return pooled.view(batch, n_planes * math.prod(plane)).gather(1, cell)  # (sized: the batch may be empty)
 
 
 def _border_background(latents: torch.Tensor, context: SelectionContext, grid: Optional[torch.Tensor]) -> torch.Tensor:

@@ -731,9 +731,28 @@ def test_missing_or_malformed_signals():
     bad_shapes = SelectionContext(2, ctx.ref_lengths, extra={"ref_shapes": [(2, 2), (2, 2)]})
     with pytest.raises(ValueError, match="ref_shapes"):
         get_selector("uniform")(latents, bad_shapes)
+    shapes, _ = _layout(2)
+    h, w = shapes[0]
+    for shape in ((-h, -w), (h * w, 1.0), (True, h * w), (0, 0)):  # products that match, or not, but no sizes
+        entries = [shape, shapes[1]]
+        with pytest.raises(ValueError, match="ref_shapes"):
+            get_selector("uniform")(latents, SelectionContext(2, ctx.ref_lengths, extra={"ref_shapes": entries}))
     bad_probe = SelectionContext(2, ctx.ref_lengths, extra={"attention_probe": lambda x, c: None})
     with pytest.raises(ValueError, match="attention_probe"):
         get_selector("attention")(latents, bad_probe)
+
+
+@pytest.mark.parametrize("lengths", [[16, 16], [16, 9]], ids=["one_length", "two_lengths"])
+def test_empty_batch_selects_nothing(lengths):
+    """A batch of no sample: every selector, with a fixed and an adaptive budget, returns an empty [0, N] mask."""
+    n = sum(lengths)
+    extra = {"user_mask": torch.zeros(0, n, dtype=torch.bool), "target_queries": torch.randn(0, 4, HEADS, HEAD_DIM),
+             "queries": torch.randn(0, 4, HEADS, HEAD_DIM), "ref_keys": torch.randn(0, n, HEADS, HEAD_DIM)}
+    ctx = SelectionContext(len(lengths), lengths, generator=torch.Generator().manual_seed(0), extra=extra)
+    for name in available_selectors():
+        for budget in (0.25, adaptive(0.9)):
+            keep = select(torch.randn(0, n, CHANNELS), ctx, name, budget=budget)
+            assert keep.dtype == torch.bool and keep.shape == (0, n), (name, budget)
 
 
 # ----------------------------------------------------------------------------------------------------------------
