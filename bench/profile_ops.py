@@ -5,7 +5,8 @@ Sections (``--section``, default all, in this order):
 - ``compaction``: ``compact_tokens(scores, hidden, ids, budget)`` at issue 3's shape (B=1, 3 x 4096 tokens, C=3072,
   keep 10%): the CUDA time of each kernel, then the selection kernel's time at each warp count it could launch with
   and at each number of radix passes over the whole row before its candidate filter (``_select_config`` forced;
-  the index it writes is checked against the shipped configuration's).
+  the index it writes is checked against the shipped configuration's), on uniform scores and on scores of one
+  value (every key a candidate of the filter).
 - ``selection``: ``select`` with the ``subject`` selector and an adaptive budget at 3 references (issue 6's worst
   row): kernel count, CUDA time and host time per call.
 - ``probe``: the drop-in's automatic attention probe on the FLUX.2-klein-9B architecture (random weights, 3
@@ -80,39 +81,48 @@ def compaction_section(tiny: bool, device: torch.device) -> str:
     if not torch.cuda.is_available():
         return "\n".join(lines)
     # the selection kernel alone at each warp count and each number of full passes before the candidate filter
-    # (RADIX_PASSES: no filter); its block is fixed by the row length
-    expected = call().index.clone()
+    # (RADIX_PASSES: no filter); its block is fixed by the row length. Scores of one value too: every key is then a
+    # candidate of the filter, its worst case
     shipped = kernels._select_config
     block, shipped_warps, shipped_passes = shipped(n_tokens)
-    index_only = lambda: kernels.compact_index(scores, [count])  # noqa: E731 - reads _select_config at each call
-    variants = [(warps, shipped_passes) for warps in (4, 8, 16, 32)]
-    variants += [(shipped_warps, passes) for passes in (4, 5, 7, 8, kernels.RADIX_PASSES.value)]
+    spread_variants = [(warps, shipped_passes) for warps in (4, 8, 16, 32)]
+    spread_variants += [(shipped_warps, passes) for passes in (4, 5, 7, 8, kernels.RADIX_PASSES.value)]
+    tied_variants = [(shipped_warps, shipped_passes), (shipped_warps, kernels.RADIX_PASSES.value)]
     try:
-        for warps, passes in variants:
-            kernels._select_config = lambda n, w=warps, p=passes: (block, w, p)
-            got = call().index
-            same = "same index" if torch.equal(got, expected) else "INDEX DIFFERS"
-            events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-            for _ in range(5):
-                index_only()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(20):
-                    index_only()
-            graph.replay()
-            torch.cuda.synchronize()
-            events[0].record()
-            for _ in range(10):
-                graph.replay()
-            events[1].record()
-            torch.cuda.synchronize()
-            us = events[0].elapsed_time(events[1]) * 1e3 / 200
-            mark = " (shipped)" if (warps, passes) == (shipped_warps, shipped_passes) else ""
-            lines.append(f"selection kernel, BLOCK_N={block}, {warps} warps, {passes} full passes{mark}: "
-                         f"{us:.2f} us per launch (CUDA graph of 20 launches), {same}")
+        for name, row, variants in (("uniform scores", scores, spread_variants),
+                                    ("one value", torch.zeros_like(scores), tied_variants)):
+            kernels._select_config = shipped
+            expected = kernels.compact_index(row, [count])[0].clone()
+            for warps, passes in variants:
+                kernels._select_config = lambda n, w=warps, p=passes: (block, w, p)
+                got = kernels.compact_index(row, [count])[0]
+                same = "same index" if torch.equal(got, expected) else "INDEX DIFFERS"
+                us = _graph_us(lambda: kernels.compact_index(row, [count]))  # reads _select_config at each call
+                mark = " (shipped)" if (warps, passes) == (shipped_warps, shipped_passes) else ""
+                lines.append(f"selection kernel, {name}, BLOCK_N={block}, {warps} warps, {passes} full passes{mark}: "
+                             f"{us:.2f} us per launch (CUDA graph of 20 launches), {same}")
     finally:
         kernels._select_config = shipped
     return "\n".join(lines)
+
+
+def _graph_us(fn: Callable[[], object], launches: int = 20, replays: int = 10) -> float:
+    """Microseconds per call of ``fn`` captured ``launches`` times in a CUDA graph, replayed ``replays`` times."""
+    for _ in range(5):
+        fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(launches):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    events[0].record()
+    for _ in range(replays):
+        graph.replay()
+    events[1].record()
+    torch.cuda.synchronize()
+    return events[0].elapsed_time(events[1]) * 1e3 / (launches * replays)
 
 
 def selection_section(tiny: bool, device: torch.device) -> str:

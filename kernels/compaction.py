@@ -57,6 +57,7 @@ FP32_INF_BITS = tl.constexpr(0x7F800000)
 FILTERED_FULL_PASSES = 6
 FILTER_MIN_TOKENS = 2048
 CAND_BLOCK_FRACTION = 8
+assert 0 <= FILTERED_FULL_PASSES < RADIX_PASSES.value, "the filter runs between two radix passes"
 # Largest token block the selection kernel holds at once: a row that fits is loaded once and kept in registers for
 # every pass; longer rows are streamed block by block in each pass.
 MAX_SELECT_BLOCK = 16384
@@ -470,6 +471,8 @@ def compact_index(
         raise ValueError("counts is required when selection holds scores")
     if counts is not None:
         counts = [int(c) for c in counts]
+        if len(counts) != batch or (counts and not 0 <= min(counts) <= max(counts) <= n_tokens):
+            raise ValueError(f"counts must give one count in [0, N={n_tokens}] per sample ({batch}), got {counts}")
         uniform = len(set(counts)) <= 1
         uniform_count = counts[0] if counts else 0
         if n_rows is None:

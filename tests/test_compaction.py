@@ -514,6 +514,15 @@ def test_outputs_fully_written(device, monkeypatch, block):
     _assert_same(sparsectx.compact_tokens(mask, *tensors), _expected(mask, None, tensors))
 
 
+def test_launcher_refuses_counts_outside_the_rows(device):
+    """The kernel launcher called directly (the public op checks budgets first): a count above N, below 0, or a
+    count list of the wrong length is a ValueError, not padding positions kept as ties."""
+    scores = torch.randn(2, 5, device=device)
+    for counts in ([7, 1], [-1, 1], [1], [1, 2, 3]):
+        with pytest.raises(ValueError, match="counts"):
+            kc.compact_index(scores, counts)
+
+
 def test_gather_without_zero_padding_writes_only_the_kept_rows(device):
     """``gather_rows(..., zero_padding=False)`` (masked_attention's packing, whose consumer reads no row past a
     sample's end): the kept rows as with padding, the rows past the kept total left as allocated (poisoned)."""
