@@ -4,9 +4,9 @@ tool beside ``sparsectx bench``; it times nothing the issues judge).
 Sections (``--section``, default all, in this order):
 - ``compaction``: ``compact_tokens(scores, hidden, ids, budget)`` at issue 3's shape (B=1, 3 x 4096 tokens, C=3072,
   keep 10%): the CUDA time of each kernel, then the selection kernel's time at each warp count it could launch with
-  and at each number of radix passes over the whole row before its candidate filter (``_select_config`` forced;
-  the index it writes is checked against the shipped configuration's), on uniform scores and on scores of one
-  value (every key a candidate of the filter).
+  and at each candidate block of its filter (0: no filter; ``_select_config`` forced; the index it writes is
+  checked against the shipped configuration's), on uniform scores and on scores of one value (where the filter's
+  range never narrows).
 - ``selection``: ``select`` with the ``subject`` selector and an adaptive budget at 3 references (issue 6's worst
   row): kernel count, CUDA time and host time per call.
 - ``probe``: the drop-in's automatic attention probe on the FLUX.2-klein-9B architecture (random weights, 3
@@ -80,26 +80,26 @@ def compaction_section(tiny: bool, device: torch.device) -> str:
              _profile(call, 20 if not tiny else 2, ("self_cuda_time_total", "self_cpu_time_total"))]
     if not torch.cuda.is_available():
         return "\n".join(lines)
-    # the selection kernel alone at each warp count and each number of full passes before the candidate filter
-    # (RADIX_PASSES: no filter); its block is fixed by the row length. Scores of one value too: every key is then a
-    # candidate of the filter, its worst case
+    # the selection kernel alone at each warp count and each candidate block of its filter (0: no filter); its
+    # block is fixed by the row length. Scores of one value too: the filter's range never narrows there, its worst
+    # case
     shipped = kernels._select_config
-    block, shipped_warps, shipped_passes = shipped(n_tokens)
-    spread_variants = [(warps, shipped_passes) for warps in (4, 8, 16, 32)]
-    spread_variants += [(shipped_warps, passes) for passes in (4, 5, 7, 8, kernels.RADIX_PASSES.value)]
-    tied_variants = [(shipped_warps, shipped_passes), (shipped_warps, kernels.RADIX_PASSES.value)]
+    block, shipped_warps, shipped_cands = shipped(n_tokens)
+    spread_variants = [(warps, shipped_cands) for warps in (4, 8, 16, 32)]
+    spread_variants += [(shipped_warps, cands) for cands in (0, block // 32, block // 8, block // 4)]
+    tied_variants = [(shipped_warps, shipped_cands), (shipped_warps, 0)]
     try:
         for name, row, variants in (("uniform scores", scores, spread_variants),
                                     ("one value", torch.zeros_like(scores), tied_variants)):
             kernels._select_config = shipped
             expected = kernels.compact_index(row, [count])[0].clone()
-            for warps, passes in variants:
-                kernels._select_config = lambda n, w=warps, p=passes: (block, w, p)
+            for warps, cands in variants:
+                kernels._select_config = lambda n, w=warps, c=cands: (block, w, c)
                 got = kernels.compact_index(row, [count])[0]
                 same = "same index" if torch.equal(got, expected) else "INDEX DIFFERS"
                 us = _graph_us(lambda: kernels.compact_index(row, [count]))  # reads _select_config at each call
-                mark = " (shipped)" if (warps, passes) == (shipped_warps, shipped_passes) else ""
-                lines.append(f"selection kernel, {name}, BLOCK_N={block}, {warps} warps, {passes} full passes{mark}: "
+                mark = " (shipped)" if (warps, cands) == (shipped_warps, shipped_cands) else ""
+                lines.append(f"selection kernel, {name}, BLOCK_N={block}, {warps} warps, CAND_BLOCK={cands}{mark}: "
                              f"{us:.2f} us per launch (CUDA graph of 20 launches), {same}")
     finally:
         kernels._select_config = shipped

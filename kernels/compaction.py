@@ -7,8 +7,8 @@ Five kernels, each one concept (the plain-torch specification is in ``sparsectx/
   index, without a host sync. A radix select over order-preserving integer keys, two bits per pass (16 passes of
   one three-count reduction), finds the k-th largest key (``threshold``) and how many keys lie above it; the sample
   keeps the keys above it and the first ``need = k - above`` keys equal to it. On long rows the first passes
-  count over the whole row and the rest only over the keys that still share the threshold's leading digits,
-  compacted into a scratch row. A row that fits in one block is loaded once and held in registers, and the
+  count over the whole row and, once few keys share the threshold's leading digits, the rest over those keys
+  only, compacted through a scratch row. A row that fits in one block is loaded once and held in registers, and the
   program then writes the sample's packed index rows itself (one prefix scan over the row): the scores path is
   then this launch and the row gather.
 - ``_block_counts_kernel`` (grid: samples x token blocks): counts the tokens above the threshold (a mask's kept
@@ -50,14 +50,13 @@ KEY_OFFSET = tl.constexpr(1 << 31)
 PAD_KEY = tl.constexpr(-(1 << 31))
 # Bit pattern of +inf in fp32: larger magnitudes are NaN.
 FP32_INF_BITS = tl.constexpr(0x7F800000)
-# Candidate filter of the selection kernel, on rows of at least FILTER_MIN_TOKENS tokens: after the first
-# FILTERED_FULL_PASSES passes (12 bits: sign, exponent and 3 mantissa bits of an fp32 score) only the keys sharing
-# those bits with the threshold are counted again, in blocks of 1 / CAND_BLOCK_FRACTION of the selection block (a
-# row of spread scores keeps a few percent of its keys; equal scores keep all, then counted in several blocks).
-FILTERED_FULL_PASSES = 6
+# Candidate filter of the selection kernel, on rows of at least FILTER_MIN_TOKENS tokens: once at most CAND_BLOCK
+# keys (1 / CAND_BLOCK_FRACTION of the selection block) share the digits of the threshold decided so far, they are
+# compacted, held in registers and counted alone by the remaining passes (spread fp32 scores: after about 6 of the
+# 16 passes, their sign, exponent and top mantissa bits; scores tied at the threshold never narrow, and every pass
+# then counts the whole row, as without the filter).
 FILTER_MIN_TOKENS = 2048
-CAND_BLOCK_FRACTION = 8
-assert 0 <= FILTERED_FULL_PASSES < RADIX_PASSES.value, "the filter runs between two radix passes"
+CAND_BLOCK_FRACTION = 16
 # Largest token block the selection kernel holds at once: a row that fits is loaded once and kept in registers for
 # every pass; longer rows are streamed block by block in each pass.
 MAX_SELECT_BLOCK = 16384
@@ -120,31 +119,42 @@ def _digit_counts(key, u, bit):
 
 
 @triton.jit
-def _accept_digit(u, bit, k, count1, count2, count3, count_above):
+def _accept_digit(u, bit, k, count1, count2, count3, count_above, count_from_u):
     """One radix step: the digit of the threshold at ``bit`` (how many candidates u + d * bit keep count >= k; the
-    counts fall as d rises) appended to ``u``, and count(key >= u + bit) of the new ``u``."""
+    counts fall as d rises) appended to ``u``; returns the new ``u``, count(key >= u + bit) and count(key >= u)."""
     digit = (count1 >= k).to(tl.int32) + (count2 >= k).to(tl.int32) + (count3 >= k).to(tl.int32)
     count_above = tl.where(digit == 0, count1, tl.where(digit == 1, count2, tl.where(digit == 2, count3,
                                                                                        count_above)))
-    return u + digit.to(tl.int64) * bit, count_above
+    count_from_u = tl.where(digit == 0, count_from_u, tl.where(digit == 1, count1, tl.where(digit == 2, count2,
+                                                                                            count3)))
+    return u + digit.to(tl.int64) * bit, count_above, count_from_u
+
+
+@triton.jit
+def _pass_bit(step):
+    """The lowest bit of the digit that radix pass ``step`` decides."""
+    return tl.full((), 1 << 32, dtype=tl.int64) >> ((step + 1) * RADIX_BITS)  # 2**KEY_BITS >> ...
 
 
 @triton.jit
 def _topk_threshold(scores_ptr, row_offset, stride_n, n_tokens, k, row_keys, candidates_ptr,
-                    BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr, FULL_PASSES: tl.constexpr,
-                    CAND_BLOCK: tl.constexpr):
+                    BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr, CAND_BLOCK: tl.constexpr):
     """Returns ``(threshold, count_above)``: the k-th largest key (INT32_MAX when k = 0) and the number of keys above
     it. The k highest scores, ties to the lower index, are the keys above the threshold and the first
     ``k - count_above`` keys equal to it."""
     # Radix select: threshold = the largest t with count(key >= t) >= k, built RADIX_BITS bits per pass from the top,
     # over the unsigned rank u = t + KEY_OFFSET (int64, so every candidate fits in int32 once offset back).
-    # Invariant after each pass: count_above = count(key >= u + bit), the keys above every threshold u can still
-    # become (0 before the first pass).
+    # Invariants after each pass: count_above = count(key >= u + bit), the keys above every threshold u can still
+    # become (0 before the first pass), and count_from_u = count(key >= u) (every real key before the first pass):
+    # the keys in [u, u + bit), which share the digits decided so far, number count_from_u - count_above.
     u = tl.zeros((), dtype=tl.int64)
     count_above = tl.zeros((), dtype=tl.int32)
-    # 1) the first FULL_PASSES passes count over the whole row
-    for step in range(FULL_PASSES):
-        bit = tl.full((), 1, dtype=tl.int64) << (KEY_BITS - RADIX_BITS * (step + 1))
+    count_from_u = tl.zeros((), dtype=tl.int32) + n_tokens
+    step = tl.zeros((), dtype=tl.int32)
+    # 1) passes over the whole row, while more keys than CAND_BLOCK share the digits decided so far (CAND_BLOCK = 0:
+    # every pass; with ties at the threshold the range never narrows, and every pass runs here too)
+    while (step < RADIX_PASSES) & (count_from_u - count_above > CAND_BLOCK):
+        bit = _pass_bit(step)
         count1 = 0
         count2 = 0
         count3 = 0
@@ -154,41 +164,36 @@ def _topk_threshold(scores_ptr, row_offset, stride_n, n_tokens, k, row_keys, can
             count1 += block1
             count2 += block2
             count3 += block3
-        u, count_above = _accept_digit(u, bit, k, count1, count2, count3, count_above)
-    if FULL_PASSES < RADIX_PASSES:
-        # 2) candidate filter: only the keys whose top FULL_PASSES digits equal u's, ranks [u, u + width), can still
-        # tell the remaining digits apart (the keys above them are count_above). Compacted into this sample's
-        # scratch row (a running prefix count over the blocks), the remaining passes count over them alone: for
-        # spread scores a few percent of the row once the sign, exponent and top mantissa bits are fixed.
-        width = tl.full((), 1, dtype=tl.int64) << (KEY_BITS - RADIX_BITS * FULL_PASSES)
-        low = (u - KEY_OFFSET).to(tl.int32)
-        high = (u + width - 1 - KEY_OFFSET).to(tl.int32)
-        n_candidates = 0
-        for start in range(0, n_tokens, CAND_BLOCK):
-            # reloaded in small blocks (from the cache): a prefix scan over a whole selection block held in
-            # registers would spill
-            pos = start + tl.arange(0, CAND_BLOCK)
-            key = _score_keys(scores_ptr, row_offset, stride_n, pos, pos < n_tokens)
-            in_range = (key >= low) & (key <= high) & (key != PAD_KEY)
-            slot = n_candidates + tl.cumsum(in_range.to(tl.int32), 0) - 1
-            tl.store(candidates_ptr + slot, key, mask=in_range)
-            n_candidates += tl.sum(in_range.to(tl.int32))
-        tl.debug_barrier()  # the candidates written by every thread of the program, before any thread reads them
-        above_range = count_above
-        # 3) the remaining passes: count(key >= c) = the keys above the range + the candidates >= c
-        for step in range(FULL_PASSES, RADIX_PASSES):
-            bit = tl.full((), 1, dtype=tl.int64) << (KEY_BITS - RADIX_BITS * (step + 1))
-            count1 = above_range
-            count2 = above_range
-            count3 = above_range
-            for start in range(0, n_candidates, CAND_BLOCK):
-                slot = start + tl.arange(0, CAND_BLOCK)
-                key = tl.load(candidates_ptr + slot, mask=slot < n_candidates, other=PAD_KEY)
-                block1, block2, block3 = _digit_counts(key, u, bit)
-                count1 += block1
-                count2 += block2
-                count3 += block3
-            u, count_above = _accept_digit(u, bit, k, count1, count2, count3, count_above)
+        u, count_above, count_from_u = _accept_digit(u, bit, k, count1, count2, count3, count_above, count_from_u)
+        step += 1
+    if CAND_BLOCK > 0:
+        if step < RADIX_PASSES:
+            # 2) candidate filter: the at most CAND_BLOCK keys of ranks [u, u + width) (the digits decided so far)
+            # are the only ones that can still tell the remaining digits apart (the keys above them are
+            # count_above). Compacted into this sample's scratch row (a prefix count over small blocks of the row,
+            # reloaded from the cache: a scan over a whole selection block held in registers would spill), then
+            # loaded once and held in registers for the remaining passes.
+            width = _pass_bit(step - 1)
+            low = (u - KEY_OFFSET).to(tl.int32)
+            high = (u + width - 1 - KEY_OFFSET).to(tl.int32)
+            n_candidates = 0
+            for start in range(0, n_tokens, CAND_BLOCK):
+                pos = start + tl.arange(0, CAND_BLOCK)
+                key = _score_keys(scores_ptr, row_offset, stride_n, pos, pos < n_tokens)
+                in_range = (key >= low) & (key <= high) & (key != PAD_KEY)
+                slot = n_candidates + tl.cumsum(in_range.to(tl.int32), 0) - 1
+                tl.store(candidates_ptr + slot, key, mask=in_range)
+                n_candidates += tl.sum(in_range.to(tl.int32))
+            tl.debug_barrier()  # the candidates written by every thread of the program, before any thread reads them
+            slot = tl.arange(0, CAND_BLOCK)
+            candidates = tl.load(candidates_ptr + slot, mask=slot < n_candidates, other=PAD_KEY)
+            above_range = count_above
+            # 3) the remaining passes: count(key >= c) = the keys above the range + the candidates >= c
+            for later_step in range(step, RADIX_PASSES):
+                bit = _pass_bit(later_step)
+                count1, count2, count3 = _digit_counts(candidates, u, bit)
+                u, count_above, count_from_u = _accept_digit(u, bit, k, above_range + count1, above_range + count2,
+                                                             above_range + count3, count_above, count_from_u)
     threshold = (u - KEY_OFFSET).to(tl.int32)  # k = 0: INT32_MAX, only NaN ties it (and none is kept)
     return threshold, count_above
 
@@ -224,13 +229,13 @@ def _topk_threshold_kernel(
     counts_ptr, uniform_count, n_samples,
     threshold_ptr, need_ptr, index_ptr, cu_seqlens_ptr, n_rows, candidates_ptr,
     PER_SAMPLE_COUNTS: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr,
-    FULL_PASSES: tl.constexpr, CAND_BLOCK: tl.constexpr,
+    CAND_BLOCK: tl.constexpr,
 ):
     """Program b: threshold[b] = the k-th largest key of sample b and need[b] = how many keys equal to it are kept
-    (k minus the keys above it); ``candidates`` ``[B, N]`` int32 is its scratch when FULL_PASSES < RADIX_PASSES
-    (the keys left after the first FULL_PASSES passes). ONE_BLOCK: the sample fits in one BLOCK_N block, its keys
-    are loaded once, and the program also does ``_write_index_kernel``'s work for it (its packed index rows, its
-    cu_seqlens entry, and for the last sample the zero padding), which saves two launches."""
+    (k minus the keys above it); ``candidates`` ``[B, N]`` int32 is its scratch when CAND_BLOCK > 0 (the keys left
+    once at most CAND_BLOCK share the threshold's leading digits). ONE_BLOCK: the sample fits in one BLOCK_N block,
+    its keys are loaded once, and the program also does ``_write_index_kernel``'s work for it (its packed index
+    rows, its cu_seqlens entry, and for the last sample the zero padding), which saves two launches."""
     b = tl.program_id(0)
     row_start, k = _sample_counts(counts_ptr, uniform_count, n_samples, b, PER_SAMPLE_COUNTS, B_PAD)
     row_offset = b.to(tl.int64) * stride_b
@@ -238,7 +243,7 @@ def _topk_threshold_kernel(
     row_keys = _score_keys(scores_ptr, row_offset, stride_n, first, first < n_tokens)  # used when ONE_BLOCK
     threshold, count_above = _topk_threshold(scores_ptr, row_offset, stride_n, n_tokens, k, row_keys,
                                              candidates_ptr + b.to(tl.int64) * n_tokens, BLOCK_N, ONE_BLOCK,
-                                             FULL_PASSES, CAND_BLOCK)
+                                             CAND_BLOCK)
     need = k - count_above
     if ONE_BLOCK:
         # padding keys lie below every real key, so they are neither above nor tied
@@ -412,11 +417,11 @@ def _scatter_rows_kernel(
 # launchers
 # ----------------------------------------------------------------------------------------------------------------
 def _select_config(n_tokens: int) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, FULL_PASSES) of the selection kernel: one block holds the whole sample when it fits;
-    long rows count the last passes over the filtered candidates only."""
+    """(BLOCK_N, num_warps, CAND_BLOCK) of the selection kernel: one block holds the whole sample when it fits;
+    long rows count the last passes over the filtered candidates only (CAND_BLOCK 0: no filter)."""
     block = min(next_power_of_2(max(n_tokens, 16)), MAX_SELECT_BLOCK)
-    full_passes = FILTERED_FULL_PASSES if n_tokens >= FILTER_MIN_TOKENS else RADIX_PASSES.value
-    return block, max(1, min(16, block // 1024)), full_passes
+    cand_block = max(block // CAND_BLOCK_FRACTION, 16) if n_tokens >= FILTER_MIN_TOKENS else 0
+    return block, max(1, min(16, block // 1024)), cand_block
 
 
 def _compact_config(n_tokens: int) -> tuple[int, int]:
@@ -494,17 +499,15 @@ def compact_index(
     # one selection block writes its packed index rows there too, and that is all
     threshold = need = index  # unused pointers on the mask path and for one-block rows
     if has_scores:
-        select_block, select_warps, full_passes = _select_config(n_tokens)
+        select_block, select_warps, cand_block = _select_config(n_tokens)
         one_block = n_tokens <= select_block
         if not one_block:
             threshold, need = torch.empty((2, batch), dtype=torch.int32, device=device)
-        filtered = full_passes < RADIX_PASSES.value
-        candidates = torch.empty((batch, n_tokens), dtype=torch.int32, device=device) if filtered else index
+        candidates = torch.empty((batch, n_tokens), dtype=torch.int32, device=device) if cand_block else index
         _topk_threshold_kernel[(batch,)](
             sel, sel.stride(0), sel.stride(1), n_tokens, counts_arg, uniform_count, batch, threshold, need,
             index, cu_seqlens, n_rows, candidates, PER_SAMPLE_COUNTS=not uniform, B_PAD=b_pad,
-            BLOCK_N=select_block, ONE_BLOCK=one_block, FULL_PASSES=full_passes,
-            CAND_BLOCK=max(select_block // CAND_BLOCK_FRACTION, 16), num_warps=select_warps,
+            BLOCK_N=select_block, ONE_BLOCK=one_block, CAND_BLOCK=cand_block, num_warps=select_warps,
         )
         if one_block:
             return index, cu_seqlens

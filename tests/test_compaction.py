@@ -239,10 +239,11 @@ def _check_topk_index(scores, budget):
 
 @pytest.mark.parametrize("block", [None, 32], ids=["one_block_rows", "several_block_rows"])
 def test_candidate_filter_forced_on_short_rows(device, monkeypatch, block):
-    """The selection kernel's candidate filter (the last radix passes count only the keys that share the
-    threshold's leading digits, compacted into a poisoned scratch row a few keys at a time), forced on short rows:
-    special values, keys differing in their lowest bits only, runs of ties (with one distinct value every key is a
-    candidate) and spread scores give torch's top-k."""
+    """The selection kernel's candidate filter (once few keys share the threshold's digits decided so far, the
+    remaining radix passes count only those, compacted through a poisoned scratch row), forced on short rows:
+    special values (also a row short enough to be filtered before the first pass), keys differing in their lowest
+    bits only, runs of ties (one distinct value: the range never narrows and every pass counts the whole row) and
+    spread scores give torch's top-k."""
     monkeypatch.setattr(kc, "FILTER_MIN_TOKENS", 1)
     if block is not None:
         monkeypatch.setattr(kc, "MAX_SELECT_BLOCK", block)
@@ -254,26 +255,36 @@ def test_candidate_filter_forced_on_short_rows(device, monkeypatch, block):
     one_bits = torch.tensor(1.0).view(torch.int32)
     bits = one_bits + torch.randint(0, 6, (2, 80), generator=gen, dtype=torch.int32)
     low_bits = (bits.view(torch.float32) * (torch.rand(2, 80, generator=gen) > 0.5).float().mul(2).sub(1)).to(device)
-    for scores in (special, low_bits, _scores(gen, 2, 150, torch.float32, device, distinct=1),
+    for scores in (special, special[:, :12], low_bits, _scores(gen, 2, 150, torch.float32, device, distinct=1),
                    _scores(gen, 2, 150, torch.float32, device, distinct=3),
                    _scores(gen, 2, 300, torch.float16, device)):
         n_tokens = scores.shape[1]
-        assert kc._select_config(n_tokens)[2] < kc.RADIX_PASSES.value  # the filter runs
+        assert kc._select_config(n_tokens)[2] > 0  # the filter runs
         for k in sorted({0, 1, 7, n_tokens // 3, n_tokens - 1, n_tokens}):
             _check_topk_index(scores, [k, n_tokens - k])
 
 
-def test_candidate_filter_at_benchmark_length(device):
+def test_candidate_filter_at_benchmark_length(device, monkeypatch):
     """Issue 3's row (3 x 4096 tokens, held in one block) and a row of several blocks, with their shipped
-    configuration (the filter on): spread scores (a few percent of the keys left after the first passes) and one
-    value repeated (every key left, counted in several scratch blocks)."""
+    configuration: spread scores are filtered (the scratch row, poisoned, holds at most CAND_BLOCK candidates
+    afterwards), scores of one value are not (the range never narrows: the scratch row stays untouched)."""
+    scratch = []
+    real_empty = kc.torch.empty  # (the tests' poisoning torch.empty)
+    monkeypatch.setattr(kc.torch, "empty", lambda *a, **kw: scratch.append(real_empty(*a, **kw)) or scratch[-1])
     gen = torch.Generator().manual_seed(20)
     for n_tokens in (3 * 4096, 2 * kc.MAX_SELECT_BLOCK + 5):
-        assert kc._select_config(n_tokens)[2] < kc.RADIX_PASSES.value
+        cand_block = kc._select_config(n_tokens)[2]
+        assert cand_block > 0
         spread = torch.rand(1, n_tokens, generator=gen).to(device)
         for k in (1, n_tokens // 10, n_tokens):
+            scratch.clear()
             _check_topk_index(spread, [k])
+            written = [int((t != -7).sum()) for t in scratch if t.shape == (1, n_tokens) and t.dtype == torch.int32]
+            assert len(written) == 1 and 0 < written[0] <= cand_block, (n_tokens, k, written)
+        scratch.clear()
         _check_topk_index(torch.zeros(1, n_tokens, device=device), [n_tokens // 10])
+        written = [int((t != -7).sum()) for t in scratch if t.shape == (1, n_tokens) and t.dtype == torch.int32]
+        assert written == [0], written
 
 
 @pytest.mark.parametrize("one_block", [False, True], ids=["write_kernel", "selection_kernel"])
