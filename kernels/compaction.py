@@ -133,7 +133,7 @@ def _accept_digit(u, bit, k, count1, count2, count3, count_above, count_from_u):
 @triton.jit
 def _pass_bit(step):
     """The lowest bit of the digit that radix pass ``step`` decides."""
-    return tl.full((), 1 << 32, dtype=tl.int64) >> ((step + 1) * RADIX_BITS)  # 2**KEY_BITS >> ...
+    return tl.full((), 1 << 32, dtype=tl.int64) >> ((step + 1) * RADIX_BITS)  # 2**KEY_BITS >> RADIX_BITS·(step+1)
 
 
 @triton.jit
