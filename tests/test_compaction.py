@@ -734,6 +734,28 @@ def test_cuda_benchmark_shape_bf16():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fraction", [1, 16, 256])
+def test_cuda_selection_kernel_candidate_filter(monkeypatch, fraction):
+    """The selection kernel's candidate filter on a GPU (a scratch row written and read back by every thread of the
+    program, across a barrier), with candidate blocks of 1 / ``fraction`` of the selection block: spread scores
+    (filtered), one value (never narrowed), quantised scores (many ties), a row of several blocks, and short rows
+    with the filter forced."""
+    monkeypatch.setattr(kc, "CAND_BLOCK_FRACTION", fraction)
+    gen = torch.Generator().manual_seed(22)
+    rows = [torch.rand(2, 3 * 4096, generator=gen), torch.zeros(1, 3 * 4096),
+            (torch.rand(2, 5000, generator=gen) * 8).floor(),
+            torch.randn(2, 2 * kc.MAX_SELECT_BLOCK + 5, generator=gen)]
+    for scores in rows:
+        n_tokens = scores.shape[1]
+        for k in (0, 1, n_tokens // 10, n_tokens - 1, n_tokens):
+            _check_topk_index(scores.cuda(), [k] * scores.shape[0])
+    monkeypatch.setattr(kc, "FILTER_MIN_TOKENS", 1)
+    for n_tokens in (12, 300):
+        scores = torch.randn(3, n_tokens, generator=gen).cuda().half()
+        _check_topk_index(scores, [0, n_tokens // 3, n_tokens])
+
+
+@pytest.mark.gpu
 def test_cuda_scores_path_never_syncs():
     gen = torch.Generator().manual_seed(14)
     scores = torch.randn(2, 4096, generator=gen).cuda()
