@@ -139,8 +139,8 @@ def _pass_bit(step):
 @triton.jit
 def _topk_threshold(scores_ptr, row_offset, stride_n, n_tokens, k, row_keys, candidates_ptr,
                     BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr, CAND_BLOCK: tl.constexpr):
-    """Returns ``(threshold, count_above)``: the k-th largest key (INT32_MAX when k = 0) and the number of keys above
-    it. The k highest scores, ties to the lower index, are the keys above the threshold and the first
+    """Returns ``(threshold, count_above)``: the k-th largest key (k = 0: a key that none lies above) and the number
+    of keys above it. The k highest scores, ties to the lower index, are the keys above the threshold and the first
     ``k - count_above`` keys equal to it."""
     # Radix select: threshold = the largest t with count(key >= t) >= k, built RADIX_BITS bits per pass from the top,
     # over the unsigned rank u = t + KEY_OFFSET (int64, so every candidate fits in int32 once offset back).
@@ -194,7 +194,9 @@ def _topk_threshold(scores_ptr, row_offset, stride_n, n_tokens, k, row_keys, can
                 count1, count2, count3 = _digit_counts(candidates, u, bit)
                 u, count_above, count_from_u = _accept_digit(u, bit, k, above_range + count1, above_range + count2,
                                                              above_range + count3, count_above, count_from_u)
-    threshold = (u - KEY_OFFSET).to(tl.int32)  # k = 0: INT32_MAX, only NaN ties it (and none is kept)
+    # k = 0: a threshold with no key above it and need = 0 (INT32_MAX, which only NaN ties, once every pass ran;
+    # without the filter the passes stop as soon as no key reaches u)
+    threshold = (u - KEY_OFFSET).to(tl.int32)
     return threshold, count_above
 
 
