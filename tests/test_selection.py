@@ -543,6 +543,20 @@ def test_adaptive_budget_is_monotone_and_minimal(seed, lengths, c1, c2, softmax)
                 assert prefix[count - 1] < high + 1e-6  # and one token fewer does not
 
 
+@pytest.mark.parametrize("mass", ["linear", "softmax"])
+@pytest.mark.parametrize("lengths", [[24, 24, 24], [24, 10]], ids=["one_length", "two_lengths"])
+def test_adaptive_budget_keeps_each_images_top_counts_ties_to_the_lower_index(mass, lengths):
+    """The adaptive keep mask is each image's top-``counts`` by score, ties to the lower index (``compact_tokens``'
+    rule, the reference's ``topk_keep_mask``), also where the linear mass and the top-k share one sort."""
+    gen = torch.Generator().manual_seed(31)
+    n_tokens = sum(lengths)
+    for scores in ((torch.rand(3, n_tokens, generator=gen) * 4).floor(), torch.rand(3, n_tokens, generator=gen)):
+        result = adaptive_budget(scores, 0.7, 2, 0.8, lengths, mass=mass)
+        for i, (lo, hi) in enumerate(selection._image_slices(lengths)):
+            expected = reference.topk_keep_mask(scores[:, lo:hi], result.counts[:, i].tolist())
+            assert torch.equal(result.keep[:, lo:hi], expected), (mass, i)
+
+
 def test_adaptive_budget_adapts_and_clamps():
     lengths = [16, 16]
     peaked = torch.full((1, 32), -4.0)
