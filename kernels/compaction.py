@@ -43,7 +43,7 @@ from ._launch import built_for_interpreter, cdiv, next_power_of_2, on_device_of,
 # compare-and-add over the row, for fewer passes: two is the cheapest total on one SM for rows of ~10k tokens.
 KEY_BITS = tl.constexpr(32)
 RADIX_BITS = tl.constexpr(2)
-RADIX_PASSES = tl.constexpr(16)  # KEY_BITS // RADIX_BITS
+RADIX_PASSES = tl.constexpr(KEY_BITS.value // RADIX_BITS.value)
 # Offset between a signed int32 key and its unsigned rank in [0, 2**32).
 KEY_OFFSET = tl.constexpr(1 << 31)
 # Key of positions past the row's end: below every real key (-inf is -0x7F800000), so never counted, kept or tied.

@@ -560,7 +560,9 @@ def masked_attention(
     if isinstance(kept_prefix, bool) or not isinstance(kept_prefix, int) or not 0 <= kept_prefix <= seq:
         raise ValueError(f"kept_prefix must be an int in [0, S={seq}], got {kept_prefix!r}")
 
-    if query_mask is key_mask and kept_prefix == 0 and _plain_eager(q, k, v):
+    # without autograd or a tracer to see them, packed copies are made directly (see _pack_for_attention)
+    queries_eager, keys_eager = _plain_eager(q), _plain_eager(k, v)
+    if query_mask is key_mask and kept_prefix == 0 and queries_eager and keys_eager:
         # one mask for the queries and the keys, no autograd: one compaction packs q, k and v, whose kept keys are
         # then each sample's own contiguous keys
         kept = _pack_for_attention(key_mask, q, k, v)
@@ -578,7 +580,7 @@ def masked_attention(
     if kept_prefix < seq:
         rest_mask, rest_k, rest_v = key_mask[:, kept_prefix:], k[:, kept_prefix:], v[:, kept_prefix:]
         rest_rows = batch * (seq - kept_prefix)
-        if not _plain_eager(rest_k, rest_v):  # (e.g. autograd, or vmap: the compaction refuses batched tensors)
+        if not keys_eager:  # (e.g. autograd, or vmap: the compaction refuses batched tensors)
             rest = compact_tokens(rest_mask, max_total=rest_rows)
             refs = dict(ref_k=rest_k, ref_v=rest_v, ref_index=rest.index, cu_seqlens_ref=rest.cu_seqlens)
         else:
@@ -592,7 +594,7 @@ def masked_attention(
                                softmax_scale=softmax_scale, validate=False, **refs)
         return out.view(batch, seq, heads, dim)
     dense_q = q.reshape(batch, seq, heads * dim)
-    queries = (_pack_for_attention(query_mask, dense_q) if _plain_eager(q) else
+    queries = (_pack_for_attention(query_mask, dense_q) if queries_eager else
                compact_tokens(query_mask, dense_q, max_total=batch * seq))
     packed_q = queries.tensors[0].view(-1, heads, dim)
     out = sparse_attention(packed_q, own_k, own_v, queries.cu_seqlens, cu_k, seq, kept_prefix,

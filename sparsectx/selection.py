@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .ops import _device_values, _python_number
+from .ops import _device_values, _is_int, _python_number
 
 # ----------------------------------------------------------------------------------------------------------------
 # constants
@@ -240,6 +240,20 @@ def _image_slices(ref_lengths: Sequence[int]) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+def _shared_constant(maxsize: Optional[int] = 64, typed: bool = False):
+    """Decorator: ``functools.lru_cache`` for functions that make a constant tensor from hashable layout settings
+    (lengths, shapes, a device), built as a plain tensor even when first asked for under inference mode (it is
+    reused by later calls, which may record autograd). The tensor is shared by every caller: never modify it."""
+    def decorate(make):
+        @functools.lru_cache(maxsize=maxsize, typed=typed)
+        @functools.wraps(make)
+        def cached(*args):
+            with torch.inference_mode(False):
+                return make(*args)
+        return cached
+    return decorate
+
+
 def _token_layout(ref_lengths: Sequence[int], device) -> torch.Tensor:
     """long ``[3, N]`` on ``device``: each token's image index, its image's first token and its image's length.
     Built on the host from the lengths (a handful of CPU ops, whatever the number of images) and copied once per
@@ -247,13 +261,8 @@ def _token_layout(ref_lengths: Sequence[int], device) -> torch.Tensor:
     return _cached_token_layout(tuple(int(n) for n in ref_lengths), torch.device(device))
 
 
-@functools.lru_cache(maxsize=64)
+@_shared_constant(maxsize=64)
 def _cached_token_layout(ref_lengths: tuple, device: torch.device) -> torch.Tensor:
-    with torch.inference_mode(False):  # a plain tensor even when first made under inference mode (it is reused)
-        return _make_token_layout(ref_lengths, device)
-
-
-def _make_token_layout(ref_lengths: tuple, device: torch.device) -> torch.Tensor:
     if len(ref_lengths) == 1:
         return _device_values([[0], [0], [ref_lengths[0]]], torch.long, device).expand(3, ref_lengths[0])
     lengths = torch.tensor(ref_lengths)
@@ -276,25 +285,23 @@ def _image_rows(x: torch.Tensor, ref_lengths: Sequence[int], fill=None) -> torch
     return x.index_select(1, index).unflatten(1, (n_refs, longest))
 
 
-@functools.lru_cache(maxsize=64)
+@_shared_constant(maxsize=64)
 def _image_rows_index(ref_lengths: tuple, padded: bool, device: torch.device) -> torch.Tensor:
     """``_image_rows``' gather index (long ``[n_refs · longest]``): image i's tokens, then its first token, or with
     ``padded`` the extra token after the N tokens (the tensor is shared: never modify it)."""
-    with torch.inference_mode(False):  # a plain tensor even when first made under inference mode (it is reused)
-        slot = torch.arange(max(ref_lengths))
-        lengths = torch.tensor(ref_lengths)[:, None]
-        starts = torch.cumsum(lengths, 0) - lengths
-        inside = slot < lengths
-        index = torch.where(inside, starts + slot, sum(ref_lengths)) if padded else starts + slot * inside
-        return _device_values(index.flatten(), None, device)
+    slot = torch.arange(max(ref_lengths))
+    lengths = torch.tensor(ref_lengths)[:, None]
+    starts = torch.cumsum(lengths, 0) - lengths
+    inside = slot < lengths
+    index = torch.where(inside, starts + slot, sum(ref_lengths)) if padded else starts + slot * inside
+    return _device_values(index.flatten(), None, device)
 
 
-@functools.lru_cache(maxsize=64)
+@_shared_constant(maxsize=64)
 def _positions(n: int, device: torch.device) -> torch.Tensor:
     """long ``[n]``: 0 .. n-1 on ``device``, made once per length and device (the tensor is shared: never modify
     it)."""
-    with torch.inference_mode(False):  # a plain tensor even when first made under inference mode (it is reused)
-        return torch.arange(n, device=device)
+    return torch.arange(n, device=device)
 
 
 def _image_grid(context: SelectionContext, device) -> Optional[torch.Tensor]:
@@ -320,42 +327,35 @@ def _image_grid(context: SelectionContext, device) -> Optional[torch.Tensor]:
         raise ValueError(f"extra['ref_shapes'] must give (h, w) for each of the {context.num_references} references")
     for (h, w), n in zip(shapes, lengths):
         h, w = _python_number(h), _python_number(w)
-        if not (_is_size(h) and _is_size(w)) or h * w != n:
+        if not (_is_int(h) and _is_int(w) and h > 0 and w > 0) or h * w != n:
             raise ValueError(f"extra['ref_shapes'] entry ({h}, {w}) must be two positive ints whose product is the "
                              f"reference's {n} tokens")
     return _shapes_grid(tuple((int(h), int(w)) for h, w in shapes), tuple(lengths), torch.device(device))
 
 
-def _is_size(value) -> bool:
-    """A positive Python int (not a bool)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-@functools.lru_cache(maxsize=64)
+@_shared_constant(maxsize=64)
 def _shapes_grid(shapes: tuple, ref_lengths: tuple, device: torch.device) -> torch.Tensor:
     """``_image_grid`` of checked ``ref_shapes``: row-major grids built on the host (position p of an image of width
     w sits at (p // w, p % w)), copied once per shapes and device (the tensor is shared: never modify it)."""
-    with torch.inference_mode(False):  # a plain tensor even when first made under inference mode (it is reused)
-        counts, total = torch.tensor(ref_lengths), sum(ref_lengths)
-        starts = (torch.cumsum(counts, 0) - counts).repeat_interleave(counts, output_size=total)
-        position = torch.arange(total) - starts
-        width = torch.tensor([w for _, w in shapes]).repeat_interleave(counts, output_size=total)
-        return _device_values(torch.stack([position // width, position % width], dim=-1), None, device)[None]
+    counts, total = torch.tensor(ref_lengths), sum(ref_lengths)
+    starts = (torch.cumsum(counts, 0) - counts).repeat_interleave(counts, output_size=total)
+    position = torch.arange(total) - starts
+    width = torch.tensor([w for _, w in shapes]).repeat_interleave(counts, output_size=total)
+    return _device_values(torch.stack([position // width, position % width], dim=-1), None, device)[None]
 
 
 WORD_BITS = 16  # _reversed_bits: bits reversed per table lookup (tables of 2**16 entries)
 
 
-@functools.lru_cache(maxsize=None)
+@_shared_constant(maxsize=None)
 def _word_table(spread: bool, device: torch.device) -> torch.Tensor:
     """long ``[2**WORD_BITS]``: each word with its bits reversed (bit k -> bit WORD_BITS-1-k; ``spread``: to bit
     2·(WORD_BITS-1-k)), built on the host and copied to ``device`` once per process."""
-    with torch.inference_mode(False):  # a plain tensor even when first made under inference mode (it is reused)
-        word = torch.arange(1 << WORD_BITS)
-        table = torch.zeros_like(word)
-        for k in range(WORD_BITS):
-            table |= ((word >> k) & 1) << ((2 if spread else 1) * (WORD_BITS - 1 - k))
-        return _device_values(table, None, device)
+    word = torch.arange(1 << WORD_BITS)
+    table = torch.zeros_like(word)
+    for k in range(WORD_BITS):
+        table |= ((word >> k) & 1) << ((2 if spread else 1) * (WORD_BITS - 1 - k))
+    return _device_values(table, None, device)
 
 
 def _reversed_bits(x: torch.Tensor, bits: int, spread: bool) -> torch.Tensor:
@@ -463,12 +463,11 @@ def _uniform_scores(reference_latents: torch.Tensor, context: SelectionContext, 
     return _layout_uniform_scores(tuple(lengths), shapes, device)
 
 
-@functools.lru_cache(maxsize=64)
+@_shared_constant(maxsize=64)
 def _layout_uniform_scores(ref_lengths: tuple, shapes: Optional[tuple], device: torch.device) -> torch.Tensor:
     """``_uniform_scores`` ``[1, N]`` of the ``ref_shapes`` grids (checked), or of 1D images (None)."""
-    with torch.inference_mode(False):  # a plain tensor even when first made under inference mode (it is reused)
-        grid = None if shapes is None else _shapes_grid(shapes, ref_lengths, device)
-        return _grid_uniform_scores(grid, ref_lengths, device)
+    grid = None if shapes is None else _shapes_grid(shapes, ref_lengths, device)
+    return _grid_uniform_scores(grid, ref_lengths, device)
 
 
 def _grid_uniform_scores(grid: Optional[torch.Tensor], ref_lengths: Sequence[int], device) -> torch.Tensor:
@@ -925,15 +924,14 @@ def _per_image(name: str, value: PerImage, batch: int, ref_lengths: Sequence[int
     return _device_values(counts, None, device) if counts.device.type == "cpu" else counts  # host lists: one copy
 
 
-@functools.lru_cache(maxsize=256, typed=True)  # typed: the count 1 and the ratio 1.0 are other settings
+@_shared_constant(maxsize=256, typed=True)  # typed: the count 1 and the ratio 1.0 are other settings
 def _scalar_counts(value: Union[int, float], batch: int, ref_lengths: tuple, device: torch.device) -> torch.Tensor:
     """``_per_image`` of a checked Python scalar: int64 ``[batch, n_refs]``, made on the host and copied once per
     setting, batch, layout and device (the tensor is shared: never modify it)."""
-    with torch.inference_mode(False):  # a plain tensor even when first made under inference mode (it is reused)
-        if batch == 0:  # (a list of no rows would lose the image dimension)
-            return torch.zeros((0, len(ref_lengths)), dtype=torch.long, device=device)
-        row = [min(math.floor(value * n + 0.5) if isinstance(value, float) else value, n) for n in ref_lengths]
-        return _device_values([row] * batch, torch.long, device)
+    if batch == 0:  # (a list of no rows would lose the image dimension)
+        return torch.zeros((0, len(ref_lengths)), dtype=torch.long, device=device)
+    row = [min(math.floor(value * n + 0.5) if isinstance(value, float) else value, n) for n in ref_lengths]
+    return _device_values([row] * batch, torch.long, device)
 
 
 def _descending_order(scores: torch.Tensor, ref_lengths: Sequence[int]) -> torch.Tensor:
