@@ -15,6 +15,7 @@ Ops:
 - ``compact_tokens`` / ``scatter_tokens``: keep-mask or scores+budget -> packed kept rows, and back.
 - ``attention_key_mass``: the attention probability each key receives from a set of weighted queries (token
   selection's probes), without writing the scores.
+- ``rms_norm_rope``: FLUX attention's QK RMS norm, text/image concatenation and rotary embedding in one pass.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def _triton_available() -> bool:
     return True
 
 
-_KERNEL_MODULES = ("sparsectx.kernels.attention", "sparsectx.kernels.compaction")
+_KERNEL_MODULES = ("sparsectx.kernels.attention", "sparsectx.kernels.compaction", "sparsectx.kernels.norm_rope")
 
 
 def interpreter_enabled() -> bool:
@@ -690,6 +691,97 @@ def attention_key_mass(q: torch.Tensor, k: torch.Tensor, query_weights: Optional
                          "under torch.no_grad())")
     key_mass = _key_mass if _plain_eager(q, k, query_weights) else _key_mass_op
     return key_mass(q, k, query_weights, float(softmax_scale))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# QK norm and rotary embedding
+# ----------------------------------------------------------------------------------------------------------------
+_NORM_ROPE_DTYPES = _ATTN_DTYPES + (torch.float64,)  # float64: the reference path (an exact check)
+_NORM_ROPE_MAX_HEAD_DIM = 256
+
+
+@torch.library.custom_op("sparsectx::rms_norm_rope", mutates_args=())
+def _rms_norm_rope_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight: Optional[torch.Tensor],
+                      eps: float, prefix: Optional[torch.Tensor],
+                      prefix_weight: Optional[torch.Tensor]) -> torch.Tensor:
+    return _rms_norm_rope(x, cos, sin, weight, eps, prefix, prefix_weight)
+
+
+def _rms_norm_rope(x, cos, sin, weight, eps, prefix, prefix_weight):
+    """The custom op's implementation (eager calls that record no graph call it directly)."""
+    if x.dtype != torch.float64 and _use_triton(x):
+        from .kernels.norm_rope import rms_norm_rope as launch
+
+        segments = [(x, weight)] if prefix is None else [(prefix, prefix_weight), (x, weight)]
+        segments = [(_last_dim_contiguous(t), None if w is None else w.contiguous()) for t, w in segments]
+        return launch(segments, _last_dim_contiguous(cos), _last_dim_contiguous(sin), eps)
+    return reference.rms_norm_rope_ref(x, cos, sin, weight, eps, prefix, prefix_weight)
+
+
+@_rms_norm_rope_op.register_fake
+def _(x, cos, sin, weight, eps, prefix, prefix_weight):
+    return x.new_empty((x.shape[0], cos.shape[0], *x.shape[2:]))
+
+
+def rms_norm_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                  eps: Optional[float] = None, *, prefix: Optional[torch.Tensor] = None,
+                  prefix_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """FLUX.1/FLUX.2 attention's queries (or keys) from their projections, in one pass: every head vector of
+    ``x [B, S, H, D]`` through ``torch.nn.RMSNorm(D, eps)`` with ``weight [D]`` (None: no affine weight), the
+    text stream ``prefix [B, S0, H, D]`` (normalised with ``prefix_weight``) joined before it along the sequence,
+    then diffusers' ``apply_rotary_emb(..., use_real=True, use_real_unbind_dim=-1)`` with the joint sequence's
+    tables ``cos, sin [S0 + S, D]`` (pairs of adjacent features rotated). Returns a new contiguous
+    ``[B, S0 + S, H, D]`` in x's dtype. Spec: ``sparsectx.reference.rms_norm_rope_ref``.
+
+    Rounding as in diffusers: the norm computes in fp32 and its output is rounded to x's dtype, the rotation
+    computes in fp32 from it and is rounded again. ``eps`` None: ``torch.finfo(x.dtype).eps``, as
+    ``torch.nn.RMSNorm``. dtypes fp16, bf16, fp32 (float64 on the reference path); head dim even, at most 256;
+    strided inputs are read in place when their last dim is contiguous (e.g. the q/k thirds of a fused QKV
+    projection).
+
+    On a GPU (or the interpreter): one Triton launch per segment (prefix, x). Gradients: inputs that require one
+    (while autograd records) take the plain-torch reference, which is differentiable (the kernel has no backward).
+    A ``torch.library`` custom op (``torch.ops.sparsectx.rms_norm_rope``) otherwise: ``torch.compile`` traces it.
+    Nothing synchronises with the host.
+    """
+    _check_tensor("x", x, ndim=4, dtypes=_NORM_ROPE_DTYPES)
+    batch, seq, heads, dim = x.shape
+    if dim % 2 or not 2 <= dim <= _NORM_ROPE_MAX_HEAD_DIM:
+        raise ValueError(f"head dim (x.shape[-1]) must be even and in 2..{_NORM_ROPE_MAX_HEAD_DIM}, got {dim}")
+    if x.dtype != torch.float64 and batch > MAX_GRID_SAMPLES:
+        raise ValueError(f"x has {batch} samples; one call takes at most {MAX_GRID_SAMPLES} (CUDA's grid limit)")
+    n_prefix = 0
+    if prefix is not None:
+        _check_tensor("prefix", prefix, ndim=4, device=x.device)
+        if prefix.dtype != x.dtype:
+            raise ValueError(f"prefix has dtype {prefix.dtype} but x has {x.dtype}")
+        if prefix.shape[0] != batch or prefix.shape[2:] != x.shape[2:]:
+            raise ValueError(f"prefix must be [B={batch}, S0, H={heads}, D={dim}] like x, got {tuple(prefix.shape)}")
+        n_prefix = prefix.shape[1]
+    elif prefix_weight is not None:
+        raise ValueError("prefix_weight is given without a prefix")
+    for name, w in (("weight", weight), ("prefix_weight", prefix_weight)):
+        if w is not None:
+            _check_tensor(name, w, ndim=1, device=x.device)
+            if not w.is_floating_point() or w.shape[0] != dim:
+                raise ValueError(f"{name} must be a float [D={dim}] tensor, got {w.dtype} {tuple(w.shape)}")
+    for name, table in (("cos", cos), ("sin", sin)):
+        _check_tensor(name, table, ndim=2, device=x.device)
+        if not table.is_floating_point() or tuple(table.shape) != (n_prefix + seq, dim):
+            raise ValueError(f"{name} must be a float [S0 + S={n_prefix + seq}, D={dim}] table (a row per token of "
+                             f"the joint sequence), got {table.dtype} {tuple(table.shape)}")
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    eps = _python_number(eps)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a Python number or None, got {type(eps).__name__}")
+    if not 0.0 <= eps < math.inf:
+        raise ValueError(f"eps must be finite and >= 0, got {eps!r}")
+    tensors = (x, cos, sin, weight, prefix, prefix_weight)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return reference.rms_norm_rope_ref(x, cos, sin, weight, eps, prefix, prefix_weight)
+    norm_rope = _rms_norm_rope if _plain_eager(*tensors) else _rms_norm_rope_op
+    return norm_rope(x, cos, sin, weight, float(eps), prefix, prefix_weight)
 
 
 # ----------------------------------------------------------------------------------------------------------------

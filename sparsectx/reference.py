@@ -264,3 +264,27 @@ def sparse_attention_bwd_ref(dout, dlse, q, k, v, cu_seqlens_q, cu_seqlens_k, *,
             dref_k[target] = dk_b[n_own:]
             dref_v[target] = dv_b[n_own:]
     return dq, dk, dv, dref_k, dref_v
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# QK norm and rotary embedding
+# ----------------------------------------------------------------------------------------------------------------
+def rms_norm_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                      eps: Optional[float] = None, prefix: Optional[torch.Tensor] = None,
+                      prefix_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """What a FLUX.1/FLUX.2 attention does to its queries (or keys) between the projection and the attention: each
+    head vector of ``x [B, S, H, D]`` through ``torch.nn.RMSNorm(D)`` (``weight``, ``eps``; computed in fp32 or
+    wider and rounded to x's dtype), with ``prefix [B, S0, H, D]`` (the text stream, normalised with
+    ``prefix_weight``) joined before it on the sequence, then diffusers' ``apply_rotary_emb`` (``use_real``, pairs
+    of adjacent features ``(x[2i], x[2i+1])`` rotated by ``cos/sin [S0 + S, D]``: ``out = x·cos + rot(x)·sin``
+    with ``rot(x)[2i] = -x[2i+1]``, ``rot(x)[2i+1] = x[2i]``), computed in fp32 or wider and rounded to x's dtype.
+    Returns ``[B, S0 + S, H, D]``."""
+    def norm(t, w):
+        return torch.nn.functional.rms_norm(t, (t.shape[-1],), w, eps)
+
+    joint = norm(x, weight) if prefix is None else torch.cat([norm(prefix, prefix_weight), norm(x, weight)], dim=1)
+    wide = torch.promote_types(joint.dtype, torch.float32)
+    pairs = joint.unflatten(-1, (-1, 2))
+    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+    cos, sin = cos.to(wide)[None, :, None, :], sin.to(wide)[None, :, None, :]
+    return (joint.to(wide) * cos + rotated.to(wide) * sin).to(x.dtype)

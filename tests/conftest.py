@@ -81,7 +81,7 @@ def _diffusers_backend_unchanged():
     assert after == before, f"the test left diffusers' active attention backend at {after} (was {before})"
 
 
-_KERNEL_MODULES = ("sparsectx.kernels.attention", "sparsectx.kernels.compaction")
+_KERNEL_MODULES = ("sparsectx.kernels.attention", "sparsectx.kernels.compaction", "sparsectx.kernels.norm_rope")
 _POISONING_TORCH = []  # the proxy, built once
 
 
