@@ -1,7 +1,7 @@
 """sparsectx: Sparse Context for reference-conditioned diffusion transformers.
 
 Public ops (``sparsectx.ops``): ``sparse_attention``, ``masked_attention``, ``compact_tokens``, ``scatter_tokens``,
-``attention_key_mass``.
+``attention_key_mass``, ``rms_norm_rope``.
 """
 from .ops import (  # noqa: F401
     Compacted,
@@ -9,6 +9,7 @@ from .ops import (  # noqa: F401
     backend_for,
     compact_tokens,
     masked_attention,
+    rms_norm_rope,
     scatter_tokens,
     sparse_attention,
 )

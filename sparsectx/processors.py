@@ -1,7 +1,9 @@
 """diffusers attention processors that run sparsectx's attention kernel.
 
 Each processor does what the diffusers processor it replaces does (projections, QK norms, RoPE, output
-projections, the KV-cache bookkeeping of FLUX.2 klein) and swaps only the attention call:
+projections, the KV-cache bookkeeping of FLUX.2 klein) and swaps the attention call, and for FLUX.1/FLUX.2 the QK
+norms, text/image concatenation and RoPE of q and k, which ``sparsectx.rms_norm_rope`` computes in one pass (where
+the norms are plain ``torch.nn.RMSNorm`` modules without hooks; elsewhere diffusers' modules run as they are):
 
 - no key mask: ``sparsectx.sparse_attention`` on the dense equal-length batch (``[B, S, H, D]`` viewed as packed
   ``[B*S, H, D]``, ``cu_seqlens = arange(B+1) * S``; nothing waits for the device);
@@ -49,7 +51,7 @@ try:  # diffusers' layer skip: absent from some releases, then nothing to honour
 except ImportError:
     AttentionProcessorRegistry = AttentionScoreSkipFunctionMode = None
 
-from .ops import masked_attention, sparse_attention, uniform_cu_seqlens
+from .ops import masked_attention, rms_norm_rope, sparse_attention, uniform_cu_seqlens
 
 KV_EXTRACT, KV_CACHED = "extract", "cached"  # FLUX.2 klein's kv_cache_mode values
 KEPT_INDEX = "kept_index"  # optional attribute of a KV layer cache: [B, n] cached rows the cached steps attend to
@@ -297,24 +299,50 @@ class _SparsectxProcessor:
 # ----------------------------------------------------------------------------------------------------------------
 # FLUX.2 (klein) and FLUX.1: joint attention blocks and single-stream blocks
 # ----------------------------------------------------------------------------------------------------------------
+def _plain_rms_norm(module, x: torch.Tensor) -> bool:
+    """Whether ``module`` is exactly ``torch.nn.RMSNorm`` over ``x``'s head dim, on x's device and called without
+    hooks (diffusers' offloading and hook registry wrap ``forward`` or add hooks): what ``rms_norm_rope`` may compute
+    in its place."""
+    nn_module = torch.nn.modules.module
+    return (type(module) is torch.nn.RMSNorm and tuple(module.normalized_shape) == (x.shape[-1],)
+            and "forward" not in module.__dict__ and not module._forward_hooks and not module._forward_pre_hooks
+            and not nn_module._global_forward_hooks and not nn_module._global_forward_pre_hooks
+            and (module.weight is None or module.weight.device == x.device))
+
+
+def _norm_rope(x: torch.Tensor, norm, rotary_emb, prefix: Optional[torch.Tensor] = None, prefix_norm=None):
+    """``[prefix_norm(prefix), norm(x)]`` joined on the sequence (x alone without a prefix), then diffusers'
+    ``apply_rotary_emb`` (when ``rotary_emb`` is given): one ``sparsectx.rms_norm_rope`` pass where the norms are
+    plain ``torch.nn.RMSNorm`` modules and the tables FLUX's ``(cos, sin)`` rows of this sequence on x's device
+    (and autocast is off), else diffusers' modules and function as they are."""
+    n_rows = x.shape[1] + (0 if prefix is None else prefix.shape[1])
+    # (under autocast the norm's output dtype is autocast's to decide: diffusers' modules run)
+    fusable = (not torch.is_autocast_enabled(x.device.type) and isinstance(rotary_emb, (tuple, list))
+               and len(rotary_emb) == 2
+               and all(isinstance(t, torch.Tensor) and t.device == x.device and tuple(t.shape) == (n_rows, x.shape[-1])
+                       for t in rotary_emb)
+               and _plain_rms_norm(norm, x) and (prefix is None or _plain_rms_norm(prefix_norm, prefix)))
+    if fusable:
+        return rms_norm_rope(x, rotary_emb[0], rotary_emb[1], norm.weight, norm.eps, prefix=prefix,
+                             prefix_weight=None if prefix is None else prefix_norm.weight)
+    x = norm(x)
+    if prefix is not None:
+        x = torch.cat([prefix_norm(prefix), x], dim=1)
+    return x if rotary_emb is None else apply_rotary_emb(x, rotary_emb, sequence_dim=1)
+
+
 def _joint_qkv(attn, hidden_states, encoder_hidden_states, get_qkv_projections, rotary_emb):
     """Projections, QK norms, [text, image] concatenation and RoPE of FLUX.1/FLUX.2 attention: ``(q, k, v)``."""
     query, key, value, encoder_query, encoder_key, encoder_value = get_qkv_projections(
         attn, hidden_states, encoder_hidden_states)
-    query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
-    key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-    value = value.unflatten(-1, (-1, attn.head_dim))
-    if attn.added_kv_proj_dim is not None:
-        encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
-        encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
-        encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
-        query = torch.cat([encoder_query, query], dim=1)
-        key = torch.cat([encoder_key, key], dim=1)
-        value = torch.cat([encoder_value, value], dim=1)
-    if rotary_emb is not None:
-        query = apply_rotary_emb(query, rotary_emb, sequence_dim=1)
-        key = apply_rotary_emb(key, rotary_emb, sequence_dim=1)
-    return query, key, value
+    query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
+    if attn.added_kv_proj_dim is None:
+        return _norm_rope(query, attn.norm_q, rotary_emb), _norm_rope(key, attn.norm_k, rotary_emb), value
+    encoder_query, encoder_key, encoder_value = (t.unflatten(-1, (-1, attn.head_dim))
+                                                 for t in (encoder_query, encoder_key, encoder_value))
+    query = _norm_rope(query, attn.norm_q, rotary_emb, encoder_query, attn.norm_added_q)
+    key = _norm_rope(key, attn.norm_k, rotary_emb, encoder_key, attn.norm_added_k)
+    return query, key, torch.cat([encoder_value, value], dim=1)
 
 
 def _rotary_rows(rotary_emb, rows):
@@ -338,14 +366,13 @@ def flux_probe_qk(attn, hidden_states, encoder_hidden_states, get_qkv_projection
         _, ref_k, _, _, _, _ = get_qkv_projections(attn, refs, None)
     else:
         target_q, ref_k, text_q = attn.to_q(target), attn.to_k(refs), attn.add_q_proj(encoder_hidden_states)
-    target_q = attn.norm_q(target_q.unflatten(-1, (-1, attn.head_dim)))
-    ref_k = attn.norm_k(ref_k.unflatten(-1, (-1, attn.head_dim)))
-    text_q = attn.norm_added_q(text_q.unflatten(-1, (-1, attn.head_dim)))
-    if rotary_emb is not None:
-        text_q = apply_rotary_emb(text_q, _rotary_rows(rotary_emb, slice(0, n_text)), sequence_dim=1)
-        target_q = apply_rotary_emb(target_q, _rotary_rows(rotary_emb, n_text + target_rows), sequence_dim=1)
-        ref_k = apply_rotary_emb(ref_k, _rotary_rows(rotary_emb, n_text + ref_rows), sequence_dim=1)
-    return text_q, target_q, ref_k
+
+    def rows(selected):
+        return None if rotary_emb is None else _rotary_rows(rotary_emb, selected)
+
+    return (_norm_rope(text_q.unflatten(-1, (-1, attn.head_dim)), attn.norm_added_q, rows(slice(0, n_text))),
+            _norm_rope(target_q.unflatten(-1, (-1, attn.head_dim)), attn.norm_q, rows(n_text + target_rows)),
+            _norm_rope(ref_k.unflatten(-1, (-1, attn.head_dim)), attn.norm_k, rows(n_text + ref_rows)))
 
 
 def _split_joint_output(attn, out, encoder_hidden_states, contiguous_inputs: bool):
@@ -398,11 +425,8 @@ def _parallel_qkv_mlp(attn, hidden_states, rotary_emb):
     local_qkv = projected.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)
     qkv, mlp_hidden_states = torch.split(projected, [local_qkv, projected.shape[-1] - local_qkv], dim=-1)
     query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in qkv.chunk(3, dim=-1))
-    query, key = attn.norm_q(query), attn.norm_k(key)
-    if rotary_emb is not None:
-        query = apply_rotary_emb(query, rotary_emb, sequence_dim=1)
-        key = apply_rotary_emb(key, rotary_emb, sequence_dim=1)
-    return query, key, value, mlp_hidden_states
+    return _norm_rope(query, attn.norm_q, rotary_emb), _norm_rope(key, attn.norm_k, rotary_emb), value, \
+        mlp_hidden_states
 
 
 def _parallel_output(attn, attn_out, mlp_hidden_states):
