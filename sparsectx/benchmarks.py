@@ -38,8 +38,8 @@ from .diagnostics import count_cuda_syncs, count_host_reads
 
 SEED = 0
 SIZES = ("tiny", "full")
-CASE_ORDER = ("attention", "compaction", "batch", "masked", "training", "e2e", "selection", "e2e_kontext",
-              "kv", "e2e_batch")
+CASE_ORDER = ("attention", "compaction", "batch", "masked", "training", "norm_rope", "e2e", "selection",
+              "e2e_kontext", "kv", "e2e_batch")
 # relative L2 error bound between two implementations computing the same function in one dtype
 REL_ERR_BOUND = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # ... and for the worst row (last dim = features) against the mean row norm: a few wrong rows among 10^5 hardly move
@@ -770,6 +770,69 @@ class CompactionCase:
         # host syncs counted per implementation (the issue: the budget path must not synchronise)
         return Workload(self.name, shape, impls, dtype, bytes_moved=moved, exact=True, loop_note=True,
                         count_syncs=True)
+
+
+class NormRopeCase:
+    """What every FLUX.2-klein-9B double-stream attention layer does to its queries (and keys) before attending:
+    QK norms of the text and image streams, their concatenation and RoPE (a klein step does it for q and k of all
+    32 layers: 64 calls on the joint sequence; the 24 single-stream layers have no concatenation)."""
+
+    name = "norm_rope"
+    title = "QK RMS norm + [text, image] join + RoPE of one klein-9B attention layer's queries"
+    impl_names = ("sparsectx rms_norm_rope", "diffusers (RMSNorm x2, cat, apply_rotary_emb)",
+                  "torch.compile of the diffusers code", "sparsectx rms_norm_rope, CUDA graph replay")
+    sizes = {
+        # image tokens: target alone, + 3 references x 10% kept, + 3 references all kept
+        "full": dict(heads=32, dim=128, text=512, configs=[4096, 4096 + 1229, 4096 + 3 * 4096], quick=[4096 + 1229]),
+        "tiny": dict(heads=2, dim=32, text=8, configs=[64], quick=[64]),
+    }
+
+    def configs(self, size: str, quick: bool = False):
+        return self.sizes[size]["quick" if quick else "configs"]
+
+    def label(self, config) -> str:
+        return f"image-{config}"
+
+    def build(self, config, size: str, device: torch.device) -> Workload:
+        s = self.sizes[size]
+        dtype, gen = _dtype_for(device), _generator(device)
+        heads, dim, n_text = s["heads"], s["dim"], s["text"]
+        text = _randn(gen, 1, n_text, heads, dim, device=device, dtype=dtype)
+        image = _randn(gen, 1, config, heads, dim, device=device, dtype=dtype)
+        angles = torch.rand(n_text + config, dim // 2, generator=gen, device=device) * 100.0
+        cos, sin = (f(angles).repeat_interleave(2, dim=1) for f in (torch.cos, torch.sin))  # FLUX's fp32 tables
+        norm_image, norm_text = (torch.nn.RMSNorm(dim, eps=1e-6, device=device, dtype=dtype) for _ in range(2))
+        for norm in (norm_image, norm_text):  # inference: no parameter asks for a gradient
+            norm.requires_grad_(False).weight.copy_(1.0 + 0.1 * _randn(gen, dim, device=device, dtype=dtype))
+        impls = [Impl("sparsectx rms_norm_rope",
+                      lambda: ops.rms_norm_rope(image, cos, sin, norm_image.weight, norm_image.eps, prefix=text,
+                                                prefix_weight=norm_text.weight),
+                      note="one launch per stream")]
+        try:
+            from diffusers.models.embeddings import apply_rotary_emb
+        except ImportError:
+            impls += [Impl(n, skip="diffusers is not installed") for n in self.impl_names[1:3]]
+        else:
+            def diffusers_code():
+                joint = torch.cat([norm_text(text), norm_image(image)], dim=1)
+                return apply_rotary_emb(joint, (cos, sin), sequence_dim=1)
+
+            impls.append(Impl(self.impl_names[1], diffusers_code, note="what FLUX.2's processors run"))
+            if device.type == "cuda":
+                compiled = torch.compile(diffusers_code, dynamic=False)
+                impls.append(Impl(self.impl_names[2], compiled, note="Inductor's fusion; compiled at the check"))
+            else:
+                impls.append(Impl(self.impl_names[2], skip="measured on CUDA only (Inductor on the CPU needs a C++ "
+                                                           "toolchain and is not what users serve with)"))
+        impls.append(_graph_replay_impl(
+            self.impl_names[3], lambda: ops.rms_norm_rope(image, cos, sin, norm_image.weight, norm_image.eps,
+                                                          prefix=text, prefix_weight=norm_text.weight),
+            device, note="diagnostic: the kernel's GPU time without Python and launch overhead"))
+        elements = (n_text + config) * heads * dim
+        moved = 2 * elements * text.element_size() + 2 * cos.numel() * cos.element_size()
+        shape = (f"text {n_text} + image {config} tokens, H={heads}, D={dim} {str(dtype).replace('torch.', '')}, "
+                 "fp32 tables")
+        return Workload(self.name, shape, impls, dtype, bytes_moved=moved)
 
 
 def _graph_replay_impl(name: str, fn: Callable[[], Any], device: torch.device, **impl_args) -> Impl:
@@ -1604,8 +1667,8 @@ def _enable_impl(model, full_step: Callable[[], Any], scores: torch.Tensor, coun
 
 
 CASES = {case.name: case for case in (AttentionCase(), CompactionCase(), BatchCase(), MaskedCase(), TrainingCase(),
-                                      EndToEndCase(), KontextEndToEndCase(), SelectionCase(), KVCacheCase(),
-                                      MixedBatchCase())}
+                                      NormRopeCase(), EndToEndCase(), KontextEndToEndCase(), SelectionCase(),
+                                      KVCacheCase(), MixedBatchCase())}
 # cases that build the cached model (released after them)
 MODEL_CASES = (EndToEndCase.name, KontextEndToEndCase.name, KVCacheCase.name, MixedBatchCase.name)
 

@@ -2,11 +2,12 @@
 
 A GPU is needed to *run* a kernel, not to compile it: Triton lowers a kernel to PTX and ``ptxas`` (shipped inside
 Triton's wheel) assembles it for any ``sm_XX`` on the CPU. This check drives the real launchers of ``kernels/``
-(``attention_forward``, ``attention_backward``, ``attention_key_mass``, ``compact_index``, ``gather_rows``,
-``scatter_rows``) with CPU tensors over the variants the public ops launch (dtypes, head dims, reference layouts,
-selection paths), with every launch turned into a compile for the chosen architecture (nothing runs, nothing is
-read back), and every autotune candidate compiled, not measured. It reports per compiled kernel: registers per
-thread, spilled bytes (stack) and shared memory, next to the architecture's per-block shared memory limit.
+(``attention_forward``, ``attention_backward``, ``attention_key_mass``, ``rms_norm_rope``, ``compact_index``,
+``gather_rows``, ``scatter_rows``) with CPU tensors over the variants the public ops launch (dtypes, head dims,
+reference layouts, selection paths), with every launch turned into a compile for the chosen architecture (nothing
+runs, nothing is read back), and every autotune candidate compiled, not measured. It reports per compiled kernel:
+registers per thread, spilled bytes (stack) and shared memory, next to the architecture's per-block shared memory
+limit.
 
 What it catches before any GPU time is spent: a kernel that does not compile with the installed Triton for that
 architecture (an API or lowering difference between releases), a config whose shared memory exceeds what a block
@@ -229,6 +230,27 @@ def _key_mass_variants(dtypes, head_dims):
             yield f"key mass {name} D={dim}", launch
 
 
+def _norm_rope_variants(dtypes, head_dims):
+    """(label, launch) pairs: the QK norm + RoPE pass per dtype and head dim, on the text and image segments of a
+    joint sequence, the image rows read in place as the q third of a fused QKV projection; and without norm
+    weights."""
+    import torch
+
+    from .kernels.norm_rope import rms_norm_rope
+
+    for name in dtypes:
+        dtype = getattr(torch, _DTYPE_NAMES[name])
+        for dim in head_dims:
+            def launch(dtype=dtype, dim=dim):
+                text = torch.zeros(2, SEQ // 2, HEADS, dim, dtype=dtype)
+                image = torch.zeros(2, SEQ, 3 * HEADS * dim, dtype=dtype)[..., :HEADS * dim].unflatten(-1, (HEADS, dim))
+                weight = torch.zeros(dim, dtype=dtype)
+                table = torch.zeros(SEQ // 2 + SEQ, dim)
+                rms_norm_rope([(text, weight), (image, weight)], table, table, 1e-6)
+                rms_norm_rope([(text, None)], table[:SEQ // 2], table[:SEQ // 2], 1e-6)
+            yield f"norm+rope {name} D={dim}", launch
+
+
 def _compaction_variants():
     """Selection (scores in each dtype the ops accept, for one sample and for two; rows of 100 tokens, one
     reference of 4096, three, and more than one selection block; one count for every sample or one per sample; a
@@ -291,12 +313,13 @@ def run_check(arch: int = 90, dtypes=DTYPES, head_dims=HEAD_DIMS, progress: bool
     the interpreter): attention in ``dtypes`` (names: fp16, bf16, fp32) at ``head_dims``, and every compaction
     kernel. The autotune candidates are the kernels' (all, or the first under ``SPARSECTX_AUTOTUNE=0``). Returns
     one row per compiled binary, and one row per variant that failed."""
-    from .kernels import attention, compaction
+    from .kernels import attention, compaction, norm_rope
 
-    if attention.INTERPRETED or compaction.INTERPRETED:
+    if attention.INTERPRETED or compaction.INTERPRETED or norm_rope.INTERPRETED:
         raise RuntimeError("the kernels were imported for Triton's interpreter (TRITON_INTERPRET=1): run "
                            "compile-check in a process without it (the command line does so by itself)")
     variants = (list(_attention_variants(dtypes, head_dims)) + list(_key_mass_variants(dtypes, head_dims))
+                + list(_norm_rope_variants(dtypes, [d for d in head_dims if d % 2 == 0]))
                 + list(_compaction_variants()))
     rows: list[Compiled] = []
     seen: set = set()
