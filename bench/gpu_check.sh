@@ -172,7 +172,7 @@ tests() { SPARSECTX_AUTOTUNE=0 step "$@"; }
 
 if part 1; then
     tests "pytest -m gpu" "$GPU_TESTS_CAP_S" "$TESTS_LOG" "${PYTEST[@]}" tests -m gpu -k "not $CANDIDATES"
-    step "bench key cases" "$KEY_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case attention --case compaction \
+    step "bench key cases" "$KEY_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case attention --case compaction --case norm_rope \
         --case batch --case masked --json "$SCRATCH/bench_key.json"
     step "bench training" "$TRAINING_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case training \
         --json "$SCRATCH/bench_training.json"
