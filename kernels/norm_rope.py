@@ -1,5 +1,5 @@
-"""QK RMS norm and rotary embedding in one pass: what FLUX.1/FLUX.2 attention does to its queries and keys between
-the projections and the attention, for one segment of the joint sequence per launch.
+"""QK RMS norm and rotary embedding in one pass: what FLUX.1/FLUX.2 and Qwen-Image attention do to their queries and
+keys between the projections and the attention, for one segment of the joint sequence per launch.
 
 Spec: ``sparsectx.reference.rms_norm_rope_ref``.
 
@@ -29,13 +29,16 @@ NUM_WARPS = 8
 @triton.jit
 def _rms_norm_rope_kernel(
     X, W, COS, SIN, OUT, n_tokens, table_row0, eps,
-    stride_xb, stride_xs, stride_xh, stride_cs, stride_ss, stride_ob, stride_os, stride_oh,
+    stride_xb, stride_xs, stride_xh, stride_cs, stride_c_pair, stride_c_within, stride_ss, stride_s_pair,
+    stride_s_within, stride_ob, stride_os, stride_oh,
     HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_PAIRS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    BLOCK_TOKENS: tl.constexpr, HEAD_BLOCK: tl.constexpr,
+    ROUND_BEFORE_WEIGHT: tl.constexpr, BLOCK_TOKENS: tl.constexpr, HEAD_BLOCK: tl.constexpr,
 ):
     """Tokens ``pid(0) * BLOCK_TOKENS ..`` and heads ``pid(1) * HEAD_BLOCK ..`` of sample ``pid(2)`` of the segment
     ``X [B, n_tokens, HEADS, HEAD_DIM]``; its tokens are the joint sequence's rows ``table_row0 ..`` (of the tables
-    and of the output). Tiles are ``[tokens, heads, pairs, 2]``: the last axis holds a pair's two features."""
+    and of the output). Feature ``f`` of a table row is at ``(f // 2) * stride_pair + (f % 2) * stride_within``
+    (a value per feature, or one per pair with ``stride_within`` 0). Tiles are ``[tokens, heads, pairs, 2]``: the
+    last axis holds a pair's two features."""
     batch = tl.program_id(2).to(tl.int64)
     tokens = tl.program_id(0) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
     heads = tl.program_id(1) * HEAD_BLOCK + tl.arange(0, HEAD_BLOCK)
@@ -46,9 +49,12 @@ def _rms_norm_rope_kernel(
 
     # the tokens' cos/sin rows, [tokens, 1, features]: shared by every head of the program
     table_mask = (token_valid[:, None] & feature_valid[None, :])[:, None, :]
-    cos = tl.load(COS + (rows[:, None] * stride_cs + features[None, :])[:, None, :], mask=table_mask,
+    pair, within = features // 2, features % 2
+    cos_cols = pair * stride_c_pair + within * stride_c_within
+    sin_cols = pair * stride_s_pair + within * stride_s_within
+    cos = tl.load(COS + (rows[:, None] * stride_cs + cos_cols[None, :])[:, None, :], mask=table_mask,
                   other=0.0).to(tl.float32)
-    sin = tl.load(SIN + (rows[:, None] * stride_ss + features[None, :])[:, None, :], mask=table_mask,
+    sin = tl.load(SIN + (rows[:, None] * stride_ss + sin_cols[None, :])[:, None, :], mask=table_mask,
                   other=0.0).to(tl.float32)
 
     # the head vectors, [tokens, heads, features]
@@ -58,10 +64,13 @@ def _rms_norm_rope_kernel(
     x = tl.load(X + batch * stride_xb + token_offsets + head_offsets + features[None, None, :], mask=mask,
                 other=0.0).to(tl.float32)
 
-    # RMS norm of each head vector (padding features are 0), rounded to the tensor's dtype
+    # RMS norm of each head vector (padding features are 0), rounded to the tensor's dtype (ROUND_BEFORE_WEIGHT:
+    # also before the weight multiplies it, as diffusers' own RMSNorm does with half-precision weights)
     rstd = tl.math.rsqrt(tl.sum(x * x, axis=2) / HEAD_DIM + eps)
     normed = x * rstd[:, :, None]
     if HAS_WEIGHT:
+        if ROUND_BEFORE_WEIGHT:
+            normed = normed.to(OUT.dtype.element_ty).to(tl.float32)
         weight = tl.load(W + features, mask=feature_valid, other=0.0).to(tl.float32)
         normed = normed * weight[None, None, :]
     normed = normed.to(OUT.dtype.element_ty).to(tl.float32)
@@ -75,11 +84,21 @@ def _rms_norm_rope_kernel(
     tl.store(OUT + out_offsets + features[None, None, :], out.to(OUT.dtype.element_ty), mask=mask)
 
 
+def _table_strides(table: torch.Tensor, dim: int) -> tuple:
+    """(row, pair, within-pair) strides of a ``[rows, D]`` table (a value per feature) or a ``[rows, D/2]`` one (a
+    value per pair of features, e.g. the real or imaginary part of complex frequencies)."""
+    if table.shape[1] == dim:
+        return table.stride(0), 2 * table.stride(1), table.stride(1)
+    return table.stride(0), table.stride(1), 0
+
+
 @on_device_of("cos")
-def rms_norm_rope(segments: list, cos: torch.Tensor, sin: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm_rope(segments: list, cos: torch.Tensor, sin: torch.Tensor, eps: float,
+                  round_before_weight: bool = False) -> torch.Tensor:
     """``[B, S_total, H, D]`` in the segments' dtype: the segments ``(x [B, S_i, H, D], weight [D] (contiguous) or
     None)``, in order along the sequence, each RMS-normalised with its weight and rotated by its rows of
-    ``cos/sin [S_total, D]``. Every tensor's last dim must be contiguous, D even; one launch per segment."""
+    ``cos/sin`` (``[S_total, D]`` or ``[S_total, D/2]``, any strides). The segments' last dim must be contiguous,
+    D even; one launch per segment."""
     batch, _, heads, dim = segments[0][0].shape
     out = torch.empty((batch, cos.shape[0], heads, dim), dtype=segments[0][0].dtype, device=cos.device)
     row0 = 0
@@ -89,10 +108,11 @@ def rms_norm_rope(segments: list, cos: torch.Tensor, sin: torch.Tensor, eps: flo
             grid = (cdiv(n_tokens, BLOCK_TOKENS), cdiv(heads, HEAD_BLOCK), batch)
             _rms_norm_rope_kernel[grid](
                 x, weight if weight is not None else x, cos, sin, out, n_tokens, row0, eps,
-                x.stride(0), x.stride(1), x.stride(2), cos.stride(0), sin.stride(0),
+                x.stride(0), x.stride(1), x.stride(2), *_table_strides(cos, dim), *_table_strides(sin, dim),
                 out.stride(0), out.stride(1), out.stride(2),
                 HEADS=heads, HEAD_DIM=dim, BLOCK_PAIRS=max(1, next_power_of_2(dim) // 2),
-                HAS_WEIGHT=weight is not None, BLOCK_TOKENS=BLOCK_TOKENS, HEAD_BLOCK=HEAD_BLOCK,
+                HAS_WEIGHT=weight is not None, ROUND_BEFORE_WEIGHT=round_before_weight, BLOCK_TOKENS=BLOCK_TOKENS,
+                HEAD_BLOCK=HEAD_BLOCK,
                 num_warps=NUM_WARPS,
             )
         row0 += n_tokens

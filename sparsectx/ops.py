@@ -702,36 +702,39 @@ _NORM_ROPE_MAX_HEAD_DIM = 256
 
 @torch.library.custom_op("sparsectx::rms_norm_rope", mutates_args=())
 def _rms_norm_rope_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight: Optional[torch.Tensor],
-                      eps: float, prefix: Optional[torch.Tensor],
-                      prefix_weight: Optional[torch.Tensor]) -> torch.Tensor:
-    return _rms_norm_rope(x, cos, sin, weight, eps, prefix, prefix_weight)
+                      eps: float, prefix: Optional[torch.Tensor], prefix_weight: Optional[torch.Tensor],
+                      round_before_weight: bool) -> torch.Tensor:
+    return _rms_norm_rope(x, cos, sin, weight, eps, prefix, prefix_weight, round_before_weight)
 
 
-def _rms_norm_rope(x, cos, sin, weight, eps, prefix, prefix_weight):
+def _rms_norm_rope(x, cos, sin, weight, eps, prefix, prefix_weight, round_before_weight):
     """The custom op's implementation (eager calls that record no graph call it directly)."""
     if x.dtype != torch.float64 and _use_triton(x):
         from .kernels.norm_rope import rms_norm_rope as launch
 
         segments = [(x, weight)] if prefix is None else [(prefix, prefix_weight), (x, weight)]
         segments = [(_last_dim_contiguous(t), None if w is None else w.contiguous()) for t, w in segments]
-        return launch(segments, _last_dim_contiguous(cos), _last_dim_contiguous(sin), eps)
-    return reference.rms_norm_rope_ref(x, cos, sin, weight, eps, prefix, prefix_weight)
+        return launch(segments, cos, sin, eps, round_before_weight)
+    return reference.rms_norm_rope_ref(x, cos, sin, weight, eps, prefix, prefix_weight, round_before_weight)
 
 
 @_rms_norm_rope_op.register_fake
-def _(x, cos, sin, weight, eps, prefix, prefix_weight):
+def _(x, cos, sin, weight, eps, prefix, prefix_weight, round_before_weight):
     return x.new_empty((x.shape[0], cos.shape[0], *x.shape[2:]))
 
 
 def rms_norm_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight: Optional[torch.Tensor] = None,
                   eps: Optional[float] = None, *, prefix: Optional[torch.Tensor] = None,
-                  prefix_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  prefix_weight: Optional[torch.Tensor] = None, round_before_weight: bool = False) -> torch.Tensor:
     """FLUX.1/FLUX.2 attention's queries (or keys) from their projections, in one pass: every head vector of
     ``x [B, S, H, D]`` through ``torch.nn.RMSNorm(D, eps)`` with ``weight [D]`` (None: no affine weight), the
     text stream ``prefix [B, S0, H, D]`` (normalised with ``prefix_weight``) joined before it along the sequence,
     then diffusers' ``apply_rotary_emb(..., use_real=True, use_real_unbind_dim=-1)`` with the joint sequence's
-    tables ``cos, sin [S0 + S, D]`` (pairs of adjacent features rotated). Returns a new contiguous
-    ``[B, S0 + S, H, D]`` in x's dtype. Spec: ``sparsectx.reference.rms_norm_rope_ref``.
+    tables ``cos, sin [S0 + S, D]`` (pairs of adjacent features rotated), or ``[S0 + S, D/2]`` tables of one value
+    per pair (Qwen-Image's complex frequencies as ``freqs.real, freqs.imag``: views, read in place). Returns a new
+    contiguous ``[B, S0 + S, H, D]`` in x's dtype. Spec: ``sparsectx.reference.rms_norm_rope_ref``.
+    ``round_before_weight``: the norm of diffusers' own ``RMSNorm`` class (Qwen-Image's QK norms) instead, which
+    rounds the normalised vector to the model's dtype before the weight multiplies it.
 
     Rounding as in diffusers: the norm computes in fp32 and its output is rounded to x's dtype, the rotation
     computes in fp32 from it and is rounded again. ``eps`` None: ``torch.finfo(x.dtype).eps``, as
@@ -767,9 +770,15 @@ def rms_norm_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight:
                 raise ValueError(f"{name} must be a float [D={dim}] tensor, got {w.dtype} {tuple(w.shape)}")
     for name, table in (("cos", cos), ("sin", sin)):
         _check_tensor(name, table, ndim=2, device=x.device)
-        if not table.is_floating_point() or tuple(table.shape) != (n_prefix + seq, dim):
-            raise ValueError(f"{name} must be a float [S0 + S={n_prefix + seq}, D={dim}] table (a row per token of "
-                             f"the joint sequence), got {table.dtype} {tuple(table.shape)}")
+        rows = n_prefix + seq
+        if not table.is_floating_point() or tuple(table.shape) not in ((rows, dim), (rows, dim // 2)):
+            raise ValueError(f"{name} must be a float [S0 + S={rows}, D={dim}] table (a row per token of "
+                             f"the joint sequence), or [S0 + S, D/2={dim // 2}] (a value per pair of features), got "
+                             f"{table.dtype} {tuple(table.shape)}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"cos and sin must have one shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    if not isinstance(round_before_weight, bool):
+        raise TypeError(f"round_before_weight must be a bool, got {type(round_before_weight).__name__}")
     if eps is None:
         eps = torch.finfo(x.dtype).eps
     eps = _python_number(eps)
@@ -779,9 +788,9 @@ def rms_norm_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight:
         raise ValueError(f"eps must be finite and >= 0, got {eps!r}")
     tensors = (x, cos, sin, weight, prefix, prefix_weight)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return reference.rms_norm_rope_ref(x, cos, sin, weight, eps, prefix, prefix_weight)
+        return reference.rms_norm_rope_ref(x, cos, sin, weight, eps, prefix, prefix_weight, round_before_weight)
     norm_rope = _rms_norm_rope if _plain_eager(*tensors) else _rms_norm_rope_op
-    return norm_rope(x, cos, sin, weight, float(eps), prefix, prefix_weight)
+    return norm_rope(x, cos, sin, weight, float(eps), prefix, prefix_weight, round_before_weight)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """diffusers attention processors that run sparsectx's attention kernel.
 
 Each processor does what the diffusers processor it replaces does (projections, QK norms, RoPE, output
-projections, the KV-cache bookkeeping of FLUX.2 klein) and swaps the attention call, and for FLUX.1/FLUX.2 the QK
-norms, text/image concatenation and RoPE of q and k, which ``sparsectx.rms_norm_rope`` computes in one pass (where
-the norms are plain ``torch.nn.RMSNorm`` modules without hooks; elsewhere diffusers' modules run as they are):
+projections, the KV-cache bookkeeping of FLUX.2 klein) and swaps the attention call, and the QK norms and RoPE of q
+and k (with FLUX's text/image concatenation), which ``sparsectx.rms_norm_rope`` computes in one pass (where the
+norms are plain ``torch.nn.RMSNorm`` (FLUX) or diffusers ``RMSNorm`` (Qwen-Image) modules without hooks; elsewhere
+diffusers' modules run as they are):
 
 - no key mask: ``sparsectx.sparse_attention`` on the dense equal-length batch (``[B, S, H, D]`` viewed as packed
   ``[B*S, H, D]``, ``cu_seqlens = arange(B+1) * S``; nothing waits for the device);
@@ -43,6 +44,7 @@ from typing import Optional
 
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm
 from diffusers.models.transformers import transformer_flux, transformer_flux2, transformer_qwenimage
 
 try:  # diffusers' layer skip: absent from some releases, then nothing to honour
@@ -511,10 +513,27 @@ class SparsectxFlux2KVParallelSelfAttnProcessor(_SparsectxProcessor):
 # ----------------------------------------------------------------------------------------------------------------
 # Qwen-Image(-Edit/-Plus)
 # ----------------------------------------------------------------------------------------------------------------
+def _plain_diffusers_rms_norm(module, x: torch.Tensor) -> bool:
+    """Whether ``module`` is exactly diffusers' ``RMSNorm`` over ``x``'s head dim, without bias and hooks, on x's
+    device, whose output has x's dtype (no weight, or a weight of x's dtype: an fp32 weight would give an fp32
+    output): what ``rms_norm_rope(..., round_before_weight=True)`` may compute in its place."""
+    nn_module = torch.nn.modules.module
+    weight = getattr(module, "weight", None)
+    return (type(module) is DiffusersRMSNorm and tuple(module.dim) == (x.shape[-1],) and module.bias is None
+            and "forward" not in module.__dict__ and not module._forward_hooks and not module._forward_pre_hooks
+            and not nn_module._global_forward_hooks and not nn_module._global_forward_pre_hooks
+            and (weight is None or (weight.device == x.device and weight.dtype == x.dtype)))
+
+
 def _qwen_projection(attn, rows, linear, norm=None, freqs=None):
     """``[B, n, H, D]``: rows of one Qwen-Image stream through one projection, its QK norm (if any) and RoPE with
-    those rows' frequencies (if given)."""
+    those rows' frequencies (if given): norm and RoPE in one ``rms_norm_rope`` pass where the norm is diffusers'
+    plain ``RMSNorm`` and the frequencies a complex ``[n, D/2]`` table on the device (and autocast is off)."""
     out = linear(rows).unflatten(-1, (-1, attn.inner_dim // attn.heads))
+    if (norm is not None and isinstance(freqs, torch.Tensor) and freqs.is_complex() and freqs.device == out.device
+            and tuple(freqs.shape) == (out.shape[1], out.shape[-1] // 2)
+            and not torch.is_autocast_enabled(out.device.type) and _plain_diffusers_rms_norm(norm, out)):
+        return rms_norm_rope(out, freqs.real, freqs.imag, norm.weight, norm.eps, round_before_weight=True)
     if norm is not None:
         out = norm(out)
     if freqs is not None:

@@ -271,19 +271,31 @@ def sparse_attention_bwd_ref(dout, dlse, q, k, v, cu_seqlens_q, cu_seqlens_k, *,
 # ----------------------------------------------------------------------------------------------------------------
 def rms_norm_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight: Optional[torch.Tensor] = None,
                       eps: Optional[float] = None, prefix: Optional[torch.Tensor] = None,
-                      prefix_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """What a FLUX.1/FLUX.2 attention does to its queries (or keys) between the projection and the attention: each
-    head vector of ``x [B, S, H, D]`` through ``torch.nn.RMSNorm(D)`` (``weight``, ``eps``; computed in fp32 or
-    wider and rounded to x's dtype), with ``prefix [B, S0, H, D]`` (the text stream, normalised with
-    ``prefix_weight``) joined before it on the sequence, then diffusers' ``apply_rotary_emb`` (``use_real``, pairs
-    of adjacent features ``(x[2i], x[2i+1])`` rotated by ``cos/sin [S0 + S, D]``: ``out = x·cos + rot(x)·sin``
+                      prefix_weight: Optional[torch.Tensor] = None, round_before_weight: bool = False) -> torch.Tensor:
+    """What a FLUX.1/FLUX.2 (or Qwen-Image) attention does to its queries or keys between the projection and the
+    attention: each head vector of ``x [B, S, H, D]`` through ``torch.nn.RMSNorm(D)`` (``weight``, ``eps``;
+    computed in fp32 or wider and rounded to x's dtype), with ``prefix [B, S0, H, D]`` (the text stream, normalised
+    with ``prefix_weight``) joined before it on the sequence, then diffusers' ``apply_rotary_emb`` (``use_real``,
+    pairs of adjacent features ``(x[2i], x[2i+1])`` rotated by ``cos/sin [S0 + S, D]``: ``out = x·cos + rot(x)·sin``
     with ``rot(x)[2i] = -x[2i+1]``, ``rot(x)[2i+1] = x[2i]``), computed in fp32 or wider and rounded to x's dtype.
-    Returns ``[B, S0 + S, H, D]``."""
+    Tables ``[S0 + S, D/2]`` hold one value per pair (the real and imaginary parts of Qwen-Image's complex
+    frequencies: the same rotation as its complex product). ``round_before_weight``: the norm of diffusers' own
+    ``RMSNorm`` class instead (Qwen-Image), which rounds the normalised vector to x's dtype before the weight
+    multiplies it. Returns ``[B, S0 + S, H, D]``."""
+    dim = x.shape[-1]
+    wide = torch.promote_types(x.dtype, torch.float32)
+
     def norm(t, w):
-        return torch.nn.functional.rms_norm(t, (t.shape[-1],), w, eps)
+        if not round_before_weight or w is None:
+            return torch.nn.functional.rms_norm(t, (dim,), w, eps)
+        upcast = t.to(wide)
+        step = eps if eps is not None else torch.finfo(t.dtype).eps
+        normed = (upcast * torch.rsqrt(upcast.pow(2).mean(-1, keepdim=True) + step)).to(t.dtype)
+        return (normed.to(wide) * w.to(wide)).to(t.dtype)
 
     joint = norm(x, weight) if prefix is None else torch.cat([norm(prefix, prefix_weight), norm(x, weight)], dim=1)
-    wide = torch.promote_types(joint.dtype, torch.float32)
+    if cos.shape[-1] != dim:  # one value per pair
+        cos, sin = cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)
     pairs = joint.unflatten(-1, (-1, 2))
     rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
     cos, sin = cos.to(wide)[None, :, None, :], sin.to(wide)[None, :, None, :]

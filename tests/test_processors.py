@@ -87,19 +87,21 @@ def test_sparsectx_attention_equals_native(models, family, budget, monkeypatch):
     torch.testing.assert_close(kernel[:, :N_TARGET], native[:, :N_TARGET], rtol=0, atol=FP32_ATOL)
 
 
-@pytest.mark.parametrize("family", ["flux2", "flux"])
-def test_flux_qk_norm_and_rope_run_in_one_pass_and_equal_native(models, family, monkeypatch):
-    """FLUX.1/FLUX.2 processors compute each layer's q and k (QK norms, text/image join, RoPE) with one
-    ``rms_norm_rope`` call each, and the output is the native model's; a norm module with a hook (diffusers'
-    offloading adds some) or autocast makes that layer run diffusers' modules instead (the hook is called)."""
+@pytest.mark.parametrize("family", FAMILIES)
+def test_qk_norm_and_rope_run_in_one_pass_and_equal_native(models, family, monkeypatch):
+    """The processors compute each layer's q and k (QK norms, RoPE and, in FLUX, the text/image join) with one
+    ``rms_norm_rope`` call each (Qwen-Image: one per stream, its streams have their own frequency tables), and the
+    output is the native model's; a norm module with a hook (diffusers' offloading adds some) or autocast makes
+    that norm run diffusers' module instead (the hook is called)."""
     model, kwargs = models[family], shared._inputs(family)
+    per_layer = 4 if family == "qwen" else 2
     native = _run(model, kwargs)
     calls = []
     monkeypatch.setattr(processors, "rms_norm_rope",
                         lambda *a, **k: calls.append(a[0].shape) or sparsectx.rms_norm_rope(*a, **k))
     sparsectx.enable(model, budget=1.0, attention="sparsectx")
     fused = _run(model, kwargs)
-    assert len(calls) == 2 * len(_processors(model))  # q and k of every attention layer, one forward
+    assert len(calls) == per_layer * len(_processors(model))  # q and k of every attention layer, one forward
     torch.testing.assert_close(fused, native, rtol=0, atol=FP32_ATOL)
 
     calls.clear()
@@ -109,7 +111,7 @@ def test_flux_qk_norm_and_rope_run_in_one_pass_and_equal_native(models, family, 
         with_hook = _run(model, kwargs)
     finally:
         handle.remove()
-    assert hooked == [1] and len(calls) == 2 * len(_processors(model)) - 1
+    assert hooked == [1] and len(calls) == per_layer * len(_processors(model)) - 1
     torch.testing.assert_close(with_hook, native, rtol=0, atol=FP32_ATOL)
 
     calls.clear()
