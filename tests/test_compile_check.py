@@ -53,8 +53,13 @@ def test_every_kernel_compiles_for_sm90(quick_check):
     rows = report["rows"]
     assert rows and not [r for r in rows if r["error"]]
     compiled = {r["kernel"] for r in rows}
-    expected = _kernel_names("sparsectx.kernels.attention") | _kernel_names("sparsectx.kernels.compaction")
-    assert len(expected) >= 8 and compiled == expected  # no kernel left out of the check
+    expected = (_kernel_names("sparsectx.kernels.attention") | _kernel_names("sparsectx.kernels.compaction")
+                | _kernel_names("sparsectx.kernels.norm_rope"))
+    assert len(expected) >= 9 and compiled == expected  # no kernel left out of the check
+    # the norm + RoPE pass in its three forms (FLUX with and without weights, Qwen-Image) at the quick head dims
+    for dim in (64, 128):
+        configs = {r["config"] for r in rows if r["variant"] == f"norm+rope bf16 D={dim}"}
+        assert len(configs) == 3, (dim, configs)
     # each key layout at each head dim compiles its forward and its three backward kernels
     for dim in (64, 128, 160, 256):
         for refs in ("no refs", "gathered refs", "packed refs"):
