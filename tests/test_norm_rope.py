@@ -1,0 +1,577 @@
+"""rms_norm_rope (FLUX attention's QK RMS norm, text/image join and rotary embedding) against the fp64 reference,
+with the flash-attention criterion.
+
+Criterion: the error of the op against the float64 reference is at most twice the error that PyTorch itself makes
+in the same dtype (``reference.rms_norm_rope_ref`` on the inputs as given, or diffusers' own sequence of modules)
+plus a small absolute term. The exact answer takes the tables as the op reads them (rounded to fp32, as the
+reference does for fp16/bf16/fp32 inputs) and ``eps`` as the op resolves it (None: ``torch.finfo(x.dtype).eps``).
+Inputs are random; the kernel's output starts poisoned (tests/conftest.py), so an unwritten element fails.
+"""
+import math
+
+import numpy
+import pytest
+import torch
+
+from sparsectx import ops
+from sparsectx import reference as ref
+from sparsectx.ops import rms_norm_rope
+
+try:  # imported here, in the suite's mode, so that conftest's poisoning fixture patches it from the first test on
+    from sparsectx.kernels import norm_rope as kernel_module
+except ImportError:  # no triton: every call takes the reference
+    kernel_module = None
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+DTYPES_HERE = [torch.float32, torch.float16] if DEVICE == "cpu" else [torch.float32, torch.float16, torch.bfloat16]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------------
+def _random_tables(rows, dim, gen, dtype=torch.float32):
+    """cos/sin of an independent random angle per feature: the two entries of a pair differ (FLUX's repeat them)."""
+    angles = torch.rand(rows, dim, generator=gen, dtype=torch.float64) * (2 * math.pi)
+    return angles.cos().to(DEVICE, dtype), angles.sin().to(DEVICE, dtype)
+
+
+def _inputs(shape, dtype, seed, weight=True, prefix_weight=True, table_dtype=torch.float32, scale=1.0):
+    """``shape = (B, S0, S, H, D)``; S0 None: no prefix (S0 = 0: an empty prefix tensor)."""
+    batch, n_prefix, seq, heads, dim = shape
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*size):
+        return (scale * torch.randn(*size, generator=gen)).to(DEVICE, dtype)
+
+    cos, sin = _random_tables((n_prefix or 0) + seq, dim, gen, table_dtype)
+    return dict(
+        x=rnd(batch, seq, heads, dim), cos=cos, sin=sin,
+        weight=torch.randn(dim, generator=gen).to(DEVICE, dtype) if weight else None,
+        prefix=rnd(batch, n_prefix, heads, dim) if n_prefix is not None else None,
+        prefix_weight=torch.randn(dim, generator=gen).to(DEVICE, dtype) if prefix_weight and n_prefix is not None
+        else None)
+
+
+def _call(args, eps=None):
+    return rms_norm_rope(args["x"], args["cos"], args["sin"], args["weight"], eps, prefix=args["prefix"],
+                         prefix_weight=args["prefix_weight"])
+
+
+def _default_eps(dtype):
+    """torch.nn.RMSNorm's eps when given None: the epsilon of its computation dtype (fp32 for fp16/bf16/fp32, see
+    torch's ``_fused_rms_norm`` decomposition; ``test_torch_rmsnorm_default_eps`` checks it), not x's own."""
+    return torch.finfo(torch.promote_types(dtype, torch.float32)).eps
+
+
+def _exact(args, eps=None):
+    """The float64 reference on the values the op reads: the tables rounded to fp32 like the reference in x's
+    dtype rounds them (``promote_types(dtype, fp32)``), eps None resolved as torch.nn.RMSNorm resolves it for x's
+    dtype (not float64's)."""
+    dtype = args["x"].dtype
+    wide = torch.promote_types(dtype, torch.float32)
+    eps = _default_eps(dtype) if eps is None else eps
+
+    def double(t):
+        return None if t is None else t.double()
+
+    return ref.rms_norm_rope_ref(args["x"].double(), args["cos"].to(wide).double(), args["sin"].to(wide).double(),
+                                 double(args["weight"]), eps, double(args["prefix"]), double(args["prefix_weight"]))
+
+
+def _assert_criterion(name, got, args, eps=None, same_dtype=None):
+    """``same_dtype``: PyTorch's result in x's dtype to measure against (default: the reference in that dtype)."""
+    x, prefix = args["x"], args["prefix"]
+    exact = _exact(args, eps)
+    if same_dtype is None:
+        same_dtype = ref.rms_norm_rope_ref(x, args["cos"], args["sin"], args["weight"], eps, prefix,
+                                           args["prefix_weight"])
+    n_prefix = 0 if prefix is None else prefix.shape[1]
+    assert got.shape == (x.shape[0], n_prefix + x.shape[1], *x.shape[2:]), f"{name}: shape {tuple(got.shape)}"
+    assert got.dtype == x.dtype, f"{name}: dtype {got.dtype}"
+    err = (got.double() - exact).abs().max().item() if exact.numel() else 0.0
+    baseline = (same_dtype.double() - exact).abs().max().item() if exact.numel() else 0.0
+    assert math.isfinite(err), f"{name}: non-finite error (unwritten or NaN output)"
+    assert err <= 2 * baseline + ATOL[x.dtype], f"{name}: error {err:.3e} > 2 x torch's {baseline:.3e} + atol"
+
+
+def _takes_the_kernel(dtype):
+    """Whether a call on x of this dtype launches the kernel (float64 always takes the reference)."""
+    return (kernel_module is not None and dtype != torch.float64
+            and ops.backend_for(DEVICE, dtype) != ops.TORCH_REFERENCE)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# accuracy
+# ----------------------------------------------------------------------------------------------------------------
+# name: ((B, S0 (None: no prefix), S, H, D), weight, prefix_weight, eps, table dtype, scale of the activations).
+# The kernel takes tokens in blocks of 8 and heads in blocks of 4; head dims are padded to a power of two.
+CASES = {
+    "no_prefix_no_weight_d2": ((1, None, 7, 1, 2), False, False, 1e-5, torch.float32, 1.0),
+    "prefix_both_weights_d6": ((3, 5, 9, 3, 6), True, True, 1e-6, torch.float32, 1.0),
+    "weight_without_prefix_weight_d16": ((2, 13, 1, 5, 16), True, False, 1e-6, torch.float32, 1.0),
+    "prefix_weight_without_weight_d16": ((1, 9, 7, 3, 16), False, True, 1e-6, torch.float32, 1.0),
+    "empty_prefix_d64": ((1, 0, 13, 3, 64), True, True, 1e-6, torch.float32, 1.0),
+    "no_image_rows_d64": ((3, 9, 0, 5, 64), True, True, None, torch.float32, 1.0),
+    "tails_d128_float64_tables": ((1, 7, 9, 5, 128), True, True, 1e-6, torch.float64, 1.0),
+    "multiples_of_the_blocks_fp16_tables": ((2, 8, 16, 4, 16), False, True, 1e-6, torch.float16, 1.0),
+    "no_prefix_one_token_d128": ((3, None, 1, 1, 128), True, False, None, torch.float32, 1.0),
+    "widest_head_d256": ((1, 2, 3, 2, 256), True, True, None, torch.float32, 1.0),
+    "head_dim_40": ((2, 1, 7, 3, 40), True, True, 1e-6, torch.float32, 1.0),
+    # mean square ~ x's dtype's epsilon: a wrong eps (for None: another default than _default_eps) shows by O(1)
+    "tiny_activations_eps_matters": ((2, 3, 5, 3, 16), True, True, None, torch.float32, "sqrt_eps"),
+    # |x| up to ~1e4: x² overflows fp16 (the statistics must be fp32)
+    "huge_activations": ((1, 4, 9, 2, 64), True, True, 1e-6, torch.float32, 2000.0),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES_HERE, ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_the_float64_reference(name, dtype):
+    shape, weight, prefix_weight, eps, table_dtype, scale = CASES[name]
+    if scale == "sqrt_eps":
+        scale = math.sqrt(torch.finfo(dtype).eps)
+    args = _inputs(shape, dtype, seed=len(name), weight=weight, prefix_weight=prefix_weight, table_dtype=table_dtype,
+                   scale=scale)
+    _assert_criterion(name, _call(args, eps), args, eps)
+
+
+# eps = 0: the masked-off lanes of a token block (zeros) divide by zero in the interpreter; they are never stored
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+def test_eps_zero_and_numpy_eps():
+    """eps = 0 (an int) and a numpy scalar are numbers like any other (the latter as the float it holds)."""
+    args = _inputs((2, 3, 6, 3, 16), torch.float32, seed=3)
+    _assert_criterion("eps=0", _call(args, 0), args, 0)
+    assert torch.equal(_call(args, numpy.float32(1e-3)), _call(args, float(numpy.float32(1e-3))))
+    _assert_criterion("eps=1e-3", _call(args, numpy.float32(1e-3)), args, float(numpy.float32(1e-3)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_torch_rmsnorm_default_eps(dtype):
+    """The premise of ``_default_eps``: torch.nn.RMSNorm(D) (eps None) equals F.rms_norm with the epsilon of the
+    computation dtype, at activations whose mean square is near eps (where the choice shows)."""
+    x = (math.sqrt(torch.finfo(dtype).eps) * torch.randn(3, 16, generator=torch.Generator().manual_seed(2))).to(
+        DEVICE, dtype)
+    module = torch.nn.RMSNorm(16).to(DEVICE, dtype)
+    assert module.eps is None
+    with torch.no_grad():
+        assert torch.equal(module(x), torch.nn.functional.rms_norm(x, (16,), module.weight, _default_eps(dtype)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_default_eps_is_torch_rmsnorms(dtype):
+    """eps None is torch.nn.RMSNorm's default (the docstring's promise, and the reference's meaning of None): the
+    op equals diffusers' sequence with ``RMSNorm(D)`` modules built without an eps, at activations whose mean
+    square is near x's dtype's epsilon (where a different default changes the result by O(1)). bf16 on the CPU
+    takes the reference path."""
+    gen = torch.Generator().manual_seed(23)
+    batch, n_prefix, seq, heads, dim = 2, 3, 7, 3, 16
+    scale = math.sqrt(torch.finfo(dtype).eps)
+    norm, prefix_norm = [torch.nn.RMSNorm(dim).to(DEVICE, dtype) for _ in range(2)]
+    for module in (norm, prefix_norm):
+        module.weight.data = torch.randn(dim, generator=gen).to(DEVICE, dtype)
+    cos, sin = _random_tables(n_prefix + seq, dim, gen)
+    x = (scale * torch.randn(batch, seq, heads, dim, generator=gen)).to(DEVICE, dtype)
+    prefix = (scale * torch.randn(batch, n_prefix, heads, dim, generator=gen)).to(DEVICE, dtype)
+    with torch.no_grad():
+        theirs = _diffusers_sequence(x, prefix, cos, sin, norm, prefix_norm)
+        ours = rms_norm_rope(x, cos, sin, norm.weight, prefix=prefix, prefix_weight=prefix_norm.weight)
+        spec = ref.rms_norm_rope_ref(x, cos, sin, norm.weight, None, prefix, prefix_norm.weight)
+    assert torch.equal(spec, theirs)
+    args = dict(x=x, cos=cos, sin=sin, weight=norm.weight.detach(), prefix=prefix,
+                prefix_weight=prefix_norm.weight.detach())
+    _assert_criterion("eps None", ours, args, None, same_dtype=theirs)
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
+def test_fp32_weights_with_fp16_activations():
+    """Weights of another float dtype than x (fp32 weights of an fp16 model): read as fp32."""
+    args = _inputs((2, 5, 9, 3, 32), torch.float16, seed=4)
+    args["weight"], args["prefix_weight"] = args["weight"].float() * 1.7, args["prefix_weight"].float() - 0.3
+    _assert_criterion("fp32 weights", _call(args, 1e-5), args, 1e-5)
+
+
+def test_nan_stays_in_its_head_vector():
+    """A NaN feature makes its own head vector NaN (its norm is NaN), nothing else: no value leaks between the
+    tokens and heads that one program handles."""
+    args = _inputs((2, 5, 9, 6, 16), torch.float32, seed=5)
+    args["x"][1, 4, 2, 7] = math.nan
+    args["prefix"][0, 3, 5, 0] = math.nan
+    out, exact = _call(args, 1e-6), _exact(args, 1e-6)
+    assert torch.equal(torch.isnan(out), torch.isnan(exact))
+    assert torch.isnan(out[1, 5 + 4, 2]).all() and torch.isnan(out[0, 3, 5]).all()
+    assert int(torch.isnan(out).sum()) == 2 * 16
+    finite = ~torch.isnan(exact)
+    same_dtype = ref.rms_norm_rope_ref(args["x"], args["cos"], args["sin"], args["weight"], 1e-6, args["prefix"],
+                                       args["prefix_weight"])
+    err = (out.double() - exact)[finite].abs().max().item()
+    baseline = (same_dtype.double() - exact)[finite].abs().max().item()
+    assert err <= 2 * baseline + ATOL[torch.float32], f"error {err:.3e} > 2 x torch's {baseline:.3e} + atol"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# strided inputs
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES_HERE, ids=str)
+def test_thirds_of_fused_projections_are_read_in_place(dtype):
+    """x the q third of a fused image QKV projection, the prefix the k third of the text one (each its own token
+    stride): the result of contiguous copies, bit for bit (every head vector is computed alone, the same way)."""
+    batch, n_prefix, seq, heads, dim = 2, 5, 11, 3, 16
+    gen = torch.Generator().manual_seed(6)
+    proj = torch.randn(batch, seq, 3 * heads * dim, generator=gen).to(DEVICE, dtype)
+    text_proj = torch.randn(batch, n_prefix, 3 * heads * dim, generator=gen).to(DEVICE, dtype)
+    cos, sin = _random_tables(n_prefix + seq, dim, gen)
+    args = dict(x=proj[..., :heads * dim].unflatten(-1, (heads, dim)), cos=cos, sin=sin,
+                weight=torch.randn(dim, generator=gen).to(DEVICE, dtype),
+                prefix=text_proj[..., heads * dim:2 * heads * dim].unflatten(-1, (heads, dim)),
+                prefix_weight=torch.randn(dim, generator=gen).to(DEVICE, dtype))
+    assert not args["x"].is_contiguous() and args["x"].stride(-1) == 1 and not args["prefix"].is_contiguous()
+    out = _call(args, 1e-6)
+    _assert_criterion("q third", out, args, 1e-6)
+    contiguous = {k: v.contiguous() if v is not None else None for k, v in args.items()}
+    assert torch.equal(out, _call(contiguous, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", DTYPES_HERE, ids=str)
+def test_inputs_without_a_unit_last_stride_and_strided_tables(dtype):
+    """x and the prefix with stride(-1) != 1 (transposed views), tables with a row stride of 2D (halves of one
+    tensor), transposed or broadcast along the rows (stride 0), weights with stride 2: all right."""
+    batch, n_prefix, seq, heads, dim = 2, 3, 9, 5, 8
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(batch, seq, dim, heads, generator=gen).to(DEVICE, dtype).transpose(2, 3)
+    prefix = torch.randn(heads, dim, n_prefix, batch, generator=gen).to(DEVICE, dtype).permute(3, 2, 0, 1)
+    assert x.shape == (batch, seq, heads, dim) and x.stride(-1) != 1 and prefix.stride(-1) != 1
+    angles = torch.rand(n_prefix + seq, dim, generator=gen, dtype=torch.float64) * (2 * math.pi)
+    both = torch.cat([angles.cos(), angles.sin()], dim=1).float().to(DEVICE)
+    weights = torch.randn(2 * dim, 2, generator=gen).to(DEVICE, dtype)
+    args = dict(x=x, cos=both[:, :dim], sin=both[:, dim:], weight=weights[::2, 0], prefix=prefix,
+                prefix_weight=weights[1::2, 1])
+    assert args["cos"].stride(0) == 2 * dim and args["weight"].stride(0) == 4
+    _assert_criterion("row-strided tables", _call(args, 1e-6), args, 1e-6)
+    args["cos"] = angles.cos().float().t().contiguous().t().to(DEVICE)  # stride (1, rows)
+    assert args["cos"].stride(-1) != 1
+    _assert_criterion("transposed cos", _call(args, 1e-6), args, 1e-6)
+    args["cos"], args["sin"] = (t[4].expand(n_prefix + seq, dim) for t in (both[:, :dim], both[:, dim:]))
+    assert args["cos"].stride(0) == 0
+    _assert_criterion("broadcast table rows", _call(args, 1e-6), args, 1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# diffusers' sequence: RMSNorm modules, the text/image concatenation, apply_rotary_emb
+# ----------------------------------------------------------------------------------------------------------------
+def _flux_tables(n_prefix, rows, cols, axes_dim, theta):
+    """FLUX.2's rotary tables (diffusers' Flux2PosEmbed: per-pair angles repeated with repeat_interleave(2)): text
+    tokens at positions (0, 0, 0, l), image tokens at (0, h, w, 0)."""
+    from diffusers.models.transformers.transformer_flux2 import Flux2PosEmbed
+
+    text_ids = torch.zeros(n_prefix, 4)
+    text_ids[:, 3] = torch.arange(n_prefix)
+    image_ids = torch.zeros(rows, cols, 4)
+    image_ids[..., 1] = torch.arange(rows)[:, None]
+    image_ids[..., 2] = torch.arange(cols)[None, :]
+    ids = torch.cat([text_ids, image_ids.flatten(0, 1)]).to(DEVICE)
+    cos, sin = Flux2PosEmbed(theta=theta, axes_dim=axes_dim)(ids)
+    return cos, sin
+
+
+def _diffusers_sequence(x, prefix, cos, sin, norm, prefix_norm):
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    joint = torch.cat([prefix_norm(prefix), norm(x)], dim=1)
+    return apply_rotary_emb(joint, (cos, sin), sequence_dim=1)
+
+
+def _norm_modules(dim, dtype, gen, eps=1e-6):
+    modules = [torch.nn.RMSNorm(dim, eps=eps) for _ in range(2)]
+    for module in modules:
+        module.weight.data = torch.randn(dim, generator=gen)
+    return [module.to(DEVICE, dtype) for module in modules]
+
+
+@pytest.mark.parametrize("tables", ["flux2", "pairs_differ"])
+@pytest.mark.parametrize("dtype", DTYPES_HERE, ids=str)
+def test_equals_what_diffusers_does(dtype, tables):
+    """FLUX.2's attention on q: norm_added_q(text), norm_q(image), torch.cat on the sequence, apply_rotary_emb
+    (sequence_dim=1). The reference in x's dtype equals it bit for bit (the same torch operations in the same
+    order); the op meets the criterion with diffusers' result as PyTorch's. Weights are Parameters (requires_grad)
+    under no_grad, as at inference: the kernel runs."""
+    batch, n_prefix, rows, cols, heads, dim = 2, 5, 3, 4, 3, 16
+    gen = torch.Generator().manual_seed(8)
+    if tables == "flux2":
+        cos, sin = _flux_tables(n_prefix, rows, cols, [4, 4, 4, 4], theta=2000)
+        assert torch.equal(cos[:, 0::2], cos[:, 1::2]) and not torch.equal(cos[:, 4], cos[:, 6])
+    else:  # any table: the first feature of a pair takes cos[2i], sin[2i]; the second cos[2i + 1], sin[2i + 1]
+        cos, sin = _random_tables(n_prefix + rows * cols, dim, gen)
+        assert not torch.equal(cos[:, 0::2], cos[:, 1::2])
+    norm, prefix_norm = _norm_modules(dim, dtype, gen)
+    x = torch.randn(batch, rows * cols, heads, dim, generator=gen).to(DEVICE, dtype)
+    prefix = torch.randn(batch, n_prefix, heads, dim, generator=gen).to(DEVICE, dtype)
+    with torch.no_grad():
+        theirs = _diffusers_sequence(x, prefix, cos, sin, norm, prefix_norm)
+        ours = rms_norm_rope(x, cos, sin, norm.weight, 1e-6, prefix=prefix, prefix_weight=prefix_norm.weight)
+        spec = ref.rms_norm_rope_ref(x, cos, sin, norm.weight, 1e-6, prefix, prefix_norm.weight)
+    assert ours.grad_fn is None
+    assert torch.equal(spec, theirs)
+    args = dict(x=x, cos=cos, sin=sin, weight=norm.weight.detach(), prefix=prefix,
+                prefix_weight=prefix_norm.weight.detach())
+    _assert_criterion(f"diffusers {tables}", ours, args, 1e-6, same_dtype=theirs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES_HERE, ids=str)
+def test_pairs_take_their_own_table_entries(dtype):
+    """One-hot tables: cos = e_j, sin = 0 leaves only feature j (the normalised x_j); cos = 0, sin = e_k (k the
+    other feature of j's pair) leaves only feature k, equal to x_j when k = j + 1 (rot(x)[2i+1] = x[2i]) and to
+    -x_j when k = j - 1 (rot(x)[2i] = -x[2i+1])."""
+    args = _inputs((2, 3, 5, 3, 8), dtype, seed=9)
+    rows = args["cos"].shape[0]
+    for j in (0, 3, 6, 7):
+        k = j ^ 1
+        one_hot = torch.zeros(rows, 8, device=DEVICE)
+        cos_only = dict(args, cos=one_hot.index_fill(1, torch.tensor([j], device=DEVICE), 1.0), sin=one_hot)
+        sin_only = dict(args, cos=one_hot, sin=one_hot.index_fill(1, torch.tensor([k], device=DEVICE), 1.0))
+        a, b = _call(cos_only, 1e-6), _call(sin_only, 1e-6)
+        others = [i for i in range(8) if i != j]
+        assert torch.equal(a[..., others], torch.zeros_like(a[..., others])), f"cos = e_{j}: features besides {j}"
+        others = [i for i in range(8) if i != k]
+        assert torch.equal(b[..., others], torch.zeros_like(b[..., others])), f"sin = e_{k}: features besides {k}"
+        assert torch.equal(b[..., k], a[..., j] if k == j + 1 else -a[..., j]), f"pair ({j}, {k})"
+        _assert_criterion(f"cos = e_{j}", a, cos_only, 1e-6)
+        _assert_criterion(f"sin = e_{k}", b, sin_only, 1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# gradients
+# ----------------------------------------------------------------------------------------------------------------
+def test_gradcheck_in_float64():
+    gen = torch.Generator().manual_seed(10)
+    dim = 4
+    inputs = [torch.randn(*size, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+              for size in ((1, 3, 2, dim), (5, dim), (5, dim), (dim,), (1, 2, 2, dim), (dim,))]
+
+    def fn(x, cos, sin, weight, prefix, prefix_weight):
+        return rms_norm_rope(x, cos, sin, weight, 1e-6, prefix=prefix, prefix_weight=prefix_weight)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_inputs_requiring_grad_take_the_differentiable_reference():
+    """fp32 inputs that require grad: the reference's values and gradients exactly (the same code); under no_grad
+    the same inputs take the op's usual path (no graph, the criterion)."""
+    args = _inputs((2, 3, 6, 3, 16), torch.float32, seed=11)
+    leaves = {k: v.clone().requires_grad_() for k, v in args.items()}
+    copies = {k: v.clone().requires_grad_() for k, v in args.items()}
+    out = _call(leaves, 1e-6)
+    expected = ref.rms_norm_rope_ref(copies["x"], copies["cos"], copies["sin"], copies["weight"], 1e-6,
+                                     copies["prefix"], copies["prefix_weight"])
+    assert out.grad_fn is not None
+    assert torch.equal(out, expected)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(12)).to(DEVICE)
+    out.backward(upstream)
+    expected.backward(upstream)
+    for name in args:
+        assert leaves[name].grad is not None and torch.equal(leaves[name].grad, copies[name].grad), name
+    only_x = dict(args, x=args["x"].clone().requires_grad_())
+    out = _call(only_x)
+    assert out.requires_grad
+    out.sum().backward()
+    assert torch.isfinite(only_x["x"].grad).all() and only_x["x"].grad.abs().sum() > 0
+    with torch.no_grad():
+        out = _call(leaves, 1e-6)
+    assert out.grad_fn is None
+    _assert_criterion("under no_grad", out, args, 1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the custom op, torch.compile, meta tensors
+# ----------------------------------------------------------------------------------------------------------------
+def test_custom_op_passes_opcheck_and_compiles_fullgraph():
+    args = _inputs((2, 3, 5, 3, 16), torch.float32, seed=13)
+    op = torch.ops.sparsectx.rms_norm_rope.default
+    torch.library.opcheck(op, (args["x"], args["cos"], args["sin"], args["weight"], 1e-6, args["prefix"],
+                               args["prefix_weight"]))
+    no_prefix = _inputs((1, None, 7, 5, 6), torch.float32, seed=14, weight=False, prefix_weight=False)
+    torch.library.opcheck(op, (no_prefix["x"], no_prefix["cos"], no_prefix["sin"], None, 1e-5, None, None))
+
+    def fn(x, cos, sin, weight, prefix, prefix_weight):
+        return rms_norm_rope(x, cos, sin, weight, 1e-6, prefix=prefix, prefix_weight=prefix_weight) * 2.0
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(**args), 2.0 * _call(args, 1e-6), rtol=0, atol=0)
+    meta = _call({k: v.to("meta") for k, v in args.items()})
+    assert meta.device.type == "meta" and meta.shape == (2, 8, 3, 16) and meta.dtype == torch.float32
+
+
+def test_compiled_forward_and_backward_equal_eager():
+    """Inputs that require grad under torch.compile(fullgraph=True): the traced reference, the values and
+    gradients of eager."""
+    args = _inputs((2, 3, 5, 3, 8), torch.float32, seed=15)
+
+    def fn(x, cos, sin, weight, prefix, prefix_weight):
+        return rms_norm_rope(x * 1.5, cos, sin, weight, None, prefix=prefix, prefix_weight=prefix_weight).tanh()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    leaves = {k: v.clone().requires_grad_() for k, v in args.items()}
+    copies = {k: v.clone().requires_grad_() for k, v in args.items()}
+    out, expected = compiled(**leaves), fn(**copies)
+    out.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected)
+    for name in args:
+        torch.testing.assert_close(leaves[name].grad, copies[name].grad, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# contract: a fresh output, untouched inputs, which implementation runs
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n_prefix", [None, 0, 4])
+def test_returns_a_fresh_contiguous_tensor_and_leaves_the_inputs_alone(n_prefix):
+    args = _inputs((2, n_prefix, 9, 3, 16), torch.float16, seed=16)
+    args["x"] = torch.randn(2, 9, 3 * 16 * 2, generator=torch.Generator().manual_seed(17)).to(
+        DEVICE, torch.float16)[..., :48].unflatten(-1, (3, 16))
+    before = {k: v.clone() for k, v in args.items() if v is not None}
+    out = _call(args)
+    assert out.is_contiguous() and out.shape == (2, (n_prefix or 0) + 9, 3, 16) and out.dtype == torch.float16
+    for name, value in before.items():
+        assert torch.equal(args[name], value), f"{name} was modified"
+        assert out.untyped_storage().data_ptr() != args[name].untyped_storage().data_ptr(), f"out aliases {name}"
+    out.fill_(0.0)
+    for name, value in before.items():
+        assert torch.equal(args[name], value), f"writing the output changed {name}"
+    empty = _inputs((0, n_prefix, 9, 3, 16), torch.float16, seed=18)
+    assert _call(empty).shape == (0, (n_prefix or 0) + 9, 3, 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_the_kernel_runs_where_backend_for_says(dtype, monkeypatch):
+    """fp16/fp32 launch the kernel where ``backend_for`` names one (a GPU, the interpreter); float64, and bf16 on
+    the CPU, take the reference and equal it exactly."""
+    if kernel_module is None:
+        pytest.skip("no triton")
+    launches = []
+    launch = kernel_module.rms_norm_rope
+
+    def counting(*args, **kwargs):
+        launches.append(1)
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(kernel_module, "rms_norm_rope", counting)
+    args = _inputs((1, 2, 3, 2, 8), dtype, seed=19)
+    out = _call(args, 1e-6)
+    assert bool(launches) == _takes_the_kernel(dtype)
+    if not launches:
+        assert torch.equal(out, ref.rms_norm_rope_ref(args["x"], args["cos"], args["sin"], args["weight"], 1e-6,
+                                                      args["prefix"], args["prefix_weight"]))
+    if DEVICE == "cpu" and dtype in (torch.float32, torch.float16) and ops.interpreter_enabled():
+        assert launches, "the interpreter is on: fp16/fp32 on the CPU must run the kernel"
+
+
+def test_kernel_buffers_start_poisoned():
+    """The criterion tests rely on the kernel's output starting as NaN (conftest): an unwritten element fails."""
+    if kernel_module is None:
+        pytest.skip("no triton")
+    assert torch.isnan(kernel_module.torch.empty(4)).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bad input
+# ----------------------------------------------------------------------------------------------------------------
+def _valid():
+    return _inputs((2, 4, 5, 3, 8), torch.float32, seed=20)
+
+
+_META = torch.zeros(1, device="meta")
+
+
+@pytest.mark.parametrize("change, error, words", [
+    (dict(x="x"), TypeError, "x must be a torch.Tensor"),
+    (dict(x=torch.zeros(2, 5, 24)), ValueError, "x must have 4 dimensions"),
+    (dict(x=torch.zeros(2, 5, 3, 8, dtype=torch.int32)), ValueError, "x must have dtype in"),
+    (dict(x=torch.zeros(2, 5, 3, 8, dtype=torch.bool)), ValueError, "x must have dtype in"),
+    (dict(x=torch.zeros(2, 5, 3, 7)), ValueError, r"head dim \(x\.shape\[-1\]\) must be even"),
+    (dict(x=torch.zeros(2, 5, 3, 0)), ValueError, r"head dim \(x\.shape\[-1\]\)"),
+    (dict(x=torch.zeros(2, 5, 3, 258)), ValueError, r"head dim \(x\.shape\[-1\]\) must be even and in 2\.\.256"),
+    (dict(x=torch.zeros(65536, 0, 3, 8), prefix=None, prefix_weight=None), ValueError,
+     "x has 65536 samples; one call takes at most 65535"),
+    (dict(prefix="p"), TypeError, "prefix must be a torch.Tensor"),
+    (dict(prefix=torch.zeros(2, 4, 24)), ValueError, "prefix must have 4 dimensions"),
+    (dict(prefix=torch.zeros(2, 4, 3, 8, dtype=torch.float16)), ValueError, "prefix has dtype torch.float16"),
+    (dict(prefix=torch.zeros(1, 4, 3, 8)), ValueError, r"prefix must be \[B=2, S0, H=3, D=8\]"),
+    (dict(prefix=torch.zeros(2, 4, 2, 8)), ValueError, r"prefix must be \[B=2, S0, H=3, D=8\]"),
+    (dict(prefix=torch.zeros(2, 4, 3, 6)), ValueError, r"prefix must be \[B=2, S0, H=3, D=8\]"),
+    (dict(prefix=_META.expand(2, 4, 3, 8)), ValueError, "prefix is on meta"),
+    (dict(prefix=None), ValueError, "prefix_weight is given without a prefix"),
+    (dict(weight=[1.0] * 8), TypeError, "weight must be a torch.Tensor"),
+    (dict(weight=torch.ones(1, 8)), ValueError, "weight must have 1 dimensions"),
+    (dict(weight=torch.ones(6)), ValueError, r"weight must be a float \[D=8\] tensor"),
+    (dict(weight=torch.ones(8, dtype=torch.int64)), ValueError, r"weight must be a float \[D=8\] tensor"),
+    (dict(weight=_META.expand(8)), ValueError, "weight is on meta"),
+    (dict(prefix_weight=torch.ones(10)), ValueError, r"prefix_weight must be a float \[D=8\] tensor"),
+    (dict(prefix_weight=torch.ones(8, dtype=torch.bool)), ValueError, r"prefix_weight must be a float \[D=8\]"),
+    (dict(prefix_weight=torch.ones(8, 1)), ValueError, "prefix_weight must have 1 dimensions"),
+    (dict(cos=torch.ones(5, 8)), ValueError, r"cos must be a float \[S0 \+ S=9, D=8\] table"),
+    (dict(cos=torch.ones(9, 4)), ValueError, r"cos must be a float \[S0 \+ S=9, D=8\] table"),
+    (dict(cos=torch.ones(9, 8, dtype=torch.int32)), ValueError, r"cos must be a float \[S0 \+ S=9, D=8\] table"),
+    (dict(cos=torch.ones(1, 9, 8)), ValueError, "cos must have 2 dimensions"),
+    (dict(cos=None), TypeError, "cos must be a torch.Tensor"),
+    (dict(cos=_META.expand(9, 8)), ValueError, "cos is on meta"),
+    (dict(sin=torch.ones(10, 8)), ValueError, r"sin must be a float \[S0 \+ S=9, D=8\] table"),
+    (dict(sin=torch.ones(9, 8, dtype=torch.complex64)), ValueError, r"sin must be a float \[S0 \+ S=9, D=8\]"),
+    (dict(sin=torch.ones(9 * 8)), ValueError, "sin must have 2 dimensions"),
+    (dict(sin=_META.expand(9, 8)), ValueError, "sin is on meta"),
+    (dict(eps=math.nan), ValueError, "eps must be finite and >= 0"),
+    (dict(eps=math.inf), ValueError, "eps must be finite and >= 0"),
+    (dict(eps=-1e-6), ValueError, "eps must be finite and >= 0"),
+    (dict(eps=True), TypeError, "eps must be a Python number or None"),
+    (dict(eps="1e-6"), TypeError, "eps must be a Python number or None"),
+    (dict(eps=torch.tensor(1e-6)), TypeError, "eps must be a Python number or None"),
+], ids=lambda v: None)
+def test_bad_input_raises_naming_the_argument(change, error, words, monkeypatch):
+    """Each check names its argument and fires before any launch."""
+    if kernel_module is not None:
+        def no_launch(*args, **kwargs):
+            raise AssertionError("launched on bad input")
+
+        monkeypatch.setattr(kernel_module, "rms_norm_rope", no_launch)
+    args = dict(_valid(), eps=1e-6)
+    args.update({name: value.to(DEVICE) if isinstance(value, torch.Tensor) and not value.is_meta else value
+                 for name, value in change.items()})
+    with pytest.raises(error, match=words):
+        rms_norm_rope(args["x"], args["cos"], args["sin"], args["weight"], args["eps"], prefix=args["prefix"],
+                      prefix_weight=args["prefix_weight"])
+
+
+def test_the_valid_arguments_of_the_bad_input_table_pass():
+    """The table above changes one argument of these: they pass as they are."""
+    args = _valid()
+    _assert_criterion("valid", _call(args, 1e-6), args, 1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU: bf16 at FLUX.2-klein-like sizes
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_gpu_bf16_at_flux2_klein_sizes():
+    """512 text and 4608 image tokens (a 64 x 72 latent), 32 heads of 128 (klein's q/k before attention), bf16,
+    FLUX.2's fp32 tables: the criterion against the reference in bf16, x as the q third of a fused projection, and
+    against diffusers' modules."""
+    batch, n_prefix, rows, cols, heads, dim = 1, 512, 64, 72, 32, 128
+    seq = rows * cols
+    gen = torch.Generator().manual_seed(21)
+    cos, sin = _flux_tables(n_prefix, rows, cols, [32, 32, 32, 32], theta=2000)
+    assert cos.dtype == torch.float32 and cos.shape == (n_prefix + seq, dim)
+    norm, prefix_norm = _norm_modules(dim, torch.bfloat16, gen)
+    prefix = torch.randn(batch, n_prefix, heads, dim, generator=gen).to(DEVICE, torch.bfloat16)
+    proj = torch.randn(batch, seq, 3 * heads * dim, generator=gen).to(DEVICE, torch.bfloat16)
+    with torch.no_grad():
+        weight, prefix_weight = norm.weight.detach(), prefix_norm.weight.detach()
+        for x in (proj[..., :heads * dim].unflatten(-1, (heads, dim)).contiguous(),
+                  proj[..., :heads * dim].unflatten(-1, (heads, dim))):
+            args = dict(x=x, cos=cos, sin=sin, weight=weight, prefix=prefix, prefix_weight=prefix_weight)
+            ours = _call(args, 1e-6)
+            _assert_criterion("bf16 klein", ours, args, 1e-6)
+            theirs = _diffusers_sequence(x, prefix, cos, sin, norm, prefix_norm)
+            _assert_criterion("bf16 klein vs diffusers", ours, args, 1e-6, same_dtype=theirs)
+        no_prefix = dict(args, prefix=None, prefix_weight=None, cos=cos[n_prefix:], sin=sin[n_prefix:])
+        _assert_criterion("bf16 image only", _call(no_prefix, 1e-6), no_prefix, 1e-6)
