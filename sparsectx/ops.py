@@ -737,10 +737,10 @@ def rms_norm_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight:
     rounds the normalised vector to the model's dtype before the weight multiplies it.
 
     Rounding as in diffusers: the norm computes in fp32 and its output is rounded to x's dtype, the rotation
-    computes in fp32 from it and is rounded again. ``eps`` None: ``torch.finfo(x.dtype).eps``, as
-    ``torch.nn.RMSNorm``. dtypes fp16, bf16, fp32 (float64 on the reference path); head dim even, at most 256;
-    strided inputs are read in place when their last dim is contiguous (e.g. the q/k thirds of a fused QKV
-    projection).
+    computes in fp32 from it and is rounded again. ``eps`` None: the epsilon of the compute dtype (fp32's for
+    fp16/bf16/fp32 inputs), as ``torch.nn.RMSNorm`` computes (its documentation says x's dtype's). dtypes fp16,
+    bf16, fp32 (float64 on the reference path); head dim even, at most 256; strided x and prefix are read in place
+    when their last dim is contiguous (e.g. the q/k thirds of a fused QKV projection), tables of any strides.
 
     On a GPU (or the interpreter): one Triton launch per segment (prefix, x). Gradients: inputs that require one
     (while autograd records) take the plain-torch reference, which is differentiable (the kernel has no backward).
@@ -779,8 +779,8 @@ def rms_norm_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight:
         raise ValueError(f"cos and sin must have one shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
     if not isinstance(round_before_weight, bool):
         raise TypeError(f"round_before_weight must be a bool, got {type(round_before_weight).__name__}")
-    if eps is None:
-        eps = torch.finfo(x.dtype).eps
+    if eps is None:  # what torch.nn.RMSNorm's implementation takes: the epsilon of its compute dtype
+        eps = torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps
     eps = _python_number(eps)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"eps must be a Python number or None, got {type(eps).__name__}")

@@ -289,7 +289,7 @@ def rms_norm_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, wei
         if not round_before_weight or w is None:
             return torch.nn.functional.rms_norm(t, (dim,), w, eps)
         upcast = t.to(wide)
-        step = eps if eps is not None else torch.finfo(t.dtype).eps
+        step = eps if eps is not None else torch.finfo(wide).eps  # torch.nn.RMSNorm's default
         normed = (upcast * torch.rsqrt(upcast.pow(2).mean(-1, keepdim=True) + step)).to(t.dtype)
         return (normed.to(wide) * w.to(wide)).to(t.dtype)
 

@@ -19,6 +19,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 try:
     import sparsectx.kernels.attention  # noqa: E402,F401
     import sparsectx.kernels.compaction  # noqa: E402,F401
+    import sparsectx.kernels.norm_rope  # noqa: E402,F401
 except ImportError:  # no triton: every op takes the reference
     pass
 

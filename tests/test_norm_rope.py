@@ -388,9 +388,12 @@ def test_custom_op_passes_opcheck_and_compiles_fullgraph():
     args = _inputs((2, 3, 5, 3, 16), torch.float32, seed=13)
     op = torch.ops.sparsectx.rms_norm_rope.default
     torch.library.opcheck(op, (args["x"], args["cos"], args["sin"], args["weight"], 1e-6, args["prefix"],
-                               args["prefix_weight"]))
+                               args["prefix_weight"], False))
     no_prefix = _inputs((1, None, 7, 5, 6), torch.float32, seed=14, weight=False, prefix_weight=False)
-    torch.library.opcheck(op, (no_prefix["x"], no_prefix["cos"], no_prefix["sin"], None, 1e-5, None, None))
+    torch.library.opcheck(op, (no_prefix["x"], no_prefix["cos"], no_prefix["sin"], None, 1e-5, None, None, False))
+    # Qwen-Image's form: tables of one value per pair (views of complex frequencies), diffusers' RMSNorm rounding
+    freqs = torch.polar(torch.ones(7, 3), torch.rand(7, 3))
+    torch.library.opcheck(op, (no_prefix["x"], freqs.real, freqs.imag, torch.rand(6), 1e-5, None, None, True))
 
     def fn(x, cos, sin, weight, prefix, prefix_weight):
         return rms_norm_rope(x, cos, sin, weight, 1e-6, prefix=prefix, prefix_weight=prefix_weight) * 2.0
@@ -511,7 +514,9 @@ _META = torch.zeros(1, device="meta")
     (dict(prefix_weight=torch.ones(8, dtype=torch.bool)), ValueError, r"prefix_weight must be a float \[D=8\]"),
     (dict(prefix_weight=torch.ones(8, 1)), ValueError, "prefix_weight must have 1 dimensions"),
     (dict(cos=torch.ones(5, 8)), ValueError, r"cos must be a float \[S0 \+ S=9, D=8\] table"),
-    (dict(cos=torch.ones(9, 4)), ValueError, r"cos must be a float \[S0 \+ S=9, D=8\] table"),
+    (dict(cos=torch.ones(9, 3)), ValueError, r"cos must be a float \[S0 \+ S=9, D=8\] table"),
+    (dict(cos=torch.ones(9, 4)), ValueError, r"cos and sin must have one shape"),
+    (dict(round_before_weight=1), TypeError, "round_before_weight must be a bool"),
     (dict(cos=torch.ones(9, 8, dtype=torch.int32)), ValueError, r"cos must be a float \[S0 \+ S=9, D=8\] table"),
     (dict(cos=torch.ones(1, 9, 8)), ValueError, "cos must have 2 dimensions"),
     (dict(cos=None), TypeError, "cos must be a torch.Tensor"),
@@ -539,7 +544,7 @@ def test_bad_input_raises_naming_the_argument(change, error, words, monkeypatch)
                  for name, value in change.items()})
     with pytest.raises(error, match=words):
         rms_norm_rope(args["x"], args["cos"], args["sin"], args["weight"], args["eps"], prefix=args["prefix"],
-                      prefix_weight=args["prefix_weight"])
+                      prefix_weight=args["prefix_weight"], round_before_weight=args.get("round_before_weight", False))
 
 
 def test_the_valid_arguments_of_the_bad_input_table_pass():
@@ -575,3 +580,57 @@ def test_gpu_bf16_at_flux2_klein_sizes():
             _assert_criterion("bf16 klein vs diffusers", ours, args, 1e-6, same_dtype=theirs)
         no_prefix = dict(args, prefix=None, prefix_weight=None, cos=cos[n_prefix:], sin=sin[n_prefix:])
         _assert_criterion("bf16 image only", _call(no_prefix, 1e-6), no_prefix, 1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the two norms' roundings, and Qwen-Image's tables (one value per pair, complex frequencies)
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("module", ["torch", "diffusers"])
+def test_norm_rounds_as_the_model_module_bit_for_bit(module):
+    """With the identity rotation and head dim 2 (a sum of two squares: no summation order to differ), the op's
+    fp16 output is the model's norm module's output bit for bit: ``torch.nn.RMSNorm`` (one rounding) with
+    ``round_before_weight=False``, diffusers' ``RMSNorm`` (rounded before and after the weight) with True; the
+    other setting differs somewhere on these inputs (the flag is not a no-op)."""
+    from diffusers.models.normalization import RMSNorm
+
+    g = torch.Generator().manual_seed(3)
+    x = (3 * torch.randn(2, 64, 4, 2, generator=g)).to(torch.float16)
+    norm = torch.nn.RMSNorm(2, eps=1e-6) if module == "torch" else RMSNorm(2, eps=1e-6)
+    norm = norm.to(torch.float16).requires_grad_(False)
+    norm.weight.copy_(2 * torch.randn(2, generator=g))
+    cos, sin = torch.ones(64, 1), torch.zeros(64, 1)
+    expected = norm(x)
+    diffusers_rounding = module == "diffusers"
+    same = rms_norm_rope(x, cos, sin, norm.weight, 1e-6, round_before_weight=diffusers_rounding)
+    other = rms_norm_rope(x, cos, sin, norm.weight, 1e-6, round_before_weight=not diffusers_rounding)
+    assert torch.equal(same, expected)
+    assert not torch.equal(other, expected)
+
+
+def test_tables_of_one_value_per_pair_equal_repeated_tables():
+    """``[S, D/2]`` tables (strided views of complex frequencies' real and imaginary parts) give exactly the output
+    of the same values repeated per feature, ``[S, D]`` contiguous."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 9, 3, 16, generator=g)
+    freqs = torch.polar(torch.ones(9, 8), 10 * torch.rand(9, 8, generator=g))
+    per_pair = rms_norm_rope(x, freqs.real, freqs.imag, None, 1e-6)
+    per_feature = rms_norm_rope(x, freqs.real.repeat_interleave(2, -1), freqs.imag.repeat_interleave(2, -1),
+                                None, 1e-6)
+    assert torch.isfinite(per_pair).all()
+    assert torch.equal(per_pair, per_feature)
+
+
+def test_qwen_image_norm_and_rope_equal_diffusers():
+    """Qwen-Image's q/k: diffusers' ``RMSNorm`` then ``apply_rotary_emb_qwen`` (complex product) equals the op with
+    ``round_before_weight`` and the frequencies' real/imaginary parts, within fp32 rounding."""
+    from diffusers.models.normalization import RMSNorm
+    from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 11, 3, 32, generator=g)
+    norm = RMSNorm(32, eps=1e-6).requires_grad_(False)
+    norm.weight.copy_(torch.randn(32, generator=g))
+    freqs = torch.polar(torch.ones(11, 16), 10 * torch.rand(11, 16, generator=g))
+    expected = apply_rotary_emb_qwen(norm(x), freqs, use_real=False)
+    got = rms_norm_rope(x, freqs.real, freqs.imag, norm.weight, norm.eps, round_before_weight=True)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
