@@ -29,16 +29,16 @@ NUM_WARPS = 8
 @triton.jit
 def _rms_norm_rope_kernel(
     X, W, COS, SIN, OUT, n_tokens, table_row0, eps,
-    stride_xb, stride_xs, stride_xh, stride_cs, stride_c_pair, stride_c_within, stride_ss, stride_s_pair,
-    stride_s_within, stride_ob, stride_os, stride_oh,
+    stride_xb, stride_xs, stride_xh, stride_cs, stride_c_col, stride_ss, stride_s_col, stride_ob, stride_os,
+    stride_oh,
     HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_PAIRS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    ROUND_BEFORE_WEIGHT: tl.constexpr, BLOCK_TOKENS: tl.constexpr, HEAD_BLOCK: tl.constexpr,
+    ROUND_BEFORE_WEIGHT: tl.constexpr, TABLE_PER_PAIR: tl.constexpr, BLOCK_TOKENS: tl.constexpr,
+    HEAD_BLOCK: tl.constexpr,
 ):
     """Tokens ``pid(0) * BLOCK_TOKENS ..`` and heads ``pid(1) * HEAD_BLOCK ..`` of sample ``pid(2)`` of the segment
     ``X [B, n_tokens, HEADS, HEAD_DIM]``; its tokens are the joint sequence's rows ``table_row0 ..`` (of the tables
-    and of the output). Feature ``f`` of a table row is at ``(f // 2) * stride_pair + (f % 2) * stride_within``
-    (a value per feature, or one per pair with ``stride_within`` 0). Tiles are ``[tokens, heads, pairs, 2]``: the
-    last axis holds a pair's two features."""
+    and of the output). The tables hold a value per feature, or with TABLE_PER_PAIR one per pair of features
+    (column ``f // 2``). Tiles are ``[tokens, heads, pairs, 2]``: the last axis holds a pair's two features."""
     batch = tl.program_id(2).to(tl.int64)
     tokens = tl.program_id(0) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
     heads = tl.program_id(1) * HEAD_BLOCK + tl.arange(0, HEAD_BLOCK)
@@ -49,9 +49,9 @@ def _rms_norm_rope_kernel(
 
     # the tokens' cos/sin rows, [tokens, 1, features]: shared by every head of the program
     table_mask = (token_valid[:, None] & feature_valid[None, :])[:, None, :]
-    pair, within = features // 2, features % 2
-    cos_cols = pair * stride_c_pair + within * stride_c_within
-    sin_cols = pair * stride_s_pair + within * stride_s_within
+    table_cols = features // 2 if TABLE_PER_PAIR else features
+    cos_cols = table_cols * stride_c_col  # (a column stride of 1 is specialised: contiguous, vectorised loads)
+    sin_cols = table_cols * stride_s_col
     cos = tl.load(COS + (rows[:, None] * stride_cs + cos_cols[None, :])[:, None, :], mask=table_mask,
                   other=0.0).to(tl.float32)
     sin = tl.load(SIN + (rows[:, None] * stride_ss + sin_cols[None, :])[:, None, :], mask=table_mask,
@@ -84,14 +84,6 @@ def _rms_norm_rope_kernel(
     tl.store(OUT + out_offsets + features[None, None, :], out.to(OUT.dtype.element_ty), mask=mask)
 
 
-def _table_strides(table: torch.Tensor, dim: int) -> tuple:
-    """(row, pair, within-pair) strides of a ``[rows, D]`` table (a value per feature) or a ``[rows, D/2]`` one (a
-    value per pair of features, e.g. the real or imaginary part of complex frequencies)."""
-    if table.shape[1] == dim:
-        return table.stride(0), 2 * table.stride(1), table.stride(1)
-    return table.stride(0), table.stride(1), 0
-
-
 @on_device_of("cos")
 def rms_norm_rope(segments: list, cos: torch.Tensor, sin: torch.Tensor, eps: float,
                   round_before_weight: bool = False) -> torch.Tensor:
@@ -108,11 +100,11 @@ def rms_norm_rope(segments: list, cos: torch.Tensor, sin: torch.Tensor, eps: flo
             grid = (cdiv(n_tokens, BLOCK_TOKENS), cdiv(heads, HEAD_BLOCK), batch)
             _rms_norm_rope_kernel[grid](
                 x, weight if weight is not None else x, cos, sin, out, n_tokens, row0, eps,
-                x.stride(0), x.stride(1), x.stride(2), *_table_strides(cos, dim), *_table_strides(sin, dim),
+                x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
                 out.stride(0), out.stride(1), out.stride(2),
                 HEADS=heads, HEAD_DIM=dim, BLOCK_PAIRS=max(1, next_power_of_2(dim) // 2),
-                HAS_WEIGHT=weight is not None, ROUND_BEFORE_WEIGHT=round_before_weight, BLOCK_TOKENS=BLOCK_TOKENS,
-                HEAD_BLOCK=HEAD_BLOCK,
+                HAS_WEIGHT=weight is not None, ROUND_BEFORE_WEIGHT=round_before_weight,
+                TABLE_PER_PAIR=cos.shape[1] != dim, BLOCK_TOKENS=BLOCK_TOKENS, HEAD_BLOCK=HEAD_BLOCK,
                 num_warps=NUM_WARPS,
             )
         row0 += n_tokens
