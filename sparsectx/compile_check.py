@@ -231,12 +231,13 @@ def _key_mass_variants(dtypes, head_dims):
 
 
 def _norm_rope_variants(dtypes, head_dims):
-    """(label, launch) pairs: the QK norm + RoPE pass per dtype and head dim, on the text and image segments of a
-    joint sequence, the image rows read in place as the q third of a fused QKV projection; without norm weights;
-    and Qwen-Image's form (diffusers' RMSNorm rounding, a table value per pair read from complex frequencies)."""
+    """(label, launch) pairs: the QK norm + RoPE pass per dtype and head dim, forward and backward, on the text and
+    image segments of a joint sequence, the image rows read in place as the q third of a fused QKV projection;
+    without norm weights; and Qwen-Image's form (diffusers' RMSNorm rounding, a table value per pair read from
+    complex frequencies)."""
     import torch
 
-    from .kernels.norm_rope import rms_norm_rope
+    from .kernels.norm_rope import rms_norm_rope, rms_norm_rope_backward
 
     for name in dtypes:
         dtype = getattr(torch, _DTYPE_NAMES[name])
@@ -246,7 +247,8 @@ def _norm_rope_variants(dtypes, head_dims):
                 image = torch.zeros(2, SEQ, 3 * HEADS * dim, dtype=dtype)[..., :HEADS * dim].unflatten(-1, (HEADS, dim))
                 weight = torch.zeros(dim, dtype=dtype)
                 table = torch.zeros(SEQ // 2 + SEQ, dim)
-                rms_norm_rope([(text, weight), (image, weight)], table, table, 1e-6)
+                out = rms_norm_rope([(text, weight), (image, weight)], table, table, 1e-6)
+                rms_norm_rope_backward(out, [(text, weight), (image, weight)], table, table, 1e-6)
                 rms_norm_rope([(text, None)], table[:SEQ // 2], table[:SEQ // 2], 1e-6)
                 freqs = torch.view_as_real(torch.zeros(SEQ, dim // 2, dtype=torch.complex64))  # Qwen-Image's form
                 rms_norm_rope([(image, weight)], freqs[..., 0], freqs[..., 1], 1e-6, round_before_weight=True)

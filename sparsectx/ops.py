@@ -723,6 +723,58 @@ def _(x, cos, sin, weight, eps, prefix, prefix_weight, round_before_weight):
     return x.new_empty((x.shape[0], cos.shape[0], *x.shape[2:]))
 
 
+@torch.library.custom_op("sparsectx::rms_norm_rope_bwd", mutates_args=())
+def _rms_norm_rope_bwd_op(
+    dy: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight: Optional[torch.Tensor],
+    eps: float, prefix: Optional[torch.Tensor], prefix_weight: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dx, dweight, dprefix, dprefix_weight); empty tensors for the ones whose input is None."""
+    if x.dtype != torch.float64 and _use_triton(x):
+        from .kernels.norm_rope import rms_norm_rope_backward as launch
+
+        segments = [(x, weight)] if prefix is None else [(prefix, prefix_weight), (x, weight)]
+        segments = [(_last_dim_contiguous(t), None if w is None else w.contiguous()) for t, w in segments]
+        grads = launch(_last_dim_contiguous(dy), segments, cos, sin, eps)
+        (dx, dweight), (dprefix, dprefix_weight) = grads[-1], (grads[0] if prefix is not None else (None, None))
+    else:
+        dx, dweight, dprefix, dprefix_weight = reference.rms_norm_rope_bwd_ref(
+            dy, x, cos, sin, weight, eps, prefix, prefix_weight)
+        dx, dprefix = dx.contiguous(), None if dprefix is None else dprefix.contiguous()
+    return tuple(g if g is not None else x.new_empty(0) for g in (dx, dweight, dprefix, dprefix_weight))
+
+
+@_rms_norm_rope_bwd_op.register_fake
+def _(dy, x, cos, sin, weight, eps, prefix, prefix_weight):
+    return tuple(t.new_empty(t.shape) if t is not None else x.new_empty(0) for t in (x, weight, prefix, prefix_weight))
+
+
+def _rms_norm_rope_setup_context(ctx, inputs, output):
+    x, cos, sin, weight, eps, prefix, prefix_weight, _ = inputs
+    ctx.save_for_backward(x, cos, sin, weight, prefix, prefix_weight)
+    ctx.eps = eps
+
+
+def _rms_norm_rope_backward(ctx, dy):
+    x, cos, sin, weight, prefix, prefix_weight = ctx.saved_tensors
+    dx, dweight, dprefix, dprefix_weight = _rms_norm_rope_bwd_op(dy, x, cos, sin, weight, ctx.eps, prefix,
+                                                                 prefix_weight)
+    return (dx, None, None, dweight if weight is not None else None, None, dprefix if prefix is not None else None,
+            dprefix_weight if prefix_weight is not None else None, None)
+
+
+torch.library.register_autograd("sparsectx::rms_norm_rope", _rms_norm_rope_backward,
+                                setup_context=_rms_norm_rope_setup_context)
+
+
+def _no_double_backward_norm_rope(ctx, *grads):
+    raise NotImplementedError("sparsectx's rms_norm_rope has first-order gradients only (a backward through its "
+                              "gradients is not supported)")
+
+
+torch.library.register_autograd("sparsectx::rms_norm_rope_bwd", _no_double_backward_norm_rope,
+                                setup_context=lambda ctx, inputs, output: None)
+
+
 def rms_norm_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight: Optional[torch.Tensor] = None,
                   eps: Optional[float] = None, *, prefix: Optional[torch.Tensor] = None,
                   prefix_weight: Optional[torch.Tensor] = None, round_before_weight: bool = False) -> torch.Tensor:
@@ -742,10 +794,11 @@ def rms_norm_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight:
     bf16, fp32 (float64 on the reference path); head dim even, at most 256; strided x and prefix are read in place
     when their last dim is contiguous (e.g. the q/k thirds of a fused QKV projection), tables of any strides.
 
-    On a GPU (or the interpreter): one Triton launch per segment (prefix, x). Gradients: inputs that require one
-    (while autograd records) take the plain-torch reference, which is differentiable (the kernel has no backward).
-    A ``torch.library`` custom op (``torch.ops.sparsectx.rms_norm_rope``) otherwise: ``torch.compile`` traces it.
-    Nothing synchronises with the host.
+    On a GPU (or the interpreter): one Triton launch per segment (prefix, x), forward and backward. Differentiable
+    in x, prefix and the weights (first order: the backward kernel's gradients, the weights' summed per program,
+    no atomics); tables that require a gradient take the plain-torch reference instead. A ``torch.library``
+    custom op (``torch.ops.sparsectx.rms_norm_rope``, with its backward op): ``torch.compile`` traces it. Nothing
+    synchronises with the host.
     """
     _check_tensor("x", x, ndim=4, dtypes=_NORM_ROPE_DTYPES)
     batch, seq, heads, dim = x.shape
@@ -787,7 +840,7 @@ def rms_norm_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight:
     if not 0.0 <= eps < math.inf:
         raise ValueError(f"eps must be finite and >= 0, got {eps!r}")
     tensors = (x, cos, sin, weight, prefix, prefix_weight)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):  # the kernels give no table gradient
         return reference.rms_norm_rope_ref(x, cos, sin, weight, eps, prefix, prefix_weight, round_before_weight)
     norm_rope = _rms_norm_rope if _plain_eager(*tensors) else _rms_norm_rope_op
     return norm_rope(x, cos, sin, weight, float(eps), prefix, prefix_weight, round_before_weight)

@@ -300,3 +300,41 @@ def rms_norm_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, wei
     rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
     cos, sin = cos.to(wide)[None, :, None, :], sin.to(wide)[None, :, None, :]
     return (joint.to(wide) * cos + rotated.to(wide) * sin).to(x.dtype)
+
+
+def rms_norm_rope_bwd_ref(dy: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          weight: Optional[torch.Tensor] = None, eps: Optional[float] = None,
+                          prefix: Optional[torch.Tensor] = None, prefix_weight: Optional[torch.Tensor] = None):
+    """Explicit gradients of ``rms_norm_rope_ref`` for the output gradient ``dy [B, S0 + S, H, D]``:
+    ``(dx, dweight, dprefix, dprefix_weight)`` (None for what is not given), computed in fp32 or wider. The
+    forward's roundings pass the gradient unchanged (as autograd through casts), so ``round_before_weight`` does
+    not enter. The backward kernel implements these formulas: the rotation's transpose
+    ``dn[2i] = dy[2i]·cos[2i] + dy[2i+1]·sin[2i+1]``, ``dn[2i+1] = dy[2i+1]·cos[2i+1] - dy[2i]·sin[2i]``; then with
+    ``n = x·r·w``, ``r = rsqrt(mean(x²) + eps)``: ``dx = r·w·dn - x·r³·sum(x·w·dn) / D``, ``dw = sum(dn·x·r)`` over
+    every token and head."""
+    dim = x.shape[-1]
+    wide = torch.promote_types(x.dtype, torch.float32)
+    step = eps if eps is not None else torch.finfo(wide).eps
+    if cos.shape[-1] != dim:  # one value per pair
+        cos, sin = cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)
+    cos, sin = cos.to(wide)[None, :, None, :], sin.to(wide)[None, :, None, :]
+    dy = dy.to(wide)
+    scaled = (dy * sin).unflatten(-1, (-1, 2))
+    dnormed = dy * cos + torch.stack([scaled[..., 1], -scaled[..., 0]], dim=-1).flatten(-2)
+
+    def segment(t, w, rows):
+        t = t.to(wide)
+        dn = dnormed[:, rows]
+        rstd = torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + step)
+        g = dn if w is None else dn * w.to(wide)
+        dt = rstd * g - t * rstd.pow(3) * (t * g).sum(-1, keepdim=True) / dim
+        dw = None if w is None else (dn * t * rstd).sum(dim=(0, 1, 2)).to(w.dtype)
+        return dt, dw
+
+    n_prefix = 0 if prefix is None else prefix.shape[1]
+    dx, dweight = segment(x, weight, slice(n_prefix, None))
+    dprefix = dprefix_weight = None
+    if prefix is not None:
+        dprefix, dprefix_weight = segment(prefix, prefix_weight, slice(0, n_prefix))
+        dprefix = dprefix.to(prefix.dtype)
+    return dx.to(x.dtype), dweight, dprefix, dprefix_weight

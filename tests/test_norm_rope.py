@@ -354,9 +354,93 @@ def test_gradcheck_in_float64():
     assert torch.autograd.gradcheck(fn, inputs)
 
 
-def test_inputs_requiring_grad_take_the_differentiable_reference():
-    """fp32 inputs that require grad: the reference's values and gradients exactly (the same code); under no_grad
-    the same inputs take the op's usual path (no graph, the criterion)."""
+GRAD_CASES = {
+    # (B, S0, S, H, D), weight, prefix_weight, per-pair tables
+    "prefix_and_weights": ((2, 5, 9, 3, 16), True, True, False),
+    "no_prefix_no_weight": ((1, None, 13, 5, 6), False, False, False),
+    "empty_prefix_head_dim_128": ((2, 0, 9, 4, 128), True, True, False),
+    "qwen_tables_weight_only_on_x": ((3, 4, 7, 1, 8), True, False, True),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES_HERE)
+@pytest.mark.parametrize("case", sorted(GRAD_CASES))
+def test_gradients_meet_the_criterion(case, dtype, monkeypatch):
+    """x, prefix and the weights requiring grad (the tables not: FLUX's and Qwen-Image's are made from positions):
+    the backward kernel's gradients against the float64 reference's autograd, within twice the error of the
+    reference's autograd in x's dtype (plus atol); the kernel ran; a second backward raises."""
+    shape, weight, prefix_weight, per_pair = GRAD_CASES[case]
+    args = _inputs(shape, dtype, seed=21, weight=weight, prefix_weight=prefix_weight)
+    if per_pair:
+        args["cos"], args["sin"] = args["cos"][:, ::2], args["sin"][:, ::2]  # strided [S, D/2] views
+    upstream = torch.randn((shape[0], (shape[1] or 0) + shape[2], *shape[3:]),
+                           generator=torch.Generator().manual_seed(22)).to(DEVICE, dtype)
+    names = [n for n in ("x", "weight", "prefix", "prefix_weight") if args[n] is not None]
+    launches = []
+    if kernel_module is not None and ops.backend_for(DEVICE, dtype) != ops.TORCH_REFERENCE:
+        real = kernel_module.rms_norm_rope_backward
+        monkeypatch.setattr(kernel_module, "rms_norm_rope_backward",
+                            lambda *a, **k: launches.append(1) or real(*a, **k))
+
+    def reference_grads(wide):
+        """Autograd through the reference: in float64 (``wide``) on the op's values, or in x's dtype."""
+        cast = (lambda t: t.double()) if wide else (lambda t: t)  # noqa: E731
+        tables = [cast(args[t].to(torch.promote_types(dtype, torch.float32)) if wide else args[t])
+                  for t in ("cos", "sin")]
+        leaves = {n: cast(args[n]).detach().requires_grad_() for n in names}
+        values = {n: leaves.get(n, args[n]) for n in ("x", "weight", "prefix", "prefix_weight")}
+        out = ref.rms_norm_rope_ref(values["x"], *tables, values["weight"], 1e-6, values["prefix"],
+                                    values["prefix_weight"])
+        return dict(zip(names, torch.autograd.grad(out, [leaves[n] for n in names], cast(upstream))))
+
+    leaves = {n: args[n].detach().requires_grad_() for n in names}
+    values = {n: leaves.get(n, args[n]) for n in ("x", "weight", "prefix", "prefix_weight")}
+    out = rms_norm_rope(values["x"], args["cos"], args["sin"], values["weight"], 1e-6, prefix=values["prefix"],
+                        prefix_weight=values["prefix_weight"])
+    got = dict(zip(names, torch.autograd.grad(out, [leaves[n] for n in names], upstream, create_graph=True)))
+    exact, same = reference_grads(True), reference_grads(False)
+    for name in names:
+        assert got[name].dtype == args[name].dtype and got[name].shape == args[name].shape, name
+        err = (got[name].double() - exact[name]).abs().max().item() if got[name].numel() else 0.0
+        baseline = (same[name].double() - exact[name]).abs().max().item() if got[name].numel() else 0.0
+        assert math.isfinite(err), f"d{name}: non-finite gradient"
+        assert err <= 2 * baseline + ATOL[dtype], f"d{name}: error {err:.3e} > 2 x torch's {baseline:.3e} + atol"
+    if kernel_module is not None and ops.backend_for(DEVICE, dtype) != ops.TORCH_REFERENCE:
+        assert launches == [1]
+    with pytest.raises(NotImplementedError, match="first-order"):
+        torch.autograd.grad(got["x"].sum(), leaves["x"])
+
+
+def test_backward_formulas_are_the_references_autograd():
+    """The explicit gradients (``rms_norm_rope_bwd_ref``, what the backward kernel implements) equal autograd
+    through ``rms_norm_rope_ref`` in float64, with and without prefix, weights and per-pair tables."""
+    gen = torch.Generator().manual_seed(23)
+    for n_prefix, weights, per_pair in ((4, True, False), (None, False, True), (3, False, False)):
+        x = torch.randn(2, 6, 3, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+        prefix = None if n_prefix is None else torch.randn(2, n_prefix, 3, 8, generator=gen, dtype=torch.float64,
+                                                           requires_grad=True)
+        weight, prefix_weight = ((torch.randn(8, generator=gen, dtype=torch.float64, requires_grad=True)
+                                  for _ in range(2)) if weights else (None, None))
+        rows = 6 + (n_prefix or 0)
+        cos, sin = (torch.rand(rows, 4 if per_pair else 8, generator=gen, dtype=torch.float64) for _ in range(2))
+        upstream = torch.randn(2, rows, 3, 8, generator=gen, dtype=torch.float64)
+        leaves = [t for t in (x, weight, prefix, prefix_weight) if t is not None]
+        out = ref.rms_norm_rope_ref(x, cos, sin, weight, 1e-6, prefix, prefix_weight if prefix is not None else None)
+        expected = torch.autograd.grad(out, leaves, upstream)
+        explicit = [g for g in ref.rms_norm_rope_bwd_ref(upstream, x.detach(), cos, sin,
+                                                         None if weight is None else weight.detach(), 1e-6,
+                                                         None if prefix is None else prefix.detach(),
+                                                         None if prefix_weight is None else prefix_weight.detach())
+                    if g is not None]
+        assert len(explicit) == len(expected)
+        for a, b in zip(explicit, expected):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_tables_requiring_grad_take_the_differentiable_reference():
+    """fp32 inputs that require grad, the tables too (the kernels give no table gradient): the reference's values
+    and gradients exactly (the same code); under no_grad the same inputs take the op's usual path (no graph, the
+    criterion)."""
     args = _inputs((2, 3, 6, 3, 16), torch.float32, seed=11)
     leaves = {k: v.clone().requires_grad_() for k, v in args.items()}
     copies = {k: v.clone().requires_grad_() for k, v in args.items()}
