@@ -775,7 +775,8 @@ class CompactionCase:
 class NormRopeCase:
     """What every FLUX.2-klein-9B double-stream attention layer does to its queries (and keys) before attending:
     QK norms of the text and image streams, their concatenation and RoPE (a klein step does it for q and k of all
-    32 layers: 64 calls on the joint sequence; the 24 single-stream layers have no concatenation)."""
+    32 layers: 64 calls on the joint sequence; the 24 single-stream layers have no concatenation). A config is
+    (image tokens, with the backward): inference, or a drop-training step's forward + backward."""
 
     name = "norm_rope"
     title = "QK RMS norm + [text, image] join + RoPE of one klein-9B attention layer's queries"
@@ -783,31 +784,47 @@ class NormRopeCase:
                   "torch.compile of the diffusers code", "sparsectx rms_norm_rope, CUDA graph replay")
     sizes = {
         # image tokens: target alone, + 3 references x 10% kept, + 3 references all kept
-        "full": dict(heads=32, dim=128, text=512, configs=[4096, 4096 + 1229, 4096 + 3 * 4096], quick=[4096 + 1229]),
-        "tiny": dict(heads=2, dim=32, text=8, configs=[64], quick=[64]),
+        "full": dict(heads=32, dim=128, text=512,
+                     configs=[(4096, False), (4096 + 1229, False), (4096 + 3 * 4096, False), (4096 + 1229, True)],
+                     quick=[(4096 + 1229, False), (4096 + 1229, True)]),
+        "tiny": dict(heads=2, dim=32, text=8, configs=[(64, False), (64, True)], quick=[(64, False)]),
     }
 
     def configs(self, size: str, quick: bool = False):
         return self.sizes[size]["quick" if quick else "configs"]
 
     def label(self, config) -> str:
-        return f"image-{config}"
+        tokens, backward = config
+        return f"image-{tokens}" + ("-fwd+bwd" if backward else "")
 
     def build(self, config, size: str, device: torch.device) -> Workload:
+        n_image, backward = config
         s = self.sizes[size]
         dtype, gen = _dtype_for(device), _generator(device)
         heads, dim, n_text = s["heads"], s["dim"], s["text"]
-        text = _randn(gen, 1, n_text, heads, dim, device=device, dtype=dtype)
-        image = _randn(gen, 1, config, heads, dim, device=device, dtype=dtype)
-        angles = torch.rand(n_text + config, dim // 2, generator=gen, device=device) * 100.0
+        text = _randn(gen, 1, n_text, heads, dim, device=device, dtype=dtype).requires_grad_(backward)
+        image = _randn(gen, 1, n_image, heads, dim, device=device, dtype=dtype).requires_grad_(backward)
+        angles = torch.rand(n_text + n_image, dim // 2, generator=gen, device=device) * 100.0
         cos, sin = (f(angles).repeat_interleave(2, dim=1) for f in (torch.cos, torch.sin))  # FLUX's fp32 tables
         norm_image, norm_text = (torch.nn.RMSNorm(dim, eps=1e-6, device=device, dtype=dtype) for _ in range(2))
-        for norm in (norm_image, norm_text):  # inference: no parameter asks for a gradient
-            norm.requires_grad_(False).weight.copy_(1.0 + 0.1 * _randn(gen, dim, device=device, dtype=dtype))
-        impls = [Impl("sparsectx rms_norm_rope",
-                      lambda: ops.rms_norm_rope(image, cos, sin, norm_image.weight, norm_image.eps, prefix=text,
-                                                prefix_weight=norm_text.weight),
-                      note="one launch per stream")]
+        with torch.no_grad():
+            for norm in (norm_image, norm_text):
+                norm.weight.copy_(1.0 + 0.1 * _randn(gen, dim, device=device, dtype=dtype))
+                norm.requires_grad_(backward)  # inference: no parameter asks for a gradient
+        leaves = (image, text, norm_image.weight, norm_text.weight)
+        upstream = _randn(gen, 1, n_text + n_image, heads, dim, device=device, dtype=dtype)
+
+        def timed(forward):
+            """The forward, or the forward and the gradients of x, prefix and both weights."""
+            if not backward:
+                return forward
+            return lambda: torch.autograd.grad(forward(), leaves, upstream)
+
+        def ours():
+            return ops.rms_norm_rope(image, cos, sin, norm_image.weight, norm_image.eps, prefix=text,
+                                     prefix_weight=norm_text.weight)
+
+        impls = [Impl(self.impl_names[0], timed(ours), note="one launch per stream" + (" and pass" * backward))]
         try:
             from diffusers.models.embeddings import apply_rotary_emb
         except ImportError:
@@ -817,21 +834,25 @@ class NormRopeCase:
                 joint = torch.cat([norm_text(text), norm_image(image)], dim=1)
                 return apply_rotary_emb(joint, (cos, sin), sequence_dim=1)
 
-            impls.append(Impl(self.impl_names[1], diffusers_code, note="what FLUX.2's processors run"))
+            impls.append(Impl(self.impl_names[1], timed(diffusers_code), note="what FLUX.2's processors run"))
             if device.type == "cuda":
                 compiled = torch.compile(diffusers_code, dynamic=False)
-                impls.append(Impl(self.impl_names[2], compiled, note="Inductor's fusion; compiled at the check"))
+                impls.append(Impl(self.impl_names[2], timed(compiled),
+                                  note="Inductor's fusion; compiled at the check"))
             else:
                 impls.append(Impl(self.impl_names[2], skip="measured on CUDA only (Inductor on the CPU needs a C++ "
                                                            "toolchain and is not what users serve with)"))
-        impls.append(_graph_replay_impl(
-            self.impl_names[3], lambda: ops.rms_norm_rope(image, cos, sin, norm_image.weight, norm_image.eps,
-                                                          prefix=text, prefix_weight=norm_text.weight),
-            device, note="diagnostic: the kernel's GPU time without Python and launch overhead"))
-        elements = (n_text + config) * heads * dim
-        moved = 2 * elements * text.element_size() + 2 * cos.numel() * cos.element_size()
-        shape = (f"text {n_text} + image {config} tokens, H={heads}, D={dim} {str(dtype).replace('torch.', '')}, "
-                 "fp32 tables")
+        if backward:
+            impls.append(Impl(self.impl_names[3], skip="forward only"))
+        else:
+            impls.append(_graph_replay_impl(self.impl_names[3], ours, device,
+                                            note="diagnostic: the kernel's GPU time without Python and launch "
+                                                 "overhead"))
+        elements = (n_text + n_image) * heads * dim
+        # fewest bytes: forward reads x, writes the output (+ the tables); backward reads dy and x, writes dx
+        moved = (2 + 3 * backward) * elements * text.element_size() + (1 + backward) * 2 * cos.numel() * 4
+        shape = (f"text {n_text} + image {n_image} tokens, H={heads}, D={dim} {str(dtype).replace('torch.', '')}, "
+                 f"fp32 tables{', forward + backward (x, prefix, both weights)' if backward else ''}")
         # loop_note: a klein step makes 64 such calls; their host work must stay under their GPU time
         return Workload(self.name, shape, impls, dtype, bytes_moved=moved, loop_note=True)
 
