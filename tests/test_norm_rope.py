@@ -375,6 +375,13 @@ def test_gradients_meet_the_criterion(case, dtype, monkeypatch):
         args["cos"], args["sin"] = args["cos"][:, ::2], args["sin"][:, ::2]  # strided [S, D/2] views
     upstream = torch.randn((shape[0], (shape[1] or 0) + shape[2], *shape[3:]),
                            generator=torch.Generator().manual_seed(22)).to(DEVICE, dtype)
+    _assert_gradients_meet_the_criterion(args, upstream, dtype, monkeypatch)
+
+
+def _assert_gradients_meet_the_criterion(args, upstream, dtype, monkeypatch):
+    """Gradients of x, prefix and the weights given (the tables not) for ``upstream``: the op's against the
+    float64 reference's autograd, within twice the error of the reference's autograd in x's dtype (plus atol);
+    the backward kernel ran where ``backend_for`` says kernels run; a second backward raises."""
     names = [n for n in ("x", "weight", "prefix", "prefix_weight") if args[n] is not None]
     launches = []
     if kernel_module is not None and ops.backend_for(DEVICE, dtype) != ops.TORCH_REFERENCE:
@@ -664,6 +671,23 @@ def test_gpu_bf16_at_flux2_klein_sizes():
             _assert_criterion("bf16 klein vs diffusers", ours, args, 1e-6, same_dtype=theirs)
         no_prefix = dict(args, prefix=None, prefix_weight=None, cos=cos[n_prefix:], sin=sin[n_prefix:])
         _assert_criterion("bf16 image only", _call(no_prefix, 1e-6), no_prefix, 1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_gradients_at_flux2_klein_sizes(monkeypatch):
+    """Drop training's backward at klein's sizes (512 text + 4608 image tokens, 32 heads of 128, bf16, FLUX.2's
+    fp32 tables): the gradients of x (the q third of a fused projection), the text stream and both weights meet
+    the criterion against the float64 reference's autograd."""
+    n_prefix, rows, cols, heads, dim = 512, 64, 72, 32, 128
+    gen = torch.Generator().manual_seed(24)
+    cos, sin = _flux_tables(n_prefix, rows, cols, [32, 32, 32, 32], theta=2000)
+    proj = torch.randn(1, rows * cols, 3 * heads * dim, generator=gen).to(DEVICE, torch.bfloat16)
+    args = dict(x=proj[..., :heads * dim].unflatten(-1, (heads, dim)), cos=cos, sin=sin,
+                weight=(1 + 0.1 * torch.randn(dim, generator=gen)).to(DEVICE, torch.bfloat16),
+                prefix=torch.randn(1, n_prefix, heads, dim, generator=gen).to(DEVICE, torch.bfloat16),
+                prefix_weight=(1 + 0.1 * torch.randn(dim, generator=gen)).to(DEVICE, torch.bfloat16))
+    upstream = torch.randn(1, n_prefix + rows * cols, heads, dim, generator=gen).to(DEVICE, torch.bfloat16)
+    _assert_gradients_meet_the_criterion(args, upstream, torch.bfloat16, monkeypatch)
 
 
 # ----------------------------------------------------------------------------------------------------------------
