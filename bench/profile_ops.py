@@ -11,6 +11,10 @@ Sections (``--section``, default all, in this order):
   row): kernel count, CUDA time and host time per call.
 - ``probe``: the drop-in's automatic attention probe on the FLUX.2-klein-9B architecture (random weights, 3
   references of 64 x 64 tokens): the ops with the most CUDA time and the most host time.
+- ``norm_rope``: ``rms_norm_rope``'s forward and backward kernels at a klein-9B layer's q (512 text + 5325 image
+  tokens, 32 heads of 128, bf16) with each tile shape (tokens x heads per program, warps; chosen by arithmetic
+  in ``kernels/norm_rope.py``): GB/s of the fewest bytes, and the largest difference to the shipped tiles'
+  result.
 
 Usage: ``python bench/profile_ops.py [--section NAME]... [--out DIR] [--tiny]``; writes ``profile_ops.txt`` (and
 prints it). ``--tiny`` (and any machine without CUDA) runs the small shapes on the CPU: a dry run of the script,
@@ -26,7 +30,9 @@ from typing import Callable
 
 import torch
 
-SECTIONS = ("compaction", "selection", "probe")
+SECTIONS = ("compaction", "selection", "probe", "norm_rope")
+# (tokens, heads per program, warps) tried by the norm_rope section; the first is the shipped one
+NORM_ROPE_TILES = ((8, 4, 8), (4, 4, 4), (16, 4, 8), (8, 8, 8), (8, 2, 4), (16, 8, 8), (32, 1, 8), (4, 8, 8))
 ROWS = 18  # rows of each profiler table
 
 
@@ -152,6 +158,45 @@ def probe_section(tiny: bool, device: torch.device) -> str:
                                                                "count"))])
 
 
+def norm_rope_section(tiny: bool, device: torch.device) -> str:
+    from sparsectx.kernels import norm_rope as kernels
+
+    n_text, n_image, heads, dim = (8, 64, 2, 32) if tiny else (512, 4096 + 1229, 32, 128)
+    dtype = torch.float16 if tiny else torch.bfloat16
+    gen = torch.Generator(device=device).manual_seed(0)
+    text, image, dy = (torch.randn(1, n, heads, dim, generator=gen, device=device).to(dtype)
+                       for n in (n_text, n_image, n_text + n_image))
+    weights = [(1 + 0.1 * torch.randn(dim, generator=gen, device=device)).to(dtype) for _ in range(2)]
+    angles = torch.rand(n_text + n_image, dim // 2, generator=gen, device=device) * 100
+    cos, sin = angles.cos().repeat_interleave(2, 1), angles.sin().repeat_interleave(2, 1)
+    segments = [(text, weights[0]), (image, weights[1])]
+    elements = (n_text + n_image) * heads * dim
+    moved = {"forward": 2 * elements * dtype.itemsize + 2 * cos.numel() * 4,
+             "backward": 3 * elements * dtype.itemsize + 2 * cos.numel() * 4}
+    calls = {"forward": lambda: kernels.rms_norm_rope(segments, cos, sin, 1e-6),
+             "backward": lambda: kernels.rms_norm_rope_backward(dy, segments, cos, sin, 1e-6)}
+    lines = [f"text {n_text} + image {n_image} tokens, H={heads}, D={dim}, {dtype}, fp32 tables"]
+    if not torch.cuda.is_available():
+        return "\n".join(lines + ["(tile sweep: CUDA only)"])
+    shipped = (kernels.BLOCK_TOKENS, kernels.HEAD_BLOCK, kernels.NUM_WARPS)
+    try:
+        for name, call in calls.items():
+            expected = None
+            for tokens, head_block, warps in NORM_ROPE_TILES:
+                kernels.BLOCK_TOKENS, kernels.HEAD_BLOCK, kernels.NUM_WARPS = tokens, head_block, warps
+                result = call()
+                result = result if isinstance(result, torch.Tensor) else result[1][0]  # backward: the image's dx
+                expected = result.clone() if expected is None else expected
+                diff = (result.float() - expected.float()).abs().max().item()
+                us = _graph_us(call)
+                mark = " (shipped)" if (tokens, head_block, warps) == shipped else ""
+                lines.append(f"{name}, {tokens} tokens x {head_block} heads, {warps} warps{mark}: {us:.2f} us, "
+                             f"{moved[name] / us / 1e3:.0f} GB/s, max |difference| to the first row {diff:.3g}")
+    finally:
+        kernels.BLOCK_TOKENS, kernels.HEAD_BLOCK, kernels.NUM_WARPS = shipped
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--section", action="append", choices=SECTIONS)
@@ -160,7 +205,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     tiny = args.tiny or not torch.cuda.is_available()  # no CUDA device: the dry run (as sparsectx bench does)
     device = torch.device("cpu" if tiny else "cuda")
-    builders = {"compaction": compaction_section, "selection": selection_section, "probe": probe_section}
+    builders = {"compaction": compaction_section, "selection": selection_section, "probe": probe_section,
+                "norm_rope": norm_rope_section}
     report = []
     for name in args.section or SECTIONS:
         started = time.perf_counter()
