@@ -315,15 +315,16 @@ def _plain_rms_norm(module, x: torch.Tensor) -> bool:
 def _norm_rope(x: torch.Tensor, norm, rotary_emb, prefix: Optional[torch.Tensor] = None, prefix_norm=None):
     """``[prefix_norm(prefix), norm(x)]`` joined on the sequence (x alone without a prefix), then diffusers'
     ``apply_rotary_emb`` (when ``rotary_emb`` is given): one ``sparsectx.rms_norm_rope`` pass where the norms are
-    plain ``torch.nn.RMSNorm`` modules and the tables FLUX's ``(cos, sin)`` rows of this sequence on x's device
-    (and autocast is off), else diffusers' modules and function as they are."""
+    plain ``torch.nn.RMSNorm`` modules of one eps and the tables FLUX's ``(cos, sin)`` rows of this sequence on x's
+    device (and autocast is off), else diffusers' modules and function as they are."""
     n_rows = x.shape[1] + (0 if prefix is None else prefix.shape[1])
     # (under autocast the norm's output dtype is autocast's to decide: diffusers' modules run)
     fusable = (not torch.is_autocast_enabled(x.device.type) and isinstance(rotary_emb, (tuple, list))
                and len(rotary_emb) == 2
                and all(isinstance(t, torch.Tensor) and t.device == x.device and tuple(t.shape) == (n_rows, x.shape[-1])
                        for t in rotary_emb)
-               and _plain_rms_norm(norm, x) and (prefix is None or _plain_rms_norm(prefix_norm, prefix)))
+               and _plain_rms_norm(norm, x)
+               and (prefix is None or (_plain_rms_norm(prefix_norm, prefix) and prefix_norm.eps == norm.eps)))
     if fusable:
         return rms_norm_rope(x, rotary_emb[0], rotary_emb[1], norm.weight, norm.eps, prefix=prefix,
                              prefix_weight=None if prefix is None else prefix_norm.weight)

@@ -91,8 +91,8 @@ def test_sparsectx_attention_equals_native(models, family, budget, monkeypatch):
 def test_qk_norm_and_rope_run_in_one_pass_and_equal_native(models, family, monkeypatch):
     """The processors compute each layer's q and k (QK norms, RoPE and, in FLUX, the text/image join) with one
     ``rms_norm_rope`` call each (Qwen-Image: one per stream, its streams have their own frequency tables), and the
-    output is the native model's; a norm module with a hook (diffusers' offloading adds some) or autocast makes
-    that norm run diffusers' module instead (the hook is called)."""
+    output is the native model's; a norm module with a hook (diffusers' offloading adds some), a text norm whose
+    eps differs from the image norm's, or autocast makes that norm run diffusers' module instead."""
     model, kwargs = models[family], shared._inputs(family)
     per_layer = 4 if family == "qwen" else 2
     native = _run(model, kwargs)
@@ -113,6 +113,22 @@ def test_qk_norm_and_rope_run_in_one_pass_and_equal_native(models, family, monke
         handle.remove()
     assert hooked == [1] and len(calls) == per_layer * len(_processors(model)) - 1
     torch.testing.assert_close(with_hook, native, rtol=0, atol=FP32_ATOL)
+
+    if family != "qwen":  # FLUX: one call normalises both streams with one eps; streams of two eps run apart
+        norm = model.transformer_blocks[0].attn.norm_q  # the image stream's (the text's keeps its eps)
+        eps = norm.eps
+        try:
+            norm.eps = 10.0  # far above the mean square of these activations: it changes the output
+            sparsectx.disable(model)
+            native_eps = _run(model, kwargs)
+            sparsectx.enable(model, budget=1.0, attention="sparsectx")
+            calls.clear()
+            two_eps = _run(model, kwargs)
+        finally:
+            norm.eps = eps
+        assert len(calls) == per_layer * len(_processors(model)) - 1
+        assert not torch.allclose(native_eps, native, rtol=0, atol=1e-4)  # the eps matters on these inputs
+        torch.testing.assert_close(two_eps, native_eps, rtol=0, atol=FP32_ATOL)
 
     calls.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):
