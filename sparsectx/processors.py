@@ -526,14 +526,18 @@ def _plain_diffusers_rms_norm(module, x: torch.Tensor) -> bool:
             and (weight is None or (weight.device == x.device and weight.dtype == x.dtype)))
 
 
-def _qwen_projection(attn, rows, linear, norm=None, freqs=None):
-    """``[B, n, H, D]``: rows of one Qwen-Image stream through one projection, its QK norm (if any) and RoPE with
-    those rows' frequencies (if given): norm and RoPE in one ``rms_norm_rope`` pass where the norm is diffusers'
-    plain ``RMSNorm`` and the frequencies a complex ``[n, D/2]`` table on the device (and autocast is off)."""
-    out = linear(rows).unflatten(-1, (-1, attn.inner_dim // attn.heads))
-    if (norm is not None and isinstance(freqs, torch.Tensor) and freqs.is_complex() and freqs.device == out.device
-            and tuple(freqs.shape) == (out.shape[1], out.shape[-1] // 2)
-            and not torch.is_autocast_enabled(out.device.type) and _plain_diffusers_rms_norm(norm, out)):
+def _qwen_fusable(out: torch.Tensor, norm, freqs) -> bool:
+    """Whether one Qwen-Image stream's norm and RoPE may run as ``rms_norm_rope``: diffusers' plain ``RMSNorm``
+    (``_plain_diffusers_rms_norm``), complex frequencies ``[n, D/2]`` of these rows on the device, no autocast."""
+    return (norm is not None and isinstance(freqs, torch.Tensor) and freqs.is_complex()
+            and freqs.device == out.device and tuple(freqs.shape) == (out.shape[1], out.shape[-1] // 2)
+            and not torch.is_autocast_enabled(out.device.type) and _plain_diffusers_rms_norm(norm, out))
+
+
+def _qwen_norm_rope(out: torch.Tensor, norm, freqs) -> torch.Tensor:
+    """One Qwen-Image stream's projected rows ``[B, n, H, D]`` through its QK norm (if any) and RoPE with those
+    rows' frequencies (if given): in one ``rms_norm_rope`` pass where ``_qwen_fusable``."""
+    if _qwen_fusable(out, norm, freqs):
         return rms_norm_rope(out, freqs.real, freqs.imag, norm.weight, norm.eps, round_before_weight=True)
     if norm is not None:
         out = norm(out)
@@ -542,20 +546,43 @@ def _qwen_projection(attn, rows, linear, norm=None, freqs=None):
     return out
 
 
+def _qwen_projection(attn, rows, linear, norm=None, freqs=None):
+    """``[B, n, H, D]``: rows of one Qwen-Image stream through one projection, then ``_qwen_norm_rope``."""
+    return _qwen_norm_rope(linear(rows).unflatten(-1, (-1, attn.inner_dim // attn.heads)), norm, freqs)
+
+
+def _qwen_joint_stream(attn, first, second):
+    """q or k of the joint sequence from its two stream parts, each ``(rows, linear, norm, freqs)`` in sequence
+    order: both normalised, rotated and joined by one ``rms_norm_rope`` call (the first as its prefix, on the
+    concatenated frequency tables) where both streams are ``_qwen_fusable`` with one eps, else stream by stream
+    and concatenated."""
+    parts = [linear(rows).unflatten(-1, (-1, attn.inner_dim // attn.heads)) for rows, linear, _, _ in (first, second)]
+    (_, _, first_norm, first_freqs), (_, _, second_norm, second_freqs) = first, second
+    if (_qwen_fusable(parts[0], first_norm, first_freqs) and _qwen_fusable(parts[1], second_norm, second_freqs)
+            and first_norm.eps == second_norm.eps):
+        freqs = torch.cat([first_freqs, second_freqs])
+        return rms_norm_rope(parts[1], freqs.real, freqs.imag, second_norm.weight, second_norm.eps, prefix=parts[0],
+                             prefix_weight=first_norm.weight, round_before_weight=True)
+    return torch.cat([_qwen_norm_rope(parts[0], first_norm, first_freqs),
+                      _qwen_norm_rope(parts[1], second_norm, second_freqs)], dim=1)
+
+
 def _qwen_joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb, image_first: bool = False):
     """Projections, QK norms and RoPE of both Qwen-Image streams, joined as ``[text, image]`` (diffusers' order) or,
     with ``image_first``, ``[image, text]``: ``(q, k, v)``, each ``[B, T + S, H, D]``."""
     image_freqs, text_freqs = image_rotary_emb if image_rotary_emb is not None else (None, None)
     image, text = hidden_states, encoder_hidden_states
-    streams = (
-        (_qwen_projection(attn, text, attn.add_q_proj, attn.norm_added_q, text_freqs),
-         _qwen_projection(attn, image, attn.to_q, attn.norm_q, image_freqs)),
-        (_qwen_projection(attn, text, attn.add_k_proj, attn.norm_added_k, text_freqs),
-         _qwen_projection(attn, image, attn.to_k, attn.norm_k, image_freqs)),
-        (_qwen_projection(attn, text, attn.add_v_proj), _qwen_projection(attn, image, attn.to_v)),
-    )
-    return tuple(torch.cat([image_part, text_part] if image_first else [text_part, image_part], dim=1)
-                 for text_part, image_part in streams)
+
+    def in_order(text_part, image_part):
+        return (image_part, text_part) if image_first else (text_part, image_part)
+
+    query = _qwen_joint_stream(attn, *in_order((text, attn.add_q_proj, attn.norm_added_q, text_freqs),
+                                               (image, attn.to_q, attn.norm_q, image_freqs)))
+    key = _qwen_joint_stream(attn, *in_order((text, attn.add_k_proj, attn.norm_added_k, text_freqs),
+                                             (image, attn.to_k, attn.norm_k, image_freqs)))
+    value = torch.cat(in_order(_qwen_projection(attn, text, attn.add_v_proj),
+                               _qwen_projection(attn, image, attn.to_v)), dim=1)
+    return query, key, value
 
 
 def qwen_probe_qk(attn, hidden_states, encoder_hidden_states, image_rotary_emb, target_rows, ref_rows):
