@@ -1,10 +1,10 @@
 """diffusers attention processors that run sparsectx's attention kernel.
 
 Each processor does what the diffusers processor it replaces does (projections, QK norms, RoPE, output
-projections, the KV-cache bookkeeping of FLUX.2 klein) and swaps the attention call, and the QK norms and RoPE of q
-and k (with FLUX's text/image concatenation), which ``sparsectx.rms_norm_rope`` computes in one pass (where the
-norms are plain ``torch.nn.RMSNorm`` (FLUX) or diffusers ``RMSNorm`` (Qwen-Image) modules without hooks; elsewhere
-diffusers' modules run as they are):
+projections, the KV-cache bookkeeping of FLUX.2 klein) and swaps the attention call, and the QK norms, RoPE and
+text/image concatenation of q and k, which ``sparsectx.rms_norm_rope`` computes in one pass per tensor (where the
+norms are plain ``torch.nn.RMSNorm`` (FLUX) or diffusers ``RMSNorm`` (Qwen-Image) modules without hooks, of one
+eps per layer and tensor; elsewhere diffusers' modules run as they are):
 
 - no key mask: ``sparsectx.sparse_attention`` on the dense equal-length batch (``[B, S, H, D]`` viewed as packed
   ``[B*S, H, D]``, ``cu_seqlens = arange(B+1) * S``; nothing waits for the device);
