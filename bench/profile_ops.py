@@ -12,9 +12,9 @@ Sections (``--section``, default all, in this order):
 - ``probe``: the drop-in's automatic attention probe on the FLUX.2-klein-9B architecture (random weights, 3
   references of 64 x 64 tokens): the ops with the most CUDA time and the most host time.
 - ``norm_rope``: ``rms_norm_rope``'s forward and backward kernels at a klein-9B layer's q (512 text + 5325 image
-  tokens, 32 heads of 128, bf16) with each tile shape (tokens x heads per program, warps; chosen by arithmetic
-  in ``kernels/norm_rope.py``): GB/s of the fewest bytes, and the largest difference to the shipped tiles'
-  result.
+  tokens, 32 heads of 128, bf16): per-call times and a profiler table, then each tile shape (tokens x heads per
+  program, warps; chosen by arithmetic in ``kernels/norm_rope.py``): GB/s of the fewest bytes, and the largest
+  difference to the shipped tiles' result.
 
 Usage: ``python bench/profile_ops.py [--section NAME]... [--out DIR] [--tiny]``; writes ``profile_ops.txt`` (and
 prints it). ``--tiny`` (and any machine without CUDA) runs the small shapes on the CPU: a dry run of the script,
@@ -176,6 +176,10 @@ def norm_rope_section(tiny: bool, device: torch.device) -> str:
     calls = {"forward": lambda: kernels.rms_norm_rope(segments, cos, sin, 1e-6),
              "backward": lambda: kernels.rms_norm_rope_backward(dy, segments, cos, sin, 1e-6)}
     lines = [f"text {n_text} + image {n_image} tokens, H={heads}, D={dim}, {dtype}, fp32 tables"]
+    lines += [f"{name} (the launcher): {_per_call_ms(call, device):.4f} ms per call back to back"
+              for name, call in calls.items()]
+    lines.append(_profile(lambda: [call() for call in calls.values()], 20 if not tiny else 2,
+                          ("self_cuda_time_total", "self_cpu_time_total")))
     if not torch.cuda.is_available():
         return "\n".join(lines + ["(tile sweep: CUDA only)"])
     shipped = (kernels.BLOCK_TOKENS, kernels.HEAD_BLOCK, kernels.NUM_WARPS)
