@@ -742,3 +742,21 @@ def test_qwen_image_norm_and_rope_equal_diffusers():
     expected = apply_rotary_emb_qwen(norm(x), freqs, use_real=False)
     got = rms_norm_rope(x, freqs.real, freqs.imag, norm.weight, norm.eps, round_before_weight=True)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_fp16_result_is_diffusers_flux_code_bit_for_bit_at_head_dim_2():
+    """At head dim 2 (no summation order to differ) on the CPU, the op's fp16 output equals diffusers' FLUX code
+    (two ``torch.nn.RMSNorm`` modules, ``torch.cat``, ``apply_rotary_emb``) bit for bit: the norm's output is
+    rounded to fp16 before the rotation, as there (without that rounding, 388 of these 1152 values differ)."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    g = torch.Generator().manual_seed(3)
+    x, prefix = ((3 * torch.randn(2, n, 4, 2, generator=g)).to(torch.float16) for n in (64, 8))
+    norm, prefix_norm = (torch.nn.RMSNorm(2, eps=1e-6).to(torch.float16).requires_grad_(False) for _ in range(2))
+    for module in (norm, prefix_norm):
+        module.weight.copy_(2 * torch.randn(2, generator=g))
+    angles = 10 * torch.rand(72, 1, generator=g)
+    cos, sin = angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)
+    expected = apply_rotary_emb(torch.cat([prefix_norm(prefix), norm(x)], dim=1), (cos, sin), sequence_dim=1)
+    got = rms_norm_rope(x, cos, sin, norm.weight, 1e-6, prefix=prefix, prefix_weight=prefix_norm.weight)
+    assert torch.equal(got, expected)
