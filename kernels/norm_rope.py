@@ -142,9 +142,9 @@ def _rms_norm_rope_bwd_kernel(
     if HAS_WEIGHT:
         weight = tl.load(W + features, mask=feature_valid, other=0.0).to(tl.float32)
         dscaled = dnormed * weight[None, None, :]
-        program = (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + tl.program_id(0)
+        program = (batch * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + tl.program_id(0)  # int64
         dw = tl.sum(tl.sum(dnormed * x * rstd[:, :, None], axis=1), axis=0)
-        tl.store(DW_PARTIAL + program.to(tl.int64) * (2 * BLOCK_PAIRS) + features, dw)
+        tl.store(DW_PARTIAL + program * (2 * BLOCK_PAIRS) + features, dw)
     dot = tl.sum(x * dscaled, axis=2)
     dx = rstd[:, :, None] * dscaled - x * (rstd * rstd * rstd * dot / HEAD_DIM)[:, :, None]
     dx_offsets = (batch * stride_dxb + tokens.to(tl.int64)[:, None, None] * stride_dxs
