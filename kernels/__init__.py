@@ -6,7 +6,8 @@ Each module holds kernels and their launchers; the plain-torch specification of 
 - ``attention``: gather-based sparse joint attention, varlen forward and backward; the attention mass each key
   receives (token-selection probes).
 - ``compaction``: top-k / keep-mask token compaction with fused row gather, and the inverse scatter.
-- ``norm_rope``: the QK RMS norm and rotary embedding of FLUX attention in one pass.
+- ``norm_rope``: the QK RMS norm, text/image join and rotary embedding of FLUX and Qwen-Image attention in one
+  pass, forward and backward.
 """
 if __name__ != "sparsectx.kernels":
     # Found as a top-level `kernels` because a source checkout's root is on sys.path (`python -c ...` run there).
