@@ -315,8 +315,9 @@ def _compaction_variants():
 def run_check(arch: int = 90, dtypes=DTYPES, head_dims=HEAD_DIMS, progress: bool = True) -> list[Compiled]:
     """Compiles every variant for ``sm_<arch>`` in this process (which must not have imported the kernels through
     the interpreter): attention, key mass and norm + RoPE in ``dtypes`` (names: fp16, bf16, fp32) at ``head_dims``
-    (norm + RoPE at the even ones), and every compaction kernel. The autotune candidates are the kernels' (all, or the first under ``SPARSECTX_AUTOTUNE=0``). Returns
-    one row per compiled binary, and one row per variant that failed."""
+    (norm + RoPE at the even ones), and every compaction kernel. The autotune candidates are the kernels' (all, or
+    the first under ``SPARSECTX_AUTOTUNE=0``). Returns one row per compiled binary, and one row per variant that
+    failed."""
     from .kernels import attention, compaction, norm_rope
 
     if attention.INTERPRETED or compaction.INTERPRETED or norm_rope.INTERPRETED:
