@@ -301,15 +301,23 @@ class _SparsectxProcessor:
 # ----------------------------------------------------------------------------------------------------------------
 # FLUX.2 (klein) and FLUX.1: joint attention blocks and single-stream blocks
 # ----------------------------------------------------------------------------------------------------------------
+def _without_hooks(module) -> bool:
+    """Whether calling ``module`` runs only its class's ``forward``: no forward or backward hooks (its own or global;
+    a full backward hook fires only when the module's ``__call__`` runs) and no ``forward`` wrapped by diffusers'
+    offloading or hook registry."""
+    nn_module = torch.nn.modules.module
+    return ("forward" not in module.__dict__ and not module._forward_hooks and not module._forward_pre_hooks
+            and not module._backward_hooks and not module._backward_pre_hooks
+            and not nn_module._global_forward_hooks and not nn_module._global_forward_pre_hooks
+            and not nn_module._global_backward_hooks and not nn_module._global_backward_pre_hooks)
+
+
 def _plain_rms_norm(module, x: torch.Tensor) -> bool:
     """Whether ``module`` is exactly ``torch.nn.RMSNorm`` over ``x``'s head dim, on x's device and called without
     hooks (diffusers' offloading and hook registry wrap ``forward`` or add hooks): what ``rms_norm_rope`` may compute
     in its place."""
-    nn_module = torch.nn.modules.module
     return (type(module) is torch.nn.RMSNorm and tuple(module.normalized_shape) == (x.shape[-1],)
-            and "forward" not in module.__dict__ and not module._forward_hooks and not module._forward_pre_hooks
-            and not nn_module._global_forward_hooks and not nn_module._global_forward_pre_hooks
-            and (module.weight is None or module.weight.device == x.device))
+            and _without_hooks(module) and (module.weight is None or module.weight.device == x.device))
 
 
 def _norm_rope(x: torch.Tensor, norm, rotary_emb, prefix: Optional[torch.Tensor] = None, prefix_norm=None):
@@ -518,12 +526,9 @@ def _plain_diffusers_rms_norm(module, x: torch.Tensor) -> bool:
     """Whether ``module`` is exactly diffusers' ``RMSNorm`` over ``x``'s head dim, without bias and hooks, on x's
     device, whose output has x's dtype (no weight, or a weight of x's dtype: an fp32 weight would give an fp32
     output): what ``rms_norm_rope(..., round_before_weight=True)`` may compute in its place."""
-    nn_module = torch.nn.modules.module
     weight = getattr(module, "weight", None)
     return (type(module) is DiffusersRMSNorm and tuple(module.dim) == (x.shape[-1],) and module.bias is None
-            and "forward" not in module.__dict__ and not module._forward_hooks and not module._forward_pre_hooks
-            and not nn_module._global_forward_hooks and not nn_module._global_forward_pre_hooks
-            and (weight is None or (weight.device == x.device and weight.dtype == x.dtype)))
+            and _without_hooks(module) and (weight is None or (weight.device == x.device and weight.dtype == x.dtype)))
 
 
 def _qwen_fusable(out: torch.Tensor, norm, freqs) -> bool:

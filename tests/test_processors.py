@@ -1328,3 +1328,38 @@ def test_checkpoint_recomputation_whose_mask_can_not_be_told_warns(reentrant, ca
     loss = sum(torch.utils.checkpoint.checkpoint(run, x, use_reentrant=reentrant) for x in inputs)
     with pytest.warns(RuntimeWarning, match="drop mask can not be told"):
         loss.backward()
+
+
+@pytest.mark.parametrize("kind", ["flux", "qwen"])
+@pytest.mark.parametrize("hook", ["module", "module_pre", "global"])
+def test_qk_norm_with_a_backward_hook_runs_the_module(kind, hook):
+    """A full backward hook (or backward pre-hook, or a global one) on a QK norm fires when diffusers' module runs;
+    the fused rms_norm_rope path bypasses the module's __call__, so it must not be taken then."""
+    from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm
+
+    batch, seq, heads, dim = 1, 4, 2, 8
+    x = torch.randn(batch, seq, heads, dim, requires_grad=True)
+    if kind == "flux":
+        norm = torch.nn.RMSNorm(dim, eps=1e-6)
+        angles = torch.rand(seq, dim)
+
+        def call():
+            return processors._norm_rope(x, norm, (angles.cos(), angles.sin()))
+    else:
+        norm = DiffusersRMSNorm(dim, eps=1e-6)
+        freqs = torch.polar(torch.ones(seq, dim // 2), torch.rand(seq, dim // 2))
+
+        def call():
+            return processors._qwen_norm_rope(x, norm, freqs)
+    fired = []
+    if hook == "module":
+        handle = norm.register_full_backward_hook(lambda *args: fired.append(1))
+    elif hook == "module_pre":
+        handle = norm.register_full_backward_pre_hook(lambda *args: fired.append(1))
+    else:
+        handle = torch.nn.modules.module.register_module_full_backward_hook(lambda *args: fired.append(1))
+    try:
+        call().sum().backward()
+    finally:
+        handle.remove()
+    assert fired
