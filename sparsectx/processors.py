@@ -332,7 +332,8 @@ def _norm_rope(x: torch.Tensor, norm, rotary_emb, prefix: Optional[torch.Tensor]
                and all(isinstance(t, torch.Tensor) and t.device == x.device and tuple(t.shape) == (n_rows, x.shape[-1])
                        for t in rotary_emb)
                and _plain_rms_norm(norm, x)
-               and (prefix is None or (_plain_rms_norm(prefix_norm, prefix) and prefix_norm.eps == norm.eps)))
+               and (prefix is None or (_plain_rms_norm(prefix_norm, prefix) and prefix_norm.eps == norm.eps
+                                       and prefix.dtype == x.dtype and prefix.device == x.device)))
     if fusable:
         return rms_norm_rope(x, rotary_emb[0], rotary_emb[1], norm.weight, norm.eps, prefix=prefix,
                              prefix_weight=None if prefix is None else prefix_norm.weight)
@@ -564,7 +565,7 @@ def _qwen_joint_stream(attn, first, second):
     parts = [linear(rows).unflatten(-1, (-1, attn.inner_dim // attn.heads)) for rows, linear, _, _ in (first, second)]
     (_, _, first_norm, first_freqs), (_, _, second_norm, second_freqs) = first, second
     if (_qwen_fusable(parts[0], first_norm, first_freqs) and _qwen_fusable(parts[1], second_norm, second_freqs)
-            and first_norm.eps == second_norm.eps):
+            and first_norm.eps == second_norm.eps and parts[0].dtype == parts[1].dtype):
         freqs = torch.cat([first_freqs, second_freqs])
         return rms_norm_rope(parts[1], freqs.real, freqs.imag, second_norm.weight, second_norm.eps, prefix=parts[0],
                              prefix_weight=first_norm.weight, round_before_weight=True)

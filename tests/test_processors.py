@@ -1363,3 +1363,35 @@ def test_qk_norm_with_a_backward_hook_runs_the_module(kind, hook):
     finally:
         handle.remove()
     assert fired
+
+
+@pytest.mark.parametrize("kind", ["flux", "qwen"])
+def test_text_and_image_streams_of_two_dtypes_run_diffusers_modules(kind):
+    """Text and image q (or k) of different dtypes (e.g. a text projection kept in another precision): diffusers
+    normalises and rotates each in its own dtype and its torch.cat promotes; the fused call takes one dtype, so such
+    streams must run apart (not raise rms_norm_rope's ValueError)."""
+    from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm
+
+    batch, n_text, n_image, heads, dim = 1, 3, 4, 2, 8
+    text = torch.randn(batch, n_text, heads, dim, dtype=torch.float16)
+    image = torch.randn(batch, n_image, heads, dim)
+    if kind == "flux":
+        text_norm, image_norm = torch.nn.RMSNorm(dim, eps=1e-6), torch.nn.RMSNorm(dim, eps=1e-6)
+        angles = torch.rand(n_text + n_image, dim)
+        tables = (angles.cos(), angles.sin())
+        native = diffusers.models.embeddings.apply_rotary_emb(torch.cat([text_norm(text), image_norm(image)], 1),
+                                                              tables, sequence_dim=1)
+        got = processors._norm_rope(image, image_norm, tables, text, text_norm)
+    else:
+        text_norm = DiffusersRMSNorm(dim, eps=1e-6).half()
+        image_norm = DiffusersRMSNorm(dim, eps=1e-6)
+        text_freqs = torch.polar(torch.ones(n_text, dim // 2), torch.rand(n_text, dim // 2))
+        image_freqs = torch.polar(torch.ones(n_image, dim // 2), torch.rand(n_image, dim // 2))
+        rope = processors.transformer_qwenimage.apply_rotary_emb_qwen
+        native = torch.cat([rope(text_norm(text), text_freqs, use_real=False),
+                            rope(image_norm(image), image_freqs, use_real=False)], 1)
+        attn = types.SimpleNamespace(inner_dim=heads * dim, heads=heads)
+        got = processors._qwen_joint_stream(attn, (text.flatten(2), torch.nn.Identity(), text_norm, text_freqs),
+                                            (image.flatten(2), torch.nn.Identity(), image_norm, image_freqs))
+    assert got.dtype == native.dtype
+    torch.testing.assert_close(got, native, rtol=0, atol=1e-6)
