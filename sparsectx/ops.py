@@ -785,8 +785,8 @@ def rms_norm_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight:
     tables ``cos, sin [S0 + S, D]`` (pairs of adjacent features rotated), or ``[S0 + S, D/2]`` tables of one value
     per pair (Qwen-Image's complex frequencies as ``freqs.real, freqs.imag``: views, read in place). Returns a new
     contiguous ``[B, S0 + S, H, D]`` in x's dtype. Spec: ``sparsectx.reference.rms_norm_rope_ref``.
-    ``round_before_weight``: the norm of diffusers' own ``RMSNorm`` class (Qwen-Image's QK norms) instead, which
-    rounds the normalised vector to the model's dtype before the weight multiplies it.
+    ``round_before_weight``: the norm of diffusers' own ``RMSNorm`` class (Qwen-Image's QK norms) with a weight of
+    x's dtype instead, which rounds the normalised vector to that dtype before the weight multiplies it.
 
     Rounding as in diffusers: the norm computes in fp32 and its output is rounded to x's dtype, the rotation
     computes in fp32 from it and is rounded again. ``eps`` None: the epsilon of the compute dtype (fp32's for

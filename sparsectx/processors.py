@@ -323,14 +323,14 @@ def _plain_rms_norm(module, x: torch.Tensor) -> bool:
 def _norm_rope(x: torch.Tensor, norm, rotary_emb, prefix: Optional[torch.Tensor] = None, prefix_norm=None):
     """``[prefix_norm(prefix), norm(x)]`` joined on the sequence (x alone without a prefix), then diffusers'
     ``apply_rotary_emb`` (when ``rotary_emb`` is given): one ``sparsectx.rms_norm_rope`` pass where the norms are
-    plain ``torch.nn.RMSNorm`` modules of one eps and the tables FLUX's ``(cos, sin)`` rows of this sequence on x's
-    device (and autocast is off), else diffusers' modules and function as they are."""
+    plain ``torch.nn.RMSNorm`` modules of one eps and the tables FLUX's fp32 ``(cos, sin)`` rows of this sequence on
+    x's device (and autocast is off), else diffusers' modules and function as they are."""
     n_rows = x.shape[1] + (0 if prefix is None else prefix.shape[1])
     # (under autocast the norm's output dtype is autocast's to decide: diffusers' modules run)
     fusable = (not torch.is_autocast_enabled(x.device.type) and isinstance(rotary_emb, (tuple, list))
                and len(rotary_emb) == 2
-               and all(isinstance(t, torch.Tensor) and t.device == x.device and tuple(t.shape) == (n_rows, x.shape[-1])
-                       for t in rotary_emb)
+               and all(isinstance(t, torch.Tensor) and t.device == x.device and t.dtype == torch.float32
+                       and tuple(t.shape) == (n_rows, x.shape[-1]) for t in rotary_emb)  # (the kernel rotates in fp32)
                and _plain_rms_norm(norm, x)
                and (prefix is None or (_plain_rms_norm(prefix_norm, prefix) and prefix_norm.eps == norm.eps
                                        and prefix.dtype == x.dtype and prefix.device == x.device)))
@@ -534,8 +534,9 @@ def _plain_diffusers_rms_norm(module, x: torch.Tensor) -> bool:
 
 def _qwen_fusable(out: torch.Tensor, norm, freqs) -> bool:
     """Whether one Qwen-Image stream's norm and RoPE may run as ``rms_norm_rope``: diffusers' plain ``RMSNorm``
-    (``_plain_diffusers_rms_norm``), complex frequencies ``[n, D/2]`` of these rows on the device, no autocast."""
-    return (norm is not None and isinstance(freqs, torch.Tensor) and freqs.is_complex()
+    (``_plain_diffusers_rms_norm``), complex64 frequencies ``[n, D/2]`` of these rows on the device (the kernel
+    rotates in fp32: wider tables run diffusers' code), no autocast."""
+    return (norm is not None and isinstance(freqs, torch.Tensor) and freqs.dtype == torch.complex64
             and freqs.device == out.device and tuple(freqs.shape) == (out.shape[1], out.shape[-1] // 2)
             and not torch.is_autocast_enabled(out.device.type) and _plain_diffusers_rms_norm(norm, out))
 

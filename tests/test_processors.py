@@ -1395,3 +1395,46 @@ def test_text_and_image_streams_of_two_dtypes_run_diffusers_modules(kind):
                                             (image.flatten(2), torch.nn.Identity(), image_norm, image_freqs))
     assert got.dtype == native.dtype
     torch.testing.assert_close(got, native, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["flux", "qwen"])
+def test_tables_wider_than_fp32_run_diffusers_code(kind, monkeypatch):
+    """fp64 RoPE tables (FLUX) or complex128 frequencies (Qwen-Image): diffusers rotates in that precision, the
+    kernel in fp32, so such tables run diffusers' code (no rms_norm_rope call) and give its result bit for bit;
+    fp32 / complex64 tables of the same values take the fused call."""
+    from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm
+
+    calls = []
+    monkeypatch.setattr(processors, "rms_norm_rope",
+                        lambda *a, **k: calls.append(1) or sparsectx.rms_norm_rope(*a, **k))
+    gen = torch.Generator().manual_seed(7)
+    batch, n_text, n_image, heads, dim = 1, 3, 4, 2, 8
+    text, image = (torch.randn(batch, n, heads, dim, generator=gen) for n in (n_text, n_image))
+    if kind == "flux":
+        text_norm, image_norm = torch.nn.RMSNorm(dim, eps=1e-6), torch.nn.RMSNorm(dim, eps=1e-6)
+        angles = torch.rand(n_text + n_image, dim, generator=gen, dtype=torch.float64)
+
+        def run(wide):
+            tables = (angles.cos(), angles.sin()) if wide else (angles.cos().float(), angles.sin().float())
+            native = diffusers.models.embeddings.apply_rotary_emb(
+                torch.cat([text_norm(text), image_norm(image)], 1), tables, sequence_dim=1)
+            return processors._norm_rope(image, image_norm, tables, text, text_norm), native
+    else:
+        text_norm, image_norm = DiffusersRMSNorm(dim, eps=1e-6), DiffusersRMSNorm(dim, eps=1e-6)
+        angles = [torch.rand(n, dim // 2, generator=gen, dtype=torch.float64) for n in (n_text, n_image)]
+        rope = processors.transformer_qwenimage.apply_rotary_emb_qwen
+        attn = types.SimpleNamespace(inner_dim=heads * dim, heads=heads)
+
+        def run(wide):
+            freqs = [torch.polar(torch.ones_like(t), t) for t in (angles if wide else [a.float() for a in angles])]
+            native = torch.cat([rope(text_norm(text), freqs[0], use_real=False),
+                                rope(image_norm(image), freqs[1], use_real=False)], 1)
+            return processors._qwen_joint_stream(attn, (text.flatten(2), torch.nn.Identity(), text_norm, freqs[0]),
+                                                 (image.flatten(2), torch.nn.Identity(), image_norm, freqs[1])), native
+
+    with torch.no_grad():
+        got, native = run(wide=True)
+        assert calls == [] and torch.equal(got, native)
+        got, native = run(wide=False)
+    assert calls == [1]
+    torch.testing.assert_close(got, native, rtol=0, atol=1e-5)
