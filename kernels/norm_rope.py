@@ -45,6 +45,14 @@ def _tile(n_tokens, table_row0, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLO
 
 
 @triton.jit
+def _inverse_rms(x, token_valid, heads, eps, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """``rsqrt(mean(x²) + eps)`` of each head vector ``[tokens, heads]``; 0 for the tile's padding tokens and heads
+    (with eps 0 their zero vectors would give inf, and 0 · inf = NaN in the backward's sums over the tile)."""
+    rstd = tl.math.rsqrt(tl.sum(x * x, axis=2) / HEAD_DIM + eps)
+    return tl.where(token_valid[:, None] & (heads < HEADS)[None, :], rstd, 0.0)
+
+
+@triton.jit
 def _load_table(T, rows, features, token_valid, feature_valid, stride_row, stride_col, TABLE_PER_PAIR: tl.constexpr):
     """The tokens' rows of a cos or sin table as fp32 ``[tokens, 1, features]`` (shared by the program's heads): a
     value per feature, or with TABLE_PER_PAIR one per pair of features (column ``f // 2``). A column stride of 1
@@ -94,7 +102,7 @@ def _rms_norm_rope_kernel(
 
     # RMS norm of each head vector (padding features are 0), rounded to the tensor's dtype (ROUND_BEFORE_WEIGHT:
     # also before the weight multiplies it, as diffusers' own RMSNorm does with half-precision weights)
-    rstd = tl.math.rsqrt(tl.sum(x * x, axis=2) / HEAD_DIM + eps)
+    rstd = _inverse_rms(x, token_valid, heads, eps, HEADS, HEAD_DIM)
     normed = x * rstd[:, :, None]
     if HAS_WEIGHT:
         if ROUND_BEFORE_WEIGHT:
@@ -137,7 +145,7 @@ def _rms_norm_rope_bwd_kernel(
                                      BLOCK_PAIRS)
 
     # the norm's: with n = x·r·w, r = rsqrt(mean(x²) + eps): dx = r·w·dn - x·r³·sum(x·w·dn) / D, dw = sum(dn·x·r)
-    rstd = tl.math.rsqrt(tl.sum(x * x, axis=2) / HEAD_DIM + eps)
+    rstd = _inverse_rms(x, token_valid, heads, eps, HEADS, HEAD_DIM)
     dscaled = dnormed
     if HAS_WEIGHT:
         weight = tl.load(W + features, mask=feature_valid, other=0.0).to(tl.float32)
