@@ -214,7 +214,7 @@ def rms_norm_rope_backward(dy: torch.Tensor, segments: list, cos: torch.Tensor, 
                 num_warps=NUM_WARPS,
             )
         dweight = None
-        if weight is not None:  # no program (an empty segment): no gradient
+        if weight is not None:  # an empty segment has no program: its weight gets zeros
             dweight = (partial[:, :dim].sum(0) if n_programs else torch.zeros(dim, device=x.device)).to(weight.dtype)
         grads.append((dx, dweight))
         row0 += n_tokens

@@ -287,14 +287,18 @@ torch.library.register_autograd("sparsectx::sparse_attention_fwd", _attention_ba
                                 setup_context=_attention_setup_context)
 
 
-def _no_double_backward(ctx, *grads):
-    raise NotImplementedError("sparsectx's attention has first-order gradients only: a backward through its "
-                              "gradients (torch.autograd.grad(..., create_graph=True) and then a second backward, "
-                              "e.g. a gradient penalty) is not supported")
+def _first_order_only(backward_op: str, what: str) -> None:
+    """Registers, as the autograd of a backward custom op, an error: the op ``what`` has first-order gradients
+    only."""
+    def no_double_backward(ctx, *grads):
+        raise NotImplementedError(f"sparsectx's {what} has first-order gradients only: a backward through its "
+                                  "gradients (torch.autograd.grad(..., create_graph=True) and then a second "
+                                  "backward, e.g. a gradient penalty) is not supported")
+
+    torch.library.register_autograd(backward_op, no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
-torch.library.register_autograd("sparsectx::sparse_attention_bwd", _no_double_backward,
-                                setup_context=lambda ctx, inputs, output: None)
+_first_order_only("sparsectx::sparse_attention_bwd", "attention")
 
 
 def _autocast_dtype(t) -> Optional[torch.dtype]:
@@ -712,10 +716,15 @@ def _rms_norm_rope(x, cos, sin, weight, eps, prefix, prefix_weight, round_before
     if x.dtype != torch.float64 and _use_triton(x):
         from .kernels.norm_rope import rms_norm_rope as launch
 
-        segments = [(x, weight)] if prefix is None else [(prefix, prefix_weight), (x, weight)]
-        segments = [(_last_dim_contiguous(t), None if w is None else w.contiguous()) for t, w in segments]
-        return launch(segments, cos, sin, eps, round_before_weight)
+        return launch(_norm_rope_segments(x, weight, prefix, prefix_weight), cos, sin, eps, round_before_weight)
     return reference.rms_norm_rope_ref(x, cos, sin, weight, eps, prefix, prefix_weight, round_before_weight)
+
+
+def _norm_rope_segments(x, weight, prefix, prefix_weight) -> list:
+    """The launchers' segments in sequence order, ``(head vectors with a contiguous last dim, contiguous weight or
+    None)``."""
+    segments = [(x, weight)] if prefix is None else [(prefix, prefix_weight), (x, weight)]
+    return [(_last_dim_contiguous(t), None if w is None else w.contiguous()) for t, w in segments]
 
 
 @_rms_norm_rope_op.register_fake
@@ -732,9 +741,7 @@ def _rms_norm_rope_bwd_op(
     if x.dtype != torch.float64 and _use_triton(x):
         from .kernels.norm_rope import rms_norm_rope_backward as launch
 
-        segments = [(x, weight)] if prefix is None else [(prefix, prefix_weight), (x, weight)]
-        segments = [(_last_dim_contiguous(t), None if w is None else w.contiguous()) for t, w in segments]
-        grads = launch(_last_dim_contiguous(dy), segments, cos, sin, eps)
+        grads = launch(_last_dim_contiguous(dy), _norm_rope_segments(x, weight, prefix, prefix_weight), cos, sin, eps)
         (dx, dweight), (dprefix, dprefix_weight) = grads[-1], (grads[0] if prefix is not None else (None, None))
     else:
         dx, dweight, dprefix, dprefix_weight = reference.rms_norm_rope_bwd_ref(
@@ -766,13 +773,7 @@ torch.library.register_autograd("sparsectx::rms_norm_rope", _rms_norm_rope_backw
                                 setup_context=_rms_norm_rope_setup_context)
 
 
-def _no_double_backward_norm_rope(ctx, *grads):
-    raise NotImplementedError("sparsectx's rms_norm_rope has first-order gradients only (a backward through its "
-                              "gradients is not supported)")
-
-
-torch.library.register_autograd("sparsectx::rms_norm_rope_bwd", _no_double_backward_norm_rope,
-                                setup_context=lambda ctx, inputs, output: None)
+_first_order_only("sparsectx::rms_norm_rope_bwd", "rms_norm_rope")
 
 
 def rms_norm_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight: Optional[torch.Tensor] = None,
@@ -821,9 +822,9 @@ def rms_norm_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight:
             _check_tensor(name, w, ndim=1, device=x.device)
             if not w.is_floating_point() or w.shape[0] != dim:
                 raise ValueError(f"{name} must be a float [D={dim}] tensor, got {w.dtype} {tuple(w.shape)}")
+    rows = n_prefix + seq
     for name, table in (("cos", cos), ("sin", sin)):
         _check_tensor(name, table, ndim=2, device=x.device)
-        rows = n_prefix + seq
         if not table.is_floating_point() or tuple(table.shape) not in ((rows, dim), (rows, dim // 2)):
             raise ValueError(f"{name} must be a float [S0 + S={rows}, D={dim}] table (a row per token of "
                              f"the joint sequence), or [S0 + S, D/2={dim // 2}] (a value per pair of features), got "

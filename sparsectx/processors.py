@@ -320,6 +320,12 @@ def _plain_rms_norm(module, x: torch.Tensor) -> bool:
             and _without_hooks(module) and (module.weight is None or module.weight.device == x.device))
 
 
+def _joinable(first: torch.Tensor, first_norm, second: torch.Tensor, second_norm) -> bool:
+    """Whether two streams' q (or k) may be normalised in one ``rms_norm_rope`` call: one eps (the op takes one),
+    one dtype and one device (diffusers normalises each stream in its own, and its ``torch.cat`` promotes)."""
+    return first_norm.eps == second_norm.eps and first.dtype == second.dtype and first.device == second.device
+
+
 def _norm_rope(x: torch.Tensor, norm, rotary_emb, prefix: Optional[torch.Tensor] = None, prefix_norm=None):
     """``[prefix_norm(prefix), norm(x)]`` joined on the sequence (x alone without a prefix), then diffusers'
     ``apply_rotary_emb`` (when ``rotary_emb`` is given): one ``sparsectx.rms_norm_rope`` pass where the norms are
@@ -332,8 +338,8 @@ def _norm_rope(x: torch.Tensor, norm, rotary_emb, prefix: Optional[torch.Tensor]
                and all(isinstance(t, torch.Tensor) and t.device == x.device and t.dtype == torch.float32
                        and tuple(t.shape) == (n_rows, x.shape[-1]) for t in rotary_emb)  # (the kernel rotates in fp32)
                and _plain_rms_norm(norm, x)
-               and (prefix is None or (_plain_rms_norm(prefix_norm, prefix) and prefix_norm.eps == norm.eps
-                                       and prefix.dtype == x.dtype and prefix.device == x.device)))
+               and (prefix is None
+                    or (_plain_rms_norm(prefix_norm, prefix) and _joinable(prefix, prefix_norm, x, norm))))
     if fusable:
         return rms_norm_rope(x, rotary_emb[0], rotary_emb[1], norm.weight, norm.eps, prefix=prefix,
                              prefix_weight=None if prefix is None else prefix_norm.weight)
@@ -561,12 +567,12 @@ def _qwen_projection(attn, rows, linear, norm=None, freqs=None):
 def _qwen_joint_stream(attn, first, second):
     """q or k of the joint sequence from its two stream parts, each ``(rows, linear, norm, freqs)`` in sequence
     order: both normalised, rotated and joined by one ``rms_norm_rope`` call (the first as its prefix, on the
-    concatenated frequency tables) where both streams are ``_qwen_fusable`` with one eps, else stream by stream
-    and concatenated."""
+    concatenated frequency tables) where both streams are ``_qwen_fusable`` and ``_joinable``, else stream by
+    stream and concatenated."""
     parts = [linear(rows).unflatten(-1, (-1, attn.inner_dim // attn.heads)) for rows, linear, _, _ in (first, second)]
     (_, _, first_norm, first_freqs), (_, _, second_norm, second_freqs) = first, second
     if (_qwen_fusable(parts[0], first_norm, first_freqs) and _qwen_fusable(parts[1], second_norm, second_freqs)
-            and first_norm.eps == second_norm.eps and parts[0].dtype == parts[1].dtype):
+            and _joinable(parts[0], first_norm, parts[1], second_norm)):
         freqs = torch.cat([first_freqs, second_freqs])
         return rms_norm_rope(parts[1], freqs.real, freqs.imag, second_norm.weight, second_norm.eps, prefix=parts[0],
                              prefix_weight=first_norm.weight, round_before_weight=True)

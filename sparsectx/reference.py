@@ -269,6 +269,14 @@ def sparse_attention_bwd_ref(dout, dlse, q, k, v, cu_seqlens_q, cu_seqlens_k, *,
 # ----------------------------------------------------------------------------------------------------------------
 # QK norm and rotary embedding
 # ----------------------------------------------------------------------------------------------------------------
+def _rope_tables(cos: torch.Tensor, sin: torch.Tensor, dim: int, wide: torch.dtype) -> tuple:
+    """The tables as ``[1, S, 1, D]`` in ``wide``, for ``[B, S, H, D]`` head vectors: a value per feature (tables of
+    one value per pair repeated for both of its features)."""
+    if cos.shape[-1] != dim:
+        cos, sin = cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)
+    return cos.to(wide)[None, :, None, :], sin.to(wide)[None, :, None, :]
+
+
 def rms_norm_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight: Optional[torch.Tensor] = None,
                       eps: Optional[float] = None, prefix: Optional[torch.Tensor] = None,
                       prefix_weight: Optional[torch.Tensor] = None, round_before_weight: bool = False) -> torch.Tensor:
@@ -294,11 +302,9 @@ def rms_norm_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, wei
         return (normed.to(wide) * w.to(wide)).to(t.dtype)
 
     joint = norm(x, weight) if prefix is None else torch.cat([norm(prefix, prefix_weight), norm(x, weight)], dim=1)
-    if cos.shape[-1] != dim:  # one value per pair
-        cos, sin = cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)
     pairs = joint.unflatten(-1, (-1, 2))
     rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
-    cos, sin = cos.to(wide)[None, :, None, :], sin.to(wide)[None, :, None, :]
+    cos, sin = _rope_tables(cos, sin, dim, wide)
     return (joint.to(wide) * cos + rotated.to(wide) * sin).to(x.dtype)
 
 
@@ -315,9 +321,7 @@ def rms_norm_rope_bwd_ref(dy: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, 
     dim = x.shape[-1]
     wide = torch.promote_types(x.dtype, torch.float32)
     step = eps if eps is not None else torch.finfo(wide).eps
-    if cos.shape[-1] != dim:  # one value per pair
-        cos, sin = cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)
-    cos, sin = cos.to(wide)[None, :, None, :], sin.to(wide)[None, :, None, :]
+    cos, sin = _rope_tables(cos, sin, dim, wide)
     dy = dy.to(wide)
     scaled = (dy * sin).unflatten(-1, (-1, 2))
     dnormed = dy * cos + torch.stack([scaled[..., 1], -scaled[..., 0]], dim=-1).flatten(-2)
