@@ -53,7 +53,8 @@ SELECTION_CAP_S=40                     # selection cost: small tensors, mostly s
 # GPU: ~25 s of 4-step runs per shape + the 9B model build + sparsectx attention's autotuning)
 KV_CAP_S=90
 PROFILE_CAP_S=100                      # bench/profile_ops.py: compaction, selection, the klein-9B probe (model build),
-                                       # the norm_rope tile sweep (16 kernel variants compiled)
+                                       # masked attention (3 rows), the norm_rope tile sweep (16 kernel variants
+                                       # compiled); 2026-11-30: the first three took 15 s
 CANDIDATES_CAP_S=130                   # part 2: every autotune candidate, head dims 128 and 256 (~26 kernel variants)
 # mixed-budget batch of 4 requests, --quick (1024² only): packed vs exact groups vs a per-request loop, then the
 # keep-all batch (2026-11-29 H200: the first four rows took the whole 45 s cap then, the keep-all row was cut)

@@ -11,6 +11,10 @@ Sections (``--section``, default all, in this order):
   row): kernel count, CUDA time and host time per call.
 - ``probe``: the drop-in's automatic attention probe on the FLUX.2-klein-9B architecture (random weights, 3
   references of 64 x 64 tokens): the ops with the most CUDA time and the most host time.
+- ``masked``: ``masked_attention`` with query skipping at issue 4's shape (3 references x 4096 tokens kept at 5%,
+  S=16896, H=24, D=128, bf16: the kept-queries rows of ``sparsectx bench --case masked``), without and with
+  ``kept_prefix``, then the all-queries form with inputs that require grad: per-call times and the kernels with the
+  most CUDA time (where the 2x to the ideal went).
 - ``norm_rope``: ``rms_norm_rope``'s forward and backward kernels at a klein-9B layer's q (512 text + 5325 image
   tokens, 32 heads of 128, bf16): per-call times and a profiler table, then each tile shape (tokens x heads per
   program, warps; chosen by arithmetic in ``kernels/norm_rope.py``): GB/s of the fewest bytes, and the largest
@@ -30,7 +34,7 @@ from typing import Callable
 
 import torch
 
-SECTIONS = ("compaction", "selection", "probe", "norm_rope")
+SECTIONS = ("compaction", "selection", "probe", "masked", "norm_rope")
 # (tokens, heads per program, warps) tried by the norm_rope section; the first is the shipped one
 NORM_ROPE_TILES = ((8, 4, 8), (4, 4, 4), (16, 4, 8), (8, 8, 8), (8, 2, 4), (16, 8, 8), (32, 1, 8), (4, 8, 8))
 ROWS = 18  # rows of each profiler table
@@ -158,6 +162,27 @@ def probe_section(tiny: bool, device: torch.device) -> str:
                                                                "count"))])
 
 
+def masked_section(tiny: bool, device: torch.device) -> str:
+    from sparsectx.benchmarks import MaskedCase
+
+    case, size = MaskedCase(), "tiny" if tiny else "full"
+    wanted = {"kept-queries": ("sparsectx masked_attention (query_mask)",
+                               "sparsectx masked_attention (query_mask, kept_prefix)",
+                               "ideal: sdpa on compacted queries and keys"),
+              "all-queries": ("sparsectx masked_attention (autograd: gathered)", "ideal: sdpa on compacted keys")}
+    lines = []
+    for config, names in wanted.items():
+        workload = case.build(config, size, device)
+        for impl in workload.impls:
+            if impl.name not in names:
+                continue
+            lines.append(f"{workload.shape}, {impl.name}: {_per_call_ms(impl.fn, device):.4f} ms per call back "
+                         "to back")
+            if not impl.name.startswith("ideal"):
+                lines.append(_profile(impl.fn, 5 if not tiny else 1, ("self_cuda_time_total", "cpu_time_total")))
+    return "\n".join(lines)
+
+
 def norm_rope_section(tiny: bool, device: torch.device) -> str:
     from sparsectx.kernels import norm_rope as kernels
 
@@ -210,7 +235,7 @@ def main(argv=None) -> int:
     tiny = args.tiny or not torch.cuda.is_available()  # no CUDA device: the dry run (as sparsectx bench does)
     device = torch.device("cpu" if tiny else "cuda")
     builders = {"compaction": compaction_section, "selection": selection_section, "probe": probe_section,
-                "norm_rope": norm_rope_section}
+                "masked": masked_section, "norm_rope": norm_rope_section}
     report = []
     for name in args.section or SECTIONS:
         started = time.perf_counter()

@@ -8,11 +8,12 @@ Sample b's queries are rows ``cu_q[b]:cu_q[b+1]`` of the packed ``q [Tq, H, D]``
 ``cu_k[b]:cu_k[b+1]`` of ``k/v [Tk, H, D]`` followed by its reference rows ``j in cu_r[b]:cu_r[b+1]``: either
 ``ref_k[b, ref_index[j]]`` of a ``[B, R, H, D]`` buffer (gathered), or, with ``REF_PACKED``, rows ``ref_k[j]`` of a
 packed ``[Tref, H, D]`` tensor (a second contiguous key segment per sample, e.g. the image tokens of a sequence whose
-text tokens are the own keys). The kept reference rows are never copied: each key block of the reference loop is
-loaded through a vector of row pointers (sm_90 has no tensor-descriptor gather). Full blocks of consecutive rows (the
-own keys, packed references) are loaded by the bulk tensor copy engine where the layout allows it: host-side tensor
-descriptors over the ``[rows, H*D]`` view, whose tile is the launch config's (``_descriptor_tiles``). There is no
-causal mask.
+text tokens are the own keys). Full blocks of consecutive rows (the own keys, packed references) are loaded by the
+bulk tensor copy engine where the layout allows it: host-side tensor descriptors over the ``[rows, H*D]`` view, whose
+tile is the launch config's (``_descriptor_tiles``). Gathered rows have no such load on sm_90 (no tensor-descriptor
+gather): a gathered key block is loaded through a vector of row pointers, and where packed rows would load by tile
+copies the forward launcher first copies the kept rows into packed references (``_packs_gathered_rows``); the
+backward gathers in place. There is no causal mask.
 
 Offsets are int64 wherever a product can pass 2**31 elements: token rows, the batch and the head (a head-major
 view, e.g. ``[B, H, R, D]`` transposed to ``[B, R, H, D]``, has a head stride of ``R * D``: with 24 heads of 128 at
@@ -36,6 +37,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._launch import built_for_interpreter, cdiv, next_power_of_2, on_device_of
+from .compaction import gather_rows
 
 LOG2E = 1.4426950408889634  # scores are scaled by scale*log2(e) so that exp2 replaces exp
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # lse is returned in natural log
@@ -339,6 +341,9 @@ def attention_forward(q, k, v, cu_q, cu_k, max_seqlen_q, ref_k, ref_v, ref_index
     lse = torch.empty((heads, tq), dtype=torch.float32, device=q.device)
     if tq == 0 or batch == 0 or max_seqlen_q == 0:
         return out, lse
+    if ref_index is not None and ref_index.numel() and _packs_gathered_rows(ref_k, ref_v):
+        ref_k, ref_v = gather_rows([ref_k, ref_v], ref_index, cu_r, ref_index.numel(), zero_padding=False)
+        ref_index = None
     rk, rv, ridx, cur, has_ref, packed = _ref_args(ref_k, ref_v, ref_index, cu_r, q)
     if softmax_scale < 0:  # the kernel needs a scale >= 0 (its row max is taken before scaling): negation is exact
         q, softmax_scale = -q, -softmax_scale
@@ -360,6 +365,27 @@ def attention_forward(q, k, v, cu_q, cu_k, max_seqlen_q, ref_k, ref_v, ref_index
     return out, lse
 
 
+def _tile_copies(dtype: torch.dtype, dim: int) -> bool:
+    """Whether blocks of consecutive key rows of this dtype and head dim can be loaded by bulk tile copies (see
+    ``_row_descriptors``; the layout decides the rest)."""
+    return dtype.itemsize == 2 and dim == _block_d(dim) and dim <= WIDE_HEAD_BLOCK_D
+
+
+def _packs_gathered_rows(ref_k, ref_v) -> bool:
+    """Whether the forward first copies the kept rows of a ``[B, R, H, D]`` reference buffer into packed
+    ``[Tref, H, D]`` tensors (one gather launch for both) and reads them as packed references. On an H200 (Triton
+    3.6, bf16, D=128; bench/RESULTS.md, 2026-11-30) blocks of gathered rows, loaded through a pointer per element,
+    took 1.04-1.24x the time of the same keys loaded as tile copies of packed rows, growing with the kept count,
+    and copying the kept keys of ``masked_attention`` first took its forward from 3.11 to 2.11 ms; the copy moves
+    each kept row twice (at 4 TB/s, about 25 us for 4096 rows of 24 x 128 keys and values). So the forward
+    copies where the packed rows load by tile copies (``_tile_copies``) and the buffer's heads are adjacent
+    (a ``[B, R, H*D]`` view to copy rows of: a head-major buffer would be copied whole), and gathers in place
+    elsewhere. The copy lives for the launch only; the backward, whose loads are pointers either way, reads the
+    buffer in place."""
+    dim = ref_k.shape[3]
+    return _tile_copies(ref_k.dtype, dim) and all(t.stride(2) == dim and t.stride(3) == 1 for t in (ref_k, ref_v))
+
+
 def _row_descriptors(k, v):
     """Tensor descriptors over the ``[rows, H*D]`` views of packed ``[T, H, D]`` keys and values, for loads of whole
     row blocks by bulk tensor copies; ``(None, None)`` (pointer loads) where such a view does not exist or the copy
@@ -369,7 +395,7 @@ def _row_descriptors(k, v):
     Triton 3.6, the first forward candidate's stack grows with tile copies from 3.2 to 9.5 KB at D=64 and from 14 to
     18 KB at D=128). The tile shape is the launch config's (``_descriptor_tiles``)."""
     rows, heads, dim = k.shape
-    if rows == 0 or dim != _block_d(dim) or dim > WIDE_HEAD_BLOCK_D or k.element_size() != 2:
+    if rows == 0 or not _tile_copies(k.dtype, dim):
         return None, None
     size = k.element_size()
     if not all(t.stride(2) == 1 and t.stride(1) == dim and t.stride(0) >= heads * dim and t.stride(0) * size % 16 == 0

@@ -462,7 +462,9 @@ class AttentionCase:
         sdpa_out = lambda o: o.transpose(1, 2)[0]  # noqa: E731 - [1, H, L, D] -> [L, H, D]
         impls = [
             Impl("sparsectx (compacted)", data.sparsectx_packed, note="keys pre-compacted, contiguous"),
-            Impl("sparsectx (gather)", data.sparsectx_gather, note="kept reference keys gathered by index",
+            Impl("sparsectx (gather)", data.sparsectx_gather,
+                 note="kept reference keys by index from the [B, R, H, D] buffer (the forward packs them first: "
+                      "copy timed)",
                  skip="" if refs else "no reference tokens"),
             *_sdpa_impls(["cudnn", "flash", "efficient", "math"], q4, k4, v4, device, sdpa_out),
         ]
@@ -531,7 +533,9 @@ class BatchCase(_MixedBudgetCase):
                   for t in (data.q, data.k, data.v)]
         impls = [
             Impl("sparsectx (packed varlen)", data.sparsectx_packed, note="one launch, no host sync"),
-            Impl("sparsectx (gather)", data.sparsectx_gather, note="kept reference keys gathered by index"),
+            Impl("sparsectx (gather)", data.sparsectx_gather,
+                 note="kept reference keys by index from the [B, R, H, D] buffer (the forward packs them first: "
+                      "copy timed)"),
             Impl("sdpa per-sample loop", loop, note=f"backend {best or 'default'}"),
             Impl("sdpa padded + key mask", lambda: _sdpa(*padded, attn_mask=key_mask),
                  output=lambda o: _unpad(o, rows), note="padded to the longest sample (padding, unpadding untimed)"),
@@ -664,14 +668,15 @@ class MaskedCase:
             attn_mask = key_mask[:, None, None, :]
             impls = [
                 Impl("sparsectx masked_attention", lambda: ops.masked_attention(q, k, v, key_mask),
-                     note="no autograd: kept keys copied into contiguous blocks first (copy timed)"),
+                     note="no autograd: kept keys gathered by index (the forward copies them into packed blocks "
+                          "first: copy timed)"),
                 Impl("sparsectx masked_attention (kept_prefix)",
                      lambda: ops.masked_attention(q, k, v, key_mask, kept_prefix=own),
-                     note=f"text + target ({own}) as contiguous keys, kept references copied after them"),
+                     note=f"text + target ({own}) as contiguous keys, kept references gathered after them"),
                 Impl("sparsectx masked_attention (autograd: gathered)",
                      lambda: ops.masked_attention(q_grad, k_grad, v_grad, key_mask), output=lambda o: o.detach(),
                      note="inputs that require grad: kept keys gathered by index (the forward of a training step, "
-                          "its graph recorded)"),
+                          "its graph recorded; the forward's packed copy is not kept for the backward)"),
                 Impl("sparsectx masked_attention (autograd, kept_prefix)",
                      lambda: ops.masked_attention(q_grad, k_grad, v_grad, key_mask, kept_prefix=own),
                      output=lambda o: o.detach(),

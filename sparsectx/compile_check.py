@@ -182,7 +182,8 @@ def _error_line(error: BaseException) -> str:
 def _attention_variants(dtypes, head_dims):
     """(label, launch) pairs: forward and backward of the three key layouts, per dtype and head dim; and, where the
     forward loads contiguous keys by tile copies (fp16/bf16, head dims that are powers of two up to 128), the same
-    without references on keys whose heads are not adjacent (the per-element pointer loads of such layouts)."""
+    without references on keys whose heads are not adjacent (the per-element pointer loads of such layouts). There
+    the forward of gathered references is the copy of their kept rows and the packed layout's forward."""
     import torch
 
     from .kernels.attention import _row_descriptors, attention_backward, attention_forward

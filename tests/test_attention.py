@@ -728,12 +728,14 @@ def test_masked_attention_kept_prefix_reads_the_prefix_as_contiguous_keys(kept_p
 
 @pytest.mark.parametrize("kept_prefix", [0, 5])
 @pytest.mark.parametrize("skip_queries", [False, True])
-def test_masked_attention_copies_the_kept_keys_when_no_gradient_is_recorded(monkeypatch, kept_prefix, skip_queries):
-    """Without autograd the kept keys past the prefix reach the kernel as packed contiguous references; with it they
-    are gathered from k and v by index. Both equal the fp64 reference."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_masked_attention_gathers_the_kept_keys_with_and_without_autograd(monkeypatch, kept_prefix, skip_queries,
+                                                                         dtype):
+    """The kept keys past the prefix reach sparse_attention as rows of k and v gathered by index, with and without
+    autograd (its forward packs them where that loads faster: next test). Both equal the fp64 reference."""
     g = torch.Generator().manual_seed(11 + kept_prefix)
     batch, seq, heads, dim = 2, 37, 2, 32
-    q, k, v = (torch.randn(batch, seq, heads, dim, generator=g).to(DEVICE) for _ in range(3))
+    q, k, v = (torch.randn(batch, seq, heads, dim, generator=g).to(DEVICE, dtype) for _ in range(3))
     key_mask = torch.rand(batch, seq, generator=g).to(DEVICE) < 0.3
     key_mask[1, kept_prefix:] = False  # a sample that keeps no key past the prefix
     query_mask = (torch.rand(batch, seq, generator=g).to(DEVICE) < 0.6) if skip_queries else None
@@ -744,14 +746,65 @@ def test_masked_attention_copies_the_kept_keys_when_no_gradient_is_recorded(monk
     real = sparsectx.ops.sparse_attention
     monkeypatch.setattr(sparsectx.ops, "sparse_attention", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     with torch.no_grad():
-        copied = sparsectx.masked_attention(q, k, v, key_mask, query_mask=query_mask, kept_prefix=kept_prefix)
-    gathered = sparsectx.masked_attention(*(t.clone().requires_grad_(True) for t in (q, k, v)), key_mask,
+        eager = sparsectx.masked_attention(q, k, v, key_mask, query_mask=query_mask, kept_prefix=kept_prefix)
+    recorded = sparsectx.masked_attention(*(t.clone().requires_grad_(True) for t in (q, k, v)), key_mask,
                                           query_mask=query_mask, kept_prefix=kept_prefix)
-    assert calls[0].get("ref_index") is None  # packed references
-    assert calls[0]["ref_k"].shape == (batch * (seq - kept_prefix), heads, dim)
-    assert calls[1]["ref_index"] is not None and calls[1]["ref_k"].shape == (batch, seq - kept_prefix, heads, dim)
-    torch.testing.assert_close(copied.double(), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gathered.detach().double(), expected, rtol=1e-5, atol=1e-5)
+    for call in calls:
+        assert call["ref_index"] is not None and call["ref_k"].shape == (batch, seq - kept_prefix, heads, dim)
+    assert len(calls) == 2
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(eager.double(), expected, rtol=tol, atol=tol)
+    torch.testing.assert_close(recorded.detach().double(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("layout", ["fp16, heads adjacent", "fp16, head-major buffer", "fp16, head dim 40", "fp32"])
+def test_forward_packs_gathered_rows_where_tile_copies_load_them(monkeypatch, layout):
+    """Where packed rows load by tile copies (fp16/bf16, power-of-two head dims up to 128) and the buffer's heads
+    are adjacent, the kernel forward copies the kept rows into packed references first (one gather launch for
+    ref_k and ref_v); elsewhere it gathers in place. Either way the output equals, bit for bit, the same attention
+    on packed references built by torch indexing (same keys in the same order), and the backward gathers the
+    buffer in place (gradients against the fp64 reference)."""
+    dtype = torch.float32 if layout == "fp32" else torch.float16
+    if sparsectx.ops.backend_for(DEVICE, dtype) == sparsectx.ops.TORCH_REFERENCE:
+        pytest.skip("the launcher runs on the kernel path only")
+    from sparsectx.kernels import attention as kernel
+
+    dim = 40 if layout.endswith("40") else 32
+    lq, lk, lr, ref_len, heads = [19, 33], [21, 8], [27, 70], 80, 2
+    case = make_case(lq, lk, lr, ref_len, heads, dim, dtype, seed=71)
+    if layout.endswith("head-major buffer"):  # [B, H, R, D] seen as [B, R, H, D]: head stride R*D
+        case.ref = dict(case.ref, **{n: case.ref[n].transpose(1, 2).contiguous().transpose(1, 2)
+                                     for n in ("ref_k", "ref_v")})
+    packs = layout in ("fp16, heads adjacent",)
+    assert kernel._packs_gathered_rows(case.ref["ref_k"], case.ref["ref_v"]) == packs
+    copies = []
+    real = kernel.gather_rows
+    monkeypatch.setattr(kernel, "gather_rows", lambda payloads, index, *a, **kw:
+                        copies.append((len(payloads), index.numel())) or real(payloads, index, *a, **kw))
+    out = sparsectx.sparse_attention(case.q, case.k, case.v, case.cu_q, case.cu_k, case.max_q, case.max_k,
+                                     **case.ref)
+    assert copies == ([(2, sum(lr))] if packs else [])
+    rows = [case.ref[n][torch.repeat_interleave(torch.arange(2, device=DEVICE), torch.tensor(lr, device=DEVICE)),
+                        case.ref["ref_index"].long()] for n in ("ref_k", "ref_v")]
+    packed = sparsectx.sparse_attention(case.q, case.k, case.v, case.cu_q, case.cu_k, case.max_q, case.max_k,
+                                        ref_k=rows[0].contiguous(), ref_v=rows[1].contiguous(),
+                                        cu_seqlens_ref=case.ref["cu_seqlens_ref"])
+    if packs:
+        assert torch.equal(out, packed)
+    else:  # pointer loads of gathered and packed rows: the same products, maybe not the same instructions
+        torch.testing.assert_close(out, packed, rtol=0, atol=ATOL[dtype])
+    copies.clear()
+    g = torch.Generator().manual_seed(72)
+    dout = torch.randn(out.shape, generator=g).to(DEVICE, dtype)
+    dlse = torch.zeros(heads, sum(lq), device=DEVICE)
+    _, _, grads = run_ops(case, dout, dlse)
+    _, _, expected = run_reference(case, torch.float64, dout, dlse)
+    _, _, same_dtype = run_reference(case, dtype, dout, dlse)
+    assert copies == ([(2, sum(lr))] if packs else [])  # the forward's copy only: the backward gathers in place
+    for name in ("q", "k", "v", "ref_k", "ref_v"):
+        error = (grads[name].double() - expected[name]).abs().max().item()
+        torch_error = (same_dtype[name].double() - expected[name]).abs().max().item()
+        assert error <= 2 * torch_error + ATOL[dtype], (name, error, torch_error)
 
 
 @pytest.mark.parametrize("same_object", [True, False])
@@ -781,7 +834,7 @@ def test_masked_attention_packs_queries_and_keys_together_for_one_mask(monkeypat
     if same_object:
         assert compactions == [3] and "ref_k" not in attentions[0], (compactions, attentions)
     else:
-        assert compactions == [2, 1] and attentions[0]["ref_k"] is not None, compactions
+        assert compactions == [0, 1] and attentions[0]["ref_index"] is not None, compactions  # keys by index, q
 
 
 def test_masked_attention_kept_prefix_bad_values():
@@ -824,7 +877,7 @@ def _assert_masked_forward_and_backward(q, k, v, key_mask, query_mask, kept_pref
     assert_flash_criterion("out", out, same_out, exact_out, dtype)
     for name, got, same, exact in zip("qkv", grads, same_grads, exact_grads):
         assert_flash_criterion(f"d{name}", got, same, exact, dtype)
-    with torch.no_grad():  # the kept keys copied into contiguous blocks instead of gathered
+    with torch.no_grad():  # the same forward, no graph recorded
         copied = sparsectx.masked_attention(q, k, v, key_mask, query_mask=query_mask, kept_prefix=kept_prefix)
     assert_flash_criterion("out (no autograd)", copied, same_out, exact_out, dtype)
 
