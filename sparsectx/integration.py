@@ -25,8 +25,9 @@ Qwen-Image: ``img_shapes`` lists the references after the target), the wrapper
 The selection is computed once per pipeline call and reused at every step (and by the CFG branch), with every
 index derived from it (the plan: layout, keep mask, kept rows, output rows). The first step reads the device
 several times (layout, selection); a later step reads it once, to check that its reference latents and ids are
-those the plan was made for (different ones, or a new pipeline call, plan again). Steady-state steps thus run
-without stalling the GPU queue (``sparsectx.diagnostics.count_host_reads`` shows it).
+those the plan was made for (different ones, or a new pipeline call, plan again); a cached step of the FLUX.2
+klein KV cache, whose sequence holds no reference token, reads nothing. Steady-state steps thus stall the GPU queue
+once at most (``sparsectx.diagnostics.count_host_reads`` shows it).
 
 Where a call starts: ``enable(pipe)`` marks each pipeline call, so both branches of classifier-free guidance use
 the selection made on the first transformer call (the positive prompt). A transformer enabled on its own (or a
@@ -116,6 +117,7 @@ OVERRIDE_KEYS = ("budget", "selector", "signals")
 PATCH_ATTR = "_sparsectx_patch"  # the transformer attribute holding its _SparsePatch while enabled
 TARGET_PLANE = 0  # FLUX.1 / FLUX.2: first id axis of target tokens; references use any other value
 KV_EXTRACT = "extract"
+KV_CACHED = "cached"  # FLUX.2 klein's cached steps: the references are in the cache, none in the sequence
 PROBE_FAMILIES = (FLUX2, FLUX, QWEN)  # families whose first double-stream block the attention probe reads
 
 # per family: the forward arguments that carry the batch dimension first (sliced when samples run as groups),
@@ -943,15 +945,18 @@ class _SparsePatch(ForwardPatch):
         ``packable``: the plan has a packing and this step's samples share their modulation (timestep, guidance)."""
         key = self._plan_key(call, overrides)
         plan = self.plans.get(key)
+        cached_step = call.get("kv_cache_mode") == KV_CACHED
         if plan is not None:
-            matches, packable = self._step_checks(plan, call)
+            # a KV-cached step holds no reference token: its plan (nothing to select) fits any such step with the
+            # key's shapes, so it is reused without the check's host read
+            matches, packable = (True, False) if cached_step else self._step_checks(plan, call)
             if matches:
                 self.plans[key] = self.plans.pop(key)  # most recently used last: evicted last, reported by cache
                 if plan.keep is None:  # a KV-cached step after a new extract step (a transformer enabled alone
                     plan.reports = self._selecting_plan(key)  # reuses its plan): report that extract's selection
                 return plan, packable
         self._reinstall_replaced_processors()
-        layout = reference_layout(self.family, call)
+        layout = None if cached_step else reference_layout(self.family, call)
         if layout is None:
             plan = self._new_plan(call, None, None, [])
             # a KV-cached step: its call's selection, found now while the call's prompt is alive (a pipeline frees

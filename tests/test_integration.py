@@ -1216,6 +1216,46 @@ def test_last_selection_follows_each_kv_run_on_one_prompt_tensor():
     assert torch.equal(after_first, first) and torch.equal(after_second, second)
 
 
+def test_kv_cached_steps_read_nothing_from_the_device():
+    """A KV-cached step holds no reference token: after the extract step (which selects, reading the device), its
+    cached steps reuse a plan without the later-step check, so they read the host exactly as the unpatched
+    transformer does; the output equals the unpatched cached step on the same cache."""
+    transformer = _tiny_pipeline(diffusers.Flux2KleinKVPipeline).transformer
+    g = torch.Generator().manual_seed(3)
+    cells = torch.cartesian_prod(torch.tensor([0]), torch.arange(4), torch.arange(4))
+    target_ids = torch.cat([cells, torch.zeros(16, 1, dtype=cells.dtype)], 1)[None]
+    ref_cells = torch.cartesian_prod(torch.tensor([10]), torch.arange(3), torch.arange(3))
+    ref_ids = torch.cat([ref_cells, torch.zeros(9, 1, dtype=ref_cells.dtype)], 1)[None]
+    txt_ids = torch.zeros(1, TEXT_TOKENS, 4, dtype=torch.long)
+    txt_ids[0, :, 3] = torch.arange(TEXT_TOKENS)
+    common = dict(encoder_hidden_states=torch.randn(1, TEXT_TOKENS, TEXT_DIM, generator=g), txt_ids=txt_ids,
+                  return_dict=False)
+    target, refs = torch.randn(1, 16, 8, generator=g), torch.randn(1, 9, 8, generator=g)
+
+    def cached_step(cache, t):
+        return transformer(hidden_states=target, timestep=torch.tensor([t]), img_ids=target_ids, kv_cache=cache,
+                           kv_cache_mode="cached", **common)[0]
+
+    with torch.no_grad():
+        sparsectx.enable(transformer, budget=0.5, selector=random_selector, seed=0)
+        try:
+            _, cache = transformer(hidden_states=torch.cat([refs, target], 1), timestep=torch.tensor([1.0]),
+                                   img_ids=torch.cat([ref_ids, target_ids], 1), kv_cache_mode="extract",
+                                   num_ref_tokens=9, **common)
+            outs, reads = [], []
+            for t in (0.75, 0.5):
+                with count_host_reads() as counted:
+                    outs.append(cached_step(cache, t))
+                reads.append(counted.count)
+        finally:
+            sparsectx.disable(transformer)
+        with count_host_reads() as plain:
+            expected = cached_step(cache, 0.5)
+    assert reads == [plain.count, plain.count], (reads, plain.count)
+    assert torch.equal(outs[1], expected)
+    assert cache.get_double(0).k_ref.shape[1] == 5  # the extract step cached the kept half of the 9 tokens
+
+
 def test_kv_extract_rejects_different_selections_in_one_batch(models):
     model, kwargs = models["flux2"], _inputs("flux2")
     ids = kwargs["img_ids"]
