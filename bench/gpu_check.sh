@@ -10,6 +10,7 @@
 #                     (--quick), profiler tables (bench/profile_ops.py), in that order
 #                                                  at most 8 minutes (GPU_CHECK_BUDGET_S=480, the default)
 #   GPU_CHECK_PART=2  every autotune candidate under the flash-attention criterion, the mixed-budget batch step,
+#                     a klein-9B fine-tuning step (dropped references removed or masked),
 #                     the FLUX.1-Kontext step, then the rest of the suite on CUDA ~ 2.5 minutes or what is left
 #   GPU_CHECK_PART=all  both, in that order (a machine without a per-command limit)
 # Usage, from anywhere:  GPU_CHECK_PART=1 bash bench/gpu_check.sh      (writes under "$OUT", default ./bench_out)
@@ -59,11 +60,14 @@ CANDIDATES_CAP_S=130                   # part 2: every autotune candidate, head 
 # mixed-budget batch of 4 requests, --quick (1024² only): packed vs exact groups vs a per-request loop, then the
 # keep-all batch (2026-11-29 H200: the first four rows took the whole 45 s cap then, the keep-all row was cut)
 BATCH_E2E_CAP_S=75
+# klein-9B fine-tuning step, --quick (3 refs x 50%): 4 implementations, forward + backward with gradient
+# checkpointing and every weight's gradient (18 GB in bf16); never run: ~3 s per keep-all step by arithmetic
+TRAIN_STEP_CAP_S=75
 # FLUX.1-Kontext-12B step, --quick subset (1 ref x 10%, 3 refs x 10%): start-up, a 12B model built on the GPU
 KONTEXT_CAP_S=50
 SCRATCH=$(mktemp -d /tmp/gpu_check.XXXXXX)
 # the benchmark steps' JSON files, in the order the summary lists them
-BENCH_PARTS=("$SCRATCH"/bench_{key,training,e2e,selection,kv,e2e_batch,e2e_kontext}.json)
+BENCH_PARTS=("$SCRATCH"/bench_{key,training,e2e,selection,kv,e2e_batch,train_step,e2e_kontext}.json)
 rm -f "$OUT/bench.json" "$OUT/results.md"   # an earlier run's files must not pass for this run's
 START=$SECONDS
 STEP_LINES=()
@@ -190,6 +194,10 @@ if part 2; then
     tests "pytest candidates" "$CANDIDATES_CAP_S" "$TESTS_LOG" "${PYTEST[@]}" tests -m gpu -k "$CANDIDATES"
     step "bench e2e_batch" "$BATCH_E2E_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case e2e_batch --quick \
         --json "$SCRATCH/bench_e2e_batch.json"
+    # a fine-tuning step with dropped references: removed from the sequence (the drop-in) against masked (drop
+    # training); no issue target, never run on a GPU
+    step "bench train_step" "$TRAIN_STEP_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case train_step --quick \
+        --json "$SCRATCH/bench_train_step.json"
     # the FLUX.1-Kontext-12B step (another family's shapes; the klein cases carry the issues' targets)
     step "bench e2e_kontext" "$KONTEXT_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case e2e_kontext --quick \
         --json "$SCRATCH/bench_e2e_kontext.json"

@@ -28,6 +28,7 @@ from .training import (  # noqa: F401
     enable_drop_training,
     is_drop_training_enabled,
     random_drop_mask,
+    random_drop_selector,
 )
 
 __version__ = "0.1.0"

@@ -39,7 +39,7 @@ from .diagnostics import count_cuda_syncs, count_host_reads
 SEED = 0
 SIZES = ("tiny", "full")
 CASE_ORDER = ("attention", "compaction", "batch", "masked", "training", "norm_rope", "e2e", "selection",
-              "e2e_kontext", "kv", "e2e_batch")
+              "e2e_kontext", "kv", "e2e_batch", "train_step")
 # relative L2 error bound between two implementations computing the same function in one dtype
 REL_ERR_BOUND = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # ... and for the worst row (last dim = features) against the mean row norm: a few wrong rows among 10^5 hardly move
@@ -1665,6 +1665,95 @@ class MixedBatchCase:
         return Workload(self.name, shape, impls, dtype, reps=s["reps"], track_memory=True)
 
 
+class TrainStepCase:
+    """One fine-tuning step (forward and backward of a loss on the target tokens, gradients of every weight, gradient
+    checkpointing on) of the FLUX.2-klein-9B architecture with its references dropped at a keep ratio: the drop-in
+    with ``random_drop_selector`` (dropped tokens removed from the whole sequence) against drop training
+    (``enable_drop_training``: dropped tokens carried through every layer, masked in attention), both drawing the
+    same mask, and the steps keeping every reference token and none."""
+
+    name = "train_step"
+    title = ("one fine-tuning step (forward + backward, gradient checkpointing), FLUX.2-klein-9B architecture "
+             "(random weights), references dropped at random")
+    impl_names = ("sparsectx.enable + random_drop_selector", "sparsectx drop training (masked attention)",
+                  "keep all reference tokens", "no reference (limit)")
+    SEED = 0
+    sizes = {
+        "full": dict(target_side=64, text=512, ref_side=64, refs=(3,), keeps=(0.5, 0.1), quick=[(3, 0.5)], reps=2),
+        "tiny": dict(target_side=8, text=16, ref_side=8, refs=(3,), keeps=(0.5,), quick=[(3, 0.5)], reps=None),
+    }
+
+    def configs(self, size: str, quick: bool = False):
+        return _refs_keep_configs(self.sizes[size], quick)
+
+    def label(self, config) -> str:
+        return _refs_keep_label(config)
+
+    def build(self, config, size: str, device: torch.device) -> Workload:
+        from .integration import sparse_context
+        from .training import disable_drop_training, enable_drop_training, random_drop_selector
+
+        refs, keep = config
+        s = self.sizes[size]
+        dtype, gen = _dtype_for(device), _generator(device)
+        model = _cached_model(KLEIN, size, device, dtype)
+        x = _step_inputs(KLEIN, model, s, refs, device, dtype, gen)
+        channels, n_target = x["channels"], x["n_target"]
+        target = _randn(gen, 1, n_target, channels, device=device, dtype=dtype)
+        all_latents = torch.cat([x["target"], x["ref_latents"].reshape(1, -1, channels)], 1)
+        all_ids = torch.cat([x["target_ids"], x["ref_ids"].reshape(1, -1, KLEIN.n_axes)], 1)
+        mask_generator = torch.Generator()  # re-seeded before each step: every step and implementation, one mask
+
+        def step(latents, ids):
+            mask_generator.manual_seed(self.SEED)
+            model.zero_grad(set_to_none=True)
+            out = model(hidden_states=latents.clone(), encoder_hidden_states=x["text"], timestep=x["timestep"],
+                        img_ids=ids, txt_ids=x["text_ids"], return_dict=False)[0][:, :n_target]
+            (out.float() - target.float()).pow(2).mean().backward()
+            return out.detach()
+
+        @contextlib.contextmanager
+        def training(mode: Optional[str]):
+            model.train()
+            model.enable_gradient_checkpointing()
+            try:
+                if mode == "removed":
+                    with sparse_context(model, budget=None,
+                                        selector=random_drop_selector((keep, keep), mask_generator)):
+                        yield
+                elif mode == "masked":
+                    enable_drop_training(model, ratio_range=(keep, keep), generator=mask_generator)
+                    try:
+                        yield
+                    finally:
+                        disable_drop_training(model)
+                else:
+                    yield
+            finally:
+                model.zero_grad(set_to_none=True)
+                model.disable_gradient_checkpointing()
+                model.eval()
+
+        def impl(name, mode, latents, ids, **kw):
+            return Impl(name, lambda: step(latents, ids), scope=lambda: training(mode), **kw)
+
+        kept = math.floor(keep * x["n_ref"] + 0.5)
+        impls = [
+            impl(self.impl_names[0], "removed", all_latents, all_ids,
+                 note=f"{refs} x {kept} kept reference tokens in the sequence (every block)"),
+            impl(self.impl_names[1], "masked", all_latents, all_ids,
+                 note="every reference token in the sequence, dropped ones masked in attention (keys and queries)"),
+            impl(self.impl_names[2], None, all_latents, all_ids, comparable=False,
+                 note="100% kept (a different output by design)"),
+            impl(self.impl_names[3], None, x["target"], x["target_ids"], comparable=False,
+                 note="lower bound of any drop ratio"),
+        ]
+        shape = (f"{refs} ref x {_pct(keep)} kept ({kept} of {x['n_ref']} tokens each), target {n_target}, text "
+                 f"{s['text']}, {'klein-9B' if size == 'full' else 'tiny'} {str(dtype).replace('torch.', '')}, "
+                 "fwd+bwd, gradient checkpointing")
+        return Workload(self.name, shape, impls, dtype, reps=s["reps"], track_memory=True)
+
+
 def impl_names_for(case, config) -> tuple:
     """The implementations a config's workload holds (all of the case's, unless the case splits them)."""
     return case.impl_names_for(config) if hasattr(case, "impl_names_for") else case.impl_names
@@ -1695,9 +1784,10 @@ def _enable_impl(model, full_step: Callable[[], Any], scores: torch.Tensor, coun
 
 CASES = {case.name: case for case in (AttentionCase(), CompactionCase(), BatchCase(), MaskedCase(), TrainingCase(),
                                       NormRopeCase(), EndToEndCase(), KontextEndToEndCase(), SelectionCase(),
-                                      KVCacheCase(), MixedBatchCase())}
+                                      KVCacheCase(), MixedBatchCase(), TrainStepCase())}
 # cases that build the cached model (released after them)
-MODEL_CASES = (EndToEndCase.name, KontextEndToEndCase.name, KVCacheCase.name, MixedBatchCase.name)
+MODEL_CASES = (EndToEndCase.name, KontextEndToEndCase.name, KVCacheCase.name, MixedBatchCase.name,
+               TrainStepCase.name)
 
 
 # ----------------------------------------------------------------------------------------------------------------

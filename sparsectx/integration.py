@@ -847,6 +847,9 @@ class _SparsePatch(ForwardPatch):
         # without a seed: the initial seed of the pipeline call's generator (a tuple: one generator per image)
         self.call_seed: Union[int, tuple, None] = None
         self.warned_unsupported = False  # the warning of _reinstall_replaced_processors is given once
+        # hidden_states of training forwards whose plan was evicted: id -> weak reference (a recomputation of such a
+        # forward must not draw a new selection; _plan raises instead)
+        self.evicted_training_inputs: dict = {}
 
     @property
     def cache(self) -> Optional[_Plan]:
@@ -945,6 +948,8 @@ class _SparsePatch(ForwardPatch):
         ``packable``: the plan has a packing and this step's samples share their modulation (timestep, guidance)."""
         key = self._plan_key(call, overrides)
         plan = self.plans.get(key)
+        if plan is None and key[-2] is not None:
+            self._refuse_evicted_training_forward(call["hidden_states"])
         cached_step = call.get("kv_cache_mode") == KV_CACHED
         if plan is not None:
             # a KV-cached step holds no reference token: its plan (nothing to select) fits any such step with the
@@ -968,6 +973,7 @@ class _SparsePatch(ForwardPatch):
             plan = self._new_plan(call, layout, keep, *self._groups(call, layout, keep))
         self.plans.pop(key, None)
         if len(self.plans) >= MAX_PLANS:
+            self._remember_eviction(next(iter(self.plans)))
             self.plans.pop(next(iter(self.plans)))
         self.plans[key] = plan
         return plan, plan.packing is not None and all(_uniform_over_batch(call).tolist())
@@ -985,9 +991,34 @@ class _SparsePatch(ForwardPatch):
                 _budget_key(overrides.get("budget", self.settings.budget)),
                 overrides.get("selector_key", _selector_key(overrides.get("selector", self.settings.selector))),
                 tuple((name, _Identity(value)) for name, value in sorted(signals.items())),
+                # a training forward (train mode, gradients recorded) selects anew for each new input tensor (a
+                # random drop selector draws a new mask every step, even on a repeated prompt and reference), and
+                # a recomputation of that forward (a checkpoint around the transformer) reuses its selection
+                _Identity(call["hidden_states"]) if self._training_forward() else None,
                 # outside a pipeline call (a bare transformer, or a pipeline sharing an enabled transformer) nothing
                 # marks where a call starts: the prompt embedding's tensor keys the selection
                 None if self.pipeline_calls else _Identity(call.get("encoder_hidden_states")))
+
+    def _training_forward(self) -> bool:
+        return self.transformer.training and torch.is_grad_enabled()
+
+    def _remember_eviction(self, key: tuple) -> None:
+        """Before a plan leaves the cache: the input tensor of a training forward's plan, kept weakly."""
+        identity = key[-2]
+        if identity is not None and identity.ref() is not None:
+            self.evicted_training_inputs = {i: r for i, r in self.evicted_training_inputs.items() if r() is not None}
+            self.evicted_training_inputs[identity.hash] = identity.ref
+
+    def _refuse_evicted_training_forward(self, hidden_states: torch.Tensor) -> None:
+        """A training forward on an input whose plan was evicted is a recomputation (a checkpoint around the whole
+        transformer run after more than MAX_PLANS other forwards): a new selection would not be the one its
+        forward used, and the gradients would be wrong."""
+        ref = self.evicted_training_inputs.get(id(hidden_states))
+        if ref is not None and ref() is hidden_states:
+            raise RuntimeError(
+                f"this training forward recomputes one whose selection is no longer cached (sparsectx keeps the "
+                f"plans of the latest {MAX_PLANS} forwards): run the backward of a checkpointed transformer forward "
+                f"before {MAX_PLANS} more forwards, or checkpoint its blocks (gradient checkpointing) instead")
 
     @staticmethod
     def _new_plan(call: dict, layout: Optional[_Layout], keep: Optional[torch.Tensor], groups: list,

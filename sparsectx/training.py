@@ -139,6 +139,42 @@ def random_drop_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ref
     return out, keep_mask
 
 
+def random_drop_selector(ratio_range: tuple = DEFAULT_RATIO_RANGE, generator: Optional[torch.Generator] = None, *,
+                         ratios: Optional[Sequence[float]] = None, per_image: bool = True) -> Callable:
+    """A selector that draws ``random_drop_mask``'s reference part, for training with the dropped reference tokens
+    removed from the whole sequence::
+
+        sparsectx.enable(transformer, budget=None, selector=random_drop_selector((0.05, 1.0), generator))
+        transformer.train()
+        loss = ((transformer(**batch)[0][:, :n_target] - target) ** 2).mean()   # a new mask at each forward
+
+    The drop-in then runs every block (MLPs and projections too) on the target, text and kept reference tokens only,
+    as at inference. With ``skip_dropped_queries`` (the default) drop training (``enable_drop_training``) computes
+    the same target and text outputs and the same gradients, but carries the dropped tokens through every layer.
+    The drop-in selects anew at each forward in train mode with gradients recorded (keyed by the input tensor), and
+    a recomputation of that forward (a checkpoint around the transformer) reuses its selection. Samples that share
+    their references share one draw (the batch runs as one group); other samples run as one group each (FLUX.2 with
+    ``attention="sparsectx"``: packed into one sequence when they share their timestep). Draws come from
+    ``generator`` (its device), else from the drop-in's: its ``seed``, or torch's global generator.
+    """
+    if ratios is None:
+        _check_ratio_range(ratio_range)
+    else:
+        _draw_ratios((1, 1), ratio_range, ratios, torch.Generator(), "cpu")  # checks the list
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if not isinstance(per_image, bool):
+        raise TypeError(f"per_image must be a bool, got {type(per_image).__name__}")
+    ratio_range, ratios = tuple(ratio_range), None if ratios is None else list(ratios)
+
+    def random_drop(reference_latents: torch.Tensor, context) -> torch.Tensor:
+        return random_drop_mask(reference_latents.shape[0], context.ref_lengths, 0, ratio_range,
+                                generator if generator is not None else context.generator, ratios=ratios,
+                                per_image=per_image, device=reference_latents.device)
+
+    return random_drop
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # drop training on a diffusers transformer
 # ----------------------------------------------------------------------------------------------------------------

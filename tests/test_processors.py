@@ -16,7 +16,8 @@ from diffusers.models.attention_dispatch import AttentionBackendName, _Attention
 import sparsectx  # noqa: E402
 from sparsectx import integration, processors  # noqa: E402
 from sparsectx.diagnostics import count_cuda_syncs, count_host_reads  # noqa: E402
-from sparsectx.training import disable_drop_training, enable_drop_training, is_drop_training_enabled  # noqa: E402
+from sparsectx.training import (  # noqa: E402
+    disable_drop_training, enable_drop_training, is_drop_training_enabled, random_drop_selector)
 
 
 def _load_integration_helpers():
@@ -832,6 +833,125 @@ def _grads(model, kwargs, target):
     out = model(**kwargs)[0]
     ((out[:, :N_TARGET] - target) ** 2).mean().backward()
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_removing_the_dropped_tokens_gives_drop_trainings_gradients(family):
+    """Drop training (dropped tokens carried through every layer, skipped as keys and queries) and the drop-in with
+    ``random_drop_selector`` (dropped tokens removed from the sequence) draw the same masks from the same seed and
+    give the same target output and gradients; the drop-in's forward sees the kept tokens only."""
+    model = shared._build_model(family).train()
+    kwargs = _train_inputs(family)
+    target = torch.randn(2, N_TARGET, kwargs["hidden_states"].shape[2], generator=torch.Generator().manual_seed(4))
+
+    def outputs_and_grads():
+        model.zero_grad(set_to_none=True)
+        out = model(**kwargs)[0]
+        ((out[:, :N_TARGET] - target) ** 2).mean().backward()
+        return out[:, :N_TARGET].detach(), {name: p.grad.clone() for name, p in model.named_parameters()
+                                            if p.grad is not None}
+
+    enable_drop_training(model, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(3))
+    masked_out, masked_grads = outputs_and_grads()
+    image_keep = model._sparsectx_drop_training.state.image_keep
+    disable_drop_training(model)
+    sparsectx.enable(model, budget=None, selector=random_drop_selector((0.2, 0.6), torch.Generator().manual_seed(3)))
+    seen, handle = shared._count_tokens(model) if family != "qwen" else ([], None)
+    try:
+        removed_out, removed_grads = outputs_and_grads()
+        keep = sparsectx.last_selection(model).keep
+    finally:
+        if handle is not None:
+            handle.remove()
+        sparsectx.disable(model)
+    assert torch.equal(keep, image_keep[:, N_TARGET:]) and not keep.all()
+    if family != "qwen":  # one forward per sample (their masks differ), each on its kept tokens only
+        assert seen == [N_TARGET + int(row.sum()) for row in keep], seen
+    torch.testing.assert_close(removed_out, masked_out, rtol=0, atol=FP32_ATOL)
+    assert removed_grads.keys() == masked_grads.keys()
+    for name, grad in removed_grads.items():
+        torch.testing.assert_close(grad, masked_grads[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+
+
+@pytest.mark.parametrize("checkpointing, lora, compiled", [(True, False, False), (False, True, False),
+                                                         (True, True, True)])
+def test_removing_the_dropped_tokens_with_checkpointing_lora_and_compile(checkpointing, lora, compiled):
+    """The drop-in with random_drop_selector under gradient checkpointing of the blocks, a peft LoRA adapter and
+    torch.compile of the transformer: the same gradients as drop training from the same seed."""
+    kwargs = _train_inputs("flux2")
+    target = torch.randn(2, N_TARGET, kwargs["hidden_states"].shape[2], generator=torch.Generator().manual_seed(6))
+
+    def gradients(removed: bool):
+        model = _flux2_for_training(lora)
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        if removed:
+            sparsectx.enable(model, budget=None,
+                             selector=random_drop_selector((0.2, 0.6), torch.Generator().manual_seed(8)))
+        else:
+            enable_drop_training(model, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(8))
+        torch._dynamo.reset()
+        try:
+            grads = _grads(torch.compile(model, backend="eager") if compiled else model, kwargs, target)
+        finally:
+            torch._dynamo.reset()
+        keep = (sparsectx.last_selection(model).keep if removed
+                else model._sparsectx_drop_training.state.image_keep[:, N_TARGET:])
+        return {name.removeprefix("_orig_mod."): grad for name, grad in grads.items()}, keep
+
+    removed, removed_keep = gradients(True)
+    masked, masked_keep = gradients(False)
+    assert torch.equal(removed_keep, masked_keep) and not removed_keep.all()
+    assert removed.keys() == masked.keys() and all(("lora" in name) == lora for name in removed)
+    for name, grad in removed.items():
+        torch.testing.assert_close(grad, masked[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+
+
+def test_removing_the_dropped_tokens_draws_per_forward_and_a_recompute_reuses_the_draw():
+    """Train mode with gradients: every forward draws a new mask, also on the very same prompt and references (only
+    the noisy input tensor is new, as in a training loop over one example); a checkpoint around the whole
+    transformer recomputes its forward with that forward's mask (the gradients equal the plain run's); a
+    recomputation after more forwards than the drop-in keeps plans for raises instead of drawing anew; under
+    no_grad (validation) the drop-in keys its selection as at inference."""
+    from torch.utils.checkpoint import checkpoint
+
+    model, kwargs = _flux2_for_training(lora=False), _train_inputs("flux2")
+    sparsectx.enable(model, budget=None, selector=random_drop_selector((0.2, 0.6), torch.Generator().manual_seed(0)))
+    target = torch.randn(2, N_TARGET, kwargs["hidden_states"].shape[2], generator=torch.Generator().manual_seed(1))
+
+    def step(checkpointed: bool):
+        hidden = kwargs["hidden_states"].clone()  # a new tensor, the same values
+        run = lambda h: model(**{**kwargs, "hidden_states": h})[0]  # noqa: E731
+        model.zero_grad(set_to_none=True)
+        out = checkpoint(run, hidden, use_reentrant=False) if checkpointed else run(hidden)
+        ((out[:, :N_TARGET] - target) ** 2).mean().backward()
+        return sparsectx.last_selection(model).keep.clone(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                              if p.grad is not None}
+
+    try:
+        keeps = [step(False)[0] for _ in range(3)]
+        assert not torch.equal(keeps[0], keeps[1]) and not torch.equal(keeps[1], keeps[2])
+        runs = {}
+        for checkpointed in (True, False):  # the same first draw: selectors seeded alike
+            sparsectx.enable(model, budget=None,
+                             selector=random_drop_selector((0.2, 0.6), torch.Generator().manual_seed(7)))
+            runs[checkpointed] = step(checkpointed)
+        assert torch.equal(runs[True][0], runs[False][0]) and not runs[True][0].all()
+        for name, grad in runs[True][1].items():
+            torch.testing.assert_close(grad, runs[False][1][name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+
+        run = lambda h: model(**{**kwargs, "hidden_states": h})[0]  # noqa: E731
+        outs = [checkpoint(run, kwargs["hidden_states"].clone(), use_reentrant=False)
+                for _ in range(integration.MAX_PLANS + 1)]
+        with pytest.raises(RuntimeError, match="recomputes one whose selection is no longer cached"):
+            outs[0].sum().backward()
+        with torch.no_grad():  # validation-style forwards on one input tensor keep one selection
+            model(**kwargs)
+            first = sparsectx.last_selection(model).keep.clone()
+            model(**kwargs)
+            assert torch.equal(sparsectx.last_selection(model).keep, first)
+    finally:
+        sparsectx.disable(model)
 
 
 @pytest.mark.parametrize("compiled, lora", [("model", False), ("model", True), ("blocks", False)])
