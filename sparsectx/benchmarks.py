@@ -1051,6 +1051,18 @@ def _refs_keep_label(config) -> str:
     return f"{refs}ref-{_pct(keep)}"
 
 
+class _RefsKeepCase:
+    """A model case whose configs are ``(references, keep ratio)`` pairs of its ``sizes``."""
+
+    sizes: dict
+
+    def configs(self, size: str, quick: bool = False):
+        return _refs_keep_configs(self.sizes[size], quick)
+
+    def label(self, config) -> str:
+        return _refs_keep_label(config)
+
+
 class EndToEndCase:
     """One denoising step of a family's real architecture with its reference tokens compacted by sparsectx (by hand
     and through ``sparsectx.enable``), by plain torch, all kept, and none (the limit). A subclass sets another
@@ -1473,7 +1485,7 @@ def _install_kv_processors(model) -> None:
                 block.attn.set_processor(kind())
 
 
-class KVCacheCase:
+class KVCacheCase(_RefsKeepCase):
     name = "kv"
     title = (f"{KV_STEPS}-step run (1 extract + {KV_STEPS - 1} cached steps), FLUX.2-klein-9B architecture (random "
              "weights), diffusers' reference KV cache with and without Sparse Context")
@@ -1486,12 +1498,6 @@ class KVCacheCase:
         "tiny": dict(target_side=8, text=16, ref_side=8, refs=(3, 4), keeps=(0.10, 0.05), quick=[(3, 0.10)],
                      reps=None),
     }
-
-    def configs(self, size: str, quick: bool = False):
-        return _refs_keep_configs(self.sizes[size], quick)
-
-    def label(self, config) -> str:
-        return _refs_keep_label(config)
 
     def build(self, config, size: str, device: torch.device) -> Workload:
         from .integration import sparse_context
@@ -1665,7 +1671,7 @@ class MixedBatchCase:
         return Workload(self.name, shape, impls, dtype, reps=s["reps"], track_memory=True)
 
 
-class TrainStepCase:
+class TrainStepCase(_RefsKeepCase):
     """One fine-tuning step (forward and backward of a loss on the target tokens, gradients of every weight, gradient
     checkpointing on) of the FLUX.2-klein-9B architecture with its references dropped at a keep ratio: the drop-in
     with ``random_drop_selector`` (dropped tokens removed from the whole sequence) against drop training
@@ -1682,12 +1688,6 @@ class TrainStepCase:
         "full": dict(target_side=64, text=512, ref_side=64, refs=(3,), keeps=(0.5, 0.1), quick=[(3, 0.5)], reps=2),
         "tiny": dict(target_side=8, text=16, ref_side=8, refs=(3,), keeps=(0.5,), quick=[(3, 0.5)], reps=None),
     }
-
-    def configs(self, size: str, quick: bool = False):
-        return _refs_keep_configs(self.sizes[size], quick)
-
-    def label(self, config) -> str:
-        return _refs_keep_label(config)
 
     def build(self, config, size: str, device: torch.device) -> Workload:
         from .integration import sparse_context
