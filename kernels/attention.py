@@ -371,6 +371,9 @@ def _tile_copies(dtype: torch.dtype, dim: int) -> bool:
     return dtype.itemsize == 2 and dim == _block_d(dim) and dim <= WIDE_HEAD_BLOCK_D
 
 
+PACK_MAX_SAMPLES = 64  # the row-copy kernel finds each packed row's sample by a scan over the samples
+
+
 def _packs_gathered_rows(ref_k, ref_v) -> bool:
     """Whether the forward first copies the kept rows of a ``[B, R, H, D]`` reference buffer into packed
     ``[Tref, H, D]`` tensors (one gather launch for both) and reads them as packed references. On an H200 (Triton
@@ -379,11 +382,13 @@ def _packs_gathered_rows(ref_k, ref_v) -> bool:
     and copying the kept keys of ``masked_attention`` first took its forward from 3.11 to 2.11 ms; the copy moves
     each kept row twice (at 4 TB/s, about 25 us for 4096 rows of 24 x 128 keys and values). So the forward
     copies where the packed rows load by tile copies (``_tile_copies``) and the buffer's heads are adjacent
-    (a ``[B, R, H*D]`` view to copy rows of: a head-major buffer would be copied whole), and gathers in place
-    elsewhere. The copy lives for the launch only; the backward, whose loads are pointers either way, reads the
-    buffer in place."""
-    dim = ref_k.shape[3]
-    return _tile_copies(ref_k.dtype, dim) and all(t.stride(2) == dim and t.stride(3) == 1 for t in (ref_k, ref_v))
+    (a ``[B, R, H*D]`` view to copy rows of: a head-major buffer would be copied whole), for batches of up to
+    PACK_MAX_SAMPLES samples (each program of the copy scans every sample's bounds), and gathers in place
+    elsewhere. The copy has ``ref_index.numel()`` rows (only the kept ones written) and lives for the launch only;
+    the backward, whose loads are pointers either way, reads the buffer in place."""
+    batch, dim = ref_k.shape[0], ref_k.shape[3]
+    return (_tile_copies(ref_k.dtype, dim) and batch <= PACK_MAX_SAMPLES
+            and all(t.stride(2) == dim and t.stride(3) == 1 for t in (ref_k, ref_v)))
 
 
 def _row_descriptors(k, v):

@@ -183,7 +183,8 @@ def _attention_variants(dtypes, head_dims):
     """(label, launch) pairs: forward and backward of the three key layouts, per dtype and head dim; and, where the
     forward loads contiguous keys by tile copies (fp16/bf16, head dims that are powers of two up to 128), the same
     without references on keys whose heads are not adjacent (the per-element pointer loads of such layouts). There
-    the forward of gathered references is the copy of their kept rows and the packed layout's forward."""
+    the forward of gathered references is the copy of their kept rows and the packed layout's forward, and a
+    reference buffer whose heads are not adjacent is gathered in place (its own variant)."""
     import torch
 
     from .kernels.attention import _row_descriptors, attention_backward, attention_forward
@@ -193,7 +194,7 @@ def _attention_variants(dtypes, head_dims):
         for dim in head_dims:
             layouts = ["no refs", "gathered refs", "packed refs"]
             if _row_descriptors(*(torch.zeros(1, HEADS, dim, dtype=dtype),) * 2)[0] is not None:
-                layouts.append("no refs, keys by pointers")
+                layouts += ["no refs, keys by pointers", "gathered refs, heads apart"]
             for refs in layouts:
                 def launch(dtype=dtype, dim=dim, refs=refs):
                     def rows(*shape):
@@ -203,8 +204,11 @@ def _attention_variants(dtypes, head_dims):
                         k, v = (torch.zeros(2 * SEQ, HEADS, 2 * dim, dtype=dtype)[..., :dim] for _ in range(2))
                     cu = torch.tensor([0, SEQ, 2 * SEQ], dtype=torch.int32)
                     ref_k = ref_v = ref_index = cu_r = None
-                    if refs == "gathered refs":
+                    if refs.startswith("gathered refs"):
                         ref_k, ref_v = rows(2, SEQ), rows(2, SEQ)
+                        if refs.endswith("heads apart"):  # not packed first: the forward gathers in place
+                            ref_k, ref_v = (torch.zeros(2, SEQ, HEADS, 2 * dim, dtype=dtype)[..., :dim]
+                                            for _ in range(2))
                         ref_index = torch.zeros(SEQ, dtype=torch.int32)
                         cu_r = torch.tensor([0, SEQ // 2, SEQ], dtype=torch.int32)
                     elif refs == "packed refs":

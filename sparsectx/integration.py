@@ -847,8 +847,12 @@ class _SparsePatch(ForwardPatch):
         # without a seed: the initial seed of the pipeline call's generator (a tuple: one generator per image)
         self.call_seed: Union[int, tuple, None] = None
         self.warned_unsupported = False  # the warning of _reinstall_replaced_processors is given once
-        # hidden_states of training forwards whose plan was evicted: id -> weak reference (a recomputation of such a
-        # forward must not draw a new selection; _plan raises instead)
+        # input tensors of training forwards: (device, storage address, offset, shape, strides, dtype) -> weak
+        # reference to the first tensor seen there, so that a recomputation on a detached alias of it (a reentrant
+        # checkpoint) finds that forward's plan
+        self.training_inputs: dict = {}
+        # inputs of training forwards whose plan was dropped from the cache: id -> weak reference (a recomputation
+        # of such a forward must not draw a new selection; _plan raises instead)
         self.evicted_training_inputs: dict = {}
 
     @property
@@ -892,7 +896,7 @@ class _SparsePatch(ForwardPatch):
             self.original_processors = None
             self.attention_state = None
         self.attention = attention
-        self.plans = {}  # a plan's packing depends on the attention
+        self._drop_plans()  # a plan's packing depends on the attention
 
     def _reinstall_replaced_processors(self) -> None:
         """With ``attention="sparsectx"``, at each new plan (a pipeline call's first step): processors set since
@@ -920,6 +924,11 @@ class _SparsePatch(ForwardPatch):
 
     def new_call(self) -> None:
         self.call_epoch += 1
+        self._drop_plans()
+
+    def _drop_plans(self) -> None:
+        for key in self.plans:
+            self._remember_eviction(key)
         self.plans = {}
 
     # -- forward ---------------------------------------------------------------------------------------------------
@@ -949,7 +958,7 @@ class _SparsePatch(ForwardPatch):
         key = self._plan_key(call, overrides)
         plan = self.plans.get(key)
         if plan is None and key[-2] is not None:
-            self._refuse_evicted_training_forward(call["hidden_states"])
+            self._refuse_evicted_training_forward(key[-2])
         cached_step = call.get("kv_cache_mode") == KV_CACHED
         if plan is not None:
             # a KV-cached step holds no reference token: its plan (nothing to select) fits any such step with the
@@ -991,16 +1000,32 @@ class _SparsePatch(ForwardPatch):
                 _budget_key(overrides.get("budget", self.settings.budget)),
                 overrides.get("selector_key", _selector_key(overrides.get("selector", self.settings.selector))),
                 tuple((name, _Identity(value)) for name, value in sorted(signals.items())),
-                # a training forward (train mode, gradients recorded) selects anew for each new input tensor (a
-                # random drop selector draws a new mask every step, even on a repeated prompt and reference), and
-                # a recomputation of that forward (a checkpoint around the transformer) reuses its selection
-                _Identity(call["hidden_states"]) if self._training_forward() else None,
+                # a training forward (a bare transformer in train mode) selects anew for each new input tensor (a
+                # random drop selector draws a new mask every step, even on a repeated prompt and reference), and a
+                # recomputation of that forward (a checkpoint around the transformer) reuses its selection
+                self._training_input(call["hidden_states"]) if self._training_forward() else None,
                 # outside a pipeline call (a bare transformer, or a pipeline sharing an enabled transformer) nothing
                 # marks where a call starts: the prompt embedding's tensor keys the selection
                 None if self.pipeline_calls else _Identity(call.get("encoder_hidden_states")))
 
     def _training_forward(self) -> bool:
-        return self.transformer.training and torch.is_grad_enabled()
+        """A forward of a training loop: the transformer in train mode outside an enabled pipeline's call (with or
+        without gradients: a reentrant checkpoint runs the forward under no_grad)."""
+        return self.transformer.training and not self.pipeline_calls
+
+    def _training_input(self, hidden_states: torch.Tensor) -> _Identity:
+        """The plan-key entry of a training forward's input: the first live tensor seen over the same memory and
+        view (a reentrant checkpoint recomputes on a detached alias of the forward's input, which it keeps alive),
+        else this tensor."""
+        view = (hidden_states.device, hidden_states.untyped_storage().data_ptr(), hidden_states.storage_offset(),
+                tuple(hidden_states.shape), hidden_states.stride(), hidden_states.dtype)
+        self.training_inputs = {v: r for v, r in self.training_inputs.items() if r() is not None}
+        first = self.training_inputs.get(view)
+        first = first() if first is not None else None
+        if first is None:
+            self.training_inputs[view] = weakref.ref(hidden_states)
+            first = hidden_states
+        return _Identity(first)
 
     def _remember_eviction(self, key: tuple) -> None:
         """Before a plan leaves the cache: the input tensor of a training forward's plan, kept weakly."""
@@ -1009,16 +1034,16 @@ class _SparsePatch(ForwardPatch):
             self.evicted_training_inputs = {i: r for i, r in self.evicted_training_inputs.items() if r() is not None}
             self.evicted_training_inputs[identity.hash] = identity.ref
 
-    def _refuse_evicted_training_forward(self, hidden_states: torch.Tensor) -> None:
-        """A training forward on an input whose plan was evicted is a recomputation (a checkpoint around the whole
-        transformer run after more than MAX_PLANS other forwards): a new selection would not be the one its
-        forward used, and the gradients would be wrong."""
-        ref = self.evicted_training_inputs.get(id(hidden_states))
-        if ref is not None and ref() is hidden_states:
+    def _refuse_evicted_training_forward(self, identity: _Identity) -> None:
+        """A training forward on an input whose plan was dropped is a recomputation (a checkpoint around the whole
+        transformer whose backward runs after MAX_PLANS other forwards, a new pipeline call or a change of
+        attention): a new selection would not be the one its forward used, and the gradients would be wrong."""
+        ref = self.evicted_training_inputs.get(identity.hash)
+        if ref is not None and ref() is not None and ref() is identity.ref():
             raise RuntimeError(
                 f"this training forward recomputes one whose selection is no longer cached (sparsectx keeps the "
                 f"plans of the latest {MAX_PLANS} forwards): run the backward of a checkpointed transformer forward "
-                f"before {MAX_PLANS} more forwards, or checkpoint its blocks (gradient checkpointing) instead")
+                f"before {MAX_PLANS - 1} more forwards, or checkpoint its blocks (gradient checkpointing) instead")
 
     @staticmethod
     def _new_plan(call: dict, layout: Optional[_Layout], keep: Optional[torch.Tensor], groups: list,

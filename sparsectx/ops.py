@@ -365,10 +365,11 @@ def sparse_attention(
     ``ref_index``, ``ref_k``/``ref_v`` are packed ``[Tref, H, D]`` and sample b's further keys are their rows
     ``cu_seqlens_ref[b]:cu_seqlens_ref[b+1]`` (a second contiguous key segment per sample: e.g. the image tokens of
     a packed batch whose text tokens are the own keys). No causal mask. With fp16/bf16 inputs, head dims of 16, 32,
-    64 or 128 and a buffer whose heads are adjacent (``ref_k.stride(2) == D``), the kernel forward first copies the
-    kept rows into packed ``[Tref, H, D]`` keys and values (one launch; memory for the launch only), which it loads
-    by tile copies, faster than gathered rows on an H100/H200; otherwise, and in the backward, it gathers them in
-    place.
+    64 or 128, a buffer whose heads are adjacent (``ref_k.stride(2) == D``) and at most 64 samples, the kernel
+    forward first copies the kept rows into packed ``[Tref, H, D]`` keys and values (one launch; two tensors of
+    ``ref_index.numel()`` rows, for the launch only), which it loads by tile copies (on an H200, gathered keys
+    took 1.04-1.24x the time of the same keys loaded that way: bench/RESULTS.md, 2026-11-30); otherwise, and in
+    the backward, it gathers them in place.
 
     Returns ``out [Tq, H, D]`` in q's dtype (and ``lse [H, Tq]`` fp32, natural log, when ``return_lse``). A query
     that sees no key outputs zeros with lse ``-inf``. fp16/bf16 compute with fp32 accumulation; fp32 inputs use

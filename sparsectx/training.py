@@ -155,7 +155,9 @@ def random_drop_selector(ratio_range: tuple = DEFAULT_RATIO_RANGE, generator: Op
     a recomputation of that forward (a checkpoint around the transformer) reuses its selection. Samples that share
     their references share one draw (the batch runs as one group); other samples run as one group each (FLUX.2 with
     ``attention="sparsectx"``: packed into one sequence when they share their timestep). Draws come from
-    ``generator`` (its device), else from the drop-in's: its ``seed``, or torch's global generator.
+    ``generator`` (on its device); without one, from a generator seeded once from the drop-in's first selection
+    (``enable(..., seed=...)``: the drop-in hands each selection a fresh generator of that seed, which would repeat
+    one mask at every step), or from torch's global generator when the drop-in has no seed.
     """
     if ratios is None:
         _check_ratio_range(ratio_range)
@@ -166,11 +168,16 @@ def random_drop_selector(ratio_range: tuple = DEFAULT_RATIO_RANGE, generator: Op
     if not isinstance(per_image, bool):
         raise TypeError(f"per_image must be a bool, got {type(per_image).__name__}")
     ratio_range, ratios = tuple(ratio_range), None if ratios is None else list(ratios)
+    seeded = []  # the generator seeded from the drop-in's first selection, when none is given
 
     def random_drop(reference_latents: torch.Tensor, context) -> torch.Tensor:
-        return random_drop_mask(reference_latents.shape[0], context.ref_lengths, 0, ratio_range,
-                                generator if generator is not None else context.generator, ratios=ratios,
-                                per_image=per_image, device=reference_latents.device)
+        draws = generator
+        if draws is None and context.generator is not None:
+            if not seeded:
+                seeded.append(torch.Generator(context.generator.device).manual_seed(context.generator.initial_seed()))
+            draws = seeded[0]
+        return random_drop_mask(reference_latents.shape[0], context.ref_lengths, 0, ratio_range, draws,
+                                ratios=ratios, per_image=per_image, device=reference_latents.device)
 
     return random_drop
 

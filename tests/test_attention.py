@@ -777,6 +777,10 @@ def test_forward_packs_gathered_rows_where_tile_copies_load_them(monkeypatch, la
                                      for n in ("ref_k", "ref_v")})
     packs = layout in ("fp16, heads adjacent",)
     assert kernel._packs_gathered_rows(case.ref["ref_k"], case.ref["ref_v"]) == packs
+    if packs:  # the copy's programs scan the samples: larger batches gather in place
+        for samples in (kernel.PACK_MAX_SAMPLES, kernel.PACK_MAX_SAMPLES + 1):
+            buffer = case.ref["ref_k"][:1].expand(samples, -1, -1, -1)
+            assert kernel._packs_gathered_rows(buffer, buffer) == (samples <= kernel.PACK_MAX_SAMPLES)
     copies = []
     real = kernel.gather_rows
     monkeypatch.setattr(kernel, "gather_rows", lambda payloads, index, *a, **kw:

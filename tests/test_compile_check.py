@@ -70,6 +70,10 @@ def test_every_kernel_compiles_for_sm90(quick_check):
             forward = set() if packs and refs == "packed refs" else {"_fwd_kernel"}
             assert forward | {"_bwd_dkdv_kernel", "_bwd_dq_kernel"} <= kernels, (dim, refs, kernels)
     assert "_gather_rows_kernel" in {r["kernel"] for r in rows if r["variant"] == "attention bf16 D=64 gathered refs"}
+    for dim in (64, 128):  # a reference buffer whose heads are not adjacent: the forward gathers in place
+        forward = [r for r in rows if r["variant"] == f"attention bf16 D={dim} gathered refs, heads apart"
+                   and r["kernel"] == "_fwd_kernel"]
+        assert forward and "REF_PACKED" not in forward[0]["config"], (dim, forward)
     assert report["shared_memory_limit"] == compile_check.SHARED_MEMORY_LIMIT[90]
     # the compaction kernels at batch 1 (the usual inference call) as well as 2, and every score dtype
     variants = {r["variant"] for r in rows}

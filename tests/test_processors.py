@@ -907,48 +907,83 @@ def test_removing_the_dropped_tokens_with_checkpointing_lora_and_compile(checkpo
         torch.testing.assert_close(grad, masked[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
 
 
+def test_random_drop_selector_without_a_generator_follows_the_drop_ins_seed():
+    """Without its own generator the selector draws from one generator seeded by the drop-in's seed (the drop-in
+    hands each selection a fresh generator of that seed: drawing from it repeated one mask at every step): new
+    masks at each training step, the same sequence of masks for the same seed."""
+    model, kwargs = _flux2_for_training(lora=False), _train_inputs("flux2")
+
+    def masks(seed):
+        sparsectx.enable(model, budget=None, selector=random_drop_selector((0.2, 0.6)), seed=seed)
+        drawn = []
+        try:
+            for _ in range(3):
+                model(**{**kwargs, "hidden_states": kwargs["hidden_states"].clone()})
+                drawn.append(sparsectx.last_selection(model).keep.clone())
+        finally:
+            sparsectx.disable(model)
+        return drawn
+
+    first, again, other = masks(0), masks(0), masks(1)
+    assert not torch.equal(first[0], first[1]) and not torch.equal(first[1], first[2])
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+
+
 def test_removing_the_dropped_tokens_draws_per_forward_and_a_recompute_reuses_the_draw():
-    """Train mode with gradients: every forward draws a new mask, also on the very same prompt and references (only
-    the noisy input tensor is new, as in a training loop over one example); a checkpoint around the whole
-    transformer recomputes its forward with that forward's mask (the gradients equal the plain run's); a
-    recomputation after more forwards than the drop-in keeps plans for raises instead of drawing anew; under
-    no_grad (validation) the drop-in keys its selection as at inference."""
+    """A bare transformer in train mode: every forward draws a new mask, also on the very same prompt and references
+    (only the noisy input tensor is new, as in a training loop over one example); a checkpoint around the whole
+    transformer, reentrant (its recomputation sees a detached alias of the input) or not, recomputes its forward
+    with that forward's mask (the gradients equal the plain run's); a recomputation after more forwards than the
+    drop-in keeps plans for, or after a new pipeline call, raises instead of drawing anew; in eval mode forwards on
+    one prompt keep one selection, as at inference."""
     from torch.utils.checkpoint import checkpoint
 
     model, kwargs = _flux2_for_training(lora=False), _train_inputs("flux2")
     sparsectx.enable(model, budget=None, selector=random_drop_selector((0.2, 0.6), torch.Generator().manual_seed(0)))
     target = torch.randn(2, N_TARGET, kwargs["hidden_states"].shape[2], generator=torch.Generator().manual_seed(1))
+    run = lambda h: model(**{**kwargs, "hidden_states": h})[0]  # noqa: E731
 
-    def step(checkpointed: bool):
-        hidden = kwargs["hidden_states"].clone()  # a new tensor, the same values
-        run = lambda h: model(**{**kwargs, "hidden_states": h})[0]  # noqa: E731
+    def step(checkpointed: str):
+        hidden = kwargs["hidden_states"].clone().requires_grad_(checkpointed == "reentrant")  # a new tensor
         model.zero_grad(set_to_none=True)
-        out = checkpoint(run, hidden, use_reentrant=False) if checkpointed else run(hidden)
+        out = checkpoint(run, hidden, use_reentrant=checkpointed == "reentrant") if checkpointed else run(hidden)
         ((out[:, :N_TARGET] - target) ** 2).mean().backward()
         return sparsectx.last_selection(model).keep.clone(), {n: p.grad.clone() for n, p in model.named_parameters()
                                                               if p.grad is not None}
 
     try:
-        keeps = [step(False)[0] for _ in range(3)]
+        keeps = [step("")[0] for _ in range(3)]
         assert not torch.equal(keeps[0], keeps[1]) and not torch.equal(keeps[1], keeps[2])
         runs = {}
-        for checkpointed in (True, False):  # the same first draw: selectors seeded alike
+        for checkpointed in ("reentrant", "non-reentrant", ""):  # the same first draw: selectors seeded alike
             sparsectx.enable(model, budget=None,
                              selector=random_drop_selector((0.2, 0.6), torch.Generator().manual_seed(7)))
             runs[checkpointed] = step(checkpointed)
-        assert torch.equal(runs[True][0], runs[False][0]) and not runs[True][0].all()
-        for name, grad in runs[True][1].items():
-            torch.testing.assert_close(grad, runs[False][1][name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+        assert not runs[""][0].all()
+        for checkpointed in ("reentrant", "non-reentrant"):
+            assert torch.equal(runs[checkpointed][0], runs[""][0]), checkpointed
+            for name, grad in runs[checkpointed][1].items():
+                torch.testing.assert_close(grad, runs[""][1][name], rtol=GRAD_RTOL, atol=GRAD_ATOL,
+                                           msg=f"{checkpointed} {name}")
 
-        run = lambda h: model(**{**kwargs, "hidden_states": h})[0]  # noqa: E731
+        # the forward's plan, then MAX_PLANS - 1 more forwards: still cached; one more: dropped
+        outs = [checkpoint(run, kwargs["hidden_states"].clone(), use_reentrant=False)
+                for _ in range(integration.MAX_PLANS)]
+        outs[0].sum().backward()
         outs = [checkpoint(run, kwargs["hidden_states"].clone(), use_reentrant=False)
                 for _ in range(integration.MAX_PLANS + 1)]
         with pytest.raises(RuntimeError, match="recomputes one whose selection is no longer cached"):
             outs[0].sum().backward()
-        with torch.no_grad():  # validation-style forwards on one input tensor keep one selection
+        out = checkpoint(run, kwargs["hidden_states"].clone(), use_reentrant=False)
+        model._sparsectx_patch.new_call()  # (what an enabled pipeline's call does)
+        with pytest.raises(RuntimeError, match="recomputes one whose selection is no longer cached"):
+            out.sum().backward()
+        model.eval()
+        with torch.no_grad():  # eval mode: forwards on one prompt tensor keep one selection
             model(**kwargs)
             first = sparsectx.last_selection(model).keep.clone()
-            model(**kwargs)
+            model(**{**kwargs, "hidden_states": kwargs["hidden_states"].clone()})
             assert torch.equal(sparsectx.last_selection(model).keep, first)
     finally:
         sparsectx.disable(model)
