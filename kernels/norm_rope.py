@@ -56,8 +56,9 @@ def _inverse_rms(x, token_valid, heads, eps, HEADS: tl.constexpr, HEAD_DIM: tl.c
 def _load_table(T, rows, features, token_valid, feature_valid, stride_row, stride_col, TABLE_PER_PAIR: tl.constexpr):
     """The tokens' rows of a cos or sin table as fp32 ``[tokens, 1, features]`` (shared by the program's heads): a
     value per feature, or with TABLE_PER_PAIR one per pair of features (column ``f // 2``). A column stride of 1
-    is specialised by Triton: contiguous, vectorised loads."""
-    cols = (features // 2 if TABLE_PER_PAIR else features) * stride_col
+    is specialised by Triton: contiguous, vectorised loads. Column offsets are int64 (a transposed table's column
+    stride is its row count)."""
+    cols = (features // 2 if TABLE_PER_PAIR else features).to(tl.int64) * stride_col
     table_mask = token_valid[:, None] & feature_valid[None, :]
     return tl.load(T + (rows[:, None] * stride_row + cols[None, :])[:, None, :], mask=table_mask[:, None, :],
                    other=0.0).to(tl.float32)
