@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sparsectx.reference import masked_attention_ref
-from sparsectx.training import random_drop_attention, random_drop_mask
+from sparsectx.training import random_drop_attention, random_drop_mask, random_drop_selector
 
 REF_LENGTHS, N_PREFIX = [20, 12, 9], 7
 SEQ = N_PREFIX + sum(REF_LENGTHS)
@@ -98,6 +98,15 @@ def test_bad_mask_arguments(kwargs, error):
     args.update(kwargs)
     with pytest.raises(error, match=next(iter(kwargs))):
         random_drop_mask(**args)
+
+
+@pytest.mark.parametrize("kwargs, error, name", [
+    (dict(ratio_range=(0.5, 0.2)), ValueError, "ratio_range"), (dict(ratios=[0.5, 1.5]), ValueError, "ratios"),
+    (dict(ratios="0.5"), ValueError, "ratios"), (dict(generator="seed"), TypeError, "generator"),
+    (dict(per_image=1), TypeError, "per_image")])
+def test_bad_random_drop_selector_arguments(kwargs, error, name):
+    with pytest.raises(error, match=name):
+        random_drop_selector(**kwargs)
 
 
 def test_numpy_numbers_count_as_python_numbers():
