@@ -152,12 +152,12 @@ def random_drop_selector(ratio_range: tuple = DEFAULT_RATIO_RANGE, generator: Op
     as at inference. With ``skip_dropped_queries`` (the default) drop training (``enable_drop_training``) computes
     the same target and text outputs and the same gradients, but carries the dropped tokens through every layer.
     A transformer enabled alone selects anew at each forward in train mode (keyed by the input tensor), and a
-    recomputation of that forward (a checkpoint around the transformer, reentrant or not) reuses its selection. Samples that share
-    their references share one draw (the batch runs as one group); other samples run as one group each (FLUX.2 with
-    ``attention="sparsectx"``: packed into one sequence when they share their timestep). Draws come from
-    ``generator`` (on its device); without one, from a generator seeded once from the drop-in's first selection
-    (``enable(..., seed=...)``: the drop-in hands each selection a fresh generator of that seed, which would repeat
-    one mask at every step), or from torch's global generator when the drop-in has no seed.
+    recomputation of that forward (a checkpoint around the transformer, reentrant or not) reuses its selection.
+    Samples that share their references share one draw (the batch runs as one group); other samples run as one group
+    each (FLUX.2 with ``attention="sparsectx"``: packed into one sequence when they share their timestep). Draws
+    come from ``generator`` (on its device); without one, from a generator seeded once from the drop-in's first
+    selection (``enable(..., seed=...)``: the drop-in hands each selection a fresh generator of that seed, which
+    would repeat one mask at every step), or from torch's global generator when the drop-in has no seed.
     """
     if ratios is None:
         _check_ratio_range(ratio_range)
