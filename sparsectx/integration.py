@@ -989,8 +989,9 @@ class _SparsePatch(ForwardPatch):
 
     def _plan_key(self, call: dict, overrides: dict) -> tuple:
         """Host-side facts a plan depends on: the call epoch (first), inference mode, the input shapes and Qwen's image
-        shapes, the KV mode, the selection settings (budget, selector, signals) in effect, and (last) outside an
-        enabled pipeline's call the text embedding tensor (selectors may read the prompt)."""
+        shapes, the KV mode, the selection settings (budget, selector, signals) in effect, (second to last) a
+        training forward's input tensor (``_training_input``), and (last) outside an enabled pipeline's call the text
+        embedding tensor (selectors may read the prompt)."""
         ids = call.get("img_ids")
         signals = overrides.get("signals", self.settings.signals)
         # index tensors made under torch.inference_mode can not be saved for backward: a plan per mode

@@ -68,13 +68,16 @@ def _check_ratio_range(ratio_range) -> tuple[float, float]:
     return float(ratio_range[0]), float(ratio_range[1])
 
 
+def _check_ratios(ratios) -> None:
+    if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Sequence) or not ratios \
+            or not all(_is_real(r) and 0.0 <= r <= 1.0 for r in ratios):
+        raise ValueError(f"ratios must be a non-empty list of keep ratios in [0, 1], got {ratios!r}")
+
+
 def _draw_ratios(shape: tuple, ratio_range, ratios, generator, device) -> torch.Tensor:
     """float64 keep ratios of ``shape``: from ``ratios`` (uniform choice) if given, else U[r_min, r_max]."""
     if ratios is not None:
-        if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Sequence) or not ratios \
-                or not all(_is_real(r) and 0.0 <= r <= 1.0
-                           for r in ratios):
-            raise ValueError(f"ratios must be a non-empty list of keep ratios in [0, 1], got {ratios!r}")
+        _check_ratios(ratios)
         pick = torch.randint(len(ratios), shape, generator=generator, device=device)
         return _device_values([float(r) for r in ratios], torch.float64, device)[pick]
     low, high = _check_ratio_range(ratio_range)
@@ -162,7 +165,7 @@ def random_drop_selector(ratio_range: tuple = DEFAULT_RATIO_RANGE, generator: Op
     if ratios is None:
         _check_ratio_range(ratio_range)
     else:
-        _draw_ratios((1, 1), ratio_range, ratios, torch.Generator(), "cpu")  # checks the list
+        _check_ratios(ratios)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if not isinstance(per_image, bool):

@@ -2,6 +2,7 @@
 
 TRITON_INTERPRET must be set before any kernel module is imported (sparsectx imports its kernels lazily).
 """
+import importlib
 import os
 import sys
 import types
@@ -16,10 +17,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # triton.jit fixes a kernel's mode (compiled or interpreted) when it decorates: import the kernels now, in the
 # suite's mode, rather than in the mode of whichever test first sets TRITON_INTERPRET
+from sparsectx.ops import _KERNEL_MODULES  # noqa: E402 (importing the ops imports no kernel)
+
 try:
-    import sparsectx.kernels.attention  # noqa: E402,F401
-    import sparsectx.kernels.compaction  # noqa: E402,F401
-    import sparsectx.kernels.norm_rope  # noqa: E402,F401
+    for _name in _KERNEL_MODULES:
+        importlib.import_module(_name)
 except ImportError:  # no triton: every op takes the reference
     pass
 
@@ -82,7 +84,6 @@ def _diffusers_backend_unchanged():
     assert after == before, f"the test left diffusers' active attention backend at {after} (was {before})"
 
 
-_KERNEL_MODULES = ("sparsectx.kernels.attention", "sparsectx.kernels.compaction", "sparsectx.kernels.norm_rope")
 _POISONING_TORCH = []  # the proxy, built once
 
 
