@@ -11,7 +11,8 @@
 #                                                  at most 8 minutes (GPU_CHECK_BUDGET_S=480, the default)
 #   GPU_CHECK_PART=2  every autotune candidate under the flash-attention criterion, the mixed-budget batch step,
 #                     a klein-9B fine-tuning step (dropped references removed or masked),
-#                     the FLUX.1-Kontext step, then the rest of the suite on CUDA ~ 2.5 minutes or what is left
+#                     the FLUX.1-Kontext and Qwen-Image-Edit steps, then the rest of the suite on CUDA
+#                                                  ~ 3.5 minutes or what is left
 #   GPU_CHECK_PART=all  both, in that order (a machine without a per-command limit)
 # Usage, from anywhere:  GPU_CHECK_PART=1 bash bench/gpu_check.sh      (writes under "$OUT", default ./bench_out)
 # Files written: env.log, tests.log, bench.log, bench.json (the part's cases merged), summary.txt, results.md (the
@@ -65,9 +66,12 @@ BATCH_E2E_CAP_S=75
 TRAIN_STEP_CAP_S=75
 # FLUX.1-Kontext-12B step, --quick subset (1 ref x 10%, 3 refs x 10%): start-up, a 12B model built on the GPU
 KONTEXT_CAP_S=50
+# Qwen-Image-Edit-20B step, --quick subset (1 ref x 10%, 3 refs x 10%): a 20B model (41 GB in bf16) built on the GPU;
+# never run: by FACTS' step times (keep-all 0.41 / 1.04 s) about 25 s of steps
+QWEN_CAP_S=60
 SCRATCH=$(mktemp -d /tmp/gpu_check.XXXXXX)
 # the benchmark steps' JSON files, in the order the summary lists them
-BENCH_PARTS=("$SCRATCH"/bench_{key,training,e2e,selection,kv,e2e_batch,train_step,e2e_kontext}.json)
+BENCH_PARTS=("$SCRATCH"/bench_{key,training,e2e,selection,kv,e2e_batch,train_step,e2e_kontext,e2e_qwen}.json)
 rm -f "$OUT/bench.json" "$OUT/results.md"   # an earlier run's files must not pass for this run's
 START=$SECONDS
 STEP_LINES=()
@@ -201,6 +205,9 @@ if part 2; then
     # the FLUX.1-Kontext-12B step (another family's shapes; the klein cases carry the issues' targets)
     step "bench e2e_kontext" "$KONTEXT_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case e2e_kontext --quick \
         --json "$SCRATCH/bench_e2e_kontext.json"
+    # the Qwen-Image-Edit-20B step (the third family; its drop-in against references shrunk to the kept count)
+    step "bench e2e_qwen" "$QWEN_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case e2e_qwen --quick \
+        --json "$SCRATCH/bench_e2e_qwen.json"
     # the rest of the suite (the non-gpu tests) on the CUDA device, in whatever time is left
     tests "pytest not gpu" "$(seconds_left)" "$TESTS_LOG" "${PYTEST[@]}" tests -m "not gpu"
 fi

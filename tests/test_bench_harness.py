@@ -2,6 +2,7 @@
 the merge of a GPU check's per-step JSON files. Rows are made by hand: these test the harness, not a speed."""
 import importlib.util
 import json
+import math
 import os
 from pathlib import Path
 
@@ -411,3 +412,56 @@ def test_profile_dry_run_writes_every_section(tmp_path):
     profile_ops.compaction_section = broken
     assert profile_ops.main(["--tiny", "--section", "compaction", "--out", str(tmp_path)]) == 1
     assert "FAILED: ZeroDivisionError" in (tmp_path / "profile_ops.txt").read_text()
+
+
+def test_qwen_step_shrinks_each_reference_to_a_grid_of_exactly_the_kept_count():
+    for count in list(range(1, 300)) + [410, 1024, 205]:
+        h, w = benchmarks._near_square_grid(count)
+        assert h * w == count and h <= w and h * h <= count, (count, h, w)
+        assert not any(count % d == 0 for d in range(h + 1, math.isqrt(count) + 1)), (count, h)  # the squarest
+    assert benchmarks._near_square_grid(1024) == (32, 32)
+    full = benchmarks.CASES["e2e_qwen"].sizes["full"]  # FACTS §1's Qwen-Image-Edit peer: 256 text tokens
+    assert (full["text"], full["target_side"], full["ref_side"]) == (256, 64, 64)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="needs diffusers")
+def test_drop_in_rows_check_what_the_selection_kept(monkeypatch):
+    """The e2e cases' drop-in rows verify that the drop-in kept the budget's count of every reference (a drop-in that
+    kept every token, or none, would time another step)."""
+    from sparsectx import integration
+
+    workload = benchmarks.CASES["e2e_qwen"].build((3, 0.25), "tiny", torch.device("cpu"))
+    impl = workload.impl("sparsectx.enable (native attn)")
+    n_ref = benchmarks.CASES["e2e_qwen"].sizes["tiny"]["ref_side"] ** 2
+    with impl.context():
+        result = impl.output(impl.fn())
+    assert result.shape[1] == benchmarks.CASES["e2e_qwen"].sizes["tiny"]["target_side"] ** 2
+    assert impl.verify(result) == ""
+    assert impl.verify(result) == "sparsectx made no selection"  # each check reads the selection of its own call
+    real = integration.last_selection
+
+    def one_more_token(model):
+        selection = real(model)
+        keep = selection.keep.clone()
+        keep[0, n_ref + int((~keep[0, n_ref:2 * n_ref]).nonzero()[0])] = True  # the second reference keeps 5
+        return integration.Selection(keep, selection.ref_lengths, selection.ref_positions)
+
+    monkeypatch.setattr(integration, "last_selection", one_more_token)
+    with impl.context():
+        result = impl.output(impl.fn())
+    assert impl.verify(result) == "kept [4, 5, 4] tokens per reference, not 4 each"
+    rows = benchmarks.run_workload(workload, torch.device("cpu"), quick=True)
+    by_impl = {row["impl"]: row for row in rows}
+    assert by_impl["sparsectx.enable (native attn)"]["ok"] is False
+    assert "CHECK FAILED: kept [4, 5, 4]" in by_impl["sparsectx.enable (native attn)"]["note"]
+
+
+def test_qwen_step_is_judged_against_references_shrunk_to_the_kept_count():
+    rows = _block("e2e_qwen", "3 ref x 10% (1230 of 12288 tokens), target 4096", {
+        "sparsectx.enable (native attn)": 272.0, "sparsectx.enable (sparsectx attn)": 280.0,
+        "reference grid shrunk to the kept count": 266.0, "keep all reference tokens": 1043.0})
+    lines = [line for line in benchmarks.target_verdicts(rows) if "e2e_qwen" in line]
+    assert len(lines) == 1 and "within 3% of the compacted ideal" in lines[0]
+    assert "x0.978 (>= 0.971: meets)" in lines[0]
+    rows[0]["time_ms"] = 275.0
+    assert "MISSES" in benchmarks.target_verdicts(rows)[0]
