@@ -1437,7 +1437,7 @@ class SelectionCase:
         return self.impl_names + (self.probe_impl_names if config[1] == "attention" else ())
 
     def build(self, config, size: str, device: torch.device) -> Workload:
-        from .selection import SelectionContext, adaptive, get_selector, select
+        from .selection import IDS_GRID_SHAPES, SelectionContext, adaptive, get_selector, row_major_shapes, select
 
         refs, name = config
         s = self.sizes[size]
@@ -1454,6 +1454,8 @@ class SelectionCase:
             ref_keys=_randn(gen, 1, n_tokens, heads, dim, device=device, dtype=dtype),
         )
         signals = self.SIGNALS.get(name, self.ALL_SIGNALS)
+        # the grid shapes the drop-in finds in its host copy of the ids (its layout step, not timed here)
+        layout_extra = {IDS_GRID_SHAPES: row_major_shapes(ids[0, :, 1:3].cpu(), [n_ref] * refs)}
         selection_gen = torch.Generator(device=device)
 
         def context() -> SelectionContext:
@@ -1462,7 +1464,7 @@ class SelectionCase:
             selection_gen.manual_seed(SEED)
             return SelectionContext(num_references=refs, ref_lengths=[n_ref] * refs, reference_ids=ids,
                                     target_shape=(side, side), generator=selection_gen,
-                                    extra={k: available[k] for k in signals})
+                                    extra={**layout_extra, **{k: available[k] for k in signals}})
 
         count = math.floor(SELECTION_RATIO * n_ref + 0.5)  # fixed_ratio's rounding
         budget = adaptive(ADAPTIVE_COVERAGE, floor=ADAPTIVE_FLOOR, cap=ADAPTIVE_CAP)

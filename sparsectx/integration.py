@@ -392,7 +392,12 @@ def _ids_layout(call: dict) -> Optional[_Layout]:
         target_ids = host[target_host]
         target_shape = (int(target_ids[:, 1].max()) + 1, int(target_ids[:, 2].max()) + 1)
     target_positions, ref_positions = (_device_values(p, None, ids.device) for p in (target_host, ref_host))
-    return _Layout(target_positions, ref_positions, lengths.tolist(), ids[ref_positions][None], target_shape, {},
+    from .selection import IDS_GRID_SHAPES, row_major_shapes
+
+    lengths = lengths.tolist()
+    shapes = row_major_shapes(host[ref_host, 1:3], lengths)
+    extra = {} if shapes is None else {IDS_GRID_SHAPES: shapes}  # the selectors' grid then needs no device work
+    return _Layout(target_positions, ref_positions, lengths, ids[ref_positions][None], target_shape, extra,
                    target_host, ref_host)
 
 

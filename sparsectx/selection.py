@@ -33,7 +33,9 @@ Signals that selectors read from ``context.extra`` (all optional; a selector tha
 
 Grid layout: with ``reference_ids [B, N, n_axes]``, the (h, w) axes are ``ID_HW_AXES[n_axes]`` (axes 1, 2 of FLUX.1's
 (plane, h, w) and FLUX.2's (t, h, w, l)); with ``extra["ref_shapes"]``, row-major grids; otherwise each image is a
-1D token sequence.
+1D token sequence. The drop-in checks its host copy of the ids and, where each reference's ids are a row-major grid
+(the pipelines' ids), adds their shapes as ``extra[IDS_GRID_SHAPES]``: the selectors then make the same grid from
+those shapes, once per layout, instead of from the device ids (fewer launches; ``edit`` reads nothing back).
 """
 from __future__ import annotations
 
@@ -308,7 +310,7 @@ def _image_grid(context: SelectionContext, device) -> Optional[torch.Tensor]:
     """long ``[b, N, 2]`` (row, col) of each reference token inside its own image (origin 0), b = the batch of
     ``reference_ids`` (1 for ``ref_shapes``: a cached tensor, never modify it), or None (1D)."""
     ids, lengths = context.reference_ids, context.ref_lengths
-    if ids is not None:
+    if _grid_from_ids(context):
         n_axes = ids.shape[-1]
         if n_axes not in ID_HW_AXES:
             return None
@@ -320,7 +322,7 @@ def _image_grid(context: SelectionContext, device) -> Optional[torch.Tensor]:
         if len(lengths) == 1:
             return hw - low
         return hw - low.index_select(1, _token_layout(lengths, device)[0])
-    shapes = context.extra.get("ref_shapes")
+    shapes = _grid_shapes(context)
     if shapes is None:
         return None
     if len(shapes) != context.num_references:
@@ -331,6 +333,37 @@ def _image_grid(context: SelectionContext, device) -> Optional[torch.Tensor]:
             raise ValueError(f"extra['ref_shapes'] entry ({h}, {w}) must be two positive ints whose product is the "
                              f"reference's {n} tokens")
     return _shapes_grid(tuple((int(h), int(w)) for h, w in shapes), tuple(lengths), torch.device(device))
+
+
+def _grid_from_ids(context: SelectionContext) -> bool:
+    """Whether the context's grid is read from its ``reference_ids`` (on the device), not made from known shapes."""
+    return context.reference_ids is not None and IDS_GRID_SHAPES not in context.extra
+
+
+def _grid_shapes(context: SelectionContext) -> Optional[list]:
+    """The ``(h, w)`` of each reference's row-major grid where the grid is not read from ids: the drop-in's checked
+    shapes of its ids, or ``extra["ref_shapes"]`` without ids; None: no grid (1D images)."""
+    return context.extra.get(IDS_GRID_SHAPES if context.reference_ids is not None else "ref_shapes")
+
+
+def row_major_shapes(hw: torch.Tensor, lengths: list) -> Optional[list]:
+    """``(h, w)`` of each reference whose ids ``hw`` (host tensor of (row, column) ``[N, 2]``, the references in
+    sequence order, ``lengths`` tokens each) are exactly a full ``h x w`` grid in row-major order (from any origin),
+    as the pipelines make them; None when one is not. The drop-in puts the result in ``extra[IDS_GRID_SHAPES]``."""
+    if hw.is_floating_point():
+        if not torch.equal(hw, hw.round()):
+            return None
+        hw = hw.long()
+    shapes = []
+    for rows in hw.split(lengths):
+        low, high = rows.amin(dim=0), rows.amax(dim=0)
+        h, w = (high - low + 1).tolist()
+        if h * w != rows.shape[0]:
+            return None
+        if not torch.equal((rows[:, 0] - low[0]) * w + rows[:, 1] - low[1], torch.arange(rows.shape[0])):
+            return None
+        shapes.append((h, w))
+    return shapes
 
 
 @_shared_constant(maxsize=64)
@@ -454,12 +487,12 @@ def uniform_scores(reference_latents: torch.Tensor, context: SelectionContext) -
 
 def _uniform_scores(reference_latents: torch.Tensor, context: SelectionContext, grid: Optional[torch.Tensor]):
     """``uniform_scores`` with the context's ``_image_grid`` (or None) given, at the grid's batch (1 without ids;
-    it broadcasts over the samples). Without ids the scores depend on the layout alone: made once per layout and
-    device (a shared tensor: never modify it)."""
+    it broadcasts over the samples). Without ids (or with ids the drop-in found to be row-major grids) the scores
+    depend on the layout alone: made once per layout and device (a shared tensor: never modify it)."""
     lengths, device = context.ref_lengths, reference_latents.device
-    if grid is not None and context.reference_ids is not None:
+    if grid is not None and _grid_from_ids(context):
         return _grid_uniform_scores(grid, lengths, device)
-    shapes = None if grid is None else tuple((int(h), int(w)) for h, w in context.extra["ref_shapes"])
+    shapes = None if grid is None else tuple((int(h), int(w)) for h, w in _grid_shapes(context))
     return _layout_uniform_scores(tuple(lengths), shapes, device)
 
 
@@ -603,6 +636,10 @@ def _normalise_per_image(signal: torch.Tensor, ref_lengths: Sequence[int]) -> to
     return torch.where(span > 0, (signal - low) / span.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
 
 
+# extra key set by the drop-in: the (h, w) of each reference when its ids' (h, w) axes are exactly that row-major grid
+# (checked on the drop-in's host copy of the ids): the grid is then made from the shapes (made once per layout and
+# cached) instead of from the device ids
+IDS_GRID_SHAPES = "_ids_grid_shapes"
 GRID_SPAN_LIMIT = 64  # _dilate: an image's id grid may span at most this many cells per token (else: not a grid)
 
 
@@ -625,8 +662,8 @@ def _dilate(signal: torch.Tensor, context: SelectionContext, radius: int, grid=_
         plane = (max(lengths),)
         cell = image * plane[0] + _positions(n_tokens, device) - start  # [N]: canvas cell of each token
     else:
-        if context.reference_ids is None:  # the grid of extra["ref_shapes"]
-            sizes = [(int(h), int(w)) for h, w in context.extra["ref_shapes"]]
+        if not _grid_from_ids(context):  # the grid of known shapes
+            sizes = [(int(h), int(w)) for h, w in _grid_shapes(context)]
         else:  # (h, w) of each image: the host read
             sizes = (_image_rows(grid, lengths).amax(dim=(0, 2)) + 1).tolist()
         for i, ((h, w), n) in enumerate(zip(sizes, lengths)):

@@ -1392,3 +1392,34 @@ def test_patched_forward_keeps_the_models_name_and_docstring(models):
         accelerate_hooks.remove_hook_from_module(model)
         sparsectx.disable(model)
     assert "forward" not in model.__dict__ or model.forward == before
+
+
+@pytest.mark.parametrize("family", ["flux2", "flux"])
+def test_grid_shapes_found_in_the_ids_select_as_the_ids_do(models, family, monkeypatch):
+    """The layout finds each reference's row-major grid in its host copy of the ids and hands the shapes to the
+    selectors (``IDS_GRID_SHAPES``), which then make their grid without device work: the same kept tokens and
+    outputs as reading the ids, for every selector that reads the grid; ids that are no such grid get no shapes."""
+    from sparsectx import selection
+
+    model, kwargs = models[family], _inputs(family)
+    call = dict(kwargs)
+    layout = integration.reference_layout(family, call)
+    assert layout.extra == {selection.IDS_GRID_SHAPES: list(_ref_hws(family))}
+    shuffled = dict(call, img_ids=call["img_ids"].clone())
+    ids = shuffled["img_ids"][0] if shuffled["img_ids"].ndim == 3 else shuffled["img_ids"]
+    ids[_n_target():_n_target() + 2] = ids[[_n_target() + 1, _n_target()]]  # two tokens out of row-major order
+    assert selection.IDS_GRID_SHAPES not in integration.reference_layout(family, shuffled).extra
+    signals = {"user_mask": torch.rand(2, sum(h * w for h, w in _ref_hws(family)), generator=torch.Generator()
+                                       .manual_seed(3)) < 0.3}
+    results = {}
+    for shortcut in (True, False):
+        if not shortcut:
+            monkeypatch.setattr(selection, "row_major_shapes", lambda hw, lengths: None)
+        for name in ("uniform", "edit", "subject"):
+            sparsectx.enable(model, budget=0.5, selector=name, signals=signals if name == "edit" else None)
+            out = _run(model, kwargs)
+            results[shortcut, name] = (integration.last_selection(model).keep, out)
+            integration.disable(model)
+    for name in ("uniform", "edit", "subject"):
+        (keep, out), (keep_ids, out_ids) = results[True, name], results[False, name]
+        assert torch.equal(keep, keep_ids) and torch.equal(out, out_ids), name

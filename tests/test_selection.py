@@ -1137,3 +1137,50 @@ def test_a_fixed_budget_given_unchecked_scores_still_refuses_nan():
             selection.apply_budget(nan_scores, latents, context, budget)
         with pytest.raises(ValueError, match="returned NaN scores"):
             select(latents, context, lambda x, c: torch.full(x.shape[:2], math.nan), budget)
+
+
+# the drop-in's grid shapes: the selectors' grid made from shapes known on the host instead of the device ids
+def test_row_major_shapes_recognise_exactly_the_pipelines_grids():
+    for n_refs in (1, 2, 4):
+        shapes, lengths = _layout(n_refs)
+        for n_axes in (3, 4):
+            hw = _ids(shapes, n_axes)[0, :, 1:3]
+            assert selection.row_major_shapes(hw, lengths) == shapes
+            assert selection.row_major_shapes(hw.long(), lengths) == shapes
+    shapes, lengths = _layout(2)
+    hw = _ids(shapes)[0, :, 1:3]
+    swapped = hw.clone()
+    swapped[[0, 1]] = swapped[[1, 0]]  # two tokens out of row-major order
+    column_major = torch.cat([_ids([(w, h)])[0, :, [2, 1]] for h, w in shapes])  # same cells, column-major order
+    holed = hw.clone()
+    holed[5, 1] += 100  # one token outside its image's grid
+    fractional = hw.clone()
+    fractional[3, 0] += 0.5
+    for bad in (swapped, column_major, holed, fractional):
+        assert selection.row_major_shapes(bad, lengths) is None
+    assert selection.row_major_shapes(hw, [lengths[0] - 1, lengths[1] + 1]) is None  # images split elsewhere
+
+
+@pytest.mark.parametrize("n_refs", [1, 3, 4])
+@pytest.mark.parametrize("name", BUILTIN)
+def test_selection_is_the_same_from_the_grid_shapes_as_from_the_ids(name, n_refs):
+    """With the drop-in's ``IDS_GRID_SHAPES`` in ``extra`` every built-in selector gives the same scores and masks
+    (fixed and adaptive budgets) as from the device ids, with fewer ops (the grid and the uniform order are made once
+    per layout)."""
+    latents, context = _full_context(2, n_refs)
+    shapes, lengths = _layout(n_refs)
+    with_shapes = SelectionContext(n_refs, lengths, reference_ids=context.reference_ids, target_shape=(4, 4),
+                                   generator=torch.Generator().manual_seed(1),
+                                   extra={**context.extra, selection.IDS_GRID_SHAPES: shapes})
+    for budget in (0.3, adaptive(0.8, floor=0.1, cap=0.6)):
+        for ctx in (context, with_shapes):
+            ctx.generator.manual_seed(1)
+        got = select(latents, with_shapes, name, budget=budget)
+        want = select(latents, context, name, budget=budget)
+        assert torch.equal(got, want), (name, budget)
+    for ctx in (context, with_shapes):
+        ctx.generator.manual_seed(1)
+    assert torch.equal(get_selector(name)(latents, with_shapes), get_selector(name)(latents, context))
+    if name in ("uniform", "edit", "subject"):  # the selectors that read the grid
+        assert _aten_ops(lambda: get_selector(name)(latents, with_shapes)) < \
+            _aten_ops(lambda: get_selector(name)(latents, context))
