@@ -366,6 +366,11 @@ def row_major_shapes(hw: torch.Tensor, lengths: list) -> Optional[list]:
     return shapes
 
 
+def _layout_shapes(context: SelectionContext, grid: Optional[torch.Tensor]) -> Optional[tuple]:
+    """The shapes of the context's ``_image_grid`` ``grid`` made from known shapes (None: no grid), as a cache key."""
+    return None if grid is None else tuple((int(h), int(w)) for h, w in _grid_shapes(context))
+
+
 @_shared_constant(maxsize=64)
 def _shapes_grid(shapes: tuple, ref_lengths: tuple, device: torch.device) -> torch.Tensor:
     """``_image_grid`` of checked ``ref_shapes``: row-major grids built on the host (position p of an image of width
@@ -492,8 +497,7 @@ def _uniform_scores(reference_latents: torch.Tensor, context: SelectionContext, 
     lengths, device = context.ref_lengths, reference_latents.device
     if grid is not None and _grid_from_ids(context):
         return _grid_uniform_scores(grid, lengths, device)
-    shapes = None if grid is None else tuple((int(h), int(w)) for h, w in _grid_shapes(context))
-    return _layout_uniform_scores(tuple(lengths), shapes, device)
+    return _layout_uniform_scores(tuple(lengths), _layout_shapes(context, grid), device)
 
 
 @_shared_constant(maxsize=64)
@@ -694,24 +698,41 @@ def _border_background(latents: torch.Tensor, context: SelectionContext, grid: O
     """Per-token background estimate ``[B, N, C]`` of the float32 reference latents ``[B, N, C]``: the mean latent of
     its image's border tokens (first/last row or column) on a grid (the context's ``_image_grid``), else (None) of
     the whole image."""
-    batch, lengths, device = latents.shape[0], context.ref_lengths, latents.device
-    image = _token_layout(lengths, device)[0]
-    if grid is None:
-        weight = torch.ones(latents.shape[:2], device=device)
-    else:
-        last = _image_rows(grid, lengths).amax(dim=2)  # [b, n_refs, 2]: each image's last row and column
-        if len(lengths) > 1:
-            last = last.index_select(1, image)
-        weight = ((grid == 0) | (grid == last)).any(dim=-1).float().expand(batch, -1)  # first/last row or column
+    lengths, device = context.ref_lengths, latents.device
+    if grid is not None and _grid_from_ids(context):
+        weight, count = _border_weight(grid, lengths, device)
+    else:  # a grid of known shapes, or none: the weights depend on the layout alone
+        weight, count = _layout_border_weight(tuple(lengths), _layout_shapes(context, grid), device)
     # the weighted sums [B, n_refs, C]: of all images at once when they have one length, else image by image, each
-    # over its own slice; the border counts are integers, exact when summed for all images at once
+    # over its own slice
     weighted = latents * weight[..., None]
     if min(lengths) == max(lengths):
         sums = _image_rows(weighted, lengths).sum(dim=2)
     else:
         sums = torch.stack([weighted[:, lo:hi].sum(1) for lo, hi in _image_slices(lengths)], dim=1)
-    count = _image_rows(weight, lengths, fill=0.0).sum(dim=2)  # [B, n_refs]
-    return (sums / count.clamp(min=1.0)[..., None]).index_select(1, image)
+    return (sums / count[..., None]).index_select(1, _token_layout(lengths, device)[0])
+
+
+def _border_weight(grid: Optional[torch.Tensor], lengths: Sequence[int], device) -> tuple:
+    """``(weight, count)``: float32 ``[b, N]``, 1 on the border tokens of each image of the grid ``[b, N, 2]`` (first
+    or last row or column; every token without a grid), and float32 ``[b, n_refs]``, each image's border count (at
+    least 1; integers, exact in float32)."""
+    if grid is None:
+        weight = torch.ones(1, sum(lengths), device=device)
+    else:
+        last = _image_rows(grid, lengths).amax(dim=2)  # [b, n_refs, 2]: each image's last row and column
+        if len(lengths) > 1:
+            last = last.index_select(1, _token_layout(lengths, device)[0])
+        weight = ((grid == 0) | (grid == last)).any(dim=-1).float()  # first/last row or column
+    return weight, _image_rows(weight, lengths, fill=0.0).sum(dim=2).clamp(min=1.0)
+
+
+@_shared_constant(maxsize=64)
+def _layout_border_weight(ref_lengths: tuple, shapes: Optional[tuple], device: torch.device) -> tuple:
+    """``_border_weight`` of the ``ref_shapes`` grids (checked), or of 1D images (None), made once per layout and
+    device (shared tensors: never modify them)."""
+    grid = None if shapes is None else _shapes_grid(shapes, ref_lengths, device)
+    return _border_weight(grid, ref_lengths, device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
