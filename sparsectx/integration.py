@@ -516,13 +516,16 @@ def _step_cache_states_set_aside(transformer: torch.nn.Module):
 def _probe_qk(transformer: torch.nn.Module, family: str, forward: Callable, call: dict,
               layout: _Layout) -> _QKProbeProcessor:
     """Runs ``forward(**call)`` with the probe processor on ``transformer.transformer_blocks[0].attn`` until it
-    stops there; the original processor object is put back whatever happens."""
+    stops there (FLUX's ``pos_embed`` computing its tables with ``processors.flux_rope_tables``: the same values);
+    the original processor object is put back whatever happens."""
+    from .processors import fast_rope_tables  # deferred: imports diffusers' model modules
+
     attn = transformer.transformer_blocks[0].attn
     recorder = _probe_processor(family, layout)
     original = attn.processor
     attn.set_processor(recorder)
-    try:
-        with torch.no_grad(), _step_cache_states_set_aside(transformer):
+    try:  # (FLUX's RoPE tables in a few launches: the probe's host launch work is most of its time)
+        with torch.no_grad(), _step_cache_states_set_aside(transformer), fast_rope_tables(transformer):
             forward(**call)
     except _ProbeDone:
         return recorder

@@ -39,6 +39,8 @@ function): attention of equal query and key lengths outputs the values.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -369,6 +371,51 @@ def _rotary_rows(rotary_emb, rows):
     if isinstance(rotary_emb, (tuple, list)):
         return tuple(t[rows] for t in rotary_emb)
     return rotary_emb[rows]
+
+
+FLUX_POS_EMBEDS = (transformer_flux.FluxPosEmbed, transformer_flux2.Flux2PosEmbed)
+
+
+@functools.lru_cache(maxsize=16)
+def _rope_frequencies(axes_dim: tuple, theta, dtype: torch.dtype, device: torch.device) -> tuple:
+    """``(freqs, axis)``: every axis's RoPE frequencies, computed as diffusers' ``get_1d_rotary_pos_embed`` computes
+    them (``1 / theta ** (arange(0, dim, 2) / dim)`` in ``dtype`` on ``device``), joined into one ``[sum(dim / 2)]``
+    row, and the axis each belongs to (long, same length). Made once per configuration and device (shared tensors:
+    never modify them)."""
+    freqs = [1.0 / ((theta * 1.0) ** (torch.arange(0, dim, 2, dtype=dtype, device=device)[: dim // 2] / dim)) / 1.0
+             for dim in axes_dim]
+    axis = torch.cat([torch.full((dim // 2,), i, dtype=torch.long) for i, dim in enumerate(axes_dim)])
+    return torch.cat(freqs), axis.to(device)
+
+
+def flux_rope_tables(pos_embed, ids: torch.Tensor) -> tuple:
+    """``pos_embed(ids)`` of diffusers' ``FluxPosEmbed`` / ``Flux2PosEmbed`` (fp32 ``(cos, sin)`` ``[S, D]``) in ten
+    ops for all axes where diffusers runs about thirteen per axis: the same angles (each axis's float64 frequencies
+    times the float32 position, ``torch.outer``'s promotion), their cosines and sines rounded to float32, each
+    repeated for its pair (``repeat_interleave_real``). Every value is the one diffusers computes, by the same ops
+    on the same inputs (the elementwise kernels give each element alone its value)."""
+    n_axes = len(pos_embed.axes_dim) if isinstance(pos_embed, transformer_flux2.Flux2PosEmbed) else ids.shape[-1]
+    # float64 as diffusers uses it (its helper picks float32 on mps and npu, which have no float64)
+    dtype = torch.float32 if ids.device.type in ("mps", "npu") else torch.float64
+    freqs, axis = _rope_frequencies(tuple(pos_embed.axes_dim[:n_axes]), pos_embed.theta, dtype, ids.device)
+    angles = ids.float()[..., axis].to(dtype) * freqs  # [S, D / 2]: position of the pair's axis x its frequency
+    return (angles.cos().float().repeat_interleave(2, dim=-1), angles.sin().float().repeat_interleave(2, dim=-1))
+
+
+@contextlib.contextmanager
+def fast_rope_tables(transformer: torch.nn.Module):
+    """Inside the block, a FLUX.1 / FLUX.2 transformer's ``pos_embed`` (when it is diffusers' module, called without
+    hooks) computes its tables with ``flux_rope_tables``: the same values from far fewer launches (the drop-in's
+    attention probe is bound by host launch work). Elsewhere nothing changes."""
+    pos_embed = getattr(transformer, "pos_embed", None)
+    if type(pos_embed) not in FLUX_POS_EMBEDS or not _without_hooks(pos_embed):
+        yield
+        return
+    pos_embed.forward = functools.partial(flux_rope_tables, pos_embed)
+    try:
+        yield
+    finally:
+        del pos_embed.forward
 
 
 def flux_probe_qk(attn, hidden_states, encoder_hidden_states, get_qkv_projections, rotary_emb, target_rows,

@@ -350,3 +350,69 @@ def test_qwen_edit_selector_ignores_padded_text(models):
     with torch.no_grad():
         model(**kwargs)
     assert torch.equal(getattr(model, integration.PATCH_ATTR).cache.keep, expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (5) the probe's RoPE tables: diffusers' values from a few launches
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pos_embed", [transformer_flux2.Flux2PosEmbed(theta=2000, axes_dim=[32, 32, 32, 32]),
+                                       transformer_flux.FluxPosEmbed(theta=10000, axes_dim=[16, 56, 56])],
+                         ids=["flux2", "flux"])
+def test_flux_rope_tables_are_diffusers_tables(pos_embed):
+    g = torch.Generator().manual_seed(0)
+    n_axes = len(pos_embed.axes_dim)
+    for ids in (torch.randint(0, 4096, (3000, n_axes), generator=g),  # integer positions (the pipelines')
+                torch.randint(-64, 64, (500, n_axes), generator=g).float(),  # negative, as floats (FLUX.1)
+                torch.rand(400, n_axes, generator=g) * 100):  # fractional
+        want = pos_embed(ids)
+        got = processors.flux_rope_tables(pos_embed, ids)
+        assert all(t.dtype == torch.float32 and torch.equal(a, t) for a, t in zip(want, got))
+
+
+def _probe_record(model, kwargs):
+    record = {}
+    sparsectx.enable(model, budget=BUDGET, selector=_recording_attention(record))
+    with torch.no_grad():
+        model(**kwargs)
+    integration.disable(model)
+    return record
+
+
+@pytest.mark.parametrize("family", FLUX_FAMILIES)
+def test_probe_computes_flux_rope_tables_in_a_few_launches(models, family, monkeypatch):
+    """The probe's forward computes FLUX's RoPE tables with ``flux_rope_tables`` (diffusers' ``pos_embed`` runs about
+    thirteen ops per axis and per id tensor: most of the probe's launches): the same probe tensors, bit for bit, from
+    fewer ops; ``pos_embed`` is its own module again afterwards, and one with a hook is left alone."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    model, kwargs = models[family], _inputs(family)
+    pos_embed = model.pos_embed
+    seen = []
+    real = processors.flux_rope_tables
+    monkeypatch.setattr(processors, "flux_rope_tables", lambda module, ids: seen.append(ids.shape) or real(module, ids))
+    with Count():
+        fast = _probe_record(model, kwargs)
+    fast_ops, Count.calls = Count.calls, 0
+    assert len(seen) == (2 if family == "flux2" else 1)  # FLUX.2: image and text ids; FLUX.1: both joined
+    assert "forward" not in pos_embed.__dict__
+    seen.clear()
+    handle = pos_embed.register_forward_hook(lambda module, args, output: seen.append("hooked"))
+    try:
+        with Count():
+            plain = _probe_record(model, kwargs)
+    finally:
+        handle.remove()
+    assert seen and set(seen) == {"hooked"}  # diffusers' own module ran, in the probe too
+    assert set(fast) == set(plain)
+    for name, value in fast.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, plain[name]), name
+    # fewer ops over the whole call (probe, selection and the compacted forward): FLUX.2's 2 x 4 axes, FLUX.1's 3
+    assert Count.calls - fast_ops >= 20, (fast_ops, Count.calls)
