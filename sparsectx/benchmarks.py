@@ -1201,9 +1201,12 @@ class KontextEndToEndCase(EndToEndCase):
 
 
 def _near_square_grid(count: int) -> tuple[int, int]:
-    """``(h, w)`` with ``h * w == count`` and ``h`` the largest divisor of ``count`` not above its square root."""
-    h = max(d for d in range(1, math.isqrt(max(count, 1)) + 1) if count % d == 0)
-    return h, max(count, 1) // h
+    """``(h, w)`` with ``h * w == count`` (at least 1) and ``h`` the largest divisor of ``count`` not above its square
+    root."""
+    if count < 1:
+        raise ValueError(f"a grid holds at least one token, got {count}")
+    h = max(d for d in range(1, math.isqrt(count) + 1) if count % d == 0)
+    return h, count // h
 
 
 class QwenEndToEndCase(_RefsKeepCase):
@@ -1456,6 +1459,7 @@ class SelectionCase:
         signals = self.SIGNALS.get(name, self.ALL_SIGNALS)
         # the grid shapes the drop-in finds in its host copy of the ids (its layout step, not timed here)
         layout_extra = {IDS_GRID_SHAPES: row_major_shapes(ids[0, :, 1:3].cpu(), [n_ref] * refs)}
+        assert layout_extra[IDS_GRID_SHAPES] == [(side, side)] * refs, "the case's ids are row-major grids"
         selection_gen = torch.Generator(device=device)
 
         def context() -> SelectionContext:
@@ -1887,7 +1891,12 @@ def _enable_impl(model, full_step: Callable[[], Any], scores: torch.Tensor, coun
         if selection is None:
             return "sparsectx made no selection"
         kept = [int(mask.sum()) for mask in selection.per_image()]
-        return "" if kept == [count] * scores.shape[0] else f"kept {kept} tokens per reference, not {count} each"
+        if kept != [count] * scores.shape[0]:
+            return f"kept {kept} tokens per reference, not {count} each"
+        expected = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+        expected.scatter_(1, _torch_topk_rows(scores, count), True)  # each reference's top-count scores
+        got = torch.stack([mask[0] for mask in selection.per_image()]).to(expected.device)
+        return "" if torch.equal(got, expected) else "kept other tokens than each reference's top-scored ones"
 
     return Impl(name, full_step, scope=lambda: integration.sparse_context(model, budget=count, selector=selector,
                                                                               attention=attention),

@@ -392,10 +392,11 @@ def _ids_layout(call: dict) -> Optional[_Layout]:
         target_ids = host[target_host]
         target_shape = (int(target_ids[:, 1].max()) + 1, int(target_ids[:, 2].max()) + 1)
     target_positions, ref_positions = (_device_values(p, None, ids.device) for p in (target_host, ref_host))
-    from .selection import IDS_GRID_SHAPES, row_major_shapes
+    from .selection import ID_HW_AXES, IDS_GRID_SHAPES, row_major_shapes
 
     lengths = lengths.tolist()
-    shapes = row_major_shapes(host[ref_host, 1:3], lengths)
+    # (rows and columns on id axes 1 and 2, as the selectors read FLUX's 3- and 4-axis ids)
+    shapes = row_major_shapes(host[ref_host, 1:3], lengths) if ID_HW_AXES.get(ids.shape[-1]) == (1, 2) else None
     extra = {} if shapes is None else {IDS_GRID_SHAPES: shapes}  # the selectors' grid then needs no device work
     return _Layout(target_positions, ref_positions, lengths, ids[ref_positions][None], target_shape, extra,
                    target_host, ref_host)

@@ -49,6 +49,10 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm
 from diffusers.models.transformers import transformer_flux, transformer_flux2, transformer_qwenimage
 
+try:  # diffusers' dtype choice for RoPE angles (absent from older releases: the devices it names are used)
+    from diffusers.utils.torch_utils import maybe_adjust_dtype_for_device
+except ImportError:
+    maybe_adjust_dtype_for_device = None
 try:  # diffusers' layer skip: absent from some releases, then nothing to honour
     from diffusers.hooks._helpers import AttentionProcessorRegistry
     from diffusers.hooks.layer_skip import AttentionScoreSkipFunctionMode
@@ -376,16 +380,36 @@ def _rotary_rows(rotary_emb, rows):
 FLUX_POS_EMBEDS = (transformer_flux.FluxPosEmbed, transformer_flux2.Flux2PosEmbed)
 
 
+def _rope_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of diffusers' FLUX RoPE angles on ``device``: float64, or float32 where its helper says the device
+    lacks float64."""
+    if maybe_adjust_dtype_for_device is not None:
+        return maybe_adjust_dtype_for_device(torch.float64, device)
+    return torch.float32 if device.type in ("mps", "npu") else torch.float64  # (what those releases check)
+
+
 @functools.lru_cache(maxsize=16)
 def _rope_frequencies(axes_dim: tuple, theta, dtype: torch.dtype, device: torch.device) -> tuple:
     """``(freqs, axis)``: every axis's RoPE frequencies, computed as diffusers' ``get_1d_rotary_pos_embed`` computes
     them (``1 / theta ** (arange(0, dim, 2) / dim)`` in ``dtype`` on ``device``), joined into one ``[sum(dim / 2)]``
-    row, and the axis each belongs to (long, same length). Made once per configuration and device (shared tensors:
-    never modify them)."""
-    freqs = [1.0 / ((theta * 1.0) ** (torch.arange(0, dim, 2, dtype=dtype, device=device)[: dim // 2] / dim)) / 1.0
-             for dim in axes_dim]
-    axis = torch.cat([torch.full((dim // 2,), i, dtype=torch.long) for i, dim in enumerate(axes_dim)])
-    return torch.cat(freqs), axis.to(device)
+    row, and the axis each belongs to (long, same length). Made once per configuration and device, as plain tensors
+    even when first asked for under inference mode (shared: never modify them)."""
+    with torch.inference_mode(False), torch.no_grad():
+        freqs = [1.0 / ((theta * 1.0) ** (torch.arange(0, dim, 2, dtype=dtype, device=device)[: dim // 2] / dim))
+                 / 1.0 for dim in axes_dim]
+        axis = torch.cat([torch.full((dim // 2,), i, dtype=torch.long) for i, dim in enumerate(axes_dim)])
+        return torch.cat(freqs), axis.to(device)
+
+
+def _rope_axes(pos_embed, ids: torch.Tensor) -> Optional[tuple]:
+    """The axis sizes ``pos_embed(ids)`` reads (FLUX.2: every configured axis; FLUX.1: one per id column), or None
+    where ``flux_rope_tables`` does not compute what diffusers does (diffusers raises there: ids not ``[S, n]``, too
+    few or too many axes, an odd axis size)."""
+    n_axes = len(pos_embed.axes_dim) if isinstance(pos_embed, transformer_flux2.Flux2PosEmbed) else ids.shape[-1]
+    if ids.ndim != 2 or not 0 < n_axes <= min(ids.shape[-1], len(pos_embed.axes_dim)):
+        return None
+    axes_dim = tuple(int(dim) for dim in pos_embed.axes_dim[:n_axes])
+    return None if any(dim % 2 for dim in axes_dim) else axes_dim
 
 
 def flux_rope_tables(pos_embed, ids: torch.Tensor) -> tuple:
@@ -393,12 +417,14 @@ def flux_rope_tables(pos_embed, ids: torch.Tensor) -> tuple:
     ops for all axes where diffusers runs about thirteen per axis: the same angles (each axis's float64 frequencies
     times the float32 position, ``torch.outer``'s promotion), their cosines and sines rounded to float32, each
     repeated for its pair (``repeat_interleave_real``). Every value is the one diffusers computes, by the same ops
-    on the same inputs (the elementwise kernels give each element alone its value)."""
-    n_axes = len(pos_embed.axes_dim) if isinstance(pos_embed, transformer_flux2.Flux2PosEmbed) else ids.shape[-1]
-    # float64 as diffusers uses it (its helper picks float32 on mps and npu, which have no float64)
-    dtype = torch.float32 if ids.device.type in ("mps", "npu") else torch.float64
-    freqs, axis = _rope_frequencies(tuple(pos_embed.axes_dim[:n_axes]), pos_embed.theta, dtype, ids.device)
-    angles = ids.float()[..., axis].to(dtype) * freqs  # [S, D / 2]: position of the pair's axis x its frequency
+    on the same inputs (the elementwise kernels give each element alone its value). Ids diffusers refuses
+    (``_rope_axes``) go to the module's own forward, which raises as it does."""
+    axes_dim = _rope_axes(pos_embed, ids)
+    if axes_dim is None:
+        return type(pos_embed).forward(pos_embed, ids)
+    dtype = _rope_dtype(ids.device)
+    freqs, axis = _rope_frequencies(axes_dim, pos_embed.theta, dtype, ids.device)
+    angles = ids.float()[:, axis].to(dtype) * freqs  # [S, D / 2]: position of the pair's axis x its frequency
     return (angles.cos().float().repeat_interleave(2, dim=-1), angles.sin().float().repeat_interleave(2, dim=-1))
 
 
@@ -411,11 +437,13 @@ def fast_rope_tables(transformer: torch.nn.Module):
     if type(pos_embed) not in FLUX_POS_EMBEDS or not _without_hooks(pos_embed):
         yield
         return
-    pos_embed.forward = functools.partial(flux_rope_tables, pos_embed)
+    fast = functools.partial(flux_rope_tables, pos_embed)
+    pos_embed.forward = fast
     try:
         yield
     finally:
-        del pos_embed.forward
+        if pos_embed.__dict__.get("forward") is fast:  # (an overlapping probe may have put the module back first)
+            del pos_embed.forward
 
 
 def flux_probe_qk(attn, hidden_states, encoder_hidden_states, get_qkv_projections, rotary_emb, target_rows,

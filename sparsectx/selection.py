@@ -308,7 +308,8 @@ def _positions(n: int, device: torch.device) -> torch.Tensor:
 
 def _image_grid(context: SelectionContext, device) -> Optional[torch.Tensor]:
     """long ``[b, N, 2]`` (row, col) of each reference token inside its own image (origin 0), b = the batch of
-    ``reference_ids`` (1 for ``ref_shapes``: a cached tensor, never modify it), or None (1D)."""
+    ``reference_ids`` read on the device, or 1 for a grid made from known shapes (``ref_shapes`` without ids, the
+    drop-in's ``IDS_GRID_SHAPES`` with them: a cached tensor, never modify it), or None (1D)."""
     ids, lengths = context.reference_ids, context.ref_lengths
     if _grid_from_ids(context):
         n_axes = ids.shape[-1]
@@ -325,19 +326,20 @@ def _image_grid(context: SelectionContext, device) -> Optional[torch.Tensor]:
     shapes = _grid_shapes(context)
     if shapes is None:
         return None
+    key = "ref_shapes" if ids is None else IDS_GRID_SHAPES
     if len(shapes) != context.num_references:
-        raise ValueError(f"extra['ref_shapes'] must give (h, w) for each of the {context.num_references} references")
+        raise ValueError(f"extra[{key!r}] must give (h, w) for each of the {context.num_references} references")
     for (h, w), n in zip(shapes, lengths):
         h, w = _python_number(h), _python_number(w)
         if not (_is_int(h) and _is_int(w) and h > 0 and w > 0) or h * w != n:
-            raise ValueError(f"extra['ref_shapes'] entry ({h}, {w}) must be two positive ints whose product is the "
+            raise ValueError(f"extra[{key!r}] entry ({h}, {w}) must be two positive ints whose product is the "
                              f"reference's {n} tokens")
     return _shapes_grid(tuple((int(h), int(w)) for h, w in shapes), tuple(lengths), torch.device(device))
 
 
 def _grid_from_ids(context: SelectionContext) -> bool:
     """Whether the context's grid is read from its ``reference_ids`` (on the device), not made from known shapes."""
-    return context.reference_ids is not None and IDS_GRID_SHAPES not in context.extra
+    return context.reference_ids is not None and context.extra.get(IDS_GRID_SHAPES) is None
 
 
 def _grid_shapes(context: SelectionContext) -> Optional[list]:
@@ -718,7 +720,7 @@ def _border_weight(grid: Optional[torch.Tensor], lengths: Sequence[int], device)
     or last row or column; every token without a grid), and float32 ``[b, n_refs]``, each image's border count (at
     least 1; integers, exact in float32)."""
     if grid is None:
-        weight = torch.ones(1, sum(lengths), device=device)
+        weight = torch.ones(1, sum(lengths), device=device, dtype=torch.float32)
     else:
         last = _image_rows(grid, lengths).amax(dim=2)  # [b, n_refs, 2]: each image's last row and column
         if len(lengths) > 1:

@@ -420,6 +420,8 @@ def test_qwen_step_shrinks_each_reference_to_a_grid_of_exactly_the_kept_count():
         assert h * w == count and h <= w and h * h <= count, (count, h, w)
         assert not any(count % d == 0 for d in range(h + 1, math.isqrt(count) + 1)), (count, h)  # the squarest
     assert benchmarks._near_square_grid(1024) == (32, 32)
+    with pytest.raises(ValueError, match="at least one token"):
+        benchmarks._near_square_grid(0)
     full = benchmarks.CASES["e2e_qwen"].sizes["full"]  # FACTS §1's Qwen-Image-Edit peer: 256 text tokens
     assert (full["text"], full["target_side"], full["ref_side"]) == (256, 64, 64)
 
@@ -446,6 +448,17 @@ def test_drop_in_rows_check_what_the_selection_kept(monkeypatch):
         keep[0, n_ref + int((~keep[0, n_ref:2 * n_ref]).nonzero()[0])] = True  # the second reference keeps 5
         return integration.Selection(keep, selection.ref_lengths, selection.ref_positions)
 
+    def another_token(model):  # the right counts, one token of the second reference swapped for a dropped one
+        selection = real(model)
+        keep = selection.keep.clone()
+        second = keep[0, n_ref:2 * n_ref]
+        second[int(second.nonzero()[0])], second[int((~second).nonzero()[0])] = False, True
+        return integration.Selection(keep, selection.ref_lengths, selection.ref_positions)
+
+    monkeypatch.setattr(integration, "last_selection", another_token)
+    with impl.context():
+        result = impl.output(impl.fn())
+    assert impl.verify(result) == "kept other tokens than each reference's top-scored ones"
     monkeypatch.setattr(integration, "last_selection", one_more_token)
     with impl.context():
         result = impl.output(impl.fn())

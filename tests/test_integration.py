@@ -1409,6 +1409,8 @@ def test_grid_shapes_found_in_the_ids_select_as_the_ids_do(models, family, monke
     ids = shuffled["img_ids"][0] if shuffled["img_ids"].ndim == 3 else shuffled["img_ids"]
     ids[_n_target():_n_target() + 2] = ids[[_n_target() + 1, _n_target()]]  # two tokens out of row-major order
     assert selection.IDS_GRID_SHAPES not in integration.reference_layout(family, shuffled).extra
+    five_axes = dict(call, img_ids=torch.cat([call["img_ids"], torch.zeros_like(call["img_ids"][..., :2])], -1))
+    assert selection.IDS_GRID_SHAPES not in integration.reference_layout(family, five_axes).extra  # not FLUX's axes
     signals = {"user_mask": torch.rand(2, sum(h * w for h, w in _ref_hws(family)), generator=torch.Generator()
                                        .manual_seed(3)) < 0.3}
     results = {}

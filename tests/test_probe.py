@@ -369,6 +369,34 @@ def test_flux_rope_tables_are_diffusers_tables(pos_embed):
         assert all(t.dtype == torch.float32 and torch.equal(a, t) for a, t in zip(want, got))
 
 
+def test_flux_rope_tables_refuse_what_diffusers_refuses_and_keep_no_inference_tensor():
+    flux2 = transformer_flux2.Flux2PosEmbed(theta=2000, axes_dim=[4, 4, 4, 4])
+    flux1 = transformer_flux.FluxPosEmbed(theta=10000, axes_dim=[4, 6, 6])
+    for pos_embed, ids in ((flux2, torch.zeros(2, 5, 4)), (flux1, torch.zeros(5, 4)), (flux2, torch.zeros(5, 3))):
+        with pytest.raises(Exception) as want:
+            pos_embed(ids)
+        with pytest.raises(type(want.value)):
+            processors.flux_rope_tables(pos_embed, ids)
+    odd = transformer_flux.FluxPosEmbed(theta=10000, axes_dim=[3, 6, 6])
+    ids = torch.arange(15.0).view(5, 3)
+    try:
+        want = odd(ids)
+    except Exception as error:  # noqa: BLE001 - whatever diffusers does with an odd axis, the fast path does too
+        with pytest.raises(type(error)):
+            processors.flux_rope_tables(odd, ids)
+    else:
+        assert all(torch.equal(a, b) for a, b in zip(want, processors.flux_rope_tables(odd, ids)))
+    # frequencies first made under inference mode serve a later call that records autograd
+    processors._rope_frequencies.cache_clear()
+    positions = torch.arange(20.0).view(5, 4)
+    with torch.inference_mode():
+        processors.flux_rope_tables(flux2, positions)
+    positions.requires_grad_(True)
+    cos, sin = processors.flux_rope_tables(flux2, positions)
+    (cos.sum() + sin.sum()).backward()
+    assert positions.grad is not None and positions.grad.shape == positions.shape
+
+
 def _probe_record(model, kwargs):
     record = {}
     sparsectx.enable(model, budget=BUDGET, selector=_recording_attention(record))

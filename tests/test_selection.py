@@ -1181,6 +1181,11 @@ def test_selection_is_the_same_from_the_grid_shapes_as_from_the_ids(name, n_refs
     for ctx in (context, with_shapes):
         ctx.generator.manual_seed(1)
     assert torch.equal(get_selector(name)(latents, with_shapes), get_selector(name)(latents, context))
+    unknown = SelectionContext(n_refs, lengths, reference_ids=context.reference_ids, target_shape=(4, 4),
+                               generator=torch.Generator().manual_seed(1),
+                               extra={**context.extra, selection.IDS_GRID_SHAPES: None})  # no shapes: the ids' grid
+    context.generator.manual_seed(1)
+    assert torch.equal(get_selector(name)(latents, unknown), get_selector(name)(latents, context))
     if name in ("uniform", "edit", "subject"):  # the selectors that read the grid
         assert _aten_ops(lambda: get_selector(name)(latents, with_shapes)) < \
             _aten_ops(lambda: get_selector(name)(latents, context))
