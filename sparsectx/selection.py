@@ -351,21 +351,22 @@ def _grid_shapes(context: SelectionContext) -> Optional[list]:
 def row_major_shapes(hw: torch.Tensor, lengths: list) -> Optional[list]:
     """``(h, w)`` of each reference whose ids ``hw`` (host tensor of (row, column) ``[N, 2]``, the references in
     sequence order, ``lengths`` tokens each) are exactly a full ``h x w`` grid in row-major order (from any origin),
-    as the pipelines make them; None when one is not. The drop-in puts the result in ``extra[IDS_GRID_SHAPES]``."""
+    as the pipelines make them; None when one is not. The drop-in puts the result in ``extra[IDS_GRID_SHAPES]``.
+    Every check stays a host tensor until one ``tolist`` at the end."""
+    exact = torch.ones((), dtype=torch.bool)
     if hw.is_floating_point():
-        if not torch.equal(hw, hw.round()):
-            return None
-        hw = hw.long()
-    shapes = []
+        rounded = hw.round()
+        exact = (hw == rounded).all()
+        hw = rounded.long()
+    checks = []
     for rows in hw.split(lengths):
-        low, high = rows.amin(dim=0), rows.amax(dim=0)
-        h, w = (high - low + 1).tolist()
-        if h * w != rows.shape[0]:
-            return None
-        if not torch.equal((rows[:, 0] - low[0]) * w + rows[:, 1] - low[1], torch.arange(rows.shape[0])):
-            return None
-        shapes.append((h, w))
-    return shapes
+        low = rows.amin(dim=0)
+        size = rows.amax(dim=0) - low + 1  # (h, w) of the box the image's ids span
+        cell = (rows[:, 0] - low[0]) * size[1] + rows[:, 1] - low[1]  # row-major position in that box
+        full = (size.prod() == rows.shape[0]) & (cell == torch.arange(rows.shape[0])).all()
+        checks.append(torch.cat([size, (full & exact).long()[None]]))
+    table = torch.stack(checks).tolist()
+    return [(h, w) for h, w, _ in table] if all(full for _, _, full in table) else None
 
 
 def _layout_shapes(context: SelectionContext, grid: Optional[torch.Tensor]) -> Optional[tuple]:
