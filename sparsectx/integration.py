@@ -1135,7 +1135,8 @@ class _SparsePatch(ForwardPatch):
         signals = overrides.get("signals", self.settings.signals)
         from .selection import SelectionContext
 
-        from .selection import apply_budget, budget_first_sample, budget_for_batch, budget_same_per_sample, mask_ranking
+        from .selection import (budget_first_sample, budget_for_batch, budget_same_per_sample, mask_ranking,
+                                 selected_keep)
 
         batch = references.shape[0]
         counts = None if budget is None or _is_budget_fn(budget) else budget_counts(budget, batch, layout.ref_lengths)
@@ -1161,11 +1162,10 @@ class _SparsePatch(ForwardPatch):
                                        reference_ids=layout.reference_ids, target_shape=layout.target_shape,
                                        generator=generator, extra=extra, sample_generators=sample_generators)
             latents = references[:1] if shared else references
-            selection = selector(latents, context)
             if counts is None:  # budget None (a keep mask as given) or a budget callable: select()'s rule
-                keep = apply_budget(selection, latents, context, budget_first_sample(budget) if shared else budget,
-                                    checked=True)  # a Selector's output: checked for NaN
+                keep = selected_keep(selector, latents, context, budget_first_sample(budget) if shared else budget)
             else:  # fixed counts, which may differ per request: select()'s rule, per sample
+                selection = selector(latents, context)
                 ranking = mask_ranking(selection, latents, context) if selection.dtype == torch.bool else selection
                 keep = keep_mask_from_scores(ranking, counts[:1] if shared else counts, layout.ref_lengths)
             keep = keep.to(hidden.device)

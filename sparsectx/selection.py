@@ -142,7 +142,10 @@ class Selector:
         self.signals = signals
         self.reads_generator = reads_generator  # False: deterministic (samples with other seeds select alike)
 
-    def __call__(self, reference_latents: torch.Tensor, context: SelectionContext) -> torch.Tensor:
+    def __call__(self, reference_latents: torch.Tensor, context: SelectionContext, *,
+                 nan_check: bool = True) -> torch.Tensor:
+        """The selector's checked output. ``nan_check=False`` leaves the NaN check (a host read) to the caller (an
+        adaptive budget finds NaN in the host read of the scores' range it makes anyway)."""
         batch, n_tokens = _check_selector_inputs(reference_latents, context)
         out = self.fn(reference_latents, context)
         if not isinstance(out, torch.Tensor):
@@ -154,7 +157,7 @@ class Selector:
             raise ValueError(f"selector {self.name!r} must return float scores or a bool mask, got {out.dtype}")
         if out.is_meta:
             raise ValueError(f"selector {self.name!r} returned a meta tensor: its scores hold no values")
-        if out.is_floating_point() and torch.isnan(out).any():
+        if nan_check and out.is_floating_point() and torch.isnan(out).any():
             raise ValueError(f"selector {self.name!r} returned NaN scores")
         if out.device != reference_latents.device:  # a user callable may score on another device (e.g. the CPU)
             out = out.to(reference_latents.device)
@@ -1015,12 +1018,16 @@ def _topk_per_image(scores: torch.Tensor, ref_lengths: Sequence[int], counts: to
     return _rank_in_image(keys, ref_lengths, layout) < counts.index_select(1, layout[0])  # each token's image's count
 
 
+class _NaNScores(ValueError):
+    """Scores holding NaN, found by a budget (``select`` names the selector that returned them)."""
+
+
 def _check_scores(scores, nan: bool = True) -> None:
     """``scores`` a float [B, N] tensor, and (``nan``: one host read) without NaN."""
     if not isinstance(scores, torch.Tensor) or scores.ndim != 2 or not scores.is_floating_point():
         raise ValueError(f"scores must be a float [B, N] tensor, got {getattr(scores, 'shape', type(scores))}")
     if nan and torch.isnan(scores).any():
-        raise ValueError("scores contain NaN")
+        raise _NaNScores("scores contain NaN")
 
 
 def _check_ref_lengths(ref_lengths, n_tokens: int) -> list[int]:
@@ -1132,7 +1139,7 @@ def adaptive_budget(scores: torch.Tensor, coverage: Union[float, torch.Tensor] =
     # the NaN, +inf and sign checks from one host read of the scores' range, raised in this order
     lowest, highest = _score_range(scores)
     if math.isnan(lowest):
-        raise ValueError("scores contain NaN")
+        raise _NaNScores("scores contain NaN")
     ref_lengths = _check_ref_lengths(ref_lengths, scores.shape[1])
     if highest == math.inf:
         raise ValueError("scores contain +inf: their mass is undefined (an adaptive budget reads the selector's "
@@ -1407,4 +1414,19 @@ def select(reference_latents: torch.Tensor, context: SelectionContext, selector=
         if unknown:
             raise ValueError(f"selector {selector.name!r} reads no signal named {unknown} (context.extra); its "
                              f"signals are {sorted(selector.signals)}")
-    return apply_budget(selector(reference_latents, context), reference_latents, context, budget, checked=True)
+    return selected_keep(selector, reference_latents, context, budget)
+
+
+def selected_keep(selector: Selector, reference_latents: torch.Tensor, context: SelectionContext,
+                  budget: Optional[BudgetSpec]) -> torch.Tensor:
+    """``apply_budget(selector(reference_latents, context), ..., checked=True)`` (``select`` and the drop-in), with
+    one host read fewer under an adaptive budget: it finds NaN scores in its own read of their range, and they are
+    refused naming the selector all the same."""
+    checks_nan = isinstance(budget, AdaptiveBudget)
+    chosen = selector(reference_latents, context, nan_check=not checks_nan)
+    try:
+        return apply_budget(chosen, reference_latents, context, budget, checked=True)
+    except _NaNScores:
+        if not checks_nan:
+            raise
+        raise ValueError(f"selector {selector.name!r} returned NaN scores") from None

@@ -1132,11 +1132,23 @@ def test_a_fixed_budget_given_unchecked_scores_still_refuses_nan():
     latents = torch.randn(1, 8, CHANNELS)
     context = SelectionContext(2, [4, 4])
     nan_scores = torch.full((1, 8), math.nan)
-    for budget in (0.5, 2, fixed_ratio([0.5, 0.25])):
+    for budget in (0.5, 2, fixed_ratio([0.5, 0.25]), adaptive(0.9)):
         with pytest.raises(ValueError, match="scores contain NaN"):
             selection.apply_budget(nan_scores, latents, context, budget)
         with pytest.raises(ValueError, match="returned NaN scores"):
             select(latents, context, lambda x, c: torch.full(x.shape[:2], math.nan), budget)
+
+
+def test_an_adaptive_budget_reads_the_scores_once():
+    """Under an adaptive budget the selector's NaN check is left to the budget's read of the scores' range (one
+    host read per selection, not two); a fixed budget keeps the selector's check (its only read)."""
+    from sparsectx.diagnostics import count_host_reads
+
+    latents, context = _full_context(1, 3)
+    for budget, reads in ((adaptive(0.8, floor=0.1), 1), (0.3, 1)):
+        with count_host_reads() as counted:
+            select(latents, context, "subject", budget)
+        assert counted.count == reads, (budget, counted.ops)
 
 
 # the drop-in's grid shapes: the selectors' grid made from shapes known on the host instead of the device ids
