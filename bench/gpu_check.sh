@@ -11,8 +11,8 @@
 #                                                  at most 8 minutes (GPU_CHECK_BUDGET_S=480, the default)
 #   GPU_CHECK_PART=2  every autotune candidate under the flash-attention criterion, the mixed-budget batch step,
 #                     a klein-9B fine-tuning step (dropped references removed or masked),
-#                     the FLUX.1-Kontext and Qwen-Image-Edit steps, then the rest of the suite on CUDA
-#                                                  ~ 3.5 minutes or what is left
+#                     the FLUX.1-Kontext and Qwen-Image-Edit steps, then the rest of the suite on CUDA in
+#                     whatever time is left (with the default budget, little: give GPU_CHECK_BUDGET_S more)
 #   GPU_CHECK_PART=all  both, in that order (a machine without a per-command limit)
 # Usage, from anywhere:  GPU_CHECK_PART=1 bash bench/gpu_check.sh      (writes under "$OUT", default ./bench_out)
 # Files written: env.log, tests.log, bench.log, bench.json (the part's cases merged), summary.txt, results.md (the
