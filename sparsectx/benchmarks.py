@@ -1872,8 +1872,8 @@ def _enable_impl(model, full_step: Callable[[], Any], scores: torch.Tensor, coun
     """The drop-in path: a step that passes every reference token to the model with ``sparsectx.sparse_context``
     entered once around the check and the timed calls (as across a pipeline's steps: the first call selects, the
     timed ones reuse its plan), with a selector returning ``scores`` (so it keeps the same tokens as the other
-    implementations; checked: the selection keeps ``count`` tokens of each reference). A fresh selection per call is
-    the breakdown's row (d2)."""
+    implementations; checked: the selection keeps each reference's ``count`` top-scored tokens). A fresh selection
+    per call is the breakdown's row (d2)."""
     name = f"sparsectx.enable ({attention} attn)"
     try:
         from . import integration
