@@ -1616,16 +1616,28 @@ def is_enabled(pipe_or_transformer) -> bool:
 
 class Selection(NamedTuple):
     """What the latest selection kept: ``keep`` bool ``[B, N]`` over the reference tokens in sequence order (the
-    reference images one after another), ``ref_lengths`` their token counts, and ``ref_positions`` long ``[N]``
-    where those tokens sit in the transformer's image sequence."""
+    reference images one after another), ``ref_lengths`` their token counts, ``ref_positions`` long ``[N]`` where
+    those tokens sit in the transformer's image sequence, and ``ref_shapes`` the ``(h, w)`` token grid of each
+    reference where the layout gives it (FLUX ids forming row-major grids, as the pipelines make them; Qwen-Image's
+    ``img_shapes``), else None."""
 
     keep: torch.Tensor
     ref_lengths: list
     ref_positions: torch.Tensor
+    ref_shapes: Optional[list] = None
 
     def per_image(self) -> list:
         """``keep`` split into one bool ``[B, L_i]`` mask per reference image (e.g. to view it on the latent grid)."""
         return list(self.keep.split(self.ref_lengths, dim=1))
+
+    def grids(self) -> list:
+        """One bool ``[B, h, w]`` mask per reference image, on its token grid (row-major; e.g.
+        ``matplotlib.pyplot.imshow(selection.grids()[0][0].cpu())``; a FLUX token covers 16 x 16 pixels of the
+        reference as the pipeline encoded it). ``ValueError`` when the layout gave no grid (``ref_shapes`` None)."""
+        if self.ref_shapes is None:
+            raise ValueError("this selection's layout gives no token grid (reference ids that are not row-major "
+                             "grids): use per_image()")
+        return [mask.view(mask.shape[0], h, w) for mask, (h, w) in zip(self.per_image(), self.ref_shapes)]
 
 
 def last_selection(pipe_or_transformer) -> Optional[Selection]:
@@ -1636,7 +1648,12 @@ def last_selection(pipe_or_transformer) -> Optional[Selection]:
     plan = patch.cache if patch is not None else None
     if plan is None:
         return None
-    return Selection(plan.keep, list(plan.layout.ref_lengths), plan.layout.ref_positions)
+    from .selection import IDS_GRID_SHAPES
+
+    extra = plan.layout.extra
+    shapes = extra.get(IDS_GRID_SHAPES) or extra.get("ref_shapes")
+    return Selection(plan.keep, list(plan.layout.ref_lengths), plan.layout.ref_positions,
+                     None if shapes is None else [(int(h), int(w)) for h, w in shapes])
 
 
 @contextlib.contextmanager

@@ -1425,3 +1425,27 @@ def test_grid_shapes_found_in_the_ids_select_as_the_ids_do(models, family, monke
     for name in ("uniform", "edit", "subject"):
         (keep, out), (keep_ids, out_ids) = results[True, name], results[False, name]
         assert torch.equal(keep, keep_ids) and torch.equal(out, out_ids), name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_last_selection_gives_each_reference_on_its_token_grid(models, family):
+    model, kwargs = models[family], _inputs(family)
+    sparsectx.enable(model, budget=0.5, selector=random_selector, seed=0)
+    _run(model, kwargs)
+    chosen = sparsectx.last_selection(model)
+    assert chosen.ref_shapes == list(_ref_hws(family))
+    grids = chosen.grids()
+    assert [tuple(g.shape) for g in grids] == [(2, h, w) for h, w in _ref_hws(family)]
+    for grid, flat in zip(grids, chosen.per_image()):
+        assert torch.equal(grid.flatten(1), flat)
+    if family == "qwen":
+        return
+    shuffled = dict(kwargs, img_ids=kwargs["img_ids"].clone())  # FLUX ids that are no row-major grid
+    ids = shuffled["img_ids"][0] if shuffled["img_ids"].ndim == 3 else shuffled["img_ids"]
+    ids[_n_target():_n_target() + 2] = ids[[_n_target() + 1, _n_target()]]
+    integration.disable(model)
+    sparsectx.enable(model, budget=0.5, selector=random_selector, seed=0)
+    _run(model, shuffled)
+    assert sparsectx.last_selection(model).ref_shapes is None
+    with pytest.raises(ValueError, match="no token grid"):
+        sparsectx.last_selection(model).grids()
