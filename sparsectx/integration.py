@@ -961,6 +961,7 @@ class _SparsePatch(ForwardPatch):
         return self._merge(call, plan, results)
 
     @_eager_under_compile  # host work once per call (layout, selection, groups): eager beside a compiled model
+    @torch.no_grad()  # (nothing here is differentiated; a checkpoint's recompute must record what its forward did)
     def _plan(self, call: dict, overrides: dict) -> tuple:
         """``(plan, packable)``: the cached plan of this step's inputs, or a new one (layout, selection, groups);
         ``packable``: the plan has a packing and this step's samples share their modulation (timestep, guidance)."""
@@ -1003,6 +1004,7 @@ class _SparsePatch(ForwardPatch):
         embedding tensor (selectors may read the prompt)."""
         ids = call.get("img_ids")
         signals = overrides.get("signals", self.settings.signals)
+        training = self._training_forward()
         # index tensors made under torch.inference_mode can not be saved for backward: a plan per mode
         return (self.call_epoch, torch.is_inference_mode_enabled(), self.attention, self.pack,
                 tuple(call["hidden_states"].shape), None if ids is None else tuple(ids.shape),
@@ -1013,10 +1015,12 @@ class _SparsePatch(ForwardPatch):
                 # a training forward (a bare transformer in train mode) selects anew for each new input tensor (a
                 # random drop selector draws a new mask every step, even on a repeated prompt and reference), and a
                 # recomputation of that forward (a checkpoint around the transformer) reuses its selection
-                self._training_input(call["hidden_states"]) if self._training_forward() else None,
+                self._training_input(call["hidden_states"]) if training else None,
                 # outside a pipeline call (a bare transformer, or a pipeline sharing an enabled transformer) nothing
-                # marks where a call starts: the prompt embedding's tensor keys the selection
-                None if self.pipeline_calls else _Identity(call.get("encoder_hidden_states")))
+                # marks where a call starts: the prompt embedding's tensor keys the selection (not a training
+                # forward's: its input tensor tells it apart, and a reentrant checkpoint recomputes on a copy of the
+                # prompt it was given)
+                None if self.pipeline_calls or training else _Identity(call.get("encoder_hidden_states")))
 
     def _training_forward(self) -> bool:
         """A forward of a training loop: the transformer in train mode outside an enabled pipeline's call (with or
@@ -1045,9 +1049,13 @@ class _SparsePatch(ForwardPatch):
             self.evicted_training_inputs[identity.hash] = identity.ref
 
     def _refuse_evicted_training_forward(self, identity: _Identity) -> None:
-        """A training forward on an input whose plan was dropped is a recomputation (a checkpoint around the whole
-        transformer whose backward runs after MAX_PLANS other forwards, a new pipeline call or a change of
-        attention): a new selection would not be the one its forward used, and the gradients would be wrong."""
+        """A training forward during a backward pass on an input whose plan was dropped is a recomputation (a
+        checkpoint around the whole transformer whose backward runs after MAX_PLANS other forwards, a new pipeline
+        call or a change of attention): a new selection would not be the one its forward used, and the gradients
+        would be wrong. Outside a backward pass the input is simply seen again (e.g. a training loop cycling over
+        fixed batches): it selects anew."""
+        if torch._C._current_graph_task_id() == -1:  # not inside a backward pass: no recomputation
+            return
         ref = self.evicted_training_inputs.get(identity.hash)
         if ref is not None and ref() is not None and ref() is identity.ref():
             raise RuntimeError(

@@ -149,7 +149,7 @@ def random_drop_selector(ratio_range: tuple = DEFAULT_RATIO_RANGE, generator: Op
 
         sparsectx.enable(transformer, budget=None, selector=random_drop_selector((0.05, 1.0), generator))
         transformer.train()
-        loss = ((transformer(**batch)[0][:, :n_target] - target) ** 2).mean()   # a new mask at each forward
+        loss = ((transformer(**batch)[0][:, :n_target] - target) ** 2).mean()  # a new mask per new input tensor
 
     The drop-in then runs every block (MLPs and projections too) on the target, text and kept reference tokens only,
     as at inference. With ``skip_dropped_queries`` (the default) drop training (``enable_drop_training``) computes

@@ -992,6 +992,71 @@ def test_removing_the_dropped_tokens_draws_per_forward_and_a_recompute_reuses_th
         sparsectx.disable(model)
 
 
+@pytest.mark.parametrize("grads", ["input", "prompt", "both"])
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_a_checkpoint_given_the_prompt_too_recomputes_with_the_forwards_mask(reentrant, grads):
+    """A checkpoint around the transformer that is given the prompt embedding as well (a reentrant one recomputes on
+    a detached copy of every tensor it was given; before, the copy of the prompt missed the plan and drew a new
+    mask: gradients off by 7e-4 without an error), and whichever of the two requires grad (a non-reentrant one failed
+    with a CheckpointError when the input did: the selection recorded autograd ops the recompute did not): the
+    forward's mask and the plain run's gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    model, kwargs = _flux2_for_training(lora=False), _train_inputs("flux2")
+    rest = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "encoder_hidden_states")}
+    target = torch.randn(2, N_TARGET, kwargs["hidden_states"].shape[2], generator=torch.Generator().manual_seed(1))
+
+    def run(checkpointed: bool):
+        sparsectx.enable(model, budget=None,
+                         selector=random_drop_selector((0.2, 0.6), torch.Generator().manual_seed(7)))
+        hidden = kwargs["hidden_states"].clone().requires_grad_(grads in ("input", "both"))
+        prompt = kwargs["encoder_hidden_states"].clone().requires_grad_(grads in ("prompt", "both"))
+        keeps = []
+
+        def forward(h, e):
+            out = model(hidden_states=h, encoder_hidden_states=e, **rest)[0]
+            keeps.append(sparsectx.last_selection(model).keep.clone())
+            return out
+
+        model.zero_grad(set_to_none=True)
+        try:
+            out = (checkpoint(forward, hidden, prompt, use_reentrant=reentrant) if checkpointed
+                   else forward(hidden, prompt))
+            ((out[:, :N_TARGET] - target) ** 2).mean().backward()
+        finally:
+            sparsectx.disable(model)
+        return keeps, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (plain_keep,), plain_grads = run(False)
+    keeps, checkpointed_grads = run(True)
+    # the forward and its recompute (a non-reentrant one stops once it has the saved tensors: before the append)
+    assert len(keeps) == (2 if reentrant else 1) and not plain_keep.all()
+    assert all(torch.equal(keep, plain_keep) for keep in keeps)
+    for name, grad in checkpointed_grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+
+
+def test_a_training_loop_over_fixed_batches_selects_anew_after_their_plans_are_dropped():
+    """Forwards outside a backward pass are never taken for recomputations: a loop cycling over more fixed input
+    tensors than the drop-in keeps plans for (before: "recomputes one whose selection is no longer cached" at the
+    first batch seen again), or new enable settings followed by a forward on an input seen before, run and draw."""
+    model, kwargs = _flux2_for_training(lora=False), _train_inputs("flux2")
+    batches = [kwargs["hidden_states"].clone() for _ in range(integration.MAX_PLANS + 1)]
+    try:
+        for settings_seed in (0, 1):
+            sparsectx.enable(model, budget=None,
+                             selector=random_drop_selector((0.2, 0.6), torch.Generator().manual_seed(settings_seed)))
+            kept = []
+            for _ in range(2):
+                for hidden in batches:
+                    model.zero_grad(set_to_none=True)
+                    model(**{**kwargs, "hidden_states": hidden})[0].sum().backward()
+                    kept.append(int(sparsectx.last_selection(model).keep.sum()))
+            assert len(kept) == 2 * len(batches) and len(set(kept)) > 1
+    finally:
+        sparsectx.disable(model)
+
+
 @pytest.mark.parametrize("compiled, lora", [("model", False), ("model", True), ("blocks", False)])
 def test_compiled_drop_training_with_gradient_checkpointing_equals_eager(compiled, lora):
     """torch.compile of a transformer (failed: dynamo's RecursionError building the stand-in for a checkpointed
