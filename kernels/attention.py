@@ -283,8 +283,8 @@ def _fwd_kernel(
             k, v = _load_kv(rk_base + idx * stride_rkr, rv_base + idx * stride_rvr, key_valid, d_valid, True)
             acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k, v, key_valid, qk_scale, True, IEEE)
 
-    # normalise; a query that saw no key outputs zeros and lse = -inf
-    seen = l_i > 0.0
+    # normalise; a query that saw no key (l_i = 0) outputs zeros and lse = -inf (NaN scores: NaN, not -inf)
+    seen = l_i != 0.0
     acc = acc / tl.where(seen, l_i, 1.0)[:, None]
     tl.store(O + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :], acc.to(O.dtype.element_ty),
              mask=q_valid[:, None] & d_valid[None, :])

@@ -75,6 +75,9 @@ PAYLOADS_PER_LAUNCH = 3
 # Row-copy tile: packed rows x (at most) feature columns per program.
 COPY_BLOCK_ROWS = 16
 COPY_MAX_BLOCK_COLS = 512
+# The row kernels find each row's sample in a [COPY_BLOCK_ROWS, samples] block, at most Triton's 2**20 elements:
+# sparsectx.ops refuses batches above MAX_COMPACT_SAMPLES (65536) before any launch.
+assert COPY_BLOCK_ROWS * 65536 <= 1 << 20, "ops.MAX_COMPACT_SAMPLES samples must fit in one row-kernel block"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -138,6 +138,11 @@ def kernel_configs() -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 _ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_GRID_SAMPLES = 65535  # the attention kernels launch (blocks, heads, samples): CUDA's grid y/z limit
+# the compaction's row kernels find each packed row's sample in a [rows, B] block (Triton caps a block at 2**20
+# elements, and a block holds 16 rows): a call takes at most this many samples, on every path alike
+MAX_COMPACT_SAMPLES = 65536
+# the kernels scale scores by softmax_scale·log2(e) in float32: larger magnitudes would overflow it
+_MAX_SOFTMAX_SCALE = torch.finfo(torch.float32).max / 2.0
 
 
 def _check_tensor(name: str, t, ndim: Optional[int] = None, dtypes=None, device=None) -> None:
@@ -417,6 +422,9 @@ def sparse_attention(
     max_seqlen_q, max_seqlen_k = _python_number(max_seqlen_q), _python_number(max_seqlen_k)
     if not _is_int(max_seqlen_q) or not _is_int(max_seqlen_k):
         raise TypeError("max_seqlen_q and max_seqlen_k must be Python ints")
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not isinstance(value, torch.SymInt) and value < 0:
+            raise ValueError(f"{name} must be non-negative, got {value}")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(dim)
     softmax_scale = _python_number(softmax_scale)
@@ -425,9 +433,14 @@ def sparse_attention(
     # traced (torch.compile, export, meta / fake tensors): no data to read, and the scale may be a symbol: the
     # checks that read the device or the scale's value are skipped there
     traced = _traced(q, cu_seqlens_q)
-    if not traced and not (abs(softmax_scale) <= sys.float_info.max):  # NaN, inf, and ints beyond any float
-        raise ValueError(f"softmax_scale must be a finite number, got {softmax_scale!r}")
-    validate = validate and not traced
+    # index tensors batched by torch.vmap hold no single value to read: their checks are skipped as when tracing
+    vmapped = any(isinstance(t, torch.Tensor) and torch._C._functorch.is_batchedtensor(t)
+                  for t in (cu_seqlens_q, cu_seqlens_k, cu_seqlens_ref, ref_index))
+    # NaN, inf, ints beyond any float, and scales whose fp32 product with log2(e) in the kernels overflows
+    if not traced and not (abs(softmax_scale) <= _MAX_SOFTMAX_SCALE):
+        raise ValueError(f"softmax_scale must be a finite number of magnitude at most {_MAX_SOFTMAX_SCALE:.3g} "
+                         f"(the kernels scale scores in float32), got {softmax_scale!r}")
+    validate = validate and not traced and not vmapped
     has_ref = ref_k is not None or ref_v is not None or ref_index is not None or cu_seqlens_ref is not None
     if validate:
         batch = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, None, tq, dev)
@@ -436,10 +449,13 @@ def sparse_attention(
             raise ValueError(f"max_seqlen_q={max_seqlen_q} is smaller than the longest query sequence")
         if _max_len(cu_seqlens_k) > max_seqlen_k:
             raise ValueError(f"max_seqlen_k={max_seqlen_k} is smaller than the longest key sequence")
-    else:  # no host read: types only
+    else:  # no host read: types and entry counts only
         _check_tensor("cu_seqlens_q", cu_seqlens_q, ndim=1, dtypes=(torch.int32,), device=dev)
         _check_tensor("cu_seqlens_k", cu_seqlens_k, ndim=1, dtypes=(torch.int32,), device=dev)
         batch = cu_seqlens_q.numel() - 1
+        if batch < 0:
+            raise ValueError("cu_seqlens_q must have B+1 >= 1 entries, got none")
+        _check_entry_count("cu_seqlens_k", cu_seqlens_k, batch)
     if batch > MAX_GRID_SAMPLES:
         raise ValueError(f"cu_seqlens_q holds {batch} samples; one call takes at most {MAX_GRID_SAMPLES} (the "
                          "kernels' grid has a program row per sample, and CUDA caps that grid dimension): split "
@@ -472,6 +488,7 @@ def sparse_attention(
                 _check_ref_index(ref_index, cu_seqlens_ref, ref_k.shape[1])
         else:
             _check_tensor("cu_seqlens_ref", cu_seqlens_ref, ndim=1, dtypes=(torch.int32,), device=dev)
+            _check_entry_count("cu_seqlens_ref", cu_seqlens_ref, batch)
         cu_seqlens_ref = cu_seqlens_ref.contiguous()
         ref_index = ref_index.contiguous() if ref_index is not None else None
         ref_k, ref_v = _last_dim_contiguous(ref_k), _last_dim_contiguous(ref_v)
@@ -491,6 +508,12 @@ def sparse_attention(
                        ref_k, ref_v, ref_index if has_ref else None, cu_seqlens_ref if has_ref else None,
                        max_seqlen_ref if has_ref else 0, float(softmax_scale))
     return (out, lse) if return_lse else out
+
+
+def _check_entry_count(name: str, cu_seqlens: torch.Tensor, batch: int) -> None:
+    """``cu_seqlens`` has cu_seqlens_q's B+1 entries (metadata: no host read; the kernels index it by sample)."""
+    if cu_seqlens.numel() != batch + 1:
+        raise ValueError(f"{name} must have B+1 = {batch + 1} entries like cu_seqlens_q, got {cu_seqlens.numel()}")
 
 
 def _is_int(value) -> bool:
@@ -566,6 +589,8 @@ def masked_attention(
         _check_tensor("query_mask", query_mask, ndim=2, dtypes=(torch.bool,), device=dev)
         if query_mask.shape != (batch, seq):
             raise ValueError(f"query_mask must be [B={batch}, S={seq}], got {tuple(query_mask.shape)}")
+        # (the skipped queries are compacted, and each sample keeps its own count: no batching rule)
+        _refuse_vmap("masked_attention with a query_mask", q=q, k=k, v=v, query_mask=query_mask)
     kept_prefix = _python_number(kept_prefix)
     if isinstance(kept_prefix, bool) or not isinstance(kept_prefix, int) or not 0 <= kept_prefix <= seq:
         raise ValueError(f"kept_prefix must be an int in [0, S={seq}], got {kept_prefix!r}")
@@ -617,7 +642,6 @@ def _pack_for_attention(mask: torch.Tensor, *tensors: torch.Tensor) -> Compacted
 
 
 _KEY_MASS_DTYPES = _ATTN_DTYPES + (torch.float64,)  # float64: the reference path (an exact check)
-_KEY_MASS_MAX_SCALE = torch.finfo(torch.float32).max / 2.0  # the kernels scale the scores in fp32 (times log2(e))
 
 
 @torch.library.custom_op("sparsectx::attention_key_mass", mutates_args=())
@@ -687,8 +711,8 @@ def attention_key_mass(q: torch.Tensor, k: torch.Tensor, query_weights: Optional
     softmax_scale = _python_number(softmax_scale)
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
         raise TypeError(f"softmax_scale must be a Python number or None, got {type(softmax_scale).__name__}")
-    if not abs(softmax_scale) <= _KEY_MASS_MAX_SCALE:  # NaN, inf, and what overflows the kernels' fp32 scale
-        raise ValueError(f"softmax_scale must be a finite number of magnitude at most {_KEY_MASS_MAX_SCALE:.3g}, "
+    if not abs(softmax_scale) <= _MAX_SOFTMAX_SCALE:  # NaN, inf, and what overflows the kernels' fp32 scale
+        raise ValueError(f"softmax_scale must be a finite number of magnitude at most {_MAX_SOFTMAX_SCALE:.3g}, "
                          f"got {softmax_scale!r}")
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or query_weights.requires_grad):
         raise ValueError("attention_key_mass has no gradient: pass detached q, k and query_weights (or call it "
@@ -906,6 +930,7 @@ def _check_compaction_inputs(selection, tensors, traced: bool):
     if selection.dtype != torch.bool and not selection.is_floating_point():
         raise ValueError(f"selection must be a bool keep mask or floating-point scores, got {selection.dtype}")
     batch, n_tokens = selection.shape
+    _check_compact_batch("selection", batch)
     for i, t in enumerate(tensors):
         _check_tensor(f"tensors[{i}]", t, device=selection.device)
         if t.ndim < 2 or tuple(t.shape[:2]) != (batch, n_tokens):
@@ -915,6 +940,12 @@ def _check_compaction_inputs(selection, tensors, traced: bool):
             and torch.isnan(selection).any()):
         raise ValueError("selection scores contain NaN")
     return batch, n_tokens
+
+
+def _check_compact_batch(name: str, batch: int) -> None:
+    if batch > MAX_COMPACT_SAMPLES:
+        raise ValueError(f"{name} holds {batch} samples; the compaction takes at most {MAX_COMPACT_SAMPLES} per call "
+                         "(its row kernels place each row in a block over the samples): split the batch")
 
 
 def _refuse_vmap(op: str, **inputs) -> None:
@@ -1190,6 +1221,7 @@ def scatter_tokens(packed: torch.Tensor, index: torch.Tensor, cu_seqlens: torch.
     _check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=packed.device)
     if cu_seqlens.numel() < 1:
         raise ValueError("cu_seqlens must have B+1 >= 1 entries")
+    _check_compact_batch("cu_seqlens", cu_seqlens.numel() - 1)
     if index.numel() != packed.shape[0]:
         raise ValueError(f"index has {index.numel()} rows but packed has {packed.shape[0]}")
     if cu_seqlens.device.type != "cuda" and not _traced(cu_seqlens):
@@ -1212,6 +1244,12 @@ def scatter_tokens(packed: torch.Tensor, index: torch.Tensor, cu_seqlens: torch.
             torch.empty(2, dtype=packed.dtype).fill_(fill)  # on the host, the output fill's conversion and checks
         except (RuntimeError, OverflowError) as e:
             raise ValueError(f"fill={fill!r} can not be stored in packed's dtype {packed.dtype}: {e}") from None
+        if not (packed.is_floating_point() or packed.is_complex()):  # (floats round, as usual; integers must fit)
+            low, high = (0, 1) if packed.dtype == torch.bool else (torch.iinfo(packed.dtype).min,
+                                                                  torch.iinfo(packed.dtype).max)
+            if not (float(fill).is_integer() and low <= fill <= high):
+                raise ValueError(f"fill={fill!r} can not be stored in packed's dtype {packed.dtype} (integers in "
+                                 f"[{low}, {high}])")
     fill_value = 0.0 if base is not None else fill
     if _records_graph((packed, base)):
         if base is None and not (packed.is_floating_point() or packed.is_complex()) and fill_value:

@@ -137,6 +137,13 @@ def _ref_select(ref, b: int, rows):
     return ref[rows] if ref.ndim == 3 else ref[b, rows]
 
 
+def _softmax_seen(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim; a row whose scores are all -inf sees no key and gets zeros (not NaN), as the
+    kernels give it (with lse -inf)."""
+    probs = torch.softmax(scores, dim=-1)
+    return probs.masked_fill(torch.isneginf(scores.amax(dim=-1, keepdim=True)), 0.0)
+
+
 def sparse_attention_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -175,7 +182,7 @@ def sparse_attention_ref(
             lses.append(torch.full(scores.shape[:2], -math.inf, dtype=torch.float32, device=q.device))
             continue
         lse = torch.logsumexp(scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores, -1)
-        probs = torch.softmax(scores, dim=-1)
+        probs = _softmax_seen(scores)
         outs.append(torch.einsum("hqk,khd->qhd", probs, v_b))
         lses.append(lse.float())
     # rows of q past cu_seqlens_q[-1] (a caller's padding) belong to no sample: output zero, lse -inf
@@ -216,14 +223,14 @@ def attention_key_mass_ref(q: torch.Tensor, k: torch.Tensor, query_weights: torc
     queries_per_chunk = max(1, min(n_queries, KEY_MASS_CHUNK_ELEMENTS // max(1, batch * n_keys)))
     heads_per_chunk = max(1, KEY_MASS_CHUNK_ELEMENTS // max(1, batch * queries_per_chunk * n_keys))
     mass = q.new_zeros((batch, heads, n_keys))
+    if n_keys == 0:  # no key to give mass to (the loop's max over no key would fail)
+        return mass
     for h0 in range(0, heads, heads_per_chunk):
         h1 = h0 + heads_per_chunk
         for q0 in range(0, n_queries, queries_per_chunk):
             q1 = q0 + queries_per_chunk
             scores = torch.einsum("bqhd,bkhd->bhqk", q[:, q0:q1, h0:h1], k[:, :, h0:h1]) * scale
-            probs = torch.softmax(scores, dim=-1)
-            probs = probs.masked_fill(torch.isneginf(scores.amax(dim=-1, keepdim=True)), 0.0)  # all -inf: none
-            mass[:, h0:h1] += torch.einsum("bhqk,bq->bhk", probs, weights[:, q0:q1])
+            mass[:, h0:h1] += torch.einsum("bhqk,bq->bhk", _softmax_seen(scores), weights[:, q0:q1])
     return mass
 
 
@@ -249,7 +256,7 @@ def sparse_attention_bwd_ref(dout, dlse, q, k, v, cu_seqlens_q, cu_seqlens_k, *,
         if k_b.shape[0] == 0 or q1 == q0:
             continue
         q_b, do_b = q[q0:q1], dout[q0:q1].to(q.dtype)
-        probs = torch.softmax(torch.einsum("qhd,khd->hqk", q_b, k_b) * scale, dim=-1)  # [H, q, k]
+        probs = _softmax_seen(torch.einsum("qhd,khd->hqk", q_b, k_b) * scale)  # [H, q, k]
         o_b = torch.einsum("hqk,khd->qhd", probs, v_b)
         dv_b = torch.einsum("hqk,qhd->khd", probs, do_b)
         dp = torch.einsum("qhd,khd->hqk", do_b, v_b)

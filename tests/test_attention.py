@@ -424,6 +424,15 @@ def _valid():
     (lambda a: a.update(cu_seqlens_ref=a["cu_seqlens_ref"][:2]), ValueError, "cu_seqlens_ref"),
     (lambda a: a.update(softmax_scale=float("nan")), ValueError, "softmax_scale"),
     (lambda a: a.update(softmax_scale=10 ** 400), ValueError, "softmax_scale"),  # no float holds it
+    # (the kernels scale scores in fp32: 1e300 gave all-NaN outputs on every path)
+    (lambda a: a.update(softmax_scale=1e300), ValueError, "softmax_scale must be a finite number of magnitude"),
+    (lambda a: a.update(max_seqlen_q=-1, validate=False), ValueError, "max_seqlen_q must be non-negative"),
+    # without validate, the entry counts are still checked (metadata, no host read): the kernels index cu_seqlens
+    # by sample, and a shorter one was read past its end (garbage, or a segfault under the interpreter)
+    (lambda a: a.update(cu_seqlens_k=a["cu_seqlens_k"][:2], validate=False), ValueError,
+     r"cu_seqlens_k must have B\+1 = 3 entries like cu_seqlens_q, got 2"),
+    (lambda a: a.update(cu_seqlens_ref=a["cu_seqlens_ref"][:2], validate=False), ValueError,
+     r"cu_seqlens_ref must have B\+1 = 3 entries"),
     (lambda a: a.update(q=a["q"].new_zeros(10, 2, 300), k=a["k"].new_zeros(5, 2, 300),
                         v=a["v"].new_zeros(5, 2, 300)), ValueError, "head dim"),
     (lambda a: a.update(max_seqlen_ref=2), ValueError, "max_seqlen_ref=2 is smaller"),
@@ -488,6 +497,23 @@ def test_autocast_casts_the_inputs_as_sdpa_does():
     with torch.autocast(device_type, dtype=torch.bfloat16), pytest.raises(ValueError, match="q must have dtype"):
         sparsectx.sparse_attention(**{name: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point()
                                       else t for name, t in kwargs.items()})
+
+
+def test_a_query_whose_scores_are_all_minus_inf_sees_no_key_on_every_path():
+    """Keys holding -inf make every score of a query -inf: zeros and lse -inf on the kernel and the reference path
+    alike (the reference gave NaN); a +inf score makes the output NaN and its lse is not -inf (the kernel wrote -inf,
+    which tells lse-weighted merges the query saw nothing)."""
+    q = torch.rand(3, 1, 16, device=DEVICE) + 0.5  # positive: q·k is -inf, never NaN
+    k = torch.full((4, 1, 16), -math.inf, device=DEVICE)
+    v = torch.randn(4, 1, 16, device=DEVICE)
+    cu_q, cu_k = _cu([3]), _cu([4])
+    for out, lse in (sparsectx.sparse_attention(q, k, v, cu_q, cu_k, 3, 4, return_lse=True),
+                     ref.sparse_attention_ref(q, k, v, cu_q, cu_k)):
+        assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+    k = torch.randn(4, 1, 16, device=DEVICE)
+    k[1] = math.inf
+    out, lse = sparsectx.sparse_attention(q, k, v, cu_q, cu_k, 3, 4, return_lse=True)
+    assert torch.isnan(out).all() and not torch.isneginf(lse).any()
 
 
 def test_masked_attention_bad_input():

@@ -680,6 +680,28 @@ def _bad_compact_calls(device):
     ]
 
 
+def test_batches_beyond_the_row_kernels_block_and_unstorable_fills_are_refused():
+    """More than MAX_COMPACT_SAMPLES samples: a ValueError naming the argument on every path (the row kernels failed
+    inside Triton); a fill the integer or bool output can not hold: a ValueError (it was converted silently:
+    0.5 -> 0, -1 -> 255 in uint8, 2 -> True)."""
+    from sparsectx import ops
+
+    too_many = ops.MAX_COMPACT_SAMPLES + 1
+    with pytest.raises(ValueError, match=f"selection holds {too_many} samples; the compaction takes at most"):
+        sparsectx.compact_tokens(torch.ones(too_many, 1, dtype=torch.bool))
+    index = torch.zeros(0, dtype=torch.int32)
+    with pytest.raises(ValueError, match=f"cu_seqlens holds {too_many} samples"):
+        sparsectx.scatter_tokens(torch.zeros(0, 2), index, torch.zeros(too_many + 1, dtype=torch.int32), 1)
+    packed, index, cu = torch.zeros(2, 3, dtype=torch.int64), torch.tensor([0, 1], dtype=torch.int32), \
+        torch.tensor([0, 2], dtype=torch.int32)
+    for dtype, fill in ((torch.int64, 0.5), (torch.int32, -2.7), (torch.uint8, -1), (torch.bool, 2)):
+        with pytest.raises(ValueError, match="can not be stored in packed's dtype"):
+            sparsectx.scatter_tokens(packed.to(dtype), index, cu, 4, fill=fill)
+    for dtype, fill in ((torch.int64, 3), (torch.bool, 1), (torch.float16, 0.1)):
+        out = sparsectx.scatter_tokens(packed.to(dtype), index, cu, 4, fill=fill)
+        assert out[0, 2:].eq(torch.tensor(fill, dtype=dtype)).all()
+
+
 def test_bad_compact_input(device):
     for error, name, call in _bad_compact_calls(device):
         with pytest.raises(error, match=name):

@@ -456,6 +456,18 @@ def test_vmap_runs_attention_and_refuses_the_compaction():
         x, f = calls[name]
         with pytest.raises(NotImplementedError, match=f"{name} does not run under torch.vmap"):
             torch.vmap(f)(torch.stack([x, x]))
+    # masked_attention with a query_mask compacts the queries: refused naming itself (it named compact_tokens)
+    q = torch.randn(2, 2, 4, 1, 16)
+    mask = torch.tensor([[True, False, True, True], [True, True, False, True]])
+    with pytest.raises(NotImplementedError, match="masked_attention with a query_mask does not run under torch.vmap"):
+        torch.vmap(lambda t: sparsectx.masked_attention(t, t, t, mask, query_mask=mask))(q)
+    # index tensors batched by vmap: sparse_attention's validate checks (host reads) are skipped, as when tracing
+    # (they failed with "Cannot access data pointer of Tensor that doesn't have storage")
+    rows = torch.randn(3, 5, 1, 16)
+    cu = torch.tensor([[0, 2, 5], [0, 3, 5], [0, 5, 5]], dtype=torch.int32)
+    got = torch.vmap(lambda t, c: sparsectx.sparse_attention(t, t, t, c, c, 5, 5))(rows, cu)
+    want = torch.stack([sparsectx.sparse_attention(t, t, t, c, c, 5, 5) for t, c in zip(rows, cu)])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_data_less_inputs_are_told_from_plain_ones_as_torch_does():

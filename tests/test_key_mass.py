@@ -241,3 +241,12 @@ def test_gpu_bf16_key_mass_at_probe_shapes(dim):
     weights[:, ::3] = 0.0  # padding queries
     weights = weights / weights.sum(1, keepdim=True)
     _assert_flash_criterion(attention_key_mass(q, k, weights), q, k, weights)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_no_keys_give_an_empty_mass(dtype):
+    """N = 0 keys: an empty [B, H, 0] mass on the kernel path and the reference (float64) path (the reference
+    failed taking a max over no key)."""
+    q = torch.randn(2, 3, 2, 16, dtype=dtype)
+    mass = attention_key_mass(q, q[:, :0])
+    assert mass.shape == (2, 2, 0) and mass.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
