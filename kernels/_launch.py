@@ -47,7 +47,7 @@ def to_device(values, dtype: Optional[torch.dtype], device) -> torch.Tensor:
         return host.pin_memory().to(device, non_blocking=True)
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+    return torch.tensor(values, dtype=dtype, device="cpu", pin_memory=True).to(device, non_blocking=True)
 
 
 def on_device_of(arg: str):

@@ -420,7 +420,8 @@ def _qwen_layout(call: dict) -> Optional[_Layout]:
     device = call["hidden_states"].device
     extra = {"ref_shapes": [(f * h, w) for f, h, w in refs]}
     return _Layout(torch.arange(n_target, device=device), torch.arange(n_target, seq, device=device), ref_lengths,
-                   None, (target[0] * target[1], target[2]), extra, torch.arange(n_target), torch.arange(n_target, seq))
+                   None, (target[0] * target[1], target[2]), extra, torch.arange(n_target, device="cpu"),
+                   torch.arange(n_target, seq, device="cpu"))
 
 
 _LAYOUTS = {FLUX2: _ids_layout, FLUX: _ids_layout, QWEN: _qwen_layout}
@@ -1224,7 +1225,7 @@ class _SparsePatch(ForwardPatch):
                              "tokens (one cache for the batch), but they keep different ones: per-request budgets, "
                              "or a selector reading each sample's own prompt or signals; use one budget and one "
                              "selection for the batch, or run the requests in separate calls")
-        is_target = torch.zeros(seq, dtype=torch.bool)
+        is_target = torch.zeros(seq, dtype=torch.bool, device="cpu")
         is_target[target] = True
         groups, host = [], []
         for g in range(masks.shape[0]):
@@ -1260,7 +1261,7 @@ class _SparsePatch(ForwardPatch):
             out_dest.append(b * seq + kept[target_rows])
             lengths.append(kept.numel())
             offset += kept.numel()
-        cu_image = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+        cu_image = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device="cpu")
         return _Packing(rows=_device_values(torch.cat(rows), None, device),
                         positions=_device_values(torch.cat(positions), None, device),
                         cu_image=_device_values(cu_image, None, device), max_image=max(lengths),

@@ -141,6 +141,9 @@ MAX_GRID_SAMPLES = 65535  # the attention kernels launch (blocks, heads, samples
 # the compaction's row kernels find each packed row's sample in a [rows, B] block (Triton caps a block at 2**20
 # elements, and a block holds 16 rows): a call takes at most this many samples, on every path alike
 MAX_COMPACT_SAMPLES = 65536
+# ratios held in a narrow float dtype count as the decimals they were written as (float32's 0.7 is 0.69999998...,
+# whose count of 5 tokens, half up, would be 3 where 0.7's is 4): rounded to this many decimal places first
+RATIO_DECIMALS = {torch.float32: 7, torch.float16: 3, torch.bfloat16: 2}
 # the kernels scale scores by softmax_scale·log2(e) in float32: larger magnitudes would overflow it
 _MAX_SOFTMAX_SCALE = torch.finfo(torch.float32).max / 2.0
 
@@ -898,6 +901,8 @@ def _check_budget(budget, batch: int, n_tokens: int) -> list[int]:
         if budget.device.type == "meta":
             raise ValueError("budget tensor is on the meta device: it has no values to read")
         values = budget.tolist() if budget.ndim else [budget.item()] * batch  # the one host read (NaN: below)
+        if budget.dtype in RATIO_DECIMALS:
+            values = [round(v, RATIO_DECIMALS[budget.dtype]) for v in values]
     elif isinstance(budget, (list, tuple)):
         if len(budget) != batch:
             raise ValueError(f"budget must have one entry per sample ({batch}), got {len(budget)}")

@@ -76,7 +76,7 @@ class SelectionContext:
     target in tokens or None; ``generator`` for random selectors; ``sample_generators``: one generator per sample,
     or None (a pipeline call given one generator per image, diffusers' per-image seeds: a random selector draws
     sample b's scores from ``sample_generators[b]``; ``generator`` is then the first sample's); ``extra``: free-form
-    signals (see the module docstring).
+    signals (see the module docstring; the context keeps a copy of the dict, where the probe's tensors are cached).
     """
 
     num_references: int
@@ -116,6 +116,7 @@ class SelectionContext:
             raise TypeError(f"generator must be a torch.Generator or None, got {type(self.generator).__name__}")
         if not isinstance(self.extra, dict):
             raise TypeError(f"extra must be a dict, got {type(self.extra).__name__}")
+        self.extra = dict(self.extra)  # the context's own: the probe's tensors are cached there, not in the caller's
         if self.sample_generators is not None and (
                 not isinstance(self.sample_generators, (list, tuple))
                 or not all(isinstance(g, torch.Generator) for g in self.sample_generators)):
@@ -270,8 +271,9 @@ def _token_layout(ref_lengths: Sequence[int], device) -> torch.Tensor:
 def _cached_token_layout(ref_lengths: tuple, device: torch.device) -> torch.Tensor:
     if len(ref_lengths) == 1:
         return _device_values([[0], [0], [ref_lengths[0]]], torch.long, device).expand(3, ref_lengths[0])
-    lengths = torch.tensor(ref_lengths)
-    image = torch.repeat_interleave(torch.arange(len(ref_lengths)), lengths, output_size=sum(ref_lengths))
+    lengths = torch.tensor(ref_lengths, device="cpu")
+    image = torch.repeat_interleave(torch.arange(len(ref_lengths), device="cpu"), lengths,
+                                    output_size=sum(ref_lengths))
     rows = torch.stack([image, (torch.cumsum(lengths, 0) - lengths)[image], lengths[image]])
     return _device_values(rows, None, device)
 
@@ -294,8 +296,8 @@ def _image_rows(x: torch.Tensor, ref_lengths: Sequence[int], fill=None) -> torch
 def _image_rows_index(ref_lengths: tuple, padded: bool, device: torch.device) -> torch.Tensor:
     """``_image_rows``' gather index (long ``[n_refs · longest]``): image i's tokens, then its first token, or with
     ``padded`` the extra token after the N tokens (the tensor is shared: never modify it)."""
-    slot = torch.arange(max(ref_lengths))
-    lengths = torch.tensor(ref_lengths)[:, None]
+    slot = torch.arange(max(ref_lengths), device="cpu")
+    lengths = torch.tensor(ref_lengths, device="cpu")[:, None]
     starts = torch.cumsum(lengths, 0) - lengths
     inside = slot < lengths
     index = torch.where(inside, starts + slot, sum(ref_lengths)) if padded else starts + slot * inside
@@ -356,7 +358,9 @@ def row_major_shapes(hw: torch.Tensor, lengths: list) -> Optional[list]:
     sequence order, ``lengths`` tokens each) are exactly a full ``h x w`` grid in row-major order (from any origin),
     as the pipelines make them; None when one is not. The drop-in puts the result in ``extra[IDS_GRID_SHAPES]``.
     Every check stays a host tensor until one ``tolist`` at the end."""
-    exact = torch.ones((), dtype=torch.bool)
+    if hw.ndim != 2 or hw.shape[1] != 2 or sum(lengths) != hw.shape[0]:
+        raise ValueError(f"hw must be [N, 2] with N = sum(lengths) = {sum(lengths)}, got {tuple(hw.shape)}")
+    exact = torch.ones((), dtype=torch.bool, device="cpu")
     if hw.is_floating_point():
         rounded = hw.round()
         exact = (hw == rounded).all()
@@ -366,7 +370,7 @@ def row_major_shapes(hw: torch.Tensor, lengths: list) -> Optional[list]:
         low = rows.amin(dim=0)
         size = rows.amax(dim=0) - low + 1  # (h, w) of the box the image's ids span
         cell = (rows[:, 0] - low[0]) * size[1] + rows[:, 1] - low[1]  # row-major position in that box
-        full = (size.prod() == rows.shape[0]) & (cell == torch.arange(rows.shape[0])).all()
+        full = (size.prod() == rows.shape[0]) & (cell == torch.arange(rows.shape[0], device="cpu")).all()
         checks.append(torch.cat([size, (full & exact).long()[None]]))
     table = torch.stack(checks).tolist()
     return [(h, w) for h, w, _ in table] if all(full for _, _, full in table) else None
@@ -381,10 +385,10 @@ def _layout_shapes(context: SelectionContext, grid: Optional[torch.Tensor]) -> O
 def _shapes_grid(shapes: tuple, ref_lengths: tuple, device: torch.device) -> torch.Tensor:
     """``_image_grid`` of checked ``ref_shapes``: row-major grids built on the host (position p of an image of width
     w sits at (p // w, p % w)), copied once per shapes and device (the tensor is shared: never modify it)."""
-    counts, total = torch.tensor(ref_lengths), sum(ref_lengths)
+    counts, total = torch.tensor(ref_lengths, device="cpu"), sum(ref_lengths)
     starts = (torch.cumsum(counts, 0) - counts).repeat_interleave(counts, output_size=total)
-    position = torch.arange(total) - starts
-    width = torch.tensor([w for _, w in shapes]).repeat_interleave(counts, output_size=total)
+    position = torch.arange(total, device="cpu") - starts
+    width = torch.tensor([w for _, w in shapes], device="cpu").repeat_interleave(counts, output_size=total)
     return _device_values(torch.stack([position // width, position % width], dim=-1), None, device)[None]
 
 
@@ -395,7 +399,7 @@ WORD_BITS = 16  # _reversed_bits: bits reversed per table lookup (tables of 2**1
 def _word_table(spread: bool, device: torch.device) -> torch.Tensor:
     """long ``[2**WORD_BITS]``: each word with its bits reversed (bit k -> bit WORD_BITS-1-k; ``spread``: to bit
     2·(WORD_BITS-1-k)), built on the host and copied to ``device`` once per process."""
-    word = torch.arange(1 << WORD_BITS)
+    word = torch.arange(1 << WORD_BITS, device="cpu")
     table = torch.zeros_like(word)
     for k in range(WORD_BITS):
         table |= ((word >> k) & 1) << ((2 if spread else 1) * (WORD_BITS - 1 - k))
@@ -487,8 +491,8 @@ def uniform_scores(reference_latents: torch.Tensor, context: SelectionContext) -
     """Strided-grid scores in (0, 1]: ``1 - rank / L`` of a low-discrepancy order inside each image of L tokens.
 
     On a 2D grid (``reference_ids`` or ``extra["ref_shapes"]``) the order is the ordered-dither (Bayer) code of
-    (row, col): the top-k of any k contains the lattice of stride s as soon as k reaches its size
-    ``ceil(h/s)·ceil(w/s)``. Without a grid it is the bit-reversed (van der Corput) position, the 1D analogue.
+    (row, col): the top-k of any k contains the lattice of stride s, a power of two, as soon as k reaches its size
+    ``ceil(h/s)·ceil(w/s)`` (other strides are spread evenly, not contained). Without a grid it is the bit-reversed (van der Corput) position, the 1D analogue.
     Scores of all images lie on the same scale, so even a global top-k spreads its picks over the images in
     proportion to their sizes. Signal: none (deterministic, content-blind baseline).
     """
@@ -764,8 +768,9 @@ def edit_scores(reference_latents: torch.Tensor, context: SelectionContext, *, r
     user_mask = context.extra.get("user_mask")
     if user_mask is None:
         queries = _probe_tensor(reference_latents, context, "text_queries", "edit", required=False)
-    else:  # the user's region: no probe, their own instruction queries only
-        queries = context.extra.get("text_queries")
+    else:  # the user's region: no probe, their own instruction queries and keys only (both, or neither is used)
+        given = context.extra.get("text_queries"), context.extra.get("ref_keys")
+        queries = given[0] if all(t is not None for t in given) else None
     if user_mask is None and queries is None:
         raise ValueError("selector 'edit' needs context.extra['user_mask'] and/or extra['text_queries'] with "
                          "extra['ref_keys'] (or an extra['attention_probe'] that provides them)")
@@ -943,7 +948,8 @@ def _as_floats(value):
 def _per_image(name: str, value: PerImage, batch: int, ref_lengths: Sequence[int], device,
                allow_ratio: bool = True, allow_count: bool = True) -> torch.Tensor:
     """A count-or-ratio setting as an int64 ``[B, n_refs]`` count tensor. Floats are ratios of each image's length
-    (rounded half up, as ``compact_tokens`` does), ints are counts (clamped to the image length). Tensors and lists
+    (rounded half up, as ``compact_tokens`` does; a float32/16 tensor's ratios as the decimals they were written as,
+    ``ops.RATIO_DECIMALS``), ints are counts (clamped to the image length). Tensors and lists
     broadcast to ``[B, n_refs]``: ``[n_refs]`` per image, ``[B, 1]`` per request, ``[B, n_refs]`` both; a tensor
     has one kind (its dtype), a list's entries each their own (``[1, 0.25]``: one token, then a quarter).
     Python scalars and lists are checked and turned into counts on the host (the same float64 arithmetic), then
@@ -962,6 +968,9 @@ def _per_image(name: str, value: PerImage, batch: int, ref_lengths: Sequence[int
         if value.dtype == torch.bool or value.is_complex():
             raise TypeError(f"{name} must hold ints (counts) or floats (ratios), got {value.dtype}")
         values = value.to(device=device, dtype=torch.float64)
+        if value.dtype in ops.RATIO_DECIMALS:  # the decimals a narrow float's ratios were written as
+            scale = 10.0 ** ops.RATIO_DECIMALS[value.dtype]
+            values = torch.round(values * scale) / scale
         is_ratio = torch.full(value.shape, value.is_floating_point(), device=device)
     elif isinstance(value, (list, tuple)):
         values, is_ratio = _list_setting(name, value, "cpu")  # host values: checked and converted on the host
@@ -1058,7 +1067,11 @@ class FixedBudget:
         if self.ratio and isinstance(value, numbers.Real):
             value = float(value)  # ratios given as 0/1 ints stay ratios; a scalar needs no host read
         elif self.ratio and not isinstance(value, torch.Tensor):
-            value = torch.tensor(value, dtype=torch.float64)
+            try:  # (a tensor: ratios given as 0/1 ints stay ratios)
+                value = torch.tensor(value, dtype=torch.float64, device="cpu")
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"{self.name} must be a ratio, one per image, or one row of them per request, got "
+                                 f"{value!r} ({error})") from None
         counts = _per_image(self.name, value, scores.shape[0], ref_lengths, scores.device,
                             allow_ratio=self.ratio, allow_count=not self.ratio)
         keep = _topk_per_image(scores, ref_lengths, counts)
@@ -1281,6 +1294,11 @@ def _request_rows(value) -> Optional[int]:
     return None
 
 
+def _typed_row(row) -> list:
+    """A list setting's row with each entry's kind (``[1] == [1.0]`` in Python, but 1 is one token and 1.0 all)."""
+    return [(type(_python_number(entry)), entry) for entry in row]
+
+
 def budget_same_per_sample(budget) -> bool:
     """Whether ``budget`` (as ``budget_for_batch`` gives it) sets every sample alike: the rows of each per-request
     setting are equal. Other budgets (numbers, lists of numbers, callables) are the same for every sample."""
@@ -1290,7 +1308,7 @@ def budget_same_per_sample(budget) -> bool:
         if (_request_rows(value) or 0) < 2:
             continue
         same = torch.equal(value, value[:1].expand_as(value)) if isinstance(value, torch.Tensor) else \
-            all(list(row) == list(value[0]) for row in value)
+            all(_typed_row(row) == _typed_row(value[0]) for row in value)
         if not same:
             return False
     return True

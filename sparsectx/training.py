@@ -74,6 +74,16 @@ def _check_ratios(ratios) -> None:
         raise ValueError(f"ratios must be a non-empty list of keep ratios in [0, 1], got {ratios!r}")
 
 
+def _check_draw_settings(generator, per_image, ratio_range) -> None:
+    """The types of a draw's generator and per_image, and the ratio range (checked even when ``ratios`` replace it:
+    a bad range is a mistake either way)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if not isinstance(per_image, bool):
+        raise TypeError(f"per_image must be a bool, got {type(per_image).__name__}")
+    _check_ratio_range(ratio_range)
+
+
 def _draw_ratios(shape: tuple, ratio_range, ratios, generator, device) -> torch.Tensor:
     """float64 keep ratios of ``shape``: from ``ratios`` (uniform choice) if given, else U[r_min, r_max]."""
     if ratios is not None:
@@ -97,6 +107,7 @@ def random_drop_mask(batch: int, ref_lengths: Sequence[int], n_prefix: int,
     then moved to ``device``, default the generator's device), so a seed fixes the mask.
     """
     ref_lengths = _check_layout(batch, ref_lengths, n_prefix)
+    _check_draw_settings(generator, per_image, ratio_range)
     draw_device = generator.device if generator is not None else torch.device(device or "cpu")
     n_refs = len(ref_lengths)
     rates = _draw_ratios((batch, n_refs if per_image else 1), ratio_range, ratios, generator, draw_device)
@@ -162,14 +173,9 @@ def random_drop_selector(ratio_range: tuple = DEFAULT_RATIO_RANGE, generator: Op
     selection (``enable(..., seed=...)``: the drop-in hands each selection a fresh generator of that seed, which
     would repeat one mask at every step), or from torch's global generator when the drop-in has no seed.
     """
-    if ratios is None:
-        _check_ratio_range(ratio_range)
-    else:
+    _check_draw_settings(generator, per_image, ratio_range)
+    if ratios is not None:
         _check_ratios(ratios)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    if not isinstance(per_image, bool):
-        raise TypeError(f"per_image must be a bool, got {type(per_image).__name__}")
     ratio_range, ratios = tuple(ratio_range), None if ratios is None else list(ratios)
     seeded = []  # the generator seeded from the drop-in's first selection, when none is given
 
@@ -307,7 +313,7 @@ class _DropTrainingPatch(integration.ForwardPatch):
             if total > n_image:
                 raise ValueError(f"ref_lengths {self.ref_lengths} hold {total} tokens but the image sequence has "
                                  f"{n_image}")
-            return torch.arange(n_image - total, n_image), self.ref_lengths
+            return torch.arange(n_image - total, n_image, device="cpu"), self.ref_lengths
         layout = integration.reference_layout(self.family, call)
         if layout is None:
             return None
@@ -423,4 +429,7 @@ class GeneratorState:
         return {"generator_state": self.generator.get_state()}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        if not isinstance(state_dict, dict) or "generator_state" not in state_dict:
+            raise ValueError("state_dict must be what GeneratorState.state_dict() returns (a dict with "
+                             f"'generator_state'), got {state_dict!r:.80}")
         self.generator.set_state(state_dict["generator_state"])

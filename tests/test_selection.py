@@ -1201,3 +1201,85 @@ def test_selection_is_the_same_from_the_grid_shapes_as_from_the_ids(name, n_refs
     if name in ("uniform", "edit", "subject"):  # the selectors that read the grid
         assert _aten_ops(lambda: get_selector(name)(latents, with_shapes)) < \
             _aten_ops(lambda: get_selector(name)(latents, context))
+
+
+def test_narrow_float_ratio_tensors_count_as_the_decimals_written():
+    """A float32 (the default of torch.tensor) ratio tensor keeps the count its Python float keeps: 0.7 of 5 tokens
+    is 4 (half up), where float32's 0.69999998 gave 3, in budgets, adaptive floors and compact_tokens alike."""
+    mismatches = []
+    for hundredths in range(1, 101):
+        ratio = hundredths / 100
+        for length in (5, 10, 25, 45, 50, 75):
+            want = math.floor(ratio * length + 0.5)
+            scores = torch.rand(1, length, generator=torch.Generator().manual_seed(length))
+            got = (int(fixed_ratio(torch.tensor([ratio]))(scores, [length]).counts[0, 0]),
+                   int(adaptive(0.0, floor=torch.tensor([[ratio]]))(scores, [length]).counts[0, 0]),
+                   int(sparsectx.compact_tokens(scores, budget=torch.tensor([ratio])).cu_seqlens[-1]))
+            if got != (want,) * 3:
+                mismatches.append((ratio, length, want, got))
+    assert not mismatches, mismatches[:5]
+
+
+def test_per_request_rows_of_a_count_and_a_ratio_are_not_the_same_setting():
+    """``[[1], [1.0]]``: one token for the first request, every token for the second (Python's ``[1] == [1.0]`` made
+    the drop-in take the batch as uniform and give both requests the first one's setting)."""
+    budget = selection.budget_for_batch(adaptive(0.0, floor=[[1], [1.0]], cap=1.0), 2)
+    assert not selection.budget_same_per_sample(budget)
+    assert selection.budget_same_per_sample(selection.budget_for_batch(adaptive(0.0, floor=[[2], [2]]), 2))
+
+
+def test_selection_builds_its_host_constants_on_the_host_whatever_the_default_device():
+    """Under ``torch.set_default_device`` (meta stands in for a GPU here) the host-side constants (layouts, grids,
+    tables) stay on the host: selection and the drop masks run (they refused a default-device tensor)."""
+    from sparsectx.training import random_drop_mask
+
+    latents = torch.randn(2, 28, 4)
+    shapes_context = SelectionContext(2, [16, 12], extra={"ref_shapes": [(4, 4), (3, 4)]})
+    hw = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij"), -1).reshape(16, 2)
+    torch.set_default_device("meta")
+    try:
+        uniform = select(latents, shapes_context, "uniform", 0.25)
+        randomly = select(latents, SelectionContext(2, [16, 12], generator=torch.Generator().manual_seed(0)),
+                          "random", 0.25)
+        shapes = selection.row_major_shapes(hw, [16])
+        mask = random_drop_mask(2, [16, 12], 3, generator=torch.Generator().manual_seed(0))
+    finally:
+        torch.set_default_device(None)  # (not "cpu": that leaves a device mode on for the tests that follow)
+    assert uniform.device.type == randomly.device.type == mask.device.type == "cpu"
+    assert uniform.sum(1).tolist() == [7, 7] and shapes == [(4, 4)] and mask.shape == (2, 31)
+
+
+def test_a_context_keeps_the_probe_in_its_own_copy_of_extra():
+    """The probe's tensors are cached in the context, not in the dict the caller passed (a second context made from
+    that dict reused the first one's probe tensors and never ran its own probe)."""
+    latents, context = _full_context(1, 2)
+    calls = []
+    provided = {name: context.extra[name] for name in ("text_queries", "ref_keys")}
+    extra = {"attention_probe": lambda x, c: calls.append(1) or dict(provided)}
+    for _ in range(2):
+        select(latents, SelectionContext(2, context.ref_lengths, reference_ids=context.reference_ids, extra=extra),
+               "attention", 0.3)
+    assert calls == [1, 1] and set(extra) == {"attention_probe"}
+
+
+def test_edit_given_a_user_mask_runs_no_probe():
+    """With a user mask the instruction's attention is used only when both its queries and the reference keys are
+    given; a probe that would provide the missing keys is not run (it was, with text queries given alone)."""
+    latents, context = _full_context(1, 2)
+    calls = []
+    probe = lambda x, c: calls.append(1) or {"ref_keys": context.extra["ref_keys"]}  # noqa: E731
+    for names in (("user_mask",), ("user_mask", "text_queries")):
+        extra = {name: context.extra[name] for name in names}
+        extra["attention_probe"] = probe
+        select(latents, SelectionContext(2, context.ref_lengths, reference_ids=context.reference_ids, extra=extra),
+               "edit", 0.3)
+    assert calls == []
+
+
+def test_bad_budget_lists_and_ids_name_the_argument():
+    shapes = [(2, 2)]
+    with pytest.raises(ValueError, match="fixed_ratio must be a ratio, one per image, or one row of them"):
+        fixed_ratio([[0.1, 0.2], [0.3]])(torch.rand(2, 8), [4, 4])
+    with pytest.raises(ValueError, match=r"hw must be \[N, 2\] with N = sum\(lengths\) = 5"):
+        selection.row_major_shapes(torch.zeros(4, 2), [5])
+    assert selection.row_major_shapes(torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1]]), [4]) == shapes

@@ -241,3 +241,24 @@ def test_generator_state_resumes_the_drop_masks_through_accelerate(tmp_path):
     assert not torch.equal(uninterrupted[0], first)
     with pytest.raises(TypeError, match="generator must be a torch.Generator"):
         GeneratorState(0)
+
+
+def test_drop_mask_settings_are_checked_naming_them():
+    """A generator that is not one, a per_image that is not a bool, a bad ratio_range given beside ratios, and a
+    GeneratorState given another state: errors naming the argument (an AttributeError, acceptance, a KeyError)."""
+    from sparsectx.training import GeneratorState, random_drop_mask
+
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        random_drop_mask(2, [4], 1, generator=0)
+    with pytest.raises(TypeError, match="per_image must be a bool"):
+        random_drop_mask(2, [4], 1, per_image="x")
+    with pytest.raises(ValueError, match="ratio_range must be"):
+        random_drop_mask(2, [4], 1, (5, 1), ratios=[0.5])
+    with pytest.raises(ValueError, match="state_dict must be what GeneratorState.state_dict"):
+        GeneratorState(torch.Generator()).load_state_dict({})
+    state = GeneratorState(torch.Generator().manual_seed(3))
+    expected = torch.rand(3, generator=state.generator)
+    restored = GeneratorState(torch.Generator())
+    state.generator.manual_seed(3)
+    restored.load_state_dict(state.state_dict())
+    assert torch.equal(torch.rand(3, generator=restored.generator), expected)
