@@ -468,17 +468,19 @@ def flux_probe_qk(attn, hidden_states, encoder_hidden_states, get_qkv_projection
             _norm_rope(ref_k.unflatten(-1, (-1, attn.head_dim)), attn.norm_k, rows(n_text + ref_rows)))
 
 
-def _split_joint_output(attn, out, encoder_hidden_states, contiguous_inputs: bool):
-    """Text/image split of the joint attention output and the output projections (FLUX.1 makes the split halves
-    contiguous first; FLUX.2 does not)."""
+def _split_joint_output(attn, out, encoder_hidden_states, flux1: bool):
+    """Text/image split of the joint attention output and the output projections, as diffusers does it: FLUX.1
+    makes the halves contiguous and projects the image half first, FLUX.2 projects the text half first (the order
+    matters where a projection draws from the RNG, e.g. a LoRA adapter's dropout)."""
     if encoder_hidden_states is None:
         return attn.to_out[1](attn.to_out[0](out))
     n_text = encoder_hidden_states.shape[1]
     text_out, image_out = out.split_with_sizes([n_text, out.shape[1] - n_text], dim=1)
-    if contiguous_inputs:
-        text_out, image_out = text_out.contiguous(), image_out.contiguous()
-    image_out = attn.to_out[1](attn.to_out[0](image_out))
-    return image_out, attn.to_add_out(text_out)
+    if flux1:
+        image_out = attn.to_out[1](attn.to_out[0](image_out.contiguous()))
+        return image_out, attn.to_add_out(text_out.contiguous())
+    text_out = attn.to_add_out(text_out)
+    return attn.to_out[1](attn.to_out[0](image_out)), text_out
 
 
 class SparsectxFlux2AttnProcessor(_SparsectxProcessor):
@@ -491,7 +493,7 @@ class SparsectxFlux2AttnProcessor(_SparsectxProcessor):
         query, key, value = _joint_qkv(attn, hidden_states, encoder_hidden_states,
                                        transformer_flux2._get_qkv_projections, image_rotary_emb)
         out = self._attend(query, key, value, attention_mask=attention_mask).flatten(2, 3).to(query.dtype)
-        return _split_joint_output(attn, out, encoder_hidden_states, contiguous_inputs=False)
+        return _split_joint_output(attn, out, encoder_hidden_states, flux1=False)
 
 
 class SparsectxFluxAttnProcessor(_SparsectxProcessor):
@@ -506,7 +508,7 @@ class SparsectxFluxAttnProcessor(_SparsectxProcessor):
         out = self._attend(query, key, value, attention_mask=attention_mask).flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is None:  # single-stream block: FluxSingleTransformerBlock projects the output
             return out
-        return _split_joint_output(attn, out, encoder_hidden_states, contiguous_inputs=True)
+        return _split_joint_output(attn, out, encoder_hidden_states, flux1=True)
 
 
 def _parallel_qkv_mlp(attn, hidden_states, rotary_emb):
@@ -582,8 +584,7 @@ class SparsectxFlux2KVAttnProcessor(_SparsectxProcessor):
         num_txt_tokens = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else 0
         out = _kv_attention(self, query, key, value, attention_mask, kv_cache, kv_cache_mode, num_txt_tokens,
                             num_ref_tokens)
-        return _split_joint_output(attn, out.flatten(2, 3).to(query.dtype), encoder_hidden_states,
-                                   contiguous_inputs=False)
+        return _split_joint_output(attn, out.flatten(2, 3).to(query.dtype), encoder_hidden_states, flux1=False)
 
 
 class SparsectxFlux2KVParallelSelfAttnProcessor(_SparsectxProcessor):
@@ -639,13 +640,13 @@ def _qwen_projection(attn, rows, linear, norm=None, freqs=None):
     return _qwen_norm_rope(linear(rows).unflatten(-1, (-1, attn.inner_dim // attn.heads)), norm, freqs)
 
 
-def _qwen_joint_stream(attn, first, second):
-    """q or k of the joint sequence from its two stream parts, each ``(rows, linear, norm, freqs)`` in sequence
-    order: both normalised, rotated and joined by one ``rms_norm_rope`` call (the first as its prefix, on the
-    concatenated frequency tables) where both streams are ``_qwen_fusable`` and ``_joinable``, else stream by
+def _qwen_joint_stream(first, second):
+    """q or k of the joint sequence from its two projected stream parts, each ``(part [B, n, H, D], norm, freqs)`` in
+    sequence order: both normalised, rotated and joined by one ``rms_norm_rope`` call (the first as its prefix, on
+    the concatenated frequency tables) where both streams are ``_qwen_fusable`` and ``_joinable``, else stream by
     stream and concatenated."""
-    parts = [linear(rows).unflatten(-1, (-1, attn.inner_dim // attn.heads)) for rows, linear, _, _ in (first, second)]
-    (_, _, first_norm, first_freqs), (_, _, second_norm, second_freqs) = first, second
+    (first_part, first_norm, first_freqs), (second_part, second_norm, second_freqs) = first, second
+    parts = [first_part, second_part]
     if (_qwen_fusable(parts[0], first_norm, first_freqs) and _qwen_fusable(parts[1], second_norm, second_freqs)
             and _joinable(parts[0], first_norm, parts[1], second_norm)):
         freqs = torch.cat([first_freqs, second_freqs])
@@ -659,18 +660,20 @@ def _qwen_joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb
     """Projections, QK norms and RoPE of both Qwen-Image streams, joined as ``[text, image]`` (diffusers' order) or,
     with ``image_first``, ``[image, text]``: ``(q, k, v)``, each ``[B, T + S, H, D]``."""
     image_freqs, text_freqs = image_rotary_emb if image_rotary_emb is not None else (None, None)
-    image, text = hidden_states, encoder_hidden_states
 
     def in_order(text_part, image_part):
         return (image_part, text_part) if image_first else (text_part, image_part)
 
-    query = _qwen_joint_stream(attn, *in_order((text, attn.add_q_proj, attn.norm_added_q, text_freqs),
-                                               (image, attn.to_q, attn.norm_q, image_freqs)))
-    key = _qwen_joint_stream(attn, *in_order((text, attn.add_k_proj, attn.norm_added_k, text_freqs),
-                                             (image, attn.to_k, attn.norm_k, image_freqs)))
-    value = torch.cat(in_order(_qwen_projection(attn, text, attn.add_v_proj),
-                               _qwen_projection(attn, image, attn.to_v)), dim=1)
-    return query, key, value
+    def project(rows, linear):
+        return linear(rows).unflatten(-1, (-1, attn.inner_dim // attn.heads))
+
+    # diffusers' order of the projections (one draws from the RNG where it has dropout, e.g. a LoRA adapter's)
+    img_q, img_k, img_v = (project(hidden_states, linear) for linear in (attn.to_q, attn.to_k, attn.to_v))
+    txt_q, txt_k, txt_v = (project(encoder_hidden_states, linear)
+                           for linear in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+    query = _qwen_joint_stream(*in_order((txt_q, attn.norm_added_q, text_freqs), (img_q, attn.norm_q, image_freqs)))
+    key = _qwen_joint_stream(*in_order((txt_k, attn.norm_added_k, text_freqs), (img_k, attn.norm_k, image_freqs)))
+    return query, key, torch.cat(in_order(txt_v, img_v), dim=1)
 
 
 def qwen_probe_qk(attn, hidden_states, encoder_hidden_states, image_rotary_emb, target_rows, ref_rows):
@@ -735,7 +738,8 @@ _REPLACED = {replacement: original for original, replacement in PROCESSOR_MAP.it
 
 def _register_for_layer_skip() -> None:
     """Gives each sparsectx processor diffusers' layer-skip metadata of the processor it replaces, where diffusers
-    has some (in 0.42.1: Qwen-Image's), so ``apply_layer_skip`` treats a layer running sparsectx as diffusers'."""
+    has some (in 0.42.1: Qwen-Image's and FLUX.1's), so ``apply_layer_skip`` treats a layer running sparsectx as
+    diffusers'. Run at import (processors set by hand are known too) and again at each install (idempotent)."""
     if AttentionProcessorRegistry is None:
         return
     for original, replacement in PROCESSOR_MAP.items():
@@ -744,6 +748,9 @@ def _register_for_layer_skip() -> None:
         except ValueError:  # diffusers' layer skip does not know this processor: neither does it know ours
             continue
         AttentionProcessorRegistry.register(replacement, metadata)
+
+
+_register_for_layer_skip()
 
 
 # the submodule a wrapper holds: torch's checkpoint_wrapper / offload_wrapper, FSDP1, torch.compile

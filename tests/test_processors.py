@@ -89,6 +89,41 @@ def test_sparsectx_attention_equals_native(models, family, budget, monkeypatch):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_processors_call_the_projections_in_diffusers_order(models, family):
+    """The projections run in the order diffusers' processor runs them (FLUX.2: the text output projection before
+    the image one; Qwen-Image: image q, k, v, then text q, k, v), so modules that draw from the RNG (a LoRA
+    adapter's dropout in training) draw what they draw natively (FLUX.2 and Qwen-Image drew in another order)."""
+    model, kwargs = models[family], shared._inputs(family)
+    attn = model.transformer_blocks[0].attn
+    order = []
+    handles = [module.register_forward_pre_hook(lambda module, args, name=name: order.append(name))
+               for name, module in attn.named_modules() if isinstance(module, torch.nn.Linear)]
+    try:
+        _run(model, kwargs)
+        native, order[:] = list(order), []
+        sparsectx.enable(model, budget=1.0, selector=shared.random_selector, seed=0, attention="sparsectx")
+        _run(model, kwargs)
+    finally:
+        sparsectx.disable(model)
+        for handle in handles:
+            handle.remove()
+    assert len(native) >= 8 and order == native, (native, order)
+
+
+def test_processors_carry_layer_skip_metadata_from_import():
+    """A sparsectx processor set by hand (no install_processors in the process) is known to diffusers' layer skip
+    as the processor it replaces (registered at import; before, only by an install)."""
+    import subprocess
+    import sys
+
+    code = ("import sparsectx.processors as p\n"
+            "from diffusers.hooks._helpers import AttentionProcessorRegistry as r\n"
+            "r.get(p.SparsectxQwenDoubleStreamAttnProcessor)\nprint('known')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "known", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_qk_norm_and_rope_run_in_one_pass_and_equal_native(models, family, monkeypatch):
     """The processors compute each layer's q and k (QK norms, RoPE and the text/image join) with one
     ``rms_norm_rope`` call each (Qwen-Image: on its streams' frequency tables concatenated), and the output is the
@@ -397,7 +432,7 @@ def _layer_skipped_run(model, kwargs, config):
 @pytest.mark.parametrize("order", ["enable_first", "skip_first"])
 def test_attention_score_skip_acts_on_sparsectx_processors(models, order):
     """diffusers' layer skip with ``skip_attention_scores`` (perturbed-attention guidance: attention outputs its
-    values) on the Qwen-Image layers (the only family whose processors layer skip knows in diffusers 0.42.1, where
+    values) on the Qwen-Image layers (layer skip in diffusers 0.42.1 knows Qwen-Image's and FLUX.1's processors;
     skipping the whole attention fails in diffusers' own Qwen-Image block): the sparsectx processors skip what
     diffusers' would, whether sparsectx is enabled before the hook is applied (the guiders apply it at each step)
     or after."""
@@ -1613,9 +1648,7 @@ def test_text_and_image_streams_of_two_dtypes_run_diffusers_modules(kind):
         rope = processors.transformer_qwenimage.apply_rotary_emb_qwen
         native = torch.cat([rope(text_norm(text), text_freqs, use_real=False),
                             rope(image_norm(image), image_freqs, use_real=False)], 1)
-        attn = types.SimpleNamespace(inner_dim=heads * dim, heads=heads)
-        got = processors._qwen_joint_stream(attn, (text.flatten(2), torch.nn.Identity(), text_norm, text_freqs),
-                                            (image.flatten(2), torch.nn.Identity(), image_norm, image_freqs))
+        got = processors._qwen_joint_stream((text, text_norm, text_freqs), (image, image_norm, image_freqs))
     assert got.dtype == native.dtype
     torch.testing.assert_close(got, native, rtol=0, atol=1e-6)
 
@@ -1646,14 +1679,12 @@ def test_tables_wider_than_fp32_run_diffusers_code(kind, monkeypatch):
         text_norm, image_norm = DiffusersRMSNorm(dim, eps=1e-6), DiffusersRMSNorm(dim, eps=1e-6)
         angles = [torch.rand(n, dim // 2, generator=gen, dtype=torch.float64) for n in (n_text, n_image)]
         rope = processors.transformer_qwenimage.apply_rotary_emb_qwen
-        attn = types.SimpleNamespace(inner_dim=heads * dim, heads=heads)
 
         def run(wide):
             freqs = [torch.polar(torch.ones_like(t), t) for t in (angles if wide else [a.float() for a in angles])]
             native = torch.cat([rope(text_norm(text), freqs[0], use_real=False),
                                 rope(image_norm(image), freqs[1], use_real=False)], 1)
-            return processors._qwen_joint_stream(attn, (text.flatten(2), torch.nn.Identity(), text_norm, freqs[0]),
-                                                 (image.flatten(2), torch.nn.Identity(), image_norm, freqs[1])), native
+            return processors._qwen_joint_stream((text, text_norm, freqs[0]), (image, image_norm, freqs[1])), native
 
     with torch.no_grad():
         got, native = run(wide=True)
