@@ -962,7 +962,6 @@ class _SparsePatch(ForwardPatch):
         return self._merge(call, plan, results)
 
     @_eager_under_compile  # host work once per call (layout, selection, groups): eager beside a compiled model
-    @torch.no_grad()  # (nothing here is differentiated; a checkpoint's recompute must record what its forward did)
     def _plan(self, call: dict, overrides: dict) -> tuple:
         """``(plan, packable)``: the cached plan of this step's inputs, or a new one (layout, selection, groups);
         ``packable``: the plan has a packing and this step's samples share their modulation (timestep, guidance)."""
@@ -1018,10 +1017,17 @@ class _SparsePatch(ForwardPatch):
                 # recomputation of that forward (a checkpoint around the transformer) reuses its selection
                 self._training_input(call["hidden_states"]) if training else None,
                 # outside a pipeline call (a bare transformer, or a pipeline sharing an enabled transformer) nothing
-                # marks where a call starts: the prompt embedding's tensor keys the selection (not a training
-                # forward's: its input tensor tells it apart, and a reentrant checkpoint recomputes on a copy of the
-                # prompt it was given)
-                None if self.pipeline_calls or training else _Identity(call.get("encoder_hidden_states")))
+                # marks where a call starts: the prompt embedding's tensor keys the selection (a training forward's
+                # as its input is keyed: a reentrant checkpoint recomputes on a detached alias of the prompt it was
+                # given)
+                None if self.pipeline_calls else self._prompt_key(call.get("encoder_hidden_states"), training))
+
+    def _prompt_key(self, prompt, training: bool) -> _Identity:
+        """The plan-key entry of the prompt embedding: its tensor, found through its memory and view in a training
+        forward (``_training_input``)."""
+        if training and isinstance(prompt, torch.Tensor):
+            return self._training_input(prompt)
+        return _Identity(prompt)
 
     def _training_forward(self) -> bool:
         """A forward of a training loop: the transformer in train mode outside an enabled pipeline's call (with or
@@ -1068,7 +1074,9 @@ class _SparsePatch(ForwardPatch):
     def _new_plan(call: dict, layout: Optional[_Layout], keep: Optional[torch.Tensor], groups: list,
                   packing: Optional[_Packing] = None) -> _Plan:
         ids = call.get("img_ids")
-        references = None if layout is None else call["hidden_states"][:, layout.ref_positions].detach().clone()
+        # (read from the detached input: a checkpoint's recompute, which reuses the plan, must record what its
+        # forward recorded)
+        references = None if layout is None else call["hidden_states"].detach()[:, layout.ref_positions].clone()
         return _Plan(layout, keep, groups, None if ids is None else ids.detach().clone(), references, packing)
 
     @staticmethod
@@ -1080,7 +1088,7 @@ class _SparsePatch(ForwardPatch):
         if plan.ids is not None:
             checks.append(torch.eq(call["img_ids"], plan.ids).all())
         if plan.layout is not None:
-            checks.append(torch.eq(call["hidden_states"][:, plan.layout.ref_positions], plan.references).all())
+            checks.append(torch.eq(call["hidden_states"].detach()[:, plan.layout.ref_positions], plan.references).all())
         n_match = len(checks)
         if plan.packing is not None:
             checks.append(_uniform_over_batch(call).all())
@@ -1138,7 +1146,7 @@ class _SparsePatch(ForwardPatch):
         """bool ``[B, N]``: the reference tokens each sample keeps (the selector's mask, or each image's budget of
         its scores)."""
         hidden = call["hidden_states"]
-        references = hidden[:, layout.ref_positions]
+        references = hidden.detach()[:, layout.ref_positions]  # (selection is not differentiated: nothing recorded)
         budget = overrides.get("budget", self.settings.budget)
         selector = overrides.get("selector", self.settings.selector)
         signals = overrides.get("signals", self.settings.signals)

@@ -142,8 +142,8 @@ MAX_GRID_SAMPLES = 65535  # the attention kernels launch (blocks, heads, samples
 # elements, and a block holds 16 rows): a call takes at most this many samples, on every path alike
 MAX_COMPACT_SAMPLES = 65536
 # ratios held in a narrow float dtype count as the decimals they were written as (float32's 0.7 is 0.69999998...,
-# whose count of 5 tokens, half up, would be 3 where 0.7's is 4): rounded to this many decimal places first
-RATIO_DECIMALS = {torch.float32: 7, torch.float16: 3, torch.bfloat16: 2}
+# whose count of 5 tokens, half up, would be 3 where 0.7's is 4): see written_ratio
+NARROW_RATIO_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # the kernels scale scores by softmax_scale·log2(e) in float32: larger magnitudes would overflow it
 _MAX_SOFTMAX_SCALE = torch.finfo(torch.float32).max / 2.0
 
@@ -901,8 +901,8 @@ def _check_budget(budget, batch: int, n_tokens: int) -> list[int]:
         if budget.device.type == "meta":
             raise ValueError("budget tensor is on the meta device: it has no values to read")
         values = budget.tolist() if budget.ndim else [budget.item()] * batch  # the one host read (NaN: below)
-        if budget.dtype in RATIO_DECIMALS:
-            values = [round(v, RATIO_DECIMALS[budget.dtype]) for v in values]
+        if budget.dtype in NARROW_RATIO_DTYPES:
+            values = [written_ratio(v, budget.dtype) for v in values]
     elif isinstance(budget, (list, tuple)):
         if len(budget) != batch:
             raise ValueError(f"budget must have one entry per sample ({batch}), got {len(budget)}")
@@ -921,6 +921,17 @@ def _check_budget(budget, batch: int, n_tokens: int) -> list[int]:
         elif not (0 <= b <= n_tokens):
             raise ValueError(f"budget count must be in [0, N={n_tokens}], got {b}")
     return reference.budget_to_counts(values, batch, n_tokens)
+
+
+def written_ratio(value: float, dtype: torch.dtype) -> float:
+    """A ratio read from a narrow float ``dtype`` as the shortest decimal that ``dtype`` stores as ``value`` (the
+    decimal it was written as: float32's 0.69999998807907 is 0.7), so that its count, rounded half up, is the one
+    the Python float keeps; a value no shorter decimal gives (an exact binary ratio such as 2**-12) stays as it is."""
+    for digits in range(1, 18):
+        candidate = float(f"{value:.{digits}g}")
+        if torch.tensor(candidate, dtype=dtype, device="cpu").item() == value:
+            return candidate
+    return value
 
 
 def _python_number(value):

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -750,7 +751,11 @@ def _register_for_layer_skip() -> None:
         AttentionProcessorRegistry.register(replacement, metadata)
 
 
-_register_for_layer_skip()
+try:  # (diffusers fills its registry lazily, importing other model families: a failure there leaves install's call)
+    _register_for_layer_skip()
+except Exception as error:  # noqa: BLE001 - layer-skip metadata is a convenience; importing sparsectx must not fail
+    warnings.warn(f"sparsectx could not register its processors for diffusers' layer skip at import ({error}); "
+                  "installing them retries", RuntimeWarning, stacklevel=1)
 
 
 # the submodule a wrapper holds: torch's checkpoint_wrapper / offload_wrapper, FSDP1, torch.compile

@@ -492,9 +492,10 @@ def uniform_scores(reference_latents: torch.Tensor, context: SelectionContext) -
 
     On a 2D grid (``reference_ids`` or ``extra["ref_shapes"]``) the order is the ordered-dither (Bayer) code of
     (row, col): the top-k of any k contains the lattice of stride s, a power of two, as soon as k reaches its size
-    ``ceil(h/s)·ceil(w/s)`` (other strides are spread evenly, not contained). Without a grid it is the bit-reversed (van der Corput) position, the 1D analogue.
-    Scores of all images lie on the same scale, so even a global top-k spreads its picks over the images in
-    proportion to their sizes. Signal: none (deterministic, content-blind baseline).
+    ``ceil(h/s)·ceil(w/s)`` (other strides are spread evenly, not contained). Without a grid it is the bit-reversed
+    (van der Corput) position, the 1D analogue. Scores of all images lie on the same scale, so even a global top-k
+    spreads its picks over the images in proportion to their sizes. Signal: none (deterministic, content-blind
+    baseline).
     """
     scores = _uniform_scores(reference_latents, context, _image_grid(context, reference_latents.device))
     return scores.expand(reference_latents.shape[0], -1).clone(memory_format=torch.contiguous_format)  # writable
@@ -949,7 +950,7 @@ def _per_image(name: str, value: PerImage, batch: int, ref_lengths: Sequence[int
                allow_ratio: bool = True, allow_count: bool = True) -> torch.Tensor:
     """A count-or-ratio setting as an int64 ``[B, n_refs]`` count tensor. Floats are ratios of each image's length
     (rounded half up, as ``compact_tokens`` does; a float32/16 tensor's ratios as the decimals they were written as,
-    ``ops.RATIO_DECIMALS``), ints are counts (clamped to the image length). Tensors and lists
+    ``ops.written_ratio``: one more host read), ints are counts (clamped to the image length). Tensors and lists
     broadcast to ``[B, n_refs]``: ``[n_refs]`` per image, ``[B, 1]`` per request, ``[B, n_refs]`` both; a tensor
     has one kind (its dtype), a list's entries each their own (``[1, 0.25]``: one token, then a quarter).
     Python scalars and lists are checked and turned into counts on the host (the same float64 arithmetic), then
@@ -967,10 +968,12 @@ def _per_image(name: str, value: PerImage, batch: int, ref_lengths: Sequence[int
     elif isinstance(value, torch.Tensor):
         if value.dtype == torch.bool or value.is_complex():
             raise TypeError(f"{name} must hold ints (counts) or floats (ratios), got {value.dtype}")
-        values = value.to(device=device, dtype=torch.float64)
-        if value.dtype in ops.RATIO_DECIMALS:  # the decimals a narrow float's ratios were written as
-            scale = 10.0 ** ops.RATIO_DECIMALS[value.dtype]
-            values = torch.round(values * scale) / scale
+        if value.dtype in ops.NARROW_RATIO_DTYPES:  # the decimals a narrow float's ratios were written as (a read)
+            written = [ops.written_ratio(v, value.dtype) for v in value.detach().flatten().tolist()]
+            values = _device_values(torch.tensor(written, dtype=torch.float64, device="cpu").view(value.shape), None,
+                                    device)
+        else:
+            values = value.to(device=device, dtype=torch.float64)
         is_ratio = torch.full(value.shape, value.is_floating_point(), device=device)
     elif isinstance(value, (list, tuple)):
         values, is_ratio = _list_setting(name, value, "cpu")  # host values: checked and converted on the host

@@ -1449,3 +1449,32 @@ def test_last_selection_gives_each_reference_on_its_token_grid(models, family):
     assert sparsectx.last_selection(model).ref_shapes is None
     with pytest.raises(ValueError, match="no token grid"):
         sparsectx.last_selection(model).grids()
+
+
+def test_a_training_forward_selects_per_prompt_and_lets_selectors_use_autograd(models):
+    """Train mode without a backward (e.g. guidance branches in a validation loop without ``eval()``): one latent
+    tensor with two prompts selects once per prompt (keying the training plan by its input alone shared one
+    selection); a selector that takes gradients of its own runs in a training forward (planning under no_grad
+    refused it)."""
+    model, kwargs = models["flux2"], _inputs("flux2")
+    model.train()
+    calls, counting = _counting(random_selector)
+
+    def gradient_selector(latents, context):
+        x = latents.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(x.pow(2).sum(), x)
+        return grad.norm(dim=-1)
+
+    try:
+        sparsectx.enable(model, budget=0.5, selector=counting)
+        with torch.no_grad():
+            model(**kwargs)
+            model(**{**kwargs, "encoder_hidden_states": kwargs["encoder_hidden_states"] + 1.0})
+        assert len(calls) == 2
+        integration.disable(model)
+        sparsectx.enable(model, budget=0.5, selector=gradient_selector)
+        model(**kwargs)[0].mean().backward()
+        assert sparsectx.last_selection(model).keep.sum() < sparsectx.last_selection(model).keep.numel()
+    finally:
+        model.eval()
+        model.zero_grad(set_to_none=True)

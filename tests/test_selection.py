@@ -1218,6 +1218,13 @@ def test_narrow_float_ratio_tensors_count_as_the_decimals_written():
             if got != (want,) * 3:
                 mismatches.append((ratio, length, want, got))
     assert not mismatches, mismatches[:5]
+    # exact binary ratios keep their counts, and a positive ratio never becomes 0 (a fixed number of decimals did)
+    for dtype, ratio, length, want in ((torch.bfloat16, 0.125, 4096, 512), (torch.float16, 0.0625, 4096, 256),
+                                       (torch.float32, 1.5 / 4096, 4096, 2), (torch.bfloat16, 1 / 512, 1024, 2)):
+        scores = torch.rand(1, length, generator=torch.Generator().manual_seed(0))
+        budget = torch.tensor([ratio], dtype=dtype)
+        assert int(fixed_ratio(budget)(scores, [length]).counts[0, 0]) == want, (dtype, ratio)
+        assert int(sparsectx.compact_tokens(scores, budget=budget).cu_seqlens[-1]) == want, (dtype, ratio)
 
 
 def test_per_request_rows_of_a_count_and_a_ratio_are_not_the_same_setting():
