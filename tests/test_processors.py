@@ -1394,6 +1394,7 @@ def test_accelerate_mixed_precision_around_drop_training(order):
     what the unwrap would (not the wrapper it removed). Disabling under the wrapper says what to do."""
     accelerate = pytest.importorskip("accelerate")
     model, kwargs = shared._build_model("flux2").train(), _train_inputs("flux2")
+    accelerate.state.AcceleratorState._reset_state(True)  # (an earlier test's Accelerator fixes another precision)
     accelerator = accelerate.Accelerator(mixed_precision="bf16", cpu=True)
     try:
         if order == "enable, prepare":
