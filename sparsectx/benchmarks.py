@@ -1065,6 +1065,15 @@ def _refs_keep_label(config) -> str:
     return f"{refs}ref-{_pct(keep)}"
 
 
+def _step_shape(family: ModelFamily, size: str, refs: int, keep: float, count: int, n_ref: int, n_target: int,
+                text: int, dtype: torch.dtype) -> str:
+    """The shape label of one denoising step of a family's model with ``refs`` references keeping ``count`` of
+    their ``n_ref`` tokens each."""
+    model = family.label if size == "full" else "tiny " + family.class_name
+    return (f"{refs} ref x {_pct(keep)} ({refs * count} of {refs * n_ref} tokens), target {n_target}, text {text}, "
+            f"{model} {str(dtype).replace('torch.', '')}")
+
+
 class _RefsKeepCase:
     """A model case whose configs are ``(references, keep ratio)`` pairs of its ``sizes``."""
 
@@ -1153,9 +1162,7 @@ class EndToEndCase:
             return with_refs(lat, ids)
 
         full_step = lambda: with_refs(x["ref_latents"], x["ref_ids"])  # noqa: E731 - every reference token
-        shape = (f"{refs} ref x {_pct(keep)} ({refs * count} of {refs * n_ref} tokens), target {n_target}, "
-                 f"text {s['text']}, {family.label if size == 'full' else 'tiny ' + family.class_name} "
-                 f"{str(dtype).replace('torch.', '')}")
+        shape = _step_shape(family, size, refs, keep, count, n_ref, n_target, s["text"], dtype)
         primary = Impl("sparsectx compact_tokens + step", sparsectx_step, note="compaction inside the timed step")
         if breakdown:
             full_kwargs = step_kwargs(torch.cat([x["target"], x["ref_latents"].reshape(1, -1, channels)], 1),
@@ -1269,9 +1276,7 @@ class QwenEndToEndCase(_RefsKeepCase):
         idx = _torch_topk_rows(scores, count)
         kept_latents = torch.stack([ref_latents[i].index_select(0, idx[i]) for i in range(refs)])
         full_step = lambda: with_refs(ref_latents, [(ref_side, ref_side)] * refs)  # noqa: E731 - every token
-        shape = (f"{refs} ref x {_pct(keep)} ({refs * count} of {refs * n_ref} tokens), target {n_target}, "
-                 f"text {s['text']}, {self.family.label if size == 'full' else 'tiny ' + self.family.class_name} "
-                 f"{str(dtype).replace('torch.', '')}")
+        shape = _step_shape(self.family, size, refs, keep, count, n_ref, n_target, s["text"], dtype)
         impls = [
             *(_enable_impl(model, full_step, scores, count, attention) for attention in ("native", "sparsectx")),
             Impl("reference grid shrunk to the kept count", lambda: with_refs(kept_latents, [grid] * refs),

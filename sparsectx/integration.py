@@ -1034,18 +1034,18 @@ class _SparsePatch(ForwardPatch):
         without gradients: a reentrant checkpoint runs the forward under no_grad)."""
         return self.transformer.training and not self.pipeline_calls
 
-    def _training_input(self, hidden_states: torch.Tensor) -> _Identity:
-        """The plan-key entry of a training forward's input: the first live tensor seen over the same memory and
-        view (a reentrant checkpoint recomputes on a detached alias of the forward's input, which it keeps alive),
-        else this tensor."""
-        view = (hidden_states.device, hidden_states.untyped_storage().data_ptr(), hidden_states.storage_offset(),
-                tuple(hidden_states.shape), hidden_states.stride(), hidden_states.dtype)
+    def _training_input(self, tensor: torch.Tensor) -> _Identity:
+        """The plan-key entry of a training forward's input (or prompt): the first live tensor seen over the same
+        memory and view (a reentrant checkpoint recomputes on a detached alias of each tensor it was given, which it
+        keeps alive), else this tensor."""
+        view = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                tensor.stride(), tensor.dtype)
         self.training_inputs = {v: r for v, r in self.training_inputs.items() if r() is not None}
         first = self.training_inputs.get(view)
         first = first() if first is not None else None
         if first is None:
-            self.training_inputs[view] = weakref.ref(hidden_states)
-            first = hidden_states
+            self.training_inputs[view] = weakref.ref(tensor)
+            first = tensor
         return _Identity(first)
 
     def _remember_eviction(self, key: tuple) -> None:
