@@ -243,6 +243,7 @@ def main(argv=None) -> int:
     builders = {"compaction": compaction_section, "selection": selection_section, "probe": probe_section,
                 "masked": masked_section, "norm_rope": norm_rope_section}
     report = []
+    os.makedirs(args.out, exist_ok=True)
     for name in args.section or SECTIONS:
         started = time.perf_counter()
         try:
@@ -251,9 +252,9 @@ def main(argv=None) -> int:
             text = f"FAILED: {type(exc).__name__}: {exc}"
         report.append(f"##### {name} ({time.perf_counter() - started:.1f} s)\n{text}\n")
         print(report[-1], flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "profile_ops.txt"), "w") as f:
-        f.write("\n".join(report))
+        # rewritten after every section: a run cut by its timeout keeps the sections it finished
+        with open(os.path.join(args.out, "profile_ops.txt"), "w") as f:
+            f.write("\n".join(report))
     return 1 if any("\nFAILED: " in part for part in report) else 0
 
 

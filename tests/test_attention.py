@@ -694,6 +694,21 @@ def test_gpu_bf16_realistic_varlen(dim):
 
 
 @pytest.mark.gpu
+def test_gpu_bf16_references_gathered_in_place():
+    """A head-major reference buffer (``[B, H, R, D]`` seen as ``[B, R, H, D]``: heads apart) is not copied into
+    packed rows first: the forward gathers its kept rows in place, the path every gathered buffer took before the
+    copy, which the other GPU tests at head dim 128 no longer reach."""
+    from sparsectx.kernels import attention as kernels
+
+    lq = [4608, 1000, 1, 2000]
+    case = make_case(lq, lq, [205, 0, 4096, 1024], 4096, 24, 128, torch.bfloat16, seed=5)
+    for name in ("ref_k", "ref_v"):
+        case.ref[name] = case.ref[name].transpose(1, 2).contiguous().transpose(1, 2)
+    assert not kernels._packs_gathered_rows(case.ref["ref_k"], case.ref["ref_v"])
+    _assert_bf16_forward_and_backward(case, seed=5)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dim", [128, 256])
 @pytest.mark.parametrize("candidate", range(5))
 def test_gpu_bf16_every_autotune_candidate(candidate, dim, monkeypatch):

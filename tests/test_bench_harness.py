@@ -414,6 +414,21 @@ def test_profile_dry_run_writes_every_section(tmp_path):
     assert "FAILED: ZeroDivisionError" in (tmp_path / "profile_ops.txt").read_text()
 
 
+def test_profile_run_cut_short_keeps_the_sections_it_finished(tmp_path):
+    """gpu_check.sh runs the profile last, under a timeout: every finished section is on disk before the next
+    starts (a run killed in the middle of a section keeps the ones before it)."""
+    profile_ops = _bench_tool_for_a_dry_run("profile_ops")
+    profile_ops.compaction_section = lambda *args: "first section's table"
+
+    def killed(*args):  # the timeout's kill arrives while this section runs: look at what is on disk then
+        raise SystemExit((tmp_path / "profile_ops.txt").read_text())
+
+    profile_ops.selection_section = killed
+    with pytest.raises(SystemExit) as cut:
+        profile_ops.main(["--tiny", "--section", "compaction", "--section", "selection", "--out", str(tmp_path)])
+    assert "##### compaction" in str(cut.value) and "first section's table" in str(cut.value)
+
+
 def test_qwen_step_shrinks_each_reference_to_a_grid_of_exactly_the_kept_count():
     for count in list(range(1, 300)) + [410, 1024, 205]:
         h, w = benchmarks._near_square_grid(count)
