@@ -1,11 +1,13 @@
 """Launch-configuration sweep of the attention kernels on a GPU, against cuDNN and FA2 measured in the same run.
 
 Every forward configuration (the autotune candidates and a few more shapes) is forced one at a time, at issue 4's
-single-sample shapes (H=24, D=128, bf16), own keys only ("compacted") and with the reference keys gathered by
-index ("gathered"); each is checked against an fp32 reference (flash-attention criterion against cuDNN's bf16
-error) before it is timed. Then the backward kernels' configurations at the training shape (H=32). Other builds of
-the forward kernel can be compared in the same run with ``--variant name=path/to/module.py`` (a module with the
-launcher ``attention_forward`` and the autotuners ``FWD_TUNERS`` of ``sparsectx.kernels.attention``).
+single-sample shapes (H=24, D=128, bf16), own keys only ("compacted"), with the reference keys gathered by index
+("gathered": the launcher copies the kept rows into packed ones first at head dims up to 128) and the same from a
+head-major buffer, which the forward gathers in place ("gathered in place"); each is checked against an fp32
+reference (flash-attention criterion against cuDNN's bf16 error) before it is timed. Then the backward kernels'
+configurations at the training shape (H=32). Other builds of the forward kernel can be compared in the same run with
+``--variant name=path/to/module.py`` (a module with the launcher ``attention_forward`` and the autotuners
+``FWD_TUNERS`` of ``sparsectx.kernels.attention``).
 
 Usage (on the GPU machine, the package installed):  python bench/sweep_attention.py [--variant a=x.py] [--out DIR]
 Writes ``sweep.json`` under ``--out`` (default ``$OUT`` or ``.``) and prints a table per shape, best first.
@@ -122,6 +124,11 @@ def fwd_calls(module, case):
         own_k, own_v, cu_own, cu_ref = k[:OWN], v[:OWN], cu(OWN), cu(case["index"].numel())
         calls["gathered"] = lambda: module.attention_forward(q, own_k, own_v, cu_q, cu_own, total, case["ref_k"],
                                                              case["ref_v"], case["index"], cu_ref, scale)
+        # the same values in a head-major buffer: the launcher does not copy its kept rows into packed ones first
+        # ("gathered" does at head dims up to 128), so this mode times the forward's loads of gathered rows
+        head_major = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (case["ref_k"], case["ref_v"])]
+        calls["gathered in place"] = lambda: module.attention_forward(q, own_k, own_v, cu_q, cu_own, total,
+                                                                      *head_major, case["index"], cu_ref, scale)
     return calls
 
 
@@ -296,7 +303,7 @@ def main(argv=None):
     print(f"##### sweep {report['device']} torch {report['torch']} triton {report['triton']} "
           f"commit {report['commit']} ({time.time() - started:.0f} s)")
     for label, _, _ in FWD_SHAPES:
-        for mode in ("compacted", "gathered"):
+        for mode in ("compacted", "gathered", "gathered in place"):
             rows = [r for r in report["forward"] if r["shape"] == label and r["mode"] == mode and "ms" in r]
             if not rows:
                 continue

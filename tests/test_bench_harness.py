@@ -385,14 +385,14 @@ def _bench_tool_for_a_dry_run(name: str):
 def test_attention_sweep_dry_run_checks_and_times_every_forced_configuration(tmp_path, monkeypatch):
     """``bench/sweep_attention.py --tiny`` (the GPU tool's CPU dry run): every configuration it forces passes its
     accuracy check against the fp32 reference (a forced configuration must carry the kernel's pre-hook, which sets
-    the descriptors' tile), both key layouts are measured, and the backward's configurations are timed."""
+    the descriptors' tile), the three key layouts are measured, and the backward's configurations are timed."""
     sweep = _bench_tool_for_a_dry_run("sweep_attention")
     sweep.main(["--tiny", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "sweep.json").read_text())
     ours = [r for r in report["forward"] if r["variant"] == "shipped"]
     assert ours and all("error" not in r and r["ok"] and r["ms"] > 0 for r in ours), [
         r for r in ours if "error" in r or not r.get("ok")][:3]
-    assert {r["mode"] for r in ours} == {"compacted", "gathered"}
+    assert {r["mode"] for r in ours} == {"compacted", "gathered", "gathered in place"}
     assert len({tuple(r["config"]) for r in ours}) == len(sweep.FWD_EXTRA) + len(sweep.shipped.FWD_CONFIGS)
     timed = [r for r in report["backward"] if r.get("kernel") in ("dkdv", "dq")]
     assert {r["kernel"] for r in timed} == {"dkdv", "dq"} and all(r.get("ms", 0) > 0 for r in timed)
