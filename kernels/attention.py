@@ -396,11 +396,11 @@ def _row_descriptors(k, v):
     row blocks by bulk tensor copies; ``(None, None)`` (pointer loads) where such a view does not exist or the copy
     engine cannot address it: heads not adjacent, a feature stride other than 1, rows that overlap (e.g. expanded),
     row strides or base addresses not 16-byte aligned, head dims that are not their own block (powers of two up to
-    WIDE_HEAD_BLOCK_D), no rows; and fp32, whose IEEE dots spill registers at every tile (compiled for sm_90 with
-    Triton 3.6, the first forward candidate's stack grows with tile copies from 3.2 to 9.5 KB at D=64 and from 14 to
-    18 KB at D=128). The tile shape is the launch config's (``_descriptor_tiles``)."""
+    WIDE_HEAD_BLOCK_D), no rows or no heads; and fp32, whose IEEE dots spill registers at every tile (compiled for
+    sm_90 with Triton 3.6, the first forward candidate's stack grows with tile copies from 3.2 to 9.5 KB at D=64 and
+    from 14 to 18 KB at D=128). The tile shape is the launch config's (``_descriptor_tiles``)."""
     rows, heads, dim = k.shape
-    if rows == 0 or not _tile_copies(k.dtype, dim):
+    if k.numel() == 0 or not _tile_copies(k.dtype, dim):  # (no rows, or no heads)
         return None, None
     size = k.element_size()
     if not all(t.stride(2) == 1 and t.stride(1) == dim and t.stride(0) >= heads * dim and t.stride(0) * size % 16 == 0
@@ -609,8 +609,8 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, 
         return _empty_as(q).zero_(), _empty_as(k).zero_(), _empty_as(v).zero_(), dref_k, dref_v
     dq, dk, dv = _empty_as(q), _empty_as(k), _empty_as(v)  # same shapes and strides: dk's serve dv
     # the kernels take lse in base 2; queries that see no key (lse = -inf) take part in no product, and a finite
-    # stand-in keeps exp2 NaN-free
-    lse2 = torch.where(torch.isfinite(lse), lse * LOG2E, torch.zeros_like(lse)).contiguous()
+    # stand-in keeps exp2 NaN-free; a NaN row (NaN scores) stays NaN, as its gradients are
+    lse2 = torch.where(lse == float("-inf"), 0.0, lse * LOG2E).contiguous()
     delta = torch.empty_like(lse2)
     if tq or tk:
         _bwd_delta_kernel[(cdiv(max(tq, tk), DELTA_BLOCK_M), heads)](

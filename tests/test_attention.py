@@ -442,6 +442,11 @@ def _valid():
      "cu_seqlens_ref.* does not match the 4 packed rows"),
     (lambda a: a.update(ref_index=None, ref_k=a["ref_k"][0, :5, :1], ref_v=a["ref_v"][0, :5, :1]), ValueError,
      "packed references \\[Tref, H=2"),
+    # without references max_seqlen_ref is unused, but still checked (-3 and "x" were accepted)
+    (lambda a: a.update(ref_k=None, ref_v=None, ref_index=None, cu_seqlens_ref=None, max_seqlen_ref=-3), ValueError,
+     "max_seqlen_ref must be >= 0"),
+    (lambda a: a.update(ref_k=None, ref_v=None, ref_index=None, cu_seqlens_ref=None, max_seqlen_ref="x"), TypeError,
+     "max_seqlen_ref must be an int"),
     # more samples than CUDA lets a grid dimension have (65535): a clear error, not a failed launch
     (lambda a: a.update(q=a["q"][:0], k=a["k"][:0], v=a["v"][:0], ref_k=None, ref_v=None, ref_index=None,
                         cu_seqlens_ref=None, cu_seqlens_q=torch.zeros(65537, dtype=torch.int32, device=DEVICE),
@@ -514,6 +519,65 @@ def test_a_query_whose_scores_are_all_minus_inf_sees_no_key_on_every_path():
     k[1] = math.inf
     out, lse = sparsectx.sparse_attention(q, k, v, cu_q, cu_k, 3, 4, return_lse=True)
     assert torch.isnan(out).all() and not torch.isneginf(lse).any()
+
+
+def test_a_nan_row_gives_nan_gradients_to_every_key_it_attends():
+    """A NaN key makes every score of its sample's queries NaN: out and lse are NaN there, and so are the gradients
+    of every key and value row those queries attend (as fp64 autograd gives them); the backward turned a NaN lse
+    into 0 like a -inf one, and dv of the other keys came out finite."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(n, 1, 16, generator=g).to(DEVICE) for n in (3, 4, 4))
+    k[1, 0, 0] = math.nan
+    dout = torch.randn(3, 1, 16, generator=g).to(DEVICE)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out, lse = sparsectx.sparse_attention(*leaves, _cu([3]), _cu([4]), 3, 4, return_lse=True)
+    out.backward(dout)
+    exact = [t.double().requires_grad_(True) for t in (q, k, v)]
+    ref.sparse_attention_ref(*exact, _cu([3]), _cu([4]))[0].backward(dout.double())
+    assert torch.isnan(out).all() and torch.isnan(lse).all()
+    for name, got, want in zip("qkv", leaves, exact):
+        assert torch.isnan(want.grad).any(-1).all(), f"the fp64 reference's d{name} has a finite row"
+        assert torch.isnan(got.grad).any(-1).all(), f"d{name} has a finite row: {got.grad.isnan().any(-1)}"
+
+
+def test_zero_heads_give_empty_outputs_and_gradients():
+    """H=0 in half precision (tile copies of the packed rows) returned an AssertionError from the tensor descriptor
+    of a [rows, 0] view; the outputs and gradients are empty, as they are in fp32."""
+    dtype = torch.float16
+    q, k, v = (torch.randn(n, 0, 32, device=DEVICE, dtype=dtype).requires_grad_(True) for n in (9, 5, 5))
+    ref_k, ref_v = (torch.randn(2, 7, 0, 32, device=DEVICE, dtype=dtype).requires_grad_(True) for _ in range(2))
+    index = torch.tensor([1, 3, 6, 0, 2], dtype=torch.int32, device=DEVICE)
+    out = sparsectx.sparse_attention(q, k, v, _cu([4, 5]), _cu([2, 3]), 5, 3, ref_k=ref_k, ref_v=ref_v,
+                                     ref_index=index, cu_seqlens_ref=_cu([3, 2]))
+    out.sum().backward()
+    assert out.shape == (9, 0, 32) and out.dtype == dtype
+    assert [t.grad.shape for t in (q, k, v, ref_k, ref_v)] == [t.shape for t in (q, k, v, ref_k, ref_v)]
+    x = torch.randn(2, 5, 0, 32, device=DEVICE, dtype=dtype)
+    assert sparsectx.masked_attention(x, x, x, torch.ones(2, 5, dtype=torch.bool, device=DEVICE)).shape == x.shape
+
+
+def test_the_custom_op_called_directly_takes_any_feature_stride():
+    """``torch.ops.sparsectx.sparse_attention_fwd`` (and its backward) called directly, not through
+    ``sparse_attention``, with q or ref_k whose head dim is not unit-stride: the same output as contiguous inputs
+    (the kernels read the head dim with unit stride: it gave errors of 3 against fp64 where 8e-4 was right)."""
+    case = make_case([4, 5], [2, 3], [3, 2], 7, 2, 32, torch.float16, seed=3)
+    strided = lambda t: t.transpose(-1, -2).contiguous().transpose(-1, -2)  # noqa: E731  same values
+    args = [case.q, case.k, case.v, case.cu_q, case.cu_k, case.max_q, case.max_k, case.ref["ref_k"],
+            case.ref["ref_v"], case.ref["ref_index"], case.ref["cu_seqlens_ref"], 7, 0.3]
+    fwd, bwd = torch.ops.sparsectx.sparse_attention_fwd, torch.ops.sparsectx.sparse_attention_bwd
+    want_out, want_lse = fwd(*args)
+    dout = torch.randn(want_out.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE, want_out.dtype)
+    dlse = torch.zeros_like(want_lse)
+    want_grads = bwd(dout, dlse, *args[:3], want_out, want_lse, *args[3:])
+    for position in (0, 7):  # q, ref_k
+        changed = list(args)
+        changed[position] = strided(args[position])
+        assert changed[position].stride(-1) != 1
+        out, lse = fwd(*changed)
+        assert torch.equal(out, want_out) and torch.equal(lse, want_lse), position
+        grads = bwd(strided(dout), dlse, *changed[:3], strided(out), lse, *changed[3:])
+        for got, want in zip(grads, want_grads):
+            assert torch.equal(got, want), position
 
 
 def test_masked_attention_bad_input():
