@@ -443,7 +443,9 @@ def _copy_config(max_width: int) -> tuple[int, int, int]:
 
 def _loadable(t: torch.Tensor) -> torch.Tensor:
     """A view of ``t`` in a dtype Triton loads and stores (the row kernels only copy bits): bool and one-byte floats
-    (fp8) as bytes, complex as its (real, imaginary) pairs."""
+    (fp8) as bytes, complex as its (real, imaginary) pairs. A lazy conjugate or negative view (``x.conj()``) is
+    materialised first: its memory holds the values before the flag."""
+    t = t.resolve_conj().resolve_neg()
     if t.dtype == torch.bool or (t.dtype.is_floating_point and t.dtype.itemsize == 1):
         return t.view(torch.uint8)
     return torch.view_as_real(t) if t.is_complex() else t

@@ -918,7 +918,7 @@ def _check_budget(budget, batch: int, n_tokens: int) -> list[int]:
         return [budget] * batch
     else:
         values = [budget] * batch
-    values = [_python_number(b) for b in values]
+    values = [budget_number(b) for b in values]
     for b in values:
         if isinstance(b, bool) or not isinstance(b, (int, float)):
             raise TypeError(f"budget entries must be int (count) or float (ratio), got {type(b).__name__}")
@@ -946,6 +946,21 @@ def _python_number(value):
     if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
         return int(value) if isinstance(value, numbers.Integral) else float(value)
     return value
+
+
+_NUMPY_NARROW_FLOATS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def budget_number(value):
+    """A budget entry (count or ratio) as a Python number (``_python_number``), a narrow numpy float (``np.float32``)
+    read as the decimal it was written as (``written_ratio``), as a narrow float tensor's entries are: 0.7 keeps
+    the same count as a Python float, a float32 tensor and a numpy float32 alike."""
+    number = _python_number(value)
+    if isinstance(number, float) and not isinstance(value, float):
+        narrow = _NUMPY_NARROW_FLOATS.get(str(getattr(value, "dtype", "")))
+        if narrow is not None:
+            return written_ratio(number, narrow)
+    return number
 
 
 def _check_compaction_inputs(selection, tensors, traced: bool):
@@ -996,6 +1011,7 @@ def _check_count(name: str, value, minimum: int = 0) -> int:
 
 # the kernel reads these score dtypes exactly as fp32; others (fp64) get their keep mask from the reference
 _KERNEL_SCORE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_SORTED_SCORE_DTYPES = _KERNEL_SCORE_DTYPES + (torch.float64,)  # the reference's torch.sort takes these
 
 
 # Compaction as torch.library custom ops: autograd and torch.compile go through them (their fake implementations
@@ -1213,6 +1229,8 @@ def compact_tokens(selection: torch.Tensor, *tensors: torch.Tensor, budget=None,
         kept = int(selection.sum())  # free off CUDA
         if max_total < kept:
             raise ValueError(f"max_total={max_total} is smaller than the {kept} kept tokens")
+    if selection.dtype not in _SORTED_SCORE_DTYPES and selection.is_floating_point():
+        selection = selection.float()  # fp8 scores (torch sorts no narrower float): fp32 holds them exactly
     compact = _compact_index_op if traced else _compact_index
     index, cu_seqlens = compact(selection, counts, max_total)
     gather = _gather_rows_op if _records_graph(tensors) and tensors else _gather_rows
@@ -1233,8 +1251,8 @@ def scatter_tokens(packed: torch.Tensor, index: torch.Tensor, cu_seqlens: torch.
     are ignored, and so are rows whose index lies outside ``[0, n_tokens)`` (nothing is written for them and their
     gradient is zero): the Triton path never waits for the device to check indices. ``cu_seqlens`` (as
     ``compact_tokens`` returns it: starts at 0, non-decreasing, at most the packed rows) is checked off the GPU,
-    where reading it costs no device wait; on a GPU it is trusted. A scalar ``fill`` must be representable in
-    ``packed``'s dtype.
+    where reading it costs no device wait; on a GPU it is trusted. A scalar ``fill`` (complex for complex
+    ``packed``) must be representable in ``packed``'s dtype.
     """
     _refuse_vmap("scatter_tokens", packed=packed, fill=fill)
     _check_tensor("packed", packed)
@@ -1261,7 +1279,7 @@ def scatter_tokens(packed: torch.Tensor, index: torch.Tensor, cu_seqlens: torch.
         base = fill
     else:
         fill = _python_number(fill)
-        if not isinstance(fill, (int, float)):
+        if not isinstance(fill, (int, float, complex)):
             raise TypeError(f"fill must be a number or a tensor, got {type(fill).__name__}")
         try:
             torch.empty(2, dtype=packed.dtype).fill_(fill)  # on the host, the output fill's conversion and checks
@@ -1275,8 +1293,10 @@ def scatter_tokens(packed: torch.Tensor, index: torch.Tensor, cu_seqlens: torch.
                                  f"[{low}, {high}])")
     fill_value = 0.0 if base is not None else fill
     if _records_graph((packed, base)):
-        if base is None and not (packed.is_floating_point() or packed.is_complex()) and fill_value:
-            # inductor passes a Scalar argument as a double: an integer fill beyond 2**53 would change
+        if base is None and fill_value and (isinstance(fill_value, complex)
+                                            or not (packed.is_floating_point() or packed.is_complex())):
+            # inductor passes a Scalar argument as a double: an integer fill beyond 2**53 would change, and the
+            # op's Scalar takes no complex value: the fill then comes as a base tensor
             base, fill_value = packed.new_full((cu_seqlens.numel() - 1, n_tokens, *packed.shape[1:]), fill), 0.0
         return _scatter_rows_op(packed, index, cu_seqlens, base, n_tokens, fill_value)
     return _scatter_rows(packed, index, cu_seqlens, base, n_tokens, fill_value)

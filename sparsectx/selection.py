@@ -941,9 +941,13 @@ def _list_setting(name: str, value, device) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _as_floats(value):
+    """Nested lists of numbers (or 0-d tensors) as floats; narrow floats as the decimals they were written as."""
     if isinstance(value, (list, tuple)):
         return [_as_floats(v) for v in value]
-    return float(value.item() if isinstance(value, torch.Tensor) else value)
+    if isinstance(value, torch.Tensor):
+        number = value.item()
+        return float(ops.written_ratio(number, value.dtype) if value.dtype in ops.NARROW_RATIO_DTYPES else number)
+    return float(ops.budget_number(value))
 
 
 def _per_image(name: str, value: PerImage, batch: int, ref_lengths: Sequence[int], device,
@@ -956,7 +960,7 @@ def _per_image(name: str, value: PerImage, batch: int, ref_lengths: Sequence[int
     Python scalars and lists are checked and turned into counts on the host (the same float64 arithmetic), then
     copied to the device at once (a scalar's counts once per process: shared, never modify them); tensors are
     checked with one small host read."""
-    value = _python_number(value)  # numpy scalars: their kind
+    value = ops.budget_number(value)  # numpy scalars: their kind (a float32's ratio as written)
     scalar = isinstance(value, (int, float)) and not isinstance(value, bool)
     if scalar:
         if isinstance(value, float) and not allow_ratio:
@@ -1068,10 +1072,10 @@ class FixedBudget:
         ref_lengths = _check_ref_lengths(ref_lengths, scores.shape[1])
         value = self.value
         if self.ratio and isinstance(value, numbers.Real):
-            value = float(value)  # ratios given as 0/1 ints stay ratios; a scalar needs no host read
+            value = float(ops.budget_number(value))  # 0/1 ints stay ratios; a scalar needs no host read
         elif self.ratio and not isinstance(value, torch.Tensor):
             try:  # (a tensor: ratios given as 0/1 ints stay ratios)
-                value = torch.tensor(value, dtype=torch.float64, device="cpu")
+                value = torch.tensor(_as_floats(value), dtype=torch.float64, device="cpu")
             except (TypeError, ValueError) as error:
                 raise ValueError(f"{self.name} must be a ratio, one per image, or one row of them per request, got "
                                  f"{value!r} ({error})") from None

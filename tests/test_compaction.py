@@ -103,6 +103,12 @@ def test_numpy_budgets_count_as_python_numbers(device):
         assert torch.equal(got.index, want.index) and torch.equal(got.cu_seqlens, want.cu_seqlens)
     with pytest.raises(TypeError, match="budget"):
         sparsectx.compact_tokens(scores, budget=np.bool_(True))
+    # a numpy float32 ratio keeps the count its decimal keeps, as a float32 tensor's does (0.7 of 5 tokens: 4,
+    # where float32's 0.69999999 rounds half up to 3)
+    five = _scores(gen, 1, 5, torch.float32, device)
+    counts = [sparsectx.compact_tokens(five, budget=b).cu_seqlens.tolist()
+              for b in (0.7, torch.tensor(0.7), np.float32(0.7), np.float16(0.7), [np.float32(0.7)])]
+    assert counts == [[0, 4]] * 5, counts
 
 
 def test_numpy_counts_and_fill_count_as_python_numbers(device):
@@ -462,6 +468,52 @@ def test_fp8_and_unsigned_payloads_round_trip_bit_exactly(device, dtype):
     spec = reference.scatter_rows_ref(result.tensors[0], result.index, result.cu_seqlens,
                                       torch.zeros(2, 11, 3, dtype=signed, device=device).view(dtype))
     assert torch.equal(spec.view(signed), back.view(signed))
+
+
+def test_lazy_conjugate_and_negative_views_are_packed_as_their_values(device):
+    """``x.conj()`` (and a negative view, which ``x.conj().imag`` can make) hold their values before a lazy flag:
+    packing such a view raised from ``view_as_real`` in the kernels (and a negative view came out with its sign
+    flipped); scattering one back too. Both give the values, as the reference does."""
+    gen = torch.Generator().manual_seed(21)
+    scores = torch.randn(2, 9, generator=gen).to(device)
+    x = torch.randn(2, 9, 3, dtype=torch.cfloat, generator=gen).to(device)
+    negative = torch._neg_view(torch.randn(2, 9, 4, generator=gen).to(device))
+    assert x.conj().is_conj() and negative.is_neg()
+    result = sparsectx.compact_tokens(scores, x.conj(), negative, budget=4)
+    want = _expected(scores, [4, 4], (x.conj().resolve_conj(), negative.resolve_neg()))
+    _assert_same(result, want)
+    conj_packed = result.tensors[0].conj()
+    back = sparsectx.scatter_tokens(conj_packed, result.index, result.cu_seqlens, 9)
+    spec = reference.scatter_rows_ref(conj_packed.resolve_conj(), result.index, result.cu_seqlens,
+                                      torch.zeros(2, 9, 3, dtype=torch.cfloat, device=device))
+    assert torch.equal(back, spec)
+
+
+def test_fp8_scores_select_as_their_fp32_values(device):
+    """fp8 scores (torch sorts no float narrower than fp16) are ranked as the fp32 numbers they hold: before, the
+    kernel path and the reference failed inside torch.sort."""
+    gen = torch.Generator().manual_seed(22)
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        scores = torch.randn(3, 40, generator=gen).to(dtype).to(device)  # few distinct values: ties
+        x = torch.randn(3, 40, 5, generator=gen).to(device)
+        result = sparsectx.compact_tokens(scores, x, budget=[0, 7, 40])
+        _assert_same(result, _expected(scores.float(), [0, 7, 40], (x,)))
+
+
+def test_complex_scatter_takes_a_complex_fill(device):
+    """A complex ``packed`` scatters with a complex scalar fill (refused before as 'not a number'), with and
+    without autograd; a real ``packed`` refuses it as not representable."""
+    index, cu = (torch.tensor(v, dtype=torch.int32, device=device) for v in ([0, 2], [0, 2]))
+    packed = torch.tensor([1 + 2j, 3 - 1j], dtype=torch.cfloat, device=device)
+    want = [[1 + 2j, 0.5j, 3 - 1j]]
+    assert sparsectx.scatter_tokens(packed, index, cu, 3, fill=0.5j).tolist() == want
+    leaf = packed.clone().requires_grad_(True)
+    out = sparsectx.scatter_tokens(leaf, index, cu, 3, fill=0.5j)
+    assert out.tolist() == want
+    torch.view_as_real(out).sum().backward()
+    assert torch.equal(leaf.grad, torch.full_like(packed, 1 + 1j))
+    with pytest.raises(ValueError, match=r"fill=0.5j can not be stored in packed's dtype torch.float32"):
+        sparsectx.scatter_tokens(packed.real.contiguous(), index, cu, 3, fill=0.5j)
 
 
 def test_scatter_refuses_malformed_cu_seqlens_off_the_gpu():

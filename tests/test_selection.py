@@ -1227,6 +1227,21 @@ def test_narrow_float_ratio_tensors_count_as_the_decimals_written():
         assert int(sparsectx.compact_tokens(scores, budget=budget).cu_seqlens[-1]) == want, (dtype, ratio)
 
 
+def test_numpy_narrow_float_ratios_count_as_the_decimals_written():
+    """``np.float32(0.7)`` (what a numpy pipeline config holds) keeps the count 0.7 keeps, as a float32 tensor does:
+    4 of 5 tokens (its float value 0.69999999 rounded half up to 3), in fixed ratios (scalar, per image, per
+    request), adaptive floors, 0-d tensors in lists, and the drop-in's budgets."""
+    np = pytest.importorskip("numpy")
+    from sparsectx.integration import check_budget
+
+    scores = torch.rand(1, 5, generator=torch.Generator().manual_seed(0))
+    for value in (np.float32(0.7), np.float16(0.7)):
+        for setting in (value, [value], [[value]], [torch.tensor(0.7)]):
+            assert int(fixed_ratio(setting)(scores, [5]).counts[0, 0]) == 4, setting
+        assert int(adaptive(0.0, floor=value)(scores, [5]).counts[0, 0]) == 4
+        assert check_budget(value) == 0.7 and check_budget([value, 3]) == [0.7, 3]
+
+
 def test_per_request_rows_of_a_count_and_a_ratio_are_not_the_same_setting():
     """``[[1], [1.0]]``: one token for the first request, every token for the second (Python's ``[1] == [1.0]`` made
     the drop-in take the batch as uniform and give both requests the first one's setting)."""
