@@ -135,6 +135,35 @@ def test_forward_and_backward_match_reference(name, packed, dtype):
         assert_flash_criterion(f"d{key}", grads[key], torch_grads[key], exact, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES_HERE, ids=str)
+def test_keys_and_values_with_different_strides(dtype):
+    """v a slice of a fused projection (token stride 2*H*D) beside a contiguous k, and a reference buffer whose
+    values lie apart from its keys the same way: each tensor's own strides reach the kernels, forward and backward
+    (every other case gives k and v the same strides)."""
+    case = make_case([5, 40], [37, 10], [6, 9], 12, 2, 32, dtype, seed=3)
+    g = torch.Generator().manual_seed(4)
+    fused_v = torch.stack([torch.randn(case.v.shape, generator=g).to(DEVICE, dtype), case.v], dim=1)
+    fused_ref_v = torch.stack([torch.randn(case.ref["ref_v"].shape, generator=g).to(DEVICE, dtype),
+                               case.ref["ref_v"]], dim=2)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (case.q, case.k, fused_v, case.ref["ref_k"],
+                                                                 fused_ref_v)]
+    q, k, v, ref_k, ref_v = leaves[0], leaves[1], leaves[2][:, 1], leaves[3], leaves[4][:, :, 1]
+    assert v.stride(0) != k.stride(0) and ref_v.stride(1) != ref_k.stride(1)
+    dout = torch.randn(case.q.shape, generator=g).to(DEVICE, dtype)
+    dlse = torch.randn(2, case.q.shape[0], generator=g).to(DEVICE)
+    out, lse = sparsectx.sparse_attention(q, k, v, case.cu_q, case.cu_k, case.max_q, case.max_k, ref_k=ref_k,
+                                          ref_v=ref_v, ref_index=case.ref["ref_index"],
+                                          cu_seqlens_ref=case.ref["cu_seqlens_ref"], return_lse=True)
+    got = dict(zip(("q", "k", "v", "ref_k", "ref_v"),
+                   torch.autograd.grad([out, lse], [q, k, v, ref_k, ref_v], [dout, dlse])))
+    exact_out, exact_lse, exact_grads = run_reference(case, torch.float64, dout, dlse)
+    torch_out, torch_lse, torch_grads = run_reference(case, dtype, dout, dlse)
+    assert_flash_criterion("out", out, torch_out, exact_out, dtype)
+    assert_flash_criterion("lse", lse, torch_lse, exact_lse, dtype)
+    for key, exact in exact_grads.items():
+        assert_flash_criterion(f"d{key}", got[key], torch_grads[key], exact, dtype)
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["gathered_refs", "packed_refs"])
 def test_backward_reference_equals_autograd_of_the_forward_reference(packed):
     """The explicit backward formulas (the spec the backward kernel implements, dlse term included) are the
@@ -437,6 +466,9 @@ def _valid():
                         v=a["v"].new_zeros(5, 2, 300)), ValueError, "head dim"),
     (lambda a: a.update(max_seqlen_ref=2), ValueError, "max_seqlen_ref=2 is smaller"),
     (lambda a: a["ref_index"].__setitem__(0, -1), ValueError, "ref_index must lie in"),
+    (lambda a: a["ref_index"].__setitem__(0, a["ref_k"].shape[1]), ValueError, "ref_index must lie in"),  # = R
+    # a max_seqlen_k below the longest key sequence (3): the backward's grid would leave dk/dv rows unwritten
+    (lambda a: a.update(max_seqlen_k=2), ValueError, "max_seqlen_k=2 is smaller"),
     (lambda a: a.update(ref_index=None), ValueError, "without ref_index, ref_k must hold packed references"),
     (lambda a: a.update(ref_index=None, ref_k=a["ref_k"][0, :4], ref_v=a["ref_v"][0, :4]), ValueError,
      "cu_seqlens_ref.* does not match the 4 packed rows"),

@@ -516,6 +516,25 @@ def test_complex_scatter_takes_a_complex_fill(device):
         sparsectx.scatter_tokens(packed.real.contiguous(), index, cu, 3, fill=0.5j)
 
 
+def test_gather_offsets_past_int32(device):
+    """A payload whose sample stride passes 2**31 elements (uint8 [2, 2**15 + 8, 2**16]: 4 GiB reserved, only the
+    kept rows touched): sample 1's rows lie past int32 offsets, which the gather computes in int64 (in int32 it
+    read memory before the payload)."""
+    n_tokens, width = (1 << 15) + 8, 1 << 16
+    try:
+        payload = torch.empty(2, n_tokens, width, dtype=torch.uint8, device=device)
+    except (RuntimeError, MemoryError) as e:  # pragma: no cover - a machine without 4 GiB of address space
+        pytest.skip(f"can not reserve the 4 GiB payload: {e}")
+    assert payload.stride(0) >= 2 ** 31
+    kept = [3, n_tokens - 1]
+    keep = torch.zeros(2, n_tokens, dtype=torch.bool, device=device)
+    keep[:, kept] = True
+    gen = torch.Generator().manual_seed(23)
+    payload[:, kept] = torch.randint(0, 255, (2, 2, width), generator=gen, dtype=torch.uint8).to(device)
+    result = sparsectx.compact_tokens(keep, payload, max_total=4)
+    assert torch.equal(result.tensors[0], payload[:, kept].reshape(4, width))
+
+
 def test_scatter_refuses_malformed_cu_seqlens_off_the_gpu():
     """cu_seqlens that compact_tokens can not have returned: refused on the CPU, where reading it costs no device
     wait (the two CPU paths wrote different rows for them before)."""

@@ -138,6 +138,12 @@ def test_custom_op_passes_opcheck_and_compiles_fullgraph():
     torch.testing.assert_close(compiled(q, k, weights), 2.0 * attention_key_mass(q, k, weights))
     meta = attention_key_mass(q.to("meta"), k.to("meta"), weights.to("meta"))
     assert meta.shape == (2, 2, 13) and meta.dtype == torch.float32
+    # the fake implementation's dtype is the real one's for other input dtypes too (fp32 for half, fp64 for fp64)
+    for dtype, mass_dtype in ((torch.float16, torch.float32), (torch.float64, torch.float64)):
+        q, k, weights = _inputs((2, 9, 13, 2, 16), dtype, seed=16)
+        torch.library.opcheck(torch.ops.sparsectx.attention_key_mass.default, (q, k, weights, 0.25))
+        meta = attention_key_mass(q.to("meta"), k.to("meta"), weights.to("meta"))
+        assert meta.dtype == mass_dtype == attention_key_mass(q, k, weights).dtype, dtype
 
 
 def test_fp16_scores_beyond_the_fp16_range_are_accumulated_in_fp32():
