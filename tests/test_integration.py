@@ -123,6 +123,32 @@ def _always_disabled(models):
 # exactness
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
+def test_selectors_see_the_target_grid_of_a_non_square_target(models, family):
+    """A 2 x 8 target: ``context.target_shape`` is (rows, columns) = (2, 8) for a selector on every family (read
+    from FLUX's ids, Qwen-Image's image shapes); the tests' 4 x 4 target could not tell the axes apart."""
+    target_hw, ref_hw = (2, 8), (3, 3)
+    kwargs = _inputs(family, batch=1)
+    seq = target_hw[0] * target_hw[1] + ref_hw[0] * ref_hw[1]
+    hidden = torch.randn(1, seq, kwargs["hidden_states"].shape[-1], generator=torch.Generator().manual_seed(2))
+    kwargs["hidden_states"] = hidden
+    if family == "qwen":
+        kwargs["img_shapes"] = [[(1, *target_hw), (1, *ref_hw)]]
+    else:
+        n_axes = 4 if family == "flux2" else 3
+        ids = torch.cat([_grid_ids(0, target_hw, n_axes), _grid_ids(10 if family == "flux2" else 1, ref_hw, n_axes)])
+        kwargs["img_ids"] = ids[None] if family == "flux2" else ids.float()
+    seen = []
+
+    def recording(latents, context):
+        seen.append(context.target_shape)
+        return latents.norm(dim=-1)
+
+    integration.enable(models[family], budget=0.5, selector=recording)
+    _run(models[family], kwargs)
+    assert seen == [target_hw]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_keep_all_matches_unpatched(models, family):
     model, kwargs = models[family], _inputs(family)
     expected = _run(model, kwargs)

@@ -370,6 +370,19 @@ def test_processors_rebuilt_by_diffusers_are_taken_back(models, drop_training):
     assert torch.equal(_run(model, kwargs), expected)
 
 
+def test_disable_right_after_diffusers_rebuilt_the_processors(models):
+    """enable(attention="sparsectx"), processors rebuilt as type(p)(), then disable with no forward in between:
+    the layers get diffusers' own classes back (the stateless rebuilt sparsectx processors are not left)."""
+    model, kwargs = models["flux"], shared._inputs("flux")
+    expected = _run(model, kwargs)
+    classes = {type(p) for p in _processors(model).values()}
+    sparsectx.enable(model, budget=1.0, attention="sparsectx")
+    _rebuild_processors(model)
+    sparsectx.disable(model)
+    assert {type(p) for p in _processors(model).values()} == classes
+    assert torch.equal(_run(model, kwargs), expected)
+
+
 def test_drop_training_takes_back_processors_set_after_enable(models):
     """Processors set after enable_drop_training would ignore its mask: the next training forward puts sparsectx's
     over them (and disable restores them); processors sparsectx can not replace raise."""
@@ -734,6 +747,8 @@ def test_drop_training_equals_masking_keys(models, family, skip_dropped_queries,
     image_keep = model._sparsectx_drop_training.state.image_keep
     assert image_keep[:, :N_TARGET].all() and not image_keep.all()
     assert not torch.equal(image_keep[0], image_keep[1])  # one draw per sample
+    if skip_dropped_queries:  # the skipped queries are exactly the dropped tokens (not merely some mask)
+        assert all((~m).sum(1).tolist() == (~image_keep).sum(1).tolist() for m in query_masks)
     disable_drop_training(model)
     monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.NATIVE,
                         shared._KeyMaskedNative(image_keep))
@@ -1475,6 +1490,7 @@ def test_drop_training_through_a_data_parallel_wrapper(wrapper, tmp_path):
     group = wrapper == "DistributedDataParallel" and not dist.is_initialized()
     if group:  # a one-process group: DistributedDataParallel needs one
         dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    wrapped = None
     try:
         wrapped = getattr(torch.nn.parallel, wrapper)(model)
         enable_drop_training(wrapped, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(0))
@@ -1484,6 +1500,7 @@ def test_drop_training_through_a_data_parallel_wrapper(wrapper, tmp_path):
         disable_drop_training(wrapped)
         assert not is_drop_training_enabled(model) and "forward" not in model.__dict__
     finally:
+        del wrapped  # before the group: a DistributedDataParallel freed after it once hung joining gloo's thread
         if group:
             dist.destroy_process_group()
 
