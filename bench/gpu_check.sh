@@ -48,7 +48,7 @@ KILL_GRACE_S=5
 # caps per step (seconds; on the 2026-11-27 H200: set-up 44 s, 13 GPU tests 64 s, key cases 59 s, training 36 s,
 # e2e without its breakdown 55 s)
 GPU_TESTS_CAP_S=150                    # the GPU tests but the candidates, first launch config (no autotuning; 29
-                                       # tests took 87 s on 2026-11-30; 36 now, the new ones compiling kernels)
+                                       # tests took 87 s on 2026-11-30; 35 now, the new ones compiling kernels)
 KEY_CAP_S=120                          # attention, compaction (+ CUDA graph row), batch, masked (+ kept_prefix):
                                        # 86 s on 2026-11-30
 NORM_ROPE_CAP_S=60                     # rms_norm_rope, --quick (5325 image tokens, forward; forward + backward):

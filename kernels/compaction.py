@@ -578,8 +578,8 @@ def scatter_rows(
     """In place: ``out[b, index[r]] = packed[r]`` for the valid packed rows r (``r < cu_seqlens[-1]``), or zeros there
     when ``packed`` is None; other positions of ``out`` ``[B, N, ...]`` keep their values. ``packed`` has ``index``'s
     row count and ``out``'s trailing shape. Returns ``out``. Never reads the device from the host."""
-    if not out.is_contiguous():
-        raise ValueError("out must be contiguous (it is written in place)")
+    if not out.is_contiguous() or out.is_conj() or out.is_neg():
+        raise ValueError("out must be contiguous and no lazy conjugate or negative view (it is written in place)")
     batch, n_tokens = out.shape[:2]
     dst = _as_rows(out)
     n_rows, width = index.numel(), dst.shape[2]

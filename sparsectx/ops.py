@@ -385,11 +385,12 @@ def sparse_attention(
     Returns ``out [Tq, H, D]`` in q's dtype (and ``lse [H, Tq]`` fp32, natural log, when ``return_lse``). A query
     that sees no key outputs zeros with lse ``-inf``. fp16/bf16 compute with fp32 accumulation; fp32 inputs use
     full-precision (IEEE) dot products. Gradients flow to q, k, v, ref_k and ref_v. As in FlashAttention, the
-    backward recomputes the probabilities from the stored fp32 lse (in base 2, as ``scores * scale * log2(e)``),
-    whose rounding grows with its magnitude: fp32 gradients carry a relative error of about ``|lse| * 1e-7``. A
-    plain fp32 softmax's is smaller where its scale multiplies exactly: with ``softmax_scale=1`` on unit-variance
-    q and k at D=64 (|lse| near 30) sparsectx's fp32 gradients had 3-8x its error (2x at most up to |lse| 16). In
-    fp16/bf16 the inputs' rounding is far larger and the criterion holds.
+    backward recomputes the probabilities from the stored fp32 lse (natural log, converted to base 2 with the
+    scores scaled by ``scale * log2(e)``), whose rounding grows with its magnitude: fp32 gradients carry a relative
+    error of about ``|lse| * 1e-7``. A plain fp32 softmax's can be smaller where its scale multiplies exactly: with
+    ``softmax_scale=1`` on unit-variance q and k at D=64 (|lse| near 30) sparsectx's fp32 gradients had 1-6x its
+    largest error over the cases measured (at most 2x up to |lse| 16). In fp16/bf16 the inputs' rounding is far
+    larger.
 
     ``max_seqlen_ref`` bounds the reference keys of one sample (default: the buffer length R, or Tref for packed
     references, which needs no host read); only the backward's grid uses it.
@@ -1281,6 +1282,9 @@ def scatter_tokens(packed: torch.Tensor, index: torch.Tensor, cu_seqlens: torch.
         fill = _python_number(fill)
         if not isinstance(fill, (int, float, complex)):
             raise TypeError(f"fill must be a number or a tensor, got {type(fill).__name__}")
+        if isinstance(fill, complex) and not packed.is_complex():
+            raise ValueError(f"fill={fill!r} can not be stored in packed's dtype {packed.dtype}: a complex fill needs "
+                             "a complex packed tensor")
         try:
             torch.empty(2, dtype=packed.dtype).fill_(fill)  # on the host, the output fill's conversion and checks
         except (RuntimeError, OverflowError) as e:

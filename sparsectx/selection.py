@@ -940,14 +940,24 @@ def _list_setting(name: str, value, device) -> tuple[torch.Tensor, torch.Tensor]
     return values, is_ratio
 
 
+def _written_scalars(value):
+    """Nested lists with their narrow-float scalars (``np.float32``, 0-d float32/16 tensors) as the decimals they
+    were written as (``ops.written_ratio``); every other entry (arrays, strings, ...) unchanged."""
+    if isinstance(value, (list, tuple)):
+        return [_written_scalars(v) for v in value]
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and value.dtype in ops.NARROW_RATIO_DTYPES:
+        return ops.written_ratio(value.item(), value.dtype)
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+        return ops.budget_number(value)
+    return value
+
+
 def _as_floats(value):
     """Nested lists of numbers (or 0-d tensors) as floats; narrow floats as the decimals they were written as."""
     if isinstance(value, (list, tuple)):
         return [_as_floats(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        number = value.item()
-        return float(ops.written_ratio(number, value.dtype) if value.dtype in ops.NARROW_RATIO_DTYPES else number)
-    return float(ops.budget_number(value))
+    value = _written_scalars(value)
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
 
 
 def _per_image(name: str, value: PerImage, batch: int, ref_lengths: Sequence[int], device,
@@ -1075,7 +1085,7 @@ class FixedBudget:
             value = float(ops.budget_number(value))  # 0/1 ints stay ratios; a scalar needs no host read
         elif self.ratio and not isinstance(value, torch.Tensor):
             try:  # (a tensor: ratios given as 0/1 ints stay ratios)
-                value = torch.tensor(_as_floats(value), dtype=torch.float64, device="cpu")
+                value = torch.tensor(_written_scalars(value), dtype=torch.float64, device="cpu")
             except (TypeError, ValueError) as error:
                 raise ValueError(f"{self.name} must be a ratio, one per image, or one row of them per request, got "
                                  f"{value!r} ({error})") from None

@@ -3,6 +3,8 @@
 On a machine without CUDA the kernels run through the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET);
 every comparison with the reference is exact: selection, ranks and row copies involve no rounding.
 """
+import re
+
 import pytest
 import torch
 
@@ -512,8 +514,22 @@ def test_complex_scatter_takes_a_complex_fill(device):
     assert out.tolist() == want
     torch.view_as_real(out).sum().backward()
     assert torch.equal(leaf.grad, torch.full_like(packed, 1 + 1j))
-    with pytest.raises(ValueError, match=r"fill=0.5j can not be stored in packed's dtype torch.float32"):
-        sparsectx.scatter_tokens(packed.real.contiguous(), index, cu, 3, fill=0.5j)
+    for real, fill in ((packed.real.contiguous(), 0.5j), (torch.ones(2, dtype=torch.int32, device=device), 2 + 0j),
+                       (torch.ones(2, dtype=torch.bool, device=device), 1 + 0j)):
+        refused = re.escape(f"fill={fill!r} can not be stored in packed's dtype {real.dtype}")
+        with pytest.raises(ValueError, match=refused):
+            sparsectx.scatter_tokens(real, index, cu, 3, fill=fill)
+
+
+def test_scatter_kernel_refuses_an_output_it_can_not_write_in_place(device):
+    """The launcher writes ``out`` in place: a lazy conjugate or negative view of it would take the writes into a
+    materialised copy (its memory holds the values before the flag), so it is refused like a non-contiguous one."""
+    index, cu = (torch.tensor(v, dtype=torch.int32, device=device) for v in ([0, 2], [0, 2]))
+    packed = torch.tensor([1 + 2j, 3 - 1j], dtype=torch.cfloat, device=device).view(2, 1)
+    for out in (torch.zeros(1, 3, 1, dtype=torch.cfloat, device=device).conj(),
+                torch._neg_view(torch.zeros(1, 3, 1, device=device))):
+        with pytest.raises(ValueError, match="no lazy conjugate or negative view"):
+            kc.scatter_rows(packed if out.is_complex() else packed.real.contiguous(), index, cu, out)
 
 
 def test_gather_offsets_past_int32(device):

@@ -1240,6 +1240,12 @@ def test_numpy_narrow_float_ratios_count_as_the_decimals_written():
             assert int(fixed_ratio(setting)(scores, [5]).counts[0, 0]) == 4, setting
         assert int(adaptive(0.0, floor=value)(scores, [5]).counts[0, 0]) == 4
         assert check_budget(value) == 0.7 and check_budget([value, 3]) == [0.7, 3]
+    # rows given as numpy arrays still work, and strings or 1-d tensors in a list are still refused by name
+    two = torch.rand(1, 10, generator=torch.Generator().manual_seed(1))
+    assert fixed_ratio([np.array([0.5, 0.3])])(two, [5, 5]).counts.tolist() == [[3, 2]]
+    for bad in (["0.5", "0.3"], [torch.tensor([0.5, 0.3])]):
+        with pytest.raises(ValueError, match="fixed_ratio must be a ratio"):
+            fixed_ratio(bad)(two, [5, 5])
 
 
 def test_per_request_rows_of_a_count_and_a_ratio_are_not_the_same_setting():
