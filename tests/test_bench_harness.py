@@ -493,3 +493,15 @@ def test_qwen_step_is_judged_against_references_shrunk_to_the_kept_count():
     assert "x0.978 (>= 0.971: meets)" in lines[0]
     rows[0]["time_ms"] = 275.0
     assert "MISSES" in benchmarks.target_verdicts(rows)[0]
+
+
+def test_the_drop_in_target_is_not_judged_when_the_blocks_sparsectx_row_failed():
+    """In an e2e block the drop-in target compares "sparsectx.enable (native attn)" with the by-hand peer, both
+    checked against the block's first row ("sparsectx compact_tokens + step"); when that row's own check failed,
+    the rows compared against it judge nothing ("not judged", naming it)."""
+    shape = "3 ref x 10%, 1024x1024"
+    rows = [_row("e2e", shape, "sparsectx compact_tokens + step", 10.0, ok=False),
+            _row("e2e", shape, "sparsectx.enable (native attn)", 10.1),
+            _row("e2e", shape, "torch topk+sort+index_select + step", 10.2)]
+    lines = [line for line in benchmarks.target_verdicts(rows) if "drop-in within 3% of the compacted" in line]
+    assert len(lines) == 1 and "not judged" in lines[0] and "sparsectx compact_tokens + step" in lines[0], lines

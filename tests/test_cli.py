@@ -273,3 +273,11 @@ def test_bench_on_a_cpu_runs_one_torch_thread_and_restores_the_count(monkeypatch
         torch.set_num_threads(before)
     meta = benchmarks.run_metadata(torch.device("cpu"), "tiny", True, ["compaction"])
     assert f"{benchmarks.CPU_THREADS} torch thread" in meta["timing"]
+
+
+def test_the_command_without_a_subcommand_is_a_usage_error(capsys):
+    """CLI1: `sparsectx` alone exits with argparse's usage error (2), not an AttributeError."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main([])
+    assert exc.value.code == 2
+    assert "required" in capsys.readouterr().err

@@ -1504,3 +1504,72 @@ def test_a_training_forward_selects_per_prompt_and_lets_selectors_use_autograd(m
     finally:
         model.eval()
         model.zero_grad(set_to_none=True)
+
+
+# tests from a mutation run (each failed on a mutant)
+def test_a_per_call_budget_override_on_a_transformer_enabled_alone_selects_again(models):
+    """OV2: the same inputs (one prompt tensor) with another per-call budget keep that budget, not the cached
+    plan's."""
+    model, kwargs = models["flux2"], _same_references(_inputs("flux2"))
+    seen = []
+    handle = model.x_embedder.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+    try:
+        sparsectx.enable(model, budget=0.5, selector=norm_selector)
+        for count in (2, 3):
+            _run(model, {**kwargs, "joint_attention_kwargs": {"sparsectx": {"budget": count}}})
+    finally:
+        handle.remove()
+    n_refs = len(REF_HWS)
+    assert seen == [_n_target() + 2 * n_refs, _n_target() + 3 * n_refs]
+
+
+def test_last_selection_after_a_kv_call_with_one_cached_step():
+    """LS1: with a single cached step (num_inference_steps=2) after the extract step, last_selection on a
+    transformer enabled alone still reports the extract step's selection once the call has returned."""
+    pipe = _tiny_pipeline(diffusers.Flux2KleinKVPipeline)
+    sparsectx.enable(pipe.transformer, budget=0.25, selector=random_selector, seed=0)
+    try:
+        pipe(image=_reference_images(), prompt_embeds=torch.randn(1, TEXT_TOKENS, TEXT_DIM),
+             height=IMAGE_PX, width=IMAGE_PX, num_inference_steps=2, output_type="latent")
+        found = sparsectx.last_selection(pipe.transformer)
+    finally:
+        sparsectx.disable(pipe.transformer)
+    assert found is not None and found.keep.sum(dim=1).tolist() == [12]
+
+
+def test_last_selection_follows_the_latest_kv_run_on_references_of_another_size():
+    """LS2: two extract -> cached runs on one prompt tensor whose references differ in size (two extract plans live
+    side by side): after the second run's cached step, last_selection reports the second run's selection."""
+    transformer = _tiny_pipeline(diffusers.Flux2KleinKVPipeline).transformer
+
+    def grid(plane, h, w):
+        cells = torch.cartesian_prod(torch.tensor([plane]), torch.arange(h), torch.arange(w))
+        return torch.cat([cells, torch.zeros(h * w, 1, dtype=cells.dtype)], 1)
+
+    g = torch.Generator().manual_seed(0)
+    target_ids = grid(0, 4, 4)[None]
+    text = torch.randn(1, TEXT_TOKENS, TEXT_DIM, generator=g)
+    txt_ids = torch.zeros(1, TEXT_TOKENS, 4, dtype=torch.long)
+    txt_ids[0, :, 3] = torch.arange(TEXT_TOKENS)
+    target = torch.randn(1, 16, 8, generator=g)
+    sparsectx.enable(transformer, budget=0.25, selector=norm_selector)
+
+    def kv_run(ref_ids):
+        refs = torch.randn(1, ref_ids.shape[1], 8, generator=g)
+        common = dict(encoder_hidden_states=text, txt_ids=txt_ids, return_dict=False)
+        with torch.no_grad():
+            _, cache = transformer(hidden_states=torch.cat([refs, target], 1), timestep=torch.tensor([1.0]),
+                                   img_ids=torch.cat([ref_ids, target_ids], 1), kv_cache_mode="extract",
+                                   num_ref_tokens=refs.shape[1], **common)
+            selected = sparsectx.last_selection(transformer).keep.clone()
+            transformer(hidden_states=target, timestep=torch.tensor([0.5]), img_ids=target_ids, kv_cache=cache,
+                        kv_cache_mode="cached", **common)
+        return selected, sparsectx.last_selection(transformer).keep.clone()
+
+    try:
+        first, after_first = kv_run(torch.cat([grid(10, 3, 3), grid(20, 2, 4)])[None])
+        second, after_second = kv_run(torch.cat([grid(10, 4, 4), grid(20, 2, 4)])[None])  # 24 tokens, not 17
+    finally:
+        sparsectx.disable(transformer)
+    assert torch.equal(after_first, first)
+    assert after_second.shape == second.shape and torch.equal(after_second, second)

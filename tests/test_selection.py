@@ -1311,3 +1311,137 @@ def test_bad_budget_lists_and_ids_name_the_argument():
     with pytest.raises(ValueError, match=r"hw must be \[N, 2\] with N = sum\(lengths\) = 5"):
         selection.row_major_shapes(torch.zeros(4, 2), [5])
     assert selection.row_major_shapes(torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1]]), [4]) == shapes
+
+
+# the built-in selectors against their documented formulas (tests from a mutation run: each failed on a mutant)
+def _minmax_per_image(x, lengths):
+    out = []
+    for piece in x.split(lengths, dim=1):
+        low, high = piece.amin(1, keepdim=True), piece.amax(1, keepdim=True)
+        out.append(torch.where(high > low, (piece - low) / (high - low), torch.zeros_like(piece)))
+    return torch.cat(out, dim=1)
+
+
+def _border_mean(latents, shapes):
+    """Per token: the mean latent of its image's border tokens (first/last row or column)."""
+    out = []
+    start = 0
+    for h, w in shapes:
+        rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        border = ((rows == 0) | (rows == h - 1) | (cols == 0) | (cols == w - 1)).flatten()
+        piece = latents[:, start:start + h * w]
+        out.append(piece[:, border].mean(1, keepdim=True).expand_as(piece))
+        start += h * w
+    return torch.cat(out, dim=1)
+
+
+def test_uniform_order_of_an_image_does_not_depend_on_the_other_images():
+    """U1: each image's rank order is its own (1D: bit-reversed position *inside* the image)."""
+    lengths = [5, 12, 7]
+    latents = torch.zeros(1, sum(lengths), 1)
+    together = selection.get_selector("uniform")(latents, selection.SelectionContext(3, lengths))
+    for (lo, hi), n in zip(selection._image_slices(lengths), lengths):
+        alone = selection.get_selector("uniform")(torch.zeros(1, n, 1), selection.SelectionContext(1, [n]))
+        assert torch.equal(together[:, lo:hi], alone)
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (5, 7), (3, 12), (16, 16)])
+def test_uniform_2d_top_k_contains_the_stride_lattice(shape):
+    """U2: the documented property: top-k contains the stride-s lattice once k = ceil(h/s)·ceil(w/s)."""
+    h, w = shape
+    scores = selection.get_selector("uniform")(torch.zeros(1, h * w, 1), selection.SelectionContext(1, [h * w],
+                                                                               extra={"ref_shapes": [shape]}))
+    rows, cols = (t.flatten() for t in torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"))
+    for s in (1, 2, 4, 8):
+        k = math.ceil(h / s) * math.ceil(w / s)
+        kept = reference.topk_keep_mask(scores, [k])[0]
+        lattice = (rows % s == 0) & (cols % s == 0)
+        assert bool(kept[lattice].all()), f"stride {s}: lattice not inside the top {k}"
+
+
+@pytest.mark.parametrize("shapes", [[(4, 6), (4, 6)], [(4, 6), (3, 5)]])
+@pytest.mark.parametrize("with_attention", [False, True])
+def test_subject_scores_are_the_mean_of_the_per_image_scaled_signals(shapes, with_attention):
+    """SB1 / N1 / SJ1: saliency = ||x - mean of the image's border tokens||, attention = attention_mass, each min-max
+    scaled per image, averaged, plus selection.SPREAD_WEIGHT·uniform."""
+    gen = torch.Generator().manual_seed(0)
+    lengths = [h * w for h, w in shapes]
+    n = sum(lengths)
+    latents = torch.randn(2, n, CHANNELS, generator=gen) + 2.0
+    extra = {"ref_shapes": shapes}
+    if with_attention:
+        extra["target_queries"] = torch.randn(2, 5, HEADS, HEAD_DIM, generator=gen)
+        extra["ref_keys"] = torch.randn(2, n, HEADS, HEAD_DIM, generator=gen)
+    ctx = selection.SelectionContext(len(shapes), lengths, extra=extra)
+    got = selection.subject_scores(latents, ctx)
+    signals = [_minmax_per_image((latents - _border_mean(latents, shapes)).norm(dim=-1), lengths)]
+    if with_attention:
+        signals.append(_minmax_per_image(selection.attention_mass(extra["target_queries"], extra["ref_keys"]), lengths))
+    expected = torch.stack(signals).mean(0) + selection.SPREAD_WEIGHT * selection.uniform_scores(latents, ctx)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shapes", [[(4, 6), (4, 6)], [(4, 6), (3, 5)]])
+def test_edit_region_is_the_max_of_the_user_mask_and_the_masked_instruction_attention(shapes):
+    """E1 / E3: given a user mask and instruction queries (with a padding mask), the edit region is
+    max(user_mask, scaled attention mass of the *valid* text queries)."""
+    gen = torch.Generator().manual_seed(1)
+    lengths = [h * w for h, w in shapes]
+    n = sum(lengths)
+    user_mask = torch.rand(2, n, generator=gen) < 0.2
+    text_queries = torch.randn(2, 6, HEADS, HEAD_DIM, generator=gen)
+    text_queries[:, -2:] *= 8.0  # the padding queries would dominate the mass if they voted
+    text_mask = torch.arange(6).expand(2, -1) < 4
+    keys = torch.randn(2, n, HEADS, HEAD_DIM, generator=gen)
+    ctx = selection.SelectionContext(len(shapes), lengths, extra={
+        "ref_shapes": shapes, "user_mask": user_mask, "text_queries": text_queries, "text_mask": text_mask,
+        "ref_keys": keys})
+    latents = torch.randn(2, n, CHANNELS, generator=gen)
+    got = selection.edit_scores(latents, ctx, ring=0)  # ring 0: region + 0.5·region + spread
+    probe = _minmax_per_image(selection.attention_mass(text_queries, keys, text_mask), lengths)
+    region = torch.maximum(user_mask.float(), probe)
+    expected = 1.5 * region + selection.SPREAD_WEIGHT * selection.uniform_scores(latents, ctx)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_selector_weights_the_queries_by_query_mask():
+    """AT1: extra['query_mask'] drops the masked queries from the mass."""
+    gen = torch.Generator().manual_seed(2)
+    n = 20
+    queries = torch.randn(2, 6, HEADS, HEAD_DIM, generator=gen)
+    queries[:, -2:] *= 8.0
+    query_mask = torch.arange(6).expand(2, -1) < 4
+    keys = torch.randn(2, n, HEADS, HEAD_DIM, generator=gen)
+    ctx = selection.SelectionContext(1, [n], extra={"queries": queries, "query_mask": query_mask, "ref_keys": keys})
+    got = selection.get_selector("attention")(torch.zeros(2, n, CHANNELS), ctx)
+    torch.testing.assert_close(got, selection.attention_mass(queries, keys, query_mask))
+    assert not torch.allclose(got, selection.attention_mass(queries, keys))
+
+
+@pytest.mark.parametrize("side", [8, 16])
+def test_uniform_2d_any_k_is_balanced_over_the_quadrants(side):
+    """U2: an ordered-dither (Bayer) order cycles through the quadrants: for *every* k (not only the lattice sizes)
+    the top-k of a 2^n x 2^n grid puts k/4 (±1) tokens in each quadrant."""
+    shape = (side, side)
+    scores = selection.get_selector("uniform")(torch.zeros(1, side * side, 1),
+                                     selection.SelectionContext(1, [side * side], extra={"ref_shapes": [shape]}))
+    rows, cols = (t.flatten() for t in torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"))
+    quadrant = (rows >= side // 2).long() * 2 + (cols >= side // 2).long()
+    for k in range(1, side * side + 1):
+        kept = reference.topk_keep_mask(scores, [k])[0]
+        counts = torch.bincount(quadrant[kept], minlength=4)
+        assert int(counts.max() - counts.min()) <= 1, (k, counts.tolist())
+
+
+def test_probe_tensors_never_replace_signals_the_user_gave():
+    """P2: the lazy probe fills in what extra lacks; a tensor the user gave (here ref_keys) is used as given."""
+    gen = torch.Generator().manual_seed(0)
+    n = 12
+    user_keys = torch.randn(1, n, HEADS, HEAD_DIM, generator=gen)
+    probe_out = {"queries": torch.randn(1, 4, HEADS, HEAD_DIM, generator=gen),
+                 "ref_keys": torch.randn(1, n, HEADS, HEAD_DIM, generator=gen)}
+    probe = lambda x, c: dict(probe_out)  # noqa: E731
+    ctx = selection.SelectionContext(1, [n], extra={"ref_keys": user_keys, "attention_probe": probe})
+    got = selection.get_selector("attention")(torch.zeros(1, n, 4), ctx)
+    torch.testing.assert_close(got, selection.attention_mass(probe_out["queries"], user_keys))
+    assert ctx.extra["ref_keys"] is user_keys

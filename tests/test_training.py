@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from sparsectx.reference import masked_attention_ref
+from sparsectx.selection import SelectionContext
 from sparsectx.training import random_drop_attention, random_drop_mask, random_drop_selector
 
 REF_LENGTHS, N_PREFIX = [20, 12, 9], 7
@@ -262,3 +263,15 @@ def test_drop_mask_settings_are_checked_naming_them():
     state.generator.manual_seed(3)
     restored.load_state_dict(state.state_dict())
     assert torch.equal(torch.rand(3, generator=restored.generator), expected)
+
+
+def test_random_drop_selector_per_image_false_draws_one_ratio_per_sample():
+    """TR2: per_image=False is handed on: each sample keeps one ratio of every image (as random_drop_mask)."""
+    lengths = [16, 16, 16]
+    ctx = SelectionContext(3, lengths)
+    got = random_drop_selector((0.05, 1.0), torch.Generator().manual_seed(3), per_image=False)(
+        torch.zeros(6, sum(lengths), 4), ctx)
+    expected = random_drop_mask(6, lengths, 0, (0.05, 1.0), torch.Generator().manual_seed(3), per_image=False)
+    assert torch.equal(got, expected)
+    counts = torch.stack([part.sum(1) for part in got.split(lengths, dim=1)], dim=1)
+    assert bool((counts == counts[:, :1]).all())  # equal images keep equal counts in each sample
