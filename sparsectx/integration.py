@@ -144,7 +144,7 @@ def _check_budget_value(b) -> Union[int, float]:
     """One budget entry as a Python int (count) or float (ratio); numpy scalars are taken by kind."""
     if isinstance(b, bool) or not isinstance(b, numbers.Real):
         raise ValueError(f"budget entries must be an int (token count) or a float (ratio), got {b!r}")
-    b = int(b) if isinstance(b, numbers.Integral) else float(budget_number(b))
+    b = int(b) if isinstance(b, numbers.Integral) else budget_number(b)  # (a float: numpy floats as written)
     if isinstance(b, float) and not (0.0 < b <= 1.0):
         raise ValueError(f"budget ratio must be in (0, 1], got {b}")
     if isinstance(b, int) and b < 0:
