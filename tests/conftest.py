@@ -118,3 +118,16 @@ def _seeded_global_rng():
     reproduces."""
     torch.manual_seed(0)
     yield
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_logreport(report):
+    """With SPARSECTX_REPORT_AS_RUN=1 (the GPU check sets it): each test's time, and a failure's traceback, written
+    as the test finishes. pytest prints tracebacks only at the end of the session, which a run killed by its
+    timeout never reaches."""
+    if os.environ.get("SPARSECTX_REPORT_AS_RUN") != "1" or not (report.failed or report.when == "call"):
+        return
+    lines = [f"[{report.nodeid} {report.when}: {report.outcome}, {report.duration:.1f} s]"]
+    if report.failed:
+        lines.append(report.longreprtext)
+    print("\n" + "\n".join(lines), flush=True)
