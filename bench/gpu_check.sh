@@ -61,9 +61,10 @@ SELECTION_CAP_S=40                     # selection cost: small tensors, mostly s
 # klein 4-step KV-cache runs, --quick: 2 shapes (3 refs x 10%, 4 refs x 5%) x 7 implementations (never run on a
 # GPU: ~25 s of 4-step runs per shape + the 9B model build + sparsectx attention's autotuning)
 KV_CAP_S=90
-PROFILE_CAP_S=100                      # bench/profile_ops.py: compaction, selection, the klein-9B probe (model build),
-                                       # masked attention (3 rows), the norm_rope tile sweep (16 kernel variants
-                                       # compiled); 2026-11-30: the first three took 15 s
+PROFILE_CAP_S=100                      # bench/profile_ops.py: norm_rope (its op through autograd, the tile sweep:
+                                       # 16 kernel variants compiled), compaction, masked attention (3 rows), the
+                                       # klein-9B probe (model build), selection; 2026-11-30: compaction, selection,
+                                       # probe and masked took 41 s, and the budget cut it before norm_rope
 CANDIDATES_CAP_S=130                   # part 2: every autotune candidate, head dims 128 and 256 (~26 kernel variants)
 # mixed-budget batch of 4 requests, --quick (1024² only): packed vs exact groups vs a per-request loop, then the
 # keep-all batch (2026-11-29 H200: the first four rows took the whole 45 s cap then, the keep-all row was cut)

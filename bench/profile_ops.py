@@ -1,7 +1,8 @@
 """Torch-profiler tables of the ops whose targets the benchmarks miss, to find where their time goes (a diagnosis
 tool beside ``sparsectx bench``; it times nothing the issues judge).
 
-Sections (``--section``, default all, in this order):
+Sections (``--section``, default all, in this order: ``norm_rope``, ``compaction``, ``masked``, ``probe``,
+``selection``):
 - ``compaction``: ``compact_tokens(scores, hidden, ids, budget)`` at issue 3's shape (B=1, 3 x 4096 tokens, C=3072,
   keep 10%): the CUDA time of each kernel, then the selection kernel's time at each warp count it could launch with
   and at each candidate block of its filter (0: no filter; ``_select_config`` forced; the index it writes is
@@ -16,9 +17,10 @@ Sections (``--section``, default all, in this order):
   ``kept_prefix``, then the all-queries form with inputs that require grad: per-call times and the kernels with the
   most CUDA time (where the 2x to the ideal went).
 - ``norm_rope``: ``rms_norm_rope``'s forward and backward kernels at a klein-9B layer's q (512 text + 5325 image
-  tokens, 32 heads of 128, bf16): per-call times and a profiler table, then each tile shape (tokens x heads per
-  program, warps; chosen by arithmetic in ``kernels/norm_rope.py``): GB/s of the fewest bytes, and the largest
-  difference to the shipped tiles' result.
+  tokens, 32 heads of 128, bf16): per-call times and a profiler table, then the op's forward + backward through
+  autograd (the bench's ``norm_rope`` fwd+bwd row, slower than diffusers' eager code on 2026-11-30: its host and
+  CUDA time per call), then each tile shape (tokens x heads per program, warps; chosen by arithmetic in
+  ``kernels/norm_rope.py``): GB/s of the fewest bytes, and the largest difference to the shipped tiles' result.
 
 Usage: ``python bench/profile_ops.py [--section NAME]... [--out DIR] [--tiny]``; writes ``profile_ops.txt`` (and
 prints it). ``--tiny`` (and any machine without CUDA) runs the small shapes on the CPU: a dry run of the script,
@@ -34,7 +36,8 @@ from typing import Callable
 
 import torch
 
-SECTIONS = ("compaction", "selection", "probe", "masked", "norm_rope")
+# most wanted first: gpu_check.sh runs the script last in part 1, under what is left of its budget
+SECTIONS = ("norm_rope", "compaction", "masked", "probe", "selection")
 # (tokens, heads per program, warps) tried by the norm_rope section; the first is the shipped one
 NORM_ROPE_TILES = ((8, 4, 8), (4, 4, 4), (16, 4, 8), (8, 8, 8), (8, 2, 4), (16, 8, 8), (32, 1, 8), (4, 8, 8))
 ROWS = 18  # rows of each profiler table
@@ -211,6 +214,16 @@ def norm_rope_section(tiny: bool, device: torch.device) -> str:
               for name, call in calls.items()]
     lines.append(_profile(lambda: [call() for call in calls.values()], 20 if not tiny else 2,
                           ("self_cuda_time_total", "self_cpu_time_total")))
+    # the op through autograd, as the bench's fwd+bwd row times it (x, prefix and both weights require grad)
+    leaves = [t.detach().requires_grad_(True) for t in (image, text, weights[1], weights[0])]
+
+    def op_forward_backward():
+        out = ops.rms_norm_rope(leaves[0], cos, sin, leaves[2], 1e-6, prefix=leaves[1], prefix_weight=leaves[3])
+        return torch.autograd.grad(out, leaves, dy)
+
+    lines.append(f"op forward + backward through autograd: {_per_call_ms(op_forward_backward, device):.4f} ms per "
+                 "call back to back")
+    lines.append(_profile(op_forward_backward, 10 if not tiny else 1, ("self_cuda_time_total", "cpu_time_total")))
     if not torch.cuda.is_available():
         return "\n".join(lines + ["(tile sweep: CUDA only)"])
     shipped = (kernels.BLOCK_TOKENS, kernels.HEAD_BLOCK, kernels.NUM_WARPS)

@@ -413,6 +413,7 @@ def test_profile_dry_run_writes_every_section(tmp_path):
         section = report.split(f"##### {name} ")[1].split("#####")[0]
         assert "ms per call back to back" in section and "Self CPU time total" in section, (name, section[:300])
     assert "FAILED" not in report
+    assert "op forward + backward through autograd" in report.split("##### norm_rope ")[1].split("#####")[0]
     broken = lambda *args: 1 / 0  # noqa: E731
     profile_ops.compaction_section = broken
     assert profile_ops.main(["--tiny", "--section", "compaction", "--out", str(tmp_path)]) == 1
