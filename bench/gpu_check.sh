@@ -47,10 +47,10 @@ SUMMARY_RESERVE_S=20                   # kept back for the summary (15 s) and ti
 KILL_GRACE_S=5
 # caps per step (seconds; on the 2026-11-27 H200: set-up 44 s, 13 GPU tests 64 s, key cases 59 s, training 36 s,
 # e2e without its breakdown 55 s)
-GPU_TESTS_CAP_S=190                    # the GPU tests but the candidates, first launch config (no autotuning; 29
-                                       # tests took 87 s on 2026-11-30; 35 tests were cut at 150 s after 27 in the
-                                       # next run, the fused norm + RoPE compiling its kernels: times per test now
-                                       # printed)
+PROCESSORS_TESTS_CAP_S=60              # tests/test_processors.py's GPU tests (7 on tiny models, ~7 s each), first
+GPU_TESTS_CAP_S=150                    # the other GPU tests but the candidates, first launch config (no autotuning;
+                                       # 29 tests took 87 s on 2026-11-30; 35 tests were cut at 150 s after 27 in
+                                       # the next run: times per test now printed)
 KEY_CAP_S=120                          # attention, compaction (+ CUDA graph row), batch, masked (+ kept_prefix):
                                        # 86 s on 2026-11-30
 NORM_ROPE_CAP_S=60                     # rms_norm_rope, --quick (5325 image tokens, forward; forward + backward):
@@ -192,7 +192,11 @@ CANDIDATES=every_autotune_candidate
 tests() { SPARSECTX_AUTOTUNE=0 SPARSECTX_REPORT_AS_RUN=1 step "$@"; }
 
 if part 1; then
-    tests "pytest -m gpu" "$GPU_TESTS_CAP_S" "$TESTS_LOG" "${PYTEST[@]}" tests -m gpu -k "not $CANDIDATES"
+    # the processors' GPU tests first, on their own: one failed unexplained on 2026-11-30, its diagnosis comes first
+    tests "pytest -m gpu processors" "$PROCESSORS_TESTS_CAP_S" "$TESTS_LOG" "${PYTEST[@]}" tests/test_processors.py \
+        -m gpu
+    tests "pytest -m gpu" "$GPU_TESTS_CAP_S" "$TESTS_LOG" "${PYTEST[@]}" tests -m gpu -k "not $CANDIDATES" \
+        --ignore=tests/test_processors.py
     step "bench key cases" "$KEY_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case attention --case compaction \
         --case batch --case masked --json "$SCRATCH/bench_key.json"
     step "bench norm_rope" "$NORM_ROPE_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case norm_rope --quick \
