@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparsectx
 from sparsectx import ops
@@ -503,14 +504,73 @@ def test_data_less_inputs_are_told_from_plain_ones_as_torch_does():
     assert seen == {"vmapped plain": False, "vmapped fake": True}
 
 
+class _Passthrough(TorchDispatchMode):
+    """A dispatch mode that changes nothing: inside it, sparsectx's ops take their custom ops."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _attention_with_references(leaves):
+    """sparse_attention over own keys and references gathered from a [B, R, H, D] buffer, with its lse."""
+    q, k, v, ref_k, ref_v = leaves
+    cu_q = torch.tensor([0, 3, 7], dtype=torch.int32)
+    cu_k = torch.tensor([0, 2, 5], dtype=torch.int32)
+    ref_index = torch.tensor([1, 4, 0, 2, 3], dtype=torch.int32)
+    cu_ref = torch.tensor([0, 2, 5], dtype=torch.int32)
+    return sparsectx.sparse_attention(q, k, v, cu_q, cu_k, 4, 5, ref_k=ref_k, ref_v=ref_v, ref_index=ref_index,
+                                      cu_seqlens_ref=cu_ref, return_lse=True)
+
+
+def _norm_rope_with_prefix(leaves):
+    x, prefix, weight, prefix_weight, cos, sin = leaves
+    return (ops.rms_norm_rope(x, cos, sin, weight, prefix=prefix, prefix_weight=prefix_weight),)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("op", ["sparse_attention", "rms_norm_rope"])
+def test_eager_autograd_runs_a_function_twin_equal_to_the_custom_op(op, dtype):
+    """Eager calls whose inputs require grad run the op's torch.autograd.Function twin (the custom op's dispatch
+    and autograd wrapper cost about 40% of the host time of a forward + backward): its outputs and every input's
+    gradient equal the custom op's (taken inside a pass-through dispatch mode) bit for bit, and a second-order
+    backward raises as after the custom op."""
+    g = torch.Generator().manual_seed(5)
+    if op == "sparse_attention":
+        shapes = [(7, 2, 16), (5, 2, 16), (5, 2, 16), (2, 6, 2, 16), (2, 6, 2, 16)]
+        call, n_leaves, twin = _attention_with_references, 5, "_AttentionFunctionBackward"
+    else:
+        shapes = [(2, 5, 2, 16), (2, 3, 2, 16), (16,), (16,)]
+        angles = torch.rand(8, 8, generator=g) * 10
+        call, n_leaves, twin = _norm_rope_with_prefix, 4, "_RmsNormRopeFunctionBackward"
+    inputs = [torch.randn(*shape, generator=g).to(dtype) for shape in shapes]
+    if op == "rms_norm_rope":
+        inputs += [angles.cos().repeat_interleave(2, 1), angles.sin().repeat_interleave(2, 1)]
+
+    def run():
+        leaves = [t.clone().requires_grad_(i < n_leaves) for i, t in enumerate(inputs)]
+        outputs = call(leaves)
+        loss = sum(o.float().square().sum() * (i + 1) for i, o in enumerate(outputs))  # every output's gradient
+        return outputs, torch.autograd.grad(loss, leaves[:n_leaves])
+
+    twin_outputs, twin_grads = run()
+    with _Passthrough():
+        op_outputs, op_grads = run()
+    assert type(twin_outputs[0].grad_fn).__name__ == twin
+    assert "sparsectx" in type(op_outputs[0].grad_fn).__name__  # the custom op's autograd node
+    for got, expected in zip(twin_outputs + twin_grads, op_outputs + op_grads):
+        assert torch.equal(got.detach(), expected.detach())
+    leaves = [t.clone().requires_grad_(i < n_leaves) for i, t in enumerate(inputs)]
+    grads = torch.autograd.grad(call(leaves)[0].float().square().sum(), leaves[0], create_graph=True)
+    with pytest.raises(NotImplementedError, match="first-order gradients only"):
+        grads[0].float().sum().backward()
+
+
 def test_eager_calls_that_record_nothing_skip_the_custom_ops(monkeypatch):
     """sparse_attention and attention_key_mass on plain tensors without autograd call their implementations
     directly (a custom op's dispatch costs tens of microseconds of host time per call, once per attention layer);
-    with inputs that require grad, under torch.vmap, inside a dispatch or torch-function mode and under
-    torch.jit.trace they go through the custom ops, which those need to see. The results are the same either
-    way."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
+    with inputs that require grad, sparse_attention goes through its torch.autograd.Function twin (no custom op
+    either); under torch.vmap, inside a dispatch or torch-function mode and under torch.jit.trace they go through
+    the custom ops, which those need to see. The results are the same either way."""
     seen = []
     for name in ("_attention_fwd_op", "_key_mass_op"):
         real = getattr(ops, name)
@@ -522,17 +582,14 @@ def test_eager_calls_that_record_nothing_skip_the_custom_ops(monkeypatch):
     dense = torch.randn(1, 5, 2, 16, generator=g)
     mass = lambda x: sparsectx.attention_key_mass(x, x * 0.5)  # noqa: E731
 
-    class Passthrough(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            return func(*args, **(kwargs or {}))
-
     direct = attend(q), mass(dense)
     assert seen == []
-    assert torch.equal(attend(q.clone().requires_grad_(True)).detach(), direct[0]) and seen == ["_attention_fwd_op"]
-    seen.clear()
+    recorded = attend(q.clone().requires_grad_(True))
+    assert torch.equal(recorded.detach(), direct[0]) and seen == []
+    assert type(recorded.grad_fn).__name__ == "_AttentionFunctionBackward"
     assert torch.equal(torch.vmap(attend)(q[None])[0], direct[0]) and seen == ["_attention_fwd_op"]
     seen.clear()
-    with Passthrough():
+    with _Passthrough():
         assert torch.equal(attend(q), direct[0]) and torch.equal(mass(dense), direct[1])
     assert seen == ["_attention_fwd_op", "_key_mass_op"]
     seen.clear()
