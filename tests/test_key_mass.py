@@ -131,6 +131,17 @@ def test_queries_and_keys_with_different_strides():
                             q, weights)
 
 
+@pytest.mark.parametrize("dtype", DTYPES_HERE, ids=str)
+def test_inputs_without_a_unit_last_stride(dtype):
+    """q and k whose head dim is not contiguous (transposed views): the kernels read a unit feature stride, so such
+    inputs are made contiguous first; the criterion."""
+    gen = torch.Generator().manual_seed(17)
+    q, k = (torch.randn(2, n, 16, 3, generator=gen).to(DEVICE, dtype).transpose(2, 3) for n in (21, 37))
+    weights = torch.rand(2, 21, generator=gen).to(DEVICE)
+    assert q.stride(-1) != 1 and k.stride(-1) != 1
+    _assert_flash_criterion(attention_key_mass(q, k, weights), q, k, weights)
+
+
 def test_custom_op_passes_opcheck_and_compiles_fullgraph():
     q, k, weights = _inputs((2, 9, 13, 2, 16), torch.float32, seed=15)
     torch.library.opcheck(torch.ops.sparsectx.attention_key_mass.default, (q, k, weights, 0.25))
@@ -205,8 +216,11 @@ def _valid():
     (dict(k=torch.zeros(1, 7, 2, 16)), ValueError, r"k must be \[B=2, N, H=2, D=16\]"),
     (dict(k=torch.zeros(2, 7, 1, 16)), ValueError, r"k must be \[B=2, N, H=2, D=16\]"),
     (dict(q=torch.zeros(2, 5, 1, 300), k=torch.zeros(2, 7, 1, 300)), ValueError, "head dim"),
+    (dict(q=torch.zeros(2, 5, 1, 0), k=torch.zeros(2, 7, 1, 0)), ValueError, r"head dim .* must be in 1\.\.256, got 0"),
     (dict(q=torch.zeros(65536, 1, 1, 1), k=torch.zeros(65536, 1, 1, 1), query_weights=None), ValueError,
      "one call takes at most 65535"),
+    (dict(q=torch.zeros(1, 1, 65536, 1), k=torch.zeros(1, 0, 65536, 1), query_weights=None), ValueError,
+     "65536 heads; one call takes at most 65535"),
     (dict(query_weights=torch.ones(2, 4)), ValueError, r"query_weights must be a float \[B=2, Q=5\]"),
     (dict(query_weights=torch.ones(2, 5, dtype=torch.bool)), ValueError, "query_weights must be a float"),
     (dict(query_weights=[1.0]), TypeError, "query_weights must be a torch.Tensor"),
@@ -225,9 +239,11 @@ def test_bad_input_raises_naming_the_argument(change, error, words):
 def test_inputs_that_require_grad_are_refused_while_autograd_records():
     """The kernels have no backward: a silent zero gradient is refused; detached or under no_grad it runs."""
     args = _valid()
+    for name in args:
+        leaves = dict(args, **{name: args[name].clone().requires_grad_()})
+        with pytest.raises(ValueError, match="attention_key_mass has no gradient"):
+            attention_key_mass(leaves.pop("q"), leaves.pop("k"), **leaves)
     q = args["q"].requires_grad_()
-    with pytest.raises(ValueError, match="attention_key_mass has no gradient"):
-        attention_key_mass(q, args["k"])
     with torch.no_grad():
         under_no_grad = attention_key_mass(q, args["k"])
     assert torch.equal(under_no_grad, attention_key_mass(q.detach(), args["k"]))

@@ -177,7 +177,11 @@ def test_default_eps_is_torch_rmsnorms(dtype):
         theirs = _diffusers_sequence(x, prefix, cos, sin, norm, prefix_norm)
         ours = rms_norm_rope(x, cos, sin, norm.weight, prefix=prefix, prefix_weight=prefix_norm.weight)
         spec = ref.rms_norm_rope_ref(x, cos, sin, norm.weight, None, prefix, prefix_norm.weight)
+        # the reference's other norm (diffusers' RMSNorm rounding) takes the same default
+        rounded = [ref.rms_norm_rope_ref(x, cos, sin, norm.weight, eps, prefix, prefix_norm.weight, True)
+                   for eps in (None, _default_eps(dtype))]
     assert torch.equal(spec, theirs)
+    assert torch.equal(*rounded)
     args = dict(x=x, cos=cos, sin=sin, weight=norm.weight.detach(), prefix=prefix,
                 prefix_weight=prefix_norm.weight.detach())
     _assert_criterion("eps None", ours, args, None, same_dtype=theirs)
@@ -378,7 +382,7 @@ def test_gradients_meet_the_criterion(case, dtype, monkeypatch):
     _assert_gradients_meet_the_criterion(args, upstream, dtype, monkeypatch)
 
 
-def _assert_gradients_meet_the_criterion(args, upstream, dtype, monkeypatch):
+def _assert_gradients_meet_the_criterion(args, upstream, dtype, monkeypatch, eps=1e-6):
     """Gradients of x, prefix and the weights given (the tables not) for ``upstream``: the op's against the
     float64 reference's autograd, within twice the error of the reference's autograd in x's dtype (plus atol);
     the backward kernel ran where ``backend_for`` says kernels run; a second backward raises."""
@@ -396,13 +400,13 @@ def _assert_gradients_meet_the_criterion(args, upstream, dtype, monkeypatch):
                   for t in ("cos", "sin")]
         leaves = {n: cast(args[n]).detach().requires_grad_() for n in names}
         values = {n: leaves.get(n, args[n]) for n in ("x", "weight", "prefix", "prefix_weight")}
-        out = ref.rms_norm_rope_ref(values["x"], *tables, values["weight"], 1e-6, values["prefix"],
+        out = ref.rms_norm_rope_ref(values["x"], *tables, values["weight"], eps, values["prefix"],
                                     values["prefix_weight"])
         return dict(zip(names, torch.autograd.grad(out, [leaves[n] for n in names], cast(upstream))))
 
     leaves = {n: args[n].detach().requires_grad_() for n in names}
     values = {n: leaves.get(n, args[n]) for n in ("x", "weight", "prefix", "prefix_weight")}
-    out = rms_norm_rope(values["x"], args["cos"], args["sin"], values["weight"], 1e-6, prefix=values["prefix"],
+    out = rms_norm_rope(values["x"], args["cos"], args["sin"], values["weight"], eps, prefix=values["prefix"],
                         prefix_weight=values["prefix_weight"])
     got = dict(zip(names, torch.autograd.grad(out, [leaves[n] for n in names], upstream, create_graph=True)))
     exact, same = reference_grads(True), reference_grads(False)
@@ -416,6 +420,25 @@ def _assert_gradients_meet_the_criterion(args, upstream, dtype, monkeypatch):
         assert launches == [1]
     with pytest.raises(NotImplementedError, match="first-order"):
         torch.autograd.grad(got["x"].sum(), leaves["x"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES_HERE)
+def test_gradients_of_an_upstream_without_a_unit_last_stride(dtype, monkeypatch):
+    """An output gradient whose head dim is not contiguous (a transposed view, as a permute after the op gives):
+    gradients within the criterion (the backward kernel reads dy with a unit feature stride)."""
+    args = _inputs((2, 3, 6, 3, 8), dtype, seed=25)
+    upstream = torch.randn(2, 9, 8, 3, generator=torch.Generator().manual_seed(26)).to(DEVICE, dtype).transpose(2, 3)
+    assert upstream.stride(-1) != 1
+    _assert_gradients_meet_the_criterion(args, upstream, dtype, monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", DTYPES_HERE)
+def test_gradients_take_the_forwards_eps(dtype, monkeypatch):
+    """The backward normalises with the forward's eps: 0.5, near these activations' mean square (1), changes every
+    gradient by O(1) from what another eps gives."""
+    args = _inputs((2, 3, 6, 3, 8), dtype, seed=27)
+    upstream = torch.randn(2, 9, 3, 8, generator=torch.Generator().manual_seed(28)).to(DEVICE, dtype)
+    _assert_gradients_meet_the_criterion(args, upstream, dtype, monkeypatch, eps=0.5)
 
 
 def test_backward_formulas_are_the_references_autograd():
@@ -444,10 +467,10 @@ def test_backward_formulas_are_the_references_autograd():
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_tables_requiring_grad_take_the_differentiable_reference():
+def test_tables_requiring_grad_take_the_differentiable_reference(monkeypatch):
     """fp32 inputs that require grad, the tables too (the kernels give no table gradient): the reference's values
     and gradients exactly (the same code); under no_grad the same inputs take the op's usual path (no graph, the
-    criterion)."""
+    kernel where ``backend_for`` names one, the criterion)."""
     args = _inputs((2, 3, 6, 3, 16), torch.float32, seed=11)
     leaves = {k: v.clone().requires_grad_() for k, v in args.items()}
     copies = {k: v.clone().requires_grad_() for k, v in args.items()}
@@ -466,10 +489,30 @@ def test_tables_requiring_grad_take_the_differentiable_reference():
     assert out.requires_grad
     out.sum().backward()
     assert torch.isfinite(only_x["x"].grad).all() and only_x["x"].grad.abs().sum() > 0
+    launches = []
+    if _takes_the_kernel(torch.float32):
+        launch = kernel_module.rms_norm_rope
+        monkeypatch.setattr(kernel_module, "rms_norm_rope", lambda *a, **k: launches.append(1) or launch(*a, **k))
     with torch.no_grad():
         out = _call(leaves, 1e-6)
-    assert out.grad_fn is None
+    assert out.grad_fn is None and len(launches) == _takes_the_kernel(torch.float32)
     _assert_criterion("under no_grad", out, args, 1e-6)
+
+
+@pytest.mark.parametrize("table", ["cos", "sin"])
+def test_one_table_requiring_grad_gets_the_references_gradient(table):
+    """cos or sin alone requires grad (the other a constant): the differentiable reference runs, and that table
+    gets the reference's gradient exactly (the kernels' autograd gives none)."""
+    args = _inputs((2, 3, 6, 3, 16), torch.float32, seed=29)
+    leaf, copy = (args[table].clone().requires_grad_() for _ in range(2))
+    out = _call(dict(args, **{table: leaf}), 1e-6)
+    tables = dict(args, **{table: copy})
+    expected = ref.rms_norm_rope_ref(args["x"], tables["cos"], tables["sin"], args["weight"], 1e-6, args["prefix"],
+                                     args["prefix_weight"])
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(30)).to(DEVICE)
+    out.backward(upstream)
+    expected.backward(upstream)
+    assert leaf.grad is not None and torch.equal(leaf.grad, copy.grad)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -713,6 +756,8 @@ def test_norm_rounds_as_the_model_module_bit_for_bit(module):
     other = rms_norm_rope(x, cos, sin, norm.weight, 1e-6, round_before_weight=not diffusers_rounding)
     assert torch.equal(same, expected)
     assert not torch.equal(other, expected)
+    spec = ref.rms_norm_rope_ref(x, cos, sin, norm.weight, 1e-6, round_before_weight=diffusers_rounding)
+    assert torch.equal(spec, expected)
 
 
 def test_tables_of_one_value_per_pair_equal_repeated_tables():

@@ -1685,6 +1685,58 @@ def test_text_and_image_streams_of_two_dtypes_run_diffusers_modules(kind):
     torch.testing.assert_close(got, native, rtol=0, atol=1e-6)
 
 
+class _DoublingRMSNorm(torch.nn.RMSNorm):
+    """A QK norm of a subclass of torch.nn.RMSNorm with a forward of its own."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+@pytest.mark.parametrize("case", ["subclass", "subclass_text_norm", "over_heads_and_head_dim", "one_table_row"])
+def test_flux_norms_and_tables_rms_norm_rope_does_not_take_run_diffusers_code(case):
+    """FLUX q with what the fused call does not take: a norm that is not exactly ``torch.nn.RMSNorm(D)`` (a subclass
+    with its own forward, as the image or the text stream's norm; an RMSNorm over heads and head dim together), or
+    RoPE tables of one row (``apply_rotary_emb`` broadcasts it over the sequence): diffusers' modules and function
+    run, with their result (the fused call would skip the forward, normalise each head alone, or raise)."""
+    gen = torch.Generator().manual_seed(8)
+    batch, n_text, n_image, heads, dim = 1, 3, 4, 2, 8
+    text, image = (torch.randn(batch, n, heads, dim, generator=gen) for n in (n_text, n_image))
+    angles = torch.rand(1 if case == "one_table_row" else n_text + n_image, dim, generator=gen)
+    tables = (angles.cos(), angles.sin())
+    image_norm, text_norm = {
+        "subclass": (_DoublingRMSNorm(dim, eps=1e-6), torch.nn.RMSNorm(dim, eps=1e-6)),
+        "subclass_text_norm": (torch.nn.RMSNorm(dim, eps=1e-6), _DoublingRMSNorm(dim, eps=1e-6)),
+        "over_heads_and_head_dim": (torch.nn.RMSNorm((heads, dim), eps=1e-6, elementwise_affine=False),
+                                    torch.nn.RMSNorm(dim, eps=1e-6)),
+    }.get(case, (torch.nn.RMSNorm(dim, eps=1e-6), torch.nn.RMSNorm(dim, eps=1e-6)))
+    with torch.no_grad():
+        native = diffusers.models.embeddings.apply_rotary_emb(torch.cat([text_norm(text), image_norm(image)], 1),
+                                                              tables, sequence_dim=1)
+        got = processors._norm_rope(image, image_norm, tables, text, text_norm)
+    torch.testing.assert_close(got, native, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["bias", "fp32_weight_fp16_q"])
+def test_qwen_qk_norms_rms_norm_rope_does_not_compute_run_diffusers_modules(case):
+    """Qwen-Image's QK norm with a bias, or with an fp32 weight beside fp16 q (diffusers' RMSNorm then returns
+    fp32): rms_norm_rope computes neither, so diffusers' module and ``apply_rotary_emb_qwen`` run, with their
+    result and dtype."""
+    from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm
+
+    gen = torch.Generator().manual_seed(9)
+    batch, seq, heads, dim = 1, 4, 2, 8
+    x = torch.randn(batch, seq, heads, dim, generator=gen).to(torch.float16 if case == "fp32_weight_fp16_q" else
+                                                            torch.float32)
+    norm = DiffusersRMSNorm(dim, eps=1e-6, bias=case == "bias").requires_grad_(False)
+    for param in norm.parameters():
+        param.copy_(torch.randn(dim, generator=gen))
+    freqs = torch.polar(torch.ones(seq, dim // 2), torch.rand(seq, dim // 2, generator=gen))
+    native = processors.transformer_qwenimage.apply_rotary_emb_qwen(norm(x), freqs, use_real=False)
+    got = processors._qwen_norm_rope(x, norm, freqs)
+    assert got.dtype == native.dtype
+    torch.testing.assert_close(got, native, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["flux", "qwen"])
 def test_tables_wider_than_fp32_run_diffusers_code(kind, monkeypatch):
     """fp64 RoPE tables (FLUX) or complex128 frequencies (Qwen-Image): diffusers rotates in that precision, the
@@ -1719,6 +1771,8 @@ def test_tables_wider_than_fp32_run_diffusers_code(kind, monkeypatch):
             return processors._qwen_joint_stream((text, text_norm, freqs[0]), (image, image_norm, freqs[1])), native
 
     with torch.no_grad():
+        for norm in (text_norm, image_norm):  # weights of their own: each stream takes its norm's
+            norm.weight.copy_(torch.randn(dim, generator=gen))
         got, native = run(wide=True)
         assert calls == [] and torch.equal(got, native)
         got, native = run(wide=False)
