@@ -136,11 +136,13 @@ def test_forward_and_backward_match_reference(name, packed, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES_HERE, ids=str)
-def test_keys_and_values_with_different_strides(dtype):
+@pytest.mark.parametrize("lr, ref_len", [([6, 9], 12), ([70, 33], 80)], ids=["ref_tails", "full_ref_blocks"])
+def test_keys_and_values_with_different_strides(dtype, lr, ref_len):
     """v a slice of a fused projection (token stride 2*H*D) beside a contiguous k, and a reference buffer whose
     values lie apart from its keys the same way: each tensor's own strides reach the kernels, forward and backward
-    (every other case gives k and v the same strides)."""
-    case = make_case([5, 40], [37, 10], [6, 9], 12, 2, 32, dtype, seed=3)
+    (every other case gives k and v the same strides). Kept references fewer than one key block (tail loads only),
+    and more (full blocks of gathered rows: fp32 gathers them in place, fp16 packs them first)."""
+    case = make_case([5, 40], [37, 10], lr, ref_len, 2, 32, dtype, seed=3)
     g = torch.Generator().manual_seed(4)
     fused_v = torch.stack([torch.randn(case.v.shape, generator=g).to(DEVICE, dtype), case.v], dim=1)
     fused_ref_v = torch.stack([torch.randn(case.ref["ref_v"].shape, generator=g).to(DEVICE, dtype),
@@ -551,6 +553,53 @@ def test_a_query_whose_scores_are_all_minus_inf_sees_no_key_on_every_path():
     k[1] = math.inf
     out, lse = sparsectx.sparse_attention(q, k, v, cu_q, cu_k, 3, 4, return_lse=True)
     assert torch.isnan(out).all() and not torch.isneginf(lse).any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES_HERE, ids=str)
+def test_keys_of_a_sample_whose_every_score_is_minus_inf_get_zero_gradients(dtype):
+    """Sample 0's keys all hold -inf and its queries are positive: every score of its queries is -inf (lse -inf,
+    output zero), and its keys and values get zero gradients, as in the reference (the backward takes a finite
+    stand-in for lse there: exp2(-inf - -inf) is NaN). Sample 1 meets the flash-attention criterion."""
+    case = make_case([5, 7], [4, 6], [], 0, 1, 16, dtype, seed=91, with_ref=False)
+    g = torch.Generator().manual_seed(92)
+    case.q = (torch.rand(case.q.shape, generator=g) + 0.1).to(DEVICE, dtype)
+    case.k[:4] = float("-inf")
+    dout = torch.randn(case.q.shape, generator=g).to(DEVICE, dtype)
+    dlse = torch.randn(1, 12, generator=g).to(DEVICE)
+    out, lse, grads = run_ops(case, dout, dlse)
+    exact_out, exact_lse, exact_grads = run_reference(case, torch.float64, dout, dlse)
+    torch_out, _, torch_grads = run_reference(case, dtype, dout, dlse)
+    assert torch.isneginf(lse[:, :5]).all() and torch.isneginf(exact_lse[:, :5]).all()
+    assert torch.equal(out[:5], torch.zeros_like(out[:5]))
+    for name in ("k", "v"):
+        assert torch.equal(exact_grads[name][:4], torch.zeros_like(exact_grads[name][:4]))
+        assert torch.equal(grads[name][:4], torch.zeros_like(grads[name][:4])), f"d{name} of the -inf keys"
+        assert_flash_criterion(f"d{name}", grads[name][4:], torch_grads[name][4:], exact_grads[name][4:], dtype)
+    assert_flash_criterion("dq", grads["q"][5:], torch_grads["q"][5:], exact_grads["q"][5:], dtype)
+    assert_flash_criterion("out", out[5:], torch_out[5:], exact_out[5:], dtype)
+
+
+def test_queries_whose_every_score_is_far_below_zero():
+    """Queries in [3, 4] against keys in [-4, -3] (D=16, scale 0.7): every score lies in [-180, -100], so lse is
+    far below zero and exp2(-lse * log2(e)) overflows fp32. Forward and backward meet the flash-attention criterion;
+    the key counts are not multiples of a key block, so the masked keys of each tail block (loaded as zeros, score
+    0) must add nothing. fp16: in fp32 the error of exp2 of scores this large comes close to twice torch's."""
+    dtype = torch.float16
+    case = make_case([5, 9], [7, 3], [6, 2], 10, 2, 16, dtype, seed=93, scale=0.7)
+    g = torch.Generator().manual_seed(94)
+    case.q = (torch.rand(case.q.shape, generator=g) + 3).to(DEVICE, dtype)
+    case.k = (-(torch.rand(case.k.shape, generator=g) + 3)).to(DEVICE, dtype)
+    case.ref["ref_k"] = (-(torch.rand(case.ref["ref_k"].shape, generator=g) + 3)).to(DEVICE, dtype)
+    dout = torch.randn(case.q.shape, generator=g).to(DEVICE, dtype)
+    dlse = torch.randn(2, 14, generator=g).to(DEVICE)
+    out, lse, grads = run_ops(case, dout, dlse)
+    exact_out, exact_lse, exact_grads = run_reference(case, torch.float64, dout, dlse)
+    torch_out, torch_lse, torch_grads = run_reference(case, dtype, dout, dlse)
+    assert exact_lse.max() < -90
+    assert_flash_criterion("out", out, torch_out, exact_out, dtype)
+    assert_flash_criterion("lse", lse, torch_lse, exact_lse, dtype)
+    for name, exact in exact_grads.items():
+        assert_flash_criterion(f"d{name}", grads[name], torch_grads[name], exact, dtype)
 
 
 def test_a_nan_row_gives_nan_gradients_to_every_key_it_attends():

@@ -95,6 +95,19 @@ def test_score_dtypes_with_ties(device, dtype):
         _assert_same(result, _expected(scores, [budget] * 3, (x,)))
 
 
+def test_float64_scores_that_float32_would_tie_keep_their_order(device):
+    """float64 scores closer together than float32 resolves (1 + i * 1e-12 all round to 1.0 in float32): the top-k
+    follows their float64 order, not float32's ties to the lower index."""
+    gen = torch.Generator().manual_seed(2)
+    order = torch.stack([torch.randperm(40, generator=gen) for _ in range(2)])
+    scores = (1.0 + order.double() * 1e-12).to(device)
+    assert bool((scores.float() == 1.0).all())
+    x = torch.randn(2, 40, 3, generator=gen).to(device)
+    for budget in (1, 13, [7, 30]):
+        counts = reference.budget_to_counts(budget, 2, 40)
+        _assert_same(sparsectx.compact_tokens(scores, x, budget=budget), _expected(scores, counts, (x,)))
+
+
 def test_numpy_budgets_count_as_python_numbers(device):
     np = pytest.importorskip("numpy")
     gen = torch.Generator().manual_seed(3)
@@ -407,6 +420,9 @@ def test_budget_with_max_total_pads(device):
     tensors = _payloads(gen, 2, 40, 9, device)
     result = sparsectx.compact_tokens(scores, *tensors, budget=[3, 10], max_total=50)
     _assert_same(result, _expected(scores, [3, 10], tensors, 50))
+    # max_total equal to the kept total: no padding row, and not refused as too small
+    result = sparsectx.compact_tokens(scores, *tensors, budget=[3, 10], max_total=13)
+    _assert_same(result, _expected(scores, [3, 10], tensors, 13))
 
 
 def test_payload_layouts(device):
@@ -662,6 +678,27 @@ def test_round_trip(device):
     # and compacting the scattered tensor again gives the packed rows
     again = sparsectx.compact_tokens(keep, back)
     assert torch.equal(again.tensors[0], packed[:valid])
+
+
+def test_scatter_takes_inputs_of_any_layout(device):
+    """packed rows that are not one contiguous block (a column slice of wider rows: row stride 10, width 6; a
+    transposed tensor), and index and cu_seqlens that are strided views, scatter as their values, with a scalar and
+    a tensor fill."""
+    gen = torch.Generator().manual_seed(15)
+    mask = (torch.rand(2, 25, generator=gen) > 0.5).to(device)
+    kept = sparsectx.compact_tokens(mask)
+    total = kept.index.numel()
+    packed = torch.randn(total, 6, generator=gen).to(device)
+    sliced = torch.cat([packed, packed[:, :4]], dim=1)[:, :6]
+    transposed = packed.t().contiguous().t()
+    index, cu_seqlens = (torch.stack([t, -t - 1], dim=1)[:, 0] for t in (kept.index, kept.cu_seqlens))
+    assert not any(t.is_contiguous() for t in (sliced, transposed, index, cu_seqlens))
+    base = torch.randn(2, 25, 6, generator=gen).to(device)
+    for fill in (-1.0, base):
+        want = reference.scatter_ref(packed, kept.index, kept.cu_seqlens, 25, fill)
+        for args in ((sliced, kept.index, kept.cu_seqlens), (transposed, kept.index, kept.cu_seqlens),
+                     (packed, index, cu_seqlens)):
+            assert torch.equal(sparsectx.scatter_tokens(*args, 25, fill=fill), want)
 
 
 def test_compact_gradients_match_reference(device):
