@@ -47,7 +47,7 @@ SUMMARY_RESERVE_S=20                   # kept back for the summary (15 s) and ti
 KILL_GRACE_S=5
 # caps per step (seconds; on the 2026-11-27 H200: set-up 44 s, 13 GPU tests 64 s, key cases 59 s, training 36 s,
 # e2e without its breakdown 55 s)
-PROCESSORS_TESTS_CAP_S=60              # tests/test_processors.py's GPU tests (7 on tiny models, ~7 s each), first
+PROCESSORS_TESTS_CAP_S=60              # tests/test_processors.py's GPU tests (6 on tiny models, ~7 s each), first
 GPU_TESTS_CAP_S=150                    # the other GPU tests but the candidates, first launch config (no autotuning;
                                        # 29 tests took 87 s on 2026-11-30; 35 tests were cut at 150 s after 27 in
                                        # the next run: times per test now printed)
