@@ -426,10 +426,12 @@ def _select_config(n_tokens: int) -> tuple[int, int, int]:
     long rows count the last passes over the filtered candidates only (CAND_BLOCK 0: no filter)."""
     block = min(next_power_of_2(max(n_tokens, 16)), MAX_SELECT_BLOCK)
     cand_block = max(block // CAND_BLOCK_FRACTION, 16) if n_tokens >= FILTER_MIN_TOKENS else 0
-    # warps: one per 1024 keys up to 8. The 16384-key block (3 references of 4096) took 27.3 us at 8 warps and 31.0
-    # at 16 on the 2026-11-30 H200 (29.7 / 31.7 in an earlier run; 4 and 32 warps slower): one program's passes
-    # are bound by its SM's arithmetic, and more warps add reduction steps
-    return block, max(1, min(8, block // 1024)), cand_block
+    # warps: one per 1024 keys, up to 8 for a row held in one block and 16 for rows streamed block by block. The
+    # one-block row of 3 x 4096 keys took 27.3 us at 8 warps and 31.0 at 16 on the 2026-11-30 H200 (29.7 / 31.7 in
+    # an earlier run; 4 and 32 warps slower): one program's passes are bound by its SM's arithmetic, and more warps
+    # add reduction steps. Streamed rows were not timed, and at 8 warps Triton 3.9 spills 16 B there (fp16/bf16).
+    max_warps = 8 if n_tokens <= block else 16
+    return block, max(1, min(max_warps, block // 1024)), cand_block
 
 
 def _compact_config(n_tokens: int) -> tuple[int, int]:
