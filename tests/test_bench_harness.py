@@ -534,3 +534,180 @@ def test_gpu_checks_test_step_reports_each_failure_as_it_happens(tmp_path):
     assert "test_fails call: failed" in out and "test_after call: passed" in out
     script = (tests_dir.parent / "bench" / "gpu_check.sh").read_text()
     assert "SPARSECTX_REPORT_AS_RUN=1" in script
+
+
+def test_a_ratio_or_time_exactly_at_its_bound_meets():
+    """The targets read ">= bound" and "<= 25 us": a value exactly at the bound meets; the selection target is
+    "under 2%": a share of exactly 2% misses."""
+    rows = _block("attention", "L=1", {"sparsectx (compacted)": 1.0, "sdpa cudnn": 0.75})
+    rows += _block("compaction", "B=1, N=8", {"sparsectx compact_tokens (scores+budget)": 0.025})
+    lines = benchmarks.target_verdicts(rows)
+    assert any("cuDNN" in line and "x0.750 (>= 0.750: meets)" in line for line in lines), lines
+    assert any("25.0 us (<= 25 us: meets)" in line for line in lines), lines
+    shape = "3 ref x 4096 tokens, C=128, selector uniform, H=32, D=128"
+    at_bound = [_row("selection", shape, "select, fixed 10%", 0.1, step_pct=benchmarks.SELECTION_STEP_TARGET_PCT)]
+    assert "MISSES: worst 2.00%" in benchmarks.selection_verdict(at_bound)
+
+
+def test_a_selection_row_that_failed_its_check_is_not_the_worst_share():
+    shape = "3 ref x 4096 tokens, C=128, selector {}, H=32, D=128"
+    rows = [_row("selection", shape.format("uniform"), "select, fixed 10%", 0.1, step_pct=0.3),
+            _row("selection", shape.format("random"), "select, fixed 10%", 9.0, step_pct=9.0, ok=False)]
+    line = benchmarks.selection_verdict(rows)
+    assert "meets: worst 0.30%" in line and "1 of 1 rows judged" in line, line
+
+
+def test_kv_target_judges_only_the_reference_counts_it_names():
+    """The KV speed-up target is set for 3 and 4 references only: a block with another count gets no line."""
+    rows = []
+    for refs in (1, 2, 3, 13):
+        rows += _block("kv", f"{refs} ref x 10%, target 4096", {
+            "sparsectx.enable + KV cache": 10.0, "plain run, all references, no cache": 50.0})
+    lines = [line for line in benchmarks.target_verdicts(rows) if "sparse + KV" in line]
+    assert [line.split()[3] for line in lines if "sparsectx attention" not in line] == ["3"], lines
+    assert all(line.split()[3] == "3" for line in lines), lines
+
+
+def test_back_to_back_time_target_reads_the_rows_loop_time():
+    """Issue 3's third compaction verdict is on the row's back-to-back time (``loop_ms``), not its event time."""
+    rows = _block("compaction", "B=1, N=8", {"sparsectx compact_tokens (scores+budget)": 0.030})
+    rows[0]["loop_ms"] = 0.020
+    lines = [line for line in benchmarks.target_verdicts(rows) if "<= 25 us" in line]
+    back_to_back = [line for line in lines if "back to back" in line]
+    per_call = [line for line in lines if "CUDA events" in line]
+    assert len(back_to_back) == 1 and "20.0 us (<= 25 us: meets)" in back_to_back[0], lines
+    assert len(per_call) == 1 and "30.0 us (<= 25 us: MISSES)" in per_call[0], lines
+    del rows[0]["loop_ms"]
+    lines = [line for line in benchmarks.target_verdicts(rows) if "back to back" in line]
+    assert len(lines) == 1 and "not measured" in lines[0] and "loop_ms" in lines[0], lines
+
+
+def _selection_rows(refs, selector, time_ms):
+    shape = f"{refs} ref x 4096 tokens, C=128, selector {selector}, H=32, D=128"
+    return [_row("selection", shape, "select, fixed 10%", time_ms)]
+
+
+def test_selection_shares_relate_to_the_no_reference_step_and_the_probe_of_the_same_reference_count():
+    """annotate: each selection row's share of the no-reference e2e step; with the keep-all step of its reference
+    count in the note; for a selector that reads probe tensors, the share with the automatic probe (the e2e
+    breakdown's probe row of the same reference count) added to the selection's time."""
+    case = benchmarks.CASES["selection"]
+    earlier = [_row("e2e", "1 ref x 5%", benchmarks.NO_REFERENCE_ROW, 100.0),
+               _row("e2e", "1 ref x 5%", benchmarks.KEEP_ALL_ROW, 250.0),
+               _row("e2e", "3 ref x 5%", benchmarks.KEEP_ALL_ROW, 500.0),
+               _row("e2e", "1 ref x 5%, enable-path breakdown", "(e) attention probe (first block)", 7.0),
+               _row("e2e", "3 ref x 5%, enable-path breakdown", "(e) attention probe (first block)", 1.0)]
+    attention = _selection_rows(3, "attention", 0.5)
+    case.annotate(attention, earlier)
+    assert attention[0]["step_pct"] == pytest.approx(0.5)  # 0.5 ms of the 100 ms no-reference step
+    assert attention[0]["step_pct_with_probe"] == pytest.approx(1.5)  # (0.5 + 1.0) ms of 100 ms
+    assert "0.10% of keep-all with 3 ref" in attention[0]["note"]  # 0.5 of 500 ms
+    uniform = _selection_rows(3, "uniform", 0.5)  # reads no probe tensor: no probe share
+    case.annotate(uniform, earlier)
+    assert uniform[0]["step_pct"] == pytest.approx(0.5) and "step_pct_with_probe" not in uniform[0]
+    assert "automatic probe" not in uniform[0]["note"]
+    unmeasured = _selection_rows(3, "attention", 0.5)
+    case.annotate(unmeasured, [r for r in earlier if r["impl"] != benchmarks.NO_REFERENCE_ROW])
+    assert "step_pct" not in unmeasured[0] and "step not measured" in unmeasured[0]["note"]
+
+
+def test_results_match_holds_the_dtypes_relative_error_bound():
+    gen = torch.Generator().manual_seed(0)
+    expected = torch.randn(64, 32, generator=gen)
+    workload = benchmarks.Workload("t", "64x32", [], torch.float32)
+    bound = benchmarks.REL_ERR_BOUND[torch.float32]
+    assert benchmarks.results_match(expected * (1 + bound / 2), expected, workload)[0] is True
+    ok, err = benchmarks.results_match(expected * (1 + 3 * bound), expected, workload)  # every row 3x the bound off
+    assert ok is False and err == pytest.approx(3 * bound, rel=1e-3)
+
+
+def test_an_exact_check_fails_outputs_of_another_count():
+    x = torch.arange(6.0)
+    exact = benchmarks.Workload("t", "6", [], torch.float32, exact=True)
+    assert benchmarks.results_match((x,), (x, x), exact)[0] is False
+    assert benchmarks.results_match((x, x), (x,), exact)[0] is False
+    assert benchmarks.results_match((x, x), (x, x), exact)[0] is True
+
+
+def test_run_workload_fills_throughput_and_the_bytes_moved_floor(monkeypatch):
+    """TFLOP/s and GB/s from the workload's counts and the row's time; the floor row is the bytes moved at the copy
+    rate measured in the run (so its own GB/s is that rate)."""
+    monkeypatch.setattr(benchmarks, "time_ms", lambda fn, device, **kw: 2.0)
+    x = torch.ones(4)
+    workload = benchmarks.Workload("t", "4", [benchmarks.Impl("sparsectx", lambda: x)], torch.float32,
+                                   flops=6e9, bytes_moved=4e6)
+    rows = benchmarks.run_workload(workload, torch.device("cpu"), quick=True,
+                                   shared={"ceilings": {"copy_GBps": 100.0}})
+    ours, floor = rows
+    assert ours["tflops"] == pytest.approx(3.0)  # 6 GFLOP in 2 ms
+    assert ours["gbps"] == pytest.approx(2.0)  # 4 MB in 2 ms
+    assert floor["impl"] == "bytes-moved floor" and floor["time_ms"] == pytest.approx(0.04)  # 4 MB at 100 GB/s
+    assert floor["gbps"] == pytest.approx(100.0) and floor["ratio"] == pytest.approx(0.02)
+
+
+def test_an_unavailable_peer_is_neither_checked_nor_timed_and_judges_nothing():
+    x = torch.ones(4)
+    impls = [benchmarks.Impl("sparsectx compact_tokens (scores+budget)", lambda: x),
+             benchmarks.Impl("topk+sort+gather", lambda: x, skip="needs a GPU")]
+    rows = benchmarks.run_workload(_workload(impls), torch.device("cpu"), quick=True)
+    peer = rows[1]
+    assert peer["ok"] is None and peer["time_ms"] is None and peer["ratio"] is None
+    assert peer["note"] == "unavailable: needs a GPU"
+    line = next(line for line in benchmarks.format_table(rows).splitlines() if "topk+sort+gather" in line)
+    assert line.endswith("-  unavailable: needs a GPU"), line  # no check shown: it was not compared
+    lines = [line for line in benchmarks.target_verdicts(rows) if "topk+sort+gather" in line]
+    assert len(lines) == 1 and "not measured" in lines[0], lines
+
+
+def test_a_later_pass_notes_each_rows_time_and_its_ratio_to_sparsectxs(monkeypatch):
+    x = torch.ones(4)
+    ours, peer = (lambda: x), (lambda: x + 0)
+    times = {ours: 2.0, peer: 3.0}
+    monkeypatch.setattr(benchmarks, "time_ms", lambda fn, device, **kw: times[fn])
+    impls = [benchmarks.Impl("sparsectx compact_tokens (scores+budget)", ours),
+             benchmarks.Impl("topk+sort+gather", peer)]
+    rows = benchmarks.run_workload(_workload(impls, passes=2), torch.device("cpu"), quick=True)
+    assert rows[1]["ratio"] == pytest.approx(1.5)
+    assert rows[0]["note"].endswith("pass 2: 2 ms x1.00") and rows[1]["note"].endswith("pass 2: 3 ms x1.50")
+
+
+def test_tables_show_peak_memory_and_the_byte_rate_of_data_movement():
+    rows = _block("e2e", "3 ref x 5%", {"sparsectx compact_tokens + step": 100.0,
+                                        "torch topk+sort+index_select + step": 120.0})
+    rows[0]["peak_mem_gb"], rows[1]["peak_mem_gb"] = 12.5, 20.0
+    table, markdown = benchmarks.format_table(rows), benchmarks.format_markdown({}, rows)
+    assert "peak GiB" in table and "peak GiB" in markdown
+    assert "12.5" in next(line for line in table.splitlines() if "sparsectx compact_tokens" in line)
+    assert "| 20.0 |" in next(line for line in markdown.splitlines() if "torch topk" in line)
+    assert "peak GiB" not in benchmarks.format_table(_block("e2e", "1 ref", {"sparsectx compact_tokens + step": 1.0}))
+    moved = _block("compaction", "B=1", {"sparsectx compact_tokens (scores+budget)": 0.03, "x[mask] (host sync)": None})
+    moved[0]["gbps"] = 400.0
+    assert "GB/s" in benchmarks.format_table(moved) and "TFLOP/s" not in benchmarks.format_table(moved)
+
+
+def test_merged_meta_keeps_every_parts_planned_cases_and_quick_flag(tmp_path):
+    meta = {"device": "NVIDIA H200", "size": "full", "commit": "abc1234"}
+    a, b = str(tmp_path / "a.json"), str(tmp_path / "b.json")
+    benchmarks.write_json(a, dict(meta, cases=["attention"], quick=False),
+                          _block("attention", "L=1", {"sparsectx (compacted)": 1.0}))
+    benchmarks.write_json(b, dict(meta, cases=["training", "kv"], quick=True),
+                          _block("training", "B=4", {"sparsectx (packed varlen)": 1.0}))
+    merged = benchmarks.merge_runs([a, b])["meta"]
+    assert merged["planned_cases"] == ["attention", "training", "kv"]
+    assert merged["cases"] == ["attention", "training"]
+    assert merged["quick"] is True  # one quick part makes the whole run quick
+    assert benchmarks.merge_runs([a])["meta"]["quick"] is False
+
+
+def test_cpu_timings_are_per_call_medians():
+    import time
+
+    calls = []
+
+    def slow_first():  # one slow call among fast ones: the median ignores it, a mean would not
+        time.sleep(0.2 if not calls else 0.001)
+        calls.append(1)
+
+    assert benchmarks.time_ms(slow_first, torch.device("cpu"), quick=True) < 50
+    per_call = benchmarks.loop_ms(lambda: time.sleep(0.002), torch.device("cpu"), quick=True)
+    assert 1.5 < per_call < 10  # ~2 ms per call, whatever the count of calls per batch

@@ -182,3 +182,16 @@ def test_device_data_of_a_module_and_bad_items():
     with pytest.raises(TypeError, match="device_data"):
         with count_host_reads(device_data=[3]):
             pass
+
+
+def test_a_byte_mask_index_is_a_host_read():
+    """A uint8 mask indexes like a bool one (deprecated, still accepted): its output size depends on the data."""
+    import warnings
+
+    x = _x()
+    mask = (x > 0).to(torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's deprecation warning for uint8 indices
+        with count_host_reads() as reads:
+            x[mask]
+    assert reads.count == 1, reads.ops
