@@ -116,7 +116,8 @@ class HostReads(TorchDispatchMode):
                 self.mark(t)
             for arg, value in zip(func._schema.arguments, args):
                 if arg.alias_info is not None and arg.alias_info.is_write:
-                    self.mark(value)
+                    for t in pytree.tree_leaves(value):  # (a list of tensors for the _foreach_*_ ops)
+                        self.mark(t)
         if func in _ALWAYS:
             self.ops.append(str(func))
         elif func in _INDEXING and _has_bool_index(args):

@@ -142,6 +142,11 @@ def test_device_data_tells_device_reads_from_host_work():
         int(moved[0, 0])
         device.to(torch.float64).tolist()  # a copy on the device
     assert reads.ops == ["aten._local_scalar_dense.default"] * 2 + ["Tensor.tolist"], reads.ops
+    with count_host_reads(device_data=[device]) as reads:
+        accumulators = [torch.zeros(2, 4), torch.zeros(2, 4)]
+        torch._foreach_add_(accumulators, [device[:2], device[1:]])  # writes device data into a list of tensors
+        bool(accumulators[1].any())
+    assert reads.ops == ["aten._local_scalar_dense.default"], reads.ops
 
 
 def test_blocks_of_two_threads_may_overlap():
