@@ -1228,11 +1228,15 @@ def _eager(*tensors) -> bool:
     return all(t is None or (_unwrapped(t) and not t.is_meta) for t in tensors)
 
 
+def _autograd_records(tensors) -> bool:
+    """Whether autograd records a call on these tensors (or None): grad mode on and one of them requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _plain_eager(*tensors) -> bool:
     """Whether an op may call its custom op's implementation directly: ``_eager`` and nothing for autograd to
     record. The custom op's dispatch costs tens of microseconds of host time per call."""
-    grad = torch.is_grad_enabled()
-    return _eager(*tensors) and not any(grad and t is not None and t.requires_grad for t in tensors)
+    return _eager(*tensors) and not _autograd_records(tensors)
 
 
 def _dispatch(implementation, function, custom_op, *tensors):
@@ -1240,13 +1244,12 @@ def _dispatch(implementation, function, custom_op, *tensors):
     ``torch.autograd.Function`` twin (``_eager`` with inputs autograd records), else its custom op."""
     if not _eager(*tensors):
         return custom_op
-    grad = torch.is_grad_enabled()
-    return function.apply if any(grad and t is not None and t.requires_grad for t in tensors) else implementation
+    return function.apply if _autograd_records(tensors) else implementation
 
 
 def _records_graph(tensors) -> bool:
     """Whether autograd or a tracer must see this call (then it goes through the custom ops)."""
-    return _traced(*tensors) or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+    return _traced(*tensors) or _autograd_records(tensors)
 
 
 def compact_tokens(selection: torch.Tensor, *tensors: torch.Tensor, budget=None, max_total: Optional[int] = None,
