@@ -22,7 +22,9 @@ R = 730k, ``head * stride`` wrapped in int32 and addressed memory before the ten
 Layout of the work (no host synchronisation: grids are sized from host-side upper bounds, and programs past the end
 of their sample return at once):
 - forward: one program per (query block, head, sample); it streams over the sample's own keys, then over its
-  gathered reference keys, with an online softmax in base 2 (fp32 statistics).
+  gathered reference keys, with an online softmax in base 2 (fp32 statistics). Its queries are packed rows, or
+  (``Q_INDEXED``, ``masked_attention``'s kept queries) rows of a dense ``[B, S, H, D]`` q given by a compaction's
+  index, whose outputs go to the same rows of a dense output: no packed copy of q, no scatter of the output.
 - backward (FlashAttention-2 split, no atomics): a pre-pass computes ``delta = rowsum(dO * O) - dlse``; one kernel
   per key block accumulates dK and dV over all query blocks of the sample (launched once for the own keys and once
   for the reference keys, whose gradients are stored straight into their rows of the reference-buffer gradient:
@@ -219,15 +221,25 @@ def _ref_rows(RIDX, r_start, offs, valid, REF_PACKED: tl.constexpr, MASKED: tl.c
         return tl.load(RIDX + r_start + offs).to(tl.int64)
 
 
+@triton.jit
+def _query_offsets(QIDX, batch, q_start, offs_m, q_valid, q_rows, stride_b, stride_t, Q_INDEXED: tl.constexpr):
+    """int64 element offsets of a query block's rows in q (or the output): their packed rows, or with Q_INDEXED
+    (dense ``[B, S, H, D]`` q and output) row ``QIDX[packed row]`` of the sample."""
+    if Q_INDEXED:
+        pos = tl.load(QIDX + q_start + offs_m, mask=q_valid, other=0).to(tl.int64)
+        return batch.to(tl.int64) * stride_b + pos * stride_t
+    return q_rows * stride_t
+
+
 @triton.jit(do_not_specialize=["tune_rows"])  # the key only: one binary for every value
 def _fwd_kernel(
-    Q, K, V, RK, RV, RIDX, CU_Q, CU_K, CU_R, O, LSE, K_DESC, V_DESC, RK_DESC, RV_DESC,
-    qk_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    Q, K, V, RK, RV, RIDX, CU_Q, CU_K, CU_R, O, LSE, QIDX, K_DESC, V_DESC, RK_DESC, RV_DESC,
+    qk_scale, stride_qb, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_rkb, stride_rkr, stride_rkh, stride_rvb, stride_rvr, stride_rvh,
-    stride_ot, stride_oh, stride_lse_h, tune_rows,
+    stride_ob, stride_ot, stride_oh, stride_lse_h, tune_rows,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_D: tl.constexpr, HAS_REF: tl.constexpr,
-    REF_PACKED: tl.constexpr, IEEE: tl.constexpr, OWN_TMA: tl.constexpr, REF_TMA: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    REF_PACKED: tl.constexpr, Q_INDEXED: tl.constexpr, IEEE: tl.constexpr, OWN_TMA: tl.constexpr,
+    REF_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m, head, batch = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)  # int64: module doc
     q_start, q_len, offs_m, q_valid, q_rows = _query_block(CU_Q, batch, pid_m, BLOCK_M)
@@ -236,7 +248,8 @@ def _fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
-    q = tl.load(Q + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+    q_offsets = _query_offsets(QIDX, batch, q_start, offs_m, q_valid, q_rows, stride_qb, stride_qt, Q_INDEXED)
+    q = tl.load(Q + q_offsets[:, None] + head * stride_qh + offs_d[None, :],
                 mask=q_valid[:, None] & d_valid[None, :], other=0.0)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -286,7 +299,8 @@ def _fwd_kernel(
     # normalise; a query that saw no key (l_i = 0) outputs zeros and lse = -inf (NaN scores: NaN, not -inf)
     seen = l_i != 0.0
     acc = acc / tl.where(seen, l_i, 1.0)[:, None]
-    tl.store(O + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :], acc.to(O.dtype.element_ty),
+    o_offsets = _query_offsets(QIDX, batch, q_start, offs_m, q_valid, q_rows, stride_ob, stride_ot, Q_INDEXED)
+    tl.store(O + o_offsets[:, None] + head * stride_oh + offs_d[None, :], acc.to(O.dtype.element_ty),
              mask=q_valid[:, None] & d_valid[None, :])
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
     tl.store(LSE + head * stride_lse_h + q_start + offs_m, lse, mask=q_valid)
@@ -295,7 +309,7 @@ def _fwd_kernel(
 # (the load path is part of the key: the best tile, and what fits in shared memory, differ between tile copies and
 # pointer loads)
 FWD_TUNERS = _autotuned(_fwd_kernel, FWD_CONFIGS, FWD_CONFIGS_WIDE,
-                        key=["HEAD_DIM", "HAS_REF", "REF_PACKED", "OWN_TMA", "REF_TMA", "tune_rows"])
+                        key=["HEAD_DIM", "HAS_REF", "REF_PACKED", "Q_INDEXED", "OWN_TMA", "REF_TMA", "tune_rows"])
 
 
 def _empty_as(t: torch.Tensor) -> torch.Tensor:
@@ -318,9 +332,9 @@ def _block_d(dim: int) -> int:
 def _ref_args(ref_k, ref_v, ref_index, cu_r, like):
     """Kernel arguments for the references: ``(ref_k, ref_v, ref_index, cu_r, has_ref, packed)`` (dummies when there
     are none: HAS_REF=False skips their loop; a packed tensor's index argument is unused)."""
-    if ref_k is None:
+    if ref_k is None:  # (never read: allocated, not filled, so no launch is spent on them)
         dummy = like.new_empty((1, 1, 1, 1))
-        index = torch.zeros(1, dtype=torch.int32, device=like.device)
+        index = torch.empty(1, dtype=torch.int32, device=like.device)
         return dummy, dummy, index, index, False, False
     packed = ref_index is None
     return ref_k, ref_v, cu_r if packed else ref_index, cu_r, True, packed
@@ -333,11 +347,19 @@ def _ref_strides(t):
 
 
 @on_device_of("q")
-def attention_forward(q, k, v, cu_q, cu_k, max_seqlen_q, ref_k, ref_v, ref_index, cu_r, softmax_scale):
-    """Launches the forward kernel. Returns ``(out [Tq, H, D], lse [H, Tq] fp32, natural log)``."""
-    tq, heads, dim = q.shape
+def attention_forward(q, k, v, cu_q, cu_k, max_seqlen_q, ref_k, ref_v, ref_index, cu_r, softmax_scale,
+                      q_index=None):
+    """Launches the forward kernel. Returns ``(out [Tq, H, D], lse [H, Tq] fp32, natural log)``.
+
+    With ``q_index`` (int32 ``[Tq]``, positions within each sample, packed by ``cu_q``: a compaction's index) q is
+    a dense ``[B, S, H, D]`` tensor whose kept queries are read in place: packed query j of sample b is
+    ``q[b, q_index[j]]``; ``out`` is then ``[B, S, H, D]``, those rows written and the others zero (the same as
+    gathering the queries, attending and scattering the output back, without the two copies)."""
+    indexed = q_index is not None
+    heads, dim = q.shape[-2:]
+    tq = q_index.numel() if indexed else q.shape[0]
     batch = cu_q.numel() - 1
-    out = _empty_as(q)
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device) if indexed else _empty_as(q)
     lse = torch.empty((heads, tq), dtype=torch.float32, device=q.device)
     if tq == 0 or batch == 0 or max_seqlen_q == 0:
         return out, lse
@@ -353,14 +375,18 @@ def attention_forward(q, k, v, cu_q, cu_k, max_seqlen_q, ref_k, ref_v, ref_index
 
     own_desc = _row_descriptors(k, v)
     ref_desc = _row_descriptors(rk, rv) if packed else (None, None)
+    # (batch, row, head) strides of q and the output: a packed tensor's batch stride is unused
+    q_strides, out_strides = ((t.stride(0), t.stride(1), t.stride(2)) if indexed else (0, t.stride(0), t.stride(1))
+                              for t in (q, out))
     with _TUNER_LOCK:
         _for_head(FWD_TUNERS, _block_d(dim))[grid](
-            q, k, v, rk, rv, ridx, cu_q, cu_k, cur, out, lse, *own_desc, *ref_desc,
-            softmax_scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            *_ref_strides(rk), *_ref_strides(rv), out.stride(0), out.stride(1), lse.stride(0),
+            q, k, v, rk, rv, ridx, cu_q, cu_k, cur, out, lse, q_index if indexed else cu_q, *own_desc, *ref_desc,
+            softmax_scale * LOG2E, *q_strides, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            *_ref_strides(rk), *_ref_strides(rv), *out_strides, lse.stride(0),
             _tune_rows(batch, max_seqlen_q, heads),
             HEAD_DIM=dim, BLOCK_D=_block_d(dim), MASK_D=_block_d(dim) != dim, HAS_REF=has_ref, REF_PACKED=packed,
-            IEEE=q.dtype == torch.float32, OWN_TMA=own_desc[0] is not None, REF_TMA=ref_desc[0] is not None,
+            Q_INDEXED=indexed, IEEE=q.dtype == torch.float32, OWN_TMA=own_desc[0] is not None,
+            REF_TMA=ref_desc[0] is not None,
         )
     return out, lse
 

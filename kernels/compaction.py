@@ -14,8 +14,9 @@ Five kernels, each one concept (the plain-torch specification is in ``sparsectx/
 - ``_block_counts_kernel`` (grid: samples x token blocks): counts the tokens above the threshold (a mask's kept
   tokens) and the ties in each token block; launched for masks and for rows longer than one selection block.
 - ``_write_index_kernel`` (same grid): stream compaction. Each program sums the counts of its sample's earlier
-  blocks, ranks its block's tokens with a local prefix scan, and writes each kept token's position at its packed
-  row; it also writes ``cu_seqlens`` and zero-fills index rows past the kept total.
+  blocks (for a mask, also those of the earlier samples: its packed rows' start, with no reduction of the mask
+  launched before), ranks its block's tokens with a local prefix scan, and writes each kept token's position at
+  its packed row; it also writes ``cu_seqlens`` and zero-fills index rows past the kept total.
 - ``_gather_rows_kernel`` (grid: packed-row blocks x feature blocks): copies the kept rows of up to
   ``PAYLOADS_PER_LAUNCH`` payloads ``[B, N, C]`` into their packed ``[rows, C]`` outputs; rows past the kept total
   are zero-filled (or, when the caller never reads them, not written).
@@ -69,6 +70,8 @@ assert MAX_SELECT_BLOCK < 1 << COUNT_FIELD_BITS.value, "a block's count must fit
 # sample instead of one long scan), and their warps.
 COMPACT_BLOCK = 1024
 COMPACT_WARPS = 4
+# Block counts summed by one step of the index kernel's loop over the earlier samples of a mask (samples x blocks).
+COUNT_TILE = 4096
 assert COMPACT_BLOCK < 1 << COUNT_FIELD_BITS.value, "a block's count must fit in a count field"
 # Payloads copied by one gather launch (more are split over several launches).
 PAYLOADS_PER_LAUNCH = 3
@@ -216,6 +219,22 @@ def _sample_counts(counts_ptr, uniform_count, n_samples, b, PER_SAMPLE_COUNTS: t
 
 
 @triton.jit
+def _mask_sample_counts(block_counts_ptr, b, n_blocks, NB_PAD: tl.constexpr, SAMPLE_CHUNK: tl.constexpr):
+    """(first packed row, kept count) of sample b of a keep mask, from the kept counts of every token block
+    (``block_counts [B, n_blocks]``, low count field): the earlier samples' blocks, SAMPLE_CHUNK samples at a time,
+    then its own. (A sample's counts then need no reduction of the mask before the launch.)"""
+    blocks = tl.arange(0, NB_PAD)
+    row_start = tl.zeros((), dtype=tl.int32)
+    for first in range(0, b, SAMPLE_CHUNK):
+        samples = first + tl.arange(0, SAMPLE_CHUNK)
+        tile = tl.load(block_counts_ptr + samples[:, None] * n_blocks + blocks[None, :],
+                       mask=(samples < b)[:, None] & (blocks < n_blocks)[None, :], other=0)
+        row_start += tl.sum(tl.sum(tile & COUNT_FIELD_MASK, axis=1), axis=0)
+    own = tl.load(block_counts_ptr + b * n_blocks + blocks, mask=blocks < n_blocks, other=0)
+    return row_start, tl.sum(own & COUNT_FIELD_MASK)
+
+
+@triton.jit
 def _token_flags(sel_ptr, row_offset, stride_sel_n, n_tokens, pos, threshold, HAS_SCORES: tl.constexpr):
     """(above, tie) of tokens ``pos``: scores above / equal to the sample's threshold key, or a mask's kept tokens
     (no ties). Positions past the row's end are neither."""
@@ -314,15 +333,19 @@ def _write_index_kernel(
     sel_ptr, stride_sel_b, stride_sel_n, n_tokens, threshold_ptr, need_ptr, block_counts_ptr, n_blocks,
     counts_ptr, uniform_count, n_samples,
     index_ptr, cu_seqlens_ptr, n_rows,
-    HAS_SCORES: tl.constexpr, PER_SAMPLE_COUNTS: tl.constexpr, B_PAD: tl.constexpr, NB_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HAS_SCORES: tl.constexpr, PER_SAMPLE_COUNTS: tl.constexpr, COUNTS_FROM_BLOCKS: tl.constexpr,
+    B_PAD: tl.constexpr, NB_PAD: tl.constexpr, SAMPLE_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Program (b, j): index[row] = position for every kept token of token block j of sample b, at its packed row
     (stream compaction: the earlier blocks' counts, then a prefix scan within the block). Program (b, 0) writes
-    cu_seqlens[b + 1]; the last program zero-fills index rows past the kept total."""
+    cu_seqlens[b + 1]; the last program zero-fills index rows past the kept total. The samples' kept counts are the
+    host's (uniform or PER_SAMPLE_COUNTS) or, for a mask without them (COUNTS_FROM_BLOCKS), the block counts'."""
     b = tl.program_id(0)
     block = tl.program_id(1)
-    row_start, k = _sample_counts(counts_ptr, uniform_count, n_samples, b, PER_SAMPLE_COUNTS, B_PAD)
+    if COUNTS_FROM_BLOCKS:
+        row_start, k = _mask_sample_counts(block_counts_ptr, b, n_blocks, NB_PAD, SAMPLE_CHUNK)
+    else:
+        row_start, k = _sample_counts(counts_ptr, uniform_count, n_samples, b, PER_SAMPLE_COUNTS, B_PAD)
 
     # keep rule: every token "above", plus the first `need` "ties" in index order (the mask path has no ties)
     threshold = 0
@@ -495,17 +518,16 @@ def compact_index(
         if n_rows is None:
             n_rows = sum(counts)
         counts_dev = None if uniform else to_device(counts, torch.int32, device)
-    else:
-        uniform, uniform_count = False, 0
-        counts_dev = selection.sum(dim=1, dtype=torch.int32)
+    else:  # a mask: the index kernel takes the samples' counts from the block counts
+        uniform, uniform_count, counts_dev = False, 0, None
         if n_rows is None:
-            n_rows = int(counts_dev.sum())  # the one host read of the mask path
+            n_rows = int(selection.sum())  # the one host read of the mask path
     index = torch.empty(n_rows, dtype=torch.int32, device=device)
     if batch == 0:
         return index.zero_(), torch.zeros(1, dtype=torch.int32, device=device)
     cu_seqlens = torch.empty(batch + 1, dtype=torch.int32, device=device)
     sel = selection if has_scores else selection.view(torch.uint8)
-    counts_arg = counts_dev if counts_dev is not None else index  # unused pointer when the count is uniform
+    counts_arg = counts_dev if counts_dev is not None else index  # unused pointer without per-sample host counts
     b_pad = next_power_of_2(batch)
     # 1) scores: per-sample threshold key and number of kept ties (one program per sample); a sample that fits in
     # one selection block writes its packed index rows there too, and that is all
@@ -526,6 +548,7 @@ def compact_index(
     # 2) per token block: counts of tokens above and ties; 3) per token block: packed rows of its kept tokens
     block_n, num_warps = _compact_config(n_tokens)
     n_blocks = max(cdiv(n_tokens, block_n), 1)
+    nb_pad = next_power_of_2(n_blocks)
     block_counts = torch.empty((batch, n_blocks), dtype=torch.int32, device=device)
     grid = (batch, n_blocks)
     _block_counts_kernel[grid](
@@ -535,8 +558,9 @@ def compact_index(
     _write_index_kernel[grid](
         sel, sel.stride(0), sel.stride(1), n_tokens, threshold, need, block_counts, n_blocks,
         counts_arg, uniform_count, batch, index, cu_seqlens, n_rows,
-        HAS_SCORES=has_scores, PER_SAMPLE_COUNTS=not uniform, B_PAD=b_pad,
-        NB_PAD=next_power_of_2(n_blocks), BLOCK_N=block_n, num_warps=num_warps,
+        HAS_SCORES=has_scores, PER_SAMPLE_COUNTS=counts_dev is not None, COUNTS_FROM_BLOCKS=counts is None,
+        B_PAD=b_pad, NB_PAD=nb_pad, SAMPLE_CHUNK=min(b_pad, max(1, COUNT_TILE // nb_pad)), BLOCK_N=block_n,
+        num_warps=num_warps,
     )
     return index, cu_seqlens
 

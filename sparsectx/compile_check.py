@@ -184,7 +184,9 @@ def _attention_variants(dtypes, head_dims):
     forward loads contiguous keys by tile copies (fp16/bf16, head dims that are powers of two up to 128), the same
     without references on keys whose heads are not adjacent (the per-element pointer loads of such layouts). There
     the forward of gathered references is the copy of their kept rows and the packed layout's forward, and a
-    reference buffer whose heads are not adjacent is gathered in place (its own variant)."""
+    reference buffer whose heads are not adjacent is gathered in place (its own variant). "queries in place": the
+    forward of ``masked_attention``'s kept queries, read from and written to dense ``[B, S, H, D]`` tensors by
+    index (no backward)."""
     import torch
 
     from .kernels.attention import _row_descriptors, attention_backward, attention_forward
@@ -192,7 +194,7 @@ def _attention_variants(dtypes, head_dims):
     for name in dtypes:
         dtype = getattr(torch, _DTYPE_NAMES[name])
         for dim in head_dims:
-            layouts = ["no refs", "gathered refs", "packed refs"]
+            layouts = ["no refs", "gathered refs", "packed refs", "queries in place"]
             if _row_descriptors(*(torch.zeros(1, HEADS, dim, dtype=dtype),) * 2)[0] is not None:
                 layouts += ["no refs, keys by pointers", "gathered refs, heads apart"]
             for refs in layouts:
@@ -203,6 +205,10 @@ def _attention_variants(dtypes, head_dims):
                     if refs == "no refs, keys by pointers":  # heads 2*D apart: no [rows, H*D] view to copy tiles of
                         k, v = (torch.zeros(2 * SEQ, HEADS, 2 * dim, dtype=dtype)[..., :dim] for _ in range(2))
                     cu = torch.tensor([0, SEQ, 2 * SEQ], dtype=torch.int32)
+                    if refs == "queries in place":
+                        attention_forward(rows(2, SEQ), k, v, cu, cu, SEQ, None, None, None, None, dim ** -0.5,
+                                          q_index=torch.zeros(2 * SEQ, dtype=torch.int32))
+                        return
                     ref_k = ref_v = ref_index = cu_r = None
                     if refs.startswith("gathered refs"):
                         ref_k, ref_v = rows(2, SEQ), rows(2, SEQ)

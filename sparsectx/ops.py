@@ -192,6 +192,22 @@ def _max_len(cu: torch.Tensor) -> int:
     return int((cu[1:] - cu[:-1]).max().item()) if cu.numel() > 1 else 0
 
 
+def _softmax_scale(softmax_scale, dim: int, symbolic: bool = False, traced: bool = False):
+    """``softmax_scale`` checked (``None``: ``1 / sqrt(dim)``): a Python number (``symbolic``: or a torch symbol);
+    unless ``traced`` (no value to read), finite and small enough for the kernels' fp32 scaling."""
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(dim)
+    softmax_scale = _python_number(softmax_scale)
+    numbers = (int, float, torch.SymInt, torch.SymFloat) if symbolic else (int, float)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers):
+        raise TypeError(f"softmax_scale must be a Python number or None, got {type(softmax_scale).__name__}")
+    # NaN, inf, ints beyond any float, and scales whose fp32 product with log2(e) in the kernels overflows
+    if not traced and not abs(softmax_scale) <= _MAX_SOFTMAX_SCALE:
+        raise ValueError(f"softmax_scale must be a finite number of magnitude at most {_MAX_SOFTMAX_SCALE:.3g} "
+                         f"(the kernels scale scores in float32), got {softmax_scale!r}")
+    return softmax_scale
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # sparse attention: torch.library custom ops (forward, backward) + autograd
 # ----------------------------------------------------------------------------------------------------------------
@@ -466,21 +482,13 @@ def sparse_attention(
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if not isinstance(value, torch.SymInt) and value < 0:
             raise ValueError(f"{name} must be non-negative, got {value}")
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(dim)
-    softmax_scale = _python_number(softmax_scale)
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float, torch.SymInt, torch.SymFloat)):
-        raise TypeError(f"softmax_scale must be a Python number or None, got {type(softmax_scale).__name__}")
     # traced (torch.compile, export, meta / fake tensors): no data to read, and the scale may be a symbol: the
     # checks that read the device or the scale's value are skipped there
     traced = _traced(q, cu_seqlens_q)
+    softmax_scale = _softmax_scale(softmax_scale, dim, symbolic=True, traced=traced)
     # index tensors batched by torch.vmap hold no single value to read: their checks are skipped as when tracing
     vmapped = any(isinstance(t, torch.Tensor) and torch._C._functorch.is_batchedtensor(t)
                   for t in (cu_seqlens_q, cu_seqlens_k, cu_seqlens_ref, ref_index))
-    # NaN, inf, ints beyond any float, and scales whose fp32 product with log2(e) in the kernels overflows
-    if not traced and not (abs(softmax_scale) <= _MAX_SOFTMAX_SCALE):
-        raise ValueError(f"softmax_scale must be a finite number of magnitude at most {_MAX_SOFTMAX_SCALE:.3g} "
-                         f"(the kernels scale scores in float32), got {softmax_scale!r}")
     validate = validate and not traced and not vmapped
     has_ref = ref_k is not None or ref_v is not None or ref_index is not None or cu_seqlens_ref is not None
     if validate:
@@ -583,8 +591,11 @@ def _last_dim_contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def uniform_cu_seqlens(batch: int, seq: int, device) -> torch.Tensor:
-    """int32 ``[B+1]`` offsets of B sequences of ``seq`` tokens each (``seq`` may be 0), built on the device (a
-    symbolic ``seq`` stays symbolic: no arange of step ``seq``, whose length would specialise it)."""
+    """int32 ``[B+1]`` offsets of B sequences of ``seq`` tokens each (``seq`` may be 0), built on the device: one
+    launch (an arange of step ``seq``) for a positive int; a symbolic ``seq`` stays symbolic (an arange of step
+    ``seq`` would specialise its length) and 0 is no step: there an arange times ``seq``."""
+    if type(seq) is int and seq > 0 and not torch.compiler.is_compiling():  # (dynamo sees a symbol as an int)
+        return torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=device)
     return torch.arange(batch + 1, dtype=torch.int32, device=device) * seq
 
 
@@ -606,7 +617,8 @@ def masked_attention(
     so no copy is kept for it).
     ``query_mask`` (bool ``[B, S]``, e.g. the same mask) skips the queries where it is False: their output is zero
     and they cost nothing (passed as the very ``key_mask`` object, without ``kept_prefix`` or autograd, one
-    compaction packs the queries, keys and values together). Queries with no kept key output zero.
+    compaction packs the keys and values, and the kernel reads the kept queries and writes their outputs in place).
+    Queries with no kept key output zero.
 
     ``kept_prefix``: the first ``kept_prefix`` tokens of every sample are keys whatever ``key_mask`` says there
     (e.g. the text and target tokens of a training drop mask). They are copied once into contiguous key blocks,
@@ -641,10 +653,13 @@ def masked_attention(
     # without autograd or a tracer to see them, packed copies are made directly (see _pack_for_attention)
     queries_eager, keys_eager = _plain_eager(q), _plain_eager(k, v)
     if query_mask is key_mask and kept_prefix == 0 and queries_eager and keys_eager:
-        # one mask for the queries and the keys, no autograd: one compaction packs q, k and v, whose kept keys are
+        # one mask for the queries and the keys, no autograd: one compaction packs k and v, whose kept keys are
         # then each sample's own contiguous keys
-        kept = _pack_for_attention(key_mask, q, k, v)
-        packed_q, packed_k, packed_v = kept.tensors
+        kept = _pack_for_attention(key_mask, k, v)
+        packed_k, packed_v = kept.tensors
+        if _use_triton(q):  # the kernel reads the kept queries and writes their outputs in place (by kept.index)
+            return _attend_kept_queries_in_place(q, packed_k, packed_v, kept, softmax_scale)
+        packed_q = _gather_rows([q], kept.index, kept.cu_seqlens, False)[0]
         out = sparse_attention(packed_q, packed_k, packed_v, kept.cu_seqlens, kept.cu_seqlens, seq, seq,
                                softmax_scale=softmax_scale, validate=False)
         return scatter_tokens(out.reshape(-1, heads * dim), kept.index, kept.cu_seqlens, seq).view(q.shape)
@@ -674,6 +689,24 @@ def masked_attention(
                            softmax_scale=softmax_scale, validate=False, **refs)
     dense = scatter_tokens(out.reshape(-1, heads * dim), queries.index, queries.cu_seqlens, seq)
     return dense.view(batch, seq, heads, dim)
+
+
+def _attend_kept_queries_in_place(q: torch.Tensor, packed_k: torch.Tensor, packed_v: torch.Tensor, kept: Compacted,
+                                  softmax_scale) -> torch.Tensor:
+    """``masked_attention``'s kept queries attending to the kept keys of their sample (``kept``: the mask's
+    compaction, ``packed_k/v [B*S, H, D]`` its packed rows) in one forward launch that reads each kept query at its
+    place in the dense ``q [B, S, H, D]`` and writes its output there, in a zero-filled ``[B, S, H, D]`` output:
+    no packed copy of q, no scatter of the output (Triton only, no autograd)."""
+    from .kernels import attention as _k
+
+    batch, seq, _, dim = q.shape
+    softmax_scale = _softmax_scale(softmax_scale, dim)
+    if batch > MAX_GRID_SAMPLES:
+        raise ValueError(f"q holds {batch} samples; one call takes at most {MAX_GRID_SAMPLES} (the kernels' grid has "
+                         "a program row per sample, and CUDA caps that grid dimension): split the batch")
+    out, _ = _k.attention_forward(_last_dim_contiguous(q), packed_k, packed_v, kept.cu_seqlens, kept.cu_seqlens, seq,
+                                  None, None, None, None, float(softmax_scale), q_index=kept.index)
+    return out
 
 
 def _pack_for_attention(mask: torch.Tensor, *tensors: torch.Tensor) -> Compacted:
@@ -749,14 +782,7 @@ def attention_key_mass(q: torch.Tensor, k: torch.Tensor, query_weights: Optional
     if not query_weights.is_floating_point() or tuple(query_weights.shape) != (batch, n_queries):
         raise ValueError(f"query_weights must be a float [B={batch}, Q={n_queries}] tensor, got "
                          f"{query_weights.dtype} {tuple(query_weights.shape)}")
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(dim)
-    softmax_scale = _python_number(softmax_scale)
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"softmax_scale must be a Python number or None, got {type(softmax_scale).__name__}")
-    if not abs(softmax_scale) <= _MAX_SOFTMAX_SCALE:  # NaN, inf, and what overflows the kernels' fp32 scale
-        raise ValueError(f"softmax_scale must be a finite number of magnitude at most {_MAX_SOFTMAX_SCALE:.3g}, "
-                         f"got {softmax_scale!r}")
+    softmax_scale = _softmax_scale(softmax_scale, dim)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or query_weights.requires_grad):
         raise ValueError("attention_key_mass has no gradient: pass detached q, k and query_weights (or call it "
                          "under torch.no_grad())")

@@ -998,33 +998,67 @@ def test_forward_packs_gathered_rows_where_tile_copies_load_them(monkeypatch, la
 
 
 @pytest.mark.parametrize("same_object", [True, False])
-def test_masked_attention_packs_queries_and_keys_together_for_one_mask(monkeypatch, same_object):
-    """query_mask passed as the key_mask object itself (no prefix, no autograd): one compaction packs q, k and v,
-    and the attention reads the kept keys as each sample's own keys; an equal but distinct mask takes the general
-    path. Both equal the fp64 reference."""
+def test_masked_attention_reads_kept_queries_in_place_for_one_mask(monkeypatch, same_object):
+    """query_mask passed as the key_mask object itself (no prefix, no autograd): one compaction packs k and v, and
+    one forward launch reads the kept queries of the dense q and writes their outputs into the dense output by the
+    compaction's index (no query copy, no output scatter, no sparse_attention call); an equal but distinct mask takes
+    the general path. Both equal the fp64 reference, dropped queries' outputs zero."""
+    from sparsectx.kernels import attention as kernels
+
     g = torch.Generator().manual_seed(5)
     batch, seq, heads, dim = 3, 29, 2, 32
     q, k, v = (torch.randn(batch, seq, heads, dim, generator=g).to(DEVICE) for _ in range(3))
     key_mask = torch.rand(batch, seq, generator=g).to(DEVICE) < 0.4
     key_mask[1] = False  # a sample that keeps nothing
     query_mask = key_mask if same_object else key_mask.clone()
-    compactions, attentions = [], []
-    real_attention = sparsectx.ops.sparse_attention
+    compactions, attentions, launches = [], [], []
+    real_attention, real_forward = sparsectx.ops.sparse_attention, kernels.attention_forward
     for name in ("compact_tokens", "_pack_for_attention"):  # (payloads per compaction)
         real = getattr(sparsectx.ops, name)
         monkeypatch.setattr(sparsectx.ops, name,
                             lambda *a, real=real, **kw: compactions.append(len(a) - 1) or real(*a, **kw))
     monkeypatch.setattr(sparsectx.ops, "sparse_attention",
                         lambda *a, **kw: attentions.append(kw) or real_attention(*a, **kw))
+    monkeypatch.setattr(kernels, "attention_forward",
+                        lambda *a, **kw: launches.append(kw.get("q_index") is not None) or real_forward(*a, **kw))
     with torch.no_grad():
         out = sparsectx.masked_attention(q, k, v, key_mask, query_mask=query_mask)
     expected = ref.masked_attention_ref(q.double(), k.double(), v.double(), key_mask, query_mask=key_mask)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
-    assert torch.all(out[~key_mask] == 0)
+    assert out.shape == q.shape and torch.all(out[~key_mask] == 0)
     if same_object:
-        assert compactions == [3] and "ref_k" not in attentions[0], (compactions, attentions)
+        assert compactions == [2] and attentions == [] and launches == [True], (compactions, attentions, launches)
     else:
         assert compactions == [0, 1] and attentions[0]["ref_index"] is not None, compactions  # keys by index, q
+        assert launches == [False]
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "head_major"])
+def test_kept_queries_in_place_equal_the_packed_form(strided):
+    """The in-place form against the packed form (queries gathered, attended, scattered back): the same bits in
+    every kept row, zeros elsewhere, for a dense q of any row and batch strides (a head-major [B, H, S, D] tensor
+    seen as [B, S, H, D]); the packed keys' rows past the kept total start poisoned (conftest), and no query may
+    read them."""
+    g = torch.Generator().manual_seed(41)
+    batch, seq, heads, dim = 2, 45, 3, 16
+    q, k, v = (torch.randn(batch, heads, seq, dim, generator=g).to(DEVICE) for _ in range(3))
+    q, k, v = ((t.transpose(1, 2) if strided else t.transpose(1, 2).contiguous()) for t in (q, k, v))
+    mask = torch.rand(batch, seq, generator=g).to(DEVICE) < 0.5
+    with torch.no_grad():
+        out = sparsectx.masked_attention(q, k, v, mask, query_mask=mask)
+    kept = sparsectx.compact_tokens(mask, q.reshape(batch, seq, heads * dim))
+    packed = sparsectx.sparse_attention(kept.tensors[0].view(-1, heads, dim), k.new_empty(0, heads, dim),
+                                        v.new_empty(0, heads, dim), kept.cu_seqlens, _cu([0] * batch), seq, 0,
+                                        ref_k=k, ref_v=v, ref_index=kept.index, cu_seqlens_ref=kept.cu_seqlens)
+    want = sparsectx.scatter_tokens(packed.reshape(-1, heads * dim), kept.index, kept.cu_seqlens, seq)
+    assert torch.equal(out.reshape(batch, seq, heads * dim), want)
+
+
+def test_uniform_cu_seqlens():
+    for batch in (0, 1, 3):
+        for seq in (0, 1, 7):
+            cu = sparsectx.ops.uniform_cu_seqlens(batch, seq, DEVICE)
+            assert cu.dtype == torch.int32 and cu.tolist() == [b * seq for b in range(batch + 1)], (batch, seq)
 
 
 def test_masked_attention_kept_prefix_bad_values():
@@ -1087,7 +1121,7 @@ def test_forward_launches_from_threads_keep_their_own_descriptor_tiles(monkeypat
 
     def record_launch(*args, **kwargs):
         seen["launches"] += 1
-        descriptor = args[11]  # K_DESC
+        descriptor = args[kernels._fwd_kernel.arg_names.index("K_DESC")]
         if descriptor is None or list(descriptor.block_shape) != [kwargs["BLOCK_N"], kwargs["BLOCK_D"]]:
             seen["stale"] += 1
 

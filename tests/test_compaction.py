@@ -331,6 +331,24 @@ def test_ties_across_write_blocks(device, monkeypatch, distinct, one_block):
                                                                                      3 * n_tokens))
 
 
+@pytest.mark.parametrize("count_tile", [1, 16, 4096])
+def test_mask_rows_start_after_the_earlier_samples_blocks(device, monkeypatch, count_tile):
+    # a mask's packed rows of sample b start after the kept tokens of every block of samples 0..b-1, which the
+    # index kernel sums COUNT_TILE block counts at a time (count_tile 1: one sample per step; 16: two samples of
+    # 8 padded blocks; 4096: every sample at once); empty and full rows among them
+    monkeypatch.setattr(kc, "COMPACT_BLOCK", 16)
+    monkeypatch.setattr(kc, "COUNT_TILE", count_tile)
+    gen = torch.Generator().manual_seed(23)
+    batch, n_tokens = 7, 5 * 16 + 7
+    mask = torch.rand(batch, n_tokens, generator=gen) > torch.rand(batch, 1, generator=gen)
+    mask[2], mask[4] = False, True
+    mask = mask.to(device)
+    x = torch.randn(batch, n_tokens, 2, generator=gen).to(device)
+    _assert_same(sparsectx.compact_tokens(mask, x), _expected(mask, None, (x,)))
+    _assert_same(sparsectx.compact_tokens(mask, x, max_total=batch * n_tokens),
+                 _expected(mask, None, (x,), batch * n_tokens))
+
+
 class _FirstBlocksOnly:
     """Stands in for the index-write kernel: launches only the programs of the first `n_blocks` token blocks."""
 
