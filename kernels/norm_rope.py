@@ -1,6 +1,6 @@
 """QK RMS norm and rotary embedding in one pass, forward and backward: what FLUX.1/FLUX.2 and Qwen-Image attention do
-to their queries and keys between the projections and the attention, for one segment of the joint sequence per
-launch.
+to their queries and keys between the projections and the attention: the text stream's (a prefix, with its own
+norm weight) and the image stream's, joined along the sequence, in one launch.
 
 Spec: ``sparsectx.reference.rms_norm_rope_ref`` (its autograd gives the backward's spec).
 
@@ -10,8 +10,10 @@ tables, a sum and the downcast), each a pass over the ``[B, S, H, D]`` tensor (a
 one program reads a block of tokens x a block of heads once, normalises every head vector (fp32 statistics,
 rounded to the tensor's dtype as the norm's output is in diffusers), rotates its pairs of adjacent features by the
 token's cos/sin rows (read once per program, shared by its heads) and writes the result at its place in the joint
-output. The backward rotates the output gradient back, then takes the norm's gradient; each program writes its
-partial sum of the weight's gradient to its own row (summed on the host side: no atomics, deterministic).
+output; each row is read from its stream (a tile that straddles the join reads both, masked) and takes its stream's
+weight. The backward rotates the output gradient back, then takes the norm's gradient, written to the row's stream's
+gradient; each program writes its partial sums of the two weights' gradients to its own row (summed by the
+launcher: no atomics, deterministic).
 
 Offsets are int64 (a ``[B, S, H*D]`` tensor of a long sequence passes 2**31 elements).
 """
@@ -30,46 +32,69 @@ NUM_WARPS = 8
 
 
 @triton.jit
-def _tile(n_tokens, table_row0, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_PAIRS: tl.constexpr,
+def _tile(n_tokens, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_PAIRS: tl.constexpr,
           BLOCK_TOKENS: tl.constexpr, HEAD_BLOCK: tl.constexpr):
-    """This program's tile of a segment: (its sample (int64), token offsets within the segment, head indices,
-    features, the ``[tokens, heads, features]`` validity mask, the validity of the tokens and of the features, the
-    int64 rows of its tokens in the joint sequence (of the tables and of the joint output))."""
+    """This program's tile of the joint sequence: (its sample (int64), its rows of the joint sequence, head indices,
+    features, the ``[tokens, heads, features]`` validity mask, the validity of the rows and of the features)."""
     batch = tl.program_id(2).to(tl.int64)
-    tokens = tl.program_id(0) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
+    rows = tl.program_id(0) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
     heads = tl.program_id(1) * HEAD_BLOCK + tl.arange(0, HEAD_BLOCK)
     features = tl.arange(0, 2 * BLOCK_PAIRS)  # BLOCK_PAIRS pairs of adjacent features
-    token_valid, feature_valid = tokens < n_tokens, features < HEAD_DIM
-    mask = token_valid[:, None, None] & (heads < HEADS)[None, :, None] & feature_valid[None, None, :]
-    return batch, tokens, heads, features, mask, token_valid, feature_valid, (table_row0 + tokens).to(tl.int64)
+    row_valid, feature_valid = rows < n_tokens, features < HEAD_DIM
+    mask = row_valid[:, None, None] & (heads < HEADS)[None, :, None] & feature_valid[None, None, :]
+    return batch, rows, heads, features, mask, row_valid, feature_valid
 
 
 @triton.jit
-def _inverse_rms(x, token_valid, heads, eps, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _inverse_rms(x, row_valid, heads, eps, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
     """``rsqrt(mean(x²) + eps)`` of each head vector ``[tokens, heads]``; 0 for the tile's padding tokens and heads
     (with eps 0 their zero vectors would give inf, and 0 · inf = NaN in the backward's sums over the tile)."""
     rstd = tl.math.rsqrt(tl.sum(x * x, axis=2) / HEAD_DIM + eps)
-    return tl.where(token_valid[:, None] & (heads < HEADS)[None, :], rstd, 0.0)
+    return tl.where(row_valid[:, None] & (heads < HEADS)[None, :], rstd, 0.0)
 
 
 @triton.jit
-def _load_table(T, rows, features, token_valid, feature_valid, stride_row, stride_col, TABLE_PER_PAIR: tl.constexpr):
+def _load_table(T, rows, features, row_valid, feature_valid, stride_row, stride_col, TABLE_PER_PAIR: tl.constexpr):
     """The tokens' rows of a cos or sin table as fp32 ``[tokens, 1, features]`` (shared by the program's heads): a
     value per feature, or with TABLE_PER_PAIR one per pair of features (column ``f // 2``). A column stride of 1
-    is specialised by Triton: contiguous, vectorised loads. Column offsets are int64 (a transposed table's column
-    stride is its row count)."""
+    is specialised by Triton: contiguous, vectorised loads. Offsets are int64 (a transposed table's column stride
+    is its row count)."""
     cols = (features // 2 if TABLE_PER_PAIR else features).to(tl.int64) * stride_col
-    table_mask = token_valid[:, None] & feature_valid[None, :]
-    return tl.load(T + (rows[:, None] * stride_row + cols[None, :])[:, None, :], mask=table_mask[:, None, :],
-                   other=0.0).to(tl.float32)
+    table_mask = row_valid[:, None] & feature_valid[None, :]
+    return tl.load(T + (rows.to(tl.int64)[:, None] * stride_row + cols[None, :])[:, None, :],
+                   mask=table_mask[:, None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _load_heads(X, batch, tokens, heads, features, mask, stride_b, stride_s, stride_h):
-    """Head vectors ``X[batch, tokens, heads, :]`` as fp32 ``[tokens, heads, features]`` (0 outside the mask)."""
-    offsets = (batch * stride_b + tokens.to(tl.int64)[:, None, None] * stride_s
-               + heads.to(tl.int64)[None, :, None] * stride_h + features[None, None, :])
-    return tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+def _head_offsets(batch, tokens, heads, features, stride_b, stride_s, stride_h):
+    """int64 offsets of the head vectors ``[batch, tokens, heads, :]`` of a ``[B, S, H, D]`` tensor."""
+    return (batch * stride_b + tokens.to(tl.int64)[:, None, None] * stride_s
+            + heads.to(tl.int64)[None, :, None] * stride_h + features[None, None, :])
+
+
+@triton.jit
+def _load_segments(X0, X1, batch, rows, n_prefix, heads, features, mask, stride_0b, stride_0s, stride_0h,
+                   stride_1b, stride_1s, stride_1h, HAS_PREFIX: tl.constexpr):
+    """The tile's head vectors as fp32 ``[tokens, heads, features]`` (0 outside the mask), each row from its
+    segment: joint rows below ``n_prefix`` are the prefix ``X0``'s rows, the others ``X1``'s rows from 0. Returns
+    them and which rows are the prefix's."""
+    in_prefix = rows < n_prefix
+    x = tl.load(X1 + _head_offsets(batch, rows - n_prefix, heads, features, stride_1b, stride_1s, stride_1h),
+                mask=mask & ~in_prefix[:, None, None], other=0.0).to(tl.float32)
+    if HAS_PREFIX:
+        x += tl.load(X0 + _head_offsets(batch, rows, heads, features, stride_0b, stride_0s, stride_0h),
+                     mask=mask & in_prefix[:, None, None], other=0.0).to(tl.float32)
+    return x, in_prefix
+
+
+@triton.jit
+def _weights(W0, W1, in_prefix, features, feature_valid, PREFIX_WEIGHT: tl.constexpr, WEIGHT: tl.constexpr):
+    """fp32 ``[tokens, 1, features]``: each row's norm weight (the prefix's for prefix rows), 1 for a segment
+    without one (a product by 1 rounds nothing, so the weightless segment's result is unchanged)."""
+    ones = tl.full(features.shape, 1.0, tl.float32)
+    w0 = tl.load(W0 + features, mask=feature_valid, other=0.0).to(tl.float32) if PREFIX_WEIGHT else ones
+    w1 = tl.load(W1 + features, mask=feature_valid, other=0.0).to(tl.float32) if WEIGHT else ones
+    return tl.where(in_prefix[:, None, None], w0[None, None, :], w1[None, None, :])
 
 
 @triton.jit
@@ -86,57 +111,62 @@ def _interleave(even, odd, BLOCK_TOKENS: tl.constexpr, HEAD_BLOCK: tl.constexpr,
 
 @triton.jit
 def _rms_norm_rope_kernel(
-    X, W, COS, SIN, OUT, n_tokens, table_row0, eps,
-    stride_xb, stride_xs, stride_xh, stride_cs, stride_c_col, stride_ss, stride_s_col, stride_ob, stride_os,
-    stride_oh,
-    HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_PAIRS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    ROUND_BEFORE_WEIGHT: tl.constexpr, TABLE_PER_PAIR: tl.constexpr, BLOCK_TOKENS: tl.constexpr,
-    HEAD_BLOCK: tl.constexpr,
+    X0, W0, X1, W1, COS, SIN, OUT, n_prefix, n_tokens, eps,
+    stride_0b, stride_0s, stride_0h, stride_1b, stride_1s, stride_1h,
+    stride_cs, stride_c_col, stride_ss, stride_s_col, stride_ob, stride_os, stride_oh,
+    HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_PAIRS: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    PREFIX_WEIGHT: tl.constexpr, WEIGHT: tl.constexpr, ROUND_BEFORE_WEIGHT: tl.constexpr,
+    TABLE_PER_PAIR: tl.constexpr, BLOCK_TOKENS: tl.constexpr, HEAD_BLOCK: tl.constexpr,
 ):
-    """Forward. Tokens ``pid(0) * BLOCK_TOKENS ..`` and heads ``pid(1) * HEAD_BLOCK ..`` of sample ``pid(2)`` of the
-    segment ``X [B, n_tokens, HEADS, HEAD_DIM]``, whose tokens are the joint sequence's rows ``table_row0 ..``."""
-    batch, tokens, heads, features, mask, token_valid, feature_valid, rows = _tile(
-        n_tokens, table_row0, HEADS, HEAD_DIM, BLOCK_PAIRS, BLOCK_TOKENS, HEAD_BLOCK)
-    cos = _load_table(COS, rows, features, token_valid, feature_valid, stride_cs, stride_c_col, TABLE_PER_PAIR)
-    sin = _load_table(SIN, rows, features, token_valid, feature_valid, stride_ss, stride_s_col, TABLE_PER_PAIR)
-    x = _load_heads(X, batch, tokens, heads, features, mask, stride_xb, stride_xs, stride_xh)
+    """Forward. Rows ``pid(0) * BLOCK_TOKENS ..`` of the joint sequence (``n_tokens`` rows: the prefix
+    ``X0 [B, n_prefix, H, D]``, then ``X1``) and heads ``pid(1) * HEAD_BLOCK ..`` of sample ``pid(2)``."""
+    batch, rows, heads, features, mask, row_valid, feature_valid = _tile(
+        n_tokens, HEADS, HEAD_DIM, BLOCK_PAIRS, BLOCK_TOKENS, HEAD_BLOCK)
+    cos = _load_table(COS, rows, features, row_valid, feature_valid, stride_cs, stride_c_col, TABLE_PER_PAIR)
+    sin = _load_table(SIN, rows, features, row_valid, feature_valid, stride_ss, stride_s_col, TABLE_PER_PAIR)
+    x, in_prefix = _load_segments(X0, X1, batch, rows, n_prefix, heads, features, mask, stride_0b, stride_0s,
+                                  stride_0h, stride_1b, stride_1s, stride_1h, HAS_PREFIX)
 
     # RMS norm of each head vector (padding features are 0), rounded to the tensor's dtype (ROUND_BEFORE_WEIGHT:
     # also before the weight multiplies it, as diffusers' own RMSNorm does with half-precision weights)
-    rstd = _inverse_rms(x, token_valid, heads, eps, HEADS, HEAD_DIM)
+    rstd = _inverse_rms(x, row_valid, heads, eps, HEADS, HEAD_DIM)
     normed = x * rstd[:, :, None]
-    if HAS_WEIGHT:
+    if PREFIX_WEIGHT or WEIGHT:
         if ROUND_BEFORE_WEIGHT:
             normed = normed.to(OUT.dtype.element_ty).to(tl.float32)
-        weight = tl.load(W + features, mask=feature_valid, other=0.0).to(tl.float32)
-        normed = normed * weight[None, None, :]
+        normed = normed * _weights(W0, W1, in_prefix, features, feature_valid, PREFIX_WEIGHT, WEIGHT)
     normed = normed.to(OUT.dtype.element_ty).to(tl.float32)
 
     # rotation of each pair (a, b) = (x[2i], x[2i+1]): (a·cos[2i] - b·sin[2i], b·cos[2i+1] + a·sin[2i+1])
     first, second = _pairs(normed, BLOCK_TOKENS, HEAD_BLOCK, BLOCK_PAIRS)
     out = normed * cos + _interleave(-second, first, BLOCK_TOKENS, HEAD_BLOCK, BLOCK_PAIRS) * sin
-
-    out_offsets = batch * stride_ob + rows[:, None, None] * stride_os + heads.to(tl.int64)[None, :, None] * stride_oh
-    tl.store(OUT + out_offsets + features[None, None, :], out.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + _head_offsets(batch, rows, heads, features, stride_ob, stride_os, stride_oh),
+             out.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rms_norm_rope_bwd_kernel(
-    DY, X, W, COS, SIN, DX, DW_PARTIAL, n_tokens, table_row0, eps,
-    stride_dyb, stride_dys, stride_dyh, stride_xb, stride_xs, stride_xh, stride_cs, stride_c_col, stride_ss,
-    stride_s_col, stride_dxb, stride_dxs, stride_dxh,
-    HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_PAIRS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    TABLE_PER_PAIR: tl.constexpr, BLOCK_TOKENS: tl.constexpr, HEAD_BLOCK: tl.constexpr,
+    DY, X0, W0, X1, W1, COS, SIN, DX0, DX1, DW_PARTIAL, n_prefix, n_tokens, eps,
+    stride_dyb, stride_dys, stride_dyh, stride_0b, stride_0s, stride_0h, stride_1b, stride_1s, stride_1h,
+    stride_cs, stride_c_col, stride_ss, stride_s_col, stride_dx0b, stride_dx0s, stride_dx0h, stride_dx1b,
+    stride_dx1s, stride_dx1h,
+    HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_PAIRS: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    PREFIX_WEIGHT: tl.constexpr, WEIGHT: tl.constexpr, TABLE_PER_PAIR: tl.constexpr, BLOCK_TOKENS: tl.constexpr,
+    HEAD_BLOCK: tl.constexpr,
 ):
-    """Backward of one tile (the forward's): ``dX`` of the segment and, with a weight, this program's partial sum of
-    ``dW`` over its tokens and heads, into row ``program`` of ``DW_PARTIAL [programs, 2 * BLOCK_PAIRS]`` fp32. The
-    forward's roundings pass the gradient unchanged (as autograd through diffusers' casts)."""
-    batch, tokens, heads, features, mask, token_valid, feature_valid, rows = _tile(
-        n_tokens, table_row0, HEADS, HEAD_DIM, BLOCK_PAIRS, BLOCK_TOKENS, HEAD_BLOCK)
-    cos = _load_table(COS, rows, features, token_valid, feature_valid, stride_cs, stride_c_col, TABLE_PER_PAIR)
-    sin = _load_table(SIN, rows, features, token_valid, feature_valid, stride_ss, stride_s_col, TABLE_PER_PAIR)
-    x = _load_heads(X, batch, tokens, heads, features, mask, stride_xb, stride_xs, stride_xh)
-    dy = _load_heads(DY, batch, rows, heads, features, mask, stride_dyb, stride_dys, stride_dyh)  # joint rows
+    """Backward of one tile (the forward's): the rows' ``dX`` into their segment's gradient (``DX0``/``DX1``,
+    shaped as ``X0``/``X1``, strides of their own) and, with a weight, this program's partial sums of each
+    segment's ``dW`` over its rows and heads: row ``program`` of ``DW_PARTIAL [programs, 2, 2 * BLOCK_PAIRS]`` fp32
+    (the prefix's, then x's). The forward's roundings pass the gradient unchanged (as autograd through diffusers'
+    casts)."""
+    batch, rows, heads, features, mask, row_valid, feature_valid = _tile(
+        n_tokens, HEADS, HEAD_DIM, BLOCK_PAIRS, BLOCK_TOKENS, HEAD_BLOCK)
+    cos = _load_table(COS, rows, features, row_valid, feature_valid, stride_cs, stride_c_col, TABLE_PER_PAIR)
+    sin = _load_table(SIN, rows, features, row_valid, feature_valid, stride_ss, stride_s_col, TABLE_PER_PAIR)
+    x, in_prefix = _load_segments(X0, X1, batch, rows, n_prefix, heads, features, mask, stride_0b, stride_0s,
+                                  stride_0h, stride_1b, stride_1s, stride_1h, HAS_PREFIX)
+    dy = tl.load(DY + _head_offsets(batch, rows, heads, features, stride_dyb, stride_dys, stride_dyh), mask=mask,
+                 other=0.0).to(tl.float32)
 
     # the rotation's transpose: d(normed)[2i] = dy[2i]·cos[2i] + dy[2i+1]·sin[2i+1],
     #                           d(normed)[2i+1] = dy[2i+1]·cos[2i+1] - dy[2i]·sin[2i]
@@ -146,19 +176,23 @@ def _rms_norm_rope_bwd_kernel(
                                      BLOCK_PAIRS)
 
     # the norm's: with n = x·r·w, r = rsqrt(mean(x²) + eps): dx = r·w·dn - x·r³·sum(x·w·dn) / D, dw = sum(dn·x·r)
-    rstd = _inverse_rms(x, token_valid, heads, eps, HEADS, HEAD_DIM)
+    rstd = _inverse_rms(x, row_valid, heads, eps, HEADS, HEAD_DIM)
     dscaled = dnormed
-    if HAS_WEIGHT:
-        weight = tl.load(W + features, mask=feature_valid, other=0.0).to(tl.float32)
-        dscaled = dnormed * weight[None, None, :]
+    if PREFIX_WEIGHT or WEIGHT:
+        dscaled = dnormed * _weights(W0, W1, in_prefix, features, feature_valid, PREFIX_WEIGHT, WEIGHT)
         program = (batch * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + tl.program_id(0)  # int64
-        dw = tl.sum(tl.sum(dnormed * x * rstd[:, :, None], axis=1), axis=0)
-        tl.store(DW_PARTIAL + program * (2 * BLOCK_PAIRS) + features, dw)
+        per_head = tl.sum(dnormed * x * rstd[:, :, None], axis=1)  # [tokens, features]
+        partial = DW_PARTIAL + program * (4 * BLOCK_PAIRS) + features
+        tl.store(partial, tl.sum(tl.where(in_prefix[:, None], per_head, 0.0), axis=0))
+        tl.store(partial + 2 * BLOCK_PAIRS, tl.sum(tl.where(in_prefix[:, None], 0.0, per_head), axis=0))
     dot = tl.sum(x * dscaled, axis=2)
     dx = rstd[:, :, None] * dscaled - x * (rstd * rstd * rstd * dot / HEAD_DIM)[:, :, None]
-    dx_offsets = (batch * stride_dxb + tokens.to(tl.int64)[:, None, None] * stride_dxs
-                  + heads.to(tl.int64)[None, :, None] * stride_dxh + features[None, None, :])
-    tl.store(DX + dx_offsets, dx.to(DX.dtype.element_ty), mask=mask)
+    x_mask = mask & ~in_prefix[:, None, None]
+    tl.store(DX1 + _head_offsets(batch, rows - n_prefix, heads, features, stride_dx1b, stride_dx1s, stride_dx1h),
+             dx.to(DX1.dtype.element_ty), mask=x_mask)
+    if HAS_PREFIX:
+        tl.store(DX0 + _head_offsets(batch, rows, heads, features, stride_dx0b, stride_dx0s, stride_dx0h),
+                 dx.to(DX0.dtype.element_ty), mask=mask & in_prefix[:, None, None])
 
 
 def _shape_constants(dim: int) -> dict:
@@ -166,28 +200,35 @@ def _shape_constants(dim: int) -> dict:
                 HEAD_BLOCK=HEAD_BLOCK)
 
 
+def _segment_args(segments: list):
+    """``(prefix, its weight, x, its weight)`` of one or two segments (no prefix: x stands in for it, unused)."""
+    (prefix, prefix_weight), (x, weight) = segments if len(segments) == 2 else ((segments[0][0], None), segments[0])
+    return prefix, prefix_weight, x, weight
+
+
 @on_device_of("cos")
 def rms_norm_rope(segments: list, cos: torch.Tensor, sin: torch.Tensor, eps: float,
                   round_before_weight: bool = False) -> torch.Tensor:
     """``[B, S_total, H, D]`` in the segments' dtype: the segments ``(x [B, S_i, H, D], weight [D] (contiguous) or
-    None)``, in order along the sequence, each RMS-normalised with its weight and rotated by its rows of
-    ``cos/sin`` (``[S_total, D]`` or ``[S_total, D/2]``, any strides). The segments' last dim must be contiguous,
-    D even; one launch per segment."""
-    batch, _, heads, dim = segments[0][0].shape
-    out = torch.empty((batch, cos.shape[0], heads, dim), dtype=segments[0][0].dtype, device=cos.device)
-    row0 = 0
-    for x, weight in segments:
-        n_tokens = x.shape[1]
-        if n_tokens and batch:
-            grid = (cdiv(n_tokens, BLOCK_TOKENS), cdiv(heads, HEAD_BLOCK), batch)
-            _rms_norm_rope_kernel[grid](
-                x, weight if weight is not None else x, cos, sin, out, n_tokens, row0, eps,
-                x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
-                out.stride(0), out.stride(1), out.stride(2),
-                HEADS=heads, HAS_WEIGHT=weight is not None, ROUND_BEFORE_WEIGHT=round_before_weight,
-                TABLE_PER_PAIR=cos.shape[1] != dim, **_shape_constants(dim), num_warps=NUM_WARPS,
-            )
-        row0 += n_tokens
+    None)`` (x alone, or a prefix and x), in order along the sequence, each RMS-normalised with its weight and
+    rotated by its rows of ``cos/sin`` (``[S_total, D]`` or ``[S_total, D/2]``, any strides). The segments' last dim
+    must be contiguous, D even; one launch for both."""
+    prefix, prefix_weight, x, weight = _segment_args(segments)
+    batch, _, heads, dim = x.shape
+    n_prefix = prefix.shape[1] if len(segments) == 2 else 0
+    n_tokens = cos.shape[0]
+    out = torch.empty((batch, n_tokens, heads, dim), dtype=x.dtype, device=cos.device)
+    if n_tokens and batch:
+        grid = (cdiv(n_tokens, BLOCK_TOKENS), cdiv(heads, HEAD_BLOCK), batch)
+        _rms_norm_rope_kernel[grid](
+            prefix, prefix_weight if prefix_weight is not None else x, x, weight if weight is not None else x,
+            cos, sin, out, n_prefix, n_tokens, eps, prefix.stride(0), prefix.stride(1), prefix.stride(2),
+            x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
+            out.stride(0), out.stride(1), out.stride(2),
+            HEADS=heads, HAS_PREFIX=len(segments) == 2, PREFIX_WEIGHT=prefix_weight is not None,
+            WEIGHT=weight is not None, ROUND_BEFORE_WEIGHT=round_before_weight, TABLE_PER_PAIR=cos.shape[1] != dim,
+            **_shape_constants(dim), num_warps=NUM_WARPS,
+        )
     return out
 
 
@@ -195,31 +236,36 @@ def rms_norm_rope(segments: list, cos: torch.Tensor, sin: torch.Tensor, eps: flo
 def rms_norm_rope_backward(dy: torch.Tensor, segments: list, cos: torch.Tensor, sin: torch.Tensor,
                            eps: float) -> list:
     """Gradients of ``rms_norm_rope`` for the output gradient ``dy [B, S_total, H, D]`` (last dim contiguous): per
-    segment ``(dx, dweight)`` (dx contiguous in x's dtype; dweight in the weight's dtype, None without a weight)."""
-    batch, _, heads, dim = dy.shape
+    segment ``(dx, dweight)`` (dx contiguous in x's dtype; dweight in the weight's dtype, None without a weight).
+    One launch for both segments, then per weight a reduction of its partial sums (and its cast)."""
+    prefix, prefix_weight, x, weight = _segment_args(segments)
+    has_prefix = len(segments) == 2
+    batch, n_tokens, heads, dim = dy.shape
     constants = _shape_constants(dim)
-    grads, row0 = [], 0
-    for x, weight in segments:
-        n_tokens = x.shape[1]
-        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        grid = (cdiv(n_tokens, BLOCK_TOKENS), cdiv(heads, HEAD_BLOCK), batch)
-        n_programs = grid[0] * grid[1] * grid[2]
-        partial = torch.empty((n_programs if weight is not None else 1, 2 * constants["BLOCK_PAIRS"]),
-                              dtype=torch.float32, device=x.device)
-        if n_programs:
-            _rms_norm_rope_bwd_kernel[grid](
-                dy, x, weight if weight is not None else x, cos, sin, dx, partial, n_tokens, row0, eps,
-                dy.stride(0), dy.stride(1), dy.stride(2), x.stride(0), x.stride(1), x.stride(2),
-                cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1), dx.stride(0), dx.stride(1), dx.stride(2),
-                HEADS=heads, HAS_WEIGHT=weight is not None, TABLE_PER_PAIR=cos.shape[1] != dim, **constants,
-                num_warps=NUM_WARPS,
-            )
-        dweight = None
-        if weight is not None:  # an empty segment has no program: its weight gets zeros
-            dweight = (partial[:, :dim].sum(0) if n_programs else torch.zeros(dim, device=x.device)).to(weight.dtype)
-        grads.append((dx, dweight))
-        row0 += n_tokens
-    return grads
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dprefix = torch.empty(prefix.shape, dtype=prefix.dtype, device=x.device) if has_prefix else dx
+    grid = (cdiv(n_tokens, BLOCK_TOKENS), cdiv(heads, HEAD_BLOCK), batch)
+    n_programs = grid[0] * grid[1] * grid[2]
+    weighted = weight is not None or prefix_weight is not None
+    partial = torch.empty((n_programs if weighted else 1, 2, 2 * constants["BLOCK_PAIRS"]), dtype=torch.float32,
+                          device=x.device)
+    if n_programs:
+        _rms_norm_rope_bwd_kernel[grid](
+            dy, prefix, prefix_weight if prefix_weight is not None else x, x, weight if weight is not None else x,
+            cos, sin, dprefix, dx, partial, prefix.shape[1] if has_prefix else 0, n_tokens, eps,
+            dy.stride(0), dy.stride(1), dy.stride(2), prefix.stride(0), prefix.stride(1), prefix.stride(2),
+            x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
+            dprefix.stride(0), dprefix.stride(1), dprefix.stride(2), dx.stride(0), dx.stride(1), dx.stride(2),
+            HEADS=heads, HAS_PREFIX=has_prefix, PREFIX_WEIGHT=prefix_weight is not None, WEIGHT=weight is not None,
+            TABLE_PER_PAIR=cos.shape[1] != dim, **constants, num_warps=NUM_WARPS,
+        )
+    dweights = [None, None]
+    for i, w in enumerate((prefix_weight, weight)):  # (each its own tensor: a custom op's outputs may not alias)
+        if w is not None:  # (no program, no rows: zeros)
+            total = partial[:, i, :dim].sum(0) if n_programs else torch.zeros(dim, device=x.device)
+            dweights[i] = total.to(w.dtype)
+    grads = [(dx, dweights[1])]
+    return [(dprefix, dweights[0])] + grads if has_prefix else grads
 
 
 INTERPRETED = built_for_interpreter(_rms_norm_rope_kernel)  # how this module's kernels were built (ops.backend_for)

@@ -895,7 +895,7 @@ def rms_norm_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight:
     bf16, fp32 (float64 on the reference path); head dim even, at most 256; strided x and prefix are read in place
     when their last dim is contiguous (e.g. the q/k thirds of a fused QKV projection), tables of any strides.
 
-    On a GPU (or the interpreter): one Triton launch per segment (prefix, x), forward and backward. Differentiable
+    On a GPU (or the interpreter): one Triton launch for the prefix and x, forward and backward. Differentiable
     in x, prefix and the weights (first order: the backward kernel's gradients, the weights' summed per program,
     no atomics); tables that require a gradient take the plain-torch reference instead. A ``torch.library``
     custom op (``torch.ops.sparsectx.rms_norm_rope``, with its backward op): ``torch.compile`` traces it. Nothing

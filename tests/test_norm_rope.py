@@ -433,6 +433,23 @@ def test_gradients_of_an_upstream_without_a_unit_last_stride(dtype, monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", DTYPES_HERE)
+def test_gradients_of_thirds_of_fused_projections(dtype, monkeypatch):
+    """x and prefix read in place as the k thirds of fused QKV projections (token strides of 3·H·D): their
+    gradients are new contiguous tensors, each written with its own strides, within the criterion."""
+    shape = (2, 5, 11, 3, 16)
+    args = _inputs(shape, dtype, seed=33)
+    heads, dim = shape[3:]
+    for name in ("x", "prefix"):
+        fused = torch.zeros(*args[name].shape[:2], 3 * heads * dim, device=DEVICE, dtype=dtype)
+        third = fused[..., heads * dim:2 * heads * dim].unflatten(-1, (heads, dim))
+        third.copy_(args[name])
+        args[name] = third
+    assert not args["x"].is_contiguous() and not args["prefix"].is_contiguous()
+    upstream = torch.randn(2, 16, heads, dim, generator=torch.Generator().manual_seed(34)).to(DEVICE, dtype)
+    _assert_gradients_meet_the_criterion(args, upstream, dtype, monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", DTYPES_HERE)
 def test_gradients_take_the_forwards_eps(dtype, monkeypatch):
     """The backward normalises with the forward's eps: 0.5, near these activations' mean square (1), changes every
     gradient by O(1) from what another eps gives."""
