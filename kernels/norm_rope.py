@@ -88,6 +88,22 @@ def _load_segments(X0, X1, batch, rows, n_prefix, heads, features, mask, stride_
 
 
 @triton.jit
+def _tile_inputs(X0, X1, COS, SIN, n_prefix, n_tokens, stride_0b, stride_0s, stride_0h, stride_1b, stride_1s,
+                 stride_1h, stride_cs, stride_c_col, stride_ss, stride_s_col, HEADS: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, BLOCK_PAIRS: tl.constexpr, HAS_PREFIX: tl.constexpr,
+                 TABLE_PER_PAIR: tl.constexpr, BLOCK_TOKENS: tl.constexpr, HEAD_BLOCK: tl.constexpr):
+    """What the forward and the backward read first: this program's tile (``_tile``), its rows of the cos and sin
+    tables, its head vectors and which rows are the prefix's (``_load_segments``)."""
+    batch, rows, heads, features, mask, row_valid, feature_valid = _tile(
+        n_tokens, HEADS, HEAD_DIM, BLOCK_PAIRS, BLOCK_TOKENS, HEAD_BLOCK)
+    cos = _load_table(COS, rows, features, row_valid, feature_valid, stride_cs, stride_c_col, TABLE_PER_PAIR)
+    sin = _load_table(SIN, rows, features, row_valid, feature_valid, stride_ss, stride_s_col, TABLE_PER_PAIR)
+    x, in_prefix = _load_segments(X0, X1, batch, rows, n_prefix, heads, features, mask, stride_0b, stride_0s,
+                                  stride_0h, stride_1b, stride_1s, stride_1h, HAS_PREFIX)
+    return batch, rows, heads, features, mask, row_valid, feature_valid, cos, sin, x, in_prefix
+
+
+@triton.jit
 def _weights(W0, W1, in_prefix, features, feature_valid, PREFIX_WEIGHT: tl.constexpr, WEIGHT: tl.constexpr):
     """fp32 ``[tokens, 1, features]``: each row's norm weight (the prefix's for prefix rows), 1 for a segment
     without one (a product by 1 rounds nothing, so the weightless segment's result is unchanged)."""
@@ -120,12 +136,10 @@ def _rms_norm_rope_kernel(
 ):
     """Forward. Rows ``pid(0) * BLOCK_TOKENS ..`` of the joint sequence (``n_tokens`` rows: the prefix
     ``X0 [B, n_prefix, H, D]``, then ``X1``) and heads ``pid(1) * HEAD_BLOCK ..`` of sample ``pid(2)``."""
-    batch, rows, heads, features, mask, row_valid, feature_valid = _tile(
-        n_tokens, HEADS, HEAD_DIM, BLOCK_PAIRS, BLOCK_TOKENS, HEAD_BLOCK)
-    cos = _load_table(COS, rows, features, row_valid, feature_valid, stride_cs, stride_c_col, TABLE_PER_PAIR)
-    sin = _load_table(SIN, rows, features, row_valid, feature_valid, stride_ss, stride_s_col, TABLE_PER_PAIR)
-    x, in_prefix = _load_segments(X0, X1, batch, rows, n_prefix, heads, features, mask, stride_0b, stride_0s,
-                                  stride_0h, stride_1b, stride_1s, stride_1h, HAS_PREFIX)
+    batch, rows, heads, features, mask, row_valid, feature_valid, cos, sin, x, in_prefix = _tile_inputs(
+        X0, X1, COS, SIN, n_prefix, n_tokens, stride_0b, stride_0s, stride_0h, stride_1b, stride_1s, stride_1h,
+        stride_cs, stride_c_col, stride_ss, stride_s_col, HEADS, HEAD_DIM, BLOCK_PAIRS, HAS_PREFIX, TABLE_PER_PAIR,
+        BLOCK_TOKENS, HEAD_BLOCK)
 
     # RMS norm of each head vector (padding features are 0), rounded to the tensor's dtype (ROUND_BEFORE_WEIGHT:
     # also before the weight multiplies it, as diffusers' own RMSNorm does with half-precision weights)
@@ -159,12 +173,10 @@ def _rms_norm_rope_bwd_kernel(
     segment's ``dW`` over its rows and heads: row ``program`` of ``DW_PARTIAL [programs, 2, 2 * BLOCK_PAIRS]`` fp32
     (the prefix's, then x's). The forward's roundings pass the gradient unchanged (as autograd through diffusers'
     casts)."""
-    batch, rows, heads, features, mask, row_valid, feature_valid = _tile(
-        n_tokens, HEADS, HEAD_DIM, BLOCK_PAIRS, BLOCK_TOKENS, HEAD_BLOCK)
-    cos = _load_table(COS, rows, features, row_valid, feature_valid, stride_cs, stride_c_col, TABLE_PER_PAIR)
-    sin = _load_table(SIN, rows, features, row_valid, feature_valid, stride_ss, stride_s_col, TABLE_PER_PAIR)
-    x, in_prefix = _load_segments(X0, X1, batch, rows, n_prefix, heads, features, mask, stride_0b, stride_0s,
-                                  stride_0h, stride_1b, stride_1s, stride_1h, HAS_PREFIX)
+    batch, rows, heads, features, mask, row_valid, feature_valid, cos, sin, x, in_prefix = _tile_inputs(
+        X0, X1, COS, SIN, n_prefix, n_tokens, stride_0b, stride_0s, stride_0h, stride_1b, stride_1s, stride_1h,
+        stride_cs, stride_c_col, stride_ss, stride_s_col, HEADS, HEAD_DIM, BLOCK_PAIRS, HAS_PREFIX, TABLE_PER_PAIR,
+        BLOCK_TOKENS, HEAD_BLOCK)
     dy = tl.load(DY + _head_offsets(batch, rows, heads, features, stride_dyb, stride_dys, stride_dyh), mask=mask,
                  other=0.0).to(tl.float32)
 
