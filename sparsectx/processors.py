@@ -392,14 +392,15 @@ def _rope_dtype(device: torch.device) -> torch.dtype:
 @functools.lru_cache(maxsize=16)
 def _rope_frequencies(axes_dim: tuple, theta, dtype: torch.dtype, device: torch.device) -> tuple:
     """``(freqs, axis)``: every axis's RoPE frequencies, computed as diffusers' ``get_1d_rotary_pos_embed`` computes
-    them (``1 / theta ** (arange(0, dim, 2) / dim)`` in ``dtype`` on ``device``), joined into one ``[sum(dim / 2)]``
-    row, and the axis each belongs to (long, same length). Made once per configuration and device, as plain tensors
-    even when first asked for under inference mode (shared: never modify them)."""
+    them (``1 / theta ** (arange(0, dim, 2) / dim)`` in ``dtype`` on ``device``), each repeated for the two features
+    of its pair (``repeat_interleave_real``) and joined into one ``[sum(dim)]`` row, and the axis each belongs to
+    (long, same length). Made once per configuration and device, as plain tensors even when first asked for under
+    inference mode (shared: never modify them)."""
     with torch.inference_mode(False), torch.no_grad():
         freqs = [1.0 / ((theta * 1.0) ** (torch.arange(0, dim, 2, dtype=dtype, device=device)[: dim // 2] / dim))
                  / 1.0 for dim in axes_dim]
-        axis = torch.cat([torch.full((dim // 2,), i, dtype=torch.long) for i, dim in enumerate(axes_dim)])
-        return torch.cat(freqs), axis.to(device)
+        axis = torch.cat([torch.full((dim,), i, dtype=torch.long) for i, dim in enumerate(axes_dim)])
+        return torch.cat(freqs).repeat_interleave(2), axis.to(device)
 
 
 def _rope_axes(pos_embed, ids: torch.Tensor) -> Optional[tuple]:
@@ -414,19 +415,20 @@ def _rope_axes(pos_embed, ids: torch.Tensor) -> Optional[tuple]:
 
 
 def flux_rope_tables(pos_embed, ids: torch.Tensor) -> tuple:
-    """``pos_embed(ids)`` of diffusers' ``FluxPosEmbed`` / ``Flux2PosEmbed`` (fp32 ``(cos, sin)`` ``[S, D]``) in ten
+    """``pos_embed(ids)`` of diffusers' ``FluxPosEmbed`` / ``Flux2PosEmbed`` (fp32 ``(cos, sin)`` ``[S, D]``) in eight
     ops for all axes where diffusers runs about thirteen per axis: the same angles (each axis's float64 frequencies
     times the float32 position, ``torch.outer``'s promotion), their cosines and sines rounded to float32, each
-    repeated for its pair (``repeat_interleave_real``). Every value is the one diffusers computes, by the same ops
-    on the same inputs (the elementwise kernels give each element alone its value). Ids diffusers refuses
+    repeated for its pair (``repeat_interleave_real``: here the frequencies are, so each angle is computed twice,
+    the same product both times). Every value is the one diffusers computes, by the same ops on the same inputs (the
+    elementwise kernels give each element alone its value). Ids diffusers refuses
     (``_rope_axes``) go to the module's own forward, which raises as it does."""
     axes_dim = _rope_axes(pos_embed, ids)
     if axes_dim is None:
         return type(pos_embed).forward(pos_embed, ids)
     dtype = _rope_dtype(ids.device)
     freqs, axis = _rope_frequencies(axes_dim, pos_embed.theta, dtype, ids.device)
-    angles = ids.float()[:, axis].to(dtype) * freqs  # [S, D / 2]: position of the pair's axis x its frequency
-    return (angles.cos().float().repeat_interleave(2, dim=-1), angles.sin().float().repeat_interleave(2, dim=-1))
+    angles = ids.float()[:, axis].to(dtype) * freqs  # [S, D]: position of the feature's axis x its pair's frequency
+    return angles.cos().float(), angles.sin().float()
 
 
 @contextlib.contextmanager
