@@ -448,14 +448,29 @@ class _QKProbeProcessor:
         self.text_mask: Optional[torch.Tensor] = None  # bool [B, T] (False = padding), when the family has one
 
     def _rows(self, hidden_states) -> tuple:
+        """The target and reference rows of the image sequence: a slice where they are consecutive (the pipelines'
+        layout: views of the rows and of their RoPE table rows, no gather launched), else their positions on the
+        device."""
         device = hidden_states.device
-        return self.layout.target_positions.to(device), self.layout.ref_positions.to(device)
+        return tuple(_consecutive(host) or positions.to(device) for host, positions in (
+            (self.layout.target_host, self.layout.target_positions), (self.layout.ref_host, self.layout.ref_positions)))
 
     def _record(self, text_queries, target_queries, ref_keys, text_mask=None):
         self.text_queries, self.target_queries, self.ref_keys = text_queries, target_queries, ref_keys
         if text_mask is not None:
             self.text_mask = text_mask.to(device=text_queries.device, dtype=torch.bool)
         raise _ProbeDone
+
+
+def _consecutive(positions: torch.Tensor) -> Optional[slice]:
+    """``slice(first, last + 1)`` when the host positions are ``first, first + 1, ..., last`` (at least one), else
+    None."""
+    if positions.numel() == 0:
+        return None
+    first = int(positions[0])
+    if not torch.equal(positions, torch.arange(first, first + positions.numel(), dtype=positions.dtype)):
+        return None
+    return slice(first, first + positions.numel())
 
 
 class _FluxQKProbe(_QKProbeProcessor):

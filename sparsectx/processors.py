@@ -452,9 +452,9 @@ def fast_rope_tables(transformer: torch.nn.Module):
 def flux_probe_qk(attn, hidden_states, encoder_hidden_states, get_qkv_projections, rotary_emb, target_rows,
                   ref_rows):
     """What the attention probe reads of a FLUX.1/FLUX.2 double-stream attention: the text queries, the queries of
-    image rows ``target_rows`` and the keys of image rows ``ref_rows``, each ``[B, n, H, D]`` exactly as
-    ``_joint_qkv`` computes those rows (projection, QK norm, RoPE), without projecting the rows and tensors the probe
-    does not return (a fused QKV matrix projects the needed rows only)."""
+    image rows ``target_rows`` and the keys of image rows ``ref_rows`` (each a slice or an index), each
+    ``[B, n, H, D]`` exactly as ``_joint_qkv`` computes those rows (projection, QK norm, RoPE), without projecting
+    the rows and tensors the probe does not return (a fused QKV matrix projects the needed rows only)."""
     n_text = encoder_hidden_states.shape[1]
     target, refs = hidden_states[:, target_rows], hidden_states[:, ref_rows]
     if getattr(attn, "fused_projections", False):
@@ -463,12 +463,17 @@ def flux_probe_qk(attn, hidden_states, encoder_hidden_states, get_qkv_projection
     else:
         target_q, ref_k, text_q = attn.to_q(target), attn.to_k(refs), attn.add_q_proj(encoder_hidden_states)
 
-    def rows(selected):
-        return None if rotary_emb is None else _rotary_rows(rotary_emb, selected)
+    def rows(selected, offset=0):
+        """The RoPE table rows of image rows ``selected`` (a slice: a view) past ``offset`` text rows."""
+        if rotary_emb is None:
+            return None
+        shifted = (slice(selected.start + offset, selected.stop + offset) if isinstance(selected, slice)
+                   else selected + offset)
+        return _rotary_rows(rotary_emb, shifted)
 
     return (_norm_rope(text_q.unflatten(-1, (-1, attn.head_dim)), attn.norm_added_q, rows(slice(0, n_text))),
-            _norm_rope(target_q.unflatten(-1, (-1, attn.head_dim)), attn.norm_q, rows(n_text + target_rows)),
-            _norm_rope(ref_k.unflatten(-1, (-1, attn.head_dim)), attn.norm_k, rows(n_text + ref_rows)))
+            _norm_rope(target_q.unflatten(-1, (-1, attn.head_dim)), attn.norm_q, rows(target_rows, n_text)),
+            _norm_rope(ref_k.unflatten(-1, (-1, attn.head_dim)), attn.norm_k, rows(ref_rows, n_text)))
 
 
 def _split_joint_output(attn, out, encoder_hidden_states, flux1: bool):

@@ -211,6 +211,37 @@ def test_probe_follows_the_kv_extract_layout(models):
     torch.testing.assert_close(record["target_queries"], query[:, TEXT_TOKENS + n_refs:], **close)
 
 
+@pytest.mark.parametrize("family", FLUX_FAMILIES)
+def test_probe_takes_rows_that_are_not_consecutive(models, family):
+    """Target rows split by the references (not one run of rows: gathered by index, where consecutive rows are taken
+    as slices, views of the rows and of their RoPE table rows): the same tensors at those rows."""
+    model, kwargs = models[family], _inputs(family, shared=True)
+    n_refs = sum(h * w for h, w in REF_HWS[family])
+    half = N_TARGET // 2
+    order = torch.cat([torch.arange(half), torch.arange(N_TARGET, N_TARGET + n_refs), torch.arange(half, N_TARGET)])
+    split = {"hidden_states": kwargs["hidden_states"][:, order],
+             "img_ids": kwargs["img_ids"][..., order, :]}
+    kwargs = {**kwargs, **split}
+    query, key = _hand_qk(model, family, _first_sample(kwargs))
+    record = {}
+    sparsectx.enable(model, budget=BUDGET, selector=_recording_attention(record))
+    with torch.no_grad():
+        model(**kwargs)
+    image_query, image_key = query[:, TEXT_TOKENS:], key[:, TEXT_TOKENS:]
+    target = torch.cat([torch.arange(half), torch.arange(half + n_refs, N_TARGET + n_refs)])
+    close = dict(rtol=FP32_RTOL, atol=FP32_ATOL)
+    torch.testing.assert_close(record["target_queries"], image_query[:, target], **close)
+    torch.testing.assert_close(record["ref_keys"], image_key[:, half:half + n_refs], **close)
+
+
+def test_consecutive_positions_become_a_slice():
+    assert integration._consecutive(torch.arange(3, 9)) == slice(3, 9)
+    assert integration._consecutive(torch.tensor([4])) == slice(4, 5)
+    assert integration._consecutive(torch.tensor([0, 1, 3])) is None
+    assert integration._consecutive(torch.tensor([2, 1])) is None
+    assert integration._consecutive(torch.zeros(0, dtype=torch.long)) is None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # (2) the probe stops after the first block's projections and puts the processor back
 # ----------------------------------------------------------------------------------------------------------------
