@@ -415,7 +415,7 @@ def _rope_axes(pos_embed, ids: torch.Tensor) -> Optional[tuple]:
 
 
 def flux_rope_tables(pos_embed, ids: torch.Tensor) -> tuple:
-    """``pos_embed(ids)`` of diffusers' ``FluxPosEmbed`` / ``Flux2PosEmbed`` (fp32 ``(cos, sin)`` ``[S, D]``) in eight
+    """``pos_embed(ids)`` of diffusers' ``FluxPosEmbed`` / ``Flux2PosEmbed`` (fp32 ``(cos, sin)`` ``[S, D]``) in seven
     ops for all axes where diffusers runs about thirteen per axis: the same angles (each axis's float64 frequencies
     times the float32 position, ``torch.outer``'s promotion), their cosines and sines rounded to float32, each
     repeated for its pair (``repeat_interleave_real``: here the frequencies are, so each angle is computed twice,
@@ -427,7 +427,9 @@ def flux_rope_tables(pos_embed, ids: torch.Tensor) -> tuple:
         return type(pos_embed).forward(pos_embed, ids)
     dtype = _rope_dtype(ids.device)
     freqs, axis = _rope_frequencies(axes_dim, pos_embed.theta, dtype, ids.device)
-    angles = ids.float()[:, axis].to(dtype) * freqs  # [S, D]: position of the feature's axis x its pair's frequency
+    # [S, D]: position of the feature's axis x its pair's frequency (the product promotes to the frequencies' dtype,
+    # as torch.outer does: the float32 position is exact in float64)
+    angles = ids.float()[:, axis] * freqs
     return angles.cos().float(), angles.sin().float()
 
 
