@@ -649,6 +649,11 @@ def masked_attention(
     kept_prefix = _python_number(kept_prefix)
     if isinstance(kept_prefix, bool) or not isinstance(kept_prefix, int) or not 0 <= kept_prefix <= seq:
         raise ValueError(f"kept_prefix must be an int in [0, S={seq}], got {kept_prefix!r}")
+    # (checked here, before the compaction launches, as sparse_attention checks them again)
+    softmax_scale = _softmax_scale(softmax_scale, dim, symbolic=True, traced=_traced(q))
+    if batch > MAX_GRID_SAMPLES:
+        raise ValueError(f"q holds {batch} samples; one call takes at most {MAX_GRID_SAMPLES} (the kernels' grid has "
+                         "a program row per sample, and CUDA caps that grid dimension): split the batch")
 
     # without autograd or a tracer to see them, packed copies are made directly (see _pack_for_attention)
     queries_eager, keys_eager = _plain_eager(q), _plain_eager(k, v)
@@ -696,14 +701,10 @@ def _attend_kept_queries_in_place(q: torch.Tensor, packed_k: torch.Tensor, packe
     """``masked_attention``'s kept queries attending to the kept keys of their sample (``kept``: the mask's
     compaction, ``packed_k/v [B*S, H, D]`` its packed rows) in one forward launch that reads each kept query at its
     place in the dense ``q [B, S, H, D]`` and writes its output there, in a zero-filled ``[B, S, H, D]`` output:
-    no packed copy of q, no scatter of the output (Triton only, no autograd)."""
+    no packed copy of q, no scatter of the output (Triton only, no autograd; inputs checked by the caller)."""
     from .kernels import attention as _k
 
-    batch, seq, _, dim = q.shape
-    softmax_scale = _softmax_scale(softmax_scale, dim)
-    if batch > MAX_GRID_SAMPLES:
-        raise ValueError(f"q holds {batch} samples; one call takes at most {MAX_GRID_SAMPLES} (the kernels' grid has "
-                         "a program row per sample, and CUDA caps that grid dimension): split the batch")
+    seq = q.shape[1]
     out, _ = _k.attention_forward(_last_dim_contiguous(q), packed_k, packed_v, kept.cu_seqlens, kept.cu_seqlens, seq,
                                   None, None, None, None, float(softmax_scale), q_index=kept.index)
     return out

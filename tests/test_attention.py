@@ -1061,6 +1061,21 @@ def test_uniform_cu_seqlens():
             assert cu.dtype == torch.int32 and cu.tolist() == [b * seq for b in range(batch + 1)], (batch, seq)
 
 
+@pytest.mark.parametrize("query_mask", ["same", None], ids=["kept_queries", "all_queries"])
+def test_masked_attention_checks_scale_and_batch_before_any_launch(monkeypatch, query_mask):
+    from sparsectx.kernels import compaction
+
+    q = torch.randn(2, 5, 1, 16, device=DEVICE)
+    mask = torch.ones(2, 5, dtype=torch.bool, device=DEVICE)
+    queries = mask if query_mask == "same" else None
+    monkeypatch.setattr(compaction, "compact_index", lambda *a, **k: pytest.fail("launched before the checks"))
+    with pytest.raises(ValueError, match="softmax_scale must be a finite number"):
+        sparsectx.masked_attention(q, q, q, mask, query_mask=queries, softmax_scale=float("nan"))
+    monkeypatch.setattr(sparsectx.ops, "MAX_GRID_SAMPLES", 1)
+    with pytest.raises(ValueError, match="q holds 2 samples"):
+        sparsectx.masked_attention(q, q, q, mask, query_mask=queries)
+
+
 def test_masked_attention_kept_prefix_bad_values():
     q = torch.randn(1, 5, 1, 16, device=DEVICE)
     mask = torch.ones(1, 5, dtype=torch.bool, device=DEVICE)
