@@ -418,10 +418,10 @@ def flux_rope_tables(pos_embed, ids: torch.Tensor) -> tuple:
     """``pos_embed(ids)`` of diffusers' ``FluxPosEmbed`` / ``Flux2PosEmbed`` (fp32 ``(cos, sin)`` ``[S, D]``) in seven
     ops for all axes where diffusers runs about thirteen per axis: the same angles (each axis's float64 frequencies
     times the float32 position, ``torch.outer``'s promotion), their cosines and sines rounded to float32, each
-    repeated for its pair (``repeat_interleave_real``: here the frequencies are, so each angle is computed twice,
-    the same product both times). Every value is the one diffusers computes, by the same ops on the same inputs (the
-    elementwise kernels give each element alone its value). Ids diffusers refuses
-    (``_rope_axes``) go to the module's own forward, which raises as it does."""
+    repeated for its pair (``repeat_interleave_real``: here the frequencies are repeated instead, so each angle is
+    computed twice, the same product both times). Every value is the one diffusers computes, by the same ops on the
+    same inputs (the elementwise kernels give each element alone its value). Ids diffusers refuses (``_rope_axes``)
+    go to the module's own forward, which raises as it does."""
     axes_dim = _rope_axes(pos_embed, ids)
     if axes_dim is None:
         return type(pos_embed).forward(pos_embed, ids)
