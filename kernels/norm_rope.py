@@ -29,6 +29,11 @@ from ._launch import built_for_interpreter, cdiv, next_power_of_2, on_device_of
 BLOCK_TOKENS = 8
 HEAD_BLOCK = 4
 NUM_WARPS = 8
+# The weights' gradient: partial rows summed per program of the reduction kernel (rows x features at a time), and
+# the features per program (a klein layer's 5.8k partial rows of 128 features: 8 programs, 23 steps each).
+REDUCE_ROWS = 256
+REDUCE_FEATURES = 32
+REDUCE_WARPS = 4
 
 
 @triton.jit
@@ -207,6 +212,32 @@ def _rms_norm_rope_bwd_kernel(
                  dx.to(DX0.dtype.element_ty), mask=mask & in_prefix[:, None, None])
 
 
+@triton.jit
+def _weight_grads_kernel(DW_PARTIAL, DW0, DW1, n_partial, HEAD_DIM: tl.constexpr, BLOCK_PAIRS: tl.constexpr,
+                         PREFIX_WEIGHT: tl.constexpr, WEIGHT: tl.constexpr, REDUCE_ROWS: tl.constexpr,
+                         REDUCE_FEATURES: tl.constexpr):
+    """Program (segment, feature block): the segment's weight gradient over REDUCE_FEATURES features, the sum of
+    the backward programs' partial rows ``DW_PARTIAL [n_partial, 2, 2 * BLOCK_PAIRS]``, stored in the weight's
+    dtype (``DW0``: the prefix's, ``DW1``: x's)."""
+    segment = tl.program_id(0)
+    features = tl.program_id(1) * REDUCE_FEATURES + tl.arange(0, REDUCE_FEATURES)
+    feature_valid = features < HEAD_DIM
+    columns = segment * (2 * BLOCK_PAIRS) + features
+    total = tl.zeros([REDUCE_FEATURES], dtype=tl.float32)
+    # the partial rows, REDUCE_ROWS at a time
+    for first in range(0, n_partial, REDUCE_ROWS):
+        rows = first + tl.arange(0, REDUCE_ROWS)
+        tile = tl.load(DW_PARTIAL + rows.to(tl.int64)[:, None] * (4 * BLOCK_PAIRS) + columns[None, :],
+                       mask=(rows < n_partial)[:, None] & feature_valid[None, :], other=0.0)
+        total += tl.sum(tile, axis=0)
+    if PREFIX_WEIGHT:
+        if segment == 0:
+            tl.store(DW0 + features, total.to(DW0.dtype.element_ty), mask=feature_valid)
+    if WEIGHT:
+        if segment == 1:
+            tl.store(DW1 + features, total.to(DW1.dtype.element_ty), mask=feature_valid)
+
+
 def _shape_constants(dim: int) -> dict:
     return dict(HEAD_DIM=dim, BLOCK_PAIRS=max(1, next_power_of_2(dim) // 2), BLOCK_TOKENS=BLOCK_TOKENS,
                 HEAD_BLOCK=HEAD_BLOCK)
@@ -249,7 +280,8 @@ def rms_norm_rope_backward(dy: torch.Tensor, segments: list, cos: torch.Tensor, 
                            eps: float) -> list:
     """Gradients of ``rms_norm_rope`` for the output gradient ``dy [B, S_total, H, D]`` (last dim contiguous): per
     segment ``(dx, dweight)`` (dx contiguous in x's dtype; dweight in the weight's dtype, None without a weight).
-    One launch for both segments, then per weight a reduction of its partial sums (and its cast)."""
+    One launch for both segments, then, with a weight, one launch that sums the programs' partial rows into both
+    weights' gradients."""
     prefix, prefix_weight, x, weight = _segment_args(segments)
     has_prefix = len(segments) == 2
     batch, n_tokens, heads, dim = dy.shape
@@ -271,11 +303,15 @@ def rms_norm_rope_backward(dy: torch.Tensor, segments: list, cos: torch.Tensor, 
             HEADS=heads, HAS_PREFIX=has_prefix, PREFIX_WEIGHT=prefix_weight is not None, WEIGHT=weight is not None,
             TABLE_PER_PAIR=cos.shape[1] != dim, **constants, num_warps=NUM_WARPS,
         )
-    dweights = [None, None]
-    for i, w in enumerate((prefix_weight, weight)):  # (each its own tensor: a custom op's outputs may not alias)
-        if w is not None:  # (no program, no rows: zeros)
-            total = partial[:, i, :dim].sum(0) if n_programs else torch.zeros(dim, device=x.device)
-            dweights[i] = total.to(w.dtype)
+    dweights = [None if w is None else torch.empty(dim, dtype=w.dtype, device=x.device)
+                for w in (prefix_weight, weight)]
+    if weighted:  # (no program, no partial row: zeros)
+        _weight_grads_kernel[(2, cdiv(dim, REDUCE_FEATURES))](
+            partial, *(g if g is not None else partial for g in dweights), n_programs,
+            HEAD_DIM=dim, BLOCK_PAIRS=constants["BLOCK_PAIRS"], PREFIX_WEIGHT=prefix_weight is not None,
+            WEIGHT=weight is not None, REDUCE_ROWS=REDUCE_ROWS, REDUCE_FEATURES=REDUCE_FEATURES,
+            num_warps=REDUCE_WARPS,
+        )
     grads = [(dx, dweights[1])]
     return [(dprefix, dweights[0])] + grads if has_prefix else grads
 

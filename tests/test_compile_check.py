@@ -56,10 +56,13 @@ def test_every_kernel_compiles_for_sm90(quick_check):
     expected = (_kernel_names("sparsectx.kernels.attention") | _kernel_names("sparsectx.kernels.compaction")
                 | _kernel_names("sparsectx.kernels.norm_rope"))
     assert len(expected) >= 9 and compiled == expected  # no kernel left out of the check
-    # the norm + RoPE pass in its three forms (FLUX with and without weights, Qwen-Image) at the quick head dims
+    # the norm + RoPE pass in its three forms (FLUX with and without weights, Qwen-Image) at the quick head dims,
+    # and the backward's kernels (its pass and the weights' gradient reduction)
     for dim in (64, 128):
-        configs = {r["config"] for r in rows if r["variant"] == f"norm+rope bf16 D={dim}"}
-        assert len(configs) == 3, (dim, configs)
+        norm_rope = [r for r in rows if r["variant"] == f"norm+rope bf16 D={dim}"]
+        forward = {r["config"] for r in norm_rope if r["kernel"] == "_rms_norm_rope_kernel"}
+        assert len(forward) == 3, (dim, forward)
+        assert {"_rms_norm_rope_bwd_kernel", "_weight_grads_kernel"} <= {r["kernel"] for r in norm_rope}
     # each key layout at each head dim compiles its forward and its three backward kernels; at head dims whose
     # packed rows load by tile copies (64, 128) the forward of gathered references is the copy of the kept rows and
     # the packed references' forward (the same binary as the packed layout's, listed once, under the first)

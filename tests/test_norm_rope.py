@@ -449,6 +449,20 @@ def test_gradients_of_thirds_of_fused_projections(dtype, monkeypatch):
     _assert_gradients_meet_the_criterion(args, upstream, dtype, monkeypatch)
 
 
+@pytest.mark.skipif(kernel_module is None, reason="no Triton")
+@pytest.mark.parametrize("shape", [(2, 5, 9, 3, 6), (1, None, 0, 2, 8)], ids=["rows_and_features_in_steps", "no_row"])
+def test_weight_gradients_summed_in_steps(shape, monkeypatch):
+    """The weights' gradients summed from the backward programs' partial rows a few rows and features at a time
+    (several steps over the rows, a last feature block past the head dim), and with no row at all (zeros)."""
+    monkeypatch.setattr(kernel_module, "REDUCE_ROWS", 2)
+    monkeypatch.setattr(kernel_module, "REDUCE_FEATURES", 4)
+    dtype = torch.float32
+    args = _inputs(shape, dtype, seed=35)
+    upstream = torch.randn(shape[0], (shape[1] or 0) + shape[2], *shape[3:],
+                           generator=torch.Generator().manual_seed(36)).to(DEVICE, dtype)
+    _assert_gradients_meet_the_criterion(args, upstream, dtype, monkeypatch)
+
+
 @pytest.mark.parametrize("dtype", DTYPES_HERE)
 def test_gradients_take_the_forwards_eps(dtype, monkeypatch):
     """The backward normalises with the forward's eps: 0.5, near these activations' mean square (1), changes every
