@@ -12,8 +12,8 @@ rounded to the tensor's dtype as the norm's output is in diffusers), rotates its
 token's cos/sin rows (read once per program, shared by its heads) and writes the result at its place in the joint
 output; each row is read from its stream (a tile that straddles the join reads both, masked) and takes its stream's
 weight. The backward rotates the output gradient back, then takes the norm's gradient, written to the row's stream's
-gradient; each program writes its partial sums of the two weights' gradients to its own row (summed by the
-launcher: no atomics, deterministic).
+gradient; each program writes its partial sums of the two weights' gradients to its own row, and a second launch
+sums the rows into both weights' gradients (no atomics, deterministic).
 
 Offsets are int64 (a ``[B, S, H*D]`` tensor of a long sequence passes 2**31 elements).
 """
