@@ -17,6 +17,8 @@ sums the rows into both weights' gradients (no atomics, deterministic).
 
 Offsets are int64 (a ``[B, S, H*D]`` tensor of a long sequence passes 2**31 elements).
 """
+from typing import NamedTuple, Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -90,6 +92,18 @@ def _load_segments(X0, X1, batch, rows, n_prefix, heads, features, mask, stride_
         x += tl.load(X0 + _head_offsets(batch, rows, heads, features, stride_0b, stride_0s, stride_0h),
                      mask=mask & in_prefix[:, None, None], other=0.0).to(tl.float32)
     return x, in_prefix
+
+
+@triton.jit
+def _store_segments(Y0, Y1, y, batch, rows, n_prefix, in_prefix, heads, features, mask, stride_0b, stride_0s,
+                    stride_0h, stride_1b, stride_1s, stride_1h, HAS_PREFIX: tl.constexpr):
+    """The inverse of ``_load_segments``: each row of the tile's ``y`` stored in its segment, ``Y0`` (the prefix's
+    rows) or ``Y1``."""
+    tl.store(Y1 + _head_offsets(batch, rows - n_prefix, heads, features, stride_1b, stride_1s, stride_1h),
+             y.to(Y1.dtype.element_ty), mask=mask & ~in_prefix[:, None, None])
+    if HAS_PREFIX:
+        tl.store(Y0 + _head_offsets(batch, rows, heads, features, stride_0b, stride_0s, stride_0h),
+                 y.to(Y0.dtype.element_ty), mask=mask & in_prefix[:, None, None])
 
 
 @triton.jit
@@ -204,12 +218,8 @@ def _rms_norm_rope_bwd_kernel(
         tl.store(partial + 2 * BLOCK_PAIRS, tl.sum(tl.where(in_prefix[:, None], 0.0, per_head), axis=0))
     dot = tl.sum(x * dscaled, axis=2)
     dx = rstd[:, :, None] * dscaled - x * (rstd * rstd * rstd * dot / HEAD_DIM)[:, :, None]
-    x_mask = mask & ~in_prefix[:, None, None]
-    tl.store(DX1 + _head_offsets(batch, rows - n_prefix, heads, features, stride_dx1b, stride_dx1s, stride_dx1h),
-             dx.to(DX1.dtype.element_ty), mask=x_mask)
-    if HAS_PREFIX:
-        tl.store(DX0 + _head_offsets(batch, rows, heads, features, stride_dx0b, stride_dx0s, stride_dx0h),
-                 dx.to(DX0.dtype.element_ty), mask=mask & in_prefix[:, None, None])
+    _store_segments(DX0, DX1, dx, batch, rows, n_prefix, in_prefix, heads, features, mask, stride_dx0b, stride_dx0s,
+                    stride_dx0h, stride_dx1b, stride_dx1s, stride_dx1h, HAS_PREFIX)
 
 
 @triton.jit
@@ -243,10 +253,32 @@ def _shape_constants(dim: int) -> dict:
                 HEAD_BLOCK=HEAD_BLOCK)
 
 
-def _segment_args(segments: list):
-    """``(prefix, its weight, x, its weight)`` of one or two segments (no prefix: x stands in for it, unused)."""
-    (prefix, prefix_weight), (x, weight) = segments if len(segments) == 2 else ((segments[0][0], None), segments[0])
-    return prefix, prefix_weight, x, weight
+class _Segments(NamedTuple):
+    """One or two segments ``(x, weight)`` (x alone, or a prefix and x) as both passes hand them to their kernels."""
+    prefix: Optional[torch.Tensor]
+    prefix_weight: Optional[torch.Tensor]
+    x: torch.Tensor
+    weight: Optional[torch.Tensor]
+    n_prefix: int
+    tensors: tuple  # X0, W0, X1, W1, COS, SIN (x stands in for a missing prefix or weight: never read)
+    strides: tuple  # (batch, token, head) of the prefix and of x, then (row, column) of cos and of sin
+    constexprs: dict
+
+
+def _segments(segments: list, cos: torch.Tensor, sin: torch.Tensor) -> _Segments:
+    (prefix, prefix_weight), (x, weight) = segments if len(segments) == 2 else ((None, None), segments[0])
+    first = prefix if prefix is not None else x
+    dim = x.shape[3]
+    return _Segments(
+        prefix, prefix_weight, x, weight, 0 if prefix is None else prefix.shape[1],
+        (first, x if prefix_weight is None else prefix_weight, x, x if weight is None else weight, cos, sin),
+        (*first.stride()[:3], *x.stride()[:3], cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1)),
+        dict(HEADS=x.shape[2], HAS_PREFIX=prefix is not None, PREFIX_WEIGHT=prefix_weight is not None,
+             WEIGHT=weight is not None, TABLE_PER_PAIR=cos.shape[1] != dim, **_shape_constants(dim)))
+
+
+def _grid(n_tokens: int, heads: int, batch: int) -> tuple:
+    return cdiv(n_tokens, BLOCK_TOKENS), cdiv(heads, HEAD_BLOCK), batch
 
 
 @on_device_of("cos")
@@ -256,21 +288,14 @@ def rms_norm_rope(segments: list, cos: torch.Tensor, sin: torch.Tensor, eps: flo
     None)`` (x alone, or a prefix and x), in order along the sequence, each RMS-normalised with its weight and
     rotated by its rows of ``cos/sin`` (``[S_total, D]`` or ``[S_total, D/2]``, any strides). The segments' last dim
     must be contiguous, D even; one launch for both."""
-    prefix, prefix_weight, x, weight = _segment_args(segments)
-    batch, _, heads, dim = x.shape
-    n_prefix = prefix.shape[1] if len(segments) == 2 else 0
+    seg = _segments(segments, cos, sin)
+    batch, _, heads, dim = seg.x.shape
     n_tokens = cos.shape[0]
-    out = torch.empty((batch, n_tokens, heads, dim), dtype=x.dtype, device=cos.device)
+    out = torch.empty((batch, n_tokens, heads, dim), dtype=seg.x.dtype, device=cos.device)
     if n_tokens and batch:
-        grid = (cdiv(n_tokens, BLOCK_TOKENS), cdiv(heads, HEAD_BLOCK), batch)
-        _rms_norm_rope_kernel[grid](
-            prefix, prefix_weight if prefix_weight is not None else x, x, weight if weight is not None else x,
-            cos, sin, out, n_prefix, n_tokens, eps, prefix.stride(0), prefix.stride(1), prefix.stride(2),
-            x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
-            out.stride(0), out.stride(1), out.stride(2),
-            HEADS=heads, HAS_PREFIX=len(segments) == 2, PREFIX_WEIGHT=prefix_weight is not None,
-            WEIGHT=weight is not None, ROUND_BEFORE_WEIGHT=round_before_weight, TABLE_PER_PAIR=cos.shape[1] != dim,
-            **_shape_constants(dim), num_warps=NUM_WARPS,
+        _rms_norm_rope_kernel[_grid(n_tokens, heads, batch)](
+            *seg.tensors, out, seg.n_prefix, n_tokens, eps, *seg.strides, *out.stride()[:3],
+            ROUND_BEFORE_WEIGHT=round_before_weight, **seg.constexprs, num_warps=NUM_WARPS,
         )
     return out
 
@@ -282,38 +307,31 @@ def rms_norm_rope_backward(dy: torch.Tensor, segments: list, cos: torch.Tensor, 
     segment ``(dx, dweight)`` (dx contiguous in x's dtype; dweight in the weight's dtype, None without a weight).
     One launch for both segments, then, with a weight, one launch that sums the programs' partial rows into both
     weights' gradients."""
-    prefix, prefix_weight, x, weight = _segment_args(segments)
-    has_prefix = len(segments) == 2
+    seg = _segments(segments, cos, sin)
     batch, n_tokens, heads, dim = dy.shape
-    constants = _shape_constants(dim)
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    dprefix = torch.empty(prefix.shape, dtype=prefix.dtype, device=x.device) if has_prefix else dx
-    grid = (cdiv(n_tokens, BLOCK_TOKENS), cdiv(heads, HEAD_BLOCK), batch)
+    block_pairs = seg.constexprs["BLOCK_PAIRS"]
+    dx = torch.empty(seg.x.shape, dtype=seg.x.dtype, device=dy.device)
+    dprefix = dx if seg.prefix is None else torch.empty(seg.prefix.shape, dtype=seg.prefix.dtype, device=dy.device)
+    grid = _grid(n_tokens, heads, batch)
     n_programs = grid[0] * grid[1] * grid[2]
-    weighted = weight is not None or prefix_weight is not None
-    partial = torch.empty((n_programs if weighted else 1, 2, 2 * constants["BLOCK_PAIRS"]), dtype=torch.float32,
-                          device=x.device)
+    weights = (seg.prefix_weight, seg.weight)
+    weighted = any(w is not None for w in weights)
+    partial = torch.empty((n_programs if weighted else 1, 2, 2 * block_pairs), dtype=torch.float32, device=dy.device)
     if n_programs:
         _rms_norm_rope_bwd_kernel[grid](
-            dy, prefix, prefix_weight if prefix_weight is not None else x, x, weight if weight is not None else x,
-            cos, sin, dprefix, dx, partial, prefix.shape[1] if has_prefix else 0, n_tokens, eps,
-            dy.stride(0), dy.stride(1), dy.stride(2), prefix.stride(0), prefix.stride(1), prefix.stride(2),
-            x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
-            dprefix.stride(0), dprefix.stride(1), dprefix.stride(2), dx.stride(0), dx.stride(1), dx.stride(2),
-            HEADS=heads, HAS_PREFIX=has_prefix, PREFIX_WEIGHT=prefix_weight is not None, WEIGHT=weight is not None,
-            TABLE_PER_PAIR=cos.shape[1] != dim, **constants, num_warps=NUM_WARPS,
+            dy, *seg.tensors, dprefix, dx, partial, seg.n_prefix, n_tokens, eps, *dy.stride()[:3], *seg.strides,
+            *dprefix.stride()[:3], *dx.stride()[:3], **seg.constexprs, num_warps=NUM_WARPS,
         )
-    dweights = [None if w is None else torch.empty(dim, dtype=w.dtype, device=x.device)
-                for w in (prefix_weight, weight)]
+    dweights = [None if w is None else torch.empty(dim, dtype=w.dtype, device=dy.device) for w in weights]
     if weighted:  # (no program, no partial row: zeros)
         _weight_grads_kernel[(2, cdiv(dim, REDUCE_FEATURES))](
             partial, *(g if g is not None else partial for g in dweights), n_programs,
-            HEAD_DIM=dim, BLOCK_PAIRS=constants["BLOCK_PAIRS"], PREFIX_WEIGHT=prefix_weight is not None,
-            WEIGHT=weight is not None, REDUCE_ROWS=REDUCE_ROWS, REDUCE_FEATURES=REDUCE_FEATURES,
+            HEAD_DIM=dim, BLOCK_PAIRS=block_pairs, PREFIX_WEIGHT=seg.prefix_weight is not None,
+            WEIGHT=seg.weight is not None, REDUCE_ROWS=REDUCE_ROWS, REDUCE_FEATURES=REDUCE_FEATURES,
             num_warps=REDUCE_WARPS,
         )
     grads = [(dx, dweights[1])]
-    return [(dprefix, dweights[0])] + grads if has_prefix else grads
+    return grads if seg.prefix is None else [(dprefix, dweights[0])] + grads
 
 
 INTERPRETED = built_for_interpreter(_rms_norm_rope_kernel)  # how this module's kernels were built (ops.backend_for)
