@@ -219,10 +219,10 @@ def _sample_counts(counts_ptr, uniform_count, n_samples, b, PER_SAMPLE_COUNTS: t
 
 
 @triton.jit
-def _mask_sample_counts(block_counts_ptr, b, n_blocks, NB_PAD: tl.constexpr, SAMPLE_CHUNK: tl.constexpr):
-    """(first packed row, kept count) of sample b of a keep mask, from the kept counts of every token block
-    (``block_counts [B, n_blocks]``, low count field): the earlier samples' blocks, SAMPLE_CHUNK samples at a time,
-    then its own. (A sample's counts then need no reduction of the mask before the launch.)"""
+def _earlier_samples_kept(block_counts_ptr, b, n_blocks, NB_PAD: tl.constexpr, SAMPLE_CHUNK: tl.constexpr):
+    """The first packed row of sample b of a keep mask: the kept tokens of every block of samples 0..b-1
+    (``block_counts [B, n_blocks]``, low count field), summed SAMPLE_CHUNK samples at a time. (A sample's rows then
+    need no reduction of the mask before the launch.)"""
     blocks = tl.arange(0, NB_PAD)
     row_start = tl.zeros((), dtype=tl.int32)
     for first in range(0, b, SAMPLE_CHUNK):
@@ -230,8 +230,7 @@ def _mask_sample_counts(block_counts_ptr, b, n_blocks, NB_PAD: tl.constexpr, SAM
         tile = tl.load(block_counts_ptr + samples[:, None] * n_blocks + blocks[None, :],
                        mask=(samples < b)[:, None] & (blocks < n_blocks)[None, :], other=0)
         row_start += tl.sum(tl.sum(tile & COUNT_FIELD_MASK, axis=1), axis=0)
-    own = tl.load(block_counts_ptr + b * n_blocks + blocks, mask=blocks < n_blocks, other=0)
-    return row_start, tl.sum(own & COUNT_FIELD_MASK)
+    return row_start
 
 
 @triton.jit
@@ -342,8 +341,12 @@ def _write_index_kernel(
     host's (uniform or PER_SAMPLE_COUNTS) or, for a mask without them (COUNTS_FROM_BLOCKS), the block counts'."""
     b = tl.program_id(0)
     block = tl.program_id(1)
+    # this sample's block counts (the earlier ones carry into this block's ranks; all of them are a mask's count)
+    blocks = tl.arange(0, NB_PAD)
+    sample_counts = tl.load(block_counts_ptr + b * n_blocks + blocks, mask=blocks < n_blocks, other=0)
     if COUNTS_FROM_BLOCKS:
-        row_start, k = _mask_sample_counts(block_counts_ptr, b, n_blocks, NB_PAD, SAMPLE_CHUNK)
+        row_start = _earlier_samples_kept(block_counts_ptr, b, n_blocks, NB_PAD, SAMPLE_CHUNK)
+        k = tl.sum(sample_counts & COUNT_FIELD_MASK)
     else:
         row_start, k = _sample_counts(counts_ptr, uniform_count, n_samples, b, PER_SAMPLE_COUNTS, B_PAD)
 
@@ -354,10 +357,9 @@ def _write_index_kernel(
         threshold = tl.load(threshold_ptr + b)
         need = tl.load(need_ptr + b)
 
-    # tokens above / ties in the earlier blocks of this sample: one masked vector of block counts, each field summed
-    # on its own (a sample's total may not fit in a field)
-    earlier = tl.arange(0, NB_PAD)
-    counts = tl.load(block_counts_ptr + b * n_blocks + earlier, mask=earlier < block, other=0)
+    # tokens above / ties in the earlier blocks of this sample, each field summed on its own (a sample's total may
+    # not fit in a field)
+    counts = tl.where(blocks < block, sample_counts, 0)
     above_carry = tl.sum(counts & COUNT_FIELD_MASK)
     ties_carry = tl.sum(counts >> COUNT_FIELD_BITS)
 
