@@ -829,7 +829,8 @@ class NormRopeCase:
             return ops.rms_norm_rope(image, cos, sin, norm_image.weight, norm_image.eps, prefix=text,
                                      prefix_weight=norm_text.weight)
 
-        impls = [Impl(self.impl_names[0], timed(ours), note="one launch" + (" per pass" * backward))]
+        impls = [Impl(self.impl_names[0], timed(ours),
+                      note="three launches: forward, backward, weights' gradients" if backward else "one launch")]
         try:
             from diffusers.models.embeddings import apply_rotary_emb
         except ImportError:
