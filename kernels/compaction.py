@@ -58,6 +58,12 @@ FP32_INF_BITS = tl.constexpr(0x7F800000)
 # then counts the whole row, as without the filter).
 FILTER_MIN_TOKENS = 2048
 CAND_BLOCK_FRACTION = 16
+# The filter's compaction counts the row FILTER_BLOCK_FACTOR x CAND_BLOCK tokens per step, each step one load, one
+# prefix scan and one sum, in sequence (at the 3 x 4096-token row, 12 steps of 291 sm_90 instructions and 9 barriers
+# each). Fewer, larger steps wait less but hold more registers: with Triton 3.6 for sm_90, 2 does not spill and 4
+# spills on rows streamed block by block; with Triton 3.9, 2 spills 16 B on one variant. bench/profile_ops.py times
+# 1, 2 and 4; the shipped 1 is the one timed on a GPU so far.
+FILTER_BLOCK_FACTOR = 1
 # Largest token block the selection kernel holds at once: a row that fits is loaded once and kept in registers for
 # every pass; longer rows are streamed block by block in each pass.
 MAX_SELECT_BLOCK = 16384
@@ -144,7 +150,8 @@ def _pass_bit(step):
 
 @triton.jit
 def _topk_threshold(scores_ptr, row_offset, stride_n, n_tokens, k, row_keys, candidates_ptr,
-                    BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr, CAND_BLOCK: tl.constexpr):
+                    BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr, CAND_BLOCK: tl.constexpr,
+                    FILTER_BLOCK: tl.constexpr):
     """Returns ``(threshold, count_above)``: the k-th largest key (k = 0: a key that none lies above) and the number
     of keys above it. The k highest scores, ties to the lower index, are the keys above the threshold and the first
     ``k - count_above`` keys equal to it."""
@@ -176,15 +183,15 @@ def _topk_threshold(scores_ptr, row_offset, stride_n, n_tokens, k, row_keys, can
         if step < RADIX_PASSES:
             # 2) candidate filter: the at most CAND_BLOCK keys of ranks [u, u + width) (the digits decided so far)
             # are the only ones that can still tell the remaining digits apart (the keys above them are
-            # count_above). Compacted into this sample's scratch row (a prefix count over small blocks of the row,
-            # reloaded from the cache: a scan over a whole selection block held in registers would spill), then
-            # loaded once and held in registers for the remaining passes.
+            # count_above). Compacted into this sample's scratch row (a prefix count over FILTER_BLOCK-token blocks
+            # of the row, reloaded from the cache: a scan over a whole selection block held in registers would
+            # spill), then loaded once and held in registers for the remaining passes.
             width = _pass_bit(step - 1)
             low = (u - KEY_OFFSET).to(tl.int32)
             high = (u + width - 1 - KEY_OFFSET).to(tl.int32)
             n_candidates = 0
-            for start in range(0, n_tokens, CAND_BLOCK):
-                pos = start + tl.arange(0, CAND_BLOCK)
+            for start in range(0, n_tokens, FILTER_BLOCK):
+                pos = start + tl.arange(0, FILTER_BLOCK)
                 key = _score_keys(scores_ptr, row_offset, stride_n, pos, pos < n_tokens)
                 in_range = (key >= low) & (key <= high) & (key != PAD_KEY)
                 slot = n_candidates + tl.cumsum(in_range.to(tl.int32), 0) - 1
@@ -252,7 +259,7 @@ def _topk_threshold_kernel(
     counts_ptr, uniform_count, n_samples,
     threshold_ptr, need_ptr, index_ptr, cu_seqlens_ptr, n_rows, candidates_ptr,
     PER_SAMPLE_COUNTS: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr,
-    CAND_BLOCK: tl.constexpr,
+    CAND_BLOCK: tl.constexpr, FILTER_BLOCK: tl.constexpr,
 ):
     """Program b: threshold[b] = the k-th largest key of sample b and need[b] = how many keys equal to it are kept
     (k minus the keys above it); ``candidates`` ``[B, N]`` int32 is its scratch when CAND_BLOCK > 0 (the keys left
@@ -266,7 +273,7 @@ def _topk_threshold_kernel(
     row_keys = _score_keys(scores_ptr, row_offset, stride_n, first, first < n_tokens)  # used when ONE_BLOCK
     threshold, count_above = _topk_threshold(scores_ptr, row_offset, stride_n, n_tokens, k, row_keys,
                                              candidates_ptr + b.to(tl.int64) * n_tokens, BLOCK_N, ONE_BLOCK,
-                                             CAND_BLOCK)
+                                             CAND_BLOCK, FILTER_BLOCK)
     need = k - count_above
     if ONE_BLOCK:
         # padding keys lie below every real key, so they are neither above nor tied
@@ -446,9 +453,10 @@ def _scatter_rows_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------------------
-def _select_config(n_tokens: int) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, CAND_BLOCK) of the selection kernel: one block holds the whole sample when it fits;
-    long rows count the last passes over the filtered candidates only (CAND_BLOCK 0: no filter)."""
+def _select_config(n_tokens: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, num_warps, CAND_BLOCK, FILTER_BLOCK) of the selection kernel: one block holds the whole sample when
+    it fits; long rows count the last passes over the filtered candidates only (CAND_BLOCK 0: no filter), compacted
+    FILTER_BLOCK tokens per step."""
     block = min(next_power_of_2(max(n_tokens, 16)), MAX_SELECT_BLOCK)
     cand_block = max(block // CAND_BLOCK_FRACTION, 16) if n_tokens >= FILTER_MIN_TOKENS else 0
     # warps: one per 1024 keys, up to 8 for a row held in one block and 16 for rows streamed block by block. The
@@ -456,7 +464,7 @@ def _select_config(n_tokens: int) -> tuple[int, int, int]:
     # an earlier run; 4 and 32 warps slower): one program's passes are bound by its SM's arithmetic, and more warps
     # add reduction steps. Streamed rows were not timed, and at 8 warps Triton 3.9 spills 16 B there (fp16/bf16).
     max_warps = 8 if n_tokens <= block else 16
-    return block, max(1, min(max_warps, block // 1024)), cand_block
+    return block, max(1, min(max_warps, block // 1024)), cand_block, max(cand_block * FILTER_BLOCK_FACTOR, 16)
 
 
 def _compact_config(n_tokens: int) -> tuple[int, int]:
@@ -535,7 +543,7 @@ def compact_index(
     # one selection block writes its packed index rows there too, and that is all
     threshold = need = index  # unused pointers on the mask path and for one-block rows
     if has_scores:
-        select_block, select_warps, cand_block = _select_config(n_tokens)
+        select_block, select_warps, cand_block, filter_block = _select_config(n_tokens)
         one_block = n_tokens <= select_block
         if not one_block:
             threshold, need = torch.empty((2, batch), dtype=torch.int32, device=device)
@@ -543,7 +551,8 @@ def compact_index(
         _topk_threshold_kernel[(batch,)](
             sel, sel.stride(0), sel.stride(1), n_tokens, counts_arg, uniform_count, batch, threshold, need,
             index, cu_seqlens, n_rows, candidates, PER_SAMPLE_COUNTS=not uniform, B_PAD=b_pad,
-            BLOCK_N=select_block, ONE_BLOCK=one_block, CAND_BLOCK=cand_block, num_warps=select_warps,
+            BLOCK_N=select_block, ONE_BLOCK=one_block, CAND_BLOCK=cand_block, FILTER_BLOCK=filter_block,
+            num_warps=select_warps,
         )
         if one_block:
             return index, cu_seqlens

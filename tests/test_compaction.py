@@ -258,14 +258,16 @@ def _check_topk_index(scores, budget):
     assert torch.equal(cu_seqlens, want_cu) and torch.equal(index, want_index), budget
 
 
+@pytest.mark.parametrize("filter_factor", [1, 4], ids=["filter_step_of_cand_block", "filter_step_of_4"])
 @pytest.mark.parametrize("block", [None, 32], ids=["one_block_rows", "several_block_rows"])
-def test_candidate_filter_forced_on_short_rows(device, monkeypatch, block):
+def test_candidate_filter_forced_on_short_rows(device, monkeypatch, block, filter_factor):
     """The selection kernel's candidate filter (once few keys share the threshold's digits decided so far, the
-    remaining radix passes count only those, compacted through a poisoned scratch row), forced on short rows:
-    special values (also a row short enough to be filtered before the first pass), keys differing in their lowest
-    bits only, runs of ties (one distinct value: the range never narrows and every pass counts the whole row) and
-    spread scores give torch's top-k."""
+    remaining radix passes count only those, compacted through a poisoned scratch row, one or four candidate blocks
+    of the row per step), forced on short rows: special values (also a row short enough to be filtered before the
+    first pass), keys differing in their lowest bits only, runs of ties (one distinct value: the range never
+    narrows and every pass counts the whole row) and spread scores give torch's top-k."""
     monkeypatch.setattr(kc, "FILTER_MIN_TOKENS", 1)
+    monkeypatch.setattr(kc, "FILTER_BLOCK_FACTOR", filter_factor)
     if block is not None:
         monkeypatch.setattr(kc, "MAX_SELECT_BLOCK", block)
     monkeypatch.setattr(torch, "empty", _poisoned_empty(torch.empty))
@@ -898,13 +900,15 @@ def test_cuda_benchmark_shape_bf16():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fraction", [1, 16, 256])
-def test_cuda_selection_kernel_candidate_filter(monkeypatch, fraction):
+@pytest.mark.parametrize("fraction, filter_factor", [(1, 1), (16, 1), (256, 1), (16, 2), (16, 4)])
+def test_cuda_selection_kernel_candidate_filter(monkeypatch, fraction, filter_factor):
     """The selection kernel's candidate filter on a GPU (a scratch row written and read back by every thread of the
-    program, across a barrier), with candidate blocks of 1 / ``fraction`` of the selection block: spread scores
-    (filtered), one value (never narrowed), quantised scores (many ties), a row of several blocks, and short rows
-    with the filter forced."""
+    program, across a barrier), with candidate blocks of 1 / ``fraction`` of the selection block, compacted
+    ``filter_factor`` candidate blocks per step (profile_ops times 2 and 4): spread scores (filtered), one value
+    (never narrowed), quantised scores (many ties), a row of several blocks, and short rows with the filter
+    forced."""
     monkeypatch.setattr(kc, "CAND_BLOCK_FRACTION", fraction)
+    monkeypatch.setattr(kc, "FILTER_BLOCK_FACTOR", filter_factor)
     gen = torch.Generator().manual_seed(22)
     rows = [torch.rand(2, 3 * 4096, generator=gen), torch.zeros(1, 3 * 4096),
             (torch.rand(2, 5000, generator=gen) * 8).floor(),
