@@ -90,11 +90,14 @@ import types
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 
 from .ops import _device_values, _eager_under_compile, budget_number
+
+if TYPE_CHECKING:  # (imported where used: sparsectx.processors imports diffusers' model modules)
+    from .processors import RopeTablesMemo
 
 # ----------------------------------------------------------------------------------------------------------------
 # constants
@@ -576,6 +579,9 @@ class _Group:
     kept_refs: list  # kept tokens of each reference image
     out_rows: torch.Tensor  # long: rows of the compacted output that are target rows ...
     out_dest: torch.Tensor  # long: ... and their rows in the full output
+    # FLUX: the kept rows of the plan's img_ids and their RoPE tables, made at the group's first forward and passed
+    # to every later one (a step reuses the plan only if its img_ids equal the plan's)
+    rope: Optional[RopeTablesMemo] = None
 
 
 @dataclass
@@ -609,6 +615,7 @@ class _Packing:
     max_image: int
     out_rows: torch.Tensor
     out_dest: torch.Tensor
+    rope: Optional[RopeTablesMemo] = None  # the packed img_ids and their RoPE tables (as ``_Group.rope``)
 
 
 MAX_PLANS = 4  # plans kept per pipeline call (e.g. a KV-cache extract step and the cached steps' plan)
@@ -967,7 +974,8 @@ class _SparsePatch(ForwardPatch):
         overrides = self._pop_overrides(call)
         plan, packable = self._plan(call, overrides)
         if not plan.groups:  # no reference tokens (text-to-image, a KV-cached step), or every token kept
-            return self.original_forward(**call)
+            with self._rope_tables():
+                return self.original_forward(**call)
         if packable:
             return self._run_packed(call, plan.packing)
         if len(plan.groups) > 1 and not plan.hooks_checked:  # (a walk over the modules: once per plan)
@@ -1306,17 +1314,17 @@ class _SparsePatch(ForwardPatch):
             value = call.get(name)
             if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch:
                 packed[name] = value[:1]
-        ids, txt_ids = call["img_ids"], call["txt_ids"]
-        ids = ids[0] if ids.ndim == 3 else ids  # FLUX.2 uses the first sample's ids for the whole batch
+        txt_ids = call["txt_ids"]
         txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
-        packed["img_ids"] = ids.index_select(0, packing.positions.to(ids.device))
+        packed["img_ids"], memo = self._kept_ids(call["img_ids"], packing.positions, packing.rope)
+        packing.rope = memo or packing.rope
         packed["txt_ids"] = txt_ids.repeat(batch, 1)
         packed_scope = state_scope(self.attention_state, packed=PackedBatch(
             cu_text=torch.arange(0, (batch + 1) * n_text, n_text, dtype=torch.int32, device=hidden.device)
             if n_text else torch.zeros(batch + 1, dtype=torch.int32, device=hidden.device),
             cu_image=packing.cu_image, n_text=batch * n_text, max_text=n_text, max_image=packing.max_image))
         # gradient checkpointing recomputes blocks during backward: they attend within each sample then too
-        with packed_scope(), self.checkpointed_in(packed_scope):
+        with packed_scope(), self.checkpointed_in(packed_scope), self._rope_tables(memo):
             result = self.original_forward(**packed)
         out = _sample_of(result)[0]
         full = out.new_zeros((batch * seq, *out.shape[1:]))
@@ -1329,11 +1337,36 @@ class _SparsePatch(ForwardPatch):
         g["hidden_states"] = g["hidden_states"].index_select(1, group.positions)
         if self.family == QWEN:
             return self._run_qwen(g, group)
-        ids = g["img_ids"]
-        g["img_ids"] = ids.index_select(ids.ndim - 2, group.positions.to(ids.device))
+        g["img_ids"], memo = self._kept_ids(g["img_ids"], group.positions, group.rope)
+        group.rope = memo or group.rope
         if g.get("kv_cache_mode") == KV_EXTRACT:
             g["num_ref_tokens"] = sum(group.kept_refs)
-        return self.original_forward(**g)
+        with self._rope_tables(memo):
+            return self.original_forward(**g)
+
+    @staticmethod
+    def _kept_ids(ids: torch.Tensor, positions: torch.Tensor, memo: Optional[RopeTablesMemo]) -> tuple:
+        """``(rows, memo)``: the kept rows of ``img_ids`` (of its first sample: FLUX.1 and FLUX.2 read those for the
+        whole batch) and the ``RopeTablesMemo`` holding them, which the plan's later steps reuse (``memo``, while on
+        the ids' device: a step reuses the plan only if its img_ids equal the plan's). While dynamo traces the
+        forward (torch.compile), the rows alone, gathered anew."""
+        if torch.compiler.is_compiling():
+            return (ids[0] if ids.ndim == 3 else ids).index_select(0, positions.to(ids.device)), None
+        if memo is None or memo.ids.device != ids.device:
+            from .processors import RopeTablesMemo  # deferred: imports diffusers' model modules
+
+            memo = RopeTablesMemo((ids[0] if ids.ndim == 3 else ids).index_select(0, positions.to(ids.device)))
+        return memo.ids, memo
+
+    def _rope_tables(self, memo: Optional[RopeTablesMemo] = None):
+        """FLUX: the forward's ``pos_embed`` computes its tables in a few launches and reuses ``memo``'s
+        (``processors.fast_rope_tables``; the rows before the first block wait on that host work after the step's
+        host read). Not while dynamo traces the forward (torch.compile): diffusers' module as it is there."""
+        if self.family == QWEN or torch.compiler.is_compiling():
+            return contextlib.nullcontext()
+        from .processors import fast_rope_tables  # deferred: imports diffusers' model modules
+
+        return fast_rope_tables(self.transformer, memo)
 
     def _run_qwen(self, call: dict, group: _Group):
         """Qwen-Image: RoPE and ``modulate_index`` come from ``img_shapes``. The references' shapes become

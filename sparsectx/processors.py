@@ -433,16 +433,36 @@ def flux_rope_tables(pos_embed, ids: torch.Tensor) -> tuple:
     return angles.cos().float(), angles.sin().float()
 
 
+@dataclass
+class RopeTablesMemo:
+    """The RoPE tables of one id tensor, for ``fast_rope_tables``: made at the first ``pos_embed`` call given that
+    very tensor object (``ids``) and returned to the later ones. For id rows that stay the same over many forwards:
+    the drop-in's kept image rows, made once per selection and passed to every step's forward."""
+
+    ids: torch.Tensor
+    tables: Optional[tuple] = None
+
+    def get(self, pos_embed) -> tuple:
+        # (tables made under inference mode can not be saved for a backward: remade outside it)
+        if self.tables is None or (self.tables[0].is_inference() and not torch.is_inference_mode_enabled()):
+            self.tables = flux_rope_tables(pos_embed, self.ids)
+        return self.tables
+
+
 @contextlib.contextmanager
-def fast_rope_tables(transformer: torch.nn.Module):
+def fast_rope_tables(transformer: torch.nn.Module, memo: Optional[RopeTablesMemo] = None):
     """Inside the block, a FLUX.1 / FLUX.2 transformer's ``pos_embed`` (when it is diffusers' module, called without
-    hooks) computes its tables with ``flux_rope_tables``: the same values from far fewer launches (the drop-in's
-    attention probe is bound by host launch work). Elsewhere nothing changes."""
+    hooks) computes its tables with ``flux_rope_tables``: the same values from far fewer launches (the rows before a
+    forward's first block wait on host launch work: the drop-in's attention probe, and every step after its host
+    read), and ``memo.ids`` gets ``memo``'s tables (made once). Elsewhere nothing changes."""
     pos_embed = getattr(transformer, "pos_embed", None)
     if type(pos_embed) not in FLUX_POS_EMBEDS or not _without_hooks(pos_embed):
         yield
         return
-    fast = functools.partial(flux_rope_tables, pos_embed)
+
+    def fast(ids: torch.Tensor) -> tuple:
+        return memo.get(pos_embed) if memo is not None and ids is memo.ids else flux_rope_tables(pos_embed, ids)
+
     pos_embed.forward = fast
     try:
         yield

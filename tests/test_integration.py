@@ -863,6 +863,46 @@ def test_whole_model_fullgraph_compile_says_to_compile_the_blocks(models):
         torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("family", ["flux2", "flux"])
+def test_later_steps_reuse_the_kept_image_rows_rope_tables(family, monkeypatch):
+    """A step that reuses the plan passes the kept image rows' ids made at its first step, and FLUX.2's image RoPE
+    table made then (FLUX.1 joins text and image ids inside its forward: a new table every step, in
+    ``flux_rope_tables``' few ops): the same output, bit for bit, as the first step and as the forward with
+    diffusers' own ``pos_embed``. A step with gradients after inference-mode steps remakes the tables (inference
+    tensors can not be saved for a backward); a new selection makes new ones."""
+    from sparsectx import processors
+
+    model, kwargs = _build_model(family), _inputs(family)
+    made = []
+    real = processors.flux_rope_tables
+    monkeypatch.setattr(processors, "flux_rope_tables", lambda module, ids: made.append(len(ids)) or real(module, ids))
+    sparsectx.enable(model, budget=0.5, selector=random_selector, seed=0)
+    n_text = TEXT_TOKENS
+    with torch.inference_mode():
+        first = _run(model, kwargs)
+        first_made, made[:] = list(made), []
+        later = _run(model, kwargs)
+    assert torch.equal(later, first)
+    assert first_made and all(n > n_text for n in first_made if family == "flux")
+    if family == "flux2":  # per group: the image table once, the text table every step
+        assert sorted(first_made) == sorted(made + [n for n in first_made if n != n_text]), (first_made, made)
+        assert made and set(made) == {n_text}
+    else:
+        assert made == first_made
+    made.clear()
+    hidden = kwargs["hidden_states"].clone().requires_grad_(True)
+    out = model(**{**kwargs, "hidden_states": hidden})[0][:, :_n_target()]
+    out.sum().backward()
+    assert torch.equal(out.detach(), first[:, :_n_target()]) and hidden.grad is not None
+    assert sorted(made) == sorted(first_made)
+    monkeypatch.setattr(model.pos_embed, "_forward_hooks", {0: lambda module, args, output: None})  # diffusers' own
+    made.clear()
+    with torch.inference_mode():
+        assert torch.equal(_run(model, kwargs), first)
+    assert made == []
+    monkeypatch.undo()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_compiled_sparse_forward_does_not_trace_the_selection(family):
     """torch.compile (without fullgraph) of an enabled transformer: the per-call host work (layout, selection,

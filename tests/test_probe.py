@@ -440,8 +440,9 @@ def _probe_record(model, kwargs):
 @pytest.mark.parametrize("family", FLUX_FAMILIES)
 def test_probe_computes_flux_rope_tables_in_a_few_launches(models, family, monkeypatch):
     """The probe's forward computes FLUX's RoPE tables with ``flux_rope_tables`` (diffusers' ``pos_embed`` runs about
-    thirteen ops per axis and per id tensor: most of the probe's launches): the same probe tensors, bit for bit, from
-    fewer ops; ``pos_embed`` is its own module again afterwards, and one with a hook is left alone."""
+    thirteen ops per axis and per id tensor: most of the probe's launches), and so does the compacted forward after
+    it: the same probe tensors, bit for bit, from fewer ops; ``pos_embed`` is its own module again afterwards, and
+    one with a hook is left alone."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -453,13 +454,24 @@ def test_probe_computes_flux_rope_tables_in_a_few_launches(models, family, monke
 
     model, kwargs = models[family], _inputs(family)
     pos_embed = model.pos_embed
-    seen = []
-    real = processors.flux_rope_tables
-    monkeypatch.setattr(processors, "flux_rope_tables", lambda module, ids: seen.append(ids.shape) or real(module, ids))
+    seen, probing = [], []
+    real, real_probe = processors.flux_rope_tables, integration._probe_qk
+    monkeypatch.setattr(processors, "flux_rope_tables",
+                        lambda module, ids: seen.append("probe" if probing else "step") or real(module, ids))
+
+    def probe(*args):
+        probing.append(1)
+        try:
+            return real_probe(*args)
+        finally:
+            probing.clear()
+
+    monkeypatch.setattr(integration, "_probe_qk", probe)
     with Count():
         fast = _probe_record(model, kwargs)
     fast_ops, Count.calls = Count.calls, 0
-    assert len(seen) == (2 if family == "flux2" else 1)  # FLUX.2: image and text ids; FLUX.1: both joined
+    # FLUX.2: image and text ids; FLUX.1: both joined; then the compacted forward's own tables
+    assert seen.count("probe") == (2 if family == "flux2" else 1) and "step" in seen, seen
     assert "forward" not in pos_embed.__dict__
     seen.clear()
     handle = pos_embed.register_forward_hook(lambda module, args, output: seen.append("hooked"))
