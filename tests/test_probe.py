@@ -390,14 +390,30 @@ def test_qwen_edit_selector_ignores_padded_text(models):
                                        transformer_flux.FluxPosEmbed(theta=10000, axes_dim=[16, 56, 56])],
                          ids=["flux2", "flux"])
 def test_flux_rope_tables_are_diffusers_tables(pos_embed):
+    _check_flux_rope_tables_are_diffusers_tables(pos_embed, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pos_embed", [transformer_flux2.Flux2PosEmbed(theta=2000, axes_dim=[32, 32, 32, 32]),
+                                       transformer_flux.FluxPosEmbed(theta=10000, axes_dim=[16, 56, 56])],
+                         ids=["flux2", "flux"])
+def test_gpu_flux_rope_tables_are_diffusers_tables(pos_embed):
+    """On CUDA too (every FLUX step of the drop-in computes its tables this way): float64 angles, their cosines and
+    sines by CUDA's float64 functions, rounded to float32, bit for bit diffusers' values."""
+    _check_flux_rope_tables_are_diffusers_tables(pos_embed, "cuda")
+
+
+def _check_flux_rope_tables_are_diffusers_tables(pos_embed, device):
     g = torch.Generator().manual_seed(0)
     n_axes = len(pos_embed.axes_dim)
     for ids in (torch.randint(0, 4096, (3000, n_axes), generator=g),  # integer positions (the pipelines')
                 torch.randint(-64, 64, (500, n_axes), generator=g).float(),  # negative, as floats (FLUX.1)
                 torch.rand(400, n_axes, generator=g) * 100):  # fractional
+        ids = ids.to(device)
         want = pos_embed(ids)
         got = processors.flux_rope_tables(pos_embed, ids)
-        assert all(t.dtype == torch.float32 and torch.equal(a, t) for a, t in zip(want, got))
+        assert all(t.dtype == torch.float32 and t.device == ids.device and torch.equal(a, t)
+                   for a, t in zip(want, got))
 
 
 def test_flux_rope_tables_refuse_what_diffusers_refuses_and_keep_no_inference_tensor():
