@@ -1350,12 +1350,13 @@ class _SparsePatch(ForwardPatch):
         whole batch) and the ``RopeTablesMemo`` holding them, which the plan's later steps reuse (``memo``, while on
         the ids' device: a step reuses the plan only if its img_ids equal the plan's). While dynamo traces the
         forward (torch.compile), the rows alone, gathered anew."""
+        first = ids[0] if ids.ndim == 3 else ids
         if torch.compiler.is_compiling():
-            return (ids[0] if ids.ndim == 3 else ids).index_select(0, positions.to(ids.device)), None
+            return first.index_select(0, positions.to(ids.device)), None
         if memo is None or memo.ids.device != ids.device:
             from .processors import RopeTablesMemo  # deferred: imports diffusers' model modules
 
-            memo = RopeTablesMemo((ids[0] if ids.ndim == 3 else ids).index_select(0, positions.to(ids.device)))
+            memo = RopeTablesMemo(first.index_select(0, positions.to(ids.device)))
         return memo.ids, memo
 
     def _rope_tables(self, memo: Optional[RopeTablesMemo] = None):
