@@ -60,12 +60,15 @@ def _interpreting() -> bool:
 # (saves compile time, e.g. in test runs over many shapes and dtypes); the lists below stay complete (a GPU test
 # runs every candidate).
 # ----------------------------------------------------------------------------------------------------------------
-def _configs(gpu_shapes, interpreter_shape, pre_hook=None):
-    if _interpreting():
-        bm, bn = interpreter_shape
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=1, pre_hook=pre_hook)]
+def _gpu_configs(shapes, pre_hook=None) -> list:
+    """Launch configurations of ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` shapes (the interpreter reads only the
+    block sizes: tests run the GPU tiles there)."""
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=pre_hook)
-            for bm, bn, w, s in gpu_shapes]
+            for bm, bn, w, s in shapes]
+
+
+def _configs(shapes, interpreter_shape, pre_hook=None):
+    return _gpu_configs([(*interpreter_shape, 4, 1)] if _interpreting() else shapes, pre_hook)
 
 
 DESCRIPTOR_ARGS = ("K_DESC", "V_DESC", "RK_DESC", "RV_DESC")
@@ -88,17 +91,22 @@ def _tuned(configs):
 # 8 warps and 3 stages (it spills 40 B with gathered keys under Triton 3.9, so it is not first), dK/dV's 64x128/8/3
 # (spills 16-24 B), dQ's 128x64/8/3; dropped: the dK/dV candidates with which the backward took 1.5-1.9x the best
 # time there, and the dQ candidates with which it took 1.14-1.20x.
-FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 128, 8, 2)],
-                       (32, 32), _descriptor_tiles)
+FWD_SHAPES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 128, 8, 2)]
 # dK/dV: a program holds BLOCK_N keys and streams BLOCK_M queries; dQ: BLOCK_M queries, streams BLOCK_N keys
-DKDV_CONFIGS = _configs([(32, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (16, 64, 4, 3), (32, 128, 8, 2)], (32, 32))
-DQ_CONFIGS = _configs([(128, 64, 8, 3), (64, 32, 4, 3), (64, 32, 4, 4), (128, 32, 4, 3), (128, 64, 8, 2)], (32, 32))
+DKDV_SHAPES = [(32, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (16, 64, 4, 3), (32, 128, 8, 2)]
+DQ_SHAPES = [(128, 64, 8, 3), (64, 32, 4, 3), (64, 32, 4, 4), (128, 32, 4, 3), (128, 64, 8, 2)]
 # heads wider than WIDE_HEAD_BLOCK_D (BLOCK_D 256): smaller tiles, chosen from sm_90 compiles of bf16 D=256
 WIDE_HEAD_BLOCK_D = 128
-FWD_CONFIGS_WIDE = _configs([(64, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 3), (128, 64, 8, 1), (64, 32, 4, 2)],
-                            (32, 32), _descriptor_tiles)
-DKDV_CONFIGS_WIDE = _configs([(32, 32, 8, 2), (64, 32, 8, 2), (16, 32, 4, 2)], (32, 32))
-DQ_CONFIGS_WIDE = _configs([(64, 32, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)], (32, 32))
+FWD_SHAPES_WIDE = [(64, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 3), (128, 64, 8, 1), (64, 32, 4, 2)]
+DKDV_SHAPES_WIDE = [(32, 32, 8, 2), (64, 32, 8, 2), (16, 32, 4, 2)]
+DQ_SHAPES_WIDE = [(64, 32, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)]
+INTERPRETER_SHAPE = (32, 32)
+FWD_CONFIGS = _configs(FWD_SHAPES, INTERPRETER_SHAPE, _descriptor_tiles)
+DKDV_CONFIGS = _configs(DKDV_SHAPES, INTERPRETER_SHAPE)
+DQ_CONFIGS = _configs(DQ_SHAPES, INTERPRETER_SHAPE)
+FWD_CONFIGS_WIDE = _configs(FWD_SHAPES_WIDE, INTERPRETER_SHAPE, _descriptor_tiles)
+DKDV_CONFIGS_WIDE = _configs(DKDV_SHAPES_WIDE, INTERPRETER_SHAPE)
+DQ_CONFIGS_WIDE = _configs(DQ_SHAPES_WIDE, INTERPRETER_SHAPE)
 
 
 def _autotuned(kernel, configs, wide_configs, key):

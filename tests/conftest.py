@@ -3,6 +3,7 @@
 TRITON_INTERPRET must be set before any kernel module is imported (sparsectx imports its kernels lazily).
 """
 import importlib
+import importlib.util
 import os
 import sys
 import types
@@ -108,6 +109,43 @@ def _kernel_buffers_start_poisoned(monkeypatch):
         module = sys.modules.get(name)
         if module is not None:
             monkeypatch.setattr(module, "torch", _poisoning_torch())
+    yield
+
+
+def _bf16_interpreter() -> types.ModuleType:
+    """``tests/bf16_interpreter.py`` (the suite imports its files by path: importlib mode)."""
+    module = sys.modules.get("sparsectx_tests_bf16_interpreter")
+    if module is None:
+        spec = importlib.util.spec_from_file_location("sparsectx_tests_bf16_interpreter",
+                                                      os.path.join(os.path.dirname(__file__), "bf16_interpreter.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[spec.name] = module
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _bf16_kernels_on_the_cpu(request, monkeypatch):
+    """Tests marked ``bf16_kernels`` run the kernels in bf16 on the CPU too: the interpreter patched to compute bf16
+    as a GPU does (``tests/bf16_interpreter.py``), and bf16 on the CPU dispatched to the kernels (the package sends
+    it to the torch reference, the interpreter's own bf16 being wrong). On a GPU the mark changes nothing."""
+    if request.node.get_closest_marker("bf16_kernels") is None or DEVICE != "cpu":
+        yield
+        return
+    from sparsectx import ops
+
+    if ops.backend_for("cpu", torch.float16) != ops.TRITON_INTERPRETER:
+        pytest.skip("bf16 kernels on the CPU run through the Triton interpreter (TRITON_INTERPRET=1)")
+    reason = _bf16_interpreter().install()
+    if reason is not None:
+        pytest.skip(reason)
+    dispatch = ops.backend_for
+
+    def bf16_to_the_kernels(device, dtype=torch.float16):
+        on_cpu = torch.device(device).type == "cpu"
+        return dispatch(device, torch.float16 if on_cpu and dtype == torch.bfloat16 else dtype)
+
+    monkeypatch.setattr(ops, "backend_for", bf16_to_the_kernels)
     yield
 
 

@@ -17,7 +17,9 @@ from sparsectx import reference as ref
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
-DTYPES_HERE = [torch.float32, torch.float16] if DEVICE == "cpu" else [torch.float32, torch.float16, torch.bfloat16]
+# bf16 on the CPU: the interpreter patched to compute it as a GPU does (tests/bf16_interpreter.py)
+BF16 = pytest.param(torch.bfloat16, marks=pytest.mark.bf16_kernels)
+DTYPES_HERE = [torch.float32, torch.float16, BF16]
 
 
 def _cu(lengths):
@@ -813,7 +815,8 @@ def test_head_offsets_past_int32_in_a_head_major_reference_view():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# GPU only: bf16 (the interpreter computes bf16 wrongly) and realistic shapes
+# bf16 at the GPU's tiles (on the CPU: the interpreter patched to compute bf16 as a GPU does); GPU only: realistic
+# shapes
 # ---------------------------------------------------------------------------------------------------------------
 def _assert_bf16_forward_and_backward(case, seed):
     """The flash-attention criterion in bf16 for out, lse and every gradient of ``case`` (random dO and dlse: the
@@ -853,6 +856,21 @@ def test_gpu_bf16_references_gathered_in_place():
     _assert_bf16_forward_and_backward(case, seed=5)
 
 
+def _force_candidate(candidate: int, dim: int, monkeypatch) -> None:
+    """Every attention kernel (forward, dK/dV, dQ) of head dim ``dim`` launches with its ``candidate``-th GPU
+    configuration (the last one where its list is shorter), on a GPU or in the interpreter."""
+    from sparsectx.kernels import attention as kernels
+
+    wide = dim > kernels.WIDE_HEAD_BLOCK_D
+    for tuners, shapes, hook in (
+            (kernels.FWD_TUNERS, kernels.FWD_SHAPES_WIDE if wide else kernels.FWD_SHAPES, kernels._descriptor_tiles),
+            (kernels.DKDV_TUNERS, kernels.DKDV_SHAPES_WIDE if wide else kernels.DKDV_SHAPES, None),
+            (kernels.DQ_TUNERS, kernels.DQ_SHAPES_WIDE if wide else kernels.DQ_SHAPES, None)):
+        shape = shapes[min(candidate, len(shapes) - 1)]
+        monkeypatch.setattr(tuners[wide], "configs", kernels._gpu_configs([shape], hook))
+        monkeypatch.setattr(tuners[wide], "cache", {})
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dim", [128, 256])
 @pytest.mark.parametrize("candidate", range(5))
@@ -860,15 +878,23 @@ def test_gpu_bf16_every_autotune_candidate(candidate, dim, monkeypatch):
     """Each launch configuration the autotuner may pick (forward, dK/dV, dQ; the head-dim-128 lists and the lists of
     wider heads), forced one at a time, meets the flash-attention criterion on varlen tails and gathered references
     (test runs elsewhere use the first one)."""
-    from sparsectx.kernels import attention as kernels
-
-    wide = dim > kernels.WIDE_HEAD_BLOCK_D
-    for tuners, candidates in ((kernels.FWD_TUNERS, kernels.FWD_CONFIGS_WIDE if wide else kernels.FWD_CONFIGS),
-                               (kernels.DKDV_TUNERS, kernels.DKDV_CONFIGS_WIDE if wide else kernels.DKDV_CONFIGS),
-                               (kernels.DQ_TUNERS, kernels.DQ_CONFIGS_WIDE if wide else kernels.DQ_CONFIGS)):
-        monkeypatch.setattr(tuners[wide], "configs", [candidates[min(candidate, len(candidates) - 1)]])
-        monkeypatch.setattr(tuners[wide], "cache", {})
+    _force_candidate(candidate, dim, monkeypatch)
     case = make_case([300, 77, 0, 513], [129, 5, 64, 0], [200, 31, 0, 64], 256, 4, dim, torch.bfloat16,
+                     seed=50 + candidate)
+    _assert_bf16_forward_and_backward(case, seed=50 + candidate)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the test above runs every candidate")
+@pytest.mark.bf16_kernels
+@pytest.mark.parametrize("dim", [64, 160])
+@pytest.mark.parametrize("candidate", range(5))
+def test_gpu_tiles_in_the_interpreter(candidate, dim, monkeypatch):
+    """The GPU's block shapes run through the interpreter too (which otherwise runs one small tile: a tail or a mask
+    that only a GPU tile reaches would go unseen until a GPU run), in bf16 as a GPU computes it, under the
+    flash-attention criterion: every candidate of every kernel, on varlen tails shorter and longer than a tile,
+    empty samples, gathered references and a head dim below its block (64 of 64, 160 of 256)."""
+    _force_candidate(candidate, dim, monkeypatch)
+    case = make_case([150, 37, 0, 260], [129, 5, 64, 0], [200, 31, 0, 64], 256, 2, dim, torch.bfloat16,
                      seed=50 + candidate)
     _assert_bf16_forward_and_backward(case, seed=50 + candidate)
 

@@ -85,7 +85,8 @@ def test_topk_matches_reference(device, batch, n_tokens, budget, distinct):
     assert result.max_seqlen == max(counts)
 
 
-@pytest.mark.parametrize("dtype", CPU_DTYPES + (torch.float64,))
+@pytest.mark.parametrize("dtype", CPU_DTYPES + (torch.float64, pytest.param(torch.bfloat16,
+                                                                            marks=pytest.mark.bf16_kernels)))
 def test_score_dtypes_with_ties(device, dtype):
     gen = torch.Generator().manual_seed(1)
     scores = _scores(gen, 3, 90, dtype, device, distinct=5)

@@ -1260,6 +1260,32 @@ def test_gpu_bf16_sparsectx_attention_and_drop_training(family, monkeypatch):
     _check_sparsectx_attention_and_drop_training(family, "cuda", torch.bfloat16, monkeypatch)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the test above runs")
+@pytest.mark.bf16_kernels
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_sparsectx_attention_and_drop_training_through_the_interpreter(family, monkeypatch):
+    """The GPU check above on the CPU, its bf16 kernels run by the interpreter patched to compute bf16 as a GPU does
+    (tests/bf16_interpreter.py): the kernels' dtype handling in whole models, everything but the GPU's threads,
+    memory and accumulation order (the FLUX.1 check failed once on an H200, 2026-11-30, and passes here). Every
+    kernel it relies on runs in bf16: the attention forward and backward, the fused QK norm + RoPE and its
+    backward."""
+    from sparsectx.kernels import attention as attention_kernels, norm_rope as norm_rope_kernels
+
+    bf16_launches = set()
+    for module, name, first_tensor in ((attention_kernels, "attention_forward", lambda a: a[0]),
+                                       (attention_kernels, "attention_backward", lambda a: a[0]),
+                                       (norm_rope_kernels, "rms_norm_rope", lambda a: a[0][0][0]),
+                                       (norm_rope_kernels, "rms_norm_rope_backward", lambda a: a[0])):
+        def counted(*args, _launch=getattr(module, name), _name=name, _first=first_tensor, **kwargs):
+            if _first(args).dtype == torch.bfloat16:
+                bf16_launches.add(_name)
+            return _launch(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    _check_sparsectx_attention_and_drop_training(family, "cpu", torch.bfloat16, monkeypatch)
+    assert bf16_launches == {"attention_forward", "attention_backward", "rms_norm_rope", "rms_norm_rope_backward"}
+
+
 @pytest.mark.gpu
 def test_gpu_bf16_flux_attention_and_drop_training_with_diffusers_norms(monkeypatch):
     """The FLUX.1 check above with diffusers' QK norms and RoPE in sparsectx's processors instead of the fused
