@@ -13,7 +13,7 @@ token's cos/sin rows (read once per program, shared by its heads) and writes the
 output; each row is read from its stream (a tile that straddles the join reads both, masked) and takes its stream's
 weight. The backward rotates the output gradient back, then takes the norm's gradient, written to the row's stream's
 gradient; each program writes its partial sums of the two weights' gradients to its own row, and a second launch
-sums the rows into both weights' gradients (no atomics, deterministic).
+sums the rows into the gradient of each weight there is (no atomics, deterministic).
 
 Offsets are int64 (a ``[B, S, H*D]`` tensor of a long sequence passes 2**31 elements).
 """
@@ -224,12 +224,12 @@ def _rms_norm_rope_bwd_kernel(
 
 @triton.jit
 def _weight_grads_kernel(DW_PARTIAL, DW0, DW1, n_partial, HEAD_DIM: tl.constexpr, BLOCK_PAIRS: tl.constexpr,
-                         PREFIX_WEIGHT: tl.constexpr, WEIGHT: tl.constexpr, REDUCE_ROWS: tl.constexpr,
-                         REDUCE_FEATURES: tl.constexpr):
-    """Program (segment, feature block): the segment's weight gradient over REDUCE_FEATURES features, the sum of
-    the backward programs' partial rows ``DW_PARTIAL [n_partial, 2, 2 * BLOCK_PAIRS]``, stored in the weight's
-    dtype (``DW0``: the prefix's, ``DW1``: x's)."""
-    segment = tl.program_id(0)
+                         PREFIX_WEIGHT: tl.constexpr, REDUCE_ROWS: tl.constexpr, REDUCE_FEATURES: tl.constexpr):
+    """Program (weight, feature block), over the segments that have a weight (the prefix's first): that segment's
+    weight gradient over REDUCE_FEATURES features, the sum of the backward programs' partial rows
+    ``DW_PARTIAL [n_partial, 2, 2 * BLOCK_PAIRS]``, stored in the weight's dtype (``DW0``: the prefix's, ``DW1``:
+    x's)."""
+    segment = tl.program_id(0) + (0 if PREFIX_WEIGHT else 1)
     features = tl.program_id(1) * REDUCE_FEATURES + tl.arange(0, REDUCE_FEATURES)
     feature_valid = features < HEAD_DIM
     columns = segment * (2 * BLOCK_PAIRS) + features
@@ -240,12 +240,10 @@ def _weight_grads_kernel(DW_PARTIAL, DW0, DW1, n_partial, HEAD_DIM: tl.constexpr
         tile = tl.load(DW_PARTIAL + rows.to(tl.int64)[:, None] * (4 * BLOCK_PAIRS) + columns[None, :],
                        mask=(rows < n_partial)[:, None] & feature_valid[None, :], other=0.0)
         total += tl.sum(tile, axis=0)
-    if PREFIX_WEIGHT:
-        if segment == 0:
-            tl.store(DW0 + features, total.to(DW0.dtype.element_ty), mask=feature_valid)
-    if WEIGHT:
-        if segment == 1:
-            tl.store(DW1 + features, total.to(DW1.dtype.element_ty), mask=feature_valid)
+    if segment == 0:
+        tl.store(DW0 + features, total.to(DW0.dtype.element_ty), mask=feature_valid)
+    else:
+        tl.store(DW1 + features, total.to(DW1.dtype.element_ty), mask=feature_valid)
 
 
 def _shape_constants(dim: int) -> dict:
@@ -305,8 +303,8 @@ def rms_norm_rope_backward(dy: torch.Tensor, segments: list, cos: torch.Tensor, 
                            eps: float) -> list:
     """Gradients of ``rms_norm_rope`` for the output gradient ``dy [B, S_total, H, D]`` (last dim contiguous): per
     segment ``(dx, dweight)`` (dx contiguous in x's dtype; dweight in the weight's dtype, None without a weight).
-    One launch for both segments, then, with a weight, one launch that sums the programs' partial rows into both
-    weights' gradients."""
+    One launch for both segments, then, with a weight, one launch that sums the programs' partial rows into each
+    weight's gradient (one program per weight and feature block)."""
     seg = _segments(segments, cos, sin)
     batch, n_tokens, heads, dim = dy.shape
     block_pairs = seg.constexprs["BLOCK_PAIRS"]
@@ -324,11 +322,11 @@ def rms_norm_rope_backward(dy: torch.Tensor, segments: list, cos: torch.Tensor, 
         )
     dweights = [None if w is None else torch.empty(dim, dtype=w.dtype, device=dy.device) for w in weights]
     if weighted:  # (no program, no partial row: zeros)
-        _weight_grads_kernel[(2, cdiv(dim, REDUCE_FEATURES))](
+        n_weights = sum(w is not None for w in weights)
+        _weight_grads_kernel[(n_weights, cdiv(dim, REDUCE_FEATURES))](
             partial, *(g if g is not None else partial for g in dweights), n_programs,
             HEAD_DIM=dim, BLOCK_PAIRS=block_pairs, PREFIX_WEIGHT=seg.prefix_weight is not None,
-            WEIGHT=seg.weight is not None, REDUCE_ROWS=REDUCE_ROWS, REDUCE_FEATURES=REDUCE_FEATURES,
-            num_warps=REDUCE_WARPS,
+            REDUCE_ROWS=REDUCE_ROWS, REDUCE_FEATURES=REDUCE_FEATURES, num_warps=REDUCE_WARPS,
         )
     grads = [(dx, dweights[1])]
     return grads if seg.prefix is None else [(dprefix, dweights[0])] + grads
