@@ -1122,6 +1122,20 @@ def test_gpu_bf16_masked_attention_with_kept_prefix_and_query_skipping(prefix):
         _assert_masked_forward_and_backward(q, k, v, key_mask, query_mask, prefix, seed=30)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, BF16], ids=str)
+@pytest.mark.parametrize("prefix", [0, 13])
+def test_masked_attention_with_kept_prefix_and_query_skipping_small(prefix, dtype):
+    """The GPU test above at interpreter sizes (bf16 on the CPU as a GPU computes it): kept keys gathered and
+    copied, tile-copied packed rows at head dim 64, query skipping, with and without autograd."""
+    g = torch.Generator().manual_seed(31)
+    batch, seq, heads, dim = 2, 96, 2, 64
+    q, k, v = (torch.randn(batch, seq, heads, dim, generator=g).to(DEVICE, dtype) for _ in range(3))
+    key_mask = torch.rand(batch, seq, generator=g).to(DEVICE) < 0.3
+    key_mask[:, :prefix] = True
+    for query_mask in (None, key_mask):
+        _assert_masked_forward_and_backward(q, k, v, key_mask, query_mask, prefix, seed=32)
+
+
 def _assert_masked_forward_and_backward(q, k, v, key_mask, query_mask, kept_prefix, seed):
     """The flash-attention criterion in q's dtype for masked_attention's output and the gradients of q, k, v (random
     dO), against the reference's autograd in fp64 and in q's dtype."""

@@ -190,15 +190,27 @@ def test_bad_attention_arguments():
 
 @pytest.mark.gpu
 def test_drop_attention_bf16_on_gpu():
+    _check_drop_attention_bf16("cuda", ref_lengths=[256, 128], n_prefix=192)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the test above runs")
+@pytest.mark.bf16_kernels
+def test_drop_attention_bf16_through_the_interpreter():
+    """The GPU test above at interpreter sizes, bf16 computed as a GPU does (tests/bf16_interpreter.py)."""
+    _check_drop_attention_bf16("cpu", ref_lengths=[64, 32], n_prefix=48)
+
+
+def _check_drop_attention_bf16(device, ref_lengths, n_prefix):
     """Flash-attention criterion in bf16: error vs float64 at most 2x that of the same masked attention computed by
     torch in bf16 (+ a small atol), for the output and every gradient."""
-    ref_lengths, n_prefix, batch = [256, 128], 192, 2
+    batch = 2
     seq = n_prefix + sum(ref_lengths)
-    q, k, v = (t.detach().cuda().requires_grad_() for t in _qkv(batch, seq, heads=4, dim=64, dtype=torch.bfloat16))
-    gen = torch.Generator("cuda").manual_seed(0)
+    q, k, v = (t.detach().to(device).requires_grad_()
+               for t in _qkv(batch, seq, heads=4, dim=64, dtype=torch.bfloat16))
+    gen = torch.Generator(device).manual_seed(0)
     out, keep = random_drop_attention(q, k, v, ref_lengths, n_prefix, (0.05, 0.5), gen)
-    assert keep.device.type == "cuda" and keep[:, :n_prefix].all() and not keep.all()
-    grad_out = torch.randn(out.shape, device="cuda", generator=gen)
+    assert keep.device.type == device and keep[:, :n_prefix].all() and not keep.all()
+    grad_out = torch.randn(out.shape, device=device, generator=gen)
     out.backward(grad_out.bfloat16())
     results = {}
     for dtype in (torch.float64, torch.bfloat16):  # exact, and torch's own error in the same dtype
