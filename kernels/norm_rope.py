@@ -15,6 +15,9 @@ weight. The backward rotates the output gradient back, then takes the norm's gra
 gradient; each program writes its partial sums of the two weights' gradients to its own row, and a second launch
 sums the rows into the gradient of each weight there is (no atomics, deterministic).
 
+The tables themselves (``rope_tables``): FLUX's cos/sin rows of multi-axis positions, each feature's angle the
+position on its axis times its frequency, one launch (the torch ops diffusers runs take about thirteen per axis).
+
 Offsets are int64 (a ``[B, S, H*D]`` tensor of a long sequence passes 2**31 elements).
 """
 from typing import NamedTuple, Optional
@@ -36,6 +39,11 @@ NUM_WARPS = 8
 REDUCE_ROWS = 256
 REDUCE_FEATURES = 32
 REDUCE_WARPS = 4
+# The tables kernel: rows per program (x all features: 4 fp64 angles per thread at D=128, 54-64 registers for
+# sm_90), warps; positions on at most MAX_TABLE_AXES axes. Not timed on a GPU.
+TABLE_BLOCK_ROWS = 4
+TABLE_WARPS = 4
+MAX_TABLE_AXES = 4
 
 
 @triton.jit
@@ -246,6 +254,27 @@ def _weight_grads_kernel(DW_PARTIAL, DW0, DW1, n_partial, HEAD_DIM: tl.constexpr
         tl.store(DW1 + features, total.to(DW1.dtype.element_ty), mask=feature_valid)
 
 
+@triton.jit
+def _rope_tables_kernel(IDS, FREQS, COS, SIN, n_rows, stride_row, stride_col, DIM: tl.constexpr,
+                        BLOCK_D: tl.constexpr, END0: tl.constexpr, END1: tl.constexpr, END2: tl.constexpr,
+                        BLOCK_ROWS: tl.constexpr):
+    """Rows ``pid * BLOCK_ROWS ..`` of the fp32 tables ``COS, SIN [n_rows, DIM]``: for feature f, the row's id on
+    f's axis (features below END0 read column 0, below END1 column 1, below END2 column 2, the rest column 3) as
+    fp32, times ``FREQS[f]`` in FREQS' dtype (the product exact: an fp32 value times an fp64 one fits fp64), its
+    cosine and sine in that dtype, rounded to fp32."""
+    rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+    features = tl.arange(0, BLOCK_D)
+    feature_valid = features < DIM
+    axis = (features >= END0).to(tl.int64) + (features >= END1).to(tl.int64) + (features >= END2).to(tl.int64)
+    mask = (rows < n_rows)[:, None] & feature_valid[None, :]
+    position = tl.load(IDS + rows[:, None] * stride_row + axis[None, :] * stride_col, mask=mask, other=0)
+    freq = tl.load(FREQS + features, mask=feature_valid, other=0.0)
+    angle = position.to(tl.float32).to(freq.dtype) * freq[None, :]
+    offsets = rows[:, None] * DIM + features[None, :]
+    tl.store(COS + offsets, tl.cos(angle).to(tl.float32), mask=mask)
+    tl.store(SIN + offsets, tl.sin(angle).to(tl.float32), mask=mask)
+
+
 def _shape_constants(dim: int) -> dict:
     return dict(HEAD_DIM=dim, BLOCK_PAIRS=max(1, next_power_of_2(dim) // 2), BLOCK_TOKENS=BLOCK_TOKENS,
                 HEAD_BLOCK=HEAD_BLOCK)
@@ -330,6 +359,24 @@ def rms_norm_rope_backward(dy: torch.Tensor, segments: list, cos: torch.Tensor, 
         )
     grads = [(dx, dweights[1])]
     return grads if seg.prefix is None else [(dprefix, dweights[0])] + grads
+
+
+@on_device_of("ids")
+def rope_tables(ids: torch.Tensor, freqs: torch.Tensor, axes_dim: tuple) -> tuple:
+    """fp32 ``(cos, sin)`` ``[S, D]`` of positions ``ids [S, n]`` (any strides, integer or float) on the axes
+    ``axes_dim`` (at most MAX_TABLE_AXES sizes summing to D: the first ``axes_dim[0]`` features read column 0, the
+    next ``axes_dim[1]`` column 1, ...) with each feature's frequency ``freqs [D]`` (contiguous, fp32 or fp64: the
+    angle, its cosine and sine are computed in its dtype). One launch."""
+    n_rows, dim = ids.shape[0], freqs.shape[0]
+    cos, sin = (torch.empty((n_rows, dim), dtype=torch.float32, device=ids.device) for _ in range(2))
+    if n_rows and dim:
+        ends = [sum(axes_dim[:i + 1]) for i in range(len(axes_dim) - 1)]
+        ends += [dim] * (MAX_TABLE_AXES - 1 - len(ends))
+        _rope_tables_kernel[(cdiv(n_rows, TABLE_BLOCK_ROWS),)](
+            ids, freqs, cos, sin, n_rows, ids.stride(0), ids.stride(1), DIM=dim, BLOCK_D=next_power_of_2(dim),
+            END0=ends[0], END1=ends[1], END2=ends[2], BLOCK_ROWS=TABLE_BLOCK_ROWS, num_warps=TABLE_WARPS,
+        )
+    return cos, sin
 
 
 INTERPRETED = built_for_interpreter(_rms_norm_rope_kernel)  # how this module's kernels were built (ops.backend_for)

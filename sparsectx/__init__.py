@@ -1,7 +1,7 @@
 """sparsectx: Sparse Context for reference-conditioned diffusion transformers.
 
 Public ops (``sparsectx.ops``): ``sparse_attention``, ``masked_attention``, ``compact_tokens``, ``scatter_tokens``,
-``attention_key_mass``, ``rms_norm_rope``.
+``attention_key_mass``, ``rms_norm_rope``, ``rope_tables``.
 """
 from .ops import (  # noqa: F401
     Compacted,
@@ -10,6 +10,7 @@ from .ops import (  # noqa: F401
     compact_tokens,
     masked_attention,
     rms_norm_rope,
+    rope_tables,
     scatter_tokens,
     sparse_attention,
 )

@@ -49,6 +49,11 @@ MODEL_WIDTH = 3072
 _DTYPE_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 DTYPES = ("fp16", "bf16", "fp32")
 HEAD_DIMS = (40, 64, 128, 160, 256)
+# Kernels whose stack frame holds a local array rather than spilled registers, up to this many bytes: the float64
+# cosine and sine of ``_rope_tables_kernel`` (libdevice's reduction of large angles keeps a few doubles in local
+# memory; sm_90: 48 B with Triton 3.6, 40 B with 3.9; the same kernel without them has no stack at all). A larger
+# frame counts the rest as spilled.
+LOCAL_ARRAY_BYTES = {"_rope_tables_kernel": 48}
 
 
 @dataclasses.dataclass
@@ -58,11 +63,12 @@ class Compiled:
     kernel: str             # the @triton.jit function
     config: str             # block sizes and other constexprs that differ between candidates, warps, stages
     registers: Optional[int] = None
-    spill_bytes: Optional[int] = None   # stack frame: registers spilled to local memory
+    spill_bytes: Optional[int] = None   # stack frame: registers spilled to local memory (LOCAL_ARRAY_BYTES apart)
     shared_bytes: Optional[int] = None  # what a block needs: the launch's dynamic shared memory + the binary's static
     seconds: Optional[float] = None     # compile time (short when Triton's cache had the binary)
     error: Optional[str] = None         # compile error (then the resource fields are None)
     candidate: Optional[int] = None     # index in the autotuner's candidate list (None: not autotuned)
+    local_array_bytes: int = 0          # the part of the stack frame that is a known local array (LOCAL_ARRAY_BYTES)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -148,9 +154,9 @@ def _cuobjdump() -> str:
 
 def _resources(cubin: bytes) -> tuple[int, int, int]:
     """(registers per thread, stack bytes, static shared memory bytes) of a compiled binary, as
-    ``cuobjdump -res-usage`` reads them from it (a stack frame in these kernels, which keep no local arrays, is
-    spilled registers; the static shared memory counts against a block's limit beside the launch's dynamic
-    shared memory)."""
+    ``cuobjdump -res-usage`` reads them from it (a stack frame in these kernels, which keep no local arrays of their
+    own, is spilled registers, but for the math library's in ``LOCAL_ARRAY_BYTES``; the static shared memory counts
+    against a block's limit beside the launch's dynamic shared memory)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
@@ -265,6 +271,14 @@ def _norm_rope_variants(dtypes, head_dims):
                 rms_norm_rope([(image, weight)], freqs[..., 0], freqs[..., 1], 1e-6, round_before_weight=True)
             yield f"norm+rope {name} D={dim}", launch
 
+    def tables():
+        from .kernels.norm_rope import rope_tables
+
+        for axes_dim in ((16, 56, 56), (32, 32, 32, 32)):  # FLUX.1's and FLUX.2's rotary tables (fp64 angles)
+            rope_tables(torch.zeros(SEQ, len(axes_dim), dtype=torch.int64), torch.zeros(128, dtype=torch.float64),
+                        axes_dim)
+    yield "rope tables FLUX.1 / FLUX.2, D=128", tables
+
 
 def _compaction_variants():
     """Selection (scores in each dtype the ops accept, for one sample and for two; rows of 100 tokens, one
@@ -355,8 +369,10 @@ def run_check(arch: int = 90, dtypes=DTYPES, head_dims=HEAD_DIMS, progress: bool
                 return
             seen.add(key)
             registers, stack, static_shared = _resources(compiled.asm["cubin"])
-            rows.append(Compiled(label, name, config, registers, stack, compiled.metadata.shared + static_shared,
-                                 round(seconds, 2), candidate=candidate))
+            local = min(stack, LOCAL_ARRAY_BYTES.get(name, 0))
+            rows.append(Compiled(label, name, config, registers, stack - local,
+                                 compiled.metadata.shared + static_shared, round(seconds, 2), candidate=candidate,
+                                 local_array_bytes=local))
         try:
             with _compile_only(arch, record):
                 launch()
@@ -401,10 +417,10 @@ def dropped(rows: list[Compiled], arch: int) -> list[Compiled]:
 
 
 def format_table(rows: list[Compiled], arch: int) -> str:
-    header = ("variant", "kernel", "config", "registers", "spill B", "shared B", "compile s")
-    body = [(r.variant, r.kernel, r.config, *(("-",) * 4 if r.error else
-                                              (str(r.registers), str(r.spill_bytes), str(r.shared_bytes),
-                                               f"{r.seconds:.1f}")))
+    header = ("variant", "kernel", "config", "registers", "spill B", "local array B", "shared B", "compile s")
+    body = [(r.variant, r.kernel, r.config, *(("-",) * 5 if r.error else
+                                              (str(r.registers), str(r.spill_bytes), str(r.local_array_bytes),
+                                               str(r.shared_bytes), f"{r.seconds:.1f}")))
             for r in rows]
     widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header] + body]

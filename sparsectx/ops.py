@@ -16,6 +16,7 @@ Ops:
 - ``attention_key_mass``: the attention probability each key receives from a set of weighted queries (token
   selection's probes), without writing the scores.
 - ``rms_norm_rope``: FLUX attention's QK RMS norm, text/image concatenation and rotary embedding in one pass.
+- ``rope_tables``: FLUX's rotary tables (cos/sin of multi-axis positions) in one launch.
 """
 from __future__ import annotations
 
@@ -946,6 +947,65 @@ def rms_norm_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight:
         return reference.rms_norm_rope_ref(x, cos, sin, weight, eps, prefix, prefix_weight, round_before_weight)
     norm_rope = _dispatch(_rms_norm_rope, _RmsNormRopeFunction, _rms_norm_rope_op, *tensors)
     return norm_rope(x, cos, sin, weight, float(eps), prefix, prefix_weight, round_before_weight)
+
+
+_ROPE_FREQ_DTYPES = (torch.float32, torch.float64)
+ROPE_MAX_AXES = 4  # the tables kernel's (kernels.norm_rope.MAX_TABLE_AXES)
+
+
+@torch.library.custom_op("sparsectx::rope_tables", mutates_args=())
+def _rope_tables_op(ids: torch.Tensor, freqs: torch.Tensor, axes_dim: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rope_tables(ids, freqs, axes_dim)
+
+
+def _rope_tables(ids, freqs, axes_dim):
+    """The tables custom op's implementation (eager calls that record no graph call it directly)."""
+    if freqs.dtype == torch.float64 and _use_triton(freqs):
+        from .kernels.norm_rope import rope_tables as launch
+
+        return launch(ids, freqs.contiguous(), tuple(axes_dim))
+    return reference.rope_tables_ref(ids, freqs, axes_dim)
+
+
+@_rope_tables_op.register_fake
+def _(ids, freqs, axes_dim):
+    shape = (ids.shape[0], freqs.shape[0])
+    return ids.new_empty(shape, dtype=torch.float32), ids.new_empty(shape, dtype=torch.float32)
+
+
+def rope_tables(ids: torch.Tensor, freqs: torch.Tensor, axes_dim) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLUX's rotary tables (what ``rms_norm_rope`` and diffusers' ``apply_rotary_emb`` read): fp32 ``(cos, sin)``
+    ``[S, D]`` of the positions ``ids [S, n]`` (integer or float; any strides) on the axes ``axes_dim`` (1 to 4
+    sizes summing to D, at most n: the first ``axes_dim[0]`` features take the position in column 0, the next
+    ``axes_dim[1]`` column 1, ...), feature f's angle ``float32(ids[s, axis]) * freqs[f]`` computed in the dtype of
+    ``freqs [D]`` (fp32 or fp64), its cosine and sine rounded to fp32. Spec: ``sparsectx.reference.rope_tables_ref``.
+    The kernel takes fp64 frequencies (diffusers' on every device with fp64): the cosine of an fp64 angle rounded to
+    fp32 is the same from every math library; fp32 ones (diffusers' on MPS) take the reference, whose fp32 cosine
+    is torch's.
+
+    With the frequencies diffusers computes (fp64, each pair's repeated for its two features) these are the tables
+    of FLUX.1's ``FluxPosEmbed`` and FLUX.2's ``Flux2PosEmbed``, which take about thirteen launches per axis; here
+    one Triton launch (the reference: a few torch ops). Positions or frequencies that require a gradient take the
+    (differentiable) reference instead, as diffusers' module gives them one. Nothing synchronises with the host. A
+    ``torch.library`` custom op (``torch.ops.sparsectx.rope_tables``): ``torch.compile`` traces it.
+    """
+    _check_tensor("ids", ids, ndim=2)
+    if ids.dtype == torch.bool or ids.is_complex():
+        raise ValueError(f"ids must hold integer or real positions, got {ids.dtype}")
+    _check_tensor("freqs", freqs, ndim=1, dtypes=_ROPE_FREQ_DTYPES, device=ids.device)
+    if not isinstance(axes_dim, (list, tuple)) or not axes_dim or any(
+            isinstance(d, bool) or not isinstance(_python_number(d), int) or d < 0 for d in axes_dim):
+        raise ValueError(f"axes_dim must be a non-empty list of sizes (ints >= 0), got {axes_dim!r}")
+    axes_dim = [int(d) for d in axes_dim]
+    if len(axes_dim) > ROPE_MAX_AXES or len(axes_dim) > ids.shape[1]:
+        raise ValueError(f"axes_dim has {len(axes_dim)} axes: at most {ROPE_MAX_AXES}, and at most the "
+                         f"{ids.shape[1]} columns of ids")
+    if sum(axes_dim) != freqs.shape[0]:
+        raise ValueError(f"axes_dim {axes_dim} sums to {sum(axes_dim)}, but freqs has {freqs.shape[0]} features")
+    if torch.is_grad_enabled() and (ids.requires_grad or freqs.requires_grad):  # the kernel gives no gradient
+        return reference.rope_tables_ref(ids, freqs, axes_dim)
+    tables = _rope_tables if _plain_eager(ids, freqs) else _rope_tables_op
+    return tables(ids, freqs, axes_dim)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ try:  # diffusers' layer skip: absent from some releases, then nothing to honour
 except ImportError:
     AttentionProcessorRegistry = AttentionScoreSkipFunctionMode = None
 
-from .ops import masked_attention, rms_norm_rope, sparse_attention, uniform_cu_seqlens
+from .ops import ROPE_MAX_AXES, masked_attention, rms_norm_rope, rope_tables, sparse_attention, uniform_cu_seqlens
 
 KV_EXTRACT, KV_CACHED = "extract", "cached"  # FLUX.2 klein's kv_cache_mode values
 KEPT_INDEX = "kept_index"  # optional attribute of a KV layer cache: [B, n] cached rows the cached steps attend to
@@ -390,47 +390,43 @@ def _rope_dtype(device: torch.device) -> torch.dtype:
 
 
 @functools.lru_cache(maxsize=16)
-def _rope_frequencies(axes_dim: tuple, theta, dtype: torch.dtype, device: torch.device) -> tuple:
-    """``(freqs, axis)``: every axis's RoPE frequencies, computed as diffusers' ``get_1d_rotary_pos_embed`` computes
-    them (``1 / theta ** (arange(0, dim, 2) / dim)`` in ``dtype`` on ``device``), each repeated for the two features
-    of its pair (``repeat_interleave_real``) and joined into one ``[sum(dim)]`` row, and the axis each belongs to
-    (long, same length). Made once per configuration and device, as plain tensors even when first asked for under
-    inference mode (shared: never modify them)."""
+def _rope_frequencies(axes_dim: tuple, theta, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every axis's RoPE frequencies, computed as diffusers' ``get_1d_rotary_pos_embed`` computes them
+    (``1 / theta ** (arange(0, dim, 2) / dim)`` in ``dtype`` on ``device``), each repeated for the two features of
+    its pair (``repeat_interleave_real``) and joined into one ``[sum(dim)]`` row. Made once per configuration and
+    device, as a plain tensor even when first asked for under inference mode (shared: never modify it)."""
     with torch.inference_mode(False), torch.no_grad():
         freqs = [1.0 / ((theta * 1.0) ** (torch.arange(0, dim, 2, dtype=dtype, device=device)[: dim // 2] / dim))
                  / 1.0 for dim in axes_dim]
-        axis = torch.cat([torch.full((dim,), i, dtype=torch.long) for i, dim in enumerate(axes_dim)])
-        return torch.cat(freqs).repeat_interleave(2), axis.to(device)
+        return torch.cat(freqs).repeat_interleave(2)
 
 
 def _rope_axes(pos_embed, ids: torch.Tensor) -> Optional[tuple]:
     """The axis sizes ``pos_embed(ids)`` reads (FLUX.2: every configured axis; FLUX.1: one per id column), or None
     where ``flux_rope_tables`` does not compute what diffusers does (diffusers raises there: ids not ``[S, n]``, too
-    few or too many axes, an odd axis size)."""
+    few or too many axes, an odd axis size) or can not (more axes than ``rope_tables`` takes)."""
     n_axes = len(pos_embed.axes_dim) if isinstance(pos_embed, transformer_flux2.Flux2PosEmbed) else ids.shape[-1]
-    if ids.ndim != 2 or not 0 < n_axes <= min(ids.shape[-1], len(pos_embed.axes_dim)):
+    if ids.ndim != 2 or not 0 < n_axes <= min(ids.shape[-1], len(pos_embed.axes_dim), ROPE_MAX_AXES):
         return None
     axes_dim = tuple(int(dim) for dim in pos_embed.axes_dim[:n_axes])
     return None if any(dim % 2 for dim in axes_dim) else axes_dim
 
 
 def flux_rope_tables(pos_embed, ids: torch.Tensor) -> tuple:
-    """``pos_embed(ids)`` of diffusers' ``FluxPosEmbed`` / ``Flux2PosEmbed`` (fp32 ``(cos, sin)`` ``[S, D]``) in seven
-    ops for all axes where diffusers runs about thirteen per axis: the same angles (each axis's float64 frequencies
-    times the float32 position, ``torch.outer``'s promotion), their cosines and sines rounded to float32, each
-    repeated for its pair (``repeat_interleave_real``: here the frequencies are repeated instead, so each angle is
-    computed twice, the same product both times). Every value is the one diffusers computes, by the same ops on the
-    same inputs (the elementwise kernels give each element alone its value). Ids diffusers refuses (``_rope_axes``)
-    go to the module's own forward, which raises as it does."""
+    """``pos_embed(ids)`` of diffusers' ``FluxPosEmbed`` / ``Flux2PosEmbed`` (fp32 ``(cos, sin)`` ``[S, D]``) by
+    ``sparsectx.rope_tables`` (one launch on a GPU) where diffusers runs about thirteen ops per axis: the same
+    angles (each axis's float64 frequencies times the float32 position, ``torch.outer``'s promotion), their cosines
+    and sines rounded to float32, each repeated for its pair (``repeat_interleave_real``: here the frequencies are
+    repeated instead, so each angle is computed twice, the same product both times). Every value is the one
+    diffusers computes (tested bit for bit, on the CPU and on CUDA). Ids diffusers refuses (``_rope_axes``) go to
+    the module's own forward, which raises as it does."""
     axes_dim = _rope_axes(pos_embed, ids)
     if axes_dim is None:
         return type(pos_embed).forward(pos_embed, ids)
-    dtype = _rope_dtype(ids.device)
-    freqs, axis = _rope_frequencies(axes_dim, pos_embed.theta, dtype, ids.device)
-    # [S, D]: position of the feature's axis x its pair's frequency (the product promotes to the frequencies' dtype,
-    # as torch.outer does: the float32 position is exact in float64)
-    angles = ids.float()[:, axis] * freqs
-    return angles.cos().float(), angles.sin().float()
+    freqs = _rope_frequencies(axes_dim, pos_embed.theta, _rope_dtype(ids.device), ids.device)
+    # [S, D]: position on the feature's axis x its pair's frequency (the product in the frequencies' dtype, as
+    # torch.outer promotes: the float32 position is exact in float64), one launch on a GPU
+    return rope_tables(ids, freqs, axes_dim)
 
 
 @dataclass

@@ -284,6 +284,20 @@ def _rope_tables(cos: torch.Tensor, sin: torch.Tensor, dim: int, wide: torch.dty
     return cos.to(wide)[None, :, None, :], sin.to(wide)[None, :, None, :]
 
 
+def rope_tables_ref(ids: torch.Tensor, freqs: torch.Tensor, axes_dim) -> tuple:
+    """fp32 ``(cos, sin)`` ``[S, D]``: for feature f on axis a (the first ``axes_dim[0]`` features on axis 0, the
+    next ``axes_dim[1]`` on axis 1, ...), the cosine and sine of ``float32(ids[s, a]) * freqs[f]`` computed in
+    freqs' dtype (promotion: the fp32 position is exact in fp64), rounded to fp32. With diffusers' frequencies these
+    are FLUX's ``pos_embed`` tables (``FluxPosEmbed`` / ``Flux2PosEmbed``), value for value."""
+    positions = ids.float()
+    bounds = [0]
+    for size in axes_dim:
+        bounds.append(bounds[-1] + size)
+    angles = torch.cat([positions[:, a:a + 1] * freqs[start:end]
+                        for a, (start, end) in enumerate(zip(bounds[:-1], bounds[1:]))], dim=1)
+    return angles.cos().float(), angles.sin().float()
+
+
 def rms_norm_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight: Optional[torch.Tensor] = None,
                       eps: Optional[float] = None, prefix: Optional[torch.Tensor] = None,
                       prefix_weight: Optional[torch.Tensor] = None, round_before_weight: bool = False) -> torch.Tensor:

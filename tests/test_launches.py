@@ -149,3 +149,12 @@ def test_norm_rope_of_two_streams_launches_once_per_pass(backward):
         return
     assert launches == {"triton": ["_rms_norm_rope_kernel", "_rms_norm_rope_bwd_kernel", "_weight_grads_kernel"],
                         "aten": []}, launches
+
+
+def test_rope_tables_of_four_axes_launch_one_kernel():
+    """FLUX.2's rotary tables (four position axes): one launch for both tables, where diffusers' module runs about
+    thirteen ops per axis."""
+    ids = torch.randint(0, 64, (50, 4), generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    freqs = torch.rand(32, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(DEVICE)
+    launches = _counted(lambda: sparsectx.rope_tables(ids, freqs, [8, 8, 8, 8]))
+    assert launches == {"triton": ["_rope_tables_kernel"], "aten": []}, launches

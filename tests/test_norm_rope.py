@@ -863,3 +863,91 @@ def test_eps_zero_gradients_with_partial_tiles(dtype):
         err, baseline = (g.double() - e).abs().max().item(), (b.double() - e).abs().max().item()
         assert math.isfinite(err), f"{name}: non-finite gradient"
         assert err <= 2 * baseline + ATOL[dtype], f"{name}: error {err:.3e} > 2 x torch's {baseline:.3e} + atol"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rope_tables: FLUX's rotary tables, exactly the reference's values (each an elementwise function of one position
+# and one frequency: no rounding difference is allowed)
+# ----------------------------------------------------------------------------------------------------------------
+def _table_inputs(rows, axes_dim, ids_dtype, freqs_dtype, seed, strided=False):
+    g = torch.Generator().manual_seed(seed)
+    n_axes = len(axes_dim)
+    columns = n_axes + 2 if strided else n_axes
+    if ids_dtype.is_floating_point:
+        ids = (torch.rand(rows, columns, generator=g, dtype=torch.float64) * 8192 - 4096).to(ids_dtype)
+    else:
+        ids = torch.randint(-4096, 4096, (rows, columns), generator=g).to(ids_dtype)
+    if strided:  # every other row, columns 1.. of a wider tensor: neither stride is the contiguous one
+        ids = torch.cat([ids, ids]).view(2, rows, columns).transpose(0, 1).reshape(2 * rows, columns)[::2, 1:]
+    dim = sum(axes_dim)
+    freqs = (1.0 / 10000 ** (torch.arange(dim, dtype=torch.float64) / max(dim, 1))).to(freqs_dtype)
+    return ids.to(DEVICE), freqs.to(DEVICE)
+
+
+@pytest.mark.parametrize("axes_dim", [(16,), (4, 6, 6), (32, 32, 32, 32), (6, 0, 10)], ids=str)
+@pytest.mark.parametrize("ids_dtype, freqs_dtype", [(torch.int64, torch.float64), (torch.int32, torch.float64),
+                                                    (torch.float32, torch.float64), (torch.float64, torch.float32)],
+                         ids=str)
+@pytest.mark.parametrize("rows", [0, 1, 37])
+def test_rope_tables_equal_the_reference(axes_dim, ids_dtype, freqs_dtype, rows):
+    ids, freqs = _table_inputs(rows, axes_dim, ids_dtype, freqs_dtype, seed=rows + len(axes_dim))
+    got = ops.rope_tables(ids, freqs, list(axes_dim))
+    want = ref.rope_tables_ref(ids, freqs, axes_dim)
+    for name, g, w in zip(("cos", "sin"), got, want):
+        assert g.dtype == torch.float32 and g.shape == (rows, sum(axes_dim)), (name, g.dtype, g.shape)
+        assert torch.equal(g, w), f"{name}: {(g - w).abs().max().item()}"
+
+
+def test_rope_tables_read_strided_ids_and_take_the_kernel_where_it_runs(monkeypatch):
+    ids, freqs = _table_inputs(45, (4, 6, 6), torch.int64, torch.float64, seed=3, strided=True)
+    assert not ids.is_contiguous() and ids.stride(1) == 1 and ids.stride(0) == 2 * 5
+    launched = []
+    if kernel_module is not None:
+        real = kernel_module.rope_tables
+        monkeypatch.setattr(kernel_module, "rope_tables", lambda *a: launched.append(1) or real(*a))
+    got = ops.rope_tables(ids, freqs, (4, 6, 6))
+    want = ref.rope_tables_ref(ids.contiguous(), freqs, (4, 6, 6))
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert bool(launched) == (kernel_module is not None and ops.backend_for(DEVICE, torch.float64)
+                              != ops.TORCH_REFERENCE)
+
+
+def test_rope_tables_with_positions_that_require_a_gradient_are_differentiable():
+    ids, freqs = _table_inputs(9, (4, 4), torch.float32, torch.float64, seed=4)
+    ids.requires_grad_(True)
+    cos, sin = ops.rope_tables(ids, freqs, [4, 4])
+    (cos.sum() + sin.sum()).backward()
+    exact = ids.detach().double()
+    expected = torch.cat([-(exact[:, a:a + 1] * freqs[4 * a:4 * a + 4]).sin() * freqs[4 * a:4 * a + 4]
+                          + (exact[:, a:a + 1] * freqs[4 * a:4 * a + 4]).cos() * freqs[4 * a:4 * a + 4]
+                          for a in range(2)], dim=1).view(9, 2, 4).sum(-1)
+    assert torch.allclose(ids.grad.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_rope_tables_custom_op_passes_opcheck_and_compiles():
+    ids, freqs = _table_inputs(20, (4, 6, 6), torch.int64, torch.float64, seed=5)
+    torch.library.opcheck(torch.ops.sparsectx.rope_tables.default, (ids, freqs, [4, 6, 6]))
+    compiled = torch.compile(lambda i, f: ops.rope_tables(i, f, [4, 6, 6]), fullgraph=True, backend="eager")
+    assert all(torch.equal(a, b) for a, b in zip(compiled(ids, freqs), ops.rope_tables(ids, freqs, [4, 6, 6])))
+
+
+@pytest.mark.parametrize("change, error, words", [
+    (dict(ids=torch.zeros(5)), ValueError, "ids"),
+    (dict(ids=torch.zeros(5, 3, dtype=torch.bool)), ValueError, "ids"),
+    (dict(ids=[[0, 1, 2]]), TypeError, "ids"),
+    (dict(freqs=torch.zeros(16, dtype=torch.float16)), ValueError, "freqs"),
+    (dict(freqs=torch.zeros(4, 4, dtype=torch.float64)), ValueError, "freqs"),
+    (dict(axes_dim=[]), ValueError, "axes_dim"),
+    (dict(axes_dim=[4, 6.0, 6]), ValueError, "axes_dim"),
+    (dict(axes_dim=[4, -6, 18]), ValueError, "axes_dim"),
+    (dict(axes_dim=[4, True, 11]), ValueError, "axes_dim"),
+    (dict(axes_dim=[4, 6, 4]), ValueError, "axes_dim"),
+    (dict(axes_dim=[4, 4, 4, 2, 2]), ValueError, "axes_dim"),
+    (dict(axes_dim=(4, 6, 6), ids=torch.zeros(5, 2, dtype=torch.int64)), ValueError, "axes_dim"),
+])
+def test_rope_tables_bad_input(change, error, words):
+    ids, freqs = _table_inputs(5, (4, 6, 6), torch.int64, torch.float64, seed=6)
+    args = dict(ids=ids, freqs=freqs, axes_dim=[4, 6, 6])
+    args.update({k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in change.items()})
+    with pytest.raises(error, match=words):
+        ops.rope_tables(**args)
