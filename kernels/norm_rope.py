@@ -260,8 +260,8 @@ def _rope_tables_kernel(IDS, FREQS, COS, SIN, n_rows, stride_row, stride_col, DI
                         BLOCK_ROWS: tl.constexpr):
     """Rows ``pid * BLOCK_ROWS ..`` of the fp32 tables ``COS, SIN [n_rows, DIM]``: for feature f, the row's id on
     f's axis (features below END0 read column 0, below END1 column 1, below END2 column 2, the rest column 3) as
-    fp32, times ``FREQS[f]`` in FREQS' dtype (the product exact: an fp32 value times an fp64 one fits fp64), its
-    cosine and sine in that dtype, rounded to fp32."""
+    fp32, times ``FREQS[f]`` in FREQS' dtype (the fp32 position converts exactly; the product is rounded once, as
+    torch's promoted product is), its cosine and sine in that dtype, rounded to fp32."""
     rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
     features = tl.arange(0, BLOCK_D)
     feature_valid = features < DIM

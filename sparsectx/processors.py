@@ -418,8 +418,8 @@ def flux_rope_tables(pos_embed, ids: torch.Tensor) -> tuple:
     angles (each axis's float64 frequencies times the float32 position, ``torch.outer``'s promotion), their cosines
     and sines rounded to float32, each repeated for its pair (``repeat_interleave_real``: here the frequencies are
     repeated instead, so each angle is computed twice, the same product both times). Every value is the one
-    diffusers computes (tested bit for bit, on the CPU and on CUDA). Ids diffusers refuses (``_rope_axes``) go to
-    the module's own forward, which raises as it does."""
+    diffusers computes (the tests compare them bit for bit on the CPU and, in a GPU test, on CUDA). Ids diffusers
+    refuses (``_rope_axes``) go to the module's own forward, which raises as it does."""
     axes_dim = _rope_axes(pos_embed, ids)
     if axes_dim is None:
         return type(pos_embed).forward(pos_embed, ids)
