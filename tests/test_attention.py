@@ -892,7 +892,7 @@ def test_gpu_tiles_in_the_interpreter(candidate, dim, monkeypatch):
     """The GPU's block shapes run through the interpreter too (which otherwise runs one small tile: a tail or a mask
     that only a GPU tile reaches would go unseen until a GPU run), in bf16 as a GPU computes it, under the
     flash-attention criterion: every candidate of every kernel, on varlen tails shorter and longer than a tile,
-    empty samples, gathered references and a head dim below its block (64 of 64, 160 of 256)."""
+    empty samples, gathered references, a head dim that is its block (64) and one below it (160 of 256)."""
     _force_candidate(candidate, dim, monkeypatch)
     case = make_case([150, 37, 0, 260], [129, 5, 64, 0], [200, 31, 0, 64], 256, 2, dim, torch.bfloat16,
                      seed=50 + candidate)
