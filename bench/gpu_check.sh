@@ -53,8 +53,9 @@ GPU_TESTS_CAP_S=150                    # the other GPU tests but the candidates,
                                        # the next run: times per test now printed)
 KEY_CAP_S=120                          # attention, compaction (+ CUDA graph row), batch, masked (+ kept_prefix):
                                        # 86 s on 2026-11-30
-NORM_ROPE_CAP_S=60                     # rms_norm_rope, --quick (5325 image tokens, forward; forward + backward):
-                                       # two torch.compile builds of the diffusers peer; never run on a GPU
+NORM_ROPE_CAP_S=70                     # rms_norm_rope, --quick (5325 image tokens, forward; forward + backward):
+                                       # two torch.compile builds of the diffusers peer; never run on a GPU; and
+                                       # rope_tables --quick (2 small tables, no compile: a few seconds)
 TRAINING_CAP_S=50
 E2E_CAP_S=125                          # e2e step (1, 3, 4 refs) and its enable-path breakdown (2 passes)
 SELECTION_CAP_S=40                     # selection cost: small tensors, mostly start-up
@@ -199,7 +200,7 @@ if part 1; then
         --ignore=tests/test_processors.py
     step "bench key cases" "$KEY_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case attention --case compaction \
         --case batch --case masked --json "$SCRATCH/bench_key.json"
-    step "bench norm_rope" "$NORM_ROPE_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case norm_rope --quick \
+    step "bench norm_rope" "$NORM_ROPE_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case norm_rope rope_tables --quick \
         --json "$SCRATCH/bench_norm_rope.json"
     step "bench training" "$TRAINING_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case training \
         --json "$SCRATCH/bench_training.json"

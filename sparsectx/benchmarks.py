@@ -38,7 +38,7 @@ from .diagnostics import count_cuda_syncs, count_host_reads
 
 SEED = 0
 SIZES = ("tiny", "full")
-CASE_ORDER = ("attention", "compaction", "batch", "masked", "training", "norm_rope", "e2e", "selection",
+CASE_ORDER = ("attention", "compaction", "batch", "masked", "training", "norm_rope", "rope_tables", "e2e", "selection",
               "e2e_kontext", "e2e_qwen", "kv", "e2e_batch", "train_step")
 # relative L2 error bound between two implementations computing the same function in one dtype
 REL_ERR_BOUND = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -861,6 +861,51 @@ class NormRopeCase:
                  f"fp32 tables{', forward + backward (x, prefix, both weights)' if backward else ''}")
         # loop_note: a klein step makes 64 such calls; their host work must stay under their GPU time
         return Workload(self.name, shape, impls, dtype, bytes_moved=moved, loop_note=True)
+
+
+class RopeTablesCase:
+    """FLUX's rotary tables (``pos_embed(ids)``), computed before a forward's first block while the GPU waits for
+    the host's launches: FLUX.2's text table at every drop-in step (its image table is made once per selection),
+    FLUX.1's joint table at every step, and the attention probe's tables. A config is (family, rows)."""
+
+    name = "rope_tables"
+    title = "FLUX rotary tables (pos_embed) of one forward"
+    impl_names = ("sparsectx rope_tables", "diffusers pos_embed", "sparsectx rope_tables, CUDA graph replay")
+    # (family, rows): FLUX.2's 512 text rows; 1024² target + 3 references of 4096 tokens (the probe's image
+    # table); FLUX.1-Kontext's joint table with one reference kept at 30% (512 + 4096 + 1229 rows)
+    sizes = {
+        "full": dict(configs=[("flux2", 512), ("flux2", 4096 + 3 * 4096), ("flux", 512 + 4096 + 1229)],
+                     quick=[("flux2", 512), ("flux", 512 + 4096 + 1229)]),
+        "tiny": dict(configs=[("flux2", 40), ("flux", 70)], quick=[("flux2", 40)]),
+    }
+
+    def configs(self, size: str, quick: bool = False):
+        return self.sizes[size]["quick" if quick else "configs"]
+
+    def label(self, config) -> str:
+        family, rows = config
+        return f"{family}-{rows}"
+
+    def build(self, config, size: str, device: torch.device) -> Workload:
+        from diffusers.models.transformers import transformer_flux, transformer_flux2
+
+        from .processors import flux_rope_tables
+
+        family, rows = config
+        # the models' settings: FLUX.2 klein (theta 2000, 4 axes of 32), FLUX.1 (theta 10000, axes 16/56/56)
+        pos_embed = (transformer_flux2.Flux2PosEmbed(theta=2000, axes_dim=[32, 32, 32, 32]) if family == "flux2"
+                     else transformer_flux.FluxPosEmbed(theta=10000, axes_dim=[16, 56, 56]))
+        n_axes = len(pos_embed.axes_dim)
+        ids = torch.randint(0, 4096, (rows, n_axes), generator=_generator(torch.device("cpu"))).to(device)
+        impls = [Impl(self.impl_names[0], lambda: flux_rope_tables(pos_embed, ids),
+                      note="one launch on a GPU (the reference's few torch ops elsewhere)"),
+                 Impl(self.impl_names[1], lambda: pos_embed(ids), note=f"~13 ops per axis, {n_axes} axes"),
+                 _graph_replay_impl(self.impl_names[2], lambda: flux_rope_tables(pos_embed, ids), device,
+                                    note="diagnostic: the kernel's GPU time without Python and launch overhead")]
+        dim = sum(pos_embed.axes_dim)
+        shape = f"{family}: {rows} rows x {n_axes} position axes -> fp32 cos, sin [{rows}, {dim}] (fp64 angles)"
+        return Workload(self.name, shape, impls, torch.float32, bytes_moved=rows * (2 * dim * 4 + n_axes * 8),
+                        exact=True, loop_note=True)
 
 
 def _graph_replay_impl(name: str, fn: Callable[[], Any], device: torch.device, **impl_args) -> Impl:
@@ -1913,8 +1958,9 @@ def _enable_impl(model, full_step: Callable[[], Any], scores: torch.Tensor, coun
 
 
 CASES = {case.name: case for case in (AttentionCase(), CompactionCase(), BatchCase(), MaskedCase(), TrainingCase(),
-                                      NormRopeCase(), EndToEndCase(), KontextEndToEndCase(), QwenEndToEndCase(),
-                                      SelectionCase(), KVCacheCase(), MixedBatchCase(), TrainStepCase())}
+                                      NormRopeCase(), RopeTablesCase(), EndToEndCase(), KontextEndToEndCase(),
+                                      QwenEndToEndCase(), SelectionCase(), KVCacheCase(), MixedBatchCase(),
+                                      TrainStepCase())}
 # cases that build the cached model (released after them)
 MODEL_CASES = (EndToEndCase.name, KontextEndToEndCase.name, QwenEndToEndCase.name, KVCacheCase.name,
                MixedBatchCase.name, TrainStepCase.name)
