@@ -505,7 +505,7 @@ def compact_index(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Kept positions per sample, packed: ``(index int32 [n_rows], cu_seqlens int32 [B+1])``.
 
-    ``selection`` is a keep mask bool ``[B, N]`` or scores ``[B, N]`` (fp32/fp16, bf16 on GPU only). ``counts``
+    ``selection`` is a keep mask bool ``[B, N]`` or scores ``[B, N]`` (fp32/fp16/bf16, read exactly as fp32). ``counts``
     (host ints, one per sample) is required with scores (the ``counts[b]`` highest scores are kept, ties to the
     lower index) and optional with a mask (then it must equal the mask's row sums). ``n_rows`` (default: the kept
     total) sizes ``index``; rows past the kept total hold 0, and with a mask a smaller ``n_rows`` drops the rows
