@@ -273,3 +273,23 @@ def test_no_keys_give_an_empty_mass(dtype):
     q = torch.randn(2, 3, 2, 16, dtype=dtype)
     mass = attention_key_mass(q, q[:, :0])
     assert mass.shape == (2, 2, 0) and mass.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="a GPU runs these tiles in every test")
+@pytest.mark.bf16_kernels
+@pytest.mark.parametrize("shape", [(2, 150, 140, 2, 64), (1, 70, 200, 2, 160)], ids=["D64", "D160"])
+def test_gpu_tiles_in_the_interpreter(shape, monkeypatch):
+    """The two passes with the GPU's tiles (the interpreter otherwise runs 32 x 32), in bf16 as a GPU computes it:
+    query and key counts that are no multiple of a tile, heads up to 128 and above."""
+    from sparsectx.kernels import attention as kernels
+
+    used = []
+
+    def gpu_config(block_d, columns):
+        used.append(kernels.MASS_CONFIGS[block_d > kernels.WIDE_HEAD_BLOCK_D][columns])
+        return used[-1]
+
+    monkeypatch.setattr(kernels, "_mass_config", gpu_config)
+    q, k, weights = _inputs(shape, torch.bfloat16, seed=shape[-1])
+    _assert_flash_criterion(attention_key_mass(q, k, weights), q, k, weights)
+    assert set(used) == set(kernels.MASS_CONFIGS[shape[-1] > kernels.WIDE_HEAD_BLOCK_D])
