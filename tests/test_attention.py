@@ -892,11 +892,17 @@ def test_gpu_tiles_in_the_interpreter(candidate, dim, monkeypatch):
     """The GPU's block shapes run through the interpreter too (which otherwise runs one small tile: a tail or a mask
     that only a GPU tile reaches would go unseen until a GPU run), in bf16 as a GPU computes it, under the
     flash-attention criterion: every candidate of every kernel, on varlen tails shorter and longer than a tile,
-    empty samples, gathered references, a head dim that is its block (64) and one below it (160 of 256)."""
+    empty samples, gathered references, a head dim that is its block (64) and one below it (160 of 256); and the
+    dense form (``masked_attention`` with its key mask as query mask) with the same tiles."""
     _force_candidate(candidate, dim, monkeypatch)
     case = make_case([150, 37, 0, 260], [129, 5, 64, 0], [200, 31, 0, 64], 256, 2, dim, torch.bfloat16,
                      seed=50 + candidate)
     _assert_bf16_forward_and_backward(case, seed=50 + candidate)
+    # the dense form: kept keys copied into packed rows, kept queries read and written in place (Q_INDEXED)
+    g = torch.Generator().manual_seed(60 + candidate)
+    q, k, v = (torch.randn(2, 150, 2, dim, generator=g).to(DEVICE, torch.bfloat16) for _ in range(3))
+    mask = torch.rand(2, 150, generator=g).to(DEVICE) < 0.5
+    _assert_masked_forward_and_backward(q, k, v, mask, mask, 0, seed=70 + candidate)
 
 
 @pytest.mark.gpu
