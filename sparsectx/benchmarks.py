@@ -431,7 +431,16 @@ def _pct(fraction: float) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # case: single-sample sparse attention forward (compacted and gather paths) vs SDPA backends on the compacted copy
 # ----------------------------------------------------------------------------------------------------------------
-class AttentionCase:
+class _ListedConfigsCase:
+    """A case whose ``sizes[size]`` lists its configs (``"configs"``) and the ``--quick`` subset (``"quick"``)."""
+
+    sizes: dict
+
+    def configs(self, size: str, quick: bool = False):
+        return self.sizes[size]["quick" if quick else "configs"]
+
+
+class AttentionCase(_ListedConfigsCase):
     name = "attention"
     title = "sparse attention forward, one sample: L = text + target + kept reference tokens"
     impl_names = ("sparsectx (compacted)", "sparsectx (gather)", "sdpa cudnn", "sdpa flash", "sdpa efficient",
@@ -443,9 +452,6 @@ class AttentionCase:
         "tiny": dict(heads=2, dim=64, text=16, target=64, ref_tokens=64,
                      configs=[(1, 0.25), (3, 0.25)], quick=[(1, 0.25)]),
     }
-
-    def configs(self, size: str, quick: bool = False):
-        return self.sizes[size]["quick" if quick else "configs"]
 
     def label(self, config) -> str:
         refs, keep = config
@@ -777,7 +783,7 @@ class CompactionCase:
                         count_syncs=True)
 
 
-class NormRopeCase:
+class NormRopeCase(_ListedConfigsCase):
     """What every FLUX.2-klein-9B double-stream attention layer does to its queries (and keys) before attending:
     QK norms of the text and image streams, their concatenation and RoPE (a klein step does it for q and k of all
     32 layers: 64 calls on the joint sequence; the 24 single-stream layers have no concatenation). A config is
@@ -794,9 +800,6 @@ class NormRopeCase:
                      quick=[(4096 + 1229, False), (4096 + 1229, True)]),
         "tiny": dict(heads=2, dim=32, text=8, configs=[(64, False), (64, True)], quick=[(64, False)]),
     }
-
-    def configs(self, size: str, quick: bool = False):
-        return self.sizes[size]["quick" if quick else "configs"]
 
     def label(self, config) -> str:
         tokens, backward = config
@@ -863,7 +866,7 @@ class NormRopeCase:
         return Workload(self.name, shape, impls, dtype, bytes_moved=moved, loop_note=True)
 
 
-class RopeTablesCase:
+class RopeTablesCase(_ListedConfigsCase):
     """FLUX's rotary tables (``pos_embed(ids)``), computed before a forward's first block while the GPU waits for
     the host's launches: FLUX.2's text table at every drop-in step (its image table is made once per selection),
     FLUX.1's joint table at every step, and the attention probe's tables. A config is (family, rows)."""
@@ -878,9 +881,6 @@ class RopeTablesCase:
                      quick=[("flux2", 512), ("flux", 512 + 4096 + 1229)]),
         "tiny": dict(configs=[("flux2", 40), ("flux", 70)], quick=[("flux2", 40)]),
     }
-
-    def configs(self, size: str, quick: bool = False):
-        return self.sizes[size]["quick" if quick else "configs"]
 
     def label(self, config) -> str:
         family, rows = config
