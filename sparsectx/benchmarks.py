@@ -1153,7 +1153,8 @@ class EndToEndCase:
                             "(a1) reference_layout", "(a2) _select (fresh selection)",
                             "(a3) compaction (_run_group, model stubbed)", "(c) enable + disable (native)",
                             "(c2) enable + disable (sparsectx attn)",
-                            "(e) attention probe (first block q/k on the full call)")
+                            "(e) attention probe (first block q/k on the full call)",
+                            "(d3) enabled once, new attention selection per step")
     sizes = {
         "full": dict(target_side=64, text=512, ref_side=64, refs=(3, 1, 4), keeps=(0.25, 0.10, 0.05),
                      quick=[(1, 0.10), (3, 0.10)], breakdown=[(3, 0.05), (1, 0.05)], quick_breakdown=[(3, 0.05)],
@@ -1406,6 +1407,9 @@ def _breakdown_impls(model, full_step: Callable[[], Any], full_kwargs: dict, sco
         getattr(model, integration.PATCH_ATTR).new_call()
         return full_step()
 
+    def enabled_attention_selector():
+        return integration.sparse_context(model, **{**enable_args, "selector": "attention"})
+
     def kept_rows(result) -> str:
         rows = seen.pop("group")["hidden_states"].shape[1]
         return "" if rows == n_target + n_kept else f"the model got {rows} rows, not {n_target} + {n_kept}"
@@ -1447,6 +1451,10 @@ def _breakdown_impls(model, full_step: Callable[[], Any], full_kwargs: dict, sco
         Impl(names[9], enable_disable(integration.SPARSECTX), comparable=False, short=True, verify=disabled),
         Impl(names[10], probe, comparable=False, short=True, verify=probe_shapes,
              note="what the edit/subject/attention selectors add once per pipeline call (issue 6)"),
+        Impl(names[11], step_new_selection, scope=enabled_attention_selector, comparable=False,
+             note="entered once with selector='attention': each call probes and selects anew, behind the previous "
+                  "step's queued work, as a pipeline call's first step runs behind its VAE encode; minus (d): what "
+                  "the selection adds to a call (issue 6)"),
     ]
 
 
@@ -2382,7 +2390,8 @@ def _failed(block: list, *rows: dict) -> list:
 
 def target_verdicts(rows: list) -> list:
     """One line per (target, shape) that the rows measure: the ratio, the goal and ``meets`` or ``MISSES``; then
-    the selection line (``selection_verdict``) when the run has selection rows."""
+    the selection line (``selection_verdict``) when the run has selection rows, and a line per e2e breakdown block
+    with a new attention selection (``drop_in_selection_verdicts``)."""
     lines = []
     for target in TARGETS:
         for case, shape, block, _unit, _mem in _table_blocks(rows):
@@ -2429,7 +2438,38 @@ def target_verdicts(rows: list) -> list:
                 verdict = "meets" if ms <= target.max_ms else "MISSES"
                 lines.append(f"{head} {ms * 1e3:.1f} us (<= {target.max_ms * 1e3:g} us: {verdict})")
     selection = selection_verdict(rows)
-    return lines + ([selection] if selection else [])
+    return lines + ([selection] if selection else []) + drop_in_selection_verdicts(rows)
+
+
+DROP_IN_STEP_ROW = "(d) enabled once, step"
+DROP_IN_ATTENTION_ROW = "(d3) enabled once, new attention selection per step"
+
+
+def drop_in_selection_verdicts(rows: list) -> list:
+    """Issue 6's target as a pipeline call meets it: per e2e breakdown block, what a new ``attention`` selection
+    (probe included) adds to the step it runs in, (d3) - (d), as a share of the run's no-reference step."""
+    none = next((r["time_ms"] for r in rows if r["case"] == EndToEndCase.name and r["impl"] == NO_REFERENCE_ROW
+                 and r["time_ms"]), None)
+    lines = []
+    for case, shape, block, _unit, _mem in _table_blocks(rows):
+        by_impl = {r["impl"]: r for r in block}
+        if case != EndToEndCase.name or DROP_IN_ATTENTION_ROW not in by_impl or DROP_IN_STEP_ROW not in by_impl:
+            continue
+        head = (f"issue 6 e2e {shape:<48} a new attention selection in the drop-in's step "
+                f"< {SELECTION_STEP_TARGET_PCT:g}% of a denoising step:")
+        new, step = by_impl[DROP_IN_ATTENTION_ROW], by_impl[DROP_IN_STEP_ROW]
+        failed = _failed(block, new, step)
+        if failed:
+            lines.append(f"{head} not judged ({' and '.join(failed)}: check FAILED)")
+        elif not new["time_ms"] or not step["time_ms"] or not none:
+            lines.append(f"{head} not measured (no time for (d3), (d) or the no-reference step)")
+        else:
+            added = new["time_ms"] - step["time_ms"]
+            share = 100.0 * added / none
+            verdict = "meets" if share < SELECTION_STEP_TARGET_PCT else "MISSES"
+            lines.append(f"{head} {verdict}: adds {added:.3g} ms, {share:.2f}% of the no-reference step "
+                         f"({none:.4g} ms)")
+    return lines
 
 
 def selection_verdict(rows: list) -> Optional[str]:

@@ -619,6 +619,13 @@ class _Packing:
 
 
 MAX_PLANS = 4  # plans kept per pipeline call (e.g. a KV-cache extract step and the cached steps' plan)
+# layouts kept per patched transformer, by the shape of the ids they were found on (a new call on ids of a kept
+# shape starts its selection on that layout without reading its ids first)
+MAX_LAYOUTS = 4
+
+
+class _LayoutChanged(Exception):
+    """Raised where a selection made on a layout found on earlier ids reads that the call's ids differ."""
 
 
 def reference_layout(family: str, call: dict) -> Optional[_Layout]:
@@ -863,14 +870,16 @@ class _SparsePatch(ForwardPatch):
     """Holds what ``enable`` changed on one transformer and runs the compacting forward.
 
     Host reads: the first step of a pipeline call finds the layout and selects (several reads: ``nonzero`` of the
-    ids, the keep mask to the host); the later steps reuse that plan and read the host once (the check that their
-    reference latents and ids equal the plan's)."""
+    ids, the keep mask to the host); on ids of a shape seen before (FLUX), it selects on the layout found then and
+    reads the check that the ids are equal with the keep mask. The later steps reuse the call's plan and read the host
+    once (the check that their reference latents and ids equal the plan's)."""
 
     def __init__(self, transformer: torch.nn.Module, family: str, settings: _Settings):
         super().__init__(transformer, family)
         self.settings = settings
         self.call_epoch = 0  # bumped at each pipeline call: a new call selects again
         self.plans: dict = {}  # plan key -> _Plan, for the current call
+        self.layouts: dict = {}  # _layout_key -> (the ids, the layout found on them), MAX_LAYOUTS most recent
         self.attention = NATIVE
         self.original_processors: Optional[dict] = None  # module name -> processor, while attention="sparsectx"
         self.attention_state = None  # the installed processors' shared AttentionState, while attention="sparsectx"
@@ -1003,22 +1012,72 @@ class _SparsePatch(ForwardPatch):
                     plan.reports = self._selecting_plan(key)  # reuses its plan): report that extract's selection
                 return plan, packable
         self._reinstall_replaced_processors()
-        layout = None if cached_step else reference_layout(self.family, call)
-        if layout is None:
+        layout, unverified = (None, None) if cached_step else self._known_layout(call)
+        plan = None
+        if unverified is not None:  # a layout found on earlier ids: the selection's read checks the call's ids
+            plan = self._selection_plan(call, layout, overrides, unverified)
+            if plan is None:  # they differ: this call's own layout
+                layout = self._read_layout(call)
+        if plan is None and layout is None:
             plan = self._new_plan(call, None, None, [])
             # a KV-cached step: its call's selection, found now while the call's prompt is alive (a pipeline frees
             # it when the call returns), is what last_selection reports after the call
             plan.reports = self._selecting_plan(key)
-        else:
-            self._check_supported(call, layout)
-            keep = self._select(call, layout, overrides)
-            plan = self._new_plan(call, layout, keep, *self._groups(call, layout, keep))
+        elif plan is None:
+            plan = self._selection_plan(call, layout, overrides, None)
         self.plans.pop(key, None)
         if len(self.plans) >= MAX_PLANS:
             self._remember_eviction(next(iter(self.plans)))
             self.plans.pop(next(iter(self.plans)))
         self.plans[key] = plan
         return plan, plan.packing is not None and all(_uniform_over_batch(call).tolist())
+
+    def _known_layout(self, call: dict) -> tuple:
+        """``(layout, unverified)`` of a new plan's call. FLUX: the layout found earlier on ids of the same shape
+        (and inference mode), with ``unverified`` the device flag that the call's ids equal those, read later with
+        the selection's keep mask: the call's selection is queued without waiting for the device to reach its ids,
+        and the layout's host work is not done again. Else the layout found now (FLUX: a host read of the ids),
+        ``unverified`` None."""
+        ids = call.get("img_ids")
+        known = None if ids is None else self.layouts.get(self._layout_key(ids))
+        if known is None:
+            return self._read_layout(call), None
+        seen_ids, layout = known
+        return layout, torch.eq(ids, seen_ids).all()
+
+    def _read_layout(self, call: dict) -> Optional[_Layout]:
+        """The call's layout, found on its ids or image shapes; FLUX's kept for later calls on ids of that shape."""
+        layout = reference_layout(self.family, call)
+        ids = call.get("img_ids")
+        if layout is not None and ids is not None:
+            key = self._layout_key(ids)
+            self.layouts.pop(key, None)
+            if len(self.layouts) >= MAX_LAYOUTS:
+                self.layouts.pop(next(iter(self.layouts)))
+            self.layouts[key] = (ids.detach().clone(), layout)
+        return layout
+
+    @staticmethod
+    def _layout_key(ids: torch.Tensor) -> tuple:
+        # (index tensors made under torch.inference_mode can not be saved for backward: layouts per mode)
+        return torch.is_inference_mode_enabled(), tuple(ids.shape), ids.dtype, ids.device
+
+    def _selection_plan(self, call: dict, layout: _Layout, overrides: dict,
+                        unverified: Optional[torch.Tensor]) -> Optional[_Plan]:
+        """A new selection's plan on ``layout``. With ``unverified`` (``_known_layout``): None when the call's ids
+        differ from the layout's, read with the keep mask, or before an error is raised on that layout (which is
+        then not the call's)."""
+        try:
+            self._check_supported(call, layout)
+            keep = self._select(call, layout, overrides)
+            groups, packing = self._groups(call, layout, keep, unverified)
+        except _LayoutChanged:
+            return None
+        except Exception:
+            if unverified is not None and not bool(unverified):
+                return None
+            raise
+        return self._new_plan(call, layout, keep, groups, packing)
 
     def _plan_key(self, call: dict, overrides: dict) -> tuple:
         """Host-side facts a plan depends on: the call epoch (first), inference mode, the input shapes and Qwen's image
@@ -1240,11 +1299,19 @@ class _SparsePatch(ForwardPatch):
         return probe
 
     # -- groups of samples that keep the same tokens ---------------------------------------------------------------
-    def _groups(self, call: dict, layout: _Layout, keep: torch.Tensor) -> tuple:
+    def _groups(self, call: dict, layout: _Layout, keep: torch.Tensor,
+                unverified: Optional[torch.Tensor] = None) -> tuple:
         """``(groups, packing)`` of a selection, their indices built on the host once and queued to the device
         (copies from pinned memory: no wait). No group when every token is kept; a packing (FLUX.2 with sparsectx
-        attention, several groups, no KV cache) to run the groups as one sequence."""
-        keep_host = keep.cpu()
+        attention, several groups, no KV cache) to run the groups as one sequence. ``unverified``: a device flag
+        read with the keep mask; ``_LayoutChanged`` when it is false."""
+        if unverified is None:
+            keep_host = keep.cpu()
+        else:
+            read = torch.cat([keep.flatten(), unverified.to(keep.device).reshape(1)]).cpu()
+            if not bool(read[-1]):
+                raise _LayoutChanged
+            keep_host = read[:-1].reshape(keep.shape)
         if bool(keep_host.all()):
             return [], None
         device = keep.device

@@ -80,6 +80,26 @@ def test_selection_verdict_takes_the_worst_share_probe_included():
     assert benchmarks.selection_verdict(_block("kv", "3 ref", {"a": 1.0})) is None
 
 
+def test_drop_in_selection_verdict_is_what_a_new_attention_selection_adds_to_the_step():
+    """(d3) - (d) of each e2e breakdown block, as a share of the run's no-reference step; a failed check or a
+    missing time judges nothing; blocks without a (d3) row give no line."""
+    steps = _block("e2e", "1 ref x 10%", {"sparsectx compact_tokens + step": 101.0, "no reference (limit)": 100.0})
+    breakdown = _block("e2e", "3 ref x 5%, enable-path breakdown",
+                       {"sparsectx compact_tokens + step": 120.0, benchmarks.DROP_IN_STEP_ROW: 120.5,
+                        benchmarks.DROP_IN_ATTENTION_ROW: 123.0})
+    lines = benchmarks.drop_in_selection_verdicts(steps + breakdown)
+    assert len(lines) == 1 and "3 ref x 5%" in lines[0]
+    assert "MISSES: adds 2.5 ms, 2.50% of the no-reference step (100 ms)" in lines[0]
+    breakdown[2]["time_ms"] = 121.5
+    assert "meets: adds 1 ms, 1.00%" in benchmarks.drop_in_selection_verdicts(steps + breakdown)[0]
+    assert benchmarks.target_verdicts(steps + breakdown)[-1] == benchmarks.drop_in_selection_verdicts(
+        steps + breakdown)[0]  # the summary's targets end with it
+    assert "not measured" in benchmarks.drop_in_selection_verdicts(breakdown)[0]  # no no-reference step in the run
+    breakdown[2]["ok"] = False
+    assert "not judged" in benchmarks.drop_in_selection_verdicts(steps + breakdown)[0]
+    assert benchmarks.drop_in_selection_verdicts(steps) == []
+
+
 def test_summary_lists_untimed_and_failed_peers_and_the_targets():
     rows = _block("compaction", "B=1, N=12288", {"sparsectx compact_tokens (scores+budget)": 0.02,
                                                  "topk+sort+gather": 0.13, "x[mask] (host sync)": 0.07})

@@ -403,7 +403,9 @@ def test_selection_is_cached_per_call(models):
     ids = kwargs["img_ids"].clone()
     ids[:, -1, 1] += 1  # same shapes and references, other positions: the layout is found and selected again
     _run(model, {**kwargs, "img_ids": ids})
-    assert len(calls) == 4
+    # (a new plan on ids of a seen shape selects on the layout found before reading them; they differ: that
+    # selection is dropped and the call selects on its own layout)
+    assert len(calls) == 5
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -422,6 +424,102 @@ def test_later_steps_read_the_host_once(models, family):
     assert first.count > later.count
     assert torch.equal(_run(model, kwargs), out_first)  # the reused plan keeps the same tokens
     assert not torch.equal(out_later, out_first)
+
+
+def _counting_layouts(monkeypatch, family) -> list:
+    """Records each call whose layout is found (for FLUX, a host read of its ids)."""
+    found, real = [], integration._LAYOUTS[family]
+
+    def counting(call):
+        found.append(call["hidden_states"].shape)
+        return real(call)
+
+    monkeypatch.setitem(integration._LAYOUTS, family, counting)
+    return found
+
+
+def _fresh_output(model, kwargs, **settings):
+    """The output of ``model`` enabled anew (no layout seen before) on ``kwargs``."""
+    integration.disable(model)
+    sparsectx.enable(model, **settings)
+    return _run(model, kwargs)
+
+
+@pytest.mark.parametrize("family", ["flux2", "flux"])
+def test_a_new_call_on_ids_seen_before_selects_before_reading_them(models, family, monkeypatch):
+    """A new call (new references) on the ids of an earlier call selects on the layout found then: its ids are not
+    read before the selection, their check is read with the keep mask (one read fewer than the first call), and it
+    keeps the tokens a model enabled anew keeps."""
+    model, kwargs = models[family], _inputs(family)
+    settings = dict(budget=0.5, selector=norm_selector)
+    later = {**kwargs, "hidden_states": torch.randn_like(kwargs["hidden_states"])}
+    found = _counting_layouts(monkeypatch, family)
+    sparsectx.enable(model, **settings)
+    patch = getattr(model, integration.PATCH_ATTR)
+    device_data = [model, *(t for t in (*kwargs.values(), later["hidden_states"]) if isinstance(t, torch.Tensor))]
+    with count_host_reads(device_data) as first:
+        _run(model, kwargs)
+    patch.new_call()
+    with count_host_reads(device_data) as second:
+        out = _run(model, later)
+    assert len(found) == 1
+    assert second.count == first.count - 1, (first.ops, second.ops)
+    assert torch.equal(out, _fresh_output(model, later, **settings))
+
+
+@pytest.mark.parametrize("family", ["flux2", "flux"])
+@pytest.mark.parametrize("wrong_layout_raises", [False, True])
+def test_a_new_call_on_other_ids_of_a_seen_shape_selects_on_its_own_layout(models, family, monkeypatch,
+                                                                            wrong_layout_raises):
+    """Ids of the same shape with another layout (target and first reference of swapped sizes): the selection made
+    on the earlier layout is dropped once its check is read, or when it raises, and the call selects on its own
+    layout, as a model enabled anew does."""
+    model, kwargs = models[family], _inputs(family)
+    n_axes, hws = (4, _ref_hws(family)) if family == "flux2" else (3, _ref_hws(family))
+    swapped = [hws[0], TARGET_HW, *hws[1:]]
+    ids = torch.cat([_grid_ids(0 if i == 0 else (10 * i if family == "flux2" else 1), hw, n_axes)
+                     for i, hw in enumerate(swapped)])
+    other = {**kwargs, "img_ids": ids[None].expand(2, -1, -1) if family == "flux2" else ids.float()}
+    assert other["img_ids"].shape == kwargs["img_ids"].shape
+    other_lengths = [h * w for h, w in swapped[1:]]
+    seen = []
+
+    def selector(latents, context):
+        seen.append(list(context.ref_lengths))
+        if wrong_layout_raises and context.ref_lengths != other_lengths and len(seen) > 1:
+            raise ValueError("not this call's layout")
+        return latents.norm(dim=-1)
+
+    settings = dict(budget=3, selector=selector)
+    found = _counting_layouts(monkeypatch, family)
+    sparsectx.enable(model, **settings)
+    _run(model, kwargs)
+    getattr(model, integration.PATCH_ATTR).new_call()
+    out = _run(model, other)
+    assert len(found) == 2
+    assert seen[1:] == [seen[0], other_lengths] and seen[0] != other_lengths  # the earlier layout's, then its own
+    assert torch.equal(out, _fresh_output(model, other, **settings))
+
+
+def test_an_error_on_the_layout_of_equal_ids_is_raised(models, monkeypatch):
+    """A selector's error on a layout found on earlier ids is raised once the ids read equal: it is the call's own
+    error (their layout is not found again)."""
+    model, kwargs = models["flux2"], _inputs("flux2")
+    fail = []
+
+    def selector(latents, context):
+        if fail:
+            raise ValueError("the selector's own error")
+        return latents.norm(dim=-1)
+
+    found = _counting_layouts(monkeypatch, "flux2")
+    sparsectx.enable(model, budget=0.5, selector=selector)
+    _run(model, kwargs)
+    getattr(model, integration.PATCH_ATTR).new_call()
+    fail.append(True)
+    with pytest.raises(ValueError, match="the selector's own error"):
+        _run(model, kwargs)
+    assert len(found) == 1
 
 
 def test_bare_transformer_selects_again_for_a_new_prompt_tensor(models):
