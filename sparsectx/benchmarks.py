@@ -1410,6 +1410,12 @@ def _breakdown_impls(model, full_step: Callable[[], Any], full_kwargs: dict, sco
     def enabled_attention_selector():
         return integration.sparse_context(model, **{**enable_args, "selector": "attention"})
 
+    def step_new_selection_idle_device():
+        # the first step of a pipeline call starts on an idle device: the pipelines' timesteps, copied from the host
+        # just before the loop, wait for the device's earlier work (prompt and VAE encodes)
+        _sync(full_kwargs["hidden_states"].device)
+        return step_new_selection()
+
     def kept_rows(result) -> str:
         rows = seen.pop("group")["hidden_states"].shape[1]
         return "" if rows == n_target + n_kept else f"the model got {rows} rows, not {n_target} + {n_kept}"
@@ -1451,10 +1457,10 @@ def _breakdown_impls(model, full_step: Callable[[], Any], full_kwargs: dict, sco
         Impl(names[9], enable_disable(integration.SPARSECTX), comparable=False, short=True, verify=disabled),
         Impl(names[10], probe, comparable=False, short=True, verify=probe_shapes,
              note="what the edit/subject/attention selectors add once per pipeline call (issue 6)"),
-        Impl(names[11], step_new_selection, scope=enabled_attention_selector, comparable=False,
-             note="entered once with selector='attention': each call probes and selects anew, behind the previous "
-                  "step's queued work, as a pipeline call's first step runs behind its VAE encode; minus (d): what "
-                  "the selection adds to a call (issue 6)"),
+        Impl(names[11], step_new_selection_idle_device, scope=enabled_attention_selector, comparable=False,
+             note="entered once with selector='attention': each call starts on an idle device, as a pipeline "
+                  "call's first step does, and probes and selects anew; minus (d): what the selection adds to a "
+                  "pipeline call (issue 6)"),
     ]
 
 
