@@ -511,21 +511,35 @@ def _probe_processor(family: str, layout: _Layout) -> _QKProbeProcessor:
     return _FluxQKProbe(layout, {FLUX2: transformer_flux2, FLUX: transformer_flux}[family]._get_qkv_projections)
 
 
+def _stateful_hooks(transformer: torch.nn.Module) -> list:
+    """``(name, hook)`` of each diffusers hook keeping state across calls (``_is_stateful``) registered on the
+    transformer or a submodule. (A walk over the ``_modules`` dicts: half the host time of ``modules()``, about
+    0.1 ms for klein-9B's 482 modules on this project's CPU machine, paid by every probe.)"""
+    found, stack, seen = [], [transformer], set()
+    while stack:
+        module = stack.pop()
+        if module is None or id(module) in seen:  # (a submodule slot set to None; a module reached twice)
+            continue
+        seen.add(id(module))
+        registry = module.__dict__.get("_diffusers_hook")
+        if registry is not None:
+            found += [(name, hook) for name, hook in getattr(registry, "hooks", {}).items()
+                      if getattr(hook, "_is_stateful", False)]
+        stack.extend(module._modules.values())
+    return found
+
+
 @contextlib.contextmanager
 def _step_cache_states_set_aside(transformer: torch.nn.Module):
     """diffusers' step caches (``enable_cache``) keep per-step state in their hooks (``StateManager``), which a
     forward advances (e.g. TaylorSeer's step count): the probe's stopped forward runs on fresh states, and the
     denoising step's states are put back untouched after it."""
     saved = []
-    for module in transformer.modules():
-        registry = module.__dict__.get("_diffusers_hook")
-        for hook in getattr(registry, "hooks", {}).values():
-            if not getattr(hook, "_is_stateful", False):
-                continue
-            for manager in vars(hook).values():
-                if isinstance(getattr(manager, "_state_cache", None), dict) and hasattr(manager, "get_state"):
-                    saved.append((manager, manager._state_cache))
-                    manager._state_cache = {}
+    for _, hook in _stateful_hooks(transformer):
+        for manager in vars(hook).values():
+            if isinstance(getattr(manager, "_state_cache", None), dict) and hasattr(manager, "get_state"):
+                saved.append((manager, manager._state_cache))
+                manager._state_cache = {}
     try:
         yield
     finally:
@@ -727,12 +741,7 @@ def _check_no_stateful_hooks(transformer: torch.nn.Module, n_groups: int) -> Non
     ``enable_cache``: FirstBlockCache, PyramidAttentionBroadcast, TaylorSeer, FasterCache, MagCache, ...) are
     registered on it: their state is kept per cache context, which the separate forwards of several groups would
     share (a sample would be given another group's cached outputs)."""
-    names = set()
-    for module in transformer.modules():
-        registry = module.__dict__.get("_diffusers_hook")
-        if registry is not None:
-            names.update(name for name, hook in getattr(registry, "hooks", {}).items()
-                         if getattr(hook, "_is_stateful", False))
+    names = {name for name, _ in _stateful_hooks(transformer)}
     if names:
         raise RuntimeError(
             f"the samples of this batch keep different reference tokens (other references or budgets), so sparsectx "

@@ -266,6 +266,35 @@ def test_the_probe_leaves_step_cache_states_alone(models, family):
         model.disable_cache()
 
 
+def test_step_cache_states_of_a_module_reached_twice_are_set_aside_once():
+    """A hooked submodule reachable by two names (shared) is one module: its stateful hook is listed once, and the
+    states set aside for the probe come back (set aside twice, the second save would have kept the emptied ones)."""
+    class Manager:
+        def __init__(self):
+            self._state_cache = {"cond": "state"}
+
+        def get_state(self):
+            return self._state_cache
+
+    class Hook:
+        _is_stateful = True
+
+        def __init__(self):
+            self.state_manager = Manager()
+
+    class Registry:
+        def __init__(self, hooks):
+            self.hooks = hooks
+
+    shared, hook = torch.nn.Linear(2, 2), Hook()
+    shared._diffusers_hook = Registry({"step_cache": hook, "stateless": type("Plain", (), {})()})
+    root = torch.nn.Sequential(shared, torch.nn.Sequential(shared))
+    assert integration._stateful_hooks(root) == [("step_cache", hook)]
+    with integration._step_cache_states_set_aside(root):
+        assert hook.state_manager._state_cache == {}
+    assert hook.state_manager._state_cache == {"cond": "state"}
+
+
 def test_groups_take_their_rows_of_per_sample_attention_kwargs(models):
     """A group (or the probe's first sample) gets its rows of per-sample tensors in the attention kwargs, e.g. FLUX.1's
     ``ip_adapter_image_embeds`` (one [B, ...] tensor per IP adapter); other entries and the caller's dict stay."""
