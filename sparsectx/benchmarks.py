@@ -1522,20 +1522,19 @@ class SelectionCase:
             ref_keys=_randn(gen, 1, n_tokens, heads, dim, device=device, dtype=dtype),
         )
         signals = self.SIGNALS.get(name, self.ALL_SIGNALS)
-        # the drop-in's layout step holds a host copy of the ids (it reads them back anyway, for the positions)
-        host_hw = ids[0, :, 1:3].cpu()
-        assert row_major_shapes(host_hw, [n_ref] * refs) == [(side, side)] * refs, "the case's ids are row-major grids"
+        # the grid shapes, found once on a host copy of the ids: the drop-in's layout holds them, and a call on ids
+        # of a shape seen before reuses that layout (a call on ids of a new shape adds the e2e row (a1))
+        grid_shapes = row_major_shapes(ids[0, :, 1:3].cpu(), [n_ref] * refs)
+        assert grid_shapes == [(side, side)] * refs, "the case's ids are row-major grids"
         selection_gen = torch.Generator(device=device)
 
         def context() -> SelectionContext:
             # a fresh context per call with a re-seeded generator (as the integration makes one per selection):
-            # the random selector then draws the same scores in every implementation; the grid shapes are found
-            # in the host ids per call (timed: the drop-in's layout step does it per call for the selectors)
+            # the random selector then draws the same scores in every implementation
             selection_gen.manual_seed(SEED)
             return SelectionContext(num_references=refs, ref_lengths=[n_ref] * refs, reference_ids=ids,
                                     target_shape=(side, side), generator=selection_gen,
-                                    extra={IDS_GRID_SHAPES: row_major_shapes(host_hw, [n_ref] * refs),
-                                           **{k: available[k] for k in signals}})
+                                    extra={IDS_GRID_SHAPES: grid_shapes, **{k: available[k] for k in signals}})
 
         count = math.floor(SELECTION_RATIO * n_ref + 0.5)  # fixed_ratio's rounding
         budget = adaptive(ADAPTIVE_COVERAGE, floor=ADAPTIVE_FLOOR, cap=ADAPTIVE_CAP)
