@@ -496,6 +496,27 @@ def test_a_new_call_on_ids_seen_before_selects_before_reading_them(models, famil
     assert torch.equal(out, _fresh_output(model, later, **settings))
 
 
+@pytest.mark.gpu
+def test_a_new_call_on_ids_seen_before_synchronises_less_on_cuda():
+    """On CUDA, a new call on ids of a shape seen before synchronises with the host less than the first call (no read
+    of its ids before the selection) and keeps the tokens a model enabled anew keeps."""
+    model = _build_model("flux2").cuda()
+    kwargs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in _inputs("flux2").items()}
+    later = {**kwargs, "hidden_states": torch.randn_like(kwargs["hidden_states"])}
+    settings = dict(budget=0.5, selector=norm_selector)
+    outputs = []
+    try:
+        sparsectx.enable(model, **settings)
+        first = count_cuda_syncs(lambda: _run(model, kwargs))
+        getattr(model, integration.PATCH_ATTR).new_call()
+        second = count_cuda_syncs(lambda: outputs.append(_run(model, later)))
+        fresh = _fresh_output(model, later, **settings)
+    finally:
+        sparsectx.disable(model)
+    assert second < first, (first, second)
+    assert torch.equal(outputs[0], fresh)
+
+
 @pytest.mark.parametrize("family", ["flux2", "flux"])
 @pytest.mark.parametrize("wrong_layout_raises", [False, True])
 def test_a_new_call_on_other_ids_of_a_seen_shape_selects_on_its_own_layout(models, family, monkeypatch,
