@@ -1262,6 +1262,39 @@ def test_klein_pipeline_call_sends_target_plus_kept_tokens():
     assert type(pipe) is diffusers.Flux2KleinPipeline and "forward" not in pipe.transformer.__dict__
 
 
+def test_klein_pipeline_calls_on_references_in_another_order(monkeypatch):
+    """Pipeline calls on the same enabled klein pipeline: the references in another order (ids of the first call's
+    shape, another layout) select on their own layout, and the same references again reuse the layout found before
+    (its ids are not read first): each call's output equals that of a pipeline enabled anew for it."""
+    pipe = _tiny_pipeline(diffusers.Flux2KleinPipeline)
+    embeds = torch.randn(1, TEXT_TOKENS, TEXT_DIM, generator=torch.Generator().manual_seed(7))
+    images = _reference_images()
+    settings = dict(budget=0.25, selector=norm_selector)
+
+    def call(refs):
+        return pipe(image=refs, prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds),
+                    guidance_scale=2.0, height=IMAGE_PX, width=IMAGE_PX, num_inference_steps=2, output_type="latent",
+                    generator=torch.Generator().manual_seed(3)).images
+
+    def fresh(refs):
+        sparsectx.disable(pipe)
+        sparsectx.enable(pipe, **settings)
+        return call(refs)
+
+    orders = [images, images[::-1], images[::-1]]
+    found = _counting_layouts(monkeypatch, "flux2")
+    try:
+        sparsectx.enable(pipe, **settings)
+        outputs = [call(refs) for refs in orders]
+        assert len(found) == 2  # the first call's and the second's (other ids): the third reuses the second's
+        expected = [fresh(refs) for refs in orders]
+    finally:
+        sparsectx.disable(pipe)
+    for got, want in zip(outputs, expected):
+        assert torch.equal(got, want)
+    assert not torch.equal(outputs[0], outputs[1])
+
+
 def test_klein_pipeline_call_with_an_adaptive_budget():
     """A whole pipeline call with budget=adaptive(0.5): an image whose scores put all their mass on one token keeps
     that token, an image with flat scores keeps half of its tokens."""
