@@ -1132,6 +1132,11 @@ class _RefsKeepCase:
         return _refs_keep_label(config)
 
 
+# e2e breakdown rows that issue 6's drop-in line compares (``drop_in_selection_verdicts``)
+DROP_IN_STEP_ROW = "(d) enabled once, step"
+DROP_IN_ATTENTION_ROW = "(d3) enabled once, new attention selection per step"
+
+
 class EndToEndCase:
     """One denoising step of a family's real architecture with its reference tokens compacted by sparsectx (by hand
     and through ``sparsectx.enable``), by plain torch, all kept, and none (the limit). A subclass sets another
@@ -1147,14 +1152,13 @@ class EndToEndCase:
     # the overhead breakdown of the drop-in path (configs marked BREAKDOWN): the enable step and its parts
     BREAKDOWN = "breakdown"
     breakdown_impl_names = ("sparsectx compact_tokens + step", "sparsectx.enable (native attn)",
-                            "(d) enabled once, step", "(d2) enabled once, new selection per step",
+                            DROP_IN_STEP_ROW, "(d2) enabled once, new selection per step",
                             "(b) model on the compacted inputs", "(a) wrapper without the model",
                             "(a0) wrapper, later step (plan reused)",
                             "(a1) reference_layout", "(a2) _select (fresh selection)",
                             "(a3) compaction (_run_group, model stubbed)", "(c) enable + disable (native)",
                             "(c2) enable + disable (sparsectx attn)",
-                            "(e) attention probe (first block q/k on the full call)",
-                            "(d3) enabled once, new attention selection per step")
+                            "(e) attention probe (first block q/k on the full call)", DROP_IN_ATTENTION_ROW)
     sizes = {
         "full": dict(target_side=64, text=512, ref_side=64, refs=(3, 1, 4), keeps=(0.25, 0.10, 0.05),
                      quick=[(1, 0.10), (3, 0.10)], breakdown=[(3, 0.05), (1, 0.05)], quick_breakdown=[(3, 0.05)],
@@ -2444,10 +2448,6 @@ def target_verdicts(rows: list) -> list:
                 lines.append(f"{head} {ms * 1e3:.1f} us (<= {target.max_ms * 1e3:g} us: {verdict})")
     selection = selection_verdict(rows)
     return lines + ([selection] if selection else []) + drop_in_selection_verdicts(rows)
-
-
-DROP_IN_STEP_ROW = "(d) enabled once, step"
-DROP_IN_ATTENTION_ROW = "(d3) enabled once, new attention selection per step"
 
 
 def drop_in_selection_verdicts(rows: list) -> list:
