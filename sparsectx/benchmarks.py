@@ -1478,6 +1478,13 @@ SELECTION_STEP_TARGET_PCT = 2.0  # issue 6: selection under 2% of a klein-9B den
 NO_REFERENCE_ROW, KEEP_ALL_ROW = "no reference (limit)", "keep all reference tokens"
 
 
+def no_reference_step_ms(rows: Sequence[dict]) -> Optional[float]:
+    """The run's klein-9B step without references (the e2e case's limit row, shared by its blocks), or None: what
+    issue 6's selection shares are taken of."""
+    return next((r["time_ms"] for r in rows if r["case"] == EndToEndCase.name and r["impl"] == NO_REFERENCE_ROW
+                 and r["time_ms"]), None)
+
+
 class SelectionCase:
     name = "selection"
     title = ("reference-token selection, B=1: each selector with a fixed 10% and an adaptive budget "
@@ -1610,7 +1617,7 @@ class SelectionCase:
         ``sparsectx.enable`` when the user passes no signals."""
         refs = int(rows[0]["shape"].split(" ref")[0])
         steps = [r for r in earlier_rows if r["case"] == EndToEndCase.name and r["time_ms"]]
-        none = next((r["time_ms"] for r in steps if r["impl"] == NO_REFERENCE_ROW), None)
+        none = no_reference_step_ms(earlier_rows)
         full = next((r["time_ms"] for r in steps if r["impl"] == KEEP_ALL_ROW
                      and r["shape"].startswith(f"{refs} ref x")), None)
         probe = next((r["time_ms"] for r in steps if r["impl"].startswith("(e) attention probe")
@@ -2453,8 +2460,7 @@ def target_verdicts(rows: list) -> list:
 def drop_in_selection_verdicts(rows: list) -> list:
     """Issue 6's target as a pipeline call meets it: per e2e breakdown block, what a new ``attention`` selection
     (probe included) adds to the step it runs in, (d3) - (d), as a share of the run's no-reference step."""
-    none = next((r["time_ms"] for r in rows if r["case"] == EndToEndCase.name and r["impl"] == NO_REFERENCE_ROW
-                 and r["time_ms"]), None)
+    none = no_reference_step_ms(rows)
     lines = []
     for case, shape, block, _unit, _mem in _table_blocks(rows):
         by_impl = {r["impl"]: r for r in block}
