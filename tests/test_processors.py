@@ -1252,9 +1252,10 @@ def _assert_within_twice_native_error(got, native, exact, what):
     errors = (got.double() - exact.double()).abs()
     err = errors.max().item()
     baseline = (native.double() - exact.double()).abs().max().item()
-    if err > 2 * baseline + BF16_ATOL:  # where and how widely it fails (a GPU failure's traceback is all one sees)
+    bound = 2 * baseline + BF16_ATOL
+    if err > bound:  # where and how widely it fails (a GPU failure's traceback is all one sees)
         worst = tuple(int(i) for i in torch.unravel_index(errors.argmax(), errors.shape))
-        over = (errors > 2 * baseline + BF16_ATOL).sum().item()
+        over = (errors > bound).sum().item()
         pytest.fail(f"{what}: error {err:.3e} > 2 x native's {baseline:.3e} + {BF16_ATOL}; worst at {worst} of "
                     f"{tuple(errors.shape)}: got {got[worst].item():.4g}, native {native[worst].item():.4g}, exact "
                     f"{exact[worst].item():.4g}; {over} of {errors.numel()} elements over the bound")
