@@ -479,10 +479,17 @@ def _copy_config(max_width: int) -> tuple[int, int, int]:
     return COPY_BLOCK_ROWS, block_c, 4
 
 
+# dtypes the row kernels load and store as they are (no byte or pair view)
+_COPIED_AS_IS = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32,
+                 torch.int64, torch.uint8)
+
+
 def _loadable(t: torch.Tensor) -> torch.Tensor:
     """A view of ``t`` in a dtype Triton loads and stores (the row kernels only copy bits): bool and one-byte floats
     (fp8) as bytes, complex as its (real, imaginary) pairs. A lazy conjugate or negative view (``x.conj()``) is
     materialised first: its memory holds the values before the flag."""
+    if t.dtype in _COPIED_AS_IS and not t.is_neg():  # (the common case: a real tensor without a lazy negation)
+        return t
     t = t.resolve_conj().resolve_neg()
     if t.dtype == torch.bool or (t.dtype.is_floating_point and t.dtype.itemsize == 1):
         return t.view(torch.uint8)

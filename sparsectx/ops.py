@@ -107,15 +107,28 @@ def _warn_interpreter_set_late() -> None:
 def backend_for(device: Union[torch.device, str], dtype: torch.dtype = torch.float16) -> str:
     """Which implementation an op takes for tensors on ``device`` of ``dtype``: the kernels when they can run there
     (the environment asks for their mode and the kernels imported so far were built in it), else the reference."""
-    device = torch.device(device)
     interpret = interpreter_enabled()
+    key = (device, dtype, interpret, tuple(map(sys.modules.__contains__, _KERNEL_MODULES)))
+    known = _BACKENDS.get(key)
+    if known is not None:
+        return known
+    device = torch.device(device)
+    backend = TORCH_REFERENCE
     if device.type == "cuda" and not interpret and _triton_available() and _kernels_built_as(False):
-        return TRITON_GPU
-    if device.type == "cpu" and interpret and dtype != torch.bfloat16 and _triton_available():
+        backend = TRITON_GPU
+    elif device.type == "cpu" and interpret and dtype != torch.bfloat16 and _triton_available():
         if _kernels_built_as(True):
-            return TRITON_INTERPRETER
-        _warn_interpreter_set_late()
-    return TORCH_REFERENCE
+            backend = TRITON_INTERPRETER
+        else:
+            _warn_interpreter_set_late()
+    if _LIBRARY_MODE:  # the modes of Triton's library and of the kernel modules imported so far can not change now
+        _BACKENDS[key] = backend
+    return backend
+
+
+# (device, dtype, interpreter flag, which kernel modules are imported) -> backend_for's answer, once Triton's
+# library is imported: every op call asks, once per tensor, and the checks above cost microseconds of host time
+_BACKENDS: dict = {}
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -1068,8 +1081,13 @@ def written_ratio(value: float, dtype: torch.dtype) -> float:
     return value
 
 
+_PYTHON_NUMBERS = (int, float)
+
+
 def _python_number(value):
     """A numpy (or other ``numbers.Real``) scalar as the Python int or float it holds; anything else unchanged."""
+    if type(value) in _PYTHON_NUMBERS:  # (the common case, without the abstract base class's slower check)
+        return value
     if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
         return int(value) if isinstance(value, numbers.Integral) else float(value)
     return value

@@ -3,6 +3,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -33,6 +34,23 @@ def test_backend_for_follows_device_dtype_and_interpreter_flag(monkeypatch):
     # (tests/conftest.py imports the kernels at start-up, in the suite's mode)
     assert ops.backend_for("cuda", torch.bfloat16) == (ops.TRITON_GPU if ops._triton_available()
                                                        and torch.cuda.is_available() else ops.TORCH_REFERENCE)
+
+
+@pytest.mark.skipif(ops.backend_for("cpu", torch.float32) != ops.TRITON_INTERPRETER,
+                    reason="the kernels run through the interpreter here")
+def test_a_kept_backend_answer_follows_a_kernel_module_imported_later(monkeypatch):
+    """``backend_for`` keeps its answers (every op call asks): a kernel module imported after an answer, built in
+    another mode, changes it (here a stand-in module built for a GPU, under TRITON_INTERPRET=1)."""
+    import warnings
+
+    name = "sparsectx_test_kernels_imported_later"
+    monkeypatch.setattr(ops, "_KERNEL_MODULES", ops._KERNEL_MODULES + (name,))
+    assert ops.backend_for("cpu", torch.float32) == ops.TRITON_INTERPRETER
+    assert ops.backend_for("cpu", torch.float32) == ops.TRITON_INTERPRETER  # (the kept answer)
+    monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(INTERPRETED=False))
+    with warnings.catch_warnings():  # (the interpreter-set-late warning, given once per process)
+        warnings.simplefilter("ignore")
+        assert ops.backend_for("cpu", torch.float32) == ops.TORCH_REFERENCE
 
 
 @pytest.mark.skipif(not ops._triton_available(), reason="needs triton")
