@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._launch import built_for_interpreter, cdiv, next_power_of_2, on_device_of
+from ._launch import COMPILE_OPTIONS, built_for_interpreter, cdiv, next_power_of_2, on_device_of
 from .compaction import gather_rows
 
 LOG2E = 1.4426950408889634  # scores are scaled by scale*log2(e) so that exp2 replaces exp
@@ -394,7 +394,7 @@ def attention_forward(q, k, v, cu_q, cu_k, max_seqlen_q, ref_k, ref_v, ref_index
             _tune_rows(batch, max_seqlen_q, heads),
             HEAD_DIM=dim, BLOCK_D=_block_d(dim), MASK_D=_block_d(dim) != dim, HAS_REF=has_ref, REF_PACKED=packed,
             Q_INDEXED=indexed, IEEE=q.dtype == torch.float32, OWN_TMA=own_desc[0] is not None,
-            REF_TMA=ref_desc[0] is not None,
+            REF_TMA=ref_desc[0] is not None, **COMPILE_OPTIONS,
         )
     return out, lse
 
@@ -650,7 +650,7 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, 
         _bwd_delta_kernel[(cdiv(max(tq, tk), DELTA_BLOCK_M), heads)](
             out, dout, dlse, delta, cu_q, cu_k, dq, dk, dv, batch, out.stride(0), out.stride(1), dout.stride(0),
             dout.stride(1), tq, tk, dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
-            HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=DELTA_BLOCK_M)
+            HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=DELTA_BLOCK_M, **COMPILE_OPTIONS)
 
     common = (qk_scale, softmax_scale, q.stride(0), q.stride(1), dout.stride(0), dout.stride(1), lse2.stride(0))
     rk, rv, ridx, cur, _, packed = _ref_args(ref_k, ref_v, ref_index, cu_r, q)
@@ -660,19 +660,19 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, 
                 q, dout, lse2, delta, k, v, dk, dv, cu_q, cu_k, cu_k, *common,
                 *_ref_strides(k), *_ref_strides(v), *_ref_strides(dk), *_ref_strides(dv),
                 _tune_rows(batch, max_seqlen_k, heads),
-                HEAD_DIM=dim, BLOCK_D=block_d, IS_REF=False, REF_PACKED=False, IEEE=ieee)
+                HEAD_DIM=dim, BLOCK_D=block_d, IS_REF=False, REF_PACKED=False, IEEE=ieee, **COMPILE_OPTIONS)
         if has_ref and max_seqlen_ref > 0 and ref_k.shape[-3] > 0 and (packed or ref_index.numel() > 0):
             _for_head(DKDV_TUNERS, block_d)[lambda meta: (cdiv(max_seqlen_ref, meta["BLOCK_N"]), heads, batch)](
                 q, dout, lse2, delta, ref_k, ref_v, dref_k, dref_v, cu_q, cu_r, ridx, *common,
                 *_ref_strides(ref_k), *_ref_strides(ref_v), *_ref_strides(dref_k), *_ref_strides(dref_v),
                 _tune_rows(batch, max_seqlen_ref, heads),
-                HEAD_DIM=dim, BLOCK_D=block_d, IS_REF=True, REF_PACKED=packed, IEEE=ieee)
+                HEAD_DIM=dim, BLOCK_D=block_d, IS_REF=True, REF_PACKED=packed, IEEE=ieee, **COMPILE_OPTIONS)
         if tq and max_seqlen_q > 0:
             _for_head(DQ_TUNERS, block_d)[lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)](
                 q, dout, lse2, delta, k, v, rk, rv, ridx, cu_q, cu_k, cur, dq, *common,
                 k.stride(0), k.stride(1), v.stride(0), v.stride(1), *_ref_strides(rk), *_ref_strides(rv),
                 dq.stride(0), dq.stride(1), _tune_rows(batch, max_seqlen_q, heads),
-                HEAD_DIM=dim, BLOCK_D=block_d, HAS_REF=has_ref, REF_PACKED=packed, IEEE=ieee)
+                HEAD_DIM=dim, BLOCK_D=block_d, HAS_REF=has_ref, REF_PACKED=packed, IEEE=ieee, **COMPILE_OPTIONS)
     return dq, dk, dv, dref_k, dref_v
 
 
@@ -791,12 +791,12 @@ def attention_key_mass(q, k, weights, softmax_scale):
     block_m, block_n, warps, stages = _mass_config(block_d, columns=False)
     _mass_rows_kernel[(cdiv(n_queries, block_m), heads, batch)](
         q, k, max2, inv_sum, softmax_scale * LOG2E, n_queries, n_keys, *strides,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common, **COMPILE_OPTIONS)
     block_m, block_n, warps, stages = _mass_config(block_d, columns=True)
     _mass_columns_kernel[(cdiv(n_keys, block_n), heads, batch)](
         q, k, max2, inv_sum, weights, mass, softmax_scale * LOG2E, n_queries, n_keys, *strides, weights.stride(0),
         mass.stride(0), mass.stride(1),
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common, **COMPILE_OPTIONS)
     return mass
 
 

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import built_for_interpreter, cdiv, next_power_of_2, on_device_of, to_device
+from ._launch import COMPILE_OPTIONS, built_for_interpreter, cdiv, next_power_of_2, on_device_of, to_device
 
 # Order-preserving integer keys of fp32 scores: the top-k threshold is found RADIX_BITS bits per pass. Two bits per
 # pass need 3 counts per pass (candidate digits 1..3); more bits per pass would cost 2**bits - 1 counts, each a full
@@ -559,7 +559,7 @@ def compact_index(
             sel, sel.stride(0), sel.stride(1), n_tokens, counts_arg, uniform_count, batch, threshold, need,
             index, cu_seqlens, n_rows, candidates, PER_SAMPLE_COUNTS=not uniform, B_PAD=b_pad,
             BLOCK_N=select_block, ONE_BLOCK=one_block, CAND_BLOCK=cand_block, FILTER_BLOCK=filter_block,
-            num_warps=select_warps,
+            num_warps=select_warps, **COMPILE_OPTIONS,
         )
         if one_block:
             return index, cu_seqlens
@@ -571,14 +571,14 @@ def compact_index(
     grid = (batch, n_blocks)
     _block_counts_kernel[grid](
         sel, sel.stride(0), sel.stride(1), n_tokens, threshold, block_counts, n_blocks,
-        HAS_SCORES=has_scores, BLOCK_N=block_n, num_warps=num_warps,
+        HAS_SCORES=has_scores, BLOCK_N=block_n, num_warps=num_warps, **COMPILE_OPTIONS,
     )
     _write_index_kernel[grid](
         sel, sel.stride(0), sel.stride(1), n_tokens, threshold, need, block_counts, n_blocks,
         counts_arg, uniform_count, batch, index, cu_seqlens, n_rows,
         HAS_SCORES=has_scores, PER_SAMPLE_COUNTS=counts_dev is not None, COUNTS_FROM_BLOCKS=counts is None,
         B_PAD=b_pad, NB_PAD=nb_pad, SAMPLE_CHUNK=min(b_pad, max(1, COUNT_TILE // nb_pad)), BLOCK_N=block_n,
-        num_warps=num_warps,
+        num_warps=num_warps, **COMPILE_OPTIONS,
     )
     return index, cu_seqlens
 
@@ -613,7 +613,7 @@ def gather_rows(
         _gather_rows_kernel[grid](
             index, cu_seqlens, batch, n_rows, payloads[0].shape[1], *args,
             NUM_PAYLOADS=len(group), B_PAD=next_power_of_2(max(batch, 1)),
-            BLOCK_R=block_r, BLOCK_C=block_c, ZERO_PADDING=zero_padding, num_warps=num_warps,
+            BLOCK_R=block_r, BLOCK_C=block_c, ZERO_PADDING=zero_padding, num_warps=num_warps, **COMPILE_OPTIONS,
         )
     return outputs
 
@@ -638,7 +638,7 @@ def scatter_rows(
     _scatter_rows_kernel[grid](
         src, index, cu_seqlens, batch, n_rows, n_tokens, dst, width, dst.stride(0), dst.stride(1),
         HAS_SRC=src is not None, B_PAD=next_power_of_2(batch),
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps, **COMPILE_OPTIONS,
     )
     return out
 

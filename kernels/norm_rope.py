@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import built_for_interpreter, cdiv, next_power_of_2, on_device_of
+from ._launch import COMPILE_OPTIONS, built_for_interpreter, cdiv, next_power_of_2, on_device_of
 
 # Tokens and heads per program. A program moves BLOCK_TOKENS x HEAD_BLOCK head vectors (4096 elements at D=128) and
 # BLOCK_TOKENS rows of both tables. Chosen by arithmetic (enough programs to fill an H200 at a few thousand tokens,
@@ -322,7 +322,7 @@ def rms_norm_rope(segments: list, cos: torch.Tensor, sin: torch.Tensor, eps: flo
     if n_tokens and batch:
         _rms_norm_rope_kernel[_grid(n_tokens, heads, batch)](
             *seg.tensors, out, seg.n_prefix, n_tokens, eps, *seg.strides, *out.stride()[:3],
-            ROUND_BEFORE_WEIGHT=round_before_weight, **seg.constexprs, num_warps=NUM_WARPS,
+            ROUND_BEFORE_WEIGHT=round_before_weight, **seg.constexprs, num_warps=NUM_WARPS, **COMPILE_OPTIONS,
         )
     return out
 
@@ -347,7 +347,7 @@ def rms_norm_rope_backward(dy: torch.Tensor, segments: list, cos: torch.Tensor, 
     if n_programs:
         _rms_norm_rope_bwd_kernel[grid](
             dy, *seg.tensors, dprefix, dx, partial, seg.n_prefix, n_tokens, eps, *dy.stride()[:3], *seg.strides,
-            *dprefix.stride()[:3], *dx.stride()[:3], **seg.constexprs, num_warps=NUM_WARPS,
+            *dprefix.stride()[:3], *dx.stride()[:3], **seg.constexprs, num_warps=NUM_WARPS, **COMPILE_OPTIONS,
         )
     dweights = [None if w is None else torch.empty(dim, dtype=w.dtype, device=dy.device) for w in weights]
     if weighted:  # (no program, no partial row: zeros)
@@ -355,7 +355,7 @@ def rms_norm_rope_backward(dy: torch.Tensor, segments: list, cos: torch.Tensor, 
         _weight_grads_kernel[(n_weights, cdiv(dim, REDUCE_FEATURES))](
             partial, *(g if g is not None else partial for g in dweights), n_programs,
             HEAD_DIM=dim, BLOCK_PAIRS=block_pairs, PREFIX_WEIGHT=seg.prefix_weight is not None,
-            REDUCE_ROWS=REDUCE_ROWS, REDUCE_FEATURES=REDUCE_FEATURES, num_warps=REDUCE_WARPS,
+            REDUCE_ROWS=REDUCE_ROWS, REDUCE_FEATURES=REDUCE_FEATURES, num_warps=REDUCE_WARPS, **COMPILE_OPTIONS,
         )
     grads = [(dx, dweights[1])]
     return grads if seg.prefix is None else [(dprefix, dweights[0])] + grads
@@ -375,6 +375,7 @@ def rope_tables(ids: torch.Tensor, freqs: torch.Tensor, axes_dim: tuple) -> tupl
         _rope_tables_kernel[(cdiv(n_rows, TABLE_BLOCK_ROWS),)](
             ids, freqs, cos, sin, n_rows, ids.stride(0), ids.stride(1), DIM=dim, BLOCK_D=next_power_of_2(dim),
             END0=ends[0], END1=ends[1], END2=ends[2], BLOCK_ROWS=TABLE_BLOCK_ROWS, num_warps=TABLE_WARPS,
+            **COMPILE_OPTIONS,
         )
     return cos, sin
 

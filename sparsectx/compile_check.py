@@ -69,6 +69,7 @@ class Compiled:
     error: Optional[str] = None         # compile error (then the resource fields are None)
     candidate: Optional[int] = None     # index in the autotuner's candidate list (None: not autotuned)
     local_array_bytes: int = 0          # the part of the stack frame that is a known local array (LOCAL_ARRAY_BYTES)
+    fp_fusion: Optional[bool] = None    # compiled with FMA contraction (kernels/_launch.py's COMPILE_OPTIONS)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -372,7 +373,8 @@ def run_check(arch: int = 90, dtypes=DTYPES, head_dims=HEAD_DIMS, progress: bool
             local = min(stack, LOCAL_ARRAY_BYTES.get(name, 0))
             rows.append(Compiled(label, name, config, registers, stack - local,
                                  compiled.metadata.shared + static_shared, round(seconds, 2), candidate=candidate,
-                                 local_array_bytes=local))
+                                 local_array_bytes=local,
+                                 fp_fusion=getattr(compiled.metadata, "enable_fp_fusion", None)))
         try:
             with _compile_only(arch, record):
                 launch()
