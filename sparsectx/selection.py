@@ -941,9 +941,10 @@ def _list_setting(name: str, value, device) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _written_scalars(value):
-    """Nested lists with their narrow-float scalars (``np.float32``, 0-d float32/16 tensors) as the decimals they
-    were written as (``ops.written_ratio``); every other entry (arrays, strings, ...) unchanged."""
-    if isinstance(value, (list, tuple)):
+    """Nested lists (numpy arrays read as lists of their scalars) with their narrow-float scalars (``np.float32``,
+    0-d float32/16 tensors) as the decimals they were written as (``ops.written_ratio``); every other entry (tensors
+    of one or more dimensions, strings, ...) unchanged."""
+    if isinstance(value, (list, tuple)) or (type(value).__module__ == "numpy" and getattr(value, "ndim", 0) >= 1):
         return [_written_scalars(v) for v in value]
     if isinstance(value, torch.Tensor) and value.ndim == 0 and value.dtype in ops.NARROW_RATIO_DTYPES:
         return ops.written_ratio(value.item(), value.dtype)

@@ -1,5 +1,6 @@
 """Selectors, budgets and select(): contract, determinism, planted signals, spread, adaptive budgets, bad input."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -1240,9 +1241,13 @@ def test_numpy_narrow_float_ratios_count_as_the_decimals_written():
             assert int(fixed_ratio(setting)(scores, [5]).counts[0, 0]) == 4, setting
         assert int(adaptive(0.0, floor=value)(scores, [5]).counts[0, 0]) == 4
         assert check_budget(value) == 0.7 and check_budget([value, 3]) == [0.7, 3]
-    # rows given as numpy arrays still work, and strings or 1-d tensors in a list are still refused by name
+    # rows given as numpy arrays work (their narrow floats as written too, and without torch's warning about tensors
+    # made from lists of arrays), and strings or 1-d tensors in a list are still refused by name
     two = torch.rand(1, 10, generator=torch.Generator().manual_seed(1))
-    assert fixed_ratio([np.array([0.5, 0.3])])(two, [5, 5]).counts.tolist() == [[3, 2]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fixed_ratio([np.array([0.5, 0.3])])(two, [5, 5]).counts.tolist() == [[3, 2]]
+        assert fixed_ratio([np.array([0.7, 0.3], dtype=np.float32)])(two, [5, 5]).counts.tolist() == [[4, 2]]
     for bad in (["0.5", "0.3"], [torch.tensor([0.5, 0.3])]):
         with pytest.raises(ValueError, match="fixed_ratio must be a ratio"):
             fixed_ratio(bad)(two, [5, 5])
