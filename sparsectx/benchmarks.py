@@ -2270,6 +2270,8 @@ def format_markdown(meta: dict, rows: list) -> str:
     lines = [f"### {str(meta.get('date', '?'))[:10]}, {meta.get('device')}, driver {meta.get('driver')}, "
              f"CUDA {meta.get('cuda')}, torch {meta.get('torch')}, Triton {meta.get('triton')}, diffusers "
              f"{meta.get('diffusers')}, sparsectx {meta.get('sparsectx')} (commit {meta.get('commit')})", ""]
+    if meta.get("host"):
+        lines += [f"Host: {meta['host']}.", ""]
     if ceilings:
         lines += [f"Ceilings (this run): copy {ceilings.get('copy_GBps', 0) / 1e3:.2f} TB/s (read + write), "
                   f"{ceilings.get('matmul')} {ceilings.get('matmul_TFLOPs', 0):.0f} TFLOP/s. {RATIO_MEANING}.", ""]
@@ -2581,7 +2583,8 @@ def format_summary(meta: dict, rows: list, max_picks: int = 16) -> str:
     time and each peer's time and ratio (``n/a`` for a peer that was not timed, ``FAIL`` for a failed check), the
     issues' targets (``target_verdicts``) and the autotuner's picks."""
     lines = [f"{meta.get('device')} driver {meta.get('driver')} torch {meta.get('torch')} triton "
-             f"{meta.get('triton')} {meta.get('date')} commit {meta.get('commit')}"]
+             f"{meta.get('triton')} {meta.get('date')} commit {meta.get('commit')}"
+             + (f" host {meta['host']}" if meta.get("host") else "")]
     present = {r["case"] for r in rows}
     not_run = [c for c in meta.get("planned_cases") or meta.get("cases") or [] if c not in present]
     if not_run:
@@ -2638,6 +2641,18 @@ def _driver_version() -> Optional[str]:
         return None
 
 
+def host_cpu() -> str:
+    """The host's CPU model and logical CPU count. Rows bound by host work (launches, selection, the probe) depend on
+    it: the same code's times moved by up to 2x between the lent machines (bench/RESULTS.md, 2026-11-30)."""
+    model = None
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), None)
+    except OSError:  # (not Linux)
+        pass
+    return f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+
+
 def run_metadata(device: torch.device, size: str, quick: bool, cases: Sequence[str]) -> dict:
     def version(module):
         try:
@@ -2651,6 +2666,7 @@ def run_metadata(device: torch.device, size: str, quick: bool, cases: Sequence[s
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if gpu else (platform.processor() or platform.machine()),
+        "host": host_cpu(),
         "driver": _driver_version() if gpu else None,
         "cuda": torch.version.cuda if gpu else None,
         "python": platform.python_version(),

@@ -119,6 +119,16 @@ def test_summary_lists_untimed_and_failed_peers_and_the_targets():
     assert "tiny shapes" in benchmarks.format_summary(dict(meta, size="tiny"), rows)
 
 
+def test_the_run_records_its_host_cpu():
+    """Host-bound rows depend on the machine's CPU: the run's metadata names it, and the summary and the markdown
+    header show it."""
+    meta = benchmarks.run_metadata(benchmarks.default_device(), "tiny", True, ["compaction"])
+    assert meta["host"] == benchmarks.host_cpu() and meta["host"].endswith(f", {os.cpu_count()} CPUs")
+    assert len(meta["host"]) > len(f", {os.cpu_count()} CPUs")  # a model name before the count
+    assert benchmarks.format_summary(meta, []).splitlines()[0].endswith(f"host {meta['host']}")
+    assert f"Host: {meta['host']}." in benchmarks.format_markdown(meta, []).splitlines()
+
+
 def test_report_merges_step_files_and_prints_the_summary(tmp_path, capsys):
     meta = {"device": "NVIDIA H200", "size": "full", "autotune": {}}
     first = _block("attention", "L=1", {"sparsectx (compacted)": 1.0, "sdpa cudnn": 0.8})
