@@ -940,11 +940,18 @@ def _list_setting(name: str, value, device) -> tuple[torch.Tensor, torch.Tensor]
     return values, is_ratio
 
 
+def _is_numpy_array(value) -> bool:
+    """Whether ``value`` is exactly a ``numpy.ndarray`` (told without importing numpy; subclasses such as
+    ``numpy.matrix``, whose rows are matrices again, are not read as lists)."""
+    kind = type(value)
+    return kind.__name__ == "ndarray" and kind.__module__ == "numpy"
+
+
 def _written_scalars(value):
     """Nested lists (numpy arrays read as lists of their scalars) with their narrow-float scalars (``np.float32``,
     0-d float32/16 tensors) as the decimals they were written as (``ops.written_ratio``); every other entry (tensors
     of one or more dimensions, strings, ...) unchanged."""
-    if isinstance(value, (list, tuple)) or (type(value).__module__ == "numpy" and getattr(value, "ndim", 0) >= 1):
+    if isinstance(value, (list, tuple)) or (_is_numpy_array(value) and value.ndim >= 1):
         return [_written_scalars(v) for v in value]
     if isinstance(value, torch.Tensor) and value.ndim == 0 and value.dtype in ops.NARROW_RATIO_DTYPES:
         return ops.written_ratio(value.item(), value.dtype)
