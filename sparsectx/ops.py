@@ -64,21 +64,8 @@ def _kernels_built_as(interpreted: bool) -> bool:
     the like, which the kernels call), were built in that mode. ``triton.jit`` fixes it at import: setting
     ``TRITON_INTERPRET`` afterwards does not turn compiled kernels into interpreted ones, or back; and Triton is
     often imported early (by torch.compile and libraries built on it; ``import sparsectx`` does not import it)."""
-    imported = tuple(name in sys.modules for name in _KERNEL_MODULES)
-    known = _BUILT_AS.get((interpreted, imported))
-    if known is not None:
-        return known
-    library = _triton_library_interpreted()
-    built_as = library in (None, interpreted) and all(
-        sys.modules[name].INTERPRETED == interpreted for name, present in zip(_KERNEL_MODULES, imported) if present)
-    if library is not None:  # the modes of the library and of these modules are fixed now, and so is the answer
-        _BUILT_AS[interpreted, imported] = built_as
-    return built_as
-
-
-# (interpreted, which kernel modules are imported) -> _kernels_built_as's answer, once Triton's library is imported
-# (every op call asks)
-_BUILT_AS: dict = {}
+    return _triton_library_interpreted() in (None, interpreted) and all(
+        sys.modules[name].INTERPRETED == interpreted for name in _KERNEL_MODULES if name in sys.modules)
 
 
 _LIBRARY_MODE: list = []  # [interpreted], once Triton's library is imported (its mode can not change after)

@@ -525,7 +525,7 @@ def test_a_new_call_on_other_ids_of_a_seen_shape_selects_on_its_own_layout(model
     on the earlier layout is dropped once its check is read, or when it raises, and the call selects on its own
     layout, as a model enabled anew does."""
     model, kwargs = models[family], _inputs(family)
-    n_axes, hws = (4, _ref_hws(family)) if family == "flux2" else (3, _ref_hws(family))
+    n_axes, hws = (4 if family == "flux2" else 3), _ref_hws(family)
     swapped = [hws[0], TARGET_HW, *hws[1:]]
     ids = torch.cat([_grid_ids(0 if i == 0 else (10 * i if family == "flux2" else 1), hw, n_axes)
                      for i, hw in enumerate(swapped)])
