@@ -47,8 +47,9 @@ SUMMARY_RESERVE_S=20                   # kept back for the summary (15 s) and ti
 KILL_GRACE_S=5
 # caps per step (seconds; on the 2026-11-27 H200: set-up 44 s, 13 GPU tests 64 s, key cases 59 s, training 36 s,
 # e2e without its breakdown 55 s)
-PROCESSORS_TESTS_CAP_S=60              # tests/test_processors.py's GPU tests (6 on tiny models, ~7 s each), first
-GPU_TESTS_CAP_S=150                    # the other GPU tests but the candidates, first launch config (no autotuning;
+PROCESSORS_TESTS_CAP_S=75              # tests/test_processors.py's GPU tests (6 on tiny models, ~7 s each) and the
+                                       # fused QK norm + RoPE at those models' sizes (4, never run), first
+GPU_TESTS_CAP_S=135                    # the other GPU tests but the candidates, first launch config (no autotuning;
                                        # 29 tests took 87 s on 2026-11-30; 35 tests were cut at 150 s after 27 in
                                        # the next run: times per test now printed)
 KEY_CAP_S=120                          # attention, compaction (+ CUDA graph row), batch, masked (+ kept_prefix):
@@ -186,6 +187,7 @@ PYTEST=("$(dirname "$(command -v "$PY")")/pytest")
 PYTEST+=(-p no:cacheprovider -v -rfE --durations=5)
 BENCH=("${IN_SCRATCH[@]}" "$PY" -m sparsectx.cli bench)   # from the scratch folder: the installed package
 CANDIDATES=every_autotune_candidate
+NORM_ROPE_AT_TEST_SIZES=tests/test_norm_rope.py::test_gpu_bf16_at_the_test_models_sizes
 # tests run one launch config per kernel (SPARSECTX_AUTOTUNE=0: many dtypes/shapes, compile time matters more);
 # the candidates test forces each config itself
 # SPARSECTX_REPORT_AS_RUN=1: tests/conftest.py prints each test's time and a failure's traceback as it finishes
@@ -194,10 +196,11 @@ tests() { SPARSECTX_AUTOTUNE=0 SPARSECTX_REPORT_AS_RUN=1 step "$@"; }
 
 if part 1; then
     # the processors' GPU tests first, on their own: one failed unexplained on 2026-11-30, its diagnosis comes first
+    # (with the fused QK norm + RoPE at those tiny models' sizes, which only that check had run on a GPU)
     tests "pytest -m gpu processors" "$PROCESSORS_TESTS_CAP_S" "$TESTS_LOG" "${PYTEST[@]}" tests/test_processors.py \
-        -m gpu
+        "$NORM_ROPE_AT_TEST_SIZES" -m gpu
     tests "pytest -m gpu" "$GPU_TESTS_CAP_S" "$TESTS_LOG" "${PYTEST[@]}" tests -m gpu -k "not $CANDIDATES" \
-        --ignore=tests/test_processors.py
+        --ignore=tests/test_processors.py --deselect "$NORM_ROPE_AT_TEST_SIZES"
     step "bench key cases" "$KEY_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case attention --case compaction \
         --case batch --case masked --json "$SCRATCH/bench_key.json"
     step "bench norm_rope" "$NORM_ROPE_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case norm_rope rope_tables --quick \

@@ -765,6 +765,31 @@ def test_gpu_bf16_gradients_at_flux2_klein_sizes(monkeypatch):
     _assert_gradients_meet_the_criterion(args, upstream, torch.bfloat16, monkeypatch)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim", [16, 32])
+@pytest.mark.parametrize("prefix", [True, False], ids=["text+image", "image"])
+def test_gpu_bf16_at_the_test_models_sizes(dim, prefix, monkeypatch):
+    """The sizes of the tiny FLUX models the processors' GPU check runs (2 heads of 16 or 32, a few text and image
+    tokens: fewer elements per program tile than threads), which only that check ran on a GPU so far: bf16
+    forward and gradients against the float64 reference, x as the q third of a fused projection, FLUX.2's tables
+    (a joint sequence) or their image rows (a single-stream call without a text prefix)."""
+    n_prefix, rows, cols, heads = 7, 5, 6, 2
+    gen = torch.Generator().manual_seed(25 + dim)
+    cos, sin = _flux_tables(n_prefix, rows, cols, [dim // 4] * 4, theta=2000)
+    proj = torch.randn(1, rows * cols, 3 * heads * dim, generator=gen).to(DEVICE, torch.bfloat16)
+    args = dict(x=proj[..., :heads * dim].unflatten(-1, (heads, dim)), cos=cos, sin=sin,
+                weight=(1 + 0.1 * torch.randn(dim, generator=gen)).to(DEVICE, torch.bfloat16),
+                prefix=torch.randn(1, n_prefix, heads, dim, generator=gen).to(DEVICE, torch.bfloat16),
+                prefix_weight=(1 + 0.1 * torch.randn(dim, generator=gen)).to(DEVICE, torch.bfloat16))
+    if not prefix:
+        args.update(prefix=None, prefix_weight=None, cos=cos[n_prefix:], sin=sin[n_prefix:])
+    with torch.no_grad():
+        _assert_criterion(f"bf16 D={dim}", _call(args, 1e-6), args, 1e-6)
+    upstream = torch.randn(1, (n_prefix if prefix else 0) + rows * cols, heads, dim,
+                           generator=gen).to(DEVICE, torch.bfloat16)
+    _assert_gradients_meet_the_criterion(args, upstream, torch.bfloat16, monkeypatch)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the two norms' roundings, and Qwen-Image's tables (one value per pair, complex frequencies)
 # ----------------------------------------------------------------------------------------------------------------
