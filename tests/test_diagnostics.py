@@ -16,7 +16,8 @@ def _x():
     ("equal", lambda x: torch.equal(x, x)),
     ("nonzero", lambda x: torch.nonzero(x > 0)),
     ("bool index", lambda x: x[x > 0]),
-    ("bool index put", lambda x: x.clone().__setitem__(x > 0, 0.0)),
+    # (index_put_ itself: torch 2.15 turns ``x[mask] = scalar`` into masked_fill_, which reads nothing)
+    ("bool index put", lambda x: x.clone().index_put_((x > 0,), torch.tensor(0.0))),
     ("masked_select", lambda x: torch.masked_select(x, x > 0)),
     ("unique", lambda x: torch.unique(x)),
     ("unique_consecutive", lambda x: torch.unique_consecutive(x)),
