@@ -766,18 +766,21 @@ def test_gpu_bf16_gradients_at_flux2_klein_sizes(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_qkv", "own_projection"])
 @pytest.mark.parametrize("dim", [16, 32])
 @pytest.mark.parametrize("prefix", [True, False], ids=["text+image", "image"])
-def test_gpu_bf16_at_the_test_models_sizes(dim, prefix, monkeypatch):
+def test_gpu_bf16_at_the_test_models_sizes(dim, prefix, fused, monkeypatch):
     """The sizes of the tiny FLUX models the processors' GPU check runs (2 heads of 16 or 32, a few text and image
     tokens: fewer elements per program tile than threads), which only that check ran on a GPU so far: bf16
-    forward and gradients against the float64 reference, x as the q third of a fused projection, FLUX.2's tables
-    (a joint sequence) or their image rows (a single-stream call without a text prefix)."""
+    forward and gradients against the float64 reference, x as the q third of a fused projection (FLUX.2's
+    single-stream layers) or contiguous (the other layers: without a text prefix, FLUX.1's single-stream ones,
+    a form only FLUX.1 calls), FLUX.2's tables (a joint sequence) or their image rows."""
     n_prefix, rows, cols, heads = 7, 5, 6, 2
     gen = torch.Generator().manual_seed(25 + dim)
     cos, sin = _flux_tables(n_prefix, rows, cols, [dim // 4] * 4, theta=2000)
     proj = torch.randn(1, rows * cols, 3 * heads * dim, generator=gen).to(DEVICE, torch.bfloat16)
-    args = dict(x=proj[..., :heads * dim].unflatten(-1, (heads, dim)), cos=cos, sin=sin,
+    x = proj[..., :heads * dim].unflatten(-1, (heads, dim))
+    args = dict(x=x if fused else x.contiguous(), cos=cos, sin=sin,
                 weight=(1 + 0.1 * torch.randn(dim, generator=gen)).to(DEVICE, torch.bfloat16),
                 prefix=torch.randn(1, n_prefix, heads, dim, generator=gen).to(DEVICE, torch.bfloat16),
                 prefix_weight=(1 + 0.1 * torch.randn(dim, generator=gen)).to(DEVICE, torch.bfloat16))
