@@ -196,7 +196,7 @@ tests() { SPARSECTX_AUTOTUNE=0 SPARSECTX_REPORT_AS_RUN=1 step "$@"; }
 
 if part 1; then
     # the processors' GPU tests first, on their own: one failed unexplained on 2026-11-30, its diagnosis comes first
-    # (with the fused QK norm + RoPE at those tiny models' sizes, which only that check had run on a GPU)
+    # (with the fused QK norm + RoPE at those tiny models' sizes, which only these checks had run on a GPU)
     tests "pytest -m gpu processors" "$PROCESSORS_TESTS_CAP_S" "$TESTS_LOG" "${PYTEST[@]}" tests/test_processors.py \
         "$NORM_ROPE_AT_TEST_SIZES" -m gpu
     tests "pytest -m gpu" "$GPU_TESTS_CAP_S" "$TESTS_LOG" "${PYTEST[@]}" tests -m gpu -k "not $CANDIDATES" \

@@ -771,7 +771,7 @@ def test_gpu_bf16_gradients_at_flux2_klein_sizes(monkeypatch):
 @pytest.mark.parametrize("prefix", [True, False], ids=["text+image", "image"])
 def test_gpu_bf16_at_the_test_models_sizes(dim, prefix, fused, monkeypatch):
     """The sizes of the tiny FLUX models the processors' GPU check runs (2 heads of 16 or 32, a few text and image
-    tokens: fewer elements per program tile than threads), which only that check ran on a GPU so far: bf16
+    tokens: fewer elements per program tile than threads), which only those checks ran on a GPU so far: bf16
     forward and gradients against the float64 reference, x as the q third of a fused projection (FLUX.2's
     single-stream layers) or contiguous (the other layers: without a text prefix, FLUX.1's single-stream ones,
     a form only FLUX.1 calls), FLUX.2's tables (a joint sequence) or their image rows."""
