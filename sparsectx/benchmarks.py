@@ -851,7 +851,6 @@ class NormRopeCase(_ListedConfigsCase):
             else:
                 impls.append(Impl(self.impl_names[2], skip="measured on CUDA only (Inductor on the CPU needs a C++ "
                                                            "toolchain and is not what users serve with)"))
-        # the GPU time of the kernels (the backward's with autograd.grad captured too) without host work
         what = "the three kernels' GPU time (autograd.grad captured)" if backward else "the kernel's GPU time"
         impls.append(_graph_replay_impl(self.impl_names[3], timed(ours), device,
                                         note=f"diagnostic: {what} without Python and launch overhead"))

@@ -748,6 +748,17 @@ def test_gpu_bf16_at_flux2_klein_sizes():
         _assert_criterion("bf16 image only", _call(no_prefix, 1e-6), no_prefix, 1e-6)
 
 
+def _bf16_flux2_args(n_prefix, rows, cols, heads, dim, gen):
+    """bf16 arguments of FLUX.2's query pass on a ``rows x cols`` latent after ``n_prefix`` text tokens: x the q
+    third of a fused projection, weights near 1, a text stream, FLUX.2's fp32 tables (its 4 axes, D/4 each)."""
+    cos, sin = _flux_tables(n_prefix, rows, cols, [dim // 4] * 4, theta=2000)
+    proj = torch.randn(1, rows * cols, 3 * heads * dim, generator=gen).to(DEVICE, torch.bfloat16)
+    return dict(x=proj[..., :heads * dim].unflatten(-1, (heads, dim)), cos=cos, sin=sin,
+                weight=(1 + 0.1 * torch.randn(dim, generator=gen)).to(DEVICE, torch.bfloat16),
+                prefix=torch.randn(1, n_prefix, heads, dim, generator=gen).to(DEVICE, torch.bfloat16),
+                prefix_weight=(1 + 0.1 * torch.randn(dim, generator=gen)).to(DEVICE, torch.bfloat16))
+
+
 @pytest.mark.gpu
 def test_gpu_bf16_gradients_at_flux2_klein_sizes(monkeypatch):
     """Drop training's backward at klein's sizes (512 text + 4608 image tokens, 32 heads of 128, bf16, FLUX.2's
@@ -755,12 +766,7 @@ def test_gpu_bf16_gradients_at_flux2_klein_sizes(monkeypatch):
     the criterion against the float64 reference's autograd."""
     n_prefix, rows, cols, heads, dim = 512, 64, 72, 32, 128
     gen = torch.Generator().manual_seed(24)
-    cos, sin = _flux_tables(n_prefix, rows, cols, [32, 32, 32, 32], theta=2000)
-    proj = torch.randn(1, rows * cols, 3 * heads * dim, generator=gen).to(DEVICE, torch.bfloat16)
-    args = dict(x=proj[..., :heads * dim].unflatten(-1, (heads, dim)), cos=cos, sin=sin,
-                weight=(1 + 0.1 * torch.randn(dim, generator=gen)).to(DEVICE, torch.bfloat16),
-                prefix=torch.randn(1, n_prefix, heads, dim, generator=gen).to(DEVICE, torch.bfloat16),
-                prefix_weight=(1 + 0.1 * torch.randn(dim, generator=gen)).to(DEVICE, torch.bfloat16))
+    args = _bf16_flux2_args(n_prefix, rows, cols, heads, dim, gen)
     upstream = torch.randn(1, n_prefix + rows * cols, heads, dim, generator=gen).to(DEVICE, torch.bfloat16)
     _assert_gradients_meet_the_criterion(args, upstream, torch.bfloat16, monkeypatch)
 
@@ -777,15 +783,11 @@ def test_gpu_bf16_at_the_test_models_sizes(dim, prefix, fused, monkeypatch):
     a form only FLUX.1 calls), FLUX.2's tables (a joint sequence) or their image rows."""
     n_prefix, rows, cols, heads = 7, 5, 6, 2
     gen = torch.Generator().manual_seed(25 + dim)
-    cos, sin = _flux_tables(n_prefix, rows, cols, [dim // 4] * 4, theta=2000)
-    proj = torch.randn(1, rows * cols, 3 * heads * dim, generator=gen).to(DEVICE, torch.bfloat16)
-    x = proj[..., :heads * dim].unflatten(-1, (heads, dim))
-    args = dict(x=x if fused else x.contiguous(), cos=cos, sin=sin,
-                weight=(1 + 0.1 * torch.randn(dim, generator=gen)).to(DEVICE, torch.bfloat16),
-                prefix=torch.randn(1, n_prefix, heads, dim, generator=gen).to(DEVICE, torch.bfloat16),
-                prefix_weight=(1 + 0.1 * torch.randn(dim, generator=gen)).to(DEVICE, torch.bfloat16))
+    args = _bf16_flux2_args(n_prefix, rows, cols, heads, dim, gen)
+    if not fused:
+        args["x"] = args["x"].contiguous()
     if not prefix:
-        args.update(prefix=None, prefix_weight=None, cos=cos[n_prefix:], sin=sin[n_prefix:])
+        args.update(prefix=None, prefix_weight=None, cos=args["cos"][n_prefix:], sin=args["sin"][n_prefix:])
     with torch.no_grad():
         _assert_criterion(f"bf16 D={dim}", _call(args, 1e-6), args, 1e-6)
     upstream = torch.randn(1, (n_prefix if prefix else 0) + rows * cols, heads, dim,
