@@ -175,6 +175,34 @@ def test_probe_tensors_equal_first_block_qk(models, family, shared, same_prompt)
         assert "text_mask" not in record
 
 
+@pytest.mark.parametrize("attention", ["native", "sparsectx"])
+@pytest.mark.parametrize("family", FLUX_FAMILIES)
+def test_probe_of_fused_projections_equals_the_separate_ones(family, attention):
+    """After diffusers' ``fuse_qkv_projections()`` (one ``to_qkv`` / ``to_added_qkv`` matrix per block, a common
+    speed-up) the probe projects its rows through the fused matrices: the same text queries, target queries and
+    reference keys as the separate projections give, and the drop-in then keeps the same tokens and returns the
+    same output (sparsectx's processors read q, k and v from the fused matrices too)."""
+    kwargs = _inputs(family)
+    records, outputs, keeps = [], [], []
+    for fused in (False, True):
+        model = _build_model(family)
+        if fused:
+            model.fuse_qkv_projections()
+            assert model.transformer_blocks[0].attn.fused_projections
+        record = {}
+        sparsectx.enable(model, budget=BUDGET, selector=_recording_attention(record), attention=attention)
+        with torch.no_grad():
+            outputs.append(model(**kwargs)[0])
+        keeps.append(getattr(model, integration.PATCH_ATTR).cache.keep)
+        records.append(record)
+        integration.disable(model)
+    close = dict(rtol=FP32_RTOL, atol=FP32_ATOL)
+    for name in ("text_queries", "target_queries", "ref_keys"):
+        torch.testing.assert_close(records[1][name], records[0][name], **close, msg=name)
+    assert torch.equal(keeps[1], keeps[0])
+    torch.testing.assert_close(outputs[1], outputs[0], **close)
+
+
 def test_per_sample_prompts_are_found_even_if_the_selector_catches_exceptions(models):
     """A selector guarding its probe call with ``except Exception`` still gets one probe per sample's prompt."""
     model, kwargs = models["flux2"], _inputs("flux2", shared=True, same_prompt=False)
