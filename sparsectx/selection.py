@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .ops import _device_values, _is_int, _python_number
+from .ops import _device_values, _is_int, _is_numpy_array, _python_number
 
 # ----------------------------------------------------------------------------------------------------------------
 # constants
@@ -938,13 +938,6 @@ def _list_setting(name: str, value, device) -> tuple[torch.Tensor, torch.Tensor]
         raise ValueError(f"{name} must be a rectangular list (one entry per image, or one list per request), "
                          f"got {value!r}") from None
     return values, is_ratio
-
-
-def _is_numpy_array(value) -> bool:
-    """Whether ``value`` is exactly a ``numpy.ndarray`` (told without importing numpy; subclasses such as
-    ``numpy.matrix``, whose rows are matrices again, are not read as lists)."""
-    kind = type(value)
-    return kind.__name__ == "ndarray" and kind.__module__ == "numpy"
 
 
 def _written_scalars(value):

@@ -514,6 +514,42 @@ def test_numpy_scalars_count_as_python_numbers():
                                sparsectx.masked_attention(q, q, q, mask, kept_prefix=2), rtol=0, atol=0)
 
 
+LOOSE_MAX_SEQLEN = 1000  # far above the test's rows, small enough for the interpreter to run its grid unclamped
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["buffer", "packed"])
+def test_oversized_max_seqlens_launch_no_more_programs_than_rows(monkeypatch, packed):
+    """max_seqlen_* far above the packed rows (a caller's loose bound) give the same outputs and gradients as the
+    exact ones, and the kernels' grids are sized by the rows there are (before: by the bound given, whose programs
+    found no row: max_seqlen_q=10**5 over 10 rows cost 56 s in the interpreter)."""
+    from sparsectx.kernels import attention as kernels
+
+    case = make_case([4, 0, 6], [3, 2, 0], [2, 3, 1], 8, 2, 16, torch.float32, seed=23, packed=packed)
+    seen = []
+    for name, slots in (("attention_forward", (5,)), ("attention_backward", (9, 10, 15))):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, real=real, slots=slots, **kw: seen.append(
+            tuple(a[i] for i in slots)) or real(*a, **kw))
+    g = torch.Generator().manual_seed(24)
+    dout = torch.randn(case.q.shape, generator=g).to(DEVICE)
+    dlse = torch.randn(case.q.shape[1], case.q.shape[0], generator=g).to(DEVICE)
+    exact = run_ops(case, dout, dlse)
+    rows = (case.q.shape[0], case.k.shape[0],
+            case.ref["ref_k"].shape[0] if packed else case.ref["ref_index"].numel())
+    launched_exact, seen[:] = list(seen), []
+    case.max_q = case.max_k = LOOSE_MAX_SEQLEN
+    case.ref = dict(case.ref, max_seqlen_ref=LOOSE_MAX_SEQLEN)
+    loose = run_ops(case, dout, dlse)
+    for got, want in zip(loose[:2], exact[:2]):
+        assert torch.equal(got, want)
+    for name in exact[2]:
+        assert torch.equal(loose[2][name], exact[2][name]), name
+    if sparsectx.ops.backend_for(DEVICE, torch.float32) == sparsectx.ops.TORCH_REFERENCE:
+        assert seen == launched_exact == []  # the reference path has no grid
+        return
+    assert len(seen) == 2 and seen[0] == rows[:1] and seen[1] == rows, seen
+
+
 def test_autocast_casts_the_inputs_as_sdpa_does():
     """Inside torch.autocast, q/k/v of mixed dtypes (fp32 q and k from fp32 norms, a bf16 v) are cast to the
     autocast dtype, as torch's SDPA does: the result equals the call on inputs cast by hand. Outside autocast the

@@ -119,6 +119,17 @@ def test_numpy_budgets_count_as_python_numbers(device):
         assert torch.equal(got.index, want.index) and torch.equal(got.cu_seqlens, want.cu_seqlens)
     with pytest.raises(TypeError, match="budget"):
         sparsectx.compact_tokens(scores, budget=np.bool_(True))
+    # numpy arrays: one entry per sample as a list or a tensor of them, or a 0-d one for every sample (before:
+    # TypeError for any array)
+    for numpy_budget, python_budget in ((np.array([5, 2]), [5, 2]), (np.array([0.25, 0.5], dtype=np.float32),
+                                                                     [0.25, 0.5]), (np.array(4), 4)):
+        got, want = (sparsectx.compact_tokens(scores, budget=b) for b in (numpy_budget, python_budget))
+        assert torch.equal(got.index, want.index) and torch.equal(got.cu_seqlens, want.cu_seqlens), numpy_budget
+    for wrong_shape in (np.array([5, 2, 1]), np.array([[5, 2]])):
+        with pytest.raises(ValueError, match="budget array must be a scalar or have one entry per sample"):
+            sparsectx.compact_tokens(scores, budget=wrong_shape)
+    with pytest.raises(ValueError, match="budget ratio must be in"):  # a float array holds ratios, as a tensor
+        sparsectx.compact_tokens(scores, budget=np.array([5.0, 2.0]))
     # a numpy float32 ratio keeps the count its decimal keeps, as a float32 tensor's does (0.7 of 5 tokens: 4,
     # where float32's 0.69999999 rounds half up to 3)
     five = _scores(gen, 1, 5, torch.float32, device)
