@@ -294,9 +294,13 @@ class _Settings:
 def _check_signals(signals) -> dict:
     if signals is None:
         return {}
-    if not isinstance(signals, dict) or not all(isinstance(k, str) for k in signals):
+    if not isinstance(signals, dict):
         raise ValueError(f"signals must be a dict from signal names to values (e.g. {{'user_mask': mask}}), "
                          f"got {type(signals).__name__}")
+    names = [name for name in signals if not isinstance(name, str)]
+    if names:
+        raise ValueError(f"signals must be a dict from signal names (strings) to values (e.g. {{'user_mask': "
+                         f"mask}}), got the key {names[0]!r} ({type(names[0]).__name__})")
     return dict(signals)
 
 
@@ -324,6 +328,12 @@ def _check_settings_for(selector, budget, signals: dict) -> None:
     if unknown:
         raise ValueError(f"selector {selector.name!r} reads no signal named {unknown}; its signals are "
                          f"{sorted(selector.signals)}")
+    from .selection import unread_signals  # deferred: only enable() needs it
+
+    unread, readers = unread_signals(selector, signals)
+    if unread:
+        warnings.warn(f"selector {selector.name!r} does not read the signals {unread} it was given: they are unused "
+                      f"(the selectors that read them: {readers})", UserWarning, stacklevel=4)
 
 
 # transformer arguments that carry the prompt (per sample): the probe's text queries depend on them

@@ -861,6 +861,26 @@ register_selector("edit", edit_scores, returns_scores=True, signals=BUILTIN_SIGN
 register_selector("subject", subject_scores, returns_scores=True, signals=BUILTIN_SIGNALS, reads_generator=False)
 register_selector("attention", attention_scores, returns_scores=True, signals=BUILTIN_SIGNALS, reads_generator=False)
 
+# What each built-in selector reads of BUILTIN_SIGNALS. Each accepts them all (the signals given to enable serve a
+# selector switched per call); a given signal the chosen one does not read is unused, and the drop-in warns (e.g. a
+# user_mask with the default "random" selector, where "edit" was meant).
+_BUILTIN_READS = {get_selector(name): frozenset(reads) for name, reads in (
+    ("random", ()),
+    ("uniform", ("ref_shapes",)),
+    ("edit", ("user_mask", "text_queries", "text_mask", "ref_keys", "attention_probe", "ref_shapes")),
+    ("subject", ("target_queries", "ref_keys", "attention_probe", "ref_shapes")),
+    ("attention", ("queries", "query_mask", "text_queries", "text_mask", "target_queries", "ref_keys",
+                   "attention_probe")))}
+
+
+def unread_signals(selector: Selector, names) -> tuple[list, list]:
+    """``(unread, readers)``: the names among ``names`` that ``selector``, a built-in, does not read (sorted; [] for
+    any other selector), and the built-in selectors that read at least one of them."""
+    reads = _BUILTIN_READS.get(selector)
+    unread = [] if reads is None else sorted(set(names) - reads)
+    readers = sorted(other.name for other, other_reads in _BUILTIN_READS.items() if other_reads & set(unread))
+    return unread, readers
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # budgets

@@ -2,6 +2,7 @@
 CPU, offline. Families: FLUX.2 (Flux2Transformer2DModel, 4-axis ids), FLUX.1 Kontext layout (FluxTransformer2DModel,
 reference plane 1), Qwen-Image (QwenImageTransformer2DModel, RoPE from img_shapes, zero_cond_t)."""
 import gc
+import warnings
 import weakref
 
 import pytest
@@ -404,6 +405,8 @@ def test_budget_counts_per_image_and_request():
     assert integration.budget_counts([3, 1.0], 1, lengths) == [[3, 8]]
     assert integration.budget_counts(20, 1, lengths) == [[9, 8]]  # counts above an image's size keep it whole
     assert integration.budget_counts([[0.25], [2, 3]], 4, lengths) == [[2, 2], [2, 2], [2, 3], [2, 3]]
+    # the README's rule: floor(ratio * n + 0.5) in floating point (0.29 * 50 = 14.499999999999998)
+    assert integration.budget_counts(0.29, 1, [50]) == [[14]] and integration.budget_counts(0.3, 1, [45]) == [[14]]
 
 
 def test_keep_mask_is_top_k_per_image():
@@ -887,6 +890,31 @@ def test_misspelt_signal_names_of_a_built_in_selector_are_refused(models):
     with pytest.raises(ValueError, match="reads no signal named"):
         _run(model, {**kwargs, "joint_attention_kwargs": {"sparsectx": {"signals": {"usermask": mask}}}})
     sparsectx.enable(model, budget=4, selector=norm_selector, signals={"anything": mask})  # a user callable
+
+
+def test_signals_the_chosen_built_in_does_not_read_are_warned_about(models):
+    """Every built-in selector accepts every built-in signal name (one set of signals serves a selector switched
+    per call), but a signal the chosen one does not read is unused: a user_mask given with the default 'random'
+    selector (where 'edit' was meant) kept other tokens than the mask's, silently. enable and the per-call
+    override now warn, naming the selectors that read it; signals the selector reads raise no warning."""
+    model, kwargs = models["flux2"], _inputs("flux2")
+    mask = torch.ones(1, 17, dtype=torch.bool)
+    for selector in ("random", "uniform", "subject", "attention"):
+        with pytest.warns(UserWarning, match=rf"selector '{selector}' does not read the signals \['user_mask'\] "
+                                             r"it was given: they are unused \(the selectors that read them: "
+                                             r"\['edit'\]\)"):
+            sparsectx.enable(model, budget=4, selector=selector, signals={"user_mask": mask})
+    with pytest.warns(UserWarning, match=r"selector 'uniform' does not read the signals \['ref_keys'\].*"
+                                         r"\['attention', 'edit', 'subject'\]"):
+        sparsectx.enable(model, budget=4, selector="uniform", signals={"ref_keys": mask})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparsectx.enable(model, budget=4, selector="edit", signals={"user_mask": mask})
+        sparsectx.enable(model, budget=4, selector="uniform", signals={"ref_shapes": [(3, 3), (2, 4)]})
+        sparsectx.enable(model, budget=4, selector=norm_selector, signals={"anything": mask})  # a user callable
+        sparsectx.enable(model, budget=4, selector="edit", signals={"user_mask": mask})
+    with pytest.warns(UserWarning, match="selector 'random' does not read the signals"):
+        _run(model, {**kwargs, "joint_attention_kwargs": {"sparsectx": {"selector": "random"}}})
 
 
 @pytest.mark.parametrize("seed", [2 ** 70, -2 ** 64, 1.0, "1"])
@@ -1533,6 +1561,8 @@ def test_signals_reach_task_aware_selectors(models):
         assert torch.equal(keep, user_mask)
         with pytest.raises(ValueError, match="signals must be a dict"):
             sparsectx.enable(model, budget=0.5, signals=[user_mask])
+        with pytest.raises(ValueError, match=r"signal names \(strings\).*got the key 1 \(int\)"):  # (said 'dict')
+            sparsectx.enable(model, budget=0.5, selector="edit", signals={1: user_mask})
         # one sample's mask without its batch dim: the error says which shape is expected
         sparsectx.enable(model, budget=[3, 2], selector="edit", signals={"user_mask": user_mask[0]})
         with pytest.raises(ValueError, match=r"'user_mask' has shape \(17,\).*user_mask is bool \[B or 1, N\]"):
