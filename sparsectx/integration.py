@@ -557,19 +557,38 @@ def _step_cache_states_set_aside(transformer: torch.nn.Module):
             manager._state_cache = states
 
 
+@contextlib.contextmanager
+def _eager_forward(module: torch.nn.Module):
+    """Inside the block, ``module`` runs its eager forward even if ``module.compile()`` compiled it (diffusers'
+    ``compile_repeated_blocks``); afterwards it is compiled as before."""
+    compiled = module.__dict__.get("_compiled_call_impl")
+    if compiled is None:
+        yield
+        return
+    module._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        module._compiled_call_impl = compiled
+
+
 def _probe_qk(transformer: torch.nn.Module, family: str, forward: Callable, call: dict,
               layout: _Layout) -> _QKProbeProcessor:
     """Runs ``forward(**call)`` with the probe processor on ``transformer.transformer_blocks[0].attn`` until it
     stops there (FLUX's ``pos_embed`` computing its tables with ``processors.flux_rope_tables``: the same values);
-    the original processor object is put back whatever happens."""
+    the original processor object is put back whatever happens. The first block runs eagerly even where
+    ``compile_repeated_blocks`` compiled it: the probe processor's host work on the layout can not be traced with
+    ``fullgraph=True``, and the probe's full-length shapes would cost a recompile for one call."""
     from .processors import fast_rope_tables  # deferred: imports diffusers' model modules
 
-    attn = transformer.transformer_blocks[0].attn
+    block = transformer.transformer_blocks[0]
+    attn = block.attn
     recorder = _probe_processor(family, layout)
     original = attn.processor
     attn.set_processor(recorder)
     try:  # (FLUX's RoPE tables in a few launches: the probe's host launch work is most of its time)
-        with torch.no_grad(), _step_cache_states_set_aside(transformer), fast_rope_tables(transformer):
+        with torch.no_grad(), _step_cache_states_set_aside(transformer), fast_rope_tables(transformer), \
+                _eager_forward(block):
             forward(**call)
     except _ProbeDone:
         return recorder

@@ -1039,6 +1039,29 @@ def test_whole_model_fullgraph_compile_says_to_compile_the_blocks(models):
         torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_probe_runs_the_first_block_eagerly_under_compiled_blocks(family):
+    """compile_repeated_blocks(fullgraph=True) with a probe selector: the probe's stopped forward runs the first
+    block eagerly (before: dynamo traced the probe processor's host work on the layout inside the compiled block and
+    refused it, "Data dependent operator aten.equal"; FLUX.1 hit its recompile limit on the probe's full-length
+    shapes). The result equals the eager sparse one and the block stays compiled for the steps."""
+    model, kwargs = _build_model(family), _inputs(family)
+    sparsectx.enable(model, budget=2, selector="attention")
+    eager_sparse = _run(model, kwargs)
+    sparsectx.disable(model)
+    torch._dynamo.reset()
+    try:
+        model.compile_repeated_blocks(fullgraph=True, backend="eager")
+        compiled = model.transformer_blocks[0]._compiled_call_impl
+        assert compiled is not None
+        sparsectx.enable(model, budget=2, selector="attention")
+        torch.testing.assert_close(_run(model, kwargs), eager_sparse, rtol=0, atol=FP32_ATOL)
+        assert model.transformer_blocks[0]._compiled_call_impl is compiled
+    finally:
+        sparsectx.disable(model)
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("family", ["flux2", "flux"])
 def test_later_steps_reuse_the_kept_image_rows_rope_tables(family, monkeypatch):
     """A step that reuses the plan passes the kept image rows' ids made at its first step, and FLUX.2's image RoPE
