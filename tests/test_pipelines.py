@@ -495,7 +495,10 @@ def _inpaint_case(name, monkeypatch):
         embeds = torch.randn(1, klein.TEXT_TOKENS, klein.TEXT_DIM, generator=g)
         kwargs.update(image_reference=klein._reference_images(), prompt_embeds=embeds,
                       negative_prompt_embeds=torch.zeros_like(embeds), guidance_scale=CFG_SCALE)
-        refs = [(w // KLEIN_PX_PER_TOKEN) * (h // KLEIN_PX_PER_TOKEN) for w, h in klein.REF_SIZES]
+        # the references: the source image first, then image_reference's, each resized to the first one's size
+        first_w, first_h = klein.REF_SIZES[0]
+        refs = [(INPAINT_PX // KLEIN_PX_PER_TOKEN) ** 2] + [
+            (first_w // KLEIN_PX_PER_TOKEN) * (first_h // KLEIN_PX_PER_TOKEN)] * len(klein.REF_SIZES)
         return pipe, kwargs, (INPAINT_PX // KLEIN_PX_PER_TOKEN) ** 2, refs, INPAINT_BUDGET
     # Qwen-Image-Edit inpainting: the image is the reference too, resized to a fixed area (shrunk here, as
     # VAE_IMAGE_SIZE for the edit-plus tests), and the target takes the reference's size
@@ -533,6 +536,7 @@ def test_inpainting_pipelines(name, monkeypatch):
     torch.testing.assert_close(run(), expected, rtol=0, atol=FP32_ATOL)
     sparsectx.enable(pipe, budget=budget, selector="random", seed=SEED)
     sparse = run()
+    assert sparsectx.last_selection(pipe).ref_lengths == n_refs  # each reference image as the pipeline lays it out
     kept = [round(budget * n) for n in n_refs]
     assert all(k == budget * n for k, n in zip(kept, n_refs))  # budgets that keep whole tokens
     assert seen == [n_target + sum(kept)] * forwards
