@@ -878,6 +878,8 @@ def unread_signals(selector: Selector, names) -> tuple[list, list]:
     any other selector), and the built-in selectors that read at least one of them."""
     reads = _BUILTIN_READS.get(selector)
     unread = [] if reads is None else sorted(set(names) - reads)
+    if not unread:
+        return [], []
     readers = sorted(other.name for other, other_reads in _BUILTIN_READS.items() if other_reads & set(unread))
     return unread, readers
 

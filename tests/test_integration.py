@@ -909,7 +909,6 @@ def test_signals_the_chosen_built_in_does_not_read_are_warned_about(models):
         sparsectx.enable(model, budget=4, selector="uniform", signals={"ref_keys": mask})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        sparsectx.enable(model, budget=4, selector="edit", signals={"user_mask": mask})
         sparsectx.enable(model, budget=4, selector="uniform", signals={"ref_shapes": [(3, 3), (2, 4)]})
         sparsectx.enable(model, budget=4, selector=norm_selector, signals={"anything": mask})  # a user callable
         sparsectx.enable(model, budget=4, selector="edit", signals={"user_mask": mask})

@@ -495,11 +495,12 @@ def _inpaint_case(name, monkeypatch):
         embeds = torch.randn(1, klein.TEXT_TOKENS, klein.TEXT_DIM, generator=g)
         kwargs.update(image_reference=klein._reference_images(), prompt_embeds=embeds,
                       negative_prompt_embeds=torch.zeros_like(embeds), guidance_scale=CFG_SCALE)
-        # the references: the source image first, then image_reference's, each resized to the first one's size
+        # the references: the source image (the target's size) first, then image_reference's, each resized to the
+        # first one's size
+        n_target = (INPAINT_PX // KLEIN_PX_PER_TOKEN) ** 2
         first_w, first_h = klein.REF_SIZES[0]
-        refs = [(INPAINT_PX // KLEIN_PX_PER_TOKEN) ** 2] + [
-            (first_w // KLEIN_PX_PER_TOKEN) * (first_h // KLEIN_PX_PER_TOKEN)] * len(klein.REF_SIZES)
-        return pipe, kwargs, (INPAINT_PX // KLEIN_PX_PER_TOKEN) ** 2, refs, INPAINT_BUDGET
+        refs = [n_target] + [(first_w // KLEIN_PX_PER_TOKEN) * (first_h // KLEIN_PX_PER_TOKEN)] * len(klein.REF_SIZES)
+        return pipe, kwargs, n_target, refs, INPAINT_BUDGET
     # Qwen-Image-Edit inpainting: the image is the reference too, resized to a fixed area (shrunk here, as
     # VAE_IMAGE_SIZE for the edit-plus tests), and the target takes the reference's size
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_inpaint as qwen_inpaint
