@@ -9,7 +9,8 @@
 #                     mixed batch, dense key mask), the fused QK norm + RoPE (--quick), training, e2e step +
 #                     breakdown, selection cost, KV cache 4-step (--quick), profiler tables (bench/profile_ops.py),
 #                     in that order        at most 9.5 minutes (GPU_CHECK_BUDGET_S=570, the default)
-#   GPU_CHECK_PART=2  every autotune candidate under the flash-attention criterion, the Qwen-Image-Edit step,
+#   GPU_CHECK_PART=2  whole klein-9B pipeline calls (each selector's cost inside a call), every autotune
+#                     candidate under the flash-attention criterion, the Qwen-Image-Edit step,
 #                     a klein-9B fine-tuning step (dropped references removed or masked), the mixed-budget batch
 #                     step, the FLUX.1-Kontext step, then the rest of the suite on CUDA in whatever time is left
 #                     (with the default budget, little: give GPU_CHECK_BUDGET_S more)
@@ -68,6 +69,9 @@ PROFILE_CAP_S=100                      # bench/profile_ops.py: norm_rope (its op
                                        # klein-9B probe (model build), selection; 2026-11-30: compaction, selection,
                                        # probe and masked took 41 s, and the budget cut it before norm_rope
 CANDIDATES_CAP_S=130                   # part 2: every autotune candidate, head dims 128 and 256 (~26 kernel variants)
+# part 2: whole klein-9B pipeline calls, --quick (3 refs x 10%): 9 rows x 2 passes x (warm-up + 2 calls) + a check,
+# 4 steps each (~0.9 s a call by FACTS' step times; keep-all ~3 s), the 9B model and the FLUX.2 VAE built; never run
+PIPELINE_CAP_S=150
 # mixed-budget batch of 4 requests, --quick (1024² only): packed vs exact groups vs a per-request loop, then the
 # keep-all batch (2026-11-29 H200: the first four rows took the whole 45 s cap then, the keep-all row was cut)
 BATCH_E2E_CAP_S=75
@@ -82,7 +86,7 @@ KONTEXT_CAP_S=50
 QWEN_CAP_S=90
 SCRATCH=$(mktemp -d /tmp/gpu_check.XXXXXX)
 # the benchmark steps' JSON files, in the order the summary lists them
-BENCH_PARTS=("$SCRATCH"/bench_{key,norm_rope,training,e2e,selection,kv,e2e_qwen,train_step,e2e_batch,e2e_kontext}.json)
+BENCH_PARTS=("$SCRATCH"/bench_{key,norm_rope,training,e2e,selection,kv,pipeline,e2e_qwen,train_step,e2e_batch,e2e_kontext}.json)
 rm -f "$OUT/bench.json" "$OUT/results.md"   # an earlier run's files must not pass for this run's
 START=$SECONDS
 STEP_LINES=()
@@ -216,6 +220,9 @@ if part 1; then
     step "profile ops" "$PROFILE_CAP_S" "$BENCH_LOG" "${IN_SCRATCH[@]}" "$PY" "$REPO/bench/profile_ops.py" --out "$OUT"
 fi
 if part 2; then
+    # whole klein-9B pipeline calls: what each selector adds to a real call (issue 6), never run on a GPU, so first
+    step "bench pipeline" "$PIPELINE_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case pipeline --quick \
+        --json "$SCRATCH/bench_pipeline.json"
     tests "pytest candidates" "$CANDIDATES_CAP_S" "$TESTS_LOG" "${PYTEST[@]}" tests -m gpu -k "$CANDIDATES"
     # the Qwen-Image-Edit-20B step (the third family; its drop-in against references shrunk to the kept count):
     # issue 5's target, never run on a GPU, so first

@@ -741,3 +741,73 @@ def test_cpu_timings_are_per_call_medians():
     assert benchmarks.time_ms(slow_first, torch.device("cpu"), quick=True) < 50
     per_call = benchmarks.loop_ms(lambda: time.sleep(0.002), torch.device("cpu"), quick=True)
     assert 1.5 < per_call < 10  # ~2 ms per call, whatever the count of calls per batch
+
+
+def _pipeline_rows(times: dict, passes: dict = None, failed: tuple = ()) -> list:
+    shape = "3 ref x 10% (1230 of 12288 tokens), 1024px target and references"
+    rows = _block("pipeline", shape, times)
+    for row in rows:
+        if passes and row["impl"] in passes:
+            row["pass_ms"] = [row["time_ms"], passes[row["impl"]]]
+        if row["impl"] in failed:
+            row["ok"] = False
+    return rows
+
+
+def test_pipeline_selection_cost_is_each_selectors_fastest_pass_over_the_given_scores_call():
+    """annotate: a select row's cost is its fastest pass minus the given-scores row's fastest pass, as a share of
+    the run's no-reference e2e step, else of the case's own no-reference call per step; the summary line gives the
+    worst share of the rows whose check passed, and judges nothing when the baseline's check failed."""
+    case = benchmarks.CASES["pipeline"]
+    times = {benchmarks.GIVEN_SCORES_ROW: 700.0, "select, uniform": 701.0, "select, subject (automatic probe)": 706.0,
+             benchmarks.KEEP_ALL_ROW: 2940.0, benchmarks.NO_REFERENCE_ROW: 640.0}
+    passes = {benchmarks.GIVEN_SCORES_ROW: 698.0, "select, uniform": 699.5, "select, subject (automatic probe)": 709.0,
+              benchmarks.NO_REFERENCE_ROW: 600.0}
+    earlier = [_row("e2e", "1 ref x 10%", benchmarks.NO_REFERENCE_ROW, 150.0)]
+    rows = _pipeline_rows(times, passes)
+    case.annotate(rows, earlier)
+    by_impl = {r["impl"]: r for r in rows}
+    assert by_impl["select, uniform"]["call_added_ms"] == pytest.approx(1.5)  # 699.5 - 698
+    assert by_impl["select, uniform"]["step_pct"] == pytest.approx(1.0)  # 1.5 of the 150 ms step
+    assert by_impl["select, subject (automatic probe)"]["call_added_ms"] == pytest.approx(8.0)  # 706 - 698
+    assert "4.21x faster than keeping every reference token" in by_impl[benchmarks.GIVEN_SCORES_ROW]["note"]
+    lines = benchmarks.pipeline_selection_verdicts(rows)
+    assert len(lines) == 1 and "MISSES: worst 5.33% (select, subject (automatic probe), adds 8 ms)" in lines[0]
+    own = _pipeline_rows(times, passes)
+    case.annotate(own, [])  # no e2e step in the run: the case's no-reference call, per step (600 / 4 ms)
+    assert {r["impl"]: r for r in own}["select, uniform"]["step_pct"] == pytest.approx(1.0)
+    assert "this case's no-reference call per step" in own[1]["note"]
+    subject_failed = _pipeline_rows(times, passes, failed=("select, subject (automatic probe)",))
+    case.annotate(subject_failed, earlier)
+    line = benchmarks.pipeline_selection_verdicts(subject_failed)[0]
+    assert "meets: worst 1.00% (select, uniform" in line and "check FAILED: select, subject" in line
+    base_failed = _pipeline_rows(times, passes, failed=(benchmarks.GIVEN_SCORES_ROW,))
+    case.annotate(base_failed, earlier)
+    assert "not judged (sparsectx.enable, given scores: check FAILED)" in benchmarks.pipeline_selection_verdicts(
+        base_failed)[0]
+
+
+def test_pipeline_rows_check_the_selection_of_their_own_call():
+    """The pipeline case's rows (tiny klein pipeline on the CPU): the given-scores row keeps each reference's
+    top-scored tokens, a selector row the budget's count, the plain pipeline makes no selection; each check fails
+    on what it guards against."""
+    workload = benchmarks.CASES["pipeline"].build((3, 0.25), "tiny", torch.device("cpu"))
+    results = {}
+    for name in (benchmarks.GIVEN_SCORES_ROW, "select, uniform", benchmarks.KEEP_ALL_ROW):
+        impl = workload.impl(name)
+        with impl.context():
+            results[name] = impl.output(impl.fn())
+        assert impl.verify(results[name]) == "", name
+    given, uniform, plain = (workload.impl(n) for n in results)
+    latents, selection = results[benchmarks.GIVEN_SCORES_ROW]
+    assert plain.verify(results[benchmarks.GIVEN_SCORES_ROW]) == "a selection was made"
+    assert given.verify((latents, None)) == "sparsectx made no selection"
+    assert given.verify((latents.clone().fill_(math.nan), selection)) == "non-finite latents"
+    assert uniform.verify(results[benchmarks.GIVEN_SCORES_ROW]) == ""  # the same counts
+    _, other = results["select, uniform"]
+    assert not torch.equal(other.keep, selection.keep)  # (uniform keeps other tokens than the given scores)
+    assert given.verify((latents, other)) == "kept other tokens than each reference's top-scored ones"
+    keep = other.keep.clone()
+    keep[0, int((~keep[0, :64]).nonzero()[0])] = True  # the first reference keeps one token more
+    more = other._replace(keep=keep)
+    assert uniform.verify((latents, more)) == "kept [17, 16, 16] tokens per reference, not 16 each"
