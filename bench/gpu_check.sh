@@ -9,6 +9,7 @@
 #                     mixed batch, dense key mask), the fused QK norm + RoPE (--quick), training, e2e step +
 #                     breakdown, selection cost, KV cache 4-step (--quick), profiler tables (bench/profile_ops.py),
 #                     in that order        at most 9.5 minutes (GPU_CHECK_BUDGET_S=570, the default)
+#                     (GPU_CHECK_PIPELINE=1: part 2's pipeline calls too, after the KV-cache step)
 #   GPU_CHECK_PART=2  whole klein-9B pipeline calls (each selector's cost inside a call), every autotune
 #                     candidate under the flash-attention criterion, the Qwen-Image-Edit step,
 #                     a klein-9B fine-tuning step (dropped references removed or masked), the mixed-budget batch
@@ -198,6 +199,14 @@ NORM_ROPE_AT_TEST_SIZES=tests/test_norm_rope.py::test_gpu_bf16_at_the_test_model
 # (a step cut by its timeout never reaches pytest's failure summary: on 2026-11-30 one GPU test failed unexplained)
 tests() { SPARSECTX_AUTOTUNE=0 SPARSECTX_REPORT_AS_RUN=1 step "$@"; }
 
+# whole klein-9B pipeline calls: what each selector adds to a real call (issue 6), never run on a GPU: first in part
+# 2, or in part 1 after the KV-cache step with GPU_CHECK_PIPELINE=1, relating its costs to the e2e step measured
+# there
+pipeline_step() {
+    step "bench pipeline" "$PIPELINE_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case pipeline --quick "$@" \
+        --json "$SCRATCH/bench_pipeline.json"
+}
+PIPELINE_IN_PART_1=${GPU_CHECK_PIPELINE:-0}
 if part 1; then
     # the processors' GPU tests first, on their own: one failed unexplained on 2026-11-30, its diagnosis comes first
     # (with the fused QK norm + RoPE at those tiny models' sizes, which only these checks had run on a GPU)
@@ -216,13 +225,13 @@ if part 1; then
     step "bench selection" "$SELECTION_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case selection \
         --steps-from "$SCRATCH/bench_e2e.json" --json "$SCRATCH/bench_selection.json"
     step "bench kv" "$KV_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case kv --quick --json "$SCRATCH/bench_kv.json"
+    [[ $PIPELINE_IN_PART_1 == 1 ]] && pipeline_step --steps-from "$SCRATCH/bench_e2e.json"
     # diagnosis, not a target: profiler tables of the ops that miss theirs (bench/profile_ops.py), in profile_ops.txt
     step "profile ops" "$PROFILE_CAP_S" "$BENCH_LOG" "${IN_SCRATCH[@]}" "$PY" "$REPO/bench/profile_ops.py" --out "$OUT"
 fi
 if part 2; then
-    # whole klein-9B pipeline calls: what each selector adds to a real call (issue 6), never run on a GPU, so first
-    step "bench pipeline" "$PIPELINE_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case pipeline --quick \
-        --json "$SCRATCH/bench_pipeline.json"
+    # (unless part 1 of this run had it)
+    [[ $PIPELINE_IN_PART_1 == 1 && $PART == all ]] || pipeline_step
     tests "pytest candidates" "$CANDIDATES_CAP_S" "$TESTS_LOG" "${PYTEST[@]}" tests -m gpu -k "$CANDIDATES"
     # the Qwen-Image-Edit-20B step (the third family; its drop-in against references shrunk to the kept count):
     # issue 5's target, never run on a GPU, so first
