@@ -1020,6 +1020,13 @@ class _SparsePatch(ForwardPatch):
         call = self.bind(args, kwargs)
         overrides = self._pop_overrides(call)
         plan, packable = self._plan(call, overrides)
+        if not torch.is_grad_enabled():
+            return self._run_plan(call, plan, packable)
+        # gradient checkpointing recomputes the blocks during backward, with the processors installed then
+        with self.checkpointed_in(functools.partial(self._attention_unchanged, self.attention)):
+            return self._run_plan(call, plan, packable)
+
+    def _run_plan(self, call: dict, plan: _Plan, packable: bool):
         if not plan.groups:  # no reference tokens (text-to-image, a KV-cached step), or every token kept
             with self._rope_tables():
                 return self.original_forward(**call)
@@ -1030,6 +1037,22 @@ class _SparsePatch(ForwardPatch):
             plan.hooks_checked = True
         results = [self._run_group(call, group) for group in plan.groups]
         return self._merge(call, plan, results)
+
+    @contextlib.contextmanager
+    def _attention_unchanged(self, attention: str):
+        """The scope of a checkpointed block of a forward that ran ``attention``: its recomputation during backward
+        runs the attention processors installed then, so ``RuntimeError`` when they are no longer that forward's
+        (enabled again with another attention, disabled after sparsectx's attention, drop training enabled), where
+        the backward would otherwise fail inside torch's checkpoint with a mismatch of saved tensors."""
+        patch = getattr(self.transformer, PATCH_ATTR, None)
+        now = ("drop training" if getattr(self.transformer, DROP_TRAINING_ATTR, None) is not None
+               else patch.attention if patch is not None else NATIVE)
+        if now != attention:
+            raise RuntimeError(f"the transformer's attention changed between a forward and its backward (the forward "
+                               f"ran {attention!r} attention, its layers now run {now!r}): gradient checkpointing "
+                               "recomputes that forward's blocks with the processors installed now; enable with "
+                               "another attention, or disable, after the backward")
+        yield
 
     @_eager_under_compile  # host work once per call (layout, selection, groups): eager beside a compiled model
     def _plan(self, call: dict, overrides: dict) -> tuple:
@@ -1655,18 +1678,30 @@ def _family_of(module) -> Optional[str]:
 
 
 def _unwrapped(module):
-    """The module a ``torch.compile`` wrapper (``OptimizedModule``) or a data-parallel wrapper
-    (``DistributedDataParallel``, as accelerate's ``prepare`` makes, or ``DataParallel``) holds, or ``module``
-    itself: sparsectx patches the real transformer, and the wrapper calls it."""
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``), a data-parallel wrapper
+    (``DistributedDataParallel``, as accelerate's ``prepare`` makes, or ``DataParallel``) or a peft wrapper
+    (``get_peft_model``'s ``PeftModel``, whose ``base_model`` is a tuner holding the model as ``model``) holds, or
+    ``module`` itself: sparsectx patches the real transformer, and the wrapper calls it."""
     while isinstance(module, torch.nn.Module):
         if type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None),
                                                                      torch.nn.Module):
             module = module._orig_mod
         elif isinstance(module, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
             module = module.module
+        elif type(module).__module__.startswith("peft.") and _peft_inner(module) is not None:
+            module = _peft_inner(module)
         else:
             break
     return module
+
+
+def _peft_inner(module: torch.nn.Module) -> Optional[torch.nn.Module]:
+    """What a peft module wraps: a ``PeftModel``'s ``base_model`` (the tuner), a tuner's ``model``; else None."""
+    for name in ("base_model", "model"):
+        inner = module._modules.get(name)
+        if isinstance(inner, torch.nn.Module):
+            return inner
+    return None
 
 
 def check_diffusers_version() -> None:

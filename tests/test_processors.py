@@ -964,6 +964,47 @@ def test_removing_the_dropped_tokens_with_checkpointing_lora_and_compile(checkpo
         torch.testing.assert_close(grad, masked[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("first, between", [("native", "sparsectx"), ("sparsectx", "native"),
+                                            ("sparsectx", "disable"), ("native", "disable"),
+                                            ("sparsectx", "another selector")])
+def test_the_drop_ins_attention_changed_before_a_checkpointed_backward(family, first, between):
+    """Gradient checkpointing recomputes a drop-in forward's blocks during backward with the attention processors
+    installed then: enabling again with another attention, or disabling after sparsectx's attention, before the
+    backward raises a RuntimeError saying so (before: torch's CheckpointError on mismatched saved tensors); a change
+    that leaves the processors as they were (disabling after native attention, another selector) gives the
+    gradients of the unchanged forward."""
+    model, kwargs = shared._build_model(family).train(), _train_inputs(family)
+    model.enable_gradient_checkpointing()
+    target = torch.randn(2, N_TARGET, kwargs["hidden_states"].shape[2], generator=torch.Generator().manual_seed(4))
+    selector = random_drop_selector((0.2, 0.6), torch.Generator().manual_seed(3))
+    sparsectx.enable(model, budget=None, selector=selector, attention=first)
+    out = model(**kwargs)[0]
+    keep = sparsectx.last_selection(model).keep
+    assert not keep.all()
+    if between == "disable":
+        sparsectx.disable(model)
+    else:
+        sparsectx.enable(model, budget=None, selector=random_drop_selector((0.2, 0.6)),
+                         attention=first if between == "another selector" else between)
+    loss = ((out[:, :N_TARGET] - target) ** 2).mean()
+    if between in ("disable", "another selector") and (between != "disable" or first == "native"):
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        sparsectx.enable(model, budget=None, selector=lambda latents, context: keep, attention=first)
+        ((model(**kwargs)[0][:, :N_TARGET] - target) ** 2).mean().backward()
+        expected = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        assert grads and grads.keys() == expected.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, expected[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+    else:
+        with pytest.raises(RuntimeError, match=f"the forward ran '{first}' attention, its layers now run "
+                                               f"'{'native' if between == 'disable' else between}'"):
+            loss.backward()
+    sparsectx.disable(model)
+
+
 def test_random_drop_selector_without_a_generator_follows_the_drop_ins_seed():
     """Without its own generator the selector draws from one generator seeded by the drop-in's seed (the drop-in
     hands each selection a fresh generator of that seed: drawing from it repeated one mask at every step): new
@@ -1550,6 +1591,48 @@ def test_drop_training_through_a_data_parallel_wrapper(wrapper, tmp_path):
         del wrapped  # before the group: a DistributedDataParallel freed after it once hung joining gloo's thread
         if group:
             dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("form", ["drop training", "drop-in"])
+def test_training_through_a_peft_model_wrapper(form):
+    """``peft.get_peft_model``'s PeftModel given to enable_drop_training / sparsectx.enable (and is_enabled /
+    disable) acts on the transformer it holds (it raised TypeError naming the supported classes): its forward drops
+    tokens and the LoRA gradients equal those of enabling the transformer itself."""
+    peft = pytest.importorskip("peft")
+    kwargs = _train_inputs("flux2")
+    target = torch.randn(2, N_TARGET, kwargs["hidden_states"].shape[2], generator=torch.Generator().manual_seed(5))
+    config = dict(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v"])
+
+    def lora_grads(through_wrapper: bool):
+        torch.manual_seed(0)  # the same adapter weights in both runs
+        wrapped = peft.get_peft_model(shared._build_model("flux2"), peft.LoraConfig(**config)).train()
+        model = wrapped.base_model.model
+        target_of_enable = wrapped if through_wrapper else model
+        if form == "drop training":
+            enable_drop_training(target_of_enable, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(1))
+            assert is_drop_training_enabled(wrapped) and is_drop_training_enabled(model)
+        else:
+            sparsectx.enable(target_of_enable, budget=None,
+                             selector=random_drop_selector((0.2, 0.6), torch.Generator().manual_seed(1)))
+            assert integration.is_enabled(wrapped) and integration.is_enabled(model)
+        out = wrapped(**kwargs)[0]
+        ((out[:, :N_TARGET] - target) ** 2).mean().backward()
+        grads = {name: p.grad.clone() for name, p in wrapped.named_parameters() if p.grad is not None}
+        if form == "drop training":
+            assert not model._sparsectx_drop_training.recent_draws[-1].all()
+            disable_drop_training(target_of_enable)
+            assert not is_drop_training_enabled(model)
+        else:
+            assert not sparsectx.last_selection(model).keep.all()
+            sparsectx.disable(target_of_enable)
+            assert not integration.is_enabled(model)
+        assert "forward" not in model.__dict__
+        return grads
+
+    through_wrapper, direct = lora_grads(True), lora_grads(False)
+    assert through_wrapper and through_wrapper.keys() == direct.keys() and all("lora" in n for n in direct)
+    for name, grad in through_wrapper.items():
+        torch.testing.assert_close(grad, direct[name], rtol=0, atol=0, msg=name)
 
 
 def test_deep_copy_of_a_drop_training_transformer_runs_its_own_weights(models):
