@@ -72,8 +72,11 @@ class SelectionContext:
     """What a selector may know besides the reference latents.
 
     ``num_references`` images of ``ref_lengths`` tokens each (sequence order, ``sum == N``); ``reference_ids``
-    ``[B, N, n_axes]`` position ids (``[N, n_axes]`` is taken as batch 1) or None; ``target_shape`` (h, w) of the
-    target in tokens or None; ``generator`` for random selectors; ``sample_generators``: one generator per sample,
+    ``[B, N, n_axes]`` position ids (``[N, n_axes]`` is taken as batch 1) or None: with 2 axes (h, w), with 3 or 4
+    (FLUX's) (h, w) on axes 1 and 2; ids with another number of axes give no grid (each image is taken as 1D), and
+    float ids must be finite (refused otherwise: one host read where the grid is read from them); ``target_shape``
+    (h, w) of the target in tokens or None; ``generator`` for random selectors; ``sample_generators``: one
+    generator per sample,
     or None (a pipeline call given one generator per image, diffusers' per-image seeds: a random selector draws
     sample b's scores from ``sample_generators[b]``; ``generator`` is then the first sample's); ``extra``: free-form
     signals (see the module docstring; the context keeps a copy of the dict, where the probe's tensors are cached).
@@ -322,7 +325,10 @@ def _image_grid(context: SelectionContext, device) -> Optional[torch.Tensor]:
             return None
         first, second = ID_HW_AXES[n_axes]
         hw = ids[..., first:second + 1] if second == first + 1 else ids[..., [first, second]]  # a view: no index op
-        hw = torch.round(hw) if hw.is_floating_point() else hw  # (rounded where it lies: the same values)
+        if hw.is_floating_point():  # (one host read: integer ids need none)
+            if not bool(torch.isfinite(hw).all()):
+                raise ValueError("reference_ids hold non-finite positions (NaN or inf)")
+            hw = torch.round(hw)  # (rounded where it lies: the same values)
         hw = hw.to(device=device, dtype=torch.long)
         low = _image_rows(hw, lengths).amin(dim=2)  # [b, n_refs, 2]: each image's smallest (row, col)
         if len(lengths) == 1:
@@ -334,11 +340,15 @@ def _image_grid(context: SelectionContext, device) -> Optional[torch.Tensor]:
     key = "ref_shapes" if ids is None else IDS_GRID_SHAPES
     if len(shapes) != context.num_references:
         raise ValueError(f"extra[{key!r}] must give (h, w) for each of the {context.num_references} references")
-    for (h, w), n in zip(shapes, lengths):
+    for entry, n in zip(shapes, lengths):
+        try:
+            h, w = entry
+        except (TypeError, ValueError):
+            h = w = None
         h, w = _python_number(h), _python_number(w)
         if not (_is_int(h) and _is_int(w) and h > 0 and w > 0) or h * w != n:
-            raise ValueError(f"extra[{key!r}] entry ({h}, {w}) must be two positive ints whose product is the "
-                             f"reference's {n} tokens")
+            raise ValueError(f"extra[{key!r}] entry {entry!r} must be (h, w): two positive ints whose product is "
+                             f"the reference's {n} tokens")
     return _shapes_grid(tuple((int(h), int(w)) for h, w in shapes), tuple(lengths), torch.device(device))
 
 
@@ -561,6 +571,9 @@ def _check_qk(queries, keys, query_mask, batch: int, n_tokens: int, q_name: str)
     if not isinstance(queries, torch.Tensor) or queries.ndim != 4 or queries.shape[0] != batch:
         raise ValueError(f"extra[{q_name!r}] must be [B={batch}, Q, H, D], "
                          f"got {getattr(queries, 'shape', type(queries).__name__)}")
+    for name, tensor in ((q_name, queries), ("ref_keys", keys)):
+        if isinstance(tensor, torch.Tensor) and not tensor.is_floating_point():
+            raise ValueError(f"extra[{name!r}] must be a float tensor, got {tensor.dtype}")
     if not isinstance(keys, torch.Tensor) or keys.ndim != 4 or tuple(keys.shape[:2]) != (batch, n_tokens) \
             or keys.shape[2:] != queries.shape[2:]:
         raise ValueError(f"extra['ref_keys'] must be [B={batch}, N={n_tokens}, H, D] with the heads and head dim "
@@ -579,7 +592,9 @@ def attention_mass(queries: torch.Tensor, keys: torch.Tensor, query_mask: Option
 
     ``queries [B, Q, H, D]``, ``keys [B, N, H, D]``; ``query_mask`` bool ``[B, Q]`` drops padding queries. At most
     ``max_queries`` evenly strided valid queries are used per sample (None = all). The softmax runs over the given
-    keys only: the mass is each reference token's share of the attention the queries give the references.
+    keys only: the mass is each reference token's share of the attention the queries give the references. The
+    strided queries include each sample's first and last valid query (``slot·(Q_valid-1)/(max_queries-1)``
+    rounded half up), so an all-valid ``query_mask`` picks the queries that no mask picks.
     Queries and keys of different float dtypes are computed in the wider one. Not differentiable (selection is a
     top-k): the inputs are detached.
 
@@ -622,17 +637,24 @@ def _subsample_queries(queries: torch.Tensor, query_mask: Optional[torch.Tensor]
     """``count`` evenly strided queries per sample, taken among its valid ones (``query_mask``): a sample with at
     most ``count`` valid queries keeps them all, the remaining slots masked out. Returns ``(queries, mask)``."""
     n_queries, device = queries.shape[1], queries.device
+    slot = torch.arange(count, device=device)[None]
     if query_mask is None:
-        picked = torch.linspace(0, n_queries - 1, count, device=device).round().long()
-        return queries[:, picked], None
+        return queries[:, _strided(slot, n_queries, count)[0]], None
     valid = query_mask.sum(dim=1, keepdim=True)  # [B, 1]
     order = torch.sort((~query_mask).to(torch.uint8), dim=1, stable=True).indices  # valid queries first, in order
-    slot = torch.arange(count, device=device)[None]
-    strided = torch.div(slot * valid, count, rounding_mode="floor")  # evenly spread over the valid ones
+    strided = _strided(slot, valid, count)  # evenly spread over the valid ones (an all-valid mask: as no mask)
     position = torch.where(valid > count, strided, slot).clamp(max=n_queries - 1)
     picked = order.gather(1, position)  # [B, count]
     gathered = queries.gather(1, picked[:, :, None, None].expand(-1, -1, *queries.shape[2:]))
     return gathered, slot < valid
+
+
+def _strided(slot: torch.Tensor, n, count: int) -> torch.Tensor:
+    """Position of each ``slot`` of ``count`` spread evenly over ``n`` items, the first and the last included:
+    ``slot·(n-1)/(count-1)`` rounded half up, in integers (exact)."""
+    if count == 1:
+        return torch.zeros_like(slot)
+    return torch.div(slot * (n - 1) * 2 + (count - 1), 2 * (count - 1), rounding_mode="floor")
 
 
 def _normalise_per_image(signal: torch.Tensor, ref_lengths: Sequence[int]) -> torch.Tensor:
@@ -1385,6 +1407,7 @@ def as_budget(budget: BudgetSpec) -> Callable[..., BudgetResult]:
     if isinstance(budget, bool) or not (isinstance(budget, numbers.Real) or callable(budget)):
         raise TypeError("budget must be a float ratio, an int count or a budget callable, got "
                         f"{type(budget).__name__}")
+    budget = ops.budget_number(budget)  # a numpy float32's ratio as the decimal it was written as
     if isinstance(budget, numbers.Integral):
         return fixed_count(int(budget))
     if isinstance(budget, numbers.Real):
@@ -1480,6 +1503,11 @@ def selected_keep(selector: Selector, reference_latents: torch.Tensor, context: 
     """``apply_budget(selector(reference_latents, context), ..., checked=True)`` (``select`` and the drop-in), with
     one host read fewer under an adaptive budget: it finds NaN scores in its own read of their range, and they are
     refused naming the selector all the same."""
+    if budget is not None:  # a bad budget is refused before the selector (and a probe it reads) runs
+        budget = as_budget(budget)
+    elif selector.returns_scores:
+        raise ValueError(f"budget is required: selector {selector.name!r} returns scores (budget=None keeps a "
+                         "selector's keep mask as given)")
     checks_nan = isinstance(budget, AdaptiveBudget)
     chosen = selector(reference_latents, context, nan_check=not checks_nan)
     try:

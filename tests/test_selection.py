@@ -395,17 +395,26 @@ def test_attention_mass_matches_a_direct_computation():
 
 def test_query_subsampling_picks_among_the_valid_queries():
     """With padding (a text mask) the strided subsample is taken among each sample's valid queries: a sample with
-    few valid queries keeps all of them, one with many keeps an even spread of them."""
+    few valid queries keeps all of them, one with many keeps an even spread of them, its first and last included,
+    the same queries as without a mask (before: an all-valid mask picked [0, 3, 6, 9] where no mask picked
+    [0, 4, 7, 11])."""
     gen = torch.Generator().manual_seed(1)
     queries = torch.randn(2, 12, 2, HEAD_DIM, generator=gen)
     keys = torch.randn(2, 9, 2, HEAD_DIM, generator=gen)
     query_mask = torch.zeros(2, 12, dtype=torch.bool)
     query_mask[0, [2, 5, 11]] = True  # 3 valid queries (< max_queries): all of them
-    query_mask[1] = True  # 12 valid: every third one
+    query_mask[1] = True  # 12 valid: 0, 11/3, 22/3, 11 rounded half up
     got = selection.attention_mass(queries, keys, query_mask, max_queries=4)
     alone = [selection.attention_mass(queries[:1, [2, 5, 11]], keys[:1], max_queries=None),
-             selection.attention_mass(queries[1:, [0, 3, 6, 9]], keys[1:], max_queries=None)]
+             selection.attention_mass(queries[1:, [0, 4, 7, 11]], keys[1:], max_queries=None)]
     torch.testing.assert_close(got, torch.cat(alone), rtol=1e-6, atol=1e-7)
+    unmasked = selection.attention_mass(queries[1:], keys[1:], max_queries=4)
+    torch.testing.assert_close(got[1:], unmasked, rtol=0, atol=0)
+    half = torch.zeros(2, 12, dtype=torch.bool)
+    half[:, 1::2] = True  # valid queries 1, 3, ..., 11: slots 0, 5/3, 10/3, 5 -> 0, 2, 3, 5 of them
+    torch.testing.assert_close(selection.attention_mass(queries, keys, half, max_queries=4),
+                               selection.attention_mass(queries[:, [1, 5, 7, 11]], keys, max_queries=None),
+                               rtol=1e-6, atol=1e-7)
 
 
 def test_fp16_probe_tensors_do_not_overflow():
@@ -438,6 +447,10 @@ def test_numpy_scalar_budgets_count_as_their_kind():
     latents, ctx = _full_context(2, 2)
     assert torch.equal(select(latents, ctx, "uniform", np.float32(0.25)), select(latents, ctx, "uniform", 0.25))
     assert torch.equal(select(latents, ctx, "uniform", np.int64(3)), select(latents, ctx, "uniform", 3))
+    # a float32 ratio as the decimal written: 0.45 of 50 tokens keeps 23 (0.449999988 x 50 + 0.5 would keep 22)
+    fifty = SelectionContext(1, [50])
+    for ratio, kept in ((0.45, 23), (0.77, 39), (0.83, 42)):
+        assert int(select(torch.randn(1, 50, 4), fifty, "uniform", np.float32(ratio)).sum()) == kept
     scores = latents.norm(dim=-1)
     assert torch.equal(adaptive_budget(scores, 0.5, floor=np.int64(4), ref_lengths=ctx.ref_lengths).counts,
                        adaptive_budget(scores, 0.5, floor=4, ref_lengths=ctx.ref_lengths).counts)
@@ -748,10 +761,18 @@ def test_missing_or_malformed_signals():
         get_selector("uniform")(latents, bad_shapes)
     shapes, _ = _layout(2)
     h, w = shapes[0]
-    for shape in ((-h, -w), (h * w, 1.0), (True, h * w), (0, 0)):  # products that match, or not, but no sizes
+    for shape in ((-h, -w), (h * w, 1.0), (True, h * w), (0, 0), h * w, (h, w, 1), None, f"{h}x{w}"):
+        # products that match, or not, but no sizes; entries that are not pairs (before: unpacking errors)
         entries = [shape, shapes[1]]
         with pytest.raises(ValueError, match="ref_shapes"):
             get_selector("uniform")(latents, SelectionContext(2, ctx.ref_lengths, extra={"ref_shapes": entries}))
+    for name in ("text_queries", "target_queries", "ref_keys"):  # integer probe tensors, named as given
+        wrong_dtype = SelectionContext(2, ctx.ref_lengths, extra={**ctx.extra, name: ctx.extra[name].long()})
+        for selector in ("edit", "attention", "subject"):
+            if (name, selector) in (("text_queries", "subject"), ("target_queries", "edit")):
+                continue  # (signals these selectors do not read)
+            with pytest.raises(ValueError, match=rf"extra\['[a-z_/]*{name}[a-z_/]*'\] must be a float tensor"):
+                get_selector(selector)(latents, wrong_dtype)
     bad_probe = SelectionContext(2, ctx.ref_lengths, extra={"attention_probe": lambda x, c: None})
     with pytest.raises(ValueError, match="attention_probe"):
         get_selector("attention")(latents, bad_probe)
@@ -1147,9 +1168,14 @@ def test_an_adaptive_budget_reads_the_scores_once():
 
     latents, context = _full_context(1, 3)
     for budget, reads in ((adaptive(0.8, floor=0.1), 1), (0.3, 1)):
+        with count_host_reads() as counted:  # (float ids: one read more, their finiteness check)
+            select(latents, context, "subject", budget)
+        assert counted.count == reads + 1, (budget, counted.ops)
+        context.reference_ids = context.reference_ids.long()  # integer ids (FLUX.2's) need no check
         with count_host_reads() as counted:
             select(latents, context, "subject", budget)
         assert counted.count == reads, (budget, counted.ops)
+        context.reference_ids = context.reference_ids.float()
 
 
 # the drop-in's grid shapes: the selectors' grid made from shapes known on the host instead of the device ids
@@ -1454,3 +1480,29 @@ def test_probe_tensors_never_replace_signals_the_user_gave():
     got = selection.get_selector("attention")(torch.zeros(1, n, 4), ctx)
     torch.testing.assert_close(got, selection.attention_mass(probe_out["queries"], user_keys))
     assert ctx.extra["ref_keys"] is user_keys
+
+
+@pytest.mark.parametrize("selector", ["uniform", "subject", "edit"])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_reference_ids_are_refused(selector, value):
+    """Float reference ids holding NaN or inf: a ValueError naming them (before: silently a grid cell for uniform
+    and subject, an index error deep in torch for edit)."""
+    latents, ctx = _full_context(1, 2)
+    ctx.reference_ids = ctx.reference_ids.clone()
+    ctx.reference_ids[0, 5, 1] = value
+    with pytest.raises(ValueError, match="reference_ids hold non-finite positions"):
+        select(latents, ctx, selector, 0.5)
+
+
+@pytest.mark.parametrize("budget", [-1, 1.5, "x", None])
+def test_a_bad_budget_is_refused_before_the_selector_and_its_probe_run(budget):
+    latents, ctx = _full_context(1, 2)
+    calls = []
+    probed = SelectionContext(2, ctx.ref_lengths, reference_ids=ctx.reference_ids,
+                              extra={"attention_probe": lambda x, c: calls.append(1) or {
+                                  "queries": ctx.extra["target_queries"], "ref_keys": ctx.extra["ref_keys"]}})
+    with pytest.raises((ValueError, TypeError), match="budget|ratio|count"):
+        select(latents, probed, "attention", budget)
+    assert calls == []
+    select(latents, probed, "attention", 0.5)
+    assert calls == [1]  # (the probe the refused calls did not run)
