@@ -76,10 +76,10 @@ class SelectionContext:
     (FLUX's) (h, w) on axes 1 and 2; ids with another number of axes give no grid (each image is taken as 1D), and
     float ids must be finite (refused otherwise: one host read where the grid is read from them); ``target_shape``
     (h, w) of the target in tokens or None; ``generator`` for random selectors; ``sample_generators``: one
-    generator per sample,
-    or None (a pipeline call given one generator per image, diffusers' per-image seeds: a random selector draws
-    sample b's scores from ``sample_generators[b]``; ``generator`` is then the first sample's); ``extra``: free-form
-    signals (see the module docstring; the context keeps a copy of the dict, where the probe's tensors are cached).
+    generator per sample, or None (a pipeline call given one generator per image, diffusers' per-image seeds: a
+    random selector draws sample b's scores from ``sample_generators[b]``; ``generator`` is then the first
+    sample's); ``extra``: free-form signals (see the module docstring; the context keeps a copy of the dict, where
+    the probe's tensors are cached).
     """
 
     num_references: int
