@@ -1505,6 +1505,9 @@ def selected_keep(selector: Selector, reference_latents: torch.Tensor, context: 
     refused naming the selector all the same."""
     if budget is not None:  # a bad budget is refused before the selector (and a probe it reads) runs
         budget = as_budget(budget)
+        if isinstance(budget, FixedBudget) and isinstance(budget.value, torch.Tensor) \
+                and isinstance(reference_latents, torch.Tensor) and reference_latents.ndim == 3:
+            _broadcast_per_image(budget.name, budget.value, reference_latents.shape[0], len(context.ref_lengths))
     elif selector.returns_scores:
         raise ValueError(f"budget is required: selector {selector.name!r} returns scores (budget=None keeps a "
                          "selector's keep mask as given)")

@@ -1494,13 +1494,15 @@ def test_non_finite_reference_ids_are_refused(selector, value):
         select(latents, ctx, selector, 0.5)
 
 
-@pytest.mark.parametrize("budget", [-1, 1.5, "x", None])
+@pytest.mark.parametrize("budget", [-1, 1.5, "x", None, "per-image tensor of 3 for 2 images"])
 def test_a_bad_budget_is_refused_before_the_selector_and_its_probe_run(budget):
     latents, ctx = _full_context(1, 2)
     calls = []
     probed = SelectionContext(2, ctx.ref_lengths, reference_ids=ctx.reference_ids,
                               extra={"attention_probe": lambda x, c: calls.append(1) or {
                                   "queries": ctx.extra["target_queries"], "ref_keys": ctx.extra["ref_keys"]}})
+    if budget == "per-image tensor of 3 for 2 images":
+        budget = fixed_ratio(torch.tensor([0.1, 0.2, 0.3]))
     with pytest.raises((ValueError, TypeError), match="budget|ratio|count"):
         select(latents, probed, "attention", budget)
     assert calls == []
