@@ -1089,6 +1089,27 @@ def _torch_topk_rows(scores: torch.Tensor, count: int) -> torch.Tensor:
     return scores.topk(count, dim=1).indices.sort(dim=1).values
 
 
+def _kept_count_problem(selection, count: int, n_refs: int) -> str:
+    """"" when ``selection`` (``sparsectx.last_selection``'s) kept ``count`` tokens of each of ``n_refs`` references,
+    else what is wrong."""
+    if selection is None:
+        return "sparsectx made no selection"
+    kept = [int(mask.sum()) for mask in selection.per_image()]
+    return "" if kept == [count] * n_refs else f"kept {kept} tokens per reference, not {count} each"
+
+
+def _top_scored_problem(selection, scores: torch.Tensor, count: int) -> str:
+    """"" when ``selection`` kept each reference's ``count`` top-scored tokens (rows of ``scores``), else what is
+    wrong."""
+    problem = _kept_count_problem(selection, count, scores.shape[0])
+    if problem:
+        return problem
+    expected = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    expected.scatter_(1, _torch_topk_rows(scores, count), True)  # each reference's top-count scores
+    got = torch.stack([mask[0] for mask in selection.per_image()]).to(expected.device)
+    return "" if torch.equal(got, expected) else "kept other tokens than each reference's top-scored ones"
+
+
 def _compact_by_hand(x: dict, scores: torch.Tensor, count: int) -> tuple:
     """The plain-torch peer of compaction: each reference image's ``count`` top-scored latents and ids (top-k, sort,
     index_select per image), as ``[refs, count, ...]``."""
@@ -1712,32 +1733,28 @@ class PipelineCase(_RefsKeepCase):
         def noting_selection(result):  # the checked call's output, inside the row's scope
             return result, last_selection(pipe)
 
-        def kept_check(expect: Optional[torch.Tensor], adaptive_budget: bool) -> Callable[[Any], str]:
-            """The checked call's selection: each reference keeps ``count`` tokens (``expect``: exactly those), or,
-            adaptive, between the floor and the cap."""
+        def finite(latents) -> str:
+            return "" if torch.isfinite(latents).all() else "non-finite latents"
+
+        def given_scores_kept(result) -> str:  # each reference's top-scored tokens
+            latents, selection = result
+            return finite(latents) or _top_scored_problem(selection, scores, count)
+
+        def budget_kept(adaptive_budget: bool) -> Callable[[Any], str]:
+            """The checked call's selection: each reference keeps ``count`` tokens or, adaptive, between the floor
+            and the cap."""
             low, high = (math.floor(r * n_ref + 0.5) for r in (ADAPTIVE_FLOOR, ADAPTIVE_CAP))
 
             def check(result) -> str:
                 latents, selection = result
-                if not torch.isfinite(latents).all():
-                    return "non-finite latents"
-                if selection is None:
-                    return "sparsectx made no selection"
-                masks = [mask[0] for mask in selection.per_image()]
-                kept = [int(mask.sum()) for mask in masks]
-                if adaptive_budget:
-                    return "" if all(low <= k <= high for k in kept) else f"kept {kept} outside [{low}, {high}]"
-                if kept != [count] * refs:
-                    return f"kept {kept} tokens per reference, not {count} each"
-                if expect is not None and not torch.equal(torch.stack(masks).to(expect.device), expect):
-                    return "kept other tokens than each reference's top-scored ones"
-                return ""
+                if finite(latents) or not adaptive_budget or selection is None:
+                    return finite(latents) or _kept_count_problem(selection, count, refs)
+                kept = [int(mask.sum()) for mask in selection.per_image()]
+                return "" if all(low <= k <= high for k in kept) else f"kept {kept} outside [{low}, {high}]"
 
             return check
 
-        top = torch.zeros(scores.shape, dtype=torch.bool, device=device)
-        top.scatter_(1, _torch_topk_rows(scores, count), True)
-        impls = [Impl(GIVEN_SCORES_ROW, call, output=noting_selection, verify=kept_check(top, False),
+        impls = [Impl(GIVEN_SCORES_ROW, call, output=noting_selection, verify=given_scores_kept,
                       scope=lambda: sparse_context(pipe, budget=count, selector=_score_selector(scores)),
                       note="no selector work: the baseline of the select rows")]
         for row, selector, budget in self.SELECTIONS:
@@ -1745,14 +1762,12 @@ class PipelineCase(_RefsKeepCase):
                             if budget == "adaptive" else keep, selector=selector,
                             signals={"user_mask": user_mask} if selector == "edit" else None)
             impls.append(Impl(row, call, output=noting_selection, comparable=False,
-                              verify=kept_check(None, budget == "adaptive"),
+                              verify=budget_kept(budget == "adaptive"),
                               scope=lambda settings=settings: sparse_context(pipe, **settings)))
 
         def plain(result) -> str:  # the plain pipeline: no selection, finite latents
             latents, selection = result
-            if selection is not None:
-                return "a selection was made"
-            return "" if torch.isfinite(latents).all() else "non-finite latents"
+            return "a selection was made" if selection is not None else finite(latents)
 
         impls += [Impl(KEEP_ALL_ROW, call, output=noting_selection, comparable=False, verify=plain,
                        note="the plain pipeline: 100% kept"),
@@ -2119,16 +2134,7 @@ def _enable_impl(model, full_step: Callable[[], Any], scores: torch.Tensor, coun
         return result
 
     def kept_per_reference(_) -> str:
-        selection = seen.pop("selection", None)
-        if selection is None:
-            return "sparsectx made no selection"
-        kept = [int(mask.sum()) for mask in selection.per_image()]
-        if kept != [count] * scores.shape[0]:
-            return f"kept {kept} tokens per reference, not {count} each"
-        expected = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-        expected.scatter_(1, _torch_topk_rows(scores, count), True)  # each reference's top-count scores
-        got = torch.stack([mask[0] for mask in selection.per_image()]).to(expected.device)
-        return "" if torch.equal(got, expected) else "kept other tokens than each reference's top-scored ones"
+        return _top_scored_problem(seen.pop("selection", None), scores, count)
 
     return Impl(name, full_step, scope=lambda: integration.sparse_context(model, budget=count, selector=selector,
                                                                               attention=attention),
