@@ -271,6 +271,49 @@ class _Identity:
         return self.hash
 
 
+class DrawnRng(NamedTuple):
+    """torch's global generators (the CPU one and the device's) just before and just after a training forward's
+    random draw (a selection or a drop mask), each generator's state where the draw moved it."""
+
+    device: torch.device
+    before: tuple
+    after: tuple
+
+
+def _global_generators(device: torch.device) -> tuple:
+    """The global generators a draw on ``device`` may use: the CPU's, and a CUDA device's own."""
+    if device.type != "cuda":
+        return (torch.default_generator,)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.default_generator, torch.cuda.default_generators[index]
+
+
+def rng_states(device: torch.device) -> tuple:
+    """The states of ``_global_generators(device)`` (a few small host copies; no device sync)."""
+    return tuple(g.get_state() for g in _global_generators(device))
+
+
+def drawn_rng(device: torch.device, before: tuple) -> Optional[DrawnRng]:
+    """What a draw since ``before`` (``rng_states``) did to the global generators, or None if it used none."""
+    after = rng_states(device)
+    if all(torch.equal(a, b) for a, b in zip(after, before)):
+        return None
+    return DrawnRng(device, before, after)
+
+
+def replay_draw(drawn: Optional[DrawnRng]) -> None:
+    """A checkpoint's recomputation that reuses its forward's draw (the same mask or selection) instead of drawing
+    again: each global generator the draw used moves to where the draw left it, if it stands where it stood before
+    the draw (the checkpoint restored it: ``preserve_rng_state=True``, torch's default). The code after the draw
+    inside the checkpoint (e.g. a LoRA adapter's dropout) then sees the forward's random numbers, and the recomputed
+    graph is the forward's. A generator the checkpoint did not restore is left as it is."""
+    if drawn is None:
+        return
+    for generator, before, after in zip(_global_generators(drawn.device), drawn.before, drawn.after):
+        if not torch.equal(before, after) and torch.equal(generator.get_state(), before):
+            generator.set_state(after)
+
+
 def _budget_key(budget):
     """A budget in a plan key: its value, or for a user's budget callable the object itself."""
     from .selection import AdaptiveBudget, FixedBudget
@@ -642,6 +685,8 @@ class _Plan:
     packing: Optional[_Packing] = None  # FLUX.2 with sparsectx attention and several groups: one packed sequence
     reports: Optional["_Plan"] = None  # a plan without a selection (a KV-cached step): the call's plan that selected
     hooks_checked: bool = False  # several groups: checked once per plan for diffusers' stateful hooks
+    # a training forward's use of torch's global generators while it selected, replayed by its recomputation
+    drawn: Optional[DrawnRng] = None
 
 
 @dataclass
@@ -1071,8 +1116,12 @@ class _SparsePatch(ForwardPatch):
                 self.plans[key] = self.plans.pop(key)  # most recently used last: evicted last, reported by cache
                 if plan.keep is None:  # a KV-cached step after a new extract step (a transformer enabled alone
                     plan.reports = self._selecting_plan(key)  # reuses its plan): report that extract's selection
+                if plan.drawn is not None and torch._C._current_graph_task_id() != -1:  # a recomputation
+                    replay_draw(plan.drawn)
                 return plan, packable
         self._reinstall_replaced_processors()
+        training_input = key[-2] is not None
+        before = rng_states(call["hidden_states"].device) if training_input else None
         layout, unverified = (None, None) if cached_step else self._known_layout(call)
         plan = None
         if unverified is not None:  # a layout found on earlier ids: the selection's read checks the call's ids
@@ -1086,6 +1135,8 @@ class _SparsePatch(ForwardPatch):
             plan.reports = self._selecting_plan(key)
         elif plan is None:
             plan = self._selection_plan(call, layout, overrides, None)
+        if training_input:
+            plan.drawn = drawn_rng(call["hidden_states"].device, before)
         self.plans.pop(key, None)
         if len(self.plans) >= MAX_PLANS:
             self._remember_eviction(next(iter(self.plans)))

@@ -166,7 +166,9 @@ def random_drop_selector(ratio_range: tuple = DEFAULT_RATIO_RANGE, generator: Op
     as at inference. With ``skip_dropped_queries`` (the default) drop training (``enable_drop_training``) computes
     the same target and text outputs and the same gradients, but carries the dropped tokens through every layer.
     A transformer enabled alone selects anew at each forward in train mode (keyed by the input tensor), and a
-    recomputation of that forward (a checkpoint around the transformer, reentrant or not) reuses its selection.
+    recomputation of that forward (a checkpoint around the transformer, reentrant or not) reuses its selection and
+    moves torch's global generators as the selection did (so a LoRA adapter's dropout after it redraws the forward's
+    masks).
     Samples that share their references share one draw (the batch runs as one group); other samples run as one group
     each (FLUX.2 with ``attention="sparsectx"``: packed into one sequence when they share their timestep). Draws
     come from ``generator`` (on its device); without one, from a generator seeded once from the drop-in's first
@@ -267,7 +269,9 @@ class _DropTrainingPatch(integration.ForwardPatch):
         """The drop mask of a training forward: a new draw, except for a forward that a checkpoint around the whole
         transformer (``torch.utils.checkpoint``) recomputes during backward, which gets the mask its first run drew
         (found by its input tensor: the same live tensor storage and version; a user's generator is not part of the
-        RNG state checkpointing restores, so a redraw would give another mask). A recomputation whose forward can
+        RNG state checkpointing restores, so a redraw would give another mask) and moves torch's global generators
+        as that draw did (``integration.replay_draw``: the code after the draw inside the checkpoint, e.g. a LoRA
+        adapter's dropout, draws what it drew in the forward). A recomputation whose forward can
         not be told (its input was made inside the checkpoint, or two forwards took the same input tensor) redraws:
         without a generator the draw comes from torch's global CPU RNG, which the checkpoint restores
         (``preserve_rng_state=True``, its default), so it is that forward's mask, recognised among the recent
@@ -284,6 +288,7 @@ class _DropTrainingPatch(integration.ForwardPatch):
         if torch._C._current_graph_task_id() != -1:  # inside a backward pass: a checkpoint's recomputation
             if entry is not None and not entry[2]:
                 entry[3] = True  # recomputed: a later forward on the same input is no longer ambiguous
+                integration.replay_draw(entry[4])  # the global RNG as the forward's draw left it
                 return entry[1]
             mask, host = self._draw_mask(call)
             if self.generator is None and any(_same_draw(host, drawn) for drawn in self.recent_draws):
@@ -297,10 +302,13 @@ class _DropTrainingPatch(integration.ForwardPatch):
                           "draw from torch's global RNG (generator=None) under a checkpoint that restores it.",
                           RuntimeWarning, stacklevel=4)
             return entry[1] if entry is not None else mask
+        before = integration.rng_states(hidden.device)
         mask, host = self._draw_mask(call)
         self.recent_draws.append(host)
-        # [input, mask, ambiguous, recomputed]: ambiguous when an earlier forward on this input was not recomputed
-        self.recent_masks[key] = [weakref.ref(hidden), mask, entry is not None and not entry[3], False]
+        # [input, mask, ambiguous, recomputed, the draw's use of the global RNG]: ambiguous when an earlier forward
+        # on this input was not recomputed
+        self.recent_masks[key] = [weakref.ref(hidden), mask, entry is not None and not entry[3], False,
+                                  integration.drawn_rng(hidden.device, before)]
         self.recent_masks.move_to_end(key)
         while len(self.recent_masks) > RECENT_MASKS:
             self.recent_masks.popitem(last=False)

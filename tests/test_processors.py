@@ -1464,6 +1464,46 @@ def test_checkpoint_around_the_transformer_recomputes_with_the_forwards_own_mask
         torch.testing.assert_close(got[name], expected[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("form", ["drop-in", "drop training"])
+def test_a_checkpoints_recomputation_moves_the_global_rng_as_its_forward_did(form, reentrant):
+    """Masks drawn from torch's global RNG (no generator, no seed), then a LoRA adapter's dropout inside the same
+    checkpoint around the whole transformer: the recomputation reuses its forward's mask and moves the global RNG as
+    that draw did, so the dropout draws the forward's masks again and the gradients are the plain run's (before, the
+    recomputed dropout drew other masks: other LoRA gradients, without an error)."""
+    peft = pytest.importorskip("peft")
+    kwargs = shared._inputs("flux2")
+    model = shared._build_model("flux2")
+    model.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, lora_dropout=0.5, init_lora_weights=False,
+                                      target_modules=["to_q", "to_k", "to_v", "to_qkv_mlp_proj"]))
+    model.train()
+
+    def gradients(checkpointed: bool) -> dict:
+        torch.manual_seed(0)
+        model.zero_grad(set_to_none=True)
+        hidden = kwargs["hidden_states"].clone().requires_grad_()
+
+        def run(hidden_states):
+            return model(**{**kwargs, "hidden_states": hidden_states})[0]
+
+        out = torch.utils.checkpoint.checkpoint(run, hidden, use_reentrant=reentrant) if checkpointed else run(hidden)
+        out[:, :N_TARGET].pow(2).mean().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    if form == "drop-in":
+        sparsectx.enable(model, budget=None, selector=random_drop_selector((0.2, 0.6)))
+    else:
+        enable_drop_training(model, ratio_range=(0.2, 0.6))
+    try:
+        expected, got = gradients(checkpointed=False), gradients(checkpointed=True)
+    finally:
+        sparsectx.disable(model)
+        disable_drop_training(model)
+    assert got.keys() == expected.keys() and len(got) == 8  # LoRA's A and B of the 4 projections of the 2 blocks
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+
+
 @pytest.mark.parametrize("function", ["diffusers", "reentrant"])
 def test_gradient_checkpointing_of_a_packed_batch_recomputes_within_each_sample(function):
     """FLUX.2 with attention="sparsectx" and samples that keep different tokens runs one packed sequence whose
