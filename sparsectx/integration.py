@@ -1022,25 +1022,30 @@ class _SparsePatch(ForwardPatch):
         self.attention = attention
         self._drop_plans()  # a plan's packing depends on the attention
 
-    def _reinstall_replaced_processors(self) -> None:
-        """With ``attention="sparsectx"``, at each new plan (a pipeline call's first step): processors set since
-        enable (``Flux2KleinKVPipeline.from_pipe`` sets its KV processors on the shared transformer) are replaced by
-        sparsectx's again; before, they ran until the next enable. Processors sparsectx can not replace (a user's
-        own, set on purpose) stay, with a warning (once), and nothing changes."""
+    def _reinstall_replaced_processors(self) -> bool:
+        """With ``attention="sparsectx"``, at each new plan (a pipeline call's first step) and before each packed
+        forward: processors set since enable (``Flux2KleinKVPipeline.from_pipe`` sets its KV processors on the shared
+        transformer) are replaced by sparsectx's again; before, they ran until the next enable. Processors sparsectx
+        can not replace (a user's own, set on purpose) stay, with a warning (once), and nothing changes. Returns
+        whether every layer runs sparsectx's processor now (only those attend within each sample of a packed
+        sequence)."""
         if self.attention != SPARSECTX:
-            return
+            return False
         from . import processors  # deferred: imports diffusers' model modules
 
         if processors.processors_installed(self.transformer, self.original_processors):
-            return
+            return True
         unsupported = processors.unsupported_processors(self.transformer)
         if not unsupported:
             self.set_attention(SPARSECTX)
-        elif not self.warned_unsupported:
+            return True
+        if not self.warned_unsupported:
             self.warned_unsupported = True
             warnings.warn(f"attention processors {unsupported} were set on the transformer after "
                           "enable(attention='sparsectx'); sparsectx can not replace them, so those layers run them "
-                          "instead of sparsectx's attention", RuntimeWarning, stacklevel=4)
+                          "instead of sparsectx's attention (and samples that keep different tokens run one "
+                          "forward each, not one packed sequence)", RuntimeWarning, stacklevel=4)
+        return False
 
     def uninstall(self) -> None:
         super().uninstall()
@@ -1075,7 +1080,9 @@ class _SparsePatch(ForwardPatch):
         if not plan.groups:  # no reference tokens (text-to-image, a KV-cached step), or every token kept
             with self._rope_tables():
                 return self.original_forward(**call)
-        if packable:
+        # a packed sequence needs sparsectx's processors in every layer (other processors would attend across the
+        # samples): processors set since are replaced first (a walk over the modules), else each group runs alone
+        if packable and self._reinstall_replaced_processors():
             return self._run_packed(call, plan.packing)
         if len(plan.groups) > 1 and not plan.hooks_checked:  # (a walk over the modules: once per plan)
             _check_no_stateful_hooks(self.transformer, len(plan.groups))

@@ -12,7 +12,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry  # noqa: E402
 
 import sparsectx  # noqa: E402
-from sparsectx import integration  # noqa: E402
+from sparsectx import integration, processors  # noqa: E402
 from sparsectx.diagnostics import count_cuda_syncs, count_host_reads  # noqa: E402
 from sparsectx.reference import topk_keep_mask  # noqa: E402
 
@@ -374,6 +374,46 @@ def test_flux2_mixed_budgets_run_packed_with_sparsectx_attention(models):
                                    atol=FP32_ATOL)
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("later", ["diffusers' processors", "a user's processors"])
+def test_a_packed_batch_runs_only_through_sparsectx_attention(models, later):
+    """FLUX.2 + attention="sparsectx", samples that keep different tokens (one packed sequence, whose samples only
+    sparsectx's processors keep apart): processors set on the layers after enable would attend across the samples.
+    diffusers' own, set between two forwards that reuse the plan, are replaced before the packed forward; a user's
+    subclass, which sparsectx can not replace, makes the batch run one forward per sample instead. Each sample's
+    output equals native attention's on its own kept tokens (before: off by 1e-2, without an error)."""
+    from diffusers.models.transformers import transformer_flux2
+
+    model, kwargs = models["flux2"], _inputs("flux2", batch=3)
+    budgets = [[0.25], [2, 0.75], [1.0]]
+    originals = dict(model.attn_processors)
+    user = (type("UserDouble", (transformer_flux2.Flux2AttnProcessor,), {}),
+            type("UserSingle", (transformer_flux2.Flux2ParallelSelfAttnProcessor,), {}))
+    own = (transformer_flux2.Flux2AttnProcessor, transformer_flux2.Flux2ParallelSelfAttnProcessor)
+    classes = own if later == "diffusers' processors" else user
+    forwards = []
+    handle = model.x_embedder.register_forward_pre_hook(lambda mod, args: forwards.append(args[0].shape[0]))
+    try:
+        sparsectx.enable(model, budget=budgets, selector=norm_selector, attention="native")
+        expected = _run(model, kwargs)
+        sparsectx.enable(model, budget=budgets, selector=norm_selector, attention="sparsectx")
+        torch.testing.assert_close(_run(model, kwargs), expected, rtol=0, atol=FP32_ATOL)
+        forwards.clear()
+        model.set_attn_processor({name: classes["single" in name]() for name in originals})
+        if later == "diffusers' processors":  # the same inputs: the plan is reused, and runs packed
+            got = _run(model, kwargs)
+            assert forwards == [1]
+            assert all(isinstance(p, processors.SPARSECTX_PROCESSORS) for p in model.attn_processors.values())
+        else:
+            with pytest.warns(RuntimeWarning, match="can not replace them"):
+                got = _run(model, {**kwargs, "encoder_hidden_states": kwargs["encoder_hidden_states"].clone()})
+            assert forwards == [1, 1, 1]  # one forward per sample
+        torch.testing.assert_close(got, expected, rtol=0, atol=FP32_ATOL)
+    finally:
+        handle.remove()
+        sparsectx.disable(model)
+        model.set_attn_processor(originals)
 
 
 def _same_references(kwargs):
