@@ -315,11 +315,28 @@ def replay_draw(drawn: Optional[DrawnRng]) -> None:
 
 
 def _budget_key(budget):
-    """A budget in a plan key: its value, or for a user's budget callable the object itself."""
+    """A budget in a plan key: its settings, exactly (``_setting_key``), or for a user's budget callable the object
+    itself."""
     from .selection import AdaptiveBudget, FixedBudget
 
-    return _Identity(budget) if _is_budget_fn(budget) and not isinstance(budget, (AdaptiveBudget, FixedBudget)) \
-        else repr(budget)
+    if isinstance(budget, FixedBudget):
+        return "fixed", budget.name, budget.ratio, _setting_key(budget.value)
+    if isinstance(budget, AdaptiveBudget):
+        return ("adaptive", _setting_key(budget.coverage), _setting_key(budget.floor), _setting_key(budget.cap),
+                budget.mass)
+    return _Identity(budget) if _is_budget_fn(budget) else _setting_key(budget)
+
+
+def _setting_key(value):
+    """A budget setting in a plan key, equal only for equal settings (``repr`` rounds a tensor to 4 decimals: two
+    budgets differing past them shared a selection): a tensor by its identity and version (its values would be a
+    host read, a wait for the device), containers entry by entry, numbers by type and value (1 is a count, 1.0 a
+    ratio; a numpy scalar's repr is exact)."""
+    if isinstance(value, torch.Tensor):
+        return "tensor", _Identity(value), value._version
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__,) + tuple(_setting_key(v) for v in value)
+    return type(value).__name__, repr(value)
 
 
 def _selector_key(selector):

@@ -779,6 +779,33 @@ def test_per_call_selector_override_is_cached_across_steps(models):
     assert len(calls) == 2
 
 
+@pytest.mark.parametrize("change", ["another tensor", "the same tensor changed in place"])
+def test_per_call_budgets_that_print_alike_select_anew(models, change):
+    """Per-call budgets whose tensor settings differ past the 4 decimals a tensor prints (a plan was keyed by the
+    budget's repr: the second call reused the first call's selection, keeping 1 of the 9 tokens of the first
+    reference where 0.1667 keeps 2), or whose tensor changed in place, select anew; equal ones reuse the plan."""
+    from sparsectx.selection import fixed_ratio
+
+    model, kwargs = models["flux2"], _same_references(_inputs("flux2", batch=1))
+    calls, counting = _counting(norm_selector)
+    sparsectx.enable(model, budget=0.5, selector=counting)
+
+    def kept(budget) -> list:
+        _run(model, {**kwargs, "joint_attention_kwargs": {"sparsectx": {"budget": budget}}})
+        return [int(mask.sum()) for mask in sparsectx.last_selection(model).per_image()]
+
+    ratios = torch.tensor([[0.16666, 0.16666]], dtype=torch.float64)  # 9 x 0.16666 = 1.49994: 1 token
+    first = fixed_ratio(ratios)
+    assert kept(first) == [1, 1] and kept(first) == [1, 1] and len(calls) == 1  # the same budget: one selection
+    if change == "another tensor":
+        second = fixed_ratio(torch.tensor([[0.16670, 0.16670]], dtype=torch.float64))
+        assert repr(second) == repr(first)  # both print 0.1667
+    else:
+        ratios.fill_(0.16670)
+        second = first
+    assert kept(second) == [2, 1] and len(calls) == 2  # 9 x 0.1667 = 1.5003: 2 tokens
+
+
 def test_named_selector_is_deterministic_under_seed(models):
     model, kwargs = models["flux2"], _inputs("flux2")
     masks = []
