@@ -480,8 +480,7 @@ def sparse_attention(
             f"k.repeat_interleave({heads // k.shape[1]}, dim=1), which is flash-attn's grouping)" if gqa else ""))
     if v.shape != k.shape:
         raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
-    if dim > 256 or dim < 1:
-        raise ValueError(f"head dim (q.shape[-1]) must be in 1..256, got {dim}")
+    _check_head_dim(dim)
     max_seqlen_q, max_seqlen_k = _python_number(max_seqlen_q), _python_number(max_seqlen_k)
     if not _is_int(max_seqlen_q) or not _is_int(max_seqlen_k):
         raise TypeError("max_seqlen_q and max_seqlen_k must be Python ints")
@@ -570,6 +569,11 @@ def sparse_attention(
                        ref_k, ref_v, ref_index if has_ref else None, cu_seqlens_ref if has_ref else None,
                        max_seqlen_ref if has_ref else 0, float(softmax_scale))
     return (out, lse) if return_lse else out
+
+
+def _check_head_dim(dim: int) -> None:
+    if dim > 256 or dim < 1:
+        raise ValueError(f"head dim (q.shape[-1]) must be in 1..256, got {dim}")
 
 
 def _at_most(value, bound):
@@ -667,7 +671,9 @@ def masked_attention(
     kept_prefix = _python_number(kept_prefix)
     if isinstance(kept_prefix, bool) or not isinstance(kept_prefix, int) or not 0 <= kept_prefix <= seq:
         raise ValueError(f"kept_prefix must be an int in [0, S={seq}], got {kept_prefix!r}")
-    # (checked here, before the compaction launches, as sparse_attention checks them again)
+    # (checked here, before the compaction launches, as sparse_attention checks them again; the kept queries' path
+    # launches the kernel itself)
+    _check_head_dim(dim)
     softmax_scale = _softmax_scale(softmax_scale, dim, symbolic=True, traced=_traced(q))
     if batch > MAX_GRID_SAMPLES:
         raise ValueError(f"q holds {batch} samples; one call takes at most {MAX_GRID_SAMPLES} (the kernels' grid has "

@@ -195,14 +195,14 @@ def sparse_attention_ref(
 def masked_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor,
                          softmax_scale: Optional[float] = None, query_mask: Optional[torch.Tensor] = None):
     """Dense layout ``[B, S, H, D]``: each query attends to the keys of its sample where ``key_mask[b]`` is True.
-    Queries that see no key, and queries where ``query_mask`` is False, output zero."""
+    Queries that see no key, and queries where ``query_mask`` is False, output zero; a NaN score of a kept query
+    and key makes that query's output NaN, as in the kernels."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
     scores = scores.masked_fill(~key_mask[:, None, None, :], -math.inf)
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
+    out = torch.einsum("bhqk,bkhd->bqhd", _softmax_seen(scores), v)
     if query_mask is not None:
-        out = out * query_mask[:, :, None, None].to(out.dtype)
+        out = out.masked_fill(~query_mask[:, :, None, None], 0.0)
     return out
 
 

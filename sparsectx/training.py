@@ -30,7 +30,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import integration
-from .ops import _device_values, _eager_under_compile, _python_number, masked_attention
+from .ops import _device_values, _eager_under_compile, _python_number, budget_number, masked_attention
 
 DEFAULT_RATIO_RANGE = (0.05, 1.0)  # the keep ratios a trained model should handle, 5% to all tokens
 RECENT_MASKS = 64  # masks of the latest training forwards kept for their recomputation by an outer checkpoint
@@ -50,8 +50,8 @@ def _is_real(value) -> bool:
 
 def _check_layout(batch, ref_lengths, n_prefix) -> list[int]:
     """``ref_lengths`` as a list of Python ints, after checking the three arguments."""
-    if not _is_int(batch) or batch < 1:
-        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    if not _is_int(batch) or batch < 0:  # (an empty batch, e.g. a data-parallel rank's last split: an empty mask)
+        raise ValueError(f"batch must be an int >= 0, got {batch!r}")
     if not isinstance(ref_lengths, (list, tuple)) or not ref_lengths \
             or not all(_is_int(n) and n > 0 for n in ref_lengths):
         raise ValueError(f"ref_lengths must be a non-empty list of positive ints, got {ref_lengths!r}")
@@ -65,7 +65,8 @@ def _check_ratio_range(ratio_range) -> tuple[float, float]:
             or not all(_is_real(r) for r in ratio_range) \
             or not 0.0 <= ratio_range[0] <= ratio_range[1] <= 1.0:
         raise ValueError(f"ratio_range must be (r_min, r_max) with 0 <= r_min <= r_max <= 1, got {ratio_range!r}")
-    return float(ratio_range[0]), float(ratio_range[1])
+    # (a narrow numpy float as the decimal written, as the ops' budgets read it: np.float32(0.45) keeps 0.45's count)
+    return float(budget_number(ratio_range[0])), float(budget_number(ratio_range[1]))
 
 
 def _check_ratios(ratios) -> None:
@@ -79,8 +80,10 @@ def _check_draw_settings(generator, per_image, ratio_range) -> None:
     a bad range is a mistake either way)."""
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    if not isinstance(per_image, bool):
-        raise TypeError(f"per_image must be a bool, got {type(per_image).__name__}")
+    if not isinstance(per_image, bool):  # (a numpy bool is named with its module: "got bool" read as a paradox)
+        kind = type(per_image)
+        raise TypeError(f"per_image must be a Python bool, got "
+                        f"{kind.__name__ if kind.__module__ == 'builtins' else kind.__module__ + '.' + kind.__name__}")
     _check_ratio_range(ratio_range)
 
 
@@ -89,7 +92,7 @@ def _draw_ratios(shape: tuple, ratio_range, ratios, generator, device) -> torch.
     if ratios is not None:
         _check_ratios(ratios)
         pick = torch.randint(len(ratios), shape, generator=generator, device=device)
-        return _device_values([float(r) for r in ratios], torch.float64, device)[pick]
+        return _device_values([float(budget_number(r)) for r in ratios], torch.float64, device)[pick]
     low, high = _check_ratio_range(ratio_range)
     return low + (high - low) * torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
 
@@ -135,8 +138,9 @@ def random_drop_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ref
     ``keep_mask`` when given) through ``sparsectx.masked_attention``. Returns ``(out [B, S, H, D], keep_mask)``.
 
     Dropped tokens are never keys; with ``drop_queries`` they are not computed as queries either (zero output, no
-    cost), which equals removing them from the sequence. Gradients flow to q, k and v (zero at dropped tokens). Use
-    the same ``keep_mask`` in every layer of one step: pass the returned mask on.
+    cost), which equals removing them from the sequence. Gradients flow to q, k and v: zero at dropped tokens for k
+    and v, and for q with ``drop_queries`` (without it, dropped tokens are queries and get q's gradient). Use the same
+    ``keep_mask`` in every layer of one step: pass the returned mask on. An empty batch (B=0) gives empty outputs.
     """
     if not isinstance(q, torch.Tensor) or q.ndim != 4:
         raise ValueError(f"q must be a [B, S, H, D] tensor, got {getattr(q, 'shape', type(q).__name__)}")

@@ -1130,7 +1130,7 @@ def test_uniform_cu_seqlens():
 
 
 @pytest.mark.parametrize("query_mask", ["same", None], ids=["kept_queries", "all_queries"])
-def test_masked_attention_checks_scale_and_batch_before_any_launch(monkeypatch, query_mask):
+def test_masked_attention_checks_scale_head_dim_and_batch_before_any_launch(monkeypatch, query_mask):
     from sparsectx.kernels import compaction
 
     q = torch.randn(2, 5, 1, 16, device=DEVICE)
@@ -1139,9 +1139,39 @@ def test_masked_attention_checks_scale_and_batch_before_any_launch(monkeypatch, 
     monkeypatch.setattr(compaction, "compact_index", lambda *a, **k: pytest.fail("launched before the checks"))
     with pytest.raises(ValueError, match="softmax_scale must be a finite number"):
         sparsectx.masked_attention(q, q, q, mask, query_mask=queries, softmax_scale=float("nan"))
+    for dim in (0, 300):  # (before: ZeroDivisionError, or the check after the compaction, or none at all)
+        wrong = torch.randn(2, 5, 1, dim, device=DEVICE)
+        for scale in (None, 0.5):
+            with pytest.raises(ValueError, match=rf"head dim \(q.shape\[-1\]\) must be in 1..256, got {dim}"):
+                sparsectx.masked_attention(wrong, wrong, wrong, mask, query_mask=queries, softmax_scale=scale)
     monkeypatch.setattr(sparsectx.ops, "MAX_GRID_SAMPLES", 1)
     with pytest.raises(ValueError, match="q holds 2 samples"):
         sparsectx.masked_attention(q, q, q, mask, query_mask=queries)
+
+
+@pytest.mark.parametrize("query_mask", ["same", "all", None])
+def test_masked_attention_and_its_reference_carry_a_nan_query_alike(query_mask):
+    """A NaN in a kept query makes that query's output NaN in the op and in its reference (the reference zeroed it:
+    a spec that hides the NaN an op gives), the other rows stay finite and equal; a skipped query outputs zero in
+    both, NaN or not."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 6, 2, 16, generator=g).to(DEVICE) for _ in range(3))
+    key_mask = torch.tensor([[True, True, False, True, True, False]], device=DEVICE)
+    queries = {"same": key_mask, "all": torch.ones_like(key_mask), None: None}[query_mask]
+    q[0, 1, 0, 0] = q[0, 2, 0, 0] = float("nan")  # query 1 is kept, query 2 is skipped with query_mask "same"
+    got = sparsectx.masked_attention(q, k, v, key_mask, query_mask=queries)
+    want = ref.masked_attention_ref(q.double(), k.double(), v.double(), key_mask, query_mask=queries)
+    nan_rows = {1} | ({2} if query_mask != "same" else set())
+    for row in range(6):
+        if row in nan_rows:
+            assert got[0, row, 0].isnan().all() and want[0, row, 0].isnan().all(), row
+            assert not got[0, row, 1].isnan().any()  # the other head saw no NaN
+        else:
+            assert torch.isfinite(got[0, row]).all() and torch.isfinite(want[0, row]).all(), row
+    if query_mask == "same":
+        assert not got[0, 2].any() and not want[0, 2].any()
+    finite = ~want.isnan()
+    torch.testing.assert_close(got.double()[finite], want[finite], rtol=1e-5, atol=1e-6)
 
 
 def test_masked_attention_kept_prefix_bad_values():

@@ -84,7 +84,8 @@ def test_deterministic_under_a_seed():
 
 
 @pytest.mark.parametrize("kwargs, error", [
-    (dict(batch=0), ValueError),
+    (dict(batch=-1), ValueError),
+    (dict(batch=2.0), ValueError),
     (dict(ref_lengths=[4, 0]), ValueError),
     (dict(ref_lengths=[]), ValueError),
     (dict(n_prefix=-1), ValueError),
@@ -119,6 +120,11 @@ def test_numpy_numbers_count_as_python_numbers():
                            (np.float32(0.25), np.float64(0.75)), torch.Generator().manual_seed(9),
                            ratios=[np.float64(0.5), np.float32(1.0)])
     assert torch.equal(got, want)
+    # a narrow numpy float counts as the decimal written, as the ops' budgets read it (before: np.float32(0.45) is
+    # 0.44999998..., which keeps 4 of 10 tokens where 0.45 keeps 5)
+    for settings in (dict(ratios=[np.float32(0.45)]), dict(ratio_range=(np.float32(0.45), np.float32(0.45)))):
+        mask = random_drop_mask(3, [10], 0, generator=torch.Generator().manual_seed(0), **settings)
+        assert mask.sum(1).tolist() == [5, 5, 5], settings
     with pytest.raises(ValueError, match="ref_lengths"):
         random_drop_mask(2, [np.bool_(True)], 0)
 
@@ -176,6 +182,18 @@ def test_drop_attention_reuses_a_given_mask():
     assert used is keep
     expected = masked_attention_ref(q.detach().double(), k.detach().double(), v.detach().double(), keep)
     _assert_flash_criterion("out", out, masked_attention_ref(q.detach(), k.detach(), v.detach(), keep), expected)
+
+
+def test_an_empty_batch_gets_an_empty_mask_and_output():
+    """B=0 (e.g. a data-parallel rank's empty split): an empty mask and output, as masked_attention gives (before:
+    "batch must be a positive int, got 0", naming an argument random_drop_attention's caller never passed)."""
+    mask = random_drop_mask(0, [4, 3], 2)
+    assert mask.shape == (0, 9) and mask.dtype == torch.bool
+    q, k, v = _qkv(0, 9)
+    out, keep = random_drop_attention(q, k, v, [4, 3], 2)
+    assert out.shape == q.shape and keep.shape == (0, 9)
+    out.sum().backward()
+    assert q.grad.shape == q.shape
 
 
 def test_bad_attention_arguments():
@@ -263,8 +281,11 @@ def test_drop_mask_settings_are_checked_naming_them():
 
     with pytest.raises(TypeError, match="generator must be a torch.Generator"):
         random_drop_mask(2, [4], 1, generator=0)
-    with pytest.raises(TypeError, match="per_image must be a bool"):
+    with pytest.raises(TypeError, match="per_image must be a Python bool, got str"):
         random_drop_mask(2, [4], 1, per_image="x")
+    np = pytest.importorskip("numpy")
+    with pytest.raises(TypeError, match=r"per_image must be a Python bool, got numpy\.bool"):  # (was "got bool")
+        random_drop_mask(2, [4], 1, per_image=np.bool_(True))
     with pytest.raises(ValueError, match="ratio_range must be"):
         random_drop_mask(2, [4], 1, (5, 1), ratios=[0.5])
     with pytest.raises(ValueError, match="state_dict must be what GeneratorState.state_dict"):
