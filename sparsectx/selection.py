@@ -55,6 +55,7 @@ from .ops import _device_values, _is_int, _is_numpy_array, _python_number
 # constants
 # ----------------------------------------------------------------------------------------------------------------
 ID_HW_AXES = {2: (0, 1), 3: (1, 2), 4: (1, 2)}  # n_axes of reference_ids -> which axes hold (h, w)
+ID_STEP_TOLERANCE = 1e-3  # float ids within this of a whole step from their image's corner count as on it
 LOW_DISCREPANCY_BITS = 16  # coordinates and 1D positions below 2**16 get distinct low-discrepancy codes
 CONTEXT_WEIGHT = 0.5  # edit: weight of the dilated (ring) signal relative to the edit region itself
 SPREAD_WEIGHT = 1e-3  # weight of the uniform order used to break ties (leftover budget goes to an even spread)
@@ -325,15 +326,21 @@ def _image_grid(context: SelectionContext, device) -> Optional[torch.Tensor]:
             return None
         first, second = ID_HW_AXES[n_axes]
         hw = ids[..., first:second + 1] if second == first + 1 else ids[..., [first, second]]  # a view: no index op
-        if hw.is_floating_point():  # (one host read: integer ids need none)
-            if not bool(torch.isfinite(hw).all()):
+        if hw.is_floating_point():
+            # each image's origin subtracted first (a grid centred on 0, -1.5 .. 1.5, lies whole steps from its
+            # corner: rounded first, its cells merged), then whole steps checked, with finiteness, in one host read
+            # (integer ids need none)
+            offsets = _from_image_origin(hw.to(device), lengths)
+            whole = (offsets - offsets.round()).abs() <= ID_STEP_TOLERANCE
+            finite, stepped = torch.stack([torch.isfinite(offsets).all(), whole.all()]).tolist()
+            if not finite:
                 raise ValueError("reference_ids hold non-finite positions (NaN or inf)")
-            hw = torch.round(hw)  # (rounded where it lies: the same values)
-        hw = hw.to(device=device, dtype=torch.long)
-        low = _image_rows(hw, lengths).amin(dim=2)  # [b, n_refs, 2]: each image's smallest (row, col)
-        if len(lengths) == 1:
-            return hw - low
-        return hw - low.index_select(1, _token_layout(lengths, device)[0])
+            if not stepped:
+                raise ValueError("reference_ids place an image's tokens at positions that are not whole steps from "
+                                 "its corner (e.g. half steps): the spatial selectors need a grid of whole cells")
+            return offsets.round().long()
+        return _from_image_origin(hw.to(device=device, dtype=torch.long), lengths)
+
     shapes = _grid_shapes(context)
     if shapes is None:
         return None
@@ -350,6 +357,14 @@ def _image_grid(context: SelectionContext, device) -> Optional[torch.Tensor]:
             raise ValueError(f"extra[{key!r}] entry {entry!r} must be (h, w): two positive ints whose product is "
                              f"the reference's {n} tokens")
     return _shapes_grid(tuple((int(h), int(w)) for h, w in shapes), tuple(lengths), torch.device(device))
+
+
+def _from_image_origin(hw: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    """``hw [b, N, 2]`` minus each reference image's smallest (row, col)."""
+    low = _image_rows(hw, lengths).amin(dim=2)  # [b, n_refs, 2]
+    if len(lengths) == 1:
+        return hw - low
+    return hw - low.index_select(1, _token_layout(lengths, hw.device)[0])
 
 
 def _grid_from_ids(context: SelectionContext) -> bool:
@@ -603,9 +618,7 @@ def attention_mass(queries: torch.Tensor, keys: torch.Tensor, query_mask: Option
     ``4·B·H·Q'·N·D`` flops (QKᵀ in each pass), Q' = min(Q, max_queries): at the klein-9B shapes (H=32, D=128,
     3 references of 4096 tokens, Q'=1024) 2·103 GFLOP.
     """
-    if max_queries is not None and (isinstance(max_queries, bool) or not isinstance(max_queries, numbers.Integral)
-                                    or max_queries < 1):
-        raise ValueError(f"max_queries must be None or an int >= 1, got {max_queries!r}")
+    _check_max_queries(max_queries)
     for name, t in (("queries", queries), ("keys", keys)):
         if not isinstance(t, torch.Tensor) or t.ndim != 4 or not t.is_floating_point():
             raise ValueError(f"{name} must be a float [B, ., H, D] tensor, got "
@@ -631,6 +644,12 @@ def attention_mass(queries: torch.Tensor, keys: torch.Tensor, query_mask: Option
         weights = queries.new_ones((batch, n_queries), dtype=torch.float32).div_(max(n_queries, 1))
     mass = ops.attention_key_mass(queries.detach(), keys.detach(), weights, softmax_scale=scale)
     return mass.float().mean(dim=1)
+
+
+def _check_max_queries(max_queries) -> None:
+    if max_queries is not None and (isinstance(max_queries, bool) or not isinstance(max_queries, numbers.Integral)
+                                    or max_queries < 1):
+        raise ValueError(f"max_queries must be None or an int >= 1, got {max_queries!r}")
 
 
 def _subsample_queries(queries: torch.Tensor, query_mask: Optional[torch.Tensor], count: int) -> tuple:
@@ -787,6 +806,10 @@ def edit_scores(reference_latents: torch.Tensor, context: SelectionContext, *, r
     an even spread of the rest (global layout). Cost: the probe's attention mass (see ``attention_mass``) plus
     O(N) pooling.
     """
+    # (checked first: a user's functools.partial(edit_scores, ring=...) is otherwise met deep in torch, or not at all)
+    if isinstance(ring, bool) or not isinstance(ring, numbers.Integral) or ring < 0:
+        raise ValueError(f"ring must be an int >= 0 (tokens of context around the edit region), got {ring!r}")
+    _check_max_queries(max_queries)
     batch, n_tokens, _ = reference_latents.shape
     user_mask = context.extra.get("user_mask")
     if user_mask is None:
@@ -827,6 +850,9 @@ def subject_scores(reference_latents: torch.Tensor, context: SelectionContext, *
     evenly. ``saliency=False`` uses the attention alone. Cost: O(N·C) for saliency, ``attention_mass`` for the
     probe.
     """
+    if not isinstance(saliency, bool):
+        raise TypeError(f"saliency must be a bool, got {type(saliency).__name__}")
+    _check_max_queries(max_queries)  # (before the probe runs, or where no probe tensor comes)
     batch, n_tokens, _ = reference_latents.shape
     grid = _image_grid(context, reference_latents.device)  # read by the background and the spread
     signals = []
@@ -1125,6 +1151,13 @@ class FixedBudget:
         check (a host read)."""
         _check_scores(scores, nan=not nan_checked)
         ref_lengths = _check_ref_lengths(ref_lengths, scores.shape[1])
+        counts = self.counts(scores.shape[0], ref_lengths, scores.device)
+        keep = _topk_per_image(scores, ref_lengths, counts)
+        # (a scalar's counts are a shared constant: the result gets its own copy)
+        return BudgetResult(counts.clone() if isinstance(self.value, numbers.Real) else counts, keep)
+
+    def counts(self, batch: int, ref_lengths: Sequence[int], device) -> torch.Tensor:
+        """int64 ``[batch, n_refs]``: the count each image keeps (``_per_image``; a scalar's: a shared tensor)."""
         value = self.value
         if self.ratio and isinstance(value, numbers.Real):
             value = float(ops.budget_number(value))  # 0/1 ints stay ratios; a scalar needs no host read
@@ -1134,10 +1167,8 @@ class FixedBudget:
             except (TypeError, ValueError) as error:
                 raise ValueError(f"{self.name} must be a ratio, one per image, or one row of them per request, got "
                                  f"{value!r} ({error})") from None
-        counts = _per_image(self.name, value, scores.shape[0], ref_lengths, scores.device,
-                            allow_ratio=self.ratio, allow_count=not self.ratio)
-        keep = _topk_per_image(scores, ref_lengths, counts)
-        return BudgetResult(counts.clone() if isinstance(value, numbers.Real) else counts, keep)  # (not the cache's)
+        return _per_image(self.name, value, batch, ref_lengths, device, allow_ratio=self.ratio,
+                          allow_count=not self.ratio)
 
     def settings(self) -> dict:
         return {"value": self.value}
@@ -1245,13 +1276,20 @@ def _adaptive_settings(coverage, floor: PerImage, cap: PerImage, batch: int, ref
     """``adaptive_budget``'s settings checked: ``(coverage, floor, cap)``, the counts int64 ``[B, n_refs]``, the
     coverage a Python float (given one) or a float64 ``[B, n_refs]`` tensor (its range checked with one host read)."""
     _check_coverage(coverage)
+    # a narrow float's coverage as the decimal written, as the ratios are (float32's 0.3 is 0.30000001, above 0.3
+    # of the mass by more than COVERAGE_TOL: one token more)
     if isinstance(coverage, torch.Tensor):
-        cov = coverage.to(device=device, dtype=torch.float64)
+        if coverage.dtype in ops.NARROW_RATIO_DTYPES:  # (a host read)
+            written = [ops.written_ratio(v, coverage.dtype) for v in coverage.detach().flatten().tolist()]
+            cov = _device_values(torch.tensor(written, dtype=torch.float64, device="cpu").view(coverage.shape), None,
+                                 device)
+        else:
+            cov = coverage.to(device=device, dtype=torch.float64)
         if bool((~torch.isfinite(cov) | (cov < 0) | (cov > 1)).any()):
             raise ValueError(f"coverage must lie in [0, 1], got {coverage!r}")
         cov = _broadcast_per_image("coverage", cov, batch, len(ref_lengths))
     else:
-        cov = float(coverage)
+        cov = float(ops.budget_number(coverage))
     return cov, _per_image("floor", floor, batch, ref_lengths, device), _per_image("cap", cap, batch, ref_lengths,
                                                                                    device)
 
@@ -1498,6 +1536,22 @@ def select(reference_latents: torch.Tensor, context: SelectionContext, selector=
     return selected_keep(selector, reference_latents, context, budget)
 
 
+def _check_budget_settings(budget, batch: int, ref_lengths: Sequence[int]) -> None:
+    """A fixed or adaptive budget's settings resolved on the host for ``batch`` samples, so that a bad one is
+    refused before the selector (and a probe it reads) runs. A tensor setting on a device is checked for its shape
+    only here (its values are read where the budget applies them: no wait for the device here)."""
+    def on_host(value):
+        if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+            return torch.zeros(value.shape, dtype=value.dtype)  # (zeros: a valid ratio, count and coverage)
+        return value
+
+    if isinstance(budget, FixedBudget):
+        budget.replace(value=on_host(budget.value)).counts(batch, ref_lengths, "cpu")
+    elif isinstance(budget, AdaptiveBudget):
+        _adaptive_settings(on_host(budget.coverage), on_host(budget.floor), on_host(budget.cap), batch, ref_lengths,
+                           "cpu")
+
+
 def selected_keep(selector: Selector, reference_latents: torch.Tensor, context: SelectionContext,
                   budget: Optional[BudgetSpec]) -> torch.Tensor:
     """``apply_budget(selector(reference_latents, context), ..., checked=True)`` (``select`` and the drop-in), with
@@ -1505,9 +1559,8 @@ def selected_keep(selector: Selector, reference_latents: torch.Tensor, context: 
     refused naming the selector all the same."""
     if budget is not None:  # a bad budget is refused before the selector (and a probe it reads) runs
         budget = as_budget(budget)
-        if isinstance(budget, FixedBudget) and isinstance(budget.value, torch.Tensor) \
-                and isinstance(reference_latents, torch.Tensor) and reference_latents.ndim == 3:
-            _broadcast_per_image(budget.name, budget.value, reference_latents.shape[0], len(context.ref_lengths))
+        if isinstance(reference_latents, torch.Tensor) and reference_latents.ndim == 3:
+            _check_budget_settings(budget, reference_latents.shape[0], context.ref_lengths)
     elif selector.returns_scores:
         raise ValueError(f"budget is required: selector {selector.name!r} returns scores (budget=None keeps a "
                          "selector's keep mask as given)")

@@ -908,6 +908,19 @@ def test_numpy_coverage_is_accepted():
         adaptive(np.float32(1.5))
 
 
+def test_a_narrow_float_coverage_counts_as_written():
+    """float32/float16 coverage (a numpy scalar or a tensor, per image too) is read as the decimal written, as the
+    ratios are: 0.3 of 10 equal scores keeps 3 (before: float32's 0.30000001 is above 0.3 of the mass, 4 kept)."""
+    np = pytest.importorskip("numpy")
+    scores, lengths = torch.ones(1, 20), [10, 10]
+    mask = torch.ones(1, 20, dtype=torch.bool)
+    for coverage in (0.3, np.float32(0.3), torch.tensor(0.3), torch.tensor(0.3, dtype=torch.float16),
+                     torch.tensor([0.3, 0.3]), torch.tensor(0.3, dtype=torch.bfloat16)):
+        budget = adaptive(coverage)  # (bf16's 0.30078125 too is the decimal 0.3 written)
+        assert budget(scores, lengths).counts.tolist() == [[3, 3]], coverage
+        assert budget.sized_on_mask(mask, lengths).counts.tolist() == [[3, 3]], coverage
+
+
 def test_attention_selector_names_a_missing_ref_keys():
     batch, n = 2, 16
     context = SelectionContext(1, [n], extra={"text_queries": torch.randn(batch, 3, HEADS, HEAD_DIM)})
@@ -1494,16 +1507,63 @@ def test_non_finite_reference_ids_are_refused(selector, value):
         select(latents, ctx, selector, 0.5)
 
 
-@pytest.mark.parametrize("budget", [-1, 1.5, "x", None, "per-image tensor of 3 for 2 images"])
+def test_float_ids_centred_on_zero_give_the_integer_grids_selection():
+    """Float ids of a grid centred on 0 (-1.5, -0.5, 0.5, 1.5: whole steps from the image's corner) select what
+    the same grid's integer ids select (before: rounded first, half to even, several tokens shared a cell and the
+    edit ring vanished); ids on half steps are refused, naming reference_ids."""
+    latents, ctx = _full_context(2, 2)
+    centred = []
+    for (h, w), piece in zip(GRIDS[:2], ctx.reference_ids[0].split([h * w for h, w in GRIDS[:2]])):
+        piece = piece.clone()
+        piece[:, 1] -= piece[:, 1].min() + (h - 1) / 2
+        piece[:, 2] -= piece[:, 2].min() + (w - 1) / 2
+        centred.append(piece)
+    for selector in ("edit", "uniform", "subject"):
+        want = select(latents, ctx, selector, 0.3)
+        got = select(latents, SelectionContext(2, ctx.ref_lengths, reference_ids=torch.cat(centred)[None],
+                                               extra=ctx.extra), selector, 0.3)
+        assert torch.equal(got, want), selector
+    halves = ctx.reference_ids.clone()
+    halves[..., 1:] = halves[..., 1:] / 2  # half steps apart
+    with pytest.raises(ValueError, match="reference_ids place an image's tokens at positions that are not whole"):
+        select(latents, SelectionContext(2, ctx.ref_lengths, reference_ids=halves, extra=ctx.extra), "uniform", 0.3)
+
+
+@pytest.mark.parametrize("selector, setting, value", [
+    ("edit", "ring", -1), ("edit", "ring", 1.5), ("edit", "ring", True), ("edit", "max_queries", 0),
+    ("subject", "saliency", 1), ("subject", "max_queries", 0)])
+def test_a_selectors_bad_keyword_is_refused_by_name(selector, setting, value):
+    """A built-in selector's keyword set through functools.partial (a negative ring meant no ring; a float ring
+    failed deep in torch; max_queries went unchecked without text queries)."""
+    import functools
+
+    latents, ctx = _full_context(1, 2)
+    fn = functools.partial({"edit": selection.edit_scores, "subject": selection.subject_scores}[selector],
+                           **{setting: value})
+    with pytest.raises((ValueError, TypeError), match=setting):
+        fn(latents, ctx)
+
+
+@pytest.mark.parametrize("budget", [
+    -1, 1.5, "x", None, "per-image tensor of 3 for 2 images", "per-image list of 3 for 2 images",
+    "tensor ratio above 1", "count rows for 3 requests", "adaptive floor list of 3", "adaptive coverage tensor of 3",
+    "adaptive cap ratio above 1"])
 def test_a_bad_budget_is_refused_before_the_selector_and_its_probe_run(budget):
+    """Every setting of a fixed or adaptive budget is checked before the selector and its probe run (before: only a
+    tensor's shape; lists, tensor values and the adaptive settings after the probe had run)."""
     latents, ctx = _full_context(1, 2)
     calls = []
     probed = SelectionContext(2, ctx.ref_lengths, reference_ids=ctx.reference_ids,
                               extra={"attention_probe": lambda x, c: calls.append(1) or {
                                   "queries": ctx.extra["target_queries"], "ref_keys": ctx.extra["ref_keys"]}})
-    if budget == "per-image tensor of 3 for 2 images":
-        budget = fixed_ratio(torch.tensor([0.1, 0.2, 0.3]))
-    with pytest.raises((ValueError, TypeError), match="budget|ratio|count"):
+    budget = {"per-image tensor of 3 for 2 images": fixed_ratio(torch.tensor([0.1, 0.2, 0.3])),
+              "per-image list of 3 for 2 images": fixed_ratio([0.1, 0.2, 0.3]),
+              "tensor ratio above 1": fixed_ratio(torch.tensor([1.5, 0.2])),
+              "count rows for 3 requests": fixed_count([[2, 3]] * 3),
+              "adaptive floor list of 3": adaptive(floor=[1, 2, 3]),
+              "adaptive coverage tensor of 3": adaptive(torch.tensor([0.5, 0.5, 0.5])),
+              "adaptive cap ratio above 1": adaptive(cap=torch.tensor([2.0, 0.5]))}.get(budget, budget)
+    with pytest.raises((ValueError, TypeError), match="budget|ratio|count|floor|coverage|cap"):
         select(latents, probed, "attention", budget)
     assert calls == []
     select(latents, probed, "attention", 0.5)
