@@ -236,6 +236,8 @@ def _attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
 
         # (``sparse_attention`` passes them so; ``torch.ops.sparsectx.sparse_attention_fwd`` may be called directly)
         q, k, v, ref_k, ref_v = (_last_dim_contiguous(t) for t in (q, k, v, ref_k, ref_v))
+        cu_seqlens_q, cu_seqlens_k, ref_index, cu_seqlens_ref = _contiguous(cu_seqlens_q, cu_seqlens_k, ref_index,
+                                                                            cu_seqlens_ref)
         return _k.attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                     ref_k, ref_v, ref_index, cu_seqlens_ref, softmax_scale)
     # the reference in fp32 for half inputs, as the kernels accumulate (q.k of legal fp16 inputs can overflow fp16)
@@ -244,6 +246,12 @@ def _attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
         q32, k32, v32, cu_seqlens_q, cu_seqlens_k, ref_k=ref_k32, ref_v=ref_v32, ref_index=ref_index,
         cu_seqlens_ref=cu_seqlens_ref, softmax_scale=softmax_scale)
     return out.to(q.dtype).contiguous(), lse.float().contiguous()
+
+
+def _contiguous(*tensors: Optional[torch.Tensor]) -> tuple:
+    """Each tensor contiguous (None stays None): the kernels read index tensors, ``lse`` and ``dlse`` with unit
+    strides (the public functions pass them so; the custom ops may be called directly with any strides)."""
+    return tuple(t if t is None else t.contiguous() for t in tensors)
 
 
 def _float32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -276,6 +284,8 @@ def _attention_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ma
         from .kernels import attention as _k
 
         dout, q, k, v, out, ref_k, ref_v = (_last_dim_contiguous(t) for t in (dout, q, k, v, out, ref_k, ref_v))
+        dlse, lse, cu_seqlens_q, cu_seqlens_k, ref_index, cu_seqlens_ref = _contiguous(
+            dlse, lse, cu_seqlens_q, cu_seqlens_k, ref_index, cu_seqlens_ref)
         dq, dk, dv, dref_k, dref_v = _k.attention_backward(
             dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
             ref_k, ref_v, ref_index, cu_seqlens_ref, max_seqlen_ref, softmax_scale)
@@ -1206,7 +1216,7 @@ def _gather_rows(payloads: list, index: torch.Tensor, cu_seqlens: torch.Tensor, 
     if payloads and all(_use_triton(p) for p in payloads):
         from .kernels import compaction as _k
 
-        return _k.gather_rows(payloads, index, cu_seqlens, index.numel(), zero_padding)
+        return _k.gather_rows(payloads, *_contiguous(index, cu_seqlens), index.numel(), zero_padding)
     return [reference.gather_rows_ref(p, index, cu_seqlens) for p in payloads]
 
 
@@ -1221,7 +1231,7 @@ def _scatter_rows(packed: Optional[torch.Tensor], index: torch.Tensor, cu_seqlen
     if _use_triton(out):
         from .kernels import compaction as _k
 
-        return _k.scatter_rows(packed, index, cu_seqlens, out)
+        return _k.scatter_rows(packed, *_contiguous(index, cu_seqlens), out)
     return reference.scatter_rows_ref(packed, index, cu_seqlens, out)
 
 

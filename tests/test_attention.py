@@ -675,10 +675,12 @@ def test_zero_heads_give_empty_outputs_and_gradients():
     assert sparsectx.masked_attention(x, x, x, torch.ones(2, 5, dtype=torch.bool, device=DEVICE)).shape == x.shape
 
 
-def test_the_custom_op_called_directly_takes_any_feature_stride():
+def test_the_custom_op_called_directly_takes_any_strides():
     """``torch.ops.sparsectx.sparse_attention_fwd`` (and its backward) called directly, not through
-    ``sparse_attention``, with q or ref_k whose head dim is not unit-stride: the same output as contiguous inputs
-    (the kernels read the head dim with unit stride: it gave errors of 3 against fp64 where 8e-4 was right)."""
+    ``sparse_attention``, with q or ref_k whose head dim is not unit-stride, index tensors or ``dlse`` of other
+    strides (e.g. the expanded gradient of ``lse.sum()``): the same results as contiguous inputs (the kernels read
+    the head dim and those tensors with unit stride: errors of 3 against fp64 where 8e-4 was right; wrong
+    gradients, or writes out of bounds, from the strided index tensors)."""
     case = make_case([4, 5], [2, 3], [3, 2], 7, 2, 32, torch.float16, seed=3)
     strided = lambda t: t.transpose(-1, -2).contiguous().transpose(-1, -2)  # noqa: E731  same values
     args = [case.q, case.k, case.v, case.cu_q, case.cu_k, case.max_q, case.max_k, case.ref["ref_k"],
@@ -697,6 +699,23 @@ def test_the_custom_op_called_directly_takes_any_feature_stride():
         grads = bwd(strided(dout), dlse, *changed[:3], strided(out), lse, *changed[3:])
         for got, want in zip(grads, want_grads):
             assert torch.equal(got, want), position
+    spread = lambda t: t.repeat_interleave(2)[::2]  # noqa: E731  same values, stride 2
+    for position in (3, 4, 9, 10):  # cu_seqlens_q, cu_seqlens_k, ref_index, cu_seqlens_ref
+        changed = list(args)
+        changed[position] = spread(args[position])
+        assert changed[position].stride(0) == 2
+        out, lse = fwd(*changed)
+        assert torch.equal(out, want_out) and torch.equal(lse, want_lse), position
+        grads = bwd(dout, dlse, *changed[:3], out, lse, *changed[3:])
+        for got, want in zip(grads, want_grads):
+            assert torch.equal(got, want), position
+    dlse = torch.randn(want_lse.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    for given in (strided(dlse), torch.ones(1, 1, device=DEVICE).expand(want_lse.shape)):
+        want = bwd(dout, given.contiguous(), *args[:3], want_out, want_lse, *args[3:])
+        got = bwd(dout, given, *args[:3], want_out, strided(want_lse), *args[3:])
+        assert given.stride() != given.contiguous().stride()
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
 
 
 def test_masked_attention_bad_input():

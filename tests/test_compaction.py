@@ -979,6 +979,24 @@ def test_compaction_custom_ops_pass_opcheck(device):
     torch.library.opcheck(torch.ops.sparsectx.scatter_rows.default, (packed, index, cu_seqlens, None, 11, -2.0))
 
 
+def test_the_row_ops_called_directly_take_index_tensors_of_any_stride(device):
+    """``torch.ops.sparsectx.gather_rows`` / ``scatter_rows`` called directly (not through compact_tokens /
+    scatter_tokens) with ``index`` and ``cu_seqlens`` as strided views: the rows of contiguous ones (the kernels read
+    them with unit stride: other rows, off by 2.3, before)."""
+    gen = torch.Generator().manual_seed(22)
+    scores = torch.randn(2, 11, generator=gen).to(device)
+    index, cu_seqlens = torch.ops.sparsectx.compact_index(scores, [3, 5], 8)
+    spread = lambda t: t.repeat_interleave(2)[::2]  # noqa: E731  same values, stride 2
+    x = torch.randn(2, 11, 4, generator=gen).to(device)
+    packed = torch.randn(8, 4, generator=gen).to(device)
+    assert spread(index).stride(0) == 2 and torch.equal(spread(cu_seqlens), cu_seqlens)
+    for idx, cu in ((spread(index), cu_seqlens), (index, spread(cu_seqlens))):
+        assert torch.equal(torch.ops.sparsectx.gather_rows([x], idx, cu)[0],
+                           torch.ops.sparsectx.gather_rows([x], index, cu_seqlens)[0])
+        assert torch.equal(torch.ops.sparsectx.scatter_rows(packed, idx, cu, x, 11, 0.0),
+                           torch.ops.sparsectx.scatter_rows(packed, index, cu_seqlens, x, 11, 0.0))
+
+
 @pytest.mark.parametrize("path", ["scores", "mask"])
 def test_torch_compile_fullgraph_compaction_forward_and_backward(device, path):
     """compact_tokens and scatter_tokens traced whole with the ops around them (aot_eager): the same values and
