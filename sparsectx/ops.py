@@ -476,6 +476,8 @@ def sparse_attention(
     as torch's SDPA does: e.g. a model whose fp32 norms return fp32 q and k beside a bf16 v.
     """
     _check_tensor("q", q, ndim=3, dtypes=_ATTN_DTYPES)
+    _check_flag("return_lse", return_lse)
+    _check_flag("validate", validate)
     dev, dt = q.device, q.dtype
     _check_tensor("k", k, ndim=3, device=dev)
     _check_tensor("v", v, ndim=3, device=dev)
@@ -579,6 +581,13 @@ def sparse_attention(
                        ref_k, ref_v, ref_index if has_ref else None, cu_seqlens_ref if has_ref else None,
                        max_seqlen_ref if has_ref else 0, float(softmax_scale))
     return (out, lse) if return_lse else out
+
+
+def _check_flag(name: str, value) -> None:
+    """A switch given as a Python bool (``return_lse="no"`` or ``validate=None`` read as truthy or falsy was taken
+    silently)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
 def _check_head_dim(dim: int) -> None:
@@ -1408,6 +1417,7 @@ def compact_tokens(selection: torch.Tensor, *tensors: torch.Tensor, budget=None,
     (they read data). Gradients flow from the packed tensors to the inputs.
     """
     _refuse_vmap("compact_tokens", selection=selection, tensors=tensors)
+    _check_flag("return_max_seqlen", return_max_seqlen)
     traced = _traced(selection)  # (False for a non-tensor, which the checks report)
     batch, n_tokens = _check_compaction_inputs(selection, tensors, traced)
     if max_total is not None:

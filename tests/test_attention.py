@@ -469,6 +469,9 @@ def _valid():
     (lambda a: a.update(q=a["q"].new_zeros(10, 2, 300), k=a["k"].new_zeros(5, 2, 300),
                         v=a["v"].new_zeros(5, 2, 300)), ValueError, "head dim"),
     (lambda a: a.update(max_seqlen_ref=2), ValueError, "max_seqlen_ref=2 is smaller"),
+    # switches that are not bools (a truthy string returned (out, lse) silently)
+    (lambda a: a.update(return_lse="no"), TypeError, "return_lse must be a bool, got str"),
+    (lambda a: a.update(validate=None), TypeError, "validate must be a bool, got NoneType"),
     (lambda a: a["ref_index"].__setitem__(0, -1), ValueError, "ref_index must lie in"),
     (lambda a: a["ref_index"].__setitem__(0, a["ref_k"].shape[1]), ValueError, "ref_index must lie in"),  # = R
     # a max_seqlen_k below the longest key sequence (3): the backward's grid would leave dk/dv rows unwritten

@@ -827,6 +827,8 @@ def _bad_compact_calls(device):
         (ValueError, "budget", lambda: sparsectx.compact_tokens(scores, budget=torch.tensor([0.5, float("nan")]))),
         (ValueError, "budget", lambda: sparsectx.compact_tokens(scores, budget=torch.tensor([1, 2], device="meta"))),
         (TypeError, "budget", lambda: sparsectx.compact_tokens(scores, budget=True)),
+        (TypeError, "return_max_seqlen must be a bool",
+         lambda: sparsectx.compact_tokens(scores, budget=1, return_max_seqlen="yes")),
         (TypeError, "budget", lambda: sparsectx.compact_tokens(scores, budget=[1, "2"])),
         (ValueError, "budget", lambda: sparsectx.compact_tokens(mask, budget=3)),
         (ValueError, "max_total", lambda: sparsectx.compact_tokens(scores, budget=5, max_total=9)),
