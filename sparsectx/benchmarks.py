@@ -113,7 +113,8 @@ class Workload:
 
 
 def relative_error(actual, expected) -> float:
-    """max over the tensors of ||actual - expected|| / ||expected|| (in float64); inf for NaN or a shape change."""
+    """max over the tensors of ||actual - expected|| / ||expected|| (in float64); inf for a NaN or inf on either
+    side (``expected`` is sparsectx's output: its NaN gave a NaN error, which ``max`` dropped) or a shape change."""
     pairs = list(zip(actual, expected)) if isinstance(actual, (tuple, list)) else [(actual, expected)]
     if isinstance(actual, (tuple, list)) and len(actual) != len(expected):
         return math.inf
@@ -122,12 +123,19 @@ def relative_error(actual, expected) -> float:
         if a.shape != e.shape:
             return math.inf
         a64, e64 = a.detach().double(), e.detach().double()
-        if not torch.isfinite(a64).all():
+        if not (torch.isfinite(a64).all() and torch.isfinite(e64).all()):
             return math.inf
         denom = e64.norm().item()
         diff = (a64 - e64).norm().item()
         worst = max(worst, diff / denom if denom > 0 else diff)
     return worst
+
+
+def _holds_non_finite(output) -> bool:
+    """Whether a floating-point tensor of ``output`` (a tensor, or a tuple / list of them) holds NaN or inf."""
+    tensors = output if isinstance(output, (tuple, list)) else [output]
+    return any(isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+               for t in tensors)
 
 
 def results_match(actual, expected, workload: Workload) -> tuple[bool, float]:
@@ -155,6 +163,8 @@ def worst_row_error(actual, expected) -> float:
         a64, e64 = (t.detach().double().reshape(-1, t.shape[-1]) for t in (a, e))
         scale = e64.norm(dim=1).mean().item()
         diff = (a64 - e64).norm(dim=1).max().item()
+        if not (math.isfinite(scale) and math.isfinite(diff)):  # (a NaN would be dropped by max)
+            return math.inf
         worst = max(worst, diff / scale if scale > 0 else diff)
     return worst
 
@@ -2191,29 +2201,36 @@ def run_workload(workload: Workload, device: torch.device, *, quick: bool = Fals
         if on_row is not None:
             on_row(rows)
 
-    def timing(impl: Impl) -> float:
+    def timing(impl: Impl, warm: bool = True) -> float:
+        if not warm and impl.scope is not None:
+            # a scope entered anew (a later pass): its first call (e.g. the drop-in's first selection and plan
+            # after enable) is not what the row times; a fixed count of 2 reps would have averaged it in
+            impl.fn()
         if impl.short:  # host work (a wrapper, enable/disable): CUDA events would not see it
             return loop_ms(impl.fn, device, quick=quick)
         return time_ms(impl.fn, device, reps=workload.reps, quick=quick)
 
     primary = workload.impls[0]
-    try:
-        with primary.context():
-            expected = primary.output(primary.fn())
-    except Exception as exc:  # sparsectx failed: report it, time nothing
-        add(_row(workload, primary, ok=False, note=f"error: {_first_line(exc)}"))
-        return rows
+    expected = None
     for impl in workload.impls:
         if impl.skip:
             add(_row(workload, impl, note=f"unavailable: {impl.skip}"))
+            if impl is primary:  # no output to compare with: time nothing
+                return rows
             continue
-        if impl.shared_key is not None and impl.shared_key in shared:
+        if impl is not primary and impl.shared_key is not None and impl.shared_key in shared:
             add(_row(workload, impl, **shared[impl.shared_key]))
             continue
         values = {}
         notes = [impl.note] if impl.note else []
         try:
             with impl.context():
+                if impl is primary:  # sparsectx's output, which every peer is compared with (and its first call
+                    # in the scope it is timed in)
+                    expected = primary.output(primary.fn())
+                    if _holds_non_finite(expected):
+                        values["ok"] = False
+                        notes.insert(0, "CHECK FAILED: the output holds NaN or inf")
                 if impl is not primary or impl.verify is not None:
                     result = impl.output(impl.fn()) if impl is not primary else expected
                     if impl.comparable and impl is not primary:
@@ -2252,6 +2269,8 @@ def run_workload(workload: Workload, device: torch.device, *, quick: bool = Fals
             failed = impl is primary or impl.ours
             add(_row(workload, impl, ok=False if failed else None,
                      note=f"{'error' if failed else 'unavailable'}: {_first_line(exc)}"))
+            if impl is primary and expected is None:  # no output to compare with: time nothing
+                return rows
             continue
         if impl.shared_key is not None:
             shared[impl.shared_key] = {k: values[k] for k in ("time_ms", "peak_mem_gb") if k in values}
@@ -2269,7 +2288,7 @@ def run_workload(workload: Workload, device: torch.device, *, quick: bool = Fals
         for impl, row in timed:
             try:
                 with impl.context():
-                    times.append(timing(impl))
+                    times.append(timing(impl, warm=False))
             except Exception as exc:  # a row whose later pass fails is not a clean measurement
                 times.append(None)
                 row["ok"] = False if impl is primary or impl.ours else row["ok"]
@@ -2723,8 +2742,12 @@ def merge_runs(paths: Sequence[str]) -> dict:
             if key in seen:
                 raise ValueError(f"{path}: {' | '.join(key)} is also in {seen[key]} (one timing per row)")
             seen[key] = path
+        # each part's machine details too: the parts of one run may come from two lent machines, whose hosts time
+        # the host-bound rows differently
         merged["meta"]["parts"].append({"file": os.path.basename(path), "cases": meta.get("cases"),
-                                        "size": meta.get("size"), "quick": meta.get("quick")})
+                                        "size": meta.get("size"), "quick": meta.get("quick"),
+                                        "host": meta.get("host"), "date": meta.get("date"),
+                                        "ceilings": meta.get("ceilings")})
         merged["meta"].setdefault("autotune_runs", []).append(meta.get("autotune") or {})
         planned += [c for c in meta.get("cases") or [] if c not in planned]
         merged["rows"] += data["rows"]
@@ -2770,9 +2793,11 @@ def format_summary(meta: dict, rows: list, max_picks: int = 16) -> str:
     """A run in a few lines (the end of a GPU check's log): versions, one line per (case, shape) with sparsectx's
     time and each peer's time and ratio (``n/a`` for a peer that was not timed, ``FAIL`` for a failed check), the
     issues' targets (``target_verdicts``) and the autotuner's picks."""
+    hosts = list(dict.fromkeys(part.get("host") for part in meta.get("parts") or [] if part.get("host")))
     lines = [f"{meta.get('device')} driver {meta.get('driver')} torch {meta.get('torch')} triton "
              f"{meta.get('triton')} {meta.get('date')} commit {meta.get('commit')}"
-             + (f" host {meta['host']}" if meta.get("host") else "")]
+             + (f" host {meta['host']}" if meta.get("host") and len(hosts) < 2 else "")
+             + (f" hosts (by part) {' / '.join(hosts)}" if len(hosts) > 1 else "")]
     present = {r["case"] for r in rows}
     not_run = [c for c in meta.get("planned_cases") or meta.get("cases") or [] if c not in present]
     if not_run:
@@ -2782,6 +2807,7 @@ def format_summary(meta: dict, rows: list, max_picks: int = 16) -> str:
         # names and shapes in full: rows that differ only past a cut would read the same
         head = f"{case:<10} {shape:<60} {base['impl']} "
         head += f"{base['time_ms']:.3f}ms{_rate(base)}" if base["time_ms"] else f"-- {base['note'][:60]}"
+        head += " FAIL" if base["ok"] is False else ""  # (its own check, or every peer disagreeing with it)
         peers = []
         for r in block[1:]:
             flag = " FAIL" if r["ok"] is False else ""

@@ -8,9 +8,12 @@ included, and records every one that reads device data on the host:
   ``aten.is_nonzero``, ``aten.equal``), and ``Tensor.tolist()`` (not an aten operation: it is watched by wrapping
   the method while the block runs);
 - an output whose size depends on the data: ``nonzero``, ``masked_select``, ``unique``, boolean-mask indexing
-  (``aten.index`` / ``index_put`` with a bool index), ``repeat_interleave`` without ``output_size``;
-- a copy between a device and the host (``.cpu()``, ``.to("cuda")`` of a host tensor), except a ``non_blocking``
-  copy from pinned host memory to the device (it is queued like a kernel and waits for nothing).
+  (``aten.index`` / ``index_put`` with a bool index), ``repeat_interleave`` without ``output_size``,
+  ``bincount``, and ``histc`` without a range (both read the data's range); ``allclose`` (a Python bool);
+- a copy between a device and the host (``.cpu()``, also of a tensor already on the CPU, ``.to("cuda")`` of a
+  host tensor), except a ``non_blocking`` copy from pinned host memory to the device (it is queued like a kernel
+  and waits for nothing). ``.to("cpu")`` of a CPU tensor is not counted: here it can not be told from a move to
+  the model's device (the CPU too).
 
 Not seen: a tensor built from host data directly on the device (``torch.tensor(list, device="cuda")``): its copy
 happens below the dispatcher. On CUDA that copy also waits for the stream; ``set_sync_debug_mode`` reports it.
@@ -47,6 +50,8 @@ _ALWAYS = {
     _aten.nonzero.default, _aten.nonzero.out, _aten.masked_select.default,
     _aten._unique.default, _aten._unique2.default, _aten.unique_dim.default, _aten.unique_consecutive.default,
     _aten.unique_dim_consecutive.default,
+    # a Python bool, and outputs sized (or binned) by the data's range: read inside the kernel on CUDA
+    _aten.allclose.default, _aten.bincount.default,
 }
 # operations that read the host only with a boolean index
 _INDEXING = {_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default, _aten._index_put_impl_.default}
@@ -55,6 +60,13 @@ _INDEXING = {_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.defau
 def _has_bool_index(args) -> bool:
     indices = args[1] if len(args) > 1 else ()
     return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices or ())
+
+
+def _histc_range(args, kwargs) -> tuple:
+    """``(min, max)`` of an ``aten.histc`` call (both 0, their defaults: the data's own range, read on the host)."""
+    names = ("bins", "min", "max")
+    given = dict(zip(names, args[1:]), **kwargs)
+    return given.get("min", 0), given.get("max", 0)
 
 
 def _crosses_host(func, args, kwargs, out) -> bool:
@@ -76,7 +88,7 @@ def _crosses_host(func, args, kwargs, out) -> bool:
 
 class HostReads(TorchDispatchMode):
     """The host reads of a block: ``ops`` (names, in order) and ``count``. Use ``count_host_reads()``, which also
-    watches ``Tensor.tolist`` (and, given ``device_data``, ``Tensor.cpu``)."""
+    watches ``Tensor.tolist`` and ``Tensor.cpu``)."""
 
     def __init__(self, device_data=None):
         super().__init__()
@@ -124,6 +136,8 @@ class HostReads(TorchDispatchMode):
             self.ops.append(f"{func} (bool index)")
         elif func is _aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
             self.ops.append(str(func))
+        elif func is _aten.histc.default and _histc_range(args, kwargs) == (0, 0):  # (the range read from the data)
+            self.ops.append(str(func))
         elif _crosses_host(func, args, kwargs, out):
             self.ops.append(f"{func} ({args[0].device if func is _aten._to_copy.default else args[1].device} -> "
                             f"{out.device if func is _aten._to_copy.default else args[0].device})")
@@ -152,9 +166,14 @@ def _watched_tolist(tensor):
 
 
 def _watched_cpu(tensor, *args, **kwargs):
-    """``tensor.cpu()``; of device data, in a block given ``device_data``: one read, and a result that is host data (a
-    new tensor even where the data already is on the CPU)."""
+    """``tensor.cpu()``: one read of device data. In a block given ``device_data``, of such data, with a result that is
+    host data (a new tensor even where the data already is on the CPU); in a block without, of a CPU tensor (where
+    no aten copy runs: on a GPU the same call is one), its result staying device data as every tensor there is."""
     original = _ORIGINALS["cpu"]
+    on_cpu = tensor.device.type == "cpu"
+    for mode in _modes():
+        if mode._device is None and on_cpu:
+            mode.ops.append("Tensor.cpu")
     readers = [mode for mode in _modes() if mode._device is not None and mode.holds_device_data(tensor)]
     if not readers:
         return original(tensor, *args, **kwargs)

@@ -268,6 +268,61 @@ def test_a_sparsectx_output_every_peer_disagrees_with_fails_and_judges_no_target
     assert [r["ok"] for r in rows] == [None, True, False]
 
 
+def test_a_sparsectx_output_holding_nan_or_inf_fails_and_no_peer_passes_against_it():
+    """sparsectx's output is what the peers are compared with: a NaN or inf in it gave a NaN error, which ``max``
+    dropped, so every peer showed ok (error 0) and the targets were judged on a broken output's time."""
+    import torch
+
+    right = torch.arange(8.0).reshape(2, 4)
+    for bad in (math.nan, math.inf):
+        broken = right.clone()
+        broken[1, 2] = bad
+        workload = benchmarks.Workload("t", "2x4", [], torch.float32)
+        assert benchmarks.relative_error(right, broken) == math.inf
+        assert benchmarks.worst_row_error(right, broken) == math.inf
+        assert benchmarks.results_match(right, broken, workload) == (False, math.inf)
+        impls = [benchmarks.Impl("sparsectx compact_tokens (scores+budget)", lambda b=broken: b),
+                 benchmarks.Impl("topk+sort+gather", lambda: right)]
+        rows = benchmarks.run_workload(benchmarks.Workload("compaction", "B=1, N=8", impls, torch.float32),
+                                       torch.device("cpu"), quick=True)
+        assert [r["ok"] for r in rows] == [False, False], rows
+        assert rows[0]["note"].startswith("CHECK FAILED: the output holds NaN or inf")
+        assert " FAIL" in benchmarks.format_summary({}, rows).splitlines()[1].split("|")[0]  # its own row too
+
+
+def test_a_scoped_rows_timed_calls_follow_a_call_in_the_same_scope(monkeypatch):
+    """A row whose scope (e.g. sparsectx.enable around the calls) makes its first call slower (the first selection
+    and plan) is timed only after a call in the scope it is timed in: sparsectx's row, whose check ran in a scope of
+    its own, and every row in a later pass, which enters its scope anew (at a fixed 2 reps, the cold call made half
+    of the reported median)."""
+    import contextlib
+
+    import torch
+
+    entered = []  # calls made in the current scope
+
+    @contextlib.contextmanager
+    def scope():
+        entered.clear()
+        yield
+
+    def fn():
+        entered.append(1)
+        return torch.ones(2)
+
+    timed_after = []  # for each timed call: how many calls its scope had made before
+
+    def fake_time_ms(fn_, device, reps=None, quick=False):
+        timed_after.append(len(entered))
+        fn_()
+        return 1.0
+
+    impls = [benchmarks.Impl("sparsectx x", fn, scope=scope), benchmarks.Impl("peer", fn, scope=scope)]
+    monkeypatch.setattr(benchmarks, "time_ms", fake_time_ms)
+    benchmarks.run_workload(_workload(impls, passes=2, reps=2), torch.device("cpu"), quick=True)
+    assert len(timed_after) == 4 and min(timed_after) >= 1, timed_after
+
+
 def test_a_later_timing_pass_that_fails_fails_sparsectx_rows():
     import torch
 
@@ -727,6 +782,16 @@ def test_merged_meta_keeps_every_parts_planned_cases_and_quick_flag(tmp_path):
     assert merged["cases"] == ["attention", "training"]
     assert merged["quick"] is True  # one quick part makes the whole run quick
     assert benchmarks.merge_runs([a])["meta"]["quick"] is False
+    # each part's machine details: parts run on two lent machines keep both hosts, and the summary names both
+    benchmarks.write_json(a, dict(meta, cases=["attention"], host="Intel Xeon 8480", date="2026-12-01"),
+                          _block("attention", "L=1", {"sparsectx (compacted)": 1.0}))
+    benchmarks.write_json(b, dict(meta, cases=["training"], host="AMD EPYC 9654", date="2026-12-02"),
+                          _block("training", "B=4", {"sparsectx (packed varlen)": 1.0}))
+    run = benchmarks.merge_runs([a, b])
+    assert [(p["host"], p["date"]) for p in run["meta"]["parts"]] == [("Intel Xeon 8480", "2026-12-01"),
+                                                                      ("AMD EPYC 9654", "2026-12-02")]
+    header = benchmarks.format_summary(run["meta"], run["rows"]).splitlines()[0]
+    assert header.endswith("hosts (by part) Intel Xeon 8480 / AMD EPYC 9654"), header
 
 
 def test_cpu_timings_are_per_call_medians():

@@ -23,6 +23,11 @@ def _x():
     ("unique_consecutive", lambda x: torch.unique_consecutive(x)),
     ("repeat_interleave", lambda x: torch.repeat_interleave(torch.tensor([1, 2]))),
     ("tolist", lambda x: x.tolist()),
+    # (a CPU tensor's .cpu() runs no aten op, and these read inside their kernels on CUDA: missed before)
+    ("cpu", lambda x: x.cpu()),
+    ("allclose", lambda x: torch.allclose(x, x)),
+    ("bincount", lambda x: torch.bincount((x > 0).long().flatten())),
+    ("histc without a range", lambda x: torch.histc(x, bins=4)),
 ])
 def test_host_reads_are_counted(name, fn):
     x = _x()
@@ -39,6 +44,7 @@ def test_host_reads_are_counted(name, fn):
     ("index_copy", lambda x: x.clone().index_copy_(0, torch.tensor([2]), x[:1])),
     ("where", lambda x: torch.where(x > 0, x, 0.0)),
     ("repeat_interleave with output_size", lambda x: torch.repeat_interleave(torch.tensor([1, 2]), output_size=3)),
+    ("histc with a range", lambda x: torch.histc(x, bins=4, min=-3.0, max=3.0)),
 ])
 def test_device_only_operations_are_not_counted(name, fn):
     x = _x()
