@@ -340,7 +340,6 @@ def _image_grid(context: SelectionContext, device) -> Optional[torch.Tensor]:
                                  "its corner (e.g. half steps): the spatial selectors need a grid of whole cells")
             return offsets.round().long()
         return _from_image_origin(hw.to(device=device, dtype=torch.long), lengths)
-
     shapes = _grid_shapes(context)
     if shapes is None:
         return None
