@@ -28,6 +28,7 @@ from .training import (  # noqa: F401
     disable_drop_training,
     enable_drop_training,
     is_drop_training_enabled,
+    last_drop_mask,
     random_drop_mask,
     random_drop_selector,
 )

@@ -216,6 +216,7 @@ class _DropTrainingPatch(integration.ForwardPatch):
         self.generator: Optional[torch.Generator] = None
         self.recent_masks: collections.OrderedDict = collections.OrderedDict()  # input key -> mask of that forward
         self.recent_draws: collections.deque = collections.deque(maxlen=RECENT_MASKS)  # host masks, latest last
+        self.last_keep: Optional[torch.Tensor] = None  # the latest forward's image keep mask (last_drop_mask)
 
     def uninstall(self) -> None:
         super().uninstall()
@@ -225,19 +226,21 @@ class _DropTrainingPatch(integration.ForwardPatch):
         self.state.image_keep, self.state.image_kept_prefix = None, 0
         self.recent_masks.clear()
         self.recent_draws.clear()
+        self.last_keep = None
 
     def forward(self, *args, **kwargs):
         call = self.bind(args, kwargs)
         mask = self._mask_for(call) if self.transformer.training else (None, 0)
         if mask[0] is not None:
             self._reinstall_replaced_processors()
-        self.state.image_keep, self.state.image_kept_prefix = mask
-        # gradient checkpointing recomputes blocks during backward, possibly after other forwards drew other masks
-        # or settings changed: each checkpointed block of this forward runs (and is recomputed) with this forward's
-        # mask and settings, and only while drop training is still enabled
+        self.last_keep = mask[0]
+        # the processors read this forward's mask while it runs (and not after: an attention layer called on its
+        # own later, in eval mode, ran with it); gradient checkpointing recomputes blocks during backward, possibly
+        # after other forwards drew other masks or settings changed: each checkpointed block of this forward runs
+        # (and is recomputed) with this forward's mask and settings, and only while drop training is still enabled
         scope = integration.state_scope(self.state, image_keep=mask[0], image_kept_prefix=mask[1],
                                         skip_dropped_queries=self.state.skip_dropped_queries)
-        with self.checkpointed_in(functools.partial(self._enabled_scope, scope, mask[0] is not None)):
+        with scope(), self.checkpointed_in(functools.partial(self._enabled_scope, scope, mask[0] is not None)):
             return self.original_forward(**call)
 
     def _reinstall_replaced_processors(self) -> None:
@@ -419,6 +422,15 @@ def disable_drop_training(transformer):
     if patch is not None:
         patch.uninstall()
     return transformer
+
+
+def last_drop_mask(transformer) -> Optional[torch.Tensor]:
+    """The bool ``[B, S_image]`` keep mask of the image sequence (target tokens kept) that the latest forward of a
+    transformer under drop training used, or None: it kept every token (eval mode, or a draw that dropped nothing),
+    no forward ran yet, or drop training is not enabled."""
+    _, model, _ = integration._split_target(transformer)
+    patch = getattr(model, integration.DROP_TRAINING_ATTR, None)
+    return patch.last_keep if patch is not None else None
 
 
 def is_drop_training_enabled(transformer) -> bool:

@@ -388,9 +388,10 @@ def test_drop_training_takes_back_processors_set_after_enable(models):
     over them (and disable restores them); processors sparsectx can not replace raise."""
     model, kwargs = models["flux2"], shared._inputs("flux2")
     model.train()
+    plain = _run(model, kwargs)
     enable_drop_training(model, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(1))
     masked = _run(model, kwargs)
-    assert not bool(model._sparsectx_drop_training.state.image_keep.all())  # the draw dropped tokens
+    assert not torch.equal(masked, plain)  # the draw dropped tokens
     enable_drop_training(model, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(1))  # same draw
     block = model.transformer_blocks[0].attn
     replaced = type(block.processor.original)()
@@ -686,6 +687,38 @@ def test_drop_training_in_eval_mode_or_keeping_all_is_the_unpatched_model(models
     assert not is_drop_training_enabled(model) and torch.equal(_run(model, kwargs), expected)
 
 
+def test_an_attention_layer_called_after_a_training_forward_runs_unmasked():
+    """The drop mask holds while its forward runs, not after: an attention layer called on its own after a
+    drop-training forward (in eval mode: a probe, a user's script) gives the unpatched layer's output (before: the
+    last training forward's mask stayed in the processors' state, and the layer attended with it, its dropped query
+    rows zero)."""
+    model, kwargs = shared._build_model("flux2"), shared._inputs("flux2")
+    attn = model.transformer_blocks[0].attn
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*kwargs["hidden_states"].shape[:2], attn.query_dim, generator=gen)
+    text = torch.randn(x.shape[0], kwargs["txt_ids"].shape[1], attn.query_dim, generator=gen)
+    rope = model.pos_embed(torch.cat([kwargs["txt_ids"][0], kwargs["img_ids"][0]]))
+
+    def layer():
+        with torch.no_grad():
+            return attn(hidden_states=x, encoder_hidden_states=text, image_rotary_emb=rope)[0]
+
+    expected = layer()
+    enable_drop_training(model, ratio_range=(0.3, 0.3), generator=torch.Generator().manual_seed(0))
+    try:
+        model.train()
+        model(**kwargs)
+        keep = sparsectx.last_drop_mask(model)  # (what the forward used stays readable)
+        assert keep is not None and keep.shape == x.shape[:2] and not keep.all()
+        model.eval()
+        torch.testing.assert_close(layer(), expected, rtol=0, atol=FP32_ATOL)
+        model(**kwargs)
+        assert sparsectx.last_drop_mask(model) is None  # an eval forward keeps every token
+    finally:
+        disable_drop_training(model)
+    assert sparsectx.last_drop_mask(model) is None
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_validation_with_the_drop_in_between_drop_training_steps(models, family):
     """The README's validation pass during fine-tuning: drop training and the drop-in refuse each other with a
@@ -744,7 +777,7 @@ def test_drop_training_equals_masking_keys(models, family, skip_dropped_queries,
     assert all((mask is not None) == skip_dropped_queries for mask in query_masks)
     if kwargs.get("encoder_hidden_states_mask") is None:  # no text padding: text + target are contiguous keys
         assert prefixes == [kwargs["encoder_hidden_states"].shape[1] + N_TARGET] * len(prefixes)
-    image_keep = model._sparsectx_drop_training.state.image_keep
+    image_keep = sparsectx.last_drop_mask(model)
     assert image_keep[:, :N_TARGET].all() and not image_keep.all()
     assert not torch.equal(image_keep[0], image_keep[1])  # one draw per sample
     if skip_dropped_queries:  # the skipped queries are exactly the dropped tokens (Qwen's joint rows: image first)
@@ -769,14 +802,14 @@ def test_drop_masks_are_new_each_step_and_seeded(models):
         enable_drop_training(model, ratio_range=(0.2, 0.8), generator=torch.Generator().manual_seed(seed))
         for _ in range(2):
             _run(model, kwargs)
-            masks.append(model._sparsectx_drop_training.state.image_keep.clone())
+            masks.append(sparsectx.last_drop_mask(model).clone())
     assert torch.equal(masks[0], masks[2]) and torch.equal(masks[1], masks[3])
     assert not torch.equal(masks[0], masks[1])
     # ref_lengths given: the references are the last tokens of the image sequence, as detected from img_ids
     enable_drop_training(model, ratio_range=(0.2, 0.8), ref_lengths=[9, 8],
                          generator=torch.Generator().manual_seed(0))
     _run(model, kwargs)
-    assert torch.equal(model._sparsectx_drop_training.state.image_keep, masks[0])
+    assert torch.equal(sparsectx.last_drop_mask(model), masks[0])
 
 
 @pytest.mark.parametrize("family, ref_lengths, reads", [("flux2", None, ["Tensor.cpu"]), ("flux", None, ["Tensor.cpu"]),
@@ -803,7 +836,7 @@ def test_a_training_forward_reads_the_device_once_at_most(models, family, ref_le
                          generator=torch.Generator().manual_seed(2))
     with count_host_reads(device_data=device_data) as dropped:
         _run(model, kwargs)
-    assert not model._sparsectx_drop_training.state.image_keep.all()
+    assert not sparsectx.last_drop_mask(model).all()
     assert dropped.ops == plain.ops + reads, (plain.ops, dropped.ops)
 
 
@@ -831,7 +864,7 @@ def test_a_train_mode_forward_on_inference_tensors_draws_a_mask(models, monkeypa
         with torch.inference_mode():
             kwargs = _train_inputs("flux2")
             dropped = model(**kwargs)[0]
-        image_keep = model._sparsectx_drop_training.state.image_keep
+        image_keep = sparsectx.last_drop_mask(model)
         assert image_keep is not None and not image_keep.all()
         disable_drop_training(model)
         monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.NATIVE,
@@ -855,7 +888,7 @@ def test_drop_training_under_autocast_matches_masked_native_attention(models, fa
         enable_drop_training(model, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(5))
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             dropped = model(**kwargs)[0]
-        image_keep = model._sparsectx_drop_training.state.image_keep
+        image_keep = sparsectx.last_drop_mask(model)
         assert dropped.dtype == torch.bfloat16 and image_keep is not None and not image_keep.all()
         disable_drop_training(model)
         monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.NATIVE,
@@ -907,7 +940,7 @@ def test_removing_the_dropped_tokens_gives_drop_trainings_gradients(family):
 
     enable_drop_training(model, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(3))
     masked_out, masked_grads = outputs_and_grads()
-    image_keep = model._sparsectx_drop_training.state.image_keep
+    image_keep = sparsectx.last_drop_mask(model)
     disable_drop_training(model)
     sparsectx.enable(model, budget=None, selector=random_drop_selector((0.2, 0.6), torch.Generator().manual_seed(3)))
     seen, handle = shared._count_tokens(model) if family != "qwen" else ([], None)
@@ -953,7 +986,7 @@ def test_removing_the_dropped_tokens_with_checkpointing_lora_and_compile(checkpo
         finally:
             torch._dynamo.reset()
         keep = (sparsectx.last_selection(model).keep if removed
-                else model._sparsectx_drop_training.state.image_keep[:, N_TARGET:])
+                else sparsectx.last_drop_mask(model)[:, N_TARGET:])
         return {name.removeprefix("_orig_mod."): grad for name, grad in grads.items()}, keep
 
     removed, removed_keep = gradients(True)
@@ -1214,7 +1247,7 @@ def test_gradients_equal_key_masked_reference(skip_dropped_queries, checkpointin
     enable_drop_training(model, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(3),
                          skip_dropped_queries=skip_dropped_queries)
     grads = _grads(model, kwargs, target)
-    image_keep = model._sparsectx_drop_training.state.image_keep
+    image_keep = sparsectx.last_drop_mask(model)
     assert image_keep is not None and not image_keep.all()
     disable_drop_training(model)
     monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.NATIVE,
@@ -1237,7 +1270,7 @@ def test_settings_changed_before_the_backward_of_a_checkpointed_forward(monkeypa
     enable_drop_training(model, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(3))
     model.zero_grad(set_to_none=True)
     out = model(**kwargs)[0]
-    image_keep = model._sparsectx_drop_training.state.image_keep
+    image_keep = sparsectx.last_drop_mask(model)
     enable_drop_training(model, ratio_range=(0.2, 0.6), skip_dropped_queries=False)
     ((out[:, :N_TARGET] - target) ** 2).mean().backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
@@ -1378,7 +1411,7 @@ def _check_sparsectx_attention_and_drop_training(family, device, low, monkeypatc
     calls.clear()
     dropped = forward_and_input_grad(low)
     assert calls  # sparsectx's masked attention ran
-    image_keep = model._sparsectx_drop_training.state.image_keep
+    image_keep = sparsectx.last_drop_mask(model)
     assert image_keep is not None and not bool(image_keep.all())  # tokens were dropped
     disable_drop_training(model)
     monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.NATIVE,
@@ -1548,17 +1581,17 @@ def test_accelerate_mixed_precision_around_drop_training(order):
             before_prepare = model.forward
             model = accelerator.prepare(model)
             enable_drop_training(model, ratio_range=(0.2, 0.6))
-        state = model._sparsectx_drop_training.state
+        patch = model._sparsectx_drop_training
         out = model(**kwargs)[0]
-        assert out.dtype == torch.float32 and state.image_keep is not None and not state.image_keep.all()
+        assert out.dtype == torch.float32 and patch.last_keep is not None and not patch.last_keep.all()
         if order == "enable, prepare":
             with pytest.raises(RuntimeError, match="enable sparsectx after prepare .*keep_fp32_wrapper=False.*"
                                                    "removes accelerate.s autocast"):
                 disable_drop_training(model)
         model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-        state.image_keep = None
+        patch.last_keep = None
         model(**kwargs)
-        assert is_drop_training_enabled(model) and state.image_keep is not None  # still sparsectx's forward
+        assert is_drop_training_enabled(model) and patch.last_keep is not None  # still sparsectx's forward
         disable_drop_training(model)
         assert not is_drop_training_enabled(model)
         if order == "enable, prepare":
