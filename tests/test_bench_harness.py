@@ -642,15 +642,19 @@ def test_a_selection_row_that_failed_its_check_is_not_the_worst_share():
     assert "meets: worst 0.30%" in line and "1 of 1 rows judged" in line, line
 
 
-def test_kv_target_judges_only_the_reference_counts_it_names():
-    """The KV speed-up target is set for 3 and 4 references only: a block with another count gets no line."""
+def test_kv_target_judges_only_the_shapes_it_names():
+    """The KV speed-up target is set for 3 references at 10% (4.5x) and 4 at 5% (6x) only: a block with another
+    count or share gets no line (4 references at 10% were held to 6x, 3 at 5% to 4.5x)."""
     rows = []
-    for refs in (1, 2, 3, 13):
-        rows += _block("kv", f"{refs} ref x 10%, target 4096", {
+    for refs, keep in ((1, "10%"), (2, "10%"), (3, "10%"), (13, "10%"), (3, "5%"), (4, "10%"), (4, "5%")):
+        rows += _block("kv", f"{refs} ref x {keep}, target 4096", {
             "sparsectx.enable + KV cache": 10.0, "plain run, all references, no cache": 50.0})
     lines = [line for line in benchmarks.target_verdicts(rows) if "sparse + KV" in line]
-    assert [line.split()[3] for line in lines if "sparsectx attention" not in line] == ["3"], lines
-    assert all(line.split()[3] == "3" for line in lines), lines
+    assert all(line.split()[3:6] in (["3", "ref", "x"], ["4", "ref", "x"]) for line in lines), lines
+    lines = [line for line in lines if "sparsectx attention" not in line]  # (that row is not in these blocks)
+    assert [" ".join(line.split()[3:6]) for line in lines] == ["3 ref x", "4 ref x"], lines
+    assert "3 ref x 10%" in lines[0] and ">= 4.500" in lines[0], lines
+    assert "4 ref x 5%" in lines[1] and ">= 6.000" in lines[1], lines
 
 
 def test_back_to_back_time_target_reads_the_rows_loop_time():
@@ -876,3 +880,89 @@ def test_pipeline_rows_check_the_selection_of_their_own_call():
     keep[0, int((~keep[0, :64]).nonzero()[0])] = True  # the first reference keeps one token more
     more = other._replace(keep=keep)
     assert uniform.verify((latents, more)) == "kept [17, 16, 16] tokens per reference, not 16 each"
+
+
+def test_the_breakdowns_model_row_makes_the_rope_tables_as_the_drop_in_does(monkeypatch):
+    """(b), the model on the compacted inputs, is the drop-in's step without its wrapper: a later call makes the
+    RoPE tables as the drop-in's step does, with sparsectx's ``flux_rope_tables`` and the plan's kept rows (before:
+    diffusers' ``pos_embed`` twice per call, so (d) - (b) and the 3% target leaned the drop-in's way)."""
+    from diffusers.models.transformers import transformer_flux2
+
+    from sparsectx import processors
+
+    counts = {"diffusers": 0, "sparsectx": 0}
+    diffusers_forward, sparsectx_tables = transformer_flux2.Flux2PosEmbed.forward, processors.flux_rope_tables
+
+    def counted_diffusers(self, ids):
+        counts["diffusers"] += 1
+        return diffusers_forward(self, ids)
+
+    def counted_sparsectx(*args, **kwargs):
+        counts["sparsectx"] += 1
+        return sparsectx_tables(*args, **kwargs)
+
+    monkeypatch.setattr(transformer_flux2.Flux2PosEmbed, "forward", counted_diffusers)
+    monkeypatch.setattr(processors, "flux_rope_tables", counted_sparsectx)
+    case = benchmarks.CASES["e2e"]
+    workload = case.build((3, 0.05, case.BREAKDOWN), "tiny", torch.device("cpu"))
+    per_call = {}
+    for name in ("(d) enabled once, step", "(b) model on the compacted inputs"):
+        impl = workload.impl(name)
+        with impl.context():
+            impl.fn()  # the first call in the scope: the selection and its plan
+            counts.update(diffusers=0, sparsectx=0)
+            impl.fn()  # a later call, as the timed ones
+            per_call[name] = dict(counts)
+    assert per_call["(b) model on the compacted inputs"] == per_call["(d) enabled once, step"], per_call
+    assert per_call["(d) enabled once, step"]["diffusers"] == 0, per_call
+
+
+def test_the_training_cases_per_sample_loop_does_no_extra_full_size_work():
+    """The per-sample SDPA loop peer takes each sample's rows by one split per leaf: its timed call makes no
+    full-size ``[T, H, D]`` tensor beyond the output's and the three gradients' (before: a slice per sample, whose
+    backward zero-filled a full gradient per slice and summed them, ~10% of the loop's time at the full shape)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    case = benchmarks.CASES["training"]
+    workload = case.build(case.configs("tiny")[0], "tiny", torch.device("cpu"))
+    loop = workload.impl("sdpa per-sample loop").fn
+    rows = loop()[0].shape[0]
+    full_size, detach = [], torch.ops.aten.detach.default  # (a view, no work)
+
+    class FullSize(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.ndim == 3 and out.shape[0] == rows and func is not detach:
+                full_size.append(func.overloadpacket.__name__)
+            return out
+
+    with FullSize():
+        loop()
+    assert sorted(full_size) == ["cat"] * 4, full_size  # the output, and the gradients of q, k and v
+
+
+def test_the_step_rows_without_a_drop_in_check_check_their_selection(monkeypatch):
+    """The e2e step's compaction row and the KV-cache runs through the drop-in check what was kept, not only the
+    output: in bf16 a step's output differs about as much between a right and a wrong selection as between two
+    right implementations (1e-3 to 4e-3 of its norm, under the 1e-2 bound), so a wrong selection passed there."""
+    from sparsectx import integration, ops
+
+    scores = torch.rand(3, 40, generator=torch.Generator().manual_seed(0))
+    assert benchmarks._compaction_problem(scores, 7) == ""
+    real = ops.compact_tokens
+    monkeypatch.setattr(ops, "compact_tokens", lambda s, *t, budget: real(-s, *t, budget=budget))  # the lowest
+    assert "other tokens than each reference's top-scored" in benchmarks._compaction_problem(scores, 7)
+    monkeypatch.setattr(ops, "compact_tokens", real)
+
+    case = benchmarks.CASES["kv"]
+    workload = case.build(case.configs("tiny")[0], "tiny", torch.device("cpu"))
+    rows = [workload.impl(name) for name in ("sparsectx.enable + KV cache",
+                                             "sparsectx.enable (sparsectx attn) + KV cache")]
+    for impl in rows:
+        impl.fn()
+        assert impl.verify(None) == "", impl.name
+    select = integration._SparsePatch._select
+    monkeypatch.setattr(integration._SparsePatch, "_select", lambda self, *a, **k: ~select(self, *a, **k))
+    for impl in rows:
+        impl.fn()
+        assert impl.verify(None).startswith("kept "), impl.name
