@@ -2079,8 +2079,8 @@ class TrainStepCase(_RefsKeepCase):
     }
 
     def build(self, config, size: str, device: torch.device) -> Workload:
-        from .integration import sparse_context
-        from .training import disable_drop_training, enable_drop_training, random_drop_selector
+        from .integration import last_selection, sparse_context
+        from .training import disable_drop_training, enable_drop_training, last_drop_mask, random_drop_selector
 
         refs, keep = config
         s = self.sizes[size]
@@ -2127,10 +2127,40 @@ class TrainStepCase(_RefsKeepCase):
             return Impl(name, lambda: step(latents, ids), scope=lambda: training(mode), **kw)
 
         kept = math.floor(keep * x["n_ref"] + 0.5)
+        # what each form kept, read inside its scope after its checked step: in bf16 the steps' outputs hardly tell
+        # a wrong mask from the right one, so the masks themselves are checked
+        masks = {}
+
+        def noting_mask(mode):
+            def output(out):
+                if mode == "removed":
+                    selection = last_selection(model)
+                    masks[mode] = None if selection is None else selection.keep.clone()
+                else:  # drop training's mask of the image sequence: its reference part
+                    image_keep = last_drop_mask(model)
+                    masks[mode] = None if image_keep is None else image_keep[:, n_target:].clone()
+                return out
+            return output
+
+        def mask_problem(mode):
+            def verify(_) -> str:
+                mask = masks.get(mode)
+                if mask is None:
+                    return "no tokens were dropped"
+                counts = [int(part.sum()) for part in mask.split(x["n_ref"], dim=1)]
+                if counts != [kept] * refs:
+                    return f"kept {counts} tokens per reference, not {kept} each"
+                if mode == "masked" and masks.get("removed") is not None and not torch.equal(mask, masks["removed"]):
+                    return "drop training kept other tokens than the drop-in from the same seed"
+                return ""
+            return verify
+
         impls = [
-            impl(self.impl_names[0], "removed", all_latents, all_ids,
+            impl(self.impl_names[0], "removed", all_latents, all_ids, output=noting_mask("removed"),
+                 verify=mask_problem("removed"),
                  note=f"{refs} x {kept} kept reference tokens in the sequence (every block)"),
-            impl(self.impl_names[1], "masked", all_latents, all_ids,
+            impl(self.impl_names[1], "masked", all_latents, all_ids, output=noting_mask("masked"),
+                 verify=mask_problem("masked"),
                  note="every reference token in the sequence, dropped ones masked in attention (keys and queries)"),
             impl(self.impl_names[2], None, all_latents, all_ids, comparable=False,
                  note="100% kept (a different output by design)"),

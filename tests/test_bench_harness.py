@@ -966,3 +966,27 @@ def test_the_step_rows_without_a_drop_in_check_check_their_selection(monkeypatch
     for impl in rows:
         impl.fn()
         assert impl.verify(None).startswith("kept "), impl.name
+
+
+def test_the_train_steps_rows_check_the_masks_they_trained_with(monkeypatch):
+    """train_step's two forms check their masks (their bf16 outputs can not tell a wrong one): each keeps the
+    configured count per reference, and drop training keeps the drop-in's tokens from the same seed."""
+    from sparsectx import integration
+
+    case = benchmarks.CASES["train_step"]
+    workload = case.build(case.configs("tiny")[0], "tiny", torch.device("cpu"))
+    rows = [workload.impl(name) for name in case.impl_names[:2]]
+
+    def checked(impl) -> str:
+        with impl.context():
+            return impl.verify(impl.output(impl.fn()))
+
+    assert [checked(impl) for impl in rows] == ["", ""]
+    select = integration._SparsePatch._select
+    monkeypatch.setattr(integration._SparsePatch, "_select",
+                        lambda self, *a, **k: select(self, *a, **k).roll(1, dims=1))  # other tokens, same counts
+    assert checked(rows[0]) == ""  # (the drop-in alone: right counts)
+    assert checked(rows[1]) == "drop training kept other tokens than the drop-in from the same seed"
+    monkeypatch.setattr(integration._SparsePatch, "_select",
+                        lambda self, *a, **k: torch.zeros_like(select(self, *a, **k)))  # none kept
+    assert checked(rows[0]).startswith("kept [0, 0, 0] tokens per reference")
