@@ -27,14 +27,16 @@
 # summary says which), else 0.
 set -u   # no `set -e`: a failing step must not stop the steps after it
 
+# OUT and PYTHON given as relative paths are the caller's (resolved before the cd to the repository)
+OUT=${OUT:-./bench_out}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2
+PY=${PYTHON:-python3}
+[[ $PY == */* ]] && PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 REPO=$PWD
 # the package runs from an installed copy, outside the tree: the commit is read here (with -dirty for local edits)
 SPARSECTX_COMMIT=${SPARSECTX_COMMIT:-$(git -C "$REPO" describe --always --dirty --abbrev=7 --exclude '*' 2>/dev/null)}
 export SPARSECTX_COMMIT
-OUT=${OUT:-./bench_out}
-mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
-PY=${PYTHON:-python3}
 PART=${GPU_CHECK_PART:-1}
 case $PART in 1|2|all) ;; *) echo "GPU_CHECK_PART must be 1, 2 or all, got '$PART'" >&2; exit 2 ;; esac
 part() { [[ $PART == all || $PART == "$1" ]]; }
@@ -45,7 +47,9 @@ read -r -a E2E_ARGS <<<"${GPU_CHECK_E2E_ARGS:-}"
 # whole script, wall time: 9.5 minutes (part 1's steps add up to about 9; a device command may run 10 minutes) leave
 # a device session of 15 minutes its start-up (30 s on 2026-11-30, up to 4 minutes) and a short second command
 BUDGET_S=${GPU_CHECK_BUDGET_S:-570}
-SUMMARY_RESERVE_S=20                   # kept back for the summary (15 s) and timeout's kill grace
+SUMMARY_RESERVE_S=35                   # kept back for the summary's report (at most 30 s) and timeout's kill
+                                       # grace; results.md's report (at most 10 s) runs past the budget, well
+                                       # inside a device command's 600 s
 KILL_GRACE_S=5
 # caps per step (seconds; on the 2026-11-27 H200: set-up 44 s, 13 GPU tests 64 s, key cases 59 s, training 36 s,
 # e2e without its breakdown 55 s)
@@ -88,7 +92,8 @@ QWEN_CAP_S=90
 SCRATCH=$(mktemp -d /tmp/gpu_check.XXXXXX)
 # the benchmark steps' JSON files, in the order the summary lists them
 BENCH_PARTS=("$SCRATCH"/bench_{key,norm_rope,training,e2e,selection,kv,pipeline,e2e_qwen,train_step,e2e_batch,e2e_kontext}.json)
-rm -f "$OUT/bench.json" "$OUT/results.md"   # an earlier run's files must not pass for this run's
+rm -f "$OUT/bench.json" "$OUT/results.md" "$OUT/profile_ops.txt"   # an earlier run's files must not pass for
+                                                                       # this run's
 START=$SECONDS
 STEP_LINES=()
 export PYTHONUNBUFFERED=1
@@ -116,8 +121,12 @@ step() {
     timeout -k "$KILL_GRACE_S" "$limit" "$@" >>"$log" 2>&1
     rc=$?
     local verdict=ok
-    (( rc == 124 || rc == 137 )) && verdict="TIMED OUT"
-    (( rc != 0 && rc != 124 && rc != 137 )) && verdict="FAILED"
+    # 124 / 137 are a timeout only when the limit was reached: a process killed by a signal (e.g. the OOM killer:
+    # 137) or exiting 124 itself before it FAILED
+    if (( rc != 0 )); then
+        verdict="FAILED"
+        (( (rc == 124 || rc == 137) && SECONDS - t0 >= limit )) && verdict="TIMED OUT"
+    fi
     STEP_LINES+=("$(printf '%-26s %-9s rc=%-3s %4ss' "$name" "$verdict" "$rc" "$(( SECONDS - t0 ))")")
     echo "=== $name: $verdict (rc=$rc, $(( SECONDS - t0 ))s)" | tee -a "$log"
     return "$rc"
@@ -162,19 +171,24 @@ fi
 # The import checks run outside the repository, so that they see the installation and not the source folder.
 IN_SCRATCH=(bash -c 'cd "$0" && exec "$@"' "$SCRATCH")   # prefix: run a command from the scratch folder
 in_scratch() { step "$1" "$2" "$ENV_LOG" "${IN_SCRATCH[@]}" "${@:3}"; }
-IMPORT_SPARSECTX="import sparsectx, sparsectx.kernels, sparsectx.benchmarks; print('sparsectx from', sparsectx.__file__)"
+# (and from $SCRATCH's installation only: a failed install must not let another installed sparsectx pass for this
+# tree, whose commit labels the results)
+IMPORT_SPARSECTX="import sys, sparsectx, sparsectx.kernels, sparsectx.benchmarks
+print('sparsectx from', sparsectx.__file__)
+sys.exit(0 if all(m.__file__.startswith(sys.argv[1]) for m in (sparsectx, sparsectx.kernels)) else
+         'sparsectx does not come from ' + sys.argv[1])"
 # a plain install into a folder of its own: on the 2026-11-27 H200 machine `pip install -e . --no-build-isolation`
 # fell back to `setup.py develop`, which tried to fetch setuptools from the (unreachable) index and failed
 step "pip install --target" 90 "$ENV_LOG" "$PY" -m pip install -q --no-deps --no-build-isolation --no-index \
     --target "$SCRATCH/sparsectx_site" .
 export PYTHONPATH=$SCRATCH/sparsectx_site${PYTHONPATH:+:$PYTHONPATH}
-if ! in_scratch "import sparsectx" 60 "$PY" -c "$IMPORT_SPARSECTX"; then
+if ! in_scratch "import sparsectx" 60 "$PY" -c "$IMPORT_SPARSECTX" "$SCRATCH/sparsectx_site"; then
     # fallback, no pip: the installed layout made of links (sparsectx/* and kernels/ as sparsectx/kernels)
     LINKS=$SCRATCH/sparsectx_links
     mkdir -p "$LINKS/sparsectx" && ln -sfn "$REPO"/sparsectx/* "$LINKS/sparsectx/" \
         && ln -sfn "$REPO/kernels" "$LINKS/sparsectx/kernels"
     export PYTHONPATH=$LINKS${PYTHONPATH:+:$PYTHONPATH}
-    in_scratch "import sparsectx (links)" 60 "$PY" -c "$IMPORT_SPARSECTX"
+    in_scratch "import sparsectx (links)" 60 "$PY" -c "$IMPORT_SPARSECTX" "$LINKS"
 fi
 in_scratch "import diffusers" 60 "$PY" -c "import diffusers; print('diffusers', diffusers.__version__)"
 grep -E "^(sparsectx from|diffusers)" "$ENV_LOG"
@@ -273,7 +287,8 @@ SUMMARY=$OUT/summary.txt
     fi
 } >"$SUMMARY" 2>&1
 # the same run as markdown tables for bench/RESULTS.md (bench.json is this run's: removed at the start)
-[[ -f $OUT/bench.json ]] && "${IN_SCRATCH[@]}" "$PY" -m sparsectx.cli report "$OUT/bench.json" >"$OUT/results.md" 2>&1
+[[ -f $OUT/bench.json ]] && timeout 10 "${IN_SCRATCH[@]}" "$PY" -m sparsectx.cli report "$OUT/bench.json" \
+    >"$OUT/results.md" 2>&1
 cat "$SUMMARY"
 rm -rf "$SCRATCH"
 # the device tool brings back at most 8 files of $OUT; part 1 writes 7 and the caller's console.log: a temporary

@@ -3000,13 +3000,13 @@ def report(args: argparse.Namespace) -> int:
         data = merge_runs(paths)
     except ValueError as exc:
         raise SystemExit(f"sparsectx report: error: {exc}") from None
-    if args.merged:
-        write_json(args.merged, data["meta"], data["rows"])
     for path in missing:
         print(f"note: {path} does not exist (skipped)", file=sys.stderr)
-    if not data["rows"]:
+    if not data["rows"]:  # (before --merged is written: a merged file of nothing would pass for a run's results)
         raise SystemExit(f"sparsectx report: error: {', '.join(p for p in paths if p not in missing)} holds no "
                          "result rows (the run measured nothing)")
+    if args.merged:
+        write_json(args.merged, data["meta"], data["rows"])
     text = format_summary if args.summary else format_markdown
     print(text(data["meta"], data["rows"]), end="")
     return 0

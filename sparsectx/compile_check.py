@@ -484,6 +484,12 @@ def main(args: argparse.Namespace) -> int:
               "those options, not both", file=sys.stderr)
         return 2
     dtypes, head_dims = (("bf16",), (64, 128)) if args.quick else (args.dtypes or DTYPES, args.head_dims or HEAD_DIMS)
+    if args.json and (os.path.isdir(args.json) or not os.path.isdir(os.path.dirname(os.path.abspath(args.json)))):
+        # (before the compiles, minutes: the path was found wrong after them, with a traceback in place of the
+        # problems found)
+        print(f"sparsectx compile-check: error: --json {args.json!r} is a folder or in a folder that does not "
+              "exist; give a file path", file=sys.stderr)
+        return 2
     interpreting = os.environ.get("TRITON_INTERPRET", "").strip().lower() not in ("", "0", "false", "no", "off")
     if interpreting or args.first_config != (
             os.environ.get("SPARSECTX_AUTOTUNE", "1") == "0"):
@@ -501,14 +507,14 @@ def main(args: argparse.Namespace) -> int:
     print(f"Triton {triton.__version__}, sm_{args.arch}, {time.perf_counter() - start:.0f} s\n")
     print(format_table(rows, args.arch))
     found = problems(rows, args.arch)
+    for line in found:  # (printed before the JSON is written: a failed write keeps them)
+        print(f"PROBLEM: {line}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"triton": triton.__version__, "arch": args.arch, "first_config": args.first_config,
                        "dtypes": list(dtypes), "head_dims": list(head_dims),
                        "shared_memory_limit": SHARED_MEMORY_LIMIT.get(args.arch), "problems": found,
                        "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
-    for line in found:
-        print(f"PROBLEM: {line}")
     return 1 if found else 0
 
 

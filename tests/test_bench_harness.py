@@ -207,6 +207,9 @@ def test_report_refuses_parts_of_different_runs_and_names_bad_files(tmp_path):
     (tmp_path / "norows.json").write_text(json.dumps({"meta": {}, "rows": []}))
     with pytest.raises(SystemExit, match="norows.json holds no result rows"):  # printed '### ?, None' before
         cli.main(["report", str(tmp_path / "norows.json")])
+    with pytest.raises(SystemExit, match="norows.json holds no result rows"):  # and left a merged file behind
+        cli.main(["report", "--merged", str(tmp_path / "merged.json"), str(tmp_path / "norows.json")])
+    assert not (tmp_path / "merged.json").exists()
     with pytest.raises(SystemExit, match="is a folder"):
         cli.main(["report", str(tmp_path)])
     with pytest.raises(SystemExit, match="--merged .* is a folder"):
@@ -990,3 +993,26 @@ def test_the_train_steps_rows_check_the_masks_they_trained_with(monkeypatch):
     monkeypatch.setattr(integration._SparsePatch, "_select",
                         lambda self, *a, **k: torch.zeros_like(select(self, *a, **k)))  # none kept
     assert checked(rows[0]).startswith("kept [0, 0, 0] tokens per reference")
+
+
+def test_gpu_checks_step_tells_a_timeout_from_a_killed_or_failed_command(tmp_path):
+    """gpu_check.sh's step(): a command cut by its time limit is TIMED OUT (not a failure of the run); one killed by
+    a signal before its limit (the OOM killer's SIGKILL exits 137, as a timeout's kill does), or exiting 124 itself,
+    FAILED (before: both read as TIMED OUT, and the run's exit status missed them)."""
+    import re
+    import subprocess
+
+    script = (Path(__file__).parent.parent / "bench" / "gpu_check.sh").read_text()
+    functions = re.search(r"seconds_left\(\) \{.*?\n# step NAME.*?\n    return \"\$rc\"\n\}\n", script, re.S)
+    assert functions, "seconds_left and step not found in gpu_check.sh"
+    log = tmp_path / "step.log"
+    driver = (f"BUDGET_S=600; START=$SECONDS; SUMMARY_RESERVE_S=0; KILL_GRACE_S=1; SKIP_STEPS=; STEP_LINES=()\n"
+              f"{functions.group(0)}\n"
+              f"step cut 10 {log} sleep 30\n"
+              f"step killed 30 {log} bash -c 'kill -9 $$'\n"
+              f"step exits_124 30 {log} bash -c 'exit 124'\n"
+              f"step fine 30 {log} true\n"
+              'printf "STEP %s\\n" "${STEP_LINES[@]}"\n')
+    run = subprocess.run(["bash", "-c", driver], capture_output=True, text=True, timeout=120)
+    verdicts = {line.split()[1]: line.split()[2] for line in run.stdout.splitlines() if line.startswith("STEP ")}
+    assert verdicts == {"cut": "TIMED", "killed": "FAILED", "exits_124": "FAILED", "fine": "ok"}, run.stdout

@@ -213,6 +213,11 @@ def test_main_exits_1_on_a_problem_and_writes_it_to_the_json(tmp_path, monkeypat
     assert "PROBLEM: v: _fwd_kernel" in capsys.readouterr().out
     rows[0].shared_bytes = limit
     assert cli.main(["compile-check", "--json", str(out)]) == 0 and json.loads(out.read_text())["problems"] == []
+    # a path that can not be written is refused before the compiles (minutes), not after them with a traceback
+    monkeypatch.setattr(compile_check, "run_check", lambda *a: pytest.fail("compiled before the path was checked"))
+    for bad in (tmp_path, tmp_path / "missing" / "check.json"):
+        assert cli.main(["compile-check", "--json", str(bad)]) == 2
+        assert "--json" in capsys.readouterr().err
 
 
 def test_an_error_without_a_message_is_reported():
