@@ -1879,3 +1879,17 @@ def test_last_selection_after_a_kv_call_with_one_cached_step():
     finally:
         sparsectx.disable(pipe.transformer)
     assert found is not None and found.keep.sum(dim=1).tolist() == [12]
+
+
+def test_qwen_samples_with_other_image_sizes_are_refused(models):
+    """Qwen-Image: one layout serves the batch (img_shapes[0]); a sample whose references have other sizes (the same
+    total) was cut at sample 0's image boundaries, each per-image budget counted across its images, without an
+    error. Now a ValueError names img_shapes."""
+    model, kwargs = models["qwen"], _inputs("qwen")
+    shapes = kwargs["img_shapes"]
+    swapped = [shapes[0], [shapes[1][0], *reversed(shapes[1][1:])]]
+    assert swapped[1] != swapped[0]
+    sparsectx.enable(model, budget=[8, 1], selector=norm_selector)
+    with pytest.raises(ValueError, match=r"img_shapes differ between samples \(sample 1"):
+        _run(model, {**kwargs, "img_shapes": swapped})
+    _run(model, kwargs)  # the same shapes: runs
