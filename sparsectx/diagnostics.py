@@ -88,7 +88,7 @@ def _crosses_host(func, args, kwargs, out) -> bool:
 
 class HostReads(TorchDispatchMode):
     """The host reads of a block: ``ops`` (names, in order) and ``count``. Use ``count_host_reads()``, which also
-    watches ``Tensor.tolist`` and ``Tensor.cpu``)."""
+    watches ``Tensor.tolist`` and ``Tensor.cpu``."""
 
     def __init__(self, device_data=None):
         super().__init__()
