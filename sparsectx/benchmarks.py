@@ -2003,7 +2003,7 @@ class MixedBatchCase:
         return f"{len(self.BUDGETS)}req-{side * 16}px"
 
     def build(self, side, size: str, device: torch.device) -> Workload:
-        from .integration import PATCH_ATTR, sparse_context
+        from .integration import PATCH_ATTR, last_selection, sparse_context
 
         s = self.sizes[size]
         dtype, gen = _dtype_for(device), _generator(device)
@@ -2044,8 +2044,27 @@ class MixedBatchCase:
                 getattr(model, PATCH_ATTR).pack = pack
                 yield
 
+        # what the drop-in kept, read inside its scope after the checked step (a bf16 step's output hardly tells a
+        # wrong selection from the right one): each request's top-count scores
+        top_scored = torch.zeros(batch, n_ref, dtype=torch.bool, device=device)
+        for b, count in enumerate(counts):
+            top_scored[b, _torch_topk_rows(scores[b:b + 1], count)[0]] = True
+        seen = {}
+
+        def noting_selection(result):
+            seen["selection"] = last_selection(model)
+            return result
+
+        def kept_top_scored(_) -> str:
+            selection = seen.pop("selection", None)
+            if selection is None:
+                return "sparsectx made no selection"
+            return "" if torch.equal(selection.keep.to(device), top_scored) else (
+                "kept other tokens than each request's top-scored ones")
+
         def impl(name, attention, pack, note):
-            return Impl(name, full_batch, scope=lambda: enabled(attention, pack), note=note)
+            return Impl(name, full_batch, scope=lambda: enabled(attention, pack), output=noting_selection,
+                        verify=kept_top_scored, note=note)
 
         impls = [
             impl(self.impl_names[0], "sparsectx", True, "one forward, samples packed in one sequence, no padding"),

@@ -1016,3 +1016,23 @@ def test_gpu_checks_step_tells_a_timeout_from_a_killed_or_failed_command(tmp_pat
     run = subprocess.run(["bash", "-c", driver], capture_output=True, text=True, timeout=120)
     verdicts = {line.split()[1]: line.split()[2] for line in run.stdout.splitlines() if line.startswith("STEP ")}
     assert verdicts == {"cut": "TIMED", "killed": "FAILED", "exits_124": "FAILED", "fine": "ok"}, run.stdout
+
+
+def test_the_mixed_batch_drop_in_rows_check_each_requests_selection(monkeypatch):
+    """e2e_batch's drop-in rows check that each request kept its top-scored tokens (their bf16 outputs can not tell
+    a wrong selection): a selection shifted by one token fails them."""
+    from sparsectx import integration
+
+    case = benchmarks.CASES["e2e_batch"]
+    workload = case.build(case.configs("tiny")[0], "tiny", torch.device("cpu"))
+    rows = [workload.impl(name) for name in case.impl_names[:3]]
+
+    def checked(impl) -> str:
+        with impl.context():
+            return impl.verify(impl.output(impl.fn()))
+
+    assert [checked(impl) for impl in rows] == ["", "", ""]
+    select = integration._SparsePatch._select
+    monkeypatch.setattr(integration._SparsePatch, "_select",
+                        lambda self, *a, **k: select(self, *a, **k).roll(1, dims=1))
+    assert all(checked(impl) == "kept other tokens than each request's top-scored ones" for impl in rows)
