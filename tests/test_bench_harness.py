@@ -971,28 +971,35 @@ def test_the_step_rows_without_a_drop_in_check_check_their_selection(monkeypatch
         assert impl.verify(None).startswith("kept "), impl.name
 
 
+def _tiny_rows(case_name: str, count: int) -> list:
+    """The first ``count`` implementations of a case's first tiny workload."""
+    case = benchmarks.CASES[case_name]
+    workload = case.build(case.configs("tiny")[0], "tiny", torch.device("cpu"))
+    return [workload.impl(name) for name in case.impl_names[:count]]
+
+
+def _checked(impl) -> str:
+    """An implementation's check as ``run_workload`` makes it: a call, its output mapping and its verify, in its
+    scope."""
+    with impl.context():
+        return impl.verify(impl.output(impl.fn()))
+
+
 def test_the_train_steps_rows_check_the_masks_they_trained_with(monkeypatch):
     """train_step's two forms check their masks (their bf16 outputs can not tell a wrong one): each keeps the
     configured count per reference, and drop training keeps the drop-in's tokens from the same seed."""
     from sparsectx import integration
 
-    case = benchmarks.CASES["train_step"]
-    workload = case.build(case.configs("tiny")[0], "tiny", torch.device("cpu"))
-    rows = [workload.impl(name) for name in case.impl_names[:2]]
-
-    def checked(impl) -> str:
-        with impl.context():
-            return impl.verify(impl.output(impl.fn()))
-
-    assert [checked(impl) for impl in rows] == ["", ""]
+    rows = _tiny_rows("train_step", 2)
+    assert [_checked(impl) for impl in rows] == ["", ""]
     select = integration._SparsePatch._select
     monkeypatch.setattr(integration._SparsePatch, "_select",
                         lambda self, *a, **k: select(self, *a, **k).roll(1, dims=1))  # other tokens, same counts
-    assert checked(rows[0]) == ""  # (the drop-in alone: right counts)
-    assert checked(rows[1]) == "drop training kept other tokens than the drop-in from the same seed"
+    assert _checked(rows[0]) == ""  # (the drop-in alone: right counts)
+    assert _checked(rows[1]) == "drop training kept other tokens than the drop-in from the same seed"
     monkeypatch.setattr(integration._SparsePatch, "_select",
                         lambda self, *a, **k: torch.zeros_like(select(self, *a, **k)))  # none kept
-    assert checked(rows[0]).startswith("kept [0, 0, 0] tokens per reference")
+    assert _checked(rows[0]).startswith("kept [0, 0, 0] tokens per reference")
 
 
 def test_gpu_checks_step_tells_a_timeout_from_a_killed_or_failed_command(tmp_path):
@@ -1023,16 +1030,9 @@ def test_the_mixed_batch_drop_in_rows_check_each_requests_selection(monkeypatch)
     a wrong selection): a selection shifted by one token fails them."""
     from sparsectx import integration
 
-    case = benchmarks.CASES["e2e_batch"]
-    workload = case.build(case.configs("tiny")[0], "tiny", torch.device("cpu"))
-    rows = [workload.impl(name) for name in case.impl_names[:3]]
-
-    def checked(impl) -> str:
-        with impl.context():
-            return impl.verify(impl.output(impl.fn()))
-
-    assert [checked(impl) for impl in rows] == ["", "", ""]
+    rows = _tiny_rows("e2e_batch", 3)
+    assert [_checked(impl) for impl in rows] == ["", "", ""]
     select = integration._SparsePatch._select
     monkeypatch.setattr(integration._SparsePatch, "_select",
                         lambda self, *a, **k: select(self, *a, **k).roll(1, dims=1))
-    assert all(checked(impl) == "kept other tokens than each request's top-scored ones" for impl in rows)
+    assert all(_checked(impl) == "kept other tokens than each request's top-scored ones" for impl in rows)
