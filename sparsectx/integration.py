@@ -486,7 +486,8 @@ def _qwen_layout(call: dict) -> Optional[_Layout]:
     target, *refs = shapes[0]
     # one layout for the batch: samples whose images have other sizes (same total) would be cut at sample 0's image
     # boundaries (diffusers' own RoPE reads img_shapes[0] too, with a warning)
-    differing = [b for b, sample in enumerate(shapes) if [tuple(s) for s in sample] != [tuple(s) for s in shapes[0]]]
+    first = [tuple(s) for s in shapes[0]]
+    differing = [b for b, sample in enumerate(shapes) if [tuple(s) for s in sample] != first]
     if differing:
         raise ValueError(f"img_shapes differ between samples (sample {differing[0]}: {shapes[differing[0]]}, sample "
                          f"0: {shapes[0]}): sparsectx selects reference tokens on one layout for the batch; run "

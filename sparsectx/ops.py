@@ -319,7 +319,7 @@ def _attention_setup_context(ctx, inputs, output):
 def _attention_backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k, ref_k, ref_v, ref_index, cu_ref = ctx.saved_tensors
     dout = dout.contiguous() if dout is not None else torch.zeros_like(out)
-    dlse = dlse.contiguous() if dlse is not None else torch.zeros_like(lse)
+    dlse = dlse if dlse is not None else torch.zeros_like(lse)  # (made contiguous where the kernels read it)
     backward = _attention_bwd if _plain_eager(dout, dlse, q, k, v, out, ref_k, ref_v) else _attention_bwd_op
     dq, dk, dv, dref_k, dref_v = backward(
         dout, dlse, q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, ref_k, ref_v, ref_index, cu_ref,
@@ -526,8 +526,7 @@ def sparse_attention(
         raise ValueError(f"cu_seqlens_q holds {batch} samples; one call takes at most {MAX_GRID_SAMPLES} (the "
                          "kernels' grid has a program row per sample, and CUDA caps that grid dimension): split "
                          "the batch")
-    # the kernels read index tensors with unit stride
-    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+    # (the kernels read index tensors with unit stride: the op implementations make them so, ``_contiguous``)
     if has_ref:
         if ref_k is None or ref_v is None or cu_seqlens_ref is None:
             raise ValueError("ref_k, ref_v and cu_seqlens_ref must be given together (with ref_index for a "
@@ -555,8 +554,6 @@ def sparse_attention(
         else:
             _check_tensor("cu_seqlens_ref", cu_seqlens_ref, ndim=1, dtypes=(torch.int32,), device=dev)
             _check_entry_count("cu_seqlens_ref", cu_seqlens_ref, batch)
-        cu_seqlens_ref = cu_seqlens_ref.contiguous()
-        ref_index = ref_index.contiguous() if ref_index is not None else None
         ref_k, ref_v = _last_dim_contiguous(ref_k), _last_dim_contiguous(ref_v)
         max_seqlen_ref = _python_number(max_seqlen_ref)
         if max_seqlen_ref is None:
@@ -1473,7 +1470,6 @@ def scatter_tokens(packed: torch.Tensor, index: torch.Tensor, cu_seqlens: torch.
     if cu_seqlens.device.type != "cuda" and not _traced(cu_seqlens):
         _check_cu_seqlens("cu_seqlens", cu_seqlens, None, None, packed.device, at_most=packed.shape[0])
     n_tokens = _check_count("n_tokens", n_tokens)
-    index, cu_seqlens = index.contiguous(), cu_seqlens.contiguous()  # the kernel reads them with unit stride
     base = None
     if isinstance(fill, torch.Tensor):
         _check_tensor("fill", fill, device=packed.device)
