@@ -75,7 +75,8 @@ class SelectionContext:
     ``num_references`` images of ``ref_lengths`` tokens each (sequence order, ``sum == N``); ``reference_ids``
     ``[B, N, n_axes]`` position ids (``[N, n_axes]`` is taken as batch 1) or None: with 2 axes (h, w), with 3 or 4
     (FLUX's) (h, w) on axes 1 and 2; ids with another number of axes give no grid (each image is taken as 1D), and
-    float ids must be finite (refused otherwise: one host read where the grid is read from them); ``target_shape``
+    float ids must be finite and whole steps from their image's corner (refused otherwise: one host read where the
+    grid is read from them); ``target_shape``
     (h, w) of the target in tokens or None; ``generator`` for random selectors; ``sample_generators``: one
     generator per sample, or None (a pipeline call given one generator per image, diffusers' per-image seeds: a
     random selector draws sample b's scores from ``sample_generators[b]``; ``generator`` is then the first
@@ -1053,9 +1054,7 @@ def _per_image(name: str, value: PerImage, batch: int, ref_lengths: Sequence[int
         if value.dtype == torch.bool or value.is_complex():
             raise TypeError(f"{name} must hold ints (counts) or floats (ratios), got {value.dtype}")
         if value.dtype in ops.NARROW_RATIO_DTYPES:  # the decimals a narrow float's ratios were written as (a read)
-            written = [ops.written_ratio(v, value.dtype) for v in value.detach().flatten().tolist()]
-            values = _device_values(torch.tensor(written, dtype=torch.float64, device="cpu").view(value.shape), None,
-                                    device)
+            values = _written_values(value, device)
         else:
             values = value.to(device=device, dtype=torch.float64)
         is_ratio = torch.full(value.shape, value.is_floating_point(), device=device)
@@ -1082,6 +1081,13 @@ def _per_image(name: str, value: PerImage, batch: int, ref_lengths: Sequence[int
     # clamped to the image length while still float64: a count beyond int64 (2**63 and up) keeps the whole image
     counts = torch.where(is_ratio, torch.floor(values * lengths + 0.5), torch.minimum(values, lengths)).long()
     return _device_values(counts, None, device) if counts.device.type == "cpu" else counts  # host lists: one copy
+
+
+def _written_values(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A narrow float tensor's values as the decimals they were written as (``ops.written_ratio``), float64 on
+    ``device`` (one host read)."""
+    written = [ops.written_ratio(v, tensor.dtype) for v in tensor.detach().flatten().tolist()]
+    return _device_values(torch.tensor(written, dtype=torch.float64, device="cpu").view(tensor.shape), None, device)
 
 
 @_shared_constant(maxsize=256, typed=True)  # typed: the count 1 and the ratio 1.0 are other settings
@@ -1279,9 +1285,7 @@ def _adaptive_settings(coverage, floor: PerImage, cap: PerImage, batch: int, ref
     # of the mass by more than COVERAGE_TOL: one token more)
     if isinstance(coverage, torch.Tensor):
         if coverage.dtype in ops.NARROW_RATIO_DTYPES:  # (a host read)
-            written = [ops.written_ratio(v, coverage.dtype) for v in coverage.detach().flatten().tolist()]
-            cov = _device_values(torch.tensor(written, dtype=torch.float64, device="cpu").view(coverage.shape), None,
-                                 device)
+            cov = _written_values(coverage, device)
         else:
             cov = coverage.to(device=device, dtype=torch.float64)
         if bool((~torch.isfinite(cov) | (cov < 0) | (cov > 1)).any()):
