@@ -1008,7 +1008,7 @@ class _SparsePatch(ForwardPatch):
     def cache(self) -> Optional[_Plan]:
         """The most recently used plan that holds a selection, among the plans of the latest call (None when that
         call selected nothing). A call: one pipeline call (its KV-cached steps select nothing but report the first
-        step's selection), or outside one the forwards on the same prompt embedding tensor."""
+        step's selection), or outside one the forwards on the same prompt tensors (``PROMPT_ARGS``)."""
         if not self.plans:
             return None
         latest = next(reversed(self.plans))
@@ -1017,7 +1017,7 @@ class _SparsePatch(ForwardPatch):
 
     def _selecting_plan(self, key: tuple) -> Optional[_Plan]:
         """The most recently used plan with a selection among the plans of ``key``'s call (same call epoch and, outside
-        a pipeline call, the same live prompt tensor: a freed prompt equals nothing)."""
+        a pipeline call, the same live prompt tensors: a freed prompt equals nothing)."""
         with_keep = [plan for k, plan in self.plans.items()
                      if plan.keep is not None and k[0] == key[0] and k[-1] == key[-1]]
         return with_keep[-1] if with_keep else None
@@ -1243,17 +1243,17 @@ class _SparsePatch(ForwardPatch):
                 # recomputation of that forward (a checkpoint around the transformer) reuses its selection
                 self._training_input(call["hidden_states"]) if training else None,
                 # outside a pipeline call (a bare transformer, or a pipeline sharing an enabled transformer) nothing
-                # marks where a call starts: the prompt embedding's tensor keys the selection (a training forward's
-                # as its input is keyed: a reentrant checkpoint recomputes on a detached alias of the prompt it was
-                # given)
-                None if self.pipeline_calls else self._prompt_key(call.get("encoder_hidden_states"), training))
+                # marks where a call starts: the prompt's tensors (embedding, Qwen's text mask, FLUX.1's pooled
+                # projection: the probe reads each) key the selection (a training forward's as its input is keyed:
+                # a reentrant checkpoint recomputes on a detached alias of the prompt it was given)
+                None if self.pipeline_calls else self._prompt_key(call, training))
 
-    def _prompt_key(self, prompt, training: bool) -> _Identity:
-        """The plan-key entry of the prompt embedding: its tensor, found through its memory and view in a training
-        forward (``_training_input``)."""
-        if training and isinstance(prompt, torch.Tensor):
-            return self._training_input(prompt)
-        return _Identity(prompt)
+    def _prompt_key(self, call: dict, training: bool) -> tuple:
+        """The plan-key entry of the call's prompt: one entry per prompt argument (``PROMPT_ARGS``), its tensor, found
+        through its memory and view in a training forward (``_training_input``)."""
+        return tuple(None if value is None else self._training_input(value)
+                     if training and isinstance(value, torch.Tensor) else _Identity(value)
+                     for value in map(call.get, PROMPT_ARGS))
 
     def _training_forward(self) -> bool:
         """A forward of a training loop: the transformer in train mode outside an enabled pipeline's call (with or

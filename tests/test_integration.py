@@ -637,6 +637,21 @@ def test_bare_transformer_selects_again_for_a_new_prompt_tensor(models):
     assert [ref() for ref in alive] == [None, None]
 
 
+@pytest.mark.parametrize("family,argument", [("qwen", "encoder_hidden_states_mask"), ("flux", "pooled_projections")])
+def test_bare_transformer_selects_again_for_a_new_prompt_mask_or_pooled_projection(models, family, argument):
+    """The prompt's other tensors key the selection as its embedding does (the probe reads them: Qwen's text mask
+    says which text tokens vote, FLUX.1's pooled projection modulates the probed block): the same embedding with a
+    new one selects again, the same tensors given again reuse the selection."""
+    model, kwargs = models[family], _inputs(family)
+    calls, counting = _counting(random_selector)
+    sparsectx.enable(model, budget=0.5, selector=counting, seed=0)
+    _run(model, kwargs)
+    _run(model, kwargs)
+    assert len(calls) == 1
+    _run(model, {**kwargs, argument: kwargs[argument].clone()})
+    assert len(calls) == 2
+
+
 def test_last_selection_follows_the_plan_used_last(models):
     """Two prompts on a bare transformer (e.g. the two guidance branches) keep two plans; last_selection reports
     the one the latest call used."""
