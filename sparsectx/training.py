@@ -9,7 +9,8 @@ outputs are zero, as if they had been removed from the sequence; only the prefix
 On a diffusers transformer (FLUX.1 Kontext, FLUX.2 / klein, Qwen-Image-Edit(-Plus))::
 
     enable_drop_training(transformer, ratio_range=(0.05, 1.0), generator=torch.Generator().manual_seed(0))
-    loss = ((transformer(**batch).sample[:, :n_target] - target) ** 2).mean()   # training mode: masks drawn
+    transformer.train()                                                          # masks are drawn in train mode
+    loss = ((transformer(**batch).sample[:, :n_target] - target) ** 2).mean()
     disable_drop_training(transformer)                                           # original processors back
 
 ``enable_drop_training`` installs sparsectx's attention processors (``sparsectx.processors``). At each forward in
@@ -217,8 +218,19 @@ class _DropTrainingPatch(integration.ForwardPatch):
         self.recent_masks: collections.OrderedDict = collections.OrderedDict()  # input key -> mask of that forward
         self.recent_draws: collections.deque = collections.deque(maxlen=RECENT_MASKS)  # host masks, latest last
         self.last_keep: Optional[torch.Tensor] = None  # the latest forward's image keep mask (last_drop_mask)
+        self.warned_eval = False  # warned once that a forward with gradients in eval mode dropped nothing
 
     def uninstall(self) -> None:
+        pending = [entry for entry in self.recent_masks.values()
+                   if entry[1][0] is not None and entry[5] and not entry[3] and entry[0]() is not None]
+        if pending:
+            # a reentrant checkpoint around the transformer recomputes its forward in the backward; after disable
+            # that runs the original model, every token kept (a non-reentrant one fails in torch's own check)
+            warnings.warn(f"disable_drop_training: {len(pending)} forward(s) that dropped tokens ran under no_grad "
+                          "in train mode and were not recomputed yet: if one is a torch.utils.checkpoint around the "
+                          "transformer (use_reentrant=True) whose backward is still to come, that backward recomputes "
+                          "it without its drop mask and its gradients are wrong; disable after the backward",
+                          RuntimeWarning, stacklevel=3)
         super().uninstall()
         from . import processors
 
@@ -230,10 +242,18 @@ class _DropTrainingPatch(integration.ForwardPatch):
 
     def forward(self, *args, **kwargs):
         call = self.bind(args, kwargs)
-        mask = self._mask_for(call) if self.transformer.training else (None, 0)
+        recomputing = torch._C._current_graph_task_id() != -1  # inside a backward pass: a checkpoint's recomputation
+        if recomputing or self.transformer.training:
+            # a recomputation gets its forward's mask whatever the mode is now (an eval pass, or train(), may come
+            # between a forward and its backward)
+            mask = self._mask_for(call, recomputing)
+        else:
+            mask = (None, 0)
+            self._note_eval_forward(call)
         if mask[0] is not None:
             self._reinstall_replaced_processors()
-        self.last_keep = mask[0]
+        if not recomputing:  # last_drop_mask: the latest forward's mask, not that of a forward recomputed since
+            self.last_keep = mask[0]
         # the processors read this forward's mask while it runs (and not after: an attention layer called on its
         # own later, in eval mode, ran with it); gradient checkpointing recomputes blocks during backward, possibly
         # after other forwards drew other masks or settings changed: each checkpointed block of this forward runs
@@ -270,40 +290,73 @@ class _DropTrainingPatch(integration.ForwardPatch):
         with scope():
             yield
 
+    @staticmethod
+    def _input_key(hidden: torch.Tensor) -> tuple:
+        """A forward's input in ``recent_masks``: the same live tensor storage, shape and version."""
+        return hidden.data_ptr(), tuple(hidden.shape), hidden._version
+
+    def _remember(self, key: tuple, entry: list) -> None:
+        self.recent_masks[key] = entry
+        self.recent_masks.move_to_end(key)
+        while len(self.recent_masks) > RECENT_MASKS:
+            self.recent_masks.popitem(last=False)
+
+    def _note_eval_forward(self, call: dict) -> None:
+        """An eval-mode forward that may be recomputed (gradients on, outside a backward: a checkpoint around the
+        transformer, then ``train()`` before its backward) is remembered as one that dropped nothing. Warns once that
+        such a forward of a model with trainable parameters drops nothing (drop training draws in train mode only)."""
+        hidden = call["hidden_states"]
+        if not torch.is_grad_enabled() or hidden.is_inference():
+            return
+        key = self._input_key(hidden)
+        entry = self.recent_masks.get(key)
+        ambiguous = entry is not None and entry[0]() is not None and not entry[3]
+        self._remember(key, [weakref.ref(hidden), (None, 0), ambiguous, False, None, False])
+        if not self.warned_eval and any(p.requires_grad for p in self.transformer.parameters()):
+            self.warned_eval = True
+            warnings.warn("drop training: a forward with gradients ran in eval mode and dropped no reference token "
+                          "(masks are drawn in train mode only): call transformer.train() to train with drop masks (or "
+                          "run evaluation under torch.no_grad())", UserWarning, stacklevel=4)
+
     @_eager_under_compile  # host work (generator draws, input keys, the ids' layout): eager under torch.compile,
     # which would split it into many small graphs, each recompiled for new resolutions
-    def _mask_for(self, call: dict) -> tuple[Optional[torch.Tensor], int]:
+    def _mask_for(self, call: dict, recomputing: bool) -> tuple[Optional[torch.Tensor], int]:
         """The drop mask of a training forward: a new draw, except for a forward that a checkpoint around the whole
-        transformer (``torch.utils.checkpoint``) recomputes during backward, which gets the mask its first run drew
-        (found by its input tensor: the same live tensor storage and version; a user's generator is not part of the
-        RNG state checkpointing restores, so a redraw would give another mask) and moves torch's global generators
-        as that draw did (``integration.replay_draw``: the code after the draw inside the checkpoint, e.g. a LoRA
-        adapter's dropout, draws what it drew in the forward). A recomputation whose forward can
-        not be told (its input was made inside the checkpoint, or two forwards took the same input tensor) redraws:
+        transformer (``torch.utils.checkpoint``) recomputes during backward (``recomputing``), which gets the mask
+        its first run drew, in whichever mode the model is now (found by its input tensor: the same live tensor
+        storage and version; a user's generator is not part of the RNG state checkpointing restores, so a redraw
+        would give another mask; an eval-mode forward run with gradients is remembered as keeping every token) and
+        moves torch's global generators as that draw did (``integration.replay_draw``: the code after the draw
+        inside the checkpoint, e.g. a LoRA adapter's dropout, draws what it drew in the forward). A recomputation
+        whose forward can not be told (its input was made inside the checkpoint, two forwards took the same input
+        tensor, or it ran in eval mode under ``no_grad``, as a reentrant checkpoint runs it) redraws in train mode:
         without a generator the draw comes from torch's global CPU RNG, which the checkpoint restores
         (``preserve_rng_state=True``, its default), so it is that forward's mask, recognised among the recent
         forwards' masks; otherwise (a generator, or the RNG state not restored) a warning says its gradients are
-        computed with another mask."""
+        computed with another mask. Such a recomputation in eval mode keeps every token."""
         hidden = call["hidden_states"]
         if hidden.is_inference():  # made under torch.inference_mode: no version counter, and no backward to come
-            return self._draw_mask(call)[0]
-        key = (hidden.data_ptr(), tuple(hidden.shape), hidden._version)
+            return self._draw_mask(call)[0] if self.transformer.training else (None, 0)
+        key = self._input_key(hidden)
         entry = self.recent_masks.get(key)
         if entry is not None and entry[0]() is None:  # that forward's input is gone: its address was reused
             del self.recent_masks[key]
             entry = None
-        if torch._C._current_graph_task_id() != -1:  # inside a backward pass: a checkpoint's recomputation
+        if recomputing:
             if entry is not None and not entry[2]:
                 entry[3] = True  # recomputed: a later forward on the same input is no longer ambiguous
                 integration.replay_draw(entry[4])  # the global RNG as the forward's draw left it
                 return entry[1]
+            if not self.transformer.training:
+                return None, 0
             mask, host = self._draw_mask(call)
             if self.generator is None and any(_same_draw(host, drawn) for drawn in self.recent_draws):
                 return mask  # the restored global RNG drew that forward's mask again
             warnings.warn("drop training: a training forward ran during backward (a torch.utils.checkpoint "
                           "recomputation) and its forward's drop mask can not be told ("
                           + ("two forwards took the same hidden_states tensor" if entry is not None else
-                             "its hidden_states tensor was made inside the checkpointed function")
+                             "its hidden_states tensor was made inside the checkpointed function, or its forward "
+                             "ran in eval mode under no_grad")
                           + "): it is recomputed with another mask and its gradients are wrong. Pass a distinct "
                           "hidden_states tensor to each checkpointed forward, as an argument of the checkpoint, or "
                           "draw from torch's global RNG (generator=None) under a checkpoint that restores it.",
@@ -312,13 +365,10 @@ class _DropTrainingPatch(integration.ForwardPatch):
         before = integration.rng_states(hidden.device)
         mask, host = self._draw_mask(call)
         self.recent_draws.append(host)
-        # [input, mask, ambiguous, recomputed, the draw's use of the global RNG]: ambiguous when an earlier forward
-        # on this input was not recomputed
-        self.recent_masks[key] = [weakref.ref(hidden), mask, entry is not None and not entry[3], False,
-                                  integration.drawn_rng(hidden.device, before)]
-        self.recent_masks.move_to_end(key)
-        while len(self.recent_masks) > RECENT_MASKS:
-            self.recent_masks.popitem(last=False)
+        # [input, mask, ambiguous, recomputed, the draw's use of the global RNG, run under no_grad]: ambiguous when
+        # an earlier forward on this input was not recomputed; under no_grad, as a reentrant checkpoint runs it
+        self._remember(key, [weakref.ref(hidden), mask, entry is not None and not entry[3], False,
+                             integration.drawn_rng(hidden.device, before), not torch.is_grad_enabled()])
         return mask
 
     def _reference_rows(self, call: dict, n_image: int):

@@ -17,7 +17,7 @@ import sparsectx  # noqa: E402
 from sparsectx import integration, processors  # noqa: E402
 from sparsectx.diagnostics import count_cuda_syncs, count_host_reads  # noqa: E402
 from sparsectx.training import (  # noqa: E402
-    disable_drop_training, enable_drop_training, is_drop_training_enabled, random_drop_selector)
+    disable_drop_training, enable_drop_training, is_drop_training_enabled, last_drop_mask, random_drop_selector)
 
 
 def _load_integration_helpers():
@@ -292,6 +292,40 @@ def test_a_users_unsupported_processor_set_after_enable_stays_with_a_warning(mod
             _run(model, {**kwargs, "encoder_hidden_states": kwargs["encoder_hidden_states"].clone()})
         assert model._sparsectx_patch.attention == "sparsectx" and module.processor is custom
         assert all(isinstance(p, processors.SPARSECTX_PROCESSORS) for n, p in _processors(model).items() if n != name)
+    finally:
+        sparsectx.disable(model)
+        module.set_processor(originals[name])
+
+
+@pytest.mark.filterwarnings("ignore:attention processors .* were set on the transformer after enable")
+def test_a_refused_enable_or_a_context_exit_keeps_the_processors_of_before(models):
+    """With a user's processor on one layer after enable(attention="sparsectx"): enabling again with sparsectx's
+    attention is refused with nothing changed (before, the other layers got diffusers' processors back and the
+    attention became native, then the TypeError), and a sparse_context block exits to the very processors of
+    before (before, its exit raised that TypeError and left the other layers native)."""
+    model, kwargs = models["flux"], shared._inputs("flux")
+    originals = _processors(model)
+    name = next(iter(originals))
+    module = dict(model.named_modules())[name]
+
+    class Custom(type(originals[name])):
+        pass
+
+    sparsectx.enable(model, budget=0.5, selector="uniform", attention="sparsectx")
+    module.set_processor(Custom())
+    try:
+        before = _processors(model)
+        with pytest.raises(TypeError, match="can not replace the attention processors"):
+            sparsectx.enable(model, budget=0.25, attention="sparsectx")
+        assert _processors(model) == before and model._sparsectx_patch.attention == "sparsectx"
+        expected = _run(model, kwargs)
+        with sparsectx.sparse_context(model, budget=0.25, selector="uniform"):
+            assert model._sparsectx_patch.attention == "native"
+            _run(model, kwargs)
+        assert all(_processors(model)[n] is p for n, p in before.items())
+        assert model._sparsectx_patch.attention == "sparsectx"
+        torch.testing.assert_close(_run(model, {**kwargs, "encoder_hidden_states": kwargs["encoder_hidden_states"]
+                                                .clone()}), expected, rtol=0, atol=0)
     finally:
         sparsectx.disable(model)
         module.set_processor(originals[name])
@@ -1495,6 +1529,118 @@ def test_checkpoint_around_the_transformer_recomputes_with_the_forwards_own_mask
     assert got.keys() == expected.keys() and len(got) > 10
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("switch", ["eval pass, backward in eval mode", "eval forward, backward in train mode"])
+@pytest.mark.filterwarnings("ignore:drop training. a forward with gradients ran in eval mode")
+def test_a_checkpoint_around_the_transformer_recomputes_in_its_forwards_mode(switch, reentrant):
+    """The mode may change between a forward checkpointed around the whole transformer and its backward: the
+    recomputation uses the forward's mask (train mode, then an eval pass: before, a reentrant checkpoint recomputed
+    with every token kept, wrong gradients without an error), or none for a forward run in eval mode (before, a
+    redrawn mask). A reentrant checkpoint runs an eval forward under no_grad, where it can not be told from a
+    validation pass: its recomputation in train mode warns. last_drop_mask stays the latest forward's."""
+    kwargs = shared._inputs("flux2")
+
+    def gradients(checkpointing: bool):
+        model = shared._build_model("flux2").train()
+        enable_drop_training(model, ratio_range=(0.3, 0.6), generator=torch.Generator().manual_seed(0))
+        hidden = kwargs["hidden_states"].clone().requires_grad_()
+
+        def run(hidden_states):
+            return model(**{**kwargs, "hidden_states": hidden_states})[0]
+
+        if switch.startswith("eval forward"):
+            model.eval()
+        out = torch.utils.checkpoint.checkpoint(run, hidden, use_reentrant=reentrant) if checkpointing else run(hidden)
+        if switch.startswith("eval pass"):
+            forward_mask = last_drop_mask(model)
+            model.eval()
+            with torch.no_grad():
+                model(**{**kwargs, "hidden_states": kwargs["hidden_states"] + 1})  # validation: keeps every token
+            assert last_drop_mask(model) is None
+        else:
+            forward_mask = None
+            model.train()
+        if switch.startswith("eval forward") and reentrant and checkpointing:
+            with pytest.warns(RuntimeWarning, match="ran in eval mode under no_grad"):
+                out[:, :N_TARGET].pow(2).mean().backward()
+            return None
+        out[:, :N_TARGET].pow(2).mean().backward()
+        assert forward_mask is not None or switch.startswith("eval forward")
+        assert last_drop_mask(model) is None  # the latest forward's (the eval pass's, or the eval forward's)
+        return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+    expected, got = gradients(False), gradients(True)
+    if got is None:
+        return
+    assert got.keys() == expected.keys() and len(got) > 10
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+
+
+def test_last_drop_mask_is_the_latest_forwards_after_a_checkpoints_recomputation():
+    """Two forwards checkpointed around the transformer, then one backward through both: the recomputations do not
+    change what last_drop_mask reports (the latest forward's mask; before, the mask of the forward recomputed last)."""
+    kwargs = shared._inputs("flux2")
+    model = shared._build_model("flux2").train()
+    enable_drop_training(model, ratio_range=(0.3, 0.6), generator=torch.Generator().manual_seed(0))
+
+    def run(hidden_states):
+        return model(**{**kwargs, "hidden_states": hidden_states})[0]
+
+    first = torch.utils.checkpoint.checkpoint(run, kwargs["hidden_states"].clone().requires_grad_(),
+                                              use_reentrant=False)
+    mask_first = last_drop_mask(model).clone()
+    second = torch.utils.checkpoint.checkpoint(run, kwargs["hidden_states"].clone().requires_grad_(),
+                                               use_reentrant=False)
+    mask_second = last_drop_mask(model).clone()
+    assert not torch.equal(mask_first, mask_second)
+    (first[:, :N_TARGET].sum() + second[:, :N_TARGET].sum()).backward()
+    assert torch.equal(last_drop_mask(model), mask_second)
+
+
+def test_disabling_drop_training_before_a_reentrant_checkpoints_backward_warns():
+    """A reentrant checkpoint around the transformer recomputes its forward in the backward; disabled before it,
+    the original model recomputes with every token kept (wrong gradients): disable warns. After the backward (the
+    forward recomputed), or after a plain forward, it does not."""
+    kwargs = shared._inputs("flux2")
+    model = shared._build_model("flux2").train()
+
+    def run(hidden_states):
+        return model(**{**kwargs, "hidden_states": hidden_states})[0]
+
+    for backward_first in (False, True):
+        enable_drop_training(model, ratio_range=(0.3, 0.6), generator=torch.Generator().manual_seed(0))
+        hidden = kwargs["hidden_states"].clone().requires_grad_()
+        out = torch.utils.checkpoint.checkpoint(run, hidden, use_reentrant=True)
+        model(**{**kwargs, "hidden_states": kwargs["hidden_states"] + 1})[0].sum().backward()  # a plain forward
+        if backward_first:
+            out.sum().backward()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                disable_drop_training(model)
+        else:
+            with pytest.warns(RuntimeWarning, match="1 forward.*disable after the backward"):
+                disable_drop_training(model)
+
+
+def test_a_forward_with_gradients_in_eval_mode_warns_once_that_it_drops_nothing():
+    """Masks are drawn in train mode only; a model loaded by from_pretrained is in eval mode: a forward with
+    gradients of a model with trainable parameters says so once (validation under no_grad does not warn)."""
+    kwargs = shared._inputs("flux2")
+    model = shared._build_model("flux2").eval()
+    enable_drop_training(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            model(**kwargs)
+    with pytest.warns(UserWarning, match="call transformer.train"):
+        model(**kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(**kwargs)  # once
+    assert last_drop_mask(model) is None
 
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
