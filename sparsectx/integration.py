@@ -1032,7 +1032,9 @@ class _SparsePatch(ForwardPatch):
             if processors.processors_installed(self.transformer, self.original_processors):
                 return
             # processors replaced since sparsectx installed its own (e.g. Flux2KleinKVPipeline.from_pipe sets its
-            # KV processors on a shared transformer): the layers still ours go back, then every layer gets ours again
+            # KV processors on a shared transformer): the layers still ours go back, then every layer gets ours again;
+            # a processor sparsectx can not replace is refused first, with nothing changed
+            processors.check_replaceable(self.transformer)
             processors.restore_processors(self.transformer, self.original_processors)
             self.attention, self.original_processors, self.attention_state = NATIVE, None, None
 
@@ -1046,6 +1048,22 @@ class _SparsePatch(ForwardPatch):
             self.attention_state = None
         self.attention = attention
         self._drop_plans()  # a plan's packing depends on the attention
+
+    def attention_snapshot(self) -> tuple:
+        """What ``restore_attention`` puts back: the attention, the processors it replaced, their state, and the
+        processor object of every layer."""
+        from . import processors  # deferred: imports diffusers' model modules
+
+        return (self.attention, self.original_processors, self.attention_state,
+                processors.layer_processors(self.transformer))
+
+    def restore_attention(self, snapshot: tuple) -> None:
+        """The attention of ``attention_snapshot``, with the very processor objects each layer ran then."""
+        from . import processors
+
+        self.attention, self.original_processors, self.attention_state, layers = snapshot
+        processors.set_layer_processors(self.transformer, layers)
+        self._drop_plans()
 
     def _reinstall_replaced_processors(self) -> bool:
         """With ``attention="sparsectx"``, at each new plan (a pipeline call's first step) and before each packed
@@ -1694,11 +1712,19 @@ def _initial_seed(generator) -> Union[int, tuple, None]:
 _ENABLED_THROUGH = weakref.WeakKeyDictionary()  # pipeline -> weakref of the transformer enable(pipeline) patched
 
 
-def _note_enabled_through(pipe, transformer) -> None:
+def _weakly_keyed(pipe) -> bool:
+    """Whether ``pipe`` can key ``_ENABLED_THROUGH`` (hashable and weakly referenceable)."""
     try:
+        hash(pipe)
+        weakref.ref(pipe)
+    except TypeError:
+        return False
+    return True
+
+
+def _note_enabled_through(pipe, transformer) -> None:
+    if _weakly_keyed(pipe):  # (else replacements of the pipeline's transformer go unnoticed)
         _ENABLED_THROUGH[pipe] = weakref.ref(transformer)
-    except TypeError:  # a pipeline that is not hashable or weakly referenceable: replacements go unnoticed
-        pass
 
 
 def _replaced_transformer(pipe):
@@ -1726,6 +1752,10 @@ def _pipeline_class(base: type) -> type:
                     warnings.warn(f"{base.__name__}.transformer was replaced since sparsectx.enable: this call runs "
                                   "every reference token. Enable the pipeline again (enabling or disabling the "
                                   "pipeline restores the transformer it replaced)", RuntimeWarning, stacklevel=2)
+                else:  # the settings belong to the transformer: disabled through it or another pipeline holding it
+                    warnings.warn(f"this {base.__name__} was enabled but its transformer no longer is (disabled "
+                                  "directly or through another pipeline sharing it): this call runs every reference "
+                                  "token. Enable the pipeline again, or disable it", RuntimeWarning, stacklevel=2)
                 return base.__call__(self, *args, **kwargs)
             patch.new_call()
             patch.pipeline_calls += 1
@@ -1895,6 +1925,8 @@ def disable(pipe_or_transformer):
             patch.uninstall()
     if pipe is not None and hasattr(type(pipe), "_sparsectx_base"):
         pipe.__class__ = type(pipe)._sparsectx_base
+    if pipe is not None and _weakly_keyed(pipe):  # a transformer enabled later by itself is not this pipeline's
+        _ENABLED_THROUGH.pop(pipe, None)
     return pipe_or_transformer
 
 
@@ -1952,8 +1984,9 @@ def sparse_context(pipe_or_transformer, budget: Budget = 0.25, selector: Union[s
     ``enable``); on exit the previous state comes back (disabled, or the settings enabled before)."""
     pipe, transformer, _ = _split_target(pipe_or_transformer)
     previous = getattr(transformer, PATCH_ATTR, None)
-    previous_state = (previous.settings, previous.attention) if previous is not None else None
+    previous_state = (previous.settings, previous.attention_snapshot()) if previous is not None else None
     pipe_class = type(pipe) if pipe is not None else None  # sparsectx's subclass only if the pipeline was enabled
+    enabled_through = _ENABLED_THROUGH.get(pipe) if pipe is not None and _weakly_keyed(pipe) else None
     try:
         enable(pipe_or_transformer, budget=budget, selector=selector, seed=seed, attention=attention,
                signals=signals)
@@ -1967,7 +2000,12 @@ def sparse_context(pipe_or_transformer, budget: Budget = 0.25, selector: Union[s
                 patch = _SparsePatch(transformer, previous.family, previous_state[0])
                 patch.install()
             patch.settings = previous_state[0]
-            patch.set_attention(previous_state[1])
+            patch.restore_attention(previous_state[1])  # the processor objects of before (a user's own included)
             patch.new_call()
             if pipe is not None:  # e.g. only the transformer was enabled before: the pipeline's class comes back
                 pipe.__class__ = pipe_class
+        if pipe is not None and _weakly_keyed(pipe):  # which transformer enable(pipe) patched, as before the block
+            if enabled_through is None:
+                _ENABLED_THROUGH.pop(pipe, None)
+            else:
+                _ENABLED_THROUGH[pipe] = enabled_through

@@ -819,10 +819,7 @@ def install_processors(transformer: torch.nn.Module, state: AttentionState) -> d
     modules = _attention_modules(transformer)
     if not modules:
         raise TypeError(f"{type(transformer).__name__} has no diffusers attention layers")
-    unsupported = unsupported_processors(transformer)
-    if unsupported:
-        raise TypeError(f"sparsectx can not replace the attention processors {unsupported}; supported: "
-                        f"{', '.join(cls.__name__ for cls in PROCESSOR_MAP)}")
+    check_replaceable(transformer)
     if any(isinstance(m.processor, SPARSECTX_PROCESSORS) and not m.processor.orphan for _, m in modules):
         raise RuntimeError(f"{type(transformer).__name__} already runs sparsectx processors")
     if _uses_context_parallel(transformer, [m.processor for _, m in modules]):
@@ -843,6 +840,28 @@ def _diffusers_processor(processor):
     if isinstance(processor, SPARSECTX_PROCESSORS) and processor.orphan:
         return processor.original if processor.original is not None else _REPLACED[type(processor)]()
     return processor
+
+
+def check_replaceable(transformer: torch.nn.Module) -> None:
+    """``TypeError`` naming the processors of ``transformer`` that sparsectx can not replace, if any."""
+    unsupported = unsupported_processors(transformer)
+    if unsupported:
+        raise TypeError(f"sparsectx can not replace the attention processors {unsupported}; supported: "
+                        f"{', '.join(cls.__name__ for cls in PROCESSOR_MAP)}")
+
+
+def layer_processors(transformer: torch.nn.Module) -> dict:
+    """``{layer name: processor object}`` of every attention layer, for ``set_layer_processors``."""
+    return {name: module.processor for name, module in _attention_modules(transformer)}
+
+
+def set_layer_processors(transformer: torch.nn.Module, saved: dict) -> None:
+    """Puts the processor objects of ``layer_processors`` back on the layers that still exist."""
+    modules = _named_modules(transformer)
+    for name, processor in saved.items():
+        module = modules.get(name)
+        if module is not None and module.processor is not processor:
+            module.set_processor(processor)
 
 
 def unsupported_processors(transformer: torch.nn.Module) -> list[str]:

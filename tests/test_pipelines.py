@@ -228,6 +228,34 @@ def test_transformer_replaced_after_enable(pipe, family, then):
     assert torch.equal(_run(pipe, family, PLAIN), expected)
 
 
+def test_disable_of_a_pipeline_forgets_its_transformer(pipe, family):
+    """After enable(pipe) and disable(pipe) (or a sparse_context(pipe) block), the transformer enabled directly and
+    then replaced in the pipeline is not the pipeline's to disable (before, disable(pipe) uninstalled it); a
+    pipeline still enabled whose transformer was disabled (e.g. through another pipeline sharing it) warns that it
+    runs every reference token."""
+    old = pipe.transformer
+    new_transformer = (_kontext_pipeline() if family == KONTEXT else
+                       _qwen_pipeline(zero_cond_t=family == QWEN_ZERO_COND)).transformer
+    for forget in ("disable", "sparse_context"):
+        if forget == "disable":
+            sparsectx.enable(pipe, budget=_budget(family))
+            sparsectx.disable(pipe)
+        else:
+            with sparsectx.sparse_context(pipe, budget=_budget(family)):
+                pass
+        sparsectx.enable(old, budget=_budget(family))
+        pipe.transformer = new_transformer
+        sparsectx.disable(pipe)
+        assert sparsectx.integration.is_enabled(old), forget
+        sparsectx.disable(old)
+        pipe.transformer = old
+    sparsectx.enable(pipe, budget=_budget(family))
+    sparsectx.disable(pipe.transformer)
+    with pytest.warns(RuntimeWarning, match="its transformer no longer is"):
+        _run(pipe, family, PLAIN)
+    sparsectx.disable(pipe)
+
+
 def test_seedless_random_selection_follows_the_call_generator(pipe, family):
     """enable(selector="random") without a seed: a call given a generator selects with that generator's initial
     seed, so the same generator seed gives the same selection and images, another seed another selection, and the
