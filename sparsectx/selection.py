@@ -229,7 +229,8 @@ def available_selectors() -> list[str]:
 
 def get_selector(name_or_callable: Union[str, SelectorFn, Selector]) -> Selector:
     """A registered selector by name, or a user callable ``(reference_latents, context) -> scores|mask`` wrapped so
-    that its output is validated."""
+    that its output is validated: the selector it was registered as (the latest, if several), with what
+    ``register_selector`` said of it, else one that may return either and read any signal and the generator."""
     if isinstance(name_or_callable, Selector):
         return name_or_callable
     if isinstance(name_or_callable, str):
@@ -237,7 +238,8 @@ def get_selector(name_or_callable: Union[str, SelectorFn, Selector]) -> Selector
             raise ValueError(f"unknown selector {name_or_callable!r}; available: {available_selectors()}")
         return _REGISTRY[name_or_callable]
     if callable(name_or_callable):
-        return Selector(name_or_callable)
+        registered = [selector for selector in _REGISTRY.values() if selector.fn is name_or_callable]
+        return registered[-1] if registered else Selector(name_or_callable)
     raise TypeError(f"selector must be a name or a callable, got {type(name_or_callable).__name__}")
 
 
@@ -1241,8 +1243,10 @@ def adaptive_budget(scores: torch.Tensor, coverage: Union[float, torch.Tensor] =
     ``"softmax"``). ``coverage`` in [0, 1] (0 keeps nothing before the floor), a float or a tensor broadcasting to
     ``[B, n_refs]``. ``floor`` and ``cap`` are counts (int) or ratios of each image's length (float), scalars or
     tensors broadcasting to ``[B, n_refs]``; where floor > cap, cap wins. A peaked score distribution keeps few
-    tokens, a flat one many. The count is non-decreasing in ``coverage``. Host reads: the NaN/+inf check of the
-    scores, and the range check of tensor settings; everything else stays on the device.
+    tokens, a flat one many. The count is non-decreasing in ``coverage``. The mass is summed in float64 and compared
+    with a slack of ``COVERAGE_TOL`` (1e-9) against rounding: tokens holding less than that share of an image's mass
+    in all may be left out even at ``coverage=1`` (e.g. softmax mass of scores 30 below the top's). Host reads: the
+    NaN/+inf check of the scores, and the range check of tensor settings; everything else stays on the device.
     """
     if mass not in MASS_MODES:
         raise ValueError(f"mass must be one of {MASS_MODES}, got {mass!r}")
@@ -1527,7 +1531,8 @@ def select(reference_latents: torch.Tensor, context: SelectionContext, selector=
     (``sparsectx.enable``) selects the same way, after turning its list forms into budget objects and repeating
     per-request rows over each request's samples; here give a ratio, a count, or ``fixed_ratio`` / ``fixed_count`` /
     ``adaptive`` with one value, one per image, or one row per sample. A ``context.extra`` name the selector is
-    known not to read (a misspelt signal, which it would ignore) is refused, as ``enable(signals=...)`` does."""
+    known not to read (a misspelt signal, which it would ignore) is refused, as ``enable(signals=...)`` does, except
+    the built-in signal names (``BUILTIN_SIGNALS``), which the automatic probe adds to a context it ran on."""
     selector = get_selector(selector)
     if selector.signals is not None and isinstance(context, SelectionContext):
         # names the built-in probe may have added to a context used before are not the user's

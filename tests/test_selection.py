@@ -882,6 +882,29 @@ def test_register_selector_signals_and_selector_objects():
             selection._REGISTRY.pop(name, None)
 
 
+def test_a_registered_function_given_itself_is_its_registered_selector():
+    """A function registered with what it returns, reads and draws is that selector when given as the function
+    too (before: a fresh wrapper that may return anything and reads the generator, so enable(selector=fn,
+    budget=None) on a score function was accepted and a misspelt signal was not refused)."""
+    def scorer(latents, context):
+        return latents.norm(dim=-1)
+
+    def unregistered(latents, context):
+        return latents.norm(dim=-1)
+
+    try:
+        registered = register_selector("_test_scorer", scorer, returns_scores=True, signals=["weights"],
+                                       reads_generator=False)
+        assert get_selector(scorer) is registered
+        assert get_selector(unregistered) is not registered and get_selector(unregistered).signals is None
+        with pytest.raises(ValueError, match="returns scores"):
+            sparsectx.integration._check_settings_for(get_selector(scorer), None, {})
+        with pytest.raises(ValueError, match="reads no signal named"):
+            sparsectx.integration._check_settings_for(get_selector(scorer), 0.5, {"wieghts": 1})
+    finally:
+        selection._REGISTRY.pop("_test_scorer", None)
+
+
 def test_per_request_lists_in_budget_objects_map_onto_the_batch():
     """fixed_ratio([[0.5], [0.25]]) / adaptive(floor=[[6], [1]]) (one list per request) on a batch of 2 requests
     x 2 samples: the same as the [R, 1] tensor form (before: 'does not broadcast to [B=4, n_refs=2]')."""
