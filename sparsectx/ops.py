@@ -157,8 +157,8 @@ def _check_tensor(name: str, t, ndim: Optional[int] = None, dtypes=None, device=
         raise NotImplementedError(f"{name} carries a forward-mode AD tangent (torch.func.jvp, "
                                   "torch.autograd.forward_ad): sparsectx's ops have reverse-mode gradients only")
     if not torch.compiler.is_compiling() and torch._C._functorch.is_gradtrackingtensor(t):  # (dynamo: its own)
-        raise NotImplementedError(f"{name} is traced by a torch.func gradient transform (grad, vjp, jacrev): "
-                                  "sparsectx's ops have torch.autograd gradients only (backward, "
+        raise NotImplementedError(f"{name} is traced by a torch.func differentiation transform (grad, vjp, jacrev, "
+                                  "jvp): sparsectx's ops have torch.autograd gradients only (backward, "
                                   "torch.autograd.grad)")
     if ndim is not None and t.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
@@ -678,6 +678,8 @@ def masked_attention(
     _check_tensor("key_mask", key_mask, ndim=2, dtypes=(torch.bool,), device=dev)
     if key_mask.shape != (batch, seq):
         raise ValueError(f"key_mask must be [B={batch}, S={seq}], got {tuple(key_mask.shape)}")
+    # (the kept keys are compacted, and each mask keeps its own count: no batching rule)
+    _refuse_vmap("masked_attention with a batched key_mask", key_mask=key_mask)
     if query_mask is not None:
         _check_tensor("query_mask", query_mask, ndim=2, dtypes=(torch.bool,), device=dev)
         if query_mask.shape != (batch, seq):
