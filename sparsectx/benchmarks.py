@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -170,8 +171,15 @@ def worst_row_error(actual, expected) -> float:
 
 
 def _first_line(exc: BaseException, limit: int = 160) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
+    """``Type: first non-empty line of the message`` (diffusers' messages start with a newline)."""
+    message = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    text = f"{type(exc).__name__}: {message}".strip()
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+class CaseUnavailable(Exception):
+    """Raised by a case's ``build`` when this machine lacks an optional package the case needs: its rows say
+    "unavailable" (as for a peer this machine lacks), not a failure."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1731,6 +1739,8 @@ class PipelineCase(_RefsKeepCase):
     }
 
     def build(self, config, size: str, device: torch.device) -> Workload:
+        if importlib.util.find_spec("transformers") is None:  # diffusers' Flux2KleinPipeline needs it to exist
+            raise CaseUnavailable("Flux2KleinPipeline needs transformers (pip install transformers)")
         import diffusers
         from PIL import Image
 
@@ -2456,6 +2466,10 @@ def run_case(name: str, device: torch.device, size: str, *, quick: bool = False,
                 progress.set_postfix_str(case.label(config))
             try:
                 workload = case.build(config, size, device)
+            except CaseUnavailable as exc:
+                rows.append(dict(case=name, shape=case.label(config), impl="(setup)", time_ms=None, tflops=None,
+                                 gbps=None, ratio=None, ok=None, err=None, peak_mem_gb=None,
+                                 note=f"unavailable: {exc}", ours=False))
             except Exception as exc:
                 rows.append(dict(case=name, shape=case.label(config), impl="(setup)", time_ms=None, tflops=None,
                                  gbps=None, ratio=None, ok=False, err=None, peak_mem_gb=None,
@@ -2987,9 +3001,17 @@ def run_metadata(device: torch.device, size: str, quick: bool, cases: Sequence[s
 
 
 def check_output_path(option: str, path: str) -> None:
-    """``SystemExit`` (an argparse-style error) before any work when ``path`` can not be written as a file."""
+    """``SystemExit`` (an argparse-style error) before any work when ``path`` can not be written as a file: a
+    folder, or in a folder that can not be made (under a file, say) or written to. Makes the missing folders."""
     if os.path.isdir(path) or path.endswith(os.sep):
         raise SystemExit(f"sparsectx: error: {option} {path!r} is a folder; give a file path")
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(f"sparsectx: error: {option} {path!r}: its folder can not be made ({error})") from None
+    if not os.access(directory, os.W_OK):
+        raise SystemExit(f"sparsectx: error: {option} {path!r}: its folder {directory!r} is not writable")
 
 
 def write_json(path: str, meta: dict, rows: list) -> None:

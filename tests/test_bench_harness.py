@@ -215,6 +215,15 @@ def test_report_refuses_parts_of_different_runs_and_names_bad_files(tmp_path):
     with pytest.raises(SystemExit, match="--merged .* is a folder"):
         cli.main(["report", "--merged", str(tmp_path), a])
     assert not (tmp_path.parent / f"{tmp_path.name}.tmp").exists()
+    # a path under a file: refused before any work (bench ran every case first, then a FileExistsError traceback)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit, match="--merged .*afile/m.json.: its folder can not be made"):
+        cli.main(["report", "--merged", str(tmp_path / "afile" / "m.json"), a])
+    for option in ("--json", "--plot"):
+        with pytest.raises(SystemExit, match=f"{option} .*afile/x.: its folder can not be made"):
+            cli.main(["bench", "--case", "rope_tables", "--quick", option, str(tmp_path / "afile" / "x")])
+    cli.main(["report", "--merged", str(tmp_path / "new" / "m.json"), a])  # a missing folder is made
+    assert (tmp_path / "new" / "m.json").exists()
 
 
 def test_summary_names_planned_cases_that_did_not_run(tmp_path, capsys):
@@ -749,6 +758,22 @@ def test_an_unavailable_peer_is_neither_checked_nor_timed_and_judges_nothing():
     assert line.endswith("-  unavailable: needs a GPU"), line  # no check shown: it was not compared
     lines = [line for line in benchmarks.target_verdicts(rows) if "topk+sort+gather" in line]
     assert len(lines) == 1 and "not measured" in lines[0], lines
+
+
+def test_a_case_needing_a_missing_package_is_unavailable_not_failed(monkeypatch):
+    """The pipeline case on a machine without transformers (diffusers' Flux2KleinPipeline needs it): its row says
+    unavailable and what to install, and fails nothing (before, a '(setup)' FAIL noting only 'ImportError: ', as
+    diffusers' messages start with a newline)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers"
+                        else real(name, *a))
+    rows = benchmarks.run_case("pipeline", torch.device("cpu"), "tiny", quick=True)
+    assert [(r["impl"], r["ok"]) for r in rows] == [("(setup)", None)]
+    assert rows[0]["note"] == "unavailable: Flux2KleinPipeline needs transformers (pip install transformers)"
+    assert benchmarks._first_line(ImportError("\nFlux2KleinPipeline requires the transformers library")) == \
+        "ImportError: Flux2KleinPipeline requires the transformers library"
 
 
 def test_a_later_pass_notes_each_rows_time_and_its_ratio_to_sparsectxs(monkeypatch):

@@ -211,6 +211,21 @@ def test_top_level_kernels_folder_is_not_hugging_face_kernels():
     assert done.stdout.strip().splitlines()[-1] == "False"
 
 
+def test_top_level_kernels_folder_hands_over_to_an_installed_hugging_face_kernels(tmp_path):
+    """Run in the repo root with Hugging Face's ``kernels`` installed (a stand-in here): ``import kernels`` gives
+    that package, as diffusers' hub-kernel backends import it (before: this checkout's folder, without
+    ``get_kernel``: an ImportError inside diffusers)."""
+    site = tmp_path / "site"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("def get_kernel(name):\n    return name\n")
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "PYTHONPATH": str(site)}
+    done = subprocess.run([sys.executable, "-c", "from kernels import get_kernel; import kernels; "
+                           "print(get_kernel('x'), kernels.__file__)"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["x", str(site / "kernels" / "__init__.py")]
+
+
 def test_reference_point_rows_are_checked_for_shape_and_finite_values():
     """A row computing a different function by design (comparable=False, no verify) still fails on a wrong shape or
     non-finite values, in the table as in pytest bench/."""
