@@ -1,6 +1,7 @@
 """sparsectx attention processors for diffusers (sparsectx.processors), ``enable(attention="sparsectx")`` and drop
 training (sparsectx.training.enable_drop_training). Tiny random-weight fp32 models on the CPU: the kernel runs
 through the Triton interpreter (tests/conftest.py)."""
+import contextlib
 import functools
 import importlib.util
 import types
@@ -269,11 +270,10 @@ def test_processors_set_behind_sparsectx_are_replaced_at_the_next_call(models):
         module.set_processor(originals[name])
 
 
-def test_a_users_unsupported_processor_set_after_enable_stays_with_a_warning(models):
-    """A processor sparsectx can not replace, set on purpose after enable(attention="sparsectx") (e.g. a subclass
-    of the model's own): the next calls warn once and run it, the other layers keep sparsectx's attention (before:
-    the first call raised and left every layer native from then on)."""
-    model, kwargs = models["flux2"], shared._inputs("flux2")
+@contextlib.contextmanager
+def _a_users_processor_after_enable(model):
+    """enable(attention="sparsectx"), then a processor sparsectx can not replace (a subclass of the model's own) set
+    on purpose on the first attention layer; yields ``(layer name, that processor)``; disabled and put back after."""
     originals = _processors(model)
     name = next(iter(originals))
     module = dict(model.named_modules())[name]
@@ -285,16 +285,25 @@ def test_a_users_unsupported_processor_set_after_enable_stays_with_a_warning(mod
     custom = Custom()
     module.set_processor(custom)
     try:
+        yield name, custom
+    finally:
+        sparsectx.disable(model)
+        module.set_processor(originals[name])
+
+
+def test_a_users_unsupported_processor_set_after_enable_stays_with_a_warning(models):
+    """A processor sparsectx can not replace, set on purpose after enable(attention="sparsectx") (e.g. a subclass
+    of the model's own): the next calls warn once and run it, the other layers keep sparsectx's attention (before:
+    the first call raised and left every layer native from then on)."""
+    model, kwargs = models["flux2"], shared._inputs("flux2")
+    with _a_users_processor_after_enable(model) as (name, custom):
         with pytest.warns(RuntimeWarning, match="can not replace them"):
             _run(model, {**kwargs, "encoder_hidden_states": kwargs["encoder_hidden_states"].clone()})
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # once only
             _run(model, {**kwargs, "encoder_hidden_states": kwargs["encoder_hidden_states"].clone()})
-        assert model._sparsectx_patch.attention == "sparsectx" and module.processor is custom
+        assert model._sparsectx_patch.attention == "sparsectx" and _processors(model)[name] is custom
         assert all(isinstance(p, processors.SPARSECTX_PROCESSORS) for n, p in _processors(model).items() if n != name)
-    finally:
-        sparsectx.disable(model)
-        module.set_processor(originals[name])
 
 
 @pytest.mark.filterwarnings("ignore:attention processors .* were set on the transformer after enable")
@@ -304,16 +313,7 @@ def test_a_refused_enable_or_a_context_exit_keeps_the_processors_of_before(model
     attention became native, then the TypeError), and a sparse_context block exits to the very processors of
     before (before, its exit raised that TypeError and left the other layers native)."""
     model, kwargs = models["flux"], shared._inputs("flux")
-    originals = _processors(model)
-    name = next(iter(originals))
-    module = dict(model.named_modules())[name]
-
-    class Custom(type(originals[name])):
-        pass
-
-    sparsectx.enable(model, budget=0.5, selector="uniform", attention="sparsectx")
-    module.set_processor(Custom())
-    try:
+    with _a_users_processor_after_enable(model):
         before = _processors(model)
         with pytest.raises(TypeError, match="can not replace the attention processors"):
             sparsectx.enable(model, budget=0.25, attention="sparsectx")
@@ -326,9 +326,6 @@ def test_a_refused_enable_or_a_context_exit_keeps_the_processors_of_before(model
         assert model._sparsectx_patch.attention == "sparsectx"
         torch.testing.assert_close(_run(model, {**kwargs, "encoder_hidden_states": kwargs["encoder_hidden_states"]
                                                 .clone()}), expected, rtol=0, atol=0)
-    finally:
-        sparsectx.disable(model)
-        module.set_processor(originals[name])
 
 
 def test_attention_backend_set_while_enabled_survives_disable(models):
