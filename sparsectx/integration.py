@@ -246,6 +246,13 @@ def _resolve_selector(selector):
     return selection.get_selector(selector)  # ValueError for an unknown name
 
 
+def _view_of(tensor: torch.Tensor) -> tuple:
+    """A tensor's memory and view: equal for the tensor and a detached alias of it (as a reentrant checkpoint
+    recomputes on)."""
+    return (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+            tensor.stride(), tensor.dtype)
+
+
 class _Identity:
     """A plan-key entry equal only to another for the very same live object. It refers to the object weakly (a plan
     does not keep a call's prompt or per-call selector alive), and once the object is gone it equals nothing, so a
@@ -732,6 +739,7 @@ class _Packing:
 
 
 MAX_PLANS = 4  # plans kept per pipeline call (e.g. a KV-cache extract step and the cached steps' plan)
+MAX_FORWARD_KEYS = 64  # plan keys of the latest forwards kept for a checkpoint's recomputation (_forward_key)
 # layouts kept per patched transformer, by the shape of the ids they were found on (a new call on ids of a kept
 # shape starts its selection on that layout without reading its ids first)
 MAX_LAYOUTS = 4
@@ -1003,6 +1011,10 @@ class _SparsePatch(ForwardPatch):
         # inputs of training forwards whose plan was dropped from the cache: id -> weak reference (a recomputation
         # of such a forward must not draw a new selection; _plan raises instead)
         self.evicted_training_inputs: dict = {}
+        # the plan key of each recent forward that a checkpoint may recompute, by its inputs' memory and views: a
+        # recomputation finds its forward's plan in whichever mode the model is at the backward (an eval pass, or
+        # train(), may come between a forward and its backward)
+        self.forward_keys: collections.OrderedDict = collections.OrderedDict()  # (see _forward_key)
 
     @property
     def cache(self) -> Optional[_Plan]:
@@ -1091,6 +1103,15 @@ class _SparsePatch(ForwardPatch):
         return False
 
     def uninstall(self) -> None:
+        pending = [entry for entry in self.forward_keys.values()
+                   if entry[2] and entry[3] and not entry[4] and entry[0]() is not None]
+        if pending:
+            # a reentrant checkpoint around the transformer recomputes its forward in the backward; after disable
+            # that runs the original model on every token (a non-reentrant one fails in torch's own check)
+            warnings.warn(f"disable: {len(pending)} training forward(s) ran under no_grad and were not recomputed "
+                          "yet: if one is a torch.utils.checkpoint around the transformer (use_reentrant=True) whose "
+                          "backward is still to come, that backward recomputes it without its selection and its "
+                          "gradients are wrong; disable after the backward", RuntimeWarning, stacklevel=3)
         super().uninstall()
         self.set_attention(NATIVE)
 
@@ -1153,7 +1174,7 @@ class _SparsePatch(ForwardPatch):
     def _plan(self, call: dict, overrides: dict) -> tuple:
         """``(plan, packable)``: the cached plan of this step's inputs, or a new one (layout, selection, groups);
         ``packable``: the plan has a packing and this step's samples share their modulation (timestep, guidance)."""
-        key = self._plan_key(call, overrides)
+        key = self._forward_key(call, self._plan_key(call, overrides))
         plan = self.plans.get(key)
         if plan is None and key[-2] is not None:
             self._refuse_evicted_training_forward(key[-2])
@@ -1163,11 +1184,12 @@ class _SparsePatch(ForwardPatch):
             # key's shapes, so it is reused without the check's host read
             matches, packable = (True, False) if cached_step else self._step_checks(plan, call)
             if matches:
+                if torch._C._current_graph_task_id() != -1:  # a checkpoint's recomputation of an earlier forward:
+                    replay_draw(plan.drawn)  # the global RNG as its draw left it; last_selection stays the latest's
+                    return plan, packable
                 self.plans[key] = self.plans.pop(key)  # most recently used last: evicted last, reported by cache
                 if plan.keep is None:  # a KV-cached step after a new extract step (a transformer enabled alone
                     plan.reports = self._selecting_plan(key)  # reuses its plan): report that extract's selection
-                if plan.drawn is not None and torch._C._current_graph_task_id() != -1:  # a recomputation
-                    replay_draw(plan.drawn)
                 return plan, packable
         self._reinstall_replaced_processors()
         training_input = key[-2] is not None
@@ -1187,6 +1209,14 @@ class _SparsePatch(ForwardPatch):
             plan = self._selection_plan(call, layout, overrides, None)
         if training_input:
             plan.drawn = drawn_rng(call["hidden_states"].device, before)
+            selector = overrides.get("selector", self.settings.selector)
+            if torch._C._current_graph_task_id() != -1 and plan.drawn is None and plan.keep is not None \
+                    and getattr(selector, "reads_generator", True):
+                warnings.warn("a training forward ran during backward (a torch.utils.checkpoint recomputation) and "
+                              "its forward's selection can not be found (its input tensors were made inside the "
+                              "checkpointed function?): it selected anew, and a selector drawing from its own "
+                              "generator drew another mask, so its gradients are wrong. Pass the input tensors to "
+                              "the checkpoint as arguments.", RuntimeWarning, stacklevel=4)
         self.plans.pop(key, None)
         if len(self.plans) >= MAX_PLANS:
             self._remember_eviction(next(iter(self.plans)))
@@ -1266,6 +1296,33 @@ class _SparsePatch(ForwardPatch):
                 # a reentrant checkpoint recomputes on a detached alias of the prompt it was given)
                 None if self.pipeline_calls else self._prompt_key(call, training))
 
+    def _forward_key(self, call: dict, key: tuple) -> tuple:
+        """The plan key of this forward: during a backward pass (a checkpoint's recomputation) the key its forward
+        used, found by its input tensors' memory and views (the input's and the prompt's: ``key`` depends on the
+        mode, which may have changed since), else ``key``, remembered for such a recomputation. A forward in eval
+        mode does not replace the key of a live training forward on the same inputs (a validation pass between a
+        training forward and its backward)."""
+        hidden = call["hidden_states"]
+        if hidden.is_inference():  # made under torch.inference_mode: no backward to come
+            return key
+        inputs = (_view_of(hidden),) + tuple(None if not isinstance(value, torch.Tensor) else _view_of(value)
+                                             for value in map(call.get, PROMPT_ARGS))
+        found = self.forward_keys.get(inputs)
+        live = found is not None and found[0]() is not None
+        if torch._C._current_graph_task_id() != -1:
+            if not live:
+                return key
+            found[4] = True  # recomputed
+            return found[1]
+        training = self._training_forward()
+        if not live or training or not found[2]:
+            # [input, key, training forward, run under no_grad (as a reentrant checkpoint runs it), recomputed]
+            self.forward_keys.pop(inputs, None)
+            self.forward_keys[inputs] = [weakref.ref(hidden), key, training, not torch.is_grad_enabled(), False]
+            while len(self.forward_keys) > MAX_FORWARD_KEYS:
+                self.forward_keys.popitem(last=False)
+        return key
+
     def _prompt_key(self, call: dict, training: bool) -> tuple:
         """The plan-key entry of the call's prompt: one entry per prompt argument (``PROMPT_ARGS``), its tensor, found
         through its memory and view in a training forward (``_training_input``)."""
@@ -1282,8 +1339,7 @@ class _SparsePatch(ForwardPatch):
         """The plan-key entry of a training forward's input (or prompt): the first live tensor seen over the same
         memory and view (a reentrant checkpoint recomputes on a detached alias of each tensor it was given, which it
         keeps alive), else this tensor."""
-        view = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-                tensor.stride(), tensor.dtype)
+        view = _view_of(tensor)
         self.training_inputs = {v: r for v, r in self.training_inputs.items() if r() is not None}
         first = self.training_inputs.get(view)
         first = first() if first is not None else None

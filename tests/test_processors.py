@@ -1505,20 +1505,32 @@ def test_gradient_checkpointing_recomputes_with_each_forwards_own_mask(between, 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 @pytest.mark.parametrize("between", ["training forward", "eval pass, backward in eval mode",
                                      "eval forward, backward in train mode"])
+@pytest.mark.parametrize("form", ["drop training", "drop-in"])
 @pytest.mark.filterwarnings("ignore:drop training. a forward with gradients ran in eval mode")
-def test_checkpoint_around_the_transformer_recomputes_with_the_forwards_own_mask(between, reentrant):
+def test_checkpoint_around_the_transformer_recomputes_with_the_forwards_own_mask(form, between, reentrant):
     """torch.utils.checkpoint around the whole transformer, with a user generator (not part of the RNG state that
-    checkpointing restores): the recomputation in backward uses the mask its forward drew, also when another
-    training forward came in between, and in whichever mode the model is at the backward (train mode, then an eval
-    pass: before, a reentrant checkpoint recomputed with every token kept, wrong gradients without an error), or
-    none for a forward run in eval mode (before, a redrawn mask); gradients equal those without checkpointing. A
-    reentrant checkpoint runs an eval forward under no_grad, where it can not be told from a validation pass: its
-    recomputation in train mode warns. last_drop_mask stays the latest forward's."""
+    checkpointing restores), under drop training or the drop-in with random_drop_selector: the recomputation in
+    backward uses the mask its forward drew, also when another training forward came in between, and in whichever
+    mode the model is at the backward (train mode, then an eval pass: before, a reentrant checkpoint recomputed
+    with every token kept, or the drop-in with the eval pass's selection, wrong gradients without an error; a
+    forward in eval mode: before, a redrawn mask); gradients equal those without checkpointing. Drop training
+    can not tell a reentrant checkpoint's eval forward (under no_grad) from a validation pass: its recomputation in
+    train mode warns. last_drop_mask / last_selection stay the latest forward's."""
     kwargs = shared._inputs("flux2")
 
     def gradients(checkpointing: bool):
         model = shared._build_model("flux2").train()
-        enable_drop_training(model, ratio_range=(0.3, 0.6), generator=torch.Generator().manual_seed(0))
+        if form == "drop training":
+            enable_drop_training(model, ratio_range=(0.3, 0.6), generator=torch.Generator().manual_seed(0))
+        else:
+            sparsectx.enable(model, budget=None,
+                             selector=random_drop_selector((0.3, 0.6), torch.Generator().manual_seed(0)))
+
+        def latest_mask():
+            if form == "drop training":
+                return last_drop_mask(model)
+            return sparsectx.last_selection(model).keep
+
         hidden = kwargs["hidden_states"].clone().requires_grad_()
         other = {**kwargs, "hidden_states": kwargs["hidden_states"] + 1}
 
@@ -1530,22 +1542,22 @@ def test_checkpoint_around_the_transformer_recomputes_with_the_forwards_own_mask
         out = torch.utils.checkpoint.checkpoint(run, hidden, use_reentrant=reentrant) if checkpointing else run(hidden)
         if between == "training forward":
             model(**other)  # another forward, another mask
-            latest = last_drop_mask(model).clone()
         elif between.startswith("eval pass"):
             model.eval()
             with torch.no_grad():
-                model(**other)  # validation: keeps every token
-            latest = None
+                model(**other)  # validation (drop training keeps every token there)
         else:
             model.train()
-            latest = None
-        if between.startswith("eval forward") and reentrant and checkpointing:
+        latest = latest_mask()
+        latest = None if latest is None else latest.clone()
+        if form == "drop training" and between.startswith("eval forward") and reentrant and checkpointing:
             with pytest.warns(RuntimeWarning, match="ran in eval mode under no_grad"):
                 out[:, :N_TARGET].pow(2).mean().backward()
             return None
         out[:, :N_TARGET].pow(2).mean().backward()
-        mask = last_drop_mask(model)
+        mask = latest_mask()
         assert torch.equal(mask, latest) if latest is not None else mask is None
+        sparsectx.disable(model)
         return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
 
     expected, got = gradients(False), gradients(True)
@@ -1554,6 +1566,70 @@ def test_checkpoint_around_the_transformer_recomputes_with_the_forwards_own_mask
     assert got.keys() == expected.keys() and len(got) > 10
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("sequence", ["two prompts on one input", "an eval forward with gradients between"])
+def test_the_drop_ins_recomputation_finds_its_forward_by_every_input(sequence, reentrant):
+    """Two checkpointed training forwards on one noisy input with two prompts (e.g. caption dropout), or a
+    training forward then an eval-mode forward with gradients on the same inputs (a validation loss without
+    no_grad): each recomputation uses its own forward's selection, found by the input and the prompt tensors; an
+    eval forward does not take a live training forward's place. Gradients equal those without checkpointing."""
+    kwargs = shared._inputs("flux2")
+    prompts = (kwargs["encoder_hidden_states"], kwargs["encoder_hidden_states"] * 0.5)
+
+    def gradients(checkpointing: bool):
+        model = shared._build_model("flux2").train()
+        sparsectx.enable(model, budget=None,
+                         selector=random_drop_selector((0.3, 0.6), torch.Generator().manual_seed(0)))
+        hidden = kwargs["hidden_states"].clone().requires_grad_()
+
+        def run(hidden_states, prompt):
+            return model(**{**kwargs, "hidden_states": hidden_states, "encoder_hidden_states": prompt})[0]
+
+        def forward(prompt):
+            if checkpointing:
+                return torch.utils.checkpoint.checkpoint(run, hidden, prompt, use_reentrant=reentrant)
+            return run(hidden, prompt)
+
+        if sequence == "two prompts on one input":
+            loss = sum(forward(prompt)[:, :N_TARGET].pow(2).mean() for prompt in prompts)
+        else:
+            loss = forward(prompts[0])[:, :N_TARGET].pow(2).mean()
+            model.eval()
+            run(hidden, prompts[0]).sum()  # computed with gradients, never backpropagated
+            model.train()
+        loss.backward()
+        sparsectx.disable(model)
+        return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+    expected, got = gradients(False), gradients(True)
+    assert got.keys() == expected.keys() and len(got) > 10
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+
+
+def test_the_drop_in_warns_where_a_recomputation_can_not_find_its_forward():
+    """A reentrant checkpoint around the transformer whose input is made inside the checkpointed function, with a
+    selector drawing from its own generator: the recomputation selects anew and warns (its gradients are wrong);
+    disabling before such a checkpoint's backward warns (the original model recomputes every token)."""
+    kwargs = shared._inputs("flux2")
+    model = shared._build_model("flux2").train()
+    selector = random_drop_selector((0.3, 0.6), torch.Generator().manual_seed(0))
+
+    def run(hidden_states):
+        return model(**{**kwargs, "hidden_states": hidden_states * 1.0})[0]  # a new tensor inside
+
+    sparsectx.enable(model, budget=None, selector=selector)
+    out = torch.utils.checkpoint.checkpoint(run, kwargs["hidden_states"].clone().requires_grad_(),
+                                            use_reentrant=True)
+    with pytest.warns(RuntimeWarning, match="its forward's selection can not be found"):
+        out.sum().backward()
+    hidden = kwargs["hidden_states"].clone().requires_grad_()
+    out = torch.utils.checkpoint.checkpoint(lambda h: model(**{**kwargs, "hidden_states": h})[0], hidden,
+                                            use_reentrant=True)
+    with pytest.warns(RuntimeWarning, match="disable: 1 training forward.*disable after the backward"):
+        sparsectx.disable(model)
 
 
 def test_last_drop_mask_is_the_latest_forwards_after_a_checkpoints_recomputation():
