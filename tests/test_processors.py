@@ -610,7 +610,8 @@ def test_kv_cache_attention_honours_the_score_skip_mode(mode):
 
 def test_kv_cache_kept_index_equals_cache_of_the_kept_rows():
     """A cached step reading a cache of every reference token through ``kept_index`` (rows gathered per layer) equals
-    the same step on a cache that holds those rows only."""
+    the same step on a cache that holds those rows only; an index of another batch, dtype or out of the cache's
+    range is refused (the kernel read outside the cache: a segmentation fault in the interpreter)."""
     model, kwargs = _kv_model(), shared._same_references(shared._inputs("flux2"))
     sparsectx.enable(model, budget=1.0, attention="sparsectx")
     try:
@@ -635,6 +636,15 @@ def test_kv_cache_kept_index_equals_cache_of_the_kept_rows():
             got = model(**cached, kv_cache=cache)[0]
         torch.testing.assert_close(got, expected, rtol=0, atol=FP32_ATOL)
         assert (every_row - expected).abs().max() > 100 * FP32_ATOL  # the index changes what is attended
+        # a wrong index is refused (the kernel read outside the cache: garbage, or a crash): its batch, its range
+        for bad, message in ((kept[:1], r"must be an integer tensor \[B=2, n\]"),
+                             (kept.float(), r"must be an integer tensor"),
+                             (torch.full_like(kept, n_ref), rf"must lie in \[0, {n_ref}\)"),
+                             (-torch.ones_like(kept), r"got values in \[-1, -1\]")):
+            for layer in layers:
+                setattr(layer, processors.KEPT_INDEX, bad)
+            with torch.no_grad(), pytest.raises(ValueError, match=message):
+                model(**cached, kv_cache=cache)
     finally:
         sparsectx.disable(model)
 
