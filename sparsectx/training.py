@@ -303,15 +303,17 @@ class _DropTrainingPatch(integration.ForwardPatch):
 
     def _note_eval_forward(self, call: dict) -> None:
         """An eval-mode forward that may be recomputed (gradients on, outside a backward: a checkpoint around the
-        transformer, then ``train()`` before its backward) is remembered as one that dropped nothing. Warns once that
-        such a forward of a model with trainable parameters drops nothing (drop training draws in train mode only)."""
+        transformer, then ``train()`` before its backward) is remembered as one that dropped nothing, unless a live
+        forward on the same input is remembered (a training forward whose backward may still come, and an eval
+        forward with gradients between, e.g. a validation loss). Warns once that such a forward of a model with
+        trainable parameters drops nothing (drop training draws in train mode only)."""
         hidden = call["hidden_states"]
         if not torch.is_grad_enabled() or hidden.is_inference():
             return
         key = self._input_key(hidden)
         entry = self.recent_masks.get(key)
-        ambiguous = entry is not None and entry[0]() is not None and not entry[3]
-        self._remember(key, [weakref.ref(hidden), (None, 0), ambiguous, False, None, False])
+        if entry is None or entry[0]() is None:
+            self._remember(key, [weakref.ref(hidden), (None, 0), False, False, None, False])
         if not self.warned_eval and any(p.requires_grad for p in self.transformer.parameters()):
             self.warned_eval = True
             warnings.warn("drop training: a forward with gradients ran in eval mode and dropped no reference token "

@@ -1579,19 +1579,26 @@ def test_checkpoint_around_the_transformer_recomputes_with_the_forwards_own_mask
 
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
-@pytest.mark.parametrize("sequence", ["two prompts on one input", "an eval forward with gradients between"])
-def test_the_drop_ins_recomputation_finds_its_forward_by_every_input(sequence, reentrant):
-    """Two checkpointed training forwards on one noisy input with two prompts (e.g. caption dropout), or a
-    training forward then an eval-mode forward with gradients on the same inputs (a validation loss without
-    no_grad): each recomputation uses its own forward's selection, found by the input and the prompt tensors; an
-    eval forward does not take a live training forward's place. Gradients equal those without checkpointing."""
+@pytest.mark.parametrize("form, sequence", [("drop-in", "two prompts on one input"),
+                                            ("drop-in", "an eval forward with gradients between"),
+                                            ("drop training", "an eval forward with gradients between")])
+@pytest.mark.filterwarnings("ignore:drop training. a forward with gradients ran in eval mode")
+def test_a_recomputation_finds_its_forward_by_every_input(form, sequence, reentrant):
+    """Two checkpointed training forwards on one noisy input with two prompts (e.g. caption dropout; the drop-in,
+    which selects per prompt), or a training forward then an eval-mode forward with gradients on the same inputs (a
+    validation loss without no_grad): each recomputation uses its own forward's selection or mask, found by the
+    input and the prompt tensors; an eval forward does not take a live training forward's place. Gradients equal
+    those without checkpointing."""
     kwargs = shared._inputs("flux2")
     prompts = (kwargs["encoder_hidden_states"], kwargs["encoder_hidden_states"] * 0.5)
 
     def gradients(checkpointing: bool):
         model = shared._build_model("flux2").train()
-        sparsectx.enable(model, budget=None,
-                         selector=random_drop_selector((0.3, 0.6), torch.Generator().manual_seed(0)))
+        if form == "drop training":
+            enable_drop_training(model, ratio_range=(0.3, 0.6), generator=torch.Generator().manual_seed(0))
+        else:
+            sparsectx.enable(model, budget=None,
+                             selector=random_drop_selector((0.3, 0.6), torch.Generator().manual_seed(0)))
         hidden = kwargs["hidden_states"].clone().requires_grad_()
 
         def run(hidden_states, prompt):
@@ -1611,6 +1618,7 @@ def test_the_drop_ins_recomputation_finds_its_forward_by_every_input(sequence, r
             model.train()
         loss.backward()
         sparsectx.disable(model)
+        disable_drop_training(model)
         return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
 
     expected, got = gradients(False), gradients(True)
