@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -575,8 +576,8 @@ def _kv_attention(processor: _SparsectxProcessor, query, key, value, attention_m
     cache; text and target queries attend to every key, reference queries to the reference keys only. Cached:
     ``[txt, img]`` queries attend to their own keys plus the cached reference keys (passed to the kernel as its
     reference buffer: no concatenation): every cached row, or, when the layer cache carries ``kept_index``
-    (``[B, n]`` integer positions in the cache, unique per sample: its shape and range are checked once per layer
-    cache and index, with one host read; uniqueness is not checked), only those rows, gathered per layer (a cache
+    (``[B, n]`` integer positions in the cache, unique per sample: its shape and range are checked, the range with
+    one host read per index tensor; uniqueness is not checked), only those rows, gathered per layer (a cache
     of every reference token read under a selection: the alternative to caching the kept tokens only, measured by
     the ``kv`` bench case).
     Otherwise plain attention."""
@@ -596,30 +597,41 @@ def _kv_attention(processor: _SparsectxProcessor, query, key, value, attention_m
         ref_key, ref_value = kv_cache.get()
         kept_index = getattr(kv_cache, KEPT_INDEX, None)
         if kept_index is not None:
-            _check_kept_index(kv_cache, kept_index, ref_key)
+            _check_kept_index(kept_index, ref_key)
         return dense_attention(query, key, value, ref_key, ref_value, kept_index)
     return processor._attend(query, key, value, attention_mask=attention_mask)
 
 
-def _check_kept_index(kv_cache, kept_index, ref_key: torch.Tensor) -> None:
+def _check_kept_index(kept_index, ref_key: torch.Tensor) -> None:
     """``ValueError`` unless a layer cache's ``kept_index`` is an integer ``[B, n]`` tensor of positions within the
-    cache's rows (the kernel reads them unchecked: a wrong one read outside the cache); the range is read once per
-    layer cache and index (version included)."""
+    cache's rows (the kernel reads them unchecked: a wrong one read outside the cache). Its range is read once per
+    index tensor and version (``_index_range``: one host read, not one per layer)."""
     batch, rows = ref_key.shape[0], ref_key.shape[1]
-    checked = getattr(kv_cache, "_sparsectx_checked_index", None)
-    if checked is not None and checked[0] is kept_index and checked[1] == kept_index._version:
-        return
     if not isinstance(kept_index, torch.Tensor) or kept_index.ndim != 2 or kept_index.shape[0] != batch \
             or kept_index.dtype.is_floating_point or kept_index.dtype.is_complex or kept_index.dtype == torch.bool:
         described = (f"{kept_index.dtype} of shape {list(kept_index.shape)}" if isinstance(kept_index, torch.Tensor)
                      else type(kept_index).__name__)
         raise ValueError(f"the layer cache's {KEPT_INDEX} must be an integer tensor [B={batch}, n], got {described}")
     if kept_index.numel():
-        low, high = (int(v) for v in torch.stack(torch.aminmax(kept_index)).tolist())
+        low, high = _index_range(kept_index)
         if low < 0 or high >= rows:
             raise ValueError(f"the layer cache's {KEPT_INDEX} must lie in [0, {rows}) (the cache's rows), got values "
                              f"in [{low}, {high}]")
-    kv_cache._sparsectx_checked_index = (kept_index, kept_index._version)
+
+
+_INDEX_RANGES: dict = {}  # id of an index tensor -> (weak reference, version, min, max)
+
+
+def _index_range(index: torch.Tensor) -> tuple:
+    """``(min, max)`` of a non-empty integer tensor, read from the device once per tensor and version."""
+    known = _INDEX_RANGES.get(id(index))
+    if known is not None and known[0]() is index and known[1] == index._version:
+        return known[2], known[3]
+    low, high = (int(v) for v in torch.stack(torch.aminmax(index)).tolist())
+    for key in [key for key, entry in _INDEX_RANGES.items() if entry[0]() is None]:
+        del _INDEX_RANGES[key]
+    _INDEX_RANGES[id(index)] = (weakref.ref(index), index._version, low, high)
+    return low, high
 
 
 class SparsectxFlux2KVAttnProcessor(_SparsectxProcessor):
