@@ -1512,6 +1512,18 @@ def test_gradient_checkpointing_recomputes_with_each_forwards_own_mask(between, 
         torch.testing.assert_close(got[name], expected[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
 
 
+def _flux2_dropping(form: str):
+    """A tiny FLUX.2 transformer in train mode that drops reference tokens at random (ratios 0.3-0.6, a seeded
+    generator of its own): under drop training, or through the drop-in with random_drop_selector."""
+    model = shared._build_model("flux2").train()
+    if form == "drop training":
+        enable_drop_training(model, ratio_range=(0.3, 0.6), generator=torch.Generator().manual_seed(0))
+    else:
+        sparsectx.enable(model, budget=None,
+                         selector=random_drop_selector((0.3, 0.6), torch.Generator().manual_seed(0)))
+    return model
+
+
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 @pytest.mark.parametrize("between", ["training forward", "eval pass, backward in eval mode",
                                      "eval forward, backward in train mode"])
@@ -1529,12 +1541,7 @@ def test_checkpoint_around_the_transformer_recomputes_with_the_forwards_own_mask
     kwargs = shared._inputs("flux2")
 
     def gradients(checkpointing: bool):
-        model = shared._build_model("flux2").train()
-        if form == "drop training":
-            enable_drop_training(model, ratio_range=(0.3, 0.6), generator=torch.Generator().manual_seed(0))
-        else:
-            sparsectx.enable(model, budget=None,
-                             selector=random_drop_selector((0.3, 0.6), torch.Generator().manual_seed(0)))
+        model = _flux2_dropping(form)
 
         def latest_mask():
             if form == "drop training":
@@ -1593,12 +1600,7 @@ def test_a_recomputation_finds_its_forward_by_every_input(form, sequence, reentr
     prompts = (kwargs["encoder_hidden_states"], kwargs["encoder_hidden_states"] * 0.5)
 
     def gradients(checkpointing: bool):
-        model = shared._build_model("flux2").train()
-        if form == "drop training":
-            enable_drop_training(model, ratio_range=(0.3, 0.6), generator=torch.Generator().manual_seed(0))
-        else:
-            sparsectx.enable(model, budget=None,
-                             selector=random_drop_selector((0.3, 0.6), torch.Generator().manual_seed(0)))
+        model = _flux2_dropping(form)
         hidden = kwargs["hidden_states"].clone().requires_grad_()
 
         def run(hidden_states, prompt):
