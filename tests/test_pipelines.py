@@ -505,7 +505,7 @@ def _inpaint_mask():
 
 def _inpaint_case(name, monkeypatch):
     """(pipeline, call arguments, target tokens, tokens per reference image, budget) of a tiny inpainting
-    pipeline."""
+    pipeline, or of FLUX.2 [dev]'s or Qwen-Image-Edit's pipeline."""
     g = torch.Generator().manual_seed(SEED + 1)
     image = _images([(INPAINT_PX, INPAINT_PX)], seed=REFERENCE_SEED + 1)[0]
     kwargs = dict(image=image, mask_image=_inpaint_mask(), strength=1.0, num_inference_steps=STEPS,
@@ -529,13 +529,31 @@ def _inpaint_case(name, monkeypatch):
         first_w, first_h = klein.REF_SIZES[0]
         refs = [n_target] + [(first_w // KLEIN_PX_PER_TOKEN) * (first_h // KLEIN_PX_PER_TOKEN)] * len(klein.REF_SIZES)
         return pipe, kwargs, n_target, refs, INPAINT_BUDGET
-    # Qwen-Image-Edit inpainting: the image is the reference too, resized to a fixed area (shrunk here, as
+    if name == "Flux2Pipeline":  # FLUX.2 [dev]: guidance embedded, references as for klein
+        klein = _klein_helpers()
+        torch.manual_seed(0)
+        transformer = diffusers.Flux2Transformer2DModel.from_config(
+            {**klein._build_model("flux2").config, "guidance_embeds": True}).eval()
+        pipe = diffusers.Flux2Pipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+                                       vae=klein._tiny_pipeline(diffusers.Flux2KleinPipeline).vae, text_encoder=None,
+                                       tokenizer=None, transformer=transformer)
+        kwargs = dict(image=klein._reference_images(), num_inference_steps=STEPS, output_type="latent",
+                      height=INPAINT_PX, width=INPAINT_PX, guidance_scale=CFG_SCALE,
+                      prompt_embeds=torch.randn(1, klein.TEXT_TOKENS, klein.TEXT_DIM, generator=g))
+        refs = [(w // KLEIN_PX_PER_TOKEN) * (h // KLEIN_PX_PER_TOKEN) for w, h in klein.REF_SIZES]
+        return pipe, kwargs, (INPAINT_PX // KLEIN_PX_PER_TOKEN) ** 2, refs, INPAINT_BUDGET
+    # Qwen-Image-Edit (inpainting or not): the image is the reference too, resized to a fixed area (shrunk here, as
     # VAE_IMAGE_SIZE for the edit-plus tests), and the target takes the reference's size
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as qwen_edit
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_inpaint as qwen_inpaint
 
-    full_size = qwen_inpaint.calculate_dimensions
-    monkeypatch.setattr(qwen_inpaint, "calculate_dimensions", lambda area, ratio: full_size(QWEN_VAE_AREA, ratio))
-    pipe = diffusers.QwenImageEditInpaintPipeline(**_qwen_pipeline(zero_cond_t=False).components)
+    module = qwen_inpaint if name == "QwenImageEditInpaintPipeline" else qwen_edit
+    full_size = module.calculate_dimensions
+    monkeypatch.setattr(module, "calculate_dimensions", lambda area, ratio: full_size(QWEN_VAE_AREA, ratio))
+    pipe = getattr(diffusers, name)(**_qwen_pipeline(zero_cond_t=name == "QwenImageEditPipeline").components)
+    if name == "QwenImageEditPipeline":  # (with zero_cond_t: its modulate_index is truncated too)
+        kwargs = dict(image=image, num_inference_steps=STEPS, output_type="latent", height=INPAINT_PX,
+                      width=INPAINT_PX)
     kwargs.update(prompt_embeds=torch.randn(1, TEXT_TOKENS, TEXT_DIM, generator=g),
                   prompt_embeds_mask=torch.ones(1, TEXT_TOKENS, dtype=torch.long), true_cfg_scale=1.0)
     width, height, _ = full_size(QWEN_VAE_AREA, 1.0)
@@ -543,11 +561,11 @@ def _inpaint_case(name, monkeypatch):
     return pipe, kwargs, n_tokens, [n_tokens], INPAINT_BUDGET
 
 
-@pytest.mark.parametrize("name", INPAINT_PIPELINES)
-def test_inpainting_pipelines(name, monkeypatch):
-    """The inpainting variants of the three families (each also given a reference image): keeping every token equals
-    the unpatched pipeline, a budget sends target + kept tokens to the transformer and equals masking the dropped
-    tokens as keys, disable is bit-exact."""
+@pytest.mark.parametrize("name", INPAINT_PIPELINES + ("Flux2Pipeline", "QwenImageEditPipeline"))
+def test_inpainting_and_other_pipelines(name, monkeypatch):
+    """The inpainting variants of the three families (each also given a reference image), FLUX.2 [dev]'s pipeline
+    and Qwen-Image-Edit's (one reference): keeping every token equals the unpatched pipeline, a budget sends
+    target + kept tokens to the transformer and equals masking the dropped tokens as keys, disable is bit-exact."""
     pipe, kwargs, n_target, n_refs, budget = _inpaint_case(name, monkeypatch)
     pipe.set_progress_bar_config(disable=True)
     seen = []
