@@ -649,6 +649,15 @@ def _modular_case(blocks_name, monkeypatch):
     return (pipe, kwargs, *case)
 
 
+def _counting_selector(selections: list):
+    """A selector of seeded random scores that appends each selection's reference lengths to ``selections``."""
+    def counting(latents, context):
+        selections.append(list(context.ref_lengths))
+        return torch.rand(latents.shape[:2], generator=context.generator)
+
+    return counting
+
+
 @pytest.mark.parametrize("enabled", ["pipeline", "transformer"])
 @pytest.mark.parametrize("blocks_name", MODULAR_BLOCKS)
 def test_modular_pipelines(blocks_name, enabled, monkeypatch):
@@ -661,16 +670,13 @@ def test_modular_pipelines(blocks_name, enabled, monkeypatch):
     kept = [round(ratio * n) for ratio, n in zip(ratios, n_refs)]
     assert all(k == ratio * n for k, ratio, n in zip(kept, ratios, n_refs))  # budgets that keep whole tokens
     seen, selections = [], []
+    counting = _counting_selector(selections)
     _image_embedder(pipe.transformer).register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
 
     def run():
         seen.clear()
         with torch.no_grad():
             return pipe(**kwargs, generator=torch.Generator().manual_seed(SEED))
-
-    def counting(latents, context):
-        selections.append(list(context.ref_lengths))
-        return torch.rand(latents.shape[:2], generator=context.generator)
 
     original_class = type(pipe)
     expected = run()
@@ -694,3 +700,45 @@ def test_modular_pipelines(blocks_name, enabled, monkeypatch):
     image_keep = torch.cat([torch.ones(1, n_target, dtype=torch.bool), keep[:1]], 1)
     monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.NATIVE, _KeyMaskedNative(image_keep))
     torch.testing.assert_close(run(), sparse, rtol=0, atol=FP32_ATOL)
+
+
+@pytest.mark.parametrize("blocks_name", MODULAR_BLOCKS)
+def test_a_components_manager_sub_pipeline_sharing_an_enabled_transformer(blocks_name, monkeypatch):
+    """A second pipeline of the same blocks sharing the enabled pipeline's transformer through a ComponentsManager:
+    not enabled itself, it selects as a bare transformer does (once per prompt tensor: its guider's two branches
+    twice) and makes the enabled pipeline's output; enabled itself, once per call; disabling it disables the shared
+    transformer, and the first pipeline then warns that it runs every token and equals the unpatched pipeline."""
+    modular = pytest.importorskip("diffusers.modular_pipelines")
+    pipe, kwargs, n_target, n_refs, budget, per_step = _modular_case(blocks_name, monkeypatch)
+    manager = modular.ComponentsManager()
+    manager.add("transformer", pipe.transformer)
+    blocks = getattr(modular, blocks_name)()
+    blocks.sub_blocks.pop("text_encoder")
+    sub = blocks.init_pipeline(components_manager=manager)
+    sub.update_components(transformer=manager.get_one(name="transformer"), vae=pipe.vae, scheduler=pipe.scheduler)
+    sub.set_progress_bar_config(disable=True)
+    assert sub.transformer is pipe.transformer
+    selections = []
+    counting = _counting_selector(selections)
+
+    def run(which):
+        with torch.no_grad():
+            return which(**kwargs, generator=torch.Generator().manual_seed(SEED))
+
+    expected = run(pipe)
+    sparsectx.enable(pipe, budget=budget, selector=counting, seed=SEED)
+    try:
+        sparse = run(pipe)
+        assert selections == [n_refs] and not torch.allclose(sparse, expected, rtol=0, atol=FP32_ATOL)
+        selections.clear()
+        assert torch.equal(run(sub), sparse) and selections == [n_refs] * per_step  # as a bare transformer
+        selections.clear()
+        sparsectx.enable(sub, budget=budget, selector=counting, seed=SEED)
+        assert torch.equal(run(sub), sparse) and selections == [n_refs]
+        sparsectx.disable(sub)
+        with pytest.warns(RuntimeWarning, match="its transformer no longer is"):
+            assert torch.equal(run(pipe), expected)
+    finally:
+        sparsectx.disable(pipe)
+        sparsectx.disable(sub)
+    assert torch.equal(run(pipe), expected) and torch.equal(run(sub), expected)
