@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import importlib.util
 import json
 import math
@@ -2464,16 +2465,14 @@ def run_case(name: str, device: torch.device, size: str, *, quick: bool = False,
         for config in case.configs(size, quick):
             if progress is not None:
                 progress.set_postfix_str(case.label(config))
+            setup_row = functools.partial(dict, case=name, shape=case.label(config), impl="(setup)", time_ms=None,
+                                          tflops=None, gbps=None, ratio=None, err=None, peak_mem_gb=None)
             try:
                 workload = case.build(config, size, device)
             except CaseUnavailable as exc:
-                rows.append(dict(case=name, shape=case.label(config), impl="(setup)", time_ms=None, tflops=None,
-                                 gbps=None, ratio=None, ok=None, err=None, peak_mem_gb=None,
-                                 note=f"unavailable: {exc}", ours=False))
+                rows.append(setup_row(ok=None, note=f"unavailable: {exc}", ours=False))
             except Exception as exc:
-                rows.append(dict(case=name, shape=case.label(config), impl="(setup)", time_ms=None, tflops=None,
-                                 gbps=None, ratio=None, ok=False, err=None, peak_mem_gb=None,
-                                 note=f"error: {_first_line(exc)}", ours=True))
+                rows.append(setup_row(ok=False, note=f"error: {_first_line(exc)}", ours=True))
             else:
                 done = list(rows)
                 report = (lambda current: on_rows(done + current)) if on_rows is not None else None

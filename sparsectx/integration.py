@@ -1786,10 +1786,7 @@ def _note_enabled_through(pipe, transformer) -> None:
 def _replaced_transformer(pipe):
     """The transformer ``enable(pipe)`` patched, when ``pipe.transformer`` is another one and it is still enabled
     (the pipeline's transformer was replaced since: ``pipe.transformer = ...``, ``update_components``), else None."""
-    try:
-        ref = _ENABLED_THROUGH.get(pipe)
-    except TypeError:
-        return None
+    ref = _ENABLED_THROUGH.get(pipe) if _weakly_keyed(pipe) else None
     old = ref() if ref is not None else None
     if old is None or old is _unwrapped(getattr(pipe, "transformer", None)) or \
             getattr(old, PATCH_ATTR, None) is None:
