@@ -304,13 +304,15 @@ def _fwd_kernel(
             k, v = _load_kv(rk_base + idx * stride_rkr, rv_base + idx * stride_rvr, key_valid, d_valid, True)
             acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k, v, key_valid, qk_scale, True, IEEE)
 
-    # normalise; a query that saw no key (l_i = 0) outputs zeros and lse = -inf (NaN scores: NaN, not -inf)
+    # normalise; a query that saw no key (l_i = 0) outputs zeros and lse = -inf (NaN scores: NaN, not -inf; a +inf
+    # score: output NaN, lse +inf as torch.logsumexp gives it, not the NaN of inf - inf)
     seen = l_i != 0.0
     acc = acc / tl.where(seen, l_i, 1.0)[:, None]
     o_offsets = _query_offsets(QIDX, batch, q_start, offs_m, q_valid, q_rows, stride_ob, stride_ot, Q_INDEXED)
     tl.store(O + o_offsets[:, None] + head * stride_oh + offs_d[None, :], acc.to(O.dtype.element_ty),
              mask=q_valid[:, None] & d_valid[None, :])
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+    lse = tl.where(m_i == float("inf"), m_i, lse)
     tl.store(LSE + head * stride_lse_h + q_start + offs_m, lse, mask=q_valid)
 
 

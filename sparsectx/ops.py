@@ -903,6 +903,8 @@ def _rms_norm_rope_setup_context(ctx, inputs, output):
 
 
 def _rms_norm_rope_backward(ctx, dy):
+    if dy is None:  # the output did not reach the loss (an undefined gradient: every gradient is zero)
+        return (None,) * 8
     x, cos, sin, weight, prefix, prefix_weight = ctx.saved_tensors
     backward = _rms_norm_rope_bwd if _plain_eager(dy, x, weight, prefix, prefix_weight) else _rms_norm_rope_bwd_op
     dx, dweight, dprefix, dprefix_weight = backward(dy, x, cos, sin, weight, ctx.eps, prefix, prefix_weight)
@@ -976,6 +978,10 @@ def rms_norm_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight:
         raise ValueError(f"cos and sin must have one shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
     if not isinstance(round_before_weight, bool):
         raise TypeError(f"round_before_weight must be a bool, got {type(round_before_weight).__name__}")
+    for name, w in (("weight", weight), ("prefix_weight", prefix_weight)):
+        if round_before_weight and w is not None and w.dtype != x.dtype:  # (diffusers' RMSNorm rounds to its weight's
+            # dtype, fp16/bf16 only: with another weight the form rounds where that module does not)
+            raise ValueError(f"round_before_weight=True takes a {name} of x's dtype ({x.dtype}), got {w.dtype}")
     if eps is None:  # what torch.nn.RMSNorm's implementation takes: the epsilon of its compute dtype
         eps = torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps
     eps = _python_number(eps)

@@ -359,6 +359,31 @@ def test_gradcheck_in_float64():
     assert torch.autograd.gradcheck(fn, inputs)
 
 
+def test_an_output_that_does_not_reach_the_loss_gives_no_gradient():
+    """An undefined output gradient (a user's autograd.Function returning None for it, as gradcheck's undefined-grad
+    check does): x's gradient is what reaches it by other paths (before: the eager backward failed reading None)."""
+
+    class Blocked(torch.autograd.Function):  # gives its first input no gradient
+        @staticmethod
+        def forward(ctx, y, z):
+            return y.detach() * 0 + z
+
+        @staticmethod
+        def backward(ctx, grad):
+            return None, grad
+
+    gen = torch.Generator().manual_seed(11)
+    x, z = (torch.randn(1, 3, 2, 8, generator=gen).to(DEVICE).requires_grad_() for _ in range(2))
+    cos, sin = (torch.randn(3, 8, generator=gen).to(DEVICE) for _ in range(2))
+    weight = torch.randn(8, generator=gen).to(DEVICE).requires_grad_()
+    (Blocked.apply(rms_norm_rope(x, cos, sin, weight, 1e-6), z) + 2 * x).sum().backward()
+    assert torch.equal(x.grad, torch.full_like(x, 2.0)) and weight.grad is None and torch.equal(z.grad,
+                                                                                                  torch.ones_like(z))
+    x64 = torch.randn(1, 2, 1, 4, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+    tables = [torch.randn(2, 4, generator=gen, dtype=torch.float64).to(DEVICE) for _ in range(2)]
+    assert torch.autograd.gradcheck(lambda t: rms_norm_rope(t, *tables, None, 1e-6), (x64,))  # undefined grads too
+
+
 GRAD_CASES = {
     # (B, S0, S, H, D), weight, prefix_weight, per-pair tables
     "prefix_and_weights": ((2, 5, 9, 3, 16), True, True, False),
@@ -683,6 +708,10 @@ _META = torch.zeros(1, device="meta")
     (dict(cos=torch.ones(9, 3)), ValueError, r"cos must be a float \[S0 \+ S=9, D=8\] table"),
     (dict(cos=torch.ones(9, 4)), ValueError, r"cos and sin must have one shape"),
     (dict(round_before_weight=1), TypeError, "round_before_weight must be a bool"),
+    (dict(round_before_weight=True, weight=torch.ones(8, dtype=torch.float64)), ValueError,
+     r"round_before_weight=True takes a weight of x's dtype \(torch.float32\), got torch.float64"),
+    (dict(round_before_weight=True, prefix_weight=torch.ones(8, dtype=torch.float16)), ValueError,
+     r"round_before_weight=True takes a prefix_weight of x's dtype"),
     (dict(cos=torch.ones(9, 8, dtype=torch.int32)), ValueError, r"cos must be a float \[S0 \+ S=9, D=8\] table"),
     (dict(cos=torch.ones(1, 9, 8)), ValueError, "cos must have 2 dimensions"),
     (dict(cos=None), TypeError, "cos must be a torch.Tensor"),
