@@ -771,19 +771,20 @@ def test_scatter_gradients_match_reference(device):
 @pytest.mark.parametrize("bad", [-1, 30, 1 << 20], ids=["negative", "n_tokens", "far"])
 def test_scatter_skips_out_of_range_indices(device, bad):
     """An index outside [0, N) writes nothing (not a neighbouring sample's row, not out of bounds) and its packed
-    row gets a zero gradient, on every path."""
+    row gets a zero gradient, on every path. (No valid index writes row 0 of sample 1, where sample 0's index N
+    would land: a later write there would hide it.)"""
     gen = torch.Generator().manual_seed(13)
-    index = torch.tensor([3, bad, 0, 29, bad, 7], dtype=torch.int32, device=device)
+    index = torch.tensor([3, bad, 1, 29, bad, 7], dtype=torch.int32, device=device)
     cu_seqlens = torch.tensor([0, 2, 6], dtype=torch.int32, device=device)
     packed = torch.randn(6, 5, generator=gen).to(device).requires_grad_()
     out = sparsectx.scatter_tokens(packed, index, cu_seqlens, 30, fill=-3.0)
     expected = torch.full((2, 30, 5), -3.0, device=device)
-    expected[0, 3], expected[1, 0], expected[1, 29], expected[1, 7] = (packed[i].detach() for i in (0, 2, 3, 5))
+    expected[0, 3], expected[1, 1], expected[1, 29], expected[1, 7] = (packed[i].detach() for i in (0, 2, 3, 5))
     assert torch.equal(out, expected)
     upstream = torch.randn(2, 30, 5, generator=gen).to(device)
     out.backward(upstream)
     assert torch.equal(packed.grad[[1, 4]], torch.zeros(2, 5, device=device))
-    assert torch.equal(packed.grad[[0, 2, 3, 5]], upstream[[0, 1, 1, 1], [3, 0, 29, 7]])
+    assert torch.equal(packed.grad[[0, 2, 3, 5]], upstream[[0, 1, 1, 1], [3, 1, 29, 7]])
     assert torch.equal(reference.scatter_ref(packed.detach(), index, cu_seqlens, 30, -3.0), expected)
 
 

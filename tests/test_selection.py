@@ -557,6 +557,14 @@ def test_adaptive_budget_is_monotone_and_minimal(seed, lengths, c1, c2, softmax)
                 assert prefix[count - 1] < high + 1e-6  # and one token fewer does not
 
 
+def test_adaptive_budget_keeps_the_smallest_set_at_the_coverage_boundary():
+    """Where the mass ranked above a token equals the coverage (less the rounding slack) exactly, that token is not
+    needed: equal scores at coverage 3/4 (+ COVERAGE_TOL) keep 3 of 4, and one more token past the slack 4."""
+    flat = torch.ones(1, 4)
+    assert adaptive_budget(flat, 0.75 + selection.COVERAGE_TOL).counts.item() == 3
+    assert adaptive_budget(flat, 0.75 + 4 * selection.COVERAGE_TOL).counts.item() == 4
+
+
 @pytest.mark.parametrize("mass", ["linear", "softmax"])
 @pytest.mark.parametrize("lengths", [[24, 24, 24], [24, 10]], ids=["one_length", "two_lengths"])
 def test_adaptive_budget_keeps_each_images_top_counts_ties_to_the_lower_index(mass, lengths):
@@ -585,6 +593,13 @@ def test_adaptive_budget_adapts_and_clamps():
     assert torch.equal(capped, counts.clamp(max=4))
     per_request = adaptive_budget(flat.expand(2, -1), torch.tensor([[0.25], [0.75]]), 0, 1.0, lengths).counts
     assert per_request.tolist() == [[4, 4], [12, 12]]  # flat mass: coverage c keeps c·L tokens
+    # a coverage per image (and per request and image) reaches each image: not the first image's for all
+    per_image = adaptive_budget(flat.expand(2, -1), torch.tensor([0.25, 0.75]), 0, 1.0, lengths).counts
+    assert per_image.tolist() == [[4, 12], [4, 12]]
+    per_both = adaptive_budget(flat.expand(2, -1), torch.tensor([[0.25, 0.5], [1.0, 0.125]]), 0, 1.0, lengths).counts
+    assert per_both.tolist() == [[4, 8], [16, 2]]
+    unequal = adaptive_budget(torch.zeros(1, 12), torch.tensor([0.5, 1.0]), 0, 1.0, [4, 8]).counts
+    assert unequal.tolist() == [[2, 8]]
     assert adaptive_budget(scores, 0.0, 0, 1.0, lengths).counts.sum() == 0
 
 

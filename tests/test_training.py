@@ -75,6 +75,17 @@ def test_kept_subset_is_uniform_over_positions():
     assert (per_position - ratio).abs().max() < 5 * stderr
 
 
+def test_images_of_a_sample_are_drawn_independently():
+    """Two images of one length in each sample keep the same positions about as often as independent draws would
+    (C(8,4) = 70 subsets: 1/70 of samples), not always (one image's noise reused for the next)."""
+    length, batch = 8, 2000
+    mask = random_drop_mask(batch, [length, length], 2, (0.5, 0.5), torch.Generator().manual_seed(4))
+    first, second = mask[:, 2:2 + length], mask[:, 2 + length:]
+    assert (first.sum(1) == 4).all() and (second.sum(1) == 4).all()
+    same = (first == second).all(1).double().mean().item()
+    assert same < 5 / 70, same
+
+
 def test_deterministic_under_a_seed():
     first = random_drop_mask(4, REF_LENGTHS, N_PREFIX, (0.1, 0.9), torch.Generator().manual_seed(7))
     again = random_drop_mask(4, REF_LENGTHS, N_PREFIX, (0.1, 0.9), torch.Generator().manual_seed(7))
