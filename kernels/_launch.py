@@ -13,11 +13,15 @@ pointers it can not address (an error, or silently wrong results). Every launche
 ``to_device``: ``torch.tensor(values, device="cuda")`` waits for the stream (a pageable host-to-device copy); small
 tensors of host values (per-sample counts, budgets) are copied from pinned memory with a queued copy instead.
 
+On the CPU (Triton's interpreter, which keeps global state while it runs a kernel: two threads launching at once
+failed inside it) launches run one at a time, whichever thread makes them.
+
 ``built_for_interpreter``: ``triton.jit`` reads ``TRITON_INTERPRET`` when it decorates, so a kernel module keeps the
 mode it was imported in, whatever the variable says later; dispatch asks the kernels, not the environment.
 """
 import functools
 import inspect
+import threading
 from typing import Optional
 
 import torch
@@ -27,6 +31,8 @@ import torch
 # setting every GPU figure here was measured with, Triton's default up to 3.9; Triton 3.9 warns at a kernel's first
 # compile when it is left to the default, which Triton 3.10 turns off.
 COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
+_INTERPRETER_LOCK = threading.RLock()  # one interpreted launch at a time (see on_device_of)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -58,7 +64,8 @@ def to_device(values, dtype: Optional[torch.dtype], device) -> torch.Tensor:
 
 def on_device_of(arg: str):
     """Decorator for a launcher: its kernels launch on the CUDA device of its tensor argument ``arg`` (made the
-    current device for the call when it is not already; nothing changes for CPU tensors, the interpreter's)."""
+    current device for the call when it is not already); with CPU tensors (the interpreter) one launcher runs at a
+    time across threads."""
 
     def decorate(launcher):
         position = list(inspect.signature(launcher).parameters).index(arg)
@@ -66,7 +73,10 @@ def on_device_of(arg: str):
         @functools.wraps(launcher)
         def launch(*args, **kwargs):
             device = (args[position] if position < len(args) else kwargs[arg]).device
-            if device.type != "cuda" or device.index == torch.cuda.current_device():
+            if device.type != "cuda":
+                with _INTERPRETER_LOCK:
+                    return launcher(*args, **kwargs)
+            if device.index == torch.cuda.current_device():
                 return launcher(*args, **kwargs)
             with torch.cuda.device(device):
                 return launcher(*args, **kwargs)
