@@ -86,6 +86,7 @@ import itertools
 import math
 import numbers
 import re
+import threading
 import types
 import warnings
 import weakref
@@ -319,6 +320,69 @@ def replay_draw(drawn: Optional[DrawnRng]) -> None:
     for generator, before, after in zip(_global_generators(drawn.device), drawn.before, drawn.after):
         if not torch.equal(before, after) and torch.equal(generator.get_state(), before):
             generator.set_state(after)
+
+
+RECENT_FORWARDS = 64  # forwards per patch that a checkpoint around the transformer may still recompute
+
+
+@dataclass
+class RecentForward:
+    """A forward that a checkpoint around the whole transformer may recompute during backward, and what that
+    recomputation needs to run as the forward ran (``record``: drop training's mask, the drop-in's plan key)."""
+
+    input: weakref.ref  # the forward's hidden_states: the entry holds while that tensor lives
+    record: Any
+    training: bool  # drawn in train mode (an eval forward's record keeps its deterministic selection or every token)
+    patched: bool  # its recomputation needs the patch (it dropped tokens)
+    under_no_grad: bool  # ran under no_grad, as a reentrant checkpoint runs its forward
+    ambiguous: bool = False  # an earlier forward on the same inputs was not recomputed: which one a recompute is
+    recomputed: bool = False
+    drawn: Optional[DrawnRng] = None  # its draw's use of torch's global generators, replayed by its recomputation
+
+
+class RecentForwards:
+    """The latest ``RECENT_FORWARDS`` forwards of a patch, found by their input tensors' memory, view and version:
+    the same for a tensor and a detached alias of it, which a reentrant checkpoint recomputes on (a non-reentrant one
+    passes the tensors themselves). Drop training keys a forward by its ``hidden_states``, the drop-in by those and
+    the prompt tensors (its selection may read the prompt)."""
+
+    def __init__(self):
+        self.entries: collections.OrderedDict = collections.OrderedDict()
+
+    @staticmethod
+    def key(*tensors) -> tuple:
+        # (a tensor made under torch.inference_mode has no version counter)
+        return tuple(None if not isinstance(t, torch.Tensor) else
+                     _view_of(t) + (None if t.is_inference() else t._version,) for t in tensors)
+
+    def find(self, key: tuple) -> Optional[RecentForward]:
+        """The live forward remembered at ``key``, else None (an entry whose input is gone, its memory reused, is
+        dropped)."""
+        entry = self.entries.get(key)
+        if entry is not None and entry.input() is None:
+            del self.entries[key]
+            return None
+        return entry
+
+    def remember(self, key: tuple, entry: RecentForward) -> None:
+        self.entries.pop(key, None)
+        self.entries[key] = entry
+        while len(self.entries) > RECENT_FORWARDS:
+            self.entries.popitem(last=False)
+
+    def release(self, disabling: str) -> None:
+        """The patch is being removed (``disabling`` names the call): forgets every forward, first warning of those that
+        dropped tokens under no_grad and were not recomputed yet (a reentrant checkpoint's forward, whose backward
+        would recompute it on the original model)."""
+        pending = sum(1 for entry in self.entries.values() if entry.patched and entry.under_no_grad
+                      and not entry.recomputed and entry.input() is not None)
+        if pending:
+            # (a non-reentrant checkpoint's recomputation fails in torch's own check instead)
+            warnings.warn(f"{disabling}: {pending} forward(s) that dropped reference tokens ran under no_grad in train "
+                          "mode and were not recomputed yet: if one is a torch.utils.checkpoint around the transformer "
+                          "(use_reentrant=True) whose backward is still to come, that backward recomputes it on every "
+                          "token and its gradients are wrong; disable after the backward", RuntimeWarning, stacklevel=4)
+        self.entries.clear()
 
 
 def _budget_key(budget):
@@ -739,7 +803,6 @@ class _Packing:
 
 
 MAX_PLANS = 4  # plans kept per pipeline call (e.g. a KV-cache extract step and the cached steps' plan)
-MAX_FORWARD_KEYS = 64  # plan keys of the latest forwards kept for a checkpoint's recomputation (_forward_key)
 # layouts kept per patched transformer, by the shape of the ids they were found on (a new call on ids of a kept
 # shape starts its selection on that layout without reading its ids first)
 MAX_LAYOUTS = 4
@@ -774,7 +837,9 @@ def _patched_forward(attr: str, model_forward: Callable) -> Callable:
             # the model and that forward is this one, already bound (sparsectx enabled after Accelerator.prepare)
             if args and args[0] is module:
                 args = args[1:]
-            return getattr(module, attr).forward(*args, **kwargs)
+            patch = getattr(module, attr)
+            with patch.lock:
+                return patch.forward(*args, **kwargs)
 
         for name in ("__module__", "__name__", "__qualname__", "__doc__"):
             if hasattr(model_forward, name):
@@ -884,6 +949,10 @@ class ForwardPatch:
         self.signature = inspect.signature(functools.partial(type(transformer).forward, transformer))
         # the modules whose blocks diffusers may run through a gradient-checkpointing function
         self.checkpointing_modules = [m for m in transformer.modules() if hasattr(m, "gradient_checkpointing")]
+        # held by each forward, and by an enabled pipeline's whole call: the patch's per-call state (plans, the call's
+        # seed, the processors' mask, the RoPE hooks) serves one call at a time, so calls from several threads on
+        # one transformer run one after the other (each as it runs alone)
+        self.lock = threading.RLock()
 
     @contextlib.contextmanager
     def checkpointed_in(self, scope: Callable):
@@ -973,7 +1042,7 @@ class ForwardPatch:
         clone = object.__new__(type(self))
         memo[id(self)] = clone
         for name, value in self.__dict__.items():
-            setattr(clone, name, copy.deepcopy(value, memo))
+            setattr(clone, name, threading.RLock() if name == "lock" else copy.deepcopy(value, memo))
         return clone
 
     def __reduce_ex__(self, protocol):
@@ -1004,17 +1073,11 @@ class _SparsePatch(ForwardPatch):
         # without a seed: the initial seed of the pipeline call's generator (a tuple: one generator per image)
         self.call_seed: Union[int, tuple, None] = None
         self.warned_unsupported = False  # the warning of _reinstall_replaced_processors is given once
-        # input tensors of training forwards: (device, storage address, offset, shape, strides, dtype) -> weak
-        # reference to the first tensor seen there, so that a recomputation on a detached alias of it (a reentrant
-        # checkpoint) finds that forward's plan
-        self.training_inputs: dict = {}
-        # inputs of training forwards whose plan was dropped from the cache: id -> weak reference (a recomputation
-        # of such a forward must not draw a new selection; _plan raises instead)
-        self.evicted_training_inputs: dict = {}
-        # the plan key of each recent forward that a checkpoint may recompute, by its inputs' memory and views: a
-        # recomputation finds its forward's plan in whichever mode the model is at the backward (an eval pass, or
-        # train(), may come between a forward and its backward)
-        self.forward_keys: collections.OrderedDict = collections.OrderedDict()  # (see _forward_key)
+        # the plan key of each recent forward that a checkpoint may recompute, by its inputs: a recomputation finds
+        # its forward's plan in whichever mode the model is at the backward (an eval pass, or train(), may come
+        # between a forward and its backward)
+        self.recent = RecentForwards()
+        self.training_forwards = 0  # training forwards so far: each one's plan key holds its number (a new draw)
 
     @property
     def cache(self) -> Optional[_Plan]:
@@ -1103,15 +1166,7 @@ class _SparsePatch(ForwardPatch):
         return False
 
     def uninstall(self) -> None:
-        pending = [entry for entry in self.forward_keys.values()
-                   if entry[2] and entry[3] and not entry[4] and entry[0]() is not None]
-        if pending:
-            # a reentrant checkpoint around the transformer recomputes its forward in the backward; after disable
-            # that runs the original model on every token (a non-reentrant one fails in torch's own check)
-            warnings.warn(f"disable: {len(pending)} training forward(s) ran under no_grad and were not recomputed "
-                          "yet: if one is a torch.utils.checkpoint around the transformer (use_reentrant=True) whose "
-                          "backward is still to come, that backward recomputes it without its selection and its "
-                          "gradients are wrong; disable after the backward", RuntimeWarning, stacklevel=3)
+        self.recent.release("disable")
         super().uninstall()
         self.set_attention(NATIVE)
 
@@ -1120,8 +1175,6 @@ class _SparsePatch(ForwardPatch):
         self._drop_plans()
 
     def _drop_plans(self) -> None:
-        for key in self.plans:
-            self._remember_eviction(key)
         self.plans = {}
 
     # -- forward ---------------------------------------------------------------------------------------------------
@@ -1134,10 +1187,14 @@ class _SparsePatch(ForwardPatch):
         call = self.bind(args, kwargs)
         overrides = self._pop_overrides(call)
         plan, packable = self._plan(call, overrides)
+        # a KV-cached step's layer caches may carry a kept_index: its range is read once for the forward's layers
+        ranges = state_scope(self.attention_state, index_ranges={}) if self.attention_state is not None and \
+            call.get("kv_cache_mode") == KV_CACHED else contextlib.nullcontext
         if not torch.is_grad_enabled():
-            return self._run_plan(call, plan, packable)
+            with ranges():
+                return self._run_plan(call, plan, packable)
         # gradient checkpointing recomputes the blocks during backward, with the processors installed then
-        with self.checkpointed_in(functools.partial(self._attention_unchanged, self.attention)):
+        with self.checkpointed_in(functools.partial(self._attention_unchanged, self.attention)), ranges():
             return self._run_plan(call, plan, packable)
 
     def _run_plan(self, call: dict, plan: _Plan, packable: bool):
@@ -1174,10 +1231,15 @@ class _SparsePatch(ForwardPatch):
     def _plan(self, call: dict, overrides: dict) -> tuple:
         """``(plan, packable)``: the cached plan of this step's inputs, or a new one (layout, selection, groups);
         ``packable``: the plan has a packing and this step's samples share their modulation (timestep, guidance)."""
-        key = self._forward_key(call, self._plan_key(call, overrides))
+        key, recomputation = self._forward_key(call, self._plan_key(call, overrides))
         plan = self.plans.get(key)
-        if plan is None and key[-2] is not None:
-            self._refuse_evicted_training_forward(key[-2])
+        if plan is None and recomputation and key[-2] is not None:
+            # a new selection would not be the one the forward used, and the gradients would be wrong
+            raise RuntimeError(
+                f"this training forward recomputes one whose selection is no longer cached (sparsectx keeps the "
+                f"plans of the latest {MAX_PLANS} forwards of a pipeline call or a training loop): run the backward "
+                f"of a checkpointed transformer forward before {MAX_PLANS - 1} more forwards, or checkpoint its "
+                "blocks (gradient checkpointing) instead")
         cached_step = call.get("kv_cache_mode") == KV_CACHED
         if plan is not None:
             # a KV-cached step holds no reference token: its plan (nothing to select) fits any such step with the
@@ -1219,7 +1281,6 @@ class _SparsePatch(ForwardPatch):
                               "the checkpoint as arguments.", RuntimeWarning, stacklevel=4)
         self.plans.pop(key, None)
         if len(self.plans) >= MAX_PLANS:
-            self._remember_eviction(next(iter(self.plans)))
             self.plans.pop(next(iter(self.plans)))
         self.plans[key] = plan
         return plan, plan.packing is not None and all(_uniform_over_batch(call).tolist())
@@ -1274,11 +1335,13 @@ class _SparsePatch(ForwardPatch):
     def _plan_key(self, call: dict, overrides: dict) -> tuple:
         """Host-side facts a plan depends on: the call epoch (first), inference mode, the input shapes and Qwen's image
         shapes, the KV mode, the selection settings (budget, selector, signals) in effect, (second to last) a
-        training forward's input tensor (``_training_input``), and (last) outside an enabled pipeline's call the text
-        embedding tensor (selectors may read the prompt)."""
+        training forward's number, and (last) outside an enabled pipeline's call the prompt's tensors (selectors may
+        read the prompt)."""
         ids = call.get("img_ids")
         signals = overrides.get("signals", self.settings.signals)
         training = self._training_forward()
+        if training:
+            self.training_forwards += 1
         # index tensors made under torch.inference_mode can not be saved for backward: a plan per mode
         return (self.call_epoch, torch.is_inference_mode_enabled(), self.attention, self.pack,
                 tuple(call["hidden_states"].shape), None if ids is None else tuple(ids.shape),
@@ -1286,89 +1349,48 @@ class _SparsePatch(ForwardPatch):
                 _budget_key(overrides.get("budget", self.settings.budget)),
                 overrides.get("selector_key", _selector_key(overrides.get("selector", self.settings.selector))),
                 tuple((name, _Identity(value)) for name, value in sorted(signals.items())),
-                # a training forward (a bare transformer in train mode) selects anew for each new input tensor (a
-                # random drop selector draws a new mask every step, even on a repeated prompt and reference), and a
-                # recomputation of that forward (a checkpoint around the transformer) reuses its selection
-                self._training_input(call["hidden_states"]) if training else None,
+                # a training forward (a bare transformer in train mode) selects anew (a random drop selector draws a
+                # new mask at every step, as drop training does, even on the same input tensors), and a
+                # recomputation of that forward (a checkpoint around the transformer) finds its key (_forward_key)
+                self.training_forwards if training else None,
                 # outside a pipeline call (a bare transformer, or a pipeline sharing an enabled transformer) nothing
                 # marks where a call starts: the prompt's tensors (embedding, Qwen's text mask, FLUX.1's pooled
-                # projection: the probe reads each) key the selection (a training forward's as its input is keyed:
-                # a reentrant checkpoint recomputes on a detached alias of the prompt it was given)
-                None if self.pipeline_calls else self._prompt_key(call, training))
+                # projection: the probe reads each) key the selection
+                None if self.pipeline_calls or training else
+                tuple(None if value is None else _Identity(value) for value in map(call.get, PROMPT_ARGS)))
 
     def _forward_key(self, call: dict, key: tuple) -> tuple:
-        """The plan key of this forward: during a backward pass (a checkpoint's recomputation) the key its forward
-        used, found by its input tensors' memory and views (the input's and the prompt's: ``key`` depends on the
-        mode, which may have changed since), else ``key``, remembered for such a recomputation. A forward in eval
-        mode does not replace the key of a live training forward on the same inputs (a validation pass between a
-        training forward and its backward)."""
+        """``(plan key, recomputation)`` of this forward: during a backward pass (a checkpoint's recomputation) the key
+        its forward used, found by its input and prompt tensors (``RecentForwards``: ``key`` depends on the mode,
+        which may have changed since, and a training forward's on its number), with ``recomputation`` True; else
+        ``key``, remembered for such a recomputation. A forward in eval mode does not replace the key of a live
+        training forward on the same inputs (a validation pass between a training forward and its backward)."""
         hidden = call["hidden_states"]
         if hidden.is_inference():  # made under torch.inference_mode: no backward to come
-            return key
-        inputs = (_view_of(hidden),) + tuple(None if not isinstance(value, torch.Tensor) else _view_of(value)
-                                             for value in map(call.get, PROMPT_ARGS))
-        found = self.forward_keys.get(inputs)
-        live = found is not None and found[0]() is not None
+            return key, False
+        inputs = RecentForwards.key(hidden, *map(call.get, PROMPT_ARGS))
+        found = self.recent.find(inputs)
         if torch._C._current_graph_task_id() != -1:
-            if not live:
-                return key
-            found[4] = True  # recomputed
-            return found[1]
+            if found is None:
+                return key, False
+            if found.ambiguous and not found.recomputed:
+                warnings.warn("a training forward ran during backward (a torch.utils.checkpoint recomputation) on "
+                              "input tensors that two forwards took: it is recomputed with the latest one's selection, "
+                              "and if it is the earlier one its gradients are wrong. Pass distinct hidden_states "
+                              "tensors to checkpointed forwards.", RuntimeWarning, stacklevel=5)
+            found.recomputed = True
+            return found.record, True
         training = self._training_forward()
-        if not live or training or not found[2]:
-            # [input, key, training forward, run under no_grad (as a reentrant checkpoint runs it), recomputed]
-            self.forward_keys.pop(inputs, None)
-            self.forward_keys[inputs] = [weakref.ref(hidden), key, training, not torch.is_grad_enabled(), False]
-            while len(self.forward_keys) > MAX_FORWARD_KEYS:
-                self.forward_keys.popitem(last=False)
-        return key
-
-    def _prompt_key(self, call: dict, training: bool) -> tuple:
-        """The plan-key entry of the call's prompt: one entry per prompt argument (``PROMPT_ARGS``), its tensor, found
-        through its memory and view in a training forward (``_training_input``)."""
-        return tuple(None if value is None else self._training_input(value)
-                     if training and isinstance(value, torch.Tensor) else _Identity(value)
-                     for value in map(call.get, PROMPT_ARGS))
+        if found is None or training or not found.training:
+            self.recent.remember(inputs, RecentForward(
+                weakref.ref(hidden), key, training, patched=training, under_no_grad=not torch.is_grad_enabled(),
+                ambiguous=found is not None and not found.recomputed))
+        return key, False
 
     def _training_forward(self) -> bool:
         """A forward of a training loop: the transformer in train mode outside an enabled pipeline's call (with or
         without gradients: a reentrant checkpoint runs the forward under no_grad)."""
         return self.transformer.training and not self.pipeline_calls
-
-    def _training_input(self, tensor: torch.Tensor) -> _Identity:
-        """The plan-key entry of a training forward's input (or prompt): the first live tensor seen over the same
-        memory and view (a reentrant checkpoint recomputes on a detached alias of each tensor it was given, which it
-        keeps alive), else this tensor."""
-        view = _view_of(tensor)
-        self.training_inputs = {v: r for v, r in self.training_inputs.items() if r() is not None}
-        first = self.training_inputs.get(view)
-        first = first() if first is not None else None
-        if first is None:
-            self.training_inputs[view] = weakref.ref(tensor)
-            first = tensor
-        return _Identity(first)
-
-    def _remember_eviction(self, key: tuple) -> None:
-        """Before a plan leaves the cache: the input tensor of a training forward's plan, kept weakly."""
-        identity = key[-2]
-        if identity is not None and identity.ref() is not None:
-            self.evicted_training_inputs = {i: r for i, r in self.evicted_training_inputs.items() if r() is not None}
-            self.evicted_training_inputs[identity.hash] = identity.ref
-
-    def _refuse_evicted_training_forward(self, identity: _Identity) -> None:
-        """A training forward during a backward pass on an input whose plan was dropped is a recomputation (a
-        checkpoint around the whole transformer whose backward runs after MAX_PLANS other forwards, a new pipeline
-        call or a change of attention): a new selection would not be the one its forward used, and the gradients
-        would be wrong. Outside a backward pass the input is simply seen again (e.g. a training loop cycling over
-        fixed batches): it selects anew."""
-        if torch._C._current_graph_task_id() == -1:  # not inside a backward pass: no recomputation
-            return
-        ref = self.evicted_training_inputs.get(identity.hash)
-        if ref is not None and ref() is not None and ref() is identity.ref():
-            raise RuntimeError(
-                f"this training forward recomputes one whose selection is no longer cached (sparsectx keeps the "
-                f"plans of the latest {MAX_PLANS} forwards): run the backward of a checkpointed transformer forward "
-                f"before {MAX_PLANS - 1} more forwards, or checkpoint its blocks (gradient checkpointing) instead")
 
     @staticmethod
     def _new_plan(call: dict, layout: Optional[_Layout], keep: Optional[torch.Tensor], groups: list,
@@ -1810,14 +1832,15 @@ def _pipeline_class(base: type) -> type:
                                   "directly or through another pipeline sharing it): this call runs every reference "
                                   "token. Enable the pipeline again, or disable it", RuntimeWarning, stacklevel=2)
                 return base.__call__(self, *args, **kwargs)
-            patch.new_call()
-            patch.pipeline_calls += 1
-            outer_seed, patch.call_seed = patch.call_seed, _initial_seed(kwargs.get("generator"))
-            try:
-                return base.__call__(self, *args, **kwargs)
-            finally:
-                patch.pipeline_calls -= 1
-                patch.call_seed = outer_seed
+            with patch.lock:  # (calls from other threads on this transformer wait: see ForwardPatch.lock)
+                patch.new_call()
+                patch.pipeline_calls += 1
+                outer_seed, patch.call_seed = patch.call_seed, _initial_seed(kwargs.get("generator"))
+                try:
+                    return base.__call__(self, *args, **kwargs)
+                finally:
+                    patch.pipeline_calls -= 1
+                    patch.call_seed = outer_seed
 
         # the class keeps the base's name (diffusers' save_pretrained writes it as _class_name); pickle finds it
         # as an attribute of this module, so a pipeline whose transformer was disabled alone still pickles (one

@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -88,6 +87,9 @@ class AttentionState:
     skip_dropped_queries: bool = True
     delegate_when_unmasked: bool = False
     packed: Optional["PackedBatch"] = None
+    # the range of each KV layer cache's kept_index, by tensor id, read once per forward (set by the drop-in for the
+    # length of one forward; None: read at each layer)
+    index_ranges: Optional[dict] = None
 
 
 @dataclass
@@ -577,7 +579,7 @@ def _kv_attention(processor: _SparsectxProcessor, query, key, value, attention_m
     ``[txt, img]`` queries attend to their own keys plus the cached reference keys (passed to the kernel as its
     reference buffer: no concatenation): every cached row, or, when the layer cache carries ``kept_index``
     (``[B, n]`` integer positions in the cache, unique per sample: its shape and range are checked, the range with
-    one host read per index tensor; uniqueness is not checked), only those rows, gathered per layer (a cache
+    one host read per index tensor and forward; uniqueness is not checked), only those rows, gathered per layer (a cache
     of every reference token read under a selection: the alternative to caching the kept tokens only, measured by
     the ``kv`` bench case).
     Otherwise plain attention."""
@@ -597,15 +599,15 @@ def _kv_attention(processor: _SparsectxProcessor, query, key, value, attention_m
         ref_key, ref_value = kv_cache.get()
         kept_index = getattr(kv_cache, KEPT_INDEX, None)
         if kept_index is not None:
-            _check_kept_index(kept_index, ref_key)
+            _check_kept_index(kept_index, ref_key, processor.state.index_ranges)
         return dense_attention(query, key, value, ref_key, ref_value, kept_index)
     return processor._attend(query, key, value, attention_mask=attention_mask)
 
 
-def _check_kept_index(kept_index, ref_key: torch.Tensor) -> None:
+def _check_kept_index(kept_index, ref_key: torch.Tensor, ranges: Optional[dict]) -> None:
     """``ValueError`` unless a layer cache's ``kept_index`` is an integer ``[B, n]`` tensor of positions within the
     cache's rows (the kernel reads them unchecked: a wrong one read outside the cache). Its range is read once per
-    index tensor and version (``_index_range``: one host read, not one per layer)."""
+    index tensor and forward (``_index_range``: one host read, not one per layer)."""
     batch, rows = ref_key.shape[0], ref_key.shape[1]
     if not isinstance(kept_index, torch.Tensor) or kept_index.ndim != 2 or kept_index.shape[0] != batch \
             or kept_index.dtype.is_floating_point or kept_index.dtype.is_complex or kept_index.dtype == torch.bool:
@@ -613,24 +615,22 @@ def _check_kept_index(kept_index, ref_key: torch.Tensor) -> None:
                      else type(kept_index).__name__)
         raise ValueError(f"the layer cache's {KEPT_INDEX} must be an integer tensor [B={batch}, n], got {described}")
     if kept_index.numel():
-        low, high = _index_range(kept_index)
+        low, high = _index_range(kept_index, ranges)
         if low < 0 or high >= rows:
             raise ValueError(f"the layer cache's {KEPT_INDEX} must lie in [0, {rows}) (the cache's rows), got values "
                              f"in [{low}, {high}]")
 
 
-_INDEX_RANGES: dict = {}  # id of an index tensor -> (weak reference, version, min, max)
-
-
-def _index_range(index: torch.Tensor) -> tuple:
-    """``(min, max)`` of a non-empty integer tensor, read from the device once per tensor and version."""
-    known = _INDEX_RANGES.get(id(index))
-    if known is not None and known[0]() is index and known[1] == index._version:
-        return known[2], known[3]
+def _index_range(index: torch.Tensor, ranges: Optional[dict]) -> tuple:
+    """``(min, max)`` of a non-empty integer tensor, read from the device, or found in ``ranges`` (one forward's: its
+    later layers read the same tensor; each entry holds its tensor, so an id is not reused while the forward runs).
+    Kept for one forward only: a write that no version counter sees (``.data``, a numpy view) may come between two."""
+    known = ranges.get(id(index)) if ranges is not None else None
+    if known is not None:
+        return known[1], known[2]
     low, high = (int(v) for v in torch.stack(torch.aminmax(index)).tolist())
-    for key in [key for key, entry in _INDEX_RANGES.items() if entry[0]() is None]:
-        del _INDEX_RANGES[key]
-    _INDEX_RANGES[id(index)] = (weakref.ref(index), index._version, low, high)
+    if ranges is not None:
+        ranges[id(index)] = (index, low, high)
     return low, high
 
 

@@ -34,7 +34,7 @@ from . import integration
 from .ops import _device_values, _eager_under_compile, _python_number, budget_number, masked_attention
 
 DEFAULT_RATIO_RANGE = (0.05, 1.0)  # the keep ratios a trained model should handle, 5% to all tokens
-RECENT_MASKS = 64  # masks of the latest training forwards kept for their recomputation by an outer checkpoint
+RECENT_MASKS = integration.RECENT_FORWARDS  # host masks of the latest draws, recognised in a recomputation's redraw
 
 
 def _is_int(value) -> bool:
@@ -165,13 +165,13 @@ def random_drop_selector(ratio_range: tuple = DEFAULT_RATIO_RANGE, generator: Op
 
         sparsectx.enable(transformer, budget=None, selector=random_drop_selector((0.05, 1.0), generator))
         transformer.train()
-        loss = ((transformer(**batch)[0][:, :n_target] - target) ** 2).mean()  # a new mask per new input tensor
+        loss = ((transformer(**batch)[0][:, :n_target] - target) ** 2).mean()  # a new mask at each forward
 
     The drop-in then runs every block (MLPs and projections too) on the target, text and kept reference tokens only,
     as at inference. With ``skip_dropped_queries`` (the default) drop training (``enable_drop_training``) computes
     the same target and text outputs and the same gradients, but carries the dropped tokens through every layer.
-    A transformer enabled alone selects anew at each forward in train mode (keyed by the input tensor), and a
-    recomputation of that forward (a checkpoint around the transformer, reentrant or not) reuses its selection and
+    A transformer enabled alone selects anew at each forward in train mode (even on input tensors given before),
+    and a recomputation of that forward (a checkpoint around the transformer, reentrant or not) reuses its selection and
     moves torch's global generators as the selection did (so a LoRA adapter's dropout after it redraws the forward's
     masks).
     Samples that share their references share one draw (the batch runs as one group); other samples run as one group
@@ -215,28 +215,18 @@ class _DropTrainingPatch(integration.ForwardPatch):
         self.ratio_range = DEFAULT_RATIO_RANGE
         self.ref_lengths: Optional[list] = None
         self.generator: Optional[torch.Generator] = None
-        self.recent_masks: collections.OrderedDict = collections.OrderedDict()  # input key -> mask of that forward
+        self.recent = integration.RecentForwards()  # records: each forward's (mask, kept prefix), for recomputation
         self.recent_draws: collections.deque = collections.deque(maxlen=RECENT_MASKS)  # host masks, latest last
         self.last_keep: Optional[torch.Tensor] = None  # the latest forward's image keep mask (last_drop_mask)
         self.warned_eval = False  # warned once that a forward with gradients in eval mode dropped nothing
 
     def uninstall(self) -> None:
-        pending = [entry for entry in self.recent_masks.values()
-                   if entry[1][0] is not None and entry[5] and not entry[3] and entry[0]() is not None]
-        if pending:
-            # a reentrant checkpoint around the transformer recomputes its forward in the backward; after disable
-            # that runs the original model, every token kept (a non-reentrant one fails in torch's own check)
-            warnings.warn(f"disable_drop_training: {len(pending)} forward(s) that dropped tokens ran under no_grad "
-                          "in train mode and were not recomputed yet: if one is a torch.utils.checkpoint around the "
-                          "transformer (use_reentrant=True) whose backward is still to come, that backward recomputes "
-                          "it without its drop mask and its gradients are wrong; disable after the backward",
-                          RuntimeWarning, stacklevel=3)
+        self.recent.release("disable_drop_training")
         super().uninstall()
         from . import processors
 
         processors.restore_processors(self.transformer, self.original_processors)
         self.state.image_keep, self.state.image_kept_prefix = None, 0
-        self.recent_masks.clear()
         self.recent_draws.clear()
         self.last_keep = None
 
@@ -290,17 +280,6 @@ class _DropTrainingPatch(integration.ForwardPatch):
         with scope():
             yield
 
-    @staticmethod
-    def _input_key(hidden: torch.Tensor) -> tuple:
-        """A forward's input in ``recent_masks``: the same live tensor storage, shape and version."""
-        return hidden.data_ptr(), tuple(hidden.shape), hidden._version
-
-    def _remember(self, key: tuple, entry: list) -> None:
-        self.recent_masks[key] = entry
-        self.recent_masks.move_to_end(key)
-        while len(self.recent_masks) > RECENT_MASKS:
-            self.recent_masks.popitem(last=False)
-
     def _note_eval_forward(self, call: dict) -> None:
         """An eval-mode forward that may be recomputed (gradients on, outside a backward: a checkpoint around the
         transformer, then ``train()`` before its backward) is remembered as one that dropped nothing, unless a live
@@ -310,10 +289,10 @@ class _DropTrainingPatch(integration.ForwardPatch):
         hidden = call["hidden_states"]
         if not torch.is_grad_enabled() or hidden.is_inference():
             return
-        key = self._input_key(hidden)
-        entry = self.recent_masks.get(key)
-        if entry is None or entry[0]() is None:
-            self._remember(key, [weakref.ref(hidden), (None, 0), False, False, None, False])
+        key = integration.RecentForwards.key(hidden)
+        if self.recent.find(key) is None:
+            self.recent.remember(key, integration.RecentForward(weakref.ref(hidden), (None, 0), training=False,
+                                                                patched=False, under_no_grad=False))
         if not self.warned_eval and any(p.requires_grad for p in self.transformer.parameters()):
             self.warned_eval = True
             warnings.warn("drop training: a forward with gradients ran in eval mode and dropped no reference token "
@@ -339,16 +318,13 @@ class _DropTrainingPatch(integration.ForwardPatch):
         hidden = call["hidden_states"]
         if hidden.is_inference():  # made under torch.inference_mode: no version counter, and no backward to come
             return self._draw_mask(call)[0] if self.transformer.training else (None, 0)
-        key = self._input_key(hidden)
-        entry = self.recent_masks.get(key)
-        if entry is not None and entry[0]() is None:  # that forward's input is gone: its address was reused
-            del self.recent_masks[key]
-            entry = None
+        key = integration.RecentForwards.key(hidden)
+        entry = self.recent.find(key)
         if recomputing:
-            if entry is not None and not entry[2]:
-                entry[3] = True  # recomputed: a later forward on the same input is no longer ambiguous
-                integration.replay_draw(entry[4])  # the global RNG as the forward's draw left it
-                return entry[1]
+            if entry is not None and not entry.ambiguous:
+                entry.recomputed = True  # a later forward on the same input is no longer ambiguous
+                integration.replay_draw(entry.drawn)  # the global RNG as the forward's draw left it
+                return entry.record
             if not self.transformer.training:
                 return None, 0
             mask, host = self._draw_mask(call)
@@ -363,14 +339,16 @@ class _DropTrainingPatch(integration.ForwardPatch):
                           "hidden_states tensor to each checkpointed forward, as an argument of the checkpoint, or "
                           "draw from torch's global RNG (generator=None) under a checkpoint that restores it.",
                           RuntimeWarning, stacklevel=4)
-            return entry[1] if entry is not None else mask
+            return entry.record if entry is not None else mask
         before = integration.rng_states(hidden.device)
         mask, host = self._draw_mask(call)
         self.recent_draws.append(host)
-        # [input, mask, ambiguous, recomputed, the draw's use of the global RNG, run under no_grad]: ambiguous when
-        # an earlier forward on this input was not recomputed; under no_grad, as a reentrant checkpoint runs it
-        self._remember(key, [weakref.ref(hidden), mask, entry is not None and not entry[3], False,
-                             integration.drawn_rng(hidden.device, before), not torch.is_grad_enabled()])
+        # ambiguous when an earlier forward on this input was not recomputed; under no_grad, as a reentrant
+        # checkpoint runs its forward
+        self.recent.remember(key, integration.RecentForward(
+            weakref.ref(hidden), mask, training=True, patched=mask[0] is not None,
+            under_no_grad=not torch.is_grad_enabled(), ambiguous=entry is not None and not entry.recomputed,
+            drawn=integration.drawn_rng(hidden.device, before)))
         return mask
 
     def _reference_rows(self, call: dict, n_image: int):

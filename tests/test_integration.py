@@ -2,6 +2,7 @@
 CPU, offline. Families: FLUX.2 (Flux2Transformer2DModel, 4-axis ids), FLUX.1 Kontext layout (FluxTransformer2DModel,
 reference plane 1), Qwen-Image (QwenImageTransformer2DModel, RoPE from img_shapes, zero_cond_t)."""
 import gc
+import threading
 import warnings
 import weakref
 
@@ -155,6 +156,52 @@ def test_keep_all_matches_unpatched(models, family):
     expected = _run(model, kwargs)
     sparsectx.enable(model, budget=1.0, selector=random_selector, seed=0)
     torch.testing.assert_close(_run(model, kwargs), expected, rtol=0, atol=FP32_ATOL)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forwards_from_two_threads_on_one_transformer_run_one_at_a_time(models, family):
+    """Two threads calling one enabled transformer with their own inputs at once: the second forward waits for the
+    first to end, and each output equals its forward run alone (before: Qwen-Image's RoPE hooks of one forward ran in
+    the other's, an IndexError every time; the patch's per-call state is one per transformer)."""
+    model, inputs = models[family], [_inputs(family, batch=1, seed=seed) for seed in (1, 2)]
+    first_selecting, second_selecting, overlapped = threading.Event(), threading.Event(), []
+
+    def selector(latents, context):
+        if threading.current_thread().name == "first":
+            first_selecting.set()
+            overlapped.append(second_selecting.wait(2.0))  # the second forward's selection would have come by now
+        elif threading.current_thread().name == "second":
+            second_selecting.set()
+        return torch.rand(latents.shape[:2], generator=context.generator)
+
+    sparsectx.enable(model, budget=0.5, selector=selector, seed=0)
+    alone = [_run(model, kwargs) for kwargs in inputs]
+    results, errors = {}, []
+
+    def run(i, new_prompt=False):  # (a new prompt tensor: a new selection on a bare transformer)
+        kwargs = {**inputs[i], "encoder_hidden_states": inputs[i]["encoder_hidden_states"].clone()} if new_prompt \
+            else inputs[i]
+        try:
+            results[i] = _run(model, kwargs)
+        except Exception as error:  # (raised in the thread: reported by the assertion below)
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i, True), name=name) for i, name in enumerate(("first", "second"))]
+    threads[0].start()
+    assert first_selecting.wait(60)
+    threads[1].start()
+    for thread in threads:
+        thread.join()
+    assert not errors and overlapped == [False]
+    assert all(torch.equal(results[i], alone[i]) for i in range(2))
+    for rep in range(2):  # free-running threads
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors
+        assert all(torch.equal(results[i], alone[i]) for i in range(2)), rep
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -1836,7 +1883,8 @@ def test_last_selection_gives_each_reference_on_its_token_grid(models, family):
         sparsectx.last_selection(model).grids()
 
 
-@pytest.mark.filterwarnings("ignore:disable. 2 training forward.s. ran under no_grad")  # (no checkpoint here)
+@pytest.mark.filterwarnings("ignore:disable. 2 forward.s. that dropped reference tokens ran under no_grad")  # (no
+# checkpoint here)
 def test_a_training_forward_selects_per_prompt_and_lets_selectors_use_autograd(models):
     """Train mode without a backward (e.g. guidance branches in a validation loop without ``eval()``): one latent
     tensor with two prompts selects once per prompt (keying the training plan by its input alone shared one

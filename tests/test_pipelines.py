@@ -276,6 +276,49 @@ def test_seedless_random_selection_follows_the_call_generator(pipe, family):
     assert all(torch.equal(draw, untouched) for _, _, draw in runs)
 
 
+def test_calls_from_two_threads_on_one_transformer_run_one_after_the_other(pipe, family):
+    """Two threads, each with its own pipeline sharing the enabled transformer (``from_pipe`` with its own
+    scheduler: diffusers' pattern for concurrent requests), call at once with other generator seeds: the second call
+    starts once the first has ended, and each call's latents equal its call alone (before: their steps
+    interleaved, each call's start dropped the other's selection, and a call selected with the other's seed:
+    latents off by 2e-3 without an error)."""
+    import copy
+    import threading
+
+    sparsectx.enable(pipe, budget=_budget(family), selector="random")  # no seed: each call's generator's
+
+    def call(p, seed, **extra):
+        with torch.no_grad():
+            return p(**{**_call_kwargs(family, PLAIN), "generator": torch.Generator().manual_seed(seed)},
+                     **extra).images
+
+    alone = {seed: call(pipe, seed) for seed in (1, 2)}
+    first_stepping, second_started, overlapped, results = threading.Event(), threading.Event(), [], {}
+
+    def wait_at_first_step(p, step, timestep, tensors):
+        if step == 0:
+            first_stepping.set()
+            overlapped.append(second_started.wait(2.0))  # the second call would have started by now
+        return tensors
+
+    def run(seed, first):
+        p = type(pipe).from_pipe(pipe, scheduler=copy.deepcopy(pipe.scheduler))
+        if not first:  # (check_inputs: the first thing a call does)
+            check = p.check_inputs
+            p.check_inputs = lambda *args, **kwargs: (second_started.set(), check(*args, **kwargs))[1]
+        results[seed] = call(p, seed, **({"callback_on_step_end": wait_at_first_step} if first else {}))
+
+    threads = [threading.Thread(target=run, args=(1, True)), threading.Thread(target=run, args=(2, False))]
+    threads[0].start()
+    assert first_stepping.wait(60)
+    threads[1].start()
+    for thread in threads:
+        thread.join()
+    assert overlapped == [False]
+    for seed in (1, 2):
+        assert torch.equal(results[seed], alone[seed]), seed
+
+
 def test_per_image_generators_select_each_image_as_it_would_alone(pipe, family):
     """A call given one generator per image (diffusers' per-image seeds) selects each image's reference tokens with
     its own generator's seed: image b of the batch keeps, and makes, what a call of that image alone with generator

@@ -5,6 +5,7 @@ import contextlib
 import functools
 import importlib.util
 import types
+import unittest.mock
 import warnings
 from pathlib import Path
 
@@ -633,9 +634,25 @@ def test_kv_cache_kept_index_equals_cache_of_the_kept_rows():
             every_row = model(**cached, kv_cache=cache)[0]
             for layer in layers:
                 setattr(layer, processors.KEPT_INDEX, kept)
-            got = model(**cached, kv_cache=cache)[0]
+            with unittest.mock.patch.object(torch, "aminmax", wraps=torch.aminmax) as range_reads:
+                got = model(**cached, kv_cache=cache)[0]
         torch.testing.assert_close(got, expected, rtol=0, atol=FP32_ATOL)
         assert (every_row - expected).abs().max() > 100 * FP32_ATOL  # the index changes what is attended
+        assert range_reads.call_count == 1 and len(layers) > 1  # the index's range: read once for the forward
+        with torch.inference_mode():  # an index made there has no version counter (before: a RuntimeError)
+            for layer in layers:
+                setattr(layer, processors.KEPT_INDEX, kept.clone())
+            torch.testing.assert_close(model(**cached, kv_cache=cache)[0], expected, rtol=0, atol=FP32_ATOL)
+        # a write no version counter sees (through numpy) between two steps is read by the next (before: the range
+        # of the first step was kept, and the out-of-range index crashed the interpreter)
+        stale = kept.clone()
+        for layer in layers:
+            setattr(layer, processors.KEPT_INDEX, stale)
+        with torch.no_grad():
+            model(**cached, kv_cache=cache)
+            stale.numpy()[:, -1] = n_ref
+            with pytest.raises(ValueError, match=rf"must lie in \[0, {n_ref}\)"):
+                model(**cached, kv_cache=cache)
         # a wrong index is refused (the kernel read outside the cache: garbage, or a crash): its batch, its range
         for bad, message in ((kept[:1], r"must be an integer tensor \[B=2, n\]"),
                              (kept.float(), r"must be an integer tensor"),
@@ -1227,6 +1244,61 @@ def test_a_training_loop_over_fixed_batches_selects_anew_after_their_plans_are_d
         sparsectx.disable(model)
 
 
+@pytest.mark.parametrize("form", ["drop-in", "drop training"])
+def test_each_training_forward_on_the_same_tensors_draws_anew(form):
+    """Forwards in train mode on the very same input tensors (a loop overfitting one batch) draw a new mask each, in
+    both training forms (before: the drop-in kept the first forward's mask while its plan was cached, where drop
+    training drew anew); two checkpointed forwards on the same tensors warn at the recomputation, which can not
+    tell them apart, and a recomputation of a forward checkpointed alone gets its own mask: the gradients of a plain
+    forward with that mask."""
+    from torch.utils.checkpoint import checkpoint
+
+    model, kwargs = _flux2_for_training(lora=False), _train_inputs("flux2")
+    target = torch.randn(2, N_TARGET, kwargs["hidden_states"].shape[2], generator=torch.Generator().manual_seed(2))
+
+    def enable(seed):
+        if form == "drop-in":
+            sparsectx.enable(model, budget=None,
+                             selector=random_drop_selector((0.2, 0.6), torch.Generator().manual_seed(seed)))
+        else:
+            enable_drop_training(model, (0.2, 0.6), generator=torch.Generator().manual_seed(seed))
+
+    def latest_keep():
+        return (sparsectx.last_selection(model).keep if form == "drop-in" else last_drop_mask(model)).clone()
+
+    def disable():
+        sparsectx.disable(model)
+        disable_drop_training(model)
+
+    def run(hidden):
+        return model(**{**kwargs, "hidden_states": hidden})[0]
+
+    def step(hidden, checkpointed):
+        model.zero_grad(set_to_none=True)
+        out = checkpoint(run, hidden, use_reentrant=True) if checkpointed else run(hidden)
+        ((out[:, :N_TARGET] - target) ** 2).mean().backward()
+        return latest_keep(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    hidden = kwargs["hidden_states"].clone().requires_grad_()
+    try:
+        enable(0)
+        keeps = [step(hidden, checkpointed=False)[0] for _ in range(3)]
+        assert not torch.equal(keeps[0], keeps[1]) and not torch.equal(keeps[1], keeps[2])
+        enable(1)
+        plain = step(hidden, checkpointed=False)
+        disable()
+        enable(1)
+        checkpointed = step(hidden, checkpointed=True)
+        assert torch.equal(checkpointed[0], plain[0]) and not plain[0].all()
+        for name, grad in plain[1].items():
+            torch.testing.assert_close(checkpointed[1][name], grad, rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+        outs = [checkpoint(run, hidden, use_reentrant=True) for _ in range(2)]
+        with pytest.warns(RuntimeWarning, match="two forwards took"):
+            sum(out.sum() for out in outs).backward()
+    finally:
+        disable()
+
+
 @pytest.mark.parametrize("compiled, lora", [("model", False), ("model", True), ("blocks", False)])
 def test_compiled_drop_training_with_gradient_checkpointing_equals_eager(compiled, lora):
     """torch.compile of a transformer (failed: dynamo's RecursionError building the stand-in for a checkpointed
@@ -1648,7 +1720,7 @@ def test_the_drop_in_warns_where_a_recomputation_can_not_find_its_forward():
     hidden = kwargs["hidden_states"].clone().requires_grad_()
     out = torch.utils.checkpoint.checkpoint(lambda h: model(**{**kwargs, "hidden_states": h})[0], hidden,
                                             use_reentrant=True)
-    with pytest.warns(RuntimeWarning, match="disable: 1 training forward.*disable after the backward"):
+    with pytest.warns(RuntimeWarning, match="disable: 1 forward.*disable after the backward"):
         sparsectx.disable(model)
 
 
