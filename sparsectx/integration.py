@@ -838,6 +838,10 @@ def _patched_forward(attr: str, model_forward: Callable) -> Callable:
             if args and args[0] is module:
                 args = args[1:]
             patch = getattr(module, attr)
+            if torch._C._current_graph_task_id() != -1:
+                # a checkpoint's recomputation during backward (it reads what its forward recorded): no lock, as on
+                # CUDA it runs in autograd's device thread, maybe while the thread holding the lock waits for it
+                return patch.forward(*args, **kwargs)
             with patch.lock:
                 return patch.forward(*args, **kwargs)
 

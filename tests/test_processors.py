@@ -1299,6 +1299,37 @@ def test_each_training_forward_on_the_same_tensors_draws_anew(form):
         disable()
 
 
+@pytest.mark.parametrize("form", ["drop-in", "drop training"])
+def test_a_recomputation_in_another_thread_does_not_wait_for_the_transformers_lock(form):
+    """A backward whose checkpoint recomputes the transformer's forward in another thread (on CUDA, autograd's device
+    thread) while the calling thread holds the transformer (a pipeline call computing gradients in a step callback):
+    the recomputation runs (before: it waited for the lock forever, and the calling thread for the backward)."""
+    import threading
+
+    from torch.utils.checkpoint import checkpoint
+
+    model, kwargs = _flux2_for_training(lora=False), _train_inputs("flux2")
+    if form == "drop-in":
+        sparsectx.enable(model, budget=None,
+                         selector=random_drop_selector((0.2, 0.6), torch.Generator().manual_seed(5)))
+    else:
+        enable_drop_training(model, (0.2, 0.6), generator=torch.Generator().manual_seed(5))
+    patch = getattr(model, integration.PATCH_ATTR if form == "drop-in" else integration.DROP_TRAINING_ATTR)
+    try:
+        hidden = kwargs["hidden_states"].clone().requires_grad_()
+        out = checkpoint(lambda h: model(**{**kwargs, "hidden_states": h})[0], hidden, use_reentrant=True)
+        backward = threading.Thread(target=lambda: out.sum().backward())
+        with patch.lock:
+            backward.start()
+            backward.join(120)
+            finished = not backward.is_alive()
+        backward.join()
+        assert finished and hidden.grad is not None and hidden.grad.isfinite().all()
+    finally:
+        sparsectx.disable(model)
+        disable_drop_training(model)
+
+
 @pytest.mark.parametrize("compiled, lora", [("model", False), ("model", True), ("blocks", False)])
 def test_compiled_drop_training_with_gradient_checkpointing_equals_eager(compiled, lora):
     """torch.compile of a transformer (failed: dynamo's RecursionError building the stand-in for a checkpointed
