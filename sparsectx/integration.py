@@ -838,9 +838,11 @@ def _patched_forward(attr: str, model_forward: Callable) -> Callable:
             if args and args[0] is module:
                 args = args[1:]
             patch = getattr(module, attr)
-            if torch._C._current_graph_task_id() != -1:
-                # a checkpoint's recomputation during backward (it reads what its forward recorded): no lock, as on
-                # CUDA it runs in autograd's device thread, maybe while the thread holding the lock waits for it
+            if torch.compiler.is_compiling() or torch._C._current_graph_task_id() != -1:
+                # traced by torch.compile (the patch's forward then says what it can not trace, or runs eagerly, with
+                # the lock, after dynamo's graph break), or a checkpoint's recomputation during backward (it reads
+                # what its forward recorded): no lock, as on CUDA it runs in autograd's device thread, maybe while the
+                # thread holding the lock waits for it
                 return patch.forward(*args, **kwargs)
             with patch.lock:
                 return patch.forward(*args, **kwargs)
@@ -1340,7 +1342,7 @@ class _SparsePatch(ForwardPatch):
         """Host-side facts a plan depends on: the call epoch (first), inference mode, the input shapes and Qwen's image
         shapes, the KV mode, the selection settings (budget, selector, signals) in effect, (second to last) a
         training forward's number, and (last) outside an enabled pipeline's call the prompt's tensors (selectors may
-        read the prompt)."""
+        read the prompt; and a forward that selects nothing reports the latest selection on its prompt only)."""
         ids = call.get("img_ids")
         signals = overrides.get("signals", self.settings.signals)
         training = self._training_forward()
@@ -1360,7 +1362,7 @@ class _SparsePatch(ForwardPatch):
                 # outside a pipeline call (a bare transformer, or a pipeline sharing an enabled transformer) nothing
                 # marks where a call starts: the prompt's tensors (embedding, Qwen's text mask, FLUX.1's pooled
                 # projection: the probe reads each) key the selection
-                None if self.pipeline_calls or training else
+                None if self.pipeline_calls else
                 tuple(None if value is None else _Identity(value) for value in map(call.get, PROMPT_ARGS)))
 
     def _forward_key(self, call: dict, key: tuple) -> tuple:
@@ -1388,7 +1390,7 @@ class _SparsePatch(ForwardPatch):
         if found is None or training or not found.training:
             self.recent.remember(inputs, RecentForward(
                 weakref.ref(hidden), key, training, patched=training, under_no_grad=not torch.is_grad_enabled(),
-                ambiguous=found is not None and not found.recomputed))
+                ambiguous=found is not None and found.training and not found.recomputed))
         return key, False
 
     def _training_forward(self) -> bool:

@@ -714,21 +714,27 @@ def test_last_selection_follows_the_plan_used_last(models):
     assert torch.equal(sparsectx.last_selection(model).keep, first)
 
 
-def test_last_selection_is_none_after_a_call_that_selected_nothing(models):
-    """A text-to-image call (no reference rows) on a bare transformer after a call with references: last_selection
-    says nothing was selected instead of reporting the earlier call's selection."""
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_last_selection_is_none_after_a_call_that_selected_nothing(models, mode):
+    """A text-to-image call (no reference rows) on a bare transformer after a call with references, in eval mode or
+    as a training forward (a text-to-image sample among edit samples): last_selection says nothing was selected
+    instead of reporting the earlier call's selection."""
     model, kwargs = models["flux2"], _inputs("flux2")
     sparsectx.enable(model, budget=0.5, selector="uniform")
-    _run(model, kwargs)
-    assert sparsectx.last_selection(model) is not None
-    n_target = _n_target()
-    text_to_image = {**kwargs, "hidden_states": kwargs["hidden_states"][:, :n_target],
-                     "img_ids": kwargs["img_ids"][:, :n_target],
-                     "encoder_hidden_states": torch.randn_like(kwargs["encoder_hidden_states"])}
-    _run(model, text_to_image)
-    assert sparsectx.last_selection(model) is None
-    _run(model, kwargs)  # the first prompt again: its plan and selection
-    assert sparsectx.last_selection(model) is not None
+    model.train(mode == "train")
+    try:
+        _run(model, kwargs)
+        assert sparsectx.last_selection(model) is not None
+        n_target = _n_target()
+        text_to_image = {**kwargs, "hidden_states": kwargs["hidden_states"][:, :n_target],
+                         "img_ids": kwargs["img_ids"][:, :n_target],
+                         "encoder_hidden_states": torch.randn_like(kwargs["encoder_hidden_states"])}
+        _run(model, text_to_image)
+        assert sparsectx.last_selection(model) is None
+        _run(model, kwargs)  # the first prompt again: its plan and selection (in train mode: a new one)
+        assert sparsectx.last_selection(model) is not None
+    finally:
+        model.eval()
 
 
 def test_training_step_after_an_inference_mode_pass_on_the_same_inputs(models):

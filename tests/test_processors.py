@@ -1295,6 +1295,17 @@ def test_each_training_forward_on_the_same_tensors_draws_anew(form):
         outs = [checkpoint(run, hidden, use_reentrant=True) for _ in range(2)]
         with pytest.warns(RuntimeWarning, match="two forwards took"):
             sum(out.sum() for out in outs).backward()
+        # an eval pass under no_grad on new tensors (a teacher's, a validation loss), then a checkpointed training
+        # forward on them: nothing ambiguous (the drop-in warned)
+        fresh = kwargs["hidden_states"].clone().requires_grad_()
+        model.eval()
+        with torch.no_grad():
+            run(fresh)
+        model.train()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step(fresh, checkpointed=True)
+        assert not [w for w in caught if "two forwards took" in str(w.message)]
     finally:
         disable()
 
