@@ -6,6 +6,7 @@ import functools
 import importlib.util
 import types
 import unittest.mock
+import weakref
 import warnings
 from pathlib import Path
 
@@ -1244,6 +1245,28 @@ def test_a_training_loop_over_fixed_batches_selects_anew_after_their_plans_are_d
         sparsectx.disable(model)
 
 
+def test_recent_forwards_keys_and_bound():
+    """A forward's record is found by its input's memory, view and version: a detached alias finds it (a reentrant
+    checkpoint's recomputation), an in-place write or another view does not; at most RECENT_FORWARDS live forwards
+    are kept, the oldest dropped first, and a forward whose input is gone is not found."""
+    recent, RecentForward = integration.RecentForwards(), integration.RecentForward
+    hidden = torch.zeros(2, 3)
+    key = recent.key(hidden, None)
+    recent.remember(key, RecentForward(weakref.ref(hidden), "record", True, True, False))
+    assert recent.find(recent.key(hidden.detach(), None)).record == "record"
+    assert recent.key(hidden[:1], None) != key and recent.key(hidden, hidden) != key
+    hidden.add_(1)
+    assert recent.key(hidden, None) != key and recent.find(recent.key(hidden, None)) is None
+    inputs = [torch.zeros(1) for _ in range(integration.RECENT_FORWARDS + 10)]
+    for i, tensor in enumerate(inputs):
+        recent.remember(recent.key(tensor), RecentForward(weakref.ref(tensor), i, True, True, False))
+    assert len(recent.entries) == integration.RECENT_FORWARDS
+    assert [entry.record for entry in recent.entries.values()] == list(range(10, integration.RECENT_FORWARDS + 10))
+    gone = recent.key(inputs[-1])
+    del inputs[-1], tensor
+    assert recent.find(gone) is None and len(recent.entries) == integration.RECENT_FORWARDS - 1
+
+
 @pytest.mark.parametrize("form", ["drop-in", "drop training"])
 def test_each_training_forward_on_the_same_tensors_draws_anew(form):
     """Forwards in train mode on the very same input tensors (a loop overfitting one batch) draw a new mask each, in
@@ -1305,6 +1328,7 @@ def test_each_training_forward_on_the_same_tensors_draws_anew(form):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             step(fresh, checkpointed=True)
+            step(fresh, checkpointed=True)  # a forward recomputed since is no longer ambiguous
         assert not [w for w in caught if "two forwards took" in str(w.message)]
     finally:
         disable()

@@ -557,6 +557,14 @@ def test_adaptive_budget_is_monotone_and_minimal(seed, lengths, c1, c2, softmax)
                 assert prefix[count - 1] < high + 1e-6  # and one token fewer does not
 
 
+def test_any_positive_coverage_keeps_a_token():
+    """A coverage above zero, however small, keeps at least the top token, given as a float or as a tensor."""
+    scores = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    assert adaptive_budget(scores, 1e-10).counts.tolist() == [[1]]
+    assert adaptive_budget(scores, torch.tensor(1e-10, dtype=torch.float64)).counts.tolist() == [[1]]
+    assert adaptive_budget(scores, 0.0).counts.tolist() == [[0]]
+
+
 def test_adaptive_budget_keeps_the_smallest_set_at_the_coverage_boundary():
     """Where the mass ranked above a token equals the coverage (less the rounding slack) exactly, that token is not
     needed: equal scores at coverage 3/4 (+ COVERAGE_TOL) keep 3 of 4, and one more token past the slack 4."""
