@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import threading
 import types
 
 import pytest
@@ -58,6 +59,27 @@ def pytest_configure(config):
 @pytest.fixture
 def device():
     return DEVICE
+
+
+def _run_in_threads(targets, switch_interval: float) -> None:
+    """Runs each callable of ``targets`` in its own thread, the interpreter switching threads every
+    ``switch_interval`` seconds (often, as under load), and waits for them all."""
+    saved = sys.getswitchinterval()
+    sys.setswitchinterval(switch_interval)
+    try:
+        threads = [threading.Thread(target=target) for target in targets]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(saved)
+
+
+@pytest.fixture
+def run_in_threads():
+    """``run_in_threads(targets, switch_interval)``: each callable in its own thread, all joined."""
+    return _run_in_threads
 
 
 def pytest_collection_modifyitems(config, items):

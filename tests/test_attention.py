@@ -1256,14 +1256,11 @@ def _assert_masked_forward_and_backward(q, k, v, key_mask, query_mask, kept_pref
     assert_flash_criterion("out (no autograd)", copied, same_out, exact_out, dtype)
 
 
-def test_forward_launches_from_threads_keep_their_own_descriptor_tiles(monkeypatch):
+def test_forward_launches_from_threads_keep_their_own_descriptor_tiles(monkeypatch, run_in_threads):
     """The forward's autotuner sets each launch's descriptor tiles in a config pre-hook from arguments it keeps on
     the shared tuner object; launches from several threads (DataParallel replicas, threaded servers) must not see
     each other's: every launch reaches the kernel with its descriptors' tile equal to its block, and none fails.
     The kernel itself is skipped (only what reaches it matters here)."""
-    import sys
-    import threading
-
     from sparsectx.kernels import attention as kernels
 
     tuner = kernels.FWD_TUNERS[0]
@@ -1290,14 +1287,5 @@ def test_forward_launches_from_threads_keep_their_own_descriptor_tiles(monkeypat
             except Exception as exc:  # a race shows as a TypeError inside Triton's autotuner
                 errors.append(repr(exc))
 
-    switch = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        threads = [threading.Thread(target=worker) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(switch)
+    run_in_threads([worker] * 4, switch_interval=1e-6)
     assert errors == [] and seen == {"launches": 1600, "stale": 0}

@@ -1,9 +1,9 @@
 """Dispatch: which implementation each device/dtype takes, and that every path computes the same function."""
+import functools
 import math
 import os
 import subprocess
 import sys
-import threading
 import types
 
 import pytest
@@ -642,7 +642,7 @@ def test_masked_attention_under_vmap_without_autograd_equals_a_loop():
         torch.testing.assert_close(batched, torch.stack([f(*t) for t in zip(q, k, v)]), rtol=0, atol=0)
 
 
-def test_ops_from_several_threads_give_what_each_gives_alone():
+def test_ops_from_several_threads_give_what_each_gives_alone(run_in_threads):
     """compact_tokens and masked_attention from four threads at once: the results of each call alone, no error (on
     the CPU through Triton's interpreter, which failed inside when two launches ran at once: 36-38 errors in 60
     calls before its launches were serialised)."""
@@ -666,14 +666,5 @@ def test_ops_from_several_threads_give_what_each_gives_alone():
             except Exception as error:  # (raised in the thread: collected for the assertion)
                 failures.append(f"{type(error).__name__}: {error}")
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)  # threads switch often, as under load
-    try:
-        threads = [threading.Thread(target=work, args=(i % 2 == 0,)) for i in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        sys.setswitchinterval(interval)
+    run_in_threads([functools.partial(work, i % 2 == 0) for i in range(4)], switch_interval=1e-5)
     assert not failures, failures[:3]
