@@ -322,6 +322,12 @@ def replay_draw(drawn: Optional[DrawnRng]) -> None:
             generator.set_state(after)
 
 
+def in_backward() -> bool:
+    """Whether a backward pass is running in this thread (autograd's graph task): a transformer forward now is a
+    checkpoint's recomputation of an earlier one."""
+    return torch._C._current_graph_task_id() != -1
+
+
 RECENT_FORWARDS = 64  # forwards per patch that a checkpoint around the transformer may still recompute
 
 
@@ -838,7 +844,7 @@ def _patched_forward(attr: str, model_forward: Callable) -> Callable:
             if args and args[0] is module:
                 args = args[1:]
             patch = getattr(module, attr)
-            if torch.compiler.is_compiling() or torch._C._current_graph_task_id() != -1:
+            if torch.compiler.is_compiling() or in_backward():
                 # traced by torch.compile (the patch's forward then says what it can not trace, or runs eagerly, with
                 # the lock, after dynamo's graph break), or a checkpoint's recomputation during backward (it reads
                 # what its forward recorded): no lock, as on CUDA it runs in autograd's device thread, maybe while the
@@ -1252,7 +1258,7 @@ class _SparsePatch(ForwardPatch):
             # key's shapes, so it is reused without the check's host read
             matches, packable = (True, False) if cached_step else self._step_checks(plan, call)
             if matches:
-                if torch._C._current_graph_task_id() != -1:  # a checkpoint's recomputation of an earlier forward:
+                if in_backward():  # a checkpoint's recomputation of an earlier forward:
                     replay_draw(plan.drawn)  # the global RNG as its draw left it; last_selection stays the latest's
                     return plan, packable
                 self.plans[key] = self.plans.pop(key)  # most recently used last: evicted last, reported by cache
@@ -1278,7 +1284,7 @@ class _SparsePatch(ForwardPatch):
         if training_input:
             plan.drawn = drawn_rng(call["hidden_states"].device, before)
             selector = overrides.get("selector", self.settings.selector)
-            if torch._C._current_graph_task_id() != -1 and plan.drawn is None and plan.keep is not None \
+            if in_backward() and plan.drawn is None and plan.keep is not None \
                     and getattr(selector, "reads_generator", True):
                 warnings.warn("a training forward ran during backward (a torch.utils.checkpoint recomputation) and "
                               "its forward's selection can not be found (its input tensors were made inside the "
@@ -1376,7 +1382,7 @@ class _SparsePatch(ForwardPatch):
             return key, False
         inputs = RecentForwards.key(hidden, *map(call.get, PROMPT_ARGS))
         found = self.recent.find(inputs)
-        if torch._C._current_graph_task_id() != -1:
+        if in_backward():
             if found is None:
                 return key, False
             if found.ambiguous and not found.recomputed:

@@ -34,7 +34,6 @@ from . import integration
 from .ops import _device_values, _eager_under_compile, _python_number, budget_number, masked_attention
 
 DEFAULT_RATIO_RANGE = (0.05, 1.0)  # the keep ratios a trained model should handle, 5% to all tokens
-RECENT_MASKS = integration.RECENT_FORWARDS  # host masks of the latest draws, recognised in a recomputation's redraw
 
 
 def _is_int(value) -> bool:
@@ -216,7 +215,8 @@ class _DropTrainingPatch(integration.ForwardPatch):
         self.ref_lengths: Optional[list] = None
         self.generator: Optional[torch.Generator] = None
         self.recent = integration.RecentForwards()  # records: each forward's (mask, kept prefix), for recomputation
-        self.recent_draws: collections.deque = collections.deque(maxlen=RECENT_MASKS)  # host masks, latest last
+        # host masks of the latest draws (latest last), recognised in a recomputation's redraw
+        self.recent_draws: collections.deque = collections.deque(maxlen=integration.RECENT_FORWARDS)
         self.last_keep: Optional[torch.Tensor] = None  # the latest forward's image keep mask (last_drop_mask)
         self.warned_eval = False  # warned once that a forward with gradients in eval mode dropped nothing
 
@@ -232,7 +232,7 @@ class _DropTrainingPatch(integration.ForwardPatch):
 
     def forward(self, *args, **kwargs):
         call = self.bind(args, kwargs)
-        recomputing = torch._C._current_graph_task_id() != -1  # inside a backward pass: a checkpoint's recomputation
+        recomputing = integration.in_backward()  # inside a backward pass: a checkpoint's recomputation
         if recomputing or self.transformer.training:
             # a recomputation gets its forward's mask whatever the mode is now (an eval pass, or train(), may come
             # between a forward and its backward)
