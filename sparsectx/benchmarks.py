@@ -2368,7 +2368,9 @@ def run_workload(workload: Workload, device: torch.device, *, quick: bool = Fals
         add(_row(workload, impl, **values))
         timed.append((impl, rows[-1]))
     del expected
-    compared = [r for r in rows[1:] if r["err"] is not None]  # peers checked against sparsectx's output
+    # independent peers checked against sparsectx's output (sparsectx's other rows run the same kernels: a wrong
+    # kernel agrees with itself)
+    compared = [r for r in rows[1:] if r["err"] is not None and not r["ours"]]
     if compared and all(r["ok"] is False for r in compared) and rows[0]["ok"] is not False:
         # every peer disagrees with sparsectx: its output is the suspect, and its time judges nothing
         rows[0]["ok"] = False
@@ -2418,9 +2420,10 @@ class Unavailable(Exception):
 def checked_run(workload: Workload, impl_name: str) -> tuple:
     """Runs one implementation once (for pytest-benchmark). Returns ``(fn, result, expected)``: the callable to
     time (inside ``impl.context()``), its result, and the result it must match: sparsectx's for a peer, the first
-    peer's that runs here for sparsectx itself. (A peer with ``comparable=False`` computes a different function by
-    design: its result is checked by its ``verify``, or only shares sparsectx's shape.) Raises ``Unavailable``
-    when the implementation does not run here."""
+    peer's that runs here for sparsectx itself, an independent peer before sparsectx's other rows (which run the
+    same kernels). (A peer with ``comparable=False`` computes a different function by design: its result is checked
+    by its ``verify``, or only shares sparsectx's shape.) Raises ``Unavailable`` when the implementation does not
+    run here."""
     impl = workload.impl(impl_name)
     if impl is None:
         raise Unavailable(f"{impl_name} is not part of this workload")
@@ -2434,7 +2437,8 @@ def checked_run(workload: Workload, impl_name: str) -> tuple:
 
     if impl is primary:
         result = run(primary)
-        for peer in workload.impls[1:]:
+        # independent peers first: sparsectx's other rows run the same kernels, and a wrong kernel agrees with itself
+        for peer in sorted(workload.impls[1:], key=lambda peer: peer.ours):
             if peer.skip or not peer.comparable:
                 continue
             try:

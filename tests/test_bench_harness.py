@@ -280,6 +280,29 @@ def test_a_sparsectx_output_every_peer_disagrees_with_fails_and_judges_no_target
     assert [r["ok"] for r in rows] == [None, True, False]
 
 
+def test_sparsectx_rows_agreeing_with_a_wrong_output_do_not_vouch_for_it():
+    """sparsectx's other rows (the keep-mask path, the gather form, the drop-in) run the same kernels as its first
+    row: a wrong kernel agrees with itself. Only independent peers decide whether sparsectx's output is the suspect,
+    in the table and in the pytest-benchmark check (before, one agreeing sparsectx row kept a wrong output unflagged
+    and its time judged the compaction targets)."""
+    import torch
+
+    right = torch.arange(8.0)
+    impls = [benchmarks.Impl("sparsectx compact_tokens (scores+budget)", lambda: right + 1),
+             benchmarks.Impl("sparsectx compact_tokens (keep mask)", lambda: right + 1),
+             benchmarks.Impl("x[mask] (host sync)", lambda: right),
+             benchmarks.Impl("topk+sort+gather", lambda: right)]
+    assert impls[1].ours and not impls[2].ours
+    rows = benchmarks.run_workload(_workload(impls), torch.device("cpu"), quick=True)
+    assert [r["ok"] for r in rows] == [False, True, False, False]
+    assert "every compared peer (2) disagrees" in rows[0]["note"]
+    lines = [line for line in benchmarks.target_verdicts(rows) if "compaction" in line]
+    assert lines and all("not judged" in line for line in lines), lines
+    # pytest-benchmark's check of sparsectx's row: against an independent peer, though a sparsectx row comes first
+    _fn, result, expected = benchmarks.checked_run(_workload(impls), impls[0].name)
+    assert torch.equal(result, right + 1) and torch.equal(expected, right)
+
+
 def test_a_sparsectx_output_holding_nan_or_inf_fails_and_no_peer_passes_against_it():
     """sparsectx's output is what the peers are compared with: a NaN or inf in it gave a NaN error, which ``max``
     dropped, so every peer showed ok (error 0) and the targets were judged on a broken output's time."""
