@@ -557,7 +557,7 @@ class BatchCase(_MixedBudgetCase):
         nested = [torch.nested.nested_tensor_from_jagged(t, offsets).transpose(1, 2)
                   for t in (data.q, data.k, data.v)]
         impls = [
-            Impl("sparsectx (packed varlen)", data.sparsectx_packed, note="one launch, no host sync"),
+            Impl("sparsectx (packed varlen)", data.sparsectx_packed, note="one launch"),
             Impl("sparsectx (gather)", data.sparsectx_gather,
                  note="kept reference keys by index from the [B, R, H, D] buffer (the forward packs them first: "
                       "copy timed)"),
@@ -574,7 +574,8 @@ class BatchCase(_MixedBudgetCase):
         shape = (f"B=4, L={'/'.join(map(str, data.lengths))} (1 ref kept at "
                  f"{'/'.join(_pct(k) for k in config)}), H={s['heads']}, D={s['dim']}, "
                  f"{str(dtype).replace('torch.', '')}")
-        return Workload(self.name, shape, impls, dtype, flops=data.flops())
+        # host syncs counted per implementation (the issue: one launch, no host sync)
+        return Workload(self.name, shape, impls, dtype, flops=data.flops(), count_syncs=True)
 
 
 def _flash_attn_varlen_impl(data: _Varlen) -> Impl:
@@ -782,8 +783,8 @@ class CompactionCase:
         impls = [
             Impl("sparsectx compact_tokens (scores+budget)",
                  lambda: ops.compact_tokens(scores, hidden, ids, budget=config), output=packed,
-                 note="selection included; no host sync on CUDA (on the CPU the scores' NaN check reads the host, "
-                      "and the torch reference path more)"),
+                 note="selection included (on the CPU the scores' NaN check reads the host, and the torch "
+                      "reference path more)"),
             Impl("sparsectx compact_tokens (keep mask)", lambda: ops.compact_tokens(mask, hidden, ids),
                  output=packed, note="reads the kept total (host sync); mask made beforehand, selection not included"),
             Impl("x[mask] (host sync)", lambda: (hidden[mask], ids[mask]),
@@ -2342,8 +2343,9 @@ def run_workload(workload: Workload, device: torch.device, *, quick: bool = Fals
                             notes.insert(0, f"CHECK FAILED: {problem}")
                     del result
                 if workload.count_syncs:
-                    if device.type == "cuda":
-                        notes.append(f"{count_cuda_syncs(impl.fn)} host syncs per call")
+                    if device.type == "cuda":  # (a field: issues 3 and 4 judge it, see SYNC_TARGETS)
+                        values["host_syncs"] = count_cuda_syncs(impl.fn)
+                        notes.append(f"{values['host_syncs']} host syncs per call")
                     with count_host_reads() as reads:
                         impl.fn()
                     notes.append(f"{reads.count} host reads per call (aten ops)")
@@ -2651,6 +2653,32 @@ TIME_TARGETS = (
 )
 
 
+@dataclass(frozen=True)
+class SyncTarget:
+    """An issue's "no host sync" on a row: its host synchronisations during one call (``host_syncs``, counted on
+    CUDA by torch's sync debug mode) must be none."""
+
+    issue: int
+    case: str
+    impl: str
+    goal: str
+
+
+SYNC_TARGETS = (
+    SyncTarget(3, "compaction", "sparsectx compact_tokens (scores+budget)", "no host sync on the scores+budget path"),
+    SyncTarget(4, "batch", "sparsectx (packed varlen)", "the mixed-budget batch with no host sync"),
+)
+
+
+def _host_syncs(row: dict) -> Optional[int]:
+    """A row's counted host syncs: its ``host_syncs``, or (runs before the field, 2026-11-29 to 2026-11-30) the
+    count its note gives; None where they were not counted."""
+    if row.get("host_syncs") is not None:
+        return row["host_syncs"]
+    found = re.search(r"(\d+) host syncs per call", row.get("note") or "")
+    return int(found.group(1)) if found else None
+
+
 def _reference_count(shape: str) -> Optional[int]:
     found = re.match(r"(\d+) ref", shape)
     return int(found.group(1)) if found else None
@@ -2738,6 +2766,19 @@ def target_verdicts(rows: list) -> list:
             else:
                 verdict = "meets" if ms <= target.max_ms else "MISSES"
                 lines.append(f"{head} {ms * 1e3:.1f} us (<= {target.max_ms * 1e3:g} us: {verdict})")
+    for target in SYNC_TARGETS:
+        for case, shape, block, _unit, _mem in _table_blocks(rows):
+            row = next((r for r in block if case == target.case and r["impl"] == target.impl), None)
+            if row is None:
+                continue
+            head = f"issue {target.issue} {case:<10} {shape:<48} {target.goal}:"
+            failed, syncs = _failed(block, row), _host_syncs(row)
+            if failed:
+                lines.append(f"{head} not judged ({' and '.join(failed)}: check FAILED)")
+            elif syncs is None:
+                lines.append(f"{head} not measured (no host sync count: they are counted on CUDA)")
+            else:
+                lines.append(f"{head} {syncs} per call ({'meets' if syncs == 0 else 'MISSES'})")
     selection = selection_verdict(rows)
     return (lines + ([selection] if selection else []) + drop_in_selection_verdicts(rows)
             + pipeline_selection_verdicts(rows))

@@ -706,6 +706,27 @@ def test_back_to_back_time_target_reads_the_rows_loop_time():
     assert len(lines) == 1 and "not measured" in lines[0] and "loop_ms" in lines[0], lines
 
 
+def test_no_host_sync_targets_read_the_counted_syncs():
+    """Issue 3's scores+budget path and issue 4's mixed-budget batch must not synchronise: judged on the syncs the
+    run counted on CUDA (``host_syncs``; runs before the field gave the count in the note only, and the record
+    called the path sync-free while every one counted 1 sync per call)."""
+    row_of = {"compaction": "sparsectx compact_tokens (scores+budget)", "batch": "sparsectx (packed varlen)"}
+    for case, impl in row_of.items():
+        def line(**fields):
+            rows = _block(case, "B=1", {impl: 0.03, "topk+sort+gather": 0.16})
+            rows[0].update(fields)
+            found = [text for text in benchmarks.target_verdicts(rows) if "no host sync" in text]
+            assert len(found) == 1, found
+            return found[0]
+
+        assert line(host_syncs=0).endswith("0 per call (meets)")
+        assert line(host_syncs=2).endswith("2 per call (MISSES)")
+        assert line(note="selection included; 1 host syncs per call; 0 host reads per call").endswith(
+            "1 per call (MISSES)")
+        assert "not measured" in line()  # a CPU run counts no sync
+        assert "not judged" in line(host_syncs=0, ok=False)
+
+
 def _selection_rows(refs, selector, time_ms):
     shape = f"{refs} ref x 4096 tokens, C=128, selector {selector}, H=32, D=128"
     return [_row("selection", shape, "select, fixed 10%", time_ms)]
