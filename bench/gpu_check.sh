@@ -9,12 +9,12 @@
 #                     mixed batch, dense key mask), the fused QK norm + RoPE (--quick), training, e2e step +
 #                     breakdown, selection cost, KV cache 4-step (--quick), profiler tables (bench/profile_ops.py),
 #                     in that order        at most 9.5 minutes (GPU_CHECK_BUDGET_S=570, the default)
-#                     (GPU_CHECK_PIPELINE=1: part 2's pipeline calls too, after the KV-cache step)
-#   GPU_CHECK_PART=2  whole klein-9B pipeline calls (each selector's cost inside a call), every autotune
-#                     candidate under the flash-attention criterion, the Qwen-Image-Edit step,
-#                     a klein-9B fine-tuning step (dropped references removed or masked), the mixed-budget batch
-#                     step, the FLUX.1-Kontext step, then the rest of the suite on CUDA in whatever time is left
-#                     (with the default budget, little: give GPU_CHECK_BUDGET_S more)
+#                     (GPU_CHECK_PIPELINE=1: part 2's pipeline calls here instead, after the KV-cache step)
+#   GPU_CHECK_PART=2  every autotune candidate under the flash-attention criterion, the Qwen-Image-Edit step,
+#                     whole klein-9B pipeline calls (each selector's cost inside a call, at most 150 s; not with
+#                     GPU_CHECK_PIPELINE=1 or 0), a klein-9B fine-tuning step (dropped references removed or
+#                     masked), the mixed-budget batch step, the FLUX.1-Kontext step, then the rest of the suite on
+#                     CUDA in whatever time is left (with the default budget, little: give GPU_CHECK_BUDGET_S more)
 #   GPU_CHECK_PART=all  both, in that order (a machine without a per-command limit)
 # Usage, from anywhere:  GPU_CHECK_PART=1 bash bench/gpu_check.sh      (writes under "$OUT", default ./bench_out)
 # Files written: env.log, tests.log, bench.log, bench.json (the part's cases merged), summary.txt, results.md (the
@@ -40,6 +40,9 @@ export SPARSECTX_COMMIT
 PART=${GPU_CHECK_PART:-1}
 case $PART in 1|2|all) ;; *) echo "GPU_CHECK_PART must be 1, 2 or all, got '$PART'" >&2; exit 2 ;; esac
 part() { [[ $PART == all || $PART == "$1" ]]; }
+# the part that runs the whole pipeline calls (see pipeline_step): 2 (default), 1 or 0 (neither)
+PIPELINE_PART=${GPU_CHECK_PIPELINE:-2}
+case $PIPELINE_PART in 0|1|2) ;; *) echo "GPU_CHECK_PIPELINE must be 0, 1 or 2, got '$PIPELINE_PART'" >&2; exit 2 ;; esac
 # step names to skip, comma-separated (e.g. "bench training, bench kv"; spaces around the commas are ignored)
 SKIP_STEPS=$(sed -e 's/ *, */,/g' -e 's/^ *//' -e 's/ *$//' <<<"${GPU_CHECK_SKIP:-}")
 # extra arguments of the e2e step, split on spaces (e.g. --quick: its subset, which still gives the selection shares)
@@ -213,14 +216,14 @@ NORM_ROPE_AT_TEST_SIZES=tests/test_norm_rope.py::test_gpu_bf16_at_the_test_model
 # (a step cut by its timeout never reaches pytest's failure summary: on 2026-11-30 one GPU test failed unexplained)
 tests() { SPARSECTX_AUTOTUNE=0 SPARSECTX_REPORT_AS_RUN=1 step "$@"; }
 
-# whole klein-9B pipeline calls: what each selector adds to a real call (issue 6), never run on a GPU: first in part
-# 2, or in part 1 after the KV-cache step with GPU_CHECK_PIPELINE=1, relating its costs to the e2e step measured
-# there
+# whole klein-9B pipeline calls: what each selector adds to a real call (issue 6), never run on a GPU. The part
+# that runs them: GPU_CHECK_PIPELINE=2 (the default) in part 2 after the Qwen step (before, first in part 2 and
+# again in a part 2 run after a part 1 that had them: 150 s of a 270 s part 2), 1 in part 1 after the KV-cache step
+# (relating its costs to the e2e step measured there), 0 in neither
 pipeline_step() {
     step "bench pipeline" "$PIPELINE_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case pipeline --quick "$@" \
         --json "$SCRATCH/bench_pipeline.json"
 }
-PIPELINE_IN_PART_1=${GPU_CHECK_PIPELINE:-0}
 if part 1; then
     # the processors' GPU tests first, on their own: one failed unexplained on 2026-11-30, its diagnosis comes first
     # (with the fused QK norm + RoPE at those tiny models' sizes, which only these checks had run on a GPU)
@@ -239,18 +242,17 @@ if part 1; then
     step "bench selection" "$SELECTION_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case selection \
         --steps-from "$SCRATCH/bench_e2e.json" --json "$SCRATCH/bench_selection.json"
     step "bench kv" "$KV_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case kv --quick --json "$SCRATCH/bench_kv.json"
-    [[ $PIPELINE_IN_PART_1 == 1 ]] && pipeline_step --steps-from "$SCRATCH/bench_e2e.json"
+    [[ $PIPELINE_PART == 1 ]] && pipeline_step --steps-from "$SCRATCH/bench_e2e.json"
     # diagnosis, not a target: profiler tables of the ops that miss theirs (bench/profile_ops.py), in profile_ops.txt
     step "profile ops" "$PROFILE_CAP_S" "$BENCH_LOG" "${IN_SCRATCH[@]}" "$PY" "$REPO/bench/profile_ops.py" --out "$OUT"
 fi
 if part 2; then
-    # (unless part 1 of this run had it)
-    [[ $PIPELINE_IN_PART_1 == 1 && $PART == all ]] || pipeline_step
     tests "pytest candidates" "$CANDIDATES_CAP_S" "$TESTS_LOG" "${PYTEST[@]}" tests -m gpu -k "$CANDIDATES"
     # the Qwen-Image-Edit-20B step (the third family; its drop-in against references shrunk to the kept count):
     # issue 5's target, never run on a GPU, so first
     step "bench e2e_qwen" "$QWEN_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case e2e_qwen --quick \
         --json "$SCRATCH/bench_e2e_qwen.json"
+    [[ $PIPELINE_PART == 2 ]] && pipeline_step
     # a fine-tuning step with dropped references: removed from the sequence (the drop-in) against masked (drop
     # training); no issue target, never run on a GPU
     step "bench train_step" "$TRAIN_STEP_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case train_step --quick \
