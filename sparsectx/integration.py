@@ -1491,6 +1491,10 @@ class _SparsePatch(ForwardPatch):
 
         batch = references.shape[0]
         counts = None if budget is None or _is_budget_fn(budget) else budget_counts(budget, batch, layout.ref_lengths)
+        if counts is not None and all(list(c) == list(layout.ref_lengths) for c in counts):
+            # every token of every image kept, whatever the scores: no selector runs, so none draws from torch's
+            # global RNG (a keep-all call equals the unpatched one, the random stream after it included)
+            return torch.ones(references.shape[:2], dtype=torch.bool, device=hidden.device)
         budget = budget_for_batch(budget, batch)  # a budget object's per-request tensor settings over the batch
         seed = self.settings.seed if self.settings.seed is not None else self.call_seed
         # one generator per image (diffusers' per-image seeds): a sample draws what its request would draw alone;

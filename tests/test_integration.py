@@ -158,6 +158,25 @@ def test_keep_all_matches_unpatched(models, family):
     torch.testing.assert_close(_run(model, kwargs), expected, rtol=0, atol=FP32_ATOL)
 
 
+@pytest.mark.parametrize("budget", [1.0, 10**6, [1.0, 10**6]])
+def test_keeping_every_token_draws_nothing_from_the_global_rng(models, budget):
+    """A budget that keeps every token of every image runs no selector: the default ``random`` selector, unseeded
+    and without a generator, drew from torch's global RNG, so a later draw (the next pipeline call's noise, a
+    stochastic scheduler's step noise) differed from the unpatched run's (a reviewer measured latents off by 4.7)."""
+    model, kwargs = models["flux2"], _inputs("flux2", batch=2)
+    calls = []
+    sparsectx.enable(model, budget=budget, selector=lambda latents, context: calls.append(1) or torch.rand(
+        latents.shape[:2]))
+    torch.manual_seed(0)
+    out = _run(model, kwargs)
+    after = torch.rand(4)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(4)) and not calls  # no selector ran, the global stream did not move
+    assert bool(sparsectx.last_selection(model).keep.all())
+    sparsectx.disable(model)
+    torch.testing.assert_close(out, _run(model, kwargs), rtol=0, atol=FP32_ATOL)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_forwards_from_two_threads_on_one_transformer_run_one_at_a_time(models, family):
     """Two threads calling one enabled transformer with their own inputs at once: the second forward waits for the
