@@ -57,8 +57,8 @@ def _interpreting() -> bool:
 # be smaller (the narrow set's first forward tile needs 256 KB of shared memory at BLOCK_D=256; sm_90 gives a block
 # 227 KB). The first GPU config of each list compiled for sm_90 (bf16: D=64 and 128, resp. D=256) without register
 # spills (`sparsectx compile-check`, a test checks it); SPARSECTX_AUTOTUNE=0 has the autotuner keep only that one
-# (saves compile time, e.g. in test runs over many shapes and dtypes); the lists below stay complete (a GPU test
-# runs every candidate).
+# (saves compile time, e.g. in test runs over many shapes and dtypes), and launches under torch's deterministic
+# algorithms take it too (``_for_head``); the lists below stay complete (a GPU test runs every candidate).
 # ----------------------------------------------------------------------------------------------------------------
 def _gpu_configs(shapes, pre_hook=None) -> list:
     """Launch configurations of ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` shapes (the interpreter reads only the
@@ -121,9 +121,14 @@ def _autotuned(kernel, configs, wide_configs, key):
 _TUNER_LOCK = threading.Lock()
 
 
-def _for_head(tuners, block_d: int):
-    """The autotuner of a launch's head-dim block."""
-    return tuners[block_d > WIDE_HEAD_BLOCK_D]
+def _for_head(tuners, fixed, block_d: int):
+    """The autotuner of a launch's head-dim block: from ``tuners``, or, under
+    ``torch.use_deterministic_algorithms(True)``, from ``fixed`` (each list's first configuration alone). The
+    autotuner's pick is timed in each process and for each launch size class (``_tune_rows``), and the block shape
+    sets the order of the sums: with it, a sample's bits could change with the batch it runs in or from one run to
+    the next; the first configuration gives the same bits for the same inputs every time (no kernel uses
+    atomics)."""
+    return (fixed if torch.are_deterministic_algorithms_enabled() else tuners)[block_d > WIDE_HEAD_BLOCK_D]
 
 
 def tuned_configs() -> dict:
@@ -318,8 +323,9 @@ def _fwd_kernel(
 
 # (the load path is part of the key: the best tile, and what fits in shared memory, differ between tile copies and
 # pointer loads)
-FWD_TUNERS = _autotuned(_fwd_kernel, FWD_CONFIGS, FWD_CONFIGS_WIDE,
-                        key=["HEAD_DIM", "HAS_REF", "REF_PACKED", "Q_INDEXED", "OWN_TMA", "REF_TMA", "tune_rows"])
+FWD_KEY = ["HEAD_DIM", "HAS_REF", "REF_PACKED", "Q_INDEXED", "OWN_TMA", "REF_TMA", "tune_rows"]
+FWD_TUNERS = _autotuned(_fwd_kernel, FWD_CONFIGS, FWD_CONFIGS_WIDE, FWD_KEY)
+FWD_FIXED = _autotuned(_fwd_kernel, FWD_CONFIGS[:1], FWD_CONFIGS_WIDE[:1], FWD_KEY)
 
 
 def _empty_as(t: torch.Tensor) -> torch.Tensor:
@@ -389,7 +395,7 @@ def attention_forward(q, k, v, cu_q, cu_k, max_seqlen_q, ref_k, ref_v, ref_index
     q_strides, out_strides = ((t.stride(0), t.stride(1), t.stride(2)) if indexed else (0, t.stride(0), t.stride(1))
                               for t in (q, out))
     with _TUNER_LOCK:
-        _for_head(FWD_TUNERS, _block_d(dim))[grid](
+        _for_head(FWD_TUNERS, FWD_FIXED, _block_d(dim))[grid](
             q, k, v, rk, rv, ridx, cu_q, cu_k, cur, out, lse, q_index if indexed else cu_q, *own_desc, *ref_desc,
             softmax_scale * LOG2E, *q_strides, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             *_ref_strides(rk), *_ref_strides(rv), *out_strides, lse.stride(0),
@@ -556,8 +562,9 @@ def _bwd_dkdv_kernel(
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-DKDV_TUNERS = _autotuned(_bwd_dkdv_kernel, DKDV_CONFIGS, DKDV_CONFIGS_WIDE,
-                         key=["HEAD_DIM", "IS_REF", "REF_PACKED", "tune_rows"])
+DKDV_KEY = ["HEAD_DIM", "IS_REF", "REF_PACKED", "tune_rows"]
+DKDV_TUNERS = _autotuned(_bwd_dkdv_kernel, DKDV_CONFIGS, DKDV_CONFIGS_WIDE, DKDV_KEY)
+DKDV_FIXED = _autotuned(_bwd_dkdv_kernel, DKDV_CONFIGS[:1], DKDV_CONFIGS_WIDE[:1], DKDV_KEY)
 
 
 @triton.jit
@@ -620,8 +627,9 @@ def _bwd_dq_kernel(
              mask=q_valid[:, None] & d_valid[None, :])
 
 
-DQ_TUNERS = _autotuned(_bwd_dq_kernel, DQ_CONFIGS, DQ_CONFIGS_WIDE,
-                       key=["HEAD_DIM", "HAS_REF", "REF_PACKED", "tune_rows"])
+DQ_KEY = ["HEAD_DIM", "HAS_REF", "REF_PACKED", "tune_rows"]
+DQ_TUNERS = _autotuned(_bwd_dq_kernel, DQ_CONFIGS, DQ_CONFIGS_WIDE, DQ_KEY)
+DQ_FIXED = _autotuned(_bwd_dq_kernel, DQ_CONFIGS[:1], DQ_CONFIGS_WIDE[:1], DQ_KEY)
 
 
 DELTA_BLOCK_M = 64
@@ -656,21 +664,22 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, 
 
     common = (qk_scale, softmax_scale, q.stride(0), q.stride(1), dout.stride(0), dout.stride(1), lse2.stride(0))
     rk, rv, ridx, cur, _, packed = _ref_args(ref_k, ref_v, ref_index, cu_r, q)
+    dkdv, dq_launch = _for_head(DKDV_TUNERS, DKDV_FIXED, block_d), _for_head(DQ_TUNERS, DQ_FIXED, block_d)
     with _TUNER_LOCK:  # (module comment above _TUNER_LOCK)
         if max_seqlen_k > 0 and k.shape[0] > 0:
-            _for_head(DKDV_TUNERS, block_d)[lambda meta: (cdiv(max_seqlen_k, meta["BLOCK_N"]), heads, batch)](
+            dkdv[lambda meta: (cdiv(max_seqlen_k, meta["BLOCK_N"]), heads, batch)](
                 q, dout, lse2, delta, k, v, dk, dv, cu_q, cu_k, cu_k, *common,
                 *_ref_strides(k), *_ref_strides(v), *_ref_strides(dk), *_ref_strides(dv),
                 _tune_rows(batch, max_seqlen_k, heads),
                 HEAD_DIM=dim, BLOCK_D=block_d, IS_REF=False, REF_PACKED=False, IEEE=ieee, **COMPILE_OPTIONS)
         if has_ref and max_seqlen_ref > 0 and ref_k.shape[-3] > 0 and (packed or ref_index.numel() > 0):
-            _for_head(DKDV_TUNERS, block_d)[lambda meta: (cdiv(max_seqlen_ref, meta["BLOCK_N"]), heads, batch)](
+            dkdv[lambda meta: (cdiv(max_seqlen_ref, meta["BLOCK_N"]), heads, batch)](
                 q, dout, lse2, delta, ref_k, ref_v, dref_k, dref_v, cu_q, cu_r, ridx, *common,
                 *_ref_strides(ref_k), *_ref_strides(ref_v), *_ref_strides(dref_k), *_ref_strides(dref_v),
                 _tune_rows(batch, max_seqlen_ref, heads),
                 HEAD_DIM=dim, BLOCK_D=block_d, IS_REF=True, REF_PACKED=packed, IEEE=ieee, **COMPILE_OPTIONS)
         if tq and max_seqlen_q > 0:
-            _for_head(DQ_TUNERS, block_d)[lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)](
+            dq_launch[lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), heads, batch)](
                 q, dout, lse2, delta, k, v, rk, rv, ridx, cu_q, cu_k, cur, dq, *common,
                 k.stride(0), k.stride(1), v.stride(0), v.stride(1), *_ref_strides(rk), *_ref_strides(rv),
                 dq.stride(0), dq.stride(1), _tune_rows(batch, max_seqlen_q, heads),

@@ -1289,3 +1289,50 @@ def test_forward_launches_from_threads_keep_their_own_descriptor_tiles(monkeypat
 
     run_in_threads([worker] * 4, switch_interval=1e-6)
     assert errors == [] and seen == {"launches": 1600, "stale": 0}
+
+
+def test_deterministic_algorithms_launch_each_kernels_first_configuration(monkeypatch):
+    """Under ``torch.use_deterministic_algorithms(True)`` every attention launch (forward, dK/dV of own and
+    reference keys, dQ) takes its list's first configuration, not the autotuner's pick: the pick is timed in each
+    process and for each launch size class, and another block shape sums in another order, so a sample's bits
+    changed with its batch or from run to run (a reviewer measured 532 of 3200 fp16 outputs 1 ulp apart between
+    two block shapes). Without the mode the autotuners launch as before."""
+    from sparsectx.kernels import attention as kernels
+
+    launched = []
+
+    class Recording:
+        def __init__(self, tuner, name):
+            self.tuner, self.name = tuner, name
+
+        def __getitem__(self, grid):
+            launched.append(self.name)
+            return self.tuner[grid]
+
+    for name in ("FWD", "DKDV", "DQ"):
+        for kind in ("TUNERS", "FIXED"):
+            pair = getattr(kernels, f"{name}_{kind}")
+            monkeypatch.setattr(kernels, f"{name}_{kind}", tuple(Recording(t, kind) for t in pair))
+        configs = getattr(kernels, f"{name}_CONFIGS")
+        assert [str(c) for c in getattr(kernels, f"{name}_FIXED")[0].tuner.configs] == [str(configs[0])]
+    g = torch.Generator().manual_seed(72)
+    q, k, v = (torch.randn(n, 2, 16, generator=g).to(DEVICE).requires_grad_() for n in (5, 7, 7))
+    ref_k, ref_v = (torch.randn(1, 6, 2, 16, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
+    index = torch.tensor([0, 2, 5], dtype=torch.int32, device=DEVICE)
+
+    def forward_backward():
+        out = sparsectx.sparse_attention(q, k, v, _cu([5]), _cu([7]), 5, 7, ref_k=ref_k, ref_v=ref_v,
+                                         ref_index=index, cu_seqlens_ref=_cu([3]))
+        out.sum().backward()
+        return out.detach()
+
+    plain = forward_backward()
+    assert launched == ["TUNERS"] * 4  # forward, dK/dV (own keys), dK/dV (reference keys), dQ
+    launched.clear()
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.equal(forward_backward(), plain)
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+    assert launched == ["FIXED"] * 4
