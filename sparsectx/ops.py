@@ -212,10 +212,6 @@ def _softmax_scale(softmax_scale, dim: int, symbolic: bool = False, traced: bool
 # ----------------------------------------------------------------------------------------------------------------
 # sparse attention: torch.library custom ops (forward, backward) + autograd
 # ----------------------------------------------------------------------------------------------------------------
-def _empty_like_missing(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    return t if t is not None else like.new_empty(0)
-
-
 @torch.library.custom_op("sparsectx::sparse_attention_fwd", mutates_args=())
 def _attention_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,

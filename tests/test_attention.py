@@ -486,6 +486,12 @@ def _valid():
      "max_seqlen_ref must be >= 0"),
     (lambda a: a.update(ref_k=None, ref_v=None, ref_index=None, cu_seqlens_ref=None, max_seqlen_ref="x"), TypeError,
      "max_seqlen_ref must be an int"),
+    # (untested refusals found by a coverage review)
+    (lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"][:0]), ValueError, r"cu_seqlens_q must have B\+1 >= 1 entries"),
+    (lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"][:0], validate=False), ValueError,
+     r"cu_seqlens_q must have B\+1 >= 1 entries, got none"),
+    (lambda a: a.update(ref_v=a["ref_v"].double()), ValueError, "ref_k/ref_v must have q's dtype"),
+    (lambda a: a.update(ref_v=a["ref_v"][:, :-1]), ValueError, "ref_v must have ref_k's shape"),
     # more samples than CUDA lets a grid dimension have (65535): a clear error, not a failed launch
     (lambda a: a.update(q=a["q"][:0], k=a["k"][:0], v=a["v"][:0], ref_k=None, ref_v=None, ref_index=None,
                         cu_seqlens_ref=None, cu_seqlens_q=torch.zeros(65537, dtype=torch.int32, device=DEVICE),
@@ -730,6 +736,9 @@ def test_masked_attention_bad_input():
         sparsectx.masked_attention(q, q, q, torch.ones(2, 4, dtype=torch.bool, device=DEVICE))
     with pytest.raises(ValueError, match="k must match"):
         sparsectx.masked_attention(q, q[:, :4], q, torch.ones(2, 5, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match=r"query_mask must be \[B=2, S=5\], got \(2, 4\)"):
+        sparsectx.masked_attention(q, q, q, torch.ones(2, 5, dtype=torch.bool, device=DEVICE),
+                                   query_mask=torch.ones(2, 4, dtype=torch.bool, device=DEVICE))
 
 
 @pytest.mark.parametrize("dtype", DTYPES_HERE, ids=str)
