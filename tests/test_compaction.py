@@ -768,6 +768,19 @@ def test_scatter_gradients_match_reference(device):
     assert torch.equal(packed.grad[valid:], torch.zeros_like(packed.grad[valid:]))
 
 
+def test_scatter_gradient_reaches_a_fill_tensor_alone(device):
+    """Only the fill tensor requires grad (packed rows are constants): its gradient is the upstream gradient at the
+    positions no packed row was written to, zero elsewhere (the backward's branch without a packed gradient)."""
+    gen = torch.Generator().manual_seed(12)
+    mask = (torch.rand(2, 9, generator=gen) > 0.5).to(device)
+    index, cu_seqlens, _, _ = sparsectx.compact_tokens(mask)
+    packed = torch.randn(index.numel(), 3, generator=gen).to(device)
+    fill = torch.randn(2, 9, 3, generator=gen).to(device).requires_grad_()
+    upstream = torch.randn(2, 9, 3, generator=gen).to(device)
+    sparsectx.scatter_tokens(packed, index, cu_seqlens, 9, fill=fill).backward(upstream)
+    assert torch.equal(fill.grad, torch.where(mask[..., None], torch.zeros_like(upstream), upstream))
+
+
 @pytest.mark.parametrize("bad", [-1, 30, 1 << 20], ids=["negative", "n_tokens", "far"])
 def test_scatter_skips_out_of_range_indices(device, bad):
     """An index outside [0, N) writes nothing (not a neighbouring sample's row, not out of bounds) and its packed
