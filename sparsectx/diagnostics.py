@@ -8,7 +8,8 @@ included, and records every one that reads device data on the host:
   ``aten.is_nonzero``, ``aten.equal``), and ``Tensor.tolist()`` (not an aten operation: it is watched by wrapping
   the method while the block runs);
 - an output whose size depends on the data: ``nonzero``, ``masked_select``, ``unique``, boolean-mask indexing
-  (``aten.index`` / ``index_put`` with a bool index), ``repeat_interleave`` without ``output_size``,
+  (``aten.index`` / ``index_put`` with a bool index; not ``x[mask] = scalar``, which ATen runs as
+  ``masked_fill_``), ``repeat_interleave`` without ``output_size``,
   ``bincount``, and ``histc`` without a range (both read the data's range); ``allclose`` (a Python bool);
 - a copy between a device and the host (``.cpu()``, also of a tensor already on the CPU, ``.to("cuda")`` of a
   host tensor), except a ``non_blocking`` copy from pinned host memory to the device (it is queued like a kernel
@@ -17,6 +18,9 @@ included, and records every one that reads device data on the host:
 
 Not seen: a tensor built from host data directly on the device (``torch.tensor(list, device="cuda")``): its copy
 happens below the dispatcher. On CUDA that copy also waits for the stream; ``set_sync_debug_mode`` reports it.
+Nor ``torch.tensor`` / ``torch.as_tensor`` of a list holding device tensors (each element is read below the
+dispatcher), nor reads inside an aten kernel (``multinomial``, ``linalg.cholesky``'s error check), nor reads on
+other threads than the block's (the counter is per thread).
 
 On CUDA, ``torch.cuda.set_sync_debug_mode`` reports the synchronisations themselves; this counter runs on the CPU
 too, so tests without a GPU can assert that a code path reads nothing back (the same code runs on the GPU). There
@@ -60,6 +64,19 @@ _INDEXING = {_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.defau
 def _has_bool_index(args) -> bool:
     indices = args[1] if len(args) > 1 else ()
     return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices or ())
+
+
+def _fills_by_mask(func, args, kwargs) -> bool:
+    """An ``index_put`` that ATen runs as ``masked_fill_`` (its ``canDispatchToMaskedFill``: one bool index on
+    self's device, a one-element value on the host, no accumulation), which reads nothing: ``x[mask] = 0.0``
+    (on CUDA, Python's scalar becomes a host tensor)."""
+    if func is _aten.index.Tensor:
+        return False
+    self, indices, value = args[0], args[1], args[2] if len(args) > 2 else kwargs.get("values")
+    accumulate = args[3] if len(args) > 3 else kwargs.get("accumulate", False)
+    given = [i for i in indices if i is not None]
+    return (not accumulate and isinstance(value, torch.Tensor) and value.numel() == 1
+            and value.device.type == "cpu" and len(given) == 1 and given[0].device == self.device)
 
 
 def _histc_range(args, kwargs) -> tuple:
@@ -132,7 +149,7 @@ class HostReads(TorchDispatchMode):
                         self.mark(t)
         if func in _ALWAYS:
             self.ops.append(str(func))
-        elif func in _INDEXING and _has_bool_index(args):
+        elif func in _INDEXING and _has_bool_index(args) and not _fills_by_mask(func, args, kwargs):
             self.ops.append(f"{func} (bool index)")
         elif func is _aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
             self.ops.append(str(func))

@@ -16,8 +16,9 @@ def _x():
     ("equal", lambda x: torch.equal(x, x)),
     ("nonzero", lambda x: torch.nonzero(x > 0)),
     ("bool index", lambda x: x[x > 0]),
-    # (index_put_ itself: torch 2.15 turns ``x[mask] = scalar`` into masked_fill_, which reads nothing)
-    ("bool index put", lambda x: x.clone().index_put_((x > 0,), torch.tensor(0.0))),
+    # (a value of several elements, or accumulated: ATen compacts the mask; ``x[mask] = scalar`` reads nothing)
+    ("bool index put", lambda x: x.clone().index_put_((x > 0,), torch.zeros(6))),  # (x holds 6 positives)
+    ("bool index put, accumulated", lambda x: x.clone().index_put_((x > 0,), torch.tensor(1.0), accumulate=True)),
     ("masked_select", lambda x: torch.masked_select(x, x > 0)),
     ("unique", lambda x: torch.unique(x)),
     ("unique_consecutive", lambda x: torch.unique_consecutive(x)),
@@ -45,6 +46,9 @@ def test_host_reads_are_counted(name, fn):
     ("where", lambda x: torch.where(x > 0, x, 0.0)),
     ("repeat_interleave with output_size", lambda x: torch.repeat_interleave(torch.tensor([1, 2]), output_size=3)),
     ("histc with a range", lambda x: torch.histc(x, bins=4, min=-3.0, max=3.0)),
+    # ATen runs ``x[mask] = scalar`` as masked_fill_ (one bool index, a one-element host value, no accumulation)
+    ("bool index put of a scalar", lambda x: x.clone().__setitem__(x > 0, 0.0)),
+    ("bool index put of a host scalar tensor", lambda x: x.clone().index_put_((x > 0,), torch.tensor(0.0))),
 ])
 def test_device_only_operations_are_not_counted(name, fn):
     x = _x()
