@@ -191,7 +191,8 @@ def _attention_variants(dtypes, head_dims):
     forward loads contiguous keys by tile copies (fp16/bf16, head dims that are powers of two up to 128), the same
     without references on keys whose heads are not adjacent (the per-element pointer loads of such layouts). There
     the forward of gathered references is the copy of their kept rows and the packed layout's forward, and a
-    reference buffer whose heads are not adjacent is gathered in place (its own variant). "queries in place": the
+    reference buffer whose heads are not adjacent is gathered in place (its own variant), and packed references
+    with no own keys (``masked_attention``'s kept keys) load only the references by tile copies. "queries in place": the
     forward of ``masked_attention``'s kept queries, read from and written to dense ``[B, S, H, D]`` tensors by
     index (no backward)."""
     import torch
@@ -203,7 +204,9 @@ def _attention_variants(dtypes, head_dims):
         for dim in head_dims:
             layouts = ["no refs", "gathered refs", "packed refs", "queries in place"]
             if _row_descriptors(*(torch.zeros(1, HEADS, dim, dtype=dtype),) * 2)[0] is not None:
-                layouts += ["no refs, keys by pointers", "gathered refs, heads apart"]
+                # (and the packed layout with no own keys: masked_attention's kept keys, all packed as references,
+                # loaded by tile copies while the own keys' loads are not)
+                layouts += ["no refs, keys by pointers", "gathered refs, heads apart", "packed refs, no own keys"]
             for refs in layouts:
                 def launch(dtype=dtype, dim=dim, refs=refs):
                     def rows(*shape):
@@ -211,7 +214,9 @@ def _attention_variants(dtypes, head_dims):
                     q, k, v = rows(2 * SEQ), rows(2 * SEQ), rows(2 * SEQ)
                     if refs == "no refs, keys by pointers":  # heads 2*D apart: no [rows, H*D] view to copy tiles of
                         k, v = (torch.zeros(2 * SEQ, HEADS, 2 * dim, dtype=dtype)[..., :dim] for _ in range(2))
-                    cu = torch.tensor([0, SEQ, 2 * SEQ], dtype=torch.int32)
+                    cu = cu_k = torch.tensor([0, SEQ, 2 * SEQ], dtype=torch.int32)
+                    if refs == "packed refs, no own keys":
+                        k, v, cu_k = rows(0), rows(0), torch.zeros(3, dtype=torch.int32)
                     if refs == "queries in place":
                         attention_forward(rows(2, SEQ), k, v, cu, cu, SEQ, None, None, None, None, dim ** -0.5,
                                           q_index=torch.zeros(2 * SEQ, dtype=torch.int32))
@@ -224,11 +229,12 @@ def _attention_variants(dtypes, head_dims):
                                             for _ in range(2))
                         ref_index = torch.zeros(SEQ, dtype=torch.int32)
                         cu_r = torch.tensor([0, SEQ // 2, SEQ], dtype=torch.int32)
-                    elif refs == "packed refs":
+                    elif refs.startswith("packed refs"):
                         ref_k, ref_v, cu_r = rows(SEQ), rows(SEQ), torch.tensor([0, SEQ // 2, SEQ], dtype=torch.int32)
-                    out, lse = attention_forward(q, k, v, cu, cu, SEQ, ref_k, ref_v, ref_index, cu_r, dim ** -0.5)
-                    attention_backward(torch.zeros_like(out), torch.zeros_like(lse), q, k, v, out, lse, cu, cu, SEQ,
-                                       SEQ, ref_k, ref_v, ref_index, cu_r, SEQ // 2, dim ** -0.5)
+                    out, lse = attention_forward(q, k, v, cu, cu_k, SEQ, ref_k, ref_v, ref_index, cu_r, dim ** -0.5)
+                    attention_backward(torch.zeros_like(out), torch.zeros_like(lse), q, k, v, out, lse, cu, cu_k,
+                                       SEQ, SEQ if k.shape[0] else 0, ref_k, ref_v, ref_index, cu_r, SEQ // 2,
+                                       dim ** -0.5)
                 yield f"attention {name} D={dim} {refs}", launch
 
 
@@ -317,7 +323,8 @@ def _compaction_variants():
         keep = torch.zeros(batch, 4096, dtype=torch.bool)
         for payloads in ([hidden], [hidden, ids], [hidden, ids, keep], [keep]):
             gather_rows(payloads, index, cu, rows)
-        gather_rows([hidden] * 3, index, cu, rows, zero_padding=False)  # masked_attention's q, k, v
+        for count in (1, 2, 3):  # masked_attention's packed q alone, its k and v, or q, k and v
+            gather_rows([hidden] * count, index, cu, rows, zero_padding=False)
 
     def scatter(batch, dtype, width):
         rows = 512 * batch

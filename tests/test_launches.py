@@ -1,6 +1,9 @@
 """Kernel launches per call of the hot paths. On the GPU machines each launch cost 15-40 us of host time
 (bench/RESULTS.md, 2026-11-30), and several measured rows are bound by that host work, not by the GPU: the number of
-launches an op makes is part of its performance, and a change that adds one fails here.
+launches an op makes is part of its performance, and a change that adds a top-level aten op or a Triton launch
+fails here. (A top-level aten op counts once, whatever it runs inside: ``x[long_index]`` and ``x[bool_mask]`` give
+the same record, though on a GPU the second also runs ``nonzero`` and reads the host; host reads are
+``sparsectx.diagnostics.count_host_reads``' to count.)
 
 Triton launches are counted exactly: every ``kernel[grid](...)`` goes through ``KernelInterface.__getitem__``, the
 base of jitted, interpreted and autotuned kernels (a dunder, looked up on the type, so no instance attribute left by
