@@ -81,6 +81,15 @@ def test_every_kernel_compiles_for_sm90(quick_check):
         forward = [r for r in rows if r["variant"] == f"attention bf16 D={dim} gathered refs, heads apart"
                    and r["kernel"] == "_fwd_kernel"]
         assert forward and "REF_PACKED" not in forward[0]["config"], (dim, forward)
+    for dim in (64, 128):  # masked_attention's plainest forward: packed references by tile copies, no own keys
+        forward = [r["config"].split() for r in rows if r["variant"] == f"attention bf16 D={dim} packed refs, no own "
+                   "keys" and r["kernel"] == "_fwd_kernel"]
+        assert forward and {"REF_PACKED", "REF_TMA"} <= set(forward[0]) and "OWN_TMA" not in forward[0], forward
+    gathers = {tuple(r["config"].split()) for r in rows if r["kernel"] == "_gather_rows_kernel"}
+    for count in (1, 2, 3):  # with zero padding or without (masked_attention's packed q, k and v)
+        for padding in (True, False):
+            assert any(f"NUM_PAYLOADS={count}" in c and ("ZERO_PADDING" in c) == padding for c in gathers), \
+                (count, padding)
     assert report["shared_memory_limit"] == compile_check.SHARED_MEMORY_LIMIT[90]
     # the compaction kernels at batch 1 (the usual inference call) as well as 2, and every score dtype
     variants = {r["variant"] for r in rows}
