@@ -1284,7 +1284,8 @@ class _SparsePatch(ForwardPatch):
         if training_input:
             plan.drawn = drawn_rng(call["hidden_states"].device, before)
             selector = overrides.get("selector", self.settings.selector)
-            if in_backward() and plan.drawn is None and plan.keep is not None \
+            # (a plan without groups drops nothing: every token kept, e.g. by a keep-all budget, which draws nothing)
+            if in_backward() and plan.drawn is None and plan.keep is not None and plan.groups \
                     and getattr(selector, "reads_generator", True):
                 warnings.warn("a training forward ran during backward (a torch.utils.checkpoint recomputation) and "
                               "its forward's selection can not be found (its input tensors were made inside the "

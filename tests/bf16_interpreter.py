@@ -3,10 +3,12 @@
 Triton's interpreter holds bf16 values as their uint16 bits and gets them wrong in two places the kernels use
 (Triton 3.6 and 3.9): a cast from fp32 to bf16 truncates (a GPU rounds to nearest even), and ``tl.dot`` of bf16
 operands multiplies the raw bits as integers (a GPU's tensor cores multiply the values and accumulate in fp32).
-``install`` replaces those two (and every other cast to or from bf16, through fp32) and makes any other arithmetic
-on bf16 values raise: the kernels load bf16, compute in fp32 and round once where they store or feed a dot, so a
-kernel that computes in bf16 is a finding, not something to emulate. Loads, stores, selects and tile copies move
-bits and were right already.
+``install`` replaces those two (and every other cast to or from bf16, through fp32) and makes the other elementwise
+arithmetic on bf16 values raise (binary and unary ops, fma, clamp): the kernels load bf16, compute in fp32 and round
+once where they store or feed a dot, so a kernel that computes in bf16 is a finding, not something to emulate.
+Loads, stores, selects and tile copies move bits and were right already. Not refused: reductions and scans
+(``tl.sum``, ``tl.cumsum``, ``tl.argmax``) of a bf16 tile still compute on the raw bits, silently wrong (no kernel
+reduces a bf16 tile today; ``tl.max``/``tl.min`` happen to order the bits right).
 
 What this does not emulate: the order of a GPU's fp32 accumulation, its approximate exp2/rsqrt, and anything about
 threads, memory or tile copies; the GPU tests stay the judge of those.

@@ -270,16 +270,23 @@ def _check_topk_index(scores, budget):
     assert torch.equal(cu_seqlens, want_cu) and torch.equal(index, want_index), budget
 
 
-@pytest.mark.parametrize("filter_factor", [1, 4], ids=["filter_step_of_cand_block", "filter_step_of_4"])
-@pytest.mark.parametrize("block", [None, 32], ids=["one_block_rows", "several_block_rows"])
-def test_candidate_filter_forced_on_short_rows(device, monkeypatch, block, filter_factor):
+@pytest.mark.parametrize("block, filter_factor, fraction", [
+    pytest.param(block, factor, fraction, id=f"{'one' if block is None else 'several'}_block_rows-filter_step_of_"
+                                             f"{factor}-candidates_1_in_{fraction}")
+    for block, factor, fraction in [(None, 1, 16), (None, 4, 16), (32, 1, 16), (32, 4, 16),
+                                    # (GPU-only before) candidate blocks of a whole selection block, and the smallest
+                                    (None, 1, 1), (None, 1, 256), (32, 1, 256)]])
+def test_candidate_filter_forced_on_short_rows(device, monkeypatch, block, filter_factor, fraction):
     """The selection kernel's candidate filter (once few keys share the threshold's digits decided so far, the
     remaining radix passes count only those, compacted through a poisoned scratch row, one or four candidate blocks
-    of the row per step), forced on short rows: special values (also a row short enough to be filtered before the
-    first pass), keys differing in their lowest bits only, runs of ties (one distinct value: the range never
-    narrows and every pass counts the whole row) and spread scores give torch's top-k."""
+    of the row per step, each 1 / ``fraction`` of the selection block), forced on short rows: special values (also
+    a row short enough to be filtered before the first pass), keys differing in their lowest bits only, runs of ties
+    (one distinct value: the range never narrows and every pass counts the whole row) and spread scores give
+    torch's top-k."""
+    assert kc.CAND_BLOCK_FRACTION == 16  # the shipped fraction, the first four cases
     monkeypatch.setattr(kc, "FILTER_MIN_TOKENS", 1)
     monkeypatch.setattr(kc, "FILTER_BLOCK_FACTOR", filter_factor)
+    monkeypatch.setattr(kc, "CAND_BLOCK_FRACTION", fraction)
     if block is not None:
         monkeypatch.setattr(kc, "MAX_SELECT_BLOCK", block)
     monkeypatch.setattr(torch, "empty", _poisoned_empty(torch.empty))

@@ -800,11 +800,27 @@ def test_gpu_bf16_gradients_at_flux2_klein_sizes(monkeypatch):
     _assert_gradients_meet_the_criterion(args, upstream, torch.bfloat16, monkeypatch)
 
 
+_TEST_MODEL_SIZES = pytest.mark.parametrize("fused, dim, prefix", [
+    pytest.param(fused, dim, prefix, id=f"{'fused_qkv' if fused else 'own_projection'}-{dim}-"
+                                        f"{'text+image' if prefix else 'image'}")
+    for fused in (True, False) for dim in (16, 32) for prefix in (True, False)])
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused", [True, False], ids=["fused_qkv", "own_projection"])
-@pytest.mark.parametrize("dim", [16, 32])
-@pytest.mark.parametrize("prefix", [True, False], ids=["text+image", "image"])
+@_TEST_MODEL_SIZES
 def test_gpu_bf16_at_the_test_models_sizes(dim, prefix, fused, monkeypatch):
+    _check_bf16_at_the_test_models_sizes(dim, prefix, fused, monkeypatch)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the test above runs")
+@pytest.mark.bf16_kernels
+@_TEST_MODEL_SIZES
+def test_bf16_at_the_test_models_sizes_through_the_interpreter(dim, prefix, fused, monkeypatch):
+    """The GPU check above with its bf16 kernels run by the interpreter patched to compute bf16 as a GPU does."""
+    _check_bf16_at_the_test_models_sizes(dim, prefix, fused, monkeypatch)
+
+
+def _check_bf16_at_the_test_models_sizes(dim, prefix, fused, monkeypatch):
     """The sizes of the tiny FLUX models the processors' GPU check runs (2 heads of 16 or 32, a few text and image
     tokens: fewer elements per program tile than threads), which only those checks ran on a GPU so far: bf16
     forward and gradients against the float64 reference, x as the q third of a fused projection (FLUX.2's

@@ -1556,6 +1556,15 @@ def test_gpu_bf16_flux_attention_and_drop_training_with_diffusers_norms(monkeypa
     _check_sparsectx_attention_and_drop_training("flux", "cuda", torch.bfloat16, monkeypatch)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the test above runs")
+@pytest.mark.bf16_kernels
+def test_bf16_flux_attention_and_drop_training_with_diffusers_norms_through_the_interpreter(monkeypatch):
+    """The GPU check above on the CPU, its bf16 attention kernels run by the interpreter patched to compute bf16 as
+    a GPU does (diffusers' norms and RoPE: no fused pass)."""
+    monkeypatch.setattr(processors, "_plain_rms_norm", lambda module, x: False)
+    _check_sparsectx_attention_and_drop_training("flux", "cpu", torch.bfloat16, monkeypatch)
+
+
 def _check_sparsectx_attention_and_drop_training(family, device, low, monkeypatch):
     """In ``low`` precision on ``device``: sparsectx attention's output within twice native attention's error (the
     fp32 native run as the reference), with sparsectx's ops counted so a silent fallback to native cannot pass;
@@ -1788,6 +1797,32 @@ def test_the_drop_in_warns_where_a_recomputation_can_not_find_its_forward():
                                             use_reentrant=True)
     with pytest.warns(RuntimeWarning, match="disable: 1 forward.*disable after the backward"):
         sparsectx.disable(model)
+
+
+def test_a_keep_all_recomputation_that_can_not_find_its_forward_does_not_warn():
+    """The same checkpoint with a budget that keeps every token (the unseeded default selector, which then draws
+    nothing): the recomputation keeps every token as its forward did, so it does not warn that its gradients are
+    wrong (it did once the keep-all budget stopped drawing), and the gradients equal the unpatched model's."""
+    kwargs = shared._inputs("flux2")
+    model = shared._build_model("flux2").train()
+
+    def gradients(enabled):
+        model.zero_grad()
+        if enabled:
+            sparsectx.enable(model, budget=1.0)
+        out = torch.utils.checkpoint.checkpoint(lambda h: model(**{**kwargs, "hidden_states": h * 1.0})[0],
+                                                kwargs["hidden_states"].clone().requires_grad_(), use_reentrant=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            out.sum().backward()
+        if enabled:
+            sparsectx.disable(model)
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    expected, got = gradients(False), gradients(True)
+    assert got.keys() == expected.keys() and len(got) > 10
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=FP32_ATOL, msg=name)
 
 
 def test_last_drop_mask_is_the_latest_forwards_after_a_checkpoints_recomputation():
