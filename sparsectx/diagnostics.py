@@ -8,8 +8,8 @@ included, and records every one that reads device data on the host:
   ``aten.is_nonzero``, ``aten.equal``), and ``Tensor.tolist()`` (not an aten operation: it is watched by wrapping
   the method while the block runs);
 - an output whose size depends on the data: ``nonzero``, ``masked_select``, ``unique``, boolean-mask indexing
-  (``aten.index`` / ``index_put`` with a bool index; not ``x[mask] = scalar``, which ATen runs as
-  ``masked_fill_``), ``repeat_interleave`` without ``output_size``,
+  (``aten.index`` / ``index_put`` with a bool index; not ``x[mask] = 0.0`` or a one-element value made on the
+  host, which ATen runs as ``masked_fill_``), ``repeat_interleave`` without ``output_size``,
   ``bincount``, and ``histc`` without a range (both read the data's range); ``allclose`` (a Python bool);
 - a copy between a device and the host (``.cpu()``, also of a tensor already on the CPU, ``.to("cuda")`` of a
   host tensor), except a ``non_blocking`` copy from pinned host memory to the device (it is queued like a kernel
@@ -57,6 +57,9 @@ _ALWAYS = {
     # a Python bool, and outputs sized (or binned) by the data's range: read inside the kernel on CUDA
     _aten.allclose.default, _aten.bincount.default,
 }
+# what wraps a tensor made from host data below the dispatcher (``torch.tensor(...)``, Python's scalar of
+# ``x[mask] = 0.0``): its result is host data
+_HOST_MADE = {_aten.lift_fresh.default, _aten.lift_fresh_copy.default}
 # operations that read the host only with a boolean index
 _INDEXING = {_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default, _aten._index_put_impl_.default}
 
@@ -66,17 +69,19 @@ def _has_bool_index(args) -> bool:
     return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices or ())
 
 
-def _fills_by_mask(func, args, kwargs) -> bool:
+def _fills_by_mask(func, args, kwargs, host_value: Callable[[torch.Tensor], bool]) -> bool:
     """An ``index_put`` that ATen runs as ``masked_fill_`` (its ``canDispatchToMaskedFill``: one bool index on
     self's device, a one-element value on the host, no accumulation), which reads nothing: ``x[mask] = 0.0``
-    (on CUDA, Python's scalar becomes a host tensor)."""
+    (on CUDA, Python's scalar becomes a host tensor). ``host_value(value)``: whether the value would be on the host
+    on a GPU too (on this machine every tensor is on the CPU)."""
     if func is _aten.index.Tensor:
         return False
     self, indices, value = args[0], args[1], args[2] if len(args) > 2 else kwargs.get("values")
     accumulate = args[3] if len(args) > 3 else kwargs.get("accumulate", False)
     given = [i for i in indices if i is not None]
     return (not accumulate and isinstance(value, torch.Tensor) and value.numel() == 1
-            and value.device.type == "cpu" and len(given) == 1 and given[0].device == self.device)
+            and value.device.type == "cpu" and host_value(value) and len(given) == 1
+            and given[0].device == self.device)
 
 
 def _histc_range(args, kwargs) -> tuple:
@@ -113,6 +118,10 @@ class HostReads(TorchDispatchMode):
         # the storages holding device data, by address -> weak reference (None: every tensor is device data). By
         # storage: a view of device data is device data, and so is a tensor written through one of its views.
         self._device: Optional[dict] = None
+        # the storages of the tensors the block's aten ops made or wrote, by address -> weak reference: a one-element
+        # value made there (``y.amin()``, ``y.new_zeros(())``) is device data on a GPU, where Python's scalar of
+        # ``x[mask] = 0.0`` is not (made below the dispatcher)
+        self._made: dict = {}
         if device_data is not None:
             self._device = {}
             for t in device_data:
@@ -133,9 +142,22 @@ class HostReads(TorchDispatchMode):
         ref = self._device.get(t.untyped_storage()._cdata)
         return ref is not None and not ref.expired()
 
+    def made_on_the_device(self, t) -> bool:
+        """Whether ``t`` is device data on a GPU: device data given (``device_data``), or, without, a tensor an aten
+        op of the block made or wrote."""
+        if self._device is not None:
+            return self.holds_device_data(t)
+        ref = self._made.get(t.untyped_storage()._cdata)
+        return ref is not None and not ref.expired()
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if self._device is None and func not in _HOST_MADE:
+            for t in pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                    ref = StorageWeakRef(t.untyped_storage())
+                    self._made[ref.cdata] = ref
         if self._device is not None:
             inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
             if not any(self.holds_device_data(t) for t in inputs):
@@ -149,7 +171,8 @@ class HostReads(TorchDispatchMode):
                         self.mark(t)
         if func in _ALWAYS:
             self.ops.append(str(func))
-        elif func in _INDEXING and _has_bool_index(args) and not _fills_by_mask(func, args, kwargs):
+        elif func in _INDEXING and _has_bool_index(args) and not _fills_by_mask(
+                func, args, kwargs, lambda value: not self.made_on_the_device(value)):
             self.ops.append(f"{func} (bool index)")
         elif func is _aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
             self.ops.append(str(func))

@@ -19,6 +19,9 @@ def _x():
     # (a value of several elements, or accumulated: ATen compacts the mask; ``x[mask] = scalar`` reads nothing)
     ("bool index put", lambda x: x.clone().index_put_((x > 0,), torch.zeros(6))),  # (x holds 6 positives)
     ("bool index put, accumulated", lambda x: x.clone().index_put_((x > 0,), torch.tensor(1.0), accumulate=True)),
+    # a one-element value made on the device: ATen compacts the mask there (only a host value becomes masked_fill_)
+    ("bool index put of a device value", lambda x: x.clone().__setitem__(x > 0, x.amin())),
+    ("bool index put of a new device scalar", lambda x: x.clone().__setitem__(x > 0, x.new_zeros(()))),
     ("masked_select", lambda x: torch.masked_select(x, x > 0)),
     ("unique", lambda x: torch.unique(x)),
     ("unique_consecutive", lambda x: torch.unique_consecutive(x)),
