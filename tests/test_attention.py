@@ -99,6 +99,7 @@ CASES = {
     "head_dim_not_power_of_two": ([12, 20], [7, 2], [5, 9], 16, 2, 40, 0.05),
     "head_dim_128": ([34], [10], [30], 40, 1, 128, None),
     "head_dim_wide": ([11, 6], [4, 0], [9, 5], 12, 1, 160, None),  # the launch configurations of heads above 128
+    "head_dim_256": ([5], [2], [3], 4, 1, 256, None),  # the widest head the ops accept
     "lengths_multiple_of_the_block": ([32, 64], [32, 0], [64, 32], 64, 1, 64, 1.0),
     # the same at the default scale: at scale 1.0, scores of about +-25 give fp16/bf16 torch an error a missing key
     # hides in (a review dropped one kept key of a full tile and the fp16/bf16 checks above still passed)
@@ -443,6 +444,8 @@ def _valid():
     (lambda a: a.update(k=a["k"][:, :1]), ValueError, "k must be.*GQA/MQA, are not supported.*repeat_interleave"),
     (lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"].tolist()), TypeError, "cu_seqlens_q must be a torch.Tensor"),
     (lambda a: a.update(v=a["v"][:-1]), ValueError, "v must have"),
+    (lambda a: a.update(v=a["v"].double()), ValueError, "v has dtype torch.float64 but q has"),
+    (lambda a: a.update(v=a["v"][None]), ValueError, "v must have 3 dimensions"),
     (lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"].long()), ValueError, "cu_seqlens_q must have dtype"),
     (lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"].flip(0)), ValueError, "cu_seqlens_q"),
     (lambda a: a.update(cu_seqlens_k=a["cu_seqlens_k"][:2]), ValueError, "cu_seqlens_k has 2 entries"),
@@ -506,6 +509,15 @@ def test_bad_input_raises_naming_the_argument(change, error, words):
     change(kwargs)
     with pytest.raises(error, match=words):
         sparsectx.sparse_attention(**kwargs)
+
+
+def test_max_seqlen_ref_equal_to_the_longest_kept_count_is_accepted():
+    """max_seqlen_ref may be exactly the largest kept reference count (3 here), as max_seqlen_q/k may be their
+    longest sample: the same result as a looser bound."""
+    kwargs = _valid()
+    assert int((kwargs["cu_seqlens_ref"][1:] - kwargs["cu_seqlens_ref"][:-1]).max()) == 3
+    torch.testing.assert_close(sparsectx.sparse_attention(**kwargs, max_seqlen_ref=3),
+                               sparsectx.sparse_attention(**kwargs, max_seqlen_ref=8), rtol=0, atol=0)
 
 
 def test_numpy_scalars_count_as_python_numbers():

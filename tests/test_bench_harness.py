@@ -308,6 +308,26 @@ def test_sparsectx_rows_agreeing_with_a_wrong_output_do_not_vouch_for_it():
     assert [r["ok"] for r in rows] == [False, False] and "every compared peer (1) disagrees" in rows[0]["note"]
 
 
+def test_the_correctness_check_edges():
+    """The check's documented edges, each a mutation the suite let through: outputs of another count differ (a
+    peer returning fewer tensors passed an inexact check), an all-zero expected output has an error relative to
+    the difference itself, one small row zeroed among large rows fails (the row error's scale is the mean row norm,
+    not the largest), and the row error of a tensor of fewer than 2 dims is 0."""
+    import torch
+
+    inexact = benchmarks.Workload("t", "s", [], torch.float32)
+    x = torch.arange(8.0).reshape(2, 4) + 1
+    assert benchmarks.results_match((x,), (x, x + 1), inexact) == (False, math.inf)
+    assert benchmarks.relative_error(x, torch.zeros(2, 4)) == pytest.approx(float(x.norm()))
+    rows = torch.ones(1000, 8)
+    rows[:10] *= 50  # ten large rows among small ones
+    wrong = rows.clone()
+    wrong[500] = 0  # a small row zeroed: 0.1% of the tensor's norm, all of its row's
+    assert benchmarks.worst_row_error(wrong, rows) > benchmarks.ROW_ERR_BOUND
+    assert not benchmarks.results_match(wrong, rows, benchmarks.Workload("t", "s", [], torch.bfloat16))[0]
+    assert benchmarks.worst_row_error(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 2.0, 0.0])) == 0.0
+
+
 def test_a_peer_the_host_read_counter_can_not_run_under_is_still_timed():
     """The host reads of a case that counts them run under a TorchDispatchMode, which some ops refuse (compiled
     flex_attention: the batch case's FlexAttention peer showed as unavailable once the case counted): the row says

@@ -66,6 +66,12 @@ def test_ratios_from_a_list_and_shared_per_sample():
     assert torch.equal(shared_fractions[:, 0], shared_fractions[:, 1])
 
 
+def test_a_keep_ratio_of_zero_keeps_only_the_prefix():
+    """ratios in [0, 1]: 0 drops every reference token of the image drawn it, the prefix (text + target) stays."""
+    mask = random_drop_mask(2, [4, 3], 1, ratios=[0.0], generator=torch.Generator().manual_seed(0))
+    assert mask.tolist() == [[True] + [False] * 7] * 2
+
+
 def test_kept_subset_is_uniform_over_positions():
     # with one fixed ratio, every position of an image is kept equally often
     batch, length, ratio = 3000, 10, 0.3
