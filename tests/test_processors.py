@@ -526,11 +526,12 @@ def test_attention_score_skip_acts_on_sparsectx_processors(models, order):
     torch.testing.assert_close(got[:, :N_TARGET], expected[:, :N_TARGET], rtol=0, atol=FP32_ATOL)
 
 
-def test_boolean_attention_mask_is_a_key_mask(models):
+@pytest.mark.parametrize("mask_batch", [2, 1], ids=["per_sample", "broadcast_over_the_batch"])
+def test_boolean_attention_mask_is_a_key_mask(models, mask_batch):
     model, kwargs = models["flux2"], shared._inputs("flux2")
     g = torch.Generator().manual_seed(4)
     n_total = shared.TEXT_TOKENS + kwargs["hidden_states"].shape[1]
-    key_mask = torch.rand(2, n_total, generator=g) < 0.7
+    key_mask = torch.rand(mask_batch, n_total, generator=g) < 0.7  # (one row: broadcast, as native attention does)
     call = {**kwargs, "joint_attention_kwargs": {"attention_mask": key_mask[:, None, None, :]}}
     expected = _run(model, call)
     originals = processors.install_processors(model, processors.AttentionState())
