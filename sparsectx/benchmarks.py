@@ -2732,6 +2732,17 @@ def _failed(block: list, *rows: dict) -> list:
     return list(dict.fromkeys(r["impl"] for r in (block[0], *rows) if r["ok"] is False))
 
 
+def _targets_on_rows(targets, rows: list):
+    """``(target, head, row, failed)`` for each target on a row of its own (``TIME_TARGETS``, ``SYNC_TARGETS``) and
+    each block that has the row: the verdict line's head and the failed checks that keep it from being judged."""
+    for target in targets:
+        for case, shape, block, _unit, _mem in _table_blocks(rows):
+            row = next((r for r in block if case == target.case and r["impl"] == target.impl), None)
+            if row is not None:
+                yield (target, f"issue {target.issue} {case:<10} {shape:<48} {target.goal}:", row,
+                       _failed(block, row))
+
+
 def target_verdicts(rows: list) -> list:
     """One line per (target, shape) that the rows measure: the ratio, the goal and ``meets`` or ``MISSES``; then
     the selection line (``selection_verdict``) when the run has selection rows, and a line per e2e breakdown block
@@ -2766,34 +2777,23 @@ def target_verdicts(rows: list) -> list:
                 ratio = peer / ours
                 shown, bound = _distinct(ratio, minimum)
                 lines.append(f"{head} x{shown} (>= {bound}: {'meets' if ratio >= minimum else 'MISSES'})")
-    for target in TIME_TARGETS:
-        for case, shape, block, _unit, _mem in _table_blocks(rows):
-            row = next((r for r in block if case == target.case and r["impl"] == target.impl), None)
-            if row is None:
-                continue
-            head = f"issue {target.issue} {case:<10} {shape:<48} {target.goal}:"
-            failed = _failed(block, row)
-            ms = row.get(target.field)
-            if failed:
-                lines.append(f"{head} not judged ({' and '.join(failed)}: check FAILED)")
-            elif not ms:
-                lines.append(f"{head} not measured ({target.impl} has no {target.field})")
-            else:
-                verdict = "meets" if ms <= target.max_ms else "MISSES"
-                lines.append(f"{head} {ms * 1e3:.1f} us (<= {target.max_ms * 1e3:g} us: {verdict})")
-    for target in SYNC_TARGETS:
-        for case, shape, block, _unit, _mem in _table_blocks(rows):
-            row = next((r for r in block if case == target.case and r["impl"] == target.impl), None)
-            if row is None:
-                continue
-            head = f"issue {target.issue} {case:<10} {shape:<48} {target.goal}:"
-            failed, syncs = _failed(block, row), _host_syncs(row)
-            if failed:
-                lines.append(f"{head} not judged ({' and '.join(failed)}: check FAILED)")
-            elif syncs is None:
-                lines.append(f"{head} not measured (no host sync count: they are counted on CUDA)")
-            else:
-                lines.append(f"{head} {syncs} per call ({'meets' if syncs == 0 else 'MISSES'})")
+    for target, head, row, failed in _targets_on_rows(TIME_TARGETS, rows):
+        ms = row.get(target.field)
+        if failed:
+            lines.append(f"{head} not judged ({' and '.join(failed)}: check FAILED)")
+        elif not ms:
+            lines.append(f"{head} not measured ({target.impl} has no {target.field})")
+        else:
+            verdict = "meets" if ms <= target.max_ms else "MISSES"
+            lines.append(f"{head} {ms * 1e3:.1f} us (<= {target.max_ms * 1e3:g} us: {verdict})")
+    for target, head, row, failed in _targets_on_rows(SYNC_TARGETS, rows):
+        syncs = _host_syncs(row)
+        if failed:
+            lines.append(f"{head} not judged ({' and '.join(failed)}: check FAILED)")
+        elif syncs is None:
+            lines.append(f"{head} not measured (no host sync count: they are counted on CUDA)")
+        else:
+            lines.append(f"{head} {syncs} per call ({'meets' if syncs == 0 else 'MISSES'})")
     selection = selection_verdict(rows)
     return (lines + ([selection] if selection else []) + drop_in_selection_verdicts(rows)
             + pipeline_selection_verdicts(rows))
