@@ -69,19 +69,20 @@ def _has_bool_index(args) -> bool:
     return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices or ())
 
 
-def _fills_by_mask(func, args, kwargs, host_value: Callable[[torch.Tensor], bool]) -> bool:
-    """An ``index_put`` that ATen runs as ``masked_fill_`` (its ``canDispatchToMaskedFill``: one bool index on
-    self's device, a one-element value on the host, no accumulation), which reads nothing: ``x[mask] = 0.0``
-    (on CUDA, Python's scalar becomes a host tensor). ``host_value(value)``: whether the value would be on the host
-    on a GPU too (on this machine every tensor is on the CPU)."""
+def _masked_fill_value(func, args, kwargs) -> Optional[torch.Tensor]:
+    """The value of an ``index_put`` that ATen runs as ``masked_fill_`` when that value is on the host (its
+    ``canDispatchToMaskedFill``: one bool index on self's device, a one-element value on the host, no accumulation),
+    which reads nothing: ``x[mask] = 0.0`` (on CUDA, Python's scalar becomes a host tensor); else None. On this
+    machine every tensor is on the CPU: the caller tells whether the value would be on a GPU."""
     if func is _aten.index.Tensor:
-        return False
+        return None
     self, indices, value = args[0], args[1], args[2] if len(args) > 2 else kwargs.get("values")
     accumulate = args[3] if len(args) > 3 else kwargs.get("accumulate", False)
     given = [i for i in indices if i is not None]
-    return (not accumulate and isinstance(value, torch.Tensor) and value.numel() == 1
-            and value.device.type == "cpu" and host_value(value) and len(given) == 1
-            and given[0].device == self.device)
+    if (not accumulate and isinstance(value, torch.Tensor) and value.numel() == 1 and value.device.type == "cpu"
+            and len(given) == 1 and given[0].device == self.device):
+        return value
+    return None
 
 
 def _histc_range(args, kwargs) -> tuple:
@@ -118,7 +119,7 @@ class HostReads(TorchDispatchMode):
         # the storages holding device data, by address -> weak reference (None: every tensor is device data). By
         # storage: a view of device data is device data, and so is a tensor written through one of its views.
         self._device: Optional[dict] = None
-        # the storages of the tensors the block's aten ops made or wrote, by address -> weak reference: a one-element
+        # the storages of the one-element tensors the block's aten ops made or wrote, by address -> weak reference: a
         # value made there (``y.amin()``, ``y.new_zeros(())``) is device data on a GPU, where Python's scalar of
         # ``x[mask] = 0.0`` is not (made below the dispatcher)
         self._made: dict = {}
@@ -153,9 +154,9 @@ class HostReads(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if self._device is None and func not in _HOST_MADE:
+        if self._device is None and func not in _HOST_MADE:  # (only one-element values are ever asked about)
             for t in pytree.tree_leaves(out):
-                if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.numel() == 1:
                     ref = StorageWeakRef(t.untyped_storage())
                     self._made[ref.cdata] = ref
         if self._device is not None:
@@ -171,9 +172,10 @@ class HostReads(TorchDispatchMode):
                         self.mark(t)
         if func in _ALWAYS:
             self.ops.append(str(func))
-        elif func in _INDEXING and _has_bool_index(args) and not _fills_by_mask(
-                func, args, kwargs, lambda value: not self.made_on_the_device(value)):
-            self.ops.append(f"{func} (bool index)")
+        elif func in _INDEXING and _has_bool_index(args):
+            value = _masked_fill_value(func, args, kwargs)
+            if value is None or self.made_on_the_device(value):
+                self.ops.append(f"{func} (bool index)")
         elif func is _aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
             self.ops.append(str(func))
         elif func is _aten.histc.default and _histc_range(args, kwargs) == (0, 0):  # (the range read from the data)
