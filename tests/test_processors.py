@@ -4,6 +4,7 @@ through the Triton interpreter (tests/conftest.py)."""
 import contextlib
 import functools
 import importlib.util
+import math
 import types
 import unittest.mock
 import weakref
@@ -1507,6 +1508,24 @@ def test_drop_training_bad_input(models):
     sparsectx.enable(model, budget=0.5)
     with pytest.raises(RuntimeError, match="sparsectx.disable"):
         enable_drop_training(model)
+
+
+def test_ref_lengths_may_cover_the_whole_image_sequence(models):
+    """``ref_lengths`` name the last ``sum(ref_lengths)`` image tokens as the references: all of them (no target
+    token) is accepted and each sample keeps ``round-half-up(r * L)`` of them; one token more is refused, naming
+    ``ref_lengths``."""
+    model, kwargs = models["flux2"], _train_inputs("flux2")
+    n_image = kwargs["hidden_states"].shape[1]
+    model.train()
+    enable_drop_training(model, ratio_range=(0.5, 0.5), ref_lengths=[n_image],
+                         generator=torch.Generator().manual_seed(0))
+    _run(model, kwargs)
+    kept = sparsectx.last_drop_mask(model).sum(1)
+    assert kept.tolist() == [math.floor(0.5 * n_image + 0.5)] * kwargs["hidden_states"].shape[0]
+    disable_drop_training(model)
+    enable_drop_training(model, ratio_range=(0.5, 0.5), ref_lengths=[n_image + 1])
+    with pytest.raises(ValueError, match="ref_lengths"):
+        _run(model, kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
