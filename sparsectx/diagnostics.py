@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import traceback
 import warnings
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -112,6 +113,10 @@ def _crosses_host(func, args, kwargs, out) -> bool:
 class HostReads(TorchDispatchMode):
     """The host reads of a block: ``ops`` (names, in order) and ``count``. Use ``count_host_reads()``, which also
     watches ``Tensor.tolist`` and ``Tensor.cpu``."""
+
+    # sparsectx's ops take the path they take without the mode (their eager path, not their custom ops', see
+    # ``ops._eager``): the reads counted are those of the code that runs outside the block
+    sparsectx_eager = True
 
     def __init__(self, device_data=None):
         super().__init__()
@@ -251,6 +256,8 @@ def count_host_reads(device_data: Optional[Iterable] = None) -> Iterator[HostRea
     reads count instead of the copy."""
     tensors = None
     if device_data is not None:
+        if not isinstance(device_data, Iterable):
+            raise TypeError(f"device_data must be a list of tensors or modules, got {type(device_data).__name__}")
         tensors = []
         for item in device_data:
             if isinstance(item, torch.nn.Module):
@@ -272,13 +279,28 @@ def count_host_reads(device_data: Optional[Iterable] = None) -> Iterator[HostRea
 
 def count_cuda_syncs(fn: Callable[[], Any]) -> int:
     """Host synchronisations during one call of ``fn()``, as torch's CUDA sync debug mode ("warn") reports them
-    (CUDA only: the real synchronisations, including those of launchers outside aten)."""
+    (CUDA only: the real synchronisations, including those of launchers outside aten). ``cuda_syncs`` says where."""
+    return len(cuda_syncs(fn))
+
+
+def cuda_syncs(fn: Callable[[], Any]) -> list[str]:
+    """The host synchronisations during one call of ``fn()`` that torch's CUDA sync debug mode ("warn") reports,
+    each as its message after the Python stack that made it (innermost call last): where a path synchronises,
+    also when an exception handler would swallow the error of the "error" mode (CUDA only)."""
+    found: list[str] = []
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            stack = [f for f in traceback.extract_stack()[:-1] if f.filename != warnings.__file__]
+            found.append("".join(traceback.format_list(stack)) + f"{category.__name__}: {message}")
+
     previous = torch.cuda.get_sync_debug_mode()
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
         try:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode(previous)
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return found

@@ -32,6 +32,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch._subclasses import fake_tensor as _fake_tensor
+from torch.utils import _python_dispatch
 
 from . import reference
 # small tensors of host values on a device without a wait (plain torch; shared with the kernels' launchers)
@@ -99,7 +100,14 @@ def backend_for(device: Union[torch.device, str], dtype: torch.dtype = torch.flo
     known = _BACKENDS.get(key)
     if known is not None:
         return known
-    device = torch.device(device)
+    if not isinstance(dtype, torch.dtype):  # ("bfloat16" as a string was answered as another dtype)
+        raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__} {dtype!r}")
+    if not isinstance(device, (torch.device, str, int)) or isinstance(device, bool):
+        raise TypeError(f"device must be a torch.device, a string or a CUDA index, got {type(device).__name__}")
+    try:
+        device = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device {device!r} is not a torch device ({exc})") from None
     backend = TORCH_REFERENCE
     if device.type == "cuda" and not interpret and _triton_available() and _kernels_built_as(False):
         backend = TRITON_GPU
@@ -1368,9 +1376,12 @@ def _eager_under_compile(fn):
 def _eager(*tensors) -> bool:
     """Plain tensors (or None) in eager mode, with nothing but autograd that must see an op: no torch.compile,
     meta or fake tensors, functionalization, torch.func transforms such as vmap (whose fallback loops over the custom
-    op), ``torch.jit.trace``, dispatch or torch-function mode."""
-    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack()
-            or torch._C._is_torch_function_mode_enabled()):
+    op), ``torch.jit.trace``, torch-function mode, or a dispatch mode other than one that asks to see the eager
+    path (``sparsectx_eager``: ``diagnostics.count_host_reads`` counts the reads of the code that runs without it)."""
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._is_torch_function_mode_enabled()
+            or (torch._C._len_torch_dispatch_stack() and not all(
+                getattr(mode, "sparsectx_eager", False)
+                for mode in _python_dispatch._get_current_dispatch_mode_stack()))):
         return False
     return all(t is None or (_unwrapped(t) and not t.is_meta) for t in tensors)
 

@@ -43,7 +43,7 @@ import functools
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Optional, Sequence, Union
+from typing import Callable, Iterable, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -177,6 +177,8 @@ def _check_selector_inputs(reference_latents, context) -> tuple[int, int]:
     if not isinstance(reference_latents, torch.Tensor) or reference_latents.ndim != 3:
         raise ValueError("reference_latents must be a [B, N, C] tensor, got "
                          f"{getattr(reference_latents, 'shape', type(reference_latents).__name__)}")
+    if reference_latents.is_meta:
+        raise ValueError("reference_latents is on the meta device: it has no values to select from")
     if not isinstance(context, SelectionContext):
         raise TypeError(f"context must be a SelectionContext, got {type(context).__name__}")
     batch, n_tokens, _ = reference_latents.shape
@@ -208,10 +210,15 @@ def register_selector(name: str, fn: SelectorFn, *, overwrite: bool = False, ret
     ``reads_generator=False`` says ``fn`` draws no random numbers (a batch seeded per image still selects once)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"selector name must be a non-empty string, got {name!r}")
+    for flag, value in (("overwrite", overwrite), ("returns_scores", returns_scores),
+                        ("reads_generator", reads_generator)):
+        ops._check_flag(flag, value)
+    if signals is not None and (isinstance(signals, (str, bytes)) or not isinstance(signals, Iterable)
+                                or not all(isinstance(s, str) for s in signals)):
+        shown = f"the string {signals!r} (write [{signals!r}])" if isinstance(signals, (str, bytes)) else repr(signals)
+        raise TypeError(f"signals must be a list of names, got {shown}")
     if name in _REGISTRY and not overwrite:
         raise ValueError(f"a selector named {name!r} is already registered (pass overwrite=True to replace it)")
-    if isinstance(signals, (str, bytes)):
-        raise TypeError(f"signals must be a list of names, got the string {signals!r} (write [{signals!r}])")
     if isinstance(fn, Selector):  # re-registered under another name: this call's facts join the selector's own
         returns_scores = returns_scores or fn.returns_scores
         signals = fn.signals if signals is None else signals
@@ -827,6 +834,8 @@ def edit_scores(reference_latents: torch.Tensor, context: SelectionContext, *, r
         if not isinstance(user_mask, torch.Tensor) or user_mask.dtype != torch.bool \
                 or tuple(user_mask.shape) != (batch, n_tokens):
             raise ValueError(f"extra['user_mask'] must be bool [B={batch}, N={n_tokens}]")
+        if user_mask.is_meta:
+            raise ValueError("extra['user_mask'] is on the meta device: it has no values to read")
         region = user_mask.to(region.device).float()
     if queries is not None:
         keys = _probe_tensor(reference_latents, context, "ref_keys", "edit")
@@ -1130,6 +1139,8 @@ def _check_scores(scores, nan: bool = True) -> None:
     """``scores`` a float [B, N] tensor, and (``nan``: one host read) without NaN."""
     if not isinstance(scores, torch.Tensor) or scores.ndim != 2 or not scores.is_floating_point():
         raise ValueError(f"scores must be a float [B, N] tensor, got {getattr(scores, 'shape', type(scores))}")
+    if scores.is_meta:
+        raise ValueError("scores are on the meta device: they have no values to rank")
     if nan and torch.isnan(scores).any():
         raise _NaNScores("scores contain NaN")
 
@@ -1534,7 +1545,8 @@ def select(reference_latents: torch.Tensor, context: SelectionContext, selector=
     known not to read (a misspelt signal, which it would ignore) is refused, as ``enable(signals=...)`` does, except
     the built-in signal names (``BUILTIN_SIGNALS``), which the automatic probe adds to a context it ran on."""
     selector = get_selector(selector)
-    if selector.signals is not None and isinstance(context, SelectionContext):
+    _check_selector_inputs(reference_latents, context)
+    if selector.signals is not None:
         # names the built-in probe may have added to a context used before are not the user's
         unknown = sorted(name for name in context.extra if not str(name).startswith("_")
                          and name not in selector.signals and name not in BUILTIN_SIGNALS)
@@ -1565,10 +1577,10 @@ def selected_keep(selector: Selector, reference_latents: torch.Tensor, context: 
     """``apply_budget(selector(reference_latents, context), ..., checked=True)`` (``select`` and the drop-in), with
     one host read fewer under an adaptive budget: it finds NaN scores in its own read of their range, and they are
     refused naming the selector all the same."""
+    _check_selector_inputs(reference_latents, context)
     if budget is not None:  # a bad budget is refused before the selector (and a probe it reads) runs
         budget = as_budget(budget)
-        if isinstance(reference_latents, torch.Tensor) and reference_latents.ndim == 3:
-            _check_budget_settings(budget, reference_latents.shape[0], context.ref_lengths)
+        _check_budget_settings(budget, reference_latents.shape[0], context.ref_lengths)
     elif selector.returns_scores:
         raise ValueError(f"budget is required: selector {selector.name!r} returns scores (budget=None keeps a "
                          "selector's keep mask as given)")

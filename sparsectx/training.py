@@ -144,6 +144,12 @@ def random_drop_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ref
     """
     if not isinstance(q, torch.Tensor) or q.ndim != 4:
         raise ValueError(f"q must be a [B, S, H, D] tensor, got {getattr(q, 'shape', type(q).__name__)}")
+    if not isinstance(drop_queries, bool):  # ("no" was read as True)
+        raise TypeError(f"drop_queries must be a bool, got {type(drop_queries).__name__}")
+    # the draw's settings are checked with a keep_mask too (which they do not draw): a bad one is a mistake either way
+    _check_draw_settings(generator, per_image, ratio_range)
+    if ratios is not None:
+        _check_ratios(ratios)
     batch, seq = q.shape[:2]
     ref_lengths = _check_layout(batch, ref_lengths, n_prefix)
     if n_prefix + sum(ref_lengths) != seq:
@@ -486,4 +492,7 @@ class GeneratorState:
         if not isinstance(state_dict, dict) or "generator_state" not in state_dict:
             raise ValueError("state_dict must be what GeneratorState.state_dict() returns (a dict with "
                              f"'generator_state'), got {state_dict!r:.80}")
-        self.generator.set_state(state_dict["generator_state"])
+        try:
+            self.generator.set_state(state_dict["generator_state"])
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"state_dict['generator_state'] is not a state of this generator ({exc})") from None

@@ -2,6 +2,7 @@
 
 TRITON_INTERPRET must be set before any kernel module is imported (sparsectx imports its kernels lazily).
 """
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -54,6 +55,22 @@ def pytest_configure(config):
 
         raise pytest.UsageError(f"the Triton interpreter of triton {triton.__version__} cannot run these kernels "
                                 f"with numpy {numpy.__version__}: install numpy<2.4 or a newer Triton (3.9 works)")
+    if os.environ.get("SPARSECTX_REPORT_AS_RUN") == "1":
+        _dump_stacks_on_sigterm(config)
+
+
+def _dump_stacks_on_sigterm(config) -> None:
+    """A run killed by its timeout (SIGTERM, the GPU check's steps) first writes every thread's Python stack to the
+    real stderr: where the test it cut was (pytest's output capture would swallow it, and the test's name is
+    all a -v line says)."""
+    import faulthandler
+    import signal
+
+    capture = config.pluginmanager.getplugin("capturemanager")
+    uncaptured = capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext()
+    with uncaptured:
+        stderr = os.fdopen(os.dup(2), "w")
+    faulthandler.register(signal.SIGTERM, file=stderr, all_threads=True, chain=True)
 
 
 @pytest.fixture

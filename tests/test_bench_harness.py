@@ -705,6 +705,38 @@ def test_gpu_checks_test_step_reports_each_failure_as_it_happens(tmp_path):
     assert "SPARSECTX_REPORT_AS_RUN=1" in script
 
 
+def test_gpu_checks_test_step_killed_by_its_timeout_says_where_the_test_was(tmp_path):
+    """A GPU check step's timeout kills pytest with SIGTERM in the middle of a test, whose -v line then holds its
+    name alone: with SPARSECTX_REPORT_AS_RUN=1 the suite's conftest first writes every thread's Python stack to
+    the real stderr (past pytest's capture), which names the line the test was at."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    started = tmp_path / "started"
+    (tmp_path / "test_planted.py").write_text(
+        "import pathlib, time\n\n\ndef planted_wait():\n"
+        f"    pathlib.Path({str(started)!r}).touch()\n    time.sleep(120)\n\n\n"
+        "def test_waits():\n    planted_wait()\n")
+    tests_dir = Path(__file__).parent
+    env = {**os.environ, "SPARSECTX_REPORT_AS_RUN": "1", "PYTHONPATH": str(tests_dir)}
+    run = subprocess.Popen([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-p", "conftest",
+                            "--rootdir", str(tmp_path), str(tmp_path / "test_planted.py")],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not started.exists() and time.monotonic() < deadline and run.poll() is None:
+            time.sleep(0.2)
+        assert started.exists(), "the planted test never started"
+        run.send_signal(signal.SIGTERM)
+        out, _ = run.communicate(timeout=60)
+    finally:
+        run.kill()
+    assert run.returncode == -signal.SIGTERM, out  # (the dump chains to the default action: the run still ends)
+    assert "in planted_wait" in out and "in test_waits" in out, out
+
+
 def test_a_ratio_or_time_exactly_at_its_bound_meets():
     """The targets read ">= bound" and "<= 25 us": a value exactly at the bound meets; the selection target is
     "under 2%": a share of exactly 2% misses."""

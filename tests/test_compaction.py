@@ -995,7 +995,7 @@ def test_cuda_bench_calls_said_not_to_sync_never_sync(case, impl):
     H200 run from 2026-11-29 to 2026-11-30 counted 1 sync per call of the compaction row (in "warn" mode) while
     the test above, on another call, passed: then the harness's count is checked against this one too."""
     from sparsectx import benchmarks
-    from sparsectx.diagnostics import count_cuda_syncs
+    from sparsectx.diagnostics import cuda_syncs
 
     config = benchmarks.CASES[case].configs("full")[0]
     workload = benchmarks.CASES[case].build(config, "full", torch.device("cuda"))
@@ -1009,7 +1009,8 @@ def test_cuda_bench_calls_said_not_to_sync_never_sync(case, impl):
         torch.cuda.set_sync_debug_mode("default")
     pairs = zip(result, expected) if isinstance(result, (tuple, list)) else [(result, expected)]
     assert all(torch.equal(got, want) for got, want in pairs)
-    assert count_cuda_syncs(call) == 0
+    syncs = cuda_syncs(call)  # (the harness's count; each with the stack that made it)
+    assert not syncs, "\n\n".join(syncs)
 
 
 # ----------------------------------------------------------------------------------------------------------------

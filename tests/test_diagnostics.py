@@ -129,6 +129,37 @@ def test_device_values_from_a_host_tensor_wait_for_nothing_on_cuda():
     assert out[0].device.type == "cuda" and torch.equal(out[0].cpu(), host.int())
 
 
+def test_cuda_syncs_say_where_each_sync_happened(monkeypatch):
+    """``cuda_syncs``: each warning of torch's sync debug mode ("warn" while ``fn`` runs, the previous mode after)
+    with the Python stack that made it; other warnings are not syncs (the sync debug mode itself is stood in for,
+    as there is no CUDA here: torch reports a sync as this warning, from C++ like ``torch.range``'s)."""
+    import warnings
+
+    from sparsectx.diagnostics import count_cuda_syncs, cuda_syncs
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def planted_sync():
+        warnings.warn("called a synchronizing CUDA operation")
+
+    def fn():
+        assert modes[-1] == "warn"
+        torch.range(0, 1)  # a deprecation warning from C++, not a sync
+        planted_sync()
+
+    with warnings.catch_warnings(record=True) as outside:
+        warnings.simplefilter("always")
+        syncs = cuda_syncs(fn)
+        assert count_cuda_syncs(fn) == 1
+        warnings.warn("after the block")
+    assert len(syncs) == 1 and "in planted_sync" in syncs[0] and "in fn" in syncs[0]
+    assert syncs[0].rstrip().endswith("UserWarning: called a synchronizing CUDA operation")
+    assert modes == ["warn", 0, "warn", 0]
+    assert [str(w.message) for w in outside] == ["after the block"]  # the caller's warning handling is back
+
+
 def test_device_data_tells_device_reads_from_host_work():
     """count_host_reads(device_data=...): on a machine where everything is on the CPU, only reads of the given
     tensors and of what is computed from them count; a .cpu() of such data counts once and gives host data."""
@@ -201,6 +232,9 @@ def test_device_data_of_a_module_and_bad_items():
     with pytest.raises(TypeError, match="device_data"):
         with count_host_reads(device_data=[3]):
             pass
+    with pytest.raises(TypeError, match="device_data must be a list of tensors or modules, got int"):
+        with count_host_reads(device_data=3):  # (before: "'int' object is not iterable")
+            pass
 
 
 def test_a_byte_mask_index_is_a_host_read():
@@ -214,3 +248,48 @@ def test_a_byte_mask_index_is_a_host_read():
         with count_host_reads() as reads:
             x[mask]
     assert reads.count == 1, reads.ops
+
+
+def test_sparsectx_ops_take_their_eager_path_inside_the_block():
+    """Inside ``count_host_reads`` sparsectx's ops run the code they run outside it (not their custom ops, as under
+    any other dispatch mode): ``masked_attention`` with one mask for queries and keys and no autograd packs the
+    keys once and, on the kernels, reads nothing back, as outside the block (before: 2 reads of a path that only
+    runs inside it)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import sparsectx
+    from sparsectx import ops
+
+    class Other(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    t = torch.zeros(2)
+    with count_host_reads():
+        assert ops._eager(t)
+        with Other():
+            assert not ops._eager(t)
+    with Other():
+        assert not ops._eager(t)
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 6, 2, 16, generator=gen) for _ in range(3))
+    mask = torch.tensor([[1, 1, 0, 1, 0, 1], [1, 0, 0, 0, 0, 1]], dtype=torch.bool)
+    taken = []
+    packed = ops._pack_for_attention
+
+    def pack(*args, **kwargs):
+        taken.append("pack")
+        return packed(*args, **kwargs)
+
+    expected = sparsectx.masked_attention(q, k, v, mask, query_mask=mask)
+    ops._pack_for_attention = pack
+    try:
+        with count_host_reads(device_data=[q, k, v, mask]) as reads:
+            out = sparsectx.masked_attention(q, k, v, mask, query_mask=mask)
+    finally:
+        ops._pack_for_attention = packed
+    assert taken == ["pack"]  # the shared-mask path's one compaction
+    assert torch.equal(out, expected)
+    if ops.backend_for(q.device, q.dtype) != ops.TORCH_REFERENCE:
+        assert reads.ops == []

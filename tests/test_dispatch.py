@@ -37,6 +37,18 @@ def test_backend_for_follows_device_dtype_and_interpreter_flag(monkeypatch):
                                                        and torch.cuda.is_available() else ops.TORCH_REFERENCE)
 
 
+def test_backend_for_refuses_what_is_not_a_dtype_or_a_device():
+    """A dtype given as a string ("bfloat16") was answered as another dtype (the interpreter, which bf16 never
+    takes), and a device name torch does not know raised torch's RuntimeError naming no argument."""
+    for dtype in ("bfloat16", 3):
+        with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
+            ops.backend_for("cpu", dtype)
+    with pytest.raises(ValueError, match="device 'nonsense' is not a torch device"):
+        ops.backend_for("nonsense", torch.float16)
+    with pytest.raises(TypeError, match="device must be a torch.device, a string or a CUDA index"):
+        ops.backend_for(0.5, torch.float16)
+
+
 @pytest.mark.skipif(ops.backend_for("cpu", torch.float32) != ops.TRITON_INTERPRETER,
                     reason="the kernels run through the interpreter here")
 def test_a_kept_backend_answer_follows_a_kernel_module_imported_later(monkeypatch):

@@ -893,7 +893,15 @@ def test_register_selector_signals_and_selector_objects():
     name takes that name and the call's returns_scores / signals (they were ignored)."""
     with pytest.raises(TypeError, match="signals must be a list of names"):
         register_selector("_test_string_signals", lambda x, c: torch.rand(x.shape[:2]), signals="user_mask")
+    with pytest.raises(TypeError, match="signals must be a list of names"):
+        register_selector("_test_string_signals", lambda x, c: torch.rand(x.shape[:2]), signals=3)
     assert "_test_string_signals" not in available_selectors()
+    # switches given as strings: overwrite="no" replaced a built-in selector, returns_scores="no" read as True
+    uniform = get_selector("uniform")
+    for flag in ("overwrite", "returns_scores", "reads_generator"):
+        with pytest.raises(TypeError, match=f"{flag} must be a bool"):
+            register_selector("uniform", lambda x, c: torch.rand(x.shape[:2]), **{flag: "no"})
+    assert get_selector("uniform") is uniform
     base = get_selector("uniform")
     try:
         again = register_selector("_test_uniform_again", base, signals=["my_signal"])
@@ -986,6 +994,21 @@ def test_standalone_api_refuses_what_it_would_get_wrong():
     attention_mass failed inside einsum on mismatched or 3-D inputs; each is now a ValueError/TypeError naming the
     argument. Queries and keys of different float dtypes are computed in the wider one (they failed in matmul)."""
     latents, ctx = _full_context(3, 2)
+    # a context that is not one (an AttributeError inside before), values on the meta device (blamed on the selector,
+    # or torch's "Cannot copy out of meta tensor")
+    for context in ({"ref_lengths": ctx.ref_lengths}, None):
+        with pytest.raises(TypeError, match="context must be a SelectionContext"):
+            select(latents, context, "uniform", 0.5)
+    with pytest.raises(ValueError, match="reference_latents is on the meta device"):
+        select(latents.to("meta"), ctx, "uniform", 0.5)
+    from sparsectx.selection import adaptive_budget
+
+    with pytest.raises(ValueError, match="scores are on the meta device"):
+        adaptive_budget(torch.rand(3, 8, device="meta"), 0.5)
+    masked = SelectionContext(2, ctx.ref_lengths, extra={"user_mask": torch.zeros(latents.shape[:2], dtype=torch.bool,
+                                                                                    device="meta")})
+    with pytest.raises(ValueError, match=r"extra\['user_mask'\] is on the meta device"):
+        select(latents, masked, "edit", 0.5)
     generators = [torch.Generator().manual_seed(s) for s in (1, 2)]
     short = SelectionContext(2, ctx.ref_lengths, sample_generators=generators)
     with pytest.raises(ValueError, match="sample_generators has 2 generators for a batch of 3"):

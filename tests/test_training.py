@@ -221,6 +221,17 @@ def test_bad_attention_arguments():
         random_drop_attention(q[0], k, v, [4, 4], 2)
     with pytest.raises(ValueError, match="key_mask"):
         random_drop_attention(q, k, v, [4, 4], 2, keep_mask=torch.ones(1, 9, dtype=torch.bool))
+    # a switch given as a string ("no" was read as True), and the draw's settings beside a keep_mask (which they do
+    # not draw: accepted silently before, refused without one)
+    keep = torch.ones(1, 10, dtype=torch.bool)
+    with pytest.raises(TypeError, match="drop_queries must be a bool"):
+        random_drop_attention(q, k, v, [4, 4], 2, drop_queries="no")
+    for bad, error, words in (({"ratio_range": (2, 3)}, ValueError, "ratio_range"),
+                              ({"generator": "g"}, TypeError, "generator"),
+                              ({"ratios": [7]}, ValueError, "ratios"),
+                              ({"per_image": "x"}, TypeError, "per_image")):
+        with pytest.raises(error, match=words):
+            random_drop_attention(q, k, v, [4, 4], 2, keep_mask=keep, **bad)
 
 
 @pytest.mark.gpu
@@ -307,6 +318,8 @@ def test_drop_mask_settings_are_checked_naming_them():
         random_drop_mask(2, [4], 1, (5, 1), ratios=[0.5])
     with pytest.raises(ValueError, match="state_dict must be what GeneratorState.state_dict"):
         GeneratorState(torch.Generator()).load_state_dict({})
+    with pytest.raises(ValueError, match=r"state_dict\['generator_state'\] is not a state"):  # (torch's RuntimeError)
+        GeneratorState(torch.Generator()).load_state_dict({"generator_state": torch.zeros(3)})
     state = GeneratorState(torch.Generator().manual_seed(3))
     expected = torch.rand(3, generator=state.generator)
     restored = GeneratorState(torch.Generator())
