@@ -36,6 +36,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 REPO=$PWD
 # the package runs from an installed copy, outside the tree: the commit is read here (with -dirty for local edits)
 SPARSECTX_COMMIT=${SPARSECTX_COMMIT:-$(git -C "$REPO" describe --always --dirty --abbrev=7 --exclude '*' 2>/dev/null)}
+# (results without a commit can not be told from another tree's: a misspelt variable ran with none)
+[[ -n $SPARSECTX_COMMIT ]] || { echo "no commit: the tree has no git, set SPARSECTX_COMMIT=<hash>" >&2; exit 2; }
 export SPARSECTX_COMMIT
 PART=${GPU_CHECK_PART:-1}
 case $PART in 1|2|all) ;; *) echo "GPU_CHECK_PART must be 1, 2 or all, got '$PART'" >&2; exit 2 ;; esac
@@ -43,13 +45,29 @@ part() { [[ $PART == all || $PART == "$1" ]]; }
 # the part that runs the whole pipeline calls (see pipeline_step): 2 (default), 1 or 0 (neither)
 PIPELINE_PART=${GPU_CHECK_PIPELINE:-2}
 case $PIPELINE_PART in 0|1|2) ;; *) echo "GPU_CHECK_PIPELINE must be 0, 1 or 2, got '$PIPELINE_PART'" >&2; exit 2 ;; esac
-# step names to skip, comma-separated (e.g. "bench training, bench kv"; spaces around the commas are ignored)
+# step names to skip, comma-separated (e.g. "bench training, bench kv"; spaces around the commas are ignored); a
+# name that is no step's is refused (a misspelt one skipped nothing)
 SKIP_STEPS=$(sed -e 's/ *, */,/g' -e 's/^ *//' -e 's/ *$//' <<<"${GPU_CHECK_SKIP:-}")
+STEP_NAMES=("nvidia-smi" "versions" "install wheels" "pip install --target" "import sparsectx"
+            "import sparsectx (links)" "import diffusers" "pytest -m gpu processors" "pytest -m gpu"
+            "bench key cases" "bench norm_rope" "bench training" "bench e2e" "bench selection" "bench kv"
+            "bench pipeline" "profile ops" "pytest candidates" "bench e2e_qwen" "bench train_step" "bench e2e_batch"
+            "bench e2e_kontext" "pytest not gpu")
+IFS=, read -r -a SKIP_LIST <<<"$SKIP_STEPS"
+for skipped in "${SKIP_LIST[@]}"; do
+    known=0
+    for name in "" "${STEP_NAMES[@]}"; do [[ $skipped == "$name" ]] && known=1; done   # ("": "a,,b")
+    if (( ! known )); then
+        echo "GPU_CHECK_SKIP: '$skipped' is no step's name; the steps: $(printf '%s, ' "${STEP_NAMES[@]}")" >&2
+        exit 2
+    fi
+done
 # extra arguments of the e2e step, split on spaces (e.g. --quick: its subset, which still gives the selection shares)
 read -r -a E2E_ARGS <<<"${GPU_CHECK_E2E_ARGS:-}"
 # whole script, wall time: 9.5 minutes (part 1's steps add up to about 9; a device command may run 10 minutes) leave
 # a device session of 15 minutes its start-up (30 s on 2026-11-30, up to 4 minutes) and a short second command
 BUDGET_S=${GPU_CHECK_BUDGET_S:-570}
+[[ $BUDGET_S =~ ^[0-9]+$ ]] || { echo "GPU_CHECK_BUDGET_S must be whole seconds, got '$BUDGET_S'" >&2; exit 2; }
 SUMMARY_RESERVE_S=35                   # kept back for the summary's report (at most 30 s) and timeout's kill
                                        # grace; results.md's report (at most 10 s) runs past the budget, well
                                        # inside a device command's 600 s
@@ -207,7 +225,9 @@ PYTEST=("$(dirname "$(command -v "$PY")")/pytest")
 [[ -x ${PYTEST[0]} ]] || PYTEST=("$PY" -m pytest)
 # -v: one line per test as it finishes, so a run cut by its timeout still says which tests passed or failed
 PYTEST+=(-p no:cacheprovider -v -rfE --durations=5)
-BENCH=("${IN_SCRATCH[@]}" "$PY" -m sparsectx.cli bench)   # from the scratch folder: the installed package
+# from the scratch folder (the installed package); each step's rows also merged into $OUT/bench.json as they come, so
+# that a check killed later keeps them (the steps' own JSON files, in $SCRATCH, are merged again by the summary)
+BENCH=("${IN_SCRATCH[@]}" "$PY" -m sparsectx.cli bench --merge-into "$OUT/bench.json")
 CANDIDATES=every_autotune_candidate
 NORM_ROPE_AT_TEST_SIZES=tests/test_norm_rope.py::test_gpu_bf16_at_the_test_models_sizes
 # tests run one launch config per kernel (SPARSECTX_AUTOTUNE=0: many dtypes/shapes, compile time matters more);

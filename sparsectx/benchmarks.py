@@ -2678,11 +2678,12 @@ class SyncTarget:
     case: str
     impl: str
     goal: str
+    counted_since: Optional[str] = None  # the first date a bench counted the row (earlier GPU runs have no count)
 
 
 SYNC_TARGETS = (
     SyncTarget(3, "compaction", "sparsectx compact_tokens (scores+budget)", "no host sync on the scores+budget path"),
-    SyncTarget(4, "batch", "sparsectx (packed varlen)", "the mixed-budget batch with no host sync"),
+    SyncTarget(4, "batch", "sparsectx (packed varlen)", "the mixed-budget batch with no host sync", "2026-12-02"),
 )
 
 
@@ -2792,7 +2793,8 @@ def target_verdicts(rows: list) -> list:
         if failed:
             lines.append(f"{head} not judged ({' and '.join(failed)}: check FAILED)")
         elif syncs is None:
-            lines.append(f"{head} not measured (no host sync count: they are counted on CUDA)")
+            since = f", on this row since {target.counted_since}" if target.counted_since else ""
+            lines.append(f"{head} not measured (no host sync count in this run: counted on CUDA only{since})")
         else:
             lines.append(f"{head} {syncs} per call ({'meets' if syncs == 0 else 'MISSES'})")
     selection = selection_verdict(rows)
@@ -2878,40 +2880,50 @@ def merge_runs(paths: Sequence[str]) -> dict:
     """Several ``sparsectx bench --json`` files (the steps of one GPU check) as one: the first file's metadata,
     every file's autotuner picks (``meta.autotune_runs``), all rows in order, ``meta.cases`` the cases present.
     Missing files are skipped (a step that did not run writes none); ``ValueError`` when none exists."""
+    found = [(path, load_run(path)) for path in paths if os.path.exists(path)]
+    if not found:
+        raise ValueError(f"none of {', '.join(paths)} exists")
+    return merge_parts(found)
+
+
+def merge_parts(parts: Sequence[tuple]) -> dict:
+    """``(name, run)`` pairs of one run's parts as one run (``merge_runs``). A run that is itself a merge (its
+    ``meta.parts``: ``bench --merge-into``'s file) brings its parts as they are."""
     merged: dict = {"meta": None, "rows": []}
     first, seen, planned = None, {}, []
-    for path in paths:
-        if not os.path.exists(path):
-            continue
-        data = load_run(path)
+    for name, data in parts:
         meta = data["meta"]
         if first is None:
-            first, merged["meta"] = path, dict(meta)
-            merged["meta"]["parts"] = []
+            first = name
+            merged["meta"] = {k: v for k, v in meta.items() if k not in ("parts", "autotune_runs", "planned_cases")}
+            merged["meta"].update(parts=[], autotune_runs=[])
         else:  # parts of one run only: a ratio must never pair times of two runs
             for key in MERGE_MUST_MATCH:
                 mine, theirs = merged["meta"].get(key), meta.get(key)
                 # a field one file lacks (an older format) is not compared; the commit always is (a part run
                 # without one can not be shown to be the same code)
                 if (key == "commit" or (mine is not None and theirs is not None)) and mine != theirs:
-                    raise ValueError(f"{path}: its {key} {theirs!r} differs from {first}'s {mine!r}; merge the "
+                    raise ValueError(f"{name}: its {key} {theirs!r} differs from {first}'s {mine!r}; merge the "
                                      "parts of one run only")
         for row in data["rows"]:
             key = (row["case"], row["shape"], row["impl"])
             if key in seen:
-                raise ValueError(f"{path}: {' | '.join(key)} is also in {seen[key]} (one timing per row)")
-            seen[key] = path
-        # each part's machine details too: the parts of one run may come from two lent machines, whose hosts time
-        # the host-bound rows differently
-        merged["meta"]["parts"].append({"file": os.path.basename(path), "cases": meta.get("cases"),
-                                        "size": meta.get("size"), "quick": meta.get("quick"),
-                                        "host": meta.get("host"), "date": meta.get("date"),
-                                        "ceilings": meta.get("ceilings")})
-        merged["meta"].setdefault("autotune_runs", []).append(meta.get("autotune") or {})
-        planned += [c for c in meta.get("cases") or [] if c not in planned]
+                raise ValueError(f"{name}: {' | '.join(key)} is also in {seen[key]} (one timing per row)")
+            seen[key] = name
+        if "parts" in meta:  # an earlier merge
+            merged["meta"]["parts"] += meta["parts"]
+            merged["meta"]["autotune_runs"] += meta.get("autotune_runs") or []
+            planned += [c for c in meta.get("planned_cases") or [] if c not in planned]
+        else:
+            # each part's machine details too: the parts of one run may come from two lent machines, whose hosts
+            # time the host-bound rows differently
+            merged["meta"]["parts"].append({"file": os.path.basename(name), "cases": meta.get("cases"),
+                                            "size": meta.get("size"), "quick": meta.get("quick"),
+                                            "host": meta.get("host"), "date": meta.get("date"),
+                                            "ceilings": meta.get("ceilings")})
+            merged["meta"]["autotune_runs"].append(meta.get("autotune") or {})
+            planned += [c for c in meta.get("cases") or [] if c not in planned]
         merged["rows"] += data["rows"]
-    if merged["meta"] is None:
-        raise ValueError(f"none of {', '.join(paths)} exists")
     merged["meta"]["cases"] = sorted({r["case"] for r in merged["rows"]})
     merged["meta"]["planned_cases"] = planned
     merged["meta"]["quick"] = any(part["quick"] for part in merged["meta"]["parts"])
@@ -3178,6 +3190,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"cases to run (default all, run in this order: {', '.join(CASE_ORDER)})")
     parser.add_argument("--json", metavar="PATH",
                         help="write rows and run metadata as JSON (rewritten as rows come, so a cut run keeps them)")
+    parser.add_argument("--merge-into", metavar="PATH",
+                        help="also write this run merged after the run parts already in PATH (earlier --merge-into "
+                             "runs of one GPU check; a new file if PATH does not exist), rewritten as rows come, "
+                             "so a check killed in a later step keeps them")
     parser.add_argument("--plot", metavar="PATH", help="write a bar chart of the ratios (needs matplotlib)")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
     parser.add_argument("--size", choices=SIZES, help="tiny (CPU default) or full (GPU default: the real shapes)")
@@ -3221,9 +3237,15 @@ def main(args: argparse.Namespace) -> int:
 def _main(args: argparse.Namespace, device: torch.device) -> int:
     from tqdm import tqdm
 
-    for option, path in (("--json", args.json), ("--plot", args.plot)):
+    for option, path in (("--json", args.json), ("--merge-into", args.merge_into), ("--plot", args.plot)):
         if path:
             check_output_path(option, path)
+    earlier_parts = []  # --merge-into: the parts already there
+    if args.merge_into and os.path.exists(args.merge_into):
+        try:
+            earlier_parts = [(args.merge_into, load_run(args.merge_into))]
+        except ValueError as exc:
+            raise SystemExit(f"sparsectx bench: error: --merge-into {exc}") from None
     if args.plot:
         try:
             import matplotlib  # noqa: F401  (refused before the run: the plot was asked for)
@@ -3238,6 +3260,23 @@ def _main(args: argparse.Namespace, device: torch.device) -> int:
     meta = run_metadata(device, size, args.quick, names)
     shared = {"ceilings": measure_ceilings(device)}
     meta["ceilings"] = shared["ceilings"]
+
+    def write(rows_now: list) -> None:
+        if args.json:
+            write_json(args.json, meta, rows_now)
+        if args.merge_into:
+            merged = merge_parts(earlier_parts + [(args.json or "(this run)", {"meta": meta, "rows": rows_now})])
+            write_json(args.merge_into, merged["meta"], merged["rows"])
+
+    if earlier_parts:  # another run's parts (other versions, commit or device) are refused before this one runs
+        try:
+            merge_parts(earlier_parts + [("this run", {"meta": meta, "rows": []})])
+        except ValueError as exc:
+            raise SystemExit(f"sparsectx bench: error: --merge-into {args.merge_into}: {exc}") from None
+        again = sorted(set(names) & {row["case"] for row in earlier_parts[0][1]["rows"]})
+        if again:
+            raise SystemExit(f"sparsectx bench: error: --merge-into {args.merge_into} already holds rows of "
+                             f"{', '.join(again)} (one timing per row)")
     print(f"sparsectx bench on {meta['device']} ({device}), size {size}{' quick' if args.quick else ''}; "
           f"torch {meta['torch']}, triton {meta['triton']}; sparsectx path {meta['sparsectx_path']}")
     print(f"ceilings measured now: copy {meta['ceilings']['copy_GBps']:.0f} GB/s (read + write), matmul "
@@ -3250,16 +3289,18 @@ def _main(args: argparse.Namespace, device: torch.device) -> int:
         for name in names:
             progress.set_description(name)
             done = list(rows)
-            save = (lambda case_rows: write_json(args.json, meta, done + case_rows)) if args.json else None
+            save = (lambda case_rows: write(done + case_rows)) if args.json or args.merge_into else None
             case_rows = run_case(name, device, size, quick=args.quick, shared=shared, progress=progress,
                                  on_rows=save, earlier_rows=rows + earlier)  # this run first
             rows += case_rows
             meta["autotune"] = ops.kernel_configs()  # what the attention kernels' autotuner chose in this run
             tqdm.write(f"== {CASES[name].title}\n{format_table(case_rows)}")
-            if args.json:
-                write_json(args.json, meta, rows)
+            if args.json or args.merge_into:
+                write(rows)
     if args.json:
         print(f"JSON written to {args.json}")
+    if args.merge_into:
+        print(f"run merged into {args.merge_into}")
     if args.plot:
         print(write_plot(args.plot, rows))
     failed = [r for r in rows if r["ok"] is False]

@@ -818,6 +818,9 @@ def test_no_host_sync_targets_read_the_counted_syncs():
         assert line(note="selection included; 1 host syncs per call; 0 host reads per call").endswith(
             "1 per call (MISSES)")
         assert "not measured" in line()  # a CPU run counts no sync
+        # (the batch row was first counted on 2026-12-02: earlier H200 runs read as uncounted, not as CPU runs)
+        assert line().endswith("counted on CUDA only, on this row since 2026-12-02)" if case == "batch" else
+                               "counted on CUDA only)")
         assert "not judged" in line(host_syncs=0, ok=False)
 
 
@@ -1186,6 +1189,39 @@ def test_gpu_checks_step_tells_a_timeout_from_a_killed_or_failed_command(tmp_pat
     run = subprocess.run(["bash", "-c", driver], capture_output=True, text=True, timeout=120)
     verdicts = {line.split()[1]: line.split()[2] for line in run.stdout.splitlines() if line.startswith("STEP ")}
     assert verdicts == {"cut": "TIMED", "killed": "FAILED", "exits_124": "FAILED", "fine": "ok"}, run.stdout
+
+
+def test_gpu_check_refuses_a_misspelt_setting_before_any_step(tmp_path):
+    """A GPU run is rare: gpu_check.sh refuses a GPU_CHECK_SKIP name that is no step's (a misspelt one skipped
+    nothing, and the step ran on), a budget that is not whole seconds (every step was then skipped for lack of
+    time), and a tree without git given no SPARSECTX_COMMIT (a misspelt variable: results with no commit), each
+    with exit status 2 before any step; the names it knows are those of its steps."""
+    import re
+    import shutil
+    import subprocess
+
+    script = Path(__file__).parent.parent / "bench" / "gpu_check.sh"
+    text = script.read_text()
+    listed = re.search(r"STEP_NAMES=\((.*?)\)\n", text, re.S).group(1)
+    known = re.findall(r'"([^"]+)"', listed)
+    used = re.findall(r'\b(?:step|tests|in_scratch) "([^"$]+)"', text)
+    assert sorted(set(used)) == sorted(known), (sorted(set(used)), sorted(known))
+
+    def run(env, where=script):
+        return subprocess.run(["bash", str(where)], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "OUT": str(tmp_path / "out"), "SPARSECTX_COMMIT": "abc1234", **env})
+
+    for env, words in (({"GPU_CHECK_SKIP": "bench trainning"}, "'bench trainning' is no step's name"),
+                       ({"GPU_CHECK_SKIP": "bench kv,, profile opps"}, "'profile opps' is no step's name"),
+                       ({"GPU_CHECK_BUDGET_S": "570s"}, "GPU_CHECK_BUDGET_S must be whole seconds")):
+        done = run(env)
+        assert done.returncode == 2 and words in done.stderr, (env, done.stderr)
+        assert not (tmp_path / "out" / "env.log").exists()  # no step ran
+    copy = tmp_path / "tree" / "bench" / "gpu_check.sh"  # a tree without git, as on a GPU machine
+    copy.parent.mkdir(parents=True)
+    shutil.copy(script, copy)
+    done = run({"SPARSECTX_COMMIT": ""}, copy)
+    assert done.returncode == 2 and "set SPARSECTX_COMMIT=<hash>" in done.stderr, done.stderr
 
 
 def test_the_mixed_batch_drop_in_rows_check_each_requests_selection(monkeypatch):

@@ -138,6 +138,28 @@ def test_bench_in_process_writes_json_table_and_plot(tmp_path, capsys):
     assert plot.read_bytes().startswith(b"\x89PNG") and f"plot written to {plot}" in printed
 
 
+def test_bench_merge_into_keeps_the_runs_parts_in_one_file_as_rows_come(tmp_path, monkeypatch):
+    """The GPU check's bench steps merge into one file as their rows come (``--merge-into``: the device brings
+    back 8 files, and the steps' own JSON files were merged only at the end, so a check killed in a later step lost
+    every row): the file equals ``report --merged`` of the parts; a case already there, or a run of another commit,
+    is refused before it runs."""
+    merged = tmp_path / "bench.json"
+    parts = [tmp_path / "a.json", tmp_path / "b.json"]
+    for case, part in zip((SMALL_CASE, "rope_tables"), parts):
+        assert cli.main(["bench", "--quick", "--case", case, "--json", str(part), "--merge-into", str(merged)]) == 0
+    expected = tmp_path / "expected.json"
+    assert cli.main(["report", "--merged", str(expected), *map(str, parts)]) == 0
+    assert json.loads(merged.read_text()) == json.loads(expected.read_text())
+    assert [p["file"] for p in json.loads(merged.read_text())["meta"]["parts"]] == ["a.json", "b.json"]
+    before = merged.read_text()
+    with pytest.raises(SystemExit, match="already holds rows of rope_tables"):
+        cli.main(["bench", "--quick", "--case", "rope_tables", "--merge-into", str(merged)])
+    monkeypatch.setenv("SPARSECTX_COMMIT", "another-commit")
+    with pytest.raises(SystemExit, match="commit 'another-commit' differs"):
+        cli.main(["bench", "--quick", "--case", "selection", "--merge-into", str(merged)])
+    assert merged.read_text() == before
+
+
 def test_bench_plot_without_matplotlib_is_refused_before_the_run(tmp_path, monkeypatch, capsys):
     """--plot asks for a file: without matplotlib the command fails at once (it ran the whole benchmark and exited 0
     without the plot before), and nothing is measured or written."""
