@@ -455,7 +455,13 @@ def sparse_attention(
     found up to 7.9x (dk with ``softmax_scale=2`` at D=16, |lse| up to 26: 3.3e-6 of the largest gradient). The
     fp32 forward rounds its scaled scores the same way: with ``softmax_scale=1`` and scores of -250 to -1000 its
     output error was 3.2x a plain fp32 softmax's in one measured case. In fp16/bf16 the inputs' rounding is far
-    larger.
+    larger, and, as in FlashAttention, the backward's ``rowsum(dout * out)`` takes the output as stored, rounded to
+    q's dtype: every key of a query gets the same absolute error of about ``|scale| * |k| * |dout| * |out| * 2**-11``
+    (fp16; ``2**-8`` bf16), small against the largest gradients but not against a key's small one. At the default
+    scale the gradients meet the flash-attention criterion (2x a plain fp16 softmax's error); with larger scales
+    they may not: a randomized interpreter run found dref_k 13x torch fp16's largest error at ``softmax_scale=4``
+    (6.2e-3, 0.9% of that gradient's largest entry; dq and dk there 4-6x below torch's) and dq up to 9.5x at
+    ``softmax_scale=1`` (7.6e-3) in masked attention over two keys.
 
     ``max_seqlen_q``, ``max_seqlen_k`` and ``max_seqlen_ref`` above the packed rows there are (a loose bound) are
     lowered to them: no sample can be longer, and the kernels' grids follow these bounds.

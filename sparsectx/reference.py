@@ -139,7 +139,9 @@ def _ref_select(ref, b: int, rows):
 
 def _softmax_seen(scores: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dim; a row whose scores are all -inf sees no key and gets zeros (not NaN), as the
-    kernels give it (with lse -inf)."""
+    kernels give it (with lse -inf); so does every row when there is no key at all."""
+    if scores.shape[-1] == 0:
+        return torch.zeros_like(scores)
     probs = torch.softmax(scores, dim=-1)
     return probs.masked_fill(torch.isneginf(scores.amax(dim=-1, keepdim=True)), 0.0)
 

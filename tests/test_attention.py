@@ -684,6 +684,16 @@ def test_a_nan_row_gives_nan_gradients_to_every_key_it_attends():
         assert torch.isnan(got.grad).any(-1).all(), f"d{name} has a finite row: {got.grad.isnan().any(-1)}"
 
 
+def test_masked_attention_of_an_empty_sequence_and_its_reference():
+    """S=0: the op returns an empty [B, 0, H, D] output, and so does its plain-torch specification (whose softmax
+    over no key raised IndexError)."""
+    q = torch.randn(2, 0, 1, 16, device=DEVICE)
+    mask = torch.zeros(2, 0, dtype=torch.bool, device=DEVICE)
+    out = sparsectx.masked_attention(q, q, q, mask, query_mask=mask)
+    expected = ref.masked_attention_ref(q, q, q, mask, query_mask=mask)
+    assert out.shape == expected.shape == q.shape
+
+
 def test_zero_heads_give_empty_outputs_and_gradients():
     """H=0 in half precision (tile copies of the packed rows) returned an AssertionError from the tensor descriptor
     of a [rows, 0] view; the outputs and gradients are empty, as they are in fp32."""
