@@ -27,7 +27,10 @@ too, so tests without a GPU can assert that a code path reads nothing back (the 
 every tensor is on the CPU, and host-side work (e.g. on a host copy of small index tensors) counts like a read of
 the device unless ``count_host_reads(device_data=[model, *inputs])`` says which tensors stand for device data.
 ``Tensor.numpy()`` is not watched.
-Kernels launched outside aten (Triton launchers) are not seen.
+Kernels launched outside aten (Triton launchers) are not seen. Inside the block sparsectx's ops run as their custom
+ops (the mode sees one call on their inputs, so outputs computed from device data are device data), and some take
+another branch than an eager call's: ``masked_attention`` given its key mask as ``query_mask`` without autograd
+takes its general path there, whose two ``max_total`` checks read the mask on the CPU (skipped on CUDA).
 
 ```python
 with sparsectx.diagnostics.count_host_reads() as reads:
@@ -113,10 +116,6 @@ def _crosses_host(func, args, kwargs, out) -> bool:
 class HostReads(TorchDispatchMode):
     """The host reads of a block: ``ops`` (names, in order) and ``count``. Use ``count_host_reads()``, which also
     watches ``Tensor.tolist`` and ``Tensor.cpu``."""
-
-    # sparsectx's ops take the path they take without the mode (their eager path, not their custom ops', see
-    # ``ops._eager``): the reads counted are those of the code that runs outside the block
-    sparsectx_eager = True
 
     def __init__(self, device_data=None):
         super().__init__()

@@ -32,7 +32,6 @@ from typing import NamedTuple, Optional, Union
 import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch._subclasses import fake_tensor as _fake_tensor
-from torch.utils import _python_dispatch
 
 from . import reference
 # small tensors of host values on a device without a wait (plain torch; shared with the kernels' launchers)
@@ -1382,12 +1381,11 @@ def _eager_under_compile(fn):
 def _eager(*tensors) -> bool:
     """Plain tensors (or None) in eager mode, with nothing but autograd that must see an op: no torch.compile,
     meta or fake tensors, functionalization, torch.func transforms such as vmap (whose fallback loops over the custom
-    op), ``torch.jit.trace``, torch-function mode, or a dispatch mode other than one that asks to see the eager
-    path (``sparsectx_eager``: ``diagnostics.count_host_reads`` counts the reads of the code that runs without it)."""
-    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._is_torch_function_mode_enabled()
-            or (torch._C._len_torch_dispatch_stack() and not all(
-                getattr(mode, "sparsectx_eager", False)
-                for mode in _python_dispatch._get_current_dispatch_mode_stack()))):
+    op), ``torch.jit.trace``, dispatch or torch-function mode (``diagnostics.count_host_reads`` included: it then sees
+    each op as one call on its inputs, and so tracks its outputs as device data, which a Triton launch it does not
+    see would leave as host data)."""
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled()):
         return False
     return all(t is None or (_unwrapped(t) and not t.is_meta) for t in tensors)
 

@@ -213,10 +213,14 @@ def register_selector(name: str, fn: SelectorFn, *, overwrite: bool = False, ret
     for flag, value in (("overwrite", overwrite), ("returns_scores", returns_scores),
                         ("reads_generator", reads_generator)):
         ops._check_flag(flag, value)
-    if signals is not None and (isinstance(signals, (str, bytes)) or not isinstance(signals, Iterable)
-                                or not all(isinstance(s, str) for s in signals)):
-        shown = f"the string {signals!r} (write [{signals!r}])" if isinstance(signals, (str, bytes)) else repr(signals)
-        raise TypeError(f"signals must be a list of names, got {shown}")
+    if signals is not None:
+        if isinstance(signals, (str, bytes)):
+            raise TypeError(f"signals must be a list of names, got the string {signals!r} (write [{signals!r}])")
+        if not isinstance(signals, Iterable):
+            raise TypeError(f"signals must be a list of names, got {signals!r}")
+        signals = tuple(signals)  # (a generator is read once)
+        if not all(isinstance(s, str) for s in signals):
+            raise TypeError(f"signals must be a list of names, got {signals!r}")
     if name in _REGISTRY and not overwrite:
         raise ValueError(f"a selector named {name!r} is already registered (pass overwrite=True to replace it)")
     if isinstance(fn, Selector):  # re-registered under another name: this call's facts join the selector's own

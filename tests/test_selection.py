@@ -908,8 +908,11 @@ def test_register_selector_signals_and_selector_objects():
         assert again.name == "_test_uniform_again" and again.returns_scores and again.signals == {"my_signal"}
         plain = register_selector("_test_mask_selector", Selector(lambda x, c: x[..., 0] > 0), signals=["a"])
         assert not plain.returns_scores and plain.signals == {"a"}
+        once = register_selector("_test_generator_signals", lambda x, c: torch.rand(x.shape[:2]),
+                                 signals=(name for name in ["my_signal"]))  # (a generator, read once)
+        assert once.signals == {"my_signal"}
     finally:
-        for name in ("_test_uniform_again", "_test_mask_selector"):
+        for name in ("_test_uniform_again", "_test_mask_selector", "_test_generator_signals"):
             selection._REGISTRY.pop(name, None)
 
 
