@@ -935,6 +935,22 @@ def _check_no_stateful_hooks(transformer: torch.nn.Module, n_groups: int) -> Non
             "(transformer.disable_cache())")
 
 
+def _innermost_hook_reference(module: torch.nn.Module) -> Optional[tuple]:
+    """``(reference, attribute)`` holding the forward that the innermost diffusers hook on ``module`` itself calls
+    (``HookRegistry``'s first function reference: ``original_forward`` for a hook that replaces the forward, else
+    ``forward``), or None without such a hook."""
+    refs = getattr(module.__dict__.get("_diffusers_hook"), "_fn_refs", None)
+    if not refs:
+        return None
+    return refs[0], "original_forward" if getattr(refs[0], "original_forward", None) is not None else "forward"
+
+
+def _is_own_forward(module: torch.nn.Module, forward) -> bool:
+    """Whether ``forward`` is the module class's own forward bound to ``module``."""
+    return (isinstance(forward, types.MethodType) and forward.__self__ is module
+            and forward.__func__ is type(module).forward)
+
+
 class ForwardPatch:
     """Replaces a transformer's ``forward`` with ``self.forward`` (an instance attribute) and puts the original back
     exactly; ``attr`` names the transformer attribute that points at the patch while it is installed.
@@ -953,7 +969,17 @@ class ForwardPatch:
         # maybe_free_model_hooks removes the hooks (the forward becomes _old_forward again) and adds them anew: a
         # patch over the hook would be dropped there
         self.beneath_hook = hasattr(transformer, "_hf_hook") and "_old_forward" in transformer.__dict__
-        self.original_forward = transformer._old_forward if self.beneath_hook else transformer.forward
+        # likewise a diffusers hook on the transformer itself (diffusers.hooks.HookRegistry: block-level group
+        # offloading, a root cache hook) registered before enable: the patch goes beneath the innermost hook, as the
+        # forward that hook calls. Over the hooks, diffusers' remove_hook (disable_cache, or LoRA loading and
+        # unloading re-applying group offloading) would write the forward it wrapped back over the patch
+        self.beneath_registry = None if self.beneath_hook else _innermost_hook_reference(transformer)
+        if self.beneath_hook:
+            self.original_forward = transformer._old_forward
+        elif self.beneath_registry is not None:
+            self.original_forward = getattr(*self.beneath_registry)
+        else:
+            self.original_forward = transformer.forward
         # accelerate's mixed precision (Accelerator.prepare) keeps the forward it wrapped here, until its
         # unwrap_model(keep_fp32_wrapper=False) removes the wrapper
         self.accelerate_unwrapped = transformer.__dict__.get("_original_forward")
@@ -995,6 +1021,8 @@ class ForwardPatch:
         forward = types.MethodType(_patched_forward(self.attr, self.original_forward), self.transformer)
         if self.beneath_hook:
             self.transformer._old_forward = forward
+        elif self.beneath_registry is not None:
+            setattr(*self.beneath_registry, forward)
         else:
             self.transformer.forward = forward
         self.wrapped_forward = forward
@@ -1017,6 +1045,13 @@ class ForwardPatch:
                 # prepare, enable, then unwrap_model(keep_fp32_wrapper=False): the mixed-precision wrapper this
                 # patch replaced was removed since; what that unwrap leaves is the forward it had wrapped
                 self.transformer.forward = self.accelerate_unwrapped
+            elif self.beneath_registry is not None and not _innermost_hook_reference(self.transformer):
+                # enabled beneath diffusers hooks that were all removed since (the forward they wrapped came back):
+                # the forward they had wrapped, the model's own unless it was an instance attribute
+                if _is_own_forward(self.transformer, self.original_forward):
+                    del self.transformer.forward
+                else:
+                    self.transformer.forward = self.original_forward
             elif self.had_instance_forward or self.beneath_hook:  # (a removed hook leaves its _old_forward there)
                 self.transformer.forward = self.original_forward
             else:

@@ -1158,6 +1158,82 @@ def test_diffusers_hook_registered_after_enable(models):
     assert torch.equal(_run(model, kwargs), expected)
 
 
+@pytest.mark.parametrize("replaces_forward", [False, True], ids=["pre_forward hook", "new_forward hook"])
+def test_diffusers_hook_registered_before_enable_and_removed_after(models, replaces_forward):
+    """A diffusers hook on the transformer itself registered before enable (block-level group offloading, a root
+    cache hook) and removed after it (disable_cache; diffusers' LoRA loading and unloading remove and re-apply
+    group offloading): sparsectx goes beneath the innermost hook, so the removal keeps it and a re-applied hook
+    wraps it (before: remove_hook wrote the forward it had wrapped over the patch: every token ran while
+    is_enabled said True, and disable raised). Disable gives the model back, also once the hooks are gone."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    model, kwargs = models["flux2"], _inputs("flux2")
+    n_tokens = kwargs["hidden_states"].shape[1]
+    expected = _run(model, kwargs)
+    sparsectx.enable(model, budget=2, selector=random_selector, seed=0)
+    sparse = _run(model, kwargs)
+    sparsectx.disable(model)
+    assert not torch.equal(sparse, expected)
+    calls = []
+
+    class Counting(ModelHook):
+        def pre_forward(self, module, *args, **kw):
+            calls.append(kw["hidden_states"].shape[1])
+            return args, kw
+
+    class Replacing(ModelHook):  # (a hook with new_forward: diffusers keeps the inner forward as original_forward)
+        def new_forward(self, module, *args, **kw):
+            calls.append(kw["hidden_states"].shape[1])
+            return self.fn_ref.original_forward(*args, **kw)
+
+    registry = HookRegistry.check_if_exists_or_initialize(model)
+    hook = Replacing if replaces_forward else Counting
+    registry.register_hook(hook(), "root_hook")
+    try:
+        sparsectx.enable(model, budget=2, selector=random_selector, seed=0)
+        assert torch.equal(_run(model, kwargs), sparse)
+        registry.remove_hook("root_hook")
+        assert integration.is_enabled(model) and torch.equal(_run(model, kwargs), sparse)
+        registry.register_hook(hook(), "root_hook")  # re-applied
+        assert torch.equal(_run(model, kwargs), sparse)
+        sparsectx.disable(model)
+        assert torch.equal(_run(model, kwargs), expected)
+        assert calls == [n_tokens] * 3  # the hook ran outside sparsectx, on the whole call
+        sparsectx.enable(model, budget=2, selector=random_selector, seed=0)
+        registry.remove_hook("root_hook")
+        sparsectx.disable(model)  # enabled beneath a hook removed since: the model's own forward comes back
+        assert "forward" not in model.__dict__ and torch.equal(_run(model, kwargs), expected)
+    finally:
+        registry.remove_hook("root_hook")
+        sparsectx.disable(model)
+
+
+def test_drop_training_beneath_a_diffusers_hook_removed_after(models):
+    """Drop training enabled under a diffusers hook on the transformer (group offloading) keeps drawing masks after
+    diffusers removes the hook (delete_adapters re-applying group offloading; before: it was silently dropped,
+    last_drop_mask still gave the previous mask, and disable_drop_training raised)."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    model, kwargs = models["flux2"], _inputs("flux2")
+    registry = HookRegistry.check_if_exists_or_initialize(model)
+    registry.register_hook(ModelHook(), "root_hook")
+    generator = torch.Generator().manual_seed(0)
+    try:
+        sparsectx.enable_drop_training(model, ratio_range=(0.3, 0.6), generator=generator)
+        model.train()
+        registry.remove_hook("root_hook")
+        before = generator.get_state()
+        _run(model, kwargs)
+        assert not torch.equal(generator.get_state(), before)  # a mask was drawn
+        assert not sparsectx.last_drop_mask(model).all()
+        sparsectx.disable_drop_training(model)
+        assert "forward" not in model.__dict__
+    finally:
+        model.eval()
+        registry.remove_hook("root_hook")
+        sparsectx.disable_drop_training(model)
+
+
 def test_enable_on_a_compiled_transformer(models):
     """torch.compile(transformer) (an OptimizedModule): enable patches the module inside; the compiled call gives
     the eager sparse result, and disable the original one."""
