@@ -403,6 +403,50 @@ def test_later_steps_synchronise_once_on_cuda(attention):
     assert later == plain + 1 and first > later, (plain, first, later)
 
 
+def test_packed_attention_forward_and_gradients_equal_each_sample_alone():
+    """``processors.packed_attention`` (the drop-in's packed FLUX.2 batch: every sample's text rows first, then
+    every sample's image rows): each sample's rows attend to themselves only, forward and backward, against a plain
+    softmax per sample; the image segments are longer than the text ones and than a kernel block (an image bound
+    mistaken for the text one left the key gradients of the longer segments wrong, the forward right)."""
+    heads, dim, n_text, images = 2, 16, 2, [70, 90]
+    batch, offset = len(images), len(images) * n_text
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, offset + sum(images), heads, dim, generator=gen, requires_grad=True) for _ in range(3))
+    packed = processors.PackedBatch(cu_text=torch.tensor([0, 2, 4], dtype=torch.int32),
+                                    cu_image=torch.tensor([0, 70, 160], dtype=torch.int32), n_text=offset,
+                                    max_text=n_text, max_image=max(images))
+    out = processors.packed_attention(q, k, v, packed)
+    grad = torch.randn(out.shape, generator=gen)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    expected = torch.zeros_like(out)
+    for b in range(batch):
+        rows = torch.tensor(list(range(b * n_text, (b + 1) * n_text))
+                            + list(range(offset + sum(images[:b]), offset + sum(images[:b + 1]))))
+        qs, ks, vs = (t[0, rows].transpose(0, 1) for t in (q, k, v))
+        attended = torch.softmax(qs @ ks.transpose(-1, -2) / dim ** 0.5, -1) @ vs
+        expected = expected.index_put((torch.zeros_like(rows), rows), attended.transpose(0, 1))
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad)
+    torch.testing.assert_close(out, expected, rtol=0, atol=FP32_ATOL)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=FP32_ATOL)
+
+
+def test_flux2_mixed_budgets_run_packed_with_an_empty_prompt(models):
+    """A packed batch whose prompt has no token (no text rows in the packed sequence) equals each sample alone."""
+    model, kwargs = models["flux2"], _inputs("flux2", batch=2)
+    kwargs = {**kwargs, "encoder_hidden_states": kwargs["encoder_hidden_states"][:, :0],
+              "txt_ids": kwargs["txt_ids"][:, :0]}
+    budgets = [[0.25], [2, 0.75]]
+    sparsectx.enable(model, budget=budgets, selector=norm_selector, attention="sparsectx")
+    together = _run(model, kwargs)
+    assert getattr(model, integration.PATCH_ATTR).cache.packing is not None  # it ran packed
+    for b, budget in enumerate(budgets):
+        alone = {name: (value[b:b + 1] if isinstance(value, torch.Tensor) else value) for name, value in kwargs.items()}
+        sparsectx.enable(model, budget=budget, selector=norm_selector, attention="native")
+        torch.testing.assert_close(together[b:b + 1, :_n_target()], _run(model, alone)[:, :_n_target()],
+                                   rtol=0, atol=FP32_ATOL)
+
+
 def test_flux2_mixed_budgets_run_packed_with_sparsectx_attention(models):
     """FLUX.2 + attention="sparsectx": samples that keep different tokens run as one packed sequence (one forward,
     batch of 1, no padding), equal to each sample run alone; with per-sample timesteps, as exact groups."""

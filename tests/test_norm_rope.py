@@ -1010,6 +1010,19 @@ def test_rope_tables_with_positions_that_require_a_gradient_are_differentiable()
     assert torch.allclose(ids.grad.double(), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_rope_tables_with_frequencies_that_require_a_gradient_are_differentiable():
+    """Frequencies that require a gradient take the differentiable reference too (the docstring's promise): their
+    gradient is the reference's."""
+    ids, freqs = _table_inputs(6, (4, 4), torch.float32, torch.float64, seed=5)
+    freqs.requires_grad_(True)
+    cos, sin = ops.rope_tables(ids, freqs, [4, 4])
+    (cos.sum() + 2 * sin.sum()).backward()
+    exact = freqs.detach().clone().requires_grad_(True)
+    want_cos, want_sin = ref.rope_tables_ref(ids, exact, [4, 4])
+    (want_cos.sum() + 2 * want_sin.sum()).backward()
+    assert torch.allclose(freqs.grad, exact.grad, rtol=1e-6, atol=1e-6)
+
+
 def test_rope_tables_custom_op_passes_opcheck_and_compiles():
     ids, freqs = _table_inputs(20, (4, 6, 6), torch.int64, torch.float64, seed=5)
     torch.library.opcheck(torch.ops.sparsectx.rope_tables.default, (ids, freqs, [4, 6, 6]))

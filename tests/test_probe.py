@@ -449,6 +449,33 @@ def _check_flux_rope_tables_are_diffusers_tables(pos_embed, device):
                    for a, t in zip(want, got))
 
 
+def test_flux_rope_tables_of_fewer_or_more_axes_than_the_ids_columns_are_diffusers_tables():
+    """The axis bounds of the fast RoPE path: FLUX.1 ids with fewer columns than axes (diffusers uses the columns
+    there are), and FLUX.2 with five axes (one per column, past the kernel's four: the reference's tables), as
+    diffusers' own pos_embed computes them."""
+    for pos_embed, ids in ((transformer_flux.FluxPosEmbed(theta=10000, axes_dim=[4, 6, 6]),
+                            torch.arange(10.0).view(5, 2)),
+                           (transformer_flux2.Flux2PosEmbed(theta=2000, axes_dim=[2, 2, 2, 2, 2]),
+                            torch.arange(25.0).view(5, 5))):
+        want = pos_embed(ids)
+        got = processors.flux_rope_tables(pos_embed, ids)
+        assert all(torch.equal(a, b) for a, b in zip(want, got))
+
+
+def test_rope_tables_memo_made_under_inference_mode_serves_a_training_forward():
+    """``RopeTablesMemo``: tables first made under inference mode (a pipeline call) are made again for a forward
+    that records autograd on the same selection (a training step): a backward through them runs."""
+    pos_embed = transformer_flux2.Flux2PosEmbed(theta=2000, axes_dim=[4, 4, 4, 4])
+    memo = processors.RopeTablesMemo(torch.arange(20.0).view(5, 4))
+    with torch.inference_mode():
+        memo.get(pos_embed)
+    cos, sin = memo.get(pos_embed)
+    assert not cos.is_inference() and not sin.is_inference()
+    x = torch.randn(5, 16, requires_grad=True)
+    (x * cos + x * sin).sum().backward()
+    assert torch.equal(x.grad, cos + sin)
+
+
 def test_flux_rope_tables_refuse_what_diffusers_refuses_and_keep_no_inference_tensor():
     flux2 = transformer_flux2.Flux2PosEmbed(theta=2000, axes_dim=[4, 4, 4, 4])
     flux1 = transformer_flux.FluxPosEmbed(theta=10000, axes_dim=[4, 6, 6])

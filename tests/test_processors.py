@@ -112,6 +112,31 @@ def test_sparsectx_attention_equals_native_with_trained_qk_norm_weights(family):
     torch.testing.assert_close(kernel[:, :N_TARGET], native[:, :N_TARGET], rtol=0, atol=FP32_ATOL)
 
 
+def test_single_stream_processor_splits_a_column_sharded_fused_projection_as_diffusers_does():
+    """FLUX.2's single-stream fused QKV+MLP projection holding one tensor-parallel rank's share of its columns:
+    diffusers splits its output by the global QKV:MLP ratio, and so does sparsectx's processor (the same output)."""
+    from diffusers.models.transformers import transformer_flux2
+
+    model = shared._build_model("flux2")
+    attn = model.single_transformer_blocks[0].attn
+    qkv, mlp = 3 * attn.inner_dim, attn.mlp_hidden_dim * attn.mlp_mult_factor
+    full = attn.to_qkv_mlp_proj
+    rank_rows = torch.cat([torch.arange(qkv // 2), qkv + torch.arange(mlp // 2)])
+    local = torch.nn.Linear(full.in_features, rank_rows.numel(), bias=full.bias is not None)
+    with torch.no_grad():
+        local.weight.copy_(full.weight[rank_rows])
+        if full.bias is not None:
+            local.bias.copy_(full.bias[rank_rows])
+    attn.to_qkv_mlp_proj = local
+    attn.to_out = torch.nn.Linear(attn.inner_dim // 2 + attn.mlp_hidden_dim // 2, attn.to_out.out_features,
+                                  bias=False)
+    x = torch.randn(1, 12, full.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = transformer_flux2.Flux2ParallelSelfAttnProcessor()(attn, x)
+        got = processors.SparsectxFlux2ParallelSelfAttnProcessor()(attn, x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_processors_call_the_projections_in_diffusers_order(models, family):
     """The projections run in the order diffusers' processor runs them (FLUX.2: the text output projection before
