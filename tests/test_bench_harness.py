@@ -1191,6 +1191,59 @@ def test_gpu_checks_step_tells_a_timeout_from_a_killed_or_failed_command(tmp_pat
     assert verdicts == {"cut": "TIMED", "killed": "FAILED", "exits_124": "FAILED", "fine": "ok"}, run.stdout
 
 
+def test_bench_merge_into_alone_keeps_rows_as_they_come_and_refuses_bad_files_before_the_run(tmp_path, monkeypatch):
+    """``bench --merge-into`` without ``--json``: the rows reported while a case runs are in the file (a step killed
+    mid-case keeps them), a finished case leaves all its rows; a file that is not a bench JSON, and a path under a
+    file, are refused before anything runs (the run crashed at its end)."""
+    ran = []
+
+    def killed(name, *args, on_rows=None, **kwargs):
+        ran.append(name)
+        on_rows(_block(name, "s", {"sparsectx": 1.0, "peer": 2.0}))
+        raise KeyboardInterrupt  # the step's timeout
+
+    def finished(name, *args, on_rows=None, **kwargs):
+        ran.append(name)
+        rows = _block(name, "s", {"sparsectx": 1.0, "peer": 2.0})
+        on_rows(rows[:1])  # the rows as they come: the last one comes with the return
+        return rows
+
+    for fake, expected_rows in ((killed, 2), (finished, 2)):
+        monkeypatch.setattr(benchmarks, "run_case", fake)
+        path = tmp_path / f"{fake.__name__}.json"
+        try:
+            cli.main(["bench", "--quick", "--case", "compaction", "--merge-into", str(path)])
+        except KeyboardInterrupt:
+            pass
+        assert len(json.loads(path.read_text())["rows"]) == expected_rows, fake.__name__
+    ran.clear()
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    for path, words in ((bad, "can not be read as JSON"), (bad / "x.json", "--merge-into")):
+        with pytest.raises(SystemExit, match=words):
+            cli.main(["bench", "--quick", "--case", "compaction", "--merge-into", str(path)])
+    assert ran == []  # refused before the run
+
+
+def test_merge_of_an_earlier_merge_keeps_its_parts_and_the_cases_it_planned():
+    """Merging a merged run with a further part (``--merge-into`` across three steps) keeps every part's details
+    and the cases the earlier parts planned, run or not (a step cut before its case ran is then said NOT RUN)."""
+    def part(cases, rows, name):
+        meta = {"commit": "abc", "device": "GPU", "cases": cases, "quick": False, "host": name, "date": name}
+        return name, {"meta": meta, "rows": rows}
+
+    first = part(["attention"], _block("attention", "s", {"sparsectx": 1.0, "peer": 2.0}), "a.json")
+    second = part(["training", "kv"], _block("training", "s", {"sparsectx": 1.0, "peer": 2.0}), "b.json")
+    third = part(["e2e"], _block("e2e", "s", {"sparsectx": 1.0, "peer": 2.0}), "c.json")
+    chained = benchmarks.merge_parts([("run.json", benchmarks.merge_parts([first, second])), third])
+    at_once = benchmarks.merge_parts([first, second, third])
+    assert chained == at_once
+    assert [p["file"] for p in chained["meta"]["parts"]] == ["a.json", "b.json", "c.json"]
+    assert [p["host"] for p in chained["meta"]["parts"]] == ["a.json", "b.json", "c.json"]
+    assert chained["meta"]["planned_cases"] == ["attention", "training", "kv", "e2e"]
+    assert len(chained["meta"]["autotune_runs"]) == 3 and len(chained["rows"]) == 6
+
+
 def test_gpu_check_refuses_a_misspelt_setting_before_any_step(tmp_path):
     """A GPU run is rare: gpu_check.sh refuses a GPU_CHECK_SKIP name that is no step's (a misspelt one skipped
     nothing, and the step ran on), a budget that is not whole seconds (every step was then skipped for lack of
@@ -1207,10 +1260,13 @@ def test_gpu_check_refuses_a_misspelt_setting_before_any_step(tmp_path):
     used = re.findall(r'\b(?:step|tests|in_scratch) "([^"$]+)"', text)
     assert sorted(set(used)) == sorted(known), (sorted(set(used)), sorted(known))
 
-    def run(env, where=script):
+    def run(env, where=script, out="out"):
         return subprocess.run(["bash", str(where)], capture_output=True, text=True, timeout=60,
-                              env={**os.environ, "OUT": str(tmp_path / "out"), "SPARSECTX_COMMIT": "abc1234", **env})
+                              env={**os.environ, "OUT": str(tmp_path / out), "SPARSECTX_COMMIT": "abc1234", **env})
 
+    for skip in ("bench kv , bench e2e", " bench kv ,bench e2e "):  # spaces around the names are no part of them
+        done = run({"GPU_CHECK_SKIP": skip, "GPU_CHECK_BUDGET_S": "0"}, out="accepted")  # (no time: no step runs)
+        assert done.returncode == 0 and "bench kv" in done.stdout and "skipped: GPU_CHECK_SKIP" in done.stdout, skip
     for env, words in (({"GPU_CHECK_SKIP": "bench trainning"}, "'bench trainning' is no step's name"),
                        ({"GPU_CHECK_SKIP": "bench kv,, profile opps"}, "'profile opps' is no step's name"),
                        ({"GPU_CHECK_BUDGET_S": "570s"}, "GPU_CHECK_BUDGET_S must be whole seconds")):

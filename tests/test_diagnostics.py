@@ -159,6 +159,21 @@ def test_cuda_syncs_say_where_each_sync_happened(monkeypatch):
     assert modes == ["warn", 0, "warn", 0]
     assert [str(w.message) for w in outside] == ["after the block"]  # the caller's warning handling is back
 
+    def twice():  # two syncs from one line: two (Python's default filter would show the second one no more)
+        for _ in range(2):
+            planted_sync()
+
+    assert count_cuda_syncs(twice) == 2 and len(cuda_syncs(twice)) == 2
+    modes.clear()
+
+    def raising():
+        planted_sync()
+        raise KeyError("planted")
+
+    with pytest.raises(KeyError, match="planted"):
+        cuda_syncs(raising)
+    assert modes == ["warn", 0]  # the previous mode is back after an exception
+
 
 def test_device_data_tells_device_reads_from_host_work():
     """count_host_reads(device_data=...): on a machine where everything is on the CPU, only reads of the given

@@ -895,6 +895,8 @@ def test_register_selector_signals_and_selector_objects():
         register_selector("_test_string_signals", lambda x, c: torch.rand(x.shape[:2]), signals="user_mask")
     with pytest.raises(TypeError, match="signals must be a list of names"):
         register_selector("_test_string_signals", lambda x, c: torch.rand(x.shape[:2]), signals=3)
+    with pytest.raises(TypeError, match="signals must be a list of names"):
+        register_selector("_test_string_signals", lambda x, c: torch.rand(x.shape[:2]), signals=["a", 3])
     assert "_test_string_signals" not in available_selectors()
     # switches given as strings: overwrite="no" replaced a built-in selector, returns_scores="no" read as True
     uniform = get_selector("uniform")
