@@ -843,7 +843,11 @@ def _patched_forward(attr: str, model_forward: Callable) -> Callable:
             # the model and that forward is this one, already bound (sparsectx enabled after Accelerator.prepare)
             if args and args[0] is module:
                 args = args[1:]
-            patch = getattr(module, attr)
+            patch = getattr(module, attr, None)
+            if patch is None or not patch.installed_function(forward):
+                # left behind in a diffusers hook chain that diffusers' remove_hook broke (a removed hook's wrapper
+                # kept by the next hook), after its patch was disabled (or replaced): the forward it replaced
+                return model_forward(*args, **kwargs)
             if torch.compiler.is_compiling() or in_backward():
                 # traced by torch.compile (the patch's forward then says what it can not trace, or runs eagerly, with
                 # the lock, after dynamo's graph break), or a checkpoint's recomputation during backward (it reads
@@ -972,8 +976,13 @@ class ForwardPatch:
         # likewise a diffusers hook on the transformer itself (diffusers.hooks.HookRegistry: block-level group
         # offloading, a root cache hook) registered before enable: the patch goes beneath the innermost hook, as the
         # forward that hook calls. Over the hooks, diffusers' remove_hook (disable_cache, or LoRA loading and
-        # unloading re-applying group offloading) would write the forward it wrapped back over the patch
-        self.beneath_registry = None if self.beneath_hook else _innermost_hook_reference(transformer)
+        # unloading re-applying group offloading) would write the forward it wrapped back over the patch. With
+        # both kinds, beneath the one that calls the model's own forward (the one registered first)
+        registry = _innermost_hook_reference(transformer)
+        if (self.beneath_hook and registry is not None and _is_own_forward(transformer, getattr(*registry))
+                and not _is_own_forward(transformer, transformer._old_forward)):
+            self.beneath_hook = False  # a diffusers hook, then accelerate's over it
+        self.beneath_registry = None if self.beneath_hook else registry
         if self.beneath_hook:
             self.original_forward = transformer._old_forward
         elif self.beneath_registry is not None:
@@ -1028,6 +1037,11 @@ class ForwardPatch:
         self.wrapped_forward = forward
         setattr(self.transformer, self.attr, self)
 
+    def installed_function(self, function) -> bool:
+        """Whether ``function`` is the function of the forward this patch installed, or its twin."""
+        ours = self.wrapped_forward.__func__
+        return function is ours or function is ours.__wrapped__
+
     def _is_installed(self, forward) -> bool:
         """Whether ``forward`` is the forward this patch installed, or its function or that function's twin bound
         again to the transformer (accelerate's ``unwrap_model(..., keep_fp32_wrapper=False)`` rebinds the function it
@@ -1066,9 +1080,12 @@ class ForwardPatch:
                                "and enabled again with mixed precision kept), or call accelerator.unwrap_model(model, "
                                "keep_fp32_wrapper=False) before disabling, which also removes accelerate's autocast "
                                "from the model for the rest of training")
-        elif not self._unhook_from_diffusers_registry():
+        elif not self._unhook_from_diffusers_registry() and self.beneath_registry is None:
             raise RuntimeError("the transformer's forward was wrapped again after sparsectx patched it (by something "
                                "other than an accelerate or diffusers hook); remove that wrapper first")
+        # (else enabled beneath diffusers hooks whose chain diffusers' remove_hook broke since, keeping a removed
+        # hook's wrapper, which may still call the patch's forward: once the patch is gone, that forward runs the
+        # forward it replaced)
         delattr(self.transformer, self.attr)
 
     def _unhook_from_diffusers_registry(self) -> bool:

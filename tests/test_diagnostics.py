@@ -287,4 +287,6 @@ def test_reads_of_what_sparsectx_ops_compute_from_device_data_are_counted():
             bool(torch.isnan(out).any())  # one read of the op's output
         assert torch.equal(out, expected), name
         assert len(reads.ops) - len(by_op) == 1, (name, reads.ops)
-        assert len(by_op) == (2 if name == "masked_attention" else 0), (name, by_op)
+        # (the torch reference builds each of the two compactions' index with nonzero: two reads more each)
+        mask_reads = 2 if sparsectx.ops.backend_for(q.device, q.dtype) != sparsectx.ops.TORCH_REFERENCE else 6
+        assert len(by_op) == (mask_reads if name == "masked_attention" else 0), (name, by_op)

@@ -1252,6 +1252,78 @@ def test_diffusers_hook_registered_before_enable_and_removed_after(models, repla
         sparsectx.disable(model)
 
 
+def test_diffusers_hook_then_accelerate_hook_before_enable(models):
+    """A diffusers hook on the transformer, then accelerate's over it (enable_model_cpu_offload after group
+    offloading or a cache), then enable: sparsectx goes beneath the diffusers hook, the one that calls the model's
+    own forward (before: in accelerate's _old_forward, over the diffusers hook, which then ran on the compacted
+    call; once both hooks were removed every token ran, and disable raised)."""
+    from accelerate.hooks import ModelHook as AccelerateHook, add_hook_to_module, remove_hook_from_module
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    model, kwargs = models["flux2"], _inputs("flux2")
+    n_tokens = kwargs["hidden_states"].shape[1]
+    expected = _run(model, kwargs)
+    sparsectx.enable(model, budget=2, selector=random_selector, seed=0)
+    sparse = _run(model, kwargs)
+    sparsectx.disable(model)
+    calls = []
+
+    class Counting(ModelHook):
+        def pre_forward(self, module, *args, **kw):
+            calls.append(kw["hidden_states"].shape[1])
+            return args, kw
+
+    registry = HookRegistry.check_if_exists_or_initialize(model)
+    registry.register_hook(Counting(), "root_hook")
+    add_hook_to_module(model, AccelerateHook())
+    try:
+        sparsectx.enable(model, budget=2, selector=random_selector, seed=0)
+        assert torch.equal(_run(model, kwargs), sparse) and calls == [n_tokens]  # the hook saw the whole call
+        remove_hook_from_module(model)
+        registry.remove_hook("root_hook")
+        assert integration.is_enabled(model) and torch.equal(_run(model, kwargs), sparse)
+        sparsectx.disable(model)
+        assert "forward" not in model.__dict__ and torch.equal(_run(model, kwargs), expected)
+    finally:
+        if hasattr(model, "_hf_hook"):
+            remove_hook_from_module(model)
+        registry.remove_hook("root_hook")
+        sparsectx.disable(model)
+
+
+def test_disable_beneath_a_hook_chain_diffusers_left_broken(models):
+    """diffusers' remove_hook of a hook that is not the last, followed by one with new_forward, leaves that hook
+    calling the removed hook's wrapper, and so sparsectx's forward beneath it: disable still succeeds, and that
+    forward, left behind, runs the forward it replaced (before: disable raised, or a later call raised
+    AttributeError), as the same chain does without sparsectx."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    model, kwargs = models["flux2"], _inputs("flux2")
+    expected = _run(model, kwargs)
+
+    class Replacing(ModelHook):
+        def new_forward(self, module, *args, **kw):
+            return self.fn_ref.original_forward(*args, **kw)
+
+    registry = HookRegistry.check_if_exists_or_initialize(model)
+    registry.register_hook(ModelHook(), "x")
+    try:
+        sparsectx.enable(model, budget=2, selector=random_selector, seed=0)
+        registry.register_hook(ModelHook(), "y")
+        registry.register_hook(Replacing(), "z")
+        registry.remove_hook("x")
+        registry.remove_hook("y")
+        sparsectx.disable(model)
+        assert not integration.is_enabled(model) and torch.equal(_run(model, kwargs), expected)
+        registry.remove_hook("z")
+        assert torch.equal(_run(model, kwargs), expected)
+    finally:
+        for name in ("x", "y", "z"):
+            registry.remove_hook(name)
+        sparsectx.disable(model)
+        model.__dict__.pop("forward", None)  # (what diffusers' broken chain may leave there)
+
+
 def test_drop_training_beneath_a_diffusers_hook_removed_after(models):
     """Drop training enabled under a diffusers hook on the transformer (group offloading) keeps drawing masks after
     diffusers removes the hook (delete_adapters re-applying group offloading; before: it was silently dropped,
