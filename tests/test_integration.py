@@ -1,6 +1,7 @@
 """Drop-in Sparse Context for diffusers (sparsectx.integration): tiny random-weight models built from configs, fp32,
 CPU, offline. Families: FLUX.2 (Flux2Transformer2DModel, 4-axis ids), FLUX.1 Kontext layout (FluxTransformer2DModel,
 reference plane 1), Qwen-Image (QwenImageTransformer2DModel, RoPE from img_shapes, zero_cond_t)."""
+import functools
 import gc
 import threading
 import warnings
@@ -1174,24 +1175,31 @@ def test_accelerate_hooks_around_enable(models, hook_first):
     assert torch.equal(_run(model, kwargs), expected)
 
 
-def test_diffusers_hook_registered_after_enable(models):
-    """A diffusers ModelHook (HookRegistry: group offloading, caches) registered on the transformer after enable:
-    disable unhooks sparsectx beneath it; the hook keeps running, and removing it gives the model back."""
-    from diffusers.hooks import HookRegistry, ModelHook
-
-    model, kwargs = models["flux2"], _inputs("flux2")
-    expected = _run(model, kwargs)
-    calls = []
+def _counting_hook(calls: list):
+    """A diffusers ModelHook recording the length of each call's hidden_states in ``calls``."""
+    from diffusers.hooks import ModelHook
 
     class Counting(ModelHook):
         def pre_forward(self, module, *args, **kw):
             calls.append(kw["hidden_states"].shape[1])
             return args, kw
 
+    return Counting()
+
+
+def test_diffusers_hook_registered_after_enable(models):
+    """A diffusers ModelHook (HookRegistry: group offloading, caches) registered on the transformer after enable:
+    disable unhooks sparsectx beneath it; the hook keeps running, and removing it gives the model back."""
+    from diffusers.hooks import HookRegistry
+
+    model, kwargs = models["flux2"], _inputs("flux2")
+    expected = _run(model, kwargs)
+    calls = []
+
     registry = HookRegistry.check_if_exists_or_initialize(model)
     try:
         sparsectx.enable(model, budget=2, selector=random_selector, seed=0)
-        registry.register_hook(Counting(), "counting")
+        registry.register_hook(_counting_hook(calls), "counting")
         sparse = _run(model, kwargs)
         assert not torch.equal(sparse[:, :_n_target()], expected[:, :_n_target()])
         sparsectx.disable(model)
@@ -1220,18 +1228,13 @@ def test_diffusers_hook_registered_before_enable_and_removed_after(models, repla
     assert not torch.equal(sparse, expected)
     calls = []
 
-    class Counting(ModelHook):
-        def pre_forward(self, module, *args, **kw):
-            calls.append(kw["hidden_states"].shape[1])
-            return args, kw
-
     class Replacing(ModelHook):  # (a hook with new_forward: diffusers keeps the inner forward as original_forward)
         def new_forward(self, module, *args, **kw):
             calls.append(kw["hidden_states"].shape[1])
             return self.fn_ref.original_forward(*args, **kw)
 
     registry = HookRegistry.check_if_exists_or_initialize(model)
-    hook = Replacing if replaces_forward else Counting
+    hook = Replacing if replaces_forward else functools.partial(_counting_hook, calls)
     registry.register_hook(hook(), "root_hook")
     try:
         sparsectx.enable(model, budget=2, selector=random_selector, seed=0)
@@ -1258,7 +1261,7 @@ def test_diffusers_hook_then_accelerate_hook_before_enable(models):
     own forward (before: in accelerate's _old_forward, over the diffusers hook, which then ran on the compacted
     call; once both hooks were removed every token ran, and disable raised)."""
     from accelerate.hooks import ModelHook as AccelerateHook, add_hook_to_module, remove_hook_from_module
-    from diffusers.hooks import HookRegistry, ModelHook
+    from diffusers.hooks import HookRegistry
 
     model, kwargs = models["flux2"], _inputs("flux2")
     n_tokens = kwargs["hidden_states"].shape[1]
@@ -1268,13 +1271,8 @@ def test_diffusers_hook_then_accelerate_hook_before_enable(models):
     sparsectx.disable(model)
     calls = []
 
-    class Counting(ModelHook):
-        def pre_forward(self, module, *args, **kw):
-            calls.append(kw["hidden_states"].shape[1])
-            return args, kw
-
     registry = HookRegistry.check_if_exists_or_initialize(model)
-    registry.register_hook(Counting(), "root_hook")
+    registry.register_hook(_counting_hook(calls), "root_hook")
     add_hook_to_module(model, AccelerateHook())
     try:
         sparsectx.enable(model, budget=2, selector=random_selector, seed=0)
