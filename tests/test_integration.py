@@ -1175,6 +1175,15 @@ def test_accelerate_hooks_around_enable(models, hook_first):
     assert torch.equal(_run(model, kwargs), expected)
 
 
+def _plain_and_sparse(model, kwargs) -> tuple:
+    """The model's output, and its output enabled with ``budget=2`` and the seeded random selector (then disabled)."""
+    expected = _run(model, kwargs)
+    sparsectx.enable(model, budget=2, selector=random_selector, seed=0)
+    sparse = _run(model, kwargs)
+    sparsectx.disable(model)
+    return expected, sparse
+
+
 def _counting_hook(calls: list):
     """A diffusers ModelHook recording the length of each call's hidden_states in ``calls``."""
     from diffusers.hooks import ModelHook
@@ -1221,10 +1230,7 @@ def test_diffusers_hook_registered_before_enable_and_removed_after(models, repla
 
     model, kwargs = models["flux2"], _inputs("flux2")
     n_tokens = kwargs["hidden_states"].shape[1]
-    expected = _run(model, kwargs)
-    sparsectx.enable(model, budget=2, selector=random_selector, seed=0)
-    sparse = _run(model, kwargs)
-    sparsectx.disable(model)
+    expected, sparse = _plain_and_sparse(model, kwargs)
     assert not torch.equal(sparse, expected)
     calls = []
 
@@ -1265,10 +1271,7 @@ def test_diffusers_hook_then_accelerate_hook_before_enable(models):
 
     model, kwargs = models["flux2"], _inputs("flux2")
     n_tokens = kwargs["hidden_states"].shape[1]
-    expected = _run(model, kwargs)
-    sparsectx.enable(model, budget=2, selector=random_selector, seed=0)
-    sparse = _run(model, kwargs)
-    sparsectx.disable(model)
+    expected, sparse = _plain_and_sparse(model, kwargs)
     calls = []
 
     registry = HookRegistry.check_if_exists_or_initialize(model)
