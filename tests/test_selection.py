@@ -1006,6 +1006,9 @@ def test_standalone_api_refuses_what_it_would_get_wrong():
             select(latents, context, "uniform", 0.5)
     with pytest.raises(ValueError, match="reference_latents is on the meta device"):
         select(latents.to("meta"), ctx, "uniform", 0.5)
+    misspelt = SelectionContext(2, ctx.ref_lengths, extra={"user_mask_": None})
+    with pytest.raises(ValueError, match="reference_latents must be a"):  # the latents first, then the signals
+        select(latents[0], misspelt, "edit", 0.5)
     from sparsectx.selection import adaptive_budget
 
     with pytest.raises(ValueError, match="scores are on the meta device"):

@@ -316,6 +316,10 @@ def test_drop_mask_settings_are_checked_naming_them():
         random_drop_mask(2, [4], 1, per_image=np.bool_(True))
     with pytest.raises(ValueError, match="ratio_range must be"):
         random_drop_mask(2, [4], 1, (5, 1), ratios=[0.5])
+    with pytest.raises(ValueError, match="device 'nonsense' is not a torch device"):  # (torch's RuntimeError)
+        random_drop_mask(2, [4], 1, device="nonsense")
+    with pytest.raises(TypeError, match="device must be a torch.device"):
+        random_drop_mask(2, [4], 1, device=0.5)
     with pytest.raises(ValueError, match="state_dict must be what GeneratorState.state_dict"):
         GeneratorState(torch.Generator()).load_state_dict({})
     with pytest.raises(ValueError, match=r"state_dict\['generator_state'\] is not a state"):  # (torch's RuntimeError)
