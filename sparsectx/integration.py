@@ -1046,9 +1046,8 @@ class ForwardPatch:
         """Whether ``forward`` is the forward this patch installed, or its function or that function's twin bound
         again to the transformer (accelerate's ``unwrap_model(..., keep_fp32_wrapper=False)`` rebinds the function it
         unwraps to)."""
-        ours = self.wrapped_forward.__func__
         while isinstance(forward, types.MethodType) and forward.__self__ is self.transformer:
-            if forward is self.wrapped_forward or forward.__func__ in (ours, ours.__wrapped__):
+            if forward is self.wrapped_forward or self.installed_function(forward.__func__):
                 return True
             forward = forward.__func__  # bound twice (see _patched_forward)
         return False

@@ -101,12 +101,7 @@ def backend_for(device: Union[torch.device, str], dtype: torch.dtype = torch.flo
         return known
     if not isinstance(dtype, torch.dtype):  # ("bfloat16" as a string was answered as another dtype)
         raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__} {dtype!r}")
-    if not isinstance(device, (torch.device, str, int)) or isinstance(device, bool):
-        raise TypeError(f"device must be a torch.device, a string or a CUDA index, got {type(device).__name__}")
-    try:
-        device = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"device {device!r} is not a torch device ({exc})") from None
+    device = _as_device(device)
     backend = TORCH_REFERENCE
     if device.type == "cuda" and not interpret and _triton_available() and _kernels_built_as(False):
         backend = TRITON_GPU
@@ -118,6 +113,17 @@ def backend_for(device: Union[torch.device, str], dtype: torch.dtype = torch.flo
     if _LIBRARY_MODE:  # the modes of Triton's library and of the kernel modules imported so far can not change now
         _BACKENDS[key] = backend
     return backend
+
+
+def _as_device(device, name: str = "device") -> torch.device:
+    """``device`` (a torch.device, a string or a CUDA index) as a torch.device; a ``TypeError`` / ``ValueError``
+    naming ``name`` otherwise (torch's errors name no argument)."""
+    if not isinstance(device, (torch.device, str, int)) or isinstance(device, bool):
+        raise TypeError(f"{name} must be a torch.device, a string or a CUDA index, got {type(device).__name__}")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"{name} {device!r} is not a torch device ({exc})") from None
 
 
 # (device, dtype, interpreter flag, which kernel modules are imported) -> backend_for's answer, once Triton's

@@ -1580,8 +1580,8 @@ def selected_keep(selector: Selector, reference_latents: torch.Tensor, context: 
                   budget: Optional[BudgetSpec]) -> torch.Tensor:
     """``apply_budget(selector(reference_latents, context), ..., checked=True)`` (``select`` and the drop-in), with
     one host read fewer under an adaptive budget: it finds NaN scores in its own read of their range, and they are
-    refused naming the selector all the same."""
-    _check_selector_inputs(reference_latents, context)
+    refused naming the selector all the same. Its inputs are checked by its callers (``select``; the drop-in builds
+    them)."""
     if budget is not None:  # a bad budget is refused before the selector (and a probe it reads) runs
         budget = as_budget(budget)
         _check_budget_settings(budget, reference_latents.shape[0], context.ref_lengths)

@@ -31,7 +31,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import integration
-from .ops import _device_values, _eager_under_compile, _python_number, budget_number, masked_attention
+from .ops import _as_device, _device_values, _eager_under_compile, _python_number, budget_number, masked_attention
 
 DEFAULT_RATIO_RANGE = (0.05, 1.0)  # the keep ratios a trained model should handle, 5% to all tokens
 
@@ -112,13 +112,7 @@ def random_drop_mask(batch: int, ref_lengths: Sequence[int], n_prefix: int,
     ref_lengths = _check_layout(batch, ref_lengths, n_prefix)
     _check_draw_settings(generator, per_image, ratio_range)
     if device is not None:
-        try:
-            device = torch.device(device)
-        except RuntimeError as exc:
-            raise ValueError(f"device {device!r} is not a torch device ({exc})") from None
-        except TypeError:
-            raise TypeError(f"device must be a torch.device, a string or a CUDA index, got "
-                            f"{type(device).__name__}") from None
+        device = _as_device(device)
     draw_device = generator.device if generator is not None else torch.device(device or "cpu")
     n_refs = len(ref_lengths)
     rates = _draw_ratios((batch, n_refs if per_image else 1), ratio_range, ratios, generator, draw_device)
