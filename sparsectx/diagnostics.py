@@ -276,6 +276,10 @@ def count_host_reads(device_data: Optional[Iterable] = None) -> Iterator[HostRea
         _watch_methods(False)
 
 
+# the warning torch's CUDA sync debug mode ("warn") gives at each synchronisation (c10's warn_or_error_on_sync)
+_SYNC_REPORT = "called a synchronizing CUDA operation"
+
+
 def count_cuda_syncs(fn: Callable[[], Any]) -> int:
     """Host synchronisations during one call of ``fn()``, as torch's CUDA sync debug mode ("warn") reports them
     (CUDA only: the real synchronisations, including those of launchers outside aten). ``cuda_syncs`` says where."""
@@ -289,7 +293,9 @@ def cuda_syncs(fn: Callable[[], Any]) -> list[str]:
     found: list[str] = []
 
     def record(message, category, filename, lineno, file=None, line=None):
-        if "synchroniz" in str(message):
+        # torch's own sync report only: the notice set_sync_debug_mode gives once per process ("Synchronization
+        # debug mode is a prototype feature and does not yet detect all synchronizing operations") is no sync
+        if _SYNC_REPORT in str(message):
             stack = [f for f in traceback.extract_stack()[:-1] if f.filename != warnings.__file__]
             found.append("".join(traceback.format_list(stack)) + f"{category.__name__}: {message}")
 
