@@ -941,12 +941,28 @@ def _check_no_stateful_hooks(transformer: torch.nn.Module, n_groups: int) -> Non
 
 def _innermost_hook_reference(module: torch.nn.Module) -> Optional[tuple]:
     """``(reference, attribute)`` holding the forward that the innermost diffusers hook on ``module`` itself calls
-    (``HookRegistry``'s first function reference: ``original_forward`` for a hook that replaces the forward, else
-    ``forward``), or None without such a hook."""
+    (``HookRegistry``'s first function reference: ``original_forward`` for a hook that replaces the forward, while
+    the reference still calls that hook, else ``forward``), or None without such a hook. (diffusers' ``remove_hook``
+    of a hook beneath one that replaces the forward writes the forward it wrapped over the upper reference's
+    ``forward``: the upper hook is skipped from then on, and its ``original_forward``, the removed hook's wrapper,
+    is called by nothing.)"""
     refs = getattr(module.__dict__.get("_diffusers_hook"), "_fn_refs", None)
     if not refs:
         return None
-    return refs[0], "original_forward" if getattr(refs[0], "original_forward", None) is not None else "forward"
+    calls_hook = getattr(getattr(getattr(refs[0], "forward", None), "func", None), "__self__", None)
+    replaces = getattr(refs[0], "original_forward", None) is not None and getattr(calls_hook, "fn_ref", None) is refs[0]
+    return refs[0], "original_forward" if replaces else "forward"
+
+
+def _hook_wrapper_reference(forward) -> Optional[object]:
+    """The function reference (``HookFunctionReference``) that a diffusers ``HookRegistry`` wrapper calls, when
+    ``forward`` is one (what a hook puts in the module's ``forward``: a partial of a closure over the reference,
+    also after its hook was removed), else None."""
+    closure = getattr(getattr(forward, "func", None), "__closure__", None) or ()
+    for cell in closure:
+        if type(cell.cell_contents).__name__ == "HookFunctionReference":
+            return cell.cell_contents
+    return None
 
 
 def _is_own_forward(module: torch.nn.Module, forward) -> bool:
@@ -979,9 +995,8 @@ class ForwardPatch:
         # unloading re-applying group offloading) would write the forward it wrapped back over the patch. With
         # both kinds, beneath the one that calls the model's own forward (the one registered first)
         registry = _innermost_hook_reference(transformer)
-        if (self.beneath_hook and registry is not None and _is_own_forward(transformer, getattr(*registry))
-                and not _is_own_forward(transformer, transformer._old_forward)):
-            self.beneath_hook = False  # a diffusers hook, then accelerate's over it
+        if self.beneath_hook and registry is not None and _hook_wrapper_reference(transformer._old_forward):
+            self.beneath_hook = False  # a diffusers hook, then accelerate's over it (accelerate calls its wrapper)
         self.beneath_registry = None if self.beneath_hook else registry
         if self.beneath_hook:
             self.original_forward = transformer._old_forward
@@ -1089,9 +1104,12 @@ class ForwardPatch:
 
     def _unhook_from_diffusers_registry(self) -> bool:
         """A diffusers hook (``diffusers.hooks.HookRegistry``: group offloading, caches) registered on the transformer
-        after this patch calls it as its inner forward: point that reference at what this patch replaced."""
+        after this patch calls it as its inner forward: point that reference at what this patch replaced. Also when
+        only the wrapper of a removed hook is left in the transformer's forward (diffusers' ``remove_hook`` writes
+        the forward it wrapped over an accelerate hook added after it, which puts the wrapper back when removed)."""
         registry = getattr(self.transformer, "_diffusers_hook", None)
-        for fn_ref in getattr(registry, "_fn_refs", ()):
+        left = _hook_wrapper_reference(self.transformer.__dict__.get("forward"))
+        for fn_ref in [*getattr(registry, "_fn_refs", ()), *([left] if left is not None else [])]:
             for attr in ("forward", "original_forward"):
                 if getattr(fn_ref, attr, None) is self.wrapped_forward:
                     setattr(fn_ref, attr, self.original_forward)

@@ -1261,11 +1261,13 @@ def test_diffusers_hook_registered_before_enable_and_removed_after(models, repla
         sparsectx.disable(model)
 
 
-def test_diffusers_hook_then_accelerate_hook_before_enable(models):
+@pytest.mark.parametrize("user_forward", [False, True], ids=["model's forward", "a user's instance forward"])
+def test_diffusers_hook_then_accelerate_hook_before_enable(models, user_forward):
     """A diffusers hook on the transformer, then accelerate's over it (enable_model_cpu_offload after group
-    offloading or a cache), then enable: sparsectx goes beneath the diffusers hook, the one that calls the model's
-    own forward (before: in accelerate's _old_forward, over the diffusers hook, which then ran on the compacted
-    call; once both hooks were removed every token ran, and disable raised)."""
+    offloading or a cache), then enable: sparsectx goes beneath the diffusers hook, the innermost one (before: in
+    accelerate's _old_forward, over the diffusers hook, which then ran on the compacted call; once both hooks were
+    removed every token ran, and disable raised). Also when the diffusers hook wraps a user's instance forward (it
+    went over it then)."""
     from accelerate.hooks import ModelHook as AccelerateHook, add_hook_to_module, remove_hook_from_module
     from diffusers.hooks import HookRegistry
 
@@ -1273,6 +1275,10 @@ def test_diffusers_hook_then_accelerate_hook_before_enable(models):
     n_tokens = kwargs["hidden_states"].shape[1]
     expected, sparse = _plain_and_sparse(model, kwargs)
     calls = []
+    if user_forward:
+        own = model.forward
+        model.forward = functools.wraps(own)(lambda *args, **kw: own(*args, **kw))
+        user_wrapper = model.forward
 
     registry = HookRegistry.check_if_exists_or_initialize(model)
     registry.register_hook(_counting_hook(calls), "root_hook")
@@ -1284,12 +1290,85 @@ def test_diffusers_hook_then_accelerate_hook_before_enable(models):
         registry.remove_hook("root_hook")
         assert integration.is_enabled(model) and torch.equal(_run(model, kwargs), sparse)
         sparsectx.disable(model)
-        assert "forward" not in model.__dict__ and torch.equal(_run(model, kwargs), expected)
+        assert model.__dict__.get("forward") is (user_wrapper if user_forward else None)
+        assert torch.equal(_run(model, kwargs), expected)
     finally:
         if hasattr(model, "_hf_hook"):
             remove_hook_from_module(model)
         registry.remove_hook("root_hook")
         sparsectx.disable(model)
+        model.__dict__.pop("forward", None)
+
+
+def test_diffusers_and_accelerate_hooks_added_after_enable_and_removed(models):
+    """Enable, then a diffusers hook and accelerate's over it; diffusers' remove_hook writes the forward it wrapped
+    (sparsectx's) over accelerate's wrapper, and accelerate's removal puts the removed diffusers hook's wrapper
+    back: disable still finds sparsectx there and gives the model back (before: RuntimeError, "wrapped again ...
+    by something other than an accelerate or diffusers hook")."""
+    from accelerate.hooks import ModelHook as AccelerateHook, add_hook_to_module, remove_hook_from_module
+    from diffusers.hooks import HookRegistry
+
+    model, kwargs = models["flux2"], _inputs("flux2")
+    expected, sparse = _plain_and_sparse(model, kwargs)
+    registry = HookRegistry.check_if_exists_or_initialize(model)
+    try:
+        sparsectx.enable(model, budget=2, selector=random_selector, seed=0)
+        registry.register_hook(_counting_hook([]), "root_hook")
+        add_hook_to_module(model, AccelerateHook())
+        registry.remove_hook("root_hook")
+        remove_hook_from_module(model)
+        assert integration.is_enabled(model) and torch.equal(_run(model, kwargs), sparse)
+        sparsectx.disable(model)
+        assert not integration.is_enabled(model) and torch.equal(_run(model, kwargs), expected)
+    finally:
+        if hasattr(model, "_hf_hook"):
+            remove_hook_from_module(model)
+        registry.remove_hook("root_hook")
+        sparsectx.disable(model)
+        model.__dict__.pop("forward", None)  # (the removed diffusers hook's wrapper, as without sparsectx)
+
+
+@pytest.mark.parametrize("form", ["drop-in", "drop training"])
+def test_enable_beneath_a_hook_chain_diffusers_broke_before(models, form):
+    """diffusers' remove_hook of a hook beneath one with new_forward (group offloading removed and re-applied under
+    a FasterCache denoiser hook by load_lora_weights) leaves the upper hook skipped and its original_forward called
+    by nothing: enable goes into the forward that does run (before: into original_forward, so is_enabled said True
+    while every token ran, and drop training drew no mask)."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    model, kwargs = models["flux2"], _inputs("flux2")
+    expected, sparse = _plain_and_sparse(model, kwargs)
+
+    class Replacing(ModelHook):
+        def new_forward(self, module, *args, **kw):
+            return self.fn_ref.original_forward(*args, **kw)
+
+    registry = HookRegistry.check_if_exists_or_initialize(model)
+    registry.register_hook(ModelHook(), "x")
+    registry.register_hook(Replacing(), "z")
+    registry.remove_hook("x")
+    generator = torch.Generator().manual_seed(0)
+    try:
+        if form == "drop-in":
+            sparsectx.enable(model, budget=2, selector=random_selector, seed=0)
+            assert torch.equal(_run(model, kwargs), sparse)
+            sparsectx.disable(model)
+        else:
+            sparsectx.enable_drop_training(model, ratio_range=(0.3, 0.6), generator=generator)
+            model.train()
+            before = generator.get_state()
+            _run(model, kwargs)
+            assert not torch.equal(generator.get_state(), before)  # a mask was drawn
+            assert not sparsectx.last_drop_mask(model).all()
+            sparsectx.disable_drop_training(model)
+            model.eval()
+        assert torch.equal(_run(model, kwargs), expected)
+    finally:
+        model.eval()
+        registry.remove_hook("z")
+        sparsectx.disable(model)
+        sparsectx.disable_drop_training(model)
+        model.__dict__.pop("forward", None)
 
 
 def test_disable_beneath_a_hook_chain_diffusers_left_broken(models):
