@@ -67,7 +67,8 @@ read -r -a E2E_ARGS <<<"${GPU_CHECK_E2E_ARGS:-}"
 # whole script, wall time: 9.5 minutes (part 1's steps add up to about 9; a device command may run 10 minutes) leave
 # a device session of 15 minutes its start-up (30 s on 2026-11-30, up to 4 minutes) and a short second command
 BUDGET_S=${GPU_CHECK_BUDGET_S:-570}
-[[ $BUDGET_S =~ ^[0-9]+$ ]] || { echo "GPU_CHECK_BUDGET_S must be whole seconds, got '$BUDGET_S'" >&2; exit 2; }
+# (no leading zero: bash arithmetic reads 0570 as octal)
+[[ $BUDGET_S =~ ^(0|[1-9][0-9]*)$ ]] || { echo "GPU_CHECK_BUDGET_S must be whole seconds, got '$BUDGET_S'" >&2; exit 2; }
 SUMMARY_RESERVE_S=35                   # kept back for the summary's report (at most 30 s) and timeout's kill
                                        # grace; results.md's report (at most 10 s) runs past the budget, well
                                        # inside a device command's 600 s

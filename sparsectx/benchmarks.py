@@ -3193,7 +3193,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge-into", metavar="PATH",
                         help="also write this run merged after the run parts already in PATH (earlier --merge-into "
                              "runs of one GPU check; a new file if PATH does not exist), rewritten as rows come, "
-                             "so a check killed in a later step keeps them")
+                             "so a check killed in a later step keeps them; one run at a time per PATH (each "
+                             "reads PATH once, at its start)")
     parser.add_argument("--plot", metavar="PATH", help="write a bar chart of the ratios (needs matplotlib)")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
     parser.add_argument("--size", choices=SIZES, help="tiny (CPU default) or full (GPU default: the real shapes)")

@@ -8,8 +8,9 @@ included, and records every one that reads device data on the host:
   ``aten.is_nonzero``, ``aten.equal``), and ``Tensor.tolist()`` (not an aten operation: it is watched by wrapping
   the method while the block runs);
 - an output whose size depends on the data: ``nonzero``, ``masked_select``, ``unique``, boolean-mask indexing
-  (``aten.index`` / ``index_put`` with a bool index; not ``x[mask] = 0.0`` or a one-element value made on the
-  host, which ATen runs as ``masked_fill_``), ``repeat_interleave`` without ``output_size``,
+  (``aten.index`` / ``index_put`` with a bool index; not ``x[mask] = 0.0`` or a one-element value the block made
+  from host data (``torch.tensor(0.0)``), which ATen runs as ``masked_fill_``; any other value, one made before
+  the block included, is taken for device data), ``repeat_interleave`` without ``output_size``,
   ``bincount``, and ``histc`` without a range (both read the data's range); ``allclose`` (a Python bool);
 - a copy between a device and the host (``.cpu()``, also of a tensor already on the CPU, ``.to("cuda")`` of a
   host tensor), except a ``non_blocking`` copy from pinned host memory to the device (it is queued like a kernel
@@ -123,10 +124,10 @@ class HostReads(TorchDispatchMode):
         # the storages holding device data, by address -> weak reference (None: every tensor is device data). By
         # storage: a view of device data is device data, and so is a tensor written through one of its views.
         self._device: Optional[dict] = None
-        # the storages of the one-element tensors the block's aten ops made or wrote, by address -> weak reference: a
-        # value made there (``y.amin()``, ``y.new_zeros(())``) is device data on a GPU, where Python's scalar of
-        # ``x[mask] = 0.0`` is not (made below the dispatcher)
-        self._made: dict = {}
+        # the storages of the one-element tensors the block made from host data (``lift_fresh``: Python's scalar of
+        # ``x[mask] = 0.0``, ``torch.tensor(0.0)``), by address -> weak reference: host data on a GPU too, where
+        # every other value (``y.amin()``, one made before the block) is taken for device data
+        self._host_made: dict = {}
         if device_data is not None:
             self._device = {}
             for t in device_data:
@@ -148,21 +149,19 @@ class HostReads(TorchDispatchMode):
         return ref is not None and not ref.expired()
 
     def made_on_the_device(self, t) -> bool:
-        """Whether ``t`` is device data on a GPU: device data given (``device_data``), or, without, a tensor an aten
-        op of the block made or wrote."""
+        """Whether ``t`` is device data on a GPU: device data given (``device_data``), or, without, any tensor but
+        one the block made from host data."""
         if self._device is not None:
             return self.holds_device_data(t)
-        ref = self._made.get(t.untyped_storage()._cdata)
-        return ref is not None and not ref.expired()
+        ref = self._host_made.get(t.untyped_storage()._cdata)
+        return ref is None or ref.expired()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if self._device is None and func not in _HOST_MADE:  # (only one-element values are ever asked about)
-            for t in pytree.tree_leaves(out):
-                if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.numel() == 1:
-                    ref = StorageWeakRef(t.untyped_storage())
-                    self._made[ref.cdata] = ref
+        if self._device is None and func in _HOST_MADE and out.numel() == 1:  # (only such values are asked about)
+            ref = StorageWeakRef(out.untyped_storage())
+            self._host_made[ref.cdata] = ref
         if self._device is not None:
             inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
             if not any(self.holds_device_data(t) for t in inputs):

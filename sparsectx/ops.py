@@ -96,7 +96,10 @@ def backend_for(device: Union[torch.device, str], dtype: torch.dtype = torch.flo
     (the environment asks for their mode and the kernels imported so far were built in it), else the reference."""
     interpret = interpreter_enabled()
     key = (device, dtype, interpret, tuple(map(sys.modules.__contains__, _KERNEL_MODULES)))
-    known = _BACKENDS.get(key)
+    try:
+        known = _BACKENDS.get(key)
+    except TypeError:  # (an unhashable device or dtype, refused below with its name)
+        known = None
     if known is not None:
         return known
     if not isinstance(dtype, torch.dtype):  # ("bfloat16" as a string was answered as another dtype)

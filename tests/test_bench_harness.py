@@ -1269,7 +1269,9 @@ def test_gpu_check_refuses_a_misspelt_setting_before_any_step(tmp_path):
         assert done.returncode == 0 and "bench kv" in done.stdout and "skipped: GPU_CHECK_SKIP" in done.stdout, skip
     for env, words in (({"GPU_CHECK_SKIP": "bench trainning"}, "'bench trainning' is no step's name"),
                        ({"GPU_CHECK_SKIP": "bench kv,, profile opps"}, "'profile opps' is no step's name"),
-                       ({"GPU_CHECK_BUDGET_S": "570s"}, "GPU_CHECK_BUDGET_S must be whole seconds")):
+                       ({"GPU_CHECK_BUDGET_S": "570s"}, "GPU_CHECK_BUDGET_S must be whole seconds"),
+                       # (bash arithmetic would read it as octal: 376 s, and 090 as an error at every step)
+                       ({"GPU_CHECK_BUDGET_S": "0570"}, "GPU_CHECK_BUDGET_S must be whole seconds")):
         done = run(env)
         assert done.returncode == 2 and words in done.stderr, (env, done.stderr)
         assert not (tmp_path / "out" / "env.log").exists()  # no step ran

@@ -60,6 +60,16 @@ def test_device_only_operations_are_not_counted(name, fn):
     assert reads.count == 0, (name, reads.ops)
 
 
+def test_a_bool_index_put_of_a_value_made_before_the_block_is_counted():
+    """A one-element value made before the block (a device scalar on a GPU, where ATen then compacts the mask on the
+    host) counts as a read, as a value made inside by an aten op does (before: only values made inside counted)."""
+    x = _x()
+    before = x.amin()
+    with count_host_reads() as reads:
+        x.clone()[x > 0] = before
+    assert reads.count == 1, reads.ops
+
+
 def test_tolist_is_restored_after_the_block():
     original = torch.Tensor.tolist
     with count_host_reads():

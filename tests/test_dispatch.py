@@ -45,9 +45,11 @@ def test_backend_for_refuses_what_is_not_a_dtype_or_a_device():
             ops.backend_for("cpu", dtype)
     with pytest.raises(ValueError, match="device 'nonsense' is not a torch device"):
         ops.backend_for("nonsense", torch.float16)
-    for device in (0.5, True):  # (a bool is no CUDA index)
+    for device in (0.5, True, [0]):  # (a bool is no CUDA index; a list was refused as unhashable by the cache)
         with pytest.raises(TypeError, match="device must be a torch.device, a string or a CUDA index"):
             ops.backend_for(device, torch.float16)
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
+        ops.backend_for("cpu", [torch.float16])
 
 
 @pytest.mark.skipif(ops.backend_for("cpu", torch.float32) != ops.TRITON_INTERPRETER,
