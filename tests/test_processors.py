@@ -37,7 +37,6 @@ shared = _load_integration_helpers()
 FAMILIES, FP32_ATOL = shared.FAMILIES, shared.FP32_ATOL
 N_TARGET = shared.TARGET_HW[0] * shared.TARGET_HW[1]
 GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-5  # fp32 gradients through two layers computed in a different order
-BF16_ATOL = 1e-3  # GPU check: error vs fp32 may exceed twice the bf16 native path's error by this much
 
 
 @pytest.fixture(scope="module")
@@ -1568,14 +1567,23 @@ def _to(kwargs, device, dtype):
 
 
 def _assert_within_twice_native_error(got, native, exact, what):
+    """The flash-attention criterion, with its absolute term: error vs the fp32 run at most twice the native bf16
+    path's plus ``atol``, twice the rounding error of one operation at the outputs' scale in ``got``'s dtype
+    (flash-attention's tests: ``2 * (out_ref + 0.3 - 0.3 - out_ref).abs().max()``). A fixed 1e-3 before: the tiny
+    models' outputs and input gradients reach |x| > 2, where one bf16 ulp is 0.0156, and a single rounding flip
+    at the worst element left no room (the FLUX.1 check failed once on an H200, 2026-11-30; on this CPU the worst
+    of 25 seeds per family reached 0.65 of that bound, and a review's bound on what the two paths' 1-2 ulp
+    disagreements could reach, 1.43)."""
     errors = (got.double() - exact.double()).abs()
     err = errors.max().item()
     baseline = (native.double() - exact.double()).abs().max().item()
-    bound = 2 * baseline + BF16_ATOL
+    rounded = exact.to(got.dtype)
+    atol = 2 * (rounded + 0.3 - 0.3 - rounded).abs().max().item()
+    bound = 2 * baseline + atol
     if err > bound:  # where and how widely it fails (a GPU failure's traceback is all one sees)
         worst = tuple(int(i) for i in torch.unravel_index(errors.argmax(), errors.shape))
         over = (errors > bound).sum().item()
-        pytest.fail(f"{what}: error {err:.3e} > 2 x native's {baseline:.3e} + {BF16_ATOL}; worst at {worst} of "
+        pytest.fail(f"{what}: error {err:.3e} > 2 x native's {baseline:.3e} + {atol:.3e}; worst at {worst} of "
                     f"{tuple(errors.shape)}: got {got[worst].item():.4g}, native {native[worst].item():.4g}, exact "
                     f"{exact[worst].item():.4g}; {over} of {errors.numel()} elements over the bound")
 
