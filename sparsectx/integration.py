@@ -32,13 +32,15 @@ once at most (``sparsectx.diagnostics.count_host_reads`` shows it).
 Where a call starts: ``enable(pipe)`` marks each pipeline call, so both branches of classifier-free guidance use
 the selection made on the first transformer call (the positive prompt). A transformer enabled on its own (or a
 pipeline sharing an enabled transformer, e.g. made with ``from_pipe``) can not see calls: there a selection is kept
-per prompt-embedding tensor (``encoder_hidden_states``) as well, so a new prompt selects again, and each guidance
-branch gets the selection made on its own prompt. A batch whose samples share their references is selected once
-(on its first sample) unless a per-sample signal differs or, when the selector reads the attention probe, the
-prompts differ. The probe's target queries come from that first sample's noisy latents, so with a selector that
-reads them (``attention``, and ``subject``/``edit`` when they use the probe) the tokens every sample keeps, and
-hence its image, depend on which sample came first (e.g. the images of ``num_images_per_prompt``); run requests
-separately where each must be selected on its own latents.
+per prompt-embedding tensor (``encoder_hidden_states``) and its version as well, so a new prompt, or one written
+in place into the same tensor, selects again, and each guidance branch gets the selection made on its own prompt.
+(A tensor made under ``torch.inference_mode`` has no version counter: written in place there, it keeps its
+selection; pass a new tensor, or enable again, which selects anew.) A batch whose samples share their references
+is selected once (on its first sample) unless a per-sample signal differs or, when the selector reads the attention
+probe, the prompts differ. The probe's target queries come from that first sample's noisy latents, so with a
+selector that reads them (``attention``, and ``subject``/``edit`` when they use the probe) the tokens every sample
+keeps, and hence its image, depend on which sample came first (e.g. the images of ``num_images_per_prompt``); run
+requests separately where each must be selected on its own latents.
 
 Batches: FLUX.1/FLUX.2 share one RoPE table (``img_ids[0]``) and Qwen-Image one ``img_shapes`` entry across the
 batch, so samples that keep different tokens (per-request budgets, per-sample selection) can not stay one dense
@@ -410,10 +412,20 @@ def _setting_key(value):
     host read, a wait for the device), containers entry by entry, numbers by type and value (1 is a count, 1.0 a
     ratio; a numpy scalar's repr is exact)."""
     if isinstance(value, torch.Tensor):
-        return "tensor", _Identity(value), value._version
+        return ("tensor", *_object_key(value))
     if isinstance(value, (list, tuple)):
         return (type(value).__name__,) + tuple(_setting_key(v) for v in value)
     return type(value).__name__, repr(value)
+
+
+def _object_key(value):
+    """A prompt tensor or a signal in a plan key: the object itself (``_Identity``) and, for a tensor with a version
+    counter, its version, so one rewritten in place (a server's preallocated prompt buffer) selects again. A tensor
+    made under ``torch.inference_mode`` has no version counter: written in place there, it keeps its selection."""
+    version = None
+    if isinstance(value, torch.Tensor) and not value.is_inference():
+        version = value._version
+    return _Identity(value), version
 
 
 def _selector_key(selector):
@@ -838,13 +850,16 @@ def _patched_forward(attr: str, model_forward: Callable) -> Callable:
     unbound function."""
 
     def make() -> Callable:
+        itself = None  # a weak reference to the function below: a strong one in its own closure would be a reference
+        # cycle holding model_forward, and so the transformer, after disable until the garbage collector ran
+
         def forward(module, *args, **kwargs):
             # bound twice when accelerate's unwrap_model(keep_fp32_wrapper=False) binds the forward it unwraps to
             # the model and that forward is this one, already bound (sparsectx enabled after Accelerator.prepare)
             if args and args[0] is module:
                 args = args[1:]
             patch = getattr(module, attr, None)
-            if patch is None or not patch.installed_function(forward):
+            if patch is None or not patch.installed_function(itself()):
                 # left behind in a diffusers hook chain that diffusers' remove_hook broke (a removed hook's wrapper
                 # kept by the next hook), after its patch was disabled (or replaced): the forward it replaced
                 return model_forward(*args, **kwargs)
@@ -860,6 +875,7 @@ def _patched_forward(attr: str, model_forward: Callable) -> Callable:
         for name in ("__module__", "__name__", "__qualname__", "__doc__"):
             if hasattr(model_forward, name):
                 setattr(forward, name, getattr(model_forward, name))
+        itself = weakref.ref(forward)
         return forward
 
     forward, twin = make(), make()
@@ -1430,7 +1446,7 @@ class _SparsePatch(ForwardPatch):
                 repr(call.get("img_shapes")), call.get("kv_cache_mode"),
                 _budget_key(overrides.get("budget", self.settings.budget)),
                 overrides.get("selector_key", _selector_key(overrides.get("selector", self.settings.selector))),
-                tuple((name, _Identity(value)) for name, value in sorted(signals.items())),
+                tuple((name, _object_key(value)) for name, value in sorted(signals.items())),
                 # a training forward (a bare transformer in train mode) selects anew (a random drop selector draws a
                 # new mask at every step, as drop training does, even on the same input tensors), and a
                 # recomputation of that forward (a checkpoint around the transformer) finds its key (_forward_key)
@@ -1439,7 +1455,7 @@ class _SparsePatch(ForwardPatch):
                 # marks where a call starts: the prompt's tensors (embedding, Qwen's text mask, FLUX.1's pooled
                 # projection: the probe reads each) key the selection
                 None if self.pipeline_calls else
-                tuple(None if value is None else _Identity(value) for value in map(call.get, PROMPT_ARGS)))
+                tuple(None if value is None else _object_key(value) for value in map(call.get, PROMPT_ARGS)))
 
     def _forward_key(self, call: dict, key: tuple) -> tuple:
         """``(plan key, recomputation)`` of this forward: during a backward pass (a checkpoint's recomputation) the key

@@ -748,6 +748,57 @@ def test_bare_transformer_selects_again_for_a_new_prompt_tensor(models):
     assert [ref() for ref in alive] == [None, None]
 
 
+def test_bare_transformer_selects_again_for_a_prompt_written_in_place(models):
+    """A prompt buffer rewritten in place (a server's preallocated tensor) selects again, as a new tensor does
+    (before: the plan was keyed by the tensor alone, and the old prompt's selection was reused); under
+    torch.inference_mode, where tensors have no version counter, a tensor budget works (before: RuntimeError)."""
+    from sparsectx.selection import fixed_ratio
+
+    model, kwargs = models["flux2"], _inputs("flux2")
+    calls, counting = _counting(random_selector)
+    sparsectx.enable(model, budget=0.5, selector=counting, seed=0)
+    prompt = kwargs["encoder_hidden_states"].clone()
+    _run(model, {**kwargs, "encoder_hidden_states": prompt})
+    _run(model, {**kwargs, "encoder_hidden_states": prompt})
+    assert len(calls) == 1
+    prompt.copy_(torch.randn_like(prompt))
+    _run(model, {**kwargs, "encoder_hidden_states": prompt})
+    assert len(calls) == 2
+    with torch.inference_mode():
+        budget = fixed_ratio(torch.tensor([0.5, 0.25]))
+        sparsectx.enable(model, budget=budget, selector=counting, seed=0)
+        _run(model, kwargs)
+        _run(model, kwargs)
+    assert len(calls) == 3
+    sparsectx.disable(model)
+
+
+@pytest.mark.parametrize("form", ["drop-in", "drop-in, sparsectx attention", "drop training"])
+def test_a_disabled_transformer_is_freed_when_deleted(form):
+    """After disable, deleting the last reference frees the transformer at once, as for a model never enabled
+    (before: the forward sparsectx had installed referred to itself, a cycle holding the model until the garbage
+    collector ran: a server's ``del model; torch.cuda.empty_cache()`` kept its weights)."""
+    model = _build_model("flux2")
+    kwargs = _inputs("flux2")
+    if form == "drop training":
+        sparsectx.enable_drop_training(model, ratio_range=(0.3, 0.6), generator=torch.Generator().manual_seed(0))
+        model.train()
+        model(**{**kwargs, "return_dict": False})[0].sum().backward()
+        sparsectx.disable_drop_training(model)
+    else:
+        sparsectx.enable(model, budget=0.5, selector=random_selector, seed=0,
+                         attention="sparsectx" if form.endswith("attention") else "native")
+        _run(model, kwargs)
+        sparsectx.disable(model)
+    alive = weakref.ref(model)
+    gc.disable()
+    try:
+        del model
+        assert alive() is None
+    finally:
+        gc.enable()
+
+
 @pytest.mark.parametrize("family,argument", [("qwen", "encoder_hidden_states_mask"), ("flux", "pooled_projections")])
 def test_bare_transformer_selects_again_for_a_new_prompt_mask_or_pooled_projection(models, family, argument):
     """The prompt's other tensors key the selection as its embedding does (the probe reads them: Qwen's text mask
