@@ -21,6 +21,7 @@ mode it was imported in, whatever the variable says later; dispatch asks the ker
 """
 import functools
 import inspect
+import os
 import threading
 from typing import Optional
 
@@ -33,6 +34,15 @@ import torch
 COMPILE_OPTIONS = {"enable_fp_fusion": True}
 
 _INTERPRETER_LOCK = threading.RLock()  # one interpreted launch at a time (see on_device_of)
+
+
+def _new_interpreter_lock() -> None:
+    """A forked child's own lock: one that another thread of the parent held at the fork is never released there."""
+    global _INTERPRETER_LOCK
+    _INTERPRETER_LOCK = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_new_interpreter_lock)
 
 
 def cdiv(a: int, b: int) -> int:

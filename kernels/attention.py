@@ -121,6 +121,15 @@ def _autotuned(kernel, configs, wide_configs, key):
 _TUNER_LOCK = threading.Lock()
 
 
+def _new_tuner_lock() -> None:
+    """A forked child's own lock: one that another thread of the parent held at the fork is never released there."""
+    global _TUNER_LOCK
+    _TUNER_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_tuner_lock)
+
+
 def _for_head(tuners, fixed, block_d: int):
     """The autotuner of a launch's head-dim block: from ``tuners``, or, under
     ``torch.use_deterministic_algorithms(True)``, from ``fixed`` (each list's first configuration alone). The

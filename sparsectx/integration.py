@@ -87,6 +87,7 @@ import inspect
 import itertools
 import math
 import numbers
+import os
 import re
 import threading
 import types
@@ -987,6 +988,20 @@ def _is_own_forward(module: torch.nn.Module, forward) -> bool:
             and forward.__func__ is type(module).forward)
 
 
+# every live patch, so that a forked child gets new locks (_new_patch_locks)
+_PATCHES: "weakref.WeakSet[ForwardPatch]" = weakref.WeakSet()
+
+
+def _new_patch_locks() -> None:
+    """A forked child's own locks: one that another thread of the parent held at the fork (in a forward, or in an
+    enabled pipeline's call) is never released there, and the child's first call would wait for it forever."""
+    for patch in list(_PATCHES):
+        patch.lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_new_patch_locks)
+
+
 class ForwardPatch:
     """Replaces a transformer's ``forward`` with ``self.forward`` (an instance attribute) and puts the original back
     exactly; ``attr`` names the transformer attribute that points at the patch while it is installed.
@@ -1031,6 +1046,7 @@ class ForwardPatch:
         # seed, the processors' mask, the RoPE hooks) serves one call at a time, so calls from several threads on
         # one transformer run one after the other (each as it runs alone)
         self.lock = threading.RLock()
+        _PATCHES.add(self)
 
     @contextlib.contextmanager
     def checkpointed_in(self, scope: Callable):
@@ -1140,6 +1156,7 @@ class ForwardPatch:
         memo[id(self)] = clone
         for name, value in self.__dict__.items():
             setattr(clone, name, threading.RLock() if name == "lock" else copy.deepcopy(value, memo))
+        _PATCHES.add(clone)
         return clone
 
     def __reduce_ex__(self, protocol):

@@ -3,6 +3,7 @@ CPU, offline. Families: FLUX.2 (Flux2Transformer2DModel, 4-axis ids), FLUX.1 Kon
 reference plane 1), Qwen-Image (QwenImageTransformer2DModel, RoPE from img_shapes, zero_cond_t)."""
 import functools
 import gc
+import os
 import threading
 import warnings
 import weakref
@@ -797,6 +798,56 @@ def test_a_disabled_transformer_is_freed_when_deleted(form):
         assert alive() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork")
+def test_a_child_forked_while_another_thread_holds_sparsectx_locks_runs(models):
+    """A process forked while another thread is inside an enabled forward (holding the transformer's lock and, on
+    the CPU, the interpreter's launch lock or the autotuner's): the child gets new locks and its forward runs
+    (before: it waited forever for locks no thread of the child would release)."""
+    import signal
+
+    from sparsectx.kernels import _launch, attention as attention_kernels
+
+    model, kwargs = models["flux2"], _inputs("flux2", batch=1)
+    sparsectx.enable(model, budget=2, selector=random_selector, seed=0, attention="sparsectx")
+    try:
+        expected = _run(model, kwargs)
+        locks = [getattr(model, integration.PATCH_ATTR).lock, _launch._INTERPRETER_LOCK,
+                 attention_kernels._TUNER_LOCK]
+        holding, release = threading.Event(), threading.Event()
+
+        def hold():
+            for lock in locks:
+                lock.acquire()
+            holding.set()
+            release.wait()
+            for lock in reversed(locks):
+                lock.release()
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        holding.wait()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # (fork of a process with threads)
+                pid = os.fork()
+            if pid == 0:  # the child: its result is its exit status
+                code = 3
+                try:
+                    signal.alarm(120)
+                    torch.set_num_threads(1)  # (the parent's OpenMP threads are gone: torch's CPU ops alone)
+                    # (one thread sums in another order than the parent's: fp32 rounding apart, the same output)
+                    code = 0 if torch.allclose(_run(model, kwargs), expected, rtol=0, atol=FP32_ATOL) else 1
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+        finally:
+            release.set()
+            holder.join()
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        sparsectx.disable(model)
 
 
 @pytest.mark.parametrize("family,argument", [("qwen", "encoder_hidden_states_mask"), ("flux", "pooled_projections")])
