@@ -1090,10 +1090,12 @@ class Compacted(NamedTuple):
 def _check_budget(budget, batch: int, n_tokens: int) -> list[int]:
     if budget is None:
         raise ValueError("budget is required when selection holds scores (pass a keep mask to select directly)")
+    if torch.compiler.is_compiling() and (isinstance(budget, torch.Tensor) or _is_numpy(budget)):
+        # (dynamo traces numpy values as tensors: an ndarray, never a number, reaches the checks below)
+        raise TypeError(f"compact_tokens: a budget {'tensor' if isinstance(budget, torch.Tensor) else 'numpy value'} "
+                        "can not be traced by torch.compile (its values size the outputs); pass the budget as "
+                        "Python numbers (an int, a float or a list)")
     if isinstance(budget, torch.Tensor):
-        if torch.compiler.is_compiling():
-            raise TypeError("compact_tokens: a budget tensor can not be traced by torch.compile (its values size "
-                            "the outputs); pass the budget as Python numbers (an int, a float or a list)")
         if budget.ndim > 1 or (budget.ndim == 1 and budget.numel() != batch):
             raise ValueError(f"budget tensor must be a scalar or have one entry per sample ({batch}), "
                              f"got shape {tuple(budget.shape)}")
@@ -1125,6 +1127,11 @@ def _check_budget(budget, batch: int, n_tokens: int) -> list[int]:
         elif not (0 <= b <= n_tokens):
             raise ValueError(f"budget count must be in [0, N={n_tokens}], got {b}")
     return reference.budget_to_counts(values, batch, n_tokens)
+
+
+def _is_numpy(value) -> bool:
+    """Whether ``value`` is a numpy scalar or array (told without importing numpy)."""
+    return type(value).__module__ == "numpy"
 
 
 def _is_numpy_array(value) -> bool:
