@@ -645,6 +645,34 @@ def test_ratio_settings_round_half_up_like_fixed_ratio():
         assert int(fixed) == math.floor(ratio * length + 0.5) == int(floored), (length, ratio)
 
 
+def test_every_path_turns_a_ratio_into_the_same_count():
+    """One ratio keeps one number of tokens whichever way it is given: compact_tokens' budget, fixed_ratio, an
+    adaptive floor and cap, the drop-in's per-image budget and drop training's ratios (five computations of the
+    same rounding; each is tested alone elsewhere, none against the others). Products on decimal halves, the
+    float products just below them (0.29 x 50 = 14.499999999999998), and random ratios and lengths."""
+    from sparsectx import integration, ops, training
+
+    gen = torch.Generator().manual_seed(3)
+    cases = [(0.1, 4096), (0.3, 10), (0.29, 50), (0.45, 50), (0.7, 5), (1.0, 7), (1e-6, 100), (0.005, 100),
+             (0.015, 100), (0.5, 1), (0.25, 2), (0.35, 10), (0.05, 10)]
+    cases += [(float(f"{(k + 0.5) / n:.6g}"), n) for n in (2, 10, 50) for k in range(n)]
+    cases += [(round(float(torch.rand((), generator=gen)), 3) or 0.5, int(torch.randint(1, 5000, (), generator=gen)))
+              for _ in range(40)]
+    for ratio, n in cases:
+        scores = torch.rand(1, n, generator=gen)
+        counts = {
+            "compact_tokens": ops._check_budget(ratio, 1, n)[0],
+            "fixed_ratio": int(fixed_ratio(ratio)(scores, [n]).counts[0, 0]),
+            "fixed_ratio tensor": int(fixed_ratio(torch.tensor([ratio], dtype=torch.float64))(scores, [n])
+                                      .counts[0, 0]),
+            "adaptive floor": int(adaptive_budget(scores, 0.0, floor=ratio, cap=1.0, ref_lengths=[n]).counts[0, 0]),
+            "adaptive cap": int(adaptive_budget(scores, 1.0, floor=0, cap=ratio, ref_lengths=[n]).counts[0, 0]),
+            "enable": integration.budget_counts(integration.check_budget(ratio), 1, [n])[0][0],
+            "drop training": int(training.random_drop_mask(1, [n], 0, ratios=[ratio]).sum()),
+        }
+        assert len(set(counts.values())) == 1, (ratio, n, counts)
+
+
 def test_linear_mass_rejects_negative_scores():
     with pytest.raises(ValueError, match="linear"):
         adaptive_budget(torch.tensor([[0.5, -0.1, 0.2]]), 0.5, mass="linear")
