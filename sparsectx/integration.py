@@ -91,13 +91,13 @@ import os
 import re
 import threading
 import types
-import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 
+from ._warn import warn as _warn
 from .ops import _device_values, _eager_under_compile, budget_number
 
 if TYPE_CHECKING:  # (imported where used: sparsectx.processors imports diffusers' model modules)
@@ -387,10 +387,11 @@ class RecentForwards:
                       and not entry.recomputed and entry.input() is not None)
         if pending:
             # (a non-reentrant checkpoint's recomputation fails in torch's own check instead)
-            warnings.warn(f"{disabling}: {pending} forward(s) that dropped reference tokens ran under no_grad in train "
-                          "mode and were not recomputed yet: if one is a torch.utils.checkpoint around the transformer "
-                          "(use_reentrant=True) whose backward is still to come, that backward recomputes it on every "
-                          "token and its gradients are wrong; disable after the backward", RuntimeWarning, stacklevel=4)
+            _warn(f"{disabling}: {pending} forward(s) that dropped reference tokens ran under no_grad in train "
+                  "mode and were not recomputed yet: if one is a torch.utils.checkpoint around the transformer "
+                  "(use_reentrant=True) whose backward is still to come, that backward recomputes it on every "
+                  "token and its gradients are wrong; disable (or leave the sparse_context block) after the "
+                  "backward", RuntimeWarning)
         self.entries.clear()
 
 
@@ -468,9 +469,10 @@ def _make_settings(budget, selector, seed, signals=None) -> _Settings:
     return _Settings(budget, selector, None if seed is None else int(seed), signals)
 
 
-def _check_settings_for(selector, budget, signals: dict) -> None:
+def _check_settings_for(selector, budget, signals: dict, warned: Optional[set] = None) -> None:
     """What the selector is known to need: a budget for scores, signal names it reads (a misspelt name would be
-    ignored silently)."""
+    ignored silently). ``warned``: the (selector, unread signals) already warned about, not warned again (a per-call
+    override is checked at every forward)."""
     if budget is None and selector.returns_scores:
         raise ValueError(f"budget=None keeps a selector's keep mask as given, but selector {selector.name!r} returns "
                          "scores: give a budget (a ratio, a count or a budget object)")
@@ -481,9 +483,11 @@ def _check_settings_for(selector, budget, signals: dict) -> None:
     from .selection import unread_signals  # deferred: only enable() needs it
 
     unread, readers = unread_signals(selector, signals)
-    if unread:
-        warnings.warn(f"selector {selector.name!r} does not read the signals {unread} it was given: they are unused "
-                      f"(the selectors that read them: {readers})", UserWarning, stacklevel=4)
+    if unread and (warned is None or (selector.name, tuple(unread)) not in warned):
+        if warned is not None:
+            warned.add((selector.name, tuple(unread)))
+        _warn(f"selector {selector.name!r} does not read the signals {unread} it was given: they are unused "
+              f"(the selectors that read them: {readers})", UserWarning)
 
 
 # transformer arguments that carry the prompt (per sample): the probe's text queries depend on them
@@ -1187,6 +1191,7 @@ class _SparsePatch(ForwardPatch):
         # without a seed: the initial seed of the pipeline call's generator (a tuple: one generator per image)
         self.call_seed: Union[int, tuple, None] = None
         self.warned_unsupported = False  # the warning of _reinstall_replaced_processors is given once
+        self.warned_unread: set = set()  # (selector, unread signals) a per-call override was warned about
         # the plan key of each recent forward that a checkpoint may recompute, by its inputs: a recomputation finds
         # its forward's plan in whichever mode the model is at the backward (an eval pass, or train(), may come
         # between a forward and its backward)
@@ -1273,10 +1278,11 @@ class _SparsePatch(ForwardPatch):
             return True
         if not self.warned_unsupported:
             self.warned_unsupported = True
-            warnings.warn(f"attention processors {unsupported} were set on the transformer after "
-                          "enable(attention='sparsectx'); sparsectx can not replace them, so those layers run them "
-                          "instead of sparsectx's attention (and samples that keep different tokens run one "
-                          "forward each, not one packed sequence)", RuntimeWarning, stacklevel=4)
+            _warn(f"attention processors {unsupported} were set on the transformer after "
+                  "enable(attention='sparsectx'); sparsectx can not replace them, so those layers run them "
+                  "instead of sparsectx's attention (and samples that keep different tokens run one "
+                  "forward each, not one packed sequence); to run them on every layer, enable with "
+                  "attention='native'", RuntimeWarning)
         return False
 
     def uninstall(self) -> None:
@@ -1389,11 +1395,11 @@ class _SparsePatch(ForwardPatch):
             # (a plan without groups drops nothing: every token kept, e.g. by a keep-all budget, which draws nothing)
             if in_backward() and plan.drawn is None and plan.keep is not None and plan.groups \
                     and getattr(selector, "reads_generator", True):
-                warnings.warn("a training forward ran during backward (a torch.utils.checkpoint recomputation) and "
-                              "its forward's selection can not be found (its input tensors were made inside the "
-                              "checkpointed function?): it selected anew, and a selector drawing from its own "
-                              "generator drew another mask, so its gradients are wrong. Pass the input tensors to "
-                              "the checkpoint as arguments.", RuntimeWarning, stacklevel=4)
+                _warn("a training forward ran during backward (a torch.utils.checkpoint recomputation) and "
+                      "its forward's selection can not be found (its input tensors were made inside the "
+                      "checkpointed function?): it selected anew, and a selector drawing from its own "
+                      "generator drew another mask, so its gradients are wrong. Pass the input tensors to "
+                      "the checkpoint as arguments.", RuntimeWarning)
         self.plans.pop(key, None)
         if len(self.plans) >= MAX_PLANS:
             self.plans.pop(next(iter(self.plans)))
@@ -1489,10 +1495,10 @@ class _SparsePatch(ForwardPatch):
             if found is None:
                 return key, False
             if found.ambiguous and not found.recomputed:
-                warnings.warn("a training forward ran during backward (a torch.utils.checkpoint recomputation) on "
-                              "input tensors that two forwards took: it is recomputed with the latest one's selection, "
-                              "and if it is the earlier one its gradients are wrong. Pass distinct hidden_states "
-                              "tensors to checkpointed forwards.", RuntimeWarning, stacklevel=5)
+                _warn("a training forward ran during backward (a torch.utils.checkpoint recomputation) on "
+                      "input tensors that two forwards took: it is recomputed with the latest one's selection, "
+                      "and if it is the earlier one its gradients are wrong. Pass distinct hidden_states "
+                      "tensors to checkpointed forwards.", RuntimeWarning)
             found.recomputed = True
             return found.record, True
         training = self._training_forward()
@@ -1562,7 +1568,7 @@ class _SparsePatch(ForwardPatch):
             overrides["selector"] = _resolve_selector(overrides["selector"])
         _check_settings_for(overrides.get("selector", self.settings.selector),
                             overrides.get("budget", self.settings.budget),
-                            overrides.get("signals", self.settings.signals))
+                            overrides.get("signals", self.settings.signals), self.warned_unread)
         return overrides
 
     def _check_supported(self, call: dict, layout: _Layout) -> None:
@@ -1943,13 +1949,13 @@ def _pipeline_class(base: type) -> type:
             patch = getattr(self.transformer, PATCH_ATTR, None)
             if patch is None:
                 if _replaced_transformer(self) is not None:
-                    warnings.warn(f"{base.__name__}.transformer was replaced since sparsectx.enable: this call runs "
-                                  "every reference token. Enable the pipeline again (enabling or disabling the "
-                                  "pipeline restores the transformer it replaced)", RuntimeWarning, stacklevel=2)
+                    _warn(f"{base.__name__}.transformer was replaced since sparsectx.enable: this call runs "
+                          "every reference token. Enable the pipeline again (enabling or disabling the "
+                          "pipeline restores the transformer it replaced)", RuntimeWarning)
                 else:  # the settings belong to the transformer: disabled through it or another pipeline holding it
-                    warnings.warn(f"this {base.__name__} was enabled but its transformer no longer is (disabled "
-                                  "directly or through another pipeline sharing it): this call runs every reference "
-                                  "token. Enable the pipeline again, or disable it", RuntimeWarning, stacklevel=2)
+                    _warn(f"this {base.__name__} was enabled but its transformer no longer is (disabled "
+                          "directly or through another pipeline sharing it): this call runs every reference "
+                          "token. Enable the pipeline again, or disable it", RuntimeWarning)
                 return base.__call__(self, *args, **kwargs)
             with patch.lock:  # (calls from other threads on this transformer wait: see ForwardPatch.lock)
                 patch.new_call()

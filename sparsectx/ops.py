@@ -26,13 +26,13 @@ import math
 import numbers
 import os
 import sys
-import warnings
 from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch._subclasses import fake_tensor as _fake_tensor
 
+from ._warn import warn as _warn
 from . import reference
 # small tensors of host values on a device without a wait (plain torch; shared with the kernels' launchers)
 from .kernels._launch import to_device as _device_values  # noqa: F401  (used by selection, integration, training)
@@ -85,10 +85,10 @@ def _triton_library_interpreted() -> Optional[bool]:
 
 @functools.lru_cache(maxsize=1)
 def _warn_interpreter_set_late() -> None:
-    warnings.warn("TRITON_INTERPRET=1 was set after Triton or sparsectx's kernels were imported without it (e.g. "
+    _warn("TRITON_INTERPRET=1 was set after Triton or sparsectx's kernels were imported without it (e.g. "
                   "by torch.compile): ops on CPU tensors run the plain-torch reference, not the Triton "
                   "interpreter. Set TRITON_INTERPRET=1 before importing torch or sparsectx to run the kernels.",
-                  RuntimeWarning, stacklevel=3)
+                  RuntimeWarning)
 
 
 def backend_for(device: Union[torch.device, str], dtype: torch.dtype = torch.float16) -> str:

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -60,6 +59,7 @@ try:  # diffusers' layer skip: absent from some releases, then nothing to honour
 except ImportError:
     AttentionProcessorRegistry = AttentionScoreSkipFunctionMode = None
 
+from ._warn import warn as _warn
 from .ops import ROPE_MAX_AXES, masked_attention, rms_norm_rope, rope_tables, sparse_attention, uniform_cu_seqlens
 
 KV_EXTRACT, KV_CACHED = "extract", "cached"  # FLUX.2 klein's kv_cache_mode values
@@ -813,11 +813,25 @@ def _register_for_layer_skip() -> None:
         AttentionProcessorRegistry.register(replacement, metadata)
 
 
-try:  # (diffusers fills its registry lazily, importing other model families: a failure there leaves install's call)
-    _register_for_layer_skip()
-except Exception as error:  # noqa: BLE001 - layer-skip metadata is a convenience; importing sparsectx must not fail
-    warnings.warn(f"sparsectx could not register its processors for diffusers' layer skip at import ({error}); "
-                  "installing them retries", RuntimeWarning, stacklevel=1)
+_LAYER_SKIP_FAILED: list = []  # the error of a failed registration, once warned about
+
+
+def _register_for_layer_skip_or_warn() -> None:
+    """``_register_for_layer_skip``, warning once on failure instead of raising: layer-skip metadata is a
+    convenience, and neither importing sparsectx nor enabling it must fail for it. (diffusers fills its registry
+    lazily, importing other model families; a failure there can leave it marked as filled, so a later call may
+    register nothing either.)"""
+    try:
+        _register_for_layer_skip()
+    except Exception as error:  # noqa: BLE001
+        if not _LAYER_SKIP_FAILED:
+            _LAYER_SKIP_FAILED.append(error)
+            _warn(f"sparsectx could not register its processors for diffusers' layer skip ({error}): "
+                  "apply_layer_skip may not treat the layers running sparsectx's processors as diffusers' own",
+                  RuntimeWarning)
+
+
+_register_for_layer_skip_or_warn()
 
 
 # the submodule a wrapper holds: torch's checkpoint_wrapper / offload_wrapper, FSDP1, torch.compile
@@ -862,7 +876,7 @@ def install_processors(transformer: torch.nn.Module, state: AttentionState) -> d
     if _uses_context_parallel(transformer, [m.processor for _, m in modules]):
         raise RuntimeError("sparsectx processors do not support diffusers context parallelism; install them on a "
                            "model without it")
-    _register_for_layer_skip()
+    _register_for_layer_skip_or_warn()
     originals = {}
     for name, module in modules:
         original = _diffusers_processor(module.processor)

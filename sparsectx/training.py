@@ -24,12 +24,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import warnings
 import weakref
 from typing import Callable, Optional, Sequence
 
 import torch
 
+from ._warn import warn as _warn
 from . import integration
 from .ops import _as_device, _device_values, _eager_under_compile, _python_number, budget_number, masked_attention
 
@@ -303,9 +303,9 @@ class _DropTrainingPatch(integration.ForwardPatch):
                                                                 patched=False, under_no_grad=False))
         if not self.warned_eval and any(p.requires_grad for p in self.transformer.parameters()):
             self.warned_eval = True
-            warnings.warn("drop training: a forward with gradients ran in eval mode and dropped no reference token "
-                          "(masks are drawn in train mode only): call transformer.train() to train with drop masks (or "
-                          "run evaluation under torch.no_grad())", UserWarning, stacklevel=4)
+            _warn("drop training: a forward with gradients ran in eval mode and dropped no reference token "
+                  "(masks are drawn in train mode only): call transformer.train() to train with drop masks (or "
+                  "run evaluation under torch.no_grad())", UserWarning)
 
     @_eager_under_compile  # host work (generator draws, input keys, the ids' layout): eager under torch.compile,
     # which would split it into many small graphs, each recompiled for new resolutions
@@ -338,15 +338,15 @@ class _DropTrainingPatch(integration.ForwardPatch):
             mask, host = self._draw_mask(call)
             if self.generator is None and any(_same_draw(host, drawn) for drawn in self.recent_draws):
                 return mask  # the restored global RNG drew that forward's mask again
-            warnings.warn("drop training: a training forward ran during backward (a torch.utils.checkpoint "
-                          "recomputation) and its forward's drop mask can not be told ("
-                          + ("two forwards took the same hidden_states tensor" if entry is not None else
-                             "its hidden_states tensor was made inside the checkpointed function, or its forward "
-                             "ran in eval mode under no_grad")
-                          + "): it is recomputed with another mask and its gradients are wrong. Pass a distinct "
-                          "hidden_states tensor to each checkpointed forward, as an argument of the checkpoint, or "
-                          "draw from torch's global RNG (generator=None) under a checkpoint that restores it.",
-                          RuntimeWarning, stacklevel=4)
+            _warn("drop training: a training forward ran during backward (a torch.utils.checkpoint "
+                  "recomputation) and its forward's drop mask can not be told ("
+                  + ("two forwards took the same hidden_states tensor" if entry is not None else
+                  "its hidden_states tensor was made inside the checkpointed function, or its forward "
+                  "ran in eval mode under no_grad")
+                  + "): it is recomputed with another mask and its gradients are wrong. Pass a distinct "
+                  "hidden_states tensor to each checkpointed forward, as an argument of the checkpoint, or "
+                  "draw from torch's global RNG (generator=None) under a checkpoint that restores it.",
+                  RuntimeWarning)
             return entry.record if entry is not None else mask
         before = integration.rng_states(hidden.device)
         mask, host = self._draw_mask(call)

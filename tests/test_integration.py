@@ -1217,6 +1217,26 @@ def test_signals_the_chosen_built_in_does_not_read_are_warned_about(models):
         _run(model, {**kwargs, "joint_attention_kwargs": {"sparsectx": {"selector": "random"}}})
 
 
+def test_warnings_point_at_the_users_line(models):
+    """A warning names the user's line whichever path noticed it (enable, a sparse_context block, a per-call override
+    through the patched forward): before, a fixed stacklevel named sparsectx's or torch's lines on the last two."""
+    model, kwargs = models["flux2"], _inputs("flux2")
+    signals = {"user_mask": torch.ones(1, 17, dtype=torch.bool)}
+    with pytest.warns(UserWarning, match="does not read the signals") as enabled:
+        sparsectx.enable(model, budget=4, selector="random", signals=signals)
+    with pytest.warns(UserWarning, match="does not read the signals") as in_context:
+        with sparsectx.sparse_context(model, budget=4, selector="uniform", signals=signals):
+            pass
+    with pytest.warns(UserWarning, match="does not read the signals") as per_call:
+        _run(model, {**kwargs, "joint_attention_kwargs": {"sparsectx": {"selector": "random"}}})
+    for record in (enabled, in_context, per_call):
+        assert [w.filename for w in record] == [__file__], [(w.filename, w.lineno) for w in record]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a per-call override is checked at every forward, and warned about once
+        _run(model, {**kwargs, "joint_attention_kwargs": {"sparsectx": {"selector": "random"}}})
+    sparsectx.disable(model)
+
+
 @pytest.mark.parametrize("seed", [2 ** 70, -2 ** 64, 1.0, "1"])
 def test_bad_seed_raises(models, seed):
     with pytest.raises(ValueError, match="seed"):

@@ -177,6 +177,31 @@ def test_keep_all_equals_unpatched_pipeline(pipe, family, mode):
     torch.testing.assert_close(_run(pipe, family, mode), expected, rtol=0, atol=FP32_ATOL)
 
 
+def _sparsectx_warnings(monkeypatch) -> list:
+    """Every warning sparsectx gives from now on (each goes through sparsectx._warn, which names the user's line:
+    its file does not tell sparsectx's warnings from diffusers')."""
+    import types
+
+    from sparsectx import _warn
+
+    given = []
+    monkeypatch.setattr(_warn, "warnings", types.SimpleNamespace(warn=lambda message, *args, **kw: given.append(
+        message)))
+    return given
+
+
+@pytest.mark.parametrize("attention", ["native", "sparsectx"])
+def test_a_normal_call_warns_nothing(pipe, family, attention, monkeypatch):
+    """An enabled pipeline's call with classifier-free guidance, keeping all tokens and keeping some, gives no
+    warning of sparsectx's (a warning on the normal path would repeat in every user's log)."""
+    given = _sparsectx_warnings(monkeypatch)
+    for budget in (1.0, _budget(family)):
+        sparsectx.enable(pipe, budget=budget, selector="random", seed=SEED, attention=attention)
+        _run(pipe, family, CFG_BATCH)
+    sparsectx.disable(pipe)
+    assert given == []
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_disable_restores_bit_exact(pipe, family, mode):
     original_class = type(pipe)

@@ -171,6 +171,31 @@ def test_processors_carry_layer_skip_metadata_from_import():
     assert done.returncode == 0 and done.stdout.strip() == "known", done.stderr[-2000:]
 
 
+def test_a_failing_layer_skip_registry_warns_once_and_enables(models, monkeypatch):
+    """diffusers' layer-skip registry raising (it imports other model families lazily) costs only its metadata:
+    enable(attention="sparsectx") warns once and installs its processors (before: the error escaped enable, and the
+    import-time warning promised a retry that, with diffusers marking its registry filled first, registers nothing)."""
+    from diffusers.hooks._helpers import AttentionProcessorRegistry
+
+    def failing(cls, processor):
+        raise RuntimeError("planted registry failure")
+
+    model, kwargs = models["flux2"], shared._inputs("flux2")
+    native = _run(model, kwargs)
+    monkeypatch.setattr(AttentionProcessorRegistry, "get", classmethod(failing))
+    monkeypatch.setattr(processors, "_LAYER_SKIP_FAILED", [])
+    with pytest.warns(RuntimeWarning, match="layer skip .planted registry failure.") as record:
+        sparsectx.enable(model, budget=1.0, attention="sparsectx")
+    assert len(record) == 1 and record[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparsectx.disable(model)
+        sparsectx.enable(model, budget=1.0, attention="sparsectx")  # (warned once)
+        assert all(isinstance(p, processors.SPARSECTX_PROCESSORS) for p in _processors(model).values())
+        assert torch.allclose(_run(model, kwargs), native, rtol=0, atol=FP32_ATOL)
+    sparsectx.disable(model)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_qk_norm_and_rope_run_in_one_pass_and_equal_native(models, family, monkeypatch):
     """The processors compute each layer's q and k (QK norms, RoPE and the text/image join) with one
@@ -1868,7 +1893,7 @@ def test_the_drop_in_warns_where_a_recomputation_can_not_find_its_forward():
     hidden = kwargs["hidden_states"].clone().requires_grad_()
     out = torch.utils.checkpoint.checkpoint(lambda h: model(**{**kwargs, "hidden_states": h})[0], hidden,
                                             use_reentrant=True)
-    with pytest.warns(RuntimeWarning, match="disable: 1 forward.*disable after the backward"):
+    with pytest.warns(RuntimeWarning, match=r"disable: 1 forward.*sparse_context block\) after the backward"):
         sparsectx.disable(model)
 
 
@@ -1940,7 +1965,7 @@ def test_disabling_drop_training_before_a_reentrant_checkpoints_backward_warns()
                 warnings.simplefilter("error")
                 disable_drop_training(model)
         else:
-            with pytest.warns(RuntimeWarning, match="1 forward.*disable after the backward"):
+            with pytest.warns(RuntimeWarning, match=r"1 forward.*sparse_context block\) after the backward"):
                 disable_drop_training(model)
 
 
