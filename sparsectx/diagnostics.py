@@ -177,7 +177,8 @@ class HostReads(TorchDispatchMode):
             self.ops.append(str(func))
         elif func in _INDEXING and _has_bool_index(args):
             value = _masked_fill_value(func, args, kwargs)
-            if value is None or self.made_on_the_device(value):
+            # (a host value on a GPU run is host data, wherever it was made; only on the CPU must it be told apart)
+            if value is None or (args[0].device.type == "cpu" and self.made_on_the_device(value)):
                 self.ops.append(f"{func} (bool index)")
         elif func is _aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
             self.ops.append(str(func))

@@ -33,7 +33,8 @@ Where a call starts: ``enable(pipe)`` marks each pipeline call, so both branches
 the selection made on the first transformer call (the positive prompt). A transformer enabled on its own (or a
 pipeline sharing an enabled transformer, e.g. made with ``from_pipe``) can not see calls: there a selection is kept
 per prompt-embedding tensor (``encoder_hidden_states``) and its version as well, so a new prompt, or one written
-in place into the same tensor, selects again, and each guidance branch gets the selection made on its own prompt.
+in place into the same tensor (also with the same values: a static buffer refilled at every step selects at every
+step), selects again, and each guidance branch gets the selection made on its own prompt.
 (A tensor made under ``torch.inference_mode`` has no version counter: written in place there, it keeps its
 selection; pass a new tensor, or enable again, which selects anew.) A batch whose samples share their references
 is selected once (on its first sample) unless a per-sample signal differs or, when the selector reads the attention
@@ -841,7 +842,7 @@ def reference_layout(family: str, call: dict) -> Optional[_Layout]:
     return _LAYOUTS[family](call)
 
 
-def _patched_forward(attr: str, model_forward: Callable) -> Callable:
+def _patched_forward(attr: str, model_forward: Callable, owner: torch.nn.Module) -> Callable:
     """The forward a patch installs, a function of ``(module, *args, **kwargs)`` that runs the patch ``module`` holds
     under ``attr``, reading as ``model_forward`` (a bound forward: name, docstring, ``inspect.signature``).
 
@@ -854,9 +855,18 @@ def _patched_forward(attr: str, model_forward: Callable) -> Callable:
     own wrapper (``functools.update_wrapper``: accelerate's, diffusers' HookRegistry) copies no signature of an
     unbound function."""
 
+    # the forward it replaced, as a function of the module when it is a method of ``owner`` (the transformer): a
+    # deep copy of the transformer then calls it on the copy, and the copy's forward holds no reference to ``owner``
+    if isinstance(model_forward, types.MethodType) and model_forward.__self__ is owner:
+        replaced = model_forward.__func__
+    else:
+        replaced = functools.partial(_call_ignoring_module, model_forward)
+
     def make() -> Callable:
-        itself = None  # a weak reference to the function below: a strong one in its own closure would be a reference
-        # cycle holding model_forward, and so the transformer, after disable until the garbage collector ran
+        # the function's identity for the patch (ForwardPatch.installed_token): the function itself in its own
+        # closure would be a reference cycle holding the transformer after disable until the garbage collector ran,
+        # and a weak reference to it does not pickle (cloudpickle then fails before the patch's own message)
+        token = object()
 
         def forward(module, *args, **kwargs):
             # bound twice when accelerate's unwrap_model(keep_fp32_wrapper=False) binds the forward it unwraps to
@@ -864,23 +874,27 @@ def _patched_forward(attr: str, model_forward: Callable) -> Callable:
             if args and args[0] is module:
                 args = args[1:]
             patch = getattr(module, attr, None)
-            if patch is None or not patch.installed_function(itself()):
+            if patch is None or not patch.installed_token(token):
                 # left behind in a diffusers hook chain that diffusers' remove_hook broke (a removed hook's wrapper
                 # kept by the next hook), after its patch was disabled (or replaced): the forward it replaced
-                return model_forward(*args, **kwargs)
+                return replaced(module, *args, **kwargs)
             if torch.compiler.is_compiling() or in_backward():
                 # traced by torch.compile (the patch's forward then says what it can not trace, or runs eagerly, with
                 # the lock, after dynamo's graph break), or a checkpoint's recomputation during backward (it reads
                 # what its forward recorded): no lock, as on CUDA it runs in autograd's device thread, maybe while the
                 # thread holding the lock waits for it
                 return patch.forward(*args, **kwargs)
+            if patch.forked_in_call:
+                raise RuntimeError("this process was forked while another thread was inside this transformer's "
+                                   "sparsectx forward or enabled pipeline call, whose per-call state is half set up "
+                                   "here: fork while no thread runs the enabled model")
             with patch.lock:
                 return patch.forward(*args, **kwargs)
 
         for name in ("__module__", "__name__", "__qualname__", "__doc__"):
             if hasattr(model_forward, name):
                 setattr(forward, name, getattr(model_forward, name))
-        itself = weakref.ref(forward)
+        forward.sparsectx_token = token
         return forward
 
     forward, twin = make(), make()
@@ -889,6 +903,10 @@ def _patched_forward(attr: str, model_forward: Callable) -> Callable:
         inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY), *signature.parameters.values()])
     forward.__wrapped__ = twin
     return forward
+
+
+def _call_ignoring_module(function: Callable, module, *args, **kwargs):
+    return function(*args, **kwargs)
 
 
 class _ScopedBlock:
@@ -998,8 +1016,12 @@ _PATCHES: "weakref.WeakSet[ForwardPatch]" = weakref.WeakSet()
 
 def _new_patch_locks() -> None:
     """A forked child's own locks: one that another thread of the parent held at the fork (in a forward, or in an
-    enabled pipeline's call) is never released there, and the child's first call would wait for it forever."""
+    enabled pipeline's call) is never released there, and the child's first call would wait for it forever. Such a
+    patch is marked: the per-call state that thread had set up (processors' state, Qwen's RoPE hooks) stays half
+    applied in the child, whose forwards then refuse to run (``forked_in_call``) instead of computing wrong."""
     for patch in list(_PATCHES):
+        if not patch.lock.acquire(blocking=False):
+            patch.forked_in_call = True
         patch.lock = threading.RLock()
 
 
@@ -1050,6 +1072,7 @@ class ForwardPatch:
         # seed, the processors' mask, the RoPE hooks) serves one call at a time, so calls from several threads on
         # one transformer run one after the other (each as it runs alone)
         self.lock = threading.RLock()
+        self.forked_in_call = False  # set in a child forked while another thread held the lock (_new_patch_locks)
         _PATCHES.add(self)
 
     @contextlib.contextmanager
@@ -1078,7 +1101,8 @@ class ForwardPatch:
         return dict(self.signature.bind(*args, **kwargs).arguments)
 
     def install(self) -> None:
-        forward = types.MethodType(_patched_forward(self.attr, self.original_forward), self.transformer)
+        forward = types.MethodType(_patched_forward(self.attr, self.original_forward, self.transformer),
+                                   self.transformer)
         if self.beneath_hook:
             self.transformer._old_forward = forward
         elif self.beneath_registry is not None:
@@ -1092,6 +1116,11 @@ class ForwardPatch:
         """Whether ``function`` is the function of the forward this patch installed, or its twin."""
         ours = self.wrapped_forward.__func__
         return function is ours or function is ours.__wrapped__
+
+    def installed_token(self, token) -> bool:
+        """Whether ``token`` is that of the forward this patch installed or of its twin (``_patched_forward``)."""
+        ours = self.wrapped_forward.__func__
+        return token is ours.sparsectx_token or token is ours.__wrapped__.sparsectx_token
 
     def _is_installed(self, forward) -> bool:
         """Whether ``forward`` is the forward this patch installed, or its function or that function's twin bound

@@ -1090,7 +1090,8 @@ class Compacted(NamedTuple):
 def _check_budget(budget, batch: int, n_tokens: int) -> list[int]:
     if budget is None:
         raise ValueError("budget is required when selection holds scores (pass a keep mask to select directly)")
-    if torch.compiler.is_compiling() and (isinstance(budget, torch.Tensor) or _is_numpy(budget)):
+    if torch.compiler.is_compiling() and (isinstance(budget, torch.Tensor) or _is_numpy(budget) or (
+            isinstance(budget, (list, tuple)) and any(_is_numpy(b) for b in budget))):
         # (dynamo traces numpy values as tensors: an ndarray, never a number, reaches the checks below)
         raise TypeError(f"compact_tokens: a budget {'tensor' if isinstance(budget, torch.Tensor) else 'numpy value'} "
                         "can not be traced by torch.compile (its values size the outputs); pass the budget as "

@@ -174,7 +174,7 @@ def test_max_seqlen_of_a_budget_traces_with_dynamic_shapes(device):
                       backend="aot_eager")(scores)
     # so do numpy budgets, which dynamo traces as arrays (before: "budget entries must be int ..., got ndarray")
     np = pytest.importorskip("numpy")
-    for budget in (np.int64(3), np.float32(0.45), np.array([2, 3])):
+    for budget in (np.int64(3), np.float32(0.45), np.array([2, 3]), [np.int64(2), 3], (np.float32(0.5), 0.25)):
         torch._dynamo.reset()
         with pytest.raises(RuntimeError, match="budget numpy value can not be traced"):
             torch.compile(lambda s: sparsectx.compact_tokens(s, budget=budget).index, fullgraph=True,
