@@ -358,6 +358,7 @@ class RecentForwards:
 
     def __init__(self):
         self.entries: collections.OrderedDict = collections.OrderedDict()
+        self.added: Optional[tuple] = None  # (key, entry, the entry it replaced) of the latest remember
 
     @staticmethod
     def key(*tensors) -> tuple:
@@ -375,10 +376,23 @@ class RecentForwards:
         return entry
 
     def remember(self, key: tuple, entry: RecentForward) -> None:
-        self.entries.pop(key, None)
+        self.added = (key, entry, self.entries.pop(key, None))
         self.entries[key] = entry
         while len(self.entries) > RECENT_FORWARDS:
             self.entries.popitem(last=False)
+
+    def undo_since(self, added: Optional[tuple]) -> None:
+        """Forgets the forward remembered since ``added`` (``self.added`` then), which raised: no backward will
+        recompute it, and a retry on the same input must not look like a second forward on it (a false warning that
+        its gradients are wrong, a draw from the user's generator). The entry it replaced comes back."""
+        if self.added is None or self.added is added:
+            return
+        key, entry, replaced = self.added
+        if self.entries.get(key) is entry:
+            del self.entries[key]
+            if replaced is not None:
+                self.entries[key] = replaced
+        self.added = added
 
     def release(self, disabling: str) -> None:
         """The patch is being removed (``disabling`` names the call): forgets every forward, first warning of those that
@@ -889,7 +903,14 @@ def _patched_forward(attr: str, model_forward: Callable, owner: torch.nn.Module)
                                    "sparsectx forward or enabled pipeline call, whose per-call state is half set up "
                                    "here: fork while no thread runs the enabled model")
             with patch.lock:
-                return patch.forward(*args, **kwargs)
+                recent = getattr(patch, "recent", None)
+                added = recent.added if recent is not None else None
+                try:
+                    return patch.forward(*args, **kwargs)
+                except BaseException:
+                    if recent is not None:  # a forward that raised leaves no record (RecentForwards.undo_since)
+                        recent.undo_since(added)
+                    raise
 
         for name in ("__module__", "__name__", "__qualname__", "__doc__"):
             if hasattr(model_forward, name):

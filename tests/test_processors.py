@@ -5,6 +5,7 @@ import contextlib
 import functools
 import importlib.util
 import math
+import threading
 import types
 import unittest.mock
 import weakref
@@ -169,6 +170,68 @@ def test_processors_carry_layer_skip_metadata_from_import():
             "r.get(p.SparsectxQwenDoubleStreamAttnProcessor)\nprint('known')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "known", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("form", ["drop-in", "drop training"])
+def test_a_forward_that_raises_leaves_the_model_as_before(models, form):
+    """A training forward under a checkpoint around the transformer that raises mid-way (an interrupt, an out-of-memory
+    error), then retried on the same input tensor: the retry's backward recomputes without a warning (before: the
+    failed forward's record made the retry ambiguous, "its gradients are wrong", and drop training drew a mask from
+    the user's generator for nothing), another thread's forward does not wait (the lock was released), and the
+    outputs and gradients equal those of a model that never failed."""
+
+    class Planted(Exception):
+        pass
+
+    model, kwargs = models["flux2"], _train_inputs("flux2")
+    hidden = kwargs["hidden_states"]
+
+    def step(fail=False):
+        model.zero_grad(set_to_none=True)
+        hook = None
+        if fail:
+            def raising(*_):
+                raise Planted()
+            hook = model.transformer_blocks[0].register_forward_hook(raising)
+        try:
+            out = torch.utils.checkpoint.checkpoint(lambda h: model(**{**kwargs, "hidden_states": h})[0], hidden,
+                                                    use_reentrant=False)
+        finally:
+            if hook is not None:
+                hook.remove()
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    def enable(generator_seed):
+        if form == "drop-in":
+            sparsectx.enable(model, budget=0.5, selector="random", seed=0)
+        else:
+            sparsectx.enable_drop_training(model, ratio_range=(0.3, 0.6),
+                                           generator=torch.Generator().manual_seed(generator_seed))
+
+    def disable():
+        sparsectx.disable(model) if form == "drop-in" else sparsectx.disable_drop_training(model)
+
+    model.train()
+    try:
+        enable(5)
+        expected = step()
+        disable()
+        enable(5)
+        with pytest.raises(Planted):
+            step(fail=True)
+        other = threading.Thread(target=lambda: _run(model, shared._inputs("flux2")))
+        other.start()
+        other.join(timeout=60)
+        assert not other.is_alive()  # the lock was released
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = step()
+        if form == "drop-in":  # (drop training draws another mask: a failed forward draws its own, as dropout would)
+            assert torch.equal(got[0], expected[0]) and all(torch.equal(a, b) for a, b in zip(got[1], expected[1]))
+    finally:
+        model.eval()
+        disable()
 
 
 def test_a_failing_layer_skip_registry_warns_once_and_enables(models, monkeypatch):
