@@ -1598,9 +1598,11 @@ class _SparsePatch(ForwardPatch):
         attn_kwargs = dict(attn_kwargs)  # never mutate the caller's (the pipeline's) dicts
         raw = attn_kwargs.pop(CALL_KWARG)
         call[name] = attn_kwargs or None
-        pipeline_name = _PIPELINE_ATTN_KWARGS_ARG[self.family]
-        where = f"{pipeline_name}['{CALL_KWARG}']" + (
-            f" (the transformer's {name}['{CALL_KWARG}'])" if pipeline_name != name else "")
+        return self.checked_overrides(raw, _overrides_place(self.family, name))
+
+    def checked_overrides(self, raw, where: str) -> dict:
+        """The per-call settings ``raw`` (``where``: the keyword they came through, for messages) checked and
+        resolved: also run by an enabled pipeline's call before its own work (encoding the prompt and images)."""
         if raw is not None and not isinstance(raw, collections.abc.Mapping):
             raise TypeError(f"{where} must be a dict with keys from {OVERRIDE_KEYS} (e.g. {{'budget': 0.1}}), got "
                             f"{type(raw).__name__}")
@@ -1608,17 +1610,20 @@ class _SparsePatch(ForwardPatch):
         unknown = set(overrides) - set(OVERRIDE_KEYS)
         if unknown:
             raise ValueError(f"{where} accepts {OVERRIDE_KEYS}, got unknown keys {sorted(unknown)}")
-        if "budget" in overrides:
-            overrides["budget"] = check_budget(overrides["budget"])
-        if "signals" in overrides:
-            overrides["signals"] = _check_signals(overrides["signals"])
-        if "selector" in overrides:
-            # the user's object keys the cached selection (its wrapper is new at every step)
-            overrides["selector_key"] = _selector_key(overrides["selector"])
-            overrides["selector"] = _resolve_selector(overrides["selector"])
-        _check_settings_for(overrides.get("selector", self.settings.selector),
-                            overrides.get("budget", self.settings.budget),
-                            overrides.get("signals", self.settings.signals), self.warned_unread)
+        try:
+            if "budget" in overrides:
+                overrides["budget"] = check_budget(overrides["budget"])
+            if "signals" in overrides:
+                overrides["signals"] = _check_signals(overrides["signals"])
+            if "selector" in overrides:
+                # the user's object keys the cached selection (its wrapper is new at every step)
+                overrides["selector_key"] = _selector_key(overrides["selector"])
+                overrides["selector"] = _resolve_selector(overrides["selector"])
+            _check_settings_for(overrides.get("selector", self.settings.selector),
+                                overrides.get("budget", self.settings.budget),
+                                overrides.get("signals", self.settings.signals), self.warned_unread)
+        except (TypeError, ValueError) as error:  # (the same message as enable's, saying where the value came from)
+            raise (TypeError if isinstance(error, TypeError) else ValueError)(f"{where}: {error}") from None
         return overrides
 
     def _check_supported(self, call: dict, layout: _Layout) -> None:
@@ -1991,6 +1996,13 @@ def _replaced_transformer(pipe):
     return old
 
 
+def _overrides_place(family: str, transformer_kwarg: str) -> str:
+    """Where per-call settings came from, for messages: the pipeline's keyword (and the transformer's, if other)."""
+    pipeline_name = _PIPELINE_ATTN_KWARGS_ARG[family]
+    return f"{pipeline_name}['{CALL_KWARG}']" + (
+        f" (the transformer's {transformer_kwarg}['{CALL_KWARG}'])" if pipeline_name != transformer_kwarg else "")
+
+
 def _pipeline_class(base: type) -> type:
     """A subclass of ``base`` whose ``__call__`` tells the transformer's patch that a new call begins (Python
     looks ``__call__`` up on the type, so the instance's class is swapped; ``disable`` swaps it back)."""
@@ -2007,6 +2019,11 @@ def _pipeline_class(base: type) -> type:
                           "directly or through another pipeline sharing it): this call runs every reference "
                           "token. Enable the pipeline again, or disable it", RuntimeWarning)
                 return base.__call__(self, *args, **kwargs)
+            attn_kwargs = kwargs.get(_PIPELINE_ATTN_KWARGS_ARG[patch.family])
+            if isinstance(attn_kwargs, collections.abc.Mapping) and CALL_KWARG in attn_kwargs:
+                # checked before the pipeline's own work (encoding the prompt and images), not at its first step
+                patch.checked_overrides(attn_kwargs[CALL_KWARG],
+                                        _overrides_place(patch.family, _ATTN_KWARGS_ARG[patch.family]))
             with patch.lock:  # (calls from other threads on this transformer wait: see ForwardPatch.lock)
                 patch.new_call()
                 patch.pipeline_calls += 1

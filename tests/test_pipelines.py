@@ -543,6 +543,24 @@ def test_per_call_settings_through_the_pipelines_own_attention_kwargs(pipe, fami
     assert seen == [n_target + sum(_kept_tokens(family))] * STEPS  # enable's budget again on the next call
 
 
+@pytest.mark.parametrize("settings, error, words", [({"budget": 2.0}, ValueError, r"budget ratio must be in \(0, 1\]"),
+                                                   ({"selector": "nope"}, ValueError, "nope")])
+def test_bad_per_call_settings_fail_before_the_pipelines_own_work(pipe, family, settings, error, words):
+    """A bad per-call setting fails at the start of the pipeline call, before its encoders run, naming the keyword
+    it came through (before: after the VAE and text encoders, which on real models take seconds, in enable's words)."""
+    sparsectx.enable(pipe, budget=_budget(family), selector="random", seed=SEED)
+    name = "joint_attention_kwargs" if family == KONTEXT else "attention_kwargs"
+    ran = []
+    handles = [module.register_forward_pre_hook(lambda *_: ran.append(1)) for module in pipe.vae.modules()]
+    try:
+        with pytest.raises(error, match=rf"^{name}\['sparsectx'\].*: .*{words}"):
+            pipe(**_call_kwargs(family, PLAIN), **{name: {"sparsectx": settings}})
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert ran == []
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # inpainting pipelines: their reference images ride in the sequence as in the edit pipelines
 # ----------------------------------------------------------------------------------------------------------------
