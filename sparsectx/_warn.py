@@ -25,5 +25,15 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
     """``warnings.warn(message, category)`` attributed to the innermost caller outside the libraries above."""
     frame, level = sys._getframe(1), 2  # (level 2: this function's caller)
     while frame is not None and _is_library(frame):
-        frame, level = frame.f_back, level + 1
+        frame = frame.f_back
+        # warnings.warn does not count importlib's bootstrap frames (a warning given while a module is imported)
+        if frame is not None and not _is_import_machinery(frame):
+            level += 1
     warnings.warn(message, category, stacklevel=level)
+
+
+def _is_import_machinery(frame) -> bool:
+    """A frame of importlib's bootstrap, which ``warnings`` skips when it applies ``stacklevel`` (as CPython's
+    ``warnings._is_internal_frame`` tells them)."""
+    filename = frame.f_code.co_filename
+    return "importlib" in filename and "_bootstrap" in filename

@@ -384,7 +384,8 @@ class RecentForwards:
     def undo_since(self, added: Optional[tuple]) -> None:
         """Forgets the forward remembered since ``added`` (``self.added`` then), which raised: no backward will
         recompute it, and a retry on the same input must not look like a second forward on it (a false warning that
-        its gradients are wrong, a draw from the user's generator). The entry it replaced comes back."""
+        its gradients are wrong, a draw from the user's generator). The entry it replaced comes back. One level:
+        the latest entry only (no forward of sparsectx's runs another patched forward of the same transformer)."""
         if self.added is None or self.added is added:
             return
         key, entry, replaced = self.added

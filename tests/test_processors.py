@@ -234,6 +234,28 @@ def test_a_forward_that_raises_leaves_the_model_as_before(models, form):
         disable()
 
 
+def test_a_warning_given_while_sparsectx_is_imported_names_the_importing_line(tmp_path):
+    """A warning given while a sparsectx module is imported (the layer-skip registry failing) names the user's line
+    that imported it (the walk out of sparsectx counted importlib's bootstrap frames, which warnings skips: 'sys:1')."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "user_script.py"
+    script.write_text(
+        "import warnings\n"
+        "from diffusers.hooks._helpers import AttentionProcessorRegistry\n"
+        "def failing(cls, processor):\n"
+        "    raise RuntimeError('planted')\n"
+        "AttentionProcessorRegistry.get = classmethod(failing)\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import sparsectx.processors\n"
+        "print([(w.filename, w.lineno) for w in caught if 'layer skip' in str(w.message)])\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == repr([(str(script), 8)]), done.stdout
+
+
 def test_a_failing_layer_skip_registry_warns_once_and_enables(models, monkeypatch):
     """diffusers' layer-skip registry raising (it imports other model families lazily) costs only its metadata:
     enable(attention="sparsectx") warns once and installs its processors (before: the error escaped enable, and the
