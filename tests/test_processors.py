@@ -177,8 +177,8 @@ def test_a_forward_that_raises_leaves_the_model_as_before(models, form):
     """A training forward under a checkpoint around the transformer that raises mid-way (an interrupt, an out-of-memory
     error), then retried on the same input tensor: the retry's backward recomputes without a warning (before: the
     failed forward's record made the retry ambiguous, "its gradients are wrong", and drop training drew a mask from
-    the user's generator for nothing), another thread's forward does not wait (the lock was released), and the
-    outputs and gradients equal those of a model that never failed."""
+    the user's generator for nothing), another thread's forward does not wait (the lock was released), and, for the
+    drop-in, the outputs and gradients equal those of a model that never failed (drop training draws a new mask)."""
 
     class Planted(Exception):
         pass
