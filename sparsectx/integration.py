@@ -1134,11 +1134,6 @@ class ForwardPatch:
         self.wrapped_forward = forward
         setattr(self.transformer, self.attr, self)
 
-    def installed_function(self, function) -> bool:
-        """Whether ``function`` is the function of the forward this patch installed, or its twin."""
-        ours = self.wrapped_forward.__func__
-        return function is ours or function is ours.__wrapped__
-
     def installed_token(self, token) -> bool:
         """Whether ``token`` is that of the forward this patch installed or of its twin (``_patched_forward``)."""
         ours = self.wrapped_forward.__func__
@@ -1149,7 +1144,8 @@ class ForwardPatch:
         again to the transformer (accelerate's ``unwrap_model(..., keep_fp32_wrapper=False)`` rebinds the function it
         unwraps to)."""
         while isinstance(forward, types.MethodType) and forward.__self__ is self.transformer:
-            if forward is self.wrapped_forward or self.installed_function(forward.__func__):
+            token = getattr(forward.__func__, "sparsectx_token", None)
+            if forward is self.wrapped_forward or self.installed_token(token):
                 return True
             forward = forward.__func__  # bound twice (see _patched_forward)
         return False

@@ -86,9 +86,9 @@ def _triton_library_interpreted() -> Optional[bool]:
 @functools.lru_cache(maxsize=1)
 def _warn_interpreter_set_late() -> None:
     _warn("TRITON_INTERPRET=1 was set after Triton or sparsectx's kernels were imported without it (e.g. "
-                  "by torch.compile): ops on CPU tensors run the plain-torch reference, not the Triton "
-                  "interpreter. Set TRITON_INTERPRET=1 before importing torch or sparsectx to run the kernels.",
-                  RuntimeWarning)
+          "by torch.compile): ops on CPU tensors run the plain-torch reference, not the Triton "
+          "interpreter. Set TRITON_INTERPRET=1 before importing torch or sparsectx to run the kernels.",
+          RuntimeWarning)
 
 
 def backend_for(device: Union[torch.device, str], dtype: torch.dtype = torch.float16) -> str:

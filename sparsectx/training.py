@@ -341,8 +341,8 @@ class _DropTrainingPatch(integration.ForwardPatch):
             _warn("drop training: a training forward ran during backward (a torch.utils.checkpoint "
                   "recomputation) and its forward's drop mask can not be told ("
                   + ("two forwards took the same hidden_states tensor" if entry is not None else
-                  "its hidden_states tensor was made inside the checkpointed function, or its forward "
-                  "ran in eval mode under no_grad")
+                     "its hidden_states tensor was made inside the checkpointed function, or its forward "
+                     "ran in eval mode under no_grad")
                   + "): it is recomputed with another mask and its gradients are wrong. Pass a distinct "
                   "hidden_states tensor to each checkpointed forward, as an argument of the checkpoint, or "
                   "draw from torch's global RNG (generator=None) under a checkpoint that restores it.",
