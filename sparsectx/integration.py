@@ -151,7 +151,7 @@ Budget = Optional[Union[int, float, Sequence[Union[int, float]], Sequence[Sequen
 def _check_budget_value(b) -> Union[int, float]:
     """One budget entry as a Python int (count) or float (ratio); numpy scalars are taken by kind."""
     if isinstance(b, bool) or not isinstance(b, numbers.Real):
-        raise ValueError(f"budget entries must be an int (token count) or a float (ratio), got {b!r}")
+        raise TypeError(f"budget entries must be an int (token count) or a float (ratio), got {b!r}")
     b = int(b) if isinstance(b, numbers.Integral) else budget_number(b)  # (a float: numpy floats as written)
     if isinstance(b, float) and not (0.0 < b <= 1.0):
         raise ValueError(f"budget ratio must be in (0, 1], got {b}")
@@ -179,7 +179,8 @@ def check_budget(budget: Budget) -> Budget:
     reference image; a list whose entries are lists (one per request, each a per-image list, where a
     one-element list applies to all images); or a budget callable (``sparsectx.selection.adaptive(...)``: the
     count adapts to each image's scores); or None, for a selector that returns a keep mask, kept as given. Raises
-    ``ValueError`` naming what is wrong. Returns it with every entry a Python int or float (numpy integers count
+    ``TypeError`` for an entry that is not a number (``compact_tokens``' rule), ``ValueError`` for any other
+    mistake, each naming what is wrong. Returns it with every entry a Python int or float (numpy integers count
     tokens, numpy floats are ratios) and lists for tuples."""
     if budget is None or _is_budget_fn(budget):
         return budget
@@ -245,7 +246,7 @@ def keep_mask_from_scores(scores: torch.Tensor, counts: Sequence[Sequence[int]],
 # ----------------------------------------------------------------------------------------------------------------
 def _resolve_selector(selector):
     if not isinstance(selector, str) and not callable(selector):
-        raise ValueError(f"selector must be a registered name or a callable, got {type(selector).__name__}")
+        raise TypeError(f"selector must be a registered name or a callable, got {type(selector).__name__}")
     from . import selection  # deferred: only enable() needs it
 
     return selection.get_selector(selector)  # ValueError for an unknown name
@@ -462,11 +463,11 @@ def _check_signals(signals) -> dict:
     if signals is None:
         return {}
     if not isinstance(signals, dict):
-        raise ValueError(f"signals must be a dict from signal names to values (e.g. {{'user_mask': mask}}), "
+        raise TypeError(f"signals must be a dict from signal names to values (e.g. {{'user_mask': mask}}), "
                          f"got {type(signals).__name__}")
     names = [name for name in signals if not isinstance(name, str)]
     if names:
-        raise ValueError(f"signals must be a dict from signal names (strings) to values (e.g. {{'user_mask': "
+        raise TypeError(f"signals must be a dict from signal names (strings) to values (e.g. {{'user_mask': "
                          f"mask}}), got the key {names[0]!r} ({type(names[0]).__name__})")
     return dict(signals)
 
@@ -474,7 +475,7 @@ def _check_signals(signals) -> dict:
 def _make_settings(budget, selector, seed, signals=None) -> _Settings:
     budget = check_budget(budget)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-        raise ValueError(f"seed must be an int or None, got {seed!r}")
+        raise TypeError(f"seed must be an int or None, got {seed!r}")
     if seed is not None:
         try:
             torch.Generator().manual_seed(int(seed))
