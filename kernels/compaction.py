@@ -345,7 +345,7 @@ def _write_index_kernel(
     """Program (b, j): index[row] = position for every kept token of token block j of sample b, at its packed row
     (stream compaction: the earlier blocks' counts, then a prefix scan within the block). Program (b, 0) writes
     cu_seqlens[b + 1]; the last program zero-fills index rows past the kept total. The samples' kept counts are the
-    host's (uniform or PER_SAMPLE_COUNTS) or, for a mask without them (COUNTS_FROM_BLOCKS), the block counts'."""
+    host's (uniform or PER_SAMPLE_COUNTS) or, for a mask (COUNTS_FROM_BLOCKS), the block counts'."""
     b = tl.program_id(0)
     block = tl.program_id(1)
     # this sample's block counts (the earlier ones carry into this block's ranks; all of them are a mask's count)
@@ -514,7 +514,7 @@ def compact_index(
 
     ``selection`` is a keep mask bool ``[B, N]`` or scores ``[B, N]`` (fp32/fp16/bf16, read exactly as fp32). ``counts``
     (host ints, one per sample) is required with scores (the ``counts[b]`` highest scores are kept, ties to the
-    lower index) and optional with a mask (then it must equal the mask's row sums). ``n_rows`` (default: the kept
+    lower index) and refused with a mask (its row sums are its counts). ``n_rows`` (default: the kept
     total) sizes ``index``; rows past the kept total hold 0, and with a mask a smaller ``n_rows`` drops the rows
     past it (``cu_seqlens`` still counts them).
 
@@ -526,6 +526,8 @@ def compact_index(
     has_scores = selection.dtype != torch.bool
     if has_scores and counts is None:
         raise ValueError("counts is required when selection holds scores")
+    if not has_scores and counts is not None:
+        raise ValueError("counts must be None when selection is a keep mask (its row sums are the counts)")
     if counts is not None:
         counts = [int(c) for c in counts]
         if len(counts) != batch or (counts and not 0 <= min(counts) <= max(counts) <= n_tokens):

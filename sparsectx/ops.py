@@ -457,19 +457,27 @@ def sparse_attention(
     full-precision (IEEE) dot products. Gradients flow to q, k, v, ref_k and ref_v. As in FlashAttention, the
     backward recomputes the probabilities from the stored fp32 lse (natural log, converted to base 2 with the
     scores scaled by ``scale * log2(e)``), whose rounding grows with its magnitude: fp32 gradients carry a relative
-    error of about ``|lse| * 1e-7``. A plain fp32 softmax's can be smaller where its scale multiplies exactly: with
+    error of about ``|lse| * 1e-7`` while that is well below 1 (measured: dv 1.1e-2 at |lse| 4.2e5; far beyond
+    practice the error grows exponentially instead, 2.3 at |lse| 3.9e7 and 3.9e4 at 3.4e8, where the torch path
+    stays near 1e-7). A plain fp32 softmax's can be smaller where its scale multiplies exactly: with
     ``softmax_scale=1`` on unit-variance q and k at D=64 (|lse| near 30) sparsectx's fp32 gradients had 1-6x its
     largest error over the cases measured (at most 2x up to |lse| 16); a randomized run over 2190 varlen cases
     found up to 7.9x (dk with ``softmax_scale=2`` at D=16, |lse| up to 26: 3.3e-6 of the largest gradient). The
     fp32 forward rounds its scaled scores the same way: with ``softmax_scale=1`` and scores of -250 to -1000 its
-    output error was 3.2x a plain fp32 softmax's in one measured case. In fp16/bf16 the inputs' rounding is far
-    larger, and, as in FlashAttention, the backward's ``rowsum(dout * out)`` takes the output as stored, rounded to
-    q's dtype: every key of a query gets the same absolute error of about ``|scale| * |k| * |dout| * |out| * 2**-11``
-    (fp16; ``2**-8`` bf16), small against the largest gradients but not against a key's small one. At the default
+    output error was 3.2x a plain fp32 softmax's in one measured case, and scaled scores above fp32's largest value
+    over log2(e) (about 2.3e38) overflow there: NaN output and lse +inf, where the torch path is finite. In
+    fp16/bf16 the inputs' rounding is far larger, and, as in FlashAttention, the backward's ``rowsum(dout * out)``
+    takes the output as stored, rounded to q's dtype: every key of a query gets the same absolute error of about
+    ``|scale| * |k| * |dout| * |out| * 2**-11`` (fp16; ``2**-8`` bf16), small against the largest gradients but not
+    against a key's small one. At the default
     scale the gradients meet the flash-attention criterion (2x a plain fp16 softmax's error); with larger scales
     they may not: a randomized interpreter run found dref_k 13x torch fp16's largest error at ``softmax_scale=4``
     (6.2e-3, 0.9% of that gradient's largest entry; dq and dk there 4-6x below torch's) and dq up to 9.5x at
-    ``softmax_scale=1`` (7.6e-3) in masked attention over two keys.
+    ``softmax_scale=1`` (7.6e-3) in masked attention over two keys. The kernels' backward rounds dS to q's dtype
+    before its products, as FlashAttention and torch's fp16 SDPA do: in fp16, dq and dk overflow to inf where
+    ``|dout . v|`` passes fp16's range (65504), while the torch reference path, computing in fp32, stays finite.
+
+    ``softmax_scale`` defaults to ``1 / sqrt(D)``.
 
     ``max_seqlen_q``, ``max_seqlen_k`` and ``max_seqlen_ref`` above the packed rows there are (a loose bound) are
     lowered to them: no sample can be longer, and the kernels' grids follow these bounds.
@@ -705,7 +713,9 @@ def masked_attention(
         # (the skipped queries are compacted, and each sample keeps its own count: no batching rule)
         _refuse_vmap("masked_attention with a query_mask", q=q, k=k, v=v, query_mask=query_mask)
     kept_prefix = _python_number(kept_prefix)
-    if isinstance(kept_prefix, bool) or not isinstance(kept_prefix, int) or not 0 <= kept_prefix <= seq:
+    if isinstance(kept_prefix, bool) or not isinstance(kept_prefix, int):
+        raise TypeError(f"kept_prefix must be an int in [0, S={seq}], got {type(kept_prefix).__name__}")
+    if not 0 <= kept_prefix <= seq:
         raise ValueError(f"kept_prefix must be an int in [0, S={seq}], got {kept_prefix!r}")
     # (checked here, before the compaction launches, as sparse_attention checks them again; the kept queries' path
     # launches the kernel itself)
@@ -1058,8 +1068,10 @@ def rope_tables(ids: torch.Tensor, freqs: torch.Tensor, axes_dim) -> tuple[torch
     if ids.dtype == torch.bool or ids.is_complex():
         raise ValueError(f"ids must hold integer or real positions, got {ids.dtype}")
     _check_tensor("freqs", freqs, ndim=1, dtypes=_ROPE_FREQ_DTYPES, device=ids.device)
-    if not isinstance(axes_dim, (list, tuple)) or not axes_dim or any(
-            isinstance(d, bool) or not isinstance(_python_number(d), int) or d < 0 for d in axes_dim):
+    if not isinstance(axes_dim, (list, tuple)) or any(
+            isinstance(d, bool) or not isinstance(_python_number(d), int) for d in axes_dim):
+        raise TypeError(f"axes_dim must be a non-empty list of sizes (ints >= 0), got {axes_dim!r}")
+    if not axes_dim or any(d < 0 for d in axes_dim):
         raise ValueError(f"axes_dim must be a non-empty list of sizes (ints >= 0), got {axes_dim!r}")
     axes_dim = [int(d) for d in axes_dim]
     if len(axes_dim) > ROPE_MAX_AXES or len(axes_dim) > ids.shape[1]:
@@ -1123,8 +1135,8 @@ def _check_budget(budget, batch: int, n_tokens: int) -> list[int]:
         if isinstance(b, bool) or not isinstance(b, (int, float)):
             raise TypeError(f"budget entries must be int (count) or float (ratio), got {type(b).__name__}")
         if isinstance(b, float):
-            if not (0.0 < b <= 1.0):  # NaN fails this too
-                raise ValueError(f"budget ratio must be in (0, 1], got {b}")
+            if not (0.0 <= b <= 1.0):  # NaN fails this too
+                raise ValueError(f"budget ratio must be in [0, 1], got {b}")
         elif not (0 <= b <= n_tokens):
             raise ValueError(f"budget count must be in [0, N={n_tokens}], got {b}")
     return reference.budget_to_counts(values, batch, n_tokens)
@@ -1275,14 +1287,88 @@ def _scatter_rows(packed: Optional[torch.Tensor], index: torch.Tensor, cu_seqlen
     return reference.scatter_rows_ref(packed, index, cu_seqlens, out)
 
 
+# The row ops below are registered for torch.compile and for other stacks to call. compact_tokens and scatter_tokens
+# check their inputs before calling them; called directly, each checks what it can without reading the device: the
+# shapes, dtypes and devices of its arguments. The values of index and cu_seqlens are data: they must be what
+# compact_index returned for these tensors (an index outside [0, N) reads zeros and writes nothing). Sizes that are
+# symbolic (torch.compile, torch.export) are not compared: a comparison would add a guard on a dynamic dimension.
+def _differ(a, b) -> bool:
+    """Whether two sizes are concrete ints that differ."""
+    return type(a) is int and type(b) is int and a != b
+
+
+def _shapes_differ(a, b) -> bool:
+    return len(a) != len(b) or any(_differ(x, y) for x, y in zip(a, b))
+
+
+def _check_compact_index_op(selection, counts, n_rows) -> None:
+    _check_tensor("compact_index: selection", selection, ndim=2)
+    batch, n_tokens = selection.shape
+    if selection.dtype == torch.bool and counts is not None:
+        raise ValueError("compact_index: counts must be None when selection is a keep mask (its row sums are the "
+                         "counts)")
+    if selection.dtype != torch.bool and counts is None:
+        raise ValueError("compact_index: counts (one per sample) is required when selection holds scores")
+    if counts is not None and (_differ(len(counts), batch) or any(
+            type(c) is int and type(n_tokens) is int and not 0 <= c <= n_tokens for c in counts)):
+        raise ValueError(f"compact_index: counts must give one count in [0, N={n_tokens}] per sample ({batch}), "
+                         f"got {list(counts)}")
+    if type(n_rows) is int and n_rows < 0:
+        raise ValueError(f"compact_index: n_rows must be >= 0, got {n_rows}")
+
+
+def _check_row_op_index(op: str, index, cu_seqlens, batch, device) -> None:
+    """``index`` int32 ``[rows]`` and ``cu_seqlens`` int32 ``[B + 1]`` on ``device`` (B: the ``[B, N, ...]``
+    tensor's, when the op has one)."""
+    _check_tensor(f"{op}: index", index, ndim=1, dtypes=(torch.int32,), device=device)
+    _check_tensor(f"{op}: cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=device)
+    entries = cu_seqlens.numel()
+    if _differ(entries, max(entries, 1)) or (batch is not None and _differ(entries, batch + 1)):
+        raise ValueError(f"{op}: cu_seqlens has {entries} entries but must have B+1"
+                         + (f" = {batch + 1} (B = {batch} samples)" if batch is not None else " >= 1"))
+
+
+def _check_gather_rows_op(payloads, index, cu_seqlens) -> None:
+    if not isinstance(payloads, (list, tuple)) or not payloads:
+        raise ValueError("gather_rows: payloads must be a non-empty list of [B, N, ...] tensors")
+    for i, p in enumerate(payloads):
+        _check_tensor(f"gather_rows: payloads[{i}]", p, device=payloads[0].device)
+        if p.ndim < 2 or _shapes_differ(p.shape[:2], payloads[0].shape[:2]):
+            raise ValueError(f"gather_rows: payloads[{i}] must be [B, N, ...] with payloads[0]'s B, N "
+                             f"{tuple(payloads[0].shape[:2])}, got shape {tuple(p.shape)}")
+    _check_row_op_index("gather_rows", index, cu_seqlens, payloads[0].shape[0], payloads[0].device)
+
+
+def _check_scatter_rows_op(packed, index, cu_seqlens, base, n_tokens) -> None:
+    if packed is None and base is None:
+        raise ValueError("scatter_rows: packed and base can not both be None")
+    if type(n_tokens) is int and n_tokens < 0:
+        raise ValueError(f"scatter_rows: n_tokens must be >= 0, got {n_tokens}")
+    first = base if base is not None else packed
+    for name, t in (("packed", packed), ("base", base)):
+        if t is not None:
+            _check_tensor(f"scatter_rows: {name}", t, device=first.device)
+    if packed is not None and base is not None and packed.dtype != base.dtype:
+        raise ValueError(f"scatter_rows: packed ({packed.dtype}) and base ({base.dtype}) must share a dtype")
+    if base is not None and (base.ndim < 2 or _differ(base.shape[1], n_tokens)):
+        raise ValueError(f"scatter_rows: base must be [B, N={n_tokens}, ...], got shape {tuple(base.shape)}")
+    if packed is not None and (packed.ndim < 1 or _differ(packed.shape[0], index.numel())
+                               or (base is not None and _shapes_differ(packed.shape[1:], base.shape[2:]))):
+        raise ValueError(f"scatter_rows: packed must be [rows={index.numel()}, ...] with base's trailing shape, "
+                         f"got shape {tuple(packed.shape)}")
+    _check_row_op_index("scatter_rows", index, cu_seqlens, None if base is None else base.shape[0], first.device)
+
+
 @torch.library.custom_op("sparsectx::compact_index", mutates_args=())
 def _compact_index_op(selection: torch.Tensor, counts: Optional[list[int]],
                       n_rows: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_compact_index_op(selection, counts, n_rows)
     return _compact_index(selection, counts, n_rows)
 
 
 @_compact_index_op.register_fake
 def _(selection, counts, n_rows):
+    _check_compact_index_op(selection, counts, n_rows)
     if n_rows is None:  # a mask without a row bound: the kept total is data
         n_rows = sum(counts) if counts is not None else torch.library.get_ctx().new_dynamic_size()
     return (selection.new_empty(n_rows, dtype=torch.int32),
@@ -1292,11 +1378,13 @@ def _(selection, counts, n_rows):
 @torch.library.custom_op("sparsectx::gather_rows", mutates_args=())
 def _gather_rows_op(payloads: list[torch.Tensor], index: torch.Tensor,
                     cu_seqlens: torch.Tensor) -> list[torch.Tensor]:
+    _check_gather_rows_op(payloads, index, cu_seqlens)
     return _gather_rows(payloads, index, cu_seqlens)
 
 
 @_gather_rows_op.register_fake
 def _(payloads, index, cu_seqlens):
+    _check_gather_rows_op(payloads, index, cu_seqlens)
     return [p.new_empty((index.shape[0], *p.shape[2:])) for p in payloads]
 
 
@@ -1304,11 +1392,13 @@ def _(payloads, index, cu_seqlens):
 def _scatter_rows_op(packed: Optional[torch.Tensor], index: torch.Tensor, cu_seqlens: torch.Tensor,
                      base: Optional[torch.Tensor], n_tokens: int,
                      fill_value: Union[int, float, bool]) -> torch.Tensor:  # a Scalar: an int64 fill stays exact
+    _check_scatter_rows_op(packed, index, cu_seqlens, base, n_tokens)
     return _scatter_rows(packed, index, cu_seqlens, base, n_tokens, fill_value)
 
 
 @_scatter_rows_op.register_fake
 def _(packed, index, cu_seqlens, base, n_tokens, fill_value):
+    _check_scatter_rows_op(packed, index, cu_seqlens, base, n_tokens)
     if base is not None:
         return torch.empty_like(base, memory_format=torch.contiguous_format)
     return packed.new_empty((cu_seqlens.shape[0] - 1, n_tokens, *packed.shape[1:]))
@@ -1435,8 +1525,8 @@ def compact_tokens(selection: torch.Tensor, *tensors: torch.Tensor, budget=None,
                    return_max_seqlen: bool = False) -> Compacted:
     """Select tokens per sample and pack the selected rows of ``tensors`` (each ``[B, N, ...]``), no padding.
 
-    ``selection`` is a keep mask bool ``[B, N]``, or scores float ``[B, N]`` with ``budget``: an int count, a float
-    ratio in (0, 1] (count = round-half-up(ratio * N)), or one of either per sample (list, tensor or numpy array
+    ``selection`` is a keep mask bool ``[B, N]``, or scores float ``[B, N]`` with ``budget``: an int count in [0, N], a
+    float ratio in [0, 1] (count = round-half-up(ratio * N)), or one of either per sample (list, tensor or numpy array
     ``[B]``). The top-budget tokens by score are kept, ties to the lower index, and returned in original token
     order.
 

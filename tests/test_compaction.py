@@ -219,6 +219,18 @@ def test_per_sample_budget_tensor(device):
         _assert_same(sparsectx.compact_tokens(scores, x, budget=budget.to(device)), _expected(scores, counts, (x,)))
 
 
+def test_a_ratio_of_zero_keeps_what_a_count_of_zero_keeps(device):
+    """Ratios lie in [0, 1], as counts in [0, N]: 0.0 (and -0.0) keeps no token of its sample, like the count 0 and a
+    ratio that rounds to 0 (refused before, while such tiny ratios and the count 0 were taken)."""
+    gen = torch.Generator().manual_seed(5)
+    scores = _scores(gen, 3, 17, torch.float32, device, distinct=4)
+    x = torch.randn(3, 17, 2, generator=gen).to(device)
+    for ratio, count in ((0.0, 0), (-0.0, 0), ([0.0, 1.0, 0.5], [0, 17, 9])):
+        got = sparsectx.compact_tokens(scores, x, budget=ratio)
+        _assert_same(got, _expected(scores, [count] * 3 if isinstance(count, int) else count, (x,)))
+        assert got.cu_seqlens.tolist() == sparsectx.compact_tokens(scores, x, budget=count).cu_seqlens.tolist()
+
+
 def test_special_scores_follow_torch_sort(device):
     """-0.0 ties +0.0, infinities rank at the ends; NaN (rejected by the public op off CUDA) ranks above +inf in
     the kernel, like torch.sort."""
@@ -850,7 +862,7 @@ def _bad_compact_calls(device):
         (ValueError, "budget", lambda: sparsectx.compact_tokens(scores)),
         (ValueError, "budget", lambda: sparsectx.compact_tokens(scores, budget=-1)),
         (ValueError, "budget", lambda: sparsectx.compact_tokens(scores, budget=11)),
-        (ValueError, "budget", lambda: sparsectx.compact_tokens(scores, budget=0.0)),
+        (ValueError, "budget", lambda: sparsectx.compact_tokens(scores, budget=-0.25)),
         (ValueError, "budget", lambda: sparsectx.compact_tokens(scores, budget=1.5)),
         (ValueError, "budget", lambda: sparsectx.compact_tokens(scores, budget=[1, 2, 3])),
         (ValueError, "budget", lambda: sparsectx.compact_tokens(scores, budget=torch.tensor([1, 2, 3]))),
@@ -967,6 +979,34 @@ def test_cuda_selection_kernel_candidate_filter(monkeypatch, fraction, filter_fa
         _check_topk_index(scores, [0, n_tokens // 3, n_tokens])
 
 
+def test_scores_path_reads_nothing_from_the_device_but_the_cpu_nan_check(device):
+    """The CPU twin of the GPU test below (which runs only when a GPU is lent): compaction by scores, scatter and
+    backward read nothing on the host but the two checks made only off CUDA, where a read costs no device wait:
+    compact_tokens' NaN check (an ``.item()`` of ``isnan(scores).any()``) and scatter_tokens' check of cu_seqlens
+    (a ``.tolist()``). Every read counts here (no ``device_data``: the interpreter's kernel outputs would look like
+    host data), so a new ``.item()``, ``.tolist()``, ``nonzero`` or ``.cpu()`` on the path adds to the list."""
+    from sparsectx.diagnostics import count_host_reads
+
+    gen = torch.Generator().manual_seed(14)
+    scores = torch.randn(2, 64, generator=gen).to(device)
+    hidden = torch.randn(2, 64, 16, generator=gen).to(device).requires_grad_()
+
+    def compact_scatter_backward():
+        result = sparsectx.compact_tokens(scores, hidden, budget=[0.1, 30])
+        back = sparsectx.scatter_tokens(result.tensors[0], result.index, result.cu_seqlens, 64)
+        back.float().sum().backward()
+        return back
+
+    compact_scatter_backward()
+    hidden.grad = None
+    with count_host_reads() as reads:
+        back = compact_scatter_backward()
+    assert reads.ops == ["aten._local_scalar_dense.default", "Tensor.tolist"]
+    keep = reference.topk_keep_mask(scores, [6, 30])
+    assert torch.equal(back, torch.where(keep[..., None], hidden.detach(), torch.zeros_like(hidden)))
+    assert torch.equal(hidden.grad, keep[..., None].expand_as(hidden).float())
+
+
 @pytest.mark.gpu
 def test_cuda_scores_path_never_syncs():
     gen = torch.Generator().manual_seed(14)
@@ -1055,6 +1095,51 @@ def test_the_row_ops_called_directly_take_index_tensors_of_any_stride(device):
                            torch.ops.sparsectx.gather_rows([x], index, cu_seqlens)[0])
         assert torch.equal(torch.ops.sparsectx.scatter_rows(packed, idx, cu, x, 11, 0.0),
                            torch.ops.sparsectx.scatter_rows(packed, index, cu_seqlens, x, 11, 0.0))
+
+
+def test_the_row_ops_called_directly_refuse_mismatched_arguments_before_any_launch(device):
+    """The registered ops take no checked path of compact_tokens / scatter_tokens: called directly with a
+    cu_seqlens for more samples than the payload (the kernel read rows past the payload), counts with a keep mask
+    (a variant nothing used: it kept tokens the mask dropped), or mismatched shapes, each names what is wrong."""
+    gen = torch.Generator().manual_seed(23)
+    scores = torch.randn(2, 11, generator=gen).to(device)
+    mask = scores > 0
+    index, cu_seqlens = torch.ops.sparsectx.compact_index(scores, [3, 5], None)
+    x = torch.randn(2, 11, 4, generator=gen).to(device)
+    packed = torch.randn(8, 4, generator=gen).to(device)
+    cu4 = torch.tensor([0, 3, 8, 8, 8], dtype=torch.int32, device=device)  # four samples
+    bad = [
+        (r"compact_index: counts must be None when selection is a keep mask",
+         lambda: torch.ops.sparsectx.compact_index(mask, [3, 3], None)),
+        (r"counts must be None when selection is a keep mask", lambda: kc.compact_index(mask, [3, 3])),
+        (r"compact_index: counts must give one count in \[0, N=11\] per sample \(2\)",
+         lambda: torch.ops.sparsectx.compact_index(scores, [3], None)),
+        (r"compact_index: counts \(one per sample\) is required",
+         lambda: torch.ops.sparsectx.compact_index(scores, None, None)),
+        (r"gather_rows: cu_seqlens has 5 entries but must have B\+1 = 3",
+         lambda: torch.ops.sparsectx.gather_rows([x], index, cu4)),
+        (r"gather_rows: index must have dtype", lambda: torch.ops.sparsectx.gather_rows([x], index.long(), cu_seqlens)),
+        (r"gather_rows: cu_seqlens must have dtype",
+         lambda: torch.ops.sparsectx.gather_rows([x], index, cu_seqlens.float())),
+        (r"gather_rows: payloads\[1\] must be \[B, N, ...\]",
+         lambda: torch.ops.sparsectx.gather_rows([x, x[:, :5]], index, cu_seqlens)),
+        (r"scatter_rows: cu_seqlens has 5 entries but must have B\+1 = 3",
+         lambda: torch.ops.sparsectx.scatter_rows(packed, index, cu4, x, 11, 0.0)),
+        (r"scatter_rows: base must be \[B, N=6, ...\]",
+         lambda: torch.ops.sparsectx.scatter_rows(packed, index, cu_seqlens, x, 6, 0.0)),
+        (r"scatter_rows: packed must be \[rows=8, ...\]",
+         lambda: torch.ops.sparsectx.scatter_rows(packed[:5], index, cu_seqlens, x, 11, 0.0)),
+        (r"scatter_rows: packed \(torch.float64\) and base \(torch.float32\) must share a dtype",
+         lambda: torch.ops.sparsectx.scatter_rows(packed.double(), index, cu_seqlens, x, 11, 0.0)),
+    ]
+    for message, call in bad:
+        with pytest.raises(ValueError, match=message):
+            call()
+    # the same calls with matching arguments run, and agree with compact_tokens / scatter_tokens
+    kept = sparsectx.compact_tokens(scores, x, budget=[3, 5])
+    assert torch.equal(torch.ops.sparsectx.gather_rows([x], index, cu_seqlens)[0], kept.tensors[0])
+    assert torch.equal(torch.ops.sparsectx.scatter_rows(packed, index, cu_seqlens, x, 11, 0.0),
+                       sparsectx.scatter_tokens(packed, index, cu_seqlens, 11, fill=x))
 
 
 @pytest.mark.parametrize("path", ["scores", "mask"])
