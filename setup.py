@@ -26,7 +26,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "peft", "accelerate", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "peft", "accelerate", "matplotlib",
+                 "cloudpickle"],
         "train": ["peft", "accelerate"],
         "plot": ["matplotlib"],
     },

@@ -34,3 +34,14 @@ from .training import (  # noqa: F401
 )
 
 __version__ = "0.1.0"
+
+# what ``from sparsectx import *`` binds: the API, not the submodules (``kernels`` among them, a name Hugging Face's
+# ``kernels`` package owns at the top level)
+__all__ = [
+    "Compacted", "attention_key_mass", "backend_for", "compact_tokens", "masked_attention", "rms_norm_rope",
+    "rope_tables", "scatter_tokens", "sparse_attention",
+    "disable", "enable", "last_selection", "sparse_context",
+    "SelectionContext", "available_selectors", "get_selector", "register_selector", "select",
+    "GeneratorState", "disable_drop_training", "enable_drop_training", "is_drop_training_enabled", "last_drop_mask",
+    "random_drop_mask", "random_drop_selector",
+]

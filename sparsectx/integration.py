@@ -153,8 +153,8 @@ def _check_budget_value(b) -> Union[int, float]:
     if isinstance(b, bool) or not isinstance(b, numbers.Real):
         raise TypeError(f"budget entries must be an int (token count) or a float (ratio), got {b!r}")
     b = int(b) if isinstance(b, numbers.Integral) else budget_number(b)  # (a float: numpy floats as written)
-    if isinstance(b, float) and not (0.0 < b <= 1.0):
-        raise ValueError(f"budget ratio must be in (0, 1], got {b}")
+    if isinstance(b, float) and not (0.0 <= b <= 1.0):
+        raise ValueError(f"budget ratio must be in [0, 1], got {b}")
     if isinstance(b, int) and b < 0:
         raise ValueError(f"budget count must be >= 0, got {b}")
     return b
@@ -175,7 +175,7 @@ def _is_budget_fn(budget) -> bool:
 
 
 def check_budget(budget: Budget) -> Budget:
-    """Validates a budget: a ratio in (0, 1] or a count >= 0 for every reference image; a list of those, one per
+    """Validates a budget: a ratio in [0, 1] or a count >= 0 for every reference image; a list of those, one per
     reference image; a list whose entries are lists (one per request, each a per-image list, where a
     one-element list applies to all images); or a budget callable (``sparsectx.selection.adaptive(...)``: the
     count adapts to each image's scores); or None, for a selector that returns a keep mask, kept as given. Raises
@@ -227,18 +227,11 @@ def budget_counts(budget: Budget, batch: int, ref_lengths: Sequence[int]) -> lis
 def keep_mask_from_scores(scores: torch.Tensor, counts: Sequence[Sequence[int]],
                           ref_lengths: Sequence[int]) -> torch.Tensor:
     """bool ``[B, N]``: in each reference image (consecutive ``ref_lengths`` slices of N), the ``counts[b][i]``
-    highest scores of sample b; ties go to the lower index (``sparsectx.compact_tokens``' rule)."""
-    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    start = 0
-    for i, n in enumerate(ref_lengths):
-        segment = scores[:, start:start + n]
-        order = torch.sort(segment, dim=1, descending=True, stable=True).indices
-        positions = torch.arange(n, device=scores.device).expand_as(order)
-        rank = torch.empty_like(order).scatter_(1, order, positions)  # rank of each token within its image
-        wanted = _device_values([c[i] for c in counts], None, scores.device)
-        keep[:, start:start + n] = rank < wanted[:, None]
-        start += n
-    return keep
+    highest scores of sample b; ties go to the lower index (``sparsectx.compact_tokens``' rule): ``select``'s fixed
+    budgets' top-k, given the counts."""
+    from . import selection  # deferred: only a selecting call needs it
+
+    return selection._topk_per_image(scores, list(ref_lengths), _device_values(counts, torch.int64, scores.device))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -2118,7 +2111,7 @@ def _check_attention(attention) -> str:
 def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Callable] = "random",
            seed: Optional[int] = None, attention: str = NATIVE, signals: Optional[dict] = None):
     """Sparse Context on a diffusers pipeline or transformer: each reference image keeps ``budget`` of its tokens
-    (a ratio in (0, 1] or a count; one value, one per reference image, or a list of such lists, one per request;
+    (a ratio in [0, 1] or a count; one value, one per reference image, or a list of such lists, one per request;
     or an adaptive budget, ``sparsectx.selection.adaptive(coverage, floor, cap)``, whose count follows each image's
     scores (tensor settings ``[R, 1]`` or ``[R, n_images]``: one row per request, as a per-request list), or any
     budget callable ``(scores, ref_lengths) -> BudgetResult``),

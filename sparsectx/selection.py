@@ -104,8 +104,12 @@ class SelectionContext:
                 raise ValueError(f"ref_lengths entries must be positive ints, got {self.ref_lengths!r}")
         self.ref_lengths = list(self.ref_lengths)
         if self.reference_ids is not None:
-            if not isinstance(self.reference_ids, torch.Tensor) or self.reference_ids.ndim not in (2, 3):
-                raise ValueError("reference_ids must be a [B, N, n_axes] (or [N, n_axes]) tensor or None")
+            if not isinstance(self.reference_ids, torch.Tensor):
+                raise TypeError("reference_ids must be a [B, N, n_axes] (or [N, n_axes]) tensor or None, got "
+                                f"{type(self.reference_ids).__name__}")
+            if self.reference_ids.ndim not in (2, 3):
+                raise ValueError("reference_ids must be a [B, N, n_axes] (or [N, n_axes]) tensor or None, got "
+                                 f"shape {tuple(self.reference_ids.shape)}")
             if self.reference_ids.dtype == torch.bool or self.reference_ids.is_complex():
                 raise TypeError(f"reference_ids must hold integer or float positions, got {self.reference_ids.dtype}")
             if self.reference_ids.ndim == 2:  # diffusers' Flux ids carry no batch axis
@@ -174,9 +178,10 @@ class Selector:
 
 
 def _check_selector_inputs(reference_latents, context) -> tuple[int, int]:
-    if not isinstance(reference_latents, torch.Tensor) or reference_latents.ndim != 3:
-        raise ValueError("reference_latents must be a [B, N, C] tensor, got "
-                         f"{getattr(reference_latents, 'shape', type(reference_latents).__name__)}")
+    if not isinstance(reference_latents, torch.Tensor):
+        raise TypeError(f"reference_latents must be a [B, N, C] tensor, got {type(reference_latents).__name__}")
+    if reference_latents.ndim != 3:
+        raise ValueError(f"reference_latents must be a [B, N, C] tensor, got shape {tuple(reference_latents.shape)}")
     if reference_latents.is_meta:
         raise ValueError("reference_latents is on the meta device: it has no values to select from")
     if not isinstance(context, SelectionContext):
@@ -205,11 +210,15 @@ BUILTIN_SIGNALS = frozenset({"user_mask", "text_queries", "text_mask", "target_q
 def register_selector(name: str, fn: SelectorFn, *, overwrite: bool = False, returns_scores: bool = False,
                       signals: Optional[Sequence[str]] = None, reads_generator: bool = True) -> Selector:
     """Registers ``fn`` under ``name`` (``get_selector(name)`` then returns it). Returns the wrapped Selector.
+    ``overwrite=True`` replaces a registered selector, a built-in one too (``enable``'s default ``"random"``
+    included): keep ``get_selector(name)`` beforehand to register it back.
     ``returns_scores=True`` says ``fn`` always returns scores: ``enable(budget=None)`` with it is refused at once.
     ``signals``: every ``context.extra`` name ``fn`` reads; ``enable(signals=...)`` then refuses other names.
     ``reads_generator=False`` says ``fn`` draws no random numbers (a batch seeded per image still selects once)."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"selector name must be a non-empty string, got {name!r}")
+    if not isinstance(name, str):
+        raise TypeError(f"selector name must be a non-empty string, got {type(name).__name__}")
+    if not name or name != name.strip():
+        raise ValueError(f"selector name must be a non-empty string without surrounding spaces, got {name!r}")
     for flag, value in (("overwrite", overwrite), ("returns_scores", returns_scores),
                         ("reads_generator", reads_generator)):
         ops._check_flag(flag, value)
@@ -221,6 +230,8 @@ def register_selector(name: str, fn: SelectorFn, *, overwrite: bool = False, ret
         signals = tuple(signals)  # (a generator is read once)
         if not all(isinstance(s, str) for s in signals):
             raise TypeError(f"signals must be a list of names, got {signals!r}")
+    if not callable(fn):
+        raise TypeError(f"a selector must be callable, got {type(fn).__name__}")
     if name in _REGISTRY and not overwrite:
         raise ValueError(f"a selector named {name!r} is already registered (pass overwrite=True to replace it)")
     if isinstance(fn, Selector):  # re-registered under another name: this call's facts join the selector's own
@@ -633,9 +644,10 @@ def attention_mass(queries: torch.Tensor, keys: torch.Tensor, query_mask: Option
     """
     _check_max_queries(max_queries)
     for name, t in (("queries", queries), ("keys", keys)):
-        if not isinstance(t, torch.Tensor) or t.ndim != 4 or not t.is_floating_point():
-            raise ValueError(f"{name} must be a float [B, ., H, D] tensor, got "
-                             f"{getattr(t, 'dtype', '')} {tuple(getattr(t, 'shape', ())) or type(t).__name__}")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a float [B, ., H, D] tensor, got {type(t).__name__}")
+        if t.ndim != 4 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a float [B, ., H, D] tensor, got {t.dtype} {tuple(t.shape)}")
     if keys.shape[0] != queries.shape[0] or keys.shape[2:] != queries.shape[2:]:
         raise ValueError(f"keys {tuple(keys.shape)} must have the batch, heads and head dim of queries "
                          f"{tuple(queries.shape)}")
@@ -660,8 +672,9 @@ def attention_mass(queries: torch.Tensor, keys: torch.Tensor, query_mask: Option
 
 
 def _check_max_queries(max_queries) -> None:
-    if max_queries is not None and (isinstance(max_queries, bool) or not isinstance(max_queries, numbers.Integral)
-                                    or max_queries < 1):
+    if max_queries is not None and (isinstance(max_queries, bool) or not isinstance(max_queries, numbers.Integral)):
+        raise TypeError(f"max_queries must be None or an int >= 1, got {max_queries!r}")
+    if max_queries is not None and max_queries < 1:
         raise ValueError(f"max_queries must be None or an int >= 1, got {max_queries!r}")
 
 
@@ -1141,8 +1154,10 @@ class _NaNScores(ValueError):
 
 def _check_scores(scores, nan: bool = True) -> None:
     """``scores`` a float [B, N] tensor, and (``nan``: one host read) without NaN."""
-    if not isinstance(scores, torch.Tensor) or scores.ndim != 2 or not scores.is_floating_point():
-        raise ValueError(f"scores must be a float [B, N] tensor, got {getattr(scores, 'shape', type(scores))}")
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"scores must be a float [B, N] tensor, got {type(scores).__name__}")
+    if scores.ndim != 2 or not scores.is_floating_point():
+        raise ValueError(f"scores must be a float [B, N] tensor, got {scores.dtype} {tuple(scores.shape)}")
     if scores.is_meta:
         raise ValueError("scores are on the meta device: they have no values to rank")
     if nan and torch.isnan(scores).any():

@@ -50,12 +50,18 @@ def _is_real(value) -> bool:
 
 def _check_layout(batch, ref_lengths, n_prefix) -> list[int]:
     """``ref_lengths`` as a list of Python ints, after checking the three arguments."""
-    if not _is_int(batch) or batch < 0:  # (an empty batch, e.g. a data-parallel rank's last split: an empty mask)
+    # a value of the wrong type is a TypeError, one out of range a ValueError
+    if not _is_int(batch):
+        raise TypeError(f"batch must be an int >= 0, got {batch!r}")
+    if batch < 0:  # (an empty batch, e.g. a data-parallel rank's last split: an empty mask)
         raise ValueError(f"batch must be an int >= 0, got {batch!r}")
-    if not isinstance(ref_lengths, (list, tuple)) or not ref_lengths \
-            or not all(_is_int(n) and n > 0 for n in ref_lengths):
+    if not isinstance(ref_lengths, (list, tuple)) or not all(_is_int(n) for n in ref_lengths):
+        raise TypeError(f"ref_lengths must be a non-empty list of positive ints, got {ref_lengths!r}")
+    if not ref_lengths or not all(n > 0 for n in ref_lengths):
         raise ValueError(f"ref_lengths must be a non-empty list of positive ints, got {ref_lengths!r}")
-    if not _is_int(n_prefix) or n_prefix < 0:
+    if not _is_int(n_prefix):
+        raise TypeError(f"n_prefix must be an int >= 0, got {n_prefix!r}")
+    if n_prefix < 0:
         raise ValueError(f"n_prefix must be an int >= 0, got {n_prefix!r}")
     return [int(n) for n in ref_lengths]
 
@@ -144,8 +150,10 @@ def random_drop_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ref
     and v, and for q with ``drop_queries`` (without it, dropped tokens are queries and get q's gradient). Use the same
     ``keep_mask`` in every layer of one step: pass the returned mask on. An empty batch (B=0) gives empty outputs.
     """
-    if not isinstance(q, torch.Tensor) or q.ndim != 4:
-        raise ValueError(f"q must be a [B, S, H, D] tensor, got {getattr(q, 'shape', type(q).__name__)}")
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"q must be a [B, S, H, D] tensor, got {type(q).__name__}")
+    if q.ndim != 4:
+        raise ValueError(f"q must be a [B, S, H, D] tensor, got shape {tuple(q.shape)}")
     if not isinstance(drop_queries, bool):  # ("no" was read as True)
         raise TypeError(f"drop_queries must be a bool, got {type(drop_queries).__name__}")
     # the draw's settings are checked with a keep_mask too (which they do not draw): a bad one is a mistake either way
@@ -160,6 +168,11 @@ def random_drop_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ref
     if keep_mask is None:
         keep_mask = random_drop_mask(batch, ref_lengths, n_prefix, ratio_range, generator, ratios=ratios,
                                      per_image=per_image, device=q.device)
+    elif not isinstance(keep_mask, torch.Tensor):  # (masked_attention's own errors would name its key_mask)
+        raise TypeError(f"keep_mask must be None or a bool [B, S] tensor, got {type(keep_mask).__name__}")
+    elif keep_mask.dtype != torch.bool or tuple(keep_mask.shape) != (batch, seq) or keep_mask.device != q.device:
+        raise ValueError(f"keep_mask must be a bool [B={batch}, S={seq}] tensor on {q.device}, got "
+                         f"{keep_mask.dtype} {tuple(keep_mask.shape)} on {keep_mask.device}")
     out = masked_attention(q, k, v, keep_mask, query_mask=keep_mask if drop_queries else None,
                            softmax_scale=softmax_scale)
     return out, keep_mask

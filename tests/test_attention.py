@@ -1234,8 +1234,8 @@ def test_masked_attention_and_its_reference_carry_a_nan_query_alike(query_mask):
 def test_masked_attention_kept_prefix_bad_values():
     q = torch.randn(1, 5, 1, 16, device=DEVICE)
     mask = torch.ones(1, 5, dtype=torch.bool, device=DEVICE)
-    for bad in (-1, 6, 2.0, True):
-        with pytest.raises(ValueError, match="kept_prefix"):
+    for bad, error in ((-1, ValueError), (6, ValueError), (2.0, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="kept_prefix"):
             sparsectx.masked_attention(q, q, q, mask, kept_prefix=bad)
 
 

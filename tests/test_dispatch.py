@@ -330,10 +330,10 @@ def _launchers():
     ones that launch nothing)."""
     import inspect
 
-    from sparsectx.kernels import attention, compaction
+    from sparsectx.kernels import attention, compaction, norm_rope
 
     launch_nothing = {"tuned_configs"}
-    return [fn for module in (attention, compaction) for name, fn in vars(module).items()
+    return [fn for module in (attention, compaction, norm_rope) for name, fn in vars(module).items()
             if inspect.isfunction(fn) and fn.__module__ == module.__name__ and not name.startswith("_")
             and name not in launch_nothing]
 
@@ -344,7 +344,8 @@ def test_every_launcher_enters_its_tensors_device():
 
     launchers = _launchers()
     assert {fn.__name__ for fn in launchers} == {"attention_forward", "attention_backward", "attention_key_mass",
-                                                 "compact_index", "gather_rows", "scatter_rows"}
+                                                 "compact_index", "gather_rows", "scatter_rows",
+                                                 "rms_norm_rope", "rms_norm_rope_backward", "rope_tables"}
     for fn in launchers:
         arg = getattr(fn, "launch_device_arg", None)
         assert arg is not None, f"{fn.__name__} launches kernels without entering its tensors' device"
@@ -658,28 +659,38 @@ def test_masked_attention_under_vmap_without_autograd_equals_a_loop():
 
 
 def test_ops_from_several_threads_give_what_each_gives_alone(run_in_threads):
-    """compact_tokens and masked_attention from four threads at once: the results of each call alone, no error (on
-    the CPU through Triton's interpreter, which failed inside when two launches ran at once: 36-38 errors in 60
-    calls before its launches were serialised)."""
+    """compact_tokens, masked_attention, rms_norm_rope and rope_tables from four threads at once: the results of each
+    call alone, no error (on the CPU through Triton's interpreter, which failed inside when two launches ran at
+    once: 36-38 errors in 60 calls before its launches were serialised; the norm/RoPE launchers were not in this
+    test, and without their launch guard 28 of 40 calls failed)."""
     gen = torch.Generator().manual_seed(0)
     scores, tokens = torch.rand(2, 40, generator=gen), torch.randn(2, 40, 8, generator=gen)
     q, k, v = (torch.randn(2, 24, 2, 16, generator=gen) for _ in range(3))
     mask = torch.rand(2, 24, generator=gen) > 0.4
-    compacted, attended = sparsectx.compact_tokens(scores, tokens, budget=11), sparsectx.masked_attention(q, k, v, mask)
+    cos, sin = torch.rand(24, 16, generator=gen), torch.rand(24, 16, generator=gen)
+    weight = torch.rand(16, generator=gen)
+    ids, freqs = torch.randint(0, 9, (24, 3), generator=gen), torch.rand(16, generator=gen, dtype=torch.float64)
+    calls = [
+        lambda: sparsectx.compact_tokens(scores, tokens, budget=11),
+        lambda: sparsectx.masked_attention(q, k, v, mask),
+        lambda: sparsectx.rms_norm_rope(q, cos, sin, weight, 1e-6),
+        lambda: sparsectx.rope_tables(ids, freqs, [4, 6, 6]),
+    ]
+    alone = [call() for call in calls]
     failures = []
 
-    def work(compacting: bool):
+    def same(got, want) -> bool:
+        if isinstance(want, tuple):  # Compacted or (cos, sin)
+            return all(not isinstance(w, torch.Tensor) or torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        return torch.equal(got, want)
+
+    def work(which: int):
         for _ in range(10):
             try:
-                if compacting:
-                    got = sparsectx.compact_tokens(scores, tokens, budget=11)
-                    same = torch.equal(got.index, compacted.index) and torch.equal(got.tensors[0], compacted.tensors[0])
-                else:
-                    same = torch.equal(sparsectx.masked_attention(q, k, v, mask), attended)
-                if not same:
+                if not same(calls[which](), alone[which]):
                     failures.append("another result")
             except Exception as error:  # (raised in the thread: collected for the assertion)
                 failures.append(f"{type(error).__name__}: {error}")
 
-    run_in_threads([functools.partial(work, i % 2 == 0) for i in range(4)], switch_interval=1e-5)
+    run_in_threads([functools.partial(work, i) for i in range(4)], switch_interval=1e-5)
     assert not failures, failures[:3]

@@ -1182,7 +1182,7 @@ def test_numpy_budgets_count_as_their_kind(models):
         sparsectx.enable(model, budget=np.bool_(True))
 
 
-@pytest.mark.parametrize("budget, error", [(0.0, ValueError), (1.5, ValueError), (-1, ValueError),
+@pytest.mark.parametrize("budget, error", [(-0.5, ValueError), (1.5, ValueError), (-1, ValueError),
                                            ([[0.5], 0.5], ValueError), ([], ValueError),
                                            (True, TypeError), ("half", TypeError), ([0.5, "x"], TypeError)])
 def test_bad_budget_raises(models, budget, error):
@@ -1191,6 +1191,18 @@ def test_bad_budget_raises(models, budget, error):
     with pytest.raises(error, match="budget"):
         sparsectx.enable(models["flux2"], budget=budget, selector=random_selector)
     assert not integration.is_enabled(models["flux2"])
+
+
+def test_a_ratio_of_zero_budget_drops_the_images_as_a_count_of_zero(models):
+    """Budget ratios lie in [0, 1], as in compact_tokens and fixed_ratio: 0.0 keeps no reference token, the same
+    output as the count 0 (0.0 was refused while 0 and fixed_ratio(0.0) were taken)."""
+    model, kwargs = models["flux2"], _inputs("flux2")
+    outputs = []
+    for budget in (0.0, 0, [0.0, 0]):
+        sparsectx.enable(model, budget=budget, selector=random_selector, seed=0)
+        outputs.append(_run(model, kwargs))
+        assert not sparsectx.last_selection(model).keep.any()
+    assert all(torch.equal(out, outputs[0]) for out in outputs[1:])
 
 
 @pytest.mark.parametrize("selector, error", [("no-such-selector", ValueError), (3, TypeError)])

@@ -446,7 +446,7 @@ def _check_flux_rope_tables_are_diffusers_tables(pos_embed, device):
         want = pos_embed(ids)
         got = processors.flux_rope_tables(pos_embed, ids)
         assert all(t.dtype == torch.float32 and t.device == ids.device and torch.equal(a, t)
-                   for a, t in zip(want, got))
+                   for a, t in zip(want, got, strict=True))
 
 
 def test_flux_rope_tables_of_fewer_or_more_axes_than_the_ids_columns_are_diffusers_tables():
@@ -459,7 +459,7 @@ def test_flux_rope_tables_of_fewer_or_more_axes_than_the_ids_columns_are_diffuse
                             torch.arange(25.0).view(5, 5))):
         want = pos_embed(ids)
         got = processors.flux_rope_tables(pos_embed, ids)
-        assert all(torch.equal(a, b) for a, b in zip(want, got))
+        assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
 
 
 def test_rope_tables_memo_made_under_inference_mode_serves_a_training_forward():
@@ -492,7 +492,7 @@ def test_flux_rope_tables_refuse_what_diffusers_refuses_and_keep_no_inference_te
         with pytest.raises(type(error)):
             processors.flux_rope_tables(odd, ids)
     else:
-        assert all(torch.equal(a, b) for a, b in zip(want, processors.flux_rope_tables(odd, ids)))
+        assert all(torch.equal(a, b) for a, b in zip(want, processors.flux_rope_tables(odd, ids), strict=True))
     # frequencies first made under inference mode serve a later call that records autograd
     processors._rope_frequencies.cache_clear()
     positions = torch.arange(20.0).view(5, 4)

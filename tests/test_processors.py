@@ -228,7 +228,8 @@ def test_a_forward_that_raises_leaves_the_model_as_before(models, form):
             warnings.simplefilter("error")
             got = step()
         if form == "drop-in":  # (drop training draws another mask: a failed forward draws its own, as dropout would)
-            assert torch.equal(got[0], expected[0]) and all(torch.equal(a, b) for a, b in zip(got[1], expected[1]))
+            assert torch.equal(got[0], expected[0])
+            assert all(torch.equal(a, b) for a, b in zip(got[1], expected[1], strict=True))
     finally:
         model.eval()
         disable()
@@ -1273,8 +1274,8 @@ def test_random_drop_selector_without_a_generator_follows_the_drop_ins_seed():
 
     first, again, other = masks(0), masks(0), masks(1)
     assert not torch.equal(first[0], first[1]) and not torch.equal(first[1], first[2])
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
-    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
 
 
 def test_removing_the_dropped_tokens_draws_per_forward_and_a_recompute_reuses_the_draw():

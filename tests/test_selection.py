@@ -111,12 +111,17 @@ def test_register_selector_and_duplicates():
         assert torch.equal(keep, expected)
         with pytest.raises(ValueError, match="already registered"):
             register_selector("test-first", first_tokens)
+        with pytest.raises(TypeError, match="must be callable"):  # (said 'already registered' before)
+            register_selector("test-first", 5)
         register_selector("test-first", selection.uniform_scores, overwrite=True)
         assert torch.equal(get_selector("test-first")(latents, ctx), selection.uniform_scores(latents, ctx))
     finally:
         selection._REGISTRY.pop("test-first", None)
-    with pytest.raises(ValueError):
-        register_selector("", first_tokens)
+    for name in ("", " spaced "):  # (a name with spaces around it could not be asked for by its spelling)
+        with pytest.raises(ValueError, match="selector name"):
+            register_selector(name, first_tokens)
+    with pytest.raises(TypeError, match="selector name"):
+        register_selector(123, first_tokens)
     with pytest.raises(TypeError):
         register_selector("test-not-callable", 3)
 
@@ -178,6 +183,15 @@ def test_selector_input_validation():
         get_selector("uniform")(torch.zeros(1, 8), ctx)
     with pytest.raises(TypeError, match="context"):
         get_selector("uniform")(torch.zeros(1, 8, 2), {"ref_lengths": [8]})
+    # an input that is no tensor is a TypeError, as in the ops (ValueError before)
+    with pytest.raises(TypeError, match="reference_latents must be a .B, N, C. tensor, got list"):
+        get_selector("uniform")(torch.zeros(1, 8, 2).tolist(), ctx)
+    with pytest.raises(TypeError, match="reference_ids must be .* tensor or None, got list"):
+        SelectionContext(1, [4], reference_ids=[[0, 0, 0]] * 4)
+    with pytest.raises(TypeError, match="queries must be a float .B, ., H, D. tensor, got list"):
+        selection.attention_mass([[1.0]], torch.zeros(1, 4, 1, 8))
+    with pytest.raises(TypeError, match="scores must be a float .B, N. tensor, got list"):
+        selection.adaptive_budget([[0.5, 0.5]], 0.9)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1015,9 +1029,9 @@ def test_attention_selector_names_a_missing_ref_keys():
         get_selector("attention")(torch.randn(batch, n, CHANNELS), context)
 
 
-@pytest.mark.parametrize("max_queries", [0, -1, 1.5, True])
-def test_attention_mass_refuses_a_bad_max_queries(max_queries):
-    with pytest.raises(ValueError, match="max_queries must be None or an int >= 1"):
+@pytest.mark.parametrize("max_queries, error", [(0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError)])
+def test_attention_mass_refuses_a_bad_max_queries(max_queries, error):
+    with pytest.raises(error, match="max_queries must be None or an int >= 1"):
         selection.attention_mass(torch.randn(1, 4, 1, 8), torch.randn(1, 6, 1, 8), max_queries=max_queries)
 
 
@@ -1238,7 +1252,7 @@ def test_constants_cached_under_inference_mode_serve_autograd_calls():
         assert grad_latents.grad is not None
         got = [select(grad_latents, context, name, budget)
                for name in ("subject", "uniform") for budget in (0.3, 4, adaptive(0.8, floor=2, cap=0.5))]
-        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
 @pytest.mark.parametrize("bits", [1, 5, 16, 20, 32])

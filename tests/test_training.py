@@ -102,8 +102,11 @@ def test_deterministic_under_a_seed():
 
 @pytest.mark.parametrize("kwargs, error", [
     (dict(batch=-1), ValueError),
-    (dict(batch=2.0), ValueError),
+    (dict(batch=2.0), TypeError),
     (dict(ref_lengths=[4, 0]), ValueError),
+    (dict(ref_lengths=[4, 3.0]), TypeError),
+    (dict(ref_lengths=4), TypeError),
+    (dict(n_prefix=2.0), TypeError),
     (dict(ref_lengths=[]), ValueError),
     (dict(n_prefix=-1), ValueError),
     (dict(ratio_range=(0.8, 0.2)), ValueError),
@@ -219,8 +222,15 @@ def test_bad_attention_arguments():
         random_drop_attention(q, k, v, [4, 4], 3)
     with pytest.raises(ValueError, match="q must be"):
         random_drop_attention(q[0], k, v, [4, 4], 2)
-    with pytest.raises(ValueError, match="key_mask"):
+    with pytest.raises(TypeError, match="q must be a .B, S, H, D. tensor, got list"):  # (as masked_attention's)
+        random_drop_attention(q.tolist(), k, v, [4, 4], 2)
+    # the mask is named as the caller passed it (masked_attention's message named its own key_mask)
+    with pytest.raises(ValueError, match=r"keep_mask must be a bool \[B=1, S=10\] tensor.*\(1, 9\)"):
         random_drop_attention(q, k, v, [4, 4], 2, keep_mask=torch.ones(1, 9, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"keep_mask must be a bool .*torch.float32"):
+        random_drop_attention(q, k, v, [4, 4], 2, keep_mask=torch.ones(1, 10))
+    with pytest.raises(TypeError, match="keep_mask must be None or a bool"):
+        random_drop_attention(q, k, v, [4, 4], 2, keep_mask=[[True] * 10])
     # a switch given as a string ("no" was read as True), and the draw's settings beside a keep_mask (which they do
     # not draw: accepted silently before, refused without one)
     keep = torch.ones(1, 10, dtype=torch.bool)
