@@ -45,6 +45,8 @@ from ._launch import COMPILE_OPTIONS, built_for_interpreter, cdiv, next_power_of
 KEY_BITS = tl.constexpr(32)
 RADIX_BITS = tl.constexpr(2)
 RADIX_PASSES = tl.constexpr(KEY_BITS.value // RADIX_BITS.value)
+# (_digit_counts and _accept_digit count the 2**RADIX_BITS - 1 = 3 candidate digits of a pass one by one)
+assert RADIX_BITS.value == 2, "the radix passes are written for three candidate digits"
 # Offset between a signed int32 key and its unsigned rank in [0, 2**32).
 KEY_OFFSET = tl.constexpr(1 << 31)
 # Key of positions past the row's end: below every real key (-inf is -0x7F800000), so never counted, kept or tied.

@@ -221,9 +221,10 @@ def _rms_norm_rope_bwd_kernel(
         dscaled = dnormed * _weights(W0, W1, in_prefix, features, feature_valid, PREFIX_WEIGHT, WEIGHT)
         program = (batch * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + tl.program_id(0)  # int64
         per_head = tl.sum(dnormed * x * rstd[:, :, None], axis=1)  # [tokens, features]
-        partial = DW_PARTIAL + program * (4 * BLOCK_PAIRS) + features
+        segment_width = 2 * BLOCK_PAIRS  # a program's partial row: the prefix's features, then x's
+        partial = DW_PARTIAL + program * (2 * segment_width) + features
         tl.store(partial, tl.sum(tl.where(in_prefix[:, None], per_head, 0.0), axis=0))
-        tl.store(partial + 2 * BLOCK_PAIRS, tl.sum(tl.where(in_prefix[:, None], 0.0, per_head), axis=0))
+        tl.store(partial + segment_width, tl.sum(tl.where(in_prefix[:, None], 0.0, per_head), axis=0))
     dot = tl.sum(x * dscaled, axis=2)
     dx = rstd[:, :, None] * dscaled - x * (rstd * rstd * rstd * dot / HEAD_DIM)[:, :, None]
     _store_segments(DX0, DX1, dx, batch, rows, n_prefix, in_prefix, heads, features, mask, stride_dx0b, stride_dx0s,
@@ -240,12 +241,13 @@ def _weight_grads_kernel(DW_PARTIAL, DW0, DW1, n_partial, HEAD_DIM: tl.constexpr
     segment = tl.program_id(0) + (0 if PREFIX_WEIGHT else 1)
     features = tl.program_id(1) * REDUCE_FEATURES + tl.arange(0, REDUCE_FEATURES)
     feature_valid = features < HEAD_DIM
-    columns = segment * (2 * BLOCK_PAIRS) + features
+    segment_width = 2 * BLOCK_PAIRS  # a partial row: the prefix's features, then x's
+    columns = segment * segment_width + features
     total = tl.zeros([REDUCE_FEATURES], dtype=tl.float32)
     # the partial rows, REDUCE_ROWS at a time
     for first in range(0, n_partial, REDUCE_ROWS):
         rows = first + tl.arange(0, REDUCE_ROWS)
-        tile = tl.load(DW_PARTIAL + rows.to(tl.int64)[:, None] * (4 * BLOCK_PAIRS) + columns[None, :],
+        tile = tl.load(DW_PARTIAL + rows.to(tl.int64)[:, None] * (2 * segment_width) + columns[None, :],
                        mask=(rows < n_partial)[:, None] & feature_valid[None, :], other=0.0)
         total += tl.sum(tile, axis=0)
     if segment == 0:

@@ -2492,7 +2492,16 @@ def run_case(name: str, device: torch.device, size: str, *, quick: bool = False,
                 rows.append(setup_row(ok=False, note=f"error: {_first_line(exc)}", ours=True))
             else:
                 done = list(rows)
-                report = (lambda current: on_rows(done + current)) if on_rows is not None else None
+
+                def report(current: list, done: list = done) -> None:
+                    # the rows so far, annotated on a copy as the whole workload's will be: a run cut by a timeout
+                    # mid-workload (the pipeline case's second pass) keeps what its timed rows say
+                    if hasattr(case, "annotate"):
+                        current = [dict(row) for row in current]
+                        case.annotate(current, earlier_rows)
+                    on_rows(done + current)
+
+                report = report if on_rows is not None else None
                 workload_rows = run_workload(workload, device, quick=quick, shared=shared, on_row=report)
                 if hasattr(case, "annotate"):
                     case.annotate(workload_rows, earlier_rows)
@@ -2560,11 +2569,23 @@ def format_markdown(meta: dict, rows: list) -> str:
     lines = [f"### {str(meta.get('date', '?'))[:10]}, {meta.get('device')}, driver {meta.get('driver')}, "
              f"CUDA {meta.get('cuda')}, torch {meta.get('torch')}, Triton {meta.get('triton')}, diffusers "
              f"{meta.get('diffusers')}, sparsectx {meta.get('sparsectx')} (commit {meta.get('commit')})", ""]
-    if meta.get("host"):
-        lines += [f"Host: {meta['host']}.", ""]
-    if ceilings:
-        lines += [f"Ceilings (this run): copy {ceilings.get('copy_GBps', 0) / 1e3:.2f} TB/s (read + write), "
-                  f"{ceilings.get('matmul')} {ceilings.get('matmul_TFLOPs', 0):.0f} TFLOP/s. {RATIO_MEANING}.", ""]
+
+    def ceilings_text(c: dict) -> str:
+        return (f"copy {c.get('copy_GBps', 0) / 1e3:.2f} TB/s (read + write), {c.get('matmul')} "
+                f"{c.get('matmul_TFLOPs', 0):.0f} TFLOP/s")
+
+    parts = meta.get("parts") or []
+    if len({(part.get("host"), json.dumps(part.get("ceilings"), sort_keys=True)) for part in parts}) > 1:
+        # parts measured on two machines (two device sessions): each part's host and ceilings, which its rows met
+        for part in parts:
+            lines += [f"Part {part.get('file')} ({', '.join(part.get('cases') or [])}): host {part.get('host')}; "
+                      f"ceilings {ceilings_text(part.get('ceilings') or {})}.", ""]
+        lines += [f"{RATIO_MEANING}.", ""]
+    else:
+        if meta.get("host"):
+            lines += [f"Host: {meta['host']}.", ""]
+        if ceilings:
+            lines += [f"Ceilings (this run): {ceilings_text(ceilings)}. {RATIO_MEANING}.", ""]
     for case, shape, block, unit, mem in _table_blocks(rows):
         lines += [f"**{case}**, {shape}", "",
                   f"| implementation | time ms | {unit} | ratio |{' peak GiB |' if mem else ''} check / note |",
@@ -2952,6 +2973,12 @@ def load_run(path: str) -> dict:
             raise ValueError(f"{path}: row {i} lacks {lacking}")
         for key in OPTIONAL_ROW_KEYS:  # columns a row may lack (older files, hand-made rows): empty cells
             row.setdefault(key, None)
+        # the numbers the tables format: a number or empty (a string there failed later, in a format, with a traceback)
+        wrong = [k for k in ("time_ms", "ratio", *OPTIONAL_ROW_KEYS) if row[k] is not None
+                 and (isinstance(row[k], bool) or not isinstance(row[k], (int, float)))]
+        if wrong or (row["ok"] is not None and not isinstance(row["ok"], bool)):
+            raise ValueError(f"{path}: row {i} has {wrong or ['ok']} of the wrong type (numbers or null; ok: "
+                             "true, false or null)")
     return data
 
 
@@ -3082,8 +3109,13 @@ def check_output_path(option: str, path: str) -> None:
         os.makedirs(directory, exist_ok=True)
     except OSError as error:
         raise SystemExit(f"sparsectx: error: {option} {path!r}: its folder can not be made ({error})") from None
-    if not os.access(directory, os.W_OK):
-        raise SystemExit(f"sparsectx: error: {option} {path!r}: its folder {directory!r} is not writable")
+    probe = f"{path}.tmp"  # (os.access says yes to root for any folder: a file made and removed says what is so)
+    try:
+        with open(probe, "a", encoding="utf-8"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise SystemExit(f"sparsectx: error: {option} {path!r} can not be written ({error})") from None
 
 
 def write_json(path: str, meta: dict, rows: list) -> None:
@@ -3257,6 +3289,10 @@ def _main(args: argparse.Namespace, device: torch.device) -> int:
         print(f"note: --steps-from {args.steps_from} does not exist; the selection case has no step time to relate "
               "to", file=sys.stderr)
     size = args.size or default_size(device)
+    if size == "full" and device.type == "cpu":  # (the real shapes: klein-9B in fp32 alone needs about 36 GB)
+        raise SystemExit("sparsectx bench: error: --size full is the real models' shapes, for a GPU: on the CPU a case "
+                         "runs for hours or runs out of memory (klein-9B's step in fp32 needs about 36 GB); use the "
+                         "CPU's default, --size tiny")
     names = [n for n in CASE_ORDER if n in args.case] if args.case else list(CASE_ORDER)
     meta = run_metadata(device, size, args.quick, names)
     shared = {"ceilings": measure_ceilings(device)}

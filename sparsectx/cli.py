@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 
@@ -94,7 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # stdout closed early (``sparsectx bench | head``): no traceback, and no further writes
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # a stdout without a file descriptor (io.UnsupportedOperation is both)
+            pass
+        print("sparsectx: stdout was closed before the command finished; its output is incomplete", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

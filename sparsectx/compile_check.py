@@ -363,7 +363,8 @@ def run_check(arch: int = 90, dtypes=DTYPES, head_dims=HEAD_DIMS, progress: bool
     seen: set = set()
     try:
         from tqdm import tqdm
-        bar = tqdm(variants, desc=f"compiling for sm_{arch}", unit="variant", disable=not progress, file=sys.stderr)
+        bar = tqdm(variants, desc=f"compiling for sm_{arch}", unit="variant", disable=None if progress else True,
+                   file=sys.stderr)
     except ImportError:  # pragma: no cover - tqdm is a dependency
         bar = variants
     for label, launch in bar:

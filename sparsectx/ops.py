@@ -56,6 +56,7 @@ _KERNEL_MODULES = ("sparsectx.kernels.attention", "sparsectx.kernels.compaction"
 
 
 def interpreter_enabled() -> bool:
+    """Whether the environment asks for Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -156,7 +157,8 @@ def kernel_configs() -> dict:
 _ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_GRID_SAMPLES = 65535  # the attention kernels launch (blocks, heads, samples): CUDA's grid y/z limit
 # the compaction's row kernels find each packed row's sample in a [rows, B] block (Triton caps a block at 2**20
-# elements, and a block holds 16 rows): a call takes at most this many samples, on every path alike
+# elements, and a block holds kernels.compaction.COPY_BLOCK_ROWS = 16 rows): a call takes at most this many samples,
+# on every path alike (tests/test_dispatch.py checks both against the kernels)
 MAX_COMPACT_SAMPLES = 65536
 # ratios held in a narrow float dtype count as the decimals they were written as (float32's 0.7 is 0.69999998...,
 # whose count of 5 tokens, half up, would be 3 where 0.7's is 4): see written_ratio
@@ -1252,8 +1254,10 @@ def _compact_index(selection: torch.Tensor, counts: Optional[list], n_rows: Opti
     if _use_triton(selection):
         from .kernels import compaction as _k
 
-        if counts is not None and selection.dtype not in _KERNEL_SCORE_DTYPES:
-            selection = reference.topk_keep_mask(selection, counts)
+        if counts is not None and selection.dtype not in _KERNEL_SCORE_DTYPES:  # (fp64: the kernel reads fp32)
+            # the reference's keep mask, whose kept total is known here: no host read to size the index
+            selection, n_rows, counts = reference.topk_keep_mask(selection, counts), (
+                sum(counts) if n_rows is None else n_rows), None
         return _k.compact_index(selection, counts, n_rows)
     keep = selection if counts is None else reference.topk_keep_mask(selection, counts)
     index, cu_seqlens, _ = reference.compact_ref(keep)

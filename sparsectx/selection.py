@@ -1462,7 +1462,11 @@ def budget_first_sample(budget):
 
 def adaptive(coverage: Union[float, torch.Tensor] = 0.9, floor: PerImage = 0, cap: PerImage = 1.0, *,
              mass: str = "auto") -> AdaptiveBudget:
-    """A budget for ``select``: ``adaptive_budget`` with these settings (see there)."""
+    """A budget for ``select`` and ``enable``: ``adaptive_budget`` with these settings (see there). Per image and
+    request, the fewest top-scored tokens whose score mass reaches ``coverage`` (a float in [0, 1], or a tensor
+    broadcasting to ``[B, n_refs]``), kept between ``floor`` and ``cap`` (ratios of the image's tokens, or counts;
+    one value, one per image, or a tensor); ``mass``: how scores become a distribution (``"linear"``: scores / their
+    sum, ``"softmax"``, ``"auto"``: linear for rows without a negative score, else softmax)."""
     if mass not in MASS_MODES:
         raise ValueError(f"mass must be one of {MASS_MODES}, got {mass!r}")
     _check_coverage(coverage)

@@ -181,7 +181,9 @@ def random_drop_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ref
 def random_drop_selector(ratio_range: tuple = DEFAULT_RATIO_RANGE, generator: Optional[torch.Generator] = None, *,
                          ratios: Optional[Sequence[float]] = None, per_image: bool = True) -> Callable:
     """A selector that draws ``random_drop_mask``'s reference part, for training with the dropped reference tokens
-    removed from the whole sequence::
+    removed from the whole sequence. Each image keeps ``round-half-up(r · L)`` of its L tokens, r drawn per sample
+    (and per image with ``per_image``) from U[``ratio_range``] or, when ``ratios`` is given, uniformly from that
+    list::
 
         sparsectx.enable(transformer, budget=None, selector=random_drop_selector((0.05, 1.0), generator))
         transformer.train()
@@ -485,6 +487,7 @@ def last_drop_mask(transformer) -> Optional[torch.Tensor]:
 
 
 def is_drop_training_enabled(transformer) -> bool:
+    """Whether ``enable_drop_training`` is on for ``transformer`` (a pipeline or its transformer)."""
     _, model, _ = integration._split_target(transformer)
     return getattr(model, integration.DROP_TRAINING_ATTR, None) is not None
 

@@ -204,6 +204,13 @@ def test_report_refuses_parts_of_different_runs_and_names_bad_files(tmp_path):
     (tmp_path / "rowless.json").write_text(json.dumps({"meta": {}, "rows": [{}]}))
     with pytest.raises(SystemExit, match=r"rowless.json: row 0 lacks \['case'"):
         cli.main(["report", str(tmp_path / "rowless.json")])
+    typed = dict(block[0], time_ms="fast")  # a string where a number goes: a traceback in a format before
+    (tmp_path / "typed.json").write_text(json.dumps({"meta": meta, "rows": [typed]}))
+    with pytest.raises(SystemExit, match=r"typed.json: row 0 has \['time_ms'\] of the wrong type"):
+        cli.main(["report", str(tmp_path / "typed.json")])
+    (tmp_path / "okay.json").write_text(json.dumps({"meta": meta, "rows": [dict(block[0], ok="yes")]}))
+    with pytest.raises(SystemExit, match=r"okay.json: row 0 has \['ok'\] of the wrong type"):
+        cli.main(["report", str(tmp_path / "okay.json")])
     (tmp_path / "norows.json").write_text(json.dumps({"meta": {}, "rows": []}))
     with pytest.raises(SystemExit, match="norows.json holds no result rows"):  # printed '### ?, None' before
         cli.main(["report", str(tmp_path / "norows.json")])
@@ -917,6 +924,41 @@ def test_a_case_needing_a_missing_package_is_unavailable_not_failed(monkeypatch)
         "ImportError: Flux2KleinPipeline requires the transformers library"
 
 
+def test_rows_written_as_they_come_are_annotated_as_the_finished_case(monkeypatch):
+    """A case with ``annotate`` (selection, pipeline) filled its shares only once a workload finished: a run cut by
+    its timeout mid-workload (the pipeline's second pass on the H200's part 1) left timed rows without them, and the
+    summary said 'not judged'. Each incremental write now holds the annotations of the rows written so far, made on
+    copies (the rows themselves are annotated once, at the end)."""
+    class Annotated:
+        def configs(self, size, quick=False):
+            return [None]
+
+        def label(self, config):
+            return "s"
+
+        def build(self, config, size, device):
+            return object()
+
+        def annotate(self, rows, earlier_rows):
+            for row in rows:
+                row["note"] = (row["note"] or "") + f" annotated among {len(rows)}"
+
+    def fake_run_workload(workload, device, quick, shared, on_row):
+        rows = []
+        for impl in ("first", "second"):
+            rows.append(_row("fake", "s", impl, 1.0, ok=True))
+            on_row(list(rows))
+        return rows
+
+    monkeypatch.setitem(benchmarks.CASES, "fake", Annotated())
+    monkeypatch.setattr(benchmarks, "run_workload", fake_run_workload)
+    written = []
+    rows = benchmarks.run_case("fake", torch.device("cpu"), "tiny", on_rows=written.append)
+    assert [[r["note"].strip() for r in w] for w in written] == [["annotated among 1"],
+                                                                 ["annotated among 2", "annotated among 2"]]
+    assert [r["note"].strip() for r in rows] == ["annotated among 2"] * 2  # once each, at the end
+
+
 def test_a_later_pass_notes_each_rows_time_and_its_ratio_to_sparsectxs(monkeypatch):
     x = torch.ones(4)
     ours, peer = (lambda: x), (lambda: x + 0)
@@ -965,6 +1007,15 @@ def test_merged_meta_keeps_every_parts_planned_cases_and_quick_flag(tmp_path):
                                                                       ("AMD EPYC 9654", "2026-12-02")]
     header = benchmarks.format_summary(run["meta"], run["rows"]).splitlines()[0]
     assert header.endswith("hosts (by part) Intel Xeon 8480 / AMD EPYC 9654"), header
+    # the markdown (what RESULTS.md records) names each part's host and ceilings too (the first part's alone before)
+    markdown = benchmarks.format_markdown(run["meta"], run["rows"]).splitlines()
+    assert "Part a.json (attention): host Intel Xeon 8480; ceilings copy 0.00 TB/s (read + write), None 0 " \
+           "TFLOP/s." in markdown
+    assert any(line.startswith("Part b.json (training): host AMD EPYC 9654;") for line in markdown)
+    assert not any(line.startswith("Host:") for line in markdown)
+    one_host = benchmarks.format_markdown(dict(run["meta"], host="Intel Xeon 8480", parts=run["meta"]["parts"][:1]),
+                                          run["rows"]).splitlines()
+    assert "Host: Intel Xeon 8480." in one_host and not any(line.startswith("Part ") for line in one_host)
 
 
 def test_cpu_timings_are_per_call_medians():

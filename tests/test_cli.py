@@ -71,6 +71,52 @@ def test_bench_rejects_an_unusable_device(device, words):
     assert words in str(exit_info.value.code) and "--device" in str(exit_info.value.code)
 
 
+def test_bench_refuses_the_full_shapes_on_a_cpu_before_any_work(capsys):
+    """--size full on the CPU ran for hours or ran out of memory (klein-9B's step in fp32), after printing a header."""
+    with pytest.raises(SystemExit, match="--size full is the real models' shapes, for a GPU"):
+        cli.main(["bench", "--case", SMALL_CASE, "--device", "cpu", "--size", "full"])
+    assert capsys.readouterr().out == ""
+
+
+def test_an_output_path_that_can_not_be_written_is_refused_before_the_run(tmp_path, monkeypatch, capsys):
+    """The folder check asked os.access, which says yes to root for any folder (containers run as root): the case
+    ran, then writing the JSON failed with a traceback. Now a file is made and removed first."""
+    real_open = open
+
+    def refusing_open(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path / "locked")):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", refusing_open)
+    monkeypatch.setattr(os, "access", lambda *args, **kwargs: True)  # as for root
+    ran = []
+    monkeypatch.setattr(benchmarks, "measure_ceilings", lambda device: ran.append(device) or {})
+    with pytest.raises(SystemExit, match=r"--json '.*locked/run.json' can not be written \(.*Permission denied"):
+        cli.main(["bench", "--case", SMALL_CASE, "--json", str(tmp_path / "locked" / "run.json")])
+    assert not ran and capsys.readouterr().out == ""
+    path = tmp_path / "free" / "run.json"
+    benchmarks.check_output_path("--json", str(path))  # a writable path passes and leaves nothing behind
+    assert list(path.parent.iterdir()) == []
+
+
+def test_a_closed_stdout_ends_the_command_without_a_traceback(monkeypatch, capsys):
+    """``sparsectx bench ... | head``: the reader went away; a BrokenPipeError traceback ended the run before."""
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    dup2 = []
+    monkeypatch.setattr(os, "dup2", lambda fd, fd2: dup2.append(fd2))
+    monkeypatch.setattr(sys, "stdout", types.SimpleNamespace(fileno=lambda: 99, write=len, flush=lambda: None))
+    parser = cli.build_parser()
+    args = parser.parse_args(["info"])
+    args.func = broken
+    monkeypatch.setattr(cli, "build_parser", lambda: types.SimpleNamespace(parse_args=lambda argv: args))
+    assert cli.main(["info"]) == 1
+    assert dup2 == [99]  # later writes to stdout (at exit) go nowhere
+    assert "stdout was closed before the command finished" in capsys.readouterr().err
+
+
 def test_info_prints_the_path_each_op_takes(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out

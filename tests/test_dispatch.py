@@ -694,3 +694,16 @@ def test_ops_from_several_threads_give_what_each_gives_alone(run_in_threads):
 
     run_in_threads([functools.partial(work, i) for i in range(4)], switch_interval=1e-5)
     assert not failures, failures[:3]
+
+
+@pytest.mark.skipif(not ops._triton_available(), reason="needs triton")
+def test_the_limits_ops_checks_are_the_kernels_limits():
+    """ops checks inputs against limits of the kernels it can not import at its own import (Triton may be absent):
+    its copies must be the kernels' values, else a call would pass the check and fail in a launch (or be refused
+    while the kernels could take it)."""
+    from sparsectx.kernels import compaction, norm_rope
+
+    assert ops.ROPE_MAX_AXES == norm_rope.MAX_TABLE_AXES
+    # a row kernel's [COPY_BLOCK_ROWS, samples] block must stay within Triton's 2**20 elements
+    assert compaction.COPY_BLOCK_ROWS * ops.MAX_COMPACT_SAMPLES <= 1 << 20
+    assert compaction.COPY_BLOCK_ROWS * ops.MAX_COMPACT_SAMPLES * 2 > 1 << 20  # (the largest power of two that fits)
