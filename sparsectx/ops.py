@@ -1327,7 +1327,7 @@ def _check_row_op_index(op: str, index, cu_seqlens, batch, device) -> None:
     _check_tensor(f"{op}: index", index, ndim=1, dtypes=(torch.int32,), device=device)
     _check_tensor(f"{op}: cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=device)
     entries = cu_seqlens.numel()
-    if _differ(entries, max(entries, 1)) or (batch is not None and _differ(entries, batch + 1)):
+    if (type(entries) is int and entries < 1) or (batch is not None and _differ(entries, batch + 1)):
         raise ValueError(f"{op}: cu_seqlens has {entries} entries but must have B+1"
                          + (f" = {batch + 1} (B = {batch} samples)" if batch is not None else " >= 1"))
 

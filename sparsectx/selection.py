@@ -1487,10 +1487,13 @@ def as_budget(budget: BudgetSpec) -> Callable[..., BudgetResult]:
         raise TypeError("budget must be a float ratio, an int count or a budget callable, got "
                         f"{type(budget).__name__}")
     budget = ops.budget_number(budget)  # a numpy float32's ratio as the decimal it was written as
-    if isinstance(budget, numbers.Integral):
-        return fixed_count(int(budget))
-    if isinstance(budget, numbers.Real):
-        return fixed_ratio(float(budget))
+    try:
+        if isinstance(budget, numbers.Integral):
+            return fixed_count(int(budget))
+        if isinstance(budget, numbers.Real):
+            return fixed_ratio(float(budget))
+    except ValueError as error:  # (named as the caller wrote it: budget=, not the helper it became)
+        raise ValueError(f"budget {budget!r}: {str(error).split(': ', 1)[-1]}") from None
     return budget
 
 

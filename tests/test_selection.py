@@ -1035,6 +1035,17 @@ def test_attention_mass_refuses_a_bad_max_queries(max_queries, error):
         selection.attention_mass(torch.randn(1, 4, 1, 8), torch.randn(1, 6, 1, 8), max_queries=max_queries)
 
 
+def test_select_names_a_bad_budget_as_the_budget():
+    """select(..., budget=1.5) said 'fixed_ratio: ratio must lie in [0, 1]', naming the helper a number becomes; the
+    ratio 0.0 keeps nothing, as in enable and compact_tokens."""
+    latents, ctx = _full_context(2, 2)
+    for budget, words in ((1.5, r"budget 1.5: ratio must lie in \[0, 1\], got 1.5"),
+                          (-1, r"budget -1: count must be an int >= 0, got -1")):
+        with pytest.raises(ValueError, match=words):
+            select(latents, ctx, "uniform", budget)
+    assert not select(latents, ctx, "uniform", 0.0).any()
+
+
 def test_standalone_api_refuses_what_it_would_get_wrong():
     """Found by using the selection API outside a pipeline: sample_generators of another length than the batch
     fell back to the global RNG (other tokens at every call), bool reference_ids failed inside torch, and
