@@ -26,8 +26,10 @@ def _info(_args) -> int:
         diffusers_version = diffusers.__version__
     except Exception:  # pragma: no cover
         diffusers_version = "not installed"
+    from .benchmarks import host_cpu
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    name = torch.cuda.get_device_name() if device == "cuda" else host_cpu()  # (platform.processor() is often empty)
     rows = [
         ("sparsectx", __version__),
         ("python", platform.python_version()),

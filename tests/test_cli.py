@@ -127,6 +127,8 @@ def test_info_prints_the_path_each_op_takes(capsys):
         assert match, f"no ops path line for {name} in:\n{out}"
         assert match.group(1) == sparsectx.backend_for(device, dtype)
     assert torch.__version__ in out
+    if device == "cpu":  # the CPU's model and count, as the bench records its host (said 'cpu (cpu)' before)
+        assert re.search(rf"^device\s+cpu \({re.escape(benchmarks.host_cpu())}\)$", out, re.MULTILINE), out
 
 
 def _check_bench_json(path: Path, case: str) -> list:
