@@ -2575,8 +2575,9 @@ def format_markdown(meta: dict, rows: list) -> str:
                 f"{c.get('matmul_TFLOPs', 0):.0f} TFLOP/s")
 
     parts = meta.get("parts") or []
-    if len({(part.get("host"), json.dumps(part.get("ceilings"), sort_keys=True)) for part in parts}) > 1:
+    if len({part.get("host") for part in parts}) > 1:
         # parts measured on two machines (two device sessions): each part's host and ceilings, which its rows met
+        # (parts of one machine: its ceilings measured again by each part differ by noise alone)
         for part in parts:
             lines += [f"Part {part.get('file')} ({', '.join(part.get('cases') or [])}): host {part.get('host')}; "
                       f"ceilings {ceilings_text(part.get('ceilings') or {})}.", ""]

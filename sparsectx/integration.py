@@ -90,6 +90,7 @@ import math
 import numbers
 import os
 import re
+import sys
 import threading
 import types
 import weakref
@@ -228,10 +229,11 @@ def keep_mask_from_scores(scores: torch.Tensor, counts: Sequence[Sequence[int]],
                           ref_lengths: Sequence[int]) -> torch.Tensor:
     """bool ``[B, N]``: in each reference image (consecutive ``ref_lengths`` slices of N), the ``counts[b][i]``
     highest scores of sample b; ties go to the lower index (``sparsectx.compact_tokens``' rule): ``select``'s fixed
-    budgets' top-k, given the counts."""
+    budgets' top-k, given the counts. Scores hold no NaN (the selectors' outputs are checked for it)."""
     from . import selection  # deferred: only a selecting call needs it
 
-    return selection._topk_per_image(scores, list(ref_lengths), _device_values(counts, torch.int64, scores.device))
+    wanted = _device_values(counts, torch.int64, scores.device).reshape(len(counts), len(ref_lengths))  # (B=0 too)
+    return selection._topk_per_image(scores, list(ref_lengths), wanted)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -2051,20 +2053,30 @@ def _family_of(module) -> Optional[str]:
 
 def _unwrapped(module):
     """The module a ``torch.compile`` wrapper (``OptimizedModule``), a data-parallel wrapper
-    (``DistributedDataParallel``, as accelerate's ``prepare`` makes, or ``DataParallel``) or a peft wrapper
+    (``DistributedDataParallel``, as accelerate's ``prepare`` makes, ``DataParallel``, or FSDP's
+    ``FullyShardedDataParallel``, which accelerate's FSDP plugin makes; FSDP2's ``fully_shard`` keeps the class) or
+    a peft wrapper
     (``get_peft_model``'s ``PeftModel``, whose ``base_model`` is a tuner holding the model as ``model``) holds, or
     ``module`` itself: sparsectx patches the real transformer, and the wrapper calls it."""
     while isinstance(module, torch.nn.Module):
         if type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None),
                                                                      torch.nn.Module):
             module = module._orig_mod
-        elif isinstance(module, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        elif isinstance(module, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)) \
+                or _is_fsdp_wrapper(module):
             module = module.module
         elif type(module).__module__.startswith("peft.") and _peft_inner(module) is not None:
             module = _peft_inner(module)
         else:
             break
     return module
+
+
+def _is_fsdp_wrapper(module: torch.nn.Module) -> bool:
+    """An FSDP (version 1) ``FullyShardedDataParallel`` wrapper, told without importing torch.distributed's FSDP
+    where nothing imported it (then no module can be one)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(module, fsdp.FullyShardedDataParallel)
 
 
 def _peft_inner(module: torch.nn.Module) -> Optional[torch.nn.Module]:

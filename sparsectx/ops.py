@@ -1305,8 +1305,22 @@ def _shapes_differ(a, b) -> bool:
     return len(a) != len(b) or any(_differ(x, y) for x, y in zip(a, b))
 
 
+def _check_op_tensor(name: str, t, ndim: Optional[int] = None, dtype: Optional[torch.dtype] = None,
+                     device=None) -> None:
+    """``_check_tensor``'s type, rank, dtype and device checks, for a registered op's argument (the op's dispatch
+    has unwrapped any torch.func or forward-AD tensor by then: those checks would cost host time for nothing)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{name} must have dtype {dtype}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
+
+
 def _check_compact_index_op(selection, counts, n_rows) -> None:
-    _check_tensor("compact_index: selection", selection, ndim=2)
+    _check_op_tensor("compact_index: selection", selection, ndim=2)
     batch, n_tokens = selection.shape
     if selection.dtype == torch.bool and counts is not None:
         raise ValueError("compact_index: counts must be None when selection is a keep mask (its row sums are the "
@@ -1324,8 +1338,8 @@ def _check_compact_index_op(selection, counts, n_rows) -> None:
 def _check_row_op_index(op: str, index, cu_seqlens, batch, device) -> None:
     """``index`` int32 ``[rows]`` and ``cu_seqlens`` int32 ``[B + 1]`` on ``device`` (B: the ``[B, N, ...]``
     tensor's, when the op has one)."""
-    _check_tensor(f"{op}: index", index, ndim=1, dtypes=(torch.int32,), device=device)
-    _check_tensor(f"{op}: cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=device)
+    _check_op_tensor(f"{op}: index", index, ndim=1, dtype=torch.int32, device=device)
+    _check_op_tensor(f"{op}: cu_seqlens", cu_seqlens, ndim=1, dtype=torch.int32, device=device)
     entries = cu_seqlens.numel()
     if (type(entries) is int and entries < 1) or (batch is not None and _differ(entries, batch + 1)):
         raise ValueError(f"{op}: cu_seqlens has {entries} entries but must have B+1"
@@ -1336,7 +1350,7 @@ def _check_gather_rows_op(payloads, index, cu_seqlens) -> None:
     if not isinstance(payloads, (list, tuple)) or not payloads:
         raise ValueError("gather_rows: payloads must be a non-empty list of [B, N, ...] tensors")
     for i, p in enumerate(payloads):
-        _check_tensor(f"gather_rows: payloads[{i}]", p, device=payloads[0].device)
+        _check_op_tensor(f"gather_rows: payloads[{i}]", p, device=payloads[0].device)
         if p.ndim < 2 or _shapes_differ(p.shape[:2], payloads[0].shape[:2]):
             raise ValueError(f"gather_rows: payloads[{i}] must be [B, N, ...] with payloads[0]'s B, N "
                              f"{tuple(payloads[0].shape[:2])}, got shape {tuple(p.shape)}")
@@ -1351,7 +1365,7 @@ def _check_scatter_rows_op(packed, index, cu_seqlens, base, n_tokens) -> None:
     first = base if base is not None else packed
     for name, t in (("packed", packed), ("base", base)):
         if t is not None:
-            _check_tensor(f"scatter_rows: {name}", t, device=first.device)
+            _check_op_tensor(f"scatter_rows: {name}", t, device=first.device)
     if packed is not None and base is not None and packed.dtype != base.dtype:
         raise ValueError(f"scatter_rows: packed ({packed.dtype}) and base ({base.dtype}) must share a dtype")
     if base is not None and (base.ndim < 2 or _differ(base.shape[1], n_tokens)):

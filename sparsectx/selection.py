@@ -93,14 +93,20 @@ class SelectionContext:
     sample_generators: Optional[list] = None
 
     def __post_init__(self):
-        if isinstance(self.num_references, bool) or not isinstance(self.num_references, int) \
-                or self.num_references < 1:
+        if isinstance(self.num_references, bool) or not isinstance(self.num_references, int):
+            raise TypeError(f"num_references must be a positive int, got {self.num_references!r}")
+        if self.num_references < 1:
             raise ValueError(f"num_references must be a positive int, got {self.num_references!r}")
-        if not isinstance(self.ref_lengths, (list, tuple)) or len(self.ref_lengths) != self.num_references:
+        if not isinstance(self.ref_lengths, (list, tuple)):
+            raise TypeError(f"ref_lengths must be a list of num_references={self.num_references} ints, "
+                            f"got {self.ref_lengths!r}")
+        if len(self.ref_lengths) != self.num_references:
             raise ValueError(f"ref_lengths must be a list of num_references={self.num_references} ints, "
                              f"got {self.ref_lengths!r}")
         for n in self.ref_lengths:
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            if isinstance(n, bool) or not isinstance(n, int):
+                raise TypeError(f"ref_lengths entries must be positive ints, got {self.ref_lengths!r}")
+            if n < 1:
                 raise ValueError(f"ref_lengths entries must be positive ints, got {self.ref_lengths!r}")
         self.ref_lengths = list(self.ref_lengths)
         if self.reference_ids is not None:
@@ -1168,8 +1174,10 @@ def _check_ref_lengths(ref_lengths, n_tokens: int) -> list[int]:
     """``ref_lengths`` as a list summing to ``n_tokens`` (None = a single image)."""
     if ref_lengths is None:
         return [n_tokens]
-    if not isinstance(ref_lengths, (list, tuple)) or not ref_lengths \
-            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in ref_lengths):
+    if not isinstance(ref_lengths, (list, tuple)) \
+            or not all(isinstance(n, int) and not isinstance(n, bool) for n in ref_lengths):
+        raise TypeError(f"ref_lengths must be a non-empty list of positive ints, got {ref_lengths!r}")
+    if not ref_lengths or not all(n > 0 for n in ref_lengths):
         raise ValueError(f"ref_lengths must be a non-empty list of positive ints, got {ref_lengths!r}")
     if sum(ref_lengths) != n_tokens:
         raise ValueError(f"ref_lengths {list(ref_lengths)} sum to {sum(ref_lengths)} but scores has N={n_tokens}")
@@ -1230,8 +1238,10 @@ def fixed_count(count: PerImage) -> FixedBudget:
     """Keep ``count`` tokens of each image (clamped to its length); an int or an int tensor broadcasting to
     ``[B, n_refs]``."""
     _check_per_image_setting("fixed_count: count", count)
-    if isinstance(count, numbers.Real) and (not isinstance(count, numbers.Integral) or count < 0):
-        raise ValueError(f"fixed_count: count must be an int >= 0, got {count!r}")  # numpy floats too
+    if isinstance(count, numbers.Real) and not isinstance(count, numbers.Integral):  # numpy floats too
+        raise TypeError(f"fixed_count: count must be an int >= 0, got {count!r}")
+    if isinstance(count, numbers.Real) and count < 0:
+        raise ValueError(f"fixed_count: count must be an int >= 0, got {count!r}")
     return FixedBudget("fixed_count", count, ratio=False)
 
 

@@ -543,7 +543,7 @@ def test_per_call_settings_through_the_pipelines_own_attention_kwargs(pipe, fami
     assert seen == [n_target + sum(_kept_tokens(family))] * STEPS  # enable's budget again on the next call
 
 
-@pytest.mark.parametrize("settings, error, words", [({"budget": 2.0}, ValueError, r"budget ratio must be in \(0, 1\]"),
+@pytest.mark.parametrize("settings, error, words", [({"budget": 2.0}, ValueError, r"budget ratio must be in \[0, 1\]"),
                                                    ({"selector": "nope"}, ValueError, "nope")])
 def test_bad_per_call_settings_fail_before_the_pipelines_own_work(pipe, family, settings, error, words):
     """A bad per-call setting fails at the start of the pipeline call, before its encoders run, naming the keyword

@@ -2217,20 +2217,27 @@ def test_torch_checkpoint_wrapper_recomputes_each_forwards_mask(order):
         torch.testing.assert_close(grad, expected[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
 
 
-@pytest.mark.parametrize("wrapper", ["DataParallel", "DistributedDataParallel"])
+@pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`:UserWarning")  # (a one-process group)
+@pytest.mark.parametrize("wrapper", ["DataParallel", "DistributedDataParallel", "FullyShardedDataParallel"])
 def test_drop_training_through_a_data_parallel_wrapper(wrapper, tmp_path):
     """enable / is_enabled / disable given a data-parallel wrapper (accelerate's prepare returns a
-    DistributedDataParallel) act on the transformer it holds (they raised TypeError naming the supported classes),
-    and the wrapper's forward drops tokens."""
+    DistributedDataParallel, or with its FSDP plugin a FullyShardedDataParallel) act on the transformer it holds
+    (they raised TypeError naming the supported classes; FSDP's until 2026-12-02), and the wrapper's forward drops
+    tokens."""
     import torch.distributed as dist
 
     model, kwargs = shared._build_model("flux2").train(), _train_inputs("flux2")
-    group = wrapper == "DistributedDataParallel" and not dist.is_initialized()
-    if group:  # a one-process group: DistributedDataParallel needs one
+    group = wrapper != "DataParallel" and not dist.is_initialized()
+    if group:  # a one-process group: DistributedDataParallel and FSDP need one
         dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
     wrapped = None
     try:
-        wrapped = getattr(torch.nn.parallel, wrapper)(model)
+        if wrapper == "FullyShardedDataParallel":
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            wrapped = FullyShardedDataParallel(model, device_id=torch.device("cpu"))
+        else:
+            wrapped = getattr(torch.nn.parallel, wrapper)(model)
         enable_drop_training(wrapped, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(0))
         assert is_drop_training_enabled(wrapped) and is_drop_training_enabled(model)
         wrapped(**kwargs)[0].sum().backward()

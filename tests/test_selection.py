@@ -162,6 +162,14 @@ def test_context_validation():
         SelectionContext(1, [0])
     with pytest.raises(ValueError, match="num_references"):
         SelectionContext(0, [])
+    # a value of the wrong type is a TypeError (ValueError before), as in the ops
+    for args in ((1.0, [4]), (2, (4.0, 4)), (1, 4), (1, [True])):
+        with pytest.raises(TypeError, match="num_references|ref_lengths"):
+            SelectionContext(*args)
+    with pytest.raises(TypeError, match="ref_lengths"):
+        selection.adaptive_budget(torch.rand(1, 8), 0.5, ref_lengths=[4.0, 4])
+    with pytest.raises(TypeError, match="fixed_count: count must be an int"):
+        selection.fixed_count(2.5)
     with pytest.raises(TypeError, match="generator"):
         SelectionContext(1, [4], generator=0)
     with pytest.raises(ValueError, match="reference_ids"):
@@ -776,7 +784,7 @@ def test_bad_budgets():
         fixed_ratio(1.5)
     with pytest.raises(ValueError, match="count"):
         fixed_count(-1)
-    with pytest.raises(ValueError, match="count"):
+    with pytest.raises(TypeError, match="count"):  # a ratio where a count goes, as a float tensor below
         fixed_count(0.5)
     with pytest.raises(TypeError, match="fixed_count"):
         fixed_count(torch.tensor([0.5]))(scores, [8])
@@ -921,7 +929,7 @@ def test_adaptive_budget_on_a_keep_mask_covers_the_marked_tokens_only(mass):
 
 def test_fixed_count_refuses_numpy_floats_and_strings():
     np = pytest.importorskip("numpy")
-    with pytest.raises(ValueError, match="count must be an int"):
+    with pytest.raises(TypeError, match="count must be an int"):
         fixed_count(np.float32(0.5))  # was read as a ratio: half of each image
     with pytest.raises(TypeError, match="fixed_count"):
         fixed_count("3")  # was accepted, failed when used
