@@ -252,7 +252,9 @@ def count_host_reads(device_data: Optional[Iterable] = None) -> Iterator[HostRea
     tensors the block creates from nothing (``torch.ones(..., device=x.device)``) count as host data, so a read of
     one made on a GPU is missed; ``.to("cpu")`` and a copy into an existing host tensor (``host.copy_(x)``) can not
     be told here from a move to the model's device (the CPU too), so their results stay device data and their later
-    reads count instead of the copy."""
+    reads count instead of the copy. A read inside a custom op's own implementation (sparsectx's compaction ops under
+    autograd or torch.compile) is seen only through ``.tolist()`` or ``.cpu()`` (patched on ``torch.Tensor``): the
+    dispatch mode sees the op as one operation."""
     tensors = None
     if device_data is not None:
         if not isinstance(device_data, Iterable):
