@@ -27,6 +27,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -2977,9 +2978,14 @@ def load_run(path: str) -> dict:
         # the numbers the tables format: a number or empty (a string there failed later, in a format, with a traceback)
         wrong = [k for k in ("time_ms", "ratio", *OPTIONAL_ROW_KEYS) if row[k] is not None
                  and (isinstance(row[k], bool) or not isinstance(row[k], (int, float)))]
-        if wrong or (row["ok"] is not None and not isinstance(row["ok"], bool)):
-            raise ValueError(f"{path}: row {i} has {wrong or ['ok']} of the wrong type (numbers or null; ok: "
-                             "true, false or null)")
+        wrong += [k for k, kind in (("ok", bool), ("note", str)) if row[k] is not None and not isinstance(row[k], kind)]
+        if wrong:
+            raise ValueError(f"{path}: row {i} has {wrong} of the wrong type (numbers or null; ok: true, false or "
+                             "null; note: a string or null)")
+    for key, kind in (("ceilings", dict), ("parts", list)):
+        if data["meta"].get(key) is not None and not isinstance(data["meta"][key], kind):
+            raise ValueError(f"{path}: meta.{key} must be a {'dict' if kind is dict else 'list'}, got "
+                             f"{type(data['meta'][key]).__name__}")
     return data
 
 
@@ -3110,10 +3116,9 @@ def check_output_path(option: str, path: str) -> None:
         os.makedirs(directory, exist_ok=True)
     except OSError as error:
         raise SystemExit(f"sparsectx: error: {option} {path!r}: its folder can not be made ({error})") from None
-    probe = f"{path}.tmp"  # (os.access says yes to root for any folder: a file made and removed says what is so)
-    try:
-        with open(probe, "a", encoding="utf-8"):
-            pass
+    try:  # (os.access says yes to root for any folder: a file made and removed there says what is so)
+        handle, probe = tempfile.mkstemp(dir=directory, prefix=".sparsectx-write-check-")
+        os.close(handle)
         os.remove(probe)
     except OSError as error:
         raise SystemExit(f"sparsectx: error: {option} {path!r} can not be written ({error})") from None
@@ -3271,6 +3276,11 @@ def main(args: argparse.Namespace) -> int:
 def _main(args: argparse.Namespace, device: torch.device) -> int:
     from tqdm import tqdm
 
+    size = args.size or default_size(device)
+    if size == "full" and device.type == "cpu":  # (the real shapes: klein-9B in fp32 alone needs about 36 GB)
+        raise SystemExit("sparsectx bench: error: --size full is the real models' shapes, for a GPU: on the CPU a case "
+                         "runs for hours or runs out of memory (klein-9B's step in fp32 needs about 36 GB); use the "
+                         "CPU's default, --size tiny")
     for option, path in (("--json", args.json), ("--merge-into", args.merge_into), ("--plot", args.plot)):
         if path:
             check_output_path(option, path)
@@ -3289,11 +3299,6 @@ def _main(args: argparse.Namespace, device: torch.device) -> int:
     if args.steps_from and not os.path.exists(args.steps_from):
         print(f"note: --steps-from {args.steps_from} does not exist; the selection case has no step time to relate "
               "to", file=sys.stderr)
-    size = args.size or default_size(device)
-    if size == "full" and device.type == "cpu":  # (the real shapes: klein-9B in fp32 alone needs about 36 GB)
-        raise SystemExit("sparsectx bench: error: --size full is the real models' shapes, for a GPU: on the CPU a case "
-                         "runs for hours or runs out of memory (klein-9B's step in fp32 needs about 36 GB); use the "
-                         "CPU's default, --size tiny")
     names = [n for n in CASE_ORDER if n in args.case] if args.case else list(CASE_ORDER)
     meta = run_metadata(device, size, args.quick, names)
     shared = {"ceilings": measure_ceilings(device)}

@@ -1307,10 +1307,14 @@ def _shapes_differ(a, b) -> bool:
 
 def _check_op_tensor(name: str, t, ndim: Optional[int] = None, dtype: Optional[torch.dtype] = None,
                      device=None) -> None:
-    """``_check_tensor``'s type, rank, dtype and device checks, for a registered op's argument (the op's dispatch
-    has unwrapped any torch.func or forward-AD tensor by then: those checks would cost host time for nothing)."""
+    """``_check_tensor``'s checks for a registered op's argument, cheaper: the torch.func transforms' probe is left
+    out (the op's dispatch unwraps their tensors before its body runs), the forward-AD one runs only inside a dual
+    level (a tangent is still attached in the body: the kernels would drop it)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if _forward_ad._current_level >= 0 and _forward_ad.unpack_dual(t).tangent is not None:
+        raise NotImplementedError(f"{name} carries a forward-mode AD tangent (torch.autograd.forward_ad): "
+                                  "sparsectx's ops have reverse-mode gradients only")
     if ndim is not None and t.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
     if dtype is not None and t.dtype != dtype:

@@ -208,9 +208,12 @@ def test_report_refuses_parts_of_different_runs_and_names_bad_files(tmp_path):
     (tmp_path / "typed.json").write_text(json.dumps({"meta": meta, "rows": [typed]}))
     with pytest.raises(SystemExit, match=r"typed.json: row 0 has \['time_ms'\] of the wrong type"):
         cli.main(["report", str(tmp_path / "typed.json")])
-    (tmp_path / "okay.json").write_text(json.dumps({"meta": meta, "rows": [dict(block[0], ok="yes")]}))
-    with pytest.raises(SystemExit, match=r"okay.json: row 0 has \['ok'\] of the wrong type"):
+    (tmp_path / "okay.json").write_text(json.dumps({"meta": meta, "rows": [dict(block[0], ok="yes", note=3)]}))
+    with pytest.raises(SystemExit, match=r"okay.json: row 0 has \['ok', 'note'\] of the wrong type"):
         cli.main(["report", str(tmp_path / "okay.json")])
+    (tmp_path / "ceil.json").write_text(json.dumps({"meta": dict(meta, ceilings="fast"), "rows": block}))
+    with pytest.raises(SystemExit, match=r"ceil.json: meta.ceilings must be a dict, got str"):
+        cli.main(["report", str(tmp_path / "ceil.json")])
     (tmp_path / "norows.json").write_text(json.dumps({"meta": {}, "rows": []}))
     with pytest.raises(SystemExit, match="norows.json holds no result rows"):  # printed '### ?, None' before
         cli.main(["report", str(tmp_path / "norows.json")])
@@ -1013,7 +1016,11 @@ def test_merged_meta_keeps_every_parts_planned_cases_and_quick_flag(tmp_path):
            "TFLOP/s." in markdown
     assert any(line.startswith("Part b.json (training): host AMD EPYC 9654;") for line in markdown)
     assert not any(line.startswith("Host:") for line in markdown)
-    one_host = benchmarks.format_markdown(dict(run["meta"], host="Intel Xeon 8480", parts=run["meta"]["parts"][:1]),
+    # two parts of one machine (gpu_check's steps): one Host line, though each part measured its own ceilings
+    same_host = [dict(part, host="Intel Xeon 8480", ceilings={"copy_GBps": 4240.0 + i, "matmul": "bf16",
+                                                             "matmul_TFLOPs": 700.0 + i})
+                 for i, part in enumerate(run["meta"]["parts"])]
+    one_host = benchmarks.format_markdown(dict(run["meta"], host="Intel Xeon 8480", parts=same_host),
                                           run["rows"]).splitlines()
     assert "Host: Intel Xeon 8480." in one_host and not any(line.startswith("Part ") for line in one_host)
 

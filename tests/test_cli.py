@@ -71,24 +71,29 @@ def test_bench_rejects_an_unusable_device(device, words):
     assert words in str(exit_info.value.code) and "--device" in str(exit_info.value.code)
 
 
-def test_bench_refuses_the_full_shapes_on_a_cpu_before_any_work(capsys):
-    """--size full on the CPU ran for hours or ran out of memory (klein-9B's step in fp32), after printing a header."""
+def test_bench_refuses_the_full_shapes_on_a_cpu_before_any_work(capsys, tmp_path):
+    """--size full on the CPU ran for hours or ran out of memory (klein-9B's step in fp32), after printing a header;
+    refused before anything is made (the --json path's folders included)."""
     with pytest.raises(SystemExit, match="--size full is the real models' shapes, for a GPU"):
-        cli.main(["bench", "--case", SMALL_CASE, "--device", "cpu", "--size", "full"])
-    assert capsys.readouterr().out == ""
+        cli.main(["bench", "--case", SMALL_CASE, "--device", "cpu", "--size", "full",
+                  "--json", str(tmp_path / "made" / "run.json")])
+    assert capsys.readouterr().out == "" and not (tmp_path / "made").exists()
 
 
 def test_an_output_path_that_can_not_be_written_is_refused_before_the_run(tmp_path, monkeypatch, capsys):
     """The folder check asked os.access, which says yes to root for any folder (containers run as root): the case
-    ran, then writing the JSON failed with a traceback. Now a file is made and removed first."""
-    real_open = open
+    ran, then writing the JSON failed with a traceback. Now a file is made and removed first (a unique name: the
+    write's own PATH.tmp may be another process's)."""
+    import tempfile
 
-    def refusing_open(path, *args, **kwargs):
-        if str(path).startswith(str(tmp_path / "locked")):
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_open(path, *args, **kwargs)
+    real_mkstemp = tempfile.mkstemp
 
-    monkeypatch.setattr("builtins.open", refusing_open)
+    def refusing_mkstemp(*args, dir=None, **kwargs):
+        if str(dir).startswith(str(tmp_path / "locked")):
+            raise PermissionError(13, "Permission denied", str(dir))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refusing_mkstemp)
     monkeypatch.setattr(os, "access", lambda *args, **kwargs: True)  # as for root
     ran = []
     monkeypatch.setattr(benchmarks, "measure_ceilings", lambda device: ran.append(device) or {})

@@ -1144,6 +1144,15 @@ def test_the_row_ops_called_directly_refuse_mismatched_arguments_before_any_laun
     for message, call in bad:
         with pytest.raises(ValueError, match=message):
             call()
+    # a forward-mode AD tangent would be dropped by the kernels: refused, as by the public ops
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        with pytest.raises(NotImplementedError, match=r"gather_rows: payloads\[0\] carries a forward-mode AD tangent"):
+            torch.ops.sparsectx.gather_rows([dual], index, cu_seqlens)
+        with pytest.raises(NotImplementedError, match="scatter_rows: base carries a forward-mode AD tangent"):
+            torch.ops.sparsectx.scatter_rows(packed, index, cu_seqlens, dual, 11, 0.0)
     # the same calls with matching arguments run, and agree with compact_tokens / scatter_tokens
     kept = sparsectx.compact_tokens(scores, x, budget=[3, 5])
     assert torch.equal(torch.ops.sparsectx.gather_rows([x], index, cu_seqlens)[0], kept.tensors[0])

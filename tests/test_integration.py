@@ -561,6 +561,14 @@ def test_budget_counts_per_image_and_request():
     assert integration.budget_counts(0.29, 1, [50]) == [[14]] and integration.budget_counts(0.3, 1, [45]) == [[14]]
 
 
+def test_keep_mask_of_an_empty_batch_is_empty():
+    """No sample: a [0, N] mask, for images of one length or of several (the batched top-k raised IndexError on
+    the latter, its counts arriving as a 1-d tensor)."""
+    for lengths in ([4, 4], [5, 3]):
+        keep = integration.keep_mask_from_scores(torch.zeros(0, 8), [], lengths)
+        assert keep.shape == (0, 8) and keep.dtype == torch.bool
+
+
 def test_keep_mask_is_top_k_per_image():
     g = torch.Generator().manual_seed(3)
     lengths = [9, 8]
