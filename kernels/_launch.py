@@ -97,6 +97,11 @@ def on_device_of(arg: str):
     return decorate
 
 
+def interpreter_requested() -> bool:
+    """Whether the environment asks for Triton's CPU interpreter (``TRITON_INTERPRET=1``), now."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def built_for_interpreter(kernel) -> bool:
     """Whether ``kernel`` (a ``triton.jit`` function, autotuned or not) runs through Triton's interpreter."""
     from triton.runtime.interpreter import InterpretedFunction

@@ -38,15 +38,12 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._launch import COMPILE_OPTIONS, built_for_interpreter, cdiv, next_power_of_2, on_device_of
+from ._launch import (COMPILE_OPTIONS, built_for_interpreter, cdiv, interpreter_requested, next_power_of_2,
+                      on_device_of)
 from .compaction import gather_rows
 
 LOG2E = 1.4426950408889634  # scores are scaled by scale*log2(e) so that exp2 replaces exp
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # lse is returned in natural log
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -68,7 +65,7 @@ def _gpu_configs(shapes, pre_hook=None) -> list:
 
 
 def _configs(shapes, interpreter_shape, pre_hook=None):
-    return _gpu_configs([(*interpreter_shape, 4, 1)] if _interpreting() else shapes, pre_hook)
+    return _gpu_configs([(*interpreter_shape, 4, 1)] if interpreter_requested() else shapes, pre_hook)
 
 
 DESCRIPTOR_ARGS = ("K_DESC", "V_DESC", "RK_DESC", "RV_DESC")
@@ -715,7 +712,7 @@ MASS_INTERPRETER_CONFIG = (32, 32, 4, 1)
 
 
 def _mass_config(block_d: int, columns: bool):
-    return MASS_INTERPRETER_CONFIG if _interpreting() else MASS_CONFIGS[block_d > WIDE_HEAD_BLOCK_D][columns]
+    return MASS_INTERPRETER_CONFIG if interpreter_requested() else MASS_CONFIGS[block_d > WIDE_HEAD_BLOCK_D][columns]
 
 
 @triton.jit

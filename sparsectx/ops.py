@@ -24,7 +24,6 @@ import functools
 import inspect
 import math
 import numbers
-import os
 import sys
 from typing import NamedTuple, Optional, Union
 
@@ -35,6 +34,7 @@ from torch._subclasses import fake_tensor as _fake_tensor
 from ._warn import warn as _warn
 from . import reference
 # small tensors of host values on a device without a wait (plain torch; shared with the kernels' launchers)
+from .kernels._launch import interpreter_requested
 from .kernels._launch import to_device as _device_values  # noqa: F401  (used by selection, integration, training)
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -57,7 +57,7 @@ _KERNEL_MODULES = ("sparsectx.kernels.attention", "sparsectx.kernels.compaction"
 
 def interpreter_enabled() -> bool:
     """Whether the environment asks for Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return interpreter_requested()
 
 
 def _kernels_built_as(interpreted: bool) -> bool:
