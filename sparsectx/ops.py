@@ -167,14 +167,17 @@ NARROW_RATIO_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_SOFTMAX_SCALE = torch.finfo(torch.float32).max / 2.0
 
 
-def _check_tensor(name: str, t, ndim: Optional[int] = None, dtypes=None, device=None) -> None:
+def _check_tensor(name: str, t, ndim: Optional[int] = None, dtypes=None, device=None, in_op: bool = False) -> None:
+    """``in_op``: ``t`` is a registered op's argument, whose dispatch has unwrapped torch.func's tensors before the
+    op's body runs (their probe, host time on every call, is skipped; a forward-AD tangent is still attached)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if _forward_ad._current_level >= 0 and _forward_ad.unpack_dual(t).tangent is not None:
         # the kernels would return outputs without a tangent: torch.func.jvp would see a zero derivative
         raise NotImplementedError(f"{name} carries a forward-mode AD tangent (torch.func.jvp, "
                                   "torch.autograd.forward_ad): sparsectx's ops have reverse-mode gradients only")
-    if not torch.compiler.is_compiling() and torch._C._functorch.is_gradtrackingtensor(t):  # (dynamo: its own)
+    # (while dynamo traces, its own checks)
+    if not in_op and not torch.compiler.is_compiling() and torch._C._functorch.is_gradtrackingtensor(t):
         raise NotImplementedError(f"{name} is traced by a torch.func differentiation transform (grad, vjp, jacrev, "
                                   "jvp): sparsectx's ops have torch.autograd gradients only (backward, "
                                   "torch.autograd.grad)")
@@ -1305,26 +1308,8 @@ def _shapes_differ(a, b) -> bool:
     return len(a) != len(b) or any(_differ(x, y) for x, y in zip(a, b))
 
 
-def _check_op_tensor(name: str, t, ndim: Optional[int] = None, dtype: Optional[torch.dtype] = None,
-                     device=None) -> None:
-    """``_check_tensor``'s checks for a registered op's argument, cheaper: the torch.func transforms' probe is left
-    out (the op's dispatch unwraps their tensors before its body runs), the forward-AD one runs only inside a dual
-    level (a tangent is still attached in the body: the kernels would drop it)."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if _forward_ad._current_level >= 0 and _forward_ad.unpack_dual(t).tangent is not None:
-        raise NotImplementedError(f"{name} carries a forward-mode AD tangent (torch.autograd.forward_ad): "
-                                  "sparsectx's ops have reverse-mode gradients only")
-    if ndim is not None and t.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
-    if dtype is not None and t.dtype != dtype:
-        raise ValueError(f"{name} must have dtype {dtype}, got {t.dtype}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
-
-
 def _check_compact_index_op(selection, counts, n_rows) -> None:
-    _check_op_tensor("compact_index: selection", selection, ndim=2)
+    _check_tensor("compact_index: selection", selection, ndim=2, in_op=True)
     batch, n_tokens = selection.shape
     if selection.dtype == torch.bool and counts is not None:
         raise ValueError("compact_index: counts must be None when selection is a keep mask (its row sums are the "
@@ -1342,8 +1327,8 @@ def _check_compact_index_op(selection, counts, n_rows) -> None:
 def _check_row_op_index(op: str, index, cu_seqlens, batch, device) -> None:
     """``index`` int32 ``[rows]`` and ``cu_seqlens`` int32 ``[B + 1]`` on ``device`` (B: the ``[B, N, ...]``
     tensor's, when the op has one)."""
-    _check_op_tensor(f"{op}: index", index, ndim=1, dtype=torch.int32, device=device)
-    _check_op_tensor(f"{op}: cu_seqlens", cu_seqlens, ndim=1, dtype=torch.int32, device=device)
+    _check_tensor(f"{op}: index", index, ndim=1, dtypes=(torch.int32,), device=device, in_op=True)
+    _check_tensor(f"{op}: cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=device, in_op=True)
     entries = cu_seqlens.numel()
     if (type(entries) is int and entries < 1) or (batch is not None and _differ(entries, batch + 1)):
         raise ValueError(f"{op}: cu_seqlens has {entries} entries but must have B+1"
@@ -1354,7 +1339,7 @@ def _check_gather_rows_op(payloads, index, cu_seqlens) -> None:
     if not isinstance(payloads, (list, tuple)) or not payloads:
         raise ValueError("gather_rows: payloads must be a non-empty list of [B, N, ...] tensors")
     for i, p in enumerate(payloads):
-        _check_op_tensor(f"gather_rows: payloads[{i}]", p, device=payloads[0].device)
+        _check_tensor(f"gather_rows: payloads[{i}]", p, device=payloads[0].device, in_op=True)
         if p.ndim < 2 or _shapes_differ(p.shape[:2], payloads[0].shape[:2]):
             raise ValueError(f"gather_rows: payloads[{i}] must be [B, N, ...] with payloads[0]'s B, N "
                              f"{tuple(payloads[0].shape[:2])}, got shape {tuple(p.shape)}")
@@ -1369,7 +1354,7 @@ def _check_scatter_rows_op(packed, index, cu_seqlens, base, n_tokens) -> None:
     first = base if base is not None else packed
     for name, t in (("packed", packed), ("base", base)):
         if t is not None:
-            _check_op_tensor(f"scatter_rows: {name}", t, device=first.device)
+            _check_tensor(f"scatter_rows: {name}", t, device=first.device, in_op=True)
     if packed is not None and base is not None and packed.dtype != base.dtype:
         raise ValueError(f"scatter_rows: packed ({packed.dtype}) and base ({base.dtype}) must share a dtype")
     if base is not None and (base.ndim < 2 or _differ(base.shape[1], n_tokens)):

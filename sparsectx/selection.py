@@ -1228,20 +1228,30 @@ class FixedBudget:
 def fixed_ratio(ratio: PerImage) -> FixedBudget:
     """Keep ``round-half-up(ratio · L)`` tokens of each image of L tokens; ``ratio`` a float in [0, 1] or a tensor
     broadcasting to ``[B, n_refs]`` (``[n_refs]`` per image, ``[B, 1]`` per request)."""
-    _check_per_image_setting("fixed_ratio: ratio", ratio)
+    return _fixed_ratio(ratio, "fixed_ratio: ratio")
+
+
+def _fixed_ratio(ratio: PerImage, name: str) -> FixedBudget:
+    """``fixed_ratio``, its errors naming ``name`` (``as_budget``: the caller's budget)."""
+    _check_per_image_setting(name, ratio)
     if isinstance(ratio, (int, float)) and not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"fixed_ratio: ratio must lie in [0, 1], got {ratio!r}")
+        raise ValueError(f"{name} must lie in [0, 1], got {ratio!r}")
     return FixedBudget("fixed_ratio", ratio, ratio=True)
 
 
 def fixed_count(count: PerImage) -> FixedBudget:
     """Keep ``count`` tokens of each image (clamped to its length); an int or an int tensor broadcasting to
     ``[B, n_refs]``."""
-    _check_per_image_setting("fixed_count: count", count)
+    return _fixed_count(count, "fixed_count: count")
+
+
+def _fixed_count(count: PerImage, name: str) -> FixedBudget:
+    """``fixed_count``, its errors naming ``name`` (``as_budget``: the caller's budget)."""
+    _check_per_image_setting(name, count)
     if isinstance(count, numbers.Real) and not isinstance(count, numbers.Integral):  # numpy floats too
-        raise TypeError(f"fixed_count: count must be an int >= 0, got {count!r}")
+        raise TypeError(f"{name} must be an int >= 0, got {count!r}")
     if isinstance(count, numbers.Real) and count < 0:
-        raise ValueError(f"fixed_count: count must be an int >= 0, got {count!r}")
+        raise ValueError(f"{name} must be an int >= 0, got {count!r}")
     return FixedBudget("fixed_count", count, ratio=False)
 
 
@@ -1497,13 +1507,11 @@ def as_budget(budget: BudgetSpec) -> Callable[..., BudgetResult]:
         raise TypeError("budget must be a float ratio, an int count or a budget callable, got "
                         f"{type(budget).__name__}")
     budget = ops.budget_number(budget)  # a numpy float32's ratio as the decimal it was written as
-    try:
-        if isinstance(budget, numbers.Integral):
-            return fixed_count(int(budget))
-        if isinstance(budget, numbers.Real):
-            return fixed_ratio(float(budget))
-    except ValueError as error:  # (named as the caller wrote it: budget=, not the helper it became)
-        raise ValueError(f"budget {budget!r}: {str(error).split(': ', 1)[-1]}") from None
+    # (errors name the budget as the caller wrote it, not the helper it becomes)
+    if isinstance(budget, numbers.Integral):
+        return _fixed_count(int(budget), f"budget {budget!r}: count")
+    if isinstance(budget, numbers.Real):
+        return _fixed_ratio(float(budget), f"budget {budget!r}: ratio")
     return budget
 
 

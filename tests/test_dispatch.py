@@ -680,9 +680,9 @@ def test_ops_from_several_threads_give_what_each_gives_alone(run_in_threads):
     failures = []
 
     def same(got, want) -> bool:
-        if isinstance(want, tuple):  # Compacted or (cos, sin)
-            return all(not isinstance(w, torch.Tensor) or torch.equal(g, w) for g, w in zip(got, want, strict=True))
-        return torch.equal(got, want)
+        if isinstance(want, tuple):  # Compacted (its packed tensors a tuple again) or (cos, sin)
+            return all(same(g, w) for g, w in zip(got, want, strict=True))
+        return torch.equal(got, want) if isinstance(want, torch.Tensor) else got == want
 
     def work(which: int):
         for _ in range(10):
