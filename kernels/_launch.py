@@ -97,9 +97,29 @@ def on_device_of(arg: str):
     return decorate
 
 
+# how Triton reads a boolean environment variable (triton.knobs' getenv_bool): these values, in any case, are true;
+# any other value, or none, is false
+_TRUE_WORDS = ("1", "true", "yes", "on", "y")
+_FALSE_WORDS = ("0", "false", "no", "off", "n")
+
+
 def interpreter_requested() -> bool:
-    """Whether the environment asks for Triton's CPU interpreter (``TRITON_INTERPRET=1``), now."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether the environment asks for Triton's CPU interpreter now (``TRITON_INTERPRET`` read as Triton reads it:
+    ``1``, ``true``, ``yes``, ``on`` or ``y``, in any case)."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in _TRUE_WORDS
+
+
+def autotune_all_configs() -> bool:
+    """Whether the attention kernels' autotuner measures all its candidates (``SPARSECTX_AUTOTUNE`` unset or true,
+    the default) or keeps only the first (``SPARSECTX_AUTOTUNE=0``, or another false word). Any other value is
+    refused: a misspelt setting would otherwise tune (or not) silently."""
+    value = os.environ.get("SPARSECTX_AUTOTUNE", "1")
+    if value.lower() in _TRUE_WORDS:
+        return True
+    if value.lower() in _FALSE_WORDS:
+        return False
+    raise ValueError(f"SPARSECTX_AUTOTUNE={value!r}: expected 1 (tune over every candidate, the default) or 0 "
+                     "(the first candidate only)")
 
 
 def built_for_interpreter(kernel) -> bool:

@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._launch import (COMPILE_OPTIONS, built_for_interpreter, cdiv, interpreter_requested, next_power_of_2,
-                      on_device_of)
+from ._launch import (COMPILE_OPTIONS, autotune_all_configs, built_for_interpreter, cdiv, interpreter_requested,
+                      next_power_of_2, on_device_of)
 from .compaction import gather_rows
 
 LOG2E = 1.4426950408889634  # scores are scaled by scale*log2(e) so that exp2 replaces exp
@@ -80,7 +80,7 @@ def _descriptor_tiles(nargs):
 
 def _tuned(configs):
     """The candidates the autotuner measures: all of them, or the first one under SPARSECTX_AUTOTUNE=0."""
-    return configs[:1] if os.environ.get("SPARSECTX_AUTOTUNE", "1") == "0" else configs
+    return configs if autotune_all_configs() else configs[:1]
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). Ordered from `bench/sweep_attention.py` on an H200 (2026-11-29, Triton

@@ -36,6 +36,8 @@ import tempfile
 import time
 from typing import Callable, Iterator, Optional
 
+from .kernels._launch import autotune_all_configs, interpreter_requested
+
 # Largest shared memory one block may use (dynamic, opt-in), bytes, per compute capability (CUDA programming guide,
 # "Technical Specifications per Compute Capability"). A compiled kernel above it fails to launch there.
 SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
@@ -498,9 +500,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"sparsectx compile-check: error: --json {args.json!r} is a folder or in a folder that does not "
               "exist; give a file path", file=sys.stderr)
         return 2
-    interpreting = os.environ.get("TRITON_INTERPRET", "").strip().lower() not in ("", "0", "false", "no", "off")
-    if interpreting or args.first_config != (
-            os.environ.get("SPARSECTX_AUTOTUNE", "1") == "0"):
+    if interpreter_requested() or args.first_config == autotune_all_configs():
         # the kernel modules fix their mode and candidates at import: a fresh process without the interpreter
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["SPARSECTX_AUTOTUNE"] = "0" if args.first_config else "1"

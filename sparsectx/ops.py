@@ -56,7 +56,7 @@ _KERNEL_MODULES = ("sparsectx.kernels.attention", "sparsectx.kernels.compaction"
 
 
 def interpreter_enabled() -> bool:
-    """Whether the environment asks for Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
+    """Whether the environment asks for Triton's CPU interpreter (``TRITON_INTERPRET`` true as Triton reads it)."""
     return interpreter_requested()
 
 

@@ -20,7 +20,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # triton.jit fixes a kernel's mode (compiled or interpreted) when it decorates: import the kernels now, in the
 # suite's mode, rather than in the mode of whichever test first sets TRITON_INTERPRET
-from sparsectx.ops import _KERNEL_MODULES  # noqa: E402 (importing the ops imports no kernel)
+from sparsectx.ops import _KERNEL_MODULES, interpreter_enabled  # noqa: E402 (importing the ops imports no kernel)
 
 try:
     for _name in _KERNEL_MODULES:
@@ -32,7 +32,7 @@ except ImportError:  # no triton: every op takes the reference
 def _interpreter_needs_older_numpy() -> bool:
     """The interpreters of Triton 3.4-3.6 turn a scalar kernel argument into an int with ``int(array_of_shape_1)``,
     which numpy >= 2.4 refuses (3.9's squeezes it first): every kernel looping over a runtime length fails."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    if not interpreter_enabled():
         return False
     try:
         import inspect

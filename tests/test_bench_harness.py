@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsectx import benchmarks, cli
+from sparsectx import benchmarks, cli, ops
 
 
 def _row(case, shape, impl, time_ms, ok=True, **extra):
@@ -564,7 +564,7 @@ def _bench_tool_for_a_dry_run(name: str):
     return module
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+@pytest.mark.skipif(not torch.cuda.is_available() and not ops.interpreter_enabled(),
                     reason="the sweep's dry run needs the kernels (interpreter) on the CPU")
 def test_attention_sweep_dry_run_checks_and_times_every_forced_configuration(tmp_path, monkeypatch):
     """``bench/sweep_attention.py --tiny`` (the GPU tool's CPU dry run): every configuration it forces passes its

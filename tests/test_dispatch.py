@@ -37,6 +37,35 @@ def test_backend_for_follows_device_dtype_and_interpreter_flag(monkeypatch):
                                                        and torch.cuda.is_available() else ops.TORCH_REFERENCE)
 
 
+def test_the_interpreter_flag_is_read_as_triton_reads_it(monkeypatch):
+    """Triton builds its kernels for the interpreter under TRITON_INTERPRET=true (or yes, on, y, any case), which
+    sparsectx read as false: the ops took the torch reference, and the kernel tests compared it with itself."""
+    triton = pytest.importorskip("triton")
+    for value in ("1", "true", "TRUE", "Yes", "on", "y", "0", "false", "no", "2", "", " 1"):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert ops.interpreter_enabled() == triton.knobs.runtime.interpret, value
+    monkeypatch.setenv("TRITON_INTERPRET", "true")
+    assert ops.backend_for("cpu", torch.float32) == (ops.TRITON_INTERPRETER if ops._kernels_built_as(True)
+                                                     else ops.TORCH_REFERENCE)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not ops.interpreter_enabled()
+
+
+def test_a_misspelt_autotune_setting_is_refused(monkeypatch):
+    """SPARSECTX_AUTOTUNE=off (or false) kept every candidate: only "0" was read."""
+    from sparsectx.kernels._launch import autotune_all_configs
+
+    for value, expected in (("0", False), ("off", False), ("False", False), ("1", True), ("on", True)):
+        monkeypatch.setenv("SPARSECTX_AUTOTUNE", value)
+        assert autotune_all_configs() is expected, value
+    monkeypatch.delenv("SPARSECTX_AUTOTUNE")
+    assert autotune_all_configs() is True
+    for value in ("", "2", "fast"):
+        monkeypatch.setenv("SPARSECTX_AUTOTUNE", value)
+        with pytest.raises(ValueError, match="SPARSECTX_AUTOTUNE="):
+            autotune_all_configs()
+
+
 def test_backend_for_refuses_what_is_not_a_dtype_or_a_device():
     """A dtype given as a string ("bfloat16") was answered as another dtype (the interpreter, which bf16 never
     takes), and a device name torch does not know raised torch's RuntimeError naming no argument."""
