@@ -488,12 +488,13 @@ def _check_settings_for(selector, budget, signals: dict, warned: Optional[set] =
     if budget is None and selector.returns_scores:
         raise ValueError(f"budget=None keeps a selector's keep mask as given, but selector {selector.name!r} returns "
                          "scores: give a budget (a ratio, a count or a budget object)")
+    from .selection import check_budget_for, unread_signals  # deferred: only enable() needs them
+
+    check_budget_for(selector, budget)
     unknown = sorted(set(signals) - selector.signals) if selector.signals is not None else []
     if unknown:
         raise ValueError(f"selector {selector.name!r} reads no signal named {unknown}; its signals are "
                          f"{sorted(selector.signals)}")
-    from .selection import unread_signals  # deferred: only enable() needs it
-
     unread, readers = unread_signals(selector, signals)
     if unread and (warned is None or (selector.name, tuple(unread)) not in warned):
         if warned is not None:

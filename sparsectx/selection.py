@@ -146,7 +146,9 @@ class Selector:
     (higher = keep) or bool keep mask. ``returns_scores``: known to return scores (so it needs a budget);
     ``signals``: the names of ``context.extra`` it can read, when known (then others are refused as misspelt);
     ``reads_generator``: whether it may draw from ``context.generator`` / ``sample_generators`` (True unless known
-    otherwise: samples seeded differently are then selected each on its own)."""
+    otherwise: samples seeded differently are then selected each on its own). A function with the attribute
+    ``draws_kept_count = True`` (``sparsectx.training.random_drop_selector``'s) returns keep masks whose kept counts
+    are its own random draws: a budget, which would cap or pad every mask to one count, is refused with it."""
 
     def __init__(self, fn: SelectorFn, name: Optional[str] = None, returns_scores: bool = False,
                  signals: Optional[frozenset] = None, reads_generator: bool = True):
@@ -155,6 +157,7 @@ class Selector:
         self.fn = fn
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
         self.returns_scores = returns_scores
+        self.draws_kept_count = getattr(fn, "draws_kept_count", False) is True
         self.signals = signals
         self.reads_generator = reads_generator  # False: deterministic (samples with other seeds select alike)
 
@@ -1600,6 +1603,14 @@ def select(reference_latents: torch.Tensor, context: SelectionContext, selector=
     return selected_keep(selector, reference_latents, context, budget)
 
 
+def check_budget_for(selector: Selector, budget) -> None:
+    """``ValueError`` for a budget given to a selector that draws its own kept counts (a random drop selector: the
+    budget would cap or pad each of its masks to one count, every call alike, in place of its random ratios)."""
+    if budget is not None and selector.draws_kept_count:
+        raise ValueError(f"selector {selector.name!r} draws how many tokens each image keeps: budget {budget!r} "
+                         "would cap or pad its masks to one count at every call; pass budget=None")
+
+
 def _check_budget_settings(budget, batch: int, ref_lengths: Sequence[int]) -> None:
     """A fixed or adaptive budget's settings resolved on the host for ``batch`` samples, so that a bad one is
     refused before the selector (and a probe it reads) runs. A tensor setting on a device is checked for its shape
@@ -1622,6 +1633,7 @@ def selected_keep(selector: Selector, reference_latents: torch.Tensor, context: 
     one host read fewer under an adaptive budget: it finds NaN scores in its own read of their range, and they are
     refused naming the selector all the same. Its inputs are checked by its callers (``select``; the drop-in builds
     them)."""
+    check_budget_for(selector, budget)
     if budget is not None:  # a bad budget is refused before the selector (and a probe it reads) runs
         budget = as_budget(budget)
         _check_budget_settings(budget, reference_latents.shape[0], context.ref_lengths)

@@ -181,7 +181,8 @@ def random_drop_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ref
 def random_drop_selector(ratio_range: tuple = DEFAULT_RATIO_RANGE, generator: Optional[torch.Generator] = None, *,
                          ratios: Optional[Sequence[float]] = None, per_image: bool = True) -> Callable:
     """A selector that draws ``random_drop_mask``'s reference part, for training with the dropped reference tokens
-    removed from the whole sequence. Each image keeps ``round-half-up(r · L)`` of its L tokens, r drawn per sample
+    removed from the whole sequence (give it ``budget=None``: a budget, which would cap or pad its masks to one
+    count, is refused). Each image keeps ``round-half-up(r · L)`` of its L tokens, r drawn per sample
     (and per image with ``per_image``) from U[``ratio_range``] or, when ``ratios`` is given, uniformly from that
     list::
 
@@ -217,6 +218,7 @@ def random_drop_selector(ratio_range: tuple = DEFAULT_RATIO_RANGE, generator: Op
         return random_drop_mask(reference_latents.shape[0], context.ref_lengths, 0, ratio_range, draws,
                                 ratios=ratios, per_image=per_image, device=reference_latents.device)
 
+    random_drop.draws_kept_count = True  # a budget with it is refused (it would replace the random ratios)
     return random_drop
 
 

@@ -1278,6 +1278,39 @@ def test_random_drop_selector_without_a_generator_follows_the_drop_ins_seed():
     assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
 
 
+def test_a_budget_with_a_random_drop_selector_is_refused():
+    """enable's default budget (0.25) with a random drop selector kept 25% at every forward, its masks padded with
+    evenly spread tokens: the random ratios were thrown away without a word. A budget with it is refused, at enable,
+    per call and by select; budget=None draws new counts."""
+    model, kwargs = _flux2_for_training(lora=False), _train_inputs("flux2")
+    selector = random_drop_selector((0.05, 1.0))
+    for budget in ({}, {"budget": 0.5}, {"budget": [4]}):
+        with pytest.raises(ValueError, match="draws how many tokens each image keeps.*pass budget=None"):
+            sparsectx.enable(model, selector=selector, **budget)
+    assert getattr(model, integration.PATCH_ATTR, None) is None
+    sparsectx.enable(model, budget=None, selector=selector, seed=0)
+    try:
+        with pytest.raises(ValueError, match="draws how many tokens each image keeps"):
+            model(**kwargs, joint_attention_kwargs={"sparsectx": {"budget": 0.25}})
+        kept = set()
+        for _ in range(4):
+            model(**{**kwargs, "hidden_states": kwargs["hidden_states"].clone()})
+            kept.add(int(sparsectx.last_selection(model).keep.sum()))
+        assert len(kept) > 1  # random counts, not one budget's
+    finally:
+        sparsectx.disable(model)
+    sparsectx.enable(model, budget=0.25, selector="random")  # (a per-call random drop selector with that budget)
+    try:
+        with pytest.raises(ValueError, match="draws how many tokens each image keeps"):
+            model(**kwargs, joint_attention_kwargs={"sparsectx": {"selector": selector}})
+    finally:
+        sparsectx.disable(model)
+    ctx = sparsectx.selection.SelectionContext(1, [16])
+    with pytest.raises(ValueError, match="draws how many tokens each image keeps"):
+        sparsectx.select(torch.zeros(1, 16, 4), ctx, selector, 0.5)
+    assert sparsectx.select(torch.zeros(1, 16, 4), ctx, selector, None).shape == (1, 16)
+
+
 def test_removing_the_dropped_tokens_draws_per_forward_and_a_recompute_reuses_the_draw():
     """A bare transformer in train mode: every forward draws a new mask, also on the very same prompt and references
     (only the noisy input tensor is new, as in a training loop over one example); a checkpoint around the whole
