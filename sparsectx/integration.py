@@ -139,8 +139,10 @@ _BATCH_ARGS = {
 }
 _IDS_ARGS = ("img_ids", "txt_ids")  # batched only when 3-D ([B, S, n_axes])
 _ATTN_KWARGS_ARG = {FLUX2: "joint_attention_kwargs", FLUX: "joint_attention_kwargs", QWEN: "attention_kwargs"}
-# the pipelines' keyword that reaches it (FLUX.2 pipelines take attention_kwargs), for messages
+# the pipelines' keyword that reaches it (FLUX.2's pipelines take attention_kwargs; their modular blocks, as every
+# pipeline whose __call__ takes **kwargs, the transformer's keyword), for messages about a bare transformer's call
 _PIPELINE_ATTN_KWARGS_ARG = {FLUX2: "attention_kwargs", FLUX: "joint_attention_kwargs", QWEN: "attention_kwargs"}
+_ATTN_KWARGS_NAMES = ("attention_kwargs", "joint_attention_kwargs")
 _UNSUPPORTED_ARGS = ("controlnet_block_samples", "controlnet_single_block_samples")
 
 Budget = Optional[Union[int, float, Sequence[Union[int, float]], Sequence[Sequence[Union[int, float]]], Callable]]
@@ -1232,6 +1234,7 @@ class _SparsePatch(ForwardPatch):
         self.attention_state = None  # the installed processors' shared AttentionState, while attention="sparsectx"
         self.pack = True  # FLUX.2 + sparsectx attention: samples that keep different tokens run as one sequence
         self.pipeline_calls = 0  # enabled pipelines' __call__s running now (each starts a new call epoch)
+        self.pipeline_kwarg: Optional[str] = None  # the running pipeline call's attention keyword, for messages
         # without a seed: the initial seed of the pipeline call's generator (a tuple: one generator per image)
         self.call_seed: Union[int, tuple, None] = None
         self.warned_unsupported = False  # the warning of _reinstall_replaced_processors is given once
@@ -1592,7 +1595,8 @@ class _SparsePatch(ForwardPatch):
         attn_kwargs = dict(attn_kwargs)  # never mutate the caller's (the pipeline's) dicts
         raw = attn_kwargs.pop(CALL_KWARG)
         call[name] = attn_kwargs or None
-        return self.checked_overrides(raw, _overrides_place(self.family, name))
+        pipeline_kwarg = self.pipeline_kwarg or _PIPELINE_ATTN_KWARGS_ARG[self.family]
+        return self.checked_overrides(raw, _overrides_place(pipeline_kwarg, name))
 
     def checked_overrides(self, raw, where: str) -> dict:
         """The per-call settings ``raw`` (``where``: the keyword they came through, for messages) checked and
@@ -1990,11 +1994,23 @@ def _replaced_transformer(pipe):
     return old
 
 
-def _overrides_place(family: str, transformer_kwarg: str) -> str:
+def _overrides_place(pipeline_kwarg: str, transformer_kwarg: str) -> str:
     """Where per-call settings came from, for messages: the pipeline's keyword (and the transformer's, if other)."""
-    pipeline_name = _PIPELINE_ATTN_KWARGS_ARG[family]
-    return f"{pipeline_name}['{CALL_KWARG}']" + (
-        f" (the transformer's {transformer_kwarg}['{CALL_KWARG}'])" if pipeline_name != transformer_kwarg else "")
+    return f"{pipeline_kwarg}['{CALL_KWARG}']" + (
+        f" (the transformer's {transformer_kwarg}['{CALL_KWARG}'])" if pipeline_kwarg != transformer_kwarg else "")
+
+
+@functools.lru_cache(maxsize=None)
+def _pipeline_attn_kwarg(base: type, family: str) -> str:
+    """The keyword through which a pipeline class hands attention kwargs to its transformer: the one its
+    ``__call__`` names, or (a modular pipeline, whose ``__call__`` takes ``**kwargs`` for its blocks' inputs) the
+    transformer's own, which diffusers' modular denoise blocks take under the transformer's name."""
+    try:
+        names = inspect.signature(base.__call__).parameters
+    except (TypeError, ValueError):
+        names = {}
+    named = [name for name in _ATTN_KWARGS_NAMES if name in names]
+    return named[0] if len(named) == 1 else _ATTN_KWARGS_ARG[family]
 
 
 def _pipeline_class(base: type) -> type:
@@ -2013,20 +2029,23 @@ def _pipeline_class(base: type) -> type:
                           "directly or through another pipeline sharing it): this call runs every reference "
                           "token. Enable the pipeline again, or disable it", RuntimeWarning)
                 return base.__call__(self, *args, **kwargs)
-            attn_kwargs = kwargs.get(_PIPELINE_ATTN_KWARGS_ARG[patch.family])
+            pipeline_kwarg = _pipeline_attn_kwarg(base, patch.family)
+            attn_kwargs = kwargs.get(pipeline_kwarg)
             if isinstance(attn_kwargs, collections.abc.Mapping) and CALL_KWARG in attn_kwargs:
                 # checked before the pipeline's own work (encoding the prompt and images), not at its first step
                 patch.checked_overrides(attn_kwargs[CALL_KWARG],
-                                        _overrides_place(patch.family, _ATTN_KWARGS_ARG[patch.family]))
+                                        _overrides_place(pipeline_kwarg, _ATTN_KWARGS_ARG[patch.family]))
             with patch.lock:  # (calls from other threads on this transformer wait: see ForwardPatch.lock)
                 patch.new_call()
                 patch.pipeline_calls += 1
                 outer_seed, patch.call_seed = patch.call_seed, _initial_seed(kwargs.get("generator"))
+                outer_kwarg, patch.pipeline_kwarg = patch.pipeline_kwarg, pipeline_kwarg
                 try:
                     return base.__call__(self, *args, **kwargs)
                 finally:
                     patch.pipeline_calls -= 1
                     patch.call_seed = outer_seed
+                    patch.pipeline_kwarg = outer_kwarg
 
         # the class keeps the base's name (diffusers' save_pretrained writes it as _class_name); pickle finds it
         # as an attribute of this module, so a pipeline whose transformer was disabled alone still pickles (one

@@ -789,6 +789,29 @@ def test_modular_pipelines(blocks_name, enabled, monkeypatch):
 
 
 @pytest.mark.parametrize("blocks_name", MODULAR_BLOCKS)
+def test_modular_pipelines_take_per_call_settings_under_the_transformers_keyword(blocks_name, monkeypatch):
+    """Modular pipelines hand their blocks' joint_attention_kwargs / attention_kwargs to the transformer under its
+    own keyword (FLUX.2's is joint_attention_kwargs, where FLUX.2's pipelines take attention_kwargs): sparsectx
+    checked the FLUX.2 pipelines' keyword, which the modular blocks ignore, and a bad value under the one they
+    use failed mid-loop, after the encoders, naming a keyword the caller had not used."""
+    pipe, kwargs, n_target, n_refs, budget, per_step = _modular_case(blocks_name, monkeypatch)
+    name = "attention_kwargs" if blocks_name.startswith("Qwen") else "joint_attention_kwargs"
+    seen = []
+    _image_embedder(pipe.transformer).register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+    sparsectx.enable(pipe, budget=budget, seed=SEED)
+    try:
+        with torch.no_grad():
+            pipe(**kwargs, **{name: {"sparsectx": {"budget": 1.0}}}, generator=torch.Generator().manual_seed(SEED))
+        assert seen == [n_target + sum(n_refs)] * (STEPS * per_step)  # the per-call budget, not enable's
+        seen.clear()
+        with pytest.raises(ValueError, match=rf"^{name}\['sparsectx'\]: budget ratio"):
+            pipe(**kwargs, **{name: {"sparsectx": {"budget": 2.0}}}, generator=torch.Generator().manual_seed(SEED))
+        assert seen == []  # refused before the pipeline's own work
+    finally:
+        sparsectx.disable(pipe)
+
+
+@pytest.mark.parametrize("blocks_name", MODULAR_BLOCKS)
 def test_a_components_manager_sub_pipeline_sharing_an_enabled_transformer(blocks_name, monkeypatch):
     """A second pipeline of the same blocks sharing the enabled pipeline's transformer through a ComponentsManager:
     not enabled itself, it selects as a bare transformer does (once per prompt tensor: its guider's two branches
