@@ -110,6 +110,7 @@ if TYPE_CHECKING:  # (imported where used: sparsectx.processors imports diffuser
 # ----------------------------------------------------------------------------------------------------------------
 FLUX2, FLUX, QWEN = "flux2", "flux", "qwen"
 MIN_DIFFUSERS = (0, 39)  # the oldest diffusers release the test suite passes with (setup.py's floor)
+MAX_TESTED_DIFFUSERS = (0, 42)  # the newest release series the suite ran with (README, "Versions")
 SUPPORTED_TRANSFORMERS = {  # diffusers class name -> family
     "Flux2Transformer2DModel": FLUX2,
     "FluxTransformer2DModel": FLUX,
@@ -503,6 +504,16 @@ def _check_settings_for(selector, budget, signals: dict, warned: Optional[set] =
             warned.add((selector.name, tuple(unread)))
         _warn(f"selector {selector.name!r} does not read the signals {unread} it was given: they are unused "
               f"(the selectors that read them: {readers})", UserWarning)
+
+
+def _warn_ids_grid(family: str, signals: dict, warned: Optional[set] = None) -> None:
+    """FLUX.1 / FLUX.2 give the selectors each reference's grid in their ids: a ``ref_shapes`` signal (the grid of
+    a model without ids, Qwen-Image) is not read there; warned (once per patch, with ``warned``)."""
+    if family in (FLUX, FLUX2) and "ref_shapes" in signals and (warned is None or "ref_shapes" not in warned):
+        if warned is not None:
+            warned.add("ref_shapes")
+        _warn("signals['ref_shapes'] is unused on FLUX.1 / FLUX.2: the selectors read each reference's grid from "
+              "the transformer's reference ids (img_ids)", UserWarning)
 
 
 # transformer arguments that carry the prompt (per sample): the probe's text queries depend on them
@@ -1620,14 +1631,15 @@ class _SparsePatch(ForwardPatch):
             _check_settings_for(overrides.get("selector", self.settings.selector),
                                 overrides.get("budget", self.settings.budget),
                                 overrides.get("signals", self.settings.signals), self.warned_unread)
+            _warn_ids_grid(self.family, overrides.get("signals", {}), self.warned_unread)
         except (TypeError, ValueError) as error:  # (the same message as enable's, saying where the value came from)
             raise (TypeError if isinstance(error, TypeError) else ValueError)(f"{where}: {error}") from None
         return overrides
 
     def _check_supported(self, call: dict, layout: _Layout) -> None:
         if getattr(self.transformer, "_parallel_config", None) is not None:
-            raise RuntimeError("sparsectx does not support diffusers context parallelism: the compacted sequence "
-                               "can not be split by the transformer's _cp_plan; disable parallelism first")
+            raise RuntimeError(f"sparsectx's drop-in does not support diffusers {_parallelism(self.transformer)} "
+                               "(set on the transformer after enable): disable parallelism first")
         for name in _UNSUPPORTED_ARGS:
             if call.get(name) is not None:
                 raise ValueError(f"sparsectx does not support {name} (ControlNet residuals are laid out for the "
@@ -2108,6 +2120,14 @@ def _peft_inner(module: torch.nn.Module) -> Optional[torch.nn.Module]:
     return None
 
 
+def _parallelism(transformer) -> str:
+    """What a transformer's diffusers ``_parallel_config`` sets up, for messages (diffusers >= 0.42 records tensor
+    parallelism there too)."""
+    config = transformer._parallel_config
+    kinds = [kind for kind in ("context", "tensor") if getattr(config, f"{kind}_parallel_config", None) is not None]
+    return " and ".join(kinds) + " parallelism" if kinds else "parallelism"
+
+
 def check_diffusers_version() -> None:
     """ImportError when the installed diffusers is older than MIN_DIFFUSERS (e.g. installed with ``--no-deps``):
     older releases hand Qwen-Image's text mask to the attention processors in another form, which would silently
@@ -2118,6 +2138,16 @@ def check_diffusers_version() -> None:
     if release < MIN_DIFFUSERS:
         raise ImportError(f"sparsectx needs diffusers >= {'.'.join(map(str, MIN_DIFFUSERS))}, found "
                           f"{diffusers.__version__}: pip install -U diffusers")
+    if release > MAX_TESTED_DIFFUSERS:
+        _warn_untested_diffusers(diffusers.__version__)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_untested_diffusers(version: str) -> None:
+    _warn(f"diffusers {version} is newer than the releases sparsectx was tested with "
+          f"({'.'.join(map(str, MIN_DIFFUSERS))} to {'.'.join(map(str, MAX_TESTED_DIFFUSERS))}.x): its processors and "
+          "RoPE copy follow those releases' code (the RoPE copy is checked against the module, the processors are "
+          "not). Check once that enable(pipe, budget=1.0) gives the unpatched pipeline's output", UserWarning)
 
 
 def _split_target(pipe_or_transformer):
@@ -2177,10 +2207,11 @@ def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Call
         raise TypeError("sparsectx does not support Qwen-Image-Layered (a transformer with use_layer3d_rope): its "
                         "image sequence holds several target layers, not target + references")
     settings = _make_settings(budget, selector, seed, signals)
+    _warn_ids_grid(family, settings.signals)
     _check_attention(attention)
     if getattr(transformer, "_parallel_config", None) is not None:
-        raise RuntimeError("sparsectx does not support diffusers context parallelism (the transformer has a "
-                           "_parallel_config); enable it on a model without parallelism")
+        raise RuntimeError(f"sparsectx's drop-in does not support diffusers {_parallelism(transformer)} (the "
+                           "transformer has a _parallel_config); enable it on a model without parallelism")
     if getattr(transformer, DROP_TRAINING_ATTR, None) is not None:
         raise RuntimeError("drop training is enabled on this transformer; call sparsectx.disable_drop_training "
                            "first (for a validation pass during fine-tuning: disable_drop_training, enable, run, "

@@ -20,6 +20,7 @@ Ops:
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -259,10 +260,21 @@ def _attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
                                     ref_k, ref_v, ref_index, cu_seqlens_ref, softmax_scale)
     # the reference in fp32 for half inputs, as the kernels accumulate (q.k of legal fp16 inputs can overflow fp16)
     q32, k32, v32, ref_k32, ref_v32 = (_float32(t) for t in (q, k, v, ref_k, ref_v))
-    out, lse = reference.sparse_attention_ref(
-        q32, k32, v32, cu_seqlens_q, cu_seqlens_k, ref_k=ref_k32, ref_v=ref_v32, ref_index=ref_index,
-        cu_seqlens_ref=cu_seqlens_ref, softmax_scale=softmax_scale)
+    with _autocast_off(q):
+        out, lse = reference.sparse_attention_ref(
+            q32, k32, v32, cu_seqlens_q, cu_seqlens_k, ref_k=ref_k32, ref_v=ref_v32, ref_index=ref_index,
+            cu_seqlens_ref=cu_seqlens_ref, softmax_scale=softmax_scale)
     return out.to(q.dtype).contiguous(), lse.float().contiguous()
+
+
+def _autocast_off(t: torch.Tensor):
+    """A context with ``torch.autocast`` off for ``t``'s device type where it is on (else a no-op context): the
+    reference paths compute in fp32 as the kernels accumulate, also when called inside autocast (a direct call of
+    a registered op, a backward run inside the autocast block)."""
+    device_type = t.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _contiguous(*tensors: Optional[torch.Tensor]) -> tuple:
@@ -307,10 +319,11 @@ def _attention_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ma
             dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
             ref_k, ref_v, ref_index, cu_seqlens_ref, max_seqlen_ref, softmax_scale)
     else:
-        dq, dk, dv, dref_k, dref_v = reference.sparse_attention_bwd_ref(
-            _float32(dout), dlse.masked_fill(~torch.isfinite(lse), 0.0), *(_float32(t) for t in (q, k, v)),
-            cu_seqlens_q, cu_seqlens_k, ref_k=_float32(ref_k), ref_v=_float32(ref_v), ref_index=ref_index,
-            cu_seqlens_ref=cu_seqlens_ref, softmax_scale=softmax_scale)
+        with _autocast_off(q):
+            dq, dk, dv, dref_k, dref_v = reference.sparse_attention_bwd_ref(
+                _float32(dout), dlse.masked_fill(~torch.isfinite(lse), 0.0), *(_float32(t) for t in (q, k, v)),
+                cu_seqlens_q, cu_seqlens_k, ref_k=_float32(ref_k), ref_v=_float32(ref_v), ref_index=ref_index,
+                cu_seqlens_ref=cu_seqlens_ref, softmax_scale=softmax_scale)
         if ref_k is None:
             dref_k, dref_v = q.new_empty(0), q.new_empty(0)
         dq, dk, dv, dref_k, dref_v = (g.to(q.dtype).contiguous() for g in (dq, dk, dv, dref_k, dref_v))
@@ -810,7 +823,8 @@ def _key_mass(q, k, query_weights, softmax_scale):
         weights = query_weights.to(torch.float32).contiguous()
         return launch(_last_dim_contiguous(q), _last_dim_contiguous(k), weights, softmax_scale)
     wide = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return reference.attention_key_mass_ref(q.to(wide), k.to(wide), query_weights.to(wide), softmax_scale)
+    with _autocast_off(q):
+        return reference.attention_key_mass_ref(q.to(wide), k.to(wide), query_weights.to(wide), softmax_scale)
 
 
 @_key_mass_op.register_fake

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -448,6 +449,41 @@ class RopeTablesMemo:
         return self.tables
 
 
+# module -> ((its class's forward, axes, theta), whether flux_rope_tables computes the module's tables)
+_TABLES_MATCH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _tables_match(pos_embed) -> bool:
+    """Whether ``flux_rope_tables`` gives, bit for bit, the tables the module's own ``forward`` gives: checked once
+    per module, forward function and configuration, on a few CPU ids (no device work). A diffusers release that
+    changed the module's computation (or a patch of its forward) keeps the module's own forward, with a warning,
+    where the shortcut would change the model's outputs silently."""
+    forward = type(pos_embed).forward
+    key = (forward, tuple(pos_embed.axes_dim), pos_embed.theta)
+    known = _TABLES_MATCH.get(pos_embed)
+    if known is None or known[0] != key:
+        if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+            return False  # (the module's own forward while dynamo or a torch.func transform runs: checked later)
+        n_axes = len(pos_embed.axes_dim)
+        # positions as the pipelines make them (whole numbers, references on their own planes) and a few others
+        ids = torch.tensor([[0, 0, 0, 0], [1, 2, 3, 1], [10, 7, 5, 0], [0, 63, 127, 2], [3, 0.5, 1e3, 0]],
+                           dtype=torch.float32)[:, :n_axes] if n_axes <= 4 else torch.arange(
+            5.0 * n_axes).reshape(5, n_axes)
+        with torch.inference_mode(False), torch.no_grad():
+            try:
+                expected, got = forward(pos_embed, ids), flux_rope_tables(pos_embed, ids)
+                same = len(expected) == len(got) and all(
+                    e.dtype == g.dtype and e.shape == g.shape and torch.equal(e, g) for e, g in zip(expected, got))
+            except Exception:  # (a forward of another form)
+                same = False
+        _TABLES_MATCH[pos_embed] = known = (key, same)
+        if not same:
+            _warn(f"diffusers' {type(pos_embed).__name__}.forward computes other RoPE tables than sparsectx's "
+                  "copy of it (a diffusers release newer than those tested, or a patched forward): the module's "
+                  "own forward is kept (a few more launches per step)", RuntimeWarning)
+    return known[1]
+
+
 @contextlib.contextmanager
 def fast_rope_tables(transformer: torch.nn.Module, memo: Optional[RopeTablesMemo] = None):
     """Inside the block, a FLUX.1 / FLUX.2 transformer's ``pos_embed`` (when it is diffusers' module, called without
@@ -455,11 +491,13 @@ def fast_rope_tables(transformer: torch.nn.Module, memo: Optional[RopeTablesMemo
     forward's first block wait on host launch work: the drop-in's attention probe, and every step after its host
     read), and ``memo.ids`` gets ``memo``'s tables (made once). Elsewhere nothing changes."""
     pos_embed = getattr(transformer, "pos_embed", None)
-    if type(pos_embed) not in FLUX_POS_EMBEDS or not _without_hooks(pos_embed):
+    if type(pos_embed) not in FLUX_POS_EMBEDS or not _without_hooks(pos_embed) or not _tables_match(pos_embed):
         yield
         return
 
     def fast(ids: torch.Tensor) -> tuple:
+        if torch._C._functorch.is_functorch_wrapped_tensor(ids):  # (torch.func: the module's own ops)
+            return type(pos_embed).forward(pos_embed, ids)
         return memo.get(pos_embed) if memo is not None and ids is memo.ids else flux_rope_tables(pos_embed, ids)
 
     pos_embed.forward = fast
@@ -694,6 +732,12 @@ def _qwen_norm_rope(out: torch.Tensor, norm, freqs) -> torch.Tensor:
     if norm is not None:
         out = norm(out)
     if freqs is not None:
+        if not freqs.is_complex():  # (newer diffusers hands some devices real angles, with a RoPE of their own)
+            raise RuntimeError(f"Qwen-Image's RoPE frequencies reached sparsectx's processor as {freqs.dtype}, not "
+                               "complex (a diffusers release newer than those tested, or a device without complex "
+                               "dtypes): sparsectx's Qwen-Image processor and attention probe apply diffusers' "
+                               "complex RoPE only; use attention='native' with a selector that reads no probe "
+                               "(random, uniform)")
         out = transformer_qwenimage.apply_rotary_emb_qwen(out, freqs, use_real=False)
     return out
 

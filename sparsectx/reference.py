@@ -56,10 +56,11 @@ def compact_ref(keep: torch.Tensor, *tensors: torch.Tensor):
     """
     batch = keep.shape[0]
     positions = [torch.nonzero(keep[b], as_tuple=False).flatten() for b in range(batch)]
-    counts = torch.tensor([len(p) for p in positions], dtype=torch.int64)
-    cu_seqlens = torch.zeros(batch + 1, dtype=torch.int32)
+    # (every tensor made on the mask's device: not torch's default device, which a `with torch.device(...)` sets)
+    counts = torch.tensor([len(p) for p in positions], dtype=torch.int64, device=keep.device)
+    cu_seqlens = torch.zeros(batch + 1, dtype=torch.int32, device=keep.device)
     cu_seqlens[1:] = torch.cumsum(counts, 0).to(torch.int32)
-    index = torch.cat(positions).to(torch.int32) if batch else torch.zeros(0, dtype=torch.int32)
+    index = torch.cat(positions).to(torch.int32) if batch else torch.zeros(0, dtype=torch.int32, device=keep.device)
     packed = [t[keep] for t in tensors]  # row-major boolean indexing: sample by sample, positions in order
     return index.to(keep.device), cu_seqlens.to(keep.device), packed
 

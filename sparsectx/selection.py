@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from ._warn import warn as _warn
 from .ops import _device_values, _is_int, _is_numpy_array, _python_number
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -212,6 +213,7 @@ def _check_selector_inputs(reference_latents, context) -> tuple[int, int]:
 _REGISTRY: dict[str, Selector] = {}
 
 # every context.extra name a built-in selector reads (user signals and probe tensors)
+USER_ONLY_SIGNALS = ("user_mask",)  # built-in signals only a user gives (the automatic probe adds the others)
 BUILTIN_SIGNALS = frozenset({"user_mask", "text_queries", "text_mask", "target_queries", "queries", "query_mask",
                              "ref_keys", "ref_shapes", "attention_probe"})
 
@@ -1295,14 +1297,16 @@ def adaptive_budget(scores: torch.Tensor, coverage: Union[float, torch.Tensor] =
     non-negative scores and ``softmax(scores)`` otherwise (``mass="auto"``; force one with ``"linear"`` or
     ``"softmax"``). ``coverage`` in [0, 1] (0 keeps nothing before the floor), a float or a tensor broadcasting to
     ``[B, n_refs]``. ``floor`` and ``cap`` are counts (int) or ratios of each image's length (float), scalars or
-    tensors broadcasting to ``[B, n_refs]``; where floor > cap, cap wins. A peaked score distribution keeps few
-    tokens, a flat one many. The count is non-decreasing in ``coverage``. The mass is summed in float64 and compared
-    with a slack of ``COVERAGE_TOL`` (1e-9) against rounding: tokens holding less than that share of an image's mass
-    in all may be left out even at ``coverage=1`` (e.g. softmax mass of scores 30 below the top's). Host reads: the
+    tensors broadcasting to ``[B, n_refs]``; where floor > cap, cap wins (a ratio against a count, or tensors; a
+    floor above a cap of the same kind, given as numbers, is refused as a mistake). A peaked score distribution
+    keeps few tokens, a flat one many. The count is non-decreasing in ``coverage``. The mass is summed in float64 and
+    compared with a slack of ``COVERAGE_TOL`` (1e-9) against rounding: tokens holding less than that share of an image's
+    mass in all may be left out even at ``coverage=1`` (e.g. softmax mass of scores 30 below the top's). Host reads: the
     NaN/+inf check of the scores, and the range check of tensor settings; everything else stays on the device.
     """
     if mass not in MASS_MODES:
         raise ValueError(f"mass must be one of {MASS_MODES}, got {mass!r}")
+    _check_floor_below_cap(floor, cap)
     _check_scores(scores, nan=False)
     # the NaN, +inf and sign checks from one host read of the scores' range, raised in this order
     lowest, highest = _score_range(scores)
@@ -1497,7 +1501,23 @@ def adaptive(coverage: Union[float, torch.Tensor] = 0.9, floor: PerImage = 0, ca
         _check_per_image_setting(name, value)
         if isinstance(value, (int, float)):
             _check_scalar_setting(name, value)
+    _check_floor_below_cap(floor, cap)
     return AdaptiveBudget(coverage, floor, cap, mass)
+
+
+def _check_floor_below_cap(floor, cap) -> None:
+    """``ValueError`` for a floor above its cap where both are of one kind (two ratios or two counts, as numbers or
+    per-image lists of numbers), known without the image sizes: the cap would win silently. A ratio against a count
+    depends on the image's size, and there the cap wins (``adaptive_budget``)."""
+    floors, caps = (list(v) if isinstance(v, (list, tuple)) else [v] for v in (floor, cap))
+    if len(floors) != len(caps) and 1 not in (len(floors), len(caps)):
+        return  # (refused where the budget meets the images: a list per image of another length)
+    for f, c in zip(floors * (len(caps) if len(floors) == 1 else 1), caps * (len(floors) if len(caps) == 1 else 1)):
+        if not all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in (f, c)):
+            return  # (tensors and per-request lists: checked where they meet the batch, if at all)
+        if isinstance(f, numbers.Integral) == isinstance(c, numbers.Integral) and f > c:
+            raise ValueError(f"floor {floor!r} is above cap {cap!r}: the cap would win (both "
+                             f"{'counts' if isinstance(f, numbers.Integral) else 'ratios'})")
 
 
 BudgetSpec = Union[float, int, FixedBudget, AdaptiveBudget, Callable[..., BudgetResult]]
@@ -1590,7 +1610,8 @@ def select(reference_latents: torch.Tensor, context: SelectionContext, selector=
     per-request rows over each request's samples; here give a ratio, a count, or ``fixed_ratio`` / ``fixed_count`` /
     ``adaptive`` with one value, one per image, or one row per sample. A ``context.extra`` name the selector is
     known not to read (a misspelt signal, which it would ignore) is refused, as ``enable(signals=...)`` does, except
-    the built-in signal names (``BUILTIN_SIGNALS``), which the automatic probe adds to a context it ran on."""
+    the built-in signal names (``BUILTIN_SIGNALS``), which the automatic probe adds to a context it ran on; a
+    ``user_mask`` a built-in selector does not read is warned about, as ``enable`` does."""
     selector = get_selector(selector)
     _check_selector_inputs(reference_latents, context)
     if selector.signals is not None:
@@ -1600,6 +1621,11 @@ def select(reference_latents: torch.Tensor, context: SelectionContext, selector=
         if unknown:
             raise ValueError(f"selector {selector.name!r} reads no signal named {unknown} (context.extra); its "
                              f"signals are {sorted(selector.signals)}")
+    # a user's mask the selector does not read (the probe never adds one): e.g. "uniform" where "edit" was meant
+    unread, readers = unread_signals(selector, [name for name in USER_ONLY_SIGNALS if name in context.extra])
+    if unread:
+        _warn(f"selector {selector.name!r} does not read the signals {unread} in context.extra: they are unused "
+              f"(the selectors that read them: {readers})", UserWarning)
     return selected_keep(selector, reference_latents, context, budget)
 
 

@@ -75,10 +75,15 @@ def _check_ratio_range(ratio_range) -> tuple[float, float]:
     return float(budget_number(ratio_range[0])), float(budget_number(ratio_range[1]))
 
 
-def _check_ratios(ratios) -> None:
+def _check_ratios(ratios, ratio_range) -> None:
+    """``ratios`` replace the draw from ``ratio_range``: a range other than the default given with them would be
+    ignored, so it is refused."""
     if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Sequence) or not ratios \
             or not all(_is_real(r) and 0.0 <= r <= 1.0 for r in ratios):
         raise ValueError(f"ratios must be a non-empty list of keep ratios in [0, 1], got {ratios!r}")
+    if _check_ratio_range(ratio_range) != DEFAULT_RATIO_RANGE:
+        raise ValueError(f"ratio_range {tuple(ratio_range)!r} and ratios {list(ratios)!r} were both given: the ratios "
+                         "replace the range (which would be ignored); give one of them")
 
 
 def _check_draw_settings(generator, per_image, ratio_range) -> None:
@@ -96,7 +101,7 @@ def _check_draw_settings(generator, per_image, ratio_range) -> None:
 def _draw_ratios(shape: tuple, ratio_range, ratios, generator, device) -> torch.Tensor:
     """float64 keep ratios of ``shape``: from ``ratios`` (uniform choice) if given, else U[r_min, r_max]."""
     if ratios is not None:
-        _check_ratios(ratios)
+        _check_ratios(ratios, ratio_range)
         pick = torch.randint(len(ratios), shape, generator=generator, device=device)
         return _device_values([float(budget_number(r)) for r in ratios], torch.float64, device)[pick]
     low, high = _check_ratio_range(ratio_range)
@@ -124,7 +129,8 @@ def random_drop_mask(batch: int, ref_lengths: Sequence[int], n_prefix: int,
     rates = _draw_ratios((batch, n_refs if per_image else 1), ratio_range, ratios, generator, draw_device)
     lengths = _device_values(ref_lengths, None, draw_device)
     counts = torch.minimum(torch.floor(rates * lengths + 0.5).long(), lengths)  # [B, n_refs]
-    noise = torch.rand((batch, sum(ref_lengths)), generator=generator, device=draw_device)
+    # (float32 whatever torch's default dtype: a seed fixes the mask)
+    noise = torch.rand((batch, sum(ref_lengths)), generator=generator, device=draw_device, dtype=torch.float32)
     keep = torch.ones((batch, n_prefix + sum(ref_lengths)), dtype=torch.bool, device=draw_device)
     start = n_prefix
     for i, length in enumerate(ref_lengths):
@@ -159,7 +165,7 @@ def random_drop_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ref
     # the draw's settings are checked with a keep_mask too (which they do not draw): a bad one is a mistake either way
     _check_draw_settings(generator, per_image, ratio_range)
     if ratios is not None:
-        _check_ratios(ratios)
+        _check_ratios(ratios, ratio_range)
     batch, seq = q.shape[:2]
     ref_lengths = _check_layout(batch, ref_lengths, n_prefix)
     if n_prefix + sum(ref_lengths) != seq:
@@ -205,7 +211,7 @@ def random_drop_selector(ratio_range: tuple = DEFAULT_RATIO_RANGE, generator: Op
     """
     _check_draw_settings(generator, per_image, ratio_range)
     if ratios is not None:
-        _check_ratios(ratios)
+        _check_ratios(ratios, ratio_range)
     ratio_range, ratios = tuple(ratio_range), None if ratios is None else list(ratios)
     seeded = []  # the generator seeded from the drop-in's first selection, when none is given
 

@@ -600,6 +600,41 @@ def test_autocast_casts_the_inputs_as_sdpa_does():
                                       else t for name, t in kwargs.items()})
 
 
+def test_a_backward_run_inside_autocast_gives_the_gradients_of_one_run_outside():
+    """``loss.backward()`` inside the autocast block (a common training step) ran the reference backward's einsums
+    under autocast: bf16 ones lost precision, and with a reference buffer its index_put failed on mixed dtypes.
+    The gradients now equal a backward outside the block, with and without a reference buffer, for
+    sparse_attention and masked_attention, and the key mass (a probe's) is unchanged by autocast."""
+    device_type = torch.device(DEVICE).type
+    kwargs = {name: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+              for name, t in _valid().items()}
+    no_ref = {name: t for name, t in kwargs.items() if not name.startswith(("ref_", "cu_seqlens_ref"))}
+    dense = [kwargs[n][None, :5].clone() for n in ("q", "k", "v")]
+    key_mask = torch.tensor([[True, False, True, True, False]], device=DEVICE)
+    cases = (lambda a: sparsectx.sparse_attention(**a), kwargs, ("q", "k", "v", "ref_k", "ref_v")), \
+        (lambda a: sparsectx.sparse_attention(**a), no_ref, ("q", "k", "v")), \
+        (lambda a: sparsectx.masked_attention(a["q"], a["k"], a["v"], key_mask), dict(zip("qkv", dense)), "qkv")
+    for dtype in (torch.bfloat16, torch.float16):
+        for op, args, names in cases:
+            grads = []
+            for inside in (False, True):
+                leaves = {n: t.detach().clone().requires_grad_(n in names) if isinstance(t, torch.Tensor)
+                          and t.is_floating_point() else t for n, t in args.items()}
+                with torch.autocast(device_type, dtype=dtype):
+                    loss = op(leaves).float().square().sum()
+                    if inside:
+                        loss.backward()
+                if not inside:
+                    loss.backward()
+                grads.append([leaves[n].grad for n in names])
+            for name, outside, inside in zip(names, *grads, strict=True):
+                assert torch.equal(inside, outside), (dtype, name)
+    q, k = (t.bfloat16() for t in dense[:2])
+    plain = sparsectx.attention_key_mass(q, k)
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        assert torch.equal(sparsectx.attention_key_mass(q, k), plain)
+
+
 def test_a_query_whose_scores_are_all_minus_inf_sees_no_key_on_every_path():
     """Keys holding -inf make every score of a query -inf: zeros and lse -inf on the kernel and the reference path
     alike (the reference gave NaN); a +inf score makes the output NaN and its lse +inf, as torch.logsumexp gives it,

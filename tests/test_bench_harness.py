@@ -204,16 +204,20 @@ def test_report_refuses_parts_of_different_runs_and_names_bad_files(tmp_path):
     (tmp_path / "rowless.json").write_text(json.dumps({"meta": {}, "rows": [{}]}))
     with pytest.raises(SystemExit, match=r"rowless.json: row 0 lacks \['case'"):
         cli.main(["report", str(tmp_path / "rowless.json")])
-    typed = dict(block[0], time_ms="fast")  # a string where a number goes: a traceback in a format before
-    (tmp_path / "typed.json").write_text(json.dumps({"meta": meta, "rows": [typed]}))
-    with pytest.raises(SystemExit, match=r"typed.json: row 0 has \['time_ms'\] of the wrong type"):
-        cli.main(["report", str(tmp_path / "typed.json")])
+    for wrong in ("fast", True):  # a string (or a bool) where a number goes: a traceback in a format before
+        typed = dict(block[0], time_ms=wrong)
+        (tmp_path / "typed.json").write_text(json.dumps({"meta": meta, "rows": [typed]}))
+        with pytest.raises(SystemExit, match=r"typed.json: row 0 has \['time_ms'\] of the wrong type"):
+            cli.main(["report", str(tmp_path / "typed.json")])
     (tmp_path / "okay.json").write_text(json.dumps({"meta": meta, "rows": [dict(block[0], ok="yes", note=3)]}))
     with pytest.raises(SystemExit, match=r"okay.json: row 0 has \['ok', 'note'\] of the wrong type"):
         cli.main(["report", str(tmp_path / "okay.json")])
     (tmp_path / "ceil.json").write_text(json.dumps({"meta": dict(meta, ceilings="fast"), "rows": block}))
     with pytest.raises(SystemExit, match=r"ceil.json: meta.ceilings must be a dict, got str"):
         cli.main(["report", str(tmp_path / "ceil.json")])
+    (tmp_path / "parts.json").write_text(json.dumps({"meta": dict(meta, parts="x"), "rows": block}))
+    with pytest.raises(SystemExit, match=r"parts.json: meta.parts must be a list, got str"):
+        cli.main(["report", str(tmp_path / "parts.json")])
     (tmp_path / "norows.json").write_text(json.dumps({"meta": {}, "rows": []}))
     with pytest.raises(SystemExit, match="norows.json holds no result rows"):  # printed '### ?, None' before
         cli.main(["report", str(tmp_path / "norows.json")])

@@ -1140,10 +1140,37 @@ def test_the_row_ops_called_directly_refuse_mismatched_arguments_before_any_laun
          lambda: torch.ops.sparsectx.scatter_rows(packed[:5], index, cu_seqlens, x, 11, 0.0)),
         (r"scatter_rows: packed \(torch.float64\) and base \(torch.float32\) must share a dtype",
          lambda: torch.ops.sparsectx.scatter_rows(packed.double(), index, cu_seqlens, x, 11, 0.0)),
+        # (each below was a surviving mutant of a dropped clause: a count above N, a negative n_rows, a packed row
+        # narrower than base's (read past its end), another rank, a payload on another device, empty or None
+        # arguments, a negative size)
+        (r"compact_index: counts must give one count in \[0, N=11\] per sample \(2\), got \[3, 12\]",
+         lambda: torch.ops.sparsectx.compact_index(scores, [3, 12], None)),
+        (r"compact_index: n_rows must be >= 0, got -1", lambda: torch.ops.sparsectx.compact_index(scores, [3, 5], -1)),
+        (r"scatter_rows: packed must be \[rows=8, ...\] with base's trailing shape, got shape \(8, 3\)",
+         lambda: torch.ops.sparsectx.scatter_rows(packed[:, :3], index, cu_seqlens, x, 11, 0.0)),
+        (r"scatter_rows: packed must be \[rows=8, ...\] with base's trailing shape, got shape \(8, 4, 1\)",
+         lambda: torch.ops.sparsectx.scatter_rows(packed[:, :, None], index, cu_seqlens, x, 11, 0.0)),
+        (r"gather_rows: payloads\[1\] is on meta but the other inputs are on",
+         lambda: torch.ops.sparsectx.gather_rows([x, x.to("meta")], index, cu_seqlens)),
+        (r"scatter_rows: cu_seqlens has 0 entries but must have B\+1 >= 1",
+         lambda: torch.ops.sparsectx.scatter_rows(packed, index, cu_seqlens[:0], None, 11, 0.0)),
+        (r"gather_rows: payloads must be a non-empty list", lambda: torch.ops.sparsectx.gather_rows([], index,
+                                                                                                    cu_seqlens)),
+        (r"scatter_rows: packed and base can not both be None",
+         lambda: torch.ops.sparsectx.scatter_rows(None, index, cu_seqlens, None, 11, 0.0)),
+        (r"scatter_rows: n_tokens must be >= 0, got -1",
+         lambda: torch.ops.sparsectx.scatter_rows(packed, index, cu_seqlens, None, -1, 0.0)),
     ]
     for message, call in bad:
         with pytest.raises(ValueError, match=message):
             call()
+    # the fake implementations check too (what torch.compile and torch.export trace)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as fake_mode:
+        fake_x, fake_index, fake_cu = (fake_mode.from_tensor(t) for t in (x, index, cu_seqlens))
+        with pytest.raises(ValueError, match=r"gather_rows: payloads\[1\] must be \[B, N, ...\]"):
+            torch.ops.sparsectx.gather_rows([fake_x, fake_x[:, :5]], fake_index, fake_cu)
     # a forward-mode AD tangent would be dropped by the kernels: refused, as by the public ops
     import torch.autograd.forward_ad as fwAD
 
@@ -1158,6 +1185,18 @@ def test_the_row_ops_called_directly_refuse_mismatched_arguments_before_any_laun
     assert torch.equal(torch.ops.sparsectx.gather_rows([x], index, cu_seqlens)[0], kept.tensors[0])
     assert torch.equal(torch.ops.sparsectx.scatter_rows(packed, index, cu_seqlens, x, 11, 0.0),
                        sparsectx.scatter_tokens(packed, index, cu_seqlens, 11, fill=x))
+
+
+def test_scatter_rows_reads_no_row_past_the_index_it_is_given(device):
+    """index/cu_seqlens values are data the registered ops do not check: a cu_seqlens counting more rows than the
+    index holds must still not make the kernel read index or packed past their ends (views of larger tensors here,
+    whose next rows would land in the output)."""
+    big_index = torch.tensor([0, 1, 2, 3, 7, 6], dtype=torch.int32, device=device)
+    big_packed = torch.tensor([[1.0], [2.0], [3.0], [4.0], [99.0], [99.0]], device=device)
+    cu = torch.tensor([0, 6], dtype=torch.int32, device=device)
+    out = torch.ops.sparsectx.scatter_rows(big_packed[:4], big_index[:4], cu, torch.zeros(1, 8, 1, device=device),
+                                           8, 0.0)
+    assert out.flatten().tolist() == [1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 0.0]
 
 
 @pytest.mark.parametrize("path", ["scores", "mask"])
@@ -1206,3 +1245,22 @@ def test_compiled_scatter_keeps_an_exact_integer_fill(device, backend):
     for fill in (torch.iinfo(torch.int64).max, 2 ** 53 + 1):
         assert torch.equal(compiled(mask, ids, fill), fn(mask, ids, fill))
         assert int(fn(mask, ids, fill)[0, 1]) == fill
+
+
+@pytest.mark.parametrize("interpreter", ["0", "1"])
+def test_a_default_device_context_changes_nothing_on_the_cpu(interpreter, monkeypatch):
+    """Under ``with torch.device(...)`` (here meta, standing in for a GPU default device) the reference path made
+    its counts and cu_seqlens on the default device: compact_tokens and masked_attention of CPU tensors failed
+    ("Cannot copy out of meta tensor"; on a GPU default device, a copy back and a sync). Both paths give the
+    results made outside the context."""
+    monkeypatch.setenv("TRITON_INTERPRET", interpreter)
+    gen = torch.Generator().manual_seed(5)
+    mask = torch.rand(2, 9, generator=gen) < 0.6
+    x = torch.randn(2, 9, 3, generator=gen)
+    q = torch.randn(2, 9, 2, 16, generator=gen)
+    expected = sparsectx.compact_tokens(mask, x), sparsectx.masked_attention(q, q, q, mask)
+    with torch.device("meta"):
+        got = sparsectx.compact_tokens(mask, x), sparsectx.masked_attention(q, q, q, mask)
+    for name in ("index", "cu_seqlens"):
+        assert torch.equal(getattr(got[0], name), getattr(expected[0], name)), name
+    assert torch.equal(got[0].tensors[0], expected[0].tensors[0]) and torch.equal(got[1], expected[1])

@@ -1169,10 +1169,30 @@ def test_older_diffusers_is_refused_by_name(models, monkeypatch, old):
         with pytest.raises(ImportError, match=f"diffusers >= 0.39, found {old}"):
             enable(models["qwen"])
     assert not integration.is_enabled(models["qwen"])
-    for current in ("0.39.0", "0.40.0.dev0", "1.0.0"):
+    for current in ("0.39.0", "0.40.0.dev0", "0.42.7"):
         monkeypatch.setattr(diffusers, "__version__", current)
-        sparsectx.enable(models["qwen"], budget=0.5, selector=random_selector)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            sparsectx.enable(models["qwen"], budget=0.5, selector=random_selector)
         sparsectx.disable(models["qwen"])
+
+
+def test_a_diffusers_newer_than_tested_is_warned_about_once(models, monkeypatch):
+    """A newer release runs, with one warning per version (from enable; drop training's own checks do not repeat
+    it) that the processors follow the tested releases' code."""
+    import diffusers
+
+    integration._warn_untested_diffusers.cache_clear()
+    for newer in ("0.43.0", "1.0.0"):
+        monkeypatch.setattr(diffusers, "__version__", newer)
+        for enable, disable in ((sparsectx.enable, sparsectx.disable),
+                                (sparsectx.enable_drop_training, sparsectx.disable_drop_training)):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                enable(models["qwen"])
+            disable(models["qwen"])
+            said = [str(w.message) for w in caught if f"diffusers {newer} is newer than the releases" in str(w.message)]
+            assert len(said) == (enable is sparsectx.enable), said
 
 
 def test_numpy_budgets_count_as_their_kind(models):
@@ -1264,11 +1284,29 @@ def test_signals_the_chosen_built_in_does_not_read_are_warned_about(models):
         sparsectx.enable(model, budget=4, selector="uniform", signals={"ref_keys": mask})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        sparsectx.enable(model, budget=4, selector="uniform", signals={"ref_shapes": [(3, 3), (2, 4)]})
         sparsectx.enable(model, budget=4, selector=norm_selector, signals={"anything": mask})  # a user callable
         sparsectx.enable(model, budget=4, selector="edit", signals={"user_mask": mask})
     with pytest.warns(UserWarning, match="selector 'random' does not read the signals"):
         _run(model, {**kwargs, "joint_attention_kwargs": {"sparsectx": {"selector": "random"}}})
+
+
+def test_ref_shapes_on_a_model_with_reference_ids_is_warned_about(models):
+    """FLUX.1 / FLUX.2 selectors read each reference's grid from the ids: signals={"ref_shapes": ...} (the grid of
+    a model without ids) was accepted and ignored without a word, even a wrong one; Qwen-Image reads it."""
+    model, kwargs = models["flux2"], _inputs("flux2")
+    for shapes in ([(3, 3), (2, 4)], [(7, 7)]):
+        with pytest.warns(UserWarning, match=r"signals\['ref_shapes'\] is unused on FLUX.1 / FLUX.2"):
+            sparsectx.enable(model, budget=4, selector="uniform", signals={"ref_shapes": shapes})
+    sparsectx.enable(model, budget=4, selector="uniform")
+    try:
+        step = {**kwargs, "joint_attention_kwargs": {"sparsectx": {"signals": {"ref_shapes": [(7, 7)]}}}}
+        with pytest.warns(UserWarning, match=r"signals\['ref_shapes'\] is unused"):
+            _run(model, step)
+        with warnings.catch_warnings():  # once per enabled transformer
+            warnings.simplefilter("error")
+            _run(model, step)
+    finally:
+        sparsectx.disable(model)
 
 
 def test_warnings_point_at_the_users_line(models):
@@ -1665,6 +1703,60 @@ def test_the_probe_runs_the_first_block_eagerly_under_compiled_blocks(family):
 
 
 @pytest.mark.parametrize("family", ["flux2", "flux"])
+def test_a_pos_embed_forward_other_than_the_tested_one_is_kept(family, monkeypatch):
+    """The drop-in computes FLUX's RoPE tables with its copy of diffusers' pos_embed on every forward, also when it
+    keeps every token: a diffusers release (or a patch) whose forward computes them otherwise (here: the angles in
+    float32, a position scale) changed the outputs of a keep-all call silently. The copy is now checked against the
+    module's forward once per module: on a mismatch the module's own forward is kept, with a warning."""
+    from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+    def in_float32(self, ids):
+        pos = ids.float()
+        tables = [get_1d_rotary_pos_embed(self.axes_dim[i], pos[..., i], theta=self.theta, repeat_interleave_real=True,
+                                          use_real=True, freqs_dtype=torch.float32) for i in range(pos.shape[-1])]
+        return tuple(torch.cat(parts, -1) for parts in zip(*tables))
+
+    original = type(_build_model(family).pos_embed).forward
+    for forward in (in_float32, lambda self, ids: original(self, ids * getattr(self, "pos_scale", 1.0))):
+        monkeypatch.setattr(type(_build_model(family).pos_embed), "forward", forward)
+        model, kwargs = _build_model(family), _inputs(family)
+        model.pos_embed.pos_scale = 0.5
+        expected = _run(model, kwargs)
+        with pytest.warns(RuntimeWarning, match="computes other RoPE tables than sparsectx's copy of it"):
+            sparsectx.enable(model, budget=1.0)
+            got = _run(model, kwargs)
+        sparsectx.disable(model)
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("family", ["flux2", "flux"])
+def test_torch_func_grad_runs_through_an_enabled_flux_model(family):
+    """torch.func.grad over an enabled FLUX model (every token kept) raised from the drop-in's RoPE tables, which
+    refuse torch.func's tensors; the module's own forward serves them now: the gradients of the unpatched model."""
+    from torch.func import functional_call, grad
+
+    model, kwargs = _build_model(family), _inputs(family)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def loss(p):
+        return functional_call(model, p, (), kwargs)[0].square().mean()
+
+    expected = grad(loss)(params)
+    sparsectx.enable(model, budget=1.0)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # (the shortcut's check waits for an eager forward: no false alarm)
+            got = grad(loss)(params)
+        _run(model, kwargs)  # an eager forward: the shortcut checked and in use, then torch.func again
+        assert processors._tables_match(model.pos_embed)
+        got_after = grad(loss)(params)
+    finally:
+        sparsectx.disable(model)
+    for name in expected:
+        assert torch.equal(got[name], expected[name]) and torch.equal(got_after[name], expected[name]), name
+
+
+@pytest.mark.parametrize("family", ["flux2", "flux"])
 def test_later_steps_reuse_the_kept_image_rows_rope_tables(family, monkeypatch):
     """A step that reuses the plan passes the kept image rows' ids made at its first step, and FLUX.2's image RoPE
     table made then (FLUX.1 joins text and image ids inside its forward: a new table every step, in
@@ -1674,6 +1766,7 @@ def test_later_steps_reuse_the_kept_image_rows_rope_tables(family, monkeypatch):
     from sparsectx import processors
 
     model, kwargs = _build_model(family), _inputs(family)
+    assert processors._tables_match(model.pos_embed)  # (its one check of the shortcut, made before the count)
     made = []
     real = processors.flux_rope_tables
     monkeypatch.setattr(processors, "flux_rope_tables", lambda module, ids: made.append(len(ids)) or real(module, ids))
@@ -1851,14 +1944,20 @@ def test_qwen_image_layered_is_rejected():
     assert not integration.is_enabled(model)
 
 
-def test_context_parallel_is_rejected(models):
+def test_parallelism_is_rejected_by_its_name(models):
+    """diffusers records tensor parallelism in _parallel_config too: the refusal said "context parallelism" for it."""
+    from diffusers.models._modeling_parallel import ParallelConfig
+
     model = models["flux2"]
-    model._parallel_config = object()
-    try:
-        with pytest.raises(RuntimeError, match="context parallelism"):
-            sparsectx.enable(model, budget=0.5, selector=random_selector)
-    finally:
-        model._parallel_config = None
+    for config, words in ((ParallelConfig(context_parallel_config=object()), "context parallelism"),
+                          (ParallelConfig(tensor_parallel_config=object()), "tensor parallelism"),
+                          (object(), "parallelism")):
+        model._parallel_config = config
+        try:
+            with pytest.raises(RuntimeError, match=f"does not support diffusers {words} "):
+                sparsectx.enable(model, budget=0.5, selector=random_selector)
+        finally:
+            model._parallel_config = None
 
 
 # ----------------------------------------------------------------------------------------------------------------

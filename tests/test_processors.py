@@ -1278,6 +1278,19 @@ def test_random_drop_selector_without_a_generator_follows_the_drop_ins_seed():
     assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
 
 
+def test_qwen_rope_of_real_angles_is_refused():
+    """Newer diffusers hands Qwen-Image's RoPE real angles on devices without complex dtypes (with its own rotation
+    for them): sparsectx's processor applied the complex rotation to them, off by up to 7.9, without an error."""
+    out = torch.randn(1, 3, 2, 8)
+    angles = torch.rand(3, 4)
+    with pytest.raises(RuntimeError, match="RoPE frequencies reached sparsectx's processor as torch.float32"):
+        processors._qwen_norm_rope(out, None, angles)
+    freqs = torch.polar(torch.ones(3, 4), angles)
+    from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+
+    assert torch.equal(processors._qwen_norm_rope(out, None, freqs), apply_rotary_emb_qwen(out, freqs, use_real=False))
+
+
 def test_a_budget_with_a_random_drop_selector_is_refused():
     """enable's default budget (0.25) with a random drop selector kept 25% at every forward, its masks padded with
     evenly spread tokens: the random ratios were thrown away without a word. A budget with it is refused, at enable,

@@ -549,6 +549,36 @@ def test_budget_result_feeds_compact_tokens():
     assert torch.equal(packed.tensors[0], latents[result.keep])
 
 
+def test_a_floor_above_a_cap_of_the_same_kind_is_refused():
+    """adaptive(floor=0.5, cap=0.1) kept the cap's count without a word (the README says "between floor and cap")."""
+    for floor, cap in ((0.5, 0.1), (5, 3), ([0.1, 0.6], [0.5, 0.5]), ([4, 1], 2)):
+        with pytest.raises(ValueError, match=r"floor .* is above cap .*: the cap would win"):
+            adaptive(0.9, floor=floor, cap=cap)
+        with pytest.raises(ValueError, match=r"floor .* is above cap .*: the cap would win"):
+            adaptive_budget(torch.rand(1, 8), 0.9, floor, cap, [4, 4])
+    latents, ctx = _full_context(2, 2)
+    scores = torch.rand(2, sum(ctx.ref_lengths), generator=torch.Generator().manual_seed(0))
+    for floor, cap in ((0.5, 2), (3, 0.1), (0.1, 0.5), (2, 2)):  # a ratio meets a count: the cap wins, documented
+        counts = adaptive(0.0, floor=floor, cap=cap)(scores, ctx.ref_lengths).counts
+        for i, n in enumerate(ctx.ref_lengths):
+            as_count = [c if isinstance(c, int) else math.floor(c * n + 0.5) for c in (floor, cap)]
+            assert counts[:, i].tolist() == [min(as_count)] * 2, (floor, cap)
+
+
+def test_select_warns_about_a_user_mask_its_selector_does_not_read():
+    """enable warns about a user_mask the chosen selector does not read (e.g. "uniform" where "edit" was meant);
+    select did not."""
+    latents, ctx = _full_context(1, 2)
+    for name in ("uniform", "random", "subject", "attention"):
+        with pytest.warns(UserWarning, match=rf"selector '{name}' does not read the signals \['user_mask'\]"):
+            sparsectx.select(latents, ctx, name, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparsectx.select(latents, ctx, "edit", 0.5)
+        del ctx.extra["user_mask"]
+        sparsectx.select(latents, ctx, "uniform", 0.5)
+
+
 def _coverage_needed(mass):
     """Smallest count of top-mass tokens whose mass reaches each coverage: brute force over prefixes."""
     ordered = torch.sort(mass, descending=True).values.double()
@@ -655,6 +685,9 @@ def test_float64_scores_are_ranked_in_float64():
     assert expected[:, 1].all()
     assert torch.equal(fixed_count(1)(scores, [4]).keep, expected)
     assert torch.equal(adaptive_budget(scores[:1], 0.01, floor=1, cap=1).keep, expected[:1])
+    # images of different lengths take another ranking path: in float64 there too
+    uneven = torch.tensor([[1.0, 1.0 + 1e-12, 0.0, 5.0, 4.0]], dtype=torch.float64)
+    assert fixed_count(1)(uneven, [3, 2]).keep.tolist() == [[False, True, False, True, False]]
 
 
 def test_ratio_settings_round_half_up_like_fixed_ratio():
@@ -924,7 +957,8 @@ def test_adaptive_budget_on_a_keep_mask_covers_the_marked_tokens_only(mass):
     assert counts(adaptive(coverage=0.9, mass=mass)) == [3, 0]
     assert counts(adaptive(coverage=0.5, mass=mass)) == [2, 0]
     assert counts(adaptive(coverage=0.9, floor=2, mass=mass)) == [3, 2]
-    assert counts(adaptive(coverage=0.9, floor=4, cap=2, mass=mass)) == [2, 2]  # cap wins over floor
+    # cap wins over floor (a ratio's 4 tokens against a count; of one kind, a floor above the cap is refused)
+    assert counts(adaptive(coverage=0.9, floor=0.4, cap=2, mass=mass)) == [2, 2]
 
 
 def test_fixed_count_refuses_numpy_floats_and_strings():

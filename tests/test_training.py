@@ -125,20 +125,51 @@ def test_bad_mask_arguments(kwargs, error):
 @pytest.mark.parametrize("kwargs, error, name", [
     (dict(ratio_range=(0.5, 0.2)), ValueError, "ratio_range"), (dict(ratios=[0.5, 1.5]), ValueError, "ratios"),
     (dict(ratios="0.5"), ValueError, "ratios"), (dict(generator="seed"), TypeError, "generator"),
-    (dict(per_image=1), TypeError, "per_image")])
+    (dict(per_image=1), TypeError, "per_image"),
+    # ratios replace the range: a range given with them was ignored silently
+    (dict(ratio_range=(0.9, 1.0), ratios=[0.1]), ValueError, r"ratio_range \(0.9, 1.0\) and ratios \[0.1\]")])
 def test_bad_random_drop_selector_arguments(kwargs, error, name):
     with pytest.raises(error, match=name):
         random_drop_selector(**kwargs)
+
+
+def test_ratios_with_a_range_other_than_the_default_are_refused_everywhere():
+    """random_drop_mask / random_drop_attention / random_drop_selector drew from ``ratios`` and ignored the range."""
+    with pytest.raises(ValueError, match="ratios replace the range"):
+        random_drop_mask(2, [4], 1, (0.9, 1.0), ratios=[0.5])
+    q = torch.randn(1, 5, 1, 8)
+    with pytest.raises(ValueError, match="ratios replace the range"):
+        random_drop_attention(q, q, q, [4], 1, (0.9, 1.0), ratios=[0.5])
+    # the default range, given or not, goes with ratios: every draw is one of them
+    for args in ((), ((0.05, 1.0),)):
+        mask = random_drop_mask(64, [4], 0, *args, generator=torch.Generator().manual_seed(0), ratios=[0.5])
+        assert bool((mask.sum(1) == 2).all())
+
+
+def test_a_seed_fixes_the_mask_whatever_the_default_dtype():
+    """The mask's noise followed torch's default dtype: under set_default_dtype(float64) one seed drew other
+    tokens (the same counts)."""
+    expected = random_drop_mask(3, [40, 24], 5, (0.2, 0.8), torch.Generator().manual_seed(4))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = random_drop_mask(3, [40, 24], 5, (0.2, 0.8), torch.Generator().manual_seed(4))
+    finally:
+        torch.set_default_dtype(previous)
+    assert torch.equal(got, expected)
 
 
 def test_numpy_numbers_count_as_python_numbers():
     """Sizes and ratios given as numpy numbers (e.g. read from a config array) give the mask of the Python numbers
     they hold (before: ValueError), as the ops' numpy budgets do; bools stay refused."""
     np = pytest.importorskip("numpy")
-    want = random_drop_mask(4, [20, 12, 9], 7, (0.25, 0.75), torch.Generator().manual_seed(9), ratios=[0.5, 1.0])
+    want = random_drop_mask(4, [20, 12, 9], 7, (0.25, 0.75), torch.Generator().manual_seed(9))
     got = random_drop_mask(np.int64(4), [np.int64(20), np.int32(12), 9], np.int64(7),
-                           (np.float32(0.25), np.float64(0.75)), torch.Generator().manual_seed(9),
-                           ratios=[np.float64(0.5), np.float32(1.0)])
+                           (np.float32(0.25), np.float64(0.75)), torch.Generator().manual_seed(9))
+    assert torch.equal(got, want)
+    want = random_drop_mask(4, [20, 12, 9], 7, generator=torch.Generator().manual_seed(9), ratios=[0.5, 1.0])
+    got = random_drop_mask(np.int64(4), [np.int64(20), np.int32(12), 9], np.int64(7),
+                           generator=torch.Generator().manual_seed(9), ratios=[np.float64(0.5), np.float32(1.0)])
     assert torch.equal(got, want)
     # a narrow numpy float counts as the decimal written, as the ops' budgets read it (before: np.float32(0.45) is
     # 0.44999998..., which keeps 4 of 10 tokens where 0.45 keeps 5)
