@@ -18,8 +18,9 @@ Five kernels, each one concept (the plain-torch specification is in ``sparsectx/
   launched before), ranks its block's tokens with a local prefix scan, and writes each kept token's position at
   its packed row; it also writes ``cu_seqlens`` and zero-fills index rows past the kept total.
 - ``_gather_rows_kernel`` (grid: packed-row blocks x feature blocks): copies the kept rows of up to
-  ``PAYLOADS_PER_LAUNCH`` payloads ``[B, N, C]`` into their packed ``[rows, C]`` outputs; rows past the kept total
-  are zero-filled (or, when the caller never reads them, not written).
+  ``PAYLOADS_PER_LAUNCH`` payloads ``[B, N, C]`` into their packed ``[rows, C]`` outputs, each in a column tile of
+  its own width (position ids beside hidden states take few registers); rows past the kept total are zero-filled
+  (or, when the caller never reads them, not written).
 - ``_scatter_rows_kernel`` (same grid): the inverse, writes packed rows (or zeros) to ``out[b, index]``.
 
 The row kernels only load and store payload values (never compute on them), so every dtype is copied bit-exactly,
@@ -394,13 +395,18 @@ def _sample_of_rows(cu_seqlens_ptr, rows, n_samples, B_PAD: tl.constexpr):
 
 
 @triton.jit
-def _copy_kept_rows(src_ptr, dst_ptr, width, stride_b, stride_n, sample, pos, rows, kept, written, cols):
-    """dst[rows, cols] = src[sample, pos, cols] for the kept rows, 0 for the other ``written`` rows."""
-    col_ok = cols < width
-    src_row = sample.to(tl.int64) * stride_b + pos.to(tl.int64) * stride_n
-    values = tl.load(src_ptr + src_row[:, None] + cols[None, :], mask=kept[:, None] & col_ok[None, :], other=0)
-    dst_row = rows.to(tl.int64) * width
-    tl.store(dst_ptr + dst_row[:, None] + cols[None, :], values, mask=written[:, None] & col_ok[None, :])
+def _copy_kept_rows(src_ptr, dst_ptr, width, stride_b, stride_n, sample, pos, rows, kept, written,
+                    BLOCK_C: tl.constexpr):
+    """dst[rows, cols] = src[sample, pos, cols] for the kept rows, 0 for the other ``written`` rows, over this
+    column program's tile of the payload's own width ``BLOCK_C`` (a narrow payload, e.g. 4 id columns beside 3072
+    hidden ones, copies with its first column programs only, in a tile of its size)."""
+    if tl.program_id(1) * BLOCK_C < width:
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_ok = cols < width
+        src_row = sample.to(tl.int64) * stride_b + pos.to(tl.int64) * stride_n
+        values = tl.load(src_ptr + src_row[:, None] + cols[None, :], mask=kept[:, None] & col_ok[None, :], other=0)
+        dst_row = rows.to(tl.int64) * width
+        tl.store(dst_ptr + dst_row[:, None] + cols[None, :], values, mask=written[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -409,24 +415,23 @@ def _gather_rows_kernel(
     src0, dst0, width0, stride_b0, stride_n0,
     src1, dst1, width1, stride_b1, stride_n1,
     src2, dst2, width2, stride_b2, stride_n2,
-    NUM_PAYLOADS: tl.constexpr, B_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-    ZERO_PADDING: tl.constexpr,
+    NUM_PAYLOADS: tl.constexpr, B_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C0: tl.constexpr,
+    BLOCK_C1: tl.constexpr, BLOCK_C2: tl.constexpr, ZERO_PADDING: tl.constexpr,
 ):
-    """Packed rows [pid_r * BLOCK_R, +BLOCK_R) x columns [pid_c * BLOCK_C, +BLOCK_C) of every payload; rows past
-    the kept total are zeros (ZERO_PADDING) or left as they are."""
+    """Packed rows [pid_r * BLOCK_R, +BLOCK_R) x columns [pid_c * BLOCK_Ci, +BLOCK_Ci) of every payload i; rows
+    past the kept total are zeros (ZERO_PADDING) or left as they are."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     in_output = rows < n_rows
     sample, kept = _sample_of_rows(cu_seqlens_ptr, rows, n_samples, B_PAD)
     written = in_output if ZERO_PADDING else kept & in_output
     kept = kept & in_output
     pos = tl.load(index_ptr + rows, mask=kept, other=0)
     kept = kept & (pos >= 0) & (pos < n_tokens)  # a malformed index (scatter's backward) reads nothing: zeros
-    _copy_kept_rows(src0, dst0, width0, stride_b0, stride_n0, sample, pos, rows, kept, written, cols)
+    _copy_kept_rows(src0, dst0, width0, stride_b0, stride_n0, sample, pos, rows, kept, written, BLOCK_C0)
     if NUM_PAYLOADS > 1:
-        _copy_kept_rows(src1, dst1, width1, stride_b1, stride_n1, sample, pos, rows, kept, written, cols)
+        _copy_kept_rows(src1, dst1, width1, stride_b1, stride_n1, sample, pos, rows, kept, written, BLOCK_C1)
     if NUM_PAYLOADS > 2:
-        _copy_kept_rows(src2, dst2, width2, stride_b2, stride_n2, sample, pos, rows, kept, written, cols)
+        _copy_kept_rows(src2, dst2, width2, stride_b2, stride_n2, sample, pos, rows, kept, written, BLOCK_C2)
 
 
 @triton.jit
@@ -609,15 +614,18 @@ def gather_rows(
         max_width = max(src.shape[2] for src, _ in group)
         if max_width == 0:
             continue
-        block_r, block_c, num_warps = _copy_config(max_width)
-        args = []
+        block_r, _, num_warps = _copy_config(max_width)
+        args, block_cs = [], []
         for src, dst in group + [group[0]] * (PAYLOADS_PER_LAUNCH - len(group)):  # unused slots repeat the first
             args += [src, dst, src.shape[2], src.stride(0), src.stride(1)]
-        grid = (cdiv(n_rows, block_r), cdiv(max_width, block_c))
+            block_cs.append(_copy_config(src.shape[2])[1])  # each payload's own column tile
+        # column programs: as many as the payload needing the most (the widest) has tiles
+        grid = (cdiv(n_rows, block_r), max(cdiv(src.shape[2], block_c) for (src, _), block_c in zip(group, block_cs)))
         _gather_rows_kernel[grid](
             index, cu_seqlens, batch, n_rows, payloads[0].shape[1], *args,
-            NUM_PAYLOADS=len(group), B_PAD=next_power_of_2(max(batch, 1)),
-            BLOCK_R=block_r, BLOCK_C=block_c, ZERO_PADDING=zero_padding, num_warps=num_warps, **COMPILE_OPTIONS,
+            NUM_PAYLOADS=len(group), B_PAD=next_power_of_2(max(batch, 1)), BLOCK_R=block_r,
+            BLOCK_C0=block_cs[0], BLOCK_C1=block_cs[1], BLOCK_C2=block_cs[2], ZERO_PADDING=zero_padding,
+            num_warps=num_warps, **COMPILE_OPTIONS,
         )
     return outputs
 
