@@ -22,6 +22,7 @@ mode it was imported in, whatever the variable says later; dispatch asks the ker
 import functools
 import inspect
 import os
+import sys
 import threading
 from typing import Optional
 
@@ -105,15 +106,20 @@ _FALSE_WORDS = ("0", "false", "no", "off", "n")
 
 def interpreter_requested() -> bool:
     """Whether the environment asks for Triton's CPU interpreter now (``TRITON_INTERPRET`` read as Triton reads it:
-    ``1``, ``true``, ``yes``, ``on`` or ``y``, in any case)."""
+    ``1``, ``true``, ``yes``, ``on`` or ``y``, in any case; by Triton's own reader once Triton is imported, as
+    releases differ on surrounding spaces)."""
+    triton = sys.modules.get("triton")
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
     return os.environ.get("TRITON_INTERPRET", "").lower() in _TRUE_WORDS
 
 
 def autotune_all_configs() -> bool:
-    """Whether the attention kernels' autotuner measures all its candidates (``SPARSECTX_AUTOTUNE`` unset or true,
-    the default) or keeps only the first (``SPARSECTX_AUTOTUNE=0``, or another false word). Any other value is
+    """Whether the attention kernels' autotuner measures all its candidates (``SPARSECTX_AUTOTUNE`` unset, empty or
+    true, the default) or keeps only the first (``SPARSECTX_AUTOTUNE=0``, or another false word). Any other value is
     refused: a misspelt setting would otherwise tune (or not) silently."""
-    value = os.environ.get("SPARSECTX_AUTOTUNE", "1")
+    value = os.environ.get("SPARSECTX_AUTOTUNE") or "1"  # (set empty: as unset)
     if value.lower() in _TRUE_WORDS:
         return True
     if value.lower() in _FALSE_WORDS:

@@ -500,7 +500,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"sparsectx compile-check: error: --json {args.json!r} is a folder or in a folder that does not "
               "exist; give a file path", file=sys.stderr)
         return 2
-    if interpreter_requested() or args.first_config == autotune_all_configs():
+    try:
+        other_candidates = args.first_config == autotune_all_configs()
+    except ValueError:  # (a value the kernels refuse: the child gets this command's own)
+        other_candidates = True
+    if interpreter_requested() or other_candidates:
         # the kernel modules fix their mode and candidates at import: a fresh process without the interpreter
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["SPARSECTX_AUTOTUNE"] = "0" if args.first_config else "1"

@@ -506,10 +506,14 @@ def _check_settings_for(selector, budget, signals: dict, warned: Optional[set] =
               f"(the selectors that read them: {readers})", UserWarning)
 
 
-def _warn_ids_grid(family: str, signals: dict, warned: Optional[set] = None) -> None:
-    """FLUX.1 / FLUX.2 give the selectors each reference's grid in their ids: a ``ref_shapes`` signal (the grid of
-    a model without ids, Qwen-Image) is not read there; warned (once per patch, with ``warned``)."""
-    if family in (FLUX, FLUX2) and "ref_shapes" in signals and (warned is None or "ref_shapes" not in warned):
+def _warn_ids_grid(family: str, selector, signals: dict, warned: Optional[set] = None) -> None:
+    """FLUX.1 / FLUX.2 give the built-in selectors each reference's grid in their ids: a ``ref_shapes`` signal (the
+    grid of a model without ids, Qwen-Image) is not read there; warned (once per patch, with ``warned``). A user's
+    selector may read it: not warned."""
+    from .selection import is_builtin_selector  # deferred: only enable() needs it
+
+    if family in (FLUX, FLUX2) and "ref_shapes" in signals and is_builtin_selector(selector) \
+            and (warned is None or "ref_shapes" not in warned):
         if warned is not None:
             warned.add("ref_shapes")
         _warn("signals['ref_shapes'] is unused on FLUX.1 / FLUX.2: the selectors read each reference's grid from "
@@ -1631,7 +1635,8 @@ class _SparsePatch(ForwardPatch):
             _check_settings_for(overrides.get("selector", self.settings.selector),
                                 overrides.get("budget", self.settings.budget),
                                 overrides.get("signals", self.settings.signals), self.warned_unread)
-            _warn_ids_grid(self.family, overrides.get("signals", {}), self.warned_unread)
+            _warn_ids_grid(self.family, overrides.get("selector", self.settings.selector), overrides.get("signals", {}),
+                           self.warned_unread)
         except (TypeError, ValueError) as error:  # (the same message as enable's, saying where the value came from)
             raise (TypeError if isinstance(error, TypeError) else ValueError)(f"{where}: {error}") from None
         return overrides
@@ -2017,12 +2022,19 @@ def _pipeline_attn_kwarg(base: type, family: str) -> str:
     """The keyword through which a pipeline class hands attention kwargs to its transformer: the one its
     ``__call__`` names, or (a modular pipeline, whose ``__call__`` takes ``**kwargs`` for its blocks' inputs) the
     transformer's own, which diffusers' modular denoise blocks take under the transformer's name."""
-    try:
-        names = inspect.signature(base.__call__).parameters
-    except (TypeError, ValueError):
-        names = {}
-    named = [name for name in _ATTN_KWARGS_NAMES if name in names]
-    return named[0] if len(named) == 1 else _ATTN_KWARGS_ARG[family]
+    for cls in base.__mro__:  # (a subclass's __call__ that hands **kwargs on to its base's: the base's keyword)
+        if "__call__" not in cls.__dict__:
+            continue
+        try:
+            parameters = inspect.signature(cls.__dict__["__call__"]).parameters
+        except (TypeError, ValueError):
+            break
+        named = [name for name in _ATTN_KWARGS_NAMES if name in parameters]
+        if len(named) == 1:
+            return named[0]
+        if named or not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            break
+    return _ATTN_KWARGS_ARG[family]
 
 
 def _pipeline_class(base: type) -> type:
@@ -2145,9 +2157,11 @@ def check_diffusers_version() -> None:
 @functools.lru_cache(maxsize=None)
 def _warn_untested_diffusers(version: str) -> None:
     _warn(f"diffusers {version} is newer than the releases sparsectx was tested with "
-          f"({'.'.join(map(str, MIN_DIFFUSERS))} to {'.'.join(map(str, MAX_TESTED_DIFFUSERS))}.x): its processors and "
-          "RoPE copy follow those releases' code (the RoPE copy is checked against the module, the processors are "
-          "not). Check once that enable(pipe, budget=1.0) gives the unpatched pipeline's output", UserWarning)
+          f"({'.'.join(map(str, MIN_DIFFUSERS))} to {'.'.join(map(str, MAX_TESTED_DIFFUSERS))}.x): sparsectx's "
+          "attention processors, attention probe and token removal follow those releases' code (its FLUX RoPE copy "
+          "is checked against the module; the rest is not). Check once that enable(pipe, budget=1.0, "
+          "attention='sparsectx') gives the unpatched pipeline's output within rounding, or run sparsectx's test "
+          "suite with this release", UserWarning)
 
 
 def _split_target(pipe_or_transformer):
@@ -2207,7 +2221,7 @@ def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Call
         raise TypeError("sparsectx does not support Qwen-Image-Layered (a transformer with use_layer3d_rope): its "
                         "image sequence holds several target layers, not target + references")
     settings = _make_settings(budget, selector, seed, signals)
-    _warn_ids_grid(family, settings.signals)
+    _warn_ids_grid(family, settings.selector, settings.signals)
     _check_attention(attention)
     if getattr(transformer, "_parallel_config", None) is not None:
         raise RuntimeError(f"sparsectx's drop-in does not support diffusers {_parallelism(transformer)} (the "

@@ -467,8 +467,8 @@ def _tables_match(pos_embed) -> bool:
         n_axes = len(pos_embed.axes_dim)
         # positions as the pipelines make them (whole numbers, references on their own planes) and a few others
         ids = torch.tensor([[0, 0, 0, 0], [1, 2, 3, 1], [10, 7, 5, 0], [0, 63, 127, 2], [3, 0.5, 1e3, 0]],
-                           dtype=torch.float32)[:, :n_axes] if n_axes <= 4 else torch.arange(
-            5.0 * n_axes).reshape(5, n_axes)
+                           dtype=torch.float32, device="cpu")[:, :n_axes] if n_axes <= 4 else torch.arange(
+            5.0 * n_axes, device="cpu").reshape(5, n_axes)  # (on the CPU whatever torch's default device)
         with torch.inference_mode(False), torch.no_grad():
             try:
                 expected, got = forward(pos_embed, ids), flux_rope_tables(pos_embed, ids)

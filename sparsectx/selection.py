@@ -960,6 +960,12 @@ _BUILTIN_READS = {get_selector(name): frozenset(reads) for name, reads in (
                    "attention_probe")))}
 
 
+def is_builtin_selector(selector: Selector) -> bool:
+    """Whether ``selector`` is one of the built-in selectors (``random``, ``uniform``, ``edit``, ``subject``,
+    ``attention``), whose reads of the signals are known."""
+    return selector in _BUILTIN_READS
+
+
 def unread_signals(selector: Selector, names) -> tuple[list, list]:
     """``(unread, readers)``: the names among ``names`` that ``selector``, a built-in, does not read (sorted; [] for
     any other selector), and the built-in selectors that read at least one of them."""
@@ -1514,7 +1520,7 @@ def _check_floor_below_cap(floor, cap) -> None:
         return  # (refused where the budget meets the images: a list per image of another length)
     for f, c in zip(floors * (len(caps) if len(floors) == 1 else 1), caps * (len(floors) if len(caps) == 1 else 1)):
         if not all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in (f, c)):
-            return  # (tensors and per-request lists: checked where they meet the batch, if at all)
+            continue  # (tensors and per-request lists: the cap wins where they meet the batch)
         if isinstance(f, numbers.Integral) == isinstance(c, numbers.Integral) and f > c:
             raise ValueError(f"floor {floor!r} is above cap {cap!r}: the cap would win (both "
                              f"{'counts' if isinstance(f, numbers.Integral) else 'ratios'})")

@@ -44,6 +44,12 @@ def test_the_interpreter_flag_is_read_as_triton_reads_it(monkeypatch):
     for value in ("1", "true", "TRUE", "Yes", "on", "y", "0", "false", "no", "2", "", " 1"):
         monkeypatch.setenv("TRITON_INTERPRET", value)
         assert ops.interpreter_enabled() == triton.knobs.runtime.interpret, value
+    # before Triton is imported (import sparsectx does not import it): the same words, read by sparsectx
+    with monkeypatch.context() as before_triton:
+        before_triton.delitem(sys.modules, "triton")
+        for value in ("1", "true", "TRUE", "Yes", "on", "y", "0", "false", "no", "2", ""):
+            monkeypatch.setenv("TRITON_INTERPRET", value)
+            assert ops.interpreter_enabled() == triton.knobs.runtime.interpret, value
     monkeypatch.setenv("TRITON_INTERPRET", "true")
     assert ops.backend_for("cpu", torch.float32) == (ops.TRITON_INTERPRETER if ops._kernels_built_as(True)
                                                      else ops.TORCH_REFERENCE)
@@ -60,7 +66,9 @@ def test_a_misspelt_autotune_setting_is_refused(monkeypatch):
         assert autotune_all_configs() is expected, value
     monkeypatch.delenv("SPARSECTX_AUTOTUNE")
     assert autotune_all_configs() is True
-    for value in ("", "2", "fast"):
+    monkeypatch.setenv("SPARSECTX_AUTOTUNE", "")  # (set empty: as unset)
+    assert autotune_all_configs() is True
+    for value in ("2", "fast", " 0"):
         monkeypatch.setenv("SPARSECTX_AUTOTUNE", value)
         with pytest.raises(ValueError, match="SPARSECTX_AUTOTUNE="):
             autotune_all_configs()

@@ -1297,6 +1297,16 @@ def test_ref_shapes_on_a_model_with_reference_ids_is_warned_about(models):
     for shapes in ([(3, 3), (2, 4)], [(7, 7)]):
         with pytest.warns(UserWarning, match=r"signals\['ref_shapes'\] is unused on FLUX.1 / FLUX.2"):
             sparsectx.enable(model, budget=4, selector="uniform", signals={"ref_shapes": shapes})
+    # a selector of the user's may read it: not warned
+    from sparsectx.selection import Selector
+
+    reads_ref_shapes = Selector(lambda latents, context: torch.zeros(latents.shape[:2]), "reads_ref_shapes",
+                                signals=frozenset({"ref_shapes"}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparsectx.enable(model, budget=4, selector=reads_ref_shapes, signals={"ref_shapes": [(7, 7)]})
+        sparsectx.enable(model, budget=4, selector=lambda latents, context: torch.zeros(latents.shape[:2]),
+                         signals={"ref_shapes": [(7, 7)]})
     sparsectx.enable(model, budget=4, selector="uniform")
     try:
         step = {**kwargs, "joint_attention_kwargs": {"sparsectx": {"signals": {"ref_shapes": [(7, 7)]}}}}

@@ -11,6 +11,7 @@ from diffusers.models.attention_dispatch import AttentionBackendName, _Attention
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as qwen_edit_plus  # noqa: E402
 
 import sparsectx  # noqa: E402
+from sparsectx import integration  # noqa: E402
 
 HEADS, HEAD_DIM = 2, 16
 TEXT_TOKENS, TEXT_DIM, POOLED_DIM = 6, 32, 16
@@ -809,6 +810,20 @@ def test_modular_pipelines_take_per_call_settings_under_the_transformers_keyword
         assert seen == []  # refused before the pipeline's own work
     finally:
         sparsectx.disable(pipe)
+
+
+def test_a_pipeline_subclass_handing_kwargs_on_takes_its_bases_keyword():
+    """A subclass whose __call__ takes **kwargs and calls its base's: the base's keyword (FLUX.2's attention_kwargs),
+    not the transformer's, which such a __call__ does not name."""
+    class MyKlein(diffusers.Flux2KleinPipeline):
+        def __call__(self, *args, **kwargs):
+            return super().__call__(*args, **kwargs)
+
+    assert integration._pipeline_attn_kwarg(MyKlein, integration.FLUX2) == "attention_kwargs"
+    assert integration._pipeline_attn_kwarg(diffusers.FluxKontextPipeline, integration.FLUX) == "joint_attention_kwargs"
+    modular = pytest.importorskip("diffusers.modular_pipelines")
+    assert integration._pipeline_attn_kwarg(modular.ModularPipeline, integration.FLUX2) == "joint_attention_kwargs"
+    assert integration._pipeline_attn_kwarg(modular.ModularPipeline, integration.QWEN) == "attention_kwargs"
 
 
 @pytest.mark.parametrize("blocks_name", MODULAR_BLOCKS)

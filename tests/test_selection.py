@@ -551,7 +551,7 @@ def test_budget_result_feeds_compact_tokens():
 
 def test_a_floor_above_a_cap_of_the_same_kind_is_refused():
     """adaptive(floor=0.5, cap=0.1) kept the cap's count without a word (the README says "between floor and cap")."""
-    for floor, cap in ((0.5, 0.1), (5, 3), ([0.1, 0.6], [0.5, 0.5]), ([4, 1], 2)):
+    for floor, cap in ((0.5, 0.1), (5, 3), ([0.1, 0.6], [0.5, 0.5]), ([4, 1], 2), ([torch.tensor(0.1), 0.9], 0.2)):
         with pytest.raises(ValueError, match=r"floor .* is above cap .*: the cap would win"):
             adaptive(0.9, floor=floor, cap=cap)
         with pytest.raises(ValueError, match=r"floor .* is above cap .*: the cap would win"):
