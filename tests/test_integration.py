@@ -1740,6 +1740,17 @@ def test_a_pos_embed_forward_other_than_the_tested_one_is_kept(family, monkeypat
 
 
 @pytest.mark.parametrize("family", ["flux2", "flux"])
+def test_the_rope_shortcut_check_runs_on_the_cpu_under_a_default_device(family):
+    """The check made its ids on torch's default device: under ``with torch.device("meta")`` it failed, warned that
+    the tables differ and kept the shortcut off for the module (on a GPU default device: device work and a read)."""
+    model = _build_model(family)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.device("meta"):
+            assert processors._tables_match(model.pos_embed)
+
+
+@pytest.mark.parametrize("family", ["flux2", "flux"])
 def test_torch_func_grad_runs_through_an_enabled_flux_model(family):
     """torch.func.grad over an enabled FLUX model (every token kept) raised from the drop-in's RoPE tables, which
     refuse torch.func's tensors; the module's own forward serves them now: the gradients of the unpatched model."""
