@@ -87,6 +87,9 @@ PAYLOADS_PER_LAUNCH = 3
 # Row-copy tile: packed rows x (at most) feature columns per program.
 COPY_BLOCK_ROWS = 16
 COPY_MAX_BLOCK_COLS = 512
+# the narrowest column tile (a bool payload of width 1 beside others: Triton 3.9 put 8 B of a 16 x 1 tile on the
+# stack, a spill the compile check refuses)
+COPY_MIN_BLOCK_COLS = 16
 # The row kernels find each row's sample in a [COPY_BLOCK_ROWS, samples] block, at most Triton's 2**20 elements:
 # sparsectx.ops refuses batches above MAX_COMPACT_SAMPLES (65536) before any launch.
 assert COPY_BLOCK_ROWS * 65536 <= 1 << 20, "ops.MAX_COMPACT_SAMPLES samples must fit in one row-kernel block"
@@ -482,7 +485,7 @@ def _compact_config(n_tokens: int) -> tuple[int, int]:
 
 def _copy_config(max_width: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_C, num_warps) of the row kernels."""
-    block_c = min(next_power_of_2(max(max_width, 1)), COPY_MAX_BLOCK_COLS)
+    block_c = min(max(next_power_of_2(max(max_width, 1)), COPY_MIN_BLOCK_COLS), COPY_MAX_BLOCK_COLS)
     return COPY_BLOCK_ROWS, block_c, 4
 
 
@@ -607,23 +610,31 @@ def gather_rows(
     if n_rows == 0 or not payloads:
         return outputs
     for first in range(0, len(payloads), PAYLOADS_PER_LAUNCH):
-        # outputs are fresh contiguous [n_rows, ...] tensors: only their base pointer is passed
-        group = [(_as_rows(p), _loadable(o))
-                 for p, o in zip(payloads[first:first + PAYLOADS_PER_LAUNCH],
-                                 outputs[first:first + PAYLOADS_PER_LAUNCH])]
-        max_width = max(src.shape[2] for src, _ in group)
+        # outputs are fresh contiguous [n_rows, ...] tensors: only their base pointer is passed. Each payload's
+        # arguments and column tile are found once (one strides() call: a stride(i) call costs about a us of host
+        # time); unused slots repeat the first payload's
+        slots, block_cs, max_width, col_programs = [], [], 0, 0
+        for p, o in zip(payloads[first:first + PAYLOADS_PER_LAUNCH], outputs[first:first + PAYLOADS_PER_LAUNCH]):
+            src = _as_rows(p)
+            width = src.shape[2]
+            stride_b, stride_n, _ = src.stride()
+            block_c = _copy_config(width)[1]  # each payload's own column tile
+            slots.append((src, _loadable(o), width, stride_b, stride_n))
+            block_cs.append(block_c)
+            max_width = max(max_width, width)
+            col_programs = max(col_programs, cdiv(width, block_c))
         if max_width == 0:
             continue
+        num_payloads = len(slots)
+        slots += [slots[0]] * (PAYLOADS_PER_LAUNCH - num_payloads)
+        block_cs += [block_cs[0]] * (PAYLOADS_PER_LAUNCH - num_payloads)
         block_r, _, num_warps = _copy_config(max_width)
-        args, block_cs = [], []
-        for src, dst in group + [group[0]] * (PAYLOADS_PER_LAUNCH - len(group)):  # unused slots repeat the first
-            args += [src, dst, src.shape[2], src.stride(0), src.stride(1)]
-            block_cs.append(_copy_config(src.shape[2])[1])  # each payload's own column tile
+        args = [value for slot in slots for value in slot]
         # column programs: as many as the payload needing the most (the widest) has tiles
-        grid = (cdiv(n_rows, block_r), max(cdiv(src.shape[2], block_c) for (src, _), block_c in zip(group, block_cs)))
+        grid = (cdiv(n_rows, block_r), col_programs)
         _gather_rows_kernel[grid](
             index, cu_seqlens, batch, n_rows, payloads[0].shape[1], *args,
-            NUM_PAYLOADS=len(group), B_PAD=next_power_of_2(max(batch, 1)), BLOCK_R=block_r,
+            NUM_PAYLOADS=num_payloads, B_PAD=next_power_of_2(max(batch, 1)), BLOCK_R=block_r,
             BLOCK_C0=block_cs[0], BLOCK_C1=block_cs[1], BLOCK_C2=block_cs[2], ZERO_PADDING=zero_padding,
             num_warps=num_warps, **COMPILE_OPTIONS,
         )

@@ -1147,6 +1147,8 @@ def _check_budget(budget, batch: int, n_tokens: int) -> list[int]:
         values = list(budget)
     elif type(budget) is int and 0 <= budget <= n_tokens:  # the common case, without the general checks below
         return [budget] * batch
+    elif type(budget) is float and 0.0 <= budget <= 1.0:  # likewise, a ratio (NaN fails the range)
+        return reference.budget_to_counts(budget, batch, n_tokens)
     else:
         values = [budget] * batch
     values = [budget_number(b) for b in values]
