@@ -4,6 +4,7 @@ reference plane 1), Qwen-Image (QwenImageTransformer2DModel, RoPE from img_shape
 import functools
 import gc
 import os
+import re
 import threading
 import warnings
 import weakref
@@ -1156,6 +1157,30 @@ def test_unsupported_class_names_supported_ones():
     for bad in (object(), torch.nn.Linear(2, 2)):
         with pytest.raises(TypeError, match="Flux2KleinPipeline.*QwenImageTransformer2DModel"):
             sparsectx.enable(bad)
+
+
+@pytest.mark.parametrize("family", ["flux2", "flux", "qwen"])
+def test_forward_arguments_bind_as_signature_bind_does(family):
+    """The drop-in binds each forward's keywords without Signature.bind (host time per forward): the same names, in
+    the signature's order, the same objects, and the same TypeErrors for an unknown or a missing argument."""
+    model, kwargs = _build_model(family), _inputs(family, batch=1)
+    kind = {"flux2": integration.FLUX2, "flux": integration.FLUX, "qwen": integration.QWEN}[family]
+    patch = integration._SparsePatch(model, kind, integration._make_settings(0.25, "random", 0))
+    cases = [kwargs, dict(reversed(list(kwargs.items()))), {k: v for k, v in kwargs.items() if k != "return_dict"},
+             {**kwargs, "bogus": 1}, {k: v for k, v in kwargs.items() if k != "hidden_states"}, {}]
+    for call in cases:
+        try:
+            expected = list(patch.signature.bind(**call).arguments.items())
+        except TypeError as error:
+            with pytest.raises(TypeError, match=re.escape(str(error))):
+                patch.bind((), call)
+            continue
+        got = list(patch.bind((), call).items())
+        assert [name for name, _ in got] == [name for name, _ in expected]
+        assert all(a is b for (_, a), (_, b) in zip(got, expected, strict=True))
+    positional = (kwargs["hidden_states"],)
+    rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+    assert list(patch.bind(positional, rest)) == list(patch.signature.bind(*positional, **rest).arguments)
 
 
 @pytest.mark.parametrize("old", ["0.38.0", "0.35.2", "0.9.1"])
