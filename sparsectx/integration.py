@@ -75,8 +75,8 @@ expected to be slower at both ends; it would only pay if the selection changed f
 not here. It exists at the processor level for comparison (a layer cache's ``kept_index``, read by the sparsectx KV
 processors; ``sparsectx bench --case kv`` measures both).
 
-Not supported (clear errors): context parallelism (``_parallel_config``), ControlNet residuals, and in the KV
-extract step, samples of one batch keeping different tokens.
+Not supported (clear errors): context and tensor parallelism (``_parallel_config``), ControlNet residuals, and in
+the KV extract step, samples of one batch keeping different tokens.
 """
 from __future__ import annotations
 
@@ -1102,6 +1102,13 @@ class ForwardPatch:
         self.accelerate_unwrapped = transformer.__dict__.get("_original_forward")
         # the model's own signature, even when forward is already wrapped (offload hooks take *args, **kwargs)
         self.signature = inspect.signature(functools.partial(type(transformer).forward, transformer))
+        # (the patched forward calls the model's by keyword: a parameter that takes positions only can not be passed)
+        by_position = [p.name for p in self.signature.parameters.values()
+                       if p.kind in (p.VAR_POSITIONAL, p.POSITIONAL_ONLY)]
+        if by_position:
+            raise TypeError(f"{type(transformer).__name__}.forward takes {by_position} by position only: sparsectx "
+                            "passes the forward's arguments by name (diffusers' transformers take every argument "
+                            "by name)")
         # the modules whose blocks diffusers may run through a gradient-checkpointing function
         self.checkpointing_modules = [m for m in transformer.modules() if hasattr(m, "gradient_checkpointing")]
         # held by each forward, and by an enabled pipeline's whole call: the patch's per-call state (plans, the call's
@@ -1134,13 +1141,17 @@ class ForwardPatch:
 
     def bind(self, args, kwargs) -> dict:
         """The call's arguments by name (the model's own parameter names)."""
-        if not args:  # (the pipelines' calls: keywords only) what Signature.bind gives, without its 10 us of host work
+        if not args:  # (the pipelines' calls: keywords only) what Signature.bind gives, about 5 us of host time less
             fast = self._keyword_binding()
             if fast is not None:
                 names, required = fast
                 if kwargs.keys() <= names.keys() and required <= kwargs.keys():
                     return {name: kwargs[name] for name in names if name in kwargs}  # (parameter order, as bind)
-        return dict(self.signature.bind(*args, **kwargs).arguments)
+        bound = dict(self.signature.bind(*args, **kwargs).arguments)
+        for parameter in self.signature.parameters.values():  # (a forward's **kwargs: its entries by their names)
+            if parameter.kind is parameter.VAR_KEYWORD and parameter.name in bound:
+                bound.update(bound.pop(parameter.name))
+        return bound
 
     def _keyword_binding(self):
         """``(names, required)`` of a signature whose parameters all take keywords (no ``*args``, ``**kwargs`` or
@@ -1655,7 +1666,9 @@ class _SparsePatch(ForwardPatch):
             _check_settings_for(overrides.get("selector", self.settings.selector),
                                 overrides.get("budget", self.settings.budget),
                                 overrides.get("signals", self.settings.signals), self.warned_unread)
-            _warn_ids_grid(self.family, overrides.get("selector", self.settings.selector), overrides.get("signals", {}),
+            # (enable's signals, once a per-call selector reads them)
+            _warn_ids_grid(self.family, overrides.get("selector", self.settings.selector),
+                           overrides.get("signals", self.settings.signals if "selector" in overrides else {}),
                            self.warned_unread)
         except (TypeError, ValueError) as error:  # (the same message as enable's, saying where the value came from)
             raise (TypeError if isinstance(error, TypeError) else ValueError)(f"{where}: {error}") from None

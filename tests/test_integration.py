@@ -1183,6 +1183,40 @@ def test_forward_arguments_bind_as_signature_bind_does(family):
     assert list(patch.bind(positional, rest)) == list(patch.signature.bind(*positional, **rest).arguments)
 
 
+def test_a_forward_taking_kwargs_runs_and_one_taking_positions_only_is_refused():
+    """A transformer subclass whose forward takes **kwargs failed at its first enabled forward (its keywords were
+    handed on nested under "kwargs"); one whose forward takes *args can not be called by keyword: refused at enable."""
+    import diffusers
+
+    class KeywordsFlux(diffusers.FluxTransformer2DModel):
+        def forward(self, hidden_states, **kwargs):
+            return super().forward(hidden_states, **kwargs)
+
+    class PositionsFlux(diffusers.FluxTransformer2DModel):
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    base, kwargs = _build_model("flux"), _inputs("flux", batch=1)
+    model = KeywordsFlux.from_config(base.config).eval()
+    model.load_state_dict(base.state_dict())
+    seen = []
+    model.x_embedder.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    with torch.no_grad():
+        expected = model(**kwargs)[0]
+        sparsectx.enable(model, budget=1.0)
+        assert torch.equal(model(**kwargs)[0], expected)
+        sparsectx.enable(model, budget=0.5, selector="uniform")
+        try:
+            model(**kwargs)
+        finally:
+            sparsectx.disable(model)
+    assert seen[-1] < seen[0]  # the kept reference tokens only
+    positions = PositionsFlux.from_config(base.config)
+    with pytest.raises(TypeError, match=r"PositionsFlux.forward takes \['args'\] by position only"):
+        sparsectx.enable(positions, budget=0.5)
+    assert not integration.is_enabled(positions)
+
+
 @pytest.mark.parametrize("old", ["0.38.0", "0.35.2", "0.9.1"])
 def test_older_diffusers_is_refused_by_name(models, monkeypatch, old):
     """A diffusers installed below setup.py's floor (e.g. with --no-deps) gets a clear error before anything
@@ -1340,6 +1374,13 @@ def test_ref_shapes_on_a_model_with_reference_ids_is_warned_about(models):
         with warnings.catch_warnings():  # once per enabled transformer
             warnings.simplefilter("error")
             _run(model, step)
+    finally:
+        sparsectx.disable(model)
+    # enable's ref_shapes, given for a user's selector, warned about once a call switches to a built-in
+    sparsectx.enable(model, budget=4, selector=reads_ref_shapes, signals={"ref_shapes": [(7, 7)]})
+    try:
+        with pytest.warns(UserWarning, match=r"signals\['ref_shapes'\] is unused"):
+            _run(model, {**kwargs, "joint_attention_kwargs": {"sparsectx": {"selector": "uniform"}}})
     finally:
         sparsectx.disable(model)
 
