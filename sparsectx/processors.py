@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import weakref
 from dataclasses import dataclass
 from typing import Optional
@@ -925,8 +926,22 @@ def install_processors(transformer: torch.nn.Module, state: AttentionState) -> d
     for name, module in modules:
         original = _diffusers_processor(module.processor)
         originals[name] = original
+        _warn_new_parameters(type(original))
         module.set_processor(PROCESSOR_MAP[type(original)](state, original=original))
     return originals
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_new_parameters(diffusers_class: type) -> None:
+    """Warns (once per class) when diffusers' processor takes call parameters its sparsectx replacement does not:
+    diffusers hands a processor only the keyword arguments its ``__call__`` names, so a call passing one of them
+    would lose it (a diffusers release newer than those tested)."""
+    ours = inspect.signature(PROCESSOR_MAP[diffusers_class].__call__).parameters
+    missing = [name for name in inspect.signature(diffusers_class.__call__).parameters if name not in ours]
+    if missing:
+        _warn(f"diffusers' {diffusers_class.__name__}.__call__ takes {missing}, which sparsectx's "
+              f"{PROCESSOR_MAP[diffusers_class].__name__} does not: a call passing them loses them (a diffusers "
+              "release newer than those sparsectx was tested with)", RuntimeWarning)
 
 
 def _diffusers_processor(processor):

@@ -1278,6 +1278,33 @@ def test_random_drop_selector_without_a_generator_follows_the_drop_ins_seed():
     assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
 
 
+def test_a_diffusers_processor_taking_a_parameter_ours_lacks_is_warned_about(models, monkeypatch):
+    """diffusers hands a processor only the keyword arguments its __call__ names: a newer diffusers processor taking a
+    parameter sparsectx's replacement does not would lose it in calls that pass it, without a word."""
+    from diffusers.models.transformers.transformer_flux2 import Flux2AttnProcessor
+
+    original = Flux2AttnProcessor.__call__
+
+    def newer(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+              new_option=None):
+        return original(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+    processors._warn_new_parameters.cache_clear()
+    monkeypatch.setattr(Flux2AttnProcessor, "__call__", newer)
+    try:
+        with pytest.warns(RuntimeWarning, match=r"Flux2AttnProcessor.__call__ takes \['new_option'\], which "
+                                                r"sparsectx's SparsectxFlux2AttnProcessor does not"):
+            sparsectx.enable(models["flux2"], budget=0.5, attention="sparsectx")
+    finally:
+        sparsectx.disable(models["flux2"])
+        processors._warn_new_parameters.cache_clear()
+    monkeypatch.setattr(Flux2AttnProcessor, "__call__", original)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparsectx.enable(models["flux2"], budget=0.5, attention="sparsectx")
+    sparsectx.disable(models["flux2"])
+
+
 def test_qwen_rope_of_real_angles_is_refused():
     """Newer diffusers hands Qwen-Image's RoPE real angles on devices without complex dtypes (with its own rotation
     for them): sparsectx's processor applied the complex rotation to them, off by up to 7.9, without an error."""
