@@ -139,6 +139,9 @@ _BATCH_ARGS = {
            "img_shapes", "additional_t_cond"),
 }
 _IDS_ARGS = ("img_ids", "txt_ids")  # batched only when 3-D ([B, S, n_axes])
+# per family: the forward arguments the layout is read from (a forward without them can not be patched)
+_LAYOUT_ARGS = {FLUX2: ("hidden_states", "img_ids"), FLUX: ("hidden_states", "img_ids"),
+                QWEN: ("hidden_states", "img_shapes")}
 _ATTN_KWARGS_ARG = {FLUX2: "joint_attention_kwargs", FLUX: "joint_attention_kwargs", QWEN: "attention_kwargs"}
 # the pipelines' keyword that reaches it (FLUX.2's pipelines take attention_kwargs; their modular blocks, as every
 # pipeline whose __call__ takes **kwargs, the transformer's keyword), for messages about a bare transformer's call
@@ -1108,7 +1111,15 @@ class ForwardPatch:
         if by_position:
             raise TypeError(f"{type(transformer).__name__}.forward takes {by_position} by position only: sparsectx "
                             "passes the forward's arguments by name (diffusers' transformers take every argument "
-                            "by name)")
+                            "by name; a decorator of forward keeps its signature with functools.wraps)")
+        # the arguments sparsectx reads the layout from, by diffusers' names (a subclass renaming one would run
+        # every token, or fail at its first forward)
+        names = self.signature.parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in names.values()):
+            missing = [name for name in _LAYOUT_ARGS[family] if name not in names]
+            if missing:
+                raise TypeError(f"{type(transformer).__name__}.forward takes no {missing}: sparsectx reads the "
+                                "sequence's layout from diffusers' argument names")
         # the modules whose blocks diffusers may run through a gradient-checkpointing function
         self.checkpointing_modules = [m for m in transformer.modules() if hasattr(m, "gradient_checkpointing")]
         # held by each forward, and by an enabled pipeline's whole call: the patch's per-call state (plans, the call's
@@ -1988,10 +1999,16 @@ def _uniform_over_batch(call: dict) -> torch.Tensor:
 
 
 def _sample_of(result) -> torch.Tensor:
+    """The output tensor of a forward's result: a tuple's first, a diffusers output's ``sample``, or (a subclass
+    returning it bare) the tensor itself."""
+    if isinstance(result, torch.Tensor):
+        return result
     return result[0] if isinstance(result, tuple) else result.sample
 
 
 def _with_sample(result, sample: torch.Tensor):
+    if isinstance(result, torch.Tensor):
+        return sample
     if isinstance(result, tuple):
         return (sample, *result[1:])
     result.sample = sample

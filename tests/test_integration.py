@@ -1183,6 +1183,41 @@ def test_forward_arguments_bind_as_signature_bind_does(family):
     assert list(patch.bind(positional, rest)) == list(patch.signature.bind(*positional, **rest).arguments)
 
 
+def test_subclass_forwards_returning_a_bare_tensor_or_renaming_the_layout_arguments():
+    """A forward returning the output tensor itself failed at every forward that dropped tokens ('Tensor' object
+    has no attribute 'sample'); one taking img_ids under another name ran every token, or trained without drops,
+    without a word: refused at enable and enable_drop_training."""
+    import diffusers
+
+    class BareFlux2(diffusers.Flux2Transformer2DModel):
+        def forward(self, **kwargs):
+            return super().forward(**{**kwargs, "return_dict": False})[0]
+
+    class RenamedFlux2(diffusers.Flux2Transformer2DModel):
+        def forward(self, hidden_states, encoder_hidden_states=None, timestep=None, image_ids=None, txt_ids=None,
+                    guidance=None, joint_attention_kwargs=None, return_dict=True):
+            return super().forward(hidden_states, encoder_hidden_states, timestep, image_ids, txt_ids, guidance,
+                                   joint_attention_kwargs, return_dict)
+
+    base, kwargs = _build_model("flux2"), _inputs("flux2")
+    bare = BareFlux2.from_config(base.config).eval()
+    bare.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        for model in (base, bare):
+            sparsectx.enable(model, budget=0.5, selector="uniform")
+        try:
+            assert torch.equal(bare(**kwargs), base(**kwargs)[0])
+        finally:
+            sparsectx.disable(base)
+            sparsectx.disable(bare)
+    renamed = RenamedFlux2.from_config(base.config)
+    with pytest.raises(TypeError, match=r"RenamedFlux2.forward takes no \['img_ids'\]"):
+        sparsectx.enable(renamed, budget=0.5)
+    with pytest.raises(TypeError, match=r"RenamedFlux2.forward takes no \['img_ids'\]"):
+        sparsectx.enable_drop_training(renamed)
+    assert not integration.is_enabled(renamed) and not sparsectx.is_drop_training_enabled(renamed)
+
+
 def test_a_forward_taking_kwargs_runs_and_one_taking_positions_only_is_refused():
     """A transformer subclass whose forward takes **kwargs failed at its first enabled forward (its keywords were
     handed on nested under "kwargs"); one whose forward takes *args can not be called by keyword: refused at enable."""
