@@ -813,6 +813,8 @@ def test_budget_settings_checked_when_built():
 
 def test_bad_budgets():
     scores = torch.randn(2, 8)
+    with pytest.raises(ValueError, match=r"ref_lengths must be a non-empty list of positive ints, got \[0, 8\]"):
+        fixed_ratio(0.5)(scores, [0, 8])  # (an image of no tokens: a surviving mutant accepted it)
     with pytest.raises(ValueError, match="ratio"):
         fixed_ratio(1.5)
     with pytest.raises(ValueError, match="count"):

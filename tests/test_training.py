@@ -247,6 +247,14 @@ def test_an_empty_batch_gets_an_empty_mask_and_output():
     assert q.grad.shape == q.shape
 
 
+def test_a_keep_mask_on_another_device_is_refused_by_its_name():
+    """(a surviving mutant dropped the device clause: the mask was then refused by masked_attention, naming its
+    key_mask, an argument the caller never passed)"""
+    q = torch.randn(1, 10, 1, 16)
+    with pytest.raises(ValueError, match=r"keep_mask must be a bool \[B=1, S=10\] tensor on cpu, got .* on meta"):
+        random_drop_attention(q, q, q, [6], n_prefix=4, keep_mask=torch.ones(1, 10, dtype=torch.bool, device="meta"))
+
+
 def test_bad_attention_arguments():
     q, k, v = _qkv(1, 10)
     with pytest.raises(ValueError, match="sequence length"):
