@@ -271,9 +271,8 @@ def _autocast_off(t: torch.Tensor):
     """A context with ``torch.autocast`` off for ``t``'s device type where it is on (else a no-op context): the
     reference paths compute in fp32 as the kernels accumulate, also when called inside autocast (a direct call of
     a registered op, a backward run inside the autocast block)."""
-    device_type = t.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
+    if _autocast_dtype(t) is not None:
+        return torch.autocast(t.device.type, enabled=False)
     return contextlib.nullcontext()
 
 
