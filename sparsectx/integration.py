@@ -944,6 +944,16 @@ def _patched_forward(attr: str, model_forward: Callable, owner: torch.nn.Module)
     return forward
 
 
+def _diffusers_forward_args(cls: type) -> Optional[frozenset]:
+    """The forward parameters of the diffusers class that ``cls`` is or derives from (None when ``cls`` is that
+    class: its calls hold no other argument)."""
+    base = next((c for c in cls.__mro__ if c.__name__ in SUPPORTED_TRANSFORMERS
+                 and c.__module__.startswith("diffusers.")), None)
+    if base is cls or base is None:
+        return None
+    return frozenset(inspect.signature(base.forward).parameters)
+
+
 def _call_ignoring_module(function: Callable, module, *args, **kwargs):
     return function(*args, **kwargs)
 
@@ -1120,6 +1130,9 @@ class ForwardPatch:
             if missing:
                 raise TypeError(f"{type(transformer).__name__}.forward takes no {missing}: sparsectx reads the "
                                 "sequence's layout from diffusers' argument names")
+        # a subclass's own arguments (not the diffusers class's): per-sample ones are sliced with the samples when
+        # they run as groups (_slice_batch), and keep the batch from running as one packed sequence
+        self.diffusers_args = _diffusers_forward_args(type(transformer))
         # the modules whose blocks diffusers may run through a gradient-checkpointing function
         self.checkpointing_modules = [m for m in transformer.modules() if hasattr(m, "gradient_checkpointing")]
         # held by each forward, and by an enabled pipeline's whole call: the patch's per-call state (plans, the call's
@@ -1163,6 +1176,11 @@ class ForwardPatch:
             if parameter.kind is parameter.VAR_KEYWORD and parameter.name in bound:
                 bound.update(bound.pop(parameter.name))
         return bound
+
+    def extra_args(self, call: dict) -> list:
+        """The names in the bound ``call`` that the diffusers class's forward does not take (a subclass's own)."""
+        known = self.diffusers_args
+        return [] if known is None else [name for name in call if name not in known]
 
     def _keyword_binding(self):
         """``(names, required)`` of a signature whose parameters all take keywords (no ``*args``, ``**kwargs`` or
@@ -1427,13 +1445,19 @@ class _SparsePatch(ForwardPatch):
                 return self.original_forward(**call)
         # a packed sequence needs sparsectx's processors in every layer (other processors would attend across the
         # samples): processors set since are replaced first (a walk over the modules), else each group runs alone
-        if packable and self._reinstall_replaced_processors():
+        if packable and not self._per_sample_extras(call) and self._reinstall_replaced_processors():
             return self._run_packed(call, plan.packing)
         if len(plan.groups) > 1 and not plan.hooks_checked:  # (a walk over the modules: once per plan)
             _check_no_stateful_hooks(self.transformer, len(plan.groups))
             plan.hooks_checked = True
         results = [self._run_group(call, group) for group in plan.groups]
         return self._merge(call, plan, results)
+
+    def _per_sample_extras(self, call: dict) -> bool:
+        """Whether a subclass's own argument holds per-sample tensors (a leading dim of the batch): one packed
+        sequence can not carry them, so the groups run one after the other, each with its samples' rows."""
+        batch = call["hidden_states"].shape[0]
+        return any(_per_sample(call[name], batch) for name in self.extra_args(call))
 
     @contextlib.contextmanager
     def _attention_unchanged(self, attention: str):
@@ -1959,6 +1983,8 @@ class _SparsePatch(ForwardPatch):
         attn_name = _ATTN_KWARGS_ARG[self.family]
         if call.get(attn_name):  # per-sample tensors there too (e.g. FLUX.1's ip_adapter_image_embeds); a new dict
             group[attn_name] = {key: _sample_rows(value, samples, batch) for key, value in call[attn_name].items()}
+        for name in self.extra_args(call):  # a subclass's own arguments: their per-sample tensors
+            group[name] = _sample_rows(call[name], samples, batch)
         return group
 
     # -- outputs back to the input's layout ----------------------------------------------------------------------
@@ -1978,12 +2004,23 @@ class _SparsePatch(ForwardPatch):
         return _with_sample(first, full)
 
 
+def _per_sample(value, batch: int) -> bool:
+    """Whether ``value`` is a per-sample tensor (leading dim = the batch) or a list/tuple holding one."""
+    if isinstance(value, torch.Tensor):
+        return bool(value.ndim) and value.shape[0] == batch
+    return _tensor_sequence(value) and any(_per_sample(v, batch) for v in value)
+
+
+def _tensor_sequence(value) -> bool:
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, torch.Tensor) for v in value)
+
+
 def _sample_rows(value, samples: torch.Tensor, batch: int):
     """``value``'s rows ``samples`` when it is a per-sample tensor (leading dim = the batch) or a list/tuple of them,
     else ``value`` unchanged."""
     if isinstance(value, torch.Tensor):
-        return value.index_select(0, samples.to(value.device)) if value.ndim and value.shape[0] == batch else value
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return value.index_select(0, samples.to(value.device)) if _per_sample(value, batch) else value
+    if _tensor_sequence(value):
         return type(value)(_sample_rows(v, samples, batch) for v in value)
     return value
 

@@ -1218,6 +1218,47 @@ def test_subclass_forwards_returning_a_bare_tensor_or_renaming_the_layout_argume
     assert not integration.is_enabled(renamed) and not sparsectx.is_drop_training_enabled(renamed)
 
 
+@pytest.mark.parametrize("family", ["flux2", "qwen"])
+@pytest.mark.parametrize("by_keyword", [False, True])
+def test_a_subclass_argument_per_sample_follows_its_sample_when_samples_keep_different_tokens(family, by_keyword):
+    """A subclass's own per-sample argument (here a bias ``[B, 1, C]``, in its signature or through ``**kwargs``):
+    samples keeping different tokens run as groups, or FLUX.2 as one packed sequence, and the argument kept the
+    whole batch (a size mismatch inside the model). Its rows now follow their samples (no packing then): each
+    sample's output equals that sample run alone."""
+    import diffusers
+
+    base_class = {"flux2": diffusers.Flux2Transformer2DModel, "qwen": diffusers.QwenImageTransformer2DModel}[family]
+    if by_keyword:
+        class Biased(base_class):
+            def forward(self, hidden_states, **kwargs):
+                return super().forward(hidden_states + kwargs.pop("bias"), **kwargs)
+    else:
+        class Biased(base_class):
+            def forward(self, hidden_states, bias=None, **kwargs):
+                return super().forward(hidden_states + bias, **kwargs)
+
+    base = _build_model(family)
+    model = Biased.from_config(base.config).eval()
+    model.load_state_dict(base.state_dict())
+    kwargs = _inputs(family, batch=2)
+    kwargs["bias"] = torch.randn(2, 1, kwargs["hidden_states"].shape[-1], generator=torch.Generator().manual_seed(3))
+    budgets = [[0.25], [0.75]]
+    attention = "sparsectx" if family == "flux2" else "native"  # FLUX.2 with sparsectx's attention: packed before
+    try:
+        sparsectx.enable(model, budget=budgets, selector=norm_selector, attention=attention)
+        together = _run(model, kwargs)
+        for b, budget in enumerate(budgets):
+            alone = {k: (v[b:b + 1] if isinstance(v, (torch.Tensor, list)) and len(v) == 2 and k != "txt_ids"
+                         else v) for k, v in kwargs.items()}
+            if "txt_ids" in kwargs:
+                alone["txt_ids"] = kwargs["txt_ids"][b:b + 1] if kwargs["txt_ids"].ndim == 3 else kwargs["txt_ids"]
+            sparsectx.enable(model, budget=budget, selector=norm_selector, attention=attention)
+            torch.testing.assert_close(together[b:b + 1, :_n_target()], _run(model, alone)[:, :_n_target()],
+                                       rtol=0, atol=FP32_ATOL)
+    finally:
+        sparsectx.disable(model)
+
+
 def test_a_forward_taking_kwargs_runs_and_one_taking_positions_only_is_refused():
     """A transformer subclass whose forward takes **kwargs failed at its first enabled forward (its keywords were
     handed on nested under "kwargs"); one whose forward takes *args can not be called by keyword: refused at enable."""
