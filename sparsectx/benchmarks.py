@@ -1223,7 +1223,11 @@ class EndToEndCase:
         "tiny": dict(target_side=8, text=16, ref_side=8, refs=(1, 3), keeps=(0.25, 0.05), quick=[(1, 0.25)],
                      breakdown=[(3, 0.05)], quick_breakdown=[(3, 0.05)], reps=None),
     }
-    BREAKDOWN_PASSES = 2  # A B A B: the breakdown's implementations are timed twice, alternating
+    BREAKDOWN_PASSES = 2  # A B, B A: the breakdown's implementations are timed twice, the second time reversed
+    # the step's rows too: in one pass, the by-hand peer (timed 4th) ran the same kept tokens as the compaction row
+    # (timed 1st) 0-5% slower in every H200 table so far (x1.022 median of 33; the cause, order or the peer's own
+    # inputs, not isolated), as large as issue 5's 3% target; its verdicts take each row's fastest pass
+    PASSES = 2
 
     def configs(self, size: str, quick: bool = False):
         s = self.sizes[size]
@@ -1292,7 +1296,7 @@ class EndToEndCase:
             Impl("no reference (limit)", lambda: step(x["target"], x["target_ids"]), comparable=False,
                  note="lower bound of any selection", shared_key=(self.name, "none")),
         ]
-        return Workload(self.name, shape, impls, dtype, reps=s["reps"], track_memory=True)
+        return Workload(self.name, shape, impls, dtype, reps=s["reps"], track_memory=True, passes=self.PASSES)
 
 
 class KontextEndToEndCase(EndToEndCase):
@@ -1399,7 +1403,8 @@ class QwenEndToEndCase(_RefsKeepCase):
             Impl("no reference (limit)", lambda: step(target, []), comparable=False,
                  note="lower bound of any selection", shared_key=(self.name, "none")),
         ]
-        return Workload(self.name, shape, impls, dtype, reps=s["reps"], track_memory=True)
+        return Workload(self.name, shape, impls, dtype, reps=s["reps"], track_memory=True,
+                        passes=EndToEndCase.PASSES)
 
 
 def _breakdown_impls(model, full_step: Callable[[], Any], full_kwargs: dict, scores: torch.Tensor, count: int,
@@ -1865,8 +1870,9 @@ def _fastest_pass_ms(row: Optional[dict]) -> Optional[float]:
 # case: 4-step run with diffusers' reference KV cache (FLUX.2 klein KV), with and without sparsectx (issue 5)
 # ----------------------------------------------------------------------------------------------------------------
 KV_STEPS = 4  # 1 extract step + 3 cached steps
-# issue 5: sparse + KV 4-step run vs the plain 4-step run, at the (reference count, kept share) it names
-KV_TARGET_SPEEDUP = {(3, "10%"): 4.5, (4, "5%"): 6.0}
+# issue 5: sparse + KV 4-step run vs the plain 4-step run, per reference count (3: 4.5x, 4: 6.0x); the issue names no
+# kept share, so both shares the case measures are judged (its peers' compacted figures, 4.16x / 5.45x, are at 10%)
+KV_TARGET_SPEEDUP = {(refs, share): speedup for refs, speedup in ((3, 4.5), (4, 6.0)) for share in ("10%", "5%")}
 
 
 def _install_kv_processors(model) -> None:
@@ -1891,7 +1897,7 @@ class KVCacheCase(_RefsKeepCase):
                   "KV cache, all reference tokens", "plain run, all references, no cache", "no reference (limit)")
     sizes = {
         "full": dict(target_side=64, text=512, ref_side=64, refs=(3, 4), keeps=(0.10, 0.05),
-                     quick=[(3, 0.10), (4, 0.05)], reps=2),
+                     quick=[(3, 0.10), (4, 0.10)], reps=2),
         "tiny": dict(target_side=8, text=16, ref_side=8, refs=(3, 4), keeps=(0.10, 0.05), quick=[(3, 0.10)],
                      reps=None),
     }
@@ -1998,7 +2004,8 @@ class MixedBatchCase:
     """One klein-9B denoising step for a batch of requests that keep different shares of their reference's tokens
     (one reference each, its own latents): the drop-in as one packed sequence (sparsectx attention), as exact
     groups (one forward per request, sparsectx or native attention), against a loop of per-request steps on
-    references compacted by hand (cuDNN attention) and the dense batch keeping every token."""
+    references compacted by hand and the dense batch keeping every token (the native rows: diffusers' native
+    attention, torch SDPA's default backend choice: FA2 at these shapes, not cuDNN)."""
 
     name = "e2e_batch"
     title = ("one denoising step of a batch of requests keeping different budgets (1 reference each), "
@@ -2086,7 +2093,7 @@ class MixedBatchCase:
         impls = [
             impl(self.impl_names[0], "sparsectx", True, "one forward, samples packed in one sequence, no padding"),
             impl(self.impl_names[1], "sparsectx", False, "one forward per request (exact groups)"),
-            impl(self.impl_names[2], "native", False, "one forward per request (exact groups), cuDNN attention"),
+            impl(self.impl_names[2], "native", False, "one forward per request (exact groups), native attention"),
             Impl(self.impl_names[3], per_request, note="torch top-k + index_select, one step per request"),
             Impl(self.impl_names[4], full_batch, comparable=False, note="100% kept (a different output by design)"),
         ]
@@ -2285,8 +2292,10 @@ def run_workload(workload: Workload, device: torch.device, *, quick: bool = Fals
     """Checks every implementation against sparsectx's result, then times it. Returns one row per implementation
     (plus a bytes-moved floor row when the workload moves data). ``shared`` carries timings between workloads
     and the measured ceilings; ``on_row(rows)`` is called after each row (a run cut short keeps what it had).
-    With ``workload.passes > 1`` every implementation is timed again, in the same order, after the first pass
-    (A B A B); the row keeps the first pass's time and notes the later ones with their ratios."""
+    With ``workload.passes > 1`` every implementation is timed again after the first pass, each later pass in the
+    order opposite to the one before (A B, B A, A B: a drift over the block, e.g. the GPU's clock or heat, weighs
+    on each row alike); the row keeps the first pass's time and notes the later ones with their ratios, and
+    targets judge each row's fastest pass (``_fastest_pass_ms``)."""
     shared = {} if shared is None else shared
     rows: list = []
     timed: list = []  # (impl, row) timed in this workload, for the later passes
@@ -2390,8 +2399,9 @@ def run_workload(workload: Workload, device: torch.device, *, quick: bool = Fals
         rows[0]["ok"] = False
         _append_note(rows[0], f"CHECK FAILED: every compared peer ({len(compared)}) disagrees with this output")
     for number in range(2, workload.passes + 1):
+        order = timed[::-1] if number % 2 == 0 else timed
         times = []
-        for impl, row in timed:
+        for impl, row in order:
             try:
                 with impl.context():
                     times.append(timing(impl, warm=False))
@@ -2399,6 +2409,7 @@ def run_workload(workload: Workload, device: torch.device, *, quick: bool = Fals
                 times.append(None)
                 row["ok"] = False if impl is primary or impl.ours else row["ok"]
                 _append_note(row, f"pass {number}: error {_first_line(exc, 60)}")
+        times = times[::-1] if number % 2 == 0 else times  # (in the rows' order again)
         base = times[0] if timed and timed[0][0] is primary else None
         for (impl, row), t in zip(timed, times):
             if t is not None:
@@ -2638,6 +2649,11 @@ TARGETS = (
            "within 1.3x of the ideal (all queries, inputs requiring grad)"),
     Target(4, "masked", "sparsectx masked_attention (query_mask)", "ideal: sdpa on compacted queries and keys",
            1 / 1.3, "within 1.3x of the ideal (kept queries)"),
+    # the same issue line's "(>= 4x faster than both peers)": within 1.3x of the ideal does not imply it
+    *(Target(4, "masked", ours, peer, 4.0, f">= 4x faster than {peer}{also}")
+      for ours, also in (("sparsectx masked_attention", ""),
+                         ("sparsectx masked_attention (autograd: gathered)", " (inputs requiring grad)"))
+      for peer in ("sdpa bool key mask (cudnn)", "flex_attention mask_mod")),
     Target(3, "compaction", "sparsectx compact_tokens (scores+budget)", "topk+sort+gather", 5.0,
            ">= 5x faster than topk+sort+gather"),
     # the drop-in row is a later step of a call (selection cached, as across a pipeline's steps) while the by-hand
@@ -2774,11 +2790,13 @@ def target_verdicts(rows: list) -> list:
     with a new attention selection (``drop_in_selection_verdicts``)."""
     lines = []
     for target in TARGETS:
+        judged = set()  # the (reference count, kept share) blocks of the case in this run
         for case, shape, block, _unit, _mem in _table_blocks(rows):
             if case != target.case:
                 continue
+            judged.add(_reference_key(shape))
             by_impl = {r["impl"]: r for r in block}
-            times = {impl: r["time_ms"] for impl, r in by_impl.items()}
+            times = {impl: _fastest_pass_ms(r) for impl, r in by_impl.items()}  # (a drift weighs on neither)
             minimum = target.min_ratio
             if isinstance(minimum, dict):  # a goal set for some (reference count, kept share) only
                 minimum = minimum.get(_reference_key(shape))
@@ -2801,7 +2819,13 @@ def target_verdicts(rows: list) -> list:
             else:
                 ratio = peer / ours
                 shown, bound = _distinct(ratio, minimum)
-                lines.append(f"{head} x{shown} (>= {bound}: {'meets' if ratio >= minimum else 'MISSES'})")
+                passes = max(len(by_impl[impl].get("pass_ms") or ()) for impl in (target.ours, target.peer))
+                fastest = f", fastest of {passes} passes each" if passes > 1 else ""
+                lines.append(f"{head} x{shown} (>= {bound}{fastest}: {'meets' if ratio >= minimum else 'MISSES'})")
+        if judged and isinstance(target.min_ratio, dict):  # a shape it names that the case did not run (a quick
+            for refs, share in sorted(set(target.min_ratio) - judged):  # run, or one cut short): said, not silent
+                head = f"issue {target.issue} {target.case:<10} {f'{refs} ref x {share}':<48} {target.goal}:"
+                lines.append(f"{head} not measured (no {target.case} block of {refs} ref x {share} in this run)")
     for target, head, row, failed in _targets_on_rows(TIME_TARGETS, rows):
         ms = row.get(target.field)
         if failed:

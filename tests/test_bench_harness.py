@@ -52,15 +52,35 @@ def test_target_verdicts_judge_each_shape_against_its_goal():
     # gather 1.2 ms vs compacted 1.0 ms: 20% slower, outside the 10% allowed
     assert len(by_goal["gather within 10%"]) == 1 and "MISSES" in by_goal["gather within 10%"][0]
     kv = [line for line in by_goal["sparse + KV"] if "sparsectx attention" not in line]
-    assert len(kv) == 2  # the target depends on the reference count: 4.5 for 3 refs, 6.0 for 4 refs
+    # the target depends on the reference count (4.5 for 3 refs, 6.0 for 4 refs), at either kept share; the shapes
+    # the run lacks are said to be not measured
+    assert len(kv) == 4
     assert "3 ref" in kv[0] and "x4.600 (>= 4.500: meets)" in kv[0]
     assert "4 ref" in kv[1] and "x5.900 (>= 6.000: MISSES)" in kv[1]
+    assert "3 ref x 5%" in kv[2] and "not measured (no kv block of 3 ref x 5% in this run)" in kv[2]
+    assert "4 ref x 10%" in kv[3] and "not measured (no kv block of 4 ref x 10% in this run)" in kv[3]
     # the sparsectx-attention row is judged on its own line; the shape without that row says so
     kv_attn = [line for line in by_goal["sparse + KV"] if "sparsectx attention" in line]
-    assert len(kv_attn) == 2 and "3 ref" in kv_attn[0] and "x5.111 (>= 4.500: meets)" in kv_attn[0]
+    assert len(kv_attn) == 4 and "3 ref" in kv_attn[0] and "x5.111 (>= 4.500: meets)" in kv_attn[0]
     assert "4 ref" in kv_attn[1] and "not measured" in kv_attn[1]
     assert len(by_goal["padded"]) == 1 and "not measured" in by_goal["padded"][0]
-    assert len(lines) == 8  # no line for the targets whose rows the run lacks
+    assert len(lines) == 12  # no line for the targets whose case the run lacks
+
+
+def test_masked_targets_judge_4x_over_both_peers_besides_the_ideal():
+    """Issue 4's dense key-mask line asks for "within 1.3x of the ideal (>= 4x faster than both peers)": the first
+    does not imply the second (x3.80 over cuDNN's boolean mask in the 2026-11-30 H200 run, within 1.3x of the
+    ideal), so each peer is judged, for the plain and the autograd rows."""
+    rows = _block("masked", "S=16896, 5220 keys kept, all queries, H=24, D=128, bfloat16", {
+        "sparsectx masked_attention": 2.0, "sparsectx masked_attention (autograd: gathered)": 2.5,
+        "sdpa bool key mask (cudnn)": 7.9, "flex_attention mask_mod": 8.0, "ideal: sdpa on compacted keys": 1.9})
+    lines = [line for line in benchmarks.target_verdicts(rows) if ">= 4x faster" in line]
+    assert len(lines) == 4, lines
+    cudnn, flex, cudnn_grad, flex_grad = lines
+    assert "than sdpa bool key mask (cudnn):" in cudnn and "x3.950 (>= 4.000: MISSES)" in cudnn
+    assert "than flex_attention mask_mod:" in flex and "x4.000 (>= 4.000: meets)" in flex
+    assert "(inputs requiring grad)" in cudnn_grad and "x3.160 (>= 4.000: MISSES)" in cudnn_grad
+    assert "(inputs requiring grad)" in flex_grad and "x3.200 (>= 4.000: MISSES)" in flex_grad
 
 
 def test_selection_verdict_takes_the_worst_share_probe_included():
@@ -772,9 +792,9 @@ def test_a_selection_row_that_failed_its_check_is_not_the_worst_share():
     assert "meets: worst 0.30%" in line and "1 of 1 rows judged" in line, line
 
 
-def test_kv_target_judges_only_the_shapes_it_names():
-    """The KV speed-up target is set for 3 references at 10% (4.5x) and 4 at 5% (6x) only: a block with another
-    count or share gets no line (4 references at 10% were held to 6x, 3 at 5% to 4.5x)."""
+def test_kv_target_judges_3_and_4_references_at_either_share_and_nothing_else():
+    """The KV speed-up target is set per reference count (3: 4.5x, 4: 6x; the issue names no kept share), so 3 and
+    4 references are judged at 10% and at 5%; a block with another count gets no line."""
     rows = []
     for refs, keep in ((1, "10%"), (2, "10%"), (3, "10%"), (13, "10%"), (3, "5%"), (4, "10%"), (4, "5%")):
         rows += _block("kv", f"{refs} ref x {keep}, target 4096", {
@@ -782,9 +802,10 @@ def test_kv_target_judges_only_the_shapes_it_names():
     lines = [line for line in benchmarks.target_verdicts(rows) if "sparse + KV" in line]
     assert all(line.split()[3:6] in (["3", "ref", "x"], ["4", "ref", "x"]) for line in lines), lines
     lines = [line for line in lines if "sparsectx attention" not in line]  # (that row is not in these blocks)
-    assert [" ".join(line.split()[3:6]) for line in lines] == ["3 ref x", "4 ref x"], lines
-    assert "3 ref x 10%" in lines[0] and ">= 4.500" in lines[0], lines
-    assert "4 ref x 5%" in lines[1] and ">= 6.000" in lines[1], lines
+    assert [" ".join(line.split()[3:7]) for line in lines] == ["3 ref x 10%,", "3 ref x 5%,", "4 ref x 10%,",
+                                                              "4 ref x 5%,"], lines
+    assert all("x5.000 (>= 4.500: meets)" in line for line in lines[:2]), lines
+    assert all("x5.000 (>= 6.000: MISSES)" in line for line in lines[2:]), lines
 
 
 def test_back_to_back_time_target_reads_the_rows_loop_time():
@@ -976,6 +997,32 @@ def test_a_later_pass_notes_each_rows_time_and_its_ratio_to_sparsectxs(monkeypat
     rows = benchmarks.run_workload(_workload(impls, passes=2), torch.device("cpu"), quick=True)
     assert rows[1]["ratio"] == pytest.approx(1.5)
     assert rows[0]["note"].endswith("pass 2: 2 ms x1.00") and rows[1]["note"].endswith("pass 2: 3 ms x1.50")
+
+
+def test_later_passes_alternate_the_order_and_targets_take_each_rows_fastest_pass(monkeypatch):
+    """A second pass runs the rows in the opposite order (A B, B A, A B): a drift over the block weighs on each row
+    alike; the notes keep the rows' order, and a target judges each row's fastest pass."""
+    x = torch.ones(4)
+    ours, peer = (lambda: x), (lambda: x + 0)
+    order, times = [], {ours: [3.0, 2.0, 2.5], peer: [2.0, 2.4, 2.2]}
+    names = {ours: "ours", peer: "peer"}
+
+    def fake_time_ms(fn, device, **kw):
+        order.append(names[fn])
+        return times[fn][sum(name == names[fn] for name in order) - 1]
+
+    monkeypatch.setattr(benchmarks, "time_ms", fake_time_ms)
+    impls = [benchmarks.Impl("sparsectx compact_tokens + step", ours),
+             benchmarks.Impl("torch topk+sort+index_select + step", peer)]
+    workload = benchmarks.Workload("e2e", "3 ref x 5%", impls, torch.float32, exact=True, passes=3)
+    rows = benchmarks.run_workload(workload, torch.device("cpu"), quick=True)
+    assert order == ["ours", "peer", "peer", "ours", "ours", "peer"]
+    assert rows[0]["pass_ms"] == [3.0, 2.0, 2.5] and rows[1]["pass_ms"] == [2.0, 2.4, 2.2]
+    assert "pass 2: 2 ms x1.00" in rows[0]["note"] and "pass 2: 2.4 ms x1.20" in rows[1]["note"]
+    line = next(line for line in benchmarks.target_verdicts(rows)
+                if "within 3% of the compacted ideal" in line and "drop-in" not in line)
+    # first pass: 2.0 / 3.0 = x0.667; fastest passes: 2.0 / 2.0 = x1.000
+    assert "x1.000 (>= 0.971, fastest of 3 passes each: meets)" in line, line
 
 
 def test_tables_show_peak_memory_and_the_byte_rate_of_data_movement():
