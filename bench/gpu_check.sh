@@ -86,10 +86,10 @@ NORM_ROPE_CAP_S=70                     # rms_norm_rope, --quick (5325 image toke
                                        # two torch.compile builds of the diffusers peer; never run on a GPU; and
                                        # rope_tables --quick (2 small tables, no compile: a few seconds)
 TRAINING_CAP_S=50
-E2E_CAP_S=125                          # e2e step (1, 3, 4 refs) and its enable-path breakdown (2 passes)
+E2E_CAP_S=125                          # e2e step (1, 3 refs; 41 s on 2026-11-30) and its breakdown, each 2 passes now
 SELECTION_CAP_S=40                     # selection cost: small tensors, mostly start-up
-# klein 4-step KV-cache runs, --quick: 2 shapes (3 refs x 10%, 4 refs x 5%) x 7 implementations (never run on a
-# GPU: ~25 s of 4-step runs per shape + the 9B model build + sparsectx attention's autotuning)
+# klein 4-step KV-cache runs, --quick: 2 shapes (3 refs x 10%, 4 refs x 10%; 4 x 5% before 2026-12-02) x 7
+# implementations (73 s on 2026-11-30: 4-step runs + the 9B model build + sparsectx attention's autotuning)
 KV_CAP_S=90
 PROFILE_CAP_S=100                      # bench/profile_ops.py: norm_rope (its op through autograd, the tile sweep:
                                        # 16 kernel variants compiled), compaction, masked attention (3 rows), the
