@@ -107,11 +107,18 @@ CASES = {
     # the forward kernel takes its row max before scaling: a negative scale reaches it as -q and |scale|, zero as is
     "negative_scale": ([9, 14], [5, 0], [7, 3], 12, 2, 32, -0.2),
     "zero_scale": ([9, 14], [5, 1], [7, 0], 12, 2, 32, 0.0),
+    "query_length_one": ([1, 3, 1], [1, 0, 2], [1, 4, 0], 5, 2, 64, None),
+    "one_query_one_reference_key": ([1], [0], [1], 1, 1, 128, None),
+    "heads_48": ([3, 2], [2, 1], [2, 3], 4, 48, 16, None),  # the most heads the issue names
+    # lengths drawn at random (seeded): 0 and 1 included by chance or not, block boundaries crossed or not
+    "random_varlen": (*(torch.randint(0, high, (5,), generator=torch.Generator().manual_seed(2026 + i)).tolist()
+                        for i, high in enumerate((40, 20, 21))), 20, 2, 64, None),
 }
 
 
 PACKED_CASES = ("mixed_varlen", "no_own_keys_refs_only", "sample_sees_no_key", "head_dim_not_power_of_two",
-                "lengths_multiple_of_the_block", "lengths_multiple_of_the_block_default_scale", "head_dim_wide")
+                "lengths_multiple_of_the_block", "lengths_multiple_of_the_block_default_scale", "head_dim_wide",
+                "query_length_one", "random_varlen")
 
 
 @pytest.mark.parametrize("dtype", DTYPES_HERE, ids=str)
