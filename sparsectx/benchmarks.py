@@ -3050,6 +3050,8 @@ def format_summary(meta: dict, rows: list, max_picks: int = 16) -> str:
     verdicts = target_verdicts(rows)
     if verdicts:
         scope = "" if meta.get("size") == "full" else "; these are tiny shapes: the targets apply to the full ones"
+        if not meta.get("cuda"):  # the issues judge times on a GPU; a CPU run's ratios are indicative only
+            scope += "; a CPU run: the targets are set for a GPU, absolute times (us) above all"
         lines += [f"--- targets (ratio = peer time / sparsectx time{scope})", *verdicts]
     runs = meta.get("autotune_runs") or [meta.get("autotune") or {}]
     picks = sorted({(kernel, key, config) for run in runs for kernel, info in run.items()

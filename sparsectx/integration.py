@@ -20,7 +20,8 @@ Qwen-Image: ``img_shapes`` lists the references after the target), the wrapper
    shortened to match when ``zero_cond_t``), so dropped tokens leave every block, MLP included;
 3. runs the original forward on the shorter sequence and writes its rows back at their original positions
    (reference rows of the output are zeros: pipelines only read the target rows). When every token is kept, the
-   original forward runs unchanged.
+   original forward runs unchanged (after the layout is read: a Qwen-Image batch whose samples list images of
+   other sizes is refused even then, as at any budget; diffusers runs it on sample 0's RoPE, with a warning).
 
 The selection is computed once per pipeline call and reused at every step (and by the CFG branch), with every
 index derived from it (the plan: layout, keep mask, kept rows, output rows). The first step reads the device

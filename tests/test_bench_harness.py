@@ -126,7 +126,7 @@ def test_summary_lists_untimed_and_failed_peers_and_the_targets():
     rows += [_row("compaction", "B=1, N=12288", "CUDA graph replay", None, ok=None),
              _row("compaction", "B=1, N=12288", "broken peer", None, ok=False)]
     rows[2]["ok"] = False
-    meta = {"device": "NVIDIA H200", "size": "full", "autotune_runs": [
+    meta = {"device": "NVIDIA H200", "cuda": "12.8", "size": "full", "autotune_runs": [
         {"attention_fwd": {"picked": {"D=128": "BLOCK_M: 128"}}}]}
     text = benchmarks.format_summary(meta, rows)
     block_line = next(line for line in text.splitlines() if line.startswith("compaction"))
@@ -137,6 +137,8 @@ def test_summary_lists_untimed_and_failed_peers_and_the_targets():
     assert "tiny shapes" not in text
     assert "autotune attention_fwd D=128: BLOCK_M: 128" in text
     assert "tiny shapes" in benchmarks.format_summary(dict(meta, size="tiny"), rows)
+    assert "a CPU run" not in text  # a CPU run's summary says the targets are a GPU's
+    assert "a CPU run: the targets are set for a GPU" in benchmarks.format_summary(dict(meta, cuda=None), rows)
 
 
 def test_the_run_records_its_host_cpu():

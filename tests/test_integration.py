@@ -31,7 +31,7 @@ FAMILIES = ("flux2", "flux", "qwen")
 # ----------------------------------------------------------------------------------------------------------------
 # tiny models and their inputs
 # ----------------------------------------------------------------------------------------------------------------
-def _build_model(family):
+def _build_model(family, zero_cond_t=True):
     torch.manual_seed(0)
     if family == "flux2":
         return diffusers.Flux2Transformer2DModel(
@@ -45,12 +45,16 @@ def _build_model(family):
             guidance_embeds=False, axes_dims_rope=(4, 6, 6)).eval()
     return diffusers.QwenImageTransformer2DModel(
         patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=HEAD_DIM,
-        num_attention_heads=HEADS, joint_attention_dim=TEXT_DIM, axes_dims_rope=(4, 6, 6), zero_cond_t=True).eval()
+        num_attention_heads=HEADS, joint_attention_dim=TEXT_DIM, axes_dims_rope=(4, 6, 6),
+        zero_cond_t=zero_cond_t).eval()
+
+
+QWEN_PLAIN = "qwen (zero_cond_t off)"  # Qwen-Image-Edit without zero_cond_t: no modulate_index to shorten
 
 
 @pytest.fixture(scope="module")
 def models():
-    return {family: _build_model(family) for family in FAMILIES}
+    return {**{family: _build_model(family) for family in FAMILIES}, QWEN_PLAIN: _build_model("qwen", False)}
 
 
 def _grid_ids(plane, hw, n_axes):
@@ -254,9 +258,9 @@ class _KeyMaskedNative:
         return self.native(query, key, value, attn_mask=key_mask, **kwargs)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + (QWEN_PLAIN,))
 def test_dropping_rows_equals_masking_keys(models, family, monkeypatch):
-    model, kwargs = models[family], _inputs(family)
+    model, kwargs = models[family], _inputs(family.split()[0])
     sparsectx.enable(model, budget=[0.5, 3] if family != "flux" else 0.4, selector=random_selector, seed=0)
     dropped = _run(model, kwargs)
     keep = model._sparsectx_patch.cache.keep
@@ -270,9 +274,9 @@ def test_dropping_rows_equals_masking_keys(models, family, monkeypatch):
     assert torch.count_nonzero(dropped[:, _n_target():]) == 0  # reference rows of the output are zeros
 
 
-@pytest.mark.parametrize("family", ("flux2", "qwen"))
+@pytest.mark.parametrize("family", ("flux2", "qwen", QWEN_PLAIN))
 def test_mixed_budgets_equal_each_sample_alone(models, family):
-    model, kwargs = models[family], _inputs(family, batch=3)
+    model, kwargs = models[family], _inputs(family.split()[0], batch=3)
     budgets = [[0.25], [2, 0.75], [1.0]]
     sparsectx.enable(model, budget=budgets, selector=norm_selector)
     together = _run(model, kwargs)
@@ -2237,6 +2241,34 @@ def test_klein_pipeline_call_with_an_adaptive_budget():
     n_target = (IMAGE_PX // 16) ** 2
     assert seen == [n_target + 1 + 16] * 4  # 2 steps x (cond + uncond); references of 16 and 32 tokens
     assert keep[:16].nonzero().flatten().tolist() == [3] and int(keep[16:].sum()) == 16
+
+
+@pytest.mark.parametrize("pipeline, attention", [("Flux2KleinPipeline", "native"),
+                                                 ("Flux2KleinKVPipeline", "sparsectx")])
+def test_klein_pipelines_keep_all_equals_unpatched_and_disable_is_bit_exact(pipeline, attention):
+    """Issue 5's headline pipelines at the pipeline level (the transformer-level tests cover the identities; the
+    pipeline ones covered Kontext, Qwen, FLUX.2 [dev] and the inpainting variants): every token kept equals the
+    unpatched call (classifier-free guidance, 2 images per prompt, references of two sizes; the KV pipeline's
+    extract and cached steps), a budget changes it, and ``disable`` gives the unpatched call bit for bit."""
+    pipe = _tiny_pipeline(getattr(diffusers, pipeline))
+    embeds = torch.randn(1, TEXT_TOKENS, TEXT_DIM, generator=torch.Generator().manual_seed(3))
+    guidance = {} if "KV" in pipeline else dict(negative_prompt_embeds=torch.zeros_like(embeds), guidance_scale=2.0)
+
+    def call():
+        with torch.no_grad():
+            return pipe(image=_reference_images(), prompt_embeds=embeds, height=IMAGE_PX, width=IMAGE_PX,
+                        num_inference_steps=2, output_type="latent", num_images_per_prompt=2,
+                        generator=torch.Generator().manual_seed(0), **guidance).images
+
+    plain = call()
+    try:
+        sparsectx.enable(pipe, budget=1.0, attention=attention)
+        torch.testing.assert_close(call(), plain, rtol=0, atol=FP32_ATOL)
+        sparsectx.enable(pipe, budget=0.25, attention=attention, seed=0)
+        assert not torch.allclose(call(), plain, rtol=0, atol=FP32_ATOL)
+    finally:
+        sparsectx.disable(pipe)
+    assert torch.equal(call(), plain)
 
 
 def test_klein_kv_pipeline_caches_kept_tokens_only():
