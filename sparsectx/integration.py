@@ -1893,7 +1893,8 @@ class _SparsePatch(ForwardPatch):
         packed_scope = state_scope(self.attention_state, packed=PackedBatch(
             cu_text=torch.arange(0, (batch + 1) * n_text, n_text, dtype=torch.int32, device=hidden.device)
             if n_text else torch.zeros(batch + 1, dtype=torch.int32, device=hidden.device),
-            cu_image=packing.cu_image, n_text=batch * n_text, max_text=n_text, max_image=packing.max_image))
+            cu_image=packing.cu_image, n_text=batch * n_text, max_text=n_text, max_image=packing.max_image,
+            counts=hidden.new_empty((batch * n_text, n_text, packing.max_image, 0))))
         # gradient checkpointing recomputes blocks during backward: they attend within each sample then too
         with packed_scope(), self.checkpointed_in(packed_scope), self._rope_tables(memo):
             result = self.original_forward(**packed)

@@ -106,6 +106,16 @@ class PackedBatch:
     n_text: int  # text tokens of all samples (the joint sequence's first n_text rows)
     max_text: int
     max_image: int
+    # the three counts as the shape of an empty tensor, ``[n_text, max_text, max_image, 0]`` on the device: what a
+    # compiled block reads (dynamo guards a Python int held here as a constant, so each new packing recompiled the
+    # blocks, and fullgraph failed at the recompile limit; a tensor's sizes become symbols after one recompile)
+    counts: Optional[torch.Tensor] = None
+
+    def sizes(self) -> tuple:
+        """``(n_text, max_text, max_image)``: the ints, or, while dynamo traces, the sizes of ``counts``."""
+        if self.counts is not None and torch.compiler.is_compiling():
+            return tuple(self.counts.shape[:3])
+        return self.n_text, self.max_text, self.max_image
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -142,15 +152,13 @@ def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     queries attend to that sample's text keys (own keys) and image keys (packed references), in two launches (text
     queries, image queries) that share the key description. Returns ``[1, L, H, D]``."""
     q, k, v = query[0], key[0], value[0]
-    n_text = packed.n_text
+    n_text, max_text, max_image = packed.sizes()
     # the packing is built where the forward starts; a model split over GPUs runs this block on another one
     cu_text, cu_image = packed.cu_text.to(q.device), packed.cu_image.to(q.device)
-    keys = dict(ref_k=k[n_text:], ref_v=v[n_text:], cu_seqlens_ref=cu_image, max_seqlen_ref=packed.max_image,
+    keys = dict(ref_k=k[n_text:], ref_v=v[n_text:], cu_seqlens_ref=cu_image, max_seqlen_ref=max_image,
                 validate=False)
-    text = sparse_attention(q[:n_text], k[:n_text], v[:n_text], cu_text, cu_text, packed.max_text,
-                            packed.max_text, **keys)
-    image = sparse_attention(q[n_text:], k[:n_text], v[:n_text], cu_image, cu_text, packed.max_image,
-                             packed.max_text, **keys)
+    text = sparse_attention(q[:n_text], k[:n_text], v[:n_text], cu_text, cu_text, max_text, max_text, **keys)
+    image = sparse_attention(q[n_text:], k[:n_text], v[:n_text], cu_image, cu_text, max_image, max_text, **keys)
     return torch.cat([text, image])[None]
 
 

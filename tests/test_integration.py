@@ -1835,6 +1835,36 @@ def test_whole_model_fullgraph_compile_says_to_compile_the_blocks(models):
         torch._dynamo.reset()
 
 
+def test_compiled_blocks_serve_new_packings_without_recompiling_each():
+    """FLUX.2 with sparsectx attention packs samples keeping different tokens into one sequence; compiled blocks
+    (compile_repeated_blocks(fullgraph=True)) read the packing's counts. Held as Python ints, dynamo guarded each as
+    a constant: every new packing recompiled both blocks, and the 9th failed the call (FailOnRecompileLimitHit).
+    Read as tensor sizes, they become symbols after one recompile: 9 packings (8 kept counts, then another batch
+    size) give the eager results, the kept counts past the second without a new frame."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model = _build_model("flux2")
+    cases = [(_inputs("flux2", batch=2, seed=k), [[1], [k]]) for k in range(1, 9)]
+    cases.append((_inputs("flux2", batch=3, seed=9), [[1], [2], [8]]))
+    for kwargs, budget in cases:
+        kwargs["joint_attention_kwargs"] = {"sparsectx": {"budget": budget}}
+    sparsectx.enable(model, budget=0.5, selector=norm_selector, attention="sparsectx")
+    eager = [_run(model, kwargs) for kwargs, _ in cases]
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("eager")
+    try:
+        model.compile_repeated_blocks(fullgraph=True, backend=counter)
+        frames = []
+        for (kwargs, _), expected in zip(cases, eager):
+            torch.testing.assert_close(_run(model, kwargs), expected, rtol=0, atol=FP32_ATOL)
+            frames.append(counter.frame_count)
+        # after the second kept count no batch of 2 compiles a frame (the batch of 3, a new text length, may)
+        assert frames[1:8] == [frames[1]] * 7 and frames[-1] <= 2 * frames[1], frames
+    finally:
+        sparsectx.disable(model)
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_probe_runs_the_first_block_eagerly_under_compiled_blocks(family):
     """compile_repeated_blocks(fullgraph=True) with a probe selector: the probe's stopped forward runs the first
