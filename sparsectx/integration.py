@@ -101,7 +101,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Sequence,
 import torch
 
 from ._warn import warn as _warn
-from .ops import _device_values, _eager_under_compile, budget_number
+from .ops import _device_values, _eager_under_compile, _skip_under_dynamo, budget_number
 
 if TYPE_CHECKING:  # (imported where used: sparsectx.processors imports diffusers' model modules)
     from .processors import RopeTablesMemo
@@ -1299,6 +1299,8 @@ class _SparsePatch(ForwardPatch):
     reads the check that the ids are equal with the keep mask. The later steps reuse the call's plan and read the host
     once (the check that their reference latents and ids equal the plan's)."""
 
+    host_frames_skipped = False  # whether dynamo was told to leave the group loop's frames to the interpreter
+
     def __init__(self, transformer: torch.nn.Module, family: str, settings: _Settings):
         super().__init__(transformer, family)
         self.settings = settings
@@ -1427,6 +1429,14 @@ class _SparsePatch(ForwardPatch):
             raise RuntimeError("torch.compile(transformer, fullgraph=True) can not trace sparsectx's selection and "
                                "compaction (host-side decisions made once per call): compile the blocks instead "
                                "(transformer.compile_repeated_blocks(fullgraph=True)) or compile without fullgraph")
+        if "torch._dynamo" in sys.modules and not _SparsePatch.host_frames_skipped:
+            # a whole-model compile compiled _run_plan's frame (this one falls back to eager), tracing the loop over
+            # the groups: each new composition of a batch (group count, samples per group) recompiled the model, and
+            # past dynamo's limit new ones ran eagerly; each group's forward is compiled on its own now (and the
+            # merge of the groups' rows, a loop over them too, runs as it is)
+            _skip_under_dynamo(_SparsePatch._run_plan)
+            _skip_under_dynamo(_SparsePatch._merge)
+            _SparsePatch.host_frames_skipped = True
         call = self.bind(args, kwargs)
         overrides = self._pop_overrides(call)
         plan, packable = self._plan(call, overrides)

@@ -1502,9 +1502,19 @@ def _eager_under_compile(fn):
             return fn(*args, **kwargs)
         if not disabled:
             disabled.append(torch.compiler.disable(fn))
+            _skip_under_dynamo(call)
         return disabled[0](*args, **kwargs)
 
     return call
+
+
+def _skip_under_dynamo(function) -> None:
+    """Tells dynamo never to compile ``function``'s own frame (the frames it calls still may): a frame of host work
+    that calls a disabled function was otherwise compiled around it, guarded on its arguments, and recompiled at
+    each new value until dynamo's recompile limit, with a warning. Without the (private) hook, nothing changes."""
+    skip_code = getattr(sys.modules.get("torch._dynamo.eval_frame"), "skip_code", None)
+    if skip_code is not None:
+        skip_code(function.__code__)
 
 
 def _eager(*tensors) -> bool:

@@ -1835,6 +1835,44 @@ def test_whole_model_fullgraph_compile_says_to_compile_the_blocks(models):
         torch._dynamo.reset()
 
 
+def test_a_compiled_model_serves_new_compositions_of_groups_without_recompiling_each():
+    """Whole-model torch.compile, requests keeping different tokens (per-request budgets: exact groups): dynamo
+    compiled the frame looping over the groups and guarded the plan's structure (group count, samples per group),
+    so each new composition of a batch recompiled the model and, past the recompile limit (8), ran eagerly; the
+    host-work wrapper of the selection recompiled at each new argument too. Each group's forward is compiled on its
+    own now: 18 batches of 2-4 requests give the eager results with a few frames."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model = _build_model("flux2")
+    sparsectx.enable(model, budget=0.5, selector=norm_selector)
+    requests = [[[1], [2]], [[1], [3]], [[1], [2], [2]], [[1], [1], [2]], [[2], [1], [3]], [[1], [2], [3]],
+                [[1], [2], [2], [2]], [[1], [1], [2], [2]], [[1], [1], [1], [2]], [[2], [2], [3], [3]],
+                [[4], [2]], [[1], [5]], [[3], [3], [1], [1]], [[1], [2], [3], [4]], [[2], [2], [2], [1]],
+                [[5], [1], [1], [1]], [[1], [6], [6]], [[2], [7], [2], [7]]]
+    cases = []
+    for i, budget in enumerate(requests):
+        kwargs = _inputs("flux2", batch=len(budget), seed=i)
+        kwargs["joint_attention_kwargs"] = {"sparsectx": {"budget": budget}}
+        cases.append((kwargs, _run(model, kwargs)))
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(model, backend=counter)
+    try:
+        for kwargs, expected in cases:
+            torch.testing.assert_close(_run(compiled, kwargs), expected, rtol=0, atol=FP32_ATOL)
+        # 3 frames on torch 2.13 (each group's forward; new samples per group made the batch dim dynamic); before,
+        # one whole-model frame per new composition: 7 here, then the recompile limit
+        assert counter.frame_count <= 4, counter.frame_count
+        # neither the loop's frame nor the selection's host-work wrapper (shared by every such function) was compiled
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        for function in (integration._SparsePatch._run_plan, integration._SparsePatch._plan):
+            assert _debug_get_cache_entry_list(function.__code__) == [], function
+    finally:
+        sparsectx.disable(model)
+        torch._dynamo.reset()
+
+
 def test_compiled_blocks_serve_new_packings_without_recompiling_each():
     """FLUX.2 with sparsectx attention packs samples keeping different tokens into one sequence; compiled blocks
     (compile_repeated_blocks(fullgraph=True)) read the packing's counts. Held as Python ints, dynamo guarded each as
