@@ -324,3 +324,28 @@ def test_reads_of_what_sparsectx_ops_compute_from_device_data_are_counted():
         # (the torch reference builds each of the two compactions' index with nonzero: two reads more each)
         mask_reads = 2 if sparsectx.ops.backend_for(q.device, q.dtype) != sparsectx.ops.TORCH_REFERENCE else 6
         assert len(by_op) == (mask_reads if name == "masked_attention" else 0), (name, by_op)
+
+
+def test_bool_index_put_of_a_several_element_host_value_counts_with_device_data():
+    """D02 (diagnostics.py:87 ``value.numel() == 1`` -> ``>= 1``): ATen runs ``index_put_`` with a bool index as
+    masked_fill_ only for a one-element value; a value of several elements (host data here) makes it compact the
+    mask (nonzero: a host read on a GPU). With ``device_data``, the host value must not hide that read."""
+    x = torch.arange(12, dtype=torch.float32).reshape(3, 4) - 5.0  # 6 positives
+    values = torch.zeros(6)  # host data (not in device_data)
+    with count_host_reads(device_data=[x]) as reads:
+        x.clone().index_put_((x > 0,), values)
+    assert reads.count == 1, reads.ops
+
+
+def test_an_asynchronous_upload_from_pinned_memory_is_not_counted_on_the_cpu(monkeypatch):
+    """D03 (diagnostics.py:114 ``return not (non_blocking and ... src.is_pinned())`` -> ``return True``): the only
+    test of the pinned-upload exemption is GPU-marked. Here ``meta`` stands in for the GPU (as in
+    test_copies_across_the_host_boundary_are_counted) and the source reports itself pinned."""
+    x = torch.arange(4, dtype=torch.int32)
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self, *args, **kwargs: True)
+    with count_host_reads() as reads:
+        x.to("meta", non_blocking=True)
+    assert reads.count == 0, reads.ops
+    with count_host_reads() as reads:
+        x.to("meta")  # blocking: still a wait
+    assert reads.count == 1, reads.ops

@@ -2793,3 +2793,207 @@ def test_qwen_samples_with_other_image_sizes_are_refused(models):
     with pytest.raises(ValueError, match=r"img_shapes differ between samples \(sample 1"):
         _run(model, {**kwargs, "img_shapes": swapped})
     _run(model, kwargs)  # the same shapes: runs
+
+
+# mutation round 6: tests for the mutants that survived (each fails on its mutant)
+def test_a_per_request_budget_list_that_does_not_divide_the_batch_is_refused_by_name():
+    """I07 (integration.py:227 ``if batch % len(budget)`` -> ``if batch < len(budget)``): a per-request list of R
+    entries over a batch that R does not divide is a ValueError saying so (the mutant raises IndexError)."""
+    for batch, requests in ((3, 2), (5, 2), (4, 3)):
+        budget = [[0.25]] * requests
+        with pytest.raises(ValueError, match=f"does not divide the batch of {batch}"):
+            integration.budget_counts(budget, batch, [9, 8])
+
+
+def _output_and_grad(model, kwargs, hidden, budget, checkpointed):
+    hidden.grad = None
+    call = {**kwargs, "joint_attention_kwargs": {"sparsectx": {"budget": budget}}}
+
+    def run(h):
+        return model(**{**call, "hidden_states": h})[0]
+
+    out = torch.utils.checkpoint.checkpoint(run, hidden, use_reentrant=False) if checkpointed else run(hidden)
+    out.pow(2).sum().backward()
+    return out.detach(), hidden.grad.clone()
+
+
+def test_an_eval_forward_with_gradients_recomputes_with_its_own_selection_after_another_on_the_same_input():
+    """I26 (integration.py:1633 ``if found is None or training or not found.training`` -> ``if found is None or
+    training``): an eval-mode forward with gradients (checkpointed around the transformer) on an input tensor that
+    an earlier eval forward took, with another per-call budget. Its recomputation must find its own plan key (the
+    latest eval forward replaces the earlier eval one); the mutant kept the first forward's key, and the
+    recomputation ran the first forward's selection (CheckpointError: other shapes)."""
+    kwargs = _inputs("flux2")
+    model = _build_model("flux2").eval()
+    hidden = kwargs["hidden_states"].clone().requires_grad_()
+    sparsectx.enable(model, budget=0.5, selector=random_selector, seed=0)
+    try:
+        _output_and_grad(model, kwargs, hidden, 2, checkpointed=True)  # forward and backward on `hidden`
+        out, grad = _output_and_grad(model, kwargs, hidden, 5, checkpointed=True)  # another budget, same input
+        expected_out, expected_grad = _output_and_grad(model, kwargs, hidden.detach().clone().requires_grad_(), 5,
+                                                       checkpointed=False)
+    finally:
+        sparsectx.disable(model)
+    torch.testing.assert_close(out, expected_out)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_qwen_img_shapes_describing_fewer_tokens_than_hidden_states_are_refused_by_name():
+    """I17 (integration.py:625 ``!= seq`` -> ``> seq``): img_shapes that describe fewer tokens than hidden_states
+    holds are refused with the layout's message before anything runs (the mutant took the extra rows as reference
+    tokens of no image)."""
+    kwargs = _inputs("qwen")
+    model = _build_model("qwen")
+    hidden = kwargs["hidden_states"]
+    kwargs["hidden_states"] = torch.cat([hidden, hidden[:, -4:]], 1)  # 4 rows that img_shapes does not describe
+    sparsectx.enable(model, budget=0.5, selector=norm_selector)
+    try:
+        with pytest.raises(ValueError, match=r"describe \d+ tokens but hidden_states has \d+"):
+            with torch.no_grad():
+                model(**kwargs)
+    finally:
+        sparsectx.disable(model)
+
+
+def test_a_pipeline_call_with_its_transformer_in_train_mode_selects_once():
+    """I27 (integration.py:1642 ``return self.transformer.training and not self.pipeline_calls`` -> without the
+    ``pipeline_calls`` clause): an enabled pipeline's call is not a training loop even when the transformer is left in
+    train mode (a validation call during fine-tuning): its steps reuse the call's one selection (the mutant selected
+    anew at every forward, 4 selections here, each step keeping other tokens)."""
+    pipe = _tiny_pipeline(diffusers.Flux2KleinPipeline)
+    selections, counting = _counting(random_selector)
+    embeds = torch.randn(1, TEXT_TOKENS, TEXT_DIM)
+    call = dict(image=_reference_images(), prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds),
+                guidance_scale=2.0, height=IMAGE_PX, width=IMAGE_PX, num_inference_steps=2,
+                num_images_per_prompt=2, output_type="latent")
+    pipe.transformer.train()
+    sparsectx.enable(pipe, budget=0.25, selector=counting, seed=0)
+    try:
+        pipe(**call)
+    finally:
+        sparsectx.disable(pipe)
+    assert [shape[:2] for shape in selections] == [(1, 48)]  # one selection per pipeline call
+
+
+def test_per_image_seeds_of_another_length_than_the_batch_seed_every_sample_with_the_first():
+    """I30 (integration.py:1750 ``len(seed) == batch`` -> ``len(seed) > 0``): a pipeline call's per-image generator
+    seeds (``patch.call_seed``, set by an enabled pipeline's __call__) of another length than the transformer's batch
+    seed every sample with the first seed, as ``enable``'s docstring says (the mutant handed the selector 3
+    generators for 2 samples: ValueError). White-box: the seeds are set as the pipeline's __call__ sets them."""
+    from sparsectx import integration
+
+    model, kwargs = _build_model("flux2"), _inputs("flux2")
+    sparsectx.enable(model, budget=0.5, selector="random", seed=3)
+    try:
+        with torch.no_grad():
+            model(**kwargs)
+        expected = sparsectx.last_selection(model).keep.clone()
+        sparsectx.enable(model, budget=0.5, selector="random")
+        getattr(model, integration.PATCH_ATTR).call_seed = (3, 4, 5)
+        with torch.no_grad():
+            model(**kwargs)
+        got = sparsectx.last_selection(model).keep
+    finally:
+        sparsectx.disable(model)
+    assert torch.equal(got, expected)
+
+
+def test_per_image_generators_of_one_seed_select_once_for_the_batch():
+    """I38 (integration.py:2068 ``return seeds[0] if len(set(seeds)) == 1 else seeds`` -> ``return seeds``): one
+    generator per image, all of one seed, is the seed of the whole batch: the batch, whose samples share their
+    references, is selected once on its first sample (the mutant ran the selector on every sample, each with its
+    own generator of that seed: the same masks at B times the selection work, a probe on every sample)."""
+    pipe = _tiny_pipeline(diffusers.Flux2KleinPipeline)
+    selections, counting = _counting(random_selector)
+    embeds = torch.randn(1, TEXT_TOKENS, TEXT_DIM)
+    call = dict(image=_reference_images(), prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds),
+                guidance_scale=2.0, height=IMAGE_PX, width=IMAGE_PX, num_inference_steps=2,
+                num_images_per_prompt=2, output_type="latent",
+                generator=[torch.Generator().manual_seed(7) for _ in range(2)])
+    sparsectx.enable(pipe, budget=0.25, selector=counting)
+    try:
+        pipe(**call)
+    finally:
+        sparsectx.disable(pipe)
+    assert [shape[:2] for shape in selections] == [(1, 48)]
+
+
+def test_an_eval_forwards_recomputation_after_its_plan_was_evicted_selects_again():
+    """I21 (integration.py:1484 ``... and key[-2] is not None`` dropped): only a training forward's recomputation
+    refuses a plan that is no longer cached (its random draw can not be repeated). An eval-mode forward with gradients,
+    checkpointed around the transformer, followed by MAX_PLANS forwards on other prompts before its backward,
+    selects again on recomputation (a seeded selector gives the same selection) and its gradients are right; the
+    mutant raised RuntimeError ("this training forward recomputes one whose selection is no longer cached")."""
+    from sparsectx import integration
+
+    kwargs = _inputs("flux2")
+    model = _build_model("flux2").eval()
+    sparsectx.enable(model, budget=0.5, selector=random_selector, seed=0)
+    try:
+        hidden = kwargs["hidden_states"].clone().requires_grad_()
+        expected = torch.autograd.grad(model(**{**kwargs, "hidden_states": hidden})[0].pow(2).sum(), hidden)[0]
+        out = torch.utils.checkpoint.checkpoint(lambda h: model(**{**kwargs, "hidden_states": h})[0], hidden,
+                                                use_reentrant=False)
+        with torch.no_grad():
+            for _ in range(integration.MAX_PLANS):  # other prompts: other plans, which evict the forward's
+                model(**{**kwargs, "encoder_hidden_states": torch.randn_like(kwargs["encoder_hidden_states"])})
+        got = torch.autograd.grad(out.pow(2).sum(), hidden)[0]
+    finally:
+        sparsectx.disable(model)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_bare_forward_after_a_pipeline_call_with_a_generator_draws_from_the_global_rng():
+    """I40 (integration.py:2158 ``patch.call_seed = outer_seed`` dropped): a pipeline call's generator seeds that
+    call's selection only; a forward of the transformer outside a pipeline call afterwards (no enable seed) draws
+    from torch's global RNG again (the mutant kept seeding it with the finished call's generator seed)."""
+    pipe = _tiny_pipeline(diffusers.Flux2KleinPipeline)
+    embeds = torch.randn(1, TEXT_TOKENS, TEXT_DIM)
+    call = dict(image=_reference_images(), prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds),
+                guidance_scale=2.0, height=IMAGE_PX, width=IMAGE_PX, num_inference_steps=1,
+                output_type="latent", generator=torch.Generator().manual_seed(7))
+    kwargs = _inputs("flux2")
+    sparsectx.enable(pipe, budget=0.5, selector=random_selector)
+    try:
+        pipe(**call)
+        keeps = []
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                # (new prompt tensors: outside a pipeline call they key the selection, so each forward selects)
+                pipe.transformer(**{**kwargs, "encoder_hidden_states": kwargs["encoder_hidden_states"].clone()})
+            keeps.append(sparsectx.last_selection(pipe.transformer).keep.clone())
+    finally:
+        sparsectx.disable(pipe)
+    assert not torch.equal(keeps[0], keeps[1])  # each drew from the global RNG as seeded
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_a_generator_redraw_that_equals_a_recent_mask_by_chance_still_warns(reentrant):
+    """T14 (training.py:362 ``if self.generator is None and any(...)`` -> ``if any(...)``): with a user generator,
+    a recomputation whose forward can not be told redraws from that generator (not restored by the checkpoint).
+    A redraw that happens to equal a recent forward's mask is not that forward's mask: here (seed 1, one reference
+    token, batch 2) the forwards drew [F, F] and [F, T] and both recomputations redraw [F, T], so one of them
+    recomputes with another forward's mask. It must warn; the mutant accepts the coincidence silently."""
+    torch.manual_seed(0)
+    kwargs = _inputs("flux2")
+    model = _build_model("flux2").train()
+    sparsectx.enable_drop_training(model, ratio_range=(0.0, 1.0), ref_lengths=[1],
+                                   generator=torch.Generator().manual_seed(1))
+    hidden = kwargs["hidden_states"].clone().requires_grad_()
+    refs = hidden[:, _n_target():].detach()
+    masks = []
+
+    def run(h):
+        h = torch.cat([h, refs], 1)  # made inside the checkpointed function: the recomputation can not be told
+        out = model(**{**kwargs, "hidden_states": h})[0]
+        masks.append(sparsectx.last_drop_mask(model))
+        return out[:, :_n_target()].pow(2).mean()
+
+    loss = sum(torch.utils.checkpoint.checkpoint(run, x, use_reentrant=reentrant)
+               for x in (hidden[:, :_n_target()], hidden[:, :_n_target()] * 2))
+    first, second = (None if m is None else m[:, -1].tolist() for m in masks[:2])
+    assert (first, second) == ([False, False], [False, True])  # the seed's draws, as the docstring says
+    with pytest.warns(RuntimeWarning, match="drop mask can not be told"):
+        loss.backward()
+    sparsectx.disable_drop_training(model)

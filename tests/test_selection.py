@@ -1742,3 +1742,16 @@ def test_a_bad_budget_is_refused_before_the_selector_and_its_probe_run(budget):
     assert calls == []
     select(latents, probed, "attention", 0.5)
     assert calls == [1]  # (the probe the refused calls did not run)
+
+
+def test_scalar_counts_above_an_images_length_are_clamped_in_the_result():
+    """S02 (selection.py:1144 ``min(..., n)`` dropped in ``_scalar_counts``): a count above an image's size keeps the
+    whole image, and ``BudgetResult.counts`` / ``per_sample`` say so (the mutant reported 20 kept of 9)."""
+    scores = torch.rand(2, 17, generator=torch.Generator().manual_seed(0))
+    result = selection.fixed_count(20)(scores, [9, 8])
+    assert result.counts.tolist() == [[9, 8], [9, 8]]
+    assert result.per_sample.tolist() == [17, 17]
+    assert result.keep.all()
+    # an adaptive budget's integer floor and cap above the image size: the count is the image size
+    adaptive = selection.adaptive(0.5, floor=50, cap=100)(scores, [9, 8])
+    assert adaptive.counts.tolist() == [[9, 8], [9, 8]]
