@@ -2225,14 +2225,19 @@ def _count_tokens(transformer):
     return seen, transformer.x_embedder.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
 
 
+def _klein_call(steps=2, **extra):
+    """A tiny klein pipeline call: the references, a random prompt and classifier-free guidance, latent output."""
+    embeds = torch.randn(1, TEXT_TOKENS, TEXT_DIM)
+    return dict(image=_reference_images(), prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds),
+                guidance_scale=2.0, height=IMAGE_PX, width=IMAGE_PX, num_inference_steps=steps,
+                output_type="latent", **extra)
+
+
 def test_klein_pipeline_call_sends_target_plus_kept_tokens():
     pipe = _tiny_pipeline(diffusers.Flux2KleinPipeline)
     selections, counting = _counting(random_selector)
 
-    embeds = torch.randn(1, TEXT_TOKENS, TEXT_DIM)
-    call = dict(image=_reference_images(), prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds),
-                guidance_scale=2.0, height=IMAGE_PX, width=IMAGE_PX, num_inference_steps=2,
-                num_images_per_prompt=2, output_type="latent")
+    call = _klein_call(num_images_per_prompt=2)
     sparsectx.enable(pipe, budget=0.25, selector=counting, seed=0)
     seen, handle = _count_tokens(pipe.transformer)
     try:
@@ -2862,10 +2867,7 @@ def test_a_pipeline_call_with_its_transformer_in_train_mode_selects_once():
     anew at every forward, 4 selections here, each step keeping other tokens)."""
     pipe = _tiny_pipeline(diffusers.Flux2KleinPipeline)
     selections, counting = _counting(random_selector)
-    embeds = torch.randn(1, TEXT_TOKENS, TEXT_DIM)
-    call = dict(image=_reference_images(), prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds),
-                guidance_scale=2.0, height=IMAGE_PX, width=IMAGE_PX, num_inference_steps=2,
-                num_images_per_prompt=2, output_type="latent")
+    call = _klein_call(num_images_per_prompt=2)
     pipe.transformer.train()
     sparsectx.enable(pipe, budget=0.25, selector=counting, seed=0)
     try:
@@ -2905,11 +2907,7 @@ def test_per_image_generators_of_one_seed_select_once_for_the_batch():
     own generator of that seed: the same masks at B times the selection work, a probe on every sample)."""
     pipe = _tiny_pipeline(diffusers.Flux2KleinPipeline)
     selections, counting = _counting(random_selector)
-    embeds = torch.randn(1, TEXT_TOKENS, TEXT_DIM)
-    call = dict(image=_reference_images(), prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds),
-                guidance_scale=2.0, height=IMAGE_PX, width=IMAGE_PX, num_inference_steps=2,
-                num_images_per_prompt=2, output_type="latent",
-                generator=[torch.Generator().manual_seed(7) for _ in range(2)])
+    call = _klein_call(num_images_per_prompt=2, generator=[torch.Generator().manual_seed(7) for _ in range(2)])
     sparsectx.enable(pipe, budget=0.25, selector=counting)
     try:
         pipe(**call)
@@ -2948,10 +2946,7 @@ def test_a_bare_forward_after_a_pipeline_call_with_a_generator_draws_from_the_gl
     call's selection only; a forward of the transformer outside a pipeline call afterwards (no enable seed) draws
     from torch's global RNG again (the mutant kept seeding it with the finished call's generator seed)."""
     pipe = _tiny_pipeline(diffusers.Flux2KleinPipeline)
-    embeds = torch.randn(1, TEXT_TOKENS, TEXT_DIM)
-    call = dict(image=_reference_images(), prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds),
-                guidance_scale=2.0, height=IMAGE_PX, width=IMAGE_PX, num_inference_steps=1,
-                output_type="latent", generator=torch.Generator().manual_seed(7))
+    call = _klein_call(steps=1, generator=torch.Generator().manual_seed(7))
     kwargs = _inputs("flux2")
     sparsectx.enable(pipe, budget=0.5, selector=random_selector)
     try:
