@@ -523,6 +523,47 @@ def test_group_offloading_in_either_order(pipe, family, offload_type, offload_fi
     assert torch.equal(_run(pipe, family, mode), expected)
 
 
+@pytest.mark.parametrize("cast_first, attention", [(True, "native"), (False, "sparsectx")],
+                         ids=["cast_then_enable-native", "enable_then_cast-sparsectx"])
+def test_layerwise_casting_in_either_order(pipe, family, cast_first, attention):
+    """diffusers' layerwise casting (weights stored in fp8, each layer's cast to the compute dtype by a hook as it
+    runs), before or after enable: keeping every token equals the cast, unpatched pipeline; random and
+    attention-probe selections compact (the probe's projections run through the casting hooks: a processor reading
+    fp8 weights itself would fail or differ); disable gives the cast original back, bit-exact."""
+    mode = MODES[0]
+
+    def cast():
+        pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+
+    if cast_first:
+        cast()
+        sparsectx.enable(pipe, budget=1.0, attention=attention)
+    else:
+        sparsectx.enable(pipe, budget=1.0, attention=attention)
+        cast()
+    kept_all = _run(pipe, family, mode)
+    sparsectx.disable(pipe)
+    expected = _run(pipe, family, mode)
+    assert not torch.allclose(expected, _run_uncast(family, mode), rtol=0, atol=FP32_ATOL)  # the weights are cast
+    torch.testing.assert_close(kept_all, expected, rtol=0, atol=FP32_ATOL)
+    n_kept = _target_tokens(family) + sum(_kept_tokens(family))
+    for selector in ("random", "attention"):
+        sparsectx.enable(pipe, budget=_budget(family), selector=selector, seed=SEED, attention=attention)
+        sparse, compacted = _runs_and_image_tokens(pipe, family, mode, 2)
+        # (the attention probe's stopped forward sees every token)
+        probe_tokens = {_target_tokens(family) + sum(_reference_tokens(family))} if selector == "attention" else set()
+        assert set(compacted) == {n_kept} | probe_tokens and compacted[-1] == n_kept
+        assert torch.equal(sparse[0], sparse[1]) and not torch.allclose(sparse[0], expected, rtol=0, atol=FP32_ATOL)
+        sparsectx.disable(pipe)
+    assert torch.equal(_run(pipe, family, mode), expected)
+
+
+def _run_uncast(family, mode):
+    """The same call of a fresh pipeline of ``family`` (fp32 weights)."""
+    fresh = _kontext_pipeline() if family == KONTEXT else _qwen_pipeline(family == QWEN_ZERO_COND)
+    return _run(fresh, family, mode)
+
+
 def test_per_call_settings_through_the_pipelines_own_attention_kwargs(pipe, family):
     """The per-call form goes through each pipeline's own keyword (FluxKontextPipeline: joint_attention_kwargs,
     Qwen-Image-Edit-Plus and FLUX.2: attention_kwargs) and overrides enable's settings for that call only."""
