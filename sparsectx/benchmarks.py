@@ -1436,8 +1436,8 @@ def _breakdown_impls(model, full_step: Callable[[], Any], full_kwargs: dict, sco
     call = dry.bind((), full_kwargs)
     layout = integration.reference_layout(family, call)
     with torch.inference_mode():
-        keep = dry._select(call, layout, {})
-        groups, _ = dry._groups(call, layout, keep)
+        keep, nan = dry._select(call, layout, {})
+        groups, _ = dry._groups(call, layout, keep, nan=nan)
         dry.forward(**full_kwargs)  # fills seen["group"]: the inputs the patch gives the model
     group = seen.pop("group")
     # the RoPE tables of the kept rows that the patch's forward made and reuses at later steps
@@ -1455,7 +1455,7 @@ def _breakdown_impls(model, full_step: Callable[[], Any], full_kwargs: dict, sco
     def select_fresh():
         dry.new_call()
         with torch.inference_mode():
-            return dry._select(call, layout, {})
+            return dry._select(call, layout, {})[0]
 
     def compaction_only():
         with torch.inference_mode():

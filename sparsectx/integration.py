@@ -869,6 +869,13 @@ class _LayoutChanged(Exception):
     """Raised where a selection made on a layout found on earlier ids reads that the call's ids differ."""
 
 
+class _NaNCheck(NamedTuple):
+    """A selector's scores' NaN check, left on the device (``flag``: any NaN) and read with the keep mask they
+    select (one host read for both); ``selector``: its name, for the error."""
+    flag: torch.Tensor
+    selector: str
+
+
 def reference_layout(family: str, call: dict) -> Optional[_Layout]:
     """Where the reference tokens of a transformer call lie (``call``: its bound forward arguments); None when the
     image sequence holds none."""
@@ -1582,8 +1589,8 @@ class _SparsePatch(ForwardPatch):
         then not the call's)."""
         try:
             self._check_supported(call, layout)
-            keep = self._select(call, layout, overrides)
-            groups, packing = self._groups(call, layout, keep, unverified)
+            keep, nan = self._select(call, layout, overrides)
+            groups, packing = self._groups(call, layout, keep, unverified, nan)
         except _LayoutChanged:
             return None
         except Exception:
@@ -1734,9 +1741,10 @@ class _SparsePatch(ForwardPatch):
                 raise ValueError("KV extract step: the reference tokens must be the first num_ref_tokens rows of "
                                  f"hidden_states (num_ref_tokens={call.get('num_ref_tokens')}, found {n_ref})")
 
-    def _select(self, call: dict, layout: _Layout, overrides: dict) -> torch.Tensor:
-        """bool ``[B, N]``: the reference tokens each sample keeps (the selector's mask, or each image's budget of
-        its scores)."""
+    def _select(self, call: dict, layout: _Layout, overrides: dict) -> tuple:
+        """``(keep, nan)``: bool ``[B, N]``, the reference tokens each sample keeps (the selector's mask, or each
+        image's budget of its scores), and the selector's NaN check still on the device (``_NaNCheck``, for fixed
+        counts; None where the selection has checked its scores itself, or runs no selector)."""
         hidden = call["hidden_states"]
         references = hidden.detach()[:, layout.ref_positions]  # (selection is not differentiated: nothing recorded)
         budget = overrides.get("budget", self.settings.budget)
@@ -1752,7 +1760,7 @@ class _SparsePatch(ForwardPatch):
         if counts is not None and all(list(c) == list(layout.ref_lengths) for c in counts):
             # every token of every image kept, whatever the scores: no selector runs, so none draws from torch's
             # global RNG (a keep-all call equals the unpatched one, the random stream after it included)
-            return torch.ones(references.shape[:2], dtype=torch.bool, device=hidden.device)
+            return torch.ones(references.shape[:2], dtype=torch.bool, device=hidden.device), None
         budget = budget_for_batch(budget, batch)  # a budget object's per-request tensor settings over the batch
         seed = self.settings.seed if self.settings.seed is not None else self.call_seed
         # one generator per image (diffusers' per-image seeds): a sample draws what its request would draw alone;
@@ -1762,7 +1770,7 @@ class _SparsePatch(ForwardPatch):
                                 and call.get("kv_cache_mode") != KV_EXTRACT) else None
         seed = seed[0] if isinstance(seed, tuple) else seed
 
-        def select(shared: bool) -> torch.Tensor:
+        def select(shared: bool) -> tuple:
             generator = None if seed is None else torch.Generator(device=hidden.device).manual_seed(seed)
             sample_generators = None if sample_seeds is None or shared else [
                 torch.Generator(device=hidden.device).manual_seed(s) for s in sample_seeds]
@@ -1775,14 +1783,19 @@ class _SparsePatch(ForwardPatch):
                                        reference_ids=layout.reference_ids, target_shape=layout.target_shape,
                                        generator=generator, extra=extra, sample_generators=sample_generators)
             latents = references[:1] if shared else references
+            nan = None
             if counts is None:  # budget None (a keep mask as given) or a budget callable: select()'s rule
                 keep = selected_keep(selector, latents, context, budget_first_sample(budget) if shared else budget)
             else:  # fixed counts, which may differ per request: select()'s rule, per sample
-                selection = selector(latents, context)
-                ranking = mask_ranking(selection, latents, context) if selection.dtype == torch.bool else selection
+                # (the scores' NaN check is read with the keep mask, in _groups: NaN scores rank first meanwhile)
+                selection = selector(latents, context, nan_check=False)
+                if selection.dtype == torch.bool:
+                    ranking = mask_ranking(selection, latents, context)
+                else:
+                    ranking, nan = selection, _NaNCheck(torch.isnan(selection).any(), selector.name)
                 keep = keep_mask_from_scores(ranking, counts[:1] if shared else counts, layout.ref_lengths)
             keep = keep.to(hidden.device)
-            return keep.expand(batch, -1) if shared else keep
+            return (keep.expand(batch, -1) if shared else keep), nan
 
         # pipelines repeat the same references over the batch: select once so the batch runs as one group (unless
         # a per-sample signal differs, or, found by the probe when a selector reads it, the prompts differ)
@@ -1813,19 +1826,23 @@ class _SparsePatch(ForwardPatch):
         return probe
 
     # -- groups of samples that keep the same tokens ---------------------------------------------------------------
-    def _groups(self, call: dict, layout: _Layout, keep: torch.Tensor,
-                unverified: Optional[torch.Tensor] = None) -> tuple:
+    def _groups(self, call: dict, layout: _Layout, keep: torch.Tensor, unverified: Optional[torch.Tensor] = None,
+                nan: Optional[_NaNCheck] = None) -> tuple:
         """``(groups, packing)`` of a selection, their indices built on the host once and queued to the device
         (copies from pinned memory: no wait). No group when every token is kept; a packing (FLUX.2 with sparsectx
-        attention, several groups, no KV cache) to run the groups as one sequence. ``unverified``: a device flag
-        read with the keep mask; ``_LayoutChanged`` when it is false."""
-        if unverified is None:
+        attention, several groups, no KV cache) to run the groups as one sequence. Device flags read with the keep
+        mask, in one read: ``unverified`` (``_LayoutChanged`` when it is false), then ``nan`` (``ValueError`` naming
+        the selector when its scores held NaN)."""
+        flags = [flag for flag in (unverified, None if nan is None else nan.flag) if flag is not None]
+        if not flags:
             keep_host = keep.cpu()
         else:
-            read = torch.cat([keep.flatten(), unverified.to(keep.device).reshape(1)]).cpu()
-            if not bool(read[-1]):
+            read = torch.cat([keep.flatten(), *(flag.to(keep.device, torch.bool).reshape(1) for flag in flags)]).cpu()
+            if unverified is not None and not bool(read[keep.numel()]):
                 raise _LayoutChanged
-            keep_host = read[:-1].reshape(keep.shape)
+            if nan is not None and bool(read[-1]):
+                raise ValueError(f"selector {nan.selector!r} returned NaN scores")
+            keep_host = read[:keep.numel()].reshape(keep.shape)
         if bool(keep_host.all()):
             return [], None
         device = keep.device

@@ -1197,6 +1197,16 @@ def test_the_breakdowns_model_row_makes_the_rope_tables_as_the_drop_in_does(monk
     assert per_call["(d) enabled once, step"]["diffusers"] == 0, per_call
 
 
+def _mutated_keep(select, mutate):
+    """A replacement of ``_SparsePatch._select`` whose keep mask is ``mutate(keep)`` (the NaN check as it was)."""
+
+    def mutated(self, *args, **kwargs):
+        keep, nan = select(self, *args, **kwargs)
+        return mutate(keep), nan
+
+    return mutated
+
+
 def test_the_training_cases_per_sample_loop_does_no_extra_full_size_work():
     """The per-sample SDPA loop peer takes each sample's rows by one split per leaf: its timed call makes no
     full-size ``[T, H, D]`` tensor beyond the output's and the three gradients' (before: a slice per sample, whose
@@ -1242,7 +1252,7 @@ def test_the_step_rows_without_a_drop_in_check_check_their_selection(monkeypatch
         impl.fn()
         assert impl.verify(None) == "", impl.name
     select = integration._SparsePatch._select
-    monkeypatch.setattr(integration._SparsePatch, "_select", lambda self, *a, **k: ~select(self, *a, **k))
+    monkeypatch.setattr(integration._SparsePatch, "_select", _mutated_keep(select, lambda keep: ~keep))
     for impl in rows:
         impl.fn()
         assert impl.verify(None).startswith("kept "), impl.name
@@ -1271,11 +1281,11 @@ def test_the_train_steps_rows_check_the_masks_they_trained_with(monkeypatch):
     assert [_checked(impl) for impl in rows] == ["", ""]
     select = integration._SparsePatch._select
     monkeypatch.setattr(integration._SparsePatch, "_select",
-                        lambda self, *a, **k: select(self, *a, **k).roll(1, dims=1))  # other tokens, same counts
+                        _mutated_keep(select, lambda keep: keep.roll(1, dims=1)))  # other tokens, same counts
     assert _checked(rows[0]) == ""  # (the drop-in alone: right counts)
     assert _checked(rows[1]) == "drop training kept other tokens than the drop-in from the same seed"
     monkeypatch.setattr(integration._SparsePatch, "_select",
-                        lambda self, *a, **k: torch.zeros_like(select(self, *a, **k)))  # none kept
+                        _mutated_keep(select, torch.zeros_like))  # none kept
     assert _checked(rows[0]).startswith("kept [0, 0, 0] tokens per reference")
 
 
@@ -1402,5 +1412,5 @@ def test_the_mixed_batch_drop_in_rows_check_each_requests_selection(monkeypatch)
     assert [_checked(impl) for impl in rows] == ["", "", ""]
     select = integration._SparsePatch._select
     monkeypatch.setattr(integration._SparsePatch, "_select",
-                        lambda self, *a, **k: select(self, *a, **k).roll(1, dims=1))
+                        _mutated_keep(select, lambda keep: keep.roll(1, dims=1)))
     assert all(_checked(impl) == "kept other tokens than each request's top-scored ones" for impl in rows)

@@ -3,6 +3,7 @@ CPU, offline. Families: FLUX.2 (Flux2Transformer2DModel, 4-axis ids), FLUX.1 Kon
 reference plane 1), Qwen-Image (QwenImageTransformer2DModel, RoPE from img_shapes, zero_cond_t)."""
 import functools
 import gc
+import math
 import os
 import re
 import threading
@@ -621,6 +622,48 @@ def test_later_steps_read_the_host_once(models, family):
     assert first.count > later.count
     assert torch.equal(_run(model, kwargs), out_first)  # the reused plan keeps the same tokens
     assert not torch.equal(out_later, out_first)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_nan_check_of_a_selectors_scores_is_read_with_the_keep_mask(models, family):
+    """Under fixed budgets the first step reads the selector's NaN check together with the keep mask: scores cost
+    no host read more than a keep mask does (one more before, its own ``isnan().any()``)."""
+    model, kwargs = models[family], _same_references(_inputs(family))
+    mask_selector = lambda latents, context: norm_selector(latents, context) > 0  # noqa: E731  (every token)
+    device_data = [model, *(t for t in kwargs.values() if isinstance(t, torch.Tensor))]
+    reads = {}
+    for name, selector in (("scores", norm_selector), ("mask", mask_selector)):
+        sparsectx.enable(model, budget=0.5, selector=selector)
+        with count_host_reads(device_data) as first:  # (reads of the model's data: the host work is not counted)
+            _run(model, kwargs)
+        reads[name] = first.count
+        integration.disable(model)
+    assert reads["scores"] == reads["mask"], reads
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("budget", ["ratio", "count", "per-image", "per-request", "adaptive"])
+def test_a_selector_returning_nan_is_refused_by_name_before_the_model_runs(models, family, budget):
+    """NaN scores from a selector are refused with a ``ValueError`` naming it, under every kind of budget (fixed
+    ones read the check with the keep mask, an adaptive one in its read of the scores' range), before any block
+    runs; the next call with sane scores runs."""
+    model, kwargs = models[family], _same_references(_inputs(family))
+    per_image = [0.5, 0.25, 0.75][:len(_ref_hws(family))]
+    budget = {"ratio": 0.5, "count": 2, "per-image": per_image, "per-request": [per_image, per_image[::-1]],
+              "adaptive": sparsectx.selection.adaptive(0.9)}[budget]
+    partly_nan = lambda latents, context: norm_selector(latents, context).index_fill(1, torch.tensor([1]), math.nan)  # noqa: E731,E501
+    blocks = []
+    handle = model.transformer_blocks[0].register_forward_pre_hook(lambda module, args: blocks.append(1))
+    try:
+        sparsectx.enable(model, budget=budget, selector=partly_nan)
+        with pytest.raises(ValueError, match="selector '<lambda>' returned NaN scores"):
+            _run(model, kwargs)
+        assert not blocks
+        sparsectx.enable(model, budget=budget, selector=norm_selector)
+        _run(model, kwargs)
+        assert blocks
+    finally:
+        handle.remove()
 
 
 def _counting_layouts(monkeypatch, family) -> list:
