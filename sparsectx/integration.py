@@ -54,7 +54,7 @@ attention, the KV extract step, per-sample timesteps) they run as separate group
 Samples with equal masks (the common case: one budget, references repeated over the batch) run as one batch.
 
 Attention on the compacted sequence: ``enable(..., attention="native")`` (default) keeps the transformer's own
-processors (diffusers' SDPA dispatch: exact, and cuDNN on a GPU); ``attention="sparsectx"`` installs the processors
+processors (diffusers' SDPA dispatch: exact, torch's default backend); ``attention="sparsectx"`` installs the processors
 of ``sparsectx.processors`` so that sparsectx's Triton kernel computes every attention layer. ``disable`` restores
 the original processor objects.
 
@@ -2321,9 +2321,10 @@ def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Call
 
     ``attention`` picks what computes attention on the compacted sequence:
 
-    - ``"native"`` (default): the transformer's own attention processors (diffusers' dispatcher: SDPA, cuDNN on a
-      GPU, or whichever backend ``set_attention_backend`` chose). Exact, and the fastest choice for the dense
-      compacted sequence on a GPU.
+    - ``"native"`` (default): the transformer's own attention processors (diffusers' dispatcher: SDPA with torch's
+      default backend, FA2 on an H200 at klein-9B shapes, or whichever backend ``set_attention_backend`` chose).
+      Exact: the model's own attention on the compacted sequence (``"sparsectx"`` measured faster per step on an
+      H200, bench/RESULTS.md).
     - ``"sparsectx"``: every attention layer gets a sparsectx processor (``sparsectx.processors``) that keeps the
       layer's projections, norms, RoPE and output projections and runs ``sparsectx.sparse_attention`` (the Triton
       kernel; the Triton interpreter or the torch reference off the GPU). Equal to ``"native"`` within floating
