@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -1192,6 +1192,7 @@ class _RefsKeepCase:
 # e2e breakdown rows that issue 6's drop-in line compares (``drop_in_selection_verdicts``)
 DROP_IN_STEP_ROW = "(d) enabled once, step"
 DROP_IN_ATTENTION_ROW = "(d3) enabled once, new attention selection per step"
+CUDNN_NATIVE_ROW = "cuDNN SDPA forced, sparsectx.enable (native attn)"
 
 
 class EndToEndCase:
@@ -1204,7 +1205,7 @@ class EndToEndCase:
     title = "one denoising step, FLUX.2-klein-9B architecture (random weights), kept reference tokens in the sequence"
     family = KLEIN
     impl_names = ("sparsectx compact_tokens + step", "sparsectx.enable (sparsectx attn)",
-                  "sparsectx.enable (native attn)", "torch topk+sort+index_select + step",
+                  "sparsectx.enable (native attn)", CUDNN_NATIVE_ROW, "torch topk+sort+index_select + step",
                   "keep all reference tokens", "no reference (limit)")
     # the overhead breakdown of the drop-in path (configs marked BREAKDOWN): the enable step and its parts
     BREAKDOWN = "breakdown"
@@ -1290,6 +1291,7 @@ class EndToEndCase:
         impls = [
             primary,
             *(_enable_impl(model, full_step, scores, count, attention) for attention in ("sparsectx", "native")),
+            _cudnn_native_impl(model, full_step, scores, count, device),
             Impl("torch topk+sort+index_select + step", torch_step, note="the compacted ideal"),
             Impl("keep all reference tokens", full_step, comparable=False,
                  note="100% kept (a different output by design)", shared_key=(self.name, refs, "all")),
@@ -2253,6 +2255,28 @@ def _enable_impl(model, full_step: Callable[[], Any], scores: torch.Tensor, coun
                                                                               attention=attention),
                 output=noting_selection, verify=kept_per_reference,
                 note="a pipeline's later steps: plan reused, compaction + step")
+
+
+def _cudnn_native_impl(model, full_step: Callable[[], Any], scores: torch.Tensor, count: int,
+                       device: torch.device) -> Impl:
+    """The drop-in with diffusers' native attention as ``_enable_impl`` times it, every SDPA call forced onto
+    cuDNN (``torch.nn.attention.sdpa_kernel``): torch's default backend choice was FA2 in the H200 steps, where cuDNN
+    computed the attention forward 1.76-1.86x faster (2026-11-30); what that is worth in a whole step. Informational:
+    no target reads it."""
+    if device.type != "cuda":
+        return Impl(CUDNN_NATIVE_ROW, skip="cuDNN SDPA runs on CUDA only")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    drop_in = _enable_impl(model, full_step, scores, count, "native")
+
+    @contextlib.contextmanager
+    def scope():
+        with drop_in.context(), sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            yield
+
+    # (not ours: torch refusing cuDNN for these inputs makes the row unavailable, not the run wrong)
+    return replace(drop_in, name=CUDNN_NATIVE_ROW, scope=scope, ours=False,
+                   note="every SDPA call on cuDNN; " + drop_in.note)
 
 
 CASES = {case.name: case for case in (AttentionCase(), CompactionCase(), BatchCase(), MaskedCase(), TrainingCase(),

@@ -1414,3 +1414,29 @@ def test_the_mixed_batch_drop_in_rows_check_each_requests_selection(monkeypatch)
     monkeypatch.setattr(integration._SparsePatch, "_select",
                         _mutated_keep(select, lambda keep: keep.roll(1, dims=1)))
     assert all(_checked(impl) == "kept other tokens than each request's top-scored ones" for impl in rows)
+
+
+def test_the_cudnn_forced_drop_in_row_is_the_native_drop_in_under_cudnn_sdpa():
+    """The e2e case's informational row: on CUDA, the native drop-in row (same step, selection and check) with every
+    SDPA call restricted to cuDNN inside its scope, and a peer's name (torch refusing cuDNN makes it unavailable, not
+    the run wrong); on the CPU a skip. Its scope is entered here with the device said to be CUDA (nothing runs)."""
+    from sparsectx import integration
+
+    assert benchmarks.CUDNN_NATIVE_ROW in benchmarks.EndToEndCase.impl_names
+    case = benchmarks.CASES["e2e"]
+    workload = case.build(case.configs("tiny")[0], "tiny", torch.device("cpu"))
+    assert workload.impl(benchmarks.CUDNN_NATIVE_ROW).skip == "cuDNN SDPA runs on CUDA only"
+    model = benchmarks._cached_model(benchmarks.KLEIN, "tiny", torch.device("cpu"), torch.float32)
+    scores, step = torch.rand(1, 64), (lambda: None)
+    native = benchmarks._enable_impl(model, step, scores, 6, "native")
+    forced = benchmarks._cudnn_native_impl(model, step, scores, 6, torch.device("cuda"))
+    assert not forced.ours and forced.fn is step and forced.verify is not None and forced.comparable
+    flags = (torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.mem_efficient_sdp_enabled,
+             torch.backends.cuda.math_sdp_enabled, torch.backends.cuda.cudnn_sdp_enabled)
+    before = [flag() for flag in flags]
+    with forced.context():
+        assert integration.is_enabled(model)
+        assert [flag() for flag in flags] == [False, False, False, True]
+    assert not integration.is_enabled(model) and [flag() for flag in flags] == before
+    with native.context():
+        assert integration.is_enabled(model) and [flag() for flag in flags] == before
