@@ -1288,9 +1288,13 @@ class EndToEndCase:
                      *_breakdown_impls(model, full_step, full_kwargs, scores, count, n_target, refs * count)]
             return Workload(self.name, shape + ", enable-path breakdown", impls, dtype, reps=s["reps"],
                             track_memory=False, passes=self.BREAKDOWN_PASSES, count_syncs=True)
+        choice = "torch SDPA's own choice at this attention shape: " + _sdpa_choice(model, s["text"] + n_target +
+                                                                                     refs * count, device, dtype)
+        native = _enable_impl(model, full_step, scores, count, "native")
+        native.note = "; ".join(filter(None, [native.note, choice]))
         impls = [
             primary,
-            *(_enable_impl(model, full_step, scores, count, attention) for attention in ("sparsectx", "native")),
+            _enable_impl(model, full_step, scores, count, "sparsectx"), native,
             _cudnn_native_impl(model, full_step, scores, count, device),
             Impl("torch topk+sort+index_select + step", torch_step, note="the compacted ideal"),
             Impl("keep all reference tokens", full_step, comparable=False,
@@ -2007,7 +2011,7 @@ class MixedBatchCase:
     (one reference each, its own latents): the drop-in as one packed sequence (sparsectx attention), as exact
     groups (one forward per request, sparsectx or native attention), against a loop of per-request steps on
     references compacted by hand and the dense batch keeping every token (the native rows: diffusers' native
-    attention, torch SDPA's default backend choice: FA2 at these shapes, not cuDNN)."""
+    attention, torch SDPA's default backend choice, not recorded in the runs so far)."""
 
     name = "e2e_batch"
     title = ("one denoising step of a batch of requests keeping different budgets (1 reference each), "
@@ -2257,12 +2261,26 @@ def _enable_impl(model, full_step: Callable[[], Any], scores: torch.Tensor, coun
                 note="a pipeline's later steps: plan reused, compaction + step")
 
 
+def _sdpa_choice(model, seq_len: int, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend torch's SDPA picks by itself (``torch._fused_sdp_choice``) for one unmasked attention of
+    ``model``'s heads at ``seq_len`` tokens, batch 1, on ``device`` in ``dtype``: what diffusers' native attention
+    runs in such a step (the GPU runs so far did not record it)."""
+    from torch.nn.attention import SDPBackend
+
+    config = model.config
+    q = torch.empty(1, config.num_attention_heads, seq_len, config.attention_head_dim, device=device, dtype=dtype)
+    try:
+        return SDPBackend(torch._fused_sdp_choice(q, q, q)).name
+    except Exception as exc:  # (a private torch function: a release may drop or change it)
+        return f"not known ({_first_line(exc)})"
+
+
 def _cudnn_native_impl(model, full_step: Callable[[], Any], scores: torch.Tensor, count: int,
                        device: torch.device) -> Impl:
     """The drop-in with diffusers' native attention as ``_enable_impl`` times it, every SDPA call forced onto
-    cuDNN (``torch.nn.attention.sdpa_kernel``): torch's default backend choice was FA2 in the H200 steps, where cuDNN
-    computed the attention forward 1.76-1.86x faster (2026-11-30); what that is worth in a whole step. Informational:
-    no target reads it."""
+    cuDNN (``torch.nn.attention.sdpa_kernel``): cuDNN computed the attention forward 1.76-1.86x faster than FA2 in
+    the H200 attention case (2026-11-30), and which one torch's default picks in these steps was not recorded (the
+    native row's note now says); what forcing cuDNN is worth in a whole step. Informational: no target reads it."""
     if device.type != "cuda":
         return Impl(CUDNN_NATIVE_ROW, skip="cuDNN SDPA runs on CUDA only")
     from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -2322,7 +2322,7 @@ def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Call
     ``attention`` picks what computes attention on the compacted sequence:
 
     - ``"native"`` (default): the transformer's own attention processors (diffusers' dispatcher: SDPA with torch's
-      default backend, FA2 on an H200 at klein-9B shapes, or whichever backend ``set_attention_backend`` chose).
+      default backend choice, or whichever backend ``set_attention_backend`` chose).
       Exact: the model's own attention on the compacted sequence (``"sparsectx"`` measured faster per step on an
       H200, bench/RESULTS.md).
     - ``"sparsectx"``: every attention layer gets a sparsectx processor (``sparsectx.processors``) that keeps the

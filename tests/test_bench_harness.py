@@ -1426,7 +1426,18 @@ def test_the_cudnn_forced_drop_in_row_is_the_native_drop_in_under_cudnn_sdpa():
     case = benchmarks.CASES["e2e"]
     workload = case.build(case.configs("tiny")[0], "tiny", torch.device("cpu"))
     assert workload.impl(benchmarks.CUDNN_NATIVE_ROW).skip == "cuDNN SDPA runs on CUDA only"
+    # the native drop-in row notes the backend torch's SDPA picks by itself at the step's attention shape
+    from torch.nn.attention import SDPBackend
+
+    config = workload.impl("sparsectx.enable (native attn)").note
     model = benchmarks._cached_model(benchmarks.KLEIN, "tiny", torch.device("cpu"), torch.float32)
+    refs, keep = case.configs("tiny")[0][:2]
+    tiny = case.sizes["tiny"]
+    n_kept = refs * int(keep * tiny["ref_side"] ** 2 + 0.5)
+    q = torch.empty(1, model.config.num_attention_heads, tiny["text"] + tiny["target_side"] ** 2 + n_kept,
+                    model.config.attention_head_dim)
+    expected = SDPBackend(torch._fused_sdp_choice(q, q, q)).name
+    assert config.endswith(f"torch SDPA's own choice at this attention shape: {expected}"), config
     scores, step = torch.rand(1, 64), (lambda: None)
     native = benchmarks._enable_impl(model, step, scores, 6, "native")
     forced = benchmarks._cudnn_native_impl(model, step, scores, 6, torch.device("cuda"))
