@@ -2095,6 +2095,27 @@ def test_compiled_sparse_forward_does_not_trace_the_selection(family):
     torch.testing.assert_close(compiled, eager, rtol=0, atol=FP32_ATOL)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("selector", ["attention", "subject"])
+def test_a_compiled_transformer_probes_and_selects_as_eager(family, selector):
+    """torch.compile (without fullgraph) of a transformer enabled with a selector that reads the automatic probe:
+    the probe's stopped forward and the selection run beside the compiled model and keep what eager keeps, and the
+    output equals eager's (untested before: the compile tests used a random selector)."""
+    model, kwargs = _build_model(family), _inputs(family)
+    sparsectx.enable(model, budget=0.5, selector=selector)
+    eager = _run(model, kwargs)
+    eager_keep = sparsectx.last_selection(model).keep
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, backend="eager")
+        out = _run(compiled, kwargs)
+        keep = sparsectx.last_selection(model).keep
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(keep, eager_keep) and not bool(keep.all())
+    torch.testing.assert_close(out, eager, rtol=0, atol=FP32_ATOL)
+
+
 def test_last_selection_reports_the_kept_tokens(models):
     model, kwargs = models["flux2"], _same_references(_inputs("flux2"))
     sparsectx.enable(model, budget=[2, 0.5], selector=random_selector, seed=0)
