@@ -434,6 +434,26 @@ def test_torch_export_with_a_dynamic_token_dim(op, strict):
         torch.testing.assert_close(exported(*args), model(*args), rtol=0, atol=0)
 
 
+def test_an_aot_inductor_package_of_the_ops_loads_and_equals_eager(tmp_path):
+    """The docs' claim that an AOTInductor package of the ops loads in a process that has imported sparsectx:
+    scores + budget compacted by ``compact_tokens``, then ``sparse_attention`` gathering the kept references, exported,
+    compiled into a package, loaded back and run (untested before)."""
+    from torch.export import export
+
+    class Model(torch.nn.Module):
+        def forward(self, q, cu, scores, refs):
+            kept = sparsectx.compact_tokens(scores, budget=3)
+            return 2 * sparsectx.sparse_attention(q, q * 0.5, q, cu, cu, 8, 8, ref_k=refs, ref_v=refs,
+                                                  ref_index=kept.index, cu_seqlens_ref=kept.cu_seqlens)
+
+    g = torch.Generator().manual_seed(43)
+    args = (torch.randn(8, 2, 16, generator=g).to(DEVICE), _cu([3, 5]), torch.rand(2, 6, generator=g).to(DEVICE),
+            torch.randn(2, 6, 2, 16, generator=g).to(DEVICE))
+    path = torch._inductor.aoti_compile_and_package(export(Model(), args), package_path=str(tmp_path / "ops.pt2"))
+    loaded = torch._inductor.aoti_load_package(path)
+    torch.testing.assert_close(loaded(*args), Model()(*args), rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # bad input: ValueError/TypeError naming the argument, before any launch
 # ---------------------------------------------------------------------------------------------------------------
