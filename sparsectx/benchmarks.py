@@ -2268,7 +2268,9 @@ def _sdpa_choice(model, seq_len: int, device: torch.device, dtype: torch.dtype) 
     from torch.nn.attention import SDPBackend
 
     config = model.config
-    q = torch.empty(1, config.num_attention_heads, seq_len, config.attention_head_dim, device=device, dtype=dtype)
+    # (laid out as diffusers hands it to SDPA: [B, S, H, D] permuted to [B, H, S, D], not contiguous)
+    q = torch.empty(1, seq_len, config.num_attention_heads, config.attention_head_dim, device=device,
+                    dtype=dtype).permute(0, 2, 1, 3)
     try:
         return SDPBackend(torch._fused_sdp_choice(q, q, q)).name
     except Exception as exc:  # (a private torch function: a release may drop or change it)

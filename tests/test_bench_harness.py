@@ -1434,8 +1434,8 @@ def test_the_cudnn_forced_drop_in_row_is_the_native_drop_in_under_cudnn_sdpa():
     refs, keep = case.configs("tiny")[0][:2]
     tiny = case.sizes["tiny"]
     n_kept = refs * int(keep * tiny["ref_side"] ** 2 + 0.5)
-    q = torch.empty(1, model.config.num_attention_heads, tiny["text"] + tiny["target_side"] ** 2 + n_kept,
-                    model.config.attention_head_dim)
+    q = torch.empty(1, tiny["text"] + tiny["target_side"] ** 2 + n_kept, model.config.num_attention_heads,
+                    model.config.attention_head_dim).permute(0, 2, 1, 3)
     expected = SDPBackend(torch._fused_sdp_choice(q, q, q)).name
     assert config.endswith(f"torch SDPA's own choice at this attention shape: {expected}"), config
     scores, step = torch.rand(1, 64), (lambda: None)
