@@ -1288,14 +1288,14 @@ class EndToEndCase:
                      *_breakdown_impls(model, full_step, full_kwargs, scores, count, n_target, refs * count)]
             return Workload(self.name, shape + ", enable-path breakdown", impls, dtype, reps=s["reps"],
                             track_memory=False, passes=self.BREAKDOWN_PASSES, count_syncs=True)
-        choice = "torch SDPA's own choice at this attention shape: " + _sdpa_choice(model, s["text"] + n_target +
-                                                                                     refs * count, device, dtype)
         native = _enable_impl(model, full_step, scores, count, "native")
-        native.note = "; ".join(filter(None, [native.note, choice]))
+        cudnn_native = _cudnn_forced(native, device)
+        seq_len = s["text"] + n_target + refs * count  # the compacted step's attention length
+        native.note = "; ".join(filter(None, [native.note, "torch SDPA's own choice at this attention shape: "
+                                              + _sdpa_choice(model, seq_len, device, dtype)]))
         impls = [
             primary,
-            _enable_impl(model, full_step, scores, count, "sparsectx"), native,
-            _cudnn_native_impl(model, full_step, scores, count, device),
+            _enable_impl(model, full_step, scores, count, "sparsectx"), native, cudnn_native,
             Impl("torch topk+sort+index_select + step", torch_step, note="the compacted ideal"),
             Impl("keep all reference tokens", full_step, comparable=False,
                  note="100% kept (a different output by design)", shared_key=(self.name, refs, "all")),
@@ -2277,26 +2277,24 @@ def _sdpa_choice(model, seq_len: int, device: torch.device, dtype: torch.dtype) 
         return f"not known ({_first_line(exc)})"
 
 
-def _cudnn_native_impl(model, full_step: Callable[[], Any], scores: torch.Tensor, count: int,
-                       device: torch.device) -> Impl:
-    """The drop-in with diffusers' native attention as ``_enable_impl`` times it, every SDPA call forced onto
-    cuDNN (``torch.nn.attention.sdpa_kernel``): cuDNN computed the attention forward 1.76-1.86x faster than FA2 in
-    the H200 attention case (2026-11-30), and which one torch's default picks in these steps was not recorded (the
-    native row's note now says); what forcing cuDNN is worth in a whole step. Informational: no target reads it."""
+def _cudnn_forced(native: Impl, device: torch.device) -> Impl:
+    """``native`` (the drop-in with diffusers' native attention, as ``_enable_impl`` makes it) with every SDPA call
+    forced onto cuDNN (``torch.nn.attention.sdpa_kernel``): cuDNN computed the attention forward 1.76-1.86x faster
+    than FA2 in the H200 attention case (2026-11-30), and which one torch's default picks in these steps was not
+    recorded (the native row's note now says); what forcing cuDNN is worth in a whole step. Informational: no target
+    reads it. Built before the native row's note gets its SDPA choice (which is not this row's)."""
     if device.type != "cuda":
         return Impl(CUDNN_NATIVE_ROW, skip="cuDNN SDPA runs on CUDA only")
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    drop_in = _enable_impl(model, full_step, scores, count, "native")
-
     @contextlib.contextmanager
     def scope():
-        with drop_in.context(), sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        with native.context(), sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
             yield
 
     # (not ours: torch refusing cuDNN for these inputs makes the row unavailable, not the run wrong)
-    return replace(drop_in, name=CUDNN_NATIVE_ROW, scope=scope, ours=False,
-                   note="every SDPA call on cuDNN; " + drop_in.note)
+    return replace(native, name=CUDNN_NATIVE_ROW, scope=scope, ours=False,
+                   note="every SDPA call on cuDNN; " + native.note)
 
 
 CASES = {case.name: case for case in (AttentionCase(), CompactionCase(), BatchCase(), MaskedCase(), TrainingCase(),

@@ -1429,7 +1429,7 @@ def test_the_cudnn_forced_drop_in_row_is_the_native_drop_in_under_cudnn_sdpa():
     # the native drop-in row notes the backend torch's SDPA picks by itself at the step's attention shape
     from torch.nn.attention import SDPBackend
 
-    config = workload.impl("sparsectx.enable (native attn)").note
+    note = workload.impl("sparsectx.enable (native attn)").note
     model = benchmarks._cached_model(benchmarks.KLEIN, "tiny", torch.device("cpu"), torch.float32)
     refs, keep = case.configs("tiny")[0][:2]
     tiny = case.sizes["tiny"]
@@ -1437,10 +1437,11 @@ def test_the_cudnn_forced_drop_in_row_is_the_native_drop_in_under_cudnn_sdpa():
     q = torch.empty(1, tiny["text"] + tiny["target_side"] ** 2 + n_kept, model.config.num_attention_heads,
                     model.config.attention_head_dim).permute(0, 2, 1, 3)
     expected = SDPBackend(torch._fused_sdp_choice(q, q, q)).name
-    assert config.endswith(f"torch SDPA's own choice at this attention shape: {expected}"), config
+    assert note.endswith(f"torch SDPA's own choice at this attention shape: {expected}"), note
     scores, step = torch.rand(1, 64), (lambda: None)
     native = benchmarks._enable_impl(model, step, scores, 6, "native")
-    forced = benchmarks._cudnn_native_impl(model, step, scores, 6, torch.device("cuda"))
+    forced = benchmarks._cudnn_forced(benchmarks._enable_impl(model, step, scores, 6, "native"),
+                                      torch.device("cuda"))
     assert not forced.ours and forced.fn is step and forced.verify is not None and forced.comparable
     flags = (torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.mem_efficient_sdp_enabled,
              torch.backends.cuda.math_sdp_enabled, torch.backends.cuda.cudnn_sdp_enabled)

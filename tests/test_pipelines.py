@@ -84,13 +84,16 @@ def family(request):
     return request.param
 
 
+def _pipeline(family):
+    """A fresh tiny pipeline of ``family`` (Qwen's: with the ``pipe`` fixture's smaller reference area in effect)."""
+    return _kontext_pipeline() if family == KONTEXT else _qwen_pipeline(zero_cond_t=family == QWEN_ZERO_COND)
+
+
 @pytest.fixture
 def pipe(family, monkeypatch):
-    if family == KONTEXT:
-        pipeline = _kontext_pipeline()
-    else:
+    if family != KONTEXT:
         monkeypatch.setattr(qwen_edit_plus, "VAE_IMAGE_SIZE", QWEN_VAE_AREA)
-        pipeline = _qwen_pipeline(zero_cond_t=family == QWEN_ZERO_COND)
+    pipeline = _pipeline(family)
     pipeline.set_progress_bar_config(disable=True)
     yield pipeline
     sparsectx.disable(pipeline)
@@ -544,7 +547,7 @@ def test_layerwise_casting_in_either_order(pipe, family, cast_first, attention):
     kept_all = _run(pipe, family, mode)
     sparsectx.disable(pipe)
     expected = _run(pipe, family, mode)
-    assert not torch.allclose(expected, _run_uncast(family, mode), rtol=0, atol=FP32_ATOL)  # the weights are cast
+    assert not torch.allclose(expected, _run(_pipeline(family), family, mode), rtol=0, atol=FP32_ATOL)  # cast weights
     torch.testing.assert_close(kept_all, expected, rtol=0, atol=FP32_ATOL)
     n_kept = _target_tokens(family) + sum(_kept_tokens(family))
     for selector in ("random", "attention"):
@@ -556,12 +559,6 @@ def test_layerwise_casting_in_either_order(pipe, family, cast_first, attention):
         assert torch.equal(sparse[0], sparse[1]) and not torch.allclose(sparse[0], expected, rtol=0, atol=FP32_ATOL)
         sparsectx.disable(pipe)
     assert torch.equal(_run(pipe, family, mode), expected)
-
-
-def _run_uncast(family, mode):
-    """The same call of a fresh pipeline of ``family`` (fp32 weights)."""
-    fresh = _kontext_pipeline() if family == KONTEXT else _qwen_pipeline(family == QWEN_ZERO_COND)
-    return _run(fresh, family, mode)
 
 
 def test_per_call_settings_through_the_pipelines_own_attention_kwargs(pipe, family):
