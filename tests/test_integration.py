@@ -275,6 +275,43 @@ def test_dropping_rows_equals_masking_keys(models, family, monkeypatch):
     assert torch.count_nonzero(dropped[:, _n_target():]) == 0  # reference rows of the output are zeros
 
 
+def _with_lora_adapter(family):
+    """A fresh tiny model with a peft LoRA adapter on its attention projections (random, non-zero weights: the
+    adapter changes the output), as ``pipe.load_lora_weights`` leaves it."""
+    peft = pytest.importorskip("peft")
+    model = _build_model(family)
+    model.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                      target_modules=["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj"]))
+    return model
+
+
+@pytest.mark.parametrize("attention", ["native", "sparsectx"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_lora_adapter_scaled_per_call_reaches_every_forward(family, attention, monkeypatch):
+    """Inference with a LoRA adapter whose scale the call gives beside the per-call sparsectx settings (the
+    pipelines pass ``attention_kwargs={"scale": s}``, FLUX.1 ``joint_attention_kwargs``): keeping every token gives
+    the unpatched model at that scale, and dropping rows equals masking the same keys in the unpatched model at that
+    scale (the compacted forward applies the scaled adapter in every block). The scale must matter: outputs at two
+    scales differ."""
+    model, kwargs = _with_lora_adapter(family), _inputs(family)
+    name = "attention_kwargs" if family == "qwen" else "joint_attention_kwargs"
+
+    def call(scale, **settings):
+        return _run(model, {**kwargs, name: {"scale": scale, **({"sparsectx": settings} if settings else {})}})
+
+    plain = {scale: call(scale) for scale in (0.5, 1.0)}
+    assert (plain[0.5] - plain[1.0]).abs().max() > 100 * FP32_ATOL
+    sparsectx.enable(model, budget=0.5, selector=random_selector, seed=0, attention=attention)
+    torch.testing.assert_close(call(0.5, budget=1.0), plain[0.5], rtol=0, atol=FP32_ATOL)
+    dropped = call(0.5)
+    keep = model._sparsectx_patch.cache.keep
+    assert 0 < int(keep.sum()) < keep.numel()
+    sparsectx.disable(model)
+    image_keep = torch.cat([torch.ones(keep.shape[0], _n_target(), dtype=torch.bool), keep], 1)
+    monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.NATIVE, _KeyMaskedNative(image_keep))
+    torch.testing.assert_close(dropped[:, :_n_target()], call(0.5)[:, :_n_target()], rtol=0, atol=FP32_ATOL)
+
+
 @pytest.mark.parametrize("family", ("flux2", "qwen", QWEN_PLAIN))
 def test_mixed_budgets_equal_each_sample_alone(models, family):
     model, kwargs = models[family], _inputs(family.split()[0], batch=3)

@@ -330,6 +330,44 @@ def test_attention_selector_keeps_top_mass(models, family):
     assert torch.equal(keep, expected)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_probe_sees_a_lora_adapter_at_the_calls_scale(family):
+    """With a peft LoRA adapter scaled per call (``scale`` in the attention kwargs, beside the per-call sparsectx
+    settings), the probe's tensors are the first block's q/k with the adapter at that scale, and so is the
+    ``attention`` selection (the probe's forward takes the call's kwargs as they are)."""
+    peft = pytest.importorskip("peft")
+    from diffusers.utils.peft_utils import scale_lora_layers, unscale_lora_layers
+
+    model = _build_model(family)
+    model.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                      target_modules=["to_q", "to_k", "add_q_proj", "add_k_proj"]))
+    kwargs = _inputs(family)
+    name = "attention_kwargs" if family == "qwen" else "joint_attention_kwargs"
+    record = {}
+    sparsectx.enable(model, budget=BUDGET, selector=_recording_attention(record))
+    probed = {}
+    for scale in (0.0, 0.5):
+        getattr(model, integration.PATCH_ATTR).new_call()
+        with torch.no_grad():
+            model(**{**kwargs, name: {"scale": scale, "sparsectx": {"budget": BUDGET}}})
+        probed[scale] = record.pop("ref_keys"), getattr(model, integration.PATCH_ATTR).cache.keep
+    integration.disable(model)
+    n_refs = sum(h * w for h, w in REF_HWS[family])
+    for scale, (ref_keys, keep) in probed.items():
+        scale_lora_layers(model, scale)
+        try:
+            query, key = _hand_qk(model, family, kwargs)
+        finally:
+            unscale_lora_layers(model, scale)
+        image_key = key[:, TEXT_TOKENS + N_TARGET:TEXT_TOKENS + N_TARGET + n_refs]
+        torch.testing.assert_close(ref_keys, image_key, rtol=FP32_RTOL, atol=FP32_ATOL)
+        mass = selection.attention_mass(query[:, TEXT_TOKENS:TEXT_TOKENS + N_TARGET], image_key)
+        lengths = [h * w for h, w in REF_HWS[family]]
+        expected = torch.cat([topk_keep_mask(part, [BUDGET] * mass.shape[0]) for part in mass.split(lengths, 1)], 1)
+        assert torch.equal(keep, expected)
+    assert (probed[0.0][0] - probed[0.5][0]).abs().max() > 1e-2  # the scale matters
+
+
 @pytest.mark.parametrize("given", ["user_mask", "ref_keys"])
 def test_signals_a_selector_does_not_replace_leave_the_probe_on(models, given):
     """A signal that does not give the selector's probe tensors (an edit mask for 'attention', or the reference keys
