@@ -67,3 +67,65 @@ def test_relative_links_of_the_readme_and_docs_resolve():
                 assert anchor in _anchors(file), f"{page.name}: no heading for #{anchor} in {file.name}"
             checked += 1
     assert checked >= 10
+
+
+RUNS = README.parent / "bench" / "runs"
+MS_FIGURES = re.compile(r"((?:\d+(?:\.\d+)?\s*/\s*)*\d+(?:\.\d+)?) ms\b")
+DROP_IN_ROW, KEEP_ALL_ROW, NO_REFERENCE_ROW = ("sparsectx.enable (native attn)", "keep all reference tokens",
+                                               "no reference (limit)")
+
+
+def _runs() -> tuple:
+    """(commit -> the rows of every GPU run of that commit recorded in bench/runs (``*-bench.json``), the commit of
+    the latest run)."""
+    import json
+
+    runs: dict = {}
+    dated = []
+    for path in sorted(RUNS.glob("*-bench.json")):
+        recorded = json.loads(path.read_text())
+        runs.setdefault(recorded["meta"].get("commit"), []).extend(recorded["rows"])
+        dated.append((recorded["meta"]["date"], recorded["meta"].get("commit")))
+    return runs, max(dated)[1]
+
+
+def _quoted(time_ms: float, figure: str) -> str:
+    """``time_ms`` written with as many decimals as ``figure``."""
+    return f"{time_ms:.{len(figure.partition('.')[2])}f}"
+
+
+def test_the_readmes_measured_times_are_those_of_the_runs_it_names():
+    """The README's "Measured speed" table is the klein-9B step rows of the run of the commit it names (each cell the
+    drop-in's time at that reference count and ratio, the keep-all and no-reference columns those rows, the
+    speed-ups keep-all over the cell), and every time in ms quoted below the table is a row's time of the latest
+    recorded run: a figure typed by hand, or left behind when a run replaces another, fails here."""
+    text = README.read_text()
+    start = text.index("## Measured speed")
+    section = text[start:text.index("\n## ", start + 1)]
+    table_start = section.index("\n|")
+    commit = re.findall(r"commit (\w+)", section[:table_start])[-1]
+    runs, latest_commit = _runs()
+    steps = [r for r in runs[commit] if r["case"] == "e2e"]
+
+    def times(impl, shape_start):
+        return {r["time_ms"] for r in steps if r["impl"] == impl and r["shape"].startswith(shape_start)}
+
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    percents = [int(cell.split("%")[0]) for cell in lines[0].split("|")[3:-2]]  # "| references | keep all | 25% ..."
+    rows = [line.split("|")[1:-1] for line in lines[2:]]
+    assert len(rows) == 3 and percents == [25, 10, 5]
+    for cells in rows:
+        refs = int(cells[0])
+        keep_all = cells[1].split()[0]
+        assert keep_all in {_quoted(t, keep_all) for t in times(KEEP_ALL_ROW, f"{refs} ref x")}, cells
+        no_reference = cells[-1].split()[0]
+        assert no_reference in {_quoted(t, no_reference) for t in times(NO_REFERENCE_ROW, "")}, cells
+        for percent, cell in zip(percents, cells[2:-1]):
+            time_ms, speed_up = re.fullmatch(r"\s*([\d.]+) ms \(([\d.]+)x\)\s*", cell).groups()
+            assert time_ms in {_quoted(t, time_ms) for t in times(DROP_IN_ROW, f"{refs} ref x {percent}%")}, cells
+            assert abs(float(keep_all) / float(time_ms) - float(speed_up)) <= 0.01, cells
+    latest = [r["time_ms"] for r in runs[latest_commit] if r.get("time_ms") is not None]
+    below = [figure.strip() for group in MS_FIGURES.findall(section[section.index("\n\n", table_start):])
+             for figure in group.split("/")]
+    assert len(below) >= 10, below
+    assert [figure for figure in below if figure not in {_quoted(t, figure) for t in latest}] == []
