@@ -277,7 +277,7 @@ def test_dropping_rows_equals_masking_keys(models, family, monkeypatch):
 
 def _with_lora_adapter(family):
     """A fresh tiny model with a peft LoRA adapter on its attention projections (random, non-zero weights: the
-    adapter changes the output), as ``pipe.load_lora_weights`` leaves it."""
+    adapter changes the output), added by ``add_adapter``: the peft path ``pipe.load_lora_weights`` takes too."""
     peft = pytest.importorskip("peft")
     model = _build_model(family)
     model.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
