@@ -1440,8 +1440,7 @@ def test_the_cudnn_forced_drop_in_row_is_the_native_drop_in_under_cudnn_sdpa():
     assert note.endswith(f"torch SDPA's own choice at this attention shape: {expected}"), note
     scores, step = torch.rand(1, 64), (lambda: None)
     native = benchmarks._enable_impl(model, step, scores, 6, "native")
-    forced = benchmarks._cudnn_forced(benchmarks._enable_impl(model, step, scores, 6, "native"),
-                                      torch.device("cuda"))
+    forced = benchmarks._cudnn_forced(native, torch.device("cuda"))
     assert not forced.ours and forced.fn is step and forced.verify is not None and forced.comparable
     flags = (torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.mem_efficient_sdp_enabled,
              torch.backends.cuda.math_sdp_enabled, torch.backends.cuda.cudnn_sdp_enabled)
