@@ -94,6 +94,7 @@ import re
 import sys
 import threading
 import types
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Sequence, Union
@@ -2300,6 +2301,16 @@ def _check_attention(attention) -> str:
     return attention
 
 
+def check_enable_arguments(budget: Budget = 0.25, selector: Union[str, Callable] = "random",
+                           seed: Optional[int] = None, attention: str = NATIVE, signals: Optional[dict] = None) -> None:
+    """The errors ``enable`` raises for its arguments before it touches a model (its warnings are left to
+    ``enable``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _make_settings(budget, selector, seed, signals)
+    _check_attention(attention)
+
+
 def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Callable] = "random",
            seed: Optional[int] = None, attention: str = NATIVE, signals: Optional[dict] = None):
     """Sparse Context on a diffusers pipeline or transformer: each reference image keeps ``budget`` of its tokens
@@ -2431,18 +2442,15 @@ def last_selection(pipe_or_transformer) -> Optional[Selection]:
 
 
 @contextlib.contextmanager
-def sparse_context(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Callable] = "random",
-                   seed: Optional[int] = None, attention: str = NATIVE, signals: Optional[dict] = None):
-    """``with sparse_context(pipe, budget=...):`` enables Sparse Context inside the block (arguments as for
-    ``enable``); on exit the previous state comes back (disabled, or the settings enabled before)."""
+def restored_state(pipe_or_transformer):
+    """On exit from the block, the Sparse Context state of its start comes back: disabled, or the settings enabled
+    then (the same processor objects, a user's own included), whatever the block enabled or disabled."""
     pipe, transformer, _ = _split_target(pipe_or_transformer)
     previous = getattr(transformer, PATCH_ATTR, None)
     previous_state = (previous.settings, previous.attention_snapshot()) if previous is not None else None
     pipe_class = type(pipe) if pipe is not None else None  # sparsectx's subclass only if the pipeline was enabled
     enabled_through = _ENABLED_THROUGH.get(pipe) if pipe is not None and _weakly_keyed(pipe) else None
     try:
-        enable(pipe_or_transformer, budget=budget, selector=selector, seed=seed, attention=attention,
-               signals=signals)
         yield pipe_or_transformer
     finally:
         if previous_state is None:
@@ -2462,3 +2470,14 @@ def sparse_context(pipe_or_transformer, budget: Budget = 0.25, selector: Union[s
                 _ENABLED_THROUGH.pop(pipe, None)
             else:
                 _ENABLED_THROUGH[pipe] = enabled_through
+
+
+@contextlib.contextmanager
+def sparse_context(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Callable] = "random",
+                   seed: Optional[int] = None, attention: str = NATIVE, signals: Optional[dict] = None):
+    """``with sparse_context(pipe, budget=...):`` enables Sparse Context inside the block (arguments as for
+    ``enable``); on exit the previous state comes back (disabled, or the settings enabled before)."""
+    with restored_state(pipe_or_transformer):
+        enable(pipe_or_transformer, budget=budget, selector=selector, seed=seed, attention=attention,
+               signals=signals)
+        yield pipe_or_transformer

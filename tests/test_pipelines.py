@@ -904,3 +904,171 @@ def test_a_components_manager_sub_pipeline_sharing_an_enabled_transformer(blocks
         sparsectx.disable(pipe)
         sparsectx.disable(sub)
     assert torch.equal(run(pipe), expected) and torch.equal(run(sub), expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# budget sweep (sparsectx.sweep)
+# ----------------------------------------------------------------------------------------------------------------
+def _sweep_kwargs(family, output_type="pt"):
+    """One plain call's arguments without the generator (the sweep seeds every call with SEED itself)."""
+    kwargs = _call_kwargs(family, PLAIN)
+    del kwargs["generator"]
+    kwargs["output_type"] = output_type
+    return kwargs
+
+
+def _seeded_call(pipe, kwargs):
+    with torch.no_grad():
+        return pipe(**kwargs, generator=torch.Generator().manual_seed(SEED)).images
+
+
+def _transformer_forwards(pipe) -> list:
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("output_type", ["pt", "latent"])
+def test_sweep_compares_each_setting_with_the_unpatched_call(pipe, family, output_type):
+    """Row 0 is the unpatched call, each other row the call under sparse_context with that setting (the same
+    outputs, bit for bit), and the metrics are those of the outputs against row 0's."""
+    kwargs = _sweep_kwargs(family, output_type)
+    unpatched = _seeded_call(pipe, kwargs)
+    with sparsectx.sparse_context(pipe, budget=_budget(family), selector="uniform"):
+        sparse = _seeded_call(pipe, kwargs)
+    result = sparsectx.sweep(pipe, [{"budget": 1.0}, {"budget": _budget(family), "selector": "uniform"}],
+                             seed=SEED, warmup=0, keep_outputs=True, progress=False, **kwargs)
+    off, keep_all, dropped = result.rows
+    assert [row.label for row in result.rows] == ["sparsectx off", "budget=1.0",
+                                                   f"budget={_budget(family)}, selector=uniform"]
+    assert off.settings is None and dropped.settings == {"budget": _budget(family), "selector": "uniform"}
+    assert torch.equal(result.outputs[0], unpatched.float()) and torch.equal(result.outputs[2], sparse.float())
+    torch.testing.assert_close(result.outputs[1], result.outputs[0], rtol=0, atol=FP32_ATOL)
+    assert off.kept == keep_all.kept == 1.0
+    assert dropped.kept == pytest.approx(sum(_kept_tokens(family)) / sum(_reference_tokens(family)))
+    baseline, output = unpatched.double(), sparse.double()
+    mse = (output - baseline).pow(2).mean().item()
+    assert mse > 0  # the dropped tokens mattered
+    assert dropped.rel_rmse == pytest.approx((mse / baseline.pow(2).mean().item()) ** 0.5, rel=1e-9)
+    assert dropped.max_abs_diff == pytest.approx((output - baseline).abs().max().item(), rel=1e-9)
+    assert off.rel_rmse == 0 and off.max_abs_diff == 0
+    if output_type == "pt":
+        assert dropped.psnr == pytest.approx(10 * torch.log10(torch.tensor(1.0 / mse, dtype=torch.float64)).item())
+        assert off.psnr == float("inf")
+    else:
+        assert off.psnr is None and dropped.psnr is None  # latents: no PSNR
+    assert all(row.seconds > 0 for row in result.rows)
+
+
+@pytest.mark.parametrize("family", [KONTEXT])  # not family-specific: one family
+def test_sweep_times_the_repeats_and_not_the_warmup(pipe, family, monkeypatch):
+    """warmup + repeats calls per row; the time reported is the median of the repeats. A fake clock makes each
+    forward of a row's warm-up call last 50 s and those of its timed calls 1, 2, 3 s: the median call, 2 s per step."""
+    from sparsectx import budget_sweep
+
+    clock, forwards = [0.0], []
+    per_forward = [50.0, 1.0, 2.0, 3.0]  # a row's calls: 1 warm-up, then 3 timed
+
+    def tick(module, args):
+        clock[0] += per_forward[(len(forwards) // STEPS) % len(per_forward)]
+        forwards.append(1)
+
+    pipe.transformer.register_forward_pre_hook(tick)
+    monkeypatch.setattr(budget_sweep, "perf_counter", lambda: clock[0])
+    result = sparsectx.sweep(pipe, [{"budget": _budget(family), "selector": "uniform"}], seed=SEED, warmup=1,
+                             repeats=3, progress=False, **_sweep_kwargs(family, "latent"))
+    assert len(result.rows) == 2 and result.outputs is None
+    assert len(forwards) == 2 * (1 + 3) * STEPS  # 2 rows x (1 warm-up + 3 timed calls) x steps
+    assert [row.seconds for row in result.rows] == [2.0 * STEPS] * 2
+
+
+@pytest.mark.parametrize("family", [KONTEXT])  # not family-specific: one family
+@pytest.mark.parametrize("before", ["off", "enabled", "transformer enabled"])
+@pytest.mark.parametrize("fails", [False, True])
+def test_sweep_restores_the_pipelines_state(pipe, family, before, fails):
+    """After the sweep (or a call failing inside it) the pipeline has the Sparse Context state, class, attention
+    processors and progress-bar settings it had before."""
+    if before == "enabled":
+        sparsectx.enable(pipe, budget=_budget(family), selector="uniform", attention="sparsectx")
+    elif before == "transformer enabled":
+        sparsectx.enable(pipe.transformer, budget=_budget(family), selector="uniform")
+    pipe.set_progress_bar_config(desc="mine", leave=False)
+    patch = getattr(pipe.transformer, "_sparsectx_patch", None)
+    settings = None if patch is None else patch.settings
+    pipe_class = type(pipe)
+    processors = dict(pipe.transformer.attn_processors)
+
+    def failing(latents, context):
+        raise RuntimeError("selector failed")
+
+    settings_list = [{"budget": _budget(family), "selector": failing if fails else "random", "seed": SEED,
+                      "attention": "sparsectx"}]
+    if fails:
+        with pytest.raises(RuntimeError, match="selector failed"):
+            sparsectx.sweep(pipe, settings_list, warmup=0, progress=False, **_sweep_kwargs(family, "latent"))
+    else:
+        sparsectx.sweep(pipe, settings_list, warmup=0, progress=False, **_sweep_kwargs(family, "latent"))
+    assert type(pipe) is pipe_class
+    now_patch = getattr(pipe.transformer, "_sparsectx_patch", None)  # (reinstalled after the baseline's disable)
+    assert (now_patch is None) == (patch is None) and (patch is None or now_patch.settings is settings)
+    now = pipe.transformer.attn_processors
+    assert now.keys() == processors.keys() and all(now[name] is processors[name] for name in processors)
+    assert pipe._progress_bar_config == {"desc": "mine", "leave": False}
+
+
+@pytest.mark.parametrize("family", [KONTEXT])  # not family-specific: one family
+@pytest.mark.parametrize("args, error, words", [
+    (dict(settings=[]), ValueError, "settings is empty"),
+    (dict(settings={"budget": 0.1}), TypeError, "settings must be a list"),
+    (dict(settings=[0.1]), TypeError, "settings[0] must be a dict"),
+    (dict(settings=[{"budget": 0.1}, {"budjet": 0.1}]), ValueError, "settings[1] has unknown keys ['budjet']"),
+    (dict(settings=[{"budget": 1.5}]), ValueError, "settings[0]: budget"),
+    (dict(settings=[{"selector": "nope"}]), ValueError, "settings[0]: "),
+    (dict(settings=[{"attention": "flash"}]), ValueError, "settings[0]: attention"),
+    (dict(settings=[{"budget": 0.1}], repeats=0), ValueError, "repeats must be at least 1"),
+    (dict(settings=[{"budget": 0.1}], warmup=-1), ValueError, "warmup must be at least 0"),
+    (dict(settings=[{"budget": 0.1}], seed=1.5), TypeError, "seed must be an int"),
+    (dict(settings=[{"budget": 0.1}], generator=torch.Generator()), ValueError, "pass no generator"),
+    (dict(settings=[{"budget": 0.1}], output_type="png"), ValueError, "output_type must be one of"),
+])
+def test_bad_sweep_arguments_fail_before_any_call(pipe, family, args, error, words):
+    forwards = _transformer_forwards(pipe)
+    kwargs = _sweep_kwargs(family, "latent")
+    kwargs.update(args)
+    settings = kwargs.pop("settings")
+    with pytest.raises(error) as raised:
+        sparsectx.sweep(pipe, settings, progress=False, **kwargs)
+    assert words in str(raised.value)
+    assert forwards == [] and not sparsectx.integration.is_enabled(pipe)
+
+
+@pytest.mark.parametrize("family", [KONTEXT])  # not family-specific: one family
+def test_sweep_of_a_bare_transformer_is_refused(pipe, family):
+    with pytest.raises(TypeError, match="must be a diffusers pipeline"):
+        sparsectx.sweep(pipe.transformer, [{"budget": 0.1}], progress=False)
+
+
+@pytest.mark.parametrize("family", [KONTEXT])  # not family-specific: one family
+def test_sweep_table_and_plot(pipe, family, tmp_path):
+    pytest.importorskip("matplotlib")
+    settings = [{"budget": 1.0}, {"budget": _budget(family), "selector": "uniform", "label": "uniform"}]
+    result = sparsectx.sweep(pipe, settings, seed=SEED, warmup=0, progress=False, **_sweep_kwargs(family))
+    lines = result.table().splitlines()
+    assert str(result) == result.table() and len(lines) == 2 + 3
+    off, keep_all, dropped = result.rows
+    cells = [line.split(" | ") for line in lines[2:]]
+    assert [c[0].lstrip("| ") for c in cells] == ["sparsectx off", "budget=1.0", "uniform"]
+    assert cells[2][1] == f"{100 * dropped.kept:.1f}%" and cells[2][3] == f"{off.seconds / dropped.seconds:.2f}x"
+    assert cells[2][4] == f"{dropped.psnr:.2f} dB" and cells[0][4] == "inf"
+    path = tmp_path / "sweep.png"
+    fig = result.plot(path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fidelity, timing = fig.axes
+    # the fidelity panel shows the finite PSNRs only (keep-all equals the baseline here: infinite), the timing panel
+    # every setting, against the kept share in percent
+    fidelity_points = [(line.get_xdata()[0], line.get_ydata()[0]) for line in fidelity.get_lines()]
+    expected = [(100 * row.kept, row.psnr) for row in (keep_all, dropped) if row.psnr != float("inf")]
+    assert fidelity_points == pytest.approx(expected)
+    timing_points = [(line.get_xdata()[0], line.get_ydata()[0]) for line in timing.get_lines()[:2]]
+    assert timing_points == pytest.approx([(100 * keep_all.kept, keep_all.seconds), (100 * dropped.kept,
+                                                                                      dropped.seconds)])

@@ -1,0 +1,241 @@
+"""``sparsectx.sweep``: a pipeline called once with Sparse Context off and once per setting, every call with the same
+inputs and seed, as a table of how far each setting moves the output from the full-context output and how long a
+call takes (choosing a budget and a selector for a task on one's own inputs).
+
+Built on the drop-in (``sparse_context`` per setting, the state of before restored after); no kernel of its own.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import statistics
+import sys
+from dataclasses import dataclass
+from time import perf_counter
+from typing import Any, NamedTuple, Optional, Sequence
+
+import torch
+
+from . import integration
+
+# the keys of one setting: ``enable``'s arguments (those a row leaves out take enable's defaults), and a label
+SETTING_KEYS = ("budget", "selector", "seed", "attention", "signals")
+LABEL_KEY = "label"
+# output types the sweep compares: images as floats in [0, 1] (``pil`` read as 8-bit values / 255), or the latents
+IMAGE_OUTPUT_TYPES = ("pt", "np", "pil")
+OUTPUT_TYPES = IMAGE_OUTPUT_TYPES + ("latent",)
+BASELINE_LABEL = "sparsectx off"
+
+
+class SweepRow(NamedTuple):
+    """One row: ``settings`` (None: Sparse Context off, the baseline), ``kept`` the share of the reference tokens
+    the call kept (over the batch; 1.0 for the baseline), ``seconds`` the median time of a timed call, and the
+    output against the baseline's: ``psnr`` in dB over the whole batch (images only, ``inf`` when equal; None for
+    latents), ``rel_rmse`` (root of the mean squared difference over that of the baseline) and ``max_abs_diff``."""
+
+    label: str
+    settings: Optional[dict]
+    kept: float
+    seconds: float
+    psnr: Optional[float]
+    rel_rmse: float
+    max_abs_diff: float
+
+
+@dataclass
+class Sweep:
+    """``rows`` (the baseline first, then one per setting in the order given) and, with ``keep_outputs=True``, each
+    row's output as a float32 CPU tensor (images ``[B, C, H, W]`` or ``[B, H, W, C]`` as the output type gives
+    them, or the latents). ``table()`` is a markdown table; ``plot(path)`` draws PSNR (or the relative RMSE) and
+    the time of a call against the share kept."""
+
+    rows: list
+    outputs: Optional[list] = None
+
+    def table(self) -> str:
+        baseline = self.rows[0].seconds
+        lines = ["| setting | kept | time per call | speed-up | PSNR | rel. RMSE | max abs diff |",
+                 "|---|---|---|---|---|---|---|"]
+        for row in self.rows:
+            psnr = "—" if row.psnr is None else ("inf" if math.isinf(row.psnr) else f"{row.psnr:.2f} dB")
+            lines.append(f"| {row.label} | {100 * row.kept:.1f}% | {_duration(row.seconds)} | "
+                         f"{baseline / row.seconds:.2f}x | {psnr} | {row.rel_rmse:.3g} | {row.max_abs_diff:.3g} |")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def plot(self, path=None):
+        """A matplotlib ``Figure`` (no pyplot state touched), saved to ``path`` when given: fidelity and time per
+        call against the share of reference tokens kept, one labelled point per setting; the baseline's time is the
+        dashed line. Points of infinite PSNR (outputs equal to the baseline's) are left out of the first panel."""
+        try:
+            from matplotlib.figure import Figure
+        except ImportError as e:
+            raise ImportError("Sweep.plot needs matplotlib (pip install 'sparsectx[plot]')") from e
+        rows = self.rows[1:]
+        images = rows[0].psnr is not None if rows else True
+        fig = Figure(figsize=(10, 4), layout="constrained")
+        fidelity, timing = fig.subplots(1, 2)
+        for i, row in enumerate(rows):
+            color = f"C{i % 10}"  # one colour per setting in both panels
+            value = row.psnr if images else row.rel_rmse
+            if math.isfinite(value):
+                fidelity.plot(100 * row.kept, value, "o", color=color)
+                fidelity.annotate(row.label, (100 * row.kept, value), fontsize=7)
+            timing.plot(100 * row.kept, row.seconds, "o", color=color)
+            timing.annotate(row.label, (100 * row.kept, row.seconds), fontsize=7)
+        fidelity.set_xlabel("reference tokens kept (%)")
+        fidelity.set_ylabel("PSNR against Sparse Context off (dB)" if images else "relative RMSE against off")
+        timing.axhline(self.rows[0].seconds, linestyle="--", color="gray", label=BASELINE_LABEL)
+        timing.set_xlabel("reference tokens kept (%)")
+        timing.set_ylabel("seconds per call")
+        timing.legend()
+        if path is not None:
+            fig.savefig(path)
+        return fig
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.3f} s" if seconds >= 1 else f"{1e3 * seconds:.1f} ms"
+
+
+def _label(setting: dict) -> str:
+    if LABEL_KEY in setting:
+        return str(setting[LABEL_KEY])
+    return ", ".join(f"{key}={getattr(value, '__name__', value)}" for key, value in setting.items()) or "defaults"
+
+
+def _check_count(name: str, value, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < least:
+        raise ValueError(f"{name} must be at least {least}, got {value}")
+
+
+def _check_settings(settings) -> list:
+    """The settings as a list of dicts, each checked as ``enable`` checks its arguments (errors name the row)."""
+    if isinstance(settings, (dict, str)) or not isinstance(settings, Sequence):
+        raise TypeError(f"settings must be a list of dicts of enable()'s arguments, got {type(settings).__name__}")
+    if len(settings) == 0:
+        raise ValueError("settings is empty: give at least one dict of enable()'s arguments, e.g. {'budget': 0.1}")
+    rows = []
+    for i, setting in enumerate(settings):
+        if not isinstance(setting, dict):
+            raise TypeError(f"settings[{i}] must be a dict of enable()'s arguments, got {type(setting).__name__}")
+        unknown = sorted(set(setting) - set(SETTING_KEYS) - {LABEL_KEY}, key=str)
+        if unknown:
+            raise ValueError(f"settings[{i}] has unknown keys {unknown}: allowed are {list(SETTING_KEYS)} and "
+                             f"'{LABEL_KEY}'")
+        args = {key: value for key, value in setting.items() if key != LABEL_KEY}
+        try:
+            integration.check_enable_arguments(**args)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"settings[{i}]: {e}") from e
+        rows.append(setting)
+    return rows
+
+
+def _as_float_tensor(images, output_type: str) -> torch.Tensor:
+    """A pipeline's ``images`` as a float64 CPU tensor (PIL images as their 8-bit values / 255)."""
+    if output_type == "pil":
+        import numpy as np
+
+        return torch.stack([torch.from_numpy(np.asarray(image, dtype=np.float64) / 255.0) for image in images])
+    if not isinstance(images, torch.Tensor):
+        images = torch.from_numpy(images)
+    return images.detach().to("cpu", torch.float64)
+
+
+def _compare(output: torch.Tensor, baseline: torch.Tensor, images: bool) -> tuple:
+    """(psnr, rel_rmse, max_abs_diff) of ``output`` against ``baseline`` (float64 tensors of one shape)."""
+    if output.shape != baseline.shape:
+        raise RuntimeError(f"an output of shape {tuple(output.shape)} against the baseline's "
+                           f"{tuple(baseline.shape)}: the settings changed what the pipeline returns")
+    diff = output - baseline
+    mse = diff.pow(2).mean().item()
+    psnr = (math.inf if mse == 0 else 10 * math.log10(1.0 / mse)) if images else None
+    reference = baseline.pow(2).mean().item()
+    rel_rmse = math.sqrt(mse / reference) if reference > 0 else (0.0 if mse == 0 else math.inf)
+    return psnr, rel_rmse, diff.abs().max().item() if diff.numel() else 0.0
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def sweep(pipe, settings: Sequence[dict], *, seed: int = 0, repeats: int = 1, warmup: int = 1,
+          keep_outputs: bool = False, progress: Optional[bool] = None, **call_kwargs: Any) -> Sweep:
+    """Calls ``pipe(**call_kwargs)`` with Sparse Context off (the baseline), then once per setting inside
+    ``sparse_context(pipe, **setting)``: ``warmup`` untimed calls and ``repeats`` timed ones each (the median is
+    reported), every call with a new ``torch.Generator().manual_seed(seed)``, so every row starts from the same
+    noise (and a seedless random selector selects alike in every row). The last call's output is compared with the
+    baseline's.
+
+    ``settings``: dicts of ``enable``'s arguments (``budget``, ``selector``, ``seed``, ``attention``, ``signals``;
+    the ones left out take ``enable``'s defaults, not the pipeline's current settings) and optionally ``label``.
+    ``call_kwargs``: the pipeline's own arguments, without ``generator``; ``output_type`` defaults to ``"pt"`` (one
+    of ``pt``, ``np``, ``pil``: PSNR of images in [0, 1]; ``latent``: no PSNR). The pipeline's Sparse Context state
+    and progress-bar settings are restored after the sweep (its own bars are off during it; ``progress`` shows the
+    sweep's, by default on a terminal). Every argument is checked before the first call."""
+    _, transformer, _ = integration._split_target(pipe)
+    if transformer is pipe or not callable(pipe):
+        raise TypeError("pipe must be a diffusers pipeline (sweep calls it); got a bare transformer")
+    rows = _check_settings(settings)
+    _check_count("seed", seed, 0)
+    _check_count("repeats", repeats, 1)
+    _check_count("warmup", warmup, 0)
+    if "generator" in call_kwargs:
+        raise ValueError("call_kwargs: pass no generator: sweep seeds every call with torch.Generator()."
+                         "manual_seed(seed) (give `seed=`)")
+    output_type = call_kwargs.setdefault("output_type", "pt")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {list(OUTPUT_TYPES)} to be compared, got {output_type!r}")
+    images = output_type in IMAGE_OUTPUT_TYPES
+
+    from tqdm import tqdm
+
+    bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
+    results, outputs = [], []
+    baseline = None
+    try:
+        pipe.set_progress_bar_config(disable=True)
+        with tqdm(total=(1 + len(rows)) * (warmup + repeats), desc="sweep", unit="call", file=sys.stderr,
+                  disable=None if progress is None else not progress) as bar:
+            for setting in [None] + rows:
+                label = BASELINE_LABEL if setting is None else _label(setting)
+                bar.set_postfix_str(label)
+                output, seconds, kept = _run_row(pipe, setting, seed, warmup, repeats, call_kwargs, bar)
+                output = _as_float_tensor(output, output_type)
+                if baseline is None:
+                    baseline = output
+                psnr, rel_rmse, max_abs_diff = _compare(output, baseline, images)
+                results.append(SweepRow(label, None if setting is None else dict(setting), kept,
+                                        statistics.median(seconds), psnr, rel_rmse, max_abs_diff))
+                if keep_outputs:
+                    outputs.append(output.float())
+    finally:
+        pipe.set_progress_bar_config(**bar_config)
+    return Sweep(results, outputs if keep_outputs else None)
+
+
+def _run_row(pipe, setting: Optional[dict], seed: int, warmup: int, repeats: int, call_kwargs: dict, bar) -> tuple:
+    """(last output's images, timed seconds, share kept) of one row's calls."""
+    with integration.restored_state(pipe):
+        if setting is None:
+            integration.disable(pipe)
+        else:
+            integration.enable(pipe, **{key: value for key, value in setting.items() if key != LABEL_KEY})
+        seconds = []
+        for call in range(warmup + repeats):
+            _synchronize()
+            start = perf_counter()
+            out = pipe(**call_kwargs, generator=torch.Generator().manual_seed(seed))
+            _synchronize()
+            if call >= warmup:
+                seconds.append(perf_counter() - start)
+            bar.update(1)
+        selection = integration.last_selection(pipe) if setting is not None else None
+    kept = 1.0 if selection is None else selection.keep.float().mean().item()
+    return (out.images if hasattr(out, "images") else out[0]), seconds, kept
