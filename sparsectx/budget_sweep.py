@@ -25,6 +25,10 @@ LABEL_KEY = "label"
 IMAGE_OUTPUT_TYPES = ("pt", "np", "pil")
 OUTPUT_TYPES = IMAGE_OUTPUT_TYPES + ("latent",)
 BASELINE_LABEL = "sparsectx off"
+# longest description of one value in a row's label (e.g. a budget object's repr)
+LABEL_VALUE_CHARS = 40
+# the keyword under which a call's own attention kwargs carry per-call sparsectx settings
+PER_CALL_KEY = "sparsectx"
 
 
 class SweepRow(NamedTuple):
@@ -100,10 +104,24 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.3f} s" if seconds >= 1 else f"{1e3 * seconds:.1f} ms"
 
 
+def _short(value) -> str:
+    """A one-line description of a setting's value for its label (tensors by shape, callables by name)."""
+    if isinstance(value, torch.Tensor):
+        return f"tensor{list(value.shape)}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key}: {_short(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_short(item) for item in value) + "]"
+    if callable(value) and hasattr(value, "__name__"):
+        return value.__name__
+    text = " ".join(str(value).split())  # one line: a table cell
+    return text if len(text) <= LABEL_VALUE_CHARS else text[:LABEL_VALUE_CHARS - 3] + "..."
+
+
 def _label(setting: dict) -> str:
     if LABEL_KEY in setting:
-        return str(setting[LABEL_KEY])
-    return ", ".join(f"{key}={getattr(value, '__name__', value)}" for key, value in setting.items()) or "defaults"
+        return " ".join(str(setting[LABEL_KEY]).split())
+    return ", ".join(f"{key}={_short(value)}" for key, value in setting.items()) or "defaults"
 
 
 def _check_count(name: str, value, least: int) -> None:
@@ -179,9 +197,9 @@ def sweep(pipe, settings: Sequence[dict], *, seed: int = 0, repeats: int = 1, wa
     of ``pt``, ``np``, ``pil``: PSNR of images in [0, 1]; ``latent``: no PSNR). The pipeline's Sparse Context state
     and progress-bar settings are restored after the sweep (its own bars are off during it; ``progress`` shows the
     sweep's, by default on a terminal). Every argument is checked before the first call."""
-    _, transformer, _ = integration._split_target(pipe)
-    if transformer is pipe or not callable(pipe):
-        raise TypeError("pipe must be a diffusers pipeline (sweep calls it); got a bare transformer")
+    if isinstance(pipe, torch.nn.Module) or not callable(pipe) or not hasattr(pipe, "set_progress_bar_config"):
+        raise TypeError(f"pipe must be a diffusers pipeline (sweep calls it), got {type(pipe).__name__}")
+    integration._split_target(pipe)  # a pipeline of a supported family
     rows = _check_settings(settings)
     _check_count("seed", seed, 0)
     _check_count("repeats", repeats, 1)
@@ -189,6 +207,10 @@ def sweep(pipe, settings: Sequence[dict], *, seed: int = 0, repeats: int = 1, wa
     if "generator" in call_kwargs:
         raise ValueError("call_kwargs: pass no generator: sweep seeds every call with torch.Generator()."
                          "manual_seed(seed) (give `seed=`)")
+    for name, value in call_kwargs.items():
+        if isinstance(value, dict) and PER_CALL_KEY in value:
+            raise ValueError(f"call_kwargs: {name}[{PER_CALL_KEY!r}] would override every row's settings: give "
+                             "the settings to compare as `settings`")
     output_type = call_kwargs.setdefault("output_type", "pt")
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {list(OUTPUT_TYPES)} to be compared, got {output_type!r}")

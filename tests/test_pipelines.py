@@ -1030,6 +1030,8 @@ def test_sweep_restores_the_pipelines_state(pipe, family, before, fails):
     (dict(settings=[{"budget": 0.1}], seed=1.5), TypeError, "seed must be an int"),
     (dict(settings=[{"budget": 0.1}], generator=torch.Generator()), ValueError, "pass no generator"),
     (dict(settings=[{"budget": 0.1}], output_type="png"), ValueError, "output_type must be one of"),
+    (dict(settings=[{"budget": 0.1}], joint_attention_kwargs={"sparsectx": {"budget": 1.0}}), ValueError,
+     "joint_attention_kwargs['sparsectx'] would override every row's settings"),
 ])
 def test_bad_sweep_arguments_fail_before_any_call(pipe, family, args, error, words):
     forwards = _transformer_forwards(pipe)
@@ -1043,21 +1045,32 @@ def test_bad_sweep_arguments_fail_before_any_call(pipe, family, args, error, wor
 
 
 @pytest.mark.parametrize("family", [KONTEXT])  # not family-specific: one family
-def test_sweep_of_a_bare_transformer_is_refused(pipe, family):
-    with pytest.raises(TypeError, match="must be a diffusers pipeline"):
-        sparsectx.sweep(pipe.transformer, [{"budget": 0.1}], progress=False)
+@pytest.mark.parametrize("target", ["transformer", "compiled transformer", "function"])
+def test_sweep_of_anything_but_a_pipeline_is_refused(pipe, family, target):
+    forwards = _transformer_forwards(pipe)
+    not_a_pipeline = {"transformer": lambda: pipe.transformer,
+                      "compiled transformer": lambda: torch.compile(pipe.transformer),
+                      "function": lambda: lambda **kwargs: pipe(**kwargs)}[target]()
+    with pytest.raises(TypeError, match="pipe must be a diffusers pipeline"):
+        sparsectx.sweep(not_a_pipeline, [{"budget": 0.1}], progress=False, **_sweep_kwargs(family))
+    assert forwards == []
 
 
 @pytest.mark.parametrize("family", [KONTEXT])  # not family-specific: one family
 def test_sweep_table_and_plot(pipe, family, tmp_path):
     pytest.importorskip("matplotlib")
-    settings = [{"budget": 1.0}, {"budget": _budget(family), "selector": "uniform", "label": "uniform"}]
+    n_tokens = sum(_reference_tokens(family))
+    user_mask = torch.arange(n_tokens)[None] < n_tokens // 2
+    settings = [{"budget": 1.0}, {"budget": _budget(family), "selector": "uniform", "label": "uniform"},
+                {"budget": 0.25, "selector": "edit", "signals": {"user_mask": user_mask}}]
     result = sparsectx.sweep(pipe, settings, seed=SEED, warmup=0, progress=False, **_sweep_kwargs(family))
     lines = result.table().splitlines()
-    assert str(result) == result.table() and len(lines) == 2 + 3
-    off, keep_all, dropped = result.rows
+    assert str(result) == result.table() and len(lines) == 2 + 4  # a tensor setting is labelled on one line
+    off, keep_all, dropped, edit = result.rows
     cells = [line.split(" | ") for line in lines[2:]]
-    assert [c[0].lstrip("| ") for c in cells] == ["sparsectx off", "budget=1.0", "uniform"]
+    assert [c[0].lstrip("| ") for c in cells] == [
+        "sparsectx off", "budget=1.0", "uniform", f"budget=0.25, selector=edit, signals={{user_mask: tensor[1, "
+                                                   f"{n_tokens}]}}"]
     assert cells[2][1] == f"{100 * dropped.kept:.1f}%" and cells[2][3] == f"{off.seconds / dropped.seconds:.2f}x"
     assert cells[2][4] == f"{dropped.psnr:.2f} dB" and cells[0][4] == "inf"
     path = tmp_path / "sweep.png"
@@ -1067,8 +1080,7 @@ def test_sweep_table_and_plot(pipe, family, tmp_path):
     # the fidelity panel shows the finite PSNRs only (keep-all equals the baseline here: infinite), the timing panel
     # every setting, against the kept share in percent
     fidelity_points = [(line.get_xdata()[0], line.get_ydata()[0]) for line in fidelity.get_lines()]
-    expected = [(100 * row.kept, row.psnr) for row in (keep_all, dropped) if row.psnr != float("inf")]
+    expected = [(100 * row.kept, row.psnr) for row in (keep_all, dropped, edit) if row.psnr != float("inf")]
     assert fidelity_points == pytest.approx(expected)
-    timing_points = [(line.get_xdata()[0], line.get_ydata()[0]) for line in timing.get_lines()[:2]]
-    assert timing_points == pytest.approx([(100 * keep_all.kept, keep_all.seconds), (100 * dropped.kept,
-                                                                                      dropped.seconds)])
+    timing_points = [(line.get_xdata()[0], line.get_ydata()[0]) for line in timing.get_lines()[:3]]
+    assert timing_points == pytest.approx([(100 * row.kept, row.seconds) for row in (keep_all, dropped, edit)])
