@@ -1068,9 +1068,8 @@ def test_sweep_table_and_plot(pipe, family, tmp_path):
     assert str(result) == result.table() and len(lines) == 2 + 4  # a tensor setting is labelled on one line
     off, keep_all, dropped, edit = result.rows
     cells = [line.split(" | ") for line in lines[2:]]
-    assert [c[0].lstrip("| ") for c in cells] == [
-        "sparsectx off", "budget=1.0", "uniform", f"budget=0.25, selector=edit, signals={{user_mask: tensor[1, "
-                                                   f"{n_tokens}]}}"]
+    edit_label = f"budget=0.25, selector=edit, signals={{user_mask: tensor[1, {n_tokens}]}}"
+    assert [c[0].lstrip("| ") for c in cells] == ["sparsectx off", "budget=1.0", "uniform", edit_label]
     assert cells[2][1] == f"{100 * dropped.kept:.1f}%" and cells[2][3] == f"{off.seconds / dropped.seconds:.2f}x"
     assert cells[2][4] == f"{dropped.psnr:.2f} dB" and cells[0][4] == "inf"
     path = tmp_path / "sweep.png"
