@@ -231,9 +231,9 @@ class _SparsectxProcessor:
         """Before a sparsectx attention call: no context parallelism, and a dtype the op computes."""
         self._check_parallel()
         if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise TypeError(f"{type(self).__name__} (attention='sparsectx', drop training) computes attention in "
-                            f"fp16, bf16 or fp32; this model runs {query.dtype}: enable with attention='native' or "
-                            "run the model in a supported dtype")
+            raise TypeError(f"{type(self).__name__} computes attention in fp16, bf16 or fp32; this model runs "
+                            f"{query.dtype}: enable with attention='native' (the drop-in), or run the model in a "
+                            "supported dtype (drop training needs one)")
 
     def _delegates(self) -> bool:
         """Whether this call goes to the replaced processor (checked first in every call, with the parallelism)."""
