@@ -50,11 +50,13 @@ class SweepRow(NamedTuple):
 class Sweep:
     """``rows`` (the baseline first, then one per setting in the order given) and, with ``keep_outputs=True``, each
     row's output as a float32 CPU tensor (images ``[B, C, H, W]`` or ``[B, H, W, C]`` as the output type gives
-    them, or the latents). ``table()`` is a markdown table; ``plot(path)`` draws PSNR (or the relative RMSE) and
-    the time of a call against the share kept."""
+    them, or the latents) and what its last call kept (``sparsectx.last_selection``'s ``Selection``, e.g.
+    ``selections[2].grids()`` to view it; None for the baseline). ``table()`` is a markdown table; ``plot(path)``
+    draws PSNR (or the relative RMSE) and the time of a call against the share kept."""
 
     rows: list
     outputs: Optional[list] = None
+    selections: Optional[list] = None
 
     def table(self) -> str:
         baseline = self.rows[0].seconds
@@ -219,7 +221,7 @@ def sweep(pipe, settings: Sequence[dict], *, seed: int = 0, repeats: int = 1, wa
     from tqdm import tqdm
 
     bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
-    results, outputs = [], []
+    results, outputs, selections = [], [], []
     baseline = None
     try:
         pipe.set_progress_bar_config(disable=True)
@@ -228,7 +230,8 @@ def sweep(pipe, settings: Sequence[dict], *, seed: int = 0, repeats: int = 1, wa
             for setting in [None] + rows:
                 label = BASELINE_LABEL if setting is None else _label(setting)
                 bar.set_postfix_str(label)
-                output, seconds, kept = _run_row(pipe, setting, seed, warmup, repeats, call_kwargs, bar)
+                output, seconds, selection = _run_row(pipe, setting, seed, warmup, repeats, call_kwargs, bar)
+                kept = 1.0 if selection is None else selection.keep.float().mean().item()
                 output = _as_float_tensor(output, output_type)
                 if baseline is None:
                     baseline = output
@@ -237,13 +240,14 @@ def sweep(pipe, settings: Sequence[dict], *, seed: int = 0, repeats: int = 1, wa
                                         statistics.median(seconds), psnr, rel_rmse, max_abs_diff))
                 if keep_outputs:
                     outputs.append(output.float())
+                    selections.append(selection)
     finally:
         pipe.set_progress_bar_config(**bar_config)
-    return Sweep(results, outputs if keep_outputs else None)
+    return Sweep(results, outputs, selections) if keep_outputs else Sweep(results)
 
 
 def _run_row(pipe, setting: Optional[dict], seed: int, warmup: int, repeats: int, call_kwargs: dict, bar) -> tuple:
-    """(last output's images, timed seconds, share kept) of one row's calls."""
+    """(last output's images, timed seconds, last selection or None) of one row's calls."""
     with integration.restored_state(pipe):
         if setting is None:
             integration.disable(pipe)
@@ -259,5 +263,4 @@ def _run_row(pipe, setting: Optional[dict], seed: int, warmup: int, repeats: int
                 seconds.append(perf_counter() - start)
             bar.update(1)
         selection = integration.last_selection(pipe) if setting is not None else None
-    kept = 1.0 if selection is None else selection.keep.float().mean().item()
-    return (out.images if hasattr(out, "images") else out[0]), seconds, kept
+    return (out.images if hasattr(out, "images") else out[0]), seconds, selection

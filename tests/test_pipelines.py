@@ -936,6 +936,7 @@ def test_sweep_compares_each_setting_with_the_unpatched_call(pipe, family, outpu
     unpatched = _seeded_call(pipe, kwargs)
     with sparsectx.sparse_context(pipe, budget=_budget(family), selector="uniform"):
         sparse = _seeded_call(pipe, kwargs)
+        selection = sparsectx.last_selection(pipe)
     result = sparsectx.sweep(pipe, [{"budget": 1.0}, {"budget": _budget(family), "selector": "uniform"}],
                              seed=SEED, warmup=0, keep_outputs=True, progress=False, **kwargs)
     off, keep_all, dropped = result.rows
@@ -943,6 +944,8 @@ def test_sweep_compares_each_setting_with_the_unpatched_call(pipe, family, outpu
                                                    f"budget={_budget(family)}, selector=uniform"]
     assert off.settings is None and dropped.settings == {"budget": _budget(family), "selector": "uniform"}
     assert torch.equal(result.outputs[0], unpatched.float()) and torch.equal(result.outputs[2], sparse.float())
+    assert result.selections[0] is None and result.selections[1].keep.all()
+    assert torch.equal(result.selections[2].keep, selection.keep) and not selection.keep.all()
     torch.testing.assert_close(result.outputs[1], result.outputs[0], rtol=0, atol=FP32_ATOL)
     assert off.kept == keep_all.kept == 1.0
     assert dropped.kept == pytest.approx(sum(_kept_tokens(family)) / sum(_reference_tokens(family)))
@@ -977,7 +980,7 @@ def test_sweep_times_the_repeats_and_not_the_warmup(pipe, family, monkeypatch):
     monkeypatch.setattr(budget_sweep, "perf_counter", lambda: clock[0])
     result = sparsectx.sweep(pipe, [{"budget": _budget(family), "selector": "uniform"}], seed=SEED, warmup=1,
                              repeats=3, progress=False, **_sweep_kwargs(family, "latent"))
-    assert len(result.rows) == 2 and result.outputs is None
+    assert len(result.rows) == 2 and result.outputs is None and result.selections is None
     assert len(forwards) == 2 * (1 + 3) * STEPS  # 2 rows x (1 warm-up + 3 timed calls) x steps
     assert [row.seconds for row in result.rows] == [2.0 * STEPS] * 2
 
