@@ -24,6 +24,8 @@ LABEL_KEY = "label"
 # output types the sweep compares: images as floats in [0, 1] (``pil`` read as 8-bit values / 255), or the latents
 IMAGE_OUTPUT_TYPES = ("pt", "np", "pil")
 OUTPUT_TYPES = IMAGE_OUTPUT_TYPES + ("latent",)
+# what a modular pipeline's call returns (its ``output`` argument): the decoded images or the latents
+MODULAR_OUTPUTS = ("images", "latents")
 BASELINE_LABEL = "sparsectx off"
 # longest description of one value in a row's label (e.g. a budget object's repr)
 LABEL_VALUE_CHARS = 40
@@ -156,12 +158,42 @@ def _check_settings(settings) -> list:
     return rows
 
 
-def _as_float_tensor(images, output_type: str) -> torch.Tensor:
-    """A pipeline's ``images`` as a float64 CPU tensor (PIL images as their 8-bit values / 255)."""
-    if output_type == "pil":
+def _is_modular(pipe) -> bool:
+    modular = sys.modules.get("diffusers.modular_pipelines")
+    return modular is not None and isinstance(pipe, modular.ModularPipeline)
+
+
+def _bar_owners(pipe) -> list:
+    """What holds a pipeline's progress-bar settings: the pipeline, or every block of a modular pipeline that has
+    them, however deep (its own ``set_progress_bar_config`` reaches its top-level blocks only, where the denoising
+    loop's bar usually is not)."""
+    if not _is_modular(pipe):
+        return [pipe]
+    owners, blocks = [], [pipe._blocks]
+    while blocks:
+        block = blocks.pop()
+        if hasattr(block, "set_progress_bar_config"):
+            owners.append(block)
+        blocks.extend((getattr(block, "sub_blocks", None) or {}).values())
+    return owners
+
+
+def _output_of(out):
+    """The images (or latents) a pipeline call returned: ``.images`` of its output object, the first item of its
+    tuple (``return_dict=False``), or the value itself (a modular pipeline called with ``output=...``)."""
+    if hasattr(out, "images"):
+        return out.images
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _as_float_tensor(images) -> torch.Tensor:
+    """Images or latents as a float64 CPU tensor (a list of PIL images as their 8-bit values / 255)."""
+    if isinstance(images, (list, tuple)):
         import numpy as np
 
-        return torch.stack([torch.from_numpy(np.asarray(image, dtype=np.float64) / 255.0) for image in images])
+        return torch.stack([torch.from_numpy(np.asarray(image, dtype=np.float64) / 255.0)
+                            if not isinstance(image, torch.Tensor) else image.detach().to("cpu", torch.float64)
+                            for image in images])
     if not isinstance(images, torch.Tensor):
         images = torch.from_numpy(images)
     return images.detach().to("cpu", torch.float64)
@@ -196,7 +228,9 @@ def sweep(pipe, settings: Sequence[dict], *, seed: int = 0, repeats: int = 1, wa
     ``settings``: dicts of ``enable``'s arguments (``budget``, ``selector``, ``seed``, ``attention``, ``signals``;
     the ones left out take ``enable``'s defaults, not the pipeline's current settings) and optionally ``label``.
     ``call_kwargs``: the pipeline's own arguments, without ``generator``; ``output_type`` defaults to ``"pt"`` (one
-    of ``pt``, ``np``, ``pil``: PSNR of images in [0, 1]; ``latent``: no PSNR). The pipeline's Sparse Context state
+    of ``pt``, ``np``, ``pil``: PSNR of images in [0, 1]; ``latent``: no PSNR); a modular pipeline needs
+    ``output="images"`` (decoded with its ``output_type``, by default PIL) or ``"latents"``. The pipeline's Sparse
+    Context state
     and progress-bar settings are restored after the sweep (its own bars are off during it; ``progress`` shows the
     sweep's, by default on a terminal). Every argument is checked before the first call."""
     if isinstance(pipe, torch.nn.Module) or not callable(pipe) or not hasattr(pipe, "set_progress_bar_config"):
@@ -213,18 +247,23 @@ def sweep(pipe, settings: Sequence[dict], *, seed: int = 0, repeats: int = 1, wa
         if isinstance(value, dict) and PER_CALL_KEY in value:
             raise ValueError(f"call_kwargs: {name}[{PER_CALL_KEY!r}] would override every row's settings: give "
                              "the settings to compare as `settings`")
-    output_type = call_kwargs.setdefault("output_type", "pt")
+    modular = _is_modular(pipe)
+    if modular and call_kwargs.get("output") not in MODULAR_OUTPUTS:
+        raise ValueError(f"output must be one of {list(MODULAR_OUTPUTS)} for a modular pipeline's sweep (what its "
+                         f"call returns, to be compared), got {call_kwargs.get('output')!r}")
+    output_type = call_kwargs.get("output_type", "pil") if modular else call_kwargs.setdefault("output_type", "pt")
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {list(OUTPUT_TYPES)} to be compared, got {output_type!r}")
-    images = output_type in IMAGE_OUTPUT_TYPES
+    images = output_type in IMAGE_OUTPUT_TYPES and not (modular and call_kwargs["output"] == "latents")
 
     from tqdm import tqdm
 
-    bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
+    bar_configs = [(owner, dict(getattr(owner, "_progress_bar_config", {}))) for owner in _bar_owners(pipe)]
     results, outputs, selections = [], [], []
     baseline = None
     try:
-        pipe.set_progress_bar_config(disable=True)
+        for owner, _ in bar_configs:
+            owner.set_progress_bar_config(disable=True)
         with tqdm(total=(1 + len(rows)) * (warmup + repeats), desc="sweep", unit="call", file=sys.stderr,
                   disable=None if progress is None else not progress) as bar:
             for setting in [None] + rows:
@@ -232,7 +271,7 @@ def sweep(pipe, settings: Sequence[dict], *, seed: int = 0, repeats: int = 1, wa
                 bar.set_postfix_str(label)
                 output, seconds, selection = _run_row(pipe, setting, seed, warmup, repeats, call_kwargs, bar)
                 kept = 1.0 if selection is None else selection.keep.float().mean().item()
-                output = _as_float_tensor(output, output_type)
+                output = _as_float_tensor(output)
                 if baseline is None:
                     baseline = output
                 psnr, rel_rmse, max_abs_diff = _compare(output, baseline, images)
@@ -242,7 +281,8 @@ def sweep(pipe, settings: Sequence[dict], *, seed: int = 0, repeats: int = 1, wa
                     outputs.append(output.float())
                     selections.append(selection)
     finally:
-        pipe.set_progress_bar_config(**bar_config)
+        for owner, config in bar_configs:
+            owner.set_progress_bar_config(**config)
     return Sweep(results, outputs, selections) if keep_outputs else Sweep(results)
 
 
@@ -263,4 +303,4 @@ def _run_row(pipe, setting: Optional[dict], seed: int, warmup: int, repeats: int
                 seconds.append(perf_counter() - start)
             bar.update(1)
         selection = integration.last_selection(pipe) if setting is not None else None
-    return (out.images if hasattr(out, "images") else out[0]), seconds, selection
+    return _output_of(out), seconds, selection

@@ -1086,3 +1086,61 @@ def test_sweep_table_and_plot(pipe, family, tmp_path):
     assert fidelity_points == pytest.approx(expected)
     timing_points = [(line.get_xdata()[0], line.get_ydata()[0]) for line in timing.get_lines()[:3]]
     assert timing_points == pytest.approx([(100 * row.kept, row.seconds) for row in (keep_all, dropped, edit)])
+
+
+@pytest.mark.parametrize("output", ["latents", "images"])
+def test_sweep_of_a_modular_pipeline(output, monkeypatch):
+    """A modular pipeline returns what its ``output`` argument names: the latents (no PSNR) or its decoded images
+    (PIL by default, read as 8-bit values / 255); its blocks' progress-bar settings come back after the sweep."""
+    import numpy as np
+
+    pipe, kwargs, n_target, n_refs, budget, per_step = _modular_case("FluxKontextAutoBlocks", monkeypatch)
+    kwargs["output"] = output
+    bar_blocks = _blocks_with_progress_bars(pipe)
+    assert bar_blocks  # (the denoising loop's, a few levels down)
+    for block in bar_blocks:
+        block.set_progress_bar_config(desc="mine")
+    during = []  # the blocks' settings while the sweep's calls run: bars off
+    pipe.transformer.register_forward_pre_hook(
+        lambda module, args: during.append([block._progress_bar_config for block in bar_blocks]))
+    unpatched = _seeded_call_modular(pipe, kwargs)
+    with sparsectx.sparse_context(pipe, budget=budget, selector="uniform"):
+        sparse = _seeded_call_modular(pipe, kwargs)
+    during.clear()
+    result = sparsectx.sweep(pipe, [{"budget": budget, "selector": "uniform"}], seed=SEED, warmup=0,
+                             keep_outputs=True, progress=False, **kwargs)
+    assert during and all(config == {"disable": True} for configs in during for config in configs)
+    if output == "images":  # PIL images
+        unpatched, sparse = (torch.from_numpy(np.stack([np.asarray(image) for image in images]) / 255.0)
+                             for images in (unpatched, sparse))
+    assert torch.equal(result.outputs[0], unpatched.float()) and torch.equal(result.outputs[1], sparse.float())
+    mse = (sparse.double() - unpatched.double()).pow(2).mean().item()
+    assert mse > 0
+    off, dropped = result.rows
+    if output == "images":
+        assert dropped.psnr == pytest.approx(10 * np.log10(1.0 / mse)) and off.psnr == float("inf")
+    else:
+        assert dropped.psnr is None and off.psnr is None
+    assert dropped.kept == pytest.approx(sum(round(budget * n) for n in n_refs) / sum(n_refs))
+    assert all(block._progress_bar_config == {"desc": "mine"} for block in bar_blocks)
+
+
+def _blocks_with_progress_bars(pipe) -> list:
+    found, blocks = [], list(pipe._blocks.sub_blocks.values())
+    while blocks:
+        block = blocks.pop()
+        found += [block] if hasattr(block, "set_progress_bar_config") else []
+        blocks += list((getattr(block, "sub_blocks", None) or {}).values())
+    return found
+
+
+def _seeded_call_modular(pipe, kwargs):
+    with torch.no_grad():
+        return pipe(**kwargs, generator=torch.Generator().manual_seed(SEED))
+
+
+def test_sweep_of_a_modular_pipeline_needs_its_output_named(monkeypatch):
+    pipe, kwargs, *_ = _modular_case("FluxKontextAutoBlocks", monkeypatch)
+    del kwargs["output"]
+    with pytest.raises(ValueError, match="output must be one of"):
+        sparsectx.sweep(pipe, [{"budget": 0.5}], progress=False, **kwargs)
