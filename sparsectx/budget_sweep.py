@@ -6,8 +6,10 @@ Built on the drop-in (``sparse_context`` per setting, the state of before restor
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+import operator
 import statistics
 import sys
 from dataclasses import dataclass
@@ -27,8 +29,6 @@ OUTPUT_TYPES = IMAGE_OUTPUT_TYPES + ("latent",)
 # what a modular pipeline's call returns (its ``output`` argument): the decoded images or the latents
 MODULAR_OUTPUTS = ("images", "latents")
 BASELINE_LABEL = "sparsectx off"
-# longest description of one value in a row's label (e.g. a budget object's repr)
-LABEL_VALUE_CHARS = 40
 # the keyword under which a call's own attention kwargs carry per-call sparsectx settings
 PER_CALL_KEY = "sparsectx"
 
@@ -118,14 +118,36 @@ def _short(value) -> str:
         return "[" + ", ".join(_short(item) for item in value) + "]"
     if callable(value) and hasattr(value, "__name__"):
         return value.__name__
-    text = " ".join(str(value).split())  # one line: a table cell
-    return text if len(text) <= LABEL_VALUE_CHARS else text[:LABEL_VALUE_CHARS - 3] + "..."
+    if isinstance(value, functools.partial):
+        return f"partial({_short(value.func)})"
+    text = " ".join((value if isinstance(value, str) else repr(value)).split())  # one line: a table cell
+    return type(value).__name__ if " at 0x" in text else text  # (not a memory address)
 
 
 def _label(setting: dict) -> str:
     if LABEL_KEY in setting:
         return " ".join(str(setting[LABEL_KEY]).split())
     return ", ".join(f"{key}={_short(value)}" for key, value in setting.items()) or "defaults"
+
+
+def _labels(rows: list) -> list:
+    """The rows' labels, the baseline's first; a label two settings share gets its setting's index appended
+    (``settings[i]``), so that no two rows of the table or points of the plot read alike."""
+    labels = [_label(setting) for setting in rows]
+    return [BASELINE_LABEL] + [label if labels.count(label) == 1 else f"{label} (settings[{i}])"
+                               for i, label in enumerate(labels)]
+
+
+def _check_seed(seed) -> int:
+    """The sweep's seed as an int that ``torch.Generator.manual_seed`` takes (numpy integers included)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    seed = operator.index(seed)
+    try:
+        torch.Generator().manual_seed(seed)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"seed {seed} is out of range for torch.Generator.manual_seed: {error}") from None
+    return seed
 
 
 def _check_count(name: str, value, least: int) -> None:
@@ -237,7 +259,11 @@ def sweep(pipe, settings: Sequence[dict], *, seed: int = 0, repeats: int = 1, wa
         raise TypeError(f"pipe must be a diffusers pipeline (sweep calls it), got {type(pipe).__name__}")
     integration._split_target(pipe)  # a pipeline of a supported family
     rows = _check_settings(settings)
-    _check_count("seed", seed, 0)
+    seed = _check_seed(seed)
+    if not isinstance(keep_outputs, bool):
+        raise TypeError(f"keep_outputs must be a bool, got {type(keep_outputs).__name__}")
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be a bool or None, got {type(progress).__name__}")
     _check_count("repeats", repeats, 1)
     _check_count("warmup", warmup, 0)
     if "generator" in call_kwargs:
@@ -266,10 +292,15 @@ def sweep(pipe, settings: Sequence[dict], *, seed: int = 0, repeats: int = 1, wa
             owner.set_progress_bar_config(disable=True)
         with tqdm(total=(1 + len(rows)) * (warmup + repeats), desc="sweep", unit="call", file=sys.stderr,
                   disable=None if progress is None else not progress) as bar:
-            for setting in [None] + rows:
-                label = BASELINE_LABEL if setting is None else _label(setting)
+            for i, (setting, label) in enumerate(zip([None] + rows, _labels(rows))):
                 bar.set_postfix_str(label)
-                output, seconds, selection = _run_row(pipe, setting, seed, warmup, repeats, call_kwargs, bar)
+                try:
+                    output, seconds, selection = _run_row(pipe, setting, seed, warmup, repeats, call_kwargs, bar)
+                except Exception as error:  # which row failed (errors found only once the call lays out its images)
+                    if hasattr(error, "add_note"):  # (Python >= 3.11)
+                        error.add_note(f"in sparsectx.sweep's row {label!r}"
+                                       + ("" if setting is None else f" (settings[{i - 1}])"))
+                    raise
                 kept = 1.0 if selection is None else selection.keep.float().mean().item()
                 output = _as_float_tensor(output)
                 if baseline is None:

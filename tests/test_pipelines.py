@@ -2,6 +2,9 @@
 components built from configs (fp32, CPU, offline). No text encoder, tokenizer or Qwen2.5-VL processor is built: the
 prompts come as ``prompt_embeds`` (+ ``pooled_prompt_embeds`` for Flux, ``prompt_embeds_mask`` for Qwen), which
 makes both pipelines skip them, so they are passed as None."""
+import functools
+import sys
+
 import pytest
 import torch
 
@@ -1031,6 +1034,8 @@ def test_sweep_restores_the_pipelines_state(pipe, family, before, fails):
     (dict(settings=[{"budget": 0.1}], repeats=0), ValueError, "repeats must be at least 1"),
     (dict(settings=[{"budget": 0.1}], warmup=-1), ValueError, "warmup must be at least 0"),
     (dict(settings=[{"budget": 0.1}], seed=1.5), TypeError, "seed must be an int"),
+    (dict(settings=[{"budget": 0.1}], seed=2 ** 64), ValueError, "seed 18446744073709551616 is out of range"),
+    (dict(settings=[{"budget": 0.1}], keep_outputs=1), TypeError, "keep_outputs must be a bool"),
     (dict(settings=[{"budget": 0.1}], generator=torch.Generator()), ValueError, "pass no generator"),
     (dict(settings=[{"budget": 0.1}], output_type="png"), ValueError, "output_type must be one of"),
     (dict(settings=[{"budget": 0.1}], joint_attention_kwargs={"sparsectx": {"budget": 1.0}}), ValueError,
@@ -1144,3 +1149,37 @@ def test_sweep_of_a_modular_pipeline_needs_its_output_named(monkeypatch):
     del kwargs["output"]
     with pytest.raises(ValueError, match="output must be one of"):
         sparsectx.sweep(pipe, [{"budget": 0.5}], progress=False, **kwargs)
+
+
+def test_sweep_labels_tell_every_setting_apart():
+    """Values are labelled on one line by what tells them apart (an adaptive budget by its settings, a callable by
+    its name, a tensor by its shape); settings that still read alike get their index."""
+    from sparsectx import budget_sweep, selection
+
+    def mine(latents, context):
+        return torch.rand(latents.shape[:2])
+
+    labels = budget_sweep._labels([
+        {"budget": selection.adaptive(0.9, cap=0.5)}, {"budget": selection.adaptive(0.9, cap=0.25)},
+        {"selector": functools.partial(mine)}, {"selector": mine, "signals": {"user_mask": torch.ones(1, 7)}},
+        {"budget": 0.1}, {"budget": 0.1}])
+    assert labels[0] == "sparsectx off" and len(set(labels)) == len(labels)
+    assert "cap=0.5" in labels[1] and "cap=0.25" in labels[2] and "\n" not in "".join(labels)
+    assert labels[3] == "selector=partial(mine)" and labels[4] == "selector=mine, signals={user_mask: tensor[1, 7]}"
+    assert labels[5:] == ["budget=0.1 (settings[4])", "budget=0.1 (settings[5])"]
+
+
+@pytest.mark.parametrize("family", [KONTEXT])
+def test_sweep_takes_a_numpy_seed_and_names_the_row_that_fails(pipe, family):
+    import numpy as np
+
+    kwargs = _sweep_kwargs(family, "latent")
+    result = sparsectx.sweep(pipe, [{"budget": 1.0}], seed=np.int64(SEED), warmup=0, keep_outputs=True,
+                             progress=False, **kwargs)
+    assert torch.equal(result.outputs[0], _seeded_call(pipe, kwargs).float())
+    # a budget of two images for a call of one reference is found once the call lays out its images
+    with pytest.raises(ValueError, match="budget has 2 entries") as raised:
+        sparsectx.sweep(pipe, [{"budget": 0.5}, {"budget": [0.1, 0.2]}], warmup=0, progress=False, **kwargs)
+    if sys.version_info >= (3, 11):
+        assert raised.value.__notes__ == ["in sparsectx.sweep's row 'budget=[0.1, 0.2]' (settings[1])"]
+    assert not sparsectx.integration.is_enabled(pipe)
