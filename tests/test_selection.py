@@ -1755,3 +1755,45 @@ def test_scalar_counts_above_an_images_length_are_clamped_in_the_result():
     # an adaptive budget's integer floor and cap above the image size: the count is the image size
     adaptive = selection.adaptive(0.5, floor=50, cap=100)(scores, [9, 8])
     assert adaptive.counts.tolist() == [[9, 8], [9, 8]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# gaps a mutation test of the budget logic found (each assertion fails on a mutant the suite let pass before)
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [
+    lambda scores: selection.fixed_count([-1, 2])(scores, [4, 4]),
+    lambda scores: selection.fixed_count(torch.tensor([-1, 2]))(scores, [4, 4]),
+    lambda scores: selection.adaptive_budget(scores, 0.5, floor=[-1, 0], ref_lengths=[4, 4]),
+], ids=["count list", "count tensor", "floor list"])
+def test_negative_per_image_counts_are_refused(make):
+    with pytest.raises(ValueError, match="counts must be >= 0"):
+        make(torch.rand(1, 8, generator=torch.Generator().manual_seed(0)))
+
+
+def test_automatic_mass_is_decided_per_row():
+    """mass="auto": a row without negative scores is linear even beside a negative row in the batch (linear mass
+    [1, 0, 0, 0]: one token covers 0.9; softmax would give e^3 / (e^3 + 3) = 0.87 and need two)."""
+    scores = torch.tensor([[3.0, 0.0, 0.0, 0.0], [-1.0, 0.0, 0.0, 0.0]])
+    counts = selection.adaptive_budget(scores, 0.9).counts
+    assert counts[0, 0].item() == 1
+    assert counts[1, 0].item() == selection.adaptive_budget(scores[1:], 0.9).counts[0, 0].item()
+
+
+def test_a_constant_instruction_attention_leaves_edit_the_user_mask():
+    """A constant signal normalises to 0 (not to a region covering its image): with every reference key alike the
+    instruction's attention says nothing, and ``edit`` keeps the user's mask exactly."""
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(selection._normalise_per_image(torch.ones(2, 8), [4, 4]), torch.zeros(2, 8))
+    n, heads, dim = 16, 2, 8
+    user_mask = torch.zeros(1, n, dtype=torch.bool)
+    user_mask[0, [5, 6, 9, 10]] = True  # the centre of a 4 x 4 image
+    extra = {"user_mask": user_mask, "text_queries": torch.randn(1, 3, heads, dim, generator=g),
+             "ref_keys": torch.zeros(1, n, heads, dim), "ref_shapes": [(4, 4)]}
+    keep = selection.select(torch.randn(1, n, 4, generator=g), SelectionContext(1, [n], extra=extra), "edit",
+                            selection.fixed_count(4))
+    assert torch.equal(keep, user_mask)
+
+
+def test_adaptive_defaults_to_ninety_percent_coverage():
+    scores = torch.tensor([[0.5, 0.3, 0.1, 0.1]])  # cumulative mass 0.5, 0.8, 0.9, 1.0
+    assert selection.adaptive().coverage == 0.9 and selection.adaptive()(scores).counts.item() == 3
