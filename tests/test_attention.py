@@ -826,6 +826,9 @@ def test_masked_attention_bad_input():
     with pytest.raises(ValueError, match=r"query_mask must be \[B=2, S=5\], got \(2, 4\)"):
         sparsectx.masked_attention(q, q, q, torch.ones(2, 5, dtype=torch.bool, device=DEVICE),
                                    query_mask=torch.ones(2, 4, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match="query_mask must have dtype"):
+        sparsectx.masked_attention(q, q, q, torch.ones(2, 5, dtype=torch.bool, device=DEVICE),
+                                   query_mask=torch.ones(2, 5, device=DEVICE))
 
 
 @pytest.mark.parametrize("dtype", DTYPES_HERE, ids=str)
@@ -1263,6 +1266,10 @@ def test_masked_attention_checks_scale_head_dim_and_batch_before_any_launch(monk
         for scale in (None, 0.5):
             with pytest.raises(ValueError, match=rf"head dim \(q.shape\[-1\]\) must be in 1..256, got {dim}"):
                 sparsectx.masked_attention(wrong, wrong, wrong, mask, query_mask=queries, softmax_scale=scale)
+    for other in ((q, q.double(), q), (q, q, q.double())):  # k or v of q's shape in another dtype
+        name = "k" if other[1].dtype != q.dtype else "v"
+        with pytest.raises(ValueError, match=rf"{name} must match q's shape .* and dtype"):
+            sparsectx.masked_attention(*other, mask, query_mask=queries)
     monkeypatch.setattr(sparsectx.ops, "MAX_GRID_SAMPLES", 1)
     with pytest.raises(ValueError, match="q holds 2 samples"):
         sparsectx.masked_attention(q, q, q, mask, query_mask=queries)

@@ -1706,6 +1706,8 @@ def test_drop_training_bad_input(models):
         enable_drop_training(model, ref_lengths=[4, 0])
     with pytest.raises(TypeError, match="generator"):
         enable_drop_training(model, generator=3)
+    with pytest.raises(TypeError, match="skip_dropped_queries must be a bool"):
+        enable_drop_training(model, skip_dropped_queries="no")
     with pytest.raises(TypeError, match="QwenImageTransformer2DModel"):
         enable_drop_training(torch.nn.Linear(2, 2))
     assert not is_drop_training_enabled(model)
