@@ -3,6 +3,7 @@ CPU, offline. Families: FLUX.2 (Flux2Transformer2DModel, 4-axis ids), FLUX.1 Kon
 reference plane 1), Qwen-Image (QwenImageTransformer2DModel, RoPE from img_shapes, zero_cond_t)."""
 import functools
 import gc
+import logging
 import math
 import os
 import re
@@ -3104,3 +3105,127 @@ def test_numpy_integer_budgets_are_checked_as_the_ints_they_hold():
     with pytest.raises(ValueError):
         integration.check_budget([4, np.int32(-1)])
     assert [type(v) for v in integration.check_budget([np.int64(3), 2])] == [int, int]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# gaps a mutation test of the drop-in's plan machinery found (each test fails on a mutant the suite let pass before)
+# ----------------------------------------------------------------------------------------------------------------
+def _sample(kwargs: dict, b: int, batch: int) -> dict:
+    """The call's sample ``b`` alone (per-sample tensors and lists sliced)."""
+    return {k: (v[b:b + 1] if isinstance(v, (torch.Tensor, list)) and len(v) == batch and
+                (not isinstance(v, torch.Tensor) or v.ndim) else v) for k, v in kwargs.items()}
+
+
+def _position_selector(latents, context):
+    """The same scores for every sample: equal budgets keep equal tokens (one group of samples)."""
+    return torch.arange(latents.shape[1], dtype=latents.dtype).expand(latents.shape[:2]).clone()
+
+
+def test_a_group_of_several_samples_writes_each_its_own_rows():
+    """Samples 0 and 1 keep the same tokens (one group of two), sample 2 others: each equals its call alone."""
+    model, kwargs, n = _build_model("flux2"), _inputs("flux2", batch=3), _n_target()
+    budgets = [[0.5], [0.5], [0.25]]
+    sparsectx.enable(model, budget=budgets, selector=_position_selector)
+    together = _run(model, kwargs)
+    for b in range(3):
+        sparsectx.enable(model, budget=budgets[b], selector=_position_selector)
+        torch.testing.assert_close(together[b:b + 1, :n], _run(model, _sample(kwargs, b, 3))[:, :n], rtol=0,
+                                   atol=2e-5)
+    sparsectx.disable(model)
+
+
+@pytest.mark.parametrize("family", ["flux2", "qwen"])
+def test_samples_with_different_references_select_each_on_its_own(family):
+    """One budget, a content selector, random references per sample: sample 1 keeps what it keeps alone."""
+    model, kwargs, n = _build_model(family), _inputs(family, batch=2), _n_target()
+    sparsectx.enable(model, budget=0.5, selector=norm_selector)
+    together, keep = _run(model, kwargs), integration.last_selection(model).keep
+    alone = _run(model, _sample(kwargs, 1, 2))
+    assert torch.equal(keep[1:2], integration.last_selection(model).keep) and not torch.equal(keep[0], keep[1])
+    torch.testing.assert_close(together[1:2, :n], alone[:, :n], rtol=0, atol=2e-5)
+    sparsectx.disable(model)
+
+
+def test_references_before_the_target_in_the_sequence():
+    """The rows written back are the target's wherever it sits: references first gives the same target output."""
+    model, kwargs, n = _build_model("flux2"), _inputs("flux2", batch=1), _n_target()
+    seq = kwargs["hidden_states"].shape[1]
+    order = torch.cat([torch.arange(n, seq), torch.arange(n)])
+    refs_first = {**kwargs, "hidden_states": kwargs["hidden_states"][:, order], "img_ids": kwargs["img_ids"][:, order]}
+    sparsectx.enable(model, budget=0.5, selector=norm_selector)
+    torch.testing.assert_close(_run(model, refs_first)[:, seq - n:], _run(model, kwargs)[:, :n], rtol=0, atol=2e-5)
+    sparsectx.disable(model)
+
+
+def test_ids_written_in_place_between_forwards_plan_again():
+    model, kwargs = _build_model("flux2"), _inputs("flux2", batch=1)
+    kwargs["img_ids"] = kwargs["img_ids"].clone()  # a buffer the caller reuses
+    new_ids = kwargs["img_ids"].clone()
+    new_ids[0, _n_target():, 1:3] += 5  # the references' grid coordinates move (same layout, another RoPE)
+    sparsectx.enable(model, budget=0.5, selector=random_selector, seed=0)
+    _run(model, kwargs)
+    kwargs["img_ids"].copy_(new_ids)
+    second = _run(model, kwargs)
+    sparsectx.disable(model)
+    sparsectx.enable(model, budget=0.5, selector=random_selector, seed=0)
+    torch.testing.assert_close(second, _run(model, {**kwargs, "img_ids": new_ids.clone()}), rtol=0, atol=1e-5)
+    sparsectx.disable(model)
+
+
+def test_qwen_references_reordered_in_img_shapes_plan_again():
+    model, kwargs = _build_model("qwen"), _inputs("qwen", batch=1)
+    shapes = kwargs["img_shapes"][0]
+    swapped = [[shapes[0], *shapes[1:][::-1]]]  # the same token total, the references in the other order
+    assert swapped[0] != list(shapes)
+    sparsectx.enable(model, budget=0.5, selector=norm_selector)
+    _run(model, kwargs)
+    second, lengths = _run(model, {**kwargs, "img_shapes": swapped}), integration.last_selection(model).ref_lengths
+    sparsectx.disable(model)
+    sparsectx.enable(model, budget=0.5, selector=norm_selector)
+    fresh = _run(model, {**kwargs, "img_shapes": swapped})
+    assert lengths == integration.last_selection(model).ref_lengths == [h * w for _, h, w in swapped[0][1:]]
+    torch.testing.assert_close(second, fresh, rtol=0, atol=1e-5)
+    sparsectx.disable(model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_inference_mode_forward_then_a_training_forward_on_the_same_inputs(family):
+    """Index tensors made under torch.inference_mode can not be saved for backward: a plan per mode."""
+    model, kwargs = _build_model(family), _inputs(family, batch=1)
+    sparsectx.enable(model, budget=0.5, selector=random_selector, seed=0)
+    with torch.inference_mode():
+        model(**kwargs)
+    model(**kwargs)[0].sum().backward()
+    assert any(p.grad is not None for p in model.parameters())
+    sparsectx.disable(model)
+    model.zero_grad(set_to_none=True)
+
+
+def test_a_later_step_with_per_sample_timesteps_does_not_run_packed():
+    """FLUX.2, sparsectx attention, mixed budgets: the first step (one timestep) runs packed; a later step reusing
+    the plan with per-sample timesteps must run as groups (its samples no longer share their modulation)."""
+    model, kwargs, n = _build_model("flux2"), _inputs("flux2", batch=3), _n_target()
+    budgets = [[0.25], [2, 0.75], [1.0]]
+    sparsectx.enable(model, budget=budgets, selector=norm_selector, attention="sparsectx")
+    _run(model, kwargs)
+    step = {**kwargs, "timestep": torch.tensor([0.7, 0.5, 0.7])}
+    later = _run(model, step)
+    sparsectx.enable(model, budget=budgets[1], selector=norm_selector)
+    torch.testing.assert_close(later[1:2, :n], _run(model, _sample(step, 1, 3))[:, :n], rtol=0, atol=2e-5)
+    sparsectx.disable(model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_per_call_override_does_not_reach_diffusers(family, caplog):
+    model, kwargs = _build_model(family), _inputs(family, batch=1)
+    name = "attention_kwargs" if family == "qwen" else "joint_attention_kwargs"
+    sparsectx.enable(model, budget=0.25, selector=norm_selector)
+    seen = []
+    for module in model.modules():  # every attention processor sees the kwargs diffusers hands it
+        if hasattr(module, "set_processor"):
+            module.register_forward_pre_hook(lambda mod, args, kw: seen.append(set(kw)), with_kwargs=True)
+    with caplog.at_level(logging.WARNING, logger="diffusers"):
+        _run(model, {**kwargs, name: {"sparsectx": {"budget": 0.5}}})
+    sparsectx.disable(model)
+    assert seen and not any("sparsectx" in names for names in seen)
+    assert not [r for r in caplog.records if "sparsectx" in r.getMessage()]
