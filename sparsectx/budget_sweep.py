@@ -252,9 +252,9 @@ def sweep(pipe, settings: Sequence[dict], *, seed: int = 0, repeats: int = 1, wa
     ``call_kwargs``: the pipeline's own arguments, without ``generator``; ``output_type`` defaults to ``"pt"`` (one
     of ``pt``, ``np``, ``pil``: PSNR of images in [0, 1]; ``latent``: no PSNR); a modular pipeline needs
     ``output="images"`` (decoded with its ``output_type``, by default PIL) or ``"latents"``. The pipeline's Sparse
-    Context state
-    and progress-bar settings are restored after the sweep (its own bars are off during it; ``progress`` shows the
-    sweep's, by default on a terminal). Every argument is checked before the first call."""
+    Context state and progress-bar settings are restored after the sweep (its own bars are off during it;
+    ``progress`` shows the sweep's, by default on a terminal). Every argument is checked before the first call; an
+    error raised in a row's call carries a note naming the row."""
     if isinstance(pipe, torch.nn.Module) or not callable(pipe) or not hasattr(pipe, "set_progress_bar_config"):
         raise TypeError(f"pipe must be a diffusers pipeline (sweep calls it), got {type(pipe).__name__}")
     integration._split_target(pipe)  # a pipeline of a supported family
