@@ -29,8 +29,6 @@ OUTPUT_TYPES = IMAGE_OUTPUT_TYPES + ("latent",)
 # what a modular pipeline's call returns (its ``output`` argument): the decoded images or the latents
 MODULAR_OUTPUTS = ("images", "latents")
 BASELINE_LABEL = "sparsectx off"
-# the keyword under which a call's own attention kwargs carry per-call sparsectx settings
-PER_CALL_KEY = "sparsectx"
 
 
 class SweepRow(NamedTuple):
@@ -270,9 +268,9 @@ def sweep(pipe, settings: Sequence[dict], *, seed: int = 0, repeats: int = 1, wa
         raise ValueError("call_kwargs: pass no generator: sweep seeds every call with torch.Generator()."
                          "manual_seed(seed) (give `seed=`)")
     for name, value in call_kwargs.items():
-        if isinstance(value, dict) and PER_CALL_KEY in value:
-            raise ValueError(f"call_kwargs: {name}[{PER_CALL_KEY!r}] would override every row's settings: give "
-                             "the settings to compare as `settings`")
+        if isinstance(value, dict) and integration.CALL_KWARG in value:
+            raise ValueError(f"call_kwargs: {name}[{integration.CALL_KWARG!r}] would override every row's settings: "
+                             "give the settings to compare as `settings`")
     modular = _is_modular(pipe)
     if modular and call_kwargs.get("output") not in MODULAR_OUTPUTS:
         raise ValueError(f"output must be one of {list(MODULAR_OUTPUTS)} for a modular pipeline's sweep (what its "

@@ -921,8 +921,10 @@ def _sweep_kwargs(family, output_type="pt"):
 
 
 def _seeded_call(pipe, kwargs):
+    """The call's images (or what a modular pipeline returns for its ``output``), seeded as the sweep seeds it."""
     with torch.no_grad():
-        return pipe(**kwargs, generator=torch.Generator().manual_seed(SEED)).images
+        out = pipe(**kwargs, generator=torch.Generator().manual_seed(SEED))
+    return getattr(out, "images", out)
 
 
 def _transformer_forwards(pipe) -> list:
@@ -1108,9 +1110,9 @@ def test_sweep_of_a_modular_pipeline(output, monkeypatch):
     during = []  # the blocks' settings while the sweep's calls run: bars off
     pipe.transformer.register_forward_pre_hook(
         lambda module, args: during.append([block._progress_bar_config for block in bar_blocks]))
-    unpatched = _seeded_call_modular(pipe, kwargs)
+    unpatched = _seeded_call(pipe, kwargs)
     with sparsectx.sparse_context(pipe, budget=budget, selector="uniform"):
-        sparse = _seeded_call_modular(pipe, kwargs)
+        sparse = _seeded_call(pipe, kwargs)
     during.clear()
     result = sparsectx.sweep(pipe, [{"budget": budget, "selector": "uniform"}], seed=SEED, warmup=0,
                              keep_outputs=True, progress=False, **kwargs)
@@ -1137,11 +1139,6 @@ def _blocks_with_progress_bars(pipe) -> list:
         found += [block] if hasattr(block, "set_progress_bar_config") else []
         blocks += list((getattr(block, "sub_blocks", None) or {}).values())
     return found
-
-
-def _seeded_call_modular(pipe, kwargs):
-    with torch.no_grad():
-        return pipe(**kwargs, generator=torch.Generator().manual_seed(SEED))
 
 
 def test_sweep_of_a_modular_pipeline_needs_its_output_named(monkeypatch):
