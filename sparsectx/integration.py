@@ -110,17 +110,19 @@ if TYPE_CHECKING:  # (imported where used: sparsectx.processors imports diffuser
 # ----------------------------------------------------------------------------------------------------------------
 # constants
 # ----------------------------------------------------------------------------------------------------------------
-FLUX2, FLUX, QWEN = "flux2", "flux", "qwen"
+FLUX2, FLUX, QWEN, FLUX3 = "flux2", "flux", "qwen", "flux3"
 MIN_DIFFUSERS = (0, 39)  # the oldest diffusers release the test suite passes with (setup.py's floor)
 MAX_TESTED_DIFFUSERS = (0, 42)  # the newest release series the suite ran with (README, "Versions")
 SUPPORTED_TRANSFORMERS = {  # diffusers class name -> family
     "Flux2Transformer2DModel": FLUX2,
     "FluxTransformer2DModel": FLUX,
     "QwenImageTransformer2DModel": QWEN,
+    "Flux3Transformer2DModel": FLUX3,
 }
 SUPPORTED_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinKVPipeline", "Flux2KleinInpaintPipeline",
                        "FluxKontextPipeline", "FluxKontextInpaintPipeline", "QwenImageEditPipeline",
-                       "QwenImageEditPlusPipeline", "QwenImageEditInpaintPipeline")
+                       "QwenImageEditPlusPipeline", "QwenImageEditInpaintPipeline", "Flux3ModularPipeline",
+                       "Flux3DistilledModularPipeline")
 NATIVE, SPARSECTX = "native", "sparsectx"  # enable(attention=...): diffusers' own attention or sparsectx's kernel
 ATTENTION_CHOICES = (NATIVE, SPARSECTX)
 DROP_TRAINING_ATTR = "_sparsectx_drop_training"  # set by sparsectx.training.enable_drop_training
@@ -130,7 +132,7 @@ PATCH_ATTR = "_sparsectx_patch"  # the transformer attribute holding its _Sparse
 TARGET_PLANE = 0  # FLUX.1 / FLUX.2: first id axis of target tokens; references use any other value
 KV_EXTRACT = "extract"
 KV_CACHED = "cached"  # FLUX.2 klein's cached steps: the references are in the cache, none in the sequence
-PROBE_FAMILIES = (FLUX2, FLUX, QWEN)  # families whose first double-stream block the attention probe reads
+PROBE_FAMILIES = (FLUX2, FLUX, QWEN, FLUX3)  # families the attention probe reads (_probe_block: which block)
 
 # per family: the forward arguments that carry the batch dimension first (sliced when samples run as groups),
 # the argument holding the (joint) attention kwargs, and the arguments this integration can not compact
@@ -139,15 +141,23 @@ _BATCH_ARGS = {
     FLUX: ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance"),
     QWEN: ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep", "guidance",
            "img_shapes", "additional_t_cond"),
+    FLUX3: ("hidden_states", "encoder_hidden_states", "timestep", "target_timestep", "image_cond_hidden_states"),
 }
 _IDS_ARGS = ("img_ids", "txt_ids")  # batched only when 3-D ([B, S, n_axes])
 # per family: the forward arguments the layout is read from (a forward without them can not be patched)
 _LAYOUT_ARGS = {FLUX2: ("hidden_states", "img_ids"), FLUX: ("hidden_states", "img_ids"),
-                QWEN: ("hidden_states", "img_shapes")}
-_ATTN_KWARGS_ARG = {FLUX2: "joint_attention_kwargs", FLUX: "joint_attention_kwargs", QWEN: "attention_kwargs"}
+                QWEN: ("hidden_states", "img_shapes"), FLUX3: ("image_cond_hidden_states", "image_cond_ids")}
+# per family: the forward argument holding the reference rows and the one holding their position ids. FLUX.3 takes
+# its references as an input of their own (they produce no output rows); the others append them to the image
+# sequence, after the target (Qwen-Image has no ids: its layout comes from img_shapes)
+_REFERENCE_ARGS = {FLUX2: ("hidden_states", "img_ids"), FLUX: ("hidden_states", "img_ids"),
+                   QWEN: ("hidden_states", "img_ids"), FLUX3: ("image_cond_hidden_states", "image_cond_ids")}
+_ATTN_KWARGS_ARG = {FLUX2: "joint_attention_kwargs", FLUX: "joint_attention_kwargs", QWEN: "attention_kwargs",
+                    FLUX3: "attention_kwargs"}
 # the pipelines' keyword that reaches it (FLUX.2's pipelines take attention_kwargs; their modular blocks, as every
 # pipeline whose __call__ takes **kwargs, the transformer's keyword), for messages about a bare transformer's call
-_PIPELINE_ATTN_KWARGS_ARG = {FLUX2: "attention_kwargs", FLUX: "joint_attention_kwargs", QWEN: "attention_kwargs"}
+_PIPELINE_ATTN_KWARGS_ARG = {FLUX2: "attention_kwargs", FLUX: "joint_attention_kwargs", QWEN: "attention_kwargs",
+                             FLUX3: "attention_kwargs"}
 _ATTN_KWARGS_NAMES = ("attention_kwargs", "joint_attention_kwargs")
 _UNSUPPORTED_ARGS = ("controlnet_block_samples", "controlnet_single_block_samples")
 
@@ -512,17 +522,17 @@ def _check_settings_for(selector, budget, signals: dict, warned: Optional[set] =
 
 
 def _warn_ids_grid(family: str, selector, signals: dict, warned: Optional[set] = None) -> None:
-    """FLUX.1 / FLUX.2 give the built-in selectors each reference's grid in their ids: a ``ref_shapes`` signal (the
-    grid of a model without ids, Qwen-Image) is not read there; warned (once per patch, with ``warned``). A user's
-    selector may read it: not warned."""
+    """FLUX.1 / FLUX.2 / FLUX.3 give the built-in selectors each reference's grid in their ids: a ``ref_shapes``
+    signal (the grid of a model without ids, Qwen-Image) is not read there; warned (once per patch, with
+    ``warned``). A user's selector may read it: not warned."""
     from .selection import is_builtin_selector  # deferred: only enable() needs it
 
-    if family in (FLUX, FLUX2) and "ref_shapes" in signals and is_builtin_selector(selector) \
+    if family in (FLUX, FLUX2, FLUX3) and "ref_shapes" in signals and is_builtin_selector(selector) \
             and (warned is None or "ref_shapes" not in warned):
         if warned is not None:
             warned.add("ref_shapes")
-        _warn("signals['ref_shapes'] is unused on FLUX.1 / FLUX.2: the selectors read each reference's grid from "
-              "the transformer's reference ids (img_ids)", UserWarning)
+        _warn(f"signals['ref_shapes'] is unused on FLUX.1 / FLUX.2 / FLUX.3: the selectors read each reference's grid "
+              f"from the transformer's reference ids ({_REFERENCE_ARGS[family][1]})", UserWarning)
 
 
 # transformer arguments that carry the prompt (per sample): the probe's text queries depend on them
@@ -634,7 +644,49 @@ def _qwen_layout(call: dict) -> Optional[_Layout]:
                    torch.arange(n_target, seq, device="cpu"))
 
 
-_LAYOUTS = {FLUX2: _ids_layout, FLUX: _ids_layout, QWEN: _qwen_layout}
+def _whole_steps(hw: torch.Tensor) -> torch.Tensor:
+    """long ``[n, 2]``: each (row, column) id of one image as its rank among the image's distinct values on that
+    axis (FLUX.3's pipelines scale the ids, e.g. by 0.5: the selectors' grid needs whole cells)."""
+    return torch.stack([torch.unique(hw[:, axis], return_inverse=True)[1] for axis in range(2)], dim=1)
+
+
+def _grid_size(hw: torch.Tensor) -> tuple:
+    """``(h, w)``: the distinct row and column ids of one image."""
+    return tuple(int(torch.unique(hw[:, axis]).numel()) for axis in range(2))
+
+
+def _cond_layout(call: dict) -> Optional[_Layout]:
+    """FLUX.3: the references are their own input, ``image_cond_hidden_states [B, N, C]``, with ids
+    ``image_cond_ids [N, 4]`` (t, h, w, l): ``l`` one value per reference image (-1, -2, ...), the images one after
+    another. Every row is a reference (no target position); the output holds the target rows only. The selectors
+    see each image's ids as whole steps (its ranks of h and w). A host read of each id tensor."""
+    references, ids = call.get("image_cond_hidden_states"), call.get("image_cond_ids")
+    if references is None or ids is None or references.shape[1] == 0:
+        return None
+    if ids.ndim != 2 or ids.shape[0] != references.shape[1] or ids.shape[1] < 4:
+        raise ValueError(f"image_cond_ids must be [N, 4] with N = image_cond_hidden_states.shape[1] = "
+                         f"{references.shape[1]}, got {tuple(ids.shape)}")
+    host = ids[:, :4].cpu()
+    _, lengths = torch.unique_consecutive(host[:, 3], return_counts=True)
+    lengths = lengths.tolist()
+    steps = torch.cat([_whole_steps(rows) for rows in host[:, 1:3].split(lengths)])
+    from .selection import IDS_GRID_SHAPES, row_major_shapes
+
+    shapes = row_major_shapes(steps, lengths)
+    extra = {} if shapes is None else {IDS_GRID_SHAPES: shapes}
+    reference_ids = host.clone()
+    reference_ids[:, 1:3] = steps.to(host.dtype)
+    target = call.get("img_ids")
+    target_shape = None if target is None or target.ndim != 2 or target.shape[0] == 0 else \
+        _grid_size(target[:, 1:3].cpu())
+    n = references.shape[1]
+    device = references.device
+    return _Layout(torch.zeros(0, dtype=torch.long, device=device), torch.arange(n, device=device), lengths,
+                   reference_ids[None].to(device), target_shape, extra, torch.zeros(0, dtype=torch.long),
+                   torch.arange(n))
+
+
+_LAYOUTS = {FLUX2: _ids_layout, FLUX: _ids_layout, QWEN: _qwen_layout, FLUX3: _cond_layout}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -709,10 +761,26 @@ class _QwenQKProbe(_QKProbeProcessor):
                                     *self._rows(hidden_states)), encoder_hidden_states_mask)
 
 
-def _probe_processor(family: str, layout: _Layout) -> _QKProbeProcessor:
+class _Flux3QKProbe(_QKProbeProcessor):
+    """FLUX.3's first joint block, over ``[text, target, references]`` (the per-mode blocks before it attend within
+    one mode each: the first attention where the target sees the references)."""
+
+    def __init__(self, layout: _Layout, n_text: int, n_target: int):
+        super().__init__(layout)
+        self.n_text, self.n_target = n_text, n_target
+
+    def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None):
+        from .processors import flux3_probe_qk  # deferred: imports diffusers' model modules
+
+        self._record(*flux3_probe_qk(attn, hidden_states, image_rotary_emb, self.n_text, self.n_target))
+
+
+def _probe_processor(family: str, layout: _Layout, call: dict) -> _QKProbeProcessor:
     """The probe processor of a family (FLUX: with the projection helper diffusers' own processor calls)."""
     if family == QWEN:
         return _QwenQKProbe(layout)
+    if family == FLUX3:
+        return _Flux3QKProbe(layout, call["encoder_hidden_states"].shape[1], call["hidden_states"].shape[1])
     from diffusers.models.transformers import transformer_flux, transformer_flux2
 
     return _FluxQKProbe(layout, {FLUX2: transformer_flux2, FLUX: transformer_flux}[family]._get_qkv_projections)
@@ -771,16 +839,17 @@ def _eager_forward(module: torch.nn.Module):
 
 def _probe_qk(transformer: torch.nn.Module, family: str, forward: Callable, call: dict,
               layout: _Layout) -> _QKProbeProcessor:
-    """Runs ``forward(**call)`` with the probe processor on ``transformer.transformer_blocks[0].attn`` until it
-    stops there (FLUX's ``pos_embed`` computing its tables with ``processors.flux_rope_tables``: the same values);
-    the original processor object is put back whatever happens. The first block runs eagerly even where
+    """Runs ``forward(**call)`` with the probe processor on the attention of the first block where the target sees
+    the references (``transformer.transformer_blocks[0]``; FLUX.3's first joint block) until it stops there
+    (FLUX's ``pos_embed`` computing its tables with ``processors.flux_rope_tables``: the same values); the
+    original processor object is put back whatever happens. The first block runs eagerly even where
     ``compile_repeated_blocks`` compiled it: the probe processor's host work on the layout can not be traced with
     ``fullgraph=True``, and the probe's full-length shapes would cost a recompile for one call."""
     from .processors import fast_rope_tables  # deferred: imports diffusers' model modules
 
-    block = transformer.transformer_blocks[0]
+    block = (transformer.single_transformer_blocks if family == FLUX3 else transformer.transformer_blocks)[0]
     attn = block.attn
-    recorder = _probe_processor(family, layout)
+    recorder = _probe_processor(family, layout, call)
     original = attn.processor
     attn.set_processor(recorder)
     try:  # (FLUX's RoPE tables in a few launches: the probe's host launch work is most of its time)
@@ -791,8 +860,7 @@ def _probe_qk(transformer: torch.nn.Module, family: str, forward: Callable, call
         return recorder
     finally:
         attn.set_processor(original)
-    raise RuntimeError("the attention probe did not reach the first double-stream block's attention (the forward "
-                       "returned first)")
+    raise RuntimeError("the attention probe did not reach the attention of its block (the forward returned first)")
 
 
 def _probe_tensors(recorder: _QKProbeProcessor) -> dict:
@@ -1098,6 +1166,7 @@ class ForwardPatch:
     def __init__(self, transformer: torch.nn.Module, family: str):
         self.transformer = transformer
         self.family = family
+        self.reference_arg, self.reference_ids_arg = _REFERENCE_ARGS[family]
         self.had_instance_forward = "forward" in transformer.__dict__
         # an accelerate hook already on the transformer (enable_model_cpu_offload before enable): the patch goes
         # beneath it, as the forward the hook calls (_old_forward). After each call the pipeline's
@@ -1559,7 +1628,7 @@ class _SparsePatch(ForwardPatch):
         the selection's keep mask: the call's selection is queued without waiting for the device to reach its ids,
         and the layout's host work is not done again. Else the layout found now (FLUX: a host read of the ids),
         ``unverified`` None."""
-        ids = call.get("img_ids")
+        ids = call.get(self.reference_ids_arg)
         known = None if ids is None else self.layouts.get(self._layout_key(ids))
         if known is None:
             return self._read_layout(call), None
@@ -1569,7 +1638,7 @@ class _SparsePatch(ForwardPatch):
     def _read_layout(self, call: dict) -> Optional[_Layout]:
         """The call's layout, found on its ids or image shapes; FLUX's kept for later calls on ids of that shape."""
         layout = reference_layout(self.family, call)
-        ids = call.get("img_ids")
+        ids = call.get(self.reference_ids_arg)
         if layout is not None and ids is not None:
             key = self._layout_key(ids)
             self.layouts.pop(key, None)
@@ -1605,7 +1674,8 @@ class _SparsePatch(ForwardPatch):
         shapes, the KV mode, the selection settings (budget, selector, signals) in effect, (second to last) a
         training forward's number, and (last) outside an enabled pipeline's call the prompt's tensors (selectors may
         read the prompt; and a forward that selects nothing reports the latest selection on its prompt only)."""
-        ids = call.get("img_ids")
+        ids = call.get(self.reference_ids_arg)
+        references = call.get(self.reference_arg)  # (FLUX.3: an input of their own)
         signals = overrides.get("signals", self.settings.signals)
         training = self._training_forward()
         if training:
@@ -1613,6 +1683,7 @@ class _SparsePatch(ForwardPatch):
         # index tensors made under torch.inference_mode can not be saved for backward: a plan per mode
         return (self.call_epoch, torch.is_inference_mode_enabled(), self.attention, self.pack,
                 tuple(call["hidden_states"].shape), None if ids is None else tuple(ids.shape),
+                None if references is None else tuple(references.shape),
                 repr(call.get("img_shapes")), call.get("kv_cache_mode"),
                 _budget_key(overrides.get("budget", self.settings.budget)),
                 overrides.get("selector_key", _selector_key(overrides.get("selector", self.settings.selector))),
@@ -1660,25 +1731,25 @@ class _SparsePatch(ForwardPatch):
         without gradients: a reentrant checkpoint runs the forward under no_grad)."""
         return self.transformer.training and not self.pipeline_calls
 
-    @staticmethod
-    def _new_plan(call: dict, layout: Optional[_Layout], keep: Optional[torch.Tensor], groups: list,
+    def _new_plan(self, call: dict, layout: Optional[_Layout], keep: Optional[torch.Tensor], groups: list,
                   packing: Optional[_Packing] = None) -> _Plan:
-        ids = call.get("img_ids")
+        ids = call.get(self.reference_ids_arg)
         # (read from the detached input: a checkpoint's recompute, which reuses the plan, must record what its
         # forward recorded)
-        references = None if layout is None else call["hidden_states"].detach()[:, layout.ref_positions].clone()
+        references = None if layout is None else \
+            call[self.reference_arg].detach()[:, layout.ref_positions].clone()
         return _Plan(layout, keep, groups, None if ids is None else ids.detach().clone(), references, packing)
 
-    @staticmethod
-    def _step_checks(plan: _Plan, call: dict) -> tuple:
-        """``(matches, packable)`` in one host read: whether this step's ``img_ids`` (FLUX: the layout comes from
-        them) and reference rows of ``hidden_states`` (the selection was made on them) equal the plan's, and, for a
-        plan with a packing, whether the samples share their timestep and guidance."""
+    def _step_checks(self, plan: _Plan, call: dict) -> tuple:
+        """``(matches, packable)`` in one host read: whether this step's reference ids (FLUX's ``img_ids``, FLUX.3's
+        ``image_cond_ids``: the layout comes from them) and reference rows (the selection was made on them) equal the
+        plan's, and, for a plan with a packing, whether the samples share their timestep and guidance."""
         checks = []
         if plan.ids is not None:
-            checks.append(torch.eq(call["img_ids"], plan.ids).all())
+            checks.append(torch.eq(call[self.reference_ids_arg], plan.ids).all())
         if plan.layout is not None:
-            checks.append(torch.eq(call["hidden_states"].detach()[:, plan.layout.ref_positions], plan.references).all())
+            references = call[self.reference_arg].detach()  # (of the plan's shape: the plan's key holds it)
+            checks.append(torch.eq(references[:, plan.layout.ref_positions], plan.references).all())
         n_match = len(checks)
         if plan.packing is not None:
             checks.append(_uniform_over_batch(call).all())
@@ -1736,6 +1807,9 @@ class _SparsePatch(ForwardPatch):
             if call.get(name) is not None:
                 raise ValueError(f"sparsectx does not support {name} (ControlNet residuals are laid out for the "
                                  "full image sequence)")
+        if self.family == FLUX3 and call[self.reference_arg].shape[1] != layout.ref_positions.numel():
+            raise ValueError(f"image_cond_hidden_states holds {call[self.reference_arg].shape[1]} reference tokens "
+                             f"but image_cond_ids {layout.ref_positions.numel()}")
         if call.get("kv_cache_mode") == KV_EXTRACT:
             n_ref = layout.ref_positions.numel()
             if call.get("num_ref_tokens") != n_ref or int(layout.ref_host[-1]) != n_ref - 1:
@@ -1746,7 +1820,7 @@ class _SparsePatch(ForwardPatch):
         """``(keep, nan)``: bool ``[B, N]``, the reference tokens each sample keeps (the selector's mask, or each
         image's budget of its scores), and the selector's NaN check still on the device (``_NaNCheck``, for fixed
         counts; None where the selection has checked its scores itself, or runs no selector)."""
-        hidden = call["hidden_states"]
+        hidden = call[self.reference_arg]
         references = hidden.detach()[:, layout.ref_positions]  # (selection is not differentiated: nothing recorded)
         budget = overrides.get("budget", self.settings.budget)
         selector = overrides.get("selector", self.settings.selector)
@@ -1847,7 +1921,7 @@ class _SparsePatch(ForwardPatch):
         if bool(keep_host.all()):
             return [], None
         device = keep.device
-        seq = call["hidden_states"].shape[1]
+        seq = call[self.reference_arg].shape[1]
         target, refs = layout.target_host, layout.ref_host
         masks, inverse = torch.unique(keep_host, dim=0, return_inverse=True)
         if masks.shape[0] > 1 and call.get("kv_cache_mode") == KV_EXTRACT:
@@ -1934,9 +2008,13 @@ class _SparsePatch(ForwardPatch):
     def _run_group(self, call: dict, group: _Group):
         """The original forward on the group's samples, their dropped rows removed."""
         g = dict(call) if group.rows is None else self._slice_batch(call, group.rows, group.samples)
-        g["hidden_states"] = g["hidden_states"].index_select(1, group.positions)
+        g[self.reference_arg] = g[self.reference_arg].index_select(1, group.positions)
         if self.family == QWEN:
             return self._run_qwen(g, group)
+        if self.family == FLUX3:  # (its ids are one [N, 4] table for the batch)
+            ids = g[self.reference_ids_arg]
+            g[self.reference_ids_arg] = ids.index_select(0, group.positions.to(ids.device))
+            return self.original_forward(**g)
         g["img_ids"], memo = self._kept_ids(g["img_ids"], group.positions, group.rope)
         group.rope = memo or group.rope
         if g.get("kv_cache_mode") == KV_EXTRACT:
@@ -1963,7 +2041,7 @@ class _SparsePatch(ForwardPatch):
         """FLUX: the forward's ``pos_embed`` computes its tables in a few launches and reuses ``memo``'s
         (``processors.fast_rope_tables``; the rows before the first block wait on that host work after the step's
         host read). Not while dynamo traces the forward (torch.compile): diffusers' module as it is there."""
-        if self.family == QWEN or torch.compiler.is_compiling():
+        if self.family not in (FLUX, FLUX2) or torch.compiler.is_compiling():
             return contextlib.nullcontext()
         from .processors import fast_rope_tables  # deferred: imports diffusers' model modules
 
@@ -2022,6 +2100,13 @@ class _SparsePatch(ForwardPatch):
         first = results[0]
         if call.get("kv_cache_mode") == KV_EXTRACT:  # the transformer returns the target rows only (one group)
             return first
+        if self.reference_arg != "hidden_states":  # FLUX.3: the outputs are the target rows: samples back in order
+            if len(results) == 1:  # (one group: the whole batch)
+                return first
+            full = _sample_of(first).new_empty((call["hidden_states"].shape[0], *_sample_of(first).shape[1:]))
+            for group, result in zip(plan.groups, results):
+                full.index_copy_(0, group.samples, _sample_of(result))
+            return _with_sample(first, full)
         hidden = call["hidden_states"]
         sample0 = _sample_of(first)
         full = sample0.new_zeros((hidden.shape[0], hidden.shape[1], *sample0.shape[2:]))
@@ -2351,6 +2436,9 @@ def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Call
     settings = _make_settings(budget, selector, seed, signals)
     _warn_ids_grid(family, settings.selector, settings.signals)
     _check_attention(attention)
+    if family == FLUX3 and attention == SPARSECTX:
+        raise TypeError("attention='sparsectx' covers FLUX.1, FLUX.2 and Qwen-Image; FLUX.3 runs Sparse Context with "
+                        "attention='native' (its own attention on the compacted sequence)")
     if getattr(transformer, "_parallel_config", None) is not None:
         raise RuntimeError(f"sparsectx's drop-in does not support diffusers {_parallelism(transformer)} (the "
                            "transformer has a _parallel_config); enable it on a model without parallelism")

@@ -544,6 +544,29 @@ def flux_probe_qk(attn, hidden_states, encoder_hidden_states, get_qkv_projection
             _norm_rope(ref_k.unflatten(-1, (-1, attn.head_dim)), attn.norm_k, rows(ref_rows, n_text)))
 
 
+def flux3_probe_qk(attn, hidden_states, rotary_emb, n_text: int, n_target: int):
+    """What the attention probe reads of a FLUX.3 joint attention over ``[text, target, references]`` (``n_text``
+    and ``n_target`` rows, then the references): the text and target queries and the reference keys, each
+    ``[B, n, H, D]`` as ``Flux3AttnProcessor`` computes those rows (projection, QK norm in fp32, RoPE, back to the
+    projection's dtype), without projecting what the probe does not return."""
+    n_queries = n_text + n_target
+    if getattr(attn, "fused_projections", False):
+        query = attn.to_qkv(hidden_states[:, :n_queries]).chunk(3, dim=-1)[0]
+        key = attn.to_qkv(hidden_states[:, n_queries:]).chunk(3, dim=-1)[1]
+    else:
+        query, key = attn.to_q(hidden_states[:, :n_queries]), attn.to_k(hidden_states[:, n_queries:])
+
+    def norm_rope(x, norm, rows):
+        out = norm(x.unflatten(-1, (attn.heads, -1)).float())
+        if rotary_emb is not None:
+            out = apply_rotary_emb(out, _rotary_rows(rotary_emb, rows), sequence_dim=1)
+        return out.to(x.dtype)
+
+    query = norm_rope(query, attn.norm_q, slice(0, n_queries))
+    key = norm_rope(key, attn.norm_k, slice(n_queries, hidden_states.shape[1]))
+    return query[:, :n_text], query[:, n_text:], key
+
+
 def _split_joint_output(attn, out, encoder_hidden_states, flux1: bool):
     """Text/image split of the joint attention output and the output projections, as diffusers does it: FLUX.1
     makes the halves contiguous and projects the image half first, FLUX.2 projects the text half first (the order

@@ -462,6 +462,11 @@ def enable_drop_training(transformer, ratio_range: tuple = DEFAULT_RATIO_RANGE,
     if not isinstance(skip_dropped_queries, bool):
         raise TypeError(f"skip_dropped_queries must be a bool, got {type(skip_dropped_queries).__name__}")
     _, model, family = integration._split_target(transformer)
+    if family == integration.FLUX3:
+        raise TypeError("drop training's masked attention covers FLUX.1, FLUX.2 and Qwen-Image; on FLUX.3, whose "
+                        "references are an input of their own, sparsectx.enable(transformer, budget=..., "
+                        "selector='random') on the transformer in train mode removes a new random subset of "
+                        "reference rows at every training forward")
     integration.check_diffusers_version()
     if getattr(model, integration.PATCH_ATTR, None) is not None:
         raise RuntimeError("sparsectx.enable is active on this transformer; call sparsectx.disable first (drop "

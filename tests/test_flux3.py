@@ -1,0 +1,521 @@
+"""Drop-in Sparse Context for FLUX.3 (sparsectx.integration, Flux3Transformer2DModel): tiny random-weight models
+built from configs, fp32, CPU, offline. FLUX.3 takes its references as an input of their own
+(``image_cond_hidden_states [B, N, C]`` with ``image_cond_ids [N, 4]``, (t, h, w, l) with l = -1, -2, ... per
+reference and h, w scaled by the pipeline's 0.5); they run through per-mode blocks, then the joint blocks, and produce
+no output rows."""
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+if not hasattr(diffusers, "Flux3Transformer2DModel"):
+    pytest.skip(f"diffusers {diffusers.__version__} has no FLUX.3", allow_module_level=True)
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry  # noqa: E402
+
+import sparsectx  # noqa: E402
+from sparsectx import integration  # noqa: E402
+
+HEADS, HEAD_DIM = 2, 16
+TEXT_TOKENS, TEXT_DIM = 6, 32
+CHANNELS = 8
+TARGET_HW = (4, 4)
+REF_HWS = ((3, 3), (2, 4))  # two references of different sizes: 17 tokens, no other sequence of that length
+RoPE_SCALE = 0.5  # diffusers' FLUX.3 pipelines scale the (h, w) ids by this
+FP32_ATOL = 2e-5  # fp32 rounding of a different (shorter) summation order
+N_TARGET = TARGET_HW[0] * TARGET_HW[1]
+N_REFS = [h * w for h, w in REF_HWS]
+
+
+def _build(flow_map=False):
+    torch.manual_seed(0)
+    return diffusers.Flux3Transformer2DModel(
+        in_channels=CHANNELS, cond_in_channels=CHANNELS, num_layers=1, num_single_layers=2,
+        attention_head_dim=HEAD_DIM, num_attention_heads=HEADS, joint_attention_dim=TEXT_DIM, timestep_channels=32,
+        axes_dims_rope=(4, 4, 4, 4), flow_map=flow_map).eval()
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {"flux3": _build(), "flux3 (flow map)": _build(flow_map=True)}
+
+
+@pytest.fixture(autouse=True)
+def _always_disabled(models):
+    yield
+    for model in models.values():
+        integration.disable(model)
+
+
+def _ids(hw, l_coord, scale=RoPE_SCALE):
+    """The pipelines' ids of one image: (t, h, w, l) over its row-major grid, h and w scaled."""
+    h, w = hw
+    grid = torch.cartesian_prod(torch.zeros(1), torch.arange(h).float(), torch.arange(w).float(),
+                                torch.tensor([float(l_coord)]))
+    grid[:, 1:3] *= scale
+    return grid
+
+
+def _inputs(model, batch=2, seed=1, scale=RoPE_SCALE, refs=REF_HWS, shared=False):
+    """Forward kwargs; ``shared``: every sample has the first one's references (as a pipeline repeats them over
+    its batch), else each its own."""
+    g = torch.Generator().manual_seed(seed)
+    kwargs = dict(hidden_states=torch.randn(batch, N_TARGET, CHANNELS, generator=g),
+                  encoder_hidden_states=torch.randn(batch, TEXT_TOKENS, TEXT_DIM, generator=g),
+                  timestep=torch.full((batch,), 0.7), img_ids=_ids(TARGET_HW, 0, scale),
+                  txt_ids=torch.cartesian_prod(torch.zeros(1), torch.zeros(1), torch.zeros(1),
+                                               torch.arange(TEXT_TOKENS).float()),
+                  return_dict=False)
+    if refs:
+        references = torch.randn(1 if shared else batch, sum(h * w for h, w in refs), CHANNELS, generator=g)
+        kwargs["image_cond_hidden_states"] = references.expand(batch, -1, -1).contiguous()
+        kwargs["image_cond_ids"] = torch.cat([_ids(hw, -(i + 1), scale) for i, hw in enumerate(refs)])
+    if model.config.flow_map:
+        kwargs["target_timestep"] = torch.full((batch,), 0.5)
+    return kwargs
+
+
+def _run(model, kwargs):
+    with torch.no_grad():
+        return model(**kwargs)[0]
+
+
+def random_selector(latents, context):
+    return torch.rand(latents.shape[:2], generator=context.generator)
+
+
+def norm_selector(latents, context):
+    """Content scores: the same for a sample alone or in a batch."""
+    return latents.norm(dim=-1)
+
+
+class _KeyMaskedNative:
+    """Test-only: diffusers' native attention with the dropped reference tokens masked out as keys, in the
+    references' own blocks (a sequence of the N reference tokens) and in the joint blocks ([text, target,
+    references]); the text and target blocks hold no reference."""
+
+    def __init__(self, keep):
+        self.keep = keep  # bool [B, N]
+        self.native = _AttentionBackendRegistry._backends[AttentionBackendName.NATIVE]
+
+    def __call__(self, query, key, value, attn_mask=None, **kwargs):
+        batch, n_refs = self.keep.shape
+        keys = key.shape[1]
+        if keys == n_refs:
+            mask = self.keep
+        elif keys == TEXT_TOKENS + N_TARGET + n_refs:
+            mask = torch.cat([torch.ones(batch, TEXT_TOKENS + N_TARGET, dtype=torch.bool), self.keep], 1)
+        else:
+            assert keys in (TEXT_TOKENS, N_TARGET), keys
+            return self.native(query, key, value, attn_mask=attn_mask, **kwargs)
+        assert attn_mask is None
+        return self.native(query, key, value, attn_mask=mask[:, None, None, :].to(key.device), **kwargs)
+
+
+def _reference_tokens_seen(model) -> list:
+    """The reference tokens each forward sends through the model (the input of its reference embedder)."""
+    seen = []
+    model.x_embedders["image_cond"].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    return seen
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# exactness
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("budget", [1.0, 10**6, [1.0, 10**6]])
+@pytest.mark.parametrize("name", ["flux3", "flux3 (flow map)"])
+def test_keep_all_is_the_unpatched_forward(models, name, budget):
+    model, kwargs = models[name], _inputs(models[name])
+    expected = _run(model, kwargs)
+    sparsectx.enable(model, budget=budget, selector=random_selector, seed=0)
+    assert torch.equal(_run(model, kwargs), expected)
+
+
+@pytest.mark.parametrize("name", ["flux3", "flux3 (flow map)"])
+def test_dropping_rows_equals_masking_keys(models, name, monkeypatch):
+    model, kwargs = models[name], _inputs(models[name])
+    seen = _reference_tokens_seen(model)
+    sparsectx.enable(model, budget=[0.5, 3], selector=random_selector, seed=0)
+    dropped = _run(model, kwargs)
+    keep = model._sparsectx_patch.cache.keep
+    assert keep.shape == (2, sum(N_REFS)) and not torch.equal(keep[0], keep[1])  # each sample its own references
+    counts = integration.budget_counts([0.5, 3], 2, N_REFS)
+    assert counts[0][1] == 3 and 0 < counts[0][0] < N_REFS[0]
+    for sample, sample_counts in zip(keep, counts):
+        assert [int(part.sum()) for part in sample.split(N_REFS)] == sample_counts
+    assert seen == [sum(counts[0])] * 2  # the dropped rows never entered the model (a group per sample)
+    sparsectx.disable(model)
+
+    monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.NATIVE, _KeyMaskedNative(keep))
+    masked = _run(model, kwargs)
+    assert dropped.shape == (2, N_TARGET, CHANNELS)
+    torch.testing.assert_close(dropped, masked, rtol=0, atol=FP32_ATOL)
+    monkeypatch.undo()
+    assert (dropped - _run(model, kwargs)).abs().max() > 100 * FP32_ATOL  # dropping changed the output
+
+
+def test_disable_restores_bit_exact(models):
+    model, kwargs = models["flux3"], _inputs(models["flux3"])
+    expected = _run(model, kwargs)
+    sparsectx.enable(model, budget=0.5, selector=random_selector, seed=0)
+    assert not torch.equal(_run(model, kwargs), expected)
+    sparsectx.disable(model)
+    assert "forward" not in model.__dict__ and not integration.is_enabled(model)
+    assert torch.equal(_run(model, kwargs), expected)
+
+
+@pytest.mark.parametrize("name", ["flux3", "flux3 (flow map)"])
+def test_mixed_budgets_equal_each_sample_alone(models, name):
+    """Samples that keep different tokens run as groups (one id table for the batch), each sample's rows back in
+    its place (samples 0 and 2 share their references and budget: one group of two); per-sample timesteps (and the
+    flow map's target timesteps) follow their samples."""
+    model = models[name]
+    kwargs = _inputs(model, batch=4)
+    kwargs["image_cond_hidden_states"][2] = kwargs["image_cond_hidden_states"][0]
+    kwargs["timestep"] = torch.tensor([0.7, 0.4, 0.9, 0.6])
+    if "target_timestep" in kwargs:
+        kwargs["target_timestep"] = torch.tensor([0.5, 0.2, 0.8, 0.3])
+    budgets = [[0.25], [2, 0.75], [0.25], [1.0]]
+    sparsectx.enable(model, budget=budgets, selector=norm_selector)
+    together = _run(model, kwargs)
+    assert sorted(group.rows for group in model._sparsectx_patch.cache.groups) == [[0, 2], [1], [3]]
+    for b, budget in enumerate(budgets):
+        alone = {k: (v[b:b + 1] if isinstance(v, torch.Tensor) and k not in ("img_ids", "txt_ids", "image_cond_ids")
+                     else v) for k, v in kwargs.items()}
+        sparsectx.enable(model, budget=budget, selector=norm_selector)
+        torch.testing.assert_close(together[b:b + 1], _run(model, alone), rtol=0, atol=FP32_ATOL)
+    sparsectx.disable(model)
+    assert not torch.allclose(together, _run(model, kwargs), rtol=0, atol=100 * FP32_ATOL)
+
+
+def test_a_call_without_references_runs_unchanged_and_selects_nothing(models):
+    model = models["flux3"]
+    kwargs = _inputs(model, refs=())
+    expected = _run(model, kwargs)
+    calls = []
+    sparsectx.enable(model, budget=0.25, selector=lambda latents, context: calls.append(1) or latents[..., 0])
+    assert torch.equal(_run(model, kwargs), expected)
+    assert calls == [] and sparsectx.last_selection(model) is None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# layout and selection
+# ----------------------------------------------------------------------------------------------------------------
+def test_each_reference_is_found_with_its_grid_from_the_scaled_ids(models):
+    """The references' lengths come from the l axis and each one's (h, w) grid from its scaled ids: the selectors
+    see whole steps, so a spatial selector keeps the same tokens whatever the ids' scale."""
+    model = models["flux3"]
+    seen = {}
+    for scale in (RoPE_SCALE, 1.0, 2.0):
+        def recording(latents, context, scale=scale):
+            seen[scale] = (list(context.ref_lengths), context.target_shape)
+            return latents.norm(dim=-1)
+
+        sparsectx.enable(model, budget=0.25, selector="uniform")
+        _run(model, _inputs(model, scale=scale))
+        selection = sparsectx.last_selection(model)
+        assert selection.ref_lengths == N_REFS and selection.ref_shapes == list(REF_HWS)
+        assert torch.equal(selection.ref_positions, torch.arange(sum(N_REFS)))
+        seen[(scale, "uniform")] = selection.keep
+        sparsectx.enable(model, budget=0.25, selector=recording)
+        _run(model, _inputs(model, scale=scale))
+    assert torch.equal(seen[(RoPE_SCALE, "uniform")], seen[(1.0, "uniform")])
+    assert torch.equal(seen[(2.0, "uniform")], seen[(1.0, "uniform")])
+    # uniform keeps an evenly spread subset of each image, as on FLUX.2's integer ids of the same grids
+    grid = sparsectx.last_selection(model)
+    assert [int(k.sum()) for k in seen[(1.0, "uniform")][0].split(N_REFS)] == [round(0.25 * n) for n in N_REFS]
+    assert grid.grids()[0].shape == (2, *REF_HWS[0])
+    assert seen[RoPE_SCALE] == seen[1.0] == ([9, 8], TARGET_HW)
+
+
+def test_references_whose_ids_are_not_a_row_major_grid_have_no_shapes(models):
+    model = models["flux3"]
+    kwargs = _inputs(model)
+    ids = kwargs["image_cond_ids"].clone()
+    ids[:N_REFS[0]] = ids[:N_REFS[0]].flip(0)  # the first image's tokens in reverse order
+    kwargs["image_cond_ids"] = ids
+    sparsectx.enable(model, budget=0.5, selector="random", seed=0)
+    _run(model, kwargs)
+    assert sparsectx.last_selection(model).ref_shapes is None
+
+
+def test_the_selection_is_made_once_and_made_again_for_new_references(models):
+    """A bare transformer: the selection is kept for the prompt tensor and the references it was made on; other
+    reference values (a new image) select again."""
+    model = models["flux3"]
+    kwargs = _inputs(model, shared=True)
+    calls = []
+
+    def counting(latents, context):
+        calls.append(tuple(latents.shape))
+        return torch.rand(latents.shape[:2], generator=context.generator)
+
+    sparsectx.enable(model, budget=0.5, selector=counting, seed=0)
+    first = [_run(model, {**kwargs, "hidden_states": torch.randn_like(kwargs["hidden_states"])}) for _ in range(3)]
+    assert calls == [(1, sum(N_REFS), CHANNELS)]  # once, on the first sample (the batch shares its references)
+    assert not torch.equal(first[0], first[1])
+    other = {**kwargs, "image_cond_hidden_states": kwargs["image_cond_hidden_states"] + 1}
+    _run(model, other)
+    assert len(calls) == 2
+
+
+def test_per_call_settings_through_attention_kwargs(models):
+    model, kwargs = models["flux3"], _inputs(models["flux3"])
+    expected = _run(model, kwargs)
+    sparsectx.enable(model, budget=0.25, selector=random_selector, seed=0)
+    assert torch.equal(_run(model, {**kwargs, "attention_kwargs": {"sparsectx": {"budget": 1.0}}}), expected)
+    _run(model, {**kwargs, "attention_kwargs": {"sparsectx": {"budget": 2}}})
+    assert sparsectx.last_selection(model).keep.sum(1).tolist() == [4, 4]
+    with pytest.raises(ValueError, match=r"attention_kwargs\['sparsectx'\]"):
+        _run(model, {**kwargs, "attention_kwargs": {"sparsectx": {"budget": -1}}})
+
+
+def test_a_training_forward_draws_a_new_selection_and_its_gradients_reach_the_kept_references(models):
+    model = _build()
+    model.train()
+    kwargs = _inputs(model)
+    references = kwargs["image_cond_hidden_states"].requires_grad_()
+    sparsectx.enable(model, budget=0.5, selector="random")
+    keeps = []
+    for _ in range(2):
+        references.grad = None
+        model(**kwargs)[0].square().sum().backward()
+        keep = sparsectx.last_selection(model).keep
+        keeps.append(keep)
+        touched = references.grad.abs().sum(-1) > 0
+        assert torch.equal(touched, keep)  # the dropped rows get no gradient, every kept one some
+    assert not torch.equal(keeps[0], keeps[1])  # a new draw at each training step
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the attention probe: FLUX.3's first joint block
+# ----------------------------------------------------------------------------------------------------------------
+class _RecordingNative:
+    """Test-only: diffusers' native attention, recording the query and key of each joint attention (the sequence
+    [text, target, references]) as diffusers' FLUX.3 processor hands them to the attention backend."""
+
+    def __init__(self, n_refs):
+        self.n_refs, self.joint = n_refs, []
+        self.native = _AttentionBackendRegistry._backends[AttentionBackendName.NATIVE]
+
+    def __call__(self, query, key, value, **kwargs):
+        if key.shape[1] == TEXT_TOKENS + N_TARGET + self.n_refs:
+            self.joint.append((query, key))
+        return self.native(query, key, value, **kwargs)
+
+
+def _first_joint_qk(model, kwargs, monkeypatch):
+    recorder = _RecordingNative(sum(N_REFS))
+    with monkeypatch.context() as patched:
+        patched.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.NATIVE, recorder)
+        _run(model, kwargs)
+    return recorder.joint[0]
+
+
+def _recording_attention(record):
+    """The 'attention' selector, also recording the selection context's extra (the probe's tensors land there)."""
+    def selector(latents, context):
+        scores = sparsectx.selection.attention_scores(latents, context)
+        record.update(context.extra)
+        return scores
+
+    return selector
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("shared", [False, True])
+def test_probe_tensors_are_the_first_joint_blocks_query_and_key(models, shared, fused, monkeypatch):
+    """The probe's text queries, target queries and reference keys are the rows of the q and k that diffusers'
+    processor gives the first joint block's attention (fused QKV projections too); a batch sharing its references
+    and prompt is probed on its first sample."""
+    model = _build() if fused else models["flux3"]
+    if fused:
+        model.fuse_qkv_projections()
+        assert model.single_transformer_blocks[0].attn.fused_projections
+    kwargs = _inputs(model, shared=shared)
+    if shared:
+        kwargs["encoder_hidden_states"] = kwargs["encoder_hidden_states"][:1].expand(2, -1, -1).contiguous()
+    probed = {k: (v[:1] if isinstance(v, torch.Tensor) and k not in ("img_ids", "txt_ids", "image_cond_ids")
+                  else v) for k, v in kwargs.items()} if shared else kwargs
+    query, key = _first_joint_qk(model, probed, monkeypatch)
+    record = {}
+    sparsectx.enable(model, budget=3, selector=_recording_attention(record))
+    _run(model, kwargs)
+    close = dict(rtol=1e-5, atol=1e-6)  # the probe projects fewer rows: fp32 rounding of the same products
+    torch.testing.assert_close(record["text_queries"], query[:, :TEXT_TOKENS], **close)
+    torch.testing.assert_close(record["target_queries"], query[:, TEXT_TOKENS:TEXT_TOKENS + N_TARGET], **close)
+    torch.testing.assert_close(record["ref_keys"], key[:, TEXT_TOKENS + N_TARGET:], **close)
+    assert record["ref_keys"].shape == (1 if shared else 2, sum(N_REFS), HEADS, HEAD_DIM)
+    integration.disable(model)
+
+
+def test_attention_selector_keeps_the_top_attention_mass(models, monkeypatch):
+    from sparsectx.reference import topk_keep_mask
+
+    model, kwargs = models["flux3"], _inputs(models["flux3"])
+    query, key = _first_joint_qk(model, kwargs, monkeypatch)
+    mass = sparsectx.selection.attention_mass(query[:, TEXT_TOKENS:TEXT_TOKENS + N_TARGET],
+                                              key[:, TEXT_TOKENS + N_TARGET:])
+    expected = torch.cat([topk_keep_mask(part, [3] * mass.shape[0]) for part in mass.split(N_REFS, 1)], dim=1)
+    sparsectx.enable(model, budget=3, selector="attention")
+    _run(model, kwargs)
+    assert torch.equal(sparsectx.last_selection(model).keep, expected)
+
+
+def test_the_probe_stops_at_the_first_joint_block_and_restores_its_processor(models):
+    model, kwargs = models["flux3"], _inputs(models["flux3"], shared=True)
+    kwargs["encoder_hidden_states"] = kwargs["encoder_hidden_states"][:1].expand(2, -1, -1)  # one prompt: one group
+    attn = model.single_transformer_blocks[0].attn
+    original = attn.processor
+    calls, during = {"last joint block": 0}, {}
+    model.single_transformer_blocks[-1].register_forward_hook(
+        lambda module, args, output: calls.update({"last joint block": calls["last joint block"] + 1}))
+
+    def selector(latents, context):
+        before = calls["last joint block"]
+        scores = sparsectx.selection.attention_scores(latents, context)  # runs the probe
+        during.update(runs=calls["last joint block"] - before, restored=attn.processor is original)
+        return scores
+
+    try:
+        sparsectx.enable(model, budget=3, selector=selector)
+        _run(model, kwargs)
+    finally:
+        model.single_transformer_blocks[-1]._forward_hooks.clear()
+    assert during == {"runs": 0, "restored": True}
+    assert calls == {"last joint block": 1}  # the compacted forward itself
+    assert attn.processor is original
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# diffusers' modular FLUX.3 pipeline (its only pipeline), with classifier-free guidance
+# ----------------------------------------------------------------------------------------------------------------
+STEPS, SEED = 2, 0
+PIPE_PX = 64  # the target: (64 / 16)^2 = 16 tokens
+LATENT_HWS = ((3, 3), (2, 4))  # the references' packed latents, (h, w) in tokens
+
+
+def _pipeline(model):
+    """The FLUX.3 auto blocks without the prompt upsampler, text encoder and decoder (the prompts come as
+    embeddings, the references as packed latents, the output as latents)."""
+    modular = pytest.importorskip("diffusers.modular_pipelines")
+    blocks = modular.Flux3AutoBlocks()
+    for name in ("prompt_upsampler", "text_encoder", "decode"):
+        blocks.sub_blocks.pop(name)
+    pipe = blocks.init_pipeline()
+    pipe.update_components(transformer=model, scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
+    g = torch.Generator().manual_seed(SEED + 1)
+    kwargs = dict(prompt_embeds=torch.randn(1, TEXT_TOKENS, TEXT_DIM, generator=g),
+                  negative_prompt_embeds=torch.randn(1, TEXT_TOKENS, TEXT_DIM, generator=g),
+                  image_cond_latents=[torch.randn(1, CHANNELS, h, w, generator=g) for h, w in LATENT_HWS],
+                  height=PIPE_PX, width=PIPE_PX, num_inference_steps=STEPS, output="latents")
+    return pipe, kwargs
+
+
+@pytest.mark.parametrize("enabled", ["pipeline", "transformer"])
+def test_the_modular_pipeline(enabled, monkeypatch):
+    """Keeping every token is the unpatched pipeline; a budget sends the kept reference tokens through the model at
+    every forward (a pipeline selects once per call, its guidance branches sharing the selection; a transformer
+    once per prompt tensor) and equals masking the dropped tokens as keys; disable is bit-exact and restores the
+    pipeline's class."""
+    model = _build()
+    pipe, kwargs = _pipeline(model)
+    seen, selections = _reference_tokens_seen(model), []
+
+    def counting(latents, context):
+        selections.append(list(context.ref_lengths))
+        return torch.rand(latents.shape[:2], generator=context.generator)
+
+    def run():
+        seen.clear()
+        with torch.no_grad():
+            return pipe(**kwargs, generator=torch.Generator().manual_seed(SEED))
+
+    original_class = type(pipe)
+    expected = run()
+    assert seen == [sum(N_REFS)] * (2 * STEPS)  # two guidance branches a step
+    target = pipe if enabled == "pipeline" else model
+    sparsectx.enable(target, budget=1.0)
+    assert torch.equal(run(), expected)
+    sparsectx.enable(target, budget=[1 / 3, 0.5], selector=counting, seed=SEED)
+    try:
+        sparse = run()
+        keep = model._sparsectx_patch.cache.keep
+        assert sparsectx.last_selection(target).ref_shapes == list(LATENT_HWS)
+    finally:
+        sparsectx.disable(target)
+    assert seen == [3 + 4] * (2 * STEPS)
+    assert selections == [N_REFS] * (1 if enabled == "pipeline" else 2)
+    assert torch.isfinite(sparse).all() and (sparse - expected).abs().max() > 100 * FP32_ATOL
+    assert type(pipe) is original_class and "forward" not in model.__dict__
+    assert torch.equal(run(), expected)
+    monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.NATIVE, _KeyMaskedNative(keep))
+    torch.testing.assert_close(run(), sparse, rtol=0, atol=FP32_ATOL)
+
+
+def test_the_modular_pipeline_takes_per_call_settings_through_attention_kwargs():
+    """The FLUX.3 blocks hand ``attention_kwargs`` to the transformer: a per-call budget reaches every forward, and a
+    bad one is refused before the pipeline's first forward."""
+    model = _build()
+    pipe, kwargs = _pipeline(model)
+    seen = _reference_tokens_seen(model)
+    sparsectx.enable(pipe, budget=0.5, seed=SEED)
+    with torch.no_grad():
+        pipe(**kwargs, attention_kwargs={"sparsectx": {"budget": 1.0}})
+        assert seen == [sum(N_REFS)] * (2 * STEPS)
+        seen.clear()
+        pipe(**kwargs, attention_kwargs={"sparsectx": {"budget": 2}})
+        assert seen == [2 * len(N_REFS)] * (2 * STEPS)
+        seen.clear()
+        with pytest.raises(ValueError, match=r"attention_kwargs\['sparsectx'\]: budget"):
+            pipe(**kwargs, attention_kwargs={"sparsectx": {"budget": -1.0}})
+    assert seen == []
+
+
+def test_a_budget_sweep_of_the_modular_pipeline():
+    pipe, kwargs = _pipeline(_build())
+    result = sparsectx.sweep(pipe, [{"budget": 1.0}, {"budget": 0.5, "selector": "uniform"}], warmup=0,
+                             progress=False, **kwargs)
+    baseline, keep_all, half = result.rows
+    assert baseline.settings is None and keep_all.max_abs_diff == 0 and keep_all.kept == 1.0
+    assert half.kept == pytest.approx(sum(integration.budget_counts(0.5, 1, N_REFS)[0]) / sum(N_REFS))
+    assert half.max_abs_diff > 100 * FP32_ATOL and not integration.is_enabled(pipe)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# what FLUX.3 does not support, refused clearly
+# ----------------------------------------------------------------------------------------------------------------
+def test_sparsectx_attention_is_refused_with_nothing_changed(models):
+    model = models["flux3"]
+    processors = dict(model.attn_processors)
+    with pytest.raises(TypeError, match="FLUX.3"):
+        sparsectx.enable(model, budget=0.5, attention="sparsectx")
+    assert not integration.is_enabled(model) and dict(model.attn_processors) == processors
+
+
+def test_drop_training_is_refused_naming_the_drop_in(models):
+    with pytest.raises(TypeError, match="FLUX.3.*sparsectx.enable"):
+        sparsectx.enable_drop_training(models["flux3"])
+
+
+def test_references_and_ids_of_other_lengths_are_refused_after_a_call_on_those_ids(models):
+    """The layout found on ids is kept for later calls on ids of that shape: references of another length than
+    those ids are still refused, not cut to them."""
+    model = models["flux3"]
+    kwargs = _inputs(model)
+    sparsectx.enable(model, budget=0.5)
+    _run(model, kwargs)
+    longer = torch.cat([kwargs["image_cond_hidden_states"], kwargs["image_cond_hidden_states"][:, :3]], 1)
+    with pytest.raises(ValueError, match="image_cond_hidden_states holds 20 reference tokens but image_cond_ids 17"):
+        _run(model, {**kwargs, "image_cond_hidden_states": longer})
+
+
+@pytest.mark.parametrize("ids, words", [
+    (lambda ids: ids[1:], "image_cond_ids must be \\[N, 4\\] with N = image_cond_hidden_states.shape\\[1\\] = 17"),
+    (lambda ids: ids[None], "image_cond_ids must be \\[N, 4\\]"),
+])
+def test_reference_ids_of_the_wrong_shape_are_refused(models, ids, words):
+    model = models["flux3"]
+    kwargs = _inputs(model)
+    kwargs["image_cond_ids"] = ids(kwargs["image_cond_ids"])
+    sparsectx.enable(model, budget=0.5)
+    with pytest.raises(ValueError, match=words):
+        _run(model, kwargs)
