@@ -1,5 +1,5 @@
 """Drop-in Sparse Context for diffusers pipelines: FLUX.1 Kontext, FLUX.2 / klein (+ reference KV cache),
-Qwen-Image-Edit(-Plus).
+Qwen-Image-Edit(-Plus), FLUX.3 (its modular pipelines).
 
 ```python
 sparsectx.enable(pipe, budget=0.1, selector="random", seed=0)   # a pipeline or a bare transformer
@@ -22,6 +22,10 @@ Qwen-Image: ``img_shapes`` lists the references after the target), the wrapper
    (reference rows of the output are zeros: pipelines only read the target rows). When every token is kept, the
    original forward runs unchanged (after the layout is read: a Qwen-Image batch whose samples list images of
    other sizes is refused even then, as at any budget; diffusers runs it on sample 0's RoPE, with a warning).
+
+FLUX.3 takes its references as an input of their own (``image_cond_hidden_states`` with ``image_cond_ids``, ``l``
+one value per reference image): the dropped rows are removed from those two, and as its output holds the target
+rows only, nothing is written back.
 
 The selection is computed once per pipeline call and reused at every step (and by the CFG branch), with every
 index derived from it (the plan: layout, keep mask, kept rows, output rows). The first step reads the device
@@ -2490,9 +2494,9 @@ def is_enabled(pipe_or_transformer) -> bool:
 class Selection(NamedTuple):
     """What the latest selection kept: ``keep`` bool ``[B, N]`` over the reference tokens in sequence order (the
     reference images one after another), ``ref_lengths`` their token counts, ``ref_positions`` long ``[N]`` where
-    those tokens sit in the transformer's image sequence, and ``ref_shapes`` the ``(h, w)`` token grid of each
-    reference where the layout gives it (FLUX ids forming row-major grids, as the pipelines make them; Qwen-Image's
-    ``img_shapes``), else None."""
+    those tokens sit in the transformer's image sequence (FLUX.3: in ``image_cond_hidden_states``), and
+    ``ref_shapes`` the ``(h, w)`` token grid of each reference where the layout gives it (FLUX ids forming row-major
+    grids, as the pipelines make them; Qwen-Image's ``img_shapes``), else None."""
 
     keep: torch.Tensor
     ref_lengths: list
