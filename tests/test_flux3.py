@@ -152,6 +152,32 @@ def test_dropping_rows_equals_masking_keys(models, name, monkeypatch):
     assert (dropped - _run(model, kwargs)).abs().max() > 100 * FP32_ATOL  # dropping changed the output
 
 
+def test_a_lora_adapter_scaled_per_call_reaches_every_forward(monkeypatch):
+    """With a peft LoRA adapter scaled per call (``attention_kwargs={"scale": s}`` beside the sparsectx settings):
+    keeping every token is the unpatched model at that scale, and dropping rows equals masking them as keys at that
+    scale. The scale must matter: outputs at two scales differ."""
+    peft = pytest.importorskip("peft")
+    model = _build()
+    model.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                      target_modules=["to_q", "to_k", "to_v"]))
+    kwargs = _inputs(model)
+
+    def call(scale, **settings):
+        return _run(model, {**kwargs, "attention_kwargs": {"scale": scale,
+                                                           **({"sparsectx": settings} if settings else {})}})
+
+    plain = {scale: call(scale) for scale in (0.5, 1.0)}
+    assert (plain[0.5] - plain[1.0]).abs().max() > 100 * FP32_ATOL
+    sparsectx.enable(model, budget=0.5, selector=random_selector, seed=0)
+    assert torch.equal(call(0.5, budget=1.0), plain[0.5])
+    dropped = call(0.5)
+    keep = model._sparsectx_patch.cache.keep
+    assert 0 < int(keep.sum()) < keep.numel()
+    sparsectx.disable(model)
+    monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.NATIVE, _KeyMaskedNative(keep))
+    torch.testing.assert_close(dropped, call(0.5), rtol=0, atol=FP32_ATOL)
+
+
 def test_disable_restores_bit_exact(models):
     model, kwargs = models["flux3"], _inputs(models["flux3"])
     expected = _run(model, kwargs)
@@ -383,6 +409,46 @@ def test_the_probe_stops_at_the_first_joint_block_and_restores_its_processor(mod
     assert during == {"runs": 0, "restored": True}
     assert calls == {"last joint block": 1}  # the compacted forward itself
     assert attn.processor is original
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.compile
+# ----------------------------------------------------------------------------------------------------------------
+def test_a_compiled_transformer_probes_and_selects_as_eager():
+    """torch.compile (without fullgraph): the probe's stopped forward and the selection run beside the compiled
+    model, keep what eager keeps, and the output equals eager's."""
+    model, kwargs = _build(), _inputs(_build())
+    sparsectx.enable(model, budget=0.5, selector="attention")
+    eager = _run(model, kwargs)
+    eager_keep = sparsectx.last_selection(model).keep
+    torch._dynamo.reset()
+    try:
+        out = _run(torch.compile(model, backend="eager"), kwargs)
+        keep = sparsectx.last_selection(model).keep
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(keep, eager_keep) and not bool(keep.all())
+    torch.testing.assert_close(out, eager, rtol=0, atol=FP32_ATOL)
+
+
+def test_compiled_blocks_run_the_probed_block_eagerly_and_give_the_eager_result():
+    """compile_repeated_blocks(fullgraph=True): the probe's stopped forward runs the first joint block eagerly (its
+    processor's host work can not be traced); the result equals the eager sparse one and the block stays compiled."""
+    model, kwargs = _build(), _inputs(_build())
+    sparsectx.enable(model, budget=0.5, selector="attention")
+    eager_sparse = _run(model, kwargs)
+    sparsectx.disable(model)
+    torch._dynamo.reset()
+    try:
+        model.compile_repeated_blocks(fullgraph=True, backend="eager")
+        compiled = model.single_transformer_blocks[0]._compiled_call_impl
+        assert compiled is not None
+        sparsectx.enable(model, budget=0.5, selector="attention")
+        torch.testing.assert_close(_run(model, kwargs), eager_sparse, rtol=0, atol=FP32_ATOL)
+        assert model.single_transformer_blocks[0]._compiled_call_impl is compiled
+    finally:
+        sparsectx.disable(model)
+        torch._dynamo.reset()
 
 
 # ----------------------------------------------------------------------------------------------------------------
