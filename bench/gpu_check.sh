@@ -13,8 +13,9 @@
 #   GPU_CHECK_PART=2  every autotune candidate under the flash-attention criterion, the Qwen-Image-Edit step,
 #                     whole klein-9B pipeline calls (each selector's cost inside a call, at most 150 s; not with
 #                     GPU_CHECK_PIPELINE=1 or 0), a klein-9B fine-tuning step (dropped references removed or
-#                     masked), the mixed-budget batch step, the FLUX.1-Kontext step, then the rest of the suite on
-#                     CUDA in whatever time is left (with the default budget, little: give GPU_CHECK_BUDGET_S more)
+#                     masked), the mixed-budget batch step, the FLUX.1-Kontext step, the FLUX.3 step, then the
+#                     rest of the suite on CUDA in whatever time is left (with the default budget, little: give
+#                     GPU_CHECK_BUDGET_S more)
 #   GPU_CHECK_PART=all  both, in that order (a machine without a per-command limit)
 # Usage, from anywhere:  GPU_CHECK_PART=1 bash bench/gpu_check.sh      (writes under "$OUT", default ./bench_out)
 # Files written: env.log, tests.log, bench.log, bench.json (the part's cases merged), summary.txt, results.md (the
@@ -52,7 +53,7 @@ STEP_NAMES=("nvidia-smi" "versions" "install wheels" "pip install --target" "imp
             "import sparsectx (links)" "import diffusers" "pytest -m gpu processors" "pytest -m gpu"
             "bench key cases" "bench norm_rope" "bench training" "bench e2e" "bench selection" "bench kv"
             "bench pipeline" "profile ops" "pytest candidates" "bench e2e_qwen" "bench train_step" "bench e2e_batch"
-            "bench e2e_kontext" "pytest not gpu")
+            "bench e2e_kontext" "bench e2e_flux3" "pytest not gpu")
 IFS=, read -r -a SKIP_LIST <<<"$SKIP_STEPS"
 for skipped in "${SKIP_LIST[@]}"; do
     known=0
@@ -107,13 +108,15 @@ BATCH_E2E_CAP_S=75
 TRAIN_STEP_CAP_S=75
 # FLUX.1-Kontext-12B step, --quick subset (1 ref x 10%, 3 refs x 10%): start-up, a 12B model built on the GPU
 KONTEXT_CAP_S=50
+# FLUX.3 step (diffusers' default config, 5.5B), --quick subset (1 ref x 10%, 3 refs x 10%); never run on a GPU
+FLUX3_CAP_S=50
 # Qwen-Image-Edit-20B step, --quick subset (1 ref x 10%, 3 refs x 10%): a 20B model (41 GB in bf16) built on the GPU;
 # never run: by FACTS' step times (keep-all 0.41 / 1.04 s) about 25 s of steps, plus start-up, the model build and
 # the autotuning of sparsectx attention's shapes
 QWEN_CAP_S=90
 SCRATCH=$(mktemp -d /tmp/gpu_check.XXXXXX)
 # the benchmark steps' JSON files, in the order the summary lists them
-BENCH_PARTS=("$SCRATCH"/bench_{key,norm_rope,training,e2e,selection,kv,pipeline,e2e_qwen,train_step,e2e_batch,e2e_kontext}.json)
+BENCH_PARTS=("$SCRATCH"/bench_{key,norm_rope,training,e2e,selection,kv,pipeline,e2e_qwen,train_step,e2e_batch,e2e_kontext,e2e_flux3}.json)
 rm -f "$OUT/bench.json" "$OUT/results.md" "$OUT/profile_ops.txt"   # an earlier run's files must not pass for
                                                                        # this run's
 START=$SECONDS
@@ -287,6 +290,9 @@ if part 2; then
     # the FLUX.1-Kontext-12B step (another family's shapes, measured on 2026-11-29; no target)
     step "bench e2e_kontext" "$KONTEXT_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case e2e_kontext --quick \
         --json "$SCRATCH/bench_e2e_kontext.json"
+    # the FLUX.3 step (drop-in since 2026-12-03; issue 5's 3% step target applied to it)
+    step "bench e2e_flux3" "$FLUX3_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case e2e_flux3 --quick \
+        --json "$SCRATCH/bench_e2e_flux3.json"
     # the rest of the suite (the non-gpu tests) on the CUDA device, in whatever time is left
     tests "pytest not gpu" "$(seconds_left)" "$TESTS_LOG" "${PYTEST[@]}" tests -m "not gpu"
 fi
