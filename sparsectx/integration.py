@@ -2440,9 +2440,6 @@ def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Call
     settings = _make_settings(budget, selector, seed, signals)
     _warn_ids_grid(family, settings.selector, settings.signals)
     _check_attention(attention)
-    if family == FLUX3 and attention == SPARSECTX:
-        raise TypeError("attention='sparsectx' covers FLUX.1, FLUX.2 and Qwen-Image; FLUX.3 runs Sparse Context with "
-                        "attention='native' (its own attention on the compacted sequence)")
     if getattr(transformer, "_parallel_config", None) is not None:
         raise RuntimeError(f"sparsectx's drop-in does not support diffusers {_parallelism(transformer)} (the "
                            "transformer has a _parallel_config); enable it on a model without parallelism")

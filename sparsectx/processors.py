@@ -51,6 +51,10 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm
 from diffusers.models.transformers import transformer_flux, transformer_flux2, transformer_qwenimage
 
+try:  # FLUX.3 (diffusers >= 0.42)
+    from diffusers.models.transformers import transformer_flux3
+except ImportError:
+    transformer_flux3 = None
 try:  # diffusers' dtype choice for RoPE angles (absent from older releases: the devices it names are used)
     from diffusers.utils.torch_utils import maybe_adjust_dtype_for_device
 except ImportError:
@@ -859,6 +863,44 @@ class SparsectxQwenDoubleStreamAttnProcessor(_SparsectxProcessor):
 # ----------------------------------------------------------------------------------------------------------------
 # installing and restoring
 # ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
+# FLUX.3: self-attention over one sequence (a mode's tokens, or the joint [text, target, references])
+# ----------------------------------------------------------------------------------------------------------------
+def _fp32_norm_rope(x: torch.Tensor, norm, rotary_emb) -> torch.Tensor:
+    """FLUX.3's QK norm and RoPE: ``norm(x.float())`` (its norms are kept in fp32), ``apply_rotary_emb`` in fp32,
+    left in fp32 (the processor rounds q and k once, after RoPE): one ``rms_norm_rope`` pass on the fp32 copy where
+    the norm is a plain ``torch.nn.RMSNorm`` and the tables fp32 ``(cos, sin)`` rows of this sequence on x's device
+    (and autocast is off), else diffusers' module and function."""
+    x = x.float()
+    fusable = (not torch.is_autocast_enabled(x.device.type) and isinstance(rotary_emb, (tuple, list))
+               and len(rotary_emb) == 2
+               and all(isinstance(t, torch.Tensor) and t.device == x.device and t.dtype == torch.float32
+                       and tuple(t.shape) == (x.shape[1], x.shape[-1]) for t in rotary_emb)
+               and _plain_rms_norm(norm, x))
+    if fusable:
+        return rms_norm_rope(x, rotary_emb[0], rotary_emb[1], norm.weight, norm.eps)
+    x = norm(x)
+    return x if rotary_emb is None else apply_rotary_emb(x, rotary_emb, sequence_dim=1)
+
+
+class SparsectxFlux3AttnProcessor(_SparsectxProcessor):
+    """Replaces ``Flux3AttnProcessor`` (FLUX.3's per-mode blocks and joint blocks): the same projections, QK norms
+    in fp32 and RoPE, q and k rounded once to v's dtype, then ``sparse_attention`` over the sequence."""
+
+    def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None):
+        if self._delegates():
+            return self.original(attn, hidden_states, attention_mask, image_rotary_emb)
+        if self.state.image_keep is not None or self.state.packed is not None:
+            raise ValueError(f"{type(self).__name__} takes no drop mask and no packed batch (FLUX.3's drop-in removes "
+                             "the dropped rows; drop training does not cover FLUX.3)")
+        query, key, value = (t.unflatten(-1, (attn.heads, -1))
+                             for t in transformer_flux3._get_qkv_projections(attn, hidden_states))
+        query = _fp32_norm_rope(query, attn.norm_q, image_rotary_emb).to(value.dtype)
+        key = _fp32_norm_rope(key, attn.norm_k, image_rotary_emb).to(value.dtype)
+        out = self._attend(query, key, value, attention_mask=attention_mask).flatten(2, 3).to(query.dtype)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
 _REPLACEMENTS = (  # (diffusers module, processor class name, its sparsectx replacement)
     (transformer_flux2, "Flux2AttnProcessor", SparsectxFlux2AttnProcessor),
     (transformer_flux2, "Flux2ParallelSelfAttnProcessor", SparsectxFlux2ParallelSelfAttnProcessor),
@@ -866,6 +908,7 @@ _REPLACEMENTS = (  # (diffusers module, processor class name, its sparsectx repl
     (transformer_flux2, "Flux2KVParallelSelfAttnProcessor", SparsectxFlux2KVParallelSelfAttnProcessor),
     (transformer_flux, "FluxAttnProcessor", SparsectxFluxAttnProcessor),
     (transformer_qwenimage, "QwenDoubleStreamAttnProcessor2_0", SparsectxQwenDoubleStreamAttnProcessor),
+    (transformer_flux3, "Flux3AttnProcessor", SparsectxFlux3AttnProcessor),
 )
 # diffusers processor class -> its sparsectx replacement (all exist in diffusers >= 0.39, setup.py's floor; a
 # class a later release drops is left out rather than failing the import)

@@ -464,9 +464,9 @@ def enable_drop_training(transformer, ratio_range: tuple = DEFAULT_RATIO_RANGE,
     _, model, family = integration._split_target(transformer)
     if family == integration.FLUX3:
         raise TypeError("drop training's masked attention covers FLUX.1, FLUX.2 and Qwen-Image; on FLUX.3, whose "
-                        "references are an input of their own, sparsectx.enable(transformer, budget=..., "
-                        "selector='random') on the transformer in train mode removes a new random subset of "
-                        "reference rows at every training forward")
+                        "references are an input of their own, train with the dropped references removed: "
+                        "sparsectx.enable(transformer, budget=None, selector=sparsectx.random_drop_selector("
+                        "ratio_range, generator)) on the transformer in train mode draws a new mask at each forward")
     integration.check_diffusers_version()
     if getattr(model, integration.PATCH_ATTR, None) is not None:
         raise RuntimeError("sparsectx.enable is active on this transformer; call sparsectx.disable first (drop "

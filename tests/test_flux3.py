@@ -3,6 +3,9 @@ built from configs, fp32, CPU, offline. FLUX.3 takes its references as an input 
 (``image_cond_hidden_states [B, N, C]`` with ``image_cond_ids [N, 4]``, (t, h, w, l) with l = -1, -2, ... per
 reference and h, w scaled by the pipeline's 0.5); they run through per-mode blocks, then the joint blocks, and produce
 no output rows."""
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -21,6 +24,7 @@ TARGET_HW = (4, 4)
 REF_HWS = ((3, 3), (2, 4))  # two references of different sizes: 17 tokens, no other sequence of that length
 RoPE_SCALE = 0.5  # diffusers' FLUX.3 pipelines scale the (h, w) ids by this
 FP32_ATOL = 2e-5  # fp32 rounding of a different (shorter) summation order
+GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-5  # fp32 gradients through the layers computed in a different order
 N_TARGET = TARGET_HW[0] * TARGET_HW[1]
 N_REFS = [h * w for h, w in REF_HWS]
 
@@ -312,6 +316,195 @@ def test_a_training_forward_draws_a_new_selection_and_its_gradients_reach_the_ke
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# attention="sparsectx": sparsectx's processor on every FLUX.3 attention layer
+# ----------------------------------------------------------------------------------------------------------------
+def _counting_ops(monkeypatch) -> dict:
+    """Counts the calls of sparsectx's attention op and fused QK norm + RoPE made by the processors."""
+    from sparsectx import processors
+
+    calls = {"sparse_attention": 0, "rms_norm_rope": 0}
+    for name in calls:
+        def counted(*args, _op=getattr(processors, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _op(*args, **kwargs)
+
+        monkeypatch.setattr(processors, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_sparsectx_attention_equals_native(monkeypatch, fused):
+    """Every attention layer (per-mode and joint blocks) runs sparsectx's kernel and its fused QK norm + RoPE: the
+    output equals native attention's within fp32 rounding, keeping every token or dropping some (the same
+    selection), also with fused QKV projections; disable puts diffusers' processor objects back."""
+    model = _build()
+    if fused:
+        model.fuse_qkv_projections()
+    kwargs = _inputs(model)
+    originals = dict(model.attn_processors)
+    expected = _run(model, kwargs)
+    sparsectx.enable(model, budget=0.5, selector=random_selector, seed=0)
+    native_dropped = _run(model, kwargs)
+    calls = _counting_ops(monkeypatch)
+    sparsectx.enable(model, budget=0.5, selector=random_selector, seed=0, attention="sparsectx")
+    layers = 3 * model.config.num_layers + model.config.num_single_layers
+    assert {type(p).__name__ for p in model.attn_processors.values()} == {"SparsectxFlux3AttnProcessor"}
+    torch.testing.assert_close(_run(model, kwargs), native_dropped, rtol=0, atol=FP32_ATOL)
+    assert calls == {"sparse_attention": 2 * layers, "rms_norm_rope": 2 * 2 * layers}  # a group per sample; q and k
+    torch.testing.assert_close(_run(model, {**kwargs, "attention_kwargs": {"sparsectx": {"budget": 1.0}}}),
+                               expected, rtol=0, atol=FP32_ATOL)
+    sparsectx.disable(model)
+    assert all(model.attn_processors[name] is processor for name, processor in originals.items())
+    assert torch.equal(_run(model, kwargs), expected)
+
+
+def test_sparsectx_attention_under_hooked_norms_runs_diffusers_norms(monkeypatch):
+    """A QK norm with a hook is not computed by the fused pass (the hook must run): diffusers' module and RoPE run,
+    and the output still equals native attention's."""
+    model = _build()
+    kwargs = _inputs(model)
+    seen = []
+    model.single_transformer_blocks[0].attn.norm_q.register_forward_hook(lambda *args: seen.append(1))
+    expected = _run(model, kwargs)
+    seen.clear()
+    calls = _counting_ops(monkeypatch)
+    sparsectx.enable(model, budget=1.0, attention="sparsectx")
+    torch.testing.assert_close(_run(model, kwargs), expected, rtol=0, atol=FP32_ATOL)
+    layers = 3 * model.config.num_layers + model.config.num_single_layers
+    assert seen == [1] and calls["rms_norm_rope"] == 2 * layers - 1
+
+
+def test_a_drop_mask_reaching_the_flux3_processor_is_refused():
+    from sparsectx import processors
+
+    model = _build()
+    sparsectx.enable(model, budget=1.0, attention="sparsectx")
+    state = model.single_transformer_blocks[0].attn.processor.state
+    state.image_keep = torch.ones(2, N_TARGET + sum(N_REFS), dtype=torch.bool)
+    try:
+        with pytest.raises(ValueError, match="SparsectxFlux3AttnProcessor takes no drop mask"):
+            _run(model, _inputs(model))
+    finally:
+        state.image_keep = None
+    assert isinstance(model.single_transformer_blocks[0].attn.processor, processors.SparsectxFlux3AttnProcessor)
+
+
+def _processor_test_helpers():
+    """tests/test_processors.py's flash-attention criterion and input mover (one definition for both files)."""
+    spec = importlib.util.spec_from_file_location("_processor_helpers", Path(__file__).with_name("test_processors.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _in_dtype(model, dtype):
+    """``model`` in ``dtype`` as ``from_pretrained(torch_dtype=dtype)`` loads it: the QK norms stay in fp32
+    (``Flux3Transformer2DModel._keep_in_fp32_modules``)."""
+    model.to(dtype)
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in model._keep_in_fp32_modules:
+            module.float()
+    return model
+
+
+def _check_bf16_sparsectx_attention(device, monkeypatch):
+    """In bf16 on ``device``: sparsectx attention's output (per-mode and joint blocks, references dropped) within
+    twice native attention's error against the fp32 native run, with sparsectx's ops counted so a silent fallback
+    to native can not pass; then random drop training's output and input gradient (the references removed) within
+    twice the error of native attention with the same tokens masked as keys."""
+    helpers = _processor_test_helpers()
+    model = _build().to(device)
+    kwargs = _inputs(model, shared=True)
+    calls = _counting_ops(monkeypatch)
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        _in_dtype(model, dtype)
+        for attention in ("native", "sparsectx"):
+            sparsectx.enable(model, budget=0.5, selector="random", seed=0, attention=attention)
+            calls.update(sparse_attention=0, rms_norm_rope=0)
+            runs[dtype, attention] = _run(model, helpers._to(kwargs, device, dtype))
+            assert (calls["sparse_attention"] > 0 and calls["rms_norm_rope"] > 0) == (attention == "sparsectx")
+        sparsectx.disable(model)
+    helpers._assert_within_twice_native_error(runs[torch.bfloat16, "sparsectx"], runs[torch.bfloat16, "native"],
+                                              runs[torch.float32, "native"], "sparsectx attention's output")
+
+    def forward_and_input_grad(dtype):
+        inputs = helpers._to(kwargs, device, dtype)
+        references = inputs["image_cond_hidden_states"].detach().requires_grad_(True)
+        out = model(**{**inputs, "image_cond_hidden_states": references})[0]
+        out.float().square().sum().backward()
+        return out.detach(), references.grad
+
+    _in_dtype(model, torch.bfloat16).train()
+    sparsectx.enable(model, budget=None, attention="sparsectx",
+                     selector=sparsectx.random_drop_selector((0.2, 0.6), torch.Generator(device).manual_seed(1)))
+    dropped = forward_and_input_grad(torch.bfloat16)
+    keep = sparsectx.last_selection(model).keep
+    sparsectx.disable(model)
+    assert not bool(keep.all())
+    monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.NATIVE, _KeyMaskedNative(keep))
+    masked = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        _in_dtype(model, dtype)
+        masked[dtype] = forward_and_input_grad(dtype)
+    for part, what in enumerate(("random drop training's output", "random drop training's input gradient")):
+        helpers._assert_within_twice_native_error(dropped[part], masked[torch.bfloat16][part],
+                                                  masked[torch.float32][part], what)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_sparsectx_attention_and_random_drop_training(monkeypatch):
+    _check_bf16_sparsectx_attention("cuda", monkeypatch)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the test above runs")
+@pytest.mark.bf16_kernels
+def test_bf16_sparsectx_attention_and_random_drop_training_through_the_interpreter(monkeypatch):
+    """The GPU check above on the CPU, its bf16 kernels run by the interpreter patched to compute bf16 as a GPU does
+    (tests/bf16_interpreter.py)."""
+    _check_bf16_sparsectx_attention("cpu", monkeypatch)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training with random-ratio drop masks, the dropped references removed
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("attention", ["native", "sparsectx"])
+def test_random_drop_training_removes_the_dropped_references_and_gives_the_masked_models_gradients(attention,
+                                                                                                  monkeypatch):
+    """``random_drop_selector`` on a train-mode transformer: a new mask at every forward, each image keeping a ratio
+    drawn from the range, each sample its own forward on its kept references only; the output and every weight's
+    gradient equal those of the unpatched model with the same tokens masked out as keys."""
+    model = _build().train()
+    kwargs = _inputs(model)
+    target = torch.randn(2, N_TARGET, CHANNELS, generator=torch.Generator().manual_seed(4))
+
+    def outputs_and_grads():
+        model.zero_grad(set_to_none=True)
+        out = model(**kwargs)[0]
+        ((out - target) ** 2).mean().backward()
+        return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    seen = _reference_tokens_seen(model)
+    sparsectx.enable(model, budget=None, attention=attention,
+                     selector=sparsectx.random_drop_selector((0.2, 0.6), torch.Generator().manual_seed(3)))
+    removed_out, removed_grads = outputs_and_grads()
+    keep = sparsectx.last_selection(model).keep
+    outputs_and_grads()
+    assert not torch.equal(sparsectx.last_selection(model).keep, keep)  # a new draw at the next forward
+    sparsectx.disable(model)
+    for sample in keep:
+        for part, n in zip(sample.split(N_REFS), N_REFS):
+            assert 0.2 * n - 0.5 <= int(part.sum()) <= 0.6 * n + 0.5
+    assert seen[:2] == [int(row.sum()) for row in keep]  # one forward per sample, its kept references only
+    monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.NATIVE, _KeyMaskedNative(keep))
+    masked_out, masked_grads = outputs_and_grads()
+    torch.testing.assert_close(removed_out, masked_out, rtol=0, atol=FP32_ATOL)
+    assert removed_grads.keys() == masked_grads.keys()
+    for name, grad in removed_grads.items():
+        torch.testing.assert_close(grad, masked_grads[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # the attention probe: FLUX.3's first joint block
 # ----------------------------------------------------------------------------------------------------------------
 class _RecordingNative:
@@ -549,17 +742,11 @@ def test_a_budget_sweep_of_the_modular_pipeline():
 # ----------------------------------------------------------------------------------------------------------------
 # what FLUX.3 does not support, refused clearly
 # ----------------------------------------------------------------------------------------------------------------
-def test_sparsectx_attention_is_refused_with_nothing_changed(models):
-    model = models["flux3"]
-    processors = dict(model.attn_processors)
-    with pytest.raises(TypeError, match="FLUX.3"):
-        sparsectx.enable(model, budget=0.5, attention="sparsectx")
-    assert not integration.is_enabled(model) and dict(model.attn_processors) == processors
-
-
 def test_drop_training_is_refused_naming_the_drop_in(models):
-    with pytest.raises(TypeError, match="FLUX.3.*sparsectx.enable"):
+    with pytest.raises(TypeError, match=r"FLUX.3.*sparsectx.enable\(transformer, budget=None, "
+                                        r"selector=sparsectx.random_drop_selector"):
         sparsectx.enable_drop_training(models["flux3"])
+    assert not integration.is_enabled(models["flux3"]) and "forward" not in models["flux3"].__dict__
 
 
 def test_references_and_ids_of_other_lengths_are_refused_after_a_call_on_those_ids(models):
