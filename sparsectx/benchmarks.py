@@ -1448,8 +1448,9 @@ class Flux3EndToEndCase(_RefsKeepCase):
     title = ("one denoising step, FLUX.3 architecture (diffusers' default config, random weights), kept reference "
              "tokens as the references' input")
     family = FLUX3
-    impl_names = ("sparsectx compact_tokens + step", "sparsectx.enable (native attn)", CUDNN_NATIVE_ROW,
-                  "torch topk+sort+index_select + step", "keep all reference tokens", "no reference (limit)")
+    impl_names = ("sparsectx compact_tokens + step", "sparsectx.enable (sparsectx attn)",
+                  "sparsectx.enable (native attn)", CUDNN_NATIVE_ROW, "torch topk+sort+index_select + step",
+                  "keep all reference tokens", "no reference (limit)")
     sizes = {
         "full": dict(target_side=64, text=512, ref_side=64, refs=(1, 3), keeps=(0.25, 0.10, 0.05),
                      quick=[(1, 0.10), (3, 0.10)], reps=3),
@@ -1499,7 +1500,7 @@ class Flux3EndToEndCase(_RefsKeepCase):
         impls = [
             Impl("sparsectx compact_tokens + step", sparsectx_step,
                  verify=lambda _: _compaction_problem(scores, count), note="compaction inside the timed step"),
-            native, cudnn_native,
+            _enable_impl(model, full_step, scores, count, "sparsectx"), native, cudnn_native,
             Impl("torch topk+sort+index_select + step", lambda: step(*_compact_by_hand(x, scores, count)),
                  note="the compacted ideal"),
             Impl("keep all reference tokens", full_step, comparable=False,
