@@ -1378,12 +1378,6 @@ class QwenEndToEndCase(_RefsKeepCase):
                      reps=None),
     }
 
-    def label(self, config) -> str:
-        return _refs_keep_label(config)
-
-    def impl_names_for(self, config) -> tuple:
-        return self.impl_names
-
     def build(self, config, size: str, device: torch.device) -> Workload:
         refs, keep = config
         s = self.sizes[size]
@@ -1457,9 +1451,6 @@ class Flux3EndToEndCase(_RefsKeepCase):
         "tiny": dict(target_side=8, text=16, ref_side=8, refs=(1, 3), keeps=(0.25, 0.05), quick=[(1, 0.25)],
                      reps=None),
     }
-
-    def impl_names_for(self, config) -> tuple:
-        return self.impl_names
 
     def build(self, config, size: str, device: torch.device) -> Workload:
         refs, keep = config
