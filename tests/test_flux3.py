@@ -652,31 +652,38 @@ PIPE_PX = 64  # the target: (64 / 16)^2 = 16 tokens
 LATENT_HWS = ((3, 3), (2, 4))  # the references' packed latents, (h, w) in tokens
 
 
-def _pipeline(model):
-    """The FLUX.3 auto blocks without the prompt upsampler, text encoder and decoder (the prompts come as
-    embeddings, the references as packed latents, the output as latents)."""
+BLOCKS = {"Flux3AutoBlocks": 2, "Flux3DistilledAutoBlocks": 1}  # -> transformer forwards per step
+
+
+def _pipeline(blocks_name="Flux3AutoBlocks"):
+    """``(model, pipeline, call arguments)``: the FLUX.3 auto blocks (the step-distilled ones: a flow-map model, no
+    guidance) without the prompt upsampler, text encoder and decoder (the prompts come as embeddings, the
+    references as packed latents, the output as latents); with guidance, a negative prompt (two forwards a step)."""
     modular = pytest.importorskip("diffusers.modular_pipelines")
-    blocks = modular.Flux3AutoBlocks()
+    model = _build(flow_map=blocks_name == "Flux3DistilledAutoBlocks")
+    blocks = getattr(modular, blocks_name)()
     for name in ("prompt_upsampler", "text_encoder", "decode"):
         blocks.sub_blocks.pop(name)
     pipe = blocks.init_pipeline()
     pipe.update_components(transformer=model, scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
     g = torch.Generator().manual_seed(SEED + 1)
     kwargs = dict(prompt_embeds=torch.randn(1, TEXT_TOKENS, TEXT_DIM, generator=g),
-                  negative_prompt_embeds=torch.randn(1, TEXT_TOKENS, TEXT_DIM, generator=g),
                   image_cond_latents=[torch.randn(1, CHANNELS, h, w, generator=g) for h, w in LATENT_HWS],
                   height=PIPE_PX, width=PIPE_PX, num_inference_steps=STEPS, output="latents")
-    return pipe, kwargs
+    if BLOCKS[blocks_name] == 2:
+        kwargs["negative_prompt_embeds"] = torch.randn(1, TEXT_TOKENS, TEXT_DIM, generator=g)
+    return model, pipe, kwargs
 
 
 @pytest.mark.parametrize("enabled", ["pipeline", "transformer"])
-def test_the_modular_pipeline(enabled, monkeypatch):
+@pytest.mark.parametrize("blocks_name", BLOCKS)
+def test_the_modular_pipelines(blocks_name, enabled, monkeypatch):
     """Keeping every token is the unpatched pipeline; a budget sends the kept reference tokens through the model at
     every forward (a pipeline selects once per call, its guidance branches sharing the selection; a transformer
     once per prompt tensor) and equals masking the dropped tokens as keys; disable is bit-exact and restores the
     pipeline's class."""
-    model = _build()
-    pipe, kwargs = _pipeline(model)
+    model, pipe, kwargs = _pipeline(blocks_name)
+    per_step = BLOCKS[blocks_name]
     seen, selections = _reference_tokens_seen(model), []
 
     def counting(latents, context):
@@ -690,7 +697,7 @@ def test_the_modular_pipeline(enabled, monkeypatch):
 
     original_class = type(pipe)
     expected = run()
-    assert seen == [sum(N_REFS)] * (2 * STEPS)  # two guidance branches a step
+    assert seen == [sum(N_REFS)] * (per_step * STEPS)  # with guidance, two branches a step
     target = pipe if enabled == "pipeline" else model
     sparsectx.enable(target, budget=1.0)
     assert torch.equal(run(), expected)
@@ -701,8 +708,8 @@ def test_the_modular_pipeline(enabled, monkeypatch):
         assert sparsectx.last_selection(target).ref_shapes == list(LATENT_HWS)
     finally:
         sparsectx.disable(target)
-    assert seen == [3 + 4] * (2 * STEPS)
-    assert selections == [N_REFS] * (1 if enabled == "pipeline" else 2)
+    assert seen == [3 + 4] * (per_step * STEPS)
+    assert selections == [N_REFS] * (1 if enabled == "pipeline" else per_step)
     assert torch.isfinite(sparse).all() and (sparse - expected).abs().max() > 100 * FP32_ATOL
     assert type(pipe) is original_class and "forward" not in model.__dict__
     assert torch.equal(run(), expected)
@@ -713,8 +720,7 @@ def test_the_modular_pipeline(enabled, monkeypatch):
 def test_the_modular_pipeline_takes_per_call_settings_through_attention_kwargs():
     """The FLUX.3 blocks hand ``attention_kwargs`` to the transformer: a per-call budget reaches every forward, and a
     bad one is refused before the pipeline's first forward."""
-    model = _build()
-    pipe, kwargs = _pipeline(model)
+    model, pipe, kwargs = _pipeline()
     seen = _reference_tokens_seen(model)
     sparsectx.enable(pipe, budget=0.5, seed=SEED)
     with torch.no_grad():
@@ -730,7 +736,7 @@ def test_the_modular_pipeline_takes_per_call_settings_through_attention_kwargs()
 
 
 def test_a_budget_sweep_of_the_modular_pipeline():
-    pipe, kwargs = _pipeline(_build())
+    _, pipe, kwargs = _pipeline()
     result = sparsectx.sweep(pipe, [{"budget": 1.0}, {"budget": 0.5, "selector": "uniform"}], warmup=0,
                              progress=False, **kwargs)
     baseline, keep_all, half = result.rows
