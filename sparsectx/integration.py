@@ -147,7 +147,6 @@ _BATCH_ARGS = {
            "img_shapes", "additional_t_cond"),
     FLUX3: ("hidden_states", "encoder_hidden_states", "timestep", "target_timestep", "image_cond_hidden_states"),
 }
-_IDS_ARGS = ("img_ids", "txt_ids")  # batched only when 3-D ([B, S, n_axes])
 # per family: the forward arguments the layout is read from (a forward without them can not be patched)
 _LAYOUT_ARGS = {FLUX2: ("hidden_states", "img_ids"), FLUX: ("hidden_states", "img_ids"),
                 QWEN: ("hidden_states", "img_shapes"), FLUX3: ("image_cond_hidden_states", "image_cond_ids")}
@@ -2082,13 +2081,12 @@ class _SparsePatch(ForwardPatch):
         if samples is None:
             samples = _device_values(rows, torch.long, call["hidden_states"].device)
         group = dict(call)
-        for name in _BATCH_ARGS[self.family] + _IDS_ARGS:
+        # (FLUX's img_ids and txt_ids stay whole, also as [B, S, n_axes]: the models read sample 0's for the whole
+        # batch, as the layout and a packed batch do, so each group runs on the ids its samples get in the batch)
+        for name in _BATCH_ARGS[self.family]:
             value = call.get(name)
             if isinstance(value, torch.Tensor):
-                # ids are batched only as [B, S, n_axes]; a leading dim of 1 is shared by every sample
-                per_sample = value.ndim == 3 if name in _IDS_ARGS else value.ndim >= 1
-                batched = per_sample and value.shape[0] == batch
-                if batched:
+                if value.ndim >= 1 and value.shape[0] == batch:  # (a leading dim of 1 serves every sample)
                     group[name] = value.index_select(0, samples.to(value.device))
             elif isinstance(value, list) and len(value) == batch:
                 group[name] = [value[r] for r in rows]

@@ -432,6 +432,28 @@ def test_mixed_budgets_with_ids_shared_by_the_batch(models):
     assert torch.equal(shared, batched)
 
 
+@pytest.mark.parametrize("attention", ["native", "sparsectx"])
+def test_samples_with_other_ids_run_on_the_first_samples_ids_as_diffusers_does(models, attention):
+    """FLUX.2's batched ids ([B, S, 4]) whose samples differ: diffusers reads sample 0's for the whole batch, and so
+    does every group of a batch whose samples keep different tokens (before: a group of later samples ran on its
+    own ids, and one group of all samples on sample 0's): the sample keeping every token gets the unpatched batch's
+    output, the other what it gets alone."""
+    model, kwargs = models["flux2"], _inputs("flux2", batch=2)
+    ids = kwargs["img_ids"].clone()
+    ids[1, _n_target():, 1] += 1  # sample 1's references one row lower
+    kwargs["img_ids"] = ids
+    expected = _run(model, kwargs)
+    sparsectx.enable(model, budget=[[0.5], [1.0]], selector=norm_selector, attention=attention)
+    together = _run(model, kwargs)
+    assert len(model._sparsectx_patch.cache.groups) == 2
+    torch.testing.assert_close(together[1, :_n_target()], expected[1, :_n_target()], rtol=0, atol=FP32_ATOL)
+    first = {**kwargs, "img_ids": ids[:1], "txt_ids": kwargs["txt_ids"][:1]}
+    first.update({name: kwargs[name][:1] for name in ("hidden_states", "encoder_hidden_states", "timestep")})
+    sparsectx.enable(model, budget=[0.5], selector=norm_selector, attention=attention)
+    torch.testing.assert_close(together[:1, :_n_target()], _run(model, first)[:, :_n_target()], rtol=0,
+                               atol=FP32_ATOL)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("attention", ["native", "sparsectx"])
 def test_later_steps_synchronise_once_on_cuda(attention):
