@@ -4,7 +4,7 @@ Each processor does what the diffusers processor it replaces does (projections, 
 projections, the KV-cache bookkeeping of FLUX.2 klein) and swaps the attention call, and the QK norms, RoPE and
 text/image concatenation of q and k, which ``sparsectx.rms_norm_rope`` computes in one pass per tensor (where the
 norms are plain ``torch.nn.RMSNorm`` (FLUX) or diffusers ``RMSNorm`` (Qwen-Image) modules without hooks, of one
-eps per layer and tensor; elsewhere diffusers' modules run as they are):
+eps per layer and tensor; elsewhere diffusers' modules run as they are; FLUX.3's norms compute in fp32):
 
 - no key mask: ``sparsectx.sparse_attention`` on the dense equal-length batch (``[B, S, H, D]`` viewed as packed
   ``[B*S, H, D]``, ``cu_seqlens = arange(B+1) * S``; nothing waits for the device);
@@ -24,6 +24,7 @@ processor, so one processor instance may serve every layer (diffusers' ``set_att
 | ``Flux2KVParallelSelfAttnProcessor``  | ``SparsectxFlux2KVParallelSelfAttnProcessor`` |
 | ``FluxAttnProcessor``                 | ``SparsectxFluxAttnProcessor``        |
 | ``QwenDoubleStreamAttnProcessor2_0``  | ``SparsectxQwenDoubleStreamAttnProcessor`` |
+| ``Flux3AttnProcessor`` (diffusers >= 0.42) | ``SparsectxFlux3AttnProcessor`` |
 
 ``install_processors(transformer, state)`` swaps every supported processor of a transformer (and returns the
 originals); ``restore_processors(transformer, originals)`` puts the very same objects back.
