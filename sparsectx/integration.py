@@ -1393,6 +1393,7 @@ class _SparsePatch(ForwardPatch):
         self.pack = True  # FLUX.2 + sparsectx attention: samples that keep different tokens run as one sequence
         self.pipeline_calls = 0  # enabled pipelines' __call__s running now (each starts a new call epoch)
         self.pipeline_kwarg: Optional[str] = None  # the running pipeline call's attention keyword, for messages
+        self.call_overrides: Optional[dict] = None  # the running pipeline call's per-call settings, checked
         # without a seed: the initial seed of the pipeline call's generator (a tuple: one generator per image)
         self.call_seed: Union[int, tuple, None] = None
         self.warned_unsupported = False  # the warning of _reinstall_replaced_processors is given once
@@ -1631,29 +1632,39 @@ class _SparsePatch(ForwardPatch):
         the selection's keep mask: the call's selection is queued without waiting for the device to reach its ids,
         and the layout's host work is not done again. Else the layout found now (FLUX: a host read of the ids),
         ``unverified`` None."""
-        ids = call.get(self.reference_ids_arg)
+        ids = self._layout_ids(call)
         known = None if ids is None else self.layouts.get(self._layout_key(ids))
         if known is None:
             return self._read_layout(call), None
         seen_ids, layout = known
-        return layout, torch.eq(ids, seen_ids).all()
+        flags = [torch.eq(now, seen).all() for now, seen in zip(ids, seen_ids)]
+        return layout, flags[0] if len(flags) == 1 else torch.stack([f.to(ids[0].device) for f in flags]).all()
 
     def _read_layout(self, call: dict) -> Optional[_Layout]:
         """The call's layout, found on its ids or image shapes; FLUX's kept for later calls on ids of that shape."""
         layout = reference_layout(self.family, call)
-        ids = call.get(self.reference_ids_arg)
+        ids = self._layout_ids(call)
         if layout is not None and ids is not None:
             key = self._layout_key(ids)
             self.layouts.pop(key, None)
             if len(self.layouts) >= MAX_LAYOUTS:
                 self.layouts.pop(next(iter(self.layouts)))
-            self.layouts[key] = (ids.detach().clone(), layout)
+            self.layouts[key] = (tuple(t.detach().clone() for t in ids), layout)
         return layout
 
+    def _layout_ids(self, call: dict) -> Optional[tuple]:
+        """The id tensors a layout is read from: FLUX's ``img_ids``; FLUX.3's ``image_cond_ids`` and its ``img_ids``
+        (the target's grid); None without reference ids."""
+        ids = call.get(self.reference_ids_arg)
+        if ids is None:
+            return None
+        target = call.get("img_ids") if self.family == FLUX3 else None
+        return (ids,) if target is None else (ids, target)
+
     @staticmethod
-    def _layout_key(ids: torch.Tensor) -> tuple:
+    def _layout_key(ids: tuple) -> tuple:
         # (index tensors made under torch.inference_mode can not be saved for backward: layouts per mode)
-        return torch.is_inference_mode_enabled(), tuple(ids.shape), ids.dtype, ids.device
+        return (torch.is_inference_mode_enabled(), *((tuple(t.shape), t.dtype, t.device) for t in ids))
 
     def _selection_plan(self, call: dict, layout: _Layout, overrides: dict,
                         unverified: Optional[torch.Tensor]) -> Optional[_Plan]:
@@ -1762,10 +1773,12 @@ class _SparsePatch(ForwardPatch):
         return all(flags[:n_match]), plan.packing is not None and all(flags[n_match:])
 
     def _pop_overrides(self, call: dict) -> dict:
+        """This forward's per-call settings: those in its attention kwargs (taken out of them), else those of the
+        enabled pipeline's call it belongs to."""
         name = _ATTN_KWARGS_ARG[self.family]
         attn_kwargs = call.get(name)
         if not attn_kwargs or CALL_KWARG not in attn_kwargs:
-            return {}
+            return self.call_overrides or {}
         attn_kwargs = dict(attn_kwargs)  # never mutate the caller's (the pipeline's) dicts
         raw = attn_kwargs.pop(CALL_KWARG)
         call[name] = attn_kwargs or None
@@ -1825,6 +1838,9 @@ class _SparsePatch(ForwardPatch):
         counts; None where the selection has checked its scores itself, or runs no selector)."""
         hidden = call[self.reference_arg]
         references = hidden.detach()[:, layout.ref_positions]  # (selection is not differentiated: nothing recorded)
+        batch = call["hidden_states"].shape[0]
+        if references.shape[0] == 1 and batch > 1:  # (FLUX.3's references of one sample serve every sample)
+            references = references.expand(batch, *references.shape[1:])
         budget = overrides.get("budget", self.settings.budget)
         selector = overrides.get("selector", self.settings.selector)
         signals = overrides.get("signals", self.settings.signals)
@@ -1833,7 +1849,6 @@ class _SparsePatch(ForwardPatch):
         from .selection import (budget_first_sample, budget_for_batch, budget_same_per_sample, mask_ranking,
                                  selected_keep)
 
-        batch = references.shape[0]
         counts = None if budget is None or _is_budget_fn(budget) else budget_counts(budget, batch, layout.ref_lengths)
         if counts is not None and all(list(c) == list(layout.ref_lengths) for c in counts):
             # every token of every image kept, whatever the scores: no selector runs, so none draws from torch's
@@ -2015,6 +2030,9 @@ class _SparsePatch(ForwardPatch):
         if self.family == QWEN:
             return self._run_qwen(g, group)
         if self.family == FLUX3:  # (its ids are one [N, 4] table for the batch)
+            if not sum(group.kept_refs):  # no reference token: a call without references (an empty one fails)
+                g[self.reference_arg] = g[self.reference_ids_arg] = None
+                return self.original_forward(**g)
             ids = g[self.reference_ids_arg]
             g[self.reference_ids_arg] = ids.index_select(0, group.positions.to(ids.device))
             return self.original_forward(**g)
@@ -2259,21 +2277,30 @@ def _pipeline_class(base: type) -> type:
                 return base.__call__(self, *args, **kwargs)
             pipeline_kwarg = _pipeline_attn_kwarg(base, patch.family)
             attn_kwargs = kwargs.get(pipeline_kwarg)
+            overrides = None
             if isinstance(attn_kwargs, collections.abc.Mapping) and CALL_KWARG in attn_kwargs:
-                # checked before the pipeline's own work (encoding the prompt and images), not at its first step
-                patch.checked_overrides(attn_kwargs[CALL_KWARG],
-                                        _overrides_place(pipeline_kwarg, _ATTN_KWARGS_ARG[patch.family]))
+                # checked before the pipeline's own work (encoding the prompt and images), not at its first step,
+                # and applied by the patch to every forward of the call: the pipeline gets its attention kwargs
+                # without sparsectx's key (a pipeline whose blocks do not hand them on, e.g. FLUX.3's step-distilled
+                # blocks, ran the enabled settings after accepting the call's)
+                overrides = patch.checked_overrides(attn_kwargs[CALL_KWARG], _overrides_place(
+                    pipeline_kwarg, _ATTN_KWARGS_ARG[patch.family]))
+                rest = {key: value for key, value in attn_kwargs.items() if key != CALL_KWARG}
+                kwargs = {**kwargs, pipeline_kwarg: rest} if rest else \
+                    {key: value for key, value in kwargs.items() if key != pipeline_kwarg}
             with patch.lock:  # (calls from other threads on this transformer wait: see ForwardPatch.lock)
                 patch.new_call()
                 patch.pipeline_calls += 1
                 outer_seed, patch.call_seed = patch.call_seed, _initial_seed(kwargs.get("generator"))
                 outer_kwarg, patch.pipeline_kwarg = patch.pipeline_kwarg, pipeline_kwarg
+                outer_overrides, patch.call_overrides = patch.call_overrides, overrides
                 try:
                     return base.__call__(self, *args, **kwargs)
                 finally:
                     patch.pipeline_calls -= 1
                     patch.call_seed = outer_seed
                     patch.pipeline_kwarg = outer_kwarg
+                    patch.call_overrides = outer_overrides
 
         # the class keeps the base's name (diffusers' save_pretrained writes it as _class_name); pickle finds it
         # as an attribute of this module, so a pipeline whose transformer was disabled alone still pickles (one

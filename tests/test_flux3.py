@@ -226,6 +226,45 @@ def test_a_call_without_references_runs_unchanged_and_selects_nothing(models):
     assert calls == [] and sparsectx.last_selection(model) is None
 
 
+@pytest.mark.parametrize("attention", ["native", "sparsectx"])
+def test_samples_keeping_no_reference_token_run_as_calls_without_references(models, attention):
+    """A budget of 0 (or a ratio rounding to no token) for some or every sample: those samples run as a call without
+    references (before, with native attention, diffusers failed on the empty references), which is what masking
+    every reference key gives."""
+    model = models["flux3"]
+    kwargs = _inputs(model)
+    no_references = _run(model, {k: v for k, v in kwargs.items() if not k.startswith("image_cond")})
+    sparsectx.enable(model, budget=0, attention=attention)
+    torch.testing.assert_close(_run(model, kwargs), no_references, rtol=0, atol=FP32_ATOL)
+    sparsectx.enable(model, budget=[[0], [0.5]], selector=norm_selector, attention=attention)
+    mixed = _run(model, kwargs)
+    torch.testing.assert_close(mixed[:1], no_references[:1], rtol=0, atol=FP32_ATOL)
+    keep = sparsectx.last_selection(model).keep
+    assert not keep[0].any() and keep[1].any()
+    sparsectx.disable(model)
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.NATIVE, _KeyMaskedNative(keep))
+        torch.testing.assert_close(mixed, _run(model, kwargs), rtol=0, atol=FP32_ATOL)
+
+
+@pytest.mark.parametrize("selector", ["random", "attention", "subject"])
+def test_references_of_one_sample_serve_the_whole_batch(models, selector):
+    """``image_cond_hidden_states`` with a batch of 1 beside a larger batch (diffusers broadcasts it): the selection
+    covers every sample (a keep mask [B, N]; per-request budgets; the probe's batch), and each sample's output is
+    the one it gets with the references repeated over the batch."""
+    model = models["flux3"]
+    kwargs = _inputs(model, shared=True)
+    kwargs["encoder_hidden_states"] = kwargs["encoder_hidden_states"][:1].expand(2, -1, -1)  # one prompt
+    one = {**kwargs, "image_cond_hidden_states": kwargs["image_cond_hidden_states"][:1]}
+    for budget in (0.5, [[0.5], [3]]):
+        sparsectx.enable(model, budget=budget, selector=selector, seed=0)
+        repeated = _run(model, kwargs)
+        keep = sparsectx.last_selection(model).keep
+        sparsectx.enable(model, budget=budget, selector=selector, seed=0)
+        torch.testing.assert_close(_run(model, one), repeated, rtol=0, atol=FP32_ATOL)
+        assert torch.equal(sparsectx.last_selection(model).keep, keep) and keep.shape == (2, sum(N_REFS))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # layout and selection
 # ----------------------------------------------------------------------------------------------------------------
@@ -254,6 +293,28 @@ def test_each_reference_is_found_with_its_grid_from_the_scaled_ids(models):
     assert [int(k.sum()) for k in seen[(1.0, "uniform")][0].split(N_REFS)] == [round(0.25 * n) for n in N_REFS]
     assert grid.grids()[0].shape == (2, *REF_HWS[0])
     assert seen[RoPE_SCALE] == seen[1.0] == ([9, 8], TARGET_HW)
+
+
+def test_the_target_grid_follows_the_target_of_each_call(models):
+    """The layout found on the references' ids is kept for later calls on ids of that shape; the target's grid
+    (``context.target_shape``) is read from the call's own target ids (before: the first call's, for every later
+    one on the same references)."""
+    model = models["flux3"]
+    seen = []
+
+    def recording(latents, context):
+        seen.append(context.target_shape)
+        return latents.norm(dim=-1)
+
+    sparsectx.enable(model, budget=0.5, selector=recording)
+    selected = []
+    for hw in ((4, 4), (3, 5), (2, 8)):  # (4 x 4 and 2 x 8: ids of one shape)
+        kwargs = _inputs(model)
+        kwargs["hidden_states"] = kwargs["hidden_states"][:, :hw[0] * hw[1]]
+        kwargs["img_ids"] = _ids(hw, 0)
+        _run(model, kwargs)
+        selected.append(seen[-1])  # (a call on ids of a known shape may first select on the known layout)
+    assert selected == [(4, 4), (3, 5), (2, 8)]
 
 
 def test_references_whose_ids_are_not_a_row_major_grid_have_no_shapes(models):
@@ -717,18 +778,24 @@ def test_the_modular_pipelines(blocks_name, enabled, monkeypatch):
     torch.testing.assert_close(run(), sparse, rtol=0, atol=FP32_ATOL)
 
 
-def test_the_modular_pipeline_takes_per_call_settings_through_attention_kwargs():
-    """The FLUX.3 blocks hand ``attention_kwargs`` to the transformer: a per-call budget reaches every forward, and a
-    bad one is refused before the pipeline's first forward."""
-    model, pipe, kwargs = _pipeline()
+@pytest.mark.parametrize("blocks_name", BLOCKS)
+def test_the_modular_pipelines_take_per_call_settings_through_attention_kwargs(blocks_name):
+    """A per-call budget reaches every forward of the call, also through the step-distilled blocks, which do not
+    hand ``attention_kwargs`` to the transformer (before: checked, then ignored), and a bad one is refused before
+    the pipeline's first forward."""
+    model, pipe, kwargs = _pipeline(blocks_name)
+    forwards = BLOCKS[blocks_name] * STEPS
     seen = _reference_tokens_seen(model)
     sparsectx.enable(pipe, budget=0.5, seed=SEED)
     with torch.no_grad():
         pipe(**kwargs, attention_kwargs={"sparsectx": {"budget": 1.0}})
-        assert seen == [sum(N_REFS)] * (2 * STEPS)
+        assert seen == [sum(N_REFS)] * forwards
         seen.clear()
         pipe(**kwargs, attention_kwargs={"sparsectx": {"budget": 2}})
-        assert seen == [2 * len(N_REFS)] * (2 * STEPS)
+        assert seen == [2 * len(N_REFS)] * forwards
+        seen.clear()
+        pipe(**kwargs)  # the enabled settings again
+        assert seen == [sum(integration.budget_counts(0.5, 1, N_REFS)[0])] * forwards
         seen.clear()
         with pytest.raises(ValueError, match=r"attention_kwargs\['sparsectx'\]: budget"):
             pipe(**kwargs, attention_kwargs={"sparsectx": {"budget": -1.0}})
