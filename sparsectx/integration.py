@@ -1357,10 +1357,14 @@ class ForwardPatch:
     def forward(self, *args, **kwargs):
         raise NotImplementedError
 
+    _CALL_STATE: dict = {}  # attributes of a running call, and their values outside one (a copy starts there)
+
     def __deepcopy__(self, memo):
         clone = object.__new__(type(self))
         memo[id(self)] = clone
         for name, value in self.__dict__.items():
+            if name in self._CALL_STATE:
+                value = self._CALL_STATE[name]
             setattr(clone, name, threading.RLock() if name == "lock" else copy.deepcopy(value, memo))
         _PATCHES.add(clone)
         return clone
@@ -1380,6 +1384,8 @@ class _SparsePatch(ForwardPatch):
     once (the check that their reference latents and ids equal the plan's)."""
 
     host_frames_skipped = False  # whether dynamo was told to leave the group loop's frames to the interpreter
+    _CALL_STATE = dict(pipeline_calls=0, call_seed=None, pipeline_kwarg=None, call_overrides=None,
+                       call_overrides_arrived=False)
 
     def __init__(self, transformer: torch.nn.Module, family: str, settings: _Settings):
         super().__init__(transformer, family)
@@ -1393,7 +1399,11 @@ class _SparsePatch(ForwardPatch):
         self.pack = True  # FLUX.2 + sparsectx attention: samples that keep different tokens run as one sequence
         self.pipeline_calls = 0  # enabled pipelines' __call__s running now (each starts a new call epoch)
         self.pipeline_kwarg: Optional[str] = None  # the running pipeline call's attention keyword, for messages
-        self.call_overrides: Optional[dict] = None  # the running pipeline call's per-call settings, checked
+        # the running pipeline call's per-call settings, checked, and whether a forward of the call got them in its
+        # attention kwargs (then forwards without them are not the call's: a pipeline not enabled, sharing the
+        # transformer, called inside it)
+        self.call_overrides: Optional[dict] = None
+        self.call_overrides_arrived = False
         # without a seed: the initial seed of the pipeline call's generator (a tuple: one generator per image)
         self.call_seed: Union[int, tuple, None] = None
         self.warned_unsupported = False  # the warning of _reinstall_replaced_processors is given once
@@ -1773,12 +1783,13 @@ class _SparsePatch(ForwardPatch):
         return all(flags[:n_match]), plan.packing is not None and all(flags[n_match:])
 
     def _pop_overrides(self, call: dict) -> dict:
-        """This forward's per-call settings: those in its attention kwargs (taken out of them), else those of the
-        enabled pipeline's call it belongs to."""
+        """This forward's per-call settings: those in its attention kwargs (taken out of them), else those given to
+        the enabled pipeline's call when no forward of the call got them (its blocks do not hand them on)."""
         name = _ATTN_KWARGS_ARG[self.family]
         attn_kwargs = call.get(name)
         if not attn_kwargs or CALL_KWARG not in attn_kwargs:
-            return self.call_overrides or {}
+            return {} if self.call_overrides is None or self.call_overrides_arrived else self.call_overrides
+        self.call_overrides_arrived = self.call_overrides is not None
         attn_kwargs = dict(attn_kwargs)  # never mutate the caller's (the pipeline's) dicts
         raw = attn_kwargs.pop(CALL_KWARG)
         call[name] = attn_kwargs or None
@@ -2279,28 +2290,25 @@ def _pipeline_class(base: type) -> type:
             attn_kwargs = kwargs.get(pipeline_kwarg)
             overrides = None
             if isinstance(attn_kwargs, collections.abc.Mapping) and CALL_KWARG in attn_kwargs:
-                # checked before the pipeline's own work (encoding the prompt and images), not at its first step,
-                # and applied by the patch to every forward of the call: the pipeline gets its attention kwargs
-                # without sparsectx's key (a pipeline whose blocks do not hand them on, e.g. FLUX.3's step-distilled
-                # blocks, ran the enabled settings after accepting the call's)
+                # checked before the pipeline's own work (encoding the prompt and images), not at its first step;
+                # kept for a pipeline whose blocks do not hand the keyword to the transformer (FLUX.3's
+                # step-distilled blocks: the call's settings were checked, then ignored)
                 overrides = patch.checked_overrides(attn_kwargs[CALL_KWARG], _overrides_place(
                     pipeline_kwarg, _ATTN_KWARGS_ARG[patch.family]))
-                rest = {key: value for key, value in attn_kwargs.items() if key != CALL_KWARG}
-                kwargs = {**kwargs, pipeline_kwarg: rest} if rest else \
-                    {key: value for key, value in kwargs.items() if key != pipeline_kwarg}
             with patch.lock:  # (calls from other threads on this transformer wait: see ForwardPatch.lock)
                 patch.new_call()
                 patch.pipeline_calls += 1
                 outer_seed, patch.call_seed = patch.call_seed, _initial_seed(kwargs.get("generator"))
                 outer_kwarg, patch.pipeline_kwarg = patch.pipeline_kwarg, pipeline_kwarg
-                outer_overrides, patch.call_overrides = patch.call_overrides, overrides
+                outer_overrides = patch.call_overrides, patch.call_overrides_arrived
+                patch.call_overrides, patch.call_overrides_arrived = overrides, False
                 try:
                     return base.__call__(self, *args, **kwargs)
                 finally:
                     patch.pipeline_calls -= 1
                     patch.call_seed = outer_seed
                     patch.pipeline_kwarg = outer_kwarg
-                    patch.call_overrides = outer_overrides
+                    patch.call_overrides, patch.call_overrides_arrived = outer_overrides
 
         # the class keeps the base's name (diffusers' save_pretrained writes it as _class_name); pickle finds it
         # as an attribute of this module, so a pipeline whose transformer was disabled alone still pickles (one

@@ -2,6 +2,7 @@
 components built from configs (fp32, CPU, offline). No text encoder, tokenizer or Qwen2.5-VL processor is built: the
 prompts come as ``prompt_embeds`` (+ ``pooled_prompt_embeds`` for Flux, ``prompt_embeds_mask`` for Qwen), which
 makes both pipelines skip them, so they are passed as None."""
+import copy
 import functools
 import sys
 
@@ -585,6 +586,63 @@ def test_per_call_settings_through_the_pipelines_own_attention_kwargs(pipe, fami
     assert seen == [n_target + sum(_kept_tokens(family))] * STEPS  # enable's budget again on the next call
 
 
+def test_a_pipeline_not_enabled_called_inside_a_call_with_per_call_settings_keeps_enables(pipe, family):
+    """A pipeline sharing the enabled transformer but not enabled itself (``from_pipe``), called from a step
+    callback of an enabled pipeline's call given per-call settings: its forwards run enable's settings, the outer
+    call's steps its own."""
+    sparsectx.enable(pipe, budget=_budget(family), selector="random", seed=SEED)
+    other = type(pipe)._sparsectx_base.from_pipe(pipe, scheduler=copy.deepcopy(pipe.scheduler))
+    other.set_progress_bar_config(disable=True)
+    seen, inner = [], []
+    handle = _image_embedder(pipe.transformer).register_forward_pre_hook(
+        lambda mod, args: seen.append(args[0].shape[1]))
+    name = "joint_attention_kwargs" if family == KONTEXT else "attention_kwargs"
+
+    def nested(pipeline, step, timestep, outputs):
+        if step == 0:
+            start = len(seen)
+            other(**_call_kwargs(family, PLAIN))
+            inner.extend(seen[start:])
+            del seen[start:]
+        return outputs
+
+    try:
+        with torch.no_grad():
+            pipe(**_call_kwargs(family, PLAIN), **{name: {"sparsectx": {"budget": 1.0}}},
+                 callback_on_step_end=nested)
+    finally:
+        handle.remove()
+    n_target = _target_tokens(family)
+    assert inner == [n_target + sum(_kept_tokens(family))] * STEPS
+    assert seen == [n_target + sum(_reference_tokens(family))] * STEPS
+
+
+def test_a_copy_of_the_transformer_taken_during_a_call_is_outside_it(pipe, family):
+    """``copy.deepcopy`` of the enabled transformer in a step callback of a call with per-call settings (e.g. an EMA
+    snapshot): the copy runs enable's settings in later calls, not that call's, and is not inside a pipeline call."""
+    sparsectx.enable(pipe, budget=_budget(family), selector="random", seed=SEED)
+    copies = []
+    name = "joint_attention_kwargs" if family == KONTEXT else "attention_kwargs"
+
+    def snapshot(pipeline, step, timestep, outputs):
+        if step == 0:
+            copies.append(copy.deepcopy(pipeline.transformer))
+        return outputs
+
+    with torch.no_grad():
+        pipe(**_call_kwargs(family, PLAIN), **{name: {"sparsectx": {"budget": 1.0}}}, callback_on_step_end=snapshot)
+    patch = copies[0]._sparsectx_patch
+    assert (patch.pipeline_calls, patch.call_overrides, patch.call_seed) == (0, None, None)
+    other = type(pipe)._sparsectx_base.from_pipe(pipe, transformer=copies[0],
+                                                 scheduler=copy.deepcopy(pipe.scheduler))
+    other.set_progress_bar_config(disable=True)
+    seen = []
+    _image_embedder(copies[0]).register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+    with torch.no_grad():
+        other(**_call_kwargs(family, PLAIN))
+    assert seen == [_target_tokens(family) + sum(_kept_tokens(family))] * STEPS
+
+
 @pytest.mark.parametrize("settings, error, words", [({"budget": 2.0}, ValueError, r"budget ratio must be in \[0, 1\]"),
                                                    ({"selector": "nope"}, ValueError, "nope")])
 def test_bad_per_call_settings_fail_before_the_pipelines_own_work(pipe, family, settings, error, words):
@@ -828,6 +886,25 @@ def test_modular_pipelines(blocks_name, enabled, monkeypatch):
     image_keep = torch.cat([torch.ones(1, n_target, dtype=torch.bool), keep[:1]], 1)
     monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.NATIVE, _KeyMaskedNative(image_keep))
     torch.testing.assert_close(run(), sparse, rtol=0, atol=FP32_ATOL)
+
+
+@pytest.mark.parametrize("blocks_name", MODULAR_BLOCKS)
+def test_per_call_settings_replace_the_keyword_in_a_given_pipeline_state(blocks_name, monkeypatch):
+    """A modular pipeline called with a ``PipelineState`` that holds attention kwargs (e.g. a LoRA scale) and the
+    keyword with per-call settings: the keyword replaces the state's value, as diffusers does with any keyword
+    (before the fix of this session's first version: the keyword was dropped and the state's stale value won)."""
+    modular = pytest.importorskip("diffusers.modular_pipelines")
+    pipe, kwargs, *_ = _modular_case(blocks_name, monkeypatch)
+    name = integration._ATTN_KWARGS_ARG[integration._family_of(pipe.transformer)]
+    got = []
+    pipe.transformer.register_forward_pre_hook(lambda mod, args, kw: got.append(kw.get(name)), with_kwargs=True)
+    sparsectx.enable(pipe, budget=0.5, seed=SEED)
+    state = modular.PipelineState()
+    state.set(name, {"scale": 0.5})
+    with torch.no_grad():
+        pipe(state=state, **kwargs, **{name: {"sparsectx": {"budget": 1.0}}},
+             generator=torch.Generator().manual_seed(SEED))
+    assert got and all(value == {"sparsectx": {"budget": 1.0}} for value in got)
 
 
 @pytest.mark.parametrize("blocks_name", MODULAR_BLOCKS)
