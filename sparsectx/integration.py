@@ -62,11 +62,12 @@ processors (diffusers' SDPA dispatch: exact, torch's default backend); ``attenti
 of ``sparsectx.processors`` so that sparsectx's Triton kernel computes every attention layer. ``disable`` restores
 the original processor objects.
 
-Attention probe (task-aware selectors). For FLUX.1, FLUX.2 and Qwen-Image, the selection context's ``extra`` holds an
-``"attention_probe"``: when a selector needs probe tensors (``edit``, ``subject``, ``attention``) that the user did
-not give in ``signals``, it runs the original forward on the full (uncompacted) call, under ``torch.no_grad()``,
-with a temporary processor on the first double-stream block's attention that computes that block's q and k (after
-norms and RoPE) and stops the forward there: the probe costs the embedders and one block's projections, not a step.
+Attention probe (task-aware selectors). The selection context's ``extra`` holds an ``"attention_probe"``: when a
+selector needs probe tensors (``edit``, ``subject``, ``attention``) that the user did not give in ``signals``, it
+runs the original forward on the full (uncompacted) call, under ``torch.no_grad()``, with a temporary processor on
+the first double-stream block's attention (FLUX.3: the first joint block's, after its per-mode blocks) that computes
+that block's q and k (after norms and RoPE) and stops the forward there: the probe costs the embedders and one
+block's projections (FLUX.3: and the per-mode blocks), not a step.
 It returns ``"text_queries"``, ``"target_queries"`` (= ``"queries"``) and ``"ref_keys"`` (see
 ``sparsectx.selection``), and for Qwen-Image also ``"text_mask"`` (its prompt padding, from
 ``encoder_hidden_states_mask``), so padded text tokens do not vote.
@@ -136,7 +137,6 @@ PATCH_ATTR = "_sparsectx_patch"  # the transformer attribute holding its _Sparse
 TARGET_PLANE = 0  # FLUX.1 / FLUX.2: first id axis of target tokens; references use any other value
 KV_EXTRACT = "extract"
 KV_CACHED = "cached"  # FLUX.2 klein's cached steps: the references are in the cache, none in the sequence
-PROBE_FAMILIES = (FLUX2, FLUX, QWEN, FLUX3)  # families the attention probe reads (_probe_block: which block)
 
 # per family: the forward arguments that carry the batch dimension first (sliced when samples run as groups),
 # the argument holding the (joint) attention kwargs, and the arguments this integration can not compact
@@ -1881,7 +1881,7 @@ class _SparsePatch(ForwardPatch):
             extra = {**layout.extra, **_signals_for(signals, batch, shared, hidden.device)}
             # the automatic probe, unless the user gave their own: it runs only if a selector asks for a probe
             # tensor the signals lack (probe tensors given in the signals are used as given)
-            if self.family in PROBE_FAMILIES and "attention_probe" not in signals:
+            if "attention_probe" not in signals:
                 extra["attention_probe"] = self._attention_probe(call, layout, shared)
             context = SelectionContext(num_references=len(layout.ref_lengths), ref_lengths=list(layout.ref_lengths),
                                        reference_ids=layout.reference_ids, target_shape=layout.target_shape,
@@ -2037,16 +2037,11 @@ class _SparsePatch(ForwardPatch):
     def _run_group(self, call: dict, group: _Group):
         """The original forward on the group's samples, their dropped rows removed."""
         g = dict(call) if group.rows is None else self._slice_batch(call, group.rows, group.samples)
-        g[self.reference_arg] = g[self.reference_arg].index_select(1, group.positions)
+        if self.family == FLUX3:
+            return self._run_flux3(g, group)
+        g["hidden_states"] = g["hidden_states"].index_select(1, group.positions)
         if self.family == QWEN:
             return self._run_qwen(g, group)
-        if self.family == FLUX3:  # (its ids are one [N, 4] table for the batch)
-            if not sum(group.kept_refs):  # no reference token: a call without references (an empty one fails)
-                g[self.reference_arg] = g[self.reference_ids_arg] = None
-                return self.original_forward(**g)
-            ids = g[self.reference_ids_arg]
-            g[self.reference_ids_arg] = ids.index_select(0, group.positions.to(ids.device))
-            return self.original_forward(**g)
         g["img_ids"], memo = self._kept_ids(g["img_ids"], group.positions, group.rope)
         group.rope = memo or group.rope
         if g.get("kv_cache_mode") == KV_EXTRACT:
@@ -2078,6 +2073,16 @@ class _SparsePatch(ForwardPatch):
         from .processors import fast_rope_tables  # deferred: imports diffusers' model modules
 
         return fast_rope_tables(self.transformer, memo)
+
+    def _run_flux3(self, call: dict, group: _Group):
+        """FLUX.3: the kept rows of its references and of their one ``[N, 4]`` id table; a group keeping no reference
+        token runs as a call without references (diffusers fails on empty ones)."""
+        if not sum(group.kept_refs):
+            return self.original_forward(**{**call, "image_cond_hidden_states": None, "image_cond_ids": None})
+        ids = call["image_cond_ids"]
+        return self.original_forward(**{
+            **call, "image_cond_hidden_states": call["image_cond_hidden_states"].index_select(1, group.positions),
+            "image_cond_ids": ids.index_select(0, group.positions.to(ids.device))})
 
     def _run_qwen(self, call: dict, group: _Group):
         """Qwen-Image: RoPE and ``modulate_index`` come from ``img_shapes``. The references' shapes become

@@ -351,18 +351,24 @@ def _joinable(first: torch.Tensor, first_norm, second: torch.Tensor, second_norm
     return first_norm.eps == second_norm.eps and first.dtype == second.dtype and first.device == second.device
 
 
+def _fusable(x: torch.Tensor, norm, rotary_emb, n_rows: int) -> bool:
+    """Whether ``rms_norm_rope`` may compute ``norm`` and RoPE of ``x`` (``n_rows`` rows with a prefix): autocast
+    off (under it the norm's output dtype is autocast's to decide), FLUX's fp32 ``(cos, sin)`` tables of those rows
+    on x's device (the kernel rotates in fp32), a plain ``torch.nn.RMSNorm``."""
+    return (not torch.is_autocast_enabled(x.device.type) and isinstance(rotary_emb, (tuple, list))
+            and len(rotary_emb) == 2
+            and all(isinstance(t, torch.Tensor) and t.device == x.device and t.dtype == torch.float32
+                    and tuple(t.shape) == (n_rows, x.shape[-1]) for t in rotary_emb)
+            and _plain_rms_norm(norm, x))
+
+
 def _norm_rope(x: torch.Tensor, norm, rotary_emb, prefix: Optional[torch.Tensor] = None, prefix_norm=None):
     """``[prefix_norm(prefix), norm(x)]`` joined on the sequence (x alone without a prefix), then diffusers'
     ``apply_rotary_emb`` (when ``rotary_emb`` is given): one ``sparsectx.rms_norm_rope`` pass where the norms are
     plain ``torch.nn.RMSNorm`` modules of one eps and the tables FLUX's fp32 ``(cos, sin)`` rows of this sequence on
     x's device (and autocast is off), else diffusers' modules and function as they are."""
     n_rows = x.shape[1] + (0 if prefix is None else prefix.shape[1])
-    # (under autocast the norm's output dtype is autocast's to decide: diffusers' modules run)
-    fusable = (not torch.is_autocast_enabled(x.device.type) and isinstance(rotary_emb, (tuple, list))
-               and len(rotary_emb) == 2
-               and all(isinstance(t, torch.Tensor) and t.device == x.device and t.dtype == torch.float32
-                       and tuple(t.shape) == (n_rows, x.shape[-1]) for t in rotary_emb)  # (the kernel rotates in fp32)
-               and _plain_rms_norm(norm, x)
+    fusable = (_fusable(x, norm, rotary_emb, n_rows)
                and (prefix is None
                     or (_plain_rms_norm(prefix_norm, prefix) and _joinable(prefix, prefix_norm, x, norm))))
     if fusable:
@@ -552,8 +558,8 @@ def flux_probe_qk(attn, hidden_states, encoder_hidden_states, get_qkv_projection
 def flux3_probe_qk(attn, hidden_states, rotary_emb, n_text: int, n_target: int):
     """What the attention probe reads of a FLUX.3 joint attention over ``[text, target, references]`` (``n_text``
     and ``n_target`` rows, then the references): the text and target queries and the reference keys, each
-    ``[B, n, H, D]`` as ``Flux3AttnProcessor`` computes those rows (projection, QK norm in fp32, RoPE, back to the
-    projection's dtype), without projecting what the probe does not return."""
+    ``[B, n, H, D]`` as the FLUX.3 processors compute those rows (projection, QK norm in fp32 and RoPE by
+    ``_fp32_norm_rope``, back to the projection's dtype), without projecting what the probe does not return."""
     n_queries = n_text + n_target
     if getattr(attn, "fused_projections", False):
         query = attn.to_qkv(hidden_states[:, :n_queries]).chunk(3, dim=-1)[0]
@@ -562,10 +568,8 @@ def flux3_probe_qk(attn, hidden_states, rotary_emb, n_text: int, n_target: int):
         query, key = attn.to_q(hidden_states[:, :n_queries]), attn.to_k(hidden_states[:, n_queries:])
 
     def norm_rope(x, norm, rows):
-        out = norm(x.unflatten(-1, (attn.heads, -1)).float())
-        if rotary_emb is not None:
-            out = apply_rotary_emb(out, _rotary_rows(rotary_emb, rows), sequence_dim=1)
-        return out.to(x.dtype)
+        tables = None if rotary_emb is None else _rotary_rows(rotary_emb, rows)
+        return _fp32_norm_rope(x.unflatten(-1, (attn.heads, -1)), norm, tables).to(x.dtype)
 
     query = norm_rope(query, attn.norm_q, slice(0, n_queries))
     key = norm_rope(key, attn.norm_k, slice(n_queries, hidden_states.shape[1]))
@@ -862,23 +866,14 @@ class SparsectxQwenDoubleStreamAttnProcessor(_SparsectxProcessor):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# installing and restoring
-# ----------------------------------------------------------------------------------------------------------------
-# ----------------------------------------------------------------------------------------------------------------
 # FLUX.3: self-attention over one sequence (a mode's tokens, or the joint [text, target, references])
 # ----------------------------------------------------------------------------------------------------------------
 def _fp32_norm_rope(x: torch.Tensor, norm, rotary_emb) -> torch.Tensor:
     """FLUX.3's QK norm and RoPE: ``norm(x.float())`` (its norms are kept in fp32), ``apply_rotary_emb`` in fp32,
-    left in fp32 (the processor rounds q and k once, after RoPE): one ``rms_norm_rope`` pass on the fp32 copy where
-    the norm is a plain ``torch.nn.RMSNorm`` and the tables fp32 ``(cos, sin)`` rows of this sequence on x's device
-    (and autocast is off), else diffusers' module and function."""
+    left in fp32 (the caller rounds q and k once, after RoPE): one ``rms_norm_rope`` pass on the fp32 copy where
+    ``_fusable``, else diffusers' module and function."""
     x = x.float()
-    fusable = (not torch.is_autocast_enabled(x.device.type) and isinstance(rotary_emb, (tuple, list))
-               and len(rotary_emb) == 2
-               and all(isinstance(t, torch.Tensor) and t.device == x.device and t.dtype == torch.float32
-                       and tuple(t.shape) == (x.shape[1], x.shape[-1]) for t in rotary_emb)
-               and _plain_rms_norm(norm, x))
-    if fusable:
+    if _fusable(x, norm, rotary_emb, x.shape[1]):
         return rms_norm_rope(x, rotary_emb[0], rotary_emb[1], norm.weight, norm.eps)
     x = norm(x)
     return x if rotary_emb is None else apply_rotary_emb(x, rotary_emb, sequence_dim=1)
@@ -902,6 +897,9 @@ class SparsectxFlux3AttnProcessor(_SparsectxProcessor):
         return attn.to_out[1](attn.to_out[0](out))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# installing and restoring
+# ----------------------------------------------------------------------------------------------------------------
 _REPLACEMENTS = (  # (diffusers module, processor class name, its sparsectx replacement)
     (transformer_flux2, "Flux2AttnProcessor", SparsectxFlux2AttnProcessor),
     (transformer_flux2, "Flux2ParallelSelfAttnProcessor", SparsectxFlux2ParallelSelfAttnProcessor),
