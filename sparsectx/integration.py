@@ -115,7 +115,7 @@ if TYPE_CHECKING:  # (imported where used: sparsectx.processors imports diffuser
 # ----------------------------------------------------------------------------------------------------------------
 # constants
 # ----------------------------------------------------------------------------------------------------------------
-FLUX2, FLUX, QWEN, FLUX3 = "flux2", "flux", "qwen", "flux3"
+FLUX2, FLUX, QWEN, FLUX3, QWEN21 = "flux2", "flux", "qwen", "flux3", "qwen21"
 MIN_DIFFUSERS = (0, 39)  # the oldest diffusers release the test suite passes with (setup.py's floor)
 MAX_TESTED_DIFFUSERS = (0, 42)  # the newest release series the suite ran with (README, "Versions")
 SUPPORTED_TRANSFORMERS = {  # diffusers class name -> family
@@ -123,11 +123,12 @@ SUPPORTED_TRANSFORMERS = {  # diffusers class name -> family
     "FluxTransformer2DModel": FLUX,
     "QwenImageTransformer2DModel": QWEN,
     "Flux3Transformer2DModel": FLUX3,
+    "QwenImage21Transformer2DModel": QWEN21,
 }
 SUPPORTED_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinKVPipeline", "Flux2KleinInpaintPipeline",
                        "FluxKontextPipeline", "FluxKontextInpaintPipeline", "QwenImageEditPipeline",
                        "QwenImageEditPlusPipeline", "QwenImageEditInpaintPipeline", "Flux3ModularPipeline",
-                       "Flux3DistilledModularPipeline")
+                       "Flux3DistilledModularPipeline", "QwenImage21Pipeline")
 NATIVE, SPARSECTX = "native", "sparsectx"  # enable(attention=...): diffusers' own attention or sparsectx's kernel
 ATTENTION_CHOICES = (NATIVE, SPARSECTX)
 DROP_TRAINING_ATTR = "_sparsectx_drop_training"  # set by sparsectx.training.enable_drop_training
@@ -146,21 +147,25 @@ _BATCH_ARGS = {
     QWEN: ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep", "guidance",
            "img_shapes", "additional_t_cond"),
     FLUX3: ("hidden_states", "encoder_hidden_states", "timestep", "target_timestep", "image_cond_hidden_states"),
+    QWEN21: ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep", "img_shapes",
+             "img_mask"),
 }
 # per family: the forward arguments the layout is read from (a forward without them can not be patched)
 _LAYOUT_ARGS = {FLUX2: ("hidden_states", "img_ids"), FLUX: ("hidden_states", "img_ids"),
-                QWEN: ("hidden_states", "img_shapes"), FLUX3: ("image_cond_hidden_states", "image_cond_ids")}
+                QWEN: ("hidden_states", "img_shapes"), FLUX3: ("image_cond_hidden_states", "image_cond_ids"),
+                QWEN21: ("hidden_states", "img_shapes", "img_mask")}
 # per family: the forward argument holding the reference rows and the one holding their position ids. FLUX.3 takes
 # its references as an input of their own (they produce no output rows); the others append them to the image
-# sequence, after the target (Qwen-Image has no ids: its layout comes from img_shapes)
+# sequence, after the target (Qwen-Image 2.1: before it; Qwen-Image has no ids: its layout comes from img_shapes)
 _REFERENCE_ARGS = {FLUX2: ("hidden_states", "img_ids"), FLUX: ("hidden_states", "img_ids"),
-                   QWEN: ("hidden_states", "img_ids"), FLUX3: ("image_cond_hidden_states", "image_cond_ids")}
+                   QWEN: ("hidden_states", "img_ids"), FLUX3: ("image_cond_hidden_states", "image_cond_ids"),
+                   QWEN21: ("hidden_states", "img_ids")}
 _ATTN_KWARGS_ARG = {FLUX2: "joint_attention_kwargs", FLUX: "joint_attention_kwargs", QWEN: "attention_kwargs",
-                    FLUX3: "attention_kwargs"}
+                    FLUX3: "attention_kwargs", QWEN21: "attention_kwargs"}
 # the pipelines' keyword that reaches it (FLUX.2's pipelines take attention_kwargs; their modular blocks, as every
 # pipeline whose __call__ takes **kwargs, the transformer's keyword), for messages about a bare transformer's call
 _PIPELINE_ATTN_KWARGS_ARG = {FLUX2: "attention_kwargs", FLUX: "joint_attention_kwargs", QWEN: "attention_kwargs",
-                             FLUX3: "attention_kwargs"}
+                             FLUX3: "attention_kwargs", QWEN21: "attention_kwargs"}
 _ATTN_KWARGS_NAMES = ("attention_kwargs", "joint_attention_kwargs")
 _UNSUPPORTED_ARGS = ("controlnet_block_samples", "controlnet_single_block_samples")
 
@@ -617,15 +622,14 @@ def _ids_layout(call: dict) -> Optional[_Layout]:
                    target_host, ref_host)
 
 
-def _qwen_layout(call: dict) -> Optional[_Layout]:
-    """Qwen-Image: ``img_shapes[b] = [(f, h, w) of the target, (f, h, w) of each reference, ...]``, sequence in that
-    order (the pipeline concatenates the packed references after the target latents)."""
+def _image_shapes(call: dict) -> Optional[list]:
+    """Qwen-Image's ``img_shapes[0]``, the ``(f, h, w)`` of each image of the sequence (every sample's: ``ValueError``
+    when they differ), or None where it lists one image per sample or none (no references)."""
     shapes = call.get("img_shapes")
     # a flat [(f, h, w)] * B (e.g. the ControlNet pipelines) describes targets only
     if not shapes or not isinstance(shapes[0], (list, tuple)) or len(shapes[0]) < 2 \
             or not all(isinstance(shape, (list, tuple)) for shape in shapes[0]):
         return None
-    target, *refs = shapes[0]
     # one layout for the batch: samples whose images have other sizes (same total) would be cut at sample 0's image
     # boundaries (diffusers' own RoPE reads img_shapes[0] too, with a warning)
     first = [tuple(s) for s in shapes[0]]
@@ -634,17 +638,30 @@ def _qwen_layout(call: dict) -> Optional[_Layout]:
         raise ValueError(f"img_shapes differ between samples (sample {differing[0]}: {shapes[differing[0]]}, sample "
                          f"0: {shapes[0]}): sparsectx selects reference tokens on one layout for the batch; run "
                          "samples with other image sizes as their own batch")
-    n_target = math.prod(target)
-    ref_lengths = [math.prod(s) for s in refs]
     seq = call["hidden_states"].shape[1]
-    if n_target + sum(ref_lengths) != seq:
-        raise ValueError(f"img_shapes {shapes[0]} describe {n_target + sum(ref_lengths)} tokens but hidden_states "
-                         f"has {seq}")
+    if sum(math.prod(s) for s in first) != seq:
+        raise ValueError(f"img_shapes {shapes[0]} describe {sum(math.prod(s) for s in first)} tokens but "
+                         f"hidden_states has {seq}")
+    return first
+
+
+def _image_layout(call: dict, target_first: bool) -> Optional[_Layout]:
+    """Qwen-Image (``target_first``): ``img_shapes[b] = [target, reference, ...]`` as ``(f, h, w)``, the sequence in
+    that order (the pipelines concatenate the packed references after the target latents). Qwen-Image 2.1:
+    ``[reference, ..., target]``, the sequence in that order."""
+    shapes = _image_shapes(call)
+    if shapes is None:
+        return None
+    target, refs = (shapes[0], shapes[1:]) if target_first else (shapes[-1], shapes[:-1])
+    n_target, seq = math.prod(target), call["hidden_states"].shape[1]
+    ref_lengths = [math.prod(s) for s in refs]
+    first_target = 0 if target_first else seq - n_target
+    target_host = torch.arange(first_target, first_target + n_target)
+    ref_host = torch.arange(n_target, seq) if target_first else torch.arange(seq - n_target)
     device = call["hidden_states"].device
     extra = {"ref_shapes": [(f * h, w) for f, h, w in refs]}
-    return _Layout(torch.arange(n_target, device=device), torch.arange(n_target, seq, device=device), ref_lengths,
-                   None, (target[0] * target[1], target[2]), extra, torch.arange(n_target, device="cpu"),
-                   torch.arange(n_target, seq, device="cpu"))
+    return _Layout(target_host.to(device), ref_host.to(device), ref_lengths, None, (target[0] * target[1], target[2]),
+                   extra, target_host, ref_host)
 
 
 def _whole_steps(hw: torch.Tensor) -> torch.Tensor:
@@ -689,7 +706,8 @@ def _cond_layout(call: dict) -> Optional[_Layout]:
                    torch.arange(n))
 
 
-_LAYOUTS = {FLUX2: _ids_layout, FLUX: _ids_layout, QWEN: _qwen_layout, FLUX3: _cond_layout}
+_LAYOUTS = {FLUX2: _ids_layout, FLUX: _ids_layout, QWEN: functools.partial(_image_layout, target_first=True),
+            FLUX3: _cond_layout, QWEN21: functools.partial(_image_layout, target_first=False)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -778,10 +796,35 @@ class _Flux3QKProbe(_QKProbeProcessor):
         self._record(*flux3_probe_qk(attn, hidden_states, image_rotary_emb, self.n_text, self.n_target))
 
 
+class _Qwen21QKProbe(_QKProbeProcessor):
+    """Qwen-Image 2.1's first block, over its one joint sequence (text and condition images interleaved, the target
+    last): each kind's rows from the call's joint layout (``qwen21.joint_layout``), the prompt's padding from
+    ``key_valid``."""
+
+    def __init__(self, layout: _Layout, joint):
+        super().__init__(layout)
+        self.joint = joint
+
+    def __call__(self, attn, hidden_states, attention_mask=None, rotary_emb=None, layer_cache=None,
+                 kv_cache_mode=None, cache_write_slice=None, segments=None, key_valid=None):
+        from .processors import qwen21_probe_qk  # deferred: imports diffusers' model modules
+
+        text, target, refs = (_consecutive(rows) or rows.to(hidden_states.device)
+                              for rows in map(self.joint.rows, ("text", "target", "reference")))
+        self._record(*qwen21_probe_qk(attn, hidden_states, rotary_emb, text, target, refs),
+                     None if key_valid is None else key_valid[:, text])
+
+
 def _probe_processor(family: str, layout: _Layout, call: dict) -> _QKProbeProcessor:
     """The probe processor of a family (FLUX: with the projection helper diffusers' own processor calls)."""
     if family == QWEN:
         return _QwenQKProbe(layout)
+    if family == QWEN21:
+        from .qwen21 import joint_layout
+
+        return _Qwen21QKProbe(layout, joint_layout(call["img_mask"], call["img_shapes"],
+                                                   call["encoder_hidden_states"].shape[1],
+                                                   call["hidden_states"].shape[1]))
     if family == FLUX3:
         return _Flux3QKProbe(layout, call["encoder_hidden_states"].shape[1], call["hidden_states"].shape[1])
     from diffusers.models.transformers import transformer_flux, transformer_flux2
@@ -887,6 +930,7 @@ class _Group:
     rows: Optional[list]  # batch rows of the group, or None: the whole batch in order
     samples: Optional[torch.Tensor]  # long [G] the same rows on the device (None with rows)
     positions: torch.Tensor  # long [S_kept] kept rows of the image sequence, in sequence order
+    positions_host: torch.Tensor  # the same on the host
     kept_refs: list  # kept tokens of each reference image
     out_rows: torch.Tensor  # long: rows of the compacted output that are target rows ...
     out_dest: torch.Tensor  # long: ... and their rows in the full output
@@ -1542,6 +1586,10 @@ class _SparsePatch(ForwardPatch):
             return self._run_plan(call, plan, packable)
 
     def _run_plan(self, call: dict, plan: _Plan, packable: bool):
+        if self.family == QWEN21 and plan.reports is not None and plan.reports.groups:
+            # a KV-cached step whose references are still in the sequence: the target's queries against the cache
+            # of the tokens its extract step kept (one group: the extract step makes one cache for the batch)
+            return self._run_group(call, plan.reports.groups[0])
         if not plan.groups:  # no reference tokens (text-to-image, a KV-cached step), or every token kept
             with self._rope_tables():
                 return self.original_forward(**call)
@@ -1837,7 +1885,7 @@ class _SparsePatch(ForwardPatch):
         if self.family == FLUX3 and call[self.reference_arg].shape[1] != layout.ref_positions.numel():
             raise ValueError(f"image_cond_hidden_states holds {call[self.reference_arg].shape[1]} reference tokens "
                              f"but image_cond_ids {layout.ref_positions.numel()}")
-        if call.get("kv_cache_mode") == KV_EXTRACT:
+        if call.get("kv_cache_mode") == KV_EXTRACT and self.family == FLUX2:
             n_ref = layout.ref_positions.numel()
             if call.get("num_ref_tokens") != n_ref or int(layout.ref_host[-1]) != n_ref - 1:
                 raise ValueError("KV extract step: the reference tokens must be the first num_ref_tokens rows of "
@@ -1925,6 +1973,8 @@ class _SparsePatch(ForwardPatch):
                                   if isinstance(call.get(name), torch.Tensor)):
                 raise _SamplesDiffer  # the probe reads the prompt: each sample is selected on its own
             probed = self._slice_batch(call, [0]) if shared else call
+            if self.family == QWEN21:  # (its KV cache is filled by the step's own forward, from the kept tokens)
+                probed = {**probed, "kv_cache": None, "kv_cache_mode": None}
             return _probe_tensors(_probe_qk(self.transformer, self.family, self.original_forward, probed, layout))
 
         return probe
@@ -1972,7 +2022,7 @@ class _SparsePatch(ForwardPatch):
             groups.append(_Group(
                 rows=None if whole else rows,
                 samples=None if whole else _device_values(rows, torch.long, device),
-                positions=_device_values(positions, None, device),
+                positions=_device_values(positions, None, device), positions_host=positions,
                 kept_refs=[int(s.sum()) for s in masks[g].split(layout.ref_lengths)],
                 out_rows=_device_values(target_rows, None, device),
                 out_dest=_device_values(positions[target_rows], None, device)))
@@ -2039,6 +2089,8 @@ class _SparsePatch(ForwardPatch):
         g = dict(call) if group.rows is None else self._slice_batch(call, group.rows, group.samples)
         if self.family == FLUX3:
             return self._run_flux3(g, group)
+        if self.family == QWEN21:
+            return self._run_qwen21(g, group)
         g["hidden_states"] = g["hidden_states"].index_select(1, group.positions)
         if self.family == QWEN:
             return self._run_qwen(g, group)
@@ -2083,6 +2135,14 @@ class _SparsePatch(ForwardPatch):
         return self.original_forward(**{
             **call, "image_cond_hidden_states": call["image_cond_hidden_states"].index_select(1, group.positions),
             "image_cond_ids": ids.index_select(0, group.positions.to(ids.device))})
+
+    def _run_qwen21(self, call: dict, group: _Group):
+        """Qwen-Image 2.1: its forward on the joint sequence without the dropped rows (``qwen21.compacted_forward``;
+        a KV-cached step: the target's queries, with the prompt's padding mask matched to the cached kept rows)."""
+        from .qwen21 import compacted_forward
+
+        call = {**call, "hidden_states": call["hidden_states"].index_select(1, group.positions)}
+        return compacted_forward(self.transformer, group.positions_host, **call)
 
     def _run_qwen(self, call: dict, group: _Group):
         """Qwen-Image: RoPE and ``modulate_index`` come from ``img_shapes``. The references' shapes become
@@ -2136,7 +2196,8 @@ class _SparsePatch(ForwardPatch):
         first = results[0]
         if call.get("kv_cache_mode") == KV_EXTRACT:  # the transformer returns the target rows only (one group)
             return first
-        if self.reference_arg != "hidden_states":  # FLUX.3: the outputs are the target rows: samples back in order
+        if self.family in (FLUX3, QWEN21):  # each group's output is whole (FLUX.3: the target rows; Qwen-Image 2.1:
+            # the joint sequence's, its target rows written): samples back in batch order
             if len(results) == 1:  # (one group: the whole batch)
                 return first
             full = _sample_of(first).new_empty((call["hidden_states"].shape[0], *_sample_of(first).shape[1:]))
@@ -2478,6 +2539,10 @@ def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Call
     settings = _make_settings(budget, selector, seed, signals)
     _warn_ids_grid(family, settings.selector, settings.signals)
     _check_attention(attention)
+    if family == QWEN21 and attention == SPARSECTX:
+        raise ValueError("attention='sparsectx' is not available for Qwen-Image 2.1: its attention is block-causal "
+                         "over text and condition images, and sparsectx's kernel attends bidirectionally; use "
+                         "attention='native' (the compacted sequence runs the model's own processors)")
     if getattr(transformer, "_parallel_config", None) is not None:
         raise RuntimeError(f"sparsectx's drop-in does not support diffusers {_parallelism(transformer)} (the "
                            "transformer has a _parallel_config); enable it on a model without parallelism")

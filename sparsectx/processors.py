@@ -835,6 +835,23 @@ def qwen_probe_qk(attn, hidden_states, encoder_hidden_states, image_rotary_emb, 
             _qwen_projection(attn, hidden_states[:, ref_rows], attn.to_k, attn.norm_k, ref_freqs))
 
 
+def qwen21_probe_qk(attn, hidden_states, rotary_emb, text_rows, target_rows, ref_rows):
+    """The probe's q and k on Qwen-Image 2.1's one joint sequence: queries of rows ``text_rows`` and ``target_rows``,
+    keys of rows ``ref_rows``, each ``[B, n, H, D]`` as diffusers' processor computes them (projection, RMS norm,
+    RoPE; ``transformer_qwenimage21._qwenimage21_prepare_qkv``)."""
+    from diffusers.models.transformers.transformer_qwenimage21 import apply_rotary_emb_qwen
+
+    head_dim = attn.inner_dim // attn.heads
+
+    def project(rows, linear, norm):
+        out = linear(hidden_states[:, rows]).unflatten(-1, (-1, head_dim))
+        out = norm(out).to(out.dtype)
+        return out if rotary_emb is None else apply_rotary_emb_qwen(out, rotary_emb[rows], use_real=False)
+
+    return (project(text_rows, attn.to_q, attn.norm_q), project(target_rows, attn.to_q, attn.norm_q),
+            project(ref_rows, attn.to_k, attn.norm_k))
+
+
 class SparsectxQwenDoubleStreamAttnProcessor(_SparsectxProcessor):
     """Replaces ``QwenDoubleStreamAttnProcessor2_0``: the text padding mask (``encoder_hidden_states_mask``) becomes
     a key mask of ``masked_attention``. The joint sequence is built ``[image, text]`` (attention does not depend on

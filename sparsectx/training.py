@@ -462,9 +462,10 @@ def enable_drop_training(transformer, ratio_range: tuple = DEFAULT_RATIO_RANGE,
     if not isinstance(skip_dropped_queries, bool):
         raise TypeError(f"skip_dropped_queries must be a bool, got {type(skip_dropped_queries).__name__}")
     _, model, family = integration._split_target(transformer)
-    if family == integration.FLUX3:
-        raise TypeError("drop training's masked attention covers FLUX.1, FLUX.2 and Qwen-Image; on FLUX.3, whose "
-                        "references are an input of their own, train with the dropped references removed: "
+    if family in (integration.FLUX3, integration.QWEN21):
+        raise TypeError("drop training's masked attention covers FLUX.1, FLUX.2 and Qwen-Image; on FLUX.3 and "
+                        "Qwen-Image 2.1 (references an input of their own; block-causal attention), train with the "
+                        "dropped references removed: "
                         "sparsectx.enable(transformer, budget=None, selector=sparsectx.random_drop_selector("
                         "ratio_range, generator)) on the transformer in train mode draws a new mask at each forward")
     integration.check_diffusers_version()
