@@ -1973,8 +1973,6 @@ class _SparsePatch(ForwardPatch):
                                   if isinstance(call.get(name), torch.Tensor)):
                 raise _SamplesDiffer  # the probe reads the prompt: each sample is selected on its own
             probed = self._slice_batch(call, [0]) if shared else call
-            if self.family == QWEN21:  # (its KV cache is filled by the step's own forward, from the kept tokens)
-                probed = {**probed, "kv_cache": None, "kv_cache_mode": None}
             return _probe_tensors(_probe_qk(self.transformer, self.family, self.original_forward, probed, layout))
 
         return probe

@@ -116,20 +116,21 @@ def compacted_forward(model, kept_images: torch.Tensor, hidden_states: torch.Ten
     batch, device = hidden_states.shape[0], hidden_states.device
     n_images = sum(math.prod(shape) for shape in img_shapes[0])
     layout = joint_layout(img_mask, img_shapes, encoder_hidden_states.shape[1], n_images, kept_images)
-    keep = _device(layout.keep, device)
     prefix_len = layout.prefix_len
-
-    # the kept joint sequence: the text rows of the encoder's sequence and the kept image rows, interleaved in
-    # sequence order (one gather from [text rows, image rows])
-    text = model.txt_in(encoder_hidden_states).index_select(1, _device(layout.vlm_text, device))
-    images = model.img_in(hidden_states)
-    order = torch.empty(layout.keep.numel(), dtype=torch.long)
-    order[~layout.is_image] = torch.arange(layout.vlm_text.numel())
-    order[layout.is_image] = torch.arange(images.shape[1]) + layout.vlm_text.numel()
-    joint = torch.cat([text, images], dim=1).index_select(1, _device(order, device))
-
+    cached_step = kv_cache_mode == "cached"
     rotary_emb = model.pos_embed(img_shapes[0], _device(layout.image_pad, device), device=device)
-    rotary_emb = rotary_emb.index_select(0, keep)
+    if cached_step:  # the target's rows only (the prefix is in the cache)
+        images = model.img_in(hidden_states[:, hidden_states.shape[1] - layout.n_target:])
+        joint, rotary_emb = images, rotary_emb[layout.n_full - layout.n_target:]
+    else:  # the kept joint sequence: the text rows of the encoder's sequence and the kept image rows, interleaved
+        # in sequence order (one gather from [text rows, image rows])
+        text = model.txt_in(encoder_hidden_states).index_select(1, _device(layout.vlm_text, device))
+        images = model.img_in(hidden_states)
+        order = torch.empty(layout.keep.numel(), dtype=torch.long)
+        order[~layout.is_image] = torch.arange(layout.vlm_text.numel())
+        order[layout.is_image] = torch.arange(images.shape[1]) + layout.vlm_text.numel()
+        joint = torch.cat([text, images], dim=1).index_select(1, _device(order, device))
+        rotary_emb = rotary_emb.index_select(0, _device(layout.keep, device))
 
     timestep = timestep.to(images.dtype)
     target = _device(layout.target, device)
@@ -147,12 +148,11 @@ def compacted_forward(model, kept_images: torch.Tensor, hidden_states: torch.Ten
         key_valid[:, _device(layout.rows("text"), device)] = \
             encoder_hidden_states_mask.bool().index_select(1, _device(layout.vlm_text, device))
 
-    if kv_cache_mode == "cached":  # the target's queries against the cached (kept) prefix
+    if cached_step:  # the target's queries against the cached (kept) prefix
         cached = kv_cache.get_layer(0).k
         if cached is not None and cached.shape[1] != prefix_len:
             raise ValueError(f"the KV cache holds {cached.shape[1]} prefix tokens but this step keeps {prefix_len}: "
                              "the cached steps must keep the reference tokens their extract step kept")
-        joint, rotary_emb = joint[:, prefix_len:], rotary_emb[prefix_len:]
         modulation_mask = None if modulation_mask is None else modulation_mask[prefix_len:]
         attention_mask = None if key_valid is None else key_valid[:, None, None, :]
         cache_write_slice, segments, block_key_valid = None, None, None
@@ -178,7 +178,7 @@ def compacted_forward(model, kept_images: torch.Tensor, hidden_states: torch.Ten
                           key_valid=block_key_valid)
 
     output = model.proj_out(model.norm_out(joint, temb, modulation_mask))
-    if kv_cache_mode != "cached":  # the target rows (the last) at their rows of the full sequence, zeros elsewhere
+    if not cached_step:  # the target rows (the last) at their rows of the full sequence, zeros elsewhere
         full = output.new_zeros((batch, layout.n_full, *output.shape[2:]))
         full[:, layout.n_full - layout.n_target:] = output[:, prefix_len:]
         output = full
