@@ -52,27 +52,29 @@ def _always_disabled(model):
         block.attn.set_processor(q21.QwenImage21AttnProcessor())
 
 
-def _img_mask(batch):
+def _img_mask(batch, text_runs=TEXT_RUNS):
     """The encoder's sequence (text runs and the condition images' slots) and the target's slots appended."""
     row = []
-    for i, run in enumerate(TEXT_RUNS):
+    for i, run in enumerate(text_runs):
         row += [False] * run
         if i < len(REFS):
             row += [True] * (N_REFS[i] // 4)
     return torch.tensor(row + [True] * (N_TARGET // 4))[None].expand(batch, -1)
 
 
-def _inputs(batch=2, seed=1, padded=False, shared=False):
+def _inputs(batch=2, seed=1, padded=False, shared=False, text_runs=TEXT_RUNS):
     """Forward kwargs; ``padded``: sample 0's prompt ends with two padding positions; ``shared``: every sample has
-    the first one's condition latents (a pipeline repeats them over its batch)."""
+    the first one's condition latents (a pipeline repeats them over its batch); ``text_runs``: the text before,
+    between and after the condition images."""
     g = torch.Generator().manual_seed(seed)
+    n_text_embeds = sum(text_runs) + sum(N_REFS) // 4
     refs = torch.randn(1 if shared else batch, sum(N_REFS), CHANNELS, generator=g).expand(batch, -1, -1)
     kwargs = dict(hidden_states=torch.cat([refs, torch.randn(batch, N_TARGET, CHANNELS, generator=g)], 1),
-                  encoder_hidden_states=torch.randn(batch, N_TEXT_EMBEDS, TEXT_DIM, generator=g),
+                  encoder_hidden_states=torch.randn(batch, n_text_embeds, TEXT_DIM, generator=g),
                   timestep=torch.rand(batch, generator=g), img_shapes=[[*REFS, TARGET]] * batch,
-                  img_mask=_img_mask(batch), return_dict=False)
+                  img_mask=_img_mask(batch, text_runs), return_dict=False)
     if padded:
-        mask = torch.ones(batch, N_TEXT_EMBEDS, dtype=torch.bool)
+        mask = torch.ones(batch, n_text_embeds, dtype=torch.bool)
         mask[0, -2:] = False
         kwargs["encoder_hidden_states_mask"] = mask
     return kwargs
@@ -105,13 +107,14 @@ class _KeyMasked(q21.QwenImage21AttnProcessor):
                                 cache_write_slice, segments, key_valid)
 
 
-def _joint_keys(keep):
-    """bool ``[B, N_FULL]``: the joint rows each sample keeps (text, the kept condition tokens ``keep [B, N]``, the
-    target)."""
+def _joint_keys(keep, kwargs):
+    """bool ``[B, n_full]``: the joint rows each sample of the call ``kwargs`` keeps (text, the kept condition tokens
+    ``keep [B, N]``, the target)."""
     rows = []
     for sample in keep:
         kept = torch.cat([torch.nonzero(sample).flatten(), torch.arange(sum(N_REFS), N_IMAGES)])
-        layout = qwen21.joint_layout(_img_mask(1), [[*REFS, TARGET]], N_TEXT_EMBEDS, N_IMAGES, kept)
+        layout = qwen21.joint_layout(kwargs["img_mask"], kwargs["img_shapes"], kwargs["encoder_hidden_states"].shape[1],
+                                     N_IMAGES, kept)
         row = torch.zeros(layout.n_full, dtype=torch.bool)
         row[layout.keep] = True
         rows.append(row)
@@ -122,7 +125,7 @@ def _masked(model, keep, kwargs, **extra):
     """The unpatched model with the tokens ``keep`` drops masked out as keys in every layer."""
     processors = [block.attn.processor for block in model.transformer_blocks]
     for block in model.transformer_blocks:
-        block.attn.set_processor(_KeyMasked(_joint_keys(keep).to(kwargs["hidden_states"].device)))
+        block.attn.set_processor(_KeyMasked(_joint_keys(keep, kwargs).to(kwargs["hidden_states"].device)))
     try:
         return _run(model, kwargs, **extra)
     finally:
@@ -183,10 +186,12 @@ def test_the_compacted_forward_keeping_every_row_is_diffusers_forward(padded, ca
                 assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
 
 
+@pytest.mark.parametrize("text_runs", [TEXT_RUNS, (3, 0, 5)], ids=["text between", "adjacent images"])
 @pytest.mark.parametrize("selector", [random_selector, "uniform"])
 @pytest.mark.parametrize("padded", [False, True])
-def test_dropping_rows_equals_masking_keys(model, selector, padded):
-    kwargs = _inputs(padded=padded)
+def test_dropping_rows_equals_masking_keys(model, selector, padded, text_runs):
+    """(Condition images adjacent in the sequence stay two image blocks: neither attends to the other.)"""
+    kwargs = _inputs(padded=padded, text_runs=text_runs)
     seen = []
     handle = model.img_in.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
     try:
@@ -201,7 +206,7 @@ def test_dropping_rows_equals_masking_keys(model, selector, padded):
     assert seen == [sum(counts) + N_TARGET] * torch.unique(keep, dim=0).shape[0]
     sparsectx.disable(model)
     masked = _masked(model, keep, kwargs)
-    assert dropped.shape == (2, N_FULL, CHANNELS) and not dropped[:, :-N_TARGET].any()
+    assert dropped.shape == (2, sum(text_runs) + N_IMAGES, CHANNELS) and not dropped[:, :-N_TARGET].any()
     _assert_flash_criterion(dropped, masked, model, keep, kwargs)
     assert (dropped[:, -N_TARGET:] - _run(model, kwargs)[:, -N_TARGET:]).abs().max() > 1e-3  # dropping changed it
 
@@ -380,7 +385,7 @@ def test_random_drop_training_gives_the_masked_models_output_and_gradients(check
     assert not keep.all() and keep.any(dim=1).all()
     processors = [block.attn.processor for block in model.transformer_blocks]
     for block in model.transformer_blocks:
-        block.attn.set_processor(_KeyMasked(_joint_keys(keep)))
+        block.attn.set_processor(_KeyMasked(_joint_keys(keep, kwargs)))
     masked_out, masked_grads = outputs_and_grads()
     for block, processor in zip(model.transformer_blocks, processors):
         block.attn.set_processor(processor)
@@ -531,3 +536,15 @@ def test_the_probe_selectors_run_in_the_pipeline(pipe, selector):
     # the probe's stopped forward (every token), then each branch's extract step and cached step
     assert seen == [("extract", sum(PIPELINE_REFS) + PIPELINE_TARGET)] + \
         [("extract", 8 + PIPELINE_TARGET)] * 2 + [("cached", PIPELINE_TARGET)] * 2
+
+
+def test_a_cached_step_on_a_cache_of_another_selection_is_refused(model):
+    """A cached step keeps what its call's extract step kept: a cache extracted under another selection (another
+    prompt's call, another budget) holds other prefix rows, refused by name."""
+    sparsectx.enable(model, budget=0.5, selector="uniform")
+    first, second = _inputs(shared=True), _inputs(shared=True, seed=2)
+    first_cache, second_cache = q21.QwenImage21KVCache(2), q21.QwenImage21KVCache(2)
+    _run(model, first, kv_cache=first_cache, kv_cache_mode="extract")
+    _run(model, second, kv_cache=second_cache, kv_cache_mode="extract", attention_kwargs={"sparsectx": {"budget": 2}})
+    with pytest.raises(ValueError, match="the KV cache holds"):
+        _run(model, second, kv_cache=first_cache, kv_cache_mode="cached", attention_kwargs={"sparsectx": {"budget": 2}})
