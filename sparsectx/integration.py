@@ -1,5 +1,5 @@
 """Drop-in Sparse Context for diffusers pipelines: FLUX.1 Kontext, FLUX.2 / klein (+ reference KV cache),
-Qwen-Image-Edit(-Plus), FLUX.3 (its modular pipelines).
+Qwen-Image-Edit(-Plus), FLUX.3 (its modular pipelines), Qwen-Image 2.1.
 
 ```python
 sparsectx.enable(pipe, budget=0.1, selector="random", seed=0)   # a pipeline or a bare transformer
@@ -25,7 +25,9 @@ Qwen-Image: ``img_shapes`` lists the references after the target), the wrapper
 
 FLUX.3 takes its references as an input of their own (``image_cond_hidden_states`` with ``image_cond_ids``, ``l``
 one value per reference image): the dropped rows are removed from those two, and as its output holds the target
-rows only, nothing is written back.
+rows only, nothing is written back. Qwen-Image 2.1 builds its joint sequence (text and condition images interleaved,
+block-causal) inside its forward: once rows are dropped the wrapper runs ``sparsectx.qwen21.compacted_forward``, the
+model's forward on the sequence without them.
 
 The selection is computed once per pipeline call and reused at every step (and by the CFG branch), with every
 index derived from it (the plan: layout, keep mask, kept rows, output rows). The first step reads the device
