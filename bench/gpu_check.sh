@@ -53,7 +53,7 @@ STEP_NAMES=("nvidia-smi" "versions" "install wheels" "pip install --target" "imp
             "import sparsectx (links)" "import diffusers" "pytest -m gpu processors" "pytest -m gpu"
             "bench key cases" "bench norm_rope" "bench training" "bench e2e" "bench selection" "bench kv"
             "bench pipeline" "profile ops" "pytest candidates" "bench e2e_qwen" "bench train_step" "bench e2e_batch"
-            "bench e2e_kontext" "bench e2e_flux3" "pytest not gpu")
+            "bench e2e_kontext" "bench e2e_flux3" "bench e2e_qwen21" "pytest not gpu")
 IFS=, read -r -a SKIP_LIST <<<"$SKIP_STEPS"
 for skipped in "${SKIP_LIST[@]}"; do
     known=0
@@ -110,13 +110,15 @@ TRAIN_STEP_CAP_S=75
 KONTEXT_CAP_S=50
 # FLUX.3 step (diffusers' default config, 5.5B), --quick subset (1 ref x 10%, 3 refs x 10%); never run on a GPU
 FLUX3_CAP_S=50
+# Qwen-Image 2.1 step (diffusers' default config, 7.1B), --quick subset (1 ref x 10%, 3 refs x 10%); never run on a GPU
+QWEN21_CAP_S=50
 # Qwen-Image-Edit-20B step, --quick subset (1 ref x 10%, 3 refs x 10%): a 20B model (41 GB in bf16) built on the GPU;
 # never run: by FACTS' step times (keep-all 0.41 / 1.04 s) about 25 s of steps, plus start-up, the model build and
 # the autotuning of sparsectx attention's shapes
 QWEN_CAP_S=90
 SCRATCH=$(mktemp -d /tmp/gpu_check.XXXXXX)
 # the benchmark steps' JSON files, in the order the summary lists them
-BENCH_PARTS=("$SCRATCH"/bench_{key,norm_rope,training,e2e,selection,kv,pipeline,e2e_qwen,train_step,e2e_batch,e2e_kontext,e2e_flux3}.json)
+BENCH_PARTS=("$SCRATCH"/bench_{key,norm_rope,training,e2e,selection,kv,pipeline,e2e_qwen,train_step,e2e_batch,e2e_kontext,e2e_flux3,e2e_qwen21}.json)
 rm -f "$OUT/bench.json" "$OUT/results.md" "$OUT/profile_ops.txt"   # an earlier run's files must not pass for
                                                                        # this run's
 START=$SECONDS
@@ -293,6 +295,10 @@ if part 2; then
     # the FLUX.3 step (drop-in since 2026-12-03; issue 5's 3% step target applied to it)
     step "bench e2e_flux3" "$FLUX3_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case e2e_flux3 --quick \
         --json "$SCRATCH/bench_e2e_flux3.json"
+    # the Qwen-Image 2.1 step (drop-in since 2026-12-03; issue 5's 3% step target, against the model's own forward on
+    # the compacted sequence)
+    step "bench e2e_qwen21" "$QWEN21_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case e2e_qwen21 --quick \
+        --json "$SCRATCH/bench_e2e_qwen21.json"
     # the rest of the suite (the non-gpu tests) on the CUDA device, in whatever time is left
     tests "pytest not gpu" "$(seconds_left)" "$TESTS_LOG" "${PYTEST[@]}" tests -m "not gpu"
 fi

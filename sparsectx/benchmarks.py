@@ -42,7 +42,7 @@ from .diagnostics import count_cuda_syncs, count_host_reads
 SEED = 0
 SIZES = ("tiny", "full")
 CASE_ORDER = ("attention", "compaction", "batch", "masked", "training", "norm_rope", "rope_tables", "e2e", "selection",
-              "pipeline", "e2e_kontext", "e2e_qwen", "e2e_flux3", "kv", "e2e_batch", "train_step")
+              "pipeline", "e2e_kontext", "e2e_qwen", "e2e_flux3", "e2e_qwen21", "kv", "e2e_batch", "train_step")
 # relative L2 error bound between two implementations computing the same function in one dtype
 REL_ERR_BOUND = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # ... and for the worst row (last dim = features) against the mean row norm: a few wrong rows among 10^5 hardly move
@@ -995,6 +995,13 @@ FLUX3_TINY = dict(in_channels=16, cond_in_channels=16, num_layers=1, num_single_
                   num_attention_heads=2, joint_attention_dim=64, timestep_channels=32, mlp_ratio=3.0,
                   axes_dims_rope=(8, 8, 8, 8))
 FLUX3_ROPE_SCALE = 0.5  # the FLUX.3 pipelines' scale of the (h, w) position ids
+# Qwen-Image 2.1 (diffusers 0.42's ``QwenImage21Transformer2DModel`` defaults, 7.1B parameters: 32 single-stream
+# blocks, 32 heads of 128, unpatched latents of 64 channels, Qwen3-VL text of 4096)
+QWEN21_DEFAULT = dict(in_channels=64, out_channels=64, num_layers=32, attention_head_dim=128, num_attention_heads=32,
+                      context_in_dim=4096, mlp_ratio=3, axes_dims_rope=(16, 56, 56))
+QWEN21_TINY = dict(in_channels=16, out_channels=16, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+                   context_in_dim=32, axes_dims_rope=(4, 6, 6))
+QWEN21_TEXT_BETWEEN = 4  # Qwen-Image 2.1: text tokens between two condition images' slots (the prompt template's)
 REFERENCE_TIME_STRIDE = 10  # FLUX.2: reference i has time coordinate 10 * (i + 1)
 KONTEXT_PLANE_STRIDE = 1  # FLUX.1 Kontext: reference i on id plane i + 1 (the pipeline's single reference: plane 1)
 KONTEXT_GUIDANCE = 3.5  # FluxKontextPipeline's default guidance_scale (guidance-distilled: an embedding input)
@@ -1041,6 +1048,12 @@ QWEN_EDIT = ModelFamily("Qwen-Image-Edit-20B", "QwenImageTransformer2DModel",
 FLUX3 = ModelFamily("FLUX.3 (diffusers' default config)", "Flux3Transformer2DModel",
                     {"full": FLUX3_DEFAULT, "tiny": FLUX3_TINY}, n_axes=4, ref_plane_stride=1, batched_ids=False,
                     text_position_axis=3, pooled=False, guidance=None)
+
+
+# Qwen-Image 2.1 has no position ids: its case reads the label, the class and the configs
+QWEN21 = ModelFamily("Qwen-Image 2.1 (diffusers' default config)", "QwenImage21Transformer2DModel",
+                     {"full": QWEN21_DEFAULT, "tiny": QWEN21_TINY}, n_axes=3, ref_plane_stride=1, batched_ids=False,
+                     text_position_axis=None, pooled=False, guidance=None)
 
 
 def release_cached_models() -> None:
@@ -1498,6 +1511,86 @@ class Flux3EndToEndCase(_RefsKeepCase):
                  note="100% kept (a different output by design)", shared_key=(self.name, refs, "all")),
             Impl("no reference (limit)", step, comparable=False, note="lower bound of any selection",
                  shared_key=(self.name, "none")),
+        ]
+        return Workload(self.name, shape, impls, dtype, reps=s["reps"], track_memory=True,
+                        passes=EndToEndCase.PASSES)
+
+
+class Qwen21EndToEndCase(_RefsKeepCase):
+    """One denoising step of the Qwen-Image 2.1 architecture (``QwenImage21Transformer2DModel``, diffusers' default
+    config, random weights; a tiny preset on the CPU) without its KV cache (the cost of the pipeline's first step):
+    1024² target (64 x 64 latent tokens of 64 channels), references of 64 x 64 tokens, each one vision-language
+    image slot per 2x2 tokens inside the prompt (text before, ``QWEN21_TEXT_BETWEEN`` tokens between two images, the
+    rest after), the target's slots last, as ``QwenImage21Pipeline`` calls the transformer (batch 1, one guidance
+    branch). Its ideal is the model's forward on the compacted sequence itself (``qwen21.compacted_forward`` given
+    the kept rows): no plain-torch path removes rows from the joint sequence diffusers builds inside its forward."""
+
+    name = "e2e_qwen21"
+    title = ("one denoising step, Qwen-Image 2.1 architecture (diffusers' default config, random weights), kept "
+             "condition tokens in the joint sequence")
+    family = QWEN21
+    impl_names = ("sparsectx.enable (native attn)", "model on the compacted sequence", "keep all reference tokens",
+                  "no reference (limit)")
+    sizes = {
+        "full": dict(target_side=64, text=256, ref_side=64, refs=(1, 3), keeps=(0.25, 0.10, 0.05),
+                     quick=[(1, 0.10), (3, 0.10)], reps=3),
+        "tiny": dict(target_side=4, text=16, ref_side=4, refs=(1, 3), keeps=(0.25, 0.5), quick=[(3, 0.25)],
+                     reps=None),
+    }
+
+    def build(self, config, size: str, device: torch.device) -> Workload:
+        from . import qwen21
+
+        refs, keep = config
+        s = self.sizes[size]
+        dtype, gen = _dtype_for(device), _generator(device)
+        model = _cached_model(self.family, size, device, dtype)
+        channels, side, ref_side = model.config.in_channels, s["target_side"], s["ref_side"]
+        n_target, n_ref = side * side, ref_side * ref_side
+        target = _randn(gen, 1, n_target, channels, device=device, dtype=dtype)
+        ref_latents = _randn(gen, refs, n_ref, channels, device=device, dtype=dtype)
+        timestep = torch.full((1,), STEP_TIMESTEP, device=device, dtype=dtype)
+        scores = torch.rand(refs, n_ref, generator=gen, device=device)  # a random selector, per reference image
+        count = math.floor(keep * n_ref + 0.5)
+
+        def prompt(n_images):
+            """``(encoder_hidden_states, img_mask)`` of a prompt holding ``n_images`` condition images' slots."""
+            before = s["text"] - QWEN21_TEXT_BETWEEN * max(n_images - 1, 0)
+            row = [False] * (before // 2)
+            for i in range(n_images):
+                row += [True] * (n_ref // qwen21.SLOT_TOKENS) + [False] * (QWEN21_TEXT_BETWEEN if i < n_images - 1
+                                                                           else before - before // 2)
+            if not n_images:
+                row += [False] * (before - before // 2)
+            text = _randn(gen, 1, len(row), model.config.context_in_dim, device=device, dtype=dtype)
+            mask = torch.tensor(row + [True] * (n_target // qwen21.SLOT_TOKENS), device=device)[None]
+            return text, mask
+
+        prompts = {n: prompt(n) for n in (0, refs)}
+        shapes = {n: [[*[(1, ref_side, ref_side)] * n, (1, side, side)]] for n in (0, refs)}
+
+        def step(latents, n_images, kept=None):
+            text, mask = prompts[n_images]
+            kwargs = dict(hidden_states=latents, encoder_hidden_states=text, timestep=timestep,
+                          img_shapes=shapes[n_images], img_mask=mask, return_dict=False)
+            with torch.inference_mode():
+                out = model(**kwargs) if kept is None else qwen21.compacted_forward(model, kept, **kwargs)
+            return out[0][:, -n_target:]
+
+        every = torch.cat([ref_latents.reshape(1, -1, channels), target], 1)
+        rows = (_torch_topk_rows(scores, count) + n_ref * torch.arange(refs, device=device)[:, None]).flatten()
+        kept_rows = torch.cat([rows, torch.arange(refs * n_ref, refs * n_ref + n_target, device=device)]).cpu()
+        kept_latents = every.index_select(1, kept_rows.to(device))
+        full_step = lambda: step(every, refs)  # noqa: E731 - every reference token
+        shape = _step_shape(self.family, size, refs, keep, count, n_ref, n_target, s["text"], dtype)
+        impls = [
+            _enable_impl(model, full_step, scores, count, "native"),
+            Impl("model on the compacted sequence", lambda: step(kept_latents, refs, kept_rows),
+                 note="qwen21.compacted_forward given the kept rows: the compacted ideal"),
+            Impl("keep all reference tokens", full_step, comparable=False,
+                 note="100% kept (a different output by design)", shared_key=(self.name, refs, "all")),
+            Impl("no reference (limit)", lambda: step(target, 0), comparable=False,
+                 note="lower bound of any selection", shared_key=(self.name, "none")),
         ]
         return Workload(self.name, shape, impls, dtype, reps=s["reps"], track_memory=True,
                         passes=EndToEndCase.PASSES)
@@ -2389,11 +2482,12 @@ def _cudnn_forced(native: Impl, device: torch.device) -> Impl:
 
 CASES = {case.name: case for case in (AttentionCase(), CompactionCase(), BatchCase(), MaskedCase(), TrainingCase(),
                                       NormRopeCase(), RopeTablesCase(), EndToEndCase(), KontextEndToEndCase(),
-                                      QwenEndToEndCase(), Flux3EndToEndCase(), SelectionCase(), PipelineCase(),
+                                      QwenEndToEndCase(), Flux3EndToEndCase(), Qwen21EndToEndCase(), SelectionCase(),
+                                      PipelineCase(),
                                       KVCacheCase(), MixedBatchCase(), TrainStepCase())}
 # cases that build the cached model (released after them)
 MODEL_CASES = (EndToEndCase.name, KontextEndToEndCase.name, QwenEndToEndCase.name, Flux3EndToEndCase.name,
-               PipelineCase.name, KVCacheCase.name, MixedBatchCase.name, TrainStepCase.name)
+               Qwen21EndToEndCase.name, PipelineCase.name, KVCacheCase.name, MixedBatchCase.name, TrainStepCase.name)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -2807,6 +2901,9 @@ TARGETS = (
            "drop-in within 3% of the compacted ideal"),
     # the same step target on FLUX.3 (supported since 2026-12-03; the issue names the families before it)
     Target(5, "e2e_flux3", "sparsectx.enable (native attn)", "torch topk+sort+index_select + step", 1 / 1.03,
+           "drop-in within 3% of the compacted ideal"),
+    # and on Qwen-Image 2.1 (supported since 2026-12-03), against the model's forward on the compacted sequence
+    Target(5, "e2e_qwen21", "sparsectx.enable (native attn)", "model on the compacted sequence", 1 / 1.03,
            "drop-in within 3% of the compacted ideal"),
     Target(5, "kv", "sparsectx.enable + KV cache", "plain run, all references, no cache", KV_TARGET_SPEEDUP,
            "sparse + KV 4-step speed-up over the plain run"),
