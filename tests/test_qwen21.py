@@ -111,7 +111,7 @@ def _joint_keys(keep, kwargs):
     """bool ``[B, n_full]``: the joint rows each sample of the call ``kwargs`` keeps (text, the kept condition tokens
     ``keep [B, N]``, the target)."""
     rows = []
-    for sample in keep:
+    for sample in keep.cpu():
         kept = torch.cat([torch.nonzero(sample).flatten(), torch.arange(sum(N_REFS), N_IMAGES)])
         layout = qwen21.joint_layout(kwargs["img_mask"], kwargs["img_shapes"], kwargs["encoder_hidden_states"].shape[1],
                                      N_IMAGES, kept)
@@ -134,16 +134,18 @@ def _masked(model, keep, kwargs, **extra):
 
 
 def _assert_flash_criterion(out, masked, model, keep, kwargs, **extra):
-    """``out`` (dropped rows removed, fp32) is as close to the key-masked model in fp64 as the key-masked model in
-    fp32 is (at most twice its error, plus fp32 resolution)."""
+    """``out`` (dropped rows removed) is as close to the key-masked model in fp64 (on the CPU) as the key-masked model
+    ``masked`` in the same dtype is (at most twice its error, plus fp32 resolution)."""
     model64 = _build().double()
     model64.load_state_dict(model.state_dict())
-    kwargs64 = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-                for k, v in kwargs.items()}
-    extra64 = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-               for k, v in extra.items()}
+
+    def to64(values):
+        return {k: v.to("cpu", torch.float64 if v.is_floating_point() else v.dtype) if isinstance(v, torch.Tensor)
+                else v for k, v in values.items()}
+
+    kwargs64, extra64 = to64(kwargs), to64(extra)
     exact = _masked(model64, keep, kwargs64, **extra64)[:, -N_TARGET:]
-    error, native_error = ((x[:, -N_TARGET:].double() - exact).abs().max() for x in (out, masked))
+    error, native_error = ((x[:, -N_TARGET:].cpu().double() - exact).abs().max() for x in (out, masked))
     assert error <= 2 * native_error + 1e-6 * exact.abs().max(), (error, native_error)
 
 
@@ -209,6 +211,28 @@ def test_dropping_rows_equals_masking_keys(model, selector, padded, text_runs):
     assert dropped.shape == (2, sum(text_runs) + N_IMAGES, CHANNELS) and not dropped[:, :-N_TARGET].any()
     _assert_flash_criterion(dropped, masked, model, keep, kwargs)
     assert (dropped[:, -N_TARGET:] - _run(model, kwargs)[:, -N_TARGET:]).abs().max() > 1e-3  # dropping changed it
+
+
+def _check_bf16(device):
+    """In bf16: the drop-in's target rows are within twice the key-masked model's bf16 error of its fp64 result."""
+    model = _build().to(device, torch.bfloat16)
+    kwargs = {k: v.to(device, torch.bfloat16 if v.is_floating_point() else v.dtype) if isinstance(v, torch.Tensor)
+              else v for k, v in _inputs(padded=True, shared=True).items()}
+    sparsectx.enable(model, budget=0.5, selector="uniform")
+    dropped = _run(model, kwargs)
+    keep = sparsectx.last_selection(model).keep
+    sparsectx.disable(model)
+    assert dropped.dtype == torch.bfloat16 and not keep.all()
+    _assert_flash_criterion(dropped, _masked(model, keep, kwargs), model, keep, kwargs)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_dropping_rows_equals_masking_keys():
+    _check_bf16("cuda")
+
+
+def test_bf16_dropping_rows_equals_masking_keys_on_the_cpu():
+    _check_bf16("cpu")
 
 
 @pytest.mark.parametrize("padded", [False, True])
