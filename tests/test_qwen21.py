@@ -2,6 +2,7 @@
 models built from configs, fp32, CPU, offline. Qwen-Image 2.1 runs one joint sequence: the vision-language
 encoder's sequence with each image slot expanded to its 2x2 group of latent tokens (condition images interleaved
 with the text), the target appended last; attention is block-causal (q >= k, or one image block)."""
+import contextlib
 import importlib.util
 import math
 import sys
@@ -509,15 +510,10 @@ def test_the_transformer_sees_the_kept_tokens_and_the_cached_steps_the_target(pi
         [sum(PIPELINE_REFS) // 2] * (2 if "two images" in mode else 1)
 
 
-@pytest.mark.parametrize("mode", ["kv cache", "guided, padded prompt"])
-def test_the_sparse_pipeline_equals_masking_the_dropped_keys(pipe, mode):
-    """The pipeline with a budget equals the unpatched pipeline whose every attention masks the same tokens as keys
-    (each forward's joint layout: the guidance branches' prompts differ in length)."""
-    sparsectx.enable(pipe, budget=0.5, selector="uniform")
-    dropped = _call(pipe, mode)
-    keep = sparsectx.last_selection(pipe).keep[0]
-    sparsectx.disable(pipe)
-    transformer = pipe.transformer
+@contextlib.contextmanager
+def _masking_keys(transformer, keep):
+    """The unpatched ``transformer``'s every attention masks the condition tokens ``keep`` (bool ``[N]``) drops, as
+    keys, at each forward on that forward's joint layout (the guidance branches' prompts differ in length)."""
     processor = _KeyMasked(None)
 
     def keys_of_the_call(module, args, kwargs):
@@ -532,11 +528,23 @@ def test_the_sparse_pipeline_equals_masking_the_dropped_keys(pipe, mode):
     for block in transformer.transformer_blocks:
         block.attn.set_processor(processor)
     try:
-        masked = _call(pipe, mode)
+        yield
     finally:
         handle.remove()
         for block in transformer.transformer_blocks:
             block.attn.set_processor(q21.QwenImage21AttnProcessor())
+
+
+@pytest.mark.parametrize("mode", ["kv cache", "guided, padded prompt"])
+def test_the_sparse_pipeline_equals_masking_the_dropped_keys(pipe, mode):
+    """The pipeline with a budget equals the unpatched pipeline whose every attention masks the same tokens as keys
+    (each forward's joint layout: the guidance branches' prompts differ in length)."""
+    sparsectx.enable(pipe, budget=0.5, selector="uniform")
+    dropped = _call(pipe, mode)
+    keep = sparsectx.last_selection(pipe).keep[0]
+    sparsectx.disable(pipe)
+    with _masking_keys(pipe.transformer, keep):
+        masked = _call(pipe, mode)
     torch.testing.assert_close(dropped, masked, rtol=0, atol=1e-5)
     assert (dropped - _call(pipe, mode)).abs().max() > 1e-3
 
@@ -572,3 +580,47 @@ def test_a_cached_step_on_a_cache_of_another_selection_is_refused(model):
     _run(model, second, kv_cache=second_cache, kv_cache_mode="extract", attention_kwargs={"sparsectx": {"budget": 2}})
     with pytest.raises(ValueError, match="the KV cache holds"):
         _run(model, second, kv_cache=first_cache, kv_cache_mode="cached", attention_kwargs={"sparsectx": {"budget": 2}})
+
+
+@pytest.mark.parametrize("enabled", ["pipeline", "transformer"])
+def test_the_modular_pipeline(enabled):
+    """diffusers' modular Qwen-Image 2.1 pipeline (``QwenImage21AutoBlocks``, a negative prompt: two forwards a
+    step, KV cache): keeping every token is the unpatched pipeline; a budget sends the kept tokens through the model
+    (the extract steps; the cached steps the target) and equals masking the dropped ones as keys; disable is bit-exact
+    and restores the pipeline's class."""
+    modular = pytest.importorskip("diffusers.modular_pipelines")
+    helpers = _pipeline_helpers()
+    components = helpers.tiny_qwen21_pipeline()
+    pipe = modular.QwenImage21AutoBlocks().init_pipeline()
+    pipe.update_components(guider=diffusers.ClassifierFreeGuidance(guidance_scale=4.0),  # (its default: disabled)
+                           **{name: getattr(components, name)
+                              for name in ("transformer", "vae", "text_encoder", "processor", "scheduler")})
+    model, images = components.transformer, helpers.ref_images(IMAGE_SIZES)
+    seen = _image_rows_seen(model)
+
+    def run():
+        seen.clear()
+        with torch.no_grad():
+            return pipe(prompt="a cat", negative_prompt="blurry", image=images, output_resolution=64,
+                        num_inference_steps=2, generator=torch.Generator().manual_seed(0), output="latents")
+
+    original_class = type(pipe)
+    expected = run()
+    full = sum(PIPELINE_REFS) + PIPELINE_TARGET
+    assert seen == [("extract", full)] * 2 + [("cached", full)] * 2  # diffusers embeds every row at each step
+    target = pipe if enabled == "pipeline" else model
+    sparsectx.enable(target, budget=1.0)
+    assert torch.equal(run(), expected)
+    sparsectx.enable(target, budget=0.5, selector="uniform")
+    try:
+        sparse = run()
+        keep = sparsectx.last_selection(target).keep[0]
+    finally:
+        sparsectx.disable(target)
+    kept = sum(PIPELINE_REFS) // 2 + PIPELINE_TARGET
+    assert seen == [("extract", kept)] * 2 + [("cached", PIPELINE_TARGET)] * 2
+    assert type(pipe) is original_class and "forward" not in model.__dict__
+    assert torch.equal(run(), expected)
+    with _masking_keys(model, keep):
+        torch.testing.assert_close(run(), sparse, rtol=0, atol=1e-5)
+    assert (sparse - expected).abs().max() > 1e-3
