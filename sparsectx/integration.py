@@ -939,6 +939,9 @@ class _Group:
     # FLUX: the kept rows of the plan's img_ids and their RoPE tables, made at the group's first forward and passed
     # to every later one (a step reuses the plan only if its img_ids equal the plan's)
     rope: Optional[RopeTablesMemo] = None
+    # Qwen-Image 2.1: the joint layouts of the group's forwards (qwen21.prepare), made at the first forward on each
+    # img_mask tensor (the two guidance branches: two) and reused by the later steps
+    joints: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -2142,7 +2145,7 @@ class _SparsePatch(ForwardPatch):
         from .qwen21 import compacted_forward
 
         call = {**call, "hidden_states": call["hidden_states"].index_select(1, group.positions)}
-        return compacted_forward(self.transformer, group.positions_host, **call)
+        return compacted_forward(self.transformer, group.positions_host, **call, memo=group.joints)
 
     def _run_qwen(self, call: dict, group: _Group):
         """Qwen-Image: RoPE and ``modulate_index`` come from ``img_shapes``. The references' shapes become

@@ -21,6 +21,7 @@ suite checks that it equals diffusers' forward when every token is kept.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import NamedTuple, Optional
 
 import torch
@@ -90,6 +91,54 @@ def _device(values: torch.Tensor, device) -> torch.Tensor:
     return values.to(device, non_blocking=True) if values.device != torch.device(device) else values
 
 
+class Prepared(NamedTuple):
+    """A forward's joint layout and what the forward takes from it, on the model's device."""
+
+    layout: JointLayout
+    rotary_emb: torch.Tensor  # RoPE rows of the kept sequence
+    vlm_text: torch.Tensor  # text rows of encoder_hidden_states
+    order: torch.Tensor  # the kept sequence as rows of [text rows, image rows]
+    text_rows: torch.Tensor  # text rows of the kept sequence
+    target: torch.Tensor  # bool: target rows of the kept sequence
+    image_ids: torch.Tensor  # image block of each kept row
+    segments: list  # the prefix's causal segments (diffusers' QwenImage21AttnProcessor)
+
+
+MAX_PREPARED = 4  # per memo: e.g. the two guidance branches' prompts of a pipeline call
+
+
+@_eager_under_compile  # host work (torch.compile of the whole model: not traced)
+def prepare(model, img_mask: torch.Tensor, img_shapes: list, n_text_embeds: int, n_images: int,
+            kept_images: Optional[torch.Tensor], device, memo: Optional[dict] = None) -> Prepared:
+    """The ``Prepared`` of a forward, from ``memo`` when it holds one for the very same ``img_mask`` tensor (unchanged
+    since: its version) and the same shapes and kept rows, else made (the host reads of ``joint_layout`` and of
+    diffusers' ``pos_embed``) and kept there. The steps of a pipeline call pass the same ``img_mask``: from the
+    second on, nothing is read back from the device."""
+    from diffusers.models.transformers.transformer_qwenimage21 import _qwenimage21_prefix_segments
+
+    key = None
+    if memo is not None and not img_mask.is_inference():  # (an inference tensor has no version: not memoised)
+        key = (id(img_mask), img_mask._version, repr(img_shapes[0]), n_text_embeds, n_images, str(device),
+               None if kept_images is None else kept_images.numpy().tobytes())
+        found = memo.get(key)
+        if found is not None and found[0]() is img_mask:
+            return found[1]
+    layout = joint_layout(img_mask, img_shapes, n_text_embeds, n_images, kept_images)
+    order = torch.empty(layout.keep.numel(), dtype=torch.long)
+    order[~layout.is_image] = torch.arange(layout.vlm_text.numel())
+    order[layout.is_image] = torch.arange(int(layout.is_image.sum())) + layout.vlm_text.numel()
+    rotary_emb = model.pos_embed(img_shapes[0], _device(layout.image_pad, device), device=device)
+    prepared = Prepared(layout, rotary_emb.index_select(0, _device(layout.keep, device)),
+                        *(_device(t, device) for t in (layout.vlm_text, order, layout.rows("text"), layout.target,
+                                                       layout.image_ids)),
+                        _qwenimage21_prefix_segments(layout.image_ids, layout.prefix_len))
+    if key is not None:
+        if len(memo) >= MAX_PREPARED:
+            memo.pop(next(iter(memo)))
+        memo[key] = (weakref.ref(img_mask), prepared)
+    return prepared
+
+
 def _lora_scaled(forward):
     """diffusers' LoRA scaling by ``attention_kwargs["scale"]``, as the model's own forward applies it."""
     from diffusers.utils.peft_utils import apply_lora_scale
@@ -102,11 +151,12 @@ def compacted_forward(model, kept_images: torch.Tensor, hidden_states: torch.Ten
                       encoder_hidden_states: torch.Tensor, timestep: torch.Tensor, img_shapes: list,
                       img_mask: torch.Tensor, encoder_hidden_states_mask: Optional[torch.Tensor] = None,
                       attention_kwargs: Optional[dict] = None, kv_cache=None, kv_cache_mode: Optional[str] = None,
-                      return_dict: bool = True):
+                      return_dict: bool = True, memo: Optional[dict] = None):
     """``model.forward`` with only the image rows ``kept_images`` (host long, sorted, over the full image sequence
     of ``img_shapes``) in the joint sequence: ``hidden_states`` holds those rows only. Returns what the model
     returns, its target rows computed on the kept sequence: ``[B, n_full, C]`` with the target rows (the last) and
-    zeros elsewhere (pipelines read the target rows only); the cached steps: the target rows, as the model."""
+    zeros elsewhere (pipelines read the target rows only); the cached steps: the target rows, as the model.
+    ``memo``: a dict kept across the forwards on these kept rows (``prepare``)."""
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
     from diffusers.models.transformers import transformer_qwenimage21 as q21
 
@@ -116,27 +166,30 @@ def compacted_forward(model, kept_images: torch.Tensor, hidden_states: torch.Ten
         raise ValueError(f"kv_cache_mode must be 'extract' or 'cached' with a kv_cache, got {kv_cache_mode!r}")
     if kv_cache is None and kv_cache_mode is not None:
         raise ValueError(f"kv_cache_mode is {kv_cache_mode!r} but no kv_cache was passed")
+    if kept_images is not None and (kept_images.device.type != "cpu" or kept_images.dtype != torch.long):
+        raise ValueError(f"kept_images must be a host (CPU) tensor of int64 row indices, got {kept_images.dtype} on "
+                         f"{kept_images.device}")
     batch, device = hidden_states.shape[0], hidden_states.device
     n_images = sum(math.prod(shape) for shape in img_shapes[0])
-    layout = joint_layout(img_mask, img_shapes, encoder_hidden_states.shape[1], n_images, kept_images)
+    prepared = prepare(model, img_mask, img_shapes, encoder_hidden_states.shape[1], n_images, kept_images, device,
+                       memo)
+    layout, target = prepared.layout, prepared.target
+    if hidden_states.shape[1] != layout.keep.numel() - layout.vlm_text.numel():
+        raise ValueError(f"hidden_states has {hidden_states.shape[1]} rows but kept_images names "
+                         f"{layout.keep.numel() - layout.vlm_text.numel()}")
     prefix_len = layout.prefix_len
     cached_step = kv_cache_mode == "cached"
-    rotary_emb = model.pos_embed(img_shapes[0], _device(layout.image_pad, device), device=device)
     if cached_step:  # the target's rows only (the prefix is in the cache)
         images = model.img_in(hidden_states[:, hidden_states.shape[1] - layout.n_target:])
-        joint, rotary_emb = images, rotary_emb[layout.n_full - layout.n_target:]
+        joint, rotary_emb = images, prepared.rotary_emb[prefix_len:]
     else:  # the kept joint sequence: the text rows of the encoder's sequence and the kept image rows, interleaved
         # in sequence order (one gather from [text rows, image rows])
-        text = model.txt_in(encoder_hidden_states).index_select(1, _device(layout.vlm_text, device))
+        text = model.txt_in(encoder_hidden_states).index_select(1, prepared.vlm_text)
         images = model.img_in(hidden_states)
-        order = torch.empty(layout.keep.numel(), dtype=torch.long)
-        order[~layout.is_image] = torch.arange(layout.vlm_text.numel())
-        order[layout.is_image] = torch.arange(images.shape[1]) + layout.vlm_text.numel()
-        joint = torch.cat([text, images], dim=1).index_select(1, _device(order, device))
-        rotary_emb = rotary_emb.index_select(0, _device(layout.keep, device))
+        joint = torch.cat([text, images], dim=1).index_select(1, prepared.order)
+        rotary_emb = prepared.rotary_emb
 
     timestep = timestep.to(images.dtype)
-    target = _device(layout.target, device)
     if model.config.causal_condition:  # text and condition rows modulate from an extra t = 0 row
         timestep = torch.cat([timestep, timestep.new_zeros(1)], dim=0)
         modulation_mask = target
@@ -148,8 +201,7 @@ def compacted_forward(model, kept_images: torch.Tensor, hidden_states: torch.Ten
     key_valid = None  # the prompt's padding, as keys of the kept sequence
     if encoder_hidden_states_mask is not None:
         key_valid = torch.ones(batch, layout.keep.numel(), dtype=torch.bool, device=device)
-        key_valid[:, _device(layout.rows("text"), device)] = \
-            encoder_hidden_states_mask.bool().index_select(1, _device(layout.vlm_text, device))
+        key_valid[:, prepared.text_rows] = encoder_hidden_states_mask.bool().index_select(1, prepared.vlm_text)
 
     if cached_step:  # the target's queries against the cached (kept) prefix
         cached = kv_cache.get_layer(0).k
@@ -163,8 +215,8 @@ def compacted_forward(model, kept_images: torch.Tensor, hidden_states: torch.Ten
         processors = [block.attn.processor for block in model.transformer_blocks]
         flex = [isinstance(p, q21.QwenImage21FlexAttnProcessor) for p in processors]
         attention_mask = q21.build_qwenimage21_block_causal_mask(
-            _device(layout.image_ids, device), key_valid, batch, device) if any(flex) else None
-        segments = None if all(flex) else q21._qwenimage21_prefix_segments(layout.image_ids, prefix_len)
+            prepared.image_ids, key_valid, batch, device) if any(flex) else None
+        segments = None if all(flex) else prepared.segments
         cache_write_slice = slice(0, prefix_len) if kv_cache_mode == "extract" else None
         block_key_valid = key_valid
 

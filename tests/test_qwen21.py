@@ -18,6 +18,7 @@ from diffusers.models.transformers import transformer_qwenimage21 as q21  # noqa
 
 import sparsectx  # noqa: E402
 from sparsectx import integration, qwen21  # noqa: E402
+from sparsectx.diagnostics import count_host_reads  # noqa: E402
 
 HEADS, HEAD_DIM = 2, 16
 TEXT_DIM, CHANNELS = 24, 8
@@ -259,6 +260,39 @@ def test_the_kv_cache_holds_the_kept_prefix_and_the_cached_steps_attend_to_it(mo
     _masked(model, keep, kwargs, kv_cache=theirs, kv_cache_mode="extract")
     masked = _masked(model, keep, later, kv_cache=theirs, kv_cache_mode="cached")
     _assert_flash_criterion(cached, masked, model, keep, later)
+
+
+def test_later_steps_read_the_host_once_and_cached_steps_never(model):
+    """The first step reads the layout and selects; a later step reads the host once (the plan's check: diffusers'
+    own forward reads it several times, its joint layout and RoPE table are made once per img_mask here), a
+    KV-cached step not at all. An img_mask written in place is read again."""
+    kwargs = _inputs(padded=True, shared=True)
+    later = {**kwargs, "timestep": kwargs["timestep"] * 0.5}
+    with count_host_reads() as plain:
+        _run(model, kwargs)
+    sparsectx.enable(model, budget=0.5, selector=random_selector, seed=0)
+    with count_host_reads() as first:
+        out_first = _run(model, kwargs)
+    with count_host_reads() as step:
+        out_later = _run(model, later)
+    assert step.count == 1 < plain.count < first.count, (step.ops, plain.ops)
+    kwargs["img_mask"] = kwargs["img_mask"].clone()  # another tensor of the same values
+    with count_host_reads() as new_mask:
+        out = _run(model, kwargs)
+    assert torch.equal(out, out_first)
+    with count_host_reads() as same_mask:
+        _run(model, kwargs)
+    kwargs["img_mask"].copy_(kwargs["img_mask"].clone())  # written in place
+    with count_host_reads() as written:
+        out = _run(model, kwargs)
+    assert torch.equal(out, out_first)
+    assert same_mask.count == 1 < new_mask.count and written.count > 1, (same_mask.ops, new_mask.ops, written.ops)
+    cache, later = q21.QwenImage21KVCache(2), {**kwargs, "timestep": kwargs["timestep"] * 0.5}
+    _run(model, kwargs, kv_cache=cache, kv_cache_mode="extract")
+    with count_host_reads() as cached:
+        out_cached = _run(model, later, kv_cache=cache, kv_cache_mode="cached")
+    assert cached.count == 0, cached.ops
+    torch.testing.assert_close(out_cached, out_later[:, -N_TARGET:], rtol=0, atol=1e-5)
 
 
 def test_mixed_budgets_equal_each_sample_alone(model):
