@@ -1462,6 +1462,9 @@ class _SparsePatch(ForwardPatch):
         # between a forward and its backward)
         self.recent = RecentForwards()
         self.training_forwards = 0  # training forwards so far: each one's plan key holds its number (a new draw)
+        # Qwen-Image 2.1: each KV cache an extract step filled -> that step's plan (its cached steps attend to the
+        # tokens it kept, whatever plans came since: another selection, enable again, new prompt tensors)
+        self.extracted = weakref.WeakKeyDictionary()
 
     @property
     def cache(self) -> Optional[_Plan]:
@@ -1591,10 +1594,11 @@ class _SparsePatch(ForwardPatch):
             return self._run_plan(call, plan, packable)
 
     def _run_plan(self, call: dict, plan: _Plan, packable: bool):
-        if self.family == QWEN21 and plan.reports is not None and plan.reports.groups:
-            # a KV-cached step whose references are still in the sequence: the target's queries against the cache
-            # of the tokens its extract step kept (one group: the extract step makes one cache for the batch)
-            return self._run_group(call, plan.reports.groups[0])
+        if self.family == QWEN21 and call.get("kv_cache") is not None:
+            if call.get("kv_cache_mode") == KV_CACHED:
+                return self._run_qwen21_cached(call, plan)
+            if call.get("kv_cache_mode") == KV_EXTRACT:
+                self.extracted[call["kv_cache"]] = plan
         if not plan.groups:  # no reference tokens (text-to-image, a KV-cached step), or every token kept
             with self._rope_tables():
                 return self.original_forward(**call)
@@ -1887,6 +1891,10 @@ class _SparsePatch(ForwardPatch):
             if call.get(name) is not None:
                 raise ValueError(f"sparsectx does not support {name} (ControlNet residuals are laid out for the "
                                  "full image sequence)")
+        if self.family == QWEN21 and call.get("kv_cache") is not None and \
+                not self.transformer.config.causal_condition:
+            raise ValueError("kv_cache requires the model's causal_condition=True (diffusers' rule: the prefix is "
+                             "step-independent only when text and condition tokens modulate from t = 0)")
         if self.family == FLUX3 and call[self.reference_arg].shape[1] != layout.ref_positions.numel():
             raise ValueError(f"image_cond_hidden_states holds {call[self.reference_arg].shape[1]} reference tokens "
                              f"but image_cond_ids {layout.ref_positions.numel()}")
@@ -2146,6 +2154,28 @@ class _SparsePatch(ForwardPatch):
 
         call = {**call, "hidden_states": call["hidden_states"].index_select(1, group.positions)}
         return compacted_forward(self.transformer, group.positions_host, **call, memo=group.joints)
+
+    def _run_qwen21_cached(self, call: dict, plan: _Plan):
+        """Qwen-Image 2.1's KV-cached step (its references still in the sequence): the target's queries against the
+        cache of the tokens its extract step kept (one group: one cache for the batch), which is what
+        ``last_selection`` reports. A cache no extract step of this patch filled: diffusers' forward if it holds
+        every prefix token, else ``ValueError``."""
+        extract = self.extracted.get(call["kv_cache"])
+        if extract is not None:
+            plan.reports = extract if extract.keep is not None else None
+            return self._run_group(call, extract.groups[0]) if extract.groups else self.original_forward(**call)
+        cached = call["kv_cache"].get_layer(0).k  # (None: not filled, diffusers' forward says so)
+        if cached is not None:
+            from .qwen21 import joint_layout
+
+            full = joint_layout(call["img_mask"], call["img_shapes"], call["encoder_hidden_states"].shape[1],
+                                call["hidden_states"].shape[1]).prefix_len
+            if cached.shape[1] != full:
+                raise ValueError(f"kv_cache holds {cached.shape[1]} prefix tokens of {full}: it was filled by an "
+                                 "extract step that dropped tokens, which this transformer's sparsectx patch did not "
+                                 "run (sparsectx was disabled, or the transformer's patch replaced, since); run the "
+                                 "extract step again")
+        return self.original_forward(**call)
 
     def _run_qwen(self, call: dict, group: _Group):
         """Qwen-Image: RoPE and ``modulate_index`` come from ``img_shapes``. The references' shapes become

@@ -846,7 +846,9 @@ def qwen21_probe_qk(attn, hidden_states, rotary_emb, text_rows, target_rows, ref
     def project(rows, linear, norm):
         out = linear(hidden_states[:, rows]).unflatten(-1, (-1, head_dim))
         out = norm(out).to(out.dtype)
-        return out if rotary_emb is None else apply_rotary_emb_qwen(out, rotary_emb[rows], use_real=False)
+        if rotary_emb is None or out.shape[1] == 0:  # (no such row, e.g. a prompt of image slots only)
+            return out
+        return apply_rotary_emb_qwen(out, rotary_emb[rows], use_real=False)
 
     return (project(text_rows, attn.to_q, attn.norm_q), project(target_rows, attn.to_q, attn.norm_q),
             project(ref_rows, attn.to_k, attn.norm_k))

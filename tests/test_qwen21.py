@@ -604,16 +604,90 @@ def test_the_probe_selectors_run_in_the_pipeline(pipe, selector):
         [("extract", 8 + PIPELINE_TARGET)] * 2 + [("cached", PIPELINE_TARGET)] * 2
 
 
-def test_a_cached_step_on_a_cache_of_another_selection_is_refused(model):
-    """A cached step keeps what its call's extract step kept: a cache extracted under another selection (another
-    prompt's call, another budget) holds other prefix rows, refused by name."""
+def test_a_cached_step_attends_to_what_its_extract_step_kept(model):
+    """The cached steps find the selection by the cache their extract step filled: another extract (another budget)
+    on the same prompt tensors since, or new prompt tensors of the same values, change nothing; ``last_selection``
+    reports the cache's selection. (A padded text position between the images: the mask's rows follow the
+    selection's per-image counts.)"""
+    kwargs = _inputs(padded=True, shared=True)
+    kwargs["encoder_hidden_states"] = kwargs["encoder_hidden_states"][:1].expand(2, -1, -1).contiguous()
+    kwargs["encoder_hidden_states_mask"][:, TEXT_RUNS[0] + N_REFS[0] // 4] = False
+    later = {**kwargs, "timestep": kwargs["timestep"] * 0.5}
+    sparsectx.enable(model, budget=[4, 2], selector="uniform")
+    first, second = q21.QwenImage21KVCache(2), q21.QwenImage21KVCache(2)
+    _run(model, kwargs, kv_cache=first, kv_cache_mode="extract")
+    keep = sparsectx.last_selection(model).keep
+    _run(model, kwargs, kv_cache=second, kv_cache_mode="extract", attention_kwargs={"sparsectx": {"budget": [2, 4]}})
+    assert not torch.equal(sparsectx.last_selection(model).keep, keep)
+    cached = _run(model, later, kv_cache=first, kv_cache_mode="cached")
+    assert torch.equal(sparsectx.last_selection(model).keep, keep)
+    new_tensors = {**later, "encoder_hidden_states": later["encoder_hidden_states"].clone(),
+                   "encoder_hidden_states_mask": later["encoder_hidden_states_mask"].clone()}
+    assert torch.equal(_run(model, new_tensors, kv_cache=first, kv_cache_mode="cached"), cached)
+    sparsectx.enable(model, budget=0.25)  # (enabled again: new settings for the next selection, not this cache's)
+    assert torch.equal(_run(model, later, kv_cache=first, kv_cache_mode="cached"), cached)
+    sparsectx.disable(model)
+    theirs = q21.QwenImage21KVCache(2)
+    _masked(model, keep, kwargs, kv_cache=theirs, kv_cache_mode="extract")
+    masked = _masked(model, keep, later, kv_cache=theirs, kv_cache_mode="cached")
+    _assert_flash_criterion(cached, masked, model, keep, later)
+
+
+def test_a_cache_the_patch_did_not_fill(model):
+    """A cache of every prefix token (filled before enable) serves a cached step as diffusers' forward does; one of
+    the kept tokens filled under an earlier enable (disabled since) is refused by name."""
+    kwargs = _inputs(padded=True, shared=True)
+    later = {**kwargs, "timestep": kwargs["timestep"] * 0.5}
+    full = q21.QwenImage21KVCache(2)
+    _run(model, kwargs, kv_cache=full, kv_cache_mode="extract")
+    expected = _run(model, later, kv_cache=full, kv_cache_mode="cached")
     sparsectx.enable(model, budget=0.5, selector="uniform")
-    first, second = _inputs(shared=True), _inputs(shared=True, seed=2)
-    first_cache, second_cache = q21.QwenImage21KVCache(2), q21.QwenImage21KVCache(2)
-    _run(model, first, kv_cache=first_cache, kv_cache_mode="extract")
-    _run(model, second, kv_cache=second_cache, kv_cache_mode="extract", attention_kwargs={"sparsectx": {"budget": 2}})
-    with pytest.raises(ValueError, match="the KV cache holds"):
-        _run(model, second, kv_cache=first_cache, kv_cache_mode="cached", attention_kwargs={"sparsectx": {"budget": 2}})
+    assert torch.equal(_run(model, later, kv_cache=full, kv_cache_mode="cached"), expected)
+    kept = q21.QwenImage21KVCache(2)
+    _run(model, kwargs, kv_cache=kept, kv_cache_mode="extract")
+    sparsectx.disable(model)
+    sparsectx.enable(model, budget=0.5, selector="uniform")
+    with pytest.raises(ValueError, match="kv_cache holds"):
+        _run(model, later, kv_cache=kept, kv_cache_mode="cached")
+
+
+def test_enabling_again_inside_a_pipeline_call_keeps_the_caches_selection(pipe):
+    """A step-end callback enabling the pipeline again (another budget) after the KV extract step: the cached steps
+    still attend to the tokens the extract step kept (padded prompt: their mask follows that selection)."""
+    sparsectx.enable(pipe, budget=0.5, selector="uniform")
+    expected = _call(pipe, "guided, padded prompt", num_inference_steps=3)
+
+    def enable_again(pipeline, step, timestep, tensors):
+        if step == 0:
+            sparsectx.enable(pipe, budget=0.25, selector="uniform")
+        return {}
+
+    sparsectx.enable(pipe, budget=0.5, selector="uniform")
+    out = _call(pipe, "guided, padded prompt", num_inference_steps=3, callback_on_step_end=enable_again)
+    assert torch.equal(out, expected)
+
+
+def test_kv_cache_on_a_model_without_causal_condition_is_refused_by_name():
+    model = _build(causal_condition=False)
+    sparsectx.enable(model, budget=[[0.25], [0.75]], selector="uniform")
+    try:
+        with pytest.raises(ValueError, match="causal_condition"):
+            _run(model, _inputs(), kv_cache=q21.QwenImage21KVCache(2), kv_cache_mode="extract")
+    finally:
+        sparsectx.disable(model)
+
+
+@pytest.mark.parametrize("selector", ["attention", "subject", "edit"])
+def test_probe_selectors_on_a_prompt_of_image_slots_only(model, selector):
+    """No text row (the prompt holds the condition images' slots only): the probe has no text queries, and the
+    selection still equals masking the dropped tokens as keys."""
+    kwargs = _inputs(text_runs=(0, 0, 0), shared=True)
+    sparsectx.enable(model, budget=3, selector=selector)
+    dropped = _run(model, kwargs)
+    keep = sparsectx.last_selection(model).keep
+    sparsectx.disable(model)
+    assert [int(part.sum()) for part in keep[0].split(N_REFS)] == [3, 3]
+    _assert_flash_criterion(dropped, _masked(model, keep, kwargs), model, keep, kwargs)
 
 
 @pytest.mark.parametrize("enabled", ["pipeline", "transformer"])
