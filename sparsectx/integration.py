@@ -83,8 +83,8 @@ expected to be slower at both ends; it would only pay if the selection changed f
 not here. It exists at the processor level for comparison (a layer cache's ``kept_index``, read by the sparsectx KV
 processors; ``sparsectx bench --case kv`` measures both).
 
-Not supported (clear errors): context and tensor parallelism (``_parallel_config``), ControlNet residuals, and in
-the KV extract step, samples of one batch keeping different tokens.
+Not supported (clear errors): context and tensor parallelism (``_parallel_config``), ControlNet residuals, in the
+KV extract step samples of one batch keeping different tokens, and Qwen-Image 2.1 with ``attention="sparsectx"``.
 """
 from __future__ import annotations
 

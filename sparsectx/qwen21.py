@@ -54,7 +54,6 @@ class JointLayout(NamedTuple):
         return torch.nonzero(mask).flatten()
 
 
-@_eager_under_compile  # host work (torch.compile of the whole model: not traced)
 def joint_layout(img_mask: torch.Tensor, img_shapes: list, n_text_embeds: int, n_images: int,
                  kept_images: Optional[torch.Tensor] = None) -> JointLayout:
     """The joint layout of a forward whose image sequence (``hidden_states``, ``n_images`` rows) keeps the rows
