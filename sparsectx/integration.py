@@ -84,7 +84,8 @@ not here. It exists at the processor level for comparison (a layer cache's ``kep
 processors; ``sparsectx bench --case kv`` measures both).
 
 Not supported (clear errors): context and tensor parallelism (``_parallel_config``), ControlNet residuals, in the
-KV extract step samples of one batch keeping different tokens, and Qwen-Image 2.1 with ``attention="sparsectx"``.
+KV extract step (FLUX.2 klein) samples of one batch keeping different tokens, and Qwen-Image 2.1 with
+``attention="sparsectx"``.
 """
 from __future__ import annotations
 
@@ -1462,8 +1463,9 @@ class _SparsePatch(ForwardPatch):
         # between a forward and its backward)
         self.recent = RecentForwards()
         self.training_forwards = 0  # training forwards so far: each one's plan key holds its number (a new draw)
-        # Qwen-Image 2.1: each KV cache an extract step filled -> that step's plan (its cached steps attend to the
-        # tokens it kept, whatever plans came since: another selection, enable again, new prompt tensors)
+        # Qwen-Image 2.1: each KV cache an extract step filled -> (that step's plan, None or each group's own cache):
+        # its cached steps attend to the tokens it kept, whatever plans came since (another selection, enable again,
+        # new prompt tensors)
         self.extracted = weakref.WeakKeyDictionary()
 
     @property
@@ -1578,6 +1580,7 @@ class _SparsePatch(ForwardPatch):
             # past dynamo's limit new ones ran eagerly; each group's forward is compiled on its own now (and the
             # merge of the groups' rows, a loop over them too, runs as it is)
             _skip_under_dynamo(_SparsePatch._run_plan)
+            _skip_under_dynamo(_SparsePatch._run_groups)
             _skip_under_dynamo(_SparsePatch._merge)
             _SparsePatch.host_frames_skipped = True
         call = self.bind(args, kwargs)
@@ -1598,18 +1601,24 @@ class _SparsePatch(ForwardPatch):
             if call.get("kv_cache_mode") == KV_CACHED:
                 return self._run_qwen21_cached(call, plan)
             if call.get("kv_cache_mode") == KV_EXTRACT:
-                self.extracted[call["kv_cache"]] = plan
-        if not plan.groups:  # no reference tokens (text-to-image, a KV-cached step), or every token kept
-            with self._rope_tables():
-                return self.original_forward(**call)
+                return self._run_qwen21_extract(call, plan)
         # a packed sequence needs sparsectx's processors in every layer (other processors would attend across the
         # samples): processors set since are replaced first (a walk over the modules), else each group runs alone
-        if packable and not self._per_sample_extras(call) and self._reinstall_replaced_processors():
+        if plan.groups and packable and not self._per_sample_extras(call) and self._reinstall_replaced_processors():
             return self._run_packed(call, plan.packing)
+        return self._run_groups(call, plan)
+
+    def _run_groups(self, call: dict, plan: _Plan, caches: Optional[list] = None):
+        """Each group's forward, merged (``caches``: Qwen-Image 2.1's KV cache of each group); the original forward
+        where the plan has no group (no reference tokens: text-to-image, a KV-cached step; or every token kept)."""
+        if not plan.groups:
+            with self._rope_tables():
+                return self.original_forward(**call)
         if len(plan.groups) > 1 and not plan.hooks_checked:  # (a walk over the modules: once per plan)
             _check_no_stateful_hooks(self.transformer, len(plan.groups))
             plan.hooks_checked = True
-        results = [self._run_group(call, group) for group in plan.groups]
+        results = [self._run_group(call if caches is None else {**call, "kv_cache": cache}, group)
+                   for group, cache in zip(plan.groups, caches or itertools.repeat(None))]
         return self._merge(call, plan, results)
 
     def _per_sample_extras(self, call: dict) -> bool:
@@ -1929,10 +1938,10 @@ class _SparsePatch(ForwardPatch):
         budget = budget_for_batch(budget, batch)  # a budget object's per-request tensor settings over the batch
         seed = self.settings.seed if self.settings.seed is not None else self.call_seed
         # one generator per image (diffusers' per-image seeds): a sample draws what its request would draw alone;
-        # a list of another length than the batch, or a KV-cache extract step (one cache for the batch: every sample
-        # keeps the same tokens), seeds every sample with the first generator's seed
+        # a list of another length than the batch, or FLUX.2's KV-cache extract step (one cache for the batch: every
+        # sample keeps the same tokens), seeds every sample with the first generator's seed
         sample_seeds = seed if (isinstance(seed, tuple) and len(seed) == batch and selector.reads_generator
-                                and call.get("kv_cache_mode") != KV_EXTRACT) else None
+                                and (call.get("kv_cache_mode") != KV_EXTRACT or self.family == QWEN21)) else None
         seed = seed[0] if isinstance(seed, tuple) else seed
 
         def select(shared: bool) -> tuple:
@@ -2014,7 +2023,7 @@ class _SparsePatch(ForwardPatch):
         seq = call[self.reference_arg].shape[1]
         target, refs = layout.target_host, layout.ref_host
         masks, inverse = torch.unique(keep_host, dim=0, return_inverse=True)
-        if masks.shape[0] > 1 and call.get("kv_cache_mode") == KV_EXTRACT:
+        if masks.shape[0] > 1 and call.get("kv_cache_mode") == KV_EXTRACT and self.family != QWEN21:
             raise ValueError("the KV-cache extract step needs every sample of the batch to keep the same reference "
                              "tokens (one cache for the batch), but they keep different ones: per-request budgets, "
                              "or a selector reading each sample's own prompt or signals; use one budget and one "
@@ -2155,15 +2164,29 @@ class _SparsePatch(ForwardPatch):
         call = {**call, "hidden_states": call["hidden_states"].index_select(1, group.positions)}
         return compacted_forward(self.transformer, group.positions_host, **call, memo=group.joints)
 
+    def _run_qwen21_extract(self, call: dict, plan: _Plan):
+        """Qwen-Image 2.1's KV extract step: the plan is kept for the cache it fills (``extracted``). Samples that
+        keep different tokens run as groups, each filling a cache of its own (kept beside the plan: the pipeline's
+        one cache object serves one sequence layout)."""
+        if len(plan.groups) <= 1:
+            self.extracted[call["kv_cache"]] = (plan, None)
+            return self._run_groups(call, plan)
+        from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21KVCache
+
+        caches = [QwenImage21KVCache(len(self.transformer.transformer_blocks)) for _ in plan.groups]
+        self.extracted[call["kv_cache"]] = (plan, caches)
+        return self._run_groups(call, plan, caches)
+
     def _run_qwen21_cached(self, call: dict, plan: _Plan):
         """Qwen-Image 2.1's KV-cached step (its references still in the sequence): the target's queries against the
-        cache of the tokens its extract step kept (one group: one cache for the batch), which is what
+        caches of the tokens its extract step kept (the call's cache; several groups: each its own), which is what
         ``last_selection`` reports. A cache no extract step of this patch filled: diffusers' forward if it holds
         every prefix token, else ``ValueError``."""
-        extract = self.extracted.get(call["kv_cache"])
-        if extract is not None:
+        found = self.extracted.get(call["kv_cache"])
+        if found is not None:
+            extract, caches = found
             plan.reports = extract if extract.keep is not None else None
-            return self._run_group(call, extract.groups[0]) if extract.groups else self.original_forward(**call)
+            return self._run_groups(call, extract, caches) if extract.groups else self.original_forward(**call)
         cached = call["kv_cache"].get_layer(0).k  # (None: not filled, diffusers' forward says so)
         if cached is not None:
             from .qwen21 import joint_layout
@@ -2227,7 +2250,7 @@ class _SparsePatch(ForwardPatch):
     # -- outputs back to the input's layout ----------------------------------------------------------------------
     def _merge(self, call: dict, plan: _Plan, results: list):
         first = results[0]
-        if call.get("kv_cache_mode") == KV_EXTRACT:  # the transformer returns the target rows only (one group)
+        if call.get("kv_cache_mode") == KV_EXTRACT and self.family == FLUX2:  # the target rows only (one group)
             return first
         if self.family in (FLUX3, QWEN21):  # each group's output is whole (FLUX.3: the target rows; Qwen-Image 2.1:
             # the joint sequence's, its target rows written): samples back in batch order

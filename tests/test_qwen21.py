@@ -262,6 +262,63 @@ def test_the_kv_cache_holds_the_kept_prefix_and_the_cached_steps_attend_to_it(mo
     _assert_flash_criterion(cached, masked, model, keep, later)
 
 
+def test_a_cached_step_attends_to_what_its_extract_step_kept(model):
+    """The cached steps find the selection by the cache their extract step filled: another extract (another budget)
+    on the same prompt tensors since, or new prompt tensors of the same values, change nothing; ``last_selection``
+    reports the cache's selection. (A padded text position between the images: the mask's rows follow the
+    selection's per-image counts.)"""
+    kwargs = _inputs(padded=True, shared=True)
+    kwargs["encoder_hidden_states"] = kwargs["encoder_hidden_states"][:1].expand(2, -1, -1).contiguous()
+    kwargs["encoder_hidden_states_mask"][:, TEXT_RUNS[0] + N_REFS[0] // 4] = False
+    later = {**kwargs, "timestep": kwargs["timestep"] * 0.5}
+    sparsectx.enable(model, budget=[4, 2], selector="uniform")
+    first, second = q21.QwenImage21KVCache(2), q21.QwenImage21KVCache(2)
+    _run(model, kwargs, kv_cache=first, kv_cache_mode="extract")
+    keep = sparsectx.last_selection(model).keep
+    _run(model, kwargs, kv_cache=second, kv_cache_mode="extract", attention_kwargs={"sparsectx": {"budget": [2, 4]}})
+    assert not torch.equal(sparsectx.last_selection(model).keep, keep)
+    cached = _run(model, later, kv_cache=first, kv_cache_mode="cached")
+    assert torch.equal(sparsectx.last_selection(model).keep, keep)
+    new_tensors = {**later, "encoder_hidden_states": later["encoder_hidden_states"].clone(),
+                   "encoder_hidden_states_mask": later["encoder_hidden_states_mask"].clone()}
+    assert torch.equal(_run(model, new_tensors, kv_cache=first, kv_cache_mode="cached"), cached)
+    sparsectx.enable(model, budget=0.25)  # (enabled again: new settings for the next selection, not this cache's)
+    assert torch.equal(_run(model, later, kv_cache=first, kv_cache_mode="cached"), cached)
+    sparsectx.disable(model)
+    theirs = q21.QwenImage21KVCache(2)
+    _masked(model, keep, kwargs, kv_cache=theirs, kv_cache_mode="extract")
+    masked = _masked(model, keep, later, kv_cache=theirs, kv_cache_mode="cached")
+    _assert_flash_criterion(cached, masked, model, keep, later)
+
+
+def test_a_cache_the_patch_did_not_fill(model):
+    """A cache of every prefix token (filled before enable) serves a cached step as diffusers' forward does; one of
+    the kept tokens filled under an earlier enable (disabled since) is refused by name."""
+    kwargs = _inputs(padded=True, shared=True)
+    later = {**kwargs, "timestep": kwargs["timestep"] * 0.5}
+    full = q21.QwenImage21KVCache(2)
+    _run(model, kwargs, kv_cache=full, kv_cache_mode="extract")
+    expected = _run(model, later, kv_cache=full, kv_cache_mode="cached")
+    sparsectx.enable(model, budget=0.5, selector="uniform")
+    assert torch.equal(_run(model, later, kv_cache=full, kv_cache_mode="cached"), expected)
+    kept = q21.QwenImage21KVCache(2)
+    _run(model, kwargs, kv_cache=kept, kv_cache_mode="extract")
+    sparsectx.disable(model)
+    sparsectx.enable(model, budget=0.5, selector="uniform")
+    with pytest.raises(ValueError, match="kv_cache holds"):
+        _run(model, later, kv_cache=kept, kv_cache_mode="cached")
+
+
+def test_kv_cache_on_a_model_without_causal_condition_is_refused_by_name():
+    model = _build(causal_condition=False)
+    sparsectx.enable(model, budget=[[0.25], [0.75]], selector="uniform")
+    try:
+        with pytest.raises(ValueError, match="causal_condition"):
+            _run(model, _inputs(), kv_cache=q21.QwenImage21KVCache(2), kv_cache_mode="extract")
+    finally:
+        sparsectx.disable(model)
+
+
 def test_later_steps_read_the_host_once_and_cached_steps_never(model):
     """The first step reads the layout and selects; a later step reads the host once (the plan's check: diffusers'
     own forward reads it several times, its joint layout and RoPE table are made once per img_mask here), a
@@ -306,6 +363,26 @@ def test_mixed_budgets_equal_each_sample_alone(model):
                                   for k, v in kwargs.items()}))
     torch.testing.assert_close(together, torch.cat(alone), rtol=0, atol=1e-6)
     assert not torch.equal(alone[0][0, -N_TARGET:], alone[1][0, -N_TARGET:])
+
+
+def test_mixed_budgets_under_the_kv_cache_fill_a_cache_per_group(model):
+    """Samples keeping different tokens under the KV cache: the extract step runs each group with a cache of its
+    own, the cached steps attend to their group's; every step equals the same step without a cache, and each sample
+    its request alone."""
+    kwargs = _inputs(padded=True, shared=True)
+    later = {**kwargs, "timestep": kwargs["timestep"] * 0.5}
+    budget = [[0.25], [0.75]]
+    sparsectx.enable(model, budget=budget, selector="uniform")
+    cache = q21.QwenImage21KVCache(2)
+    extract = _run(model, kwargs, kv_cache=cache, kv_cache_mode="extract")
+    cached = _run(model, later, kv_cache=cache, kv_cache_mode="cached")
+    assert cache.get_layer(0).k is None  # (the groups' own caches hold the prefixes)
+    torch.testing.assert_close(extract, _run(model, kwargs), rtol=0, atol=1e-6)
+    torch.testing.assert_close(cached, _run(model, later)[:, -N_TARGET:], rtol=0, atol=1e-5)
+    for b, request in enumerate(budget):
+        sparsectx.enable(model, budget=request, selector="uniform")
+        alone = {k: v[b:b + 1] if isinstance(v, (torch.Tensor, list)) else v for k, v in later.items()}
+        torch.testing.assert_close(cached[b:b + 1], _run(model, alone)[:, -N_TARGET:], rtol=0, atol=1e-5)
 
 
 def test_the_flex_processors_run_the_compacted_sequence_as_the_segment_processors():
@@ -412,6 +489,19 @@ def test_the_probe_leaves_the_kv_cache_to_the_step(model):
     assert cache.get_layer(0).k.shape[1] == sum(TEXT_RUNS) + 3 * len(REFS)
     cached = _run(model, later, kv_cache=cache, kv_cache_mode="cached")
     torch.testing.assert_close(cached, _run(model, later)[:, -N_TARGET:], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("selector", ["attention", "subject", "edit"])
+def test_probe_selectors_on_a_prompt_of_image_slots_only(model, selector):
+    """No text row (the prompt holds the condition images' slots only): the probe has no text queries, and the
+    selection still equals masking the dropped tokens as keys."""
+    kwargs = _inputs(text_runs=(0, 0, 0), shared=True)
+    sparsectx.enable(model, budget=3, selector=selector)
+    dropped = _run(model, kwargs)
+    keep = sparsectx.last_selection(model).keep
+    sparsectx.disable(model)
+    assert [int(part.sum()) for part in keep[0].split(N_REFS)] == [3, 3]
+    _assert_flash_criterion(dropped, _masked(model, keep, kwargs), model, keep, kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -583,6 +673,26 @@ def test_the_sparse_pipeline_equals_masking_the_dropped_keys(pipe, mode):
     assert (dropped - _call(pipe, mode)).abs().max() > 1e-3
 
 
+def test_requests_with_their_own_budgets_under_the_kv_cache(pipe):
+    """Two prompts, each request its own budget, the pipeline's default KV cache: each image equals its request
+    run alone (same noise), and the call equals the same call without the cache."""
+    helpers = _pipeline_helpers()
+    images, prompts, budget = helpers.ref_images(IMAGE_SIZES), ["a cat", "a red dog"], [[0.25], [0.75]]
+    noise = torch.randn(2, PIPELINE_TARGET, helpers.Z_DIM, generator=torch.Generator().manual_seed(5))
+    sparsectx.enable(pipe, budget=budget, selector="uniform")
+    with torch.no_grad():
+        together = helpers.run(pipe, images, prompt=prompts, latents=noise)
+        uncached = helpers.run(pipe, images, prompt=prompts, latents=noise, use_kv_cache=False)
+    torch.testing.assert_close(together, uncached, rtol=0, atol=1e-5)
+    # the second request alone (the longer prompt: in the batch the shorter one is padded, which moves its RoPE
+    # positions in diffusers' pipeline, unpatched too)
+    sparsectx.enable(pipe, budget=budget[1], selector="uniform")
+    with torch.no_grad():
+        alone = helpers.run(pipe, images, prompt=prompts[1], latents=noise[1:])
+    torch.testing.assert_close(together[1:], alone, rtol=0, atol=1e-5)
+    assert not torch.equal(together[0], together[1])
+
+
 def test_per_call_settings_through_the_pipelines_attention_kwargs(pipe):
     seen = _image_rows_seen(pipe.transformer)
     sparsectx.enable(pipe, budget=0.5, selector="uniform")
@@ -604,53 +714,6 @@ def test_the_probe_selectors_run_in_the_pipeline(pipe, selector):
         [("extract", 8 + PIPELINE_TARGET)] * 2 + [("cached", PIPELINE_TARGET)] * 2
 
 
-def test_a_cached_step_attends_to_what_its_extract_step_kept(model):
-    """The cached steps find the selection by the cache their extract step filled: another extract (another budget)
-    on the same prompt tensors since, or new prompt tensors of the same values, change nothing; ``last_selection``
-    reports the cache's selection. (A padded text position between the images: the mask's rows follow the
-    selection's per-image counts.)"""
-    kwargs = _inputs(padded=True, shared=True)
-    kwargs["encoder_hidden_states"] = kwargs["encoder_hidden_states"][:1].expand(2, -1, -1).contiguous()
-    kwargs["encoder_hidden_states_mask"][:, TEXT_RUNS[0] + N_REFS[0] // 4] = False
-    later = {**kwargs, "timestep": kwargs["timestep"] * 0.5}
-    sparsectx.enable(model, budget=[4, 2], selector="uniform")
-    first, second = q21.QwenImage21KVCache(2), q21.QwenImage21KVCache(2)
-    _run(model, kwargs, kv_cache=first, kv_cache_mode="extract")
-    keep = sparsectx.last_selection(model).keep
-    _run(model, kwargs, kv_cache=second, kv_cache_mode="extract", attention_kwargs={"sparsectx": {"budget": [2, 4]}})
-    assert not torch.equal(sparsectx.last_selection(model).keep, keep)
-    cached = _run(model, later, kv_cache=first, kv_cache_mode="cached")
-    assert torch.equal(sparsectx.last_selection(model).keep, keep)
-    new_tensors = {**later, "encoder_hidden_states": later["encoder_hidden_states"].clone(),
-                   "encoder_hidden_states_mask": later["encoder_hidden_states_mask"].clone()}
-    assert torch.equal(_run(model, new_tensors, kv_cache=first, kv_cache_mode="cached"), cached)
-    sparsectx.enable(model, budget=0.25)  # (enabled again: new settings for the next selection, not this cache's)
-    assert torch.equal(_run(model, later, kv_cache=first, kv_cache_mode="cached"), cached)
-    sparsectx.disable(model)
-    theirs = q21.QwenImage21KVCache(2)
-    _masked(model, keep, kwargs, kv_cache=theirs, kv_cache_mode="extract")
-    masked = _masked(model, keep, later, kv_cache=theirs, kv_cache_mode="cached")
-    _assert_flash_criterion(cached, masked, model, keep, later)
-
-
-def test_a_cache_the_patch_did_not_fill(model):
-    """A cache of every prefix token (filled before enable) serves a cached step as diffusers' forward does; one of
-    the kept tokens filled under an earlier enable (disabled since) is refused by name."""
-    kwargs = _inputs(padded=True, shared=True)
-    later = {**kwargs, "timestep": kwargs["timestep"] * 0.5}
-    full = q21.QwenImage21KVCache(2)
-    _run(model, kwargs, kv_cache=full, kv_cache_mode="extract")
-    expected = _run(model, later, kv_cache=full, kv_cache_mode="cached")
-    sparsectx.enable(model, budget=0.5, selector="uniform")
-    assert torch.equal(_run(model, later, kv_cache=full, kv_cache_mode="cached"), expected)
-    kept = q21.QwenImage21KVCache(2)
-    _run(model, kwargs, kv_cache=kept, kv_cache_mode="extract")
-    sparsectx.disable(model)
-    sparsectx.enable(model, budget=0.5, selector="uniform")
-    with pytest.raises(ValueError, match="kv_cache holds"):
-        _run(model, later, kv_cache=kept, kv_cache_mode="cached")
-
-
 def test_enabling_again_inside_a_pipeline_call_keeps_the_caches_selection(pipe):
     """A step-end callback enabling the pipeline again (another budget) after the KV extract step: the cached steps
     still attend to the tokens the extract step kept (padded prompt: their mask follows that selection)."""
@@ -665,29 +728,6 @@ def test_enabling_again_inside_a_pipeline_call_keeps_the_caches_selection(pipe):
     sparsectx.enable(pipe, budget=0.5, selector="uniform")
     out = _call(pipe, "guided, padded prompt", num_inference_steps=3, callback_on_step_end=enable_again)
     assert torch.equal(out, expected)
-
-
-def test_kv_cache_on_a_model_without_causal_condition_is_refused_by_name():
-    model = _build(causal_condition=False)
-    sparsectx.enable(model, budget=[[0.25], [0.75]], selector="uniform")
-    try:
-        with pytest.raises(ValueError, match="causal_condition"):
-            _run(model, _inputs(), kv_cache=q21.QwenImage21KVCache(2), kv_cache_mode="extract")
-    finally:
-        sparsectx.disable(model)
-
-
-@pytest.mark.parametrize("selector", ["attention", "subject", "edit"])
-def test_probe_selectors_on_a_prompt_of_image_slots_only(model, selector):
-    """No text row (the prompt holds the condition images' slots only): the probe has no text queries, and the
-    selection still equals masking the dropped tokens as keys."""
-    kwargs = _inputs(text_runs=(0, 0, 0), shared=True)
-    sparsectx.enable(model, budget=3, selector=selector)
-    dropped = _run(model, kwargs)
-    keep = sparsectx.last_selection(model).keep
-    sparsectx.disable(model)
-    assert [int(part.sum()) for part in keep[0].split(N_REFS)] == [3, 3]
-    _assert_flash_criterion(dropped, _masked(model, keep, kwargs), model, keep, kwargs)
 
 
 @pytest.mark.parametrize("enabled", ["pipeline", "transformer"])
