@@ -110,8 +110,9 @@ TRAIN_STEP_CAP_S=75
 KONTEXT_CAP_S=50
 # FLUX.3 step (diffusers' default config, 5.5B), --quick subset (1 ref x 10%, 3 refs x 10%); never run on a GPU
 FLUX3_CAP_S=50
-# Qwen-Image 2.1 step (diffusers' default config, 7.1B), --quick subset (1 ref x 10%, 3 refs x 10%); never run on a GPU
-QWEN21_CAP_S=50
+# Qwen-Image 2.1 step (diffusers' default config, 7.1B), --quick subset (1 ref x 10%, 3 refs x 10%), its uncached and
+# KV-cached steps (7 rows, each cached row after an extract step); never run on a GPU
+QWEN21_CAP_S=70
 # Qwen-Image-Edit-20B step, --quick subset (1 ref x 10%, 3 refs x 10%): a 20B model (41 GB in bf16) built on the GPU;
 # never run: by FACTS' step times (keep-all 0.41 / 1.04 s) about 25 s of steps, plus start-up, the model build and
 # the autotuning of sparsectx attention's shapes
