@@ -215,6 +215,15 @@ def test_dropping_rows_equals_masking_keys(model, selector, padded, text_runs):
     assert (dropped[:, -N_TARGET:] - _run(model, kwargs)[:, -N_TARGET:]).abs().max() > 1e-3  # dropping changed it
 
 
+def _assert_the_masked_models_cached_step(cached, model, keep, extract_kwargs, cached_kwargs):
+    """``cached`` (a cached step of the drop-in) meets the flash criterion against the unpatched model's cached step
+    with the tokens ``keep`` drops masked as keys, its cache filled by a masked extract step."""
+    theirs = q21.QwenImage21KVCache(2)
+    _masked(model, keep, extract_kwargs, kv_cache=theirs, kv_cache_mode="extract")
+    masked = _masked(model, keep, cached_kwargs, kv_cache=theirs, kv_cache_mode="cached")
+    _assert_flash_criterion(cached, masked, model, keep, cached_kwargs)
+
+
 def _check_bf16(device):
     """In bf16: the drop-in's target rows are within twice the key-masked model's bf16 error of its fp64 result."""
     model = _build().to(device, torch.bfloat16)
@@ -256,10 +265,7 @@ def test_the_kv_cache_holds_the_kept_prefix_and_the_cached_steps_attend_to_it(mo
     assert cached.shape == (2, N_TARGET, CHANNELS)
     torch.testing.assert_close(cached, uncached[:, -N_TARGET:], rtol=0, atol=1e-5)
     sparsectx.disable(model)
-    theirs = q21.QwenImage21KVCache(2)
-    _masked(model, keep, kwargs, kv_cache=theirs, kv_cache_mode="extract")
-    masked = _masked(model, keep, later, kv_cache=theirs, kv_cache_mode="cached")
-    _assert_flash_criterion(cached, masked, model, keep, later)
+    _assert_the_masked_models_cached_step(cached, model, keep, kwargs, later)
 
 
 def test_a_cached_step_attends_to_what_its_extract_step_kept(model):
@@ -285,10 +291,7 @@ def test_a_cached_step_attends_to_what_its_extract_step_kept(model):
     sparsectx.enable(model, budget=0.25)  # (enabled again: new settings for the next selection, not this cache's)
     assert torch.equal(_run(model, later, kv_cache=first, kv_cache_mode="cached"), cached)
     sparsectx.disable(model)
-    theirs = q21.QwenImage21KVCache(2)
-    _masked(model, keep, kwargs, kv_cache=theirs, kv_cache_mode="extract")
-    masked = _masked(model, keep, later, kv_cache=theirs, kv_cache_mode="cached")
-    _assert_flash_criterion(cached, masked, model, keep, later)
+    _assert_the_masked_models_cached_step(cached, model, keep, kwargs, later)
 
 
 def test_a_cache_the_patch_did_not_fill(model):
