@@ -31,7 +31,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -1205,16 +1205,40 @@ def _step_shape(family: ModelFamily, size: str, refs: int, keep: float, count: i
             f"{model} {str(dtype).replace('torch.', '')}")
 
 
+class _StepSetup(NamedTuple):
+    """What a model case's step is built from: its config, sizes, dtype and generator, and the family's model."""
+
+    refs: int
+    keep: float
+    spec: dict  # the size's entry of the case's ``sizes``
+    dtype: torch.dtype
+    gen: torch.Generator
+    model: torch.nn.Module
+    side: int  # the target's side in tokens ...
+    ref_side: int  # ... and each reference's
+    n_target: int
+    n_ref: int
+
+
 class _RefsKeepCase:
     """A model case whose configs are ``(references, keep ratio)`` pairs of its ``sizes``."""
 
     sizes: dict
+    family: "ModelFamily"
 
     def configs(self, size: str, quick: bool = False):
         return _refs_keep_configs(self.sizes[size], quick)
 
     def label(self, config) -> str:
         return _refs_keep_label(config)
+
+    def _step_setup(self, config, size: str, device: torch.device) -> _StepSetup:
+        refs, keep = config[:2]
+        spec = self.sizes[size]
+        dtype, gen = _dtype_for(device), _generator(device)
+        model = _cached_model(self.family, size, device, dtype)
+        side, ref_side = spec["target_side"], spec["ref_side"]
+        return _StepSetup(refs, keep, spec, dtype, gen, model, side, ref_side, side * side, ref_side * ref_side)
 
 
 # e2e breakdown rows that issue 6's drop-in line compares (``drop_in_selection_verdicts``)
@@ -1392,13 +1416,8 @@ class QwenEndToEndCase(_RefsKeepCase):
     }
 
     def build(self, config, size: str, device: torch.device) -> Workload:
-        refs, keep = config
-        s = self.sizes[size]
-        dtype, gen = _dtype_for(device), _generator(device)
-        model = _cached_model(self.family, size, device, dtype)
+        refs, keep, s, dtype, gen, model, side, ref_side, n_target, n_ref = self._step_setup(config, size, device)
         channels = model.config.in_channels
-        side, ref_side = s["target_side"], s["ref_side"]
-        n_target, n_ref = side * side, ref_side * ref_side
         target = _randn(gen, 1, n_target, channels, device=device, dtype=dtype)
         ref_latents = _randn(gen, refs, n_ref, channels, device=device, dtype=dtype)
         text = _randn(gen, 1, s["text"], model.config.joint_attention_dim, device=device, dtype=dtype)
@@ -1466,12 +1485,8 @@ class Flux3EndToEndCase(_RefsKeepCase):
     }
 
     def build(self, config, size: str, device: torch.device) -> Workload:
-        refs, keep = config
-        s = self.sizes[size]
-        dtype, gen = _dtype_for(device), _generator(device)
-        model = _cached_model(self.family, size, device, dtype)
-        channels, side, ref_side = model.config.in_channels, s["target_side"], s["ref_side"]
-        n_target, n_ref = side * side, ref_side * ref_side
+        refs, keep, s, dtype, gen, model, side, ref_side, n_target, n_ref = self._step_setup(config, size, device)
+        channels = model.config.in_channels
         x = dict(ref_latents=_randn(gen, refs, n_ref, model.config.cond_in_channels, device=device, dtype=dtype),
                  ref_ids=torch.stack([_flux3_ids(ref_side, -(i + 1), device) for i in range(refs)]))
         target = _randn(gen, 1, n_target, channels, device=device, dtype=dtype)
@@ -1544,12 +1559,8 @@ class Qwen21EndToEndCase(_RefsKeepCase):
     def build(self, config, size: str, device: torch.device) -> Workload:
         from . import qwen21
 
-        refs, keep = config
-        s = self.sizes[size]
-        dtype, gen = _dtype_for(device), _generator(device)
-        model = _cached_model(self.family, size, device, dtype)
-        channels, side, ref_side = model.config.in_channels, s["target_side"], s["ref_side"]
-        n_target, n_ref = side * side, ref_side * ref_side
+        refs, keep, s, dtype, gen, model, side, ref_side, n_target, n_ref = self._step_setup(config, size, device)
+        channels = model.config.in_channels
         target = _randn(gen, 1, n_target, channels, device=device, dtype=dtype)
         ref_latents = _randn(gen, refs, n_ref, channels, device=device, dtype=dtype)
         timestep = torch.full((1,), STEP_TIMESTEP, device=device, dtype=dtype)
