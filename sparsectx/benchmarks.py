@@ -1583,12 +1583,14 @@ class Qwen21EndToEndCase(_RefsKeepCase):
         prompts = {n: prompt(n) for n in (0, refs)}
         shapes = {n: [[*[(1, ref_side, ref_side)] * n, (1, side, side)]] for n in (0, refs)}
 
+        memo = {}  # the compacted ideal's joint layouts, reused as the drop-in reuses its own
+
         def step(latents, n_images, kept=None, **kv):
             text, mask = prompts[n_images]
             kwargs = dict(hidden_states=latents, encoder_hidden_states=text, timestep=timestep,
                           img_shapes=shapes[n_images], img_mask=mask, return_dict=False, **kv)
             with torch.inference_mode():
-                out = model(**kwargs) if kept is None else qwen21.compacted_forward(model, kept, **kwargs)
+                out = model(**kwargs) if kept is None else qwen21.compacted_forward(model, kept, **kwargs, memo=memo)
             return out[0][:, -n_target:]
 
         caches = {}
@@ -1600,11 +1602,13 @@ class Qwen21EndToEndCase(_RefsKeepCase):
             def scope():
                 from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21KVCache
 
-                with (sparse_context() if enabled else contextlib.nullcontext()):
-                    caches[name] = QwenImage21KVCache(len(model.transformer_blocks))
-                    step(latents, refs, kept, kv_cache=caches[name], kv_cache_mode="extract")
-                    yield
-                caches.pop(name)
+                try:
+                    with (sparse_context() if enabled else contextlib.nullcontext()):
+                        caches[name] = QwenImage21KVCache(len(model.transformer_blocks))
+                        step(latents, refs, kept, kv_cache=caches[name], kv_cache_mode="extract")
+                        yield
+                finally:
+                    caches.pop(name, None)
 
             return scope, lambda: step(latents, refs, kept, kv_cache=caches[name], kv_cache_mode="cached")
 

@@ -150,8 +150,9 @@ _BATCH_ARGS = {
     QWEN: ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep", "guidance",
            "img_shapes", "additional_t_cond"),
     FLUX3: ("hidden_states", "encoder_hidden_states", "timestep", "target_timestep", "image_cond_hidden_states"),
-    QWEN21: ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep", "img_shapes",
-             "img_mask"),
+    # (Qwen-Image 2.1's img_mask: its first row serves every sample, left whole: a group's forwards keep the call's
+    # tensor, on which their joint layouts are memoised)
+    QWEN21: ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep", "img_shapes"),
 }
 # per family: the forward arguments the layout is read from (a forward without them can not be patched)
 _LAYOUT_ARGS = {FLUX2: ("hidden_states", "img_ids"), FLUX: ("hidden_states", "img_ids"),
@@ -981,6 +982,10 @@ class _Packing:
     rope: Optional[RopeTablesMemo] = None  # the packed img_ids and their RoPE tables (as ``_Group.rope``)
 
 
+# Qwen-Image 2.1: the KV caches whose extract step ran its samples as groups, each group into a cache of its own
+# (held by that step's patch): a cached step on one under another patch is refused by name, not left to diffusers'
+# "not populated" error on the empty cache object
+_FILLED_BY_GROUPS: "weakref.WeakSet" = weakref.WeakSet()
 MAX_PLANS = 4  # plans kept per pipeline call (e.g. a KV-cache extract step and the cached steps' plan)
 # layouts kept per patched transformer, by the shape of the ids they were found on (a new call on ids of a kept
 # shape starts its selection on that layout without reading its ids first)
@@ -2175,6 +2180,7 @@ class _SparsePatch(ForwardPatch):
 
         caches = [QwenImage21KVCache(len(self.transformer.transformer_blocks)) for _ in plan.groups]
         self.extracted[call["kv_cache"]] = (plan, caches)
+        _FILLED_BY_GROUPS.add(call["kv_cache"])
         return self._run_groups(call, plan, caches)
 
     def _run_qwen21_cached(self, call: dict, plan: _Plan):
@@ -2187,6 +2193,10 @@ class _SparsePatch(ForwardPatch):
             extract, caches = found
             plan.reports = extract if extract.keep is not None else None
             return self._run_groups(call, extract, caches) if extract.groups else self.original_forward(**call)
+        if call["kv_cache"] in _FILLED_BY_GROUPS:  # (its groups' caches went with the patch that held them)
+            raise ValueError("kv_cache was filled by an extract step whose samples kept different tokens, each group "
+                             "into a cache of its own held by the sparsectx patch of that step, which is gone "
+                             "(sparsectx disabled and enabled since): run the extract step again")
         cached = call["kv_cache"].get_layer(0).k  # (None: not filled, diffusers' forward says so)
         if cached is not None:
             from .qwen21 import joint_layout

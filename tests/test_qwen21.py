@@ -378,10 +378,16 @@ def test_mixed_budgets_under_the_kv_cache_fill_a_cache_per_group(model):
     sparsectx.enable(model, budget=budget, selector="uniform")
     cache = q21.QwenImage21KVCache(2)
     extract = _run(model, kwargs, kv_cache=cache, kv_cache_mode="extract")
-    cached = _run(model, later, kv_cache=cache, kv_cache_mode="cached")
+    with count_host_reads() as reads:  # (the groups' joint layouts made at the extract step)
+        cached = _run(model, later, kv_cache=cache, kv_cache_mode="cached")
+    assert reads.count == 0, reads.ops
     assert cache.get_layer(0).k is None  # (the groups' own caches hold the prefixes)
     torch.testing.assert_close(extract, _run(model, kwargs), rtol=0, atol=1e-6)
     torch.testing.assert_close(cached, _run(model, later)[:, -N_TARGET:], rtol=0, atol=1e-5)
+    sparsectx.disable(model)  # (the groups' caches go with the patch: a cached step on the call's cache is refused)
+    sparsectx.enable(model, budget=budget, selector="uniform")
+    with pytest.raises(ValueError, match="run the extract step again"):
+        _run(model, later, kv_cache=cache, kv_cache_mode="cached")
     for b, request in enumerate(budget):
         sparsectx.enable(model, budget=request, selector="uniform")
         alone = {k: v[b:b + 1] if isinstance(v, (torch.Tensor, list)) else v for k, v in later.items()}
