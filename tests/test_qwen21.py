@@ -312,6 +312,20 @@ def test_a_cache_the_patch_did_not_fill(model):
         _run(model, later, kv_cache=kept, kv_cache_mode="cached")
 
 
+def test_the_compacted_forward_refuses_a_cache_of_other_kept_rows(model):
+    kwargs = _inputs(shared=True)
+    n = sum(N_REFS)
+    kept = torch.cat([torch.arange(0, n, 2), torch.arange(n, N_IMAGES)])
+    cache = q21.QwenImage21KVCache(2)
+    with torch.no_grad():
+        qwen21.compacted_forward(model, kept, **{**kwargs, "hidden_states": kwargs["hidden_states"][:, kept]},
+                                 kv_cache=cache, kv_cache_mode="extract")
+        fewer = torch.cat([torch.arange(0, n, 4), torch.arange(n, N_IMAGES)])
+        with pytest.raises(ValueError, match="the KV cache holds"):
+            qwen21.compacted_forward(model, fewer, **{**kwargs, "hidden_states": kwargs["hidden_states"][:, fewer]},
+                                     kv_cache=cache, kv_cache_mode="cached")
+
+
 def test_kv_cache_on_a_model_without_causal_condition_is_refused_by_name():
     model = _build(causal_condition=False)
     sparsectx.enable(model, budget=[[0.25], [0.75]], selector="uniform")
