@@ -75,7 +75,9 @@ It returns ``"text_queries"``, ``"target_queries"`` (= ``"queries"``) and ``"ref
 ``encoder_hidden_states_mask``), so padded text tokens do not vote.
 
 Reference KV cache (``Flux2KleinKVPipeline``): the extract step is compacted like any other (``num_ref_tokens``
-becomes the kept count), so the cache holds the kept tokens only and the cached steps need nothing more. The
+becomes the kept count), so the cache holds the kept tokens only and the cached steps need nothing more (samples
+keeping different tokens: each group's forward makes its own cache, the first returned as the handle, and the cached
+steps run each group against its own). The
 alternative, caching every reference token and gathering the kept rows in each cached layer, is not what
 ``enable`` does: its extract step runs every reference token through every block (the cost Sparse Context removes)
 and its cached steps attend to the same number of keys through gathered instead of contiguous loads, so it is
@@ -83,9 +85,8 @@ expected to be slower at both ends; it would only pay if the selection changed f
 not here. It exists at the processor level for comparison (a layer cache's ``kept_index``, read by the sparsectx KV
 processors; ``sparsectx bench --case kv`` measures both).
 
-Not supported (clear errors): context and tensor parallelism (``_parallel_config``), ControlNet residuals, in the
-KV extract step (FLUX.2 klein) samples of one batch keeping different tokens, and Qwen-Image 2.1 with
-``attention="sparsectx"``.
+Not supported (clear errors): context and tensor parallelism (``_parallel_config``), ControlNet residuals, and
+Qwen-Image 2.1 with ``attention="sparsectx"``.
 """
 from __future__ import annotations
 
@@ -1468,9 +1469,9 @@ class _SparsePatch(ForwardPatch):
         # between a forward and its backward)
         self.recent = RecentForwards()
         self.training_forwards = 0  # training forwards so far: each one's plan key holds its number (a new draw)
-        # Qwen-Image 2.1: each KV cache an extract step filled -> (that step's plan, None or each group's own cache):
-        # its cached steps attend to the tokens it kept, whatever plans came since (another selection, enable again,
-        # new prompt tensors)
+        # the KV cache an extract step filled (Qwen-Image 2.1: every one; FLUX.2 klein: the one it returned after
+        # groups) -> (that step's plan, None or each group's own cache): its cached steps attend to the tokens it
+        # kept, whatever plans came since (another selection, enable again, new prompt tensors)
         self.extracted = weakref.WeakKeyDictionary()
 
     @property
@@ -1586,6 +1587,7 @@ class _SparsePatch(ForwardPatch):
             # merge of the groups' rows, a loop over them too, runs as it is)
             _skip_under_dynamo(_SparsePatch._run_plan)
             _skip_under_dynamo(_SparsePatch._run_groups)
+            _skip_under_dynamo(_SparsePatch._group_results)
             _skip_under_dynamo(_SparsePatch._merge)
             _SparsePatch.host_frames_skipped = True
         call = self.bind(args, kwargs)
@@ -1607,6 +1609,12 @@ class _SparsePatch(ForwardPatch):
                 return self._run_qwen21_cached(call, plan)
             if call.get("kv_cache_mode") == KV_EXTRACT:
                 return self._run_qwen21_extract(call, plan)
+        if self.family == FLUX2 and call.get("kv_cache_mode") is not None:
+            if call.get("kv_cache_mode") == KV_EXTRACT and len(plan.groups) > 1:
+                return self._run_klein_extract(call, plan)
+            found = self.extracted.get(call.get("kv_cache")) if call.get("kv_cache") is not None else None
+            if call.get("kv_cache_mode") == KV_CACHED and found is not None:
+                return self._run_klein_cached(call, plan, *found)
         # a packed sequence needs sparsectx's processors in every layer (other processors would attend across the
         # samples): processors set since are replaced first (a walk over the modules), else each group runs alone
         if plan.groups and packable and not self._per_sample_extras(call) and self._reinstall_replaced_processors():
@@ -1619,12 +1627,15 @@ class _SparsePatch(ForwardPatch):
         if not plan.groups:
             with self._rope_tables():
                 return self.original_forward(**call)
+        return self._merge(call, plan, self._group_results(call, plan, caches))
+
+    def _group_results(self, call: dict, plan: _Plan, caches: Optional[list] = None) -> list:
+        """Each group's forward's result, in group order."""
         if len(plan.groups) > 1 and not plan.hooks_checked:  # (a walk over the modules: once per plan)
             _check_no_stateful_hooks(self.transformer, len(plan.groups))
             plan.hooks_checked = True
-        results = [self._run_group(call if caches is None else {**call, "kv_cache": cache}, group)
-                   for group, cache in zip(plan.groups, caches or itertools.repeat(None))]
-        return self._merge(call, plan, results)
+        return [self._run_group(call if caches is None else {**call, "kv_cache": cache}, group)
+                for group, cache in zip(plan.groups, caches or itertools.repeat(None))]
 
     def _per_sample_extras(self, call: dict) -> bool:
         """Whether a subclass's own argument holds per-sample tensors (a leading dim of the batch): one packed
@@ -1942,11 +1953,10 @@ class _SparsePatch(ForwardPatch):
             return torch.ones(references.shape[:2], dtype=torch.bool, device=hidden.device), None
         budget = budget_for_batch(budget, batch)  # a budget object's per-request tensor settings over the batch
         seed = self.settings.seed if self.settings.seed is not None else self.call_seed
-        # one generator per image (diffusers' per-image seeds): a sample draws what its request would draw alone;
-        # a list of another length than the batch, or FLUX.2's KV-cache extract step (one cache for the batch: every
-        # sample keeps the same tokens), seeds every sample with the first generator's seed
-        sample_seeds = seed if (isinstance(seed, tuple) and len(seed) == batch and selector.reads_generator
-                                and (call.get("kv_cache_mode") != KV_EXTRACT or self.family == QWEN21)) else None
+        # one generator per image (diffusers' per-image seeds): a sample draws what its request would draw alone (also
+        # under a KV cache: samples keeping different tokens fill a cache each); a list of another length than the
+        # batch seeds every sample with the first generator's seed
+        sample_seeds = seed if (isinstance(seed, tuple) and len(seed) == batch and selector.reads_generator) else None
         seed = seed[0] if isinstance(seed, tuple) else seed
 
         def select(shared: bool) -> tuple:
@@ -2028,11 +2038,6 @@ class _SparsePatch(ForwardPatch):
         seq = call[self.reference_arg].shape[1]
         target, refs = layout.target_host, layout.ref_host
         masks, inverse = torch.unique(keep_host, dim=0, return_inverse=True)
-        if masks.shape[0] > 1 and call.get("kv_cache_mode") == KV_EXTRACT and self.family != QWEN21:
-            raise ValueError("the KV-cache extract step needs every sample of the batch to keep the same reference "
-                             "tokens (one cache for the batch), but they keep different ones: per-request budgets, "
-                             "or a selector reading each sample's own prompt or signals; use one budget and one "
-                             "selection for the batch, or run the requests in separate calls")
         is_target = torch.zeros(seq, dtype=torch.bool, device="cpu")
         is_target[target] = True
         groups, host = [], []
@@ -2169,6 +2174,26 @@ class _SparsePatch(ForwardPatch):
         call = {**call, "hidden_states": call["hidden_states"].index_select(1, group.positions)}
         return compacted_forward(self.transformer, group.positions_host, **call, memo=group.joints)
 
+    def _run_klein_extract(self, call: dict, plan: _Plan):
+        """FLUX.2 klein's KV extract step whose samples keep different tokens: each group's forward makes a cache of
+        its own; the first group's is the one returned (the pipeline hands it to the cached steps), the others kept
+        with it (``extracted``)."""
+        results = self._group_results(call, plan)
+        caches = [result[1] if isinstance(result, tuple) else result.kv_cache for result in results]
+        self.extracted[caches[0]] = (plan, caches)
+        return self._merge(call, plan, results)
+
+    def _run_klein_cached(self, call: dict, plan: _Plan, extract: _Plan, caches: Optional[list]):
+        """FLUX.2 klein's cached step after an extract step that ran groups: each group's samples against their own
+        cache (the sequence holds no reference token: nothing to compact), merged in batch order."""
+        plan.reports = extract
+        results = []
+        for group, cache in zip(extract.groups, caches):
+            g = self._slice_batch(call, group.rows, group.samples)
+            with self._rope_tables():
+                results.append(self.original_forward(**{**g, "kv_cache": cache}))
+        return self._merge(call, extract, results)
+
     def _run_qwen21_extract(self, call: dict, plan: _Plan):
         """Qwen-Image 2.1's KV extract step: the plan is kept for the cache it fills (``extracted``). Samples that
         keep different tokens run as groups, each filling a cache of its own (kept beside the plan: the pipeline's
@@ -2260,10 +2285,9 @@ class _SparsePatch(ForwardPatch):
     # -- outputs back to the input's layout ----------------------------------------------------------------------
     def _merge(self, call: dict, plan: _Plan, results: list):
         first = results[0]
-        if call.get("kv_cache_mode") == KV_EXTRACT and self.family == FLUX2:  # the target rows only (one group)
-            return first
-        if self.family in (FLUX3, QWEN21):  # each group's output is whole (FLUX.3: the target rows; Qwen-Image 2.1:
-            # the joint sequence's, its target rows written): samples back in batch order
+        kv_step = call.get("kv_cache_mode") in (KV_EXTRACT, KV_CACHED)
+        if self.family in (FLUX3, QWEN21) or kv_step:  # each group's output is whole (FLUX.3 and the KV steps: the
+            # target rows; Qwen-Image 2.1: the joint sequence's, its target rows written): samples back in batch order
             if len(results) == 1:  # (one group: the whole batch)
                 return first
             full = _sample_of(first).new_empty((call["hidden_states"].shape[0], *_sample_of(first).shape[1:]))

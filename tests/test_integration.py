@@ -2496,9 +2496,8 @@ def test_klein_kv_pipeline_caches_kept_tokens_only():
 
 @pytest.mark.parametrize("kv", [False, True], ids=["klein", "klein-kv"])
 def test_klein_per_image_generators(kv):
-    """FLUX.2 klein called with one generator per image: without the KV cache each image is selected with its own
-    generator's seed (as it would be alone); the KV cache holds one selection for the batch, so there every image
-    is selected with the first generator's seed (and the call runs, instead of refusing differing selections)."""
+    """FLUX.2 klein called with one generator per image: each image is selected with its own generator's seed (as
+    it would be alone), with and without the KV cache (there each image's kept tokens fill a cache of its own)."""
     pipe = _tiny_pipeline(diffusers.Flux2KleinKVPipeline if kv else diffusers.Flux2KleinPipeline)
     sparsectx.enable(pipe, budget=0.25, selector="random")
 
@@ -2517,10 +2516,7 @@ def test_klein_per_image_generators(kv):
     finally:
         sparsectx.disable(pipe)
     assert batched.shape[0] == 2 and not torch.equal(alone[0], alone[1])
-    if kv:
-        assert torch.equal(batched[0], alone[0]) and torch.equal(batched[1], alone[0])
-    else:
-        assert torch.equal(batched[0], alone[0]) and torch.equal(batched[1], alone[1])
+    assert torch.equal(batched[0], alone[0]) and torch.equal(batched[1], alone[1])
 
 
 @pytest.mark.parametrize("reads_generator", [False, True])
@@ -2651,15 +2647,67 @@ def test_kv_cached_steps_read_nothing_from_the_device():
     assert cache.get_double(0).k_ref.shape[1] == 5  # the extract step cached the kept half of the 9 tokens
 
 
-def test_kv_extract_rejects_different_selections_in_one_batch(models):
-    model, kwargs = models["flux2"], _inputs("flux2")
-    ids = kwargs["img_ids"]
-    refs_first = torch.cat([ids[:, _n_target():], ids[:, :_n_target()]], 1)
-    hidden = torch.cat([kwargs["hidden_states"][:, _n_target():], kwargs["hidden_states"][:, :_n_target()]], 1)
-    sparsectx.enable(model, budget=[[0.25], [0.5]], selector=random_selector, seed=0)
-    with pytest.raises(ValueError, match="extract step"):
-        _run(model, {**kwargs, "hidden_states": hidden, "img_ids": refs_first, "kv_cache_mode": "extract",
-                     "num_ref_tokens": 17})
+@pytest.mark.parametrize("attention", ["native", "sparsectx"])
+def test_a_kv_extract_step_of_samples_keeping_different_tokens_fills_a_cache_per_group(models, attention):
+    """FLUX.2 klein's KV cache with requests of their own budgets: the extract step runs each group of samples into a
+    cache of its own (the first group's returned, the handle the pipeline passes back), the cached steps run each
+    group against its own; each sample equals its request alone at both steps."""
+    from diffusers.models.transformers.transformer_flux2 import (Flux2KVAttnProcessor,
+                                                                 Flux2KVParallelSelfAttnProcessor)
+
+    model, kwargs = _build_model("flux2"), _inputs("flux2")
+    for block in model.transformer_blocks:  # (as Flux2KleinKVPipeline sets them)
+        block.attn.set_processor(Flux2KVAttnProcessor())
+    for block in model.single_transformer_blocks:
+        block.attn.set_processor(Flux2KVParallelSelfAttnProcessor())
+    n_target, ids = _n_target(), kwargs["img_ids"]
+    extract = {**kwargs, "hidden_states": torch.cat([kwargs["hidden_states"][:, n_target:],
+                                                     kwargs["hidden_states"][:, :n_target]], 1),
+               "img_ids": torch.cat([ids[:, n_target:], ids[:, :n_target]], 1), "kv_cache_mode": "extract",
+               "num_ref_tokens": 17}
+    later = {**kwargs, "hidden_states": kwargs["hidden_states"][:, :n_target], "img_ids": ids[:, :n_target],
+             "timestep": kwargs["timestep"] * 0.5, "kv_cache_mode": "cached"}
+    budget = [[0.25], [0.5]]
+
+    def steps(extract_kwargs, later_kwargs):
+        with torch.no_grad():
+            out, cache = model(**extract_kwargs)
+            return out, model(**later_kwargs, kv_cache=cache)[0], cache
+
+    sparsectx.enable(model, budget=budget, selector=norm_selector, attention=attention)
+    out, cached, cache = steps(extract, later)
+    keep = sparsectx.last_selection(model).keep
+    assert [int(row.sum()) for row in keep] == [sum(integration.budget_counts(b, 1, [9, 8])[0]) for b in budget]
+    assert cache.get_double(0).k_ref.shape[1] == int(keep[0].sum())  # (the first group's cache)
+    for b, request in enumerate(budget):
+        sparsectx.enable(model, budget=request, selector=norm_selector, attention=attention)
+        one = {name: value[b:b + 1] if isinstance(value, torch.Tensor) and name not in ("img_ids", "txt_ids")
+               else value for name, value in extract.items()}
+        one_later = {name: value[b:b + 1] if isinstance(value, torch.Tensor) and name not in ("img_ids", "txt_ids")
+                     else value for name, value in later.items()}
+        alone, alone_cached, _ = steps(one, one_later)
+        torch.testing.assert_close(out[b:b + 1], alone, rtol=0, atol=1e-5)
+        torch.testing.assert_close(cached[b:b + 1], alone_cached, rtol=0, atol=1e-5)
+
+
+def test_klein_kv_pipeline_with_requests_of_their_own_budgets():
+    """Two prompts with their own budgets through Flux2KleinKVPipeline: the extract step runs each request's kept
+    tokens (a cache each), the cached steps each request's target against its own cache."""
+    pipe = _tiny_pipeline(diffusers.Flux2KleinKVPipeline)
+    sparsectx.enable(pipe, budget=[[0.25], [0.75]], selector=norm_selector)
+    seen, handle = _count_tokens(pipe.transformer)
+    try:
+        with torch.no_grad():
+            out = pipe(image=_reference_images(), prompt_embeds=torch.randn(2, TEXT_TOKENS, TEXT_DIM),
+                       height=IMAGE_PX, width=IMAGE_PX, num_inference_steps=3, output_type="latent").images
+        kept = sparsectx.last_selection(pipe).keep.sum(dim=1).tolist()
+    finally:
+        handle.remove()
+        sparsectx.disable(pipe)
+    n_target = (IMAGE_PX // 16) ** 2
+    assert kept[0] < kept[1]
+    assert seen == [n_target + kept[0], n_target + kept[1]] + [n_target] * 4  # per request: extract, 2 cached steps
+    assert out.shape[0] == 2 and torch.isfinite(out).all()
 
 
 def test_signals_reach_task_aware_selectors(models):
