@@ -109,18 +109,18 @@ MAX_PREPARED = 4  # per memo: e.g. the two guidance branches' prompts of a pipel
 @_eager_under_compile  # host work (torch.compile of the whole model: not traced)
 def prepare(model, img_mask: torch.Tensor, img_shapes: list, n_text_embeds: int, n_images: int,
             kept_images: Optional[torch.Tensor], device, memo: Optional[dict] = None) -> Prepared:
-    """The ``Prepared`` of a forward, from ``memo`` when it holds one for the very same ``img_mask`` tensor (unchanged
-    since: its version) and the same shapes and kept rows, else made (the host reads of ``joint_layout`` and of
+    """The ``Prepared`` of a forward, from ``memo`` when it holds one for the very same ``img_mask`` and ``kept_images``
+    tensors (unchanged since: their versions) and the same shapes, else made (the host reads of ``joint_layout`` and of
     diffusers' ``pos_embed``) and kept there. The steps of a pipeline call pass the same ``img_mask``: from the
     second on, nothing is read back from the device."""
     from diffusers.models.transformers.transformer_qwenimage21 import _qwenimage21_prefix_segments
 
     key = None
-    if memo is not None and not img_mask.is_inference():  # (an inference tensor has no version: not memoised)
-        key = (id(img_mask), img_mask._version, repr(img_shapes[0]), n_text_embeds, n_images, str(device),
-               None if kept_images is None else kept_images.numpy().tobytes())
+    tensors = (img_mask,) if kept_images is None else (img_mask, kept_images)
+    if memo is not None and not any(t.is_inference() for t in tensors):  # (no version counter: not memoised)
+        key = (*((id(t), t._version) for t in tensors), repr(img_shapes[0]), n_text_embeds, n_images, str(device))
         found = memo.get(key)
-        if found is not None and found[0]() is img_mask:
+        if found is not None and all(ref() is t for ref, t in zip(found[0], tensors)):
             return found[1]
     layout = joint_layout(img_mask, img_shapes, n_text_embeds, n_images, kept_images)
     order = torch.empty(layout.keep.numel(), dtype=torch.long)
@@ -134,7 +134,7 @@ def prepare(model, img_mask: torch.Tensor, img_shapes: list, n_text_embeds: int,
     if key is not None:
         if len(memo) >= MAX_PREPARED:
             memo.pop(next(iter(memo)))
-        memo[key] = (weakref.ref(img_mask), prepared)
+        memo[key] = (tuple(weakref.ref(t) for t in tensors), prepared)
     return prepared
 
 
