@@ -119,7 +119,7 @@ if TYPE_CHECKING:  # (imported where used: sparsectx.processors imports diffuser
 # ----------------------------------------------------------------------------------------------------------------
 # constants
 # ----------------------------------------------------------------------------------------------------------------
-FLUX2, FLUX, QWEN, FLUX3, QWEN21 = "flux2", "flux", "qwen", "flux3", "qwen21"
+FLUX2, FLUX, QWEN, FLUX3, QWEN21, LONGCAT = "flux2", "flux", "qwen", "flux3", "qwen21", "longcat"
 MIN_DIFFUSERS = (0, 39)  # the oldest diffusers release the test suite passes with (setup.py's floor)
 MAX_TESTED_DIFFUSERS = (0, 42)  # the newest release series the suite ran with (README, "Versions")
 SUPPORTED_TRANSFORMERS = {  # diffusers class name -> family
@@ -128,18 +128,21 @@ SUPPORTED_TRANSFORMERS = {  # diffusers class name -> family
     "QwenImageTransformer2DModel": QWEN,
     "Flux3Transformer2DModel": FLUX3,
     "QwenImage21Transformer2DModel": QWEN21,
+    "LongCatImageTransformer2DModel": LONGCAT,
 }
 SUPPORTED_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinKVPipeline", "Flux2KleinInpaintPipeline",
                        "FluxKontextPipeline", "FluxKontextInpaintPipeline", "QwenImageEditPipeline",
                        "QwenImageEditPlusPipeline", "QwenImageEditInpaintPipeline", "Flux3ModularPipeline",
-                       "Flux3DistilledModularPipeline", "QwenImage21Pipeline")
+                       "Flux3DistilledModularPipeline", "QwenImage21Pipeline", "LongCatImageEditPipeline")
 NATIVE, SPARSECTX = "native", "sparsectx"  # enable(attention=...): diffusers' own attention or sparsectx's kernel
 ATTENTION_CHOICES = (NATIVE, SPARSECTX)
 DROP_TRAINING_ATTR = "_sparsectx_drop_training"  # set by sparsectx.training.enable_drop_training
 CALL_KWARG = "sparsectx"  # key of the per-call override dict inside (joint_)attention_kwargs
 OVERRIDE_KEYS = ("budget", "selector", "signals")
 PATCH_ATTR = "_sparsectx_patch"  # the transformer attribute holding its _SparsePatch while enabled
-TARGET_PLANE = 0  # FLUX.1 / FLUX.2: first id axis of target tokens; references use any other value
+# first id axis of the target tokens (FLUX.1 / FLUX.2: 0; LongCat-Image: its image modality 1, text being 0);
+# reference tokens have any other value, one per reference image
+TARGET_PLANES = {FLUX: 0, FLUX2: 0, LONGCAT: 1}
 KV_EXTRACT = "extract"
 KV_CACHED = "cached"  # FLUX.2 klein's cached steps: the references are in the cache, none in the sequence
 
@@ -154,23 +157,27 @@ _BATCH_ARGS = {
     # (Qwen-Image 2.1's img_mask: its first row serves every sample, left whole: a group's forwards keep the call's
     # tensor, on which their joint layouts are memoised)
     QWEN21: ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep", "img_shapes"),
+    LONGCAT: ("hidden_states", "encoder_hidden_states", "timestep", "guidance"),
 }
 # per family: the forward arguments the layout is read from (a forward without them can not be patched)
 _LAYOUT_ARGS = {FLUX2: ("hidden_states", "img_ids"), FLUX: ("hidden_states", "img_ids"),
                 QWEN: ("hidden_states", "img_shapes"), FLUX3: ("image_cond_hidden_states", "image_cond_ids"),
-                QWEN21: ("hidden_states", "img_shapes", "img_mask")}
+                QWEN21: ("hidden_states", "img_shapes", "img_mask"), LONGCAT: ("hidden_states", "img_ids")}
 # per family: the forward argument holding the reference rows and the one holding their position ids. FLUX.3 takes
 # its references as an input of their own (they produce no output rows); the others append them to the image
 # sequence, after the target (Qwen-Image 2.1: before it; Qwen-Image has no ids: its layout comes from img_shapes)
 _REFERENCE_ARGS = {FLUX2: ("hidden_states", "img_ids"), FLUX: ("hidden_states", "img_ids"),
                    QWEN: ("hidden_states", "img_ids"), FLUX3: ("image_cond_hidden_states", "image_cond_ids"),
-                   QWEN21: ("hidden_states", "img_ids")}
+                   QWEN21: ("hidden_states", "img_ids"), LONGCAT: ("hidden_states", "img_ids")}
+# (LongCat-Image's forward takes none: the per-call settings given to its pipeline's joint_attention_kwargs, which
+# the pipeline does not hand on, reach the patch through the enabled pipeline's call)
 _ATTN_KWARGS_ARG = {FLUX2: "joint_attention_kwargs", FLUX: "joint_attention_kwargs", QWEN: "attention_kwargs",
-                    FLUX3: "attention_kwargs", QWEN21: "attention_kwargs"}
+                    FLUX3: "attention_kwargs", QWEN21: "attention_kwargs", LONGCAT: "joint_attention_kwargs"}
 # the pipelines' keyword that reaches it (FLUX.2's pipelines take attention_kwargs; their modular blocks, as every
 # pipeline whose __call__ takes **kwargs, the transformer's keyword), for messages about a bare transformer's call
 _PIPELINE_ATTN_KWARGS_ARG = {FLUX2: "attention_kwargs", FLUX: "joint_attention_kwargs", QWEN: "attention_kwargs",
-                             FLUX3: "attention_kwargs", QWEN21: "attention_kwargs"}
+                             FLUX3: "attention_kwargs", QWEN21: "attention_kwargs",
+                             LONGCAT: "joint_attention_kwargs"}
 _ATTN_KWARGS_NAMES = ("attention_kwargs", "joint_attention_kwargs")
 _UNSUPPORTED_ARGS = ("controlnet_block_samples", "controlnet_single_block_samples")
 
@@ -535,17 +542,17 @@ def _check_settings_for(selector, budget, signals: dict, warned: Optional[set] =
 
 
 def _warn_ids_grid(family: str, selector, signals: dict, warned: Optional[set] = None) -> None:
-    """FLUX.1 / FLUX.2 / FLUX.3 give the built-in selectors each reference's grid in their ids: a ``ref_shapes``
-    signal (the grid of a model without ids, Qwen-Image) is not read there; warned (once per patch, with
-    ``warned``). A user's selector may read it: not warned."""
+    """FLUX.1 / FLUX.2 / FLUX.3 / LongCat give the built-in selectors each reference's grid in their ids: a
+    ``ref_shapes`` signal (the grid of a model without ids, Qwen-Image) is not read there; warned (once per patch,
+    with ``warned``). A user's selector may read it: not warned."""
     from .selection import is_builtin_selector  # deferred: only enable() needs it
 
-    if family in (FLUX, FLUX2, FLUX3) and "ref_shapes" in signals and is_builtin_selector(selector) \
+    if family in (FLUX, FLUX2, FLUX3, LONGCAT) and "ref_shapes" in signals and is_builtin_selector(selector) \
             and (warned is None or "ref_shapes" not in warned):
         if warned is not None:
             warned.add("ref_shapes")
-        _warn(f"signals['ref_shapes'] is unused on FLUX.1 / FLUX.2 / FLUX.3: the selectors read each reference's grid "
-              f"from the transformer's reference ids ({_REFERENCE_ARGS[family][1]})", UserWarning)
+        _warn(f"signals['ref_shapes'] is unused on FLUX.1 / FLUX.2 / FLUX.3 / LongCat-Image: the selectors read each "
+              f"reference's grid from the transformer's reference ids ({_REFERENCE_ARGS[family][1]})", UserWarning)
 
 
 # transformer arguments that carry the prompt (per sample): the probe's text queries depend on them
@@ -597,16 +604,16 @@ class _Layout:
     ref_host: torch.Tensor
 
 
-def _ids_layout(call: dict) -> Optional[_Layout]:
-    """FLUX.1 / FLUX.2: target tokens have first id axis TARGET_PLANE; each reference image one other value.
-    Computed on a host copy of the ids' first three axes (one read; the positions go back to the device as a queued
-    copy)."""
+def _ids_layout(call: dict, target_plane: int) -> Optional[_Layout]:
+    """FLUX.1 / FLUX.2 / LongCat-Image: target tokens have first id axis ``target_plane``; each reference image one
+    other value. Computed on a host copy of the ids' first three axes (one read; the positions go back to the device
+    as a queued copy). The target's (h, w) is the extent of its ids (LongCat's start past the text's positions)."""
     ids = call.get("img_ids")
     if ids is None:
         return None
     ids = ids[0] if ids.ndim == 3 else ids
     host = ids[:, :3].cpu()
-    is_ref = host[:, 0] != TARGET_PLANE
+    is_ref = host[:, 0] != target_plane
     ref_host = torch.nonzero(is_ref).flatten()
     if ref_host.numel() == 0:
         return None
@@ -615,7 +622,8 @@ def _ids_layout(call: dict) -> Optional[_Layout]:
     target_shape = None
     if target_host.numel():
         target_ids = host[target_host]
-        target_shape = (int(target_ids[:, 1].max()) + 1, int(target_ids[:, 2].max()) + 1)
+        extent = target_ids[:, 1:3].amax(dim=0) - target_ids[:, 1:3].amin(dim=0) + 1
+        target_shape = tuple(int(size) for size in extent.tolist())
     target_positions, ref_positions = (_device_values(p, None, ids.device) for p in (target_host, ref_host))
     from .selection import ID_HW_AXES, IDS_GRID_SHAPES, row_major_shapes
 
@@ -711,12 +719,15 @@ def _cond_layout(call: dict) -> Optional[_Layout]:
                    torch.arange(n))
 
 
-_LAYOUTS = {FLUX2: _ids_layout, FLUX: _ids_layout, QWEN: functools.partial(_image_layout, target_first=True),
+_LAYOUTS = {FLUX2: functools.partial(_ids_layout, target_plane=TARGET_PLANES[FLUX2]),
+            FLUX: functools.partial(_ids_layout, target_plane=TARGET_PLANES[FLUX]),
+            LONGCAT: functools.partial(_ids_layout, target_plane=TARGET_PLANES[LONGCAT]),
+            QWEN: functools.partial(_image_layout, target_first=True),
             FLUX3: _cond_layout, QWEN21: functools.partial(_image_layout, target_first=False)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# attention probe: q and k of the first double-stream block (FLUX.1, FLUX.2, Qwen-Image)
+# attention probe: q and k of the first double-stream block (FLUX.1, FLUX.2, LongCat-Image, Qwen-Image)
 # ----------------------------------------------------------------------------------------------------------------
 class _ProbeDone(Exception):
     """Raised by the probe processor once it holds q and k: ends the transformer's forward there."""
@@ -762,7 +773,8 @@ def _consecutive(positions: torch.Tensor) -> Optional[slice]:
 
 
 class _FluxQKProbe(_QKProbeProcessor):
-    """FLUX.1 / FLUX.2 double-stream attention (the KV-cache arguments of FLUX.2 klein are accepted, unused)."""
+    """FLUX.1 / FLUX.2 / LongCat-Image double-stream attention (the KV-cache arguments of FLUX.2 klein are accepted,
+    unused)."""
 
     def __init__(self, layout: _Layout, get_qkv_projections: Callable):
         super().__init__(layout)
@@ -821,7 +833,7 @@ class _Qwen21QKProbe(_QKProbeProcessor):
 
 
 def _probe_processor(family: str, layout: _Layout, call: dict) -> _QKProbeProcessor:
-    """The probe processor of a family (FLUX: with the projection helper diffusers' own processor calls)."""
+    """The probe processor of a family (FLUX, LongCat: with the projection helper diffusers' own processor calls)."""
     if family == QWEN:
         return _QwenQKProbe(layout)
     if family == QWEN21:
@@ -832,9 +844,13 @@ def _probe_processor(family: str, layout: _Layout, call: dict) -> _QKProbeProces
                                                    call["hidden_states"].shape[1]))
     if family == FLUX3:
         return _Flux3QKProbe(layout, call["encoder_hidden_states"].shape[1], call["hidden_states"].shape[1])
-    from diffusers.models.transformers import transformer_flux, transformer_flux2
-
-    return _FluxQKProbe(layout, {FLUX2: transformer_flux2, FLUX: transformer_flux}[family]._get_qkv_projections)
+    if family == LONGCAT:
+        from diffusers.models.transformers import transformer_longcat_image as module
+    elif family == FLUX2:
+        from diffusers.models.transformers import transformer_flux2 as module
+    else:
+        from diffusers.models.transformers import transformer_flux as module
+    return _FluxQKProbe(layout, module._get_qkv_projections)
 
 
 def _stateful_hooks(transformer: torch.nn.Module) -> list:
@@ -2147,10 +2163,11 @@ class _SparsePatch(ForwardPatch):
         return memo.ids, memo
 
     def _rope_tables(self, memo: Optional[RopeTablesMemo] = None):
-        """FLUX: the forward's ``pos_embed`` computes its tables in a few launches and reuses ``memo``'s
-        (``processors.fast_rope_tables``; the rows before the first block wait on that host work after the step's
-        host read). Not while dynamo traces the forward (torch.compile): diffusers' module as it is there."""
-        if self.family not in (FLUX, FLUX2) or torch.compiler.is_compiling():
+        """FLUX.1 / FLUX.2 / LongCat (the families with ``img_ids``): the forward's ``pos_embed`` computes its
+        tables in a few launches and reuses ``memo``'s (``processors.fast_rope_tables``; the rows before the first
+        block wait on that host work after the step's host read). Not while dynamo traces the forward
+        (torch.compile): diffusers' module as it is there."""
+        if self.family not in TARGET_PLANES or torch.compiler.is_compiling():
             return contextlib.nullcontext()
         from .processors import fast_rope_tables  # deferred: imports diffusers' model modules
 

@@ -25,6 +25,7 @@ processor, so one processor instance may serve every layer (diffusers' ``set_att
 | ``FluxAttnProcessor``                 | ``SparsectxFluxAttnProcessor``        |
 | ``QwenDoubleStreamAttnProcessor2_0``  | ``SparsectxQwenDoubleStreamAttnProcessor`` |
 | ``Flux3AttnProcessor`` (diffusers >= 0.42) | ``SparsectxFlux3AttnProcessor`` |
+| ``LongCatImageAttnProcessor``         | ``SparsectxLongCatImageAttnProcessor`` |
 
 ``install_processors(transformer, state)`` swaps every supported processor of a transformer (and returns the
 originals); ``restore_processors(transformer, originals)`` puts the very same objects back.
@@ -56,6 +57,10 @@ try:  # FLUX.3 (diffusers >= 0.42)
     from diffusers.models.transformers import transformer_flux3
 except ImportError:
     transformer_flux3 = None
+try:  # LongCat-Image (absent from older releases)
+    from diffusers.models.transformers import transformer_longcat_image
+except ImportError:
+    transformer_longcat_image = None
 try:  # diffusers' dtype choice for RoPE angles (absent from older releases: the devices it names are used)
     from diffusers.utils.torch_utils import maybe_adjust_dtype_for_device
 except ImportError:
@@ -402,7 +407,9 @@ def _rotary_rows(rotary_emb, rows):
     return rotary_emb[rows]
 
 
-FLUX_POS_EMBEDS = (transformer_flux.FluxPosEmbed, transformer_flux2.Flux2PosEmbed)
+# the modules whose forward flux_rope_tables computes (LongCat-Image's is FLUX.1's; _tables_match checks each)
+FLUX_POS_EMBEDS = (transformer_flux.FluxPosEmbed, transformer_flux2.Flux2PosEmbed) + (
+    () if transformer_longcat_image is None else (transformer_longcat_image.LongCatImagePosEmbed,))
 
 
 def _rope_dtype(device: torch.device) -> torch.dtype:
@@ -615,6 +622,22 @@ class SparsectxFluxAttnProcessor(_SparsectxProcessor):
                                        transformer_flux._get_qkv_projections, image_rotary_emb)
         out = self._attend(query, key, value, attention_mask=attention_mask).flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is None:  # single-stream block: FluxSingleTransformerBlock projects the output
+            return out
+        return _split_joint_output(attn, out, encoder_hidden_states, flux1=True)
+
+
+class SparsectxLongCatImageAttnProcessor(_SparsectxProcessor):
+    """Replaces ``LongCatImageAttnProcessor`` (LongCat-Image double-stream and single-stream blocks: FLUX.1's
+    attention, with LongCat's projection helper)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None):
+        if self._delegates():
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        query, key, value = _joint_qkv(attn, hidden_states, encoder_hidden_states,
+                                       transformer_longcat_image._get_qkv_projections, image_rotary_emb)
+        out = self._attend(query, key, value, attention_mask=attention_mask).flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is None:  # single-stream block: it projects the output itself
             return out
         return _split_joint_output(attn, out, encoder_hidden_states, flux1=True)
 
@@ -927,6 +950,7 @@ _REPLACEMENTS = (  # (diffusers module, processor class name, its sparsectx repl
     (transformer_flux, "FluxAttnProcessor", SparsectxFluxAttnProcessor),
     (transformer_qwenimage, "QwenDoubleStreamAttnProcessor2_0", SparsectxQwenDoubleStreamAttnProcessor),
     (transformer_flux3, "Flux3AttnProcessor", SparsectxFlux3AttnProcessor),
+    (transformer_longcat_image, "LongCatImageAttnProcessor", SparsectxLongCatImageAttnProcessor),
 )
 # diffusers processor class -> its sparsectx replacement (all exist in diffusers >= 0.39, setup.py's floor; a
 # class a later release drops is left out rather than failing the import)

@@ -1,6 +1,7 @@
 """Drop-in Sparse Context for diffusers (sparsectx.integration): tiny random-weight models built from configs, fp32,
 CPU, offline. Families: FLUX.2 (Flux2Transformer2DModel, 4-axis ids), FLUX.1 Kontext layout (FluxTransformer2DModel,
-reference plane 1), Qwen-Image (QwenImageTransformer2DModel, RoPE from img_shapes, zero_cond_t)."""
+reference plane 1), Qwen-Image (QwenImageTransformer2DModel, RoPE from img_shapes, zero_cond_t), LongCat-Image-Edit
+layout (LongCatImageTransformer2DModel: target on id plane 1, references on planes 2, 3, image ids past the text's)."""
 import functools
 import gc
 import logging
@@ -27,7 +28,10 @@ TEXT_TOKENS, TEXT_DIM = 6, 32
 TARGET_HW = (4, 4)
 REF_HWS = ((3, 3), (2, 4))  # two references of different sizes
 FP32_ATOL = 2e-5  # fp32 rounding of a different (shorter) summation order
-FAMILIES = ("flux2", "flux", "qwen")
+FAMILIES = ("flux2", "flux", "qwen", "longcat")
+# the forward's attention-kwargs argument, where per-call settings reach a bare transformer (LongCat's forward takes
+# none: its pipeline's per-call settings reach the patch through the enabled pipeline's call, tests/test_longcat.py)
+ATTN_KWARGS = {"flux2": "joint_attention_kwargs", "flux": "joint_attention_kwargs", "qwen": "attention_kwargs"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -45,6 +49,11 @@ def _build_model(family, zero_cond_t=True):
             patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=HEAD_DIM,
             num_attention_heads=HEADS, joint_attention_dim=TEXT_DIM, pooled_projection_dim=16,
             guidance_embeds=False, axes_dims_rope=(4, 6, 6)).eval()
+    if family == "longcat":
+        return diffusers.LongCatImageTransformer2DModel(
+            patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=HEAD_DIM,
+            num_attention_heads=HEADS, joint_attention_dim=TEXT_DIM, pooled_projection_dim=TEXT_DIM,
+            axes_dims_rope=(4, 6, 6)).eval()
     return diffusers.QwenImageTransformer2DModel(
         patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=HEAD_DIM,
         num_attention_heads=HEADS, joint_attention_dim=TEXT_DIM, axes_dims_rope=(4, 6, 6),
@@ -59,9 +68,9 @@ def models():
     return {**{family: _build_model(family) for family in FAMILIES}, QWEN_PLAIN: _build_model("qwen", False)}
 
 
-def _grid_ids(plane, hw, n_axes):
+def _grid_ids(plane, hw, n_axes, start=0):
     h, w = hw
-    grid = torch.cartesian_prod(torch.tensor([plane]), torch.arange(h), torch.arange(w))
+    grid = torch.cartesian_prod(torch.tensor([plane]), torch.arange(h) + start, torch.arange(w) + start)
     return torch.cat([grid, torch.zeros(h * w, 1, dtype=grid.dtype)], 1) if n_axes == 4 else grid
 
 
@@ -88,10 +97,21 @@ def _inputs(family, batch=2, seed=1):
         return dict(hidden_states=torch.randn(batch, seq, 8, generator=g), encoder_hidden_states=text,
                     timestep=timestep, img_ids=ids[None].expand(batch, -1, -1),
                     txt_ids=txt_ids[None].expand(batch, -1, -1), return_dict=False)
+    if family == "longcat":  # the pipeline's ids: text on plane 0 counting up, the images past the text's positions
+        ids = torch.cat([_grid_ids(1, TARGET_HW, 3, TEXT_TOKENS)]
+                        + [_grid_ids(2 + i, hw, 3, TEXT_TOKENS) for i, hw in enumerate(hws)]).double()
+        txt_ids = torch.stack([torch.zeros(TEXT_TOKENS), torch.arange(TEXT_TOKENS), torch.arange(TEXT_TOKENS)], 1)
+        return dict(hidden_states=torch.randn(batch, seq, 8, generator=g), encoder_hidden_states=text,
+                    timestep=timestep, img_ids=ids, txt_ids=txt_ids, return_dict=False)
     ids = torch.cat([_grid_ids(0, TARGET_HW, 3), _grid_ids(1, hws[0], 3)]).float()
     return dict(hidden_states=torch.randn(batch, seq, 8, generator=g), encoder_hidden_states=text,
                 pooled_projections=torch.randn(batch, 16, generator=g), timestep=timestep, img_ids=ids,
                 txt_ids=torch.zeros(TEXT_TOKENS, 3), return_dict=False)
+
+
+def _planes(family):
+    """(the target's id plane, the first reference's) of a family with ids."""
+    return {"flux2": (0, 10), "flux": (0, 1), "longcat": (1, 2)}[family]
 
 
 def _n_target():
@@ -146,7 +166,10 @@ def test_selectors_see_the_target_grid_of_a_non_square_target(models, family):
         kwargs["img_shapes"] = [[(1, *target_hw), (1, *ref_hw)]]
     else:
         n_axes = 4 if family == "flux2" else 3
-        ids = torch.cat([_grid_ids(0, target_hw, n_axes), _grid_ids(10 if family == "flux2" else 1, ref_hw, n_axes)])
+        target_plane, ref_plane = _planes(family)
+        start = TEXT_TOKENS if family == "longcat" else 0  # (the target's grid is its ids' extent, from any origin)
+        ids = torch.cat([_grid_ids(target_plane, target_hw, n_axes, start),
+                         _grid_ids(ref_plane, ref_hw, n_axes, start)])
         kwargs["img_ids"] = ids[None] if family == "flux2" else ids.float()
     seen = []
 
@@ -287,7 +310,7 @@ def _with_lora_adapter(family):
 
 
 @pytest.mark.parametrize("attention", ["native", "sparsectx"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", tuple(ATTN_KWARGS))
 def test_a_lora_adapter_scaled_per_call_reaches_every_forward(family, attention, monkeypatch):
     """Inference with a LoRA adapter whose scale the call gives beside the per-call sparsectx settings (the
     pipelines pass ``attention_kwargs={"scale": s}``, FLUX.1 ``joint_attention_kwargs``): keeping every token gives
@@ -295,7 +318,7 @@ def test_a_lora_adapter_scaled_per_call_reaches_every_forward(family, attention,
     scale (the compacted forward applies the scaled adapter in every block). The scale must matter: outputs at two
     scales differ."""
     model, kwargs = _with_lora_adapter(family), _inputs(family)
-    name = "attention_kwargs" if family == "qwen" else "joint_attention_kwargs"
+    name = ATTN_KWARGS[family]
 
     def call(scale, **settings):
         return _run(model, {**kwargs, name: {"scale": scale, **({"sparsectx": settings} if settings else {})}})
@@ -313,7 +336,7 @@ def test_a_lora_adapter_scaled_per_call_reaches_every_forward(family, attention,
     torch.testing.assert_close(dropped[:, :_n_target()], call(0.5)[:, :_n_target()], rtol=0, atol=FP32_ATOL)
 
 
-@pytest.mark.parametrize("family", ("flux2", "qwen", QWEN_PLAIN))
+@pytest.mark.parametrize("family", ("flux2", "qwen", QWEN_PLAIN, "longcat"))
 def test_mixed_budgets_equal_each_sample_alone(models, family):
     model, kwargs = models[family], _inputs(family.split()[0], batch=3)
     budgets = [[0.25], [2, 0.75], [1.0]]
@@ -322,7 +345,7 @@ def test_mixed_budgets_equal_each_sample_alone(models, family):
     for b, budget in enumerate(budgets):
         alone = {k: (v[b:b + 1] if isinstance(v, (torch.Tensor, list)) and len(v) == 3 and k != "txt_ids"
                      else v) for k, v in kwargs.items()}
-        alone["txt_ids"] = kwargs["txt_ids"][b:b + 1] if "txt_ids" in kwargs else None
+        alone["txt_ids"] = kwargs["txt_ids"][b:b + 1] if family == "flux2" else kwargs.get("txt_ids")  # ([B, T, 4])
         alone = {k: v for k, v in alone.items() if v is not None}
         sparsectx.enable(model, budget=budget, selector=norm_selector)
         torch.testing.assert_close(together[b:b + 1, :_n_target()], _run(model, alone)[:, :_n_target()],
@@ -2766,10 +2789,13 @@ def test_adaptive_budget_through_enable(models, family):
     # the same selection as a fixed per-sample selector mask: the same output
     sparsectx.enable(model, budget=None, selector=lambda latents, context: expected[:latents.shape[0]])
     torch.testing.assert_close(_run(model, kwargs), out, rtol=0, atol=FP32_ATOL)
-    # a per-call adaptive override, and a different coverage selects again
+    # a per-call adaptive override (LongCat: enabled again), and a different coverage selects again
     sparsectx.enable(model, budget=0.5, selector=norm_selector)
-    name = "attention_kwargs" if family == "qwen" else "joint_attention_kwargs"
-    _run(model, {**kwargs, name: {"sparsectx": {"budget": adaptive(0.3)}}})
+    if family in ATTN_KWARGS:
+        _run(model, {**kwargs, ATTN_KWARGS[family]: {"sparsectx": {"budget": adaptive(0.3)}}})
+    else:
+        sparsectx.enable(model, budget=adaptive(0.3), selector=norm_selector)
+        _run(model, kwargs)
     assert torch.equal(sparsectx.last_selection(model).keep.cpu(),
                        adaptive_budget(norm_selector(references, None), 0.3, ref_lengths=n_refs).keep)
 
@@ -3285,10 +3311,10 @@ def test_a_later_step_with_per_sample_timesteps_does_not_run_packed():
     sparsectx.disable(model)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", tuple(ATTN_KWARGS))
 def test_a_per_call_override_does_not_reach_diffusers(family, caplog):
     model, kwargs = _build_model(family), _inputs(family, batch=1)
-    name = "attention_kwargs" if family == "qwen" else "joint_attention_kwargs"
+    name = ATTN_KWARGS[family]
     sparsectx.enable(model, budget=0.25, selector=norm_selector)
     seen = []
     for module in model.modules():  # every attention processor sees the kwargs diffusers hands it

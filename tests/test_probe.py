@@ -1,14 +1,14 @@
 """The automatic attention probe of sparsectx.enable (sparsectx.integration): tiny random-weight FLUX.2 / FLUX.1
-(Kontext layout) / Qwen-Image models built from configs, fp32, CPU, offline. The probe's q/k are checked against
-``processors._joint_qkv`` (FLUX) / ``processors._qwen_joint_qkv`` applied by hand to the first double-stream
-block's attention inputs."""
+(Kontext layout) / LongCat-Image (its edit layout) / Qwen-Image models built from configs, fp32, CPU, offline. The
+probe's q/k are checked against ``processors._joint_qkv`` (FLUX, LongCat) / ``processors._qwen_joint_qkv`` applied by
+hand to the first double-stream block's attention inputs."""
 import contextlib
 
 import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers.models.transformers import transformer_flux, transformer_flux2  # noqa: E402
+from diffusers.models.transformers import transformer_flux, transformer_flux2, transformer_longcat_image  # noqa: E402
 
 import sparsectx  # noqa: E402
 from sparsectx import integration, processors, selection  # noqa: E402
@@ -17,15 +17,17 @@ from sparsectx.reference import topk_keep_mask  # noqa: E402
 HEADS, HEAD_DIM = 2, 16
 TEXT_TOKENS, TEXT_DIM = 6, 32
 TARGET_HW = (4, 4)
-REF_HWS = {"flux2": ((3, 3), (2, 4)), "flux": ((3, 3),), "qwen": ((3, 3), (2, 4))}  # FLUX.1 Kontext: one reference
+# FLUX.1 Kontext: one reference; LongCat: two (planes 2 and 3; its pipeline passes one)
+REF_HWS = {"flux2": ((3, 3), (2, 4)), "flux": ((3, 3),), "qwen": ((3, 3), (2, 4)), "longcat": ((3, 3), (2, 4))}
 N_TARGET = TARGET_HW[0] * TARGET_HW[1]
 DOUBLE_LAYERS = 2  # so the last double-stream block is not the probed one
 BUDGET = 3  # kept tokens per reference image
 FP32_RTOL, FP32_ATOL = 1e-5, 1e-6  # fp32 rounding of a matrix product whose row count differs
-FLUX_FAMILIES = ("flux2", "flux")
+FLUX_FAMILIES = ("flux2", "flux", "longcat")  # (the families with ids)
 FAMILIES = (*FLUX_FAMILIES, "qwen")
 PADDED_TEXT = 2  # Qwen-Image: the last sample's prompt ends with this many padding tokens
-PROJECTIONS = {"flux2": transformer_flux2._get_qkv_projections, "flux": transformer_flux._get_qkv_projections}
+PROJECTIONS = {"flux2": transformer_flux2._get_qkv_projections, "flux": transformer_flux._get_qkv_projections,
+               "longcat": transformer_longcat_image._get_qkv_projections}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -43,6 +45,11 @@ def _build_model(family):
             patch_size=1, in_channels=8, num_layers=DOUBLE_LAYERS, num_single_layers=1, attention_head_dim=HEAD_DIM,
             num_attention_heads=HEADS, joint_attention_dim=TEXT_DIM, pooled_projection_dim=16,
             guidance_embeds=False, axes_dims_rope=(4, 6, 6)).eval()
+    if family == "longcat":
+        return diffusers.LongCatImageTransformer2DModel(
+            patch_size=1, in_channels=8, num_layers=DOUBLE_LAYERS, num_single_layers=1, attention_head_dim=HEAD_DIM,
+            num_attention_heads=HEADS, joint_attention_dim=TEXT_DIM, pooled_projection_dim=TEXT_DIM,
+            axes_dims_rope=(4, 6, 6)).eval()
     return diffusers.QwenImageTransformer2DModel(
         patch_size=2, in_channels=16, out_channels=4, num_layers=DOUBLE_LAYERS, attention_head_dim=HEAD_DIM,
         num_attention_heads=HEADS, joint_attention_dim=TEXT_DIM, axes_dims_rope=(4, 6, 6)).eval()
@@ -60,9 +67,9 @@ def _always_disabled(models):
         integration.disable(model)
 
 
-def _grid_ids(plane, hw, n_axes):
+def _grid_ids(plane, hw, n_axes, start=0):
     h, w = hw
-    grid = torch.cartesian_prod(torch.tensor([plane]), torch.arange(h), torch.arange(w))
+    grid = torch.cartesian_prod(torch.tensor([plane]), torch.arange(h) + start, torch.arange(w) + start)
     return torch.cat([grid, torch.zeros(h * w, 1, dtype=grid.dtype)], 1) if n_axes == 4 else grid
 
 
@@ -93,6 +100,12 @@ def _inputs(family, batch=2, shared=False, seed=1, same_prompt=None):
         return dict(hidden_states=hidden, encoder_hidden_states=text, timestep=timestep,
                     img_ids=ids[None].expand(batch, -1, -1), txt_ids=txt_ids[None].expand(batch, -1, -1),
                     return_dict=False)
+    if family == "longcat":  # its pipeline's ids: the text on plane 0, the images past the text's positions
+        ids = torch.cat([_grid_ids(1, TARGET_HW, 3, TEXT_TOKENS)]
+                        + [_grid_ids(2 + i, hw, 3, TEXT_TOKENS) for i, hw in enumerate(hws)]).double()
+        txt_ids = torch.stack([torch.zeros(TEXT_TOKENS), torch.arange(TEXT_TOKENS), torch.arange(TEXT_TOKENS)], 1)
+        return dict(hidden_states=hidden, encoder_hidden_states=text, timestep=timestep, img_ids=ids,
+                    txt_ids=txt_ids, return_dict=False)
     ids = torch.cat([_grid_ids(0, TARGET_HW, 3), _grid_ids(1, hws[0], 3)]).float()
     pooled = torch.randn(batch, 16, generator=g)
     if same_prompt:
@@ -330,7 +343,7 @@ def test_attention_selector_keeps_top_mass(models, family):
     assert torch.equal(keep, expected)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "longcat"])  # (LongCat's forward takes no scale)
 def test_probe_sees_a_lora_adapter_at_the_calls_scale(family):
     """With a peft LoRA adapter scaled per call (``scale`` in the attention kwargs, beside the per-call sparsectx
     settings), the probe's tensors are the first block's q/k with the adapter at that scale, and so is the
