@@ -2120,9 +2120,9 @@ def test_torch_func_grad_runs_through_an_enabled_flux_model(family):
 @pytest.mark.parametrize("family", ["flux2", "flux", "longcat"])
 def test_later_steps_reuse_the_kept_image_rows_rope_tables(family, monkeypatch):
     """A step that reuses the plan passes the kept image rows' ids made at its first step, and FLUX.2's image RoPE
-    table made then (FLUX.1 joins text and image ids inside its forward: a new table every step, in
+    table made then (FLUX.1 and LongCat join text and image ids inside their forward: a new table every step, in
     ``flux_rope_tables``' few ops): the same output, bit for bit, as the first step and as the forward with
-    diffusers' own ``pos_embed`` (LongCat: as FLUX.1). A step with gradients after inference-mode steps remakes the tables (inference
+    diffusers' own ``pos_embed``. A step with gradients after inference-mode steps remakes the tables (inference
     tensors can not be saved for a backward); a new selection makes new ones."""
     from sparsectx import processors
 

@@ -19,7 +19,6 @@ from sparsectx import integration  # noqa: E402
 from sparsectx.selection import IDS_GRID_SHAPES  # noqa: E402
 
 
-
 def _pipeline_helpers():
     name = "sparsectx_tests_longcat_pipeline"  # (the suite imports its files by path: importlib mode)
     if name not in sys.modules:

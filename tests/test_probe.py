@@ -470,9 +470,12 @@ def test_qwen_edit_selector_ignores_padded_text(models):
 # ----------------------------------------------------------------------------------------------------------------
 # (5) the probe's RoPE tables: diffusers' values from a few launches
 # ----------------------------------------------------------------------------------------------------------------
+LONGCAT_POS_EMBED = transformer_longcat_image.LongCatImagePosEmbed(theta=10000, axes_dim=[16, 56, 56])
+
+
 @pytest.mark.parametrize("pos_embed", [transformer_flux2.Flux2PosEmbed(theta=2000, axes_dim=[32, 32, 32, 32]),
                                        transformer_flux.FluxPosEmbed(theta=10000, axes_dim=[16, 56, 56]),
-                                       transformer_longcat_image.LongCatImagePosEmbed(theta=10000, axes_dim=[16, 56, 56])],
+                                       LONGCAT_POS_EMBED],
                          ids=["flux2", "flux", "longcat"])
 def test_flux_rope_tables_are_diffusers_tables(pos_embed):
     _check_flux_rope_tables_are_diffusers_tables(pos_embed, "cpu")
@@ -481,7 +484,7 @@ def test_flux_rope_tables_are_diffusers_tables(pos_embed):
 @pytest.mark.gpu
 @pytest.mark.parametrize("pos_embed", [transformer_flux2.Flux2PosEmbed(theta=2000, axes_dim=[32, 32, 32, 32]),
                                        transformer_flux.FluxPosEmbed(theta=10000, axes_dim=[16, 56, 56]),
-                                       transformer_longcat_image.LongCatImagePosEmbed(theta=10000, axes_dim=[16, 56, 56])],
+                                       LONGCAT_POS_EMBED],
                          ids=["flux2", "flux", "longcat"])
 def test_gpu_flux_rope_tables_are_diffusers_tables(pos_embed):
     """On CUDA too (every FLUX step of the drop-in computes its tables this way): float64 angles, their cosines and
