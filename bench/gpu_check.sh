@@ -13,9 +13,9 @@
 #   GPU_CHECK_PART=2  every autotune candidate under the flash-attention criterion, the Qwen-Image-Edit step,
 #                     whole klein-9B pipeline calls (each selector's cost inside a call, at most 150 s; not with
 #                     GPU_CHECK_PIPELINE=1 or 0), a klein-9B fine-tuning step (dropped references removed or
-#                     masked), the mixed-budget batch step, the FLUX.1-Kontext step, the FLUX.3 step, then the
-#                     rest of the suite on CUDA in whatever time is left (with the default budget, little: give
-#                     GPU_CHECK_BUDGET_S more)
+#                     masked), the mixed-budget batch step, the FLUX.1-Kontext, FLUX.3, Qwen-Image 2.1 and
+#                     LongCat-Image-Edit steps, then the rest of the suite on CUDA in whatever time is left (with
+#                     the default budget, little: give GPU_CHECK_BUDGET_S more)
 #   GPU_CHECK_PART=all  both, in that order (a machine without a per-command limit)
 # Usage, from anywhere:  GPU_CHECK_PART=1 bash bench/gpu_check.sh      (writes under "$OUT", default ./bench_out)
 # Files written: env.log, tests.log, bench.log, bench.json (the part's cases merged), summary.txt, results.md (the
@@ -53,7 +53,7 @@ STEP_NAMES=("nvidia-smi" "versions" "install wheels" "pip install --target" "imp
             "import sparsectx (links)" "import diffusers" "pytest -m gpu processors" "pytest -m gpu"
             "bench key cases" "bench norm_rope" "bench training" "bench e2e" "bench selection" "bench kv"
             "bench pipeline" "profile ops" "pytest candidates" "bench e2e_qwen" "bench train_step" "bench e2e_batch"
-            "bench e2e_kontext" "bench e2e_flux3" "bench e2e_qwen21" "pytest not gpu")
+            "bench e2e_kontext" "bench e2e_flux3" "bench e2e_qwen21" "bench e2e_longcat" "pytest not gpu")
 IFS=, read -r -a SKIP_LIST <<<"$SKIP_STEPS"
 for skipped in "${SKIP_LIST[@]}"; do
     known=0
@@ -113,13 +113,16 @@ FLUX3_CAP_S=50
 # Qwen-Image 2.1 step (diffusers' default config, 7.1B), --quick subset (1 ref x 10%, 3 refs x 10%), its uncached and
 # KV-cached steps (7 rows, each cached row after an extract step); never run on a GPU
 QWEN21_CAP_S=70
+# LongCat-Image-Edit step (6.27B: FLUX.1's blocks, 10 + 20 layers), --quick subset (1 ref x 10%, 3 refs x 10%): FLUX.1's
+# path with the target on id plane 1; never run on a GPU
+LONGCAT_CAP_S=45
 # Qwen-Image-Edit-20B step, --quick subset (1 ref x 10%, 3 refs x 10%): a 20B model (41 GB in bf16) built on the GPU;
 # never run: by FACTS' step times (keep-all 0.41 / 1.04 s) about 25 s of steps, plus start-up, the model build and
 # the autotuning of sparsectx attention's shapes
 QWEN_CAP_S=90
 SCRATCH=$(mktemp -d /tmp/gpu_check.XXXXXX)
 # the benchmark steps' JSON files, in the order the summary lists them
-BENCH_PARTS=("$SCRATCH"/bench_{key,norm_rope,training,e2e,selection,kv,pipeline,e2e_qwen,train_step,e2e_batch,e2e_kontext,e2e_flux3,e2e_qwen21}.json)
+BENCH_PARTS=("$SCRATCH"/bench_{key,norm_rope,training,e2e,selection,kv,pipeline,e2e_qwen,train_step,e2e_batch,e2e_kontext,e2e_flux3,e2e_qwen21,e2e_longcat}.json)
 rm -f "$OUT/bench.json" "$OUT/results.md" "$OUT/profile_ops.txt"   # an earlier run's files must not pass for
                                                                        # this run's
 START=$SECONDS
@@ -300,6 +303,9 @@ if part 2; then
     # the compacted sequence)
     step "bench e2e_qwen21" "$QWEN21_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case e2e_qwen21 --quick \
         --json "$SCRATCH/bench_e2e_qwen21.json"
+    # the LongCat-Image-Edit step (drop-in since 2026-12-03; issue 5's 3% step target)
+    step "bench e2e_longcat" "$LONGCAT_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case e2e_longcat --quick \
+        --json "$SCRATCH/bench_e2e_longcat.json"
     # the rest of the suite (the non-gpu tests) on the CUDA device, in whatever time is left
     tests "pytest not gpu" "$(seconds_left)" "$TESTS_LOG" "${PYTEST[@]}" tests -m "not gpu"
 fi

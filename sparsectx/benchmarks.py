@@ -42,7 +42,8 @@ from .diagnostics import count_cuda_syncs, count_host_reads
 SEED = 0
 SIZES = ("tiny", "full")
 CASE_ORDER = ("attention", "compaction", "batch", "masked", "training", "norm_rope", "rope_tables", "e2e", "selection",
-              "pipeline", "e2e_kontext", "e2e_qwen", "e2e_flux3", "e2e_qwen21", "kv", "e2e_batch", "train_step")
+              "pipeline", "e2e_kontext", "e2e_longcat", "e2e_qwen", "e2e_flux3", "e2e_qwen21", "kv", "e2e_batch",
+              "train_step")
 # relative L2 error bound between two implementations computing the same function in one dtype
 REL_ERR_BOUND = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # ... and for the worst row (last dim = features) against the mean row norm: a few wrong rows among 10^5 hardly move
@@ -979,6 +980,16 @@ FLUX1_KONTEXT_12B = dict(patch_size=1, in_channels=64, num_layers=19, num_single
 FLUX1_TINY = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
                   num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=24, guidance_embeds=True,
                   axes_dims_rope=(4, 6, 6))
+# LongCat-Image(-Edit), 6B: FLUX.1's blocks with 10 double-stream and 20 single-stream layers (24 heads of 128),
+# Qwen2.5-VL text (3584), packed 2x2 latents of the 16-channel VAE (64 channels). The layer counts are those of a
+# third-party port of the released weights (the hub's config is out of reach here; diffusers' defaults are FLUX.1's
+# 19 + 38, 12B; these give 6.27B parameters): check them against the hub's transformer/config.json before quoting
+# a step time as LongCat's
+LONGCAT_IMAGE_6B = dict(patch_size=1, in_channels=64, num_layers=10, num_single_layers=20, attention_head_dim=128,
+                        num_attention_heads=24, joint_attention_dim=3584, pooled_projection_dim=3584,
+                        axes_dims_rope=(16, 56, 56))
+LONGCAT_TINY = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                    num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
 # Qwen-Image / -Edit / -Edit-Plus (FACTS §2; ``QwenImageTransformer2DModel``'s defaults): 60 double-stream layers,
 # packed 2x2 latents (64 channels), Qwen2.5-VL text (3584); no position ids: RoPE from ``img_shapes`` (frame = image
 # number)
@@ -1018,11 +1029,12 @@ class ModelFamily:
     class_name: str  # diffusers transformer class
     configs: dict  # size -> constructor arguments
     n_axes: int  # position-id axes: (plane or time, h, w[, l])
-    ref_plane_stride: int  # reference i has first id axis ref_plane_stride * (i + 1); the target has 0
+    ref_plane_stride: int  # reference i has first id axis target_plane + ref_plane_stride * (i + 1)
     batched_ids: bool  # ids passed as [1, S, n_axes] (FLUX.2) or [S, n_axes] (FLUX.1)
     text_position_axis: Optional[int]  # the id axis counting text tokens (FLUX.2: L), None: all-zero text ids
     pooled: bool  # pooled text embedding input (FLUX.1: CLIP)
     guidance: Optional[float]  # guidance-embedding input (guidance-distilled FLUX.1-dev / Kontext-dev)
+    target_plane: int = 0  # the target's first id axis (LongCat-Image: 1, its image modality; text is 0)
 
     def ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Batched ``[1, S, n_axes]`` ids in the form the model takes."""
@@ -1035,6 +1047,12 @@ KLEIN = ModelFamily("klein-9B", "Flux2Transformer2DModel", {"full": FLUX2_KLEIN_
 KONTEXT = ModelFamily("Kontext-12B", "FluxTransformer2DModel", {"full": FLUX1_KONTEXT_12B, "tiny": FLUX1_TINY},
                       n_axes=3, ref_plane_stride=KONTEXT_PLANE_STRIDE, batched_ids=False, text_position_axis=None,
                       pooled=True, guidance=KONTEXT_GUIDANCE)
+# LongCatImageEditPipeline's ids: the target on plane 1, its reference on plane 2 (a bare transformer takes more
+# references on planes 3, 4, ...; sparsectx finds them by plane, as FLUX.1's); the pipelines start the image rows and
+# columns past the text's positions, which changes the RoPE values, not the work
+LONGCAT_EDIT = ModelFamily("LongCat-Image-Edit-6B", "LongCatImageTransformer2DModel",
+                           {"full": LONGCAT_IMAGE_6B, "tiny": LONGCAT_TINY}, n_axes=3, ref_plane_stride=1,
+                           batched_ids=False, text_position_axis=None, pooled=False, guidance=None, target_plane=1)
 
 
 # the id fields describe FLUX's explicit ids: Qwen-Image has none (``img_shapes`` instead), its case reads only the
@@ -1102,8 +1120,9 @@ def _grid_ids(side: int, plane: int, device, n_axes: int = KLEIN.n_axes) -> torc
 
 
 def _step_inputs(family: ModelFamily, model, size_spec: dict, refs: int, device, dtype, gen) -> dict:
-    """Random inputs of one step: target latents and ids (plane 0), ``refs`` reference images (latents and ids,
-    reference i on plane ``ref_plane_stride·(i+1)``), text embeddings and ids, the timestep, and the family's extra
+    """Random inputs of one step: target latents and ids (plane ``target_plane``), ``refs`` reference images
+    (latents and ids, reference i on plane ``target_plane + ref_plane_stride·(i+1)``), text embeddings and ids, the
+    timestep, and the family's extra
     conditioning (``extra``: pooled text embedding, guidance). Ids are batched ``[1 or refs, S, n_axes]``."""
     cfg = model.config
     channels, n_target, n_ref = cfg.in_channels, size_spec["target_side"] ** 2, size_spec["ref_side"] ** 2
@@ -1121,9 +1140,9 @@ def _step_inputs(family: ModelFamily, model, size_spec: dict, refs: int, device,
         ref_latents=_randn(gen, refs, n_ref, channels, device=device, dtype=dtype),
         text=_randn(gen, 1, size_spec["text"], cfg.joint_attention_dim, device=device, dtype=dtype),
         text_ids=text_ids,
-        target_ids=_grid_ids(size_spec["target_side"], 0, device, family.n_axes)[None],
-        ref_ids=torch.stack([_grid_ids(size_spec["ref_side"], family.ref_plane_stride * (i + 1), device,
-                                       family.n_axes) for i in range(refs)]),
+        target_ids=_grid_ids(size_spec["target_side"], family.target_plane, device, family.n_axes)[None],
+        ref_ids=torch.stack([_grid_ids(size_spec["ref_side"], family.target_plane + family.ref_plane_stride * (i + 1),
+                                       device, family.n_axes) for i in range(refs)]),
         timestep=torch.full((1,), STEP_TIMESTEP, device=device, dtype=dtype),
         extra=extra,
     )
@@ -1379,6 +1398,19 @@ class KontextEndToEndCase(EndToEndCase):
         "tiny": dict(target_side=8, text=16, ref_side=8, refs=(1, 3), keeps=(0.25, 0.05), quick=[(1, 0.25)],
                      reps=None),
     }
+
+
+class LongCatEndToEndCase(EndToEndCase):
+    """The same step on the LongCat-Image-Edit architecture (``LongCatImageTransformer2DModel``, 6B: FLUX.1's blocks,
+    10 + 20 layers; ``LONGCAT_IMAGE_6B``), 1024² target as packed 2x2 latents (64 x 64 tokens of 64 channels), 512
+    Qwen2.5-VL text tokens, the target on id plane 1 and reference i on plane i + 2 (its pipeline passes one). No
+    enable-path breakdown (the klein case has it)."""
+
+    name = "e2e_longcat"
+    title = ("one denoising step, LongCat-Image-Edit-6B architecture (random weights; target on id plane 1, reference "
+             "i on plane i+2), kept reference tokens in the sequence")
+    family = LONGCAT_EDIT
+    sizes = KontextEndToEndCase.sizes
 
 
 def _near_square_grid(count: int) -> tuple[int, int]:
@@ -2530,12 +2562,13 @@ def _cudnn_forced(native: Impl, device: torch.device) -> Impl:
 
 CASES = {case.name: case for case in (AttentionCase(), CompactionCase(), BatchCase(), MaskedCase(), TrainingCase(),
                                       NormRopeCase(), RopeTablesCase(), EndToEndCase(), KontextEndToEndCase(),
-                                      QwenEndToEndCase(), Flux3EndToEndCase(), Qwen21EndToEndCase(), SelectionCase(),
-                                      PipelineCase(),
-                                      KVCacheCase(), MixedBatchCase(), TrainStepCase())}
+                                      LongCatEndToEndCase(), QwenEndToEndCase(), Flux3EndToEndCase(),
+                                      Qwen21EndToEndCase(), SelectionCase(), PipelineCase(), KVCacheCase(),
+                                      MixedBatchCase(), TrainStepCase())}
 # cases that build the cached model (released after them)
-MODEL_CASES = (EndToEndCase.name, KontextEndToEndCase.name, QwenEndToEndCase.name, Flux3EndToEndCase.name,
-               Qwen21EndToEndCase.name, PipelineCase.name, KVCacheCase.name, MixedBatchCase.name, TrainStepCase.name)
+MODEL_CASES = (EndToEndCase.name, KontextEndToEndCase.name, LongCatEndToEndCase.name, QwenEndToEndCase.name,
+               Flux3EndToEndCase.name, Qwen21EndToEndCase.name, PipelineCase.name, KVCacheCase.name,
+               MixedBatchCase.name, TrainStepCase.name)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -2943,6 +2976,9 @@ TARGETS = (
            "drop-in within 3% of the compacted ideal"),
     Target(5, "e2e_kontext", "sparsectx compact_tokens + step", "torch topk+sort+index_select + step", 1 / 1.03,
            "within 3% of the compacted ideal"),
+    # and on the LongCat-Image-Edit step (supported since 2026-12-03: FLUX.1's path, the target on id plane 1)
+    Target(5, "e2e_longcat", "sparsectx.enable (native attn)", "torch topk+sort+index_select + step", 1 / 1.03,
+           "drop-in within 3% of the compacted ideal"),
     # issue 5's step target (set for klein) applied to the Qwen-Image step: its ideal is the model given references
     # shrunk to the kept count (no position ids to compact by hand)
     Target(5, "e2e_qwen", "sparsectx.enable (native attn)", "reference grid shrunk to the kept count", 1 / 1.03,

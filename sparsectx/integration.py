@@ -1,5 +1,5 @@
 """Drop-in Sparse Context for diffusers pipelines: FLUX.1 Kontext, FLUX.2 / klein (+ reference KV cache),
-Qwen-Image-Edit(-Plus), FLUX.3 (its modular pipelines), Qwen-Image 2.1.
+Qwen-Image-Edit(-Plus), FLUX.3 (its modular pipelines), Qwen-Image 2.1, LongCat-Image-Edit.
 
 ```python
 sparsectx.enable(pipe, budget=0.1, selector="random", seed=0)   # a pipeline or a bare transformer
@@ -12,7 +12,8 @@ pipe(..., attention_kwargs={"sparsectx": {"budget": 0.05}})      # per-call over
 
 How it works. ``enable`` wraps the transformer's ``forward``. When the image sequence that reaches it holds
 reference tokens (FLUX.1/FLUX.2: the first axis of ``img_ids`` is non-zero, one value per reference image;
-Qwen-Image: ``img_shapes`` lists the references after the target), the wrapper
+LongCat-Image: the same with the target on plane 1; Qwen-Image: ``img_shapes`` lists the references after the
+target), the wrapper
 
 1. scores the reference tokens with the selector and keeps each image's budget of them (top-k per image);
 2. removes the dropped rows from ``hidden_states`` and from the position information (``img_ids`` rows; for
