@@ -1225,15 +1225,18 @@ def _dilate_brute_force(signal, shapes, radius):
     return out
 
 
-@pytest.mark.parametrize("shapes", [[(4, 5), (5, 4), (3, 3)], [(2, 24), (24, 2), (1, 1)]],
-                         ids=["similar_shapes", "shapes_far_apart"])
-def test_dilation_stays_inside_each_image(shapes):
+@pytest.mark.parametrize("shapes", [[(4, 5), (5, 4), (3, 3)], [(3, 5), (2, 4)], [(2, 24), (24, 2), (1, 1)]],
+                         ids=["similar_shapes", "wider_than_tall", "shapes_far_apart"])
+@pytest.mark.parametrize("grid_from", ["ids", "ref_shapes"])
+def test_dilation_stays_inside_each_image(shapes, grid_from):
     """The edit selector's context ring: max over each token's neighbourhood in its own image, whether the images
-    share one canvas (similar shapes) or are pooled one by one (shapes far apart: one canvas sized for the largest
-    height and width would be mostly padding)."""
+    share one canvas (similar shapes; a canvas wider than tall, whose rows and columns must not be swapped) or are
+    pooled one by one (shapes far apart: one canvas sized for the largest height and width would be mostly padding),
+    with the grid read from ids or made from known shapes."""
     lengths = [h * w for h, w in shapes]
     signal = torch.rand(2, sum(lengths), generator=torch.Generator().manual_seed(16))
-    context = SelectionContext(len(shapes), lengths, reference_ids=_ids(shapes))
+    context = SelectionContext(len(shapes), lengths, reference_ids=_ids(shapes)) if grid_from == "ids" else \
+        SelectionContext(len(shapes), lengths, extra={"ref_shapes": shapes})
     for radius in (1, 2):
         assert torch.equal(selection._dilate(signal, context, radius), _dilate_brute_force(signal, shapes, radius))
 
@@ -1579,6 +1582,33 @@ def test_uniform_2d_top_k_contains_the_stride_lattice(shape):
         kept = reference.topk_keep_mask(scores, [k])[0]
         lattice = (rows % s == 0) & (cols % s == 0)
         assert bool(kept[lattice].all()), f"stride {s}: lattice not inside the top {k}"
+
+
+@pytest.mark.parametrize("side", [4, 8])
+def test_uniform_2d_spreads_between_the_lattices(side):
+    """Between two lattice sizes the ordered-dither order keeps spreading: the top 2 of a square image are two
+    opposite cells of the stride-(side/2) lattice (a diagonal), the top half is the checkerboard (every dropped
+    cell's four neighbours kept), not rows or columns of the stride-2 lattice's."""
+    scores = selection.get_selector("uniform")(torch.zeros(1, side * side, 1), selection.SelectionContext(
+        1, [side * side], extra={"ref_shapes": [(side, side)]}))
+    rows, cols = (t.flatten() for t in torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"))
+    two = reference.topk_keep_mask(scores, [2])[0]
+    assert sorted(zip(rows[two].tolist(), cols[two].tolist())) == [(0, 0), (side // 2, side // 2)]
+    half = reference.topk_keep_mask(scores, [side * side // 2])[0]
+    assert torch.equal(half, (rows + cols) % 2 == 0)
+
+
+def test_attention_scores_from_text_and_target_queries_together():
+    """Without ``queries``, the ``attention`` selector's mass is that of the text queries (their padding masked)
+    and the target queries together, over the reference keys."""
+    latents, ctx = _full_context(2, 2)
+    extra = ctx.extra
+    queries = torch.cat([extra["text_queries"], extra["target_queries"]], dim=1)
+    mask = torch.cat([extra["text_mask"], torch.ones(extra["target_queries"].shape[:2], dtype=torch.bool)], dim=1)
+    expected = selection.attention_mass(queries, extra["ref_keys"], mask)
+    torch.testing.assert_close(get_selector("attention")(latents, ctx), expected, rtol=0, atol=0)
+    text_only = selection.attention_mass(extra["text_queries"], extra["ref_keys"], extra["text_mask"])
+    assert (expected - text_only).abs().max() > 1e-3  # the target queries count
 
 
 @pytest.mark.parametrize("shapes", [[(4, 6), (4, 6)], [(4, 6), (3, 5)]])
