@@ -598,48 +598,45 @@ def _split_joint_output(attn, out, encoder_hidden_states, flux1: bool):
     return attn.to_out[1](attn.to_out[0](image_out)), text_out
 
 
-class SparsectxFlux2AttnProcessor(_SparsectxProcessor):
+class _JointAttnProcessor(_SparsectxProcessor):
+    """Joint ``[text, image]`` attention of FLUX.1 / FLUX.2 / LongCat-Image: the projections of diffusers'
+    ``diffusers_module._get_qkv_projections`` (the helper the replaced processor calls), QK norms and RoPE, then
+    sparsectx's attention and diffusers' output split. FLUX.1's and LongCat's single-stream blocks call it without
+    ``encoder_hidden_states`` and project the output themselves."""
+
+    diffusers_module = None  # the diffusers module of the replaced processor
+    flux1 = True  # FLUX.1's output split (and single-stream blocks); False: FLUX.2's
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None):
+        if self._delegates():
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        query, key, value = _joint_qkv(attn, hidden_states, encoder_hidden_states,
+                                       self.diffusers_module._get_qkv_projections, image_rotary_emb)
+        out = self._attend(query, key, value, attention_mask=attention_mask).flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is None and self.flux1:  # a single-stream block: it projects the output
+            return out
+        return _split_joint_output(attn, out, encoder_hidden_states, flux1=self.flux1)
+
+
+class SparsectxFlux2AttnProcessor(_JointAttnProcessor):
     """Replaces ``Flux2AttnProcessor`` (FLUX.2 double-stream blocks)."""
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 image_rotary_emb=None):
-        if self._delegates():
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        query, key, value = _joint_qkv(attn, hidden_states, encoder_hidden_states,
-                                       transformer_flux2._get_qkv_projections, image_rotary_emb)
-        out = self._attend(query, key, value, attention_mask=attention_mask).flatten(2, 3).to(query.dtype)
-        return _split_joint_output(attn, out, encoder_hidden_states, flux1=False)
+    diffusers_module = transformer_flux2
+    flux1 = False
 
 
-class SparsectxFluxAttnProcessor(_SparsectxProcessor):
+class SparsectxFluxAttnProcessor(_JointAttnProcessor):
     """Replaces ``FluxAttnProcessor`` (FLUX.1 / Kontext double-stream and single-stream blocks)."""
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 image_rotary_emb=None):
-        if self._delegates():
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        query, key, value = _joint_qkv(attn, hidden_states, encoder_hidden_states,
-                                       transformer_flux._get_qkv_projections, image_rotary_emb)
-        out = self._attend(query, key, value, attention_mask=attention_mask).flatten(2, 3).to(query.dtype)
-        if encoder_hidden_states is None:  # single-stream block: FluxSingleTransformerBlock projects the output
-            return out
-        return _split_joint_output(attn, out, encoder_hidden_states, flux1=True)
+    diffusers_module = transformer_flux
 
 
-class SparsectxLongCatImageAttnProcessor(_SparsectxProcessor):
+class SparsectxLongCatImageAttnProcessor(_JointAttnProcessor):
     """Replaces ``LongCatImageAttnProcessor`` (LongCat-Image double-stream and single-stream blocks: FLUX.1's
-    attention, with LongCat's projection helper)."""
+    attention)."""
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 image_rotary_emb=None):
-        if self._delegates():
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        query, key, value = _joint_qkv(attn, hidden_states, encoder_hidden_states,
-                                       transformer_longcat_image._get_qkv_projections, image_rotary_emb)
-        out = self._attend(query, key, value, attention_mask=attention_mask).flatten(2, 3).to(query.dtype)
-        if encoder_hidden_states is None:  # single-stream block: it projects the output itself
-            return out
-        return _split_joint_output(attn, out, encoder_hidden_states, flux1=True)
+    diffusers_module = transformer_longcat_image
 
 
 def _parallel_qkv_mlp(attn, hidden_states, rotary_emb):
