@@ -1458,12 +1458,13 @@ class _SparsePatch(ForwardPatch):
 
     host_frames_skipped = False  # whether dynamo was told to leave the group loop's frames to the interpreter
     _CALL_STATE = dict(pipeline_calls=0, call_seed=None, pipeline_kwarg=None, call_overrides=None,
-                       call_overrides_arrived=False)
+                       call_overrides_arrived=False, call_pipeline=None)
 
     def __init__(self, transformer: torch.nn.Module, family: str, settings: _Settings):
         super().__init__(transformer, family)
         self.settings = settings
-        self.call_epoch = 0  # bumped at each pipeline call: a new call selects again
+        self.call_epoch = 0  # a new number at each pipeline call (never one used before): a new call selects again
+        self.epochs_made = 0
         self.plans: dict = {}  # plan key -> _Plan, for the current call
         self.layouts: dict = {}  # _layout_key -> (the ids, the layout found on them), MAX_LAYOUTS most recent
         self.attention = NATIVE
@@ -1477,6 +1478,7 @@ class _SparsePatch(ForwardPatch):
         # transformer, called inside it)
         self.call_overrides: Optional[dict] = None
         self.call_overrides_arrived = False
+        self.call_pipeline = None  # the enabled pipeline whose call runs now (the one given call_overrides)
         # without a seed: the initial seed of the pipeline call's generator (a tuple: one generator per image)
         self.call_seed: Union[int, tuple, None] = None
         self.warned_unsupported = False  # the warning of _reinstall_replaced_processors is given once
@@ -1584,7 +1586,8 @@ class _SparsePatch(ForwardPatch):
         self.set_attention(NATIVE)
 
     def new_call(self) -> None:
-        self.call_epoch += 1
+        self.epochs_made += 1
+        self.call_epoch = self.epochs_made
         self._drop_plans()
 
     def _drop_plans(self) -> None:
@@ -1887,13 +1890,35 @@ class _SparsePatch(ForwardPatch):
         name = _ATTN_KWARGS_ARG[self.family]
         attn_kwargs = call.get(name)
         if not attn_kwargs or CALL_KWARG not in attn_kwargs:
-            return {} if self.call_overrides is None or self.call_overrides_arrived else self.call_overrides
+            if self.family == LONGCAT and not self.pipeline_calls:
+                self._refuse_settings_no_forward_gets()
+            if self.call_overrides is None or self.call_overrides_arrived or not self._in_the_enabled_call():
+                return {}
+            return self.call_overrides
         self.call_overrides_arrived = self.call_overrides is not None
         attn_kwargs = dict(attn_kwargs)  # never mutate the caller's (the pipeline's) dicts
         raw = attn_kwargs.pop(CALL_KWARG)
         call[name] = attn_kwargs or None
         pipeline_kwarg = self.pipeline_kwarg or _PIPELINE_ATTN_KWARGS_ARG[self.family]
         return self.checked_overrides(raw, _overrides_place(pipeline_kwarg, name))
+
+    def _in_the_enabled_call(self) -> bool:
+        """Whether the innermost pipeline call on this forward's stack is the enabled pipeline's call that was given
+        the per-call settings, not a pipeline sharing the transformer, not enabled, called inside it (its forwards
+        run ``enable``'s settings). Read where no forward of the call gets the settings in its attention kwargs
+        (LongCat's pipeline hands them to nobody, FLUX.3's step-distilled blocks neither): a walk up the stack."""
+        return _innermost_pipeline_call(sys._getframe(2))[0] is self.call_pipeline
+
+    def _refuse_settings_no_forward_gets(self) -> None:
+        """LongCat-Image with its transformer enabled alone: per-call settings given to the running pipeline's
+        ``joint_attention_kwargs`` reach no forward (the pipeline hands that keyword to nobody, and only an enabled
+        pipeline's call takes them): ``ValueError`` rather than a call that silently runs ``enable``'s settings."""
+        owner, frame = _innermost_pipeline_call(sys._getframe(2))
+        given = None if owner is None else frame.f_locals.get(_PIPELINE_ATTN_KWARGS_ARG[self.family])
+        if isinstance(given, collections.abc.Mapping) and CALL_KWARG in given:
+            raise ValueError(f"{type(owner).__name__}'s {_PIPELINE_ATTN_KWARGS_ARG[self.family]}['{CALL_KWARG}'] "
+                             "reaches no transformer forward (the pipeline hands that keyword to nobody): enable the "
+                             "pipeline, sparsectx.enable(pipe, ...), not its transformer alone, for per-call settings")
 
     def checked_overrides(self, raw, where: str) -> dict:
         """The per-call settings ``raw`` (``where``: the keyword they came through, for messages) checked and
@@ -2470,19 +2495,24 @@ def _pipeline_class(base: type) -> type:
                 overrides = patch.checked_overrides(attn_kwargs[CALL_KWARG], _overrides_place(
                     pipeline_kwarg, _ATTN_KWARGS_ARG[patch.family]))
             with patch.lock:  # (calls from other threads on this transformer wait: see ForwardPatch.lock)
+                # a call inside another enabled call on this transformer (e.g. from a step-end callback): the outer
+                # call's selection is put back after it, for the outer call's later steps
+                outer_plans = (patch.call_epoch, patch.plans) if patch.pipeline_calls else None
                 patch.new_call()
                 patch.pipeline_calls += 1
                 outer_seed, patch.call_seed = patch.call_seed, _initial_seed(kwargs.get("generator"))
                 outer_kwarg, patch.pipeline_kwarg = patch.pipeline_kwarg, pipeline_kwarg
-                outer_overrides = patch.call_overrides, patch.call_overrides_arrived
-                patch.call_overrides, patch.call_overrides_arrived = overrides, False
+                outer_overrides = patch.call_overrides, patch.call_overrides_arrived, patch.call_pipeline
+                patch.call_overrides, patch.call_overrides_arrived, patch.call_pipeline = overrides, False, self
                 try:
                     return base.__call__(self, *args, **kwargs)
                 finally:
                     patch.pipeline_calls -= 1
                     patch.call_seed = outer_seed
                     patch.pipeline_kwarg = outer_kwarg
-                    patch.call_overrides, patch.call_overrides_arrived = outer_overrides
+                    patch.call_overrides, patch.call_overrides_arrived, patch.call_pipeline = outer_overrides
+                    if outer_plans is not None:
+                        patch.call_epoch, patch.plans = outer_plans
 
         # the class keeps the base's name (diffusers' save_pretrained writes it as _class_name); pickle finds it
         # as an attribute of this module, so a pipeline whose transformer was disabled alone still pickles (one
@@ -2499,6 +2529,31 @@ def _pipeline_class(base: type) -> type:
 # ----------------------------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------------------------
+def _innermost_pipeline_call(frame) -> tuple:
+    """``(pipeline, frame)`` of the innermost pipeline ``__call__`` running at ``frame`` or above it on the stack,
+    or ``(None, None)``."""
+    while frame is not None:
+        if frame.f_code.co_name == "__call__":
+            owner = frame.f_locals.get("self")
+            if _is_pipeline(owner):
+                return owner, frame
+        frame = frame.f_back
+    return None, None
+
+
+def _is_pipeline(obj) -> bool:
+    """Whether ``obj`` is a diffusers pipeline (a ``DiffusionPipeline`` or a modular pipeline)."""
+    from diffusers import DiffusionPipeline  # deferred: diffusers is imported where a pipeline is enabled
+
+    if isinstance(obj, DiffusionPipeline):
+        return True
+    try:
+        from diffusers.modular_pipelines import ModularPipeline
+    except ImportError:  # (a release without modular pipelines)
+        return False
+    return isinstance(obj, ModularPipeline)
+
+
 def _family_of(module) -> Optional[str]:
     if not isinstance(module, torch.nn.Module):
         return None

@@ -3,6 +3,8 @@
 model), fp32, CPU. The transformer alone runs through the generic tests of tests/test_integration.py,
 test_processors.py and test_probe.py (family "longcat"); here: what only the pipeline shows (its ids, its
 classifier-free guidance, its per-call settings, which its transformer's forward never receives)."""
+import contextlib
+import copy
 import importlib.util
 import sys
 from pathlib import Path
@@ -224,11 +226,98 @@ def test_bad_per_call_settings_fail_before_the_encoders(pipe, settings, error, w
     assert "transformer's" not in str(raised.value)  # (the keyword the user gave: the pipeline's own)
 
 
+def test_per_call_settings_with_the_transformer_enabled_alone_are_refused(pipe):
+    """With the transformer enabled alone, the pipeline's joint_attention_kwargs reach nobody (LongCat's pipeline does
+    not hand them on, and no enabled pipeline call takes them): a ValueError saying to enable the pipeline, not a call
+    that silently runs enable's settings. A call without them runs as enabled."""
+    sparsectx.enable(pipe.transformer, budget=BUDGET, selector="uniform")
+    with pytest.raises(ValueError, match=r"LongCatImageEditPipeline's joint_attention_kwargs\['sparsectx'\] reaches "
+                                         r"no transformer forward .*enable the pipeline"):
+        _run(pipe, joint_attention_kwargs={"sparsectx": {"budget": 1.0}})
+    seen = []
+    handle = _image_rows(pipe, seen)
+    try:
+        _run(pipe, joint_attention_kwargs={"other": 1})
+    finally:
+        handle.remove()
+    assert seen == [(1, lp.tokens() + _n_kept(), 4 * lp.LATENT_CHANNELS)] * STEPS
+
+
 def test_a_ref_shapes_signal_is_unused_on_ids(pipe):
     """The selectors read each image's grid from LongCat's ids: a ``ref_shapes`` signal (for models without ids)
     is warned about, not silently taken."""
     with pytest.warns(UserWarning, match=r"signals\['ref_shapes'\] is unused .*LongCat-Image.*\(img_ids\)"):
         sparsectx.enable(pipe, budget=BUDGET, selector="uniform", signals={"ref_shapes": [(4, 4)]})
+
+
+@contextlib.contextmanager
+def _inside_the_first_step(pipe, run):
+    """``run()`` is called from the pipeline's first scheduler step (LongCat's pipeline takes no step callback)."""
+    step, ran = pipe.scheduler.step, []
+
+    def step_then_run(*args, **kwargs):
+        if not ran:
+            ran.append(run())
+        return step(*args, **kwargs)
+
+    pipe.scheduler.step = step_then_run
+    try:
+        yield ran
+    finally:
+        pipe.scheduler.step = step
+
+
+def test_a_pipeline_not_enabled_called_inside_a_call_with_per_call_settings_runs_enables(pipe):
+    """A pipeline sharing the transformer but not enabled itself (``from_pipe``), called inside an enabled call given
+    per-call settings: its forwards run enable's settings (no forward of a LongCat call gets the settings in its
+    arguments: the patch tells the calls apart by the innermost pipeline call on the stack; before, the inner
+    pipeline's forwards ran the outer call's settings), the outer call's its own."""
+    sparsectx.enable(pipe, budget=BUDGET, selector="random", seed=SEED)
+    other = type(pipe)._sparsectx_base.from_pipe(pipe, scheduler=copy.deepcopy(pipe.scheduler))  # (enabled)
+    other.set_progress_bar_config(disable=True)
+    other.tokenizer_max_length = pipe.tokenizer_max_length  # (an instance setting: from_pipe does not copy it)
+    seen = []
+    handle = _image_rows(pipe, seen)
+
+    def inner():
+        start = len(seen)
+        _run(other)
+        rows = seen[start:]
+        del seen[start:]
+        return rows
+
+    try:
+        with _inside_the_first_step(pipe, inner) as ran:
+            _run(pipe, joint_attention_kwargs={"sparsectx": {"budget": 1.0}})
+    finally:
+        handle.remove()
+    n = lp.tokens()
+    assert ran == [[(1, n + _n_kept(), 4 * lp.LATENT_CHANNELS)] * STEPS]
+    assert seen == [(1, 2 * n, 4 * lp.LATENT_CHANNELS)] * STEPS
+
+
+def test_an_enabled_pipeline_called_inside_an_enabled_call_leaves_the_outer_selection(pipe):
+    """Two enabled pipelines sharing the transformer, the second called inside the first's call with another prompt
+    and seed: the outer call keeps its own selection for its later steps (before: the inner call dropped it, and the
+    outer selected again on a later step's latents): one selection per call, and the outer equals its call alone."""
+    other = type(pipe).from_pipe(pipe, scheduler=copy.deepcopy(pipe.scheduler))
+    other.set_progress_bar_config(disable=True)
+    other.tokenizer_max_length = pipe.tokenizer_max_length  # (an instance setting: from_pipe does not copy it)
+    selections = []
+
+    def counting_attention(latents, context):
+        selections.append(tuple(latents.shape))
+        return sparsectx.selection.attention_scores(latents, context)
+
+    sparsectx.enable(other, budget=BUDGET, selector=counting_attention)
+    sparsectx.enable(pipe, budget=BUDGET, selector=counting_attention)
+    alone = _run(pipe, CFG_BATCH)
+    alone_keep = sparsectx.last_selection(pipe).keep.clone()
+    with _inside_the_first_step(pipe, lambda: _run(other, prompt="a dog", generator_seed=5)) as ran:
+        nested = _run(pipe, CFG_BATCH)
+    assert len(ran) == 1 and len(selections) == 3  # the call alone, then the outer call's and the inner call's
+    assert torch.equal(sparsectx.last_selection(pipe).keep, alone_keep)
+    assert torch.equal(nested, alone)
 
 
 def test_per_image_generators_select_each_image_as_it_would_alone(pipe):

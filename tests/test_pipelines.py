@@ -617,6 +617,44 @@ def test_a_pipeline_not_enabled_called_inside_a_call_with_per_call_settings_keep
     assert seen == [n_target + sum(_reference_tokens(family))] * STEPS
 
 
+def _counting_attention(selections: list):
+    """The ``attention`` selector, recording each selection it makes."""
+    def selector(latents, context):
+        selections.append(tuple(latents.shape))
+        return sparsectx.selection.attention_scores(latents, context)
+
+    return selector
+
+
+def test_an_enabled_pipeline_called_inside_an_enabled_call_leaves_the_outer_selection(pipe, family):
+    """Two enabled pipelines sharing the transformer, the second called from a step callback of the first's call
+    (another prompt, another seed): the outer call's later steps keep its own selection (before: the inner call
+    dropped the outer's plans, and the outer selected again, on a later step's latents), so the two calls select
+    once each and the outer's output and last_selection equal those of the outer call alone."""
+    other = type(pipe).from_pipe(pipe, scheduler=copy.deepcopy(pipe.scheduler))
+    other.set_progress_bar_config(disable=True)
+    selections = []
+    sparsectx.enable(other, budget=_budget(family), selector=_counting_attention(selections))
+    sparsectx.enable(pipe, budget=_budget(family), selector=_counting_attention(selections))
+    with torch.no_grad():
+        alone = pipe(**_call_kwargs(family, CFG_BATCH)).images
+    alone_keep = sparsectx.last_selection(pipe).keep.clone()
+    assert len(selections) == 1
+    inner = {**_call_kwargs(family, PLAIN), "generator": torch.Generator().manual_seed(SEED + 5)}
+    inner["prompt_embeds"] = inner["prompt_embeds"] + 1.0
+
+    def nested(pipeline, step, timestep, outputs):
+        if step == 0:
+            other(**inner)
+        return outputs
+
+    with torch.no_grad():
+        outer = pipe(**_call_kwargs(family, CFG_BATCH), callback_on_step_end=nested).images
+    assert len(selections) == 3  # the outer call's and the inner call's
+    assert torch.equal(sparsectx.last_selection(pipe).keep, alone_keep)
+    assert torch.equal(outer, alone)
+
+
 def test_a_copy_of_the_transformer_taken_during_a_call_is_outside_it(pipe, family):
     """``copy.deepcopy`` of the enabled transformer in a step callback of a call with per-call settings (e.g. an EMA
     snapshot): the copy runs enable's settings in later calls, not that call's, and is not inside a pipeline call."""
