@@ -1899,8 +1899,12 @@ class _SparsePatch(ForwardPatch):
         attn_kwargs = dict(attn_kwargs)  # never mutate the caller's (the pipeline's) dicts
         raw = attn_kwargs.pop(CALL_KWARG)
         call[name] = attn_kwargs or None
+        return self.checked_overrides(raw, self._overrides_place())
+
+    def _overrides_place(self) -> str:
+        """Where this call's per-call settings came from, for messages (``_overrides_place``)."""
         pipeline_kwarg = self.pipeline_kwarg or _PIPELINE_ATTN_KWARGS_ARG[self.family]
-        return self.checked_overrides(raw, _overrides_place(pipeline_kwarg, name))
+        return _overrides_place(pipeline_kwarg, _ATTN_KWARGS_ARG[self.family])
 
     def _in_the_enabled_call(self) -> bool:
         """Whether the innermost pipeline call on this forward's stack is the enabled pipeline's call that was given
@@ -1988,12 +1992,19 @@ class _SparsePatch(ForwardPatch):
         from .selection import (budget_first_sample, budget_for_batch, budget_same_per_sample, mask_ranking,
                                  selected_keep)
 
-        counts = None if budget is None or _is_budget_fn(budget) else budget_counts(budget, batch, layout.ref_lengths)
+        try:  # (a per-call budget is checked against the batch and the layout here, its first forward)
+            counts = None if budget is None or _is_budget_fn(budget) else budget_counts(budget, batch,
+                                                                                        layout.ref_lengths)
+            batch_budget = budget_for_batch(budget, batch)  # a budget object's per-request settings over the batch
+        except (TypeError, ValueError) as error:
+            if "budget" not in overrides:
+                raise
+            raise type(error)(f"{self._overrides_place()}: {error}") from None
         if counts is not None and all(list(c) == list(layout.ref_lengths) for c in counts):
             # every token of every image kept, whatever the scores: no selector runs, so none draws from torch's
             # global RNG (a keep-all call equals the unpatched one, the random stream after it included)
             return torch.ones(references.shape[:2], dtype=torch.bool, device=hidden.device), None
-        budget = budget_for_batch(budget, batch)  # a budget object's per-request tensor settings over the batch
+        budget = batch_budget
         seed = self.settings.seed if self.settings.seed is not None else self.call_seed
         # one generator per image (diffusers' per-image seeds): a sample draws what its request would draw alone (also
         # under a KV cache: samples keeping different tokens fill a cache each); a list of another length than the

@@ -226,6 +226,16 @@ def test_bad_per_call_settings_fail_before_the_encoders(pipe, settings, error, w
     assert "transformer's" not in str(raised.value)  # (the keyword the user gave: the pipeline's own)
 
 
+@pytest.mark.parametrize("budget, words", [([[0.5], [0.5], [0.5]], "3 entries, which does not divide the batch of 2"),
+                                           ([0.5, 0.5], "2 entries")])
+def test_a_per_call_budget_that_does_not_fit_the_batch_names_its_keyword(pipe, budget, words):
+    """A per-call budget checked against the batch or the references at the first forward (3 requests for a batch
+    of 2; two per-image ratios for one reference) names the keyword it came through."""
+    sparsectx.enable(pipe, budget=BUDGET, selector="random", seed=SEED)
+    with pytest.raises(ValueError, match=rf"^joint_attention_kwargs\['sparsectx'\]: .*{words}"):
+        _run(pipe, CFG_BATCH, joint_attention_kwargs={"sparsectx": {"budget": budget}})
+
+
 def test_per_call_settings_with_the_transformer_enabled_alone_are_refused(pipe):
     """With the transformer enabled alone, the pipeline's joint_attention_kwargs reach nobody (LongCat's pipeline does
     not hand them on, and no enabled pipeline call takes them): a ValueError saying to enable the pipeline, not a call
