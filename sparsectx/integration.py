@@ -1458,7 +1458,7 @@ class _SparsePatch(ForwardPatch):
 
     host_frames_skipped = False  # whether dynamo was told to leave the group loop's frames to the interpreter
     _CALL_STATE = dict(pipeline_calls=0, call_seed=None, pipeline_kwarg=None, call_overrides=None,
-                       call_overrides_arrived=False, call_pipeline=None)
+                       call_overrides_arrived=False, call_pipeline=None, reported=None)
 
     def __init__(self, transformer: torch.nn.Module, family: str, settings: _Settings):
         super().__init__(transformer, family)
@@ -1479,6 +1479,9 @@ class _SparsePatch(ForwardPatch):
         self.call_overrides: Optional[dict] = None
         self.call_overrides_arrived = False
         self.call_pipeline = None  # the enabled pipeline whose call runs now (the one given call_overrides)
+        # an enabled pipeline call that ended inside another's (whose plans were put back): its selection, reported
+        # by last_selection until the next forward
+        self.reported: Optional[_Plan] = None
         # without a seed: the initial seed of the pipeline call's generator (a tuple: one generator per image)
         self.call_seed: Union[int, tuple, None] = None
         self.warned_unsupported = False  # the warning of _reinstall_replaced_processors is given once
@@ -1497,7 +1500,10 @@ class _SparsePatch(ForwardPatch):
     def cache(self) -> Optional[_Plan]:
         """The most recently used plan that holds a selection, among the plans of the latest call (None when that
         call selected nothing). A call: one pipeline call (its KV-cached steps select nothing but report the first
-        step's selection), or outside one the forwards on the same prompt tensors (``PROMPT_ARGS``)."""
+        step's selection), or outside one the forwards on the same prompt tensors (``PROMPT_ARGS``). An enabled
+        pipeline call that ended inside another enabled call is that latest call until the next forward."""
+        if self.reported is not None:
+            return self.reported
         if not self.plans:
             return None
         latest = next(reversed(self.plans))
@@ -1592,6 +1598,7 @@ class _SparsePatch(ForwardPatch):
 
     def _drop_plans(self) -> None:
         self.plans = {}
+        self.reported = None
 
     # -- forward ---------------------------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -1611,8 +1618,12 @@ class _SparsePatch(ForwardPatch):
             _skip_under_dynamo(_SparsePatch._merge)
             _SparsePatch.host_frames_skipped = True
         call = self.bind(args, kwargs)
-        overrides = self._pop_overrides(call)
-        plan, packable = self._plan(call, overrides)
+        self.reported = None  # (a call that ended inside an enabled call is reported until the next forward)
+        # a forward of the running enabled pipeline call: not one of a pipeline sharing the transformer, not enabled,
+        # called inside it (that one's forwards run enable's settings and select as a bare transformer's)
+        in_call = bool(self.pipeline_calls) and self._in_the_enabled_call()
+        overrides = self._pop_overrides(call, in_call)
+        plan, packable = self._plan(call, overrides, in_call)
         # a KV-cached step's layer caches may carry a kept_index: its range is read once for the forward's layers
         ranges = state_scope(self.attention_state, index_ranges={}) if self.attention_state is not None and \
             call.get("kv_cache_mode") == KV_CACHED else contextlib.nullcontext
@@ -1680,10 +1691,11 @@ class _SparsePatch(ForwardPatch):
         yield
 
     @_eager_under_compile  # host work once per call (layout, selection, groups): eager beside a compiled model
-    def _plan(self, call: dict, overrides: dict) -> tuple:
+    def _plan(self, call: dict, overrides: dict, in_call: bool) -> tuple:
         """``(plan, packable)``: the cached plan of this step's inputs, or a new one (layout, selection, groups);
-        ``packable``: the plan has a packing and this step's samples share their modulation (timestep, guidance)."""
-        key, recomputation = self._forward_key(call, self._plan_key(call, overrides))
+        ``packable``: the plan has a packing and this step's samples share their modulation (timestep, guidance).
+        ``in_call``: the forward is one of the running enabled pipeline call's."""
+        key, recomputation = self._forward_key(call, self._plan_key(call, overrides, in_call))
         plan = self.plans.get(key)
         if plan is None and recomputation and key[-2] is not None:
             # a new selection would not be the one the forward used, and the gradients would be wrong
@@ -1795,7 +1807,7 @@ class _SparsePatch(ForwardPatch):
             raise
         return self._new_plan(call, layout, keep, groups, packing)
 
-    def _plan_key(self, call: dict, overrides: dict) -> tuple:
+    def _plan_key(self, call: dict, overrides: dict, in_call: bool) -> tuple:
         """Host-side facts a plan depends on: the call epoch (first), inference mode, the input shapes and Qwen's image
         shapes, the KV mode, the selection settings (budget, selector, signals) in effect, (second to last) a
         training forward's number, and (last) outside an enabled pipeline's call the prompt's tensors (selectors may
@@ -1818,10 +1830,11 @@ class _SparsePatch(ForwardPatch):
                 # new mask at every step, as drop training does, even on the same input tensors), and a
                 # recomputation of that forward (a checkpoint around the transformer) finds its key (_forward_key)
                 self.training_forwards if training else None,
-                # outside a pipeline call (a bare transformer, or a pipeline sharing an enabled transformer) nothing
-                # marks where a call starts: the prompt's tensors (embedding, Qwen's text mask, FLUX.1's pooled
-                # projection: the probe reads each) key the selection
-                None if self.pipeline_calls else
+                # outside an enabled pipeline's call (a bare transformer, or a pipeline sharing an enabled
+                # transformer, also one called inside an enabled call) nothing marks where a call starts: the prompt's
+                # tensors (embedding, Qwen's text mask, FLUX.1's pooled projection: the probe reads each) key the
+                # selection
+                None if in_call else
                 tuple(None if value is None else _object_key(value) for value in map(call.get, PROMPT_ARGS)))
 
     def _forward_key(self, call: dict, key: tuple) -> tuple:
@@ -1884,18 +1897,20 @@ class _SparsePatch(ForwardPatch):
         flags = torch.stack([flag.to(device) for flag in checks]).tolist() if checks else []
         return all(flags[:n_match]), plan.packing is not None and all(flags[n_match:])
 
-    def _pop_overrides(self, call: dict) -> dict:
+    def _pop_overrides(self, call: dict, in_call: bool) -> dict:
         """This forward's per-call settings: those in its attention kwargs (taken out of them), else those given to
-        the enabled pipeline's call when no forward of the call got them (its blocks do not hand them on)."""
+        the enabled pipeline's call when no forward of the call got them (its blocks do not hand them on) and this
+        forward is one of that call's (``in_call``)."""
         name = _ATTN_KWARGS_ARG[self.family]
         attn_kwargs = call.get(name)
         if not attn_kwargs or CALL_KWARG not in attn_kwargs:
-            if self.family == LONGCAT and not self.pipeline_calls:
+            if self.family == LONGCAT and not in_call:
                 self._refuse_settings_no_forward_gets()
-            if self.call_overrides is None or self.call_overrides_arrived or not self._in_the_enabled_call():
+            if self.call_overrides is None or self.call_overrides_arrived or not in_call:
                 return {}
             return self.call_overrides
-        self.call_overrides_arrived = self.call_overrides is not None
+        if in_call:
+            self.call_overrides_arrived = self.call_overrides is not None
         attn_kwargs = dict(attn_kwargs)  # never mutate the caller's (the pipeline's) dicts
         raw = attn_kwargs.pop(CALL_KWARG)
         call[name] = attn_kwargs or None
@@ -1907,10 +1922,9 @@ class _SparsePatch(ForwardPatch):
         return _overrides_place(pipeline_kwarg, _ATTN_KWARGS_ARG[self.family])
 
     def _in_the_enabled_call(self) -> bool:
-        """Whether the innermost pipeline call on this forward's stack is the enabled pipeline's call that was given
-        the per-call settings, not a pipeline sharing the transformer, not enabled, called inside it (its forwards
-        run ``enable``'s settings). Read where no forward of the call gets the settings in its attention kwargs
-        (LongCat's pipeline hands them to nobody, FLUX.3's step-distilled blocks neither): a walk up the stack."""
+        """Whether the innermost pipeline call on this forward's stack is the running enabled pipeline's call, not a
+        pipeline sharing the transformer, not enabled, called inside it: a walk up the stack, at each forward inside
+        an enabled call (a few frames)."""
         return _innermost_pipeline_call(sys._getframe(2))[0] is self.call_pipeline
 
     def _refuse_settings_no_forward_gets(self) -> None:
@@ -2523,7 +2537,9 @@ def _pipeline_class(base: type) -> type:
                     patch.pipeline_kwarg = outer_kwarg
                     patch.call_overrides, patch.call_overrides_arrived, patch.call_pipeline = outer_overrides
                     if outer_plans is not None:
+                        inner = patch.cache
                         patch.call_epoch, patch.plans = outer_plans
+                        patch.reported = inner
 
         # the class keeps the base's name (diffusers' save_pretrained writes it as _class_name); pickle finds it
         # as an attribute of this module, so a pipeline whose transformer was disabled alone still pickles (one

@@ -253,6 +253,24 @@ def test_per_call_settings_with_the_transformer_enabled_alone_are_refused(pipe):
     assert seen == [(1, lp.tokens() + _n_kept(), 4 * lp.LATENT_CHANNELS)] * STEPS
 
 
+def test_per_call_settings_of_a_pipeline_not_enabled_inside_an_enabled_call_are_refused(pipe):
+    """The same inside an enabled call: a pipeline sharing the transformer, not enabled, given per-call settings, is
+    refused (before: it ran enable's settings silently there)."""
+    sparsectx.enable(pipe, budget=BUDGET, selector="random", seed=SEED)
+    other = type(pipe)._sparsectx_base.from_pipe(pipe, scheduler=copy.deepcopy(pipe.scheduler))  # (enabled)
+    other.set_progress_bar_config(disable=True)
+    other.tokenizer_max_length = pipe.tokenizer_max_length  # (an instance setting: from_pipe does not copy it)
+
+    def inner():
+        with pytest.raises(ValueError, match=r"joint_attention_kwargs\['sparsectx'\] reaches no transformer forward"):
+            _run(other, joint_attention_kwargs={"sparsectx": {"budget": 1.0}})
+        return True
+
+    with _inside_the_first_step(pipe, inner) as ran:
+        _run(pipe)
+    assert ran == [True]
+
+
 def test_a_ref_shapes_signal_is_unused_on_ids(pipe):
     """The selectors read each image's grid from LongCat's ids: a ``ref_shapes`` signal (for models without ids)
     is warned about, not silently taken."""

@@ -640,19 +640,58 @@ def test_an_enabled_pipeline_called_inside_an_enabled_call_leaves_the_outer_sele
         alone = pipe(**_call_kwargs(family, CFG_BATCH)).images
     alone_keep = sparsectx.last_selection(pipe).keep.clone()
     assert len(selections) == 1
-    inner = {**_call_kwargs(family, PLAIN), "generator": torch.Generator().manual_seed(SEED + 5)}
-    inner["prompt_embeds"] = inner["prompt_embeds"] + 1.0
+
+    def inner():  # (a fresh generator at each call)
+        kwargs = {**_call_kwargs(family, PLAIN), "generator": torch.Generator().manual_seed(SEED + 5)}
+        return {**kwargs, "prompt_embeds": kwargs["prompt_embeds"] + 1.0}
+
+    with torch.no_grad():
+        inner_alone = other(**inner()).images
+    inner_keep = sparsectx.last_selection(other).keep.clone()
+    selections.clear()
+    seen_inside = []
 
     def nested(pipeline, step, timestep, outputs):
         if step == 0:
-            other(**inner)
+            seen_inside.append(torch.equal(other(**inner()).images, inner_alone))
+            seen_inside.append(torch.equal(sparsectx.last_selection(other).keep, inner_keep))  # the inner call's
         return outputs
 
     with torch.no_grad():
         outer = pipe(**_call_kwargs(family, CFG_BATCH), callback_on_step_end=nested).images
-    assert len(selections) == 3  # the outer call's and the inner call's
+    assert len(selections) == 2  # the outer call's and the inner call's
+    assert seen_inside == [True, True]
     assert torch.equal(sparsectx.last_selection(pipe).keep, alone_keep)
     assert torch.equal(outer, alone)
+
+
+def test_a_pipeline_not_enabled_called_inside_an_enabled_call_selects_on_its_own_prompt(pipe, family):
+    """A pipeline sharing the enabled transformer, not enabled, called inside an enabled call with inputs of the
+    same shapes and another prompt: its forwards select as a bare transformer's (on their own prompt tensors), so it
+    equals its call alone, and the outer call equals its own (before: it reused the outer call's selection, made on
+    the outer prompt's probe)."""
+    other = type(pipe).from_pipe(pipe, scheduler=copy.deepcopy(pipe.scheduler))
+    other.set_progress_bar_config(disable=True)
+    sparsectx.enable(pipe, budget=_budget(family), selector="attention")
+
+    def inner():  # (a fresh generator at each call)
+        kwargs = {**_call_kwargs(family, CFG_BATCH), "generator": torch.Generator().manual_seed(SEED + 5)}
+        return {**kwargs, "prompt_embeds": 3.0 * kwargs["prompt_embeds"] + 1.0}
+
+    with torch.no_grad():
+        outer_alone = pipe(**_call_kwargs(family, CFG_BATCH)).images
+        inner_alone = other(**inner()).images
+    inside = []
+
+    def nested(pipeline, step, timestep, outputs):
+        if step == 0:
+            inside.append(other(**inner()).images)
+        return outputs
+
+    with torch.no_grad():
+        outer = pipe(**_call_kwargs(family, CFG_BATCH), callback_on_step_end=nested).images
+    assert torch.equal(inside[0], inner_alone)
+    assert torch.equal(outer, outer_alone)
 
 
 def test_a_copy_of_the_transformer_taken_during_a_call_is_outside_it(pipe, family):
