@@ -1122,8 +1122,8 @@ def _grid_ids(side: int, plane: int, device, n_axes: int = KLEIN.n_axes) -> torc
 def _step_inputs(family: ModelFamily, model, size_spec: dict, refs: int, device, dtype, gen) -> dict:
     """Random inputs of one step: target latents and ids (plane ``target_plane``), ``refs`` reference images
     (latents and ids, reference i on plane ``target_plane + ref_plane_stride·(i+1)``), text embeddings and ids, the
-    timestep, and the family's extra
-    conditioning (``extra``: pooled text embedding, guidance). Ids are batched ``[1 or refs, S, n_axes]``."""
+    timestep, and the family's extra conditioning (``extra``: pooled text embedding, guidance). Ids are batched
+    ``[1 or refs, S, n_axes]``."""
     cfg = model.config
     channels, n_target, n_ref = cfg.in_channels, size_spec["target_side"] ** 2, size_spec["ref_side"] ** 2
     text_ids = torch.zeros(1, size_spec["text"], family.n_axes, dtype=torch.int64, device=device)

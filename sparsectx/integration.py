@@ -845,13 +845,11 @@ def _probe_processor(family: str, layout: _Layout, call: dict) -> _QKProbeProces
                                                    call["hidden_states"].shape[1]))
     if family == FLUX3:
         return _Flux3QKProbe(layout, call["encoder_hidden_states"].shape[1], call["hidden_states"].shape[1])
-    if family == LONGCAT:
-        from diffusers.models.transformers import transformer_longcat_image as module
-    elif family == FLUX2:
-        from diffusers.models.transformers import transformer_flux2 as module
-    else:
-        from diffusers.models.transformers import transformer_flux as module
-    return _FluxQKProbe(layout, module._get_qkv_projections)
+    from . import processors  # deferred: imports diffusers' model modules
+
+    joint = {FLUX: processors.SparsectxFluxAttnProcessor, FLUX2: processors.SparsectxFlux2AttnProcessor,
+             LONGCAT: processors.SparsectxLongCatImageAttnProcessor}[family]
+    return _FluxQKProbe(layout, joint.diffusers_module._get_qkv_projections)
 
 
 def _stateful_hooks(transformer: torch.nn.Module) -> list:
@@ -1619,10 +1617,14 @@ class _SparsePatch(ForwardPatch):
             _SparsePatch.host_frames_skipped = True
         call = self.bind(args, kwargs)
         self.reported = None  # (a call that ended inside an enabled call is reported until the next forward)
-        # a forward of the running enabled pipeline call: not one of a pipeline sharing the transformer, not enabled,
-        # called inside it (that one's forwards run enable's settings and select as a bare transformer's)
-        in_call = bool(self.pipeline_calls) and self._in_the_enabled_call()
-        overrides = self._pop_overrides(call, in_call)
+        # the innermost pipeline call on this forward's stack (a walk of a few frames; inside an enabled call, and on
+        # LongCat for _pop_overrides' check): a forward of the running enabled call, or of a pipeline sharing the
+        # transformer, not enabled, called inside it (whose forwards run enable's settings and select as a bare
+        # transformer's)
+        caller = _innermost_pipeline_call(sys._getframe(1)) if self.pipeline_calls or self.family == LONGCAT \
+            else (None, None)
+        in_call = bool(self.pipeline_calls) and caller[0] is self.call_pipeline
+        overrides = self._pop_overrides(call, in_call, caller)
         plan, packable = self._plan(call, overrides, in_call)
         # a KV-cached step's layer caches may carry a kept_index: its range is read once for the forward's layers
         ranges = state_scope(self.attention_state, index_ranges={}) if self.attention_state is not None and \
@@ -1897,15 +1899,16 @@ class _SparsePatch(ForwardPatch):
         flags = torch.stack([flag.to(device) for flag in checks]).tolist() if checks else []
         return all(flags[:n_match]), plan.packing is not None and all(flags[n_match:])
 
-    def _pop_overrides(self, call: dict, in_call: bool) -> dict:
+    def _pop_overrides(self, call: dict, in_call: bool, caller: tuple) -> dict:
         """This forward's per-call settings: those in its attention kwargs (taken out of them), else those given to
         the enabled pipeline's call when no forward of the call got them (its blocks do not hand them on) and this
-        forward is one of that call's (``in_call``)."""
+        forward is one of that call's (``in_call``). ``caller``: ``(pipeline, frame)`` of the innermost pipeline
+        call on the forward's stack, where it was looked for."""
         name = _ATTN_KWARGS_ARG[self.family]
         attn_kwargs = call.get(name)
         if not attn_kwargs or CALL_KWARG not in attn_kwargs:
             if self.family == LONGCAT and not in_call:
-                self._refuse_settings_no_forward_gets()
+                self._refuse_settings_no_forward_gets(*caller)
             if self.call_overrides is None or self.call_overrides_arrived or not in_call:
                 return {}
             return self.call_overrides
@@ -1921,17 +1924,11 @@ class _SparsePatch(ForwardPatch):
         pipeline_kwarg = self.pipeline_kwarg or _PIPELINE_ATTN_KWARGS_ARG[self.family]
         return _overrides_place(pipeline_kwarg, _ATTN_KWARGS_ARG[self.family])
 
-    def _in_the_enabled_call(self) -> bool:
-        """Whether the innermost pipeline call on this forward's stack is the running enabled pipeline's call, not a
-        pipeline sharing the transformer, not enabled, called inside it: a walk up the stack, at each forward inside
-        an enabled call (a few frames)."""
-        return _innermost_pipeline_call(sys._getframe(2))[0] is self.call_pipeline
-
-    def _refuse_settings_no_forward_gets(self) -> None:
+    def _refuse_settings_no_forward_gets(self, owner, frame) -> None:
         """LongCat-Image with its transformer enabled alone: per-call settings given to the running pipeline's
-        ``joint_attention_kwargs`` reach no forward (the pipeline hands that keyword to nobody, and only an enabled
-        pipeline's call takes them): ``ValueError`` rather than a call that silently runs ``enable``'s settings."""
-        owner, frame = _innermost_pipeline_call(sys._getframe(2))
+        (``owner``, its ``__call__`` at ``frame``) ``joint_attention_kwargs`` reach no forward (the pipeline hands
+        that keyword to nobody, and only an enabled pipeline's call takes them): ``ValueError`` rather than a call
+        that silently runs ``enable``'s settings."""
         given = None if owner is None else frame.f_locals.get(_PIPELINE_ATTN_KWARGS_ARG[self.family])
         if isinstance(given, collections.abc.Mapping) and CALL_KWARG in given:
             raise ValueError(f"{type(owner).__name__}'s {_PIPELINE_ATTN_KWARGS_ARG[self.family]}['{CALL_KWARG}'] "
