@@ -1,5 +1,5 @@
 """Drop-in Sparse Context for diffusers pipelines: FLUX.1 Kontext, FLUX.2 / klein (+ reference KV cache),
-Qwen-Image-Edit(-Plus), FLUX.3 (its modular pipelines), Qwen-Image 2.1, LongCat-Image-Edit.
+Qwen-Image-Edit(-Plus), FLUX.3 (its modular pipelines), Qwen-Image 2.1, LongCat-Image-Edit, Bria FIBO Edit.
 
 ```python
 sparsectx.enable(pipe, budget=0.1, selector="random", seed=0)   # a pipeline or a bare transformer
@@ -12,13 +12,14 @@ pipe(..., attention_kwargs={"sparsectx": {"budget": 0.05}})      # per-call over
 
 How it works. ``enable`` wraps the transformer's ``forward``. When the image sequence that reaches it holds
 reference tokens (FLUX.1/FLUX.2: the first axis of ``img_ids`` is non-zero, one value per reference image;
-LongCat-Image: the same with the target on plane 1; Qwen-Image: ``img_shapes`` lists the references after the
-target), the wrapper
+LongCat-Image: the same with the target on plane 1; Bria FIBO Edit: as FLUX.1; Qwen-Image: ``img_shapes`` lists the
+references after the target), the wrapper
 
 1. scores the reference tokens with the selector and keeps each image's budget of them (top-k per image);
 2. removes the dropped rows from ``hidden_states`` and from the position information (``img_ids`` rows; for
    Qwen-Image the rows of the RoPE table that ``pos_embed`` builds from ``img_shapes``, and ``modulate_index``
-   shortened to match when ``zero_cond_t``), so dropped tokens leave every block, MLP included;
+   shortened to match when ``zero_cond_t``), so dropped tokens leave every block, MLP included; a key mask in the
+   attention kwargs (``attention_mask``: Bria FIBO Edit's prompt padding) loses the dropped columns too;
 3. runs the original forward on the shorter sequence and writes its rows back at their original positions
    (reference rows of the output are zeros: pipelines only read the target rows). When every token is kept, the
    original forward runs unchanged (after the layout is read: a Qwen-Image batch whose samples list images of
@@ -120,7 +121,7 @@ if TYPE_CHECKING:  # (imported where used: sparsectx.processors imports diffuser
 # ----------------------------------------------------------------------------------------------------------------
 # constants
 # ----------------------------------------------------------------------------------------------------------------
-FLUX2, FLUX, QWEN, FLUX3, QWEN21, LONGCAT = "flux2", "flux", "qwen", "flux3", "qwen21", "longcat"
+FLUX2, FLUX, QWEN, FLUX3, QWEN21, LONGCAT, FIBO = "flux2", "flux", "qwen", "flux3", "qwen21", "longcat", "fibo"
 MIN_DIFFUSERS = (0, 39)  # the oldest diffusers release the test suite passes with (setup.py's floor)
 MAX_TESTED_DIFFUSERS = (0, 42)  # the newest release series the suite ran with (README, "Versions")
 SUPPORTED_TRANSFORMERS = {  # diffusers class name -> family
@@ -130,20 +131,22 @@ SUPPORTED_TRANSFORMERS = {  # diffusers class name -> family
     "Flux3Transformer2DModel": FLUX3,
     "QwenImage21Transformer2DModel": QWEN21,
     "LongCatImageTransformer2DModel": LONGCAT,
+    "BriaFiboTransformer2DModel": FIBO,
 }
 SUPPORTED_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinKVPipeline", "Flux2KleinInpaintPipeline",
                        "FluxKontextPipeline", "FluxKontextInpaintPipeline", "QwenImageEditPipeline",
                        "QwenImageEditPlusPipeline", "QwenImageEditInpaintPipeline", "Flux3ModularPipeline",
-                       "Flux3DistilledModularPipeline", "QwenImage21Pipeline", "LongCatImageEditPipeline")
+                       "Flux3DistilledModularPipeline", "QwenImage21Pipeline", "LongCatImageEditPipeline",
+                       "BriaFiboEditPipeline")
 NATIVE, SPARSECTX = "native", "sparsectx"  # enable(attention=...): diffusers' own attention or sparsectx's kernel
 ATTENTION_CHOICES = (NATIVE, SPARSECTX)
 DROP_TRAINING_ATTR = "_sparsectx_drop_training"  # set by sparsectx.training.enable_drop_training
 CALL_KWARG = "sparsectx"  # key of the per-call override dict inside (joint_)attention_kwargs
 OVERRIDE_KEYS = ("budget", "selector", "signals")
 PATCH_ATTR = "_sparsectx_patch"  # the transformer attribute holding its _SparsePatch while enabled
-# first id axis of the target tokens (FLUX.1 / FLUX.2: 0; LongCat-Image: its image modality 1, text being 0);
-# reference tokens have any other value, one per reference image
-TARGET_PLANES = {FLUX: 0, FLUX2: 0, LONGCAT: 1}
+# first id axis of the target tokens (FLUX.1 / FLUX.2 / Bria FIBO: 0; LongCat-Image: its image modality 1, text
+# being 0); reference tokens have any other value, one per reference image
+TARGET_PLANES = {FLUX: 0, FLUX2: 0, LONGCAT: 1, FIBO: 0}
 KV_EXTRACT = "extract"
 KV_CACHED = "cached"  # FLUX.2 klein's cached steps: the references are in the cache, none in the sequence
 
@@ -159,26 +162,32 @@ _BATCH_ARGS = {
     # tensor, on which their joint layouts are memoised)
     QWEN21: ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep", "img_shapes"),
     LONGCAT: ("hidden_states", "encoder_hidden_states", "timestep", "guidance"),
+    # (Bria FIBO's text_encoder_layers: one [B, T, C] tensor per block, each sliced)
+    FIBO: ("hidden_states", "encoder_hidden_states", "text_encoder_layers", "pooled_projections", "timestep",
+           "guidance"),
 }
 # per family: the forward arguments the layout is read from (a forward without them can not be patched)
 _LAYOUT_ARGS = {FLUX2: ("hidden_states", "img_ids"), FLUX: ("hidden_states", "img_ids"),
                 QWEN: ("hidden_states", "img_shapes"), FLUX3: ("image_cond_hidden_states", "image_cond_ids"),
-                QWEN21: ("hidden_states", "img_shapes", "img_mask"), LONGCAT: ("hidden_states", "img_ids")}
+                QWEN21: ("hidden_states", "img_shapes", "img_mask"), LONGCAT: ("hidden_states", "img_ids"),
+                FIBO: ("hidden_states", "img_ids")}
 # per family: the forward argument holding the reference rows and the one holding their position ids. FLUX.3 takes
 # its references as an input of their own (they produce no output rows); the others append them to the image
 # sequence, after the target (Qwen-Image 2.1: before it; Qwen-Image has no ids: its layout comes from img_shapes)
 _REFERENCE_ARGS = {FLUX2: ("hidden_states", "img_ids"), FLUX: ("hidden_states", "img_ids"),
                    QWEN: ("hidden_states", "img_ids"), FLUX3: ("image_cond_hidden_states", "image_cond_ids"),
-                   QWEN21: ("hidden_states", "img_ids"), LONGCAT: ("hidden_states", "img_ids")}
+                   QWEN21: ("hidden_states", "img_ids"), LONGCAT: ("hidden_states", "img_ids"),
+                   FIBO: ("hidden_states", "img_ids")}
 # (LongCat-Image's forward takes none: the per-call settings given to its pipeline's joint_attention_kwargs, which
 # the pipeline does not hand on, reach the patch through the enabled pipeline's call)
 _ATTN_KWARGS_ARG = {FLUX2: "joint_attention_kwargs", FLUX: "joint_attention_kwargs", QWEN: "attention_kwargs",
-                    FLUX3: "attention_kwargs", QWEN21: "attention_kwargs", LONGCAT: "joint_attention_kwargs"}
+                    FLUX3: "attention_kwargs", QWEN21: "attention_kwargs", LONGCAT: "joint_attention_kwargs",
+                    FIBO: "joint_attention_kwargs"}
 # the pipelines' keyword that reaches it (FLUX.2's pipelines take attention_kwargs; their modular blocks, as every
 # pipeline whose __call__ takes **kwargs, the transformer's keyword), for messages about a bare transformer's call
 _PIPELINE_ATTN_KWARGS_ARG = {FLUX2: "attention_kwargs", FLUX: "joint_attention_kwargs", QWEN: "attention_kwargs",
                              FLUX3: "attention_kwargs", QWEN21: "attention_kwargs",
-                             LONGCAT: "joint_attention_kwargs"}
+                             LONGCAT: "joint_attention_kwargs", FIBO: "joint_attention_kwargs"}
 _ATTN_KWARGS_NAMES = ("attention_kwargs", "joint_attention_kwargs")
 _UNSUPPORTED_ARGS = ("controlnet_block_samples", "controlnet_single_block_samples")
 
@@ -543,21 +552,22 @@ def _check_settings_for(selector, budget, signals: dict, warned: Optional[set] =
 
 
 def _warn_ids_grid(family: str, selector, signals: dict, warned: Optional[set] = None) -> None:
-    """FLUX.1 / FLUX.2 / FLUX.3 / LongCat give the built-in selectors each reference's grid in their ids: a
-    ``ref_shapes`` signal (the grid of a model without ids, Qwen-Image) is not read there; warned (once per patch,
+    """FLUX.1 / FLUX.2 / FLUX.3 / LongCat / Bria FIBO give the built-in selectors each reference's grid in their ids:
+    a ``ref_shapes`` signal (the grid of a model without ids, Qwen-Image) is not read there; warned (once per patch,
     with ``warned``). A user's selector may read it: not warned."""
     from .selection import is_builtin_selector  # deferred: only enable() needs it
 
-    if family in (FLUX, FLUX2, FLUX3, LONGCAT) and "ref_shapes" in signals and is_builtin_selector(selector) \
+    if (family in TARGET_PLANES or family == FLUX3) and "ref_shapes" in signals and is_builtin_selector(selector) \
             and (warned is None or "ref_shapes" not in warned):
         if warned is not None:
             warned.add("ref_shapes")
-        _warn(f"signals['ref_shapes'] is unused on FLUX.1 / FLUX.2 / FLUX.3 / LongCat-Image: the selectors read each "
-              f"reference's grid from the transformer's reference ids ({_REFERENCE_ARGS[family][1]})", UserWarning)
+        _warn(f"signals['ref_shapes'] is unused on FLUX.1 / FLUX.2 / FLUX.3 / LongCat-Image / Bria FIBO: the selectors "
+              f"read each reference's grid from the transformer's reference ids ({_REFERENCE_ARGS[family][1]})",
+              UserWarning)
 
 
 # transformer arguments that carry the prompt (per sample): the probe's text queries depend on them
-PROMPT_ARGS = ("encoder_hidden_states", "encoder_hidden_states_mask", "pooled_projections")
+PROMPT_ARGS = ("encoder_hidden_states", "encoder_hidden_states_mask", "pooled_projections", "text_encoder_layers")
 
 
 class _SamplesDiffer(BaseException):
@@ -565,8 +575,11 @@ class _SamplesDiffer(BaseException):
     BaseException, so a selector's own ``except Exception`` around the probe does not swallow it)."""
 
 
-def _same_rows(t: torch.Tensor) -> bool:
-    """Whether every sample (leading dim) of ``t`` equals the first (one host read)."""
+def _same_rows(t) -> bool:
+    """Whether every sample (leading dim) of ``t``, a tensor or a list/tuple of them, equals the first (one host
+    read per tensor)."""
+    if isinstance(t, (list, tuple)):
+        return all(map(_same_rows, t))
     return t.ndim == 0 or t.shape[0] <= 1 or torch.equal(t, t[:1].expand_as(t))
 
 
@@ -720,9 +733,7 @@ def _cond_layout(call: dict) -> Optional[_Layout]:
                    torch.arange(n))
 
 
-_LAYOUTS = {FLUX2: functools.partial(_ids_layout, target_plane=TARGET_PLANES[FLUX2]),
-            FLUX: functools.partial(_ids_layout, target_plane=TARGET_PLANES[FLUX]),
-            LONGCAT: functools.partial(_ids_layout, target_plane=TARGET_PLANES[LONGCAT]),
+_LAYOUTS = {**{family: functools.partial(_ids_layout, target_plane=plane) for family, plane in TARGET_PLANES.items()},
             QWEN: functools.partial(_image_layout, target_first=True),
             FLUX3: _cond_layout, QWEN21: functools.partial(_image_layout, target_first=False)}
 
@@ -774,8 +785,9 @@ def _consecutive(positions: torch.Tensor) -> Optional[slice]:
 
 
 class _FluxQKProbe(_QKProbeProcessor):
-    """FLUX.1 / FLUX.2 / LongCat-Image double-stream attention (the KV-cache arguments of FLUX.2 klein are accepted,
-    unused)."""
+    """FLUX.1 / FLUX.2 / LongCat-Image / Bria FIBO double-stream attention (the KV-cache arguments of FLUX.2 klein
+    are accepted, unused); the text columns of a key mask (``attention_mask``: Bria FIBO's prompt padding) come along
+    as ``text_mask``."""
 
     def __init__(self, layout: _Layout, get_qkv_projections: Callable):
         super().__init__(layout)
@@ -783,10 +795,15 @@ class _FluxQKProbe(_QKProbeProcessor):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
                  kv_cache=None, kv_cache_mode=None, num_ref_tokens=0):
-        from .processors import flux_probe_qk  # deferred: imports diffusers' model modules
+        from .processors import flux_probe_qk, key_mask_from_attention_mask  # deferred: imports diffusers' modules
 
+        text_mask = None
+        if attention_mask is not None:
+            n_text = encoder_hidden_states.shape[1]
+            text_mask = key_mask_from_attention_mask(attention_mask, hidden_states.shape[0],
+                                                     n_text + hidden_states.shape[1])[:, :n_text]
         self._record(*flux_probe_qk(attn, hidden_states, encoder_hidden_states, self.get_qkv_projections,
-                                    image_rotary_emb, *self._rows(hidden_states)))
+                                    image_rotary_emb, *self._rows(hidden_states)), text_mask)
 
 
 class _QwenQKProbe(_QKProbeProcessor):
@@ -834,7 +851,8 @@ class _Qwen21QKProbe(_QKProbeProcessor):
 
 
 def _probe_processor(family: str, layout: _Layout, call: dict) -> _QKProbeProcessor:
-    """The probe processor of a family (FLUX, LongCat: with the projection helper diffusers' own processor calls)."""
+    """The probe processor of a family (FLUX, LongCat, Bria FIBO: with the projection helper diffusers' own processor
+    calls)."""
     if family == QWEN:
         return _QwenQKProbe(layout)
     if family == QWEN21:
@@ -848,7 +866,8 @@ def _probe_processor(family: str, layout: _Layout, call: dict) -> _QKProbeProces
     from . import processors  # deferred: imports diffusers' model modules
 
     joint = {FLUX: processors.SparsectxFluxAttnProcessor, FLUX2: processors.SparsectxFlux2AttnProcessor,
-             LONGCAT: processors.SparsectxLongCatImageAttnProcessor}[family]
+             LONGCAT: processors.SparsectxLongCatImageAttnProcessor,
+             FIBO: processors.SparsectxBriaFiboAttnProcessor}[family]
     return _FluxQKProbe(layout, joint.diffusers_module._get_qkv_projections)
 
 
@@ -1456,7 +1475,7 @@ class _SparsePatch(ForwardPatch):
 
     host_frames_skipped = False  # whether dynamo was told to leave the group loop's frames to the interpreter
     _CALL_STATE = dict(pipeline_calls=0, call_seed=None, pipeline_kwarg=None, call_overrides=None,
-                       call_overrides_arrived=False, call_pipeline=None, reported=None)
+                       call_overrides_arrived=False, call_pipeline=None, reported=None, call_guidance_pairs=False)
 
     def __init__(self, transformer: torch.nn.Module, family: str, settings: _Settings):
         super().__init__(transformer, family)
@@ -1477,6 +1496,9 @@ class _SparsePatch(ForwardPatch):
         self.call_overrides: Optional[dict] = None
         self.call_overrides_arrived = False
         self.call_pipeline = None  # the enabled pipeline whose call runs now (the one given call_overrides)
+        # whether the running call batches guidance's unconditional samples before its conditional ones in one
+        # forward (_BATCHED_GUIDANCE): its forwards select on the conditional half, shared by both
+        self.call_guidance_pairs = False
         # an enabled pipeline call that ended inside another's (whose plans were put back): its selection, reported
         # by last_selection until the next forward
         self.reported: Optional[_Plan] = None
@@ -1650,7 +1672,8 @@ class _SparsePatch(ForwardPatch):
                 return self._run_klein_cached(call, plan, *found)
         # a packed sequence needs sparsectx's processors in every layer (other processors would attend across the
         # samples): processors set since are replaced first (a walk over the modules), else each group runs alone
-        if plan.groups and packable and not self._per_sample_extras(call) and self._reinstall_replaced_processors():
+        if plan.groups and packable and not self._per_sample_extras(call) and self._attention_mask(call) is None \
+                and self._reinstall_replaced_processors():
             return self._run_packed(call, plan.packing)
         return self._run_groups(call, plan)
 
@@ -1669,6 +1692,10 @@ class _SparsePatch(ForwardPatch):
             plan.hooks_checked = True
         return [self._run_group(call if caches is None else {**call, "kv_cache": cache}, group)
                 for group, cache in zip(plan.groups, caches or itertools.repeat(None))]
+
+    def _attention_mask(self, call: dict) -> Optional[torch.Tensor]:
+        """The key mask in the call's attention kwargs (``attention_mask``: Bria FIBO's prompt padding), or None."""
+        return (call.get(_ATTN_KWARGS_ARG[self.family]) or {}).get("attention_mask")
 
     def _per_sample_extras(self, call: dict) -> bool:
         """Whether a subclass's own argument holds per-sample tensors (a leading dim of the batch): one packed
@@ -1725,7 +1752,7 @@ class _SparsePatch(ForwardPatch):
         layout, unverified = (None, None) if cached_step else self._known_layout(call)
         plan = None
         if unverified is not None:  # a layout found on earlier ids: the selection's read checks the call's ids
-            plan = self._selection_plan(call, layout, overrides, unverified)
+            plan = self._selection_plan(call, layout, overrides, unverified, in_call)
             if plan is None:  # they differ: this call's own layout
                 layout = self._read_layout(call)
         if plan is None and layout is None:
@@ -1734,7 +1761,7 @@ class _SparsePatch(ForwardPatch):
             # it when the call returns), is what last_selection reports after the call
             plan.reports = self._selecting_plan(key)
         elif plan is None:
-            plan = self._selection_plan(call, layout, overrides, None)
+            plan = self._selection_plan(call, layout, overrides, None, in_call)
         if training_input:
             plan.drawn = drawn_rng(call["hidden_states"].device, before)
             selector = overrides.get("selector", self.settings.selector)
@@ -1792,14 +1819,17 @@ class _SparsePatch(ForwardPatch):
         # (index tensors made under torch.inference_mode can not be saved for backward: layouts per mode)
         return (torch.is_inference_mode_enabled(), *((tuple(t.shape), t.dtype, t.device) for t in ids))
 
-    def _selection_plan(self, call: dict, layout: _Layout, overrides: dict,
-                        unverified: Optional[torch.Tensor]) -> Optional[_Plan]:
+    def _selection_plan(self, call: dict, layout: _Layout, overrides: dict, unverified: Optional[torch.Tensor],
+                        in_call: bool) -> Optional[_Plan]:
         """A new selection's plan on ``layout``. With ``unverified`` (``_known_layout``): None when the call's ids
         differ from the layout's, read with the keep mask, or before an error is raised on that layout (which is
-        then not the call's)."""
+        then not the call's). ``in_call``: the forward is one of the running enabled pipeline call's."""
         try:
             self._check_supported(call, layout)
-            keep, nan = self._select(call, layout, overrides)
+            if in_call and self.call_guidance_pairs:
+                keep, nan = self._select_guidance_pairs(call, layout, overrides)
+            else:
+                keep, nan = self._select(call, layout, overrides)
             groups, packing = self._groups(call, layout, keep, unverified, nan)
         except _LayoutChanged:
             return None
@@ -2064,6 +2094,17 @@ class _SparsePatch(ForwardPatch):
         except _SamplesDiffer:
             return select(False)
 
+    def _select_guidance_pairs(self, call: dict, layout: _Layout, overrides: dict) -> tuple:
+        """``_select`` of a batch holding guidance's unconditional samples, then as many conditional ones (Bria FIBO
+        Edit's call with ``guidance_scale > 1``): the conditional half is selected (on its prompts, one request per
+        sample: per-request budgets and per-image generators count the requests) and each unconditional sample
+        keeps what its conditional partner keeps, so both branches of guidance see the same reference tokens."""
+        batch = call["hidden_states"].shape[0]
+        if batch % 2:  # (not the pipeline's guidance batch)
+            return self._select(call, layout, overrides)
+        keep, nan = self._select(self._slice_batch(call, list(range(batch // 2, batch))), layout, overrides)
+        return torch.cat([keep, keep]), nan
+
     def _attention_probe(self, call: dict, layout: _Layout, shared: bool) -> Callable:
         """``extra["attention_probe"]`` for this call: selectors call it at most once, only when they need a probe
         tensor. A batch that shares its references and its prompt is probed on its first sample (the batch the
@@ -2071,7 +2112,7 @@ class _SparsePatch(ForwardPatch):
 
         def probe(reference_latents: torch.Tensor, context) -> dict:
             if shared and not all(_same_rows(call[name]) for name in PROMPT_ARGS
-                                  if isinstance(call.get(name), torch.Tensor)):
+                                  if isinstance(call.get(name), torch.Tensor) or _tensor_sequence(call.get(name))):
                 raise _SamplesDiffer  # the probe reads the prompt: each sample is selected on its own
             probed = self._slice_batch(call, [0]) if shared else call
             return _probe_tensors(_probe_qk(self.transformer, self.family, self.original_forward, probed, layout))
@@ -2185,9 +2226,15 @@ class _SparsePatch(ForwardPatch):
             return self._run_flux3(g, group)
         if self.family == QWEN21:
             return self._run_qwen21(g, group)
+        n_image = g["hidden_states"].shape[1]
         g["hidden_states"] = g["hidden_states"].index_select(1, group.positions)
         if self.family == QWEN:
             return self._run_qwen(g, group)
+        mask = self._attention_mask(g)
+        if mask is not None:
+            name = _ATTN_KWARGS_ARG[self.family]
+            g[name] = {**g[name], "attention_mask": _kept_key_columns(
+                mask, g["encoder_hidden_states"].shape[1], n_image, group.positions)}
         g["img_ids"], memo = self._kept_ids(g["img_ids"], group.positions, group.rope)
         group.rope = memo or group.rope
         if g.get("kv_cache_mode") == KV_EXTRACT:
@@ -2338,6 +2385,8 @@ class _SparsePatch(ForwardPatch):
             if isinstance(value, torch.Tensor):
                 if value.ndim >= 1 and value.shape[0] == batch:  # (a leading dim of 1 serves every sample)
                     group[name] = value.index_select(0, samples.to(value.device))
+            elif _tensor_sequence(value):  # per-sample tensors (Bria FIBO's text_encoder_layers, one per block)
+                group[name] = _sample_rows(value, samples, batch)
             elif isinstance(value, list) and len(value) == batch:
                 group[name] = [value[r] for r in rows]
         attn_name = _ATTN_KWARGS_ARG[self.family]
@@ -2369,6 +2418,20 @@ class _SparsePatch(ForwardPatch):
             else:
                 full[group.samples[:, None], group.out_dest[None, :]] = rows
         return _with_sample(first, full)
+
+
+def _kept_key_columns(mask: torch.Tensor, n_text: int, n_image: int, positions: torch.Tensor) -> torch.Tensor:
+    """``attention_mask`` over the joint ``[text, image]`` sequence (boolean or additive; its last dim the
+    ``n_text + n_image`` keys, and a dim before it of that length, one row per query, too) restricted to the text and
+    the kept image rows ``positions``."""
+    n = n_text + n_image
+    if not isinstance(mask, torch.Tensor) or mask.ndim == 0 or mask.shape[-1] != n:
+        raise ValueError(f"attention_mask must be a mask over the joint sequence's keys, its last dim {n} ({n_text} "
+                         f"text + {n_image} image tokens), got "
+                         f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    columns = torch.cat([torch.arange(n_text, device=mask.device), positions.to(mask.device) + n_text])
+    mask = mask.index_select(-1, columns)
+    return mask.index_select(-2, columns) if mask.ndim >= 2 and mask.shape[-2] == n else mask
 
 
 def _per_sample(value, batch: int) -> bool:
@@ -2491,6 +2554,29 @@ def _pipeline_attn_kwarg(base: type, family: str) -> str:
     return _ATTN_KWARGS_ARG[family]
 
 
+# pipelines that run guidance's two branches as one batch, unconditional samples first, and the argument (and its
+# threshold) that turns guidance on: their calls select on the conditional samples, whose selection the
+# unconditional ones share (other pipelines call the transformer once per branch: the branches share the call's
+# selection anyway)
+_BATCHED_GUIDANCE = {"BriaFiboEditPipeline": ("guidance_scale", 1.0)}
+
+
+def _guidance_batched(base: type, pipe, args: tuple, kwargs: dict) -> bool:
+    """Whether this call of a ``base`` pipeline batches guidance's branches (``_BATCHED_GUIDANCE``): its guidance
+    argument, as given or by default, above the threshold."""
+    entry = next((_BATCHED_GUIDANCE[c.__name__] for c in base.__mro__ if c.__name__ in _BATCHED_GUIDANCE), None)
+    if entry is None:
+        return False
+    name, threshold = entry
+    try:
+        bound = inspect.signature(base.__call__).bind(pipe, *args, **kwargs)
+    except TypeError:  # (the pipeline's own call raises it)
+        return False
+    bound.apply_defaults()
+    value = bound.arguments.get(name)
+    return isinstance(value, numbers.Real) and value > threshold
+
+
 def _pipeline_class(base: type) -> type:
     """A subclass of ``base`` whose ``__call__`` tells the transformer's patch that a new call begins (Python
     looks ``__call__`` up on the type, so the instance's class is swapped; ``disable`` swaps it back)."""
@@ -2526,10 +2612,13 @@ def _pipeline_class(base: type) -> type:
                 outer_kwarg, patch.pipeline_kwarg = patch.pipeline_kwarg, pipeline_kwarg
                 outer_overrides = patch.call_overrides, patch.call_overrides_arrived, patch.call_pipeline
                 patch.call_overrides, patch.call_overrides_arrived, patch.call_pipeline = overrides, False, self
+                outer_pairs, patch.call_guidance_pairs = patch.call_guidance_pairs, _guidance_batched(
+                    base, self, args, kwargs)
                 try:
                     return base.__call__(self, *args, **kwargs)
                 finally:
                     patch.pipeline_calls -= 1
+                    patch.call_guidance_pairs = outer_pairs
                     patch.call_seed = outer_seed
                     patch.pipeline_kwarg = outer_kwarg
                     patch.call_overrides, patch.call_overrides_arrived, patch.call_pipeline = outer_overrides

@@ -26,6 +26,8 @@ processor, so one processor instance may serve every layer (diffusers' ``set_att
 | ``QwenDoubleStreamAttnProcessor2_0``  | ``SparsectxQwenDoubleStreamAttnProcessor`` |
 | ``Flux3AttnProcessor`` (diffusers >= 0.42) | ``SparsectxFlux3AttnProcessor`` |
 | ``LongCatImageAttnProcessor``         | ``SparsectxLongCatImageAttnProcessor`` |
+| ``BriaFiboAttnProcessor``             | ``SparsectxBriaFiboAttnProcessor``    |
+| ``BriaAttnProcessor`` (Bria FIBO's single-stream blocks) | ``SparsectxBriaAttnProcessor`` |
 
 ``install_processors(transformer, state)`` swaps every supported processor of a transformer (and returns the
 originals); ``restore_processors(transformer, originals)`` puts the very same objects back.
@@ -61,6 +63,10 @@ try:  # LongCat-Image (absent from older releases)
     from diffusers.models.transformers import transformer_longcat_image
 except ImportError:
     transformer_longcat_image = None
+try:  # Bria FIBO (absent from older releases); its single-stream blocks run Bria's processor
+    from diffusers.models.transformers import transformer_bria, transformer_bria_fibo
+except ImportError:
+    transformer_bria = transformer_bria_fibo = None
 try:  # diffusers' dtype choice for RoPE angles (absent from older releases: the devices it names are used)
     from diffusers.utils.torch_utils import maybe_adjust_dtype_for_device
 except ImportError:
@@ -172,7 +178,7 @@ def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return torch.cat([text, image])[None]
 
 
-def _key_mask_from_attention_mask(attention_mask: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+def key_mask_from_attention_mask(attention_mask: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
     """diffusers' boolean key masks (``[B, S]`` or ``[B, 1, 1, S]``) -> bool ``[B, S]``."""
     if attention_mask.dtype != torch.bool:
         raise ValueError("sparsectx processors take a boolean key mask as attention_mask (True = attend), got "
@@ -277,7 +283,7 @@ class _SparsectxProcessor:
             query_mask = self._apply_drop_mask(key_mask, slice(seq - n_image, seq))
         kept_prefix = 0
         if attention_mask is not None:
-            key_mask &= _key_mask_from_attention_mask(attention_mask, batch, seq)
+            key_mask &= key_mask_from_attention_mask(attention_mask, batch, seq)
         else:  # every text token and the leading image tokens
             kept_prefix = seq - image_keep.shape[1] + self.state.image_kept_prefix
         return masked_attention(query, key, value, key_mask, query_mask=query_mask, kept_prefix=kept_prefix)
@@ -356,43 +362,61 @@ def _joinable(first: torch.Tensor, first_norm, second: torch.Tensor, second_norm
     return first_norm.eps == second_norm.eps and first.dtype == second.dtype and first.device == second.device
 
 
+def _norm_kind(module, x: torch.Tensor) -> Optional[str]:
+    """``"torch"`` for a plain ``torch.nn.RMSNorm`` over ``x`` (``_plain_rms_norm``), ``"diffusers"`` for a plain
+    diffusers ``RMSNorm`` (``_plain_diffusers_rms_norm``: Bria FIBO's single-stream blocks), else None: the norms
+    ``rms_norm_rope`` may compute in their place (the second with ``round_before_weight``)."""
+    if _plain_rms_norm(module, x):
+        return "torch"
+    return "diffusers" if _plain_diffusers_rms_norm(module, x) else None
+
+
 def _fusable(x: torch.Tensor, norm, rotary_emb, n_rows: int) -> bool:
     """Whether ``rms_norm_rope`` may compute ``norm`` and RoPE of ``x`` (``n_rows`` rows with a prefix): autocast
     off (under it the norm's output dtype is autocast's to decide), FLUX's fp32 ``(cos, sin)`` tables of those rows
-    on x's device (the kernel rotates in fp32), a plain ``torch.nn.RMSNorm``."""
+    on x's device (the kernel rotates in fp32), a plain RMS norm (``_norm_kind``)."""
     return (not torch.is_autocast_enabled(x.device.type) and isinstance(rotary_emb, (tuple, list))
             and len(rotary_emb) == 2
             and all(isinstance(t, torch.Tensor) and t.device == x.device and t.dtype == torch.float32
                     and tuple(t.shape) == (n_rows, x.shape[-1]) for t in rotary_emb)
-            and _plain_rms_norm(norm, x))
+            and _norm_kind(norm, x) is not None)
 
 
 def _norm_rope(x: torch.Tensor, norm, rotary_emb, prefix: Optional[torch.Tensor] = None, prefix_norm=None):
     """``[prefix_norm(prefix), norm(x)]`` joined on the sequence (x alone without a prefix), then diffusers'
     ``apply_rotary_emb`` (when ``rotary_emb`` is given): one ``sparsectx.rms_norm_rope`` pass where the norms are
-    plain ``torch.nn.RMSNorm`` modules of one eps and the tables FLUX's fp32 ``(cos, sin)`` rows of this sequence on
-    x's device (and autocast is off), else diffusers' modules and function as they are."""
+    plain RMS norms of one class and one eps (``_norm_kind``) and the tables FLUX's fp32 ``(cos, sin)`` rows of this
+    sequence on x's device (and autocast is off), else diffusers' modules and function as they are."""
     n_rows = x.shape[1] + (0 if prefix is None else prefix.shape[1])
     fusable = (_fusable(x, norm, rotary_emb, n_rows)
-               and (prefix is None
-                    or (_plain_rms_norm(prefix_norm, prefix) and _joinable(prefix, prefix_norm, x, norm))))
+               and (prefix is None or (_norm_kind(prefix_norm, prefix) == _norm_kind(norm, x)
+                                       and _joinable(prefix, prefix_norm, x, norm))))
     if fusable:
         return rms_norm_rope(x, rotary_emb[0], rotary_emb[1], norm.weight, norm.eps, prefix=prefix,
-                             prefix_weight=None if prefix is None else prefix_norm.weight)
+                             prefix_weight=None if prefix is None else prefix_norm.weight,
+                             round_before_weight=_norm_kind(norm, x) == "diffusers")
     x = norm(x)
     if prefix is not None:
         x = torch.cat([prefix_norm(prefix), x], dim=1)
     return x if rotary_emb is None else apply_rotary_emb(x, rotary_emb, sequence_dim=1)
 
 
+def _head_dim(attn) -> int:
+    """An attention module's head dim: its ``head_dim``, or where it has none (diffusers' legacy ``Attention``, in
+    Bria FIBO's single-stream blocks) ``inner_dim // heads``."""
+    head_dim = getattr(attn, "head_dim", None)
+    return attn.inner_dim // attn.heads if head_dim is None else head_dim
+
+
 def _joint_qkv(attn, hidden_states, encoder_hidden_states, get_qkv_projections, rotary_emb):
     """Projections, QK norms, [text, image] concatenation and RoPE of FLUX.1/FLUX.2 attention: ``(q, k, v)``."""
     query, key, value, encoder_query, encoder_key, encoder_value = get_qkv_projections(
         attn, hidden_states, encoder_hidden_states)
-    query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
+    head_dim = _head_dim(attn)
+    query, key, value = (t.unflatten(-1, (-1, head_dim)) for t in (query, key, value))
     if attn.added_kv_proj_dim is None:
         return _norm_rope(query, attn.norm_q, rotary_emb), _norm_rope(key, attn.norm_k, rotary_emb), value
-    encoder_query, encoder_key, encoder_value = (t.unflatten(-1, (-1, attn.head_dim))
+    encoder_query, encoder_key, encoder_value = (t.unflatten(-1, (-1, head_dim))
                                                  for t in (encoder_query, encoder_key, encoder_value))
     query = _norm_rope(query, attn.norm_q, rotary_emb, encoder_query, attn.norm_added_q)
     key = _norm_rope(key, attn.norm_k, rotary_emb, encoder_key, attn.norm_added_k)
@@ -407,9 +431,11 @@ def _rotary_rows(rotary_emb, rows):
     return rotary_emb[rows]
 
 
-# the modules whose forward flux_rope_tables computes (LongCat-Image's is FLUX.1's; _tables_match checks each)
+# the modules whose forward flux_rope_tables computes (LongCat-Image's and Bria FIBO's are FLUX.1's; _tables_match
+# checks each)
 FLUX_POS_EMBEDS = (transformer_flux.FluxPosEmbed, transformer_flux2.Flux2PosEmbed) + (
-    () if transformer_longcat_image is None else (transformer_longcat_image.LongCatImagePosEmbed,))
+    () if transformer_longcat_image is None else (transformer_longcat_image.LongCatImagePosEmbed,)) + (
+    () if transformer_bria_fibo is None else (transformer_bria_fibo.BriaFiboEmbedND,))
 
 
 def _rope_dtype(device: torch.device) -> torch.dtype:
@@ -557,9 +583,10 @@ def flux_probe_qk(attn, hidden_states, encoder_hidden_states, get_qkv_projection
                    else selected + offset)
         return _rotary_rows(rotary_emb, shifted)
 
-    return (_norm_rope(text_q.unflatten(-1, (-1, attn.head_dim)), attn.norm_added_q, rows(slice(0, n_text))),
-            _norm_rope(target_q.unflatten(-1, (-1, attn.head_dim)), attn.norm_q, rows(target_rows, n_text)),
-            _norm_rope(ref_k.unflatten(-1, (-1, attn.head_dim)), attn.norm_k, rows(ref_rows, n_text)))
+    head_dim = _head_dim(attn)
+    return (_norm_rope(text_q.unflatten(-1, (-1, head_dim)), attn.norm_added_q, rows(slice(0, n_text))),
+            _norm_rope(target_q.unflatten(-1, (-1, head_dim)), attn.norm_q, rows(target_rows, n_text)),
+            _norm_rope(ref_k.unflatten(-1, (-1, head_dim)), attn.norm_k, rows(ref_rows, n_text)))
 
 
 def flux3_probe_qk(attn, hidden_states, rotary_emb, n_text: int, n_target: int):
@@ -599,10 +626,10 @@ def _split_joint_output(attn, out, encoder_hidden_states, flux1: bool):
 
 
 class _JointAttnProcessor(_SparsectxProcessor):
-    """Joint ``[text, image]`` attention of FLUX.1 / FLUX.2 / LongCat-Image: the projections of diffusers'
+    """Joint ``[text, image]`` attention of FLUX.1 / FLUX.2 / LongCat-Image / Bria FIBO: the projections of diffusers'
     ``diffusers_module._get_qkv_projections`` (the helper the replaced processor calls), QK norms and RoPE, then
-    sparsectx's attention and diffusers' output split. FLUX.1's and LongCat's single-stream blocks call it without
-    ``encoder_hidden_states`` and project the output themselves."""
+    sparsectx's attention and diffusers' output split. FLUX.1's, LongCat's and Bria FIBO's single-stream blocks call
+    it without ``encoder_hidden_states`` and project the output themselves."""
 
     diffusers_module = None  # the diffusers module of the replaced processor
     flux1 = True  # FLUX.1's output split (and single-stream blocks); False: FLUX.2's
@@ -637,6 +664,19 @@ class SparsectxLongCatImageAttnProcessor(_JointAttnProcessor):
     attention)."""
 
     diffusers_module = transformer_longcat_image
+
+
+class SparsectxBriaFiboAttnProcessor(_JointAttnProcessor):
+    """Replaces ``BriaFiboAttnProcessor`` (Bria FIBO double-stream blocks: FLUX.1's attention; the pipeline's prompt
+    padding comes as a boolean ``attention_mask``)."""
+
+    diffusers_module = transformer_bria_fibo
+
+
+class SparsectxBriaAttnProcessor(_JointAttnProcessor):
+    """Replaces ``BriaAttnProcessor`` (Bria FIBO single-stream blocks, diffusers' legacy ``Attention``)."""
+
+    diffusers_module = transformer_bria
 
 
 def _parallel_qkv_mlp(attn, hidden_states, rotary_emb):
@@ -948,6 +988,8 @@ _REPLACEMENTS = (  # (diffusers module, processor class name, its sparsectx repl
     (transformer_qwenimage, "QwenDoubleStreamAttnProcessor2_0", SparsectxQwenDoubleStreamAttnProcessor),
     (transformer_flux3, "Flux3AttnProcessor", SparsectxFlux3AttnProcessor),
     (transformer_longcat_image, "LongCatImageAttnProcessor", SparsectxLongCatImageAttnProcessor),
+    (transformer_bria_fibo, "BriaFiboAttnProcessor", SparsectxBriaFiboAttnProcessor),
+    (transformer_bria, "BriaAttnProcessor", SparsectxBriaAttnProcessor),
 )
 # diffusers processor class -> its sparsectx replacement (all exist in diffusers >= 0.39, setup.py's floor; a
 # class a later release drops is left out rather than failing the import)

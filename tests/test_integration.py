@@ -1,7 +1,9 @@
 """Drop-in Sparse Context for diffusers (sparsectx.integration): tiny random-weight models built from configs, fp32,
 CPU, offline. Families: FLUX.2 (Flux2Transformer2DModel, 4-axis ids), FLUX.1 Kontext layout (FluxTransformer2DModel,
 reference plane 1), Qwen-Image (QwenImageTransformer2DModel, RoPE from img_shapes, zero_cond_t), LongCat-Image-Edit
-layout (LongCatImageTransformer2DModel: target on id plane 1, references on planes 2, 3, image ids past the text's)."""
+layout (LongCatImageTransformer2DModel: target on id plane 1, references on planes 2, 3, image ids past the text's),
+Bria FIBO Edit layout (BriaFiboTransformer2DModel: FLUX.1's, per-block text layers, the prompt's padding as a key
+mask in joint_attention_kwargs)."""
 import functools
 import gc
 import logging
@@ -28,10 +30,12 @@ TEXT_TOKENS, TEXT_DIM = 6, 32
 TARGET_HW = (4, 4)
 REF_HWS = ((3, 3), (2, 4))  # two references of different sizes
 FP32_ATOL = 2e-5  # fp32 rounding of a different (shorter) summation order
-FAMILIES = ("flux2", "flux", "qwen", "longcat")
+FAMILIES = ("flux2", "flux", "qwen", "longcat", "fibo")
 # the forward's attention-kwargs argument, where per-call settings reach a bare transformer (LongCat's forward takes
 # none: its pipeline's per-call settings reach the patch through the enabled pipeline's call, tests/test_longcat.py)
-ATTN_KWARGS = {"flux2": "joint_attention_kwargs", "flux": "joint_attention_kwargs", "qwen": "attention_kwargs"}
+ATTN_KWARGS = {"flux2": "joint_attention_kwargs", "flux": "joint_attention_kwargs", "qwen": "attention_kwargs",
+               "fibo": "joint_attention_kwargs"}
+FIBO_TEXT_LAYER_DIM = 24  # Bria FIBO's text_encoder_dim: its per-block text layers' width
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -54,6 +58,11 @@ def _build_model(family, zero_cond_t=True):
             patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=HEAD_DIM,
             num_attention_heads=HEADS, joint_attention_dim=TEXT_DIM, pooled_projection_dim=TEXT_DIM,
             axes_dims_rope=(4, 6, 6)).eval()
+    if family == "fibo":
+        return diffusers.BriaFiboTransformer2DModel(
+            patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=HEAD_DIM,
+            num_attention_heads=HEADS, joint_attention_dim=TEXT_DIM, text_encoder_dim=FIBO_TEXT_LAYER_DIM,
+            axes_dims_rope=(4, 6, 6)).eval()
     return diffusers.QwenImageTransformer2DModel(
         patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=HEAD_DIM,
         num_attention_heads=HEADS, joint_attention_dim=TEXT_DIM, axes_dims_rope=(4, 6, 6),
@@ -75,7 +84,7 @@ def _grid_ids(plane, hw, n_axes, start=0):
 
 
 def _ref_hws(family):
-    return REF_HWS[:1] if family == "flux" else REF_HWS  # FLUX.1 Kontext takes one reference
+    return REF_HWS[:1] if family == "flux" else REF_HWS  # FLUX.1 Kontext takes one reference (FIBO: several)
 
 
 def _inputs(family, batch=2, seed=1):
@@ -103,6 +112,15 @@ def _inputs(family, batch=2, seed=1):
         txt_ids = torch.stack([torch.zeros(TEXT_TOKENS), torch.arange(TEXT_TOKENS), torch.arange(TEXT_TOKENS)], 1)
         return dict(hidden_states=torch.randn(batch, seq, 8, generator=g), encoder_hidden_states=text,
                     timestep=timestep, img_ids=ids, txt_ids=txt_ids, return_dict=False)
+    if family == "fibo":  # its pipeline's layout: references on planes 1, 2; the prompt's padding as a key mask
+        ids = torch.cat([_grid_ids(0, TARGET_HW, 3)] + [_grid_ids(1 + i, hw, 3) for i, hw in enumerate(hws)]).float()
+        key_mask = torch.ones(batch, TEXT_TOKENS + seq, dtype=torch.bool)
+        key_mask[-1, TEXT_TOKENS - 2:TEXT_TOKENS] = False  # padded prompt in the last sample
+        return dict(hidden_states=torch.randn(batch, seq, 8, generator=g), encoder_hidden_states=text,
+                    text_encoder_layers=[torch.randn(batch, TEXT_TOKENS, FIBO_TEXT_LAYER_DIM, generator=g)
+                                         for _ in range(2)],
+                    timestep=timestep, img_ids=ids, txt_ids=torch.zeros(TEXT_TOKENS, 3),
+                    joint_attention_kwargs={"attention_mask": key_mask[:, None, None, :]}, return_dict=False)
     ids = torch.cat([_grid_ids(0, TARGET_HW, 3), _grid_ids(1, hws[0], 3)]).float()
     return dict(hidden_states=torch.randn(batch, seq, 8, generator=g), encoder_hidden_states=text,
                 pooled_projections=torch.randn(batch, 16, generator=g), timestep=timestep, img_ids=ids,
@@ -111,7 +129,7 @@ def _inputs(family, batch=2, seed=1):
 
 def _planes(family):
     """(the target's id plane, the first reference's) of a family with ids."""
-    return {"flux2": (0, 10), "flux": (0, 1), "longcat": (1, 2)}[family]
+    return {"flux2": (0, 10), "flux": (0, 1), "longcat": (1, 2), "fibo": (0, 1)}[family]
 
 
 def _n_target():
@@ -162,6 +180,7 @@ def test_selectors_see_the_target_grid_of_a_non_square_target(models, family):
     seq = target_hw[0] * target_hw[1] + ref_hw[0] * ref_hw[1]
     hidden = torch.randn(1, seq, kwargs["hidden_states"].shape[-1], generator=torch.Generator().manual_seed(2))
     kwargs["hidden_states"] = hidden
+    kwargs.pop("joint_attention_kwargs", None)  # (FIBO's key mask: sized for the other sequence)
     if family == "qwen":
         kwargs["img_shapes"] = [[(1, *target_hw), (1, *ref_hw)]]
     else:
@@ -336,8 +355,9 @@ def test_a_lora_adapter_scaled_per_call_reaches_every_forward(family, attention,
     torch.testing.assert_close(dropped[:, :_n_target()], call(0.5)[:, :_n_target()], rtol=0, atol=FP32_ATOL)
 
 
-@pytest.mark.parametrize("family", ("flux2", "qwen", QWEN_PLAIN, "longcat"))
+@pytest.mark.parametrize("family", ("flux2", "qwen", QWEN_PLAIN, "longcat", "fibo"))
 def test_mixed_budgets_equal_each_sample_alone(models, family):
+    """(FIBO: its per-block text layers and its key mask, which pads the last sample's prompt, cut per sample.)"""
     model, kwargs = models[family], _inputs(family.split()[0], batch=3)
     budgets = [[0.25], [2, 0.75], [1.0]]
     sparsectx.enable(model, budget=budgets, selector=norm_selector)
@@ -346,6 +366,10 @@ def test_mixed_budgets_equal_each_sample_alone(models, family):
         alone = {k: (v[b:b + 1] if isinstance(v, (torch.Tensor, list)) and len(v) == 3 and k != "txt_ids"
                      else v) for k, v in kwargs.items()}
         alone["txt_ids"] = kwargs["txt_ids"][b:b + 1] if family == "flux2" else kwargs.get("txt_ids")  # ([B, T, 4])
+        if family == "fibo":
+            alone["text_encoder_layers"] = [layer[b:b + 1] for layer in kwargs["text_encoder_layers"]]
+            alone["joint_attention_kwargs"] = {"attention_mask":
+                                               kwargs["joint_attention_kwargs"]["attention_mask"][b:b + 1]}
         alone = {k: v for k, v in alone.items() if v is not None}
         sparsectx.enable(model, budget=budget, selector=norm_selector)
         torch.testing.assert_close(together[b:b + 1, :_n_target()], _run(model, alone)[:, :_n_target()],
@@ -2117,10 +2141,10 @@ def test_torch_func_grad_runs_through_an_enabled_flux_model(family):
         assert torch.equal(got[name], expected[name]) and torch.equal(got_after[name], expected[name]), name
 
 
-@pytest.mark.parametrize("family", ["flux2", "flux", "longcat"])
+@pytest.mark.parametrize("family", ["flux2", "flux", "longcat", "fibo"])
 def test_later_steps_reuse_the_kept_image_rows_rope_tables(family, monkeypatch):
     """A step that reuses the plan passes the kept image rows' ids made at its first step, and FLUX.2's image RoPE
-    table made then (FLUX.1 and LongCat join text and image ids inside their forward: a new table every step, in
+    table made then (FLUX.1, LongCat and FIBO join text and image ids inside their forward: a new table every step, in
     ``flux_rope_tables``' few ops): the same output, bit for bit, as the first step and as the forward with
     diffusers' own ``pos_embed``. A step with gradients after inference-mode steps remakes the tables (inference
     tensors can not be saved for a backward); a new selection makes new ones."""

@@ -5,9 +5,6 @@ test_processors.py and test_probe.py (family "longcat"); here: what only the pip
 classifier-free guidance, its per-call settings, which its transformer's forward never receives)."""
 import contextlib
 import copy
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,17 +18,7 @@ from sparsectx import integration  # noqa: E402
 from sparsectx.selection import IDS_GRID_SHAPES  # noqa: E402
 
 
-def _pipeline_helpers():
-    name = "sparsectx_tests_longcat_pipeline"  # (the suite imports its files by path: importlib mode)
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("longcat_pipeline.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules[name] = module
-    return sys.modules[name]
-
-
-lp = _pipeline_helpers()
+import longcat_pipeline as lp  # noqa: E402  (tests/, on sys.path by pytest.ini)
 
 STEPS = 2
 BUDGET = 0.25  # of the reference's 16 tokens: 4 kept

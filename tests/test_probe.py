@@ -1,14 +1,16 @@
 """The automatic attention probe of sparsectx.enable (sparsectx.integration): tiny random-weight FLUX.2 / FLUX.1
-(Kontext layout) / LongCat-Image (its edit layout) / Qwen-Image models built from configs, fp32, CPU, offline. The
-probe's q/k are checked against ``processors._joint_qkv`` (FLUX, LongCat) / ``processors._qwen_joint_qkv`` applied by
-hand to the first double-stream block's attention inputs."""
+(Kontext layout) / LongCat-Image (its edit layout) / Bria FIBO (its edit layout, the prompt's padding as a key mask) /
+Qwen-Image models built from configs, fp32, CPU, offline. The probe's q/k are checked against
+``processors._joint_qkv`` (FLUX, LongCat, FIBO) / ``processors._qwen_joint_qkv`` applied by hand to the first
+double-stream block's attention inputs."""
 import contextlib
 
 import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers.models.transformers import transformer_flux, transformer_flux2, transformer_longcat_image  # noqa: E402
+from diffusers.models.transformers import transformer_bria_fibo, transformer_flux, transformer_flux2  # noqa: E402
+from diffusers.models.transformers import transformer_longcat_image  # noqa: E402
 
 import sparsectx  # noqa: E402
 from sparsectx import integration, processors, selection  # noqa: E402
@@ -18,16 +20,19 @@ HEADS, HEAD_DIM = 2, 16
 TEXT_TOKENS, TEXT_DIM = 6, 32
 TARGET_HW = (4, 4)
 # FLUX.1 Kontext: one reference; LongCat: two (planes 2 and 3; its pipeline passes one)
-REF_HWS = {"flux2": ((3, 3), (2, 4)), "flux": ((3, 3),), "qwen": ((3, 3), (2, 4)), "longcat": ((3, 3), (2, 4))}
+REF_HWS = {"flux2": ((3, 3), (2, 4)), "flux": ((3, 3),), "qwen": ((3, 3), (2, 4)), "longcat": ((3, 3), (2, 4)),
+           "fibo": ((3, 3), (2, 4))}
 N_TARGET = TARGET_HW[0] * TARGET_HW[1]
 DOUBLE_LAYERS = 2  # so the last double-stream block is not the probed one
 BUDGET = 3  # kept tokens per reference image
 FP32_RTOL, FP32_ATOL = 1e-5, 1e-6  # fp32 rounding of a matrix product whose row count differs
-FLUX_FAMILIES = ("flux2", "flux", "longcat")  # (the families with ids)
+FLUX_FAMILIES = ("flux2", "flux", "longcat", "fibo")  # (the families with ids)
 FAMILIES = (*FLUX_FAMILIES, "qwen")
-PADDED_TEXT = 2  # Qwen-Image: the last sample's prompt ends with this many padding tokens
+PADDED_TEXT = 2  # Qwen-Image, FIBO: the last sample's prompt ends with this many padding tokens
+FIBO_TEXT_LAYER_DIM = 24
 PROJECTIONS = {"flux2": transformer_flux2._get_qkv_projections, "flux": transformer_flux._get_qkv_projections,
-               "longcat": transformer_longcat_image._get_qkv_projections}
+               "longcat": transformer_longcat_image._get_qkv_projections,
+               "fibo": transformer_bria_fibo._get_qkv_projections}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -49,6 +54,11 @@ def _build_model(family):
         return diffusers.LongCatImageTransformer2DModel(
             patch_size=1, in_channels=8, num_layers=DOUBLE_LAYERS, num_single_layers=1, attention_head_dim=HEAD_DIM,
             num_attention_heads=HEADS, joint_attention_dim=TEXT_DIM, pooled_projection_dim=TEXT_DIM,
+            axes_dims_rope=(4, 6, 6)).eval()
+    if family == "fibo":
+        return diffusers.BriaFiboTransformer2DModel(
+            patch_size=1, in_channels=8, num_layers=DOUBLE_LAYERS, num_single_layers=1, attention_head_dim=HEAD_DIM,
+            num_attention_heads=HEADS, joint_attention_dim=TEXT_DIM, text_encoder_dim=FIBO_TEXT_LAYER_DIM,
             axes_dims_rope=(4, 6, 6)).eval()
     return diffusers.QwenImageTransformer2DModel(
         patch_size=2, in_channels=16, out_channels=4, num_layers=DOUBLE_LAYERS, attention_head_dim=HEAD_DIM,
@@ -106,6 +116,17 @@ def _inputs(family, batch=2, shared=False, seed=1, same_prompt=None):
         txt_ids = torch.stack([torch.zeros(TEXT_TOKENS), torch.arange(TEXT_TOKENS), torch.arange(TEXT_TOKENS)], 1)
         return dict(hidden_states=hidden, encoder_hidden_states=text, timestep=timestep, img_ids=ids,
                     txt_ids=txt_ids, return_dict=False)
+    if family == "fibo":  # its pipeline's ids (references on planes 1, 2); the prompt's padding as a key mask
+        ids = torch.cat([_grid_ids(0, TARGET_HW, 3)] + [_grid_ids(1 + i, hw, 3) for i, hw in enumerate(hws)]).float()
+        layers = [torch.randn(batch, TEXT_TOKENS, FIBO_TEXT_LAYER_DIM, generator=g) for _ in range(DOUBLE_LAYERS + 1)]
+        key_mask = torch.ones(batch, TEXT_TOKENS + seq, dtype=torch.bool)
+        key_mask[-1 if not same_prompt else slice(None), TEXT_TOKENS - PADDED_TEXT:TEXT_TOKENS] = False
+        if same_prompt:
+            for layer in layers:
+                layer[1:] = layer[:1]
+        return dict(hidden_states=hidden, encoder_hidden_states=text, text_encoder_layers=layers, timestep=timestep,
+                    img_ids=ids, txt_ids=torch.zeros(TEXT_TOKENS, 3),
+                    joint_attention_kwargs={"attention_mask": key_mask[:, None, None, :]}, return_dict=False)
     ids = torch.cat([_grid_ids(0, TARGET_HW, 3), _grid_ids(1, hws[0], 3)]).float()
     pooled = torch.randn(batch, 16, generator=g)
     if same_prompt:
@@ -115,11 +136,16 @@ def _inputs(family, batch=2, shared=False, seed=1, same_prompt=None):
 
 
 def _first_sample(kwargs):
-    """The same forward kwargs for the first sample alone (FLUX.1's 2-D ids carry no batch axis)."""
+    """The same forward kwargs for the first sample alone (FLUX.1's 2-D ids carry no batch axis; FIBO's per-block
+    text layers and key mask are cut too)."""
     batched = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep",
                "encoder_hidden_states_mask", "img_shapes")
-    return {name: value[:1] if name in batched or (name.endswith("_ids") and value.ndim == 3) else value
-            for name, value in kwargs.items()}
+    first = {name: value[:1] if name in batched or (name.endswith("_ids") and value.ndim == 3) else value
+             for name, value in kwargs.items()}
+    if "text_encoder_layers" in kwargs:
+        first["text_encoder_layers"] = [layer[:1] for layer in kwargs["text_encoder_layers"]]
+        first["joint_attention_kwargs"] = {"attention_mask": kwargs["joint_attention_kwargs"]["attention_mask"][:1]}
+    return first
 
 
 def _hand_qk(model, family, kwargs):
@@ -183,15 +209,18 @@ def test_probe_tensors_equal_first_block_qk(models, family, shared, same_prompt)
     torch.testing.assert_close(record["target_queries"], image_query[:, :N_TARGET], **close)
     torch.testing.assert_close(record["queries"], image_query[:, :N_TARGET], **close)
     torch.testing.assert_close(record["ref_keys"], image_key[:, N_TARGET:N_TARGET + n_refs], **close)
+    probed = _first_sample(kwargs) if shared else kwargs
     if family == "qwen":  # the prompt padding comes along, for the probe's own batch
-        probed = _first_sample(kwargs) if shared else kwargs
         assert torch.equal(record["text_mask"], probed["encoder_hidden_states_mask"].bool())
+    elif family == "fibo":  # (from the key mask's text columns)
+        text_mask = probed["joint_attention_kwargs"]["attention_mask"][:, 0, 0, :TEXT_TOKENS]
+        assert torch.equal(record["text_mask"], text_mask) and not text_mask.all()
     else:
         assert "text_mask" not in record
 
 
 @pytest.mark.parametrize("attention", ["native", "sparsectx"])
-@pytest.mark.parametrize("family", FLUX_FAMILIES)
+@pytest.mark.parametrize("family", [f for f in FLUX_FAMILIES if f != "fibo"])  # (FIBO's model fuses nothing)
 def test_probe_of_fused_projections_equals_the_separate_ones(family, attention):
     """After diffusers' ``fuse_qkv_projections()`` (one ``to_qkv`` / ``to_added_qkv`` matrix per block, a common
     speed-up) the probe projects its rows through the fused matrices: the same text queries, target queries and
@@ -471,12 +500,13 @@ def test_qwen_edit_selector_ignores_padded_text(models):
 # (5) the probe's RoPE tables: diffusers' values from a few launches
 # ----------------------------------------------------------------------------------------------------------------
 LONGCAT_POS_EMBED = transformer_longcat_image.LongCatImagePosEmbed(theta=10000, axes_dim=[16, 56, 56])
+FIBO_POS_EMBED = transformer_bria_fibo.BriaFiboEmbedND(theta=10000, axes_dim=[16, 56, 56])
 
 
 @pytest.mark.parametrize("pos_embed", [transformer_flux2.Flux2PosEmbed(theta=2000, axes_dim=[32, 32, 32, 32]),
                                        transformer_flux.FluxPosEmbed(theta=10000, axes_dim=[16, 56, 56]),
-                                       LONGCAT_POS_EMBED],
-                         ids=["flux2", "flux", "longcat"])
+                                       LONGCAT_POS_EMBED, FIBO_POS_EMBED],
+                         ids=["flux2", "flux", "longcat", "fibo"])
 def test_flux_rope_tables_are_diffusers_tables(pos_embed):
     _check_flux_rope_tables_are_diffusers_tables(pos_embed, "cpu")
 
@@ -484,8 +514,8 @@ def test_flux_rope_tables_are_diffusers_tables(pos_embed):
 @pytest.mark.gpu
 @pytest.mark.parametrize("pos_embed", [transformer_flux2.Flux2PosEmbed(theta=2000, axes_dim=[32, 32, 32, 32]),
                                        transformer_flux.FluxPosEmbed(theta=10000, axes_dim=[16, 56, 56]),
-                                       LONGCAT_POS_EMBED],
-                         ids=["flux2", "flux", "longcat"])
+                                       LONGCAT_POS_EMBED, FIBO_POS_EMBED],
+                         ids=["flux2", "flux", "longcat", "fibo"])
 def test_gpu_flux_rope_tables_are_diffusers_tables(pos_embed):
     """On CUDA too (every FLUX step of the drop-in computes its tables this way): float64 angles, their cosines and
     sines by CUDA's float64 functions, rounded to float32, bit for bit diffusers' values."""

@@ -991,7 +991,9 @@ def test_drop_training_equals_masking_keys(models, family, skip_dropped_queries,
     dropped = _run(model, kwargs)
     assert len(query_masks) == len(_processors(model))  # every layer attended with the drop mask
     assert all((mask is not None) == skip_dropped_queries for mask in query_masks)
-    if kwargs.get("encoder_hidden_states_mask") is None:  # no text padding: text + target are contiguous keys
+    if family == "fibo":  # the prompt's padding as a key mask in every layer: no leading key is known kept
+        assert prefixes == [0] * len(prefixes)
+    elif kwargs.get("encoder_hidden_states_mask") is None:  # no text padding: text + target are contiguous keys
         assert prefixes == [kwargs["encoder_hidden_states"].shape[1] + N_TARGET] * len(prefixes)
     image_keep = sparsectx.last_drop_mask(model)
     assert image_keep[:, :N_TARGET].all() and not image_keep.all()
@@ -1742,14 +1744,19 @@ def test_ref_lengths_may_cover_the_whole_image_sequence(models):
 # GPU (bf16): the flash-attention criterion against an fp32 run of the same model
 # ----------------------------------------------------------------------------------------------------------------
 def _to(kwargs, device, dtype):
-    """Inputs on ``device``; floating tensors other than position ids in ``dtype``."""
-    moved = {}
-    for name, value in kwargs.items():
+    """Inputs on ``device``; floating tensors other than position ids in ``dtype`` (also in lists: FIBO's per-block
+    text layers, and in dicts: its key mask)."""
+    def move(name, value):
         if isinstance(value, torch.Tensor):
             keep_dtype = name.endswith("_ids") or not value.is_floating_point()
-            value = value.to(device) if keep_dtype else value.to(device, dtype)
-        moved[name] = value
-    return moved
+            return value.to(device) if keep_dtype else value.to(device, dtype)
+        if isinstance(value, list):
+            return [move(name, v) for v in value]
+        if isinstance(value, dict):
+            return {key: move(key, v) for key, v in value.items()}
+        return value
+
+    return {name: move(name, value) for name, value in kwargs.items()}
 
 
 def _assert_within_twice_native_error(got, native, exact, what):

@@ -3,10 +3,8 @@ models built from configs, fp32, CPU, offline. Qwen-Image 2.1 runs one joint seq
 encoder's sequence with each image slot expanded to its 2x2 group of latent tokens (condition images interleaved
 with the text), the target appended last; attention is block-causal (q >= k, or one image block)."""
 import contextlib
-import importlib.util
+import importlib
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -593,13 +591,9 @@ def test_inputs_that_do_not_describe_one_sequence_are_refused(model):
 # the pipeline (tests/qwen21_pipeline.py: tiny components, a stand-in for the Qwen3-VL encoder and its processor)
 # ----------------------------------------------------------------------------------------------------------------
 def _pipeline_helpers():
-    name = "sparsectx_tests_qwen21_pipeline"  # (the suite imports its files by path: importlib mode)
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("qwen21_pipeline.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules[name] = module
-    return sys.modules[name]
+    """tests/qwen21_pipeline.py (tests/ is on sys.path by pytest.ini), imported where used: it needs a diffusers
+    release that ships Qwen-Image 2.1."""
+    return importlib.import_module("qwen21_pipeline")
 
 
 IMAGE_SIZES = ((128, 64), (64, 128))  # condition images of 2x6 and 6x2 latent tokens; the target 6x2
