@@ -39,7 +39,9 @@ klein KV cache, whose sequence holds no reference token, reads nothing. Steady-s
 once at most (``sparsectx.diagnostics.count_host_reads`` shows it).
 
 Where a call starts: ``enable(pipe)`` marks each pipeline call, so both branches of classifier-free guidance use
-the selection made on the first transformer call (the positive prompt). A transformer enabled on its own (or a
+the selection made on the first transformer call (the positive prompt); a pipeline that batches both branches in one
+forward (Bria FIBO Edit: negative samples first, ``_BATCHED_GUIDANCE``) is selected on its positive samples, whose
+selection the negative ones share. A transformer enabled on its own (or a
 pipeline sharing an enabled transformer, e.g. made with ``from_pipe``) can not see calls: there a selection is kept
 per prompt-embedding tensor (``encoder_hidden_states``) and its version as well, so a new prompt, or one written
 in place into the same tensor (also with the same values: a static buffer refilled at every step selects at every

@@ -6,7 +6,8 @@ tokens). The model thus sees every budget it will meet at inference. Dropped tok
 ``[B, S, H, D]`` layout; ``sparsectx.masked_attention`` skips them as keys (and, by default, as queries: their
 outputs are zero, as if they had been removed from the sequence; only the prefix outputs feed the loss).
 
-On a diffusers transformer (FLUX.1 Kontext, FLUX.2 / klein, Qwen-Image-Edit(-Plus), LongCat-Image-Edit)::
+On a diffusers transformer (FLUX.1 Kontext, FLUX.2 / klein, Qwen-Image-Edit(-Plus), LongCat-Image-Edit, Bria FIBO
+Edit)::
 
     enable_drop_training(transformer, ratio_range=(0.05, 1.0), generator=torch.Generator().manual_seed(0))
     transformer.train()                                                          # masks are drawn in train mode
@@ -433,8 +434,8 @@ def _same_draw(host: Optional[torch.Tensor], other: Optional[torch.Tensor]) -> b
 def enable_drop_training(transformer, ratio_range: tuple = DEFAULT_RATIO_RANGE,
                          ref_lengths: Optional[Sequence[int]] = None, generator: Optional[torch.Generator] = None,
                          skip_dropped_queries: bool = True):
-    """Trains ``transformer`` (a diffusers FLUX.1 / FLUX.2 / Qwen-Image / LongCat-Image transformer, or a pipeline
-    holding one) with random-ratio drop masks of its reference tokens.
+    """Trains ``transformer`` (a diffusers FLUX.1 / FLUX.2 / Qwen-Image / LongCat-Image / Bria FIBO transformer, or a
+    pipeline holding one) with random-ratio drop masks of its reference tokens.
 
     At each forward in training mode, each sample keeps ``round-half-up(r · L_i)`` random tokens of reference image
     i, r ~ U[``ratio_range``] drawn per sample and image from ``generator`` (``random_drop_mask``; without one, from

@@ -318,6 +318,29 @@ def test_dropping_rows_equals_masking_keys(models, family, monkeypatch):
     assert torch.count_nonzero(dropped[:, _n_target():]) == 0  # reference rows of the output are zeros
 
 
+def test_a_mask_per_query_and_key_loses_the_dropped_rows_and_columns(models, monkeypatch):
+    """An ``attention_mask`` of one row per query (``[B, 1, S, S]`` over the joint sequence; FIBO's processors hand it
+    to diffusers' attention as it is): the compacted forward gets its rows and columns of the kept tokens, and equals
+    the unpatched model with the dropped tokens masked as keys too."""
+    model, kwargs = models["fibo"], _inputs("fibo")
+    batch, n = kwargs["hidden_states"].shape[0], TEXT_TOKENS + kwargs["hidden_states"].shape[1]
+    per_query = torch.rand(batch, 1, n, n, generator=torch.Generator().manual_seed(3)) < 0.7
+    per_query |= torch.eye(n, dtype=torch.bool)  # (no query without a key)
+    kwargs = {**kwargs, "joint_attention_kwargs": {"attention_mask": per_query}}
+    sparsectx.enable(model, budget=0.5, selector=random_selector, seed=0)
+    dropped = _run(model, kwargs)
+    keep = model._sparsectx_patch.cache.keep
+    assert 0 < int(keep.sum()) < keep.numel()
+    sparsectx.disable(model)
+    image_keep = torch.cat([torch.ones(keep.shape[0], _n_target(), dtype=torch.bool), keep], 1)
+    monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.NATIVE, _KeyMaskedNative(image_keep))
+    masked = _run(model, kwargs)
+    torch.testing.assert_close(dropped[:, :_n_target()], masked[:, :_n_target()], rtol=0, atol=FP32_ATOL)
+    with pytest.raises(ValueError, match=r"attention_mask .* last dim"):  # a mask of another sequence: named
+        sparsectx.enable(model, budget=0.5, selector=random_selector, seed=0)
+        _run(model, {**kwargs, "joint_attention_kwargs": {"attention_mask": per_query[..., :-1]}})
+
+
 def _with_lora_adapter(family):
     """A fresh tiny model with a peft LoRA adapter on its attention projections (random, non-zero weights: the
     adapter changes the output), added by ``add_adapter``: the peft path ``pipe.load_lora_weights`` takes too."""
@@ -599,6 +622,31 @@ def test_flux2_mixed_budgets_run_packed_with_sparsectx_attention(models):
                                    atol=FP32_ATOL)
     finally:
         handle.remove()
+
+
+def test_flux2_mixed_budgets_with_a_key_mask_run_as_groups(models, monkeypatch):
+    """A key mask in the attention kwargs (one sequence can not carry it): FLUX.2 samples keeping different tokens run
+    as exact groups, each with its mask's kept columns, under sparsectx attention too, and equal the unpatched model
+    with the dropped tokens masked as keys."""
+    model, kwargs = models["flux2"], _inputs("flux2", batch=2)
+    n = TEXT_TOKENS + kwargs["hidden_states"].shape[1]
+    key_mask = torch.ones(2, 1, 1, n, dtype=torch.bool)
+    key_mask[1, ..., TEXT_TOKENS - 2:TEXT_TOKENS] = False  # the second prompt padded
+    kwargs = {**kwargs, "joint_attention_kwargs": {"attention_mask": key_mask}}
+    seen = []
+    handle = model.x_embedder.register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[0].shape[:2])))
+    try:
+        sparsectx.enable(model, budget=[[0.25], [0.75]], selector=norm_selector, attention="sparsectx")
+        grouped = _run(model, kwargs)
+    finally:
+        handle.remove()
+    keep = model._sparsectx_patch.cache.keep
+    assert len(seen) == 2 and all(rows == 1 for rows, _ in seen)  # one forward per sample, not one packed sequence
+    sparsectx.disable(model)
+    image_keep = torch.cat([torch.ones(2, _n_target(), dtype=torch.bool), keep], 1)
+    monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.NATIVE, _KeyMaskedNative(image_keep))
+    torch.testing.assert_close(grouped[:, :_n_target()], _run(model, kwargs)[:, :_n_target()], rtol=0,
+                               atol=FP32_ATOL)
 
 
 @pytest.mark.parametrize("later", ["diffusers' processors", "a user's processors"])
@@ -2060,6 +2108,8 @@ def test_the_probe_runs_the_first_block_eagerly_under_compiled_blocks(family):
     refused it, "Data dependent operator aten.equal"; FLUX.1 hit its recompile limit on the probe's full-length
     shapes). The result equals the eager sparse one and the block stays compiled for the steps."""
     model, kwargs = _build_model(family), _inputs(family)
+    if not model._repeated_blocks:
+        pytest.skip(f"{type(model).__name__} names no repeated blocks in this diffusers release")
     sparsectx.enable(model, budget=2, selector="attention")
     eager_sparse = _run(model, kwargs)
     sparsectx.disable(model)

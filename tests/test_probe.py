@@ -247,6 +247,23 @@ def test_probe_of_fused_projections_equals_the_separate_ones(family, attention):
     torch.testing.assert_close(outputs[1], outputs[0], **close)
 
 
+def test_fibo_samples_whose_text_layers_differ_are_probed_each_on_its_own(models):
+    """FIBO's first block reads the prompt through its per-block text layers too: samples with one prompt embedding
+    but other text layers are probed (and selected) each on its own, their text queries those of the whole batch."""
+    model, kwargs = models["fibo"], _inputs("fibo", shared=True)
+    layers = [layer.clone() for layer in kwargs["text_encoder_layers"]]
+    layers[0][1] += 1.0
+    kwargs = {**kwargs, "text_encoder_layers": layers}
+    query, _ = _hand_qk(model, "fibo", kwargs)
+    record = {}
+    sparsectx.enable(model, budget=BUDGET, selector=_recording_attention(record))
+    with torch.no_grad():
+        model(**kwargs)
+    assert record["text_queries"].shape[0] == 2
+    torch.testing.assert_close(record["text_queries"], query[:, :TEXT_TOKENS], rtol=FP32_RTOL, atol=FP32_ATOL)
+    assert not torch.allclose(record["text_queries"][0], record["text_queries"][1])
+
+
 def test_per_sample_prompts_are_found_even_if_the_selector_catches_exceptions(models):
     """A selector guarding its probe call with ``except Exception`` still gets one probe per sample's prompt."""
     model, kwargs = models["flux2"], _inputs("flux2", shared=True, same_prompt=False)

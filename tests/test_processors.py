@@ -282,6 +282,30 @@ def test_a_failing_layer_skip_registry_warns_once_and_enables(models, monkeypatc
     sparsectx.disable(model)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_diffusers_rms_norm_runs_fused_and_rounds_as_diffusers(dtype, monkeypatch):
+    """FIBO's single-stream blocks (diffusers' legacy ``Attention``) norm q and k with diffusers' own ``RMSNorm``,
+    which rounds the normalised vector to the weight's dtype before the weight multiplies it: ``_norm_rope`` runs
+    one ``rms_norm_rope`` pass for it (``round_before_weight``), equal bit for bit to diffusers' module and RoPE in
+    half precision, where that rounding shows."""
+    from diffusers.models.embeddings import apply_rotary_emb
+    from diffusers.models.normalization import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 12, 2, 16, generator=g).to(dtype)
+    norm = RMSNorm(16, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(16, generator=g) * 0.5 + 1)
+    angles = torch.rand(12, 8, generator=g) * 6
+    tables = (angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1))
+    calls = []
+    monkeypatch.setattr(processors, "rms_norm_rope",
+                        lambda *a, **k: calls.append(k.get("round_before_weight")) or sparsectx.rms_norm_rope(*a, **k))
+    with torch.no_grad():
+        assert torch.equal(processors._norm_rope(x, norm, tables), apply_rotary_emb(norm(x), tables, sequence_dim=1))
+    assert calls == [True]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_qk_norm_and_rope_run_in_one_pass_and_equal_native(models, family, monkeypatch):
     """The processors compute each layer's q and k (QK norms, RoPE and the text/image join) with one
