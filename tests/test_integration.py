@@ -302,19 +302,26 @@ class _KeyMaskedNative:
         return self.native(query, key, value, attn_mask=key_mask, **kwargs)
 
 
-@pytest.mark.parametrize("family", FAMILIES + (QWEN_PLAIN,))
-def test_dropping_rows_equals_masking_keys(models, family, monkeypatch):
-    model, kwargs = models[family], _inputs(family.split()[0])
-    sparsectx.enable(model, budget=[0.5, 3] if family != "flux" else 0.4, selector=random_selector, seed=0)
+def _assert_dropping_equals_masking(model, kwargs, monkeypatch, **settings):
+    """Enabled with ``settings``, the forward drops some tokens; its target rows equal the unpatched model's with
+    those tokens masked as keys (``_KeyMaskedNative``, set for the rest of the test). Returns the compacted output."""
+    sparsectx.enable(model, **settings)
     dropped = _run(model, kwargs)
     keep = model._sparsectx_patch.cache.keep
     assert 0 < int(keep.sum()) < keep.numel()
     sparsectx.disable(model)
-
     image_keep = torch.cat([torch.ones(keep.shape[0], _n_target(), dtype=torch.bool), keep], 1)
     monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.NATIVE, _KeyMaskedNative(image_keep))
     masked = _run(model, kwargs)
     torch.testing.assert_close(dropped[:, :_n_target()], masked[:, :_n_target()], rtol=0, atol=FP32_ATOL)
+    return dropped
+
+
+@pytest.mark.parametrize("family", FAMILIES + (QWEN_PLAIN,))
+def test_dropping_rows_equals_masking_keys(models, family, monkeypatch):
+    model, kwargs = models[family], _inputs(family.split()[0])
+    dropped = _assert_dropping_equals_masking(model, kwargs, monkeypatch, selector=random_selector, seed=0,
+                                              budget=[0.5, 3] if family != "flux" else 0.4)
     assert torch.count_nonzero(dropped[:, _n_target():]) == 0  # reference rows of the output are zeros
 
 
@@ -327,15 +334,7 @@ def test_a_mask_per_query_and_key_loses_the_dropped_rows_and_columns(models, mon
     per_query = torch.rand(batch, 1, n, n, generator=torch.Generator().manual_seed(3)) < 0.7
     per_query |= torch.eye(n, dtype=torch.bool)  # (no query without a key)
     kwargs = {**kwargs, "joint_attention_kwargs": {"attention_mask": per_query}}
-    sparsectx.enable(model, budget=0.5, selector=random_selector, seed=0)
-    dropped = _run(model, kwargs)
-    keep = model._sparsectx_patch.cache.keep
-    assert 0 < int(keep.sum()) < keep.numel()
-    sparsectx.disable(model)
-    image_keep = torch.cat([torch.ones(keep.shape[0], _n_target(), dtype=torch.bool), keep], 1)
-    monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.NATIVE, _KeyMaskedNative(image_keep))
-    masked = _run(model, kwargs)
-    torch.testing.assert_close(dropped[:, :_n_target()], masked[:, :_n_target()], rtol=0, atol=FP32_ATOL)
+    _assert_dropping_equals_masking(model, kwargs, monkeypatch, budget=0.5, selector=random_selector, seed=0)
     with pytest.raises(ValueError, match=r"attention_mask .* last dim"):  # a mask of another sequence: named
         sparsectx.enable(model, budget=0.5, selector=random_selector, seed=0)
         _run(model, {**kwargs, "joint_attention_kwargs": {"attention_mask": per_query[..., :-1]}})
@@ -636,17 +635,12 @@ def test_flux2_mixed_budgets_with_a_key_mask_run_as_groups(models, monkeypatch):
     seen = []
     handle = model.x_embedder.register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[0].shape[:2])))
     try:
-        sparsectx.enable(model, budget=[[0.25], [0.75]], selector=norm_selector, attention="sparsectx")
-        grouped = _run(model, kwargs)
+        _assert_dropping_equals_masking(model, kwargs, monkeypatch, budget=[[0.25], [0.75]], selector=norm_selector,
+                                        attention="sparsectx")
     finally:
         handle.remove()
-    keep = model._sparsectx_patch.cache.keep
-    assert len(seen) == 2 and all(rows == 1 for rows, _ in seen)  # one forward per sample, not one packed sequence
-    sparsectx.disable(model)
-    image_keep = torch.cat([torch.ones(2, _n_target(), dtype=torch.bool), keep], 1)
-    monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.NATIVE, _KeyMaskedNative(image_keep))
-    torch.testing.assert_close(grouped[:, :_n_target()], _run(model, kwargs)[:, :_n_target()], rtol=0,
-                               atol=FP32_ATOL)
+    # the compacted call: one forward per sample, not one packed sequence (then the unpatched one, whole)
+    assert len(seen) == 3 and all(rows == 1 for rows, _ in seen[:2]) and seen[2][0] == 2
 
 
 @pytest.mark.parametrize("later", ["diffusers' processors", "a user's processors"])
