@@ -191,6 +191,9 @@ _PIPELINE_ATTN_KWARGS_ARG = {FLUX2: "attention_kwargs", FLUX: "joint_attention_k
                              FLUX3: "attention_kwargs", QWEN21: "attention_kwargs",
                              LONGCAT: "joint_attention_kwargs", FIBO: "joint_attention_kwargs"}
 _ATTN_KWARGS_NAMES = ("attention_kwargs", "joint_attention_kwargs")
+# families whose forwards look for the pipeline call they run in even outside an enabled one: LongCat (per-call
+# settings it would drop), Bria FIBO (its pipeline's guidance batch, _BATCHED_GUIDANCE)
+_FAMILIES_WALKING_THE_STACK = (LONGCAT, FIBO)
 _UNSUPPORTED_ARGS = ("controlnet_block_samples", "controlnet_single_block_samples")
 
 Budget = Optional[Union[int, float, Sequence[Union[int, float]], Sequence[Sequence[Union[int, float]]], Callable]]
@@ -788,8 +791,8 @@ def _consecutive(positions: torch.Tensor) -> Optional[slice]:
 
 class _FluxQKProbe(_QKProbeProcessor):
     """FLUX.1 / FLUX.2 / LongCat-Image / Bria FIBO double-stream attention (the KV-cache arguments of FLUX.2 klein
-    are accepted, unused); the text columns of a key mask (``attention_mask``: Bria FIBO's prompt padding) come along
-    as ``text_mask``."""
+    are accepted, unused); with an ``attention_mask`` (Bria FIBO's prompt padding) the text keys some query may attend
+    to come along as ``text_mask`` (``_text_keys_attended``)."""
 
     def __init__(self, layout: _Layout, get_qkv_projections: Callable):
         super().__init__(layout)
@@ -797,15 +800,33 @@ class _FluxQKProbe(_QKProbeProcessor):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
                  kv_cache=None, kv_cache_mode=None, num_ref_tokens=0):
-        from .processors import flux_probe_qk, key_mask_from_attention_mask  # deferred: imports diffusers' modules
+        from .processors import flux_probe_qk  # deferred: imports diffusers' model modules
 
         text_mask = None
         if attention_mask is not None:
-            n_text = encoder_hidden_states.shape[1]
-            text_mask = key_mask_from_attention_mask(attention_mask, hidden_states.shape[0],
-                                                     n_text + hidden_states.shape[1])[:, :n_text]
+            text_mask = _text_keys_attended(attention_mask, hidden_states.shape[0], encoder_hidden_states.shape[1],
+                                            hidden_states.shape[1])
         self._record(*flux_probe_qk(attn, hidden_states, encoder_hidden_states, self.get_qkv_projections,
                                     image_rotary_emb, *self._rows(hidden_states)), text_mask)
+
+
+def _text_keys_attended(attention_mask: torch.Tensor, batch: int, n_text: int, n_image: int) -> torch.Tensor:
+    """bool ``[B, n_text]``: the text keys of the joint ``[text, image]`` sequence that some query may attend to
+    under ``attention_mask`` (its last dim the keys; boolean, additive: masked at its dtype's lowest value or -inf, or
+    integer: masked at 0), False for the padding: a key mask ``[B, S]`` / ``[B, 1, 1, S]`` as it is, a mask per query
+    ``[B, 1, S, S]`` reduced over the queries."""
+    n = n_text + n_image
+    if attention_mask.ndim == 0 or attention_mask.shape[-1] != n:
+        raise ValueError(f"attention_mask must be a mask over the joint sequence's keys, its last dim {n} ({n_text} "
+                         f"text + {n_image} image tokens), got {tuple(attention_mask.shape)}")
+    if attention_mask.dtype == torch.bool:
+        allowed = attention_mask
+    elif attention_mask.is_floating_point():
+        allowed = attention_mask > torch.finfo(attention_mask.dtype).min
+    else:
+        allowed = attention_mask != 0
+    allowed = allowed.reshape(allowed.shape[0] if allowed.ndim > 1 else 1, -1, n).any(dim=1)
+    return allowed[:, :n_text].expand(batch, n_text)
 
 
 class _QwenQKProbe(_QKProbeProcessor):
@@ -1477,7 +1498,7 @@ class _SparsePatch(ForwardPatch):
 
     host_frames_skipped = False  # whether dynamo was told to leave the group loop's frames to the interpreter
     _CALL_STATE = dict(pipeline_calls=0, call_seed=None, pipeline_kwarg=None, call_overrides=None,
-                       call_overrides_arrived=False, call_pipeline=None, reported=None, call_guidance_pairs=False)
+                       call_overrides_arrived=False, call_pipeline=None, reported=None)
 
     def __init__(self, transformer: torch.nn.Module, family: str, settings: _Settings):
         super().__init__(transformer, family)
@@ -1498,9 +1519,6 @@ class _SparsePatch(ForwardPatch):
         self.call_overrides: Optional[dict] = None
         self.call_overrides_arrived = False
         self.call_pipeline = None  # the enabled pipeline whose call runs now (the one given call_overrides)
-        # whether the running call batches guidance's unconditional samples before its conditional ones in one
-        # forward (_BATCHED_GUIDANCE): its forwards select on the conditional half, shared by both
-        self.call_guidance_pairs = False
         # an enabled pipeline call that ended inside another's (whose plans were put back): its selection, reported
         # by last_selection until the next forward
         self.reported: Optional[_Plan] = None
@@ -1641,15 +1659,15 @@ class _SparsePatch(ForwardPatch):
             _SparsePatch.host_frames_skipped = True
         call = self.bind(args, kwargs)
         self.reported = None  # (a call that ended inside an enabled call is reported until the next forward)
-        # the innermost pipeline call on this forward's stack (a walk of a few frames; inside an enabled call, and on
-        # LongCat for _pop_overrides' check): a forward of the running enabled call, or of a pipeline sharing the
-        # transformer, not enabled, called inside it (whose forwards run enable's settings and select as a bare
-        # transformer's)
-        caller = _innermost_pipeline_call(sys._getframe(1)) if self.pipeline_calls or self.family == LONGCAT \
-            else (None, None)
+        # the innermost pipeline call on this forward's stack (a walk of a few frames; inside an enabled call, on
+        # LongCat for _pop_overrides' check, on Bria FIBO for its batched guidance): a forward of the running enabled
+        # call, or of a pipeline sharing the transformer, not enabled, called inside it (whose forwards run enable's
+        # settings and select as a bare transformer's)
+        caller = _innermost_pipeline_call(sys._getframe(1)) \
+            if self.pipeline_calls or self.family in _FAMILIES_WALKING_THE_STACK else (None, None)
         in_call = bool(self.pipeline_calls) and caller[0] is self.call_pipeline
         overrides = self._pop_overrides(call, in_call, caller)
-        plan, packable = self._plan(call, overrides, in_call)
+        plan, packable = self._plan(call, overrides, in_call, _guidance_batched(*caller))
         # a KV-cached step's layer caches may carry a kept_index: its range is read once for the forward's layers
         ranges = state_scope(self.attention_state, index_ranges={}) if self.attention_state is not None and \
             call.get("kv_cache_mode") == KV_CACHED else contextlib.nullcontext
@@ -1695,6 +1713,11 @@ class _SparsePatch(ForwardPatch):
         return [self._run_group(call if caches is None else {**call, "kv_cache": cache}, group)
                 for group, cache in zip(plan.groups, caches or itertools.repeat(None))]
 
+    def _prompt_values(self, call: dict) -> tuple:
+        """The call's prompt tensors (``PROMPT_ARGS``, then the key mask of its attention kwargs, which holds the
+        prompt's padding on Bria FIBO): what a selection reading the prompt depends on."""
+        return (*map(call.get, PROMPT_ARGS), self._attention_mask(call))
+
     def _attention_mask(self, call: dict) -> Optional[torch.Tensor]:
         """The key mask in the call's attention kwargs (``attention_mask``: Bria FIBO's prompt padding), or None."""
         return (call.get(_ATTN_KWARGS_ARG[self.family]) or {}).get("attention_mask")
@@ -1722,11 +1745,12 @@ class _SparsePatch(ForwardPatch):
         yield
 
     @_eager_under_compile  # host work once per call (layout, selection, groups): eager beside a compiled model
-    def _plan(self, call: dict, overrides: dict, in_call: bool) -> tuple:
+    def _plan(self, call: dict, overrides: dict, in_call: bool, guidance_pairs: bool = False) -> tuple:
         """``(plan, packable)``: the cached plan of this step's inputs, or a new one (layout, selection, groups);
         ``packable``: the plan has a packing and this step's samples share their modulation (timestep, guidance).
-        ``in_call``: the forward is one of the running enabled pipeline call's."""
-        key, recomputation = self._forward_key(call, self._plan_key(call, overrides, in_call))
+        ``in_call``: the forward is one of the running enabled pipeline call's; ``guidance_pairs``: its batch holds
+        guidance's unconditional samples, then its conditional ones (``_guidance_batched``)."""
+        key, recomputation = self._forward_key(call, self._plan_key(call, overrides, in_call, guidance_pairs))
         plan = self.plans.get(key)
         if plan is None and recomputation and key[-2] is not None:
             # a new selection would not be the one the forward used, and the gradients would be wrong
@@ -1754,7 +1778,7 @@ class _SparsePatch(ForwardPatch):
         layout, unverified = (None, None) if cached_step else self._known_layout(call)
         plan = None
         if unverified is not None:  # a layout found on earlier ids: the selection's read checks the call's ids
-            plan = self._selection_plan(call, layout, overrides, unverified, in_call)
+            plan = self._selection_plan(call, layout, overrides, unverified, guidance_pairs)
             if plan is None:  # they differ: this call's own layout
                 layout = self._read_layout(call)
         if plan is None and layout is None:
@@ -1763,7 +1787,7 @@ class _SparsePatch(ForwardPatch):
             # it when the call returns), is what last_selection reports after the call
             plan.reports = self._selecting_plan(key)
         elif plan is None:
-            plan = self._selection_plan(call, layout, overrides, None, in_call)
+            plan = self._selection_plan(call, layout, overrides, None, guidance_pairs)
         if training_input:
             plan.drawn = drawn_rng(call["hidden_states"].device, before)
             selector = overrides.get("selector", self.settings.selector)
@@ -1822,13 +1846,13 @@ class _SparsePatch(ForwardPatch):
         return (torch.is_inference_mode_enabled(), *((tuple(t.shape), t.dtype, t.device) for t in ids))
 
     def _selection_plan(self, call: dict, layout: _Layout, overrides: dict, unverified: Optional[torch.Tensor],
-                        in_call: bool) -> Optional[_Plan]:
+                        guidance_pairs: bool) -> Optional[_Plan]:
         """A new selection's plan on ``layout``. With ``unverified`` (``_known_layout``): None when the call's ids
         differ from the layout's, read with the keep mask, or before an error is raised on that layout (which is
-        then not the call's). ``in_call``: the forward is one of the running enabled pipeline call's."""
+        then not the call's). ``guidance_pairs``: ``_select_guidance_pairs``."""
         try:
             self._check_supported(call, layout)
-            if in_call and self.call_guidance_pairs:
+            if guidance_pairs:
                 keep, nan = self._select_guidance_pairs(call, layout, overrides)
             else:
                 keep, nan = self._select(call, layout, overrides)
@@ -1841,9 +1865,10 @@ class _SparsePatch(ForwardPatch):
             raise
         return self._new_plan(call, layout, keep, groups, packing)
 
-    def _plan_key(self, call: dict, overrides: dict, in_call: bool) -> tuple:
+    def _plan_key(self, call: dict, overrides: dict, in_call: bool, guidance_pairs: bool = False) -> tuple:
         """Host-side facts a plan depends on: the call epoch (first), inference mode, the input shapes and Qwen's image
-        shapes, the KV mode, the selection settings (budget, selector, signals) in effect, (second to last) a
+        shapes, the KV mode, whether the batch holds guidance pairs, the selection settings (budget, selector,
+        signals) in effect, (second to last) a
         training forward's number, and (last) outside an enabled pipeline's call the prompt's tensors (selectors may
         read the prompt; and a forward that selects nothing reports the latest selection on its prompt only)."""
         ids = call.get(self.reference_ids_arg)
@@ -1856,7 +1881,7 @@ class _SparsePatch(ForwardPatch):
         return (self.call_epoch, torch.is_inference_mode_enabled(), self.attention, self.pack,
                 tuple(call["hidden_states"].shape), None if ids is None else tuple(ids.shape),
                 None if references is None else tuple(references.shape),
-                repr(call.get("img_shapes")), call.get("kv_cache_mode"),
+                repr(call.get("img_shapes")), call.get("kv_cache_mode"), guidance_pairs,
                 _budget_key(overrides.get("budget", self.settings.budget)),
                 overrides.get("selector_key", _selector_key(overrides.get("selector", self.settings.selector))),
                 tuple((name, _object_key(value)) for name, value in sorted(signals.items())),
@@ -1869,7 +1894,7 @@ class _SparsePatch(ForwardPatch):
                 # tensors (embedding, Qwen's text mask, FLUX.1's pooled projection: the probe reads each) key the
                 # selection
                 None if in_call else
-                tuple(None if value is None else _object_key(value) for value in map(call.get, PROMPT_ARGS)))
+                tuple(None if value is None else _object_key(value) for value in self._prompt_values(call)))
 
     def _forward_key(self, call: dict, key: tuple) -> tuple:
         """``(plan key, recomputation)`` of this forward: during a backward pass (a checkpoint's recomputation) the key
@@ -1880,7 +1905,7 @@ class _SparsePatch(ForwardPatch):
         hidden = call["hidden_states"]
         if hidden.is_inference():  # made under torch.inference_mode: no backward to come
             return key, False
-        inputs = RecentForwards.key(hidden, *map(call.get, PROMPT_ARGS))
+        inputs = RecentForwards.key(hidden, *self._prompt_values(call))
         found = self.recent.find(inputs)
         if in_backward():
             if found is None:
@@ -2113,8 +2138,8 @@ class _SparsePatch(ForwardPatch):
         selector sees)."""
 
         def probe(reference_latents: torch.Tensor, context) -> dict:
-            if shared and not all(_same_rows(call[name]) for name in PROMPT_ARGS
-                                  if isinstance(call.get(name), torch.Tensor) or _tensor_sequence(call.get(name))):
+            if shared and not all(_same_rows(value) for value in self._prompt_values(call)
+                                  if isinstance(value, torch.Tensor) or _tensor_sequence(value)):
                 raise _SamplesDiffer  # the probe reads the prompt: each sample is selected on its own
             probed = self._slice_batch(call, [0]) if shared else call
             return _probe_tensors(_probe_qk(self.transformer, self.family, self.original_forward, probed, layout))
@@ -2501,6 +2526,23 @@ def _initial_seed(generator) -> Union[int, tuple, None]:
     return generator.initial_seed() if isinstance(generator, torch.Generator) else None
 
 
+def _call_seed(base: type, pipe, args: tuple, kwargs: dict) -> Union[int, tuple, None]:
+    """The initial seed of a ``base`` pipeline call: its ``generator``'s (``_initial_seed``), given by keyword or
+    position, or without one an integer ``seed`` argument (Bria FIBO Edit's, from which the pipeline makes its
+    generator)."""
+    generator = kwargs.get("generator")
+    if generator is None and (args or "seed" in kwargs):
+        try:
+            bound = inspect.signature(base.__call__).bind(pipe, *args, **kwargs).arguments
+        except TypeError:  # (the pipeline's own call raises it)
+            bound = {}
+        generator = bound.get("generator")
+        seed = bound.get("seed")
+        if generator is None and isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+            return int(seed)
+    return _initial_seed(generator)
+
+
 _ENABLED_THROUGH = weakref.WeakKeyDictionary()  # pipeline -> weakref of the transformer enable(pipeline) patched
 
 
@@ -2556,26 +2598,26 @@ def _pipeline_attn_kwarg(base: type, family: str) -> str:
     return _ATTN_KWARGS_ARG[family]
 
 
-# pipelines that run guidance's two branches as one batch, unconditional samples first, and the argument (and its
-# threshold) that turns guidance on: their calls select on the conditional samples, whose selection the
-# unconditional ones share (other pipelines call the transformer once per branch: the branches share the call's
-# selection anyway)
+# pipelines that run guidance's two branches as one batch, unconditional samples first, and the argument of their
+# __call__ (and its threshold) that turns guidance on: the forwards of their calls select on the conditional
+# samples, whose selection the unconditional ones share (whether the pipeline, its transformer alone, or a pipeline
+# sharing it is enabled); other pipelines call the transformer once per branch, and both share the call's selection
 _BATCHED_GUIDANCE = {"BriaFiboEditPipeline": ("guidance_scale", 1.0)}
 
 
-def _guidance_batched(base: type, pipe, args: tuple, kwargs: dict) -> bool:
-    """Whether this call of a ``base`` pipeline batches guidance's branches (``_BATCHED_GUIDANCE``): its guidance
-    argument, as given or by default, above the threshold."""
-    entry = next((_BATCHED_GUIDANCE[c.__name__] for c in base.__mro__ if c.__name__ in _BATCHED_GUIDANCE), None)
+def _guidance_batched(pipeline, frame) -> bool:
+    """Whether the pipeline call running at ``frame`` (``_innermost_pipeline_call``) batches guidance's branches
+    (``_BATCHED_GUIDANCE``): its guidance argument, a number or a one-element tensor, above the threshold."""
+    if pipeline is None:
+        return False
+    entry = next((_BATCHED_GUIDANCE[c.__name__] for c in type(pipeline).__mro__ if c.__name__ in _BATCHED_GUIDANCE),
+                 None)
     if entry is None:
         return False
     name, threshold = entry
-    try:
-        bound = inspect.signature(base.__call__).bind(pipe, *args, **kwargs)
-    except TypeError:  # (the pipeline's own call raises it)
-        return False
-    bound.apply_defaults()
-    value = bound.arguments.get(name)
+    value = frame.f_locals.get(name)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
     return isinstance(value, numbers.Real) and value > threshold
 
 
@@ -2604,23 +2646,22 @@ def _pipeline_class(base: type) -> type:
                 # step-distilled blocks: the call's settings were checked, then ignored)
                 overrides = patch.checked_overrides(attn_kwargs[CALL_KWARG], _overrides_place(
                     pipeline_kwarg, _ATTN_KWARGS_ARG[patch.family]))
+            if isinstance(attn_kwargs, dict):  # the call gets a copy: Bria FIBO's pipeline writes its prompt mask
+                kwargs = {**kwargs, pipeline_kwarg: dict(attn_kwargs)}  # into it (a reused dict carried it over)
             with patch.lock:  # (calls from other threads on this transformer wait: see ForwardPatch.lock)
                 # a call inside another enabled call on this transformer (e.g. from a step-end callback): the outer
                 # call's selection is put back after it, for the outer call's later steps
                 outer_plans = (patch.call_epoch, patch.plans) if patch.pipeline_calls else None
                 patch.new_call()
                 patch.pipeline_calls += 1
-                outer_seed, patch.call_seed = patch.call_seed, _initial_seed(kwargs.get("generator"))
+                outer_seed, patch.call_seed = patch.call_seed, _call_seed(base, self, args, kwargs)
                 outer_kwarg, patch.pipeline_kwarg = patch.pipeline_kwarg, pipeline_kwarg
                 outer_overrides = patch.call_overrides, patch.call_overrides_arrived, patch.call_pipeline
                 patch.call_overrides, patch.call_overrides_arrived, patch.call_pipeline = overrides, False, self
-                outer_pairs, patch.call_guidance_pairs = patch.call_guidance_pairs, _guidance_batched(
-                    base, self, args, kwargs)
                 try:
                     return base.__call__(self, *args, **kwargs)
                 finally:
                     patch.pipeline_calls -= 1
-                    patch.call_guidance_pairs = outer_pairs
                     patch.call_seed = outer_seed
                     patch.pipeline_kwarg = outer_kwarg
                     patch.call_overrides, patch.call_overrides_arrived, patch.call_pipeline = outer_overrides

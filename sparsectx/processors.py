@@ -178,7 +178,7 @@ def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return torch.cat([text, image])[None]
 
 
-def key_mask_from_attention_mask(attention_mask: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+def _key_mask_from_attention_mask(attention_mask: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
     """diffusers' boolean key masks (``[B, S]`` or ``[B, 1, 1, S]``) -> bool ``[B, S]``."""
     if attention_mask.dtype != torch.bool:
         raise ValueError("sparsectx processors take a boolean key mask as attention_mask (True = attend), got "
@@ -283,7 +283,7 @@ class _SparsectxProcessor:
             query_mask = self._apply_drop_mask(key_mask, slice(seq - n_image, seq))
         kept_prefix = 0
         if attention_mask is not None:
-            key_mask &= key_mask_from_attention_mask(attention_mask, batch, seq)
+            key_mask &= _key_mask_from_attention_mask(attention_mask, batch, seq)
         else:  # every text token and the leading image tokens
             kept_prefix = seq - image_keep.shape[1] + self.state.image_kept_prefix
         return masked_attention(query, key, value, key_mask, query_mask=query_mask, kept_prefix=kept_prefix)

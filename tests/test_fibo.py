@@ -140,11 +140,13 @@ def test_the_compacted_sequence_and_its_key_mask_hold_the_target_and_the_kept_to
 # ----------------------------------------------------------------------------------------------------------------
 # guidance's branches, batched
 # ----------------------------------------------------------------------------------------------------------------
-def test_both_guidance_branches_keep_what_the_conditional_prompt_selects(pipe):
+@pytest.mark.parametrize("guidance_scale", [5.0, torch.tensor(5.0)], ids=["float", "tensor"])
+def test_both_guidance_branches_keep_what_the_conditional_prompt_selects(pipe, guidance_scale):
     """The pipeline batches guidance's branches ([negative, positive]) in one forward: the selection is made on the
     positive prompt's samples (the ``edit`` selector reads the prompt through the probe) and the negative ones keep
     the same tokens, so it equals the selection of the same call without guidance, whose batch is the positive
-    prompt alone; the selector sees one sample per request."""
+    prompt alone; the selector sees one sample per request. The same with the transformer enabled alone (its
+    forwards find the pipeline call they run in), and with a tensor ``guidance_scale``."""
     batches = []
 
     def recording(latents, context):
@@ -152,17 +154,26 @@ def test_both_guidance_branches_keep_what_the_conditional_prompt_selects(pipe):
         return sparsectx.selection.edit_scores(latents, context)
 
     sparsectx.enable(pipe, budget=BUDGET, selector=recording)
-    _run(pipe, negative_prompt=NEGATIVE)
+    _run(pipe, negative_prompt=NEGATIVE, guidance_scale=guidance_scale)
     guided = sparsectx.last_selection(pipe).keep
     _run(pipe, guidance_scale=1.0)
     alone = sparsectx.last_selection(pipe).keep
     assert batches == [1, 1]
     assert guided.shape[0] == 2 and torch.equal(guided[0], guided[1]) and torch.equal(guided[1:], alone)
-    # the negative prompt's own selection is another: selecting on it would have been seen (a transformer enabled
-    # alone sees no call: each branch is selected on its own prompt)
     sparsectx.disable(pipe)
     sparsectx.enable(pipe.transformer, budget=BUDGET, selector=recording)
-    _run(pipe, negative_prompt=NEGATIVE)
+    calls = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs),
+                                                        with_kwargs=True)
+    try:
+        _run(pipe, negative_prompt=NEGATIVE, guidance_scale=guidance_scale)
+    finally:
+        handle.remove()
+    assert torch.equal(sparsectx.last_selection(pipe.transformer).keep, guided)
+    # the negative prompt's own selection is another, so selecting on it would have been seen: the same forward
+    # outside a pipeline call selects each branch on its own prompt
+    with torch.no_grad():
+        pipe.transformer(**calls[0])
     per_branch = sparsectx.last_selection(pipe.transformer).keep
     assert not torch.equal(per_branch[0], per_branch[1])
 
@@ -181,6 +192,13 @@ def test_per_request_budgets_and_generators_count_the_requests(pipe):
     counts = [[int(part.sum()) for part in row.split([16, 6])] for row in keep]
     assert counts == [[4, 1], [8, 3], [4, 1], [8, 3]]
     assert torch.equal(keep[:2], keep[2:])
+    sparsectx.disable(pipe)  # the transformer enabled alone: its forwards find the pipeline call's guidance batch
+    sparsectx.enable(pipe.transformer, budget=[[0.25, 1], [0.5, 3]], selector="random")
+    with torch.no_grad():
+        pipe(image=list(TWO_IMAGES), prompt=prompts, negative_prompt=negatives, num_inference_steps=STEPS,
+             guidance_scale=5.0, output_type="latent", _auto_resize=False)
+    assert [[int(part.sum()) for part in row.split([16, 6])] for row in sparsectx.last_selection(pipe).keep] == counts
+    sparsectx.disable(pipe)
     for b in range(2):
         sparsectx.enable(pipe, budget=[[0.25, 1], [0.5, 3]][b], selector="random")
         with torch.no_grad():
@@ -197,6 +215,37 @@ def test_per_call_settings_reach_the_forwards(pipe):
     assert int(sparsectx.last_selection(pipe).keep[0].sum()) == 8 + 3
     with pytest.raises(ValueError, match=r"joint_attention_kwargs\['sparsectx'\]"):
         _run(pipe, negative_prompt=NEGATIVE, joint_attention_kwargs={"sparsectx": {"budget": 1.5}})
+
+
+def test_the_seed_argument_seeds_the_selection(pipe):
+    """The pipeline's own ``seed`` argument (from which it makes its generator) seeds a random selection as a
+    generator of that seed does: calls with one seed repeat, bit for bit."""
+    sparsectx.enable(pipe, budget=BUDGET)  # (the default random selector, unseeded: the call's seed decides)
+
+    def call(**kwargs):
+        with torch.no_grad():
+            out = pipe(image=list(TWO_IMAGES), prompt=fp.edit(), negative_prompt=NEGATIVE, num_inference_steps=STEPS,
+                       output_type="latent", _auto_resize=False, **kwargs).images
+        return out, sparsectx.last_selection(pipe).keep
+
+    first, again, generated, other = (call(seed=5), call(seed=5), call(generator=torch.Generator().manual_seed(5)),
+                                      call(seed=6))
+    for out, keep in (again, generated):
+        assert torch.equal(out, first[0]) and torch.equal(keep, first[1])
+    assert not torch.equal(other[1], first[1])
+
+
+def test_a_reused_settings_dict_is_not_written_by_the_pipeline(pipe):
+    """The pipeline writes its prompt mask into the ``joint_attention_kwargs`` dict it is given: an enabled pipeline
+    hands it a copy, so a settings dict reused for another call (another prompt length) carries no stale mask."""
+    sparsectx.enable(pipe, budget=BUDGET, selector="uniform")
+    settings = {"sparsectx": {"budget": 0.5}}
+    _run(pipe, negative_prompt=NEGATIVE, joint_attention_kwargs=settings)
+    assert settings == {"sparsectx": {"budget": 0.5}}
+    reused = _run(pipe, negative_prompt="much worse, bad and ugly", joint_attention_kwargs=settings)
+    fresh = _run(pipe, negative_prompt="much worse, bad and ugly",
+                 joint_attention_kwargs={"sparsectx": {"budget": 0.5}})
+    assert torch.equal(reused, fresh)
 
 
 def test_a_call_without_references_is_the_unpatched_pipeline(pipe):

@@ -297,7 +297,9 @@ class _KeyMaskedNative:
         batch, n_image = self.image_keep.shape
         text = torch.ones(batch, key.shape[1] - n_image, dtype=torch.bool, device=key.device)
         key_mask = torch.cat([text, self.image_keep.to(key.device)], 1)[:, None, None, :]
-        if attn_mask is not None:
+        if attn_mask is not None and attn_mask.is_floating_point():  # an additive mask: -inf at the dropped keys too
+            key_mask = attn_mask.masked_fill(~key_mask, -torch.inf)
+        elif attn_mask is not None:
             key_mask = key_mask & attn_mask.bool()
         return self.native(query, key, value, attn_mask=key_mask, **kwargs)
 
@@ -325,19 +327,36 @@ def test_dropping_rows_equals_masking_keys(models, family, monkeypatch):
     assert torch.count_nonzero(dropped[:, _n_target():]) == 0  # reference rows of the output are zeros
 
 
-def test_a_mask_per_query_and_key_loses_the_dropped_rows_and_columns(models, monkeypatch):
+@pytest.mark.parametrize("selector", ["random", "edit"])
+@pytest.mark.parametrize("form", ["per-query", "additive"])
+def test_a_mask_per_query_or_additive_loses_the_dropped_rows_and_columns(models, monkeypatch, form, selector):
     """An ``attention_mask`` of one row per query (``[B, 1, S, S]`` over the joint sequence; FIBO's processors hand it
-    to diffusers' attention as it is): the compacted forward gets its rows and columns of the kept tokens, and equals
-    the unpatched model with the dropped tokens masked as keys too."""
+    to diffusers' attention as it is), or an additive one (0 / -inf): the compacted forward gets its rows and columns
+    of the kept tokens, and equals the unpatched model with the dropped tokens masked as keys too; a selector reading
+    the probe takes its text padding from it (the keys no query may attend to)."""
     model, kwargs = models["fibo"], _inputs("fibo")
     batch, n = kwargs["hidden_states"].shape[0], TEXT_TOKENS + kwargs["hidden_states"].shape[1]
     per_query = torch.rand(batch, 1, n, n, generator=torch.Generator().manual_seed(3)) < 0.7
     per_query |= torch.eye(n, dtype=torch.bool)  # (no query without a key)
-    kwargs = {**kwargs, "joint_attention_kwargs": {"attention_mask": per_query}}
-    _assert_dropping_equals_masking(model, kwargs, monkeypatch, budget=0.5, selector=random_selector, seed=0)
+    per_query[-1, ..., TEXT_TOKENS - 2:TEXT_TOKENS] = False  # the last prompt's padding
+    mask = per_query if form == "per-query" else torch.zeros(per_query.shape).masked_fill(~per_query, -torch.inf)
+    kwargs = {**kwargs, "joint_attention_kwargs": {"attention_mask": mask}}
+    probed = []
+
+    def recording(latents, context):
+        scores = sparsectx.selection.edit_scores(latents, context)
+        probed.append(context.extra.get("text_mask"))
+        return scores
+
+    _assert_dropping_equals_masking(model, kwargs, monkeypatch, budget=0.5, seed=0,
+                                    selector=random_selector if selector == "random" else recording)
+    if selector == "edit":
+        expected = torch.ones(batch, TEXT_TOKENS, dtype=torch.bool)
+        expected[-1, -2:] = False
+        assert len(probed) == 1 and torch.equal(probed[0], expected)
     with pytest.raises(ValueError, match=r"attention_mask .* last dim"):  # a mask of another sequence: named
         sparsectx.enable(model, budget=0.5, selector=random_selector, seed=0)
-        _run(model, {**kwargs, "joint_attention_kwargs": {"attention_mask": per_query[..., :-1]}})
+        _run(model, {**kwargs, "joint_attention_kwargs": {"attention_mask": mask[..., :-1]}})
 
 
 def _with_lora_adapter(family):

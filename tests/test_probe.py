@@ -264,6 +264,20 @@ def test_fibo_samples_whose_text_layers_differ_are_probed_each_on_its_own(models
     assert not torch.allclose(record["text_queries"][0], record["text_queries"][1])
 
 
+def test_fibo_samples_whose_prompt_padding_differs_are_probed_each_on_its_own(models):
+    """The key mask holds FIBO's prompt padding: samples with one prompt embedding and text layers but another padding
+    are probed (and selected) each on its own, each with its own text mask."""
+    model, kwargs = models["fibo"], _inputs("fibo", shared=True)
+    mask = kwargs["joint_attention_kwargs"]["attention_mask"].clone()
+    mask[0, ..., TEXT_TOKENS - PADDED_TEXT:TEXT_TOKENS] = True  # the first sample unpadded
+    kwargs = {**kwargs, "joint_attention_kwargs": {"attention_mask": mask}}
+    record = {}
+    sparsectx.enable(model, budget=BUDGET, selector=_recording_attention(record))
+    with torch.no_grad():
+        model(**kwargs)
+    assert torch.equal(record["text_mask"], mask[:, 0, 0, :TEXT_TOKENS])
+
+
 def test_per_sample_prompts_are_found_even_if_the_selector_catches_exceptions(models):
     """A selector guarding its probe call with ``except Exception`` still gets one probe per sample's prompt."""
     model, kwargs = models["flux2"], _inputs("flux2", shared=True, same_prompt=False)
