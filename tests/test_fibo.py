@@ -15,6 +15,7 @@ from diffusers.models.attention_dispatch import AttentionBackendName, _Attention
 
 import fibo_pipeline as fp  # noqa: E402  (tests/, on sys.path by pytest.ini)
 import sparsectx  # noqa: E402
+from pipeline_fixtures import tiny_pipeline_fixtures  # noqa: E402
 from sparsectx import integration  # noqa: E402
 
 STEPS = 2
@@ -25,17 +26,7 @@ TWO_IMAGES = (fp.reference_image(), fp.reference_image((32, 48), 1))  # 16 + 6 r
 NEGATIVE = "bad"
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    pipeline = fp.tiny_fibo_pipeline()
-    yield pipeline
-    sparsectx.disable(pipeline)
-
-
-@pytest.fixture(autouse=True)
-def _always_disabled(pipe):
-    yield
-    sparsectx.disable(pipe)
+pipe, _always_disabled = tiny_pipeline_fixtures(fp.tiny_fibo_pipeline)
 
 
 def _run(pipe, **kwargs):

@@ -14,6 +14,7 @@ pytest.importorskip("transformers")
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry  # noqa: E402
 
 import sparsectx  # noqa: E402
+from pipeline_fixtures import tiny_pipeline_fixtures  # noqa: E402
 from sparsectx import integration  # noqa: E402
 from sparsectx.selection import IDS_GRID_SHAPES  # noqa: E402
 
@@ -29,17 +30,7 @@ PLAIN, CFG_BATCH = "plain", "cfg+2-images"  # one image without guidance; guidan
 MODES = (PLAIN, CFG_BATCH)
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    pipeline = lp.tiny_longcat_pipeline()
-    yield pipeline
-    sparsectx.disable(pipeline)
-
-
-@pytest.fixture(autouse=True)
-def _always_disabled(pipe):
-    yield
-    sparsectx.disable(pipe)
+pipe, _always_disabled = tiny_pipeline_fixtures(lp.tiny_longcat_pipeline)
 
 
 def _mode_kwargs(mode):
