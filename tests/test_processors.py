@@ -326,15 +326,16 @@ def test_qk_norm_and_rope_run_in_one_pass_and_equal_native(models, family, monke
     assert len(calls) == per_layer * len(_processors(model))  # q and k of every attention layer, one forward
     torch.testing.assert_close(fused, native, rtol=0, atol=FP32_ATOL)
 
-    calls.clear()
-    hooked = []
-    handle = model.transformer_blocks[0].attn.norm_q.register_forward_hook(lambda *args: hooked.append(1))
-    try:
-        with_hook = _run(model, kwargs)
-    finally:
-        handle.remove()
-    assert hooked == [1] and len(calls) == per_layer * len(_processors(model)) - 1 + split_q["hook"]
-    torch.testing.assert_close(with_hook, native, rtol=0, atol=FP32_ATOL)
+    for register in ("register_forward_hook", "register_forward_pre_hook"):  # (a hook after or before the norm)
+        calls.clear()
+        hooked = []
+        handle = getattr(model.transformer_blocks[0].attn.norm_q, register)(lambda *args: hooked.append(1))
+        try:
+            with_hook = _run(model, kwargs)
+        finally:
+            handle.remove()
+        assert hooked == [1] and len(calls) == per_layer * len(_processors(model)) - 1 + split_q["hook"], register
+        torch.testing.assert_close(with_hook, native, rtol=0, atol=FP32_ATOL)
 
     # one call normalises both streams with one eps: streams of two eps run apart
     norm = model.transformer_blocks[0].attn.norm_q  # the image stream's (the text's keeps its eps)
