@@ -825,6 +825,8 @@ def _text_keys_attended(attention_mask: torch.Tensor, batch: int, n_text: int, n
         allowed = attention_mask > torch.finfo(attention_mask.dtype).min
     else:
         allowed = attention_mask != 0
+    if allowed.ndim >= 2 and allowed.shape[-2] == n:  # a row per query (as _kept_key_columns reads it)
+        allowed = allowed.any(dim=-2)
     allowed = allowed.reshape(allowed.shape[0] if allowed.ndim > 1 else 1, -1, n).any(dim=1)
     return allowed[:, :n_text].expand(batch, n_text)
 
@@ -1715,7 +1717,8 @@ class _SparsePatch(ForwardPatch):
 
     def _prompt_values(self, call: dict) -> tuple:
         """The call's prompt tensors (``PROMPT_ARGS``, then the key mask of its attention kwargs, which holds the
-        prompt's padding on Bria FIBO): what a selection reading the prompt depends on."""
+        prompt's padding on Bria FIBO): what the probe reads of the prompt. (Selections are kept per ``PROMPT_ARGS``
+        tensors only: a mask made anew at every step, a new view of the same one, must not select again.)"""
         return (*map(call.get, PROMPT_ARGS), self._attention_mask(call))
 
     def _attention_mask(self, call: dict) -> Optional[torch.Tensor]:
@@ -1894,7 +1897,7 @@ class _SparsePatch(ForwardPatch):
                 # tensors (embedding, Qwen's text mask, FLUX.1's pooled projection: the probe reads each) key the
                 # selection
                 None if in_call else
-                tuple(None if value is None else _object_key(value) for value in self._prompt_values(call)))
+                tuple(None if value is None else _object_key(value) for value in map(call.get, PROMPT_ARGS)))
 
     def _forward_key(self, call: dict, key: tuple) -> tuple:
         """``(plan key, recomputation)`` of this forward: during a backward pass (a checkpoint's recomputation) the key
@@ -1905,7 +1908,7 @@ class _SparsePatch(ForwardPatch):
         hidden = call["hidden_states"]
         if hidden.is_inference():  # made under torch.inference_mode: no backward to come
             return key, False
-        inputs = RecentForwards.key(hidden, *self._prompt_values(call))
+        inputs = RecentForwards.key(hidden, *map(call.get, PROMPT_ARGS))
         found = self.recent.find(inputs)
         if in_backward():
             if found is None:
@@ -2129,7 +2132,17 @@ class _SparsePatch(ForwardPatch):
         batch = call["hidden_states"].shape[0]
         if batch % 2:  # (not the pipeline's guidance batch)
             return self._select(call, layout, overrides)
-        keep, nan = self._select(self._slice_batch(call, list(range(batch // 2, batch))), layout, overrides)
+        half = batch // 2
+        # a per-request budget or a per-sample signal given for the forward's batch (both branches): the
+        # conditional half's
+        budget = overrides.get("budget", self.settings.budget)
+        if _is_per_request(budget) and len(budget) == batch:
+            overrides = {**overrides, "budget": budget[half:]}
+        signals = overrides.get("signals", self.settings.signals)
+        if any(isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == batch for v in signals.values()):
+            overrides = {**overrides, "signals": {name: v[half:] if isinstance(v, torch.Tensor) and v.ndim and
+                                                  v.shape[0] == batch else v for name, v in signals.items()}}
+        keep, nan = self._select(self._slice_batch(call, list(range(half, batch))), layout, overrides)
         return torch.cat([keep, keep]), nan
 
     def _attention_probe(self, call: dict, layout: _Layout, shared: bool) -> Callable:
@@ -2616,8 +2629,8 @@ def _guidance_batched(pipeline, frame) -> bool:
         return False
     name, threshold = entry
     value = frame.f_locals.get(name)
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
+    if isinstance(value, torch.Tensor):
+        value = value.item() if value.numel() == 1 else None
     return isinstance(value, numbers.Real) and value > threshold
 
 

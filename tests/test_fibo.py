@@ -189,6 +189,12 @@ def test_per_request_budgets_and_generators_count_the_requests(pipe):
         pipe(image=list(TWO_IMAGES), prompt=prompts, negative_prompt=negatives, num_inference_steps=STEPS,
              guidance_scale=5.0, output_type="latent", _auto_resize=False)
     assert [[int(part.sum()) for part in row.split([16, 6])] for row in sparsectx.last_selection(pipe).keep] == counts
+    # (a per-request budget given for the forward's batch, both branches, as a transformer's user may: the same)
+    sparsectx.enable(pipe.transformer, budget=[[0.5, 3], [0.5, 3], [0.25, 1], [0.5, 3]], selector="random")
+    with torch.no_grad():
+        pipe(image=list(TWO_IMAGES), prompt=prompts, negative_prompt=negatives, num_inference_steps=STEPS,
+             guidance_scale=5.0, output_type="latent", _auto_resize=False)
+    assert [[int(part.sum()) for part in row.split([16, 6])] for row in sparsectx.last_selection(pipe).keep] == counts
     sparsectx.disable(pipe)
     for b in range(2):
         sparsectx.enable(pipe, budget=[[0.25, 1], [0.5, 3]][b], selector="random")

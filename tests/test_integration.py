@@ -328,7 +328,7 @@ def test_dropping_rows_equals_masking_keys(models, family, monkeypatch):
 
 
 @pytest.mark.parametrize("selector", ["random", "edit"])
-@pytest.mark.parametrize("form", ["per-query", "additive"])
+@pytest.mark.parametrize("form", ["per-query", "additive", "2-D per-query"])
 def test_a_mask_per_query_or_additive_loses_the_dropped_rows_and_columns(models, monkeypatch, form, selector):
     """An ``attention_mask`` of one row per query (``[B, 1, S, S]`` over the joint sequence; FIBO's processors hand it
     to diffusers' attention as it is), or an additive one (0 / -inf): the compacted forward gets its rows and columns
@@ -339,7 +339,9 @@ def test_a_mask_per_query_or_additive_loses_the_dropped_rows_and_columns(models,
     per_query = torch.rand(batch, 1, n, n, generator=torch.Generator().manual_seed(3)) < 0.7
     per_query |= torch.eye(n, dtype=torch.bool)  # (no query without a key)
     per_query[-1, ..., TEXT_TOKENS - 2:TEXT_TOKENS] = False  # the last prompt's padding
-    mask = per_query if form == "per-query" else torch.zeros(per_query.shape).masked_fill(~per_query, -torch.inf)
+    if form == "2-D per-query":  # ([S, S]: one mask for every sample, the last's padding with it)
+        per_query = per_query[-1, 0]
+    mask = per_query if form != "additive" else torch.zeros(per_query.shape).masked_fill(~per_query, -torch.inf)
     kwargs = {**kwargs, "joint_attention_kwargs": {"attention_mask": mask}}
     probed = []
 
@@ -352,11 +354,25 @@ def test_a_mask_per_query_or_additive_loses_the_dropped_rows_and_columns(models,
                                     selector=random_selector if selector == "random" else recording)
     if selector == "edit":
         expected = torch.ones(batch, TEXT_TOKENS, dtype=torch.bool)
-        expected[-1, -2:] = False
+        expected[-1 if form != "2-D per-query" else slice(None), -2:] = False
         assert len(probed) == 1 and torch.equal(probed[0], expected)
     with pytest.raises(ValueError, match=r"attention_mask .* last dim"):  # a mask of another sequence: named
         sparsectx.enable(model, budget=0.5, selector=random_selector, seed=0)
         _run(model, {**kwargs, "joint_attention_kwargs": {"attention_mask": mask[..., :-1]}})
+
+
+def test_a_key_mask_made_anew_at_every_step_keeps_the_selection(models):
+    """A bare FIBO transformer called at every step with the same prompt tensors and its key mask made anew (a new
+    view, or a copy): one selection, reused (the mask is read by the probe, not a key of the kept selection)."""
+    model, kwargs = models["fibo"], _inputs("fibo")
+    calls, counting = _counting(random_selector)
+    sparsectx.enable(model, budget=0.5, selector=counting)
+    mask = kwargs["joint_attention_kwargs"]["attention_mask"]
+    keeps = []
+    for step in range(3):
+        _run(model, {**kwargs, "joint_attention_kwargs": {"attention_mask": mask.clone() if step else mask[:]}})
+        keeps.append(model._sparsectx_patch.cache.keep)
+    assert len(calls) == 1 and all(torch.equal(keep, keeps[0]) for keep in keeps)
 
 
 def _with_lora_adapter(family):
