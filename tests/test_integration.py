@@ -2193,6 +2193,17 @@ def test_the_rope_shortcut_check_runs_on_the_cpu_under_a_default_device(family):
             assert processors._tables_match(model.pos_embed)
 
 
+def test_the_rope_shortcut_is_off_for_a_module_giving_the_same_values_in_another_dtype():
+    """A pos_embed whose forward gives the shortcut's values in float64 (torch.equal promotes: the values compare
+    equal) keeps its own forward, with a warning: the tables' dtype would change the model's rotation."""
+    class Float64PosEmbed(diffusers.models.transformers.transformer_flux.FluxPosEmbed):
+        def forward(self, ids):
+            return tuple(t.double() for t in super().forward(ids))
+
+    with pytest.warns(RuntimeWarning, match="other RoPE tables"):
+        assert not processors._tables_match(Float64PosEmbed(theta=10000, axes_dim=[4, 6, 6]))
+
+
 @pytest.mark.parametrize("family", ["flux2", "flux"])
 def test_torch_func_grad_runs_through_an_enabled_flux_model(family):
     """torch.func.grad over an enabled FLUX model (every token kept) raised from the drop-in's RoPE tables, which
