@@ -124,6 +124,7 @@ if TYPE_CHECKING:  # (imported where used: sparsectx.processors imports diffuser
 # constants
 # ----------------------------------------------------------------------------------------------------------------
 FLUX2, FLUX, QWEN, FLUX3, QWEN21, LONGCAT, FIBO = "flux2", "flux", "qwen", "flux3", "qwen21", "longcat", "fibo"
+JOYPLUS = "joyimage_plus"
 MIN_DIFFUSERS = (0, 39)  # the oldest diffusers release the test suite passes with (setup.py's floor)
 MAX_TESTED_DIFFUSERS = (0, 42)  # the newest release series the suite ran with (README, "Versions")
 SUPPORTED_TRANSFORMERS = {  # diffusers class name -> family
@@ -134,12 +135,13 @@ SUPPORTED_TRANSFORMERS = {  # diffusers class name -> family
     "QwenImage21Transformer2DModel": QWEN21,
     "LongCatImageTransformer2DModel": LONGCAT,
     "BriaFiboTransformer2DModel": FIBO,
+    "JoyImageEditPlusTransformer3DModel": JOYPLUS,
 }
 SUPPORTED_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinKVPipeline", "Flux2KleinInpaintPipeline",
                        "FluxKontextPipeline", "FluxKontextInpaintPipeline", "QwenImageEditPipeline",
                        "QwenImageEditPlusPipeline", "QwenImageEditInpaintPipeline", "Flux3ModularPipeline",
                        "Flux3DistilledModularPipeline", "QwenImage21Pipeline", "LongCatImageEditPipeline",
-                       "BriaFiboEditPipeline")
+                       "BriaFiboEditPipeline", "JoyImageEditPlusPipeline")
 NATIVE, SPARSECTX = "native", "sparsectx"  # enable(attention=...): diffusers' own attention or sparsectx's kernel
 ATTENTION_CHOICES = (NATIVE, SPARSECTX)
 DROP_TRAINING_ATTR = "_sparsectx_drop_training"  # set by sparsectx.training.enable_drop_training
@@ -167,33 +169,37 @@ _BATCH_ARGS = {
     # (Bria FIBO's text_encoder_layers: one [B, T, C] tensor per block, each sliced)
     FIBO: ("hidden_states", "encoder_hidden_states", "text_encoder_layers", "pooled_projections", "timestep",
            "guidance"),
+    JOYPLUS: ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep", "shape_list"),
 }
 # per family: the forward arguments the layout is read from (a forward without them can not be patched)
 _LAYOUT_ARGS = {FLUX2: ("hidden_states", "img_ids"), FLUX: ("hidden_states", "img_ids"),
                 QWEN: ("hidden_states", "img_shapes"), FLUX3: ("image_cond_hidden_states", "image_cond_ids"),
                 QWEN21: ("hidden_states", "img_shapes", "img_mask"), LONGCAT: ("hidden_states", "img_ids"),
-                FIBO: ("hidden_states", "img_ids")}
+                FIBO: ("hidden_states", "img_ids"), JOYPLUS: ("hidden_states", "shape_list")}
 # per family: the forward argument holding the reference rows and the one holding their position ids. FLUX.3 takes
 # its references as an input of their own (they produce no output rows); the others append them to the image
-# sequence, after the target (Qwen-Image 2.1: before it; Qwen-Image has no ids: its layout comes from img_shapes)
+# sequence, after the target (Qwen-Image 2.1: before it; Qwen-Image has no ids: its layout comes from img_shapes,
+# JoyImage-Edit-Plus's from shape_list, its rows patches [B, N, C, pt, ph, pw])
 _REFERENCE_ARGS = {FLUX2: ("hidden_states", "img_ids"), FLUX: ("hidden_states", "img_ids"),
                    QWEN: ("hidden_states", "img_ids"), FLUX3: ("image_cond_hidden_states", "image_cond_ids"),
                    QWEN21: ("hidden_states", "img_ids"), LONGCAT: ("hidden_states", "img_ids"),
-                   FIBO: ("hidden_states", "img_ids")}
+                   FIBO: ("hidden_states", "img_ids"), JOYPLUS: ("hidden_states", "img_ids")}
 # (LongCat-Image's forward takes none: the per-call settings given to its pipeline's joint_attention_kwargs, which
-# the pipeline does not hand on, reach the patch through the enabled pipeline's call)
+# the pipeline does not hand on, reach the patch through the enabled pipeline's call; JoyImage-Edit-Plus's pipeline
+# and forward take none: an enabled pipeline takes attention_kwargs={"sparsectx": ...} for it, _takes_keyword)
 _ATTN_KWARGS_ARG = {FLUX2: "joint_attention_kwargs", FLUX: "joint_attention_kwargs", QWEN: "attention_kwargs",
                     FLUX3: "attention_kwargs", QWEN21: "attention_kwargs", LONGCAT: "joint_attention_kwargs",
-                    FIBO: "joint_attention_kwargs"}
+                    FIBO: "joint_attention_kwargs", JOYPLUS: "attention_kwargs"}
 # the pipelines' keyword that reaches it (FLUX.2's pipelines take attention_kwargs; their modular blocks, as every
 # pipeline whose __call__ takes **kwargs, the transformer's keyword), for messages about a bare transformer's call
 _PIPELINE_ATTN_KWARGS_ARG = {FLUX2: "attention_kwargs", FLUX: "joint_attention_kwargs", QWEN: "attention_kwargs",
                              FLUX3: "attention_kwargs", QWEN21: "attention_kwargs",
-                             LONGCAT: "joint_attention_kwargs", FIBO: "joint_attention_kwargs"}
+                             LONGCAT: "joint_attention_kwargs", FIBO: "joint_attention_kwargs",
+                             JOYPLUS: "attention_kwargs"}
 _ATTN_KWARGS_NAMES = ("attention_kwargs", "joint_attention_kwargs")
 # families whose forwards look for the pipeline call they run in even outside an enabled one: LongCat (per-call
-# settings it would drop), Bria FIBO (its pipeline's guidance batch, _BATCHED_GUIDANCE)
-_FAMILIES_WALKING_THE_STACK = (LONGCAT, FIBO)
+# settings it would drop), Bria FIBO and JoyImage-Edit-Plus (their pipelines' guidance batch, _BATCHED_GUIDANCE)
+_FAMILIES_WALKING_THE_STACK = (LONGCAT, FIBO, JOYPLUS)
 _UNSUPPORTED_ARGS = ("controlnet_block_samples", "controlnet_single_block_samples")
 
 Budget = Optional[Union[int, float, Sequence[Union[int, float]], Sequence[Sequence[Union[int, float]]], Callable]]
@@ -654,10 +660,11 @@ def _ids_layout(call: dict, target_plane: int) -> Optional[_Layout]:
                    target_host, ref_host)
 
 
-def _image_shapes(call: dict) -> Optional[list]:
-    """Qwen-Image's ``img_shapes[0]``, the ``(f, h, w)`` of each image of the sequence (every sample's: ``ValueError``
-    when they differ), or None where it lists one image per sample or none (no references)."""
-    shapes = call.get("img_shapes")
+def _image_shapes(call: dict, arg: str = "img_shapes") -> Optional[list]:
+    """Qwen-Image's ``img_shapes[0]`` (JoyImage-Edit-Plus's ``shape_list[0]``: ``arg``), the ``(f, h, w)`` of each
+    image of the sequence (every sample's: ``ValueError`` when they differ), or None where it lists one image per
+    sample or none (no references)."""
+    shapes = call.get(arg)
     # a flat [(f, h, w)] * B (e.g. the ControlNet pipelines) describes targets only
     if not shapes or not isinstance(shapes[0], (list, tuple)) or len(shapes[0]) < 2 \
             or not all(isinstance(shape, (list, tuple)) for shape in shapes[0]):
@@ -667,21 +674,22 @@ def _image_shapes(call: dict) -> Optional[list]:
     first = [tuple(s) for s in shapes[0]]
     differing = [b for b, sample in enumerate(shapes) if [tuple(s) for s in sample] != first]
     if differing:
-        raise ValueError(f"img_shapes differ between samples (sample {differing[0]}: {shapes[differing[0]]}, sample "
+        raise ValueError(f"{arg} differ between samples (sample {differing[0]}: {shapes[differing[0]]}, sample "
                          f"0: {shapes[0]}): sparsectx selects reference tokens on one layout for the batch; run "
                          "samples with other image sizes as their own batch")
     seq = call["hidden_states"].shape[1]
     if sum(math.prod(s) for s in first) != seq:
-        raise ValueError(f"img_shapes {shapes[0]} describe {sum(math.prod(s) for s in first)} tokens but "
+        raise ValueError(f"{arg} {shapes[0]} describe {sum(math.prod(s) for s in first)} tokens but "
                          f"hidden_states has {seq}")
     return first
 
 
-def _image_layout(call: dict, target_first: bool) -> Optional[_Layout]:
+def _image_layout(call: dict, target_first: bool, arg: str = "img_shapes") -> Optional[_Layout]:
     """Qwen-Image (``target_first``): ``img_shapes[b] = [target, reference, ...]`` as ``(f, h, w)``, the sequence in
-    that order (the pipelines concatenate the packed references after the target latents). Qwen-Image 2.1:
-    ``[reference, ..., target]``, the sequence in that order."""
-    shapes = _image_shapes(call)
+    that order (the pipelines concatenate the packed references after the target latents); JoyImage-Edit-Plus the
+    same in ``shape_list`` (``arg``), its rows patches. Qwen-Image 2.1: ``[reference, ..., target]``, the sequence
+    in that order."""
+    shapes = _image_shapes(call, arg)
     if shapes is None:
         return None
     target, refs = (shapes[0], shapes[1:]) if target_first else (shapes[-1], shapes[:-1])
@@ -740,7 +748,8 @@ def _cond_layout(call: dict) -> Optional[_Layout]:
 
 _LAYOUTS = {**{family: functools.partial(_ids_layout, target_plane=plane) for family, plane in TARGET_PLANES.items()},
             QWEN: functools.partial(_image_layout, target_first=True),
-            FLUX3: _cond_layout, QWEN21: functools.partial(_image_layout, target_first=False)}
+            FLUX3: _cond_layout, QWEN21: functools.partial(_image_layout, target_first=False),
+            JOYPLUS: functools.partial(_image_layout, target_first=True, arg="shape_list")}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -810,8 +819,10 @@ class _FluxQKProbe(_QKProbeProcessor):
                                     image_rotary_emb, *self._rows(hidden_states)), text_mask)
 
 
-def _text_keys_attended(attention_mask: torch.Tensor, batch: int, n_text: int, n_image: int) -> torch.Tensor:
-    """bool ``[B, n_text]``: the text keys of the joint ``[text, image]`` sequence that some query may attend to
+def _text_keys_attended(attention_mask: torch.Tensor, batch: int, n_text: int, n_image: int,
+                        text_first: bool = True) -> torch.Tensor:
+    """bool ``[B, n_text]``: the text keys of the joint ``[text, image]`` sequence (``[image, text]`` where not
+    ``text_first``) that some query may attend to
     under ``attention_mask`` (its last dim the keys; boolean, additive: masked at its dtype's lowest value or -inf, or
     integer: masked at 0), False for the padding: a key mask ``[B, S]`` / ``[B, 1, 1, S]`` as it is, a mask per query
     ``[B, 1, S, S]`` reduced over the queries."""
@@ -828,7 +839,7 @@ def _text_keys_attended(attention_mask: torch.Tensor, batch: int, n_text: int, n
     if allowed.ndim >= 2 and allowed.shape[-2] == n:  # a row per query (as _kept_key_columns reads it)
         allowed = allowed.any(dim=-2)
     allowed = allowed.reshape(allowed.shape[0] if allowed.ndim > 1 else 1, -1, n).any(dim=1)
-    return allowed[:, :n_text].expand(batch, n_text)
+    return (allowed[:, :n_text] if text_first else allowed[:, n_image:]).expand(batch, n_text)
 
 
 class _QwenQKProbe(_QKProbeProcessor):
@@ -840,6 +851,21 @@ class _QwenQKProbe(_QKProbeProcessor):
 
         self._record(*qwen_probe_qk(attn, hidden_states, encoder_hidden_states, image_rotary_emb,
                                     *self._rows(hidden_states)), encoder_hidden_states_mask)
+
+
+class _JoyImagePlusQKProbe(_QKProbeProcessor):
+    """JoyImage-Edit-Plus double-stream attention, over ``[image, text]``; the key mask its forward builds (the
+    prompt's padding, from ``encoder_hidden_states_mask``) gives ``text_mask``."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, image_rotary_emb=None, attention_mask=None):
+        from .joyimage import probe_qk
+
+        text_mask = None
+        if attention_mask is not None:
+            text_mask = _text_keys_attended(attention_mask, hidden_states.shape[0], encoder_hidden_states.shape[1],
+                                            hidden_states.shape[1], text_first=False)
+        self._record(*probe_qk(attn, hidden_states, encoder_hidden_states, image_rotary_emb,
+                               *self._rows(hidden_states)), text_mask)
 
 
 class _Flux3QKProbe(_QKProbeProcessor):
@@ -880,6 +906,8 @@ def _probe_processor(family: str, layout: _Layout, call: dict) -> _QKProbeProces
     calls)."""
     if family == QWEN:
         return _QwenQKProbe(layout)
+    if family == JOYPLUS:
+        return _JoyImagePlusQKProbe(layout)
     if family == QWEN21:
         from .qwen21 import joint_layout
 
@@ -957,7 +985,8 @@ def _probe_qk(transformer: torch.nn.Module, family: str, forward: Callable, call
     ``fullgraph=True``, and the probe's full-length shapes would cost a recompile for one call."""
     from .processors import fast_rope_tables  # deferred: imports diffusers' model modules
 
-    block = (transformer.single_transformer_blocks if family == FLUX3 else transformer.transformer_blocks)[0]
+    block = {FLUX3: "single_transformer_blocks", JOYPLUS: "double_blocks"}.get(family, "transformer_blocks")
+    block = getattr(transformer, block)[0]
     attn = block.attn
     recorder = _probe_processor(family, layout, call)
     original = attn.processor
@@ -1870,7 +1899,7 @@ class _SparsePatch(ForwardPatch):
 
     def _plan_key(self, call: dict, overrides: dict, in_call: bool, guidance_pairs: bool = False) -> tuple:
         """Host-side facts a plan depends on: the call epoch (first), inference mode, the input shapes and Qwen's image
-        shapes, the KV mode, whether the batch holds guidance pairs, the selection settings (budget, selector,
+        shapes (JoyImage's shape_list), the KV mode, whether the batch holds guidance pairs, the selection settings (budget, selector,
         signals) in effect, (second to last) a
         training forward's number, and (last) outside an enabled pipeline's call the prompt's tensors (selectors may
         read the prompt; and a forward that selects nothing reports the latest selection on its prompt only)."""
@@ -1884,7 +1913,8 @@ class _SparsePatch(ForwardPatch):
         return (self.call_epoch, torch.is_inference_mode_enabled(), self.attention, self.pack,
                 tuple(call["hidden_states"].shape), None if ids is None else tuple(ids.shape),
                 None if references is None else tuple(references.shape),
-                repr(call.get("img_shapes")), call.get("kv_cache_mode"), guidance_pairs,
+                repr(call.get("img_shapes")), repr(call.get("shape_list")), call.get("kv_cache_mode"),
+                guidance_pairs,
                 _budget_key(overrides.get("budget", self.settings.budget)),
                 overrides.get("selector_key", _selector_key(overrides.get("selector", self.settings.selector))),
                 tuple((name, _object_key(value)) for name, value in sorted(signals.items())),
@@ -2052,6 +2082,8 @@ class _SparsePatch(ForwardPatch):
         counts; None where the selection has checked its scores itself, or runs no selector)."""
         hidden = call[self.reference_arg]
         references = hidden.detach()[:, layout.ref_positions]  # (selection is not differentiated: nothing recorded)
+        if references.ndim > 3:  # (JoyImage-Edit-Plus's rows are patches [C, pt, ph, pw]: one feature vector each)
+            references = references.flatten(2)
         batch = call["hidden_states"].shape[0]
         if references.shape[0] == 1 and batch > 1:  # (FLUX.3's references of one sample serve every sample)
             references = references.expand(batch, *references.shape[1:])
@@ -2270,6 +2302,8 @@ class _SparsePatch(ForwardPatch):
         g["hidden_states"] = g["hidden_states"].index_select(1, group.positions)
         if self.family == QWEN:
             return self._run_qwen(g, group)
+        if self.family == JOYPLUS:
+            return self._run_joyimage_plus(g, group)
         mask = self._attention_mask(g)
         if mask is not None:
             name = _ATTN_KWARGS_ARG[self.family]
@@ -2411,6 +2445,17 @@ class _SparsePatch(ForwardPatch):
         finally:
             for handle in handles:
                 handle.remove()
+
+    def _run_joyimage_plus(self, call: dict, group: _Group):
+        """JoyImage-Edit-Plus: RoPE tables and the padding mask come from ``shape_list`` inside the forward. Each
+        reference's entry becomes ``(1, 1, kept)`` and the model's RoPE method gives the kept rows of the true tables
+        (``joyimage.kept_rope_rows``)."""
+        from .joyimage import compacted_shape_list, kept_rope_rows
+
+        true_shapes = call["shape_list"][0]
+        call["shape_list"] = compacted_shape_list(call["shape_list"], group.kept_refs)
+        with kept_rope_rows(self.transformer, true_shapes, group.positions_host, group.kept_refs):
+            return self.original_forward(**call)
 
     def _slice_batch(self, call: dict, rows: list, samples: Optional[torch.Tensor] = None) -> dict:
         """The call restricted to batch ``rows`` (``samples``: the same rows as a device tensor)."""
@@ -2611,11 +2656,22 @@ def _pipeline_attn_kwarg(base: type, family: str) -> str:
     return _ATTN_KWARGS_ARG[family]
 
 
+@functools.lru_cache(maxsize=None)
+def _takes_keyword(base: type, name: str) -> bool:
+    """Whether the pipeline class's ``__call__`` takes the keyword ``name`` (by name or through ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(base.__call__).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
 # pipelines that run guidance's two branches as one batch, unconditional samples first, and the argument of their
 # __call__ (and its threshold) that turns guidance on: the forwards of their calls select on the conditional
 # samples, whose selection the unconditional ones share (whether the pipeline, its transformer alone, or a pipeline
 # sharing it is enabled); other pipelines call the transformer once per branch, and both share the call's selection
-_BATCHED_GUIDANCE = {"BriaFiboEditPipeline": ("guidance_scale", 1.0)}
+_BATCHED_GUIDANCE = {"BriaFiboEditPipeline": ("guidance_scale", 1.0),
+                     "JoyImageEditPlusPipeline": ("guidance_scale", 1.0)}
 
 
 def _guidance_batched(pipeline, frame) -> bool:
@@ -2659,7 +2715,12 @@ def _pipeline_class(base: type) -> type:
                 # step-distilled blocks: the call's settings were checked, then ignored)
                 overrides = patch.checked_overrides(attn_kwargs[CALL_KWARG], _overrides_place(
                     pipeline_kwarg, _ATTN_KWARGS_ARG[patch.family]))
-            if isinstance(attn_kwargs, dict):  # the call gets a copy: Bria FIBO's pipeline writes its prompt mask
+            if isinstance(attn_kwargs, collections.abc.Mapping) and set(attn_kwargs) <= {CALL_KWARG} and \
+                    not _takes_keyword(base, pipeline_kwarg):
+                # a pipeline without the keyword (JoyImage-Edit-Plus): the settings reach the forwards through this
+                # call (call_overrides), the pipeline gets the call without them
+                kwargs = {name: value for name, value in kwargs.items() if name != pipeline_kwarg}
+            elif isinstance(attn_kwargs, dict):  # the call gets a copy: Bria FIBO's pipeline writes its prompt mask
                 kwargs = {**kwargs, pipeline_kwarg: dict(attn_kwargs)}  # into it (a reused dict carried it over)
             with patch.lock:  # (calls from other threads on this transformer wait: see ForwardPatch.lock)
                 # a call inside another enabled call on this transformer (e.g. from a step-end callback): the outer
@@ -2875,6 +2936,10 @@ def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Call
         raise ValueError("attention='sparsectx' is not available for Qwen-Image 2.1: its attention is block-causal "
                          "over text and condition images, and sparsectx's kernel attends bidirectionally; use "
                          "attention='native' (the compacted sequence runs the model's own processors)")
+    if family == JOYPLUS and attention == SPARSECTX:
+        raise ValueError("attention='sparsectx' is not available for JoyImage-Edit-Plus yet (sparsectx has no "
+                         "processor for its fused-QKV attention); use attention='native' (the compacted sequence "
+                         "runs the model's own processors)")
     if getattr(transformer, "_parallel_config", None) is not None:
         raise RuntimeError(f"sparsectx's drop-in does not support diffusers {_parallelism(transformer)} (the "
                            "transformer has a _parallel_config); enable it on a model without parallelism")

@@ -1,0 +1,382 @@
+"""Drop-in Sparse Context for JoyImage-Edit-Plus (sparsectx.joyimage, JoyImageEditPlusTransformer3DModel): tiny
+random-weight models built from configs, fp32, CPU, offline. The transformer takes each sample's patches
+``[B, N, C, pt, ph, pw]`` (the target's, then each reference's), their grids in ``shape_list``, and builds its RoPE
+tables and the padding mask inside its forward; its joint attention runs over ``[image, text]``."""
+import importlib
+import math
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+if not hasattr(diffusers, "JoyImageEditPlusTransformer3DModel"):
+    pytest.skip(f"diffusers {diffusers.__version__} has no JoyImage-Edit-Plus", allow_module_level=True)
+from diffusers.models.transformers import transformer_joyimage_edit_plus as jp  # noqa: E402
+
+import sparsectx  # noqa: E402
+from sparsectx import integration, joyimage  # noqa: E402
+from sparsectx.diagnostics import count_host_reads  # noqa: E402
+
+HEADS, HEAD_DIM = 2, 16
+TEXT_DIM, CHANNELS, PATCH = 24, 4, (1, 2, 2)
+TARGET = (1, 3, 4)  # (t, h, w) of the target's patch grid: 12 rows
+REFS = ((1, 4, 4), (1, 2, 5))  # two references of other sizes: 16 and 10 rows
+N_TARGET = math.prod(TARGET)
+N_REFS = [math.prod(shape) for shape in REFS]
+N_IMAGES = N_TARGET + sum(N_REFS)
+N_TEXT = 7
+
+
+def _build(seed=0):
+    torch.manual_seed(seed)
+    model = diffusers.JoyImageEditPlusTransformer3DModel(
+        patch_size=list(PATCH), in_channels=CHANNELS, hidden_size=HEADS * HEAD_DIM, num_attention_heads=HEADS,
+        text_dim=TEXT_DIM, num_layers=2, rope_dim_list=[4, 6, 6])
+    with torch.no_grad():  # (diffusers initialises the modulation tables to zeros: give them values)
+        for block in model.double_blocks:
+            for mod in (block.img_mod, block.txt_mod):
+                mod.modulate_table.normal_(0, 0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _build()
+
+
+@pytest.fixture(autouse=True)
+def _always_disabled(model):
+    yield
+    integration.disable(model)
+
+
+def _inputs(batch=2, seed=1, padded=False, shared=False):
+    """Forward kwargs; ``padded``: sample 0's prompt ends with two padding positions (``encoder_hidden_states_mask``;
+    without it the forward builds no mask); ``shared``: every sample has the first one's reference patches (a
+    pipeline repeats them over its batch)."""
+    g = torch.Generator().manual_seed(seed)
+    refs = torch.randn(1 if shared else batch, sum(N_REFS), CHANNELS, *PATCH, generator=g).expand(batch, -1, -1, -1,
+                                                                                                -1, -1)
+    target = torch.randn(batch, N_TARGET, CHANNELS, *PATCH, generator=g)
+    kwargs = dict(hidden_states=torch.cat([target, refs], 1),
+                  encoder_hidden_states=torch.randn(batch, N_TEXT, TEXT_DIM, generator=g),
+                  timestep=torch.rand(batch, generator=g) * 1000, shape_list=[[TARGET, *REFS]] * batch,
+                  return_dict=False)
+    if padded:
+        mask = torch.ones(batch, N_TEXT, dtype=torch.long)
+        mask[0, -2:] = 0
+        kwargs["encoder_hidden_states_mask"] = mask
+    return kwargs
+
+
+def _run(model, kwargs):
+    with torch.no_grad():
+        return model(**kwargs)[0]
+
+
+def random_selector(latents, context):
+    return torch.rand(latents.shape[:2], generator=context.generator)
+
+
+class _KeyMasked(jp.JoyImageEditPlusAttnProcessor):
+    """Test-only: diffusers' processor with the image rows ``keys`` (bool ``[B, N_IMAGES]``, False = dropped) masked
+    out as keys."""
+
+    def __init__(self, keys):
+        self.keys = keys
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, image_rotary_emb=None, attention_mask=None):
+        text = torch.ones(self.keys.shape[0], encoder_hidden_states.shape[1], dtype=torch.bool,
+                          device=self.keys.device)
+        keys = torch.cat([self.keys, text], dim=1)[:, None, None, :]
+        attention_mask = keys if attention_mask is None else attention_mask & keys
+        return super().__call__(attn, hidden_states, encoder_hidden_states, image_rotary_emb, attention_mask)
+
+
+def _image_keys(keep):
+    """bool ``[B, N_IMAGES]``: the target rows and the reference rows ``keep`` keeps."""
+    return torch.cat([torch.ones(keep.shape[0], N_TARGET, dtype=torch.bool, device=keep.device), keep], dim=1)
+
+
+def _masked(model, keep, kwargs):
+    """The unpatched model with the reference rows ``keep`` drops masked out as keys in every layer."""
+    processors = [block.attn.processor for block in model.double_blocks]
+    for block in model.double_blocks:
+        block.attn.set_processor(_KeyMasked(_image_keys(keep).to(kwargs["hidden_states"].device)))
+    try:
+        return _run(model, kwargs)
+    finally:
+        for block, processor in zip(model.double_blocks, processors):
+            block.attn.set_processor(processor)
+
+
+def _assert_flash_criterion(out, masked, model, keep, kwargs):
+    """``out``'s target rows (dropped rows removed) are as close to the key-masked model in fp64 (on the CPU) as the
+    key-masked model ``masked`` in the same dtype is (at most twice its error, plus fp32 resolution)."""
+    model64 = _build().double()
+    model64.load_state_dict(model.state_dict())
+    kwargs64 = {k: v.to("cpu", torch.float64 if v.is_floating_point() else v.dtype) if isinstance(v, torch.Tensor)
+                else v for k, v in kwargs.items()}
+    exact = _masked(model64, keep.cpu(), kwargs64)[:, :N_TARGET]
+    error, native_error = ((x[:, :N_TARGET].cpu().double() - exact).abs().max() for x in (out, masked))
+    assert error <= 2 * native_error + 1e-6 * exact.abs().max(), (error, native_error)
+
+
+def _rows_seen(model) -> tuple:
+    """(list of patch rows per sample each forward's patch embedder gets, the hook's handle)."""
+    seen = []
+    handle = model.img_in.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    return seen, handle
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# exactness
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("budget", [1.0, 10**6, [1.0, 10**6]])
+@pytest.mark.parametrize("padded", [False, True])
+def test_keep_all_is_the_unpatched_forward(model, budget, padded):
+    kwargs = _inputs(padded=padded)
+    expected = _run(model, kwargs)
+    sparsectx.enable(model, budget=budget, selector=random_selector, seed=0)
+    assert torch.equal(_run(model, kwargs), expected)
+    sparsectx.disable(model)
+    assert torch.equal(_run(model, kwargs), expected)
+
+
+def test_the_compacted_forward_keeping_every_row_is_diffusers_forward(model):
+    """``shape_list`` rewritten for the compacted rows and the RoPE rows served by ``kept_rope_rows``, with nothing
+    dropped: diffusers' output bit for bit (the tables are the model's own, the rows in order)."""
+    kwargs = _inputs(padded=True)
+    expected = _run(model, kwargs)
+    everything = torch.arange(N_IMAGES)
+    with joyimage.kept_rope_rows(model, [TARGET, *REFS], everything, N_REFS):
+        out = _run(model, {**kwargs, "shape_list": joyimage.compacted_shape_list(kwargs["shape_list"], N_REFS)})
+    assert torch.equal(out, expected)
+    assert "_get_rotary_pos_embed_for_range" not in model.__dict__  # the model's own method again
+
+
+@pytest.mark.parametrize("selector", [random_selector, "uniform"])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("shared", [False, True])
+def test_dropping_rows_equals_masking_keys(model, selector, padded, shared):
+    kwargs = _inputs(padded=padded, shared=shared)
+    seen, handle = _rows_seen(model)
+    try:
+        sparsectx.enable(model, budget=[0.5, 3], selector=selector, seed=0)
+        dropped = _run(model, kwargs)
+    finally:
+        handle.remove()
+    keep = sparsectx.last_selection(model).keep
+    counts = integration.budget_counts([0.5, 3], 2, N_REFS)[0]
+    assert [[int(part.sum()) for part in sample.split(N_REFS)] for sample in keep] == [counts] * 2
+    groups = torch.unique(keep, dim=0).shape[0]
+    assert groups == (2 if selector is random_selector and not shared else 1)  # (uniform ignores the latents)
+    # one forward per distinct keep mask, each on the kept rows only (the dropped rows never entered the model)
+    assert seen == [(2 // groups) * (sum(counts) + N_TARGET)] * groups
+    sparsectx.disable(model)
+    masked = _masked(model, keep, kwargs)
+    assert dropped.shape == (2, N_IMAGES, CHANNELS, *PATCH) and not dropped[:, N_TARGET:].any()
+    _assert_flash_criterion(dropped, masked, model, keep, kwargs)
+    assert (dropped[:, :N_TARGET] - _run(model, kwargs)[:, :N_TARGET]).abs().max() > 1e-3  # dropping changed it
+
+
+def test_a_reference_keeping_nothing_and_one_keeping_everything(model):
+    kwargs = _inputs(padded=True, shared=True)
+    sparsectx.enable(model, budget=[0, 1.0], selector="uniform")
+    dropped = _run(model, kwargs)
+    keep = sparsectx.last_selection(model).keep
+    assert not keep[:, :N_REFS[0]].any() and keep[:, N_REFS[0]:].all()
+    sparsectx.disable(model)
+    _assert_flash_criterion(dropped, _masked(model, keep, kwargs), model, keep, kwargs)
+
+
+def test_mixed_budgets_equal_each_sample_alone(model):
+    """Per-request budgets: each sample runs on its own kept rows (a group each), as it would alone."""
+    kwargs = _inputs(padded=True)
+    sparsectx.enable(model, budget=[[0.5, 0.5], [3, 1.0]], selector=random_selector, seed=0)
+    both = _run(model, kwargs)
+    keep = sparsectx.last_selection(model).keep
+    assert [[int(part.sum()) for part in sample.split(N_REFS)] for sample in keep] == [[8, 5], [3, 10]]
+    for b in range(2):
+        alone = {k: v[b:b + 1] if isinstance(v, torch.Tensor) else [v[b]] if k == "shape_list" else v
+                 for k, v in kwargs.items()}
+        sparsectx.enable(model, budget=None, selector=_selector_keeping(keep[b:b + 1]))
+        assert torch.equal(_run(model, alone), both[b:b + 1])
+
+
+def _selector_keeping(mask):
+    def selector(latents, context):
+        return mask.clone()
+
+    return selector
+
+
+def test_later_steps_read_the_host_once(model):
+    """The first step reads the host once beyond what the model reads (the keep mask), and a later step of the same
+    call, which reuses the plan, once too (the check that its references are the plan's; the RoPE rows are taken on
+    the host)."""
+    kwargs = _inputs(shared=True, padded=True)
+    device_data = [model, *(v for v in kwargs.values() if isinstance(v, torch.Tensor))]
+    with count_host_reads(device_data) as plain:
+        _run(model, kwargs)
+    sparsectx.enable(model, budget=0.5, selector=random_selector, seed=0)
+    with count_host_reads(device_data) as first:
+        out_first = _run(model, kwargs)
+    later_kwargs = {**kwargs, "timestep": kwargs["timestep"] * 0.5}
+    with count_host_reads([*device_data, later_kwargs["timestep"]]) as later:
+        out_later = _run(model, later_kwargs)
+    assert later.count == plain.count + 1, later.ops
+    assert first.count == plain.count + 1, first.ops  # the keep mask (the layout is read from shape_list, on the host)
+    assert torch.equal(_run(model, kwargs), out_first)  # the reused plan keeps the same tokens
+    assert not torch.equal(out_later, out_first)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the attention probe
+# ----------------------------------------------------------------------------------------------------------------
+class _RecordingProcessor(jp.JoyImageEditPlusAttnProcessor):
+    """diffusers' processor, recording the image q and k and the text q it computes (after norms and RoPE)."""
+
+    def __init__(self):
+        self.qk = []
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, image_rotary_emb=None, attention_mask=None):
+        img_q, img_k, _ = attn.img_attn_qkv(hidden_states).chunk(3, dim=-1)
+        txt_q = attn.txt_attn_qkv(encoder_hidden_states).chunk(3, dim=-1)[0]
+        img_q = attn.img_attn_q_norm(img_q.unflatten(-1, (attn.heads, -1)))
+        img_k = attn.img_attn_k_norm(img_k.unflatten(-1, (attn.heads, -1)))
+        img_q, img_k = jp._apply_rotary_emb_batched(img_q, img_k, image_rotary_emb)
+        self.qk.append((img_q, img_k, attn.txt_attn_q_norm(txt_q.unflatten(-1, (attn.heads, -1)))))
+        return super().__call__(attn, hidden_states, encoder_hidden_states, image_rotary_emb, attention_mask)
+
+
+def _first_block_qk(model, kwargs):
+    recorder = _RecordingProcessor()
+    attn = model.double_blocks[0].attn
+    original = attn.processor
+    attn.set_processor(recorder)
+    try:
+        _run(model, kwargs)
+    finally:
+        attn.set_processor(original)
+    return recorder.qk[0]
+
+
+def _recording_attention(record):
+    def selector(latents, context):
+        scores = sparsectx.selection.attention_scores(latents, context)
+        record.update(context.extra)
+        return scores
+
+    return selector
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_probe_tensors_are_the_first_blocks_query_and_key(model, padded):
+    """Target queries and reference keys are rows of the image q and k diffusers' processor computes in the first
+    block, the text queries its text q; the prompt's padding comes as ``text_mask``."""
+    kwargs = _inputs(padded=padded)
+    query, key, text_query = _first_block_qk(model, kwargs)
+    record = {}
+    sparsectx.enable(model, budget=3, selector=_recording_attention(record))
+    _run(model, kwargs)
+    close = dict(rtol=1e-5, atol=1e-6)  # the probe projects fewer rows: fp32 rounding of the same products
+    torch.testing.assert_close(record["text_queries"], text_query, **close)
+    torch.testing.assert_close(record["target_queries"], query[:, :N_TARGET], **close)
+    torch.testing.assert_close(record["ref_keys"], key[:, N_TARGET:], **close)
+    assert record["ref_keys"].shape == (2, sum(N_REFS), HEADS, HEAD_DIM)
+    if padded:
+        assert torch.equal(record["text_mask"], kwargs["encoder_hidden_states_mask"].bool())
+    else:
+        assert "text_mask" not in record
+
+
+def test_attention_selector_keeps_the_top_attention_mass(model):
+    from sparsectx.reference import topk_keep_mask
+
+    kwargs = _inputs(padded=True)
+    query, key, _ = _first_block_qk(model, kwargs)
+    mass = sparsectx.selection.attention_mass(query[:, :N_TARGET], key[:, N_TARGET:])
+    expected = torch.cat([topk_keep_mask(part, [3] * mass.shape[0]) for part in mass.split(N_REFS, 1)], dim=1)
+    sparsectx.enable(model, budget=3, selector="attention")
+    _run(model, kwargs)
+    assert torch.equal(sparsectx.last_selection(model).keep, expected)
+
+
+@pytest.mark.parametrize("selector", ["edit", "subject"])
+def test_task_aware_selectors_run_on_the_probe(model, selector):
+    kwargs = _inputs(padded=True, shared=True)
+    sparsectx.enable(model, budget=0.25, selector=selector)
+    out = _run(model, kwargs)
+    keep = sparsectx.last_selection(model).keep
+    counts = integration.budget_counts(0.25, 1, N_REFS)[0]
+    assert [[int(part.sum()) for part in sample.split(N_REFS)] for sample in keep] == [counts] * 2
+    assert not out[:, N_TARGET:].any() and out[:, :N_TARGET].abs().sum() > 0
+
+
+def test_the_grid_selectors_see_each_references_grid(model):
+    sparsectx.enable(model, budget=0.25, selector="uniform")
+    _run(model, _inputs(shared=True))
+    selection = sparsectx.last_selection(model)
+    assert selection.ref_shapes == [(4, 4), (2, 5)]
+    assert [tuple(grid.shape[1:]) for grid in selection.grids()] == [(4, 4), (2, 5)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# refusals
+# ----------------------------------------------------------------------------------------------------------------
+def test_sparsectx_attention_and_masked_drop_training_are_refused_naming_what_works(model):
+    with pytest.raises(ValueError, match="attention='native'"):
+        sparsectx.enable(model, attention="sparsectx")
+    assert not integration.is_enabled(model)
+    with pytest.raises(TypeError, match="random_drop_selector"):
+        sparsectx.enable_drop_training(model)
+
+
+def test_inputs_that_do_not_describe_one_sequence_are_refused(model):
+    sparsectx.enable(model, budget=0.5)
+    kwargs = _inputs()
+    with pytest.raises(ValueError, match="shape_list differ between samples"):
+        _run(model, {**kwargs, "shape_list": [[TARGET, *REFS], [TARGET, REFS[1], REFS[0]]]})
+    with pytest.raises(ValueError, match="describe"):
+        _run(model, {**kwargs, "hidden_states": kwargs["hidden_states"][:, 1:]})
+
+
+def test_a_forward_building_its_tables_otherwise_is_refused():
+    """``kept_rope_rows`` checks each grid the forward asks for against the compacted one it expects next."""
+    model = _build()
+    with joyimage.kept_rope_rows(model, [TARGET, *REFS], torch.arange(N_IMAGES), N_REFS):
+        cos, _ = model._get_rotary_pos_embed_for_range((0, 0, 0), TARGET)
+        assert cos.shape[0] == N_TARGET
+        with pytest.raises(RuntimeError, match="builds the components. tables otherwise"):
+            model._get_rotary_pos_embed_for_range((1, 0, 0), (2, 4, 4))  # the true grid, not (1, 1, 16)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bf16
+# ----------------------------------------------------------------------------------------------------------------
+def _check_bf16(device):
+    """In bf16: the drop-in's target rows are within twice the key-masked model's bf16 error of its fp64 result."""
+    model = _build().to(device, torch.bfloat16)
+    kwargs = {k: v.to(device, torch.bfloat16 if v.is_floating_point() else v.dtype) if isinstance(v, torch.Tensor)
+              else v for k, v in _inputs(padded=True, shared=True).items()}
+    sparsectx.enable(model, budget=0.5, selector="uniform")
+    dropped = _run(model, kwargs)
+    keep = sparsectx.last_selection(model).keep
+    sparsectx.disable(model)
+    assert dropped.dtype == torch.bfloat16 and not keep.all()
+    _assert_flash_criterion(dropped, _masked(model, keep, kwargs), model, keep, kwargs)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_dropping_rows_equals_masking_keys():
+    _check_bf16("cuda")
+
+
+def test_bf16_dropping_rows_equals_masking_keys_on_the_cpu():
+    _check_bf16("cpu")
+
+
+def _pipeline_helpers():
+    """tests/joyimage_pipeline.py (tests/ is on sys.path by pytest.ini), imported where used."""
+    return importlib.import_module("joyimage_pipeline")
