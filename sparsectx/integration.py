@@ -1899,10 +1899,10 @@ class _SparsePatch(ForwardPatch):
 
     def _plan_key(self, call: dict, overrides: dict, in_call: bool, guidance_pairs: bool = False) -> tuple:
         """Host-side facts a plan depends on: the call epoch (first), inference mode, the input shapes and Qwen's image
-        shapes (JoyImage's shape_list), the KV mode, whether the batch holds guidance pairs, the selection settings (budget, selector,
-        signals) in effect, (second to last) a
-        training forward's number, and (last) outside an enabled pipeline's call the prompt's tensors (selectors may
-        read the prompt; and a forward that selects nothing reports the latest selection on its prompt only)."""
+        shapes (JoyImage's shape_list), the KV mode, whether the batch holds guidance pairs, the selection settings
+        (budget, selector, signals) in effect, (second to last) a training forward's number, and (last) outside an
+        enabled pipeline's call the prompt's tensors (selectors may read the prompt; and a forward that selects
+        nothing reports the latest selection on its prompt only)."""
         ids = call.get(self.reference_ids_arg)
         references = call.get(self.reference_arg)  # (FLUX.3: an input of their own)
         signals = overrides.get("signals", self.settings.signals)
