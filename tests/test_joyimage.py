@@ -14,6 +14,7 @@ if not hasattr(diffusers, "JoyImageEditPlusTransformer3DModel"):
 from diffusers.models.transformers import transformer_joyimage_edit_plus as jp  # noqa: E402
 
 import sparsectx  # noqa: E402
+from pipeline_fixtures import tiny_pipeline_fixtures  # noqa: E402  (tests/, on sys.path by pytest.ini)
 from sparsectx import integration, joyimage  # noqa: E402
 from sparsectx.diagnostics import count_host_reads  # noqa: E402
 
@@ -93,9 +94,9 @@ class _KeyMasked(jp.JoyImageEditPlusAttnProcessor):
         return super().__call__(attn, hidden_states, encoder_hidden_states, image_rotary_emb, attention_mask)
 
 
-def _image_keys(keep):
-    """bool ``[B, N_IMAGES]``: the target rows and the reference rows ``keep`` keeps."""
-    return torch.cat([torch.ones(keep.shape[0], N_TARGET, dtype=torch.bool, device=keep.device), keep], dim=1)
+def _image_keys(keep, n_target=N_TARGET):
+    """bool ``[B, n_target + N]``: the target rows and the reference rows ``keep`` keeps."""
+    return torch.cat([torch.ones(keep.shape[0], n_target, dtype=torch.bool, device=keep.device), keep], dim=1)
 
 
 def _masked(model, keep, kwargs):
@@ -380,3 +381,192 @@ def test_bf16_dropping_rows_equals_masking_keys_on_the_cpu():
 def _pipeline_helpers():
     """tests/joyimage_pipeline.py (tests/ is on sys.path by pytest.ini), imported where used."""
     return importlib.import_module("joyimage_pipeline")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the pipeline (tests/joyimage_pipeline.py: tiny components, stand-ins for the Qwen3-VL encoder and its processor)
+# ----------------------------------------------------------------------------------------------------------------
+PIPE_SIZES = ((64, 64), (48, 80))  # (width, height) of the two references: 16 and 15 tokens; the target the last's
+PIPE_REFS, PIPE_TARGET = [16, 15], 15
+NEGATIVE = "blurry, low quality, bad anatomy"  # longer than the default negative prompt: the prompt is padded
+
+
+pipe, _pipe_disabled = tiny_pipeline_fixtures(lambda: _pipeline_helpers().tiny_joyimage_pipeline())
+
+
+def _images():
+    helpers = _pipeline_helpers()
+    return [[helpers.reference_image(size, seed) for seed, size in enumerate(PIPE_SIZES)]]
+
+
+def _call(pipe, **kwargs):
+    return _pipeline_helpers().run(pipe, images=kwargs.pop("images", None) or _images(), **kwargs)
+
+
+def _patch_rows(transformer) -> tuple:
+    """(patch rows each transformer forward's embedder gets, the hook's handle): the attention probe's stopped
+    forward included."""
+    seen = []
+    return seen, transformer.img_in.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+
+
+def _kept(budget) -> int:
+    return sum(integration.budget_counts(budget, 1, PIPE_REFS)[0])
+
+
+def test_the_pipeline_class_is_accepted_and_named():
+    assert "JoyImageEditPlusPipeline" in integration.SUPPORTED_PIPELINES
+    assert integration._family_of(_pipeline_helpers().tiny_joyimage_pipeline().transformer) == integration.JOYPLUS
+
+
+@pytest.mark.parametrize("guidance_scale", [4.0, 1.0])
+def test_keep_all_and_disable_are_the_unpatched_pipeline(pipe, guidance_scale):
+    expected = _call(pipe, guidance_scale=guidance_scale, negative_prompt=NEGATIVE)
+    sparsectx.enable(pipe, budget=1.0, selector="random", seed=0)
+    assert torch.equal(_call(pipe, guidance_scale=guidance_scale, negative_prompt=NEGATIVE), expected)
+    sparsectx.enable(pipe, budget=0.5, selector="random", seed=0)
+    sparse = _call(pipe, guidance_scale=guidance_scale, negative_prompt=NEGATIVE)
+    assert (sparse[:, :PIPE_TARGET] - expected[:, :PIPE_TARGET]).abs().max() > 1e-4
+    sparsectx.disable(pipe)
+    assert torch.equal(_call(pipe, guidance_scale=guidance_scale, negative_prompt=NEGATIVE), expected)
+
+
+@pytest.mark.parametrize("guidance_scale", [4.0, 1.0])
+def test_the_transformer_sees_the_target_and_the_kept_tokens(pipe, guidance_scale):
+    seen, handle = _patch_rows(pipe.transformer)
+    try:
+        sparsectx.enable(pipe, budget=0.5, selector="uniform")
+        _call(pipe, guidance_scale=guidance_scale)
+    finally:
+        handle.remove()
+    branches = 2 if guidance_scale > 1 else 1  # (guidance's branches are one batch: [negative, positive])
+    assert seen == [branches * (PIPE_TARGET + _kept(0.5))] * 2
+    keep = sparsectx.last_selection(pipe).keep
+    assert keep.shape == (branches, sum(PIPE_REFS)) and keep.sum(dim=1).tolist() == [_kept(0.5)] * branches
+
+
+def _masked_call(pipe, keep, **kwargs):
+    """The unpatched pipeline whose every attention masks the reference rows ``keep`` (bool ``[N]``) drops, as keys."""
+    processors = [block.attn.processor for block in pipe.transformer.double_blocks]
+    masked = _KeyMasked(None)
+
+    def keys_of_the_batch(module, args, kwargs):
+        masked.keys = _image_keys(keep[None], PIPE_TARGET).expand(kwargs["hidden_states"].shape[0], -1)
+
+    handle = pipe.transformer.register_forward_pre_hook(keys_of_the_batch, with_kwargs=True)
+    for block in pipe.transformer.double_blocks:
+        block.attn.set_processor(masked)
+    try:
+        return _call(pipe, **kwargs)
+    finally:
+        handle.remove()
+        for block, processor in zip(pipe.transformer.double_blocks, processors):
+            block.attn.set_processor(processor)
+
+
+@pytest.mark.parametrize("selector", ["uniform", "attention"])
+def test_the_sparse_pipeline_equals_masking_the_dropped_keys(pipe, selector):
+    """Guidance with a padded prompt: the pipeline with a budget gives the target rows of the unpatched pipeline
+    whose every attention masks the same reference tokens as keys."""
+    sparsectx.enable(pipe, budget=0.5, selector=selector)
+    dropped = _call(pipe, negative_prompt=NEGATIVE)
+    keep = sparsectx.last_selection(pipe).keep
+    assert torch.equal(keep[0], keep[1])  # both guidance branches see the same reference tokens
+    sparsectx.disable(pipe)
+    masked = _masked_call(pipe, keep[0], negative_prompt=NEGATIVE)
+    torch.testing.assert_close(dropped[:, :PIPE_TARGET], masked[:, :PIPE_TARGET], rtol=0, atol=1e-5)
+    assert (dropped[:, :PIPE_TARGET] - _call(pipe, negative_prompt=NEGATIVE)[:, :PIPE_TARGET]).abs().max() > 1e-4
+
+
+def _prompt_selector(latents, context):
+    """Random scores drawn from a generator seeded by the prompt's text queries (from the attention probe; its
+    padding left out): each prompt draws its own (the tiny model's reference keys rank alike under any of its text
+    queries)."""
+    probe = context.extra["attention_probe"](latents, context)
+    queries = probe["text_queries"]
+    valid = probe.get("text_mask", torch.ones(queries.shape[:2], dtype=torch.bool))  # (not the prompt's padding)
+    seeds = [int(q[v].double().abs().sum() * 1e4) for q, v in zip(queries, valid)]
+    return torch.stack([torch.rand(latents.shape[1], generator=torch.Generator().manual_seed(seed)) for seed in seeds])
+
+
+@pytest.mark.parametrize("enabled", ["pipeline", "transformer"])
+def test_the_guidance_branches_keep_what_the_conditional_call_selects(pipe, enabled):
+    """The batch ``[negative, positive]`` is selected on its positive sample (the selector reads its prompt through
+    the probe's text queries) and the negative one keeps the same tokens: the selection of the call without guidance, whether the pipeline or its
+    transformer alone is enabled."""
+    sparsectx.enable(pipe if enabled == "pipeline" else pipe.transformer, budget=0.25, selector=_prompt_selector)
+    _call(pipe, guidance_scale=1.0)
+    alone = sparsectx.last_selection(pipe).keep
+    _call(pipe, guidance_scale=4.0, negative_prompt=NEGATIVE)
+    keep = sparsectx.last_selection(pipe).keep
+    assert torch.equal(keep, torch.cat([alone, alone]))
+    sparsectx.disable(pipe)
+    # without the pairing, the negative prompt's probe selects otherwise here (the pairing is what the test checks)
+    sparsectx.enable(pipe.transformer, budget=0.25, selector=_prompt_selector)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(integration, "_BATCHED_GUIDANCE", {})
+        _call(pipe, guidance_scale=4.0, negative_prompt=NEGATIVE)
+    unpaired = sparsectx.last_selection(pipe).keep
+    assert not torch.equal(unpaired[0], unpaired[1])
+
+
+def test_per_call_settings_through_attention_kwargs_the_pipeline_does_not_take(pipe):
+    """The pipeline's ``__call__`` takes no attention kwargs: the enabled pipeline takes
+    ``attention_kwargs={"sparsectx": ...}`` for it (and hands the pipeline the call without them); other keys
+    there reach the pipeline, which refuses them as it does unpatched."""
+    seen, handle = _patch_rows(pipe.transformer)
+    try:
+        sparsectx.enable(pipe, budget=0.5, selector="uniform")
+        _call(pipe, attention_kwargs={"sparsectx": {"budget": 3}})
+        assert seen == [2 * (PIPE_TARGET + 3 * len(PIPE_REFS))] * 2
+        seen.clear()
+        _call(pipe)
+        assert seen == [2 * (PIPE_TARGET + _kept(0.5))] * 2
+    finally:
+        handle.remove()
+    with pytest.raises(ValueError, match="budget"):
+        _call(pipe, attention_kwargs={"sparsectx": {"budget": -1}})
+    with pytest.raises(TypeError, match="attention_kwargs"):
+        _call(pipe, attention_kwargs={"sparsectx": {"budget": 3}, "scale": 1.0})
+    sparsectx.disable(pipe)
+    with pytest.raises(TypeError, match="attention_kwargs"):
+        _call(pipe, attention_kwargs={"sparsectx": {"budget": 3}})
+
+
+def test_requests_with_their_own_budgets_equal_each_request_alone(pipe):
+    """Two prompts of different lengths (padded in the batch), one budget per request, guidance: each request's
+    target equals the request run alone on the same noise."""
+    helpers = _pipeline_helpers()
+    images, prompts, budget = _images() * 2, ["a cat", "a red dog on a sofa"], [[0.25], [0.75]]
+    noise = torch.randn(2, helpers.Z_DIM, 1, 10, 6, generator=torch.Generator().manual_seed(5))
+    sparsectx.enable(pipe, budget=budget, selector="uniform")
+    together = _call(pipe, images=images, prompt=prompts, latents=noise)
+    assert sparsectx.last_selection(pipe).keep.sum(dim=1).tolist() == [_kept(0.25), _kept(0.75)] * 2
+    for b in range(2):
+        sparsectx.enable(pipe, budget=budget[b], selector="uniform")
+        alone = _call(pipe, images=images[:1], prompt=prompts[b], latents=noise[b:b + 1])
+        torch.testing.assert_close(together[b:b + 1, :PIPE_TARGET], alone[:, :PIPE_TARGET], rtol=0, atol=1e-5)
+    assert not torch.equal(together[0, :PIPE_TARGET], together[1, :PIPE_TARGET])
+
+
+@pytest.mark.parametrize("selector", ["attention", "subject", "edit"])
+def test_the_probe_selectors_run_in_the_pipeline(pipe, selector):
+    seen, handle = _patch_rows(pipe.transformer)
+    try:
+        sparsectx.enable(pipe, budget=4, selector=selector)
+        _call(pipe, negative_prompt=NEGATIVE)
+    finally:
+        handle.remove()
+    assert sparsectx.last_selection(pipe).keep.sum(dim=1).tolist() == [4 * len(PIPE_REFS)] * 2
+    # the probe's stopped forward on the positive sample (every token), then each step's compacted batch
+    assert seen == [PIPE_TARGET + sum(PIPE_REFS)] + [2 * (PIPE_TARGET + 4 * len(PIPE_REFS))] * 2
+
+
+def test_the_pipelines_generator_seeds_the_selection(pipe):
+    sparsectx.enable(pipe, budget=0.25, selector="random")
+    _call(pipe, generator_seed=3)
+    first = sparsectx.last_selection(pipe).keep
+    _call(pipe, generator_seed=3)
+    assert torch.equal(sparsectx.last_selection(pipe).keep, first)
+    _call(pipe, generator_seed=4)
+    assert not torch.equal(sparsectx.last_selection(pipe).keep, first)
