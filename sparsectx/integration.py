@@ -1,5 +1,6 @@
 """Drop-in Sparse Context for diffusers pipelines: FLUX.1 Kontext, FLUX.2 / klein (+ reference KV cache),
-Qwen-Image-Edit(-Plus), FLUX.3 (its modular pipelines), Qwen-Image 2.1, LongCat-Image-Edit, Bria FIBO Edit.
+Qwen-Image-Edit(-Plus), FLUX.3 (its modular pipelines), Qwen-Image 2.1, LongCat-Image-Edit, Bria FIBO Edit,
+JoyImage-Edit-Plus.
 
 ```python
 sparsectx.enable(pipe, budget=0.1, selector="random", seed=0)   # a pipeline or a bare transformer
@@ -13,12 +14,14 @@ pipe(..., attention_kwargs={"sparsectx": {"budget": 0.05}})      # per-call over
 How it works. ``enable`` wraps the transformer's ``forward``. When the image sequence that reaches it holds
 reference tokens (FLUX.1/FLUX.2: the first axis of ``img_ids`` is non-zero, one value per reference image;
 LongCat-Image: the same with the target on plane 1; Bria FIBO Edit: as FLUX.1; Qwen-Image: ``img_shapes`` lists the
-references after the target), the wrapper
+references after the target; JoyImage-Edit-Plus: ``shape_list`` does, its rows patches), the wrapper
 
 1. scores the reference tokens with the selector and keeps each image's budget of them (top-k per image);
 2. removes the dropped rows from ``hidden_states`` and from the position information (``img_ids`` rows; for
    Qwen-Image the rows of the RoPE table that ``pos_embed`` builds from ``img_shapes``, and ``modulate_index``
-   shortened to match when ``zero_cond_t``), so dropped tokens leave every block, MLP included; a key mask in the
+   shortened to match when ``zero_cond_t``; for JoyImage-Edit-Plus ``shape_list`` rewritten to the kept counts and
+   the kept rows of its RoPE tables served by ``sparsectx.joyimage.kept_rope_rows``), so dropped tokens leave every
+   block, MLP included; a key mask in the
    attention kwargs (``attention_mask``: Bria FIBO Edit's prompt padding) loses the dropped columns too;
 3. runs the original forward on the shorter sequence and writes its rows back at their original positions
    (reference rows of the output are zeros: pipelines only read the target rows). When every token is kept, the
@@ -40,7 +43,8 @@ once at most (``sparsectx.diagnostics.count_host_reads`` shows it).
 
 Where a call starts: ``enable(pipe)`` marks each pipeline call, so both branches of classifier-free guidance use
 the selection made on the first transformer call (the positive prompt); a pipeline that batches both branches in one
-forward (Bria FIBO Edit: negative samples first, ``_BATCHED_GUIDANCE``) is selected on its positive samples, whose
+forward (Bria FIBO Edit, JoyImage-Edit-Plus: negative samples first, ``_BATCHED_GUIDANCE``) is selected on its
+positive samples, whose
 selection the negative ones share. A transformer enabled on its own (or a
 pipeline sharing an enabled transformer, e.g. made with ``from_pipe``) can not see calls: there a selection is kept
 per prompt-embedding tensor (``encoder_hidden_states``) and its version as well, so a new prompt, or one written
@@ -90,7 +94,7 @@ not here. It exists at the processor level for comparison (a layer cache's ``kep
 processors; ``sparsectx bench --case kv`` measures both).
 
 Not supported (clear errors): context and tensor parallelism (``_parallel_config``), ControlNet residuals, and
-Qwen-Image 2.1 with ``attention="sparsectx"``.
+Qwen-Image 2.1 and JoyImage-Edit-Plus with ``attention="sparsectx"``.
 """
 from __future__ import annotations
 
@@ -2900,7 +2904,8 @@ def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Call
     scores (tensor settings ``[R, 1]`` or ``[R, n_images]``: one row per request, as a per-request list), or any
     budget callable ``(scores, ref_lengths) -> BudgetResult``),
     chosen by ``selector`` (a name from ``sparsectx.selection.available_selectors()`` or a callable
-    ``(reference_latents [B, N, C], context) -> scores [B, N] | keep mask [B, N]``; the budget caps a keep mask or
+    ``(reference_latents [B, N, C], context) -> scores [B, N] | keep mask [B, N]``, JoyImage-Edit-Plus's patches
+    flattened to ``C``; the budget caps a keep mask or
     pads it with evenly spread tokens, as ``sparsectx.selection.select`` does; ``budget=None`` keeps a selector's
     keep mask as given).
     ``seed`` makes random selectors deterministic (a fresh generator per selection); without it a pipeline call

@@ -492,8 +492,8 @@ def _prompt_selector(latents, context):
 @pytest.mark.parametrize("enabled", ["pipeline", "transformer"])
 def test_the_guidance_branches_keep_what_the_conditional_call_selects(pipe, enabled):
     """The batch ``[negative, positive]`` is selected on its positive sample (the selector reads its prompt through
-    the probe's text queries) and the negative one keeps the same tokens: the selection of the call without guidance, whether the pipeline or its
-    transformer alone is enabled."""
+    the probe's text queries) and the negative one keeps the same tokens: the selection of the call without
+    guidance, whether the pipeline or its transformer alone is enabled."""
     sparsectx.enable(pipe if enabled == "pipeline" else pipe.transformer, budget=0.25, selector=_prompt_selector)
     _call(pipe, guidance_scale=1.0)
     alone = sparsectx.last_selection(pipe).keep
