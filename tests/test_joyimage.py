@@ -232,6 +232,22 @@ def test_later_steps_read_the_host_once(model):
     assert not torch.equal(out_later, out_first)
 
 
+def test_a_new_grid_of_the_same_rows_selects_on_its_own_layout(model):
+    """The same patches described by another ``shape_list`` (the references' grids swapped: as many rows) on the same
+    prompt tensors: a new plan on the new layout, not the first call's."""
+    kwargs = _inputs(padded=True, shared=True)
+    swapped = {**kwargs, "shape_list": [[TARGET, (1, 2, 5), (1, 4, 4)]] * 2}
+    sparsectx.enable(model, budget=[1, 2], selector="uniform")
+    _run(model, kwargs)
+    assert sparsectx.last_selection(model).ref_lengths == N_REFS
+    out = _run(model, swapped)
+    selection = sparsectx.last_selection(model)
+    assert selection.ref_lengths == [10, 16] and selection.ref_shapes == [(2, 5), (4, 4)]
+    sparsectx.disable(model)
+    masked = _masked(model, selection.keep, swapped)
+    torch.testing.assert_close(out[:, :N_TARGET], masked[:, :N_TARGET], rtol=0, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the attention probe
 # ----------------------------------------------------------------------------------------------------------------
