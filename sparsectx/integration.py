@@ -1,6 +1,6 @@
 """Drop-in Sparse Context for diffusers pipelines: FLUX.1 Kontext, FLUX.2 / klein (+ reference KV cache),
 Qwen-Image-Edit(-Plus), FLUX.3 (its modular pipelines), Qwen-Image 2.1, LongCat-Image-Edit, Bria FIBO Edit,
-JoyImage-Edit-Plus.
+JoyImage-Edit(-Plus).
 
 ```python
 sparsectx.enable(pipe, budget=0.1, selector="random", seed=0)   # a pipeline or a bare transformer
@@ -14,7 +14,8 @@ pipe(..., attention_kwargs={"sparsectx": {"budget": 0.05}})      # per-call over
 How it works. ``enable`` wraps the transformer's ``forward``. When the image sequence that reaches it holds
 reference tokens (FLUX.1/FLUX.2: the first axis of ``img_ids`` is non-zero, one value per reference image;
 LongCat-Image: the same with the target on plane 1; Bria FIBO Edit: as FLUX.1; Qwen-Image: ``img_shapes`` lists the
-references after the target; JoyImage-Edit-Plus: ``shape_list`` does, its rows patches), the wrapper
+references after the target; JoyImage-Edit-Plus: ``shape_list`` does, its rows patches; JoyImage-Edit: its latents'
+items, the reference before the target), the wrapper
 
 1. scores the reference tokens with the selector and keeps each image's budget of them (top-k per image);
 2. removes the dropped rows from ``hidden_states`` and from the position information (``img_ids`` rows; for
@@ -32,7 +33,9 @@ FLUX.3 takes its references as an input of their own (``image_cond_hidden_states
 one value per reference image): the dropped rows are removed from those two, and as its output holds the target
 rows only, nothing is written back. Qwen-Image 2.1 builds its joint sequence (text and condition images interleaved,
 block-causal) inside its forward: once rows are dropped the wrapper runs ``sparsectx.qwen21.compacted_forward``, the
-model's forward on the sequence without them.
+model's forward on the sequence without them. JoyImage-Edit patchifies its latents' items inside its forward: the
+wrapper runs ``sparsectx.joyimage.compacted_edit_forward``, its forward with the kept patch rows taken after the
+patch embedding.
 
 The selection is computed once per pipeline call and reused at every step (and by the CFG branch), with every
 index derived from it (the plan: layout, keep mask, kept rows, output rows). The first step reads the device
@@ -94,7 +97,7 @@ not here. It exists at the processor level for comparison (a layer cache's ``kep
 processors; ``sparsectx bench --case kv`` measures both).
 
 Not supported (clear errors): context and tensor parallelism (``_parallel_config``), ControlNet residuals, and
-Qwen-Image 2.1 and JoyImage-Edit-Plus with ``attention="sparsectx"``.
+Qwen-Image 2.1 and JoyImage-Edit(-Plus) with ``attention="sparsectx"``.
 """
 from __future__ import annotations
 
@@ -128,7 +131,7 @@ if TYPE_CHECKING:  # (imported where used: sparsectx.processors imports diffuser
 # constants
 # ----------------------------------------------------------------------------------------------------------------
 FLUX2, FLUX, QWEN, FLUX3, QWEN21, LONGCAT, FIBO = "flux2", "flux", "qwen", "flux3", "qwen21", "longcat", "fibo"
-JOYPLUS = "joyimage_plus"
+JOYPLUS, JOYEDIT = "joyimage_plus", "joyimage_edit"
 MIN_DIFFUSERS = (0, 39)  # the oldest diffusers release the test suite passes with (setup.py's floor)
 MAX_TESTED_DIFFUSERS = (0, 42)  # the newest release series the suite ran with (README, "Versions")
 SUPPORTED_TRANSFORMERS = {  # diffusers class name -> family
@@ -140,12 +143,14 @@ SUPPORTED_TRANSFORMERS = {  # diffusers class name -> family
     "LongCatImageTransformer2DModel": LONGCAT,
     "BriaFiboTransformer2DModel": FIBO,
     "JoyImageEditPlusTransformer3DModel": JOYPLUS,
+    "JoyImageEditTransformer3DModel": JOYEDIT,
 }
 SUPPORTED_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinKVPipeline", "Flux2KleinInpaintPipeline",
                        "FluxKontextPipeline", "FluxKontextInpaintPipeline", "QwenImageEditPipeline",
                        "QwenImageEditPlusPipeline", "QwenImageEditInpaintPipeline", "Flux3ModularPipeline",
                        "Flux3DistilledModularPipeline", "QwenImage21Pipeline", "LongCatImageEditPipeline",
-                       "BriaFiboEditPipeline", "JoyImageEditPlusPipeline")
+                       "BriaFiboEditPipeline", "JoyImageEditPlusPipeline",
+                       "JoyImageEditPipeline")
 NATIVE, SPARSECTX = "native", "sparsectx"  # enable(attention=...): diffusers' own attention or sparsectx's kernel
 ATTENTION_CHOICES = (NATIVE, SPARSECTX)
 DROP_TRAINING_ATTR = "_sparsectx_drop_training"  # set by sparsectx.training.enable_drop_training
@@ -174,32 +179,37 @@ _BATCH_ARGS = {
     FIBO: ("hidden_states", "encoder_hidden_states", "text_encoder_layers", "pooled_projections", "timestep",
            "guidance"),
     JOYPLUS: ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep", "shape_list"),
+    JOYEDIT: ("hidden_states", "encoder_hidden_states", "timestep"),
 }
 # per family: the forward arguments the layout is read from (a forward without them can not be patched)
 _LAYOUT_ARGS = {FLUX2: ("hidden_states", "img_ids"), FLUX: ("hidden_states", "img_ids"),
                 QWEN: ("hidden_states", "img_shapes"), FLUX3: ("image_cond_hidden_states", "image_cond_ids"),
                 QWEN21: ("hidden_states", "img_shapes", "img_mask"), LONGCAT: ("hidden_states", "img_ids"),
-                FIBO: ("hidden_states", "img_ids"), JOYPLUS: ("hidden_states", "shape_list")}
+                FIBO: ("hidden_states", "img_ids"), JOYPLUS: ("hidden_states", "shape_list"),
+                JOYEDIT: ("hidden_states",)}
 # per family: the forward argument holding the reference rows and the one holding their position ids. FLUX.3 takes
 # its references as an input of their own (they produce no output rows); the others append them to the image
 # sequence, after the target (Qwen-Image 2.1: before it; Qwen-Image has no ids: its layout comes from img_shapes,
-# JoyImage-Edit-Plus's from shape_list, its rows patches [B, N, C, pt, ph, pw])
+# JoyImage-Edit-Plus's from shape_list, its rows patches [B, N, C, pt, ph, pw]; JoyImage-Edit's from its latents'
+# items [B, items, C, T, H, W], the references first and the target last, patchified inside its forward)
 _REFERENCE_ARGS = {FLUX2: ("hidden_states", "img_ids"), FLUX: ("hidden_states", "img_ids"),
                    QWEN: ("hidden_states", "img_ids"), FLUX3: ("image_cond_hidden_states", "image_cond_ids"),
                    QWEN21: ("hidden_states", "img_ids"), LONGCAT: ("hidden_states", "img_ids"),
-                   FIBO: ("hidden_states", "img_ids"), JOYPLUS: ("hidden_states", "img_ids")}
+                   FIBO: ("hidden_states", "img_ids"), JOYPLUS: ("hidden_states", "img_ids"),
+                   JOYEDIT: ("hidden_states", "img_ids")}
 # (LongCat-Image's forward takes none: the per-call settings given to its pipeline's joint_attention_kwargs, which
 # the pipeline does not hand on, reach the patch through the enabled pipeline's call; JoyImage-Edit-Plus's pipeline
-# and forward take none: an enabled pipeline takes attention_kwargs={"sparsectx": ...} for it, _takes_keyword)
+# and forward take none, nor JoyImage-Edit's: an enabled pipeline takes attention_kwargs={"sparsectx": ...} for them,
+# _takes_keyword)
 _ATTN_KWARGS_ARG = {FLUX2: "joint_attention_kwargs", FLUX: "joint_attention_kwargs", QWEN: "attention_kwargs",
                     FLUX3: "attention_kwargs", QWEN21: "attention_kwargs", LONGCAT: "joint_attention_kwargs",
-                    FIBO: "joint_attention_kwargs", JOYPLUS: "attention_kwargs"}
+                    FIBO: "joint_attention_kwargs", JOYPLUS: "attention_kwargs", JOYEDIT: "attention_kwargs"}
 # the pipelines' keyword that reaches it (FLUX.2's pipelines take attention_kwargs; their modular blocks, as every
 # pipeline whose __call__ takes **kwargs, the transformer's keyword), for messages about a bare transformer's call
 _PIPELINE_ATTN_KWARGS_ARG = {FLUX2: "attention_kwargs", FLUX: "joint_attention_kwargs", QWEN: "attention_kwargs",
                              FLUX3: "attention_kwargs", QWEN21: "attention_kwargs",
                              LONGCAT: "joint_attention_kwargs", FIBO: "joint_attention_kwargs",
-                             JOYPLUS: "attention_kwargs"}
+                             JOYPLUS: "attention_kwargs", JOYEDIT: "attention_kwargs"}
 _ATTN_KWARGS_NAMES = ("attention_kwargs", "joint_attention_kwargs")
 # families whose forwards look for the pipeline call they run in even outside an enabled one: LongCat (per-call
 # settings it would drop), Bria FIBO and JoyImage-Edit-Plus (their pipelines' guidance batch, _BATCHED_GUIDANCE)
@@ -750,10 +760,32 @@ def _cond_layout(call: dict) -> Optional[_Layout]:
                    torch.arange(n))
 
 
+def _items_layout(call: dict, model: Optional[torch.nn.Module]) -> Optional[_Layout]:
+    """JoyImage-Edit: ``hidden_states [B, items, C, T, H, W]``, the reference images first and the target last, each
+    as frames of one video grid; its forward moves the target first and patchifies the frames
+    (``model.config.patch_size``), so its patch sequence is the target's rows, then each reference's, all of one
+    size. None for a call without references (a 5-D input or one item); a time patch other than 1 is left to
+    diffusers' forward, which refuses it."""
+    hidden = call["hidden_states"]
+    if hidden.ndim != 6 or hidden.shape[1] < 2:
+        return None
+    if model is None:
+        raise ValueError("JoyImage-Edit's layout needs the model (its patch size)")
+    pt, ph, pw = model.config.patch_size
+    if pt != 1:
+        return None
+    items, frames, grid = hidden.shape[1], hidden.shape[3], (hidden.shape[4] // ph, hidden.shape[5] // pw)
+    per_item = frames * grid[0] * grid[1]
+    target_host, ref_host = torch.arange(per_item), torch.arange(per_item, items * per_item)
+    shape = (frames * grid[0], grid[1])
+    return _Layout(target_host.to(hidden.device), ref_host.to(hidden.device), [per_item] * (items - 1), None, shape,
+                   {"ref_shapes": [shape] * (items - 1)}, target_host, ref_host)
+
+
 _LAYOUTS = {**{family: functools.partial(_ids_layout, target_plane=plane) for family, plane in TARGET_PLANES.items()},
             QWEN: functools.partial(_image_layout, target_first=True),
             FLUX3: _cond_layout, QWEN21: functools.partial(_image_layout, target_first=False),
-            JOYPLUS: functools.partial(_image_layout, target_first=True, arg="shape_list")}
+            JOYPLUS: functools.partial(_image_layout, target_first=True, arg="shape_list"), JOYEDIT: _items_layout}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -872,6 +904,18 @@ class _JoyImagePlusQKProbe(_QKProbeProcessor):
                                *self._rows(hidden_states)), text_mask)
 
 
+class _JoyImageQKProbe(_QKProbeProcessor):
+    """JoyImage-Edit double-stream attention over ``[image, text]``: one RoPE table for the batch (the text's too
+    with ``rope_type="mrope"``), no key mask."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, image_rotary_emb=None, **kwargs):
+        from .joyimage import probe_qk
+
+        image_freqs, text_freqs = image_rotary_emb if image_rotary_emb is not None else (None, None)
+        self._record(*probe_qk(attn, hidden_states, encoder_hidden_states, image_freqs, *self._rows(hidden_states),
+                               text_freqs))
+
+
 class _Flux3QKProbe(_QKProbeProcessor):
     """FLUX.3's first joint block, over ``[text, target, references]`` (the per-mode blocks before it attend within
     one mode each: the first attention where the target sees the references)."""
@@ -912,6 +956,8 @@ def _probe_processor(family: str, layout: _Layout, call: dict) -> _QKProbeProces
         return _QwenQKProbe(layout)
     if family == JOYPLUS:
         return _JoyImagePlusQKProbe(layout)
+    if family == JOYEDIT:
+        return _JoyImageQKProbe(layout)
     if family == QWEN21:
         from .qwen21 import joint_layout
 
@@ -989,7 +1035,8 @@ def _probe_qk(transformer: torch.nn.Module, family: str, forward: Callable, call
     ``fullgraph=True``, and the probe's full-length shapes would cost a recompile for one call."""
     from .processors import fast_rope_tables  # deferred: imports diffusers' model modules
 
-    block = {FLUX3: "single_transformer_blocks", JOYPLUS: "double_blocks"}.get(family, "transformer_blocks")
+    block = {FLUX3: "single_transformer_blocks", JOYPLUS: "double_blocks", JOYEDIT: "double_blocks"}.get(
+        family, "transformer_blocks")
     block = getattr(transformer, block)[0]
     attn = block.attn
     recorder = _probe_processor(family, layout, call)
@@ -1096,9 +1143,11 @@ class _NaNCheck(NamedTuple):
     selector: str
 
 
-def reference_layout(family: str, call: dict) -> Optional[_Layout]:
-    """Where the reference tokens of a transformer call lie (``call``: its bound forward arguments); None when the
-    image sequence holds none."""
+def reference_layout(family: str, call: dict, model: Optional[torch.nn.Module] = None) -> Optional[_Layout]:
+    """Where the reference tokens of a transformer call lie (``call``: its bound forward arguments; ``model``: the
+    transformer, which JoyImage-Edit's layout reads its patch size from); None when the image sequence holds none."""
+    if family == JOYEDIT:
+        return _items_layout(call, model)
     return _LAYOUTS[family](call)
 
 
@@ -1748,6 +1797,15 @@ class _SparsePatch(ForwardPatch):
         return [self._run_group(call if caches is None else {**call, "kv_cache": cache}, group)
                 for group, cache in zip(plan.groups, caches or itertools.repeat(None))]
 
+    def _reference_rows(self, call: dict) -> torch.Tensor:
+        """``[B, S, ...]``: the rows of the image sequence the layout's positions index (the reference argument;
+        JoyImage-Edit: its latents' items as the patch rows its forward makes, ``joyimage.patch_rows``)."""
+        if self.family == JOYEDIT:
+            from .joyimage import patch_rows
+
+            return patch_rows(call["hidden_states"], self.transformer.config.patch_size)
+        return call[self.reference_arg]
+
     def _prompt_values(self, call: dict) -> tuple:
         """The call's prompt tensors (``PROMPT_ARGS``, then the key mask of its attention kwargs, which holds the
         prompt's padding on Bria FIBO): what the probe reads of the prompt. (Selections are kept per ``PROMPT_ARGS``
@@ -1857,7 +1915,7 @@ class _SparsePatch(ForwardPatch):
 
     def _read_layout(self, call: dict) -> Optional[_Layout]:
         """The call's layout, found on its ids or image shapes; FLUX's kept for later calls on ids of that shape."""
-        layout = reference_layout(self.family, call)
+        layout = reference_layout(self.family, call, self.transformer)
         ids = self._layout_ids(call)
         if layout is not None and ids is not None:
             key = self._layout_key(ids)
@@ -1972,7 +2030,7 @@ class _SparsePatch(ForwardPatch):
         # (read from the detached input: a checkpoint's recompute, which reuses the plan, must record what its
         # forward recorded)
         references = None if layout is None else \
-            call[self.reference_arg].detach()[:, layout.ref_positions].clone()
+            self._reference_rows(call).detach()[:, layout.ref_positions].clone()
         return _Plan(layout, keep, groups, None if ids is None else ids.detach().clone(), references, packing)
 
     def _step_checks(self, plan: _Plan, call: dict) -> tuple:
@@ -1983,7 +2041,7 @@ class _SparsePatch(ForwardPatch):
         if plan.ids is not None:
             checks.append(torch.eq(call[self.reference_ids_arg], plan.ids).all())
         if plan.layout is not None:
-            references = call[self.reference_arg].detach()  # (of the plan's shape: the plan's key holds it)
+            references = self._reference_rows(call).detach()  # (of the plan's shape: the plan's key holds it)
             checks.append(torch.eq(references[:, plan.layout.ref_positions], plan.references).all())
         n_match = len(checks)
         if plan.packing is not None:
@@ -2084,7 +2142,7 @@ class _SparsePatch(ForwardPatch):
         """``(keep, nan)``: bool ``[B, N]``, the reference tokens each sample keeps (the selector's mask, or each
         image's budget of its scores), and the selector's NaN check still on the device (``_NaNCheck``, for fixed
         counts; None where the selection has checked its scores itself, or runs no selector)."""
-        hidden = call[self.reference_arg]
+        hidden = self._reference_rows(call)
         references = hidden.detach()[:, layout.ref_positions]  # (selection is not differentiated: nothing recorded)
         if references.ndim > 3:  # (JoyImage-Edit-Plus's rows are patches [C, pt, ph, pw]: one feature vector each)
             references = references.flatten(2)
@@ -2216,7 +2274,7 @@ class _SparsePatch(ForwardPatch):
         if bool(keep_host.all()):
             return [], None
         device = keep.device
-        seq = call[self.reference_arg].shape[1]
+        seq = self._reference_rows(call).shape[1]
         target, refs = layout.target_host, layout.ref_host
         masks, inverse = torch.unique(keep_host, dim=0, return_inverse=True)
         is_target = torch.zeros(seq, dtype=torch.bool, device="cpu")
@@ -2302,6 +2360,10 @@ class _SparsePatch(ForwardPatch):
             return self._run_flux3(g, group)
         if self.family == QWEN21:
             return self._run_qwen21(g, group)
+        if self.family == JOYEDIT:  # (its forward patchifies the latents: the kept rows are taken there)
+            from .joyimage import compacted_edit_forward
+
+            return compacted_edit_forward(self.transformer, group.positions, **g)
         n_image = g["hidden_states"].shape[1]
         g["hidden_states"] = g["hidden_states"].index_select(1, group.positions)
         if self.family == QWEN:
@@ -2489,8 +2551,9 @@ class _SparsePatch(ForwardPatch):
     def _merge(self, call: dict, plan: _Plan, results: list):
         first = results[0]
         kv_step = call.get("kv_cache_mode") in (KV_EXTRACT, KV_CACHED)
-        if self.family in (FLUX3, QWEN21) or kv_step:  # each group's output is whole (FLUX.3 and the KV steps: the
-            # target rows; Qwen-Image 2.1: the joint sequence's, its target rows written): samples back in batch order
+        if self.family in (FLUX3, QWEN21, JOYEDIT) or kv_step:  # each group's output is whole (FLUX.3 and the KV
+            # steps: the target rows; Qwen-Image 2.1: the joint sequence's, JoyImage-Edit: the latents' items, their
+            # target rows written): samples back in batch order
             if len(results) == 1:  # (one group: the whole batch)
                 return first
             full = _sample_of(first).new_empty((call["hidden_states"].shape[0], *_sample_of(first).shape[1:]))
@@ -2941,8 +3004,8 @@ def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Call
         raise ValueError("attention='sparsectx' is not available for Qwen-Image 2.1: its attention is block-causal "
                          "over text and condition images, and sparsectx's kernel attends bidirectionally; use "
                          "attention='native' (the compacted sequence runs the model's own processors)")
-    if family == JOYPLUS and attention == SPARSECTX:
-        raise ValueError("attention='sparsectx' is not available for JoyImage-Edit-Plus yet (sparsectx has no "
+    if family in (JOYPLUS, JOYEDIT) and attention == SPARSECTX:
+        raise ValueError("attention='sparsectx' is not available for JoyImage-Edit(-Plus) yet (sparsectx has no "
                          "processor for its fused-QKV attention); use attention='native' (the compacted sequence "
                          "runs the model's own processors)")
     if getattr(transformer, "_parallel_config", None) is not None:

@@ -1,9 +1,9 @@
-"""JoyImage-Edit-Plus (``JoyImageEditPlusTransformer3DModel``) on a compacted patch sequence: the drop-in's pieces
-for it.
+"""JoyImage-Edit-Plus (``JoyImageEditPlusTransformer3DModel``) and JoyImage-Edit (``JoyImageEditTransformer3DModel``)
+on a compacted patch sequence: the drop-in's pieces for them.
 
-The transformer takes each sample's patches as rows of ``hidden_states [B, N, C, pt, ph, pw]``: the target's first,
-then each reference image's, padded to one length over the batch, with ``shape_list[b]`` the ``(t, h, w)`` grid of
-each component (target first). Inside its forward it builds each component's RoPE table
+JoyImage-Edit-Plus takes each sample's patches as rows of ``hidden_states [B, N, C, pt, ph, pw]``: the target's
+first, then each reference image's, padded to one length over the batch, with ``shape_list[b]`` the ``(t, h, w)``
+grid of each component (target first). Inside its forward it builds each component's RoPE table
 (``_get_rotary_pos_embed_for_range``: the grid ``[t0, t0 + t) x [0, h) x [0, w)`` in row-major order, ``t0`` growing
 by each component's ``t``), the key mask of the padding (from ``shape_list`` and ``encoder_hidden_states_mask``),
 and runs double-stream blocks whose modulation is one vector per sample and whose norms and MLPs act per token.
@@ -18,9 +18,14 @@ attention, once each kept row gets its own RoPE row, which no argument of the fo
   is checked against the compacted grid expected at that point (``RuntimeError`` if a diffusers release builds
   them otherwise).
 
-``probe_qk``: what the attention probe reads of the first block's attention (image rows before text rows in its
-joint sequence; the text takes no RoPE). Written against diffusers 0.42.1; the tests check the compacted forward
-against diffusers' own with the dropped rows masked.
+JoyImage-Edit takes latents ``[B, items, C, T, H, W]`` (the reference first, the target last, one size), moves the
+target first, patchifies the items as frames of one video grid and builds one RoPE table over that grid: the
+dropped rows can only leave after the patch embedding, inside the forward, so ``compacted_edit_forward`` is its
+forward with the kept rows (and their RoPE rows) taken there; ``patch_rows`` gives the selectors those rows.
+
+``probe_qk``: what the attention probe reads of the first block's attention (image rows before text rows in the
+joint sequence). Written against diffusers 0.42.1; the tests check the compacted forwards against diffusers' own
+with the dropped rows masked.
 """
 from __future__ import annotations
 
@@ -95,26 +100,103 @@ def kept_rope_rows(transformer: torch.nn.Module, true_shapes: Sequence[tuple], p
 
 
 def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """diffusers' ``_apply_rotary_emb_batched`` on one tensor ``[B, n, H, D]`` with tables ``[B, n, D]`` (pairs
-    ``(2i, 2i + 1)`` rotated, in float32, back to ``x``'s dtype)."""
+    """diffusers' JoyImage rotation (``_apply_rotary_emb``, ``_apply_rotary_emb_batched``) of one tensor
+    ``[B, n, H, D]`` with tables ``[B or 1, n, D]``: pairs ``(2i, 2i + 1)`` rotated in float32, back to ``x``'s
+    dtype."""
     real, imag = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)
     half = torch.stack([-imag, real], dim=-1).flatten(3)
     return (x.float() * cos.unsqueeze(2) + half * sin.unsqueeze(2)).type_as(x)
 
 
-def probe_qk(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, image_rotary_emb,
-             target_rows, ref_rows) -> tuple:
-    """``(text queries, target queries, reference keys)``, each ``[B, n, H, D]``, as diffusers'
-    ``JoyImageEditPlusAttnProcessor`` computes them (fused QKV projection, per-head RMS norm, RoPE on the image rows
-    only), for the image rows ``target_rows`` (queries) and ``ref_rows`` (keys)."""
+def _table_rows(freqs, rows, device) -> tuple:
+    """``(cos, sin)`` rows ``rows`` of a RoPE table, ``[B, n, D]`` from a batched ``[B, S, D]`` (JoyImage-Edit-Plus)
+    or ``[1, n, D]`` from one ``[S, D]`` for the batch (JoyImage-Edit)."""
+    cos, sin = (t.to(device) for t in freqs)
+    if cos.ndim == 2:
+        return cos[rows][None], sin[rows][None]
+    return cos[:, rows], sin[:, rows]
+
+
+def probe_qk(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, image_freqs, target_rows,
+             ref_rows, text_freqs=None) -> tuple:
+    """``(text queries, target queries, reference keys)``, each ``[B, n, H, D]``, as diffusers' JoyImage processors
+    compute them (fused QKV projection, per-head RMS norm, RoPE: the image rows', and the text's where
+    ``text_freqs`` is given), for the image rows ``target_rows`` (queries) and ``ref_rows`` (keys)."""
     def part(x, linear, index, norm):
         return norm(linear(x).chunk(3, dim=-1)[index].unflatten(-1, (attn.heads, -1)))
 
+    device = hidden_states.device
     text = part(encoder_hidden_states, attn.txt_attn_qkv, 0, attn.txt_attn_q_norm)
     target = part(hidden_states[:, target_rows], attn.img_attn_qkv, 0, attn.img_attn_q_norm)
     refs = part(hidden_states[:, ref_rows], attn.img_attn_qkv, 1, attn.img_attn_k_norm)
-    if image_rotary_emb is not None:
-        cos, sin = (t.to(hidden_states.device) for t in image_rotary_emb)
-        target = _rotated(target, cos[:, target_rows], sin[:, target_rows])
-        refs = _rotated(refs, cos[:, ref_rows], sin[:, ref_rows])
+    if image_freqs is not None:
+        target = _rotated(target, *_table_rows(image_freqs, target_rows, device))
+        refs = _rotated(refs, *_table_rows(image_freqs, ref_rows, device))
+    if text_freqs is not None:
+        text = _rotated(text, *(t.to(device)[None] for t in text_freqs))
     return text, target, refs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# JoyImage-Edit (JoyImageEditTransformer3DModel): one reference, as a frame of the target's video grid
+# ----------------------------------------------------------------------------------------------------------------
+def _target_first(hidden_states: torch.Tensor) -> torch.Tensor:
+    """The latents' items ``[B, items, C, T, H, W]`` in the order its forward patchifies them: the target (the last
+    item) first, then the references."""
+    return torch.cat([hidden_states[:, -1:], hidden_states[:, :-1]], dim=1)
+
+
+def patch_rows(hidden_states: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
+    """``[B, S, C * ph * pw]``: JoyImage-Edit's latents ``[B, items, C, T, H, W]`` (time patch 1) as the rows of the
+    patch sequence its forward makes (target first, each frame's patches row-major), one feature vector per patch
+    (what the selectors score)."""
+    _, ph, pw = patch_size
+    x = _target_first(hidden_states)
+    b, n, c, t, h, w = x.shape
+    x = x.reshape(b, n, c, t, h // ph, ph, w // pw, pw).permute(0, 1, 3, 4, 6, 2, 5, 7)
+    return x.reshape(b, n * t * (h // ph) * (w // pw), c * ph * pw)
+
+
+def compacted_edit_forward(model: torch.nn.Module, positions: torch.Tensor, hidden_states: torch.Tensor,
+                           timestep: torch.Tensor, encoder_hidden_states: torch.Tensor = None,
+                           return_dict: bool = True):
+    """``JoyImageEditTransformer3DModel.forward`` (diffusers 0.42.1) on the kept rows ``positions`` (long, sorted,
+    the target's first) of its patch sequence: the latents are patchified whole (the patch embedding, a
+    convolution, sees each patch alone), then only the kept rows and their RoPE rows go through the blocks and the
+    output head. The output has the input's shape, the target's rows written and the references' zeros (the pipeline
+    reads the target)."""
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    num_items = hidden_states.shape[1]
+    if hidden_states.ndim != 6 or num_items < 2 or model.patch_size[0] != 1:
+        raise ValueError("the compacted forward takes latents [B, items >= 2, C, T, H, W] and a time patch of 1")
+    b, n, c, t, h, w = hidden_states.shape
+    x = _target_first(hidden_states).permute(0, 2, 1, 3, 4, 5).reshape(b, c, n * t, h, w)
+    tt, th, tw = n * t // model.patch_size[0], h // model.patch_size[1], w // model.patch_size[2]
+    img = model.img_in(x).flatten(2).transpose(1, 2).index_select(1, positions)
+
+    _, vec, txt = model.condition_embedder(timestep, encoder_hidden_states)
+    if vec.shape[-1] > model.hidden_size:
+        vec = vec.unflatten(1, (6, -1))
+    vis_freqs, txt_freqs = model.get_rotary_pos_embed(
+        vis_rope_size=[tt, th, tw], txt_rope_size=txt.shape[1] if model.rope_type == "mrope" else None)
+    rows = positions.to(vis_freqs[0].device)
+    vis_freqs = (vis_freqs[0].index_select(0, rows), vis_freqs[1].index_select(0, rows))
+
+    for block in model.double_blocks:  # (each block's rows: the kept ones)
+        if torch.is_grad_enabled() and model.gradient_checkpointing:
+            img, txt = model._gradient_checkpointing_func(block, img, txt, vec, (vis_freqs, txt_freqs))
+        else:
+            img, txt = block(hidden_states=img, encoder_hidden_states=txt, temb=vec,
+                             image_rotary_emb=(vis_freqs, txt_freqs))
+
+    img = model.proj_out(model.norm_out(img))
+    n_target = tt * th * tw // n
+    full = img.new_zeros((b, tt * th * tw, img.shape[-1]))
+    full[:, :n_target] = img[:, :n_target]  # (the target's rows: kept, and first)
+    out = model.unpatchify(full, tt, th, tw)
+    out = out.reshape(b, out.shape[1], n, -1, h, w).permute(0, 2, 1, 3, 4, 5)  # (b, items, c, t, h, w)
+    out = torch.cat([out[:, 1:], out[:, :1]], dim=1)  # the target back last
+    if not return_dict:
+        return (out,)
+    return Transformer2DModelOutput(sample=out)

@@ -463,9 +463,9 @@ def enable_drop_training(transformer, ratio_range: tuple = DEFAULT_RATIO_RANGE,
     if not isinstance(skip_dropped_queries, bool):
         raise TypeError(f"skip_dropped_queries must be a bool, got {type(skip_dropped_queries).__name__}")
     _, model, family = integration._split_target(transformer)
-    if family in (integration.FLUX3, integration.QWEN21, integration.JOYPLUS):
+    if family in (integration.FLUX3, integration.QWEN21, integration.JOYPLUS, integration.JOYEDIT):
         raise TypeError("drop training's masked attention covers FLUX.1, FLUX.2, Qwen-Image, LongCat-Image and Bria "
-                        "FIBO; on FLUX.3, Qwen-Image 2.1 and JoyImage-Edit-Plus (references an input of their own; "
+                        "FIBO; on FLUX.3, Qwen-Image 2.1 and JoyImage-Edit(-Plus) (references an input of their own; "
                         "block-causal attention; no sparsectx processor for its attention), train with the "
                         "dropped references removed: "
                         "sparsectx.enable(transformer, budget=None, selector=sparsectx.random_drop_selector("
