@@ -25,8 +25,8 @@ attention mask: a batch's shorter prompts carry their padding positions into the
 import torch
 from transformers import BatchFeature
 
-from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, JoyImageEditPipeline, \
-    JoyImageEditTransformer3DModel
+from diffusers import (AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, JoyImageEditPipeline,
+                       JoyImageEditTransformer3DModel)
 from joyimage_pipeline import (HEADS, HIDDEN, PATCH, PAD_ID, PX_PER_TOKEN, ROPE, TEXT_DIM, VAE_SCALE, Z_DIM,
                                FakeQwen2Tokenizer, FakeQwen3VL, FakeQwen3VLProcessor, SmallJoyImageProcessor,
                                reference_image)

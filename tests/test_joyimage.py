@@ -248,6 +248,48 @@ def test_a_new_grid_of_the_same_rows_selects_on_its_own_layout(model):
     torch.testing.assert_close(out[:, :N_TARGET], masked[:, :N_TARGET], rtol=0, atol=1e-5)
 
 
+GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-5  # fp32 gradients through the layers computed in a different order
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_random_drop_training_gives_the_masked_models_output_and_gradients(checkpointing):
+    """``random_drop_selector`` on a train-mode transformer (the way to fine-tune it with dropped references): a
+    new mask at every forward; the output and every weight's gradient equal those of the unpatched model with the
+    same tokens masked out as keys (gradient checkpointing too)."""
+    model = _build().train()
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    kwargs = _inputs(padded=True)
+    target = torch.randn(2, N_TARGET, CHANNELS, *PATCH, generator=torch.Generator().manual_seed(4))
+
+    def outputs_and_grads():
+        model.zero_grad(set_to_none=True)
+        out = model(**kwargs)[0][:, :N_TARGET]
+        ((out - target) ** 2).mean().backward()
+        return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    sparsectx.enable(model, budget=None,
+                     selector=sparsectx.random_drop_selector((0.2, 0.6), torch.Generator().manual_seed(3)))
+    removed_out, removed_grads = outputs_and_grads()
+    keep = sparsectx.last_selection(model).keep
+    outputs_and_grads()
+    assert not torch.equal(sparsectx.last_selection(model).keep, keep)  # a new draw at the next forward
+    sparsectx.disable(model)
+    assert not keep.all() and keep.any(dim=1).all()
+    processors = [block.attn.processor for block in model.double_blocks]
+    for block in model.double_blocks:
+        block.attn.set_processor(_KeyMasked(_image_keys(keep)))
+    try:
+        masked_out, masked_grads = outputs_and_grads()
+    finally:
+        for block, processor in zip(model.double_blocks, processors):
+            block.attn.set_processor(processor)
+    torch.testing.assert_close(removed_out, masked_out, rtol=0, atol=1e-5)
+    assert removed_grads.keys() == masked_grads.keys() and "img_in.weight" in removed_grads
+    for name, grad in removed_grads.items():
+        torch.testing.assert_close(grad, masked_grads[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the attention probe
 # ----------------------------------------------------------------------------------------------------------------

@@ -241,6 +241,46 @@ def test_a_call_without_references_runs_the_original_forward(model):
     assert torch.equal(outs[0], _run(model, one_item)) and torch.equal(outs[1], _run(model, five_d))
 
 
+GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-5  # fp32 gradients through the layers computed in a different order
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_random_drop_training_gives_the_masked_models_output_and_gradients(checkpointing):
+    """``random_drop_selector`` on a train-mode transformer: a new mask at every forward, each sample its own
+    forward on its kept tokens (its blocks through the checkpointing function when it is on); the output and every
+    weight's gradient equal those of the unpatched model with the same tokens masked out as keys."""
+    model = _build().train()
+    checkpointed = []
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+        function = model._gradient_checkpointing_func
+        model._gradient_checkpointing_func = lambda *args: checkpointed.append(1) or function(*args)
+    kwargs = _inputs()
+    target = torch.randn(2, CHANNELS, 1, *LATENT_HW, generator=torch.Generator().manual_seed(4))
+
+    def outputs_and_grads():
+        model.zero_grad(set_to_none=True)
+        out = model(**kwargs)[0][:, -1]
+        ((out - target) ** 2).mean().backward()
+        return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    sparsectx.enable(model, budget=None,
+                     selector=sparsectx.random_drop_selector((0.2, 0.6), torch.Generator().manual_seed(3)))
+    removed_out, removed_grads = outputs_and_grads()
+    keep = sparsectx.last_selection(model).keep
+    assert len(checkpointed) == (2 * len(model.double_blocks) if checkpointing else 0)  # (two groups)
+    outputs_and_grads()
+    assert not torch.equal(sparsectx.last_selection(model).keep, keep)  # a new draw at the next forward
+    sparsectx.disable(model)
+    assert not keep.all() and keep.any(dim=1).all()
+    with _keys_masked(_image_keys(keep)):
+        masked_out, masked_grads = outputs_and_grads()
+    torch.testing.assert_close(removed_out, masked_out, rtol=0, atol=1e-5)
+    assert removed_grads.keys() == masked_grads.keys() and "img_in.weight" in removed_grads
+    for name, grad in removed_grads.items():
+        torch.testing.assert_close(grad, masked_grads[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the attention probe
 # ----------------------------------------------------------------------------------------------------------------
