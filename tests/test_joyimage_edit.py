@@ -15,6 +15,7 @@ if not hasattr(diffusers, "JoyImageEditTransformer3DModel"):
 from diffusers.models.transformers import transformer_joyimage as je  # noqa: E402
 
 import sparsectx  # noqa: E402
+from pipeline_fixtures import tiny_pipeline_fixtures  # noqa: E402  (tests/, on sys.path by pytest.ini)
 from sparsectx import integration, joyimage  # noqa: E402
 from sparsectx.diagnostics import count_host_reads  # noqa: E402
 
@@ -399,3 +400,117 @@ def test_bf16_dropping_rows_equals_masking_keys_on_the_cpu():
 def _pipeline_helpers():
     """tests/joyimage_edit_pipeline.py (tests/ is on sys.path by pytest.ini), imported where used."""
     return importlib.import_module("joyimage_edit_pipeline")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the pipeline (tests/joyimage_edit_pipeline.py: tiny components, stand-ins for the Qwen3-VL encoder and processor)
+# ----------------------------------------------------------------------------------------------------------------
+PIPE_SIZE = (64, 48)  # (width, height) of the reference: a 6 x 8 latent, 3 x 4 patches; the target its size
+PIPE_ROWS = 12  # patch rows per item
+
+
+pipe, _pipe_disabled = tiny_pipeline_fixtures(lambda: _pipeline_helpers().tiny_joyimage_edit_pipeline())
+
+
+def _call(pipe, **kwargs):
+    helpers = _pipeline_helpers()
+    image = kwargs.pop("image", None) or helpers.reference_image(PIPE_SIZE)
+    return helpers.run(pipe, image=image, **kwargs)
+
+
+def _kept(budget) -> int:
+    return sum(integration.budget_counts(budget, 1, [PIPE_ROWS])[0])
+
+
+def test_the_pipeline_class_is_accepted_and_named():
+    assert "JoyImageEditPipeline" in integration.SUPPORTED_PIPELINES
+    assert integration._family_of(_pipeline_helpers().tiny_joyimage_edit_pipeline().transformer) == \
+        integration.JOYEDIT
+
+
+@pytest.mark.parametrize("guidance_scale", [4.0, 1.0])
+def test_keep_all_and_disable_are_the_unpatched_pipeline(pipe, guidance_scale):
+    expected = _call(pipe, guidance_scale=guidance_scale)
+    sparsectx.enable(pipe, budget=1.0, selector="random", seed=0)
+    assert torch.equal(_call(pipe, guidance_scale=guidance_scale), expected)
+    sparsectx.enable(pipe, budget=0.5, selector="random", seed=0)
+    assert (_call(pipe, guidance_scale=guidance_scale) - expected).abs().max() > 1e-4
+    sparsectx.disable(pipe)
+    assert torch.equal(_call(pipe, guidance_scale=guidance_scale), expected)
+
+
+@pytest.mark.parametrize("guidance_scale", [4.0, 1.0])
+def test_the_blocks_see_the_target_and_the_kept_tokens(pipe, guidance_scale):
+    """Every forward (both guidance branches, one selection for the call) runs its blocks on the target's rows and
+    the kept reference rows."""
+    seen, handle = _block_rows(pipe.transformer)
+    try:
+        sparsectx.enable(pipe, budget=0.25, selector="uniform")
+        _call(pipe, guidance_scale=guidance_scale)
+    finally:
+        handle.remove()
+    assert seen == [PIPE_ROWS + _kept(0.25)] * (4 if guidance_scale > 1 else 2)
+    assert sparsectx.last_selection(pipe).keep.sum().item() == _kept(0.25)
+
+
+@pytest.mark.parametrize("selector", ["uniform", "attention"])
+def test_the_sparse_pipeline_equals_masking_the_dropped_keys(pipe, selector):
+    sparsectx.enable(pipe, budget=0.5, selector=selector)
+    dropped = _call(pipe, negative_prompt="blurry")
+    keep = sparsectx.last_selection(pipe).keep
+    sparsectx.disable(pipe)
+    with _keys_masked(lambda batch: _image_keys(keep[:1]).expand(batch, -1)):
+        masked = _call(pipe, negative_prompt="blurry")
+    torch.testing.assert_close(dropped, masked, rtol=0, atol=1e-5)
+    assert (dropped - _call(pipe, negative_prompt="blurry")).abs().max() > 1e-4
+
+
+def test_per_call_settings_through_attention_kwargs_the_pipeline_does_not_take(pipe):
+    seen, handle = _block_rows(pipe.transformer)
+    try:
+        sparsectx.enable(pipe, budget=0.5, selector="uniform")
+        _call(pipe, attention_kwargs={"sparsectx": {"budget": 3}})
+        assert seen == [PIPE_ROWS + 3] * 4
+        seen.clear()
+        _call(pipe)
+        assert seen == [PIPE_ROWS + _kept(0.5)] * 4
+    finally:
+        handle.remove()
+    sparsectx.disable(pipe)
+    with pytest.raises(TypeError, match="attention_kwargs"):
+        _call(pipe, attention_kwargs={"sparsectx": {"budget": 3}})
+
+
+@pytest.mark.parametrize("selector", ["attention", "subject", "edit"])
+def test_the_probe_selectors_run_in_the_pipeline(pipe, selector):
+    seen, handle = _block_rows(pipe.transformer)
+    try:
+        sparsectx.enable(pipe, budget=4, selector=selector)
+        _call(pipe)
+    finally:
+        handle.remove()
+    assert sparsectx.last_selection(pipe).keep.sum().item() == 4
+    # the probe's stopped forward (every row), then each step's two forwards on the kept rows
+    assert seen == [2 * PIPE_ROWS] + [PIPE_ROWS + 4] * 4
+
+
+def test_images_per_prompt_share_the_reference_and_its_selection(pipe):
+    seen, handle = _block_rows(pipe.transformer)
+    try:
+        sparsectx.enable(pipe, budget=0.5, selector="random")
+        out = _call(pipe, num_images_per_prompt=2)
+    finally:
+        handle.remove()
+    keep = sparsectx.last_selection(pipe).keep
+    assert keep.shape == (2, PIPE_ROWS) and torch.equal(keep[0], keep[1])
+    assert seen == [PIPE_ROWS + _kept(0.5)] * 4 and out.shape[0] == 2  # (one group: the batch of 2)
+
+
+def test_the_pipelines_generator_seeds_the_selection(pipe):
+    sparsectx.enable(pipe, budget=0.25, selector="random")
+    _call(pipe, generator_seed=3)
+    first = sparsectx.last_selection(pipe).keep
+    _call(pipe, generator_seed=3)
+    assert torch.equal(sparsectx.last_selection(pipe).keep, first)
+    _call(pipe, generator_seed=4)
+    assert not torch.equal(sparsectx.last_selection(pipe).keep, first)
