@@ -37,8 +37,8 @@ from PIL import Image
 from torch import nn
 from transformers import BatchFeature
 
-from diffusers import (AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, JoyImageEditPlusPipeline,
-                       JoyImageEditPlusTransformer3DModel)
+import diffusers
+from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.joyimage.image_processor import JoyImageEditImageProcessor
 
 Z_DIM = 16  # the Wan 2.1 VAE's z_dim == the transformer's in_channels
@@ -154,11 +154,13 @@ def tiny_joyimage_pipeline(seed=0):
         base_dim=8, z_dim=Z_DIM, dim_mult=[1, 1, 1, 1], num_res_blocks=1,  # 3 downsamples = 8x, as Wan 2.1
         temperal_downsample=[False, True, True], latents_mean=[0.0] * Z_DIM, latents_std=[1.0] * Z_DIM,
         scale_factor_spatial=VAE_SCALE, dropout=0.0).eval()
-    transformer = JoyImageEditPlusTransformer3DModel(
+    # (the Plus classes by attribute: diffusers 0.39 ships JoyImage-Edit only, whose fixture imports this module's
+    # fakes)
+    transformer = diffusers.JoyImageEditPlusTransformer3DModel(
         patch_size=PATCH, in_channels=Z_DIM, hidden_size=HIDDEN, num_attention_heads=HEADS, text_dim=TEXT_DIM,
         num_layers=2, rope_dim_list=ROPE).eval()
     processor = FakeQwen3VLProcessor()
-    pipe = JoyImageEditPlusPipeline(
+    pipe = diffusers.JoyImageEditPlusPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=FakeQwen3VL().eval(),
         tokenizer=processor.tokenizer, transformer=transformer, processor=processor)
     pipe.image_processor = SmallJoyImageProcessor(vae_scale_factor=pipe.vae_scale_factor_spatial)
