@@ -14,6 +14,7 @@ if not hasattr(diffusers, "Flux3Transformer2DModel"):
     pytest.skip(f"diffusers {diffusers.__version__} has no FLUX.3", allow_module_level=True)
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry  # noqa: E402
 
+import drop_in_checks as checks  # noqa: E402  (tests/, on sys.path by pytest.ini)
 import sparsectx  # noqa: E402
 from sparsectx import integration  # noqa: E402
 
@@ -590,16 +591,6 @@ def _first_joint_qk(model, kwargs, monkeypatch):
     return recorder.joint[0]
 
 
-def _recording_attention(record):
-    """The 'attention' selector, also recording the selection context's extra (the probe's tensors land there)."""
-    def selector(latents, context):
-        scores = sparsectx.selection.attention_scores(latents, context)
-        record.update(context.extra)
-        return scores
-
-    return selector
-
-
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("shared", [False, True])
 def test_probe_tensors_are_the_first_joint_blocks_query_and_key(models, shared, fused, monkeypatch):
@@ -617,7 +608,7 @@ def test_probe_tensors_are_the_first_joint_blocks_query_and_key(models, shared, 
                   else v) for k, v in kwargs.items()} if shared else kwargs
     query, key = _first_joint_qk(model, probed, monkeypatch)
     record = {}
-    sparsectx.enable(model, budget=3, selector=_recording_attention(record))
+    sparsectx.enable(model, budget=3, selector=checks.recording_attention(record))
     _run(model, kwargs)
     close = dict(rtol=1e-5, atol=1e-6)  # the probe projects fewer rows: fp32 rounding of the same products
     torch.testing.assert_close(record["text_queries"], query[:, :TEXT_TOKENS], **close)

@@ -13,6 +13,7 @@ if not hasattr(diffusers, "JoyImageEditPlusTransformer3DModel"):
     pytest.skip(f"diffusers {diffusers.__version__} has no JoyImage-Edit-Plus", allow_module_level=True)
 from diffusers.models.transformers import transformer_joyimage_edit_plus as jp  # noqa: E402
 
+import drop_in_checks as checks  # noqa: E402  (tests/, on sys.path by pytest.ini)
 import sparsectx  # noqa: E402
 from pipeline_fixtures import tiny_pipeline_fixtures  # noqa: E402  (tests/, on sys.path by pytest.ini)
 from sparsectx import integration, joyimage  # noqa: E402
@@ -101,14 +102,9 @@ def _image_keys(keep, n_target=N_TARGET):
 
 def _masked(model, keep, kwargs):
     """The unpatched model with the reference rows ``keep`` drops masked out as keys in every layer."""
-    processors = [block.attn.processor for block in model.double_blocks]
-    for block in model.double_blocks:
-        block.attn.set_processor(_KeyMasked(_image_keys(keep).to(kwargs["hidden_states"].device)))
-    try:
+    with checks.attention_processors(model.double_blocks,
+                                     _KeyMasked(_image_keys(keep).to(kwargs["hidden_states"].device))):
         return _run(model, kwargs)
-    finally:
-        for block, processor in zip(model.double_blocks, processors):
-            block.attn.set_processor(processor)
 
 
 def _assert_flash_criterion(out, masked, model, keep, kwargs):
@@ -248,46 +244,18 @@ def test_a_new_grid_of_the_same_rows_selects_on_its_own_layout(model):
     torch.testing.assert_close(out[:, :N_TARGET], masked[:, :N_TARGET], rtol=0, atol=1e-5)
 
 
-GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-5  # fp32 gradients through the layers computed in a different order
-
-
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_random_drop_training_gives_the_masked_models_output_and_gradients(checkpointing):
     """``random_drop_selector`` on a train-mode transformer (the way to fine-tune it with dropped references): a
     new mask at every forward; the output and every weight's gradient equal those of the unpatched model with the
     same tokens masked out as keys (gradient checkpointing too)."""
-    model = _build().train()
+    model = _build()
     if checkpointing:
         model.enable_gradient_checkpointing()
-    kwargs = _inputs(padded=True)
-    target = torch.randn(2, N_TARGET, CHANNELS, *PATCH, generator=torch.Generator().manual_seed(4))
 
-    def outputs_and_grads():
-        model.zero_grad(set_to_none=True)
-        out = model(**kwargs)[0][:, :N_TARGET]
-        ((out - target) ** 2).mean().backward()
-        return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-
-    sparsectx.enable(model, budget=None,
-                     selector=sparsectx.random_drop_selector((0.2, 0.6), torch.Generator().manual_seed(3)))
-    removed_out, removed_grads = outputs_and_grads()
-    keep = sparsectx.last_selection(model).keep
-    outputs_and_grads()
-    assert not torch.equal(sparsectx.last_selection(model).keep, keep)  # a new draw at the next forward
-    sparsectx.disable(model)
-    assert not keep.all() and keep.any(dim=1).all()
-    processors = [block.attn.processor for block in model.double_blocks]
-    for block in model.double_blocks:
-        block.attn.set_processor(_KeyMasked(_image_keys(keep)))
-    try:
-        masked_out, masked_grads = outputs_and_grads()
-    finally:
-        for block, processor in zip(model.double_blocks, processors):
-            block.attn.set_processor(processor)
-    torch.testing.assert_close(removed_out, masked_out, rtol=0, atol=1e-5)
-    assert removed_grads.keys() == masked_grads.keys() and "img_in.weight" in removed_grads
-    for name, grad in removed_grads.items():
-        torch.testing.assert_close(grad, masked_grads[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+    checks.assert_random_drop_training_matches_masking(
+        model, _inputs(padded=True), lambda out: out[:, :N_TARGET],
+        lambda keep: checks.attention_processors(model.double_blocks, _KeyMasked(_image_keys(keep))))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -310,24 +278,9 @@ class _RecordingProcessor(jp.JoyImageEditPlusAttnProcessor):
 
 
 def _first_block_qk(model, kwargs):
-    recorder = _RecordingProcessor()
-    attn = model.double_blocks[0].attn
-    original = attn.processor
-    attn.set_processor(recorder)
-    try:
+    with checks.attention_processors(model.double_blocks[:1], _RecordingProcessor()) as recorder:
         _run(model, kwargs)
-    finally:
-        attn.set_processor(original)
     return recorder.qk[0]
-
-
-def _recording_attention(record):
-    def selector(latents, context):
-        scores = sparsectx.selection.attention_scores(latents, context)
-        record.update(context.extra)
-        return scores
-
-    return selector
 
 
 @pytest.mark.parametrize("padded", [False, True])
@@ -337,7 +290,7 @@ def test_probe_tensors_are_the_first_blocks_query_and_key(model, padded):
     kwargs = _inputs(padded=padded)
     query, key, text_query = _first_block_qk(model, kwargs)
     record = {}
-    sparsectx.enable(model, budget=3, selector=_recording_attention(record))
+    sparsectx.enable(model, budget=3, selector=checks.recording_attention(record))
     _run(model, kwargs)
     close = dict(rtol=1e-5, atol=1e-6)  # the probe projects fewer rows: fp32 rounding of the same products
     torch.testing.assert_close(record["text_queries"], text_query, **close)
@@ -416,15 +369,9 @@ def test_a_forward_building_its_tables_otherwise_is_refused():
 # ----------------------------------------------------------------------------------------------------------------
 def _check_bf16(device):
     """In bf16: the drop-in's target rows are within twice the key-masked model's bf16 error of its fp64 result."""
-    model = _build().to(device, torch.bfloat16)
-    kwargs = {k: v.to(device, torch.bfloat16 if v.is_floating_point() else v.dtype) if isinstance(v, torch.Tensor)
-              else v for k, v in _inputs(padded=True, shared=True).items()}
-    sparsectx.enable(model, budget=0.5, selector="uniform")
-    dropped = _run(model, kwargs)
-    keep = sparsectx.last_selection(model).keep
-    sparsectx.disable(model)
-    assert dropped.dtype == torch.bfloat16 and not keep.all()
-    _assert_flash_criterion(dropped, _masked(model, keep, kwargs), model, keep, kwargs)
+    checks.check_bf16_dropping_equals_masking(
+        _build().to(device, torch.bfloat16), checks.cast_inputs(_inputs(padded=True, shared=True), device,
+                                                                torch.bfloat16), _run, _masked, _assert_flash_criterion)
 
 
 @pytest.mark.gpu
@@ -505,21 +452,17 @@ def test_the_transformer_sees_the_target_and_the_kept_tokens(pipe, guidance_scal
 
 def _masked_call(pipe, keep, **kwargs):
     """The unpatched pipeline whose every attention masks the reference rows ``keep`` (bool ``[N]``) drops, as keys."""
-    processors = [block.attn.processor for block in pipe.transformer.double_blocks]
     masked = _KeyMasked(None)
 
     def keys_of_the_batch(module, args, kwargs):
         masked.keys = _image_keys(keep[None], PIPE_TARGET).expand(kwargs["hidden_states"].shape[0], -1)
 
     handle = pipe.transformer.register_forward_pre_hook(keys_of_the_batch, with_kwargs=True)
-    for block in pipe.transformer.double_blocks:
-        block.attn.set_processor(masked)
     try:
-        return _call(pipe, **kwargs)
+        with checks.attention_processors(pipe.transformer.double_blocks, masked):
+            return _call(pipe, **kwargs)
     finally:
         handle.remove()
-        for block, processor in zip(pipe.transformer.double_blocks, processors):
-            block.attn.set_processor(processor)
 
 
 @pytest.mark.parametrize("selector", ["uniform", "attention"])

@@ -14,6 +14,7 @@ if not hasattr(diffusers, "JoyImageEditTransformer3DModel"):
     pytest.skip(f"diffusers {diffusers.__version__} has no JoyImage-Edit", allow_module_level=True)
 from diffusers.models.transformers import transformer_joyimage as je  # noqa: E402
 
+import drop_in_checks as checks  # noqa: E402  (tests/, on sys.path by pytest.ini)
 import sparsectx  # noqa: E402
 from pipeline_fixtures import tiny_pipeline_fixtures  # noqa: E402  (tests/, on sys.path by pytest.ini)
 from sparsectx import integration, joyimage  # noqa: E402
@@ -242,44 +243,23 @@ def test_a_call_without_references_runs_the_original_forward(model):
     assert torch.equal(outs[0], _run(model, one_item)) and torch.equal(outs[1], _run(model, five_d))
 
 
-GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-5  # fp32 gradients through the layers computed in a different order
-
-
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_random_drop_training_gives_the_masked_models_output_and_gradients(checkpointing):
     """``random_drop_selector`` on a train-mode transformer: a new mask at every forward, each sample its own
     forward on its kept tokens (its blocks through the checkpointing function when it is on); the output and every
     weight's gradient equal those of the unpatched model with the same tokens masked out as keys."""
-    model = _build().train()
-    checkpointed = []
+    model = _build()
+    block_rows = []  # (the image rows of each checkpointed block call)
     if checkpointing:
         model.enable_gradient_checkpointing()
         function = model._gradient_checkpointing_func
-        model._gradient_checkpointing_func = lambda *args: checkpointed.append(1) or function(*args)
-    kwargs = _inputs()
-    target = torch.randn(2, CHANNELS, 1, *LATENT_HW, generator=torch.Generator().manual_seed(4))
-
-    def outputs_and_grads():
-        model.zero_grad(set_to_none=True)
-        out = model(**kwargs)[0][:, -1]
-        ((out - target) ** 2).mean().backward()
-        return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-
-    sparsectx.enable(model, budget=None,
-                     selector=sparsectx.random_drop_selector((0.2, 0.6), torch.Generator().manual_seed(3)))
-    removed_out, removed_grads = outputs_and_grads()
-    keep = sparsectx.last_selection(model).keep
-    assert len(checkpointed) == (2 * len(model.double_blocks) if checkpointing else 0)  # (two groups)
-    outputs_and_grads()
-    assert not torch.equal(sparsectx.last_selection(model).keep, keep)  # a new draw at the next forward
-    sparsectx.disable(model)
-    assert not keep.all() and keep.any(dim=1).all()
-    with _keys_masked(_image_keys(keep)):
-        masked_out, masked_grads = outputs_and_grads()
-    torch.testing.assert_close(removed_out, masked_out, rtol=0, atol=1e-5)
-    assert removed_grads.keys() == masked_grads.keys() and "img_in.weight" in removed_grads
-    for name, grad in removed_grads.items():
-        torch.testing.assert_close(grad, masked_grads[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+        model._gradient_checkpointing_func = lambda block, img, *args: block_rows.append(img.shape[1]) or \
+            function(block, img, *args)
+    keep = checks.assert_random_drop_training_matches_masking(
+        model, _inputs(), lambda out: out[:, -1], lambda keep: _keys_masked(_image_keys(keep)))
+    # the drop-in's forwards checkpointed their blocks on the kept rows (each sample: its own forward)
+    kept_rows = sorted({PER_ITEM + int(n) for n in keep.sum(dim=1)})
+    assert (set(kept_rows) <= set(block_rows)) == checkpointing
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -307,24 +287,9 @@ class _RecordingProcessor(je.JoyImageAttnProcessor):
 
 
 def _first_block_qk(model, kwargs):
-    recorder = _RecordingProcessor()
-    attn = model.double_blocks[0].attn
-    original = attn.processor
-    attn.set_processor(recorder)
-    try:
+    with checks.attention_processors(model.double_blocks[:1], _RecordingProcessor()) as recorder:
         _run(model, kwargs)
-    finally:
-        attn.set_processor(original)
     return recorder.qk[0]
-
-
-def _recording_attention(record):
-    def selector(latents, context):
-        scores = sparsectx.selection.attention_scores(latents, context)
-        record.update(context.extra)
-        return scores
-
-    return selector
 
 
 @pytest.mark.parametrize("rope_type", ["rope", "mrope"])
@@ -333,7 +298,7 @@ def test_probe_tensors_are_the_first_blocks_query_and_key(rope_type):
     kwargs = _inputs()
     query, key, text_query = _first_block_qk(model, kwargs)
     record = {}
-    sparsectx.enable(model, budget=3, selector=_recording_attention(record))
+    sparsectx.enable(model, budget=3, selector=checks.recording_attention(record))
     _run(model, kwargs)
     close = dict(rtol=1e-5, atol=1e-6)  # the probe projects fewer rows: fp32 rounding of the same products
     torch.testing.assert_close(record["text_queries"], text_query, **close)
@@ -377,15 +342,9 @@ def test_sparsectx_attention_and_masked_drop_training_are_refused_naming_what_wo
 # ----------------------------------------------------------------------------------------------------------------
 def _check_bf16(device):
     """In bf16: the drop-in's target item is within twice the key-masked model's bf16 error of its fp64 result."""
-    model = _build().to(device, torch.bfloat16)
-    kwargs = {k: v.to(device, torch.bfloat16 if v.is_floating_point() else v.dtype) if isinstance(v, torch.Tensor)
-              else v for k, v in _inputs(shared=True).items()}
-    sparsectx.enable(model, budget=0.5, selector="uniform")
-    dropped = _run(model, kwargs)
-    keep = sparsectx.last_selection(model).keep
-    sparsectx.disable(model)
-    assert dropped.dtype == torch.bfloat16 and not keep.all()
-    _assert_flash_criterion(dropped, _masked(model, keep, kwargs), model, keep, kwargs)
+    checks.check_bf16_dropping_equals_masking(
+        _build().to(device, torch.bfloat16), checks.cast_inputs(_inputs(shared=True), device, torch.bfloat16), _run,
+        _masked, _assert_flash_criterion)
 
 
 @pytest.mark.gpu

@@ -12,6 +12,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers.models.transformers import transformer_bria_fibo, transformer_flux, transformer_flux2  # noqa: E402
 from diffusers.models.transformers import transformer_longcat_image  # noqa: E402
 
+import drop_in_checks as checks  # noqa: E402  (tests/, on sys.path by pytest.ini)
 import sparsectx  # noqa: E402
 from sparsectx import integration, processors, selection  # noqa: E402
 from sparsectx.reference import topk_keep_mask  # noqa: E402
@@ -173,17 +174,6 @@ def _hand_qk(model, family, kwargs):
     return query, key
 
 
-def _recording_attention(record):
-    """The 'attention' selector, also recording the selection context's extra (the probe's tensors land there)."""
-
-    def selector(latents, context):
-        scores = selection.attention_scores(latents, context)
-        record.update(context.extra)
-        return scores
-
-    return selector
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # (1) the probe's tensors are the first block's q/k
 # ----------------------------------------------------------------------------------------------------------------
@@ -199,7 +189,7 @@ def test_probe_tensors_equal_first_block_qk(models, family, shared, same_prompt)
     query, key = _hand_qk(model, family, _first_sample(kwargs) if shared else kwargs)
     n_refs = sum(h * w for h, w in REF_HWS[family])
     record = {}
-    sparsectx.enable(model, budget=BUDGET, selector=_recording_attention(record))
+    sparsectx.enable(model, budget=BUDGET, selector=checks.recording_attention(record))
     with torch.no_grad():
         model(**kwargs)
     image_query, image_key = query[:, TEXT_TOKENS:], key[:, TEXT_TOKENS:]
@@ -234,7 +224,7 @@ def test_probe_of_fused_projections_equals_the_separate_ones(family, attention):
             model.fuse_qkv_projections()
             assert model.transformer_blocks[0].attn.fused_projections
         record = {}
-        sparsectx.enable(model, budget=BUDGET, selector=_recording_attention(record), attention=attention)
+        sparsectx.enable(model, budget=BUDGET, selector=checks.recording_attention(record), attention=attention)
         with torch.no_grad():
             outputs.append(model(**kwargs)[0])
         keeps.append(getattr(model, integration.PATCH_ATTR).cache.keep)
@@ -256,7 +246,7 @@ def test_fibo_samples_whose_text_layers_differ_are_probed_each_on_its_own(models
     kwargs = {**kwargs, "text_encoder_layers": layers}
     query, _ = _hand_qk(model, "fibo", kwargs)
     record = {}
-    sparsectx.enable(model, budget=BUDGET, selector=_recording_attention(record))
+    sparsectx.enable(model, budget=BUDGET, selector=checks.recording_attention(record))
     with torch.no_grad():
         model(**kwargs)
     assert record["text_queries"].shape[0] == 2
@@ -272,7 +262,7 @@ def test_fibo_samples_whose_prompt_padding_differs_are_probed_each_on_its_own(mo
     mask[0, ..., TEXT_TOKENS - PADDED_TEXT:TEXT_TOKENS] = True  # the first sample unpadded
     kwargs = {**kwargs, "joint_attention_kwargs": {"attention_mask": mask}}
     record = {}
-    sparsectx.enable(model, budget=BUDGET, selector=_recording_attention(record))
+    sparsectx.enable(model, budget=BUDGET, selector=checks.recording_attention(record))
     with torch.no_grad():
         model(**kwargs)
     assert torch.equal(record["text_mask"], mask[:, 0, 0, :TEXT_TOKENS])
@@ -306,7 +296,7 @@ def test_probe_follows_the_kv_extract_layout(models):
     kwargs = {**kwargs, **refs_first, "kv_cache_mode": "extract", "num_ref_tokens": n_refs}
     query, key = _hand_qk(model, "flux2", _first_sample(kwargs))
     record = {}
-    sparsectx.enable(model, budget=BUDGET, selector=_recording_attention(record))
+    sparsectx.enable(model, budget=BUDGET, selector=checks.recording_attention(record))
     with torch.no_grad():
         model(**kwargs)
     close = dict(rtol=FP32_RTOL, atol=FP32_ATOL)
@@ -327,7 +317,7 @@ def test_probe_takes_rows_that_are_not_consecutive(models, family):
     kwargs = {**kwargs, **split}
     query, key = _hand_qk(model, family, _first_sample(kwargs))
     record = {}
-    sparsectx.enable(model, budget=BUDGET, selector=_recording_attention(record))
+    sparsectx.enable(model, budget=BUDGET, selector=checks.recording_attention(record))
     with torch.no_grad():
         model(**kwargs)
     image_query, image_key = query[:, TEXT_TOKENS:], key[:, TEXT_TOKENS:]
@@ -417,7 +407,7 @@ def test_probe_sees_a_lora_adapter_at_the_calls_scale(family):
     kwargs = _inputs(family)
     name = "attention_kwargs" if family == "qwen" else "joint_attention_kwargs"
     record = {}
-    sparsectx.enable(model, budget=BUDGET, selector=_recording_attention(record))
+    sparsectx.enable(model, budget=BUDGET, selector=checks.recording_attention(record))
     probed = {}
     for scale in (0.0, 0.5):
         getattr(model, integration.PATCH_ATTR).new_call()
@@ -623,7 +613,7 @@ def test_flux_rope_tables_refuse_what_diffusers_refuses_and_keep_no_inference_te
 
 def _probe_record(model, kwargs):
     record = {}
-    sparsectx.enable(model, budget=BUDGET, selector=_recording_attention(record))
+    sparsectx.enable(model, budget=BUDGET, selector=checks.recording_attention(record))
     with torch.no_grad():
         model(**kwargs)
     integration.disable(model)

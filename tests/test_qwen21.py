@@ -14,6 +14,7 @@ if not hasattr(diffusers, "QwenImage21Transformer2DModel"):
     pytest.skip(f"diffusers {diffusers.__version__} has no Qwen-Image 2.1", allow_module_level=True)
 from diffusers.models.transformers import transformer_qwenimage21 as q21  # noqa: E402
 
+import drop_in_checks as checks  # noqa: E402  (tests/, on sys.path by pytest.ini)
 import sparsectx  # noqa: E402
 from sparsectx import integration, qwen21  # noqa: E402
 from sparsectx.diagnostics import count_host_reads  # noqa: E402
@@ -28,7 +29,6 @@ N_TARGET = math.prod(TARGET)
 N_IMAGES = sum(N_REFS) + N_TARGET
 N_TEXT_EMBEDS = sum(TEXT_RUNS) + sum(N_REFS) // 4  # the encoder's sequence: text and condition slots
 N_FULL = sum(TEXT_RUNS) + N_IMAGES
-GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-5  # fp32 gradients through the layers computed in a different order
 
 
 def _build(causal_condition=True, seed=0):
@@ -123,14 +123,9 @@ def _joint_keys(keep, kwargs):
 
 def _masked(model, keep, kwargs, **extra):
     """The unpatched model with the tokens ``keep`` drops masked out as keys in every layer."""
-    processors = [block.attn.processor for block in model.transformer_blocks]
-    for block in model.transformer_blocks:
-        block.attn.set_processor(_KeyMasked(_joint_keys(keep, kwargs).to(kwargs["hidden_states"].device)))
-    try:
+    with checks.attention_processors(model.transformer_blocks,
+                                     _KeyMasked(_joint_keys(keep, kwargs).to(kwargs["hidden_states"].device))):
         return _run(model, kwargs, **extra)
-    finally:
-        for block, processor in zip(model.transformer_blocks, processors):
-            block.attn.set_processor(processor)
 
 
 def _assert_flash_criterion(out, masked, model, keep, kwargs, **extra):
@@ -224,15 +219,9 @@ def _assert_the_masked_models_cached_step(cached, model, keep, extract_kwargs, c
 
 def _check_bf16(device):
     """In bf16: the drop-in's target rows are within twice the key-masked model's bf16 error of its fp64 result."""
-    model = _build().to(device, torch.bfloat16)
-    kwargs = {k: v.to(device, torch.bfloat16 if v.is_floating_point() else v.dtype) if isinstance(v, torch.Tensor)
-              else v for k, v in _inputs(padded=True, shared=True).items()}
-    sparsectx.enable(model, budget=0.5, selector="uniform")
-    dropped = _run(model, kwargs)
-    keep = sparsectx.last_selection(model).keep
-    sparsectx.disable(model)
-    assert dropped.dtype == torch.bfloat16 and not keep.all()
-    _assert_flash_criterion(dropped, _masked(model, keep, kwargs), model, keep, kwargs)
+    checks.check_bf16_dropping_equals_masking(
+        _build().to(device, torch.bfloat16), checks.cast_inputs(_inputs(padded=True, shared=True), device,
+                                                                torch.bfloat16), _run, _masked, _assert_flash_criterion)
 
 
 @pytest.mark.gpu
@@ -437,29 +426,14 @@ class _RecordingProcessor(q21.QwenImage21AttnProcessor):
 
 
 def _first_block_qk(model, kwargs):
-    recorder = _RecordingProcessor()
-    attn = model.transformer_blocks[0].attn
-    original = attn.processor
-    attn.set_processor(recorder)
-    try:
+    with checks.attention_processors(model.transformer_blocks[:1], _RecordingProcessor()) as recorder:
         _run(model, kwargs)
-    finally:
-        attn.set_processor(original)
     return recorder.qk[0]
 
 
 def _rows(kind):
     layout = qwen21.joint_layout(_img_mask(1), [[*REFS, TARGET]], N_TEXT_EMBEDS, N_IMAGES)
     return layout.rows(kind)
-
-
-def _recording_attention(record):
-    def selector(latents, context):
-        scores = sparsectx.selection.attention_scores(latents, context)
-        record.update(context.extra)
-        return scores
-
-    return selector
 
 
 @pytest.mark.parametrize("padded", [False, True])
@@ -470,7 +444,7 @@ def test_probe_tensors_are_the_first_blocks_query_and_key(model, padded):
     kwargs = _inputs(padded=padded)
     query, key = _first_block_qk(model, kwargs)
     record = {}
-    sparsectx.enable(model, budget=3, selector=_recording_attention(record))
+    sparsectx.enable(model, budget=3, selector=checks.recording_attention(record))
     _run(model, kwargs)
     close = dict(rtol=1e-5, atol=1e-6)  # the probe projects fewer rows: fp32 rounding of the same products
     torch.testing.assert_close(record["text_queries"], query[:, _rows("text")], **close)
@@ -533,36 +507,14 @@ def test_random_drop_training_gives_the_masked_models_output_and_gradients(check
     """``random_drop_selector`` on a train-mode transformer: a new mask at every forward, each sample its own
     forward on its kept tokens; the output and every weight's gradient equal those of the unpatched model with the
     same tokens masked out as keys (gradient checkpointing too)."""
-    model = _build().train()
+    model = _build()
     if checkpointing:
         model.enable_gradient_checkpointing()
     kwargs = {**_inputs(padded=True), "return_dict": False}
-    target = torch.randn(2, N_TARGET, CHANNELS, generator=torch.Generator().manual_seed(4))
 
-    def outputs_and_grads():
-        model.zero_grad(set_to_none=True)
-        out = model(**kwargs)[0][:, -N_TARGET:]
-        ((out - target) ** 2).mean().backward()
-        return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-
-    sparsectx.enable(model, budget=None,
-                     selector=sparsectx.random_drop_selector((0.2, 0.6), torch.Generator().manual_seed(3)))
-    removed_out, removed_grads = outputs_and_grads()
-    keep = sparsectx.last_selection(model).keep
-    outputs_and_grads()
-    assert not torch.equal(sparsectx.last_selection(model).keep, keep)  # a new draw at the next forward
-    sparsectx.disable(model)
-    assert not keep.all() and keep.any(dim=1).all()
-    processors = [block.attn.processor for block in model.transformer_blocks]
-    for block in model.transformer_blocks:
-        block.attn.set_processor(_KeyMasked(_joint_keys(keep, kwargs)))
-    masked_out, masked_grads = outputs_and_grads()
-    for block, processor in zip(model.transformer_blocks, processors):
-        block.attn.set_processor(processor)
-    torch.testing.assert_close(removed_out, masked_out, rtol=0, atol=1e-5)
-    assert removed_grads.keys() == masked_grads.keys() and "img_in.weight" in removed_grads
-    for name, grad in removed_grads.items():
-        torch.testing.assert_close(grad, masked_grads[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+    checks.assert_random_drop_training_matches_masking(
+        model, kwargs, lambda out: out[:, -N_TARGET:],
+        lambda keep: checks.attention_processors(model.transformer_blocks, _KeyMasked(_joint_keys(keep, kwargs))))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,92 @@
+"""Checks shared by the tests of the drop-in's model families (tests/test_probe.py, test_flux3.py, test_qwen21.py,
+test_joyimage.py, test_joyimage_edit.py). Each takes the family's own pieces as arguments: how to run its model,
+which output rows are the target's, how to mask the dropped reference tokens as keys in the unpatched model."""
+import contextlib
+from typing import Callable
+
+import torch
+
+import sparsectx
+
+GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-5  # fp32 gradients through the layers computed in a different order
+
+
+def recording_attention(record: dict) -> Callable:
+    """The 'attention' selector, also recording the selection context's extra (the probe's tensors land there)."""
+
+    def selector(latents, context):
+        scores = sparsectx.selection.attention_scores(latents, context)
+        record.update(context.extra)
+        return scores
+
+    return selector
+
+
+@contextlib.contextmanager
+def attention_processors(blocks, processor):
+    """Inside the block, the attention (``block.attn``) of every block of ``blocks`` runs ``processor``; each
+    original processor object is put back after."""
+    originals = [block.attn.processor for block in blocks]
+    for block in blocks:
+        block.attn.set_processor(processor)
+    try:
+        yield processor
+    finally:
+        for block, original in zip(blocks, originals):
+            block.attn.set_processor(original)
+
+
+def cast_inputs(kwargs: dict, device, dtype: torch.dtype) -> dict:
+    """``kwargs`` with every tensor on ``device`` and every floating one in ``dtype``."""
+    return {k: v.to(device, dtype if v.is_floating_point() else v.dtype) if isinstance(v, torch.Tensor) else v
+            for k, v in kwargs.items()}
+
+
+def assert_random_drop_training_matches_masking(model: torch.nn.Module, kwargs: dict, target_of: Callable,
+                                                masking: Callable[[torch.Tensor], contextlib.AbstractContextManager],
+                                                ratio_range=(0.2, 0.6), atol: float = 1e-5) -> torch.Tensor:
+    """``random_drop_selector`` on the train-mode ``model``: a new mask at every forward; the target rows
+    (``target_of(output)``) and every weight's gradient of a loss on them equal those of the unpatched model run
+    inside ``masking(keep)`` (the same tokens masked out as keys). Returns the first forward's keep mask."""
+    model.train()
+    out_shape = target_of(model(**kwargs)[0]).shape
+    target = torch.randn(out_shape, generator=torch.Generator().manual_seed(4))
+
+    def outputs_and_grads():
+        model.zero_grad(set_to_none=True)
+        out = target_of(model(**kwargs)[0])
+        ((out - target) ** 2).mean().backward()
+        return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    sparsectx.enable(model, budget=None,
+                     selector=sparsectx.random_drop_selector(ratio_range, torch.Generator().manual_seed(3)))
+    try:
+        removed_out, removed_grads = outputs_and_grads()
+        keep = sparsectx.last_selection(model).keep
+        outputs_and_grads()
+        assert not torch.equal(sparsectx.last_selection(model).keep, keep)  # a new draw at the next forward
+    finally:
+        sparsectx.disable(model)
+    assert not keep.all() and keep.any(dim=1).all()
+    with masking(keep):
+        masked_out, masked_grads = outputs_and_grads()
+    torch.testing.assert_close(removed_out, masked_out, rtol=0, atol=atol)
+    assert removed_grads.keys() == masked_grads.keys() and "img_in.weight" in removed_grads
+    for name, grad in removed_grads.items():
+        torch.testing.assert_close(grad, masked_grads[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+    return keep
+
+
+def check_bf16_dropping_equals_masking(model: torch.nn.Module, kwargs: dict, run: Callable, masked: Callable,
+                                       assert_criterion: Callable, budget=0.5) -> None:
+    """In bf16 (``model`` and ``kwargs`` already cast): the drop-in's output at ``budget`` (uniform selection) meets
+    ``assert_criterion(dropped, masked(model, keep, kwargs), model, keep, kwargs)`` (the family's flash criterion
+    against its key-masked model)."""
+    sparsectx.enable(model, budget=budget, selector="uniform")
+    try:
+        dropped = run(model, kwargs)
+        keep = sparsectx.last_selection(model).keep
+    finally:
+        sparsectx.disable(model)
+    assert dropped.dtype == torch.bfloat16 and not keep.all()
+    assert_criterion(dropped, masked(model, keep, kwargs), model, keep, kwargs)
