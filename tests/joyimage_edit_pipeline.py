@@ -29,7 +29,7 @@ from diffusers import (AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, JoyIma
                        JoyImageEditTransformer3DModel)
 from joyimage_pipeline import (HEADS, HIDDEN, PATCH, PAD_ID, PX_PER_TOKEN, ROPE, TEXT_DIM, VAE_SCALE, Z_DIM,
                                FakeQwen2Tokenizer, FakeQwen3VL, FakeQwen3VLProcessor, SmallJoyImageProcessor,
-                               reference_image)
+                               reference_image, with_random_modulation)
 
 MEAN_GAIN = 5.0  # the random encoder's posterior means have std ~0.18 on random images
 
@@ -64,13 +64,9 @@ def tiny_joyimage_edit_pipeline(seed=0):
         vae.quant_conv.bias[:Z_DIM] *= MEAN_GAIN
         vae.quant_conv.weight[Z_DIM:] = 0.0
         vae.quant_conv.bias[Z_DIM:] = -30.0  # log-variance: std = exp(-15) ~ 3e-7
-    transformer = JoyImageEditTransformer3DModel(
+    transformer = with_random_modulation(JoyImageEditTransformer3DModel(
         patch_size=PATCH, in_channels=Z_DIM, hidden_size=HIDDEN, num_attention_heads=HEADS, text_dim=TEXT_DIM,
-        num_layers=2, rope_dim_list=ROPE)
-    with torch.no_grad():  # diffusers initialises the modulation tables to zeros: give them values
-        for block in transformer.double_blocks:
-            for mod in (block.img_mod, block.txt_mod):
-                mod.modulate_table.normal_(0, 0.1)
+        num_layers=2, rope_dim_list=ROPE))
     pipe = JoyImageEditPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=FakeQwen3VL().eval(),
         tokenizer=FakeQwen2TokenizerCallable(), transformer=transformer.eval(), processor=FakeQwen3VLProcessor())

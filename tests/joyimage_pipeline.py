@@ -148,6 +148,16 @@ class SmallJoyImageProcessor(JoyImageEditImageProcessor):
         return max(snap, src_h // snap * snap), max(snap, src_w // snap * snap)
 
 
+def with_random_modulation(transformer):
+    """``transformer`` (a JoyImage model) with random modulation tables (diffusers initialises them to zeros), in
+    eval mode."""
+    with torch.no_grad():
+        for block in transformer.double_blocks:
+            for mod in (block.img_mod, block.txt_mod):
+                mod.modulate_table.normal_(0, 0.1)
+    return transformer.eval()
+
+
 def tiny_joyimage_pipeline(seed=0):
     torch.manual_seed(seed)
     vae = AutoencoderKLWan(
@@ -156,9 +166,9 @@ def tiny_joyimage_pipeline(seed=0):
         scale_factor_spatial=VAE_SCALE, dropout=0.0).eval()
     # (the Plus classes by attribute: diffusers 0.39 ships JoyImage-Edit only, whose fixture imports this module's
     # fakes)
-    transformer = diffusers.JoyImageEditPlusTransformer3DModel(
+    transformer = with_random_modulation(diffusers.JoyImageEditPlusTransformer3DModel(
         patch_size=PATCH, in_channels=Z_DIM, hidden_size=HIDDEN, num_attention_heads=HEADS, text_dim=TEXT_DIM,
-        num_layers=2, rope_dim_list=ROPE).eval()
+        num_layers=2, rope_dim_list=ROPE))
     processor = FakeQwen3VLProcessor()
     pipe = diffusers.JoyImageEditPlusPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=FakeQwen3VL().eval(),

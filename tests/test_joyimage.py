@@ -14,6 +14,7 @@ if not hasattr(diffusers, "JoyImageEditPlusTransformer3DModel"):
 from diffusers.models.transformers import transformer_joyimage_edit_plus as jp  # noqa: E402
 
 import drop_in_checks as checks  # noqa: E402  (tests/, on sys.path by pytest.ini)
+from joyimage_pipeline import with_random_modulation  # noqa: E402
 import sparsectx  # noqa: E402
 from pipeline_fixtures import tiny_pipeline_fixtures  # noqa: E402  (tests/, on sys.path by pytest.ini)
 from sparsectx import integration, joyimage  # noqa: E402
@@ -31,14 +32,9 @@ N_TEXT = 7
 
 def _build(seed=0):
     torch.manual_seed(seed)
-    model = diffusers.JoyImageEditPlusTransformer3DModel(
+    return with_random_modulation(diffusers.JoyImageEditPlusTransformer3DModel(
         patch_size=list(PATCH), in_channels=CHANNELS, hidden_size=HEADS * HEAD_DIM, num_attention_heads=HEADS,
-        text_dim=TEXT_DIM, num_layers=2, rope_dim_list=[4, 6, 6])
-    with torch.no_grad():  # (diffusers initialises the modulation tables to zeros: give them values)
-        for block in model.double_blocks:
-            for mod in (block.img_mod, block.txt_mod):
-                mod.modulate_table.normal_(0, 0.1)
-    return model.eval()
+        text_dim=TEXT_DIM, num_layers=2, rope_dim_list=[4, 6, 6]))
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ if not hasattr(diffusers, "JoyImageEditTransformer3DModel"):
 from diffusers.models.transformers import transformer_joyimage as je  # noqa: E402
 
 import drop_in_checks as checks  # noqa: E402  (tests/, on sys.path by pytest.ini)
+from joyimage_pipeline import with_random_modulation  # noqa: E402
 import sparsectx  # noqa: E402
 from pipeline_fixtures import tiny_pipeline_fixtures  # noqa: E402  (tests/, on sys.path by pytest.ini)
 from sparsectx import integration, joyimage  # noqa: E402
@@ -29,14 +30,9 @@ N_TEXT = 7
 
 def _build(seed=0, rope_type="rope"):
     torch.manual_seed(seed)
-    model = diffusers.JoyImageEditTransformer3DModel(
+    return with_random_modulation(diffusers.JoyImageEditTransformer3DModel(
         patch_size=list(PATCH), in_channels=CHANNELS, hidden_size=HEADS * HEAD_DIM, num_attention_heads=HEADS,
-        text_dim=TEXT_DIM, num_layers=2, rope_dim_list=[4, 6, 6], rope_type=rope_type)
-    with torch.no_grad():  # (diffusers initialises the modulation tables to zeros: give them values)
-        for block in model.double_blocks:
-            for mod in (block.img_mod, block.txt_mod):
-                mod.modulate_table.normal_(0, 0.1)
-    return model.eval()
+        text_dim=TEXT_DIM, num_layers=2, rope_dim_list=[4, 6, 6], rope_type=rope_type))
 
 
 @pytest.fixture(scope="module")
