@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 
 import sparsectx
+from sparsectx.diagnostics import count_host_reads
 
 GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-5  # fp32 gradients through the layers computed in a different order
 
@@ -90,3 +91,21 @@ def check_bf16_dropping_equals_masking(model: torch.nn.Module, kwargs: dict, run
         sparsectx.disable(model)
     assert dropped.dtype == torch.bfloat16 and not keep.all()
     assert_criterion(dropped, masked(model, keep, kwargs), model, keep, kwargs)
+
+
+def host_reads_of_two_steps(model: torch.nn.Module, kwargs: dict, run: Callable, **settings) -> tuple:
+    """``(plain, first, later)``: the host reads (``count_host_reads`` told the model's and the inputs' tensors) of
+    the unpatched model, of the drop-in's first step (``sparsectx.enable(model, **settings)``) and of a later step of
+    the same call (its timestep halved). Asserts that the later step reused the plan (the first step's inputs give its
+    output again; the later step's output differs)."""
+    device_data = [model, *(v for v in kwargs.values() if isinstance(v, torch.Tensor))]
+    with count_host_reads(device_data) as plain:
+        run(model, kwargs)
+    sparsectx.enable(model, **settings)
+    with count_host_reads(device_data) as first:
+        out_first = run(model, kwargs)
+    later_kwargs = {**kwargs, "timestep": kwargs["timestep"] * 0.5}
+    with count_host_reads([*device_data, later_kwargs["timestep"]]) as later:
+        out_later = run(model, later_kwargs)
+    assert torch.equal(run(model, kwargs), out_first) and not torch.equal(out_later, out_first)
+    return plain, first, later

@@ -19,7 +19,6 @@ from joyimage_pipeline import with_random_modulation  # noqa: E402
 import sparsectx  # noqa: E402
 from pipeline_fixtures import tiny_pipeline_fixtures  # noqa: E402  (tests/, on sys.path by pytest.ini)
 from sparsectx import integration, joyimage  # noqa: E402
-from sparsectx.diagnostics import count_host_reads  # noqa: E402
 
 HEADS, HEAD_DIM = 2, 16
 TEXT_DIM, CHANNELS, PATCH = 24, 4, (1, 2, 2)
@@ -213,19 +212,12 @@ def test_mixed_budgets_equal_each_sample_alone(model):
 
 
 def test_later_steps_read_the_host_once(model):
-    kwargs = _inputs(shared=True)
-    device_data = [model, *(v for v in kwargs.values() if isinstance(v, torch.Tensor))]
-    with count_host_reads(device_data) as plain:
-        _run(model, kwargs)
-    sparsectx.enable(model, budget=0.5, selector=random_selector, seed=0)
-    with count_host_reads(device_data) as first:
-        out_first = _run(model, kwargs)
-    later_kwargs = {**kwargs, "timestep": kwargs["timestep"] * 0.5}
-    with count_host_reads([*device_data, later_kwargs["timestep"]]) as later:
-        out_later = _run(model, later_kwargs)
+    """The first step reads the host once beyond what the model reads (the keep mask), and a later step of the same
+    call, which reuses the plan, once too (the check that its references are the plan's)."""
+    plain, first, later = checks.host_reads_of_two_steps(model, _inputs(shared=True), _run, budget=0.5,
+                                                         selector=random_selector, seed=0)
     assert later.count == plain.count + 1, later.ops
     assert first.count == plain.count + 1, first.ops  # the keep mask (the layout is the latents' shape)
-    assert torch.equal(_run(model, kwargs), out_first) and not torch.equal(out_later, out_first)
 
 
 def test_a_call_without_references_runs_the_original_forward(model):
