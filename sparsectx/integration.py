@@ -674,26 +674,56 @@ def _ids_layout(call: dict, target_plane: int) -> Optional[_Layout]:
                    target_host, ref_host)
 
 
+class _SampleLayoutsDiffer(ValueError):
+    """The samples of a batch describe other images (``img_shapes`` / ``shape_list``): no one layout for the batch.
+    ``lengths``: each sample's reference token counts."""
+
+    def __init__(self, message: str, lengths: list):
+        super().__init__(message)
+        self.lengths = lengths
+
+
+def _nested_ints(value, arg: str):
+    """``value`` (lists, tuples, tensors or arrays of whole numbers, as diffusers' forwards accept them) as nested
+    lists of ints; ``ValueError`` naming ``arg`` otherwise."""
+    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_nested_ints(item, arg) for item in value]
+    if isinstance(value, numbers.Integral) or (isinstance(value, numbers.Real) and float(value).is_integer()):
+        return int(value)
+    raise ValueError(f"{arg} must hold whole numbers (each image's (f, h, w) grid), got {value!r}")
+
+
 def _image_shapes(call: dict, arg: str = "img_shapes") -> Optional[list]:
     """Qwen-Image's ``img_shapes[0]`` (JoyImage-Edit-Plus's ``shape_list[0]``: ``arg``), the ``(f, h, w)`` of each
-    image of the sequence (every sample's: ``ValueError`` when they differ), or None where it lists one image per
-    sample or none (no references)."""
+    image of the sequence (every sample's: ``_SampleLayoutsDiffer`` when they differ), or None where no sample lists
+    a reference (one image per sample, or a flat ``[(f, h, w)] * B``)."""
     shapes = call.get(arg)
-    # a flat [(f, h, w)] * B (e.g. the ControlNet pipelines) describes targets only
-    if not shapes or not isinstance(shapes[0], (list, tuple)) or len(shapes[0]) < 2 \
-            or not all(isinstance(shape, (list, tuple)) for shape in shapes[0]):
+    if shapes is None or len(shapes) == 0:
         return None
-    # one layout for the batch: samples whose images have other sizes (same total) would be cut at sample 0's image
-    # boundaries (diffusers' own RoPE reads img_shapes[0] too, with a warning)
-    first = [tuple(s) for s in shapes[0]]
-    differing = [b for b, sample in enumerate(shapes) if [tuple(s) for s in sample] != first]
+    samples = _nested_ints(shapes, arg)
+    # a flat [(f, h, w)] * B (e.g. the ControlNet pipelines) describes targets only
+    if not isinstance(samples[0], list) or not samples[0] or not isinstance(samples[0][0], list):
+        return None
+    if not all(isinstance(sample, list) and all(isinstance(s, list) and len(s) == 3 for s in sample)
+               for sample in samples):
+        raise ValueError(f"{arg} must list each sample's images as (f, h, w) grids, got {shapes!r}")
+    first = [tuple(s) for s in samples[0]]
+    differing = [b for b, sample in enumerate(samples) if [tuple(s) for s in sample] != first]
     if differing:
-        raise ValueError(f"{arg} differ between samples (sample {differing[0]}: {shapes[differing[0]]}, sample "
-                         f"0: {shapes[0]}): sparsectx selects reference tokens on one layout for the batch; run "
-                         "samples with other image sizes as their own batch")
+        # one layout for the batch: samples whose images have other sizes (same total) would be cut at sample 0's
+        # image boundaries (Qwen-Image's own RoPE reads img_shapes[0] too, with a warning)
+        raise _SampleLayoutsDiffer(
+            f"{arg} differ between samples (sample {differing[0]}: {samples[differing[0]]}, sample 0: {samples[0]}): "
+            "sparsectx selects reference tokens on one layout for the batch (the same number of references, of "
+            "the same sizes, in every sample); run samples with other references as their own batch",
+            [[math.prod(s) for s in sample[1:]] for sample in samples])
+    if len(first) < 2:
+        return None
     seq = call["hidden_states"].shape[1]
     if sum(math.prod(s) for s in first) != seq:
-        raise ValueError(f"{arg} {shapes[0]} describe {sum(math.prod(s) for s in first)} tokens but "
+        raise ValueError(f"{arg} {first} describe {sum(math.prod(s) for s in first)} tokens but "
                          f"hidden_states has {seq}")
     return first
 
@@ -1296,12 +1326,14 @@ def _check_no_stateful_hooks(transformer: torch.nn.Module, n_groups: int) -> Non
     share (a sample would be given another group's cached outputs)."""
     names = {name for name, _ in _stateful_hooks(transformer)}
     if names:
+        remove = "disable the cache (transformer.disable_cache())" if hasattr(transformer, "disable_cache") else \
+            "remove the hooks (diffusers' HookRegistry.remove_hook)"
         raise RuntimeError(
-            f"the samples of this batch keep different reference tokens (other references or budgets), so sparsectx "
-            f"runs them as {n_groups} separate forwards, but diffusers' stateful hooks {sorted(names)} (a step "
-            "cache: enable_cache) keep one state per denoiser call and would hand one forward's cached outputs to "
-            "another: run requests that keep different tokens in separate calls, or disable the cache "
-            "(transformer.disable_cache())")
+            f"the samples of this batch keep different reference tokens (other references, budgets or per-sample "
+            f"signals, or prompts a selector reads), so sparsectx runs them as {n_groups} separate forwards, but "
+            f"diffusers' stateful hooks {sorted(names)} (a step cache) keep one state per denoiser call and would "
+            f"hand one forward's cached outputs to another: run requests that keep different tokens in separate "
+            f"calls, or {remove}")
 
 
 def _innermost_hook_reference(module: torch.nn.Module) -> Optional[tuple]:
@@ -1869,7 +1901,15 @@ class _SparsePatch(ForwardPatch):
         self._reinstall_replaced_processors()
         training_input = key[-2] is not None
         before = rng_states(call["hidden_states"].device) if training_input else None
-        layout, unverified = (None, None) if cached_step else self._known_layout(call)
+        try:
+            layout, unverified = (None, None) if cached_step else self._known_layout(call)
+        except _SampleLayoutsDiffer as differ:
+            # JoyImage-Edit-Plus runs samples of other references right (each its own RoPE, its padding masked):
+            # a budget keeping every token runs its original forward on them, as on any batch
+            if self.family != JOYPLUS or not _keeps_every_token(
+                    overrides.get("budget", self.settings.budget), call["hidden_states"].shape[0], differ.lengths):
+                raise
+            layout, unverified = None, None
         plan = None
         if unverified is not None:  # a layout found on earlier ids: the selection's read checks the call's ids
             plan = self._selection_plan(call, layout, overrides, unverified, guidance_pairs)
@@ -2586,6 +2626,23 @@ def _kept_key_columns(mask: torch.Tensor, n_text: int, n_image: int, positions: 
     return mask.index_select(-2, columns) if mask.ndim >= 2 and mask.shape[-2] == n else mask
 
 
+def _keeps_every_token(budget: Budget, batch: int, lengths: list) -> bool:
+    """Whether ``budget`` keeps every reference token of each sample of the batch, sample ``b`` with the reference
+    token counts ``lengths[b]`` (False for a budget whose counts depend on scores, or that does not fit a sample)."""
+    if budget is None or _is_budget_fn(budget):
+        return False
+    per_request = _is_per_request(budget) and len(budget) == batch  # (a request's budget: its own images)
+    for b, sample_lengths in enumerate(lengths):
+        try:
+            counts = budget_counts(budget[b], 1, sample_lengths)[0] if per_request else \
+                budget_counts(budget, batch, sample_lengths)[b]
+        except (TypeError, ValueError):
+            return False
+        if list(counts) != list(sample_lengths):
+            return False
+    return True
+
+
 def _per_sample(value, batch: int) -> bool:
     """Whether ``value`` is a per-sample tensor (leading dim = the batch) or a list/tuple holding one."""
     if isinstance(value, torch.Tensor):
@@ -2725,12 +2782,21 @@ def _pipeline_attn_kwarg(base: type, family: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _takes_keyword(base: type, name: str) -> bool:
-    """Whether the pipeline class's ``__call__`` takes the keyword ``name`` (by name or through ``**kwargs``)."""
-    try:
-        parameters = inspect.signature(base.__call__).parameters
-    except (TypeError, ValueError):
-        return True
-    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    """Whether the pipeline class's ``__call__`` takes the keyword ``name``: by name, or through ``**kwargs`` that a
+    subclass hands on to its base's ``__call__`` (whose signature then decides, as in ``_pipeline_attn_kwarg``), or a
+    ``**kwargs`` of the base-most ``__call__``."""
+    for cls in base.__mro__:
+        if "__call__" not in cls.__dict__:
+            continue
+        try:
+            parameters = inspect.signature(cls.__dict__["__call__"]).parameters
+        except (TypeError, ValueError):
+            return True
+        if name in parameters:
+            return True
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return False
+    return True
 
 
 # pipelines that run guidance's two branches as one batch, unconditional samples first, and the argument of their

@@ -334,8 +334,65 @@ def test_inputs_that_do_not_describe_one_sequence_are_refused(model):
     kwargs = _inputs()
     with pytest.raises(ValueError, match="shape_list differ between samples"):
         _run(model, {**kwargs, "shape_list": [[TARGET, *REFS], [TARGET, REFS[1], REFS[0]]]})
+    # a sample without references, first or last (the batch padded to the longest sample)
+    for shapes in ([[TARGET], [TARGET, *REFS]], [[TARGET, *REFS], [TARGET]]):
+        with pytest.raises(ValueError, match="shape_list differ between samples"):
+            _run(model, {**kwargs, "shape_list": shapes})
     with pytest.raises(ValueError, match="describe"):
         _run(model, {**kwargs, "hidden_states": kwargs["hidden_states"][:, 1:]})
+    with pytest.raises(ValueError, match="shape_list must"):
+        _run(model, {**kwargs, "shape_list": [[TARGET, *REFS, (1, 2)]] * 2})
+
+
+def _padded_batch():
+    """Sample 0 with both references, sample 1 with the first only (its rows padded, as the pipeline pads them)."""
+    kwargs = _inputs(padded=True)
+    hidden = kwargs["hidden_states"].clone()
+    hidden[1, N_TARGET + N_REFS[0]:] = 0
+    return {**kwargs, "hidden_states": hidden, "shape_list": [[TARGET, *REFS], [TARGET, REFS[0]]]}
+
+
+def test_samples_with_other_references_run_diffusers_forward_when_every_token_is_kept(model):
+    """diffusers' forward runs a batch whose samples hold other references right (each sample its RoPE, the padding
+    masked): keeping every token runs it unchanged; a budget that drops tokens is refused (one layout a batch)."""
+    kwargs = _padded_batch()
+    expected = _run(model, kwargs)
+    for budget in (1.0, 10**6, [[1.0, 1.0], [1.0]]):
+        sparsectx.enable(model, budget=budget)
+        assert torch.equal(_run(model, kwargs), expected), budget
+        assert sparsectx.last_selection(model) is None
+    sparsectx.enable(model, budget=0.5)
+    with pytest.raises(ValueError, match="shape_list differ between samples"):
+        _run(model, kwargs)
+
+
+@pytest.mark.parametrize("form", ["tensors", "tensor", "array"])
+def test_shape_list_as_tensors_or_arrays_is_read_as_the_tuples(model, form):
+    """diffusers' forward takes the grids as tensors or arrays too (e.g. from a data loader's collate)."""
+    kwargs = _inputs(padded=True, shared=True)
+    grids = torch.tensor([[TARGET, *REFS]] * 2)
+    shape_list = {"tensors": list(grids), "tensor": grids, "array": grids.numpy()}[form]
+    sparsectx.enable(model, budget=0.5, selector="uniform")
+    expected = _run(model, kwargs)
+    keep = sparsectx.last_selection(model).keep
+    assert torch.equal(_run(model, {**kwargs, "shape_list": shape_list}), expected)
+    assert torch.equal(sparsectx.last_selection(model).keep, keep)
+
+
+def test_a_stateful_hook_refuses_samples_keeping_other_tokens_naming_how_to_remove_it():
+    """A step cache hook (pyramid attention broadcast) keeps one state per denoiser call: samples that keep other
+    tokens run as separate forwards and are refused; the model has no ``disable_cache`` (no cache mixin), so the
+    message names diffusers' ``remove_hook``."""
+    hooks = pytest.importorskip("diffusers.hooks")
+    model = _build()
+    hooks.apply_pyramid_attention_broadcast(model, hooks.PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=2, spatial_attention_block_identifiers=("double_blocks",),
+        current_timestep_callback=lambda: 500))
+    sparsectx.enable(model, budget=[[0.25], [0.5]], selector="uniform")
+    with pytest.raises(RuntimeError, match=r"2 separate forwards.*remove_hook") as refused:
+        _run(model, _inputs(shared=True))
+    assert "disable_cache" not in str(refused.value) and not hasattr(model, "disable_cache")
+    sparsectx.disable(model)
 
 
 def test_a_forward_building_its_tables_otherwise_is_refused():
@@ -516,6 +573,26 @@ def test_per_call_settings_through_attention_kwargs_the_pipeline_does_not_take(p
     sparsectx.disable(pipe)
     with pytest.raises(TypeError, match="attention_kwargs"):
         _call(pipe, attention_kwargs={"sparsectx": {"budget": 3}})
+
+
+def test_per_call_settings_on_a_subclass_handing_its_keywords_to_the_pipeline(pipe):
+    """A subclass whose ``__call__`` takes ``**kwargs`` and hands them to the pipeline's: the enabled subclass takes
+    the per-call settings too (the pipeline's own signature decides that the keyword is not the pipeline's)."""
+    class Subclass(diffusers.JoyImageEditPlusPipeline):
+        def __call__(self, *args, **kwargs):
+            return super().__call__(*args, **kwargs)
+
+    sub = Subclass(**pipe.components)
+    sub.image_processor = pipe.image_processor
+    sub.set_progress_bar_config(disable=True)
+    seen, handle = _patch_rows(sub.transformer)
+    try:
+        sparsectx.enable(sub, budget=0.5, selector="uniform")
+        _call(sub, attention_kwargs={"sparsectx": {"budget": 3}})
+    finally:
+        handle.remove()
+        sparsectx.disable(sub)
+    assert seen == [2 * (PIPE_TARGET + 3 * len(PIPE_REFS))] * 2
 
 
 def test_requests_with_their_own_budgets_equal_each_request_alone(pipe):
