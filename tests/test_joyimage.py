@@ -344,6 +344,16 @@ def test_inputs_that_do_not_describe_one_sequence_are_refused(model):
         _run(model, {**kwargs, "shape_list": [[TARGET, *REFS, (1, 2)]] * 2})
 
 
+def test_a_call_without_references_runs_the_original_forward(model):
+    kwargs = _inputs(padded=True)
+    target_only = {**kwargs, "hidden_states": kwargs["hidden_states"][:, :N_TARGET], "shape_list": [[TARGET]] * 2}
+    sparsectx.enable(model, budget=0.5)
+    out = _run(model, target_only)
+    assert sparsectx.last_selection(model) is None
+    sparsectx.disable(model)
+    assert torch.equal(out, _run(model, target_only))
+
+
 def _padded_batch():
     """Sample 0 with both references, sample 1 with the first only (its rows padded, as the pipeline pads them)."""
     kwargs = _inputs(padded=True)
