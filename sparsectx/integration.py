@@ -97,7 +97,7 @@ not here. It exists at the processor level for comparison (a layer cache's ``kep
 processors; ``sparsectx bench --case kv`` measures both).
 
 Not supported (clear errors): context and tensor parallelism (``_parallel_config``), ControlNet residuals, and
-Qwen-Image 2.1 and JoyImage-Edit(-Plus) with ``attention="sparsectx"``.
+Qwen-Image 2.1 with ``attention="sparsectx"``.
 """
 from __future__ import annotations
 
@@ -3070,10 +3070,6 @@ def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Call
         raise ValueError("attention='sparsectx' is not available for Qwen-Image 2.1: its attention is block-causal "
                          "over text and condition images, and sparsectx's kernel attends bidirectionally; use "
                          "attention='native' (the compacted sequence runs the model's own processors)")
-    if family in (JOYPLUS, JOYEDIT) and attention == SPARSECTX:
-        raise ValueError("attention='sparsectx' is not available for JoyImage-Edit(-Plus) yet (sparsectx has no "
-                         "processor for its fused-QKV attention); use attention='native' (the compacted sequence "
-                         "runs the model's own processors)")
     if getattr(transformer, "_parallel_config", None) is not None:
         raise RuntimeError(f"sparsectx's drop-in does not support diffusers {_parallelism(transformer)} (the "
                            "transformer has a _parallel_config); enable it on a model without parallelism")

@@ -48,7 +48,7 @@ import functools
 import inspect
 import weakref
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
@@ -67,6 +67,14 @@ try:  # Bria FIBO (absent from older releases); its single-stream blocks run Bri
     from diffusers.models.transformers import transformer_bria, transformer_bria_fibo
 except ImportError:
     transformer_bria = transformer_bria_fibo = None
+try:  # JoyImage-Edit (diffusers >= 0.39) and JoyImage-Edit-Plus (>= 0.40)
+    from diffusers.models.transformers import transformer_joyimage
+except ImportError:
+    transformer_joyimage = None
+try:
+    from diffusers.models.transformers import transformer_joyimage_edit_plus
+except ImportError:
+    transformer_joyimage_edit_plus = None
 try:  # diffusers' dtype choice for RoPE angles (absent from older releases: the devices it names are used)
     from diffusers.utils.torch_utils import maybe_adjust_dtype_for_device
 except ImportError:
@@ -300,11 +308,13 @@ class _SparsectxProcessor:
         return query_mask
 
     def _attend_image_first(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, n_text: int,
-                            text_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+                            text_keep: Optional[torch.Tensor] = None,
+                            image_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Attention of a joint ``[B, S, H, D]`` sequence laid out ``[image, text]`` (Qwen-Image, whose text carries a
-        padding mask): the always-kept image tokens (all of them, or under a drop mask the ones before the first
-        reference) lead, so the kernel reads them as contiguous key blocks; the text (through ``text_keep``) and the
-        kept references are gathered."""
+        padding mask; JoyImage): the always-kept image tokens (all of them, or under a drop mask the ones before the
+        first reference) lead, so the kernel reads them as contiguous key blocks; the text (through ``text_keep``)
+        and the kept references are gathered. ``image_valid`` (bool ``[B, S_image]``, JoyImage-Edit-Plus's padding of
+        shorter samples) masks image keys too: then no image key is known kept."""
         self._check_inputs(query)
         if _attention_scores_skipped():
             return value
@@ -313,19 +323,22 @@ class _SparsectxProcessor:
         image_keep = self.state.image_keep
         if self.state.packed is not None:
             raise ValueError(f"{type(self).__name__} does not run packed batches")
-        if image_keep is None and text_keep is None:
+        if image_keep is None and text_keep is None and image_valid is None:
             return dense_attention(query, key, value)
         key_mask = torch.ones((batch, seq), dtype=torch.bool, device=query.device)
         query_mask = None
         if text_keep is not None:
             key_mask[:, n_image:] = text_keep
         kept_prefix = n_image
+        if image_valid is not None:
+            key_mask[:, :n_image] = image_valid
+            kept_prefix = 0
         if image_keep is not None:
             if tuple(image_keep.shape) != (batch, n_image):
                 raise ValueError(f"the drop mask is {list(image_keep.shape)} but attention sees a batch of {batch} "
                                  f"sequences of {n_image} image tokens")
             query_mask = self._apply_drop_mask(key_mask, slice(0, n_image))
-            kept_prefix = self.state.image_kept_prefix
+            kept_prefix = min(kept_prefix, self.state.image_kept_prefix)
         return masked_attention(query, key, value, key_mask, query_mask=query_mask, kept_prefix=kept_prefix)
 
     def _no_mask_with_kv_cache(self, kv_cache_mode) -> None:
@@ -977,6 +990,82 @@ class SparsectxFlux3AttnProcessor(_SparsectxProcessor):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# JoyImage-Edit and JoyImage-Edit-Plus: double-stream attention over [image, text], fused QKV projections
+# ----------------------------------------------------------------------------------------------------------------
+def _joyimage_joint_qkv(attn, hidden_states, encoder_hidden_states, rotate: Callable) -> tuple:
+    """``(q, k, v)`` of the joint ``[image, text]`` sequence as diffusers' JoyImage processors compute them: each
+    stream's fused QKV projection split, per-head RMS norms, then ``rotate(img_q, img_k, txt_q, txt_k)`` (the
+    family's RoPE, diffusers' own functions)."""
+    def split(linear, rows):
+        return (t.unflatten(-1, (attn.heads, -1)) for t in linear(rows).chunk(3, dim=-1))
+
+    img_q, img_k, img_v = split(attn.img_attn_qkv, hidden_states)
+    txt_q, txt_k, txt_v = split(attn.txt_attn_qkv, encoder_hidden_states)
+    img_q, img_k = attn.img_attn_q_norm(img_q), attn.img_attn_k_norm(img_k)
+    txt_q, txt_k = attn.txt_attn_q_norm(txt_q), attn.txt_attn_k_norm(txt_k)
+    img_q, img_k, txt_q, txt_k = rotate(img_q, img_k, txt_q, txt_k)
+    return (torch.cat([img_q, txt_q], dim=1), torch.cat([img_k, txt_k], dim=1), torch.cat([img_v, txt_v], dim=1))
+
+
+def _joyimage_out(attn, out: torch.Tensor, n_image: int) -> tuple:
+    out = out.flatten(2, 3)
+    return attn.img_attn_proj(out[:, :n_image].contiguous()), attn.txt_attn_proj(out[:, n_image:].contiguous())
+
+
+class SparsectxJoyImageAttnProcessor(_SparsectxProcessor):
+    """Replaces ``JoyImageAttnProcessor`` (JoyImage-Edit): its projections, norms and RoPE (one table for the batch;
+    the text's too with ``rope_type="mrope"``), then sparsectx's attention of the joint ``[image, text]`` sequence."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, image_rotary_emb=None, **kwargs):
+        if self._delegates():
+            return self.original(attn, hidden_states, encoder_hidden_states, image_rotary_emb, **kwargs)
+        if encoder_hidden_states is None:
+            raise ValueError(f"{type(self).__name__} requires encoder_hidden_states (the text stream)")
+        vis_freqs, txt_freqs = image_rotary_emb if image_rotary_emb is not None else (None, None)
+
+        def rotate(img_q, img_k, txt_q, txt_k):
+            if vis_freqs is not None:
+                img_q, img_k = transformer_joyimage._apply_rotary_emb(img_q, img_k, vis_freqs)
+            if txt_freqs is not None:
+                txt_q, txt_k = transformer_joyimage._apply_rotary_emb(txt_q, txt_k, txt_freqs)
+            return img_q, img_k, txt_q, txt_k
+
+        query, key, value = _joyimage_joint_qkv(attn, hidden_states, encoder_hidden_states, rotate)
+        out = self._attend_image_first(query, key, value, encoder_hidden_states.shape[1]).to(query.dtype)
+        return _joyimage_out(attn, out, hidden_states.shape[1])
+
+
+class SparsectxJoyImagePlusAttnProcessor(_SparsectxProcessor):
+    """Replaces ``JoyImageEditPlusAttnProcessor`` (JoyImage-Edit-Plus): its projections, norms and per-sample RoPE
+    tables (image rows only), then sparsectx's attention of the joint ``[image, text]`` sequence; the forward's key
+    mask ``[B, 1, 1, S]`` (the text's padding, and the padded image rows of a batch's shorter samples) masks keys."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, image_rotary_emb=None, attention_mask=None):
+        if self._delegates():
+            return self.original(attn, hidden_states, encoder_hidden_states, image_rotary_emb, attention_mask)
+        if encoder_hidden_states is None:
+            raise ValueError(f"{type(self).__name__} requires encoder_hidden_states (the text stream)")
+
+        def rotate(img_q, img_k, txt_q, txt_k):
+            if image_rotary_emb is not None:
+                img_q, img_k = transformer_joyimage_edit_plus._apply_rotary_emb_batched(img_q, img_k,
+                                                                                        image_rotary_emb)
+            return img_q, img_k, txt_q, txt_k
+
+        n_image, n_text = hidden_states.shape[1], encoder_hidden_states.shape[1]
+        query, key, value = _joyimage_joint_qkv(attn, hidden_states, encoder_hidden_states, rotate)
+        text_keep = image_valid = None
+        if attention_mask is not None:
+            if attention_mask.dtype != torch.bool or attention_mask.numel() != query.shape[0] * (n_image + n_text):
+                raise ValueError(f"{type(self).__name__} takes the forward's boolean key mask [B, 1, 1, "
+                                 f"{n_image + n_text}], got {attention_mask.dtype} {tuple(attention_mask.shape)}")
+            keys = attention_mask.reshape(query.shape[0], n_image + n_text).to(query.device)
+            image_valid, text_keep = keys[:, :n_image], keys[:, n_image:]
+        out = self._attend_image_first(query, key, value, n_text, text_keep, image_valid).to(query.dtype)
+        return _joyimage_out(attn, out, n_image)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # installing and restoring
 # ----------------------------------------------------------------------------------------------------------------
 _REPLACEMENTS = (  # (diffusers module, processor class name, its sparsectx replacement)
@@ -990,6 +1079,8 @@ _REPLACEMENTS = (  # (diffusers module, processor class name, its sparsectx repl
     (transformer_longcat_image, "LongCatImageAttnProcessor", SparsectxLongCatImageAttnProcessor),
     (transformer_bria_fibo, "BriaFiboAttnProcessor", SparsectxBriaFiboAttnProcessor),
     (transformer_bria, "BriaAttnProcessor", SparsectxBriaAttnProcessor),
+    (transformer_joyimage, "JoyImageAttnProcessor", SparsectxJoyImageAttnProcessor),
+    (transformer_joyimage_edit_plus, "JoyImageEditPlusAttnProcessor", SparsectxJoyImagePlusAttnProcessor),
 )
 # diffusers processor class -> its sparsectx replacement (all exist in diffusers >= 0.39, setup.py's floor; a
 # class a later release drops is left out rather than failing the import)

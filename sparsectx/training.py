@@ -465,9 +465,8 @@ def enable_drop_training(transformer, ratio_range: tuple = DEFAULT_RATIO_RANGE,
     _, model, family = integration._split_target(transformer)
     if family in (integration.FLUX3, integration.QWEN21, integration.JOYPLUS, integration.JOYEDIT):
         raise TypeError("drop training's masked attention covers FLUX.1, FLUX.2, Qwen-Image, LongCat-Image and Bria "
-                        "FIBO; on FLUX.3, Qwen-Image 2.1 and JoyImage-Edit(-Plus) (references an input of their own; "
-                        "block-causal attention; no sparsectx processor for its attention), train with the "
-                        "dropped references removed: "
+                        "FIBO; on FLUX.3, Qwen-Image 2.1 and JoyImage-Edit(-Plus), train with the dropped references "
+                        "removed: "
                         "sparsectx.enable(transformer, budget=None, selector=sparsectx.random_drop_selector("
                         "ratio_range, generator)) on the transformer in train mode draws a new mask at each forward")
     integration.check_diffusers_version()

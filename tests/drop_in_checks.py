@@ -79,11 +79,11 @@ def assert_random_drop_training_matches_masking(model: torch.nn.Module, kwargs: 
 
 
 def check_bf16_dropping_equals_masking(model: torch.nn.Module, kwargs: dict, run: Callable, masked: Callable,
-                                       assert_criterion: Callable, budget=0.5) -> None:
-    """In bf16 (``model`` and ``kwargs`` already cast): the drop-in's output at ``budget`` (uniform selection) meets
-    ``assert_criterion(dropped, masked(model, keep, kwargs), model, keep, kwargs)`` (the family's flash criterion
-    against its key-masked model)."""
-    sparsectx.enable(model, budget=budget, selector="uniform")
+                                       assert_criterion: Callable, budget=0.5, attention: str = "native") -> None:
+    """In bf16 (``model`` and ``kwargs`` already cast): the drop-in's output at ``budget`` (uniform selection, the
+    given ``attention``) meets ``assert_criterion(dropped, masked(model, keep, kwargs), model, keep, kwargs)`` (the
+    family's flash criterion against its key-masked model)."""
+    sparsectx.enable(model, budget=budget, selector="uniform", attention=attention)
     try:
         dropped = run(model, kwargs)
         keep = sparsectx.last_selection(model).keep

@@ -147,14 +147,16 @@ def test_the_compacted_forward_keeping_every_row_is_diffusers_forward(model):
     assert "_get_rotary_pos_embed_for_range" not in model.__dict__  # the model's own method again
 
 
+@pytest.mark.parametrize("attention", ["native", "sparsectx"])
 @pytest.mark.parametrize("selector", [random_selector, "uniform"])
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("shared", [False, True])
-def test_dropping_rows_equals_masking_keys(model, selector, padded, shared):
+def test_dropping_rows_equals_masking_keys(model, selector, padded, shared, attention):
+    """(``attention="sparsectx"``: sparsectx's processors on the compacted sequence, the text's padding a key mask.)"""
     kwargs = _inputs(padded=padded, shared=shared)
     seen, handle = _rows_seen(model)
     try:
-        sparsectx.enable(model, budget=[0.5, 3], selector=selector, seed=0)
+        sparsectx.enable(model, budget=[0.5, 3], selector=selector, seed=0, attention=attention)
         dropped = _run(model, kwargs)
     finally:
         handle.remove()
@@ -321,12 +323,10 @@ def test_the_grid_selectors_see_each_references_grid(model):
 # ----------------------------------------------------------------------------------------------------------------
 # refusals
 # ----------------------------------------------------------------------------------------------------------------
-def test_sparsectx_attention_and_masked_drop_training_are_refused_naming_what_works(model):
-    with pytest.raises(ValueError, match="attention='native'"):
-        sparsectx.enable(model, attention="sparsectx")
-    assert not integration.is_enabled(model)
+def test_masked_drop_training_is_refused_naming_what_works(model):
     with pytest.raises(TypeError, match="random_drop_selector"):
         sparsectx.enable_drop_training(model)
+    assert not integration.is_enabled(model)
 
 
 def test_inputs_that_do_not_describe_one_sequence_are_refused(model):
@@ -376,6 +376,21 @@ def test_samples_with_other_references_run_diffusers_forward_when_every_token_is
         _run(model, kwargs)
 
 
+def test_sparsectx_attention_masks_the_padded_rows_of_a_shorter_sample(model):
+    """Keeping every token of samples with other references, sparsectx's processors take the forward's key mask
+    whole: the padded image rows of the shorter sample are masked as diffusers masks them."""
+    kwargs = _padded_batch()
+    expected = _run(model, kwargs)
+    sparsectx.enable(model, budget=1.0, attention="sparsectx")
+    out = _run(model, kwargs)
+    sparsectx.disable(model)
+    everything = torch.ones(2, sum(N_REFS), dtype=torch.bool)
+    _assert_flash_criterion(out, expected, model, everything, kwargs)
+    # the padding mattered: attending to the padded rows gives another output
+    padding_seen = _masked(model, everything, {**kwargs, "encoder_hidden_states_mask": None})
+    assert (padding_seen[1, :N_TARGET] - expected[1, :N_TARGET]).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("form", ["tensors", "tensor", "array"])
 def test_shape_list_as_tensors_or_arrays_is_read_as_the_tuples(model, form):
     """diffusers' forward takes the grids as tensors or arrays too (e.g. from a data loader's collate)."""
@@ -418,20 +433,22 @@ def test_a_forward_building_its_tables_otherwise_is_refused():
 # ----------------------------------------------------------------------------------------------------------------
 # bf16
 # ----------------------------------------------------------------------------------------------------------------
-def _check_bf16(device):
+def _check_bf16(device, attention):
     """In bf16: the drop-in's target rows are within twice the key-masked model's bf16 error of its fp64 result."""
-    checks.check_bf16_dropping_equals_masking(
-        _build().to(device, torch.bfloat16), checks.cast_inputs(_inputs(padded=True, shared=True), device,
-                                                                torch.bfloat16), _run, _masked, _assert_flash_criterion)
+    kwargs = checks.cast_inputs(_inputs(padded=True, shared=True), device, torch.bfloat16)
+    checks.check_bf16_dropping_equals_masking(_build().to(device, torch.bfloat16), kwargs, _run, _masked,
+                                              _assert_flash_criterion, attention=attention)
 
 
 @pytest.mark.gpu
-def test_gpu_bf16_dropping_rows_equals_masking_keys():
-    _check_bf16("cuda")
+@pytest.mark.parametrize("attention", ["native", "sparsectx"])
+def test_gpu_bf16_dropping_rows_equals_masking_keys(attention):
+    _check_bf16("cuda", attention)
 
 
-def test_bf16_dropping_rows_equals_masking_keys_on_the_cpu():
-    _check_bf16("cpu")
+@pytest.mark.parametrize("attention", ["native", "sparsectx"])
+def test_bf16_dropping_rows_equals_masking_keys_on_the_cpu(attention):
+    _check_bf16("cpu", attention)
 
 
 def _pipeline_helpers():

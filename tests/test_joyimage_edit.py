@@ -163,15 +163,17 @@ def test_patch_rows_are_the_rows_the_patch_embedding_makes(model):
     torch.testing.assert_close(by_rows, embedded, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("attention", ["native", "sparsectx"])
 @pytest.mark.parametrize("selector", [random_selector, "uniform"])
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("rope_type", ["rope", "mrope"])
-def test_dropping_rows_equals_masking_keys(selector, shared, rope_type):
+def test_dropping_rows_equals_masking_keys(selector, shared, rope_type, attention):
+    """(``attention="sparsectx"``: sparsectx's processors on the compacted sequence.)"""
     model = _build(rope_type=rope_type)
     kwargs = _inputs(shared=shared)
     seen, handle = _block_rows(model)
     try:
-        sparsectx.enable(model, budget=0.5, selector=selector, seed=0)
+        sparsectx.enable(model, budget=0.5, selector=selector, seed=0, attention=attention)
         dropped = _run(model, kwargs)
     finally:
         handle.remove()
@@ -317,31 +319,31 @@ def test_task_aware_selectors_run_on_the_probe(model, selector):
 # ----------------------------------------------------------------------------------------------------------------
 # refusals
 # ----------------------------------------------------------------------------------------------------------------
-def test_sparsectx_attention_and_masked_drop_training_are_refused_naming_what_works(model):
-    with pytest.raises(ValueError, match="attention='native'"):
-        sparsectx.enable(model, attention="sparsectx")
-    assert not integration.is_enabled(model)
+def test_masked_drop_training_is_refused_naming_what_works(model):
     with pytest.raises(TypeError, match="random_drop_selector"):
         sparsectx.enable_drop_training(model)
+    assert not integration.is_enabled(model)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # bf16
 # ----------------------------------------------------------------------------------------------------------------
-def _check_bf16(device):
+def _check_bf16(device, attention):
     """In bf16: the drop-in's target item is within twice the key-masked model's bf16 error of its fp64 result."""
     checks.check_bf16_dropping_equals_masking(
         _build().to(device, torch.bfloat16), checks.cast_inputs(_inputs(shared=True), device, torch.bfloat16), _run,
-        _masked, _assert_flash_criterion)
+        _masked, _assert_flash_criterion, attention=attention)
 
 
 @pytest.mark.gpu
-def test_gpu_bf16_dropping_rows_equals_masking_keys():
-    _check_bf16("cuda")
+@pytest.mark.parametrize("attention", ["native", "sparsectx"])
+def test_gpu_bf16_dropping_rows_equals_masking_keys(attention):
+    _check_bf16("cuda", attention)
 
 
-def test_bf16_dropping_rows_equals_masking_keys_on_the_cpu():
-    _check_bf16("cpu")
+@pytest.mark.parametrize("attention", ["native", "sparsectx"])
+def test_bf16_dropping_rows_equals_masking_keys_on_the_cpu(attention):
+    _check_bf16("cpu", attention)
 
 
 def _pipeline_helpers():
