@@ -4,7 +4,8 @@ Each processor does what the diffusers processor it replaces does (projections, 
 projections, the KV-cache bookkeeping of FLUX.2 klein) and swaps the attention call, and the QK norms, RoPE and
 text/image concatenation of q and k, which ``sparsectx.rms_norm_rope`` computes in one pass per tensor (where the
 norms are plain ``torch.nn.RMSNorm`` (FLUX) or diffusers ``RMSNorm`` (Qwen-Image) modules without hooks, of one
-eps per layer and tensor; elsewhere diffusers' modules run as they are; FLUX.3's norms compute in fp32):
+eps per layer and tensor; elsewhere diffusers' modules run as they are; FLUX.3's norms compute in fp32; JoyImage's
+norms and RoPE run diffusers' own modules and functions):
 
 - no key mask: ``sparsectx.sparse_attention`` on the dense equal-length batch (``[B, S, H, D]`` viewed as packed
   ``[B*S, H, D]``, ``cu_seqlens = arange(B+1) * S``; nothing waits for the device);
@@ -28,6 +29,8 @@ processor, so one processor instance may serve every layer (diffusers' ``set_att
 | ``LongCatImageAttnProcessor``         | ``SparsectxLongCatImageAttnProcessor`` |
 | ``BriaFiboAttnProcessor``             | ``SparsectxBriaFiboAttnProcessor``    |
 | ``BriaAttnProcessor`` (Bria FIBO's single-stream blocks) | ``SparsectxBriaAttnProcessor`` |
+| ``JoyImageAttnProcessor`` (JoyImage-Edit) | ``SparsectxJoyImageAttnProcessor`` |
+| ``JoyImageEditPlusAttnProcessor``     | ``SparsectxJoyImagePlusAttnProcessor`` |
 
 ``install_processors(transformer, state)`` swaps every supported processor of a transformer (and returns the
 originals); ``restore_processors(transformer, originals)`` puts the very same objects back.
