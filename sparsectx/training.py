@@ -7,7 +7,7 @@ tokens). The model thus sees every budget it will meet at inference. Dropped tok
 outputs are zero, as if they had been removed from the sequence; only the prefix outputs feed the loss).
 
 On a diffusers transformer (FLUX.1 Kontext, FLUX.2 / klein, Qwen-Image-Edit(-Plus), LongCat-Image-Edit, Bria FIBO
-Edit)::
+Edit, JoyImage-Edit-Plus)::
 
     enable_drop_training(transformer, ratio_range=(0.05, 1.0), generator=torch.Generator().manual_seed(0))
     transformer.train()                                                          # masks are drawn in train mode
@@ -434,8 +434,8 @@ def _same_draw(host: Optional[torch.Tensor], other: Optional[torch.Tensor]) -> b
 def enable_drop_training(transformer, ratio_range: tuple = DEFAULT_RATIO_RANGE,
                          ref_lengths: Optional[Sequence[int]] = None, generator: Optional[torch.Generator] = None,
                          skip_dropped_queries: bool = True):
-    """Trains ``transformer`` (a diffusers FLUX.1 / FLUX.2 / Qwen-Image / LongCat-Image / Bria FIBO transformer, or a
-    pipeline holding one) with random-ratio drop masks of its reference tokens.
+    """Trains ``transformer`` (a diffusers FLUX.1 / FLUX.2 / Qwen-Image / LongCat-Image / Bria FIBO / JoyImage-Edit-Plus
+    transformer, or a pipeline holding one) with random-ratio drop masks of its reference tokens.
 
     At each forward in training mode, each sample keeps ``round-half-up(r · L_i)`` random tokens of reference image
     i, r ~ U[``ratio_range``] drawn per sample and image from ``generator`` (``random_drop_mask``; without one, from
@@ -463,10 +463,10 @@ def enable_drop_training(transformer, ratio_range: tuple = DEFAULT_RATIO_RANGE,
     if not isinstance(skip_dropped_queries, bool):
         raise TypeError(f"skip_dropped_queries must be a bool, got {type(skip_dropped_queries).__name__}")
     _, model, family = integration._split_target(transformer)
-    if family in (integration.FLUX3, integration.QWEN21, integration.JOYPLUS, integration.JOYEDIT):
-        raise TypeError("drop training's masked attention covers FLUX.1, FLUX.2, Qwen-Image, LongCat-Image and Bria "
-                        "FIBO; on FLUX.3, Qwen-Image 2.1 and JoyImage-Edit(-Plus), train with the dropped references "
-                        "removed: "
+    if family in (integration.FLUX3, integration.QWEN21, integration.JOYEDIT):
+        raise TypeError("drop training's masked attention covers FLUX.1, FLUX.2, Qwen-Image, LongCat-Image, Bria "
+                        "FIBO and JoyImage-Edit-Plus; on FLUX.3, Qwen-Image 2.1 and JoyImage-Edit, train with the "
+                        "dropped references removed: "
                         "sparsectx.enable(transformer, budget=None, selector=sparsectx.random_drop_selector("
                         "ratio_range, generator)) on the transformer in train mode draws a new mask at each forward")
     integration.check_diffusers_version()

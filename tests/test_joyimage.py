@@ -323,10 +323,35 @@ def test_the_grid_selectors_see_each_references_grid(model):
 # ----------------------------------------------------------------------------------------------------------------
 # refusals
 # ----------------------------------------------------------------------------------------------------------------
-def test_masked_drop_training_is_refused_naming_what_works(model):
-    with pytest.raises(TypeError, match="random_drop_selector"):
-        sparsectx.enable_drop_training(model)
-    assert not integration.is_enabled(model)
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_masked_drop_training_gives_the_key_masked_models_output_and_gradients(checkpointing):
+    """``enable_drop_training``: every token stays in the sequence, sparsectx's processors mask the drawn tokens as
+    keys; the output and every weight's gradient equal the unpatched model's with the same tokens masked."""
+    model = _build().train()
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    kwargs = _inputs(padded=True)
+    target = torch.randn(2, N_TARGET, CHANNELS, *PATCH, generator=torch.Generator().manual_seed(4))
+
+    def outputs_and_grads():
+        model.zero_grad(set_to_none=True)
+        out = model(**kwargs)[0][:, :N_TARGET]
+        ((out - target) ** 2).mean().backward()
+        return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    sparsectx.enable_drop_training(model, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(0))
+    try:
+        dropped_out, dropped_grads = outputs_and_grads()
+        keep = sparsectx.last_drop_mask(model)
+    finally:
+        sparsectx.disable_drop_training(model)
+    assert keep.shape == (2, N_IMAGES) and keep[:, :N_TARGET].all() and not keep.all()
+    with checks.attention_processors(model.double_blocks, _KeyMasked(keep)):
+        masked_out, masked_grads = outputs_and_grads()
+    torch.testing.assert_close(dropped_out, masked_out, rtol=0, atol=1e-5)
+    assert dropped_grads.keys() == masked_grads.keys()
+    for name, grad in dropped_grads.items():
+        torch.testing.assert_close(grad, masked_grads[name], rtol=checks.GRAD_RTOL, atol=checks.GRAD_ATOL, msg=name)
 
 
 def test_inputs_that_do_not_describe_one_sequence_are_refused(model):
