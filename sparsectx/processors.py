@@ -1010,6 +1010,21 @@ def _joyimage_joint_qkv(attn, hidden_states, encoder_hidden_states, rotate: Call
     return (torch.cat([img_q, txt_q], dim=1), torch.cat([img_k, txt_k], dim=1), torch.cat([img_v, txt_v], dim=1))
 
 
+def _key_mask(attention_mask: torch.Tensor, batch: int, seq: int, name: str) -> torch.Tensor:
+    """bool ``[B, S]``: a key mask as diffusers' dispatch takes it, ``[B or 1, S]`` or ``[B or 1, 1, 1, S]``,
+    boolean or additive (a key is kept above the dtype's lowest value); ``ValueError`` naming ``name`` for a mask
+    with a row per query or of another length."""
+    shape = tuple(attention_mask.shape)
+    if attention_mask.ndim not in (2, 4) or shape[-1] != seq or shape[0] not in (1, batch) or \
+            any(size != 1 for size in shape[1:-1]):
+        raise ValueError(f"{name} takes a key mask [B, 1, 1, {seq}] (or [B, {seq}], a batch dim of 1 broadcast), "
+                         f"got {shape}")
+    keys = attention_mask.reshape(shape[0], seq)
+    if keys.dtype != torch.bool:
+        keys = keys > torch.finfo(keys.dtype).min if keys.is_floating_point() else keys != 0
+    return keys.expand(batch, seq)
+
+
 def _joyimage_out(attn, out: torch.Tensor, n_image: int) -> tuple:
     out = out.flatten(2, 3)
     return attn.img_attn_proj(out[:, :n_image].contiguous()), attn.txt_attn_proj(out[:, n_image:].contiguous())
@@ -1059,10 +1074,7 @@ class SparsectxJoyImagePlusAttnProcessor(_SparsectxProcessor):
         query, key, value = _joyimage_joint_qkv(attn, hidden_states, encoder_hidden_states, rotate)
         text_keep = image_valid = None
         if attention_mask is not None:
-            if attention_mask.dtype != torch.bool or attention_mask.numel() != query.shape[0] * (n_image + n_text):
-                raise ValueError(f"{type(self).__name__} takes the forward's boolean key mask [B, 1, 1, "
-                                 f"{n_image + n_text}], got {attention_mask.dtype} {tuple(attention_mask.shape)}")
-            keys = attention_mask.reshape(query.shape[0], n_image + n_text).to(query.device)
+            keys = _key_mask(attention_mask, query.shape[0], n_image + n_text, type(self).__name__).to(query.device)
             image_valid, text_keep = keys[:, :n_image], keys[:, n_image:]
         out = self._attend_image_first(query, key, value, n_text, text_keep, image_valid).to(query.dtype)
         return _joyimage_out(attn, out, n_image)

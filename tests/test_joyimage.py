@@ -2,6 +2,7 @@
 random-weight models built from configs, fp32, CPU, offline. The transformer takes each sample's patches
 ``[B, N, C, pt, ph, pw]`` (the target's, then each reference's), their grids in ``shape_list``, and builds its RoPE
 tables and the padding mask inside its forward; its joint attention runs over ``[image, text]``."""
+import copy
 import importlib
 import math
 
@@ -443,6 +444,37 @@ def test_a_stateful_hook_refuses_samples_keeping_other_tokens_naming_how_to_remo
         _run(model, _inputs(shared=True))
     assert "disable_cache" not in str(refused.value) and not hasattr(model, "disable_cache")
     sparsectx.disable(model)
+
+
+@pytest.mark.parametrize("form", ["[B,1,1,S] bool", "[B,S] bool", "[1,1,1,S] bool", "[B,1,1,S] additive"])
+def test_the_plus_processor_takes_the_key_masks_diffusers_dispatch_takes(form):
+    """Called directly (not only through the forward's ``[B, 1, 1, S]`` boolean mask): a key mask broadcast over the
+    batch, without its singleton dims, or additive, meets the flash criterion against diffusers' processor in fp64;
+    a mask with a row per query is refused by name."""
+    from sparsectx import processors
+
+    torch.manual_seed(0)
+    attn = jp.JoyImageEditPlusAttention(HEADS * HEAD_DIM, HEADS, HEAD_DIM)
+    batch, n_image = 2, 20
+    hidden, text = torch.randn(batch, n_image, HEADS * HEAD_DIM), torch.randn(batch, N_TEXT, HEADS * HEAD_DIM)
+    tables = (torch.randn(batch, n_image, HEAD_DIM), torch.randn(batch, n_image, HEAD_DIM))
+    keys = torch.ones(batch, n_image + N_TEXT, dtype=torch.bool)
+    keys[0, -2:] = False
+    keys[1, 15:n_image] = False
+    if form.startswith("[1"):
+        keys[1] = keys[0]
+    mask = {"[B,1,1,S] bool": keys[:, None, None], "[B,S] bool": keys, "[1,1,1,S] bool": keys[:1, None, None],
+            "[B,1,1,S] additive": torch.where(keys, 0.0, float("-inf"))[:, None, None]}[form]
+    ours = processors.SparsectxJoyImagePlusAttnProcessor()(attn, hidden, text, tables, mask)
+    theirs = jp.JoyImageEditPlusAttnProcessor()(attn, hidden, text, tables, mask)
+    exact = jp.JoyImageEditPlusAttnProcessor()(copy.deepcopy(attn).double(), hidden.double(), text.double(),
+                                               tuple(t.double() for t in tables), mask)
+    for mine, native, reference in zip(ours, theirs, exact):
+        error, native_error = ((x.double() - reference).abs().max() for x in (mine, native))
+        assert error <= 2 * native_error + 1e-6 * reference.abs().max(), (error, native_error)
+    per_query = keys[:, None, None].expand(batch, 1, n_image + N_TEXT, n_image + N_TEXT)
+    with pytest.raises(ValueError, match="SparsectxJoyImagePlusAttnProcessor takes a key mask"):
+        processors.SparsectxJoyImagePlusAttnProcessor()(attn, hidden, text, tables, per_query)
 
 
 def test_a_forward_building_its_tables_otherwise_is_refused():
