@@ -815,7 +815,8 @@ def _items_layout(call: dict, model: Optional[torch.nn.Module]) -> Optional[_Lay
 _LAYOUTS = {**{family: functools.partial(_ids_layout, target_plane=plane) for family, plane in TARGET_PLANES.items()},
             QWEN: functools.partial(_image_layout, target_first=True),
             FLUX3: _cond_layout, QWEN21: functools.partial(_image_layout, target_first=False),
-            JOYPLUS: functools.partial(_image_layout, target_first=True, arg="shape_list"), JOYEDIT: _items_layout}
+            JOYPLUS: functools.partial(_image_layout, target_first=True, arg="shape_list")}
+# (JoyImage-Edit's layout, _items_layout, also reads the model's patch size: reference_layout calls it with the model)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ def kept_rope_rows(transformer: torch.nn.Module, true_shapes: Sequence[tuple], p
     docstring): ``true_shapes`` the ``(t, h, w)`` of each component as in ``shape_list`` (every sample's),
     ``positions_host`` the kept rows of the patch sequence, ``kept_refs`` the kept rows of each reference."""
     true_shapes = [tuple(int(v) for v in shape) for shape in true_shapes]
-    expected = [true_shapes[0], *[(1, 1, int(k)) for k in kept_refs]]
+    expected = compacted_shape_list([true_shapes], kept_refs)[0]
     rows = _component_rows(true_shapes, positions_host)
     starts = [0, *itertools.accumulate(shape[0] for shape in true_shapes)]
     own = functools.partial(getattr(type(transformer), ROPE_METHOD), transformer)
