@@ -132,6 +132,7 @@ if TYPE_CHECKING:  # (imported where used: sparsectx.processors imports diffuser
 # ----------------------------------------------------------------------------------------------------------------
 FLUX2, FLUX, QWEN, FLUX3, QWEN21, LONGCAT, FIBO = "flux2", "flux", "qwen", "flux3", "qwen21", "longcat", "fibo"
 JOYPLUS, JOYEDIT = "joyimage_plus", "joyimage_edit"
+ZIMAGE = "zimage_omni"
 MIN_DIFFUSERS = (0, 39)  # the oldest diffusers release the test suite passes with (setup.py's floor)
 MAX_TESTED_DIFFUSERS = (0, 42)  # the newest release series the suite ran with (README, "Versions")
 SUPPORTED_TRANSFORMERS = {  # diffusers class name -> family
@@ -144,13 +145,14 @@ SUPPORTED_TRANSFORMERS = {  # diffusers class name -> family
     "BriaFiboTransformer2DModel": FIBO,
     "JoyImageEditPlusTransformer3DModel": JOYPLUS,
     "JoyImageEditTransformer3DModel": JOYEDIT,
+    "ZImageTransformer2DModel": ZIMAGE,
 }
 SUPPORTED_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinKVPipeline", "Flux2KleinInpaintPipeline",
                        "FluxKontextPipeline", "FluxKontextInpaintPipeline", "QwenImageEditPipeline",
                        "QwenImageEditPlusPipeline", "QwenImageEditInpaintPipeline", "Flux3ModularPipeline",
                        "Flux3DistilledModularPipeline", "QwenImage21Pipeline", "LongCatImageEditPipeline",
                        "BriaFiboEditPipeline", "JoyImageEditPlusPipeline",
-                       "JoyImageEditPipeline")
+                       "JoyImageEditPipeline", "ZImageOmniPipeline")
 NATIVE, SPARSECTX = "native", "sparsectx"  # enable(attention=...): diffusers' own attention or sparsectx's kernel
 ATTENTION_CHOICES = (NATIVE, SPARSECTX)
 DROP_TRAINING_ATTR = "_sparsectx_drop_training"  # set by sparsectx.training.enable_drop_training
@@ -180,40 +182,46 @@ _BATCH_ARGS = {
            "guidance"),
     JOYPLUS: ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep", "shape_list"),
     JOYEDIT: ("hidden_states", "encoder_hidden_states", "timestep"),
+    # (Z-Image takes per-sample lists; its hidden_states is sparsectx's own: the patch rows, _zimage_rows)
+    ZIMAGE: ("hidden_states", "x", "t", "cap_feats", "siglip_feats", "image_noise_mask"),
 }
 # per family: the forward arguments the layout is read from (a forward without them can not be patched)
 _LAYOUT_ARGS = {FLUX2: ("hidden_states", "img_ids"), FLUX: ("hidden_states", "img_ids"),
                 QWEN: ("hidden_states", "img_shapes"), FLUX3: ("image_cond_hidden_states", "image_cond_ids"),
                 QWEN21: ("hidden_states", "img_shapes", "img_mask"), LONGCAT: ("hidden_states", "img_ids"),
                 FIBO: ("hidden_states", "img_ids"), JOYPLUS: ("hidden_states", "shape_list"),
-                JOYEDIT: ("hidden_states",)}
+                JOYEDIT: ("hidden_states",), ZIMAGE: ("x", "cap_feats")}
 # per family: the forward argument holding the reference rows and the one holding their position ids. FLUX.3 takes
 # its references as an input of their own (they produce no output rows); the others append them to the image
 # sequence, after the target (Qwen-Image 2.1: before it; Qwen-Image has no ids: its layout comes from img_shapes,
 # JoyImage-Edit-Plus's from shape_list, its rows patches [B, N, C, pt, ph, pw]; JoyImage-Edit's from its latents'
-# items [B, items, C, T, H, W], the references first and the target last, patchified inside its forward)
+# items [B, items, C, T, H, W], the references first and the target last, patchified inside its forward; Z-Image
+# Omni's from its per-sample image lists x, their patch rows made by sparsectx as hidden_states, _zimage_rows)
 _REFERENCE_ARGS = {FLUX2: ("hidden_states", "img_ids"), FLUX: ("hidden_states", "img_ids"),
                    QWEN: ("hidden_states", "img_ids"), FLUX3: ("image_cond_hidden_states", "image_cond_ids"),
                    QWEN21: ("hidden_states", "img_ids"), LONGCAT: ("hidden_states", "img_ids"),
                    FIBO: ("hidden_states", "img_ids"), JOYPLUS: ("hidden_states", "img_ids"),
-                   JOYEDIT: ("hidden_states", "img_ids")}
+                   JOYEDIT: ("hidden_states", "img_ids"), ZIMAGE: ("hidden_states", "img_ids")}
 # (LongCat-Image's forward takes none: the per-call settings given to its pipeline's joint_attention_kwargs, which
 # the pipeline does not hand on, reach the patch through the enabled pipeline's call; JoyImage-Edit-Plus's pipeline
 # and forward take none, nor JoyImage-Edit's: an enabled pipeline takes attention_kwargs={"sparsectx": ...} for them,
 # _takes_keyword)
 _ATTN_KWARGS_ARG = {FLUX2: "joint_attention_kwargs", FLUX: "joint_attention_kwargs", QWEN: "attention_kwargs",
                     FLUX3: "attention_kwargs", QWEN21: "attention_kwargs", LONGCAT: "joint_attention_kwargs",
-                    FIBO: "joint_attention_kwargs", JOYPLUS: "attention_kwargs", JOYEDIT: "attention_kwargs"}
+                    FIBO: "joint_attention_kwargs", JOYPLUS: "attention_kwargs", JOYEDIT: "attention_kwargs",
+                    ZIMAGE: "joint_attention_kwargs"}
 # the pipelines' keyword that reaches it (FLUX.2's pipelines take attention_kwargs; their modular blocks, as every
 # pipeline whose __call__ takes **kwargs, the transformer's keyword), for messages about a bare transformer's call
 _PIPELINE_ATTN_KWARGS_ARG = {FLUX2: "attention_kwargs", FLUX: "joint_attention_kwargs", QWEN: "attention_kwargs",
                              FLUX3: "attention_kwargs", QWEN21: "attention_kwargs",
                              LONGCAT: "joint_attention_kwargs", FIBO: "joint_attention_kwargs",
-                             JOYPLUS: "attention_kwargs", JOYEDIT: "attention_kwargs"}
+                             JOYPLUS: "attention_kwargs", JOYEDIT: "attention_kwargs",
+                             ZIMAGE: "joint_attention_kwargs"}
 _ATTN_KWARGS_NAMES = ("attention_kwargs", "joint_attention_kwargs")
 # families whose forwards look for the pipeline call they run in even outside an enabled one: LongCat (per-call
-# settings it would drop), Bria FIBO and JoyImage-Edit-Plus (their pipelines' guidance batch, _BATCHED_GUIDANCE)
-_FAMILIES_WALKING_THE_STACK = (LONGCAT, FIBO, JOYPLUS)
+# settings it would drop; Z-Image's too where its forward takes no joint_attention_kwargs, diffusers < 0.42), Bria
+# FIBO, JoyImage-Edit-Plus and Z-Image Omni (their pipelines' guidance batch, _BATCHED_GUIDANCE)
+_FAMILIES_WALKING_THE_STACK = (LONGCAT, FIBO, JOYPLUS, ZIMAGE)
 _UNSUPPORTED_ARGS = ("controlnet_block_samples", "controlnet_single_block_samples")
 
 Budget = Optional[Union[int, float, Sequence[Union[int, float]], Sequence[Sequence[Union[int, float]]], Callable]]
@@ -812,10 +820,59 @@ def _items_layout(call: dict, model: Optional[torch.nn.Module]) -> Optional[_Lay
                    {"ref_shapes": [shape] * (items - 1)}, target_host, ref_host)
 
 
+def _zimage_tensors(value) -> list:
+    """The tensors of Z-Image's nested per-sample lists (``x``, ``cap_feats``), in order (``None`` entries left out)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _zimage_tensors(item)]
+    return []
+
+
+def _zimage_patches(call: dict) -> tuple:
+    """Z-Image's ``(patch_size, f_patch_size)`` of the call (its forward's defaults: 2 and 1)."""
+    return call.get("patch_size", 2), call.get("f_patch_size", 1)
+
+
+def _zimage_grids(call: dict) -> Optional[list]:
+    """Z-Image Omni: each sample's images as token grids (``zimage.image_grids``: ``ValueError`` naming ``x`` for a
+    missing image); None for a call without references (basic mode, or one image per sample)."""
+    from .zimage import image_grids, is_omni
+
+    x = call.get("x")
+    if not is_omni(x) or all(len(images) < 2 for images in x):
+        return None
+    return image_grids(x, *_zimage_patches(call))
+
+
+def _zimage_layout(call: dict) -> Optional[_Layout]:
+    """Z-Image Omni: ``x[b] = [reference, ..., target]``, each image's patches in ``(F, H, W)`` order; the layout's
+    positions index ``hidden_states``, the images' patch rows one after another (``zimage.patch_rows``, without the
+    model's pad rows). Every sample must have images of the same grids (``_SampleLayoutsDiffer``)."""
+    grids = _zimage_grids(call)
+    if grids is None:
+        return None
+    first = grids[0]
+    differing = [b for b, sample in enumerate(grids) if sample != first]
+    if differing:
+        raise _SampleLayoutsDiffer(
+            f"x's images differ between samples (sample {differing[0]}: token grids {grids[differing[0]]}, sample 0: "
+            f"{first}): sparsectx selects reference tokens on one layout for the batch (the same number of "
+            "references, of the same sizes, in every sample); run samples with other references as their own batch",
+            [[math.prod(grid) for grid in sample[:-1]] for sample in grids])
+    lengths = [math.prod(grid) for grid in first]
+    n_refs = sum(lengths[:-1])
+    ref_host, target_host = torch.arange(n_refs), torch.arange(n_refs, n_refs + lengths[-1])
+    device = call["hidden_states"].device
+    f, h, w = first[-1]
+    return _Layout(target_host.to(device), ref_host.to(device), lengths[:-1], None, (f * h, w),
+                   {"ref_shapes": [(f * h, w) for f, h, w in first[:-1]]}, target_host, ref_host)
+
+
 _LAYOUTS = {**{family: functools.partial(_ids_layout, target_plane=plane) for family, plane in TARGET_PLANES.items()},
             QWEN: functools.partial(_image_layout, target_first=True),
             FLUX3: _cond_layout, QWEN21: functools.partial(_image_layout, target_first=False),
-            JOYPLUS: functools.partial(_image_layout, target_first=True, arg="shape_list")}
+            JOYPLUS: functools.partial(_image_layout, target_first=True, arg="shape_list"), ZIMAGE: _zimage_layout}
 # (JoyImage-Edit's layout, _items_layout, also reads the model's patch size: reference_layout calls it with the model)
 
 
@@ -980,6 +1037,48 @@ class _Qwen21QKProbe(_QKProbeProcessor):
                      None if key_valid is None else key_valid[:, text])
 
 
+class _ZImageQKProbe(_QKProbeProcessor):
+    """Z-Image Omni's first main layer, over each sample's ``[caption, images, siglip]`` (its noise refiner before it
+    attends within the images alone: the first attention where the caption sees the references). Its rows differ
+    per sample (captions of their own lengths): ``rows`` holds each kind's rows per sample, ``[B, n]``, and the
+    caption's real tokens (not its pad rows) as ``text_mask``."""
+
+    def __init__(self, layout: _Layout, rows: tuple, text_mask: torch.Tensor):
+        super().__init__(layout)
+        self.rows, self.mask = rows, text_mask
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
+        from .zimage import probe_qk
+
+        device = hidden_states.device
+        self._record(*probe_qk(attn, hidden_states, freqs_cis, *(rows.to(device) for rows in self.rows)),
+                     self.mask)
+
+
+def _zimage_probe(layout: _Layout, call: dict) -> _ZImageQKProbe:
+    """The probe of a Z-Image Omni call: each sample's caption rows (its segments' real tokens, each segment padded
+    to ``SEQ_MULTI_OF`` by the model), then its target and reference rows in its joint sequence."""
+    from .zimage import padded_length, padded_positions
+
+    grids = _zimage_grids(call)[0]
+    texts, offsets = [], []
+    for segments in call["cap_feats"]:
+        rows, start = [], 0
+        for segment in segments:
+            rows.append(torch.arange(start, start + len(segment)))
+            start += padded_length(len(segment))
+        texts.append(torch.cat(rows))
+        offsets.append(start)
+    n_text = max(len(rows) for rows in texts)
+    text = torch.zeros((len(texts), n_text), dtype=torch.long)
+    text_mask = torch.zeros((len(texts), n_text), dtype=torch.bool)
+    for b, rows in enumerate(texts):
+        text[b, :len(rows)], text_mask[b, :len(rows)] = rows, True
+    offsets = torch.tensor(offsets)[:, None]
+    target, refs = (offsets + padded_positions(grids, host)[None] for host in (layout.target_host, layout.ref_host))
+    return _ZImageQKProbe(layout, (text, target, refs), text_mask)
+
+
 def _probe_processor(family: str, layout: _Layout, call: dict) -> _QKProbeProcessor:
     """The probe processor of a family (FLUX, LongCat, Bria FIBO: with the projection helper diffusers' own processor
     calls)."""
@@ -989,6 +1088,8 @@ def _probe_processor(family: str, layout: _Layout, call: dict) -> _QKProbeProces
         return _JoyImagePlusQKProbe(layout)
     if family == JOYEDIT:
         return _JoyImageQKProbe(layout)
+    if family == ZIMAGE:
+        return _zimage_probe(layout, call)
     if family == QWEN21:
         from .qwen21 import joint_layout
 
@@ -1066,10 +1167,10 @@ def _probe_qk(transformer: torch.nn.Module, family: str, forward: Callable, call
     ``fullgraph=True``, and the probe's full-length shapes would cost a recompile for one call."""
     from .processors import fast_rope_tables  # deferred: imports diffusers' model modules
 
-    block = {FLUX3: "single_transformer_blocks", JOYPLUS: "double_blocks", JOYEDIT: "double_blocks"}.get(
-        family, "transformer_blocks")
+    block = {FLUX3: "single_transformer_blocks", JOYPLUS: "double_blocks", JOYEDIT: "double_blocks",
+             ZIMAGE: "layers"}.get(family, "transformer_blocks")
     block = getattr(transformer, block)[0]
-    attn = block.attn
+    attn = block.attention if family == ZIMAGE else block.attn
     recorder = _probe_processor(family, layout, call)
     original = attn.processor
     attn.set_processor(recorder)
@@ -1615,7 +1716,7 @@ class _SparsePatch(ForwardPatch):
 
     host_frames_skipped = False  # whether dynamo was told to leave the group loop's frames to the interpreter
     _CALL_STATE = dict(pipeline_calls=0, call_seed=None, pipeline_kwarg=None, call_overrides=None,
-                       call_overrides_arrived=False, call_pipeline=None, reported=None)
+                       call_overrides_arrived=False, call_pipeline=None, reported=None, zimage_memo=None)
 
     def __init__(self, transformer: torch.nn.Module, family: str, settings: _Settings):
         super().__init__(transformer, family)
@@ -1652,6 +1753,9 @@ class _SparsePatch(ForwardPatch):
         # groups) -> (that step's plan, None or each group's own cache): its cached steps attend to the tokens it
         # kept, whatever plans came since (another selection, enable again, new prompt tensors)
         self.extracted = weakref.WeakKeyDictionary()
+        # Z-Image: the latest call's image tensors (weak references, their versions) and the patch rows made of them
+        # (_zimage_rows), the same tensor again for the same inputs (a checkpoint's recomputation finds its forward)
+        self.zimage_memo: Optional[tuple] = None
 
     @property
     def cache(self) -> Optional[_Plan]:
@@ -1775,6 +1879,8 @@ class _SparsePatch(ForwardPatch):
             _skip_under_dynamo(_SparsePatch._merge)
             _SparsePatch.host_frames_skipped = True
         call = self.bind(args, kwargs)
+        if self.family == ZIMAGE:
+            call["hidden_states"] = self._zimage_rows(call)
         self.reported = None  # (a call that ended inside an enabled call is reported until the next forward)
         # the innermost pipeline call on this forward's stack (a walk of a few frames; inside an enabled call, on
         # LongCat for _pop_overrides' check, on Bria FIBO for its batched guidance): a forward of the running enabled
@@ -1796,6 +1902,8 @@ class _SparsePatch(ForwardPatch):
             return self._run_plan(call, plan, packable)
 
     def _run_plan(self, call: dict, plan: _Plan, packable: bool):
+        if self.family == ZIMAGE:
+            return self._run_zimage(call, plan) if plan.groups else self._call_original(**call)
         if self.family == QWEN21 and call.get("kv_cache") is not None:
             if call.get("kv_cache_mode") == KV_CACHED:
                 return self._run_qwen21_cached(call, plan)
@@ -1819,7 +1927,7 @@ class _SparsePatch(ForwardPatch):
         where the plan has no group (no reference tokens: text-to-image, a KV-cached step; or every token kept)."""
         if not plan.groups:
             with self._rope_tables():
-                return self.original_forward(**call)
+                return self._call_original(**call)
         return self._merge(call, plan, self._group_results(call, plan, caches))
 
     def _group_results(self, call: dict, plan: _Plan, caches: Optional[list] = None) -> list:
@@ -1829,6 +1937,34 @@ class _SparsePatch(ForwardPatch):
             plan.hooks_checked = True
         return [self._run_group(call if caches is None else {**call, "kv_cache": cache}, group)
                 for group, cache in zip(plan.groups, caches or itertools.repeat(None))]
+
+    def _zimage_rows(self, call: dict) -> torch.Tensor:
+        """Z-Image's stand-in ``hidden_states``: the patch rows of each sample's images (``zimage.patch_rows``),
+        which the layout's positions index, the selectors read and the later steps are checked against; ``[B, 0]``
+        for a call without references or whose samples' images differ (no layout: the layout says why). The same
+        tensor for the same image tensors (their versions unchanged) as the latest call's."""
+        x = call.get("x")
+        tensors = _zimage_tensors(x)
+        versions = tuple(None if t.is_inference() else t._version for t in tensors)
+        memo = self.zimage_memo
+        if memo is not None and len(memo[0]) == len(tensors) and memo[1] == versions and \
+                all(ref() is t for ref, t in zip(memo[0], tensors)):
+            return memo[2]
+        grids = _zimage_grids(call)
+        if grids is None or any(sample != grids[0] for sample in grids):
+            device = tensors[0].device if tensors else None
+            return torch.empty((len(x) if isinstance(x, (list, tuple)) else 0, 0), device=device)
+        from .zimage import patch_rows
+
+        rows = patch_rows(x, *_zimage_patches(call))
+        self.zimage_memo = (tuple(map(weakref.ref, tensors)), versions, rows)
+        return rows
+
+    def _call_original(self, **call):
+        """The original forward on ``call`` (Z-Image: without sparsectx's stand-in ``hidden_states``)."""
+        if self.family == ZIMAGE:
+            call = {name: value for name, value in call.items() if name != "hidden_states"}
+        return self.original_forward(**call)
 
     def _reference_rows(self, call: dict) -> torch.Tensor:
         """``[B, S, ...]``: the rows of the image sequence the layout's positions index (the reference argument;
@@ -1844,6 +1980,17 @@ class _SparsePatch(ForwardPatch):
         prompt's padding on Bria FIBO): what the probe reads of the prompt. (Selections are kept per ``PROMPT_ARGS``
         tensors only: a mask made anew at every step, a new view of the same one, must not select again.)"""
         return (*map(call.get, PROMPT_ARGS), self._attention_mask(call))
+
+    def _same_prompts(self, call: dict) -> bool:
+        """Whether every sample of the call has the first sample's prompt (``_prompt_values``; Z-Image: the same
+        caption segments, ``cap_feats[b]``)."""
+        if self.family == ZIMAGE:
+            samples = call.get("cap_feats") or []
+            return all(len(segments) == len(samples[0]) and all(
+                torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and torch.equal(a, b)
+                for a, b in zip(segments, samples[0])) for segments in samples[1:])
+        return all(_same_rows(value) for value in self._prompt_values(call)
+                   if isinstance(value, torch.Tensor) or _tensor_sequence(value))
 
     def _attention_mask(self, call: dict) -> Optional[torch.Tensor]:
         """The key mask in the call's attention kwargs (``attention_mask``: Bria FIBO's prompt padding), or None."""
@@ -1872,11 +2019,11 @@ class _SparsePatch(ForwardPatch):
         yield
 
     @_eager_under_compile  # host work once per call (layout, selection, groups): eager beside a compiled model
-    def _plan(self, call: dict, overrides: dict, in_call: bool, guidance_pairs: bool = False) -> tuple:
+    def _plan(self, call: dict, overrides: dict, in_call: bool, guidance_pairs: Optional[str] = None) -> tuple:
         """``(plan, packable)``: the cached plan of this step's inputs, or a new one (layout, selection, groups);
         ``packable``: the plan has a packing and this step's samples share their modulation (timestep, guidance).
-        ``in_call``: the forward is one of the running enabled pipeline call's; ``guidance_pairs``: its batch holds
-        guidance's unconditional samples, then its conditional ones (``_guidance_batched``)."""
+        ``in_call``: the forward is one of the running enabled pipeline call's; ``guidance_pairs``: None, or its batch
+        holds guidance's two branches, the conditional samples in that half (``_guidance_batched``)."""
         key, recomputation = self._forward_key(call, self._plan_key(call, overrides, in_call, guidance_pairs))
         plan = self.plans.get(key)
         if plan is None and recomputation and key[-2] is not None:
@@ -1905,9 +2052,9 @@ class _SparsePatch(ForwardPatch):
         try:
             layout, unverified = (None, None) if cached_step else self._known_layout(call)
         except _SampleLayoutsDiffer as differ:
-            # JoyImage-Edit-Plus runs samples of other references right (each its own RoPE, its padding masked):
-            # a budget keeping every token runs its original forward on them, as on any batch
-            if self.family != JOYPLUS or not _keeps_every_token(
+            # JoyImage-Edit-Plus and Z-Image Omni run samples of other references right (each its own RoPE, its
+            # padding masked): a budget keeping every token runs their original forward on them, as on any batch
+            if self.family not in (JOYPLUS, ZIMAGE) or not _keeps_every_token(
                     overrides.get("budget", self.settings.budget), call["hidden_states"].shape[0], differ.lengths):
                 raise
             layout, unverified = None, None
@@ -1981,14 +2128,14 @@ class _SparsePatch(ForwardPatch):
         return (torch.is_inference_mode_enabled(), *((tuple(t.shape), t.dtype, t.device) for t in ids))
 
     def _selection_plan(self, call: dict, layout: _Layout, overrides: dict, unverified: Optional[torch.Tensor],
-                        guidance_pairs: bool) -> Optional[_Plan]:
+                        guidance_pairs: Optional[str]) -> Optional[_Plan]:
         """A new selection's plan on ``layout``. With ``unverified`` (``_known_layout``): None when the call's ids
         differ from the layout's, read with the keep mask, or before an error is raised on that layout (which is
         then not the call's). ``guidance_pairs``: ``_select_guidance_pairs``."""
         try:
             self._check_supported(call, layout)
             if guidance_pairs:
-                keep, nan = self._select_guidance_pairs(call, layout, overrides)
+                keep, nan = self._select_guidance_pairs(call, layout, overrides, guidance_pairs)
             else:
                 keep, nan = self._select(call, layout, overrides)
             groups, packing = self._groups(call, layout, keep, unverified, nan)
@@ -2000,7 +2147,7 @@ class _SparsePatch(ForwardPatch):
             raise
         return self._new_plan(call, layout, keep, groups, packing)
 
-    def _plan_key(self, call: dict, overrides: dict, in_call: bool, guidance_pairs: bool = False) -> tuple:
+    def _plan_key(self, call: dict, overrides: dict, in_call: bool, guidance_pairs: Optional[str] = None) -> tuple:
         """Host-side facts a plan depends on: the call epoch (first), inference mode, the input shapes and Qwen's image
         shapes (JoyImage's shape_list), the KV mode, whether the batch holds guidance pairs, the selection settings
         (budget, selector, signals) in effect, (second to last) a training forward's number, and (last) outside an
@@ -2017,6 +2164,7 @@ class _SparsePatch(ForwardPatch):
                 tuple(call["hidden_states"].shape), None if ids is None else tuple(ids.shape),
                 None if references is None else tuple(references.shape),
                 repr(call.get("img_shapes")), repr(call.get("shape_list")), call.get("kv_cache_mode"),
+                repr(_zimage_grids(call)) if self.family == ZIMAGE else None,
                 guidance_pairs,
                 _budget_key(overrides.get("budget", self.settings.budget)),
                 overrides.get("selector_key", _selector_key(overrides.get("selector", self.settings.selector))),
@@ -2030,7 +2178,8 @@ class _SparsePatch(ForwardPatch):
                 # tensors (embedding, Qwen's text mask, FLUX.1's pooled projection: the probe reads each) key the
                 # selection
                 None if in_call else
-                tuple(None if value is None else _object_key(value) for value in map(call.get, PROMPT_ARGS)))
+                tuple(None if value is None else _object_key(value) for value in map(call.get, PROMPT_ARGS)) +
+                tuple(map(_object_key, _zimage_tensors(call.get("cap_feats")))))
 
     def _forward_key(self, call: dict, key: tuple) -> tuple:
         """``(plan key, recomputation)`` of this forward: during a backward pass (a checkpoint's recomputation) the key
@@ -2100,7 +2249,8 @@ class _SparsePatch(ForwardPatch):
         name = _ATTN_KWARGS_ARG[self.family]
         attn_kwargs = call.get(name)
         if not attn_kwargs or CALL_KWARG not in attn_kwargs:
-            if self.family == LONGCAT and not in_call:
+            if not in_call and (self.family == LONGCAT or (self.family == ZIMAGE and name not in
+                                                              self.signature.parameters)):
                 self._refuse_settings_no_forward_gets(*caller)
             if self.call_overrides is None or self.call_overrides_arrived or not in_call:
                 return {}
@@ -2118,7 +2268,8 @@ class _SparsePatch(ForwardPatch):
         return _overrides_place(pipeline_kwarg, _ATTN_KWARGS_ARG[self.family])
 
     def _refuse_settings_no_forward_gets(self, owner, frame) -> None:
-        """LongCat-Image with its transformer enabled alone: per-call settings given to the running pipeline's
+        """LongCat-Image (and Z-Image Omni where its forward takes no ``joint_attention_kwargs``, diffusers < 0.42)
+        with its transformer enabled alone: per-call settings given to the running pipeline's
         (``owner``, its ``__call__`` at ``frame``) ``joint_attention_kwargs`` reach no forward (the pipeline hands
         that keyword to nobody, and only an enabled pipeline's call takes them): ``ValueError`` rather than a call
         that silently runs ``enable``'s settings."""
@@ -2259,25 +2410,27 @@ class _SparsePatch(ForwardPatch):
         except _SamplesDiffer:
             return select(False)
 
-    def _select_guidance_pairs(self, call: dict, layout: _Layout, overrides: dict) -> tuple:
-        """``_select`` of a batch holding guidance's unconditional samples, then as many conditional ones (Bria FIBO
-        Edit's call with ``guidance_scale > 1``): the conditional half is selected (on its prompts, one request per
-        sample: per-request budgets and per-image generators count the requests) and each unconditional sample
-        keeps what its conditional partner keeps, so both branches of guidance see the same reference tokens."""
+    def _select_guidance_pairs(self, call: dict, layout: _Layout, overrides: dict, conditional: str) -> tuple:
+        """``_select`` of a batch holding guidance's two branches, as many samples each, the conditional ones in
+        the ``conditional`` half (``"second"``: Bria FIBO Edit's call with ``guidance_scale > 1``; ``"first"``:
+        Z-Image Omni's): the conditional half is selected (on its prompts, one request per sample: per-request
+        budgets and per-image generators count the requests) and each unconditional sample keeps what its
+        conditional partner keeps, so both branches of guidance see the same reference tokens."""
         batch = call["hidden_states"].shape[0]
         if batch % 2:  # (not the pipeline's guidance batch)
             return self._select(call, layout, overrides)
         half = batch // 2
+        rows = slice(half, batch) if conditional == "second" else slice(0, half)
         # a per-request budget or a per-sample signal given for the forward's batch (both branches): the
         # conditional half's
         budget = overrides.get("budget", self.settings.budget)
         if _is_per_request(budget) and len(budget) == batch:
-            overrides = {**overrides, "budget": budget[half:]}
+            overrides = {**overrides, "budget": budget[rows]}
         signals = overrides.get("signals", self.settings.signals)
         if any(isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == batch for v in signals.values()):
-            overrides = {**overrides, "signals": {name: v[half:] if isinstance(v, torch.Tensor) and v.ndim and
+            overrides = {**overrides, "signals": {name: v[rows] if isinstance(v, torch.Tensor) and v.ndim and
                                                   v.shape[0] == batch else v for name, v in signals.items()}}
-        keep, nan = self._select(self._slice_batch(call, list(range(half, batch))), layout, overrides)
+        keep, nan = self._select(self._slice_batch(call, list(range(batch))[rows]), layout, overrides)
         return torch.cat([keep, keep]), nan
 
     def _attention_probe(self, call: dict, layout: _Layout, shared: bool) -> Callable:
@@ -2286,11 +2439,10 @@ class _SparsePatch(ForwardPatch):
         selector sees)."""
 
         def probe(reference_latents: torch.Tensor, context) -> dict:
-            if shared and not all(_same_rows(value) for value in self._prompt_values(call)
-                                  if isinstance(value, torch.Tensor) or _tensor_sequence(value)):
+            if shared and not self._same_prompts(call):
                 raise _SamplesDiffer  # the probe reads the prompt: each sample is selected on its own
             probed = self._slice_batch(call, [0]) if shared else call
-            return _probe_tensors(_probe_qk(self.transformer, self.family, self.original_forward, probed, layout))
+            return _probe_tensors(_probe_qk(self.transformer, self.family, self._call_original, probed, layout))
 
         return probe
 
@@ -2448,6 +2600,28 @@ class _SparsePatch(ForwardPatch):
         from .processors import fast_rope_tables  # deferred: imports diffusers' model modules
 
         return fast_rope_tables(self.transformer, memo)
+
+    def _run_zimage(self, call: dict, plan: _Plan):
+        """Z-Image Omni: one forward for the whole batch, each sample on its kept rows (its forward runs every sample
+        as a sequence of its own, padded to the longest and masked: samples keeping different tokens need no group
+        forwards of their own). The rows each sample keeps of the model's padded image sequence
+        (``zimage.kept_x_rows``) are made at the plan's first forward and reused by its later steps."""
+        from .zimage import compacted, kept_x_rows
+
+        memo = plan.groups[0].joints
+        rows = memo.get("zimage")
+        if rows is None:
+            grids = _zimage_grids(call)[0]
+            batch = call["hidden_states"].shape[0]
+            rows = [None] * batch
+            for group in plan.groups:
+                kept = kept_x_rows(grids, group.positions_host)
+                kept = (kept, _device_values(kept, None, call["hidden_states"].device))
+                for b in range(batch) if group.rows is None else group.rows:
+                    rows[b] = kept
+            memo["zimage"] = rows
+        with compacted(self.transformer, rows):
+            return self._call_original(**call)
 
     def _run_flux3(self, call: dict, group: _Group):
         """FLUX.3: the kept rows of its references and of their one ``[N, 4]`` id table; a group keeping no reference
@@ -2800,28 +2974,32 @@ def _takes_keyword(base: type, name: str) -> bool:
     return True
 
 
-# pipelines that run guidance's two branches as one batch, unconditional samples first, and the argument of their
-# __call__ (and its threshold) that turns guidance on: the forwards of their calls select on the conditional
-# samples, whose selection the unconditional ones share (whether the pipeline, its transformer alone, or a pipeline
-# sharing it is enabled); other pipelines call the transformer once per branch, and both share the call's selection
-_BATCHED_GUIDANCE = {"BriaFiboEditPipeline": ("guidance_scale", 1.0),
-                     "JoyImageEditPlusPipeline": ("guidance_scale", 1.0)}
+# pipelines that run guidance's two branches as one batch, the variable of their __call__ (and its threshold) that
+# turns guidance on for the running step, and which half of the batch holds the conditional samples: the forwards of
+# their calls select on the conditional samples, whose selection the unconditional ones share (whether the
+# pipeline, its transformer alone, or a pipeline sharing it is enabled); other pipelines call the transformer once
+# per branch, and both share the call's selection. (Z-Image Omni's apply_cfg: a local of its denoising loop, off
+# at the steps its cfg_truncation runs without guidance, whose batch holds the conditional samples alone)
+_BATCHED_GUIDANCE = {"BriaFiboEditPipeline": ("guidance_scale", 1.0, "second"),
+                     "JoyImageEditPlusPipeline": ("guidance_scale", 1.0, "second"),
+                     "ZImageOmniPipeline": ("apply_cfg", 0, "first")}
 
 
-def _guidance_batched(pipeline, frame) -> bool:
-    """Whether the pipeline call running at ``frame`` (``_innermost_pipeline_call``) batches guidance's branches
-    (``_BATCHED_GUIDANCE``): its guidance argument, a number or a one-element tensor, above the threshold."""
+def _guidance_batched(pipeline, frame) -> Optional[str]:
+    """Which half of the batch holds the conditional samples (``"first"`` or ``"second"``) where the pipeline call
+    running at ``frame`` (``_innermost_pipeline_call``) batches guidance's branches (``_BATCHED_GUIDANCE``: its
+    variable, a number or a one-element tensor, above the threshold), else None."""
     if pipeline is None:
-        return False
+        return None
     entry = next((_BATCHED_GUIDANCE[c.__name__] for c in type(pipeline).__mro__ if c.__name__ in _BATCHED_GUIDANCE),
                  None)
     if entry is None:
-        return False
-    name, threshold = entry
+        return None
+    name, threshold, conditional = entry
     value = frame.f_locals.get(name)
     if isinstance(value, torch.Tensor):
         value = value.item() if value.numel() == 1 else None
-    return isinstance(value, numbers.Real) and value > threshold
+    return conditional if isinstance(value, numbers.Real) and value > threshold else None
 
 
 def _pipeline_class(base: type) -> type:

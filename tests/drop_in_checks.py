@@ -93,19 +93,29 @@ def check_bf16_dropping_equals_masking(model: torch.nn.Module, kwargs: dict, run
     assert_criterion(dropped, masked(model, keep, kwargs), model, keep, kwargs)
 
 
-def host_reads_of_two_steps(model: torch.nn.Module, kwargs: dict, run: Callable, **settings) -> tuple:
-    """``(plain, first, later)``: the host reads (``count_host_reads`` told the model's and the inputs' tensors) of
-    the unpatched model, of the drop-in's first step (``sparsectx.enable(model, **settings)``) and of a later step of
-    the same call (its timestep halved). Asserts that the later step reused the plan (the first step's inputs give its
-    output again; the later step's output differs)."""
-    device_data = [model, *(v for v in kwargs.values() if isinstance(v, torch.Tensor))]
+def _tensors(value) -> list:
+    """The tensors of ``value``: itself, or those in its (nested) lists and tuples."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _tensors(item)]
+    return []
+
+
+def host_reads_of_two_steps(model: torch.nn.Module, kwargs: dict, run: Callable, timestep: str = "timestep",
+                            **settings) -> tuple:
+    """``(plain, first, later)``: the host reads (``count_host_reads`` told the model's and the inputs' tensors, those
+    in per-sample lists too) of the unpatched model, of the drop-in's first step (``sparsectx.enable(model,
+    **settings)``) and of a later step of the same call (its ``timestep`` argument halved). Asserts that the later step
+    reused the plan (the first step's inputs give its output again; the later step's output differs)."""
+    device_data = [model, *(t for v in kwargs.values() for t in _tensors(v))]
     with count_host_reads(device_data) as plain:
         run(model, kwargs)
     sparsectx.enable(model, **settings)
     with count_host_reads(device_data) as first:
         out_first = run(model, kwargs)
-    later_kwargs = {**kwargs, "timestep": kwargs["timestep"] * 0.5}
-    with count_host_reads([*device_data, later_kwargs["timestep"]]) as later:
+    later_kwargs = {**kwargs, timestep: kwargs[timestep] * 0.5}
+    with count_host_reads([*device_data, later_kwargs[timestep]]) as later:
         out_later = run(model, later_kwargs)
     assert torch.equal(run(model, kwargs), out_first) and not torch.equal(out_later, out_first)
     return plain, first, later

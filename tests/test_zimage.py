@@ -1,0 +1,455 @@
+"""Drop-in Sparse Context for Z-Image Omni (sparsectx.zimage, ZImageTransformer2DModel in omni mode): tiny
+random-weight models built from configs, fp32, CPU, offline. In omni mode the transformer takes per-sample lists:
+each sample's images ``x[b] = [reference, ..., target]`` (latents ``[C, F, H, W]``, sizes of their own), one caption
+segment per image and SigLIP features per reference; it pads each image's patch rows to a multiple of 32 with a pad
+token (attended like any row), runs a noise refiner over the images, then its main layers over ``[caption, images,
+siglip]``, each sample a sequence of its own (padded to the batch's longest, masked)."""
+import contextlib
+import inspect
+import math
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+if not hasattr(diffusers, "ZImageTransformer2DModel"):
+    pytest.skip(f"diffusers {diffusers.__version__} has no Z-Image", allow_module_level=True)
+from diffusers.models.transformers import transformer_z_image as zi  # noqa: E402
+
+import drop_in_checks as checks  # noqa: E402  (tests/, on sys.path by pytest.ini)
+import sparsectx  # noqa: E402
+from sparsectx import integration, zimage  # noqa: E402
+
+CHANNELS, CAP_DIM, SIGLIP_DIM = 4, 24, 20
+# latents [C, F, H, W] of two references of their own sizes and the target (last): token grids 4x3, 3x5 and 4x4
+SHAPES = [(CHANNELS, 1, 8, 6), (CHANNELS, 1, 6, 10), (CHANNELS, 1, 8, 8)]
+GRIDS = [(1, 4, 3), (1, 3, 5), (1, 4, 4)]
+REF_LENGTHS = [12, 15]
+N_REFS = sum(REF_LENGTHS)
+CAPTIONS = (5, 7, 9)  # caption segment lengths (one per image)
+
+
+def _build(seed=0):
+    torch.manual_seed(seed)
+    model = diffusers.ZImageTransformer2DModel(
+        in_channels=CHANNELS, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=CAP_DIM,
+        siglip_feat_dim=SIGLIP_DIM, axes_dims=[4, 6, 6], axes_lens=[256, 64, 64])
+    with torch.no_grad():  # (diffusers initialises some layers to zero: random weights make every path count)
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.3)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _build()
+
+
+@pytest.fixture(autouse=True)
+def _always_disabled(model):
+    yield
+    integration.disable(model)
+
+
+def _inputs(batch=2, seed=1, shared=True, shapes=SHAPES, captions=CAPTIONS):
+    """Forward kwargs in omni mode; ``shared``: every sample has the first one's references and prompt (a pipeline
+    repeats them over its batch)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def refs():
+        return [torch.randn(s, generator=g) for s in shapes[:-1]]
+
+    def caption():
+        return [torch.randn(n, CAP_DIM, generator=g) for n in captions]
+
+    first_refs, first_caption = refs(), caption()
+    x = [[*(first_refs if shared or b == 0 else refs()), torch.randn(shapes[-1], generator=g)] for b in range(batch)]
+    cap = [first_caption if shared or b == 0 else caption() for b in range(batch)]
+    siglip = [[torch.randn(3, 4, SIGLIP_DIM, generator=g) for _ in shapes[:-1]] + [None] for _ in range(batch)]
+    return dict(x=x, t=torch.full((batch,), 0.3), cap_feats=cap, siglip_feats=siglip,
+                image_noise_mask=[[0] * (len(shapes) - 1) + [1] for _ in range(batch)], return_dict=False)
+
+
+def _run(model, kwargs):
+    with torch.no_grad():
+        return torch.stack(model(**kwargs)[0])
+
+
+def _to(kwargs, dtype, device="cpu"):
+    """``kwargs`` (nested lists too) with every tensor on ``device`` and every floating one in ``dtype``."""
+    def cast(value):
+        if isinstance(value, torch.Tensor):
+            return value.to(device, dtype if value.is_floating_point() else value.dtype)
+        if isinstance(value, list):
+            return [cast(v) for v in value]
+        return value
+
+    return {k: cast(v) for k, v in kwargs.items()}
+
+
+def random_selector(latents, context):
+    return torch.rand(latents.shape[:2], generator=context.generator)
+
+
+class _KeysMasked(zi.ZSingleStreamAttnProcessor):
+    """diffusers' Z-Image attention with the dropped reference rows masked out as keys: ``dropped[b]`` the rows of
+    sample b's padded image sequence, which starts at ``offsets[b]`` of the sequence the layer attends over."""
+
+    def __init__(self, dropped, offsets):
+        super().__init__()
+        self.dropped, self.offsets = dropped, offsets
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
+        batch, seq = hidden_states.shape[:2]
+        allowed = torch.ones(batch, seq, dtype=torch.bool) if attention_mask is None else attention_mask.clone()
+        for b in range(batch):
+            allowed[b, self.offsets[b] + self.dropped[b]] = False
+        return super().__call__(attn, hidden_states, encoder_hidden_states, allowed, freqs_cis)
+
+
+@contextlib.contextmanager
+def _keys_masked(model, keep, kwargs):
+    """The unpatched model with the reference tokens ``keep`` drops (bool ``[B, N]``) masked out as keys in its noise
+    refiner and in every main layer (the caption refiner and the SigLIP refiner never see them)."""
+    dropped = [zimage.padded_positions(GRIDS, torch.nonzero(~k.cpu()).flatten()) for k in keep]
+    layers = [(model.noise_refiner, [0] * len(dropped)),
+              (model.layers, zimage.caption_rows(kwargs["cap_feats"]))]
+    originals = [[layer.attention.processor for layer in stack] for stack, _ in layers]
+    for stack, offsets in layers:
+        for layer in stack:
+            layer.attention.set_processor(_KeysMasked(dropped, offsets))
+    try:
+        yield
+    finally:
+        for (stack, _), processors in zip(layers, originals):
+            for layer, processor in zip(stack, processors):
+                layer.attention.set_processor(processor)
+
+
+def _masked(model, keep, kwargs):
+    with _keys_masked(model, keep, kwargs):
+        return _run(model, kwargs)
+
+
+def _assert_flash_criterion(out, masked, model, keep, kwargs):
+    """``out`` is as close to the key-masked model in fp64 as the key-masked model ``masked`` in the same dtype is
+    (at most twice its error, plus fp32 resolution)."""
+    model64 = _build().double()
+    model64.load_state_dict(model.state_dict())
+    exact = _masked(model64, keep.cpu(), _to(kwargs, torch.float64))
+    error, native_error = ((x.cpu().double() - exact).abs().max() for x in (out, masked))
+    assert error <= 2 * native_error + 1e-6 * exact.abs().max(), (error, native_error)
+
+
+def _noise_refiner_rows(model) -> tuple:
+    """(the rows of each forward's noise refiner input, the hook's handle)."""
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append((args[0] if args else kwargs["x"]).shape[1])
+
+    return seen, model.noise_refiner[0].register_forward_pre_hook(record, with_kwargs=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the layout
+# ----------------------------------------------------------------------------------------------------------------
+def test_patch_rows_are_the_rows_the_model_patchifies(model):
+    kwargs = _inputs()
+    rows = zimage.patch_rows(kwargs["x"], 2, 1)
+    own = torch.cat([model._patchify_image(image, 2, 1)[0] for image in kwargs["x"][1]])
+    assert rows.shape == (2, N_REFS + 16, 4 * CHANNELS)
+    assert torch.equal(rows[1], own)
+
+
+def test_the_layout_and_the_padded_rows():
+    kwargs = _inputs()
+    kwargs["hidden_states"] = zimage.patch_rows(kwargs["x"], 2, 1)
+    layout = integration.reference_layout(integration.ZIMAGE, kwargs)
+    assert layout.ref_lengths == REF_LENGTHS and layout.target_host.tolist() == list(range(N_REFS, N_REFS + 16))
+    assert layout.extra["ref_shapes"] == [(4, 3), (3, 5)] and layout.target_shape == (4, 4)
+    # each image's rows padded to 32: the second reference starts at 32, the target at 64
+    assert zimage.padded_positions(GRIDS, torch.tensor([0, 11, 12, 26, 27])).tolist() == [0, 11, 32, 46, 64]
+    kept = zimage.kept_x_rows(GRIDS, torch.tensor([3, 12, *range(N_REFS, N_REFS + 16)]))
+    assert kept.tolist() == [3, *range(12, 32), 32, *range(47, 64), *range(64, 96)]
+
+
+def test_samples_with_other_references_are_refused_unless_every_token_is_kept(model):
+    kwargs = _inputs()
+    kwargs["x"][1] = [kwargs["x"][1][1], kwargs["x"][1][0], kwargs["x"][1][2]]  # the references swapped
+    sparsectx.enable(model, budget=0.5)
+    with pytest.raises(ValueError, match="x's images differ between samples"):
+        _run(model, kwargs)
+    sparsectx.enable(model, budget=1.0)
+    kept = _run(model, kwargs)
+    sparsectx.disable(model)
+    assert torch.equal(kept, _run(model, kwargs))
+
+
+def test_a_missing_image_is_refused_by_name(model):
+    kwargs = _inputs()
+    kwargs["x"][0][1] = None
+    sparsectx.enable(model, budget=0.5)
+    with pytest.raises(ValueError, match=r"x\[0\]\[1\] must be an image's latents"):
+        _run(model, kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# exactness
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("budget", [1.0, 10**6])
+def test_keep_all_is_the_unpatched_forward(model, budget):
+    kwargs = _inputs()
+    sparsectx.enable(model, budget=budget)
+    kept = _run(model, kwargs)
+    sparsectx.disable(model)
+    assert torch.equal(kept, _run(model, kwargs))
+
+
+def test_the_compacted_forward_keeping_every_row_is_diffusers_forward(model):
+    kwargs = _inputs(shared=False)
+    every = torch.arange(N_REFS + 16)
+    rows = [(zimage.kept_x_rows(GRIDS, every),) * 2] * 2
+    with zimage.compacted(model, rows):
+        out = _run(model, kwargs)
+    assert "unpatchify" not in model.__dict__ and "patchify_and_embed_omni" not in model.__dict__
+    assert torch.equal(out, _run(model, kwargs))
+
+
+@pytest.mark.parametrize("selector", [random_selector, "uniform"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_dropping_rows_equals_masking_keys(model, selector, shared):
+    kwargs = _inputs(shared=shared)
+    seen, handle = _noise_refiner_rows(model)
+    try:
+        sparsectx.enable(model, budget=0.5, selector=selector, seed=0)
+        dropped = _run(model, kwargs)
+    finally:
+        handle.remove()
+    keep = sparsectx.last_selection(model).keep
+    assert [[int(part.sum()) for part in k.split(REF_LENGTHS)] for k in keep] == [[6, 8]] * 2
+    # one forward for the batch, each sample on its kept rows and every pad row (2 x 32 reference rows, less the
+    # dropped 13), padded to the batch's longest
+    assert seen == [96 - 13]
+    assert torch.unique(keep, dim=0).shape[0] == (2 if selector is random_selector and not shared else 1)
+    sparsectx.disable(model)
+    masked = _masked(model, keep, kwargs)
+    _assert_flash_criterion(dropped, masked, model, keep, kwargs)
+    assert (dropped - _run(model, kwargs)).abs().max() > 1e-3  # dropping changed it
+
+
+def test_mixed_budgets_equal_each_sample_alone(model):
+    """Samples keeping different numbers of tokens run as one batch (padded to the longer, masked): in fp64, each
+    sample's output is its forward alone."""
+    model64 = _build().double()
+    kwargs = _to(_inputs(shared=False), torch.float64)
+    sparsectx.enable(model64, budget=[[0.25, 0.5], [1.0, 0.2]], selector=random_selector, seed=0)
+    both = _run(model64, kwargs)
+    keep = sparsectx.last_selection(model64).keep
+    assert [[int(part.sum()) for part in k.split(REF_LENGTHS)] for k in keep] == [[3, 8], [12, 3]]
+    for b in range(2):
+        alone = {k: v[b:b + 1] if isinstance(v, (list, torch.Tensor)) else v for k, v in kwargs.items()}
+        sparsectx.enable(model64, budget=None, selector=lambda latents, context, k=keep[b:b + 1]: k.clone())
+        torch.testing.assert_close(_run(model64, alone), both[b:b + 1], rtol=0, atol=1e-12)
+    sparsectx.disable(model64)
+
+
+def test_later_steps_reuse_the_selection_and_read_the_host_once(model):
+    def step(model, kwargs):  # (a new target latent at each step, as in a pipeline)
+        return _run(model, {**kwargs, "x": [[*images[:-1], images[-1] * 1] for images in kwargs["x"]]})
+
+    plain, first, later = checks.host_reads_of_two_steps(model, _inputs(), step, timestep="t", budget=0.5,
+                                                         selector=random_selector, seed=0)
+    assert later.count == plain.count + 1, later.ops  # the check that its references are the plan's
+    assert first.count == plain.count + 1, first.ops  # the keep mask (the layout is the latents' shapes)
+
+
+def test_a_new_reference_selects_again(model):
+    kwargs = _inputs()
+    sparsectx.enable(model, budget=0.5, selector=random_selector)
+    _run(model, kwargs)
+    first = sparsectx.last_selection(model).keep
+    kwargs["x"] = [[image + 1 if j == 0 else image for j, image in enumerate(images)] for images in kwargs["x"]]
+    _run(model, kwargs)
+    assert not torch.equal(sparsectx.last_selection(model).keep, first)
+
+
+def test_a_call_without_references_runs_the_original_forward(model):
+    kwargs = _inputs()
+    target_only = {**kwargs, "x": [[images[-1]] for images in kwargs["x"]],
+                   "cap_feats": [[segments[-1]] for segments in kwargs["cap_feats"]],
+                   "siglip_feats": [None, None], "image_noise_mask": [[1], [1]]}
+    basic = {"x": [images[-1] for images in kwargs["x"]], "t": kwargs["t"],
+             "cap_feats": [segments[-1] for segments in kwargs["cap_feats"]], "return_dict": False}
+    sparsectx.enable(model, budget=0.5)
+    outs = [_run(model, target_only), _run(model, basic)]
+    assert sparsectx.last_selection(model) is None
+    sparsectx.disable(model)
+    assert torch.equal(outs[0], _run(model, target_only)) and torch.equal(outs[1], _run(model, basic))
+
+
+def test_per_call_settings_through_joint_attention_kwargs(model):
+    if "joint_attention_kwargs" not in inspect.signature(type(model).forward).parameters:
+        pytest.skip(f"diffusers {diffusers.__version__}'s Z-Image forward takes no joint_attention_kwargs")
+    kwargs = _inputs()
+    sparsectx.enable(model, budget=0.5, selector="uniform")
+    _run(model, {**kwargs, "joint_attention_kwargs": {"sparsectx": {"budget": 0.25}}})
+    keep = sparsectx.last_selection(model).keep
+    assert [int(part.sum()) for part in keep[0].split(REF_LENGTHS)] == [3, 4]
+    with pytest.raises(ValueError, match="joint_attention_kwargs\\['sparsectx'\\]"):
+        _run(model, {**kwargs, "joint_attention_kwargs": {"sparsectx": {"budget": -1}}})
+
+
+def test_training_forwards_give_the_masked_models_output_and_gradients():
+    """``random_drop_selector`` on a train-mode transformer: a new mask at each forward; the output and every
+    weight's gradient equal those of the unpatched model with the same tokens masked out as keys (in fp64)."""
+    model = _build().double()
+    kwargs = _to(_inputs(shared=False), torch.float64)
+    model.train()
+    target = torch.randn(2, CHANNELS, 1, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+
+    def outputs_and_grads():
+        model.zero_grad(set_to_none=True)
+        out = torch.stack(model(**kwargs)[0])
+        ((out - target) ** 2).mean().backward()
+        return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    sparsectx.enable(model, budget=None, selector=sparsectx.random_drop_selector((0.2, 0.6),
+                                                                                 torch.Generator().manual_seed(3)))
+    try:
+        removed_out, removed_grads = outputs_and_grads()
+        keep = sparsectx.last_selection(model).keep
+        outputs_and_grads()
+        assert not torch.equal(sparsectx.last_selection(model).keep, keep)  # a new draw at the next forward
+    finally:
+        sparsectx.disable(model)
+    assert not keep.all() and keep.any(dim=1).all()
+    with _keys_masked(model, keep, kwargs):
+        masked_out, masked_grads = outputs_and_grads()
+    torch.testing.assert_close(removed_out, masked_out, rtol=0, atol=1e-12)
+    assert removed_grads.keys() == masked_grads.keys() and "all_x_embedder.2-1.weight" in removed_grads
+    for name, grad in removed_grads.items():
+        torch.testing.assert_close(grad, masked_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_masked_drop_training_is_refused_naming_what_works(model):
+    with pytest.raises(TypeError, match="Z-Image Omni, train with the dropped references removed"):
+        sparsectx.enable_drop_training(model)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the attention probe
+# ----------------------------------------------------------------------------------------------------------------
+class _RecordingProcessor(zi.ZSingleStreamAttnProcessor):
+    """diffusers' processor, recording the q and k it computes (after norms and RoPE) at the first call."""
+
+    def __init__(self, record):
+        super().__init__()
+        self.record = record
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
+        if not self.record:
+            q = attn.norm_q(attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1)))
+            k = attn.norm_k(attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1)))
+
+            def rotate(x):
+                x = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+                return torch.view_as_real(x * freqs_cis.unsqueeze(2)).flatten(3)
+
+            self.record.update(q=rotate(q), k=rotate(k))
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, freqs_cis)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_probe_tensors_are_the_first_main_layers_query_and_key(model, shared):
+    kwargs = _inputs(shared=shared, captions=(5, 7, 9) if shared else (5, 7, 9))
+    if not shared:  # the second sample's caption of other lengths: its rows start elsewhere
+        kwargs["cap_feats"][1] = [torch.randn(n, CAP_DIM) for n in (40, 3, 9)]
+    record, probe = {}, {}
+    original = model.layers[0].attention.processor
+    model.layers[0].attention.set_processor(_RecordingProcessor(record))
+    try:
+        _run(model, kwargs)
+    finally:
+        model.layers[0].attention.set_processor(original)
+    sparsectx.enable(model, budget=0.5, selector=checks.recording_attention(probe))
+    _run(model, kwargs)
+    caption = zimage.caption_rows(kwargs["cap_feats"])
+    for b in range(1 if shared else 2):
+        text = torch.cat([torch.arange(start, start + n) for start, n in zip(
+            [0, *torch.tensor([zimage.padded_length(len(s)) for s in kwargs["cap_feats"][b]]).cumsum(0).tolist()],
+            [len(s) for s in kwargs["cap_feats"][b]])])
+        refs = caption[b] + zimage.padded_positions(GRIDS, torch.arange(N_REFS))
+        target = caption[b] + zimage.padded_positions(GRIDS, torch.arange(N_REFS, N_REFS + 16))
+        n_text = len(text)
+        torch.testing.assert_close(probe["text_queries"][b, :n_text], record["q"][b, text], rtol=1e-5, atol=1e-5)
+        assert probe["text_mask"][b, :n_text].all() and not probe["text_mask"][b, n_text:].any()
+        torch.testing.assert_close(probe["ref_keys"][b], record["k"][b, refs], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(probe["target_queries"][b], record["q"][b, target], rtol=1e-5, atol=1e-5)
+    assert probe["ref_keys"].shape[:2] == ((1 if shared else 2), N_REFS)
+
+
+def test_attention_selector_keeps_the_top_attention_mass(model):
+    kwargs = _inputs()
+    probe = {}
+    sparsectx.enable(model, budget=0.25, selector=checks.recording_attention(probe))
+    _run(model, kwargs)
+    keep = sparsectx.last_selection(model).keep[0]
+    scores = sparsectx.selection.attention_scores(torch.zeros(1, N_REFS, 1), sparsectx.selection.SelectionContext(
+        num_references=2, ref_lengths=REF_LENGTHS, extra={k: v for k, v in probe.items() if k != "attention_probe"}))
+    for part, image_scores in zip(keep.split(REF_LENGTHS), scores[0].split(REF_LENGTHS)):
+        top = image_scores.topk(int(part.sum())).indices
+        assert part[top].all()
+
+
+@pytest.mark.parametrize("selector", ["edit", "subject", "attention"])
+def test_task_aware_selectors_run_on_the_probe(model, selector):
+    kwargs = _inputs()
+    sparsectx.enable(model, budget=0.5, selector=selector)
+    dropped = _run(model, kwargs)
+    keep = sparsectx.last_selection(model).keep
+    assert [int(part.sum()) for part in keep[0].split(REF_LENGTHS)] == [6, 8]
+    sparsectx.disable(model)
+    _assert_flash_criterion(dropped, _masked(model, keep, kwargs), model, keep, kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bf16 (GPU, and the CPU where bf16 matmuls run)
+# ----------------------------------------------------------------------------------------------------------------
+def _bf16_check(device):
+    model = _build().to(device, torch.bfloat16)
+    kwargs = _to(_inputs(shared=False), torch.bfloat16, device)
+    sparsectx.enable(model, budget=0.5, selector="uniform")
+    try:
+        dropped = _run(model, kwargs)
+        keep = sparsectx.last_selection(model).keep
+    finally:
+        sparsectx.disable(model)
+    assert dropped.dtype == torch.bfloat16 and not keep.all()
+    _assert_flash_criterion(dropped, _masked(model, keep, kwargs), model, keep, kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_bf16_dropping_rows_equals_masking_keys():
+    _bf16_check("cuda")
+
+
+def test_bf16_dropping_rows_equals_masking_keys_on_the_cpu():
+    _bf16_check("cpu")
+
+
+def test_the_sequence_is_shorter_by_what_is_dropped(model):
+    """What the drop-in is for: the main layers run on fewer rows (each dropped reference token leaves every
+    layer)."""
+    kwargs = _inputs()
+    seen = []
+    handle = model.layers[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    try:
+        _run(model, kwargs)
+        sparsectx.enable(model, budget=0.25, selector="uniform")
+        _run(model, kwargs)
+    finally:
+        handle.remove()
+    kept = sum(math.ceil(0.25 * n) for n in REF_LENGTHS)
+    assert seen[0] - seen[1] == N_REFS - kept
