@@ -110,8 +110,8 @@ def caption_rows(cap_feats) -> list:
 def compacted(model: torch.nn.Module, kept_rows: Sequence[tuple]):
     """While active, the model's omni forward runs each sample ``b`` on the rows ``kept_rows[b]`` (``(host,
     device)`` copies of ``kept_x_rows``) of its padded image sequence: ``patchify_and_embed_omni`` returns those rows
-    only (with their position ids, pad and noise flags, and the images' span in the joint sequence moved to match), and
-    ``unpatchify`` reads the target, the last image, from the end of the shorter span. (Instance attributes shadowing
+    only (with their position ids, pad and noise flags), and ``unpatchify`` reads the target, the last image, from
+    the end of the shorter span of image rows. (Instance attributes shadowing
     the class's methods, removed on exit.)"""
     cls = type(model)
     spans = []  # per sample: (first row of the target in the compacted image rows, rows of the compacted images)
@@ -119,7 +119,7 @@ def compacted(model: torch.nn.Module, kept_rows: Sequence[tuple]):
     def patchify_and_embed_omni(all_x, all_cap_feats, all_siglip_feats, patch_size, f_patch_size, noise_mask):
         out = list(cls.patchify_and_embed_omni(model, all_x, all_cap_feats, all_siglip_feats, patch_size,
                                                f_patch_size, noise_mask))
-        x_out, x_size, x_pos, x_pad, offsets, x_noise = (out[i] for i in (0, 3, 4, 7, 10, 11))
+        x_out, x_size, x_pos, x_pad, x_noise = (out[i] for i in (0, 3, 4, 7, 11))
         spans.clear()
         for b, (rows, index) in enumerate(kept_rows):
             index = index.to(x_out[b].device)
@@ -131,7 +131,6 @@ def compacted(model: torch.nn.Module, kept_rows: Sequence[tuple]):
             f, h, w = x_size[b][-1]
             target_rows = padded_length((f // f_patch_size) * (h // patch_size) * (w // patch_size))
             spans.append((rows.numel() - target_rows, rows.numel()))
-            offsets[b] = (offsets[b][0], offsets[b][0] + rows.numel())
         return tuple(out)
 
     def unpatchify(x, size, patch_size, f_patch_size, x_pos_offsets=None):
@@ -140,7 +139,7 @@ def compacted(model: torch.nn.Module, kept_rows: Sequence[tuple]):
         targets = []
         for b, rows in enumerate(x):
             target_start, n_rows = spans[b]
-            first = x_pos_offsets[b][0]
+            first = x_pos_offsets[b][0]  # (the caption's rows: the images follow them)
             target = rows[first + target_start:first + n_rows]
             targets += cls.unpatchify(model, [target], [[size[b][-1]]], patch_size, f_patch_size,
                                       [(0, target.shape[0])])

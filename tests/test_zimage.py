@@ -5,6 +5,7 @@ segment per image and SigLIP features per reference; it pads each image's patch 
 token (attended like any row), runs a noise refiner over the images, then its main layers over ``[caption, images,
 siglip]``, each sample a sequence of its own (padded to the batch's longest, masked)."""
 import contextlib
+import importlib
 import inspect
 import math
 
@@ -18,6 +19,7 @@ from diffusers.models.transformers import transformer_z_image as zi  # noqa: E40
 
 import drop_in_checks as checks  # noqa: E402  (tests/, on sys.path by pytest.ini)
 import sparsectx  # noqa: E402
+from pipeline_fixtures import tiny_pipeline_fixtures  # noqa: E402  (tests/, on sys.path by pytest.ini)
 from sparsectx import integration, zimage  # noqa: E402
 
 CHANNELS, CAP_DIM, SIGLIP_DIM = 4, 24, 20
@@ -92,42 +94,53 @@ def random_selector(latents, context):
 
 
 class _KeysMasked(zi.ZSingleStreamAttnProcessor):
-    """diffusers' Z-Image attention with the dropped reference rows masked out as keys: ``dropped[b]`` the rows of
-    sample b's padded image sequence, which starts at ``offsets[b]`` of the sequence the layer attends over."""
+    """diffusers' Z-Image attention with the dropped reference rows masked out as keys: ``state["dropped"][b]`` the
+    rows of sample b's padded image sequence, which starts at ``state[offsets][b]`` of the sequence the layer attends
+    over (``offsets``: "refiner" 0, "main" the caption's rows)."""
 
-    def __init__(self, dropped, offsets):
+    def __init__(self, state, offsets):
         super().__init__()
-        self.dropped, self.offsets = dropped, offsets
+        self.state, self.offsets = state, offsets
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
         batch, seq = hidden_states.shape[:2]
-        allowed = torch.ones(batch, seq, dtype=torch.bool) if attention_mask is None else attention_mask.clone()
+        allowed = torch.ones(batch, seq, dtype=torch.bool, device=hidden_states.device) if attention_mask is None \
+            else attention_mask.clone()
         for b in range(batch):
-            allowed[b, self.offsets[b] + self.dropped[b]] = False
+            allowed[b, self.state[self.offsets][b] + self.state["dropped"][b]] = False
         return super().__call__(attn, hidden_states, encoder_hidden_states, allowed, freqs_cis)
 
 
 @contextlib.contextmanager
-def _keys_masked(model, keep, kwargs):
-    """The unpatched model with the reference tokens ``keep`` drops (bool ``[B, N]``) masked out as keys in its noise
-    refiner and in every main layer (the caption refiner and the SigLIP refiner never see them)."""
-    dropped = [zimage.padded_positions(GRIDS, torch.nonzero(~k.cpu()).flatten()) for k in keep]
-    layers = [(model.noise_refiner, [0] * len(dropped)),
-              (model.layers, zimage.caption_rows(kwargs["cap_feats"]))]
+def _keys_masked(model, keep, grids=GRIDS):
+    """The unpatched model with the reference tokens ``keep`` drops (bool ``[B, N]``; a forward of another batch
+    size: row ``b % B`` for its sample b) masked out as keys in its noise refiner and in every main layer (the
+    caption refiner and the SigLIP refiner never see them); each forward's caption rows read from its call."""
+    dropped = [zimage.padded_positions(grids, torch.nonzero(~k.cpu()).flatten()) for k in keep]
+    state = {}
+
+    def read_call(module, args, kwargs):
+        n = len(kwargs["x"])
+        state.update(dropped=[dropped[b % len(dropped)] for b in range(n)], refiner=[0] * n,
+                     main=zimage.caption_rows(kwargs["cap_feats"]))
+
+    layers = [(model.noise_refiner, "refiner"), (model.layers, "main")]
     originals = [[layer.attention.processor for layer in stack] for stack, _ in layers]
     for stack, offsets in layers:
         for layer in stack:
-            layer.attention.set_processor(_KeysMasked(dropped, offsets))
+            layer.attention.set_processor(_KeysMasked(state, offsets))
+    handle = model.register_forward_pre_hook(read_call, with_kwargs=True)
     try:
         yield
     finally:
+        handle.remove()
         for (stack, _), processors in zip(layers, originals):
             for layer, processor in zip(stack, processors):
                 layer.attention.set_processor(processor)
 
 
 def _masked(model, keep, kwargs):
-    with _keys_masked(model, keep, kwargs):
+    with _keys_masked(model, keep):
         return _run(model, kwargs)
 
 
@@ -274,6 +287,51 @@ def test_a_new_reference_selects_again(model):
     assert not torch.equal(sparsectx.last_selection(model).keep, first)
 
 
+def test_a_reference_written_in_place_selects_again(model):
+    kwargs = _inputs()
+    sparsectx.enable(model, budget=0.5, selector=random_selector)
+    _run(model, kwargs)
+    first = sparsectx.last_selection(model).keep
+    kwargs["x"][0][0].add_(1)  # (every sample holds this tensor)
+    _run(model, kwargs)
+    assert not torch.equal(sparsectx.last_selection(model).keep, first)
+
+
+def test_other_grids_of_equal_patch_rows_select_on_their_own_layout(model):
+    """References whose patch rows are equal but whose grids differ (4x3 and 3x4 tokens) are other layouts: the
+    second call does not reuse the first call's selection."""
+    rows = torch.randn(12, 4 * CHANNELS, generator=torch.Generator().manual_seed(5))
+
+    def image(h, w):  # the latents whose patch rows (2x2 patches, row-major) are ``rows``
+        return rows.reshape(1, h, w, 2, 2, CHANNELS).permute(5, 0, 1, 3, 2, 4).reshape(CHANNELS, 1, 2 * h, 2 * w)
+
+    sparsectx.enable(model, budget=0.5, selector="uniform")
+    kwargs = _inputs(shapes=[(CHANNELS, 1, 8, 6), SHAPES[-1]], captions=CAPTIONS[:2])  # (the same prompt tensors)
+    target = kwargs["x"][0][-1]
+    shapes = []
+    for h, w in ((4, 3), (3, 4)):
+        kwargs["x"] = [[image(h, w), target] for _ in range(2)]
+        assert torch.equal(zimage.patch_rows(kwargs["x"], 2, 1)[0, :12], rows)
+        _run(model, kwargs)
+        shapes.append(sparsectx.last_selection(model).ref_shapes)
+    assert shapes == [[(4, 3)], [(3, 4)]]
+
+
+def test_samples_with_other_prompts_are_probed_each_on_its_own(model):
+    """A batch sharing its references but not its prompt: the probe selectors select each sample on its own
+    prompt (what it would keep alone)."""
+    kwargs = _inputs()
+    kwargs["cap_feats"][1] = [torch.randn(n, CAP_DIM, generator=torch.Generator().manual_seed(6)) for n in CAPTIONS]
+    sparsectx.enable(model, budget=0.25, selector="attention")
+    _run(model, kwargs)
+    keep = sparsectx.last_selection(model).keep
+    alone = []
+    for b in range(2):
+        _run(model, {k: v[b:b + 1] if isinstance(v, (list, torch.Tensor)) else v for k, v in kwargs.items()})
+        alone.append(sparsectx.last_selection(model).keep[0])
+    assert torch.equal(keep, torch.stack(alone)) and not torch.equal(alone[0], alone[1])
+
+
 def test_a_call_without_references_runs_the_original_forward(model):
     kwargs = _inputs()
     target_only = {**kwargs, "x": [[images[-1]] for images in kwargs["x"]],
@@ -288,7 +346,7 @@ def test_a_call_without_references_runs_the_original_forward(model):
     assert torch.equal(outs[0], _run(model, target_only)) and torch.equal(outs[1], _run(model, basic))
 
 
-def test_per_call_settings_through_joint_attention_kwargs(model):
+def test_per_call_settings_through_the_forwards_joint_attention_kwargs(model):
     if "joint_attention_kwargs" not in inspect.signature(type(model).forward).parameters:
         pytest.skip(f"diffusers {diffusers.__version__}'s Z-Image forward takes no joint_attention_kwargs")
     kwargs = _inputs()
@@ -324,7 +382,7 @@ def test_training_forwards_give_the_masked_models_output_and_gradients():
     finally:
         sparsectx.disable(model)
     assert not keep.all() and keep.any(dim=1).all()
-    with _keys_masked(model, keep, kwargs):
+    with _keys_masked(model, keep):
         masked_out, masked_grads = outputs_and_grads()
     torch.testing.assert_close(removed_out, masked_out, rtol=0, atol=1e-12)
     assert removed_grads.keys() == masked_grads.keys() and "all_x_embedder.2-1.weight" in removed_grads
@@ -453,3 +511,135 @@ def test_the_sequence_is_shorter_by_what_is_dropped(model):
         handle.remove()
     kept = sum(math.ceil(0.25 * n) for n in REF_LENGTHS)
     assert seen[0] - seen[1] == N_REFS - kept
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the pipeline (tests/zimage_pipeline.py: tiny components, a stand-in for the tokenizer)
+# ----------------------------------------------------------------------------------------------------------------
+def _pipeline_helpers():
+    """tests/zimage_pipeline.py (tests/ is on sys.path by pytest.ini), imported where used."""
+    return importlib.import_module("zimage_pipeline")
+
+
+PIPE_IMAGES = ((64, 64), (64, 96))  # (height, width) of the two condition images: 4x4 and 4x6 tokens
+PIPE_GRIDS = [(1, 4, 4), (1, 4, 6), (1, 4, 6)]  # the target takes the last image's size
+PIPE_REFS = [16, 24]
+
+
+def _random_pipeline():
+    pipe = _pipeline_helpers().tiny_zimage_omni_pipeline()
+    with torch.no_grad():  # (diffusers initialises the final layer to zero: random weights make every path count)
+        for parameter in pipe.transformer.parameters():
+            parameter.normal_(0, 0.1)
+    return pipe
+
+
+pipe, _pipe_disabled = tiny_pipeline_fixtures(_random_pipeline)
+
+
+def _call(pipe, **kwargs):
+    helpers = _pipeline_helpers()
+    images = [helpers.reference_image(h, w, seed=j) for j, (h, w) in enumerate(PIPE_IMAGES)]
+    kwargs.setdefault("seed", kwargs.pop("generator_seed", 0))
+    return helpers.run(pipe, images, **kwargs)
+
+
+def _kept(budget) -> list:
+    return integration.budget_counts(budget, 1, PIPE_REFS)[0]
+
+
+def test_the_pipeline_class_is_accepted_and_named():
+    assert "ZImageOmniPipeline" in integration.SUPPORTED_PIPELINES
+    assert integration._family_of(_pipeline_helpers().tiny_zimage_omni_pipeline().transformer) == integration.ZIMAGE
+
+
+@pytest.mark.parametrize("guidance_scale", [4.0, 0.0])
+def test_keep_all_and_disable_are_the_unpatched_pipeline(pipe, guidance_scale):
+    expected = _call(pipe, guidance_scale=guidance_scale)
+    sparsectx.enable(pipe, budget=1.0, selector="random", seed=0)
+    assert torch.equal(_call(pipe, guidance_scale=guidance_scale), expected)
+    sparsectx.enable(pipe, budget=0.5, selector="random", seed=0)
+    assert (_call(pipe, guidance_scale=guidance_scale) - expected).abs().max() > 1e-4
+    sparsectx.disable(pipe)
+    assert torch.equal(_call(pipe, guidance_scale=guidance_scale), expected)
+
+
+@pytest.mark.parametrize("guidance_scale", [4.0, 0.0])
+def test_the_noise_refiner_sees_the_target_and_the_kept_tokens(pipe, guidance_scale):
+    """Every forward (both guidance branches in one batch, one selection for the call) runs on the kept reference
+    rows, each image's pad rows and the target's."""
+    seen, handle = _noise_refiner_rows(pipe.transformer)
+    try:
+        sparsectx.enable(pipe, budget=0.25, selector="uniform")
+        _call(pipe, guidance_scale=guidance_scale)
+    finally:
+        handle.remove()
+    dropped = sum(PIPE_REFS) - sum(_kept(0.25))
+    assert seen == [3 * 32 - dropped] * 2  # (2 steps)
+    keep = sparsectx.last_selection(pipe).keep
+    assert keep.shape == (2 if guidance_scale else 1, sum(PIPE_REFS)) and (keep == keep[:1]).all()
+
+
+@pytest.mark.parametrize("selector", ["uniform", "attention"])
+def test_the_sparse_pipeline_equals_masking_the_dropped_keys(pipe, selector):
+    sparsectx.enable(pipe, budget=0.5, selector=selector)
+    dropped = _call(pipe, negative_prompt="blurry")
+    keep = sparsectx.last_selection(pipe).keep
+    sparsectx.disable(pipe)
+    with _keys_masked(pipe.transformer, keep, PIPE_GRIDS):
+        masked = _call(pipe, negative_prompt="blurry")
+    torch.testing.assert_close(dropped, masked, rtol=0, atol=1e-5)
+    assert (dropped - _call(pipe, negative_prompt="blurry")).abs().max() > 1e-4
+
+
+def test_guidance_branches_share_the_selection_made_on_the_prompt(pipe):
+    """The pipeline batches guidance's branches, the prompt's samples first: the probe selects on the prompt (what a
+    call without guidance keeps) and the negative prompt's samples keep the same tokens."""
+    sparsectx.enable(pipe, budget=0.25, selector="attention")
+    _call(pipe, guidance_scale=0.0)
+    alone = sparsectx.last_selection(pipe).keep
+    _call(pipe, guidance_scale=4.0, negative_prompt="a completely different negative prompt")
+    keep = sparsectx.last_selection(pipe).keep
+    assert torch.equal(keep, alone.expand(2, -1))
+
+
+def test_per_call_settings_through_joint_attention_kwargs(pipe):
+    """(diffusers 0.42 hands them to the transformer; earlier releases' pipelines take them and hand them to nobody:
+    the enabled pipeline's call holds them for its forwards.)"""
+    sparsectx.enable(pipe, budget=0.5, selector="uniform")
+    _call(pipe, joint_attention_kwargs={"sparsectx": {"budget": 3}})
+    assert sparsectx.last_selection(pipe).keep[0].sum().item() == 6
+    _call(pipe)
+    assert [int(p.sum()) for p in sparsectx.last_selection(pipe).keep[0].split(PIPE_REFS)] == _kept(0.5)
+    with pytest.raises(ValueError, match=r"joint_attention_kwargs\['sparsectx'\]"):
+        _call(pipe, joint_attention_kwargs={"sparsectx": {"budget": -1}})
+
+
+def test_settings_given_to_a_pipeline_whose_transformer_alone_is_enabled(pipe):
+    """Where the transformer's forward takes them (diffusers 0.42) they apply; before, the pipeline hands them to
+    nobody, and the call is refused rather than run with enable's settings."""
+    sparsectx.enable(pipe.transformer, budget=0.5, selector="uniform")
+    if "joint_attention_kwargs" in inspect.signature(type(pipe.transformer).forward).parameters:
+        _call(pipe, joint_attention_kwargs={"sparsectx": {"budget": 3}})
+        assert sparsectx.last_selection(pipe.transformer).keep[0].sum().item() == 6
+    else:
+        with pytest.raises(ValueError, match="reaches no transformer forward"):
+            _call(pipe, joint_attention_kwargs={"sparsectx": {"budget": 3}})
+    sparsectx.disable(pipe.transformer)
+
+
+def test_images_per_prompt_share_the_references_and_their_selection(pipe):
+    sparsectx.enable(pipe, budget=0.5, selector="random")
+    out = _call(pipe, num_images_per_prompt=2)
+    keep = sparsectx.last_selection(pipe).keep
+    assert keep.shape == (4, sum(PIPE_REFS)) and (keep == keep[:1]).all() and out.shape[0] == 2
+
+
+def test_the_pipelines_generator_seeds_the_selection(pipe):
+    sparsectx.enable(pipe, budget=0.25, selector="random")
+    _call(pipe, generator_seed=3)
+    first = sparsectx.last_selection(pipe).keep
+    _call(pipe, generator_seed=3)
+    assert torch.equal(sparsectx.last_selection(pipe).keep, first)
+    _call(pipe, generator_seed=4)
+    assert not torch.equal(sparsectx.last_selection(pipe).keep, first)
