@@ -31,6 +31,7 @@ processor, so one processor instance may serve every layer (diffusers' ``set_att
 | ``BriaAttnProcessor`` (Bria FIBO's single-stream blocks) | ``SparsectxBriaAttnProcessor`` |
 | ``JoyImageAttnProcessor`` (JoyImage-Edit) | ``SparsectxJoyImageAttnProcessor`` |
 | ``JoyImageEditPlusAttnProcessor``     | ``SparsectxJoyImagePlusAttnProcessor`` |
+| ``ZSingleStreamAttnProcessor`` (Z-Image) | ``SparsectxZImageAttnProcessor`` |
 
 ``install_processors(transformer, state)`` swaps every supported processor of a transformer (and returns the
 originals); ``restore_processors(transformer, originals)`` puts the very same objects back.
@@ -78,6 +79,10 @@ try:
     from diffusers.models.transformers import transformer_joyimage_edit_plus
 except ImportError:
     transformer_joyimage_edit_plus = None
+try:  # Z-Image (diffusers >= 0.39)
+    from diffusers.models.transformers import transformer_z_image
+except ImportError:
+    transformer_z_image = None
 try:  # diffusers' dtype choice for RoPE angles (absent from older releases: the devices it names are used)
     from diffusers.utils.torch_utils import maybe_adjust_dtype_for_device
 except ImportError:
@@ -1080,6 +1085,34 @@ class SparsectxJoyImagePlusAttnProcessor(_SparsectxProcessor):
         return _joyimage_out(attn, out, n_image)
 
 
+class SparsectxZImageAttnProcessor(_SparsectxProcessor):
+    """Replaces ``ZSingleStreamAttnProcessor`` (Z-Image): its projections, per-head norms and RoPE
+    (``zimage.qkv``), then sparsectx's attention of the one sequence it attends over (the images in the noise
+    refiner, the caption in the context refiner, ``[caption, images, siglip]`` in the main layers); the forward's key
+    mask ``[B, S]`` (the padding of a batch's shorter samples) masks keys."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
+        if self._delegates():
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, freqs_cis)
+        if self.state.image_keep is not None or self.state.packed is not None:
+            raise ValueError(f"{type(self).__name__} takes no drop mask and runs no packed batch (Z-Image trains "
+                             "with the dropped references removed)")
+        from .zimage import qkv
+
+        query, key, value = qkv(attn, hidden_states, freqs_cis)
+        self._check_inputs(query)
+        batch, seq = query.shape[:2]
+        if _attention_scores_skipped():
+            out = value
+        elif attention_mask is None:
+            out = dense_attention(query, key, value)
+        else:
+            keys = _key_mask(attention_mask, batch, seq, type(self).__name__).to(query.device)
+            out = masked_attention(query, key, value, keys)
+        output = attn.to_out[0](out.flatten(2, 3).to(query.dtype))
+        return attn.to_out[1](output) if len(attn.to_out) > 1 else output
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # installing and restoring
 # ----------------------------------------------------------------------------------------------------------------
@@ -1096,6 +1129,7 @@ _REPLACEMENTS = (  # (diffusers module, processor class name, its sparsectx repl
     (transformer_bria, "BriaAttnProcessor", SparsectxBriaAttnProcessor),
     (transformer_joyimage, "JoyImageAttnProcessor", SparsectxJoyImageAttnProcessor),
     (transformer_joyimage_edit_plus, "JoyImageEditPlusAttnProcessor", SparsectxJoyImagePlusAttnProcessor),
+    (transformer_z_image, "ZSingleStreamAttnProcessor", SparsectxZImageAttnProcessor),
 )
 # diffusers processor class -> its sparsectx replacement (all exist in diffusers >= 0.39, setup.py's floor; a
 # class a later release drops is left out rather than failing the import)

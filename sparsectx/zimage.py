@@ -154,27 +154,41 @@ def compacted(model: torch.nn.Module, kept_rows: Sequence[tuple]):
         del model.unpatchify
 
 
+def rotated(x: torch.Tensor, freqs_cis: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x [B, n, H, D]`` through Z-Image's RoPE with the rows' complex frequencies ``freqs_cis [B, n, D / 2]`` (as
+    its ``ZSingleStreamAttnProcessor``: in fp32, autocast off, back in ``x``'s dtype); ``x`` itself without them."""
+    if freqs_cis is None:
+        return x
+    with torch.amp.autocast("cuda", enabled=False):
+        complex_x = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(complex_x * freqs_cis.unsqueeze(2)).flatten(3).type_as(x)
+
+
+def qkv(attn, hidden_states: torch.Tensor, freqs_cis: Optional[torch.Tensor]) -> tuple:
+    """``(q, k, v)``, each ``[B, S, H, D]``, of Z-Image's attention as ``ZSingleStreamAttnProcessor`` computes them:
+    the projections (in its order), the per-head norms of q and k, RoPE."""
+    query, key, value = (linear(hidden_states).unflatten(-1, (attn.heads, -1))
+                         for linear in (attn.to_q, attn.to_k, attn.to_v))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return rotated(query, freqs_cis), rotated(key, freqs_cis), value
+
+
 def probe_qk(attn, hidden_states: torch.Tensor, freqs_cis: Optional[torch.Tensor], text: torch.Tensor,
              target: torch.Tensor, refs: torch.Tensor) -> tuple:
-    """``(text_queries, target_queries, ref_keys)``, each ``[B, n, H, D]``, of Z-Image's attention
-    (``ZSingleStreamAttnProcessor``: projections, per-head norms, RoPE from ``freqs_cis``) computed for the rows
-    ``text`` / ``target`` / ``refs`` only (long ``[B, n]`` per sample: every row op commutes with the gather)."""
-    def rows(index):
-        return hidden_states.gather(1, index[..., None].expand(-1, -1, hidden_states.shape[-1]))
-
-    def rotated(x, index):
-        if freqs_cis is None:
-            return x
-        freqs = freqs_cis.gather(1, index[..., None].expand(-1, -1, freqs_cis.shape[-1]))
-        with torch.autocast(x.device.type, enabled=False):
-            complex_x = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-            return torch.view_as_real(complex_x * freqs.unsqueeze(2)).flatten(3).type_as(x)
-
+    """``(text_queries, target_queries, ref_keys)``, each ``[B, n, H, D]``, of Z-Image's attention (``qkv``)
+    computed for the rows ``text`` / ``target`` / ``refs`` only (long ``[B, n]`` per sample: every row op commutes
+    with the gather)."""
     def project(index, linear, norm):
-        out = linear(rows(index)).unflatten(-1, (attn.heads, -1))
+        rows = hidden_states.gather(1, index[..., None].expand(-1, -1, hidden_states.shape[-1]))
+        out = linear(rows).unflatten(-1, (attn.heads, -1))
         if norm is not None:
             out = norm(out)
-        return rotated(out, index)
+        freqs = None if freqs_cis is None else freqs_cis.gather(1, index[..., None].expand(-1, -1,
+                                                                                          freqs_cis.shape[-1]))
+        return rotated(out, freqs)
 
     return (project(text, attn.to_q, attn.norm_q), project(target, attn.to_q, attn.norm_q),
             project(refs, attn.to_k, attn.norm_k))

@@ -20,7 +20,7 @@ from diffusers.models.transformers import transformer_z_image as zi  # noqa: E40
 import drop_in_checks as checks  # noqa: E402  (tests/, on sys.path by pytest.ini)
 import sparsectx  # noqa: E402
 from pipeline_fixtures import tiny_pipeline_fixtures  # noqa: E402  (tests/, on sys.path by pytest.ini)
-from sparsectx import integration, zimage  # noqa: E402
+from sparsectx import integration, processors, zimage  # noqa: E402
 
 CHANNELS, CAP_DIM, SIGLIP_DIM = 4, 24, 20
 # latents [C, F, H, W] of two references of their own sizes and the target (last): token grids 4x3, 3x5 and 4x4
@@ -134,8 +134,8 @@ def _keys_masked(model, keep, grids=GRIDS):
         yield
     finally:
         handle.remove()
-        for (stack, _), processors in zip(layers, originals):
-            for layer, processor in zip(stack, processors):
+        for (stack, _), originals_of_stack in zip(layers, originals):
+            for layer, processor in zip(stack, originals_of_stack):
                 layer.attention.set_processor(processor)
 
 
@@ -229,13 +229,16 @@ def test_the_compacted_forward_keeping_every_row_is_diffusers_forward(model):
     assert torch.equal(out, _run(model, kwargs))
 
 
+@pytest.mark.parametrize("attention", ["native", "sparsectx"])
 @pytest.mark.parametrize("selector", [random_selector, "uniform"])
 @pytest.mark.parametrize("shared", [False, True])
-def test_dropping_rows_equals_masking_keys(model, selector, shared):
+def test_dropping_rows_equals_masking_keys(model, selector, shared, attention):
+    """(``attention="sparsectx"``: sparsectx's processors on the compacted sequence; samples keeping different tokens
+    run padded to the longer one, their padding a key mask.)"""
     kwargs = _inputs(shared=shared)
     seen, handle = _noise_refiner_rows(model)
     try:
-        sparsectx.enable(model, budget=0.5, selector=selector, seed=0)
+        sparsectx.enable(model, budget=0.5, selector=selector, seed=0, attention=attention)
         dropped = _run(model, kwargs)
     finally:
         handle.remove()
@@ -474,10 +477,11 @@ def test_task_aware_selectors_run_on_the_probe(model, selector):
 # ----------------------------------------------------------------------------------------------------------------
 # bf16 (GPU, and the CPU where bf16 matmuls run)
 # ----------------------------------------------------------------------------------------------------------------
-def _bf16_check(device):
+def _bf16_check(device, attention):
     model = _build().to(device, torch.bfloat16)
     kwargs = _to(_inputs(shared=False), torch.bfloat16, device)
-    sparsectx.enable(model, budget=0.5, selector="uniform")
+    kwargs["cap_feats"][1][1] = torch.randn(40, CAP_DIM, device=device, dtype=torch.bfloat16)  # (a padding mask)
+    sparsectx.enable(model, budget=[[0.5, 0.5], [0.25, 1.0]], selector="uniform", attention=attention)
     try:
         dropped = _run(model, kwargs)
         keep = sparsectx.last_selection(model).keep
@@ -489,12 +493,29 @@ def _bf16_check(device):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_bf16_dropping_rows_equals_masking_keys():
-    _bf16_check("cuda")
+@pytest.mark.parametrize("attention", ["native", "sparsectx"])
+def test_gpu_bf16_dropping_rows_equals_masking_keys(attention):
+    _bf16_check("cuda", attention)
 
 
-def test_bf16_dropping_rows_equals_masking_keys_on_the_cpu():
-    _bf16_check("cpu")
+@pytest.mark.parametrize("attention", ["native", "sparsectx"])
+def test_bf16_dropping_rows_equals_masking_keys_on_the_cpu(attention):
+    _bf16_check("cpu", attention)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_sparsectx_processor_is_diffusers_attention(model, masked):
+    """Every token kept, ``attention="sparsectx"`` against diffusers' processor, in fp64 where the op runs in fp32:
+    with ``masked`` a caption of other lengths pads the first sample (a key mask in every main layer)."""
+    kwargs = _inputs(shared=False)
+    if masked:
+        kwargs["cap_feats"][1][1] = torch.randn(40, CAP_DIM)
+    sparsectx.enable(model, budget=1.0, attention="sparsectx")
+    out = _run(model, kwargs)
+    assert all(isinstance(layer.attention.processor, processors.SparsectxZImageAttnProcessor)
+               for layer in [*model.noise_refiner, *model.context_refiner, *model.siglip_refiner, *model.layers])
+    sparsectx.disable(model)
+    _assert_flash_criterion(out, _run(model, kwargs), model, torch.ones(2, N_REFS, dtype=torch.bool), kwargs)
 
 
 def test_the_sequence_is_shorter_by_what_is_dropped(model):
