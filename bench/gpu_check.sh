@@ -53,7 +53,8 @@ STEP_NAMES=("nvidia-smi" "versions" "install wheels" "pip install --target" "imp
             "import sparsectx (links)" "import diffusers" "pytest -m gpu processors" "pytest -m gpu"
             "bench key cases" "bench norm_rope" "bench training" "bench e2e" "bench selection" "bench kv"
             "bench pipeline" "profile ops" "pytest candidates" "bench e2e_qwen" "bench train_step" "bench e2e_batch"
-            "bench e2e_kontext" "bench e2e_flux3" "bench e2e_qwen21" "bench e2e_longcat" "pytest not gpu")
+            "bench e2e_kontext" "bench e2e_flux3" "bench e2e_qwen21" "bench e2e_longcat" "bench e2e_zimage"
+            "pytest not gpu")
 IFS=, read -r -a SKIP_LIST <<<"$SKIP_STEPS"
 for skipped in "${SKIP_LIST[@]}"; do
     known=0
@@ -116,13 +117,16 @@ QWEN21_CAP_S=70
 # LongCat-Image-Edit step (6.27B: FLUX.1's blocks, 10 + 20 layers), --quick subset (1 ref x 10%, 3 refs x 10%): FLUX.1's
 # path with the target on id plane 1; never run on a GPU
 LONGCAT_CAP_S=45
+# Z-Image Omni step (diffusers' default config, 6.2B, SigLIP width 1152), --quick subset (1 ref x 10%, 3 refs x 10%):
+# 6 rows (cuDNN forced among them); never run on a GPU
+ZIMAGE_CAP_S=50
 # Qwen-Image-Edit-20B step, --quick subset (1 ref x 10%, 3 refs x 10%): a 20B model (41 GB in bf16) built on the GPU;
 # never run: by FACTS' step times (keep-all 0.41 / 1.04 s) about 25 s of steps, plus start-up, the model build and
 # the autotuning of sparsectx attention's shapes
 QWEN_CAP_S=90
 SCRATCH=$(mktemp -d /tmp/gpu_check.XXXXXX)
 # the benchmark steps' JSON files, in the order the summary lists them
-BENCH_PARTS=("$SCRATCH"/bench_{key,norm_rope,training,e2e,selection,kv,pipeline,e2e_qwen,train_step,e2e_batch,e2e_kontext,e2e_flux3,e2e_qwen21,e2e_longcat}.json)
+BENCH_PARTS=("$SCRATCH"/bench_{key,norm_rope,training,e2e,selection,kv,pipeline,e2e_qwen,train_step,e2e_batch,e2e_kontext,e2e_flux3,e2e_qwen21,e2e_longcat,e2e_zimage}.json)
 rm -f "$OUT/bench.json" "$OUT/results.md" "$OUT/profile_ops.txt"   # an earlier run's files must not pass for
                                                                        # this run's
 START=$SECONDS
@@ -306,6 +310,10 @@ if part 2; then
     # the LongCat-Image-Edit step (drop-in since 2026-12-03; issue 5's 3% step target)
     step "bench e2e_longcat" "$LONGCAT_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case e2e_longcat --quick \
         --json "$SCRATCH/bench_e2e_longcat.json"
+    # the Z-Image Omni step (drop-in since 2026-12-04; issue 5's 3% step target, against the model's own forward on
+    # the compacted rows)
+    step "bench e2e_zimage" "$ZIMAGE_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case e2e_zimage --quick \
+        --json "$SCRATCH/bench_e2e_zimage.json"
     # the rest of the suite (the non-gpu tests) on the CUDA device, in whatever time is left
     tests "pytest not gpu" "$(seconds_left)" "$TESTS_LOG" "${PYTEST[@]}" tests -m "not gpu"
 fi

@@ -42,8 +42,8 @@ from .diagnostics import count_cuda_syncs, count_host_reads
 SEED = 0
 SIZES = ("tiny", "full")
 CASE_ORDER = ("attention", "compaction", "batch", "masked", "training", "norm_rope", "rope_tables", "e2e", "selection",
-              "pipeline", "e2e_kontext", "e2e_longcat", "e2e_qwen", "e2e_flux3", "e2e_qwen21", "kv", "e2e_batch",
-              "train_step")
+              "pipeline", "e2e_kontext", "e2e_longcat", "e2e_qwen", "e2e_flux3", "e2e_qwen21", "e2e_zimage", "kv",
+              "e2e_batch", "train_step")
 # relative L2 error bound between two implementations computing the same function in one dtype
 REL_ERR_BOUND = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # ... and for the worst row (last dim = features) against the mean row norm: a few wrong rows among 10^5 hardly move
@@ -1012,6 +1012,14 @@ QWEN21_DEFAULT = dict(in_channels=64, out_channels=64, num_layers=32, attention_
                       context_in_dim=4096, mlp_ratio=3, axes_dims_rope=(16, 56, 56))
 QWEN21_TINY = dict(in_channels=16, out_channels=16, num_layers=1, attention_head_dim=16, num_attention_heads=2,
                    context_in_dim=32, axes_dims_rope=(4, 6, 6))
+# Z-Image Omni: diffusers 0.42's ``ZImageTransformer2DModel`` defaults (Z-Image's 6.2B: 30 single-stream layers and
+# 2 refiner layers per stream, 30 heads of 128, Qwen3 text of 2560) with the SigLIP input omni mode needs, of a
+# SigLIP2 so400m encoder's width (1152: this project's assumption, not read from a released config)
+ZIMAGE_OMNI_DEFAULT = dict(in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2, n_heads=30, n_kv_heads=30,
+                           cap_feat_dim=2560, siglip_feat_dim=1152, axes_dims=[32, 48, 48], axes_lens=[1024, 512, 512])
+ZIMAGE_OMNI_TINY = dict(in_channels=16, dim=32, n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
+                        cap_feat_dim=32, siglip_feat_dim=16, axes_dims=[4, 6, 6], axes_lens=[256, 64, 64])
+ZIMAGE_SIGLIP_SIDE = {"full": 16, "tiny": 2}  # SigLIP grid side per reference (naflex at 256 patches: 16 x 16)
 QWEN21_TEXT_BETWEEN = 4  # Qwen-Image 2.1: text tokens between two condition images' slots (the prompt template's)
 REFERENCE_TIME_STRIDE = 10  # FLUX.2: reference i has time coordinate 10 * (i + 1)
 KONTEXT_PLANE_STRIDE = 1  # FLUX.1 Kontext: reference i on id plane i + 1 (the pipeline's single reference: plane 1)
@@ -1072,6 +1080,12 @@ FLUX3 = ModelFamily("FLUX.3 (diffusers' default config)", "Flux3Transformer2DMod
 QWEN21 = ModelFamily("Qwen-Image 2.1 (diffusers' default config)", "QwenImage21Transformer2DModel",
                      {"full": QWEN21_DEFAULT, "tiny": QWEN21_TINY}, n_axes=3, ref_plane_stride=1, batched_ids=False,
                      text_position_axis=None, pooled=False, guidance=None)
+
+
+# Z-Image has no position-id input either: its case reads the label, the class and the configs
+ZIMAGE_OMNI = ModelFamily("Z-Image Omni (diffusers' default config, SigLIP width 1152)", "ZImageTransformer2DModel",
+                          {"full": ZIMAGE_OMNI_DEFAULT, "tiny": ZIMAGE_OMNI_TINY}, n_axes=3, ref_plane_stride=1,
+                          batched_ids=False, text_position_axis=None, pooled=False, guidance=None)
 
 
 def release_cached_models() -> None:
@@ -1672,6 +1686,81 @@ class Qwen21EndToEndCase(_RefsKeepCase):
             impls.append(Impl(name, fn, scope=scope, comparable=comparable, ours=enabled,
                               note="a later step of the pipeline (its default KV cache): the target's queries against "
                                    "the cached prefix" + ("" if comparable else " of every token")))
+        return Workload(self.name, shape, impls, dtype, reps=s["reps"], track_memory=True,
+                        passes=EndToEndCase.PASSES)
+
+
+class ZImageEndToEndCase(_RefsKeepCase):
+    """One denoising step of the Z-Image Omni architecture (``ZImageTransformer2DModel`` in omni mode, diffusers'
+    default config with SigLIP features of width 1152, random weights; a tiny preset on the CPU): 1024² target and
+    references (latents of 128 x 128, 64 x 64 tokens each), the prompt's caption in one segment per image plus one
+    (``ZImageOmniPipeline``'s template: the prompt's words in the segment before the target's), 16 x 16 SigLIP
+    tokens per reference, as the pipeline calls the transformer (batch 1, one guidance branch). Its ideal is the
+    model's forward on the compacted rows itself (``zimage.compacted`` given each sample's kept rows): no plain-torch
+    path removes rows from the sequence the model builds inside its forward."""
+
+    name = "e2e_zimage"
+    title = ("one denoising step, Z-Image Omni architecture (diffusers' default config, random weights), kept "
+             "reference tokens in the sequence")
+    family = ZIMAGE_OMNI
+    impl_names = ("sparsectx.enable (sparsectx attn)", "sparsectx.enable (native attn)", CUDNN_NATIVE_ROW,
+                  "model on the compacted sequence", "keep all reference tokens", "no reference (limit)")
+    sizes = {
+        "full": dict(target_side=64, text=512, ref_side=64, refs=(1, 3), keeps=(0.25, 0.10, 0.05),
+                     quick=[(1, 0.10), (3, 0.10)], reps=3),
+        "tiny": dict(target_side=4, text=16, ref_side=4, refs=(1, 3), keeps=(0.25, 0.5), quick=[(3, 0.25)],
+                     reps=None),
+    }
+
+    def build(self, config, size: str, device: torch.device) -> Workload:
+        from . import zimage
+
+        refs, keep, s, dtype, gen, model, side, ref_side, n_target, n_ref = self._step_setup(config, size, device)
+        channels, siglip_side = model.config.in_channels, ZIMAGE_SIGLIP_SIDE[size]
+        # latents [C, F, H, W] (2 x 2 patches: twice the token sides)
+        references = [_randn(gen, channels, 1, 2 * ref_side, 2 * ref_side, device=device, dtype=dtype)
+                      for _ in range(refs)]
+        target = _randn(gen, channels, 1, 2 * side, 2 * side, device=device, dtype=dtype)
+        siglip = [_randn(gen, siglip_side, siglip_side, model.config.siglip_feat_dim, device=device, dtype=dtype)
+                  for _ in range(refs)]
+        t = torch.full((1,), STEP_TIMESTEP, device=device, dtype=dtype)
+        scores = torch.rand(refs, n_ref, generator=gen, device=device)  # a random selector, per reference image
+        count = math.floor(keep * n_ref + 0.5)
+
+        def caption(n_images):
+            """The pipeline's caption segments for ``n_images`` condition images: a short one per image boundary,
+            the prompt's words before the target's."""
+            short = [4] + [2] * (n_images - 1) if n_images else []
+            lengths = [*short, s["text"] - sum(short) - (2 if n_images else 0), *([2] if n_images else [])]
+            return [_randn(gen, n, model.config.cap_feat_dim, device=device, dtype=dtype) for n in lengths]
+
+        captions = {n: caption(n) for n in (0, refs)}
+
+        def step(n_images, kept_rows=None):
+            kwargs = dict(x=[[*references[:n_images], target]], t=t, cap_feats=[captions[n_images]],
+                          siglip_feats=[[*siglip[:n_images], None] if n_images else None],
+                          image_noise_mask=[[0] * n_images + [1]], return_dict=False)
+            with torch.inference_mode(), (zimage.compacted(model, [kept_rows]) if kept_rows is not None
+                                          else contextlib.nullcontext()):
+                return model(**kwargs)[0][0]
+
+        grids = [(1, ref_side, ref_side)] * refs + [(1, side, side)]
+        positions = (_torch_topk_rows(scores, count) + n_ref * torch.arange(refs, device=device)[:, None]).flatten()
+        kept = zimage.kept_x_rows(grids, torch.cat([positions.cpu(), torch.arange(refs * n_ref,
+                                                                                  refs * n_ref + n_target)]))
+        kept_rows = (kept, kept.to(device))
+        full_step = lambda: step(refs)  # noqa: E731 - every reference token
+        native = _enable_impl(model, full_step, scores, count, "native")
+        shape = _step_shape(self.family, size, refs, keep, count, n_ref, n_target, s["text"], dtype)
+        impls = [
+            _enable_impl(model, full_step, scores, count, "sparsectx"), native, _cudnn_forced(native, device),
+            Impl("model on the compacted sequence", lambda: step(refs, kept_rows),
+                 note="zimage.compacted given the kept rows: the compacted ideal"),
+            Impl("keep all reference tokens", full_step, comparable=False,
+                 note="100% kept (a different output by design)", shared_key=(self.name, refs, "all")),
+            Impl("no reference (limit)", lambda: step(0), comparable=False, note="lower bound of any selection",
+                 shared_key=(self.name, "none")),
+        ]
         return Workload(self.name, shape, impls, dtype, reps=s["reps"], track_memory=True,
                         passes=EndToEndCase.PASSES)
 
@@ -2563,11 +2652,13 @@ def _cudnn_forced(native: Impl, device: torch.device) -> Impl:
 CASES = {case.name: case for case in (AttentionCase(), CompactionCase(), BatchCase(), MaskedCase(), TrainingCase(),
                                       NormRopeCase(), RopeTablesCase(), EndToEndCase(), KontextEndToEndCase(),
                                       LongCatEndToEndCase(), QwenEndToEndCase(), Flux3EndToEndCase(),
-                                      Qwen21EndToEndCase(), SelectionCase(), PipelineCase(), KVCacheCase(),
+                                      Qwen21EndToEndCase(), ZImageEndToEndCase(), SelectionCase(), PipelineCase(),
+                                      KVCacheCase(),
                                       MixedBatchCase(), TrainStepCase())}
 # cases that build the cached model (released after them)
 MODEL_CASES = (EndToEndCase.name, KontextEndToEndCase.name, LongCatEndToEndCase.name, QwenEndToEndCase.name,
-               Flux3EndToEndCase.name, Qwen21EndToEndCase.name, PipelineCase.name, KVCacheCase.name,
+               Flux3EndToEndCase.name, Qwen21EndToEndCase.name, ZImageEndToEndCase.name, PipelineCase.name,
+               KVCacheCase.name,
                MixedBatchCase.name, TrainStepCase.name)
 
 
@@ -2991,6 +3082,8 @@ TARGETS = (
            "drop-in within 3% of the compacted ideal"),
     Target(5, "e2e_qwen21", "sparsectx.enable, KV-cached step", "model on the compacted sequence, KV-cached step",
            1 / 1.03, "drop-in's KV-cached step within 3% of the compacted ideal's"),
+    Target(5, "e2e_zimage", "sparsectx.enable (native attn)", "model on the compacted sequence", 1 / 1.03,
+           "drop-in within 3% of the compacted ideal"),
     Target(5, "kv", "sparsectx.enable + KV cache", "plain run, all references, no cache", KV_TARGET_SPEEDUP,
            "sparse + KV 4-step speed-up over the plain run"),
     # the same run with sparsectx's attention processors (attention="sparsectx"): what a user of the drop-in's
