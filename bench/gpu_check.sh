@@ -117,7 +117,7 @@ QWEN21_CAP_S=70
 # LongCat-Image-Edit step (6.27B: FLUX.1's blocks, 10 + 20 layers), --quick subset (1 ref x 10%, 3 refs x 10%): FLUX.1's
 # path with the target on id plane 1; never run on a GPU
 LONGCAT_CAP_S=45
-# Z-Image Omni step (diffusers' default config, 6.2B, SigLIP width 1152), --quick subset (1 ref x 10%, 3 refs x 10%):
+# Z-Image Omni step (diffusers' default config with SigLIP width 1152: 6.51B), --quick subset (1 ref x 10%, 3 refs x 10%):
 # 6 rows (cuDNN forced among them); never run on a GPU
 ZIMAGE_CAP_S=50
 # Qwen-Image-Edit-20B step, --quick subset (1 ref x 10%, 3 refs x 10%): a 20B model (41 GB in bf16) built on the GPU;

@@ -1012,7 +1012,7 @@ QWEN21_DEFAULT = dict(in_channels=64, out_channels=64, num_layers=32, attention_
                       context_in_dim=4096, mlp_ratio=3, axes_dims_rope=(16, 56, 56))
 QWEN21_TINY = dict(in_channels=16, out_channels=16, num_layers=1, attention_head_dim=16, num_attention_heads=2,
                    context_in_dim=32, axes_dims_rope=(4, 6, 6))
-# Z-Image Omni: diffusers 0.42's ``ZImageTransformer2DModel`` defaults (Z-Image's 6.2B: 30 single-stream layers and
+# Z-Image Omni: diffusers 0.42's ``ZImageTransformer2DModel`` defaults (30 single-stream layers and
 # 2 refiner layers per stream, 30 heads of 128, Qwen3 text of 2560) with the SigLIP input omni mode needs, of a
 # SigLIP2 so400m encoder's width (1152: this project's assumption, not read from a released config)
 ZIMAGE_OMNI_DEFAULT = dict(in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2, n_heads=30, n_kv_heads=30,
