@@ -1235,6 +1235,8 @@ class _Plan:
     hooks_checked: bool = False  # several groups: checked once per plan for diffusers' stateful hooks
     # a training forward's use of torch's global generators while it selected, replayed by its recomputation
     drawn: Optional[DrawnRng] = None
+    # a batch of guidance's two branches: the half holding the conditional samples ("first" or "second")
+    pairs: Optional[str] = None
 
 
 @dataclass
@@ -2063,6 +2065,8 @@ class _SparsePatch(ForwardPatch):
             plan = self._selection_plan(call, layout, overrides, unverified, guidance_pairs)
             if plan is None:  # they differ: this call's own layout
                 layout = self._read_layout(call)
+        if plan is None and layout is not None and in_call and not guidance_pairs:
+            plan = self._conditional_half_plan(call, layout, key)
         if plan is None and layout is None:
             plan = self._new_plan(call, None, None, [])
             # a KV-cached step: its call's selection, found now while the call's prompt is alive (a pipeline frees
@@ -2145,7 +2149,28 @@ class _SparsePatch(ForwardPatch):
             if unverified is not None and not bool(unverified):
                 return None
             raise
-        return self._new_plan(call, layout, keep, groups, packing)
+        plan = self._new_plan(call, layout, keep, groups, packing)
+        plan.pairs = guidance_pairs
+        return plan
+
+    def _conditional_half_plan(self, call: dict, layout: _Layout, key: tuple) -> Optional[_Plan]:
+        """A step of an enabled pipeline call that runs guidance's conditional samples alone after steps that batched
+        both branches (Z-Image Omni's ``cfg_truncation``): the plan of the call's guidance-pair selection, restricted
+        to its conditional half, where the layout and the reference rows are that half's (one host read); else None
+        (the step selects anew). The call keeps one selection for every step, also with a selector reading the
+        probe, whose new selection would see other latents."""
+        batch = call["hidden_states"].shape[0]
+        for plan_key, paired in reversed(self.plans.items()):
+            if plan_key[0] != key[0] or not paired.pairs or paired.keep is None or paired.layout is None or \
+                    paired.keep.shape[0] != 2 * batch or paired.layout.ref_lengths != layout.ref_lengths or \
+                    not torch.equal(paired.layout.ref_host, layout.ref_host):
+                continue
+            rows = slice(0, batch) if paired.pairs == "first" else slice(batch, 2 * batch)
+            if not torch.equal(self._reference_rows(call).detach()[:, layout.ref_positions], paired.references[rows]):
+                return None
+            keep = paired.keep[rows]
+            return self._new_plan(call, layout, keep, *self._groups(call, layout, keep))
+        return None
 
     def _plan_key(self, call: dict, overrides: dict, in_call: bool, guidance_pairs: Optional[str] = None) -> tuple:
         """Host-side facts a plan depends on: the call epoch (first), inference mode, the input shapes and Qwen's image

@@ -624,6 +624,27 @@ def test_guidance_branches_share_the_selection_made_on_the_prompt(pipe):
     assert torch.equal(keep, alone.expand(2, -1))
 
 
+def test_steps_without_guidance_keep_the_calls_selection(pipe):
+    """``cfg_truncation``: the later steps run the prompt's samples alone (a batch of half the size); they keep the
+    selection the first step made on them, with a selector reading the probe too (whose new selection would see
+    other latents)."""
+    selections, batches = [], []
+
+    def each_step(pipeline, i, t, kwargs):
+        selections.append(sparsectx.last_selection(pipeline).keep.clone())
+        return kwargs
+
+    handle = pipe.transformer.register_forward_pre_hook(lambda m, args, kwargs: batches.append(len(kwargs["x"])),
+                                                        with_kwargs=True)
+    try:
+        sparsectx.enable(pipe, budget=0.25, selector="attention")
+        _call(pipe, num_inference_steps=4, cfg_truncation=0.5, callback_on_step_end=each_step)
+    finally:
+        handle.remove()
+    assert batches == [2, 2, 2, 1]
+    assert [s.shape[0] for s in selections] == batches and all(torch.equal(s[0], selections[0][0]) for s in selections)
+
+
 def test_per_call_settings_through_joint_attention_kwargs(pipe):
     """(diffusers 0.42 hands them to the transformer; earlier releases' pipelines take them and hand them to nobody:
     the enabled pipeline's call holds them for its forwards.)"""
