@@ -45,13 +45,16 @@ def cast_inputs(kwargs: dict, device, dtype: torch.dtype) -> dict:
 
 def assert_random_drop_training_matches_masking(model: torch.nn.Module, kwargs: dict, target_of: Callable,
                                                 masking: Callable[[torch.Tensor], contextlib.AbstractContextManager],
-                                                ratio_range=(0.2, 0.6), atol: float = 1e-5) -> torch.Tensor:
+                                                ratio_range=(0.2, 0.6), atol: float = 1e-5,
+                                                embedding: str = "img_in.weight",
+                                                grad_tolerance: tuple = (GRAD_RTOL, GRAD_ATOL)) -> torch.Tensor:
     """``random_drop_selector`` on the train-mode ``model``: a new mask at every forward; the target rows
-    (``target_of(output)``) and every weight's gradient of a loss on them equal those of the unpatched model run
-    inside ``masking(keep)`` (the same tokens masked out as keys). Returns the first forward's keep mask."""
+    (``target_of(output)``) and every weight's gradient of a loss on them (the patch ``embedding``'s among them;
+    within ``grad_tolerance``, (rtol, atol)) equal those of the unpatched model run inside ``masking(keep)`` (the same
+    tokens masked out as keys). Returns the first forward's keep mask."""
     model.train()
-    out_shape = target_of(model(**kwargs)[0]).shape
-    target = torch.randn(out_shape, generator=torch.Generator().manual_seed(4))
+    out = target_of(model(**kwargs)[0])
+    target = torch.randn(out.shape, generator=torch.Generator().manual_seed(4), dtype=out.dtype)
 
     def outputs_and_grads():
         model.zero_grad(set_to_none=True)
@@ -72,9 +75,10 @@ def assert_random_drop_training_matches_masking(model: torch.nn.Module, kwargs: 
     with masking(keep):
         masked_out, masked_grads = outputs_and_grads()
     torch.testing.assert_close(removed_out, masked_out, rtol=0, atol=atol)
-    assert removed_grads.keys() == masked_grads.keys() and "img_in.weight" in removed_grads
+    assert removed_grads.keys() == masked_grads.keys() and embedding in removed_grads
+    rtol, grad_atol = grad_tolerance
     for name, grad in removed_grads.items():
-        torch.testing.assert_close(grad, masked_grads[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+        torch.testing.assert_close(grad, masked_grads[name], rtol=rtol, atol=grad_atol, msg=name)
     return keep
 
 

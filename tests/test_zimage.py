@@ -365,32 +365,9 @@ def test_training_forwards_give_the_masked_models_output_and_gradients():
     """``random_drop_selector`` on a train-mode transformer: a new mask at each forward; the output and every
     weight's gradient equal those of the unpatched model with the same tokens masked out as keys (in fp64)."""
     model = _build().double()
-    kwargs = _to(_inputs(shared=False), torch.float64)
-    model.train()
-    target = torch.randn(2, CHANNELS, 1, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-
-    def outputs_and_grads():
-        model.zero_grad(set_to_none=True)
-        out = torch.stack(model(**kwargs)[0])
-        ((out - target) ** 2).mean().backward()
-        return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-
-    sparsectx.enable(model, budget=None, selector=sparsectx.random_drop_selector((0.2, 0.6),
-                                                                                 torch.Generator().manual_seed(3)))
-    try:
-        removed_out, removed_grads = outputs_and_grads()
-        keep = sparsectx.last_selection(model).keep
-        outputs_and_grads()
-        assert not torch.equal(sparsectx.last_selection(model).keep, keep)  # a new draw at the next forward
-    finally:
-        sparsectx.disable(model)
-    assert not keep.all() and keep.any(dim=1).all()
-    with _keys_masked(model, keep):
-        masked_out, masked_grads = outputs_and_grads()
-    torch.testing.assert_close(removed_out, masked_out, rtol=0, atol=1e-12)
-    assert removed_grads.keys() == masked_grads.keys() and "all_x_embedder.2-1.weight" in removed_grads
-    for name, grad in removed_grads.items():
-        torch.testing.assert_close(grad, masked_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+    checks.assert_random_drop_training_matches_masking(
+        model, _to(_inputs(shared=False), torch.float64), torch.stack, lambda keep: _keys_masked(model, keep),
+        atol=1e-12, embedding="all_x_embedder.2-1.weight", grad_tolerance=(1e-9, 1e-12))
 
 
 def test_masked_drop_training_is_refused_naming_what_works(model):
