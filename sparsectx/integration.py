@@ -1944,12 +1944,16 @@ class _SparsePatch(ForwardPatch):
         """Z-Image's stand-in ``hidden_states``: the patch rows of each sample's images (``zimage.patch_rows``),
         which the layout's positions index, the selectors read and the later steps are checked against; ``[B, 0]``
         for a call without references or whose samples' images differ (no layout: the layout says why). The same
-        tensor for the same image tensors (their versions unchanged) as the latest call's."""
+        tensor as the latest call's for the same image tensors (their versions unchanged) and patch sizes, so that a
+        checkpoint's recomputation finds its forward; made anew where an image has no version counter (made under
+        ``torch.inference_mode``: no backward to come, and a write in place could not be seen)."""
         x = call.get("x")
         tensors = _zimage_tensors(x)
-        versions = tuple(None if t.is_inference() else t._version for t in tensors)
+        patches = _zimage_patches(call)
+        versioned = not any(t.is_inference() for t in tensors)
+        versions = (patches, *(t._version for t in tensors)) if versioned else None
         memo = self.zimage_memo
-        if memo is not None and len(memo[0]) == len(tensors) and memo[1] == versions and \
+        if versioned and memo is not None and len(memo[0]) == len(tensors) and memo[1] == versions and \
                 all(ref() is t for ref, t in zip(memo[0], tensors)):
             return memo[2]
         grids = _zimage_grids(call)
@@ -1958,8 +1962,8 @@ class _SparsePatch(ForwardPatch):
             return torch.empty((len(x) if isinstance(x, (list, tuple)) else 0, 0), device=device)
         from .zimage import patch_rows
 
-        rows = patch_rows(x, *_zimage_patches(call))
-        self.zimage_memo = (tuple(map(weakref.ref, tensors)), versions, rows)
+        rows = patch_rows(x, *patches)
+        self.zimage_memo = (tuple(map(weakref.ref, tensors)), versions, rows) if versioned else None
         return rows
 
     def _call_original(self, **call):

@@ -300,6 +300,39 @@ def test_a_reference_written_in_place_selects_again(model):
     assert not torch.equal(sparsectx.last_selection(model).keep, first)
 
 
+def test_a_reference_written_in_place_under_inference_mode_selects_again(model):
+    """(A tensor made under ``torch.inference_mode`` has no version counter: its patch rows are made anew at every
+    call, and the step's check against the plan sees the write.)"""
+    with torch.inference_mode():
+        kwargs = _inputs()
+    sparsectx.enable(model, budget=0.5, selector=random_selector)
+    with torch.inference_mode():
+        _run(model, kwargs)
+        first = sparsectx.last_selection(model).keep
+        kwargs["x"][0][0].add_(1)
+        _run(model, kwargs)
+    assert not torch.equal(sparsectx.last_selection(model).keep, first)
+
+
+def test_the_same_images_at_another_patch_size_are_another_layout():
+    torch.manual_seed(0)
+    model = diffusers.ZImageTransformer2DModel(
+        all_patch_size=(2, 1), all_f_patch_size=(1, 1), in_channels=CHANNELS, dim=32, n_layers=1, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, cap_feat_dim=CAP_DIM, siglip_feat_dim=SIGLIP_DIM, axes_dims=[4, 6, 6],
+        axes_lens=[256, 64, 64]).eval()
+    kwargs = _inputs()
+    sparsectx.enable(model, budget=0.5, selector="uniform")
+    try:
+        lengths = []
+        for patch in (2, 1):
+            out = _run(model, {**kwargs, "patch_size": patch})
+            lengths.append(sparsectx.last_selection(model).ref_lengths)
+            assert out.shape == (2, CHANNELS, 1, 8, 8)
+    finally:
+        sparsectx.disable(model)
+    assert lengths == [REF_LENGTHS, [48, 60]]
+
+
 def test_other_grids_of_equal_patch_rows_select_on_their_own_layout(model):
     """References whose patch rows are equal but whose grids differ (4x3 and 3x4 tokens) are other layouts: the
     second call does not reuse the first call's selection."""
