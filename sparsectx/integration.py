@@ -835,8 +835,9 @@ def _zimage_patches(call: dict) -> tuple:
 
 
 def _zimage_grids(call: dict) -> Optional[list]:
-    """Z-Image Omni: each sample's images as token grids (``zimage.image_grids``: ``ValueError`` naming ``x`` for a
-    missing image); None for a call without references (basic mode, or one image per sample)."""
+    """Z-Image Omni: each sample's images as token grids (``zimage.image_grids``: None for a missing image,
+    ``ValueError`` naming ``x`` for one that is no latents); None for a call without references (basic mode, or one
+    image per sample)."""
     from .zimage import image_grids, is_omni
 
     x = call.get("x")
@@ -852,6 +853,12 @@ def _zimage_layout(call: dict) -> Optional[_Layout]:
     grids = _zimage_grids(call)
     if grids is None:
         return None
+    missing = next(((b, j) for b, sample in enumerate(grids) for j, grid in enumerate(sample) if grid is None), None)
+    if missing is not None:
+        raise _SampleLayoutsDiffer(
+            f"x[{missing[0]}][{missing[1]}] is None (an image without latents, which diffusers gives pad rows only): "
+            "sparsectx selects reference tokens on the layout of every image of a sample with references; pass each "
+            "image's latents", [[math.prod(grid) if grid else 0 for grid in sample[:-1]] for sample in grids])
     first = grids[0]
     differing = [b for b, sample in enumerate(grids) if sample != first]
     if differing:
@@ -1718,7 +1725,7 @@ class _SparsePatch(ForwardPatch):
 
     host_frames_skipped = False  # whether dynamo was told to leave the group loop's frames to the interpreter
     _CALL_STATE = dict(pipeline_calls=0, call_seed=None, pipeline_kwarg=None, call_overrides=None,
-                       call_overrides_arrived=False, call_pipeline=None, reported=None, zimage_memo=None)
+                       call_overrides_arrived=False, call_pipeline=None, reported=None)
 
     def __init__(self, transformer: torch.nn.Module, family: str, settings: _Settings):
         super().__init__(transformer, family)
@@ -1755,9 +1762,6 @@ class _SparsePatch(ForwardPatch):
         # groups) -> (that step's plan, None or each group's own cache): its cached steps attend to the tokens it
         # kept, whatever plans came since (another selection, enable again, new prompt tensors)
         self.extracted = weakref.WeakKeyDictionary()
-        # Z-Image: the latest call's image tensors (weak references, their versions) and the patch rows made of them
-        # (_zimage_rows), the same tensor again for the same inputs (a checkpoint's recomputation finds its forward)
-        self.zimage_memo: Optional[tuple] = None
 
     @property
     def cache(self) -> Optional[_Plan]:
@@ -1943,28 +1947,29 @@ class _SparsePatch(ForwardPatch):
     def _zimage_rows(self, call: dict) -> torch.Tensor:
         """Z-Image's stand-in ``hidden_states``: the patch rows of each sample's images (``zimage.patch_rows``),
         which the layout's positions index, the selectors read and the later steps are checked against; ``[B, 0]``
-        for a call without references or whose samples' images differ (no layout: the layout says why). The same
-        tensor as the latest call's for the same image tensors (their versions unchanged) and patch sizes, so that a
-        checkpoint's recomputation finds its forward; made anew where an image has no version counter (made under
-        ``torch.inference_mode``: no backward to come, and a write in place could not be seen)."""
+        for a call without references, with a missing image or whose samples' images differ (no layout: the layout
+        says why). Made anew at each call (a copy of the latents: a checkpoint's recomputation finds its forward by
+        the images themselves, ``_forward_inputs``)."""
         x = call.get("x")
-        tensors = _zimage_tensors(x)
-        patches = _zimage_patches(call)
-        versioned = not any(t.is_inference() for t in tensors)
-        versions = (patches, *(t._version for t in tensors)) if versioned else None
-        memo = self.zimage_memo
-        if versioned and memo is not None and len(memo[0]) == len(tensors) and memo[1] == versions and \
-                all(ref() is t for ref, t in zip(memo[0], tensors)):
-            return memo[2]
         grids = _zimage_grids(call)
-        if grids is None or any(sample != grids[0] for sample in grids):
+        if grids is None or any(None in sample or sample != grids[0] for sample in grids):
+            tensors = _zimage_tensors(x)
             device = tensors[0].device if tensors else None
             return torch.empty((len(x) if isinstance(x, (list, tuple)) else 0, 0), device=device)
         from .zimage import patch_rows
 
-        rows = patch_rows(x, *patches)
-        self.zimage_memo = (tuple(map(weakref.ref, tensors)), versions, rows) if versioned else None
-        return rows
+        return patch_rows(x, *_zimage_patches(call))
+
+    def _forward_inputs(self, call: dict) -> tuple:
+        """``(input, tensors)`` of a forward: the tensor whose life marks the forward's (its hidden states), and the
+        tensors a checkpoint's recomputation finds it by (with the prompt's). Z-Image: its first image, and every
+        image and caption tensor (its hidden_states is sparsectx's stand-in, made anew at each call)."""
+        if self.family == ZIMAGE:
+            tensors = _zimage_tensors(call.get("x")) + _zimage_tensors(call.get("cap_feats"))
+            if tensors:
+                return tensors[0], tensors
+        hidden = call["hidden_states"]
+        return hidden, (hidden, *map(call.get, PROMPT_ARGS))
 
     def _call_original(self, **call):
         """The original forward on ``call`` (Z-Image: without sparsectx's stand-in ``hidden_states``)."""
@@ -2216,10 +2221,10 @@ class _SparsePatch(ForwardPatch):
         which may have changed since, and a training forward's on its number), with ``recomputation`` True; else
         ``key``, remembered for such a recomputation. A forward in eval mode does not replace the key of a live
         training forward on the same inputs (a validation pass between a training forward and its backward)."""
-        hidden = call["hidden_states"]
+        hidden, tensors = self._forward_inputs(call)
         if hidden.is_inference():  # made under torch.inference_mode: no backward to come
             return key, False
-        inputs = RecentForwards.key(hidden, *map(call.get, PROMPT_ARGS))
+        inputs = RecentForwards.key(*tensors)
         found = self.recent.find(inputs)
         if in_backward():
             if found is None:

@@ -202,7 +202,8 @@ def _key_mask_from_attention_mask(attention_mask: torch.Tensor, batch: int, seq:
     mask = attention_mask
     if mask.ndim == 4 and mask.shape[1] == 1 and mask.shape[2] == 1:
         mask = mask[:, 0, 0]
-    if mask.ndim != 2 or mask.shape[1] != seq or mask.shape[0] not in (1, batch):
+    # (not ``shape[0] not in (1, batch)``: under dynamo with a dynamic batch, a tuple holding a SymInt answers True)
+    if mask.ndim != 2 or mask.shape[1] != seq or (mask.shape[0] != 1 and mask.shape[0] != batch):
         raise ValueError(f"attention_mask must be a key mask [B={batch}, S={seq}] or [B, 1, 1, S], got "
                          f"{tuple(attention_mask.shape)}")
     return mask.expand(batch, seq)
@@ -1020,7 +1021,7 @@ def _key_mask(attention_mask: torch.Tensor, batch: int, seq: int, name: str) -> 
     boolean or additive (a key is kept above the dtype's lowest value); ``ValueError`` naming ``name`` for a mask
     with a row per query or of another length."""
     shape = tuple(attention_mask.shape)
-    if attention_mask.ndim not in (2, 4) or shape[-1] != seq or shape[0] not in (1, batch) or \
+    if attention_mask.ndim not in (2, 4) or shape[-1] != seq or (shape[0] != 1 and shape[0] != batch) or \
             any(size != 1 for size in shape[1:-1]):
         raise ValueError(f"{name} takes a key mask [B, 1, 1, {seq}] (or [B, {seq}], a batch dim of 1 broadcast), "
                          f"got {shape}")

@@ -35,17 +35,19 @@ def is_omni(x) -> bool:
 
 
 def image_grids(x, patch_size: int, f_patch_size: int) -> list:
-    """Each sample's images as token grids ``(F // pF, H // pH, W // pW)``. ``ValueError`` naming ``x`` for an image
-    that is missing (``None``) or not ``[C, F, H, W]``, or not divisible by the patch."""
+    """Each sample's images as token grids ``(F // pF, H // pH, W // pW)``, None for a missing image (diffusers
+    gives it pad rows only). ``ValueError`` naming ``x`` for an image that is not ``[C, F, H, W]`` or not divisible
+    by the patch."""
     grids = []
     for b, images in enumerate(x):
         sample = []
         for j, image in enumerate(images):
+            if image is None:
+                sample.append(None)
+                continue
             if not isinstance(image, torch.Tensor) or image.ndim != 4:
-                got = "None" if image is None else (tuple(image.shape) if isinstance(image, torch.Tensor)
-                                                    else type(image).__name__)
-                raise ValueError(f"x[{b}][{j}] must be an image's latents [C, F, H, W] (sparsectx reads the layout "
-                                 f"of every image of a sample with references), got {got}")
+                got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+                raise ValueError(f"x[{b}][{j}] must be an image's latents [C, F, H, W], got {got}")
             _, f, h, w = image.shape
             if f % f_patch_size or h % patch_size or w % patch_size:
                 raise ValueError(f"x[{b}][{j}] of shape {tuple(image.shape)} is not divisible by the patch "

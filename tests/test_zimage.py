@@ -8,9 +8,11 @@ import contextlib
 import importlib
 import inspect
 import math
+import warnings
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 diffusers = pytest.importorskip("diffusers")
 if not hasattr(diffusers, "ZImageTransformer2DModel"):
@@ -199,11 +201,31 @@ def test_samples_with_other_references_are_refused_unless_every_token_is_kept(mo
     assert torch.equal(kept, _run(model, kwargs))
 
 
-def test_a_missing_image_is_refused_by_name(model):
-    kwargs = _inputs()
+def test_a_missing_image_is_refused_by_name_unless_every_token_is_kept():
+    """(diffusers gives a ``None`` image pad rows only, of its real models' patch width: 16 channels; its pipeline
+    passes none.)"""
+    torch.manual_seed(0)
+    model = diffusers.ZImageTransformer2DModel(
+        in_channels=16, dim=32, n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=CAP_DIM,
+        siglip_feat_dim=SIGLIP_DIM, axes_dims=[4, 6, 6], axes_lens=[256, 64, 64]).eval()
+    kwargs = _inputs(shapes=[(16, *shape[1:]) for shape in SHAPES])
     kwargs["x"][0][1] = None
+    try:
+        sparsectx.enable(model, budget=0.5)
+        with pytest.raises(ValueError, match=r"x\[0\]\[1\] is None"):
+            _run(model, kwargs)
+        sparsectx.enable(model, budget=1.0)
+        kept = _run(model, kwargs)
+    finally:
+        sparsectx.disable(model)
+    assert torch.equal(kept, _run(model, kwargs))
+
+
+def test_an_image_that_is_no_latents_is_refused_by_name(model):
+    kwargs = _inputs()
+    kwargs["x"][1][0] = kwargs["x"][1][0][0]
     sparsectx.enable(model, budget=0.5)
-    with pytest.raises(ValueError, match=r"x\[0\]\[1\] must be an image's latents"):
+    with pytest.raises(ValueError, match=r"x\[1\]\[0\] must be an image's latents \[C, F, H, W\], got \(1, 8, 6\)"):
         _run(model, kwargs)
 
 
@@ -403,6 +425,41 @@ def test_training_forwards_give_the_masked_models_output_and_gradients():
         atol=1e-12, embedding="all_x_embedder.2-1.weight", grad_tolerance=(1e-9, 1e-12))
 
 
+def test_a_checkpoint_around_two_forwards_recomputes_each_with_its_own_selection():
+    """``torch.utils.checkpoint`` around the whole enabled transformer, two forwards (other inputs) before one
+    backward: each recomputation finds its forward's selection (by the images it took: the transformer's
+    ``hidden_states`` is sparsectx's stand-in, made anew at each call), so no mask is drawn again and the gradients
+    are the key-masked model's with each forward's mask (fp64)."""
+    model = _build().double().train()
+    batches = [_to(_inputs(shared=False, seed=seed), torch.float64) for seed in (1, 2)]
+    target = torch.randn(2, CHANNELS, 1, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    draw = sparsectx.random_drop_selector((0.2, 0.6), torch.Generator().manual_seed(3))
+    masks = []
+
+    def recording(latents, context):
+        masks.append(draw(latents, context))
+        return masks[-1]
+
+    def loss(kwargs):
+        return ((torch.stack(model(**kwargs)[0]) - target) ** 2).mean()
+
+    sparsectx.enable(model, budget=None, selector=recording)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            sum(checkpoint(loss, kwargs, use_reentrant=False) for kwargs in batches).backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    finally:
+        sparsectx.disable(model)
+    assert len(masks) == 2  # (a draw per forward, none at the recomputations)
+    model.zero_grad(set_to_none=True)
+    for kwargs, keep in zip(batches, masks):
+        with _keys_masked(model, keep):
+            loss(kwargs).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
 def test_masked_drop_training_is_refused_naming_what_works(model):
     with pytest.raises(TypeError, match="Z-Image Omni, train with the dropped references removed"):
         sparsectx.enable_drop_training(model)
@@ -511,6 +568,25 @@ def test_gpu_bf16_dropping_rows_equals_masking_keys(attention):
 @pytest.mark.parametrize("attention", ["native", "sparsectx"])
 def test_bf16_dropping_rows_equals_masking_keys_on_the_cpu(attention):
     _bf16_check("cpu", attention)
+
+
+def test_the_key_mask_checks_trace_with_a_dynamic_batch():
+    """Under ``torch.compile`` (``compile_repeated_blocks(fullgraph=True)`` recompiles the blocks with a dynamic
+    batch once a batch of another size came): a key mask of the batch's size passes the processors' checks (a
+    tuple holding the batch's SymInt made ``2 not in (1, batch)`` true there), and one of another size is refused."""
+    def dynamic_batch(batch):  # (the queries' batch a SymInt, the mask's a constant)
+        query = torch.ones(batch, 5)
+        torch._dynamo.maybe_mark_dynamic(query, 0)
+        return query
+
+    mask = torch.rand(2, 5) > 0.5
+    for check in (lambda mask, batch: processors._key_mask(mask, batch, mask.shape[-1], "processor"),
+                  lambda mask, batch: processors._key_mask_from_attention_mask(mask, batch, mask.shape[-1])):
+        torch._dynamo.reset()
+        keys = torch.compile(lambda mask, query: check(mask, query.shape[0]), fullgraph=True, backend="eager")
+        assert torch.equal(keys(mask, dynamic_batch(2)), mask)
+        with pytest.raises(Exception, match="key mask"):
+            keys(mask, dynamic_batch(3))
 
 
 @pytest.mark.parametrize("masked", [False, True])
