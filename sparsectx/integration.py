@@ -1962,12 +1962,15 @@ class _SparsePatch(ForwardPatch):
 
     def _forward_inputs(self, call: dict) -> tuple:
         """``(input, tensors)`` of a forward: the tensor whose life marks the forward's (its hidden states), and the
-        tensors a checkpoint's recomputation finds it by (with the prompt's). Z-Image: its first image, and every
-        image and caption tensor (its hidden_states is sparsectx's stand-in, made anew at each call)."""
+        tensors a checkpoint's recomputation finds it by (with the prompt's). Z-Image: its first sample's last image
+        (the target, new at each denoising step), and every image and caption tensor (its hidden_states is
+        sparsectx's stand-in, made anew at each call)."""
         if self.family == ZIMAGE:
-            tensors = _zimage_tensors(call.get("x")) + _zimage_tensors(call.get("cap_feats"))
-            if tensors:
-                return tensors[0], tensors
+            x = call.get("x")
+            tensors = _zimage_tensors(x) + _zimage_tensors(call.get("cap_feats"))
+            first = _zimage_tensors(x[:1]) if isinstance(x, (list, tuple)) else []
+            if first:
+                return first[-1], tensors
         hidden = call["hidden_states"]
         return hidden, (hidden, *map(call.get, PROMPT_ARGS))
 
