@@ -123,3 +123,28 @@ def host_reads_of_two_steps(model: torch.nn.Module, kwargs: dict, run: Callable,
         out_later = run(model, later_kwargs)
     assert torch.equal(run(model, kwargs), out_first) and not torch.equal(out_later, out_first)
     return plain, first, later
+
+
+def check_keep_all_and_disable(pipe, call: Callable[[], torch.Tensor], budget=0.5,
+                               changed: Callable = lambda out, expected: (out - expected).abs().max() > 1e-4) -> None:
+    """An enabled pipeline keeping every token, and the pipeline disabled again, give the unpatched pipeline's
+    ``call()`` output bit for bit (the original forward runs); a ``budget`` dropping tokens ``changed`` it."""
+    expected = call()
+    sparsectx.enable(pipe, budget=1.0, selector="random", seed=0)
+    assert torch.equal(call(), expected)
+    sparsectx.enable(pipe, budget=budget, selector="random", seed=0)
+    assert changed(call(), expected)
+    sparsectx.disable(pipe)
+    assert torch.equal(call(), expected)
+
+
+def check_generator_seeds_selection(pipe, call: Callable[[int], object]) -> None:
+    """Without a seed, the random selector draws from the pipeline call's generator (``call(seed)``): the same seed
+    keeps the same tokens, another seed others."""
+    sparsectx.enable(pipe, budget=0.25, selector="random")
+    call(3)
+    first = sparsectx.last_selection(pipe).keep
+    call(3)
+    assert torch.equal(sparsectx.last_selection(pipe).keep, first)
+    call(4)
+    assert not torch.equal(sparsectx.last_selection(pipe).keep, first)

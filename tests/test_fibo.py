@@ -13,6 +13,7 @@ if tuple(int(part) for part in diffusers.__version__.split(".")[:2]) < (0, 41):
                 allow_module_level=True)
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry  # noqa: E402
 
+import drop_in_checks as checks  # noqa: E402  (tests/, on sys.path by pytest.ini)
 import fibo_pipeline as fp  # noqa: E402  (tests/, on sys.path by pytest.ini)
 import sparsectx  # noqa: E402
 from pipeline_fixtures import tiny_pipeline_fixtures  # noqa: E402
@@ -74,13 +75,8 @@ def test_the_pipeline_class_is_accepted_and_named():
 def test_keep_all_and_disable_are_the_unpatched_pipeline(pipe):
     """Guidance with a padded prompt and two references: keeping every token, and disabling, give the unpatched
     pipeline's latents bit for bit (the original forward runs)."""
-    expected = _run(pipe, negative_prompt=NEGATIVE)
-    sparsectx.enable(pipe, budget=1.0, selector="random", seed=0)
-    assert torch.equal(_run(pipe, negative_prompt=NEGATIVE), expected)
-    sparsectx.enable(pipe, budget=BUDGET, selector="random", seed=0)
-    assert not torch.equal(_run(pipe, negative_prompt=NEGATIVE), expected)
-    sparsectx.disable(pipe)
-    assert torch.equal(_run(pipe, negative_prompt=NEGATIVE), expected)
+    checks.check_keep_all_and_disable(pipe, lambda: _run(pipe, negative_prompt=NEGATIVE), budget=BUDGET,
+                                      changed=lambda out, expected: not torch.equal(out, expected))
 
 
 @pytest.mark.parametrize("attention", ["native", "sparsectx"])

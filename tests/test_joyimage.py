@@ -551,14 +551,9 @@ def test_the_pipeline_class_is_accepted_and_named():
 
 @pytest.mark.parametrize("guidance_scale", [4.0, 1.0])
 def test_keep_all_and_disable_are_the_unpatched_pipeline(pipe, guidance_scale):
-    expected = _call(pipe, guidance_scale=guidance_scale, negative_prompt=NEGATIVE)
-    sparsectx.enable(pipe, budget=1.0, selector="random", seed=0)
-    assert torch.equal(_call(pipe, guidance_scale=guidance_scale, negative_prompt=NEGATIVE), expected)
-    sparsectx.enable(pipe, budget=0.5, selector="random", seed=0)
-    sparse = _call(pipe, guidance_scale=guidance_scale, negative_prompt=NEGATIVE)
-    assert (sparse[:, :PIPE_TARGET] - expected[:, :PIPE_TARGET]).abs().max() > 1e-4
-    sparsectx.disable(pipe)
-    assert torch.equal(_call(pipe, guidance_scale=guidance_scale, negative_prompt=NEGATIVE), expected)
+    checks.check_keep_all_and_disable(
+        pipe, lambda: _call(pipe, guidance_scale=guidance_scale, negative_prompt=NEGATIVE),
+        changed=lambda out, expected: (out[:, :PIPE_TARGET] - expected[:, :PIPE_TARGET]).abs().max() > 1e-4)
 
 
 @pytest.mark.parametrize("guidance_scale", [4.0, 1.0])
@@ -709,10 +704,4 @@ def test_the_probe_selectors_run_in_the_pipeline(pipe, selector):
 
 
 def test_the_pipelines_generator_seeds_the_selection(pipe):
-    sparsectx.enable(pipe, budget=0.25, selector="random")
-    _call(pipe, generator_seed=3)
-    first = sparsectx.last_selection(pipe).keep
-    _call(pipe, generator_seed=3)
-    assert torch.equal(sparsectx.last_selection(pipe).keep, first)
-    _call(pipe, generator_seed=4)
-    assert not torch.equal(sparsectx.last_selection(pipe).keep, first)
+    checks.check_generator_seeds_selection(pipe, lambda seed: _call(pipe, generator_seed=seed))

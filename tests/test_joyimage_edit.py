@@ -379,13 +379,7 @@ def test_the_pipeline_class_is_accepted_and_named():
 
 @pytest.mark.parametrize("guidance_scale", [4.0, 1.0])
 def test_keep_all_and_disable_are_the_unpatched_pipeline(pipe, guidance_scale):
-    expected = _call(pipe, guidance_scale=guidance_scale)
-    sparsectx.enable(pipe, budget=1.0, selector="random", seed=0)
-    assert torch.equal(_call(pipe, guidance_scale=guidance_scale), expected)
-    sparsectx.enable(pipe, budget=0.5, selector="random", seed=0)
-    assert (_call(pipe, guidance_scale=guidance_scale) - expected).abs().max() > 1e-4
-    sparsectx.disable(pipe)
-    assert torch.equal(_call(pipe, guidance_scale=guidance_scale), expected)
+    checks.check_keep_all_and_disable(pipe, lambda: _call(pipe, guidance_scale=guidance_scale))
 
 
 @pytest.mark.parametrize("guidance_scale", [4.0, 1.0])
@@ -456,10 +450,4 @@ def test_images_per_prompt_share_the_reference_and_its_selection(pipe):
 
 
 def test_the_pipelines_generator_seeds_the_selection(pipe):
-    sparsectx.enable(pipe, budget=0.25, selector="random")
-    _call(pipe, generator_seed=3)
-    first = sparsectx.last_selection(pipe).keep
-    _call(pipe, generator_seed=3)
-    assert torch.equal(sparsectx.last_selection(pipe).keep, first)
-    _call(pipe, generator_seed=4)
-    assert not torch.equal(sparsectx.last_selection(pipe).keep, first)
+    checks.check_generator_seeds_selection(pipe, lambda seed: _call(pipe, generator_seed=seed))
