@@ -1225,6 +1225,20 @@ class _Group:
     joints: dict = field(default_factory=dict)
 
 
+class _PlanKey(NamedTuple):
+    """``_SparsePatch._plan_key``: the host-side facts a plan depends on."""
+
+    epoch: int  # the call epoch
+    inference: bool  # torch.inference_mode (index tensors made under it can not be saved for backward)
+    attention: str
+    pack: bool
+    shapes: tuple  # the inputs' shapes and image layouts, the KV mode
+    guidance_pairs: Optional[str]
+    settings: tuple  # the budget, selector and signals in effect
+    training: Optional[int]  # a training forward's number
+    prompt: Optional[tuple]  # outside an enabled pipeline's call: PROMPT_ARGS' tensors, then Z-Image's captions'
+
+
 @dataclass
 class _Plan:
     """What one selection fixes for every later step of a pipeline call: the layout, the keep mask and the
@@ -2077,7 +2091,7 @@ class _SparsePatch(ForwardPatch):
             plan = self._selection_plan(call, layout, overrides, unverified, guidance_pairs)
             if plan is None:  # they differ: this call's own layout
                 layout = self._read_layout(call)
-        if plan is None and layout is not None and in_call and not guidance_pairs:
+        if plan is None and layout is not None and not guidance_pairs and key.training is None:
             plan = self._conditional_half_plan(call, layout, key)
         if plan is None and layout is None:
             plan = self._new_plan(call, None, None, [])
@@ -2165,17 +2179,27 @@ class _SparsePatch(ForwardPatch):
         plan.pairs = guidance_pairs
         return plan
 
-    def _conditional_half_plan(self, call: dict, layout: _Layout, key: tuple) -> Optional[_Plan]:
-        """A step of an enabled pipeline call that runs guidance's conditional samples alone after steps that batched
-        both branches (Z-Image Omni's ``cfg_truncation``): the plan of the call's guidance-pair selection, restricted
-        to its conditional half, where the layout and the reference rows are that half's (one host read); else None
-        (the step selects anew). The call keeps one selection for every step, also with a selector reading the
-        probe, whose new selection would see other latents."""
+    def _conditional_half_plan(self, call: dict, layout: _Layout, key: _PlanKey) -> Optional[_Plan]:
+        """A step that runs guidance's conditional samples alone after steps of the same call that batched both
+        branches (Z-Image Omni's ``cfg_truncation``): the plan of the call's guidance-pair selection, restricted to its
+        conditional half; else None (the step selects anew). The call keeps one selection for every step, also with a
+        selector that would draw or probe again. Of the same call: the same call epoch and settings, and outside an
+        enabled pipeline's call (its transformer enabled alone) prompt tensors that are the pair's conditional half's;
+        the layout and the reference rows are that half's (one host read)."""
         batch = call["hidden_states"].shape[0]
+        n_args = len(PROMPT_ARGS)
         for plan_key, paired in reversed(self.plans.items()):
-            if plan_key[0] != key[0] or not paired.pairs or paired.keep is None or paired.layout is None or \
-                    paired.keep.shape[0] != 2 * batch or paired.layout.ref_lengths != layout.ref_lengths or \
-                    not torch.equal(paired.layout.ref_host, layout.ref_host):
+            if not paired.pairs or paired.keep is None or paired.layout is None or paired.keep.shape[0] != 2 * batch \
+                    or plan_key[:4] != key[:4] or plan_key.settings != key.settings:
+                continue
+            if key.prompt is not None:  # (outside an enabled call: the captions of the pair's conditional samples)
+                captions, paired_captions = key.prompt[n_args:], plan_key.prompt[n_args:]
+                half = paired_captions[:len(captions)] if paired.pairs == "first" else \
+                    paired_captions[len(paired_captions) - len(captions):]
+                if key.prompt[:n_args] != plan_key.prompt[:n_args] or not captions or half != captions:
+                    continue
+            if paired.layout.ref_lengths != layout.ref_lengths or not torch.equal(paired.layout.ref_host,
+                                                                                   layout.ref_host):
                 continue
             rows = slice(0, batch) if paired.pairs == "first" else slice(batch, 2 * batch)
             if not torch.equal(self._reference_rows(call).detach()[:, layout.ref_positions], paired.references[rows]):
@@ -2197,15 +2221,16 @@ class _SparsePatch(ForwardPatch):
         if training:
             self.training_forwards += 1
         # index tensors made under torch.inference_mode can not be saved for backward: a plan per mode
-        return (self.call_epoch, torch.is_inference_mode_enabled(), self.attention, self.pack,
-                tuple(call["hidden_states"].shape), None if ids is None else tuple(ids.shape),
-                None if references is None else tuple(references.shape),
-                repr(call.get("img_shapes")), repr(call.get("shape_list")), call.get("kv_cache_mode"),
-                repr(_zimage_grids(call)) if self.family == ZIMAGE else None,
+        return _PlanKey(
+                self.call_epoch, torch.is_inference_mode_enabled(), self.attention, self.pack,
+                (tuple(call["hidden_states"].shape), None if ids is None else tuple(ids.shape),
+                 None if references is None else tuple(references.shape),
+                 repr(call.get("img_shapes")), repr(call.get("shape_list")), call.get("kv_cache_mode"),
+                 repr(_zimage_grids(call)) if self.family == ZIMAGE else None),
                 guidance_pairs,
-                _budget_key(overrides.get("budget", self.settings.budget)),
-                overrides.get("selector_key", _selector_key(overrides.get("selector", self.settings.selector))),
-                tuple((name, _object_key(value)) for name, value in sorted(signals.items())),
+                (_budget_key(overrides.get("budget", self.settings.budget)),
+                 overrides.get("selector_key", _selector_key(overrides.get("selector", self.settings.selector))),
+                 tuple((name, _object_key(value)) for name, value in sorted(signals.items()))),
                 # a training forward (a bare transformer in train mode) selects anew (a random drop selector draws a
                 # new mask at every step, as drop training does, even on the same input tensors), and a
                 # recomputation of that forward (a checkpoint around the transformer) finds its key (_forward_key)

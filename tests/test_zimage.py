@@ -725,6 +725,42 @@ def test_steps_without_guidance_keep_the_calls_selection(pipe):
     assert [s.shape[0] for s in selections] == batches and all(torch.equal(s[0], selections[0][0]) for s in selections)
 
 
+def test_steps_without_guidance_keep_the_selection_of_a_transformer_enabled_alone(pipe):
+    """The same with only the transformer enabled (the pipeline's call is not known as one): the unguided steps find
+    the guided steps' plan by their prompt tensors, the pair's conditional half, so a random selector without a seed
+    draws nothing new, and a per-request budget given for the guided batch (both branches) still serves them."""
+    selections = []
+
+    def each_step(pipeline, i, t, kwargs):
+        selections.append(sparsectx.last_selection(pipeline.transformer).keep.clone())
+        return kwargs
+
+    budget = [[0.25, 0.25], [0.5, 0.5]] * 2  # (2 prompts, then their negative prompts)
+    sparsectx.enable(pipe.transformer, budget=budget, selector="random")
+    try:
+        _call(pipe, prompt=["make it blue", "make it red"], num_inference_steps=4, cfg_truncation=0.5,
+              callback_on_step_end=each_step)
+    finally:
+        sparsectx.disable(pipe.transformer)
+    assert [s.shape[0] for s in selections] == [4, 4, 4, 2]
+    assert all(torch.equal(s[:2], selections[0][:2]) for s in selections)
+    assert [int(k.sum()) for k in selections[-1]] == [_kept(0.25)[0] + _kept(0.25)[1], sum(_kept(0.5))]
+
+
+def test_a_later_call_without_guidance_selects_on_its_own(pipe):
+    """(Only the transformer enabled: an unguided call after a guided one, on the same images, is another call: its
+    prompt tensors are not the guided call's, so it does not take that call's selection.)"""
+    sparsectx.enable(pipe.transformer, budget=0.25, selector="random")
+    try:
+        _call(pipe, guidance_scale=4.0)
+        guided = sparsectx.last_selection(pipe.transformer).keep
+        _call(pipe, guidance_scale=0.0, prompt="make it red")
+        unguided = sparsectx.last_selection(pipe.transformer).keep
+    finally:
+        sparsectx.disable(pipe.transformer)
+    assert guided.shape[0] == 2 and unguided.shape[0] == 1 and not torch.equal(unguided[0], guided[0])
+
+
 def test_per_call_settings_through_joint_attention_kwargs(pipe):
     """(diffusers 0.42 hands them to the transformer; earlier releases' pipelines take them and hand them to nobody:
     the enabled pipeline's call holds them for its forwards.)"""
