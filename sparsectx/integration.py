@@ -1,6 +1,6 @@
 """Drop-in Sparse Context for diffusers pipelines: FLUX.1 Kontext, FLUX.2 / klein (+ reference KV cache),
 Qwen-Image-Edit(-Plus), FLUX.3 (its modular pipelines), Qwen-Image 2.1, LongCat-Image-Edit, Bria FIBO Edit,
-JoyImage-Edit(-Plus).
+JoyImage-Edit(-Plus), Z-Image Omni.
 
 ```python
 sparsectx.enable(pipe, budget=0.1, selector="random", seed=0)   # a pipeline or a bare transformer
@@ -35,7 +35,10 @@ rows only, nothing is written back. Qwen-Image 2.1 builds its joint sequence (te
 block-causal) inside its forward: once rows are dropped the wrapper runs ``sparsectx.qwen21.compacted_forward``, the
 model's forward on the sequence without them. JoyImage-Edit patchifies its latents' items inside its forward: the
 wrapper runs ``sparsectx.joyimage.compacted_edit_forward``, its forward with the kept patch rows taken after the
-patch embedding.
+patch embedding. Z-Image Omni takes per-sample image lists and patchifies them inside its forward: the wrapper
+removes each sample's dropped rows right after the model's own ``patchify_and_embed_omni`` and reads the target back
+for its ``unpatchify`` (``sparsectx.zimage.compacted``), the whole batch in one forward (the model runs each sample
+as a sequence of its own); its ``hidden_states`` is a stand-in made by sparsectx, the images' patch rows.
 
 The selection is computed once per pipeline call and reused at every step (and by the CFG branch), with every
 index derived from it (the plan: layout, keep mask, kept rows, output rows). The first step reads the device
@@ -46,9 +49,9 @@ once at most (``sparsectx.diagnostics.count_host_reads`` shows it).
 
 Where a call starts: ``enable(pipe)`` marks each pipeline call, so both branches of classifier-free guidance use
 the selection made on the first transformer call (the positive prompt); a pipeline that batches both branches in one
-forward (Bria FIBO Edit, JoyImage-Edit-Plus: negative samples first, ``_BATCHED_GUIDANCE``) is selected on its
-positive samples, whose
-selection the negative ones share. A transformer enabled on its own (or a
+forward (Bria FIBO Edit, JoyImage-Edit-Plus: negative samples first; Z-Image Omni: positive first;
+``_BATCHED_GUIDANCE``) is selected on its positive samples, whose selection the negative ones share, also at the
+steps that run the positive samples alone (Z-Image's ``cfg_truncation``). A transformer enabled on its own (or a
 pipeline sharing an enabled transformer, e.g. made with ``from_pipe``) can not see calls: there a selection is kept
 per prompt-embedding tensor (``encoder_hidden_states``) and its version as well, so a new prompt, or one written
 in place into the same tensor (also with the same values: a static buffer refilled at every step selects at every
