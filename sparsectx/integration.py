@@ -823,12 +823,13 @@ def _items_layout(call: dict, model: Optional[torch.nn.Module]) -> Optional[_Lay
                    {"ref_shapes": [shape] * (items - 1)}, target_host, ref_host)
 
 
-def _zimage_tensors(value) -> list:
-    """The tensors of Z-Image's nested per-sample lists (``x``, ``cap_feats``), in order (``None`` entries left out)."""
+def _nested_tensors(value) -> list:
+    """The tensors of ``value``: itself, or those of its (nested) lists and tuples in order, as Z-Image's per-sample
+    lists (``x``, ``cap_feats``) hold them (``None`` entries left out)."""
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, (list, tuple)):
-        return [t for item in value for t in _zimage_tensors(item)]
+        return [t for item in value for t in _nested_tensors(item)]
     return []
 
 
@@ -1224,7 +1225,8 @@ class _Group:
     # to every later one (a step reuses the plan only if its img_ids equal the plan's)
     rope: Optional[RopeTablesMemo] = None
     # Qwen-Image 2.1: the joint layouts of the group's forwards (qwen21.prepare), made at the first forward on each
-    # img_mask tensor (the two guidance branches: two) and reused by the later steps
+    # img_mask tensor (the two guidance branches: two) and reused by the later steps; Z-Image Omni (the plan's first
+    # group): each sample's kept rows, "zimage" (_run_zimage)
     joints: dict = field(default_factory=dict)
 
 
@@ -1970,7 +1972,7 @@ class _SparsePatch(ForwardPatch):
         x = call.get("x")
         grids = _zimage_grids(call)
         if grids is None or any(None in sample or sample != grids[0] for sample in grids):
-            tensors = _zimage_tensors(x)
+            tensors = _nested_tensors(x)
             device = tensors[0].device if tensors else None
             return torch.empty((len(x) if isinstance(x, (list, tuple)) else 0, 0), device=device)
         from .zimage import patch_rows
@@ -1984,8 +1986,8 @@ class _SparsePatch(ForwardPatch):
         sparsectx's stand-in, made anew at each call)."""
         if self.family == ZIMAGE:
             x = call.get("x")
-            tensors = _zimage_tensors(x) + _zimage_tensors(call.get("cap_feats"))
-            first = _zimage_tensors(x[:1]) if isinstance(x, (list, tuple)) else []
+            tensors = _nested_tensors(x) + _nested_tensors(call.get("cap_feats"))
+            first = _nested_tensors(x[:1]) if isinstance(x, (list, tuple)) else []
             if first:
                 return first[-1], tensors
         hidden = call["hidden_states"]
@@ -2193,7 +2195,8 @@ class _SparsePatch(ForwardPatch):
         n_args = len(PROMPT_ARGS)
         for plan_key, paired in reversed(self.plans.items()):
             if not paired.pairs or paired.keep is None or paired.layout is None or paired.keep.shape[0] != 2 * batch \
-                    or plan_key[:4] != key[:4] or plan_key.settings != key.settings:
+                    or plan_key.epoch != key.epoch or plan_key.inference != key.inference \
+                    or plan_key.attention != key.attention or plan_key.settings != key.settings:
                 continue
             if key.prompt is not None:  # (outside an enabled call: the captions of the pair's conditional samples)
                 captions, paired_captions = key.prompt[n_args:], plan_key.prompt[n_args:]
@@ -2244,7 +2247,7 @@ class _SparsePatch(ForwardPatch):
                 # selection
                 None if in_call else
                 tuple(None if value is None else _object_key(value) for value in map(call.get, PROMPT_ARGS)) +
-                tuple(map(_object_key, _zimage_tensors(call.get("cap_feats")))))
+                tuple(map(_object_key, _nested_tensors(call.get("cap_feats")))))
 
     def _forward_key(self, call: dict, key: tuple) -> tuple:
         """``(plan key, recomputation)`` of this forward: during a backward pass (a checkpoint's recomputation) the key

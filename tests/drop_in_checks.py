@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 
 import sparsectx
+from sparsectx import integration
 from sparsectx.diagnostics import count_host_reads
 
 GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-5  # fp32 gradients through the layers computed in a different order
@@ -97,22 +98,13 @@ def check_bf16_dropping_equals_masking(model: torch.nn.Module, kwargs: dict, run
     assert_criterion(dropped, masked(model, keep, kwargs), model, keep, kwargs)
 
 
-def _tensors(value) -> list:
-    """The tensors of ``value``: itself, or those in its (nested) lists and tuples."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for item in value for t in _tensors(item)]
-    return []
-
-
 def host_reads_of_two_steps(model: torch.nn.Module, kwargs: dict, run: Callable, timestep: str = "timestep",
                             **settings) -> tuple:
     """``(plain, first, later)``: the host reads (``count_host_reads`` told the model's and the inputs' tensors, those
     in per-sample lists too) of the unpatched model, of the drop-in's first step (``sparsectx.enable(model,
     **settings)``) and of a later step of the same call (its ``timestep`` argument halved). Asserts that the later step
     reused the plan (the first step's inputs give its output again; the later step's output differs)."""
-    device_data = [model, *(t for v in kwargs.values() for t in _tensors(v))]
+    device_data = [model, *(t for v in kwargs.values() for t in integration._nested_tensors(v))]
     with count_host_reads(device_data) as plain:
         run(model, kwargs)
     sparsectx.enable(model, **settings)

@@ -548,14 +548,8 @@ def _bf16_check(device, attention):
     model = _build().to(device, torch.bfloat16)
     kwargs = _to(_inputs(shared=False), torch.bfloat16, device)
     kwargs["cap_feats"][1][1] = torch.randn(40, CAP_DIM, device=device, dtype=torch.bfloat16)  # (a padding mask)
-    sparsectx.enable(model, budget=[[0.5, 0.5], [0.25, 1.0]], selector="uniform", attention=attention)
-    try:
-        dropped = _run(model, kwargs)
-        keep = sparsectx.last_selection(model).keep
-    finally:
-        sparsectx.disable(model)
-    assert dropped.dtype == torch.bfloat16 and not keep.all()
-    _assert_flash_criterion(dropped, _masked(model, keep, kwargs), model, keep, kwargs)
+    checks.check_bf16_dropping_equals_masking(model, kwargs, _run, _masked, _assert_flash_criterion,
+                                              budget=[[0.5, 0.5], [0.25, 1.0]], attention=attention)
 
 
 @pytest.mark.gpu
