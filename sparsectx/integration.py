@@ -136,6 +136,7 @@ if TYPE_CHECKING:  # (imported where used: sparsectx.processors imports diffuser
 FLUX2, FLUX, QWEN, FLUX3, QWEN21, LONGCAT, FIBO = "flux2", "flux", "qwen", "flux3", "qwen21", "longcat", "fibo"
 JOYPLUS, JOYEDIT = "joyimage_plus", "joyimage_edit"
 ZIMAGE = "zimage_omni"
+GLM = "glm_image"
 MIN_DIFFUSERS = (0, 39)  # the oldest diffusers release the test suite passes with (setup.py's floor)
 MAX_TESTED_DIFFUSERS = (0, 42)  # the newest release series the suite ran with (README, "Versions")
 SUPPORTED_TRANSFORMERS = {  # diffusers class name -> family
@@ -149,13 +150,14 @@ SUPPORTED_TRANSFORMERS = {  # diffusers class name -> family
     "JoyImageEditPlusTransformer3DModel": JOYPLUS,
     "JoyImageEditTransformer3DModel": JOYEDIT,
     "ZImageTransformer2DModel": ZIMAGE,
+    "GlmImageTransformer2DModel": GLM,
 }
 SUPPORTED_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinKVPipeline", "Flux2KleinInpaintPipeline",
                        "FluxKontextPipeline", "FluxKontextInpaintPipeline", "QwenImageEditPipeline",
                        "QwenImageEditPlusPipeline", "QwenImageEditInpaintPipeline", "Flux3ModularPipeline",
                        "Flux3DistilledModularPipeline", "QwenImage21Pipeline", "LongCatImageEditPipeline",
                        "BriaFiboEditPipeline", "JoyImageEditPlusPipeline",
-                       "JoyImageEditPipeline", "ZImageOmniPipeline")
+                       "JoyImageEditPipeline", "ZImageOmniPipeline", "GlmImagePipeline")
 NATIVE, SPARSECTX = "native", "sparsectx"  # enable(attention=...): diffusers' own attention or sparsectx's kernel
 ATTENTION_CHOICES = (NATIVE, SPARSECTX)
 DROP_TRAINING_ATTR = "_sparsectx_drop_training"  # set by sparsectx.training.enable_drop_training
@@ -187,24 +189,28 @@ _BATCH_ARGS = {
     JOYEDIT: ("hidden_states", "encoder_hidden_states", "timestep"),
     # (Z-Image takes per-sample lists; its hidden_states is sparsectx's own: the patch rows, _zimage_rows)
     ZIMAGE: ("hidden_states", "x", "t", "cap_feats", "siglip_feats", "image_noise_mask"),
+    GLM: ("hidden_states", "encoder_hidden_states", "prior_token_id", "prior_token_drop", "timestep", "target_size",
+          "crop_coords", "attention_mask"),
 }
 # per family: the forward arguments the layout is read from (a forward without them can not be patched)
 _LAYOUT_ARGS = {FLUX2: ("hidden_states", "img_ids"), FLUX: ("hidden_states", "img_ids"),
                 QWEN: ("hidden_states", "img_shapes"), FLUX3: ("image_cond_hidden_states", "image_cond_ids"),
                 QWEN21: ("hidden_states", "img_shapes", "img_mask"), LONGCAT: ("hidden_states", "img_ids"),
                 FIBO: ("hidden_states", "img_ids"), JOYPLUS: ("hidden_states", "shape_list"),
-                JOYEDIT: ("hidden_states",), ZIMAGE: ("x", "cap_feats")}
+                JOYEDIT: ("hidden_states",), ZIMAGE: ("x", "cap_feats"), GLM: ("hidden_states", "kv_caches")}
 # per family: the forward argument holding the reference rows and the one holding their position ids. FLUX.3 takes
 # its references as an input of their own (they produce no output rows); the others append them to the image
 # sequence, after the target (Qwen-Image 2.1: before it; Qwen-Image has no ids: its layout comes from img_shapes,
 # JoyImage-Edit-Plus's from shape_list, its rows patches [B, N, C, pt, ph, pw]; JoyImage-Edit's from its latents'
 # items [B, items, C, T, H, W], the references first and the target last, patchified inside its forward; Z-Image
-# Omni's from its per-sample image lists x, their patch rows made by sparsectx as hidden_states, _zimage_rows)
+# Omni's from its per-sample image lists x, their patch rows made by sparsectx as hidden_states, _zimage_rows;
+# GLM-Image's from a write forward of its KV cache: its hidden_states one reference image's latents [B, C, H, W])
 _REFERENCE_ARGS = {FLUX2: ("hidden_states", "img_ids"), FLUX: ("hidden_states", "img_ids"),
                    QWEN: ("hidden_states", "img_ids"), FLUX3: ("image_cond_hidden_states", "image_cond_ids"),
                    QWEN21: ("hidden_states", "img_ids"), LONGCAT: ("hidden_states", "img_ids"),
                    FIBO: ("hidden_states", "img_ids"), JOYPLUS: ("hidden_states", "img_ids"),
-                   JOYEDIT: ("hidden_states", "img_ids"), ZIMAGE: ("hidden_states", "img_ids")}
+                   JOYEDIT: ("hidden_states", "img_ids"), ZIMAGE: ("hidden_states", "img_ids"),
+                   GLM: ("hidden_states", "img_ids")}
 # (LongCat-Image's forward takes none: the per-call settings given to its pipeline's joint_attention_kwargs, which
 # the pipeline does not hand on, reach the patch through the enabled pipeline's call; JoyImage-Edit-Plus's pipeline
 # and forward take none, nor JoyImage-Edit's: an enabled pipeline takes attention_kwargs={"sparsectx": ...} for them,
@@ -212,14 +218,14 @@ _REFERENCE_ARGS = {FLUX2: ("hidden_states", "img_ids"), FLUX: ("hidden_states", 
 _ATTN_KWARGS_ARG = {FLUX2: "joint_attention_kwargs", FLUX: "joint_attention_kwargs", QWEN: "attention_kwargs",
                     FLUX3: "attention_kwargs", QWEN21: "attention_kwargs", LONGCAT: "joint_attention_kwargs",
                     FIBO: "joint_attention_kwargs", JOYPLUS: "attention_kwargs", JOYEDIT: "attention_kwargs",
-                    ZIMAGE: "joint_attention_kwargs"}
+                    ZIMAGE: "joint_attention_kwargs", GLM: "attention_kwargs"}
 # the pipelines' keyword that reaches it (FLUX.2's pipelines take attention_kwargs; their modular blocks, as every
 # pipeline whose __call__ takes **kwargs, the transformer's keyword), for messages about a bare transformer's call
 _PIPELINE_ATTN_KWARGS_ARG = {FLUX2: "attention_kwargs", FLUX: "joint_attention_kwargs", QWEN: "attention_kwargs",
                              FLUX3: "attention_kwargs", QWEN21: "attention_kwargs",
                              LONGCAT: "joint_attention_kwargs", FIBO: "joint_attention_kwargs",
                              JOYPLUS: "attention_kwargs", JOYEDIT: "attention_kwargs",
-                             ZIMAGE: "joint_attention_kwargs"}
+                             ZIMAGE: "joint_attention_kwargs", GLM: "attention_kwargs"}
 _ATTN_KWARGS_NAMES = ("attention_kwargs", "joint_attention_kwargs")
 # families whose forwards look for the pipeline call they run in even outside an enabled one: LongCat (per-call
 # settings it would drop; Z-Image's too where its forward takes no joint_attention_kwargs, diffusers < 0.42), Bria
@@ -880,11 +886,31 @@ def _zimage_layout(call: dict) -> Optional[_Layout]:
                    {"ref_shapes": [(f * h, w) for f, h, w in first[:-1]]}, target_host, ref_host)
 
 
+def _glm_layout(call: dict, model: Optional[torch.nn.Module]) -> Optional[_Layout]:
+    """GLM-Image: a write forward of its reference KV cache (``kv_caches`` in ``"write"`` mode) holds one reference
+    image, every row of it (its patches, ``model.config.patch_size``); any other forward holds none (its references
+    are in the cache, written before)."""
+    from .glmimage import WRITE, cache_mode, grid
+
+    hidden = call["hidden_states"]
+    if cache_mode(call.get("kv_caches")) != WRITE or hidden.ndim != 4:
+        return None
+    if model is None:
+        raise ValueError("GLM-Image's layout needs the model (its patch size)")
+    shape = grid(hidden, model.config.patch_size)
+    if not shape[0] * shape[1]:
+        return None
+    target_host, ref_host = torch.arange(0), torch.arange(shape[0] * shape[1])
+    return _Layout(target_host.to(hidden.device), ref_host.to(hidden.device), [len(ref_host)], None, None,
+                   {"ref_shapes": [shape]}, target_host, ref_host)
+
+
 _LAYOUTS = {**{family: functools.partial(_ids_layout, target_plane=plane) for family, plane in TARGET_PLANES.items()},
             QWEN: functools.partial(_image_layout, target_first=True),
             FLUX3: _cond_layout, QWEN21: functools.partial(_image_layout, target_first=False),
             JOYPLUS: functools.partial(_image_layout, target_first=True, arg="shape_list"), ZIMAGE: _zimage_layout}
-# (JoyImage-Edit's layout, _items_layout, also reads the model's patch size: reference_layout calls it with the model)
+# (JoyImage-Edit's layout, _items_layout, and GLM-Image's, _glm_layout, also read the model's patch size:
+# reference_layout calls them with the model)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1308,6 +1334,8 @@ def reference_layout(family: str, call: dict, model: Optional[torch.nn.Module] =
     transformer, which JoyImage-Edit's layout reads its patch size from); None when the image sequence holds none."""
     if family == JOYEDIT:
         return _items_layout(call, model)
+    if family == GLM:
+        return _glm_layout(call, model)
     return _LAYOUTS[family](call)
 
 
@@ -1781,6 +1809,12 @@ class _SparsePatch(ForwardPatch):
         # groups) -> (that step's plan, None or each group's own cache): its cached steps attend to the tokens it
         # kept, whatever plans came since (another selection, enable again, new prompt tensors)
         self.extracted = weakref.WeakKeyDictionary()
+        # GLM-Image: which reference image of which request each write forward of a KV cache stores, and the image
+        # of the write forward running now (its budget entry, its random draw)
+        from .glmimage import WrittenImages
+
+        self.glm_written = WrittenImages() if family == GLM else None
+        self.glm_image: Optional[int] = None
 
     @property
     def cache(self) -> Optional[_Plan]:
@@ -1915,18 +1949,39 @@ class _SparsePatch(ForwardPatch):
             if self.pipeline_calls or self.family in _FAMILIES_WALKING_THE_STACK else (None, None)
         in_call = bool(self.pipeline_calls) and caller[0] is self.call_pipeline
         overrides = self._pop_overrides(call, in_call, caller)
+        written = self._glm_written_image(call)
+        if written is not None:  # GLM-Image's write forward: the budget entry of the image it stores
+            overrides = {**overrides, "budget": _glm_image_budget(overrides.get("budget", self.settings.budget),
+                                                                  *written)}
+        self.glm_image = None if written is None else written[1]
         plan, packable = self._plan(call, overrides, in_call, _guidance_batched(*caller))
         # a KV-cached step's layer caches may carry a kept_index: its range is read once for the forward's layers
         ranges = state_scope(self.attention_state, index_ranges={}) if self.attention_state is not None and \
             call.get("kv_cache_mode") == KV_CACHED else contextlib.nullcontext
         if not torch.is_grad_enabled():
             with ranges():
-                return self._run_plan(call, plan, packable)
-        # gradient checkpointing recomputes the blocks during backward, with the processors installed then
-        with self.checkpointed_in(functools.partial(self._attention_unchanged, self.attention)), ranges():
-            return self._run_plan(call, plan, packable)
+                result = self._run_plan(call, plan, packable)
+        else:
+            # gradient checkpointing recomputes the blocks during backward, with the processors installed then
+            with self.checkpointed_in(functools.partial(self._attention_unchanged, self.attention)), ranges():
+                result = self._run_plan(call, plan, packable)
+        if written is not None:
+            self.glm_written.record(call["kv_caches"], *written)
+        return result
+
+    def _glm_written_image(self, call: dict) -> Optional[tuple]:
+        """GLM-Image's write forward: ``(request, image)``, the cache's sample slot it writes and which of its
+        reference images (None when unknown, ``WrittenImages``); None for any other forward."""
+        if self.family != GLM:
+            return None
+        from .glmimage import WRITE, cache_mode
+
+        kv_caches = call.get("kv_caches")
+        return self.glm_written.index(kv_caches) if cache_mode(kv_caches) == WRITE else None
 
     def _run_plan(self, call: dict, plan: _Plan, packable: bool):
+        if self.family == GLM:
+            return self._run_glm(call, plan)
         if self.family == ZIMAGE:
             return self._run_zimage(call, plan) if plan.groups else self._call_original(**call)
         if self.family == QWEN21 and call.get("kv_cache") is not None:
@@ -2004,6 +2059,10 @@ class _SparsePatch(ForwardPatch):
         JoyImage-Edit: its latents' items as the patch rows its forward makes, ``joyimage.patch_rows``)."""
         if self.family == JOYEDIT:
             from .joyimage import patch_rows
+
+            return patch_rows(call["hidden_states"], self.transformer.config.patch_size)
+        if self.family == GLM:
+            from .glmimage import patch_rows
 
             return patch_rows(call["hidden_states"], self.transformer.config.patch_size)
         return call[self.reference_arg]
@@ -2232,7 +2291,7 @@ class _SparsePatch(ForwardPatch):
                 (tuple(call["hidden_states"].shape), None if ids is None else tuple(ids.shape),
                  None if references is None else tuple(references.shape),
                  repr(call.get("img_shapes")), repr(call.get("shape_list")), call.get("kv_cache_mode"),
-                 repr(_zimage_grids(call)) if self.family == ZIMAGE else None),
+                 repr(_zimage_grids(call)) if self.family == ZIMAGE else _glm_cache_mode(call)),
                 guidance_pairs,
                 (_budget_key(overrides.get("budget", self.settings.budget)),
                  overrides.get("selector_key", _selector_key(overrides.get("selector", self.settings.selector))),
@@ -2412,6 +2471,8 @@ class _SparsePatch(ForwardPatch):
         budget = overrides.get("budget", self.settings.budget)
         selector = overrides.get("selector", self.settings.selector)
         signals = overrides.get("signals", self.settings.signals)
+        if self.family == GLM:
+            _check_glm_selector(selector, signals)
         from .selection import SelectionContext
 
         from .selection import (budget_first_sample, budget_for_batch, budget_same_per_sample, mask_ranking,
@@ -2436,6 +2497,8 @@ class _SparsePatch(ForwardPatch):
         # batch seeds every sample with the first generator's seed
         sample_seeds = seed if (isinstance(seed, tuple) and len(seed) == batch and selector.reads_generator) else None
         seed = seed[0] if isinstance(seed, tuple) else seed
+        if seed is not None and self.glm_image:  # GLM-Image selects each reference image in a forward of its own:
+            seed += self.glm_image  # each image of a request draws its own
 
         def select(shared: bool) -> tuple:
             generator = None if seed is None else torch.Generator(device=hidden.device).manual_seed(seed)
@@ -2444,7 +2507,7 @@ class _SparsePatch(ForwardPatch):
             extra = {**layout.extra, **_signals_for(signals, batch, shared, hidden.device)}
             # the automatic probe, unless the user gave their own: it runs only if a selector asks for a probe
             # tensor the signals lack (probe tensors given in the signals are used as given)
-            if "attention_probe" not in signals:
+            if "attention_probe" not in signals and self.family != GLM:  # (GLM-Image's: _check_glm_selector)
                 extra["attention_probe"] = self._attention_probe(call, layout, shared)
             context = SelectionContext(num_references=len(layout.ref_lengths), ref_lengths=list(layout.ref_lengths),
                                        reference_ids=layout.reference_ids, target_shape=layout.target_shape,
@@ -2625,6 +2688,14 @@ class _SparsePatch(ForwardPatch):
             from .joyimage import compacted_edit_forward
 
             return compacted_edit_forward(self.transformer, group.positions, **g)
+        if self.family == GLM:  # (a write forward: its image projector's rows are taken, its RoPE and prior rows)
+            from .glmimage import compacted, grid, kept_arguments
+
+            shape = grid(g["hidden_states"], self.transformer.config.patch_size)
+            with compacted(self.transformer, group.positions, shape[0] * shape[1], g["kv_caches"]) as positions:
+                g.update(kept_arguments(self.transformer, positions, g["hidden_states"], g["prior_token_id"],
+                                        g["prior_token_drop"], g.get("image_rotary_emb")))
+                return self.original_forward(**g)
         n_image = g["hidden_states"].shape[1]
         g["hidden_states"] = g["hidden_states"].index_select(1, group.positions)
         if self.family == QWEN:
@@ -2668,6 +2739,26 @@ class _SparsePatch(ForwardPatch):
         from .processors import fast_rope_tables  # deferred: imports diffusers' model modules
 
         return fast_rope_tables(self.transformer, memo)
+
+    def _run_glm(self, call: dict, plan: _Plan):
+        """GLM-Image: a write forward of its KV cache on its kept rows (one group: a write stores one set of rows for
+        its samples); a read step whose samples' cached rows differ in number (other budgets per request, references
+        of other sizes: diffusers' read concatenates them into one batch), one forward per cache slot, on the
+        samples reading it; any other forward as it is."""
+        if len(plan.groups) > 1:
+            raise ValueError("GLM-Image: the samples of this KV-cache write forward keep different tokens, but a "
+                             "write stores one set of rows for them all; write each request's references in "
+                             "forwards of its own (as GlmImagePipeline does), or select the same tokens for all")
+        if plan.groups:
+            return self._run_group(call, plan.groups[0])
+        from .glmimage import per_slot_caches
+
+        parts = per_slot_caches(call.get("kv_caches"), call["hidden_states"].shape[0])
+        if parts is None:
+            return self._call_original(**call)
+        results = [self.original_forward(**{**self._slice_batch(call, rows), "kv_caches": caches})
+                   for rows, caches in parts]  # (each slot's samples: consecutive rows, in slot order)
+        return _with_sample(results[0], torch.cat([_sample_of(result) for result in results]))
 
     def _run_zimage(self, call: dict, plan: _Plan):
         """Z-Image Omni: one forward for the whole batch, each sample on its kept rows (its forward runs every sample
@@ -2853,6 +2944,64 @@ class _SparsePatch(ForwardPatch):
             else:
                 full[group.samples[:, None], group.out_dest[None, :]] = rows
         return _with_sample(first, full)
+
+
+def _glm_cache_mode(call: dict) -> Optional[str]:
+    """The mode of a GLM-Image forward's KV cache (``glmimage.cache_mode``): a write forward and a read step of one
+    size are planned apart."""
+    from .glmimage import cache_mode
+
+    return cache_mode(call.get("kv_caches"))
+
+
+def _glm_image_budget(budget: Budget, request: int, image: Optional[int]) -> Budget:
+    """The budget of GLM-Image's write forward storing reference image ``image`` of the cache's sample slot
+    ``request`` (the pipeline writes one slot per prompt): a per-request list's entry for that prompt, then a per-image
+    list's entry for that image. A budget object with per-request or per-image settings is refused (each write
+    forward is sized alone)."""
+    if budget is None:
+        return None
+    if _is_budget_fn(budget):
+        settings = budget.settings() if callable(getattr(budget, "settings", None)) else {}
+        if any(isinstance(v, (list, tuple)) or (isinstance(v, torch.Tensor) and v.numel() > 1)
+               for v in settings.values()):
+            raise ValueError(f"budget {budget!r}: GLM-Image selects each reference image in its own KV-cache write "
+                             "forward, so a budget object takes one value per setting there; give per-request or "
+                             "per-image budgets as lists of ratios or counts")
+        return budget
+    spec = budget
+    if _is_per_request(budget):
+        if len(budget) > 1 and request >= len(budget):
+            raise ValueError(f"budget has {len(budget)} per-request entries, but this KV-cache write forward stores "
+                             f"the references of request {request + 1} (GLM-Image's requests are its prompts, one "
+                             "sample slot of the cache each)")
+        spec = budget[request if len(budget) > 1 else 0]
+    if not isinstance(spec, list) or len(spec) == 1:
+        return spec[0] if isinstance(spec, list) else spec
+    if image is None:
+        raise ValueError("a per-image budget needs to know which reference image a KV-cache write forward stores, "
+                         "but the cache's sample slot holds rows no enabled write forward of it stored (written while "
+                         "disabled?): clear the cache (kv_caches.clear()) and write it again")
+    if image >= len(spec):
+        raise ValueError(f"budget has {len(spec)} per-image entries, but request {request + 1} writes a reference "
+                         f"image {image + 1} into the KV cache")
+    return spec[image]
+
+
+def _check_glm_selector(selector, signals: dict) -> None:
+    """GLM-Image writes each reference image into its KV cache in a forward of its own, before the denoising loop,
+    with no prompt and no target in the sequence: the attention probe has no query to read there, so a selector that
+    needs it must be given its signals."""
+    from .selection import get_selector
+
+    needs = {"attention": ("queries", "text_queries", "target_queries"), "edit": ("user_mask", "text_queries")}
+    for name, given in needs.items():
+        if selector is get_selector(name) and all(signals.get(n) is None for n in given):
+            raise ValueError(f"selector {name!r} on GLM-Image needs signals {' or '.join(map(repr, given))}: "
+                             "GLM-Image writes each reference image into its KV cache in a forward of its own, "
+                             "before the denoising loop, with no prompt and no target in that sequence, so the "
+                             "attention probe has no query to read; use 'random', 'uniform', 'subject' (its "
+                             "saliency), 'edit' with signals={'user_mask': ...}, or a callable")
 
 
 def _kept_key_columns(mask: torch.Tensor, n_text: int, n_image: int, positions: torch.Tensor) -> torch.Tensor:
@@ -3313,6 +3462,10 @@ def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Call
     settings = _make_settings(budget, selector, seed, signals)
     _warn_ids_grid(family, settings.selector, settings.signals)
     _check_attention(attention)
+    if family == GLM and attention == SPARSECTX:
+        raise ValueError("attention='sparsectx' is not available for GLM-Image yet (sparsectx has no processor for "
+                         "its KV-cache attention); use attention='native' (the compacted cache and steps run the "
+                         "model's own processors)")
     if family == QWEN21 and attention == SPARSECTX:
         raise ValueError("attention='sparsectx' is not available for Qwen-Image 2.1: its attention is block-causal "
                          "over text and condition images, and sparsectx's kernel attends bidirectionally; use "

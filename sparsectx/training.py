@@ -463,10 +463,10 @@ def enable_drop_training(transformer, ratio_range: tuple = DEFAULT_RATIO_RANGE,
     if not isinstance(skip_dropped_queries, bool):
         raise TypeError(f"skip_dropped_queries must be a bool, got {type(skip_dropped_queries).__name__}")
     _, model, family = integration._split_target(transformer)
-    if family in (integration.FLUX3, integration.QWEN21, integration.JOYEDIT, integration.ZIMAGE):
+    if family in (integration.FLUX3, integration.QWEN21, integration.JOYEDIT, integration.ZIMAGE, integration.GLM):
         raise TypeError("drop training's masked attention covers FLUX.1, FLUX.2, Qwen-Image, LongCat-Image, Bria "
-                        "FIBO and JoyImage-Edit-Plus; on FLUX.3, Qwen-Image 2.1, JoyImage-Edit and Z-Image Omni, "
-                        "train with the dropped references removed: "
+                        "FIBO and JoyImage-Edit-Plus; on FLUX.3, Qwen-Image 2.1, JoyImage-Edit, Z-Image Omni and "
+                        "GLM-Image, train with the dropped references removed: "
                         "sparsectx.enable(transformer, budget=None, selector=sparsectx.random_drop_selector("
                         "ratio_range, generator)) on the transformer in train mode draws a new mask at each forward")
     integration.check_diffusers_version()

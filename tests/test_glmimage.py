@@ -1,0 +1,466 @@
+"""Drop-in Sparse Context for GLM-Image (sparsectx.glmimage, GlmImageTransformer2DModel and GlmImagePipeline): tiny
+random-weight models built from configs, CPU, offline. GLM-Image writes each reference image into a KV cache in a
+forward of its own (``kv_caches`` in "write" mode: the image's latents alone, no text), before the denoising loop;
+every step then reads the cache (its text and target queries attend to the cached keys first). The drop-in runs each
+write forward on the image's kept rows, so the cache holds the kept tokens only.
+
+The reference: diffusers' own model with the dropped rows masked as keys in every attention of the write forwards
+and of the steps (``masked_keys``: diffusers' attention dispatch given a boolean key mask)."""
+import contextlib
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+if not hasattr(diffusers, "GlmImageTransformer2DModel"):
+    pytest.skip(f"diffusers {diffusers.__version__} has no GLM-Image", allow_module_level=True)
+from diffusers.models.transformers import transformer_glm_image as glm  # noqa: E402
+
+import drop_in_checks as checks  # noqa: E402  (tests/, on sys.path by pytest.ini)
+import sparsectx  # noqa: E402
+from pipeline_fixtures import tiny_pipeline_fixtures  # noqa: E402  (tests/, on sys.path by pytest.ini)
+from sparsectx import glmimage, integration  # noqa: E402
+
+CHANNELS, TEXT_DIM, CODEBOOK, LAYERS, HEADS, HEAD_DIM = 4, 12, 32, 2, 2, 8
+# reference latents [C, H, W] of their own sizes: patch grids 4x4 (16 rows) and 3x5 (15 rows); the target's 4x4
+REF_SHAPES = [(CHANNELS, 8, 8), (CHANNELS, 6, 10)]
+REF_LENGTHS = [16, 15]
+TARGET = (CHANNELS, 8, 8)
+N_TEXT = 5
+
+
+def _build(seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    model = diffusers.GlmImageTransformer2DModel(
+        patch_size=2, in_channels=CHANNELS, out_channels=CHANNELS, num_layers=LAYERS, attention_head_dim=HEAD_DIM,
+        num_attention_heads=HEADS, text_embed_dim=TEXT_DIM, time_embed_dim=16, condition_dim=8,
+        prior_vq_quantizer_codebook_size=CODEBOOK)
+    with torch.no_grad():  # (random weights everywhere: every path counts)
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.3)
+    return model.to(dtype).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _build()
+
+
+@pytest.fixture(autouse=True)
+def _always_disabled(model):
+    yield
+    integration.disable(model)
+
+
+def _inputs(seed=1, batch=1, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    n_target = (TARGET[1] // 2) * (TARGET[2] // 2)
+    return dict(
+        refs=[torch.randn(1, *shape, generator=g, dtype=dtype) for shape in REF_SHAPES],
+        ref_prior=[torch.randint(0, CODEBOOK, (n,), generator=g) for n in REF_LENGTHS],
+        latents=torch.randn(batch, *TARGET, generator=g, dtype=dtype),
+        text=torch.randn(batch, N_TEXT, TEXT_DIM, generator=g, dtype=dtype),
+        prior=torch.randint(0, CODEBOOK, (batch, n_target), generator=g))
+
+
+def _write(model, kv, ref, prior, **kwargs):
+    """One write forward (as GlmImagePipeline runs it): the image's latents alone, timestep 0."""
+    return model(hidden_states=ref, encoder_hidden_states=ref.new_zeros((1, 0, TEXT_DIM)), prior_token_id=prior,
+                 prior_token_drop=torch.zeros_like(prior, dtype=torch.bool), timestep=torch.zeros(1),
+                 target_size=torch.tensor([[16.0, 16.0]]), crop_coords=torch.zeros(1, 2), kv_caches=kv,
+                 return_dict=False, **kwargs)[0]
+
+
+def _step(model, kv, x, text, prior, timestep=500.0, **kwargs):
+    batch = x.shape[0]
+    kv.set_mode("read")
+    return model(hidden_states=x, encoder_hidden_states=text, prior_token_id=prior,
+                 prior_token_drop=torch.zeros_like(prior, dtype=torch.bool), timestep=torch.full((batch,), timestep),
+                 target_size=torch.tensor([[16.0, 16.0]] * batch), crop_coords=torch.zeros(batch, 2),
+                 kv_caches=kv, return_dict=False, **kwargs)[0]
+
+
+def _run(model, inputs, refs=None, **kwargs):
+    """Writes the references into a new cache (one sample slot), then one step: ``(output, cache)``."""
+    kv = glm.GlmImageKVCache(LAYERS)
+    kv.set_mode("write")
+    for ref, prior in zip(inputs["refs"] if refs is None else refs, inputs["ref_prior"]):
+        _write(model, kv, ref, prior)
+    kv.next_sample()
+    return _step(model, kv, inputs["latents"], inputs["text"], inputs["prior"], **kwargs), kv
+
+
+@contextlib.contextmanager
+def masked_keys(model, keeps):
+    """diffusers' model with the dropped rows masked as keys: the write forward of image i attends to its kept rows
+    only (``keeps[i]``, bool [N_i]), a read step to every image's kept cached rows and all its own rows."""
+    original = glm.dispatch_attention_fn
+    written = []
+
+    def dispatch(query, key, value, attn_mask=None, **kwargs):
+        assert attn_mask is None  # (no text padding mask in these calls)
+        n_cached = key.shape[1] - query.shape[1]
+        if n_cached == 0:  # a write forward: this image's rows (each block stores them, then attends)
+            mask = keeps[len(written) // LAYERS]
+            written.append(1)
+        else:
+            mask = torch.cat([*keeps, torch.ones(query.shape[1], dtype=torch.bool)])
+        assert mask.numel() == key.shape[1]
+        return original(query, key, value, attn_mask=mask.view(1, 1, 1, -1).to(query.device), **kwargs)
+
+    glm.dispatch_attention_fn = dispatch
+    try:
+        yield
+    finally:
+        glm.dispatch_attention_fn = original
+
+
+def _keeps_of(seed=7):
+    g = torch.Generator().manual_seed(seed)
+    keeps = [torch.rand(n, generator=g) < 0.4 for n in REF_LENGTHS]
+    for keep in keeps:
+        keep[0] = True  # (at least one row kept per image)
+    return keeps
+
+
+def _mask_selector(keeps):
+    return lambda latents, context: keeps[REF_LENGTHS.index(latents.shape[1])].expand(latents.shape[0], -1)
+
+
+def test_supported_names():
+    assert integration.SUPPORTED_TRANSFORMERS["GlmImageTransformer2DModel"] == integration.GLM
+    assert "GlmImagePipeline" in integration.SUPPORTED_PIPELINES
+
+
+def test_patch_rows_are_the_image_projectors_rows(model):
+    latents = torch.randn(2, CHANNELS, 6, 10, dtype=torch.float64)
+    rows = glmimage.patch_rows(latents, 2)
+    assert rows.shape == (2, 15, CHANNELS * 4)
+    projector = model.image_projector
+    assert torch.allclose(projector.proj(rows), projector(latents), rtol=0, atol=1e-12)
+
+
+def test_dropping_rows_equals_masking_them_as_keys(model):
+    """The compacted write forwards store the masked model's keys and values of the kept rows, and a step on that
+    cache equals the masked model's step (fp64)."""
+    inputs, keeps = _inputs(), _keeps_of()
+    with torch.no_grad(), masked_keys(model, keeps):
+        expected, full_cache = _run(model, inputs)
+    sparsectx.enable(model, budget=None, selector=_mask_selector(keeps))
+    with torch.no_grad():
+        out, cache = _run(model, inputs)
+    kept = torch.cat(keeps)
+    for layer, full in zip(cache.caches, full_cache.caches):
+        assert layer.k_caches[0].shape[1] == int(kept.sum())
+        assert torch.allclose(layer.k_caches[0], full.k_caches[0][:, kept], rtol=0, atol=1e-10)
+        assert torch.allclose(layer.v_caches[0], full.v_caches[0][:, kept], rtol=0, atol=1e-10)
+    assert torch.allclose(out, expected, rtol=0, atol=1e-10)
+    with torch.no_grad():
+        plain, _ = _run(_build(), inputs)  # (the same weights, nothing dropped: dropping changed the output)
+    assert (plain - out).abs().max() > 1e-3
+
+
+def test_keep_all_runs_diffusers_forward_and_disable_restores(model):
+    inputs = _inputs()
+    with torch.no_grad():
+        expected, _ = _run(model, inputs)
+        sparsectx.enable(model, budget=1.0)
+        assert torch.equal(_run(model, inputs)[0], expected)
+        sparsectx.enable(model, budget=0.5, selector="uniform")
+        assert (_run(model, inputs)[0] - expected).abs().max() > 1e-3
+        sparsectx.disable(model)
+        assert torch.equal(_run(model, inputs)[0], expected)
+    assert "forward" not in model.__dict__
+
+
+def test_per_image_budget_and_counts(model):
+    """A per-image budget: each write forward stores its image's entry (a ratio and a count here)."""
+    sparsectx.enable(model, budget=[0.5, 3], selector="uniform")
+    with torch.no_grad():
+        _, cache = _run(model, _inputs())
+    assert cache.caches[0].k_caches[0].shape[1] == 8 + 3
+    sparsectx.enable(model, budget=[0.5, 3, 0.1], selector="uniform")  # (a third entry, never reached: unused)
+    with torch.no_grad():
+        _, cache = _run(model, _inputs())
+    assert cache.caches[0].k_caches[0].shape[1] == 8 + 3
+    sparsectx.enable(model, budget=[0.5], selector="uniform")
+    with torch.no_grad():
+        _, cache = _run(model, _inputs())
+    assert cache.caches[0].k_caches[0].shape[1] == 8 + 8  # (round half up: 7.5 -> 8)
+
+
+def test_a_write_beyond_the_per_image_budget_is_refused(model):
+    inputs = _inputs()
+    sparsectx.enable(model, budget=[0.5, 0.5], selector="uniform")
+    kv = glm.GlmImageKVCache(LAYERS)
+    kv.set_mode("write")
+    with torch.no_grad():
+        for ref, prior in zip(inputs["refs"], inputs["ref_prior"]):
+            _write(model, kv, ref, prior)
+        with pytest.raises(ValueError, match="2 per-image entries, but request 1 writes a reference image 3"):
+            _write(model, kv, inputs["refs"][0], inputs["ref_prior"][0])
+
+
+def test_slot_written_while_disabled_refuses_a_per_image_budget(model):
+    inputs = _inputs()
+    kv = glm.GlmImageKVCache(LAYERS)
+    kv.set_mode("write")
+    with torch.no_grad():
+        _write(model, kv, inputs["refs"][0], inputs["ref_prior"][0])  # (not enabled)
+        sparsectx.enable(model, budget=[0.5, 0.25], selector="uniform")
+        with pytest.raises(ValueError, match="per-image budget needs to know which reference image"):
+            _write(model, kv, inputs["refs"][1], inputs["ref_prior"][1])
+        sparsectx.enable(model, budget=0.25, selector="uniform")  # (one value for every image: no need to know)
+        _write(model, kv, inputs["refs"][1], inputs["ref_prior"][1])
+    assert kv.caches[0].k_caches[0].shape[1] == 16 + 4
+
+
+def test_budget_zero_stores_an_empty_slot_of_the_keys_dtype(model):
+    """No row kept: the sample's slot is made (the next sample's is the next one), empty, of the keys' dtype; the
+    step equals a step on a cache holding nothing of that sample."""
+    inputs = _inputs()
+    sparsectx.enable(model, budget=0)
+    other = glm.GlmImageKVCache(LAYERS)
+    other.set_mode("write")
+    with torch.no_grad():
+        out, cache = _run(model, inputs)
+        written = _write(model, other, inputs["refs"][0], inputs["ref_prior"][0])
+    assert all(layer.k_caches[0].shape == (1, 0, HEADS, HEAD_DIM) and layer.k_caches[0].dtype == torch.float64
+               for layer in cache.caches)
+    assert written.shape == inputs["refs"][0].shape and not written.any()  # (no row kept: a zero output)
+    sparsectx.disable(model)
+    empty = glm.GlmImageKVCache(LAYERS)
+    for layer in empty.caches:
+        layer.k_caches = [torch.zeros(1, 0, HEADS, HEAD_DIM, dtype=torch.float64)]
+        layer.v_caches = [torch.zeros(1, 0, HEADS, HEAD_DIM, dtype=torch.float64)]
+    with torch.no_grad():
+        expected = _step(model, empty, inputs["latents"], inputs["text"], inputs["prior"])
+    assert torch.equal(out, expected)
+
+
+def test_random_selector_with_a_seed_draws_each_image_its_own(model):
+    """``seed`` makes the draws repeatable; the references of a request, selected one write forward each, draw
+    apart (two images of one size keep different positions)."""
+    inputs = _inputs()
+    same_size = [inputs["refs"][0], inputs["refs"][0] + 1.0]
+    kept = []
+    sparsectx.enable(model, budget=0.25, selector="random", seed=3)
+    for _ in range(2):
+        kv = glm.GlmImageKVCache(LAYERS)
+        kv.set_mode("write")
+        with torch.no_grad():
+            for ref in same_size:
+                _write(model, kv, ref, inputs["ref_prior"][0])
+                kept.append(sparsectx.last_selection(model).keep)
+    assert torch.equal(kept[0], kept[2]) and torch.equal(kept[1], kept[3])
+    assert not torch.equal(kept[0], kept[1])
+
+
+def test_selectors_needing_the_probe_are_refused_by_name(model):
+    inputs = _inputs()
+    for selector, match in (("attention", "selector 'attention' on GLM-Image needs signals"),
+                            ("edit", "selector 'edit' on GLM-Image needs signals")):
+        sparsectx.enable(model, budget=0.25, selector=selector)
+        with pytest.raises(ValueError, match=match), torch.no_grad():
+            _run(model, inputs)
+    # 'edit' given the user's region keeps it
+    region = torch.zeros(1, REF_LENGTHS[0], dtype=torch.bool)
+    region[0, 5:9] = True
+    sparsectx.enable(model, budget=4, selector="edit", signals={"user_mask": region})
+    kv = glm.GlmImageKVCache(LAYERS)
+    kv.set_mode("write")
+    with torch.no_grad():
+        _write(model, kv, inputs["refs"][0], inputs["ref_prior"][0])
+    assert torch.equal(sparsectx.last_selection(model).keep, region)
+
+
+def test_subject_keeps_a_planted_subject_by_saliency(model):
+    """'subject' runs on its saliency signal alone (no probe): a subject planted in the middle of the image is
+    what it keeps."""
+    ref = torch.zeros(1, CHANNELS, 8, 8, dtype=torch.float64) + 0.01 * torch.randn(1, CHANNELS, 8, 8,
+                                                                                   dtype=torch.float64)
+    ref[..., 2:6, 2:6] += 3.0  # patches (1..2, 1..2) of the 4x4 grid
+    subject = torch.zeros(4, 4, dtype=torch.bool)
+    subject[1:3, 1:3] = True
+    sparsectx.enable(model, budget=4, selector="subject")
+    kv = glm.GlmImageKVCache(LAYERS)
+    kv.set_mode("write")
+    with torch.no_grad():
+        _write(model, kv, ref, _inputs()["ref_prior"][0])
+    assert torch.equal(sparsectx.last_selection(model).keep[0], subject.flatten())
+
+
+def test_a_write_batch_keeping_different_tokens_is_refused(model):
+    inputs = _inputs()
+    refs = torch.cat([inputs["refs"][0], inputs["refs"][0] + 1.0])
+    prior = inputs["ref_prior"][0]
+    keep = torch.zeros(2, REF_LENGTHS[0], dtype=torch.bool)
+    keep[0, :4], keep[1, 4:8] = True, True
+    sparsectx.enable(model, budget=None, selector=lambda latents, context: keep)
+    kv = glm.GlmImageKVCache(LAYERS)
+    kv.set_mode("write")
+    with pytest.raises(ValueError, match="keep different tokens, but a write stores one set of rows"), \
+            torch.no_grad():
+        model(hidden_states=refs, encoder_hidden_states=refs.new_zeros((2, 0, TEXT_DIM)), prior_token_id=prior,
+              prior_token_drop=torch.zeros_like(prior, dtype=torch.bool), timestep=torch.zeros(2),
+              target_size=torch.tensor([[16.0, 16.0]] * 2), crop_coords=torch.zeros(2, 2), kv_caches=kv)
+
+
+def test_budget_object_with_per_image_settings_is_refused(model):
+    sparsectx.enable(model, budget=sparsectx.selection.fixed_ratio([0.25, 0.5]), selector="uniform")
+    with pytest.raises(ValueError, match="a budget object takes one value per setting there"), torch.no_grad():
+        _run(model, _inputs())
+    sparsectx.enable(model, budget=sparsectx.selection.fixed_ratio(0.25), selector="uniform")
+    with torch.no_grad():
+        _, cache = _run(model, _inputs())
+    assert cache.caches[0].k_caches[0].shape[1] == 4 + 4
+
+
+def test_sparsectx_attention_and_masked_drop_training_are_refused(model):
+    with pytest.raises(ValueError, match="attention='sparsectx' is not available for GLM-Image"):
+        sparsectx.enable(model, budget=0.5, attention="sparsectx")
+    assert integration.PATCH_ATTR not in model.__dict__ and "forward" not in model.__dict__
+    with pytest.raises(TypeError, match="GLM-Image, train with the dropped references removed"):
+        sparsectx.enable_drop_training(model)
+
+
+def test_random_drop_training_gradients_equal_the_masked_model(model):
+    """Removal-based drop training (``random_drop_selector`` on a train-mode transformer): each write forward draws
+    its mask, and the gradients of a loss on the step's output equal the masked model's (fp64)."""
+    inputs = _inputs()
+    trained = _build()
+    trained.train()
+    generator = torch.Generator().manual_seed(11)
+    sparsectx.enable(trained, budget=None, selector=sparsectx.random_drop_selector((0.2, 0.6), generator))
+    kv = glm.GlmImageKVCache(LAYERS)
+    kv.set_mode("write")
+    keeps = []  # the masks the write forwards drew
+    for ref, prior in zip(inputs["refs"], inputs["ref_prior"]):
+        _write(trained, kv, ref, prior)
+        keeps.append(sparsectx.last_selection(trained).keep[0])
+    kv.next_sample()
+    out = _step(trained, kv, inputs["latents"], inputs["text"], inputs["prior"])
+    assert all(0 < int(keep.sum()) < keep.numel() for keep in keeps)
+    (out ** 2).sum().backward()
+    grads = {name: p.grad.clone() for name, p in trained.named_parameters() if p.grad is not None}
+    sparsectx.disable(trained)
+    trained.zero_grad()
+    with masked_keys(trained, keeps):
+        expected, _ = _run(trained, inputs)
+    assert torch.allclose(out, expected, rtol=0, atol=1e-10)
+    (expected ** 2).sum().backward()
+    assert len(grads) == len([p for p in trained.parameters() if p.grad is not None])
+    for name, p in trained.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(grads[name], p.grad, rtol=1e-9, atol=1e-9), name
+
+
+# -- the pipeline ----------------------------------------------------------------------------------------------------
+VAE_CHANNELS = (8, 16)  # two levels: the VAE downsamples 2x; a transformer token is 4x4 pixels (patch 2)
+IMAGES = [(32, 32), (24, 40)]  # (h, w) pixels: latent patch grids 8x8 (64 rows) and 6x10 (60 rows)
+IMAGE_ROWS = [64, 60]
+HEIGHT = WIDTH = 32
+
+
+def _make_pipe():
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=list(VAE_CHANNELS), latent_channels=CHANNELS,
+        norm_num_groups=4, layers_per_block=1, latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.0, 0.8, 1.2, 0.9])
+    pipe = diffusers.GlmImagePipeline(tokenizer=None, processor=None, text_encoder=None,
+                                      vision_language_encoder=None, vae=vae.eval(), transformer=_build(),
+                                      scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
+    return pipe.to(torch.float64)
+
+
+pipe, _always_disabled_pipe = tiny_pipeline_fixtures(_make_pipe)
+
+
+def _images(seed=0):
+    rng = np.random.default_rng(seed)
+    from PIL import Image
+
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in IMAGES]
+
+
+def _requests(count=2):
+    """Per request (prompt): its embeddings, its AR tokens, its reference images and their AR tokens and grids, its
+    initial noise (given: no text encoder or AR model here)."""
+    g = torch.Generator().manual_seed(3)
+    grid = torch.tensor([[1, h // 4, w // 4] for h, w in IMAGES])
+    return [dict(embeds=torch.randn(1, N_TEXT, TEXT_DIM, generator=g, dtype=torch.float64),
+                 prior=torch.randint(0, CODEBOOK, (1, (HEIGHT // 4) * (WIDTH // 4)), generator=g),
+                 images=_images(r), ref_prior=torch.randint(0, CODEBOOK, (sum(IMAGE_ROWS),), generator=g), grid=grid,
+                 latents=torch.randn(1, CHANNELS, HEIGHT // 2, WIDTH // 2, generator=g, dtype=torch.float64))
+            for r in range(count)]
+
+
+def _call(pipe, requests=None, seed=None, **kwargs):
+    """A pipeline call on ``requests`` (default: the first of ``_requests``), output latents; ``seed``: a generator
+    of that seed, else the requests' own noise."""
+    requests = requests or _requests(1)
+    embeds = torch.cat([r["embeds"] for r in requests])
+    noise = {} if seed is not None else {"latents": torch.cat([r["latents"] for r in requests])}
+    return pipe(prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds),
+                image=[r["images"] for r in requests], height=HEIGHT, width=WIDTH, num_inference_steps=2,
+                prior_token_ids=torch.cat([r["prior"] for r in requests]),
+                prior_token_image_ids=[r["ref_prior"] for r in requests],
+                source_image_grid_thw=[r["grid"] for r in requests], output_type="latent",
+                generator=None if seed is None else torch.Generator().manual_seed(seed), **{**noise, **kwargs}).images
+
+
+def test_pipeline_keep_all_and_disable(pipe):
+    checks.check_keep_all_and_disable(pipe, functools.partial(_call, pipe))
+
+
+def test_pipeline_tokens_reaching_the_blocks(pipe):
+    """Each write forward runs its image's kept rows through the blocks and stores them; every step's target rows
+    attend to the kept cached rows (the per-image budget: a ratio and a count), then the text and target."""
+    seen = []
+
+    def record(block, args, kwargs):
+        seen.append((kwargs["kv_cache"].mode, args[0].shape[1], sum(k.shape[1] for k in kwargs["kv_cache"].k_caches)))
+
+    handle = pipe.transformer.transformer_blocks[0].register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        sparsectx.enable(pipe, budget=[0.25, 7], selector="uniform")
+        _call(pipe, guidance_scale=1.0)
+    finally:
+        handle.remove()
+    assert seen == [("write", 16, 0), ("write", 7, 16), ("read", 64, 23), ("read", 64, 23)]
+
+
+def test_pipeline_mixed_budgets_equal_each_request_alone(pipe):
+    """Two prompts whose budgets differ: their cache slots differ in length (diffusers' read concatenates slots:
+    the drop-in reads each slot in a forward of its own); each sample equals its prompt run alone."""
+    requests = _requests(2)
+    sparsectx.enable(pipe, budget=[[0.25], [0.5]], selector="uniform")
+    both = _call(pipe, requests)
+    sparsectx.enable(pipe, budget=0.25, selector="uniform")
+    first = _call(pipe, requests[:1])
+    sparsectx.enable(pipe, budget=0.5, selector="uniform")
+    second = _call(pipe, requests[1:])
+    assert torch.allclose(both, torch.cat([first, second]), rtol=0, atol=1e-12)
+    sparsectx.enable(pipe, budget=0.25, selector="uniform")
+    assert (_call(pipe, requests[1:]) - second).abs().max() > 1e-3  # (the budgets made a difference)
+
+
+def test_pipeline_per_call_budget(pipe):
+    sparsectx.enable(pipe, budget=0.5, selector="uniform")
+    seen = []
+    handle = pipe.transformer.transformer_blocks[0].register_forward_pre_hook(
+        lambda block, args, kwargs: seen.append(args[0].shape[1]) if kwargs["kv_cache"].mode == "write" else None,
+        with_kwargs=True)
+    try:
+        _call(pipe, attention_kwargs={"sparsectx": {"budget": [2, 0.2]}})
+        _call(pipe)
+    finally:
+        handle.remove()
+    assert seen == [2, 12, 32, 30]
+
+
+def test_pipeline_generator_seeds_selection(pipe):
+    checks.check_generator_seeds_selection(pipe, lambda seed: _call(pipe, seed=seed))
