@@ -54,7 +54,7 @@ STEP_NAMES=("nvidia-smi" "versions" "install wheels" "pip install --target" "imp
             "bench key cases" "bench norm_rope" "bench training" "bench e2e" "bench selection" "bench kv"
             "bench pipeline" "profile ops" "pytest candidates" "bench e2e_qwen" "bench train_step" "bench e2e_batch"
             "bench e2e_kontext" "bench e2e_flux3" "bench e2e_qwen21" "bench e2e_longcat" "bench e2e_zimage"
-            "pytest not gpu")
+            "bench e2e_glm" "pytest not gpu")
 IFS=, read -r -a SKIP_LIST <<<"$SKIP_STEPS"
 for skipped in "${SKIP_LIST[@]}"; do
     known=0
@@ -120,13 +120,16 @@ LONGCAT_CAP_S=45
 # Z-Image Omni step (diffusers' default config with SigLIP width 1152: 6.51B), --quick subset (1 ref x 10%, 3 refs x 10%):
 # 6 rows (cuDNN forced among them); never run on a GPU
 ZIMAGE_CAP_S=50
+# GLM-Image call (the released DiT config: 30 blocks of 32 heads of 128, 6.93B parameters), --quick subset (1 ref x
+# 10%, 3 refs x 10%): each row writes the references and runs 4 steps; never run on a GPU
+GLM_CAP_S=50
 # Qwen-Image-Edit-20B step, --quick subset (1 ref x 10%, 3 refs x 10%): a 20B model (41 GB in bf16) built on the GPU;
 # never run: by FACTS' step times (keep-all 0.41 / 1.04 s) about 25 s of steps, plus start-up, the model build and
 # the autotuning of sparsectx attention's shapes
 QWEN_CAP_S=90
 SCRATCH=$(mktemp -d /tmp/gpu_check.XXXXXX)
 # the benchmark steps' JSON files, in the order the summary lists them
-BENCH_PARTS=("$SCRATCH"/bench_{key,norm_rope,training,e2e,selection,kv,pipeline,e2e_qwen,train_step,e2e_batch,e2e_kontext,e2e_flux3,e2e_qwen21,e2e_longcat,e2e_zimage}.json)
+BENCH_PARTS=("$SCRATCH"/bench_{key,norm_rope,training,e2e,selection,kv,pipeline,e2e_qwen,train_step,e2e_batch,e2e_kontext,e2e_flux3,e2e_qwen21,e2e_longcat,e2e_zimage,e2e_glm}.json)
 rm -f "$OUT/bench.json" "$OUT/results.md" "$OUT/profile_ops.txt"   # an earlier run's files must not pass for
                                                                        # this run's
 START=$SECONDS
@@ -314,6 +317,10 @@ if part 2; then
     # the compacted rows)
     step "bench e2e_zimage" "$ZIMAGE_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case e2e_zimage --quick \
         --json "$SCRATCH/bench_e2e_zimage.json"
+    # the GLM-Image call (drop-in since 2026-12-04; the reference KV cache holding the kept tokens, against the
+    # model's own write forwards on the kept rows)
+    step "bench e2e_glm" "$GLM_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case e2e_glm --quick \
+        --json "$SCRATCH/bench_e2e_glm.json"
     # the rest of the suite (the non-gpu tests) on the CUDA device, in whatever time is left
     tests "pytest not gpu" "$(seconds_left)" "$TESTS_LOG" "${PYTEST[@]}" tests -m "not gpu"
 fi

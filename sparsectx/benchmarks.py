@@ -42,8 +42,8 @@ from .diagnostics import count_cuda_syncs, count_host_reads
 SEED = 0
 SIZES = ("tiny", "full")
 CASE_ORDER = ("attention", "compaction", "batch", "masked", "training", "norm_rope", "rope_tables", "e2e", "selection",
-              "pipeline", "e2e_kontext", "e2e_longcat", "e2e_qwen", "e2e_flux3", "e2e_qwen21", "e2e_zimage", "kv",
-              "e2e_batch", "train_step")
+              "pipeline", "e2e_kontext", "e2e_longcat", "e2e_qwen", "e2e_flux3", "e2e_qwen21", "e2e_zimage", "e2e_glm",
+              "kv", "e2e_batch", "train_step")
 # relative L2 error bound between two implementations computing the same function in one dtype
 REL_ERR_BOUND = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # ... and for the worst row (last dim = features) against the mean row norm: a few wrong rows among 10^5 hardly move
@@ -1019,6 +1019,13 @@ ZIMAGE_OMNI_DEFAULT = dict(in_channels=16, dim=3840, n_layers=30, n_refiner_laye
                            cap_feat_dim=2560, siglip_feat_dim=1152, axes_dims=[32, 48, 48], axes_lens=[1024, 512, 512])
 ZIMAGE_OMNI_TINY = dict(in_channels=16, dim=32, n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
                         cap_feat_dim=32, siglip_feat_dim=16, axes_dims=[4, 6, 6], axes_lens=[256, 64, 64])
+# GLM-Image's DiT (the released transformer/config.json: 30 blocks, 32 heads of 128, glyph text of 1472 channels)
+GLM_IMAGE_DIT = dict(patch_size=2, in_channels=16, out_channels=16, num_layers=30, attention_head_dim=128,
+                     num_attention_heads=32, text_embed_dim=1472, time_embed_dim=512, condition_dim=256,
+                     prior_vq_quantizer_codebook_size=16384)
+GLM_IMAGE_TINY = dict(patch_size=2, in_channels=16, out_channels=16, num_layers=1, attention_head_dim=16,
+                      num_attention_heads=2, text_embed_dim=32, time_embed_dim=16, condition_dim=8,
+                      prior_vq_quantizer_codebook_size=64)
 ZIMAGE_SIGLIP_SIDE = {"full": 16, "tiny": 2}  # SigLIP grid side per reference (naflex at 256 patches: 16 x 16)
 QWEN21_TEXT_BETWEEN = 4  # Qwen-Image 2.1: text tokens between two condition images' slots (the prompt template's)
 REFERENCE_TIME_STRIDE = 10  # FLUX.2: reference i has time coordinate 10 * (i + 1)
@@ -1086,6 +1093,12 @@ QWEN21 = ModelFamily("Qwen-Image 2.1 (diffusers' default config)", "QwenImage21T
 ZIMAGE_OMNI = ModelFamily("Z-Image Omni (diffusers' default config, SigLIP width 1152)", "ZImageTransformer2DModel",
                           {"full": ZIMAGE_OMNI_DEFAULT, "tiny": ZIMAGE_OMNI_TINY}, n_axes=3, ref_plane_stride=1,
                           batched_ids=False, text_position_axis=None, pooled=False, guidance=None)
+
+
+# GLM-Image has no position-id input either (its RoPE comes from the latents' grid)
+GLM_IMAGE = ModelFamily("GLM-Image DiT (released config)", "GlmImageTransformer2DModel",
+                        {"full": GLM_IMAGE_DIT, "tiny": GLM_IMAGE_TINY}, n_axes=2, ref_plane_stride=1,
+                        batched_ids=False, text_position_axis=None, pooled=False, guidance=None)
 
 
 def release_cached_models() -> None:
@@ -1759,6 +1772,92 @@ class ZImageEndToEndCase(_RefsKeepCase):
             Impl("keep all reference tokens", full_step, comparable=False,
                  note="100% kept (a different output by design)", shared_key=(self.name, refs, "all")),
             Impl("no reference (limit)", lambda: step(0), comparable=False, note="lower bound of any selection",
+                 shared_key=(self.name, "none")),
+        ]
+        return Workload(self.name, shape, impls, dtype, reps=s["reps"], track_memory=True,
+                        passes=EndToEndCase.PASSES)
+
+
+class GlmImageEndToEndCase(_RefsKeepCase):
+    """A GLM-Image call's reference work and steps (``GlmImageTransformer2DModel``, the released DiT config, random
+    weights; a tiny preset on the CPU): each 1024² reference (latents of 128 x 128, 64 x 64 tokens) written into
+    the KV cache by a forward of its own, then ``STEPS`` denoising steps reading it (1024² target, 64 x 64 tokens,
+    ``text`` glyph tokens; the conditional branch, as ``GlmImagePipeline`` calls the transformer). The cache holds
+    the kept tokens: the steps attend to fewer keys and the writes run on fewer rows. The ideal is the model's own
+    write forwards on the kept rows (``glmimage.compacted`` given them) and the same steps."""
+
+    name = "e2e_glm"
+    title = ("one GLM-Image call's references written into the KV cache and 4 steps reading it, GLM-Image DiT "
+             "architecture (released config, random weights)")
+    family = GLM_IMAGE
+    STEPS = 4
+    impl_names = ("sparsectx.enable (native attn)", "model on the compacted cache", "keep all reference tokens",
+                  "no reference (limit)")
+    sizes = {
+        "full": dict(target_side=64, text=128, ref_side=64, refs=(1, 3), keeps=(0.25, 0.10, 0.05),
+                     quick=[(1, 0.10), (3, 0.10)], reps=3),
+        "tiny": dict(target_side=4, text=8, ref_side=4, refs=(1, 3), keeps=(0.25, 0.5), quick=[(3, 0.25)],
+                     reps=None),
+    }
+
+    def build(self, config, size: str, device: torch.device) -> Workload:
+        from diffusers.models.transformers.transformer_glm_image import GlmImageKVCache
+
+        from . import glmimage, integration, selection
+
+        refs, keep, s, dtype, gen, model, side, ref_side, n_target, n_ref = self._step_setup(config, size, device)
+        cfg = model.config
+        codebook = cfg.prior_vq_quantizer_codebook_size
+        references = [_randn(gen, 1, cfg.in_channels, 2 * ref_side, 2 * ref_side, device=device, dtype=dtype)
+                      for _ in range(refs)]
+        ref_prior = [torch.randint(0, codebook, (n_ref,), generator=gen, device=device) for _ in range(refs)]
+        target = _randn(gen, 1, cfg.in_channels, 2 * side, 2 * side, device=device, dtype=dtype)
+        text = _randn(gen, 1, s["text"], cfg.text_embed_dim, device=device, dtype=dtype)
+        prior = torch.randint(0, codebook, (1, n_target), generator=gen, device=device)
+        count = math.floor(keep * n_ref + 0.5)
+        sizes = dict(target_size=torch.tensor([[16.0 * side, 16.0 * side]], device=device, dtype=dtype),
+                     crop_coords=torch.zeros(1, 2, device=device, dtype=dtype))
+        # the kept rows: the uniform selector's, as the drop-in makes them (one image's grid)
+        context = selection.SelectionContext(num_references=1, ref_lengths=[n_ref],
+                                             extra={"ref_shapes": [(ref_side, ref_side)]})
+        scores = selection.get_selector("uniform")(references[0].new_zeros(1, n_ref, 1), context)[0]
+        positions = scores.topk(count).indices.sort().values
+
+        def call(n_images, kept=None):
+            """Writes ``n_images`` references (``kept``: the model's write forwards on those rows), then steps."""
+            kv = GlmImageKVCache(cfg.num_layers)
+            with torch.inference_mode():
+                if n_images:
+                    kv.set_mode("write")
+                    for ref, ids in zip(references[:n_images], ref_prior):
+                        args = dict(hidden_states=ref, encoder_hidden_states=text[:, :0], prior_token_id=ids,
+                                    prior_token_drop=torch.zeros_like(ids, dtype=torch.bool),
+                                    timestep=torch.zeros(1, device=device), kv_caches=kv, return_dict=False, **sizes)
+                        with (glmimage.compacted(model, kept, n_ref, kv) if kept is not None
+                              else contextlib.nullcontext()) as rows:
+                            if rows is not None:
+                                args.update(glmimage.kept_arguments(model, rows, ref, ids, args["prior_token_drop"]))
+                            model(**args)
+                    kv.next_sample()
+                    kv.set_mode("read")
+                for _ in range(self.STEPS):
+                    out = model(hidden_states=target, encoder_hidden_states=text, prior_token_id=prior,
+                                prior_token_drop=torch.zeros_like(prior, dtype=torch.bool),
+                                timestep=torch.full((1,), 1000 * STEP_TIMESTEP, device=device, dtype=dtype),
+                                kv_caches=kv if n_images else None, return_dict=False, **sizes)[0]
+            return out
+
+        full_call = lambda: call(refs)  # noqa: E731 - every reference token
+        shape = _step_shape(self.family, size, refs, keep, count, n_ref, n_target, s["text"], dtype)
+        impls = [
+            Impl("sparsectx.enable (native attn)", full_call,
+                 scope=lambda: integration.sparse_context(model, budget=count, selector="uniform"),
+                 note="the drop-in: each write forward selects and runs on its kept rows"),
+            Impl("model on the compacted cache", lambda: call(refs, positions),
+                 note="glmimage.compacted given the kept rows: the compacted ideal"),
+            Impl("keep all reference tokens", full_call, comparable=False,
+                 note="100% kept (a different output by design)", shared_key=(self.name, refs, "all")),
+            Impl("no reference (limit)", lambda: call(0), comparable=False, note="lower bound of any selection",
                  shared_key=(self.name, "none")),
         ]
         return Workload(self.name, shape, impls, dtype, reps=s["reps"], track_memory=True,
@@ -2652,12 +2751,14 @@ def _cudnn_forced(native: Impl, device: torch.device) -> Impl:
 CASES = {case.name: case for case in (AttentionCase(), CompactionCase(), BatchCase(), MaskedCase(), TrainingCase(),
                                       NormRopeCase(), RopeTablesCase(), EndToEndCase(), KontextEndToEndCase(),
                                       LongCatEndToEndCase(), QwenEndToEndCase(), Flux3EndToEndCase(),
-                                      Qwen21EndToEndCase(), ZImageEndToEndCase(), SelectionCase(), PipelineCase(),
+                                      Qwen21EndToEndCase(), ZImageEndToEndCase(), GlmImageEndToEndCase(),
+                                      SelectionCase(), PipelineCase(),
                                       KVCacheCase(),
                                       MixedBatchCase(), TrainStepCase())}
 # cases that build the cached model (released after them)
 MODEL_CASES = (EndToEndCase.name, KontextEndToEndCase.name, LongCatEndToEndCase.name, QwenEndToEndCase.name,
-               Flux3EndToEndCase.name, Qwen21EndToEndCase.name, ZImageEndToEndCase.name, PipelineCase.name,
+               Flux3EndToEndCase.name, Qwen21EndToEndCase.name, ZImageEndToEndCase.name, GlmImageEndToEndCase.name,
+               PipelineCase.name,
                KVCacheCase.name,
                MixedBatchCase.name, TrainStepCase.name)
 
@@ -3083,6 +3184,9 @@ TARGETS = (
     Target(5, "e2e_qwen21", "sparsectx.enable, KV-cached step", "model on the compacted sequence, KV-cached step",
            1 / 1.03, "drop-in's KV-cached step within 3% of the compacted ideal's"),
     Target(5, "e2e_zimage", "sparsectx.enable (native attn)", "model on the compacted sequence", 1 / 1.03,
+           "drop-in within 3% of the compacted ideal"),
+    # and on GLM-Image's call (supported since 2026-12-04): its writes and 4 steps against the model's own
+    Target(5, "e2e_glm", "sparsectx.enable (native attn)", "model on the compacted cache", 1 / 1.03,
            "drop-in within 3% of the compacted ideal"),
     Target(5, "kv", "sparsectx.enable + KV cache", "plain run, all references, no cache", KV_TARGET_SPEEDUP,
            "sparse + KV 4-step speed-up over the plain run"),
