@@ -1,6 +1,6 @@
 """Drop-in Sparse Context for diffusers pipelines: FLUX.1 Kontext, FLUX.2 / klein (+ reference KV cache),
 Qwen-Image-Edit(-Plus), FLUX.3 (its modular pipelines), Qwen-Image 2.1, LongCat-Image-Edit, Bria FIBO Edit,
-JoyImage-Edit(-Plus), Z-Image Omni.
+JoyImage-Edit(-Plus), Z-Image Omni, GLM-Image.
 
 ```python
 sparsectx.enable(pipe, budget=0.1, selector="random", seed=0)   # a pipeline or a bare transformer
@@ -38,7 +38,12 @@ wrapper runs ``sparsectx.joyimage.compacted_edit_forward``, its forward with the
 patch embedding. Z-Image Omni takes per-sample image lists and patchifies them inside its forward: the wrapper
 removes each sample's dropped rows right after the model's own ``patchify_and_embed_omni`` and reads the target back
 for its ``unpatchify`` (``sparsectx.zimage.compacted``), the whole batch in one forward (the model runs each sample
-as a sequence of its own); its ``hidden_states`` is a stand-in made by sparsectx, the images' patch rows.
+as a sequence of its own); its ``hidden_states`` is a stand-in made by sparsectx, the images' patch rows. GLM-Image
+holds its references in a KV cache that one forward per reference image writes (``kv_caches`` in ``"write"`` mode,
+the image's latents alone) before the denoising loop: the wrapper runs each such forward on the image's kept rows
+(``sparsectx.glmimage.compacted``), so the cache holds the kept tokens and the steps, which read it, run unchanged
+(a step whose samples' cache slots differ in length runs one forward per slot); each reference image is selected
+in its own write forward (a per-image budget's entry by the image's place in its sample slot).
 
 The selection is computed once per pipeline call and reused at every step (and by the CFG branch), with every
 index derived from it (the plan: layout, keep mask, kept rows, output rows). The first step reads the device

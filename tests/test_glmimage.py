@@ -67,19 +67,21 @@ def _inputs(seed=1, batch=1, dtype=torch.float64):
 
 def _write(model, kv, ref, prior, **kwargs):
     """One write forward (as GlmImagePipeline runs it): the image's latents alone, timestep 0."""
+    device = ref.device
     return model(hidden_states=ref, encoder_hidden_states=ref.new_zeros((1, 0, TEXT_DIM)), prior_token_id=prior,
-                 prior_token_drop=torch.zeros_like(prior, dtype=torch.bool), timestep=torch.zeros(1),
-                 target_size=torch.tensor([[16.0, 16.0]]), crop_coords=torch.zeros(1, 2), kv_caches=kv,
-                 return_dict=False, **kwargs)[0]
+                 prior_token_drop=torch.zeros_like(prior, dtype=torch.bool), timestep=torch.zeros(1, device=device),
+                 target_size=torch.tensor([[16.0, 16.0]], device=device), crop_coords=torch.zeros(1, 2, device=device),
+                 kv_caches=kv, return_dict=False, **kwargs)[0]
 
 
 def _step(model, kv, x, text, prior, timestep=500.0, **kwargs):
-    batch = x.shape[0]
+    batch, device = x.shape[0], x.device
     kv.set_mode("read")
     return model(hidden_states=x, encoder_hidden_states=text, prior_token_id=prior,
-                 prior_token_drop=torch.zeros_like(prior, dtype=torch.bool), timestep=torch.full((batch,), timestep),
-                 target_size=torch.tensor([[16.0, 16.0]] * batch), crop_coords=torch.zeros(batch, 2),
-                 kv_caches=kv, return_dict=False, **kwargs)[0]
+                 prior_token_drop=torch.zeros_like(prior, dtype=torch.bool),
+                 timestep=torch.full((batch,), timestep, device=device),
+                 target_size=torch.tensor([[16.0, 16.0]] * batch, device=device),
+                 crop_coords=torch.zeros(batch, 2, device=device), kv_caches=kv, return_dict=False, **kwargs)[0]
 
 
 def _run(model, inputs, refs=None, **kwargs):
@@ -160,6 +162,45 @@ def test_dropping_rows_equals_masking_them_as_keys(model):
     with torch.no_grad():
         plain, _ = _run(_build(), inputs)  # (the same weights, nothing dropped: dropping changed the output)
     assert (plain - out).abs().max() > 1e-3
+
+
+def _to(inputs, device, dtype):
+    return {name: [t.to(device, dtype if t.is_floating_point() else t.dtype) for t in value]
+            if isinstance(value, list) else value.to(device, dtype if value.is_floating_point() else value.dtype)
+            for name, value in inputs.items()}
+
+
+def _bf16_check(device):
+    """In bf16 the drop-in (compacted writes, then a step) is as close to the key-masked model in fp64 as the
+    key-masked model in bf16 is (the flash criterion: at most twice its error, plus fp32 resolution)."""
+    keeps = _keeps_of()
+    model64 = _build()
+    model = _build().to(device, torch.bfloat16)
+    inputs = _inputs()
+    with torch.no_grad():
+        with masked_keys(model64, keeps):
+            exact, _ = _run(model64, inputs)
+        bf16 = _to(inputs, device, torch.bfloat16)
+        with masked_keys(model, keeps):
+            masked, _ = _run(model, bf16)
+        sparsectx.enable(model, budget=None, selector=_mask_selector([k.to(device) for k in keeps]))
+        try:
+            dropped, cache = _run(model, bf16)
+        finally:
+            sparsectx.disable(model)
+    assert dropped.dtype == torch.bfloat16 and cache.caches[0].k_caches[0].shape[1] == int(torch.cat(keeps).sum())
+    error, native_error = ((x.cpu().double() - exact).abs().max() for x in (dropped, masked))
+    assert error <= 2 * native_error + 1e-6 * exact.abs().max(), (error, native_error)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_bf16_dropping_rows_equals_masking_keys():
+    _bf16_check("cuda")
+
+
+def test_bf16_dropping_rows_equals_masking_keys_on_the_cpu():
+    _bf16_check("cpu")
 
 
 def test_keep_all_runs_diffusers_forward_and_disable_restores(model):
