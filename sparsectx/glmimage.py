@@ -24,23 +24,24 @@ from __future__ import annotations
 import contextlib
 import functools
 import weakref
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
-WRITE = "write"  # GlmImageLayerKVCache.mode of a forward that stores its keys and values
+WRITE, READ = "write", "read"  # GlmImageLayerKVCache.mode of a forward that stores its keys and values, that reads
 
 
 def cache_mode(kv_caches) -> Optional[str]:
-    """The mode of a forward's ``kv_caches`` (``"write"``, ``"read"``, ``"skip"`` or None); ``ValueError`` when its
-    layers' modes differ (``GlmImageKVCache.set_mode`` sets them all)."""
+    """What a forward does with its ``kv_caches``: ``"write"`` where a layer stores (its image is a reference),
+    else ``"read"`` where a layer reads, else the layers' mode (``"skip"``) or None (``GlmImageKVCache.set_mode``
+    sets every layer's; a forward whose layers differ is run by diffusers as they are)."""
     if kv_caches is None:
         return None
     modes = {cache.mode for cache in kv_caches.caches}
-    if len(modes) != 1:
-        raise ValueError(f"kv_caches: its layers are in different modes {sorted(map(str, modes))}; set them all with "
-                         "kv_caches.set_mode(...)")
-    return modes.pop()
+    for mode in (WRITE, READ):
+        if mode in modes:
+            return mode
+    return modes.pop() if len(modes) == 1 else None
 
 
 def grid(latents: torch.Tensor, patch_size: int) -> tuple:
@@ -105,29 +106,63 @@ def _store_no_row(store, k: torch.Tensor, v: torch.Tensor) -> None:
     store(k[:, :0], v[:, :0])
 
 
+class Written(NamedTuple):
+    """Where a write forward's image lies in its request's references: the cache's sample slot it writes, the
+    image's place among the slot's images and its first row among the slot's image rows (before any was dropped);
+    ``image`` and ``row`` None when not known (``WrittenImages``)."""
+
+    slot: int
+    image: Optional[int]
+    row: Optional[int]
+
+
 class WrittenImages:
-    """Which reference image of which sample each write forward stores: per ``GlmImageKVCache``, the images written
-    so far for each sample slot and the cache tensor that write left (a cache cleared or written by another forward
-    since is not counted on: ``index`` returns None)."""
+    """Which reference image of which sample slot each write forward stores: per ``GlmImageKVCache``, the images and
+    rows written so far for each slot and the cache tensor that write left (a cache cleared, or written by a forward
+    not counted here, since is not counted on)."""
 
     def __init__(self):
-        self._written = weakref.WeakKeyDictionary()  # kv_caches -> {sample: (images written, ref of k cache)}
+        self._written = weakref.WeakKeyDictionary()  # kv_caches -> {slot: (images, rows, ref of its k cache)}
 
-    def index(self, kv_caches) -> tuple:
-        """``(sample, image)`` of the write forward about to run on ``kv_caches``; ``image`` None when unknown."""
+    def index(self, kv_caches) -> Written:
+        """``Written`` of the write forward about to run on ``kv_caches``."""
         first = kv_caches.caches[0]
-        sample = first.current_sample_idx
-        if len(first.k_caches) <= sample:  # nothing stored for the sample yet
-            return sample, 0
-        count, stored = self._written.get(kv_caches, {}).get(sample, (None, None))
-        return sample, count if stored is not None and stored() is first.k_caches[sample] else None
+        slot = first.current_sample_idx
+        if len(first.k_caches) <= slot:  # nothing stored for the slot yet
+            return Written(slot, 0, 0)
+        images, rows, stored = self._written.get(kv_caches, {}).get(slot, (None, None, None))
+        if stored is None or stored() is not first.k_caches[slot]:
+            return Written(slot, None, None)
+        return Written(slot, images, rows)
 
-    def record(self, kv_caches, sample: int, image: Optional[int]) -> None:
-        """After a write forward: the sample's images so far and the cache tensor it left."""
+    def record(self, kv_caches, written: Written, n_rows: int) -> None:
+        """After a write forward of an image of ``n_rows`` rows: the slot's images and rows so far, and the cache
+        tensor it left."""
         first = kv_caches.caches[0]
-        if image is None or len(first.k_caches) <= sample:
+        if written.image is None or len(first.k_caches) <= written.slot:
             return
-        self._written.setdefault(kv_caches, {})[sample] = (image + 1, weakref.ref(first.k_caches[sample]))
+        self._written.setdefault(kv_caches, {})[written.slot] = (
+            written.image + 1, written.row + n_rows, weakref.ref(first.k_caches[written.slot]))
+
+
+def image_signal(name: str, value, written: Written, n_rows: int):
+    """A per-token signal (``[B or 1, N]``, e.g. ``user_mask``) for the write forward of one image: given over the
+    request's every reference row (its last dim the slot's rows so far and more), the image's columns; given per
+    request (a first dim above 1), the slot's row. A value of the image's own width is taken as it is."""
+    if not isinstance(value, torch.Tensor) or value.ndim < 2:
+        return value
+    if value.shape[0] > 1:
+        if written.slot >= value.shape[0]:
+            raise ValueError(f"signals[{name!r}] has {value.shape[0]} rows (one per request), but this KV-cache write "
+                             f"forward stores request {written.slot + 1}'s references")
+        value = value[written.slot:written.slot + 1]
+    if value.shape[1] == n_rows:
+        return value
+    if written.row is None or value.shape[1] < written.row + n_rows:
+        raise ValueError(f"signals[{name!r}] has {value.shape[1]} columns: give one per row of the image (its "
+                         f"{n_rows} rows) or one per reference row of the request, its images in order (this image's "
+                         f"rows start at {written.row if written.row is not None else 'a row not known'})")
+    return value[:, written.row:written.row + n_rows]
 
 
 def per_slot_caches(kv_caches, batch: int) -> Optional[list]:

@@ -1819,7 +1819,9 @@ class _SparsePatch(ForwardPatch):
         from .glmimage import WrittenImages
 
         self.glm_written = WrittenImages() if family == GLM else None
-        self.glm_image: Optional[int] = None
+        self.glm_write = None  # the running write forward's glmimage.Written, or None
+        # the plan of each KV cache's latest write forward: its selection, which the read steps report
+        self.glm_reports = weakref.WeakKeyDictionary()
 
     @property
     def cache(self) -> Optional[_Plan]:
@@ -1834,6 +1836,13 @@ class _SparsePatch(ForwardPatch):
         latest = next(reversed(self.plans))
         plan = self.plans[latest]
         return plan if plan.keep is not None else plan.reports or self._selecting_plan(latest)
+
+    def _reported_plan(self, key: tuple, call: dict) -> Optional[_Plan]:
+        """The selection a plan without one (a KV-cached step) reports: GLM-Image's, the latest write forward's of
+        the step's cache (its prompt is not the step's); else ``_selecting_plan``."""
+        found = self.glm_reports.get(call.get("kv_caches")) if self.family == GLM and \
+            call.get("kv_caches") is not None else None
+        return found if found is not None else self._selecting_plan(key)
 
     def _selecting_plan(self, key: tuple) -> Optional[_Plan]:
         """The most recently used plan with a selection among the plans of ``key``'s call (same call epoch and, outside
@@ -1954,11 +1963,8 @@ class _SparsePatch(ForwardPatch):
             if self.pipeline_calls or self.family in _FAMILIES_WALKING_THE_STACK else (None, None)
         in_call = bool(self.pipeline_calls) and caller[0] is self.call_pipeline
         overrides = self._pop_overrides(call, in_call, caller)
-        written = self._glm_written_image(call)
-        if written is not None:  # GLM-Image's write forward: the budget entry of the image it stores
-            overrides = {**overrides, "budget": _glm_image_budget(overrides.get("budget", self.settings.budget),
-                                                                  *written)}
-        self.glm_image = None if written is None else written[1]
+        if self.family == GLM:  # a write forward: the budget entry and signals of the image it stores
+            overrides = self._glm_overrides(call, overrides)
         plan, packable = self._plan(call, overrides, in_call, _guidance_batched(*caller))
         # a KV-cached step's layer caches may carry a kept_index: its range is read once for the forward's layers
         ranges = state_scope(self.attention_state, index_ranges={}) if self.attention_state is not None and \
@@ -1970,19 +1976,35 @@ class _SparsePatch(ForwardPatch):
             # gradient checkpointing recomputes the blocks during backward, with the processors installed then
             with self.checkpointed_in(functools.partial(self._attention_unchanged, self.attention)), ranges():
                 result = self._run_plan(call, plan, packable)
-        if written is not None:
-            self.glm_written.record(call["kv_caches"], *written)
+        if self.glm_write is not None and plan.layout is not None:
+            self.glm_written.record(call["kv_caches"], self.glm_write, plan.layout.ref_lengths[0])
+            self.glm_reports[call["kv_caches"]] = plan
         return result
 
-    def _glm_written_image(self, call: dict) -> Optional[tuple]:
-        """GLM-Image's write forward: ``(request, image)``, the cache's sample slot it writes and which of its
-        reference images (None when unknown, ``WrittenImages``); None for any other forward."""
-        if self.family != GLM:
-            return None
-        from .glmimage import WRITE, cache_mode
+    def _glm_overrides(self, call: dict, overrides: dict) -> dict:
+        """GLM-Image: sets ``glm_write`` (``glmimage.Written``: where a write forward's image lies among its request's
+        references, None for any other forward) and returns the forward's settings, in a write forward the budget
+        entry of its image (``_glm_image_budget``) and a ``user_mask`` signal's columns of it
+        (``glmimage.image_signal``). A read step checks a per-request budget against the cache's requests."""
+        from .glmimage import READ, WRITE, cache_mode, grid, image_signal
 
         kv_caches = call.get("kv_caches")
-        return self.glm_written.index(kv_caches) if cache_mode(kv_caches) == WRITE else None
+        mode = cache_mode(kv_caches)
+        budget = overrides.get("budget", self.settings.budget)
+        self.glm_write = self.glm_written.index(kv_caches) if mode == WRITE else None
+        if mode == READ and _is_per_request(budget) and len(budget) not in (1, len(kv_caches.caches[0].k_caches)):
+            raise ValueError(f"budget has {len(budget)} per-request entries, but the KV cache holds the references of "
+                             f"{len(kv_caches.caches[0].k_caches)} requests: GLM-Image's requests are its prompts (the "
+                             "samples of a prompt, num_images_per_prompt, share its cache slot and its tokens)")
+        if self.glm_write is None:
+            return overrides
+        shape = grid(call["hidden_states"], self.transformer.config.patch_size)
+        overrides = {**overrides, "budget": _glm_image_budget(budget, self.glm_write.slot, self.glm_write.image)}
+        signals = overrides.get("signals", self.settings.signals)
+        if isinstance(signals.get("user_mask"), torch.Tensor):
+            overrides["signals"] = {**signals, "user_mask": image_signal("user_mask", signals["user_mask"],
+                                                                         self.glm_write, shape[0] * shape[1])}
+        return overrides
 
     def _run_plan(self, call: dict, plan: _Plan, packable: bool):
         if self.family == GLM:
@@ -2141,7 +2163,7 @@ class _SparsePatch(ForwardPatch):
                     return plan, packable
                 self.plans[key] = self.plans.pop(key)  # most recently used last: evicted last, reported by cache
                 if plan.keep is None:  # a KV-cached step after a new extract step (a transformer enabled alone
-                    plan.reports = self._selecting_plan(key)  # reuses its plan): report that extract's selection
+                    plan.reports = self._reported_plan(key, call)  # reuses its plan): report that extract's selection
                 return plan, packable
         self._reinstall_replaced_processors()
         training_input = key[-2] is not None
@@ -2166,7 +2188,7 @@ class _SparsePatch(ForwardPatch):
             plan = self._new_plan(call, None, None, [])
             # a KV-cached step: its call's selection, found now while the call's prompt is alive (a pipeline frees
             # it when the call returns), is what last_selection reports after the call
-            plan.reports = self._selecting_plan(key)
+            plan.reports = self._reported_plan(key, call)
         elif plan is None:
             plan = self._selection_plan(call, layout, overrides, None, guidance_pairs)
         if training_input:
@@ -2296,7 +2318,8 @@ class _SparsePatch(ForwardPatch):
                 (tuple(call["hidden_states"].shape), None if ids is None else tuple(ids.shape),
                  None if references is None else tuple(references.shape),
                  repr(call.get("img_shapes")), repr(call.get("shape_list")), call.get("kv_cache_mode"),
-                 repr(_zimage_grids(call)) if self.family == ZIMAGE else _glm_cache_mode(call)),
+                 repr(_zimage_grids(call)) if self.family == ZIMAGE else
+                 (_glm_cache_mode(call), self.glm_write) if self.family == GLM else None),
                 guidance_pairs,
                 (_budget_key(overrides.get("budget", self.settings.budget)),
                  overrides.get("selector_key", _selector_key(overrides.get("selector", self.settings.selector))),
@@ -2501,9 +2524,9 @@ class _SparsePatch(ForwardPatch):
         # under a KV cache: samples keeping different tokens fill a cache each); a list of another length than the
         # batch seeds every sample with the first generator's seed
         sample_seeds = seed if (isinstance(seed, tuple) and len(seed) == batch and selector.reads_generator) else None
+        if self.glm_write is not None:  # GLM-Image selects each reference image in a forward of its own
+            seed = _glm_seed(seed, self.glm_write)
         seed = seed[0] if isinstance(seed, tuple) else seed
-        if seed is not None and self.glm_image:  # GLM-Image selects each reference image in a forward of its own:
-            seed += self.glm_image  # each image of a request draws its own
 
         def select(shared: bool) -> tuple:
             generator = None if seed is None else torch.Generator(device=hidden.device).manual_seed(seed)
@@ -2959,6 +2982,33 @@ def _glm_cache_mode(call: dict) -> Optional[str]:
     return cache_mode(call.get("kv_caches"))
 
 
+GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: splitmix64's increment, spreading consecutive seeds apart
+
+
+def _glm_seed(seed: Union[int, tuple, None], written) -> Optional[int]:
+    """The seed of GLM-Image's write forward ``written`` (``glmimage.Written``): a per-prompt tuple's entry for its
+    slot (``_prompt_seeds``), then image i's own, ``seed + i·GOLDEN_GAMMA`` mod 2^64 (image 0: the seed itself, as a
+    request of one image alone draws; the others far from any seed a nearby request is given)."""
+    if seed is None:
+        return None
+    if isinstance(seed, tuple):
+        seed = seed[written.slot] if written.slot < len(seed) else seed[0]
+    return (seed + (written.image or 0) * GOLDEN_GAMMA) % 2 ** 64
+
+
+def _prompt_seeds(seed: Union[int, tuple, None], base: type, pipe, args: tuple, kwargs: dict):
+    """GLM-Image's pipeline call: one generator per image (``num_images_per_prompt`` per prompt) -> the seed of
+    each prompt's first image, one per cache slot (a prompt's images share its references' slot)."""
+    if not isinstance(seed, tuple):
+        return seed
+    try:
+        per_prompt = inspect.signature(base.__call__).bind(pipe, *args, **kwargs).arguments.get(
+            "num_images_per_prompt", 1)
+    except TypeError:  # (the pipeline's own call raises it)
+        per_prompt = 1
+    return seed[::per_prompt] if isinstance(per_prompt, int) and per_prompt > 0 else seed
+
+
 def _glm_image_budget(budget: Budget, request: int, image: Optional[int]) -> Budget:
     """The budget of GLM-Image's write forward storing reference image ``image`` of the cache's sample slot
     ``request`` (the pipeline writes one slot per prompt): a per-request list's entry for that prompt, then a per-image
@@ -2968,7 +3018,7 @@ def _glm_image_budget(budget: Budget, request: int, image: Optional[int]) -> Bud
         return None
     if _is_budget_fn(budget):
         settings = budget.settings() if callable(getattr(budget, "settings", None)) else {}
-        if any(isinstance(v, (list, tuple)) or (isinstance(v, torch.Tensor) and v.numel() > 1)
+        if any((isinstance(v, (list, tuple)) and len(v) > 1) or (isinstance(v, torch.Tensor) and v.numel() > 1)
                for v in settings.values()):
             raise ValueError(f"budget {budget!r}: GLM-Image selects each reference image in its own KV-cache write "
                              "forward, so a budget object takes one value per setting there; give per-request or "
@@ -3263,6 +3313,8 @@ def _pipeline_class(base: type) -> type:
                 patch.new_call()
                 patch.pipeline_calls += 1
                 outer_seed, patch.call_seed = patch.call_seed, _call_seed(base, self, args, kwargs)
+                if patch.family == GLM:
+                    patch.call_seed = _prompt_seeds(patch.call_seed, base, self, args, kwargs)
                 outer_kwarg, patch.pipeline_kwarg = patch.pipeline_kwarg, pipeline_kwarg
                 outer_overrides = patch.call_overrides, patch.call_overrides_arrived, patch.call_pipeline
                 patch.call_overrides, patch.call_overrides_arrived, patch.call_pipeline = overrides, False, self

@@ -450,7 +450,7 @@ def _call(pipe, requests=None, seed=None, **kwargs):
                 prior_token_ids=torch.cat([r["prior"] for r in requests]),
                 prior_token_image_ids=[r["ref_prior"] for r in requests],
                 source_image_grid_thw=[r["grid"] for r in requests], output_type="latent",
-                generator=None if seed is None else torch.Generator().manual_seed(seed), **{**noise, **kwargs}).images
+                **{"generator": None if seed is None else torch.Generator().manual_seed(seed), **noise, **kwargs}).images
 
 
 def test_pipeline_keep_all_and_disable(pipe):
@@ -505,3 +505,133 @@ def test_pipeline_per_call_budget(pipe):
 
 def test_pipeline_generator_seeds_selection(pipe):
     checks.check_generator_seeds_selection(pipe, lambda seed: _call(pipe, seed=seed))
+
+
+def _write_keeps(pipe):
+    """``(keeps, handle)``: the keep mask of each write forward of the pipeline's transformer, in order."""
+    keeps = []
+
+    def record(module, args, kwargs, output):
+        if kwargs["kv_caches"] is not None and kwargs["kv_caches"].caches[0].mode == "write":
+            keeps.append(sparsectx.last_selection(module).keep)
+
+    return keeps, pipe.transformer.register_forward_hook(record, with_kwargs=True)
+
+
+def test_pipeline_generators_per_image_seed_each_prompt(pipe):
+    """One generator per image: each prompt's references draw from its first image's generator, as that prompt
+    alone with its generators draws (the images of a prompt share its cache slot)."""
+    requests = _requests(2)
+    keeps, handle = _write_keeps(pipe)
+    gen = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+    try:
+        sparsectx.enable(pipe, budget=0.25, selector="random")
+        _call(pipe, requests, generator=[gen(1), gen(2)], guidance_scale=1.0)
+        both = list(keeps)
+        keeps.clear()
+        _call(pipe, requests[1:], generator=[gen(2)], guidance_scale=1.0)
+        alone = list(keeps)
+        keeps.clear()
+        _call(pipe, requests[1:], generator=gen(1), guidance_scale=1.0)
+        other = list(keeps)
+        keeps.clear()  # two images per prompt: the generators [g1, g9, g2, g9], prompt 2's first image's is g2
+        _call(pipe, requests, generator=[gen(1), gen(9), gen(2), gen(9)], num_images_per_prompt=2,
+              guidance_scale=1.0, latents=torch.zeros(4, CHANNELS, HEIGHT // 2, WIDTH // 2, dtype=torch.float64))
+        per_prompt = list(keeps)
+    finally:
+        handle.remove()
+    assert len(both) == 4 and all(torch.equal(a, b) for a, b in zip(both[2:], alone))
+    assert not torch.equal(both[2], both[0]) and not torch.equal(alone[0], other[0])
+    assert len(per_prompt) == 4 and all(torch.equal(a, b) for a, b in zip(per_prompt, both))
+
+
+def test_pipeline_per_sample_budget_entries_are_refused(pipe):
+    """GLM-Image's requests are its prompts: a per-request budget with one entry per image of a prompt's
+    ``num_images_per_prompt`` (which share the prompt's cache slot) is refused, not read per prompt."""
+    sparsectx.enable(pipe, budget=[[0.25], [0.5]], selector="uniform")
+    with pytest.raises(ValueError, match="2 per-request entries, but the KV cache holds the references of 1 "):
+        _call(pipe, num_images_per_prompt=2, guidance_scale=1.0,
+              latents=torch.zeros(2, CHANNELS, HEIGHT // 2, WIDTH // 2, dtype=torch.float64))
+
+
+def test_pipeline_same_image_twice_draws_twice(pipe):
+    """A request whose references are one image twice: with a seed, each of its images draws its own (the second
+    write does not reuse the first's selection)."""
+    request = _requests(1)[0]
+    request = {**request, "images": [request["images"][0]] * 2,
+               "grid": torch.tensor([[1, 8, 8], [1, 8, 8]]), "ref_prior": request["ref_prior"][:64].repeat(2)}
+    keeps, handle = _write_keeps(pipe)
+    try:
+        sparsectx.enable(pipe, budget=0.25, selector="random", seed=3)
+        _call(pipe, [request], guidance_scale=1.0)
+    finally:
+        handle.remove()
+    assert len(keeps) == 2 and not torch.equal(keeps[0], keeps[1])
+
+
+def test_the_largest_seed_runs(model):
+    """A seed near 2^64 (a generator seeded with -1 has 2^64 - 1) draws for each image without overflowing."""
+    sparsectx.enable(model, budget=0.25, selector="random", seed=2 ** 64 - 1)
+    with torch.no_grad():
+        _, cache = _run(model, _inputs())
+    assert cache.caches[0].k_caches[0].shape[1] == 4 + 4
+
+
+def test_last_selection_of_a_transformer_enabled_alone(pipe):
+    """The transformer enabled alone: the steps (their prompt is not the writes') report the cache's latest write."""
+    keeps, handle = _write_keeps(pipe)
+    try:
+        sparsectx.enable(pipe.transformer, budget=0.25, selector="uniform")
+        _call(pipe, guidance_scale=1.0)
+    finally:
+        handle.remove()
+    selection = sparsectx.last_selection(pipe.transformer)
+    assert selection is not None and torch.equal(selection.keep, keeps[-1])
+
+
+def test_user_mask_over_the_requests_reference_rows(pipe):
+    """'edit' with a ``user_mask`` over every reference row of the request (its images in order): each write forward
+    reads its image's columns; one row per request serves each prompt."""
+    mask = torch.zeros(2, sum(IMAGE_ROWS), dtype=torch.bool)
+    mask[0, [3, 10, 40, 63]] = True  # image 0 of prompt 0
+    mask[0, [64, 70, 100, 123]] = True  # image 1 of prompt 0
+    mask[1, [0, 1, 2, 3, 64, 65, 66, 67]] = True  # prompt 1
+    keeps, handle = _write_keeps(pipe)
+    try:
+        sparsectx.enable(pipe, budget=4, selector="edit", signals={"user_mask": mask})
+        _call(pipe, _requests(2), guidance_scale=1.0)
+    finally:
+        handle.remove()
+    expected = [mask[0, :64], mask[0, 64:], mask[1, :64], mask[1, 64:]]
+    assert [k[0].nonzero().flatten().tolist() for k in keeps] == [e.nonzero().flatten().tolist() for e in expected]
+    sparsectx.enable(pipe, budget=4, selector="edit", signals={"user_mask": mask[:1, :64]})
+    with pytest.raises(ValueError, match=r"signals\['user_mask'\] has 64 columns"):
+        _call(pipe, guidance_scale=1.0)
+
+
+def test_layers_in_other_modes_run_as_diffusers_runs_them(model):
+    """A step whose layers read and skip the cache (no layer writes) is run by diffusers' forward as it is."""
+    inputs = _inputs()
+    kv = glm.GlmImageKVCache(LAYERS)
+    kv.set_mode("write")
+    with torch.no_grad():
+        for ref, prior in zip(inputs["refs"], inputs["ref_prior"]):
+            _write(model, kv, ref, prior)
+        kv.set_mode("read")
+        kv.caches[1].mode = "skip"
+        step = lambda: model(hidden_states=inputs["latents"], encoder_hidden_states=inputs["text"],  # noqa: E731
+                             prior_token_id=inputs["prior"],
+                             prior_token_drop=torch.zeros_like(inputs["prior"], dtype=torch.bool),
+                             timestep=torch.full((1,), 500.0), target_size=torch.tensor([[16.0, 16.0]]),
+                             crop_coords=torch.zeros(1, 2), kv_caches=kv, return_dict=False)[0]
+        expected = step()
+        sparsectx.enable(model, budget=0.25, selector="uniform")
+        assert torch.equal(step(), expected)
+
+
+def test_budget_objects_of_one_value(model):
+    for budget in (sparsectx.selection.fixed_ratio([0.25]), sparsectx.selection.fixed_ratio(torch.tensor([[0.25]]))):
+        sparsectx.enable(model, budget=budget, selector="uniform")
+        with torch.no_grad():
+            _, cache = _run(model, _inputs())
+        assert cache.caches[0].k_caches[0].shape[1] == 4 + 4
