@@ -450,7 +450,8 @@ def _call(pipe, requests=None, seed=None, **kwargs):
                 prior_token_ids=torch.cat([r["prior"] for r in requests]),
                 prior_token_image_ids=[r["ref_prior"] for r in requests],
                 source_image_grid_thw=[r["grid"] for r in requests], output_type="latent",
-                **{"generator": None if seed is None else torch.Generator().manual_seed(seed), **noise, **kwargs}).images
+                **{"generator": None if seed is None else torch.Generator().manual_seed(seed), **noise,
+                   **kwargs}).images
 
 
 def test_pipeline_keep_all_and_disable(pipe):
