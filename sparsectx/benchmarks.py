@@ -1266,6 +1266,15 @@ class _StepSetup(NamedTuple):
     n_ref: int
 
 
+def _reference_points(case: str, refs: int, keep_all: Callable[[], Any], no_reference: Callable[[], Any]) -> list:
+    """A model case's two reference rows: every reference token kept (another output by design) and no reference
+    (the lower bound of any selection), each timed once per case (and per reference count) and shared."""
+    return [Impl("keep all reference tokens", keep_all, comparable=False,
+                 note="100% kept (a different output by design)", shared_key=(case, refs, "all")),
+            Impl("no reference (limit)", no_reference, comparable=False, note="lower bound of any selection",
+                 shared_key=(case, "none"))]
+
+
 class _RefsKeepCase:
     """A model case whose configs are ``(references, keep ratio)`` pairs of its ``sizes``."""
 
@@ -1395,10 +1404,7 @@ class EndToEndCase:
             primary,
             _enable_impl(model, full_step, scores, count, "sparsectx"), native, cudnn_native,
             Impl("torch topk+sort+index_select + step", torch_step, note="the compacted ideal"),
-            Impl("keep all reference tokens", full_step, comparable=False,
-                 note="100% kept (a different output by design)", shared_key=(self.name, refs, "all")),
-            Impl("no reference (limit)", lambda: step(x["target"], x["target_ids"]), comparable=False,
-                 note="lower bound of any selection", shared_key=(self.name, "none")),
+            *_reference_points(self.name, refs, full_step, lambda: step(x["target"], x["target_ids"])),
         ]
         return Workload(self.name, shape, impls, dtype, reps=s["reps"], track_memory=True, passes=self.PASSES)
 
@@ -1504,10 +1510,7 @@ class QwenEndToEndCase(_RefsKeepCase):
             Impl("reference grid shrunk to the kept count", lambda: with_refs(kept_latents, [grid] * refs),
                  comparable=False, note=f"the compacted ideal's speed: each reference a {grid[0]}x{grid[1]} grid "
                                         "(other positions: another output)"),
-            Impl("keep all reference tokens", full_step, comparable=False,
-                 note="100% kept (a different output by design)", shared_key=(self.name, refs, "all")),
-            Impl("no reference (limit)", lambda: step(target, []), comparable=False,
-                 note="lower bound of any selection", shared_key=(self.name, "none")),
+            *_reference_points(self.name, refs, full_step, lambda: step(target, [])),
         ]
         return Workload(self.name, shape, impls, dtype, reps=s["reps"], track_memory=True,
                         passes=EndToEndCase.PASSES)
@@ -1581,10 +1584,7 @@ class Flux3EndToEndCase(_RefsKeepCase):
             _enable_impl(model, full_step, scores, count, "sparsectx"), native, cudnn_native,
             Impl("torch topk+sort+index_select + step", lambda: step(*_compact_by_hand(x, scores, count)),
                  note="the compacted ideal"),
-            Impl("keep all reference tokens", full_step, comparable=False,
-                 note="100% kept (a different output by design)", shared_key=(self.name, refs, "all")),
-            Impl("no reference (limit)", step, comparable=False, note="lower bound of any selection",
-                 shared_key=(self.name, "none")),
+            *_reference_points(self.name, refs, full_step, step),
         ]
         return Workload(self.name, shape, impls, dtype, reps=s["reps"], track_memory=True,
                         passes=EndToEndCase.PASSES)
@@ -1686,10 +1686,7 @@ class Qwen21EndToEndCase(_RefsKeepCase):
             _enable_impl(model, full_step, scores, count, "native"),
             Impl("model on the compacted sequence", lambda: step(kept_latents, refs, kept_rows),
                  note="qwen21.compacted_forward given the kept rows: the compacted ideal"),
-            Impl("keep all reference tokens", full_step, comparable=False,
-                 note="100% kept (a different output by design)", shared_key=(self.name, refs, "all")),
-            Impl("no reference (limit)", lambda: step(target, 0), comparable=False,
-                 note="lower bound of any selection", shared_key=(self.name, "none")),
+            *_reference_points(self.name, refs, full_step, lambda: step(target, 0)),
         ]
         for name, latents, kept, enabled, comparable in (
                 ("sparsectx.enable, KV-cached step", every, None, True, True),
@@ -1769,10 +1766,7 @@ class ZImageEndToEndCase(_RefsKeepCase):
             _enable_impl(model, full_step, scores, count, "sparsectx"), native, _cudnn_forced(native, device),
             Impl("model on the compacted sequence", lambda: step(refs, kept_rows),
                  note="zimage.compacted given the kept rows: the compacted ideal"),
-            Impl("keep all reference tokens", full_step, comparable=False,
-                 note="100% kept (a different output by design)", shared_key=(self.name, refs, "all")),
-            Impl("no reference (limit)", lambda: step(0), comparable=False, note="lower bound of any selection",
-                 shared_key=(self.name, "none")),
+            *_reference_points(self.name, refs, full_step, lambda: step(0)),
         ]
         return Workload(self.name, shape, impls, dtype, reps=s["reps"], track_memory=True,
                         passes=EndToEndCase.PASSES)
@@ -1855,10 +1849,7 @@ class GlmImageEndToEndCase(_RefsKeepCase):
                  note="the drop-in: each write forward selects and runs on its kept rows"),
             Impl("model on the compacted cache", lambda: call(refs, positions),
                  note="glmimage.compacted given the kept rows: the compacted ideal"),
-            Impl("keep all reference tokens", full_call, comparable=False,
-                 note="100% kept (a different output by design)", shared_key=(self.name, refs, "all")),
-            Impl("no reference (limit)", lambda: call(0), comparable=False, note="lower bound of any selection",
-                 shared_key=(self.name, "none")),
+            *_reference_points(self.name, refs, full_call, lambda: call(0)),
         ]
         return Workload(self.name, shape, impls, dtype, reps=s["reps"], track_memory=True,
                         passes=EndToEndCase.PASSES)

@@ -20,7 +20,7 @@ from diffusers.models.transformers import transformer_glm_image as glm  # noqa: 
 
 import drop_in_checks as checks  # noqa: E402  (tests/, on sys.path by pytest.ini)
 import sparsectx  # noqa: E402
-from pipeline_fixtures import tiny_pipeline_fixtures  # noqa: E402  (tests/, on sys.path by pytest.ini)
+from pipeline_fixtures import tiny_model_fixtures, tiny_pipeline_fixtures  # noqa: E402  (tests/, on sys.path)
 from sparsectx import glmimage, integration  # noqa: E402
 
 CHANNELS, TEXT_DIM, CODEBOOK, LAYERS, HEADS, HEAD_DIM = 4, 12, 32, 2, 2, 8
@@ -43,15 +43,7 @@ def _build(seed=0, dtype=torch.float64):
     return model.to(dtype).eval()
 
 
-@pytest.fixture(scope="module")
-def model():
-    return _build()
-
-
-@pytest.fixture(autouse=True)
-def _always_disabled(model):
-    yield
-    integration.disable(model)
+model, _always_disabled = tiny_model_fixtures(_build)
 
 
 def _inputs(seed=1, batch=1, dtype=torch.float64):

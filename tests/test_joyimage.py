@@ -17,7 +17,7 @@ from diffusers.models.transformers import transformer_joyimage_edit_plus as jp  
 import drop_in_checks as checks  # noqa: E402  (tests/, on sys.path by pytest.ini)
 from joyimage_pipeline import with_random_modulation  # noqa: E402
 import sparsectx  # noqa: E402
-from pipeline_fixtures import tiny_pipeline_fixtures  # noqa: E402  (tests/, on sys.path by pytest.ini)
+from pipeline_fixtures import tiny_model_fixtures, tiny_pipeline_fixtures  # noqa: E402  (tests/, on sys.path)
 from sparsectx import integration, joyimage  # noqa: E402
 
 HEADS, HEAD_DIM = 2, 16
@@ -37,15 +37,7 @@ def _build(seed=0):
         text_dim=TEXT_DIM, num_layers=2, rope_dim_list=[4, 6, 6]))
 
 
-@pytest.fixture(scope="module")
-def model():
-    return _build()
-
-
-@pytest.fixture(autouse=True)
-def _always_disabled(model):
-    yield
-    integration.disable(model)
+model, _always_disabled = tiny_model_fixtures(_build)
 
 
 def _inputs(batch=2, seed=1, padded=False, shared=False):

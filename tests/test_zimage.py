@@ -21,7 +21,7 @@ from diffusers.models.transformers import transformer_z_image as zi  # noqa: E40
 
 import drop_in_checks as checks  # noqa: E402  (tests/, on sys.path by pytest.ini)
 import sparsectx  # noqa: E402
-from pipeline_fixtures import tiny_pipeline_fixtures  # noqa: E402  (tests/, on sys.path by pytest.ini)
+from pipeline_fixtures import tiny_model_fixtures, tiny_pipeline_fixtures  # noqa: E402  (tests/, on sys.path)
 from sparsectx import integration, processors, zimage  # noqa: E402
 
 CHANNELS, CAP_DIM, SIGLIP_DIM = 4, 24, 20
@@ -44,15 +44,7 @@ def _build(seed=0):
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def model():
-    return _build()
-
-
-@pytest.fixture(autouse=True)
-def _always_disabled(model):
-    yield
-    integration.disable(model)
+model, _always_disabled = tiny_model_fixtures(_build)
 
 
 def _inputs(batch=2, seed=1, shared=True, shapes=SHAPES, captions=CAPTIONS):
@@ -461,7 +453,7 @@ def test_a_checkpoint_around_two_forwards_recomputes_each_with_its_own_selection
 
 
 def test_masked_drop_training_is_refused_naming_what_works(model):
-    with pytest.raises(TypeError, match="Z-Image Omni, train with the dropped references removed"):
+    with pytest.raises(TypeError, match="Z-Image Omni and GLM-Image, train with the dropped references removed"):
         sparsectx.enable_drop_training(model)
 
 
