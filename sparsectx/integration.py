@@ -117,6 +117,7 @@ import inspect
 import itertools
 import math
 import numbers
+import operator
 import os
 import re
 import sys
@@ -1822,6 +1823,8 @@ class _SparsePatch(ForwardPatch):
         self.glm_write = None  # the running write forward's glmimage.Written, or None
         # the plan of each KV cache's latest write forward: its selection, which the read steps report
         self.glm_reports = weakref.WeakKeyDictionary()
+        # per KV cache: the per-request settings its write forwards took, name -> entries (checked at its reads)
+        self.glm_requests = weakref.WeakKeyDictionary()
 
     @property
     def cache(self) -> Optional[_Plan]:
@@ -1988,22 +1991,36 @@ class _SparsePatch(ForwardPatch):
         (``glmimage.image_signal``). A read step checks a per-request budget against the cache's requests."""
         from .glmimage import READ, WRITE, cache_mode, grid, image_signal
 
+        from .selection import unread_signals
+
         kv_caches = call.get("kv_caches")
         mode = cache_mode(kv_caches)
         budget = overrides.get("budget", self.settings.budget)
         self.glm_write = self.glm_written.index(kv_caches) if mode == WRITE else None
-        if mode == READ and _is_per_request(budget) and len(budget) not in (1, len(kv_caches.caches[0].k_caches)):
-            raise ValueError(f"budget has {len(budget)} per-request entries, but the KV cache holds the references of "
-                             f"{len(kv_caches.caches[0].k_caches)} requests: GLM-Image's requests are its prompts (the "
-                             "samples of a prompt, num_images_per_prompt, share its cache slot and its tokens)")
+        if mode == READ:  # the per-request settings the writes took: one entry per prompt (cache slot)
+            slots = len(kv_caches.caches[0].k_caches)
+            for name, count in sorted(self.glm_requests.get(kv_caches, {}).items()):
+                if count not in (1, slots):
+                    raise ValueError(f"{name} has {count} per-request entries, but the KV cache holds the references "
+                                     f"of {slots} requests: GLM-Image's requests are its prompts (the samples of a "
+                                     "prompt, num_images_per_prompt, share its cache slot and its tokens)")
         if self.glm_write is None:
             return overrides
         shape = grid(call["hidden_states"], self.transformer.config.patch_size)
         overrides = {**overrides, "budget": _glm_image_budget(budget, self.glm_write.slot, self.glm_write.image)}
+        requests = self.glm_requests.setdefault(kv_caches, {})
+        if self.glm_write[:2] == (0, 0):  # the cache's first write (a cleared cache written anew)
+            requests.clear()
+        if _is_per_request(budget):
+            requests["budget"] = len(budget)
         signals = overrides.get("signals", self.settings.signals)
-        if isinstance(signals.get("user_mask"), torch.Tensor):
-            overrides["signals"] = {**signals, "user_mask": image_signal("user_mask", signals["user_mask"],
-                                                                         self.glm_write, shape[0] * shape[1])}
+        mask = signals.get("user_mask")
+        selector = overrides.get("selector", self.settings.selector)
+        if isinstance(mask, torch.Tensor) and not unread_signals(selector, ["user_mask"])[0]:  # (a selector reading it)
+            if mask.ndim >= 2:
+                requests["signals['user_mask']"] = mask.shape[0]
+            overrides["signals"] = {**signals, "user_mask": image_signal("user_mask", mask, self.glm_write,
+                                                                         shape[0] * shape[1])}
         return overrides
 
     def _run_plan(self, call: dict, plan: _Plan, packable: bool):
@@ -2523,9 +2540,9 @@ class _SparsePatch(ForwardPatch):
         # one generator per image (diffusers' per-image seeds): a sample draws what its request would draw alone (also
         # under a KV cache: samples keeping different tokens fill a cache each); a list of another length than the
         # batch seeds every sample with the first generator's seed
-        sample_seeds = seed if (isinstance(seed, tuple) and len(seed) == batch and selector.reads_generator) else None
         if self.glm_write is not None:  # GLM-Image selects each reference image in a forward of its own
             seed = _glm_seed(seed, self.glm_write)
+        sample_seeds = seed if (isinstance(seed, tuple) and len(seed) == batch and selector.reads_generator) else None
         seed = seed[0] if isinstance(seed, tuple) else seed
 
         def select(shared: bool) -> tuple:
@@ -3002,11 +3019,15 @@ def _prompt_seeds(seed: Union[int, tuple, None], base: type, pipe, args: tuple, 
     if not isinstance(seed, tuple):
         return seed
     try:
-        per_prompt = inspect.signature(base.__call__).bind(pipe, *args, **kwargs).arguments.get(
-            "num_images_per_prompt", 1)
-    except TypeError:  # (the pipeline's own call raises it)
-        per_prompt = 1
-    return seed[::per_prompt] if isinstance(per_prompt, int) and per_prompt > 0 else seed
+        bound = inspect.signature(base.__call__).bind(pipe, *args, **kwargs).arguments
+        per_prompt = operator.index(bound.get("num_images_per_prompt", 1))
+        prompt, embeds = bound.get("prompt"), bound.get("prompt_embeds")
+        prompts = 1 if isinstance(prompt, str) else len(prompt) if isinstance(prompt, (list, tuple)) else \
+            embeds.shape[0] if isinstance(embeds, torch.Tensor) else None
+    except (TypeError, AttributeError):  # (the pipeline's own call raises it)
+        return seed[0]
+    # a list of another length than the call's images seeds every prompt with the first generator's seed
+    return seed[::per_prompt] if prompts and per_prompt > 0 and len(seed) == prompts * per_prompt else seed[0]
 
 
 def _glm_image_budget(budget: Budget, request: int, image: Optional[int]) -> Budget:

@@ -628,3 +628,50 @@ def test_budget_objects_of_one_value(model):
         with torch.no_grad():
             _, cache = _run(model, _inputs())
         assert cache.caches[0].k_caches[0].shape[1] == 4 + 4
+
+
+def test_pipeline_one_prompts_generators_draw_as_its_first(pipe):
+    """One prompt, two images per prompt, generators [g1, g9]: its references draw as with g1 alone, each image its
+    own draw."""
+    keeps, handle = _write_keeps(pipe)
+    gen = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+    noise = torch.zeros(2, CHANNELS, HEIGHT // 2, WIDTH // 2, dtype=torch.float64)
+    try:
+        sparsectx.enable(pipe, budget=0.25, selector="random")
+        _call(pipe, generator=[gen(1), gen(9)], num_images_per_prompt=2, guidance_scale=1.0, latents=noise)
+        pair = list(keeps)
+        keeps.clear()
+        _call(pipe, generator=gen(1), guidance_scale=1.0)
+    finally:
+        handle.remove()
+    assert len(pair) == 2 and all(torch.equal(a, b) for a, b in zip(pair, keeps))
+    assert pair[0][0, :15].tolist() != pair[1][0, :15].tolist()  # (not one stream cut to each image's length)
+
+
+def test_user_mask_rows_must_be_one_per_prompt(pipe):
+    mask = torch.zeros(3, sum(IMAGE_ROWS), dtype=torch.bool)
+    mask[:, [0, 1, 64, 65]] = True
+    sparsectx.enable(pipe, budget=2, selector="edit", signals={"user_mask": mask})
+    with pytest.raises(ValueError, match=r"signals\['user_mask'\] has 3 per-request entries, but the KV cache holds "
+                                         "the references of 2 requests"):
+        _call(pipe, _requests(2), guidance_scale=1.0)
+    with pytest.warns(Warning, match="does not read the signals"):  # (unread: not sliced, not refused)
+        sparsectx.enable(pipe, budget=2, selector="random", seed=0, signals={"user_mask": mask[:1, :64]})
+    _call(pipe, guidance_scale=1.0)
+
+
+def test_the_read_check_reads_the_writes_settings(model):
+    """A step is checked against the per-request budget its cache's writes took (given per call here), not against
+    enable's, which no forward used."""
+    inputs = _inputs()
+    sparsectx.enable(model, budget=[[0.25], [0.5], [1.0]], selector="uniform")
+    kv = glm.GlmImageKVCache(LAYERS)
+    kv.set_mode("write")
+    with torch.no_grad():
+        for slot in range(2):
+            for ref, prior in zip(inputs["refs"], inputs["ref_prior"]):
+                _write(model, kv, ref, prior, attention_kwargs={"sparsectx": {"budget": [[0.25], [0.5]]}})
+            kv.next_sample()
+        latents, text, prior = (torch.cat([x, x]) for x in (inputs["latents"], inputs["text"], inputs["prior"]))
+        _step(model, kv, latents, text, prior)
+    assert [k.shape[1] for k in kv.caches[0].k_caches] == [4 + 4, 8 + 8]
