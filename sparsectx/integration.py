@@ -1988,7 +1988,8 @@ class _SparsePatch(ForwardPatch):
         """GLM-Image: sets ``glm_write`` (``glmimage.Written``: where a write forward's image lies among its request's
         references, None for any other forward) and returns the forward's settings, in a write forward the budget
         entry of its image (``_glm_image_budget``) and a ``user_mask`` signal's columns of it
-        (``glmimage.image_signal``). A read step checks a per-request budget against the cache's requests."""
+        (``glmimage.image_signal``), noting the per-request entries they took; a read step checks those against the
+        cache's requests (its slots)."""
         from .glmimage import READ, WRITE, cache_mode, grid, image_signal
 
         from .selection import unread_signals
