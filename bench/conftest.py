@@ -56,10 +56,9 @@ def bench_impl(benchmark, workload_for, bench_device):
         except benchmarks.Unavailable as exc:
             pytest.skip(str(exc))
         impl = workload.impl(impl_name)
-        if impl.comparable:
-            match, err = benchmarks.results_match(result, expected, workload)
-            assert match, (f"{impl_name} disagrees with the comparison result: relative error {err:.3e}, worst row "
-                           f"{benchmarks.worst_row_error(result, expected):.3e} of the mean row norm")
+        if impl.comparable:  # against the comparison result, or the workload's higher-precision reference
+            problem = benchmarks.comparison_problem(workload, impl, result, expected)
+            assert not problem, problem
         if impl.verify is not None:  # a result with its own check (e.g. a part of a step, an adaptive budget)
             problem = impl.verify(result)
             assert not problem, problem

@@ -767,8 +767,9 @@ def _image_layout(call: dict, target_first: bool, arg: str = "img_shapes") -> Op
     ref_host = torch.arange(n_target, seq) if target_first else torch.arange(seq - n_target)
     device = call["hidden_states"].device
     extra = {"ref_shapes": [(f * h, w) for f, h, w in refs]}
-    return _Layout(target_host.to(device), ref_host.to(device), ref_lengths, None, (target[0] * target[1], target[2]),
-                   extra, target_host, ref_host)
+    # (queued copies from pinned memory: a blocking copy is a host sync on CUDA, one per call)
+    return _Layout(_device_values(target_host, None, device), _device_values(ref_host, None, device), ref_lengths,
+                   None, (target[0] * target[1], target[2]), extra, target_host, ref_host)
 
 
 def _whole_steps(hw: torch.Tensor) -> torch.Tensor:
@@ -809,8 +810,8 @@ def _cond_layout(call: dict) -> Optional[_Layout]:
     n = references.shape[1]
     device = references.device
     return _Layout(torch.zeros(0, dtype=torch.long, device=device), torch.arange(n, device=device), lengths,
-                   reference_ids[None].to(device), target_shape, extra, torch.zeros(0, dtype=torch.long),
-                   torch.arange(n))
+                   _device_values(reference_ids[None], None, device), target_shape, extra,
+                   torch.zeros(0, dtype=torch.long), torch.arange(n))
 
 
 def _items_layout(call: dict, model: Optional[torch.nn.Module]) -> Optional[_Layout]:
@@ -831,7 +832,8 @@ def _items_layout(call: dict, model: Optional[torch.nn.Module]) -> Optional[_Lay
     per_item = frames * grid[0] * grid[1]
     target_host, ref_host = torch.arange(per_item), torch.arange(per_item, items * per_item)
     shape = (frames * grid[0], grid[1])
-    return _Layout(target_host.to(hidden.device), ref_host.to(hidden.device), [per_item] * (items - 1), None, shape,
+    return _Layout(_device_values(target_host, None, hidden.device), _device_values(ref_host, None, hidden.device),
+                   [per_item] * (items - 1), None, shape,
                    {"ref_shapes": [shape] * (items - 1)}, target_host, ref_host)
 
 
@@ -888,7 +890,8 @@ def _zimage_layout(call: dict) -> Optional[_Layout]:
     ref_host, target_host = torch.arange(n_refs), torch.arange(n_refs, n_refs + lengths[-1])
     device = call["hidden_states"].device
     f, h, w = first[-1]
-    return _Layout(target_host.to(device), ref_host.to(device), lengths[:-1], None, (f * h, w),
+    return _Layout(_device_values(target_host, None, device), _device_values(ref_host, None, device), lengths[:-1],
+                   None, (f * h, w),
                    {"ref_shapes": [(f * h, w) for f, h, w in first[:-1]]}, target_host, ref_host)
 
 
@@ -907,7 +910,8 @@ def _glm_layout(call: dict, model: Optional[torch.nn.Module]) -> Optional[_Layou
     if not shape[0] * shape[1]:
         return None
     target_host, ref_host = torch.arange(0), torch.arange(shape[0] * shape[1])
-    return _Layout(target_host.to(hidden.device), ref_host.to(hidden.device), [len(ref_host)], None, None,
+    return _Layout(_device_values(target_host, None, hidden.device), _device_values(ref_host, None, hidden.device),
+                   [len(ref_host)], None, None,
                    {"ref_shapes": [shape]}, target_host, ref_host)
 
 
