@@ -26,8 +26,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "peft", "accelerate", "matplotlib",
-                 "cloudpickle"],
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "transformers", "peft", "accelerate",
+                 "matplotlib", "cloudpickle"],
         "train": ["peft", "accelerate"],
         "plot": ["matplotlib"],
     },

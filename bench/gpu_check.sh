@@ -71,6 +71,10 @@ read -r -a E2E_ARGS <<<"${GPU_CHECK_E2E_ARGS:-}"
 BUDGET_S=${GPU_CHECK_BUDGET_S:-570}
 # (no leading zero: bash arithmetic reads 0570 as octal)
 [[ $BUDGET_S =~ ^(0|[1-9][0-9]*)$ ]] || { echo "GPU_CHECK_BUDGET_S must be whole seconds, got '$BUDGET_S'" >&2; exit 2; }
+# pytest-xdist workers of the longer test steps (see PARALLEL below)
+TEST_WORKERS=${GPU_CHECK_TEST_WORKERS:-4}
+[[ $TEST_WORKERS =~ ^(0|[1-9][0-9]*)$ ]] ||
+    { echo "GPU_CHECK_TEST_WORKERS must be a whole number, got '$TEST_WORKERS'" >&2; exit 2; }
 SUMMARY_RESERVE_S=35                   # kept back for the summary's report (at most 30 s) and timeout's kill
                                        # grace; results.md's report (at most 10 s) runs past the budget, well
                                        # inside a device command's 600 s
@@ -255,6 +259,13 @@ ROPE_TABLES_OF_THE_MODELS=tests/test_probe.py::test_gpu_flux_rope_tables_are_dif
 # SPARSECTX_REPORT_AS_RUN=1: tests/conftest.py prints each test's time and a failure's traceback as it finishes
 # (a step cut by its timeout never reaches pytest's failure summary: on 2026-11-30 one GPU test failed unexplained)
 tests() { SPARSECTX_AUTOTUNE=0 SPARSECTX_REPORT_AS_RUN=1 step "$@"; }
+# the GPU tests spend most of their time building kernels (3-7 s a test, CPU work: on 2026-12-04 the 120 s cap cut
+# them after 11 of 44): pytest-xdist workers build in parallel on the host's cores and share one GPU (tests only,
+# no timing), GPU_CHECK_TEST_WORKERS of them (default 4; 0 or no pytest-xdist: one process)
+PARALLEL=()
+if (( TEST_WORKERS > 0 )) && "$PY" -c "import xdist" 2>/dev/null; then
+    PARALLEL=(-n "$TEST_WORKERS")
+fi
 
 # whole klein-9B pipeline calls: what each selector adds to a real call (issue 6), never run on a GPU. The part
 # that runs them: GPU_CHECK_PIPELINE=2 (the default) in part 2 after the Qwen step (before, first in part 2 and
@@ -269,7 +280,7 @@ if part 1; then
     # (with the fused QK norm + RoPE at those tiny models' sizes, which only these checks had run on a GPU)
     tests "pytest -m gpu processors" "$PROCESSORS_TESTS_CAP_S" "$TESTS_LOG" "${PYTEST[@]}" tests/test_processors.py \
         "$NORM_ROPE_AT_TEST_SIZES" "$ROPE_TABLES_OF_THE_MODELS" -m gpu
-    tests "pytest -m gpu" "$GPU_TESTS_CAP_S" "$TESTS_LOG" "${PYTEST[@]}" tests -m gpu -k "not $CANDIDATES" \
+    tests "pytest -m gpu" "$GPU_TESTS_CAP_S" "$TESTS_LOG" "${PYTEST[@]}" "${PARALLEL[@]}" tests -m gpu -k "not $CANDIDATES" \
         --ignore=tests/test_processors.py --deselect "$NORM_ROPE_AT_TEST_SIZES" \
         --deselect "$ROPE_TABLES_OF_THE_MODELS"
     step "bench key cases" "$KEY_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case attention --case compaction \
@@ -322,7 +333,7 @@ if part 2; then
     step "bench e2e_glm" "$GLM_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case e2e_glm --quick \
         --json "$SCRATCH/bench_e2e_glm.json"
     # the rest of the suite (the non-gpu tests) on the CUDA device, in whatever time is left
-    tests "pytest not gpu" "$(seconds_left)" "$TESTS_LOG" "${PYTEST[@]}" tests -m "not gpu"
+    tests "pytest not gpu" "$(seconds_left)" "$TESTS_LOG" "${PYTEST[@]}" "${PARALLEL[@]}" tests -m "not gpu"
 fi
 
 # ---- (f) summary, printed last ---------------------------------------------------------------------------------

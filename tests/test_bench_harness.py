@@ -741,6 +741,34 @@ def test_gpu_checks_test_step_reports_each_failure_as_it_happens(tmp_path):
     assert "SPARSECTX_REPORT_AS_RUN=1" in script
 
 
+def test_gpu_checks_test_step_in_parallel_workers_still_reports_and_counts(tmp_path):
+    """The GPU check runs its longer test steps in pytest-xdist workers (kernel builds in parallel: the 120 s cap cut
+    the GPU tests after 11 of 44 on 2026-12-04): a failure's traceback still comes as it happens, and the summary's
+    counts of the -v lines (its grep patterns, copied here from gpu_check.sh) still see each test once."""
+    import re
+    import subprocess
+    import sys
+
+    (tmp_path / "test_planted.py").write_text(
+        "def test_fails():\n    assert 1 == 2, 'planted failure'\n\n\ndef test_after():\n    pass\n")
+    tests_dir = Path(__file__).parent
+    env = {**os.environ, "SPARSECTX_REPORT_AS_RUN": "1", "PYTHONPATH": str(tests_dir)}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-p", "conftest", "-n", "2",
+                          "--rootdir", str(tmp_path), str(tmp_path / "test_planted.py")],
+                         capture_output=True, text=True, env=env, timeout=180)
+    out = run.stdout
+    assert run.returncode == 1, out
+    assert "test_fails call: failed" in out and "test_after call: passed" in out and "planted failure" in out
+    script = (tests_dir.parent / "bench" / "gpu_check.sh").read_text()
+    passed, failed = (re.search(rf'grep -c?E "({word}[^"]*)" "\$TESTS_LOG"', script).group(1)
+                      for word in (r" PASSED", r" \(FAILED"))
+    lines = out.splitlines()
+    assert sum(bool(re.search(passed, line)) for line in lines) == 1, out
+    assert sum(bool(re.search(failed, line)) for line in lines) == 1, out
+    assert re.search(r'tests "pytest -m gpu" [^\n]*"\$\{PARALLEL\[@\]\}"', script)
+    assert re.search(r'tests "pytest not gpu" [^\n]*"\$\{PARALLEL\[@\]\}"', script)
+
+
 def test_gpu_checks_test_step_killed_by_its_timeout_says_where_the_test_was(tmp_path):
     """A GPU check step's timeout kills pytest with SIGTERM in the middle of a test, whose -v line then holds its
     name alone: with SPARSECTX_REPORT_AS_RUN=1 the suite's conftest first writes every thread's Python stack to
@@ -1392,7 +1420,8 @@ def test_gpu_check_refuses_a_misspelt_setting_before_any_step(tmp_path):
                        ({"GPU_CHECK_SKIP": "bench kv,, profile opps"}, "'profile opps' is no step's name"),
                        ({"GPU_CHECK_BUDGET_S": "570s"}, "GPU_CHECK_BUDGET_S must be whole seconds"),
                        # (bash arithmetic would read it as octal: 376 s, and 090 as an error at every step)
-                       ({"GPU_CHECK_BUDGET_S": "0570"}, "GPU_CHECK_BUDGET_S must be whole seconds")):
+                       ({"GPU_CHECK_BUDGET_S": "0570"}, "GPU_CHECK_BUDGET_S must be whole seconds"),
+                       ({"GPU_CHECK_TEST_WORKERS": "four"}, "GPU_CHECK_TEST_WORKERS must be a whole number")):
         done = run(env)
         assert done.returncode == 2 and words in done.stderr, (env, done.stderr)
         assert not (tmp_path / "out" / "env.log").exists()  # no step ran
