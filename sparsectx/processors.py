@@ -1086,11 +1086,28 @@ class SparsectxJoyImagePlusAttnProcessor(_SparsectxProcessor):
         return _joyimage_out(attn, out, n_image)
 
 
+def _zimage_norm_rope(x: torch.Tensor, norm, freqs_cis: Optional[torch.Tensor]) -> torch.Tensor:
+    """Z-Image's per-head norm and RoPE of q or k ``[B, S, H, D]`` with each sample's complex frequencies
+    ``freqs_cis [B, S, D/2]``: one ``rms_norm_rope`` pass per sample (its tables are one sample's rows) where the
+    norm and that sample's frequencies are ``_qwen_fusable`` (diffusers' plain ``RMSNorm``, complex64 rows on the
+    device, no autocast; the same rounding as diffusers' norm and complex product in fp32), else diffusers' code
+    (``zimage.rotated``)."""
+    from .zimage import rotated
+
+    if freqs_cis is not None and freqs_cis.ndim == 3 and freqs_cis.shape[0] == x.shape[0] and all(
+            _qwen_fusable(x[b:b + 1], norm, freqs_cis[b]) for b in range(x.shape[0])):
+        parts = [rms_norm_rope(x[b:b + 1], freqs_cis[b].real, freqs_cis[b].imag, norm.weight, norm.eps,
+                               round_before_weight=True) for b in range(x.shape[0])]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+    return rotated(norm(x) if norm is not None else x, freqs_cis)
+
+
 class SparsectxZImageAttnProcessor(_SparsectxProcessor):
-    """Replaces ``ZSingleStreamAttnProcessor`` (Z-Image): its projections, per-head norms and RoPE
-    (``zimage.qkv``), then sparsectx's attention of the one sequence it attends over (the images in the noise
-    refiner, the caption in the context refiner, ``[caption, images, siglip]`` in the main layers); the forward's key
-    mask ``[B, S]`` (the padding of a batch's shorter samples) masks keys."""
+    """Replaces ``ZSingleStreamAttnProcessor`` (Z-Image): its projections, then per-head norms and RoPE (one fused
+    ``rms_norm_rope`` pass per sample where ``_zimage_norm_rope`` may, else diffusers' code), then sparsectx's
+    attention of the one sequence it attends over (the images in the noise refiner, the caption in the context
+    refiner, ``[caption, images, siglip]`` in the main layers); the forward's key mask ``[B, S]`` (the padding of a
+    batch's shorter samples) masks keys."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
         if self._delegates():
@@ -1098,9 +1115,10 @@ class SparsectxZImageAttnProcessor(_SparsectxProcessor):
         if self.state.image_keep is not None or self.state.packed is not None:
             raise ValueError(f"{type(self).__name__} takes no drop mask and runs no packed batch (Z-Image trains "
                              "with the dropped references removed)")
-        from .zimage import qkv
-
-        query, key, value = qkv(attn, hidden_states, freqs_cis)
+        # (diffusers' order of the projections: one draws from the RNG where it has dropout, e.g. a LoRA adapter's)
+        query, key, value = (linear(hidden_states).unflatten(-1, (attn.heads, -1))
+                             for linear in (attn.to_q, attn.to_k, attn.to_v))
+        query, key = _zimage_norm_rope(query, attn.norm_q, freqs_cis), _zimage_norm_rope(key, attn.norm_k, freqs_cis)
         self._check_inputs(query)
         batch, seq = query.shape[:2]
         if _attention_scores_skipped():

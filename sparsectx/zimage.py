@@ -166,23 +166,11 @@ def rotated(x: torch.Tensor, freqs_cis: Optional[torch.Tensor]) -> torch.Tensor:
         return torch.view_as_real(complex_x * freqs_cis.unsqueeze(2)).flatten(3).type_as(x)
 
 
-def qkv(attn, hidden_states: torch.Tensor, freqs_cis: Optional[torch.Tensor]) -> tuple:
-    """``(q, k, v)``, each ``[B, S, H, D]``, of Z-Image's attention as ``ZSingleStreamAttnProcessor`` computes them:
-    the projections (in its order), the per-head norms of q and k, RoPE."""
-    query, key, value = (linear(hidden_states).unflatten(-1, (attn.heads, -1))
-                         for linear in (attn.to_q, attn.to_k, attn.to_v))
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
-    return rotated(query, freqs_cis), rotated(key, freqs_cis), value
-
-
 def probe_qk(attn, hidden_states: torch.Tensor, freqs_cis: Optional[torch.Tensor], text: torch.Tensor,
              target: torch.Tensor, refs: torch.Tensor) -> tuple:
-    """``(text_queries, target_queries, ref_keys)``, each ``[B, n, H, D]``, of Z-Image's attention (``qkv``)
-    computed for the rows ``text`` / ``target`` / ``refs`` only (long ``[B, n]`` per sample: every row op commutes
-    with the gather)."""
+    """``(text_queries, target_queries, ref_keys)``, each ``[B, n, H, D]``, of Z-Image's attention (projection,
+    per-head norm and RoPE, as ``ZSingleStreamAttnProcessor`` computes them) computed for the rows ``text`` /
+    ``target`` / ``refs`` only (long ``[B, n]`` per sample: every row op commutes with the gather)."""
     def project(index, linear, norm):
         rows = hidden_states.gather(1, index[..., None].expand(-1, -1, hidden_states.shape[-1]))
         out = linear(rows).unflatten(-1, (attn.heads, -1))

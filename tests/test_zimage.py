@@ -590,6 +590,61 @@ def test_the_sparsectx_processor_is_diffusers_attention(model, masked):
     _assert_flash_criterion(out, _run(model, kwargs), model, torch.ones(2, N_REFS, dtype=torch.bool), kwargs)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_processors_norm_and_rope_run_fused_per_sample_and_round_as_diffusers(dtype, monkeypatch):
+    """The sparsectx processor's per-head norm (diffusers' ``RMSNorm``, which rounds to its weight's dtype before the
+    weight) and complex RoPE of q or k: one ``rms_norm_rope`` pass per sample on that sample's frequency rows,
+    equal bit for bit to diffusers' module and complex product in half precision (in fp32 within its rounding: the
+    complex product's order of operations is torch's); a norm with a hook, or autocast, runs diffusers' code (no
+    call)."""
+
+    def same(actual, expected):
+        if dtype == torch.float32:
+            torch.testing.assert_close(actual, expected)  # (fp32's default tolerances: rounding)
+            return True
+        return torch.equal(actual, expected)
+
+    from diffusers.models.normalization import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 12, 2, 16, generator=g).to(dtype)
+    norm = RMSNorm(16, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(16, generator=g) * 0.5 + 1)
+    angles = torch.rand(2, 12, 8, generator=g) * 6  # each sample its own positions
+    freqs = torch.polar(torch.ones_like(angles), angles)
+    calls = []
+    monkeypatch.setattr(processors, "rms_norm_rope",
+                        lambda *a, **k: calls.append(a[0].shape) or sparsectx.rms_norm_rope(*a, **k))
+    with torch.no_grad():
+        expected = zimage.rotated(norm(x), freqs)
+        assert same(processors._zimage_norm_rope(x, norm, freqs), expected)
+        assert calls == [(1, 12, 2, 16)] * 2
+        calls.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            processors._zimage_norm_rope(x, norm, freqs)
+        handle = norm.register_forward_hook(lambda module, args, out: out)
+        assert torch.equal(processors._zimage_norm_rope(x, norm, freqs), expected)
+        handle.remove()
+    assert calls == []
+
+
+def test_every_attention_layer_runs_its_q_and_k_norm_and_rope_fused(model, monkeypatch):
+    """With ``attention="sparsectx"`` each attention layer's q and k go through one fused pass per sample (the
+    refiners' and the main layers'), and the output is diffusers' processor's (the flash-attention criterion)."""
+    kwargs = _inputs(shared=False)
+    native = _run(model, kwargs)
+    calls = []
+    monkeypatch.setattr(processors, "rms_norm_rope",
+                        lambda *a, **k: calls.append(a[0].shape) or sparsectx.rms_norm_rope(*a, **k))
+    sparsectx.enable(model, budget=1.0, attention="sparsectx")
+    out = _run(model, kwargs)
+    layers = [*model.noise_refiner, *model.context_refiner, *model.siglip_refiner, *model.layers]
+    assert len(calls) == 2 * len(layers) * len(kwargs["x"])
+    sparsectx.disable(model)
+    _assert_flash_criterion(out, native, model, torch.ones(2, N_REFS, dtype=torch.bool), kwargs)
+
+
 def test_the_sequence_is_shorter_by_what_is_dropped(model):
     """What the drop-in is for: the main layers run on fewer rows (each dropped reference token leaves every
     layer)."""
