@@ -276,14 +276,24 @@ def test_kernels_import_as_sparsectx_kernels():
         assert (installed / name).read_bytes() == (REPO_ROOT / "kernels" / name).read_bytes()
 
 
-def test_top_level_kernels_folder_is_not_hugging_face_kernels():
+def test_top_level_kernels_folder_is_not_hugging_face_kernels(tmp_path):
     """Run in the repo root (its folder ``kernels/`` is then importable as ``kernels``): transformers must not
-    take it for Hugging Face's ``kernels`` package."""
+    take it for Hugging Face's ``kernels`` package, i.e. it finds that package available there exactly when it finds
+    it elsewhere (transformers 5.25 depends on it: installed with it, it is what ``import kernels`` gives, as the
+    next test checks; without it, this folder must read as absent)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, "-c", "import transformers.utils as u; print(u.is_kernels_available())"],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "False"
+    probe = ("import importlib.metadata as m, transformers.utils as u\n"
+             "try:\n    m.version('kernels'); installed = True\nexcept m.PackageNotFoundError:\n    installed = False\n"
+             "print(installed, u.is_kernels_available())")
+    answers = {}
+    for where in (REPO_ROOT, tmp_path):
+        done = subprocess.run([sys.executable, "-c", probe], cwd=where, env=env, capture_output=True, text=True,
+                              timeout=SUBPROCESS_TIMEOUT_S)
+        assert done.returncode == 0, done.stderr
+        answers[where] = done.stdout.strip().splitlines()[-1]
+    assert answers[REPO_ROOT] == answers[tmp_path], answers
+    installed, available = answers[REPO_ROOT].split()
+    assert installed == available or installed == "True", answers  # (available only if installed)
 
 
 def test_top_level_kernels_folder_hands_over_to_an_installed_hugging_face_kernels(tmp_path):
