@@ -125,8 +125,9 @@ QWEN21_CAP_S=70
 # path with the target on id plane 1; never run on a GPU
 LONGCAT_CAP_S=45
 # Z-Image Omni step (diffusers' default config with SigLIP width 1152: 6.51B), --quick subset (1 ref x 10%, 3 refs x 10%):
-# 6 rows (cuDNN forced among them); never run on a GPU
-ZIMAGE_CAP_S=50
+# 6 rows (cuDNN forced among them): 40 s on 2026-12-04; since then each shape also runs the compacted step in fp32
+# once (the reference its rows are judged against: ~70 TFLOP in fp32 at 1 ref, 26 GB of fp32 weights), a few s more
+ZIMAGE_CAP_S=60
 # GLM-Image call (the released DiT config: 30 blocks of 32 heads of 128, 6.93B parameters), --quick subset (1 ref x
 # 10%, 3 refs x 10%): each row writes the references and runs 4 steps; never run on a GPU
 GLM_CAP_S=50
