@@ -263,8 +263,8 @@ ROPE_TABLES_OF_THE_MODELS=tests/test_probe.py::test_gpu_flux_rope_tables_are_dif
 # SPARSECTX_REPORT_AS_RUN=1: tests/conftest.py prints each test's time and a failure's traceback as it finishes
 # (a step cut by its timeout never reaches pytest's failure summary: on 2026-11-30 one GPU test failed unexplained)
 tests() { SPARSECTX_AUTOTUNE=0 SPARSECTX_REPORT_AS_RUN=1 step "$@"; }
-# the GPU tests spend most of their time building kernels (3-7 s a test, CPU work: on 2026-12-04 the 120 s cap cut
-# them after 11 of 44): pytest-xdist workers build in parallel on the host's cores and share one GPU (tests only,
+# the GPU tests spend most of their time building kernels (3-7 s a test, up to 31; CPU work: on 2026-12-04 the 120 s
+# cap cut them after 11 of 44): pytest-xdist workers build in parallel on the host's cores and share one GPU (tests only,
 # no timing), GPU_CHECK_TEST_WORKERS of them (default 4; 0 or no pytest-xdist: one process)
 PARALLEL=()
 if (( TEST_WORKERS > 0 )) && "$PY" -c "import xdist" 2>/dev/null; then

@@ -763,8 +763,9 @@ def _image_layout(call: dict, target_first: bool, arg: str = "img_shapes") -> Op
     n_target, seq = math.prod(target), call["hidden_states"].shape[1]
     ref_lengths = [math.prod(s) for s in refs]
     first_target = 0 if target_first else seq - n_target
-    target_host = torch.arange(first_target, first_target + n_target)
-    ref_host = torch.arange(n_target, seq) if target_first else torch.arange(seq - n_target)
+    # (host tensors whatever the default device: queued to the device below)
+    target_host = torch.arange(first_target, first_target + n_target, device="cpu")
+    ref_host = torch.arange(n_target, seq, device="cpu") if target_first else torch.arange(seq - n_target, device="cpu")
     device = call["hidden_states"].device
     extra = {"ref_shapes": [(f * h, w) for f, h, w in refs]}
     # (queued copies from pinned memory: a blocking copy is a host sync on CUDA, one per call)
@@ -811,7 +812,7 @@ def _cond_layout(call: dict) -> Optional[_Layout]:
     device = references.device
     return _Layout(torch.zeros(0, dtype=torch.long, device=device), torch.arange(n, device=device), lengths,
                    _device_values(reference_ids[None], None, device), target_shape, extra,
-                   torch.zeros(0, dtype=torch.long), torch.arange(n))
+                   torch.zeros(0, dtype=torch.long, device="cpu"), torch.arange(n, device="cpu"))
 
 
 def _items_layout(call: dict, model: Optional[torch.nn.Module]) -> Optional[_Layout]:
@@ -830,7 +831,7 @@ def _items_layout(call: dict, model: Optional[torch.nn.Module]) -> Optional[_Lay
         return None
     items, frames, grid = hidden.shape[1], hidden.shape[3], (hidden.shape[4] // ph, hidden.shape[5] // pw)
     per_item = frames * grid[0] * grid[1]
-    target_host, ref_host = torch.arange(per_item), torch.arange(per_item, items * per_item)
+    target_host, ref_host = torch.arange(per_item, device="cpu"), torch.arange(per_item, items * per_item, device="cpu")
     shape = (frames * grid[0], grid[1])
     return _Layout(_device_values(target_host, None, hidden.device), _device_values(ref_host, None, hidden.device),
                    [per_item] * (items - 1), None, shape,
@@ -887,7 +888,7 @@ def _zimage_layout(call: dict) -> Optional[_Layout]:
             [[math.prod(grid) for grid in sample[:-1]] for sample in grids])
     lengths = [math.prod(grid) for grid in first]
     n_refs = sum(lengths[:-1])
-    ref_host, target_host = torch.arange(n_refs), torch.arange(n_refs, n_refs + lengths[-1])
+    ref_host, target_host = torch.arange(n_refs, device="cpu"), torch.arange(n_refs, n_refs + lengths[-1], device="cpu")
     device = call["hidden_states"].device
     f, h, w = first[-1]
     return _Layout(_device_values(target_host, None, device), _device_values(ref_host, None, device), lengths[:-1],
@@ -909,7 +910,7 @@ def _glm_layout(call: dict, model: Optional[torch.nn.Module]) -> Optional[_Layou
     shape = grid(hidden, model.config.patch_size)
     if not shape[0] * shape[1]:
         return None
-    target_host, ref_host = torch.arange(0), torch.arange(shape[0] * shape[1])
+    target_host, ref_host = torch.arange(0, device="cpu"), torch.arange(shape[0] * shape[1], device="cpu")
     return _Layout(_device_values(target_host, None, hidden.device), _device_values(ref_host, None, hidden.device),
                    [len(ref_host)], None, None,
                    {"ref_shapes": [shape]}, target_host, ref_host)

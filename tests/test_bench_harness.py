@@ -1340,6 +1340,38 @@ def test_gpu_checks_step_tells_a_timeout_from_a_killed_or_failed_command(tmp_pat
     assert verdicts == {"cut": "TIMED", "killed": "FAILED", "exits_124": "FAILED", "fine": "ok"}, run.stdout
 
 
+def test_gpu_checks_parallel_workers_and_e2e_arguments(tmp_path):
+    """gpu_check.sh's settings blocks, run as the script runs them: pytest-xdist workers (``-n 4`` by default, the
+    count given, none for 0 or where xdist does not import) and the e2e step's arguments (``--quick`` when
+    GPU_CHECK_E2E_ARGS is unset, nothing when it is set empty, the words given otherwise)."""
+    import re
+    import subprocess
+    import sys
+
+    script = (Path(__file__).parent.parent / "bench" / "gpu_check.sh").read_text()
+    parallel = re.search(r"\nPARALLEL=\(\)\n.*?\nfi\n", script, re.S)
+    e2e = re.search(r"\nif \[\[ -v GPU_CHECK_E2E_ARGS \]\].*?\nread -r -a E2E_ARGS <<<\"\$E2E_GIVEN\"\n", script, re.S)
+    assert parallel and e2e, "the PARALLEL or E2E_ARGS block is not in gpu_check.sh"
+    no_xdist = tmp_path / "python"  # a Python where `import xdist` fails
+    no_xdist.write_text(f"#!/bin/sh\n[ \"$2\" = \"import xdist\" ] && exit 1\nexec {sys.executable} \"$@\"\n")
+    no_xdist.chmod(0o755)
+
+    def run(env, workers="4", python=sys.executable):
+        driver = (f"set -u\nPY={python}\nTEST_WORKERS={workers}\n{parallel.group(0)}{e2e.group(0)}"
+                  'echo "PARALLEL=${PARALLEL[*]}|E2E=${E2E_ARGS[*]}"\n')
+        clean = {k: v for k, v in os.environ.items() if k != "GPU_CHECK_E2E_ARGS"}
+        done = subprocess.run(["bash", "-c", driver], capture_output=True, text=True, timeout=60, env={**clean, **env})
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    xdist = subprocess.run([sys.executable, "-c", "import xdist"], capture_output=True).returncode == 0
+    assert xdist  # (pytest-xdist is in the test extra)
+    assert run({}) == "PARALLEL=-n 4|E2E=--quick"
+    assert run({"GPU_CHECK_E2E_ARGS": ""}, workers="2") == "PARALLEL=-n 2|E2E="
+    assert run({"GPU_CHECK_E2E_ARGS": "--quick --size full"}, workers="0") == "PARALLEL=|E2E=--quick --size full"
+    assert run({}, python=str(no_xdist)) == "PARALLEL=|E2E=--quick"
+
+
 def test_bench_merge_into_alone_keeps_rows_as_they_come_and_refuses_bad_files_before_the_run(tmp_path, monkeypatch):
     """``bench --merge-into`` without ``--json``: the rows reported while a case runs are in the file (a step killed
     mid-case keeps them), a finished case leaves all its rows; a file that is not a bench JSON, and a path under a
@@ -1482,13 +1514,13 @@ def test_the_cudnn_forced_drop_in_row_is_the_native_drop_in_under_cudnn_sdpa():
         assert integration.is_enabled(model) and [flag() for flag in flags] == before
 
 
-def _reference_workload(primary_scale, peer_scale=1.0, reference=None, ours_peer=False):
+def _reference_workload(primary_scale, peer_scale=1.0, reference=None, ours_peer=False, rows=64):
     """A bf16-like step workload judged against a higher-precision reference: sparsectx's output and an independent
-    peer's each off the reference by ``scale`` x the same-sized random error (plus a sparsectx row agreeing with
-    sparsectx's first)."""
+    peer's each off the reference by ``scale`` x the same-sized random error (relative error ~1e-2 at scale 1; plus a
+    sparsectx row agreeing with sparsectx's first)."""
     gen = torch.Generator().manual_seed(0)
-    truth = torch.randn(64, 16, generator=gen, dtype=torch.float64)
-    noise = [torch.randn(64, 16, generator=gen, dtype=torch.float64) * 1e-2 * truth.norm() / 32 for _ in range(2)]
+    truth = torch.randn(rows, 16, generator=gen, dtype=torch.float64)
+    noise = [torch.randn(rows, 16, generator=gen, dtype=torch.float64) * 1e-2 for _ in range(2)]
     ours = truth + primary_scale * noise[0]
     peer_name = "sparsectx.enable (native attn)" if ours_peer else "model on the compacted sequence"
     impls = [benchmarks.Impl("sparsectx.enable (sparsectx attn)", lambda: ours),
@@ -1522,6 +1554,35 @@ def test_rows_of_a_workload_with_a_reference_meet_the_flash_criterion_against_it
     assert (benchmarks.comparison_problem(workload, workload.impls[1], truth + noise[1], None) == "")
 
 
+def test_the_reference_bound_is_the_closest_peers_and_a_wrong_row_or_an_earlier_failure_fails():
+    """The bound is set by the independent peer closest to the reference (two peers 1x and 3x off: sparsectx at 2.5x
+    fails), a row whose one token is wrong fails though its whole-tensor error is small (the worst row's bound), and
+    a row whose own check failed before stays failed."""
+    workload, truth, noise = _reference_workload(2.5)
+    far = truth + 3.0 * noise[1].flip(0)
+    workload.impls.insert(2, benchmarks.Impl("torch topk+sort+index_select + step", lambda: far))
+    assert not workload.impls[2].ours
+    rows = benchmarks.run_workload(workload, torch.device("cpu"), quick=True)
+    assert [r["ok"] for r in rows] == [False, True, False, False]
+    problem = benchmarks.comparison_problem(workload, workload.impls[0], truth + 2.5 * noise[0], None)
+    assert "against the fp32 reference" in problem
+    # one token's row zeroed among 4096: 1/64 of the tensor's norm, all of its row's
+    workload, truth, noise = _reference_workload(0.5, rows=4096)
+    wrong = truth + 0.5 * noise[0]
+    wrong[7] = 0
+    assert benchmarks.relative_error(wrong, truth) < 2 * benchmarks.relative_error(truth + noise[1], truth)
+    workload.impls[0] = benchmarks.Impl("sparsectx.enable (sparsectx attn)", lambda: wrong)
+    rows = benchmarks.run_workload(workload, torch.device("cpu"), quick=True)
+    assert rows[0]["ok"] is False and "worst row" in rows[0]["note"]
+    assert "worst row" in benchmarks.comparison_problem(workload, workload.impls[0], wrong, None)
+    # a row whose verify failed: the reference's verdict does not clear it
+    workload, truth, noise = _reference_workload(1.0)
+    workload.impls[2] = benchmarks.Impl("sparsectx.enable (native attn, again)", workload.impls[2].fn,
+                                        verify=lambda result: "planted failure")
+    rows = benchmarks.run_workload(workload, torch.device("cpu"), quick=True)
+    assert rows[2]["ok"] is False and "planted failure" in rows[2]["note"]
+
+
 def test_a_reference_workload_without_an_independent_peer_or_reference_says_so():
     """Only an independent peer's error sets the bound (sparsectx's rows share its kernels); a reference that fails
     to run leaves the rows to the dtype's fixed bound, said in the first row's note."""
@@ -1548,11 +1609,13 @@ def test_weights_in_fp32_compute_in_fp32_and_restore_every_tensor_exactly():
     its own dtype and values after it, an fp32 buffer kept fp32 (a model-wide .to(bfloat16) would round it)."""
     model = torch.nn.Linear(8, 8).to(torch.bfloat16)
     model.register_buffer("table", torch.randn(8, dtype=torch.float32) / 3)
+    model.register_buffer("half_table", torch.randn(8, dtype=torch.bfloat16))
     model.register_buffer("steps", torch.arange(4))
     before = {name: t.clone() for name, t in model.state_dict().items()}
     x = torch.randn(2, 8)
     with benchmarks._weights_in_fp32(model):
         assert {t.dtype for t in model.parameters()} == {torch.float32}
+        assert model.half_table.dtype == torch.float32 and model.steps.dtype == torch.int64
         out = model(x)
         assert out.dtype == torch.float32
         torch.testing.assert_close(out, x @ before["weight"].float().T + before["bias"].float(), rtol=0, atol=0)

@@ -294,6 +294,15 @@ def test_top_level_kernels_folder_is_not_hugging_face_kernels(tmp_path):
     assert answers[REPO_ROOT] == answers[tmp_path], answers
     installed, available = answers[REPO_ROOT].split()
     assert installed == available or installed == "True", answers  # (available only if installed)
+    # without Hugging Face's package (its site-packages left off sys.path: installed here with transformers), the
+    # folder reads as an empty namespace package, which no probe takes for it: no __file__, nothing exported
+    hidden = ("import sys\nsys.path = [p for p in sys.path if not p.endswith(('site-packages', 'dist-packages'))]\n"
+              "import kernels\nprint(getattr(kernels, '__file__', None), "
+              "[n for n in vars(kernels) if not n.startswith('_')])")
+    done = subprocess.run([sys.executable, "-c", hidden], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=SUBPROCESS_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "None []", done.stdout
 
 
 def test_top_level_kernels_folder_hands_over_to_an_installed_hugging_face_kernels(tmp_path):

@@ -3439,3 +3439,44 @@ def test_a_per_call_override_does_not_reach_diffusers(family, caplog):
     sparsectx.disable(model)
     assert seen and not any("sparsectx" in names for names in seen)
     assert not [r for r in caplog.records if "sparsectx" in r.getMessage()]
+
+
+def test_layouts_keep_host_positions_on_the_host_and_queue_their_device_copies(monkeypatch):
+    """Each layout built from host positions (Qwen-Image, Qwen-Image 2.1 / JoyImage-Edit-Plus, JoyImage-Edit, Z-Image,
+    FLUX.3's ids) keeps them on the host under any default device (meta stands in for a GPU here: a default-device
+    ``arange`` reached ``to_device``, which takes host values only) and makes the device copies with
+    ``_device_values`` (queued from pinned memory on CUDA: the blocking ``.to(device)`` it replaced was a host sync
+    per call, two per Qwen-Image drop-training forward in the 2026-12-04 GPU run)."""
+    import types
+
+    queued = []
+    real = integration._device_values
+    monkeypatch.setattr(integration, "_device_values", lambda *a: queued.append(real(*a)) or queued[-1])
+    hidden = torch.zeros(1, 24, 8)
+    joy = types.SimpleNamespace(config=types.SimpleNamespace(patch_size=(1, 2, 2)))
+    x = [[torch.zeros(4, 1, 4, 6), torch.zeros(4, 1, 4, 4)]]  # Z-Image: a reference (2 x 3 patches), the target
+    ids = torch.zeros(6, 4, dtype=torch.long)
+    ids[:, 1], ids[:, 2], ids[:, 3] = torch.arange(6) // 3, torch.arange(6) % 3, -1
+    joy_hidden, z_hidden, refs = torch.zeros(1, 2, 4, 1, 4, 4), torch.zeros(1, 10, 8), torch.zeros(1, 6, 8)
+    calls = [
+        ("qwen", lambda: integration._image_layout({"hidden_states": hidden, "img_shapes": [[(1, 4, 4), (1, 2, 4)]]},
+                                                   True)),
+        ("qwen21", lambda: integration._image_layout({"hidden_states": hidden, "img_shapes": [[(1, 2, 4), (1, 4, 4)]]},
+                                                     False)),
+        ("joyimage-edit", lambda: integration._items_layout({"hidden_states": joy_hidden}, joy)),
+        ("z-image", lambda: integration._zimage_layout({"x": x, "hidden_states": z_hidden})),
+        ("flux3", lambda: integration._cond_layout({"image_cond_hidden_states": refs, "image_cond_ids": ids})),
+    ]
+    torch.set_default_device("meta")
+    try:
+        layouts = {name: make() for name, make in calls}
+    finally:
+        torch.set_default_device(None)  # (not "cpu": that leaves a device mode on for the tests that follow)
+    for name, layout in layouts.items():
+        assert layout.target_host.device.type == layout.ref_host.device.type == "cpu", name
+        assert layout.ref_positions.tolist() == layout.ref_host.tolist(), name
+        copied = [t for t in (layout.target_positions, layout.ref_positions, layout.reference_ids) if t is not None
+                  and t.numel() and name != "flux3"]  # (FLUX.3's positions are made on the device: no copy)
+        assert all(any(t is q for q in queued) for t in copied), name
+    assert [len(layouts[name].ref_host) for name in layouts] == [8, 8, 4, 6, 6]
+    assert any(layouts["flux3"].reference_ids is q for q in queued)
