@@ -24,6 +24,16 @@ def recording_attention(record: dict) -> Callable:
     return selector
 
 
+def record_fused_norm_rope(monkeypatch) -> list:
+    """The list the processors' ``rms_norm_rope`` calls append their ``x`` shape to (each call still runs the op):
+    which q / k passes ran fused."""
+    calls = []
+    real = sparsectx.rms_norm_rope
+    monkeypatch.setattr(sparsectx.processors, "rms_norm_rope",
+                        lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    return calls
+
+
 @contextlib.contextmanager
 def attention_processors(blocks, processor):
     """Inside the block, the attention (``block.attn``) of every block of ``blocks`` runs ``processor``; each

@@ -613,9 +613,7 @@ def test_the_processors_norm_and_rope_run_fused_per_sample_and_round_as_diffuser
         norm.weight.copy_(torch.randn(16, generator=g) * 0.5 + 1)
     angles = torch.rand(2, 12, 8, generator=g) * 6  # each sample its own positions
     freqs = torch.polar(torch.ones_like(angles), angles)
-    calls = []
-    monkeypatch.setattr(processors, "rms_norm_rope",
-                        lambda *a, **k: calls.append(a[0].shape) or sparsectx.rms_norm_rope(*a, **k))
+    calls = checks.record_fused_norm_rope(monkeypatch)
     with torch.no_grad():
         expected = zimage.rotated(norm(x), freqs)
         assert same(processors._zimage_norm_rope(x, norm, freqs), expected)
@@ -634,9 +632,7 @@ def test_every_attention_layer_runs_its_q_and_k_norm_and_rope_fused(model, monke
     refiners' and the main layers'), and the output is diffusers' processor's (the flash-attention criterion)."""
     kwargs = _inputs(shared=False)
     native = _run(model, kwargs)
-    calls = []
-    monkeypatch.setattr(processors, "rms_norm_rope",
-                        lambda *a, **k: calls.append(a[0].shape) or sparsectx.rms_norm_rope(*a, **k))
+    calls = checks.record_fused_norm_rope(monkeypatch)
     sparsectx.enable(model, budget=1.0, attention="sparsectx")
     out = _run(model, kwargs)
     layers = [*model.noise_refiner, *model.context_refiner, *model.siglip_refiner, *model.layers]
