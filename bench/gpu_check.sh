@@ -129,8 +129,9 @@ LONGCAT_CAP_S=45
 # once (the reference its rows are judged against: ~70 TFLOP in fp32 at 1 ref, 26 GB of fp32 weights), a few s more
 ZIMAGE_CAP_S=60
 # GLM-Image call (the released DiT config: 30 blocks of 32 heads of 128, 6.93B parameters), --quick subset (1 ref x
-# 10%, 3 refs x 10%): each row writes the references and runs 4 steps; never run on a GPU
-GLM_CAP_S=50
+# 10%, 3 refs x 10%): each row writes the references and runs 4 steps; 50 s on 2026-12-04 cut the 3-reference
+# block's second pass
+GLM_CAP_S=65
 # Qwen-Image-Edit-20B step, --quick subset (1 ref x 10%, 3 refs x 10%): a 20B model (41 GB in bf16) built on the GPU;
 # never run: by FACTS' step times (keep-all 0.41 / 1.04 s) about 25 s of steps, plus start-up, the model build and
 # the autotuning of sparsectx attention's shapes
