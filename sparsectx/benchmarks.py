@@ -119,7 +119,7 @@ class Workload:
     count_syncs: bool = False  # note per implementation its host syncs (CUDA) and host reads (any device)
     # a higher-precision run of the same computation (e.g. the model in fp32; it returns the output in the rows'
     # layout): when given, every comparable row is judged against it by the flash-attention criterion
-    # (``reference_criterion``) instead of by its distance to sparsectx's output under ``REL_ERR_BOUND``, which
+    # (``_judge_against_reference``) instead of by its distance to sparsectx's output under ``REL_ERR_BOUND``, which
     # assumes a model that amplifies rounding little (Z-Image: two native SDPA backends differ by 1.4e-2 in bf16)
     reference: Optional[Callable[[], Any]] = None
     reference_label: str = "fp32"  # what ``reference`` computes in, for the notes
