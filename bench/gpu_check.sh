@@ -305,38 +305,33 @@ if part 1; then
     # diagnosis, not a target: profiler tables of the ops that miss theirs (bench/profile_ops.py), in profile_ops.txt
     step "profile ops" "$PROFILE_CAP_S" "$BENCH_LOG" "${IN_SCRATCH[@]}" "$PY" "$REPO/bench/profile_ops.py" --out "$OUT"
 fi
+# a part-2 bench step: case $1 (its --quick subset) under the cap $2, its rows in its own JSON file
+quick_case() {
+    step "bench $1" "$2" "$BENCH_LOG" "${BENCH[@]}" --case "$1" --quick --json "$SCRATCH/bench_$1.json"
+}
 if part 2; then
     tests "pytest candidates" "$CANDIDATES_CAP_S" "$TESTS_LOG" "${PYTEST[@]}" tests -m gpu -k "$CANDIDATES"
     # first the model steps whose last GPU run failed or that never ran (issue 5's 3% step target each): the Z-Image
     # Omni step (its rows failed the fixed bf16 bound on 2026-12-04; judged against its fp32 reference since, with the
     # fused norm + RoPE in its sparsectx processor), the Qwen-Image 2.1 step (against the model's own forward on the
     # compacted sequence) and the LongCat-Image-Edit step, both never run on a GPU
-    step "bench e2e_zimage" "$ZIMAGE_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case e2e_zimage --quick \
-        --json "$SCRATCH/bench_e2e_zimage.json"
-    step "bench e2e_qwen21" "$QWEN21_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case e2e_qwen21 --quick \
-        --json "$SCRATCH/bench_e2e_qwen21.json"
-    step "bench e2e_longcat" "$LONGCAT_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case e2e_longcat --quick \
-        --json "$SCRATCH/bench_e2e_longcat.json"
+    quick_case e2e_zimage "$ZIMAGE_CAP_S"
+    quick_case e2e_qwen21 "$QWEN21_CAP_S"
+    quick_case e2e_longcat "$LONGCAT_CAP_S"
     # the Qwen-Image-Edit-20B step (the third family; its drop-in against references shrunk to the kept count;
     # measured on 2026-11-30)
-    step "bench e2e_qwen" "$QWEN_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case e2e_qwen --quick \
-        --json "$SCRATCH/bench_e2e_qwen.json"
+    quick_case e2e_qwen "$QWEN_CAP_S"
     [[ $PIPELINE_PART == 2 ]] && pipeline_step
     # a fine-tuning step with dropped references: removed from the sequence (the drop-in) against masked (drop
     # training); no issue target
-    step "bench train_step" "$TRAIN_STEP_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case train_step --quick \
-        --json "$SCRATCH/bench_train_step.json"
-    step "bench e2e_batch" "$BATCH_E2E_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case e2e_batch --quick \
-        --json "$SCRATCH/bench_e2e_batch.json"
+    quick_case train_step "$TRAIN_STEP_CAP_S"
+    quick_case e2e_batch "$BATCH_E2E_CAP_S"
     # the FLUX.1-Kontext-12B step (another family's shapes; no target)
-    step "bench e2e_kontext" "$KONTEXT_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case e2e_kontext --quick \
-        --json "$SCRATCH/bench_e2e_kontext.json"
+    quick_case e2e_kontext "$KONTEXT_CAP_S"
     # the FLUX.3 step and the GLM-Image call (reference KV cache of the kept tokens, against the model's own write
     # forwards on the kept rows): both within 3% on 2026-12-04
-    step "bench e2e_flux3" "$FLUX3_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case e2e_flux3 --quick \
-        --json "$SCRATCH/bench_e2e_flux3.json"
-    step "bench e2e_glm" "$GLM_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case e2e_glm --quick \
-        --json "$SCRATCH/bench_e2e_glm.json"
+    quick_case e2e_flux3 "$FLUX3_CAP_S"
+    quick_case e2e_glm "$GLM_CAP_S"
     # the rest of the suite (the non-gpu tests) on the CUDA device, in whatever time is left
     tests "pytest not gpu" "$(seconds_left)" "$TESTS_LOG" "${PYTEST[@]}" "${PARALLEL[@]}" tests -m "not gpu"
 fi

@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
@@ -123,6 +123,8 @@ class Workload:
     # assumes a model that amplifies rounding little (Z-Image: two native SDPA backends differ by 1.4e-2 in bf16)
     reference: Optional[Callable[[], Any]] = None
     reference_label: str = "fp32"  # what ``reference`` computes in, for the notes
+    # comparison_problem's reference output and independent peers' errors against it, made once per workload
+    reference_checks: Optional[tuple] = field(default=None, repr=False, compare=False)
 
     def impl(self, name: str) -> Optional[Impl]:
         return next((i for i in self.impls if i.name == name), None)
@@ -2810,6 +2812,13 @@ def _append_note(row: dict, text: str) -> None:
     row["note"] = f"{row['note']}; {text}" if row["note"] else text
 
 
+def _reference_verdict(err: float, row_err: float, peer_errors: list) -> tuple:
+    """``(ok, bound)``: the flash-attention criterion of a row's relative error ``err`` and worst row's ``row_err``
+    against a workload's reference, given the independent peers' errors against it (at least one)."""
+    bound = REFERENCE_FACTOR * min(peer_errors) + REFERENCE_SLACK
+    return err <= bound and row_err <= ROW_ERR_BOUND, bound
+
+
 def _judge_against_reference(rows: list, label: str) -> None:
     """The flash-attention criterion on the rows compared with a workload's higher-precision reference (their
     ``ref_err``, relative error, and ``ref_row_err``, worst row's): each row's error at most ``REFERENCE_FACTOR`` x
@@ -2823,10 +2832,9 @@ def _judge_against_reference(rows: list, label: str) -> None:
         for r in judged:
             r.pop("ref_row_err")
         return
-    bound = REFERENCE_FACTOR * min(peers) + REFERENCE_SLACK
     for r in judged:
         row_err = r.pop("ref_row_err")
-        ok = r["ref_err"] <= bound and row_err <= ROW_ERR_BOUND
+        ok, _ = _reference_verdict(r["ref_err"], row_err, peers)
         if r["ok"] is not False:
             r["ok"] = ok
         verdict = "" if ok else "CHECK FAILED: "
@@ -2905,11 +2913,12 @@ def run_workload(workload: Workload, device: torch.device, *, quick: bool = Fals
                             against_reference(result, values)
                         else:
                             values["ok"] = ok
-                        if not ok and reference is None:
-                            notes.insert(0, "MISMATCH with sparsectx (" + (
-                                "not bit-exact" if workload.exact else f"rel err {err:.2e}" if
-                                err > REL_ERR_BOUND[workload.dtype] else
-                                f"a row off by {worst_row_error(result, expected):.2f} of the mean row norm") + ")")
+                            if not ok:
+                                notes.insert(0, "MISMATCH with sparsectx (" + (
+                                    "not bit-exact" if workload.exact else f"rel err {err:.2e}" if
+                                    err > REL_ERR_BOUND[workload.dtype] else
+                                    f"a row off by {worst_row_error(result, expected):.2f} of the mean row norm")
+                                    + ")")
                     problem = None
                     if impl.verify is not None:
                         problem = impl.verify(result)
@@ -3059,22 +3068,24 @@ def comparison_problem(workload: Workload, impl: Impl, result, expected) -> str:
         match, err = results_match(result, expected, workload)
         return "" if match else (f"{impl.name} disagrees with the comparison result: relative error {err:.3e}, "
                                  f"worst row {worst_row_error(result, expected):.3e} of the mean row norm")
-    reference = workload.reference()
-    peers = []
-    for peer in workload.impls:
-        if peer.skip or peer.ours or not peer.comparable:
-            continue
-        try:
-            with peer.context():
-                output = peer.output(peer.fn())
-        except Exception:  # a peer this device does not offer
-            continue
-        peers.append(relative_error(output, reference))
+    if workload.reference_checks is None:  # (each of the workload's rows is checked by its own call)
+        reference = workload.reference()
+        peer_errors = []
+        for peer in workload.impls:
+            if peer.skip or peer.ours or not peer.comparable:
+                continue
+            try:
+                with peer.context():
+                    output = peer.output(peer.fn())
+            except Exception:  # a peer this device does not offer
+                continue
+            peer_errors.append(relative_error(output, reference))
+        workload.reference_checks = reference, peer_errors
+    reference, peers = workload.reference_checks
     if not peers:
         return f"no independent peer runs here to judge {impl.name} against the {workload.reference_label} reference"
     err, row_err = relative_error(result, reference), worst_row_error(result, reference)
-    bound = REFERENCE_FACTOR * min(peers) + REFERENCE_SLACK
-    if err <= bound and row_err <= ROW_ERR_BOUND:
+    if _reference_verdict(err, row_err, peers)[0]:
         return ""
     return (f"{impl.name}: relative error {err:.3e} against the {workload.reference_label} reference (bound "
             f"{REFERENCE_FACTOR:g} x {min(peers):.3e} + {REFERENCE_SLACK:g}), worst row {row_err:.3e}")
