@@ -112,6 +112,16 @@ def test_drop_in_selection_verdict_is_what_a_new_attention_selection_adds_to_the
     assert "MISSES: adds 2.5 ms, 2.50% of the no-reference step (100 ms)" in lines[0]
     breakdown[2]["time_ms"] = 121.5
     assert "meets: adds 1 ms, 1.00%" in benchmarks.drop_in_selection_verdicts(steps + breakdown)[0]
+    # timed in two passes (A B, B A): the mean of each pass's difference, not the fastest passes' difference
+    breakdown[1]["pass_ms"], breakdown[2]["pass_ms"] = [120.5, 125.0], [121.5, 125.5]
+    assert "meets: adds 0.75 ms, 0.75% of the no-reference step (100 ms) (mean of the 2 passes' differences: +1, " \
+           "+0.5 ms)" in benchmarks.drop_in_selection_verdicts(steps + breakdown)[0]
+    breakdown[2]["pass_ms"] = [126.0, 123.0]  # fastest passes 1 ms apart; the passes' differences +5.5 and -2
+    line = benchmarks.drop_in_selection_verdicts(steps + breakdown)[0]
+    assert "not resolved (the passes disagree): adds 1.75 ms" in line and "+5.5, -2 ms" in line
+    breakdown[2]["pass_ms"] = [124.0, 128.0]
+    assert "MISSES: adds 3.25 ms" in benchmarks.drop_in_selection_verdicts(steps + breakdown)[0]
+    del breakdown[1]["pass_ms"], breakdown[2]["pass_ms"]
     assert benchmarks.target_verdicts(steps + breakdown)[-1] == benchmarks.drop_in_selection_verdicts(
         steps + breakdown)[0]  # the summary's targets end with it
     assert "not measured" in benchmarks.drop_in_selection_verdicts(breakdown)[0]  # no no-reference step in the run
