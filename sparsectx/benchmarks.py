@@ -673,6 +673,7 @@ class MaskedCase:
                   "sdpa bool key mask (default)",
                   "sdpa bool key mask (efficient)", "ideal: sdpa on compacted keys", "flex_attention mask_mod",
                   "sparsectx masked_attention (query_mask)", "sparsectx masked_attention (query_mask, kept_prefix)",
+                  "sdpa bool key mask (cudnn), kept queries", "sdpa bool key mask (default), kept queries",
                   "ideal: sdpa on compacted queries and keys")
     sizes = {
         "full": dict(heads=24, dim=128, own=512 + 4096, refs=3, ref_tokens=4096, keep=0.05),
@@ -743,6 +744,8 @@ class MaskedCase:
             shape = f"S={seq}, {kept} keys kept, all queries, H={heads}, D={dim}, {dt}"
             return Workload(self.name, shape, impls, dtype, flops=4.0 * heads * seq * kept * dim)
         qc4 = q[:, kept_rows].transpose(1, 2)
+        kept_queries = lambda o: o.transpose(1, 2)[0]  # noqa: E731 - [1, H, kept, D] -> [kept, H, D]
+        attn_mask = key_mask[:, None, None, :]
         impls = [
             Impl("sparsectx masked_attention (query_mask)",
                  lambda: ops.masked_attention(q, k, v, key_mask, query_mask=key_mask),
@@ -750,8 +753,14 @@ class MaskedCase:
             Impl("sparsectx masked_attention (query_mask, kept_prefix)",
                  lambda: ops.masked_attention(q, k, v, key_mask, query_mask=key_mask, kept_prefix=own),
                  output=lambda o: o[0, kept_rows], note=f"text + target ({own}) as contiguous keys"),
+            # what a user without sparsectx runs when only the kept tokens' outputs are needed: the kept queries
+            # (compacted beforehand, untimed) against every key under the boolean key mask
+            *_sdpa_impls(["cudnn"], qc4, k4, v4, device, kept_queries, attn_mask=attn_mask,
+                         label="sdpa bool key mask ({}), kept queries"),
+            Impl("sdpa bool key mask (default), kept queries", lambda: _sdpa(qc4, k4, v4, attn_mask=attn_mask),
+                 output=kept_queries, note="queries compacted beforehand"),
             Impl("ideal: sdpa on compacted queries and keys", lambda: _sdpa(qc4, kc4, vc4, best),
-                 output=lambda o: o.transpose(1, 2)[0], note=f"backend {best or 'default'}; compacted beforehand"),
+                 output=kept_queries, note=f"backend {best or 'default'}; compacted beforehand"),
         ]
         shape = f"S={seq}, {kept} keys kept, kept queries only, H={heads}, D={dim}, {dt}"
         return Workload(self.name, shape, impls, dtype, flops=4.0 * heads * kept * kept * dim)
