@@ -129,3 +129,17 @@ def test_the_readmes_measured_times_are_those_of_the_runs_it_names():
              for figure in group.split("/")]
     assert len(below) >= 10, below
     assert [figure for figure in below if figure not in {_quoted(t, figure) for t in latest}] == []
+
+
+def test_the_benchmark_docs_latest_run_is_the_latest_recorded_run():
+    """docs/benchmarks.md's "Latest run" names the date and commit of the newest run in bench/runs: a new run
+    recorded without that section rewritten (it described 2026-11-30's run after 2026-12-04's) fails here."""
+    import json
+
+    text = (README.parent / "docs" / "benchmarks.md").read_text()
+    start = text.index("## Latest run")
+    section = text[start:text.find("\n## ", start + 1) if "\n## " in text[start + 1:] else len(text)]
+    meta = max((json.loads(path.read_text())["meta"] for path in RUNS.glob("*-bench.json")), key=lambda m: m["date"])
+    named = re.search(r"Latest run \(([^)]*)\)", " ".join(section.split()))
+    assert named is not None, "the section names its run as 'Latest run (card, versions, date, commit ...)'"
+    assert meta["date"][:10] in named.group(1) and f"commit {meta['commit']}" in named.group(1), named.group(1)
