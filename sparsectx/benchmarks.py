@@ -50,8 +50,11 @@ REL_ERR_BOUND = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # the whole tensor's error, but a wrong, unwritten or zeroed row is off by ~1 here (rounding: ~1e-2 in bf16)
 ROW_ERR_BOUND = 0.25
 # the flash-attention criterion against a workload's higher-precision ``reference``: a row's relative error at most
-# REFERENCE_FACTOR x the smallest error of an independent peer (PyTorch's own, in the same dtype) + REFERENCE_SLACK
-REFERENCE_FACTOR, REFERENCE_SLACK = 2.0, 1e-3
+# REFERENCE_FACTOR x the smallest error of an independent peer (PyTorch's own, in the same dtype) + a slack of
+# REFERENCE_SLACK, or the dtype's REL_ERR_BOUND where smaller (fp32 on the CPU: the reference computes what the peer
+# does, the peer's error is 0, and the bound stays fp32's 1e-4). A peer farther than REFERENCE_PEER_BOUND from the
+# reference (or with a worst row past ROW_ERR_BOUND, a failed check, NaN) is broken and sets no bound
+REFERENCE_FACTOR, REFERENCE_SLACK, REFERENCE_PEER_BOUND = 2.0, 1e-3, 0.25
 # timing: do_bench warm-up / measuring windows (ms) on a GPU; repetitions and time budget (s) on the CPU
 GPU_WARMUP_MS, GPU_REP_MS, GPU_QUICK_REP_MS = 25, 100, 40
 CPU_REPS, CPU_QUICK_REPS, CPU_BUDGET_S = 7, 3, 1.0
@@ -94,6 +97,9 @@ class Impl:
     # whether a workload that counts host reads (``count_syncs``) may run it under count_host_reads' dispatch mode:
     # compiled flex_attention refuses one, and its later calls then fail too (dynamo's state is left broken)
     host_reads: bool = True
+    # a peer that runs none of sparsectx's code, whose error may bound sparsectx's against a workload's reference
+    # (False for a peer that runs sparsectx's selection or compaction; ``ours`` rows never are)
+    independent: bool = True
 
     def __post_init__(self):
         self.ours = self.ours or self.name.startswith(("sparsectx", "(", "select,"))
@@ -172,10 +178,13 @@ def results_match(actual, expected, workload: Workload) -> tuple[bool, float]:
 
 def worst_row_error(actual, expected) -> float:
     """max over the tensors and their rows (all dims but the last flattened) of ||actual_r - expected_r|| / the
-    mean row norm of ``expected`` (float64); 0 for tensors of fewer than 2 dims or no elements."""
+    mean row norm of ``expected`` (float64); 0 for tensors of fewer than 2 dims or no elements; inf for a shape
+    change (as ``relative_error``)."""
     pairs = list(zip(actual, expected)) if isinstance(actual, (tuple, list)) else [(actual, expected)]
     worst = 0.0
     for a, e in pairs:
+        if a.shape != e.shape:
+            return math.inf
         if a.ndim < 2 or a.numel() == 0:
             continue
         a64, e64 = (t.detach().double().reshape(-1, t.shape[-1]) for t in (a, e))
@@ -1159,9 +1168,10 @@ def _cached_model(family: ModelFamily, size: str, device: torch.device, dtype: t
 
 @contextlib.contextmanager
 def _weights_in_fp32(model: torch.nn.Module):
-    """``model``'s floating-point parameters and buffers in fp32 inside the block, each back in its own dtype after
-    (exact for bf16 / fp16 weights: every value is an fp32 value). Its forward then computes in fp32."""
-    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    """``model``'s bf16 / fp16 parameters and buffers in fp32 inside the block, each back in its own dtype after
+    (exact: every such value is an fp32 value; an fp64 tensor is left alone, which a round trip through fp32 would
+    round). Its forward then computes in fp32."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.dtype in (torch.float16, torch.bfloat16)]
     dtypes = [t.dtype for t in tensors]
     try:
         for t in tensors:
@@ -2784,8 +2794,9 @@ def _cudnn_forced(native: Impl, device: torch.device) -> Impl:
         with native.context(), sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
             yield
 
-    # (not ours: torch refusing cuDNN for these inputs makes the row unavailable, not the run wrong)
-    return replace(native, name=CUDNN_NATIVE_ROW, scope=scope, ours=False,
+    # (not ours: torch refusing cuDNN for these inputs makes the row unavailable, not the run wrong; not
+    # independent either: it runs sparsectx's selection and compaction)
+    return replace(native, name=CUDNN_NATIVE_ROW, scope=scope, ours=False, independent=False,
                    note="every SDPA call on cuDNN; " + native.note)
 
 
@@ -2827,34 +2838,50 @@ def _append_note(row: dict, text: str) -> None:
     row["note"] = f"{row['note']}; {text}" if row["note"] else text
 
 
-def _reference_verdict(err: float, row_err: float, peer_errors: list) -> tuple:
+def _reference_slack(dtype: torch.dtype) -> float:
+    """The criterion's absolute term: ``REFERENCE_SLACK``, or the dtype's fixed bound where that is smaller."""
+    return min(REFERENCE_SLACK, REL_ERR_BOUND.get(dtype, REFERENCE_SLACK))
+
+
+def _usable_peer_error(err: float, row_err: float) -> bool:
+    """Whether an independent peer's errors against the reference may set the bound: finite, and neither the whole
+    tensor nor its worst row broken (``REFERENCE_PEER_BOUND``, ``ROW_ERR_BOUND``)."""
+    return math.isfinite(err) and err <= REFERENCE_PEER_BOUND and row_err <= ROW_ERR_BOUND
+
+
+def _reference_verdict(err: float, row_err: float, peer_errors: list, dtype: torch.dtype) -> tuple:
     """``(ok, bound)``: the flash-attention criterion of a row's relative error ``err`` and worst row's ``row_err``
-    against a workload's reference, given the independent peers' errors against it (at least one)."""
-    bound = REFERENCE_FACTOR * min(peer_errors) + REFERENCE_SLACK
+    against a workload's reference, given the usable independent peers' errors against it (at least one)."""
+    bound = REFERENCE_FACTOR * min(peer_errors) + _reference_slack(dtype)
     return err <= bound and row_err <= ROW_ERR_BOUND, bound
 
 
-def _judge_against_reference(rows: list, label: str) -> None:
+def _judge_against_reference(rows: list, label: str, independent: set, dtype: torch.dtype) -> bool:
     """The flash-attention criterion on the rows compared with a workload's higher-precision reference (their
     ``ref_err``, relative error, and ``ref_row_err``, worst row's): each row's error at most ``REFERENCE_FACTOR`` x
-    the smallest of an independent peer's (not ``ours``: PyTorch's own computation in the same dtype) +
-    ``REFERENCE_SLACK``, and its worst row within ``ROW_ERR_BOUND``. Without an independent peer nothing is judged
-    (said in the first row's note). A row that failed before (NaN, an error) stays failed."""
+    the smallest of a usable independent peer's (a row of ``independent``, PyTorch's own computation in the same
+    dtype, whose check did not fail and whose errors ``_usable_peer_error`` accepts) + ``_reference_slack``, and its
+    worst row within ``ROW_ERR_BOUND``. A row that failed before (NaN, an error) stays failed. Returns False, judging
+    nothing, when no peer is usable (said in the first row's note): the caller then applies the dtype's fixed bound
+    against sparsectx's output."""
     judged = [r for r in rows if "ref_err" in r]
-    peers = [r["ref_err"] for r in judged if not r["ours"]]
+    peers = [r["ref_err"] for r in judged if r["impl"] in independent and r["ok"] is not False
+             and _usable_peer_error(r["ref_err"], r["ref_row_err"])]
     if not peers:
-        _append_note(rows[0], f"not checked: no independent peer's error against the {label} reference")
+        _append_note(rows[0], f"no usable independent peer's error against the {label} reference: judged by the "
+                              "fixed bound against this output instead")
         for r in judged:
             r.pop("ref_row_err")
-        return
+        return False
     for r in judged:
         row_err = r.pop("ref_row_err")
-        ok, _ = _reference_verdict(r["ref_err"], row_err, peers)
+        ok, _ = _reference_verdict(r["ref_err"], row_err, peers, dtype)
         if r["ok"] is not False:
             r["ok"] = ok
         verdict = "" if ok else "CHECK FAILED: "
         _append_note(r, f"{verdict}rel err vs the {label} reference {r['ref_err']:.2e} (bound {REFERENCE_FACTOR:g} "
-                        f"x {min(peers):.2e} + {REFERENCE_SLACK:g}; worst row {row_err:.2f})")
+                        f"x {min(peers):.2e} + {_reference_slack(dtype):g}; worst row {row_err:.2f})")
+    return True
 
 
 def run_workload(workload: Workload, device: torch.device, *, quick: bool = False, shared: Optional[dict] = None,
@@ -2893,6 +2920,8 @@ def run_workload(workload: Workload, device: torch.device, *, quick: bool = Fals
             reference = workload.reference()
         except Exception as exc:
             reference_problem = f"the {workload.reference_label} reference failed ({_first_line(exc)})"
+        if reference is not None and _holds_non_finite(reference):  # it would fail every row, right ones too
+            reference, reference_problem = None, f"the {workload.reference_label} reference holds NaN or inf"
 
     def against_reference(output, values: dict) -> None:
         values["ref_err"] = relative_error(output, reference)
@@ -2924,16 +2953,17 @@ def run_workload(workload: Workload, device: torch.device, *, quick: bool = Fals
                     if impl.comparable and impl is not primary:
                         ok, err = results_match(result, expected, workload)
                         values["err"] = err
-                        if reference is not None:  # judged after the loop (_judge_against_reference)
-                            against_reference(result, values)
+                        mismatch = "" if ok else "MISMATCH with sparsectx (" + (
+                            "not bit-exact" if workload.exact else f"rel err {err:.2e}" if
+                            err > REL_ERR_BOUND[workload.dtype] else
+                            f"a row off by {worst_row_error(result, expected):.2f} of the mean row norm") + ")"
+                        if reference is not None:  # judged after the loop (_judge_against_reference), or by the
+                            against_reference(result, values)  # fixed bound where no peer is usable
+                            values["fixed_check"] = (ok, mismatch)
                         else:
                             values["ok"] = ok
                             if not ok:
-                                notes.insert(0, "MISMATCH with sparsectx (" + (
-                                    "not bit-exact" if workload.exact else f"rel err {err:.2e}" if
-                                    err > REL_ERR_BOUND[workload.dtype] else
-                                    f"a row off by {worst_row_error(result, expected):.2f} of the mean row norm")
-                                    + ")")
+                                notes.insert(0, mismatch)
                     problem = None
                     if impl.verify is not None:
                         problem = impl.verify(result)
@@ -2985,9 +3015,16 @@ def run_workload(workload: Workload, device: torch.device, *, quick: bool = Fals
     # wrong kernel agrees with itself), or, in a case without any (e2e_qwen, train_step), its other rows
     checked = [r for r in rows[1:] if r["err"] is not None]
     compared = [r for r in checked if not r["ours"]] or checked
-    if any("ref_err" in r for r in rows):
-        _judge_against_reference(rows, workload.reference_label)
-    elif compared and all(r["ok"] is False for r in compared) and rows[0]["ok"] is not False:
+    independent = {i.name for i in workload.impls if i.comparable and i.independent and not i.ours}
+    by_reference = any("ref_err" in r for r in rows) and _judge_against_reference(
+        rows, workload.reference_label, independent, workload.dtype)
+    for r in rows:
+        ok, mismatch = r.pop("fixed_check", (None, ""))
+        if ok is not None and not by_reference:  # (no usable peer: the fixed bound, as without a reference)
+            r["ok"] = r["ok"] is not False and ok
+            if mismatch:
+                r["note"] = f"{mismatch}; {r['note']}" if r["note"] else mismatch
+    if not by_reference and compared and all(r["ok"] is False for r in compared) and rows[0]["ok"] is not False:
         # every peer disagrees with sparsectx: its output is the suspect, and its time judges nothing
         rows[0]["ok"] = False
         _append_note(rows[0], f"CHECK FAILED: every compared peer ({len(compared)}) disagrees with this output")
@@ -3078,32 +3115,39 @@ def comparison_problem(workload: Workload, impl: Impl, result, expected) -> str:
     """pytest-benchmark's check of a comparable row's ``result`` (``checked_run``'s pair): "" when it passes, else
     what is wrong. Without a ``workload.reference``: ``results_match`` against ``expected``. With one: the reference
     is run, and so is every independent peer that runs here, and ``result``'s error against the reference must meet
-    the flash-attention criterion (``_judge_against_reference``'s bound)."""
-    if workload.reference is None:
+    the flash-attention criterion (``_judge_against_reference``'s bound); where the reference fails or holds NaN, or
+    no peer's error is usable, ``results_match`` against ``expected`` again."""
+    if workload.reference is not None and workload.reference_checks is None:  # (made once per workload)
+        try:
+            reference = workload.reference()
+        except Exception:  # (run_workload notes it; here the fixed bound judges)
+            reference = None
+        peer_errors = []
+        if reference is not None and not _holds_non_finite(reference):
+            for peer in workload.impls:
+                if peer.skip or peer.ours or not peer.comparable or not peer.independent:
+                    continue
+                try:
+                    with peer.context():
+                        output = peer.output(peer.fn())
+                except Exception:  # a peer this device does not offer
+                    continue
+                err, row_err = relative_error(output, reference), worst_row_error(output, reference)
+                if _usable_peer_error(err, row_err):
+                    peer_errors.append(err)
+        workload.reference_checks = reference, peer_errors
+    reference, peers = workload.reference_checks if workload.reference is not None else (None, [])
+    if not peers:
         match, err = results_match(result, expected, workload)
         return "" if match else (f"{impl.name} disagrees with the comparison result: relative error {err:.3e}, "
                                  f"worst row {worst_row_error(result, expected):.3e} of the mean row norm")
-    if workload.reference_checks is None:  # (each of the workload's rows is checked by its own call)
-        reference = workload.reference()
-        peer_errors = []
-        for peer in workload.impls:
-            if peer.skip or peer.ours or not peer.comparable:
-                continue
-            try:
-                with peer.context():
-                    output = peer.output(peer.fn())
-            except Exception:  # a peer this device does not offer
-                continue
-            peer_errors.append(relative_error(output, reference))
-        workload.reference_checks = reference, peer_errors
-    reference, peers = workload.reference_checks
-    if not peers:
-        return f"no independent peer runs here to judge {impl.name} against the {workload.reference_label} reference"
     err, row_err = relative_error(result, reference), worst_row_error(result, reference)
-    if _reference_verdict(err, row_err, peers)[0]:
+    ok, bound = _reference_verdict(err, row_err, peers, workload.dtype)
+    if ok:
         return ""
     return (f"{impl.name}: relative error {err:.3e} against the {workload.reference_label} reference (bound "
-            f"{REFERENCE_FACTOR:g} x {min(peers):.3e} + {REFERENCE_SLACK:g}), worst row {row_err:.3e}")
+            f"{REFERENCE_FACTOR:g} x {min(peers):.3e} + {_reference_slack(workload.dtype):g}), worst row "
+            f"{row_err:.3e}")
 
 
 def run_case(name: str, device: torch.device, size: str, *, quick: bool = False, shared: Optional[dict] = None,

@@ -1525,7 +1525,8 @@ def test_the_cudnn_forced_drop_in_row_is_the_native_drop_in_under_cudnn_sdpa():
         assert integration.is_enabled(model) and [flag() for flag in flags] == before
 
 
-def _reference_workload(primary_scale, peer_scale=1.0, reference=None, ours_peer=False, rows=64):
+def _reference_workload(primary_scale, peer_scale=1.0, reference=None, ours_peer=False, rows=64,
+                        dtype=torch.bfloat16):
     """A bf16-like step workload judged against a higher-precision reference: sparsectx's output and an independent
     peer's each off the reference by ``scale`` x the same-sized random error (relative error ~1e-2 at scale 1; plus a
     sparsectx row agreeing with sparsectx's first)."""
@@ -1538,8 +1539,7 @@ def _reference_workload(primary_scale, peer_scale=1.0, reference=None, ours_peer
              benchmarks.Impl(peer_name, lambda: truth + peer_scale * noise[1]),
              benchmarks.Impl("sparsectx.enable (native attn, again)", lambda: ours)]
     assert impls[1].ours == ours_peer and impls[2].ours
-    workload = benchmarks.Workload("e2e_zimage", "1 ref", impls, torch.bfloat16,
-                                   reference=reference or (lambda: truth))
+    workload = benchmarks.Workload("e2e_zimage", "1 ref", impls, dtype, reference=reference or (lambda: truth))
     return workload, truth, noise
 
 
@@ -1595,14 +1595,19 @@ def test_the_reference_bound_is_the_closest_peers_and_a_wrong_row_or_an_earlier_
 
 
 def test_a_reference_workload_without_an_independent_peer_or_reference_says_so():
-    """Only an independent peer's error sets the bound (sparsectx's rows share its kernels); a reference that fails
-    to run leaves the rows to the dtype's fixed bound, said in the first row's note."""
+    """Only an independent peer's error sets the bound (sparsectx's rows share its kernels): without one the rows
+    are judged by the dtype's fixed bound against sparsectx's output, as without a reference, and so they are where
+    the reference fails to run, said in the first row's note."""
     workload, truth, noise = _reference_workload(1.0, ours_peer=True)
     rows = benchmarks.run_workload(workload, torch.device("cpu"), quick=True)
-    assert "not checked: no independent peer's error against the fp32 reference" in rows[0]["note"]
-    assert rows[0]["ok"] is None
-    assert "no independent peer runs here" in benchmarks.comparison_problem(workload, workload.impls[0],
-                                                                            truth, None)
+    assert ("no usable independent peer's error against the fp32 reference: judged by the fixed bound against this "
+            "output instead") in rows[0]["note"]
+    assert [r["ok"] for r in rows] == [None, False, True]  # 1.4e-2 apart: past bf16's fixed bound
+    assert rows[1]["note"].startswith("MISMATCH with sparsectx (rel err")
+    ours = truth + noise[0]
+    assert "disagrees with the comparison result" in benchmarks.comparison_problem(
+        workload, workload.impls[1], truth + noise[1], ours)
+    assert benchmarks.comparison_problem(workload, workload.impls[2], ours, ours) == ""
 
     def broken():
         raise RuntimeError("out of memory")
@@ -1633,7 +1638,73 @@ def test_weights_in_fp32_compute_in_fp32_and_restore_every_tensor_exactly():
     after = model.state_dict()
     for name, t in before.items():
         assert after[name].dtype == t.dtype and torch.equal(after[name], t), name
+    model.register_buffer("exact", torch.tensor([1 / 3], dtype=torch.float64))  # left alone: fp32 would round it
+    with benchmarks._weights_in_fp32(model):
+        assert model.exact.dtype == torch.float64
+    assert model.exact.item() == 1 / 3
     with pytest.raises(ValueError):  # restored when the block raises too
         with benchmarks._weights_in_fp32(model):
             raise ValueError("reference failed")
     assert model.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("broken", ["nan", "shape", "far", "failed check"])
+def test_a_broken_peer_sets_no_bound_and_a_wrong_output_still_fails(broken):
+    """An independent peer whose output is NaN, of another shape, 30% off the reference or whose own check failed
+    would make the bound infinite or loose: it sets none. With no other peer the fixed bound judges, and sparsectx's
+    output 15% off the reference fails (every compared peer disagrees with it), as does the pytest check."""
+    workload, truth, noise = _reference_workload(15.0)
+    bad = {"nan": torch.full_like(truth, float("nan")), "shape": truth[:-1],
+           "far": truth + 30.0 * noise[1]}.get(broken, truth + noise[1])
+    verify = (lambda result: "planted failure") if broken == "failed check" else None
+    workload.impls[1] = benchmarks.Impl("model on the compacted sequence", lambda: bad, verify=verify)
+    rows = benchmarks.run_workload(workload, torch.device("cpu"), quick=True)
+    assert "no usable independent peer's error" in rows[0]["note"]
+    assert rows[0]["ok"] is False and rows[1]["ok"] is False, [r["note"] for r in rows]
+    if broken != "failed check":  # (the pytest route runs no verify: there the peer sets the bound and 15% fails)
+        assert benchmarks.comparison_problem(workload, workload.impls[1], bad, truth + 15.0 * noise[0]) != ""
+    # sparsectx's other row against its first: with no usable peer the fixed bound passes it (they agree); a peer
+    # whose failed check only the table's route runs (verify) sets the pytest route's bound, which 15% fails
+    workload.reference_checks = None
+    problem = benchmarks.comparison_problem(workload, workload.impls[2], truth + 15.0 * noise[0],
+                                            truth + 15.0 * noise[0])
+    assert (problem == "") == (broken != "failed check"), problem
+
+
+def test_a_peer_running_sparsectx_code_sets_no_bound():
+    """The cuDNN-forced drop-in is not ``ours`` (torch refusing cuDNN makes it unavailable, not the run wrong) but runs
+    sparsectx's selection and compaction: it is no independent peer. One close to the reference does not tighten the
+    bound, and one far from it does not loosen it."""
+    forced = benchmarks._cudnn_forced(benchmarks.Impl("sparsectx.enable (native attn)", lambda: None),
+                                      torch.device("cuda"))
+    assert not forced.ours and not forced.independent
+    for scale, ok in ((0.1, True), (100.0, False)):
+        workload, truth, noise = _reference_workload(1.9 if ok else 2.3)
+        workload.impls.append(benchmarks.replace(forced, fn=lambda scale=scale: truth + scale * noise[1].flip(0)))
+        rows = benchmarks.run_workload(workload, torch.device("cpu"), quick=True)
+        peer_err = benchmarks.relative_error(truth + noise[1], truth)
+        assert rows[0]["ok"] is ok and f"bound 2 x {peer_err:.2e} + 0.001" in rows[0]["note"], rows[0]["note"]
+
+
+def test_an_fp32_workload_keeps_fp32s_bound_against_its_reference():
+    """On the CPU the workload runs in fp32 and its reference computes what the peer does (error 0): the criterion's
+    absolute term is then fp32's fixed bound (1e-4), not bf16's 1e-3, so an output 5e-4 off fails as it does without
+    a reference."""
+    workload, truth, noise = _reference_workload(0.05, peer_scale=0.0, dtype=torch.float32)
+    rows = benchmarks.run_workload(workload, torch.device("cpu"), quick=True)
+    assert 4e-4 < rows[0]["ref_err"] < 6e-4 and rows[0]["ok"] is False, rows[0]["note"]
+    assert "bound 2 x 0.00e+00 + 0.0001" in rows[0]["note"]
+    assert "bound 2 x 0.000e+00 + 0.0001" in benchmarks.comparison_problem(workload, workload.impls[0],
+                                                                           truth + 0.05 * noise[0], None)
+    workload, truth, noise = _reference_workload(0.005, peer_scale=0.0, dtype=torch.float32)
+    assert benchmarks.run_workload(workload, torch.device("cpu"), quick=True)[0]["ok"] is True
+
+
+def test_a_reference_holding_nan_leaves_the_rows_to_the_fixed_bound():
+    """A reference with NaN would fail every row, right ones too: it is set aside like one that fails to run."""
+    workload, truth, noise = _reference_workload(0.5, peer_scale=0.5, reference=lambda: torch.full((64, 16), math.nan))
+    rows = benchmarks.run_workload(workload, torch.device("cpu"), quick=True)
+    assert "the fp32 reference holds NaN or inf: judged by the torch.bfloat16 bound instead" in rows[0]["note"]
+    assert [r["ok"] for r in rows] == [None, True, True] and all("ref_err" not in r for r in rows)
+    assert benchmarks.comparison_problem(workload, workload.impls[1], truth + 0.5 * noise[1],
+                                         truth + 0.5 * noise[0]) == ""
