@@ -1663,6 +1663,9 @@ def test_a_broken_peer_sets_no_bound_and_a_wrong_output_still_fails(broken):
     assert rows[0]["ok"] is False and rows[1]["ok"] is False, [r["note"] for r in rows]
     if broken != "failed check":  # (the pytest route runs no verify: there the peer sets the bound and 15% fails)
         assert benchmarks.comparison_problem(workload, workload.impls[1], bad, truth + 15.0 * noise[0]) != ""
+        # sparsectx's own row, which the pytest route compares with the first independent peer's output
+        problem = benchmarks.comparison_problem(workload, workload.impls[0], truth + 15.0 * noise[0], bad)
+        assert "disagrees with the comparison result" in problem, problem
     # sparsectx's other row against its first: with no usable peer the fixed bound passes it (they agree); a peer
     # whose failed check only the table's route runs (verify) sets the pytest route's bound, which 15% fails
     workload.reference_checks = None
