@@ -81,6 +81,12 @@ def test_masked_targets_judge_4x_over_both_peers_besides_the_ideal():
     assert "than flex_attention mask_mod:" in flex and "x4.000 (>= 4.000: meets)" in flex
     assert "(inputs requiring grad)" in cudnn_grad and "x3.160 (>= 4.000: MISSES)" in cudnn_grad
     assert "(inputs requiring grad)" in flex_grad and "x3.200 (>= 4.000: MISSES)" in flex_grad
+    # the kept-queries block: against the kept queries under the boolean key mask (its same query set)
+    kept = _block("masked", "S=16896, 5220 keys kept, kept queries only, H=24, D=128, bfloat16", {
+        "sparsectx masked_attention (query_mask)": 0.75, "sdpa bool key mask (cudnn), kept queries": 2.9,
+        "ideal: sdpa on compacted queries and keys": 0.6})
+    lines = [line for line in benchmarks.target_verdicts(kept) if ">= 4x faster" in line]
+    assert len(lines) == 1 and "(kept queries): x3.867 (>= 4.000: MISSES)" in lines[0], lines
 
 
 def test_selection_verdict_takes_the_worst_share_probe_included():
