@@ -52,9 +52,10 @@ ROW_ERR_BOUND = 0.25
 # the flash-attention criterion against a workload's higher-precision ``reference``: a row's relative error at most
 # REFERENCE_FACTOR x the smallest error of an independent peer (PyTorch's own, in the same dtype) + a slack of
 # REFERENCE_SLACK, or the dtype's REL_ERR_BOUND where smaller (fp32 on the CPU: the reference computes what the peer
-# does, the peer's error is 0, and the bound stays fp32's 1e-4). A peer farther than REFERENCE_PEER_BOUND from the
-# reference (or with a worst row past ROW_ERR_BOUND, a failed check, NaN) is broken and sets no bound
-REFERENCE_FACTOR, REFERENCE_SLACK, REFERENCE_PEER_BOUND = 2.0, 1e-3, 0.25
+# does, the peer's error is 0, and the bound stays fp32's 1e-4). A peer farther than REFERENCE_PEER_FACTOR x the
+# dtype's REL_ERR_BOUND from the reference (or with a worst row past ROW_ERR_BOUND, a failed check, NaN) is broken:
+# it sets no bound, and fails
+REFERENCE_FACTOR, REFERENCE_SLACK, REFERENCE_PEER_FACTOR = 2.0, 1e-3, 10.0
 # timing: do_bench warm-up / measuring windows (ms) on a GPU; repetitions and time budget (s) on the CPU
 GPU_WARMUP_MS, GPU_REP_MS, GPU_QUICK_REP_MS = 25, 100, 40
 CPU_REPS, CPU_QUICK_REPS, CPU_BUDGET_S = 7, 3, 1.0
@@ -2843,10 +2844,16 @@ def _reference_slack(dtype: torch.dtype) -> float:
     return min(REFERENCE_SLACK, REL_ERR_BOUND.get(dtype, REFERENCE_SLACK))
 
 
-def _usable_peer_error(err: float, row_err: float) -> bool:
+def _usable_peer_error(err: float, row_err: float, dtype: torch.dtype) -> bool:
     """Whether an independent peer's errors against the reference may set the bound: finite, and neither the whole
-    tensor nor its worst row broken (``REFERENCE_PEER_BOUND``, ``ROW_ERR_BOUND``)."""
-    return math.isfinite(err) and err <= REFERENCE_PEER_BOUND and row_err <= ROW_ERR_BOUND
+    tensor (``_peer_bound``) nor its worst row (``ROW_ERR_BOUND``) broken."""
+    return math.isfinite(err) and err <= _peer_bound(dtype) and row_err <= ROW_ERR_BOUND
+
+
+def _peer_bound(dtype: torch.dtype) -> float:
+    """The farthest a peer may lie from the reference and still set the bound: ``REFERENCE_PEER_FACTOR`` x the
+    dtype's fixed bound (bf16: 0.1; fp32: 1e-3)."""
+    return REFERENCE_PEER_FACTOR * REL_ERR_BOUND.get(dtype, 0.1)
 
 
 def _reference_verdict(err: float, row_err: float, peer_errors: list, dtype: torch.dtype) -> tuple:
@@ -2856,32 +2863,49 @@ def _reference_verdict(err: float, row_err: float, peer_errors: list, dtype: tor
     return err <= bound and row_err <= ROW_ERR_BOUND, bound
 
 
-def _judge_against_reference(rows: list, label: str, independent: set, dtype: torch.dtype) -> bool:
+def _judge_against_reference(rows: list, label: str, independent: set, dtype: torch.dtype,
+                             row_errors: dict) -> tuple:
     """The flash-attention criterion on the rows compared with a workload's higher-precision reference (their
-    ``ref_err``, relative error, and ``ref_row_err``, worst row's): each row's error at most ``REFERENCE_FACTOR`` x
-    the smallest of a usable independent peer's (a row of ``independent``, PyTorch's own computation in the same
-    dtype, whose check did not fail and whose errors ``_usable_peer_error`` accepts) + ``_reference_slack``, and its
-    worst row within ``ROW_ERR_BOUND``. A row that failed before (NaN, an error) stays failed. Returns False, judging
-    nothing, when no peer is usable (said in the first row's note): the caller then applies the dtype's fixed bound
-    against sparsectx's output."""
+    ``ref_err``, relative error, and ``row_errors[impl]``, worst row's): each row's error at most
+    ``REFERENCE_FACTOR`` x the smallest of a usable independent peer's (a row of ``independent``, PyTorch's own
+    computation in the same dtype, whose check did not fail and whose errors ``_usable_peer_error`` accepts) +
+    ``_reference_slack``, and its worst row within ``ROW_ERR_BOUND``. An independent peer whose errors are not
+    accepted fails (the reference shows it broken). A row that failed before (NaN, an error) stays failed.
+
+    Returns ``(judged, broken)``: whether the rows were judged, and the names of the broken peers. Nothing else is
+    judged when no peer is usable (said in the first row's note): the caller then applies the dtype's fixed bound
+    against sparsectx's output, leaving the broken peers out of it."""
     judged = [r for r in rows if "ref_err" in r]
-    peers = [r["ref_err"] for r in judged if r["impl"] in independent and r["ok"] is not False
-             and _usable_peer_error(r["ref_err"], r["ref_row_err"])]
+    candidates = [r for r in judged if r["impl"] in independent and r["ok"] is not False]
+    broken = set()
+    for r in candidates:
+        if not _usable_peer_error(r["ref_err"], row_errors[r["impl"]], dtype):
+            broken.add(r["impl"])
+            r["ok"] = False
+            _append_note(r, f"CHECK FAILED: rel err vs the {label} reference {r['ref_err']:.2e}, worst row "
+                            f"{row_errors[r['impl']]:.2f} (a peer past {_peer_bound(dtype):g} / "
+                            f"{ROW_ERR_BOUND:g} is broken and sets no bound)")
+    peers = [r["ref_err"] for r in candidates if r["impl"] not in broken]
     if not peers:
         _append_note(rows[0], f"no usable independent peer's error against the {label} reference: judged by the "
                               "fixed bound against this output instead")
-        for r in judged:
-            r.pop("ref_row_err")
-        return False
+        for r in judged:  # still, a row the reference shows as broken as a peer would be fails
+            if r["impl"] not in broken and not _usable_peer_error(r["ref_err"], row_errors[r["impl"]], dtype):
+                r["ok"] = False
+                _append_note(r, f"CHECK FAILED: rel err vs the {label} reference {r['ref_err']:.2e}, worst row "
+                                f"{row_errors[r['impl']]:.2f} (past {_peer_bound(dtype):g} / {ROW_ERR_BOUND:g})")
+        return False, broken
     for r in judged:
-        row_err = r.pop("ref_row_err")
+        if r["impl"] in broken:
+            continue
+        row_err = row_errors[r["impl"]]
         ok, _ = _reference_verdict(r["ref_err"], row_err, peers, dtype)
         if r["ok"] is not False:
             r["ok"] = ok
         verdict = "" if ok else "CHECK FAILED: "
         _append_note(r, f"{verdict}rel err vs the {label} reference {r['ref_err']:.2e} (bound {REFERENCE_FACTOR:g} "
                         f"x {min(peers):.2e} + {_reference_slack(dtype):g}; worst row {row_err:.2f})")
-    return True
+    return True, broken
 
 
 def run_workload(workload: Workload, device: torch.device, *, quick: bool = False, shared: Optional[dict] = None,
@@ -2923,9 +2947,13 @@ def run_workload(workload: Workload, device: torch.device, *, quick: bool = Fals
         if reference is not None and _holds_non_finite(reference):  # it would fail every row, right ones too
             reference, reference_problem = None, f"the {workload.reference_label} reference holds NaN or inf"
 
-    def against_reference(output, values: dict) -> None:
+    # each comparable row's worst row against the reference and its fixed-bound check against sparsectx's output,
+    # kept off the rows until judged after the loop (the rows are written out as they come: on_row)
+    row_errors, fixed_checks = {}, {}
+
+    def against_reference(output, values: dict, name: str) -> None:
         values["ref_err"] = relative_error(output, reference)
-        values["ref_row_err"] = worst_row_error(output, reference)
+        row_errors[name] = worst_row_error(output, reference)
 
     for impl in workload.impls:
         if impl.skip:
@@ -2947,7 +2975,7 @@ def run_workload(workload: Workload, device: torch.device, *, quick: bool = Fals
                         values["ok"] = False
                         notes.insert(0, "CHECK FAILED: the output holds NaN or inf")
                     if reference is not None and primary.comparable:
-                        against_reference(expected, values)
+                        against_reference(expected, values, impl.name)
                 if impl is not primary or impl.verify is not None:
                     result = impl.output(impl.fn()) if impl is not primary else expected
                     if impl.comparable and impl is not primary:
@@ -2958,8 +2986,8 @@ def run_workload(workload: Workload, device: torch.device, *, quick: bool = Fals
                             err > REL_ERR_BOUND[workload.dtype] else
                             f"a row off by {worst_row_error(result, expected):.2f} of the mean row norm") + ")"
                         if reference is not None:  # judged after the loop (_judge_against_reference), or by the
-                            against_reference(result, values)  # fixed bound where no peer is usable
-                            values["fixed_check"] = (ok, mismatch)
+                            against_reference(result, values, impl.name)  # fixed bound where no peer is
+                            fixed_checks[impl.name] = (ok, mismatch)  # usable
                         else:
                             values["ok"] = ok
                             if not ok:
@@ -3013,17 +3041,21 @@ def run_workload(workload: Workload, device: torch.device, *, quick: bool = Fals
         _append_note(rows[0], reference_problem + f": judged by the {workload.dtype} bound instead")
     # the independent peers checked against sparsectx's output (sparsectx's other rows run the same kernels: a
     # wrong kernel agrees with itself), or, in a case without any (e2e_qwen, train_step), its other rows
-    checked = [r for r in rows[1:] if r["err"] is not None]
-    compared = [r for r in checked if not r["ours"]] or checked
     independent = {i.name for i in workload.impls if i.comparable and i.independent and not i.ours}
-    by_reference = any("ref_err" in r for r in rows) and _judge_against_reference(
-        rows, workload.reference_label, independent, workload.dtype)
+    by_reference, broken = False, set()
+    if any("ref_err" in r for r in rows):
+        by_reference, broken = _judge_against_reference(rows, workload.reference_label, independent, workload.dtype,
+                                                        row_errors)
     for r in rows:
-        ok, mismatch = r.pop("fixed_check", (None, ""))
-        if ok is not None and not by_reference:  # (no usable peer: the fixed bound, as without a reference)
-            r["ok"] = r["ok"] is not False and ok
+        ok, mismatch = fixed_checks.get(r["impl"], (None, ""))
+        if ok is not None and not by_reference and r["impl"] not in broken:  # (no usable peer: the fixed bound, as
+            r["ok"] = r["ok"] is not False and ok  # without a reference)
             if mismatch:
                 r["note"] = f"{mismatch}; {r['note']}" if r["note"] else mismatch
+    # (a peer the reference shows broken is left out: its disagreement says nothing of sparsectx's output)
+    checked = [r for r in rows[1:] if r["err"] is not None and r["impl"] not in broken]
+    compared = ([r for r in checked if r["impl"] in independent] or [r for r in checked if not r["ours"]]
+                or checked)
     if not by_reference and compared and all(r["ok"] is False for r in compared) and rows[0]["ok"] is not False:
         # every peer disagrees with sparsectx: its output is the suspect, and its time judges nothing
         rows[0]["ok"] = False
@@ -3093,7 +3125,7 @@ def checked_run(workload: Workload, impl_name: str) -> tuple:
     if impl is primary:
         result = run(primary)
         # independent peers first: sparsectx's other rows run the same kernels, and a wrong kernel agrees with itself
-        for peer in sorted(workload.impls[1:], key=lambda peer: peer.ours):
+        for peer in sorted(workload.impls[1:], key=lambda peer: (peer.ours, not peer.independent)):
             if peer.skip or not peer.comparable:
                 continue
             try:
@@ -3132,12 +3164,19 @@ def comparison_problem(workload: Workload, impl: Impl, result, expected) -> str:
                         output = peer.output(peer.fn())
                 except Exception:  # a peer this device does not offer
                     continue
+                if peer.verify is not None and peer.verify(output):  # its own check failed: no bound from it
+                    continue
                 err, row_err = relative_error(output, reference), worst_row_error(output, reference)
-                if _usable_peer_error(err, row_err):
+                if _usable_peer_error(err, row_err, workload.dtype):
                     peer_errors.append(err)
         workload.reference_checks = reference, peer_errors
     reference, peers = workload.reference_checks if workload.reference is not None else (None, [])
     if not peers:
+        if reference is not None and not _holds_non_finite(reference):  # (a row as broken as a peer may not be)
+            err, row_err = relative_error(result, reference), worst_row_error(result, reference)
+            if not _usable_peer_error(err, row_err, workload.dtype):
+                return (f"{impl.name}: relative error {err:.3e} against the {workload.reference_label} reference, "
+                        f"worst row {row_err:.3e} (past {_peer_bound(workload.dtype):g} / {ROW_ERR_BOUND:g})")
         match, err = results_match(result, expected, workload)
         return "" if match else (f"{impl.name} disagrees with the comparison result: relative error {err:.3e}, "
                                  f"worst row {worst_row_error(result, expected):.3e} of the mean row norm")
