@@ -3048,8 +3048,8 @@ def run_workload(workload: Workload, device: torch.device, *, quick: bool = Fals
                                                         row_errors)
     for r in rows:
         ok, mismatch = fixed_checks.get(r["impl"], (None, ""))
-        if ok is not None and not by_reference and r["impl"] not in broken:  # (no usable peer: the fixed bound, as
-            r["ok"] = r["ok"] is not False and ok  # without a reference)
+        if ok is not None and not by_reference:  # (no usable peer: the fixed bound, as without a reference)
+            r["ok"] = r["ok"] is not False and ok
             if mismatch:
                 r["note"] = f"{mismatch}; {r['note']}" if r["note"] else mismatch
     # (a peer the reference shows broken is left out: its disagreement says nothing of sparsectx's output)
