@@ -2852,7 +2852,8 @@ def _usable_peer_error(err: float, row_err: float, dtype: torch.dtype) -> bool:
 
 def _peer_bound(dtype: torch.dtype) -> float:
     """The farthest a peer may lie from the reference and still set the bound: ``REFERENCE_PEER_FACTOR`` x the
-    dtype's fixed bound (bf16: 0.1; fp32: 1e-3)."""
+    dtype's fixed bound (bf16: 0.1; fp32: 1e-3). Z-Image's native step, in bf16, lies 1.6e-2 from its fp32 step (on
+    this project's CPU at full depth, 4 heads of 128, 32 x 32 tokens; 2026-12-04)."""
     return REFERENCE_PEER_FACTOR * REL_ERR_BOUND.get(dtype, 0.1)
 
 
