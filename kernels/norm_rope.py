@@ -34,6 +34,11 @@ from ._launch import COMPILE_OPTIONS, built_for_interpreter, cdiv, next_power_of
 BLOCK_TOKENS = 8
 HEAD_BLOCK = 4
 NUM_WARPS = 8
+# Triton's interpreter (TRITON_INTERPRET=1) runs each program as Python, at a cost per program far above that of its
+# elements: there a program takes INTERPRETER_BLOCK_TOKENS tokens (and the tables kernel INTERPRETER_TABLE_BLOCK_ROWS
+# rows), the same code at a larger tile. tests/test_norm_rope.py runs the GPU's tiles; a test there runs these.
+INTERPRETER_BLOCK_TOKENS = 64
+INTERPRETER_TABLE_BLOCK_ROWS = 64
 # The weights' gradient: partial rows summed per program of the reduction kernel (rows x features at a time), and
 # the features per program (a klein layer's 5.8k partial rows of 128 features: 8 programs, 23 steps each).
 REDUCE_ROWS = 256
@@ -277,8 +282,14 @@ def _rope_tables_kernel(IDS, FREQS, COS, SIN, n_rows, stride_row, stride_col, DI
     tl.store(SIN + offsets, tl.sin(angle).to(tl.float32), mask=mask)
 
 
+def _block_tokens() -> int:
+    """Tokens per program of the norm + RoPE kernels: ``BLOCK_TOKENS``, or in the interpreter
+    ``INTERPRETER_BLOCK_TOKENS``."""
+    return INTERPRETER_BLOCK_TOKENS if INTERPRETED else BLOCK_TOKENS
+
+
 def _shape_constants(dim: int) -> dict:
-    return dict(HEAD_DIM=dim, BLOCK_PAIRS=max(1, next_power_of_2(dim) // 2), BLOCK_TOKENS=BLOCK_TOKENS,
+    return dict(HEAD_DIM=dim, BLOCK_PAIRS=max(1, next_power_of_2(dim) // 2), BLOCK_TOKENS=_block_tokens(),
                 HEAD_BLOCK=HEAD_BLOCK)
 
 
@@ -307,7 +318,7 @@ def _segments(segments: list, cos: torch.Tensor, sin: torch.Tensor) -> _Segments
 
 
 def _grid(n_tokens: int, heads: int, batch: int) -> tuple:
-    return cdiv(n_tokens, BLOCK_TOKENS), cdiv(heads, HEAD_BLOCK), batch
+    return cdiv(n_tokens, _block_tokens()), cdiv(heads, HEAD_BLOCK), batch
 
 
 @on_device_of("cos")
@@ -374,9 +385,10 @@ def rope_tables(ids: torch.Tensor, freqs: torch.Tensor, axes_dim: tuple) -> tupl
     if n_rows and dim:
         ends = [sum(axes_dim[:i + 1]) for i in range(len(axes_dim) - 1)]
         ends += [dim] * (MAX_TABLE_AXES - 1 - len(ends))
-        _rope_tables_kernel[(cdiv(n_rows, TABLE_BLOCK_ROWS),)](
+        block_rows = INTERPRETER_TABLE_BLOCK_ROWS if INTERPRETED else TABLE_BLOCK_ROWS
+        _rope_tables_kernel[(cdiv(n_rows, block_rows),)](
             ids, freqs, cos, sin, n_rows, ids.stride(0), ids.stride(1), DIM=dim, BLOCK_D=next_power_of_2(dim),
-            END0=ends[0], END1=ends[1], END2=ends[2], BLOCK_ROWS=TABLE_BLOCK_ROWS, num_warps=TABLE_WARPS,
+            END0=ends[0], END1=ends[1], END2=ends[2], BLOCK_ROWS=block_rows, num_warps=TABLE_WARPS,
             **COMPILE_OPTIONS,
         )
     return cos, sin

@@ -126,6 +126,59 @@ CASES = {
 }
 
 
+# the interpreter's tiles, as the module sets them (the fixture below replaces them in this file)
+INTERPRETER_TILES = None if kernel_module is None else (kernel_module.INTERPRETER_BLOCK_TOKENS,
+                                                         kernel_module.INTERPRETER_TABLE_BLOCK_ROWS)
+
+
+def _use_tiles(monkeypatch, tokens: int, table_rows: int) -> None:
+    monkeypatch.setattr(kernel_module, "INTERPRETER_BLOCK_TOKENS", tokens)
+    monkeypatch.setattr(kernel_module, "INTERPRETER_TABLE_BLOCK_ROWS", table_rows)
+
+
+@pytest.fixture(autouse=True)
+def gpu_tiles(monkeypatch):
+    """This file runs the kernels at the GPU's tiles (``BLOCK_TOKENS`` tokens, ``TABLE_BLOCK_ROWS`` table rows per
+    program: several programs and partial tiles at its sizes); the rest of the suite runs the interpreter's larger
+    ones, which ``test_the_interpreters_tiles_compute_the_same`` checks against them."""
+    if kernel_module is not None:
+        _use_tiles(monkeypatch, kernel_module.BLOCK_TOKENS, kernel_module.TABLE_BLOCK_ROWS)
+
+
+@pytest.mark.skipif(kernel_module is None or not ops.interpreter_enabled(), reason="the interpreter's tiles")
+@pytest.mark.parametrize("n_prefix", [None, 5])
+def test_the_interpreters_tiles_compute_the_same(n_prefix, monkeypatch):
+    """The interpreter's tiles (tokens across several of the GPU's tiles in one program, a partial one at the end;
+    table rows likewise) give the GPU tiles' output, input gradients and tables bit for bit (the same code, other
+    constants), and the weight's gradient up to the order of its partial sums."""
+    _use_tiles(monkeypatch, *INTERPRETER_TILES)  # (back from the file's fixture)
+    assert INTERPRETER_TILES[0] > 2 * kernel_module.BLOCK_TOKENS
+    assert INTERPRETER_TILES[1] > kernel_module.TABLE_BLOCK_ROWS
+    tokens = INTERPRETER_TILES[0] + 3 * kernel_module.BLOCK_TOKENS + 5  # 2 of its programs
+    prefix = None if n_prefix is None else torch.randn(2, n_prefix, 3, 16, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, tokens, 3, 16, generator=torch.Generator().manual_seed(2))
+    n = tokens + (n_prefix or 0)
+    cos, sin = (torch.randn(n, 16, generator=torch.Generator().manual_seed(3 + i)) for i in range(2))
+    weight = torch.rand(16, generator=torch.Generator().manual_seed(5)) + 0.5
+    ids, freqs = _table_inputs(n, (4, 6, 6), torch.int64, torch.float64, seed=6)
+
+    def run():
+        xs = [t.clone().requires_grad_(True) for t in (x, prefix) if t is not None]
+        w = weight.clone().requires_grad_(True)
+        out = rms_norm_rope(xs[0], cos, sin, w, 1e-6, prefix=xs[1] if prefix is not None else None,
+                            prefix_weight=w if prefix is not None else None)
+        grads = torch.autograd.grad(out, [*xs, w], torch.randn(out.shape, generator=torch.Generator().manual_seed(7)))
+        return (out.detach(), *grads, *ops.rope_tables(ids, freqs, [4, 6, 6]))
+
+    interpreter = run()
+    _use_tiles(monkeypatch, kernel_module.BLOCK_TOKENS, kernel_module.TABLE_BLOCK_ROWS)
+    gpu = run()
+    for got, want in zip(interpreter[:-3] + interpreter[-2:], gpu[:-3] + gpu[-2:], strict=True):
+        assert torch.equal(got, want)
+    # the weight's gradient: the programs' partial rows are summed in another order
+    torch.testing.assert_close(interpreter[-3], gpu[-3], rtol=1e-5, atol=1e-6)  # (fp32 sums: a few ulps off)
+
+
 @pytest.mark.parametrize("dtype", DTYPES_HERE, ids=str)
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_the_float64_reference(name, dtype):
