@@ -2864,6 +2864,24 @@ def _reference_verdict(err: float, row_err: float, peer_errors: list, dtype: tor
     return err <= bound and row_err <= ROW_ERR_BOUND, bound
 
 
+def _run_reference(workload: Workload) -> tuple:
+    """``(output, problem)``: the workload's higher-precision reference, or None and why not (it raised, or its
+    output holds NaN or inf, which would fail every row, right ones too)."""
+    try:  # e.g. the model cast to fp32 and back (exact for bf16 weights)
+        reference = workload.reference()
+    except Exception as exc:
+        return None, f"the {workload.reference_label} reference failed ({_first_line(exc)})"
+    if _holds_non_finite(reference):
+        return None, f"the {workload.reference_label} reference holds NaN or inf"
+    return reference, None
+
+
+def _broken_note(label: str, err: float, row_err: float, dtype: torch.dtype) -> str:
+    """A row's errors against the reference past what a peer's may be (``_usable_peer_error``), for its note."""
+    return (f"rel err vs the {label} reference {err:.2e}, worst row {row_err:.2f} (past {_peer_bound(dtype):g} / "
+            f"{ROW_ERR_BOUND:g}")
+
+
 def _judge_against_reference(rows: list, label: str, independent: set, dtype: torch.dtype,
                              row_errors: dict) -> tuple:
     """The flash-attention criterion on the rows compared with a workload's higher-precision reference (their
@@ -2883,9 +2901,8 @@ def _judge_against_reference(rows: list, label: str, independent: set, dtype: to
         if not _usable_peer_error(r["ref_err"], row_errors[r["impl"]], dtype):
             broken.add(r["impl"])
             r["ok"] = False
-            _append_note(r, f"CHECK FAILED: rel err vs the {label} reference {r['ref_err']:.2e}, worst row "
-                            f"{row_errors[r['impl']]:.2f} (a peer past {_peer_bound(dtype):g} / "
-                            f"{ROW_ERR_BOUND:g} is broken and sets no bound)")
+            _append_note(r, f"CHECK FAILED: {_broken_note(label, r['ref_err'], row_errors[r['impl']], dtype)}: "
+                            "a peer past it is broken and sets no bound)")
     peers = [r["ref_err"] for r in candidates if r["impl"] not in broken]
     if not peers:
         _append_note(rows[0], f"no usable independent peer's error against the {label} reference: judged by the "
@@ -2893,8 +2910,7 @@ def _judge_against_reference(rows: list, label: str, independent: set, dtype: to
         for r in judged:  # still, a row the reference shows as broken as a peer would be fails
             if r["impl"] not in broken and not _usable_peer_error(r["ref_err"], row_errors[r["impl"]], dtype):
                 r["ok"] = False
-                _append_note(r, f"CHECK FAILED: rel err vs the {label} reference {r['ref_err']:.2e}, worst row "
-                                f"{row_errors[r['impl']]:.2f} (past {_peer_bound(dtype):g} / {ROW_ERR_BOUND:g})")
+                _append_note(r, f"CHECK FAILED: {_broken_note(label, r['ref_err'], row_errors[r['impl']], dtype)})")
         return False, broken
     for r in judged:
         if r["impl"] in broken:
@@ -2940,13 +2956,8 @@ def run_workload(workload: Workload, device: torch.device, *, quick: bool = Fals
     primary = workload.impls[0]
     expected = None
     reference, reference_problem = None, None
-    if workload.reference is not None:
-        try:  # before any row: e.g. the model cast to fp32 and back (exact for bf16 weights)
-            reference = workload.reference()
-        except Exception as exc:
-            reference_problem = f"the {workload.reference_label} reference failed ({_first_line(exc)})"
-        if reference is not None and _holds_non_finite(reference):  # it would fail every row, right ones too
-            reference, reference_problem = None, f"the {workload.reference_label} reference holds NaN or inf"
+    if workload.reference is not None:  # (before any row)
+        reference, reference_problem = _run_reference(workload)
 
     # each comparable row's worst row against the reference and its fixed-bound check against sparsectx's output,
     # kept off the rows until judged after the loop (the rows are written out as they come: on_row)
@@ -3151,12 +3162,9 @@ def comparison_problem(workload: Workload, impl: Impl, result, expected) -> str:
     the flash-attention criterion (``_judge_against_reference``'s bound); where the reference fails or holds NaN, or
     no peer's error is usable, ``results_match`` against ``expected`` again."""
     if workload.reference is not None and workload.reference_checks is None:  # (made once per workload)
-        try:
-            reference = workload.reference()
-        except Exception:  # (run_workload notes it; here the fixed bound judges)
-            reference = None
+        reference, _ = _run_reference(workload)  # (run_workload notes a problem; here the fixed bound judges)
         peer_errors = []
-        if reference is not None and not _holds_non_finite(reference):
+        if reference is not None:
             for peer in workload.impls:
                 if peer.skip or peer.ours or not peer.comparable or not peer.independent:
                     continue
@@ -3173,11 +3181,10 @@ def comparison_problem(workload: Workload, impl: Impl, result, expected) -> str:
         workload.reference_checks = reference, peer_errors
     reference, peers = workload.reference_checks if workload.reference is not None else (None, [])
     if not peers:
-        if reference is not None and not _holds_non_finite(reference):  # (a row as broken as a peer may not be)
+        if reference is not None:  # (a row as broken as a peer may not be)
             err, row_err = relative_error(result, reference), worst_row_error(result, reference)
             if not _usable_peer_error(err, row_err, workload.dtype):
-                return (f"{impl.name}: relative error {err:.3e} against the {workload.reference_label} reference, "
-                        f"worst row {row_err:.3e} (past {_peer_bound(workload.dtype):g} / {ROW_ERR_BOUND:g})")
+                return f"{impl.name}: {_broken_note(workload.reference_label, err, row_err, workload.dtype)})"
         match, err = results_match(result, expected, workload)
         return "" if match else (f"{impl.name} disagrees with the comparison result: relative error {err:.3e}, "
                                  f"worst row {worst_row_error(result, expected):.3e} of the mean row norm")
