@@ -3265,9 +3265,12 @@ def _table_blocks(rows: list):
         yield case, shape, block, unit, any(r.get("peak_mem_gb") for r in block)
 
 
-def _check_and_note(row: dict, fail: str = "FAIL") -> str:
-    """The row's check (``ok`` with its relative error, or ``fail``) joined with its note."""
+def _check_and_note(row: dict, block: list, fail: str = "FAIL") -> str:
+    """The row's check (``ok`` with its relative error, or ``fail``; ``unchecked`` for a sparsectx row nothing
+    checked, ``_unchecked``) joined with its note."""
     check = "" if row["ok"] is None else ("ok" if row["ok"] else fail)
+    if row is block[0] and _unchecked(block):
+        check = "unchecked (no peer compared)"
     if row["err"] is not None and row["ok"] and row["err"] > 0:
         check += f" {row['err']:.0e}"
     return "; ".join(x for x in (check.strip(), row["note"]) if x)
@@ -3284,7 +3287,8 @@ def format_table(rows: list) -> str:
             rate = r["gbps"] if unit == "GB/s" else r["tflops"]
             line = (f"  {r['impl']:<42} {_fmt(r['time_ms'], '10.4g')} {_fmt(rate, '8.4g')} "
                     f"{_fmt(r['ratio'], '7.2f')}")
-            lines.append(line + (f" {_fmt(r.get('peak_mem_gb'), '8.1f')}" if mem else "") + f"  {_check_and_note(r)}")
+            memory = f" {_fmt(r.get('peak_mem_gb'), '8.1f')}" if mem else ""
+            lines.append(f"{line}{memory}  {_check_and_note(r, block)}")
         lines.append("")
     return "\n".join(lines)
 
@@ -3321,7 +3325,7 @@ def format_markdown(meta: dict, rows: list) -> str:
                   f"|---|---|---|---|{'---|' if mem else ''}---|"]
         for r in block:
             rate = r["gbps"] if unit == "GB/s" else r["tflops"]
-            note = _check_and_note(r, fail="**FAIL**").replace("|", "/")
+            note = _check_and_note(r, block, fail="**FAIL**").replace("|", "/")
             cells = [r["impl"], _fmt(r["time_ms"], ".4g").strip(), _fmt(rate, ".4g").strip(),
                      _fmt(r["ratio"], ".2f").strip()]
             cells += [_fmt(r.get("peak_mem_gb"), ".1f").strip()] if mem else []
@@ -3508,15 +3512,39 @@ def _failed(block: list, *rows: dict) -> list:
     return list(dict.fromkeys(r["impl"] for r in (block[0], *rows) if r["ok"] is False))
 
 
+def _unchecked(block: list) -> Optional[str]:
+    """The name of the block's sparsectx row when nothing in the run checked its output: no check of its own
+    (``ok`` None: no verify, no reference) and no row compared with it that agreed (``err`` set, ``ok`` True), e.g.
+    every peer unavailable on this device. A speed of an unchecked output judges nothing; else None."""
+    first = block[0]
+    if first["ok"] is not None or first["time_ms"] is None:
+        return None
+    agreed = any(r["err"] is not None and r["ok"] is True for r in block[1:])
+    return None if agreed else first["impl"]
+
+
+def _failed_note(block: list, *rows: dict) -> Optional[str]:
+    """"not judged (...)" when a check of ``rows`` or of the block's sparsectx row failed (``_failed``), else None."""
+    failed = _failed(block, *rows)
+    return f"not judged ({' and '.join(failed)}: check FAILED)" if failed else None
+
+
+def _unchecked_note(block: list) -> Optional[str]:
+    """"not judged (...)" when nothing checked the block's sparsectx row (``_unchecked``), else None."""
+    unchecked = _unchecked(block)
+    return f"not judged ({unchecked}: no peer compared with its output in this run)" if unchecked else None
+
+
 def _targets_on_rows(targets, rows: list):
-    """``(target, head, row, failed)`` for each target on a row of its own (``TIME_TARGETS``, ``SYNC_TARGETS``) and
-    each block that has the row: the verdict line's head and the failed checks that keep it from being judged."""
+    """``(target, head, row, failed, unchecked)`` for each target on a row of its own (``TIME_TARGETS``,
+    ``SYNC_TARGETS``) and each block that has the row: the verdict line's head and what keeps it from being judged
+    (``_failed_note``, ``_unchecked_note``: each None when it does not)."""
     for target in targets:
         for case, shape, block, _unit, _mem in _table_blocks(rows):
             row = next((r for r in block if case == target.case and r["impl"] == target.impl), None)
             if row is not None:
                 yield (target, f"issue {target.issue} {case:<10} {shape:<48} {target.goal}:", row,
-                       _failed(block, row))
+                       _failed_note(block, row), _unchecked_note(block))
 
 
 def target_verdicts(rows: list) -> list:
@@ -3545,12 +3573,14 @@ def target_verdicts(rows: list) -> list:
                     lines.append(f"{head} not measured (no row {missing!r} in this run)")
                 continue
             ours, peer = times[target.ours], times[target.peer]
-            failed = _failed(block, by_impl[target.ours], by_impl[target.peer])
+            failed = _failed_note(block, by_impl[target.ours], by_impl[target.peer])
             if failed:
-                lines.append(f"{head} not judged ({' and '.join(failed)}: check FAILED)")
+                lines.append(f"{head} {failed}")
             elif not ours or not peer:
                 lines.append(f"{head} not measured ({target.ours if not ours else target.peer} has no time)")
                 continue
+            elif _unchecked_note(block):
+                lines.append(f"{head} {_unchecked_note(block)}")
             else:
                 ratio = peer / ours
                 shown, bound = _distinct(ratio, minimum)
@@ -3561,22 +3591,26 @@ def target_verdicts(rows: list) -> list:
             for refs, share in sorted(set(target.min_ratio) - judged):  # run, or one cut short): said, not silent
                 head = f"issue {target.issue} {target.case:<10} {f'{refs} ref x {share}':<48} {target.goal}:"
                 lines.append(f"{head} not measured (no {target.case} block of {refs} ref x {share} in this run)")
-    for target, head, row, failed in _targets_on_rows(TIME_TARGETS, rows):
+    for target, head, row, failed, unchecked in _targets_on_rows(TIME_TARGETS, rows):
         ms = row.get(target.field)
         if failed:
-            lines.append(f"{head} not judged ({' and '.join(failed)}: check FAILED)")
+            lines.append(f"{head} {failed}")
         elif not ms:
             lines.append(f"{head} not measured ({target.impl} has no {target.field})")
+        elif unchecked:
+            lines.append(f"{head} {unchecked}")
         else:
             verdict = "meets" if ms <= target.max_ms else "MISSES"
             lines.append(f"{head} {ms * 1e3:.1f} us (<= {target.max_ms * 1e3:g} us: {verdict})")
-    for target, head, row, failed in _targets_on_rows(SYNC_TARGETS, rows):
+    for target, head, row, failed, unchecked in _targets_on_rows(SYNC_TARGETS, rows):
         syncs = _host_syncs(row)
         if failed:
-            lines.append(f"{head} not judged ({' and '.join(failed)}: check FAILED)")
+            lines.append(f"{head} {failed}")
         elif syncs is None:
             since = f", on this row since {target.counted_since}" if target.counted_since else ""
             lines.append(f"{head} not measured (no host sync count in this run: counted on CUDA only{since})")
+        elif unchecked:
+            lines.append(f"{head} {unchecked}")
         else:
             lines.append(f"{head} {syncs} per call ({'meets' if syncs == 0 else 'MISSES'})")
     selection = selection_verdict(rows)
@@ -3622,11 +3656,13 @@ def drop_in_selection_verdicts(rows: list) -> list:
         head = (f"issue 6 e2e {shape:<48} a new attention selection in the drop-in's step "
                 f"< {SELECTION_STEP_TARGET_PCT:g}% of a denoising step:")
         new, step = by_impl[DROP_IN_ATTENTION_ROW], by_impl[DROP_IN_STEP_ROW]
-        failed = _failed(block, new, step)
+        failed = _failed_note(block, new, step)
         if failed:
-            lines.append(f"{head} not judged ({' and '.join(failed)}: check FAILED)")
+            lines.append(f"{head} {failed}")
         elif not new["time_ms"] or not step["time_ms"] or not none:
             lines.append(f"{head} not measured (no time for (d3), (d) or the no-reference step)")
+        elif _unchecked_note(block):
+            lines.append(f"{head} {_unchecked_note(block)}")
         else:
             added, per_pass = _paired_difference_ms(new, step)
             share = 100.0 * added / none
@@ -3658,15 +3694,20 @@ def selection_verdict(rows: list) -> Optional[str]:
     """Issue 6's target (selection under ``SELECTION_STEP_TARGET_PCT`` % of a denoising step) over the run's
     selection rows of sparsectx's own ``select``: the worst share (with the automatic probe where a selector needs
     it), or why it could not be judged. None when the run has no selection rows."""
+    unchecked = {(case, shape, _unchecked(block)) for case, shape, block, _unit, _mem in _table_blocks(rows)}
     rows = [r for r in rows if r["case"] == SelectionCase.name and r["impl"].startswith("select,")]
     if not rows:
         return None
     head = f"issue 6 selection < {SELECTION_STEP_TARGET_PCT:g}% of a denoising step:"
     failed = [r for r in rows if r["ok"] is False]
-    rows = [r for r in rows if r["ok"] is not False]  # a selection whose result is wrong judges nothing
+    skipped = [r for r in rows if (r["case"], r["shape"], r["impl"]) in unchecked]
+    # a selection whose result is wrong, or was not checked, judges nothing
+    rows = [r for r in rows if r["ok"] is not False and not any(r is x for x in skipped)]
     judged = [(r.get("step_pct_with_probe") or r["step_pct"], r) for r in rows if r.get("step_pct") is not None]
     if failed:
         head += f" ({len(failed)} row(s) with a FAILED check not judged)"
+    if skipped:
+        head += f" ({len(skipped)} row(s) whose output no peer checked not judged)"
     if not judged:
         return f"{head} not judged (no e2e step time in this run, or no selection row was timed)"
     worst, row = max(judged, key=lambda pair: pair[0])

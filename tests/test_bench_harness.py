@@ -20,8 +20,10 @@ def _row(case, shape, impl, time_ms, ok=True, **extra):
 
 
 def _block(case, shape, times):
-    """Rows of one (case, shape) block with ratios to the first row, as run_workload fills them."""
-    rows = [_row(case, shape, impl, t, ok=None if i == 0 else True) for i, (impl, t) in enumerate(times.items())]
+    """Rows of one (case, shape) block with ratios to the first row, as run_workload fills them: the first row
+    sparsectx's (``ok`` None: the others are compared with it), the others compared with it and agreeing."""
+    rows = [_row(case, shape, impl, t, ok=None if i == 0 else True, err=None if i == 0 else 0.0)
+            for i, (impl, t) in enumerate(times.items())]
     for r in rows:
         if r["time_ms"] and rows[0]["time_ms"]:
             r["ratio"] = r["time_ms"] / rows[0]["time_ms"]
@@ -821,7 +823,8 @@ def test_a_ratio_or_time_exactly_at_its_bound_meets():
     """The targets read ">= bound" and "<= 25 us": a value exactly at the bound meets; the selection target is
     "under 2%": a share of exactly 2% misses."""
     rows = _block("attention", "L=1", {"sparsectx (compacted)": 1.0, "sdpa cudnn": 0.75})
-    rows += _block("compaction", "B=1, N=8", {"sparsectx compact_tokens (scores+budget)": 0.025})
+    rows += _block("compaction", "B=1, N=8", {"sparsectx compact_tokens (scores+budget)": 0.025,
+                                              "index_select (precomputed indices)": 0.02})
     lines = benchmarks.target_verdicts(rows)
     assert any("cuDNN" in line and "x0.750 (>= 0.750: meets)" in line for line in lines), lines
     assert any("25.0 us (<= 25 us: meets)" in line for line in lines), lines
@@ -856,7 +859,8 @@ def test_kv_target_judges_3_and_4_references_at_either_share_and_nothing_else():
 
 def test_back_to_back_time_target_reads_the_rows_loop_time():
     """Issue 3's third compaction verdict is on the row's back-to-back time (``loop_ms``), not its event time."""
-    rows = _block("compaction", "B=1, N=8", {"sparsectx compact_tokens (scores+budget)": 0.030})
+    rows = _block("compaction", "B=1, N=8", {"sparsectx compact_tokens (scores+budget)": 0.030,
+                                             "index_select (precomputed indices)": 0.02})
     rows[0]["loop_ms"] = 0.020
     lines = [line for line in benchmarks.target_verdicts(rows) if "<= 25 us" in line]
     back_to_back = [line for line in lines if "back to back" in line]
@@ -980,6 +984,44 @@ def test_an_unavailable_peer_is_neither_checked_nor_timed_and_judges_nothing():
     assert line.endswith("-  unavailable: needs a GPU"), line  # no check shown: it was not compared
     lines = [line for line in benchmarks.target_verdicts(rows) if "topk+sort+gather" in line]
     assert len(lines) == 1 and "not measured" in lines[0], lines
+
+
+def test_a_sparsectx_output_no_peer_compared_judges_no_target():
+    """A block whose every peer is unavailable (or computes something else by design) leaves sparsectx's output
+    unchecked (``ok`` None, no agreeing comparison): its time and sync count judge nothing, and the tables say
+    "unchecked" (before, the 25 us compaction targets said meets / MISSES on an output nothing checked)."""
+    x = torch.ones(4)
+    impls = [benchmarks.Impl("sparsectx compact_tokens (scores+budget)", lambda: x),
+             benchmarks.Impl("topk+sort+gather", lambda: x, skip="needs a GPU"),
+             benchmarks.Impl("index_select (precomputed indices)", lambda: x, comparable=False)]
+    rows = benchmarks.run_workload(_workload(impls), torch.device("cpu"), quick=True)
+    assert rows[0]["ok"] is None and rows[2]["ok"] is True and rows[2]["err"] is None  # (shape and finite only)
+    rows[0]["loop_ms"], rows[0]["host_syncs"] = rows[0]["time_ms"], 0
+    lines = [line for line in benchmarks.target_verdicts(rows) if "issue 3" in line]
+    assert len(lines) == 4, lines  # 5x, 25 us by events and back to back, no host sync
+    assert "topk+sort+gather" in lines[0] and "not measured" in lines[0], lines  # (a missing time says so first)
+    for line in lines[1:]:
+        assert line.endswith("not judged (sparsectx compact_tokens (scores+budget): no peer compared with its "
+                             "output in this run)"), line
+    for table in (benchmarks.format_table(rows), benchmarks.format_markdown({}, rows)):
+        first = [line for line in table.splitlines() if line.lstrip(" |").startswith("sparsectx compact_tokens")]
+        assert len(first) == 1 and "unchecked (no peer compared)" in first[0], first
+    # a peer compared with it and agreeing makes it checked; one that only ran (no comparison) does not
+    impls[1] = benchmarks.Impl("topk+sort+gather", lambda: x)
+    rows = benchmarks.run_workload(_workload(impls), torch.device("cpu"), quick=True)
+    assert rows[1]["ok"] is True and rows[1]["err"] == 0.0
+    lines = [line for line in benchmarks.target_verdicts(rows) if "issue 3" in line]
+    assert lines and not any("not judged" in line for line in lines), lines
+    assert "unchecked" not in benchmarks.format_table(rows)
+    # the selection target leaves out a select row nothing checked, and says how many
+    shape = "3 ref x 4096 tokens, C=128, selector {}, H=32, D=128"
+    selection = (_block("selection", shape.format("uniform"), {"select, fixed 10%": 0.1,
+                                                                "selector scores + torch stable top-k": 0.1})
+                 + [_row("selection", shape.format("random"), "select, fixed 10%", 9.0, ok=None, step_pct=9.0)])
+    selection[0]["step_pct"] = 0.3
+    line = benchmarks.selection_verdict(selection)
+    assert "(1 row(s) whose output no peer checked not judged)" in line and "meets: worst 0.30%" in line, line
+    assert "1 of 1 rows judged" in line, line
 
 
 def test_a_case_needing_a_missing_package_is_unavailable_not_failed(monkeypatch):
