@@ -482,7 +482,8 @@ def sparse_attention(
     found up to 7.9x (dk with ``softmax_scale=2`` at D=16, |lse| up to 26: 3.3e-6 of the largest gradient). The
     fp32 forward rounds its scaled scores the same way: with ``softmax_scale=1`` and scores of -250 to -1000 its
     output error was 3.2x a plain fp32 softmax's in one measured case, and scaled scores above fp32's largest value
-    over log2(e) (about 2.3e38) overflow there: NaN output and lse +inf, where the torch path is finite. In
+    over log2(e) (about 2.3e38) overflow there: NaN output and lse +inf (the torch path's fp32 scores overflow as
+    well: NaN at ``softmax_scale=1e38`` on unit-variance inputs at D=16). In
     fp16/bf16 the inputs' rounding is far larger, and, as in FlashAttention, the backward's ``rowsum(dout * out)``
     takes the output as stored, rounded to q's dtype: every key of a query gets the same absolute error of about
     ``|scale| * |k| * |dout| * |out| * 2**-11`` (fp16; ``2**-8`` bf16), small against the largest gradients but not
@@ -1602,16 +1603,33 @@ def compact_tokens(selection: torch.Tensor, *tensors: torch.Tensor, budget=None,
     return Compacted(index, cu_seqlens, max_seqlen, tuple(packed))
 
 
+def _check_scatter_index(index: torch.Tensor, cu_seqlens: torch.Tensor, n_tokens: int) -> None:
+    """``ValueError`` unless the rows ``cu_seqlens`` counts have positions in ``[0, n_tokens)``, none twice in a
+    sample (read on the host: call it off the GPU only)."""
+    counts = torch.diff(cu_seqlens.long())
+    rows = index[:int(cu_seqlens[-1])].long()
+    if rows.numel() == 0:
+        return
+    low, high = int(rows.min()), int(rows.max())
+    if low < 0 or high >= n_tokens:
+        raise ValueError(f"index must lie in [0, n_tokens={n_tokens}) for the rows cu_seqlens counts, got values in "
+                         f"[{low}, {high}]")
+    sample = torch.repeat_interleave(torch.arange(counts.numel(), device=rows.device), counts)
+    if torch.unique(sample * n_tokens + rows).numel() != rows.numel():
+        raise ValueError("index repeats a position within a sample: each kept token is scattered back once")
+
+
 def scatter_tokens(packed: torch.Tensor, index: torch.Tensor, cu_seqlens: torch.Tensor, n_tokens: int,
                    fill: Union[float, torch.Tensor] = 0.0) -> torch.Tensor:
     """Inverse of ``compact_tokens``: packed rows ``[total, ...]`` back to ``[B, N, ...]``. Positions that were not
     kept get ``fill``: a scalar, or a ``[B, N, ...]`` tensor whose values are kept there. Differentiable.
 
     ``packed`` and ``index`` have the same number of rows; rows past ``cu_seqlens[-1]`` (``max_total`` padding)
-    are ignored, and so are rows whose index lies outside ``[0, n_tokens)`` (nothing is written for them and their
-    gradient is zero): the Triton path never waits for the device to check indices. ``cu_seqlens`` (as
-    ``compact_tokens`` returns it: starts at 0, non-decreasing, at most the packed rows) is checked off the GPU,
-    where reading it costs no device wait; on a GPU it is trusted. A scalar ``fill`` (complex for complex
+    are ignored. ``cu_seqlens`` (as ``compact_tokens`` returns it: starts at 0, non-decreasing, at most the packed
+    rows) and the index of the rows it counts (each in ``[0, n_tokens)``, none twice in a sample) are checked off
+    the GPU, where reading them costs no device wait (``ValueError``); on a GPU they are trusted, as the Triton path
+    never waits for the device: a row whose index lies outside ``[0, n_tokens)`` is then ignored (nothing written,
+    gradient zero), and of two rows with one index either may be written. A scalar ``fill`` (complex for complex
     ``packed``) must be representable in ``packed``'s dtype.
     """
     _refuse_vmap("scatter_tokens", packed=packed, fill=fill)
@@ -1625,9 +1643,12 @@ def scatter_tokens(packed: torch.Tensor, index: torch.Tensor, cu_seqlens: torch.
     _check_compact_batch("cu_seqlens", cu_seqlens.numel() - 1)
     if index.numel() != packed.shape[0]:
         raise ValueError(f"index has {index.numel()} rows but packed has {packed.shape[0]}")
-    if cu_seqlens.device.type != "cuda" and not _traced(cu_seqlens):
+    checked_here = cu_seqlens.device.type != "cuda" and not _traced(cu_seqlens) and not _traced(index)
+    if checked_here:
         _check_cu_seqlens("cu_seqlens", cu_seqlens, None, None, packed.device, at_most=packed.shape[0])
     n_tokens = _check_count("n_tokens", n_tokens)
+    if checked_here:
+        _check_scatter_index(index, cu_seqlens, n_tokens)
     base = None
     if isinstance(fill, torch.Tensor):
         _check_tensor("fill", fill, device=packed.device)

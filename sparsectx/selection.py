@@ -918,7 +918,10 @@ def attention_scores(reference_latents: torch.Tensor, context: SelectionContext,
     Cost of the probe's mass (``attention_mass``): ``4·B·H·Q'·N·D`` flops with Q' = min(Q, max_queries), 2·103
     GFLOP at the klein-9B shapes (H=32, D=128, N=3×4096, Q'=1024), besides the probe layer's own projections
     (measured: ``sparsectx bench --case selection``). Scores are raw masses (non-negative, summing to 1 per
-    sample), so ``adaptive`` budgets read them as a distribution.
+    sample), so ``adaptive`` budgets read them as a distribution. A sample without a valid query (an all-False
+    ``query_mask`` / ``text_mask``) has no attention to read: its scores are flat, ``1/N`` per token with
+    ``SPREAD_WEIGHT·uniform`` breaking the ties, so it keeps an even spread (``adaptive``: about ``coverage·N``
+    tokens, as any flat scores), not the image's first rows.
     """
     batch, n_tokens, _ = reference_latents.shape
     extra = context.extra
@@ -941,7 +944,13 @@ def attention_scores(reference_latents: torch.Tensor, context: SelectionContext,
                                 for q, m in parts], dim=1)
         name = "text_queries/target_queries"
     _check_qk(queries, keys, query_mask, batch, n_tokens, name)
-    return attention_mass(queries, keys, query_mask, max_queries=max_queries).to(reference_latents.device)
+    mass = attention_mass(queries, keys, query_mask, max_queries=max_queries).to(reference_latents.device)
+    # a sample whose queries are all masked out has a mass of zeros: flat scores with the even spread's order
+    # (on the device: no host sync)
+    spread = 1.0 + SPREAD_WEIGHT * _uniform_scores(reference_latents, context,
+                                                   _image_grid(context, reference_latents.device))
+    flat = spread / spread.sum(dim=1, keepdim=True)
+    return torch.where(mass.sum(dim=1, keepdim=True) > 0, mass, flat.expand_as(mass))
 
 
 register_selector("edit", edit_scores, returns_scores=True, signals=BUILTIN_SIGNALS, reads_generator=False)
@@ -1512,18 +1521,34 @@ def adaptive(coverage: Union[float, torch.Tensor] = 0.9, floor: PerImage = 0, ca
 
 
 def _check_floor_below_cap(floor, cap) -> None:
-    """``ValueError`` for a floor above its cap where both are of one kind (two ratios or two counts, as numbers or
-    per-image lists of numbers), known without the image sizes: the cap would win silently. A ratio against a count
-    depends on the image's size, and there the cap wins (``adaptive_budget``)."""
-    floors, caps = (list(v) if isinstance(v, (list, tuple)) else [v] for v in (floor, cap))
-    if len(floors) != len(caps) and 1 not in (len(floors), len(caps)):
-        return  # (refused where the budget meets the images: a list per image of another length)
-    for f, c in zip(floors * (len(caps) if len(floors) == 1 else 1), caps * (len(floors) if len(caps) == 1 else 1)):
-        if not all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in (f, c)):
-            continue  # (tensors and per-request lists: the cap wins where they meet the batch)
-        if isinstance(f, numbers.Integral) == isinstance(c, numbers.Integral) and f > c:
-            raise ValueError(f"floor {floor!r} is above cap {cap!r}: the cap would win (both "
-                             f"{'counts' if isinstance(f, numbers.Integral) else 'ratios'})")
+    """``ValueError`` for a floor above its cap where both are of one kind (two ratios or two counts, as numbers,
+    per-image lists or per-request lists of them), known without the image sizes: the cap would win silently. A
+    ratio against a count depends on the image's size, and there the cap wins (``adaptive_budget``), as it does for
+    tensor settings."""
+    def per_request(value) -> Optional[list]:  # [[per image] per request], or None for a tensor setting
+        if isinstance(value, torch.Tensor):
+            return None
+        if not isinstance(value, (list, tuple)):
+            return [[value]]
+        if any(isinstance(v, (list, tuple)) for v in value):
+            return [list(v) if isinstance(v, (list, tuple)) else [v] for v in value]
+        return [list(value)]
+
+    def broadcast(a: list, b: list) -> list:  # pairs of two lists, one of which may have one entry
+        if len(a) != len(b) and 1 not in (len(a), len(b)):
+            return []  # (refused where the budget meets the batch or the images: lists of other lengths)
+        return list(zip(a * (len(b) if len(a) == 1 else 1), b * (len(a) if len(b) == 1 else 1)))
+
+    floors, caps = per_request(floor), per_request(cap)
+    if floors is None or caps is None:
+        return
+    for request_floors, request_caps in broadcast(floors, caps):
+        for f, c in broadcast(request_floors, request_caps):
+            if not all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in (f, c)):
+                continue  # (a tensor inside a list: the cap wins where it meets the batch)
+            if isinstance(f, numbers.Integral) == isinstance(c, numbers.Integral) and f > c:
+                raise ValueError(f"floor {floor!r} is above cap {cap!r}: the cap would win (both "
+                                 f"{'counts' if isinstance(f, numbers.Integral) else 'ratios'})")
 
 
 BudgetSpec = Union[float, int, FixedBudget, AdaptiveBudget, Callable[..., BudgetResult]]

@@ -756,6 +756,22 @@ def test_masked_attention_of_an_empty_sequence_and_its_reference():
     assert out.shape == expected.shape == q.shape
 
 
+@pytest.mark.parametrize("poison", [math.nan, math.inf])
+def test_masked_attention_and_its_reference_never_read_dropped_keys(poison):
+    """Dropped keys' and values' contents change nothing, in the op and in its plain-torch specification (whose
+    einsum over every key made each query NaN from a zero probability times a NaN value)."""
+    gen = torch.Generator().manual_seed(21)
+    q, k, v = (torch.randn(2, 7, 2, 16, generator=gen).to(DEVICE) for _ in range(3))
+    key_mask = torch.rand(2, 7, generator=gen).to(DEVICE) < 0.6
+    key_mask[:, 0] = True
+    expected = ref.masked_attention_ref(q.double(), k.double(), v.double(), key_mask)
+    poisoned_k, poisoned_v = (t.masked_fill(~key_mask[:, :, None, None], poison) for t in (k, v))
+    got_ref = ref.masked_attention_ref(q.double(), poisoned_k.double(), poisoned_v.double(), key_mask)
+    assert torch.equal(got_ref, expected)
+    got = sparsectx.masked_attention(q, poisoned_k, poisoned_v, key_mask)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_zero_heads_give_empty_outputs_and_gradients():
     """H=0 in half precision (tile copies of the packed rows) returned an AssertionError from the tensor descriptor
     of a [rows, 0] view; the outputs and gradients are empty, as they are in fp32."""

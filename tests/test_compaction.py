@@ -640,6 +640,22 @@ def test_scatter_refuses_malformed_cu_seqlens_off_the_gpu():
     assert out.tolist() == [[1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 3.0, 0.0]]
 
 
+def test_scatter_refuses_a_bad_index_off_the_gpu():
+    """Off the GPU, where reading it costs no device wait, the index of the rows cu_seqlens counts is checked: a
+    position outside [0, n_tokens) (e.g. n_tokens off by one) or one position twice in a sample was dropped or
+    overwritten without a word. Rows past cu_seqlens[-1] (max_total padding) are not read; one position in two
+    samples is fine."""
+    packed = torch.arange(1.0, 6.0)
+    cu = torch.tensor([0, 2, 4], dtype=torch.int32)
+    for index, n_tokens, message in (([3, 4, 0, 5, 0], 5, r"\[0, n_tokens=5\) .*got values in \[0, 5\]"),
+                                     ([3, -1, 0, 1, 0], 5, r"got values in \[-1, 3\]"),
+                                     ([3, 3, 0, 1, 0], 5, "repeats a position within a sample")):
+        with pytest.raises(ValueError, match=message):
+            sparsectx.scatter_tokens(packed, torch.tensor(index, dtype=torch.int32), cu, n_tokens)
+    out = sparsectx.scatter_tokens(packed, torch.tensor([3, 1, 3, 1, 99], dtype=torch.int32), cu, 4)
+    assert out.tolist() == [[0.0, 2.0, 0.0, 1.0], [0.0, 4.0, 0.0, 3.0]]
+
+
 @pytest.mark.parametrize("dtype, fill", [(torch.float16, 1e10), (torch.int8, 300), (torch.int64, float("nan")),
                                          (torch.int64, 2 ** 63), (torch.uint8, 256)])
 def test_scatter_fill_the_dtype_can_not_hold_is_a_value_error(device, dtype, fill):
@@ -812,13 +828,20 @@ def test_scatter_gradient_reaches_a_fill_tensor_alone(device):
 @pytest.mark.parametrize("bad", [-1, 30, 1 << 20], ids=["negative", "n_tokens", "far"])
 def test_scatter_skips_out_of_range_indices(device, bad):
     """An index outside [0, N) writes nothing (not a neighbouring sample's row, not out of bounds) and its packed
-    row gets a zero gradient, on every path. (No valid index writes row 0 of sample 1, where sample 0's index N
-    would land: a later write there would hide it.)"""
+    row gets a zero gradient, on every path: the registered op (which other stacks call) always, the public op on a
+    GPU, which does not read the index (off the GPU it refuses it: test_scatter_refuses_a_bad_index_off_the_gpu).
+    (No valid index writes row 0 of sample 1, where sample 0's index N would land: a later write there would hide
+    it.)"""
     gen = torch.Generator().manual_seed(13)
     index = torch.tensor([3, bad, 1, 29, bad, 7], dtype=torch.int32, device=device)
     cu_seqlens = torch.tensor([0, 2, 6], dtype=torch.int32, device=device)
     packed = torch.randn(6, 5, generator=gen).to(device).requires_grad_()
-    out = sparsectx.scatter_tokens(packed, index, cu_seqlens, 30, fill=-3.0)
+    if torch.device(device).type == "cuda":
+        out = sparsectx.scatter_tokens(packed, index, cu_seqlens, 30, fill=-3.0)
+    else:
+        with pytest.raises(ValueError, match=r"index must lie in \[0, n_tokens=30\)"):
+            sparsectx.scatter_tokens(packed, index, cu_seqlens, 30, fill=-3.0)
+        out = torch.ops.sparsectx.scatter_rows(packed, index, cu_seqlens, None, 30, -3.0)
     expected = torch.full((2, 30, 5), -3.0, device=device)
     expected[0, 3], expected[1, 1], expected[1, 29], expected[1, 7] = (packed[i].detach() for i in (0, 2, 3, 5))
     assert torch.equal(out, expected)

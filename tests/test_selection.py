@@ -551,13 +551,17 @@ def test_budget_result_feeds_compact_tokens():
 
 def test_a_floor_above_a_cap_of_the_same_kind_is_refused():
     """adaptive(floor=0.5, cap=0.1) kept the cap's count without a word (the README says "between floor and cap")."""
-    for floor, cap in ((0.5, 0.1), (5, 3), ([0.1, 0.6], [0.5, 0.5]), ([4, 1], 2), ([torch.tensor(0.1), 0.9], 0.2)):
+    # (per-request lists too: [[6], [1]] against 5 clamped request 0's floor to 5 without a word)
+    for floor, cap in ((0.5, 0.1), (5, 3), ([0.1, 0.6], [0.5, 0.5]), ([4, 1], 2), ([torch.tensor(0.1), 0.9], 0.2),
+                       ([[6], [1]], [[5], [5]]), ([[6], [1]], 5), ([[1, 6], [1, 1]], [5, 5]), ([4, 1], [[5], [3]])):
         with pytest.raises(ValueError, match=r"floor .* is above cap .*: the cap would win"):
             adaptive(0.9, floor=floor, cap=cap)
         with pytest.raises(ValueError, match=r"floor .* is above cap .*: the cap would win"):
             adaptive_budget(torch.rand(1, 8), 0.9, floor, cap, [4, 4])
     latents, ctx = _full_context(2, 2)
     scores = torch.rand(2, sum(ctx.ref_lengths), generator=torch.Generator().manual_seed(0))
+    for request_floor, request_cap in (([[1], [2]], [[2], [2]]), ([[1], [2]], 3), ([[1, 2]], [[2, 2], [3, 3]])):
+        adaptive(0.9, floor=request_floor, cap=request_cap)  # per-request lists within their caps are accepted
     for floor, cap in ((0.5, 2), (3, 0.1), (0.1, 0.5), (2, 2)):  # a ratio meets a count: the cap wins, documented
         counts = adaptive(0.0, floor=floor, cap=cap)(scores, ctx.ref_lengths).counts
         for i, n in enumerate(ctx.ref_lengths):
@@ -1609,6 +1613,35 @@ def test_attention_scores_from_text_and_target_queries_together():
     torch.testing.assert_close(get_selector("attention")(latents, ctx), expected, rtol=0, atol=0)
     text_only = selection.attention_mass(extra["text_queries"], extra["ref_keys"], extra["text_mask"])
     assert (expected - text_only).abs().max() > 1e-3  # the target queries count
+
+
+@pytest.mark.parametrize("mask_name", ["query_mask", "text_mask"])
+def test_attention_scores_of_a_sample_without_a_valid_query_spread_evenly(mask_name):
+    """A sample whose queries are all masked out has an attention mass of zeros: its scores were all 0, so a ratio
+    budget kept the image's first rows (ties go to the lower index) and adaptive read the zeros as flat. Now they
+    are flat with the even spread's order: the same tokens `uniform` keeps, summing to 1; the other sample keeps
+    its attention mass."""
+    shapes = [(4, 6), (3, 5)]
+    lengths = [h * w for h, w in shapes]
+    gen = torch.Generator().manual_seed(3)
+    latents = torch.randn(2, sum(lengths), CHANNELS, generator=gen)
+    queries = torch.randn(2, 5, HEADS, HEAD_DIM, generator=gen)
+    keys = torch.randn(2, sum(lengths), HEADS, HEAD_DIM, generator=gen)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1] = False
+    names = {"query_mask": ("queries", "query_mask"), "text_mask": ("text_queries", "text_mask")}[mask_name]
+    ctx = selection.SelectionContext(2, lengths, extra={names[0]: queries, names[1]: mask, "ref_keys": keys,
+                                                        "ref_shapes": shapes})
+    scores = get_selector("attention")(latents, ctx)
+    torch.testing.assert_close(scores[0], selection.attention_mass(queries, keys, mask)[0], rtol=0, atol=0)
+    torch.testing.assert_close(scores.sum(dim=1), torch.ones(2))
+    assert scores[1].max() - scores[1].min() < 1e-3 / sum(lengths) * 1.01  # flat, but for the tie-break
+    uniform_ctx = selection.SelectionContext(2, lengths, extra={"ref_shapes": shapes})
+    for budget in (0.25, 3):
+        kept = sparsectx.select(latents, ctx, "attention", budget)[1]
+        assert torch.equal(kept, sparsectx.select(latents, uniform_ctx, "uniform", budget)[1]), budget
+    kept = sparsectx.select(latents, ctx, "attention", adaptive(0.5))[1]
+    assert abs(int(kept.sum()) - 0.5 * sum(lengths)) <= len(lengths) + 1  # about coverage x N, as flat scores
 
 
 @pytest.mark.parametrize("shapes", [[(4, 6), (4, 6)], [(4, 6), (3, 5)]])
