@@ -631,6 +631,19 @@ def _same_rows(t) -> bool:
     return t.ndim == 0 or t.shape[0] <= 1 or torch.equal(t, t[:1].expand_as(t))
 
 
+def _per_request_signals(signals: dict, batch: int) -> dict:
+    """``signals`` with each tensor given per request (a leading dim of R > 1 that divides the batch, R < batch)
+    repeated over its request's ``batch // R`` consecutive samples, as a per-request budget is
+    (``budget_counts``: diffusers' ``num_images_per_prompt`` order)."""
+    def per_sample(value):
+        if isinstance(value, torch.Tensor) and value.ndim and 1 < value.shape[0] < batch and \
+                batch % value.shape[0] == 0:
+            return value.repeat_interleave(batch // value.shape[0], dim=0)
+        return value
+
+    return {name: per_sample(value) for name, value in signals.items()}
+
+
 def _signals_for(signals: dict, batch: int, shared: bool, device) -> dict:
     """The user's selector signals for one selection: tensors on the model's device; per-sample tensors (leading
     dim = the batch) cut to the first sample when the batch shares its references and is selected once. A signal
@@ -640,8 +653,9 @@ def _signals_for(signals: dict, batch: int, shared: bool, device) -> dict:
         if isinstance(value, torch.Tensor):
             value = value.to(device)
             if value.ndim and value.shape[0] not in (1, batch):
-                raise ValueError(f"signal {name!r} has shape {tuple(value.shape)}: its first dim must be 1 or the "
-                                 f"batch size {batch} (e.g. user_mask is bool [B or 1, N], N = the reference tokens)")
+                raise ValueError(f"signal {name!r} has shape {tuple(value.shape)}: its first dim must be 1, the "
+                                 f"batch size {batch} or a number of requests dividing it (e.g. user_mask is bool "
+                                 "[1 or R or B, N], N = the reference tokens)")
             if shared and value.ndim and value.shape[0] == batch:
                 value = value[:1]
             elif not shared and value.ndim and value.shape[0] == 1 and batch > 1:
@@ -2521,7 +2535,7 @@ class _SparsePatch(ForwardPatch):
             references = references.expand(batch, *references.shape[1:])
         budget = overrides.get("budget", self.settings.budget)
         selector = overrides.get("selector", self.settings.selector)
-        signals = overrides.get("signals", self.settings.signals)
+        signals = _per_request_signals(overrides.get("signals", self.settings.signals), batch)
         if self.family == GLM:
             _check_glm_selector(selector, signals)
         from .selection import SelectionContext

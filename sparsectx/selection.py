@@ -10,7 +10,8 @@ Built-in selectors (``available_selectors()``):
 
 - ``random``: i.i.d. uniform scores from ``context.generator`` (the training-time baseline; deterministic under a
   seed, and then the same for every sample of a batch, whatever its position).
-- ``uniform``: a strided grid over each image: a low-discrepancy rank order, so the top-k of any k is evenly spread.
+- ``uniform``: a strided grid over each image: a low-discrepancy rank order from the image's first token (corner),
+  whose top-k holds the power-of-two stride lattices (``uniform_scores``).
 - ``edit``: spatially-aligned editing: the edit region (user mask and/or instruction-to-reference attention) plus
   a context ring around it, then an evenly spread remainder.
 - ``subject``: subject-driven generation: foreground saliency of the reference latents and/or reference-to-target
@@ -553,7 +554,9 @@ def uniform_scores(reference_latents: torch.Tensor, context: SelectionContext) -
     On a 2D grid (``reference_ids`` or ``extra["ref_shapes"]``) the order is the ordered-dither (Bayer) code of
     (row, col): the top-k of any k contains the lattice of stride s, a power of two, as soon as k reaches its size
     ``ceil(h/s)·ceil(w/s)`` (other strides are spread evenly, not contained). Without a grid it is the bit-reversed
-    (van der Corput) position, the 1D analogue. Scores of all images lie on the same scale, so even a global top-k
+    (van der Corput) position, the 1D analogue. The lattices start at the image's corner: on a side that is not a
+    multiple of the stride, the last rows or columns lie up to a stride from a kept token (1D, 40 tokens, k = 4:
+    positions 0, 8, 16, 32). Scores of all images lie on the same scale, so even a global top-k
     spreads its picks over the images in proportion to their sizes. Signal: none (deterministic, content-blind
     baseline).
     """
@@ -1227,7 +1230,7 @@ class FixedBudget:
         if self.ratio and isinstance(value, numbers.Real):
             value = float(ops.budget_number(value))  # 0/1 ints stay ratios; a scalar needs no host read
         elif self.ratio and not isinstance(value, torch.Tensor):
-            try:  # (a tensor: ratios given as 0/1 ints stay ratios)
+            try:  # (a list: ratios given as 0/1 ints stay ratios; a tensor's kind is its dtype's)
                 value = torch.tensor(_written_scalars(value), dtype=torch.float64, device="cpu")
             except (TypeError, ValueError) as error:
                 raise ValueError(f"{self.name} must be a ratio, one per image, or one row of them per request, got "

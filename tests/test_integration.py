@@ -2515,6 +2515,36 @@ def test_klein_pipeline_call_sends_target_plus_kept_tokens():
     assert type(pipe) is diffusers.Flux2KleinPipeline and "forward" not in pipe.transformer.__dict__
 
 
+def test_a_signal_given_per_request_serves_each_requests_images():
+    """Two prompts x num_images_per_prompt=2 (a batch of 4): a user_mask with one row per request is repeated over
+    each request's images, as a per-request budget is (it was refused: only 1 or the batch size), and gives the
+    selection the same mask given per sample does."""
+    pipe = _tiny_pipeline(diffusers.Flux2KleinPipeline)
+    embeds = torch.randn(2, TEXT_TOKENS, TEXT_DIM, generator=torch.Generator().manual_seed(4))
+    mask = torch.zeros(2, 48, dtype=torch.bool)
+    mask[0, [0, 1, 2, 3, 16, 17, 18, 19]] = True
+    mask[1, [4, 6, 8, 10, 30, 31, 40, 41]] = True
+    call = dict(image=_reference_images(), prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds),
+                guidance_scale=2.0, height=IMAGE_PX, width=IMAGE_PX, num_inference_steps=1, output_type="latent",
+                num_images_per_prompt=2)
+    keeps = []
+    for user_mask in (mask, mask.repeat_interleave(2, dim=0)):
+        sparsectx.enable(pipe, budget=[4, 4], selector="edit", signals={"user_mask": user_mask})
+        try:
+            pipe(**call)
+            keeps.append(sparsectx.last_selection(pipe).keep.clone())
+        finally:
+            sparsectx.disable(pipe)
+    assert torch.equal(keeps[0], mask.repeat_interleave(2, dim=0)), keeps[0]
+    assert torch.equal(keeps[0], keeps[1])
+    sparsectx.enable(pipe, budget=[4, 4], selector="edit", signals={"user_mask": mask[:, None].expand(2, 3, 48)[0]})
+    try:  # 3 rows divide no batch of 4: refused, naming the shapes it takes
+        with pytest.raises(ValueError, match=r"'user_mask' has shape \(3, 48\).*a number of requests dividing it"):
+            pipe(**call)
+    finally:
+        sparsectx.disable(pipe)
+
+
 def test_klein_pipeline_calls_on_references_in_another_order(monkeypatch):
     """Pipeline calls on the same enabled klein pipeline: the references in another order (ids of the first call's
     shape, another layout) select on their own layout, and the same references again reuse the layout found before
@@ -2866,7 +2896,7 @@ def test_signals_reach_task_aware_selectors(models):
             sparsectx.enable(model, budget=0.5, selector="edit", signals={1: user_mask})
         # one sample's mask without its batch dim: the error says which shape is expected
         sparsectx.enable(model, budget=[3, 2], selector="edit", signals={"user_mask": user_mask[0]})
-        with pytest.raises(ValueError, match=r"'user_mask' has shape \(17,\).*user_mask is bool \[B or 1, N\]"):
+        with pytest.raises(ValueError, match=r"'user_mask' has shape \(17,\).*user_mask is bool \[1 or R or B, N\]"):
             model(**kwargs)
     finally:
         sparsectx.disable(model)
