@@ -2180,6 +2180,7 @@ class _SparsePatch(ForwardPatch):
         ``packable``: the plan has a packing and this step's samples share their modulation (timestep, guidance).
         ``in_call``: the forward is one of the running enabled pipeline call's; ``guidance_pairs``: None, or its batch
         holds guidance's two branches, the conditional samples in that half (``_guidance_batched``)."""
+        self._check_ids_cover_the_sequence(call)
         key, recomputation = self._forward_key(call, self._plan_key(call, overrides, in_call, guidance_pairs))
         plan = self.plans.get(key)
         if plan is None and recomputation and key[-2] is not None:
@@ -2500,6 +2501,17 @@ class _SparsePatch(ForwardPatch):
         except (TypeError, ValueError) as error:  # (the same message as enable's, saying where the value came from)
             raise (TypeError if isinstance(error, TypeError) else ValueError)(f"{where}: {error}") from None
         return overrides
+
+    def _check_ids_cover_the_sequence(self, call: dict) -> None:
+        """FLUX.1 / FLUX.2 / LongCat / FIBO: one ``img_ids`` row per ``hidden_states`` token, as the unpatched model
+        needs (its RoPE tables come from the ids). The layout is read from the ids alone, so rows past them would
+        be dropped from the sequence and answered with zeros, and a shorter sequence failed deep inside."""
+        ids = call.get("img_ids") if self.family in TARGET_PLANES else None
+        hidden = call.get("hidden_states")
+        if isinstance(ids, torch.Tensor) and isinstance(hidden, torch.Tensor) and ids.ndim in (2, 3) \
+                and hidden.ndim == 3 and ids.shape[-2] != hidden.shape[1]:
+            raise ValueError(f"img_ids has {ids.shape[-2]} rows but hidden_states {hidden.shape[1]} tokens: each "
+                             "image token (target and references) needs its id row")
 
     def _check_supported(self, call: dict, layout: _Layout) -> None:
         if getattr(self.transformer, "_parallel_config", None) is not None:
@@ -3498,9 +3510,13 @@ def _split_target(pipe_or_transformer):
     family = _family_of(transformer)
     if family is not None and not isinstance(pipe_or_transformer, torch.nn.Module):
         return pipe_or_transformer, transformer, family
+    got = type(pipe_or_transformer).__name__
+    if hasattr(pipe_or_transformer, "transformer") and not isinstance(pipe_or_transformer, torch.nn.Module):
+        held = getattr(pipe_or_transformer, "transformer", None)  # (a supported pipeline loaded without one)
+        got += f" whose transformer is {'None' if held is None else type(held).__name__}"
     raise TypeError(f"sparsectx supports the pipelines {', '.join(SUPPORTED_PIPELINES)} (or any pipeline whose "
                     f"transformer is supported) and the transformers {', '.join(SUPPORTED_TRANSFORMERS)}; got "
-                    f"{type(pipe_or_transformer).__name__}")
+                    f"{got}")
 
 
 def _check_attention(attention) -> str:

@@ -1388,6 +1388,11 @@ def test_unsupported_class_names_supported_ones():
     for bad in (object(), torch.nn.Linear(2, 2)):
         with pytest.raises(TypeError, match="Flux2KleinPipeline.*QwenImageTransformer2DModel"):
             sparsectx.enable(bad)
+    # a supported pipeline without its transformer: the message listed its class as supported and said no more
+    pipe = diffusers.Flux2KleinPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None,
+                                        text_encoder=None, tokenizer=None, transformer=None)
+    with pytest.raises(TypeError, match="got Flux2KleinPipeline whose transformer is None$"):
+        sparsectx.enable(pipe)
 
 
 @pytest.mark.parametrize("family", ["flux2", "flux", "qwen"])
@@ -2900,6 +2905,28 @@ def test_signals_reach_task_aware_selectors(models):
             model(**kwargs)
     finally:
         sparsectx.disable(model)
+
+
+@pytest.mark.parametrize("family", ["flux", "flux2"])
+@pytest.mark.parametrize("extra_rows", [3, -2], ids=["longer", "shorter"])
+def test_hidden_states_and_img_ids_of_other_lengths_are_refused(models, family, extra_rows):
+    """FLUX's layout is read from img_ids alone: hidden_states rows past them were dropped from the sequence and
+    answered with zeros (a budget below 1), and a shorter sequence failed with an IndexError inside the selection;
+    the unpatched model refuses both (its RoPE tables come from the ids). Now a ValueError naming both."""
+    model, kwargs = models[family], dict(_inputs(family, batch=1))
+    hidden = kwargs["hidden_states"]
+    kwargs["hidden_states"] = (torch.cat([hidden, torch.randn(1, extra_rows, hidden.shape[2])], dim=1)
+                               if extra_rows > 0 else hidden[:, :extra_rows])
+    rows, ids = kwargs["hidden_states"].shape[1], kwargs["img_ids"].shape[-2]
+    for budget in (0.5, 1.0):
+        sparsectx.enable(model, budget=budget, seed=0)
+        try:
+            with torch.no_grad(), pytest.raises(ValueError, match=f"img_ids has {ids} rows but hidden_states {rows}"):
+                model(**kwargs)
+        finally:
+            sparsectx.disable(model)
+    with torch.no_grad(), pytest.raises(RuntimeError):  # (what the unpatched model says)
+        model(**kwargs)
 
 
 def test_batch_one_signal_serves_samples_selected_one_by_one(models):
