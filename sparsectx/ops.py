@@ -1606,16 +1606,18 @@ def compact_tokens(selection: torch.Tensor, *tensors: torch.Tensor, budget=None,
 def _check_scatter_index(index: torch.Tensor, cu_seqlens: torch.Tensor, n_tokens: int) -> None:
     """``ValueError`` unless the rows ``cu_seqlens`` counts have positions in ``[0, n_tokens)``, none twice in a
     sample (read on the host: call it off the GPU only)."""
-    counts = torch.diff(cu_seqlens.long())
-    rows = index[:int(cu_seqlens[-1])].long()
-    if rows.numel() == 0:
+    total = cu_seqlens.tolist()[-1]  # (two reads in all: this and the summary below)
+    if total == 0:
         return
-    low, high = int(rows.min()), int(rows.max())
+    rows = index[:total].long()
+    sample = torch.repeat_interleave(torch.arange(cu_seqlens.numel() - 1, device=rows.device),
+                                     torch.diff(cu_seqlens.long()), output_size=total)
+    keys = torch.sort(sample * n_tokens + rows).values  # (one sample's positions, in a range of their own)
+    low, high, repeated = torch.stack([rows.min(), rows.max(), (keys[1:] == keys[:-1]).any().long()]).tolist()
     if low < 0 or high >= n_tokens:
         raise ValueError(f"index must lie in [0, n_tokens={n_tokens}) for the rows cu_seqlens counts, got values in "
                          f"[{low}, {high}]")
-    sample = torch.repeat_interleave(torch.arange(counts.numel(), device=rows.device), counts)
-    if torch.unique(sample * n_tokens + rows).numel() != rows.numel():
+    if repeated:
         raise ValueError("index repeats a position within a sample: each kept token is scattered back once")
 
 

@@ -1005,9 +1005,9 @@ def test_cuda_selection_kernel_candidate_filter(monkeypatch, fraction, filter_fa
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_scores_path_reads_nothing_from_the_device_but_the_cpu_checks(device, dtype):
     """The CPU twin of the GPU test below (which runs only when a GPU is lent): compaction by scores, scatter and
-    backward read nothing on the host but the two checks made only off CUDA, where a read costs no device wait:
-    compact_tokens' NaN check (an ``.item()`` of ``isnan(scores).any()``) and scatter_tokens' check of cu_seqlens
-    (a ``.tolist()``). Every read counts here (no ``device_data``: the interpreter's kernel outputs would look like
+    backward read nothing on the host but the checks made only off CUDA, where a read costs no device wait:
+    compact_tokens' NaN check (an ``.item()`` of ``isnan(scores).any()``) and scatter_tokens' checks of cu_seqlens
+    (a ``.tolist()``) and of the index (two: the kept total, then its range and repeats). Every read counts here (no ``device_data``: the interpreter's kernel outputs would look like
     host data). Without autograd the ops launch their kernels directly, so any new ``.item()``, ``.tolist()``,
     ``nonzero`` or ``.cpu()`` on the path adds to the list; with autograd the compaction runs inside its registered
     custom ops, which a dispatch mode sees as one op each: reads inside them are seen only through ``.tolist()``
@@ -1018,7 +1018,7 @@ def test_scores_path_reads_nothing_from_the_device_but_the_cpu_checks(device, dt
     gen = torch.Generator().manual_seed(14)
     scores = torch.randn(2, 64, generator=gen, dtype=dtype).to(device)
     hidden = torch.randn(2, 64, 16, generator=gen).to(device).requires_grad_()
-    expected_reads = ["aten._local_scalar_dense.default", "Tensor.tolist"]
+    expected_reads = ["aten._local_scalar_dense.default", "Tensor.tolist", "Tensor.tolist", "Tensor.tolist"]
 
     def compact_scatter():
         result = sparsectx.compact_tokens(scores, hidden, budget=[0.1, 30])
