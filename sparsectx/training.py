@@ -17,7 +17,8 @@ Edit, JoyImage-Edit-Plus)::
 ``enable_drop_training`` installs sparsectx's attention processors (``sparsectx.processors``). At each forward in
 training mode it finds the reference tokens (``img_ids`` / ``img_shapes``, as ``sparsectx.enable`` does), draws
 one drop mask per sample and reference image, and every attention layer of that forward runs
-``masked_attention`` with it. Text and target tokens are always kept. In eval mode, or when a draw keeps every
+``masked_attention`` with it. Text and target tokens are always kept (with ``ref_lengths``: the tokens it does not
+count). In eval mode, or when a draw keeps every
 token, the original processors run (bit-exact with the unpatched model).
 """
 from __future__ import annotations
@@ -92,11 +93,17 @@ def _check_draw_settings(generator, per_image, ratio_range) -> None:
     a bad range is a mistake either way)."""
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    if not isinstance(per_image, bool):  # (a numpy bool is named with its module: "got bool" read as a paradox)
-        kind = type(per_image)
-        raise TypeError(f"per_image must be a Python bool, got "
-                        f"{kind.__name__ if kind.__module__ == 'builtins' else kind.__module__ + '.' + kind.__name__}")
+    _check_python_bool("per_image", per_image)
     _check_ratio_range(ratio_range)
+
+
+def _check_python_bool(name: str, value) -> None:
+    """``TypeError`` unless ``value`` is a Python bool (a numpy bool is named with its module: "must be a bool, got
+    bool" read as a paradox)."""
+    if not isinstance(value, bool):
+        kind = type(value)
+        raise TypeError(f"{name} must be a Python bool, got "
+                        f"{kind.__name__ if kind.__module__ == 'builtins' else kind.__module__ + '.' + kind.__name__}")
 
 
 def _draw_ratios(shape: tuple, ratio_range, ratios, generator, device) -> torch.Tensor:
@@ -443,7 +450,8 @@ def enable_drop_training(transformer, ratio_range: tuple = DEFAULT_RATIO_RANGE,
     a forward then reads back from the device only FLUX's ``img_ids`` (one copy, to locate the references; nothing
     with Qwen-Image's ``img_shapes`` or with ``ref_lengths``). Every attention
     layer of that forward attends only to the kept tokens (``sparsectx.masked_attention``). Text and target tokens
-    are always kept. Dropped tokens stay in the tensors; with ``skip_dropped_queries`` they are not computed as
+    are always kept (with ``ref_lengths``, the tokens it does not count: it is not checked against the ids, which
+    would cost a host read). Dropped tokens stay in the tensors; with ``skip_dropped_queries`` they are not computed as
     queries either (their attention output is zero), which equals removing them from the sequence for the target
     and text outputs. The reference tokens are found as ``sparsectx.enable`` finds them (``img_ids`` first axis,
     ``img_shapes``); ``ref_lengths`` overrides that: the references are then the last ``sum(ref_lengths)`` tokens
@@ -460,8 +468,7 @@ def enable_drop_training(transformer, ratio_range: tuple = DEFAULT_RATIO_RANGE,
         ref_lengths = _check_layout(1, ref_lengths, 0)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    if not isinstance(skip_dropped_queries, bool):
-        raise TypeError(f"skip_dropped_queries must be a bool, got {type(skip_dropped_queries).__name__}")
+    _check_python_bool("skip_dropped_queries", skip_dropped_queries)
     _, model, family = integration._split_target(transformer)
     if family in (integration.FLUX3, integration.QWEN21, integration.JOYEDIT, integration.ZIMAGE, integration.GLM):
         raise TypeError("drop training's masked attention covers FLUX.1, FLUX.2, Qwen-Image, LongCat-Image, Bria "

@@ -12,6 +12,7 @@ import weakref
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -1733,8 +1734,10 @@ def test_drop_training_bad_input(models):
         enable_drop_training(model, ref_lengths=[4, 0])
     with pytest.raises(TypeError, match="generator"):
         enable_drop_training(model, generator=3)
-    with pytest.raises(TypeError, match="skip_dropped_queries must be a bool"):
+    with pytest.raises(TypeError, match="skip_dropped_queries must be a Python bool, got str"):
         enable_drop_training(model, skip_dropped_queries="no")
+    with pytest.raises(TypeError, match=r"skip_dropped_queries must be a Python bool, got numpy\.bool"):  # ("got bool")
+        enable_drop_training(model, skip_dropped_queries=np.bool_(True))
     with pytest.raises(TypeError, match="QwenImageTransformer2DModel"):
         enable_drop_training(torch.nn.Linear(2, 2))
     assert not is_drop_training_enabled(model)
