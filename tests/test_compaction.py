@@ -1007,9 +1007,10 @@ def test_scores_path_reads_nothing_from_the_device_but_the_cpu_checks(device, dt
     """The CPU twin of the GPU test below (which runs only when a GPU is lent): compaction by scores, scatter and
     backward read nothing on the host but the checks made only off CUDA, where a read costs no device wait:
     compact_tokens' NaN check (an ``.item()`` of ``isnan(scores).any()``) and scatter_tokens' checks of cu_seqlens
-    (a ``.tolist()``) and of the index (two: the kept total, then its range and repeats). Every read counts here (no ``device_data``: the interpreter's kernel outputs would look like
-    host data). Without autograd the ops launch their kernels directly, so any new ``.item()``, ``.tolist()``,
-    ``nonzero`` or ``.cpu()`` on the path adds to the list; with autograd the compaction runs inside its registered
+    (a ``.tolist()``) and of the index (two: the kept total, then its range and repeats). Every read counts here
+    (no ``device_data``: the interpreter's kernel outputs would look like host data). Without autograd the ops
+    launch their kernels directly, so any new ``.item()``, ``.tolist()``, ``nonzero`` or ``.cpu()`` on the path
+    adds to the list; with autograd the compaction runs inside its registered
     custom ops, which a dispatch mode sees as one op each: reads inside them are seen only through ``.tolist()``
     and ``.cpu()``, which count_host_reads patches. fp64 scores take the reference's keep mask into the index
     kernels, with the kept total from the host's counts (no read to size the index)."""
