@@ -948,6 +948,8 @@ def attention_scores(reference_latents: torch.Tensor, context: SelectionContext,
         name = "text_queries/target_queries"
     _check_qk(queries, keys, query_mask, batch, n_tokens, name)
     mass = attention_mass(queries, keys, query_mask, max_queries=max_queries).to(reference_latents.device)
+    if query_mask is None and queries.shape[1] > 0:  # every sample has a valid query (the automatic probe's case)
+        return mass
     # a sample whose queries are all masked out has a mass of zeros: flat scores with the even spread's order
     # (on the device: no host sync)
     spread = 1.0 + SPREAD_WEIGHT * _uniform_scores(reference_latents, context,
