@@ -3072,6 +3072,13 @@ def run_workload(workload: Workload, device: torch.device, *, quick: bool = Fals
         # every peer disagrees with sparsectx: its output is the suspect, and its time judges nothing
         rows[0]["ok"] = False
         _append_note(rows[0], f"CHECK FAILED: every compared peer ({len(compared)}) disagrees with this output")
+    if rows and rows[0]["impl"] == primary.name:
+        # the rows that checked sparsectx's output and agreed: its independent peers where the workload has any
+        # (sparsectx's other rows run the same kernels), else its other rows (_unchecked reads it)
+        rows[0]["checked_by"] = sum(1 for r in checked if r["ok"] is True and (r["impl"] in independent
+                                                                             or not independent))
+    if on_row is not None:  # the judged rows, before the later passes (a run cut short there keeps them)
+        on_row(rows)
     for number in range(2, workload.passes + 1):
         order = timed[::-1] if number % 2 == 0 else timed
         times = []
@@ -3514,11 +3521,15 @@ def _failed(block: list, *rows: dict) -> list:
 
 def _unchecked(block: list) -> Optional[str]:
     """The name of the block's sparsectx row when nothing in the run checked its output: no check of its own
-    (``ok`` None: no verify, no reference) and no row compared with it that agreed (``err`` set, ``ok`` True), e.g.
-    every peer unavailable on this device. A speed of an unchecked output judges nothing; else None."""
+    (``ok`` None: no verify, no reference) and no row compared with it that agreed, e.g. every peer unavailable on
+    this device. The rows that count are its ``checked_by`` (``run_workload``: its independent peers where the
+    workload has any, so sparsectx's other rows, which run the same kernels, do not; runs before the field: any row
+    compared with it, ``err`` set). A speed of an unchecked output judges nothing; else None."""
     first = block[0]
     if first["ok"] is not None or first["time_ms"] is None:
         return None
+    if first.get("checked_by") is not None:
+        return None if first["checked_by"] > 0 else first["impl"]
     agreed = any(r["err"] is not None and r["ok"] is True for r in block[1:])
     return None if agreed else first["impl"]
 

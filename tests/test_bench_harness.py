@@ -1006,10 +1006,22 @@ def test_a_sparsectx_output_no_peer_compared_judges_no_target():
     for table in (benchmarks.format_table(rows), benchmarks.format_markdown({}, rows)):
         first = [line for line in table.splitlines() if line.lstrip(" |").startswith("sparsectx compact_tokens")]
         assert len(first) == 1 and "unchecked (no peer compared)" in first[0], first
+    # sparsectx's other rows run the same kernels: where the workload has independent peers, their agreeing
+    # does not check it (a wrong kernel agrees with itself)
+    with_own = impls + [benchmarks.Impl("sparsectx compact_tokens (keep mask)", lambda: x)]
+    rows = benchmarks.run_workload(_workload(with_own), torch.device("cpu"), quick=True)
+    assert rows[-1]["ok"] is True and rows[-1]["err"] == 0.0 and rows[0]["checked_by"] == 0
+    rows[0]["loop_ms"], rows[0]["host_syncs"] = rows[0]["time_ms"], 0
+    assert all("not judged" in line for line in benchmarks.target_verdicts(rows) if "issue 3" in line
+               and "topk+sort+gather" not in line)
+    # ... where it has none (the e2e breakdown, train_step), they do
+    own_only = [with_own[0], with_own[-1]]
+    rows = benchmarks.run_workload(_workload(own_only), torch.device("cpu"), quick=True)
+    assert rows[0]["checked_by"] == 1 and "unchecked" not in benchmarks.format_table(rows)
     # a peer compared with it and agreeing makes it checked; one that only ran (no comparison) does not
     impls[1] = benchmarks.Impl("topk+sort+gather", lambda: x)
     rows = benchmarks.run_workload(_workload(impls), torch.device("cpu"), quick=True)
-    assert rows[1]["ok"] is True and rows[1]["err"] == 0.0
+    assert rows[1]["ok"] is True and rows[1]["err"] == 0.0 and rows[0]["checked_by"] == 1
     lines = [line for line in benchmarks.target_verdicts(rows) if "issue 3" in line]
     assert lines and not any("not judged" in line for line in lines), lines
     assert "unchecked" not in benchmarks.format_table(rows)
@@ -1022,6 +1034,37 @@ def test_a_sparsectx_output_no_peer_compared_judges_no_target():
     line = benchmarks.selection_verdict(selection)
     assert "(1 row(s) whose output no peer checked not judged)" in line and "meets: worst 0.30%" in line, line
     assert "1 of 1 rows judged" in line, line
+
+
+def test_the_judged_rows_are_written_before_the_later_passes():
+    """The checks judged after the first pass (every compared peer disagreeing, the higher-precision reference)
+    reached the rows written out (on_row) only at the end of the second pass: a run cut there (the GPU check's
+    step timeouts) kept its sparsectx row unjudged, a FAIL lost. Now they are written before the later passes."""
+    right, wrong = torch.arange(8.0), torch.arange(8.0) + 1
+    impls = [benchmarks.Impl("sparsectx compact_tokens (scores+budget)", lambda: wrong),
+             benchmarks.Impl("topk+sort+gather", lambda: right)]
+    written = []
+
+    def on_row(rows):
+        written.append([dict(r) for r in rows])
+
+    workload = _workload(impls, passes=2)
+    real_timing = benchmarks.time_ms
+    calls = []
+
+    def cut_in_pass_two(fn, device, **kw):
+        calls.append(fn)
+        if len(calls) > len(impls):  # the second pass's first timing: the run is cut here
+            raise KeyboardInterrupt
+        return real_timing(fn, device, **kw)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(benchmarks, "time_ms", cut_in_pass_two), pytest.raises(KeyboardInterrupt):
+        benchmarks.run_workload(workload, torch.device("cpu"), quick=True, on_row=on_row)
+    last = written[-1]
+    assert last[0]["ok"] is False and "every compared peer (1) disagrees" in last[0]["note"], last[0]
+    assert "not judged" in benchmarks.target_verdicts(last)[0]
 
 
 def test_a_case_needing_a_missing_package_is_unavailable_not_failed(monkeypatch):
