@@ -4016,6 +4016,18 @@ def steps_from(path: str, meta: dict) -> list:
 NOT_PEERS = ("bytes-moved floor", "no reference (limit)")  # reference points of a table, not implementations
 
 
+def _check_plot_format(path: str) -> None:
+    """``SystemExit`` before the run unless ``path`` ends in a format matplotlib writes (an unknown one failed after
+    the whole run; without one, matplotlib wrote ``path + ".png"`` and the run said it wrote ``path``)."""
+    from matplotlib.figure import Figure
+
+    formats = sorted(Figure().canvas.get_supported_filetypes())
+    extension = os.path.splitext(path)[1].lstrip(".").lower()
+    if extension not in formats:
+        raise SystemExit(f"sparsectx bench: error: --plot {path}: give a file name ending in one of matplotlib's "
+                         f"formats ({', '.join('.' + f for f in formats)})")
+
+
 def write_plot(path: str, rows: list) -> str:
     """Horizontal bars of each peer's ratio vs sparsectx (needs matplotlib: ``main`` refuses ``--plot`` without
     it before the run). Returns a message."""
@@ -4129,6 +4141,7 @@ def _main(args: argparse.Namespace, device: torch.device) -> int:
         except ImportError:
             raise SystemExit(f"sparsectx bench: error: --plot {args.plot}: matplotlib is not installed (pip install "
                              "matplotlib, or the package's plot extra)") from None
+        _check_plot_format(args.plot)
     if args.steps_from and not os.path.exists(args.steps_from):
         print(f"note: --steps-from {args.steps_from} does not exist; the selection case has no step time to relate "
               "to", file=sys.stderr)

@@ -494,12 +494,16 @@ def main(args: argparse.Namespace) -> int:
               "those options, not both", file=sys.stderr)
         return 2
     dtypes, head_dims = (("bf16",), (64, 128)) if args.quick else (args.dtypes or DTYPES, args.head_dims or HEAD_DIMS)
-    if args.json and (os.path.isdir(args.json) or not os.path.isdir(os.path.dirname(os.path.abspath(args.json)))):
-        # (before the compiles, minutes: the path was found wrong after them, with a traceback in place of the
-        # problems found)
-        print(f"sparsectx compile-check: error: --json {args.json!r} is a folder or in a folder that does not "
-              "exist; give a file path", file=sys.stderr)
-        return 2
+    if args.json:
+        # before the compiles, minutes: a path found wrong after them gave a traceback and exit status 1, which
+        # also means "problems found" (the bench's check: not a folder, its folder made, a file written there)
+        from .benchmarks import check_output_path
+
+        try:
+            check_output_path("--json", args.json)
+        except SystemExit as error:
+            print(str(error).replace("sparsectx:", "sparsectx compile-check:", 1), file=sys.stderr)
+            return 2
     try:
         other_candidates = args.first_config == autotune_all_configs()
     except ValueError:  # (a value the kernels refuse: the child gets this command's own)

@@ -144,7 +144,7 @@ def _check_bench_json(path: Path, case: str) -> list:
     assert meta["torch"] == torch.__version__
     assert meta["ceilings"]["copy_GBps"] > 0
     assert isinstance(meta["autotune"], dict)  # the run's own autotuner picks (a subprocess has its own)
-    assert rows and all(set(row) == ROW_KEYS for row in rows)
+    assert rows and all(set(row) - {"checked_by"} == ROW_KEYS for row in rows)
     assert {row["case"] for row in rows} == {case}
     blocks = {}
     for row in rows:
@@ -153,6 +153,7 @@ def _check_bench_json(path: Path, case: str) -> list:
         base = block[0]
         assert base["impl"].startswith("sparsectx")
         assert base["time_ms"] > 0 and base["ratio"] == 1.0
+        assert base["ok"] is not None or base["checked_by"] >= 1  # its output was checked (its own or by peers)
         for row in block[1:]:
             assert row["ok"] is not False, f"{row['impl']}: {row['note']}"
             if row["time_ms"] is not None:
@@ -211,6 +212,18 @@ def test_bench_merge_into_keeps_the_runs_parts_in_one_file_as_rows_come(tmp_path
     with pytest.raises(SystemExit, match="commit 'another-commit' differs"):
         cli.main(["bench", "--quick", "--case", "selection", "--merge-into", str(merged)])
     assert merged.read_text() == before
+
+
+def test_bench_plot_of_a_format_matplotlib_lacks_is_refused_before_the_run(tmp_path, capsys):
+    """--plot ratios.xyz failed in matplotlib's savefig after the whole run (and the FAILED lines after it were
+    never printed); --plot ratios (no extension) wrote ratios.png and said it wrote ratios."""
+    pytest.importorskip("matplotlib")
+    for name in ("ratios.xyz", "ratios"):
+        out_json, plot = tmp_path / "bench.json", tmp_path / name
+        with pytest.raises(SystemExit, match=r"--plot .*give a file name ending in one of matplotlib's formats .*\.png"):
+            cli.main(["bench", "--quick", "--case", SMALL_CASE, "--json", str(out_json), "--plot", str(plot)])
+        assert not out_json.exists() and not list(tmp_path.glob("ratios*"))
+        assert "sparsectx bench on" not in capsys.readouterr().out  # refused before the run started
 
 
 def test_bench_plot_without_matplotlib_is_refused_before_the_run(tmp_path, monkeypatch, capsys):

@@ -222,11 +222,17 @@ def test_main_exits_1_on_a_problem_and_writes_it_to_the_json(tmp_path, monkeypat
     assert "PROBLEM: v: _fwd_kernel" in capsys.readouterr().out
     rows[0].shared_bytes = limit
     assert cli.main(["compile-check", "--json", str(out)]) == 0 and json.loads(out.read_text())["problems"] == []
-    # a path that can not be written is refused before the compiles (minutes), not after them with a traceback
+    # a path that can not be written is refused before the compiles (minutes), not after them with a traceback and
+    # exit status 1 (which also means "problems found"): a folder, under a file, in a folder that takes no file
     monkeypatch.setattr(compile_check, "run_check", lambda *a: pytest.fail("compiled before the path was checked"))
-    for bad in (tmp_path, tmp_path / "missing" / "check.json"):
+    (tmp_path / "a_file").write_text("")
+    for bad in (tmp_path, tmp_path / "a_file" / "check.json", "/proc/check.json"):
         assert cli.main(["compile-check", "--json", str(bad)]) == 2
-        assert "--json" in capsys.readouterr().err
+        assert "sparsectx compile-check: error: --json" in capsys.readouterr().err
+    # a missing folder is made, as `sparsectx bench --json` makes it
+    monkeypatch.setattr(compile_check, "run_check", lambda arch, dtypes, head_dims: rows)
+    assert cli.main(["compile-check", "--json", str(tmp_path / "made" / "check.json")]) == 0
+    assert (tmp_path / "made" / "check.json").exists()
 
 
 def test_an_error_without_a_message_is_reported():
