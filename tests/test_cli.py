@@ -220,7 +220,7 @@ def test_bench_plot_of_a_format_matplotlib_lacks_is_refused_before_the_run(tmp_p
     pytest.importorskip("matplotlib")
     for name in ("ratios.xyz", "ratios"):
         out_json, plot = tmp_path / "bench.json", tmp_path / name
-        with pytest.raises(SystemExit, match=r"--plot .*give a file name ending in one of matplotlib's formats .*\.png"):
+        with pytest.raises(SystemExit, match=r"--plot .*a file name ending in one of matplotlib.s formats .*\.png"):
             cli.main(["bench", "--quick", "--case", SMALL_CASE, "--json", str(out_json), "--plot", str(plot)])
         assert not out_json.exists() and not list(tmp_path.glob("ratios*"))
         assert "sparsectx bench on" not in capsys.readouterr().out  # refused before the run started
