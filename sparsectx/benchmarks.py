@@ -3758,6 +3758,10 @@ def merge_parts(parts: Sequence[tuple]) -> dict:
                 if (key == "commit" or (mine is not None and theirs is not None)) and mine != theirs:
                     raise ValueError(f"{name}: its {key} {theirs!r} differs from {first}'s {mine!r}; merge the "
                                      "parts of one run only")
+                if key == "commit" and mine is None:  # (two parts without one: nothing shows they are one code)
+                    raise ValueError(f"{name} and {first} record no commit (a tree without .git: pass "
+                                     "SPARSECTX_COMMIT=<hash>); parts that can not be shown to be one code are not "
+                                     "merged")
         for row in data["rows"]:
             key = (row["case"], row["shape"], row["impl"])
             if key in seen:
@@ -3787,7 +3791,7 @@ MERGE_MUST_MATCH = ("device", "driver", "cuda", "size", "commit", "sparsectx", "
                     "diffusers")
 ROW_KEYS = ("case", "shape", "impl", "time_ms", "ratio", "ok", "note")
 OPTIONAL_ROW_KEYS = ("tflops", "gbps", "err", "peak_mem_gb")
-NOTED_ROW_KEYS = ("ref_err",)  # numbers only some rows carry (not filled in where absent)
+NOTED_ROW_KEYS = ("ref_err", "checked_by")  # numbers only some rows carry (not filled in where absent)
 
 
 def load_run(path: str) -> dict:
@@ -3810,13 +3814,21 @@ def load_run(path: str) -> dict:
         wrong = [k for k in ("time_ms", "ratio", *OPTIONAL_ROW_KEYS, *NOTED_ROW_KEYS) if row.get(k) is not None
                  and (isinstance(row[k], bool) or not isinstance(row[k], (int, float)))]
         wrong += [k for k, kind in (("ok", bool), ("note", str)) if row[k] is not None and not isinstance(row[k], kind)]
+        wrong += [k for k in ("case", "shape", "impl") if not isinstance(row[k], str)]
         if wrong:
             raise ValueError(f"{path}: row {i} has {wrong} of the wrong type (numbers or null; ok: true, false or "
-                             "null; note: a string or null)")
+                             "null; note: a string or null; case, shape, impl: strings)")
+        if row["note"] is None:  # (the tables and the summary read it as text)
+            row["note"] = ""
     for key, kind in (("ceilings", dict), ("parts", list)):
         if data["meta"].get(key) is not None and not isinstance(data["meta"][key], kind):
             raise ValueError(f"{path}: meta.{key} must be a {'dict' if kind is dict else 'list'}, got "
                              f"{type(data['meta'][key]).__name__}")
+    ceilings = data["meta"].get("ceilings") or {}
+    wrong = [k for k in ("copy_GBps", "matmul_TFLOPs") if ceilings.get(k) is not None
+             and (isinstance(ceilings[k], bool) or not isinstance(ceilings[k], (int, float)))]
+    if wrong:
+        raise ValueError(f"{path}: meta.ceilings {wrong} must be numbers or null")
     return data
 
 
@@ -3972,6 +3984,9 @@ def report(args: argparse.Namespace) -> int:
     skipped), written to ``--merged PATH`` when given."""
     paths = args.json_paths
     if args.merged:
+        if any(os.path.abspath(args.merged) == os.path.abspath(p) for p in paths):
+            raise SystemExit(f"sparsectx report: error: --merged {args.merged} is one of the files to merge: it "
+                             "would be overwritten by the merge; give another path")
         check_output_path("--merged", args.merged)
     folders = [p for p in paths if os.path.isdir(p)]
     if folders:
@@ -4084,7 +4099,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--steps-from", metavar="PATH",
                         help="JSON of an earlier run whose e2e rows give the denoising-step times that the selection "
-                             "case relates its times to (when e2e does not run in the same invocation)")
+                             "and pipeline cases relate their times to (when e2e does not run in the same invocation)")
 
 
 def _parse_device(name: str) -> torch.device:
@@ -4126,6 +4141,9 @@ def _main(args: argparse.Namespace, device: torch.device) -> int:
         raise SystemExit("sparsectx bench: error: --size full is the real models' shapes, for a GPU: on the CPU a case "
                          "runs for hours or runs out of memory (klein-9B's step in fp32 needs about 36 GB); use the "
                          "CPU's default, --size tiny")
+    if args.json and args.merge_into and os.path.abspath(args.json) == os.path.abspath(args.merge_into):
+        raise SystemExit(f"sparsectx bench: error: --json and --merge-into are both {args.json}: the run's own rows "
+                         "would replace the earlier parts before the merge is written; give two paths")
     for option, path in (("--json", args.json), ("--merge-into", args.merge_into), ("--plot", args.plot)):
         if path:
             check_output_path(option, path)

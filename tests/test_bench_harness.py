@@ -159,6 +159,37 @@ def test_summary_lists_untimed_and_failed_peers_and_the_targets():
     assert "a CPU run: the targets are set for a GPU" in benchmarks.format_summary(dict(meta, cuda=None), rows)
 
 
+def test_parts_without_a_commit_are_not_merged(tmp_path):
+    """Two parts that both record no commit (a GPU machine's tree has no .git; SPARSECTX_COMMIT not given) were
+    merged as one run: None equals None. Nothing shows they are one code, as the merge's rule requires."""
+    rows = _block("attention", "L=1", {"sparsectx (compacted)": 1.0, "sdpa cudnn": 0.8})
+    more = _block("training", "B=4", {"sparsectx (packed varlen)": 1.0, "sdpa padded + key mask": 1.6})
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    benchmarks.write_json(str(a), {"device": "NVIDIA H200", "commit": None}, rows)
+    benchmarks.write_json(str(b), {"device": "NVIDIA H200", "commit": None}, more)
+    with pytest.raises(ValueError, match="record no commit .*SPARSECTX_COMMIT"):
+        benchmarks.merge_runs([str(a), str(b)])
+    assert len(benchmarks.merge_runs([str(a)])["rows"]) == 2  # one part alone is no merge
+
+
+def test_a_merge_never_writes_over_its_own_inputs(tmp_path):
+    """``report a.json b.json --merged a.json`` replaced part a with the merge (a later report of the two parts
+    then failed on rows found twice); ``bench --json X --merge-into X`` wrote the run alone over the earlier
+    parts first. Both are refused before anything is written."""
+    rows = _block("attention", "L=1", {"sparsectx (compacted)": 1.0, "sdpa cudnn": 0.8})
+    more = _block("training", "B=4", {"sparsectx (packed varlen)": 1.0, "sdpa padded + key mask": 1.6})
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    benchmarks.write_json(str(a), {"device": "cpu", "commit": "abc1234"}, rows)
+    benchmarks.write_json(str(b), {"device": "cpu", "commit": "abc1234"}, more)
+    before = a.read_text()
+    with pytest.raises(SystemExit, match="--merged .* is one of the files to merge"):
+        cli.main(["report", str(a), str(b), "--merged", str(a)])
+    assert a.read_text() == before
+    with pytest.raises(SystemExit, match="--json and --merge-into are both"):
+        cli.main(["bench", "--quick", "--case", "compaction", "--json", str(a), "--merge-into", str(a)])
+    assert a.read_text() == before
+
+
 def test_the_run_records_its_host_cpu():
     """Host-bound rows depend on the machine's CPU: the run's metadata names it, and the summary and the markdown
     header show it."""
@@ -170,7 +201,7 @@ def test_the_run_records_its_host_cpu():
 
 
 def test_report_merges_step_files_and_prints_the_summary(tmp_path, capsys):
-    meta = {"device": "NVIDIA H200", "size": "full", "autotune": {}}
+    meta = {"device": "NVIDIA H200", "size": "full", "autotune": {}, "commit": "abc1234"}
     first = _block("attention", "L=1", {"sparsectx (compacted)": 1.0, "sdpa cudnn": 0.8})
     second = _block("training", "B=4", {"sparsectx (packed varlen)": 1.0, "sdpa padded + key mask": 1.6})
     paths = [tmp_path / "a.json", tmp_path / "missing.json", tmp_path / "b.json"]
@@ -252,6 +283,18 @@ def test_report_refuses_parts_of_different_runs_and_names_bad_files(tmp_path):
     (tmp_path / "okay.json").write_text(json.dumps({"meta": meta, "rows": [dict(block[0], ok="yes", note=3)]}))
     with pytest.raises(SystemExit, match=r"okay.json: row 0 has \['ok', 'note'\] of the wrong type"):
         cli.main(["report", str(tmp_path / "okay.json")])
+    # a null shape, or a string ceiling: a traceback in the summary or the header before; a null note reads as ""
+    (tmp_path / "shape.json").write_text(json.dumps({"meta": meta, "rows": [dict(block[0], shape=None)]}))
+    with pytest.raises(SystemExit, match=r"shape.json: row 0 has \['shape'\] of the wrong type"):
+        cli.main(["report", "--summary", str(tmp_path / "shape.json")])
+    (tmp_path / "speed.json").write_text(json.dumps({"meta": dict(meta, ceilings={"copy_GBps": "fast"}),
+                                                     "rows": block}))
+    with pytest.raises(SystemExit, match=r"speed.json: meta.ceilings \['copy_GBps'\] must be numbers or null"):
+        cli.main(["report", str(tmp_path / "speed.json")])
+    (tmp_path / "note.json").write_text(json.dumps({"meta": meta, "rows": [dict(block[0], note=None,
+                                                                                   time_ms=None)]}))
+    for form in ([], ["--summary"]):
+        assert cli.main(["report", *form, str(tmp_path / "note.json")]) == 0
     (tmp_path / "ceil.json").write_text(json.dumps({"meta": dict(meta, ceilings="fast"), "rows": block}))
     with pytest.raises(SystemExit, match=r"ceil.json: meta.ceilings must be a dict, got str"):
         cli.main(["report", str(tmp_path / "ceil.json")])

@@ -403,3 +403,12 @@ def test_the_command_without_a_subcommand_is_a_usage_error(capsys):
         cli.main([])
     assert exc.value.code == 2
     assert "required" in capsys.readouterr().err
+
+
+def test_the_benchmark_docs_list_every_case():
+    """docs/benchmarks.md's `sparsectx bench [--case ...]` line lists the cases in the order they run (it lacked
+    e2e_glm)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md").read_text()
+    listed = re.search(r"sparsectx bench \[--case ([a-z0-9_ \n]+)\]", text)
+    assert listed, "no `sparsectx bench [--case ...]` line in docs/benchmarks.md"
+    assert tuple(listed.group(1).split()) == benchmarks.CASE_ORDER
