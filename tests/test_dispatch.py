@@ -458,13 +458,13 @@ def _forward_ad_calls(device="cpu"):
     dense = torch.randn(2, 5, 2, 8, generator=g)
     mask = (torch.rand(2, 5, generator=g) < 0.6).to(device)
     scores = torch.randn(2, 5, generator=g).to(device)
-    index = (torch.arange(8, dtype=torch.int32) % 4).to(device)
+    index = torch.tensor([0, 1, 2, 0, 1, 2, 3, 4], dtype=torch.int32).to(device)  # (each position once a sample)
     other_q, other_dense = q.to(device), dense.to(device)
     return {
         "sparse_attention": (q, lambda x: sparsectx.sparse_attention(x, other_q, other_q, cu, cu, 5, 5)),
         "masked_attention": (dense, lambda x: sparsectx.masked_attention(x, other_dense, other_dense, mask)),
         "compact_tokens": (dense, lambda x: sparsectx.compact_tokens(scores, x, budget=2).tensors[0]),
-        "scatter_tokens": (q, lambda x: sparsectx.scatter_tokens(x, index, cu, 4)),
+        "scatter_tokens": (q, lambda x: sparsectx.scatter_tokens(x, index, cu, 5)),
     }
 
 
