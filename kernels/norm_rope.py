@@ -288,6 +288,12 @@ def _block_tokens() -> int:
     return INTERPRETER_BLOCK_TOKENS if INTERPRETED else BLOCK_TOKENS
 
 
+def _table_block_rows() -> int:
+    """Rows per program of the tables kernel: ``TABLE_BLOCK_ROWS``, or in the interpreter
+    ``INTERPRETER_TABLE_BLOCK_ROWS``."""
+    return INTERPRETER_TABLE_BLOCK_ROWS if INTERPRETED else TABLE_BLOCK_ROWS
+
+
 def _shape_constants(dim: int) -> dict:
     return dict(HEAD_DIM=dim, BLOCK_PAIRS=max(1, next_power_of_2(dim) // 2), BLOCK_TOKENS=_block_tokens(),
                 HEAD_BLOCK=HEAD_BLOCK)
@@ -385,7 +391,7 @@ def rope_tables(ids: torch.Tensor, freqs: torch.Tensor, axes_dim: tuple) -> tupl
     if n_rows and dim:
         ends = [sum(axes_dim[:i + 1]) for i in range(len(axes_dim) - 1)]
         ends += [dim] * (MAX_TABLE_AXES - 1 - len(ends))
-        block_rows = INTERPRETER_TABLE_BLOCK_ROWS if INTERPRETED else TABLE_BLOCK_ROWS
+        block_rows = _table_block_rows()
         _rope_tables_kernel[(cdiv(n_rows, block_rows),)](
             ids, freqs, cos, sin, n_rows, ids.stride(0), ids.stride(1), DIM=dim, BLOCK_D=next_power_of_2(dim),
             END0=ends[0], END1=ends[1], END2=ends[2], BLOCK_ROWS=block_rows, num_warps=TABLE_WARPS,

@@ -3590,8 +3590,8 @@ def target_verdicts(rows: list) -> list:
             elif not ours or not peer:
                 lines.append(f"{head} not measured ({target.ours if not ours else target.peer} has no time)")
                 continue
-            elif _unchecked_note(block):
-                lines.append(f"{head} {_unchecked_note(block)}")
+            elif unchecked := _unchecked_note(block):
+                lines.append(f"{head} {unchecked}")
             else:
                 ratio = peer / ours
                 shown, bound = _distinct(ratio, minimum)
@@ -3672,8 +3672,8 @@ def drop_in_selection_verdicts(rows: list) -> list:
             lines.append(f"{head} {failed}")
         elif not new["time_ms"] or not step["time_ms"] or not none:
             lines.append(f"{head} not measured (no time for (d3), (d) or the no-reference step)")
-        elif _unchecked_note(block):
-            lines.append(f"{head} {_unchecked_note(block)}")
+        elif unchecked := _unchecked_note(block):
+            lines.append(f"{head} {unchecked}")
         else:
             added, per_pass = _paired_difference_ms(new, step)
             share = 100.0 * added / none
@@ -3713,7 +3713,7 @@ def selection_verdict(rows: list) -> Optional[str]:
     failed = [r for r in rows if r["ok"] is False]
     skipped = [r for r in rows if (r["case"], r["shape"], r["impl"]) in unchecked]
     # a selection whose result is wrong, or was not checked, judges nothing
-    rows = [r for r in rows if r["ok"] is not False and not any(r is x for x in skipped)]
+    rows = [r for r in rows if r["ok"] is not False and (r["case"], r["shape"], r["impl"]) not in unchecked]
     judged = [(r.get("step_pct_with_probe") or r["step_pct"], r) for r in rows if r.get("step_pct") is not None]
     if failed:
         head += f" ({len(failed)} row(s) with a FAILED check not judged)"
@@ -3951,22 +3951,23 @@ def run_metadata(device: torch.device, size: str, quick: bool, cases: Sequence[s
     }
 
 
-def check_output_path(option: str, path: str) -> None:
-    """``SystemExit`` (an argparse-style error) before any work when ``path`` can not be written as a file: a
-    folder, or in a folder that can not be made (under a file, say) or written to. Makes the missing folders."""
+def check_output_path(option: str, path: str, prog: str = "sparsectx") -> None:
+    """``SystemExit`` (an argparse-style error of ``prog``) before any work when ``path`` can not be written as a
+    file: a folder, or in a folder that can not be made (under a file, say) or written to. Makes the missing
+    folders."""
     if os.path.isdir(path) or path.endswith(os.sep):
-        raise SystemExit(f"sparsectx: error: {option} {path!r} is a folder; give a file path")
+        raise SystemExit(f"{prog}: error: {option} {path!r} is a folder; give a file path")
     directory = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as error:
-        raise SystemExit(f"sparsectx: error: {option} {path!r}: its folder can not be made ({error})") from None
+        raise SystemExit(f"{prog}: error: {option} {path!r}: its folder can not be made ({error})") from None
     try:  # (os.access says yes to root for any folder: a file made and removed there says what is so)
         handle, probe = tempfile.mkstemp(dir=directory, prefix=".sparsectx-write-check-")
         os.close(handle)
         os.remove(probe)
     except OSError as error:
-        raise SystemExit(f"sparsectx: error: {option} {path!r} can not be written ({error})") from None
+        raise SystemExit(f"{prog}: error: {option} {path!r} can not be written ({error})") from None
 
 
 def write_json(path: str, meta: dict, rows: list) -> None:

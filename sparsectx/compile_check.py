@@ -500,9 +500,9 @@ def main(args: argparse.Namespace) -> int:
         from .benchmarks import check_output_path
 
         try:
-            check_output_path("--json", args.json)
+            check_output_path("--json", args.json, prog="sparsectx compile-check")
         except SystemExit as error:
-            print(str(error).replace("sparsectx:", "sparsectx compile-check:", 1), file=sys.stderr)
+            print(error, file=sys.stderr)
             return 2
     try:
         other_candidates = args.first_config == autotune_all_configs()

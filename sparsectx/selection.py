@@ -1533,11 +1533,9 @@ def _check_floor_below_cap(floor, cap) -> None:
     def per_request(value) -> Optional[list]:  # [[per image] per request], or None for a tensor setting
         if isinstance(value, torch.Tensor):
             return None
-        if not isinstance(value, (list, tuple)):
-            return [[value]]
-        if any(isinstance(v, (list, tuple)) for v in value):
-            return [list(v) if isinstance(v, (list, tuple)) else [v] for v in value]
-        return [list(value)]
+        if _request_rows(value) is not None:
+            return [list(row) for row in value]
+        return [list(value)] if isinstance(value, (list, tuple)) else [[value]]
 
     def broadcast(a: list, b: list) -> list:  # pairs of two lists, one of which may have one entry
         if len(a) != len(b) and 1 not in (len(a), len(b)):

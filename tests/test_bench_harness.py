@@ -1079,7 +1079,7 @@ def test_a_sparsectx_output_no_peer_compared_judges_no_target():
     assert "1 of 1 rows judged" in line, line
 
 
-def test_the_judged_rows_are_written_before_the_later_passes():
+def test_the_judged_rows_are_written_before_the_later_passes(monkeypatch):
     """The checks judged after the first pass (every compared peer disagreeing, the higher-precision reference)
     reached the rows written out (on_row) only at the end of the second pass: a run cut there (the GPU check's
     step timeouts) kept its sparsectx row unjudged, a FAIL lost. Now they are written before the later passes."""
@@ -1101,9 +1101,8 @@ def test_the_judged_rows_are_written_before_the_later_passes():
             raise KeyboardInterrupt
         return real_timing(fn, device, **kw)
 
-    import unittest.mock
-
-    with unittest.mock.patch.object(benchmarks, "time_ms", cut_in_pass_two), pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(benchmarks, "time_ms", cut_in_pass_two)
+    with pytest.raises(KeyboardInterrupt):
         benchmarks.run_workload(workload, torch.device("cpu"), quick=True, on_row=on_row)
     last = written[-1]
     assert last[0]["ok"] is False and "every compared peer (1) disagrees" in last[0]["note"], last[0]

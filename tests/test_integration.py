@@ -2542,7 +2542,7 @@ def test_a_signal_given_per_request_serves_each_requests_images():
             sparsectx.disable(pipe)
     assert torch.equal(keeps[0], mask.repeat_interleave(2, dim=0)), keeps[0]
     assert torch.equal(keeps[0], keeps[1])
-    sparsectx.enable(pipe, budget=[4, 4], selector="edit", signals={"user_mask": mask[:, None].expand(2, 3, 48)[0]})
+    sparsectx.enable(pipe, budget=[4, 4], selector="edit", signals={"user_mask": mask[[0, 1, 1]]})
     try:  # 3 rows divide no batch of 4: refused, naming the shapes it takes
         with pytest.raises(ValueError, match=r"'user_mask' has shape \(3, 48\).*a number of requests dividing it"):
             pipe(**call)
