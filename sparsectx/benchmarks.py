@@ -3229,10 +3229,11 @@ def run_case(name: str, device: torch.device, size: str, *, quick: bool = False,
                 done = list(rows)
 
                 def report(current: list, done: list = done) -> None:
-                    # the rows so far, annotated on a copy as the whole workload's will be: a run cut by a timeout
-                    # mid-workload (the pipeline case's second pass) keeps what its timed rows say
+                    # the rows so far, on copies marked unfinished (the workload is still running: a file left by a
+                    # run cut here says so, _cut_short) and annotated as the whole workload's will be: a run cut by
+                    # a timeout mid-workload (the pipeline case's second pass) keeps what its timed rows say
+                    current = [dict(row, unfinished=True) for row in current]
                     if hasattr(case, "annotate"):
-                        current = [dict(row) for row in current]
                         case.annotate(current, earlier_rows)
                     on_rows(done + current)
 
@@ -3277,17 +3278,24 @@ def _check_and_note(row: dict, block: list, fail: str = "FAIL") -> str:
     checked, ``_unchecked``) joined with its note."""
     check = "" if row["ok"] is None else ("ok" if row["ok"] else fail)
     if row is block[0] and _unchecked(block):
-        check = "unchecked (no peer compared)"
+        check = ("unchecked (cut before its checks)" if _cut_short(block) == "before its checks"
+                 else "unchecked (no peer compared)")
     if row["err"] is not None and row["ok"] and row["err"] > 0:
         check += f" {row['err']:.0e}"
     return "; ".join(x for x in (check.strip(), row["note"]) if x)
+
+
+def _cut_text(block: list) -> str:
+    """A block header's mark for a block the run was cut inside (``_cut_short``), else ""."""
+    cut = _cut_short(block)
+    return f" (CUT SHORT {cut}: the run stopped inside this shape)" if cut else ""
 
 
 def format_table(rows: list) -> str:
     """Readable table: one block per (case, shape); time, throughput, ratio vs sparsectx, check."""
     lines = []
     for case, shape, block, unit, mem in _table_blocks(rows):
-        lines.append(f"{case} | {shape}")
+        lines.append(f"{case} | {shape}{_cut_text(block)}")
         head = f"  {'implementation':<42} {'time ms':>10} {unit:>8} {'ratio':>7}"
         lines.append(head + (f" {'peak GiB':>8}" if mem else "") + "  check / note")
         for r in block:
@@ -3302,12 +3310,16 @@ def format_table(rows: list) -> str:
 
 def format_markdown(meta: dict, rows: list) -> str:
     """A run as ``bench/RESULTS.md`` records it: a header (date, card, driver, CUDA, torch, Triton, diffusers,
-    sparsectx version and commit, the ceilings measured in the run), one markdown table per (case, shape), and the
-    autotuner's picks."""
+    sparsectx version and commit, size and quick, the ceilings measured in the run), one markdown table per (case,
+    shape), and the autotuner's picks."""
     ceilings = meta.get("ceilings") or {}
     lines = [f"### {str(meta.get('date', '?'))[:10]}, {meta.get('device')}, driver {meta.get('driver')}, "
              f"CUDA {meta.get('cuda')}, torch {meta.get('torch')}, Triton {meta.get('triton')}, diffusers "
-             f"{meta.get('diffusers')}, sparsectx {meta.get('sparsectx')} (commit {meta.get('commit')})", ""]
+             f"{meta.get('diffusers')}, sparsectx {meta.get('sparsectx')} (commit {meta.get('commit')}), size "
+             f"{meta.get('size')}{' quick (fewer shapes and repetitions)' if meta.get('quick') else ''}", ""]
+    if meta.get("size") not in (None, "full"):  # (say so where the tables are read, not only in the summary)
+        lines += [f"The {meta.get('size')} shapes: not the real models' shapes, and no issue's target applies to "
+                  "them.", ""]
 
     def ceilings_text(c: dict) -> str:
         return (f"copy {c.get('copy_GBps', 0) / 1e3:.2f} TB/s (read + write), {c.get('matmul')} "
@@ -3327,7 +3339,7 @@ def format_markdown(meta: dict, rows: list) -> str:
         if ceilings:
             lines += [f"Ceilings (this run): {ceilings_text(ceilings)}. {RATIO_MEANING}.", ""]
     for case, shape, block, unit, mem in _table_blocks(rows):
-        lines += [f"**{case}**, {shape}", "",
+        lines += [f"**{case}**, {shape}{_cut_text(block)}", "",
                   f"| implementation | time ms | {unit} | ratio |{' peak GiB |' if mem else ''} check / note |",
                   f"|---|---|---|---|{'---|' if mem else ''}---|"]
         for r in block:
@@ -3519,13 +3531,27 @@ def _failed(block: list, *rows: dict) -> list:
     return list(dict.fromkeys(r["impl"] for r in (block[0], *rows) if r["ok"] is False))
 
 
+def _cut_short(block: list) -> Optional[str]:
+    """How a block written while its workload ran (rows ``unfinished``: the run was cut there, by a step's timeout
+    say) stands: ``"before its checks"`` when its rows were not judged yet (sparsectx's row has no ``checked_by``,
+    which the judging writes), ``"after its checks"`` when only later timing passes (or the bytes-moved floor) were
+    lost; None for a finished block."""
+    if not any(r.get("unfinished") for r in block):
+        return None
+    first = block[0]
+    return "after its checks" if first.get("checked_by") is not None else "before its checks"
+
+
 def _unchecked(block: list) -> Optional[str]:
     """The name of the block's sparsectx row when nothing in the run checked its output: no check of its own
     (``ok`` None: no verify, no reference) and no row compared with it that agreed, e.g. every peer unavailable on
-    this device. The rows that count are its ``checked_by`` (``run_workload``: its independent peers where the
+    this device, or the run cut before the block's checks were judged (``_cut_short``). The rows that count are
+    its ``checked_by`` (``run_workload``: its independent peers where the
     workload has any, so sparsectx's other rows, which run the same kernels, do not; runs before the field: any row
     compared with it, ``err`` set). A speed of an unchecked output judges nothing; else None."""
     first = block[0]
+    if _cut_short(block) == "before its checks" and first["ok"] is not False:  # (its peers' checks not judged yet)
+        return first["impl"]
     if first["ok"] is not None or first["time_ms"] is None:
         return None
     if first.get("checked_by") is not None:
@@ -3543,6 +3569,8 @@ def _failed_note(block: list, *rows: dict) -> Optional[str]:
 def _unchecked_note(block: list) -> Optional[str]:
     """"not judged (...)" when nothing checked the block's sparsectx row (``_unchecked``), else None."""
     unchecked = _unchecked(block)
+    if unchecked and _cut_short(block) == "before its checks":
+        return "not judged (the run was cut before this shape's checks were judged)"
     return f"not judged ({unchecked}: no peer compared with its output in this run)" if unchecked else None
 
 
@@ -3643,6 +3671,8 @@ def pipeline_selection_verdicts(rows: list) -> list:
         judged = [r for r in selects if r["ok"] is not False and r.get("step_pct") is not None]
         if base is None or base["ok"] is False:
             lines.append(f"{head} not judged ({GIVEN_SCORES_ROW}: " + ("check FAILED)" if base else "no row)"))
+        elif _cut_short(block) == "before its checks":
+            lines.append(f"{head} not judged (the run was cut before this shape's checks were judged)")
         elif not judged:
             lines.append(f"{head} not judged (no select row with a share)")
         else:
@@ -3743,12 +3773,13 @@ def merge_parts(parts: Sequence[tuple]) -> dict:
     """``(name, run)`` pairs of one run's parts as one run (``merge_runs``). A run that is itself a merge (its
     ``meta.parts``: ``bench --merge-into``'s file) brings its parts as they are."""
     merged: dict = {"meta": None, "rows": []}
-    first, seen, planned = None, {}, []
+    first, seen, planned, planned_shapes = None, {}, [], {}
     for name, data in parts:
         meta = data["meta"]
         if first is None:
             first = name
-            merged["meta"] = {k: v for k, v in meta.items() if k not in ("parts", "autotune_runs", "planned_cases")}
+            merged["meta"] = {k: v for k, v in meta.items()
+                              if k not in ("parts", "autotune_runs", "planned_cases", "planned_shapes")}
             merged["meta"].update(parts=[], autotune_runs=[])
         else:  # parts of one run only: a ratio must never pair times of two runs
             for key in MERGE_MUST_MATCH:
@@ -3780,9 +3811,13 @@ def merge_parts(parts: Sequence[tuple]) -> dict:
                                             "ceilings": meta.get("ceilings")})
             merged["meta"]["autotune_runs"].append(meta.get("autotune") or {})
             planned += [c for c in meta.get("cases") or [] if c not in planned]
+        for case, shapes in (meta.get("planned_shapes") or {}).items():
+            known = planned_shapes.setdefault(case, [])
+            known += [shape for shape in shapes if shape not in known]
         merged["rows"] += data["rows"]
     merged["meta"]["cases"] = sorted({r["case"] for r in merged["rows"]})
     merged["meta"]["planned_cases"] = planned
+    merged["meta"]["planned_shapes"] = planned_shapes
     merged["meta"]["quick"] = any(part["quick"] for part in merged["meta"]["parts"])
     return merged
 
@@ -3815,12 +3850,13 @@ def load_run(path: str) -> dict:
                  and (isinstance(row[k], bool) or not isinstance(row[k], (int, float)))]
         wrong += [k for k, kind in (("ok", bool), ("note", str)) if row[k] is not None and not isinstance(row[k], kind)]
         wrong += [k for k in ("case", "shape", "impl") if not isinstance(row[k], str)]
+        wrong += ["unfinished"] if not isinstance(row.get("unfinished", False), bool) else []
         if wrong:
             raise ValueError(f"{path}: row {i} has {wrong} of the wrong type (numbers or null; ok: true, false or "
-                             "null; note: a string or null; case, shape, impl: strings)")
+                             "null; note: a string or null; case, shape, impl: strings; unfinished: true or false)")
         if row["note"] is None:  # (the tables and the summary read it as text)
             row["note"] = ""
-    for key, kind in (("ceilings", dict), ("parts", list)):
+    for key, kind in (("ceilings", dict), ("parts", list), ("planned_shapes", dict)):
         if data["meta"].get(key) is not None and not isinstance(data["meta"][key], kind):
             raise ValueError(f"{path}: meta.{key} must be a {'dict' if kind is dict else 'list'}, got "
                              f"{type(data['meta'][key]).__name__}")
@@ -3829,6 +3865,9 @@ def load_run(path: str) -> dict:
              and (isinstance(ceilings[k], bool) or not isinstance(ceilings[k], (int, float)))]
     if wrong:
         raise ValueError(f"{path}: meta.ceilings {wrong} must be numbers or null")
+    planned = data["meta"].get("planned_shapes") or {}
+    if not all(isinstance(shapes, list) and all(isinstance(x, str) for x in shapes) for shapes in planned.values()):
+        raise ValueError(f"{path}: meta.planned_shapes must map each case to a list of shape strings")
     return data
 
 
@@ -3850,12 +3889,20 @@ def format_summary(meta: dict, rows: list, max_picks: int = 16) -> str:
     not_run = [c for c in meta.get("planned_cases") or meta.get("cases") or [] if c not in present]
     if not_run:
         lines.append(f"NOT RUN (planned, no row; a step cut short?): {', '.join(not_run)}")
+    for case, labels in (meta.get("planned_shapes") or {}).items():
+        # a case runs its shapes in the planned order, one block each: a run cut short misses the last ones (named
+        # by their configs' labels, which the blocks' shapes spell out in full)
+        ran = len({r["shape"] for r in rows if r["case"] == case})
+        if case in present and ran < len(labels):  # (a case with no row at all is in the line above)
+            lines.append(f"NOT RUN: the last {len(labels) - ran} of {case}'s {len(labels)} planned shapes (no row; "
+                         f"a step cut short?): {'; '.join(labels[ran:])}")
     for case, shape, block, _unit, _mem in _table_blocks(rows):
         base = block[0]
         # names and shapes in full: rows that differ only past a cut would read the same
         head = f"{case:<10} {shape:<60} {base['impl']} "
         head += f"{base['time_ms']:.3f}ms{_rate(base)}" if base["time_ms"] else f"-- {base['note'][:60]}"
         head += " FAIL" if base["ok"] is False else ""  # (its own check, or every peer disagreeing with it)
+        head += f" CUT SHORT {_cut_short(block)}" if _cut_short(block) else ""
         peers = []
         for r in block[1:]:
             flag = " FAIL" if r["ok"] is False else ""
@@ -4051,9 +4098,11 @@ def write_plot(path: str, rows: list) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    # peers only: sparsectx's own rows (parts, breakdowns, other sparsectx variants) are not "peer time", and
-    # neither are the reference points that are no implementation (the bytes-moved floor, the no-reference limit)
-    peers = [r for r in rows if r["ratio"] is not None and r["impl"] not in NOT_PEERS
+    # peers only: sparsectx's own rows (parts, breakdowns, other sparsectx variants) are not "peer time", nor is
+    # the drop-in with SDPA forced onto cuDNN (sparsectx's code under another backend: not ``ours``, so that torch
+    # refusing cuDNN makes it unavailable, yet no peer), nor the reference points that are no implementation (the
+    # bytes-moved floor, the no-reference limit)
+    peers = [r for r in rows if r["ratio"] is not None and r["impl"] not in NOT_PEERS + (CUDNN_NATIVE_ROW,)
              and not r.get("ours", r["impl"].startswith(("sparsectx", "(", "select,")))]
     if not peers:
         return "plot skipped: no peer was timed"
@@ -4166,6 +4215,9 @@ def _main(args: argparse.Namespace, device: torch.device) -> int:
               "to", file=sys.stderr)
     names = [n for n in CASE_ORDER if n in args.case] if args.case else list(CASE_ORDER)
     meta = run_metadata(device, size, args.quick, names)
+    # each case's shapes (their configs' labels, in the order they run), for the summary to name those a run cut
+    # short never reached
+    meta["planned_shapes"] = {n: [CASES[n].label(c) for c in CASES[n].configs(size, args.quick)] for n in names}
     shared = {"ceilings": measure_ceilings(device)}
     meta["ceilings"] = shared["ceilings"]
 

@@ -301,6 +301,13 @@ def test_report_refuses_parts_of_different_runs_and_names_bad_files(tmp_path):
     (tmp_path / "parts.json").write_text(json.dumps({"meta": dict(meta, parts="x"), "rows": block}))
     with pytest.raises(SystemExit, match=r"parts.json: meta.parts must be a list, got str"):
         cli.main(["report", str(tmp_path / "parts.json")])
+    (tmp_path / "cut.json").write_text(json.dumps({"meta": meta, "rows": [dict(block[0], unfinished="yes")]}))
+    with pytest.raises(SystemExit, match=r"cut.json: row 0 has \['unfinished'\] of the wrong type"):
+        cli.main(["report", str(tmp_path / "cut.json")])
+    (tmp_path / "plan.json").write_text(json.dumps({"meta": dict(meta, planned_shapes={"attention": "L=1"}),
+                                                    "rows": block}))
+    with pytest.raises(SystemExit, match=r"plan.json: meta.planned_shapes must map each case to a list of shape"):
+        cli.main(["report", "--summary", str(tmp_path / "plan.json")])
     (tmp_path / "norows.json").write_text(json.dumps({"meta": {}, "rows": []}))
     with pytest.raises(SystemExit, match="norows.json holds no result rows"):  # printed '### ?, None' before
         cli.main(["report", str(tmp_path / "norows.json")])
@@ -329,6 +336,45 @@ def test_summary_names_planned_cases_that_did_not_run(tmp_path, capsys):
                           _block("attention", "L=1", {"sparsectx (compacted)": 1.0, "sdpa cudnn": 0.8}))
     assert cli.main(["report", "--summary", str(tmp_path / "cut.json")]) == 0
     assert "NOT RUN (planned, no row; a step cut short?): kv, e2e_batch" in capsys.readouterr().out
+
+
+def test_markdown_header_says_the_size_and_a_quick_run():
+    """The markdown a run is recorded with said neither its size nor --quick: a CPU run's tiny tables read like the
+    real shapes' (only the summary said so)."""
+    rows = _block("attention", "L=1", {"sparsectx (compacted)": 1.0, "sdpa cudnn": 0.8})
+    tiny = benchmarks.format_markdown({"size": "tiny", "quick": True}, rows).splitlines()
+    assert tiny[0].endswith("size tiny quick (fewer shapes and repetitions)"), tiny[0]
+    assert "The tiny shapes: not the real models' shapes, and no issue's target applies to them." in tiny
+    full = benchmarks.format_markdown({"size": "full", "quick": False}, rows).splitlines()
+    assert full[0].endswith("size full") and not any("tiny shapes" in line for line in full)
+
+
+def test_summary_names_planned_shapes_a_cut_case_did_not_reach_and_merges_keep_them(tmp_path, capsys):
+    """A case cut short after some of its shapes: the summary named only cases with no row at all, so its missing
+    shapes went unsaid. The run records each case's planned shapes (its configs' labels, in the order they run);
+    the summary names the last ones the case's blocks fall short of, also after a merge of parts."""
+    first = {"device": "cpu", "size": "tiny", "commit": "c", "cases": ["attention"],
+             "planned_shapes": {"attention": ["L=1", "L=2", "L=3"]}}
+    second = {"device": "cpu", "size": "tiny", "commit": "c", "cases": ["kv"], "planned_shapes": {"kv": ["3 ref"]}}
+    benchmarks.write_json(str(tmp_path / "a.json"), first,
+                          _block("attention", "L=1", {"sparsectx (compacted)": 1.0, "sdpa cudnn": 0.8}))
+    benchmarks.write_json(str(tmp_path / "b.json"), second, _block("kv", "3 ref", {"sparsectx.enable + KV cache": 1.0}))
+    assert cli.main(["report", "--summary", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "NOT RUN: the last 2 of attention's 3 planned shapes (no row; a step cut short?): L=2; L=3" in out, out
+    assert "NOT RUN kv" not in out and "NOT RUN (planned" not in out, out
+    merged = benchmarks.merge_runs([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    assert merged["meta"]["planned_shapes"] == {"attention": ["L=1", "L=2", "L=3"], "kv": ["3 ref"]}
+
+
+def test_a_bench_run_records_each_cases_planned_shapes(tmp_path):
+    path = str(tmp_path / "run.json")
+    assert cli.main(["bench", "--case", "rope_tables", "--quick", "--json", path]) == 0
+    run = benchmarks.load_run(path)
+    labels = [benchmarks.CASES["rope_tables"].label(c) for c in benchmarks.CASES["rope_tables"].configs("tiny", True)]
+    assert run["meta"]["planned_shapes"] == {"rope_tables": labels} and labels
+    assert len({r["shape"] for r in run["rows"]}) == len(labels)  # (one block per planned config)
+    assert not any("unfinished" in r for r in run["rows"])  # (a finished run's rows)
 
 
 def test_steps_from_refuses_another_device_or_size(tmp_path):
@@ -564,6 +610,10 @@ def test_plot_leaves_out_reference_points_and_marks_failed_peers(tmp_path):
     rows = _block("compaction", "B=1", {"sparsectx compact_tokens (scores+budget)": 0.03, "x[mask] (host sync)": 0.07,
                                         "topk+sort+gather": 0.13, "bytes-moved floor": 0.004})
     rows[2]["ok"] = False
+    # the drop-in with SDPA forced onto cuDNN runs sparsectx's code: not ours (so its rows say unavailable where
+    # torch refuses cuDNN), yet no peer either
+    rows += _block("e2e", "3 ref x 5%", {"sparsectx.enable (native attn)": 10.0, benchmarks.CUDNN_NATIVE_ROW: 9.0})
+    rows[-1]["ours"] = False
     drawn = {}
     import matplotlib.axes
 
@@ -1107,6 +1157,68 @@ def test_the_judged_rows_are_written_before_the_later_passes(monkeypatch):
     last = written[-1]
     assert last[0]["ok"] is False and "every compared peer (1) disagrees" in last[0]["note"], last[0]
     assert "not judged" in benchmarks.target_verdicts(last)[0]
+
+
+def _cut_run_rows(monkeypatch, cut_at_call):
+    """The rows a run leaves written when the ``cut_at_call``-th timing raises (a step's timeout): the compaction
+    workload of three rows, run through ``run_case`` (which marks the rows of a workload still running)."""
+    x = torch.arange(8.0)
+    impls = [benchmarks.Impl("sparsectx compact_tokens (scores+budget)", lambda: x),
+             benchmarks.Impl("topk+sort+gather", lambda: x + 0), benchmarks.Impl("x[mask] (host sync)", lambda: x + 0)]
+
+    class OneShape:
+        def configs(self, size, quick=False):
+            return [None]
+
+        def label(self, config):
+            return "B=1, N=8"
+
+        def build(self, config, size, device):
+            return _workload(impls, passes=2)
+
+    calls = []
+
+    def cut(fn, device, **kw):
+        calls.append(fn)
+        if len(calls) == cut_at_call:
+            raise KeyboardInterrupt
+        return {impls[0].fn: 1.0, impls[1].fn: 6.0, impls[2].fn: 2.0}[fn]
+
+    monkeypatch.setitem(benchmarks.CASES, "compaction", OneShape())
+    monkeypatch.setattr(benchmarks, "time_ms", cut)
+    written = []
+    with pytest.raises(KeyboardInterrupt):
+        benchmarks.run_case("compaction", torch.device("cpu"), "tiny", on_rows=written.append)
+    return written[-1]
+
+
+def test_a_run_cut_before_a_shapes_checks_judges_nothing_there_and_says_it_was_cut(monkeypatch):
+    """A file written while a workload ran (the GPU check cuts steps by timeouts) was judged as it stood: cut
+    after one peer agreed but before the checks were judged, its targets read meets / MISSES and nothing said the
+    block was cut. Its rows are now marked unfinished: the tables and the summary say CUT SHORT, and the targets
+    are not judged."""
+    rows = _cut_run_rows(monkeypatch, cut_at_call=3)  # the third row's first timing
+    assert [r["impl"] for r in rows] == ["sparsectx compact_tokens (scores+budget)", "topk+sort+gather"]
+    assert all(r["unfinished"] for r in rows) and rows[1]["ok"] is True  # (the peer agreed)
+    verdicts = benchmarks.target_verdicts(rows)
+    ratio = next(line for line in verdicts if ">= 5x faster than topk+sort+gather" in line)
+    assert ratio.endswith("not judged (the run was cut before this shape's checks were judged)"), ratio
+    time = next(line for line in verdicts if "<= 25 us (CUDA events per call)" in line)
+    assert time.endswith("not judged (the run was cut before this shape's checks were judged)"), time
+    assert "B=1, N=8 (CUT SHORT before its checks: the run stopped inside this shape)" in \
+        benchmarks.format_table(rows)
+    markdown = benchmarks.format_markdown({}, rows)
+    assert "**compaction**, B=1, N=8 (CUT SHORT before its checks" in markdown
+    assert "unchecked (cut before its checks)" in markdown
+    assert "CUT SHORT before its checks" in benchmarks.format_summary({}, rows)
+
+
+def test_a_run_cut_in_a_later_pass_judges_the_checked_shape_and_says_it_was_cut(monkeypatch):
+    rows = _cut_run_rows(monkeypatch, cut_at_call=4)  # the second pass's first timing
+    assert len(rows) == 3 and all(r["unfinished"] for r in rows) and rows[0]["checked_by"] == 2
+    ratio = next(line for line in benchmarks.target_verdicts(rows) if ">= 5x faster than topk+sort+gather" in line)
+    assert "x6.000 (>= 5.000: meets)" in ratio, ratio
+    assert "(CUT SHORT after its checks: the run stopped inside this shape)" in benchmarks.format_table(rows)
 
 
 def test_a_case_needing_a_missing_package_is_unavailable_not_failed(monkeypatch):
