@@ -135,6 +135,15 @@ class WrittenImages:
             return Written(slot, None, None)
         return Written(slot, images, rows)
 
+    def written(self, kv_caches, slot: int) -> Optional[tuple]:
+        """``(images, rows)`` the counted write forwards stored in ``kv_caches``' sample ``slot``, or None when not
+        known (nothing counted, or the slot's cache tensor is not the one the last counted write left)."""
+        first = kv_caches.caches[0]
+        images, rows, stored = self._written.get(kv_caches, {}).get(slot, (None, None, None))
+        if stored is None or len(first.k_caches) <= slot or stored() is not first.k_caches[slot]:
+            return None
+        return images, rows
+
     def record(self, kv_caches, written: Written, n_rows: int) -> None:
         """After a write forward of an image of ``n_rows`` rows: the slot's images and rows so far, and the cache
         tensor it left."""

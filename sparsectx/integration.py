@@ -1844,6 +1844,10 @@ class _SparsePatch(ForwardPatch):
         self.glm_reports = weakref.WeakKeyDictionary()
         # per KV cache: the per-request settings its write forwards took, name -> entries (checked at its reads)
         self.glm_requests = weakref.WeakKeyDictionary()
+        # per KV cache: the per-image settings its write forwards took, slot -> {name: (entries, of what)}: a
+        # per-image budget's entries (images) and a request-wide user_mask's columns (rows), checked at its reads
+        # against what the slot holds (a write forward can not know how many images follow it)
+        self.glm_per_image = weakref.WeakKeyDictionary()
 
     @property
     def cache(self) -> Optional[_Plan]:
@@ -2024,21 +2028,36 @@ class _SparsePatch(ForwardPatch):
                     raise ValueError(f"{name} has {count} per-request entries, but the KV cache holds the references "
                                      f"of {slots} requests: GLM-Image's requests are its prompts (the samples of a "
                                      "prompt, num_images_per_prompt, share its cache slot and its tokens)")
+            for slot, given in sorted(self.glm_per_image.get(kv_caches, {}).items()):
+                held = self.glm_written.written(kv_caches, slot)
+                for name, (count, unit) in sorted(given.items()):
+                    if held is not None and count != held[0 if unit == "images" else 1]:
+                        what = "per-image entries" if unit == "images" else "columns"
+                        raise ValueError(f"{name} has {count} {what} for request {slot + 1}, but its KV-cache write "
+                                         f"forwards stored {held[0]} reference images ({held[1]} rows): give "
+                                         f"{'one entry per image' if unit == 'images' else 'one column per row'}")
         if self.glm_write is None:
             return overrides
         shape = grid(call["hidden_states"], self.transformer.config.patch_size)
         overrides = {**overrides, "budget": _glm_image_budget(budget, self.glm_write.slot, self.glm_write.image)}
         requests = self.glm_requests.setdefault(kv_caches, {})
+        per_image = self.glm_per_image.setdefault(kv_caches, {})
         if self.glm_write[:2] == (0, 0):  # the cache's first write (a cleared cache written anew)
             requests.clear()
+            per_image.clear()
         if _is_per_request(budget):
             requests["budget"] = len(budget)
+        spec = budget[self.glm_write.slot if len(budget) > 1 else 0] if _is_per_request(budget) else budget
+        if isinstance(spec, list) and len(spec) > 1:  # (one entry applies to every image)
+            per_image.setdefault(self.glm_write.slot, {})["budget"] = (len(spec), "images")
         signals = overrides.get("signals", self.settings.signals)
         mask = signals.get("user_mask")
         selector = overrides.get("selector", self.settings.selector)
         if isinstance(mask, torch.Tensor) and not unread_signals(selector, ["user_mask"])[0]:  # (a selector reading it)
             if mask.ndim >= 2:
                 requests["signals['user_mask']"] = mask.shape[0]
+                if mask.shape[1] != shape[0] * shape[1]:  # (over the request's every reference row)
+                    per_image.setdefault(self.glm_write.slot, {})["signals['user_mask']"] = (mask.shape[1], "rows")
             overrides["signals"] = {**signals, "user_mask": image_signal("user_mask", mask, self.glm_write,
                                                                          shape[0] * shape[1])}
         return overrides

@@ -214,7 +214,13 @@ def test_per_image_budget_and_counts(model):
     with torch.no_grad():
         _, cache = _run(model, _inputs())
     assert cache.caches[0].k_caches[0].shape[1] == 8 + 3
-    sparsectx.enable(model, budget=[0.5, 3, 0.1], selector="uniform")  # (a third entry, never reached: unused)
+    # a third entry for a request of two images: refused at the first read step, once the cache's images are known
+    # (a write forward can not know how many follow it), as the other families refuse it (applied silently before)
+    sparsectx.enable(model, budget=[0.5, 3, 0.1], selector="uniform")
+    with torch.no_grad(), pytest.raises(ValueError, match=r"budget has 3 per-image entries for request 1, but its "
+                                                          r"KV-cache write forwards stored 2 reference images"):
+        _run(model, _inputs())
+    sparsectx.enable(model, budget=[[0.5, 3]], selector="uniform")  # (one request's list: its images' entries)
     with torch.no_grad():
         _, cache = _run(model, _inputs())
     assert cache.caches[0].k_caches[0].shape[1] == 8 + 3
@@ -599,6 +605,13 @@ def test_user_mask_over_the_requests_reference_rows(pipe):
     assert [k[0].nonzero().flatten().tolist() for k in keeps] == [e.nonzero().flatten().tolist() for e in expected]
     sparsectx.enable(pipe, budget=4, selector="edit", signals={"user_mask": mask[:1, :64]})
     with pytest.raises(ValueError, match=r"signals\['user_mask'\] has 64 columns"):
+        _call(pipe, guidance_scale=1.0)
+    # columns beyond the request's reference rows: refused at the first read step (ignored before)
+    wider = torch.cat([mask[:1], torch.ones(1, 5, dtype=torch.bool)], dim=1)
+    sparsectx.enable(pipe, budget=4, selector="edit", signals={"user_mask": wider})
+    with pytest.raises(ValueError, match=rf"signals\['user_mask'\] has {sum(IMAGE_ROWS) + 5} columns for request 1, "
+                                         rf"but its KV-cache write forwards stored 2 reference images "
+                                         rf"\({sum(IMAGE_ROWS)} rows\)"):
         _call(pipe, guidance_scale=1.0)
 
 
