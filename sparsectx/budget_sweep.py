@@ -6,6 +6,7 @@ Built on the drop-in (``sparse_context`` per setting, the state of before restor
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import numbers
@@ -29,13 +30,16 @@ OUTPUT_TYPES = IMAGE_OUTPUT_TYPES + ("latent",)
 # what a modular pipeline's call returns (its ``output`` argument): the decoded images or the latents
 MODULAR_OUTPUTS = ("images", "latents")
 BASELINE_LABEL = "sparsectx off"
+_ADD_NOTE = hasattr(BaseException, "add_note")  # (Python >= 3.11)
 
 
 class SweepRow(NamedTuple):
-    """One row: ``settings`` (None: Sparse Context off, the baseline), ``kept`` the share of the reference tokens
-    the call kept (over the batch; 1.0 for the baseline), ``seconds`` the median time of a timed call, and the
-    output against the baseline's: ``psnr`` in dB over the whole batch (images only, ``inf`` when equal; None for
-    latents), ``rel_rmse`` (root of the mean squared difference over that of the baseline) and ``max_abs_diff``."""
+    """One row: ``settings`` (``enable``'s arguments, without the label; None: Sparse Context off, the baseline),
+    ``kept`` the share of the reference tokens the last call kept (over the batch and every selection the call made:
+    GLM-Image selects each reference image in a forward of its own; 1.0 for the baseline), ``seconds`` the median
+    time of a timed call, and the output against the baseline's: ``psnr`` in dB over the whole batch (images only,
+    ``inf`` when equal; None for latents), ``rel_rmse`` (root of the mean squared difference over that of the
+    baseline) and ``max_abs_diff``."""
 
     label: str
     settings: Optional[dict]
@@ -64,7 +68,8 @@ class Sweep:
                  "|---|---|---|---|---|---|---|"]
         for row in self.rows:
             psnr = "—" if row.psnr is None else ("inf" if math.isinf(row.psnr) else f"{row.psnr:.2f} dB")
-            lines.append(f"| {row.label} | {100 * row.kept:.1f}% | {_duration(row.seconds)} | "
+            label = row.label.replace("|", "\\|")  # (a cell of its own)
+            lines.append(f"| {label} | {100 * row.kept:.1f}% | {_duration(row.seconds)} | "
                          f"{baseline / row.seconds:.2f}x | {psnr} | {row.rel_rmse:.3g} | {row.max_abs_diff:.3g} |")
         return "\n".join(lines)
 
@@ -129,10 +134,10 @@ def _label(setting: dict) -> str:
 
 
 def _labels(rows: list) -> list:
-    """The rows' labels, the baseline's first; a label two settings share gets its setting's index appended
-    (``settings[i]``), so that no two rows of the table or points of the plot read alike."""
+    """The rows' labels, the baseline's first; a label two settings share (or one with the baseline's) gets its
+    setting's index appended (``settings[i]``), so that no two rows of the table or points of the plot read alike."""
     labels = [_label(setting) for setting in rows]
-    return [BASELINE_LABEL] + [label if labels.count(label) == 1 else f"{label} (settings[{i}])"
+    return [BASELINE_LABEL] + [label if (labels + [BASELINE_LABEL]).count(label) == 1 else f"{label} (settings[{i}])"
                                for i, label in enumerate(labels)]
 
 
@@ -155,8 +160,9 @@ def _check_count(name: str, value, least: int) -> None:
         raise ValueError(f"{name} must be at least {least}, got {value}")
 
 
-def _check_settings(settings) -> list:
-    """The settings as a list of dicts, each checked as ``enable`` checks its arguments (errors name the row)."""
+def _check_settings(pipe, settings) -> list:
+    """The settings as a list of dicts, each checked as ``enable`` checks its arguments and its target (errors name
+    the row), before any call: ``enable`` itself runs only once the earlier rows' calls are done."""
     if isinstance(settings, (dict, str)) or not isinstance(settings, Sequence):
         raise TypeError(f"settings must be a list of dicts of enable()'s arguments, got {type(settings).__name__}")
     if len(settings) == 0:
@@ -172,7 +178,8 @@ def _check_settings(settings) -> list:
         args = {key: value for key, value in setting.items() if key != LABEL_KEY}
         try:
             integration.check_enable_arguments(**args)
-        except (TypeError, ValueError) as e:
+            integration.check_enable_target(pipe, args.get("attention", integration.NATIVE))
+        except (TypeError, ValueError, RuntimeError) as e:
             raise type(e)(f"settings[{i}]: {e}") from e
         rows.append(setting)
     return rows
@@ -251,12 +258,13 @@ def sweep(pipe, settings: Sequence[dict], *, seed: int = 0, repeats: int = 1, wa
     of ``pt``, ``np``, ``pil``: PSNR of images in [0, 1]; ``latent``: no PSNR); a modular pipeline needs
     ``output="images"`` (decoded with its ``output_type``, by default PIL) or ``"latents"``. The pipeline's Sparse
     Context state and progress-bar settings are restored after the sweep (its own bars are off during it;
-    ``progress`` shows the sweep's, by default on a terminal). Every argument is checked before the first call; an
-    error raised in a row's call carries a note naming the row."""
+    ``progress`` shows the sweep's, by default on a terminal). Every argument is checked before the first call, and
+    what ``enable`` would refuse of the pipeline; an error raised in a row's call carries a note naming the row
+    (Python 3.10: printed to stderr)."""
     if isinstance(pipe, torch.nn.Module) or not callable(pipe) or not hasattr(pipe, "set_progress_bar_config"):
         raise TypeError(f"pipe must be a diffusers pipeline (sweep calls it), got {type(pipe).__name__}")
-    integration._split_target(pipe)  # a pipeline of a supported family
-    rows = _check_settings(settings)
+    integration.check_enable_target(pipe)  # a pipeline of a supported family that enable can run
+    rows = _check_settings(pipe, settings)
     seed = _check_seed(seed)
     if not isinstance(keep_outputs, bool):
         raise TypeError(f"keep_outputs must be a bool, got {type(keep_outputs).__name__}")
@@ -293,18 +301,22 @@ def sweep(pipe, settings: Sequence[dict], *, seed: int = 0, repeats: int = 1, wa
             for i, (setting, label) in enumerate(zip([None] + rows, _labels(rows))):
                 bar.set_postfix_str(label)
                 try:
-                    output, seconds, selection = _run_row(pipe, setting, seed, warmup, repeats, call_kwargs, bar)
+                    output, seconds, selection, kept = _run_row(pipe, setting, seed, warmup, repeats, call_kwargs,
+                                                                bar)
                 except Exception as error:  # which row failed (errors found only once the call lays out its images)
-                    if hasattr(error, "add_note"):  # (Python >= 3.11)
-                        error.add_note(f"in sparsectx.sweep's row {label!r}"
-                                       + ("" if setting is None else f" (settings[{i - 1}])"))
+                    where = f"in sparsectx.sweep's row {label!r}" + ("" if setting is None else
+                                                                      f" (settings[{i - 1}])")
+                    if _ADD_NOTE:
+                        error.add_note(where)
+                    else:  # (Python 3.10: no notes on exceptions)
+                        print(f"sparsectx.sweep: the error below came {where}", file=sys.stderr)
                     raise
-                kept = 1.0 if selection is None else selection.keep.float().mean().item()
                 output = _as_float_tensor(output)
                 if baseline is None:
                     baseline = output
                 psnr, rel_rmse, max_abs_diff = _compare(output, baseline, images)
-                results.append(SweepRow(label, None if setting is None else dict(setting), kept,
+                setting_args = None if setting is None else {k: v for k, v in setting.items() if k != LABEL_KEY}
+                results.append(SweepRow(label, setting_args, kept,
                                         statistics.median(seconds), psnr, rel_rmse, max_abs_diff))
                 if keep_outputs:
                     outputs.append(output.float())
@@ -316,20 +328,48 @@ def sweep(pipe, settings: Sequence[dict], *, seed: int = 0, repeats: int = 1, wa
 
 
 def _run_row(pipe, setting: Optional[dict], seed: int, warmup: int, repeats: int, call_kwargs: dict, bar) -> tuple:
-    """(last output's images, timed seconds, last selection or None) of one row's calls."""
+    """(last output's images, timed seconds, last selection or None, share of the reference tokens the last call's
+    selections kept) of one row's calls."""
     with integration.restored_state(pipe):
         if setting is None:
             integration.disable(pipe)
         else:
             integration.enable(pipe, **{key: value for key, value in setting.items() if key != LABEL_KEY})
-        seconds = []
+        seconds, selections = [], {}
         for call in range(warmup + repeats):
-            _synchronize()
-            start = perf_counter()
-            out = pipe(**call_kwargs, generator=torch.Generator().manual_seed(seed))
-            _synchronize()
+            last = call == warmup + repeats - 1
+            # the last call's selections, one per transformer forward that selected anew (GLM-Image selects each
+            # reference image in a write forward of its own: the last one's alone would misstate the share kept)
+            hook = _selection_hook(pipe, selections) if last and setting is not None else contextlib.nullcontext()
+            with hook:
+                _synchronize()
+                start = perf_counter()
+                out = pipe(**call_kwargs, generator=torch.Generator().manual_seed(seed))
+                _synchronize()
             if call >= warmup:
                 seconds.append(perf_counter() - start)
             bar.update(1)
         selection = integration.last_selection(pipe) if setting is not None else None
-    return _output_of(out), seconds, selection
+    if setting is None:
+        return _output_of(out), seconds, selection, 1.0
+    kept = sum(s.keep.sum().item() for s in selections.values())
+    total = sum(s.keep.numel() for s in selections.values())
+    return _output_of(out), seconds, selection, kept / total if total else 1.0
+
+
+@contextlib.contextmanager
+def _selection_hook(pipe, found: dict):
+    """While the block runs, each selection the pipeline's transformer forwards make (``last_selection`` after each
+    forward), once each, into ``found`` (by its keep mask: a forward reusing a cached selection adds nothing)."""
+    _, transformer, _ = integration._split_target(pipe)
+
+    def record(module, args, output):
+        selection = integration.last_selection(pipe)
+        if selection is not None:
+            found.setdefault(id(selection.keep), selection)
+
+    handle = transformer.register_forward_hook(record)
+    try:
+        yield
+    finally:
+        handle.remove()

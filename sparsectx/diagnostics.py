@@ -21,7 +21,9 @@ Not seen: a tensor built from host data directly on the device (``torch.tensor(l
 happens below the dispatcher. On CUDA that copy also waits for the stream; ``set_sync_debug_mode`` reports it.
 Nor ``torch.tensor`` / ``torch.as_tensor`` of a list holding device tensors (each element is read below the
 dispatcher), nor reads inside an aten kernel (``multinomial``, ``linalg.cholesky``'s error check), nor reads on
-other threads than the block's (the counter is per thread).
+other threads than the block's (the counter is per thread). Printing a tensor (``str``, ``repr``, ``print``) is not
+counted reliably: torch's formatting runs with the dispatch modes off, so only its ``tolist()`` calls are seen (none
+for a 0-d tensor, one per row of a matrix).
 
 On CUDA, ``torch.cuda.set_sync_debug_mode`` reports the synchronisations themselves; this counter runs on the CPU
 too, so tests without a GPU can assert that a code path reads nothing back (the same code runs on the GPU). There
@@ -56,7 +58,7 @@ _aten = torch.ops.aten
 # operations that always read device data on the host
 _ALWAYS = {
     _aten._local_scalar_dense.default, _aten.is_nonzero.default, _aten.equal.default,
-    _aten.nonzero.default, _aten.nonzero.out, _aten.masked_select.default,
+    _aten.nonzero.default, _aten.nonzero.out, _aten.masked_select.default, _aten.masked_select.out,
     _aten._unique.default, _aten._unique2.default, _aten.unique_dim.default, _aten.unique_consecutive.default,
     _aten.unique_dim_consecutive.default,
     # a Python bool, and outputs sized (or binned) by the data's range: read inside the kernel on CUDA
@@ -182,7 +184,8 @@ class HostReads(TorchDispatchMode):
                 self.ops.append(f"{func} (bool index)")
         elif func is _aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
             self.ops.append(str(func))
-        elif func is _aten.histc.default and _histc_range(args, kwargs) == (0, 0):  # (the range read from the data)
+        elif func in (_aten.histc.default, _aten.histc.out) and _histc_range(args, kwargs) == (0, 0):
+            # (the range read from the data)
             self.ops.append(str(func))
         elif _crosses_host(func, args, kwargs, out):
             self.ops.append(f"{func} ({args[0].device if func is _aten._to_copy.default else args[1].device} -> "
@@ -256,6 +259,8 @@ def count_host_reads(device_data: Optional[Iterable] = None) -> Iterator[HostRea
     autograd or torch.compile) is seen only through ``.tolist()`` or ``.cpu()`` (patched on ``torch.Tensor``): the
     dispatch mode sees the op as one operation."""
     tensors = None
+    if isinstance(device_data, (torch.Tensor, torch.nn.Module)):  # one of them (a tensor is no list of its rows)
+        device_data = [device_data]
     if device_data is not None:
         if not isinstance(device_data, Iterable):
             raise TypeError(f"device_data must be a list of tensors or modules, got {type(device_data).__name__}")
@@ -280,6 +285,8 @@ def count_host_reads(device_data: Optional[Iterable] = None) -> Iterator[HostRea
 
 # the warning torch's CUDA sync debug mode ("warn") gives at each synchronisation (c10's warn_or_error_on_sync)
 _SYNC_REPORT = "called a synchronizing CUDA operation"
+# the notice set_sync_debug_mode gives once per process (torch/csrc/cuda/Module.cpp)
+_DEBUG_MODE_NOTICE = "Synchronization debug mode is a prototype feature"
 
 
 def count_cuda_syncs(fn: Callable[[], Any]) -> int:
@@ -291,8 +298,10 @@ def count_cuda_syncs(fn: Callable[[], Any]) -> int:
 def cuda_syncs(fn: Callable[[], Any]) -> list[str]:
     """The host synchronisations during one call of ``fn()`` that torch's CUDA sync debug mode ("warn") reports,
     each as its message after the Python stack that made it (innermost call last): where a path synchronises,
-    also when an exception handler would swallow the error of the "error" mode (CUDA only)."""
+    also when an exception handler would swallow the error of the "error" mode (CUDA only). ``fn``'s other warnings
+    reach the caller under the caller's filters."""
     found: list[str] = []
+    shown = warnings.showwarning  # the caller's: every other warning goes there, under the caller's filters
 
     def record(message, category, filename, lineno, file=None, line=None):
         # torch's own sync report only: the notice set_sync_debug_mode gives once per process ("Synchronization
@@ -300,10 +309,15 @@ def cuda_syncs(fn: Callable[[], Any]) -> list[str]:
         if _SYNC_REPORT in str(message):
             stack = [f for f in traceback.extract_stack()[:-1] if f.filename != warnings.__file__]
             found.append("".join(traceback.format_list(stack)) + f"{category.__name__}: {message}")
+        else:
+            shown(message, category, filename, lineno, file, line)
 
     previous = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings():
-        warnings.simplefilter("always")
+        # every sync report, even one a filter of the caller's ignores, turns to an error or shows once per line;
+        # the notice the debug mode itself gives (_DEBUG_MODE_NOTICE) is ours to silence, not fn's
+        warnings.filterwarnings("always", message=f".*{_SYNC_REPORT}")
+        warnings.filterwarnings("ignore", message=_DEBUG_MODE_NOTICE)
         warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
         try:

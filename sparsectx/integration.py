@@ -3588,28 +3588,11 @@ def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Call
     Enabling again replaces the settings (and switches ``attention`` if it changed). Context parallelism is
     rejected with a ``RuntimeError``. Returns ``pipe_or_transformer``."""
     pipe, transformer, family = _split_target(pipe_or_transformer)
-    check_diffusers_version()
-    if family == QWEN and getattr(getattr(transformer, "config", None), "use_layer3d_rope", False):
-        raise TypeError("sparsectx does not support Qwen-Image-Layered (a transformer with use_layer3d_rope): its "
-                        "image sequence holds several target layers, not target + references")
+    _check_enable_target(transformer, family)
     settings = _make_settings(budget, selector, seed, signals)
     _warn_ids_grid(family, settings.selector, settings.signals)
-    _check_attention(attention)
-    if family == GLM and attention == SPARSECTX:
-        raise ValueError("attention='sparsectx' is not available for GLM-Image yet (sparsectx has no processor for "
-                         "its KV-cache attention); use attention='native' (the compacted cache and steps run the "
-                         "model's own processors)")
-    if family == QWEN21 and attention == SPARSECTX:
-        raise ValueError("attention='sparsectx' is not available for Qwen-Image 2.1: its attention is block-causal "
-                         "over text and condition images, and sparsectx's kernel attends bidirectionally; use "
-                         "attention='native' (the compacted sequence runs the model's own processors)")
-    if getattr(transformer, "_parallel_config", None) is not None:
-        raise RuntimeError(f"sparsectx's drop-in does not support diffusers {_parallelism(transformer)} (the "
-                           "transformer has a _parallel_config); enable it on a model without parallelism")
-    if getattr(transformer, DROP_TRAINING_ATTR, None) is not None:
-        raise RuntimeError("drop training is enabled on this transformer; call sparsectx.disable_drop_training "
-                           "first (for a validation pass during fine-tuning: disable_drop_training, enable, run, "
-                           "disable, enable_drop_training again)")
+    _check_attention_for(family, attention)
+    _check_transformer_state(transformer)
     patch = getattr(transformer, PATCH_ATTR, None)
     if patch is None:
         patch = _SparsePatch(transformer, family, settings)
@@ -3627,6 +3610,49 @@ def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Call
             getattr(replaced, PATCH_ATTR).uninstall()
         _note_enabled_through(pipe, transformer)
     return pipe_or_transformer
+
+
+def _check_enable_target(transformer, family: str) -> None:
+    """``enable``'s refusals of a supported class it still can not run (and of a diffusers too old)."""
+    check_diffusers_version()
+    if family == QWEN and getattr(getattr(transformer, "config", None), "use_layer3d_rope", False):
+        raise TypeError("sparsectx does not support Qwen-Image-Layered (a transformer with use_layer3d_rope): its "
+                        "image sequence holds several target layers, not target + references")
+
+
+def _check_attention_for(family: str, attention) -> None:
+    """``attention`` checked (``_check_attention``), and refused where the family has no sparsectx processor."""
+    _check_attention(attention)
+    if family == GLM and attention == SPARSECTX:
+        raise ValueError("attention='sparsectx' is not available for GLM-Image yet (sparsectx has no processor for "
+                         "its KV-cache attention); use attention='native' (the compacted cache and steps run the "
+                         "model's own processors)")
+    if family == QWEN21 and attention == SPARSECTX:
+        raise ValueError("attention='sparsectx' is not available for Qwen-Image 2.1: its attention is block-causal "
+                         "over text and condition images, and sparsectx's kernel attends bidirectionally; use "
+                         "attention='native' (the compacted sequence runs the model's own processors)")
+
+
+def _check_transformer_state(transformer) -> None:
+    """``RuntimeError`` for a transformer whose state the drop-in can not run with (parallelism, drop training)."""
+    if getattr(transformer, "_parallel_config", None) is not None:
+        raise RuntimeError(f"sparsectx's drop-in does not support diffusers {_parallelism(transformer)} (the "
+                           "transformer has a _parallel_config); enable it on a model without parallelism")
+    if getattr(transformer, DROP_TRAINING_ATTR, None) is not None:
+        raise RuntimeError("drop training is enabled on this transformer; call sparsectx.disable_drop_training "
+                           "first (for a validation pass during fine-tuning: disable_drop_training, enable, run, "
+                           "disable, enable_drop_training again)")
+
+
+def check_enable_target(pipe_or_transformer, attention: str = NATIVE) -> None:
+    """The checks ``enable`` makes of its target and ``attention`` before it changes anything, without enabling
+    (``sparsectx.sweep`` makes them for every setting before its first call): ``TypeError`` for an unsupported
+    pipeline or transformer (Qwen-Image-Layered included), ``ValueError`` for an attention the family has no
+    processor for, ``RuntimeError`` for parallelism or drop training, ``ImportError`` for a diffusers too old."""
+    _, transformer, family = _split_target(pipe_or_transformer)
+    _check_enable_target(transformer, family)
+    _check_attention_for(family, attention)
+    _check_transformer_state(transformer)
 
 
 def disable(pipe_or_transformer):

@@ -23,6 +23,7 @@ def _x():
     ("bool index put of a device value", lambda x: x.clone().__setitem__(x > 0, x.amin())),
     ("bool index put of a new device scalar", lambda x: x.clone().__setitem__(x > 0, x.new_zeros(()))),
     ("masked_select", lambda x: torch.masked_select(x, x > 0)),
+    ("masked_select into out=", lambda x: torch.masked_select(x, x > 0, out=torch.empty(0))),  # (missed before)
     ("unique", lambda x: torch.unique(x)),
     ("unique_consecutive", lambda x: torch.unique_consecutive(x)),
     ("repeat_interleave", lambda x: torch.repeat_interleave(torch.tensor([1, 2]))),
@@ -32,6 +33,7 @@ def _x():
     ("allclose", lambda x: torch.allclose(x, x)),
     ("bincount", lambda x: torch.bincount((x > 0).long().flatten())),
     ("histc without a range", lambda x: torch.histc(x, bins=4)),
+    ("histc without a range, into out=", lambda x: torch.histc(x, bins=4, out=torch.empty(4))),  # (missed before)
 ])
 def test_host_reads_are_counted(name, fn):
     x = _x()
@@ -167,7 +169,15 @@ def test_cuda_syncs_say_where_each_sync_happened(monkeypatch):
     assert len(syncs) == 1 and "in planted_sync" in syncs[0] and "in fn" in syncs[0]
     assert syncs[0].rstrip().endswith("UserWarning: called a synchronizing CUDA operation")
     assert modes == ["warn", 0, "warn", 0]
-    assert [str(w.message) for w in outside] == ["after the block"]  # the caller's warning handling is back
+    # fn's other warnings reach the caller (dropped before), under its filters; its warning handling is back after
+    messages = [str(w.message) for w in outside]
+    assert messages[-1] == "after the block" and "called a synchronizing" not in " ".join(messages), messages
+    assert sum("torch.range is deprecated" in m for m in messages) == 2, messages  # (fn ran twice)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the caller's: fn's deprecation warning raises, its sync reports do not
+        with pytest.raises(UserWarning, match="torch.range is deprecated"):
+            cuda_syncs(fn)
+        assert len(cuda_syncs(planted_sync)) == 1
 
     def twice():  # two syncs from one line: two (Python's default filter would show the second one no more)
         for _ in range(2):
@@ -205,7 +215,10 @@ def test_cuda_syncs_do_not_count_the_debug_modes_own_notice(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: state["mode"])
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", set_mode)
-    assert cuda_syncs(lambda: None) == [] and state["warned"]  # the first call of the process: the notice came
+    with warnings.catch_warnings(record=True) as outside:
+        warnings.simplefilter("always")
+        assert cuda_syncs(lambda: None) == [] and state["warned"]  # the first call of the process: the notice came
+    assert outside == []  # (cuda_syncs' own doing: not passed on as fn's)
     assert count_cuda_syncs(lambda: warnings.warn("called a synchronizing CUDA operation")) == 1
 
 
@@ -284,6 +297,14 @@ def test_device_data_of_a_module_and_bad_items():
     with pytest.raises(TypeError, match="device_data must be a list of tensors or modules, got int"):
         with count_host_reads(device_data=3):  # (before: "'int' object is not iterable")
             pass
+    # one tensor or module given bare: taken as one item (a 0-d tensor failed in torch's iteration, a matrix was
+    # walked row by row)
+    for bare in (torch.tensor(2.0), torch.ones(3, 2), layer):
+        with count_host_reads(device_data=bare) as reads:
+            data = bare.weight.detach() if isinstance(bare, torch.nn.Module) else bare
+            float(data.sum())
+            float(torch.ones(3).sum())  # host work
+        assert reads.count == 1, (bare, reads.ops)
 
 
 def test_a_byte_mask_index_is_a_host_read():

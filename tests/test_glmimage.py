@@ -688,3 +688,34 @@ def test_the_read_check_reads_the_writes_settings(model):
         latents, text, prior = (torch.cat([x, x]) for x in (inputs["latents"], inputs["text"], inputs["prior"]))
         _step(model, kv, latents, text, prior)
     assert [k.shape[1] for k in kv.caches[0].k_caches] == [4 + 4, 8 + 8]
+
+
+def test_sweep_reports_the_share_kept_over_every_reference_image(pipe):
+    """GLM-Image selects each reference image in a write forward of its own: the sweep's ``kept`` was the last
+    image's share alone (7 / 60 for both settings below); it is now over every image of the call."""
+    requests = _requests(1)
+    embeds = torch.cat([r["embeds"] for r in requests])
+    kwargs = dict(prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds),
+                  image=[r["images"] for r in requests], height=HEIGHT, width=WIDTH, num_inference_steps=2,
+                  prior_token_ids=torch.cat([r["prior"] for r in requests]),
+                  prior_token_image_ids=[r["ref_prior"] for r in requests],
+                  source_image_grid_thw=[r["grid"] for r in requests], guidance_scale=1.0, output_type="latent")
+    settings = [{"budget": [0.25, 7], "selector": "uniform"}, {"budget": [0.75, 7], "selector": "uniform"}]
+    result = sparsectx.sweep(pipe, settings, warmup=0, progress=False, **kwargs)
+    _, quarter, three_quarters = result.rows
+    assert quarter.kept == pytest.approx((16 + 7) / sum(IMAGE_ROWS))
+    assert three_quarters.kept == pytest.approx((48 + 7) / sum(IMAGE_ROWS))
+
+
+def test_sweep_refuses_a_setting_enable_would_refuse_before_any_call(pipe):
+    """attention='sparsectx' has no GLM-Image processor: the sweep refused it only in that row's own call, after the
+    earlier rows' calls; now before the first call, naming the setting."""
+    forwards = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    try:
+        with pytest.raises(ValueError, match=r"settings\[1\]: attention='sparsectx' is not available for GLM-Image"):
+            sparsectx.sweep(pipe, [{"budget": 0.5}, {"budget": 0.5, "attention": "sparsectx"}], warmup=0,
+                            progress=False, output_type="latent")
+    finally:
+        handle.remove()
+    assert forwards == []

@@ -1318,6 +1318,49 @@ def test_sweep_labels_tell_every_setting_apart():
     assert "cap=0.5" in labels[1] and "cap=0.25" in labels[2] and "\n" not in "".join(labels)
     assert labels[3] == "selector=partial(mine)" and labels[4] == "selector=mine, signals={user_mask: tensor[1, 7]}"
     assert labels[5:] == ["budget=0.1 (settings[4])", "budget=0.1 (settings[5])"]
+    # a setting labelled as the baseline reads apart from it
+    assert budget_sweep._labels([{"label": "sparsectx off"}]) == ["sparsectx off", "sparsectx off (settings[0])"]
+
+
+@pytest.mark.parametrize("family", [KONTEXT])  # not family-specific: one family
+def test_sweep_rows_give_enables_arguments_and_the_table_escapes_labels(pipe, family):
+    """A row's ``settings`` are ``enable``'s arguments (its label is ``row.label``: ``enable(pipe, **row.settings)``
+    failed on the label key), and a label holding '|' stays one cell of the markdown table."""
+    result = sparsectx.sweep(pipe, [{"budget": 0.5, "selector": "uniform", "label": "50% | uniform"}], warmup=0,
+                             progress=False, **_sweep_kwargs(family, "latent"))
+    row = result.rows[1]
+    assert row.label == "50% | uniform" and row.settings == {"budget": 0.5, "selector": "uniform"}
+    with sparsectx.sparse_context(pipe, **row.settings):
+        assert sparsectx.integration.is_enabled(pipe)
+    line = result.table().splitlines()[3]
+    assert line.startswith("| 50% \\| uniform |") and line.replace("\\|", "").count("|") == 8, line
+
+
+@pytest.mark.parametrize("family", [KONTEXT])
+def test_sweep_refuses_what_enable_would_refuse_before_any_call(pipe, family):
+    """Refusals of the target that ``enable`` makes (here: drop training on the transformer) came only in the row's
+    own call, after every earlier row's calls; they are now made for every setting before the first call."""
+    forwards = _transformer_forwards(pipe)
+    sparsectx.enable_drop_training(pipe.transformer, ratio_range=(0.5, 0.5))
+    try:
+        with pytest.raises(RuntimeError, match=r"drop training is enabled on this transformer"):
+            sparsectx.sweep(pipe, [{"budget": 0.5}], warmup=0, progress=False, **_sweep_kwargs(family, "latent"))
+    finally:
+        sparsectx.disable_drop_training(pipe.transformer)
+    assert forwards == []
+
+
+@pytest.mark.parametrize("family", [KONTEXT])
+def test_sweep_names_the_failing_row_without_exception_notes(pipe, family, monkeypatch, capsys):
+    """On Python 3.10 (no ``add_note``) the failing row is printed to stderr instead."""
+    from sparsectx import budget_sweep
+
+    monkeypatch.setattr(budget_sweep, "_ADD_NOTE", False)
+    with pytest.raises(ValueError, match="budget has 2 entries") as raised:
+        sparsectx.sweep(pipe, [{"budget": [0.1, 0.2]}], warmup=0, progress=False, **_sweep_kwargs(family, "latent"))
+    assert not getattr(raised.value, "__notes__", None)
+    assert "sparsectx.sweep: the error below came in sparsectx.sweep's row 'budget=[0.1, 0.2]' (settings[0])" in \
+        capsys.readouterr().err
 
 
 @pytest.mark.parametrize("family", [KONTEXT])
