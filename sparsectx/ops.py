@@ -156,7 +156,7 @@ def kernel_configs() -> dict:
 # validation helpers: every message names the argument, and all run before any launch
 # ----------------------------------------------------------------------------------------------------------------
 _ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_GRID_SAMPLES = 65535  # the attention kernels launch (blocks, heads, samples): CUDA's grid y/z limit
+MAX_GRID_SAMPLES = 65535  # the attention kernels launch (blocks, heads, samples): CUDA's grid y/z limit (both)
 # the compaction's row kernels find each packed row's sample in a [rows, B] block (Triton caps a block at 2**20
 # elements, and a block holds kernels.compaction.COPY_BLOCK_ROWS = 16 rows): a call takes at most this many samples,
 # on every path alike (tests/test_dispatch.py checks both against the kernels)
@@ -570,6 +570,7 @@ def sparse_attention(
         raise ValueError(f"cu_seqlens_q holds {batch} samples; one call takes at most {MAX_GRID_SAMPLES} (the "
                          "kernels' grid has a program row per sample, and CUDA caps that grid dimension): split "
                          "the batch")
+    _check_grid_heads("q", heads)
     # (the kernels read index tensors with unit stride: the op implementations make them so, ``_contiguous``)
     if has_ref:
         if ref_k is None or ref_v is None or cu_seqlens_ref is None:
@@ -742,6 +743,7 @@ def masked_attention(
     if batch > MAX_GRID_SAMPLES:
         raise ValueError(f"q holds {batch} samples; one call takes at most {MAX_GRID_SAMPLES} (the kernels' grid has "
                          "a program row per sample, and CUDA caps that grid dimension): split the batch")
+    _check_grid_heads("q", heads)
 
     # without autograd or a tracer to see them, packed copies are made directly (see _pack_for_attention)
     queries_eager, keys_eager = _plain_eager(q), _plain_eager(k, v)
@@ -1236,6 +1238,14 @@ def _check_compact_batch(name: str, batch: int) -> None:
                          "(its row kernels place each row in a block over the samples): split the batch")
 
 
+def _check_grid_heads(name: str, heads) -> None:
+    """``ValueError`` for more heads than the attention kernels' grid takes (a program column per head, in a grid
+    dimension CUDA caps as it caps the samples')."""
+    if heads > MAX_GRID_SAMPLES:
+        raise ValueError(f"{name} has {heads} heads; one call takes at most {MAX_GRID_SAMPLES} (the kernels' grid has "
+                         "a program column per head, and CUDA caps that grid dimension): split the heads")
+
+
 def _refuse_vmap(op: str, **inputs) -> None:
     """``NotImplementedError`` for an input batched by ``torch.vmap``: the kept counts differ per sample, so the
     compaction has no batching rule (its inputs already carry the batch as their first dimension)."""
@@ -1572,7 +1582,7 @@ def compact_tokens(selection: torch.Tensor, *tensors: torch.Tensor, budget=None,
     (rows past ``max_total`` are dropped). While ``torch.compile`` traces, both checks are skipped on every device
     (they read data). Gradients flow from the packed tensors to the inputs.
     """
-    _refuse_vmap("compact_tokens", selection=selection, tensors=tensors)
+    _refuse_vmap("compact_tokens", selection=selection, tensors=tensors, budget=budget)
     _check_flag("return_max_seqlen", return_max_seqlen)
     traced = _traced(selection)  # (False for a non-tensor, which the checks report)
     batch, n_tokens = _check_compaction_inputs(selection, tensors, traced)
@@ -1634,7 +1644,7 @@ def scatter_tokens(packed: torch.Tensor, index: torch.Tensor, cu_seqlens: torch.
     gradient zero), and of two rows with one index either may be written. A scalar ``fill`` (complex for complex
     ``packed``) must be representable in ``packed``'s dtype.
     """
-    _refuse_vmap("scatter_tokens", packed=packed, fill=fill)
+    _refuse_vmap("scatter_tokens", packed=packed, index=index, cu_seqlens=cu_seqlens, fill=fill)
     _check_tensor("packed", packed)
     if packed.ndim < 1:
         raise ValueError("packed must have a row dimension, got a 0-d tensor")

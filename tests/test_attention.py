@@ -530,6 +530,13 @@ def _valid():
                         cu_seqlens_ref=None, cu_seqlens_q=torch.zeros(65537, dtype=torch.int32, device=DEVICE),
                         cu_seqlens_k=torch.zeros(65537, dtype=torch.int32, device=DEVICE)),
      ValueError, "cu_seqlens_q holds 65536 samples; one call takes at most 65535"),
+    # and more heads (a grid dimension too): a failed launch on a GPU before, no check
+    (lambda a: a.update(q=torch.zeros(0, 65536, 1, device=DEVICE), k=torch.zeros(0, 65536, 1, device=DEVICE),
+                        v=torch.zeros(0, 65536, 1, device=DEVICE), ref_k=None, ref_v=None, ref_index=None,
+                        cu_seqlens_ref=None, cu_seqlens_q=torch.zeros(2, dtype=torch.int32, device=DEVICE),
+                        cu_seqlens_k=torch.zeros(2, dtype=torch.int32, device=DEVICE), max_seqlen_q=0,
+                        max_seqlen_k=0),
+     ValueError, "q has 65536 heads; one call takes at most 65535"),
 ])
 def test_bad_input_raises_naming_the_argument(change, error, words):
     kwargs = _valid()
@@ -1289,6 +1296,10 @@ def test_masked_attention_checks_scale_head_dim_and_batch_before_any_launch(monk
     monkeypatch.setattr(sparsectx.ops, "MAX_GRID_SAMPLES", 1)
     with pytest.raises(ValueError, match="q holds 2 samples"):
         sparsectx.masked_attention(q, q, q, mask, query_mask=queries)
+    monkeypatch.setattr(sparsectx.ops, "MAX_GRID_SAMPLES", 2)  # (q's 2 samples pass; its 3 heads do not)
+    heads = torch.randn(2, 5, 3, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="q has 3 heads; one call takes at most 2"):
+        sparsectx.masked_attention(heads, heads, heads, mask, query_mask=queries)
 
 
 @pytest.mark.parametrize("query_mask", ["same", "all", None])

@@ -529,6 +529,19 @@ def test_vmap_runs_attention_and_refuses_the_compaction():
         x, f = calls[name]
         with pytest.raises(NotImplementedError, match=f"{name} does not run under torch.vmap"):
             torch.vmap(f)(torch.stack([x, x]))
+    # the index tensors or the budget batched by vmap: refused naming them (they failed in a validation read with
+    # "Cannot access data pointer of Tensor that doesn't have storage")
+    scores = torch.randn(2, 6)
+    packed = sparsectx.compact_tokens(scores, budget=[2, 3])
+    rows = torch.randn(5, 3)
+    index, cu = torch.stack([packed.index, packed.index.flip(0)]), torch.stack([packed.cu_seqlens] * 2)
+    for name, run, batched in (
+            ("index", lambda i: sparsectx.scatter_tokens(rows, i, packed.cu_seqlens, 6), index),
+            ("cu_seqlens", lambda c: sparsectx.scatter_tokens(rows, packed.index, c, 6), cu),
+            ("budget", lambda b: sparsectx.compact_tokens(scores, budget=b).cu_seqlens,
+             torch.tensor([[1, 2], [2, 3]]))):
+        with pytest.raises(NotImplementedError, match=rf"does not run under torch.vmap \({name} is batched by it\)"):
+            torch.vmap(run)(batched)
     # masked_attention with a query_mask compacts the queries: refused naming itself (it named compact_tokens)
     q = torch.randn(2, 2, 4, 1, 16)
     mask = torch.tensor([[True, False, True, True], [True, True, False, True]])
