@@ -2902,18 +2902,33 @@ class _SparsePatch(ForwardPatch):
         with it (``extracted``)."""
         results = self._group_results(call, plan)
         caches = [result[1] if isinstance(result, tuple) else result.kv_cache for result in results]
-        self.extracted[caches[0]] = (plan, caches)
-        return self._merge(call, plan, results)
+        merged = self._merge(call, plan, results)
+        # a group that keeps no reference token has no cache (diffusers returns None): the pipeline is handed the
+        # first group's cache that exists (given None, its later steps would run without any cache); none: nothing
+        # to keep
+        key = next((cache for cache in caches if cache is not None), None)
+        if key is None:
+            return merged
+        # kept under that cache, which the entry must not hold itself (a weak key its value holds is never freed:
+        # every mixed call's caches stayed until disable): _THE_CALLS_CACHE stands for it
+        self.extracted[key] = (plan, [_THE_CALLS_CACHE if cache is key else cache for cache in caches])
+        if isinstance(merged, tuple):
+            return (merged[0], key, *merged[2:])
+        merged.kv_cache = key
+        return merged
 
     def _run_klein_cached(self, call: dict, plan: _Plan, extract: _Plan, caches: Optional[list]):
         """FLUX.2 klein's cached step after an extract step that ran groups: each group's samples against their own
-        cache (the sequence holds no reference token: nothing to compact), merged in batch order."""
+        cache (the sequence holds no reference token: nothing to compact), merged in batch order; a group whose
+        samples keep no reference token (no cache) runs the plain forward, as such a request alone does."""
         plan.reports = extract
         results = []
         for group, cache in zip(extract.groups, caches):
             g = self._slice_batch(call, group.rows, group.samples)
+            cache = call["kv_cache"] if cache is _THE_CALLS_CACHE else cache
             with self._rope_tables():
-                results.append(self.original_forward(**{**g, "kv_cache": cache}))
+                results.append(self.original_forward(**{**g, "kv_cache": cache, "kv_cache_mode": None if cache is None
+                                                        else g["kv_cache_mode"]}))
         return self._merge(call, extract, results)
 
     def _run_qwen21_extract(self, call: dict, plan: _Plan):
@@ -3191,6 +3206,9 @@ def _uniform_over_batch(call: dict) -> torch.Tensor:
         if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] > 1:
             flags.append(torch.eq(value, value[:1]).all())
     return torch.stack(flags)
+
+
+_THE_CALLS_CACHE = object()  # in a klein entry of ``extracted``: the cache the entry is kept under
 
 
 def _sample_of(result) -> torch.Tensor:

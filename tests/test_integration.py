@@ -2882,6 +2882,53 @@ def test_klein_kv_pipeline_with_requests_of_their_own_budgets():
     assert out.shape[0] == 2 and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("budget", [[[0], [0.5]], [[0.5], [0]]])
+def test_klein_kv_requests_one_of_which_keeps_nothing_equal_each_alone(budget):
+    """A request keeping no reference token has no cache (diffusers returns None): as the group sorted first, its
+    None was the cache the call was kept under (a TypeError from the weak dictionary), and handed to the pipeline,
+    which ran its later steps without any cache. Each request now equals its call alone, and the groups' caches are
+    freed with the call's (the entry held its own key: every mixed call's caches stayed until disable)."""
+    import gc
+
+    pipe = _tiny_pipeline(diffusers.Flux2KleinKVPipeline)
+    embeds = torch.randn(2, TEXT_TOKENS, TEXT_DIM, generator=torch.Generator().manual_seed(3))
+
+    def call(rows):  # (each request's noise from a generator of its own: the same alone and together)
+        with torch.no_grad():
+            return pipe(image=_reference_images(), prompt_embeds=embeds[rows], height=IMAGE_PX, width=IMAGE_PX,
+                        num_inference_steps=3, output_type="latent",
+                        generator=[torch.Generator().manual_seed(10 + row) for row in rows]).images
+
+    try:
+        alone = []
+        for request in range(2):
+            sparsectx.enable(pipe, budget=budget[request], selector="uniform")
+            alone.append(call([request]))
+        sparsectx.enable(pipe, budget=budget, selector="uniform")
+        both = call([0, 1])
+        gc.collect()
+        assert len(getattr(pipe.transformer, integration.PATCH_ATTR).extracted) == 0
+    finally:
+        sparsectx.disable(pipe)
+    torch.testing.assert_close(both, torch.cat(alone), rtol=0, atol=FP32_ATOL)
+
+
+def test_klein_kv_mixed_calls_free_their_groups_caches():
+    import gc
+
+    pipe = _tiny_pipeline(diffusers.Flux2KleinKVPipeline)
+    sparsectx.enable(pipe, budget=[[0.25], [0.75]], selector="uniform")
+    try:
+        for _ in range(2):
+            with torch.no_grad():
+                pipe(image=_reference_images(), prompt_embeds=torch.randn(2, TEXT_TOKENS, TEXT_DIM), height=IMAGE_PX,
+                     width=IMAGE_PX, num_inference_steps=2, output_type="latent")
+            gc.collect()
+            assert len(getattr(pipe.transformer, integration.PATCH_ATTR).extracted) == 0
+    finally:
+        sparsectx.disable(pipe)
+
+
 def test_signals_reach_task_aware_selectors(models):
     """enable(..., selector="edit", signals={"user_mask": ...}): with a budget equal to the marked count per image,
     each sample keeps exactly the tokens its user mask marks."""
