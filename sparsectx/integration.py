@@ -3280,6 +3280,11 @@ def _note_enabled_through(pipe, transformer) -> None:
         _ENABLED_THROUGH[pipe] = weakref.ref(transformer)
 
 
+def _changed_by_enable(pipe) -> bool:
+    """Whether ``enable(pipe)`` changed ``pipe`` (its class, or the transformer it patched) and it is not undone."""
+    return hasattr(type(pipe), "_sparsectx_base") or (_weakly_keyed(pipe) and _ENABLED_THROUGH.get(pipe) is not None)
+
+
 def _replaced_transformer(pipe):
     """The transformer ``enable(pipe)`` patched, when ``pipe.transformer`` is another one and it is still enabled
     (the pipeline's transformer was replaced since: ``pipe.transformer = ...``, ``update_components``), else None."""
@@ -3586,7 +3591,7 @@ def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Call
     keep mask as given).
     ``seed`` makes random selectors deterministic (a fresh generator per selection); without it a pipeline call
     given a ``generator`` seeds the selection with that generator's initial seed (without advancing it; a list of
-    one generator per image seeds each image with its own, except under the KV cache), and other calls draw from
+    one generator per image seeds each image with its own, also under the KV cache), and other calls draw from
     torch's global RNG. ``signals`` are the inputs
     task-aware selectors read from ``context.extra`` (e.g. ``{"user_mask": bool [B or 1, N]}`` for ``"edit"``, or
     probe queries/keys; see ``sparsectx.selection``); tensors go to the model's device. Probe
@@ -3677,7 +3682,13 @@ def disable(pipe_or_transformer):
     """Restores the original forward, attention processors and pipeline class exactly (the same objects); a no-op
     when sparsectx is not enabled. On a pipeline whose transformer was replaced since ``enable``, the transformer
     ``enable`` patched is restored too."""
-    pipe, transformer, _ = _split_target(pipe_or_transformer)
+    try:
+        pipe, transformer, _ = _split_target(pipe_or_transformer)
+    except TypeError:
+        # a pipeline enable(pipe) changed, whose transformer is now None or unsupported: undone all the same
+        if not _changed_by_enable(pipe_or_transformer):
+            raise
+        pipe, transformer = pipe_or_transformer, None
     replaced = _replaced_transformer(pipe) if pipe is not None else None
     for module in (transformer, replaced):
         patch = getattr(module, PATCH_ATTR, None)
@@ -3740,32 +3751,49 @@ def last_selection(pipe_or_transformer) -> Optional[Selection]:
 @contextlib.contextmanager
 def restored_state(pipe_or_transformer):
     """On exit from the block, the Sparse Context state of its start comes back: disabled, or the settings enabled
-    then (the same processor objects, a user's own included), whatever the block enabled or disabled."""
+    then (the same processor objects, a user's own included), whatever the block enabled or disabled; on a pipeline
+    whose transformer was replaced since ``enable(pipe)``, the transformer that call patched too (an ``enable(pipe)``
+    in the block undoes its patch)."""
     pipe, transformer, _ = _split_target(pipe_or_transformer)
-    previous = getattr(transformer, PATCH_ATTR, None)
-    previous_state = (previous.settings, previous.attention_snapshot()) if previous is not None else None
+    replaced = _replaced_transformer(pipe) if pipe is not None else None
+    states = [(module, _patch_state(module)) for module in (transformer, replaced) if module is not None]
     pipe_class = type(pipe) if pipe is not None else None  # sparsectx's subclass only if the pipeline was enabled
     enabled_through = _ENABLED_THROUGH.get(pipe) if pipe is not None and _weakly_keyed(pipe) else None
     try:
         yield pipe_or_transformer
     finally:
-        if previous_state is None:
-            disable(pipe_or_transformer)
-        else:
-            patch = getattr(transformer, PATCH_ATTR, None)
-            if patch is None:  # disabled inside the block: the settings enabled before come back all the same
-                patch = _SparsePatch(transformer, previous.family, previous_state[0])
-                patch.install()
-            patch.settings = previous_state[0]
-            patch.restore_attention(previous_state[1])  # the processor objects of before (a user's own included)
-            patch.new_call()
-            if pipe is not None:  # e.g. only the transformer was enabled before: the pipeline's class comes back
-                pipe.__class__ = pipe_class
+        for module, state in states:
+            _restore_patch_state(module, state)
+        if pipe is not None:  # e.g. only the transformer was enabled before: the pipeline's class comes back
+            pipe.__class__ = pipe_class
         if pipe is not None and _weakly_keyed(pipe):  # which transformer enable(pipe) patched, as before the block
             if enabled_through is None:
                 _ENABLED_THROUGH.pop(pipe, None)
             else:
                 _ENABLED_THROUGH[pipe] = enabled_through
+
+
+def _patch_state(transformer) -> Optional[tuple]:
+    """``(family, settings, attention processors)`` of the transformer's patch, or None when not enabled."""
+    patch = getattr(transformer, PATCH_ATTR, None)
+    return None if patch is None else (patch.family, patch.settings, patch.attention_snapshot())
+
+
+def _restore_patch_state(transformer, state: Optional[tuple]) -> None:
+    """The transformer's patch as ``_patch_state`` gave it: removed (None), or its settings and the processor objects
+    of then (a user's own included), installed anew if removed since."""
+    patch = getattr(transformer, PATCH_ATTR, None)
+    if state is None:
+        if patch is not None:
+            patch.uninstall()
+        return
+    family, settings, attention = state
+    if patch is None:  # disabled since: the settings enabled before come back all the same
+        patch = _SparsePatch(transformer, family, settings)
+        patch.install()
+    patch.settings = settings
+    patch.restore_attention(attention)
+    patch.new_call()
 
 
 @contextlib.contextmanager

@@ -261,6 +261,45 @@ def test_transformer_replaced_after_enable(pipe, family, then):
     assert torch.equal(_run(pipe, family, PLAIN), expected)
 
 
+@pytest.mark.parametrize("family", [KONTEXT])  # not family-specific: one family
+@pytest.mark.parametrize("held", [None, "a module"])
+def test_disable_of_a_pipeline_whose_transformer_is_gone(pipe, family, held):
+    """``pipe.transformer = None`` (or something no transformer) after ``enable(pipe)``: disable(pipe) raised the
+    unsupported-class TypeError and left the pipeline's class and the patched transformer as they were. It now
+    undoes both; a pipeline enable never touched still gets the TypeError."""
+    old, original_class = pipe.transformer, type(pipe)
+    sparsectx.enable(pipe, budget=_budget(family), attention="sparsectx")
+    pipe.transformer = None if held is None else torch.nn.Linear(2, 2)
+    sparsectx.disable(pipe)
+    assert type(pipe) is original_class and not sparsectx.integration.is_enabled(old)
+    assert "forward" not in old.__dict__
+    with pytest.raises(TypeError, match="sparsectx supports the pipelines"):
+        sparsectx.disable(pipe)  # (nothing of enable's left)
+    pipe.transformer = old
+
+
+@pytest.mark.parametrize("family", [KONTEXT])  # not family-specific: one family
+def test_sparse_context_restores_the_replaced_transformers_patch(pipe, family):
+    """``enable(pipe)``, then ``pipe.transformer = other``: a ``sparse_context(pipe)`` block (its enable undoes the
+    replaced transformer's patch) left it disabled and the pipeline's class the original; the state of the block's
+    start now comes back, the replaced transformer's settings and processor objects included."""
+    new_transformer = _kontext_pipeline().transformer
+    old = pipe.transformer
+    sparsectx.enable(pipe, budget=_budget(family), selector="uniform", attention="sparsectx")
+    settings = old._sparsectx_patch.settings
+    processors = [m.processor for m in old.modules() if hasattr(m, "set_processor")]
+    sparse_class = type(pipe)
+    pipe.transformer = new_transformer
+    with sparsectx.sparse_context(pipe, budget=0.5):
+        assert not sparsectx.integration.is_enabled(old) and sparsectx.integration.is_enabled(new_transformer)
+    assert sparsectx.integration.is_enabled(old) and old._sparsectx_patch.settings is settings
+    assert [m.processor for m in old.modules() if hasattr(m, "set_processor")] == processors
+    assert not sparsectx.integration.is_enabled(new_transformer) and type(pipe) is sparse_class
+    pipe.transformer = old
+    sparsectx.disable(pipe)
+    assert not sparsectx.integration.is_enabled(old)
+
+
 def test_disable_of_a_pipeline_forgets_its_transformer(pipe, family):
     """After enable(pipe) and disable(pipe) (or a sparse_context(pipe) block), the transformer enabled directly and
     then replaced in the pipeline is not the pipeline's to disable (before, disable(pipe) uninstalled it); a
