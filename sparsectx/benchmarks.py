@@ -2427,11 +2427,11 @@ class KVCacheCase(_RefsKeepCase):
         sigmas = torch.linspace(1.0, 0.0, KV_STEPS + 1).tolist()  # flow matching: t from 1 to 0, Euler steps
         common = dict(encoder_hidden_states=x["text"], txt_ids=x["text_ids"], return_dict=False)
 
-        def run(ref_latents=None, ref_ids=None, cache=True, kept_index=None):
+        def run(ref_latents=None, ref_ids=None, cache=True, kept_index=None, gathered=None):
             """KV_STEPS Euler steps from the same noise. With references and ``cache``: the references come first in
             the extract step (as the KV pipeline puts them), then cached steps (attending to the cached rows
-            ``kept_index`` only, when given); without ``cache`` they follow the target at every step (the plain
-            pipeline)."""
+            ``kept_index`` only, when given; or to a cache cut to the rows ``gathered`` by torch indexing); without
+            ``cache`` they follow the target at every step (the plain pipeline)."""
             latents, kv_cache = x["target"], None
             if ref_latents is not None:  # the references' tokens as one sequence
                 ref_latents, ref_ids = ref_latents.reshape(1, -1, channels), ref_ids.reshape(1, -1, KLEIN.n_axes)
@@ -2447,9 +2447,12 @@ class KVCacheCase(_RefsKeepCase):
                         v, kv_cache = model(hidden_states=torch.cat([ref_latents, latents], 1), timestep=timestep,
                                             img_ids=torch.cat([ref_ids, x["target_ids"]], 1),
                                             kv_cache_mode="extract", num_ref_tokens=ref_latents.shape[1], **common)
-                        if kept_index is not None:
-                            for layer in kv_cache.double_block_caches + kv_cache.single_block_caches:
+                        for layer in kv_cache.double_block_caches + kv_cache.single_block_caches:
+                            if kept_index is not None:
                                 setattr(layer, KEPT_INDEX, kept_index)
+                            if gathered is not None:
+                                layer.store(layer.k_ref.index_select(1, gathered),
+                                            layer.v_ref.index_select(1, gathered))
                     else:
                         v = model(hidden_states=latents, timestep=timestep, img_ids=x["target_ids"],
                                   kv_cache=kv_cache, kv_cache_mode="cached", **common)[0]
@@ -2480,6 +2483,14 @@ class KVCacheCase(_RefsKeepCase):
             with sparse_context(model, budget=1.0, attention="sparsectx"):  # the processors only: every token kept
                 return run(x["ref_latents"], x["ref_ids"], kept_index=kept_index)
 
+        def cache_all_problem(result) -> str:
+            # against diffusers' own cached steps on a cache cut to the same rows by torch indexing (no sparsectx
+            # code): the row's output is no other row's, so this is its check
+            expected = run(x["ref_latents"], x["ref_ids"], gathered=kept_index[0])
+            err, bound = relative_error(result, expected), REL_ERR_BOUND[dtype]
+            return "" if err <= bound else (f"rel err {err:.2e} (> {bound:g}) from diffusers' cached steps on the "
+                                            "same cached rows gathered by torch indexing")
+
         def torch_run():
             lat, ids = _compact_by_hand(x, scores, count)
             return run(lat, ids)
@@ -2498,8 +2509,9 @@ class KVCacheCase(_RefsKeepCase):
                  note="lower bound of any selection"),
             Impl("torch topk+sort+index_select + KV cache", torch_run, note="references compacted by hand"),
             Impl("KV cache of every token, kept rows gathered", cache_all_run, comparable=False, ours=True,
+                 verify=cache_all_problem,
                  note="the same kept tokens, their K/V computed with every reference present (a different output "
-                      "by design)"),
+                      "by design; checked against diffusers' cached steps on those rows cut by torch indexing)"),
             Impl("KV cache, all reference tokens", lambda: run(x["ref_latents"], x["ref_ids"]), comparable=False,
                  note="diffusers' KV cache alone (a different output by design)", shared_key=(self.name, refs, "kv")),
         ]

@@ -97,13 +97,26 @@ def check_bf16_dropping_equals_masking(model: torch.nn.Module, kwargs: dict, run
                                        assert_criterion: Callable, budget=0.5, attention: str = "native") -> None:
     """In bf16 (``model`` and ``kwargs`` already cast): the drop-in's output at ``budget`` (uniform selection, the
     given ``attention``) meets ``assert_criterion(dropped, masked(model, keep, kwargs), model, keep, kwargs)`` (the
-    family's flash criterion against its key-masked model)."""
+    family's flash criterion against its key-masked model). With ``attention="sparsectx"``, also that sparsectx's
+    attention ops ran, on the kernels (on the CPU: only in a test marked ``bf16_kernels``; otherwise bf16 takes the
+    torch reference there, and the check would say nothing of the kernels)."""
+    from sparsectx import ops, processors
+
+    device = next(model.parameters()).device
+    if attention == "sparsectx":
+        assert ops.backend_for(device, torch.bfloat16) != ops.TORCH_REFERENCE, "bf16 runs the torch reference here"
+    calls, originals = [], {name: getattr(processors, name) for name in ("sparse_attention", "masked_attention")}
+    for name, op in originals.items():
+        setattr(processors, name, lambda *a, _op=op, **k: calls.append(1) or _op(*a, **k))
     sparsectx.enable(model, budget=budget, selector="uniform", attention=attention)
     try:
         dropped = run(model, kwargs)
         keep = sparsectx.last_selection(model).keep
     finally:
         sparsectx.disable(model)
+        for name, op in originals.items():
+            setattr(processors, name, op)
+    assert bool(calls) == (attention == "sparsectx")
     assert dropped.dtype == torch.bfloat16 and not keep.all()
     assert_criterion(dropped, masked(model, keep, kwargs), model, keep, kwargs)
 

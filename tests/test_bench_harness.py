@@ -1361,18 +1361,27 @@ def test_merged_meta_keeps_every_parts_planned_cases_and_quick_flag(tmp_path):
     assert "Host: Intel Xeon 8480." in one_host and not any(line.startswith("Part ") for line in one_host)
 
 
-def test_cpu_timings_are_per_call_medians():
-    import time
+def test_cpu_timings_are_per_call_medians(monkeypatch):
+    """On a fake clock each call advances (no wall-clock timing in the tests): ``time_ms`` is the median of the
+    calls (one slow call among fast ones moves it not at all, as a mean would), ``loop_ms`` the time per call of a
+    batch, whatever the count of calls per batch."""
+    import types
 
+    clock = {"now": 0.0}
+    monkeypatch.setattr(benchmarks, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
     calls = []
 
-    def slow_first():  # one slow call among fast ones: the median ignores it, a mean would not
-        time.sleep(0.2 if not calls else 0.001)
+    def slow_first():  # 200 ms, then 1 ms per call
+        clock["now"] += 0.2 if not calls else 0.001
         calls.append(1)
 
-    assert benchmarks.time_ms(slow_first, torch.device("cpu"), quick=True) < 50
-    per_call = benchmarks.loop_ms(lambda: time.sleep(0.002), torch.device("cpu"), quick=True)
-    assert 1.5 < per_call < 10  # ~2 ms per call, whatever the count of calls per batch
+    assert benchmarks.time_ms(slow_first, torch.device("cpu"), quick=True) == pytest.approx(1.0)
+    assert len(calls) == benchmarks.CPU_QUICK_REPS
+
+    def two_ms():
+        clock["now"] += 0.002
+
+    assert benchmarks.loop_ms(two_ms, torch.device("cpu"), quick=True) == pytest.approx(2.0)
 
 
 def _pipeline_rows(times: dict, passes: dict = None, failed: tuple = ()) -> list:
@@ -1976,3 +1985,17 @@ def test_a_reference_holding_nan_leaves_the_rows_to_the_fixed_bound():
     assert [r["ok"] for r in rows] == [None, True, True] and all("ref_err" not in r for r in rows)
     assert benchmarks.comparison_problem(workload, workload.impls[1], truth + 0.5 * noise[1],
                                          truth + 0.5 * noise[0]) == ""
+
+
+def test_the_kv_cases_cache_all_row_is_checked_against_torch_indexing():
+    """The kv case's "KV cache of every token, kept rows gathered" is sparsectx's own row with an output no other
+    row has: it was checked for its shape and finite values alone. Its check is now diffusers' cached steps on a
+    cache cut to the same rows by torch indexing: its own output passes, another run's output fails."""
+    case = benchmarks.CASES["kv"]
+    workload = case.build(case.configs("tiny", quick=True)[0], "tiny", torch.device("cpu"))
+    impls = {impl.name: impl for impl in workload.impls}
+    row = impls["KV cache of every token, kept rows gathered"]
+    assert row.verify(row.fn()) == ""
+    problem = row.verify(impls["KV cache, all reference tokens"].fn())  # every cached row attended to
+    assert problem.startswith("rel err") and "gathered by torch indexing" in problem, problem
+    benchmarks.release_cached_models()

@@ -3504,15 +3504,28 @@ def test_qwen_references_reordered_in_img_shapes_plan_again():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_an_inference_mode_forward_then_a_training_forward_on_the_same_inputs(family):
-    """Index tensors made under torch.inference_mode can not be saved for backward: a plan per mode."""
+    """Index tensors made under torch.inference_mode can not be saved for backward: a plan per mode. The training
+    forward after the inference-mode one gives the output and gradients of a training forward alone."""
     model, kwargs = _build_model(family), _inputs(family, batch=1)
+
+    def train_forward():
+        model.zero_grad(set_to_none=True)
+        out = model(**kwargs)[0]
+        out.sum().backward()
+        return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
     sparsectx.enable(model, budget=0.5, selector=random_selector, seed=0)
+    alone = train_forward()
+    sparsectx.enable(model, budget=0.5, selector=random_selector, seed=0)  # (a new call: its selection drawn anew)
     with torch.inference_mode():
         model(**kwargs)
-    model(**kwargs)[0].sum().backward()
-    assert any(p.grad is not None for p in model.parameters())
+    after = train_forward()
     sparsectx.disable(model)
     model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(after[0], alone[0], rtol=0, atol=0)
+    assert after[1].keys() == alone[1].keys() and alone[1]
+    for name, grad in alone[1].items():
+        torch.testing.assert_close(after[1][name], grad, rtol=0, atol=0, msg=name)
 
 
 def test_a_later_step_with_per_sample_timesteps_does_not_run_packed():
