@@ -339,7 +339,8 @@ def _run_row(pipe, setting: Optional[dict], seed: int, warmup: int, repeats: int
         for call in range(warmup + repeats):
             last = call == warmup + repeats - 1
             # the last call's selections, one per transformer forward that selected anew (GLM-Image selects each
-            # reference image in a write forward of its own: the last one's alone would misstate the share kept)
+            # reference image in a write forward of its own: the last one's alone would misstate the share kept);
+            # the hook's host work, a few microseconds per forward, is inside that call's time
             hook = _selection_hook(pipe, selections) if last and setting is not None else contextlib.nullcontext()
             with hook:
                 _synchronize()

@@ -1159,22 +1159,28 @@ def test_the_judged_rows_are_written_before_the_later_passes(monkeypatch):
     assert "not judged" in benchmarks.target_verdicts(last)[0]
 
 
+class _OneShapeCase:
+    """A bench case of one shape, ``label``, whose workload ``build()`` makes."""
+
+    def __init__(self, label, build):
+        self._label, self._build = label, build
+
+    def configs(self, size, quick=False):
+        return [None]
+
+    def label(self, config):
+        return self._label
+
+    def build(self, config, size, device):
+        return self._build()
+
+
 def _cut_run_rows(monkeypatch, cut_at_call):
     """The rows a run leaves written when the ``cut_at_call``-th timing raises (a step's timeout): the compaction
     workload of three rows, run through ``run_case`` (which marks the rows of a workload still running)."""
     x = torch.arange(8.0)
     impls = [benchmarks.Impl("sparsectx compact_tokens (scores+budget)", lambda: x),
              benchmarks.Impl("topk+sort+gather", lambda: x + 0), benchmarks.Impl("x[mask] (host sync)", lambda: x + 0)]
-
-    class OneShape:
-        def configs(self, size, quick=False):
-            return [None]
-
-        def label(self, config):
-            return "B=1, N=8"
-
-        def build(self, config, size, device):
-            return _workload(impls, passes=2)
 
     calls = []
 
@@ -1184,7 +1190,7 @@ def _cut_run_rows(monkeypatch, cut_at_call):
             raise KeyboardInterrupt
         return {impls[0].fn: 1.0, impls[1].fn: 6.0, impls[2].fn: 2.0}[fn]
 
-    monkeypatch.setitem(benchmarks.CASES, "compaction", OneShape())
+    monkeypatch.setitem(benchmarks.CASES, "compaction", _OneShapeCase("B=1, N=8", lambda: _workload(impls, passes=2)))
     monkeypatch.setattr(benchmarks, "time_ms", cut)
     written = []
     with pytest.raises(KeyboardInterrupt):
@@ -1242,16 +1248,7 @@ def test_rows_written_as_they_come_are_annotated_as_the_finished_case(monkeypatc
     its timeout mid-workload (the pipeline's second pass on the H200's part 1) left timed rows without them, and the
     summary said 'not judged'. Each incremental write now holds the annotations of the rows written so far, made on
     copies (the rows themselves are annotated once, at the end)."""
-    class Annotated:
-        def configs(self, size, quick=False):
-            return [None]
-
-        def label(self, config):
-            return "s"
-
-        def build(self, config, size, device):
-            return object()
-
+    class Annotated(_OneShapeCase):
         def annotate(self, rows, earlier_rows):
             for row in rows:
                 row["note"] = (row["note"] or "") + f" annotated among {len(rows)}"
@@ -1263,7 +1260,7 @@ def test_rows_written_as_they_come_are_annotated_as_the_finished_case(monkeypatc
             on_row(list(rows))
         return rows
 
-    monkeypatch.setitem(benchmarks.CASES, "fake", Annotated())
+    monkeypatch.setitem(benchmarks.CASES, "fake", Annotated("s", object))
     monkeypatch.setattr(benchmarks, "run_workload", fake_run_workload)
     written = []
     rows = benchmarks.run_case("fake", torch.device("cpu"), "tiny", on_rows=written.append)
