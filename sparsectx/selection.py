@@ -931,15 +931,19 @@ def attention_scores(reference_latents: torch.Tensor, context: SelectionContext,
     query_names = ("queries", "text_queries", "target_queries")
     if all(extra.get(n) is None for n in query_names):
         _probe_tensor(reference_latents, context, "queries", "attention", required=False)  # a lazy probe, once
-    if all(extra.get(n) is None for n in query_names):
+    # the queries given (or probed) before the keys' probe: a probe run for the keys alone adds its own "queries",
+    # which must not take the place of the text or target queries a user gave
+    given = {n: extra.get(n) for n in (*query_names, "query_mask", "text_mask")}
+    if all(given[n] is None for n in query_names):
         raise ValueError("selector 'attention' needs context.extra['queries'] (or 'text_queries' / "
                          "'target_queries') and extra['ref_keys']")
     keys = _probe_tensor(reference_latents, context, "ref_keys", "attention")
-    if extra.get("queries") is not None:
-        queries, query_mask, name = extra["queries"], extra.get("query_mask"), "queries"
+    if given["queries"] is not None:
+        queries, query_mask, name = given["queries"], given["query_mask"], "queries"
     else:
-        parts = [(extra[n], extra.get(m)) for n, m in (("text_queries", "text_mask"), ("target_queries", None))
-                 if extra.get(n) is not None]
+        parts = [(given[n], given[m] if m else None) for n, m in (("text_queries", "text_mask"),
+                                                                   ("target_queries", None))
+                 if given[n] is not None]
         for q, m in parts:
             _check_qk(q, keys, m, batch, n_tokens, "text_queries/target_queries")
         queries = torch.cat([q for q, _ in parts], dim=1)

@@ -502,10 +502,12 @@ def disable_drop_training(transformer):
 def last_drop_mask(transformer) -> Optional[torch.Tensor]:
     """The bool ``[B, S_image]`` keep mask of the image sequence (target tokens kept) that the latest forward of a
     transformer under drop training used, or None: it kept every token (eval mode, or a draw that dropped nothing),
-    no forward ran yet, or drop training is not enabled."""
+    no forward ran yet, or drop training is not enabled. A copy: the forward's own mask is what a checkpointed
+    recomputation during backward reads again (changed in place, it would recompute with another mask)."""
     _, model, _ = integration._split_target(transformer)
     patch = getattr(model, integration.DROP_TRAINING_ATTR, None)
-    return patch.last_keep if patch is not None else None
+    keep = patch.last_keep if patch is not None else None
+    return keep.clone() if keep is not None else None
 
 
 def is_drop_training_enabled(transformer) -> bool:

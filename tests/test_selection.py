@@ -522,6 +522,21 @@ def test_attention_selector_probes_for_the_queries_it_lacks():
     torch.testing.assert_close(lazy, get_selector("attention")(latents, _full_context(2, 2)[1]))
 
 
+def test_attention_selector_keeps_the_queries_given_when_the_probe_runs_for_the_keys():
+    """Text queries given, keys left to the probe: the probe's own "queries" (its target queries) took the place of
+    the given ones, silently. The given queries (under their text_mask) are read against the probe's keys."""
+    latents, ctx = _full_context(2, 2)
+    given_queries, given_mask = ctx.extra["text_queries"], ctx.extra["text_mask"]
+    probed = {"ref_keys": ctx.extra["ref_keys"], "target_queries": ctx.extra["target_queries"],
+              "queries": ctx.extra["target_queries"]}  # (as the drop-in's probe returns them)
+    extra = {"text_queries": given_queries, "text_mask": given_mask, "attention_probe": lambda x, c: dict(probed)}
+    lazy = SelectionContext(ctx.num_references, ctx.ref_lengths, extra=extra)
+    scores = get_selector("attention")(latents, lazy)
+    expected = selection.attention_mass(given_queries, probed["ref_keys"], given_mask)
+    torch.testing.assert_close(scores, expected.to(scores.device))
+    assert not torch.allclose(scores, selection.attention_mass(probed["queries"], probed["ref_keys"]))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # budgets
 # ----------------------------------------------------------------------------------------------------------------
