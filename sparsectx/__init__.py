@@ -15,7 +15,7 @@ from .ops import (  # noqa: F401
     sparse_attention,
 )
 # the integration imports diffusers only when used
-from .integration import disable, enable, last_selection, sparse_context  # noqa: F401
+from .integration import disable, enable, is_enabled, last_selection, sparse_context  # noqa: F401
 from .budget_sweep import Sweep, SweepRow, sweep  # noqa: F401
 from .selection import (  # noqa: F401
     SelectionContext,
@@ -41,7 +41,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Compacted", "attention_key_mass", "backend_for", "compact_tokens", "masked_attention", "rms_norm_rope",
     "rope_tables", "scatter_tokens", "sparse_attention",
-    "disable", "enable", "last_selection", "sparse_context", "Sweep", "SweepRow", "sweep",
+    "disable", "enable", "is_enabled", "last_selection", "sparse_context", "Sweep", "SweepRow", "sweep",
     "SelectionContext", "available_selectors", "get_selector", "register_selector", "select",
     "GeneratorState", "disable_drop_training", "enable_drop_training", "is_drop_training_enabled", "last_drop_mask",
     "random_drop_mask", "random_drop_selector",
