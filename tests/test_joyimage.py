@@ -699,3 +699,32 @@ def test_the_probe_selectors_run_in_the_pipeline(pipe, selector):
 
 def test_the_pipelines_generator_seeds_the_selection(pipe):
     checks.check_generator_seeds_selection(pipe, lambda seed: _call(pipe, generator_seed=seed))
+
+
+def test_a_whole_model_compile_recompiles_once_for_a_new_kept_count():
+    """Under torch.compile of the whole transformer, the compacted forward's RoPE method was traced: its check of the
+    grid asked against the kept counts made dynamo guard on them, a new graph per kept count until the recompile
+    limit (8), then eager. It runs outside the trace now: a second kept count recompiles once, a third reuses the
+    graphs, and every output equals eager's."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model, kwargs = _build(), _inputs()
+    budgets = (0.3, 0.5, 0.7)
+    eager = []
+    for budget in budgets:
+        sparsectx.enable(model, budget=budget, selector="uniform")
+        eager.append(_run(model, kwargs))
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(model, backend=counter)
+    frames = []
+    try:
+        for budget, expected in zip(budgets, eager):
+            sparsectx.enable(model, budget=budget, selector="uniform")
+            assert torch.equal(_run(compiled, kwargs), expected)
+            frames.append(counter.frame_count)
+    finally:
+        sparsectx.disable(model)
+        torch._dynamo.reset()
+    assert frames[2] == frames[1], frames
