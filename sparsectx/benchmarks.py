@@ -3255,6 +3255,8 @@ def run_case(name: str, device: torch.device, size: str, *, quick: bool = False,
                     case.annotate(workload_rows, earlier_rows)
                 rows += workload_rows
                 del workload
+            if on_rows is not None:  # the shape's final rows, unmarked, before the next shape is built (building a
+                on_rows(list(rows))  # model may be where a step's timeout cuts: the finished shape is no cut one)
             if progress is not None:
                 progress.update(1)
     finally:
@@ -3785,7 +3787,7 @@ def merge_parts(parts: Sequence[tuple]) -> dict:
     """``(name, run)`` pairs of one run's parts as one run (``merge_runs``). A run that is itself a merge (its
     ``meta.parts``: ``bench --merge-into``'s file) brings its parts as they are."""
     merged: dict = {"meta": None, "rows": []}
-    first, seen, planned, planned_shapes = None, {}, [], {}
+    first, seen, planned, planned_shapes, planned_from_rows = None, {}, [], {}, set()
     for name, data in parts:
         meta = data["meta"]
         if first is None:
@@ -3823,9 +3825,14 @@ def merge_parts(parts: Sequence[tuple]) -> dict:
                                             "ceilings": meta.get("ceilings")})
             merged["meta"]["autotune_runs"].append(meta.get("autotune") or {})
             planned += [c for c in meta.get("cases") or [] if c not in planned]
+        # each case's plan from the part that ran it (parts may differ in --quick, whose shapes are no prefix of
+        # the full run's), else from the first part that planned it
+        ran = {row["case"] for row in data["rows"]}
         for case, shapes in (meta.get("planned_shapes") or {}).items():
-            known = planned_shapes.setdefault(case, [])
-            known += [shape for shape in shapes if shape not in known]
+            if case not in planned_shapes or (case in ran and case not in planned_from_rows):
+                planned_shapes[case] = list(shapes)
+                if case in ran:
+                    planned_from_rows.add(case)
         merged["rows"] += data["rows"]
     merged["meta"]["cases"] = sorted({r["case"] for r in merged["rows"]})
     merged["meta"]["planned_cases"] = planned

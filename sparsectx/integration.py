@@ -1801,6 +1801,7 @@ class _SparsePatch(ForwardPatch):
 
     def __init__(self, transformer: torch.nn.Module, family: str, settings: _Settings):
         super().__init__(transformer, family)
+        self.serial = next(_PATCH_SERIALS)  # (restored_state tells the patches made inside its block by it)
         self.settings = settings
         self.call_epoch = 0  # a new number at each pipeline call (never one used before): a new call selects again
         self.epochs_made = 0
@@ -2914,7 +2915,7 @@ class _SparsePatch(ForwardPatch):
         self.extracted[key] = (plan, [_THE_CALLS_CACHE if cache is key else cache for cache in caches])
         if isinstance(merged, tuple):
             return (merged[0], key, *merged[2:])
-        merged.kv_cache = key
+        merged["kv_cache"] = key  # (diffusers' output: its key too, which a None field lacked, and the attribute)
         return merged
 
     def _run_klein_cached(self, call: dict, plan: _Plan, extract: _Plan, caches: Optional[list]):
@@ -3209,6 +3210,7 @@ def _uniform_over_batch(call: dict) -> torch.Tensor:
 
 
 _THE_CALLS_CACHE = object()  # in a klein entry of ``extracted``: the cache the entry is kept under
+_PATCH_SERIALS = itertools.count()  # each _SparsePatch's number, in the order they were made
 
 
 def _sample_of(result) -> torch.Tensor:
@@ -3759,11 +3761,17 @@ def restored_state(pipe_or_transformer):
     states = [(module, _patch_state(module)) for module in (transformer, replaced) if module is not None]
     pipe_class = type(pipe) if pipe is not None else None  # sparsectx's subclass only if the pipeline was enabled
     enabled_through = _ENABLED_THROUGH.get(pipe) if pipe is not None and _weakly_keyed(pipe) else None
+    first_new_patch = next(_PATCH_SERIALS)  # patches numbered from here on are made inside the block
     try:
         yield pipe_or_transformer
     finally:
         for module, state in states:
             _restore_patch_state(module, state)
+        # a transformer put into the pipeline inside the block and enabled there: disabled, as the block found it
+        now = _unwrapped(getattr(pipe, "transformer", None)) if pipe is not None else None
+        patch = getattr(now, PATCH_ATTR, None)
+        if patch is not None and all(now is not module for module, _ in states) and patch.serial > first_new_patch:
+            patch.uninstall()
         if pipe is not None:  # e.g. only the transformer was enabled before: the pipeline's class comes back
             pipe.__class__ = pipe_class
         if pipe is not None and _weakly_keyed(pipe):  # which transformer enable(pipe) patched, as before the block

@@ -365,6 +365,15 @@ def test_summary_names_planned_shapes_a_cut_case_did_not_reach_and_merges_keep_t
     assert "NOT RUN kv" not in out and "NOT RUN (planned" not in out, out
     merged = benchmarks.merge_runs([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
     assert merged["meta"]["planned_shapes"] == {"attention": ["L=1", "L=2", "L=3"], "kv": ["3 ref"]}
+    # a case planned by a part cut before it and run by another (with --quick: shapes that are no prefix of the
+    # full plan's): the plan of the part that ran it counts (the union named the shape that ran as NOT RUN)
+    cut_first = dict(first, planned_shapes={"attention": ["L=1", "L=2", "L=3"], "kv": ["1 ref", "3 ref"]})
+    benchmarks.write_json(str(tmp_path / "a.json"), cut_first,
+                          _block("attention", "L=1", {"sparsectx (compacted)": 1.0, "sdpa cudnn": 0.8}))
+    merged = benchmarks.merge_runs([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    assert merged["meta"]["planned_shapes"]["kv"] == ["3 ref"]
+    assert not any(line.startswith("NOT RUN: the last") and "kv" in line
+                   for line in benchmarks.format_summary(merged["meta"], merged["rows"]).splitlines())
 
 
 def test_a_bench_run_records_each_cases_planned_shapes(tmp_path):
@@ -1217,6 +1226,33 @@ def test_a_run_cut_before_a_shapes_checks_judges_nothing_there_and_says_it_was_c
     assert "**compaction**, B=1, N=8 (CUT SHORT before its checks" in markdown
     assert "unchecked (cut before its checks)" in markdown
     assert "CUT SHORT before its checks" in benchmarks.format_summary({}, rows)
+
+
+def test_a_run_cut_while_building_the_next_shape_leaves_the_finished_one_unmarked(monkeypatch):
+    """The last write of a finished workload kept its rows marked unfinished until the next workload wrote a row: a
+    run cut while the next shape was built (a model loading) called the finished shape CUT SHORT. The finished
+    shape's rows are written unmarked first."""
+    x = torch.arange(8.0)
+    impls = [benchmarks.Impl("sparsectx compact_tokens (scores+budget)", lambda: x),
+             benchmarks.Impl("topk+sort+gather", lambda: x + 0)]
+
+    class TwoShapes(_OneShapeCase):
+        def configs(self, size, quick=False):
+            return [1, 2]
+
+        def build(self, config, size, device):
+            if config == 2:
+                raise KeyboardInterrupt  # (the step's timeout while the second shape is built)
+            return _workload(impls)
+
+    monkeypatch.setitem(benchmarks.CASES, "compaction", TwoShapes("B=1, N=8", None))
+    monkeypatch.setattr(benchmarks, "time_ms", lambda fn, device, **kw: 1.0 if fn is impls[0].fn else 6.0)
+    written = []
+    with pytest.raises(KeyboardInterrupt):
+        benchmarks.run_case("compaction", torch.device("cpu"), "tiny", on_rows=written.append)
+    rows = written[-1]
+    assert len(rows) == 2 and not any(r.get("unfinished") for r in rows), rows
+    assert "CUT SHORT" not in benchmarks.format_table(rows) + benchmarks.format_summary({}, rows)
 
 
 def test_a_run_cut_in_a_later_pass_judges_the_checked_shape_and_says_it_was_cut(monkeypatch):

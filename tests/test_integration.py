@@ -2943,6 +2943,28 @@ def test_klein_kv_requests_one_of_which_keeps_nothing_equal_each_alone(budget):
     torch.testing.assert_close(both, torch.cat(alone), rtol=0, atol=FP32_ATOL)
 
 
+def test_klein_kv_extract_returning_an_output_object_hands_over_the_cache():
+    """The extract step called with return_dict=True, its first group keeping no token: the merged output was that
+    group's, whose None kv_cache diffusers' output leaves out of its keys; the cache set as an attribute alone was
+    missing from ``out[1]`` and ``to_tuple()``."""
+    pipe = _tiny_pipeline(diffusers.Flux2KleinKVPipeline)
+    model = pipe.transformer
+    sparsectx.enable(pipe, budget=[[0], [0.5]], selector="uniform")
+    outputs = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: (args, {**kwargs, "return_dict": True})
+                                    if kwargs.get("kv_cache_mode") == "extract" else None, with_kwargs=True)
+    model.register_forward_hook(lambda m, args, kwargs, out: outputs.append(out) or (out.sample, out["kv_cache"])
+                                if kwargs.get("kv_cache_mode") == "extract" else None, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            pipe(image=_reference_images(), prompt_embeds=torch.randn(2, TEXT_TOKENS, TEXT_DIM), height=IMAGE_PX,
+                 width=IMAGE_PX, num_inference_steps=2, output_type="latent")
+    finally:
+        sparsectx.disable(pipe)
+    (out,) = outputs
+    assert out["kv_cache"] is not None and out.kv_cache is out["kv_cache"] and len(out.to_tuple()) == 2
+
+
 def test_klein_kv_mixed_calls_free_their_groups_caches():
     import gc
 

@@ -300,6 +300,27 @@ def test_sparse_context_restores_the_replaced_transformers_patch(pipe, family):
     assert not sparsectx.integration.is_enabled(old)
 
 
+@pytest.mark.parametrize("family", [KONTEXT])  # not family-specific: one family
+def test_sparse_context_disables_a_transformer_put_in_and_enabled_inside_the_block(pipe, family):
+    """A pipeline not enabled; inside a restored_state block its transformer is replaced and the pipeline enabled:
+    on exit the new transformer is disabled again (the block's state at its start), while a transformer enabled
+    before the block and put in inside it keeps its patch."""
+    old = pipe.transformer
+    for enabled_before in (False, True):
+        other = _kontext_pipeline().transformer
+        if enabled_before:
+            sparsectx.enable(other, budget=0.25)
+        with sparsectx.integration.restored_state(pipe):
+            pipe.transformer = other
+            if not enabled_before:
+                sparsectx.enable(pipe, budget=0.5)
+        assert sparsectx.integration.is_enabled(other) == enabled_before, enabled_before
+        assert ("forward" in other.__dict__) == enabled_before
+        sparsectx.disable(other)
+        pipe.transformer = old
+    assert not hasattr(type(pipe), "_sparsectx_base")
+
+
 def test_disable_of_a_pipeline_forgets_its_transformer(pipe, family):
     """After enable(pipe) and disable(pipe) (or a sparse_context(pipe) block), the transformer enabled directly and
     then replaced in the pipeline is not the pipeline's to disable (before, disable(pipe) uninstalled it); a
