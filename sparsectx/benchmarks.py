@@ -3921,7 +3921,8 @@ def format_summary(meta: dict, rows: list, max_picks: int = 16) -> str:
         head = f"{case:<10} {shape:<60} {base['impl']} "
         head += f"{base['time_ms']:.3f}ms{_rate(base)}" if base["time_ms"] else f"-- {base['note'][:60]}"
         head += " FAIL" if base["ok"] is False else ""  # (its own check, or every peer disagreeing with it)
-        head += f" CUT SHORT {_cut_short(block)}" if _cut_short(block) else ""
+        cut = _cut_short(block)
+        head += f" CUT SHORT {cut}" if cut else ""
         peers = []
         for r in block[1:]:
             flag = " FAIL" if r["ok"] is False else ""

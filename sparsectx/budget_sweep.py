@@ -160,6 +160,11 @@ def _check_count(name: str, value, least: int) -> None:
         raise ValueError(f"{name} must be at least {least}, got {value}")
 
 
+def _enable_args(setting: dict) -> dict:
+    """A setting's ``enable`` arguments (without its label)."""
+    return {key: value for key, value in setting.items() if key != LABEL_KEY}
+
+
 def _check_settings(pipe, settings) -> list:
     """The settings as a list of dicts, each checked as ``enable`` checks its arguments and its target (errors name
     the row), before any call: ``enable`` itself runs only once the earlier rows' calls are done."""
@@ -175,7 +180,7 @@ def _check_settings(pipe, settings) -> list:
         if unknown:
             raise ValueError(f"settings[{i}] has unknown keys {unknown}: allowed are {list(SETTING_KEYS)} and "
                              f"'{LABEL_KEY}'")
-        args = {key: value for key, value in setting.items() if key != LABEL_KEY}
+        args = _enable_args(setting)
         try:
             integration.check_enable_arguments(**args)
             integration.check_enable_target(pipe, args.get("attention", integration.NATIVE))
@@ -315,8 +320,7 @@ def sweep(pipe, settings: Sequence[dict], *, seed: int = 0, repeats: int = 1, wa
                 if baseline is None:
                     baseline = output
                 psnr, rel_rmse, max_abs_diff = _compare(output, baseline, images)
-                setting_args = None if setting is None else {k: v for k, v in setting.items() if k != LABEL_KEY}
-                results.append(SweepRow(label, setting_args, kept,
+                results.append(SweepRow(label, None if setting is None else _enable_args(setting), kept,
                                         statistics.median(seconds), psnr, rel_rmse, max_abs_diff))
                 if keep_outputs:
                     outputs.append(output.float())
@@ -334,7 +338,7 @@ def _run_row(pipe, setting: Optional[dict], seed: int, warmup: int, repeats: int
         if setting is None:
             integration.disable(pipe)
         else:
-            integration.enable(pipe, **{key: value for key, value in setting.items() if key != LABEL_KEY})
+            integration.enable(pipe, **_enable_args(setting))
         seconds, selections = [], {}
         for call in range(warmup + repeats):
             last = call == warmup + repeats - 1

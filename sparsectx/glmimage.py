@@ -130,10 +130,7 @@ class WrittenImages:
         slot = first.current_sample_idx
         if len(first.k_caches) <= slot:  # nothing stored for the slot yet
             return Written(slot, 0, 0)
-        images, rows, stored = self._written.get(kv_caches, {}).get(slot, (None, None, None))
-        if stored is None or stored() is not first.k_caches[slot]:
-            return Written(slot, None, None)
-        return Written(slot, images, rows)
+        return Written(slot, *(self.written(kv_caches, slot) or (None, None)))
 
     def written(self, kv_caches, slot: int) -> Optional[tuple]:
         """``(images, rows)`` the counted write forwards stored in ``kv_caches``' sample ``slot``, or None when not

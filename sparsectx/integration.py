@@ -2048,7 +2048,7 @@ class _SparsePatch(ForwardPatch):
             per_image.clear()
         if _is_per_request(budget):
             requests["budget"] = len(budget)
-        spec = budget[self.glm_write.slot if len(budget) > 1 else 0] if _is_per_request(budget) else budget
+        spec = _glm_request_budget(budget, self.glm_write.slot)
         if isinstance(spec, list) and len(spec) > 1:  # (one entry applies to every image)
             per_image.setdefault(self.glm_write.slot, {})["budget"] = (len(spec), "images")
         signals = overrides.get("signals", self.settings.signals)
@@ -3097,6 +3097,18 @@ def _prompt_seeds(seed: Union[int, tuple, None], base: type, pipe, args: tuple, 
     return seed[::per_prompt] if prompts and per_prompt > 0 and len(seed) == prompts * per_prompt else seed[0]
 
 
+def _glm_request_budget(budget: Budget, request: int) -> Budget:
+    """The budget of the images of GLM-Image's request ``request`` (a cache sample slot): a per-request list's entry
+    for it (one entry: every request's), else ``budget`` itself."""
+    if not _is_per_request(budget):
+        return budget
+    if len(budget) > 1 and request >= len(budget):
+        raise ValueError(f"budget has {len(budget)} per-request entries, but this KV-cache write forward stores "
+                         f"the references of request {request + 1} (GLM-Image's requests are its prompts, one "
+                         "sample slot of the cache each)")
+    return budget[request if len(budget) > 1 else 0]
+
+
 def _glm_image_budget(budget: Budget, request: int, image: Optional[int]) -> Budget:
     """The budget of GLM-Image's write forward storing reference image ``image`` of the cache's sample slot
     ``request`` (the pipeline writes one slot per prompt): a per-request list's entry for that prompt, then a per-image
@@ -3112,13 +3124,7 @@ def _glm_image_budget(budget: Budget, request: int, image: Optional[int]) -> Bud
                              "forward, so a budget object takes one value per setting there; give per-request or "
                              "per-image budgets as lists of ratios or counts")
         return budget
-    spec = budget
-    if _is_per_request(budget):
-        if len(budget) > 1 and request >= len(budget):
-            raise ValueError(f"budget has {len(budget)} per-request entries, but this KV-cache write forward stores "
-                             f"the references of request {request + 1} (GLM-Image's requests are its prompts, one "
-                             "sample slot of the cache each)")
-        spec = budget[request if len(budget) > 1 else 0]
+    spec = _glm_request_budget(budget, request)
     if not isinstance(spec, list) or len(spec) == 1:
         return spec[0] if isinstance(spec, list) else spec
     if image is None:
