@@ -349,7 +349,8 @@ def _attention_backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k, ref_k, ref_v, ref_index, cu_ref = ctx.saved_tensors
     dout = dout.contiguous() if dout is not None else torch.zeros_like(out)
     dlse = dlse if dlse is not None else torch.zeros_like(lse)  # (made contiguous where the kernels read it)
-    backward = _attention_bwd if _plain_eager(dout, dlse, q, k, v, out, ref_k, ref_v) else _attention_bwd_op
+    backward = (_attention_bwd if _plain_eager(dout, dlse, q, k, v, out, ref_k, ref_v, cu_q, cu_k, ref_index, cu_ref)
+                else _attention_bwd_op)
     dq, dk, dv, dref_k, dref_v = backward(
         dout, dlse, q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, ref_k, ref_v, ref_index, cu_ref,
         ctx.max_ref, ctx.scale)
@@ -617,8 +618,10 @@ def sparse_attention(
     max_seqlen_q, max_seqlen_k = _at_most(max_seqlen_q, tq), _at_most(max_seqlen_k, k.shape[0])
     if has_ref:
         max_seqlen_ref = _at_most(max_seqlen_ref, ref_k.shape[0] if ref_index is None else ref_index.numel())
-    # the lengths stay symbolic where they are (torch.export with dynamic shapes: int() would specialise them)
-    forward = _dispatch(_attention_fwd, _AttentionFunction, _attention_fwd_op, q, k, v, ref_k, ref_v)
+    # the lengths stay symbolic where they are (torch.export with dynamic shapes: int() would specialise them);
+    # the index tensors count for the dispatch too: one batched by vmap alone must reach vmap's loop over the op
+    forward = _dispatch(_attention_fwd, _AttentionFunction, _attention_fwd_op, q, k, v, ref_k, ref_v,
+                        cu_seqlens_q, cu_seqlens_k, ref_index, cu_seqlens_ref)
     out, lse = forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        ref_k, ref_v, ref_index if has_ref else None, cu_seqlens_ref if has_ref else None,
                        max_seqlen_ref if has_ref else 0, float(softmax_scale))

@@ -561,6 +561,19 @@ def test_vmap_runs_attention_and_refuses_the_compaction():
     got = torch.vmap(lambda t, c: sparsectx.sparse_attention(t, t, t, c, c, 5, 5))(rows, cu)
     want = torch.stack([sparsectx.sparse_attention(t, t, t, c, c, 5, 5) for t, c in zip(rows, cu)])
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # an index tensor batched alone (one shared q/k/v or reference buffer, a selection per vmapped sample): vmap's
+    # loop over the op, as above (the op ran its implementation on the batched index: "Cannot access storage")
+    got = torch.vmap(lambda c: sparsectx.sparse_attention(rows[0], rows[1], rows[2], c, c, 5, 5))(cu)
+    want = torch.stack([sparsectx.sparse_attention(rows[0], rows[1], rows[2], c, c, 5, 5) for c in cu])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    ref = torch.randn(2, 4, 1, 16)
+    index = torch.tensor([[1, 3, 0], [0, 1, 2], [3, 2, 3]], dtype=torch.int32)
+    cu_ref, cu_own = (torch.tensor(c, dtype=torch.int32) for c in ([0, 2, 3], [0, 2, 5]))
+
+    def gathered(i):
+        return sparsectx.sparse_attention(rows[0], rows[1], rows[2], cu_own, cu_own, 3, 3, ref_k=ref, ref_v=-ref,
+                                          ref_index=i, cu_seqlens_ref=cu_ref)
+    torch.testing.assert_close(torch.vmap(gathered)(index), torch.stack([gathered(i) for i in index]), rtol=0, atol=0)
 
 
 def test_data_less_inputs_are_told_from_plain_ones_as_torch_does():
