@@ -869,8 +869,10 @@ def edit_scores(reference_latents: torch.Tensor, context: SelectionContext, *, r
             raise ValueError("extra['user_mask'] is on the meta device: it has no values to read")
         region = user_mask.to(region.device).float()
     if queries is not None:
-        keys = _probe_tensor(reference_latents, context, "ref_keys", "edit")
+        # the queries' mask as they came (the user's, or the probe's with its queries): a probe run for the keys alone
+        # adds its own prompt's mask, which is not the mask of a user's text_queries
         text_mask = context.extra.get("text_mask")
+        keys = _probe_tensor(reference_latents, context, "ref_keys", "edit")
         _check_qk(queries, keys, text_mask, batch, n_tokens, "text_queries")
         probe = _normalise_per_image(attention_mass(queries, keys, text_mask, max_queries=max_queries),
                                      context.ref_lengths)

@@ -537,6 +537,28 @@ def test_attention_selector_keeps_the_queries_given_when_the_probe_runs_for_the_
     assert not torch.allclose(scores, selection.attention_mass(probed["queries"], probed["ref_keys"]))
 
 
+def test_edit_selector_reads_the_given_text_queries_without_the_probes_text_mask():
+    """Text queries given without a mask, keys left to the probe, which returns its own prompt's text_mask (as the
+    Qwen-Image probe does): that mask was applied to the given queries (the last ones ignored, silently; of another
+    query count, an error about a mask never given). The given queries are read unmasked against the probe's keys."""
+    latents, ctx = _full_context(2, 2)
+    given_queries = ctx.extra["text_queries"]
+    probe_mask = torch.zeros(given_queries.shape[:2], dtype=torch.bool)
+    probe_mask[:, 0] = True
+    probed = {"ref_keys": ctx.extra["ref_keys"], "text_queries": torch.randn_like(given_queries),
+              "text_mask": probe_mask}
+    edit = get_selector("edit")
+
+    def scores(queries, **given):
+        extra = {"text_queries": queries, "attention_probe": lambda x, c: dict(probed), **given}
+        return edit(latents, SelectionContext(ctx.num_references, ctx.ref_lengths, extra=extra))
+    unmasked = scores(given_queries, ref_keys=probed["ref_keys"])
+    torch.testing.assert_close(scores(given_queries), unmasked)
+    assert not torch.allclose(unmasked, scores(given_queries, ref_keys=probed["ref_keys"], text_mask=probe_mask))
+    longer = torch.cat([given_queries, given_queries[:, :1]], dim=1)  # another query count than the probe's mask
+    torch.testing.assert_close(scores(longer), scores(longer, ref_keys=probed["ref_keys"]))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # budgets
 # ----------------------------------------------------------------------------------------------------------------
