@@ -436,10 +436,27 @@ class RecentForward:
     record: Any
     training: bool  # drawn in train mode (an eval forward's record keeps its deterministic selection or every token)
     patched: bool  # its recomputation needs the patch (it dropped tokens)
-    under_no_grad: bool  # ran under no_grad, as a reentrant checkpoint runs its forward
+    in_checkpoint: bool  # ran as a reentrant checkpoint runs its forward (``reentrant_forward``)
     ambiguous: bool = False  # an earlier forward on the same inputs was not recomputed: which one a recompute is
     recomputed: bool = False
     drawn: Optional[DrawnRng] = None  # its draw's use of torch's global generators, replayed by its recomputation
+
+
+def reentrant_forward() -> bool:
+    """Whether this forward runs as a reentrant checkpoint (``torch.utils.checkpoint(use_reentrant=True)``, or any
+    activation checkpoint built as an ``autograd.Function``) runs its function: under no_grad, inside the forward of
+    an ``autograd.Function``, found on the Python stack by the ``ctx`` it was given. A validation pass under no_grad
+    is not one (its backward will not recompute it). Read only under no_grad: the stack is walked there alone."""
+    if torch.is_grad_enabled():
+        return False
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "forward" and code.co_argcount and \
+                isinstance(frame.f_locals.get(code.co_varnames[0]), torch.autograd.function.FunctionCtx):
+            return True
+        frame = frame.f_back
+    return False
 
 
 class RecentForwards:
@@ -489,16 +506,16 @@ class RecentForwards:
 
     def release(self, disabling: str) -> None:
         """The patch is being removed (``disabling`` names the call): forgets every forward, first warning of those that
-        dropped tokens under no_grad and were not recomputed yet (a reentrant checkpoint's forward, whose backward
-        would recompute it on the original model)."""
-        pending = sum(1 for entry in self.entries.values() if entry.patched and entry.under_no_grad
+        dropped tokens as a reentrant checkpoint's forward and were not recomputed yet (its backward would recompute
+        it on the original model; a validation pass under no_grad is no such forward)."""
+        pending = sum(1 for entry in self.entries.values() if entry.patched and entry.in_checkpoint
                       and not entry.recomputed and entry.input() is not None)
         if pending:
             # (a non-reentrant checkpoint's recomputation fails in torch's own check instead)
-            _warn(f"{disabling}: {pending} forward(s) that dropped reference tokens ran under no_grad in train "
-                  "mode and were not recomputed yet: if one is a torch.utils.checkpoint around the transformer "
-                  "(use_reentrant=True) whose backward is still to come, that backward recomputes it on every "
-                  "token and its gradients are wrong; disable (or leave the sparse_context block) after the "
+            _warn(f"{disabling}: {pending} forward(s) that dropped reference tokens ran in train mode inside a "
+                  "reentrant checkpoint (torch.utils.checkpoint around the transformer, use_reentrant=True) and "
+                  "were not recomputed yet: if a backward of one is still to come, it recomputes the forward on "
+                  "every token and its gradients are wrong; disable (or leave the sparse_context block) after the "
                   "backward", RuntimeWarning)
         self.entries.clear()
 
@@ -2418,7 +2435,7 @@ class _SparsePatch(ForwardPatch):
         training = self._training_forward()
         if found is None or training or not found.training:
             self.recent.remember(inputs, RecentForward(
-                weakref.ref(hidden), key, training, patched=training, under_no_grad=not torch.is_grad_enabled(),
+                weakref.ref(hidden), key, training, patched=training, in_checkpoint=training and reentrant_forward(),
                 ambiguous=found is not None and found.training and not found.recomputed))
         return key, False
 

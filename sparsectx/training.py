@@ -331,7 +331,7 @@ class _DropTrainingPatch(integration.ForwardPatch):
         key = integration.RecentForwards.key(hidden)
         if self.recent.find(key) is None:
             self.recent.remember(key, integration.RecentForward(weakref.ref(hidden), (None, 0), training=False,
-                                                                patched=False, under_no_grad=False))
+                                                                patched=False, in_checkpoint=False))
         if not self.warned_eval and any(p.requires_grad for p in self.transformer.parameters()):
             self.warned_eval = True
             _warn("drop training: a forward with gradients ran in eval mode and dropped no reference token "
@@ -382,11 +382,11 @@ class _DropTrainingPatch(integration.ForwardPatch):
         before = integration.rng_states(hidden.device)
         mask, host = self._draw_mask(call)
         self.recent_draws.append(host)
-        # ambiguous when an earlier forward on this input was not recomputed; under no_grad, as a reentrant
-        # checkpoint runs its forward
+        # ambiguous when an earlier forward on this input was not recomputed
         self.recent.remember(key, integration.RecentForward(
             weakref.ref(hidden), mask, training=True, patched=mask[0] is not None,
-            under_no_grad=not torch.is_grad_enabled(), ambiguous=entry is not None and not entry.recomputed,
+            in_checkpoint=mask[0] is not None and integration.reentrant_forward(),
+            ambiguous=entry is not None and not entry.recomputed,
             drawn=integration.drawn_rng(hidden.device, before)))
         return mask
 

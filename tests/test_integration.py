@@ -3192,8 +3192,6 @@ def test_last_selection_gives_each_reference_on_its_token_grid(models, family):
         sparsectx.last_selection(model).grids()
 
 
-@pytest.mark.filterwarnings("ignore:disable. 2 forward.s. that dropped reference tokens ran under no_grad")  # (no
-# checkpoint here)
 def test_a_training_forward_selects_per_prompt_and_lets_selectors_use_autograd(models):
     """Train mode without a backward (e.g. guidance branches in a validation loop without ``eval()``): one latent
     tensor with two prompts selects once per prompt (keying the training plan by its input alone shared one

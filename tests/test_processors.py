@@ -2143,7 +2143,8 @@ def test_last_drop_mask_is_the_latest_forwards_after_a_checkpoints_recomputation
 def test_disabling_drop_training_before_a_reentrant_checkpoints_backward_warns():
     """A reentrant checkpoint around the transformer recomputes its forward in the backward; disabled before it,
     the original model recomputes with every token kept (wrong gradients): disable warns. After the backward (the
-    forward recomputed), or after a plain forward, it does not."""
+    forward recomputed), after a plain forward, or after a validation pass under no_grad in train mode (no
+    checkpoint: it warned, as if one were pending), it does not."""
     kwargs = shared._inputs("flux2")
     model = shared._build_model("flux2").train()
 
@@ -2155,6 +2156,10 @@ def test_disabling_drop_training_before_a_reentrant_checkpoints_backward_warns()
         hidden = kwargs["hidden_states"].clone().requires_grad_()
         out = torch.utils.checkpoint.checkpoint(run, hidden, use_reentrant=True)
         model(**{**kwargs, "hidden_states": kwargs["hidden_states"] + 1})[0].sum().backward()  # a plain forward
+        validation_input = kwargs["hidden_states"] + 2  # (alive at disable, as a validation batch is)
+        with torch.no_grad():
+            model(**{**kwargs, "hidden_states": validation_input})
+        assert not last_drop_mask(model).all()  # (it dropped tokens)
         if backward_first:
             out.sum().backward()
             with warnings.catch_warnings():
