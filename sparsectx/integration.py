@@ -2763,6 +2763,7 @@ class _SparsePatch(ForwardPatch):
         one), text tokens of all samples first; the processors attend within each sample (``PackedBatch``)."""
         from .processors import PackedBatch  # deferred: imports diffusers' model modules
 
+        self._check_batch_rows(call)
         hidden, text = call["hidden_states"], call["encoder_hidden_states"]
         batch, seq = hidden.shape[:2]
         n_text = text.shape[1]
@@ -3032,6 +3033,7 @@ class _SparsePatch(ForwardPatch):
         if samples is None:
             samples = _device_values(rows, torch.long, call["hidden_states"].device)
         group = dict(call)
+        self._check_batch_rows(call)
         # (FLUX's img_ids and txt_ids stay whole, also as [B, S, n_axes]: the models read sample 0's for the whole
         # batch, as the layout and a packed batch do, so each group runs on the ids its samples get in the batch)
         for name in _BATCH_ARGS[self.family]:
@@ -3049,6 +3051,21 @@ class _SparsePatch(ForwardPatch):
         for name in self.extra_args(call):  # a subclass's own arguments: their per-sample tensors
             group[name] = _sample_rows(call[name], samples, batch)
         return group
+
+    def _check_batch_rows(self, call: dict) -> None:
+        """``ValueError`` for a per-sample input whose leading dim is neither the batch's nor 1: a batch split into
+        groups (or packed) would give each group all of its rows, and a group of as many samples ran on them, each
+        sample on another sample's prompt (the model alone refuses such a batch)."""
+        batch = call["hidden_states"].shape[0]
+        for name in _BATCH_ARGS[self.family]:
+            value = call.get(name)
+            for tensor in value if _tensor_sequence(value) else (value,):
+                if isinstance(tensor, torch.Tensor) and tensor.ndim and tensor.shape[0] not in (1, batch):
+                    raise ValueError(
+                        f"{name} has {tensor.shape[0]} rows for a batch of {batch} (hidden_states): the batch's "
+                        "samples keep different reference tokens and run apart, so each per-sample input needs "
+                        "one row per sample (or one for all); repeat it over the batch as the pipeline repeats "
+                        "its prompt for num_images_per_prompt")
 
     # -- outputs back to the input's layout ----------------------------------------------------------------------
     def _merge(self, call: dict, plan: _Plan, results: list):

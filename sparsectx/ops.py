@@ -1594,6 +1594,9 @@ def compact_tokens(selection: torch.Tensor, *tensors: torch.Tensor, budget=None,
     if selection.dtype == torch.bool:
         if budget is not None:
             raise ValueError("budget must be None when selection is a keep mask")
+        if selection.is_meta and (max_total is None or return_max_seqlen):  # (FakeTensors: symbols stand in)
+            raise ValueError("a keep mask on the meta device holds no values: its kept total and lengths are "
+                             "unknown, so give max_total (the packed rows' shape) and return_max_seqlen=False")
         counts = None
     else:
         counts = _check_budget(budget, batch, n_tokens)

@@ -864,7 +864,9 @@ def edit_scores(reference_latents: torch.Tensor, context: SelectionContext, *, r
     if user_mask is not None:
         if not isinstance(user_mask, torch.Tensor) or user_mask.dtype != torch.bool \
                 or tuple(user_mask.shape) != (batch, n_tokens):
-            raise ValueError(f"extra['user_mask'] must be bool [B={batch}, N={n_tokens}]")
+            got = (f"{user_mask.dtype} {list(user_mask.shape)}" if isinstance(user_mask, torch.Tensor)
+                   else type(user_mask).__name__)
+            raise ValueError(f"extra['user_mask'] must be bool [B={batch}, N={n_tokens}], got {got}")
         if user_mask.is_meta:
             raise ValueError("extra['user_mask'] is on the meta device: it has no values to read")
         region = user_mask.to(region.device).float()
@@ -1046,6 +1048,9 @@ def _check_coverage(coverage) -> None:
     """``coverage``'s type, and its range when it is a Python scalar (a tensor's is checked where it is used)."""
     if isinstance(coverage, bool) or not isinstance(coverage, (numbers.Real, torch.Tensor)):
         raise TypeError(f"coverage must be a float or a tensor, got {type(coverage).__name__}")
+    if isinstance(coverage, torch.Tensor) and (coverage.dtype == torch.bool or coverage.is_complex()):
+        raise TypeError(f"coverage must be a float or a real tensor (a share of the score mass), got a tensor of "
+                        f"{coverage.dtype}")
     if isinstance(coverage, numbers.Real) and not 0.0 <= coverage <= 1.0:  # numpy scalars too (NaN fails)
         raise ValueError(f"coverage must lie in [0, 1], got {coverage!r}")
 
@@ -1189,6 +1194,13 @@ class _NaNScores(ValueError):
     """Scores holding NaN, found by a budget (``select`` names the selector that returned them)."""
 
 
+class _InfScores(ValueError):
+    """Scores holding +inf, found by an adaptive budget (``select`` names the selector that returned them)."""
+
+    WHY = ("their mass is undefined (an adaptive budget reads the selector's scores as a distribution: return finite "
+           "scores, or use a ratio or count budget)")
+
+
 def _check_scores(scores, nan: bool = True) -> None:
     """``scores`` a float [B, N] tensor, and (``nan``: one host read) without NaN."""
     if not isinstance(scores, torch.Tensor):
@@ -1265,7 +1277,7 @@ def fixed_ratio(ratio: PerImage) -> FixedBudget:
 def _fixed_ratio(ratio: PerImage, name: str) -> FixedBudget:
     """``fixed_ratio``, its errors naming ``name`` (``as_budget``: the caller's budget)."""
     _check_per_image_setting(name, ratio)
-    if isinstance(ratio, (int, float)) and not 0.0 <= ratio <= 1.0:
+    if isinstance(ratio, numbers.Real) and not 0.0 <= ops.budget_number(ratio) <= 1.0:  # numpy scalars too
         raise ValueError(f"{name} must lie in [0, 1], got {ratio!r}")
     return FixedBudget("fixed_ratio", ratio, ratio=True)
 
@@ -1340,8 +1352,7 @@ def adaptive_budget(scores: torch.Tensor, coverage: Union[float, torch.Tensor] =
         raise _NaNScores("scores contain NaN")
     ref_lengths = _check_ref_lengths(ref_lengths, scores.shape[1])
     if highest == math.inf:
-        raise ValueError("scores contain +inf: their mass is undefined (an adaptive budget reads the selector's "
-                         "scores as a distribution: return finite scores, or use a ratio or count budget)")
+        raise _InfScores(f"scores contain +inf: {_InfScores.WHY}")
     if lowest < 0 and mass == "linear":
         raise ValueError("mass='linear' needs scores >= 0 (use 'softmax' or 'auto' for signed scores)")
     if mass == "auto" and not lowest < 0:  # no row has a negative score: 'auto' is linear for every row
@@ -1525,8 +1536,8 @@ def adaptive(coverage: Union[float, torch.Tensor] = 0.9, floor: PerImage = 0, ca
     _check_coverage(coverage)
     for name, value in (("floor", floor), ("cap", cap)):
         _check_per_image_setting(name, value)
-        if isinstance(value, (int, float)):
-            _check_scalar_setting(name, value)
+        if isinstance(value, numbers.Real):  # numpy scalars too, as their kind
+            _check_scalar_setting(name, ops.budget_number(value))
     _check_floor_below_cap(floor, cap)
     return AdaptiveBudget(coverage, floor, cap, mass)
 
@@ -1551,6 +1562,9 @@ def _check_floor_below_cap(floor, cap) -> None:
     floors, caps = per_request(floor), per_request(cap)
     if floors is None or caps is None:
         return
+    if len(floors) != len(caps) and 1 not in (len(floors), len(caps)):  # (per-image lists meet the images later)
+        raise ValueError(f"floor {floor!r} and cap {cap!r} give {len(floors)} and {len(caps)} requests: per-request "
+                         "settings need one row per request each (or one row for all)")
     for request_floors, request_caps in broadcast(floors, caps):
         for f, c in broadcast(request_floors, request_caps):
             if not all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in (f, c)):
@@ -1714,3 +1728,5 @@ def selected_keep(selector: Selector, reference_latents: torch.Tensor, context: 
         if not checks_nan:
             raise
         raise ValueError(f"selector {selector.name!r} returned NaN scores") from None
+    except _InfScores:
+        raise ValueError(f"selector {selector.name!r} returned +inf scores: {_InfScores.WHY}") from None

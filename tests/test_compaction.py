@@ -898,6 +898,10 @@ def _bad_compact_calls(device):
         (ValueError, "budget", lambda: sparsectx.compact_tokens(mask, budget=3)),
         (ValueError, "max_total", lambda: sparsectx.compact_tokens(scores, budget=5, max_total=9)),
         (ValueError, "max_total", lambda: sparsectx.compact_tokens(mask, max_total=int(mask.sum()) - 1)),
+        # a keep mask on the meta device has no kept total or lengths to read (torch's RuntimeErrors before)
+        (ValueError, "give max_total", lambda: sparsectx.compact_tokens(mask.to("meta"))),
+        (ValueError, "return_max_seqlen=False",
+         lambda: sparsectx.compact_tokens(mask.to("meta"), max_total=4, return_max_seqlen=True)),
         (ValueError, "max_total", lambda: sparsectx.compact_tokens(mask, max_total=-1)),
         (TypeError, "max_total", lambda: sparsectx.compact_tokens(mask, max_total=True)),
     ]

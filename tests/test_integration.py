@@ -433,6 +433,26 @@ def test_mixed_budgets_equal_each_sample_alone(models, family):
                                    rtol=0, atol=FP32_ATOL)
 
 
+@pytest.mark.parametrize("family, attention", [("flux2", "native"), ("flux2", "sparsectx"), ("qwen", "native"),
+                                               ("flux", "native")])  # (sparsectx attention: FLUX.2's packed run)
+def test_mixed_budgets_refuse_a_prompt_batch_of_another_size(models, family, attention):
+    """Requests keeping different tokens run as groups (or packed): a prompt with 2 rows for a batch of 4 (as
+    FluxKontextPipeline passes a user's prompt_embeds under num_images_per_prompt=2) gave each group of 2 samples
+    both prompts, silently (sample 2 on prompt 0), or, packed, an unclear reshape error. The model alone refuses
+    such a batch; so does the drop-in, naming the input."""
+    model, kwargs = models[family], _inputs(family, batch=4)
+    for name in ("encoder_hidden_states", "encoder_hidden_states_mask", "pooled_projections"):
+        if kwargs.get(name) is not None:
+            kwargs[name] = kwargs[name][:2]
+    n_refs = len(_ref_hws(family))
+    sparsectx.enable(model, budget=[[0.5] * n_refs, [0.25] * n_refs], attention=attention)
+    try:
+        with pytest.raises(ValueError, match="encoder_hidden_states has 2 rows for a batch of 4"):
+            _run(model, kwargs)
+    finally:
+        sparsectx.disable(model)
+
+
 def test_step_caches_refuse_a_batch_run_as_several_forwards(models):
     """diffusers' step caches (enable_cache) keep one state per denoiser call: samples that keep different tokens,
     run as separate forwards, would share it (before: a sample got another sample's cached outputs, silently). Such

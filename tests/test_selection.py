@@ -1394,6 +1394,35 @@ def test_a_fixed_budget_given_unchecked_scores_still_refuses_nan():
             select(latents, context, lambda x, c: torch.full(x.shape[:2], math.nan), budget)
 
 
+def test_budget_settings_refused_at_construction_and_selectors_named_in_errors():
+    """Found by a review: per-request floor and cap of different request counts (2 rows against 3) were accepted,
+    and a floor above its cap in them found only after the selector and its probe ran; a bool or complex coverage
+    tensor was read as numbers; numpy scalars out of range built a budget that failed at its first use (or, as a
+    floor, said "above cap"); +inf scores under an adaptive budget did not name the selector; a user_mask of the
+    wrong shape or dtype did not say what it was."""
+    import numpy as np
+    with pytest.raises(ValueError, match="give 2 and 3 requests"):
+        adaptive(0.5, floor=[[0.5], [0.1]], cap=[[0.6], [0.3], [0.2]])
+    adaptive(0.5, floor=[[0.1]], cap=[[0.6], [0.3], [0.2]])  # (one row serves every request)
+    for coverage in (torch.tensor(True), torch.tensor(0.5 + 0j)):
+        with pytest.raises(TypeError, match="coverage must be a float or a real tensor"):
+            adaptive(coverage)
+    for bad in (np.float32(1.5), np.int64(2)):
+        with pytest.raises(ValueError, match="fixed_ratio: ratio must lie in"):
+            fixed_ratio(bad)
+    with pytest.raises(ValueError, match="floor ratio must lie in"):
+        adaptive(0.9, floor=np.float32(1.5))
+    with pytest.raises(ValueError, match="count must be >= 0"):
+        adaptive(0.9, cap=np.int64(-1))
+    latents, ctx = _full_context(1, 2)
+    with pytest.raises(ValueError, match="selector '<lambda>' returned \\+inf scores: their mass is undefined"):
+        select(latents, ctx, lambda x, c: torch.full(x.shape[:2], math.inf), adaptive(0.5))
+    n = latents.shape[1]
+    context = SelectionContext(ctx.num_references, ctx.ref_lengths, extra={"user_mask": torch.ones(1, n - 1)})
+    with pytest.raises(ValueError, match=f"must be bool \\[B=1, N={n}\\], got torch.float32 \\[1, {n - 1}\\]"):
+        get_selector("edit")(latents, context)
+
+
 def test_an_adaptive_budget_reads_the_scores_once():
     """Under an adaptive budget the selector's NaN check is left to the budget's read of the scores' range (one
     host read per selection, not two); a fixed budget keeps the selector's check (its only read)."""
