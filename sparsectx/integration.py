@@ -2249,7 +2249,8 @@ class _SparsePatch(ForwardPatch):
             # JoyImage-Edit-Plus and Z-Image Omni run samples of other references right (each its own RoPE, its
             # padding masked): a budget keeping every token runs their original forward on them, as on any batch
             if self.family not in (JOYPLUS, ZIMAGE) or not _keeps_every_token(
-                    overrides.get("budget", self.settings.budget), call["hidden_states"].shape[0], differ.lengths):
+                    overrides.get("budget", self.settings.budget), call["hidden_states"].shape[0], differ.lengths,
+                    guidance_pairs):
                 raise
             layout, unverified = None, None
         plan = None
@@ -3201,11 +3202,20 @@ def _kept_key_columns(mask: torch.Tensor, n_text: int, n_image: int, positions: 
     return mask.index_select(-2, columns) if mask.ndim >= 2 and mask.shape[-2] == n else mask
 
 
-def _keeps_every_token(budget: Budget, batch: int, lengths: list) -> bool:
+def _keeps_every_token(budget: Budget, batch: int, lengths: list, guidance_pairs: Optional[str] = None) -> bool:
     """Whether ``budget`` keeps every reference token of each sample of the batch, sample ``b`` with the reference
-    token counts ``lengths[b]`` (False for a budget whose counts depend on scores, or that does not fit a sample)."""
+    token counts ``lengths[b]`` (False for a budget whose counts depend on scores, or that does not fit a sample).
+    ``guidance_pairs``: the batch holds guidance's two branches, the budget read as ``_select_guidance_pairs`` reads
+    it (the conditional half's requests; each unconditional sample keeps what its partner keeps)."""
     if budget is None or _is_budget_fn(budget):
         return False
+    if guidance_pairs and batch % 2 == 0:
+        half = batch // 2
+        rows = slice(half, batch) if guidance_pairs == "second" else slice(0, half)
+        partners = lengths[:half] == lengths[half:]  # (each unconditional sample with its partner's references)
+        if _is_per_request(budget) and len(budget) == batch:
+            budget = budget[rows]
+        return partners and _keeps_every_token(budget, half, lengths[rows])
     per_request = _is_per_request(budget) and len(budget) == batch  # (a request's budget: its own images)
     for b, sample_lengths in enumerate(lengths):
         try:

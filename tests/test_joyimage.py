@@ -551,6 +551,24 @@ def test_keep_all_and_disable_are_the_unpatched_pipeline(pipe, guidance_scale):
 
 
 @pytest.mark.parametrize("guidance_scale", [4.0, 1.0])
+def test_requests_with_other_references_keep_all_by_per_request_counts_under_guidance(pipe, guidance_scale):
+    """Two prompts whose references differ in size (16 and 24 tokens) run diffusers' forward when the budget keeps
+    every token, here by per-request counts: under guidance (the batch [negatives, positives]) the counts were read
+    for consecutive samples (the negatives took request 0's, the positives request 1's) and the call was refused as
+    "shape_list differ between samples"; each request's count is its conditional sample's and its partner's."""
+    helpers = _pipeline_helpers()
+    images = [[helpers.reference_image((64, 64), 0)], [helpers.reference_image((96, 64), 1)]]
+    assert [helpers.tokens((64, 64)), helpers.tokens((96, 64))] == [16, 24]
+    kwargs = {"images": images, "prompt": ["make it blue", "make it red"], "guidance_scale": guidance_scale}
+    expected = _call(pipe, **kwargs)
+    sparsectx.enable(pipe, budget=[[16], [24]], selector="uniform")
+    assert torch.equal(_call(pipe, **kwargs), expected)
+    sparsectx.enable(pipe, budget=[[24], [16]], selector="uniform")  # (request 1 keeps 16 of its 24: refused)
+    with pytest.raises(ValueError, match="shape_list differ between samples"):
+        _call(pipe, **kwargs)
+
+
+@pytest.mark.parametrize("guidance_scale", [4.0, 1.0])
 def test_the_transformer_sees_the_target_and_the_kept_tokens(pipe, guidance_scale):
     seen, handle = _patch_rows(pipe.transformer)
     try:
