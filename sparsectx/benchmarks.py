@@ -19,6 +19,7 @@ import contextlib
 import datetime
 import functools
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -3842,7 +3843,7 @@ def merge_parts(parts: Sequence[tuple]) -> dict:
 
 
 MERGE_MUST_MATCH = ("device", "driver", "cuda", "size", "commit", "sparsectx", "python", "torch", "triton",
-                    "diffusers")
+                    "diffusers", "sparsectx_path")  # (the path: Triton, its interpreter or torch, per dtype)
 ROW_KEYS = ("case", "shape", "impl", "time_ms", "ratio", "ok", "note")
 OPTIONAL_ROW_KEYS = ("tflops", "gbps", "err", "peak_mem_gb")
 NOTED_ROW_KEYS = ("ref_err", "checked_by")  # numbers only some rows carry (not filled in where absent)
@@ -4214,6 +4215,14 @@ def _main(args: argparse.Namespace, device: torch.device) -> int:
     if args.json and args.merge_into and os.path.abspath(args.json) == os.path.abspath(args.merge_into):
         raise SystemExit(f"sparsectx bench: error: --json and --merge-into are both {args.json}: the run's own rows "
                          "would replace the earlier parts before the merge is written; give two paths")
+    # an output written over an input, or over another output (the earlier run read, or the JSON, lost)
+    for (option, path), (other, other_path) in itertools.combinations(
+            (("--steps-from", args.steps_from), ("--json", args.json), ("--merge-into", args.merge_into),
+             ("--plot", args.plot)), 2):
+        if path and other_path and os.path.abspath(path) == os.path.abspath(other_path) and \
+                (option, other) != ("--json", "--merge-into"):
+            raise SystemExit(f"sparsectx bench: error: {option} and {other} are both {path}: the run would "
+                             f"write {other} over {option}'s file; give two paths")
     for option, path in (("--json", args.json), ("--merge-into", args.merge_into), ("--plot", args.plot)):
         if path:
             check_output_path(option, path)
@@ -4257,6 +4266,8 @@ def _main(args: argparse.Namespace, device: torch.device) -> int:
         if again:
             raise SystemExit(f"sparsectx bench: error: --merge-into {args.merge_into} already holds rows of "
                              f"{', '.join(again)} (one timing per row)")
+    if args.json or args.merge_into:  # written before the first case: a run cut before its first row still says
+        write([])                     # what it planned (the summary's NOT RUN)
     print(f"sparsectx bench on {meta['device']} ({device}), size {size}{' quick' if args.quick else ''}; "
           f"torch {meta['torch']}, triton {meta['triton']}; sparsectx path {meta['sparsectx_path']}")
     print(f"ceilings measured now: copy {meta['ceilings']['copy_GBps']:.0f} GB/s (read + write), matmul "

@@ -188,6 +188,13 @@ def test_a_merge_never_writes_over_its_own_inputs(tmp_path):
     with pytest.raises(SystemExit, match="--json and --merge-into are both"):
         cli.main(["bench", "--quick", "--case", "compaction", "--json", str(a), "--merge-into", str(a)])
     assert a.read_text() == before
+    # the earlier run --steps-from reads, and one output written over another (--plot over the JSON): refused too
+    # (the run replaced the file it read its step times from)
+    for pair in (("--steps-from", "--json"), ("--steps-from", "--merge-into"), ("--json", "--plot"),
+                 ("--merge-into", "--plot")):
+        with pytest.raises(SystemExit, match=f"{pair[0]} and {pair[1]} are both"):
+            cli.main(["bench", "--quick", "--case", "compaction", pair[0], str(a), pair[1], str(a)])
+        assert a.read_text() == before
 
 
 def test_the_run_records_its_host_cpu():
@@ -1703,6 +1710,38 @@ def test_bench_merge_into_alone_keeps_rows_as_they_come_and_refuses_bad_files_be
         with pytest.raises(SystemExit, match=words):
             cli.main(["bench", "--quick", "--case", "compaction", "--merge-into", str(path)])
     assert ran == []  # refused before the run
+
+
+def test_a_step_cut_before_its_first_row_is_named_not_run(tmp_path, monkeypatch):
+    """A bench step killed while its first shape was being built (the GPU check's step timeout) wrote nothing: no
+    --json file, the --merge-into file as it was, so the summary never named the case NOT RUN. The run's plan is
+    written before its first case."""
+    monkeypatch.setattr(benchmarks, "run_case", lambda *args, **kwargs: _raise(KeyboardInterrupt()))
+    own, merged = tmp_path / "own.json", tmp_path / "merged.json"
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["bench", "--quick", "--case", "compaction", "--json", str(own), "--merge-into", str(merged)])
+    for path in (own, merged):
+        run = benchmarks.load_run(str(path))
+        assert run["rows"] == [] and run["meta"]["planned_shapes"]["compaction"], path
+        assert "NOT RUN (planned, no row; a step cut short?): compaction" in \
+            benchmarks.format_summary(run["meta"], run["rows"]), path
+
+
+def test_parts_run_on_other_op_paths_are_not_merged():
+    """A part run on the torch reference and one on Triton's interpreter (or on Triton) were merged, the merged
+    file naming the first part's path for every row."""
+    rows = _block("attention", "L=1", {"sparsectx (compacted)": 1.0, "sdpa cudnn": 0.8})
+    more = _block("training", "B=4", {"sparsectx (packed varlen)": 1.0, "sdpa padded + key mask": 1.6})
+    meta = {"device": "cpu", "commit": "abc1234", "sparsectx_path": {"float16": "torch-reference"}}
+    other = {**meta, "sparsectx_path": {"float16": "triton-interpreter"}}
+    with pytest.raises(ValueError, match="its sparsectx_path .* differs"):
+        benchmarks.merge_parts([("a.json", {"meta": meta, "rows": rows}), ("b.json", {"meta": other, "rows": more})])
+    assert len(benchmarks.merge_parts([("a.json", {"meta": meta, "rows": rows}),
+                                       ("b.json", {"meta": dict(meta), "rows": more})])["rows"]) == 4
+
+
+def _raise(exc):
+    raise exc
 
 
 def test_merge_of_an_earlier_merge_keeps_its_parts_and_the_cases_it_planned():
