@@ -212,7 +212,15 @@ def _check_cu_seqlens(name: str, cu: torch.Tensor, batch: Optional[int], total: 
 
 
 def _max_len(cu: torch.Tensor) -> int:
-    return int((cu[1:] - cu[:-1]).max().item()) if cu.numel() > 1 else 0
+    # (.item() alone: a traced symbol stays one, where int() would specialise it, which torch.export refuses)
+    return (cu[1:] - cu[:-1]).max().item() if cu.numel() > 1 else 0
+
+
+def _symbolic(value) -> bool:
+    """Whether an int may be a torch symbol, which a comparison would specialise (a guard) or, for one read from a
+    tensor (``.item()``: data-dependent), fail: a ``SymInt``, or any int while dynamo traces (it shows its symbols
+    to the traced code as ints)."""
+    return isinstance(value, torch.SymInt) or torch.compiler.is_compiling()
 
 
 def _softmax_scale(softmax_scale, dim: int, symbolic: bool = False, traced: bool = False):
@@ -542,7 +550,7 @@ def sparse_attention(
     if not _is_int(max_seqlen_q) or not _is_int(max_seqlen_k):
         raise TypeError("max_seqlen_q and max_seqlen_k must be Python ints")
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if not isinstance(value, torch.SymInt) and value < 0:
+        if not _symbolic(value) and value < 0:
             raise ValueError(f"{name} must be non-negative, got {value}")
     # traced (torch.compile, export, meta / fake tensors): no data to read, and the scale may be a symbol: the
     # checks that read the device or the scale's value are skipped there
@@ -642,7 +650,7 @@ def _check_head_dim(dim: int) -> None:
 
 def _at_most(value, bound):
     """``min(value, bound)``, or ``value`` when either is symbolic (a comparison would add a guard)."""
-    if isinstance(value, torch.SymInt) or isinstance(bound, torch.SymInt):
+    if _symbolic(value) or _symbolic(bound):
         return value
     return min(value, bound)
 
@@ -1267,7 +1275,7 @@ def _check_count(name: str, value, minimum: int = 0) -> int:
     value = _python_number(value)
     if not _is_int(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if isinstance(value, int) and value < minimum:
+    if isinstance(value, int) and not _symbolic(value) and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
 

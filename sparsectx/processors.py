@@ -252,6 +252,7 @@ class _SparsectxProcessor:
         self.state = state if state is not None else AttentionState()
         self.original = original  # the replaced processor (delegate_when_unmasked)
         self._own = {}  # the _OnOriginal settings of a processor without an original
+        self._made_replaced = None  # (``_replaced``)
 
     def _check_parallel(self) -> None:
         config = self._parallel_config
@@ -272,6 +273,29 @@ class _SparsectxProcessor:
         """Whether this call goes to the replaced processor (checked first in every call, with the parallelism)."""
         self._check_parallel()
         return self.state.delegate_when_unmasked and self.state.image_keep is None and self.original is not None
+
+    def _replaced(self):
+        """The replaced processor: the one this was built over, or for a processor built alone a new one of the class
+        it stands for (made once)."""
+        if self.original is not None:
+            return self.original
+        if self._made_replaced is None:
+            self._made_replaced = _REPLACED[type(self)]()
+        return self._made_replaced
+
+    def _mask_needs_original(self, attention_mask: Optional[torch.Tensor]) -> bool:
+        """Whether ``attention_mask`` is one sparsectx's attention does not take, additive (float) or with a row per
+        query (``[B, 1, S, S]``), so the call runs the replaced processor (diffusers' attention: exact for any mask).
+        ``ValueError`` naming the mask where sparsectx must mask tokens itself (drop training's mask, a packed
+        batch)."""
+        if attention_mask is None or (attention_mask.dtype == torch.bool and (attention_mask.ndim == 2 or (
+                attention_mask.ndim == 4 and attention_mask.shape[1] == 1 and attention_mask.shape[2] == 1))):
+            return False
+        if self.state.image_keep is not None or self.state.packed is not None:
+            raise ValueError(f"{type(self).__name__} takes a boolean key mask as attention_mask ([B, S] or "
+                             f"[B, 1, 1, S], True = attend) with drop training's mask or a packed batch, got "
+                             f"{attention_mask.dtype} of shape {list(attention_mask.shape)}")
+        return True
 
     def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -658,8 +682,8 @@ class _JointAttnProcessor(_SparsectxProcessor):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None):
-        if self._delegates():
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if self._delegates() or self._mask_needs_original(attention_mask):
+            return self._replaced()(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         query, key, value = _joint_qkv(attn, hidden_states, encoder_hidden_states,
                                        self.diffusers_module._get_qkv_projections, image_rotary_emb)
         out = self._attend(query, key, value, attention_mask=attention_mask).flatten(2, 3).to(query.dtype)
@@ -723,8 +747,8 @@ class SparsectxFlux2ParallelSelfAttnProcessor(_SparsectxProcessor):
     """Replaces ``Flux2ParallelSelfAttnProcessor`` (FLUX.2 single-stream blocks: attention and MLP in parallel)."""
 
     def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None):
-        if self._delegates():
-            return self.original(attn, hidden_states, attention_mask, image_rotary_emb)
+        if self._delegates() or self._mask_needs_original(attention_mask):
+            return self._replaced()(attn, hidden_states, attention_mask, image_rotary_emb)
         query, key, value, mlp_hidden_states = _parallel_qkv_mlp(attn, hidden_states, image_rotary_emb)
         out = self._attend(query, key, value, attention_mask=attention_mask).flatten(2, 3).to(query.dtype)
         return _parallel_output(attn, out, mlp_hidden_states)
@@ -800,8 +824,8 @@ class SparsectxFlux2KVAttnProcessor(_SparsectxProcessor):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
                  kv_cache=None, kv_cache_mode=None, num_ref_tokens=0):
-        if self._delegates():
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
+        if self._delegates() or self._mask_needs_original(attention_mask):
+            return self._replaced()(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
                                  kv_cache=kv_cache, kv_cache_mode=kv_cache_mode, num_ref_tokens=num_ref_tokens)
         query, key, value = _joint_qkv(attn, hidden_states, encoder_hidden_states,
                                        transformer_flux2._get_qkv_projections, image_rotary_emb)
@@ -816,8 +840,8 @@ class SparsectxFlux2KVParallelSelfAttnProcessor(_SparsectxProcessor):
 
     def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None, kv_cache=None,
                  kv_cache_mode=None, num_txt_tokens=0, num_ref_tokens=0):
-        if self._delegates():
-            return self.original(attn, hidden_states, attention_mask, image_rotary_emb, kv_cache=kv_cache,
+        if self._delegates() or self._mask_needs_original(attention_mask):
+            return self._replaced()(attn, hidden_states, attention_mask, image_rotary_emb, kv_cache=kv_cache,
                                  kv_cache_mode=kv_cache_mode, num_txt_tokens=num_txt_tokens,
                                  num_ref_tokens=num_ref_tokens)
         query, key, value, mlp_hidden_states = _parallel_qkv_mlp(attn, hidden_states, image_rotary_emb)
@@ -985,8 +1009,8 @@ class SparsectxFlux3AttnProcessor(_SparsectxProcessor):
     in fp32 and RoPE, q and k rounded once to v's dtype, then ``sparse_attention`` over the sequence."""
 
     def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None):
-        if self._delegates():
-            return self.original(attn, hidden_states, attention_mask, image_rotary_emb)
+        if self._delegates() or self._mask_needs_original(attention_mask):
+            return self._replaced()(attn, hidden_states, attention_mask, image_rotary_emb)
         if self.state.image_keep is not None or self.state.packed is not None:
             raise ValueError(f"{type(self).__name__} takes no drop mask and no packed batch (FLUX.3's drop-in removes "
                              "the dropped rows; drop training does not cover FLUX.3)")
@@ -1017,18 +1041,15 @@ def _joyimage_joint_qkv(attn, hidden_states, encoder_hidden_states, rotate: Call
 
 
 def _key_mask(attention_mask: torch.Tensor, batch: int, seq: int, name: str) -> torch.Tensor:
-    """bool ``[B, S]``: a key mask as diffusers' dispatch takes it, ``[B or 1, S]`` or ``[B or 1, 1, 1, S]``,
-    boolean or additive (a key is kept above the dtype's lowest value); ``ValueError`` naming ``name`` for a mask
-    with a row per query or of another length."""
+    """bool ``[B, S]``: a boolean key mask as diffusers' dispatch takes it, ``[B or 1, S]`` or ``[B or 1, 1, 1, S]``
+    (other masks run the replaced processor: ``_mask_needs_original``); ``ValueError`` naming ``name`` for a mask
+    of another length."""
     shape = tuple(attention_mask.shape)
     if attention_mask.ndim not in (2, 4) or shape[-1] != seq or (shape[0] != 1 and shape[0] != batch) or \
             any(size != 1 for size in shape[1:-1]):
         raise ValueError(f"{name} takes a key mask [B, 1, 1, {seq}] (or [B, {seq}], a batch dim of 1 broadcast), "
                          f"got {shape}")
-    keys = attention_mask.reshape(shape[0], seq)
-    if keys.dtype != torch.bool:
-        keys = keys > torch.finfo(keys.dtype).min if keys.is_floating_point() else keys != 0
-    return keys.expand(batch, seq)
+    return attention_mask.reshape(shape[0], seq).expand(batch, seq)
 
 
 def _joyimage_out(attn, out: torch.Tensor, n_image: int) -> tuple:
@@ -1065,8 +1086,8 @@ class SparsectxJoyImagePlusAttnProcessor(_SparsectxProcessor):
     mask ``[B, 1, 1, S]`` (the text's padding, and the padded image rows of a batch's shorter samples) masks keys."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, image_rotary_emb=None, attention_mask=None):
-        if self._delegates():
-            return self.original(attn, hidden_states, encoder_hidden_states, image_rotary_emb, attention_mask)
+        if self._delegates() or self._mask_needs_original(attention_mask):
+            return self._replaced()(attn, hidden_states, encoder_hidden_states, image_rotary_emb, attention_mask)
         if encoder_hidden_states is None:
             raise ValueError(f"{type(self).__name__} requires encoder_hidden_states (the text stream)")
 
@@ -1110,8 +1131,8 @@ class SparsectxZImageAttnProcessor(_SparsectxProcessor):
     batch's shorter samples) masks keys."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
-        if self._delegates():
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, freqs_cis)
+        if self._delegates() or self._mask_needs_original(attention_mask):
+            return self._replaced()(attn, hidden_states, encoder_hidden_states, attention_mask, freqs_cis)
         if self.state.image_keep is not None or self.state.packed is not None:
             raise ValueError(f"{type(self).__name__} takes no drop mask and runs no packed batch (Z-Image trains "
                              "with the dropped references removed)")

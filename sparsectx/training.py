@@ -270,6 +270,12 @@ class _DropTrainingPatch(integration.ForwardPatch):
         self.last_keep = None
 
     def forward(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            # (without fullgraph, dynamo runs this function eagerly, and compiles the model's forward it calls)
+            raise RuntimeError("torch.compile(transformer, fullgraph=True) can not trace drop training's mask draw "
+                               "(host-side, once per forward, in train and eval mode alike): compile the blocks "
+                               "instead (transformer.compile_repeated_blocks(fullgraph=True)) or compile without "
+                               "fullgraph")
         call = self.bind(args, kwargs)
         recomputing = integration.in_backward()  # inside a backward pass: a checkpoint's recomputation
         if recomputing or self.transformer.training:

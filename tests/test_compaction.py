@@ -210,6 +210,38 @@ def test_torch_export_of_a_ratio_budget_with_a_dynamic_token_dim(device, strict)
                 assert torch.equal(got, want)
 
 
+def test_a_keep_masks_max_seqlen_traces_into_the_attention(device):
+    """The flash-attn varlen flow, a keep mask compacted with ``return_max_seqlen=True`` and its ``max_seqlen`` handed
+    to sparse_attention: under torch.compile(fullgraph=True) its data-dependent value was compared (< 0, and
+    against the packed rows: the trace failed), and torch.export (non-strict) could not specialise its ``int()``.
+    Both trace it now, and equal eager on the kept rows."""
+    from torch.export import export
+
+    heads, dim = 2, 16
+    gen = torch.Generator().manual_seed(0)
+    mask = (torch.rand(2, 8, generator=gen) < 0.5).to(device)
+    x = torch.randn(2, 8, heads * dim, generator=gen).to(device)
+
+    def attend(mask, x):
+        kept = sparsectx.compact_tokens(mask, x, max_total=mask.numel(), return_max_seqlen=True)
+        rows = kept.tensors[0].view(-1, heads, dim)
+        return sparsectx.sparse_attention(rows, rows, rows, kept.cu_seqlens, kept.cu_seqlens, kept.max_seqlen,
+                                          kept.max_seqlen, validate=False)
+
+    class Compact(torch.nn.Module):
+        def forward(self, mask, x):
+            kept = sparsectx.compact_tokens(mask, x, max_total=mask.numel(), return_max_seqlen=True)
+            return kept.tensors[0], kept.cu_seqlens, torch.full((1,), kept.max_seqlen)
+
+    n_kept = int(mask.sum())
+    torch._dynamo.reset()
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")(mask, x)
+    assert torch.equal(compiled[:n_kept], attend(mask, x)[:n_kept])
+    exported = export(Compact(), (mask, x), strict=False).module()
+    for got, want in zip(exported(mask, x), Compact()(mask, x)):
+        assert torch.equal(got, want)
+
+
 def test_per_sample_budget_tensor(device):
     gen = torch.Generator().manual_seed(2)
     scores = _scores(gen, 4, 33, torch.float32, device, distinct=4)

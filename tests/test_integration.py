@@ -361,6 +361,36 @@ def test_a_mask_per_query_or_additive_loses_the_dropped_rows_and_columns(models,
         _run(model, {**kwargs, "joint_attention_kwargs": {"attention_mask": mask[..., :-1]}})
 
 
+@pytest.mark.parametrize("form", ["per-query", "additive", "additive finite"])
+def test_sparsectx_attention_runs_diffusers_attention_for_masks_it_does_not_take(models, form):
+    """attention="sparsectx" given an additive mask or one with a row per query (which diffusers' processors and
+    the drop-in with native attention take): the sparsectx processors refused it mid-forward; those layers now run
+    the replaced processor, so the output is native attention's. Drop training, which masks tokens itself, refuses
+    such a mask naming it."""
+    model, kwargs = models["fibo"], _inputs("fibo")
+    batch, n = kwargs["hidden_states"].shape[0], TEXT_TOKENS + kwargs["hidden_states"].shape[1]
+    keys = torch.rand(batch, 1, 1, n, generator=torch.Generator().manual_seed(3)) < 0.7
+    keys[..., :1] = True
+    mask = {"per-query": keys.expand(batch, 1, n, n),
+            "additive": torch.zeros(keys.shape).masked_fill(~keys, -torch.inf),
+            "additive finite": torch.zeros(keys.shape).masked_fill(~keys, -1e4)}[form]
+    kwargs = {**kwargs, "joint_attention_kwargs": {"attention_mask": mask}}
+    outputs = {}
+    for attention in ("native", "sparsectx"):
+        sparsectx.enable(model, budget=0.5, selector=random_selector, seed=0, attention=attention)
+        outputs[attention] = _run(model, kwargs)
+    sparsectx.disable(model)
+    torch.testing.assert_close(outputs["sparsectx"], outputs["native"], rtol=0, atol=0)
+    model.train()
+    sparsectx.enable_drop_training(model, ratio_range=(0.5, 0.5), generator=torch.Generator().manual_seed(0))
+    try:
+        with pytest.raises(ValueError, match=f"takes a boolean key mask .* got {mask.dtype} of shape"):
+            _run(model, kwargs)
+    finally:
+        sparsectx.disable_drop_training(model)
+        model.eval()
+
+
 def test_a_key_mask_made_anew_at_every_step_keeps_the_selection(models):
     """A bare FIBO transformer called at every step with the same prompt tensors and its key mask made anew (a new
     view, or a copy): one selection, reused (the mask is read by the probe, not a key of the kept selection)."""

@@ -440,9 +440,10 @@ def test_a_stateful_hook_refuses_samples_keeping_other_tokens_naming_how_to_remo
 
 @pytest.mark.parametrize("form", ["[B,1,1,S] bool", "[B,S] bool", "[1,1,1,S] bool", "[B,1,1,S] additive"])
 def test_the_plus_processor_takes_the_key_masks_diffusers_dispatch_takes(form):
-    """Called directly (not only through the forward's ``[B, 1, 1, S]`` boolean mask): a key mask broadcast over the
-    batch, without its singleton dims, or additive, meets the flash criterion against diffusers' processor in fp64;
-    a mask with a row per query is refused by name."""
+    """Called directly (not only through the forward's ``[B, 1, 1, S]`` boolean mask): a boolean key mask broadcast
+    over the batch or without its singleton dims meets the flash criterion against diffusers' processor in fp64;
+    an additive mask, or one with a row per query, runs diffusers' processor (an additive mask's finite negatives
+    were read as keys kept; a per-query mask was refused)."""
     from sparsectx import processors
 
     torch.manual_seed(0)
@@ -464,9 +465,16 @@ def test_the_plus_processor_takes_the_key_masks_diffusers_dispatch_takes(form):
     for mine, native, reference in zip(ours, theirs, exact):
         error, native_error = ((x.double() - reference).abs().max() for x in (mine, native))
         assert error <= 2 * native_error + 1e-6 * reference.abs().max(), (error, native_error)
+    if form.endswith("additive"):  # diffusers' processor itself, for any values (here a finite -1e4 too)
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+        finite = torch.where(keys, 0.0, -1e4)[:, None, None]
+        assert all(torch.equal(a, b) for a, b in zip(
+            processors.SparsectxJoyImagePlusAttnProcessor()(attn, hidden, text, tables, finite),
+            jp.JoyImageEditPlusAttnProcessor()(attn, hidden, text, tables, finite)))
     per_query = keys[:, None, None].expand(batch, 1, n_image + N_TEXT, n_image + N_TEXT)
-    with pytest.raises(ValueError, match="SparsectxJoyImagePlusAttnProcessor takes a key mask"):
-        processors.SparsectxJoyImagePlusAttnProcessor()(attn, hidden, text, tables, per_query)
+    assert all(torch.equal(a, b) for a, b in zip(
+        processors.SparsectxJoyImagePlusAttnProcessor()(attn, hidden, text, tables, per_query),
+        jp.JoyImageEditPlusAttnProcessor()(attn, hidden, text, tables, per_query)))
 
 
 def test_a_forward_building_its_tables_otherwise_is_refused():

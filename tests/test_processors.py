@@ -696,11 +696,15 @@ def test_boolean_attention_mask_is_a_key_mask(models, mask_batch):
     key_mask = torch.rand(mask_batch, n_total, generator=g) < 0.7  # (one row: broadcast, as native attention does)
     call = {**kwargs, "joint_attention_kwargs": {"attention_mask": key_mask[:, None, None, :]}}
     expected = _run(model, call)
+    # an additive mask (the 0/1 floats of the same mask, a bias as diffusers reads it): diffusers' processors run it
+    additive = {**kwargs, "joint_attention_kwargs": {"attention_mask": key_mask.float()[:, None, None, :]}}
+    expected_additive = _run(model, additive)
     originals = processors.install_processors(model, processors.AttentionState())
     try:
         torch.testing.assert_close(_run(model, call), expected, rtol=0, atol=FP32_ATOL)
-        with pytest.raises(ValueError, match="attention_mask"):
-            _run(model, {**kwargs, "joint_attention_kwargs": {"attention_mask": key_mask.float()}})
+        assert torch.equal(_run(model, additive), expected_additive)
+        with pytest.raises(ValueError, match="attention_mask must be a key mask"):  # a boolean mask of another length
+            _run(model, {**kwargs, "joint_attention_kwargs": {"attention_mask": key_mask[:, None, None, 1:]}})
     finally:
         processors.restore_processors(model, originals)
 
@@ -2666,3 +2670,25 @@ def test_tables_wider_than_fp32_run_diffusers_code(kind, monkeypatch):
         got, native = run(wide=False)
     assert calls == [1]
     torch.testing.assert_close(got, native, rtol=0, atol=1e-5)
+
+
+def test_drop_training_under_a_whole_model_fullgraph_compile_says_to_compile_the_blocks():
+    """torch.compile(transformer, fullgraph=True) with drop training on (even in eval mode): dynamo failed on an
+    internal call (``_current_graph_task_id``) without saying what works; the error now names the ways that work,
+    as the drop-in's does, and compile_repeated_blocks(fullgraph=True) gives the eager result."""
+    kwargs = shared._inputs("flux2")
+    model = shared._build_model("flux2").eval()
+    with torch.no_grad():
+        expected = model(**kwargs)[0]
+    enable_drop_training(model, ratio_range=(0.1, 0.9))
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad(), pytest.raises(RuntimeError, match=r"can not trace drop training's mask draw .*"
+                                                                 r"compile_repeated_blocks\(fullgraph=True\)"):
+            torch.compile(model, backend="eager", fullgraph=True)(**kwargs)
+        model.compile_repeated_blocks(fullgraph=True, backend="eager")
+        with torch.no_grad():
+            assert torch.equal(model(**kwargs)[0], expected)
+    finally:
+        torch._dynamo.reset()
+        disable_drop_training(model)
