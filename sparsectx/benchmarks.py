@@ -4215,12 +4215,13 @@ def _main(args: argparse.Namespace, device: torch.device) -> int:
     if args.json and args.merge_into and os.path.abspath(args.json) == os.path.abspath(args.merge_into):
         raise SystemExit(f"sparsectx bench: error: --json and --merge-into are both {args.json}: the run's own rows "
                          "would replace the earlier parts before the merge is written; give two paths")
-    # an output written over an input, or over another output (the earlier run read, or the JSON, lost)
+    # an output written over an input, or over another output (the earlier run read, or the JSON, lost); a merge
+    # into the run --steps-from reads keeps its rows
     for (option, path), (other, other_path) in itertools.combinations(
             (("--steps-from", args.steps_from), ("--json", args.json), ("--merge-into", args.merge_into),
              ("--plot", args.plot)), 2):
         if path and other_path and os.path.abspath(path) == os.path.abspath(other_path) and \
-                (option, other) != ("--json", "--merge-into"):
+                (option, other) not in (("--json", "--merge-into"), ("--steps-from", "--merge-into")):
             raise SystemExit(f"sparsectx bench: error: {option} and {other} are both {path}: the run would "
                              f"write {other} over {option}'s file; give two paths")
     for option, path in (("--json", args.json), ("--merge-into", args.merge_into), ("--plot", args.plot)):

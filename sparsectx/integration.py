@@ -3058,15 +3058,24 @@ class _SparsePatch(ForwardPatch):
         groups (or packed) would give each group all of its rows, and a group of as many samples ran on them, each
         sample on another sample's prompt (the model alone refuses such a batch)."""
         batch = call["hidden_states"].shape[0]
+        attn_name = _ATTN_KWARGS_ARG[self.family]
+        mask = call[attn_name].get("attention_mask") if isinstance(call.get(attn_name), dict) else None
+        # (an attention mask of 2 dims may be [S, S], one row per query of the joint sequence, for every sample)
+        if isinstance(mask, torch.Tensor) and mask.ndim >= 2 and mask.shape[0] not in (1, batch) and \
+                (mask.ndim > 2 or mask.shape[0] != mask.shape[1]):
+            self._refuse_batch_rows(f"{attn_name}['attention_mask']", mask.shape[0], batch)
         for name in _BATCH_ARGS[self.family]:
             value = call.get(name)
             for tensor in value if _tensor_sequence(value) else (value,):
                 if isinstance(tensor, torch.Tensor) and tensor.ndim and tensor.shape[0] not in (1, batch):
-                    raise ValueError(
-                        f"{name} has {tensor.shape[0]} rows for a batch of {batch} (hidden_states): the batch's "
-                        "samples keep different reference tokens and run apart, so each per-sample input needs "
-                        "one row per sample (or one for all); repeat it over the batch as the pipeline repeats "
-                        "its prompt for num_images_per_prompt")
+                    self._refuse_batch_rows(name, tensor.shape[0], batch)
+
+    @staticmethod
+    def _refuse_batch_rows(name: str, rows: int, batch: int) -> None:
+        raise ValueError(f"{name} has {rows} rows for a batch of {batch} (hidden_states): the batch's samples keep "
+                         "different reference tokens and run apart, so each per-sample input needs one row per "
+                         "sample (or one for all); repeat it over the batch as the pipeline repeats its prompt for "
+                         "num_images_per_prompt")
 
     # -- outputs back to the input's layout ----------------------------------------------------------------------
     def _merge(self, call: dict, plan: _Plan, results: list):

@@ -31,6 +31,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch._subclasses import fake_tensor as _fake_tensor
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from ._warn import warn as _warn
 from . import reference
@@ -216,11 +217,12 @@ def _max_len(cu: torch.Tensor) -> int:
     return (cu[1:] - cu[:-1]).max().item() if cu.numel() > 1 else 0
 
 
-def _symbolic(value) -> bool:
-    """Whether an int may be a torch symbol, which a comparison would specialise (a guard) or, for one read from a
-    tensor (``.item()``: data-dependent), fail: a ``SymInt``, or any int while dynamo traces (it shows its symbols
-    to the traced code as ints)."""
-    return isinstance(value, torch.SymInt) or torch.compiler.is_compiling()
+def _surely(condition) -> bool:
+    """A comparison of ints, any of them maybe a torch symbol (dynamo shows its symbols to traced code as ints):
+    its value where it is known; False where it depends on a tensor's data (a symbol read by ``.item()`` while
+    tracing, e.g. a keep mask's ``max_seqlen``: a Python ``if`` on it fails the trace); a shape symbol's adds a
+    guard, as the comparison itself would."""
+    return guard_or_false(condition)
 
 
 def _softmax_scale(softmax_scale, dim: int, symbolic: bool = False, traced: bool = False):
@@ -550,7 +552,7 @@ def sparse_attention(
     if not _is_int(max_seqlen_q) or not _is_int(max_seqlen_k):
         raise TypeError("max_seqlen_q and max_seqlen_k must be Python ints")
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if not _symbolic(value) and value < 0:
+        if not isinstance(value, torch.SymInt) and _surely(value < 0):
             raise ValueError(f"{name} must be non-negative, got {value}")
     # traced (torch.compile, export, meta / fake tensors): no data to read, and the scale may be a symbol: the
     # checks that read the device or the scale's value are skipped there
@@ -614,7 +616,7 @@ def sparse_attention(
             max_seqlen_ref = ref_k.shape[-3]
         elif not _is_int(max_seqlen_ref):
             raise TypeError(f"max_seqlen_ref must be a Python int, got {max_seqlen_ref!r}")
-        elif max_seqlen_ref < 0:
+        elif _surely(max_seqlen_ref < 0):
             raise ValueError(f"max_seqlen_ref must be non-negative, got {max_seqlen_ref}")
         elif validate and _max_len(cu_seqlens_ref) > max_seqlen_ref:
             raise ValueError(f"max_seqlen_ref={max_seqlen_ref} is smaller than a sample's kept reference count")
@@ -650,9 +652,9 @@ def _check_head_dim(dim: int) -> None:
 
 def _at_most(value, bound):
     """``min(value, bound)``, or ``value`` when either is symbolic (a comparison would add a guard)."""
-    if _symbolic(value) or _symbolic(bound):
+    if isinstance(value, torch.SymInt) or isinstance(bound, torch.SymInt):
         return value
-    return min(value, bound)
+    return bound if _surely(value > bound) else value
 
 
 def _check_entry_count(name: str, cu_seqlens: torch.Tensor, batch: int) -> None:
@@ -1275,7 +1277,7 @@ def _check_count(name: str, value, minimum: int = 0) -> int:
     value = _python_number(value)
     if not _is_int(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if isinstance(value, int) and not _symbolic(value) and value < minimum:
+    if isinstance(value, int) and _surely(value < minimum):
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
 

@@ -236,6 +236,8 @@ class _OnOriginal:
             setattr(processor.original, self.name, value)
         else:
             processor._own[self.name] = value
+            if processor._made_replaced is not None:  # (the diffusers processor it runs for some masks)
+                setattr(processor._made_replaced, self.name, value)
 
 
 class _SparsectxProcessor:
@@ -280,7 +282,10 @@ class _SparsectxProcessor:
         if self.original is not None:
             return self.original
         if self._made_replaced is None:
-            self._made_replaced = _REPLACED[type(self)]()
+            made = _REPLACED[type(self)]()
+            for name, value in self._own.items():  # the settings diffusers wrote on this one (its backend)
+                setattr(made, name, value)
+            self._made_replaced = made
         return self._made_replaced
 
     def _mask_needs_original(self, attention_mask: Optional[torch.Tensor]) -> bool:

@@ -1562,9 +1562,15 @@ def _check_floor_below_cap(floor, cap) -> None:
     floors, caps = per_request(floor), per_request(cap)
     if floors is None or caps is None:
         return
-    if len(floors) != len(caps) and 1 not in (len(floors), len(caps)):  # (per-image lists meet the images later)
-        raise ValueError(f"floor {floor!r} and cap {cap!r} give {len(floors)} and {len(caps)} requests: per-request "
-                         "settings need one row per request each (or one row for all)")
+    # rows per request or per sample (num_images_per_prompt), each mapped onto the batch in blocks of consecutive
+    # samples: counts one of which divides the other agree on the blocks (each row repeated to the larger count);
+    # others (2 and 3 rows) disagree on which samples form a request (per-image lists meet the images later)
+    small, large = sorted((len(floors), len(caps)))
+    if large % small:
+        raise ValueError(f"floor {floor!r} and cap {cap!r} give {len(floors)} and {len(caps)} rows: per-request "
+                         "settings need row counts that divide one another (one row per request, per sample, or "
+                         "one for all)")
+    floors, caps = ([row for row in rows for _ in range(large // len(rows))] for rows in (floors, caps))
     for request_floors, request_caps in broadcast(floors, caps):
         for f, c in broadcast(request_floors, request_caps):
             if not all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in (f, c)):

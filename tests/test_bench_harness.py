@@ -190,8 +190,8 @@ def test_a_merge_never_writes_over_its_own_inputs(tmp_path):
     assert a.read_text() == before
     # the earlier run --steps-from reads, and one output written over another (--plot over the JSON): refused too
     # (the run replaced the file it read its step times from)
-    for pair in (("--steps-from", "--json"), ("--steps-from", "--merge-into"), ("--json", "--plot"),
-                 ("--merge-into", "--plot")):
+    # (--steps-from and --merge-into may name one file: the merge keeps the rows it reads)
+    for pair in (("--steps-from", "--json"), ("--json", "--plot"), ("--merge-into", "--plot")):
         with pytest.raises(SystemExit, match=f"{pair[0]} and {pair[1]} are both"):
             cli.main(["bench", "--quick", "--case", "compaction", pair[0], str(a), pair[1], str(a)])
         assert a.read_text() == before
@@ -1725,6 +1725,25 @@ def test_a_step_cut_before_its_first_row_is_named_not_run(tmp_path, monkeypatch)
         assert run["rows"] == [] and run["meta"]["planned_shapes"]["compaction"], path
         assert "NOT RUN (planned, no row; a step cut short?): compaction" in \
             benchmarks.format_summary(run["meta"], run["rows"]), path
+
+
+def test_a_step_may_read_its_step_times_from_the_file_it_merges_into(tmp_path, monkeypatch):
+    """``--steps-from run.json --merge-into run.json``: a GPU check's later step relating its selection case to the
+    e2e step times an earlier step merged there; the merge keeps them (a first version of the path checks refused
+    it)."""
+    seen = {}
+
+    def fake_run_case(name, device, size, *, earlier_rows=(), on_rows=None, **kwargs):
+        seen[name] = [(row["case"], row["time_ms"]) for row in earlier_rows]
+        return [_row("e2e", "1 ref x 5%", benchmarks.NO_REFERENCE_ROW, 24.0)] if name == "e2e" else \
+            [_row("selection", "1 ref", "sparsectx", 1.0)]
+
+    monkeypatch.setattr(benchmarks, "run_case", fake_run_case)
+    path = str(tmp_path / "run.json")
+    assert cli.main(["bench", "--quick", "--case", "e2e", "--merge-into", path]) == 0
+    assert cli.main(["bench", "--quick", "--case", "selection", "--steps-from", path, "--merge-into", path]) == 0
+    assert seen["selection"] == [("e2e", 24.0)]
+    assert [row["case"] for row in benchmarks.load_run(path)["rows"]] == ["e2e", "selection"]
 
 
 def test_parts_run_on_other_op_paths_are_not_merged():

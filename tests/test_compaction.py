@@ -233,13 +233,33 @@ def test_a_keep_masks_max_seqlen_traces_into_the_attention(device):
             kept = sparsectx.compact_tokens(mask, x, max_total=mask.numel(), return_max_seqlen=True)
             return kept.tensors[0], kept.cu_seqlens, torch.full((1,), kept.max_seqlen)
 
+    own = torch.randn(6, heads, dim, generator=gen).to(device)
+    cu_own = torch.tensor([0, 3, 6], dtype=torch.int32, device=device)
+
+    def attend_references(mask, x):  # the same value as max_seqlen_ref, the kept rows as packed references
+        kept = sparsectx.compact_tokens(mask, x, max_total=mask.numel(), return_max_seqlen=True)
+        rows = kept.tensors[0].view(-1, heads, dim)
+        return sparsectx.sparse_attention(own, own, own, cu_own, cu_own, 3, 3, ref_k=rows, ref_v=rows,
+                                          cu_seqlens_ref=kept.cu_seqlens, max_seqlen_ref=kept.max_seqlen,
+                                          validate=False)
+
     n_kept = int(mask.sum())
     torch._dynamo.reset()
     compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")(mask, x)
     assert torch.equal(compiled[:n_kept], attend(mask, x)[:n_kept])
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(attend_references, fullgraph=True, backend="aot_eager")(mask, x),
+                       attend_references(mask, x))
     exported = export(Compact(), (mask, x), strict=False).module()
     for got, want in zip(exported(mask, x), Compact()(mask, x)):
         assert torch.equal(got, want)
+    # constants are still checked while dynamo traces (a first fix skipped every check there)
+    for call, words in ((lambda m: sparsectx.compact_tokens(m, max_total=-1).index, "max_total must be >= 0"),
+                        (lambda m: sparsectx.sparse_attention(own, own, own, cu_own, cu_own, -1, 3),
+                         "max_seqlen_q must be non-negative")):
+        torch._dynamo.reset()
+        with pytest.raises(ValueError, match=words):
+            torch.compile(call, backend="aot_eager")(mask)
 
 
 def test_per_sample_budget_tensor(device):

@@ -483,6 +483,22 @@ def test_mixed_budgets_refuse_a_prompt_batch_of_another_size(models, family, att
         sparsectx.disable(model)
 
 
+def test_mixed_budgets_refuse_an_attention_mask_of_another_batch(models):
+    """The same for a key mask in the attention kwargs with 2 rows for a batch of 4 (each group of 2 samples took
+    both rows: sample 2 ran under sample 0's mask); a [S, S] mask, one row per query for every sample, still runs."""
+    model, kwargs = models["fibo"], _inputs("fibo", batch=4)
+    mask = kwargs["joint_attention_kwargs"]["attention_mask"]
+    sparsectx.enable(model, budget=[[0.5], [0.25]], selector="uniform")
+    try:
+        with pytest.raises(ValueError, match=r"joint_attention_kwargs\['attention_mask'\] has 2 rows for a batch of 4"):
+            _run(model, {**kwargs, "joint_attention_kwargs": {"attention_mask": mask[:2]}})
+        n = mask.shape[-1]
+        per_query = torch.ones(n, n, dtype=torch.bool)
+        assert _run(model, {**kwargs, "joint_attention_kwargs": {"attention_mask": per_query}}).shape[0] == 4
+    finally:
+        sparsectx.disable(model)
+
+
 def test_step_caches_refuse_a_batch_run_as_several_forwards(models):
     """diffusers' step caches (enable_cache) keep one state per denoiser call: samples that keep different tokens,
     run as separate forwards, would share it (before: a sample got another sample's cached outputs, silently). Such

@@ -2692,3 +2692,17 @@ def test_drop_training_under_a_whole_model_fullgraph_compile_says_to_compile_the
     finally:
         torch._dynamo.reset()
         disable_drop_training(model)
+
+
+def test_a_processor_built_alone_runs_other_masks_with_the_layers_settings():
+    """A sparsectx processor built without a state (as diffusers rebuilds one, ``type(p)()``) keeps diffusers'
+    per-processor settings itself; for a mask its kernel does not take it runs a diffusers processor of the class it
+    stands for, which now gets those settings, set before or after (it ran on the default attention backend)."""
+    from diffusers.models.transformers import transformer_flux
+
+    processor = processors.SparsectxFluxAttnProcessor()
+    processor._attention_backend = "_native_math"  # (what set_attention_backend writes on each processor)
+    replaced = processor._replaced()
+    assert isinstance(replaced, transformer_flux.FluxAttnProcessor) and replaced._attention_backend == "_native_math"
+    processor._attention_backend = "_native_efficient"
+    assert processor._replaced() is replaced and replaced._attention_backend == "_native_efficient"

@@ -1401,9 +1401,16 @@ def test_budget_settings_refused_at_construction_and_selectors_named_in_errors()
     floor, said "above cap"); +inf scores under an adaptive budget did not name the selector; a user_mask of the
     wrong shape or dtype did not say what it was."""
     import numpy as np
-    with pytest.raises(ValueError, match="give 2 and 3 requests"):
+    with pytest.raises(ValueError, match="give 2 and 3 rows"):
         adaptive(0.5, floor=[[0.5], [0.1]], cap=[[0.6], [0.3], [0.2]])
     adaptive(0.5, floor=[[0.1]], cap=[[0.6], [0.3], [0.2]])  # (one row serves every request)
+    # a floor per request and a cap per sample (2 images per prompt) agree on the requests (a first fix refused it)
+    per_sample = adaptive(0.5, floor=[[0.5], [0.05]], cap=[[1.0], [1.0], [0.4], [0.4]])
+    scores = torch.zeros(4, 10)
+    scores[:, 0] = 1.0  # (all the mass on one token: the floor decides)
+    assert selection.budget_for_batch(per_sample, 4)(scores, [10]).counts.flatten().tolist() == [5, 5, 1, 1]
+    with pytest.raises(ValueError, match="is above cap"):  # compared sample by sample
+        adaptive(0.5, floor=[[0.5], [0.05]], cap=[[1.0], [0.4], [0.4], [0.4]])
     for coverage in (torch.tensor(True), torch.tensor(0.5 + 0j)):
         with pytest.raises(TypeError, match="coverage must be a float or a real tensor"):
             adaptive(coverage)
