@@ -3140,9 +3140,11 @@ def checked_run(workload: Workload, impl_name: str) -> tuple:
     """Runs one implementation once (for pytest-benchmark). Returns ``(fn, result, expected)``: the callable to
     time (inside ``impl.context()``), its result, and the result it must match: sparsectx's for a peer, the first
     peer's that runs here for sparsectx itself, an independent peer before sparsectx's other rows (which run the
-    same kernels). (A peer with ``comparable=False`` computes a different function by design: its result is checked
-    by its ``verify``, or only shares sparsectx's shape.) Raises ``Unavailable`` when the implementation does not
-    run here."""
+    same kernels); ``expected`` None for sparsectx's row when no peer to compare runs here but the row has a
+    ``verify`` of its own (e.g. the pipeline case's baseline). (A peer with ``comparable=False`` computes a different
+    function by design: its result is checked by its ``verify``, or only shares sparsectx's shape.) A peer's row
+    runs after sparsectx's, so that what it leaves for its ``verify`` (e.g. the selection it made) is its own.
+    Raises ``Unavailable`` when the implementation does not run here."""
     impl = workload.impl(impl_name)
     if impl is None:
         raise Unavailable(f"{impl_name} is not part of this workload")
@@ -3164,14 +3166,16 @@ def checked_run(workload: Workload, impl_name: str) -> tuple:
                 return impl.fn, result, run(peer)
             except Exception:  # a peer this device does not offer: try the next one
                 continue
+        if primary.verify is not None:  # checked by its own verify
+            return impl.fn, result, None
         raise Unavailable("no peer runs here to check sparsectx against")
+    expected = run(primary)
     try:
         result = run(impl)
     except Exception as exc:
         if impl.ours:  # sparsectx's own code failing is a failure, not a missing peer
             raise
         raise Unavailable(_first_line(exc)) from exc
-    expected = run(primary)
     return impl.fn, result, expected
 
 

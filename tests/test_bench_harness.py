@@ -467,6 +467,30 @@ def test_sparsectx_rows_agreeing_with_a_wrong_output_do_not_vouch_for_it():
     assert [r["ok"] for r in rows] == [False, False] and "every compared peer (1) disagrees" in rows[0]["note"]
 
 
+def test_pytest_benchmarks_check_reads_each_rows_own_state_and_checks_a_lone_primary_by_its_verify():
+    """pytest-benchmark's check (``checked_run``): a peer row ran before sparsectx's first row, which then left its
+    own state (the e2e_batch case: the selection the drop-in's "groups" rows verify was the packed row's); and a
+    first row with a verify of its own and no comparable peer (the pipeline case's baseline) was skipped."""
+    import torch
+
+    calls, right = [], torch.arange(4.0)
+
+    def noting(name):
+        return lambda: calls.append(name) or right
+
+    impls = [benchmarks.Impl("sparsectx.enable, packed", noting("packed")),
+             benchmarks.Impl("sparsectx.enable, groups", noting("groups"))]
+    benchmarks.checked_run(_workload(impls), "sparsectx.enable, groups")
+    assert calls == ["packed", "groups"]  # the row's own call last: what its verify reads is its own
+    impls = [benchmarks.Impl("sparsectx.enable, given scores", lambda: right, verify=lambda result: ""),
+             benchmarks.Impl("select, uniform", lambda: right + 1, comparable=False)]
+    _fn, result, expected = benchmarks.checked_run(_workload(impls), impls[0].name)
+    assert torch.equal(result, right) and expected is None
+    impls[0] = benchmarks.Impl("sparsectx.enable, given scores", lambda: right)  # (no verify: nothing checks it)
+    with pytest.raises(benchmarks.Unavailable, match="no peer runs here"):
+        benchmarks.checked_run(_workload(impls), impls[0].name)
+
+
 def test_the_correctness_check_edges():
     """The check's documented edges, each a mutation the suite let through: outputs of another count differ (a
     peer returning fewer tensors passed an inexact check), an all-zero expected output has an error relative to
