@@ -1022,21 +1022,24 @@ class _FluxQKProbe(_QKProbeProcessor):
                                     image_rotary_emb, *self._rows(hidden_states)), text_mask)
 
 
+NEGLIGIBLE_BIAS = 30.0  # an additive mask's bias this far below its row's largest: the key is masked
+
+
 def _text_keys_attended(attention_mask: torch.Tensor, batch: int, n_text: int, n_image: int,
                         text_first: bool = True) -> torch.Tensor:
     """bool ``[B, n_text]``: the text keys of the joint ``[text, image]`` sequence (``[image, text]`` where not
     ``text_first``) that some query may attend to
-    under ``attention_mask`` (its last dim the keys; boolean, additive: masked at its dtype's lowest value or -inf, or
-    integer: masked at 0), False for the padding: a key mask ``[B, S]`` / ``[B, 1, 1, S]`` as it is, a mask per query
-    ``[B, 1, S, S]`` reduced over the queries."""
+    under ``attention_mask`` (its last dim the keys; boolean, additive: masked where its bias is ``NEGLIGIBLE_BIAS``
+    or more below its row's largest, -inf and a -1e4 padding alike, or integer: masked at 0), False for the padding:
+    a key mask ``[B, S]`` / ``[B, 1, 1, S]`` as it is, a mask per query ``[B, 1, S, S]`` reduced over the queries."""
     n = n_text + n_image
     if attention_mask.ndim == 0 or attention_mask.shape[-1] != n:
         raise ValueError(f"attention_mask must be a mask over the joint sequence's keys, its last dim {n} ({n_text} "
                          f"text + {n_image} image tokens), got {tuple(attention_mask.shape)}")
     if attention_mask.dtype == torch.bool:
         allowed = attention_mask
-    elif attention_mask.is_floating_point():
-        allowed = attention_mask > torch.finfo(attention_mask.dtype).min
+    elif attention_mask.is_floating_point():  # (a key e^-30 times as likely as its row's best adds nothing)
+        allowed = attention_mask > attention_mask.amax(dim=-1, keepdim=True) - NEGLIGIBLE_BIAS
     else:
         allowed = attention_mask != 0
     if allowed.ndim >= 2 and allowed.shape[-2] == n:  # a row per query (as _kept_key_columns reads it)
@@ -3060,9 +3063,8 @@ class _SparsePatch(ForwardPatch):
         batch = call["hidden_states"].shape[0]
         attn_name = _ATTN_KWARGS_ARG[self.family]
         mask = call[attn_name].get("attention_mask") if isinstance(call.get(attn_name), dict) else None
-        # (an attention mask of 2 dims may be [S, S], one row per query of the joint sequence, for every sample)
-        if isinstance(mask, torch.Tensor) and mask.ndim >= 2 and mask.shape[0] not in (1, batch) and \
-                (mask.ndim > 2 or mask.shape[0] != mask.shape[1]):
+        # (of 3 dims or more: one of 2 may be [B, S] or [S_q, S_k], one row per query for every sample)
+        if isinstance(mask, torch.Tensor) and mask.ndim >= 3 and mask.shape[0] not in (1, batch):
             self._refuse_batch_rows(f"{attn_name}['attention_mask']", mask.shape[0], batch)
         for name in _BATCH_ARGS[self.family]:
             value = call.get(name)

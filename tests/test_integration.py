@@ -328,7 +328,7 @@ def test_dropping_rows_equals_masking_keys(models, family, monkeypatch):
 
 
 @pytest.mark.parametrize("selector", ["random", "edit"])
-@pytest.mark.parametrize("form", ["per-query", "additive", "2-D per-query"])
+@pytest.mark.parametrize("form", ["per-query", "additive", "additive finite", "2-D per-query"])
 def test_a_mask_per_query_or_additive_loses_the_dropped_rows_and_columns(models, monkeypatch, form, selector):
     """An ``attention_mask`` of one row per query (``[B, 1, S, S]`` over the joint sequence; FIBO's processors hand it
     to diffusers' attention as it is), or an additive one (0 / -inf): the compacted forward gets its rows and columns
@@ -341,7 +341,9 @@ def test_a_mask_per_query_or_additive_loses_the_dropped_rows_and_columns(models,
     per_query[-1, ..., TEXT_TOKENS - 2:TEXT_TOKENS] = False  # the last prompt's padding
     if form == "2-D per-query":  # ([S, S]: one mask for every sample, the last's padding with it)
         per_query = per_query[-1, 0]
-    mask = per_query if form != "additive" else torch.zeros(per_query.shape).masked_fill(~per_query, -torch.inf)
+    # ("additive finite": a -1e4 padding, which the probe read as attended keys)
+    mask = per_query if not form.startswith("additive") else torch.zeros(per_query.shape).masked_fill(
+        ~per_query, -torch.inf if form == "additive" else -1e4)
     kwargs = {**kwargs, "joint_attention_kwargs": {"attention_mask": mask}}
     probed = []
 
@@ -484,8 +486,9 @@ def test_mixed_budgets_refuse_a_prompt_batch_of_another_size(models, family, att
 
 
 def test_mixed_budgets_refuse_an_attention_mask_of_another_batch(models):
-    """The same for a key mask in the attention kwargs with 2 rows for a batch of 4 (each group of 2 samples took
-    both rows: sample 2 ran under sample 0's mask); a [S, S] mask, one row per query for every sample, still runs."""
+    """The same for a key mask [B, 1, 1, S] in the attention kwargs with 2 rows for a batch of 4 (each group of 2
+    samples took both rows: sample 2 ran under sample 0's mask); a [S, S] mask, one row per query for every sample,
+    still runs."""
     model, kwargs = models["fibo"], _inputs("fibo", batch=4)
     mask = kwargs["joint_attention_kwargs"]["attention_mask"]
     sparsectx.enable(model, budget=[[0.5], [0.25]], selector="uniform")
