@@ -31,7 +31,11 @@ from typing import NamedTuple, Optional, Union
 import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch._subclasses import fake_tensor as _fake_tensor
-from torch.fx.experimental.symbolic_shapes import guard_or_false
+try:
+    from torch.fx.experimental.symbolic_shapes import guard_or_false
+except ImportError:  # (a torch without it: a symbol's comparison is not known, as a data-dependent one's)
+    def guard_or_false(condition) -> bool:
+        return condition if isinstance(condition, bool) else False
 
 from ._warn import warn as _warn
 from . import reference
