@@ -1030,7 +1030,7 @@ def _text_keys_attended(attention_mask: torch.Tensor, batch: int, n_text: int, n
     """bool ``[B, n_text]``: the text keys of the joint ``[text, image]`` sequence (``[image, text]`` where not
     ``text_first``) that some query may attend to
     under ``attention_mask`` (its last dim the keys; boolean, additive: masked where its bias is ``NEGLIGIBLE_BIAS``
-    or more below its row's largest, -inf and a -1e4 padding alike, or integer: masked at 0), False for the padding:
+    or more below its sample's largest, -inf and a -1e4 padding alike, or integer: masked at 0), False for the padding:
     a key mask ``[B, S]`` / ``[B, 1, 1, S]`` as it is, a mask per query ``[B, 1, S, S]`` reduced over the queries."""
     n = n_text + n_image
     if attention_mask.ndim == 0 or attention_mask.shape[-1] != n:
@@ -1038,8 +1038,13 @@ def _text_keys_attended(attention_mask: torch.Tensor, batch: int, n_text: int, n
                          f"text + {n_image} image tokens), got {tuple(attention_mask.shape)}")
     if attention_mask.dtype == torch.bool:
         allowed = attention_mask
-    elif attention_mask.is_floating_point():  # (a key e^-30 times as likely as its row's best adds nothing)
-        allowed = attention_mask > attention_mask.amax(dim=-1, keepdim=True) - NEGLIGIBLE_BIAS
+    elif attention_mask.is_floating_point():  # (a key e^-30 times as likely as the sample's best adds nothing)
+        # the largest bias of each sample's mask (of the whole mask without a batch dim: [S], or [S, S] a row per
+        # query): a padded query's row, -1e4 throughout, reads as masked too
+        per_sample = attention_mask.ndim >= 3 or (attention_mask.ndim == 2 and attention_mask.shape[0] != n)
+        top = (attention_mask.reshape(attention_mask.shape[0], -1).amax(1).view(-1, *[1] * (attention_mask.ndim - 1))
+               if per_sample else attention_mask.amax())
+        allowed = attention_mask > top - NEGLIGIBLE_BIAS
     else:
         allowed = attention_mask != 0
     if allowed.ndim >= 2 and allowed.shape[-2] == n:  # a row per query (as _kept_key_columns reads it)
@@ -3063,9 +3068,12 @@ class _SparsePatch(ForwardPatch):
         batch = call["hidden_states"].shape[0]
         attn_name = _ATTN_KWARGS_ARG[self.family]
         mask = call[attn_name].get("attention_mask") if isinstance(call.get(attn_name), dict) else None
-        # (of 3 dims or more: one of 2 may be [B, S] or [S_q, S_k], one row per query for every sample)
-        if isinstance(mask, torch.Tensor) and mask.ndim >= 3 and mask.shape[0] not in (1, batch):
-            self._refuse_batch_rows(f"{attn_name}['attention_mask']", mask.shape[0], batch)
+        if isinstance(mask, torch.Tensor) and mask.ndim >= 2 and mask.shape[0] not in (1, batch):
+            # (one of 2 dims may be [S, S], a row per query of the joint sequence for every sample)
+            text = call.get("encoder_hidden_states")
+            joint = call["hidden_states"].shape[1] + (text.shape[1] if isinstance(text, torch.Tensor) else 0)
+            if mask.ndim > 2 or mask.shape[0] != joint:
+                self._refuse_batch_rows(f"{attn_name}['attention_mask']", mask.shape[0], batch)
         for name in _BATCH_ARGS[self.family]:
             value = call.get(name)
             for tensor in value if _tensor_sequence(value) else (value,):

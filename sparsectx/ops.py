@@ -31,11 +31,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch._subclasses import fake_tensor as _fake_tensor
-try:
-    from torch.fx.experimental.symbolic_shapes import guard_or_false
-except ImportError:  # (a torch without it: a symbol's comparison is not known, as a data-dependent one's)
-    def guard_or_false(condition) -> bool:
-        return condition if isinstance(condition, bool) else False
+from torch.fx.experimental.symbolic_shapes import guard_or_false, statically_known_true
 
 from ._warn import warn as _warn
 from . import reference
@@ -655,10 +651,13 @@ def _check_head_dim(dim: int) -> None:
 
 
 def _at_most(value, bound):
-    """``min(value, bound)``, or ``value`` when either is symbolic (a comparison would add a guard)."""
+    """``min(value, bound)``, or ``value`` when either is symbolic and their order is not known (a comparison would
+    add a guard)."""
     if isinstance(value, torch.SymInt) or isinstance(bound, torch.SymInt):
         return value
-    return bound if _surely(value > bound) else value
+    # (while dynamo traces, symbols come as ints: known without a guard, or left as they are: a guard on a shape
+    # symbol fails a strict export with a dynamic token dimension and recompiles a compiled call)
+    return bound if statically_known_true(value > bound) else value
 
 
 def _check_entry_count(name: str, cu_seqlens: torch.Tensor, batch: int) -> None:

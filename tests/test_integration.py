@@ -493,8 +493,10 @@ def test_mixed_budgets_refuse_an_attention_mask_of_another_batch(models):
     mask = kwargs["joint_attention_kwargs"]["attention_mask"]
     sparsectx.enable(model, budget=[[0.5], [0.25]], selector="uniform")
     try:
-        with pytest.raises(ValueError, match=r"joint_attention_kwargs\['attention_mask'\] has 2 rows for a batch of 4"):
-            _run(model, {**kwargs, "joint_attention_kwargs": {"attention_mask": mask[:2]}})
+        for rows in (mask[:2], mask[:2, 0, 0]):  # ([B, S] too: a first version checked masks of 3 dims or more)
+            with pytest.raises(ValueError, match=r"joint_attention_kwargs\['attention_mask'\] has 2 rows for a "
+                                                 r"batch of 4"):
+                _run(model, {**kwargs, "joint_attention_kwargs": {"attention_mask": rows}})
         n = mask.shape[-1]
         per_query = torch.ones(n, n, dtype=torch.bool)
         assert _run(model, {**kwargs, "joint_attention_kwargs": {"attention_mask": per_query}}).shape[0] == 4
@@ -3716,3 +3718,20 @@ def test_layouts_keep_host_positions_on_the_host_and_queue_their_device_copies(m
         assert all(any(t is q for q in queued) for t in copied), name
     assert [len(layouts[name].ref_host) for name in layouts] == [8, 8, 4, 6, 6]
     assert any(layouts["flux3"].reference_ids is q for q in queued)
+
+
+@pytest.mark.parametrize("fill", [-torch.inf, -1e4, torch.finfo(torch.float32).min])
+@pytest.mark.parametrize("form", ["key mask", "per-query outer"])
+def test_the_probes_text_mask_reads_an_additive_padding_as_masked(fill, form):
+    """The probe's text mask (which text keys some query may attend to) from an additive mask: a -1e4 padding was
+    read as attended (only the dtype's lowest value and -inf were masked), and in a per-query mask whose padded
+    queries' rows are -1e4 throughout, every key of those rows counted as attended."""
+    n_text, n_image = 4, 3
+    keys = torch.tensor([True, True, False, False] + [True] * n_image)
+    allowed = keys[None, None, None, :] if form == "key mask" else (keys[:, None] & keys[None, :])[None, None]
+    mask = torch.zeros(allowed.shape).masked_fill(~allowed, fill)
+    got = integration._text_keys_attended(mask, 1, n_text, n_image)
+    assert got.tolist() == [[True, True, False, False]]
+    soft = torch.zeros(1, 1, 1, n_text + n_image)
+    soft[..., 2:] = -5.0  # (a soft bias masks nothing)
+    assert integration._text_keys_attended(soft, 1, n_text, n_image).all()
