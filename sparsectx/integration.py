@@ -1022,7 +1022,7 @@ class _FluxQKProbe(_QKProbeProcessor):
                                     image_rotary_emb, *self._rows(hidden_states)), text_mask)
 
 
-NEGLIGIBLE_BIAS = 30.0  # an additive mask's bias this far below its row's largest: the key is masked
+NEGLIGIBLE_BIAS = 30.0  # an additive mask's bias this far below its sample's largest: the key is masked
 
 
 def _text_keys_attended(attention_mask: torch.Tensor, batch: int, n_text: int, n_image: int,
@@ -3062,9 +3062,10 @@ class _SparsePatch(ForwardPatch):
         return group
 
     def _check_batch_rows(self, call: dict) -> None:
-        """``ValueError`` for a per-sample input whose leading dim is neither the batch's nor 1: a batch split into
-        groups (or packed) would give each group all of its rows, and a group of as many samples ran on them, each
-        sample on another sample's prompt (the model alone refuses such a batch)."""
+        """``ValueError`` for a per-sample input (the family's batch arguments, and a key mask in the attention
+        kwargs) whose leading dim is neither the batch's nor 1: a batch split into groups (or packed) would give each
+        group all of its rows, and a group of as many samples ran on them, each sample on another sample's prompt or
+        mask (the model alone refuses such a batch)."""
         batch = call["hidden_states"].shape[0]
         attn_name = _ATTN_KWARGS_ARG[self.family]
         mask = call[attn_name].get("attention_mask") if isinstance(call.get(attn_name), dict) else None
