@@ -222,7 +222,7 @@ def _surely(condition) -> bool:
     its value where it is known; False where it depends on a tensor's data (a symbol read by ``.item()`` while
     tracing, e.g. a keep mask's ``max_seqlen``: a Python ``if`` on it fails the trace); a shape symbol's adds a
     guard, as the comparison itself would."""
-    return guard_or_false(condition)
+    return bool(condition) if isinstance(condition, torch.Tensor) else guard_or_false(condition)
 
 
 def _softmax_scale(softmax_scale, dim: int, symbolic: bool = False, traced: bool = False):
@@ -657,7 +657,10 @@ def _at_most(value, bound):
         return value
     # (while dynamo traces, symbols come as ints: known without a guard, or left as they are: a guard on a shape
     # symbol fails a strict export with a dynamic token dimension and recompiles a compiled call)
-    return bound if statically_known_true(value > bound) else value
+    greater = value > bound
+    if isinstance(greater, torch.Tensor):  # (torch.jit.trace: a shape is a tensor there)
+        return min(value, bound)
+    return bound if statically_known_true(greater) else value
 
 
 def _check_entry_count(name: str, cu_seqlens: torch.Tensor, batch: int) -> None:
