@@ -221,7 +221,7 @@ def _surely(condition) -> bool:
     """A comparison of ints, any of them maybe a torch symbol (dynamo shows its symbols to traced code as ints):
     its value where it is known; False where it depends on a tensor's data (a symbol read by ``.item()`` while
     tracing, e.g. a keep mask's ``max_seqlen``: a Python ``if`` on it fails the trace); a shape symbol's adds a
-    guard, as the comparison itself would."""
+    guard, as the comparison itself would; a tensor's (torch.jit.trace) is read."""
     return bool(condition) if isinstance(condition, torch.Tensor) else guard_or_false(condition)
 
 
@@ -657,10 +657,8 @@ def _at_most(value, bound):
         return value
     # (while dynamo traces, symbols come as ints: known without a guard, or left as they are: a guard on a shape
     # symbol fails a strict export with a dynamic token dimension and recompiles a compiled call)
-    greater = value > bound
-    if isinstance(greater, torch.Tensor):  # (torch.jit.trace: a shape is a tensor there)
-        return min(value, bound)
-    return bound if statically_known_true(greater) else value
+    greater = value > bound  # (a tensor under torch.jit.trace, whose shapes are tensors: read as it is)
+    return bound if (bool(greater) if isinstance(greater, torch.Tensor) else statically_known_true(greater)) else value
 
 
 def _check_entry_count(name: str, cu_seqlens: torch.Tensor, batch: int) -> None:
