@@ -111,6 +111,7 @@ from __future__ import annotations
 
 import collections.abc
 import contextlib
+import copyreg
 import copy
 import functools
 import inspect
@@ -1363,6 +1364,10 @@ class _Packing:
 # "not populated" error on the empty cache object
 _FILLED_BY_GROUPS: "weakref.WeakSet" = weakref.WeakSet()
 MAX_PLANS = 4  # plans kept per pipeline call (e.g. a KV-cache extract step and the cached steps' plan)
+# plans kept outside enabled pipeline calls (a bare transformer's forwards, or a pipeline sharing an enabled
+# transformer without being enabled itself), one per live prompt: requests whose steps interleave on the transformer
+# (threads, a server batching requests step by step; guidance's branches are two prompts each) keep their selections
+MAX_PROMPT_PLANS = 16
 # layouts kept per patched transformer, by the shape of the ids they were found on (a new call on ids of a kept
 # shape starts its selection on that layout without reading its ids first)
 MAX_LAYOUTS = 4
@@ -2287,10 +2292,21 @@ class _SparsePatch(ForwardPatch):
                       "generator drew another mask, so its gradients are wrong. Pass the input tensors to "
                       "the checkpoint as arguments.", RuntimeWarning)
         self.plans.pop(key, None)
-        if len(self.plans) >= MAX_PLANS:
-            self.plans.pop(next(iter(self.plans)))
+        self._make_room(key)
         self.plans[key] = plan
         return plan, plan.packing is not None and all(_uniform_over_batch(call).tolist())
+
+    def _make_room(self, key: _PlanKey) -> None:
+        """Frees the plans a new plan of ``key`` displaces: those of prompts that are gone (their keys match nothing
+        again), then the least recently used ones beyond the cap: ``MAX_PROMPT_PLANS`` for an inference plan keyed
+        by its prompt (requests interleaved on a transformer outside enabled pipeline calls: each keeps its
+        selection), ``MAX_PLANS`` otherwise (a pipeline call's plans; a training loop's latest forwards)."""
+        for old in [old for old in self.plans if old.prompt is not None and not all(
+                entry is None or entry[0].ref() is not None for entry in old.prompt)]:
+            del self.plans[old]
+        cap = MAX_PROMPT_PLANS if key.prompt is not None and key.training is None else MAX_PLANS
+        while len(self.plans) >= cap:
+            self.plans.pop(next(iter(self.plans)))
 
     def _known_layout(self, call: dict) -> tuple:
         """``(layout, unverified)`` of a new plan's call. FLUX: the layout found earlier on ids of the same shape
@@ -3441,6 +3457,12 @@ def _guidance_batched(pipeline, frame) -> Optional[str]:
     return conditional if isinstance(value, numbers.Real) and value > threshold else None
 
 
+def _new_sparse_pipeline(base: type, *args):
+    """Unpickling: a new instance of ``base``'s sparsectx subclass (made in this process if not yet)."""
+    cls = _pipeline_class(base)
+    return cls.__new__(cls, *args)
+
+
 def _pipeline_class(base: type) -> type:
     """A subclass of ``base`` whose ``__call__`` tells the transformer's patch that a new call begins (Python
     looks ``__call__`` up on the type, so the instance's class is swapped; ``disable`` swaps it back)."""
@@ -3497,13 +3519,21 @@ def _pipeline_class(base: type) -> type:
                         patch.call_epoch, patch.plans = outer_plans
                         patch.reported = inner
 
-        # the class keeps the base's name (diffusers' save_pretrained writes it as _class_name); pickle finds it
-        # as an attribute of this module, so a pipeline whose transformer was disabled alone still pickles (one
-        # with an enabled transformer raises the transformer's TypeError, which says to disable first)
+        def __reduce_ex__(self, protocol):
+            # pickled as made by _new_sparse_pipeline(base): a process that never enabled such a pipeline (where
+            # this module has no attribute of the class's name) makes the class again to load it
+            constructor, args, *rest = super(cls, self).__reduce_ex__(max(protocol, 2))
+            if constructor is copyreg.__newobj__ and args[:1] == (cls,):
+                constructor, args = _new_sparse_pipeline, (base, *args[1:])
+            return (constructor, args, *rest)
+
+        # the class keeps the base's name (diffusers' save_pretrained writes it as _class_name); a pipeline whose
+        # transformer was disabled alone still pickles (one with an enabled transformer raises the transformer's
+        # TypeError, which says to disable first)
         qualname = f"_Sparse_{base.__module__.replace('.', '_')}_{base.__qualname__.replace('.', '_')}"
         cls = type(base.__name__, (base,), {
-            "__call__": functools.wraps(base.__call__)(__call__), "__module__": __name__, "__qualname__": qualname,
-            "_sparsectx_base": base})
+            "__call__": functools.wraps(base.__call__)(__call__), "__reduce_ex__": __reduce_ex__,
+            "__module__": __name__, "__qualname__": qualname, "_sparsectx_base": base})
         globals()[qualname] = cls
         _PIPELINE_CLASSES[base] = cls
     return _PIPELINE_CLASSES[base]

@@ -1060,6 +1060,43 @@ def test_bare_transformer_selects_again_for_a_new_prompt_tensor(models):
     assert [ref() for ref in alive] == [None, None]
 
 
+def test_bare_transformer_requests_interleaved_step_by_step_keep_their_selections(models):
+    """Requests whose steps interleave on a bare transformer (a server batching step by step; threads with plain
+    ``from_pipe`` pipelines) each keep their selection while their prompt tensors live: 2 steps of 6 requests under
+    guidance, each branch its own prompt (12 prompts here), select 12 times (before: plans were kept for 4 prompts,
+    so each request selected again at every step, and a random selector's kept tokens changed mid-loop). Prompts that
+    are gone free their plans; past MAX_PROMPT_PLANS live prompts the least recently used selects again."""
+    from sparsectx import integration
+
+    model, kwargs = models["flux2"], _inputs("flux2")
+    calls, counting = _counting(random_selector)
+    sparsectx.enable(model, budget=0.5, selector=counting)
+    try:
+        prompts = [torch.randn_like(kwargs["encoder_hidden_states"]) for _ in range(12)]
+        keeps = {}
+        for step in range(2):
+            for i, prompt in enumerate(prompts):
+                _run(model, {**kwargs, "encoder_hidden_states": prompt, "timestep": torch.full((2,), 0.9 - step / 4)})
+                keeps.setdefault(i, []).append(sparsectx.last_selection(model).keep.clone())
+        assert len(calls) == 12
+        assert all(torch.equal(first, second) for first, second in keeps.values())
+        del prompts, prompt  # gone: their plans are freed at the next new plan
+        gc.collect()
+        live = [torch.randn_like(kwargs["encoder_hidden_states"])
+                for _ in range(integration.MAX_PROMPT_PLANS + 1)]
+        _run(model, {**kwargs, "encoder_hidden_states": live[0]})
+        assert len(model._sparsectx_patch.plans) == 1
+        for prompt in live[1:]:
+            _run(model, {**kwargs, "encoder_hidden_states": prompt})
+        assert len(model._sparsectx_patch.plans) == integration.MAX_PROMPT_PLANS
+        _run(model, {**kwargs, "encoder_hidden_states": live[-1]})  # the most recent: kept
+        assert len(calls) == 12 + len(live)
+        _run(model, {**kwargs, "encoder_hidden_states": live[0]})  # the least recently used: evicted
+        assert len(calls) == 12 + len(live) + 1
+    finally:
+        sparsectx.disable(model)
+
+
 def test_bare_transformer_selects_again_for_a_prompt_written_in_place(models):
     """A prompt buffer rewritten in place (a server's preallocated tensor) selects again, as a new tensor does
     (before: the plan was keyed by the tensor alone, and the old prompt's selection was reused); under
@@ -3456,23 +3493,28 @@ def test_per_image_generators_of_one_seed_select_once_for_the_batch():
 def test_an_eval_forwards_recomputation_after_its_plan_was_evicted_selects_again():
     """I21 (integration.py:1484 ``... and key[-2] is not None`` dropped): only a training forward's recomputation
     refuses a plan that is no longer cached (its random draw can not be repeated). An eval-mode forward with gradients,
-    checkpointed around the transformer, followed by MAX_PLANS forwards on other prompts before its backward,
+    checkpointed around the transformer, followed by MAX_PROMPT_PLANS forwards on other prompts before its backward,
     selects again on recomputation (a seeded selector gives the same selection) and its gradients are right; the
     mutant raised RuntimeError ("this training forward recomputes one whose selection is no longer cached")."""
     from sparsectx import integration
 
     kwargs = _inputs("flux2")
     model = _build_model("flux2").eval()
-    sparsectx.enable(model, budget=0.5, selector=random_selector, seed=0)
+    calls, counting = _counting(random_selector)
+    sparsectx.enable(model, budget=0.5, selector=counting, seed=0)
     try:
         hidden = kwargs["hidden_states"].clone().requires_grad_()
         expected = torch.autograd.grad(model(**{**kwargs, "hidden_states": hidden})[0].pow(2).sum(), hidden)[0]
         out = torch.utils.checkpoint.checkpoint(lambda h: model(**{**kwargs, "hidden_states": h})[0], hidden,
                                                 use_reentrant=False)
+        # other prompts, alive: other plans, which evict the forward's
+        others = [torch.randn_like(kwargs["encoder_hidden_states"]) for _ in range(integration.MAX_PROMPT_PLANS)]
         with torch.no_grad():
-            for _ in range(integration.MAX_PLANS):  # other prompts: other plans, which evict the forward's
-                model(**{**kwargs, "encoder_hidden_states": torch.randn_like(kwargs["encoder_hidden_states"])})
+            for prompt in others:
+                model(**{**kwargs, "encoder_hidden_states": prompt})
+        assert len(calls) == 1 + len(others)  # (the two forwards above share their prompt: one selection)
         got = torch.autograd.grad(out.pow(2).sum(), hidden)[0]
+        assert len(calls) == 2 + len(others)  # the recomputation selected again
     finally:
         sparsectx.disable(model)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

@@ -452,6 +452,30 @@ def test_pipeline_pickles_after_its_transformer_is_disabled_alone(pipe, family):
     sparsectx.disable(pipe)
 
 
+def test_a_pickled_pipeline_loads_in_a_process_that_never_enabled_one(tmp_path):
+    """A pipeline pickled in its sparsectx class (its transformer disabled alone) loads in a fresh process, where
+    sparsectx.integration has no attribute of that class's name (before: AttributeError "Can't get attribute
+    '_Sparse_..._FluxKontextPipeline'"); it loads in that class, its transformer not enabled."""
+    import pickle
+    import subprocess
+    import sys
+
+    pipe = _kontext_pipeline()
+    sparsectx.enable(pipe, budget=0.5, selector="uniform")
+    sparsectx.disable(pipe.transformer)
+    try:
+        (tmp_path / "pipe.pkl").write_bytes(pickle.dumps(pipe))
+    finally:
+        sparsectx.disable(pipe)
+    load = ("import pickle, sys; pipe = pickle.load(open(sys.argv[1], 'rb')); import sparsectx; "
+            "print(type(pipe).__module__, type(pipe).__name__, type(pipe)._sparsectx_base.__name__, "
+            "sparsectx.integration.is_enabled(pipe.transformer))")
+    run = subprocess.run([sys.executable, "-c", load, str(tmp_path / "pipe.pkl")], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["sparsectx.integration", "FluxKontextPipeline", "FluxKontextPipeline", "False"]
+
+
 class _KeyMaskedNative:
     """Test-only: diffusers' native attention backend with the dropped reference tokens masked out as keys. The
     joint sequence is [text, image] in both families; ``image_keep`` (bool [1, S_image]) is shared by the batch."""
