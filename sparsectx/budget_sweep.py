@@ -63,6 +63,9 @@ class Sweep:
     selections: Optional[list] = None
 
     def table(self) -> str:
+        """The rows as a markdown table: each setting's kept share, time per call, speed-up over the first row
+        (its baseline), and its output's PSNR, relative RMSE and largest absolute difference against that baseline's
+        output (``str(sweep)`` gives the same)."""
         baseline = self.rows[0].seconds
         lines = ["| setting | kept | time per call | speed-up | PSNR | rel. RMSE | max abs diff |",
                  "|---|---|---|---|---|---|---|"]

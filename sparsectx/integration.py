@@ -3804,6 +3804,10 @@ def disable(pipe_or_transformer):
 
 
 def is_enabled(pipe_or_transformer) -> bool:
+    """Whether Sparse Context is enabled on the transformer of ``pipe_or_transformer`` (a pipeline or a bare
+    transformer of a supported family, else ``TypeError``): the settings belong to the transformer, so a pipeline
+    sharing an enabled transformer reads True, and an enabled pipeline whose transformer was disabled reads False.
+    Drop training is not Sparse Context: see ``is_drop_training_enabled``."""
     _, transformer, _ = _split_target(pipe_or_transformer)
     return getattr(transformer, PATCH_ATTR, None) is not None
 
@@ -3836,7 +3840,7 @@ class Selection(NamedTuple):
 
 def last_selection(pipe_or_transformer) -> Optional[Selection]:
     """The reference tokens the latest pipeline (or transformer) call kept, or None when sparsectx is not enabled or
-    has not selected yet in this call."""
+    has not selected yet in this call. Its tensors are copies."""
     _, transformer, _ = _split_target(pipe_or_transformer)
     patch = getattr(transformer, PATCH_ATTR, None)
     plan = patch.cache if patch is not None else None
@@ -3846,7 +3850,9 @@ def last_selection(pipe_or_transformer) -> Optional[Selection]:
 
     extra = plan.layout.extra
     shapes = extra.get(IDS_GRID_SHAPES) or extra.get("ref_shapes")
-    return Selection(plan.keep, list(plan.layout.ref_lengths), plan.layout.ref_positions,
+    # copies: a caller editing them in place (e.g. inverting the mask to plot the dropped tokens) leaves what the
+    # drop-in holds, and what it reports next, unchanged
+    return Selection(plan.keep.clone(), list(plan.layout.ref_lengths), plan.layout.ref_positions.clone(),
                      None if shapes is None else [(int(h), int(w)) for h, w in shapes])
 
 

@@ -39,6 +39,11 @@ from . import reference
 from .kernels._launch import interpreter_requested
 from .kernels._launch import to_device as _device_values  # noqa: F401  (used by selection, integration, training)
 
+__all__ = [  # the public ops and what describes them; the other names serve sparsectx's own modules
+    "Compacted", "attention_key_mass", "backend_for", "compact_tokens", "kernel_configs", "masked_attention",
+    "rms_norm_rope", "rope_tables", "scatter_tokens", "sparse_attention",
+]
+
 # ----------------------------------------------------------------------------------------------------------------
 # dispatch
 # ----------------------------------------------------------------------------------------------------------------
@@ -774,7 +779,8 @@ def masked_attention(
         packed_q = _gather_rows([q], kept.index, kept.cu_seqlens, False)[0]
         out = sparse_attention(packed_q, packed_k, packed_v, kept.cu_seqlens, kept.cu_seqlens, seq, seq,
                                softmax_scale=softmax_scale, validate=False)
-        return scatter_tokens(out.reshape(-1, heads * dim), kept.index, kept.cu_seqlens, seq).view(q.shape)
+        # (row counts spelt out, not -1: a tensor of zero heads has no elements to infer them from)
+        return scatter_tokens(out.reshape(out.shape[0], heads * dim), kept.index, kept.cu_seqlens, seq).view(q.shape)
 
     # keys: the kept prefix as contiguous own keys; the rest by kept position, gathered from the dense tensors (the
     # forward's launcher packs them first where packed rows load faster; the backward reads them in place)
@@ -796,10 +802,10 @@ def masked_attention(
     dense_q = q.reshape(batch, seq, heads * dim)
     queries = (_pack_for_attention(query_mask, dense_q) if queries_eager else
                compact_tokens(query_mask, dense_q, max_total=batch * seq))
-    packed_q = queries.tensors[0].view(-1, heads, dim)
+    packed_q = queries.tensors[0].view(queries.tensors[0].shape[0], heads, dim)
     out = sparse_attention(packed_q, own_k, own_v, queries.cu_seqlens, cu_k, seq, kept_prefix,
                            softmax_scale=softmax_scale, validate=False, **refs)
-    dense = scatter_tokens(out.reshape(-1, heads * dim), queries.index, queries.cu_seqlens, seq)
+    dense = scatter_tokens(out.reshape(out.shape[0], heads * dim), queries.index, queries.cu_seqlens, seq)
     return dense.view(batch, seq, heads, dim)
 
 

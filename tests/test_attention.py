@@ -804,6 +804,21 @@ def test_zero_heads_give_empty_outputs_and_gradients():
     assert sparsectx.masked_attention(x, x, x, torch.ones(2, 5, dtype=torch.bool, device=DEVICE)).shape == x.shape
 
 
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("queries", ["key mask", "own mask"])
+def test_masked_attention_of_zero_heads_with_a_query_mask(queries, grad):
+    """H=0 with ``query_mask`` (the key mask itself, or a mask of its own): an empty ``[B, S, 0, D]`` output and
+    gradients, as without one (before: RuntimeError "cannot reshape tensor of 0 elements into shape [-1, 0, 8]")."""
+    q, k, v = (torch.randn(2, 4, 0, 8, device=DEVICE).requires_grad_(grad) for _ in range(3))
+    key_mask = torch.tensor([[True, False, True, True], [False, True, True, False]], device=DEVICE)
+    query_mask = key_mask if queries == "key mask" else key_mask.clone()
+    out = sparsectx.masked_attention(q, k, v, key_mask, query_mask=query_mask)
+    assert out.shape == q.shape
+    if grad:
+        out.sum().backward()
+        assert [t.grad.shape for t in (q, k, v)] == [q.shape] * 3
+
+
 def test_the_custom_op_called_directly_takes_any_strides():
     """``torch.ops.sparsectx.sparse_attention_fwd`` (and its backward) called directly, not through
     ``sparse_attention``, with q or ref_k whose head dim is not unit-stride, index tensors or ``dlse`` of other

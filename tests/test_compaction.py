@@ -210,6 +210,33 @@ def test_torch_export_of_a_ratio_budget_with_a_dynamic_token_dim(device, strict)
                 assert torch.equal(got, want)
 
 
+def test_torch_export_of_a_dynamic_token_dim_needs_two_kept_tokens_over_its_range(device):
+    """docs/ops.md's rule: the dynamic dimension's range must keep at least 2 tokens in all (torch specialises sizes
+    0 and 1): one sample at ratio 0.25 with ``Dim(min=4)`` (1 token at N=4) fails with torch's constraint error that
+    names the count's formula; ``min=6`` (2 tokens) exports, and the program equals eager down to N=6."""
+    from torch.export import Dim, export
+
+    class Model(torch.nn.Module):
+        def forward(self, scores, x):
+            kept = sparsectx.compact_tokens(scores, x, budget=0.25)
+            return kept.tensors[0], kept.index, kept.cu_seqlens
+
+    gen = torch.Generator().manual_seed(9)
+    scores, x = _scores(gen, 1, 16, torch.float32, device), torch.randn(1, 16, 3, generator=gen).to(device)
+
+    def shapes(low):
+        n_dim = Dim("N", min=low, max=256)
+        return {"scores": {1: n_dim}, "x": {1: n_dim}}
+
+    with pytest.raises(Exception, match=r"(?s)Constraints violated.*0\.25"):
+        export(Model(), (scores, x), dynamic_shapes=shapes(4))
+    exported = export(Model(), (scores, x), dynamic_shapes=shapes(6)).module()
+    for n in (6, 9, 40):
+        scores, x = _scores(gen, 1, n, torch.float32, device), torch.randn(1, n, 3, generator=gen).to(device)
+        for got, want in zip(exported(scores, x), Model()(scores, x)):
+            assert torch.equal(got, want)
+
+
 def test_a_keep_masks_max_seqlen_traces_into_the_attention(device):
     """The flash-attn varlen flow, a keep mask compacted with ``return_max_seqlen=True`` and its ``max_seqlen`` handed
     to sparse_attention: under torch.compile(fullgraph=True) its data-dependent value was compared (< 0, and

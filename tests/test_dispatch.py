@@ -774,3 +774,16 @@ def test_the_limits_ops_checks_are_the_kernels_limits():
     # a row kernel's [COPY_BLOCK_ROWS, samples] block must stay within Triton's 2**20 elements
     assert compaction.COPY_BLOCK_ROWS * ops.MAX_COMPACT_SAMPLES <= 1 << 20
     assert compaction.COPY_BLOCK_ROWS * ops.MAX_COMPACT_SAMPLES * 2 > 1 << 20  # (the largest power of two that fits)
+
+
+def test_star_import_of_the_ops_binds_the_public_ops_only():
+    """``from sparsectx.ops import *`` binds the public ops (every name ``sparsectx`` exports from ``sparsectx.ops``,
+    and ``kernel_configs``), each a name of the module, and none of its imports or helpers (before: 36 names, among
+    them ``torch``, ``math``, ``sys`` and ``written_ratio``)."""
+    import sparsectx.ops as ops
+
+    namespace = {}
+    exec("from sparsectx.ops import *", namespace)
+    bound = set(namespace) - {"__builtins__"}
+    from_ops = {name for name in sparsectx.__all__ if getattr(ops, name, None) is getattr(sparsectx, name)}
+    assert bound == set(ops.__all__) == from_ops | {"kernel_configs"}

@@ -2466,6 +2466,13 @@ def test_last_selection_reports_the_kept_tokens(models):
     assert selection.ref_lengths == lengths
     assert [part.sum(1).tolist() for part in selection.per_image()] == [[2, 2], [4, 4]]  # 2 tokens, half of 8
     assert torch.equal(selection.ref_positions, torch.arange(_n_target(), _n_target() + sum(lengths)))
+    # copies: edited in place by the caller, the next report (and the selection the model runs) is unchanged
+    out, keep, positions = _run(model, kwargs), selection.keep.clone(), selection.ref_positions.clone()
+    selection.keep.logical_not_()
+    selection.ref_positions.zero_()
+    again = sparsectx.last_selection(model)
+    assert torch.equal(again.keep, keep) and torch.equal(again.ref_positions, positions)
+    torch.testing.assert_close(_run(model, kwargs), out, rtol=0, atol=0)
     sparsectx.disable(model)
     assert sparsectx.last_selection(model) is None
 
