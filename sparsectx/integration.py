@@ -280,7 +280,12 @@ def check_budget(budget: Budget) -> Budget:
     ``TypeError`` for an entry that is not a number (``compact_tokens``' rule), ``ValueError`` for any other
     mistake, each naming what is wrong. Returns it with every entry a Python int or float (numpy integers count
     tokens, numpy floats are ratios) and lists for tuples."""
-    if budget is None or _is_budget_fn(budget):
+    if budget is None:
+        return budget
+    if _is_budget_fn(budget):
+        from .selection import refuse_budget_factory  # deferred, as the other imports of selection here
+
+        refuse_budget_factory(budget)
         return budget
     if isinstance(budget, (list, tuple)) and any(isinstance(b, (list, tuple)) for b in budget):
         if not all(isinstance(b, (list, tuple)) for b in budget):
@@ -660,6 +665,23 @@ def _per_request_signals(signals: dict, batch: int) -> dict:
         return value
 
     return {name: per_sample(value) for name, value in signals.items()}
+
+
+def _check_ref_shapes_signal(signals: dict, layout) -> None:
+    """A user's ``signals['ref_shapes']`` where the layout knows each reference's grid (Qwen-Image's ``img_shapes``,
+    Z-Image's and JoyImage's grids) must be that grid: it replaces the layout's in the selectors' context, and one of
+    the same token counts in another order ((w, h) for (h, w)) would turn the spatial selectors' grids silently."""
+    if "ref_shapes" not in signals or "ref_shapes" not in layout.extra:
+        return
+    known = [(int(h), int(w)) for h, w in layout.extra["ref_shapes"]]
+    try:
+        given = [(int(h), int(w)) for h, w in signals["ref_shapes"]]
+    except (TypeError, ValueError):
+        given = None
+    if given != known:
+        raise ValueError(f"signals['ref_shapes'] {signals['ref_shapes']!r} differs from the reference grids the "
+                         f"model's inputs give, (rows, columns) per image: {known}; leave it out (the selectors "
+                         "read those)")
 
 
 def _signals_for(signals: dict, batch: int, shared: bool, device) -> dict:
@@ -2638,6 +2660,8 @@ class _SparsePatch(ForwardPatch):
             seed = _glm_seed(seed, self.glm_write)
         sample_seeds = seed if (isinstance(seed, tuple) and len(seed) == batch and selector.reads_generator) else None
         seed = seed[0] if isinstance(seed, tuple) else seed
+
+        _check_ref_shapes_signal(signals, layout)
 
         def select(shared: bool) -> tuple:
             generator = None if seed is None else torch.Generator(device=hidden.device).manual_seed(seed)

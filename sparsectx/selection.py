@@ -1575,6 +1575,7 @@ def _check_floor_below_cap(floor, cap) -> None:
         for f, c in broadcast(request_floors, request_caps):
             if not all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in (f, c)):
                 continue  # (a tensor inside a list: the cap wins where it meets the batch)
+            f, c = ops.budget_number(f), ops.budget_number(c)  # (numpy float32 0.3 is 0.3, as the budget reads it)
             if isinstance(f, numbers.Integral) == isinstance(c, numbers.Integral) and f > c:
                 raise ValueError(f"floor {floor!r} is above cap {cap!r}: the cap would win (both "
                                  f"{'counts' if isinstance(f, numbers.Integral) else 'ratios'})")
@@ -1583,12 +1584,25 @@ def _check_floor_below_cap(floor, cap) -> None:
 BudgetSpec = Union[float, int, FixedBudget, AdaptiveBudget, Callable[..., BudgetResult]]
 
 
+def refuse_budget_factory(budget) -> None:
+    """``TypeError`` for a budget factory given uncalled (``budget=adaptive``): it is callable, so it would be taken
+    for a budget callable and fail at the first selection, after the probe, with an error not naming ``budget``."""
+    if any(budget is factory for factory in (adaptive, fixed_ratio, fixed_count, adaptive_budget)):
+        raise TypeError(f"budget=sparsectx.selection.{budget.__name__} is a budget's factory, not a budget: call it, "
+                        f"e.g. budget={_FACTORY_EXAMPLES[budget.__name__]}")
+
+
+_FACTORY_EXAMPLES = {"adaptive": "adaptive(coverage=0.9)", "fixed_ratio": "fixed_ratio(0.1)",
+                     "fixed_count": "fixed_count(256)", "adaptive_budget": "adaptive(coverage=0.9)"}
+
+
 def as_budget(budget: BudgetSpec) -> Callable[..., BudgetResult]:
     """A float (numpy floats included) is ``fixed_ratio``, an int (numpy ints included) ``fixed_count``; a budget
     object or callable ``(scores, ref_lengths) -> BudgetResult`` is returned as is."""
     if isinstance(budget, bool) or not (isinstance(budget, numbers.Real) or callable(budget)):
         raise TypeError("budget must be a float ratio, an int count or a budget callable, got "
                         f"{type(budget).__name__}")
+    refuse_budget_factory(budget)
     budget = ops.budget_number(budget)  # a numpy float32's ratio as the decimal it was written as
     # (errors name the budget as the caller wrote it, not the helper it becomes)
     if isinstance(budget, numbers.Integral):

@@ -1461,3 +1461,24 @@ def test_sweep_takes_a_numpy_seed_and_names_the_row_that_fails(pipe, family):
     if sys.version_info >= (3, 11):
         assert raised.value.__notes__ == ["in sparsectx.sweep's row 'budget=[0.1, 0.2]' (settings[1])"]
     assert not sparsectx.integration.is_enabled(pipe)
+
+
+def test_a_ref_shapes_signal_must_match_the_grids_qwen_gives(monkeypatch):
+    """Qwen-Image's layout knows each reference's grid (``img_shapes``): a user's ``signals['ref_shapes']`` of the same
+    token counts in (w, h) order replaced it silently, transposing the grid ``uniform`` and ``edit`` select on (a
+    lattice became runs along the sequence); it is refused by name, and one equal to the layout's runs as without it."""
+    monkeypatch.setattr(qwen_edit_plus, "VAE_IMAGE_SIZE", QWEN_VAE_AREA)
+    pipe = _pipeline(QWEN)
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        sparsectx.enable(pipe, budget=0.25, selector="uniform")
+        plain = _run(pipe, QWEN, PLAIN)
+        shapes = sparsectx.last_selection(pipe).ref_shapes
+        assert any(h != w for h, w in shapes)  # a transposed grid differs
+        sparsectx.enable(pipe, budget=0.25, selector="uniform", signals={"ref_shapes": shapes})
+        assert torch.equal(_run(pipe, QWEN, PLAIN), plain)
+        sparsectx.enable(pipe, budget=0.25, selector="uniform", signals={"ref_shapes": [(w, h) for h, w in shapes]})
+        with pytest.raises(ValueError, match=r"signals\['ref_shapes'\].*differs from the reference grids"):
+            _run(pipe, QWEN, PLAIN)
+    finally:
+        sparsectx.disable(pipe)

@@ -1935,3 +1935,30 @@ def test_a_constant_instruction_attention_leaves_edit_the_user_mask():
 def test_adaptive_defaults_to_ninety_percent_coverage():
     scores = torch.tensor([[0.5, 0.3, 0.1, 0.1]])  # cumulative mass 0.5, 0.8, 0.9, 1.0
     assert selection.adaptive().coverage == 0.9 and selection.adaptive()(scores).counts.item() == 3
+
+
+def test_a_numpy_float32_floor_equal_to_its_cap_is_accepted():
+    """A floor of numpy float32 0.3 against a cap of 0.3 (numpy float64 or Python float): equal ratios, as the budget
+    reads them (the decimal written), accepted (before: "floor np.float32(0.3) is above cap": 0.30000001 > 0.3), and
+    the budget keeps that ratio; float32 0.4 against 0.3 is still above its cap."""
+    import numpy as np
+
+    scores = torch.rand(1, 50, generator=torch.Generator().manual_seed(0))
+    for cap in (np.float64(0.3), 0.3, [np.float64(0.3)]):
+        floor = [np.float32(0.3)] if isinstance(cap, list) else np.float32(0.3)
+        assert adaptive(0.0, floor=floor, cap=cap)(scores, [50]).counts.tolist() == [[15]]
+    with pytest.raises(ValueError, match="is above cap"):
+        adaptive(0.0, floor=np.float32(0.4), cap=0.3)
+
+
+@pytest.mark.parametrize("factory", ["adaptive", "fixed_ratio", "fixed_count", "adaptive_budget"])
+def test_a_budget_factory_given_uncalled_is_refused_by_name(factory):
+    """``budget=adaptive`` (the factory, not ``adaptive(...)``): a TypeError naming it and saying to call it, from
+    enable and from select, before any selection (before: taken for a budget callable, it failed at the first call,
+    after the attention probe, with an error that did not name the budget, or a TypeError about its arguments)."""
+    function = getattr(selection, factory)
+    latents, ctx = _full_context(1, 2)
+    with pytest.raises(TypeError, match=rf"budget=sparsectx\.selection\.{factory} is a budget's factory.*call it"):
+        select(latents, ctx, "uniform", function)
+    with pytest.raises(TypeError, match=rf"budget=sparsectx\.selection\.{factory} is a budget's factory"):
+        sparsectx.integration.check_budget(function)
