@@ -2662,6 +2662,14 @@ class _SparsePatch(ForwardPatch):
         seed = seed[0] if isinstance(seed, tuple) else seed
 
         _check_ref_shapes_signal(signals, layout)
+        # where a request's samples may begin, whatever their prompts: a per-request budget's rows, other counts
+        per_request = overrides.get("budget", self.settings.budget)
+        run_starts = set(range(batch // len(per_request), batch, batch // len(per_request))) \
+            if _is_per_request(per_request) and batch % len(per_request) == 0 else set()
+        if counts is not None:
+            run_starts |= {b for b in range(1, batch) if list(counts[b]) != list(counts[b - 1])}
+        run_starts = (run_starts, [value for value in signals.values() if isinstance(value, torch.Tensor) and
+                                   value.ndim and value.shape[0] == batch])
 
         def select(shared: bool) -> tuple:
             generator = None if seed is None else torch.Generator(device=hidden.device).manual_seed(seed)
@@ -2671,7 +2679,7 @@ class _SparsePatch(ForwardPatch):
             # the automatic probe, unless the user gave their own: it runs only if a selector asks for a probe
             # tensor the signals lack (probe tensors given in the signals are used as given)
             if "attention_probe" not in signals and self.family != GLM:  # (GLM-Image's: _check_glm_selector)
-                extra["attention_probe"] = self._attention_probe(call, layout, shared)
+                extra["attention_probe"] = self._attention_probe(call, layout, shared, references, run_starts)
             context = SelectionContext(num_references=len(layout.ref_lengths), ref_lengths=list(layout.ref_lengths),
                                        reference_ids=layout.reference_ids, target_shape=layout.target_shape,
                                        generator=generator, extra=extra, sample_generators=sample_generators)
@@ -2727,18 +2735,50 @@ class _SparsePatch(ForwardPatch):
         keep, nan = self._select(self._slice_batch(call, list(range(batch))[rows]), layout, overrides)
         return torch.cat([keep, keep]), nan
 
-    def _attention_probe(self, call: dict, layout: _Layout, shared: bool) -> Callable:
+    def _attention_probe(self, call: dict, layout: _Layout, shared: bool, references: torch.Tensor,
+                         run_starts: tuple) -> Callable:
         """``extra["attention_probe"]`` for this call: selectors call it at most once, only when they need a probe
         tensor. A batch that shares its references and its prompt is probed on its first sample (the batch the
-        selector sees)."""
+        selector sees); in another batch each sample is probed as its request's first sample (``_probe_leaders``),
+        so a request's samples keep what they keep when the request runs alone."""
 
         def probe(reference_latents: torch.Tensor, context) -> dict:
             if shared and not self._same_prompts(call):
                 raise _SamplesDiffer  # the probe reads the prompt: each sample is selected on its own
-            probed = self._slice_batch(call, [0]) if shared else call
+            if shared:
+                probed = self._slice_batch(call, [0])
+            else:
+                leaders = self._probe_leaders(call, references, *run_starts)
+                probed = call if leaders == list(range(len(leaders))) else self._slice_batch(call, leaders)
             return _probe_tensors(_probe_qk(self.transformer, self.family, self._call_original, probed, layout))
 
         return probe
+
+    def _probe_leaders(self, call: dict, references: torch.Tensor, starts: set, compared: list) -> list:
+        """For each sample, the first sample of its run: consecutive samples that share their references, prompt
+        and rows of the per-sample ``compared`` tensors (signals), a run split at each of ``starts`` (a per-request
+        budget's rows, other counts): a request's ``num_images_per_prompt`` samples. Run alone, such a request shares
+        its batch and is probed on its first sample; probing each sample as its run's first gives the request's
+        samples that selection in any batch (one host read)."""
+        batch = call["hidden_states"].shape[0]
+        tensors = [references, *compared]
+        for value in self._prompt_values(call):
+            tensors += [value] if isinstance(value, torch.Tensor) else list(value) if _tensor_sequence(value) else []
+        same = torch.ones(batch - 1, dtype=torch.bool, device=references.device)
+        for t in tensors:
+            if t.ndim and t.shape[0] == batch:
+                same &= (t[1:] == t[:-1]).reshape(batch - 1, -1).all(1).to(same.device)
+        same = same.tolist()
+        if self.family == ZIMAGE:  # (its prompts: each sample's caption segments)
+            captions = call.get("cap_feats") or []
+            for b in range(1, min(batch, len(captions))):
+                same[b - 1] = same[b - 1] and len(captions[b]) == len(captions[b - 1]) and all(
+                    torch.is_tensor(x) and torch.is_tensor(y) and x.shape == y.shape and torch.equal(x, y)
+                    for x, y in zip(captions[b], captions[b - 1]))
+        leaders = [0]
+        for b in range(1, batch):
+            leaders.append(leaders[-1] if same[b - 1] and b not in starts else b)
+        return leaders
 
     # -- groups of samples that keep the same tokens ---------------------------------------------------------------
     def _groups(self, call: dict, layout: _Layout, keep: torch.Tensor, unverified: Optional[torch.Tensor] = None,

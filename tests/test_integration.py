@@ -3784,3 +3784,34 @@ def test_the_probes_text_mask_reads_an_additive_padding_as_masked(fill, form):
     soft = torch.zeros(1, 1, 1, n_text + n_image)
     soft[..., 2:] = -5.0  # (a soft bias masks nothing)
     assert integration._text_keys_attended(soft, 1, n_text, n_image).all()
+
+
+def test_a_probe_selectors_request_keeps_in_a_batch_what_it_keeps_alone():
+    """``selector="attention"`` (it reads the probe) with ``num_images_per_prompt=2`` and one generator per image: a
+    request run alone shares its batch and is selected once, on its first image's latents; the same request beside
+    another prompt's was selected image by image on each image's own latents, so its second image kept other tokens
+    (and its output changed by 2.5e-3) with the batch's composition. Each sample is probed as its request's first
+    sample now: both requests keep in the batch what they keep alone, and give the same images."""
+    pipe = _tiny_pipeline(diffusers.Flux2KleinPipeline)
+    embeds = torch.randn(2, TEXT_TOKENS, TEXT_DIM, generator=torch.Generator().manual_seed(3))
+
+    def call(rows, seeds):
+        with torch.no_grad():
+            images = pipe(image=_reference_images(), prompt_embeds=embeds[rows],
+                          negative_prompt_embeds=torch.zeros_like(embeds[rows]), guidance_scale=2.0,
+                          num_images_per_prompt=2, height=64, width=64, num_inference_steps=2, output_type="latent",
+                          generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+        return images, sparsectx.last_selection(pipe).keep.clone()
+
+    sparsectx.enable(pipe, budget=0.25, selector="attention")
+    try:
+        alone = [call([0], [10, 11]), call([1], [12, 13])]
+        both, keep = call([0, 1], [10, 11, 12, 13])
+    finally:
+        sparsectx.disable(pipe)
+    assert not torch.equal(alone[0][1][0], alone[1][1][0])  # the requests keep other tokens
+    for request, (images, kept) in enumerate(alone):
+        assert torch.equal(kept[0], kept[1])  # alone: one selection for the request's images
+        rows = slice(2 * request, 2 * request + 2)
+        assert torch.equal(keep[rows], kept), request
+        torch.testing.assert_close(both[rows], images, rtol=0, atol=1e-6)
