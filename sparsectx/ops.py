@@ -179,6 +179,9 @@ def _check_tensor(name: str, t, ndim: Optional[int] = None, dtypes=None, device=
     op's body runs (their probe, host time on every call, is skipped; a forward-AD tangent is still attached)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided or t.is_quantized:  # (the kernels and the reference path read strided storage)
+        raise TypeError(f"{name} must be a dense (strided, not quantized) tensor, got "
+                        f"{'a quantized tensor' if t.is_quantized else f'layout {t.layout}'}")
     if _forward_ad._current_level >= 0 and _forward_ad.unpack_dual(t).tangent is not None:
         # the kernels would return outputs without a tangent: torch.func.jvp would see a zero derivative
         raise NotImplementedError(f"{name} carries a forward-mode AD tangent (torch.func.jvp, "
@@ -1665,8 +1668,9 @@ def scatter_tokens(packed: torch.Tensor, index: torch.Tensor, cu_seqlens: torch.
     ``packed`` and ``index`` have the same number of rows; rows past ``cu_seqlens[-1]`` (``max_total`` padding)
     are ignored. ``cu_seqlens`` (as ``compact_tokens`` returns it: starts at 0, non-decreasing, at most the packed
     rows) and the index of the rows it counts (each in ``[0, n_tokens)``, none twice in a sample) are checked off
-    the GPU, where reading them costs no device wait (``ValueError``); on a GPU they are trusted, as the Triton path
-    never waits for the device: a row whose index lies outside ``[0, n_tokens)`` is then ignored (nothing written,
+    the GPU, where reading them costs no device wait (``ValueError``), except while traced (``torch.compile``,
+    ``torch.export``: they hold no data then); on a GPU they are trusted, as the Triton path never waits for the
+    device; unchecked, a row whose index lies outside ``[0, n_tokens)`` is then ignored (nothing written,
     gradient zero), and of two rows with one index either may be written. A scalar ``fill`` (complex for complex
     ``packed``) must be representable in ``packed``'s dtype.
     """

@@ -1371,3 +1371,24 @@ def test_a_default_device_context_changes_nothing_on_the_cpu(interpreter, monkey
     for name in ("index", "cu_seqlens"):
         assert torch.equal(getattr(got[0], name), getattr(expected[0], name)), name
     assert torch.equal(got[0].tensors[0], expected[0].tensors[0]) and torch.equal(got[1], expected[1])
+
+
+def test_sparse_and_quantized_tensors_are_refused_by_name(device):
+    """Sparse and quantized tensors as scores, payloads, ``packed`` or ``x``: a TypeError naming the
+    argument before any launch (before: NotImplementedError "Cannot access storage of SparseTensorImpl", KeyError
+    'qint8', or torch errors about sparse reshapes, from inside the op)."""
+    scores = torch.rand(1, 8, device=device)
+    cos = sin = torch.ones(8, 4, device=device)
+    cases = [
+        ("selection", lambda layout: sparsectx.compact_tokens(layout(scores), budget=2)),
+        (r"tensors\[0\]", lambda layout: sparsectx.compact_tokens(scores, layout(torch.randn(1, 8, 3)), budget=2)),
+        ("packed", lambda layout: sparsectx.scatter_tokens(layout(torch.randn(2, 3)), torch.zeros(2, dtype=torch.int32),
+                                                           torch.tensor([0, 2], dtype=torch.int32), 8)),
+        ("x", lambda layout: sparsectx.rms_norm_rope(layout(torch.randn(1, 8, 1, 4)), cos, sin)),
+    ]
+    layouts = {"sparse": lambda t: t.to_sparse(), "quantized": lambda t: torch.quantize_per_tensor(t.cpu(), 0.1, 0,
+                                                                                                torch.qint8)}
+    for name, run in cases:
+        for make in layouts.values():
+            with pytest.raises(TypeError, match=rf"{name} must be a dense \(strided, not quantized\) tensor"):
+                run(make)
