@@ -349,6 +349,12 @@ def _resolve_selector(selector):
     return selection.get_selector(selector)  # ValueError for an unknown name
 
 
+def _func_wrapped(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a torch.func transform's wrapper (``jvp``, ``grad``, ``vmap``): it has no storage of its
+    own to key a forward by."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+
+
 def _view_of(tensor: torch.Tensor) -> tuple:
     """A tensor's memory and view: equal for the tensor and a detached alias of it (as a reentrant checkpoint
     recomputes on)."""
@@ -1554,6 +1560,22 @@ def _is_checkpoint_wrapper(module: torch.nn.Module) -> bool:
     return type(module).__name__ == "CheckpointWrapper" and callable(getattr(module, "checkpoint_fn", None))
 
 
+def refuse_composable_checkpoint(transformer: torch.nn.Module, what: str) -> None:
+    """``RuntimeError`` naming ``what`` when a module of ``transformer`` is checkpointed by
+    ``torch.distributed._composable.checkpoint`` (FSDP2's per-block form): it recomputes a block from its own hooks
+    during backward, outside the forward's scope that ``checkpointed_in`` gives the other checkpoint forms, so the
+    recomputation would run without the forward's state (torch then fails with a mismatch of saved tensors)."""
+    try:
+        from torch.distributed._composable.contract import _get_registry
+    except ImportError:  # pragma: no cover - a torch without torch.distributed
+        return
+    if any("checkpoint" in (_get_registry(module) or {}) for module in transformer.modules()):
+        raise RuntimeError(f"{what} can not run blocks checkpointed by torch.distributed._composable.checkpoint "
+                           "(recomputed outside the transformer's forward, without its drop mask): checkpoint "
+                           "them with diffusers' transformer.enable_gradient_checkpointing() or torch's "
+                           "apply_activation_checkpointing (checkpoint_wrapper), which FSDP2 takes too")
+
+
 def _check_no_stateful_hooks(transformer: torch.nn.Module, n_groups: int) -> None:
     """``RuntimeError`` when diffusers hooks that keep state across the transformer's calls (the step caches of
     ``enable_cache``: FirstBlockCache, PyramidAttentionBroadcast, TaylorSeer, FasterCache, MagCache, ...) are
@@ -2465,8 +2487,8 @@ class _SparsePatch(ForwardPatch):
         ``key``, remembered for such a recomputation. A forward in eval mode does not replace the key of a live
         training forward on the same inputs (a validation pass between a training forward and its backward)."""
         hidden, tensors = self._forward_inputs(call)
-        if hidden.is_inference():  # made under torch.inference_mode: no backward to come
-            return key, False
+        if hidden.is_inference() or _func_wrapped(hidden):  # torch.inference_mode: no backward to come; a
+            return key, False  # torch.func transform's tensor: no storage to key it by, no checkpoint recomputing it
         inputs = RecentForwards.key(*tensors)
         found = self.recent.find(inputs)
         if in_backward():

@@ -287,6 +287,8 @@ class _DropTrainingPatch(integration.ForwardPatch):
             self._note_eval_forward(call)
         if mask[0] is not None:
             self._reinstall_replaced_processors()
+            if torch.is_grad_enabled():
+                integration.refuse_composable_checkpoint(self.transformer, "drop training")
         if not recomputing:  # last_drop_mask: the latest forward's mask, not that of a forward recomputed since
             self.last_keep = mask[0]
         # the processors read this forward's mask while it runs (and not after: an attention layer called on its
@@ -332,8 +334,8 @@ class _DropTrainingPatch(integration.ForwardPatch):
         forward with gradients between, e.g. a validation loss). Warns once that such a forward of a model with
         trainable parameters drops nothing (drop training draws in train mode only)."""
         hidden = call["hidden_states"]
-        if not torch.is_grad_enabled() or hidden.is_inference():
-            return
+        if not torch.is_grad_enabled() or hidden.is_inference() or integration._func_wrapped(hidden):
+            return  # (a torch.func transform's forward: no checkpoint recomputes it)
         key = integration.RecentForwards.key(hidden)
         if self.recent.find(key) is None:
             self.recent.remember(key, integration.RecentForward(weakref.ref(hidden), (None, 0), training=False,
@@ -361,7 +363,9 @@ class _DropTrainingPatch(integration.ForwardPatch):
         forwards' masks; otherwise (a generator, or the RNG state not restored) a warning says its gradients are
         computed with another mask. Such a recomputation in eval mode keeps every token."""
         hidden = call["hidden_states"]
-        if hidden.is_inference():  # made under torch.inference_mode: no version counter, and no backward to come
+        # made under torch.inference_mode: no version counter, and no backward to come; a torch.func transform's
+        # tensor: no storage to key it by (its masked attention then refuses the transform by name)
+        if hidden.is_inference() or integration._func_wrapped(hidden):
             return self._draw_mask(call)[0] if self.transformer.training else (None, 0)
         key = integration.RecentForwards.key(hidden)
         entry = self.recent.find(key)
@@ -482,7 +486,7 @@ def enable_drop_training(transformer, ratio_range: tuple = DEFAULT_RATIO_RANGE,
                         "GLM-Image, train with the dropped references removed: "
                         "sparsectx.enable(transformer, budget=None, selector=sparsectx.random_drop_selector("
                         "ratio_range, generator)) on the transformer in train mode draws a new mask at each forward")
-    integration.check_diffusers_version()
+    integration._check_enable_target(model, family)  # (a diffusers too old; Qwen-Image-Layered, as enable refuses)
     if getattr(model, integration.PATCH_ATTR, None) is not None:
         raise RuntimeError("sparsectx.enable is active on this transformer; call sparsectx.disable first (drop "
                            "training and the drop-in do not run together: disable one before enabling the other)")

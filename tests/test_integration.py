@@ -2588,6 +2588,10 @@ def test_qwen_image_layered_is_rejected():
     with pytest.raises(TypeError, match="Qwen-Image-Layered"):
         sparsectx.enable(model, budget=0.5)
     assert not integration.is_enabled(model)
+    # drop training too (before: accepted, it took target layers 1..N for references and dropped their tokens)
+    with pytest.raises(TypeError, match="Qwen-Image-Layered"):
+        sparsectx.enable_drop_training(model)
+    assert not sparsectx.is_drop_training_enabled(model)
 
 
 def test_parallelism_is_rejected_by_its_name(models):

@@ -919,6 +919,59 @@ def _train_inputs(family):
     return {**shared._inputs(family), "return_dict": False}
 
 
+def test_drop_training_refuses_blocks_of_torch_distributed_composable_checkpoint():
+    """Blocks checkpointed by ``torch.distributed._composable.checkpoint`` (FSDP2's per-block form) are recomputed
+    from their own hooks, outside the forward's mask scope: a training forward that drops tokens with gradients is
+    refused naming the supported checkpoint forms (before: torch's CheckpointError "A different number of tensors
+    was saved during the original forward and recomputation" at backward); without gradients it runs."""
+    from torch.distributed._composable import checkpoint as composable_checkpoint
+
+    model = shared._build_model("flux2").train()
+    composable_checkpoint(model.transformer_blocks[0])
+    kwargs = _train_inputs("flux2")
+    enable_drop_training(model, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(0))
+    try:
+        with pytest.raises(RuntimeError, match=r"composable\.checkpoint.*enable_gradient_checkpointing"):
+            model(**kwargs)
+        with torch.no_grad():
+            assert model(**kwargs)[0].isfinite().all()
+    finally:
+        disable_drop_training(model)
+
+
+def test_drop_training_in_eval_mode_runs_torch_func_transforms_as_the_unpatched_model():
+    """Eval mode under drop training is the unpatched model, also under torch.func: ``jvp`` and ``grad`` of the
+    transformer give the unpatched model's values (before: NotImplementedError "Cannot access storage of
+    TensorWrapper" from the bookkeeping of forwards a checkpoint may recompute); in train mode the transforms are
+    refused by sparsectx's own message (sparsectx's ops have torch.autograd gradients only), not torch's."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = shared._build_model("flux2").eval()
+    active = _AttentionBackendRegistry._active_backend  # set_attention_backend also sets diffusers' global one
+    model.set_attention_backend("_native_math")  # (CPU flash SDPA has no forward-mode AD)
+    kwargs = _train_inputs("flux2")
+    hidden = kwargs.pop("hidden_states")
+    tangent = torch.randn_like(hidden)
+    run = lambda h: model(hidden_states=h, **kwargs)[0]  # noqa: E731
+    transforms = {"jvp": lambda: torch.func.jvp(run, (hidden,), (tangent,)),
+                  "grad": lambda: torch.func.grad(lambda h: run(h).sum())(hidden)}
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = {name: transform() for name, transform in transforms.items()}
+        enable_drop_training(model, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(0))
+        try:
+            for name, transform in transforms.items():
+                got = transform()
+                for a, b in zip(*(x if isinstance(x, tuple) else (x,) for x in (got, expected[name]))):
+                    assert torch.equal(a, b), name
+            model.train()
+            for name, transform in transforms.items():
+                with pytest.raises(NotImplementedError, match="sparsectx's ops have .*gradients only"):
+                    transform()
+        finally:
+            disable_drop_training(model)
+            _AttentionBackendRegistry.set_active_backend(active)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_drop_training_in_eval_mode_or_keeping_all_is_the_unpatched_model(models, family):
     model, kwargs = models[family], _train_inputs(family)
