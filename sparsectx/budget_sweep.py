@@ -368,13 +368,17 @@ def _run_row(pipe, setting: Optional[dict], seed: int, warmup: int, repeats: int
 @contextlib.contextmanager
 def _selection_hook(pipe, found: dict):
     """While the block runs, each selection the pipeline's transformer forwards make (``last_selection`` after each
-    forward), once each, into ``found`` (by its keep mask: a forward reusing a cached selection adds nothing)."""
+    forward), once each, into ``found`` (by the plan holding it: a forward reusing a cached selection adds nothing;
+    ``last_selection`` returns copies, so its tensors can not tell)."""
     _, transformer, _ = integration._split_target(pipe)
+    plans = []  # (held while the block runs: a freed plan's id could be another's)
 
     def record(module, args, output):
-        selection = integration.last_selection(pipe)
-        if selection is not None:
-            found.setdefault(id(selection.keep), selection)
+        patch = getattr(transformer, integration.PATCH_ATTR, None)
+        plan = patch.cache if patch is not None else None
+        if plan is not None and id(plan) not in found:
+            plans.append(plan)
+            found[id(plan)] = integration.last_selection(pipe)
 
     handle = transformer.register_forward_hook(record)
     try:

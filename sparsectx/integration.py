@@ -1571,7 +1571,7 @@ def refuse_composable_checkpoint(transformer: torch.nn.Module, what: str) -> Non
         return
     if any("checkpoint" in (_get_registry(module) or {}) for module in transformer.modules()):
         raise RuntimeError(f"{what} can not run blocks checkpointed by torch.distributed._composable.checkpoint "
-                           "(recomputed outside the transformer's forward, without its drop mask): checkpoint "
+                           "(recomputed outside the transformer's forward, without its per-forward state): checkpoint "
                            "them with diffusers' transformer.enable_gradient_checkpointing() or torch's "
                            "apply_activation_checkpointing (checkpoint_wrapper), which FSDP2 takes too")
 
@@ -2074,6 +2074,8 @@ class _SparsePatch(ForwardPatch):
             with ranges():
                 result = self._run_plan(call, plan, packable)
         else:
+            if self.attention == SPARSECTX:  # its processors' per-forward state is not given to such a recomputation
+                refuse_composable_checkpoint(self.transformer, "sparsectx.enable(..., attention='sparsectx')")
             # gradient checkpointing recomputes the blocks during backward, with the processors installed then
             with self.checkpointed_in(functools.partial(self._attention_unchanged, self.attention)), ranges():
                 result = self._run_plan(call, plan, packable)
@@ -2341,11 +2343,14 @@ class _SparsePatch(ForwardPatch):
         return plan, plan.packing is not None and all(_uniform_over_batch(call).tolist())
 
     def _make_room(self, key: _PlanKey) -> None:
-        """Frees the plans a new plan of ``key`` displaces: those of prompts that are gone (their keys match nothing
-        again), then the least recently used ones beyond the cap: ``MAX_PROMPT_PLANS`` for an inference plan keyed
-        by its prompt (requests interleaved on a transformer outside enabled pipeline calls: each keeps its
-        selection), ``MAX_PLANS`` otherwise (a pipeline call's plans; a training loop's latest forwards)."""
-        for old in [old for old in self.plans if old.prompt is not None and not all(
+        """Frees the plans a new plan of ``key`` displaces: inference plans of prompts that are gone (their keys
+        match nothing again), then the least recently used ones beyond the cap: ``MAX_PROMPT_PLANS`` for an
+        inference plan keyed by its prompt (requests interleaved on a transformer outside enabled pipeline calls:
+        each keeps its selection), ``MAX_PLANS`` otherwise (a pipeline call's plans; a training loop's latest
+        forwards)."""
+        # (not a training forward's: a checkpoint may still recompute it, found by its input's memory and view
+        # while a prompt made inside the checkpointed function, e.g. an expanded view, is gone)
+        for old in [old for old in self.plans if old.prompt is not None and old.training is None and not all(
                 entry is None or entry[0].ref() is not None for entry in old.prompt)]:
             del self.plans[old]
         cap = MAX_PROMPT_PLANS if key.prompt is not None and key.training is None else MAX_PLANS
@@ -2783,6 +2788,8 @@ class _SparsePatch(ForwardPatch):
         its batch and is probed on its first sample; probing each sample as its run's first gives the request's
         samples that selection in any batch (one host read)."""
         batch = call["hidden_states"].shape[0]
+        if batch < 2:
+            return list(range(batch))
         tensors = [references, *compared]
         for value in self._prompt_values(call):
             tensors += [value] if isinstance(value, torch.Tensor) else list(value) if _tensor_sequence(value) else []

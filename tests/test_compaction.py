@@ -1374,9 +1374,9 @@ def test_a_default_device_context_changes_nothing_on_the_cpu(interpreter, monkey
 
 
 def test_sparse_and_quantized_tensors_are_refused_by_name(device):
-    """Sparse and quantized tensors as scores, payloads, ``packed`` or ``x``: a TypeError naming the
-    argument before any launch (before: NotImplementedError "Cannot access storage of SparseTensorImpl", KeyError
-    'qint8', or torch errors about sparse reshapes, from inside the op)."""
+    """Sparse, quantized and nested (strided layout) tensors as scores, payloads, ``packed`` or ``x``: a TypeError
+    naming the argument before any launch (before: NotImplementedError "Cannot access storage of SparseTensorImpl",
+    KeyError 'qint8', "NestedTensorImpl doesn't support sizes", or torch errors about sparse reshapes)."""
     scores = torch.rand(1, 8, device=device)
     cos = sin = torch.ones(8, 4, device=device)
     cases = [
@@ -1386,9 +1386,10 @@ def test_sparse_and_quantized_tensors_are_refused_by_name(device):
                                                            torch.tensor([0, 2], dtype=torch.int32), 8)),
         ("x", lambda layout: sparsectx.rms_norm_rope(layout(torch.randn(1, 8, 1, 4)), cos, sin)),
     ]
-    layouts = {"sparse": lambda t: t.to_sparse(), "quantized": lambda t: torch.quantize_per_tensor(t.cpu(), 0.1, 0,
-                                                                                                torch.qint8)}
+    layouts = {"sparse": lambda t: t.to_sparse(),
+               "quantized": lambda t: torch.quantize_per_tensor(t.cpu(), 0.1, 0, torch.qint8),
+               "nested": lambda t: torch.nested.nested_tensor(list(t))}
     for name, run in cases:
         for make in layouts.values():
-            with pytest.raises(TypeError, match=rf"{name} must be a dense \(strided, not quantized\) tensor"):
+            with pytest.raises(TypeError, match=rf"{name} must be a dense \(strided, not quantized or nested\) tensor"):
                 run(make)

@@ -3819,3 +3819,45 @@ def test_a_probe_selectors_request_keeps_in_a_batch_what_it_keeps_alone():
         rows = slice(2 * request, 2 * request + 2)
         assert torch.equal(keep[rows], kept), request
         torch.testing.assert_close(both[rows], images, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("selector", ["attention", "subject"])
+def test_a_probe_selector_on_a_batch_of_one_sample(models, selector):
+    """A batch of one sample (never shared) with a selector that reads the probe: each image keeps its budget (a
+    first version of the probe's per-request leaders failed on it: "cannot reshape tensor of 0 elements into shape
+    [0, -1]")."""
+    model, kwargs = models["flux2"], _inputs("flux2", batch=1)
+    sparsectx.enable(model, budget=2, selector=selector)
+    try:
+        out = _run(model, kwargs)
+        kept = [part.sum(1).tolist() for part in sparsectx.last_selection(model).per_image()]
+    finally:
+        sparsectx.disable(model)
+    assert out.shape[0] == 1 and kept == [[2]] * len(REF_HWS)
+
+
+def test_a_training_forwards_plan_outlives_a_prompt_view_made_inside_its_checkpoint():
+    """Gradient accumulation: two checkpointed training forwards whose prompt is an expanded view made inside the
+    checkpointed function (gone after each forward), then one backward. Each forward's plan stays until its
+    recomputation (a first version of the purge of gone prompts' plans dropped the first: "recomputes one whose
+    selection is no longer cached"), and the gradients equal those of the two forwards without checkpoints."""
+    model, kwargs = _build_model("flux2").train(), _inputs("flux2")
+    text = kwargs["encoder_hidden_states"][:1].clone()
+
+    def forward(hidden):
+        return model(**{**kwargs, "hidden_states": hidden, "encoder_hidden_states": text.expand(2, -1, -1)})[0]
+
+    grads = {}
+    for checkpointed in (True, False):
+        sparsectx.enable(model, budget=0.5, selector=random_selector, seed=0)
+        try:
+            hiddens = [kwargs["hidden_states"].clone().requires_grad_(), torch.randn(
+                kwargs["hidden_states"].shape, generator=torch.Generator().manual_seed(5)).requires_grad_()]
+            outs = [torch.utils.checkpoint.checkpoint(forward, h, use_reentrant=False) if checkpointed else forward(h)
+                    for h in hiddens]
+            sum(out.pow(2).sum() for out in outs).backward()
+            grads[checkpointed] = [h.grad for h in hiddens]
+        finally:
+            sparsectx.disable(model)
+    for got, want in zip(grads[True], grads[False]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

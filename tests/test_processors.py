@@ -937,6 +937,16 @@ def test_drop_training_refuses_blocks_of_torch_distributed_composable_checkpoint
             assert model(**kwargs)[0].isfinite().all()
     finally:
         disable_drop_training(model)
+    # the drop-in's training form with sparsectx attention too (its processors' per-forward state); native runs
+    sparsectx.enable(model, budget=None, selector=sparsectx.random_drop_selector((0.2, 0.6)), seed=0,
+                     attention="sparsectx")
+    try:
+        with pytest.raises(RuntimeError, match=r"attention='sparsectx'.*composable\.checkpoint"):
+            model(**kwargs)
+        sparsectx.enable(model, budget=None, selector=sparsectx.random_drop_selector((0.2, 0.6)), seed=0)
+        model(**kwargs)[0].sum().backward()
+    finally:
+        sparsectx.disable(model)
 
 
 def test_drop_training_in_eval_mode_runs_torch_func_transforms_as_the_unpatched_model():
