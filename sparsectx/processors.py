@@ -1286,9 +1286,10 @@ def _warn_new_parameters(diffusers_class: type) -> None:
 
 def _diffusers_processor(processor):
     """The diffusers processor a layer runs: ``processor``, or for a sparsectx processor built without a state (an
-    orphan) the one it stands for, new (or the one it was built over)."""
+    orphan) the one it stands for, new with the settings diffusers wrote on it (its attention backend), or the one it
+    was built over."""
     if isinstance(processor, SPARSECTX_PROCESSORS) and processor.orphan:
-        return processor.original if processor.original is not None else _REPLACED[type(processor)]()
+        return processor._replaced()
     return processor
 
 

@@ -533,6 +533,26 @@ def test_attention_backend_set_while_enabled_survives_disable(models):
         _AttentionBackendRegistry.set_active_backend(active)
 
 
+def test_a_hand_built_processors_attention_backend_survives_enable_and_disable():
+    """A sparsectx processor built alone (``set_attn_processor(SparsectxFluxAttnProcessor())``), then given a backend
+    by ``set_attention_backend``: enable / disable and drop training keep that backend on the processors they put in
+    its place, as diffusers' own processors keep theirs (before: None while enabled and after disable)."""
+    active = _AttentionBackendRegistry._active_backend  # set_attention_backend also sets diffusers' global one
+    try:
+        for enable, disable in ((lambda m: sparsectx.enable(m, budget=0.5, attention="sparsectx"), sparsectx.disable),
+                                (enable_drop_training, disable_drop_training)):
+            model = shared._build_model("flux")
+            model.set_attn_processor(processors.SparsectxFluxAttnProcessor())
+            model.set_attention_backend("_native_math")
+            enable(model)
+            assert {p._attention_backend for p in _processors(model).values()} == {"_native_math"}
+            disable(model)
+            assert {(type(p).__name__, p._attention_backend) for p in _processors(model).values()} == {
+                ("FluxAttnProcessor", "_native_math")}
+    finally:
+        _AttentionBackendRegistry.set_active_backend(active)
+
+
 def test_shared_processor_instance_across_layers(models):
     """diffusers' set_attn_processor(proc) gives every layer the same instance: it holds no per-layer state."""
     model, kwargs = models["flux"], shared._inputs("flux")
