@@ -236,7 +236,8 @@ def _surely(condition) -> bool:
 
 def _softmax_scale(softmax_scale, dim: int, symbolic: bool = False, traced: bool = False):
     """``softmax_scale`` checked (``None``: ``1 / sqrt(dim)``): a Python number (``symbolic``: or a torch symbol);
-    unless ``traced`` (no value to read), finite and small enough for the kernels' fp32 scaling."""
+    finite and small enough for the kernels' fp32 scaling, unless ``traced`` and a symbol (no value to read: a Python
+    number traced as a constant is checked)."""
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(dim)
     softmax_scale = _python_number(softmax_scale)
@@ -244,7 +245,8 @@ def _softmax_scale(softmax_scale, dim: int, symbolic: bool = False, traced: bool
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers):
         raise TypeError(f"softmax_scale must be a Python number or None, got {type(softmax_scale).__name__}")
     # NaN, inf, ints beyond any float, and scales whose fp32 product with log2(e) in the kernels overflows
-    if not traced and not abs(softmax_scale) <= _MAX_SOFTMAX_SCALE:
+    unread = traced and isinstance(softmax_scale, (torch.SymInt, torch.SymFloat))
+    if not unread and not abs(softmax_scale) <= _MAX_SOFTMAX_SCALE:
         raise ValueError(f"softmax_scale must be a finite number of magnitude at most {_MAX_SOFTMAX_SCALE:.3g} "
                          f"(the kernels scale scores in float32), got {softmax_scale!r}")
     return softmax_scale
@@ -758,7 +760,7 @@ def masked_attention(
         # (the skipped queries are compacted, and each sample keeps its own count: no batching rule)
         _refuse_vmap("masked_attention with a query_mask", q=q, k=k, v=v, query_mask=query_mask)
     kept_prefix = _python_number(kept_prefix)
-    if isinstance(kept_prefix, bool) or not isinstance(kept_prefix, int):
+    if not _is_int(kept_prefix):  # (a symbolic int too: torch.export's dynamic text length, as the drop-in computes)
         raise TypeError(f"kept_prefix must be an int in [0, S={seq}], got {type(kept_prefix).__name__}")
     if not 0 <= kept_prefix <= seq:
         raise ValueError(f"kept_prefix must be an int in [0, S={seq}], got {kept_prefix!r}")

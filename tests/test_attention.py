@@ -1360,6 +1360,47 @@ def test_masked_attention_kept_prefix_bad_values():
             sparsectx.masked_attention(q, q, q, mask, kept_prefix=bad)
 
 
+def test_masked_attention_exports_with_a_kept_prefix_of_a_dynamic_length():
+    """``kept_prefix`` read from a dynamic dimension (the text length, as the drop-in computes it) is a symbolic int
+    under torch.export: non-strict export (its default) refused it ("kept_prefix must be an int ..., got SymInt");
+    it exports, and the program equals eager at another text length."""
+    from torch.export import Dim, export
+
+    class Model(torch.nn.Module):
+        def forward(self, text, image, mask):
+            x = torch.cat([text, image], 1)
+            return sparsectx.masked_attention(x, x, x, mask, kept_prefix=text.shape[1])
+
+    gen = torch.Generator().manual_seed(0)
+
+    def inputs(n_text):
+        return (torch.randn(2, n_text, 2, 16, generator=gen).to(DEVICE),
+                torch.randn(2, 5, 2, 16, generator=gen).to(DEVICE),
+                torch.rand(2, n_text + 5, generator=gen).to(DEVICE) < 0.5)
+
+    n_text = Dim("T", min=2, max=32)
+    exported = export(Model(), inputs(3), dynamic_shapes={"text": {1: n_text}, "image": None,
+                                                          "mask": {1: n_text + 5}}).module()
+    args = inputs(6)
+    torch.testing.assert_close(exported(*args), Model()(*args), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scale", [math.nan, math.inf, 1e39])
+def test_a_constant_bad_softmax_scale_is_refused_under_compile(scale):
+    """A Python-number ``softmax_scale`` that is not finite (or overflows the kernels' fp32 scaling) is refused under
+    torch.compile as in eager, naming it (before: the check was skipped for every scale while compiling, and the
+    output was NaN); only a symbolic scale, which holds no value, goes unchecked."""
+    q = torch.randn(4, 1, 16, device=DEVICE)
+    cu = torch.tensor([0, 4], dtype=torch.int32, device=DEVICE)
+    mask = torch.ones(1, 4, dtype=torch.bool, device=DEVICE)
+    calls = (lambda: sparsectx.sparse_attention(q, q, q, cu, cu, 4, 4, softmax_scale=scale),
+             lambda: sparsectx.masked_attention(q[None], q[None], q[None], mask, softmax_scale=scale))
+    for call in calls:
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match="softmax_scale must be a finite number"):
+            torch.compile(call, fullgraph=True, backend="aot_eager")()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("prefix", [0, 512])
 def test_gpu_bf16_masked_attention_with_kept_prefix_and_query_skipping(prefix):
