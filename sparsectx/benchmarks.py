@@ -3341,8 +3341,10 @@ def format_markdown(meta: dict, rows: list) -> str:
                   "them.", ""]
 
     def ceilings_text(c: dict) -> str:
-        return (f"copy {c.get('copy_GBps', 0) / 1e3:.2f} TB/s (read + write), {c.get('matmul')} "
-                f"{c.get('matmul_TFLOPs', 0):.0f} TFLOP/s")
+        # (a ceiling may be null, as load_run allows; a CPU's matmul rate is below 1 TFLOP/s: 3 significant digits)
+        copy, matmul = c.get("copy_GBps"), c.get("matmul_TFLOPs")
+        return (f"copy {'n/a' if copy is None else f'{copy / 1e3:.2f}'} TB/s (read + write), {c.get('matmul')} "
+                f"{'n/a' if matmul is None else f'{matmul:.0f}' if matmul >= 100 else f'{matmul:.3g}'} TFLOP/s")
 
     parts = meta.get("parts") or []
     if len({part.get("host") for part in parts}) > 1:
@@ -4109,7 +4111,8 @@ def _check_plot_format(path: str) -> None:
     the whole run; without one, matplotlib wrote ``path + ".png"`` and the run said it wrote ``path``)."""
     from matplotlib.figure import Figure
 
-    formats = sorted(Figure().canvas.get_supported_filetypes())
+    # (pgf needs a TeX installation, found only when the figure is saved: after the run)
+    formats = sorted(set(Figure().canvas.get_supported_filetypes()) - {"pgf"})
     extension = os.path.splitext(path)[1].lstrip(".").lower()
     if extension not in formats:
         raise SystemExit(f"sparsectx bench: error: --plot {path}: give a file name ending in one of matplotlib's "
@@ -4252,6 +4255,9 @@ def _main(args: argparse.Namespace, device: torch.device) -> int:
     # each case's shapes (their configs' labels, in the order they run), for the summary to name those a run cut
     # short never reached
     meta["planned_shapes"] = {n: [CASES[n].label(c) for c in CASES[n].configs(size, args.quick)] for n in names}
+    # (read and checked before anything is measured or written: a refused file left --json's and --merge-into's
+    # files overwritten by an empty run)
+    earlier = steps_from(args.steps_from, meta) if args.steps_from else []
     shared = {"ceilings": measure_ceilings(device)}
     meta["ceilings"] = shared["ceilings"]
 
@@ -4278,7 +4284,6 @@ def _main(args: argparse.Namespace, device: torch.device) -> int:
     print(f"ceilings measured now: copy {meta['ceilings']['copy_GBps']:.0f} GB/s (read + write), matmul "
           f"{meta['ceilings']['matmul_TFLOPs']:.3g} TFLOP/s ({meta['ceilings']['matmul']}); {RATIO_MEANING}\n")
     rows: list = []
-    earlier = steps_from(args.steps_from, meta) if args.steps_from else []
     total = sum(len(CASES[n].configs(size, args.quick)) for n in names)
     # the bar is drawn on a terminal only (disable=None), so logs keep only the tables
     with tqdm(total=total, desc="bench", unit="shape", file=sys.stderr, disable=None) as progress:

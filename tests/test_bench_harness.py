@@ -403,6 +403,13 @@ def test_steps_from_refuses_another_device_or_size(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(SystemExit, match="--steps-from .*bad.json: can not be read as JSON"):
         benchmarks.steps_from(str(tmp_path / "bad.json"), {})
+    # through the CLI: refused before anything is written (before: after --json and --merge-into were written, an
+    # earlier result in --json overwritten by an empty run, an empty part appended to --merge-into)
+    kept = tmp_path / "kept.json"
+    kept.write_text("earlier result")
+    with pytest.raises(SystemExit, match="--steps-from .*measured with device 'NVIDIA H200'"):
+        cli.main(["bench", "--quick", "--case", "selection", "--steps-from", path, "--json", str(kept)])
+    assert kept.read_text() == "earlier result"
 
 
 @pytest.mark.parametrize("device", ["xpu", "meta"])
@@ -1414,7 +1421,8 @@ def test_merged_meta_keeps_every_parts_planned_cases_and_quick_flag(tmp_path):
     assert header.endswith("hosts (by part) Intel Xeon 8480 / AMD EPYC 9654"), header
     # the markdown (what RESULTS.md records) names each part's host and ceilings too (the first part's alone before)
     markdown = benchmarks.format_markdown(run["meta"], run["rows"]).splitlines()
-    assert "Part a.json (attention): host Intel Xeon 8480; ceilings copy 0.00 TB/s (read + write), None 0 " \
+    # (no ceilings measured in these hand-made parts: not applicable, not 0)
+    assert "Part a.json (attention): host Intel Xeon 8480; ceilings copy n/a TB/s (read + write), None n/a " \
            "TFLOP/s." in markdown
     assert any(line.startswith("Part b.json (training): host AMD EPYC 9654;") for line in markdown)
     assert not any(line.startswith("Host:") for line in markdown)
@@ -2116,3 +2124,19 @@ def test_the_kv_cases_cache_all_row_is_checked_against_torch_indexing():
     problem = row.verify(impls["KV cache, all reference tokens"].fn())  # every cached row attended to
     assert problem.startswith("rel err") and "gathered by torch indexing" in problem, problem
     benchmarks.release_cached_models()
+
+
+def test_markdown_ceilings_read_null_as_not_measured_and_small_rates_in_three_digits():
+    """A run's ceilings may be null (``load_run`` allows it): the markdown says n/a (before: TypeError in
+    ``sparsectx report``); a CPU's matmul rate below 1 TFLOP/s keeps 3 significant digits (before: "0 TFLOP/s")."""
+    row = _block("attention", "L=1", {"sparsectx (compacted)": 1.0})
+
+    def markdown(device, copy, matmul, rate):
+        meta = {"device": device, "size": "full", "ceilings": {"copy_GBps": copy, "matmul": matmul,
+                                                               "matmul_TFLOPs": rate}}
+        return benchmarks.format_markdown(meta, row)
+
+    assert "copy n/a TB/s (read + write), bf16 n/a TFLOP/s" in markdown("cpu", None, "bf16", None)
+    assert "copy 0.02 TB/s (read + write), 512x512x512 float32 0.0837 TFLOP/s" in markdown(
+        "cpu", 20.0, "512x512x512 float32", 0.0837)
+    assert "copy 4.24 TB/s (read + write), bf16 712 TFLOP/s" in markdown("NVIDIA H200", 4240.0, "bf16", 712.4)

@@ -216,9 +216,10 @@ def test_bench_merge_into_keeps_the_runs_parts_in_one_file_as_rows_come(tmp_path
 
 def test_bench_plot_of_a_format_matplotlib_lacks_is_refused_before_the_run(tmp_path, capsys):
     """--plot ratios.xyz failed in matplotlib's savefig after the whole run (and the FAILED lines after it were
-    never printed); --plot ratios (no extension) wrote ratios.png and said it wrote ratios."""
+    never printed); --plot ratios (no extension) wrote ratios.png and said it wrote ratios; --plot ratios.pgf (a
+    matplotlib format that needs a TeX installation) failed after the run with "'xelatex' not found"."""
     pytest.importorskip("matplotlib")
-    for name in ("ratios.xyz", "ratios"):
+    for name in ("ratios.xyz", "ratios", "ratios.pgf"):
         out_json, plot = tmp_path / "bench.json", tmp_path / name
         with pytest.raises(SystemExit, match=r"--plot .*a file name ending in one of matplotlib.s formats .*\.png"):
             cli.main(["bench", "--quick", "--case", SMALL_CASE, "--json", str(out_json), "--plot", str(plot)])
