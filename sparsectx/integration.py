@@ -1566,10 +1566,15 @@ def refuse_composable_checkpoint(transformer: torch.nn.Module, what: str) -> Non
     during backward, outside the forward's scope that ``checkpointed_in`` gives the other checkpoint forms, so the
     recomputation would run without the forward's state (torch then fails with a mismatch of saved tensors)."""
     try:
+        from torch.distributed._composable import checkpoint
         from torch.distributed._composable.contract import _get_registry
     except ImportError:  # pragma: no cover - a torch without torch.distributed
         return
-    if any("checkpoint" in (_get_registry(module) or {}) for module in transformer.modules()):
+    # (the transformer itself checkpointed recomputes its patched forward, which finds its state as a
+    # torch.utils.checkpoint around it does; a registration whose hooks are off, checkpoint.state(m).enable_hook,
+    # recomputes nothing)
+    if any("checkpoint" in (_get_registry(module) or {}) and checkpoint.state(module).enable_hook
+           for module in transformer.modules() if module is not transformer):
         raise RuntimeError(f"{what} can not run blocks checkpointed by torch.distributed._composable.checkpoint "
                            "(recomputed outside the transformer's forward, without its per-forward state): checkpoint "
                            "them with diffusers' transformer.enable_gradient_checkpointing() or torch's "

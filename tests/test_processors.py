@@ -967,6 +967,26 @@ def test_drop_training_refuses_blocks_of_torch_distributed_composable_checkpoint
         model(**kwargs)[0].sum().backward()
     finally:
         sparsectx.disable(model)
+    # the transformer itself checkpointed (it recomputes its patched forward), or a block's checkpoint with its hooks
+    # off, run with the gradients of the model without checkpoints (a first version of the refusal refused both)
+    grads = []
+    for checkpointed in ("", "whole", "off"):
+        model = shared._build_model("flux2").train()
+        if checkpointed == "whole":
+            composable_checkpoint(model)
+        elif checkpointed == "off":
+            composable_checkpoint(model.transformer_blocks[0])
+            composable_checkpoint.state(model.transformer_blocks[0]).enable_hook = False
+        enable_drop_training(model, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(0))
+        try:
+            model(**kwargs)[0].pow(2).sum().backward()
+        finally:
+            disable_drop_training(model)
+        grads.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+    for other in grads[1:]:
+        assert other.keys() == grads[0].keys()
+        for name, grad in other.items():
+            torch.testing.assert_close(grad, grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_drop_training_in_eval_mode_runs_torch_func_transforms_as_the_unpatched_model():
