@@ -2700,8 +2700,9 @@ class _SparsePatch(ForwardPatch):
             if _is_per_request(per_request) and batch % len(per_request) == 0 else set()
         if counts is not None:
             run_starts |= {b for b in range(1, batch) if list(counts[b]) != list(counts[b - 1])}
-        run_starts = (run_starts, [value for value in signals.values() if isinstance(value, torch.Tensor) and
-                                   value.ndim and value.shape[0] == batch])
+        # what the probe's runs of a request's samples are split by (_probe_leaders): those starts, per-sample signals
+        runs = (run_starts, [value for value in signals.values() if isinstance(value, torch.Tensor) and
+                             value.ndim and value.shape[0] == batch])
 
         def select(shared: bool) -> tuple:
             generator = None if seed is None else torch.Generator(device=hidden.device).manual_seed(seed)
@@ -2711,7 +2712,7 @@ class _SparsePatch(ForwardPatch):
             # the automatic probe, unless the user gave their own: it runs only if a selector asks for a probe
             # tensor the signals lack (probe tensors given in the signals are used as given)
             if "attention_probe" not in signals and self.family != GLM:  # (GLM-Image's: _check_glm_selector)
-                extra["attention_probe"] = self._attention_probe(call, layout, shared, references, run_starts)
+                extra["attention_probe"] = self._attention_probe(call, layout, shared, references, runs)
             context = SelectionContext(num_references=len(layout.ref_lengths), ref_lengths=list(layout.ref_lengths),
                                        reference_ids=layout.reference_ids, target_shape=layout.target_shape,
                                        generator=generator, extra=extra, sample_generators=sample_generators)
@@ -2768,7 +2769,7 @@ class _SparsePatch(ForwardPatch):
         return torch.cat([keep, keep]), nan
 
     def _attention_probe(self, call: dict, layout: _Layout, shared: bool, references: torch.Tensor,
-                         run_starts: tuple) -> Callable:
+                         runs: tuple) -> Callable:
         """``extra["attention_probe"]`` for this call: selectors call it at most once, only when they need a probe
         tensor. A batch that shares its references and its prompt is probed on its first sample (the batch the
         selector sees); in another batch each sample is probed as its request's first sample (``_probe_leaders``),
@@ -2780,7 +2781,7 @@ class _SparsePatch(ForwardPatch):
             if shared:
                 probed = self._slice_batch(call, [0])
             else:
-                leaders = self._probe_leaders(call, references, *run_starts)
+                leaders = self._probe_leaders(call, references, *runs)
                 probed = call if leaders == list(range(len(leaders))) else self._slice_batch(call, leaders)
             return _probe_tensors(_probe_qk(self.transformer, self.family, self._call_original, probed, layout))
 

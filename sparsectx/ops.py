@@ -179,9 +179,9 @@ def _check_tensor(name: str, t, ndim: Optional[int] = None, dtypes=None, device=
     op's body runs (their probe, host time on every call, is skipped; a forward-AD tangent is still attached)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.layout != torch.strided or t.is_quantized or t.is_nested:  # (the kernels and the reference path read
-        kind = ("a quantized tensor" if t.is_quantized else "a nested tensor" if t.is_nested  # strided storage)
-                else f"layout {t.layout}")
+    # (the kernels and the reference path read plain strided storage)
+    if t.layout != torch.strided or t.is_quantized or t.is_nested:
+        kind = "a quantized tensor" if t.is_quantized else "a nested tensor" if t.is_nested else f"layout {t.layout}"
         raise TypeError(f"{name} must be a dense (strided, not quantized or nested) tensor, got {kind}")
     if _forward_ad._current_level >= 0 and _forward_ad.unpack_dual(t).tangent is not None:
         # the kernels would return outputs without a tangent: torch.func.jvp would see a zero derivative
