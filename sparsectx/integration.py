@@ -652,6 +652,13 @@ class _SamplesDiffer(BaseException):
     BaseException, so a selector's own ``except Exception`` around the probe does not swallow it)."""
 
 
+def _same_captions(segments, others) -> bool:
+    """Whether two of Z-Image's samples have the same caption segments (``cap_feats[b]``: lists of tensors)."""
+    return len(segments) == len(others) and all(
+        torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and torch.equal(a, b)
+        for a, b in zip(segments, others))
+
+
 def _same_rows(t) -> bool:
     """Whether every sample (leading dim) of ``t``, a tensor or a list/tuple of them, equals the first (one host
     read per tensor)."""
@@ -2243,9 +2250,7 @@ class _SparsePatch(ForwardPatch):
         caption segments, ``cap_feats[b]``)."""
         if self.family == ZIMAGE:
             samples = call.get("cap_feats") or []
-            return all(len(segments) == len(samples[0]) and all(
-                torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and torch.equal(a, b)
-                for a, b in zip(segments, samples[0])) for segments in samples[1:])
+            return all(_same_captions(segments, samples[0]) for segments in samples[1:])
         return all(_same_rows(value) for value in self._prompt_values(call)
                    if isinstance(value, torch.Tensor) or _tensor_sequence(value))
 
@@ -2807,9 +2812,7 @@ class _SparsePatch(ForwardPatch):
         if self.family == ZIMAGE:  # (its prompts: each sample's caption segments)
             captions = call.get("cap_feats") or []
             for b in range(1, min(batch, len(captions))):
-                same[b - 1] = same[b - 1] and len(captions[b]) == len(captions[b - 1]) and all(
-                    torch.is_tensor(x) and torch.is_tensor(y) and x.shape == y.shape and torch.equal(x, y)
-                    for x, y in zip(captions[b], captions[b - 1]))
+                same[b - 1] = same[b - 1] and _same_captions(captions[b], captions[b - 1])
         leaders = [0]
         for b in range(1, batch):
             leaders.append(leaders[-1] if same[b - 1] and b not in starts else b)
