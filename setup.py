@@ -31,5 +31,5 @@ setup(
         "train": ["peft", "accelerate"],
         "plot": ["matplotlib"],
     },
-    entry_points={"console_scripts": ["sparsectx=sparsectx.cli:main"]},
+    entry_points={"console_scripts": ["sparsectx=sparsectx.cli:console"]},
 )

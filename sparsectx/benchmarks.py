@@ -205,6 +205,11 @@ def _first_line(exc: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+class UsageError(SystemExit):
+    """A refused option or input file, found before any work. ``sparsectx bench`` / ``report`` print it and exit 2,
+    argparse's status for a usage error, so that 1 keeps one meaning: a check row FAILED."""
+
+
 class CaseUnavailable(Exception):
     """Raised by a case's ``build`` when this machine lacks an optional package the case needs: its rows say
     "unavailable" (as for a peer this machine lacks), not a failure."""
@@ -4026,22 +4031,22 @@ def run_metadata(device: torch.device, size: str, quick: bool, cases: Sequence[s
 
 
 def check_output_path(option: str, path: str, prog: str = "sparsectx") -> None:
-    """``SystemExit`` (an argparse-style error of ``prog``) before any work when ``path`` can not be written as a
+    """``UsageError`` (an argparse-style error of ``prog``) before any work when ``path`` can not be written as a
     file: a folder, or in a folder that can not be made (under a file, say) or written to. Makes the missing
     folders."""
     if os.path.isdir(path) or path.endswith(os.sep):
-        raise SystemExit(f"{prog}: error: {option} {path!r} is a folder; give a file path")
+        raise UsageError(f"{prog}: error: {option} {path!r} is a folder; give a file path")
     directory = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as error:
-        raise SystemExit(f"{prog}: error: {option} {path!r}: its folder can not be made ({error})") from None
+        raise UsageError(f"{prog}: error: {option} {path!r}: its folder can not be made ({error})") from None
     try:  # (os.access says yes to root for any folder: a file made and removed there says what is so)
         handle, probe = tempfile.mkstemp(dir=directory, prefix=".sparsectx-write-check-")
         os.close(handle)
         os.remove(probe)
     except OSError as error:
-        raise SystemExit(f"{prog}: error: {option} {path!r} can not be written ({error})") from None
+        raise UsageError(f"{prog}: error: {option} {path!r} can not be written ({error})") from None
 
 
 def write_json(path: str, meta: dict, rows: list) -> None:
@@ -4060,24 +4065,24 @@ def report(args: argparse.Namespace) -> int:
     paths = args.json_paths
     if args.merged:
         if any(os.path.abspath(args.merged) == os.path.abspath(p) for p in paths):
-            raise SystemExit(f"sparsectx report: error: --merged {args.merged} is one of the files to merge: it "
+            raise UsageError(f"sparsectx report: error: --merged {args.merged} is one of the files to merge: it "
                              "would be overwritten by the merge; give another path")
         check_output_path("--merged", args.merged)
     folders = [p for p in paths if os.path.isdir(p)]
     if folders:
-        raise SystemExit(f"sparsectx report: error: {', '.join(folders)} is a folder, not a `sparsectx bench --json` "
+        raise UsageError(f"sparsectx report: error: {', '.join(folders)} is a folder, not a `sparsectx bench --json` "
                          "file")
     missing = [p for p in paths if not os.path.exists(p)]
     if len(missing) == len(paths):
-        raise SystemExit(f"sparsectx report: error: {', '.join(missing)} does not exist")
+        raise UsageError(f"sparsectx report: error: {', '.join(missing)} does not exist")
     try:
         data = merge_runs(paths)
     except ValueError as exc:
-        raise SystemExit(f"sparsectx report: error: {exc}") from None
+        raise UsageError(f"sparsectx report: error: {exc}") from None
     for path in missing:
         print(f"note: {path} does not exist (skipped)", file=sys.stderr)
     if not data["rows"]:  # (before --merged is written: a merged file of nothing would pass for a run's results)
-        raise SystemExit(f"sparsectx report: error: {', '.join(p for p in paths if p not in missing)} holds no "
+        raise UsageError(f"sparsectx report: error: {', '.join(p for p in paths if p not in missing)} holds no "
                          "result rows (the run measured nothing)")
     if args.merged:
         write_json(args.merged, data["meta"], data["rows"])
@@ -4088,17 +4093,17 @@ def report(args: argparse.Namespace) -> int:
 
 def steps_from(path: str, meta: dict) -> list:
     """The rows of an earlier run (``--steps-from``) whose e2e step times this run's selection relates to: an
-    empty list when the file is missing (a step that did not run leaves none); ``SystemExit`` when it can not be
+    empty list when the file is missing (a step that did not run leaves none); ``UsageError`` when it can not be
     read or was measured on another device or at another size (its step times would judge the wrong shares)."""
     if not os.path.exists(path):
         return []
     try:
         data = load_run(path)
     except ValueError as exc:
-        raise SystemExit(f"sparsectx bench: error: --steps-from {exc}") from None
+        raise UsageError(f"sparsectx bench: error: --steps-from {exc}") from None
     for key in ("device", "size"):
         if data["meta"].get(key) != meta.get(key):
-            raise SystemExit(f"sparsectx bench: error: --steps-from {path} was measured with {key} "
+            raise UsageError(f"sparsectx bench: error: --steps-from {path} was measured with {key} "
                              f"{data['meta'].get(key)!r}, this run with {meta.get(key)!r}")
     return data["rows"]
 
@@ -4107,7 +4112,7 @@ NOT_PEERS = ("bytes-moved floor", "no reference (limit)")  # reference points of
 
 
 def _check_plot_format(path: str) -> None:
-    """``SystemExit`` before the run unless ``path`` ends in a format matplotlib writes (an unknown one failed after
+    """``UsageError`` before the run unless ``path`` ends in a format matplotlib writes (an unknown one failed after
     the whole run; without one, matplotlib wrote ``path + ".png"`` and the run said it wrote ``path``)."""
     from matplotlib.figure import Figure
 
@@ -4115,7 +4120,7 @@ def _check_plot_format(path: str) -> None:
     formats = sorted(set(Figure().canvas.get_supported_filetypes()) - {"pgf"})
     extension = os.path.splitext(path)[1].lstrip(".").lower()
     if extension not in formats:
-        raise SystemExit(f"sparsectx bench: error: --plot {path}: give a file name ending in one of matplotlib's "
+        raise UsageError(f"sparsectx bench: error: --plot {path}: give a file name ending in one of matplotlib's "
                          f"formats ({', '.join('.' + f for f in formats)})")
 
 
@@ -4181,15 +4186,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _parse_device(name: str) -> torch.device:
-    """``--device`` as a torch device this machine has; ``SystemExit`` (an argparse-style error) otherwise."""
+    """``--device`` as a torch device this machine has; ``UsageError`` (an argparse-style error) otherwise."""
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise SystemExit(f"sparsectx bench: error: --device {name!r} is not a torch device ({exc})") from None
+        raise UsageError(f"sparsectx bench: error: --device {name!r} is not a torch device ({exc})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"sparsectx bench: error: --device {name!r}: this torch has no CUDA device")
+        raise UsageError(f"sparsectx bench: error: --device {name!r}: this torch has no CUDA device")
     if device.type not in ("cuda", "cpu"):
-        raise SystemExit(f"sparsectx bench: error: --device {name!r}: the benchmarks run on cuda or cpu")
+        raise UsageError(f"sparsectx bench: error: --device {name!r}: the benchmarks run on cuda or cpu")
     return device
 
 
@@ -4216,11 +4221,11 @@ def _main(args: argparse.Namespace, device: torch.device) -> int:
 
     size = args.size or default_size(device)
     if size == "full" and device.type == "cpu":  # (the real shapes: klein-9B in fp32 alone needs about 36 GB)
-        raise SystemExit("sparsectx bench: error: --size full is the real models' shapes, for a GPU: on the CPU a case "
+        raise UsageError("sparsectx bench: error: --size full is the real models' shapes, for a GPU: on the CPU a case "
                          "runs for hours or runs out of memory (klein-9B's step in fp32 needs about 36 GB); use the "
                          "CPU's default, --size tiny")
     if args.json and args.merge_into and os.path.abspath(args.json) == os.path.abspath(args.merge_into):
-        raise SystemExit(f"sparsectx bench: error: --json and --merge-into are both {args.json}: the run's own rows "
+        raise UsageError(f"sparsectx bench: error: --json and --merge-into are both {args.json}: the run's own rows "
                          "would replace the earlier parts before the merge is written; give two paths")
     # an output written over an input, or over another output (the earlier run read, or the JSON, lost); a merge
     # into the run --steps-from reads keeps its rows
@@ -4229,7 +4234,7 @@ def _main(args: argparse.Namespace, device: torch.device) -> int:
              ("--plot", args.plot)), 2):
         if path and other_path and os.path.abspath(path) == os.path.abspath(other_path) and \
                 (option, other) not in (("--json", "--merge-into"), ("--steps-from", "--merge-into")):
-            raise SystemExit(f"sparsectx bench: error: {option} and {other} are both {path}: the run would "
+            raise UsageError(f"sparsectx bench: error: {option} and {other} are both {path}: the run would "
                              f"write {other} over {option}'s file; give two paths")
     for option, path in (("--json", args.json), ("--merge-into", args.merge_into), ("--plot", args.plot)):
         if path:
@@ -4239,12 +4244,12 @@ def _main(args: argparse.Namespace, device: torch.device) -> int:
         try:
             earlier_parts = [(args.merge_into, load_run(args.merge_into))]
         except ValueError as exc:
-            raise SystemExit(f"sparsectx bench: error: --merge-into {exc}") from None
+            raise UsageError(f"sparsectx bench: error: --merge-into {exc}") from None
     if args.plot:
         try:
             import matplotlib  # noqa: F401  (refused before the run: the plot was asked for)
         except ImportError:
-            raise SystemExit(f"sparsectx bench: error: --plot {args.plot}: matplotlib is not installed (pip install "
+            raise UsageError(f"sparsectx bench: error: --plot {args.plot}: matplotlib is not installed (pip install "
                              "matplotlib, or the package's plot extra)") from None
         _check_plot_format(args.plot)
     if args.steps_from and not os.path.exists(args.steps_from):
@@ -4272,10 +4277,10 @@ def _main(args: argparse.Namespace, device: torch.device) -> int:
         try:
             merge_parts(earlier_parts + [("this run", {"meta": meta, "rows": []})])
         except ValueError as exc:
-            raise SystemExit(f"sparsectx bench: error: --merge-into {args.merge_into}: {exc}") from None
+            raise UsageError(f"sparsectx bench: error: --merge-into {args.merge_into}: {exc}") from None
         again = sorted(set(names) & {row["case"] for row in earlier_parts[0][1]["rows"]})
         if again:
-            raise SystemExit(f"sparsectx bench: error: --merge-into {args.merge_into} already holds rows of "
+            raise UsageError(f"sparsectx bench: error: --merge-into {args.merge_into} already holds rows of "
                              f"{', '.join(again)} (one timing per row)")
     if args.json or args.merge_into:  # written before the first case: a run cut before its first row still says
         write([])                     # what it planned (the summary's NOT RUN)

@@ -108,5 +108,19 @@ def main(argv=None) -> int:
         return 1
 
 
+def console() -> int:
+    """The ``sparsectx`` command: ``main``, with a refused option that the command itself finds (``UsageError``)
+    printed and exit status 2, argparse's own for a usage error, so that 1 keeps one meaning: a check FAILED."""
+    try:
+        return main()
+    except SystemExit as error:
+        from .benchmarks import UsageError
+
+        if not isinstance(error, UsageError):
+            raise
+        print(error, file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(console())

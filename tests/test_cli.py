@@ -246,6 +246,24 @@ def test_bench_console_script_writes_json(tmp_path):
     _check_bench_json(out_json, SMALL_CASE)
 
 
+def test_the_console_script_exits_2_on_a_refused_option_and_1_is_left_to_failed_checks(tmp_path):
+    """A refused option that the command finds itself (``--device bogus``, a folder as --json, a report of no file)
+    exited 1, the status of a run whose checks FAILED, while argparse's own refusals exit 2: a script running the
+    benchmarks could not tell a typo from a failed check. Both exit 2 now, the message on stderr."""
+    runs = [["bench", "--case", SMALL_CASE, "--device", "bogus"],
+            ["bench", "--quick", "--case", SMALL_CASE, "--json", str(tmp_path)],
+            ["report", str(tmp_path / "missing.json")],
+            ["bench", "--case", "no-such-case"]]  # argparse's own refusal, for comparison
+    for argv in runs:
+        done = subprocess.run([_console_script(), *argv], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=SUBPROCESS_TIMEOUT_S)
+        assert done.returncode == 2, (argv, done.returncode, done.stderr)
+        assert "error:" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    with pytest.raises(SystemExit) as exit_info:  # cli.main itself raises it (a caller in Python catches it)
+        cli.main(["bench", "--case", SMALL_CASE, "--device", "bogus"])
+    assert isinstance(exit_info.value, benchmarks.UsageError) and "--device" in str(exit_info.value)
+
+
 def test_format_table_marks_failed_checks():
     row = dict(case="c", shape="s", impl="peer", time_ms=2.0, tflops=None, gbps=None, ratio=2.0, ok=False,
                err=0.5, peak_mem_gb=None, note="MISMATCH with sparsectx")
