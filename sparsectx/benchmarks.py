@@ -3332,6 +3332,18 @@ def format_table(rows: list) -> str:
     return "\n".join(lines)
 
 
+def _quick_text(meta: dict) -> str:
+    """The header's word on ``--quick``: a merged run whose parts differ names the quick parts' cases (it said
+    "quick" for the whole run when any part was, full-size headline tables included)."""
+    if not meta.get("quick"):
+        return ""
+    parts = meta.get("parts") or []
+    if any(not part.get("quick") for part in parts):
+        cases = sorted({case for part in parts if part.get("quick") for case in part.get("cases") or []})
+        return f" quick (fewer shapes and repetitions) for {', '.join(cases) or 'some parts'}, full for the rest"
+    return " quick (fewer shapes and repetitions)"
+
+
 def format_markdown(meta: dict, rows: list) -> str:
     """A run as ``bench/RESULTS.md`` records it: a header (date, card, driver, CUDA, torch, Triton, diffusers,
     sparsectx version and commit, size and quick, the ceilings measured in the run), one markdown table per (case,
@@ -3340,7 +3352,7 @@ def format_markdown(meta: dict, rows: list) -> str:
     lines = [f"### {str(meta.get('date', '?'))[:10]}, {meta.get('device')}, driver {meta.get('driver')}, "
              f"CUDA {meta.get('cuda')}, torch {meta.get('torch')}, Triton {meta.get('triton')}, diffusers "
              f"{meta.get('diffusers')}, sparsectx {meta.get('sparsectx')} (commit {meta.get('commit')}), size "
-             f"{meta.get('size')}{' quick (fewer shapes and repetitions)' if meta.get('quick') else ''}", ""]
+             f"{meta.get('size')}{_quick_text(meta)}", ""]
     if meta.get("size") not in (None, "full"):  # (say so where the tables are read, not only in the summary)
         lines += [f"The {meta.get('size')} shapes: not the real models' shapes, and no issue's target applies to "
                   "them.", ""]

@@ -354,6 +354,13 @@ def test_markdown_header_says_the_size_and_a_quick_run():
     assert "The tiny shapes: not the real models' shapes, and no issue's target applies to them." in tiny
     full = benchmarks.format_markdown({"size": "full", "quick": False}, rows).splitlines()
     assert full[0].endswith("size full") and not any("tiny shapes" in line for line in full)
+    # a merged run whose parts differ said "quick" for the whole run (2026-12-04: full-size headline tables)
+    parts = [{"cases": ["attention", "batch"], "quick": False}, {"cases": ["e2e", "kv"], "quick": True}]
+    mixed = benchmarks.format_markdown({"size": "full", "quick": True, "parts": parts}, rows).splitlines()
+    assert mixed[0].endswith("size full quick (fewer shapes and repetitions) for e2e, kv, full for the rest"), mixed[0]
+    parts[0]["quick"] = True
+    both = benchmarks.format_markdown({"size": "full", "quick": True, "parts": parts}, rows).splitlines()
+    assert both[0].endswith("size full quick (fewer shapes and repetitions)"), both[0]
 
 
 def test_summary_names_planned_shapes_a_cut_case_did_not_reach_and_merges_keep_them(tmp_path, capsys):
