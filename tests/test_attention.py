@@ -222,6 +222,27 @@ def test_padding_rows_past_the_last_sample_get_zero_gradient():
         torch.testing.assert_close(padded[:real], plain, rtol=0, atol=0, msg=f"d{name}")
 
 
+def test_key_padding_rows_beyond_the_query_rows_get_zero_gradient():
+    """The same with more key rows than query rows (Tk = 67 > Tq = 5): the pre-pass that zeroes the padding rows'
+    gradients must cover the key rows past Tq too (the test above has Tq > Tk, where a grid over the query rows
+    alone also reached every key padding row: a mutation to it passed the suite)."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(5, 2, 16, generator=g).to(DEVICE)
+    k, v = (torch.randn(67, 2, 16, generator=g).to(DEVICE) for _ in range(2))
+    cu_q, cu_k = (torch.tensor(c, dtype=torch.int32, device=DEVICE) for c in ([0, 3, 5], [0, 4, 7]))
+    dout = torch.randn(5, 2, 16, generator=g).to(DEVICE)
+    grads = []
+    for rows in (67, 7):  # padded, then the same call on the 7 real key rows
+        leaves = [q.clone().requires_grad_(True), k[:rows].clone().requires_grad_(True),
+                  v[:rows].clone().requires_grad_(True)]
+        sparsectx.sparse_attention(*leaves, cu_q, cu_k, 3, 4, validate=False).backward(dout)
+        grads.append([t.grad for t in leaves])
+    for name, padded, plain in zip("qkv", grads[0], grads[1]):
+        real = plain.shape[0]
+        assert torch.equal(padded[real:], torch.zeros_like(padded[real:])), f"d{name} padding rows"
+        torch.testing.assert_close(padded[:real], plain, rtol=0, atol=0, msg=f"d{name}")
+
+
 def test_batch_of_no_sample_gives_zero_contiguous_gradients():
     """cu_seqlens = [0] (every row padding, validate=False): zero gradients, contiguous like the fake op's, whatever
     the inputs' strides (inductor relies on the fake op's strides)."""
@@ -552,6 +573,23 @@ def test_bad_input_raises_naming_the_argument(change, error, words):
     change(kwargs)
     with pytest.raises(error, match=words):
         sparsectx.sparse_attention(**kwargs)
+
+
+@pytest.mark.parametrize("which", ["q", "k"])
+def test_max_seqlen_one_below_the_longest_sample_is_refused(which):
+    """One below the longest sample (33 rows: one query block of 32 plus a row) is the bound that matters: the grid
+    would have one block and leave the 33rd row unwritten. The table above tries bounds far below only (a mutation
+    of the check to ``> max_seqlen + 1`` passed the suite); exactly the longest is accepted."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(38, 1, 16, generator=g).to(DEVICE)
+    k, v = (torch.randn(40, 1, 16, generator=g).to(DEVICE) for _ in range(2))
+    cu_q, cu_k = (torch.tensor(c, dtype=torch.int32, device=DEVICE) for c in ([0, 33, 38], [0, 7, 40]))
+    max_q, max_k = (32, 33) if which == "q" else (33, 32)
+    with pytest.raises(ValueError, match=f"max_seqlen_{which}=32 is smaller"):
+        sparsectx.sparse_attention(q, k, v, cu_q, cu_k, max_q, max_k)
+    exact = ref.sparse_attention_ref(q.double(), k.double(), v.double(), cu_q, cu_k)[0]
+    out = sparsectx.sparse_attention(q, k, v, cu_q, cu_k, 33, 33)  # (outputs start NaN: tests/conftest.py)
+    torch.testing.assert_close(out.double(), exact, rtol=1e-4, atol=1e-5)
 
 
 def test_max_seqlen_ref_equal_to_the_longest_kept_count_is_accepted():
@@ -1015,6 +1053,34 @@ def test_head_offsets_past_int32_in_a_head_major_reference_view():
     compact = view[:, index.long()].contiguous()  # [1, 4, H, D]: the same rows, small strides
     expected = sparsectx.sparse_attention(q, k, v, cu_q, cu_k, 5, 5, ref_k=compact, ref_v=compact,
                                           ref_index=torch.arange(4, dtype=torch.int32, device=DEVICE),
+                                          cu_seqlens_ref=cu_r)
+    assert torch.equal(out, expected)
+
+
+def test_sample_offsets_past_int32_in_a_reference_buffer_gathered_in_place():
+    """A ``[3, R, 1, 40]`` fp16 buffer with R*D just above 2**30: sample 2's rows lie past 2**31 elements. Head dim
+    40 (not a power of two) has the forward gather the kept rows in place rather than from a packed copy, so the
+    kernel itself computes the sample offset (in int32 it wraps; the test above covers the head offset only). The
+    6 GiB buffer is allocated, never touched but for the kept rows."""
+    dim = 40
+    rows = (2 ** 30 + 2 ** 20) // dim + 1
+    try:
+        buffer = torch.empty(3, rows, 1, dim, dtype=torch.float16, device=DEVICE)
+    except (RuntimeError, MemoryError) as e:  # pragma: no cover - a machine without 6 GiB of address space
+        pytest.skip(f"can not reserve the 6 GiB buffer: {e}")
+    assert 2 * buffer.stride(0) > 2 ** 31 > buffer.stride(0)
+    g = torch.Generator().manual_seed(4)
+    index = torch.tensor([3, rows - 1, 11, 0, rows - 2, 5], dtype=torch.int32, device=DEVICE)
+    spans = ((0, 2), (2, 4), (4, 6))
+    for b, (lo, hi) in enumerate(spans):
+        buffer[b, index[lo:hi].long()] = torch.randn(hi - lo, 1, dim, generator=g).to(DEVICE, torch.float16)
+    q, k, v = (torch.randn(9, 1, dim, generator=g).to(DEVICE, torch.float16) for _ in range(3))
+    cu, cu_r = (torch.tensor(c, dtype=torch.int32, device=DEVICE) for c in ([0, 3, 6, 9], [0, 2, 4, 6]))
+    out = sparsectx.sparse_attention(q, k, v, cu, cu, 3, 3, ref_k=buffer, ref_v=buffer, ref_index=index,
+                                     cu_seqlens_ref=cu_r)
+    compact = torch.stack([buffer[b, index[lo:hi].long()] for b, (lo, hi) in enumerate(spans)])  # [3, 2, 1, D]
+    expected = sparsectx.sparse_attention(q, k, v, cu, cu, 3, 3, ref_k=compact, ref_v=compact,
+                                          ref_index=torch.tensor([0, 1] * 3, dtype=torch.int32, device=DEVICE),
                                           cu_seqlens_ref=cu_r)
     assert torch.equal(out, expected)
 

@@ -706,6 +706,25 @@ def test_gather_offsets_past_int32(device):
     assert torch.equal(result.tensors[0], payload[:, kept].reshape(4, width))
 
 
+def test_scatter_offsets_past_int32(device):
+    """The inverse: ``out`` uint8 ``[3, N, 1024]`` whose sample stride is just above 2**30 elements (3 GiB reserved,
+    only the written rows touched): sample 2's rows lie past 2**31, which the scatter computes in int64 too (the
+    gather's test alone let a scatter computing it in int32 pass the suite)."""
+    n_tokens, width = (2 ** 30 + 2 ** 20) // 1024, 1024
+    try:
+        out = torch.empty(3, n_tokens, width, dtype=torch.uint8, device=device)
+    except (RuntimeError, MemoryError) as e:  # pragma: no cover - a machine without 3 GiB of address space
+        pytest.skip(f"can not reserve the 3 GiB output: {e}")
+    assert 2 * out.stride(0) > 2 ** 31 > out.stride(0)
+    written = [(0, 5), (0, n_tokens - 1), (1, 0), (1, 7), (2, 2), (2, n_tokens - 2)]
+    index = torch.tensor([pos for _, pos in written], dtype=torch.int32, device=device)
+    cu = torch.tensor([0, 2, 4, 6], dtype=torch.int32, device=device)
+    packed = torch.randint(0, 255, (6, width), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    kc.scatter_rows(packed.to(device), index, cu, out)
+    for row, (b, pos) in enumerate(written):
+        assert torch.equal(out[b, pos].cpu(), packed[row]), (b, pos)
+
+
 def test_scatter_refuses_malformed_cu_seqlens_off_the_gpu():
     """cu_seqlens that compact_tokens can not have returned: refused on the CPU, where reading it costs no device
     wait (the two CPU paths wrote different rows for them before)."""

@@ -228,6 +228,35 @@ def test_interpreter_and_reference_paths_agree(monkeypatch):
     torch.testing.assert_close(triton_out, torch_out, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="compares the CPU interpreter and reference paths")
+@pytest.mark.parametrize("interpret", ["0", "1"])
+@pytest.mark.parametrize("scale", [None, 0.3, -0.7])
+def test_gradients_of_both_cpu_paths_at_any_scale(monkeypatch, interpret, scale):
+    """Both CPU paths' gradients (out and lse, gathered references) against the fp64 formulas at the default and
+    other scales: only the forward was compared across paths, at the default scale, so the reference path's backward
+    taking 1/sqrt(D) instead of the scale given passed the suite."""
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    assert ops.backend_for("cpu", torch.float32) == (ops.TRITON_INTERPRETER if interpret == "1"
+                                                     else ops.TORCH_REFERENCE)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(11, 2, 16, generator=g)
+    k, v = torch.randn(7, 2, 16, generator=g), torch.randn(7, 2, 16, generator=g)
+    ref_k, ref_v = torch.randn(2, 6, 2, 16, generator=g), torch.randn(2, 6, 2, 16, generator=g)
+    index = torch.tensor([4, 0, 2, 5, 1], dtype=torch.int32)
+    cu_q, cu_k, cu_r = (torch.tensor(c, dtype=torch.int32) for c in ([0, 5, 11], [0, 3, 7], [0, 3, 5]))
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v, ref_k, ref_v)]
+    out, lse = sparsectx.sparse_attention(*leaves[:3], cu_q, cu_k, 6, 4, ref_k=leaves[3], ref_v=leaves[4],
+                                          ref_index=index, cu_seqlens_ref=cu_r, softmax_scale=scale,
+                                          return_lse=True)
+    dout, dlse = torch.randn(out.shape, generator=g), torch.randn(lse.shape, generator=g)
+    torch.autograd.backward([out, lse], [dout, dlse])
+    exact = sparsectx.reference.sparse_attention_bwd_ref(
+        dout.double(), dlse.double(), q.double(), k.double(), v.double(), cu_q, cu_k, ref_k=ref_k.double(),
+        ref_v=ref_v.double(), ref_index=index, cu_seqlens_ref=cu_r, softmax_scale=scale)
+    for name, leaf, want in zip(("dq", "dk", "dv", "dref_k", "dref_v"), leaves, exact):
+        torch.testing.assert_close(leaf.grad.double(), want, rtol=1e-4, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("interpret", ["0", "1"])
 def test_half_logits_beyond_the_fp16_range_stay_finite_on_every_cpu_path(monkeypatch, interpret):
     """Legal fp16 inputs whose q.k exceeds fp16's range before scaling (|q.k| = 65536, scale 1e-3): every path
