@@ -2675,8 +2675,8 @@ class _SparsePatch(ForwardPatch):
             _check_glm_selector(selector, signals)
         from .selection import SelectionContext
 
-        from .selection import (budget_first_sample, budget_for_batch, budget_same_per_sample, mask_ranking,
-                                 selected_keep)
+        from .selection import (budget_first_sample, budget_for_batch, budget_request_count, budget_same_per_sample,
+                                 mask_ranking, selected_keep)
 
         try:  # (a per-call budget is checked against the batch and the layout here, its first forward)
             counts = None if budget is None or _is_budget_fn(budget) else budget_counts(budget, batch,
@@ -2701,10 +2701,12 @@ class _SparsePatch(ForwardPatch):
         seed = seed[0] if isinstance(seed, tuple) else seed
 
         _check_ref_shapes_signal(signals, layout)
-        # where a request's samples may begin, whatever their prompts: a per-request budget's rows, other counts
+        # where a request's samples may begin, whatever their prompts: each request of a per-request budget (a list's
+        # rows, a budget object's per-request settings: equal rows too, the requests are named), other counts
         per_request = overrides.get("budget", self.settings.budget)
-        run_starts = set(range(batch // len(per_request), batch, batch // len(per_request))) \
-            if _is_per_request(per_request) and batch % len(per_request) == 0 else set()
+        requests = len(per_request) if _is_per_request(per_request) else budget_request_count(per_request)
+        run_starts = set(range(batch // requests, batch, batch // requests)) \
+            if requests and batch % requests == 0 else set()
         if counts is not None:
             run_starts |= {b for b in range(1, batch) if list(counts[b]) != list(counts[b - 1])}
         # what the probe's runs of a request's samples are split by (_probe_leaders): those starts, per-sample signals
@@ -2783,8 +2785,10 @@ class _SparsePatch(ForwardPatch):
         so a request's samples keep what they keep when the request runs alone."""
 
         def probe(reference_latents: torch.Tensor, context) -> dict:
-            if shared and not self._same_prompts(call):
-                raise _SamplesDiffer  # the probe reads the prompt: each sample is selected on its own
+            if shared and (runs[0] or not self._same_prompts(call)):
+                # the probe reads the prompt and the latents: each sample is selected on its own, probed as its
+                # request's first sample (requests a per-request budget names are probed apart, prompts equal or not)
+                raise _SamplesDiffer
             if shared:
                 probed = self._slice_batch(call, [0])
             else:

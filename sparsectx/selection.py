@@ -1500,6 +1500,15 @@ def _typed_row(row) -> list:
     return [(type(_python_number(entry)), entry) for entry in row]
 
 
+def budget_request_count(budget) -> Optional[int]:
+    """How many requests a budget object's per-request settings name (their rows, R > 1; the largest where settings
+    differ), or None: the other budgets name none (a per-request budget list names its own length)."""
+    if not isinstance(budget, (FixedBudget, AdaptiveBudget)):
+        return None
+    rows = [_request_rows(value) or 0 for value in budget.settings().values()]
+    return max(rows) if rows and max(rows) > 1 else None
+
+
 def budget_same_per_sample(budget) -> bool:
     """Whether ``budget`` (as ``budget_for_batch`` gives it) sets every sample alike: the rows of each per-request
     setting are equal. Other budgets (numbers, lists of numbers, callables) are the same for every sample."""

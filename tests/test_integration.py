@@ -3821,6 +3821,58 @@ def test_a_probe_selectors_request_keeps_in_a_batch_what_it_keeps_alone():
         torch.testing.assert_close(both[rows], images, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("batch_budget, alone_budget", [
+    ([[0.25], [0.25]], 0.25),
+    (sparsectx.selection.adaptive(coverage=torch.tensor([[0.9], [0.5]], dtype=torch.float64)),
+     sparsectx.selection.adaptive(coverage=0.5))], ids=["list_rows_equal", "adaptive_rows"])
+def test_a_probe_request_keeps_alone_what_it_keeps_beside_a_request_of_the_same_prompt(batch_budget, alone_budget):
+    """Two requests with the same prompt and references (other noise), named by a per-request budget, with a
+    selector that reads the probe: request 2 was probed on request 1's first sample (equal list rows took the
+    shared batch's single probe; a budget object's per-request rows started no run of the probe), so it kept in the
+    batch other tokens than alone (its output 6.7e-3 off). Each request is probed on its own first sample now."""
+    model, kw = _build_model("flux2"), _inputs("flux2", batch=2)
+    hidden = kw["hidden_states"].clone()
+    hidden[1, _n_target():] = hidden[0, _n_target():]  # the same references
+    kw = {**kw, "hidden_states": hidden,
+          "encoder_hidden_states": kw["encoder_hidden_states"][:1].expand(2, -1, -1).clone()}  # the same prompt
+    second = {**kw, **{k: kw[k][1:2] for k in ("hidden_states", "encoder_hidden_states", "timestep", "img_ids",
+                                                "txt_ids")}}
+    try:
+        sparsectx.enable(model, budget=batch_budget, selector="attention")
+        batched = _run(model, kw)
+        in_batch = sparsectx.last_selection(model).keep
+        sparsectx.enable(model, budget=alone_budget, selector="attention")
+        alone = _run(model, second)
+        kept_alone = sparsectx.last_selection(model).keep
+    finally:
+        sparsectx.disable(model)
+    assert torch.equal(in_batch[1], kept_alone[0])
+    torch.testing.assert_close(batched[1:, :_n_target()], alone[:, :_n_target()], rtol=0, atol=2e-5)
+
+
+def test_groups_of_a_refs_first_batch_write_their_target_rows_where_the_target_sits():
+    """Samples keeping different tokens (two groups) in a sequence holding the references before the target: each
+    group's output rows go back where its target sits (the refs-first test above runs one group; with the target
+    first, a group's output rows and their places in the sequence coincide, so writing them at the wrong ones passed
+    the suite)."""
+    model, kwargs, n = _build_model("flux2"), _inputs("flux2", batch=2), _n_target()
+    seq = kwargs["hidden_states"].shape[1]
+    order = torch.cat([torch.arange(n, seq), torch.arange(n)])  # references first, the target last
+    refs_first = {**kwargs, "hidden_states": kwargs["hidden_states"][:, order].contiguous(),
+                  "img_ids": kwargs["img_ids"][:, order].contiguous()}
+    try:
+        sparsectx.enable(model, budget=[[0.5], [0.25]], selector=norm_selector)  # two requests: two groups
+        batched = _run(model, refs_first)
+        for b, budget in enumerate((0.5, 0.25)):
+            alone = {**refs_first, **{k: refs_first[k][b:b + 1] for k in ("hidden_states", "encoder_hidden_states",
+                                                                            "timestep", "img_ids", "txt_ids")}}
+            sparsectx.enable(model, budget=budget, selector=norm_selector)
+            expected = _run(model, alone)
+            torch.testing.assert_close(batched[b:b + 1, seq - n:], expected[:, seq - n:], rtol=0, atol=2e-5)
+    finally:
+        sparsectx.disable(model)
+
+
 @pytest.mark.parametrize("selector", ["attention", "subject"])
 def test_a_probe_selector_on_a_batch_of_one_sample(models, selector):
     """A batch of one sample (never shared) with a selector that reads the probe: each image keeps its budget (a

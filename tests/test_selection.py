@@ -658,6 +658,16 @@ def test_any_positive_coverage_keeps_a_token():
     assert adaptive_budget(scores, 0.0).counts.tolist() == [[0]]
 
 
+def test_a_tiny_positive_coverage_keeps_one_token_per_image_as_a_float_or_a_tensor():
+    """A positive coverage keeps at least one token per image, also one within the coverage tolerance (1e-12): as a
+    float and as a tensor alike (the float branch's minimum of one was untested)."""
+    scores = torch.rand(2, 7, generator=torch.Generator().manual_seed(0))
+    as_float = adaptive_budget(scores, coverage=1e-12, ref_lengths=[3, 4])
+    as_tensor = adaptive_budget(scores, coverage=torch.full((2, 2), 1e-12, dtype=torch.float64), ref_lengths=[3, 4])
+    assert as_float.counts.tolist() == [[1, 1], [1, 1]]
+    assert torch.equal(as_float.counts, as_tensor.counts) and torch.equal(as_float.keep, as_tensor.keep)
+
+
 def test_adaptive_budget_keeps_the_smallest_set_at_the_coverage_boundary():
     """Where the mass ranked above a token equals the coverage (less the rounding slack) exactly, that token is not
     needed: equal scores at coverage 3/4 (+ COVERAGE_TOL) keep 3 of 4, and one more token past the slack 4."""
