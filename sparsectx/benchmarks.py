@@ -3339,7 +3339,11 @@ def _quick_text(meta: dict) -> str:
         return ""
     parts = meta.get("parts") or []
     if any(not part.get("quick") for part in parts):
-        cases = sorted({case for part in parts if part.get("quick") for case in part.get("cases") or []})
+        def ran(quick: bool) -> set:  # the cases the parts gave rows of (merges before 2026-12-05: their plans)
+            return {case for part in parts if bool(part.get("quick")) == quick
+                    for case in part.get("ran", part.get("cases")) or []}
+
+        cases = [case + " (partly)" * (case in ran(False)) for case in sorted(ran(True))]
         return f" quick (fewer shapes and repetitions) for {', '.join(cases) or 'some parts'}, full for the rest"
     return " quick (fewer shapes and repetitions)"
 
@@ -3844,6 +3848,7 @@ def merge_parts(parts: Sequence[tuple]) -> dict:
             # each part's machine details too: the parts of one run may come from two lent machines, whose hosts
             # time the host-bound rows differently
             merged["meta"]["parts"].append({"file": os.path.basename(name), "cases": meta.get("cases"),
+                                            "ran": sorted({row["case"] for row in data["rows"]}),
                                             "size": meta.get("size"), "quick": meta.get("quick"),
                                             "host": meta.get("host"), "date": meta.get("date"),
                                             "ceilings": meta.get("ceilings")})

@@ -1750,7 +1750,8 @@ class ForwardPatch:
             fast = self._keyword_binding()
             if fast is not None:
                 names, required = fast
-                if kwargs.keys() <= names.keys() and required <= kwargs.keys():
+                # (membership tests, not set comparisons of dict views, which torch 2.11's dynamo fails to trace)
+                if all(name in names for name in kwargs) and all(name in kwargs for name in required):
                     return {name: kwargs[name] for name in names if name in kwargs}  # (parameter order, as bind)
         bound = dict(self.signature.bind(*args, **kwargs).arguments)
         for parameter in self.signature.parameters.values():  # (a forward's **kwargs: its entries by their names)

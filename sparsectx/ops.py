@@ -421,11 +421,21 @@ def _first_order_only(backward_op: str, what: str) -> None:
 _first_order_only("sparsectx::sparse_attention_bwd", "attention")
 
 
+# device type -> torch.amp.is_autocast_available(it), asked outside any trace: torch 2.11's dynamo can not trace that
+# call (``torch.compile(fullgraph=True)`` of every attention op failed there, and drop training broke a graph per
+# layer); cpu and cuda are answered at import, another device type at its first call
+_AUTOCAST_AVAILABLE = {device_type: torch.amp.is_autocast_available(device_type) for device_type in ("cpu", "cuda")}
+
+
 def _autocast_dtype(t) -> Optional[torch.dtype]:
     """The dtype ``torch.autocast`` asks for on ``t``'s device type, or None when it is off there."""
     device_type = t.device.type if isinstance(t, torch.Tensor) else None
-    if device_type is None or not torch.amp.is_autocast_available(device_type) \
-            or not torch.is_autocast_enabled(device_type):
+    if device_type is None:
+        return None
+    available = _AUTOCAST_AVAILABLE.get(device_type)
+    if available is None:
+        available = _AUTOCAST_AVAILABLE[device_type] = torch.amp.is_autocast_available(device_type)
+    if not available or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
 

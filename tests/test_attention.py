@@ -681,6 +681,23 @@ def test_autocast_casts_the_inputs_as_sdpa_does():
                                       else t for name, t in kwargs.items()})
 
 
+def test_autocast_availability_of_cpu_and_cuda_is_known_before_any_trace(monkeypatch):
+    """The ops ask ``torch.amp.is_autocast_available`` of cpu and cuda once, at import: torch 2.11's dynamo (the GPU
+    machines' release) can not trace that call, and ``torch.compile(fullgraph=True)`` of every attention op failed
+    there (drop training broke a graph per layer). With the call made to fail, the ops still run and still cast
+    under autocast."""
+    from sparsectx import ops
+
+    def untraceable(device_type):
+        raise AssertionError(f"is_autocast_available({device_type!r}) asked at an op's call")
+
+    monkeypatch.setattr(torch.amp, "is_autocast_available", untraceable)
+    kwargs = _valid()
+    assert ops._autocast_dtype(kwargs["q"]) is None
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        assert sparsectx.sparse_attention(**kwargs).dtype == torch.bfloat16
+
+
 def test_a_backward_run_inside_autocast_gives_the_gradients_of_one_run_outside():
     """``loss.backward()`` inside the autocast block (a common training step) ran the reference backward's einsums
     under autocast: bf16 ones lost precision, and with a reference buffer its index_put failed on mixed dtypes.

@@ -358,6 +358,10 @@ def test_markdown_header_says_the_size_and_a_quick_run():
     parts = [{"cases": ["attention", "batch"], "quick": False}, {"cases": ["e2e", "kv"], "quick": True}]
     mixed = benchmarks.format_markdown({"size": "full", "quick": True, "parts": parts}, rows).splitlines()
     assert mixed[0].endswith("size full quick (fewer shapes and repetitions) for e2e, kv, full for the rest"), mixed[0]
+    # the cases a part gave rows of, where the merge recorded them: a case run quick and full is "partly" quick
+    ran = [dict(parts[0], ran=["attention", "e2e"]), dict(parts[1], ran=["e2e"])]
+    partly = benchmarks.format_markdown({"size": "full", "quick": True, "parts": ran}, rows).splitlines()
+    assert partly[0].endswith("quick (fewer shapes and repetitions) for e2e (partly), full for the rest"), partly[0]
     parts[0]["quick"] = True
     both = benchmarks.format_markdown({"size": "full", "quick": True, "parts": parts}, rows).splitlines()
     assert both[0].endswith("size full quick (fewer shapes and repetitions)"), both[0]
