@@ -9,6 +9,7 @@ import os
 import sys
 import threading
 import types
+import warnings
 
 import pytest
 import torch
@@ -42,7 +43,9 @@ def _interpreter_needs_older_numpy() -> bool:
     except Exception:
         return False
     try:
-        int(numpy.zeros(1))
+        with warnings.catch_warnings():  # (numpy < 2.4 warns here, before pytest captures warnings)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            int(numpy.zeros(1))
     except TypeError:
         return "int(self.handle.data)" in inspect.getsource(interpreter)
     return False
