@@ -655,6 +655,24 @@ def test_oversized_max_seqlens_launch_no_more_programs_than_rows(monkeypatch, pa
     assert len(seen) == 2 and seen[0] == rows[:1] and seen[1] == rows, seen
 
 
+def test_an_inf_in_one_head_does_not_reach_another_head():
+    """Head dim 40 (a 64-wide feature block): a full block of keys is loaded with the columns past the head dim
+    masked. Unmasked they read the next head's features, which meet q's zero padding (0 * x = 0) and so passed every
+    test, unless the next head holds an inf: 0 * inf = NaN in this head."""
+    device = DEVICE
+    gen = torch.Generator().manual_seed(41)
+    n_q, n_k, heads, dim = 9, 200, 2, 40  # 200 keys: full key blocks at every block size the tuners take
+    q, k, v = (torch.randn(n, heads, dim, generator=gen).to(device) for n in (n_q, n_k, n_k))
+    k[5, 1, 0] = float("inf")  # head 1 only: head 0 never sees it
+    cu_q = torch.tensor([0, n_q], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, n_k], dtype=torch.int32, device=device)
+    out = sparsectx.sparse_attention(q, k, v, cu_q, cu_k, n_q, n_k)
+    want = ref.sparse_attention_ref(q, k, v, cu_q, cu_k)
+    want = want[0] if isinstance(want, tuple) else want
+    assert torch.isfinite(out[:, 0]).all(), "head 0 took head 1's inf"
+    torch.testing.assert_close(out[:, 0], want[:, 0], rtol=1e-4, atol=1e-4)
+
+
 def test_autocast_casts_the_inputs_as_sdpa_does():
     """Inside torch.autocast, q/k/v of mixed dtypes (fp32 q and k from fp32 norms, a bf16 v) are cast to the
     autocast dtype, as torch's SDPA does: the result equals the call on inputs cast by hand. Outside autocast the

@@ -725,6 +725,77 @@ def test_scatter_offsets_past_int32(device):
         assert torch.equal(out[b, pos].cpu(), packed[row]), (b, pos)
 
 
+def test_a_wide_payload_before_a_narrow_one_copies_every_column(device, monkeypatch):
+    """A launch's column programs cover its widest payload wherever it comes (hidden states of 3072 columns before
+    narrow position ids): in the other tests the widest payload of a launch came last or fitted one column tile."""
+    monkeypatch.setattr(kc, "COPY_MAX_BLOCK_COLS", 16)  # narrow column tiles: a 40-wide payload needs 3 programs
+    gen = torch.Generator().manual_seed(32)
+    mask = (torch.rand(2, 13, generator=gen) > 0.5).to(device)
+    wide = torch.randn(2, 13, 40, generator=gen).to(device)
+    narrow = torch.randn(2, 13, 3, generator=gen).to(device)
+    ids = torch.randint(0, 9, (2, 13), generator=gen).to(device)
+    for tensors in ((wide, narrow), (wide, narrow, ids), (narrow, wide, ids)):
+        result = sparsectx.compact_tokens(mask, *tensors)
+        _, _, packed = reference.compact_ref(mask, *tensors)
+        for got, want in zip(result.tensors, packed):
+            assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("bad", [-1, 30, 1 << 20], ids=["negative", "n_tokens", "far"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_reference_row_ops_skip_out_of_range_indices(device, bad, dtype):
+    """The plain-torch row ops (the CPU path without the interpreter, bf16 on the CPU under it) skip an index outside
+    [0, N) as the kernels do (checked on the kernel path only before: index N of sample b could write sample b+1)."""
+    gen = torch.Generator().manual_seed(40)
+    index = torch.tensor([3, bad, 1, 29, bad, 7], dtype=torch.int32, device=device)
+    cu_seqlens = torch.tensor([0, 2, 6], dtype=torch.int32, device=device)
+    packed = torch.randn(6, 5, generator=gen).to(dtype).to(device)
+    base = torch.full((2, 30, 5), -3.0, dtype=dtype, device=device)
+    expected = base.clone()
+    expected[0, 3], expected[1, 1], expected[1, 29], expected[1, 7] = (packed[i] for i in (0, 2, 3, 5))
+    # the reference itself, and the registered op (bf16 on the CPU: the reference path)
+    assert torch.equal(reference.scatter_rows_ref(packed, index, cu_seqlens, base), expected)
+    assert torch.equal(torch.ops.sparsectx.scatter_rows(packed, index, cu_seqlens, None, 30, -3.0), expected)
+    payload = torch.randn(2, 30, 5, generator=gen).to(dtype).to(device)
+    want = torch.stack([payload[0, 3], torch.zeros_like(payload[0, 0]), payload[1, 1], payload[1, 29],
+                        torch.zeros_like(payload[0, 0]), payload[1, 7]])
+    assert torch.equal(reference.gather_rows_ref(payload, index, cu_seqlens), want)
+    assert torch.equal(torch.ops.sparsectx.gather_rows([payload], index, cu_seqlens)[0], want)
+
+
+def test_a_complex_payload_gets_its_gradient(device):
+    """Gradients reach a complex payload through compact_tokens, as the reference's (the gradient tests used real
+    payloads only)."""
+    gen = torch.Generator().manual_seed(35)
+    mask = (torch.rand(2, 7, generator=gen) > 0.5).to(device)
+    x = torch.randn(2, 7, 3, dtype=torch.cfloat, generator=gen).to(device).requires_grad_()
+    packed = sparsectx.compact_tokens(mask, x).tensors[0]
+    up = torch.randn(packed.shape, dtype=torch.cfloat, generator=gen).to(device)
+    packed.backward(up)
+    x_ref = x.detach().clone().requires_grad_()
+    _, _, (packed_ref,) = reference.compact_ref(mask, x_ref)
+    packed_ref.backward(up)
+    assert x.grad is not None and torch.equal(x.grad, x_ref.grad)
+
+
+def test_a_fill_tensor_is_left_as_it_was(device):
+    """scatter_tokens never writes into the caller's fill tensor (its values are kept in a new output), with and
+    without autograd recording."""
+    gen = torch.Generator().manual_seed(34)
+    mask = (torch.rand(2, 9, generator=gen) > 0.5).to(device)
+    kept = sparsectx.compact_tokens(mask)
+    packed = torch.randn(kept.index.numel(), 3, generator=gen).to(device)
+    fill = torch.randn(2, 9, 3, generator=gen).to(device)
+    before = fill.clone()
+    out = sparsectx.scatter_tokens(packed, kept.index, kept.cu_seqlens, 9, fill=fill)
+    assert torch.equal(fill, before)
+    assert out.data_ptr() != fill.data_ptr()
+    # with autograd recording too (the registered op)
+    leaf = fill.clone().requires_grad_()
+    sparsectx.scatter_tokens(packed.requires_grad_(), kept.index, kept.cu_seqlens, 9, fill=leaf)
+    assert torch.equal(leaf.detach(), before)
+
+
 def test_scatter_refuses_malformed_cu_seqlens_off_the_gpu():
     """cu_seqlens that compact_tokens can not have returned: refused on the CPU, where reading it costs no device
     wait (the two CPU paths wrote different rows for them before)."""
