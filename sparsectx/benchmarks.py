@@ -3341,7 +3341,7 @@ def _quick_text(meta: dict) -> str:
     if any(not part.get("quick") for part in parts):
         def ran(quick: bool) -> set:  # the cases the parts gave rows of (merges before 2026-12-05: their plans)
             return {case for part in parts if bool(part.get("quick")) == quick
-                    for case in part.get("ran", part.get("cases")) or []}
+                    for case in (part["ran"] if part.get("ran") is not None else part.get("cases")) or []}
 
         cases = [case + " (partly)" * (case in ran(False)) for case in sorted(ran(True))]
         return f" quick (fewer shapes and repetitions) for {', '.join(cases) or 'some parts'}, full for the rest"
@@ -3916,6 +3916,12 @@ def load_run(path: str) -> dict:
     planned = data["meta"].get("planned_shapes") or {}
     if not all(isinstance(shapes, list) and all(isinstance(x, str) for x in shapes) for shapes in planned.values()):
         raise ValueError(f"{path}: meta.planned_shapes must map each case to a list of shape strings")
+    for i, part in enumerate(data["meta"].get("parts") or []):  # (a merged run's parts: the header reads them)
+        lists = ("cases", "ran") if isinstance(part, dict) else ()
+        if not isinstance(part, dict) or any(part.get(key) is not None and not (
+                isinstance(part[key], list) and all(isinstance(case, str) for case in part[key])) for key in lists):
+            raise ValueError(f"{path}: meta.parts[{i}] must be an object whose cases and ran are lists of case names "
+                             "or null")
     return data
 
 

@@ -423,8 +423,14 @@ _first_order_only("sparsectx::sparse_attention_bwd", "attention")
 
 # device type -> torch.amp.is_autocast_available(it), asked outside any trace: torch 2.11's dynamo can not trace that
 # call (``torch.compile(fullgraph=True)`` of every attention op failed there, and drop training broke a graph per
-# layer); cpu and cuda are answered at import, another device type at its first call
-_AUTOCAST_AVAILABLE = {device_type: torch.amp.is_autocast_available(device_type) for device_type in ("cpu", "cuda")}
+# layer). The device types a tensor can have here are answered at import (meta too: fake tensors' shapes); another
+# at its first call
+_AUTOCAST_AVAILABLE: dict = {}
+for _device_type in ("cpu", "cuda", "meta", "xpu", "mps", "hpu", "mtia", torch._C._get_privateuse1_backend_name()):
+    try:
+        _AUTOCAST_AVAILABLE[_device_type] = torch.amp.is_autocast_available(_device_type)
+    except RuntimeError:  # (a device type this torch does not know: asked again, and refused, at a call)
+        pass
 
 
 def _autocast_dtype(t) -> Optional[torch.dtype]:

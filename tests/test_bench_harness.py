@@ -308,6 +308,11 @@ def test_report_refuses_parts_of_different_runs_and_names_bad_files(tmp_path):
     (tmp_path / "parts.json").write_text(json.dumps({"meta": dict(meta, parts="x"), "rows": block}))
     with pytest.raises(SystemExit, match=r"parts.json: meta.parts must be a list, got str"):
         cli.main(["report", str(tmp_path / "parts.json")])
+    # a part's cases or ran that is no list of names (the header reads them): a traceback, or letters as cases
+    for part in ("x", {"ran": 5}, {"ran": "norm_rope"}, {"cases": [1]}):
+        (tmp_path / "part.json").write_text(json.dumps({"meta": dict(meta, parts=[part]), "rows": block}))
+        with pytest.raises(SystemExit, match=r"part.json: meta.parts\[0\] must be an object whose cases and ran"):
+            cli.main(["report", str(tmp_path / "part.json")])
     (tmp_path / "cut.json").write_text(json.dumps({"meta": meta, "rows": [dict(block[0], unfinished="yes")]}))
     with pytest.raises(SystemExit, match=r"cut.json: row 0 has \['unfinished'\] of the wrong type"):
         cli.main(["report", str(tmp_path / "cut.json")])
