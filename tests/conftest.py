@@ -81,6 +81,25 @@ def device():
     return DEVICE
 
 
+@pytest.fixture
+def past_int32_batch():
+    """``make(shape, generator)``: a random fp16 ``[B, ...]`` view on DEVICE whose sample stride is just above 2**30
+    elements, so that sample 2 lies past 2**31 (the kernels' int64 offsets), in a buffer of up to 6 GiB of which only
+    the view's rows are touched; the test is skipped where the buffer can not be reserved."""
+    def make(shape, generator):
+        stride, rows = 2 ** 30 + 2 ** 20, torch.empty(shape[1:], device="meta")
+        try:
+            buffer = torch.empty((shape[0] - 1) * stride + rows.numel(), dtype=torch.float16, device=DEVICE)
+        except (RuntimeError, MemoryError) as e:  # pragma: no cover - a machine without the address space
+            pytest.skip(f"can not reserve the buffer: {e}")
+        view = buffer.as_strided(shape, (stride, *rows.stride()))
+        view.copy_(torch.randn(shape, generator=generator).to(DEVICE, torch.float16))
+        assert view.stride(0) < 2 ** 31 < (shape[0] - 1) * view.stride(0)
+        return view
+
+    return make
+
+
 def _run_in_threads(targets, switch_interval: float) -> None:
     """Runs each callable of ``targets`` in its own thread, the interpreter switching threads every
     ``switch_interval`` seconds (often, as under load), and waits for them all."""

@@ -237,19 +237,12 @@ def test_bad_input_raises_naming_the_argument(change, error, words):
         attention_key_mass(args.pop("q"), args.pop("k"), **args)
 
 
-def test_sample_offsets_past_int32():
-    """q ``[3, 6, 2, 16]`` fp16 viewed in a buffer whose sample stride is just above 2**30 elements (6 GiB reserved,
-    only the used rows touched): sample 2's queries lie past 2**31 elements, which the kernels must address in
-    int64 (a mutation to int32 passed the suite). The mass equals that of a contiguous copy, bit for bit."""
-    stride = 2 ** 30 + 2 ** 20
-    try:
-        buffer = torch.empty(2 * stride + 6 * 2 * 16, dtype=torch.float16, device=DEVICE)
-    except (RuntimeError, MemoryError) as e:  # pragma: no cover - a machine without 6 GiB of address space
-        pytest.skip(f"can not reserve the 6 GiB buffer: {e}")
+def test_sample_offsets_past_int32(past_int32_batch):
+    """q ``[3, 6, 2, 16]`` fp16 whose sample stride is just above 2**30 elements: sample 2's queries lie past 2**31
+    elements, which the kernels must address in int64 (a mutation to int32 passed the suite). The mass equals that
+    of a contiguous copy, bit for bit."""
     gen = torch.Generator().manual_seed(2)
-    q = buffer.as_strided((3, 6, 2, 16), (stride, 2 * 16, 16, 1))
-    q.copy_(torch.randn(3, 6, 2, 16, generator=gen).to(DEVICE, torch.float16))
-    assert q.stride(0) < 2 ** 31 < 2 * q.stride(0)
+    q = past_int32_batch((3, 6, 2, 16), gen)
     k = torch.randn(3, 9, 2, 16, generator=gen).to(DEVICE, torch.float16)
     assert torch.equal(attention_key_mass(q, k), attention_key_mass(q.contiguous(), k))
 

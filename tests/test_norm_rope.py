@@ -1038,19 +1038,12 @@ def test_rope_tables_read_strided_ids_and_take_the_kernel_where_it_runs(monkeypa
                               != ops.TORCH_REFERENCE)
 
 
-def test_sample_offsets_past_int32():
-    """x ``[3, 5, 2, 16]`` fp16 viewed in a buffer whose sample stride is just above 2**30 elements (6 GiB reserved,
-    only the used rows touched): sample 2's rows lie past 2**31 elements, which the kernel must address in int64 (a
-    mutation to int32 passed the suite). The result equals that of a contiguous copy, bit for bit."""
-    stride = 2 ** 30 + 2 ** 20
-    try:
-        buffer = torch.empty(2 * stride + 5 * 2 * 16, dtype=torch.float16, device=DEVICE)
-    except (RuntimeError, MemoryError) as e:  # pragma: no cover - a machine without 6 GiB of address space
-        pytest.skip(f"can not reserve the 6 GiB buffer: {e}")
+def test_sample_offsets_past_int32(past_int32_batch):
+    """x ``[3, 5, 2, 16]`` fp16 whose sample stride is just above 2**30 elements: sample 2's rows lie past 2**31
+    elements, which the kernel must address in int64 (a mutation to int32 passed the suite). The result equals that
+    of a contiguous copy, bit for bit."""
     gen = torch.Generator().manual_seed(1)
-    x = buffer.as_strided((3, 5, 2, 16), (stride, 2 * 16, 16, 1))
-    x.copy_(torch.randn(3, 5, 2, 16, generator=gen).to(DEVICE, torch.float16))
-    assert x.stride(0) < 2 ** 31 < 2 * x.stride(0)
+    x = past_int32_batch((3, 5, 2, 16), gen)
     cos, sin = (torch.randn(5, 16, generator=gen).to(DEVICE) for _ in range(2))
     weight = torch.randn(16, generator=gen).to(DEVICE, torch.float16)
     assert torch.equal(rms_norm_rope(x, cos, sin, weight, 1e-6), rms_norm_rope(x.contiguous(), cos, sin, weight, 1e-6))
