@@ -3339,11 +3339,11 @@ def _quick_text(meta: dict) -> str:
         return ""
     parts = meta.get("parts") or []
     if any(not part.get("quick") for part in parts):
-        def ran(quick: bool) -> set:  # the cases the parts gave rows of (merges before 2026-12-05: their plans)
-            return {case for part in parts if bool(part.get("quick")) == quick
-                    for case in (part["ran"] if part.get("ran") is not None else part.get("cases")) or []}
-
-        cases = [case + " (partly)" * (case in ran(False)) for case in sorted(ran(True))]
+        ran = {True: set(), False: set()}  # the cases the parts gave rows of (merges before 2026-12-05: their plans)
+        for part in parts:
+            ran[bool(part.get("quick"))].update((part["ran"] if part.get("ran") is not None else part.get("cases"))
+                                                or [])
+        cases = [case + " (partly)" * (case in ran[False]) for case in sorted(ran[True])]
         return f" quick (fewer shapes and repetitions) for {', '.join(cases) or 'some parts'}, full for the rest"
     return " quick (fewer shapes and repetitions)"
 

@@ -111,13 +111,11 @@ def main(argv=None) -> int:
 def console() -> int:
     """The ``sparsectx`` command: ``main``, with a refused option that the command itself finds (``UsageError``)
     printed and exit status 2, argparse's own for a usage error, so that 1 keeps one meaning: a check FAILED."""
+    from .benchmarks import UsageError  # (main's parser imports it too)
+
     try:
         return main()
-    except SystemExit as error:
-        from .benchmarks import UsageError
-
-        if not isinstance(error, UsageError):
-            raise
+    except UsageError as error:
         print(error, file=sys.stderr)
         return 2
 
