@@ -24,6 +24,7 @@ import sparsectx  # noqa: E402
 from sparsectx import integration, processors  # noqa: E402
 from sparsectx.diagnostics import count_cuda_syncs, count_host_reads  # noqa: E402
 from sparsectx.reference import topk_keep_mask  # noqa: E402
+from warning_checks import warnings_as_errors  # noqa: E402  (tests/, on sys.path by pytest.ini)
 
 HEADS, HEAD_DIM = 2, 16
 TEXT_TOKENS, TEXT_DIM = 6, 32
@@ -1650,8 +1651,7 @@ def test_older_diffusers_is_refused_by_name(models, monkeypatch, old):
     assert not integration.is_enabled(models["qwen"])
     for current in ("0.39.0", "0.40.0.dev0", "0.42.7"):
         monkeypatch.setattr(diffusers, "__version__", current)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
+        with warnings_as_errors():
             sparsectx.enable(models["qwen"], budget=0.5, selector=random_selector)
         sparsectx.disable(models["qwen"])
 
@@ -1761,8 +1761,7 @@ def test_signals_the_chosen_built_in_does_not_read_are_warned_about(models):
     with pytest.warns(UserWarning, match=r"selector 'uniform' does not read the signals \['ref_keys'\].*"
                                          r"\['attention', 'edit', 'subject'\]"):
         sparsectx.enable(model, budget=4, selector="uniform", signals={"ref_keys": mask})
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings_as_errors():
         sparsectx.enable(model, budget=4, selector=norm_selector, signals={"anything": mask})  # a user callable
         sparsectx.enable(model, budget=4, selector="edit", signals={"user_mask": mask})
     with pytest.warns(UserWarning, match="selector 'random' does not read the signals"):
@@ -1781,8 +1780,7 @@ def test_ref_shapes_on_a_model_with_reference_ids_is_warned_about(models):
 
     reads_ref_shapes = Selector(lambda latents, context: torch.zeros(latents.shape[:2]), "reads_ref_shapes",
                                 signals=frozenset({"ref_shapes"}))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings_as_errors():
         sparsectx.enable(model, budget=4, selector=reads_ref_shapes, signals={"ref_shapes": [(7, 7)]})
         sparsectx.enable(model, budget=4, selector=lambda latents, context: torch.zeros(latents.shape[:2]),
                          signals={"ref_shapes": [(7, 7)]})
@@ -1791,8 +1789,7 @@ def test_ref_shapes_on_a_model_with_reference_ids_is_warned_about(models):
         step = {**kwargs, "joint_attention_kwargs": {"sparsectx": {"signals": {"ref_shapes": [(7, 7)]}}}}
         with pytest.warns(UserWarning, match=r"signals\['ref_shapes'\] is unused"):
             _run(model, step)
-        with warnings.catch_warnings():  # once per enabled transformer
-            warnings.simplefilter("error")
+        with warnings_as_errors():  # once per enabled transformer
             _run(model, step)
     finally:
         sparsectx.disable(model)
@@ -1819,8 +1816,7 @@ def test_warnings_point_at_the_users_line(models):
         _run(model, {**kwargs, "joint_attention_kwargs": {"sparsectx": {"selector": "random"}}})
     for record in (enabled, in_context, per_call):
         assert [w.filename for w in record] == [__file__], [(w.filename, w.lineno) for w in record]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a per-call override is checked at every forward, and warned about once
+    with warnings_as_errors():  # a per-call override is checked at every forward, and warned about once
         _run(model, {**kwargs, "joint_attention_kwargs": {"sparsectx": {"selector": "random"}}})
     sparsectx.disable(model)
 
@@ -2330,8 +2326,7 @@ def test_the_rope_shortcut_check_runs_on_the_cpu_under_a_default_device(family):
     """The check made its ids on torch's default device: under ``with torch.device("meta")`` it failed, warned that
     the tables differ and kept the shortcut off for the module (on a GPU default device: device work and a read)."""
     model = _build_model(family)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings_as_errors():
         with torch.device("meta"):
             assert processors._tables_match(model.pos_embed)
 
@@ -2362,8 +2357,7 @@ def test_torch_func_grad_runs_through_an_enabled_flux_model(family):
     expected = grad(loss)(params)
     sparsectx.enable(model, budget=1.0)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # (the shortcut's check waits for an eager forward: no false alarm)
+        with warnings_as_errors():  # (the shortcut's check waits for an eager forward: no false alarm)
             got = grad(loss)(params)
         _run(model, kwargs)  # an eager forward: the shortcut checked and in use, then torch.func again
         assert processors._tables_match(model.pos_embed)

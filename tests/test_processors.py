@@ -24,6 +24,7 @@ from sparsectx import integration, processors  # noqa: E402
 from sparsectx.diagnostics import count_cuda_syncs, count_host_reads  # noqa: E402
 from sparsectx.training import (  # noqa: E402
     disable_drop_training, enable_drop_training, is_drop_training_enabled, last_drop_mask, random_drop_selector)
+from warning_checks import warnings_as_errors  # noqa: E402  (tests/, on sys.path by pytest.ini)
 
 
 def _load_integration_helpers():
@@ -225,8 +226,7 @@ def test_a_forward_that_raises_leaves_the_model_as_before(models, form):
         other.start()
         other.join(timeout=60)
         assert not other.is_alive()  # the lock was released
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
+        with warnings_as_errors():
             got = step()
         if form == "drop-in":  # (drop training draws another mask: a failed forward draws its own, as dropout would)
             assert torch.equal(got[0], expected[0])
@@ -274,8 +274,7 @@ def test_a_failing_layer_skip_registry_warns_once_and_enables(models, monkeypatc
     with pytest.warns(RuntimeWarning, match="layer skip .planted registry failure.") as record:
         sparsectx.enable(model, budget=1.0, attention="sparsectx")
     assert len(record) == 1 and record[0].filename == __file__
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings_as_errors():
         sparsectx.disable(model)
         sparsectx.enable(model, budget=1.0, attention="sparsectx")  # (warned once)
         assert all(isinstance(p, processors.SPARSECTX_PROCESSORS) for p in _processors(model).values())
@@ -483,8 +482,7 @@ def test_a_users_unsupported_processor_set_after_enable_stays_with_a_warning(mod
     with _a_users_processor_after_enable(model) as (name, custom):
         with pytest.warns(RuntimeWarning, match="can not replace them"):
             _run(model, {**kwargs, "encoder_hidden_states": kwargs["encoder_hidden_states"].clone()})
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # once only
+        with warnings_as_errors():  # once only
             _run(model, {**kwargs, "encoder_hidden_states": kwargs["encoder_hidden_states"].clone()})
         assert model._sparsectx_patch.attention == "sparsectx" and _processors(model)[name] is custom
         assert all(isinstance(p, processors.SPARSECTX_PROCESSORS) for n, p in _processors(model).items() if n != name)
@@ -1434,8 +1432,7 @@ def test_a_diffusers_processor_taking_a_parameter_ours_lacks_is_warned_about(mod
         sparsectx.disable(models["flux2"])
         processors._warn_new_parameters.cache_clear()
     monkeypatch.setattr(Flux2AttnProcessor, "__call__", original)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings_as_errors():
         sparsectx.enable(models["flux2"], budget=0.5, attention="sparsectx")
     sparsectx.disable(models["flux2"])
 
@@ -2269,8 +2266,7 @@ def test_disabling_drop_training_before_a_reentrant_checkpoints_backward_warns()
         assert not last_drop_mask(model).all()  # (it dropped tokens)
         if backward_first:
             out.sum().backward()
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")
+            with warnings_as_errors():
                 disable_drop_training(model)
         else:
             with pytest.warns(RuntimeWarning, match=r"1 forward.*sparse_context block\) after the backward"):
@@ -2283,14 +2279,12 @@ def test_a_forward_with_gradients_in_eval_mode_warns_once_that_it_drops_nothing(
     kwargs = shared._inputs("flux2")
     model = shared._build_model("flux2").eval()
     enable_drop_training(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings_as_errors():
         with torch.no_grad():
             model(**kwargs)
     with pytest.warns(UserWarning, match="call transformer.train"):
         model(**kwargs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings_as_errors():
         model(**kwargs)  # once
     assert last_drop_mask(model) is None
 
@@ -2586,8 +2580,7 @@ def test_checkpoint_recomputation_without_a_generator_redraws_its_forwards_mask(
         with pytest.warns(RuntimeWarning, match="drop mask can not be told"):
             gradient(checkpointed=True)
         return
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings_as_errors():
         got = gradient(checkpointed=True)
     torch.testing.assert_close(got, expected, rtol=GRAD_RTOL, atol=GRAD_ATOL)
 

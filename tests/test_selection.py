@@ -1,6 +1,5 @@
 """Selectors, budgets and select(): contract, determinism, planted signals, spread, adaptive budgets, bad input."""
 import math
-import warnings
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ from sparsectx.selection import (
     register_selector,
     select,
 )
+from warning_checks import warnings_as_errors  # (tests/, on sys.path by pytest.ini)
 
 BUILTIN = ["attention", "edit", "random", "subject", "uniform"]
 HEADS, HEAD_DIM, CHANNELS = 2, 8, 4
@@ -613,8 +613,7 @@ def test_select_warns_about_a_user_mask_its_selector_does_not_read():
     for name in ("uniform", "random", "subject", "attention"):
         with pytest.warns(UserWarning, match=rf"selector '{name}' does not read the signals \['user_mask'\]"):
             sparsectx.select(latents, ctx, name, 0.5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings_as_errors():
         sparsectx.select(latents, ctx, "edit", 0.5)
         del ctx.extra["user_mask"]
         sparsectx.select(latents, ctx, "uniform", 0.5)
@@ -1553,8 +1552,7 @@ def test_numpy_narrow_float_ratios_count_as_the_decimals_written():
     # rows given as numpy arrays work (their narrow floats as written too, and without torch's warning about tensors
     # made from lists of arrays), and strings or 1-d tensors in a list are still refused by name
     two = torch.rand(1, 10, generator=torch.Generator().manual_seed(1))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings_as_errors():
         assert fixed_ratio([np.array([0.5, 0.3])])(two, [5, 5]).counts.tolist() == [[3, 2]]
         assert fixed_ratio([np.array([0.7, 0.3], dtype=np.float32)])(two, [5, 5]).counts.tolist() == [[4, 2]]
     for bad in (["0.5", "0.3"], [torch.tensor([0.5, 0.3])]):

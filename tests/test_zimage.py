@@ -8,7 +8,6 @@ import contextlib
 import importlib
 import inspect
 import math
-import warnings
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ import drop_in_checks as checks  # noqa: E402  (tests/, on sys.path by pytest.in
 import sparsectx  # noqa: E402
 from pipeline_fixtures import tiny_model_fixtures, tiny_pipeline_fixtures  # noqa: E402  (tests/, on sys.path)
 from sparsectx import integration, processors, zimage  # noqa: E402
+from warning_checks import warnings_as_errors  # noqa: E402  (tests/, on sys.path by pytest.ini)
 
 CHANNELS, CAP_DIM, SIGLIP_DIM = 4, 24, 20
 # latents [C, F, H, W] of two references of their own sizes and the target (last): token grids 4x3, 3x5 and 4x4
@@ -437,8 +437,7 @@ def test_a_checkpoint_around_two_forwards_recomputes_each_with_its_own_selection
 
     sparsectx.enable(model, budget=None, selector=recording)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
+        with warnings_as_errors():
             sum(checkpoint(loss, kwargs, use_reentrant=False) for kwargs in batches).backward()
         grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     finally:
