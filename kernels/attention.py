@@ -50,12 +50,14 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # lse is returned in natur
 # launch configurations: a small autotune set on the GPU, tuned per head dim, key source (the best block shape
 # differs between contiguous and gathered keys) and launch size class (``_tune_rows``); one fixed config in the
 # interpreter (where several configs fail and big blocks run fastest).
-# Two sets per kernel, by head-dim block: up to WIDE_HEAD_BLOCK_D, and wider (head dims 129-256), whose tiles must
-# be smaller (the narrow set's first forward tile needs 256 KB of shared memory at BLOCK_D=256; sm_90 gives a block
-# 227 KB). The first GPU config of each list compiled for sm_90 (bf16: D=64 and 128, resp. D=256) without register
-# spills (`sparsectx compile-check`, a test checks it); SPARSECTX_AUTOTUNE=0 has the autotuner keep only that one
-# (saves compile time, e.g. in test runs over many shapes and dtypes), and launches under torch's deterministic
-# algorithms take it too (``_for_head``); the lists below stay complete (a GPU test runs every candidate).
+# Two sets per kernel, by the bytes of a head's row block (BLOCK_D x element size): up to WIDE_ROW_BYTES (fp16/bf16
+# head dims up to 128, fp32 up to 64), and wider rows (fp16/bf16 head dims 129-256, fp32 65-256), whose tiles must be
+# smaller (the narrow set's first forward tile needs 256 KB of shared memory at BLOCK_D=256 in bf16, its first dQ
+# tile 289 KB at BLOCK_D=128 in fp32; sm_90 gives a block 227 KB). The first GPU config of each list compiled for
+# sm_90 (bf16: D=64 and 128, resp. D=256) without register spills, and fits sm_90 at every dtype and head dim
+# (`sparsectx compile-check`, tests check both); SPARSECTX_AUTOTUNE=0 has the autotuner keep only that one (saves
+# compile time, e.g. in test runs over many shapes and dtypes), and launches under torch's deterministic algorithms
+# take it too (``_for_head``); the lists below stay complete (a GPU test runs every candidate).
 # ----------------------------------------------------------------------------------------------------------------
 def _gpu_configs(shapes, pre_hook=None) -> list:
     """Launch configurations of ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` shapes (the interpreter reads only the
@@ -92,8 +94,9 @@ FWD_SHAPES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)
 # dK/dV: a program holds BLOCK_N keys and streams BLOCK_M queries; dQ: BLOCK_M queries, streams BLOCK_N keys
 DKDV_SHAPES = [(32, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (16, 64, 4, 3), (32, 128, 8, 2)]
 DQ_SHAPES = [(128, 64, 8, 3), (64, 32, 4, 3), (64, 32, 4, 4), (128, 32, 4, 3), (128, 64, 8, 2)]
-# heads wider than WIDE_HEAD_BLOCK_D (BLOCK_D 256): smaller tiles, chosen from sm_90 compiles of bf16 D=256
-WIDE_HEAD_BLOCK_D = 128
+# head rows wider than WIDE_ROW_BYTES: smaller tiles, chosen from sm_90 compiles of bf16 D=256
+WIDE_ROW_BYTES = 256
+WIDE_HEAD_BLOCK_D = 128  # the widest head-dim block of fp16/bf16 in WIDE_ROW_BYTES
 FWD_SHAPES_WIDE = [(64, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 3), (128, 64, 8, 1), (64, 32, 4, 2)]
 DKDV_SHAPES_WIDE = [(32, 32, 8, 2), (64, 32, 8, 2), (16, 32, 4, 2)]
 DQ_SHAPES_WIDE = [(64, 32, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)]
@@ -107,7 +110,7 @@ DQ_CONFIGS_WIDE = _configs(DQ_SHAPES_WIDE, INTERPRETER_SHAPE)
 
 
 def _autotuned(kernel, configs, wide_configs, key):
-    """Two autotuners over the same jitted kernel: ``(for BLOCK_D <= WIDE_HEAD_BLOCK_D, for wider heads)``."""
+    """Two autotuners over the same jitted kernel: ``(for head rows up to WIDE_ROW_BYTES, for wider rows)``."""
     return tuple(triton.autotune(configs=_tuned(c), key=key)(kernel) for c in (configs, wide_configs))
 
 
@@ -127,21 +130,27 @@ def _new_tuner_lock() -> None:
 os.register_at_fork(after_in_child=_new_tuner_lock)
 
 
-def _for_head(tuners, fixed, block_d: int):
-    """The autotuner of a launch's head-dim block: from ``tuners``, or, under
+def _wide_rows(block_d: int, dtype: torch.dtype) -> bool:
+    """Whether a launch of head-dim block ``block_d`` in ``dtype`` takes the tiles of wide head rows."""
+    return block_d * dtype.itemsize > WIDE_ROW_BYTES
+
+
+def _for_head(tuners, fixed, block_d: int, dtype: torch.dtype):
+    """The autotuner of a launch's head rows (``_wide_rows``): from ``tuners``, or, under
     ``torch.use_deterministic_algorithms(True)``, from ``fixed`` (each list's first configuration alone). The
     autotuner's pick is timed in each process and for each launch size class (``_tune_rows``), and the block shape
     sets the order of the sums: with it, a sample's bits could change with the batch it runs in or from one run to
     the next; the first configuration gives the same bits for the same inputs every time (no kernel uses
     atomics)."""
-    return (fixed if torch.are_deterministic_algorithms_enabled() else tuners)[block_d > WIDE_HEAD_BLOCK_D]
+    return (fixed if torch.are_deterministic_algorithms_enabled() else tuners)[_wide_rows(block_d, dtype)]
 
 
 def tuned_configs() -> dict:
     """What the autotuner chose so far in this process: ``{kernel: {"picked": {key: config}, "last_tuned":
     {config: ms}}}`` (strings; ``last_tuned``: every candidate's time for the key that kernel tuned last). Kernels
     that tuned nothing are absent: empty before the first GPU launch, in the interpreter and with one candidate.
-    Kernels of head dims above 128 are reported as ``fwd_wide``, ``bwd_dkdv_wide``, ``bwd_dq_wide``."""
+    Kernels of wide head rows (``_wide_rows``: head dims above 128, above 64 in fp32) are reported as ``fwd_wide``,
+    ``bwd_dkdv_wide``, ``bwd_dq_wide``."""
     choices = {}
     for name, pair in (("fwd", FWD_TUNERS), ("bwd_dkdv", DKDV_TUNERS), ("bwd_dq", DQ_TUNERS)):
         for kernel, suffix in zip(pair, ("", "_wide")):
@@ -401,7 +410,7 @@ def attention_forward(q, k, v, cu_q, cu_k, max_seqlen_q, ref_k, ref_v, ref_index
     q_strides, out_strides = ((t.stride(0), t.stride(1), t.stride(2)) if indexed else (0, t.stride(0), t.stride(1))
                               for t in (q, out))
     with _TUNER_LOCK:
-        _for_head(FWD_TUNERS, FWD_FIXED, _block_d(dim))[grid](
+        _for_head(FWD_TUNERS, FWD_FIXED, _block_d(dim), q.dtype)[grid](
             q, k, v, rk, rv, ridx, cu_q, cu_k, cur, out, lse, q_index if indexed else cu_q, *own_desc, *ref_desc,
             softmax_scale * LOG2E, *q_strides, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             *_ref_strides(rk), *_ref_strides(rv), *out_strides, lse.stride(0),
@@ -670,7 +679,8 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, 
 
     common = (qk_scale, softmax_scale, q.stride(0), q.stride(1), dout.stride(0), dout.stride(1), lse2.stride(0))
     rk, rv, ridx, cur, _, packed = _ref_args(ref_k, ref_v, ref_index, cu_r, q)
-    dkdv, dq_launch = _for_head(DKDV_TUNERS, DKDV_FIXED, block_d), _for_head(DQ_TUNERS, DQ_FIXED, block_d)
+    dkdv, dq_launch = (_for_head(tuners, fixed, block_d, q.dtype)
+                       for tuners, fixed in ((DKDV_TUNERS, DKDV_FIXED), (DQ_TUNERS, DQ_FIXED)))
     with _TUNER_LOCK:  # (module comment above _TUNER_LOCK)
         if max_seqlen_k > 0 and k.shape[0] > 0:
             dkdv[lambda meta: (cdiv(max_seqlen_k, meta["BLOCK_N"]), heads, batch)](

@@ -1165,12 +1165,39 @@ def test_gpu_bf16_references_gathered_in_place():
     _assert_bf16_forward_and_backward(case, seed=5)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim", [64, 128])
+def test_gpu_fp32_under_deterministic_algorithms(dim):
+    """fp32 forward and backward with each kernel's first launch configuration (torch's deterministic algorithms):
+    it launches (fp32's head-dim-128 rows take the tiles of wide rows: the first dQ tile of the narrow list needs more
+    shared memory than sm_90 gives a block), meets the flash-attention criterion and gives the same bits twice."""
+    case = make_case([300, 77, 0, 513], [129, 5, 64, 0], [200, 31, 0, 64], 256, 4, dim, torch.float32, seed=dim)
+    g = torch.Generator().manual_seed(dim)
+    dout = torch.randn(case.q.shape, generator=g).to(DEVICE)
+    dlse = torch.randn(case.q.shape[1], case.q.shape[0], generator=g).to(DEVICE)
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [run_ops(case, dout, dlse) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+    (out, lse, grads), (out2, lse2, grads2) = runs
+    assert torch.equal(out, out2) and torch.equal(lse, lse2) and all(torch.equal(grads[n], grads2[n]) for n in grads)
+    exact_out, exact_lse, exact_grads = run_reference(case, torch.float64, dout, dlse)
+    torch_out, torch_lse, torch_grads = run_reference(case, torch.float32, dout, dlse)
+    finite = torch.isfinite(exact_lse)
+    assert_flash_criterion("out", out, torch_out, exact_out, torch.float32)
+    assert_flash_criterion("lse", lse[finite], torch_lse[finite], exact_lse[finite], torch.float32)
+    for key, exact in exact_grads.items():
+        assert_flash_criterion(f"d{key}", grads[key], torch_grads[key], exact, torch.float32)
+
+
 def _force_candidate(candidate: int, dim: int, monkeypatch) -> None:
     """Every attention kernel (forward, dK/dV, dQ) of head dim ``dim`` launches with its ``candidate``-th GPU
     configuration (the last one where its list is shorter), on a GPU or in the interpreter."""
     from sparsectx.kernels import attention as kernels
 
-    wide = dim > kernels.WIDE_HEAD_BLOCK_D
+    wide = kernels._wide_rows(kernels._block_d(dim), torch.bfloat16)
     for tuners, shapes, hook in (
             (kernels.FWD_TUNERS, kernels.FWD_SHAPES_WIDE if wide else kernels.FWD_SHAPES, kernels._descriptor_tiles),
             (kernels.DKDV_TUNERS, kernels.DKDV_SHAPES_WIDE if wide else kernels.DKDV_SHAPES, None),
@@ -1591,12 +1618,17 @@ def test_forward_launches_from_threads_keep_their_own_descriptor_tiles(monkeypat
     assert errors == [] and seen == {"launches": 1600, "stale": 0}
 
 
-def test_deterministic_algorithms_launch_each_kernels_first_configuration(monkeypatch):
+@pytest.mark.parametrize("dtype, dim, wide", [(torch.float32, 16, False), (torch.float32, 64, False),
+                                              (torch.float32, 128, True), (torch.float16, 128, False),
+                                              (torch.float16, 160, True)])
+def test_deterministic_algorithms_launch_each_kernels_first_configuration(monkeypatch, dtype, dim, wide):
     """Under ``torch.use_deterministic_algorithms(True)`` every attention launch (forward, dK/dV of own and
     reference keys, dQ) takes its list's first configuration, not the autotuner's pick: the pick is timed in each
     process and for each launch size class, and another block shape sums in another order, so a sample's bits
     changed with its batch or from run to run (a reviewer measured 532 of 3200 fp16 outputs 1 ulp apart between
-    two block shapes). Without the mode the autotuners launch as before."""
+    two block shapes). Without the mode the autotuners launch as before. Head rows wider than 256 bytes (fp16 head
+    dims above 128, fp32 above 64) take the lists of wide rows, in both modes: the first dQ tile of the narrow list
+    needs 289 KB of shared memory for fp32 at head dim 128, more than sm_90 gives a block (its launch failed)."""
     from sparsectx.kernels import attention as kernels
 
     launched = []
@@ -1612,12 +1644,14 @@ def test_deterministic_algorithms_launch_each_kernels_first_configuration(monkey
     for name in ("FWD", "DKDV", "DQ"):
         for kind in ("TUNERS", "FIXED"):
             pair = getattr(kernels, f"{name}_{kind}")
-            monkeypatch.setattr(kernels, f"{name}_{kind}", tuple(Recording(t, kind) for t in pair))
-        configs = getattr(kernels, f"{name}_CONFIGS")
-        assert [str(c) for c in getattr(kernels, f"{name}_FIXED")[0].tuner.configs] == [str(configs[0])]
+            monkeypatch.setattr(kernels, f"{name}_{kind}",
+                                tuple(Recording(t, kind + suffix) for t, suffix in zip(pair, ("", " wide"))))
+        for configs, fixed in zip((getattr(kernels, f"{name}_CONFIGS"), getattr(kernels, f"{name}_CONFIGS_WIDE")),
+                                  getattr(kernels, f"{name}_FIXED")):
+            assert [str(c) for c in fixed.tuner.configs] == [str(configs[0])]
     g = torch.Generator().manual_seed(72)
-    q, k, v = (torch.randn(n, 2, 16, generator=g).to(DEVICE).requires_grad_() for n in (5, 7, 7))
-    ref_k, ref_v = (torch.randn(1, 6, 2, 16, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
+    q, k, v = (torch.randn(n, 2, dim, generator=g).to(DEVICE, dtype).requires_grad_() for n in (5, 7, 7))
+    ref_k, ref_v = (torch.randn(1, 6, 2, dim, generator=g).to(DEVICE, dtype).requires_grad_() for _ in range(2))
     index = torch.tensor([0, 2, 5], dtype=torch.int32, device=DEVICE)
 
     def forward_backward():
@@ -1626,8 +1660,9 @@ def test_deterministic_algorithms_launch_each_kernels_first_configuration(monkey
         out.sum().backward()
         return out.detach()
 
+    suffix = " wide" if wide else ""
     plain = forward_backward()
-    assert launched == ["TUNERS"] * 4  # forward, dK/dV (own keys), dK/dV (reference keys), dQ
+    assert launched == ["TUNERS" + suffix] * 4  # forward, dK/dV (own keys), dK/dV (reference keys), dQ
     launched.clear()
     previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     torch.use_deterministic_algorithms(True)
@@ -1635,4 +1670,4 @@ def test_deterministic_algorithms_launch_each_kernels_first_configuration(monkey
         assert torch.equal(forward_backward(), plain)
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
-    assert launched == ["FIXED"] * 4
+    assert launched == ["FIXED" + suffix] * 4

@@ -106,6 +106,30 @@ def test_first_configs_do_not_spill_in_bf16_and_compaction_never_spills(quick_ch
     assert spilled == []
 
 
+def test_first_configs_fit_sm90_in_fp32(tmp_path):
+    """fp32 attention (IEEE dots: correct, slow, it spills at every tile) at head dims 64 and 128 with the first
+    autotune candidates, the launch configs of SPARSECTX_AUTOTUNE=0 and of torch's deterministic algorithms: each
+    fits sm_90's shared memory. The first dQ tile of the head-dim-128 list needed 289 KB there in fp32 (sm_90 gives a
+    block 227 KB), so such a backward could not launch; head rows wider than 256 bytes (fp32 head dims above 64) take
+    the tiles of wide rows now."""
+    from sparsectx.kernels import attention as kernels
+
+    out = tmp_path / "fp32.json"
+    done = subprocess.run([sys.executable, "-m", "sparsectx.cli", "compile-check", "--dtypes", "fp32", "--head-dims",
+                           "64,128", "--first-config", "--json", str(out)],
+                          capture_output=True, text=True, env=dict(os.environ, TRITON_INTERPRET="1"), timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["problems"] == [] and not [r for r in report["rows"] if r["error"]]
+    limit = compile_check.SHARED_MEMORY_LIMIT[90]
+    attention = [r for r in report["rows"] if r["variant"].startswith("attention fp32")]
+    assert attention and all(r["shared_bytes"] <= limit for r in attention)
+    for dim, shapes in ((64, kernels.DQ_SHAPES), (128, kernels.DQ_SHAPES_WIDE)):
+        dq = [r["config"].split() for r in attention if r["variant"] == f"attention fp32 D={dim} no refs"
+              and r["kernel"] == "_bwd_dq_kernel"]
+        assert len(dq) == 1 and {f"BLOCK_M={shapes[0][0]}", f"BLOCK_N={shapes[0][1]}"} <= set(dq[0]), (dim, dq)
+
+
 def test_table_lists_every_binary(quick_check):
     done, report = quick_check
     for row in report["rows"]:
