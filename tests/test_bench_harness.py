@@ -2156,3 +2156,139 @@ def test_markdown_ceilings_read_null_as_not_measured_and_small_rates_in_three_di
     assert "copy 0.02 TB/s (read + write), 512x512x512 float32 0.0837 TFLOP/s" in markdown(
         "cpu", 20.0, "512x512x512 float32", 0.0837)
     assert "copy 4.24 TB/s (read + write), bf16 712 TFLOP/s" in markdown("NVIDIA H200", 4240.0, "bf16", 712.4)
+
+
+def test_a_peer_with_one_broken_row_sets_no_bound():
+    """A peer within the peer bound as a whole tensor but with one row past ROW_ERR_BOUND is broken and sets no bound:
+    its error, inflated by that row, would loosen the criterion enough to pass a sparsectx output farther from the
+    reference than any peer may be."""
+    workload, truth, noise = _reference_workload(14.0)  # sparsectx ~0.14 off the reference: past bf16's peer bound 0.1
+    peer = truth.clone()
+    scale = truth.norm(dim=1).mean()
+    peer[0] += 0.75 * scale * truth[0] / truth[0].norm()  # one row off by 0.75 of the mean row norm
+    peer_err = benchmarks.relative_error(peer, truth)
+    assert peer_err <= benchmarks._peer_bound(workload.dtype)  # the whole tensor looks usable...
+    assert benchmarks.worst_row_error(peer, truth) > benchmarks.ROW_ERR_BOUND  # ...its worst row does not
+    ours_err = benchmarks.relative_error(workload.impls[0].fn(), truth)
+    assert benchmarks._peer_bound(workload.dtype) < ours_err < 2 * peer_err  # a bound from the peer would pass it
+    workload.impls[1] = benchmarks.Impl("model on the compacted sequence", lambda: peer)
+    rows = benchmarks.run_workload(workload, torch.device("cpu"), quick=True)
+    assert rows[0]["ok"] is False, rows[0]["note"]  # past what a peer may be off: FAILED (exit status 1)
+    assert rows[1]["ok"] is False and "is broken and sets no bound" in rows[1]["note"], rows[1]["note"]
+    assert "no usable independent peer's error" in rows[0]["note"], rows[0]["note"]
+    # the pytest-benchmark check agrees
+    assert benchmarks.comparison_problem(workload, workload.impls[0], workload.impls[0].fn(), peer) != ""
+
+
+def test_report_refuses_parts_of_another_size(tmp_path):
+    """Parts measured at different sizes (tiny and full) are not merged: the merged header would keep the first part's
+    size, and the tiny part's ratios would be judged as full-shape targets."""
+    meta = {"device": "NVIDIA H200", "size": "full", "commit": "abc1234", "cases": ["attention"]}
+    a, b = str(tmp_path / "a.json"), str(tmp_path / "b.json")
+    benchmarks.write_json(a, meta, _block("attention", "L=1", {"sparsectx (compacted)": 1.0, "sdpa cudnn": 0.8}))
+    benchmarks.write_json(b, dict(meta, size="tiny", cases=["training"]),
+                          _block("training", "B=4", {"sparsectx (packed varlen)": 1.0,
+                                                     "sdpa padded + key mask": 2.0}))
+    with pytest.raises(SystemExit, match="b.json: its size 'tiny' differs"):
+        cli.main(["report", "--summary", a, b])
+
+
+def test_summary_names_a_single_missing_last_shape():
+    """A case cut before its last planned shape (one shape missing: the commonest cut, a step's timeout in its last
+    block) is named NOT RUN, as a case missing two shapes is."""
+    meta = {"device": "cpu", "size": "tiny", "commit": "c", "cases": ["attention"],
+            "planned_shapes": {"attention": ["L=1", "L=2"]}}
+    rows = _block("attention", "L=1", {"sparsectx (compacted)": 1.0, "sdpa cudnn": 0.8})
+    out = benchmarks.format_summary(meta, rows)
+    assert "NOT RUN: the last 1 of attention's 2 planned shapes (no row; a step cut short?): L=2" in out, out
+
+
+def test_bench_exits_1_when_a_peers_check_failed(monkeypatch, capsys):
+    """docs/benchmarks.md: `sparsectx bench` exits 1 when a row FAILED its check, a peer's row included."""
+    def run_case(name, device, size, **kwargs):
+        rows = _block(name, "L=1", {"sparsectx (compacted)": 1.0, "sdpa cudnn": 0.8})
+        rows[1].update(ok=False, note="MISMATCH with sparsectx (rel err 5.00e-01)")
+        for r in rows:
+            r["ours"] = r["impl"].startswith("sparsectx")
+        return rows
+
+    monkeypatch.setattr(benchmarks, "run_case", run_case)
+    monkeypatch.setattr(benchmarks, "measure_ceilings",
+                        lambda device: {"copy_GBps": 1.0, "matmul_TFLOPs": 1.0, "matmul": "n/a"})
+    assert cli.main(["bench", "--case", "attention", "--quick"]) == 1
+    assert "FAILED: attention | L=1 | sdpa cudnn" in capsys.readouterr().err
+
+
+def test_the_adaptive_selection_check_refuses_a_count_under_the_floor():
+    """The selection case's adaptive row is checked to keep between the floor and the cap of each image: an image
+    keeping nothing, or everything, fails the check."""
+    workload = benchmarks.CASES["selection"].build((1, "uniform"), "tiny", torch.device("cpu"))
+    verify = workload.impl("select, adaptive").verify
+    n_ref = 8 * 8
+    nothing = torch.zeros(1, n_ref, dtype=torch.bool)
+    assert verify(nothing) != "", "an image keeping no token is under the floor"
+    half = torch.zeros(1, n_ref, dtype=torch.bool)
+    half[:, : n_ref // 2] = True
+    assert verify(half) == ""
+    assert verify(torch.ones(1, n_ref, dtype=torch.bool)) != ""
+
+
+# ``_kept_count_problem`` (the drop-in and pipeline rows' check of what sparsectx's selection kept) must
+# hold each reference to ``count``; a selection keeping 5 of one reference and 3 of another (total right) passed on
+# the mutant, and no test (not even the model-building ones) sees it.
+class _Selection:
+    def __init__(self, kept_per_image, n=16):
+        self.masks = []
+        for kept in kept_per_image:
+            mask = torch.zeros(1, n, dtype=torch.bool)
+            mask[:, :kept] = True
+            self.masks.append(mask)
+
+    def per_image(self):
+        return self.masks
+
+
+def test_kept_count_is_checked_per_reference():
+    """``_kept_count_problem`` (the drop-in and pipeline rows' check of what the selection kept) holds each reference to
+    ``count``: 5 of one and 3 of another fail at 4 each, though the total is right."""
+    assert benchmarks._kept_count_problem(_Selection([4, 4]), 4, 2) == ""
+    assert benchmarks._kept_count_problem(_Selection([5, 3]), 4, 2) != ""
+    assert benchmarks._kept_count_problem(_Selection([4]), 4, 2) != ""
+
+
+def test_the_no_reference_step_is_the_e2e_cases_timed_row():
+    """Issue 6's shares are taken of the e2e case's timed step without references: not of the pipeline case's row of the
+    same name (a whole 4-step call), nor of an untimed e2e row (a cut run)."""
+    none = benchmarks.NO_REFERENCE_ROW
+    rows = [_row("pipeline", "3 ref x 10%", none, 400.0),
+            _row("e2e", "1 ref x 25%", none, None),
+            _row("e2e", "3 ref x 10%", none, 50.0)]
+    assert benchmarks.no_reference_step_ms(rows) == 50.0
+    assert benchmarks.no_reference_step_ms(rows[:2]) is None
+
+
+def test_steps_from_refuses_another_size_on_the_same_device(tmp_path):
+    """``--steps-from`` refuses a file measured at another size on the same device (its step times would judge the
+    wrong shares)."""
+    path = str(tmp_path / "full.json")
+    benchmarks.write_json(path, {"device": "NVIDIA H200", "size": "full"}, [])
+    with pytest.raises(SystemExit, match="measured with size 'full', this run with 'tiny'"):
+        benchmarks.steps_from(path, {"device": "NVIDIA H200", "size": "tiny"})
+
+
+def test_a_failed_peer_check_judges_no_target():
+    """A target whose peer row FAILED its check judges nothing (a wrong, e.g. truncated, result may be fast or slow)."""
+    rows = _block("compaction", "B=1, N=12288", {"sparsectx compact_tokens (scores+budget)": 0.030,
+                                                 "topk+sort+gather": 0.160, "x[mask] (host sync)": 0.07})
+    rows[1]["ok"] = False  # (x[mask] agreed: sparsectx's output is checked)
+    lines = [line for line in benchmarks.target_verdicts(rows) if ">= 5x faster" in line]
+    assert lines and all("not judged (topk+sort+gather: check FAILED)" in line for line in lines), lines
+
+
+def test_a_pass_missing_on_one_row_pairs_the_first_passes():
+    """``_paired_difference_ms`` with a pass missing on one row (its later pass failed) takes the difference of the
+    first passes' times, not of each row's fastest pass."""
+    new = _row("e2e", "3 ref x 10%", benchmarks.DROP_IN_ATTENTION_ROW, 12.0, pass_ms=[12.0, 9.0])
+    step = _row("e2e", "3 ref x 10%", benchmarks.DROP_IN_STEP_ROW, 10.0, pass_ms=[10.0])
+    added, per_pass = benchmarks._paired_difference_ms(new, step)
+    assert added == 2.0 and per_pass == [2.0]
