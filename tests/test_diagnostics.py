@@ -370,3 +370,26 @@ def test_an_asynchronous_upload_from_pinned_memory_is_not_counted_on_the_cpu(mon
     with count_host_reads() as reads:
         x.to("meta")  # blocking: still a wait
     assert reads.count == 1, reads.ops
+
+
+def test_a_bool_index_after_a_slice_is_a_host_read():
+    """``x[:, mask]`` (``aten.index`` with indices ``[None, mask]``) and its index_put: their output sizes depend on
+    the mask as much as ``x[mask]``'s, a host read each."""
+    x = _x()
+    with count_host_reads() as reads:
+        x[:, x[0] > -3.5]
+    assert reads.count == 1, reads.ops
+    with count_host_reads() as reads:
+        x.clone()[:, x[0] > -3.5] = torch.zeros(3, 2)  # index_put_ of a several-element value: compacts the mask
+    assert reads.count == 1, reads.ops
+
+
+def test_cuda_syncs_restores_the_callers_own_mode(monkeypatch):
+    """``cuda_syncs`` gives the caller its own sync debug mode back (here "error", 2), not the default 0."""
+    from sparsectx.diagnostics import cuda_syncs
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    assert cuda_syncs(lambda: None) == []
+    assert modes == ["warn", 2]

@@ -1487,3 +1487,76 @@ def test_a_ref_shapes_signal_must_match_the_grids_qwen_gives(monkeypatch):
             _run(pipe, QWEN, PLAIN)
     finally:
         sparsectx.disable(pipe)
+
+
+@pytest.mark.parametrize("family", [KONTEXT])
+def test_sweep_seeds_every_call_of_a_row_anew(pipe, family):
+    """With warm-up calls, the reported (last) call of a row starts from the same noise as one call with
+    ``generator=torch.Generator().manual_seed(seed)``: each call of a row is seeded anew, not one generator per row."""
+    kwargs = _sweep_kwargs(family, "latent")
+    expected = _seeded_call(pipe, kwargs)
+    result = sparsectx.sweep(pipe, [{"budget": 1.0}], seed=SEED, warmup=1, repeats=2, keep_outputs=True,
+                             progress=False, **kwargs)
+    assert torch.equal(result.outputs[0], expected.float())
+    torch.testing.assert_close(result.outputs[1], expected.float(), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("family", [KONTEXT])
+def test_sweep_time_is_the_median_of_the_repeats(pipe, family, monkeypatch):
+    """Timed calls of 1, 2 and 9 s per forward: a row's time is their median, 2 s per forward (the mean would be
+    4)."""
+    from sparsectx import budget_sweep
+
+    clock, forwards = [0.0], []
+    per_forward = [1.0, 2.0, 9.0]
+
+    def tick(module, args):
+        clock[0] += per_forward[(len(forwards) // STEPS) % len(per_forward)]
+        forwards.append(1)
+
+    pipe.transformer.register_forward_pre_hook(tick)
+    monkeypatch.setattr(budget_sweep, "perf_counter", lambda: clock[0])
+    result = sparsectx.sweep(pipe, [{"budget": 0.5, "selector": "uniform"}], seed=SEED, warmup=0, repeats=3,
+                             progress=False, **_sweep_kwargs(family, "latent"))
+    assert [row.seconds for row in result.rows] == [2.0 * STEPS] * 2
+
+
+@pytest.mark.parametrize("family", [KONTEXT])
+def test_sweep_share_kept_is_over_the_whole_batch(pipe, family):
+    """A batch of several images (true CFG, two images per prompt): ``kept`` is the share over the whole batch, as
+    the call's own selection gives it, in (0, 1)."""
+    kwargs = _call_kwargs(family, CFG_BATCH)
+    del kwargs["generator"]
+    result = sparsectx.sweep(pipe, [{"budget": 0.5, "selector": "uniform"}], seed=SEED, warmup=0,
+                             keep_outputs=True, progress=False, **kwargs)
+    keep = result.selections[1].keep
+    assert keep.shape[0] > 1
+    assert result.rows[1].kept == pytest.approx(keep.float().mean().item())
+    assert 0 < result.rows[1].kept < 1
+
+
+@pytest.mark.parametrize("family", [KONTEXT])
+def test_sweep_output_type_defaults_to_pt(pipe, family):
+    """``output_type`` defaults to ``"pt"`` (the docstring's): without it the rows hold the "pt" images, and a
+    PSNR."""
+    kwargs = _sweep_kwargs(family, "pt")
+    expected = _seeded_call(pipe, kwargs)
+    del kwargs["output_type"]
+    result = sparsectx.sweep(pipe, [{"budget": 0.5, "selector": "uniform"}], seed=SEED, warmup=0,
+                             keep_outputs=True, progress=False, **kwargs)
+    assert torch.equal(result.outputs[0], expected.float())
+    assert result.rows[0].psnr == float("inf") and result.rows[1].psnr is not None
+
+
+@pytest.mark.parametrize("family", [KONTEXT])
+def test_sweep_baseline_is_unpatched_on_an_enabled_pipeline(pipe, family):
+    """On a pipeline enabled before the sweep, row 0 is still the call with Sparse Context off, and the pipeline is
+    enabled again afterwards."""
+    kwargs = _sweep_kwargs(family, "latent")
+    unpatched = _seeded_call(pipe, kwargs)
+    sparsectx.enable(pipe, budget=_budget(family), selector="uniform")
+    result = sparsectx.sweep(pipe, [{"budget": 1.0}], seed=SEED, warmup=0, keep_outputs=True, progress=False,
+                             **kwargs)
+    assert sparsectx.integration.is_enabled(pipe)
+    assert torch.equal(result.outputs[0], unpatched.float())
+    assert result.rows[0].kept == 1.0
