@@ -292,3 +292,121 @@ def test_command_line_refuses_an_unknown_arch_and_quick_with_explicit_variants(t
     for argv in ([], ["--quick"], ["--dtypes", "fp32", "--head-dims", "40"]):
         assert cli.main(["compile-check", *argv]) == 0
     assert seen == [(compile_check.DTYPES, compile_check.HEAD_DIMS), (("bf16",), (64, 128)), (("fp32",), (40,))]
+
+
+def test_run_check_records_candidate_index_and_dynamic_plus_static_shared(tmp_path):
+    """run_check's own record(): an autotuned kernel's rows carry their candidate index (problems() and dropped()
+    depend on it: without it a later candidate over the limit reads as 'no autotuning', a problem), a plain kernel's
+    None; shared_bytes is the launch's dynamic shared memory plus the binary's static (cuobjdump's SHARED)."""
+    script = tmp_path / "check.py"
+    script.write_text(textwrap.dedent("""
+        import torch, triton, triton.language as tl
+        from sparsectx import compile_check as cc
+
+        @triton.autotune(configs=[triton.Config({"BLOCK": 64}, num_warps=2), triton.Config({"BLOCK": 128})],
+                         key=["N"])
+        @triton.jit
+        def tuned(X, Y, N, BLOCK: tl.constexpr):
+            offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+            tl.store(Y + offs, tl.load(X + offs, mask=offs < N), mask=offs < N)
+
+        @triton.jit
+        def plain(X, Y, N, BLOCK: tl.constexpr):
+            offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+            tl.store(Y + offs, tl.load(X + offs, mask=offs < N) * 2, mask=offs < N)
+
+        def launch():
+            x, y = torch.ones(256), torch.zeros(256)
+            tuned[lambda meta: (4,)](x, y, 256)
+            plain[(2,)](x, y, 256, BLOCK=128)
+
+        real = cc._resources
+        cc._resources = lambda cubin: (real(cubin)[0], 0, 1000)  # a binary with 1000 B of static shared memory
+        for name in ("_attention_variants", "_key_mass_variants", "_norm_rope_variants"):
+            setattr(cc, name, lambda *a: iter(()))
+        cc._compaction_variants = lambda: iter([("toy", launch)])
+        rows = cc.run_check(90, progress=False)
+        assert [(r.kernel, r.candidate) for r in rows] == [("tuned", 0), ("tuned", 1), ("plain", None)], rows
+        assert all(r.error is None and r.shared_bytes >= 1000 for r in rows), rows
+        print("ok")
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=_without_interpreter(),
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.rstrip().endswith("ok"), done.stdout[-2000:] + done.stderr[-3000:]
+
+
+def test_quick_form_covers_every_layout_key_mass_dim_and_per_sample_selection(quick_check):
+    """The suite's quick form (the fixture's command): each head dim's 'queries in place' forward
+    (masked_attention's kept queries), the key-mass passes at each head dim, the per-sample counts of the selection;
+    every autotuned attention kernel at its first candidate (index 0), the others not autotuned (None)."""
+    done, report = quick_check
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = report["rows"]
+    variants = {r["variant"] for r in rows}
+    for dim in (64, 128, 160, 256):
+        assert f"attention bf16 D={dim} queries in place" in variants, dim
+        assert f"key mass bf16 D={dim}" in variants, dim
+    for name in ("fp16", "bf16", "fp32"):
+        assert f"select scores {name} B=2 N=4096 per-sample counts" in variants, name
+    tuned = {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
+    assert {r["candidate"] for r in rows if r["kernel"] in tuned} == {0}
+    assert {r["candidate"] for r in rows if r["kernel"] not in tuned} == {None}
+
+
+def test_empty_variant_lists_are_refused(capsys):
+    """`--dtypes ''` or `--head-dims ,` (an unset shell variable) must not silently compile every default variant."""
+    from sparsectx import cli
+
+    for argv in (["--dtypes", ""], ["--dtypes", ","], ["--head-dims", ""], ["--head-dims", ","]):
+        with pytest.raises(SystemExit):  # (the parser only: an accepted list would start the full compile)
+            cli.build_parser().parse_args(["compile-check", *argv])
+        assert "expected" in capsys.readouterr().err, argv
+
+
+def _children(monkeypatch):
+    calls = []
+    monkeypatch.setattr(compile_check.subprocess, "call", lambda argv, env: calls.append((argv, env)) or 0)
+    monkeypatch.setattr(compile_check, "run_check", lambda *a, **k: pytest.fail("compiled in this process"))
+    return calls
+
+
+def test_interpreter_in_the_environment_runs_the_check_in_a_child_without_it(monkeypatch):
+    """TRITON_INTERPRET=1 with the autotune setting the command wants (no --first-config, SPARSECTX_AUTOTUNE=1):
+    the kernels of this process are the interpreter's, so the check must run in a child without TRITON_INTERPRET."""
+    from sparsectx import cli
+
+    calls = _children(monkeypatch)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("SPARSECTX_AUTOTUNE", "1")
+    assert cli.main(["compile-check", "--quick"]) == 0
+    assert len(calls) == 1 and "TRITON_INTERPRET" not in calls[0][1] and calls[0][1]["SPARSECTX_AUTOTUNE"] == "1"
+
+
+def test_a_refused_autotune_setting_runs_the_check_in_a_child_with_the_commands_own(monkeypatch):
+    """SPARSECTX_AUTOTUNE=maybe (refused by the kernels at import) must not reach an in-process import: the child
+    gets the command's own value."""
+    from sparsectx import cli
+
+    calls = _children(monkeypatch)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("SPARSECTX_AUTOTUNE", "maybe")
+    for argv, value in ((["--quick"], "1"), (["--quick", "--first-config"], "0")):
+        assert cli.main(["compile-check", *argv]) == 0
+        assert calls[-1][1]["SPARSECTX_AUTOTUNE"] == value, argv
+        assert ("--first-config" in calls[-1][0]) == (value == "0")
+
+
+def test_json_records_the_run_as_asked_and_keeps_error_rows(tmp_path, monkeypatch):
+    from sparsectx import cli
+
+    rows = [compile_check.Compiled("v", "_fwd_kernel", "w8", 128, 0, 1000, 1.0, candidate=0),
+            compile_check.Compiled("v", "_bwd_dq_kernel", "w8", error="CompilationError: boom", candidate=1)]
+    monkeypatch.setattr(compile_check, "run_check", lambda arch, dtypes, head_dims: rows)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("SPARSECTX_AUTOTUNE", "1")
+    out = tmp_path / "check.json"
+    assert cli.main(["compile-check", "--json", str(out)]) == 1
+    report = json.loads(out.read_text())
+    assert report["first_config"] is False
+    assert [r["kernel"] for r in report["rows"]] == ["_fwd_kernel", "_bwd_dq_kernel"]
+    assert report["rows"][1]["error"] == "CompilationError: boom"
