@@ -251,3 +251,27 @@ def test_a_call_without_references_is_the_unpatched_pipeline(pipe):
     expected = call()
     sparsectx.enable(pipe, budget=BUDGET)
     assert torch.equal(call(), expected)
+
+
+N_REFS = 16 + 6
+
+
+def _user_mask_selector(latents, context):
+    return context.extra["user_mask"].float().expand(latents.shape[0], -1)
+
+
+def test_a_signal_given_for_both_branches_is_read_on_the_positive_half(pipe):
+    """A per-sample signal given for the forward's whole batch of guidance's branches ([negative, positive]) is read
+    on its positive half (docs/drop-in.md), as a per-request budget is."""
+    negative_rows, positive_rows = [0, 1, 2, 3, 16], [8, 9, 10, 11, 20]
+    user_mask = torch.zeros(2, N_REFS, dtype=torch.bool)  # row 0: the negative branch's sample, row 1: the positive's
+    user_mask[0, negative_rows] = True
+    user_mask[1, positive_rows] = True
+    sparsectx.enable(pipe.transformer, budget=[4, 1], selector=_user_mask_selector, signals={"user_mask": user_mask})
+    with torch.no_grad():
+        pipe(image=list(TWO_IMAGES), prompt=fp.edit(), negative_prompt=NEGATIVE, num_inference_steps=2,
+             guidance_scale=5.0, output_type="latent", _auto_resize=False)
+    keep = sparsectx.last_selection(pipe).keep
+    assert keep.shape == (2, N_REFS)
+    assert torch.nonzero(keep[1]).flatten().tolist() == positive_rows
+    assert torch.equal(keep[0], keep[1])

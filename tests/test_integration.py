@@ -3956,3 +3956,100 @@ def test_last_selection_ref_lengths_is_a_copy():
         assert sparsectx.last_selection(transformer).ref_lengths == [9]
     finally:
         sparsectx.disable(transformer)
+
+
+def _kept_after_a_call(model, kwargs):
+    """The tokens a forward of ``model`` on ``kwargs`` keeps."""
+    _run(model, kwargs)
+    return sparsectx.last_selection(model).keep
+
+
+def test_enable_again_with_another_seed_selects_with_that_seed():
+    """Enabling an enabled transformer again with another seed selects anew with it on the same inputs (a bare
+    transformer keys its selection by the prompt tensors, and the key holds no seed), as a freshly enabled one does."""
+    model, kwargs = _build_model("flux2"), _inputs("flux2")
+    try:
+        sparsectx.enable(model, budget=0.5, selector="random", seed=1)
+        wanted = _kept_after_a_call(model, kwargs)  # what seed 1 keeps on a freshly enabled transformer
+        sparsectx.disable(model)
+        sparsectx.enable(model, budget=0.5, selector="random", seed=0)
+        first = _kept_after_a_call(model, kwargs)
+        assert not torch.equal(first, wanted)  # (the two seeds keep other tokens)
+        sparsectx.enable(model, budget=0.5, selector="random", seed=1)  # enabled again: seed 1 from now on
+        assert torch.equal(_kept_after_a_call(model, kwargs), wanted)
+    finally:
+        sparsectx.disable(model)
+
+
+@pytest.mark.parametrize("seed", [True, False])
+def test_a_bool_seed_is_refused(seed):
+    """A bool seed (an int subclass) is refused with a TypeError naming the seed, as a bool budget is."""
+    model = _build_model("flux2")
+    with pytest.raises(TypeError, match="seed"):
+        sparsectx.enable(model, budget=0.5, selector="random", seed=seed)
+    assert not integration.is_enabled(model)
+
+
+class _ModuleHoldingATransformer(torch.nn.Module):
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, **kwargs):
+        return self.transformer(**kwargs)
+
+
+def test_a_module_holding_a_transformer_is_refused_by_name():
+    """A user's module holding a supported transformer as ``.transformer`` is no pipeline: enable refuses it with the
+    TypeError naming the supported classes and leaves its class alone."""
+    model = _build_model("flux2")
+    wrapper = _ModuleHoldingATransformer(model)
+    with pytest.raises(TypeError, match="sparsectx supports the pipelines"):
+        sparsectx.enable(wrapper, budget=0.5)
+    assert type(wrapper) is _ModuleHoldingATransformer and not integration.is_enabled(model)
+
+
+@pytest.mark.parametrize("budget, error", [([[0.5], [1.5]], ValueError), ([[0.5], [-1]], ValueError),
+                                           ([[0.5], ["x"]], TypeError), ([[0.5], []], ValueError)])
+def test_bad_entries_of_a_per_request_budget_are_refused_at_enable(budget, error):
+    """The entries of a per-request budget are checked at enable as a scalar budget is (a ratio of 1.5 would keep
+    whole images)."""
+    model = _build_model("flux2")
+    with pytest.raises(error, match="budget"):
+        sparsectx.enable(model, budget=budget, selector="uniform")
+    assert not integration.is_enabled(model)
+
+
+def test_sparse_context_selects_as_enable_with_the_same_seed():
+    """``sparse_context`` selects with its seed as ``enable`` does with the same seed, in each block."""
+    model, kwargs = _build_model("flux2"), _inputs("flux2")
+    try:
+        sparsectx.enable(model, budget=0.5, selector="random", seed=7)
+        _run(model, kwargs)
+        wanted = sparsectx.last_selection(model).keep
+        sparsectx.disable(model)
+        for _ in range(2):  # (a seedless draw would differ between the two blocks)
+            with sparsectx.sparse_context(model, budget=0.5, selector="random", seed=7):
+                _run(model, kwargs)
+                assert torch.equal(sparsectx.last_selection(model).keep, wanted)
+    finally:
+        sparsectx.disable(model)
+
+
+def test_sparse_context_hands_its_signals_to_the_selector():
+    """``sparse_context`` hands its signals to the selector, as ``enable`` does."""
+    model, kwargs = _build_model("flux2"), _inputs("flux2")
+    user_mask = torch.zeros(1, 17, dtype=torch.bool)
+    user_mask[0, [1, 2, 12]] = True
+    seen = []
+
+    def selector(latents, context):
+        seen.append(context.extra.get("user_mask"))
+        return torch.arange(latents.shape[1], 0, -1, dtype=torch.float32).expand(latents.shape[:2])
+
+    try:
+        with sparsectx.sparse_context(model, budget=0.5, selector=selector, signals={"user_mask": user_mask}):
+            _run(model, kwargs)
+        assert seen and all(isinstance(s, torch.Tensor) and bool(s[:, [1, 2, 12]].all()) for s in seen)
+    finally:
+        sparsectx.disable(model)

@@ -4,6 +4,7 @@ prompts come as ``prompt_embeds`` (+ ``pooled_prompt_embeds`` for Flux, ``prompt
 makes both pipelines skip them, so they are passed as None."""
 import copy
 import functools
+import inspect
 import sys
 
 import pytest
@@ -1560,3 +1561,34 @@ def test_sweep_baseline_is_unpatched_on_an_enabled_pipeline(pipe, family):
     assert sparsectx.integration.is_enabled(pipe)
     assert torch.equal(result.outputs[0], unpatched.float())
     assert result.rows[0].kept == 1.0
+
+
+def _positional(pipe, kwargs):
+    """The call's arguments up to and including ``generator`` by position, the rest by keyword."""
+    names = list(inspect.signature(type(pipe).__call__).parameters)[1:]
+    upto = names.index("generator") + 1
+    defaults = inspect.signature(type(pipe).__call__).parameters
+    args = [kwargs.pop(name) if name in kwargs else defaults[name].default for name in names[:upto]]
+    return args, kwargs
+
+
+def test_a_generator_given_by_position_seeds_the_selection():
+    """Without a seed, a pipeline call's generator seeds the selection whether given by keyword or by position
+    (``integration._call_seed``)."""
+    pipe = _kontext_pipeline()
+    sparsectx.enable(pipe, budget=KONTEXT_BUDGET, selector="random")  # no seed: the call's generator decides
+    try:
+        keeps = []
+        for by_position in (False, True, True):
+            kwargs = _call_kwargs(KONTEXT, PLAIN)
+            kwargs["generator"] = torch.Generator().manual_seed(123)
+            with torch.no_grad():
+                if by_position:
+                    args, kwargs = _positional(pipe, kwargs)
+                    pipe(*args, **kwargs)
+                else:
+                    pipe(**kwargs)
+            keeps.append(sparsectx.last_selection(pipe).keep)
+        assert torch.equal(keeps[0], keeps[1]) and torch.equal(keeps[1], keeps[2])
+    finally:
+        sparsectx.disable(pipe)
