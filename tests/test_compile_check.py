@@ -138,6 +138,17 @@ def test_table_lists_every_binary(quick_check):
     assert f"{len(report['rows'])} binaries for sm_90; spilling: 0" in done.stdout
 
 
+# an autotuned toy kernel of two candidates, in the scripts below (indented as they are)
+_TUNED_TOY_KERNEL = """
+        @triton.autotune(configs=[triton.Config({"BLOCK": 64}, num_warps=2), triton.Config({"BLOCK": 128})],
+                         key=["N"])
+        @triton.jit
+        def tuned(X, Y, N, BLOCK: tl.constexpr):
+            offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+            tl.store(Y + offs, tl.load(X + offs, mask=offs < N), mask=offs < N)
+"""
+
+
 def _run_script(tmp_path, body):
     script = tmp_path / "check.py"
     script.write_text(textwrap.dedent(body))
@@ -162,13 +173,7 @@ def test_compile_only_launch_reports_resources_and_compile_errors(tmp_path):
         def bad(X, BLOCK: tl.constexpr):
             tl.store(X + tl.arange(0, BLOCK), 1.0)  # BLOCK is not a power of two: not compilable
 
-        @triton.autotune(configs=[triton.Config({"BLOCK": 64}, num_warps=2), triton.Config({"BLOCK": 128})],
-                         key=["N"])
-        @triton.jit
-        def tuned(X, Y, N, BLOCK: tl.constexpr):
-            offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-            tl.store(Y + offs, tl.load(X + offs, mask=offs < N), mask=offs < N)
-
+""" + _TUNED_TOY_KERNEL + """
         from triton.runtime.driver import driver
         from triton.runtime.jit import JITFunction
         from triton.runtime.autotuner import Autotuner
@@ -303,13 +308,7 @@ def test_run_check_records_candidate_index_and_dynamic_plus_static_shared(tmp_pa
         import torch, triton, triton.language as tl
         from sparsectx import compile_check as cc
 
-        @triton.autotune(configs=[triton.Config({"BLOCK": 64}, num_warps=2), triton.Config({"BLOCK": 128})],
-                         key=["N"])
-        @triton.jit
-        def tuned(X, Y, N, BLOCK: tl.constexpr):
-            offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-            tl.store(Y + offs, tl.load(X + offs, mask=offs < N), mask=offs < N)
-
+""" + _TUNED_TOY_KERNEL + """
         @triton.jit
         def plain(X, Y, N, BLOCK: tl.constexpr):
             offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

@@ -2922,11 +2922,9 @@ def test_last_selection_follows_each_kv_run_on_one_prompt_tensor(second_size):
     assert torch.equal(after_first, first) and torch.equal(after_second, second)
 
 
-def test_kv_cached_steps_read_nothing_from_the_device():
-    """A KV-cached step holds no reference token: after the extract step (which selects, reading the device), its
-    cached steps reuse a plan without the later-step check, so they read the host exactly as the unpatched
-    transformer does; the output equals the unpatched cached step on the same cache."""
-    transformer = _tiny_pipeline(diffusers.Flux2KleinKVPipeline).transformer
+def _klein_kv_extract_inputs():
+    """(common arguments but the timestep, target rows [1, 16, 8], reference rows [1, 9, 8], their ids) of a tiny
+    FLUX.2 klein call."""
     g = torch.Generator().manual_seed(3)
     cells = torch.cartesian_prod(torch.tensor([0]), torch.arange(4), torch.arange(4))
     target_ids = torch.cat([cells, torch.zeros(16, 1, dtype=cells.dtype)], 1)[None]
@@ -2936,7 +2934,15 @@ def test_kv_cached_steps_read_nothing_from_the_device():
     txt_ids[0, :, 3] = torch.arange(TEXT_TOKENS)
     common = dict(encoder_hidden_states=torch.randn(1, TEXT_TOKENS, TEXT_DIM, generator=g), txt_ids=txt_ids,
                   return_dict=False)
-    target, refs = torch.randn(1, 16, 8, generator=g), torch.randn(1, 9, 8, generator=g)
+    return common, torch.randn(1, 16, 8, generator=g), torch.randn(1, 9, 8, generator=g), target_ids, ref_ids
+
+
+def test_kv_cached_steps_read_nothing_from_the_device():
+    """A KV-cached step holds no reference token: after the extract step (which selects, reading the device), its
+    cached steps reuse a plan without the later-step check, so they read the host exactly as the unpatched
+    transformer does; the output equals the unpatched cached step on the same cache."""
+    transformer = _tiny_pipeline(diffusers.Flux2KleinKVPipeline).transformer
+    common, target, refs, target_ids, ref_ids = _klein_kv_extract_inputs()
 
     def cached_step(cache, t):
         return transformer(hidden_states=target, timestep=torch.tensor([t]), img_ids=target_ids, kv_cache=cache,
@@ -3909,20 +3915,6 @@ def test_a_training_forwards_plan_outlives_a_prompt_view_made_inside_its_checkpo
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
-def _klein_kv_extract_inputs():
-    """(common arguments, target rows [1, 16, 8], reference rows [1, 9, 8], their ids) of a tiny FLUX.2 klein call."""
-    g = torch.Generator().manual_seed(3)
-    cells = torch.cartesian_prod(torch.tensor([0]), torch.arange(4), torch.arange(4))
-    target_ids = torch.cat([cells, torch.zeros(16, 1, dtype=cells.dtype)], 1)[None]
-    ref_cells = torch.cartesian_prod(torch.tensor([10]), torch.arange(3), torch.arange(3))
-    ref_ids = torch.cat([ref_cells, torch.zeros(9, 1, dtype=ref_cells.dtype)], 1)[None]
-    txt_ids = torch.zeros(1, TEXT_TOKENS, 4, dtype=torch.long)
-    txt_ids[0, :, 3] = torch.arange(TEXT_TOKENS)
-    common = dict(encoder_hidden_states=torch.randn(1, TEXT_TOKENS, TEXT_DIM, generator=g), txt_ids=txt_ids,
-                  return_dict=False, timestep=torch.tensor([1.0]))
-    return common, torch.randn(1, 16, 8, generator=g), torch.randn(1, 9, 8, generator=g), target_ids, ref_ids
-
-
 @pytest.mark.parametrize("case", ["references after the target", "num_ref_tokens short"])
 def test_a_kv_extract_step_with_its_references_not_first_is_refused(case):
     """A FLUX.2 klein KV extract step whose reference tokens are not the first ``num_ref_tokens`` rows of
@@ -3936,7 +3928,8 @@ def test_a_kv_extract_step_with_its_references_not_first_is_refused(case):
     sparsectx.enable(transformer, budget=0.5, selector=random_selector, seed=0)
     try:
         with torch.no_grad(), pytest.raises(ValueError, match="first num_ref_tokens rows"):
-            transformer(hidden_states=hidden, img_ids=ids, kv_cache_mode="extract", num_ref_tokens=n_ref, **common)
+            transformer(hidden_states=hidden, img_ids=ids, timestep=torch.tensor([1.0]), kv_cache_mode="extract",
+                        num_ref_tokens=n_ref, **common)
     finally:
         sparsectx.disable(transformer)
 
@@ -3946,7 +3939,8 @@ def test_last_selection_ref_lengths_is_a_copy():
     reports next."""
     transformer = _tiny_pipeline(diffusers.Flux2KleinKVPipeline).transformer
     common, target, refs, target_ids, ref_ids = _klein_kv_extract_inputs()
-    call = dict(hidden_states=torch.cat([target, refs], 1), img_ids=torch.cat([target_ids, ref_ids], 1), **common)
+    call = dict(hidden_states=torch.cat([target, refs], 1), img_ids=torch.cat([target_ids, ref_ids], 1),
+                timestep=torch.tensor([1.0]), **common)
     sparsectx.enable(transformer, budget=0.5, selector=random_selector, seed=0)
     try:
         with torch.no_grad():
