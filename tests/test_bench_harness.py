@@ -2233,10 +2233,10 @@ def test_the_adaptive_selection_check_refuses_a_count_under_the_floor():
     assert verify(torch.ones(1, n_ref, dtype=torch.bool)) != ""
 
 
-# ``_kept_count_problem`` (the drop-in and pipeline rows' check of what sparsectx's selection kept) must
-# hold each reference to ``count``; a selection keeping 5 of one reference and 3 of another (total right) passed on
-# the mutant, and no test (not even the model-building ones) sees it.
 class _Selection:
+    """A stand-in for ``sparsectx.last_selection``'s result: one keep mask ``[1, n]`` per reference, keeping the first
+    ``kept`` tokens of each."""
+
     def __init__(self, kept_per_image, n=16):
         self.masks = []
         for kept in kept_per_image:
