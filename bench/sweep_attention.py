@@ -272,6 +272,9 @@ def main(argv=None):
     parser.add_argument("--skip-backward", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="dry run on the CPU (export TRITON_INTERPRET=1 first)")
     args = parser.parse_args(argv)
+    if not shipped.AUTOTUNE_ALL:  # (the untimed launch would run each kernel's first config, whatever is forced)
+        sys.exit("sweep_attention forces each config through the kernels' autotuners: run it without "
+                 "SPARSECTX_AUTOTUNE=0")
     if args.tiny:
         tiny()
     elif not torch.cuda.is_available():

@@ -36,6 +36,7 @@ import threading
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._launch import (COMPILE_OPTIONS, autotune_all_configs, built_for_interpreter, cdiv, interpreter_requested,
@@ -55,9 +56,10 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # lse is returned in natur
 # smaller (the narrow set's first forward tile needs 256 KB of shared memory at BLOCK_D=256 in bf16, its first dQ
 # tile 289 KB at BLOCK_D=128 in fp32; sm_90 gives a block 227 KB). The first GPU config of each list compiled for
 # sm_90 (bf16: D=64 and 128, resp. D=256) without register spills, and fits sm_90 at every dtype and head dim
-# (`sparsectx compile-check`, tests check both); SPARSECTX_AUTOTUNE=0 has the autotuner keep only that one (saves
-# compile time, e.g. in test runs over many shapes and dtypes), and launches under torch's deterministic algorithms
-# take it too (``_for_head``); the lists below stay complete (a GPU test runs every candidate).
+# (`sparsectx compile-check`, tests check both). Under SPARSECTX_AUTOTUNE=0 (saves compile time, e.g. in test runs
+# over many shapes and dtypes) and torch's deterministic algorithms, nothing is timed: a launch takes the first
+# candidate this GPU can run (``_FirstThatLaunches``: the first, except where a block has less shared memory than
+# sm_90's, as on sm_86/sm_89); the lists below stay complete (a GPU test runs every candidate).
 # ----------------------------------------------------------------------------------------------------------------
 def _gpu_configs(shapes, pre_hook=None) -> list:
     """Launch configurations of ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` shapes (the interpreter reads only the
@@ -80,11 +82,6 @@ def _descriptor_tiles(nargs):
             nargs[name].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_D"]]
 
 
-def _tuned(configs):
-    """The candidates the autotuner measures: all of them, or the first one under SPARSECTX_AUTOTUNE=0."""
-    return configs if autotune_all_configs() else configs[:1]
-
-
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). Ordered from `bench/sweep_attention.py` on an H200 (2026-11-29, Triton
 # 3.6, bf16, D=128, L 4.6k-17k: bench/runs/2026-11-29-h200-s8-run1-sweep.json): the forward's fastest was 128x128 with
 # 8 warps and 3 stages (it spills 40 B with gathered keys under Triton 3.9, so it is not first), dK/dV's 64x128/8/3
@@ -101,6 +98,7 @@ FWD_SHAPES_WIDE = [(64, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 3), (128, 64, 8,
 DKDV_SHAPES_WIDE = [(32, 32, 8, 2), (64, 32, 8, 2), (16, 32, 4, 2)]
 DQ_SHAPES_WIDE = [(64, 32, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)]
 INTERPRETER_SHAPE = (32, 32)
+AUTOTUNE_ALL = autotune_all_configs()  # SPARSECTX_AUTOTUNE, read (and a bad value refused) at import
 FWD_CONFIGS = _configs(FWD_SHAPES, INTERPRETER_SHAPE, _descriptor_tiles)
 DKDV_CONFIGS = _configs(DKDV_SHAPES, INTERPRETER_SHAPE)
 DQ_CONFIGS = _configs(DQ_SHAPES, INTERPRETER_SHAPE)
@@ -111,7 +109,38 @@ DQ_CONFIGS_WIDE = _configs(DQ_SHAPES_WIDE, INTERPRETER_SHAPE)
 
 def _autotuned(kernel, configs, wide_configs, key):
     """Two autotuners over the same jitted kernel: ``(for head rows up to WIDE_ROW_BYTES, for wider rows)``."""
-    return tuple(triton.autotune(configs=_tuned(c), key=key)(kernel) for c in (configs, wide_configs))
+    return tuple(triton.autotune(configs=c, key=key)(kernel) for c in (configs, wide_configs))
+
+
+class _FirstThatLaunches:
+    """The launch without timing: ``launcher[grid](*args, **kwargs)`` launches the first of ``configs`` that this GPU
+    can run. A config needing more shared memory than a block may use here (e.g. a tile sized for sm_90's 227 KB
+    on an sm_86/sm_89 GPU's 99 KB) fails in Triton's launcher, before the kernel runs, with ``OutOfResources``; the
+    next one is tried (Triton keeps the failed binary and raises again at once on later launches). Which config
+    runs depends only on the GPU and the kernel's constexprs, so the same inputs give the same bits every time; the
+    last config's failure is raised. In the interpreter the lists hold one config."""
+
+    def __init__(self, kernel, configs, key):
+        # one single-config autotuner per candidate: it keeps the config's pre-hook (tensor descriptor tiles); each
+        # knows its place in the list (read by `sparsectx compile-check`)
+        self.candidates = tuple(triton.autotune(configs=[c], key=key)(kernel) for c in configs)
+        for position, candidate in enumerate(self.candidates):
+            candidate.list_position = position
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            for candidate in self.candidates[:-1]:
+                try:
+                    return candidate[grid](*args, **kwargs)
+                except OutOfResources:
+                    continue
+            return self.candidates[-1][grid](*args, **kwargs)
+        return launch
+
+
+def _first_that_launches(kernel, configs, wide_configs, key):
+    """``_FirstThatLaunches`` for head rows up to WIDE_ROW_BYTES and for wider rows (as ``_autotuned``)."""
+    return tuple(_FirstThatLaunches(kernel, c, key) for c in (configs, wide_configs))
 
 
 # Triton's Autotuner keeps a launch's arguments on the shared tuner object while it runs a config's pre-hook
@@ -136,13 +165,14 @@ def _wide_rows(block_d: int, dtype: torch.dtype) -> bool:
 
 
 def _for_head(tuners, fixed, block_d: int, dtype: torch.dtype):
-    """The autotuner of a launch's head rows (``_wide_rows``): from ``tuners``, or, under
-    ``torch.use_deterministic_algorithms(True)``, from ``fixed`` (each list's first configuration alone). The
-    autotuner's pick is timed in each process and for each launch size class (``_tune_rows``), and the block shape
-    sets the order of the sums: with it, a sample's bits could change with the batch it runs in or from one run to
-    the next; the first configuration gives the same bits for the same inputs every time (no kernel uses
-    atomics)."""
-    return (fixed if torch.are_deterministic_algorithms_enabled() else tuners)[_wide_rows(block_d, dtype)]
+    """The launcher of a launch's head rows (``_wide_rows``): the autotuner from ``tuners``, or, under
+    SPARSECTX_AUTOTUNE=0 or ``torch.use_deterministic_algorithms(True)``, the untimed launch from ``fixed``
+    (``_FirstThatLaunches``). The autotuner's pick is timed in each process and for each launch size class
+    (``_tune_rows``), and the block shape sets the order of the sums: with it, a sample's bits could change with the
+    batch it runs in or from one run to the next; the untimed launch gives the same bits for the same inputs on the
+    same GPU every time (no kernel uses atomics)."""
+    untimed = not AUTOTUNE_ALL or torch.are_deterministic_algorithms_enabled()
+    return (fixed if untimed else tuners)[_wide_rows(block_d, dtype)]
 
 
 def tuned_configs() -> dict:
@@ -340,7 +370,7 @@ def _fwd_kernel(
 # pointer loads)
 FWD_KEY = ["HEAD_DIM", "HAS_REF", "REF_PACKED", "Q_INDEXED", "OWN_TMA", "REF_TMA", "tune_rows"]
 FWD_TUNERS = _autotuned(_fwd_kernel, FWD_CONFIGS, FWD_CONFIGS_WIDE, FWD_KEY)
-FWD_FIXED = _autotuned(_fwd_kernel, FWD_CONFIGS[:1], FWD_CONFIGS_WIDE[:1], FWD_KEY)
+FWD_FIXED = _first_that_launches(_fwd_kernel, FWD_CONFIGS, FWD_CONFIGS_WIDE, FWD_KEY)
 
 
 def _empty_as(t: torch.Tensor) -> torch.Tensor:
@@ -579,7 +609,7 @@ def _bwd_dkdv_kernel(
 
 DKDV_KEY = ["HEAD_DIM", "IS_REF", "REF_PACKED", "tune_rows"]
 DKDV_TUNERS = _autotuned(_bwd_dkdv_kernel, DKDV_CONFIGS, DKDV_CONFIGS_WIDE, DKDV_KEY)
-DKDV_FIXED = _autotuned(_bwd_dkdv_kernel, DKDV_CONFIGS[:1], DKDV_CONFIGS_WIDE[:1], DKDV_KEY)
+DKDV_FIXED = _first_that_launches(_bwd_dkdv_kernel, DKDV_CONFIGS, DKDV_CONFIGS_WIDE, DKDV_KEY)
 
 
 @triton.jit
@@ -644,7 +674,7 @@ def _bwd_dq_kernel(
 
 DQ_KEY = ["HEAD_DIM", "HAS_REF", "REF_PACKED", "tune_rows"]
 DQ_TUNERS = _autotuned(_bwd_dq_kernel, DQ_CONFIGS, DQ_CONFIGS_WIDE, DQ_KEY)
-DQ_FIXED = _autotuned(_bwd_dq_kernel, DQ_CONFIGS[:1], DQ_CONFIGS_WIDE[:1], DQ_KEY)
+DQ_FIXED = _first_that_launches(_bwd_dq_kernel, DQ_CONFIGS, DQ_CONFIGS_WIDE, DQ_KEY)
 
 
 DELTA_BLOCK_M = 64

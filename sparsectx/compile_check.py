@@ -56,6 +56,8 @@ HEAD_DIMS = (40, 64, 128, 160, 256)
 # memory; sm_90: 48 B with Triton 3.6, 40 B with 3.9; the same kernel without them has no stack at all). A larger
 # frame counts the rest as spilled.
 LOCAL_ARRAY_BYTES = {"_rope_tables_kernel": 48}
+# set in the environment of the child process the command starts (``main``): the child must not start another
+CHILD_MARK = "SPARSECTX_COMPILE_CHECK_CHILD"
 
 
 @dataclasses.dataclass
@@ -105,10 +107,14 @@ def _compile_only(arch: int, record: Callable) -> Iterator[None]:
     autotuned kernel compiles each of its candidates; ``record(jit_function, kwargs, compiled_kernel, seconds,
     candidate, error)`` sees each (``kwargs``: the launch's keyword arguments, constexprs and the candidate's block
     sizes; ``candidate``: its index in the autotuner's list, or None; on a compile error ``compiled_kernel`` is None
-    and ``error`` the exception)."""
+    and ``error`` the exception). A candidate of an untimed launch (``list_position``: one config of a kernel's list,
+    see kernels/attention.py's ``_FirstThatLaunches``) whose binary needs more shared memory than the arch gives a
+    block raises ``OutOfResources`` after its compile, as Triton's launcher does on such a GPU, so that the launch
+    goes on to compile its next candidate."""
     from triton.backends.compiler import GPUTarget
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.driver import driver
+    from triton.runtime.errors import OutOfResources
     from triton.runtime.jit import JITFunction
 
     jit_run, tuner_run, active = JITFunction.run, Autotuner.run, getattr(driver, "_active", None)
@@ -125,16 +131,21 @@ def _compile_only(arch: int, record: Callable) -> Iterator[None]:
         record(self, kwargs, compiled, time.perf_counter() - start, candidate[0], None)
         return compiled
 
+    limit = SHARED_MEMORY_LIMIT.get(arch)
+
     def every_candidate(self, *args, **kwargs):
         kwargs.pop("warmup", None)
-        for index, config in enumerate(self.configs):  # in the autotuner's order: the first is SPARSECTX_AUTOTUNE=0's
-            candidate[0] = index
+        untimed = getattr(self, "list_position", None)
+        for index, config in enumerate(self.configs):  # in the autotuner's order
+            candidate[0] = index if untimed is None else untimed + index
             if config.pre_hook is not None:  # as the autotuner: e.g. tensor descriptors take the config's tile shape
                 config.pre_hook({**dict(zip(self.arg_names, args)), **kwargs, **config.all_kwargs()})
             try:
-                self.fn.run(*args, warmup=True, **kwargs, **config.all_kwargs())
+                compiled = self.fn.run(*args, warmup=True, **kwargs, **config.all_kwargs())
             finally:
                 candidate[0] = None
+            if untimed is not None and limit is not None and compiled is not None and compiled.metadata.shared > limit:
+                raise OutOfResources(compiled.metadata.shared, limit, "shared memory")
 
     driver.set_active(_TargetOnlyDriver(GPUTarget("cuda", arch, 32)))
     JITFunction.run, Autotuner.run = compile_instead, every_candidate
@@ -351,8 +362,8 @@ def run_check(arch: int = 90, dtypes=DTYPES, head_dims=HEAD_DIMS, progress: bool
     """Compiles every variant for ``sm_<arch>`` in this process (which must not have imported the kernels through
     the interpreter): attention, key mass and norm + RoPE in ``dtypes`` (names: fp16, bf16, fp32) at ``head_dims``
     (norm + RoPE at the even ones), and every compaction kernel. The autotune candidates are the kernels' (all, or
-    the first under ``SPARSECTX_AUTOTUNE=0``). Returns one row per compiled binary, and one row per variant that
-    failed."""
+    under ``SPARSECTX_AUTOTUNE=0`` the untimed launch's: the first, or up to the first that fits). Returns one row
+    per compiled binary, and one row per variant that failed."""
     from .kernels import attention, compaction, norm_rope
 
     if attention.INTERPRETED or compaction.INTERPRETED or norm_rope.INTERPRETED:
@@ -397,35 +408,44 @@ def _over(rows: list[Compiled], limit: int) -> list[Compiled]:
     return [r for r in rows if r.shared_bytes is not None and r.shared_bytes > limit]
 
 
+def _candidate_groups(rows: list[Compiled]) -> dict:
+    """The compiled autotune candidates of each (variant, kernel)."""
+    groups: dict = {}
+    for r in rows:
+        if r.candidate is not None and not r.error:
+            groups.setdefault((r.variant, r.kernel), []).append(r)
+    return groups
+
+
 def problems(rows: list[Compiled], arch: int) -> list[str]:
     """What would fail on the GPU: compile errors, and shared memory above the architecture's per-block limit in a
-    binary that a launch can not avoid: a kernel without autotuning, the first autotune candidate (the one config
-    under SPARSECTX_AUTOTUNE=0), or every candidate of a kernel in a variant. A later candidate that does not fit is
-    no problem: the autotuner drops it (``dropped``)."""
+    binary that a launch can not avoid: a kernel without autotuning, or every compiled candidate of an autotuned
+    kernel in a variant. A candidate that does not fit while another does is no problem: the autotuner drops it,
+    and the untimed launch (SPARSECTX_AUTOTUNE=0, deterministic algorithms) goes on to the next (``dropped``)."""
     limit = SHARED_MEMORY_LIMIT.get(arch)
     found = [f"{r.variant}: {r.kernel} [{r.config}] does not compile: {r.error}" for r in rows if r.error]
     if limit is None:
         return found
     for r in _over(rows, limit):
-        if r.candidate is None or r.candidate == 0:
-            why = "the first autotune candidate" if r.candidate == 0 else "no autotuning"
+        if r.candidate is None:
             found.append(f"{r.variant}: {r.kernel} [{r.config}] needs {r.shared_bytes} B of shared memory, sm_{arch} "
-                         f"allows {limit} B per block ({why})")
-    groups: dict = {}
-    for r in rows:
-        if r.candidate is not None and not r.error:
-            groups.setdefault((r.variant, r.kernel), []).append(r)
-    for (variant, kernel), group in groups.items():
-        if len(_over(group, limit)) == len(group) > 1:
-            found.append(f"{variant}: {kernel}: none of its {len(group)} autotune candidates fits sm_{arch}'s "
-                         f"{limit} B of shared memory per block")
+                         f"allows {limit} B per block (no autotuning)")
+    for (variant, kernel), group in _candidate_groups(rows).items():
+        if len(_over(group, limit)) == len(group):
+            found.append(f"{variant}: {kernel}: none of its {len(group)} compiled autotune candidates fits "
+                         f"sm_{arch}'s {limit} B of shared memory per block (each needs "
+                         f"{', '.join(str(r.shared_bytes) for r in group)} B)")
     return found
 
 
 def dropped(rows: list[Compiled], arch: int) -> list[Compiled]:
-    """Later autotune candidates whose shared memory exceeds the arch's limit: the autotuner skips them there."""
+    """Autotune candidates whose shared memory exceeds the arch's limit while another candidate of theirs fits: the
+    autotuner skips them there, and so does the untimed launch (it takes the first that fits)."""
     limit = SHARED_MEMORY_LIMIT.get(arch)
-    return [] if limit is None else [r for r in _over(rows, limit) if r.candidate]
+    if limit is None:
+        return []
+    return [r for group in _candidate_groups(rows).values() if len(_over(group, limit)) < len(group)
+            for r in _over(group, limit)]
 
 
 def format_table(rows: list[Compiled], arch: int) -> str:
@@ -442,7 +462,7 @@ def format_table(rows: list[Compiled], arch: int) -> str:
                  + "".join(f"\n  {r.variant}: {r.kernel} [{r.config}] {r.spill_bytes} B" for r in spilled))
     skipped = dropped(rows, arch)
     if skipped:
-        lines.append(f"autotune candidates the autotuner drops on sm_{arch} (shared memory over "
+        lines.append(f"autotune candidates dropped on sm_{arch} (shared memory over "
                      f"{SHARED_MEMORY_LIMIT[arch]} B): {len(skipped)}"
                      + "".join(f"\n  {r.variant}: {r.kernel} [{r.config}] {r.shared_bytes} B" for r in skipped))
     if arch not in SHARED_MEMORY_LIMIT:
@@ -483,7 +503,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"attention head dims (default {','.join(map(str, HEAD_DIMS))})")
     sizes.add_argument("--quick", action="store_true", help="short for --dtypes bf16 --head-dims 64,128")
     parser.add_argument("--first-config", action="store_true",
-                        help="only the first autotune candidate of each attention kernel (SPARSECTX_AUTOTUNE=0)")
+                        help="only the candidates of each attention kernel that its untimed launch "
+                             "(SPARSECTX_AUTOTUNE=0, deterministic algorithms) compiles: the first, or up to the "
+                             "first that fits the arch")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
 
 
@@ -509,9 +531,15 @@ def main(args: argparse.Namespace) -> int:
     except ValueError:  # (a value the kernels refuse: the child gets this command's own)
         other_candidates = True
     if interpreter_requested() or other_candidates:
+        if os.environ.get(CHILD_MARK):  # (a child that would start another: a bug, not a loop of processes)
+            raise RuntimeError(f"compile-check's child process has TRITON_INTERPRET="
+                               f"{os.environ.get('TRITON_INTERPRET')!r} and SPARSECTX_AUTOTUNE="
+                               f"{os.environ.get('SPARSECTX_AUTOTUNE')!r}, which its parent set for it not to: it "
+                               "would start another")
         # the kernel modules fix their mode and candidates at import: a fresh process without the interpreter
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["SPARSECTX_AUTOTUNE"] = "0" if args.first_config else "1"
+        env[CHILD_MARK] = "1"
         argv = [sys.executable, "-m", "sparsectx.compile_check", "--arch", str(args.arch),
                 "--dtypes", ",".join(dtypes), "--head-dims", ",".join(map(str, head_dims))]
         argv += (["--first-config"] if args.first_config else []) + (["--json", args.json] if args.json else [])

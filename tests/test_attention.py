@@ -1198,13 +1198,16 @@ def _force_candidate(candidate: int, dim: int, monkeypatch) -> None:
     from sparsectx.kernels import attention as kernels
 
     wide = kernels._wide_rows(kernels._block_d(dim), torch.bfloat16)
-    for tuners, shapes, hook in (
-            (kernels.FWD_TUNERS, kernels.FWD_SHAPES_WIDE if wide else kernels.FWD_SHAPES, kernels._descriptor_tiles),
-            (kernels.DKDV_TUNERS, kernels.DKDV_SHAPES_WIDE if wide else kernels.DKDV_SHAPES, None),
-            (kernels.DQ_TUNERS, kernels.DQ_SHAPES_WIDE if wide else kernels.DQ_SHAPES, None)):
+    for tuners, fixed, shapes, hook in (
+            (kernels.FWD_TUNERS, kernels.FWD_FIXED, kernels.FWD_SHAPES_WIDE if wide else kernels.FWD_SHAPES,
+             kernels._descriptor_tiles),
+            (kernels.DKDV_TUNERS, kernels.DKDV_FIXED, kernels.DKDV_SHAPES_WIDE if wide else kernels.DKDV_SHAPES, None),
+            (kernels.DQ_TUNERS, kernels.DQ_FIXED, kernels.DQ_SHAPES_WIDE if wide else kernels.DQ_SHAPES, None)):
         shape = shapes[min(candidate, len(shapes) - 1)]
         monkeypatch.setattr(tuners[wide], "configs", kernels._gpu_configs([shape], hook))
         monkeypatch.setattr(tuners[wide], "cache", {})
+        # the untimed launch (SPARSECTX_AUTOTUNE=0, as GPU test runs set it) takes that one config too
+        monkeypatch.setattr(fixed[wide], "candidates", (tuners[wide],))
 
 
 @pytest.mark.gpu
@@ -1218,6 +1221,28 @@ def test_gpu_bf16_every_autotune_candidate(candidate, dim, monkeypatch):
     case = make_case([300, 77, 0, 513], [129, 5, 64, 0], [200, 31, 0, 64], 256, 4, dim, torch.bfloat16,
                      seed=50 + candidate)
     _assert_bf16_forward_and_backward(case, seed=50 + candidate)
+
+
+@pytest.mark.parametrize("autotune_all", [True, False])
+def test_forcing_a_candidate_reaches_the_kernels_with_and_without_autotuning(autotune_all, monkeypatch):
+    """``_force_candidate`` (the every-candidate tests) must reach each kernel both through the autotuner and through
+    the untimed launch of SPARSECTX_AUTOTUNE=0, which the GPU test runs set: otherwise every "candidate" would test
+    the first. The kernels themselves are skipped (only the tile reaching them matters here)."""
+    from sparsectx.kernels import attention as kernels
+
+    monkeypatch.setattr(kernels, "AUTOTUNE_ALL", autotune_all)
+    _force_candidate(2, 64, monkeypatch)
+    reached = {}
+    for kernel in (kernels._fwd_kernel, kernels._bwd_dkdv_kernel, kernels._bwd_dq_kernel):
+        monkeypatch.setattr(kernel, "run", lambda *args, name=kernel.fn.__name__, **kwargs: reached.setdefault(
+            name, (kwargs["BLOCK_M"], kwargs["BLOCK_N"])))
+    g = torch.Generator().manual_seed(74)
+    q, k, v = (torch.randn(n, 1, 64, generator=g).to(DEVICE) for n in (3, 4, 4))
+    out, lse = kernels.attention_forward(q, k, v, _cu([3]), _cu([4]), 3, None, None, None, None, 0.125)
+    kernels.attention_backward(torch.ones_like(out), torch.zeros_like(lse), q, k, v, out, lse, _cu([3]), _cu([4]),
+                               3, 4, None, None, None, None, 0, 0.125)
+    assert reached == {"_fwd_kernel": kernels.FWD_SHAPES[2][:2], "_bwd_dkdv_kernel": kernels.DKDV_SHAPES[2][:2],
+                       "_bwd_dq_kernel": kernels.DQ_SHAPES[2][:2]}
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the test above runs every candidate")
@@ -1618,12 +1643,64 @@ def test_forward_launches_from_threads_keep_their_own_descriptor_tiles(monkeypat
     assert errors == [] and seen == {"launches": 1600, "stale": 0}
 
 
+def test_untimed_launch_takes_the_first_configuration_this_gpu_can_run(monkeypatch):
+    """The untimed launch (deterministic algorithms, SPARSECTX_AUTOTUNE=0) of every attention kernel goes on to the
+    next configuration when Triton refuses one for want of shared memory (an sm_90-sized first tile on an sm_86 or
+    sm_89 GPU, whose blocks get 99 KB: the launch failed there), with the same result; any other error is raised
+    at once, and the last configuration's refusal is raised when none fits."""
+    from triton.runtime.errors import OutOfResources
+
+    from sparsectx.kernels import attention as kernels
+
+    tried = []
+
+    class Refused:  # a configuration whose binary needs more shared memory than the GPU has
+        def __init__(self, name, error=None):
+            self.name, self.error = name, error or OutOfResources(300000, 101376, "shared memory")
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                tried.append(self.name)
+                raise self.error
+            return launch
+
+    g = torch.Generator().manual_seed(73)
+    q, k, v = (torch.randn(n, 2, 32, generator=g).to(DEVICE).requires_grad_() for n in (6, 9, 9))
+
+    def forward_backward():
+        q.grad = k.grad = v.grad = None
+        out = sparsectx.sparse_attention(q, k, v, _cu([6]), _cu([9]), 6, 9)
+        out.sum().backward()
+        return [t.detach().clone() for t in (out, q.grad, k.grad, v.grad)]
+
+    plain = forward_backward()
+    monkeypatch.setattr(kernels, "AUTOTUNE_ALL", False)
+    for name in ("FWD", "DKDV", "DQ"):
+        launcher = getattr(kernels, f"{name}_FIXED")[0]
+        monkeypatch.setattr(launcher, "candidates", (Refused(name), *launcher.candidates))
+    assert all(torch.equal(a, b) for a, b in zip(forward_backward(), plain))
+    assert tried == ["FWD", "DKDV", "DQ"]  # each kernel went on past its refused first configuration
+
+    launcher = kernels.FWD_FIXED[0]
+    monkeypatch.setattr(launcher, "candidates", (Refused("first"), Refused("last")))
+    tried.clear()
+    with pytest.raises(OutOfResources):
+        forward_backward()
+    assert tried == ["first", "last"]
+    monkeypatch.setattr(launcher, "candidates", (Refused("broken", ValueError("not a resource")), Refused("next")))
+    tried.clear()
+    with pytest.raises(ValueError, match="not a resource"):
+        forward_backward()
+    assert tried == ["broken"]
+
+
 @pytest.mark.parametrize("dtype, dim, wide", [(torch.float32, 16, False), (torch.float32, 64, False),
                                               (torch.float32, 128, True), (torch.float16, 128, False),
                                               (torch.float16, 160, True)])
 def test_deterministic_algorithms_launch_each_kernels_first_configuration(monkeypatch, dtype, dim, wide):
-    """Under ``torch.use_deterministic_algorithms(True)`` every attention launch (forward, dK/dV of own and
-    reference keys, dQ) takes its list's first configuration, not the autotuner's pick: the pick is timed in each
+    """Under ``torch.use_deterministic_algorithms(True)`` (and SPARSECTX_AUTOTUNE=0) every attention launch (forward,
+    dK/dV of own and reference keys, dQ) takes the untimed launch over its list (the first configuration the GPU
+    can run, ``_FirstThatLaunches``), not the autotuner's pick: the pick is timed in each
     process and for each launch size class, and another block shape sums in another order, so a sample's bits
     changed with its batch or from run to run (a reviewer measured 532 of 3200 fp16 outputs 1 ulp apart between
     two block shapes). Without the mode the autotuners launch as before. Head rows wider than 256 bytes (fp16 head
@@ -1648,7 +1725,7 @@ def test_deterministic_algorithms_launch_each_kernels_first_configuration(monkey
                                 tuple(Recording(t, kind + suffix) for t, suffix in zip(pair, ("", " wide"))))
         for configs, fixed in zip((getattr(kernels, f"{name}_CONFIGS"), getattr(kernels, f"{name}_CONFIGS_WIDE")),
                                   getattr(kernels, f"{name}_FIXED")):
-            assert [str(c) for c in fixed.tuner.configs] == [str(configs[0])]
+            assert [str(c) for one in fixed.tuner.candidates for c in one.configs] == [str(c) for c in configs]
     g = torch.Generator().manual_seed(72)
     q, k, v = (torch.randn(n, 2, dim, generator=g).to(DEVICE, dtype).requires_grad_() for n in (5, 7, 7))
     ref_k, ref_v = (torch.randn(1, 6, 2, dim, generator=g).to(DEVICE, dtype).requires_grad_() for _ in range(2))
@@ -1670,4 +1747,8 @@ def test_deterministic_algorithms_launch_each_kernels_first_configuration(monkey
         assert torch.equal(forward_backward(), plain)
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+    assert launched == ["FIXED" + suffix] * 4
+    launched.clear()
+    monkeypatch.setattr(kernels, "AUTOTUNE_ALL", False)  # SPARSECTX_AUTOTUNE=0, read at import
+    assert torch.equal(forward_backward(), plain)
     assert launched == ["FIXED" + suffix] * 4

@@ -771,6 +771,12 @@ def test_attention_sweep_dry_run_checks_and_times_every_forced_configuration(tmp
     accuracy check against the fp32 reference (a forced configuration must carry the kernel's pre-hook, which sets
     the descriptors' tile), the three key layouts are measured, and the backward's configurations are timed."""
     sweep = _bench_tool_for_a_dry_run("sweep_attention")
+    # under SPARSECTX_AUTOTUNE=0 the launches bypass the autotuners it forces: it refuses to time the first config
+    # under every config's name
+    monkeypatch.setattr(sweep.shipped, "AUTOTUNE_ALL", False)
+    with pytest.raises(SystemExit, match="without SPARSECTX_AUTOTUNE=0"):
+        sweep.main(["--tiny", "--out", str(tmp_path)])
+    monkeypatch.setattr(sweep.shipped, "AUTOTUNE_ALL", True)
     sweep.main(["--tiny", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "sweep.json").read_text())
     ours = [r for r in report["forward"] if r["variant"] == "shipped"]

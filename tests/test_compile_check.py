@@ -209,9 +209,10 @@ def test_compile_only_launch_reports_resources_and_compile_errors(tmp_path):
 
 def test_problems_are_what_a_launch_can_not_avoid():
     """Shared memory over the arch's limit fails a launch only where the launch has no other choice: a kernel
-    without autotuning, the first candidate (SPARSECTX_AUTOTUNE=0's only one), or all candidates of a kernel; a
-    later candidate that does not fit is dropped by the autotuner (listed, not a problem). Compile errors always
-    are problems."""
+    without autotuning, or all compiled candidates of a kernel (one alone: a --first-config run whose first did not
+    fit and that compiled no other); a candidate that does not fit while another does is dropped by the autotuner
+    and skipped by the untimed launch (listed, not a problem), the first one included. Compile errors always are
+    problems."""
     limit = compile_check.SHARED_MEMORY_LIMIT[90]
 
     def row(variant, kernel, shared, candidate=None, error=None):
@@ -223,15 +224,16 @@ def test_problems_are_what_a_launch_can_not_avoid():
             row("later", "_fwd_kernel", limit, candidate=0), row("later", "_fwd_kernel", limit + 1, candidate=1),
             row("none", "_bwd_dq_kernel", limit + 1, candidate=1),
             row("none", "_bwd_dq_kernel", limit + 2, candidate=2),
+            row("alone", "_bwd_dq_kernel", limit + 1, candidate=0),
             row("broken", "_bwd_dq_kernel", None, error="CompilationError: boom")]
     found = compile_check.problems(rows, 90)
-    assert [line.split(":")[0] for line in found] == ["broken", "plain", "first", "none"], found
-    assert "(no autotuning)" in found[1] and "(the first autotune candidate)" in found[2]
-    assert "none of its 2 autotune candidates fits" in found[3]
-    assert {(r.variant, r.candidate) for r in compile_check.dropped(rows, 90)} == {("later", 1), ("none", 1),
-                                                                                   ("none", 2)}
+    assert [line.split(":")[0] for line in found] == ["broken", "plain", "none", "alone"], found
+    assert "(no autotuning)" in found[1]
+    assert "none of its 2 compiled autotune candidates fits" in found[2]
+    assert "none of its 1 compiled autotune candidates fits" in found[3]
+    assert {(r.variant, r.candidate) for r in compile_check.dropped(rows, 90)} == {("first", 0), ("later", 1)}
     table = compile_check.format_table(rows, 90)
-    assert "autotune candidates the autotuner drops on sm_90" in table
+    assert "autotune candidates dropped on sm_90" in table
     assert "shared memory NOT checked: no per-block limit known for sm_75" in compile_check.format_table(rows, 75)
     assert compile_check.problems(rows, 75) == [found[0]]  # no limit known: only the compile error
 
@@ -379,6 +381,22 @@ def test_interpreter_in_the_environment_runs_the_check_in_a_child_without_it(mon
     monkeypatch.setenv("SPARSECTX_AUTOTUNE", "1")
     assert cli.main(["compile-check", "--quick"]) == 0
     assert len(calls) == 1 and "TRITON_INTERPRET" not in calls[0][1] and calls[0][1]["SPARSECTX_AUTOTUNE"] == "1"
+    assert calls[0][1][compile_check.CHILD_MARK] == "1"
+
+
+def test_the_child_process_does_not_start_another(monkeypatch):
+    """The child runs the check itself: were the interpreter or the other autotune setting still on there (a bug in
+    what the parent hands it), it stops with an error naming both instead of starting a child of its own (a chain of
+    processes until a timeout)."""
+    from sparsectx import cli
+
+    calls = _children(monkeypatch)
+    monkeypatch.setenv(compile_check.CHILD_MARK, "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("SPARSECTX_AUTOTUNE", "1")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET='1' and SPARSECTX_AUTOTUNE='1'"):
+        cli.main(["compile-check", "--quick"])
+    assert calls == []
 
 
 def test_a_refused_autotune_setting_runs_the_check_in_a_child_with_the_commands_own(monkeypatch):
