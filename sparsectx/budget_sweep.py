@@ -115,9 +115,16 @@ def _duration(seconds: float) -> str:
 
 
 def _short(value) -> str:
-    """A one-line description of a setting's value for its label (tensors by shape, callables by name)."""
+    """A one-line description of a setting's value for its label (tensors by shape, also inside a budget object;
+    callables by name)."""
+    from .selection import AdaptiveBudget, FixedBudget
+
     if isinstance(value, torch.Tensor):
         return f"tensor{list(value.shape)}"
+    if isinstance(value, FixedBudget):
+        return f"{value.name}({_short(value.value)})"
+    if isinstance(value, AdaptiveBudget):
+        return f"adaptive({', '.join(f'{k}={_short(v)}' for k, v in value.settings().items())}, mass={value.mass!r})"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{key}: {_short(item)}" for key, item in value.items()) + "}"
     if isinstance(value, (list, tuple)):

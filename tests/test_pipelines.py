@@ -1403,11 +1403,15 @@ def test_sweep_labels_tell_every_setting_apart():
     labels = budget_sweep._labels([
         {"budget": selection.adaptive(0.9, cap=0.5)}, {"budget": selection.adaptive(0.9, cap=0.25)},
         {"selector": functools.partial(mine)}, {"selector": mine, "signals": {"user_mask": torch.ones(1, 7)}},
-        {"budget": 0.1}, {"budget": 0.1}])
+        {"budget": 0.1}, {"budget": 0.1},
+        {"budget": selection.fixed_ratio(torch.full((40, 1), 0.25))},  # per-request tensors: by shape too
+        {"budget": selection.adaptive(coverage=torch.tensor([[0.5], [0.9]]))}])
     assert labels[0] == "sparsectx off" and len(set(labels)) == len(labels)
     assert "cap=0.5" in labels[1] and "cap=0.25" in labels[2] and "\n" not in "".join(labels)
     assert labels[3] == "selector=partial(mine)" and labels[4] == "selector=mine, signals={user_mask: tensor[1, 7]}"
-    assert labels[5:] == ["budget=0.1 (settings[4])", "budget=0.1 (settings[5])"]
+    assert labels[5:7] == ["budget=0.1 (settings[4])", "budget=0.1 (settings[5])"]
+    assert labels[7:] == ["budget=fixed_ratio(tensor[40, 1])",
+                          "budget=adaptive(coverage=tensor[2, 1], floor=0, cap=1.0, mass='auto')"]
     # a setting labelled as the baseline reads apart from it
     assert budget_sweep._labels([{"label": "sparsectx off"}]) == ["sparsectx off", "sparsectx off (settings[0])"]
 
