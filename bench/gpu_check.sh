@@ -258,8 +258,8 @@ PYTEST+=(-p no:cacheprovider -v -rfE --durations=5)
 BENCH=("${IN_SCRATCH[@]}" "$PY" -m sparsectx.cli bench --merge-into "$OUT/bench.json")
 CANDIDATES=every_autotune_candidate
 NORM_ROPE_AT_TEST_SIZES=tests/test_norm_rope.py::test_gpu_bf16_at_the_test_models_sizes
-# never run on a GPU, and last in file order of the other GPU tests, which their cap cut after 27 of 35 tests on
-# 2026-11-30: run with the processors' tests instead (2 short tests)
+# last in file order of the other GPU tests, which their cap cut after 27 of 35 tests on 2026-11-30 (it first ran,
+# and passed, on 2026-12-04): run with the processors' tests instead (2 short tests)
 ROPE_TABLES_OF_THE_MODELS=tests/test_probe.py::test_gpu_flux_rope_tables_are_diffusers_tables
 # tests run one launch config per kernel (SPARSECTX_AUTOTUNE=0: many dtypes/shapes, compile time matters more);
 # the candidates test forces each config itself
