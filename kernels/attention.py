@@ -122,10 +122,10 @@ class _FirstThatLaunches:
 
     def __init__(self, kernel, configs, key):
         # one single-config autotuner per candidate: it keeps the config's pre-hook (tensor descriptor tiles); each
-        # knows its place in the list (read by `sparsectx compile-check`)
+        # knows its place in the list, (position, length) (read by `sparsectx compile-check`)
         self.candidates = tuple(triton.autotune(configs=[c], key=key)(kernel) for c in configs)
         for position, candidate in enumerate(self.candidates):
-            candidate.list_position = position
+            candidate.list_place = (position, len(configs))
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
@@ -178,7 +178,8 @@ def _for_head(tuners, fixed, block_d: int, dtype: torch.dtype):
 def tuned_configs() -> dict:
     """What the autotuner chose so far in this process: ``{kernel: {"picked": {key: config}, "last_tuned":
     {config: ms}}}`` (strings; ``last_tuned``: every candidate's time for the key that kernel tuned last). Kernels
-    that tuned nothing are absent: empty before the first GPU launch, in the interpreter and with one candidate.
+    that tuned nothing are absent: empty before the first GPU launch, in the interpreter, with one candidate and for
+    untimed launches (SPARSECTX_AUTOTUNE=0, deterministic algorithms).
     Kernels of wide head rows (``_wide_rows``: head dims above 128, above 64 in fp32) are reported as ``fwd_wide``,
     ``bwd_dkdv_wide``, ``bwd_dq_wide``."""
     choices = {}

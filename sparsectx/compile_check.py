@@ -107,10 +107,11 @@ def _compile_only(arch: int, record: Callable) -> Iterator[None]:
     autotuned kernel compiles each of its candidates; ``record(jit_function, kwargs, compiled_kernel, seconds,
     candidate, error)`` sees each (``kwargs``: the launch's keyword arguments, constexprs and the candidate's block
     sizes; ``candidate``: its index in the autotuner's list, or None; on a compile error ``compiled_kernel`` is None
-    and ``error`` the exception). A candidate of an untimed launch (``list_position``: one config of a kernel's list,
+    and ``error`` the exception). A candidate of an untimed launch (``list_place``: one config of a kernel's list,
     see kernels/attention.py's ``_FirstThatLaunches``) whose binary needs more shared memory than the arch gives a
     block raises ``OutOfResources`` after its compile, as Triton's launcher does on such a GPU, so that the launch
-    goes on to compile its next candidate."""
+    goes on to compile its next candidate; the last one does not (``problems`` names a list none of which fits, and
+    the launcher goes on with its other kernels)."""
     from triton.backends.compiler import GPUTarget
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.driver import driver
@@ -135,16 +136,17 @@ def _compile_only(arch: int, record: Callable) -> Iterator[None]:
 
     def every_candidate(self, *args, **kwargs):
         kwargs.pop("warmup", None)
-        untimed = getattr(self, "list_position", None)
+        position, length = getattr(self, "list_place", (0, None))  # (length: an untimed launch's candidate)
         for index, config in enumerate(self.configs):  # in the autotuner's order
-            candidate[0] = index if untimed is None else untimed + index
+            candidate[0] = position + index
             if config.pre_hook is not None:  # as the autotuner: e.g. tensor descriptors take the config's tile shape
                 config.pre_hook({**dict(zip(self.arg_names, args)), **kwargs, **config.all_kwargs()})
             try:
                 compiled = self.fn.run(*args, warmup=True, **kwargs, **config.all_kwargs())
             finally:
                 candidate[0] = None
-            if untimed is not None and limit is not None and compiled is not None and compiled.metadata.shared > limit:
+            if (length is not None and position < length - 1 and limit is not None and compiled is not None
+                    and compiled.metadata.shared > limit):
                 raise OutOfResources(compiled.metadata.shared, limit, "shared memory")
 
     driver.set_active(_TargetOnlyDriver(GPUTarget("cuda", arch, 32)))

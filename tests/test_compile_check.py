@@ -130,6 +130,40 @@ def test_first_configs_fit_sm90_in_fp32(tmp_path):
         assert len(dq) == 1 and {f"BLOCK_M={shapes[0][0]}", f"BLOCK_N={shapes[0][1]}"} <= set(dq[0]), (dim, dq)
 
 
+def test_untimed_launch_on_sm89_compiles_up_to_the_first_candidate_that_fits(tmp_path):
+    """An sm_89 (RTX 4090, L40S) block gets 99 KB of shared memory: the first dQ tile of bf16 at head dim 128 (sized
+    for sm_90) needs 128 KB there, so the untimed launch (SPARSECTX_AUTOTUNE=0, deterministic algorithms) failed.
+    It goes on to the next candidate now, and the check does what the GPU's launcher does: it compiles the first,
+    finds it over the limit, compiles the second, which fits, and reports no problem (the first is listed as
+    dropped). On sm_90 the first fits and is the only one compiled."""
+    done = _run_script(tmp_path, """
+        import json
+        from sparsectx import compile_check as cc
+
+        variants = cc._attention_variants
+        cc._attention_variants = lambda d, h: (v for v in variants(d, h) if v[0] == "attention bf16 D=128 no refs")
+        for name in ("_key_mass_variants", "_norm_rope_variants"):
+            setattr(cc, name, lambda *a: iter(()))
+        cc._compaction_variants = lambda: iter(())
+        found = {}
+        for arch in (89, 90):
+            rows = cc.run_check(arch, ("bf16",), (128,), progress=False)
+            found[arch] = dict(rows=[(r.kernel, r.candidate, r.shared_bytes, r.error) for r in rows],
+                               problems=cc.problems(rows, arch),
+                               dropped=[(r.kernel, r.candidate) for r in cc.dropped(rows, arch)])
+        print(json.dumps(found))
+    """, env={"SPARSECTX_AUTOTUNE": "0"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    limit = compile_check.SHARED_MEMORY_LIMIT[89]
+    dq = [(candidate, shared) for kernel, candidate, shared, _ in found["89"]["rows"] if kernel == "_bwd_dq_kernel"]
+    assert [c for c, _ in dq] == [0, 1] and dq[0][1] > limit >= dq[1][1], dq
+    assert found["89"]["problems"] == [] and found["89"]["dropped"] == [["_bwd_dq_kernel", 0]]
+    assert all(error is None for *_, error in found["89"]["rows"])
+    assert [c for kernel, c, _, _ in found["90"]["rows"] if kernel == "_bwd_dq_kernel"] == [0]
+    assert found["90"]["problems"] == [] and found["90"]["dropped"] == []
+
+
 def test_table_lists_every_binary(quick_check):
     done, report = quick_check
     for row in report["rows"]:
@@ -149,11 +183,11 @@ _TUNED_TOY_KERNEL = """
 """
 
 
-def _run_script(tmp_path, body):
+def _run_script(tmp_path, body, env=None):
     script = tmp_path / "check.py"
     script.write_text(textwrap.dedent(body))
-    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=_without_interpreter(),
-                          timeout=300)
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env={**_without_interpreter(), **(env or {})}, timeout=300)
 
 
 def test_compile_only_launch_reports_resources_and_compile_errors(tmp_path):
