@@ -1930,8 +1930,9 @@ class _SparsePatch(ForwardPatch):
 
         self.glm_written = WrittenImages() if family == GLM else None
         self.glm_write = None  # the running write forward's glmimage.Written, or None
-        # the plan of each KV cache's latest write forward: its selection, which the read steps report
-        self.glm_reports = weakref.WeakKeyDictionary()
+        # the plan of the forward that filled each KV cache (GLM-Image: its latest write forward; FLUX.2 klein: its
+        # extract step): its selection, which the cached (read) steps of that cache report, whatever their prompt
+        self.cache_reports = weakref.WeakKeyDictionary()
         # per KV cache: the per-request settings its write forwards took, name -> entries (checked at its reads)
         self.glm_requests = weakref.WeakKeyDictionary()
         # per KV cache: the per-image settings its write forwards took, slot -> {name: (entries, of what)}: a
@@ -1954,10 +1955,11 @@ class _SparsePatch(ForwardPatch):
         return plan if plan.keep is not None else plan.reports or self._selecting_plan(latest)
 
     def _reported_plan(self, key: tuple, call: dict) -> Optional[_Plan]:
-        """The selection a plan without one (a KV-cached step) reports: GLM-Image's, the latest write forward's of
-        the step's cache (its prompt is not the step's); else ``_selecting_plan``."""
-        found = self.glm_reports.get(call.get("kv_caches")) if self.family == GLM and \
-            call.get("kv_caches") is not None else None
+        """The selection a plan without one (a KV-cached step) reports: that of the forward that filled the step's
+        cache (GLM-Image: the latest write forward, whose prompt is not the step's; FLUX.2 klein: the extract step,
+        also when the cached step runs on another prompt tensor); else ``_selecting_plan``."""
+        cache = call.get("kv_caches") if self.family == GLM else call.get("kv_cache") if self.family == FLUX2 else None
+        found = self.cache_reports.get(cache) if cache is not None else None
         return found if found is not None else self._selecting_plan(key)
 
     def _selecting_plan(self, key: tuple) -> Optional[_Plan]:
@@ -2096,7 +2098,11 @@ class _SparsePatch(ForwardPatch):
                 result = self._run_plan(call, plan, packable)
         if self.glm_write is not None and plan.layout is not None:
             self.glm_written.record(call["kv_caches"], self.glm_write, plan.layout.ref_lengths[0])
-            self.glm_reports[call["kv_caches"]] = plan
+            self.cache_reports[call["kv_caches"]] = plan
+        if self.family == FLUX2 and call.get("kv_cache_mode") == KV_EXTRACT and plan.keep is not None:
+            cache = result[1] if isinstance(result, tuple) else getattr(result, "kv_cache", None)
+            if cache is not None:
+                self.cache_reports[cache] = plan
         return result
 
     def _glm_overrides(self, call: dict, overrides: dict) -> dict:

@@ -2922,6 +2922,34 @@ def test_last_selection_follows_each_kv_run_on_one_prompt_tensor(second_size):
     assert torch.equal(after_first, first) and torch.equal(after_second, second)
 
 
+@pytest.mark.parametrize("budget", [0.5, [[0.5], [0.25]]], ids=["one group", "mixed budgets"])
+def test_last_selection_of_a_klein_cached_step_on_another_prompt_tensor_is_its_extracts(budget):
+    """A cached step attends to the tokens its cache's extract step kept, so that is what last_selection reports
+    after it, also when the step runs on another prompt tensor (a user loop re-making its prompt each step): with
+    samples that keep different tokens (groups, each its own cache) it reported the extract's selection, with one
+    group it reported None (the step counted as a new call that selected nothing)."""
+    transformer = _tiny_pipeline(diffusers.Flux2KleinKVPipeline).transformer
+    common, target, refs, target_ids, ref_ids = _klein_kv_extract_inputs()
+    batch = 2 if isinstance(budget, list) else 1
+    common = {**common, "encoder_hidden_states": common["encoder_hidden_states"].expand(batch, -1, -1)}
+    target, refs = target.expand(batch, -1, -1), torch.randn(batch, *refs.shape[1:])
+    with torch.no_grad():
+        sparsectx.enable(transformer, budget=budget, selector=random_selector, seed=0)
+        try:
+            _, cache = transformer(hidden_states=torch.cat([refs, target], 1), timestep=torch.tensor([1.0] * batch),
+                                   img_ids=torch.cat([ref_ids, target_ids], 1), kv_cache_mode="extract",
+                                   num_ref_tokens=9, **common)
+            extracted = sparsectx.last_selection(transformer).keep.clone()
+            remade = {**common, "encoder_hidden_states": common["encoder_hidden_states"].clone()}
+            transformer(hidden_states=target, timestep=torch.tensor([0.5] * batch), img_ids=target_ids,
+                        kv_cache=cache, kv_cache_mode="cached", **remade)
+            after = sparsectx.last_selection(transformer)
+        finally:
+            sparsectx.disable(transformer)
+    assert extracted.sum(1).tolist() == ([5] if batch == 1 else [5, 2])
+    assert after is not None and torch.equal(after.keep, extracted)
+
+
 def _klein_kv_extract_inputs():
     """(common arguments but the timestep, target rows [1, 16, 8], reference rows [1, 9, 8], their ids) of a tiny
     FLUX.2 klein call."""
