@@ -745,15 +745,15 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, 
 # One launch configuration per head-dim class (a probe runs once per pipeline call: autotuning would cost more
 # than it saves); fp16/bf16 compile for sm_90 without spills (Triton 3.6, D=40/64/128/160/256).
 # ----------------------------------------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) for the rows and the columns kernel, heads up to / above 128.
-# fp32 inputs (IEEE dots, no tensor cores) spill at these tiles as at smaller ones (0.5-6 KB at D=64-128): correct,
-# slow; fp16/bf16 do not spill.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) for the rows and the columns kernel, for head rows up to WIDE_ROW_BYTES
+# and wider (``_wide_rows``: fp16/bf16 head dims above 128, fp32 above 64). fp32 inputs (IEEE dots, no tensor cores)
+# spill at these tiles as at smaller ones (0.5-6 KB at D=64-128): correct, slow; fp16/bf16 do not spill.
 MASS_CONFIGS = {False: ((128, 64, 8, 3), (64, 128, 8, 3)), True: ((64, 64, 8, 2), (64, 64, 8, 2))}
 MASS_INTERPRETER_CONFIG = (32, 32, 4, 1)
 
 
-def _mass_config(block_d: int, columns: bool):
-    return MASS_INTERPRETER_CONFIG if interpreter_requested() else MASS_CONFIGS[block_d > WIDE_HEAD_BLOCK_D][columns]
+def _mass_config(block_d: int, dtype: torch.dtype, columns: bool):
+    return MASS_INTERPRETER_CONFIG if interpreter_requested() else MASS_CONFIGS[_wide_rows(block_d, dtype)][columns]
 
 
 @triton.jit
@@ -846,11 +846,11 @@ def attention_key_mass(q, k, weights, softmax_scale):
     common = dict(HEAD_DIM=dim, BLOCK_D=block_d, IEEE=q.dtype == torch.float32)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                max2.stride(0), max2.stride(1))
-    block_m, block_n, warps, stages = _mass_config(block_d, columns=False)
+    block_m, block_n, warps, stages = _mass_config(block_d, q.dtype, columns=False)
     _mass_rows_kernel[(cdiv(n_queries, block_m), heads, batch)](
         q, k, max2, inv_sum, softmax_scale * LOG2E, n_queries, n_keys, *strides,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common, **COMPILE_OPTIONS)
-    block_m, block_n, warps, stages = _mass_config(block_d, columns=True)
+    block_m, block_n, warps, stages = _mass_config(block_d, q.dtype, columns=True)
     _mass_columns_kernel[(cdiv(n_keys, block_n), heads, batch)](
         q, k, max2, inv_sum, weights, mass, softmax_scale * LOG2E, n_queries, n_keys, *strides, weights.stride(0),
         mass.stride(0), mass.stride(1),

@@ -295,8 +295,8 @@ def test_gpu_tiles_in_the_interpreter(shape, monkeypatch):
 
     used = []
 
-    def gpu_config(block_d, columns):
-        used.append(kernels.MASS_CONFIGS[block_d > kernels.WIDE_HEAD_BLOCK_D][columns])
+    def gpu_config(block_d, dtype, columns):
+        used.append(kernels.MASS_CONFIGS[kernels._wide_rows(block_d, dtype)][columns])
         return used[-1]
 
     monkeypatch.setattr(kernels, "_mass_config", gpu_config)
