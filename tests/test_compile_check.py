@@ -164,6 +164,27 @@ def test_untimed_launch_on_sm89_compiles_up_to_the_first_candidate_that_fits(tmp
     assert found["90"]["problems"] == [] and found["90"]["dropped"] == []
 
 
+def test_fp32_key_mass_at_head_dim_128_fits_sm89(tmp_path):
+    """The key-mass kernels (one configuration each, no autotuning) take their tile by a head row's bytes: fp32 at
+    head dim 128 (512-byte rows) the wide rows' tile. The head-dim-128 tile needed 131,072 B of shared memory there,
+    over an sm_86/sm_89 block's 101,376: the probe could not launch on such a GPU in fp32."""
+    done = _run_script(tmp_path, """
+        import json
+        from sparsectx import compile_check as cc
+
+        variants = cc._key_mass_variants
+        cc._key_mass_variants = lambda d, h: (v for v in variants(d, h) if v[0] == "key mass fp32 D=128")
+        for name in ("_attention_variants", "_norm_rope_variants"):
+            setattr(cc, name, lambda *a: iter(()))
+        cc._compaction_variants = lambda: iter(())
+        rows = cc.run_check(89, ("fp32",), (128,), progress=False)
+        print(json.dumps(dict(kernels=sorted(r.kernel for r in rows), problems=cc.problems(rows, 89))))
+    """)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found == dict(kernels=["_mass_columns_kernel", "_mass_rows_kernel"], problems=[])
+
+
 def test_table_lists_every_binary(quick_check):
     done, report = quick_check
     for row in report["rows"]:
