@@ -508,8 +508,9 @@ def sparse_attention(
     the backward, it gathers them in place.
 
     Returns ``out [Tq, H, D]`` in q's dtype (and ``lse [H, Tq]`` fp32, natural log, when ``return_lse``). A query
-    that sees no key outputs zeros with lse ``-inf``. fp16/bf16 compute with fp32 accumulation; fp32 inputs use
-    full-precision (IEEE) dot products. Gradients flow to q, k, v, ref_k and ref_v. As in FlashAttention, the
+    that sees no key outputs zeros with lse ``-inf`` (a key whose score is ``-inf`` weighs zero, but an inf or NaN in
+    its value row still makes the output NaN, 0 * inf, as in SDPA). fp16/bf16 compute with fp32 accumulation; fp32
+    inputs use full-precision (IEEE) dot products. Gradients flow to q, k, v, ref_k and ref_v. As in FlashAttention, the
     backward recomputes the probabilities from the stored fp32 lse (natural log, converted to base 2 with the
     scores scaled by ``scale * log2(e)``), whose rounding grows with its magnitude: fp32 gradients carry a relative
     error of about ``|lse| * 1e-7`` while that is well below 1 (measured: dv 1.1e-2 at |lse| 4.2e5; far beyond
@@ -913,8 +914,8 @@ def attention_key_mass(q: torch.Tensor, k: torch.Tensor, query_weights: Optional
         raise ValueError(f"q has {batch} samples and {heads} heads; one call takes at most {MAX_GRID_SAMPLES} of "
                          "each (CUDA's grid limit): split the batch")
     if query_weights is None:
-        query_weights = torch.full((batch, n_queries), 1.0 / max(n_queries, 1), dtype=torch.float32,
-                                   device=q.device)
+        query_weights = torch.full((batch, n_queries), 1.0 / max(n_queries, 1), device=q.device,
+                                   dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
     _check_tensor("query_weights", query_weights, ndim=2, device=q.device)
     if not query_weights.is_floating_point() or tuple(query_weights.shape) != (batch, n_queries):
         raise ValueError(f"query_weights must be a float [B={batch}, Q={n_queries}] tensor, got "

@@ -200,10 +200,12 @@ def masked_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_
     """Dense layout ``[B, S, H, D]``: each query attends to the keys of its sample where ``key_mask[b]`` is True.
     Queries that see no key, and queries where ``query_mask`` is False, output zero; a NaN score of a kept query
     and key makes that query's output NaN, as in the kernels. Dropped keys' and values' contents are never read
-    (a NaN or inf there changes nothing, as in the kernels)."""
+    (a NaN or inf there changes nothing, as in the kernels), nor are skipped queries' (their gradients are zero)."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     dropped = ~key_mask[:, :, None, None]
     k, v = k.masked_fill(dropped, 0), v.masked_fill(dropped, 0)  # (a zero probability times NaN is NaN)
+    if query_mask is not None:  # (a NaN in a skipped query's scores made its and every key's gradient NaN)
+        q = q.masked_fill(~query_mask[:, :, None, None], 0)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
     scores = scores.masked_fill(~key_mask[:, None, None, :], -math.inf)
     out = torch.einsum("bhqk,bkhd->bqhd", _softmax_seen(scores), v)

@@ -864,6 +864,30 @@ def test_masked_attention_and_its_reference_never_read_dropped_keys(poison):
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("poison", [math.nan, math.inf])
+def test_skipped_queries_are_never_read_by_the_reference_either(poison):
+    """A skipped query's contents (query_mask False) change nothing, in the op and in its plain-torch specification,
+    gradients included (zero at the skipped queries): the specification computed the skipped queries' scores and
+    masked only their outputs, so a NaN there made their gradients and every key's NaN (the op's were right)."""
+    gen = torch.Generator().manual_seed(22)
+    q, k, v = (torch.randn(2, 7, 2, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    key_mask = torch.ones(2, 7, dtype=torch.bool)
+    query_mask = torch.rand(2, 7, generator=gen) < 0.6
+    query_mask[:, 0], query_mask[:, 1] = True, False
+    poisoned = q.masked_fill(~query_mask[:, :, None, None], poison)
+
+    def grads(fn, queries, dtype):
+        leaves = [t.to(DEVICE, dtype).requires_grad_() for t in (queries, k, v)]
+        out = fn(*leaves, key_mask.to(DEVICE), query_mask=query_mask.to(DEVICE))
+        return [out.detach(), *torch.autograd.grad(out, leaves, torch.ones_like(out))]
+
+    clean = grads(ref.masked_attention_ref, q, torch.float64)
+    assert all(torch.equal(a, b) for a, b in zip(grads(ref.masked_attention_ref, poisoned, torch.float64), clean))
+    assert not clean[1][~query_mask.to(DEVICE)].any()  # zero gradients at the skipped queries
+    for got, want in zip(grads(sparsectx.masked_attention, poisoned, torch.float32), clean):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
 def test_zero_heads_give_empty_outputs_and_gradients():
     """H=0 in half precision (tile copies of the packed rows) returned an AssertionError from the tensor descriptor
     of a [rows, 0] view; the outputs and gradients are empty, as they are in fp32."""

@@ -57,6 +57,14 @@ def test_key_mass_matches_reference(name, dtype):
     _assert_flash_criterion(attention_key_mass(q, k, softmax_scale=scale), q, k, uniform, scale)
 
 
+def test_default_weights_are_the_mean_in_float64_too():
+    """query_weights=None is the mean over the queries: in float64 (the exact check) the default weights were built
+    in float32, 1/Q rounded to float32 (0.5000000149 for Q=2 after the sum), not the mean."""
+    q, k, _ = _inputs((2, 3, 11, 2, 16), torch.float64, seed=6)
+    mean = torch.full((2, 3), 1.0 / 3, dtype=torch.float64, device=DEVICE)
+    assert torch.equal(attention_key_mass(q, k), attention_key_mass(q, k, mean))
+
+
 def test_each_query_gives_its_weight_once_per_head():
     """Per head, the mass over all keys is the sum of the query weights (every query's softmax sums to 1)."""
     q, k, weights = _inputs((2, 19, 70, 3, 32), torch.float32, seed=4)
