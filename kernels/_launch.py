@@ -117,15 +117,16 @@ def interpreter_requested() -> bool:
 
 def autotune_all_configs() -> bool:
     """Whether the attention kernels' autotuner measures all its candidates (``SPARSECTX_AUTOTUNE`` unset, empty or
-    true, the default) or keeps only the first (``SPARSECTX_AUTOTUNE=0``, or another false word). Any other value is
-    refused: a misspelt setting would otherwise tune (or not) silently."""
+    true, the default) or nothing is timed (``SPARSECTX_AUTOTUNE=0``, or another false word: each launch takes the
+    first candidate the GPU can run, kernels/attention.py's ``_FirstThatLaunches``). Any other value is refused: a
+    misspelt setting would otherwise tune (or not) silently."""
     value = os.environ.get("SPARSECTX_AUTOTUNE") or "1"  # (set empty: as unset)
     if value.lower() in _TRUE_WORDS:
         return True
     if value.lower() in _FALSE_WORDS:
         return False
     raise ValueError(f"SPARSECTX_AUTOTUNE={value!r}: expected 1 (tune over every candidate, the default) or 0 "
-                     "(the first candidate only)")
+                     "(no timing: the first candidate the GPU can run)")
 
 
 def built_for_interpreter(kernel) -> bool:

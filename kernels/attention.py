@@ -129,12 +129,15 @@ class _FirstThatLaunches:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            for candidate in self.candidates[:-1]:
+            for candidate in self.candidates:
                 try:
                     return candidate[grid](*args, **kwargs)
                 except OutOfResources:
-                    continue
-            return self.candidates[-1][grid](*args, **kwargs)
+                    # Triton's autotuner keeps the arguments of a launch that raised (``nargs``, reset only after
+                    # a launch): the refused launch's tensors would stay alive until this candidate's next one
+                    candidate.nargs = None
+                    if candidate is self.candidates[-1]:
+                        raise
         return launch
 
 

@@ -5,8 +5,11 @@ makes in the same dtype (the reference computed in that dtype) plus a small abso
 outputs are poisoned (allocated full of NaN, tests/conftest.py) before every call so an unwritten element
 cannot pass.
 """
+import copy
+import gc
 import math
 import types
+import weakref
 
 import pytest
 import torch
@@ -1685,7 +1688,7 @@ def test_untimed_launch_takes_the_first_configuration_this_gpu_can_run(monkeypat
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
                 tried.append(self.name)
-                raise self.error
+                raise copy.copy(self.error)  # (a fresh one: a raised one keeps the launch's frames, tensors too)
             return launch
 
     g = torch.Generator().manual_seed(73)
@@ -1704,6 +1707,31 @@ def test_untimed_launch_takes_the_first_configuration_this_gpu_can_run(monkeypat
         monkeypatch.setattr(launcher, "candidates", (Refused(name), *launcher.candidates))
     assert all(torch.equal(a, b) for a, b in zip(forward_backward(), plain))
     assert tried == ["FWD", "DKDV", "DQ"]  # each kernel went on past its refused first configuration
+
+    # a refused candidate that is a real autotuner (Triton refuses the binary inside the launch it runs) keeps
+    # none of the refused launch's tensors: Triton's autotuner held them (``nargs``) until its next launch
+    class RefusedBinary:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def run(self, *args, **kwargs):
+            tried.append("refused binary")
+            raise OutOfResources(131072, 101376, "shared memory")
+
+    tried.clear()
+    for name in ("FWD", "DKDV", "DQ"):
+        launcher = getattr(kernels, f"{name}_FIXED")[0]
+        refused = copy.copy(launcher.candidates[-1])  # (after the stub above: the real candidate, last)
+        refused.fn = RefusedBinary(refused.fn)
+        monkeypatch.setattr(launcher, "candidates", (refused, launcher.candidates[-1]))
+    q_alive = weakref.ref(q)
+    assert all(torch.equal(a, b) for a, b in zip(forward_backward(), plain))
+    assert tried == ["refused binary"] * 3
+    del q, k, v
+    gc.collect()
+    assert q_alive() is None  # no candidate holds the launch's tensors
+    assert all(getattr(kernels, f"{name}_FIXED")[0].candidates[0].nargs is None for name in ("FWD", "DKDV", "DQ"))
+    q, k, v = (torch.randn(n, 2, 32, generator=g).to(DEVICE).requires_grad_() for n in (6, 9, 9))
 
     launcher = kernels.FWD_FIXED[0]
     monkeypatch.setattr(launcher, "candidates", (Refused("first"), Refused("last")))
