@@ -130,31 +130,40 @@ def test_first_configs_fit_sm90_in_fp32(tmp_path):
         assert len(dq) == 1 and {f"BLOCK_M={shapes[0][0]}", f"BLOCK_N={shapes[0][1]}"} <= set(dq[0]), (dim, dq)
 
 
+def _check_one_variant(tmp_path, label, dtype, dim, archs, env=None):
+    """run_check of the one variant ``label`` (e.g. "attention bf16 D=128 no refs") in a child process, per arch:
+    ``{arch: {"rows": [[kernel, candidate, shared_bytes, error]], "problems": [...], "dropped": [[kernel,
+    candidate]]}}`` (arch as a string, as JSON keeps it)."""
+    done = _run_script(tmp_path, f"""
+        import json
+        from sparsectx import compile_check as cc
+
+        family = "_attention_variants" if {label!r}.startswith("attention") else "_key_mass_variants"
+        variants = getattr(cc, family)
+        for name in ("_attention_variants", "_key_mass_variants", "_norm_rope_variants"):
+            setattr(cc, name, lambda *a: iter(()))
+        setattr(cc, family, lambda d, h: (v for v in variants(d, h) if v[0] == {label!r}))
+        cc._compaction_variants = lambda: iter(())
+        found = {{}}
+        for arch in {list(archs)!r}:
+            rows = cc.run_check(arch, ({dtype!r},), ({dim},), progress=False)
+            found[arch] = dict(rows=[(r.kernel, r.candidate, r.shared_bytes, r.error) for r in rows],
+                               problems=cc.problems(rows, arch),
+                               dropped=[(r.kernel, r.candidate) for r in cc.dropped(rows, arch)])
+        print(json.dumps(found))
+    """, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def test_untimed_launch_on_sm89_compiles_up_to_the_first_candidate_that_fits(tmp_path):
     """An sm_89 (RTX 4090, L40S) block gets 99 KB of shared memory: the first dQ tile of bf16 at head dim 128 (sized
     for sm_90) needs 128 KB there, so the untimed launch (SPARSECTX_AUTOTUNE=0, deterministic algorithms) failed.
     It goes on to the next candidate now, and the check does what the GPU's launcher does: it compiles the first,
     finds it over the limit, compiles the second, which fits, and reports no problem (the first is listed as
     dropped). On sm_90 the first fits and is the only one compiled."""
-    done = _run_script(tmp_path, """
-        import json
-        from sparsectx import compile_check as cc
-
-        variants = cc._attention_variants
-        cc._attention_variants = lambda d, h: (v for v in variants(d, h) if v[0] == "attention bf16 D=128 no refs")
-        for name in ("_key_mass_variants", "_norm_rope_variants"):
-            setattr(cc, name, lambda *a: iter(()))
-        cc._compaction_variants = lambda: iter(())
-        found = {}
-        for arch in (89, 90):
-            rows = cc.run_check(arch, ("bf16",), (128,), progress=False)
-            found[arch] = dict(rows=[(r.kernel, r.candidate, r.shared_bytes, r.error) for r in rows],
-                               problems=cc.problems(rows, arch),
-                               dropped=[(r.kernel, r.candidate) for r in cc.dropped(rows, arch)])
-        print(json.dumps(found))
-    """, env={"SPARSECTX_AUTOTUNE": "0"})
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    found = json.loads(done.stdout.strip().splitlines()[-1])
+    found = _check_one_variant(tmp_path, "attention bf16 D=128 no refs", "bf16", 128, (89, 90),
+                               env={"SPARSECTX_AUTOTUNE": "0"})
     limit = compile_check.SHARED_MEMORY_LIMIT[89]
     dq = [(candidate, shared) for kernel, candidate, shared, _ in found["89"]["rows"] if kernel == "_bwd_dq_kernel"]
     assert [c for c, _ in dq] == [0, 1] and dq[0][1] > limit >= dq[1][1], dq
@@ -168,21 +177,9 @@ def test_fp32_key_mass_at_head_dim_128_fits_sm89(tmp_path):
     """The key-mass kernels (one configuration each, no autotuning) take their tile by a head row's bytes: fp32 at
     head dim 128 (512-byte rows) the wide rows' tile. The head-dim-128 tile needed 131,072 B of shared memory there,
     over an sm_86/sm_89 block's 101,376: the probe could not launch on such a GPU in fp32."""
-    done = _run_script(tmp_path, """
-        import json
-        from sparsectx import compile_check as cc
-
-        variants = cc._key_mass_variants
-        cc._key_mass_variants = lambda d, h: (v for v in variants(d, h) if v[0] == "key mass fp32 D=128")
-        for name in ("_attention_variants", "_norm_rope_variants"):
-            setattr(cc, name, lambda *a: iter(()))
-        cc._compaction_variants = lambda: iter(())
-        rows = cc.run_check(89, ("fp32",), (128,), progress=False)
-        print(json.dumps(dict(kernels=sorted(r.kernel for r in rows), problems=cc.problems(rows, 89))))
-    """)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    found = json.loads(done.stdout.strip().splitlines()[-1])
-    assert found == dict(kernels=["_mass_columns_kernel", "_mass_rows_kernel"], problems=[])
+    found = _check_one_variant(tmp_path, "key mass fp32 D=128", "fp32", 128, (89,))["89"]
+    assert sorted(kernel for kernel, *_ in found["rows"]) == ["_mass_columns_kernel", "_mass_rows_kernel"]
+    assert found["problems"] == []
 
 
 def test_table_lists_every_binary(quick_check):
