@@ -1876,6 +1876,12 @@ class ForwardPatch:
                         "its state_dict or save_pretrained (neither holds sparsectx state)")
 
 
+def _returned_kv_cache(result):
+    """The KV cache a FLUX.2 klein extract forward returned (None where it made none): the second item of its tuple
+    output, or its output object's ``kv_cache``."""
+    return result[1] if isinstance(result, tuple) else getattr(result, "kv_cache", None)
+
+
 class _SparsePatch(ForwardPatch):
     """Holds what ``enable`` changed on one transformer and runs the compacting forward.
 
@@ -2100,7 +2106,7 @@ class _SparsePatch(ForwardPatch):
             self.glm_written.record(call["kv_caches"], self.glm_write, plan.layout.ref_lengths[0])
             self.cache_reports[call["kv_caches"]] = plan
         if self.family == FLUX2 and call.get("kv_cache_mode") == KV_EXTRACT and plan.keep is not None:
-            cache = result[1] if isinstance(result, tuple) else getattr(result, "kv_cache", None)
+            cache = _returned_kv_cache(result)
             if cache is not None:
                 self.cache_reports[cache] = plan
         return result
@@ -3060,7 +3066,7 @@ class _SparsePatch(ForwardPatch):
         its own; the first group's is the one returned (the pipeline hands it to the cached steps), the others kept
         with it (``extracted``)."""
         results = self._group_results(call, plan)
-        caches = [result[1] if isinstance(result, tuple) else result.kv_cache for result in results]
+        caches = [_returned_kv_cache(result) for result in results]
         merged = self._merge(call, plan, results)
         # a group that keeps no reference token has no cache (diffusers returns None): the pipeline is handed the
         # first group's cache that exists (given None, its later steps would run without any cache); none: nothing

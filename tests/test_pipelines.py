@@ -1569,10 +1569,10 @@ def test_sweep_baseline_is_unpatched_on_an_enabled_pipeline(pipe, family):
 
 def _positional(pipe, kwargs):
     """The call's arguments up to and including ``generator`` by position, the rest by keyword."""
-    names = list(inspect.signature(type(pipe).__call__).parameters)[1:]
+    parameters = inspect.signature(type(pipe).__call__).parameters
+    names = list(parameters)[1:]
     upto = names.index("generator") + 1
-    defaults = inspect.signature(type(pipe).__call__).parameters
-    args = [kwargs.pop(name) if name in kwargs else defaults[name].default for name in names[:upto]]
+    args = [kwargs.pop(name) if name in kwargs else parameters[name].default for name in names[:upto]]
     return args, kwargs
 
 
