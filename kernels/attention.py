@@ -750,7 +750,8 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, 
 # ----------------------------------------------------------------------------------------------------------------
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) for the rows and the columns kernel, for head rows up to WIDE_ROW_BYTES
 # and wider (``_wide_rows``: fp16/bf16 head dims above 128, fp32 above 64). fp32 inputs (IEEE dots, no tensor cores)
-# spill at these tiles as at smaller ones (0.5-6 KB at D=64-128): correct, slow; fp16/bf16 do not spill.
+# spill at these tiles as at smaller ones (sm_90: the rows pass 0.5-4 KB at D=64-128, the columns pass 0.4 KB at
+# D=64): correct, slow; fp16/bf16 do not spill.
 MASS_CONFIGS = {False: ((128, 64, 8, 3), (64, 128, 8, 3)), True: ((64, 64, 8, 2), (64, 64, 8, 2))}
 MASS_INTERPRETER_CONFIG = (32, 32, 4, 1)
 
@@ -821,16 +822,18 @@ def _mass_columns_kernel(
     d_valid = offs_d < HEAD_DIM
     k = _mass_rows_block(K + batch * stride_kb, offs_n, key_valid, head, stride_kt, stride_kh, offs_d, d_valid)
     mass = tl.zeros([BLOCK_N], dtype=tl.float32)
-    # this key block's probability under every query, weighted and summed over the query blocks
+    # this key block's probability under every query, weighted and summed over the query blocks. The scores are
+    # taken transposed, keys as rows: the key block stays the product's register operand, loaded once, and the sum
+    # over the queries runs along each row, within a warp (as rows, it would cross the warps in every block)
     for start_m in range(0, n_queries, BLOCK_M):
         rows = start_m + offs_m
         q_valid = rows < n_queries
         q = _mass_rows_block(Q, rows, q_valid, head, stride_qt, stride_qh, offs_d, d_valid)
         m = tl.load(MAX2 + rows, mask=q_valid, other=0.0)
         weight = tl.load(W + rows, mask=q_valid, other=0.0) * tl.load(INV_SUM + rows, mask=q_valid, other=0.0)
-        s = _dot(q, tl.trans(k), IEEE) * qk_scale  # keys past the end: their column is not stored
-        # rows past the end add nothing, also where a key of -inf meets their zero padding (0 * -inf = NaN)
-        mass += tl.sum(tl.where(q_valid[:, None], tl.math.exp2(s - m[:, None]) * weight[:, None], 0.0), 0)
+        s = _dot(k, tl.trans(q), IEEE) * qk_scale  # [keys, queries]; keys past the end: their row is not stored
+        # queries past the end add nothing, also where a key of -inf meets their zero padding (0 * -inf = NaN)
+        mass += tl.sum(tl.where(q_valid[None, :], tl.math.exp2(s - m[None, :]) * weight[None, :], 0.0), 1)
     tl.store(MASS + batch * stride_mb + head * stride_mh + offs_n, mass, mask=key_valid)
 
 
