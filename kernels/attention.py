@@ -741,17 +741,18 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, 
 # key mass (token-selection probes): the softmax probability each key receives, summed over weighted queries.
 # Spec: ``sparsectx.reference.attention_key_mass_ref``. Dense ``[B, S, H, D]`` layouts, no varlen, no gradient.
 # Two passes, as the softmax of a query needs all its keys before any of its probabilities is known:
-# - rows: one program per (query block, head, sample) streams the keys: each query's max score m (base 2) and
-#   1 / sum of exp2(s - m) (kept apart, not as one log-sum-exp: m + log2(l) in fp32 loses log2(l) once |m| is large);
-# - columns: one program per (key block, head, sample) streams the queries: sum_q w_q * exp2(s_qk - m_q) / l_q.
+# - rows: one program per (query block, head, sample) streams the keys: each query's max score m (base 2) and its
+#   weight over its sum of exp2(s - m), w / l (kept apart from m, not as one log-sum-exp: m + log2(l) in fp32 loses
+#   log2(l) once |m| is large);
+# - columns: one program per (key block, head, sample) streams the queries: sum_q exp2(s_qk - m_q) * (w_q / l_q).
 # Neither pass writes a score: 2·B·H·Q·N·D flops per pass, reading q and k once per block of the other.
 # One launch configuration per head-dim class (a probe runs once per pipeline call: autotuning would cost more
 # than it saves); fp16/bf16 compile for sm_90 without spills (Triton 3.6, D=40/64/128/160/256).
 # ----------------------------------------------------------------------------------------------------------------
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) for the rows and the columns kernel, for head rows up to WIDE_ROW_BYTES
 # and wider (``_wide_rows``: fp16/bf16 head dims above 128, fp32 above 64). fp32 inputs (IEEE dots, no tensor cores)
-# spill at these tiles as at smaller ones (sm_90: the rows pass 0.5-4 KB at D=64-128, the columns pass 0.4 KB at
-# D=64): correct, slow; fp16/bf16 do not spill.
+# spill at these tiles as at smaller ones (0.4-5 KB at D=64-128 on sm_80/89/90, varying between Triton releases; at
+# D=128 Triton 3.6 keeps the columns pass in registers): correct, slow; fp16/bf16 do not spill.
 MASS_CONFIGS = {False: ((128, 64, 8, 3), (64, 128, 8, 3)), True: ((64, 64, 8, 2), (64, 64, 8, 2))}
 MASS_INTERPRETER_CONFIG = (32, 32, 4, 1)
 
@@ -770,8 +771,8 @@ def _mass_rows_block(PTR, rows, valid, head, stride_t, stride_h, offs_d, d_valid
 
 @triton.jit
 def _mass_rows_kernel(
-    Q, K, MAX2, INV_SUM, qk_scale, n_queries, n_keys,
-    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_lb, stride_lh,
+    Q, K, W, MAX2, SCALE, qk_scale, n_queries, n_keys,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_lb, stride_lh, stride_wb,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -798,23 +799,22 @@ def _mass_rows_kernel(
     # a query that sees no finite score (sum 0) gives every key probability 0 in the column pass; NaN stays NaN
     none = l_i == 0.0
     stats = batch * stride_lb + head * stride_lh + offs_m
+    weight = tl.load(W + batch * stride_wb + offs_m, mask=q_valid, other=0.0)
     tl.store(MAX2 + stats, tl.where(none, 0.0, m_i), mask=q_valid)
-    tl.store(INV_SUM + stats, tl.where(none, 0.0, 1.0 / tl.where(none, 1.0, l_i)), mask=q_valid)
+    tl.store(SCALE + stats, weight * tl.where(none, 0.0, 1.0 / tl.where(none, 1.0, l_i)), mask=q_valid)
 
 
 @triton.jit
 def _mass_columns_kernel(
-    Q, K, MAX2, INV_SUM, W, MASS, qk_scale, n_queries, n_keys,
-    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_lb, stride_lh, stride_wb,
-    stride_mb, stride_mh,
+    Q, K, MAX2, SCALE, MASS, qk_scale, n_queries, n_keys,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_lb, stride_lh, stride_mb, stride_mh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     pid_n, head, batch = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     Q += batch * stride_qb
     MAX2 += batch * stride_lb + head * stride_lh
-    INV_SUM += batch * stride_lb + head * stride_lh
-    W += batch * stride_wb
+    SCALE += batch * stride_lb + head * stride_lh
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     key_valid = offs_n < n_keys
     offs_m = tl.arange(0, BLOCK_M)
@@ -830,7 +830,7 @@ def _mass_columns_kernel(
         q_valid = rows < n_queries
         q = _mass_rows_block(Q, rows, q_valid, head, stride_qt, stride_qh, offs_d, d_valid)
         m = tl.load(MAX2 + rows, mask=q_valid, other=0.0)
-        weight = tl.load(W + rows, mask=q_valid, other=0.0) * tl.load(INV_SUM + rows, mask=q_valid, other=0.0)
+        weight = tl.load(SCALE + rows, mask=q_valid, other=0.0)
         s = _dot(k, tl.trans(q), IEEE) * qk_scale  # [keys, queries]; keys past the end: their row is not stored
         # queries past the end add nothing, also where a key of -inf meets their zero padding (0 * -inf = NaN)
         mass += tl.sum(tl.where(q_valid[None, :], tl.math.exp2(s - m[None, :]) * weight[None, :], 0.0), 1)
@@ -847,19 +847,18 @@ def attention_key_mass(q, k, weights, softmax_scale):
     if batch == 0 or heads == 0 or n_keys == 0 or n_queries == 0:
         return torch.zeros((batch, heads, n_keys), dtype=torch.float32, device=q.device)
     mass = torch.empty((batch, heads, n_keys), dtype=torch.float32, device=q.device)  # every element is stored
-    max2, inv_sum = torch.empty((2, batch, heads, n_queries), dtype=torch.float32, device=q.device)  # per query
+    max2, scale = torch.empty((2, batch, heads, n_queries), dtype=torch.float32, device=q.device)  # per query
     block_d = _block_d(dim)
     common = dict(HEAD_DIM=dim, BLOCK_D=block_d, IEEE=q.dtype == torch.float32)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                max2.stride(0), max2.stride(1))
     block_m, block_n, warps, stages = _mass_config(block_d, q.dtype, columns=False)
     _mass_rows_kernel[(cdiv(n_queries, block_m), heads, batch)](
-        q, k, max2, inv_sum, softmax_scale * LOG2E, n_queries, n_keys, *strides,
+        q, k, weights, max2, scale, softmax_scale * LOG2E, n_queries, n_keys, *strides, weights.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common, **COMPILE_OPTIONS)
     block_m, block_n, warps, stages = _mass_config(block_d, q.dtype, columns=True)
     _mass_columns_kernel[(cdiv(n_keys, block_n), heads, batch)](
-        q, k, max2, inv_sum, weights, mass, softmax_scale * LOG2E, n_queries, n_keys, *strides, weights.stride(0),
-        mass.stride(0), mass.stride(1),
+        q, k, max2, scale, mass, softmax_scale * LOG2E, n_queries, n_keys, *strides, mass.stride(0), mass.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common, **COMPILE_OPTIONS)
     return mass
 
