@@ -248,13 +248,13 @@ def _weight_grads_kernel(DW_PARTIAL, DW0, DW1, n_partial, HEAD_DIM: tl.constexpr
     feature_valid = features < HEAD_DIM
     segment_width = 2 * BLOCK_PAIRS  # a partial row: the prefix's features, then x's
     columns = segment * segment_width + features
-    total = tl.zeros([REDUCE_FEATURES], dtype=tl.float32)
-    # the partial rows, REDUCE_ROWS at a time
+    totals = tl.zeros([REDUCE_ROWS, REDUCE_FEATURES], dtype=tl.float32)
+    # the partial rows, REDUCE_ROWS at a time, added up elementwise (no reduction across the warps per step)
     for first in range(0, n_partial, REDUCE_ROWS):
         rows = first + tl.arange(0, REDUCE_ROWS)
-        tile = tl.load(DW_PARTIAL + rows.to(tl.int64)[:, None] * (2 * segment_width) + columns[None, :],
-                       mask=(rows < n_partial)[:, None] & feature_valid[None, :], other=0.0)
-        total += tl.sum(tile, axis=0)
+        totals += tl.load(DW_PARTIAL + rows.to(tl.int64)[:, None] * (2 * segment_width) + columns[None, :],
+                          mask=(rows < n_partial)[:, None] & feature_valid[None, :], other=0.0)
+    total = tl.sum(totals, axis=0)
     if segment == 0:
         tl.store(DW0 + features, total.to(DW0.dtype.element_ty), mask=feature_valid)
     else:
