@@ -751,8 +751,8 @@ def attention_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, 
 # ----------------------------------------------------------------------------------------------------------------
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) for the rows and the columns kernel, for head rows up to WIDE_ROW_BYTES
 # and wider (``_wide_rows``: fp16/bf16 head dims above 128, fp32 above 64). fp32 inputs (IEEE dots, no tensor cores)
-# spill at these tiles as at smaller ones (0.4-5 KB at D=64-128 on sm_80/89/90, varying between Triton releases; at
-# D=128 Triton 3.6 keeps the columns pass in registers): correct, slow; fp16/bf16 do not spill.
+# spill at these tiles as at smaller ones (sm_90, Triton 3.6 and 3.9: about 2.5 KB per pass at D=64, 7 KB at D=128):
+# correct, slow; fp16/bf16 do not spill.
 MASS_CONFIGS = {False: ((128, 64, 8, 3), (64, 128, 8, 3)), True: ((64, 64, 8, 2), (64, 64, 8, 2))}
 MASS_INTERPRETER_CONFIG = (32, 32, 4, 1)
 
@@ -767,6 +767,15 @@ def _mass_rows_block(PTR, rows, valid, head, stride_t, stride_h, offs_d, d_valid
     ``[S, H, D]`` tensor, as a ``[rows, BLOCK_D]`` tile."""
     return tl.load(PTR + rows.to(tl.int64)[:, None] * stride_t + head * stride_h + offs_d[None, :],
                    mask=valid[:, None] & d_valid[None, :], other=0.0)
+
+
+@triton.jit
+def _mass_row_stats(m_i, l_i, s):
+    """Folds a block of scaled scores ``s`` (base 2) into each query's running max and sum of exp2(s - max)
+    (exponentials from 0 while a row has seen only -inf)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_from = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, l_i * tl.math.exp2(m_i - m_from) + tl.sum(tl.math.exp2(s - m_from[:, None]), 1)
 
 
 @triton.jit
@@ -787,21 +796,40 @@ def _mass_rows_kernel(
     q = _mass_rows_block(Q, offs_m, q_valid, head, stride_qt, stride_qh, offs_d, d_valid)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    # running max and sum of exp2 over every key block (exponentials from 0 while a row has seen only -inf)
-    for start_n in range(0, n_keys, BLOCK_N):
-        key_valid = start_n + offs_n < n_keys
-        k = _mass_rows_block(K, start_n + offs_n, key_valid, head, stride_kt, stride_kh, offs_d, d_valid)
-        s = tl.where(key_valid[None, :], _dot(q, tl.trans(k), IEEE) * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_from = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.math.exp2(m_i - m_from) + tl.sum(tl.math.exp2(s - m_from[:, None]), 1)
-        m_i = m_new
+    # running max and sum of exp2 over every key block: the full blocks unmasked, then the tail
+    n_full = (n_keys // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        k = _mass_rows_block(K, start_n + offs_n, offs_n >= 0, head, stride_kt, stride_kh, offs_d, d_valid)
+        m_i, l_i = _mass_row_stats(m_i, l_i, _dot(q, tl.trans(k), IEEE) * qk_scale)
+    if n_full < n_keys:
+        key_valid = n_full + offs_n < n_keys
+        k = _mass_rows_block(K, n_full + offs_n, key_valid, head, stride_kt, stride_kh, offs_d, d_valid)
+        m_i, l_i = _mass_row_stats(m_i, l_i, tl.where(key_valid[None, :], _dot(q, tl.trans(k), IEEE) * qk_scale,
+                                                       float("-inf")))
     # a query that sees no finite score (sum 0) gives every key probability 0 in the column pass; NaN stays NaN
     none = l_i == 0.0
     stats = batch * stride_lb + head * stride_lh + offs_m
     weight = tl.load(W + batch * stride_wb + offs_m, mask=q_valid, other=0.0)
     tl.store(MAX2 + stats, tl.where(none, 0.0, m_i), mask=q_valid)
     tl.store(SCALE + stats, weight * tl.where(none, 0.0, 1.0 / tl.where(none, 1.0, l_i)), mask=q_valid)
+
+
+@triton.jit
+def _mass_column_sums(Q, MAX2, SCALE, k, rows, q_valid, head, stride_qt, stride_qh, offs_d, d_valid, qk_scale,
+                      MASK_QUERIES: tl.constexpr, IEEE: tl.constexpr):
+    """Per key of the block ``k``: its probability under the queries ``rows``, each weighted by its SCALE, summed.
+    The scores are taken transposed, keys as rows: the key block stays the product's register operand, loaded once,
+    and the sum over the queries runs along each row, within a warp (as rows, it would cross the warps in every
+    block). MASK_QUERIES: the block is the tail, its queries past the end add nothing (also where a key of -inf meets
+    their zero padding: 0 * -inf = NaN)."""
+    q = _mass_rows_block(Q, rows, q_valid, head, stride_qt, stride_qh, offs_d, d_valid)
+    m = tl.load(MAX2 + rows, mask=q_valid, other=0.0)
+    weight = tl.load(SCALE + rows, mask=q_valid, other=0.0)
+    s = _dot(k, tl.trans(q), IEEE) * qk_scale  # [keys, queries]; keys past the end: their row is not stored
+    p = tl.math.exp2(s - m[None, :]) * weight[None, :]
+    if MASK_QUERIES:
+        p = tl.where(q_valid[None, :], p, 0.0)
+    return tl.sum(p, 1)
 
 
 @triton.jit
@@ -822,18 +850,16 @@ def _mass_columns_kernel(
     d_valid = offs_d < HEAD_DIM
     k = _mass_rows_block(K + batch * stride_kb, offs_n, key_valid, head, stride_kt, stride_kh, offs_d, d_valid)
     mass = tl.zeros([BLOCK_N], dtype=tl.float32)
-    # this key block's probability under every query, weighted and summed over the query blocks. The scores are
-    # taken transposed, keys as rows: the key block stays the product's register operand, loaded once, and the sum
-    # over the queries runs along each row, within a warp (as rows, it would cross the warps in every block)
-    for start_m in range(0, n_queries, BLOCK_M):
-        rows = start_m + offs_m
-        q_valid = rows < n_queries
-        q = _mass_rows_block(Q, rows, q_valid, head, stride_qt, stride_qh, offs_d, d_valid)
-        m = tl.load(MAX2 + rows, mask=q_valid, other=0.0)
-        weight = tl.load(SCALE + rows, mask=q_valid, other=0.0)
-        s = _dot(k, tl.trans(q), IEEE) * qk_scale  # [keys, queries]; keys past the end: their row is not stored
-        # queries past the end add nothing, also where a key of -inf meets their zero padding (0 * -inf = NaN)
-        mass += tl.sum(tl.where(q_valid[None, :], tl.math.exp2(s - m[None, :]) * weight[None, :], 0.0), 1)
+    # this key block's probability under every query, weighted and summed over the query blocks: the full blocks
+    # unmasked, then the tail
+    n_full = (n_queries // BLOCK_M) * BLOCK_M
+    for start_m in range(0, n_full, BLOCK_M):
+        mass += _mass_column_sums(Q, MAX2, SCALE, k, start_m + offs_m, offs_m >= 0, head, stride_qt, stride_qh,
+                                  offs_d, d_valid, qk_scale, False, IEEE)
+    if n_full < n_queries:
+        rows = n_full + offs_m
+        mass += _mass_column_sums(Q, MAX2, SCALE, k, rows, rows < n_queries, head, stride_qt, stride_qh, offs_d,
+                                  d_valid, qk_scale, True, IEEE)
     tl.store(MASS + batch * stride_mb + head * stride_mh + offs_n, mass, mask=key_valid)
 
 
