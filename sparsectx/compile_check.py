@@ -74,6 +74,7 @@ class Compiled:
     candidate: Optional[int] = None     # index in the autotuner's candidate list (None: not autotuned)
     local_array_bytes: int = 0          # the part of the stack frame that is a known local array (LOCAL_ARRAY_BYTES)
     fp_fusion: Optional[bool] = None    # compiled with FMA contraction (kernels/_launch.py's COMPILE_OPTIONS)
+    loops: Optional[list] = None        # with ``loops=True``: what one step of each loop of the SASS holds (``_loops``)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -182,6 +183,47 @@ def _resources(cubin: bytes) -> tuple[int, int, int]:
     if found is None:
         raise RuntimeError(f"cuobjdump -res-usage printed no REG/STACK/SHARED line: {usage[-300:]!r}")
     return int(found.group(1)), int(found.group(2)), int(found.group(3))
+
+
+# what a loop step's SASS is counted for: opcode families (the opcode before its first dot) per field of ``_loops``
+LOOP_OPCODES = {"barriers": ("BAR",), "shuffles": ("SHFL",), "shared_stores": ("STS", "STSM"),
+                "shared_loads": ("LDS", "LDSM")}
+
+
+def _loops(cubin: bytes) -> list[dict]:
+    """The loops of a compiled binary, read from its SASS (``cuobjdump -sass``: about 0.4 s a binary): one dict per
+    loop, in address order, with ``instructions`` (in one step: from the loop's head to the branch back to it, inner
+    loops counted once) and the ``LOOP_OPCODES`` counts among them. A loop is a branch to an earlier address;
+    instructions predicated on ``!PT`` (never executed: padding) do not count."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        sass = subprocess.run([_cuobjdump(), "-sass", path], capture_output=True, text=True, check=True).stdout
+    return _sass_loops(sass)
+
+
+def _sass_loops(sass: str) -> list[dict]:
+    """``_loops`` of a SASS listing (lines ``/*addr*/ [@pred] OPCODE operands ;``)."""
+    code = []  # (address, predicate, opcode, text)
+    for line in sass.splitlines():
+        found = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s*(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", line)
+        if found:
+            code.append((int(found.group(1), 16), (found.group(2) or "").strip(), found.group(3), found.group(4)))
+    where = {address: i for i, (address, *_) in enumerate(code)}
+    ends: dict = {}  # first instruction of a loop -> its last (the branch back furthest down)
+    for i, (address, _, opcode, operands) in enumerate(code):
+        # (the target is the last operand: ``BRA 0x4840``, ``BRA P4, 0x23e0``)
+        target = re.search(r"(0x[0-9a-f]+)\s*$", operands) if opcode.split(".")[0] == "BRA" else None
+        if target and int(target.group(1), 16) < address and int(target.group(1), 16) in where:
+            first = where[int(target.group(1), 16)]
+            ends[first] = max(ends.get(first, i), i)
+    loops = []
+    for first, last in sorted(ends.items()):
+        executed = [opcode.split(".")[0] for _, predicate, opcode, _ in code[first:last + 1] if predicate != "@!PT"]
+        loops.append({"instructions": len(executed),
+                      **{name: sum(op in families for op in executed) for name, families in LOOP_OPCODES.items()}})
+    return loops
 
 
 def _config_label(kwargs: dict) -> str:
@@ -360,12 +402,14 @@ def _compaction_variants():
 # ----------------------------------------------------------------------------------------------------------------
 # the check
 # ----------------------------------------------------------------------------------------------------------------
-def run_check(arch: int = 90, dtypes=DTYPES, head_dims=HEAD_DIMS, progress: bool = True) -> list[Compiled]:
+def run_check(arch: int = 90, dtypes=DTYPES, head_dims=HEAD_DIMS, progress: bool = True,
+              loops: bool = False) -> list[Compiled]:
     """Compiles every variant for ``sm_<arch>`` in this process (which must not have imported the kernels through
     the interpreter): attention, key mass and norm + RoPE in ``dtypes`` (names: fp16, bf16, fp32) at ``head_dims``
     (norm + RoPE at the even ones), and every compaction kernel. The autotune candidates are the kernels' (all, or
     under ``SPARSECTX_AUTOTUNE=0`` the untimed launch's: the first, or up to the first that fits). Returns one row
-    per compiled binary, and one row per variant that failed."""
+    per compiled binary, and one row per variant that failed. ``loops``: each row also gets its binary's loops
+    (``_loops``)."""
     from .kernels import attention, compaction, norm_rope
 
     if attention.INTERPRETED or compaction.INTERPRETED or norm_rope.INTERPRETED:
@@ -397,7 +441,8 @@ def run_check(arch: int = 90, dtypes=DTYPES, head_dims=HEAD_DIMS, progress: bool
             rows.append(Compiled(label, name, config, registers, stack - local,
                                  compiled.metadata.shared + static_shared, round(seconds, 2), candidate=candidate,
                                  local_array_bytes=local,
-                                 fp_fusion=getattr(compiled.metadata, "enable_fp_fusion", None)))
+                                 fp_fusion=getattr(compiled.metadata, "enable_fp_fusion", None),
+                                 loops=_loops(compiled.asm["cubin"]) if loops else None))
         try:
             with _compile_only(arch, record):
                 launch()
@@ -462,6 +507,14 @@ def format_table(rows: list[Compiled], arch: int) -> str:
     spilled = [r for r in rows if r.spill_bytes]
     lines.append(f"\n{len(rows)} binaries for sm_{arch}; spilling: {len(spilled)}"
                  + "".join(f"\n  {r.variant}: {r.kernel} [{r.config}] {r.spill_bytes} B" for r in spilled))
+    looped = [r for r in rows if r.loops]
+    if looped:
+        lines.append("loops, per step (instructions, barriers, shuffles, shared-memory stores / loads):"
+                     + "".join(f"\n  {r.variant}: {r.kernel} [{r.config}] "
+                               + "; ".join(f"{loop['instructions']} ins, {loop['barriers']} bar, "
+                                           f"{loop['shuffles']} shfl, {loop['shared_stores']} st / "
+                                           f"{loop['shared_loads']} ld" for loop in r.loops)
+                               for r in looped))
     skipped = dropped(rows, arch)
     if skipped:
         lines.append(f"autotune candidates dropped on sm_{arch} (shared memory over "
@@ -508,6 +561,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only the candidates of each attention kernel that its untimed launch "
                              "(SPARSECTX_AUTOTUNE=0, deterministic algorithms) compiles: the first, or up to the "
                              "first that fits the arch")
+    parser.add_argument("--loops", action="store_true",
+                        help="also count what one step of each loop of each binary holds (instructions, barriers, "
+                             "shuffles, shared-memory stores and loads, read from its SASS: about 0.4 s a binary), "
+                             "e.g. a reduction across warps or a shared-memory round trip in every step")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
 
 
@@ -545,9 +602,10 @@ def main(args: argparse.Namespace) -> int:
         argv = [sys.executable, "-m", "sparsectx.compile_check", "--arch", str(args.arch),
                 "--dtypes", ",".join(dtypes), "--head-dims", ",".join(map(str, head_dims))]
         argv += (["--first-config"] if args.first_config else []) + (["--json", args.json] if args.json else [])
+        argv += ["--loops"] if args.loops else []
         return subprocess.call(argv, env=env)
     start = time.perf_counter()
-    rows = run_check(args.arch, dtypes, head_dims)
+    rows = run_check(args.arch, dtypes, head_dims, loops=args.loops)
     import triton
 
     print(f"Triton {triton.__version__}, sm_{args.arch}, {time.perf_counter() - start:.0f} s\n")

@@ -182,6 +182,71 @@ def test_fp32_key_mass_at_head_dim_128_fits_sm89(tmp_path):
     assert found["problems"] == []
 
 
+def test_sass_loops_count_one_step_of_each_loop():
+    """``--loops``: a loop is a branch back to an earlier address (also one with a predicate operand); one step
+    counts the instructions from its head to its last branch back, an inner loop's once, and never those predicated
+    on ``!PT`` (padding); a branch forward or to itself (the trap at a kernel's end) is no loop."""
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/               @P0 BRA 0x0060 ;
+        /*0020*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0030*/                   STS.128 [R2], R4 ;
+        /*0040*/              @!PT LDS RZ, [RZ] ;
+        /*0050*/                   SHFL.BFLY PT, R3, R4, 0x1, 0x1f ;
+        /*0060*/                   LDS.128 R8, [R2] ;
+        /*0070*/              @!P1 BRA 0x0060 ;
+        /*0080*/                   LDSM.16.M88.4 R12, [R2] ;
+        /*0090*/               @P2 BRA P3, 0x0020 ;
+        /*00a0*/                   EXIT ;
+        /*00b0*/                   BRA 0xb0;
+    """
+    inner = {"instructions": 2, "barriers": 0, "shuffles": 0, "shared_stores": 0, "shared_loads": 1}
+    outer = {"instructions": 7, "barriers": 1, "shuffles": 1, "shared_stores": 1, "shared_loads": 2}
+    assert compile_check._sass_loops(sass) == [outer, inner]
+    assert compile_check._sass_loops("/*0000*/ EXIT ;") == []
+
+
+def test_key_mass_and_weight_gradient_loops_make_no_round_trip_per_step(tmp_path):
+    """The key-mass passes (the selection probes' signal) and the norm + RoPE weight gradient compiled for sm_90
+    (bf16, head dim 128): no step of their loops stores to shared memory, and a step holds at most the pipeline's two
+    barriers (none in the weight gradient's). The columns pass reduced each block over its queries across warps
+    (10 barriers and 12 shared stores a step) and stored its loop-invariant key block again in every step; the weight
+    gradient reduced each tile across warps (2 barriers)."""
+    done = _run_script(tmp_path, """
+        import json
+        from sparsectx import compile_check as cc
+
+        wanted = {"key mass bf16 D=128", "norm+rope bf16 D=128"}
+        for name in ("_attention_variants", "_key_mass_variants", "_norm_rope_variants"):
+            variants = getattr(cc, name)
+            setattr(cc, name, lambda d, h, variants=variants: (v for v in variants(d, h) if v[0] in wanted))
+        cc._compaction_variants = lambda: iter(())
+        rows = cc.run_check(90, ("bf16",), (128,), progress=False, loops=True)
+        print(json.dumps([(r.kernel, r.error, r.loops) for r in rows]))
+    """)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    rows = {kernel: (error, loops) for kernel, error, loops in json.loads(done.stdout.strip().splitlines()[-1])}
+    for kernel, most_barriers in (("_mass_rows_kernel", 2), ("_mass_columns_kernel", 2), ("_weight_grads_kernel", 0)):
+        error, loops = rows[kernel]
+        assert error is None and loops, (kernel, error, loops)
+        assert all(loop["shared_stores"] == 0 and loop["barriers"] <= most_barriers for loop in loops), (kernel, loops)
+
+
+def test_loops_reach_the_child_process_and_the_table(monkeypatch):
+    """``--loops`` is handed to the child process that compiles, and the table lists each binary's loop steps."""
+    from sparsectx import cli
+
+    calls = _children(monkeypatch)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert cli.main(["compile-check", "--quick", "--loops"]) == 0
+    assert "--loops" in calls[-1][0]
+    row = compile_check.Compiled("key mass bf16 D=128", "_mass_columns_kernel", "w8 s3", 80, 0, 1024, 0.1,
+                                 loops=[{"instructions": 253, "barriers": 2, "shuffles": 4, "shared_stores": 0,
+                                         "shared_loads": 1}])
+    assert ("  key mass bf16 D=128: _mass_columns_kernel [w8 s3] 253 ins, 2 bar, 4 shfl, 0 st / 1 ld"
+            in compile_check.format_table([row], 90).splitlines())
+
+
 def test_table_lists_every_binary(quick_check):
     done, report = quick_check
     for row in report["rows"]:
@@ -295,7 +360,7 @@ def test_main_exits_1_on_a_problem_and_writes_it_to_the_json(tmp_path, monkeypat
 
     limit = compile_check.SHARED_MEMORY_LIMIT[90]
     rows = [compile_check.Compiled("v", "_fwd_kernel", "w8", 128, 0, limit + 1, 1.0, candidate=0)]
-    monkeypatch.setattr(compile_check, "run_check", lambda arch, dtypes, head_dims: rows)
+    monkeypatch.setattr(compile_check, "run_check", lambda arch, dtypes, head_dims, loops=False: rows)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # runs in this process: run_check is the stand-in
     monkeypatch.setenv("SPARSECTX_AUTOTUNE", "1")
     out = tmp_path / "check.json"
@@ -307,13 +372,13 @@ def test_main_exits_1_on_a_problem_and_writes_it_to_the_json(tmp_path, monkeypat
     assert cli.main(["compile-check", "--json", str(out)]) == 0 and json.loads(out.read_text())["problems"] == []
     # a path that can not be written is refused before the compiles (minutes), not after them with a traceback and
     # exit status 1 (which also means "problems found"): a folder, under a file, in a folder that takes no file
-    monkeypatch.setattr(compile_check, "run_check", lambda *a: pytest.fail("compiled before the path was checked"))
+    monkeypatch.setattr(compile_check, "run_check", lambda *a, **k: pytest.fail("compiled before the path was checked"))
     (tmp_path / "a_file").write_text("")
     for bad in (tmp_path, tmp_path / "a_file" / "check.json", "/proc/check.json"):
         assert cli.main(["compile-check", "--json", str(bad)]) == 2
         assert "sparsectx compile-check: error: --json" in capsys.readouterr().err
     # a missing folder is made, as `sparsectx bench --json` makes it
-    monkeypatch.setattr(compile_check, "run_check", lambda arch, dtypes, head_dims: rows)
+    monkeypatch.setattr(compile_check, "run_check", lambda arch, dtypes, head_dims, loops=False: rows)
     assert cli.main(["compile-check", "--json", str(tmp_path / "made" / "check.json")]) == 0
     assert (tmp_path / "made" / "check.json").exists()
 
@@ -344,8 +409,8 @@ def test_command_line_refuses_an_unknown_arch_and_quick_with_explicit_variants(t
         assert cli.main(["compile-check", "--quick", *extra]) == 2
         assert "--quick stands for --dtypes bf16 --head-dims 64,128" in capsys.readouterr().err
     seen = []
-    monkeypatch.setattr(compile_check, "run_check", lambda arch, dtypes, head_dims: seen.append((dtypes, head_dims))
-                        or [])
+    monkeypatch.setattr(compile_check, "run_check",
+                        lambda arch, dtypes, head_dims, loops=False: seen.append((dtypes, head_dims)) or [])
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # runs in this process: run_check is the stand-in
     monkeypatch.setenv("SPARSECTX_AUTOTUNE", "1")
     for argv in ([], ["--quick"], ["--dtypes", "fp32", "--head-dims", "40"]):
@@ -470,7 +535,7 @@ def test_json_records_the_run_as_asked_and_keeps_error_rows(tmp_path, monkeypatc
 
     rows = [compile_check.Compiled("v", "_fwd_kernel", "w8", 128, 0, 1000, 1.0, candidate=0),
             compile_check.Compiled("v", "_bwd_dq_kernel", "w8", error="CompilationError: boom", candidate=1)]
-    monkeypatch.setattr(compile_check, "run_check", lambda arch, dtypes, head_dims: rows)
+    monkeypatch.setattr(compile_check, "run_check", lambda arch, dtypes, head_dims, loops=False: rows)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("SPARSECTX_AUTOTUNE", "1")
     out = tmp_path / "check.json"
