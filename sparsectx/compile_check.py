@@ -193,8 +193,9 @@ LOOP_OPCODES = {"barriers": ("BAR",), "shuffles": ("SHFL",), "shared_stores": ("
 def _loops(cubin: bytes) -> list[dict]:
     """The loops of a compiled binary, read from its SASS (``cuobjdump -sass``: about 0.4 s a binary): one dict per
     loop, in address order, with ``instructions`` (in one step: from the loop's head to the branch back to it, inner
-    loops counted once) and the ``LOOP_OPCODES`` counts among them. A loop is a branch to an earlier address;
-    instructions predicated on ``!PT`` (never executed: padding) do not count."""
+    loops counted once) and the ``LOOP_OPCODES`` counts among them. A loop is a branch to an earlier address with
+    no unconditional ``EXIT`` between them (a block placed after the kernel's end jumps back into it); instructions
+    predicated on ``!PT`` (never executed: padding) do not count."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
@@ -220,6 +221,8 @@ def _sass_loops(sass: str) -> list[dict]:
             ends[first] = max(ends.get(first, i), i)
     loops = []
     for first, last in sorted(ends.items()):
+        if any(opcode == "EXIT" and not predicate for _, predicate, opcode, _ in code[first:last]):
+            continue  # a block placed after the kernel's end (e.g. a wait) that jumps back into it: no loop
         executed = [opcode.split(".")[0] for _, predicate, opcode, _ in code[first:last + 1] if predicate != "@!PT"]
         loops.append({"instructions": len(executed),
                       **{name: sum(op in families for op in executed) for name, families in LOOP_OPCODES.items()}})

@@ -185,7 +185,8 @@ def test_fp32_key_mass_at_head_dim_128_fits_sm89(tmp_path):
 def test_sass_loops_count_one_step_of_each_loop():
     """``--loops``: a loop is a branch back to an earlier address (also one with a predicate operand); one step
     counts the instructions from its head to its last branch back, an inner loop's once, and never those predicated
-    on ``!PT`` (padding); a branch forward or to itself (the trap at a kernel's end) is no loop."""
+    on ``!PT`` (padding); a branch forward or to itself (the trap at a kernel's end) is no loop, nor is the jump back
+    of a block placed after the kernel's end (a wait on a barrier there is a loop of its own)."""
     sass = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;
         /*0010*/               @P0 BRA 0x0060 ;
@@ -198,11 +199,15 @@ def test_sass_loops_count_one_step_of_each_loop():
         /*0080*/                   LDSM.16.M88.4 R12, [R2] ;
         /*0090*/               @P2 BRA P3, 0x0020 ;
         /*00a0*/                   EXIT ;
-        /*00b0*/                   BRA 0xb0;
+        /*00b0*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P4, [R2+URZ], R5 ;
+        /*00c0*/              @!P4 BRA 0x00b0 ;
+        /*00d0*/                   BRA 0x0080 ;
+        /*00e0*/                   BRA 0xe0;
     """
     inner = {"instructions": 2, "barriers": 0, "shuffles": 0, "shared_stores": 0, "shared_loads": 1}
     outer = {"instructions": 7, "barriers": 1, "shuffles": 1, "shared_stores": 1, "shared_loads": 2}
-    assert compile_check._sass_loops(sass) == [outer, inner]
+    wait = {"instructions": 2, "barriers": 0, "shuffles": 0, "shared_stores": 0, "shared_loads": 0}
+    assert compile_check._sass_loops(sass) == [outer, inner, wait]
     assert compile_check._sass_loops("/*0000*/ EXIT ;") == []
 
 
