@@ -7,7 +7,8 @@ Triton's wheel) assembles it for any ``sm_XX`` on the CPU. This check drives the
 (dtypes, head dims, reference layouts, selection paths), with every launch turned into a compile for the chosen
 architecture (nothing runs, nothing is read back), and every autotune candidate compiled, not measured. It reports
 per compiled kernel: registers per thread, spilled bytes (stack; a known local array apart) and shared memory,
-next to the architecture's per-block shared memory limit.
+next to the architecture's per-block shared memory limit; with ``--loops``, what one step of each of its loops
+holds (instructions, barriers, shuffles, shared-memory stores and loads, from its SASS).
 
 What it catches before any GPU time is spent: a kernel that does not compile with the installed Triton for that
 architecture (an API or lowering difference between releases), a config whose shared memory exceeds what a block
@@ -206,7 +207,7 @@ def _loops(cubin: bytes) -> list[dict]:
 
 def _sass_loops(sass: str) -> list[dict]:
     """``_loops`` of a SASS listing (lines ``/*addr*/ [@pred] OPCODE operands ;``)."""
-    code = []  # (address, predicate, opcode, text)
+    code = []  # (address, predicate, opcode, operands)
     for line in sass.splitlines():
         found = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s*(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", line)
         if found:
