@@ -170,16 +170,21 @@ def _cuobjdump() -> str:
     return path or os.path.join(os.path.dirname(compiler.__file__), "bin", "cuobjdump")
 
 
+def _cuobjdump_output(cubin: bytes, option: str) -> str:
+    """What ``cuobjdump <option>`` prints of a compiled binary."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        return subprocess.run([_cuobjdump(), option, path], capture_output=True, text=True, check=True).stdout
+
+
 def _resources(cubin: bytes) -> tuple[int, int, int]:
     """(registers per thread, stack bytes, static shared memory bytes) of a compiled binary, as
     ``cuobjdump -res-usage`` reads them from it (a stack frame in these kernels, which keep no local arrays of their
     own, is spilled registers, but for the math library's in ``LOCAL_ARRAY_BYTES``; the static shared memory counts
     against a block's limit beside the launch's dynamic shared memory)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(cubin)
-        usage = subprocess.run([_cuobjdump(), "-res-usage", path], capture_output=True, text=True, check=True).stdout
+    usage = _cuobjdump_output(cubin, "-res-usage")
     found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", usage)
     if found is None:
         raise RuntimeError(f"cuobjdump -res-usage printed no REG/STACK/SHARED line: {usage[-300:]!r}")
@@ -197,12 +202,7 @@ def _loops(cubin: bytes) -> list[dict]:
     loops counted once) and the ``LOOP_OPCODES`` counts among them. A loop is a branch to an earlier address with
     no unconditional ``EXIT`` between them (a block placed after the kernel's end jumps back into it); instructions
     predicated on ``!PT`` (never executed: padding) do not count."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(cubin)
-        sass = subprocess.run([_cuobjdump(), "-sass", path], capture_output=True, text=True, check=True).stdout
-    return _sass_loops(sass)
+    return _sass_loops(_cuobjdump_output(cubin, "-sass"))
 
 
 def _sass_loops(sass: str) -> list[dict]:
@@ -216,10 +216,10 @@ def _sass_loops(sass: str) -> list[dict]:
     ends: dict = {}  # first instruction of a loop -> its last (the branch back furthest down)
     for i, (address, _, opcode, operands) in enumerate(code):
         # (the target is the last operand: ``BRA 0x4840``, ``BRA P4, 0x23e0``)
-        target = re.search(r"(0x[0-9a-f]+)\s*$", operands) if opcode.split(".")[0] == "BRA" else None
-        if target and int(target.group(1), 16) < address and int(target.group(1), 16) in where:
-            first = where[int(target.group(1), 16)]
-            ends[first] = max(ends.get(first, i), i)
+        found = re.search(r"(0x[0-9a-f]+)\s*$", operands) if opcode.split(".")[0] == "BRA" else None
+        target = int(found.group(1), 16) if found else None
+        if target is not None and target < address and target in where:
+            ends[where[target]] = max(ends.get(where[target], i), i)
     loops = []
     for first, last in sorted(ends.items()):
         if any(opcode == "EXIT" and not predicate for _, predicate, opcode, _ in code[first:last]):

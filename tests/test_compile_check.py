@@ -130,20 +130,25 @@ def test_first_configs_fit_sm90_in_fp32(tmp_path):
         assert len(dq) == 1 and {f"BLOCK_M={shapes[0][0]}", f"BLOCK_N={shapes[0][1]}"} <= set(dq[0]), (dim, dq)
 
 
+# the lines of a child script (indented as they are) after it set ``wanted``: run_check compiles only the variants
+# whose labels are in it, no compaction kernel
+_ONLY_WANTED_VARIANTS = """
+        from sparsectx import compile_check as cc
+
+        for name in ("_attention_variants", "_key_mass_variants", "_norm_rope_variants"):
+            variants = getattr(cc, name)
+            setattr(cc, name, lambda d, h, variants=variants: (v for v in variants(d, h) if v[0] in wanted))
+        cc._compaction_variants = lambda: iter(())"""
+
+
 def _check_one_variant(tmp_path, label, dtype, dim, archs, env=None):
     """run_check of the one variant ``label`` (e.g. "attention bf16 D=128 no refs") in a child process, per arch:
     ``{arch: {"rows": [[kernel, candidate, shared_bytes, error]], "problems": [...], "dropped": [[kernel,
     candidate]]}}`` (arch as a string, as JSON keeps it)."""
     done = _run_script(tmp_path, f"""
         import json
-        from sparsectx import compile_check as cc
 
-        family = "_attention_variants" if {label!r}.startswith("attention") else "_key_mass_variants"
-        variants = getattr(cc, family)
-        for name in ("_attention_variants", "_key_mass_variants", "_norm_rope_variants"):
-            setattr(cc, name, lambda *a: iter(()))
-        setattr(cc, family, lambda d, h: (v for v in variants(d, h) if v[0] == {label!r}))
-        cc._compaction_variants = lambda: iter(())
+        wanted = {{{label!r}}}{_ONLY_WANTED_VARIANTS}
         found = {{}}
         for arch in {list(archs)!r}:
             rows = cc.run_check(arch, ({dtype!r},), ({dim},), progress=False)
@@ -219,13 +224,8 @@ def test_key_mass_and_weight_gradient_loops_make_no_round_trip_per_step(tmp_path
     again in every step; the weight gradient reduced each tile across warps (2 barriers; 3.6: 3)."""
     done = _run_script(tmp_path, """
         import json
-        from sparsectx import compile_check as cc
 
-        wanted = {"key mass bf16 D=128", "norm+rope bf16 D=128"}
-        for name in ("_attention_variants", "_key_mass_variants", "_norm_rope_variants"):
-            variants = getattr(cc, name)
-            setattr(cc, name, lambda d, h, variants=variants: (v for v in variants(d, h) if v[0] in wanted))
-        cc._compaction_variants = lambda: iter(())
+        wanted = {"key mass bf16 D=128", "norm+rope bf16 D=128"}""" + _ONLY_WANTED_VARIANTS + """
         rows = cc.run_check(90, ("bf16",), (128,), progress=False, loops=True)
         print(json.dumps([(r.kernel, r.error, r.loops) for r in rows]))
     """)
