@@ -1,7 +1,7 @@
 """Token compaction kernels: keep-mask or top-k selection -> packed kept rows, and the inverse scatter.
 
-Five kernels, each one concept (the plain-torch specification is in ``sparsectx/reference.py``:
-``topk_keep_mask``, ``compact_ref``, ``scatter_ref``):
+Six kernels, each one concept (the plain-torch specification is in ``sparsectx/reference.py``:
+``topk_keep_mask``, ``compact_ref``, ``scatter_ref``, ``ranked_keep_mask_ref``):
 
 - ``_topk_threshold_kernel`` (one program per sample, scores only): the keep rule of top-k, ties to the lower
   index, without a host sync. A radix select over order-preserving integer keys, two bits per pass (16 passes of
@@ -22,16 +22,23 @@ Five kernels, each one concept (the plain-torch specification is in ``sparsectx/
   its own width (position ids beside hidden states take few registers); rows past the kept total are zero-filled
   (or, when the caller never reads them, not written).
 - ``_scatter_rows_kernel`` (same grid): the inverse, writes packed rows (or zeros) to ``out[b, index]``.
+- ``_ranked_keep_kernel`` (one program per sample and reference image): the selection budgets' keep mask. Given
+  each image's scores sorted in descending order (``torch.sort``, stable: ties to the lower index) and their
+  positions, it keeps the first ``count`` of them, ``count`` given or adaptive: the fewest top-ranked tokens whose
+  linear score mass (``max(score, 0) / sum``, summed in fp64) reaches a coverage of the image's mass, within a floor
+  and a cap. It replaces some twenty small torch ops after the sort, each a launch.
 
 The row kernels only load and store payload values (never compute on them), so every dtype is copied bit-exactly,
 bf16 included under the interpreter. Offsets into payloads are int64.
 
 Launchers (all take device tensors and return device tensors; which ones read the device from the host is said
-in each docstring): ``compact_index``, ``gather_rows``, ``scatter_rows``.
+in each docstring): ``compact_index``, ``gather_rows``, ``scatter_rows``, ``ranked_keep_mask``.
 """
 from __future__ import annotations
 
+import functools
 import math
+import struct
 from typing import Optional, Sequence
 
 import torch
@@ -90,6 +97,12 @@ COPY_MAX_BLOCK_COLS = 512
 # the narrowest column tile (a bool payload of width 1 beside others: Triton 3.9 put 8 B of a 16 x 1 tile on the
 # stack, a spill the compile check refuses)
 COPY_MIN_BLOCK_COLS = 16
+# Ranked keep masks: the sorted tokens of one image are read RANK_BLOCK at a time (a reference of 64 x 64 latent
+# tokens in one step), by RANK_WARPS warps.
+RANK_BLOCK = 4096
+RANK_WARPS = 4
+# fp64's smallest normal number (torch.finfo(torch.float64).tiny): the floor of the linear mass's divisors.
+FP64_TINY = tl.constexpr(2.2250738585072014e-308)
 # The row kernels find each row's sample in a [COPY_BLOCK_ROWS, samples] block, at most Triton's 2**20 elements:
 # sparsectx.ops refuses batches above MAX_COMPACT_SAMPLES (65536) before any launch.
 assert COPY_BLOCK_ROWS * 65536 <= 1 << 20, "ops.MAX_COMPACT_SAMPLES samples must fit in one row-kernel block"
@@ -460,6 +473,75 @@ def _scatter_rows_kernel(
     tl.store(out_ptr + out_row[:, None] + cols[None, :], values, mask=mask)
 
 
+@triton.jit
+def _fp64_from_bits(bits):
+    """A float64 scalar passed as its int64 bit pattern (Triton passes Python floats to a kernel as fp32)."""
+    return tl.full((), bits, dtype=tl.int64).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _ranked_keep_kernel(
+    values_ptr, order_ptr, stride_row, lengths_ptr, starts_ptr, n_refs,
+    counts_ptr, coverage_ptr, coverage_bits, tolerance_bits, low_ptr, high_ptr,
+    keep_ptr, n_tokens,
+    ADAPTIVE: tl.constexpr, COVERAGE_PER_ROW: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Program ``row = b · n_refs + i`` (sample b, image i of ``lengths[i]`` tokens from token ``starts[i]``):
+    ``values`` / ``order`` ``[B · n_refs, L]`` hold the image's scores in descending order and their positions in
+    the image (entries past its length unread). Writes ``keep[b, starts[i] + order[j]] = j < count`` for every j
+    below the image's length, so every token of the image is written once. ``count`` is ``counts[row]`` or, with
+    ADAPTIVE, computed and stored there: the tokens j whose mass ranked above them, ``before_j``, lies below
+    ``coverage - tolerance`` (at least 1 when coverage > 0, none when it is 0), then ``min(max(count, low), high)``.
+    The mass is ``torch``'s linear mass in fp64: ``c = max(v, 0) / max(max_j c_j, tiny)``, ``p = c / sum(c)``, or
+    ``1 / length`` for every token when the sum is 0."""
+    row = tl.program_id(0)
+    b = row // n_refs
+    image = row % n_refs
+    length = tl.load(lengths_ptr + image)
+    values_row = values_ptr + row.to(tl.int64) * stride_row
+    order_row = order_ptr + row.to(tl.int64) * stride_row
+    if ADAPTIVE:
+        # 1) the row's mass in all: the clipped scores scaled by the largest (the first, sorted), summed
+        top = tl.maximum(tl.load(values_row, mask=length > 0, other=0.0).to(tl.float64), 0.0)
+        scale = tl.maximum(top, FP64_TINY)
+        total = tl.zeros((), dtype=tl.float64)
+        for start in range(0, length, BLOCK):
+            j = start + tl.arange(0, BLOCK)
+            clipped = tl.maximum(tl.load(values_row + j, mask=j < length, other=0.0).to(tl.float64), 0.0)
+            total += tl.sum(clipped / scale)
+        if COVERAGE_PER_ROW:
+            coverage = tl.load(coverage_ptr + row)
+        else:
+            coverage = _fp64_from_bits(coverage_bits)
+        threshold = coverage - _fp64_from_bits(tolerance_bits)
+        # 2) how many tokens the mass ranked above them leaves below the threshold (a running prefix sum over the
+        # row's blocks; the mass is non-negative, so each block's last prefix is its largest)
+        uniform = 1.0 / tl.maximum(length, 1).to(tl.float64)
+        carried = tl.zeros((), dtype=tl.float64)
+        needed = tl.zeros((), dtype=tl.int64)
+        for start in range(0, length, BLOCK):
+            j = start + tl.arange(0, BLOCK)
+            inside = j < length
+            clipped = tl.maximum(tl.load(values_row + j, mask=inside, other=0.0).to(tl.float64), 0.0) / scale
+            mass = tl.where(total > 0, clipped / tl.maximum(total, FP64_TINY), uniform)
+            mass = tl.where(inside, mass, 0.0)
+            through = carried + tl.cumsum(mass, 0)
+            needed += tl.sum((inside & (through - mass < threshold)).to(tl.int64))
+            carried = tl.max(through, 0)
+        needed = tl.where(coverage > 0, tl.maximum(needed, 1), 0)
+        count = tl.minimum(tl.maximum(needed, tl.load(low_ptr + row)), tl.load(high_ptr + row))
+        tl.store(counts_ptr + row, count)
+    else:
+        count = tl.load(counts_ptr + row)
+    # 3) the keep mask: the first `count` tokens of the order kept, the others dropped
+    keep_row = keep_ptr + b.to(tl.int64) * n_tokens + tl.load(starts_ptr + image)
+    for start in range(0, length, BLOCK):
+        j = start + tl.arange(0, BLOCK)
+        inside = j < length
+        position = tl.load(order_row + j, mask=inside, other=0)
+        tl.store(keep_row + position, j < count, mask=inside)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------------------
@@ -664,6 +746,52 @@ def scatter_rows(
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps, **COMPILE_OPTIONS,
     )
     return out
+
+
+def _fp64_bits(value: float) -> int:
+    """The int64 bit pattern of a float64 (``_fp64_from_bits``' argument)."""
+    return struct.unpack("<q", struct.pack("<d", value))[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _image_layout(ref_lengths: tuple, device: torch.device) -> torch.Tensor:
+    """int64 ``[2, n_refs]`` on ``device``: each image's length and first token, copied once per layout and device
+    (shared: never modified)."""
+    starts = [sum(ref_lengths[:i]) for i in range(len(ref_lengths))]
+    return to_device([list(ref_lengths), starts], torch.int64, device)
+
+
+@on_device_of("values")
+def ranked_keep_mask(
+    values: torch.Tensor, order: torch.Tensor, ref_lengths: Sequence[int], n_tokens: int,
+    counts: Optional[torch.Tensor] = None, coverage=None, low: Optional[torch.Tensor] = None,
+    high: Optional[torch.Tensor] = None, tolerance: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(keep bool [B, n_tokens], counts int64 [B, n_refs])`` of ``_ranked_keep_kernel``: ``values`` / ``order``
+    ``[B · n_refs, L]`` (L at least the longest image; contiguous rows) are the images' scores sorted in descending
+    order and their positions in the image; the images lie one after another in the tokens (``ref_lengths``).
+    ``counts`` (int64, ``B · n_refs`` entries) keeps that many of each image; without it the counts are adaptive:
+    ``coverage`` (a float, or a float64 tensor of ``B · n_refs`` entries), ``low`` and ``high`` (int64, ``B · n_refs``
+    entries) are required. Never reads the device from the host."""
+    n_refs, rows = len(ref_lengths), values.shape[0]
+    batch = rows // n_refs
+    device = values.device
+    layout = _image_layout(tuple(ref_lengths), device)
+    keep = torch.empty((batch, n_tokens), dtype=torch.bool, device=device)
+    adaptive = counts is None
+    if adaptive:
+        counts = torch.empty((batch, n_refs), dtype=torch.int64, device=device)
+    if rows == 0:
+        return keep, counts.view(batch, n_refs)
+    per_row = isinstance(coverage, torch.Tensor)
+    _ranked_keep_kernel[(rows,)](
+        values, order, values.stride(0), layout[0], layout[1], n_refs,
+        counts, coverage if per_row else None, _fp64_bits(float(coverage)) if adaptive and not per_row else 0,
+        _fp64_bits(tolerance), low, high, keep, n_tokens,
+        ADAPTIVE=adaptive, COVERAGE_PER_ROW=per_row, BLOCK=min(next_power_of_2(max(values.shape[1], 16)), RANK_BLOCK),
+        num_warps=RANK_WARPS, **COMPILE_OPTIONS,
+    )
+    return keep, counts.view(batch, n_refs)
 
 
 INTERPRETED = built_for_interpreter(_gather_rows_kernel)  # how this module's kernels were built (see ops.backend_for)

@@ -26,7 +26,7 @@ import inspect
 import math
 import numbers
 import sys
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -1745,3 +1745,79 @@ def scatter_tokens(packed: torch.Tensor, index: torch.Tensor, cu_seqlens: torch.
             base, fill_value = packed.new_full((cu_seqlens.numel() - 1, n_tokens, *packed.shape[1:]), fill), 0.0
         return _scatter_rows_op(packed, index, cu_seqlens, base, n_tokens, fill_value)
     return _scatter_rows(packed, index, cu_seqlens, base, n_tokens, fill_value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ranked keep masks (the selection budgets' last step; serves sparsectx.selection, not in __all__)
+# ----------------------------------------------------------------------------------------------------------------
+def ranked_keep_mask(scores: torch.Tensor, ref_lengths: Sequence[int], counts: Optional[torch.Tensor] = None, *,
+                     coverage: Union[float, torch.Tensor, None] = None, low: Optional[torch.Tensor] = None,
+                     high: Optional[torch.Tensor] = None, tolerance: float = 0.0) -> tuple:
+    """``(keep bool [B, N], counts int64 [B, n_refs])``: in each reference image of each sample (the images lie one
+    after another in the N tokens: ``ref_lengths``), its ``count`` highest ``scores`` kept, ties to the lower index;
+    ``count`` is ``counts[b, i]`` or, without ``counts``, adaptive: the fewest top-ranked tokens whose linear score
+    mass reaches ``coverage - tolerance`` of the image's, within ``[low, high]`` (``reference.ranked_keep_mask_ref``
+    is the specification; ``sparsectx.selection``'s fixed and adaptive budgets).
+
+    ``scores`` float ``[B, N]``; ``counts`` / ``low`` / ``high`` integer tensors ``[B, n_refs]`` on its device;
+    ``coverage`` a float in [0, 1] or a float64 ``[B, n_refs]`` tensor on its device (its values unchecked here).
+    On a GPU: one stable sort of the images' rows and one kernel, whatever the number of images; nothing is read
+    back to the host. The masses are summed in another order than the reference's: a count may differ where an
+    image's mass ranked above a token lies within rounding of the threshold (the selection's ``tolerance`` of 1e-9
+    keeps such ties away from real inputs)."""
+    if not isinstance(scores, torch.Tensor) or scores.ndim != 2 or scores.dtype not in _SORTED_SCORE_DTYPES:
+        raise ValueError(f"scores must be a float [B, N] tensor, got {_described_tensor(scores)}")
+    batch, n_tokens = scores.shape
+    if not isinstance(ref_lengths, (list, tuple)) or not ref_lengths or not all(
+            _is_int(n) and n >= 0 for n in ref_lengths) or sum(ref_lengths) != n_tokens:
+        raise ValueError(f"ref_lengths must be ints >= 0 summing to N={n_tokens}, got {ref_lengths!r}")
+    per_image = (batch, len(ref_lengths))
+    if (counts is None) == (coverage is None):
+        raise ValueError("ranked_keep_mask takes either counts or coverage (with low and high)")
+    for name, t in (("counts", counts), ("low", low), ("high", high)):
+        if (t is not None or (name != "counts" and coverage is not None)) and not (
+                isinstance(t, torch.Tensor) and not t.dtype.is_floating_point and t.dtype != torch.bool
+                and tuple(t.shape) == per_image and t.device == scores.device):
+            raise ValueError(f"{name} must be an integer tensor {list(per_image)} on {scores.device}, got "
+                             f"{_described_tensor(t)}")
+    if isinstance(coverage, torch.Tensor):
+        if coverage.dtype != torch.float64 or tuple(coverage.shape) != per_image or coverage.device != scores.device:
+            raise ValueError(f"coverage must be a float or a float64 tensor {list(per_image)} on {scores.device}, got "
+                             f"{_described_tensor(coverage)}")
+    elif coverage is not None and not (isinstance(coverage, float) and 0.0 <= coverage <= 1.0):
+        raise ValueError(f"coverage must be a float in [0, 1] or a tensor, got {coverage!r}")
+    if not isinstance(tolerance, float) or not tolerance >= 0.0:
+        raise ValueError(f"tolerance must be a float >= 0, got {tolerance!r}")
+    if not _use_triton(scores):
+        return reference.ranked_keep_mask_ref(scores, ref_lengths, counts, coverage, low, high, tolerance)
+    from .kernels import compaction as _k
+
+    values, order = torch.sort(_image_score_rows(scores, tuple(ref_lengths)), dim=1, descending=True, stable=True)
+    flat = [None if t is None else t.contiguous().long() for t in (counts, low, high)]
+    coverage = coverage.contiguous() if isinstance(coverage, torch.Tensor) else coverage
+    return _k.ranked_keep_mask(values, order, ref_lengths, n_tokens, *flat[:1], coverage=coverage, low=flat[1],
+                               high=flat[2], tolerance=tolerance)
+
+
+def _image_score_rows(scores: torch.Tensor, ref_lengths: tuple) -> torch.Tensor:
+    """``scores [B, N]`` as ``[B · n_refs, longest]``: each image's scores in a row, -inf past its end (a view when
+    the images have one length, else one gather: a -inf column appended, read past each image's end)."""
+    n_refs, longest = len(ref_lengths), max(ref_lengths)
+    if min(ref_lengths) == longest:
+        return scores.reshape(scores.shape[0] * n_refs, longest)
+    padded = torch.cat([scores, scores.new_full((scores.shape[0], 1), -math.inf)], dim=1)
+    return padded.index_select(1, _padded_rows_index(ref_lengths, scores.device)).view(-1, longest)
+
+
+@functools.lru_cache(maxsize=64)
+def _padded_rows_index(ref_lengths: tuple, device: torch.device) -> torch.Tensor:
+    """``_image_score_rows``' gather index, long ``[n_refs · longest]`` (shared: never modified)."""
+    with torch.inference_mode(False):  # (a plain tensor even when first made under inference mode)
+        slot = torch.arange(max(ref_lengths), device="cpu")
+        lengths = torch.tensor(ref_lengths, device="cpu")[:, None]
+        index = torch.where(slot < lengths, torch.cumsum(lengths, 0) - lengths + slot, sum(ref_lengths))
+        return index.flatten().to(device)
+
+
+def _described_tensor(t) -> str:
+    return f"{t.dtype} of shape {list(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__

@@ -49,6 +49,54 @@ def topk_keep_mask(scores: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
     return keep
 
 
+def linear_mass(scores: torch.Tensor) -> torch.Tensor:
+    """Scores ``[R, L]`` as a distribution per row, float64: ``max(score, 0) / their sum`` (the clipped scores first
+    scaled by the row's largest, so that a sum of scores near float64's max stays finite); a row whose clipped scores
+    are all 0 is uniform, ``1 / L``."""
+    scores = scores.double()
+    uniform = 1.0 / max(scores.shape[1], 1)
+    clipped = scores.clamp(min=0.0)
+    if clipped.shape[1]:
+        clipped = clipped / clipped.amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)
+    total = clipped.sum(dim=1, keepdim=True)
+    return torch.where(total > 0, clipped / total.clamp(min=torch.finfo(torch.float64).tiny), uniform)
+
+
+def ranked_keep_mask_ref(scores: torch.Tensor, ref_lengths: Sequence[int], counts: Optional[torch.Tensor] = None,
+                         coverage: Union[float, torch.Tensor, None] = None, low: Optional[torch.Tensor] = None,
+                         high: Optional[torch.Tensor] = None, tolerance: float = 0.0) -> tuple:
+    """``(keep bool [B, N], counts int64 [B, n_refs])``: per sample and reference image (the images lie one after
+    another in the N tokens, ``ref_lengths``), the image's ``count`` highest scores kept (ties to the lower index).
+
+    ``counts`` ``[B, n_refs]`` gives each count; without it the count is adaptive: the tokens whose ``linear_mass``
+    ranked above them (the mass of the tokens before them in the descending order) lies below
+    ``coverage - tolerance``, at least one when ``coverage > 0`` and none when it is 0, then clamped to
+    ``[low, high]`` (``min(max(count, low), high)``). ``coverage`` a float or a float64 ``[B, n_refs]`` tensor;
+    ``low`` / ``high`` int64 ``[B, n_refs]``."""
+    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    kept = []
+    start = 0
+    for i, length in enumerate(ref_lengths):
+        rows = scores[:, start:start + length]
+        order = torch.sort(rows, dim=1, descending=True, stable=True).indices
+        if counts is None:
+            mass = linear_mass(rows).gather(1, order)
+            before = torch.cumsum(mass, dim=1) - mass
+            cov = coverage[:, i:i + 1] if isinstance(coverage, torch.Tensor) else torch.tensor(
+                coverage, dtype=torch.float64, device=scores.device)
+            needed = (before < cov - tolerance).sum(dim=1, keepdim=True)
+            needed = torch.where(cov > 0, needed.clamp(min=1), 0)
+            count = torch.minimum(torch.maximum(needed[:, 0], low[:, i]), high[:, i])
+        else:
+            count = counts[:, i].long()
+        ranked_kept = torch.arange(length, device=scores.device)[None] < count[:, None]
+        keep[:, start:start + length] = torch.zeros_like(ranked_kept).scatter_(1, order, ranked_kept)
+        kept.append(count)
+        start += length
+    return keep, torch.stack(kept, dim=1) if kept else torch.zeros((scores.shape[0], 0), dtype=torch.long,
+                                                                 device=scores.device)
+
+
 def compact_ref(keep: torch.Tensor, *tensors: torch.Tensor):
     """Kept positions per sample in original order, packed.
 

@@ -49,7 +49,7 @@ from typing import Callable, Iterable, NamedTuple, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from . import ops
+from . import ops, reference
 from ._warn import warn as _warn
 from .ops import _device_values, _is_int, _is_numpy_array, _python_number
 
@@ -1170,24 +1170,10 @@ def _scalar_counts(value: Union[int, float], batch: int, ref_lengths: tuple, dev
     return _device_values([row] * batch, torch.long, device)
 
 
-def _descending_order(scores: torch.Tensor, ref_lengths: Sequence[int]) -> torch.Tensor:
-    """long ``[B · n_refs, L]`` for images of one length L: each (sample, image) row's token positions, highest score
-    first, ties to the lower index (one stable sort)."""
-    rows = scores.reshape(scores.shape[0] * len(ref_lengths), ref_lengths[0])
-    return torch.sort(rows, dim=1, descending=True, stable=True).indices
-
-
-def _topk_per_image(scores: torch.Tensor, ref_lengths: Sequence[int], counts: torch.Tensor,
-                    order: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """bool [B, N]: the ``counts[b, i]`` highest scores inside image i of sample b (ties to the lower index).
-    ``order``: the scores' ``_descending_order`` when the caller has it already."""
-    if min(ref_lengths) == max(ref_lengths):  # images of one length: each row's first counts in its order
-        order = _descending_order(scores, ref_lengths) if order is None else order
-        kept = _positions(order.shape[1], scores.device) < counts.reshape(order.shape[0], 1)
-        return torch.empty_like(kept).scatter_(1, order, kept).view(scores.shape)  # back to the tokens' places
-    keys = -(scores if scores.dtype in (torch.float32, torch.float64) else scores.float())  # fp64 stays
-    layout = _token_layout(ref_lengths, scores.device)
-    return _rank_in_image(keys, ref_lengths, layout) < counts.index_select(1, layout[0])  # each token's image's count
+def _topk_per_image(scores: torch.Tensor, ref_lengths: Sequence[int], counts: torch.Tensor) -> torch.Tensor:
+    """bool [B, N]: the ``counts[b, i]`` highest scores inside image i of sample b (ties to the lower index):
+    ``ops.ranked_keep_mask`` (on a GPU one sort and one kernel, whatever the number of images)."""
+    return ops.ranked_keep_mask(scores, list(ref_lengths), counts)[0]
 
 
 class _NaNScores(ValueError):
@@ -1314,11 +1300,7 @@ def _score_mass(scores: torch.Tensor, mode: str) -> torch.Tensor:
         soft = torch.where(torch.isnan(soft), uniform, soft)  # NaN only from an all -inf row (NaN, +inf: refused)
         if mode == "softmax":
             return soft
-    clipped = scores.clamp(min=0.0)
-    if clipped.shape[1]:  # scaled by the row's largest score first: the sum of scores near float64's max is finite
-        clipped = clipped / clipped.amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)
-    total = clipped.sum(dim=1, keepdim=True)
-    linear = torch.where(total > 0, clipped / total.clamp(min=torch.finfo(torch.float64).tiny), uniform)
+    linear = reference.linear_mass(scores)
     if mode == "linear":
         return linear
     has_negative = (scores < 0).any(dim=1, keepdim=True)
@@ -1358,13 +1340,12 @@ def adaptive_budget(scores: torch.Tensor, coverage: Union[float, torch.Tensor] =
     if mass == "auto" and not lowest < 0:  # no row has a negative score: 'auto' is linear for every row
         mass = "linear"
     cov, low, high = _adaptive_settings(coverage, floor, cap, scores.shape[0], ref_lengths, scores.device)
-    order = None
-    if mass == "linear" and min(ref_lengths) == max(ref_lengths):
-        # the linear mass keeps the scores' order (a non-negative scaling per row): one sort serves the mass ranking
-        # and the top-k
-        order = _descending_order(scores, ref_lengths)
-    counts = _adaptive_counts(scores, cov, low, high, ref_lengths, mass, order)
-    return BudgetResult(counts, _topk_per_image(scores, ref_lengths, counts, order))
+    if mass == "linear":  # the mass keeps the scores' order: the counts and the keep mask from one ranking
+        keep, counts = ops.ranked_keep_mask(scores, ref_lengths, coverage=cov, low=low, high=high,
+                                            tolerance=COVERAGE_TOL)
+        return BudgetResult(counts, keep)
+    counts = _adaptive_counts(scores, cov, low, high, ref_lengths, mass)
+    return BudgetResult(counts, _topk_per_image(scores, ref_lengths, counts))
 
 
 def _score_range(scores: torch.Tensor) -> tuple[float, float]:
@@ -1396,10 +1377,10 @@ def _adaptive_settings(coverage, floor: PerImage, cap: PerImage, batch: int, ref
 
 
 def _adaptive_counts(scores: torch.Tensor, cov, low: torch.Tensor, high: torch.Tensor, ref_lengths: Sequence[int],
-                     mass: str, order: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     mass: str) -> torch.Tensor:
     """int64 ``[B, n_refs]``: per image, the fewest top-scored tokens covering ``cov`` of its mass, within
-    ``[low, high]`` (see ``adaptive_budget``; ``cov`` a float or a ``[B, n_refs]`` tensor). ``order``: the scores'
-    ``_descending_order``, given with the linear mass (which it sorts too) of images of one length."""
+    ``[low, high]`` (see ``adaptive_budget``; ``cov`` a float or a ``[B, n_refs]`` tensor). (The linear mass alone
+    takes ``ops.ranked_keep_mask``, which gives the keep mask too.)"""
     # each image's mass, sorted, and the mass ranked above each token: one row per (sample, image) when the images
     # have one length, else image by image on its own slice; the integer counts after that for all images at once
     if min(ref_lengths) == max(ref_lengths):
@@ -1408,10 +1389,7 @@ def _adaptive_counts(scores: torch.Tensor, cov, low: torch.Tensor, high: torch.T
         slices = [scores[:, lo:hi] for lo, hi in _image_slices(ref_lengths)]
     before = []
     for rows in slices:
-        if order is None:
-            probs = torch.sort(_score_mass(rows, mass), dim=1, descending=True).values
-        else:  # the same values: the mass is non-decreasing in the score
-            probs = _score_mass(rows, mass).gather(1, order)
+        probs = torch.sort(_score_mass(rows, mass), dim=1, descending=True).values
         before.append(torch.cumsum(probs, dim=1) - probs)  # mass of the tokens ranked above each token
     before = torch.cat(before, dim=1) if len(before) > 1 else before[0].view(scores.shape)
     if isinstance(cov, torch.Tensor):

@@ -1190,36 +1190,60 @@ def test_standalone_api_refuses_what_it_would_get_wrong():
 
 # fewer ops per selection
 def _aten_ops(fn) -> int:
-    """How many aten ops one call of ``fn()`` dispatches (each a kernel launch or a view on a GPU)."""
+    """How many aten ops one call of ``fn()`` dispatches (each a kernel launch or a view on a GPU), a Triton launch
+    counting as one (the ops the interpreter runs inside it are not the GPU's)."""
     from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime.jit import KernelInterface
 
     class Count(TorchDispatchMode):
         calls = 0
+        launching = False
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.calls += 1
+            Count.calls += not Count.launching
             return func(*args, **(kwargs or {}))
 
-    with Count():
-        fn()
+    real = KernelInterface.__getitem__
+
+    def counted(kernel, grid):
+        launch = real(kernel, grid)
+
+        def run(*args, **kwargs):
+            Count.calls += 1
+            Count.launching = True
+            try:
+                return launch(*args, **kwargs)
+            finally:
+                Count.launching = False
+        return run
+
+    KernelInterface.__getitem__ = counted
+    try:
+        with Count():
+            fn()
+    finally:
+        KernelInterface.__getitem__ = real
     return Count.calls
 
 
 def test_selection_ops_do_not_grow_per_bit_or_per_image():
     """Selection is host-bound on a GPU (small tensors, one launch after another): `uniform` scores, a fixed budget's
     top-k and an adaptive budget's counts take a bounded number of ops (before: ~6 ops per code bit and a handful
-    per image: 182 / 195 ops for `uniform` at 3 / 4 references, 57 / 70 for a fixed ratio, 235 for `adaptive` at 4)."""
+    per image: 182 / 195 ops for `uniform` at 3 / 4 references, 57 / 70 for a fixed ratio, 235 for `adaptive` at 4;
+    then 22 for a fixed ratio and 85 / 100 for `adaptive`, before the budgets' ranking kernel)."""
     ops = {}
     for n_refs in (3, 4):
         latents, context = _full_context(1, n_refs)
         context.extra.clear()
         scores = selection.uniform_scores(latents, context)
         ops["uniform", n_refs] = _aten_ops(lambda: selection.uniform_scores(latents, context))
-        ops["fixed", n_refs] = _aten_ops(lambda: fixed_ratio(0.1)(scores, context.ref_lengths))
-        ops["adaptive", n_refs] = _aten_ops(lambda: adaptive(0.9, floor=0.02, cap=0.5)(scores, context.ref_lengths))
+        for name, budget in (("fixed", fixed_ratio(0.1)), ("adaptive", adaptive(0.9, floor=0.02, cap=0.5))):
+            budget(scores, context.ref_lengths)  # (the layout's constants made once, as by any earlier call)
+            ops[name, n_refs] = _aten_ops(lambda: budget(scores, context.ref_lengths))
     assert ops["uniform", 3] == ops["uniform", 4] <= 80, ops
-    assert ops["fixed", 3] == ops["fixed", 4] <= 40, ops
-    assert ops["adaptive", 4] <= 160, ops  # images of different lengths: each image's mass on its own slice
+    # one sort of the images' rows (padded to the longest: the images differ in length) and one Triton launch
+    assert ops["fixed", 3] == ops["fixed", 4] <= 16, ops
+    assert ops["adaptive", 3] == ops["adaptive", 4] <= 16, ops
 
 
 def test_images_of_one_length_are_budgeted_in_one_pass():
