@@ -97,9 +97,11 @@ COPY_MAX_BLOCK_COLS = 512
 # the narrowest column tile (a bool payload of width 1 beside others: Triton 3.9 put 8 B of a 16 x 1 tile on the
 # stack, a spill the compile check refuses)
 COPY_MIN_BLOCK_COLS = 16
-# Ranked keep masks: the sorted tokens of one image are read RANK_BLOCK at a time (a reference of 64 x 64 latent
-# tokens in one step), by RANK_WARPS warps.
-RANK_BLOCK = 4096
+# Ranked keep masks: the sorted tokens of one image are read RANK_BLOCK at a time by RANK_WARPS warps (a reference
+# of 64 x 64 latent tokens in 4 steps per pass). Compiled for sm_90 (Triton 3.9): at most 92 registers and no spill
+# in any score dtype; blocks of 4096 on 4 warps (or 8) spilled 136 B (40 B) in the adaptive form, whose running
+# masses are fp64.
+RANK_BLOCK = 1024
 RANK_WARPS = 4
 # fp64's smallest normal number (torch.finfo(torch.float64).tiny): the floor of the linear mass's divisors.
 FP64_TINY = tl.constexpr(2.2250738585072014e-308)

@@ -3,7 +3,7 @@
 A GPU is needed to *run* a kernel, not to compile it: Triton lowers a kernel to PTX and ``ptxas`` (shipped inside
 Triton's wheel) assembles it for any ``sm_XX`` on the CPU. This check drives the real launchers of ``kernels/``
 (``attention_forward``, ``attention_backward``, ``attention_key_mass``, ``rms_norm_rope``, ``rope_tables``,
-``compact_index``, ``gather_rows``, ``scatter_rows``) with CPU tensors over the variants the public ops launch
+``compact_index``, ``gather_rows``, ``scatter_rows``, ``ranked_keep_mask``) with CPU tensors over the variants the public ops launch
 (dtypes, head dims, reference layouts, selection paths), with every launch turned into a compile for the chosen
 architecture (nothing runs, nothing is read back), and every autotune candidate compiled, not measured. It reports
 per compiled kernel: registers per thread, spilled bytes (stack; a known local array apart) and shared memory,
@@ -351,11 +351,13 @@ def _norm_rope_variants(dtypes, head_dims):
 def _compaction_variants():
     """Selection (scores in each dtype the ops accept, for one sample and for two; rows of 100 tokens, one
     reference of 4096, three, and more than one selection block; one count for every sample or one per sample; a
-    keep mask, also as an unaligned view: ``masked_attention``'s ``key_mask[:, kept_prefix:]``) and the row copies
+    keep mask, also as an unaligned view: ``masked_attention``'s ``key_mask[:, kept_prefix:]``), the selection
+    budgets' ranking (fixed and adaptive counts, one image and three, one longer than a block) and the row copies
     (1 to 3 payloads of mixed dtypes and widths, with and without zero padding; scatter of rows or zeros)."""
     import torch
 
-    from .kernels.compaction import MAX_SELECT_BLOCK, compact_index, gather_rows, scatter_rows
+    from .kernels.compaction import (MAX_SELECT_BLOCK, RANK_BLOCK, compact_index, gather_rows, ranked_keep_mask,
+                                     scatter_rows)
 
     for name in DTYPES:
         dtype = getattr(torch, _DTYPE_NAMES[name])
@@ -393,6 +395,21 @@ def _compaction_variants():
         out = torch.zeros(batch, 4096, width, dtype=dtype)
         scatter_rows(torch.zeros(rows, width, dtype=dtype), index, cu, out)
         scatter_rows(None, index, cu, out)
+
+    def rank(dtype, lengths, batch):
+        rows, longest = batch * len(lengths), max(lengths)
+        values, order = torch.zeros(rows, longest, dtype=dtype), torch.zeros(rows, longest, dtype=torch.int64)
+        bounds = torch.zeros(batch, len(lengths), dtype=torch.int64)
+        ranked_keep_mask(values, order, lengths, sum(lengths), bounds)
+        for coverage in (0.9, torch.zeros(batch, len(lengths), dtype=torch.float64)):
+            ranked_keep_mask(values, order, lengths, sum(lengths), coverage=coverage, low=bounds, high=bounds,
+                             tolerance=1e-9)
+
+    for name in (*DTYPES, "fp64"):  # the selection budgets' ranking: fixed counts, one coverage, one per image
+        for lengths in ((4096,), (4096,) * 3, (4096, 1024, 2 * RANK_BLOCK + 17)):
+            dtype = getattr(torch, _DTYPE_NAMES.get(name, "float64"))
+            yield (f"ranked keep mask {name} B=2 images {list(lengths)}",
+                   lambda dtype=dtype, lengths=lengths: rank(dtype, lengths, 2))
 
     for batch in (1, 2):
         for name in DTYPES:

@@ -1793,7 +1793,8 @@ def ranked_keep_mask(scores: torch.Tensor, ref_lengths: Sequence[int], counts: O
     from .kernels import compaction as _k
 
     values, order = torch.sort(_image_score_rows(scores, tuple(ref_lengths)), dim=1, descending=True, stable=True)
-    flat = [None if t is None else t.contiguous().long() for t in (counts, low, high)]
+    flat = [None if t is None else (t if t.dtype == torch.int64 else t.long()).contiguous()
+            for t in (counts, low, high)]  # (int64 rows of B · n_refs entries)
     coverage = coverage.contiguous() if isinstance(coverage, torch.Tensor) else coverage
     return _k.ranked_keep_mask(values, order, ref_lengths, n_tokens, *flat[:1], coverage=coverage, low=flat[1],
                                high=flat[2], tolerance=tolerance)

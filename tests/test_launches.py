@@ -161,3 +161,22 @@ def test_rope_tables_of_four_axes_launch_one_kernel():
     freqs = torch.rand(32, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(DEVICE)
     launches = _counted(lambda: sparsectx.rope_tables(ids, freqs, [8, 8, 8, 8]))
     assert launches == {"triton": ["_rope_tables_kernel"], "aten": []}, launches
+
+
+@pytest.mark.parametrize("budget_name", ["fixed", "adaptive"])
+def test_a_budget_ranks_by_one_sort_and_one_kernel(budget_name):
+    """A selection budget on scores of images of one length (the klein references): one sort of the (sample,
+    image) rows and the ranking kernel, which writes the keep mask and the adaptive counts; before it, an adaptive
+    budget ran some twenty ops after its sort (the mass, its prefix sums, the counts, the scatter of the mask). The
+    adaptive budget's one host read (its scores' range: NaN, +inf and sign) is its `aminmax`; a fixed ratio's counts
+    are a shared constant, copied for the result."""
+    from sparsectx.selection import adaptive, fixed_ratio
+
+    scores = torch.rand(1, 3 * 64, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    if budget_name == "fixed":
+        launches = _counted(lambda: fixed_ratio(0.1)(scores, [64] * 3, nan_checked=True))
+        expected_aten = ["aten::sort", "aten::clone"]
+    else:
+        launches = _counted(lambda: adaptive(0.9, floor=0.02, cap=0.5)(scores, [64] * 3))
+        expected_aten = ["aten::aminmax", "aten::stack", "aten::sort"]
+    assert launches == {"triton": ["_ranked_keep_kernel"], "aten": expected_aten}, launches

@@ -144,6 +144,16 @@ def test_the_adaptive_count_grows_with_the_coverage(device):
     assert previous[1].tolist() == [lengths] * 2  # all of the mass: every token of these positive scores
 
 
+def test_counts_floors_and_caps_of_any_integer_dtype(device):
+    scores = torch.rand(2, 9, generator=torch.Generator().manual_seed(2), device="cpu").to(device)
+    counts = torch.tensor([[3, 1], [0, 4]], device=device)
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        _assert_same(ops.ranked_keep_mask(scores, [5, 4], counts.to(dtype)),
+                     reference.ranked_keep_mask_ref(scores, [5, 4], counts))
+        got = ops.ranked_keep_mask(scores, [5, 4], coverage=0.7, low=counts.to(dtype), high=(counts + 1).to(dtype))
+        _assert_same(got, reference.ranked_keep_mask_ref(scores, [5, 4], None, 0.7, counts, counts + 1))
+
+
 def test_no_samples_and_no_tokens(device):
     for batch, lengths in ((0, [4, 3]), (2, [0]), (2, [0, 0])):
         scores = torch.rand(batch, sum(lengths), device=device)
