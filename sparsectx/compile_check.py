@@ -3,9 +3,10 @@
 A GPU is needed to *run* a kernel, not to compile it: Triton lowers a kernel to PTX and ``ptxas`` (shipped inside
 Triton's wheel) assembles it for any ``sm_XX`` on the CPU. This check drives the real launchers of ``kernels/``
 (``attention_forward``, ``attention_backward``, ``attention_key_mass``, ``rms_norm_rope``, ``rope_tables``,
-``compact_index``, ``gather_rows``, ``scatter_rows``, ``ranked_keep_mask``) with CPU tensors over the variants the public ops launch
-(dtypes, head dims, reference layouts, selection paths), with every launch turned into a compile for the chosen
-architecture (nothing runs, nothing is read back), and every autotune candidate compiled, not measured. It reports
+``compact_index``, ``gather_rows``, ``scatter_rows``, ``ranked_keep_mask``) with CPU tensors over the variants the
+public ops launch (dtypes, head dims, reference layouts, selection paths), with every launch turned into a compile
+for the chosen architecture (nothing runs, nothing is read back), and every autotune candidate compiled, not
+measured. It reports
 per compiled kernel: registers per thread, spilled bytes (stack; a known local array apart) and shared memory,
 next to the architecture's per-block shared memory limit; with ``--loops``, what one step of each of its loops
 holds (instructions, barriers, shuffles, shared-memory stores and loads, from its SASS).
