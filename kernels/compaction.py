@@ -98,11 +98,11 @@ COPY_MAX_BLOCK_COLS = 512
 # stack, a spill the compile check refuses)
 COPY_MIN_BLOCK_COLS = 16
 # Ranked keep masks: the sorted tokens of one image are read RANK_BLOCK at a time by RANK_WARPS warps (a reference
-# of 64 x 64 latent tokens in 4 steps per pass). Compiled for sm_90 (Triton 3.9): at most 92 registers and no spill
-# in any score dtype; blocks of 4096 on 4 warps (or 8) spilled 136 B (40 B) in the adaptive form, whose running
-# masses are fp64.
+# of 64 x 64 latent tokens in 4 steps per pass). Compiled for sm_90 with Triton 3.6 and 3.9: at most 78 registers
+# and no spill in any score dtype; the adaptive form's running masses are fp64, and blocks of 4096 spilled 136 B on
+# 4 warps (40 B on 8), blocks of 1024 on 4 warps 8 B with Triton 3.6 (fp32 scores).
 RANK_BLOCK = 1024
-RANK_WARPS = 4
+RANK_WARPS = 8
 # fp64's smallest normal number (torch.finfo(torch.float64).tiny): the floor of the linear mass's divisors.
 FP64_TINY = tl.constexpr(2.2250738585072014e-308)
 # The row kernels find each row's sample in a [COPY_BLOCK_ROWS, samples] block, at most Triton's 2**20 elements:
