@@ -680,9 +680,16 @@ def attention_mass(queries: torch.Tensor, keys: torch.Tensor, query_mask: Option
         weights = query_mask.float()
         weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1.0)
     else:  # (the same fp32 division as above, by the exact count)
-        weights = queries.new_ones((batch, n_queries), dtype=torch.float32).div_(max(n_queries, 1))
+        weights = _mean_weights(batch, n_queries, queries.device)
     mass = ops.attention_key_mass(queries.detach(), keys.detach(), weights, softmax_scale=scale)
     return mass.float().mean(dim=1)
+
+
+@_shared_constant(maxsize=64)
+def _mean_weights(batch: int, n_queries: int, device: torch.device) -> torch.Tensor:
+    """float32 ``[batch, n_queries]`` of ``1 / n_queries`` (an fp32 division), made once per shape and device (the
+    tensor is shared: never modify it)."""
+    return torch.ones((batch, n_queries), dtype=torch.float32, device=device).div_(max(n_queries, 1))
 
 
 def _check_max_queries(max_queries) -> None:
@@ -786,9 +793,20 @@ def _dilate_planes(signal: torch.Tensor, cell: torch.Tensor, plane: tuple, n_pla
     return pooled.view(batch, n_planes * math.prod(plane)).gather(1, cell)  # (sized: the batch may be empty)
 
 
+def _saliency(latents: torch.Tensor, context: SelectionContext, grid: Optional[torch.Tensor]) -> torch.Tensor:
+    """float32 ``[B, N]``: ``‖latent - background‖₂`` of each token of the float32 reference latents ``[B, N, C]``,
+    the background its image's ``_border_background`` (subtracted image by image in the rows of images of one
+    length: no per-token copy of the backgrounds)."""
+    background = _border_background(latents, context, grid)
+    lengths = context.ref_lengths
+    if min(lengths) == max(lengths):
+        return (_image_rows(latents, lengths) - background[:, :, None]).norm(dim=-1).flatten(1)
+    return (latents - background.index_select(1, _token_layout(lengths, latents.device)[0])).norm(dim=-1)
+
+
 def _border_background(latents: torch.Tensor, context: SelectionContext, grid: Optional[torch.Tensor]) -> torch.Tensor:
-    """Per-token background estimate ``[B, N, C]`` of the float32 reference latents ``[B, N, C]``: the mean latent of
-    its image's border tokens (first/last row or column) on a grid (the context's ``_image_grid``), else (None) of
+    """Background estimate ``[B, n_refs, C]`` of each image of the float32 reference latents ``[B, N, C]``: the mean
+    latent of its border tokens (first/last row or column) on a grid (the context's ``_image_grid``), else (None) of
     the whole image."""
     lengths, device = context.ref_lengths, latents.device
     if grid is not None and _grid_from_ids(context):
@@ -802,7 +820,7 @@ def _border_background(latents: torch.Tensor, context: SelectionContext, grid: O
         sums = _image_rows(weighted, lengths).sum(dim=2)
     else:
         sums = torch.stack([weighted[:, lo:hi].sum(1) for lo, hi in _image_slices(lengths)], dim=1)
-    return (sums / count[..., None]).index_select(1, _token_layout(lengths, device)[0])
+    return sums / count[..., None]
 
 
 def _border_weight(grid: Optional[torch.Tensor], lengths: Sequence[int], device) -> tuple:
@@ -904,7 +922,7 @@ def subject_scores(reference_latents: torch.Tensor, context: SelectionContext, *
     signals = []
     if saliency:
         latents = reference_latents.float()
-        signals.append((latents - _border_background(latents, context, grid)).norm(dim=-1))
+        signals.append(_saliency(latents, context, grid))
     queries = _probe_tensor(reference_latents, context, "target_queries", "subject", required=not saliency)
     if queries is not None:
         keys = _probe_tensor(reference_latents, context, "ref_keys", "subject")
