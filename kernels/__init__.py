@@ -5,7 +5,8 @@ Each module holds kernels and their launchers; the plain-torch specification of 
 
 - ``attention``: gather-based sparse joint attention, varlen forward and backward; the attention mass each key
   receives (token-selection probes).
-- ``compaction``: top-k / keep-mask token compaction with fused row gather, and the inverse scatter.
+- ``compaction``: top-k / keep-mask token compaction with fused row gather, and the inverse scatter; the
+  selection budgets' keep mask from a ranking (fixed or adaptive counts).
 - ``norm_rope``: the QK RMS norm, text/image join and rotary embedding of FLUX and Qwen-Image attention in one
   pass, forward and backward.
 """

@@ -105,6 +105,11 @@ RANK_BLOCK = 1024
 RANK_WARPS = 8
 # fp64's smallest normal number (torch.finfo(torch.float64).tiny): the floor of the linear mass's divisors.
 FP64_TINY = tl.constexpr(2.2250738585072014e-308)
+# How an adaptive count reads the scores as a distribution (reference.score_mass's modes).
+MASS_LINEAR = tl.constexpr(0)
+MASS_SOFTMAX = tl.constexpr(1)
+MASS_AUTO = tl.constexpr(2)  # softmax for a row with a negative score, linear otherwise
+MASS_MODES = {"linear": 0, "softmax": 1, "auto": 2}
 # The row kernels find each row's sample in a [COPY_BLOCK_ROWS, samples] block, at most Triton's 2**20 elements:
 # sparsectx.ops refuses batches above MAX_COMPACT_SAMPLES (65536) before any launch.
 assert COPY_BLOCK_ROWS * 65536 <= 1 << 20, "ops.MAX_COMPACT_SAMPLES samples must fit in one row-kernel block"
@@ -482,11 +487,23 @@ def _fp64_from_bits(bits):
 
 
 @triton.jit
+def _unscaled_mass(values_row, j, inside, top, scale, SOFTMAX: tl.constexpr):
+    """Each token's share of its row's mass before the division by the row's total, fp64: ``exp(v - top)``
+    (softmax; ``top`` the row's largest score) or ``max(v, 0) / scale`` (linear), 0 past the row's end."""
+    v = tl.load(values_row + j, mask=inside, other=0.0).to(tl.float64)
+    if SOFTMAX:
+        unscaled = tl.exp(v - top)
+    else:
+        unscaled = tl.maximum(v, 0.0) / scale
+    return tl.where(inside, unscaled, 0.0)
+
+
+@triton.jit
 def _ranked_keep_kernel(
     values_ptr, order_ptr, stride_row, lengths_ptr, starts_ptr, n_refs,
     counts_ptr, coverage_ptr, coverage_bits, tolerance_bits, low_ptr, high_ptr,
     keep_ptr, n_tokens,
-    ADAPTIVE: tl.constexpr, COVERAGE_PER_ROW: tl.constexpr, BLOCK: tl.constexpr,
+    ADAPTIVE: tl.constexpr, MASS: tl.constexpr, COVERAGE_PER_ROW: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Program ``row = b · n_refs + i`` (sample b, image i of ``lengths[i]`` tokens from token ``starts[i]``):
     ``values`` / ``order`` ``[B · n_refs, L]`` hold the image's scores in descending order and their positions in
@@ -494,8 +511,9 @@ def _ranked_keep_kernel(
     below the image's length, so every token of the image is written once. ``count`` is ``counts[row]`` or, with
     ADAPTIVE, computed and stored there: the tokens j whose mass ranked above them, ``before_j``, lies below
     ``coverage - tolerance`` (at least 1 when coverage > 0, none when it is 0), then ``min(max(count, low), high)``.
-    The mass is ``torch``'s linear mass in fp64: ``c = max(v, 0) / max(max_j c_j, tiny)``, ``p = c / sum(c)``, or
-    ``1 / length`` for every token when the sum is 0."""
+    The mass is torch's in fp64 (``reference.score_mass``): MASS_LINEAR ``c = max(v, 0) / max(max_j c_j, tiny)``,
+    ``p = c / sum(c)``, or ``1 / length`` for every token when the sum is 0; MASS_SOFTMAX ``softmax(v)``, uniform
+    for a row of -inf; MASS_AUTO the softmax for a row with a negative score (its last, sorted), else linear."""
     row = tl.program_id(0)
     b = row // n_refs
     image = row % n_refs
@@ -503,29 +521,51 @@ def _ranked_keep_kernel(
     values_row = values_ptr + row.to(tl.int64) * stride_row
     order_row = order_ptr + row.to(tl.int64) * stride_row
     if ADAPTIVE:
-        # 1) the row's mass in all: the clipped scores scaled by the largest (the first, sorted), summed
-        top = tl.maximum(tl.load(values_row, mask=length > 0, other=0.0).to(tl.float64), 0.0)
-        scale = tl.maximum(top, FP64_TINY)
+        # 1) the row's mass in all, before the division: the largest score (the first, sorted) shifts the softmax
+        # and scales the linear mass
+        top = tl.load(values_row, mask=length > 0, other=0.0).to(tl.float64)
+        scale = tl.maximum(tl.maximum(top, 0.0), FP64_TINY)
+        if MASS == MASS_AUTO:
+            softmax = tl.load(values_row + length - 1, mask=length > 0, other=0.0) < 0  # the smallest score
         total = tl.zeros((), dtype=tl.float64)
         for start in range(0, length, BLOCK):
             j = start + tl.arange(0, BLOCK)
-            clipped = tl.maximum(tl.load(values_row + j, mask=j < length, other=0.0).to(tl.float64), 0.0)
-            total += tl.sum(clipped / scale)
+            if MASS == MASS_LINEAR:
+                total += tl.sum(_unscaled_mass(values_row, j, j < length, top, scale, False))
+            elif MASS == MASS_SOFTMAX:
+                total += tl.sum(_unscaled_mass(values_row, j, j < length, top, scale, True))
+            else:
+                total += tl.sum(tl.where(softmax, _unscaled_mass(values_row, j, j < length, top, scale, True),
+                                         _unscaled_mass(values_row, j, j < length, top, scale, False)))
         if COVERAGE_PER_ROW:
             coverage = tl.load(coverage_ptr + row)
         else:
             coverage = _fp64_from_bits(coverage_bits)
         threshold = coverage - _fp64_from_bits(tolerance_bits)
+        # where the mass is undefined, every token gets 1 / length: a linear row without a positive total, a
+        # softmax row of -inf scores (+inf and NaN scores are the callers' to refuse: their count is unspecified)
+        uniform = 1.0 / tl.maximum(length, 1).to(tl.float64)
+        if MASS == MASS_LINEAR:
+            flat = ~(total > 0)
+        elif MASS == MASS_SOFTMAX:
+            flat = top == float("-inf")
+        else:
+            flat = tl.where(softmax, top == float("-inf"), ~(total > 0))
         # 2) how many tokens the mass ranked above them leaves below the threshold (a running prefix sum over the
         # row's blocks; the mass is non-negative, so each block's last prefix is its largest)
-        uniform = 1.0 / tl.maximum(length, 1).to(tl.float64)
         carried = tl.zeros((), dtype=tl.float64)
         needed = tl.zeros((), dtype=tl.int64)
         for start in range(0, length, BLOCK):
             j = start + tl.arange(0, BLOCK)
             inside = j < length
-            clipped = tl.maximum(tl.load(values_row + j, mask=inside, other=0.0).to(tl.float64), 0.0) / scale
-            mass = tl.where(total > 0, clipped / tl.maximum(total, FP64_TINY), uniform)
+            if MASS == MASS_LINEAR:
+                unscaled = _unscaled_mass(values_row, j, inside, top, scale, False)
+            elif MASS == MASS_SOFTMAX:
+                unscaled = _unscaled_mass(values_row, j, inside, top, scale, True)
+            else:
+                unscaled = tl.where(softmax, _unscaled_mass(values_row, j, inside, top, scale, True),
+                                    _unscaled_mass(values_row, j, inside, top, scale, False))
+            mass = tl.where(flat, uniform, unscaled / tl.maximum(total, FP64_TINY))
             mass = tl.where(inside, mass, 0.0)
             through = carried + tl.cumsum(mass, 0)
             needed += tl.sum((inside & (through - mass < threshold)).to(tl.int64))
@@ -767,14 +807,15 @@ def _image_layout(ref_lengths: tuple, device: torch.device) -> torch.Tensor:
 def ranked_keep_mask(
     values: torch.Tensor, order: torch.Tensor, ref_lengths: Sequence[int], n_tokens: int,
     counts: Optional[torch.Tensor] = None, coverage=None, low: Optional[torch.Tensor] = None,
-    high: Optional[torch.Tensor] = None, tolerance: float = 0.0,
+    high: Optional[torch.Tensor] = None, tolerance: float = 0.0, mass: str = "linear",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(keep bool [B, n_tokens], counts int64 [B, n_refs])`` of ``_ranked_keep_kernel``: ``values`` / ``order``
     ``[B · n_refs, L]`` (L at least the longest image; contiguous rows) are the images' scores sorted in descending
     order and their positions in the image; the images lie one after another in the tokens (``ref_lengths``).
     ``counts`` (int64, ``B · n_refs`` entries) keeps that many of each image; without it the counts are adaptive:
     ``coverage`` (a float, or a float64 tensor of ``B · n_refs`` entries), ``low`` and ``high`` (int64, ``B · n_refs``
-    entries) are required. Never reads the device from the host."""
+    entries) are required, and ``mass`` (``MASS_MODES``) says how the scores are read as a distribution. Never reads
+    the device from the host."""
     n_refs, rows = len(ref_lengths), values.shape[0]
     batch = rows // n_refs
     device = values.device
@@ -790,7 +831,8 @@ def ranked_keep_mask(
         values, order, values.stride(0), layout[0], layout[1], n_refs,
         counts, coverage if per_row else None, _fp64_bits(float(coverage)) if adaptive and not per_row else 0,
         _fp64_bits(tolerance), low, high, keep, n_tokens,
-        ADAPTIVE=adaptive, COVERAGE_PER_ROW=per_row, BLOCK=min(next_power_of_2(max(values.shape[1], 16)), RANK_BLOCK),
+        ADAPTIVE=adaptive, MASS=MASS_MODES[mass] if adaptive else 0, COVERAGE_PER_ROW=per_row,
+        BLOCK=min(next_power_of_2(max(values.shape[1], 16)), RANK_BLOCK),
         num_warps=RANK_WARPS, **COMPILE_OPTIONS,
     )
     return keep, counts.view(batch, n_refs)

@@ -1752,12 +1752,14 @@ def scatter_tokens(packed: torch.Tensor, index: torch.Tensor, cu_seqlens: torch.
 # ----------------------------------------------------------------------------------------------------------------
 def ranked_keep_mask(scores: torch.Tensor, ref_lengths: Sequence[int], counts: Optional[torch.Tensor] = None, *,
                      coverage: Union[float, torch.Tensor, None] = None, low: Optional[torch.Tensor] = None,
-                     high: Optional[torch.Tensor] = None, tolerance: float = 0.0) -> tuple:
+                     high: Optional[torch.Tensor] = None, tolerance: float = 0.0, mass: str = "linear") -> tuple:
     """``(keep bool [B, N], counts int64 [B, n_refs])``: in each reference image of each sample (the images lie one
     after another in the N tokens: ``ref_lengths``), its ``count`` highest ``scores`` kept, ties to the lower index;
-    ``count`` is ``counts[b, i]`` or, without ``counts``, adaptive: the fewest top-ranked tokens whose linear score
-    mass reaches ``coverage - tolerance`` of the image's, within ``[low, high]`` (``reference.ranked_keep_mask_ref``
-    is the specification; ``sparsectx.selection``'s fixed and adaptive budgets).
+    ``count`` is ``counts[b, i]`` or, without ``counts``, adaptive: the fewest top-ranked tokens whose score mass
+    (``reference.score_mass``: ``mass`` "linear", "softmax" or "auto") reaches ``coverage - tolerance`` of the
+    image's, within ``[low, high]`` (``reference.ranked_keep_mask_ref`` is the specification;
+    ``sparsectx.selection``'s fixed and adaptive budgets). +inf and NaN scores have no mass: an adaptive count
+    of them is unspecified (the budgets refuse them).
 
     ``scores`` float ``[B, N]``; ``counts`` / ``low`` / ``high`` integer tensors ``[B, n_refs]`` on its device;
     ``coverage`` a float in [0, 1] or a float64 ``[B, n_refs]`` tensor on its device (its values unchecked here).
@@ -1788,8 +1790,10 @@ def ranked_keep_mask(scores: torch.Tensor, ref_lengths: Sequence[int], counts: O
         raise ValueError(f"coverage must be a float in [0, 1] or a tensor, got {coverage!r}")
     if not isinstance(tolerance, float) or not tolerance >= 0.0:
         raise ValueError(f"tolerance must be a float >= 0, got {tolerance!r}")
+    if mass not in ("linear", "softmax", "auto"):
+        raise ValueError(f"mass must be 'linear', 'softmax' or 'auto', got {mass!r}")
     if not _use_triton(scores):
-        return reference.ranked_keep_mask_ref(scores, ref_lengths, counts, coverage, low, high, tolerance)
+        return reference.ranked_keep_mask_ref(scores, ref_lengths, counts, coverage, low, high, tolerance, mass)
     from .kernels import compaction as _k
 
     values, order = torch.sort(_image_score_rows(scores, tuple(ref_lengths)), dim=1, descending=True, stable=True)
@@ -1797,7 +1801,7 @@ def ranked_keep_mask(scores: torch.Tensor, ref_lengths: Sequence[int], counts: O
             for t in (counts, low, high)]  # (int64 rows of B · n_refs entries)
     coverage = coverage.contiguous() if isinstance(coverage, torch.Tensor) else coverage
     return _k.ranked_keep_mask(values, order, ref_lengths, n_tokens, *flat[:1], coverage=coverage, low=flat[1],
-                               high=flat[2], tolerance=tolerance)
+                               high=flat[2], tolerance=tolerance, mass=mass)
 
 
 def _image_score_rows(scores: torch.Tensor, ref_lengths: tuple) -> torch.Tensor:

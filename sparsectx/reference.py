@@ -49,28 +49,41 @@ def topk_keep_mask(scores: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
     return keep
 
 
-def linear_mass(scores: torch.Tensor) -> torch.Tensor:
-    """Scores ``[R, L]`` as a distribution per row, float64: ``max(score, 0) / their sum`` (the clipped scores first
-    scaled by the row's largest, so that a sum of scores near float64's max stays finite); a row whose clipped scores
-    are all 0 is uniform, ``1 / L``."""
+def score_mass(scores: torch.Tensor, mode: str = "linear") -> torch.Tensor:
+    """Scores ``[R, L]`` as a distribution per row, float64.
+
+    ``linear``: ``max(score, 0) / their sum`` (the clipped scores first scaled by the row's largest, so that a sum
+    of scores near float64's max stays finite), uniform (``1 / L``) where the clipped scores do not sum above 0;
+    ``softmax``: the softmax of the scores, uniform for a row of -inf (as any row of equal scores); ``auto``:
+    softmax for a row with a negative score, linear otherwise. (+inf and NaN scores have no defined mass.)"""
     scores = scores.double()
+    tiny = torch.finfo(torch.float64).tiny
     uniform = 1.0 / max(scores.shape[1], 1)
+    if mode != "linear":  # (each mode computes only what it returns)
+        soft = torch.softmax(scores, dim=1)
+        soft = torch.where(torch.isnan(soft), uniform, soft)  # NaN only from a row of -inf (without NaN and +inf)
+        if mode == "softmax":
+            return soft
     clipped = scores.clamp(min=0.0)
     if clipped.shape[1]:
-        clipped = clipped / clipped.amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)
+        clipped = clipped / clipped.amax(dim=1, keepdim=True).clamp(min=tiny)
     total = clipped.sum(dim=1, keepdim=True)
-    return torch.where(total > 0, clipped / total.clamp(min=torch.finfo(torch.float64).tiny), uniform)
+    linear = torch.where(total > 0, clipped / total.clamp(min=tiny), uniform)
+    if mode == "linear":
+        return linear
+    return torch.where((scores < 0).any(dim=1, keepdim=True), soft, linear)
 
 
 def ranked_keep_mask_ref(scores: torch.Tensor, ref_lengths: Sequence[int], counts: Optional[torch.Tensor] = None,
                          coverage: Union[float, torch.Tensor, None] = None, low: Optional[torch.Tensor] = None,
-                         high: Optional[torch.Tensor] = None, tolerance: float = 0.0) -> tuple:
+                         high: Optional[torch.Tensor] = None, tolerance: float = 0.0,
+                         mass: str = "linear") -> tuple:
     """``(keep bool [B, N], counts int64 [B, n_refs])``: per sample and reference image (the images lie one after
     another in the N tokens, ``ref_lengths``), the image's ``count`` highest scores kept (ties to the lower index).
 
-    ``counts`` ``[B, n_refs]`` gives each count; without it the count is adaptive: the tokens whose ``linear_mass``
-    ranked above them (the mass of the tokens before them in the descending order) lies below
-    ``coverage - tolerance``, at least one when ``coverage > 0`` and none when it is 0, then clamped to
+    ``counts`` ``[B, n_refs]`` gives each count; without it the count is adaptive: the tokens whose mass ranked
+    above them (the image's ``score_mass(scores, mass)`` of the tokens before them in the descending order) lies
+    below ``coverage - tolerance``, at least one when ``coverage > 0`` and none when it is 0, then clamped to
     ``[low, high]`` (``min(max(count, low), high)``). ``coverage`` a float or a float64 ``[B, n_refs]`` tensor;
     ``low`` / ``high`` int64 ``[B, n_refs]``."""
     keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
@@ -80,8 +93,8 @@ def ranked_keep_mask_ref(scores: torch.Tensor, ref_lengths: Sequence[int], count
         rows = scores[:, start:start + length]
         order = torch.sort(rows, dim=1, descending=True, stable=True).indices
         if counts is None:
-            mass = linear_mass(rows).gather(1, order)
-            before = torch.cumsum(mass, dim=1) - mass
+            share = score_mass(rows, mass).gather(1, order)
+            before = torch.cumsum(share, dim=1) - share
             cov = coverage[:, i:i + 1] if isinstance(coverage, torch.Tensor) else torch.tensor(
                 coverage, dtype=torch.float64, device=scores.device)
             needed = (before < cov - tolerance).sum(dim=1, keepdim=True)

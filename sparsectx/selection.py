@@ -49,7 +49,7 @@ from typing import Callable, Iterable, NamedTuple, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from . import ops, reference
+from . import ops
 from ._warn import warn as _warn
 from .ops import _device_values, _is_int, _is_numpy_array, _python_number
 
@@ -1305,26 +1305,6 @@ def _fixed_count(count: PerImage, name: str) -> FixedBudget:
 MASS_MODES = ("auto", "linear", "softmax")
 
 
-def _score_mass(scores: torch.Tensor, mode: str) -> torch.Tensor:
-    """Scores of one image [B, L] as a probability distribution per row (float64).
-
-    ``linear``: scores / their sum (scores must be >= 0; an all-zero row is uniform); ``softmax``: softmax of the
-    scores (an all -inf row is uniform, as any row of equal scores); ``auto``: linear for rows without a negative
-    score, softmax otherwise (decided on the device)."""
-    scores = scores.double()
-    uniform = 1.0 / max(scores.shape[1], 1)
-    if mode != "linear":  # (each mode computes only what it returns)
-        soft = torch.softmax(scores, dim=1)
-        soft = torch.where(torch.isnan(soft), uniform, soft)  # NaN only from an all -inf row (NaN, +inf: refused)
-        if mode == "softmax":
-            return soft
-    linear = reference.linear_mass(scores)
-    if mode == "linear":
-        return linear
-    has_negative = (scores < 0).any(dim=1, keepdim=True)
-    return torch.where(has_negative, soft, linear)
-
-
 def adaptive_budget(scores: torch.Tensor, coverage: Union[float, torch.Tensor] = 0.9, floor: PerImage = 0,
                     cap: PerImage = 1.0, ref_lengths: Optional[Sequence[int]] = None, *,
                     mass: str = "auto") -> BudgetResult:
@@ -1358,12 +1338,10 @@ def adaptive_budget(scores: torch.Tensor, coverage: Union[float, torch.Tensor] =
     if mass == "auto" and not lowest < 0:  # no row has a negative score: 'auto' is linear for every row
         mass = "linear"
     cov, low, high = _adaptive_settings(coverage, floor, cap, scores.shape[0], ref_lengths, scores.device)
-    if mass == "linear":  # the mass keeps the scores' order: the counts and the keep mask from one ranking
-        keep, counts = ops.ranked_keep_mask(scores, ref_lengths, coverage=cov, low=low, high=high,
-                                            tolerance=COVERAGE_TOL)
-        return BudgetResult(counts, keep)
-    counts = _adaptive_counts(scores, cov, low, high, ref_lengths, mass)
-    return BudgetResult(counts, _topk_per_image(scores, ref_lengths, counts))
+    # the mass keeps the scores' order: the counts and the keep mask from one ranking
+    keep, counts = ops.ranked_keep_mask(scores, ref_lengths, coverage=cov, low=low, high=high, tolerance=COVERAGE_TOL,
+                                        mass=mass)
+    return BudgetResult(counts, keep)
 
 
 def _score_range(scores: torch.Tensor) -> tuple[float, float]:
@@ -1394,36 +1372,6 @@ def _adaptive_settings(coverage, floor: PerImage, cap: PerImage, batch: int, ref
                                                                                    device)
 
 
-def _adaptive_counts(scores: torch.Tensor, cov, low: torch.Tensor, high: torch.Tensor, ref_lengths: Sequence[int],
-                     mass: str) -> torch.Tensor:
-    """int64 ``[B, n_refs]``: per image, the fewest top-scored tokens covering ``cov`` of its mass, within
-    ``[low, high]`` (see ``adaptive_budget``; ``cov`` a float or a ``[B, n_refs]`` tensor). (The linear mass alone
-    takes ``ops.ranked_keep_mask``, which gives the keep mask too.)"""
-    # each image's mass, sorted, and the mass ranked above each token: one row per (sample, image) when the images
-    # have one length, else image by image on its own slice; the integer counts after that for all images at once
-    if min(ref_lengths) == max(ref_lengths):
-        slices = [scores.reshape(scores.shape[0] * len(ref_lengths), ref_lengths[0])]
-    else:
-        slices = [scores[:, lo:hi] for lo, hi in _image_slices(ref_lengths)]
-    before = []
-    for rows in slices:
-        probs = torch.sort(_score_mass(rows, mass), dim=1, descending=True).values
-        before.append(torch.cumsum(probs, dim=1) - probs)  # mass of the tokens ranked above each token
-    before = torch.cat(before, dim=1) if len(before) > 1 else before[0].view(scores.shape)
-    if isinstance(cov, torch.Tensor):
-        threshold, positive = cov - COVERAGE_TOL, cov > 0
-        if len(ref_lengths) > 1:  # each token's image's threshold
-            threshold = threshold.index_select(1, _token_layout(ref_lengths, scores.device)[0])
-    else:  # the same float64 arithmetic on the host
-        threshold, positive = cov - COVERAGE_TOL, cov > 0
-    needed = _image_rows(before < threshold, ref_lengths, fill=False).sum(dim=2)  # [B, n_refs]
-    if isinstance(positive, torch.Tensor):
-        needed = torch.where(positive, needed.clamp(min=1), 0)
-    else:
-        needed = needed.clamp(min=1) if positive else torch.zeros_like(needed)
-    return needed.clamp(low, high)  # min(max(needed, low), high): where low > high, high
-
-
 class AdaptiveBudget:
     """``adaptive_budget`` with its settings bound: ``budget(scores, ref_lengths) -> BudgetResult``."""
 
@@ -1443,7 +1391,8 @@ class AdaptiveBudget:
         ref_lengths = _check_ref_lengths(ref_lengths, mask.shape[1])
         cov, low, high = _adaptive_settings(self.coverage, self.floor, self.cap, mask.shape[0], ref_lengths,
                                             mask.device)
-        counts = _adaptive_counts(scores, cov, low, high, ref_lengths, "linear")
+        counts = ops.ranked_keep_mask(scores, ref_lengths, coverage=cov, low=low, high=high,
+                                      tolerance=COVERAGE_TOL)[1]
         marked = _image_rows(mask, ref_lengths, fill=False).sum(dim=2)  # [B, n_refs]
         counts = torch.where(marked > 0, counts, torch.minimum(low, high))
         return BudgetResult(counts, _topk_per_image(scores, ref_lengths, counts))

@@ -7,6 +7,7 @@ float64 in another order than the reference's, so a count could differ only wher
 lies within a few float64 ulps of the threshold; the inputs here are random (and their exact boundaries are sums of
 powers of two, which every order adds exactly).
 """
+import itertools
 import types
 
 import pytest
@@ -30,6 +31,12 @@ def _scores(gen, batch, n_tokens, kind, dtype, device):
         scores = torch.randn(batch, n_tokens, generator=gen)
     elif kind == "zeros":  # no mass: uniform
         scores = torch.zeros(batch, n_tokens)
+    elif kind == "mixed":  # signed scores in some images, not in others ("auto": softmax there, linear here)
+        scores = torch.randn(batch, n_tokens, generator=gen)
+        scores = torch.where(torch.rand(1, n_tokens, generator=gen) < 0.5, scores.abs(), scores)
+    elif kind == "-inf":  # the softmax of a row of -inf is uniform, a few finite scores take it all
+        scores = torch.full((batch, n_tokens), -float("inf"))
+        scores[:, ::7] = torch.randn(batch, len(range(0, n_tokens, 7)), generator=gen)
     else:  # "special": -inf, -0.0 beside 0.0, a huge and a tiny score
         scores = torch.rand(batch, n_tokens, generator=gen)
         values = torch.tensor([-float("inf"), -0.0, 0.0, 3e38, 1e-40])
@@ -66,10 +73,12 @@ LAYOUTS = [[1], [7], [16, 16, 16], [48, 16, 35], [0, 5], [5, 0, 3], [37] * 4]
 
 @pytest.mark.parametrize("lengths", LAYOUTS, ids=str)
 @pytest.mark.parametrize("kind, poison", [("random", "true"), ("random", "false"), ("ties", "true"),
-                                          ("signed", "true"), ("zeros", "true"), ("special", "true")])
+                                          ("signed", "true"), ("zeros", "true"), ("special", "true"),
+                                          ("mixed", "true"), ("-inf", "true")])
 def test_fixed_and_adaptive_counts_match_the_reference(device, monkeypatch, lengths, kind, poison):
     """Every layout (one image, images of one length, of different lengths, empty images) and score kind, fixed
-    counts and adaptive ones (coverage 0, a fraction, 1, one per image; random floors and caps); each output starts
+    counts and adaptive ones (coverage 0, a fraction, 1, one per image; random floors and caps; the linear,
+    softmax and automatic masses, the last two on finite and -inf scores: +inf has no mass); each output starts
     poisoned True (conftest) or False, so every entry must be written."""
     if poison == "false":
         monkeypatch.setattr(kc, "torch", _false_poisoning())
@@ -84,11 +93,12 @@ def test_fixed_and_adaptive_counts_match_the_reference(device, monkeypatch, leng
                          reference.ranked_keep_mask_ref(scores, lengths, counts))
             low, high = _settings(gen, batch, lengths, device)
             per_image = torch.rand(batch, len(lengths), generator=gen, dtype=torch.float64).to(device)
-            for coverage in (0.0, 0.9, 1.0, per_image):
+            masses = ("linear", "softmax", "auto") if kind in ("ties", "signed", "mixed", "-inf") else ("linear",)
+            for coverage, mass in itertools.product((0.0, 0.9, 1.0, per_image), masses):
                 got = ops.ranked_keep_mask(scores, lengths, coverage=coverage, low=low, high=high,
-                                           tolerance=TOLERANCE)
+                                           tolerance=TOLERANCE, mass=mass)
                 _assert_same(got, reference.ranked_keep_mask_ref(scores, lengths, None, coverage, low, high,
-                                                                 TOLERANCE))
+                                                                 TOLERANCE, mass))
 
 
 @pytest.mark.parametrize("block", [16, 32])
@@ -98,7 +108,8 @@ def test_rows_longer_than_a_block_carry_their_mass(device, monkeypatch, block):
     monkeypatch.setattr(kc, "RANK_BLOCK", block)
     gen = torch.Generator().manual_seed(block)
     lengths = [block * 3 + 5, block - 1, 2 * block]
-    for kind in ("random", "ties", "zeros"):
+    for kind, mass in (("random", "linear"), ("ties", "linear"), ("zeros", "linear"), ("signed", "softmax"),
+                       ("mixed", "auto")):
         scores = _scores(gen, 2, sum(lengths), kind, torch.float32, device)
         counts, _ = _settings(gen, 2, lengths, device)
         _assert_same(ops.ranked_keep_mask(scores, lengths, counts),
@@ -107,8 +118,8 @@ def test_rows_longer_than_a_block_carry_their_mass(device, monkeypatch, block):
                      torch.tensor([lengths, lengths], device=device))
         for coverage in (0.3, 0.75, 0.999):
             got = ops.ranked_keep_mask(scores, lengths, coverage=coverage, low=no_bounds[0], high=no_bounds[1],
-                                       tolerance=TOLERANCE)
-            want = reference.ranked_keep_mask_ref(scores, lengths, None, coverage, *no_bounds, TOLERANCE)
+                                       tolerance=TOLERANCE, mass=mass)
+            want = reference.ranked_keep_mask_ref(scores, lengths, None, coverage, *no_bounds, TOLERANCE, mass)
             _assert_same(got, want)
 
 
@@ -178,6 +189,7 @@ def test_no_samples_and_no_tokens(device):
     (lambda s, c: ops.ranked_keep_mask(s, [4, 3], coverage=1.5, low=c, high=c), "coverage"),
     (lambda s, c: ops.ranked_keep_mask(s, [4, 3], coverage=torch.ones(2, 2), low=c, high=c), "coverage"),
     (lambda s, c: ops.ranked_keep_mask(s, [4, 3], coverage=0.5, low=c, high=c, tolerance=-1.0), "tolerance"),
+    (lambda s, c: ops.ranked_keep_mask(s, [4, 3], coverage=0.5, low=c, high=c, mass="log"), "mass"),
 ])
 def test_bad_input_is_refused_naming_the_argument(device, call, match):
     scores = torch.rand(2, 7, device=device)
@@ -189,8 +201,9 @@ def test_bad_input_is_refused_naming_the_argument(device, call, match):
 @pytest.mark.gpu
 def test_cuda_budgets_at_the_klein_shape_in_bf16_without_a_sync():
     """On a GPU: the selection benchmark's shape (3 references of 64 x 64 tokens, and images of different lengths,
-    one longer than the kernel's block), fp32 and bf16 scores (bf16: many ties), fixed and adaptive counts against
-    the reference; the op never waits for the device (torch's sync debug mode raising)."""
+    one longer than the kernel's block), fp32 and bf16 scores (bf16: many ties), fixed and adaptive counts (the
+    linear mass; the softmax and automatic ones of signed scores: fp64 exponentials) against the reference; the op
+    never waits for the device (torch's sync debug mode raising)."""
     gen = torch.Generator().manual_seed(31)
     for lengths in ([4096] * 3, [4096, 1024, 2 * kc.RANK_BLOCK + 17]):
         n_refs = len(lengths)
@@ -200,16 +213,19 @@ def test_cuda_budgets_at_the_klein_shape_in_bf16_without_a_sync():
             counts = torch.tensor([[n // 10 for n in lengths]] * batch).cuda()
             for dtype in (torch.float32, torch.bfloat16):
                 scores = torch.rand(batch, sum(lengths), generator=gen).pow(4).cuda().to(dtype)
-                calls = [((counts,), {}), ((), dict(coverage=0.9, low=low, high=high, tolerance=TOLERANCE))]
-                for args, kwargs in calls:
-                    ops.ranked_keep_mask(scores, lengths, *args, **kwargs)  # compiles outside the check
+                signed = torch.randn(batch, sum(lengths), generator=gen).cuda().to(dtype)
+                calls = [((scores, counts), {})] + [
+                    ((x, ), dict(coverage=0.9, low=low, high=high, tolerance=TOLERANCE, mass=mass))
+                    for x, mass in ((scores, "linear"), (signed, "softmax"), (signed, "auto"))]
+                for (x, *args), kwargs in calls:
+                    ops.ranked_keep_mask(x, lengths, *args, **kwargs)  # compiles outside the check
                     torch.cuda.synchronize()
                     torch.cuda.set_sync_debug_mode("error")
                     try:
-                        got = ops.ranked_keep_mask(scores, lengths, *args, **kwargs)
+                        got = ops.ranked_keep_mask(x, lengths, *args, **kwargs)
                     finally:
                         torch.cuda.set_sync_debug_mode("default")
-                    want = reference.ranked_keep_mask_ref(scores.cpu(), lengths, *[a.cpu() for a in args],
+                    want = reference.ranked_keep_mask_ref(x.cpu(), lengths, *[a.cpu() for a in args],
                                                           **{k: v.cpu() if isinstance(v, torch.Tensor) else v
                                                              for k, v in kwargs.items()})
                     _assert_same(got, want)
