@@ -98,11 +98,12 @@ COPY_MAX_BLOCK_COLS = 512
 # stack, a spill the compile check refuses)
 COPY_MIN_BLOCK_COLS = 16
 # Ranked keep masks: the sorted tokens of one image are read RANK_BLOCK at a time by RANK_WARPS warps (a reference
-# of 64 x 64 latent tokens in 4 steps per pass). Compiled for sm_90 with Triton 3.6 and 3.9: at most 78 registers
-# and no spill in any score dtype; the adaptive form's running masses are fp64, and blocks of 4096 spilled 136 B on
-# 4 warps (40 B on 8), blocks of 1024 on 4 warps 8 B with Triton 3.6 (fp32 scores).
-RANK_BLOCK = 1024
-RANK_WARPS = 8
+# of 64 x 64 latent tokens in 8 steps per pass). The adaptive form's masses are fp64, and ptxas caps these kernels'
+# registers low (64 to 98 on sm_90): with every mass and score dtype compiled for sm_90 with Triton 3.6 and 3.9,
+# 512 on 4 warps holds at most 56 registers and spills nothing; 1024 on 4 warps spilled in 2 binaries with 3.6,
+# on 8 warps in 8 and 11, and 4096 spilled up to 136 B.
+RANK_BLOCK = 512
+RANK_WARPS = 4
 # fp64's smallest normal number (torch.finfo(torch.float64).tiny): the floor of the linear mass's divisors.
 FP64_TINY = tl.constexpr(2.2250738585072014e-308)
 # How an adaptive count reads the scores as a distribution (reference.score_mass's modes).
@@ -487,14 +488,17 @@ def _fp64_from_bits(bits):
 
 
 @triton.jit
-def _unscaled_mass(values_row, j, inside, top, scale, SOFTMAX: tl.constexpr):
-    """Each token's share of its row's mass before the division by the row's total, fp64: ``exp(v - top)``
-    (softmax; ``top`` the row's largest score) or ``max(v, 0) / scale`` (linear), 0 past the row's end."""
+def _unscaled_mass(values_row, j, inside, top, inv_scale, softmax, MASS: tl.constexpr):
+    """Each token's mass before the division by its row's total, fp64 (0 past the row's end): ``exp(v - top)``
+    (softmax; ``top`` the row's largest score) or ``max(v, 0) / scale`` (linear, as a product with ``1 / scale``);
+    MASS_AUTO: the softmax where ``softmax`` (the row has a negative score), else linear."""
     v = tl.load(values_row + j, mask=inside, other=0.0).to(tl.float64)
-    if SOFTMAX:
+    if MASS == MASS_LINEAR:
+        unscaled = tl.maximum(v, 0.0) * inv_scale
+    elif MASS == MASS_SOFTMAX:
         unscaled = tl.exp(v - top)
     else:
-        unscaled = tl.maximum(v, 0.0) / scale
+        unscaled = tl.where(softmax, tl.exp(v - top), tl.maximum(v, 0.0) * inv_scale)
     return tl.where(inside, unscaled, 0.0)
 
 
@@ -511,9 +515,11 @@ def _ranked_keep_kernel(
     below the image's length, so every token of the image is written once. ``count`` is ``counts[row]`` or, with
     ADAPTIVE, computed and stored there: the tokens j whose mass ranked above them, ``before_j``, lies below
     ``coverage - tolerance`` (at least 1 when coverage > 0, none when it is 0), then ``min(max(count, low), high)``.
-    The mass is torch's in fp64 (``reference.score_mass``): MASS_LINEAR ``c = max(v, 0) / max(max_j c_j, tiny)``,
+    The mass is ``reference.score_mass``'s, in fp64: MASS_LINEAR ``c = max(v, 0) / max(max_j c_j, tiny)``,
     ``p = c / sum(c)``, or ``1 / length`` for every token when the sum is 0; MASS_SOFTMAX ``softmax(v)``, uniform
-    for a row of -inf; MASS_AUTO the softmax for a row with a negative score (its last, sorted), else linear."""
+    for a row of -inf; MASS_AUTO the softmax for a row with a negative score (its last, sorted), else linear. The
+    products and sums round otherwise than torch's (a count differs only where a mass lies within a few roundings
+    of the threshold)."""
     row = tl.program_id(0)
     b = row // n_refs
     image = row % n_refs
@@ -522,53 +528,41 @@ def _ranked_keep_kernel(
     order_row = order_ptr + row.to(tl.int64) * stride_row
     if ADAPTIVE:
         # 1) the row's mass in all, before the division: the largest score (the first, sorted) shifts the softmax
-        # and scales the linear mass
+        # and scales the linear mass (so that a sum of scores near float64's max stays finite)
         top = tl.load(values_row, mask=length > 0, other=0.0).to(tl.float64)
-        scale = tl.maximum(tl.maximum(top, 0.0), FP64_TINY)
-        if MASS == MASS_AUTO:
-            softmax = tl.load(values_row + length - 1, mask=length > 0, other=0.0) < 0  # the smallest score
+        inv_scale = 1.0 / tl.maximum(tl.maximum(top, 0.0), FP64_TINY)
+        softmax = tl.load(values_row + length - 1, mask=length > 0, other=0.0) < 0  # (MASS_AUTO: the smallest score)
         total = tl.zeros((), dtype=tl.float64)
         for start in range(0, length, BLOCK):
             j = start + tl.arange(0, BLOCK)
-            if MASS == MASS_LINEAR:
-                total += tl.sum(_unscaled_mass(values_row, j, j < length, top, scale, False))
-            elif MASS == MASS_SOFTMAX:
-                total += tl.sum(_unscaled_mass(values_row, j, j < length, top, scale, True))
-            else:
-                total += tl.sum(tl.where(softmax, _unscaled_mass(values_row, j, j < length, top, scale, True),
-                                         _unscaled_mass(values_row, j, j < length, top, scale, False)))
+            total += tl.sum(_unscaled_mass(values_row, j, j < length, top, inv_scale, softmax, MASS))
         if COVERAGE_PER_ROW:
             coverage = tl.load(coverage_ptr + row)
         else:
             coverage = _fp64_from_bits(coverage_bits)
         threshold = coverage - _fp64_from_bits(tolerance_bits)
-        # where the mass is undefined, every token gets 1 / length: a linear row without a positive total, a
-        # softmax row of -inf scores (+inf and NaN scores are the callers' to refuse: their count is unspecified)
-        uniform = 1.0 / tl.maximum(length, 1).to(tl.float64)
+        # where the mass is undefined every token gets 1 / length: a linear row without a positive total, a softmax
+        # row of -inf scores (+inf and NaN scores are the callers' to refuse: their count is unspecified). Else the
+        # shares are compared undivided: before_j / total < threshold as before_j < threshold · total.
         if MASS == MASS_LINEAR:
-            flat = ~(total > 0)
+            flat = (total > 0) == 0  # (NaN too)
         elif MASS == MASS_SOFTMAX:
             flat = top == float("-inf")
         else:
-            flat = tl.where(softmax, top == float("-inf"), ~(total > 0))
-        # 2) how many tokens the mass ranked above them leaves below the threshold (a running prefix sum over the
-        # row's blocks; the mass is non-negative, so each block's last prefix is its largest)
+            flat = tl.where(softmax, top == float("-inf"), (total > 0) == 0)
+        uniform = 1.0 / tl.maximum(length, 1).to(tl.float64)
+        bound = tl.where(flat, threshold, threshold * total)
+        # 2) how many tokens the mass ranked above them leaves below the bound (a running prefix sum over the row's
+        # blocks; the mass is non-negative, so each block's last prefix is its largest)
         carried = tl.zeros((), dtype=tl.float64)
         needed = tl.zeros((), dtype=tl.int64)
         for start in range(0, length, BLOCK):
             j = start + tl.arange(0, BLOCK)
             inside = j < length
-            if MASS == MASS_LINEAR:
-                unscaled = _unscaled_mass(values_row, j, inside, top, scale, False)
-            elif MASS == MASS_SOFTMAX:
-                unscaled = _unscaled_mass(values_row, j, inside, top, scale, True)
-            else:
-                unscaled = tl.where(softmax, _unscaled_mass(values_row, j, inside, top, scale, True),
-                                    _unscaled_mass(values_row, j, inside, top, scale, False))
-            mass = tl.where(flat, uniform, unscaled / tl.maximum(total, FP64_TINY))
-            mass = tl.where(inside, mass, 0.0)
+            unscaled = _unscaled_mass(values_row, j, inside, top, inv_scale, softmax, MASS)
+            mass = tl.where(inside, tl.where(flat, uniform, unscaled), 0.0)
             through = carried + tl.cumsum(mass, 0)
-            needed += tl.sum((inside & (through - mass < threshold)).to(tl.int64))
+            needed += tl.sum((inside & (through - mass < bound)).to(tl.int64))
             carried = tl.max(through, 0)
         needed = tl.where(coverage > 0, tl.maximum(needed, 1), 0)
         count = tl.minimum(tl.maximum(needed, tl.load(low_ptr + row)), tl.load(high_ptr + row))

@@ -353,8 +353,9 @@ def _compaction_variants():
     """Selection (scores in each dtype the ops accept, for one sample and for two; rows of 100 tokens, one
     reference of 4096, three, and more than one selection block; one count for every sample or one per sample; a
     keep mask, also as an unaligned view: ``masked_attention``'s ``key_mask[:, kept_prefix:]``), the selection
-    budgets' ranking (fixed and adaptive counts, one image and three, one longer than a block) and the row copies
-    (1 to 3 payloads of mixed dtypes and widths, with and without zero padding; scatter of rows or zeros)."""
+    budgets' ranking (fixed and adaptive counts of each mass, one image and three, one longer than a block) and the
+    row copies (1 to 3 payloads of mixed dtypes and widths, with and without zero padding; scatter of rows or
+    zeros)."""
     import torch
 
     from .kernels.compaction import (MAX_SELECT_BLOCK, RANK_BLOCK, compact_index, gather_rows, ranked_keep_mask,
@@ -403,10 +404,12 @@ def _compaction_variants():
         bounds = torch.zeros(batch, len(lengths), dtype=torch.int64)
         ranked_keep_mask(values, order, lengths, sum(lengths), bounds)
         for coverage in (0.9, torch.zeros(batch, len(lengths), dtype=torch.float64)):
-            ranked_keep_mask(values, order, lengths, sum(lengths), coverage=coverage, low=bounds, high=bounds,
-                             tolerance=1e-9)
+            for mass in ("linear", "softmax", "auto"):
+                ranked_keep_mask(values, order, lengths, sum(lengths), coverage=coverage, low=bounds, high=bounds,
+                                 tolerance=1e-9, mass=mass)
 
-    for name in (*DTYPES, "fp64"):  # the selection budgets' ranking: fixed counts, one coverage, one per image
+    # the selection budgets' ranking: fixed counts, one coverage or one per image, each mass
+    for name in (*DTYPES, "fp64"):
         for lengths in ((4096,), (4096,) * 3, (4096, 1024, 2 * RANK_BLOCK + 17)):
             dtype = getattr(torch, _DTYPE_NAMES.get(name, "float64"))
             yield (f"ranked keep mask {name} B=2 images {list(lengths)}",

@@ -34,9 +34,9 @@ def _scores(gen, batch, n_tokens, kind, dtype, device):
     elif kind == "mixed":  # signed scores in some images, not in others ("auto": softmax there, linear here)
         scores = torch.randn(batch, n_tokens, generator=gen)
         scores = torch.where(torch.rand(1, n_tokens, generator=gen) < 0.5, scores.abs(), scores)
-    elif kind == "-inf":  # the softmax of a row of -inf is uniform, a few finite scores take it all
+    elif kind == "-inf":  # the softmax of a row of -inf is uniform (sample 0's), a few finite scores take it all
         scores = torch.full((batch, n_tokens), -float("inf"))
-        scores[:, ::7] = torch.randn(batch, len(range(0, n_tokens, 7)), generator=gen)
+        scores[1:, ::7] = torch.randn(batch - 1, len(range(0, n_tokens, 7)), generator=gen)
     else:  # "special": -inf, -0.0 beside 0.0, a huge and a tiny score
         scores = torch.rand(batch, n_tokens, generator=gen)
         values = torch.tensor([-float("inf"), -0.0, 0.0, 3e38, 1e-40])
