@@ -25,8 +25,8 @@ Six kernels, each one concept (the plain-torch specification is in ``sparsectx/r
 - ``_ranked_keep_kernel`` (one program per sample and reference image): the selection budgets' keep mask. Given
   each image's scores sorted in descending order (``torch.sort``, stable: ties to the lower index) and their
   positions, it keeps the first ``count`` of them, ``count`` given or adaptive: the fewest top-ranked tokens whose
-  linear score mass (``max(score, 0) / sum``, summed in fp64) reaches a coverage of the image's mass, within a floor
-  and a cap. It replaces some twenty small torch ops after the sort, each a launch.
+  score mass (linear, ``max(score, 0) / sum``, or softmax; summed in fp64) reaches a coverage of the image's mass,
+  within a floor and a cap. It replaces some twenty small torch ops after the sort, each a launch.
 
 The row kernels only load and store payload values (never compute on them), so every dtype is copied bit-exactly,
 bf16 included under the interpreter. Offsets into payloads are int64.
