@@ -6,10 +6,9 @@ Triton's wheel) assembles it for any ``sm_XX`` on the CPU. This check drives the
 ``compact_index``, ``gather_rows``, ``scatter_rows``, ``ranked_keep_mask``) with CPU tensors over the variants the
 public ops launch (dtypes, head dims, reference layouts, selection paths), with every launch turned into a compile
 for the chosen architecture (nothing runs, nothing is read back), and every autotune candidate compiled, not
-measured. It reports
-per compiled kernel: registers per thread, spilled bytes (stack; a known local array apart) and shared memory,
-next to the architecture's per-block shared memory limit; with ``--loops``, what one step of each of its loops
-holds (instructions, barriers, shuffles, shared-memory stores and loads, from its SASS).
+measured. It reports per compiled kernel: registers per thread, spilled bytes (stack; a known local array apart)
+and shared memory, next to the architecture's per-block shared memory limit; with ``--loops``, what one step of
+each of its loops holds (instructions, barriers, shuffles, shared-memory stores and loads, from its SASS).
 
 What it catches before any GPU time is spent: a kernel that does not compile with the installed Triton for that
 architecture (an API or lowering difference between releases), a config whose shared memory exceeds what a block
