@@ -1764,9 +1764,11 @@ def ranked_keep_mask(scores: torch.Tensor, ref_lengths: Sequence[int], counts: O
     ``scores`` float ``[B, N]``; ``counts`` / ``low`` / ``high`` integer tensors ``[B, n_refs]`` on its device;
     ``coverage`` a float in [0, 1] or a float64 ``[B, n_refs]`` tensor on its device (its values unchecked here).
     On a GPU: one stable sort of the images' rows and one kernel, whatever the number of images; nothing is read
-    back to the host. The masses are summed in another order than the reference's: a count may differ where an
-    image's mass ranked above a token lies within rounding of the threshold (the selection's ``tolerance`` of 1e-9
-    keeps such ties away from real inputs)."""
+    back to the host. A ``torch.library`` custom op (``torch.ops.sparsectx.ranked_keep_mask``) where a tracer or a
+    dispatch mode must see the call (``diagnostics.count_host_reads``: its outputs are then device data). The
+    masses are summed in another order than the reference's: a count may differ where an image's mass ranked above
+    a token lies within rounding of the threshold (the selection's ``tolerance`` of 1e-9 keeps such ties away from
+    real inputs)."""
     if not isinstance(scores, torch.Tensor) or scores.ndim != 2 or scores.dtype not in _SORTED_SCORE_DTYPES:
         raise ValueError(f"scores must be a float [B, N] tensor, got {_described_tensor(scores)}")
     batch, n_tokens = scores.shape
@@ -1792,6 +1794,15 @@ def ranked_keep_mask(scores: torch.Tensor, ref_lengths: Sequence[int], counts: O
         raise ValueError(f"tolerance must be a float >= 0, got {tolerance!r}")
     if mass not in ("linear", "softmax", "auto"):
         raise ValueError(f"mass must be 'linear', 'softmax' or 'auto', got {mass!r}")
+    per_image = coverage if isinstance(coverage, torch.Tensor) else None
+    if not _eager(scores, counts, low, high, per_image):  # (a tracer, or a dispatch mode: it sees one call)
+        return _ranked_keep_mask_op(scores, [int(n) for n in ref_lengths], counts,
+                                    None if per_image is not None else coverage, per_image, low, high, tolerance, mass)
+    return _ranked_keep_mask(scores, ref_lengths, counts, coverage, low, high, tolerance, mass)
+
+
+def _ranked_keep_mask(scores, ref_lengths, counts, coverage, low, high, tolerance: float, mass: str) -> tuple:
+    """``ranked_keep_mask``'s contract, of checked arguments: the Triton kernel after one sort, or the reference."""
     if not _use_triton(scores):
         return reference.ranked_keep_mask_ref(scores, ref_lengths, counts, coverage, low, high, tolerance, mass)
     from .kernels import compaction as _k
@@ -1800,8 +1811,25 @@ def ranked_keep_mask(scores: torch.Tensor, ref_lengths: Sequence[int], counts: O
     flat = [None if t is None else (t if t.dtype == torch.int64 else t.long()).contiguous()
             for t in (counts, low, high)]  # (int64 rows of B · n_refs entries)
     coverage = coverage.contiguous() if isinstance(coverage, torch.Tensor) else coverage
-    return _k.ranked_keep_mask(values, order, ref_lengths, n_tokens, *flat[:1], coverage=coverage, low=flat[1],
-                               high=flat[2], tolerance=tolerance, mass=mass)
+    return _k.ranked_keep_mask(values, order, ref_lengths, n_tokens=scores.shape[1], counts=flat[0],
+                               coverage=coverage, low=flat[1], high=flat[2], tolerance=tolerance, mass=mass)
+
+
+@torch.library.custom_op("sparsectx::ranked_keep_mask", mutates_args=())
+def _ranked_keep_mask_op(scores: torch.Tensor, ref_lengths: list[int], counts: Optional[torch.Tensor],
+                         coverage: Optional[float], coverage_per_image: Optional[torch.Tensor],
+                         low: Optional[torch.Tensor], high: Optional[torch.Tensor], tolerance: float,
+                         mass: str) -> tuple[torch.Tensor, torch.Tensor]:
+    keep, kept = _ranked_keep_mask(scores, ref_lengths, counts,
+                                   coverage_per_image if coverage_per_image is not None else coverage, low, high,
+                                   tolerance, mass)
+    return keep, kept.clone() if counts is not None else kept  # (a custom op returns no view of its inputs)
+
+
+@_ranked_keep_mask_op.register_fake
+def _(scores, ref_lengths, counts, coverage, coverage_per_image, low, high, tolerance, mass):
+    return (scores.new_empty(scores.shape, dtype=torch.bool),
+            scores.new_empty((scores.shape[0], len(ref_lengths)), dtype=torch.int64))
 
 
 def _image_score_rows(scores: torch.Tensor, ref_lengths: tuple) -> torch.Tensor:

@@ -410,7 +410,7 @@ def test_every_launcher_enters_its_tensors_device():
 
     launchers = _launchers()
     assert {fn.__name__ for fn in launchers} == {"attention_forward", "attention_backward", "attention_key_mass",
-                                                 "compact_index", "gather_rows", "scatter_rows",
+                                                 "compact_index", "gather_rows", "scatter_rows", "ranked_keep_mask",
                                                  "rms_norm_rope", "rms_norm_rope_backward", "rope_tables"}
     for fn in launchers:
         arg = getattr(fn, "launch_device_arg", None)

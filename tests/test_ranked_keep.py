@@ -229,3 +229,33 @@ def test_cuda_budgets_at_the_klein_shape_in_bf16_without_a_sync():
                                                           **{k: v.cpu() if isinstance(v, torch.Tensor) else v
                                                              for k, v in kwargs.items()})
                     _assert_same(got, want)
+
+
+def test_the_custom_op_passes_opcheck_and_a_dispatch_mode_sees_one_call(device):
+    """``torch.ops.sparsectx.ranked_keep_mask`` (what a tracer or a dispatch mode sees: ``count_host_reads`` then
+    tracks its outputs as device data) passes ``torch.library.opcheck`` in its fixed and adaptive forms, and under a
+    dispatch mode the op goes through it with the eager call's results."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    gen = torch.Generator().manual_seed(4)
+    scores = torch.rand(2, 12, generator=gen).to(device)
+    counts = torch.tensor([[2, 5], [0, 7]], device=device)
+    low, high = torch.zeros_like(counts), torch.full_like(counts, 7)
+    op = torch.ops.sparsectx.ranked_keep_mask.default
+    torch.library.opcheck(op, (scores, [5, 7], counts, None, None, None, None, 0.0, "linear"))
+    torch.library.opcheck(op, (scores, [5, 7], None, 0.8, None, low, high, TOLERANCE, "auto"))
+    per_image = torch.rand(2, 2, generator=gen, dtype=torch.float64).to(device)
+    torch.library.opcheck(op, (scores, [5, 7], None, None, per_image, low, high, TOLERANCE, "softmax"))
+
+    class Seen(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    for args, kwargs in (((counts,), {}), ((), dict(coverage=per_image, low=low, high=high, tolerance=TOLERANCE))):
+        eager = ops.ranked_keep_mask(scores, [5, 7], *args, **kwargs)
+        calls = []
+        with Seen():
+            seen = ops.ranked_keep_mask(scores, [5, 7], *args, **kwargs)
+        assert calls == ["sparsectx.ranked_keep_mask.default"], calls
+        _assert_same(seen, eager)
