@@ -397,7 +397,7 @@ def _compaction_variants():
         scatter_rows(torch.zeros(rows, width, dtype=dtype), index, cu, out)
         scatter_rows(None, index, cu, out)
 
-    def rank(dtype, lengths, batch):
+    def rank(dtype, lengths, batch=2):
         rows, longest = batch * len(lengths), max(lengths)
         values, order = torch.zeros(rows, longest, dtype=dtype), torch.zeros(rows, longest, dtype=torch.int64)
         bounds = torch.zeros(batch, len(lengths), dtype=torch.int64)
@@ -412,7 +412,7 @@ def _compaction_variants():
         for lengths in ((4096,), (4096,) * 3, (4096, 1024, 2 * RANK_BLOCK + 17)):
             dtype = getattr(torch, _DTYPE_NAMES.get(name, "float64"))
             yield (f"ranked keep mask {name} B=2 images {list(lengths)}",
-                   lambda dtype=dtype, lengths=lengths: rank(dtype, lengths, 2))
+                   lambda dtype=dtype, lengths=lengths: rank(dtype, lengths))
 
     for batch in (1, 2):
         for name in DTYPES:

@@ -1792,8 +1792,8 @@ def ranked_keep_mask(scores: torch.Tensor, ref_lengths: Sequence[int], counts: O
         raise ValueError(f"coverage must be a float in [0, 1] or a tensor, got {coverage!r}")
     if not isinstance(tolerance, float) or not tolerance >= 0.0:
         raise ValueError(f"tolerance must be a float >= 0, got {tolerance!r}")
-    if mass not in ("linear", "softmax", "auto"):
-        raise ValueError(f"mass must be 'linear', 'softmax' or 'auto', got {mass!r}")
+    if mass not in reference.MASS_MODES:
+        raise ValueError(f"mass must be one of {reference.MASS_MODES}, got {mass!r}")
     per_image = coverage if isinstance(coverage, torch.Tensor) else None
     if not _eager(scores, counts, low, high, per_image):  # (a tracer, or a dispatch mode: it sees one call)
         return _ranked_keep_mask_op(scores, [int(n) for n in ref_lengths], counts,

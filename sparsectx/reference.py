@@ -49,6 +49,9 @@ def topk_keep_mask(scores: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
     return keep
 
 
+MASS_MODES = ("auto", "linear", "softmax")  # how score_mass reads scores as a distribution
+
+
 def score_mass(scores: torch.Tensor, mode: str = "linear") -> torch.Tensor:
     """Scores ``[R, L]`` as a distribution per row, float64.
 

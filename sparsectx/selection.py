@@ -49,7 +49,7 @@ from typing import Callable, Iterable, NamedTuple, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from . import ops
+from . import ops, reference
 from ._warn import warn as _warn
 from .ops import _device_values, _is_int, _is_numpy_array, _python_number
 
@@ -1302,7 +1302,7 @@ def _fixed_count(count: PerImage, name: str) -> FixedBudget:
     return FixedBudget("fixed_count", count, ratio=False)
 
 
-MASS_MODES = ("auto", "linear", "softmax")
+MASS_MODES = reference.MASS_MODES
 
 
 def adaptive_budget(scores: torch.Tensor, coverage: Union[float, torch.Tensor] = 0.9, floor: PerImage = 0,
