@@ -100,8 +100,8 @@ COPY_MIN_BLOCK_COLS = 16
 # Ranked keep masks: the sorted tokens of one image are read RANK_BLOCK at a time by RANK_WARPS warps (a reference
 # of 64 x 64 latent tokens in 8 steps per pass). The adaptive form's masses are fp64, and ptxas caps these kernels'
 # registers low (64 to 98 on sm_90): with every mass and score dtype compiled for sm_90 with Triton 3.6 and 3.9,
-# 512 on 4 warps holds at most 56 registers and spills nothing; 1024 on 4 warps spilled in 2 binaries with 3.6,
-# on 8 warps in 8 and 11, and 4096 spilled up to 136 B.
+# 512 on 4 warps holds at most 64 registers and spills nothing; 1024 on 4 warps spilled in 2 binaries with 3.6, on
+# 8 warps in 8 and 11, and 4096 spilled up to 136 B (measured before the adaptive loops accumulated lane by lane).
 RANK_BLOCK = 512
 RANK_WARPS = 4
 # fp64's smallest normal number (torch.finfo(torch.float64).tiny): the floor of the linear mass's divisors.
@@ -532,10 +532,12 @@ def _ranked_keep_kernel(
         top = tl.load(values_row, mask=length > 0, other=0.0).to(tl.float64)
         inv_scale = 1.0 / tl.maximum(tl.maximum(top, 0.0), FP64_TINY)
         softmax = tl.load(values_row + length - 1, mask=length > 0, other=0.0) < 0  # (MASS_AUTO: the smallest score)
-        total = tl.zeros((), dtype=tl.float64)
+        # (summed lane by lane over the blocks, then once across them: no reduction across warps in the loop)
+        lanes = tl.zeros((BLOCK,), dtype=tl.float64)
         for start in range(0, length, BLOCK):
             j = start + tl.arange(0, BLOCK)
-            total += tl.sum(_unscaled_mass(values_row, j, j < length, top, inv_scale, softmax, MASS))
+            lanes += _unscaled_mass(values_row, j, j < length, top, inv_scale, softmax, MASS)
+        total = tl.sum(lanes)
         if COVERAGE_PER_ROW:
             coverage = tl.load(coverage_ptr + row)
         else:
@@ -553,17 +555,19 @@ def _ranked_keep_kernel(
         uniform = 1.0 / tl.maximum(length, 1).to(tl.float64)
         bound = tl.where(flat, threshold, threshold * total)
         # 2) how many tokens the mass ranked above them leaves below the bound (a running prefix sum over the row's
-        # blocks; the mass is non-negative, so each block's last prefix is its largest)
+        # blocks; the mass is non-negative, so each block's last prefix is its largest), counted lane by lane and
+        # summed once after the loop
         carried = tl.zeros((), dtype=tl.float64)
-        needed = tl.zeros((), dtype=tl.int64)
+        below = tl.zeros((BLOCK,), dtype=tl.int32)
         for start in range(0, length, BLOCK):
             j = start + tl.arange(0, BLOCK)
             inside = j < length
             unscaled = _unscaled_mass(values_row, j, inside, top, inv_scale, softmax, MASS)
             mass = tl.where(inside, tl.where(flat, uniform, unscaled), 0.0)
             through = carried + tl.cumsum(mass, 0)
-            needed += tl.sum((inside & (through - mass < bound)).to(tl.int64))
+            below += (inside & (through - mass < bound)).to(tl.int32)
             carried = tl.max(through, 0)
+        needed = tl.sum(below.to(tl.int64))
         needed = tl.where(coverage > 0, tl.maximum(needed, 1), 0)
         count = tl.minimum(tl.maximum(needed, tl.load(low_ptr + row)), tl.load(high_ptr + row))
         tl.store(counts_ptr + row, count)
