@@ -5,8 +5,7 @@ Sections (``--section``, default all, in this order: ``norm_rope``, ``compaction
 ``selection``):
 - ``compaction``: ``compact_tokens(scores, hidden, ids, budget)`` at issue 3's shape (B=1, 3 x 4096 tokens, C=3072,
   keep 10%): the CUDA time of each kernel, then the selection kernel's time at each warp count it could launch with
-  and at each candidate block of its filter (0: no filter) and each step of the filter's compaction
-  (``FILTER_BLOCK``; ``_select_config`` forced; the index it writes is
+  and at each candidate block of its filter (0: no filter; ``_select_config`` forced; the index it writes is
   checked against the shipped configuration's), on uniform scores and on scores of one value (where the filter's
   range never narrows).
 - ``selection``: ``select`` with the ``subject`` selector and an adaptive budget at 3 references (issue 6's worst
@@ -99,24 +98,22 @@ def compaction_section(tiny: bool, device: torch.device) -> str:
     # case
     shipped = kernels._select_config
     shipped_config = shipped(n_tokens)
-    block, shipped_warps, shipped_cands, shipped_filter = shipped_config
-    spread_variants = [(warps, shipped_cands, shipped_filter) for warps in (4, 8, 16, 32)]
-    spread_variants += [(shipped_warps, cands, max(cands, 16)) for cands in (0, block // 32, block // 8, block // 4)]
-    spread_variants += [(shipped_warps, shipped_cands, factor * shipped_cands) for factor in (2, 4)]
-    tied_variants = [(shipped_warps, shipped_cands, shipped_filter), (shipped_warps, 0, 16)]
+    block, shipped_warps, shipped_cands = shipped_config
+    spread_variants = [(warps, shipped_cands) for warps in (4, 8, 16, 32)]
+    spread_variants += [(shipped_warps, cands) for cands in (0, block // 32, block // 8, block // 4)]
+    tied_variants = [(shipped_warps, shipped_cands), (shipped_warps, 0)]
     try:
         for name, row, variants in (("uniform scores", scores, spread_variants),
                                     ("one value", torch.zeros_like(scores), tied_variants)):
             kernels._select_config = shipped
             expected = kernels.compact_index(row, [count])[0].clone()
-            for warps, cands, filter_block in variants:
-                kernels._select_config = lambda n, w=warps, c=cands, f=filter_block: (block, w, c, f)
+            for warps, cands in variants:
+                kernels._select_config = lambda n, w=warps, c=cands: (block, w, c)
                 got = kernels.compact_index(row, [count])[0]
                 same = "same index" if torch.equal(got, expected) else "INDEX DIFFERS"
                 us = _graph_us(lambda: kernels.compact_index(row, [count]))  # reads _select_config at each call
-                mark = " (shipped)" if (block, warps, cands, filter_block) == shipped_config else ""
-                lines.append(f"selection kernel, {name}, BLOCK_N={block}, {warps} warps, CAND_BLOCK={cands}, "
-                             f"FILTER_BLOCK={filter_block}{mark}: "
+                mark = " (shipped)" if (block, warps, cands) == shipped_config else ""
+                lines.append(f"selection kernel, {name}, BLOCK_N={block}, {warps} warps, CAND_BLOCK={cands}{mark}: "
                              f"{us:.2f} us per launch (CUDA graph of 20 launches), {same}")
     finally:
         kernels._select_config = shipped

@@ -68,12 +68,12 @@ FP32_INF_BITS = tl.constexpr(0x7F800000)
 # then counts the whole row, as without the filter).
 FILTER_MIN_TOKENS = 2048
 CAND_BLOCK_FRACTION = 16
-# The filter's compaction counts the row FILTER_BLOCK_FACTOR x CAND_BLOCK tokens per step, each step one load, one
-# prefix scan and one sum, in sequence (at the 3 x 4096-token row, 12 steps of 291 sm_90 instructions and 9 barriers
-# each). Fewer, larger steps wait less but hold more registers: with Triton 3.6 for sm_90, 2 does not spill and 4
-# spills on rows streamed block by block; with Triton 3.9, 2 spills 16 B on one variant. bench/profile_ops.py times
-# 1, 2 and 4; the shipped 1 is the one timed on a GPU so far.
-FILTER_BLOCK_FACTOR = 1
+# The selection kernel reads a block of tokens as a tile whose thread t holds ROW_REPS consecutive tokens, from
+# t x ROW_REPS (``_tile_positions``): a prefix count in token order over the tile (the filter's compaction, the
+# index rows' ranks) is then one scan within each thread and one across the threads (``_tile_prefix``). Over a tile
+# in token order, where Triton gives each thread 4 consecutive tokens every 4 x threads tokens, its scan crosses the
+# threads once per 4 x threads tokens (16 times at issue 3's row), and the filter compacted its candidates in
+# steps of one such scan each.
 # Largest token block the selection kernel holds at once: a row that fits is loaded once and kept in registers for
 # every pass; longer rows are streamed block by block in each pass.
 MAX_SELECT_BLOCK = 16384
@@ -133,25 +133,49 @@ def _score_keys(scores_ptr, row_offset, stride_n, pos, valid):
 
 
 @triton.jit
-def _block_keys(scores_ptr, row_offset, stride_n, n_tokens, start, row_keys, BLOCK_N: tl.constexpr,
-                ONE_BLOCK: tl.constexpr):
-    """Keys of tokens [start, start + BLOCK_N): the row's keys held since the start (ONE_BLOCK), else loaded now."""
+def _tile_positions(REPS: tl.constexpr, THREADS: tl.constexpr):
+    """Token offsets of a tile of ``REPS · THREADS`` tokens, entry ``i = r · THREADS + t`` holding token
+    ``t · REPS + r``: thread t (Triton gives entry i to thread ``i % THREADS``, as the offsets, built through a
+    remainder and a quotient, are not contiguous for it) holds the REPS consecutive tokens from ``t · REPS``."""
+    flat = tl.arange(0, REPS * THREADS)
+    return (flat % THREADS) * REPS + flat // THREADS
+
+
+@triton.jit
+def _tile_prefix(x, REPS: tl.constexpr, THREADS: tl.constexpr):
+    """Exclusive prefix sums in token order of a tile (``_tile_positions``): the earlier threads' sums (one scan
+    across the threads) plus the sums of the thread's earlier tokens (a scan within the thread)."""
+    column = tl.reshape(x, (REPS, THREADS))  # (column t: thread t's tokens in order)
+    per_thread = tl.sum(column, 0)
+    before = (tl.cumsum(per_thread, 0) - per_thread)[None, :] + (tl.cumsum(column, 0) - column)
+    return tl.reshape(before, (REPS * THREADS,))
+
+
+@triton.jit
+def _block_keys(scores_ptr, row_offset, stride_n, n_tokens, start, row_keys, REPS: tl.constexpr,
+                THREADS: tl.constexpr, ONE_BLOCK: tl.constexpr):
+    """Keys of the tile of tokens from ``start``: the row's keys held since the start (ONE_BLOCK), else loaded now."""
     if ONE_BLOCK:
         return row_keys
     else:
-        pos = start + tl.arange(0, BLOCK_N)
+        pos = start + _tile_positions(REPS, THREADS)
         return _score_keys(scores_ptr, row_offset, stride_n, pos, pos < n_tokens)
 
 
 @triton.jit
-def _digit_counts(key, u, bit):
-    """count(key >= u + d * bit) for d = 1, 2, 3 over one block of keys: one reduction of three 16-bit fields."""
+def _digit_fields(key, u, bit):
+    """Per key, whether it reaches u + d * bit for d = 1, 2, 3, in three 16-bit fields (summed by one reduction into
+    the three counts: ``_digit_counts``)."""
     cand1 = (u + bit - KEY_OFFSET).to(tl.int32)
     cand2 = (u + 2 * bit - KEY_OFFSET).to(tl.int32)
     cand3 = (u + 3 * bit - KEY_OFFSET).to(tl.int32)
-    fields = ((key >= cand1).to(tl.int64) + ((key >= cand2).to(tl.int64) << COUNT_FIELD_BITS)
-              + ((key >= cand3).to(tl.int64) << (2 * COUNT_FIELD_BITS)))
-    block_counts = tl.sum(fields)
+    return ((key >= cand1).to(tl.int64) + ((key >= cand2).to(tl.int64) << COUNT_FIELD_BITS)
+            + ((key >= cand3).to(tl.int64) << (2 * COUNT_FIELD_BITS)))
+
+
+@triton.jit
+def _digit_counts(block_counts):
+    """count(key >= u + d * bit) for d = 1, 2, 3: the fields of a block's summed ``_digit_fields``."""
     return ((block_counts & COUNT_FIELD_MASK).to(tl.int32),
             ((block_counts >> COUNT_FIELD_BITS) & COUNT_FIELD_MASK).to(tl.int32),
             (block_counts >> (2 * COUNT_FIELD_BITS)).to(tl.int32))
@@ -177,8 +201,8 @@ def _pass_bit(step):
 
 @triton.jit
 def _topk_threshold(scores_ptr, row_offset, stride_n, n_tokens, k, row_keys, candidates_ptr,
-                    BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr, CAND_BLOCK: tl.constexpr,
-                    FILTER_BLOCK: tl.constexpr):
+                    BLOCK_N: tl.constexpr, REPS: tl.constexpr, THREADS: tl.constexpr, ONE_BLOCK: tl.constexpr,
+                    CAND_BLOCK: tl.constexpr):
     """Returns ``(threshold, count_above)``: the k-th largest key (k = 0: a key that none lies above) and the number
     of keys above it. The k highest scores, ties to the lower index, are the keys above the threshold and the first
     ``k - count_above`` keys equal to it."""
@@ -199,8 +223,8 @@ def _topk_threshold(scores_ptr, row_offset, stride_n, n_tokens, k, row_keys, can
         count2 = 0
         count3 = 0
         for start in range(0, n_tokens, BLOCK_N):
-            key = _block_keys(scores_ptr, row_offset, stride_n, n_tokens, start, row_keys, BLOCK_N, ONE_BLOCK)
-            block1, block2, block3 = _digit_counts(key, u, bit)
+            key = _block_keys(scores_ptr, row_offset, stride_n, n_tokens, start, row_keys, REPS, THREADS, ONE_BLOCK)
+            block1, block2, block3 = _digit_counts(tl.sum(_digit_fields(key, u, bit)))
             count1 += block1
             count2 += block2
             count3 += block3
@@ -210,20 +234,20 @@ def _topk_threshold(scores_ptr, row_offset, stride_n, n_tokens, k, row_keys, can
         if step < RADIX_PASSES:
             # 2) candidate filter: the at most CAND_BLOCK keys of ranks [u, u + width) (the digits decided so far)
             # are the only ones that can still tell the remaining digits apart (the keys above them are
-            # count_above). Compacted into this sample's scratch row (a prefix count over FILTER_BLOCK-token blocks
-            # of the row, reloaded from the cache: a scan over a whole selection block held in registers would
-            # spill), then loaded once and held in registers for the remaining passes.
+            # count_above). Compacted into this sample's scratch row, a selection block at a time (one prefix count
+            # of the tile), then loaded once and held in registers for the remaining passes.
             width = _pass_bit(step - 1)
             low = (u - KEY_OFFSET).to(tl.int32)
             high = (u + width - 1 - KEY_OFFSET).to(tl.int32)
             n_candidates = 0
-            for start in range(0, n_tokens, FILTER_BLOCK):
-                pos = start + tl.arange(0, FILTER_BLOCK)
-                key = _score_keys(scores_ptr, row_offset, stride_n, pos, pos < n_tokens)
-                in_range = (key >= low) & (key <= high) & (key != PAD_KEY)
-                slot = n_candidates + tl.cumsum(in_range.to(tl.int32), 0) - 1
-                tl.store(candidates_ptr + slot, key, mask=in_range)
-                n_candidates += tl.sum(in_range.to(tl.int32))
+            for start in range(0, n_tokens, BLOCK_N):
+                key = _block_keys(scores_ptr, row_offset, stride_n, n_tokens, start, row_keys, REPS, THREADS,
+                                  ONE_BLOCK)
+                in_range = ((key >= low) & (key <= high) & (key != PAD_KEY)).to(tl.int32)
+                # (the candidate's slot, -1 for the other keys: one value per key held for the stores)
+                slot = tl.where(in_range != 0, n_candidates + _tile_prefix(in_range, REPS, THREADS), -1)
+                tl.store(candidates_ptr + slot, key, mask=slot >= 0)
+                n_candidates += tl.sum(in_range)
             tl.debug_barrier()  # the candidates written by every thread of the program, before any thread reads them
             slot = tl.arange(0, CAND_BLOCK)
             candidates = tl.load(candidates_ptr + slot, mask=slot < n_candidates, other=PAD_KEY)
@@ -231,7 +255,7 @@ def _topk_threshold(scores_ptr, row_offset, stride_n, n_tokens, k, row_keys, can
             # 3) the remaining passes: count(key >= c) = the keys above the range + the candidates >= c
             for later_step in range(step, RADIX_PASSES):
                 bit = _pass_bit(later_step)
-                count1, count2, count3 = _digit_counts(candidates, u, bit)
+                count1, count2, count3 = _digit_counts(tl.sum(_digit_fields(candidates, u, bit)))
                 u, count_above, count_from_u = _accept_digit(u, bit, k, above_range + count1, above_range + count2,
                                                              above_range + count3, count_above, count_from_u)
     # k = 0: a threshold with no key above it and need = 0 (INT32_MAX, which only NaN ties, once every pass ran;
@@ -285,26 +309,29 @@ def _topk_threshold_kernel(
     scores_ptr, stride_b, stride_n, n_tokens,
     counts_ptr, uniform_count, n_samples,
     threshold_ptr, need_ptr, index_ptr, cu_seqlens_ptr, n_rows, candidates_ptr,
-    PER_SAMPLE_COUNTS: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr,
-    CAND_BLOCK: tl.constexpr, FILTER_BLOCK: tl.constexpr,
+    PER_SAMPLE_COUNTS: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, ROW_REPS: tl.constexpr,
+    ROW_THREADS: tl.constexpr, ONE_BLOCK: tl.constexpr, CAND_BLOCK: tl.constexpr,
 ):
     """Program b: threshold[b] = the k-th largest key of sample b and need[b] = how many keys equal to it are kept
     (k minus the keys above it); ``candidates`` ``[B, N]`` int32 is its scratch when CAND_BLOCK > 0 (the keys left
-    once at most CAND_BLOCK share the threshold's leading digits). ONE_BLOCK: the sample fits in one BLOCK_N block,
-    its keys are loaded once, and the program also does ``_write_index_kernel``'s work for it (its packed index
-    rows, its cu_seqlens entry, and for the last sample the zero padding), which saves two launches."""
+    once at most CAND_BLOCK share the threshold's leading digits). Tokens are read in tiles of BLOCK_N = ROW_REPS x
+    ROW_THREADS, each thread holding ROW_REPS consecutive ones (``_tile_positions``). ONE_BLOCK: the sample fits in
+    one BLOCK_N block, its keys are loaded once, and the program also does ``_write_index_kernel``'s work for it
+    (its packed index rows, its cu_seqlens entry, and for the last sample the zero padding), which saves two
+    launches."""
     b = tl.program_id(0)
     row_start, k = _sample_counts(counts_ptr, uniform_count, n_samples, b, PER_SAMPLE_COUNTS, B_PAD)
     row_offset = b.to(tl.int64) * stride_b
-    first = tl.arange(0, BLOCK_N)
+    first = _tile_positions(ROW_REPS, ROW_THREADS)
     row_keys = _score_keys(scores_ptr, row_offset, stride_n, first, first < n_tokens)  # used when ONE_BLOCK
     threshold, count_above = _topk_threshold(scores_ptr, row_offset, stride_n, n_tokens, k, row_keys,
-                                             candidates_ptr + b.to(tl.int64) * n_tokens, BLOCK_N, ONE_BLOCK,
-                                             CAND_BLOCK, FILTER_BLOCK)
+                                             candidates_ptr + b.to(tl.int64) * n_tokens, BLOCK_N, ROW_REPS,
+                                             ROW_THREADS, ONE_BLOCK, CAND_BLOCK)
     need = k - count_above
     if ONE_BLOCK:
         # padding keys lie below every real key, so they are neither above nor tied
-        _write_kept_rows(index_ptr, first, row_keys > threshold, row_keys == threshold, 0, 0, need, row_start,
+        flags = _kept_flags(row_keys > threshold, row_keys == threshold)
+        _write_kept_rows(index_ptr, first, flags, _tile_prefix(flags, ROW_REPS, ROW_THREADS), 0, 0, need, row_start,
                          n_rows)
         _write_cu_seqlens(cu_seqlens_ptr, b, row_start + k)
         if b == n_samples - 1:
@@ -332,15 +359,19 @@ def _block_counts_kernel(
 
 
 @triton.jit
-def _write_kept_rows(index_ptr, pos, above, tie, above_carry, ties_carry, need, row_start, n_rows):
+def _kept_flags(above, tie):
+    """Per token, 1 in the low count field if it is above the threshold, 1 in the next if it ties."""
+    return above.to(tl.int32) + (tie.to(tl.int32) << COUNT_FIELD_BITS)
+
+
+@triton.jit
+def _write_kept_rows(index_ptr, pos, flags, before, above_carry, ties_carry, need, row_start, n_rows):
     """index[row] = pos for the kept tokens among ``pos`` (every token above, the first ``need`` ties in token order
     counting ``ties_carry`` earlier ones), at row = row_start + kept tokens before it (``above_carry`` earlier ones
-    above): both ranks are exclusive prefix sums of one scan (above in the low count field, ties in the next)."""
-    flags = above.to(tl.int32) + (tie.to(tl.int32) << COUNT_FIELD_BITS)
-    before = tl.cumsum(flags, 0) - flags
+    above). ``flags``: ``_kept_flags``; ``before``: their exclusive prefix sums in token order."""
     above_before = above_carry + (before & COUNT_FIELD_MASK)
     ties_before = ties_carry + (before >> COUNT_FIELD_BITS)
-    keep = above | (tie & (ties_before < need))
+    keep = ((flags & COUNT_FIELD_MASK) != 0) | ((flags >> COUNT_FIELD_BITS != 0) & (ties_before < need))
     row = row_start + above_before + tl.minimum(ties_before, need)
     tl.store(index_ptr + row, pos, mask=keep & (row < n_rows))
 
@@ -400,7 +431,9 @@ def _write_index_kernel(
     pos = block * BLOCK_N + tl.arange(0, BLOCK_N)
     above, tie = _token_flags(sel_ptr, b.to(tl.int64) * stride_sel_b, stride_sel_n, n_tokens, pos, threshold,
                               HAS_SCORES)
-    _write_kept_rows(index_ptr, pos, above, tie, above_carry, ties_carry, need, row_start, n_rows)
+    flags = _kept_flags(above, tie)
+    _write_kept_rows(index_ptr, pos, flags, tl.cumsum(flags, 0) - flags, above_carry, ties_carry, need, row_start,
+                     n_rows)
     if block == 0:
         _write_cu_seqlens(cu_seqlens_ptr, b, row_start + k)
     if (b == n_samples - 1) & (block == tl.num_programs(1) - 1):
@@ -585,10 +618,9 @@ def _ranked_keep_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------------------
-def _select_config(n_tokens: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, num_warps, CAND_BLOCK, FILTER_BLOCK) of the selection kernel: one block holds the whole sample when
-    it fits; long rows count the last passes over the filtered candidates only (CAND_BLOCK 0: no filter), compacted
-    FILTER_BLOCK tokens per step."""
+def _select_config(n_tokens: int) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, CAND_BLOCK) of the selection kernel: one block holds the whole sample when it fits; long
+    rows count the last passes over the filtered candidates only (CAND_BLOCK 0: no filter)."""
     block = min(next_power_of_2(max(n_tokens, 16)), MAX_SELECT_BLOCK)
     cand_block = max(block // CAND_BLOCK_FRACTION, 16) if n_tokens >= FILTER_MIN_TOKENS else 0
     # warps: one per 1024 keys, up to 8 for a row held in one block and 16 for rows streamed block by block. The
@@ -596,7 +628,7 @@ def _select_config(n_tokens: int) -> tuple[int, int, int, int]:
     # an earlier run; 4 and 32 warps slower): one program's passes are bound by its SM's arithmetic, and more warps
     # add reduction steps. Streamed rows were not timed, and at 8 warps Triton 3.9 spills 16 B there (fp16/bf16).
     max_warps = 8 if n_tokens <= block else 16
-    return block, max(1, min(max_warps, block // 1024)), cand_block, max(cand_block * FILTER_BLOCK_FACTOR, 16)
+    return block, max(1, min(max_warps, block // 1024)), cand_block
 
 
 def _compact_config(n_tokens: int) -> tuple[int, int]:
@@ -684,7 +716,9 @@ def compact_index(
     # one selection block writes its packed index rows there too, and that is all
     threshold = need = index  # unused pointers on the mask path and for one-block rows
     if has_scores:
-        select_block, select_warps, cand_block, filter_block = _select_config(n_tokens)
+        select_block, select_warps, cand_block = _select_config(n_tokens)
+        # the tiles' columns: one per thread (fewer when the block is smaller than the warps' threads)
+        row_threads = min(32 * select_warps, select_block)
         one_block = n_tokens <= select_block
         if not one_block:
             threshold, need = torch.empty((2, batch), dtype=torch.int32, device=device)
@@ -692,7 +726,8 @@ def compact_index(
         _topk_threshold_kernel[(batch,)](
             sel, sel.stride(0), sel.stride(1), n_tokens, counts_arg, uniform_count, batch, threshold, need,
             index, cu_seqlens, n_rows, candidates, PER_SAMPLE_COUNTS=not uniform, B_PAD=b_pad,
-            BLOCK_N=select_block, ONE_BLOCK=one_block, CAND_BLOCK=cand_block, FILTER_BLOCK=filter_block,
+            BLOCK_N=select_block, ROW_REPS=select_block // row_threads, ROW_THREADS=row_threads,
+            ONE_BLOCK=one_block, CAND_BLOCK=cand_block,
             num_warps=select_warps, **COMPILE_OPTIONS,
         )
         if one_block:

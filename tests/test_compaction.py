@@ -368,22 +368,19 @@ def _check_topk_index(scores, budget):
     assert torch.equal(cu_seqlens, want_cu) and torch.equal(index, want_index), budget
 
 
-@pytest.mark.parametrize("block, filter_factor, fraction", [
-    pytest.param(block, factor, fraction, id=f"{'one' if block is None else 'several'}_block_rows-filter_step_of_"
-                                             f"{factor}-candidates_1_in_{fraction}")
-    for block, factor, fraction in [(None, 1, 16), (None, 4, 16), (32, 1, 16), (32, 4, 16),
-                                    # (GPU-only before) candidate blocks of a whole selection block, and the smallest
-                                    (None, 1, 1), (None, 1, 256), (32, 1, 256)]])
-def test_candidate_filter_forced_on_short_rows(device, monkeypatch, block, filter_factor, fraction):
+@pytest.mark.parametrize("block, fraction", [
+    pytest.param(block, fraction, id=f"{'one' if block is None else 'several'}_block_rows-candidates_1_in_{fraction}")
+    for block, fraction in [(None, 16), (32, 16),
+                            # (GPU-only before) candidate blocks of a whole selection block, and the smallest
+                            (None, 1), (None, 256), (32, 256)]])
+def test_candidate_filter_forced_on_short_rows(device, monkeypatch, block, fraction):
     """The selection kernel's candidate filter (once few keys share the threshold's digits decided so far, the
-    remaining radix passes count only those, compacted through a poisoned scratch row, one or four candidate blocks
-    of the row per step, each 1 / ``fraction`` of the selection block), forced on short rows: special values (also
-    a row short enough to be filtered before the first pass), keys differing in their lowest bits only, runs of ties
-    (one distinct value: the range never narrows and every pass counts the whole row) and spread scores give
-    torch's top-k."""
-    assert kc.CAND_BLOCK_FRACTION == 16  # the shipped fraction, the first four cases
+    remaining radix passes count only those, compacted through a poisoned scratch row a selection block at a time,
+    at most 1 / ``fraction`` of the selection block), forced on short rows: special values (also a row short enough
+    to be filtered before the first pass), keys differing in their lowest bits only, runs of ties (one distinct
+    value: the range never narrows and every pass counts the whole row) and spread scores give torch's top-k."""
+    assert kc.CAND_BLOCK_FRACTION == 16  # the shipped fraction, the first two cases
     monkeypatch.setattr(kc, "FILTER_MIN_TOKENS", 1)
-    monkeypatch.setattr(kc, "FILTER_BLOCK_FACTOR", filter_factor)
     monkeypatch.setattr(kc, "CAND_BLOCK_FRACTION", fraction)
     if block is not None:
         monkeypatch.setattr(kc, "MAX_SELECT_BLOCK", block)
@@ -1152,15 +1149,13 @@ def test_cuda_benchmark_shape_bf16():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fraction, filter_factor", [(1, 1), (16, 1), (256, 1), (16, 2), (16, 4)])
-def test_cuda_selection_kernel_candidate_filter(monkeypatch, fraction, filter_factor):
+@pytest.mark.parametrize("fraction", [1, 16, 256])
+def test_cuda_selection_kernel_candidate_filter(monkeypatch, fraction):
     """The selection kernel's candidate filter on a GPU (a scratch row written and read back by every thread of the
-    program, across a barrier), with candidate blocks of 1 / ``fraction`` of the selection block, compacted
-    ``filter_factor`` candidate blocks per step (profile_ops times 2 and 4): spread scores (filtered), one value
-    (never narrowed), quantised scores (many ties), a row of several blocks, and short rows with the filter
-    forced."""
+    program, across a barrier), with candidate blocks of 1 / ``fraction`` of the selection block: spread scores
+    (filtered), one value (never narrowed), quantised scores (many ties), a row of several blocks, and short rows
+    with the filter forced."""
     monkeypatch.setattr(kc, "CAND_BLOCK_FRACTION", fraction)
-    monkeypatch.setattr(kc, "FILTER_BLOCK_FACTOR", filter_factor)
     gen = torch.Generator().manual_seed(22)
     rows = [torch.rand(2, 3 * 4096, generator=gen), torch.zeros(1, 3 * 4096),
             (torch.rand(2, 5000, generator=gen) * 8).floor(),
