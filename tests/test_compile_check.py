@@ -237,6 +237,42 @@ def test_key_mass_and_weight_gradient_loops_make_no_round_trip_per_step(tmp_path
         assert all(loop["shared_stores"] == 0 and loop["barriers"] <= most_barriers for loop in loops), (kernel, loops)
 
 
+def test_selection_kernel_scans_its_held_row_without_shared_memory_round_trips(tmp_path):
+    """The compaction's selection kernel at issue 3's row (bf16 scores, 3 x 4096 tokens held in one block, 8 warps),
+    compiled for sm_90: the whole binary holds at most 16 barriers and 12 shared-memory stores. Its prefix counts
+    (the candidate filter's compaction, the index rows' ranks) scan within each thread and once across the threads
+    only while Triton gives each thread consecutive tokens (``_tile_positions``); over tiles in token order the
+    binary held 29-30 barriers and 57-62 shared stores (Triton 3.9 / 3.6), its filter 12 steps of one scan each, and
+    14 / 11 barriers and 8 / 5 stores since (3.6 / 3.9)."""
+    done = _run_script(tmp_path, """
+        import json, re
+        import torch
+        from sparsectx import compile_check as cc
+        from sparsectx.kernels.compaction import compact_index
+
+        found = []
+
+        def record(fn, kwargs, compiled, seconds, candidate, error):
+            assert error is None, error
+            sass = cc._cuobjdump_output(compiled.asm["cubin"], "-sass")
+            # the opcodes (instruction lines: /*address*/ [@predicate] OPCODE operands ;), their families
+            ops = [found.group(1).split(".")[0] for found in
+                   (re.match(r"\\s*/\\*[0-9a-f]{4,}\\*/\\s*(?:@!?U?P\\w+\\s+)?([A-Z][A-Z0-9_.]*)", line)
+                    for line in sass.splitlines()) if found]
+            found.append((fn.__name__, ops.count("BAR"), ops.count("STS") + ops.count("STSM"),
+                          cc._resources(compiled.asm["cubin"])))
+
+        with cc._compile_only(90, record):
+            compact_index(torch.zeros(1, 3 * 4096, dtype=torch.bfloat16), [3 * 4096 // 10])
+        print(json.dumps(found))
+    """)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [name for name, *_ in found] == ["_topk_threshold_kernel"], found  # (one launch: the row fits a block)
+    _, barriers, shared_stores, (registers, spilled, _) = found[0]
+    assert barriers <= 16 and shared_stores <= 12 and spilled == 0, found
+
+
 def test_loops_reach_the_child_process_and_the_table(monkeypatch):
     """``--loops`` is handed to the child process that compiles, and the table lists each binary's loop steps."""
     from sparsectx import cli
