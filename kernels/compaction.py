@@ -5,7 +5,8 @@ Six kernels, each one concept (the plain-torch specification is in ``sparsectx/r
 
 - ``_topk_threshold_kernel`` (one program per sample, scores only): the keep rule of top-k, ties to the lower
   index, without a host sync. A radix select over order-preserving integer keys, two bits per pass (16 passes of
-  one three-count reduction), finds the k-th largest key (``threshold``) and how many keys lie above it; the sample
+  one three-count reduction; a row held in registers first decides the leading digits all its keys share, from its
+  largest and smallest key), finds the k-th largest key (``threshold``) and how many keys lie above it; the sample
   keeps the keys above it and the first ``need = k - above`` keys equal to it. On long rows the first passes
   count over the whole row and, once few keys share the threshold's leading digits, the rest over those keys
   only, compacted through a scratch row. A row that fits in one block is loaded once and held in registers, and the
@@ -194,6 +195,12 @@ def _accept_digit(u, bit, k, count1, count2, count3, count_above, count_from_u):
 
 
 @triton.jit
+def _largest_and_smallest(largest_a, smallest_a, largest_b, smallest_b):
+    """Combine of a reduction to (the largest, the smallest) of a tile."""
+    return tl.maximum(largest_a, largest_b), tl.minimum(smallest_a, smallest_b)
+
+
+@triton.jit
 def _pass_bit(step):
     """The lowest bit of the digit that radix pass ``step`` decides."""
     return tl.full((), 1 << 32, dtype=tl.int64) >> ((step + 1) * RADIX_BITS)  # 2**KEY_BITS >> RADIX_BITS·(step+1)
@@ -215,6 +222,18 @@ def _topk_threshold(scores_ptr, row_offset, stride_n, n_tokens, k, row_keys, can
     count_above = tl.zeros((), dtype=tl.int32)
     count_from_u = tl.zeros((), dtype=tl.int32) + n_tokens
     step = tl.zeros((), dtype=tl.int32)
+    if ONE_BLOCK:
+        # 0) the passes whose digit every key shares are decided at once: those of the leading digits the row's
+        # largest and smallest keys have in common (positions past the row's end, PAD_KEY, left out of the smallest;
+        # a row of one value decides every digit here). The invariants hold: every key lies in [u, u + bit).
+        largest, smallest = tl.reduce((row_keys, tl.where(row_keys == PAD_KEY, 0x7FFFFFFF, row_keys)), 0,
+                                      _largest_and_smallest)
+        top = largest.to(tl.int64) + KEY_OFFSET
+        bottom = smallest.to(tl.int64) + KEY_OFFSET
+        while (step < RADIX_PASSES) & ((top >> (KEY_BITS - RADIX_BITS * (step + 1)))
+                                       == (bottom >> (KEY_BITS - RADIX_BITS * (step + 1)))):
+            step += 1
+        u = (bottom >> (KEY_BITS - RADIX_BITS * step)) << (KEY_BITS - RADIX_BITS * step)
     # 1) passes over the whole row, while more keys than CAND_BLOCK share the digits decided so far (CAND_BLOCK = 0:
     # every pass; with ties at the threshold the range never narrows, and every pass runs here too)
     while (step < RADIX_PASSES) & (count_from_u - count_above > CAND_BLOCK):

@@ -239,11 +239,11 @@ def test_key_mass_and_weight_gradient_loops_make_no_round_trip_per_step(tmp_path
 
 def test_selection_kernel_scans_its_held_row_without_shared_memory_round_trips(tmp_path):
     """The compaction's selection kernel at issue 3's row (bf16 scores, 3 x 4096 tokens held in one block, 8 warps),
-    compiled for sm_90: the whole binary holds at most 16 barriers and 12 shared-memory stores. Its prefix counts
+    compiled for sm_90: the whole binary holds at most 20 barriers and 16 shared-memory stores. Its prefix counts
     (the candidate filter's compaction, the index rows' ranks) scan within each thread and once across the threads
     only while Triton gives each thread consecutive tokens (``_tile_positions``); over tiles in token order the
     binary held 29-30 barriers and 57-62 shared stores (Triton 3.9 / 3.6), its filter 12 steps of one scan each, and
-    14 / 11 barriers and 8 / 5 stores since (3.6 / 3.9)."""
+    16 / 13 barriers and 12 / 7 stores since (3.6 / 3.9, with the reduction to the row's largest and smallest key)."""
     done = _run_script(tmp_path, """
         import json, re
         import torch
@@ -270,7 +270,7 @@ def test_selection_kernel_scans_its_held_row_without_shared_memory_round_trips(t
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert [name for name, *_ in found] == ["_topk_threshold_kernel"], found  # (one launch: the row fits a block)
     _, barriers, shared_stores, (registers, spilled, _) = found[0]
-    assert barriers <= 16 and shared_stores <= 12 and spilled == 0, found
+    assert barriers <= 20 and shared_stores <= 16 and spilled == 0, found
 
 
 def test_loops_reach_the_child_process_and_the_table(monkeypatch):
