@@ -164,19 +164,14 @@ def _block_keys(scores_ptr, row_offset, stride_n, n_tokens, start, row_keys, REP
 
 
 @triton.jit
-def _digit_fields(key, u, bit):
-    """Per key, whether it reaches u + d * bit for d = 1, 2, 3, in three 16-bit fields (summed by one reduction into
-    the three counts: ``_digit_counts``)."""
+def _digit_counts(key, u, bit):
+    """count(key >= u + d * bit) for d = 1, 2, 3 over one block of keys: one reduction of three 16-bit fields."""
     cand1 = (u + bit - KEY_OFFSET).to(tl.int32)
     cand2 = (u + 2 * bit - KEY_OFFSET).to(tl.int32)
     cand3 = (u + 3 * bit - KEY_OFFSET).to(tl.int32)
-    return ((key >= cand1).to(tl.int64) + ((key >= cand2).to(tl.int64) << COUNT_FIELD_BITS)
-            + ((key >= cand3).to(tl.int64) << (2 * COUNT_FIELD_BITS)))
-
-
-@triton.jit
-def _digit_counts(block_counts):
-    """count(key >= u + d * bit) for d = 1, 2, 3: the fields of a block's summed ``_digit_fields``."""
+    fields = ((key >= cand1).to(tl.int64) + ((key >= cand2).to(tl.int64) << COUNT_FIELD_BITS)
+              + ((key >= cand3).to(tl.int64) << (2 * COUNT_FIELD_BITS)))
+    block_counts = tl.sum(fields)
     return ((block_counts & COUNT_FIELD_MASK).to(tl.int32),
             ((block_counts >> COUNT_FIELD_BITS) & COUNT_FIELD_MASK).to(tl.int32),
             (block_counts >> (2 * COUNT_FIELD_BITS)).to(tl.int32))
@@ -243,7 +238,7 @@ def _topk_threshold(scores_ptr, row_offset, stride_n, n_tokens, k, row_keys, can
         count3 = 0
         for start in range(0, n_tokens, BLOCK_N):
             key = _block_keys(scores_ptr, row_offset, stride_n, n_tokens, start, row_keys, REPS, THREADS, ONE_BLOCK)
-            block1, block2, block3 = _digit_counts(tl.sum(_digit_fields(key, u, bit)))
+            block1, block2, block3 = _digit_counts(key, u, bit)
             count1 += block1
             count2 += block2
             count3 += block3
@@ -274,7 +269,7 @@ def _topk_threshold(scores_ptr, row_offset, stride_n, n_tokens, k, row_keys, can
             # 3) the remaining passes: count(key >= c) = the keys above the range + the candidates >= c
             for later_step in range(step, RADIX_PASSES):
                 bit = _pass_bit(later_step)
-                count1, count2, count3 = _digit_counts(tl.sum(_digit_fields(candidates, u, bit)))
+                count1, count2, count3 = _digit_counts(candidates, u, bit)
                 u, count_above, count_from_u = _accept_digit(u, bit, k, above_range + count1, above_range + count2,
                                                              above_range + count3, count_above, count_from_u)
     # k = 0: a threshold with no key above it and need = 0 (INT32_MAX, which only NaN ties, once every pass ran;
