@@ -71,10 +71,9 @@ FILTER_MIN_TOKENS = 2048
 CAND_BLOCK_FRACTION = 16
 # The selection kernel reads a block of tokens as a tile whose thread t holds ROW_REPS consecutive tokens, from
 # t x ROW_REPS (``_tile_positions``): a prefix count in token order over the tile (the filter's compaction, the
-# index rows' ranks) is then one scan within each thread and one across the threads (``_tile_prefix``). Over a tile
-# in token order, where Triton gives each thread 4 consecutive tokens every 4 x threads tokens, its scan crosses the
-# threads once per 4 x threads tokens (16 times at issue 3's row), and the filter compacted its candidates in
-# steps of one such scan each.
+# index rows' ranks) is then one scan within each thread and one across the threads (``_tile_prefix``), where a tile
+# in token order (4 consecutive tokens per thread, every 4 x threads tokens) crosses the threads once per
+# 4 x threads tokens.
 # Largest token block the selection kernel holds at once: a row that fits is loaded once and kept in registers for
 # every pass; longer rows are streamed block by block in each pass.
 MAX_SELECT_BLOCK = 16384
@@ -220,7 +219,8 @@ def _topk_threshold(scores_ptr, row_offset, stride_n, n_tokens, k, row_keys, can
     if ONE_BLOCK:
         # 0) the passes whose digit every key shares are decided at once: those of the leading digits the row's
         # largest and smallest keys have in common (positions past the row's end, PAD_KEY, left out of the smallest;
-        # a row of one value decides every digit here). The invariants hold: every key lies in [u, u + bit).
+        # a row of one value decides every digit here). The invariants hold: every key lies in [u, u + the lowest
+        # decided digit's bit), so count_from_u is every key and count_above none.
         largest, smallest = tl.reduce((row_keys, tl.where(row_keys == PAD_KEY, 0x7FFFFFFF, row_keys)), 0,
                                       _largest_and_smallest)
         top = largest.to(tl.int64) + KEY_OFFSET
@@ -385,7 +385,7 @@ def _write_kept_rows(index_ptr, pos, flags, before, above_carry, ties_carry, nee
     above). ``flags``: ``_kept_flags``; ``before``: their exclusive prefix sums in token order."""
     above_before = above_carry + (before & COUNT_FIELD_MASK)
     ties_before = ties_carry + (before >> COUNT_FIELD_BITS)
-    keep = ((flags & COUNT_FIELD_MASK) != 0) | ((flags >> COUNT_FIELD_BITS != 0) & (ties_before < need))
+    keep = ((flags & COUNT_FIELD_MASK) != 0) | (((flags >> COUNT_FIELD_BITS) != 0) & (ties_before < need))
     row = row_start + above_before + tl.minimum(ties_before, need)
     tl.store(index_ptr + row, pos, mask=keep & (row < n_rows))
 

@@ -205,13 +205,20 @@ def _loops(cubin: bytes) -> list[dict]:
     return _sass_loops(_cuobjdump_output(cubin, "-sass"))
 
 
-def _sass_loops(sass: str) -> list[dict]:
-    """``_loops`` of a SASS listing (lines ``/*addr*/ [@pred] OPCODE operands ;``)."""
-    code = []  # (address, predicate, opcode, operands)
+def _sass_code(sass: str) -> list[tuple]:
+    """The instructions of a SASS listing (lines ``/*addr*/ [@pred] OPCODE operands ;``), in address order:
+    ``(address, predicate, opcode, operands)``."""
+    code = []
     for line in sass.splitlines():
         found = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s*(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", line)
         if found:
             code.append((int(found.group(1), 16), (found.group(2) or "").strip(), found.group(3), found.group(4)))
+    return code
+
+
+def _sass_loops(sass: str) -> list[dict]:
+    """``_loops`` of a SASS listing (``_sass_code``)."""
+    code = _sass_code(sass)
     where = {address: i for i, (address, *_) in enumerate(code)}
     ends: dict = {}  # first instruction of a loop -> its last (the branch back furthest down)
     for i, (address, _, opcode, operands) in enumerate(code):

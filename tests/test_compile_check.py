@@ -245,7 +245,7 @@ def test_selection_kernel_scans_its_held_row_without_shared_memory_round_trips(t
     binary held 29-30 barriers and 57-62 shared stores (Triton 3.9 / 3.6), its filter 12 steps of one scan each, and
     16 / 13 barriers and 12 / 7 stores since (3.6 / 3.9, with the reduction to the row's largest and smallest key)."""
     done = _run_script(tmp_path, """
-        import json, re
+        import json
         import torch
         from sparsectx import compile_check as cc
         from sparsectx.kernels.compaction import compact_index
@@ -254,11 +254,9 @@ def test_selection_kernel_scans_its_held_row_without_shared_memory_round_trips(t
 
         def record(fn, kwargs, compiled, seconds, candidate, error):
             assert error is None, error
-            sass = cc._cuobjdump_output(compiled.asm["cubin"], "-sass")
-            # the opcodes (instruction lines: /*address*/ [@predicate] OPCODE operands ;), their families
-            ops = [found.group(1).split(".")[0] for found in
-                   (re.match(r"\\s*/\\*[0-9a-f]{4,}\\*/\\s*(?:@!?U?P\\w+\\s+)?([A-Z][A-Z0-9_.]*)", line)
-                    for line in sass.splitlines()) if found]
+            # the binary's opcode families (padding instructions, predicated on !PT, left out)
+            ops = [opcode.split(".")[0] for _, predicate, opcode, _ in
+                   cc._sass_code(cc._cuobjdump_output(compiled.asm["cubin"], "-sass")) if predicate != "@!PT"]
             found.append((fn.__name__, ops.count("BAR"), ops.count("STS") + ops.count("STSM"),
                           cc._resources(compiled.asm["cubin"])))
 
