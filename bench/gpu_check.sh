@@ -19,6 +19,9 @@
 #                     call, then the rest of the suite on CUDA in whatever time is left (with the default budget,
 #                     little: give GPU_CHECK_BUDGET_S more)
 #   GPU_CHECK_PART=all  both, in that order (a machine without a per-command limit)
+# Both parts first start `sparsectx compile-check --quick --jobs 8` in the background (GPU_CHECK_PRECOMPILE_JOBS: the
+# bf16 kernels and every compaction kernel built into Triton's cache side by side, while the GPU tests run; stopped
+# before the first timed step); the summary counts the binaries the steps still built themselves, per kernel.
 # Usage, from anywhere:  GPU_CHECK_PART=1 bash bench/gpu_check.sh      (writes under "$OUT", default ./bench_out)
 # Files written: env.log, tests.log, bench.log, bench.json (the part's cases merged), summary.txt, results.md (the
 # run as markdown for bench/RESULTS.md), profile_ops.txt (part 1). The commit measured is read from the tree's git;
@@ -52,7 +55,7 @@ case $PIPELINE_PART in 0|1|2) ;; *) echo "GPU_CHECK_PIPELINE must be 0, 1 or 2, 
 # name that is no step's is refused (a misspelt one skipped nothing)
 SKIP_STEPS=$(sed -e 's/ *, */,/g' -e 's/^ *//' -e 's/ *$//' <<<"${GPU_CHECK_SKIP:-}")
 STEP_NAMES=("nvidia-smi" "versions" "install wheels" "pip install --target" "import sparsectx"
-            "import sparsectx (links)" "import diffusers" "pytest -m gpu processors" "pytest -m gpu"
+            "import sparsectx (links)" "import diffusers" "precompile" "pytest -m gpu processors" "pytest -m gpu"
             "bench key cases" "bench norm_rope" "bench training" "bench e2e" "bench selection" "bench kv"
             "bench pipeline" "profile ops" "pytest candidates" "bench e2e_qwen" "bench train_step" "bench e2e_batch"
             "bench e2e_kontext" "bench e2e_flux3" "bench e2e_qwen21" "bench e2e_longcat" "bench e2e_zimage"
@@ -80,6 +83,15 @@ BUDGET_S=${GPU_CHECK_BUDGET_S:-570}
 TEST_WORKERS=${GPU_CHECK_TEST_WORKERS:-4}
 [[ $TEST_WORKERS =~ ^(0|[1-9][0-9]*)$ ]] ||
     { echo "GPU_CHECK_TEST_WORKERS must be a whole number, got '$TEST_WORKERS'" >&2; exit 2; }
+# compile-check processes that build the bf16 kernels (head dims 64 and 128, every autotune candidate) and every
+# compaction kernel into Triton's cache in the background, from the install to the first benchmark step: a launch
+# whose binary is there loads it instead of compiling it (each benchmark step is a process that compiles what the
+# steps before it did not; the GPU tests spend most of their time compiling). 0: none. At the first benchmark step
+# the build gets PRECOMPILE_WAIT_S more seconds, then is stopped: it must not share the host with a timed step.
+PRECOMPILE_JOBS=${GPU_CHECK_PRECOMPILE_JOBS:-8}
+[[ $PRECOMPILE_JOBS =~ ^(0|[1-9][0-9]*)$ ]] ||
+    { echo "GPU_CHECK_PRECOMPILE_JOBS must be a whole number, got '$PRECOMPILE_JOBS'" >&2; exit 2; }
+PRECOMPILE_WAIT_S=60
 SUMMARY_RESERVE_S=35                   # kept back for the summary's report (at most 30 s) and timeout's kill
                                        # grace; results.md's report (at most 10 s) runs past the budget, well
                                        # inside a device command's 600 s
@@ -242,6 +254,62 @@ fi
 in_scratch "import diffusers" 60 "$PY" -c "import diffusers; print('diffusers', diffusers.__version__)"
 grep -E "^(sparsectx from|diffusers)" "$ENV_LOG"
 
+# ---- (c2) kernels built ahead, in the background (PRECOMPILE_JOBS) ----------------------------------------------
+TRITON_CACHE=$("${IN_SCRATCH[@]}" "$PY" -c "from triton import knobs; print(knobs.cache.dir)" 2>/dev/null)
+# binaries in Triton's cache (one group file each), newer than file $1 when given
+cache_binaries() {
+    [[ -n $TRITON_CACHE && -d $TRITON_CACHE ]] || return 0
+    find "$TRITON_CACHE" -name '__grp__*.json' ${1:+-newer "$1"} 2>/dev/null
+}
+CACHE_AT_START=$(cache_binaries | wc -l)
+PRECOMPILE_PID=
+PRECOMPILE_LOG=$SCRATCH/precompile.log
+PRECOMPILE_DONE=$SCRATCH/precompile.done   # touched when the build ends: binaries newer were built by the steps
+start_precompile() {
+    local why=
+    if [[ ",$SKIP_STEPS," == *",precompile,"* ]]; then why="GPU_CHECK_SKIP"
+    elif (( PRECOMPILE_JOBS == 0 )); then why="GPU_CHECK_PRECOMPILE_JOBS=0"
+    elif ! command -v setsid >/dev/null; then why="no setsid (the build's processes could not be stopped)"
+    elif ! PRECOMPILE_ARCH=$("${IN_SCRATCH[@]}" "$PY" -c "import torch
+c = torch.cuda.get_device_capability(); print(c[0] * 10 + c[1])" 2>/dev/null); then why="no CUDA device"
+    fi
+    if [[ -n $why ]]; then
+        STEP_LINES+=("$(printf '%-26s skipped: %s' precompile "$why")")
+        echo "=== precompile: skipped ($why)" | tee -a "$ENV_LOG"
+        return 0
+    fi
+    echo "=== precompile (background, $PRECOMPILE_JOBS processes): sparsectx compile-check --arch $PRECOMPILE_ARCH" \
+        "--quick" | tee -a "$ENV_LOG"
+    PRECOMPILE_T0=$SECONDS
+    # (a session of its own: stop_precompile stops the command and its processes as one group)
+    setsid "${IN_SCRATCH[@]}" "$PY" -m sparsectx.cli compile-check --arch "$PRECOMPILE_ARCH" --quick \
+        --jobs "$PRECOMPILE_JOBS" >"$PRECOMPILE_LOG" 2>&1 &
+    PRECOMPILE_PID=$!
+}
+# stop_precompile WAIT_S: the build gets WAIT_S more seconds (within the time left), then it is stopped (before
+# the first timed step, and at the end of the run)
+stop_precompile() {
+    [[ -n $PRECOMPILE_PID ]] || return 0
+    local deadline=$(( SECONDS + $1 )) verdict=ok rc
+    while kill -0 "$PRECOMPILE_PID" 2>/dev/null && (( SECONDS < deadline && $(seconds_left) > 10 )); do sleep 1; done
+    if kill -0 "$PRECOMPILE_PID" 2>/dev/null; then
+        kill -TERM -- "-$PRECOMPILE_PID" 2>/dev/null || kill -TERM "$PRECOMPILE_PID"
+        verdict=STOPPED
+    fi
+    wait "$PRECOMPILE_PID"
+    rc=$?
+    touch "$PRECOMPILE_DONE"
+    # compile-check's status: 1 when a kernel does not compile for this GPU or needs more shared memory than it has
+    [[ $verdict == ok && $rc != 0 ]] && verdict=FAILED
+    STEP_LINES+=("$(printf '%-26s %-9s rc=%-3s %4ss' precompile "$verdict" "$rc" "$(( SECONDS - PRECOMPILE_T0 ))")")
+    {
+        echo "=== precompile: $verdict (rc=$rc, $(( SECONDS - PRECOMPILE_T0 ))s)"
+        grep -E "^Triton |binaries for sm_|^PROBLEM|rror" "$PRECOMPILE_LOG" | head -n 20
+    } | tee -a "$ENV_LOG"
+    PRECOMPILE_PID=
+}
+start_precompile
+
 # ---- (d) tests and benchmarks on CUDA, in order of importance --------------------------------------------------
 TESTS_LOG=$OUT/tests.log
 BENCH_LOG=$OUT/bench.log
@@ -290,6 +358,7 @@ if part 1; then
     tests "pytest -m gpu" "$GPU_TESTS_CAP_S" "$TESTS_LOG" "${PYTEST[@]}" "${PARALLEL[@]}" tests -m gpu -k "not $CANDIDATES" \
         --ignore=tests/test_processors.py --deselect "$NORM_ROPE_AT_TEST_SIZES" \
         --deselect "$ROPE_TABLES_OF_THE_MODELS"
+    stop_precompile "$PRECOMPILE_WAIT_S"
     step "bench key cases" "$KEY_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case attention --case compaction \
         --case batch --case masked --json "$SCRATCH/bench_key.json"
     step "bench norm_rope" "$NORM_ROPE_CAP_S" "$BENCH_LOG" "${BENCH[@]}" --case norm_rope rope_tables --quick \
@@ -311,6 +380,7 @@ quick_case() {
 }
 if part 2; then
     tests "pytest candidates" "$CANDIDATES_CAP_S" "$TESTS_LOG" "${PYTEST[@]}" tests -m gpu -k "$CANDIDATES"
+    stop_precompile "$PRECOMPILE_WAIT_S"
     # first the model steps whose last GPU run failed or that never ran (issue 5's 3% step target each): the Z-Image
     # Omni step (its rows failed the fixed bf16 bound on 2026-12-04; judged against its fp32 reference since, with the
     # fused norm + RoPE in its sparsectx processor), the Qwen-Image 2.1 step (against the model's own forward on the
@@ -337,6 +407,7 @@ if part 2; then
 fi
 
 # ---- (f) summary, printed last ---------------------------------------------------------------------------------
+stop_precompile 0   # (a build still running when no timed step came)
 SUMMARY=$OUT/summary.txt
 {
     echo "##### GPU check summary, part $PART ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(( SECONDS - START ))s of ${BUDGET_S}s)"
@@ -345,6 +416,12 @@ SUMMARY=$OUT/summary.txt
     grep -E " (FAILED|ERROR)( |$)|ERROR collecting" "$TESTS_LOG" | head -n 20   # the -v lines, once each
     echo "$(grep -cE " PASSED( |$)" "$TESTS_LOG") tests PASSED (counted from -v lines, also in a run cut short)"
     grep -E "[0-9]+ (passed|failed|skipped|error|deselected)|no tests ran" "$TESTS_LOG" | tail -n 4
+    if [[ -f $PRECOMPILE_DONE ]]; then
+        # the kernels the steps after the build compiled at their first launch: what compile-check --quick misses
+        echo "--- Triton cache: $CACHE_AT_START binaries at the start, $(cache_binaries | wc -l) now;" \
+            "built by the steps after the build ahead: $(cache_binaries "$PRECOMPILE_DONE" | wc -l)"
+        cache_binaries "$PRECOMPILE_DONE" | sed -E 's|.*/__grp__(.*)\.json$|\1|' | sort | uniq -c | sort -rn | head -n 12
+    fi
     echo "--- bench (bench.log, bench.json; ratio = peer time / sparsectx time, > 1: sparsectx faster)"
     grep -E "^FAILED: " "$BENCH_LOG" | head -n 20
     # the steps' JSON files merged into bench.json (missing ones skipped), then the run in a few lines: a line per

@@ -18,6 +18,10 @@ What it can not tell: whether the results are right or how fast the kernels run 
 
     sparsectx compile-check                     # sm_90 (H100/H200), every autotune candidate
     sparsectx compile-check --arch 80 --first-config --json out.json
+    sparsectx compile-check --quick --jobs 8    # 8 processes side by side, the same table
+
+The binaries land in Triton's cache, as any compile's do: on a GPU machine of that arch, a later launch whose arguments
+specialise as the check's do loads its binary instead of compiling it (``bench/gpu_check.sh`` builds ahead that way).
 
 Runs in a child process without ``TRITON_INTERPRET`` when the parent has it set (the kernel modules keep the mode
 they were imported in). Uses Triton's own launch path (argument specialisation, autotune configs, compile options)
@@ -76,6 +80,7 @@ class Compiled:
     local_array_bytes: int = 0          # the part of the stack frame that is a known local array (LOCAL_ARRAY_BYTES)
     fp_fusion: Optional[bool] = None    # compiled with FMA contraction (kernels/_launch.py's COMPILE_OPTIONS)
     loops: Optional[list] = None        # with ``loops=True``: what one step of each loop of the SASS holds (``_loops``)
+    binary: Optional[str] = None        # Triton's hash of the binary (its cache key): one row per binary
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -433,28 +438,35 @@ def _compaction_variants():
 # ----------------------------------------------------------------------------------------------------------------
 # the check
 # ----------------------------------------------------------------------------------------------------------------
+def _variants(dtypes, head_dims) -> list:
+    """``run_check``'s (label, launch) pairs, in its order."""
+    return (list(_attention_variants(dtypes, head_dims)) + list(_key_mass_variants(dtypes, head_dims))
+            + list(_norm_rope_variants(dtypes, [d for d in head_dims if d % 2 == 0]))
+            + list(_compaction_variants()))
+
+
 def run_check(arch: int = 90, dtypes=DTYPES, head_dims=HEAD_DIMS, progress: bool = True,
-              loops: bool = False) -> list[Compiled]:
+              loops: bool = False, shard: tuple[int, int] = (0, 1)) -> list[Compiled]:
     """Compiles every variant for ``sm_<arch>`` in this process (which must not have imported the kernels through
     the interpreter): attention, key mass and norm + RoPE in ``dtypes`` (names: fp16, bf16, fp32) at ``head_dims``
     (norm + RoPE at the even ones), and every compaction kernel. The autotune candidates are the kernels' (all, or
     under ``SPARSECTX_AUTOTUNE=0`` the untimed launch's: the first, or up to the first that fits). Returns one row
     per compiled binary, and one row per variant that failed. ``loops``: each row also gets its binary's loops
-    (``_loops``)."""
+    (``_loops``). ``shard=(i, n)``: only variants i, i + n, i + 2n, ... (one of n processes compiling side by side,
+    ``--jobs``)."""
     from .kernels import attention, compaction, norm_rope
 
     if attention.INTERPRETED or compaction.INTERPRETED or norm_rope.INTERPRETED:
         raise RuntimeError("the kernels were imported for Triton's interpreter (TRITON_INTERPRET=1): run "
                            "compile-check in a process without it (the command line does so by itself)")
-    variants = (list(_attention_variants(dtypes, head_dims)) + list(_key_mass_variants(dtypes, head_dims))
-                + list(_norm_rope_variants(dtypes, [d for d in head_dims if d % 2 == 0]))
-                + list(_compaction_variants()))
+    index, count = shard
+    variants = _variants(dtypes, head_dims)[index::count]  # (round robin: each shard gets heavy and light variants)
     rows: list[Compiled] = []
     seen: set = set()
     try:
         from tqdm import tqdm
-        bar = tqdm(variants, desc=f"compiling for sm_{arch}", unit="variant", disable=None if progress else True,
-                   file=sys.stderr)
+        bar = tqdm(variants, desc=f"compiling for sm_{arch}" + (f" [{index + 1}/{count}]" if count > 1 else ""),
+                   unit="variant", disable=None if progress else True, file=sys.stderr, position=index)
     except ImportError:  # pragma: no cover - tqdm is a dependency
         bar = variants
     for label, launch in bar:
@@ -473,7 +485,7 @@ def run_check(arch: int = 90, dtypes=DTYPES, head_dims=HEAD_DIMS, progress: bool
                                  compiled.metadata.shared + static_shared, round(seconds, 2), candidate=candidate,
                                  local_array_bytes=local,
                                  fp_fusion=getattr(compiled.metadata, "enable_fp_fusion", None),
-                                 loops=_loops(compiled.asm["cubin"]) if loops else None))
+                                 loops=_loops(compiled.asm["cubin"]) if loops else None, binary=compiled.hash))
         try:
             with _compile_only(arch, record):
                 launch()
@@ -577,6 +589,20 @@ def _dim_list(text: str) -> tuple:
         raise argparse.ArgumentTypeError(f"expected comma-separated head dims in 1..256, got {text!r}") from None
 
 
+def _job_count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of processes >= 1, got {text!r}")
+    return int(text)
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """``I/N`` (1-based, as a --jobs child is given it) as ``(I - 1, N)``."""
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and 1 <= int(index) <= int(count)):
+        raise argparse.ArgumentTypeError(f"expected I/N with 1 <= I <= N, got {text!r}")
+    return int(index) - 1, int(count)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_MEMORY_LIMIT), metavar="ARCH",
                         help="compute capability x 10: 90 for H100/H200 (default), 80 for A100, 89 for L40S/4090 "
@@ -597,6 +623,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "shuffles, shared-memory stores and loads, read from its SASS: about 0.4 s a binary), "
                              "e.g. a reduction across warps or a shared-memory round trip in every step")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument("--jobs", type=_job_count, default=1, metavar="N",
+                        help="compile in N processes side by side, each a share of the variants (default 1); the "
+                             "table is the same. Binaries land in Triton's cache as any compile's do: on a GPU "
+                             "machine, later launches of the same kernels load them instead of compiling")
+    parser.add_argument("--shard", type=_shard, default=None, help=argparse.SUPPRESS)  # (a --jobs child's share)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -606,6 +637,10 @@ def main(args: argparse.Namespace) -> int:
               "those options, not both", file=sys.stderr)
         return 2
     dtypes, head_dims = (("bf16",), (64, 128)) if args.quick else (args.dtypes or DTYPES, args.head_dims or HEAD_DIMS)
+    if args.shard is not None and not args.json:
+        print("sparsectx compile-check: error: --shard (a --jobs child's share) writes its rows to --json",
+              file=sys.stderr)
+        return 2
     if args.json:
         # before the compiles, minutes: a path found wrong after them gave a traceback and exit status 1, which
         # also means "problems found" (the bench's check: not a folder, its folder made, a file written there)
@@ -620,7 +655,7 @@ def main(args: argparse.Namespace) -> int:
         other_candidates = args.first_config == autotune_all_configs()
     except ValueError:  # (a value the kernels refuse: the child gets this command's own)
         other_candidates = True
-    if interpreter_requested() or other_candidates:
+    if args.shard is None and (args.jobs > 1 or interpreter_requested() or other_candidates):
         if os.environ.get(CHILD_MARK):  # (a child that would start another: a bug, not a loop of processes)
             raise RuntimeError(f"compile-check's child process has TRITON_INTERPRET="
                                f"{os.environ.get('TRITON_INTERPRET')!r} and SPARSECTX_AUTOTUNE="
@@ -632,14 +667,60 @@ def main(args: argparse.Namespace) -> int:
         env[CHILD_MARK] = "1"
         argv = [sys.executable, "-m", "sparsectx.compile_check", "--arch", str(args.arch),
                 "--dtypes", ",".join(dtypes), "--head-dims", ",".join(map(str, head_dims))]
-        argv += (["--first-config"] if args.first_config else []) + (["--json", args.json] if args.json else [])
+        argv += ["--first-config"] if args.first_config else []
         argv += ["--loops"] if args.loops else []
-        return subprocess.call(argv, env=env)
+        if args.jobs > 1:
+            return _run_shards(args, dtypes, head_dims, argv, env)
+        return subprocess.call(argv + (["--json", args.json] if args.json else []), env=env)
     start = time.perf_counter()
-    rows = run_check(args.arch, dtypes, head_dims, loops=args.loops)
+    shard = args.shard or (0, 1)
+    rows = run_check(args.arch, dtypes, head_dims, loops=args.loops, shard=shard)
+    if args.shard is not None:  # a --jobs child: its rows and its variants' places, for the parent to merge
+        labels = [label for label, _ in _variants(dtypes, head_dims)]
+        with open(args.json, "w") as f:
+            json.dump({"variants": {labels[i]: i for i in range(shard[0], len(labels), shard[1])},
+                       "rows": [dataclasses.asdict(r) for r in rows]}, f)
+        return 0
+    return _report(args, dtypes, head_dims, rows, time.perf_counter() - start)
+
+
+def _run_shards(args: argparse.Namespace, dtypes, head_dims, argv: list, env: dict) -> int:
+    """``--jobs N``: N child processes (``argv`` with ``env``), child i compiling ``--shard i/N`` of the variants;
+    their rows merged in the one process's order, each binary once (as ``run_check`` lists it), then reported."""
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="compile-check-") as scratch:
+        outputs = [os.path.join(scratch, f"shard{i}.json") for i in range(args.jobs)]
+        # (a shard writes its rows to its file, its progress bar and any error to this command's stderr)
+        children = [subprocess.Popen(argv + ["--shard", f"{i + 1}/{args.jobs}", "--json", out], env=env,
+                                     stdout=subprocess.DEVNULL) for i, out in enumerate(outputs)]
+        failed = [f"shard {i + 1}/{args.jobs} exited with status {status}"
+                  for i, status in enumerate(child.wait() for child in children)
+                  if status != 0 or not os.path.exists(outputs[i])]
+        if failed:
+            print(f"sparsectx compile-check: error: {'; '.join(failed)} (its error above)", file=sys.stderr)
+            return 2
+        shards = []
+        for out in outputs:
+            with open(out) as f:
+                shards.append(json.load(f))
+    places = {label: place for shard in shards for label, place in shard["variants"].items()}
+    merged = sorted((Compiled(**row) for shard in shards for row in shard["rows"]), key=lambda r: places[r.variant])
+    seen: set = set()
+    rows = []
+    for row in merged:  # (a stable sort: each variant's rows in their order)
+        if row.binary is not None and (row.kernel, row.binary) in seen:  # reached by an earlier variant too
+            continue
+        seen.add((row.kernel, row.binary))
+        rows.append(row)
+    return _report(args, dtypes, head_dims, rows, time.perf_counter() - start)
+
+
+def _report(args: argparse.Namespace, dtypes, head_dims, rows: list[Compiled], seconds: float) -> int:
+    """The table and the problems on stdout (and the JSON file): 1 when there are problems, else 0."""
     import triton
 
-    print(f"Triton {triton.__version__}, sm_{args.arch}, {time.perf_counter() - start:.0f} s\n")
+    jobs = f", {args.jobs} processes" if args.jobs > 1 else ""
+    print(f"Triton {triton.__version__}, sm_{args.arch}, {seconds:.0f} s{jobs}\n")
     print(format_table(rows, args.arch))
     found = problems(rows, args.arch)
     for line in found:  # (printed before the JSON is written: a failed write keeps them)

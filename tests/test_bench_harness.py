@@ -1851,6 +1851,7 @@ def test_gpu_check_refuses_a_misspelt_setting_before_any_step(tmp_path):
     known = re.findall(r'"([^"]+)"', listed)
     used = re.findall(r'\b(?:step|tests|in_scratch) "([^"$]+)"', text)
     used += ["bench " + name for name in re.findall(r'\bquick_case (\w+) "', text)]  # (part 2's bench steps)
+    used += re.findall(r'== \*",([^,"$]+),"\* \]\]', text)  # (the background build's own skip check)
     assert sorted(set(used)) == sorted(known), (sorted(set(used)), sorted(known))
 
     def run(env, where=script, out="out"):
@@ -1865,7 +1866,8 @@ def test_gpu_check_refuses_a_misspelt_setting_before_any_step(tmp_path):
                        ({"GPU_CHECK_BUDGET_S": "570s"}, "GPU_CHECK_BUDGET_S must be whole seconds"),
                        # (bash arithmetic would read it as octal: 376 s, and 090 as an error at every step)
                        ({"GPU_CHECK_BUDGET_S": "0570"}, "GPU_CHECK_BUDGET_S must be whole seconds"),
-                       ({"GPU_CHECK_TEST_WORKERS": "four"}, "GPU_CHECK_TEST_WORKERS must be a whole number")):
+                       ({"GPU_CHECK_TEST_WORKERS": "four"}, "GPU_CHECK_TEST_WORKERS must be a whole number"),
+                       ({"GPU_CHECK_PRECOMPILE_JOBS": "-1"}, "GPU_CHECK_PRECOMPILE_JOBS must be a whole number")):
         done = run(env)
         assert done.returncode == 2 and words in done.stderr, (env, done.stderr)
         assert not (tmp_path / "out" / "env.log").exists()  # no step ran
@@ -2298,3 +2300,89 @@ def test_a_pass_missing_on_one_row_pairs_the_first_passes():
     step = _row("e2e", "3 ref x 10%", benchmarks.DROP_IN_STEP_ROW, 10.0, pass_ms=[10.0])
     added, per_pass = benchmarks._paired_difference_ms(new, step)
     assert added == 2.0 and per_pass == [2.0]
+
+
+def _precompile_driver(tmp_path, compile_check_body: str, *, jobs: int = 3, skip: str = "", cuda: bool = True,
+                       after: str = "") -> dict:
+    """gpu_check.sh's kernels-built-ahead block (start_precompile at its end), run as the script runs it with a
+    stand-in Python: Triton's cache folder is ``tmp_path/cache``, the GPU's arch 90 (or no CUDA device), and
+    ``compile-check`` runs ``compile_check_body`` (sh). ``after``: commands run after the block (e.g.
+    ``stop_precompile 60``). Returns the step lines, the env log and the script's output."""
+    import re
+    import subprocess
+
+    script = (Path(__file__).parent.parent / "bench" / "gpu_check.sh").read_text()
+    block = re.search(r"\n# ---- \(c2\) kernels built ahead.*?\nstart_precompile\n", script, re.S)
+    assert block, "the (c2) block is not in gpu_check.sh"
+    cache = tmp_path / "cache"
+    cache.mkdir(exist_ok=True)
+    python = tmp_path / "python"
+    python.write_text(f"""#!/bin/sh
+case "$2" in
+    "from triton import knobs"*) echo {cache} ;;
+    "import torch"*) {"echo 90" if cuda else "exit 1"} ;;
+    sparsectx.cli) echo "$@" > {tmp_path}/argv; {compile_check_body} ;;
+esac
+""")
+    python.chmod(0o755)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir(exist_ok=True)
+    driver = (f"set -u\nPY={python}\nSCRATCH={scratch}\nENV_LOG={tmp_path}/env.log\nSKIP_STEPS={skip}\n"
+              f"PRECOMPILE_JOBS={jobs}\nBUDGET_S=600; START=$SECONDS; SUMMARY_RESERVE_S=0; STEP_LINES=()\n"
+              "seconds_left() { echo $(( BUDGET_S - (SECONDS - START) - SUMMARY_RESERVE_S )); }\n"
+              f"IN_SCRATCH=(bash -c 'cd \"$0\" && exec \"$@\"' \"$SCRATCH\")\n{block.group(0)}{after}\n"
+              'printf "STEP %s\\n" "${STEP_LINES[@]}"\n')
+    done = subprocess.run(["bash", "-c", driver], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    steps = [line.split(None, 1)[1] for line in done.stdout.splitlines() if line.startswith("STEP ")]
+    return {"steps": steps, "env": (tmp_path / "env.log").read_text(), "out": done.stdout, "cache": cache}
+
+
+def test_gpu_check_builds_kernels_ahead_and_counts_what_the_steps_built_after(tmp_path):
+    """The background build: ``sparsectx compile-check`` for the GPU's arch with the jobs asked for; at the first
+    timed step it ends (ok, its summary line in env.log), and the cache's binaries newer than its end are what the
+    steps compiled themselves (the summary names them per kernel)."""
+    cache = tmp_path / "cache"
+    body = (f"mkdir -p {cache}/a && echo {{}} > {cache}/a/__grp___fwd_kernel.json && "
+            "echo 'Triton 3.6.0, sm_90, 9 s, 3 processes' && echo '1 binaries for sm_90; spilling: 0'")
+    after = (f"stop_precompile 60\nmkdir -p {cache}/b && echo {{}} > {cache}/b/__grp___gather_rows_kernel.json\n"
+             'echo "AT START $CACHE_AT_START"; echo "NEWER $(cache_binaries "$PRECOMPILE_DONE" | wc -l)"; '
+             'echo "ALL $(cache_binaries | wc -l)"')
+    run = _precompile_driver(tmp_path, body, after=after)
+    argv = (tmp_path / "argv").read_text().split()
+    assert argv[argv.index("compile-check") + 1:] == ["--arch", "90", "--quick", "--jobs", "3"]
+    assert len(run["steps"]) == 1 and run["steps"][0].split()[:3] == ["precompile", "ok", "rc=0"], run["steps"]
+    assert "=== precompile: ok (rc=0" in run["env"] and "Triton 3.6.0, sm_90, 9 s, 3 processes" in run["env"]
+    assert "AT START 0" in run["out"] and "NEWER 1" in run["out"] and "ALL 2" in run["out"], run["out"]
+
+
+def test_gpu_check_stops_a_build_still_running_with_its_processes_and_reports_a_failed_one(tmp_path):
+    """A build still running when its wait ends is stopped with every process it started (compile-check's --jobs
+    children must not share the host with a timed step): STOPPED, not a failure; one that exits non-zero (a kernel
+    that does not compile for this GPU) FAILED."""
+    import subprocess
+    import time
+
+    marker = f"{1000 + os.getpid() % 1000}.5"  # a sleep of its own, found by its argument
+    body = f"sleep {marker} & sleep {marker}"
+    started = time.monotonic()
+    run = _precompile_driver(tmp_path, body, after="sleep 1; stop_precompile 1")
+    assert time.monotonic() - started < 60
+    assert run["steps"][0].split()[:2] == ["precompile", "STOPPED"], run["steps"]
+    time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True, text=True).stdout.split()
+    assert left == [], f"processes of the build left running: {left}"
+    failed = _precompile_driver(tmp_path, "echo 'PROBLEM: v: _fwd_kernel does not compile'; exit 1",
+                                after="stop_precompile 60")
+    assert failed["steps"][0].split()[:3] == ["precompile", "FAILED", "rc=1"], failed["steps"]
+    assert "PROBLEM: v: _fwd_kernel does not compile" in failed["env"]
+
+
+def test_gpu_check_builds_nothing_ahead_when_told_not_to_or_without_a_gpu(tmp_path):
+    """No build (and no process to stop) with GPU_CHECK_PRECOMPILE_JOBS=0, with the step skipped by name, and
+    without a CUDA device (a dry run on a CPU machine): the summary says which."""
+    for kwargs, why in (({"jobs": 0}, "GPU_CHECK_PRECOMPILE_JOBS=0"), ({"skip": "precompile"}, "GPU_CHECK_SKIP"),
+                        ({"cuda": False}, "no CUDA device")):
+        run = _precompile_driver(tmp_path, "exit 3", after="stop_precompile 60", **kwargs)
+        assert run["steps"] == [f"precompile                 skipped: {why}"], (kwargs, run["steps"])
+        assert not (tmp_path / "argv").exists()

@@ -5,12 +5,14 @@ every test here and still not compile for a GPU (an op the interpreter accepts a
 shape whose shared memory exceeds what an SM has). These tests compile each kernel for Hopper with the installed
 Triton and assert what the GPU launch needs, in child processes without TRITON_INTERPRET.
 """
+import dataclasses
 import inspect
 import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -37,11 +39,11 @@ def quick_check(tmp_path_factory):
     """bf16 attention at head dims 64/128 (the supported models'), 160 and 256 (above 128: their own launch
     configurations; 160 with a masked tail, 256 the largest the ops accept) with the first autotune candidate (the
     launch config under SPARSECTX_AUTOTUNE=0), and every compaction kernel, compiled for sm_90 through the command
-    line."""
+    line, in two processes side by side (``--jobs 2``: the rows are the one process's, merged)."""
     out = tmp_path_factory.mktemp("compile") / "check.json"
     env = dict(os.environ, TRITON_INTERPRET="1")  # as the suite runs: the command must leave the interpreter itself
     done = subprocess.run([sys.executable, "-m", "sparsectx.cli", "compile-check", "--dtypes", "bf16", "--head-dims",
-                           "64,128,160,256", "--first-config", "--json", str(out)],
+                           "64,128,160,256", "--first-config", "--jobs", "2", "--json", str(out)],
                           capture_output=True, text=True, env=env, timeout=900)
     return done, json.loads(out.read_text()) if out.exists() else None
 
@@ -292,6 +294,8 @@ def test_table_lists_every_binary(quick_check):
         assert any(line.startswith(row["variant"]) and row["kernel"] in line and row["config"] in line
                    for line in done.stdout.splitlines()), row
     assert f"{len(report['rows'])} binaries for sm_90; spilling: 0" in done.stdout
+    assert done.stdout.startswith("Triton ") and ", 2 processes" in done.stdout.splitlines()[0]
+    assert len({(r["kernel"], r["binary"]) for r in report["rows"]}) == len(report["rows"])  # each binary once
 
 
 # an autotuned toy kernel of two candidates, in the scripts below (indented as they are)
@@ -399,7 +403,7 @@ def test_main_exits_1_on_a_problem_and_writes_it_to_the_json(tmp_path, monkeypat
 
     limit = compile_check.SHARED_MEMORY_LIMIT[90]
     rows = [compile_check.Compiled("v", "_fwd_kernel", "w8", 128, 0, limit + 1, 1.0, candidate=0)]
-    monkeypatch.setattr(compile_check, "run_check", lambda arch, dtypes, head_dims, loops=False: rows)
+    monkeypatch.setattr(compile_check, "run_check", lambda arch, dtypes, head_dims, loops=False, shard=(0, 1): rows)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # runs in this process: run_check is the stand-in
     monkeypatch.setenv("SPARSECTX_AUTOTUNE", "1")
     out = tmp_path / "check.json"
@@ -417,7 +421,7 @@ def test_main_exits_1_on_a_problem_and_writes_it_to_the_json(tmp_path, monkeypat
         assert cli.main(["compile-check", "--json", str(bad)]) == 2
         assert "sparsectx compile-check: error: --json" in capsys.readouterr().err
     # a missing folder is made, as `sparsectx bench --json` makes it
-    monkeypatch.setattr(compile_check, "run_check", lambda arch, dtypes, head_dims, loops=False: rows)
+    monkeypatch.setattr(compile_check, "run_check", lambda arch, dtypes, head_dims, loops=False, shard=(0, 1): rows)
     assert cli.main(["compile-check", "--json", str(tmp_path / "made" / "check.json")]) == 0
     assert (tmp_path / "made" / "check.json").exists()
 
@@ -448,8 +452,8 @@ def test_command_line_refuses_an_unknown_arch_and_quick_with_explicit_variants(t
         assert cli.main(["compile-check", "--quick", *extra]) == 2
         assert "--quick stands for --dtypes bf16 --head-dims 64,128" in capsys.readouterr().err
     seen = []
-    monkeypatch.setattr(compile_check, "run_check",
-                        lambda arch, dtypes, head_dims, loops=False: seen.append((dtypes, head_dims)) or [])
+    monkeypatch.setattr(compile_check, "run_check", lambda arch, dtypes, head_dims, loops=False, shard=(0, 1):
+                        seen.append((dtypes, head_dims)) or [])
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # runs in this process: run_check is the stand-in
     monkeypatch.setenv("SPARSECTX_AUTOTUNE", "1")
     for argv in ([], ["--quick"], ["--dtypes", "fp32", "--head-dims", "40"]):
@@ -574,7 +578,7 @@ def test_json_records_the_run_as_asked_and_keeps_error_rows(tmp_path, monkeypatc
 
     rows = [compile_check.Compiled("v", "_fwd_kernel", "w8", 128, 0, 1000, 1.0, candidate=0),
             compile_check.Compiled("v", "_bwd_dq_kernel", "w8", error="CompilationError: boom", candidate=1)]
-    monkeypatch.setattr(compile_check, "run_check", lambda arch, dtypes, head_dims, loops=False: rows)
+    monkeypatch.setattr(compile_check, "run_check", lambda arch, dtypes, head_dims, loops=False, shard=(0, 1): rows)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("SPARSECTX_AUTOTUNE", "1")
     out = tmp_path / "check.json"
@@ -583,3 +587,78 @@ def test_json_records_the_run_as_asked_and_keeps_error_rows(tmp_path, monkeypatc
     assert report["first_config"] is False
     assert [r["kernel"] for r in report["rows"]] == ["_fwd_kernel", "_bwd_dq_kernel"]
     assert report["rows"][1]["error"] == "CompilationError: boom"
+
+
+def test_jobs_merge_the_shards_rows_in_the_one_process_order_each_binary_once(tmp_path, monkeypatch, capsys):
+    """``--jobs N`` starts N children, child i compiling ``--shard i/N``; their rows are merged in the order of the
+    variants (as one process lists them: each variant's rows together, in their order) and a binary reached by two
+    variants of different shards is listed once, under the earlier variant. A child that fails stops the command
+    (status 2), naming it."""
+    from sparsectx import cli
+
+    # what three shards of five variants (v0..v4, round robin) write: v3 reaches shard 1's binary "h1" again
+    shards = {
+        1: {"variants": {"v0": 0, "v3": 3}, "rows": [("v0", "_a", "h1"), ("v0", "_b", "h2"), ("v3", "_a", "h1"),
+                                                     ("v3", "_c", "h5")]},
+        2: {"variants": {"v1": 1, "v4": 4}, "rows": [("v1", "_a", "h3"), ("v4", "_b", "h2")]},
+        3: {"variants": {"v2": 2}, "rows": [("v2", "_d", None)]},  # (an error row: no binary)
+    }
+    started, fail = [], [None]
+
+    class Child:
+        def __init__(self, argv, env, stdout):
+            started.append((argv, env))
+            index = int(argv[argv.index("--shard") + 1].split("/")[0])
+            self.returncode = 1 if index == fail[0] else 0
+            if self.returncode == 0:
+                rows = [dataclasses.asdict(compile_check.Compiled(v, k, "w4", 32, 0, 0, 0.1, binary=h,
+                                                                  error=None if h else "boom"))
+                        for v, k, h in shards[index]["rows"]]
+                Path(argv[argv.index("--json") + 1]).write_text(json.dumps({"variants": shards[index]["variants"],
+                                                                            "rows": rows}))
+
+        def wait(self):
+            return self.returncode
+
+    monkeypatch.setattr(compile_check.subprocess, "Popen", Child)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("SPARSECTX_AUTOTUNE", "1")
+    out = tmp_path / "merged.json"
+    assert cli.main(["compile-check", "--quick", "--jobs", "3", "--json", str(out)]) == 1  # (the error row)
+    assert [argv[argv.index("--shard") + 1] for argv, _ in started] == ["1/3", "2/3", "3/3"]
+    assert all(env[compile_check.CHILD_MARK] == "1" and "TRITON_INTERPRET" not in env for _, env in started)
+    rows = [(r["variant"], r["kernel"], r["binary"]) for r in json.loads(out.read_text())["rows"]]
+    assert rows == [("v0", "_a", "h1"), ("v0", "_b", "h2"), ("v1", "_a", "h3"), ("v2", "_d", None),
+                    ("v3", "_c", "h5")]
+    assert ", 3 processes" in capsys.readouterr().out
+    started.clear()
+    fail[0] = 2
+    assert cli.main(["compile-check", "--quick", "--jobs", "3"]) == 2
+    assert "shard 2/3 exited with status 1" in capsys.readouterr().err and len(started) == 3
+
+
+def test_a_shard_writes_its_rows_and_its_variants_places(tmp_path, monkeypatch, capsys):
+    """A --jobs child (``--shard I/N``) compiles variants I-1, I-1+N, ... and writes their places in the one
+    process's order beside its rows (no table); without --json it is refused. ``--jobs`` and ``--shard`` refuse
+    what is not a count or a share."""
+    from sparsectx import cli
+
+    labels = [f"v{i}" for i in range(7)]
+    asked = []
+    monkeypatch.setattr(compile_check, "_variants", lambda dtypes, head_dims: [(label, None) for label in labels])
+    monkeypatch.setattr(compile_check, "run_check", lambda arch, dtypes, head_dims, loops=False, shard=(0, 1):
+                        asked.append(shard) or [compile_check.Compiled("v1", "_a", "w4", 32, 0, 0, 0.1, binary="h")])
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("SPARSECTX_AUTOTUNE", "1")
+    monkeypatch.setenv(compile_check.CHILD_MARK, "1")
+    out = tmp_path / "shard.json"
+    assert cli.main(["compile-check", "--quick", "--shard", "2/3", "--json", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert asked == [(1, 3)] and written["variants"] == {"v1": 1, "v4": 4}
+    assert [r["binary"] for r in written["rows"]] == ["h"] and capsys.readouterr().out == ""
+    assert cli.main(["compile-check", "--quick", "--shard", "2/3"]) == 2
+    assert "--shard (a --jobs child's share) writes its rows to --json" in capsys.readouterr().err
+    for bad in (["--jobs", "0"], ["--jobs", "two"], ["--shard", "4/3"], ["--shard", "0/3"], ["--shard", "1"]):
+        with pytest.raises(SystemExit):
+            cli.main(["compile-check", *bad])
+        assert "expected" in capsys.readouterr().err, bad
