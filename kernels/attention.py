@@ -293,7 +293,9 @@ def _query_offsets(QIDX, batch, q_start, offs_m, q_valid, q_rows, stride_b, stri
     return q_rows * stride_t
 
 
-@triton.jit(do_not_specialize=["tune_rows"])  # the key only: one binary for every value
+# (the key only, and the lse rows' stride, the query count: one binary for every value; Triton specialises ints on
+# divisibility by 16, which gave these kernels a second, byte-identical binary, compiled again: sm_90, Triton 3.6/3.9)
+@triton.jit(do_not_specialize=["tune_rows", "stride_lse_h"])
 def _fwd_kernel(
     Q, K, V, RK, RV, RIDX, CU_Q, CU_K, CU_R, O, LSE, QIDX, K_DESC, V_DESC, RK_DESC, RV_DESC,
     qk_scale, stride_qb, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -549,7 +551,9 @@ def _load_query_grads(Q, DO, LSE2, DELTA, q_rows, q_cols, q_valid, offs_d, d_val
     return q, do, lse2, delta
 
 
-@triton.jit(do_not_specialize=["tune_rows"])  # the key only: one binary for every value
+# (the key only, and the lse rows' stride, the query count: one binary for every value; Triton specialises ints on
+# divisibility by 16, which gave these kernels a second, byte-identical binary, compiled again: sm_90, Triton 3.6/3.9)
+@triton.jit(do_not_specialize=["tune_rows", "stride_lse_h"])
 def _bwd_dkdv_kernel(
     Q, DO, LSE2, DELTA, K, V, DK, DV, CU_Q, CU_K, KIDX,
     qk_scale, sm_scale, stride_qt, stride_qh, stride_dot, stride_doh, stride_lse_h,
@@ -626,7 +630,9 @@ def _dq_step(dq, q, do, lse2, delta, k, v, key_valid, qk_scale, IEEE: tl.constex
     return dq + _dot(ds.to(k.dtype), k, IEEE)
 
 
-@triton.jit(do_not_specialize=["tune_rows"])  # the key only: one binary for every value
+# (the key only, and the lse rows' stride, the query count: one binary for every value; Triton specialises ints on
+# divisibility by 16, which gave these kernels a second, byte-identical binary, compiled again: sm_90, Triton 3.6/3.9)
+@triton.jit(do_not_specialize=["tune_rows", "stride_lse_h"])
 def _bwd_dq_kernel(
     Q, DO, LSE2, DELTA, K, V, RK, RV, RIDX, CU_Q, CU_K, CU_R, DQ,
     qk_scale, sm_scale, stride_qt, stride_qh, stride_dot, stride_doh, stride_lse_h,

@@ -318,7 +318,9 @@ def _token_flags(sel_ptr, row_offset, stride_sel_n, n_tokens, pos, threshold, HA
         return kept, pos < 0
 
 
-@triton.jit
+# (the kept count and the index rows, values only: one binary for every count; Triton specialises ints on divisibility
+# by 16 and on 1, which gave a second, byte-identical binary, compiled again: sm_90, Triton 3.6/3.9)
+@triton.jit(do_not_specialize=["uniform_count", "n_rows"])
 def _topk_threshold_kernel(
     scores_ptr, stride_b, stride_n, n_tokens,
     counts_ptr, uniform_count, n_samples,

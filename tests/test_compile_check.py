@@ -273,6 +273,51 @@ def test_selection_kernel_scans_its_held_row_without_shared_memory_round_trips(t
     assert barriers <= 20 and shared_stores <= 16 and spilled == 0, found
 
 
+def test_kept_and_query_counts_compile_no_second_binary(tmp_path):
+    """Triton specialises an int argument on its divisibility by 16 (and on 1), one binary per class. The selection
+    kernel's kept count and index rows and the attention kernels' lse row stride (the query count) are values
+    there, not strides of vector loads: each kernel compiles one binary for every count (``do_not_specialize``),
+    without spills. The selection kernel's binary for a kept count divisible by 16 (3 x 4096 tokens, 1216 kept)
+    spilled 568-584 B (Triton 3.6) and 696 B (3.9), in a second compile; the attention kernels' second binary was
+    the same code, compiled again."""
+    done = _run_script(tmp_path, """
+        import json
+        import torch
+        from sparsectx import compile_check as cc
+        from sparsectx.kernels.attention import attention_backward, attention_forward
+        from sparsectx.kernels.compaction import compact_index
+
+        found = []
+
+        def record(fn, kwargs, compiled, seconds, candidate, error):
+            assert error is None, error
+            found.append((size[0], fn.__name__, compiled.hash, cc._resources(compiled.asm["cubin"])[1]))
+
+        size = [None]
+        heads, dim = 2, 64
+        with cc._compile_only(90, record):
+            for kept in (1216, 1229, 1):  # (1: Triton's other int class)
+                size[0] = kept
+                compact_index(torch.zeros(1, 3 * 4096, dtype=torch.bfloat16), [kept])
+            for queries in (64, 77, 1):
+                size[0] = queries
+                q = torch.zeros(queries, heads, dim, dtype=torch.bfloat16)
+                cu = torch.tensor([0, queries], dtype=torch.int32)
+                out, lse = attention_forward(q, q, q, cu, cu, queries, None, None, None, None, dim ** -0.5)
+                attention_backward(torch.zeros_like(out), torch.zeros_like(lse), q, q, q, out, lse, cu, cu,
+                                   queries, queries, None, None, None, None, 0, dim ** -0.5)
+        print(json.dumps(found))
+    """, env={"SPARSECTX_AUTOTUNE": "0"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    binaries = {}
+    for size, name, binary, spilled in found:
+        binaries.setdefault(name, {})[size] = binary
+        assert spilled == 0, (name, size, spilled)
+    for name in ("_topk_threshold_kernel", "_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
+        assert len(binaries[name]) == 3 and len(set(binaries[name].values())) == 1, (name, binaries[name])
+
+
 def test_loops_reach_the_child_process_and_the_table(monkeypatch):
     """``--loops`` is handed to the child process that compiles, and the table lists each binary's loop steps."""
     from sparsectx import cli
