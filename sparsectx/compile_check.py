@@ -626,7 +626,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=_job_count, default=1, metavar="N",
                         help="compile in N processes side by side, each a share of the variants (default 1); the "
                              "table is the same. Binaries land in Triton's cache as any compile's do: on a GPU "
-                             "machine, later launches of the same kernels load them instead of compiling")
+                             "machine of the arch, a later launch whose arguments specialise as the check's do loads "
+                             "its binary instead of compiling it")
     parser.add_argument("--shard", type=_shard, default=None, help=argparse.SUPPRESS)  # (a --jobs child's share)
 
 

@@ -277,9 +277,9 @@ def test_kept_and_query_counts_compile_no_second_binary(tmp_path):
     """Triton specialises an int argument on its divisibility by 16 (and on 1), one binary per class. The selection
     kernel's kept count and index rows and the attention kernels' lse row stride (the query count) are values
     there, not strides of vector loads: each kernel compiles one binary for every count (``do_not_specialize``),
-    without spills. The selection kernel's binary for a kept count divisible by 16 (3 x 4096 tokens, 1216 kept)
-    spilled 568-584 B (Triton 3.6) and 696 B (3.9), in a second compile; the attention kernels' second binary was
-    the same code, compiled again."""
+    without spills. The selection kernel's binary for a kept count divisible by 16 on rows of 3 or 4 x 4096 tokens
+    (1216 kept; 3072, a 25% budget of 3 references) spilled 568-584 B (Triton 3.6) and 696 B (3.9), in a second
+    compile; the attention kernels' second binary was the same code, compiled again."""
     done = _run_script(tmp_path, """
         import json
         import torch
