@@ -267,7 +267,9 @@ def _attention_variants(dtypes, head_dims):
     reference buffer whose heads are not adjacent is gathered in place (its own variant), and packed references
     with no own keys (``masked_attention``'s kept keys) load only the references by tile copies. "queries in place": the
     forward of ``masked_attention``'s kept queries, read from and written to dense ``[B, S, H, D]`` tensors by
-    index (no backward)."""
+    index (no backward). "gathered refs, one sample": the usual inference call (one sample, token counts a multiple
+    of 16 and not, a kept count not), whose kernels Triton specialises otherwise (the backward's row pass, the copy
+    of the kept rows: the others take the same binaries)."""
     import torch
 
     from .kernels.attention import _row_descriptors, attention_backward, attention_forward
@@ -275,7 +277,8 @@ def _attention_variants(dtypes, head_dims):
     for name in dtypes:
         dtype = getattr(torch, _DTYPE_NAMES[name])
         for dim in head_dims:
-            layouts = ["no refs", "gathered refs", "packed refs", "queries in place"]
+            layouts = ["no refs", "gathered refs", "packed refs", "queries in place",
+                       "gathered refs, one sample"]
             if _row_descriptors(*(torch.zeros(1, HEADS, dim, dtype=dtype),) * 2)[0] is not None:
                 # (and the packed layout with no own keys: masked_attention's kept keys, all packed as references,
                 # loaded by tile copies while the own keys' loads are not)
@@ -295,6 +298,16 @@ def _attention_variants(dtypes, head_dims):
                                           q_index=torch.zeros(2 * SEQ, dtype=torch.int32))
                         return
                     ref_k = ref_v = ref_index = cu_r = None
+                    if refs.endswith("one sample"):
+                        for tokens, kept in ((SEQ + 13, SEQ // 2 + 3), (2 * SEQ, SEQ // 2 + 3)):
+                            q, k, v = rows(tokens), rows(tokens), rows(tokens)
+                            cu, cu_r = (torch.tensor([0, n], dtype=torch.int32) for n in (tokens, kept))
+                            ref_k, ref_v, ref_index = rows(1, SEQ), rows(1, SEQ), torch.zeros(kept, dtype=torch.int32)
+                            out, lse = attention_forward(q, k, v, cu, cu, tokens, ref_k, ref_v, ref_index, cu_r,
+                                                         dim ** -0.5)
+                            attention_backward(torch.zeros_like(out), torch.zeros_like(lse), q, k, v, out, lse, cu,
+                                               cu, tokens, tokens, ref_k, ref_v, ref_index, cu_r, kept, dim ** -0.5)
+                        return
                     if refs.startswith("gathered refs"):
                         ref_k, ref_v = rows(2, SEQ), rows(2, SEQ)
                         if refs.endswith("heads apart"):  # not packed first: the forward gathers in place
@@ -401,6 +414,10 @@ def _compaction_variants():
             gather_rows(payloads, index, cu, rows)
         for count in (1, 2, 3):  # masked_attention's packed q alone, its k and v, or q, k and v
             gather_rows([hidden] * count, index, cu, rows, zero_padding=False)
+        # a kept total that is not a multiple of 16 (the usual one: Triton specialises the row count's divisibility),
+        # of the hidden states and of FLUX.2's packed latents (128 channels), each with its position ids
+        for payload in (hidden, torch.zeros(batch, 4096, 128, dtype=dtype)):
+            gather_rows([payload, ids], index[:rows - 3], cu.clamp(max=rows - 3), rows - 3)
 
     def scatter(batch, dtype, width):
         rows = 512 * batch
