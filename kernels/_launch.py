@@ -129,6 +129,23 @@ def autotune_all_configs() -> bool:
                      "(no timing: the first candidate the GPU can run)")
 
 
+def hash_in_definition_order(namespace: dict) -> None:
+    """Computes the cache key of every jitted function defined in a kernel module (its ``globals()``), in the order
+    they are defined: each helper before the kernels and helpers that call it. Triton 3.4 and 3.6 (the GPU image's)
+    compute a function's key at its first compile and add to it the constexpr globals its callees read only for the
+    callees whose keys were computed before (3.9 computes the callee's key first). So a kernel whose helper another
+    kernel had compiled first got another key than in a process that compiled it first: its binary on disk, built by
+    another process (another benchmark step, ``sparsectx compile-check``), was compiled again (the selection kernel
+    and the block counts, which share the score keys). Keys computed callees first are the complete ones, the same in
+    every process whatever its launches (checked over all three kernel modules against keys recomputed to a fixed
+    point in random orders)."""
+    from triton.runtime.jit import JITFunction
+
+    functions = [f for f in namespace.values() if isinstance(f, JITFunction) and f.__module__ == namespace["__name__"]]
+    for function in sorted(functions, key=lambda f: f.starting_line_number):
+        function.cache_key  # noqa: B018 (computed and kept by Triton)
+
+
 def built_for_interpreter(kernel) -> bool:
     """Whether ``kernel`` (a ``triton.jit`` function, autotuned or not) runs through Triton's interpreter."""
     from triton.runtime.interpreter import InterpretedFunction

@@ -39,8 +39,8 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._launch import (COMPILE_OPTIONS, autotune_all_configs, built_for_interpreter, cdiv, interpreter_requested,
-                      next_power_of_2, on_device_of)
+from ._launch import (COMPILE_OPTIONS, autotune_all_configs, built_for_interpreter, cdiv, hash_in_definition_order,
+                      interpreter_requested, next_power_of_2, on_device_of)
 from .compaction import gather_rows
 
 LOG2E = 1.4426950408889634  # scores are scaled by scale*log2(e) so that exp2 replaces exp
@@ -896,3 +896,5 @@ def attention_key_mass(q, k, weights, softmax_scale):
 
 
 INTERPRETED = built_for_interpreter(_fwd_kernel)  # how this module's kernels were built (see ops.backend_for)
+if not INTERPRETED:  # (the same binaries on disk for every process: _launch.hash_in_definition_order)
+    hash_in_definition_order(globals())

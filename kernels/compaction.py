@@ -46,7 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import COMPILE_OPTIONS, built_for_interpreter, cdiv, next_power_of_2, on_device_of, to_device
+from ._launch import (COMPILE_OPTIONS, built_for_interpreter, cdiv, hash_in_definition_order, next_power_of_2,
+                      on_device_of, to_device)
 
 # Order-preserving integer keys of fp32 scores: the top-k threshold is found RADIX_BITS bits per pass. Two bits per
 # pass need 3 counts per pass (candidate digits 1..3); more bits per pass would cost 2**bits - 1 counts, each a full
@@ -888,3 +889,5 @@ def ranked_keep_mask(
 
 
 INTERPRETED = built_for_interpreter(_gather_rows_kernel)  # how this module's kernels were built (see ops.backend_for)
+if not INTERPRETED:  # (the same binaries on disk for every process: _launch.hash_in_definition_order)
+    hash_in_definition_order(globals())

@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import COMPILE_OPTIONS, built_for_interpreter, cdiv, next_power_of_2, on_device_of
+from ._launch import (COMPILE_OPTIONS, built_for_interpreter, cdiv, hash_in_definition_order, next_power_of_2,
+                      on_device_of)
 
 # Tokens and heads per program. A program moves BLOCK_TOKENS x HEAD_BLOCK head vectors (4096 elements at D=128) and
 # BLOCK_TOKENS rows of both tables. Chosen by arithmetic (enough programs to fill an H200 at a few thousand tokens,
@@ -401,3 +402,5 @@ def rope_tables(ids: torch.Tensor, freqs: torch.Tensor, axes_dim: tuple) -> tupl
 
 
 INTERPRETED = built_for_interpreter(_rms_norm_rope_kernel)  # how this module's kernels were built (ops.backend_for)
+if not INTERPRETED:  # (the same binaries on disk for every process: _launch.hash_in_definition_order)
+    hash_in_definition_order(globals())

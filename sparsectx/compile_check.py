@@ -376,9 +376,10 @@ def _norm_rope_variants(dtypes, head_dims):
 def _compaction_variants():
     """Selection (scores in each dtype the ops accept, for one sample and for two; rows of 100 tokens, one
     reference of 4096, three, and more than one selection block; one count for every sample or one per sample; a
-    keep mask, also as an unaligned view: ``masked_attention``'s ``key_mask[:, kept_prefix:]``), the selection
-    budgets' ranking (fixed and adaptive counts of each mass, one image and three, one longer than a block) and the
-    row copies (1 to 3 payloads of mixed dtypes and widths, with and without zero padding; scatter of rows or
+    keep mask of 100 tokens, one reference and three, also as an unaligned view: ``masked_attention``'s
+    ``key_mask[:, kept_prefix:]``, and with rows sized to a kept total), the selection budgets' ranking (fixed and
+    adaptive counts of each mass, one image and three, one longer than a block) and the row copies (1 to 3 payloads
+    of mixed dtypes and widths, with and without zero padding, a kept total not a multiple of 16; scatter of rows or
     zeros)."""
     import torch
 
@@ -398,10 +399,12 @@ def _compaction_variants():
                            f"{'per-sample' if per_sample else 'uniform'} counts"), select
 
     for batch in (1, 2):
-        for n_tokens in (100, 3 * 4096):
+        for n_tokens in (100, 4096, 3 * 4096):  # (one reference and three: their blocks' counts pad otherwise)
             def select_mask(batch=batch, n_tokens=n_tokens):
                 compact_index(torch.zeros(batch, n_tokens, dtype=torch.bool), n_rows=batch * n_tokens)
                 compact_index(torch.zeros(batch, n_tokens + 1, dtype=torch.bool)[:, 1:], n_rows=batch * n_tokens)
+                # rows sized to a kept total (not a multiple of 16), as a mask without max_total gives them
+                compact_index(torch.zeros(batch, n_tokens, dtype=torch.bool), n_rows=n_tokens // 10)
             yield f"select keep mask B={batch} N={n_tokens} (and an unaligned view)", select_mask
 
     def gather(batch, dtype, width):

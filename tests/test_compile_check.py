@@ -318,6 +318,42 @@ def test_kept_and_query_counts_compile_no_second_binary(tmp_path):
         assert len(binaries[name]) == 3 and len(set(binaries[name].values())) == 1, (name, binaries[name])
 
 
+def test_kernel_cache_keys_do_not_depend_on_what_a_process_compiled_first(tmp_path):
+    """Triton keys a binary on disk by its function's cache key, computed at the function's first compile; Triton 3.4
+    and 3.6 take in the constexpr globals of the callees whose keys were computed before only: a kernel whose helper
+    another kernel compiled first got another key (the selection kernel and the block counts, which share the score
+    keys), and its binary built by another process was compiled again. The kernel modules compute every key at
+    import, callees first: the keys are the ones recomputed to a fixed point in any order. (With Triton 3.6 this
+    fails without the keys computed at import; Triton 3.9 computes a callee's key first, and it holds either way.)"""
+    done = _run_script(tmp_path, """
+        import json
+        import random
+        from triton.runtime.jit import JITFunction
+        import sparsectx.kernels.attention as attention
+        import sparsectx.kernels.compaction as compaction
+        import sparsectx.kernels.norm_rope as norm_rope
+
+        functions = [f for m in (attention, compaction, norm_rope) for f in vars(m).values()
+                     if isinstance(f, JITFunction) and f.__module__ == m.__name__]
+        kernels = [f for f in functions if f.__name__.endswith("_kernel")]
+        at_import = {f.__name__: f.cache_key for f in kernels}  # (computed lazily here, kernels first, without it)
+        random.seed(0)
+        fixed = None
+        for _ in range(10):  # every key recomputed in a random order until none changes
+            for f in functions:
+                f.hash = None
+            random.shuffle(functions)
+            keys = {f.__name__: f.cache_key for f in functions}
+            if keys == fixed:
+                break
+            fixed = keys
+        print(json.dumps([len(kernels), {name: key == fixed[name] for name, key in at_import.items()}]))
+    """)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    count, same = json.loads(done.stdout.strip().splitlines()[-1])
+    assert count >= 9 and all(same.values()), same
+
+
 def test_loops_reach_the_child_process_and_the_table(monkeypatch):
     """``--loops`` is handed to the child process that compiles, and the table lists each binary's loop steps."""
     from sparsectx import cli
