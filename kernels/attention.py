@@ -551,9 +551,7 @@ def _load_query_grads(Q, DO, LSE2, DELTA, q_rows, q_cols, q_valid, offs_d, d_val
     return q, do, lse2, delta
 
 
-# (the key only, and the lse rows' stride, the query count: one binary for every value; Triton specialises ints on
-# divisibility by 16, which gave these kernels a second, byte-identical binary, compiled again: sm_90, Triton 3.6/3.9)
-@triton.jit(do_not_specialize=["tune_rows", "stride_lse_h"])
+@triton.jit(do_not_specialize=["tune_rows", "stride_lse_h"])  # (as _fwd_kernel)
 def _bwd_dkdv_kernel(
     Q, DO, LSE2, DELTA, K, V, DK, DV, CU_Q, CU_K, KIDX,
     qk_scale, sm_scale, stride_qt, stride_qh, stride_dot, stride_doh, stride_lse_h,
@@ -630,9 +628,7 @@ def _dq_step(dq, q, do, lse2, delta, k, v, key_valid, qk_scale, IEEE: tl.constex
     return dq + _dot(ds.to(k.dtype), k, IEEE)
 
 
-# (the key only, and the lse rows' stride, the query count: one binary for every value; Triton specialises ints on
-# divisibility by 16, which gave these kernels a second, byte-identical binary, compiled again: sm_90, Triton 3.6/3.9)
-@triton.jit(do_not_specialize=["tune_rows", "stride_lse_h"])
+@triton.jit(do_not_specialize=["tune_rows", "stride_lse_h"])  # (as _fwd_kernel)
 def _bwd_dq_kernel(
     Q, DO, LSE2, DELTA, K, V, RK, RV, RIDX, CU_Q, CU_K, CU_R, DQ,
     qk_scale, sm_scale, stride_qt, stride_qh, stride_dot, stride_doh, stride_lse_h,

@@ -319,8 +319,9 @@ def _token_flags(sel_ptr, row_offset, stride_sel_n, n_tokens, pos, threshold, HA
         return kept, pos < 0
 
 
-# (the kept count and the index rows, values only: one binary for every count; Triton specialises ints on divisibility
-# by 16 and on 1, which gave a second, byte-identical binary, compiled again: sm_90, Triton 3.6/3.9)
+# (the kept count and the index rows are values here, not strides: one binary for every count. Triton specialises ints
+# on divisibility by 16 and on 1: a kept count divisible by 16 got a second binary, which spilled 568-696 B on rows of
+# 3 or 4 x 4096 tokens, sm_90, Triton 3.6/3.9)
 @triton.jit(do_not_specialize=["uniform_count", "n_rows"])
 def _topk_threshold_kernel(
     scores_ptr, stride_b, stride_n, n_tokens,
