@@ -50,6 +50,20 @@ SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 23244
 # by 16, and the kernels' code depends on it), tiny extents (nothing is computed).
 HEADS = 24
 SEQ = 64
+# The norm + RoPE kernels take the head count as a constexpr (one binary per count): the forms the supported models
+# run at head dim 128 besides ``HEADS`` in each checked dtype. klein-9B, Qwen-Image 2.1 and GLM-Image have 32
+# heads, Z-Image 30 (bf16); FLUX.3 keeps its QK norms in fp32 (24 heads).
+MODEL_NORM_ROPE_FORMS = (("bf16", 32), ("bf16", 30), ("fp32", HEADS))
+# The calls of ``rms_norm_rope`` in sparsectx/processors.py (each a binary: the flags are constexprs): (a text
+# prefix, norm weights, a table value per pair, diffusers' rounding before the weight, its backward compiled too)
+NORM_ROPE_FORMS = (
+    (True, True, False, False, True),    # FLUX joint blocks: [text, image], each stream with its own norm
+    (False, True, False, False, True),   # FLUX single-stream blocks; FLUX.3 (its fp32 norms)
+    (False, True, False, True, False),   # Bria FIBO's single-stream blocks (diffusers' RMSNorm)
+    (True, True, True, True, True),      # Qwen-Image's joint [text, image] (complex frequencies)
+    (False, True, True, True, True),     # Qwen-Image per stream; Z-Image per sample
+    (False, False, False, False, True),  # norms without weights
+)
 MODEL_WIDTH = 3072
 # What the public ops launch: fp16/bf16/fp32 (fp32 with IEEE-precision dots); head dims 64 and 128 (the supported
 # models), 40 and 160 (not powers of two: masked tails, below and above 128), 256 (the largest the ops accept).
@@ -341,28 +355,35 @@ def _key_mass_variants(dtypes, head_dims):
 
 
 def _norm_rope_variants(dtypes, head_dims):
-    """(label, launch) pairs: the QK norm + RoPE pass per dtype and head dim, forward and backward, on the text and
-    image segments of a joint sequence, the image rows read in place as the q third of a fused QKV projection;
-    without norm weights; and Qwen-Image's form (diffusers' RMSNorm rounding, a table value per pair read from
-    complex frequencies)."""
+    """(label, launch) pairs: the QK norm + RoPE pass per dtype and head dim in each form the processors call
+    (``NORM_ROPE_FORMS``), forward and backward, the image rows read in place as the q third of a fused QKV
+    projection. At ``HEADS`` heads, and where head dim 128 is checked, also in the models' other head counts and
+    dtypes (``MODEL_NORM_ROPE_FORMS``), whatever the dtypes checked."""
     import torch
 
     from .kernels.norm_rope import rms_norm_rope, rms_norm_rope_backward
 
-    for name in dtypes:
-        dtype = getattr(torch, _DTYPE_NAMES[name])
-        for dim in head_dims:
-            def launch(dtype=dtype, dim=dim):
-                text = torch.zeros(2, SEQ // 2, HEADS, dim, dtype=dtype)
-                image = torch.zeros(2, SEQ, 3 * HEADS * dim, dtype=dtype)[..., :HEADS * dim].unflatten(-1, (HEADS, dim))
-                weight = torch.zeros(dim, dtype=dtype)
-                table = torch.zeros(SEQ // 2 + SEQ, dim)
-                out = rms_norm_rope([(text, weight), (image, weight)], table, table, 1e-6)
-                rms_norm_rope_backward(out, [(text, weight), (image, weight)], table, table, 1e-6)
-                rms_norm_rope([(text, None)], table[:SEQ // 2], table[:SEQ // 2], 1e-6)
-                freqs = torch.view_as_real(torch.zeros(SEQ, dim // 2, dtype=torch.complex64))  # Qwen-Image's form
-                rms_norm_rope([(image, weight)], freqs[..., 0], freqs[..., 1], 1e-6, round_before_weight=True)
-            yield f"norm+rope {name} D={dim}", launch
+    def launch(dtype, dim, heads):
+        text = torch.zeros(2, SEQ // 2, heads, dim, dtype=dtype)
+        image = torch.zeros(2, SEQ, 3 * heads * dim, dtype=dtype)[..., :heads * dim].unflatten(-1, (heads, dim))
+        weight = torch.zeros(dim, dtype=dtype)
+        table = torch.zeros(SEQ // 2 + SEQ, dim)
+        pairs = torch.view_as_real(torch.zeros(SEQ // 2 + SEQ, dim // 2, dtype=torch.complex64))  # Qwen-Image's
+        for prefix, weighted, per_pair, round_before_weight, backward in NORM_ROPE_FORMS:
+            w = weight if weighted else None
+            segments = [(text, w), (image, w)] if prefix else [(image, w)]
+            rows = slice(0, SEQ // 2 + SEQ) if prefix else slice(SEQ // 2, SEQ // 2 + SEQ)
+            cos, sin = (pairs[rows, :, 0], pairs[rows, :, 1]) if per_pair else (table[rows], table[rows])
+            out = rms_norm_rope(segments, cos, sin, 1e-6, round_before_weight=round_before_weight)
+            if backward:
+                rms_norm_rope_backward(out, segments, cos, sin, 1e-6)
+
+    forms = [(name, dim, HEADS) for name in dtypes for dim in head_dims]
+    if 128 in head_dims:
+        forms += [(name, 128, heads) for name, heads in MODEL_NORM_ROPE_FORMS if (name, 128, heads) not in forms]
+    for name, dim, heads in forms:
+        yield (f"norm+rope {name} D={dim}" + ("" if heads == HEADS else f" H={heads}"),
+               lambda dtype=getattr(torch, _DTYPE_NAMES[name]), dim=dim, heads=heads: launch(dtype, dim, heads))
 
     def tables():
         from .kernels.norm_rope import rope_tables

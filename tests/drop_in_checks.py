@@ -24,13 +24,30 @@ def recording_attention(record: dict) -> Callable:
     return selector
 
 
+def precompiled_norm_rope(on_call: Callable) -> Callable:
+    """``sparsectx.rms_norm_rope`` that first asserts that its call's form (a text prefix, norm weights, a table
+    value per pair, diffusers' rounding: each a constexpr of the kernels) is one ``sparsectx compile-check`` builds
+    (``NORM_ROPE_FORMS``; the GPU check builds them ahead, and a form left out compiles at its first call), then
+    hands the call's ``(args, kwargs)`` to ``on_call``. For the processors' ``rms_norm_rope``."""
+    from sparsectx.compile_check import NORM_ROPE_FORMS
+
+    def call(x, cos, sin, weight=None, *args, prefix=None, prefix_weight=None, round_before_weight=False, **kwargs):
+        weights = {weight is not None} | ({prefix_weight is not None} if prefix is not None else set())
+        form = (prefix is not None, weights == {True}, cos.shape[-1] != x.shape[-1], round_before_weight)
+        assert len(weights) == 1 and form in [f[:4] for f in NORM_ROPE_FORMS], (form, weights)
+        kwargs.update(prefix=prefix, prefix_weight=prefix_weight, round_before_weight=round_before_weight)
+        on_call((x, cos, sin, weight, *args), kwargs)
+        return sparsectx.rms_norm_rope(x, cos, sin, weight, *args, **kwargs)
+
+    return call
+
+
 def record_fused_norm_rope(monkeypatch) -> list:
-    """The list the processors' ``rms_norm_rope`` calls append their ``x`` shape to (each call still runs the op):
-    which q / k passes ran fused."""
+    """The list the processors' ``rms_norm_rope`` calls append their ``x`` shape to (each call still runs the op,
+    ``precompiled_norm_rope``): which q / k passes ran fused."""
     calls = []
-    real = sparsectx.rms_norm_rope
     monkeypatch.setattr(sparsectx.processors, "rms_norm_rope",
-                        lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+                        precompiled_norm_rope(lambda args, kwargs: calls.append(args[0].shape)))
     return calls
 
 

@@ -9,6 +9,7 @@ import dataclasses
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -62,13 +63,31 @@ def test_every_kernel_compiles_for_sm90(quick_check):
     # warns at a first compile that leaves it to the default, which Triton 3.10 turns off
     assert [r for r in rows if r["fp_fusion"] is not True] == []
     assert "TRITON_DEFAULT_FP_FUSION" not in done.stderr
-    # the norm + RoPE pass in its three forms (FLUX with and without weights, Qwen-Image) at the quick head dims,
-    # and the backward's kernels (its pass and the weights' gradient reduction)
-    for dim in (64, 128):
-        norm_rope = [r for r in rows if r["variant"] == f"norm+rope bf16 D={dim}"]
-        forward = {r["config"] for r in norm_rope if r["kernel"] == "_rms_norm_rope_kernel"}
-        assert len(forward) == 3, (dim, forward)
-        assert {"_rms_norm_rope_bwd_kernel", "_weight_grads_kernel"} <= {r["kernel"] for r in norm_rope}
+    # the norm + RoPE pass in each form the processors call, at the checked head dims and at head dim 128 in the
+    # models' other head counts and dtypes (klein-9B's 32 heads, Z-Image's 30, FLUX.3's fp32): the forward, the
+    # backward of the forms listed with one, and the weights' gradient reduction
+
+    def flags(config):
+        return frozenset(word for word in config.split() if "=" not in word and not re.fullmatch(r"[ws]\d+", word))
+
+    expected_forward, expected_backward = set(), set()
+    for prefix, weighted, per_pair, round_before_weight, backward in compile_check.NORM_ROPE_FORMS:
+        named = {"HAS_PREFIX": prefix, "PREFIX_WEIGHT": prefix and weighted, "WEIGHT": weighted,
+                 "TABLE_PER_PAIR": per_pair}
+        expected_forward.add(frozenset(n for n, on in {**named, "ROUND_BEFORE_WEIGHT": round_before_weight}.items()
+                                       if on))
+        if backward:
+            expected_backward.add(frozenset(n for n, on in named.items() if on))
+    assert len(expected_forward) == 6 and len(expected_backward) == 5
+    variants = [f"norm+rope bf16 D={dim}" for dim in (64, 128, 160, 256)]
+    variants += ["norm+rope bf16 D=128 H=32", "norm+rope bf16 D=128 H=30", "norm+rope fp32 D=128"]
+    for variant in variants:
+        norm_rope = [r for r in rows if r["variant"] == variant]
+        forward = {flags(r["config"]) for r in norm_rope if r["kernel"] == "_rms_norm_rope_kernel"}
+        backward = {flags(r["config"]) for r in norm_rope if r["kernel"] == "_rms_norm_rope_bwd_kernel"}
+        assert forward == expected_forward and backward == expected_backward, (variant, forward, backward)
+    assert {r["variant"] for r in rows if r["kernel"] == "_weight_grads_kernel"} >= {
+        "norm+rope bf16 D=64", "norm+rope fp32 D=128"}  # (a binary per dtype and head dim, not per head count)
     # each key layout at each head dim compiles its forward and its three backward kernels; at head dims whose
     # packed rows load by tile copies (64, 128) the forward of gathered references is the copy of the kept rows and
     # the packed references' forward (the same binary as the packed layout's, listed once, under the first)

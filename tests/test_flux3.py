@@ -381,12 +381,15 @@ def test_a_training_forward_draws_a_new_selection_and_its_gradients_reach_the_ke
 # attention="sparsectx": sparsectx's processor on every FLUX.3 attention layer
 # ----------------------------------------------------------------------------------------------------------------
 def _counting_ops(monkeypatch) -> dict:
-    """Counts the calls of sparsectx's attention op and fused QK norm + RoPE made by the processors."""
+    """Counts the calls of sparsectx's attention op and fused QK norm + RoPE made by the processors (each norm +
+    RoPE call in a form compile-check builds: ``checks.precompiled_norm_rope``)."""
     from sparsectx import processors
 
     calls = {"sparse_attention": 0, "rms_norm_rope": 0}
+    ops = {"sparse_attention": processors.sparse_attention,
+           "rms_norm_rope": checks.precompiled_norm_rope(lambda args, kwargs: None)}
     for name in calls:
-        def counted(*args, _op=getattr(processors, name), _name=name, **kwargs):
+        def counted(*args, _op=ops[name], _name=name, **kwargs):
             calls[_name] += 1
             return _op(*args, **kwargs)
 

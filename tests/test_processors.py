@@ -24,6 +24,7 @@ from sparsectx import integration, processors  # noqa: E402
 from sparsectx.diagnostics import count_cuda_syncs, count_host_reads  # noqa: E402
 from sparsectx.training import (  # noqa: E402
     disable_drop_training, enable_drop_training, is_drop_training_enabled, last_drop_mask, random_drop_selector)
+import drop_in_checks as checks  # noqa: E402  (tests/, on sys.path by pytest.ini)
 from warning_checks import warnings_as_errors  # noqa: E402  (tests/, on sys.path by pytest.ini)
 
 
@@ -300,7 +301,7 @@ def test_a_diffusers_rms_norm_runs_fused_and_rounds_as_diffusers(dtype, monkeypa
     tables = (angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1))
     calls = []
     monkeypatch.setattr(processors, "rms_norm_rope",
-                        lambda *a, **k: calls.append(k.get("round_before_weight")) or sparsectx.rms_norm_rope(*a, **k))
+                        checks.precompiled_norm_rope(lambda a, k: calls.append(k.get("round_before_weight"))))
     with torch.no_grad():
         assert torch.equal(processors._norm_rope(x, norm, tables), apply_rotary_emb(norm(x), tables, sequence_dim=1))
     assert calls == [True]
@@ -318,9 +319,7 @@ def test_qk_norm_and_rope_run_in_one_pass_and_equal_native(models, family, monke
     # normalises and rotates each stream on its own, in one call per stream whose norm is plain
     split_q = {"hook": 1 if family == "qwen" else 0, "eps": 2 if family == "qwen" else 0}
     native = _run(model, kwargs)
-    calls = []
-    monkeypatch.setattr(processors, "rms_norm_rope",
-                        lambda *a, **k: calls.append(a[0].shape) or sparsectx.rms_norm_rope(*a, **k))
+    calls = checks.record_fused_norm_rope(monkeypatch)  # (each call's form one compile-check builds)
     sparsectx.enable(model, budget=1.0, attention="sparsectx")
     fused = _run(model, kwargs)
     assert len(calls) == per_layer * len(_processors(model))  # q and k of every attention layer, one forward
