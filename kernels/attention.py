@@ -505,7 +505,7 @@ def _row_descriptors(k, v):
 # ----------------------------------------------------------------------------------------------------------------
 # backward
 # ----------------------------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "n_key_rows"])  # (as _fwd_kernel: the query and key counts)
 def _bwd_delta_kernel(O, DO, DLSE, DELTA, CU_Q, CU_K, DQ, DK, DV, n_samples, stride_ot, stride_oh, stride_dot,
                       stride_doh, n_rows, n_key_rows, stride_dqt, stride_dqh, stride_dkt, stride_dkh,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):

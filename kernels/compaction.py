@@ -410,7 +410,7 @@ def _zero_pad_index(index_ptr, start, n_rows, BLOCK_N: tl.constexpr):
         tl.store(index_ptr + pad_row, tl.zeros((BLOCK_N,), dtype=tl.int32), mask=pad_row < n_rows)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["uniform_count", "n_rows"])  # (as the selection kernel)
 def _write_index_kernel(
     sel_ptr, stride_sel_b, stride_sel_n, n_tokens, threshold_ptr, need_ptr, block_counts_ptr, n_blocks,
     counts_ptr, uniform_count, n_samples,
@@ -484,7 +484,9 @@ def _copy_kept_rows(src_ptr, dst_ptr, width, stride_b, stride_n, sample, pos, ro
         tl.store(dst_ptr + dst_row[:, None] + cols[None, :], values, mask=written[:, None] & col_ok[None, :])
 
 
-@triton.jit
+# (the kept total and the token count only bound rows and positions: one binary for every count, as the selection
+# kernel; the row copies keep their vector widths: sm_90, Triton 3.6)
+@triton.jit(do_not_specialize=["n_rows", "n_tokens"])
 def _gather_rows_kernel(
     index_ptr, cu_seqlens_ptr, n_samples, n_rows, n_tokens,
     src0, dst0, width0, stride_b0, stride_n0,
@@ -509,7 +511,7 @@ def _gather_rows_kernel(
         _copy_kept_rows(src2, dst2, width2, stride_b2, stride_n2, sample, pos, rows, kept, written, BLOCK_C2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "n_tokens"])  # (as _gather_rows_kernel)
 def _scatter_rows_kernel(
     src_ptr, index_ptr, cu_seqlens_ptr, n_samples, n_rows, n_tokens,
     out_ptr, width, stride_b, stride_n,

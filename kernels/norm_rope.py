@@ -158,7 +158,10 @@ def _interleave(even, odd, BLOCK_TOKENS: tl.constexpr, HEAD_BLOCK: tl.constexpr,
     return tl.reshape(tl.join(even, odd), [BLOCK_TOKENS, HEAD_BLOCK, 2 * BLOCK_PAIRS])
 
 
-@triton.jit
+# (the row counts are values here, not strides: one binary for every text and image length. Triton specialises
+# ints on divisibility by 16 and on 1, which gave each form a binary per class of lengths, compiled at the first
+# request whose lengths fell in it; the loads and stores keep their widths: sm_90, Triton 3.6)
+@triton.jit(do_not_specialize=["n_prefix", "n_tokens"])
 def _rms_norm_rope_kernel(
     X0, W0, X1, W1, COS, SIN, OUT, n_prefix, n_tokens, eps,
     stride_0b, stride_0s, stride_0h, stride_1b, stride_1s, stride_1h,
@@ -191,7 +194,7 @@ def _rms_norm_rope_kernel(
              out.to(OUT.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_prefix", "n_tokens"])  # (as the forward)
 def _rms_norm_rope_bwd_kernel(
     DY, X0, W0, X1, W1, COS, SIN, DX0, DX1, DW_PARTIAL, n_prefix, n_tokens, eps,
     stride_dyb, stride_dys, stride_dyh, stride_0b, stride_0s, stride_0h, stride_1b, stride_1s, stride_1h,
@@ -237,7 +240,7 @@ def _rms_norm_rope_bwd_kernel(
                     stride_dx0h, stride_dx1b, stride_dx1s, stride_dx1h, HAS_PREFIX)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_partial"])  # (as the forward: a count of programs)
 def _weight_grads_kernel(DW_PARTIAL, DW0, DW1, n_partial, HEAD_DIM: tl.constexpr, BLOCK_PAIRS: tl.constexpr,
                          PREFIX_WEIGHT: tl.constexpr, REDUCE_ROWS: tl.constexpr, REDUCE_FEATURES: tl.constexpr):
     """Program (weight, feature block), over the segments that have a weight (the prefix's first): that segment's
@@ -262,7 +265,7 @@ def _weight_grads_kernel(DW_PARTIAL, DW0, DW1, n_partial, HEAD_DIM: tl.constexpr
         tl.store(DW1 + features, total.to(DW1.dtype.element_ty), mask=feature_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])  # (as the forward: the token count)
 def _rope_tables_kernel(IDS, FREQS, COS, SIN, n_rows, stride_row, stride_col, DIM: tl.constexpr,
                         BLOCK_D: tl.constexpr, END0: tl.constexpr, END1: tl.constexpr, END2: tl.constexpr,
                         BLOCK_ROWS: tl.constexpr):

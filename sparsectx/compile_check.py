@@ -282,8 +282,9 @@ def _attention_variants(dtypes, head_dims):
     with no own keys (``masked_attention``'s kept keys) load only the references by tile copies. "queries in place": the
     forward of ``masked_attention``'s kept queries, read from and written to dense ``[B, S, H, D]`` tensors by
     index (no backward). "gathered refs, one sample": the usual inference call (one sample, token counts a multiple
-    of 16 and not, a kept count not), whose kernels Triton specialises otherwise (the backward's row pass, the copy
-    of the kept rows: the others take the same binaries)."""
+    of 16 and not, a kept count not), whose kernels Triton specialises otherwise (the backward's row pass and the
+    copy of the kept rows on their sample count, 1: the others take the same binaries; no kernel specialises on the
+    counts of tokens a request keeps)."""
     import torch
 
     from .kernels.attention import _row_descriptors, attention_backward, attention_forward
@@ -438,8 +439,9 @@ def _compaction_variants():
             gather_rows(payloads, index, cu, rows)
         for count in (1, 2, 3):  # masked_attention's packed q alone, its k and v, or q, k and v
             gather_rows([hidden] * count, index, cu, rows, zero_padding=False)
-        # a kept total that is not a multiple of 16 (the usual one: Triton specialises the row count's divisibility),
-        # of the hidden states and of FLUX.2's packed latents (128 channels), each with its position ids
+        # a kept total that is not a multiple of 16 (the usual one; the row kernels do not specialise on it: the
+        # binaries above), of the hidden states and of FLUX.2's packed latents (128 channels: their own column
+        # tile), each with its position ids
         for payload in (hidden, torch.zeros(batch, 4096, 128, dtype=dtype)):
             gather_rows([payload, ids], index[:rows - 3], cu.clamp(max=rows - 3), rows - 3)
 

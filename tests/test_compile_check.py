@@ -292,49 +292,70 @@ def test_selection_kernel_scans_its_held_row_without_shared_memory_round_trips(t
     assert barriers <= 20 and shared_stores <= 16 and spilled == 0, found
 
 
-def test_kept_and_query_counts_compile_no_second_binary(tmp_path):
-    """Triton specialises an int argument on its divisibility by 16 (and on 1), one binary per class. The selection
-    kernel's kept count and index rows and the attention kernels' lse row stride (the query count) are values
-    there, not strides of vector loads: each kernel compiles one binary for every count (``do_not_specialize``),
-    without spills. The selection kernel's binary for a kept count divisible by 16 on rows of 3 or 4 x 4096 tokens
-    (1216 kept; 3072, a 25% budget of 3 references) spilled 568-584 B (Triton 3.6) and 696 B (3.9), in a second
-    compile; the attention kernels' second binary was the same code, compiled again."""
+def test_request_dependent_counts_compile_no_second_binary(tmp_path):
+    """Triton specialises an int argument on its divisibility by 16 (and on 1), one binary per class. The counts
+    that change from one request to the next (kept counts and totals, query and key counts, text and image lengths)
+    are values in these kernels, not strides of vector loads: each kernel compiles one binary for every count
+    (``do_not_specialize``), without spills, so a first request whose counts fall in another class compiles
+    nothing, and compile-check's one class stands for all. The selection kernel's binary for a kept count divisible
+    by 16 on rows of 3 or 4 x 4096 tokens (1216 kept; 3072, a 25% budget of 3 references) spilled 568-584 B (Triton
+    3.6) and 696 B (3.9), in a second compile; the attention kernels' second binary was the same code, compiled
+    again; the others differed in scalar code only, their loads and stores as wide."""
     done = _run_script(tmp_path, """
         import json
         import torch
         from sparsectx import compile_check as cc
         from sparsectx.kernels.attention import attention_backward, attention_forward
-        from sparsectx.kernels.compaction import compact_index
+        from sparsectx.kernels.compaction import compact_index, gather_rows, scatter_rows
+        from sparsectx.kernels.norm_rope import rms_norm_rope, rms_norm_rope_backward, rope_tables
 
         found = []
 
         def record(fn, kwargs, compiled, seconds, candidate, error):
             assert error is None, error
-            found.append((size[0], fn.__name__, compiled.hash, cc._resources(compiled.asm["cubin"])[1]))
+            form = fn.__name__ + repr(sorted((k, str(v)) for k, v in kwargs.items()))
+            found.append((size[0], fn.__name__, form, compiled.hash, cc._resources(compiled.asm["cubin"])[1]))
 
         size = [None]
-        heads, dim = 2, 64
+        heads, dim, dtype = 2, 64, torch.bfloat16
         with cc._compile_only(90, record):
             for kept in (1216, 1229, 1):  # (1: Triton's other int class)
                 size[0] = kept
-                compact_index(torch.zeros(1, 3 * 4096, dtype=torch.bfloat16), [kept])
+                index, cu = compact_index(torch.zeros(1, 3 * 4096, dtype=dtype), [kept])
+                gather_rows([torch.zeros(1, 3 * 4096, 256, dtype=dtype)], index, cu, kept)
+                scatter_rows(torch.zeros(kept, 256, dtype=dtype), index, cu, torch.zeros(1, 3 * 4096, 256, dtype=dtype))
+                compact_index(torch.zeros(1, 3 * 4096, dtype=torch.bool), None, kept)  # (rows sized by the caller)
             for queries in (64, 77, 1):
                 size[0] = queries
-                q = torch.zeros(queries, heads, dim, dtype=torch.bfloat16)
+                q = torch.zeros(queries, heads, dim, dtype=dtype)
                 cu = torch.tensor([0, queries], dtype=torch.int32)
                 out, lse = attention_forward(q, q, q, cu, cu, queries, None, None, None, None, dim ** -0.5)
                 attention_backward(torch.zeros_like(out), torch.zeros_like(lse), q, q, q, out, lse, cu, cu,
                                    queries, queries, None, None, None, None, 0, dim ** -0.5)
+            for n_text, n_image in ((32, 64), (77, 64), (1, 77)):  # text and image lengths in each class
+                size[0] = (n_text, n_image)
+                text, image = (torch.zeros(1, n, heads, dim, dtype=dtype) for n in (n_text, n_image))
+                weight = torch.zeros(dim, dtype=dtype)
+                cos, sin = rope_tables(torch.zeros(n_text + n_image, 4, dtype=torch.int64),
+                                       torch.zeros(dim, dtype=torch.float64), (16, 16, 16, 16))
+                for segments, rows in (([(text, weight), (image, weight)], slice(None)),
+                                       ([(image, weight)], slice(n_text, None))):
+                    out = rms_norm_rope(segments, cos[rows], sin[rows], 1e-6)
+                    rms_norm_rope_backward(out, segments, cos[rows], sin[rows], 1e-6)
         print(json.dumps(found))
     """, env={"SPARSECTX_AUTOTUNE": "0"})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
-    binaries = {}
-    for size, name, binary, spilled in found:
-        binaries.setdefault(name, {})[size] = binary
-        assert spilled == 0, (name, size, spilled)
-    for name in ("_topk_threshold_kernel", "_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
-        assert len(binaries[name]) == 3 and len(set(binaries[name].values())) == 1, (name, binaries[name])
+    binaries, sizes = {}, {}
+    for size, name, form, binary, stack in found:
+        binaries.setdefault(form, set()).add(binary)
+        sizes.setdefault(name, set()).add(json.dumps(size))
+        assert stack <= compile_check.LOCAL_ARRAY_BYTES.get(name, 0), (name, size, stack)  # no spill
+    assert {form: b for form, b in binaries.items() if len(b) > 1} == {}
+    for name in ("_topk_threshold_kernel", "_write_index_kernel", "_gather_rows_kernel", "_scatter_rows_kernel",
+                 "_fwd_kernel", "_bwd_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_rms_norm_rope_kernel",
+                 "_rms_norm_rope_bwd_kernel", "_weight_grads_kernel", "_rope_tables_kernel"):
+        assert len(sizes.get(name, ())) == 3, (name, sizes.get(name))  # launched at counts of three classes
 
 
 def test_kernel_cache_keys_do_not_depend_on_what_a_process_compiled_first(tmp_path):
@@ -608,7 +629,7 @@ def test_quick_form_covers_every_layout_key_mass_dim_and_per_sample_selection(qu
         assert f"attention bf16 D={dim} queries in place" in variants, dim
         assert f"key mass bf16 D={dim}" in variants, dim
         # one sample of a token count not a multiple of 16: the attention kernels' binaries are the other layouts'
-        # (listed there), the backward's row pass is its own (Triton specialises its counts)
+        # (listed there), the backward's row pass is its own (Triton specialises its sample count, 1; not its counts)
         one_sample = {r["kernel"] for r in rows if r["variant"] == f"attention bf16 D={dim} gathered refs, one sample"}
         assert "_bwd_delta_kernel" in one_sample and not one_sample & {"_fwd_kernel", "_bwd_dq_kernel"}, one_sample
     for name in ("fp16", "bf16", "fp32"):
