@@ -397,12 +397,13 @@ def _norm_rope_variants(dtypes, head_dims):
 
 def _compaction_variants():
     """Selection (scores in each dtype the ops accept, for one sample and for two; rows of 100 tokens, one
-    reference of 4096, three, and more than one selection block; one count for every sample or one per sample; a
+    reference of 4096, three, and more than one selection block; one count for every sample or one per sample; and
+    three or four references of 4096 tokens as the rows, which ``compact_tokens`` of ``[refs, N]`` scores runs; a
     keep mask of 100 tokens, one reference and three, also as an unaligned view: ``masked_attention``'s
     ``key_mask[:, kept_prefix:]``, and with rows sized to a kept total), the selection budgets' ranking (fixed and
     adaptive counts of each mass, one image and three, one longer than a block) and the row copies (1 to 3 payloads
-    of mixed dtypes and widths, with and without zero padding, a kept total not a multiple of 16; scatter of rows or
-    zeros)."""
+    of mixed dtypes and widths, with and without zero padding, a kept total not a multiple of 16, of 1, 2 and 4
+    samples; scatter of rows or zeros)."""
     import torch
 
     from .kernels.compaction import (MAX_SELECT_BLOCK, RANK_BLOCK, compact_index, gather_rows, ranked_keep_mask,
@@ -410,9 +411,9 @@ def _compaction_variants():
 
     for name in DTYPES:
         dtype = getattr(torch, _DTYPE_NAMES[name])
-        for batch in (1, 2):
-            for n_tokens in (100, 4096, 3 * 4096, 3 * MAX_SELECT_BLOCK):
-                for per_sample in (False, True) if batch > 1 else (False,):
+        for batch in (1, 2, 4):  # (4: three or four references of 4096 tokens as the rows, one count for all)
+            for n_tokens in (100, 4096, 3 * 4096, 3 * MAX_SELECT_BLOCK) if batch < 4 else (4096,):
+                for per_sample in (False, True) if batch == 2 else (False,):
                     counts = [n_tokens // 10, n_tokens // 5] if per_sample else [n_tokens // 10] * batch
 
                     def select(dtype=dtype, batch=batch, n_tokens=n_tokens, counts=counts):
@@ -440,9 +441,9 @@ def _compaction_variants():
         for count in (1, 2, 3):  # masked_attention's packed q alone, its k and v, or q, k and v
             gather_rows([hidden] * count, index, cu, rows, zero_padding=False)
         # a kept total that is not a multiple of 16 (the usual one; the row kernels do not specialise on it: the
-        # binaries above), of the hidden states and of FLUX.2's packed latents (128 channels: their own column
-        # tile), each with its position ids
-        for payload in (hidden, torch.zeros(batch, 4096, 128, dtype=dtype)):
+        # binaries above), of the hidden states and of the packed latents of FLUX.2 (128 channels) and of FLUX.1 and
+        # Qwen-Image (64): their own column tiles, each with its position ids
+        for payload in (hidden, *(torch.zeros(batch, 4096, channels, dtype=dtype) for channels in (128, 64))):
             gather_rows([payload, ids], index[:rows - 3], cu.clamp(max=rows - 3), rows - 3)
 
     def scatter(batch, dtype, width):
@@ -469,13 +470,14 @@ def _compaction_variants():
             yield (f"ranked keep mask {name} B=2 images {list(lengths)}",
                    lambda dtype=dtype, lengths=lengths: rank(dtype, lengths))
 
-    for batch in (1, 2):
+    for batch in (1, 2, 4):  # (4: as the selection's)
         for name in DTYPES:
             dtype = getattr(torch, _DTYPE_NAMES[name])
             yield (f"gather {name} [{MODEL_WIDTH}] + int64 ids + bool, B={batch}",
                    lambda batch=batch, dtype=dtype: gather(batch, dtype, MODEL_WIDTH))
-            yield (f"scatter {name} rows and zeros [{MODEL_WIDTH}], B={batch}",
-                   lambda batch=batch, dtype=dtype: scatter(batch, dtype, MODEL_WIDTH))
+            if batch < 4:
+                yield (f"scatter {name} rows and zeros [{MODEL_WIDTH}], B={batch}",
+                       lambda batch=batch, dtype=dtype: scatter(batch, dtype, MODEL_WIDTH))
 
 
 # ----------------------------------------------------------------------------------------------------------------
