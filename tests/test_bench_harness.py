@@ -788,6 +788,38 @@ def test_attention_sweep_dry_run_checks_and_times_every_forced_configuration(tmp
     assert {r["kernel"] for r in timed} == {"dkdv", "dq"} and all(r.get("ms", 0) > 0 for r in timed)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia") is None,
+                    reason="Triton without its NVIDIA backend can not compile for sm_90")
+def test_precompile_coverage_lists_what_a_case_builds_and_nothing_once_cached(tmp_path):
+    """``bench/precompile_coverage.py`` (the offline check of what compile-check builds ahead): the compaction
+    case's own rows run to the end with compile-only launches (valid lengths from its stand-in for the compaction's
+    index); over an empty cache the tool lists the kernels they build, in a copy of the cache (the cache is left as it
+    was); over a cache that holds them (filled by the same launches), nothing."""
+    import subprocess
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "precompile_coverage.py"
+    spec = importlib.util.spec_from_file_location("precompile_coverage_under_test", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    first = tool.check_case("compaction", str(cache), 90, str(tmp_path))
+    assert [impl for _, impl, why in first["outcomes"] if not why] == [
+        "sparsectx compact_tokens (scores+budget)", "sparsectx compact_tokens (keep mask)"], first["outcomes"]
+    assert sorted(set(first["built"])) == ["_block_counts_kernel", "_gather_rows_kernel", "_topk_threshold_kernel",
+                                           "_write_index_kernel"], first
+    assert os.listdir(cache) == [] and sorted(os.listdir(tmp_path)) == ["cache"]  # (the copy is gone)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    filled = subprocess.run([sys.executable, str(path), "--child", "compaction"], capture_output=True, text=True,
+                            env={**env, "TRITON_CACHE_DIR": str(cache)}, timeout=600)
+    assert filled.returncode == 0, filled.stderr[-2000:]
+    second = tool.check_case("compaction", str(cache), 90, str(tmp_path))
+    assert second["built"] == [] and second["launches"] == first["launches"], second
+    assert "| compaction | " in tool._table({"compaction": second}) and "| none | none |" in tool._table(
+        {"compaction": second})
+
+
 def test_profile_dry_run_writes_every_section(tmp_path):
     """``bench/profile_ops.py --tiny`` (the GPU diagnosis tool's CPU dry run): each section runs its op, times it
     and writes its profiler table; a section that raises is reported as FAILED with a non-zero exit status."""
