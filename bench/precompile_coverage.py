@@ -66,11 +66,14 @@ def run_case(name: str, arch: int, quick: bool = False) -> dict:
     from sparsectx.kernels import compaction
 
     _stand_in_for_the_gpu(benchmarks, ops, processors, compaction, reference, torch)
-    for family in (value for value in vars(benchmarks).values() if isinstance(value, benchmarks.ModelFamily)):
-        family.configs["coverage"] = {k: (1 if k in LAYER_KEYS else v) for k, v in family.configs["full"].items()}
+    for value in vars(benchmarks).values():  # the full size's model configs (one layer of each kind) and presets
+        if isinstance(value, benchmarks.ModelFamily):
+            value.configs["coverage"] = {k: (1 if k in LAYER_KEYS else v) for k, v in value.configs["full"].items()}
+        elif isinstance(value, dict) and {"full", "tiny"} <= set(value):
+            value["coverage"] = value["full"]
     case = benchmarks.CASES[name]
     size = dict(case.sizes["full"])
-    for key, value in (("target_side", TARGET_SIDE), ("side", TARGET_SIDE), ("text", TEXT_TOKENS)):
+    for key, value in (("target_side", TARGET_SIDE), ("text", TEXT_TOKENS)):
         if isinstance(size.get(key), int):
             size[key] = value
     case.sizes["coverage"] = size

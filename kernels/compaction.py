@@ -741,7 +741,8 @@ def compact_index(
         row_threads = min(32 * select_warps, select_block)
         one_block = n_tokens <= select_block
         if not one_block:
-            threshold, need = torch.empty((2, batch), dtype=torch.int32, device=device)
+            # (rows of a multiple of 4 entries: ``need`` starts 16-byte aligned whatever the batch, one binary)
+            threshold, need = torch.empty((2, cdiv(batch, 4) * 4), dtype=torch.int32, device=device)
         candidates = torch.empty((batch, n_tokens), dtype=torch.int32, device=device) if cand_block else index
         _topk_threshold_kernel[(batch,)](
             sel, sel.stride(0), sel.stride(1), n_tokens, counts_arg, uniform_count, batch, threshold, need,
@@ -851,9 +852,12 @@ def _fp64_bits(value: float) -> int:
 @functools.lru_cache(maxsize=64)
 def _image_layout(ref_lengths: tuple, device: torch.device) -> torch.Tensor:
     """int64 ``[2, n_refs]`` on ``device``: each image's length and first token, copied once per layout and device
-    (shared: never modified)."""
+    (shared: never modified). Its rows are views of rows of an even number of entries, so that both start 16-byte
+    aligned: Triton specialises a pointer on that alignment, and an odd image count left the second row unaligned (one
+    binary for an odd count, another for an even one)."""
     starts = [sum(ref_lengths[:i]) for i in range(len(ref_lengths))]
-    return to_device([list(ref_lengths), starts], torch.int64, device)
+    padding = [0] * (len(ref_lengths) % 2)
+    return to_device([list(ref_lengths) + padding, starts + padding], torch.int64, device)[:, :len(ref_lengths)]
 
 
 @on_device_of("values")

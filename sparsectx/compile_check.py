@@ -50,10 +50,11 @@ SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 23244
 # by 16, and the kernels' code depends on it), tiny extents (nothing is computed).
 HEADS = 24
 SEQ = 64
-# The norm + RoPE kernels take the head count as a constexpr (one binary per count): the forms the supported models
-# run at head dim 128 besides ``HEADS`` in each checked dtype. klein-9B, Qwen-Image 2.1 and GLM-Image have 32
-# heads, Z-Image 30 (bf16); FLUX.3 keeps its QK norms in fp32 (24 heads).
-MODEL_NORM_ROPE_FORMS = (("bf16", 32), ("bf16", 30), ("fp32", HEADS))
+# The norm + RoPE kernels take the head count as a constexpr (one binary per count, and per dtype of the rows and of
+# the weights): the (rows, weights, heads) the supported models run at head dim 128 besides ``HEADS`` in each checked
+# dtype. klein-9B, Qwen-Image 2.1 and GLM-Image have 32 heads, Z-Image 30 (bf16); FLUX.3 normalises fp32 rows (24
+# heads), with fp32 weights or with its bf16 model's.
+MODEL_NORM_ROPE_FORMS = (("bf16", "bf16", 32), ("bf16", "bf16", 30), ("fp32", "fp32", HEADS), ("fp32", "bf16", HEADS))
 # The calls of ``rms_norm_rope`` in sparsectx/processors.py (each a binary: the flags are constexprs): (a text
 # prefix, norm weights, a table value per pair, diffusers' rounding before the weight, its backward compiled too)
 NORM_ROPE_FORMS = (
@@ -364,10 +365,10 @@ def _norm_rope_variants(dtypes, head_dims):
 
     from .kernels.norm_rope import rms_norm_rope, rms_norm_rope_backward
 
-    def launch(dtype, dim, heads):
+    def launch(dtype, weight_dtype, dim, heads):
         text = torch.zeros(2, SEQ // 2, heads, dim, dtype=dtype)
         image = torch.zeros(2, SEQ, 3 * heads * dim, dtype=dtype)[..., :heads * dim].unflatten(-1, (heads, dim))
-        weight = torch.zeros(dim, dtype=dtype)
+        weight = torch.zeros(dim, dtype=weight_dtype)
         table = torch.zeros(SEQ // 2 + SEQ, dim)
         pairs = torch.view_as_real(torch.zeros(SEQ // 2 + SEQ, dim // 2, dtype=torch.complex64))  # Qwen-Image's
         for prefix, weighted, per_pair, round_before_weight, backward in NORM_ROPE_FORMS:
@@ -379,12 +380,15 @@ def _norm_rope_variants(dtypes, head_dims):
             if backward:
                 rms_norm_rope_backward(out, segments, cos, sin, 1e-6)
 
-    forms = [(name, dim, HEADS) for name in dtypes for dim in head_dims]
+    forms = [(name, name, dim, HEADS) for name in dtypes for dim in head_dims]
     if 128 in head_dims:
-        forms += [(name, 128, heads) for name, heads in MODEL_NORM_ROPE_FORMS if (name, 128, heads) not in forms]
-    for name, dim, heads in forms:
-        yield (f"norm+rope {name} D={dim}" + ("" if heads == HEADS else f" H={heads}"),
-               lambda dtype=getattr(torch, _DTYPE_NAMES[name]), dim=dim, heads=heads: launch(dtype, dim, heads))
+        forms += [(name, weights, 128, heads) for name, weights, heads in MODEL_NORM_ROPE_FORMS
+                  if (name, weights, 128, heads) not in forms]
+    for name, weights, dim, heads in forms:
+        yield (f"norm+rope {name} D={dim}" + ("" if heads == HEADS else f" H={heads}")
+               + ("" if weights == name else f", {weights} weights"),
+               lambda dtype=getattr(torch, _DTYPE_NAMES[name]), weight_dtype=getattr(torch, _DTYPE_NAMES[weights]),
+               dim=dim, heads=heads: launch(dtype, weight_dtype, dim, heads))
 
     def tables():
         from .kernels.norm_rope import rope_tables
@@ -422,7 +426,9 @@ def _compaction_variants():
                            f"{'per-sample' if per_sample else 'uniform'} counts"), select
 
     for batch in (1, 2):
-        for n_tokens in (100, 4096, 3 * 4096):  # (one reference and three: their blocks' counts pad otherwise)
+        # (one reference and three: their blocks' counts pad otherwise; and a klein sequence of 512 text, 4096 target
+        # and 3 x 4096 reference tokens: masked_attention's key mask over the whole sequence)
+        for n_tokens in (100, 4096, 3 * 4096, 4608 + 3 * 4096):
             def select_mask(batch=batch, n_tokens=n_tokens):
                 compact_index(torch.zeros(batch, n_tokens, dtype=torch.bool), n_rows=batch * n_tokens)
                 compact_index(torch.zeros(batch, n_tokens + 1, dtype=torch.bool)[:, 1:], n_rows=batch * n_tokens)
@@ -445,6 +451,8 @@ def _compaction_variants():
         # Qwen-Image (64): their own column tiles, each with its position ids
         for payload in (hidden, *(torch.zeros(batch, 4096, channels, dtype=dtype) for channels in (128, 64))):
             gather_rows([payload, ids], index[:rows - 3], cu.clamp(max=rows - 3), rows - 3)
+        # FLUX.3's references: 128-channel latents with float32 position ids
+        gather_rows([torch.zeros(batch, 4096, 128, dtype=dtype), ids.float()], index, cu, rows)
 
     def scatter(batch, dtype, width):
         rows = 512 * batch

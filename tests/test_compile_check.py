@@ -64,8 +64,8 @@ def test_every_kernel_compiles_for_sm90(quick_check):
     assert [r for r in rows if r["fp_fusion"] is not True] == []
     assert "TRITON_DEFAULT_FP_FUSION" not in done.stderr
     # the norm + RoPE pass in each form the processors call, at the checked head dims and at head dim 128 in the
-    # models' other head counts and dtypes (klein-9B's 32 heads, Z-Image's 30, FLUX.3's fp32): the forward, the
-    # backward of the forms listed with one, and the weights' gradient reduction
+    # models' other head counts and dtypes (klein-9B's 32 heads, Z-Image's 30, FLUX.3's fp32 rows with fp32 or bf16
+    # weights): the forward, the backward of the forms listed with one, and the weights' gradient reduction
 
     def flags(config):
         return frozenset(word for word in config.split() if "=" not in word and not re.fullmatch(r"[ws]\d+", word))
@@ -80,7 +80,8 @@ def test_every_kernel_compiles_for_sm90(quick_check):
             expected_backward.add(frozenset(n for n, on in named.items() if on))
     assert len(expected_forward) == 6 and len(expected_backward) == 5
     variants = [f"norm+rope bf16 D={dim}" for dim in (64, 128, 160, 256)]
-    variants += ["norm+rope bf16 D=128 H=32", "norm+rope bf16 D=128 H=30", "norm+rope fp32 D=128"]
+    variants += ["norm+rope bf16 D=128 H=32", "norm+rope bf16 D=128 H=30", "norm+rope fp32 D=128",
+                 "norm+rope fp32 D=128, bf16 weights"]
     for variant in variants:
         norm_rope = [r for r in rows if r["variant"] == variant]
         forward = {flags(r["config"]) for r in norm_rope if r["kernel"] == "_rms_norm_rope_kernel"}
@@ -297,7 +298,9 @@ def test_request_dependent_counts_compile_no_second_binary(tmp_path):
     that change from one request to the next (kept counts and totals, query and key counts, text and image lengths)
     are values in these kernels, not strides of vector loads: each kernel compiles one binary for every count
     (``do_not_specialize``), without spills, so a first request whose counts fall in another class compiles
-    nothing, and compile-check's one class stands for all. The selection kernel's binary for a kept count divisible
+    nothing, and compile-check's one class stands for all (likewise the selection budgets' image count, which set
+    the alignment of a pointer: 4 images built a binary compile-check's 1 and 3 had not). The selection kernel's
+    binary for a kept count divisible
     by 16 on rows of 3 or 4 x 4096 tokens (1216 kept; 3072, a 25% budget of 3 references) spilled 568-584 B (Triton
     3.6) and 696 B (3.9), in a second compile; the attention kernels' second binary was the same code, compiled
     again; the others differed in scalar code only, their loads and stores as wide."""
@@ -306,7 +309,7 @@ def test_request_dependent_counts_compile_no_second_binary(tmp_path):
         import torch
         from sparsectx import compile_check as cc
         from sparsectx.kernels.attention import attention_backward, attention_forward
-        from sparsectx.kernels.compaction import compact_index, gather_rows, scatter_rows
+        from sparsectx.kernels.compaction import compact_index, gather_rows, ranked_keep_mask, scatter_rows
         from sparsectx.kernels.norm_rope import rms_norm_rope, rms_norm_rope_backward, rope_tables
 
         found = []
@@ -325,6 +328,10 @@ def test_request_dependent_counts_compile_no_second_binary(tmp_path):
                 gather_rows([torch.zeros(1, 3 * 4096, 256, dtype=dtype)], index, cu, kept)
                 scatter_rows(torch.zeros(kept, 256, dtype=dtype), index, cu, torch.zeros(1, 3 * 4096, 256, dtype=dtype))
                 compact_index(torch.zeros(1, 3 * 4096, dtype=torch.bool), None, kept)  # (rows sized by the caller)
+            for images in (2, 3, 4):  # (the image count: the budgets' layout rows start aligned whatever it is)
+                size[0] = ("images", images)
+                ranked_keep_mask(torch.zeros(images, 4096), torch.zeros(images, 4096, dtype=torch.int64),
+                                 [4096] * images, 4096 * images, torch.zeros(1, images, dtype=torch.int64))
             for queries in (64, 77, 1):
                 size[0] = queries
                 q = torch.zeros(queries, heads, dim, dtype=dtype)
@@ -354,7 +361,7 @@ def test_request_dependent_counts_compile_no_second_binary(tmp_path):
     assert {form: b for form, b in binaries.items() if len(b) > 1} == {}
     for name in ("_topk_threshold_kernel", "_write_index_kernel", "_gather_rows_kernel", "_scatter_rows_kernel",
                  "_fwd_kernel", "_bwd_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_rms_norm_rope_kernel",
-                 "_rms_norm_rope_bwd_kernel", "_weight_grads_kernel", "_rope_tables_kernel"):
+                 "_rms_norm_rope_bwd_kernel", "_weight_grads_kernel", "_rope_tables_kernel", "_ranked_keep_kernel"):
         assert len(sizes.get(name, ())) == 3, (name, sizes.get(name))  # launched at counts of three classes
 
 
