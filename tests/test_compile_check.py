@@ -86,7 +86,11 @@ def test_every_kernel_compiles_for_sm90(quick_check):
         norm_rope = [r for r in rows if r["variant"] == variant]
         forward = {flags(r["config"]) for r in norm_rope if r["kernel"] == "_rms_norm_rope_kernel"}
         backward = {flags(r["config"]) for r in norm_rope if r["kernel"] == "_rms_norm_rope_bwd_kernel"}
-        assert forward == expected_forward and backward == expected_backward, (variant, forward, backward)
+        # (other weights: the forms without weights are the same binaries as the variant's of its rows' dtype, listed
+        # there)
+        weighted = variant.endswith(" weights")
+        assert forward == {f for f in expected_forward if "WEIGHT" in f or not weighted}, (variant, forward)
+        assert backward == {f for f in expected_backward if "WEIGHT" in f or not weighted}, (variant, backward)
     assert {r["variant"] for r in rows if r["kernel"] == "_weight_grads_kernel"} >= {
         "norm+rope bf16 D=64", "norm+rope fp32 D=128"}  # (a binary per dtype and head dim, not per head count)
     # each key layout at each head dim compiles its forward and its three backward kernels; at head dims whose
