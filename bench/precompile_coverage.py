@@ -39,8 +39,13 @@ TARGET_SIDE, TEXT_TOKENS = 8, 32  # a small target and text: the models' own lay
 CHILD_TIMEOUT_S = 900
 
 
-def _stand_in_for_the_gpu(benchmarks, ops, processors, kernels_compaction, reference, torch) -> None:
+def _stand_in_for_the_gpu() -> None:
     """The patches the module docstring lists (in the child process that runs a case)."""
+    import torch
+
+    from sparsectx import benchmarks, ops, processors, reference
+    from sparsectx.kernels import compaction as kernels_compaction
+
     ops._use_triton = lambda t: True
     processors._tables_match = lambda pos_embed: True
     benchmarks._dtype_for = lambda device: torch.bfloat16
@@ -62,10 +67,9 @@ def run_case(name: str, arch: int, quick: bool = False) -> dict:
     returns the kernels launched and each implementation's outcome."""
     import torch
 
-    from sparsectx import benchmarks, compile_check, ops, processors, reference
-    from sparsectx.kernels import compaction
+    from sparsectx import benchmarks, compile_check
 
-    _stand_in_for_the_gpu(benchmarks, ops, processors, compaction, reference, torch)
+    _stand_in_for_the_gpu()
     for value in vars(benchmarks).values():  # the full size's model configs (one layer of each kind) and presets
         if isinstance(value, benchmarks.ModelFamily):
             value.configs["coverage"] = {k: (1 if k in LAYER_KEYS else v) for k, v in value.configs["full"].items()}

@@ -404,9 +404,9 @@ def _compaction_variants():
     reference of 4096, three, and more than one selection block; one count for every sample or one per sample; and
     three or four references of 4096 tokens as the rows, which ``compact_tokens`` of ``[refs, N]`` scores runs; a
     keep mask of 100 tokens, one reference and three, also as an unaligned view: ``masked_attention``'s
-    ``key_mask[:, kept_prefix:]``, and with rows sized to a kept total), the selection budgets' ranking (fixed and
+    ``key_mask[:, kept_prefix:]``), the selection budgets' ranking (fixed and
     adaptive counts of each mass, one image and three, one longer than a block) and the row copies (1 to 3 payloads
-    of mixed dtypes and widths, with and without zero padding, a kept total not a multiple of 16, of 1, 2 and 4
+    of mixed dtypes and widths, with and without zero padding, the models' latents with their ids, of 1, 2 and 4
     samples; scatter of rows or zeros)."""
     import torch
 
@@ -432,8 +432,6 @@ def _compaction_variants():
             def select_mask(batch=batch, n_tokens=n_tokens):
                 compact_index(torch.zeros(batch, n_tokens, dtype=torch.bool), n_rows=batch * n_tokens)
                 compact_index(torch.zeros(batch, n_tokens + 1, dtype=torch.bool)[:, 1:], n_rows=batch * n_tokens)
-                # rows sized to a kept total (not a multiple of 16), as a mask without max_total gives them
-                compact_index(torch.zeros(batch, n_tokens, dtype=torch.bool), n_rows=n_tokens // 10)
             yield f"select keep mask B={batch} N={n_tokens} (and an unaligned view)", select_mask
 
     def gather(batch, dtype, width):
@@ -446,11 +444,10 @@ def _compaction_variants():
             gather_rows(payloads, index, cu, rows)
         for count in (1, 2, 3):  # masked_attention's packed q alone, its k and v, or q, k and v
             gather_rows([hidden] * count, index, cu, rows, zero_padding=False)
-        # a kept total that is not a multiple of 16 (the usual one; the row kernels do not specialise on it: the
-        # binaries above), of the hidden states and of the packed latents of FLUX.2 (128 channels) and of FLUX.1 and
-        # Qwen-Image (64): their own column tiles, each with its position ids
-        for payload in (hidden, *(torch.zeros(batch, 4096, channels, dtype=dtype) for channels in (128, 64))):
-            gather_rows([payload, ids], index[:rows - 3], cu.clamp(max=rows - 3), rows - 3)
+        # the packed latents of FLUX.2 (128 channels) and of FLUX.1 and Qwen-Image (64), each with its position ids:
+        # their own column tiles (no row kernel specialises on the kept total)
+        for channels in (128, 64):
+            gather_rows([torch.zeros(batch, 4096, channels, dtype=dtype), ids], index, cu, rows)
         # FLUX.3's references: 128-channel latents with float32 position ids
         gather_rows([torch.zeros(batch, 4096, 128, dtype=dtype), ids.float()], index, cu, rows)
 
