@@ -1770,7 +1770,8 @@ def ranked_keep_mask(scores: torch.Tensor, ref_lengths: Sequence[int], counts: O
     a token lies within rounding of the threshold (the selection's ``tolerance`` of 1e-9 keeps such ties away from
     real inputs)."""
     if not isinstance(scores, torch.Tensor) or scores.ndim != 2 or scores.dtype not in _SORTED_SCORE_DTYPES:
-        raise ValueError(f"scores must be a float [B, N] tensor, got {_described_tensor(scores)}")
+        raise ValueError(f"scores must be a [B, N] tensor of float16, bfloat16, float32 or float64, got "
+                         f"{_described_tensor(scores)}")
     batch, n_tokens = scores.shape
     if not isinstance(ref_lengths, (list, tuple)) or not ref_lengths or not all(
             _is_int(n) and n >= 0 for n in ref_lengths) or sum(ref_lengths) != n_tokens:

@@ -178,6 +178,8 @@ class Selector:
             raise ValueError(f"selector {self.name!r} must return float scores or a bool mask, got {out.dtype}")
         if out.is_meta:
             raise ValueError(f"selector {self.name!r} returned a meta tensor: its scores hold no values")
+        if out.is_floating_point() and out.dtype not in ops._SORTED_SCORE_DTYPES:
+            out = out.float()  # fp8 scores (torch sorts no narrower float), as compact_tokens takes them: exact
         if nan_check and out.is_floating_point() and torch.isnan(out).any():
             raise ValueError(f"selector {self.name!r} returned NaN scores")
         if out.device != reference_latents.device:  # a user callable may score on another device (e.g. the CPU)
@@ -246,10 +248,16 @@ def register_selector(name: str, fn: SelectorFn, *, overwrite: bool = False, ret
         raise TypeError(f"a selector must be callable, got {type(fn).__name__}")
     if name in _REGISTRY and not overwrite:
         raise ValueError(f"a selector named {name!r} is already registered (pass overwrite=True to replace it)")
-    if isinstance(fn, Selector):  # re-registered under another name: this call's facts join the selector's own
+    if isinstance(fn, Selector):  # re-registered: this call's facts join the selector's own
         returns_scores = returns_scores or fn.returns_scores
         signals = fn.signals if signals is None else signals
         reads_generator = reads_generator and fn.reads_generator
+        if (name == fn.name and returns_scores == fn.returns_scores and reads_generator == fn.reads_generator
+                and (None if signals is None else frozenset(signals)) == fn.signals):
+            # registered back as it was (``get_selector(name)`` kept beforehand): the same object, so a built-in
+            # stays built-in (its known reads of the signals are keyed by the object)
+            _REGISTRY[name] = fn
+            return fn
         fn = fn.fn
     selector = Selector(fn, name, returns_scores, None if signals is None else frozenset(signals), reads_generator)
     _REGISTRY[name] = selector
@@ -1050,6 +1058,21 @@ def _check_per_image_setting(name: str, value) -> None:
     runs)."""
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor, list, tuple)):
         raise TypeError(f"{name} must be an int, a float, a tensor or a list of them, got {type(value).__name__}")
+    if isinstance(value, torch.Tensor) and value.is_meta:
+        raise ValueError(f"{name} is a tensor on the meta device: it holds no values to keep by")
+    if isinstance(value, (list, tuple)) and _holds_bool(value):  # (a ratio list is read as floats: True was 1.0)
+        raise TypeError(f"{name} entries must be ints (counts) or floats (ratios), got a bool in {value!r}")
+
+
+def _holds_bool(value) -> bool:
+    """Whether nested lists (numpy arrays, tensors) hold a bool entry: Python, numpy or a bool tensor."""
+    if isinstance(value, (list, tuple)):
+        return any(_holds_bool(v) for v in value)
+    if isinstance(value, torch.Tensor):
+        return value.dtype == torch.bool
+    if ops._is_numpy(value):  # an array or a scalar
+        return value.dtype == bool
+    return isinstance(value, bool)
 
 
 def _check_scalar_setting(name: str, value) -> None:
@@ -1069,6 +1092,8 @@ def _check_coverage(coverage) -> None:
     if isinstance(coverage, torch.Tensor) and (coverage.dtype == torch.bool or coverage.is_complex()):
         raise TypeError(f"coverage must be a float or a real tensor (a share of the score mass), got a tensor of "
                         f"{coverage.dtype}")
+    if isinstance(coverage, torch.Tensor) and coverage.is_meta:
+        raise ValueError("coverage is a tensor on the meta device: it holds no values to cover")
     if isinstance(coverage, numbers.Real) and not 0.0 <= coverage <= 1.0:  # numpy scalars too (NaN fails)
         raise ValueError(f"coverage must lie in [0, 1], got {coverage!r}")
 
@@ -1490,10 +1515,18 @@ def adaptive(coverage: Union[float, torch.Tensor] = 0.9, floor: PerImage = 0, ca
     _check_coverage(coverage)
     for name, value in (("floor", floor), ("cap", cap)):
         _check_per_image_setting(name, value)
-        if isinstance(value, numbers.Real):  # numpy scalars too, as their kind
-            _check_scalar_setting(name, ops.budget_number(value))
+        for entry in _list_entries(value):  # numpy scalars too, as their kind; a list's entries before floor vs cap
+            if isinstance(entry, numbers.Real):
+                _check_scalar_setting(name, ops.budget_number(entry))
     _check_floor_below_cap(floor, cap)
     return AdaptiveBudget(coverage, floor, cap, mass)
+
+
+def _list_entries(value) -> list:
+    """The entries of nested lists (``value`` itself when it is not a list)."""
+    if isinstance(value, (list, tuple)):
+        return [entry for v in value for entry in _list_entries(v)]
+    return [value]
 
 
 def _check_floor_below_cap(floor, cap) -> None:

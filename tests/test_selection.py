@@ -1974,3 +1974,65 @@ def test_a_budget_factory_given_uncalled_is_refused_by_name(factory):
         select(latents, ctx, "uniform", function)
     with pytest.raises(TypeError, match=rf"budget=sparsectx\.selection\.{factory} is a budget's factory"):
         sparsectx.integration.check_budget(function)
+
+
+def test_a_builtin_selector_registered_back_is_builtin_again():
+    """register_selector says: keep get_selector(name) beforehand to register it back. Registered back, "uniform"
+    was a new wrapper: no longer built-in, so select() stopped warning about a user_mask it does not read."""
+    original = get_selector("uniform")
+    latents, ctx = _full_context(1, 2)
+    try:
+        register_selector("uniform", lambda x, c: torch.rand(x.shape[:2]), overwrite=True)
+        assert register_selector("uniform", original, overwrite=True) is original
+        assert get_selector("uniform") is original and selection.is_builtin_selector(original)
+        with pytest.warns(UserWarning, match=r"selector 'uniform' does not read the signals \['user_mask'\]"):
+            sparsectx.select(latents, ctx, "uniform", 0.5)
+        # registered back with other facts: a new selector that says so
+        changed = register_selector("uniform", original, overwrite=True, signals=["mine"])
+        assert changed is not original and changed.signals == {"mine"}
+    finally:
+        selection._REGISTRY["uniform"] = original
+    assert get_selector("uniform") is original
+
+
+@pytest.mark.parametrize("make", [
+    lambda np: fixed_ratio([True, 0.25]), lambda np: fixed_ratio([[False, 0.25]]),
+    lambda np: fixed_ratio([np.True_, 0.25]), lambda np: fixed_ratio([torch.tensor(True), 0.25]),
+    lambda np: fixed_ratio([np.array([True, False])]), lambda np: fixed_count([1, True]),
+    lambda np: adaptive(0.5, floor=[True, 2]), lambda np: adaptive(0.5, cap=[[0.5, np.False_]])])
+def test_a_bool_inside_a_budget_list_is_refused(make):
+    """A ratio list is read as floats: fixed_ratio([True, 0.25]) kept the whole first image (True read as 1.0)
+    where every other budget form refuses a bool ("a flag is neither")."""
+    np = pytest.importorskip("numpy")
+    with pytest.raises(TypeError, match="entries must be ints .counts. or floats .ratios., got a bool"):
+        make(np)
+
+
+@pytest.mark.parametrize("make", [
+    lambda t: fixed_count(t([1, 2])), lambda t: fixed_ratio(t([0.1, 0.2])), lambda t: adaptive(t([0.5])),
+    lambda t: adaptive(0.5, floor=t([1])), lambda t: adaptive(0.5, cap=t([0.5]))])
+def test_a_budget_tensor_on_the_meta_device_is_refused_where_it_is_built(make):
+    """A meta budget tensor passed the checks made before the selector runs and failed after it, with torch's
+    "Cannot copy out of meta tensor" naming no budget."""
+    with pytest.raises(ValueError, match="on the meta device"):
+        make(lambda values: torch.tensor(values, device="meta"))
+
+
+@pytest.mark.parametrize("setting", [dict(floor=[1.5]), dict(floor=[0.5, math.inf]), dict(floor=[[0.1, 2.0]]),
+                                     dict(cap=[0.5, math.nan]), dict(floor=[[-1]])])
+def test_an_out_of_range_entry_of_a_floor_or_cap_list_gets_the_range_error(setting):
+    """floor=[1.5] was refused as "above cap 1.0: the cap would win", as though 1.5 were a floor at all; the
+    scalar form gives the range error."""
+    with pytest.raises(ValueError, match=r"(floor|cap) (ratio must lie in \[0, 1\]|count must be >= 0)"):
+        adaptive(0.5, **setting)
+
+
+@pytest.mark.parametrize("budget", [0.25, adaptive(0.5)])
+def test_float8_scores_of_a_selector_rank_as_their_float32_values(budget):
+    """A selector's float8 scores passed its output check, then failed in the budget (a ValueError that called
+    float8 not a float, or torch's aminmax NotImplementedError); compact_tokens takes them as float32."""
+    latents, ctx = _full_context(2, 2)
+    scores = torch.rand(2, latents.shape[1], generator=torch.Generator().manual_seed(1)).to(torch.float8_e4m3fn)
+    keep = select(latents, ctx, lambda x, c: scores, budget)
+    assert torch.equal(keep, select(latents, ctx, lambda x, c: scores.float(), budget))
+    assert keep.any() and not keep.all()
