@@ -518,7 +518,10 @@ def sparse_attention(
     stays near 1e-7). A plain fp32 softmax's can be smaller where its scale multiplies exactly: with
     ``softmax_scale=1`` on unit-variance q and k at D=64 (|lse| near 30) sparsectx's fp32 gradients had 1-6x its
     largest error over the cases measured (at most 2x up to |lse| 16); a randomized run over 2190 varlen cases
-    found up to 7.9x (dk with ``softmax_scale=2`` at D=16, |lse| up to 26: 3.3e-6 of the largest gradient). The
+    found up to 7.9x (dk with ``softmax_scale=2`` at D=16, |lse| up to 26: 3.3e-6 of the largest gradient). A query
+    that sees a single key is the sharpest case: its probability is 1, a plain softmax's backward cancels exactly
+    there, FlashAttention's ``dP - rowsum(dout * out)`` only to rounding (fp32, D=64: dq 6-9e-7 against plain fp32's
+    3-5e-8, about 1e-6 of dq's largest entry; the torch reference path, which specifies the same form, 1.7e-6). The
     fp32 forward rounds its scaled scores the same way: with ``softmax_scale=1`` and scores of -250 to -1000 its
     output error was 3.2x a plain fp32 softmax's in one measured case, and scaled scores above fp32's largest value
     over log2(e) (about 2.3e38) overflow there: NaN output and lse +inf (the torch path's fp32 scores overflow as
