@@ -1755,7 +1755,8 @@ def scatter_tokens(packed: torch.Tensor, index: torch.Tensor, cu_seqlens: torch.
 # ----------------------------------------------------------------------------------------------------------------
 def ranked_keep_mask(scores: torch.Tensor, ref_lengths: Sequence[int], counts: Optional[torch.Tensor] = None, *,
                      coverage: Union[float, torch.Tensor, None] = None, low: Optional[torch.Tensor] = None,
-                     high: Optional[torch.Tensor] = None, tolerance: float = 0.0, mass: str = "linear") -> tuple:
+                     high: Optional[torch.Tensor] = None,
+                     tolerance: float = reference.COVERAGE_TOLERANCE, mass: str = "linear") -> tuple:
     """``(keep bool [B, N], counts int64 [B, n_refs])``: in each reference image of each sample (the images lie one
     after another in the N tokens: ``ref_lengths``), its ``count`` highest ``scores`` kept, ties to the lower index;
     ``count`` is ``counts[b, i]`` or, without ``counts``, adaptive: the fewest top-ranked tokens whose score mass
@@ -1770,8 +1771,9 @@ def ranked_keep_mask(scores: torch.Tensor, ref_lengths: Sequence[int], counts: O
     back to the host. A ``torch.library`` custom op (``torch.ops.sparsectx.ranked_keep_mask``) where a tracer or a
     dispatch mode must see the call (``diagnostics.count_host_reads``: its outputs are then device data). The
     masses are summed in another order than the reference's: a count may differ where an image's mass ranked above
-    a token lies within rounding of the threshold (the selection's ``tolerance`` of 1e-9 keeps such ties away from
-    real inputs)."""
+    a token lies within rounding of the threshold. The default ``tolerance`` (``reference.COVERAGE_TOLERANCE``,
+    1e-9, the selection budgets') keeps such ties away from real inputs: with 0, ten equal scores at coverage 0.8
+    kept 8 tokens on the kernel and 9 on the reference (whose running sum of ten shares of 0.1 reaches 0.7999...)."""
     if not isinstance(scores, torch.Tensor) or scores.ndim != 2 or scores.dtype not in _SORTED_SCORE_DTYPES:
         raise ValueError(f"scores must be a [B, N] tensor of float16, bfloat16, float32 or float64, got "
                          f"{_described_tensor(scores)}")

@@ -77,9 +77,14 @@ def score_mass(scores: torch.Tensor, mode: str = "linear") -> torch.Tensor:
     return torch.where((scores < 0).any(dim=1, keepdim=True), soft, linear)
 
 
+# adaptive counts: the share of the mass is compared in float64 with this slack against rounding (a coverage of 0.8
+# over ten equal scores is reached by 8 tokens, whatever the order of the sums)
+COVERAGE_TOLERANCE = 1e-9
+
+
 def ranked_keep_mask_ref(scores: torch.Tensor, ref_lengths: Sequence[int], counts: Optional[torch.Tensor] = None,
                          coverage: Union[float, torch.Tensor, None] = None, low: Optional[torch.Tensor] = None,
-                         high: Optional[torch.Tensor] = None, tolerance: float = 0.0,
+                         high: Optional[torch.Tensor] = None, tolerance: float = COVERAGE_TOLERANCE,
                          mass: str = "linear") -> tuple:
     """``(keep bool [B, N], counts int64 [B, n_refs])``: per sample and reference image (the images lie one after
     another in the N tokens, ``ref_lengths``), the image's ``count`` highest scores kept (ties to the lower index).

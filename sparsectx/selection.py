@@ -64,7 +64,7 @@ SPREAD_WEIGHT = 1e-3  # weight of the uniform order used to break ties (leftover
 MASK_PAD_WEIGHT = 0.5  # select(): a selector's keep mask padded/capped by a budget ranks mask > spread order
 DEFAULT_RING = 2  # edit: context ring radius in tokens (2 latent tokens = 32 pixels for FLUX)
 DEFAULT_MAX_QUERIES = 1024  # probes subsample at most this many queries (evenly strided) per sample
-COVERAGE_TOL = 1e-9  # adaptive budgets: mass compared in float64 with this slack against rounding
+COVERAGE_TOL = reference.COVERAGE_TOLERANCE  # adaptive budgets: the mass's slack against rounding (float64)
 
 
 # ----------------------------------------------------------------------------------------------------------------

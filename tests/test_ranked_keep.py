@@ -259,3 +259,17 @@ def test_the_custom_op_passes_opcheck_and_a_dispatch_mode_sees_one_call(device):
             seen = ops.ranked_keep_mask(scores, [5, 7], *args, **kwargs)
         assert calls == ["sparsectx.ranked_keep_mask.default"], calls
         _assert_same(seen, eager)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_equal_scores_keep_the_exact_share_by_default(device, dtype):
+    """Ten equal scores at coverage 0.8 keep 8 tokens on both paths with the default tolerance: with 0 (the op's
+    former default) the kernel kept 8 and the reference 9 (its running sum of ten shares of 0.1 is 0.7999...)."""
+    scores = torch.full((2, 10), 0.5, dtype=dtype, device=device)
+    low = torch.zeros(2, 1, dtype=torch.int64, device=device)
+    high = torch.full((2, 1), 10, dtype=torch.int64, device=device)
+    for coverage, kept in ((0.3, 3), (0.7, 7), (0.8, 8), (0.9, 9), (1.0, 10)):
+        for got in (ops.ranked_keep_mask(scores, [10], coverage=coverage, low=low, high=high),
+                    reference.ranked_keep_mask_ref(scores, [10], coverage=coverage, low=low, high=high)):
+            assert got[1].tolist() == [[kept]] * 2, coverage
+            assert torch.equal(got[0].cpu(), (torch.arange(10) < kept).expand(2, 10)), coverage
