@@ -1036,7 +1036,10 @@ def rms_norm_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight:
     computes in fp32 from it and is rounded again. ``eps`` None: the epsilon of the compute dtype (fp32's for
     fp16/bf16/fp32 inputs), as ``torch.nn.RMSNorm`` computes (its documentation says x's dtype's). dtypes fp16,
     bf16, fp32 (float64 on the reference path); head dim even, at most 256; strided x and prefix are read in place
-    when their last dim is contiguous (e.g. the q/k thirds of a fused QKV projection), tables of any strides.
+    when their last dim is contiguous (e.g. the q/k thirds of a fused QKV projection), tables of any strides. The
+    tables are read as fp32 for fp16/bf16/fp32 x (fp64 tables rounded first: diffusers' ``apply_rotary_emb``
+    computes fp32 x with fp64 tables in fp64: in one measured fp32 case 1.2e-7 from the exact result, this 2.8e-7 on
+    the reference path and 6e-7 on the kernel's; FLUX's tables are fp32 there).
 
     On a GPU (or the interpreter): one Triton launch for the prefix and x, forward and backward. Differentiable
     in x, prefix and the weights (first order: the backward kernel's gradients, the weights' summed per program,
@@ -1063,8 +1066,9 @@ def rms_norm_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight:
     for name, w in (("weight", weight), ("prefix_weight", prefix_weight)):
         if w is not None:
             _check_tensor(name, w, ndim=1, device=x.device)
-            if not w.is_floating_point() or w.shape[0] != dim:
-                raise ValueError(f"{name} must be a float [D={dim}] tensor, got {w.dtype} {tuple(w.shape)}")
+            if w.dtype not in _NORM_ROPE_DTYPES or w.shape[0] != dim:
+                raise ValueError(f"{name} must be a float16, bfloat16, float32 or float64 [D={dim}] tensor, got "
+                                 f"{w.dtype} {tuple(w.shape)}")
     rows = n_prefix + seq
     for name, table in (("cos", cos), ("sin", sin)):
         _check_tensor(name, table, ndim=2, device=x.device)
@@ -1085,7 +1089,7 @@ def rms_norm_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight:
     eps = _python_number(eps)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"eps must be a Python number or None, got {type(eps).__name__}")
-    if not 0.0 <= eps < math.inf:
+    if not 0.0 <= eps < math.inf or eps > sys.float_info.max:  # (an int past fp's range: no float to pass)
         raise ValueError(f"eps must be finite and >= 0, got {eps!r}")
     tensors = (x, cos, sin, weight, prefix, prefix_weight)
     if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):  # the kernels give no table gradient
@@ -1149,6 +1153,8 @@ def rope_tables(ids: torch.Tensor, freqs: torch.Tensor, axes_dim) -> tuple[torch
                          f"{ids.shape[1]} columns of ids")
     if sum(axes_dim) != freqs.shape[0]:
         raise ValueError(f"axes_dim {axes_dim} sums to {sum(axes_dim)}, but freqs has {freqs.shape[0]} features")
+    if ids.is_floating_point() and ids.dtype.itemsize == 1:
+        ids = ids.float()  # fp8 positions (the kernel loads no fp8): fp32 holds them exactly, as the angle reads them
     if torch.is_grad_enabled() and (ids.requires_grad or freqs.requires_grad):  # the kernel gives no gradient
         return reference.rope_tables_ref(ids, freqs, axes_dim)
     tables = _rope_tables if _plain_eager(ids, freqs) else _rope_tables_op

@@ -751,11 +751,11 @@ _META = torch.zeros(1, device="meta")
     (dict(prefix=None), ValueError, "prefix_weight is given without a prefix"),
     (dict(weight=[1.0] * 8), TypeError, "weight must be a torch.Tensor"),
     (dict(weight=torch.ones(1, 8)), ValueError, "weight must have 1 dimensions"),
-    (dict(weight=torch.ones(6)), ValueError, r"weight must be a float \[D=8\] tensor"),
-    (dict(weight=torch.ones(8, dtype=torch.int64)), ValueError, r"weight must be a float \[D=8\] tensor"),
+    (dict(weight=torch.ones(6)), ValueError, r"weight must be a float16, .* \[D=8\] tensor"),
+    (dict(weight=torch.ones(8, dtype=torch.int64)), ValueError, r"weight must be a float16, .* \[D=8\] tensor"),
     (dict(weight=_META.expand(8)), ValueError, "weight is on meta"),
-    (dict(prefix_weight=torch.ones(10)), ValueError, r"prefix_weight must be a float \[D=8\] tensor"),
-    (dict(prefix_weight=torch.ones(8, dtype=torch.bool)), ValueError, r"prefix_weight must be a float \[D=8\]"),
+    (dict(prefix_weight=torch.ones(10)), ValueError, r"prefix_weight must be a float16, .* \[D=8\] tensor"),
+    (dict(prefix_weight=torch.ones(8, dtype=torch.bool)), ValueError, r"prefix_weight must be a float16, .* \[D=8\]"),
     (dict(prefix_weight=torch.ones(8, 1)), ValueError, "prefix_weight must have 1 dimensions"),
     (dict(cos=torch.ones(5, 8)), ValueError, r"cos must be a float \[S0 \+ S=9, D=8\] table"),
     (dict(cos=torch.ones(9, 3)), ValueError, r"cos must be a float \[S0 \+ S=9, D=8\] table"),
@@ -776,6 +776,9 @@ _META = torch.zeros(1, device="meta")
     (dict(eps=math.nan), ValueError, "eps must be finite and >= 0"),
     (dict(eps=math.inf), ValueError, "eps must be finite and >= 0"),
     (dict(eps=-1e-6), ValueError, "eps must be finite and >= 0"),
+    (dict(eps=10 ** 400), ValueError, "eps must be finite and >= 0"),  # (was float()'s bare OverflowError)
+    (dict(weight=torch.ones(8).to(torch.float8_e4m3fn)), ValueError,  # (failed inside torch's dtype promotion)
+     r"weight must be a float16, .* \[D=8\] tensor"),
     (dict(eps=True), TypeError, "eps must be a Python number or None"),
     (dict(eps="1e-6"), TypeError, "eps must be a Python number or None"),
     (dict(eps=torch.tensor(1e-6)), TypeError, "eps must be a Python number or None"),
@@ -1116,3 +1119,14 @@ def test_rope_tables_bad_input(change, error, words):
     args.update({k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in change.items()})
     with pytest.raises(error, match=words):
         ops.rope_tables(**args)
+
+
+def test_rope_tables_of_float8_positions_are_those_of_their_float32_values():
+    """float8 ids passed the checks, then failed inside the kernel (the interpreter: "cannot cast ... to fp8e4nv")
+    while the reference ran: fp32 holds every float8 position exactly, and the angle reads float32(ids)."""
+    ids, freqs = _table_inputs(21, (4, 6, 6), torch.float32, torch.float64, seed=7)
+    ids = (ids / 512).to(torch.float8_e4m3fn)
+    got = ops.rope_tables(ids, freqs, [4, 6, 6])
+    want = ref.rope_tables_ref(ids.float(), freqs, [4, 6, 6])
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    assert got[1].abs().max() > 0  # (positions that are not all zero)
