@@ -295,8 +295,10 @@ class _DropTrainingPatch(integration.ForwardPatch):
         # own later, in eval mode, ran with it); gradient checkpointing recomputes blocks during backward, possibly
         # after other forwards drew other masks or settings changed: each checkpointed block of this forward runs
         # (and is recomputed) with this forward's mask and settings, and only while drop training is still enabled
+        # (a recomputed forward also runs with its forward's skip_dropped_queries, which enabling again may change)
+        skip = mask[2] if len(mask) > 2 else self.state.skip_dropped_queries
         scope = integration.state_scope(self.state, image_keep=mask[0], image_kept_prefix=mask[1],
-                                        skip_dropped_queries=self.state.skip_dropped_queries)
+                                        skip_dropped_queries=skip)
         with scope(), self.checkpointed_in(functools.partial(self._enabled_scope, scope, mask[0] is not None)):
             return self.original_forward(**call)
 
@@ -319,11 +321,15 @@ class _DropTrainingPatch(integration.ForwardPatch):
     @contextlib.contextmanager
     def _enabled_scope(self, scope: Callable, masked: bool):
         """``scope()`` for a recomputed block; a forward that dropped tokens needs drop training still enabled (a
-        forward that kept every token ran the original processors, which disable puts back)."""
+        forward that kept every token ran the original processors, which disable puts back) and sparsectx's
+        processors, which go back over any set since that forward (``set_attn_processor`` before the backward),
+        as before a forward."""
         if masked and getattr(self.transformer, self.attr, None) is not self:
             raise RuntimeError("drop training was disabled between a forward and its backward: gradient "
                                "checkpointing recomputes that forward's blocks with its drop mask, which needs "
                                "sparsectx's processors; call disable_drop_training after the backward")
+        if masked:
+            self._reinstall_replaced_processors()
         with scope():
             yield
 
@@ -348,10 +354,11 @@ class _DropTrainingPatch(integration.ForwardPatch):
 
     @_eager_under_compile  # host work (generator draws, input keys, the ids' layout): eager under torch.compile,
     # which would split it into many small graphs, each recompiled for new resolutions
-    def _mask_for(self, call: dict, recomputing: bool) -> tuple[Optional[torch.Tensor], int]:
-        """The drop mask of a training forward: a new draw, except for a forward that a checkpoint around the whole
-        transformer (``torch.utils.checkpoint``) recomputes during backward (``recomputing``), which gets the mask
-        its first run drew, in whichever mode the model is now (found by its input tensor: the same live tensor
+    def _mask_for(self, call: dict, recomputing: bool) -> tuple:
+        """The drop mask of a training forward, ``(mask, kept prefix)``: a new draw, except for a forward that a
+        checkpoint around the whole transformer (``torch.utils.checkpoint``) recomputes during backward
+        (``recomputing``), which gets the mask its first run drew (and, third, the ``skip_dropped_queries`` it ran
+        with), in whichever mode the model is now (found by its input tensor: the same live tensor
         storage and version; a user's generator is not part of the RNG state checkpointing restores, so a redraw
         would give another mask; an eval-mode forward run with gradients is remembered as keeping every token) and
         moves torch's global generators as that draw did (``integration.replay_draw``: the code after the draw
@@ -394,7 +401,7 @@ class _DropTrainingPatch(integration.ForwardPatch):
         self.recent_draws.append(host)
         # ambiguous when an earlier forward on this input was not recomputed
         self.recent.remember(key, integration.RecentForward(
-            weakref.ref(hidden), mask, training=True, patched=mask[0] is not None,
+            weakref.ref(hidden), (*mask, self.state.skip_dropped_queries), training=True, patched=mask[0] is not None,
             in_checkpoint=mask[0] is not None and integration.reentrant_forward(),
             ambiguous=entry is not None and not entry.recomputed,
             drawn=integration.drawn_rng(hidden.device, before)))

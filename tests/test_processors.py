@@ -1829,6 +1829,51 @@ def test_settings_changed_before_the_backward_of_a_checkpointed_forward(monkeypa
         torch.testing.assert_close(grad, expected[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
 
 
+@pytest.mark.parametrize("change", ["enable again, other skip_dropped_queries", "set_attn_processor"])
+@pytest.mark.parametrize("checkpointing", ["blocks", "blocks, reentrant", "transformer", "transformer, reentrant"])
+def test_a_change_before_the_backward_leaves_the_recomputation_as_its_forward_ran(change, checkpointing):
+    """Between a checkpointed forward and its backward: enabling again with another skip_dropped_queries (before,
+    a checkpoint around the transformer recomputed with the new setting: wrong gradients, reentrant, or torch's
+    CheckpointError), or diffusers' processors set over sparsectx's (before, blocks were recomputed by them,
+    without the mask: wrong gradients, reentrant, or CheckpointError). Gradients of a loss on every output row
+    (the dropped rows' too) equal those of the same forward without checkpointing."""
+    from diffusers.models.transformers.transformer_flux2 import Flux2AttnProcessor, Flux2ParallelSelfAttnProcessor
+
+    kwargs = _train_inputs("flux2")
+    reentrant = checkpointing.endswith("reentrant")
+    target = torch.randn(2, *kwargs["hidden_states"].shape[1:], generator=torch.Generator().manual_seed(2))
+
+    def gradients(checkpointed: bool):
+        model = _flux2_for_training(False)
+        if checkpointed and checkpointing.startswith("blocks"):
+            model.enable_gradient_checkpointing(gradient_checkpointing_func=functools.partial(
+                torch.utils.checkpoint.checkpoint, use_reentrant=reentrant))
+        enable_drop_training(model, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(3))
+        hidden = kwargs["hidden_states"].clone().requires_grad_()
+
+        def run(hidden_states):
+            return model(**{**kwargs, "hidden_states": hidden_states})[0]
+
+        out = (torch.utils.checkpoint.checkpoint(run, hidden, use_reentrant=reentrant)
+               if checkpointed and checkpointing.startswith("transformer") else run(hidden))
+        image_keep = sparsectx.last_drop_mask(model)
+        assert image_keep is not None and not image_keep.all()
+        if change == "set_attn_processor":
+            model.set_attn_processor({name: (Flux2ParallelSelfAttnProcessor if "single" in name else
+                                             Flux2AttnProcessor)() for name in model.attn_processors})
+        else:
+            enable_drop_training(model, ratio_range=(0.2, 0.6), skip_dropped_queries=False)
+        with warnings_as_errors():
+            ((out - target) ** 2).mean().backward()
+        return image_keep, {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+    (keep, expected), (checkpointed_keep, got) = gradients(False), gradients(True)
+    assert torch.equal(keep, checkpointed_keep)
+    assert got.keys() == expected.keys() and len(got) > 10
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, expected[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+
+
 def test_drop_training_bad_input(models):
     model = models["flux2"]
     with pytest.raises(ValueError, match="ratio_range"):
