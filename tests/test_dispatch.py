@@ -816,3 +816,21 @@ def test_star_import_of_the_ops_binds_the_public_ops_only():
     bound = set(namespace) - {"__builtins__"}
     from_ops = {name for name in sparsectx.__all__ if getattr(ops, name, None) is getattr(sparsectx, name)}
     assert bound == set(ops.__all__) == from_ops | {"kernel_configs"}
+
+
+def test_vmap_of_the_compaction_under_torch_compile_runs_without_payloads():
+    """What docs/ops.md says of the compaction under torch.compile + vmap (the eager refusals do not apply): an
+    index without payloads runs, each sample as alone; payloads fail with torch's batching-rule error (the docs
+    said the compaction runs there, payloads or not)."""
+    torch._dynamo.reset()
+    scores, rows = torch.rand(3, 6), torch.randn(3, 6, 4)
+    index = torch.compile(lambda s: torch.vmap(lambda r: sparsectx.compact_tokens(r[None], budget=2).index)(s),
+                          backend="aot_eager", fullgraph=True)
+    assert torch.equal(index(scores),
+                       torch.stack([sparsectx.compact_tokens(scores[i:i + 1], budget=2).index for i in range(3)]))
+    packed = torch.compile(
+        lambda s, x: torch.vmap(lambda r, p: sparsectx.compact_tokens(r[None], p[None], budget=2).tensors[0])(s, x),
+        backend="aot_eager", fullgraph=True)
+    with pytest.raises(Exception, match="Batching rule not implemented for sparsectx::gather_rows"):
+        packed(scores, rows)
+    torch._dynamo.reset()
