@@ -15,6 +15,7 @@ repetitions.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import datetime
 import functools
@@ -3874,7 +3875,8 @@ MERGE_MUST_MATCH = ("device", "driver", "cuda", "size", "commit", "sparsectx", "
                     "diffusers", "sparsectx_path")  # (the path: Triton, its interpreter or torch, per dtype)
 ROW_KEYS = ("case", "shape", "impl", "time_ms", "ratio", "ok", "note")
 OPTIONAL_ROW_KEYS = ("tflops", "gbps", "err", "peak_mem_gb")
-NOTED_ROW_KEYS = ("ref_err", "checked_by")  # numbers only some rows carry (not filled in where absent)
+NOTED_ROW_KEYS = ("ref_err", "checked_by", "loop_ms", "step_pct", "step_pct_with_probe", "host_syncs",
+                  "call_added_ms")  # numbers only some rows carry (not filled in where absent)
 
 
 def load_run(path: str) -> dict:
@@ -3899,12 +3901,16 @@ def load_run(path: str) -> dict:
         wrong += [k for k, kind in (("ok", bool), ("note", str)) if row[k] is not None and not isinstance(row[k], kind)]
         wrong += [k for k in ("case", "shape", "impl") if not isinstance(row[k], str)]
         wrong += ["unfinished"] if not isinstance(row.get("unfinished", False), bool) else []
+        wrong += ["pass_ms"] if row.get("pass_ms") is not None and not (isinstance(row["pass_ms"], list) and all(
+            t is None or (isinstance(t, (int, float)) and not isinstance(t, bool)) for t in row["pass_ms"])) else []
         if wrong:
             raise ValueError(f"{path}: row {i} has {wrong} of the wrong type (numbers or null; ok: true, false or "
-                             "null; note: a string or null; case, shape, impl: strings; unfinished: true or false)")
+                             "null; note: a string or null; case, shape, impl: strings; unfinished: true or false; "
+                             "pass_ms: a list of numbers)")
         if row["note"] is None:  # (the tables and the summary read it as text)
             row["note"] = ""
-    for key, kind in (("ceilings", dict), ("parts", list), ("planned_shapes", dict)):
+    for key, kind in (("ceilings", dict), ("parts", list), ("planned_shapes", dict), ("planned_cases", list),
+                      ("cases", list)):
         if data["meta"].get(key) is not None and not isinstance(data["meta"][key], kind):
             raise ValueError(f"{path}: meta.{key} must be a {'dict' if kind is dict else 'list'}, got "
                              f"{type(data['meta'][key]).__name__}")
@@ -3913,6 +3919,14 @@ def load_run(path: str) -> dict:
              and (isinstance(ceilings[k], bool) or not isinstance(ceilings[k], (int, float)))]
     if wrong:
         raise ValueError(f"{path}: meta.ceilings {wrong} must be numbers or null")
+    # the autotuner's picks ({kernel: {"picked": {key: config}}}, one per run part): the tables list them
+    for runs in ([data["meta"].get("autotune")], data["meta"].get("autotune_runs") or []):
+        if not isinstance(runs, list) or not all(run is None or (isinstance(run, dict) and all(
+                isinstance(info, dict) and isinstance(info.get("picked"), dict) and all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in info["picked"].items())
+                for info in run.values())) for run in runs):
+            raise ValueError(f"{path}: meta.autotune (and each of meta.autotune_runs) must map each kernel to "
+                             "{\"picked\": {key: config}}, strings")
     planned = data["meta"].get("planned_shapes") or {}
     if not all(isinstance(shapes, list) and all(isinstance(x, str) for x in shapes) for shapes in planned.values()):
         raise ValueError(f"{path}: meta.planned_shapes must map each case to a list of shape strings")
@@ -4059,7 +4073,11 @@ def check_output_path(option: str, path: str, prog: str = "sparsectx") -> None:
     folders."""
     if os.path.isdir(path) or path.endswith(os.sep):
         raise UsageError(f"{prog}: error: {option} {path!r} is a folder; give a file path")
-    directory = os.path.dirname(os.path.abspath(path))
+    target = os.path.realpath(path)  # (a link: its target is written, the link stays)
+    if os.path.exists(target) and not os.path.isfile(target):  # a device (/dev/null), a FIFO, a socket
+        raise UsageError(f"{prog}: error: {option} {path!r} is not a regular file (the file is written whole and "
+                         "then moved into place, which would replace it); give a file path")
+    directory = os.path.dirname(target)
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as error:
@@ -4073,7 +4091,8 @@ def check_output_path(option: str, path: str, prog: str = "sparsectx") -> None:
 
 
 def write_json(path: str, meta: dict, rows: list) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
+    path = os.path.realpath(path)  # (through a link: the link stays, its target gets the file)
+    directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
@@ -4104,7 +4123,10 @@ def report(args: argparse.Namespace) -> int:
         raise UsageError(f"sparsectx report: error: {exc}") from None
     for path in missing:
         print(f"note: {path} does not exist (skipped)", file=sys.stderr)
-    if not data["rows"]:  # (before --merged is written: a merged file of nothing would pass for a run's results)
+    planned = bool(data["meta"].get("planned_cases") or data["meta"].get("planned_shapes"))
+    if not data["rows"] and not (args.summary and planned and not args.merged):
+        # (before --merged is written: a merged file of nothing would pass for a run's results; a run cut before
+        # its first row still has a summary: what it planned, NOT RUN)
         raise UsageError(f"sparsectx report: error: {', '.join(p for p in paths if p not in missing)} holds no "
                          "result rows (the run measured nothing)")
     if args.merged:
@@ -4147,9 +4169,21 @@ def _check_plot_format(path: str) -> None:
                          f"formats ({', '.join('.' + f for f in formats)})")
 
 
-def write_plot(path: str, rows: list) -> str:
+def plot_labels(rows: list) -> list:
+    """The bar chart's label of each row: its case, implementation and shape, cut to fit, except where rows differ
+    only past the cut (a forward and a forward + backward shape read the same): those keep them in full."""
+    def label(row, cut: bool) -> str:
+        impl, shape = (row["impl"][:40], row["shape"][:50]) if cut else (row["impl"], row["shape"])
+        return f"{'FAILED CHECK: ' if row['ok'] is False else ''}{row['case']}: {impl} [{shape}]"
+
+    short = [label(row, cut=True) for row in rows]
+    count = collections.Counter(short)
+    return [label(row, cut=False) if count[text] > 1 else text for row, text in zip(rows, short)]
+
+
+def write_plot(path: str, rows: list, title: Optional[str] = None) -> str:
     """Horizontal bars of each peer's ratio vs sparsectx (needs matplotlib: ``main`` refuses ``--plot`` without
-    it before the run). Returns a message."""
+    it before the run), under ``title`` (the run's device, size and paths). Returns a message."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -4163,8 +4197,7 @@ def write_plot(path: str, rows: list) -> str:
     if not peers:
         return "plot skipped: no peer was timed"
     failed = [r["ok"] is False for r in peers]
-    labels = [f"{'FAILED CHECK: ' if bad else ''}{r['case']}: {r['impl'][:40]} [{r['shape'][:50]}]"
-              for r, bad in zip(peers, failed)]
+    labels = plot_labels(peers)
     fig, ax = plt.subplots(figsize=(10, 0.28 * len(peers) + 1.5))
     ratios = [r["ratio"] for r in peers]
     # bars grow from 1 (equal time) on the log axis: right = sparsectx faster, left = slower; hatched: a peer whose
@@ -4179,9 +4212,12 @@ def write_plot(path: str, rows: list) -> str:
     ax.invert_yaxis()
     ax.set_xscale("log")
     ax.set_xlabel("peer time / sparsectx time (> 1: sparsectx faster)")
+    if title:
+        ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
+    path = os.path.realpath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # (tight: the long labels were clipped at the left edge)
     plt.close(fig)
     return f"plot written to {path}"
 
@@ -4206,6 +4242,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps-from", metavar="PATH",
                         help="JSON of an earlier run whose e2e rows give the denoising-step times that the selection "
                              "and pipeline cases relate their times to (when e2e does not run in the same invocation)")
+
+
+def check_autotune_setting(prog: str) -> bool:
+    """``SPARSECTX_AUTOTUNE`` as the attention kernels read it at import (True: every candidate timed); a value
+    they refuse is a ``UsageError`` before any work (it failed after the first case, with a traceback)."""
+    from .kernels._launch import autotune_all_configs
+
+    try:
+        return autotune_all_configs()
+    except ValueError as error:
+        raise UsageError(f"{prog}: error: {error}") from None
 
 
 def _parse_device(name: str) -> torch.device:
@@ -4243,6 +4290,7 @@ def _main(args: argparse.Namespace, device: torch.device) -> int:
     from tqdm import tqdm
 
     size = args.size or default_size(device)
+    check_autotune_setting("sparsectx bench")
     if size == "full" and device.type == "cpu":  # (the real shapes: klein-9B in fp32 alone needs about 36 GB)
         raise UsageError("sparsectx bench: error: --size full is the real models' shapes, for a GPU: on the CPU a case "
                          "runs for hours or runs out of memory (klein-9B's step in fp32 needs about 36 GB); use the "
@@ -4286,6 +4334,9 @@ def _main(args: argparse.Namespace, device: torch.device) -> int:
     # (read and checked before anything is measured or written: a refused file left --json's and --merge-into's
     # files overwritten by an empty run)
     earlier = steps_from(args.steps_from, meta) if args.steps_from else []
+    if earlier and not any(row["case"] == "e2e" for row in earlier):
+        print(f"note: --steps-from {args.steps_from} holds no e2e rows; the selection and pipeline cases have no "
+              "step time to relate to", file=sys.stderr)
     shared = {"ceilings": measure_ceilings(device)}
     meta["ceilings"] = shared["ceilings"]
 
@@ -4331,7 +4382,8 @@ def _main(args: argparse.Namespace, device: torch.device) -> int:
     if args.merge_into:
         print(f"run merged into {args.merge_into}")
     if args.plot:
-        print(write_plot(args.plot, rows))
+        print(write_plot(args.plot, rows, title=f"sparsectx bench on {meta['device']} ({device}), size {size}"
+                                                f"{' quick' if args.quick else ''}; paths {meta['sparsectx_path']}"))
     failed = [r for r in rows if r["ok"] is False]
     for r in failed:
         print(f"FAILED: {r['case']} | {r['shape']} | {r['impl']}: {r['note']}", file=sys.stderr)

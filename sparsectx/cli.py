@@ -41,6 +41,11 @@ def _info(_args) -> int:
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         path = backend_for(device, dtype)
         rows.append((f"ops path, {str(dtype).replace('torch.', '')}", path))
+    from .benchmarks import check_autotune_setting  # (a value the kernels refuse: exit 2, naming it)
+
+    tuned = check_autotune_setting("sparsectx info")
+    rows.append(("autotune", "every candidate timed (SPARSECTX_AUTOTUNE unset or true)" if tuned else
+                 "off: each launch takes the first candidate the GPU can run (SPARSECTX_AUTOTUNE false)"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

@@ -2418,3 +2418,82 @@ def test_gpu_check_builds_nothing_ahead_when_told_not_to_or_without_a_gpu(tmp_pa
         run = _precompile_driver(tmp_path, "exit 3", after="stop_precompile 60", **kwargs)
         assert run["steps"] == [f"precompile                 skipped: {why}"], (kwargs, run["steps"])
         assert not (tmp_path / "argv").exists()
+
+
+def test_output_paths_write_through_links_and_refuse_special_files(tmp_path):
+    """--json / --merge-into / report --merged wrote a temporary file and moved it over the path: a link was
+    replaced by a file (its target never written), and as root /dev/null or a FIFO was replaced by a regular file.
+    Now a link's target gets the file (the link stays) and a path that is no regular file is refused."""
+    meta = {"device": "cpu", "size": "tiny", "commit": "abc1234", "cases": ["attention"]}
+    block = _block("attention", "L=1", {"sparsectx (compacted)": 1.0, "sdpa cudnn": 0.8})
+    (tmp_path / "real.json").write_text("{}")
+    (tmp_path / "link.json").symlink_to(tmp_path / "real.json")
+    benchmarks.check_output_path("--json", str(tmp_path / "link.json"))
+    benchmarks.write_json(str(tmp_path / "link.json"), meta, block)
+    assert (tmp_path / "link.json").is_symlink()
+    assert benchmarks.load_run(str(tmp_path / "real.json"))["rows"] == block
+    os.mkfifo(tmp_path / "pipe.json")
+    for path in (str(tmp_path / "pipe.json"), os.devnull):
+        with pytest.raises(SystemExit, match="is not a regular file"):
+            benchmarks.check_output_path("--json", path)
+    with pytest.raises(SystemExit, match="is not a regular file"):  # (never tried on /dev/null: a failure replaced it)
+        cli.main(["report", "--merged", str(tmp_path / "pipe.json"), str(tmp_path / "real.json")])
+    assert (tmp_path / "pipe.json").is_fifo()
+
+
+def test_a_refused_autotune_setting_stops_bench_and_info_before_any_work(monkeypatch):
+    """SPARSECTX_AUTOTUNE=maybe: the bench ran its first case, then failed with a traceback (exit 1) where the
+    kernels read it; info said nothing of it. Both now refuse it first (exit 2 via the command's UsageError)."""
+    ran = []
+    monkeypatch.setattr(benchmarks, "run_case", lambda *args, **kwargs: ran.append(args) or [])
+    monkeypatch.setenv("SPARSECTX_AUTOTUNE", "maybe")
+    for argv in (["bench", "--case", "compaction", "--quick"], ["info"]):
+        with pytest.raises(SystemExit, match="SPARSECTX_AUTOTUNE='maybe'"):
+            cli.main(argv)
+    assert not ran
+
+
+def test_report_refuses_malformed_timing_fields_and_autotune_picks(tmp_path):
+    """Fields the tables read that load_run did not check gave a traceback (exit 1, which means a FAILED check):
+    meta.autotune without "picked" (KeyError), a string loop_ms or pass_ms (TypeError in --summary); a string
+    planned_cases was read letter by letter."""
+    meta = {"device": "cpu", "size": "tiny", "commit": "abc1234", "cases": ["attention"]}
+    block = _block("attention", "L=1", {"sparsectx (compacted)": 1.0, "sdpa cudnn": 0.8})
+    cases = [({"meta": dict(meta, autotune={"k": {}}), "rows": block}, r"meta.autotune .* must map each kernel"),
+             ({"meta": dict(meta, autotune_runs={"k": {}}), "rows": block}, r"meta.autotune .* must map each kernel"),
+             ({"meta": dict(meta, planned_cases="attention"), "rows": block}, "meta.planned_cases must be a list"),
+             ({"meta": meta, "rows": [dict(block[0], loop_ms="fast")]}, r"row 0 has \['loop_ms'\] of the wrong type"),
+             ({"meta": meta, "rows": [dict(block[0], pass_ms="1,2")]}, r"row 0 has \['pass_ms'\] of the wrong type"),
+             ({"meta": meta, "rows": [dict(block[0], pass_ms=[1.0, "2"])]}, r"row 0 has \['pass_ms'\]")]
+    for data, match in cases:
+        (tmp_path / "bad.json").write_text(json.dumps(data))
+        for form in ([], ["--summary"]):
+            with pytest.raises(SystemExit, match=match):
+                cli.main(["report", *form, str(tmp_path / "bad.json")])
+    (tmp_path / "good.json").write_text(json.dumps({"meta": dict(meta, autotune={"k": {"picked": {"a": "b"}}}),
+                                                    "rows": [dict(block[0], pass_ms=[1.0, None], loop_ms=0.5)]}))
+    assert cli.main(["report", "--summary", str(tmp_path / "good.json")]) == 0
+
+
+def test_the_summary_of_a_run_cut_before_its_first_row_says_what_did_not_run(tmp_path, capsys):
+    """bench writes its JSON before the first case so that a run cut there still says what it planned; report
+    refused such a file ("holds no result rows"), so its NOT RUN line never showed."""
+    path = str(tmp_path / "cut.json")
+    benchmarks.write_json(path, {"device": "cpu", "size": "tiny", "commit": "abc1234", "cases": ["e2e", "selection"],
+                                 "planned_shapes": {"e2e": ["a"], "selection": ["b"]}}, [])
+    assert cli.main(["report", "--summary", path]) == 0
+    assert "NOT RUN (planned, no row; a step cut short?): e2e, selection" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="holds no result rows"):  # (a table of nothing, or a merged empty file)
+        cli.main(["report", path])
+
+
+def test_plot_labels_keep_rows_that_differ_past_the_cut_apart():
+    """Labels were cut at 50 characters of the shape: a forward and a forward + backward row of norm_rope read the
+    same on the chart."""
+    shape = "text 8 + image 64 tokens, H=2, D=32 float32, fp32 weights"
+    rows = [_row("norm_rope", f"{shape}, forward", "diffusers", 1.0), _row("norm_rope", f"{shape}, fwd+bwd",
+                                                                          "diffusers", 2.0),
+            _row("compaction", "N=12", "x[mask]", 1.0, ok=False)]
+    labels = benchmarks.plot_labels(rows)
+    assert len(set(labels)) == 3 and labels[0].endswith(", forward]") and labels[1].endswith(", fwd+bwd]")
+    assert labels[2] == "FAILED CHECK: compaction: x[mask] [N=12]"
