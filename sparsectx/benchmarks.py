@@ -4067,14 +4067,15 @@ def run_metadata(device: torch.device, size: str, quick: bool, cases: Sequence[s
     }
 
 
-def check_output_path(option: str, path: str, prog: str = "sparsectx") -> None:
+def check_output_path(option: str, path: str, prog: str = "sparsectx", replaced: bool = True) -> None:
     """``UsageError`` (an argparse-style error of ``prog``) before any work when ``path`` can not be written as a
-    file: a folder, or in a folder that can not be made (under a file, say) or written to. Makes the missing
-    folders."""
+    file: a folder, or in a folder that can not be made (under a file, say) or written to, or (``replaced``: the
+    file is written whole and moved into place, ``write_json``) an existing path that is no regular file. Makes the
+    missing folders."""
     if os.path.isdir(path) or path.endswith(os.sep):
         raise UsageError(f"{prog}: error: {option} {path!r} is a folder; give a file path")
     target = os.path.realpath(path)  # (a link: its target is written, the link stays)
-    if os.path.exists(target) and not os.path.isfile(target):  # a device (/dev/null), a FIFO, a socket
+    if replaced and os.path.exists(target) and not os.path.isfile(target):  # a device (/dev/null), a FIFO
         raise UsageError(f"{prog}: error: {option} {path!r} is not a regular file (the file is written whole and "
                          "then moved into place, which would replace it); give a file path")
     directory = os.path.dirname(target)

@@ -698,7 +698,7 @@ def main(args: argparse.Namespace) -> int:
         from .benchmarks import check_output_path
 
         try:
-            check_output_path("--json", args.json, prog="sparsectx compile-check")
+            check_output_path("--json", args.json, prog="sparsectx compile-check", replaced=False)  # (opened)
         except SystemExit as error:
             print(error, file=sys.stderr)
             return 2
