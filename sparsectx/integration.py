@@ -2778,15 +2778,29 @@ class _SparsePatch(ForwardPatch):
             return self._select(call, layout, overrides)
         half = batch // 2
         rows = slice(half, batch) if conditional == "second" else slice(0, half)
+        others = slice(0, half) if conditional == "second" else slice(half, batch)
         # a per-request budget or a per-sample signal given for the forward's batch (both branches): the
-        # conditional half's
+        # conditional half's, which the other half must repeat (else it was meant for other requests, e.g. a
+        # budget of two requests given to a call of one prompt: one of them was dropped without a word)
         budget = overrides.get("budget", self.settings.budget)
         if _is_per_request(budget) and len(budget) == batch:
+            if list(map(list, budget[rows])) != list(map(list, budget[others])):
+                raise ValueError(f"a per-request budget has {batch} entries for a batch of {half} requests under "
+                                 f"guidance (its {batch} samples: each request's negative and positive branches): "
+                                 f"give one entry per request ({half}), or the same entries for both branches")
             overrides = {**overrides, "budget": budget[rows]}
         signals = overrides.get("signals", self.settings.signals)
-        if any(isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == batch for v in signals.values()):
-            overrides = {**overrides, "signals": {name: v[rows] if isinstance(v, torch.Tensor) and v.ndim and
-                                                  v.shape[0] == batch else v for name, v in signals.items()}}
+        batched = [name for name, v in signals.items()
+                   if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == batch]
+        for name in batched:
+            value = signals[name]
+            if not torch.equal(value[rows], value[others].to(value.device)):
+                raise ValueError(f"signal {name!r} has {batch} rows for a batch of {half} requests under guidance "
+                                 f"(its {batch} samples: each request's negative and positive branches): give one row "
+                                 f"per request ({half}), or the same rows for both branches")
+        if batched:
+            overrides = {**overrides, "signals": {name: v[rows] if name in batched else v
+                                                  for name, v in signals.items()}}
         keep, nan = self._select(self._slice_batch(call, list(range(batch))[rows]), layout, overrides)
         return torch.cat([keep, keep]), nan
 

@@ -186,11 +186,23 @@ def test_per_request_budgets_and_generators_count_the_requests(pipe):
              guidance_scale=5.0, output_type="latent", _auto_resize=False)
     assert [[int(part.sum()) for part in row.split([16, 6])] for row in sparsectx.last_selection(pipe).keep] == counts
     # (a per-request budget given for the forward's batch, both branches, as a transformer's user may: the same)
-    sparsectx.enable(pipe.transformer, budget=[[0.5, 3], [0.5, 3], [0.25, 1], [0.5, 3]], selector="random")
+    sparsectx.enable(pipe.transformer, budget=[[0.25, 1], [0.5, 3], [0.25, 1], [0.5, 3]], selector="random")
     with torch.no_grad():
         pipe(image=list(TWO_IMAGES), prompt=prompts, negative_prompt=negatives, num_inference_steps=STEPS,
              guidance_scale=5.0, output_type="latent", _auto_resize=False)
     assert [[int(part.sum()) for part in row.split([16, 6])] for row in sparsectx.last_selection(pipe).keep] == counts
+    # its negative half other than its positive one: refused (it read the positive half, dropping the negative's
+    # entries without a word; so was a budget of two requests given to a call of one prompt)
+    sparsectx.enable(pipe.transformer, budget=[[0.5, 3], [0.5, 3], [0.25, 1], [0.5, 3]], selector="random")
+    with pytest.raises(ValueError, match=r"a per-request budget has 4 entries for a batch of 2 requests under "
+                                         r"guidance"), torch.no_grad():
+        pipe(image=list(TWO_IMAGES), prompt=prompts, negative_prompt=negatives, num_inference_steps=STEPS,
+             guidance_scale=5.0, output_type="latent", _auto_resize=False)
+    sparsectx.enable(pipe, budget=[[0.25, 1], [0.5, 3]], selector="random")
+    with pytest.raises(ValueError, match=r"a per-request budget has 2 entries for a batch of 1 requests"), \
+            torch.no_grad():
+        pipe(image=list(TWO_IMAGES), prompt=prompts[0], negative_prompt=negatives[0], num_inference_steps=STEPS,
+             guidance_scale=5.0, output_type="latent", _auto_resize=False)
     sparsectx.disable(pipe)
     for b in range(2):
         sparsectx.enable(pipe, budget=[[0.25, 1], [0.5, 3]][b], selector="random")
@@ -262,11 +274,11 @@ def _user_mask_selector(latents, context):
 
 def test_a_signal_given_for_both_branches_is_read_on_the_positive_half(pipe):
     """A per-sample signal given for the forward's whole batch of guidance's branches ([negative, positive]) is read
-    on its positive half (docs/drop-in.md), as a per-request budget is."""
+    on its positive half (docs/drop-in.md), as a per-request budget is; a negative half other than the positive one
+    is refused (it was dropped without a word)."""
     negative_rows, positive_rows = [0, 1, 2, 3, 16], [8, 9, 10, 11, 20]
     user_mask = torch.zeros(2, N_REFS, dtype=torch.bool)  # row 0: the negative branch's sample, row 1: the positive's
-    user_mask[0, negative_rows] = True
-    user_mask[1, positive_rows] = True
+    user_mask[:, positive_rows] = True
     sparsectx.enable(pipe.transformer, budget=[4, 1], selector=_user_mask_selector, signals={"user_mask": user_mask})
     with torch.no_grad():
         pipe(image=list(TWO_IMAGES), prompt=fp.edit(), negative_prompt=NEGATIVE, num_inference_steps=2,
@@ -275,3 +287,10 @@ def test_a_signal_given_for_both_branches_is_read_on_the_positive_half(pipe):
     assert keep.shape == (2, N_REFS)
     assert torch.nonzero(keep[1]).flatten().tolist() == positive_rows
     assert torch.equal(keep[0], keep[1])
+    user_mask[0] = False
+    user_mask[0, negative_rows] = True
+    sparsectx.enable(pipe.transformer, budget=[4, 1], selector=_user_mask_selector, signals={"user_mask": user_mask})
+    with pytest.raises(ValueError, match=r"signal 'user_mask' has 2 rows for a batch of 1 requests under guidance"), \
+            torch.no_grad():
+        pipe(image=list(TWO_IMAGES), prompt=fp.edit(), negative_prompt=NEGATIVE, num_inference_steps=2,
+             guidance_scale=5.0, output_type="latent", _auto_resize=False)

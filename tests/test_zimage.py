@@ -742,6 +742,19 @@ def test_guidance_branches_share_the_selection_made_on_the_prompt(pipe):
     assert torch.equal(keep, alone.expand(2, -1))
 
 
+def test_a_per_request_budget_of_more_requests_than_the_call_is_refused_under_guidance(pipe):
+    """One prompt with guidance (a batch of the prompt's branch, then the negative one): a budget of two requests
+    was read as a list for the forward's batch and its first entry kept without a word (without guidance the same
+    call is refused); entries that repeat for both branches are that list."""
+    sparsectx.enable(pipe, budget=[[0.25], [0.75]], selector="uniform")
+    with pytest.raises(ValueError, match="a per-request budget has 2 entries for a batch of 1 requests under guidance"):
+        _call(pipe)
+    sparsectx.enable(pipe, budget=[[0.25], [0.25]], selector="uniform")
+    _call(pipe)
+    assert [int(row.sum()) for row in sparsectx.last_selection(pipe).keep] == [sum(_kept(0.25))] * 2
+    sparsectx.disable(pipe)
+
+
 def test_steps_without_guidance_keep_the_calls_selection(pipe):
     """``cfg_truncation``: the later steps run the prompt's samples alone (a batch of half the size); they keep the
     selection the first step made on them, with a selector reading the probe too (whose new selection would see
