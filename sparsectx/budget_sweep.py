@@ -82,7 +82,8 @@ class Sweep:
     def plot(self, path=None):
         """A matplotlib ``Figure`` (no pyplot state touched), saved to ``path`` when given: fidelity and time per
         call against the share of reference tokens kept, one labelled point per setting; the baseline's time is the
-        dashed line. Points of infinite PSNR (outputs equal to the baseline's) are left out of the first panel."""
+        dashed line. Points of infinite PSNR (outputs equal to the baseline's) and of NaN (an output holding NaN:
+        the table says so) are left out of the first panel."""
         try:
             from matplotlib.figure import Figure
         except ImportError as e:
