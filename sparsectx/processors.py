@@ -288,12 +288,14 @@ class _SparsectxProcessor:
             self._made_replaced = made
         return self._made_replaced
 
-    def _mask_needs_original(self, attention_mask: Optional[torch.Tensor]) -> bool:
+    def _mask_needs_original(self, attention_mask: Optional[torch.Tensor], batch: int) -> bool:
         """Whether ``attention_mask`` is one sparsectx's attention does not take, additive (float) or with a row per
-        query (``[B, 1, S, S]``), so the call runs the replaced processor (diffusers' attention: exact for any mask).
-        ``ValueError`` naming the mask where sparsectx must mask tokens itself (drop training's mask, a packed
-        batch)."""
-        if attention_mask is None or (attention_mask.dtype == torch.bool and (attention_mask.ndim == 2 or (
+        query (``[B, 1, S, S]``, or ``[S, S]``: a 2-D mask is a key mask ``[B or 1, S]`` only where its first dim is
+        the ``batch``'s or 1, as diffusers' native attention reads it), so the call runs the replaced processor
+        (diffusers' attention: exact for any mask). ``ValueError`` naming the mask where sparsectx must mask tokens
+        itself (drop training's mask, a packed batch)."""
+        if attention_mask is None or (attention_mask.dtype == torch.bool and (
+                (attention_mask.ndim == 2 and attention_mask.shape[0] in (1, batch)) or (
                 attention_mask.ndim == 4 and attention_mask.shape[1] == 1 and attention_mask.shape[2] == 1))):
             return False
         if self.state.image_keep is not None or self.state.packed is not None:
@@ -687,7 +689,7 @@ class _JointAttnProcessor(_SparsectxProcessor):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None):
-        if self._delegates() or self._mask_needs_original(attention_mask):
+        if self._delegates() or self._mask_needs_original(attention_mask, hidden_states.shape[0]):
             return self._replaced()(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         query, key, value = _joint_qkv(attn, hidden_states, encoder_hidden_states,
                                        self.diffusers_module._get_qkv_projections, image_rotary_emb)
@@ -752,7 +754,7 @@ class SparsectxFlux2ParallelSelfAttnProcessor(_SparsectxProcessor):
     """Replaces ``Flux2ParallelSelfAttnProcessor`` (FLUX.2 single-stream blocks: attention and MLP in parallel)."""
 
     def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None):
-        if self._delegates() or self._mask_needs_original(attention_mask):
+        if self._delegates() or self._mask_needs_original(attention_mask, hidden_states.shape[0]):
             return self._replaced()(attn, hidden_states, attention_mask, image_rotary_emb)
         query, key, value, mlp_hidden_states = _parallel_qkv_mlp(attn, hidden_states, image_rotary_emb)
         out = self._attend(query, key, value, attention_mask=attention_mask).flatten(2, 3).to(query.dtype)
@@ -829,7 +831,7 @@ class SparsectxFlux2KVAttnProcessor(_SparsectxProcessor):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
                  kv_cache=None, kv_cache_mode=None, num_ref_tokens=0):
-        if self._delegates() or self._mask_needs_original(attention_mask):
+        if self._delegates() or self._mask_needs_original(attention_mask, hidden_states.shape[0]):
             return self._replaced()(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
                                  kv_cache=kv_cache, kv_cache_mode=kv_cache_mode, num_ref_tokens=num_ref_tokens)
         query, key, value = _joint_qkv(attn, hidden_states, encoder_hidden_states,
@@ -845,7 +847,7 @@ class SparsectxFlux2KVParallelSelfAttnProcessor(_SparsectxProcessor):
 
     def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None, kv_cache=None,
                  kv_cache_mode=None, num_txt_tokens=0, num_ref_tokens=0):
-        if self._delegates() or self._mask_needs_original(attention_mask):
+        if self._delegates() or self._mask_needs_original(attention_mask, hidden_states.shape[0]):
             return self._replaced()(attn, hidden_states, attention_mask, image_rotary_emb, kv_cache=kv_cache,
                                  kv_cache_mode=kv_cache_mode, num_txt_tokens=num_txt_tokens,
                                  num_ref_tokens=num_ref_tokens)
@@ -1014,7 +1016,7 @@ class SparsectxFlux3AttnProcessor(_SparsectxProcessor):
     in fp32 and RoPE, q and k rounded once to v's dtype, then ``sparse_attention`` over the sequence."""
 
     def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None):
-        if self._delegates() or self._mask_needs_original(attention_mask):
+        if self._delegates() or self._mask_needs_original(attention_mask, hidden_states.shape[0]):
             return self._replaced()(attn, hidden_states, attention_mask, image_rotary_emb)
         if self.state.image_keep is not None or self.state.packed is not None:
             raise ValueError(f"{type(self).__name__} takes no drop mask and no packed batch (FLUX.3's drop-in removes "
@@ -1091,7 +1093,7 @@ class SparsectxJoyImagePlusAttnProcessor(_SparsectxProcessor):
     mask ``[B, 1, 1, S]`` (the text's padding, and the padded image rows of a batch's shorter samples) masks keys."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, image_rotary_emb=None, attention_mask=None):
-        if self._delegates() or self._mask_needs_original(attention_mask):
+        if self._delegates() or self._mask_needs_original(attention_mask, hidden_states.shape[0]):
             return self._replaced()(attn, hidden_states, encoder_hidden_states, image_rotary_emb, attention_mask)
         if encoder_hidden_states is None:
             raise ValueError(f"{type(self).__name__} requires encoder_hidden_states (the text stream)")
@@ -1136,7 +1138,7 @@ class SparsectxZImageAttnProcessor(_SparsectxProcessor):
     batch's shorter samples) masks keys."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
-        if self._delegates() or self._mask_needs_original(attention_mask):
+        if self._delegates() or self._mask_needs_original(attention_mask, hidden_states.shape[0]):
             return self._replaced()(attn, hidden_states, encoder_hidden_states, attention_mask, freqs_cis)
         if self.state.image_keep is not None or self.state.packed is not None:
             raise ValueError(f"{type(self).__name__} takes no drop mask and runs no packed batch (Z-Image trains "

@@ -364,19 +364,23 @@ def test_a_mask_per_query_or_additive_loses_the_dropped_rows_and_columns(models,
         _run(model, {**kwargs, "joint_attention_kwargs": {"attention_mask": mask[..., :-1]}})
 
 
-@pytest.mark.parametrize("form", ["per-query", "additive", "additive finite"])
+@pytest.mark.parametrize("form", ["per-query", "additive", "additive finite", "2-D per-query"])
 def test_sparsectx_attention_runs_diffusers_attention_for_masks_it_does_not_take(models, form):
     """attention="sparsectx" given an additive mask or one with a row per query (which diffusers' processors and
     the drop-in with native attention take): the sparsectx processors refused it mid-forward; those layers now run
     the replaced processor, so the output is native attention's. Drop training, which masks tokens itself, refuses
-    such a mask naming it."""
+    such a mask naming it. ("2-D per-query": an [S, S] mask, one row per query for every sample, was read as a
+    key mask and refused, "must be a key mask [B, S]".)"""
     model, kwargs = models["fibo"], _inputs("fibo")
     batch, n = kwargs["hidden_states"].shape[0], TEXT_TOKENS + kwargs["hidden_states"].shape[1]
     keys = torch.rand(batch, 1, 1, n, generator=torch.Generator().manual_seed(3)) < 0.7
     keys[..., :1] = True
+    rows = torch.rand(n, n, generator=torch.Generator().manual_seed(4)) < 0.7
+    rows |= torch.eye(n, dtype=torch.bool)  # (no query without a key)
     mask = {"per-query": keys.expand(batch, 1, n, n),
             "additive": torch.zeros(keys.shape).masked_fill(~keys, -torch.inf),
-            "additive finite": torch.zeros(keys.shape).masked_fill(~keys, -1e4)}[form]
+            "additive finite": torch.zeros(keys.shape).masked_fill(~keys, -1e4),
+            "2-D per-query": rows}[form]
     kwargs = {**kwargs, "joint_attention_kwargs": {"attention_mask": mask}}
     outputs = {}
     for attention in ("native", "sparsectx"):
