@@ -1476,6 +1476,8 @@ def _patched_forward(attr: str, model_forward: Callable, owner: torch.nn.Module)
                                    "sparsectx forward or enabled pipeline call, whose per-call state is half set up "
                                    "here: fork while no thread runs the enabled model")
             with patch.lock:
+                if not patch.installed_token(token):  # disabled (or replaced) while this forward waited for the lock
+                    return replaced(module, *args, **kwargs)
                 recent = getattr(patch, "recent", None)
                 added = recent.added if recent is not None else None
                 try:
@@ -3645,6 +3647,8 @@ def _pipeline_class(base: type) -> type:
                 try:
                     return base.__call__(self, *args, **kwargs)
                 finally:
+                    if _weakly_keyed(self):  # (last_selection(pipe): this pipeline's call, whichever ran since)
+                        _CALL_SELECTIONS[self] = _selection_of(patch.cache)
                     patch.pipeline_calls -= 1
                     patch.call_seed = outer_seed
                     patch.pipeline_kwarg = outer_kwarg
@@ -3859,9 +3863,10 @@ def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Call
         patch.set_attention(attention)  # first: raises before anything changed when a processor is unsupported
         patch.install()
     else:
-        patch.set_attention(attention)  # first: on an unsupported processor nothing changes
-        patch.settings = settings
-        patch.new_call()
+        with patch.lock:  # (a call running in another thread finishes with the settings it started with)
+            patch.set_attention(attention)  # first: on an unsupported processor nothing changes
+            patch.settings = settings
+            patch.new_call()
     if pipe is not None:
         if not hasattr(type(pipe), "_sparsectx_base"):
             pipe.__class__ = _pipeline_class(type(pipe))
@@ -3930,7 +3935,8 @@ def disable(pipe_or_transformer):
     for module in (transformer, replaced):
         patch = getattr(module, PATCH_ATTR, None)
         if patch is not None:
-            patch.uninstall()
+            with patch.lock:  # (a call running in another thread finishes as it started: sparse)
+                patch.uninstall()
     if pipe is not None and hasattr(type(pipe), "_sparsectx_base"):
         pipe.__class__ = type(pipe)._sparsectx_base
     if pipe is not None and _weakly_keyed(pipe):  # a transformer enabled later by itself is not this pipeline's
@@ -3973,12 +3979,30 @@ class Selection(NamedTuple):
         return [mask.view(mask.shape[0], h, w) for mask, (h, w) in zip(self.per_image(), self.ref_shapes)]
 
 
+# each enabled pipeline's latest call's selection (last_selection(pipe): another pipeline or thread sharing the
+# transformer may have called it since)
+_CALL_SELECTIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def last_selection(pipe_or_transformer) -> Optional[Selection]:
     """The reference tokens the latest pipeline (or transformer) call kept, or None when sparsectx is not enabled or
-    has not selected yet in this call. Its tensors are copies."""
-    _, transformer, _ = _split_target(pipe_or_transformer)
+    has not selected yet in this call. Given a pipeline of the enabled class, its own latest call's (running, or the
+    last it ran), whatever other pipelines sharing its transformer (``from_pipe``, other threads) ran since; given a
+    transformer (or a pipeline that ran no call), the transformer's latest call's. Its tensors are copies."""
+    pipe, transformer, _ = _split_target(pipe_or_transformer)
     patch = getattr(transformer, PATCH_ATTR, None)
-    plan = patch.cache if patch is not None else None
+    if patch is None:
+        return None
+    running = patch.pipeline_calls and patch.call_pipeline is pipe
+    if pipe is not None and not running and _weakly_keyed(pipe) and pipe in _CALL_SELECTIONS:
+        recorded = _CALL_SELECTIONS[pipe]
+        return None if recorded is None else recorded._replace(keep=recorded.keep.clone(),
+                                                               ref_positions=recorded.ref_positions.clone())
+    return _selection_of(patch.cache)
+
+
+def _selection_of(plan: Optional["_Plan"]) -> Optional[Selection]:
+    """A plan's selection as ``last_selection`` returns it (copies), or None."""
     if plan is None:
         return None
     from .selection import IDS_GRID_SHAPES
@@ -4049,8 +4073,21 @@ def _restore_patch_state(transformer, state: Optional[tuple]) -> None:
 def sparse_context(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Callable] = "random",
                    seed: Optional[int] = None, attention: str = NATIVE, signals: Optional[dict] = None):
     """``with sparse_context(pipe, budget=...):`` enables Sparse Context inside the block (arguments as for
-    ``enable``); on exit the previous state comes back (disabled, or the settings enabled before)."""
-    with restored_state(pipe_or_transformer):
-        enable(pipe_or_transformer, budget=budget, selector=selector, seed=seed, attention=attention,
-               signals=signals)
-        yield pipe_or_transformer
+    ``enable``); on exit the previous state comes back (disabled, or the settings enabled before). The block holds
+    the transformer as an enabled call does: calls and blocks of other threads on it wait until it exits (so each
+    block's calls run with its settings, and its exit restores the state its start found), while this thread's
+    calls inside it run; a block that waits for another thread's call on the same transformer would wait forever."""
+    _, transformer, _ = _split_target(pipe_or_transformer)
+    with contextlib.ExitStack() as held:
+        patch = getattr(transformer, PATCH_ATTR, None)
+        if patch is not None:
+            held.enter_context(patch.lock)
+        with restored_state(pipe_or_transformer):
+            enable(pipe_or_transformer, budget=budget, selector=selector, seed=seed, attention=attention,
+                   signals=signals)
+            made = getattr(transformer, PATCH_ATTR, None)
+            if made is not patch:  # a patch this enable made: held from here, its settings set again under it
+                held.enter_context(made.lock)
+                enable(pipe_or_transformer, budget=budget, selector=selector, seed=seed, attention=attention,
+                       signals=signals)
+            yield pipe_or_transformer

@@ -413,6 +413,67 @@ def test_calls_from_two_threads_on_one_transformer_run_one_after_the_other(pipe,
         assert torch.equal(results[seed], alone[seed]), seed
 
 
+def test_a_threads_sparse_context_block_disable_and_last_selection_keep_to_its_own_calls(pipe, family):
+    """A server with a default (enable) whose threads each wrap their calls in sparse_context, on pipelines sharing
+    the transformer: thread B entering its block (or disabling) while A's call runs waits for A's block to exit
+    (before: A's call switched to B's budget halfway, B's ran with the default, and after both blocks the
+    transformer stayed on A's budget; a disable mid-call left a call that matched neither); last_selection of A's
+    pipeline is A's call's after B's call (before: B's)."""
+    import copy
+    import threading
+
+    sparsectx.enable(pipe, budget=0.5, selector="uniform")
+    pa, pb = (type(pipe).from_pipe(pipe, scheduler=copy.deepcopy(pipe.scheduler)) for _ in range(2))
+
+    def call(p, **extra):
+        with torch.no_grad():
+            return p(**_call_kwargs(family, PLAIN), **extra).images
+
+    with sparsectx.sparse_context(pipe, budget=0.25, selector="uniform"):
+        alone_a = call(pipe)
+        kept_a = int(sparsectx.last_selection(pipe).keep.sum())
+    with sparsectx.sparse_context(pipe, budget=1.0, selector="uniform"):
+        alone_b = call(pipe)
+    default = call(pipe)
+    entered, kept, results = threading.Event(), [], {}
+
+    def b_block():
+        with sparsectx.sparse_context(pb, budget=1.0, selector="uniform"):
+            entered.set()
+            results["b"] = call(pb)
+
+    thread = threading.Thread(target=b_block)
+
+    def at_each_step(p, step, timestep, tensors):
+        if step == 0:
+            thread.start()
+            kept.append(entered.wait(1.0))  # B's block would have begun by now
+        kept.append(int(sparsectx.last_selection(p).keep.sum()))
+        return tensors
+
+    with sparsectx.sparse_context(pa, budget=0.25, selector="uniform"):
+        results["a"] = call(pa, callback_on_step_end=at_each_step)
+    thread.join()
+    assert kept[0] is False and set(kept[1:]) == {kept_a}
+    assert torch.equal(results["a"], alone_a) and torch.equal(results["b"], alone_b)
+    assert int(sparsectx.last_selection(pa).keep.sum()) == kept_a  # (B's call, keeping every token, came after)
+    assert int(sparsectx.last_selection(pb).keep.sum()) > kept_a
+    assert torch.equal(call(pipe), default)  # the default is back
+    # a disable from another thread while a call runs: it waits, and the call ends as it started (sparse)
+    disabled = threading.Event()
+    stopper = threading.Thread(target=lambda: (sparsectx.disable(pipe), disabled.set()))
+
+    def disable_at_first_step(p, step, timestep, tensors):
+        if step == 0:
+            stopper.start()
+            kept.append(disabled.wait(1.0))
+        return tensors
+
+    assert torch.equal(call(pa, callback_on_step_end=disable_at_first_step), default)
+    stopper.join()
+    assert kept[-1] is False and not sparsectx.integration.is_enabled(pipe)
+
+
 def test_per_image_generators_select_each_image_as_it_would_alone(pipe, family):
     """A call given one generator per image (diffusers' per-image seeds) selects each image's reference tokens with
     its own generator's seed: image b of the batch keeps, and makes, what a call of that image alone with generator
