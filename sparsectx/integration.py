@@ -295,6 +295,17 @@ def check_budget(budget: Budget) -> Budget:
     return _check_per_image(budget)
 
 
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors hold the same values, NaN equal to NaN (a signal's rows repeated for both branches)."""
+    if a.shape != b.shape:
+        return False
+    b = b.to(a.device)
+    same = a == b
+    if a.is_floating_point() or a.is_complex():
+        same |= torch.isnan(a) & torch.isnan(b)
+    return bool(same.all())
+
+
 def _is_per_request(budget: Budget) -> bool:
     return isinstance(budget, (list, tuple)) and bool(budget) and isinstance(budget[0], (list, tuple))
 
@@ -1476,8 +1487,10 @@ def _patched_forward(attr: str, model_forward: Callable, owner: torch.nn.Module)
                                    "sparsectx forward or enabled pipeline call, whose per-call state is half set up "
                                    "here: fork while no thread runs the enabled model")
             with patch.lock:
-                if not patch.installed_token(token):  # disabled (or replaced) while this forward waited for the lock
+                if getattr(module, attr, None) is not patch or not patch.installed_token(token):
+                    # disabled (or enabled anew) while this forward waited for the lock: the forward it replaced
                     return replaced(module, *args, **kwargs)
+                patch.forwards_running += 1
                 recent = getattr(patch, "recent", None)
                 added = recent.added if recent is not None else None
                 try:
@@ -1486,6 +1499,8 @@ def _patched_forward(attr: str, model_forward: Callable, owner: torch.nn.Module)
                     if recent is not None:  # a forward that raised leaves no record (RecentForwards.undo_since)
                         recent.undo_since(added)
                     raise
+                finally:
+                    patch.forwards_running -= 1
 
         for name in ("__module__", "__name__", "__qualname__", "__doc__"):
             if hasattr(model_forward, name):
@@ -1651,7 +1666,8 @@ def _new_patch_locks() -> None:
     patch is marked: the per-call state that thread had set up (processors' state, Qwen's RoPE hooks) stays half
     applied in the child, whose forwards then refuse to run (``forked_in_call``) instead of computing wrong."""
     for patch in list(_PATCHES):
-        if not patch.lock.acquire(blocking=False):
+        # (a lock held by a sparse_context block alone, with no call or forward running in it, set nothing up)
+        if not patch.lock.acquire(blocking=False) and (getattr(patch, "pipeline_calls", 0) or patch.forwards_running):
             patch.forked_in_call = True
         patch.lock = threading.RLock()
 
@@ -1722,6 +1738,7 @@ class ForwardPatch:
         # seed, the processors' mask, the RoPE hooks) serves one call at a time, so calls from several threads on
         # one transformer run one after the other (each as it runs alone)
         self.lock = threading.RLock()
+        self.forwards_running = 0  # forwards inside the lock now (a fork then leaves one half done: _new_patch_locks)
         self.forked_in_call = False  # set in a child forked while another thread held the lock (_new_patch_locks)
         _PATCHES.add(self)
 
@@ -1868,6 +1885,8 @@ class ForwardPatch:
         for name, value in self.__dict__.items():
             if name in self._CALL_STATE:
                 value = self._CALL_STATE[name]
+            if name == "forwards_running":  # (a copy made while a forward runs: none runs in the copy)
+                value = 0
             setattr(clone, name, threading.RLock() if name == "lock" else copy.deepcopy(value, memo))
         _PATCHES.add(clone)
         return clone
@@ -1956,6 +1975,11 @@ class _SparsePatch(ForwardPatch):
         pipeline call that ended inside another enabled call is that latest call until the next forward."""
         if self.reported is not None:
             return self.reported
+        return self.own_cache
+
+    @property
+    def own_cache(self) -> Optional[_Plan]:
+        """``cache`` of the current call's own plans: not a selection reported by a call that ended inside it."""
         if not self.plans:
             return None
         latest = next(reversed(self.plans))
@@ -2796,7 +2820,7 @@ class _SparsePatch(ForwardPatch):
                    if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == batch]
         for name in batched:
             value = signals[name]
-            if not torch.equal(value[rows], value[others].to(value.device)):
+            if not _same_values(value[rows], value[others]):
                 raise ValueError(f"signal {name!r} has {batch} rows for a batch of {half} requests under guidance "
                                  f"(its {batch} samples: each request's negative and positive branches): give one row "
                                  f"per request ({half}), or the same rows for both branches")
@@ -3648,7 +3672,7 @@ def _pipeline_class(base: type) -> type:
                     return base.__call__(self, *args, **kwargs)
                 finally:
                     if _weakly_keyed(self):  # (last_selection(pipe): this pipeline's call, whichever ran since)
-                        _CALL_SELECTIONS[self] = _selection_of(patch.cache)
+                        _CALL_SELECTIONS[self] = _selection_of(patch.own_cache)
                     patch.pipeline_calls -= 1
                     patch.call_seed = outer_seed
                     patch.pipeline_kwarg = outer_kwarg
@@ -3868,6 +3892,8 @@ def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Call
             patch.settings = settings
             patch.new_call()
     if pipe is not None:
+        if _weakly_keyed(pipe):  # (its calls so far ran other settings: it has selected nothing under these)
+            _CALL_SELECTIONS.pop(pipe, None)
         if not hasattr(type(pipe), "_sparsectx_base"):
             pipe.__class__ = _pipeline_class(type(pipe))
         replaced = _replaced_transformer(pipe)
@@ -3941,6 +3967,7 @@ def disable(pipe_or_transformer):
         pipe.__class__ = type(pipe)._sparsectx_base
     if pipe is not None and _weakly_keyed(pipe):  # a transformer enabled later by itself is not this pipeline's
         _ENABLED_THROUGH.pop(pipe, None)
+        _CALL_SELECTIONS.pop(pipe, None)
     return pipe_or_transformer
 
 
@@ -3993,11 +4020,13 @@ def last_selection(pipe_or_transformer) -> Optional[Selection]:
     patch = getattr(transformer, PATCH_ATTR, None)
     if patch is None:
         return None
-    running = patch.pipeline_calls and patch.call_pipeline is pipe
-    if pipe is not None and not running and _weakly_keyed(pipe) and pipe in _CALL_SELECTIONS:
-        recorded = _CALL_SELECTIONS[pipe]
-        return None if recorded is None else recorded._replace(keep=recorded.keep.clone(),
-                                                               ref_positions=recorded.ref_positions.clone())
+    if pipe is not None and hasattr(type(pipe), "_sparsectx_base") and _weakly_keyed(pipe):
+        if patch.pipeline_calls and patch.call_pipeline is pipe:  # its call runs now (e.g. a step callback)
+            return _selection_of(patch.own_cache)
+        if pipe in _CALL_SELECTIONS:
+            recorded = _CALL_SELECTIONS[pipe]
+            return None if recorded is None else recorded._replace(keep=recorded.keep.clone(),
+                                                                   ref_positions=recorded.ref_positions.clone())
     return _selection_of(patch.cache)
 
 
@@ -4076,7 +4105,9 @@ def sparse_context(pipe_or_transformer, budget: Budget = 0.25, selector: Union[s
     ``enable``); on exit the previous state comes back (disabled, or the settings enabled before). The block holds
     the transformer as an enabled call does: calls and blocks of other threads on it wait until it exits (so each
     block's calls run with its settings, and its exit restores the state its start found), while this thread's
-    calls inside it run; a block that waits for another thread's call on the same transformer would wait forever."""
+    calls inside it run; a block that waits for another thread's call on the same transformer would wait forever.
+    On a transformer not enabled before (no patch, so no lock yet), blocks entered at once by two threads may
+    overlap: enable a default first where threads each open blocks."""
     _, transformer, _ = _split_target(pipe_or_transformer)
     with contextlib.ExitStack() as held:
         patch = getattr(transformer, PATCH_ATTR, None)

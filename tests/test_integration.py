@@ -11,6 +11,7 @@ import math
 import os
 import re
 import threading
+import time
 import warnings
 import weakref
 
@@ -1176,14 +1177,43 @@ def test_an_enabled_copy_holds_nothing_of_the_original_and_pickles_to_the_clear_
     sparsectx.disable(clone)
 
 
+def test_a_forward_that_waited_for_a_sparse_context_block_runs_as_the_block_left_the_model(models):
+    """A forward called while another thread's sparse_context block holds a transformer not enabled before it
+    waits for the block, which disables the model at its exit: the forward then runs the model's own (it ran the
+    removed patch: the block's sparse output)."""
+    model, kwargs = models["flux2"], _inputs("flux2")
+    dense = _run(model, kwargs)
+    with sparsectx.sparse_context(model, budget=0.25, selector="uniform"):
+        sparse = _run(model, kwargs)
+    assert not torch.allclose(sparse, dense, rtol=0, atol=FP32_ATOL)
+    entered, waiting = threading.Event(), threading.Event()
+
+    def block():
+        with sparsectx.sparse_context(model, budget=0.25, selector="uniform"):
+            entered.set()
+            waiting.wait(10)
+            time.sleep(0.5)  # (the forward below waits for the transformer meanwhile)
+
+    thread = threading.Thread(target=block)
+    thread.start()
+    entered.wait(10)
+    waiting.set()
+    out = _run(model, kwargs)
+    thread.join()
+    assert not integration.is_enabled(model)
+    torch.testing.assert_close(out, dense, rtol=0, atol=FP32_ATOL)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork")
-@pytest.mark.parametrize("held", ["launch locks", "the transformer's lock"])
+@pytest.mark.parametrize("held", ["launch locks", "the transformer's lock", "a sparse_context block"])
 def test_a_child_forked_while_another_thread_holds_sparsectx_locks(models, held):
     """A process forked while another thread holds sparsectx's locks: the child gets new ones (before: its forward
     waited forever for locks no thread of the child would release). The interpreter's launch lock or the
     autotuner's guard no state: the child's forward runs. The transformer's lock is held through a forward whose
     per-call state (processors' state, Qwen's RoPE hooks) stays half set up in the child: its forward refuses to
-    run, saying so (a Qwen-Image child raised IndexError, others could compute wrong)."""
+    run, saying so (a Qwen-Image child raised IndexError, others could compute wrong). A sparse_context block that
+    holds the lock with no call or forward running in it set nothing up: the child's forward runs (it was
+    refused)."""
     import signal
 
     from sparsectx.kernels import _launch, attention as attention_kernels
@@ -1193,15 +1223,24 @@ def test_a_child_forked_while_another_thread_holds_sparsectx_locks(models, held)
     try:
         expected = _run(model, kwargs)
         locks = [_launch._INTERPRETER_LOCK, attention_kernels._TUNER_LOCK]
+        patch = getattr(model, integration.PATCH_ATTR)
         if held == "the transformer's lock":
-            locks.insert(0, getattr(model, integration.PATCH_ATTR).lock)
+            locks.insert(0, patch.lock)
         holding, release = threading.Event(), threading.Event()
 
         def hold():
+            if held == "a sparse_context block":
+                with sparsectx.sparse_context(model, budget=2, selector=random_selector, seed=0, attention="sparsectx"):
+                    holding.set()
+                    release.wait()
+                return
             for lock in locks:
                 lock.acquire()
+            running = held == "the transformer's lock"  # (held as a forward holds it: running)
+            patch.forwards_running += running
             holding.set()
             release.wait()
+            patch.forwards_running -= running
             for lock in reversed(locks):
                 lock.release()
 
@@ -1228,7 +1267,7 @@ def test_a_child_forked_while_another_thread_holds_sparsectx_locks(models, held)
         finally:
             release.set()
             holder.join()
-        assert os.waitstatus_to_exitcode(status) == (0 if held == "launch locks" else 4)
+        assert os.waitstatus_to_exitcode(status) == (4 if held == "the transformer's lock" else 0)
     finally:
         sparsectx.disable(model)
 

@@ -474,6 +474,42 @@ def test_a_threads_sparse_context_block_disable_and_last_selection_keep_to_its_o
     assert kept[-1] is False and not sparsectx.integration.is_enabled(pipe)
 
 
+def test_last_selection_of_a_pipeline_is_its_own_calls(pipe, family):
+    """last_selection(pipe) of an enabled pipeline: its own call's, also after a call of another pipeline sharing
+    the transformer ran inside its step callback (it was that call's); None after enabling again, before a call;
+    a pipeline back in the plain class reads the transformer's latest call (it kept its old record)."""
+    import copy
+
+    sparsectx.enable(pipe, budget=0.25, selector="uniform")
+    pristine = copy.deepcopy(pipe.scheduler)
+    other = None
+
+    def call(p, **extra):
+        with torch.no_grad():
+            p(**_call_kwargs(family, PLAIN), **extra)
+
+    call(pipe)
+    own = int(sparsectx.last_selection(pipe).keep.sum())
+
+    def nested(p, step, timestep, tensors):  # (at every step: the last one's nested call ends after its forwards)
+        nonlocal other
+        other = type(pipe).from_pipe(pipe, scheduler=copy.deepcopy(pristine))
+        name = "joint_attention_kwargs" if family == KONTEXT else "attention_kwargs"
+        call(other, **{name: {"sparsectx": {"budget": 1.0}}})
+        return tensors
+
+    call(pipe, callback_on_step_end=nested)
+    everything = int(sparsectx.last_selection(other).keep.sum())
+    assert everything > own and int(sparsectx.last_selection(pipe).keep.sum()) == own
+    sparsectx.enable(pipe, budget=0.5, selector="uniform")
+    assert sparsectx.last_selection(pipe) is None
+    sparsectx.disable(pipe)
+    sparsectx.enable(pipe.transformer, budget=1.0, selector="uniform")
+    call(pipe)
+    assert int(sparsectx.last_selection(pipe).keep.sum()) == everything
+    sparsectx.disable(pipe.transformer)
+
+
 def test_per_image_generators_select_each_image_as_it_would_alone(pipe, family):
     """A call given one generator per image (diffusers' per-image seeds) selects each image's reference tokens with
     its own generator's seed: image b of the batch keeps, and makes, what a call of that image alone with generator
