@@ -254,7 +254,7 @@ class _DropTrainingPatch(integration.ForwardPatch):
         self.ref_lengths: Optional[list] = None
         self.generator: Optional[torch.Generator] = None
         self.recent = integration.RecentForwards()  # records: each forward's (mask, kept prefix), for recomputation
-        # (host mask, skip_dropped_queries) of the latest draws (latest last), recognised in a recomputation's redraw
+        # host masks of the latest draws (latest last), recognised in a recomputation's redraw
         self.recent_draws: collections.deque = collections.deque(maxlen=integration.RECENT_FORWARDS)
         self.last_keep: Optional[torch.Tensor] = None  # the latest forward's image keep mask (last_drop_mask)
         self.warned_eval = False  # warned once that a forward with gradients in eval mode dropped nothing
@@ -384,9 +384,8 @@ class _DropTrainingPatch(integration.ForwardPatch):
             if not self.transformer.training:
                 return None, 0
             mask, host = self._draw_mask(call)
-            for drawn, skip in reversed(self.recent_draws) if self.generator is None else ():
-                if _same_draw(host, drawn):  # the restored global RNG drew that forward's mask again
-                    return (*mask, skip)  # (and it ran with its skip_dropped_queries of then)
+            if self.generator is None and any(_same_draw(host, drawn) for drawn in self.recent_draws):
+                return mask  # the restored global RNG drew that forward's mask again
             _warn("drop training: a training forward ran during backward (a torch.utils.checkpoint "
                   "recomputation) and its forward's drop mask can not be told ("
                   + ("two forwards took the same hidden_states tensor" if entry is not None else
@@ -399,7 +398,7 @@ class _DropTrainingPatch(integration.ForwardPatch):
             return entry.record if entry is not None else mask
         before = integration.rng_states(hidden.device)
         mask, host = self._draw_mask(call)
-        self.recent_draws.append((host, self.state.skip_dropped_queries))
+        self.recent_draws.append(host)
         # ambiguous when an earlier forward on this input was not recomputed
         self.recent.remember(key, integration.RecentForward(
             weakref.ref(hidden), (*mask, self.state.skip_dropped_queries), training=True, patched=mask[0] is not None,
