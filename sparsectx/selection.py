@@ -1066,13 +1066,9 @@ def _check_per_image_setting(name: str, value) -> None:
 
 def _holds_bool(value) -> bool:
     """Whether nested lists (numpy arrays, tensors) hold a bool entry: Python, numpy or a bool tensor."""
-    if isinstance(value, (list, tuple)):
-        return any(_holds_bool(v) for v in value)
-    if isinstance(value, torch.Tensor):
-        return value.dtype == torch.bool
-    if ops._is_numpy(value):  # an array or a scalar
-        return value.dtype == bool
-    return isinstance(value, bool)
+    return any(entry.dtype == torch.bool if isinstance(entry, torch.Tensor) else
+               entry.dtype == bool if ops._is_numpy(entry) else isinstance(entry, bool)
+               for entry in _list_entries(value))
 
 
 def _check_scalar_setting(name: str, value) -> None:
