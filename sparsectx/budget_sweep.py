@@ -20,6 +20,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 import torch
 
 from . import integration
+from ._warn import warn as _warn
 
 # the keys of one setting: ``enable``'s arguments (those a row leaves out take enable's defaults), and a label
 SETTING_KEYS = ("budget", "selector", "seed", "attention", "signals")
@@ -39,7 +40,8 @@ class SweepRow(NamedTuple):
     GLM-Image selects each reference image in a forward of its own; 1.0 for the baseline), ``seconds`` the median
     time of a timed call, and the output against the baseline's: ``psnr`` in dB over the whole batch (images only,
     ``inf`` when equal; None for latents), ``rel_rmse`` (root of the mean squared difference over that of the
-    baseline) and ``max_abs_diff``."""
+    baseline) and ``max_abs_diff`` (NaN where the output or the baseline holds NaN; a baseline holding NaN or inf
+    warns)."""
 
     label: str
     settings: Optional[dict]
@@ -97,9 +99,10 @@ class Sweep:
             value = row.psnr if images else row.rel_rmse
             if math.isfinite(value):
                 fidelity.plot(100 * row.kept, value, "o", color=color)
-                fidelity.annotate(row.label, (100 * row.kept, value), fontsize=7)
+                fidelity.annotate(row.label, (100 * row.kept, value), fontsize=7, parse_math=False)
             timing.plot(100 * row.kept, row.seconds, "o", color=color)
-            timing.annotate(row.label, (100 * row.kept, row.seconds), fontsize=7)
+            # (parse_math=False: a label's "$" is text, not the start of a formula)
+            timing.annotate(row.label, (100 * row.kept, row.seconds), fontsize=7, parse_math=False)
         fidelity.set_xlabel("reference tokens kept (%)")
         fidelity.set_ylabel("PSNR against Sparse Context off (dB)" if images else "relative RMSE against off")
         timing.axhline(self.rows[0].seconds, linestyle="--", color="gray", label=BASELINE_LABEL)
@@ -146,10 +149,15 @@ def _label(setting: dict) -> str:
 
 def _labels(rows: list) -> list:
     """The rows' labels, the baseline's first; a label two settings share (or one with the baseline's) gets its
-    setting's index appended (``settings[i]``), so that no two rows of the table or points of the plot read alike."""
+    setting's index appended (``settings[i]``), so that no two rows of the table or points of the plot read alike
+    (where that still leaves two alike, a given label reading like another's appended form, every setting's label
+    gets its index: labels then differ in the index at their end)."""
     labels = [_label(setting) for setting in rows]
-    return [BASELINE_LABEL] + [label if (labels + [BASELINE_LABEL]).count(label) == 1 else f"{label} (settings[{i}])"
-                               for i, label in enumerate(labels)]
+    named = [label if (labels + [BASELINE_LABEL]).count(label) == 1 else f"{label} (settings[{i}])"
+             for i, label in enumerate(labels)]
+    if len(set(named + [BASELINE_LABEL])) < len(named) + 1:
+        named = [f"{label} (settings[{i}])" for i, label in enumerate(labels)]
+    return [BASELINE_LABEL] + named
 
 
 def _check_seed(seed) -> int:
@@ -191,6 +199,13 @@ def _check_settings(pipe, settings) -> list:
         if unknown:
             raise ValueError(f"settings[{i}] has unknown keys {unknown}: allowed are {list(SETTING_KEYS)} and "
                              f"'{LABEL_KEY}'")
+        if LABEL_KEY in setting:
+            label = setting[LABEL_KEY]
+            if not isinstance(label, str):
+                raise TypeError(f"settings[{i}]['{LABEL_KEY}'] must be a str, got {type(label).__name__}")
+            if not label.strip():
+                raise ValueError(f"settings[{i}]['{LABEL_KEY}'] is empty: give the row a name, or leave '{LABEL_KEY}' "
+                                 "out (the row is then named by its settings)")
         args = _enable_args(setting)
         try:
             integration.check_enable_arguments(**args)
@@ -251,7 +266,10 @@ def _compare(output: torch.Tensor, baseline: torch.Tensor, images: bool) -> tupl
     mse = diff.pow(2).mean().item()
     psnr = (math.inf if mse == 0 else 10 * math.log10(1.0 / mse)) if images else None
     reference = baseline.pow(2).mean().item()
-    rel_rmse = math.sqrt(mse / reference) if reference > 0 else (0.0 if mse == 0 else math.inf)
+    if math.isnan(mse) or math.isnan(reference):  # (NaN in the output or the baseline: no distance to report)
+        rel_rmse = math.nan
+    else:
+        rel_rmse = math.sqrt(mse / reference) if reference > 0 else (0.0 if mse == 0 else math.inf)
     return psnr, rel_rmse, diff.abs().max().item() if diff.numel() else 0.0
 
 
@@ -269,7 +287,8 @@ def sweep(pipe, settings: Sequence[dict], *, seed: int = 0, repeats: int = 1, wa
     baseline's.
 
     ``settings``: dicts of ``enable``'s arguments (``budget``, ``selector``, ``seed``, ``attention``, ``signals``;
-    the ones left out take ``enable``'s defaults, not the pipeline's current settings) and optionally ``label``.
+    the ones left out take ``enable``'s defaults, not the pipeline's current settings) and optionally ``label`` (a
+    non-empty str).
     ``call_kwargs``: the pipeline's own arguments, without ``generator``; ``output_type`` defaults to ``"pt"`` (one
     of ``pt``, ``np``, ``pil``: PSNR of images in [0, 1]; ``latent``: no PSNR); a modular pipeline needs
     ``output="images"`` (decoded with its ``output_type``, by default PIL) or ``"latents"``. The pipeline's Sparse
@@ -330,6 +349,10 @@ def sweep(pipe, settings: Sequence[dict], *, seed: int = 0, repeats: int = 1, wa
                 output = _as_float_tensor(output)
                 if baseline is None:
                     baseline = output
+                    if not bool(torch.isfinite(baseline).all()):
+                        _warn("sparsectx.sweep: the baseline's output (Sparse Context off) holds NaN or inf: every "
+                              "row's PSNR, relative RMSE and largest difference against it read NaN",
+                              RuntimeWarning)
                 psnr, rel_rmse, max_abs_diff = _compare(output, baseline, images)
                 results.append(SweepRow(label, None if setting is None else _enable_args(setting), kept,
                                         statistics.median(seconds), psnr, rel_rmse, max_abs_diff))
@@ -345,7 +368,9 @@ def sweep(pipe, settings: Sequence[dict], *, seed: int = 0, repeats: int = 1, wa
 def _run_row(pipe, setting: Optional[dict], seed: int, warmup: int, repeats: int, call_kwargs: dict, bar) -> tuple:
     """(last output's images, timed seconds, last selection or None, share of the reference tokens the last call's
     selections kept) of one row's calls."""
-    with integration.restored_state(pipe):
+    _, transformer, _ = integration._split_target(pipe)
+    # as inside sparse_context: other threads' calls and blocks on the transformer wait for the row's calls
+    with integration.transformer_lock(transformer), integration.restored_state(pipe):
         if setting is None:
             integration.disable(pipe)
         else:

@@ -15,7 +15,8 @@ included, and records every one that reads device data on the host:
 - a copy between a device and the host (``.cpu()``, also of a tensor already on the CPU, ``.to("cuda")`` of a
   host tensor), except a ``non_blocking`` copy from pinned host memory to the device (it is queued like a kernel
   and waits for nothing). ``.to("cpu")`` of a CPU tensor is not counted: here it can not be told from a move to
-  the model's device (the CPU too).
+  the model's device (the CPU too). A copy between the CPU and ``meta`` counts as one with a device (tests on the
+  CPU use meta to stand for a GPU), though no data moves.
 
 Not seen: a tensor built from host data directly on the device (``torch.tensor(list, device="cuda")``): its copy
 happens below the dispatcher. On CUDA that copy also waits for the stream; ``set_sync_debug_mode`` reports it.
@@ -116,6 +117,25 @@ def _crosses_host(func, args, kwargs, out) -> bool:
     return not (non_blocking and src.device.type == "cpu" and src.is_pinned())
 
 
+def _storage_refs(t: torch.Tensor) -> list:
+    """Weak references to the storages holding ``t``'s data: its own (a strided tensor), those of its indices and
+    values (a sparse tensor: COO, CSR, CSC, BSR, BSC), or none (a tensor whose storage can not be read)."""
+    if t.layout is torch.strided:
+        try:
+            return [StorageWeakRef(t.untyped_storage())]
+        except (NotImplementedError, RuntimeError):  # (a tensor subclass or nested tensor without one storage)
+            return []
+    if t.layout is torch.sparse_coo:
+        parts = (t._indices(), t._values())
+    elif t.layout in (torch.sparse_csr, torch.sparse_bsr):
+        parts = (t.crow_indices(), t.col_indices(), t.values())
+    elif t.layout in (torch.sparse_csc, torch.sparse_bsc):
+        parts = (t.ccol_indices(), t.row_indices(), t.values())
+    else:
+        return []
+    return [ref for part in parts for ref in _storage_refs(part)]
+
+
 class HostReads(TorchDispatchMode):
     """The host reads of a block: ``ops`` (names, in order) and ``count``. Use ``count_host_reads()``, which also
     watches ``Tensor.tolist`` and ``Tensor.cpu``."""
@@ -141,29 +161,31 @@ class HostReads(TorchDispatchMode):
 
     def mark(self, t) -> None:
         if self._device is not None and isinstance(t, torch.Tensor):
-            ref = StorageWeakRef(t.untyped_storage())
-            self._device[ref.cdata] = ref
+            for ref in _storage_refs(t):
+                self._device[ref.cdata] = ref
 
     def holds_device_data(self, t) -> bool:
         if self._device is None:
             return True
-        ref = self._device.get(t.untyped_storage()._cdata)
-        return ref is not None and not ref.expired()
+        refs = _storage_refs(t)
+        if not refs:
+            return True  # (a tensor whose storage can not be read: taken for device data)
+        return any(not ref.expired() for ref in (self._device.get(r.cdata) for r in refs) if ref is not None)
 
     def made_on_the_device(self, t) -> bool:
         """Whether ``t`` is device data on a GPU: device data given (``device_data``), or, without, any tensor but
         one the block made from host data."""
         if self._device is not None:
             return self.holds_device_data(t)
-        ref = self._host_made.get(t.untyped_storage()._cdata)
-        return ref is None or ref.expired()
+        refs = _storage_refs(t)
+        return not any(ref is not None and not ref.expired() for ref in (self._host_made.get(r.cdata) for r in refs))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if self._device is None and func in _HOST_MADE and out.numel() == 1:  # (only such values are asked about)
-            ref = StorageWeakRef(out.untyped_storage())
-            self._host_made[ref.cdata] = ref
+            for ref in _storage_refs(out):
+                self._host_made[ref.cdata] = ref
         if self._device is not None:
             inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
             if not any(self.holds_device_data(t) for t in inputs):

@@ -1658,6 +1658,20 @@ def _is_own_forward(module: torch.nn.Module, forward) -> bool:
 
 # every live patch, so that a forked child gets new locks (_new_patch_locks)
 _PATCHES: "weakref.WeakSet[ForwardPatch]" = weakref.WeakSet()
+# one lock per transformer, outliving its patches: held by each patched forward, an enabled pipeline's call, enable,
+# disable and a sparse_context block (also on a transformer no patch was made for yet, so two threads' first blocks
+# on it run one after the other); made under _LOCKS_GUARD
+_TRANSFORMER_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def transformer_lock(transformer: torch.nn.Module) -> threading.RLock:
+    """The transformer's lock (made at its first use); a patch of the transformer holds the same one (``.lock``)."""
+    with _LOCKS_GUARD:
+        lock = _TRANSFORMER_LOCKS.get(transformer)
+        if lock is None:
+            lock = _TRANSFORMER_LOCKS[transformer] = threading.RLock()
+        return lock
 
 
 def _new_patch_locks() -> None:
@@ -1665,11 +1679,16 @@ def _new_patch_locks() -> None:
     enabled pipeline's call) is never released there, and the child's first call would wait for it forever. Such a
     patch is marked: the per-call state that thread had set up (processors' state, Qwen's RoPE hooks) stays half
     applied in the child, whose forwards then refuse to run (``forked_in_call``) instead of computing wrong."""
+    global _LOCKS_GUARD
+    _LOCKS_GUARD = threading.Lock()
     for patch in list(_PATCHES):
         # (a lock held by a sparse_context block alone, with no call or forward running in it, set nothing up)
         if not patch.lock.acquire(blocking=False) and (getattr(patch, "pipeline_calls", 0) or patch.forwards_running):
             patch.forked_in_call = True
-        patch.lock = threading.RLock()
+    for transformer in list(_TRANSFORMER_LOCKS.keys()):
+        _TRANSFORMER_LOCKS[transformer] = threading.RLock()
+    for patch in list(_PATCHES):
+        patch.lock = transformer_lock(patch.transformer)
 
 
 os.register_at_fork(after_in_child=_new_patch_locks)
@@ -1736,8 +1755,9 @@ class ForwardPatch:
         self.checkpointing_modules = [m for m in transformer.modules() if hasattr(m, "gradient_checkpointing")]
         # held by each forward, and by an enabled pipeline's whole call: the patch's per-call state (plans, the call's
         # seed, the processors' mask, the RoPE hooks) serves one call at a time, so calls from several threads on
-        # one transformer run one after the other (each as it runs alone)
-        self.lock = threading.RLock()
+        # one transformer run one after the other (each as it runs alone). The transformer's own, which every patch
+        # made for it shares (transformer_lock)
+        self.lock = transformer_lock(transformer)
         self.forwards_running = 0  # forwards inside the lock now (a fork then leaves one half done: _new_patch_locks)
         self.forked_in_call = False  # set in a child forked while another thread held the lock (_new_patch_locks)
         _PATCHES.add(self)
@@ -1887,7 +1907,9 @@ class ForwardPatch:
                 value = self._CALL_STATE[name]
             if name == "forwards_running":  # (a copy made while a forward runs: none runs in the copy)
                 value = 0
-            setattr(clone, name, threading.RLock() if name == "lock" else copy.deepcopy(value, memo))
+            if name != "lock":
+                setattr(clone, name, copy.deepcopy(value, memo))
+        clone.lock = transformer_lock(clone.transformer)  # (the copied transformer's)
         _PATCHES.add(clone)
         return clone
 
@@ -3881,13 +3903,13 @@ def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Call
     _warn_ids_grid(family, settings.selector, settings.signals)
     _check_attention_for(family, attention)
     _check_transformer_state(transformer)
-    patch = getattr(transformer, PATCH_ATTR, None)
-    if patch is None:
-        patch = _SparsePatch(transformer, family, settings)
-        patch.set_attention(attention)  # first: raises before anything changed when a processor is unsupported
-        patch.install()
-    else:
-        with patch.lock:  # (a call running in another thread finishes with the settings it started with)
+    with transformer_lock(transformer):  # (a call running in another thread finishes with the settings it started with)
+        patch = getattr(transformer, PATCH_ATTR, None)
+        if patch is None:
+            patch = _SparsePatch(transformer, family, settings)
+            patch.set_attention(attention)  # first: raises before anything changed when a processor is unsupported
+            patch.install()
+        else:
             patch.set_attention(attention)  # first: on an unsupported processor nothing changes
             patch.settings = settings
             patch.new_call()
@@ -3898,7 +3920,10 @@ def enable(pipe_or_transformer, budget: Budget = 0.25, selector: Union[str, Call
             pipe.__class__ = _pipeline_class(type(pipe))
         replaced = _replaced_transformer(pipe)
         if replaced is not None:  # the transformer an earlier enable patched, since replaced in the pipeline
-            getattr(replaced, PATCH_ATTR).uninstall()
+            with transformer_lock(replaced):
+                old_patch = getattr(replaced, PATCH_ATTR, None)
+                if old_patch is not None:
+                    old_patch.uninstall()
         _note_enabled_through(pipe, transformer)
     return pipe_or_transformer
 
@@ -3959,9 +3984,11 @@ def disable(pipe_or_transformer):
         pipe, transformer = pipe_or_transformer, None
     replaced = _replaced_transformer(pipe) if pipe is not None else None
     for module in (transformer, replaced):
-        patch = getattr(module, PATCH_ATTR, None)
-        if patch is not None:
-            with patch.lock:  # (a call running in another thread finishes as it started: sparse)
+        if module is None:
+            continue
+        with transformer_lock(module):  # (a call running in another thread finishes as it started: sparse)
+            patch = getattr(module, PATCH_ATTR, None)
+            if patch is not None:
                 patch.uninstall()
     if pipe is not None and hasattr(type(pipe), "_sparsectx_base"):
         pipe.__class__ = type(pipe)._sparsectx_base
@@ -4106,19 +4133,9 @@ def sparse_context(pipe_or_transformer, budget: Budget = 0.25, selector: Union[s
     the transformer as an enabled call does: calls and blocks of other threads on it wait until it exits (so each
     block's calls run with its settings, and its exit restores the state its start found), while this thread's
     calls inside it run; a block that waits for another thread's call on the same transformer would wait forever.
-    On a transformer not enabled before (no patch, so no lock yet), blocks entered at once by two threads may
-    overlap: enable a default first where threads each open blocks."""
+    (The transformer's lock, also on a transformer not enabled before: two threads' blocks on it never overlap.)"""
     _, transformer, _ = _split_target(pipe_or_transformer)
-    with contextlib.ExitStack() as held:
-        patch = getattr(transformer, PATCH_ATTR, None)
-        if patch is not None:
-            held.enter_context(patch.lock)
-        with restored_state(pipe_or_transformer):
-            enable(pipe_or_transformer, budget=budget, selector=selector, seed=seed, attention=attention,
-                   signals=signals)
-            made = getattr(transformer, PATCH_ATTR, None)
-            if made is not patch:  # a patch this enable made: held from here, its settings set again under it
-                held.enter_context(made.lock)
-                enable(pipe_or_transformer, budget=budget, selector=selector, seed=seed, attention=attention,
-                       signals=signals)
-            yield pipe_or_transformer
+    with transformer_lock(transformer), restored_state(pipe_or_transformer):
+        enable(pipe_or_transformer, budget=budget, selector=selector, seed=seed, attention=attention,
+               signals=signals)
+        yield pipe_or_transformer

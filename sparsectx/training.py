@@ -254,8 +254,10 @@ class _DropTrainingPatch(integration.ForwardPatch):
         self.ref_lengths: Optional[list] = None
         self.generator: Optional[torch.Generator] = None
         self.recent = integration.RecentForwards()  # records: each forward's (mask, kept prefix), for recomputation
-        # host masks of the latest draws (latest last), recognised in a recomputation's redraw
+        # host masks of the latest draws (latest last), recognised in a recomputation's redraw, and the
+        # skip_dropped_queries each of those forwards ran with
         self.recent_draws: collections.deque = collections.deque(maxlen=integration.RECENT_FORWARDS)
+        self.recent_draw_skips: collections.deque = collections.deque(maxlen=integration.RECENT_FORWARDS)
         self.last_keep: Optional[torch.Tensor] = None  # the latest forward's image keep mask (last_drop_mask)
         self.warned_eval = False  # warned once that a forward with gradients in eval mode dropped nothing
 
@@ -267,6 +269,7 @@ class _DropTrainingPatch(integration.ForwardPatch):
         processors.restore_processors(self.transformer, self.original_processors)
         self.state.image_keep, self.state.image_kept_prefix = None, 0
         self.recent_draws.clear()
+        self.recent_draw_skips.clear()
         self.last_keep = None
 
     def forward(self, *args, **kwargs):
@@ -384,8 +387,10 @@ class _DropTrainingPatch(integration.ForwardPatch):
             if not self.transformer.training:
                 return None, 0
             mask, host = self._draw_mask(call)
-            if self.generator is None and any(_same_draw(host, drawn) for drawn in self.recent_draws):
-                return mask  # the restored global RNG drew that forward's mask again
+            draws = zip(reversed(self.recent_draws), reversed(self.recent_draw_skips))
+            for drawn, skip in draws if self.generator is None else ():
+                if _same_draw(host, drawn):  # the restored global RNG drew that forward's mask again
+                    return (*mask, skip)  # (and it ran with the skip_dropped_queries of then)
             _warn("drop training: a training forward ran during backward (a torch.utils.checkpoint "
                   "recomputation) and its forward's drop mask can not be told ("
                   + ("two forwards took the same hidden_states tensor" if entry is not None else
@@ -399,6 +404,7 @@ class _DropTrainingPatch(integration.ForwardPatch):
         before = integration.rng_states(hidden.device)
         mask, host = self._draw_mask(call)
         self.recent_draws.append(host)
+        self.recent_draw_skips.append(self.state.skip_dropped_queries)
         # ambiguous when an earlier forward on this input was not recomputed
         self.recent.remember(key, integration.RecentForward(
             weakref.ref(hidden), (*mask, self.state.skip_dropped_queries), training=True, patched=mask[0] is not None,
@@ -497,12 +503,13 @@ def enable_drop_training(transformer, ratio_range: tuple = DEFAULT_RATIO_RANGE,
     if getattr(model, integration.PATCH_ATTR, None) is not None:
         raise RuntimeError("sparsectx.enable is active on this transformer; call sparsectx.disable first (drop "
                            "training and the drop-in do not run together: disable one before enabling the other)")
-    patch = getattr(model, integration.DROP_TRAINING_ATTR, None)
-    if patch is None:
-        patch = _DropTrainingPatch(model, family)
-        patch.install()
-    patch.ratio_range, patch.ref_lengths, patch.generator = tuple(ratio_range), ref_lengths, generator
-    patch.state.skip_dropped_queries = skip_dropped_queries
+    with integration.transformer_lock(model):  # (a forward running in another thread finishes as it started)
+        patch = getattr(model, integration.DROP_TRAINING_ATTR, None)
+        if patch is None:
+            patch = _DropTrainingPatch(model, family)
+            patch.install()
+        patch.ratio_range, patch.ref_lengths, patch.generator = tuple(ratio_range), ref_lengths, generator
+        patch.state.skip_dropped_queries = skip_dropped_queries
     return transformer
 
 
@@ -510,9 +517,10 @@ def disable_drop_training(transformer):
     """Restores the original forward and attention processors (the same objects); a no-op when drop training is not
     enabled. Returns ``transformer``."""
     _, model, _ = integration._split_target(transformer)
-    patch = getattr(model, integration.DROP_TRAINING_ATTR, None)
-    if patch is not None:
-        patch.uninstall()
+    with integration.transformer_lock(model):
+        patch = getattr(model, integration.DROP_TRAINING_ATTR, None)
+        if patch is not None:
+            patch.uninstall()
     return transformer
 
 

@@ -256,6 +256,30 @@ def test_device_data_tells_device_reads_from_host_work():
     assert reads.ops == ["aten._local_scalar_dense.default"], reads.ops
 
 
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_device_data_of_sparse_tensors_is_followed(layout):
+    """count_host_reads(device_data=...) around operations on sparse tensors (an nn.Embedding(sparse=True) backward,
+    a sparse matmul): their data is followed through their indices' and values' storages (before: every such
+    operation raised NotImplementedError, "Cannot access storage of SparseTensorImpl", only inside the block)."""
+    embedding = torch.nn.Embedding(10, 4, sparse=True)
+    ids = torch.tensor([[1, 2, 3]])
+    with count_host_reads(device_data=[embedding, ids]) as reads:
+        embedding(ids).sum().backward()
+    assert reads.count == 0, reads.ops
+    grad = embedding.weight.grad
+    assert grad.layout is torch.sparse_coo
+    sparse = torch.randn(3, 3).to_sparse() if layout == "coo" else torch.randn(3, 3).to_sparse_csr()
+    weight = torch.randn(3, 3)
+    with count_host_reads(device_data=[weight]) as reads:
+        product = torch.sparse.mm(sparse, weight) if layout == "coo" else sparse @ weight  # device data
+        int(sparse.values().sum())  # host work: a sparse tensor made outside the device data
+        int(product.sum())  # a read of device data
+        device_sparse = weight.to_sparse() if layout == "coo" else weight.to_sparse_csr()
+        int(device_sparse.values().sum())  # the values of a sparse tensor made from device data: a read
+    assert reads.ops == ["aten._local_scalar_dense.default"] * 2, reads.ops
+    torch.testing.assert_close(product, sparse.to_dense() @ weight)
+
+
 def test_blocks_of_two_threads_may_overlap():
     import threading
 

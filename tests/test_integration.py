@@ -4,6 +4,7 @@ reference plane 1), Qwen-Image (QwenImageTransformer2DModel, RoPE from img_shape
 layout (LongCatImageTransformer2DModel: target on id plane 1, references on planes 2, 3, image ids past the text's),
 Bria FIBO Edit layout (BriaFiboTransformer2DModel: FLUX.1's, per-block text layers, the prompt's padding as a key
 mask in joint_attention_kwargs)."""
+import contextlib
 import functools
 import gc
 import logging
@@ -1202,6 +1203,53 @@ def test_a_forward_that_waited_for_a_sparse_context_block_runs_as_the_block_left
     thread.join()
     assert not integration.is_enabled(model)
     torch.testing.assert_close(out, dense, rtol=0, atol=FP32_ATOL)
+
+
+def test_sparse_context_blocks_of_two_threads_on_a_transformer_never_enabled_run_one_after_the_other(models,
+                                                                                                  monkeypatch):
+    """Two threads' sparse_context blocks on a transformer no patch was made for yet, the second entered while the
+    first is setting up (after it read the state to restore, before its enable made a patch): the second waits for
+    the first to exit (the transformer's lock outlives its patches; before, no lock existed until the first enable,
+    and the blocks overlapped), so each block's call runs its own budget and the model ends disabled."""
+    model, kwargs = models["flux2"], _inputs("flux2")
+    assert not integration.is_enabled(model)
+    expected = {}
+    for budget in (2, 6):
+        with sparsectx.sparse_context(model, budget=budget, selector="uniform"):
+            expected[budget] = _run(model, kwargs)
+    assert not torch.allclose(expected[2], expected[6], rtol=0, atol=FP32_ATOL)
+    events, outputs = [], {}
+    entered = threading.Event()
+    restored_state = integration.restored_state
+
+    @contextlib.contextmanager
+    def slow_restored_state(target):
+        with restored_state(target):
+            if threading.current_thread() is thread:
+                entered.set()
+                time.sleep(0.5)  # (the other thread's block starts meanwhile)
+            yield
+
+    monkeypatch.setattr(integration, "restored_state", slow_restored_state)
+
+    def block():
+        with sparsectx.sparse_context(model, budget=2, selector="uniform"):
+            events.append("first entered")
+            time.sleep(0.2)
+            outputs[2] = _run(model, kwargs)
+            events.append("first exits")
+
+    thread = threading.Thread(target=block)
+    thread.start()
+    assert entered.wait(10)
+    with sparsectx.sparse_context(model, budget=6, selector="uniform"):
+        events.append("second entered")
+        outputs[6] = _run(model, kwargs)
+    thread.join()
+    assert events == ["first entered", "first exits", "second entered"]
+    for budget in (2, 6):
+        torch.testing.assert_close(outputs[budget], expected[budget], rtol=0, atol=0)
+    assert not integration.is_enabled(model)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork")

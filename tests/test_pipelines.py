@@ -5,7 +5,10 @@ makes both pipelines skip them, so they are passed as None."""
 import copy
 import functools
 import inspect
+import math
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -1376,6 +1379,10 @@ def test_sweep_restores_the_pipelines_state(pipe, family, before, fails):
     (dict(settings=[{"budget": 0.1}], keep_outputs=1), TypeError, "keep_outputs must be a bool"),
     (dict(settings=[{"budget": 0.1}], generator=torch.Generator()), ValueError, "pass no generator"),
     (dict(settings=[{"budget": 0.1}], output_type="png"), ValueError, "output_type must be one of"),
+    (dict(settings=[{"budget": 0.1, "label": None}]), TypeError, "settings[0]['label'] must be a str, got NoneType"),
+    (dict(settings=[{"budget": 0.1}, {"budget": 0.2, "label": ["x"]}]), TypeError,
+     "settings[1]['label'] must be a str, got list"),
+    (dict(settings=[{"budget": 0.1, "label": " "}]), ValueError, "settings[0]['label'] is empty"),
     (dict(settings=[{"budget": 0.1}], joint_attention_kwargs={"sparsectx": {"budget": 1.0}}), ValueError,
      "joint_attention_kwargs['sparsectx'] would override every row's settings"),
 ])
@@ -1434,6 +1441,13 @@ def test_sweep_table_and_plot(pipe, family, tmp_path):
     expected = [(100 * row.kept, row.seconds) for row in (keep_all, dropped, edit)]
     for axis in (0, 1):
         assert [p[axis] for p in timing_points] == pytest.approx([p[axis] for p in expected])
+    # a label holding "$" is drawn as text (before: matplotlib read "$...$" as a formula, and one it could not
+    # parse failed the plot)
+    dollars = "cost: $0.02/img at 10%, $0.05/img at 25%"
+    rows = [off, dropped._replace(label=dollars)]
+    fig = type(result)(rows).plot(tmp_path / "dollars.png")
+    texts = [text.get_text() for axis in fig.axes for text in axis.texts]
+    assert texts.count(dollars) == 2 and (tmp_path / "dollars.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("output", ["latents", "images"])
@@ -1511,6 +1525,57 @@ def test_sweep_labels_tell_every_setting_apart():
                           "budget=adaptive(coverage=tensor[2, 1], floor=0, cap=1.0, mass='auto')"]
     # a setting labelled as the baseline reads apart from it
     assert budget_sweep._labels([{"label": "sparsectx off"}]) == ["sparsectx off", "sparsectx off (settings[0])"]
+    # a given label reading like another's appended form: every label gets its index (before: two rows read
+    # "a (settings[0])")
+    labels = budget_sweep._labels([{"label": "a"}, {"label": "a"}, {"label": "a (settings[0])"}])
+    assert labels == ["sparsectx off", "a (settings[0])", "a (settings[1])", "a (settings[0]) (settings[2])"]
+
+
+@pytest.mark.parametrize("family", [KONTEXT])  # not family-specific: one family
+def test_sweep_against_a_baseline_holding_nan_reads_nan_and_warns(pipe, family, monkeypatch):
+    """An output holding NaN has no distance to report: every row's relative RMSE is NaN (before: inf, the baseline
+    against itself included), and a warning says the baseline holds NaN."""
+    from sparsectx import budget_sweep
+
+    output_of, outputs = budget_sweep._output_of, []
+
+    def baseline_with_nan(out):
+        images = output_of(out)
+        if not outputs:  # the baseline's row
+            images = images.clone()
+            images.view(-1)[0] = float("nan")
+        outputs.append(images)
+        return images
+
+    monkeypatch.setattr(budget_sweep, "_output_of", baseline_with_nan)
+    with pytest.warns(RuntimeWarning, match=r"baseline's output \(Sparse Context off\) holds NaN or inf"):
+        result = sparsectx.sweep(pipe, [{"budget": 0.5, "selector": "uniform"}], warmup=0, progress=False,
+                                 **_sweep_kwargs(family, "latent"))
+    assert len(outputs) == 2
+    for row in result.rows:
+        assert math.isnan(row.rel_rmse) and math.isnan(row.max_abs_diff), row
+
+
+@pytest.mark.parametrize("family", [KONTEXT])  # not family-specific: one family
+def test_a_sweep_waits_for_another_threads_sparse_context_block(pipe, family):
+    """A sweep's rows hold the transformer as sparse_context blocks do: a sweep started while another thread's block
+    holds the pipeline waits for it (before: its first row read the block's settings as the state to restore, and
+    put them back after the block had exited: the pipeline stayed enabled)."""
+    entered = threading.Event()
+
+    def block():
+        with sparsectx.sparse_context(pipe, budget=1.0, selector="uniform"):
+            entered.set()
+            time.sleep(1.0)  # (the sweep starts meanwhile)
+
+    thread = threading.Thread(target=block)
+    thread.start()
+    assert entered.wait(10)
+    result = sparsectx.sweep(pipe, [{"budget": 0.5, "selector": "uniform"}], warmup=0, progress=False,
+                             **_sweep_kwargs(family, "latent"))
+    thread.join()
+    assert not sparsectx.integration.is_enabled(pipe)
+    assert result.rows[1].kept == pytest.approx(0.5, abs=0.05)
 
 
 @pytest.mark.parametrize("family", [KONTEXT])  # not family-specific: one family

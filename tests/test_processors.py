@@ -2591,22 +2591,29 @@ def test_float64_model_with_sparsectx_attention_says_what_to_do(models):
 
 
 @pytest.mark.parametrize("case, reentrant", [("input made inside", False), ("same input twice", False),
-                                             ("same input twice", True), ("rng state not restored", False)])
+                                             ("same input twice", True), ("rng state not restored", False),
+                                             ("input made inside, enabled again", False),
+                                             ("input made inside, enabled again", True)])
 def test_checkpoint_recomputation_without_a_generator_redraws_its_forwards_mask(case, reentrant):
     """Without a generator the masks come from torch's global CPU RNG, which a checkpoint restores before its
     recomputation: a recomputation whose forward can not be told redraws that forward's mask (the gradients equal
-    those of the same forwards run without checkpointing, no warning); a checkpoint that does not restore the RNG
-    state (``preserve_rng_state=False``) gets the warning."""
+    those of the same forwards run without checkpointing, no warning), and runs with that forward's
+    skip_dropped_queries when drop training was enabled again with another before the backward (before: the new
+    one; the dropped rows' outputs, in the loss here, then differ: wrong gradients, reentrant, or torch's
+    CheckpointError); a checkpoint that does not restore the RNG state (``preserve_rng_state=False``) gets the
+    warning."""
     kwargs = shared._inputs("flux2")
     model = shared._build_model("flux2").train()
     enable_drop_training(model, ratio_range=(0.3, 0.6))
     hidden = kwargs["hidden_states"].clone().requires_grad_()
     refs = hidden[:, N_TARGET:].detach()
+    every_row = case.endswith("enabled again")
 
     def run(h):
         if case != "same input twice":
             h = torch.cat([h, refs], 1)
-        return model(**{**kwargs, "hidden_states": h})[0][:, :N_TARGET].pow(2).mean()
+        out = model(**{**kwargs, "hidden_states": h})[0]
+        return (out if every_row else out[:, :N_TARGET]).pow(2).mean()
 
     def gradient(checkpointed):
         torch.manual_seed(0)
@@ -2616,7 +2623,11 @@ def test_checkpoint_recomputation_without_a_generator_redraws_its_forwards_mask(
                                                     preserve_rng_state=case != "rng state not restored")
                   if checkpointed else run(x) for x in inputs]
         torch.randn(3)  # the global RNG moves on before the backward
+        if every_row:
+            enable_drop_training(model, ratio_range=(0.3, 0.6), skip_dropped_queries=False)
         sum(losses).backward()
+        if every_row:
+            enable_drop_training(model, ratio_range=(0.3, 0.6))
         return hidden.grad.clone()
 
     expected = gradient(checkpointed=False)
