@@ -1353,6 +1353,25 @@ class _Group:
     joints: dict = field(default_factory=dict)
 
 
+def _lora_key(transformer: torch.nn.Module, attn_kwargs) -> Optional[tuple]:
+    """The peft LoRA state of ``transformer`` that its q and k (the attention probe's) depend on: the call's
+    ``scale`` and each LoRA layer's active, merged and disabled adapters and scalings (``set_adapters``'
+    weights), or None without peft layers. (A walk over the modules, made outside an enabled pipeline's call only,
+    where nothing else tells a forward at another LoRA setting from one on the same prompt tensors.)"""
+    tuners = sys.modules.get("peft.tuners.tuners_utils")  # (no peft imported: no LoRA layer)
+    # (peft's add_adapter, diffusers' load_lora_adapter and get_peft_model set peft_config on the model: without
+    # one, no walk, which costs ~1 us per module)
+    if tuners is None or not getattr(transformer, "peft_config", None):
+        return None
+    layers = tuple((tuple(layer.active_adapters), bool(layer.disable_adapters), tuple(layer.merged_adapters),
+                    repr(sorted(getattr(layer, "scaling", {}).items())))
+                   for layer in transformer.modules() if isinstance(layer, tuners.BaseTunerLayer))
+    if not layers:
+        return None
+    scale = attn_kwargs.get("scale") if isinstance(attn_kwargs, dict) else None
+    return repr(scale), layers
+
+
 class _PlanKey(NamedTuple):
     """``_SparsePatch._plan_key``: the host-side facts a plan depends on."""
 
@@ -1363,6 +1382,7 @@ class _PlanKey(NamedTuple):
     shapes: tuple  # the inputs' shapes and image layouts, the KV mode
     guidance_pairs: Optional[str]
     settings: tuple  # the budget, selector and signals in effect
+    lora: Optional[tuple]  # outside an enabled pipeline's call: the LoRA scale and adapters' state (_lora_key)
     training: Optional[int]  # a training forward's number
     prompt: Optional[tuple]  # outside an enabled pipeline's call: PROMPT_ARGS' tensors, then Z-Image's captions'
 
@@ -2504,7 +2524,8 @@ class _SparsePatch(ForwardPatch):
         for plan_key, paired in reversed(self.plans.items()):
             if not paired.pairs or paired.keep is None or paired.layout is None or paired.keep.shape[0] != 2 * batch \
                     or plan_key.epoch != key.epoch or plan_key.inference != key.inference \
-                    or plan_key.attention != key.attention or plan_key.settings != key.settings:
+                    or plan_key.attention != key.attention or plan_key.settings != key.settings \
+                    or plan_key.lora != key.lora:
                 continue
             if key.prompt is not None:  # (outside an enabled call: the captions of the pair's conditional samples)
                 captions, paired_captions = key.prompt[n_args:], plan_key.prompt[n_args:]
@@ -2525,7 +2546,7 @@ class _SparsePatch(ForwardPatch):
     def _plan_key(self, call: dict, overrides: dict, in_call: bool, guidance_pairs: Optional[str] = None) -> tuple:
         """Host-side facts a plan depends on: the call epoch (first), inference mode, the input shapes and Qwen's image
         shapes (JoyImage's shape_list), the KV mode, whether the batch holds guidance pairs, the selection settings
-        (budget, selector, signals) in effect, (second to last) a training forward's number, and (last) outside an
+        (budget, selector, signals) in effect, outside an enabled pipeline's call the LoRA state, (second to last) a training forward's number, and (last) outside an
         enabled pipeline's call the prompt's tensors (selectors may read the prompt; and a forward that selects
         nothing reports the latest selection on its prompt only)."""
         ids = call.get(self.reference_ids_arg)
@@ -2549,6 +2570,9 @@ class _SparsePatch(ForwardPatch):
                 # a training forward (a bare transformer in train mode) selects anew (a random drop selector draws a
                 # new mask at every step, as drop training does, even on the same input tensors), and a
                 # recomputation of that forward (a checkpoint around the transformer) finds its key (_forward_key)
+                # outside an enabled pipeline's call, the LoRA adapters the probe's q and k run with (the call's
+                # scale, the adapters' state): a forward at another LoRA setting on the same prompt selects anew
+                None if in_call else _lora_key(self.transformer, call.get(_ATTN_KWARGS_ARG[self.family])),
                 self.training_forwards if training else None,
                 # outside an enabled pipeline's call (a bare transformer, or a pipeline sharing an enabled
                 # transformer, also one called inside an enabled call) nothing marks where a call starts: the prompt's

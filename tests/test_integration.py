@@ -451,6 +451,39 @@ def test_a_lora_adapter_scaled_per_call_reaches_every_forward(family, attention,
     torch.testing.assert_close(dropped[:, :_n_target()], call(0.5)[:, :_n_target()], rtol=0, atol=FP32_ATOL)
 
 
+@pytest.mark.parametrize("family", ("flux2", "qwen"))
+def test_a_bare_transformers_probe_selection_follows_the_lora_scale_and_adapters(family):
+    """A bare transformer keeps its selection across forwards on the same prompt tensors, but not across LoRA
+    settings: a forward at another scale, or after disable_lora / enable_lora, probes anew (before: it kept the
+    selection the first setting's q and k gave). Each selection equals that of a transformer enabled anew at that
+    setting; with the adapter disabled it is the scale-0 one (the base weights)."""
+    peft = pytest.importorskip("peft")
+    model = _build_model(family)
+    torch.manual_seed(1)
+    model.add_adapter(peft.LoraConfig(r=4, lora_alpha=64, init_lora_weights=False,
+                                      target_modules=["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj"]))
+    kwargs, name = _inputs(family), ATTN_KWARGS[family]
+
+    def keep(scale, anew):
+        if anew:  # (enabling again starts anew: no selection kept)
+            sparsectx.enable(model, budget=0.5, selector="attention", seed=0)
+        _run(model, {**kwargs, name: {"scale": scale}})
+        return model._sparsectx_patch.cache.keep.clone()
+
+    try:
+        expected = {scale: keep(scale, anew=True) for scale in (0.0, 1.0)}
+        assert not torch.equal(expected[0.0], expected[1.0])  # (the scale matters)
+        assert torch.equal(keep(0.0, anew=True), expected[0.0])
+        assert torch.equal(keep(1.0, anew=False), expected[1.0])
+        model.disable_lora()
+        assert torch.equal(keep(1.0, anew=False), expected[0.0])
+        model.enable_lora()
+        assert torch.equal(keep(1.0, anew=False), expected[1.0])
+        assert torch.equal(keep(1.0, anew=False), expected[1.0])  # (the same setting: the selection kept)
+    finally:
+        sparsectx.disable(model)
+
+
 @pytest.mark.parametrize("family", ("flux2", "qwen", QWEN_PLAIN, "longcat", "fibo"))
 def test_mixed_budgets_equal_each_sample_alone(models, family):
     """(FIBO: its per-block text layers and its key mask, which pads the last sample's prompt, cut per sample.)"""
