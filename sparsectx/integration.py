@@ -1353,6 +1353,13 @@ class _Group:
     joints: dict = field(default_factory=dict)
 
 
+_LORA_LAYERS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _hashable(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
 def _lora_key(transformer: torch.nn.Module, attn_kwargs) -> Optional[tuple]:
     """The peft LoRA state of ``transformer`` that its q and k (the attention probe's) depend on: the call's
     ``scale`` and each LoRA layer's active, merged and disabled adapters and scalings (``set_adapters``'
@@ -1360,12 +1367,19 @@ def _lora_key(transformer: torch.nn.Module, attn_kwargs) -> Optional[tuple]:
     where nothing else tells a forward at another LoRA setting from one on the same prompt tensors.)"""
     tuners = sys.modules.get("peft.tuners.tuners_utils")  # (no peft imported: no LoRA layer)
     # (peft's add_adapter, diffusers' load_lora_adapter and get_peft_model set peft_config on the model: without
-    # one, no walk, which costs ~1 us per module)
-    if tuners is None or not getattr(transformer, "peft_config", None):
+    # one, no walk)
+    config = getattr(transformer, "peft_config", None)
+    if tuners is None or not config:
         return None
-    layers = tuple((tuple(layer.active_adapters), bool(layer.disable_adapters), tuple(layer.merged_adapters),
-                    repr(sorted(getattr(layer, "scaling", {}).items())))
-                   for layer in transformer.modules() if isinstance(layer, tuners.BaseTunerLayer))
+    # the LoRA layers, found by a walk over the modules (~1 us per module) once per set of adapters
+    adapters = (id(config), tuple(config))
+    found = _LORA_LAYERS.get(transformer)
+    if found is None or found[0] != adapters:
+        found = _LORA_LAYERS[transformer] = (adapters, [layer for layer in transformer.modules()
+                                                        if isinstance(layer, tuners.BaseTunerLayer)])
+    # (peft's own attributes behind active_adapters / disable_adapters: those properties cost ~4 us a layer)
+    layers = tuple((_hashable(getattr(layer, "_active_adapter", None)), getattr(layer, "_disable_adapters", None),
+                    tuple(layer.merged_adapters), tuple(getattr(layer, "scaling", {}).items())) for layer in found[1])
     if not layers:
         return None
     scale = attn_kwargs.get("scale") if isinstance(attn_kwargs, dict) else None
@@ -1401,6 +1415,7 @@ class _Plan:
     references: Optional[torch.Tensor]  # the reference rows of hidden_states the selection was made on
     packing: Optional[_Packing] = None  # FLUX.2 with sparsectx attention and several groups: one packed sequence
     reports: Optional["_Plan"] = None  # a plan without a selection (a KV-cached step): the call's plan that selected
+    reads_kv_cache: bool = False  # a KV-cached step's plan (it reports ``reports``, None included)
     hooks_checked: bool = False  # several groups: checked once per plan for diffusers' stateful hooks
     # a training forward's use of torch's global generators while it selected, replayed by its recomputation
     drawn: Optional[DrawnRng] = None
@@ -2026,15 +2041,35 @@ class _SparsePatch(ForwardPatch):
             return None
         latest = next(reversed(self.plans))
         plan = self.plans[latest]
-        return plan if plan.keep is not None else plan.reports or self._selecting_plan(latest)
+        if plan.keep is not None:
+            return plan
+        # (a KV-cached step reports the selection of what filled its cache, or None: never another forward's)
+        return plan.reports if plan.reports is not None or plan.reads_kv_cache else self._selecting_plan(latest)
 
     def _reported_plan(self, key: tuple, call: dict) -> Optional[_Plan]:
         """The selection a plan without one (a KV-cached step) reports: that of the forward that filled the step's
         cache (GLM-Image: the latest write forward, whose prompt is not the step's; FLUX.2 klein: the extract step,
-        also when the cached step runs on another prompt tensor); else ``_selecting_plan``."""
+        also when the cached step runs on another prompt tensor; Qwen-Image 2.1: the extract step that filled it);
+        None for a cached step on a cache no forward of this patch filled with a selection (it attends to what the
+        cache holds, e.g. every reference token of a cache filled before enable); else ``_selecting_plan``."""
         cache = call.get("kv_caches") if self.family == GLM else call.get("kv_cache") if self.family == FLUX2 else None
         found = self.cache_reports.get(cache) if cache is not None else None
-        return found if found is not None else self._selecting_plan(key)
+        if found is not None:
+            return found
+        if self._reads_kv_cache(call):
+            if self.family == QWEN21:
+                extract = self.extracted.get(call["kv_cache"])
+                return extract[0] if extract is not None and extract[0].keep is not None else None
+            return None
+        return self._selecting_plan(key)
+
+    def _reads_kv_cache(self, call: dict) -> bool:
+        """Whether the forward is a KV-cached step, whose references are read from a cache: FLUX.2 klein's and
+        Qwen-Image 2.1's ``kv_cache_mode="cached"``, GLM-Image's read forwards."""
+        if self.family == GLM:
+            return _glm_cache_mode(call) == "read"
+        return self.family in (FLUX2, QWEN21) and call.get("kv_cache") is not None \
+            and call.get("kv_cache_mode") == KV_CACHED
 
     def _selecting_plan(self, key: tuple) -> Optional[_Plan]:
         """The most recently used plan with a selection among the plans of ``key``'s call (same call epoch and, outside
@@ -2250,6 +2285,8 @@ class _SparsePatch(ForwardPatch):
             found = self.extracted.get(call.get("kv_cache")) if call.get("kv_cache") is not None else None
             if call.get("kv_cache_mode") == KV_CACHED and found is not None:
                 return self._run_klein_cached(call, plan, *found)
+            if call.get("kv_cache_mode") == KV_CACHED:
+                _check_klein_cache_batch(call)
         # a packed sequence needs sparsectx's processors in every layer (other processors would attend across the
         # samples): processors set since are replaced first (a walk over the modules), else each group runs alone
         if plan.groups and packable and not self._per_sample_extras(call) and self._attention_mask(call) is None \
@@ -2417,6 +2454,7 @@ class _SparsePatch(ForwardPatch):
             # a KV-cached step: its call's selection, found now while the call's prompt is alive (a pipeline frees
             # it when the call returns), is what last_selection reports after the call
             plan.reports = self._reported_plan(key, call)
+            plan.reads_kv_cache = self._reads_kv_cache(call)
         elif plan is None:
             plan = self._selection_plan(call, layout, overrides, None, guidance_pairs)
         if training_input:
@@ -2546,9 +2584,9 @@ class _SparsePatch(ForwardPatch):
     def _plan_key(self, call: dict, overrides: dict, in_call: bool, guidance_pairs: Optional[str] = None) -> tuple:
         """Host-side facts a plan depends on: the call epoch (first), inference mode, the input shapes and Qwen's image
         shapes (JoyImage's shape_list), the KV mode, whether the batch holds guidance pairs, the selection settings
-        (budget, selector, signals) in effect, outside an enabled pipeline's call the LoRA state, (second to last) a training forward's number, and (last) outside an
-        enabled pipeline's call the prompt's tensors (selectors may read the prompt; and a forward that selects
-        nothing reports the latest selection on its prompt only)."""
+        (budget, selector, signals) in effect, outside an enabled pipeline's call the LoRA state, (second to last) a
+        training forward's number, and (last) outside an enabled pipeline's call the prompt's tensors (selectors may
+        read the prompt; and a forward that selects nothing reports the latest selection on its prompt only)."""
         ids = call.get(self.reference_ids_arg)
         references = call.get(self.reference_arg)  # (FLUX.3: an input of their own)
         signals = overrides.get("signals", self.settings.signals)
@@ -3193,6 +3231,10 @@ class _SparsePatch(ForwardPatch):
 
         caches = [QwenImage21KVCache(len(self.transformer.transformer_blocks)) for _ in plan.groups]
         self.extracted[call["kv_cache"]] = (plan, caches)
+        # the call's cache holds nothing of this step (each group fills its own): emptied, so that a step reading it
+        # without this patch fails instead of reading what an earlier extract left there
+        for layer in range(len(self.transformer.transformer_blocks)):
+            call["kv_cache"].get_layer(layer).store(None, None)
         _FILLED_BY_GROUPS.add(call["kv_cache"])
         return self._run_groups(call, plan, caches)
 
@@ -3206,11 +3248,13 @@ class _SparsePatch(ForwardPatch):
             extract, caches = found
             plan.reports = extract if extract.keep is not None else None
             return self._run_groups(call, extract, caches) if extract.groups else self.original_forward(**call)
-        if call["kv_cache"] in _FILLED_BY_GROUPS:  # (its groups' caches went with the patch that held them)
+        plan.reports, plan.reads_kv_cache = None, True  # (what the cache holds: no selection of this patch's)
+        cached = call["kv_cache"].get_layer(0).k  # (None: not filled, diffusers' forward says so)
+        if cached is None and call["kv_cache"] in _FILLED_BY_GROUPS:  # (its groups' caches went with the patch
             raise ValueError("kv_cache was filled by an extract step whose samples kept different tokens, each group "
                              "into a cache of its own held by the sparsectx patch of that step, which is gone "
                              "(sparsectx disabled and enabled since): run the extract step again")
-        cached = call["kv_cache"].get_layer(0).k  # (None: not filled, diffusers' forward says so)
+        _FILLED_BY_GROUPS.discard(call["kv_cache"])  # (filled again since, by diffusers' own extract)
         if cached is not None:
             from .qwen21 import joint_layout
 
@@ -3334,6 +3378,21 @@ class _SparsePatch(ForwardPatch):
             else:
                 full[group.samples[:, None], group.out_dest[None, :]] = rows
         return _with_sample(first, full)
+
+
+def _check_klein_cache_batch(call: dict) -> None:
+    """``ValueError`` for a FLUX.2 klein cached step whose cache holds another number of samples than its batch: one
+    group's cache of an extract step whose samples kept different tokens, whose other groups' caches went with the
+    sparsectx patch that held them (disabled since; diffusers' forward would fail on the shapes)."""
+    cache = call.get("kv_cache")
+    layers = getattr(cache, "double_block_caches", None)
+    cached = getattr(layers[0], "k_ref", None) if layers else None
+    batch = call["hidden_states"].shape[0]
+    if cached is not None and cached.shape[0] != batch:
+        raise ValueError(f"kv_cache holds {cached.shape[0]} samples for a batch of {batch}: it is one group's cache "
+                         "of an extract step whose samples kept different tokens, each group into a cache of its own "
+                         "held by the sparsectx patch of that step, which is gone (sparsectx disabled since): run the "
+                         "extract step again")
 
 
 def _glm_cache_mode(call: dict) -> Optional[str]:

@@ -3074,6 +3074,56 @@ def test_last_selection_of_a_klein_cached_step_on_another_prompt_tensor_is_its_e
     assert after is not None and torch.equal(after.keep, extracted)
 
 
+def test_last_selection_of_a_klein_cached_step_on_a_cache_filled_before_enable_is_none():
+    """A cached step on a cache of every reference token, filled before enable, attends to every token: equal to
+    diffusers' step, and last_selection is None after it (before: the selection of another extract step on the same
+    prompt tensors, which filled another cache)."""
+    transformer = _tiny_pipeline(diffusers.Flux2KleinKVPipeline).transformer
+    common, target, refs, target_ids, ref_ids = _klein_kv_extract_inputs()
+    extract = dict(hidden_states=torch.cat([refs, target], 1), timestep=torch.tensor([1.0]),
+                   img_ids=torch.cat([ref_ids, target_ids], 1), kv_cache_mode="extract", num_ref_tokens=9, **common)
+    with torch.no_grad():
+        _, full = transformer(**extract)
+
+        def cached(cache):
+            return transformer(hidden_states=target, timestep=torch.tensor([0.5]), img_ids=target_ids,
+                               kv_cache=cache, kv_cache_mode="cached", **common)[0]
+
+        expected = cached(full)
+        sparsectx.enable(transformer, budget=0.25, selector="uniform")
+        try:
+            _, other = transformer(**extract)
+            assert sparsectx.last_selection(transformer).keep.sum().item() < 9
+            assert torch.equal(cached(full), expected)
+            assert sparsectx.last_selection(transformer) is None
+            cached(other)
+            assert sparsectx.last_selection(transformer).keep.sum().item() < 9  # (its extract's)
+        finally:
+            sparsectx.disable(transformer)
+
+
+def test_klein_disabled_and_enabled_again_inside_a_call_of_requests_keeping_different_tokens_says_what_to_do():
+    """A step callback disables and enables again after the extract step of requests keeping different tokens: the
+    groups' caches went with the disabled patch, and the pipeline's cache is the first group's alone: a ValueError
+    saying to run the extract step again (before: a tensor size error from inside diffusers' attention)."""
+    pipe = _tiny_pipeline(diffusers.Flux2KleinKVPipeline)
+
+    def again(pipeline, step, timestep, kwargs):
+        if step == 0:
+            sparsectx.disable(pipeline)
+            sparsectx.enable(pipeline, budget=[[0.25], [0.75]], selector="uniform")
+        return {}
+
+    sparsectx.enable(pipe, budget=[[0.25], [0.75]], selector="uniform")
+    try:
+        with torch.no_grad(), pytest.raises(ValueError, match="kv_cache holds 1 samples for a batch of 2.*run the "
+                                                              "extract step again"):
+            pipe(image=_reference_images(), prompt_embeds=torch.randn(2, TEXT_TOKENS, TEXT_DIM), height=IMAGE_PX,
+                 width=IMAGE_PX, num_inference_steps=3, output_type="latent", callback_on_step_end=again)
+    finally:
+        sparsectx.disable(pipe)
+
+
 def _klein_kv_extract_inputs():
     """(common arguments but the timestep, target rows [1, 16, 8], reference rows [1, 9, 8], their ids) of a tiny
     FLUX.2 klein call."""

@@ -299,6 +299,42 @@ def test_a_cache_the_patch_did_not_fill(model):
         _run(model, later, kv_cache=kept, kv_cache_mode="cached")
 
 
+def test_a_cache_a_grouped_extract_used_is_emptied_and_serves_again_once_refilled(model):
+    """An extract step whose samples keep different tokens fills a cache per group: the pipeline's cache object is
+    emptied (before: it kept what an earlier extract had put there, which a cached step read after disable without a
+    word), and once diffusers' own extract fills it again with every prefix token, a cached step under a new enable
+    runs as diffusers' (before: refused as "filled by an extract step whose samples kept different tokens"); a
+    cached step reading it while still empty is refused by name. last_selection after a cached step on a cache this
+    patch did not fill is None (it attends to every token; before: the latest selection on the same prompt)."""
+    kwargs = _inputs(shared=True)
+    later = {**kwargs, "timestep": kwargs["timestep"] * 0.5}
+    cache = q21.QwenImage21KVCache(2)
+    _run(model, kwargs, kv_cache=cache, kv_cache_mode="extract")
+    expected = _run(model, later, kv_cache=cache, kv_cache_mode="cached")
+    sparsectx.enable(model, budget=[[0.25], [0.75]], selector="uniform")
+    _run(model, kwargs, kv_cache=cache, kv_cache_mode="extract")
+    assert all(cache.get_layer(i).k is None and cache.get_layer(i).v is None for i in range(2))
+    sparsectx.disable(model)
+    with pytest.raises(RuntimeError, match="not been populated"):  # diffusers' own forward: nothing to read
+        _run(model, later, kv_cache=cache, kv_cache_mode="cached")
+    sparsectx.enable(model, budget=0.5, selector="uniform")
+    with pytest.raises(ValueError, match="whose samples kept different tokens"):
+        _run(model, later, kv_cache=cache, kv_cache_mode="cached")
+    sparsectx.disable(model)
+    _run(model, kwargs, kv_cache=cache, kv_cache_mode="extract")  # diffusers' extract: every prefix token
+    sparsectx.enable(model, budget=0.5, selector="uniform")
+    try:
+        other = q21.QwenImage21KVCache(2)
+        _run(model, kwargs, kv_cache=other, kv_cache_mode="extract")  # a selection on the same prompt tensors
+        assert sparsectx.last_selection(model) is not None
+        assert torch.equal(_run(model, later, kv_cache=cache, kv_cache_mode="cached"), expected)
+        assert sparsectx.last_selection(model) is None
+        _run(model, later, kv_cache=other, kv_cache_mode="cached")
+        assert sparsectx.last_selection(model) is not None  # (its extract's)
+    finally:
+        sparsectx.disable(model)
+
+
 def test_the_compacted_forward_refuses_a_cache_of_other_kept_rows(model):
     kwargs = _inputs(shared=True)
     n = sum(N_REFS)
