@@ -1985,6 +1985,7 @@ class _SparsePatch(ForwardPatch):
         self.attention_state = None  # the installed processors' shared AttentionState, while attention="sparsectx"
         self.pack = True  # FLUX.2 + sparsectx attention: samples that keep different tokens run as one sequence
         self.pipeline_calls = 0  # enabled pipelines' __call__s running now (each starts a new call epoch)
+        self.warned_eval_drop = False  # warned once that a random drop selector ran in eval mode with gradients
         self.pipeline_kwarg: Optional[str] = None  # the running pipeline call's attention keyword, for messages
         # the running pipeline call's per-call settings, checked, and whether a forward of the call got them in its
         # attention kwargs (then forwards without them are not the call's: a pipeline not enabled, sharing the
@@ -2780,6 +2781,17 @@ class _SparsePatch(ForwardPatch):
                 raise ValueError("KV extract step: the reference tokens must be the first num_ref_tokens rows of "
                                  f"hidden_states (num_ref_tokens={call.get('num_ref_tokens')}, found {n_ref})")
 
+    def _warn_eval_drop_forward(self) -> None:
+        """Warns once that a forward with gradients of a model with trainable parameters ran a random drop selector
+        in eval mode, which drops nothing (as drop training warns)."""
+        if self.warned_eval_drop or not torch.is_grad_enabled() or \
+                not any(p.requires_grad for p in self.transformer.parameters()):
+            return
+        self.warned_eval_drop = True
+        _warn("sparsectx: a forward with gradients ran in eval mode with random_drop_selector and dropped no reference "
+              "token (its masks are drawn in train mode only): call transformer.train() to train with drop masks "
+              "(or run evaluation under torch.no_grad())", UserWarning)
+
     def _select(self, call: dict, layout: _Layout, overrides: dict) -> tuple:
         """``(keep, nan)``: bool ``[B, N]``, the reference tokens each sample keeps (the selector's mask, or each
         image's budget of its scores), and the selector's NaN check still on the device (``_NaNCheck``, for fixed
@@ -2812,6 +2824,11 @@ class _SparsePatch(ForwardPatch):
         if counts is not None and all(list(c) == list(layout.ref_lengths) for c in counts):
             # every token of every image kept, whatever the scores: no selector runs, so none draws from torch's
             # global RNG (a keep-all call equals the unpatched one, the random stream after it included)
+            return torch.ones(references.shape[:2], dtype=torch.bool, device=hidden.device), None
+        if selector.draws_kept_count and not self.transformer.training:
+            # a random drop selector draws in train mode only, as drop training does: an eval-mode forward (a
+            # validation pass) keeps every token and leaves its generator alone
+            self._warn_eval_drop_forward()
             return torch.ones(references.shape[:2], dtype=torch.bool, device=hidden.device), None
         budget = batch_budget
         seed = self.settings.seed if self.settings.seed is not None else self.call_seed

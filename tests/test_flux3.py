@@ -4,6 +4,7 @@ built from configs, fp32, CPU, offline. FLUX.3 takes its references as an input 
 reference and h, w scaled by the pipeline's 0.5); they run through per-mode blocks, then the joint blocks, and produce
 no output rows."""
 import importlib.util
+import warnings
 from pathlib import Path
 
 import pytest
@@ -567,6 +568,51 @@ def test_random_drop_training_removes_the_dropped_references_and_gives_the_maske
     assert removed_grads.keys() == masked_grads.keys()
     for name, grad in removed_grads.items():
         torch.testing.assert_close(grad, masked_grads[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+
+
+def test_random_drop_selector_in_eval_mode_keeps_every_token_and_draws_nothing():
+    """A validation pass in eval mode between training steps (as docs/fine-tuning.md says) keeps every reference
+    token and leaves the selector's generator alone, as drop training does (before: it dropped tokens at a random
+    ratio and moved the generator, so every later training mask differed from those of the run without the pass);
+    a forward with gradients in eval mode warns once that it drops nothing (before: training in eval mode kept one
+    mask at every step without a word)."""
+    model = _build()
+    kwargs = _inputs(model)
+    unpatched = _run(model.eval(), kwargs)
+
+    def training_masks(validate: bool) -> list:
+        generator = torch.Generator().manual_seed(3)
+        sparsectx.enable(model, budget=None, selector=sparsectx.random_drop_selector((0.2, 0.6), generator))
+        masks = []
+        try:
+            for step in range(3):
+                model.train()
+                model(**kwargs)
+                masks.append(sparsectx.last_selection(model).keep.clone())
+                if validate and step == 0:
+                    state = generator.get_state()
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("error")  # (no_grad: nothing to warn about)
+                        validation = _run(model.eval(), kwargs)
+                    assert torch.equal(validation, unpatched) and torch.equal(generator.get_state(), state)
+                    assert sparsectx.last_selection(model).keep.all()
+        finally:
+            sparsectx.disable(model)
+        return masks
+
+    masks = training_masks(validate=True)
+    assert all(torch.equal(a, b) for a, b in zip(masks, training_masks(validate=False)))
+    assert not all(torch.equal(masks[0], mask) for mask in masks[1:])  # (a new draw at each training forward)
+    sparsectx.enable(model.eval(), budget=None,
+                     selector=sparsectx.random_drop_selector((0.2, 0.6), torch.Generator().manual_seed(3)))
+    try:
+        with pytest.warns(UserWarning, match="ran in eval mode with random_drop_selector and dropped no reference"):
+            model(**kwargs)[0].sum().backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # (once)
+            model(**kwargs)[0].sum().backward()
+    finally:
+        sparsectx.disable(model)
 
 
 # ----------------------------------------------------------------------------------------------------------------
