@@ -2890,9 +2890,15 @@ class _SparsePatch(ForwardPatch):
             all(_same_rows(value) for value in signals.values()
                 if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch)
         try:
-            return select(shared)
-        except _SamplesDiffer:
-            return select(False)
+            try:
+                return select(shared)
+            except _SamplesDiffer:
+                return select(False)
+        except (TypeError, ValueError) as error:  # a per-call signal refused: said where it came from
+            given = overrides.get("signals") or {}
+            if type(error) in (TypeError, ValueError) and any(f"'{name}'" in str(error) for name in given):
+                raise type(error)(f"{self._overrides_place()}: signals: {error}") from None
+            raise
 
     def _select_guidance_pairs(self, call: dict, layout: _Layout, overrides: dict, conditional: str) -> tuple:
         """``_select`` of a batch holding guidance's two branches, as many samples each, the conditional ones in

@@ -1496,6 +1496,21 @@ def test_per_call_override_that_is_not_the_documented_dict_is_refused(models, ov
         _run(model, {**kwargs, "joint_attention_kwargs": {"sparsectx": override}})
 
 
+@pytest.mark.parametrize("user_mask, words", [
+    (torch.ones(1, 3, dtype=torch.bool), r"extra\['user_mask'\] must be bool"),
+    ("x", r"extra\['user_mask'\] must be bool .* got str"),
+    (torch.ones(3, 9 + 8, dtype=torch.bool), r"signal 'user_mask' has shape \(3, 17\)"),
+])
+def test_a_bad_per_call_signal_is_refused_naming_the_keyword_it_came_through(models, user_mask, words):
+    """A per-call signal the selection refuses: the message says it came per call, through which keyword, as a bad
+    per-call budget's does (before: only the selector's words, as if enable had been given it)."""
+    model, kwargs = models["flux2"], _inputs("flux2")
+    sparsectx.enable(model, budget=0.5, selector="edit")
+    with pytest.raises(ValueError, match=r"^attention_kwargs\['sparsectx'\] \(the transformer's joint_attention_kwargs"
+                                         r"\['sparsectx'\]\): signals: " + words):
+        _run(model, {**kwargs, "joint_attention_kwargs": {"sparsectx": {"signals": {"user_mask": user_mask}}}})
+
+
 def test_per_call_selector_override_is_cached_across_steps(models):
     model, kwargs = models["flux2"], _inputs("flux2")
     calls, counting = _counting(norm_selector)
