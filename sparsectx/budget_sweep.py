@@ -264,7 +264,8 @@ def _compare(output: torch.Tensor, baseline: torch.Tensor, images: bool) -> tupl
                            f"{tuple(baseline.shape)}: the settings changed what the pipeline returns")
     diff = output - baseline
     mse = diff.pow(2).mean().item()
-    psnr = (math.inf if mse == 0 else 10 * math.log10(1.0 / mse)) if images else None
+    # (an infinite error: -inf dB, where 1 / mse = 0 has no logarithm)
+    psnr = (math.inf if mse == 0 else -math.inf if mse == math.inf else 10 * math.log10(1.0 / mse)) if images else None
     reference = baseline.pow(2).mean().item()
     if math.isnan(mse) or math.isnan(reference):  # (NaN in the output or the baseline: no distance to report)
         rel_rmse = math.nan
@@ -350,8 +351,8 @@ def sweep(pipe, settings: Sequence[dict], *, seed: int = 0, repeats: int = 1, wa
                 if baseline is None:
                     baseline = output
                     if not bool(torch.isfinite(baseline).all()):
-                        _warn("sparsectx.sweep: the baseline's output (Sparse Context off) holds NaN or inf: every "
-                              "row's PSNR, relative RMSE and largest difference against it read NaN",
+                        _warn("sparsectx.sweep: the baseline's output (Sparse Context off) holds NaN or inf: the "
+                              "rows' PSNR, relative RMSE and largest difference against it read NaN or inf",
                               RuntimeWarning)
                 psnr, rel_rmse, max_abs_diff = _compare(output, baseline, images)
                 results.append(SweepRow(label, None if setting is None else _enable_args(setting), kept,

@@ -1378,8 +1378,12 @@ def _lora_key(transformer: torch.nn.Module, attn_kwargs) -> Optional[tuple]:
         found = _LORA_LAYERS[transformer] = (adapters, [layer for layer in transformer.modules()
                                                         if isinstance(layer, tuners.BaseTunerLayer)])
     # (peft's own attributes behind active_adapters / disable_adapters: those properties cost ~4 us a layer)
+    # (scalings to 12 digits: diffusers' per-call scale multiplies and divides them back, not always exactly)
     layers = tuple((_hashable(getattr(layer, "_active_adapter", None)), getattr(layer, "_disable_adapters", None),
-                    tuple(layer.merged_adapters), tuple(getattr(layer, "scaling", {}).items())) for layer in found[1])
+                    tuple(layer.merged_adapters), tuple((name, float(f"{value:.12g}") if isinstance(value, float)
+                                                         else value) for name, value in
+                                                        getattr(layer, "scaling", {}).items()))
+                   for layer in found[1])
     if not layers:
         return None
     scale = attn_kwargs.get("scale") if isinstance(attn_kwargs, dict) else None
@@ -1444,6 +1448,8 @@ class _Packing:
 # (held by that step's patch): a cached step on one under another patch is refused by name, not left to diffusers'
 # "not populated" error on the empty cache object
 _FILLED_BY_GROUPS: "weakref.WeakSet" = weakref.WeakSet()
+# FLUX.2 klein caches returned by an extract step of samples keeping different tokens: the first group's cache
+_KLEIN_GROUP_CACHES: "weakref.WeakSet" = weakref.WeakSet()
 MAX_PLANS = 4  # plans kept per pipeline call (e.g. a KV-cache extract step and the cached steps' plan)
 # plans kept outside enabled pipeline calls (a bare transformer's forwards, or a pipeline sharing an enabled
 # transformer without being enabled itself), one per live prompt: requests whose steps interleave on the transformer
@@ -3224,6 +3230,7 @@ class _SparsePatch(ForwardPatch):
         # kept under that cache, which the entry must not hold itself (a weak key its value holds is never freed:
         # every mixed call's caches stayed until disable): _THE_CALLS_CACHE stands for it
         self.extracted[key] = (plan, [_THE_CALLS_CACHE if cache is key else cache for cache in caches])
+        _KLEIN_GROUP_CACHES.add(key)  # (one group's cache: a step on a batch of another size is told why)
         if isinstance(merged, tuple):
             return (merged[0], key, *merged[2:])
         merged["kv_cache"] = key  # (diffusers' output: its key too, which a None field lacked, and the attribute)
@@ -3408,6 +3415,8 @@ def _check_klein_cache_batch(call: dict) -> None:
     group's cache of an extract step whose samples kept different tokens, whose other groups' caches went with the
     sparsectx patch that held them (disabled since; diffusers' forward would fail on the shapes)."""
     cache = call.get("kv_cache")
+    if cache is None or cache not in _KLEIN_GROUP_CACHES:  # (another cache: diffusers' forward says what it finds)
+        return
     layers = getattr(cache, "double_block_caches", None)
     cached = getattr(layers[0], "k_ref", None) if layers else None
     batch = call["hidden_states"].shape[0]

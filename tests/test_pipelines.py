@@ -1554,6 +1554,10 @@ def test_sweep_against_a_baseline_holding_nan_reads_nan_and_warns(pipe, family, 
     assert len(outputs) == 2
     for row in result.rows:
         assert math.isnan(row.rel_rmse) and math.isnan(row.max_abs_diff), row
+    # an image baseline holding inf: an infinite error, -inf dB (before: math.log10(0) raised "math domain error")
+    psnr, rel_rmse, max_abs_diff = budget_sweep._compare(torch.zeros(2, dtype=torch.float64),
+                                                         torch.tensor([0.0, math.inf], dtype=torch.float64), True)
+    assert psnr == -math.inf and math.isnan(rel_rmse) and max_abs_diff == math.inf
 
 
 @pytest.mark.parametrize("family", [KONTEXT])  # not family-specific: one family
