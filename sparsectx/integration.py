@@ -3755,6 +3755,65 @@ def _guidance_batched(pipeline, frame) -> Optional[str]:
     return conditional if isinstance(value, numbers.Real) and value > threshold else None
 
 
+def _enabled_call(self, base: type, args: tuple, kwargs: dict):
+    """An enabled pipeline's call (``base.__call__``), run under its transformer's lock: the patch's per-call state
+    set for it, or, where the transformer is no longer enabled, the plain call with a warning."""
+    patch = getattr(self.transformer, PATCH_ATTR, None)
+    if patch is None:
+        if _replaced_transformer(self) is not None:
+            _warn(f"{base.__name__}.transformer was replaced since sparsectx.enable: this call runs "
+                  "every reference token. Enable the pipeline again (enabling or disabling the "
+                  "pipeline restores the transformer it replaced)", RuntimeWarning)
+        else:  # the settings belong to the transformer: disabled through it or another pipeline holding it
+            _warn(f"this {base.__name__} was enabled but its transformer no longer is (disabled "
+                  "directly or through another pipeline sharing it): this call runs every reference "
+                  "token. Enable the pipeline again, or disable it", RuntimeWarning)
+        if _weakly_keyed(self):  # (this call selected nothing: an earlier call's selection is not its)
+            _CALL_SELECTIONS[self] = None
+        return base.__call__(self, *args, **kwargs)
+    pipeline_kwarg = _pipeline_attn_kwarg(base, patch.family)
+    attn_kwargs = kwargs.get(pipeline_kwarg)
+    overrides = None
+    if isinstance(attn_kwargs, collections.abc.Mapping) and CALL_KWARG in attn_kwargs:
+        # checked before the pipeline's own work (encoding the prompt and images), not at its first step;
+        # kept for a pipeline whose blocks do not hand the keyword to the transformer (FLUX.3's
+        # step-distilled blocks: the call's settings were checked, then ignored)
+        overrides = patch.checked_overrides(attn_kwargs[CALL_KWARG], _overrides_place(
+            pipeline_kwarg, _ATTN_KWARGS_ARG[patch.family]))
+    if isinstance(attn_kwargs, collections.abc.Mapping) and set(attn_kwargs) <= {CALL_KWARG} and \
+            not _takes_keyword(base, pipeline_kwarg):
+        # a pipeline without the keyword (JoyImage-Edit-Plus): the settings reach the forwards through this
+        # call (call_overrides), the pipeline gets the call without them
+        kwargs = {name: value for name, value in kwargs.items() if name != pipeline_kwarg}
+    elif isinstance(attn_kwargs, dict):  # the call gets a copy: Bria FIBO's pipeline writes its prompt mask
+        kwargs = {**kwargs, pipeline_kwarg: dict(attn_kwargs)}  # into it (a reused dict carried it over)
+    with patch.lock:  # (calls from other threads on this transformer wait: see ForwardPatch.lock)
+        # a call inside another enabled call on this transformer (e.g. from a step-end callback): the outer
+        # call's selection is put back after it, for the outer call's later steps
+        outer_plans = (patch.call_epoch, patch.plans) if patch.pipeline_calls else None
+        patch.new_call()
+        patch.pipeline_calls += 1
+        outer_seed, patch.call_seed = patch.call_seed, _call_seed(base, self, args, kwargs)
+        if patch.family == GLM:
+            patch.call_seed = _prompt_seeds(patch.call_seed, base, self, args, kwargs)
+        outer_kwarg, patch.pipeline_kwarg = patch.pipeline_kwarg, pipeline_kwarg
+        outer_overrides = patch.call_overrides, patch.call_overrides_arrived, patch.call_pipeline
+        patch.call_overrides, patch.call_overrides_arrived, patch.call_pipeline = overrides, False, self
+        try:
+            return base.__call__(self, *args, **kwargs)
+        finally:
+            if _weakly_keyed(self):  # (last_selection(pipe): this pipeline's call, whichever ran since)
+                _CALL_SELECTIONS[self] = _selection_of(patch.own_cache)
+            patch.pipeline_calls -= 1
+            patch.call_seed = outer_seed
+            patch.pipeline_kwarg = outer_kwarg
+            patch.call_overrides, patch.call_overrides_arrived, patch.call_pipeline = outer_overrides
+            if outer_plans is not None:
+                inner = patch.cache
+                patch.call_epoch, patch.plans = outer_plans
+                patch.reported = inner
+
+
 def _new_sparse_pipeline(base: type, *args):
     """Unpickling: a new instance of ``base``'s sparsectx subclass (made in this process if not yet)."""
     cls = _pipeline_class(base)
@@ -3766,58 +3825,11 @@ def _pipeline_class(base: type) -> type:
     looks ``__call__`` up on the type, so the instance's class is swapped; ``disable`` swaps it back)."""
     if base not in _PIPELINE_CLASSES:
         def __call__(self, *args, **kwargs):
-            patch = getattr(self.transformer, PATCH_ATTR, None)
-            if patch is None:
-                if _replaced_transformer(self) is not None:
-                    _warn(f"{base.__name__}.transformer was replaced since sparsectx.enable: this call runs "
-                          "every reference token. Enable the pipeline again (enabling or disabling the "
-                          "pipeline restores the transformer it replaced)", RuntimeWarning)
-                else:  # the settings belong to the transformer: disabled through it or another pipeline holding it
-                    _warn(f"this {base.__name__} was enabled but its transformer no longer is (disabled "
-                          "directly or through another pipeline sharing it): this call runs every reference "
-                          "token. Enable the pipeline again, or disable it", RuntimeWarning)
-                return base.__call__(self, *args, **kwargs)
-            pipeline_kwarg = _pipeline_attn_kwarg(base, patch.family)
-            attn_kwargs = kwargs.get(pipeline_kwarg)
-            overrides = None
-            if isinstance(attn_kwargs, collections.abc.Mapping) and CALL_KWARG in attn_kwargs:
-                # checked before the pipeline's own work (encoding the prompt and images), not at its first step;
-                # kept for a pipeline whose blocks do not hand the keyword to the transformer (FLUX.3's
-                # step-distilled blocks: the call's settings were checked, then ignored)
-                overrides = patch.checked_overrides(attn_kwargs[CALL_KWARG], _overrides_place(
-                    pipeline_kwarg, _ATTN_KWARGS_ARG[patch.family]))
-            if isinstance(attn_kwargs, collections.abc.Mapping) and set(attn_kwargs) <= {CALL_KWARG} and \
-                    not _takes_keyword(base, pipeline_kwarg):
-                # a pipeline without the keyword (JoyImage-Edit-Plus): the settings reach the forwards through this
-                # call (call_overrides), the pipeline gets the call without them
-                kwargs = {name: value for name, value in kwargs.items() if name != pipeline_kwarg}
-            elif isinstance(attn_kwargs, dict):  # the call gets a copy: Bria FIBO's pipeline writes its prompt mask
-                kwargs = {**kwargs, pipeline_kwarg: dict(attn_kwargs)}  # into it (a reused dict carried it over)
-            with patch.lock:  # (calls from other threads on this transformer wait: see ForwardPatch.lock)
-                # a call inside another enabled call on this transformer (e.g. from a step-end callback): the outer
-                # call's selection is put back after it, for the outer call's later steps
-                outer_plans = (patch.call_epoch, patch.plans) if patch.pipeline_calls else None
-                patch.new_call()
-                patch.pipeline_calls += 1
-                outer_seed, patch.call_seed = patch.call_seed, _call_seed(base, self, args, kwargs)
-                if patch.family == GLM:
-                    patch.call_seed = _prompt_seeds(patch.call_seed, base, self, args, kwargs)
-                outer_kwarg, patch.pipeline_kwarg = patch.pipeline_kwarg, pipeline_kwarg
-                outer_overrides = patch.call_overrides, patch.call_overrides_arrived, patch.call_pipeline
-                patch.call_overrides, patch.call_overrides_arrived, patch.call_pipeline = overrides, False, self
-                try:
-                    return base.__call__(self, *args, **kwargs)
-                finally:
-                    if _weakly_keyed(self):  # (last_selection(pipe): this pipeline's call, whichever ran since)
-                        _CALL_SELECTIONS[self] = _selection_of(patch.own_cache)
-                    patch.pipeline_calls -= 1
-                    patch.call_seed = outer_seed
-                    patch.pipeline_kwarg = outer_kwarg
-                    patch.call_overrides, patch.call_overrides_arrived, patch.call_pipeline = outer_overrides
-                    if outer_plans is not None:
-                        inner = patch.cache
-                        patch.call_epoch, patch.plans = outer_plans
-                        patch.reported = inner
+            # the transformer's lock first, then its patch: calls, enable and disable from other threads wait, and a
+            # call that waited runs with the patch (or none) they left, not one they removed
+            held = _unwrapped(getattr(self, "transformer", None))
+            with transformer_lock(held) if isinstance(held, torch.nn.Module) else contextlib.nullcontext():
+                return _enabled_call(self, base, args, kwargs)
 
         def __reduce_ex__(self, protocol):
             # pickled as made by _new_sparse_pipeline(base): a process that never enabled such a pipeline (where

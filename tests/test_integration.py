@@ -3179,6 +3179,94 @@ def test_a_klein_cached_step_on_a_cache_of_another_batch_that_sparsectx_did_not_
     assert str(enabled.value) == str(unpatched.value) and "kv_cache holds" not in str(enabled.value)
 
 
+def _seeded_klein_call(seed=0, **extra):
+    """``_klein_call`` with the prompt and the noise from ``seed``: calls that compare their outputs."""
+    embeds = torch.randn(1, TEXT_TOKENS, TEXT_DIM, generator=torch.Generator().manual_seed(100 + seed))
+    return dict(image=_reference_images(), prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds),
+                guidance_scale=2.0, height=IMAGE_PX, width=IMAGE_PX, num_inference_steps=2, output_type="latent",
+                generator=torch.Generator().manual_seed(seed), **extra)
+
+
+def test_an_enabled_pipelines_call_holds_its_transformer_also_when_the_transformer_was_disabled():
+    """A pipeline of the enabled class whose transformer was disabled (through another pipeline sharing it) runs its
+    call dense, holding the transformer: another thread's enable waits for it (before: it landed at step 0, and the
+    call said it ran every token while its later steps ran sparse: equal to neither); last_selection(pipe) is None
+    after that call (before: an earlier call's selection)."""
+    import copy
+
+    pipe = _tiny_pipeline(diffusers.Flux2KleinPipeline)
+    with torch.no_grad():
+        dense = pipe(**_seeded_klein_call()).images
+        sparsectx.enable(pipe, budget=2, selector="uniform")
+        other = type(pipe).from_pipe(pipe, scheduler=copy.deepcopy(pipe.scheduler))
+        other(**_seeded_klein_call())
+        assert sparsectx.last_selection(other) is not None
+        sparsectx.disable(pipe.transformer)
+        in_step, enabled = threading.Event(), threading.Event()
+
+        def enable_meanwhile():
+            in_step.wait(10)
+            sparsectx.enable(pipe.transformer, budget=2, selector="uniform")
+            enabled.set()
+
+        def callback(pipeline, step, timestep, kwargs):
+            if step == 0:
+                in_step.set()
+                assert not enabled.wait(1.0)  # (the enable waits for this call)
+            return kwargs
+
+        thread = threading.Thread(target=enable_meanwhile)
+        thread.start()
+        try:
+            with pytest.warns(RuntimeWarning, match="its transformer no longer is"):
+                out = other(**_seeded_klein_call(callback_on_step_end=callback)).images
+        finally:
+            in_step.set()
+            thread.join(30)
+        try:
+            assert enabled.is_set() and torch.equal(out, dense)
+            assert sparsectx.last_selection(other) is None
+        finally:
+            sparsectx.disable(pipe)
+
+
+def test_an_enabled_pipelines_call_that_waited_runs_with_the_patch_it_finds_then():
+    """A call that waited for another thread's block, inside which the transformer was disabled and enabled again
+    (a new patch, the same settings), runs as it runs alone, with its own per-call seed, and last_selection(pipe)
+    is its selection (before: it kept the patch it read before waiting, a removed one: the new patch's forwards ran
+    as a bare transformer's, another random draw, and last_selection(pipe) was None)."""
+    import copy
+
+    pipe = _tiny_pipeline(diffusers.Flux2KleinPipeline)
+    sparsectx.enable(pipe, budget=2, selector="random")
+    other = type(pipe).from_pipe(pipe, scheduler=copy.deepcopy(pipe.scheduler))
+    try:
+        with torch.no_grad():
+            alone = other(**_seeded_klein_call()).images
+            kept = sparsectx.last_selection(other).keep.clone()
+            other(**_seeded_klein_call(attention_kwargs={"sparsectx": {"budget": 6}}))  # (another selection since)
+            holding, result = threading.Event(), {}
+
+            def waiting_call():
+                holding.wait(10)
+                with torch.no_grad():
+                    result["out"] = other(**_seeded_klein_call()).images
+                result["selection"] = sparsectx.last_selection(other)
+
+            thread = threading.Thread(target=waiting_call)
+            thread.start()
+            with sparsectx.sparse_context(pipe.transformer, budget=2, selector="random"):
+                holding.set()
+                time.sleep(0.5)  # (the call waits for the transformer meanwhile)
+                sparsectx.disable(pipe.transformer)
+                sparsectx.enable(pipe.transformer, budget=2, selector="random")
+            thread.join(60)
+        assert torch.equal(result["out"], alone)
+        assert result["selection"] is not None and torch.equal(result["selection"].keep, kept)
+    finally:
+        sparsectx.disable(pipe)
+
+
 def _klein_kv_extract_inputs():
     """(common arguments but the timestep, target rows [1, 16, 8], reference rows [1, 9, 8], their ids) of a tiny
     FLUX.2 klein call."""
