@@ -2827,14 +2827,14 @@ class _SparsePatch(ForwardPatch):
             if "budget" not in overrides:
                 raise
             raise type(error)(f"{self._overrides_place()}: {error}") from None
-        if counts is not None and all(list(c) == list(layout.ref_lengths) for c in counts):
+        # a random drop selector draws in train mode only, as drop training does: an eval-mode forward (a validation
+        # pass) keeps every token and leaves its generator alone
+        eval_drop = selector.draws_kept_count and not self.transformer.training
+        if eval_drop:
+            self._warn_eval_drop_forward()
+        if eval_drop or (counts is not None and all(list(c) == list(layout.ref_lengths) for c in counts)):
             # every token of every image kept, whatever the scores: no selector runs, so none draws from torch's
             # global RNG (a keep-all call equals the unpatched one, the random stream after it included)
-            return torch.ones(references.shape[:2], dtype=torch.bool, device=hidden.device), None
-        if selector.draws_kept_count and not self.transformer.training:
-            # a random drop selector draws in train mode only, as drop training does: an eval-mode forward (a
-            # validation pass) keeps every token and leaves its generator alone
-            self._warn_eval_drop_forward()
             return torch.ones(references.shape[:2], dtype=torch.bool, device=hidden.device), None
         budget = batch_budget
         seed = self.settings.seed if self.settings.seed is not None else self.call_seed
@@ -3274,11 +3274,9 @@ class _SparsePatch(ForwardPatch):
         ``last_selection`` reports. A cache no extract step of this patch filled: diffusers' forward if it holds
         every prefix token, else ``ValueError``."""
         found = self.extracted.get(call["kv_cache"])
-        if found is not None:
+        if found is not None:  # (plan.reports: the extract's selection, set by _reported_plan)
             extract, caches = found
-            plan.reports = extract if extract.keep is not None else None
             return self._run_groups(call, extract, caches) if extract.groups else self.original_forward(**call)
-        plan.reports, plan.reads_kv_cache = None, True  # (what the cache holds: no selection of this patch's)
         cached = call["kv_cache"].get_layer(0).k  # (None: not filled, diffusers' forward says so)
         if cached is None and call["kv_cache"] in _FILLED_BY_GROUPS:  # (its groups' caches went with the patch
             raise ValueError("kv_cache was filled by an extract step whose samples kept different tokens, each group "
