@@ -57,12 +57,15 @@ RADIX_BITS = tl.constexpr(2)
 RADIX_PASSES = tl.constexpr(KEY_BITS.value // RADIX_BITS.value)
 # (_digit_counts and _accept_digit count the 2**RADIX_BITS - 1 = 3 candidate digits of a pass one by one)
 assert RADIX_BITS.value == 2, "the radix passes are written for three candidate digits"
-# Offset between a signed int32 key and its unsigned rank in [0, 2**32).
+# Offset between a signed int32 key and its unsigned rank in [0, KEY_RANGE = 2**32).
 KEY_OFFSET = tl.constexpr(1 << 31)
+KEY_RANGE = tl.constexpr(1 << KEY_BITS.value)
 # Key of positions past the row's end: below every real key (-inf is -0x7F800000), so never counted, kept or tied.
 PAD_KEY = tl.constexpr(-(1 << 31))
 # Bit pattern of +inf in fp32: larger magnitudes are NaN.
 FP32_INF_BITS = tl.constexpr(0x7F800000)
+# INT32_MAX: the mask of an fp32's magnitude bits, and the largest key (every NaN's, above +inf's).
+INT32_MAX = tl.constexpr(0x7FFFFFFF)
 # Candidate filter of the selection kernel, on rows of at least FILTER_MIN_TOKENS tokens: once at most CAND_BLOCK
 # keys (1 / CAND_BLOCK_FRACTION of the selection block) share the digits of the threshold decided so far, they are
 # compacted, held in registers and counted alone by the remaining passes (spread fp32 scores: after about 6 of the
@@ -111,7 +114,7 @@ FP64_TINY = tl.constexpr(2.2250738585072014e-308)
 MASS_LINEAR = tl.constexpr(0)
 MASS_SOFTMAX = tl.constexpr(1)
 MASS_AUTO = tl.constexpr(2)  # softmax for a row with a negative score, linear otherwise
-MASS_MODES = {"linear": 0, "softmax": 1, "auto": 2}
+MASS_MODES = {"linear": MASS_LINEAR.value, "softmax": MASS_SOFTMAX.value, "auto": MASS_AUTO.value}
 # The row kernels find each row's sample in a [COPY_BLOCK_ROWS, samples] block, at most Triton's 2**20 elements:
 # sparsectx.ops refuses batches above MAX_COMPACT_SAMPLES (65536) before any launch.
 assert COPY_BLOCK_ROWS * 65536 <= 1 << 20, "ops.MAX_COMPACT_SAMPLES samples must fit in one row-kernel block"
@@ -127,9 +130,9 @@ def _score_keys(scores_ptr, row_offset, stride_n, pos, valid):
     PAD_KEY where not ``valid``."""
     score = tl.load(scores_ptr + row_offset + pos.to(tl.int64) * stride_n, mask=valid, other=0.0).to(tl.float32)
     bits = score.to(tl.int32, bitcast=True)
-    magnitude = bits & 0x7FFFFFFF
+    magnitude = bits & INT32_MAX
     key = tl.where(bits < 0, -magnitude, bits)
-    key = tl.where(magnitude > FP32_INF_BITS, 0x7FFFFFFF, key)
+    key = tl.where(magnitude > FP32_INF_BITS, INT32_MAX, key)
     return tl.where(valid, key, PAD_KEY)
 
 
@@ -198,7 +201,7 @@ def _largest_and_smallest(largest_a, smallest_a, largest_b, smallest_b):
 @triton.jit
 def _pass_bit(step):
     """The lowest bit of the digit that radix pass ``step`` decides."""
-    return tl.full((), 1 << 32, dtype=tl.int64) >> ((step + 1) * RADIX_BITS)  # 2**KEY_BITS >> RADIX_BITS·(step+1)
+    return tl.full((), KEY_RANGE, dtype=tl.int64) >> ((step + 1) * RADIX_BITS)
 
 
 @triton.jit
@@ -222,7 +225,7 @@ def _topk_threshold(scores_ptr, row_offset, stride_n, n_tokens, k, row_keys, can
         # largest and smallest keys have in common (positions past the row's end, PAD_KEY, left out of the smallest;
         # a row of one value decides every digit here). The invariants hold: every key lies in [u, u + the lowest
         # decided digit's bit), so count_from_u is every key and count_above none.
-        largest, smallest = tl.reduce((row_keys, tl.where(row_keys == PAD_KEY, 0x7FFFFFFF, row_keys)), 0,
+        largest, smallest = tl.reduce((row_keys, tl.where(row_keys == PAD_KEY, INT32_MAX, row_keys)), 0,
                                       _largest_and_smallest)
         top = largest.to(tl.int64) + KEY_OFFSET
         bottom = smallest.to(tl.int64) + KEY_OFFSET
@@ -888,7 +891,7 @@ def ranked_keep_mask(
         values, order, values.stride(0), layout[0], layout[1], n_refs,
         counts, coverage if per_row else None, _fp64_bits(float(coverage)) if adaptive and not per_row else 0,
         _fp64_bits(tolerance), low, high, keep, n_tokens,
-        ADAPTIVE=adaptive, MASS=MASS_MODES[mass] if adaptive else 0, COVERAGE_PER_ROW=per_row,
+        ADAPTIVE=adaptive, MASS=MASS_MODES[mass] if adaptive else MASS_LINEAR, COVERAGE_PER_ROW=per_row,
         BLOCK=min(next_power_of_2(max(values.shape[1], 16)), RANK_BLOCK),
         num_warps=RANK_WARPS, **COMPILE_OPTIONS,
     )

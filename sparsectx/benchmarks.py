@@ -4248,7 +4248,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_autotune_setting(prog: str) -> bool:
     """``SPARSECTX_AUTOTUNE`` as the attention kernels read it at import (True: every candidate timed); a value
     they refuse is a ``UsageError`` before any work (it failed after the first case, with a traceback)."""
-    from .kernels._launch import autotune_all_configs
+    from .ops import autotune_all_configs
 
     try:
         return autotune_all_configs()

@@ -37,6 +37,7 @@ from ._warn import warn as _warn
 from . import reference
 # small tensors of host values on a device without a wait (plain torch; shared with the kernels' launchers)
 from .kernels._launch import interpreter_requested
+from .kernels._launch import autotune_all_configs  # noqa: F401  (SPARSECTX_AUTOTUNE as read: benchmarks, CLI)
 from .kernels._launch import to_device as _device_values  # noqa: F401  (used by selection, integration, training)
 
 __all__ = [  # the public ops and what describes them; the other names serve sparsectx's own modules
@@ -162,6 +163,7 @@ def kernel_configs() -> dict:
 # validation helpers: every message names the argument, and all run before any launch
 # ----------------------------------------------------------------------------------------------------------------
 _ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256  # the attention kernels pad their tiles to a power of two; above this they are not offered
 MAX_GRID_SAMPLES = 65535  # the attention kernels launch (blocks, heads, samples): CUDA's grid y/z limit (both)
 # the compaction's row kernels find each packed row's sample in a [rows, B] block (Triton caps a block at 2**20
 # elements, and a block holds kernels.compaction.COPY_BLOCK_ROWS = 16 rows): a call takes at most this many samples,
@@ -580,9 +582,9 @@ def sparse_attention(
         raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
     _check_head_dim(dim)
     max_seqlen_q, max_seqlen_k = _python_number(max_seqlen_q), _python_number(max_seqlen_k)
-    if not _is_int(max_seqlen_q) or not _is_int(max_seqlen_k):
-        raise TypeError("max_seqlen_q and max_seqlen_k must be Python ints")
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not _is_int(value):
+            raise TypeError(f"{name} must be a Python int, got {type(value).__name__}")
         if not isinstance(value, torch.SymInt) and _surely(value < 0):
             raise ValueError(f"{name} must be non-negative, got {value}")
     # traced (torch.compile, export, meta / fake tensors): no data to read, and the scale may be a symbol: the
@@ -677,8 +679,8 @@ def _check_flag(name: str, value) -> None:
 
 
 def _check_head_dim(dim: int) -> None:
-    if dim > 256 or dim < 1:
-        raise ValueError(f"head dim (q.shape[-1]) must be in 1..256, got {dim}")
+    if dim > MAX_HEAD_DIM or dim < 1:
+        raise ValueError(f"head dim (q.shape[-1]) must be in 1..{MAX_HEAD_DIM}, got {dim}")
 
 
 def _at_most(value, bound):
@@ -911,8 +913,7 @@ def attention_key_mass(q: torch.Tensor, k: torch.Tensor, query_weights: Optional
     batch, n_queries, heads, dim = q.shape
     if k.shape[0] != batch or k.shape[2:] != q.shape[2:]:
         raise ValueError(f"k must be [B={batch}, N, H={heads}, D={dim}] like q, got {tuple(k.shape)}")
-    if dim > 256 or dim < 1:
-        raise ValueError(f"head dim (q.shape[-1]) must be in 1..256, got {dim}")
+    _check_head_dim(dim)
     if q.dtype != torch.float64 and max(batch, heads) > MAX_GRID_SAMPLES:  # kernels launch (blocks, heads, samples)
         raise ValueError(f"q has {batch} samples and {heads} heads; one call takes at most {MAX_GRID_SAMPLES} of "
                          "each (CUDA's grid limit): split the batch")

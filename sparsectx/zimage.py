@@ -103,11 +103,6 @@ def kept_x_rows(grids: Sequence[tuple], kept: torch.Tensor) -> torch.Tensor:
     return torch.cat([padded_positions(grids, kept), *pads]).sort().values
 
 
-def caption_rows(cap_feats) -> list:
-    """Each sample's caption rows in omni mode (every segment padded to a multiple of ``SEQ_MULTI_OF``)."""
-    return [sum(padded_length(len(segment)) for segment in segments) for segments in cap_feats]
-
-
 @contextlib.contextmanager
 def compacted(model: torch.nn.Module, kept_rows: Sequence[tuple]):
     """While active, the model's omni forward runs each sample ``b`` on the rows ``kept_rows[b]`` (``(host,

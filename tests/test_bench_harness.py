@@ -1784,10 +1784,12 @@ def test_bench_merge_into_alone_keeps_rows_as_they_come_and_refuses_bad_files_be
     for fake, expected_rows in ((killed, 2), (finished, 2)):
         monkeypatch.setattr(benchmarks, "run_case", fake)
         path = tmp_path / f"{fake.__name__}.json"
-        try:
-            cli.main(["bench", "--quick", "--case", "compaction", "--merge-into", str(path)])
-        except KeyboardInterrupt:
-            pass
+        argv = ["bench", "--quick", "--case", "compaction", "--merge-into", str(path)]
+        if fake is killed:
+            with pytest.raises(KeyboardInterrupt):
+                cli.main(argv)
+        else:
+            cli.main(argv)
         assert len(json.loads(path.read_text())["rows"]) == expected_rows, fake.__name__
     ran.clear()
     bad = tmp_path / "bad.json"
@@ -2397,9 +2399,7 @@ def test_gpu_check_stops_a_build_still_running_with_its_processes_and_reports_a_
 
     marker = f"{1000 + os.getpid() % 1000}.5"  # a sleep of its own, found by its argument
     body = f"sleep {marker} & sleep {marker}"
-    started = time.monotonic()
-    run = _precompile_driver(tmp_path, body, after="sleep 1; stop_precompile 1")
-    assert time.monotonic() - started < 60
+    run = _precompile_driver(tmp_path, body, after="sleep 1; stop_precompile 1")  # (a driver that waited: timeout)
     assert run["steps"][0].split()[:2] == ["precompile", "STOPPED"], run["steps"]
     time.sleep(0.5)
     left = subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True, text=True).stdout.split()

@@ -105,6 +105,11 @@ class _KeysMasked(zi.ZSingleStreamAttnProcessor):
         return super().__call__(attn, hidden_states, encoder_hidden_states, allowed, freqs_cis)
 
 
+def _caption_rows(cap_feats) -> list:
+    """Each sample's caption rows in omni mode (every segment padded to a multiple of ``SEQ_MULTI_OF``)."""
+    return [sum(zimage.padded_length(len(segment)) for segment in segments) for segments in cap_feats]
+
+
 @contextlib.contextmanager
 def _keys_masked(model, keep, grids=GRIDS):
     """The unpatched model with the reference tokens ``keep`` drops (bool ``[B, N]``; a forward of another batch
@@ -116,7 +121,7 @@ def _keys_masked(model, keep, grids=GRIDS):
     def read_call(module, args, kwargs):
         n = len(kwargs["x"])
         state.update(dropped=[dropped[b % len(dropped)] for b in range(n)], refiner=[0] * n,
-                     main=zimage.caption_rows(kwargs["cap_feats"]))
+                     main=_caption_rows(kwargs["cap_feats"]))
 
     layers = [(model.noise_refiner, "refiner"), (model.layers, "main")]
     originals = [[layer.attention.processor for layer in stack] for stack, _ in layers]
@@ -493,7 +498,7 @@ def test_probe_tensors_are_the_first_main_layers_query_and_key(model, shared):
         model.layers[0].attention.set_processor(original)
     sparsectx.enable(model, budget=0.5, selector=checks.recording_attention(probe))
     _run(model, kwargs)
-    caption = zimage.caption_rows(kwargs["cap_feats"])
+    caption = _caption_rows(kwargs["cap_feats"])
     for b in range(1 if shared else 2):
         text = torch.cat([torch.arange(start, start + n) for start, n in zip(
             [0, *torch.tensor([zimage.padded_length(len(s)) for s in kwargs["cap_feats"][b]]).cumsum(0).tolist()],
