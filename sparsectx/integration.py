@@ -1353,7 +1353,10 @@ class _Group:
     joints: dict = field(default_factory=dict)
 
 
+# per transformer: (its peft_config dict, the adapter names, weak references to its LoRA layers, the walk's number),
+# the layers found by a walk once per set of adapters (held weakly: unloading an adapter frees its weights)
 _LORA_LAYERS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_LORA_WALKS = itertools.count()  # (a walk's number: layers found anew are another adapter, even of the same name)
 
 
 def _hashable(value):
@@ -1362,32 +1365,36 @@ def _hashable(value):
 
 def _lora_key(transformer: torch.nn.Module, attn_kwargs) -> Optional[tuple]:
     """The peft LoRA state of ``transformer`` that its q and k (the attention probe's) depend on: the call's
-    ``scale`` and each LoRA layer's active, merged and disabled adapters and scalings (``set_adapters``'
-    weights), or None without peft layers. (A walk over the modules, made outside an enabled pipeline's call only,
+    ``scale``, the LoRA layers (their walk's number: layers loaded since are another adapter, also under the same
+    name) and each one's active, merged and disabled adapters and scalings (``set_adapters``' weights), or None
+    without peft layers. (A walk over the modules, made outside an enabled pipeline's call only,
     where nothing else tells a forward at another LoRA setting from one on the same prompt tensors.)"""
     tuners = sys.modules.get("peft.tuners.tuners_utils")  # (no peft imported: no LoRA layer)
     # (peft's add_adapter, diffusers' load_lora_adapter and get_peft_model set peft_config on the model: without
     # one, no walk)
     config = getattr(transformer, "peft_config", None)
     if tuners is None or not config:
+        _LORA_LAYERS.pop(transformer, None)
         return None
-    # the LoRA layers, found by a walk over the modules (~1 us per module) once per set of adapters
-    adapters = (id(config), tuple(config))
-    found = _LORA_LAYERS.get(transformer)
-    if found is None or found[0] != adapters:
-        found = _LORA_LAYERS[transformer] = (adapters, [layer for layer in transformer.modules()
-                                                        if isinstance(layer, tuners.BaseTunerLayer)])
+    # the LoRA layers, found by a walk over the modules (~1 us per module) once per set of adapters: the same
+    # peft_config object (held, so that another one can not take its id) with the same names, every layer alive
+    names = tuple(config)
+    entry = _LORA_LAYERS.get(transformer)
+    found = [ref() for ref in entry[2]] if entry is not None and entry[0] is config and entry[1] == names else [None]
+    if any(layer is None for layer in found):
+        found = [layer for layer in transformer.modules() if isinstance(layer, tuners.BaseTunerLayer)]
+        entry = _LORA_LAYERS[transformer] = (config, names, [weakref.ref(layer) for layer in found], next(_LORA_WALKS))
     # (peft's own attributes behind active_adapters / disable_adapters: those properties cost ~4 us a layer)
     # (scalings to 12 digits: diffusers' per-call scale multiplies and divides them back, not always exactly)
     layers = tuple((_hashable(getattr(layer, "_active_adapter", None)), getattr(layer, "_disable_adapters", None),
                     tuple(layer.merged_adapters), tuple((name, float(f"{value:.12g}") if isinstance(value, float)
                                                          else value) for name, value in
                                                         getattr(layer, "scaling", {}).items()))
-                   for layer in found[1])
+                   for layer in found)
     if not layers:
         return None
     scale = attn_kwargs.get("scale") if isinstance(attn_kwargs, dict) else None
-    return repr(scale), layers
+    return repr(scale), entry[3], layers
 
 
 class _PlanKey(NamedTuple):
@@ -2098,7 +2105,7 @@ class _SparsePatch(ForwardPatch):
             # KV processors on a shared transformer): the layers still ours go back, then every layer gets ours again;
             # a processor sparsectx can not replace is refused first, with nothing changed
             processors.check_replaceable(self.transformer)
-            processors.restore_processors(self.transformer, self.original_processors)
+            processors.restore_processors(self.transformer, self.original_processors, self.attention_state)
             self.attention, self.original_processors, self.attention_state = NATIVE, None, None
 
         if attention == SPARSECTX:
@@ -2106,7 +2113,7 @@ class _SparsePatch(ForwardPatch):
             self.original_processors = processors.install_processors(self.transformer, state)
             self.attention_state = state
         else:
-            processors.restore_processors(self.transformer, self.original_processors)
+            processors.restore_processors(self.transformer, self.original_processors, self.attention_state)
             self.original_processors = None
             self.attention_state = None
         self.attention = attention
@@ -2125,6 +2132,8 @@ class _SparsePatch(ForwardPatch):
         from . import processors
 
         self.attention, self.original_processors, self.attention_state, layers = snapshot
+        if self.attention_state is not None:  # its processors run the drop-in again (a block may have retired it)
+            self.attention_state.retired = False
         processors.set_layer_processors(self.transformer, layers)
         self._drop_plans()
 
@@ -2158,6 +2167,9 @@ class _SparsePatch(ForwardPatch):
         self.recent.release("disable")
         super().uninstall()
         self.set_attention(NATIVE)
+        from . import processors  # deferred: imports diffusers' model modules
+
+        processors.restore_stale_processors(self.transformer)  # (set back by hand since they were taken off)
 
     def new_call(self) -> None:
         self.epochs_made += 1

@@ -34,7 +34,7 @@ processor, so one processor instance may serve every layer (diffusers' ``set_att
 | ``ZSingleStreamAttnProcessor`` (Z-Image) | ``SparsectxZImageAttnProcessor`` |
 
 ``install_processors(transformer, state)`` swaps every supported processor of a transformer (and returns the
-originals); ``restore_processors(transformer, originals)`` puts the very same objects back.
+originals); ``restore_processors(transformer, originals, state)`` puts the very same objects back.
 
 Context parallelism (a processor's ``_parallel_config`` holding a ``context_parallel_config``) splits the sequence
 across devices inside diffusers' dispatcher; these processors do not, and raise a ``RuntimeError`` instead.
@@ -114,12 +114,16 @@ class AttentionState:
     ``skip_dropped_queries``: dropped tokens are not computed as queries either (their attention output is zero).
     ``delegate_when_unmasked``: with no mask active, call the processor that was replaced instead of the kernel
     (bit-exact with the unpatched model: drop training in eval mode).
+    ``retired``: the processors reading this state were taken off (``restore_processors``); one set back on a layer
+    since (by hand, from a saved ``attn_processors``) runs the processor it replaced, and install and restore take it
+    for that processor, as an orphan.
     """
 
     image_keep: Optional[torch.Tensor] = None
     image_kept_prefix: int = 0
     skip_dropped_queries: bool = True
     delegate_when_unmasked: bool = False
+    retired: bool = False
     packed: Optional["PackedBatch"] = None
     # the range of each KV layer cache's kept_index, by tensor id, read once per forward (set by the drop-in for the
     # length of one forward; None: read at each layer)
@@ -271,10 +275,17 @@ class _SparsectxProcessor:
                             f"{query.dtype}: enable with attention='native' (the drop-in), or run the model in a "
                             "supported dtype (drop training needs one)")
 
+    @property
+    def stale(self) -> bool:
+        """Whether no drop-in or drop training runs this processor: built without a state (an orphan), or its state
+        retired; install and restore take it for the diffusers processor it stands for."""
+        return self.orphan or self.state.retired
+
     def _delegates(self) -> bool:
         """Whether this call goes to the replaced processor (checked first in every call, with the parallelism)."""
         self._check_parallel()
-        return self.state.delegate_when_unmasked and self.state.image_keep is None and self.original is not None
+        return self.original is not None and (self.state.retired or (
+            self.state.delegate_when_unmasked and self.state.image_keep is None))
 
     def _replaced(self):
         """The replaced processor: the one this was built over, or for a processor built alone a new one of the class
@@ -1258,13 +1269,14 @@ def install_processors(transformer: torch.nn.Module, state: AttentionState) -> d
     if not modules:
         raise TypeError(f"{type(transformer).__name__} has no diffusers attention layers")
     check_replaceable(transformer)
-    if any(isinstance(m.processor, SPARSECTX_PROCESSORS) and not m.processor.orphan for _, m in modules):
+    if any(isinstance(m.processor, SPARSECTX_PROCESSORS) and not m.processor.stale for _, m in modules):
         raise RuntimeError(f"{type(transformer).__name__} already runs sparsectx processors")
     if _uses_context_parallel(transformer, [m.processor for _, m in modules]):
         raise RuntimeError("sparsectx processors do not support diffusers context parallelism; install them on a "
                            "model without it")
     _register_for_layer_skip_or_warn()
     originals = {}
+    state.retired = False  # (drop training installs its state again after restoring it)
     for name, module in modules:
         original = _diffusers_processor(module.processor)
         originals[name] = original
@@ -1287,10 +1299,10 @@ def _warn_new_parameters(diffusers_class: type) -> None:
 
 
 def _diffusers_processor(processor):
-    """The diffusers processor a layer runs: ``processor``, or for a sparsectx processor built without a state (an
-    orphan) the one it stands for, new with the settings diffusers wrote on it (its attention backend), or the one it
-    was built over."""
-    if isinstance(processor, SPARSECTX_PROCESSORS) and processor.orphan:
+    """The diffusers processor a layer runs: ``processor``, or for a stale sparsectx processor (an orphan, or one of
+    a retired state) the one it stands for: the one it was built over, or new with the settings diffusers wrote on
+    it (its attention backend)."""
+    if isinstance(processor, SPARSECTX_PROCESSORS) and processor.stale:
         return processor._replaced()
     return processor
 
@@ -1323,18 +1335,26 @@ def unsupported_processors(transformer: torch.nn.Module) -> list[str]:
                    if type(m.processor) not in PROCESSOR_MAP and not isinstance(m.processor, SPARSECTX_PROCESSORS)})
 
 
-def restore_processors(transformer: torch.nn.Module, originals: dict) -> None:
+def restore_processors(transformer: torch.nn.Module, originals: dict, state: Optional[AttentionState]) -> None:
     """Puts back the very processor objects ``install_processors`` replaced, in the layers that still run the
-    sparsectx processor installed over them: a processor set since (e.g. the KV-cache processors that
-    ``Flux2KleinKVPipeline.from_pipe`` installs on a shared transformer) stays, except a sparsectx processor built
-    without a state (diffusers' ``unload_ip_adapter`` rebuilds processors as ``type(p)()``), which becomes the
-    diffusers processor it stands for."""
+    sparsectx processor installed over them, and retires ``state`` (their state): a processor set since (e.g. the
+    KV-cache processors that ``Flux2KleinKVPipeline.from_pipe`` installs on a shared transformer) stays, except a
+    stale sparsectx processor (built without a state, as diffusers' ``unload_ip_adapter`` rebuilds processors as
+    ``type(p)()``, or of a retired state), which becomes the diffusers processor it stands for."""
+    if state is not None:
+        state.retired = True
     modules = _named_modules(transformer)
     for name, processor in originals.items():
         if _runs_ours_over(modules.get(name), processor):
             modules[name].set_processor(processor)
-    for _, module in _attention_modules(transformer):  # orphans (e.g. left by unload_ip_adapter) go back too
-        if isinstance(module.processor, SPARSECTX_PROCESSORS) and module.processor.orphan:
+    restore_stale_processors(transformer)
+
+
+def restore_stale_processors(transformer: torch.nn.Module) -> None:
+    """Puts the diffusers processor each stale sparsectx processor stands for on its layer (e.g. one left by
+    ``unload_ip_adapter``, or set back by hand after its drop-in was taken off)."""
+    for _, module in _attention_modules(transformer):
+        if isinstance(module.processor, SPARSECTX_PROCESSORS) and module.processor.stale:
             module.set_processor(_diffusers_processor(module.processor))
 
 

@@ -266,7 +266,7 @@ class _DropTrainingPatch(integration.ForwardPatch):
         super().uninstall()
         from . import processors
 
-        processors.restore_processors(self.transformer, self.original_processors)
+        processors.restore_processors(self.transformer, self.original_processors, self.state)
         self.state.image_keep, self.state.image_kept_prefix = None, 0
         self.recent_draws.clear()
         self.recent_draw_skips.clear()
@@ -318,7 +318,7 @@ class _DropTrainingPatch(integration.ForwardPatch):
             raise RuntimeError(f"drop training: attention processors {unsupported} were set on the transformer after "
                                "enable_drop_training and can not attend with its drop mask; set them before "
                                "enabling, or disable drop training first")
-        processors.restore_processors(self.transformer, self.original_processors)
+        processors.restore_processors(self.transformer, self.original_processors, self.state)
         self.original_processors = processors.install_processors(self.transformer, self.state)
 
     @contextlib.contextmanager

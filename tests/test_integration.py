@@ -500,6 +500,57 @@ def test_a_bare_transformers_probe_selection_follows_the_lora_scale_and_adapters
     assert len(calls) == 1
 
 
+def test_a_bare_transformers_lora_key_frees_unloaded_adapters_and_tells_a_new_adapter_of_the_same_name():
+    """The LoRA layers a bare transformer's selection key reads are held weakly: unloading the adapter frees its
+    weights (before: they stayed alive until the next LoRA forward, also after disable). An adapter loaded since
+    under the same name and peft_config object (as a new peft_config taking a freed one's id: the key compared ids)
+    is another adapter: the next forward selects anew, and disabling it is seen (before: the freed layers' state was
+    read, and the first adapter's selection kept)."""
+    import gc
+
+    peft = pytest.importorskip("peft")
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    def config():
+        return peft.LoraConfig(r=4, lora_alpha=64, init_lora_weights=False,
+                               target_modules=["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj"])
+
+    def lora_enabled(flag):
+        for layer in model.modules():
+            if isinstance(layer, BaseTunerLayer):
+                layer.enable_adapters(flag)
+
+    model, kwargs = _build_model("flux2"), _inputs("flux2")
+    torch.manual_seed(1)
+    model.add_adapter(config())
+
+    def keep(anew=False):
+        if anew:
+            sparsectx.enable(model, budget=0.5, selector="attention", seed=0)
+        _run(model, {**kwargs, "joint_attention_kwargs": {"scale": 1.0}})
+        return model._sparsectx_patch.cache.keep.clone()
+
+    try:
+        first = keep(anew=True)
+        layer = weakref.ref(next(m for m in model.modules() if isinstance(m, BaseTunerLayer)))
+        saved = model.peft_config
+        model.unload_lora()
+        gc.collect()
+        assert layer() is None
+        model.peft_config = saved
+        torch.manual_seed(2)
+        peft.inject_adapter_in_model(config(), model, "default")
+        second = keep()
+        lora_enabled(False)
+        off = keep()
+        assert torch.equal(off, keep(anew=True))
+        lora_enabled(True)
+        assert torch.equal(second, keep(anew=True)) and not torch.equal(second, first)
+        assert not torch.equal(second, off)
+    finally:
+        sparsectx.disable(model)
+
+
 @pytest.mark.parametrize("family", ("flux2", "qwen", QWEN_PLAIN, "longcat", "fibo"))
 def test_mixed_budgets_equal_each_sample_alone(models, family):
     """(FIBO: its per-block text layers and its key mask, which pads the last sample's prompt, cut per sample.)"""
@@ -4390,3 +4441,60 @@ def test_sparse_context_hands_its_signals_to_the_selector():
         assert seen and all(isinstance(s, torch.Tensor) and bool(s[:, [1, 2, 12]].all()) for s in seen)
     finally:
         sparsectx.disable(model)
+
+
+def _processor_classes(transformer) -> set:
+    return {type(p).__name__ for p in transformer.attn_processors.values()}
+
+
+def test_sparsectx_processors_set_back_after_their_drop_in_was_taken_off_run_the_originals():
+    """Processors read from ``attn_processors`` while enabled with attention="sparsectx" and set back by hand after
+    disable (or after a switch to attention="native") run the diffusers processors they replaced: before, they ran
+    sparsectx's attention on a transformer is_enabled called off (not the original output bit for bit), a second
+    disable left them, and enable(attention="sparsectx") raised 'already runs sparsectx processors'."""
+    pipe = _tiny_pipeline(diffusers.Flux2KleinPipeline)
+    transformer = pipe.transformer
+    diffusers_classes = _processor_classes(transformer)
+    with torch.no_grad():
+        dense = pipe(**_seeded_klein_call()).images
+        for switch_off in ("disable", "native"):
+            sparsectx.enable(pipe, budget=2, selector="uniform", attention="sparsectx")
+            sparse = pipe(**_seeded_klein_call()).images
+            saved = dict(transformer.attn_processors)
+            assert _processor_classes(transformer).isdisjoint(diffusers_classes)
+            if switch_off == "native":
+                sparsectx.enable(pipe, budget=2, selector="uniform", attention="native")
+                native = pipe(**_seeded_klein_call()).images
+                transformer.set_attn_processor(dict(saved))
+                assert torch.equal(pipe(**_seeded_klein_call()).images, native)  # (they run diffusers' attention)
+                sparsectx.disable(pipe)
+                assert _processor_classes(transformer) == diffusers_classes
+                transformer.set_attn_processor(dict(saved))
+            else:
+                sparsectx.disable(pipe)
+                transformer.set_attn_processor(dict(saved))
+            assert not sparsectx.is_enabled(pipe)
+            assert torch.equal(pipe(**_seeded_klein_call()).images, dense)
+            sparsectx.enable(pipe, budget=2, selector="uniform", attention="sparsectx")
+            assert torch.equal(pipe(**_seeded_klein_call()).images, sparse)
+            sparsectx.disable(pipe)
+            assert _processor_classes(transformer) == diffusers_classes
+            assert torch.equal(pipe(**_seeded_klein_call()).images, dense)
+
+
+def test_a_block_switching_to_native_attention_gives_back_a_running_sparsectx_attention():
+    """A sparse_context block with attention="native" in a drop-in enabled with attention="sparsectx" takes
+    sparsectx's processors off (retiring their state); on exit they run the drop-in again, not the originals."""
+    pipe = _tiny_pipeline(diffusers.Flux2KleinPipeline)
+    with torch.no_grad():
+        sparsectx.enable(pipe, budget=2, selector="uniform", attention="sparsectx")
+        try:
+            sparse = pipe(**_seeded_klein_call()).images
+            with sparsectx.sparse_context(pipe, budget=1.0, attention="native"):
+                pipe(**_seeded_klein_call())
+            ours = [p for p in pipe.transformer.attn_processors.values()
+                    if isinstance(p, processors.SPARSECTX_PROCESSORS)]
+            assert ours and not any(p.stale for p in ours)
+            assert torch.equal(pipe(**_seeded_klein_call()).images, sparse)
+        finally:
+            sparsectx.disable(pipe)

@@ -659,7 +659,7 @@ def test_parallel_config_set_on_sparsectx_processors_reaches_the_originals(model
         orphan._parallel_config = config
         assert orphan._parallel_config is config
     finally:
-        processors.restore_processors(model, originals)
+        processors.restore_processors(model, originals, None)
     assert all(p._parallel_config is config for p in _processors(model).values())
     for processor in _processors(model).values():
         processor._parallel_config = None
@@ -723,7 +723,7 @@ def test_boolean_attention_mask_is_a_key_mask(models, mask_batch):
         with pytest.raises(ValueError, match="attention_mask must be a key mask"):  # a boolean mask of another length
             _run(model, {**kwargs, "joint_attention_kwargs": {"attention_mask": key_mask[:, None, None, 1:]}})
     finally:
-        processors.restore_processors(model, originals)
+        processors.restore_processors(model, originals, None)
 
 
 def _kv_model():
