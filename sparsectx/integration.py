@@ -167,6 +167,8 @@ SUPPORTED_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinKVPipel
                        "JoyImageEditPipeline", "ZImageOmniPipeline", "GlmImagePipeline")
 NATIVE, SPARSECTX = "native", "sparsectx"  # enable(attention=...): diffusers' own attention or sparsectx's kernel
 ATTENTION_CHOICES = (NATIVE, SPARSECTX)
+# (what a refusal of attention="sparsectx" over a model's own processors ends with)
+NATIVE_HINT = "; enable with attention='native' (the default) to run them as they are, with the drop-in"
 DROP_TRAINING_ATTR = "_sparsectx_drop_training"  # set by sparsectx.training.enable_drop_training
 CALL_KWARG = "sparsectx"  # key of the per-call override dict inside (joint_)attention_kwargs
 OVERRIDE_KEYS = ("budget", "selector", "signals")
@@ -2104,13 +2106,13 @@ class _SparsePatch(ForwardPatch):
             # processors replaced since sparsectx installed its own (e.g. Flux2KleinKVPipeline.from_pipe sets its
             # KV processors on a shared transformer): the layers still ours go back, then every layer gets ours again;
             # a processor sparsectx can not replace is refused first, with nothing changed
-            processors.check_replaceable(self.transformer)
+            processors.check_replaceable(self.transformer, NATIVE_HINT)
             processors.restore_processors(self.transformer, self.original_processors, self.attention_state)
             self.attention, self.original_processors, self.attention_state = NATIVE, None, None
 
         if attention == SPARSECTX:
             state = processors.AttentionState()
-            self.original_processors = processors.install_processors(self.transformer, state)
+            self.original_processors = processors.install_processors(self.transformer, state, NATIVE_HINT)
             self.attention_state = state
         else:
             processors.restore_processors(self.transformer, self.original_processors, self.attention_state)

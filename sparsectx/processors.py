@@ -1260,15 +1260,15 @@ def _uses_context_parallel(transformer: torch.nn.Module, processors) -> bool:
     return any(c is not None and getattr(c, "context_parallel_config", c) is not None for c in configs)
 
 
-def install_processors(transformer: torch.nn.Module, state: AttentionState) -> dict:
+def install_processors(transformer: torch.nn.Module, state: AttentionState, hint: str = "") -> dict:
     """Replaces every supported diffusers attention processor of ``transformer`` with a sparsectx processor (one
     instance per layer, all reading ``state``). Returns ``{module name: original processor}`` for
-    ``restore_processors``. Raises ``TypeError`` (naming the supported classes) when a layer has a processor
-    sparsectx can not replace (nothing is changed then), ``RuntimeError`` under context parallelism."""
+    ``restore_processors``. Raises ``TypeError`` (naming the supported classes, then ``hint``) when a layer has a
+    processor sparsectx can not replace (nothing is changed then), ``RuntimeError`` under context parallelism."""
     modules = _attention_modules(transformer)
     if not modules:
-        raise TypeError(f"{type(transformer).__name__} has no diffusers attention layers")
-    check_replaceable(transformer)
+        raise TypeError(f"{type(transformer).__name__} has no diffusers attention layers{hint}")
+    check_replaceable(transformer, hint)
     if any(isinstance(m.processor, SPARSECTX_PROCESSORS) and not m.processor.stale for _, m in modules):
         raise RuntimeError(f"{type(transformer).__name__} already runs sparsectx processors")
     if _uses_context_parallel(transformer, [m.processor for _, m in modules]):
@@ -1307,12 +1307,13 @@ def _diffusers_processor(processor):
     return processor
 
 
-def check_replaceable(transformer: torch.nn.Module) -> None:
-    """``TypeError`` naming the processors of ``transformer`` that sparsectx can not replace, if any."""
+def check_replaceable(transformer: torch.nn.Module, hint: str = "") -> None:
+    """``TypeError`` naming the processors of ``transformer`` that sparsectx can not replace, if any (then
+    ``hint``)."""
     unsupported = unsupported_processors(transformer)
     if unsupported:
         raise TypeError(f"sparsectx can not replace the attention processors {unsupported}; supported: "
-                        f"{', '.join(cls.__name__ for cls in PROCESSOR_MAP)}")
+                        f"{', '.join(cls.__name__ for cls in PROCESSOR_MAP)}{hint}")
 
 
 def layer_processors(transformer: torch.nn.Module) -> dict:

@@ -496,7 +496,8 @@ def test_a_refused_enable_or_a_context_exit_keeps_the_processors_of_before(model
     model, kwargs = models["flux"], shared._inputs("flux")
     with _a_users_processor_after_enable(model):
         before = _processors(model)
-        with pytest.raises(TypeError, match="can not replace the attention processors"):
+        with pytest.raises(TypeError, match="can not replace the attention processors .*; enable with "
+                                            "attention='native' \\(the default\\) to run them as they are"):
             sparsectx.enable(model, budget=0.25, attention="sparsectx")
         assert _processors(model) == before and model._sparsectx_patch.attention == "sparsectx"
         expected = _run(model, kwargs)
