@@ -2133,6 +2133,8 @@ class _SparsePatch(ForwardPatch):
         """The attention of ``attention_snapshot``, with the very processor objects each layer ran then."""
         from . import processors
 
+        if self.attention_state is not None and self.attention_state is not snapshot[2]:
+            self.attention_state.retired = True  # (the block's processors, if set back by hand, run the originals)
         self.attention, self.original_processors, self.attention_state, layers = snapshot
         if self.attention_state is not None:  # its processors run the drop-in again (a block may have retired it)
             self.attention_state.retired = False

@@ -1267,7 +1267,7 @@ def install_processors(transformer: torch.nn.Module, state: AttentionState, hint
     processor sparsectx can not replace (nothing is changed then), ``RuntimeError`` under context parallelism."""
     modules = _attention_modules(transformer)
     if not modules:
-        raise TypeError(f"{type(transformer).__name__} has no diffusers attention layers{hint}")
+        raise TypeError(f"{type(transformer).__name__} has no diffusers attention layers")
     check_replaceable(transformer, hint)
     if any(isinstance(m.processor, SPARSECTX_PROCESSORS) and not m.processor.stale for _, m in modules):
         raise RuntimeError(f"{type(transformer).__name__} already runs sparsectx processors")
@@ -1342,12 +1342,12 @@ def restore_processors(transformer: torch.nn.Module, originals: dict, state: Opt
     KV-cache processors that ``Flux2KleinKVPipeline.from_pipe`` installs on a shared transformer) stays, except a
     stale sparsectx processor (built without a state, as diffusers' ``unload_ip_adapter`` rebuilds processors as
     ``type(p)()``, or of a retired state), which becomes the diffusers processor it stands for."""
-    if state is not None:
-        state.retired = True
     modules = _named_modules(transformer)
     for name, processor in originals.items():
         if _runs_ours_over(modules.get(name), processor):
             modules[name].set_processor(processor)
+    if state is not None:
+        state.retired = True
     restore_stale_processors(transformer)
 
 
@@ -1366,5 +1366,7 @@ def processors_installed(transformer: torch.nn.Module, originals: Optional[dict]
 
 
 def _runs_ours_over(module, original) -> bool:
+    """Whether ``module`` runs a live sparsectx processor built over ``original`` (not a stale one: another install
+    over the same original, set back by hand)."""
     current = getattr(module, "processor", None)
-    return isinstance(current, SPARSECTX_PROCESSORS) and getattr(current, "original", None) is original
+    return isinstance(current, SPARSECTX_PROCESSORS) and current.original is original and not current.stale

@@ -4477,24 +4477,53 @@ def test_sparsectx_processors_set_back_after_their_drop_in_was_taken_off_run_the
             assert torch.equal(pipe(**_seeded_klein_call()).images, dense)
             sparsectx.enable(pipe, budget=2, selector="uniform", attention="sparsectx")
             assert torch.equal(pipe(**_seeded_klein_call()).images, sparse)
+            transformer.set_attn_processor(dict(saved))  # (over the same originals: the new install's go back on)
+            assert torch.equal(pipe(**_seeded_klein_call()).images, sparse)
             sparsectx.disable(pipe)
             assert _processor_classes(transformer) == diffusers_classes
             assert torch.equal(pipe(**_seeded_klein_call()).images, dense)
 
 
-def test_a_block_switching_to_native_attention_gives_back_a_running_sparsectx_attention():
-    """A sparse_context block with attention="native" in a drop-in enabled with attention="sparsectx" takes
-    sparsectx's processors off (retiring their state); on exit they run the drop-in again, not the originals."""
+def test_a_blocks_sparsectx_processors_set_back_after_it_exited_run_the_originals():
+    """Processors saved inside a sparse_context(attention="sparsectx") block and set back by hand after it exited
+    run the processors the block found (before: sparsectx's attention, enable(attention="sparsectx") raised 'already
+    runs sparsectx processors' and disable left them); a block switching a sparsectx drop-in to native attention
+    gives back its running processors on exit."""
     pipe = _tiny_pipeline(diffusers.Flux2KleinPipeline)
+    transformer = pipe.transformer
+    diffusers_classes = _processor_classes(transformer)
     with torch.no_grad():
-        sparsectx.enable(pipe, budget=2, selector="uniform", attention="sparsectx")
+        sparsectx.enable(pipe, budget=2, selector="uniform", attention="native")
         try:
-            sparse = pipe(**_seeded_klein_call()).images
+            native = pipe(**_seeded_klein_call()).images
+            with sparsectx.sparse_context(pipe, budget=2, selector="uniform", attention="sparsectx"):
+                saved = dict(transformer.attn_processors)
+                sparse = pipe(**_seeded_klein_call()).images
+            assert _processor_classes(transformer) == diffusers_classes
+            transformer.set_attn_processor(dict(saved))
+            assert torch.equal(pipe(**_seeded_klein_call()).images, native)
+            sparsectx.enable(pipe, budget=2, selector="uniform", attention="sparsectx")
+            assert torch.equal(pipe(**_seeded_klein_call()).images, sparse)
             with sparsectx.sparse_context(pipe, budget=1.0, attention="native"):
                 pipe(**_seeded_klein_call())
-            ours = [p for p in pipe.transformer.attn_processors.values()
-                    if isinstance(p, processors.SPARSECTX_PROCESSORS)]
-            assert ours and not any(p.stale for p in ours)
             assert torch.equal(pipe(**_seeded_klein_call()).images, sparse)
         finally:
             sparsectx.disable(pipe)
+    assert _processor_classes(transformer) == diffusers_classes
+
+
+def test_a_klein_budget_of_zero_equals_the_call_without_references():
+    """Every token keeps its position in the full sequence, and FLUX.2's references reach the target through
+    attention alone: keeping none of them is the call without reference images, bit for bit with native attention
+    (docs/drop-in.md says so; Qwen-Image-Edit-Plus is the documented exception)."""
+    pipe = _tiny_pipeline(diffusers.Flux2KleinPipeline)
+    with torch.no_grad():
+        without = pipe(**{**_seeded_klein_call(), "image": None}).images
+        with_references = pipe(**_seeded_klein_call()).images
+        assert not torch.equal(without, with_references)  # (the references matter)
+        for budget in (0, 0.0, [0, 0]):
+            sparsectx.enable(pipe, budget=budget, selector="uniform")
+            try:
+                assert torch.equal(pipe(**_seeded_klein_call()).images, without), budget
+            finally:
+                sparsectx.disable(pipe)

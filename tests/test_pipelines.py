@@ -142,6 +142,24 @@ def _call_kwargs(family, mode):
     return kwargs
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_kontext_budget_of_zero_equals_the_call_without_the_reference(mode):
+    """(docs/drop-in.md: a budget of 0 is the call without references where they reach the target through attention
+    alone, bit for bit with native attention; Qwen-Image-Edit-Plus, whose text positions start past the largest grid,
+    references included, is the documented exception.)"""
+    pipeline = _pipeline(KONTEXT)
+    pipeline.set_progress_bar_config(disable=True)
+    kwargs = _call_kwargs(KONTEXT, mode)
+    with torch.no_grad():
+        without = pipeline(**{k: v for k, v in kwargs.items() if k != "image"}).images
+        assert not torch.equal(without, pipeline(**_call_kwargs(KONTEXT, mode)).images)  # (the reference matters)
+        sparsectx.enable(pipeline, budget=0, selector="uniform")
+        try:
+            assert torch.equal(pipeline(**_call_kwargs(KONTEXT, mode)).images, without)
+        finally:
+            sparsectx.disable(pipeline)
+
+
 def _target_tokens(family):
     px, per_token = (KONTEXT_TARGET_PX, KONTEXT_PX_PER_TOKEN) if family == KONTEXT else \
         (QWEN_TARGET_PX, QWEN_PX_PER_TOKEN)

@@ -645,6 +645,29 @@ def test_drop_training_takes_back_processors_set_after_enable(models):
     block.set_processor(replaced)
 
 
+def test_drop_training_takes_back_its_earlier_processors_set_back_by_hand(models):
+    """Processors saved under one enable_drop_training and set back by hand after disable and another enable (built
+    over the same diffusers processors) are replaced by the live ones at the next forward (before: they passed for
+    installed and ran the originals, so a forward whose mask dropped tokens dropped none)."""
+    model, kwargs = models["flux2"], shared._inputs("flux2")
+    model.train()
+    plain = _run(model, kwargs)
+    originals = _processors(model)
+    enable_drop_training(model, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(1))
+    masked = _run(model, kwargs)
+    assert not torch.equal(masked, plain)
+    saved = dict(model.attn_processors)
+    disable_drop_training(model)
+    enable_drop_training(model, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(1))  # same draw
+    try:
+        model.set_attn_processor(saved)
+        assert torch.equal(_run(model, kwargs), masked)
+        assert not any(p.stale for p in _processors(model).values())
+    finally:
+        disable_drop_training(model)
+    assert _processors(model) == originals
+
+
 def test_parallel_config_set_on_sparsectx_processors_reaches_the_originals(models):
     """diffusers' enable_parallelism sets each processor's _parallel_config: with sparsectx's installed it lands on
     the replaced processor, which disable puts back (before: lost, and the restored processors ran unsplit attention
