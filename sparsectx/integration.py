@@ -4113,8 +4113,9 @@ def check_enable_target(pipe_or_transformer, attention: str = NATIVE) -> None:
 
 
 def disable(pipe_or_transformer):
-    """Restores the original forward, attention processors and pipeline class exactly (the same objects); a no-op
-    when sparsectx is not enabled. On a pipeline whose transformer was replaced since ``enable``, the transformer
+    """Restores the original forward, attention processors and pipeline class exactly (the same objects); when
+    sparsectx is not enabled, only puts back the diffusers processors of sparsectx processors set back by hand since
+    their install was taken off. On a pipeline whose transformer was replaced since ``enable``, the transformer
     ``enable`` patched is restored too."""
     try:
         pipe, transformer, _ = _split_target(pipe_or_transformer)
@@ -4131,6 +4132,8 @@ def disable(pipe_or_transformer):
             patch = getattr(module, PATCH_ATTR, None)
             if patch is not None:
                 patch.uninstall()
+            elif sys.modules.get(__package__ + ".processors") is not None:  # (none made without it)
+                sys.modules[__package__ + ".processors"].restore_stale_processors(module)  # set back by hand
     if pipe is not None and hasattr(type(pipe), "_sparsectx_base"):
         pipe.__class__ = type(pipe)._sparsectx_base
     if pipe is not None and _weakly_keyed(pipe):  # a transformer enabled later by itself is not this pipeline's

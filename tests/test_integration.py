@@ -4475,6 +4475,11 @@ def test_sparsectx_processors_set_back_after_their_drop_in_was_taken_off_run_the
                 transformer.set_attn_processor(dict(saved))
             assert not sparsectx.is_enabled(pipe)
             assert torch.equal(pipe(**_seeded_klein_call()).images, dense)
+            if switch_off == "disable":  # (disable when not enabled puts the diffusers processors back)
+                sparsectx.disable(pipe)
+                assert _processor_classes(transformer) == diffusers_classes
+                assert torch.equal(pipe(**_seeded_klein_call()).images, dense)
+                transformer.set_attn_processor(dict(saved))
             sparsectx.enable(pipe, budget=2, selector="uniform", attention="sparsectx")
             assert torch.equal(pipe(**_seeded_klein_call()).images, sparse)
             transformer.set_attn_processor(dict(saved))  # (over the same originals: the new install's go back on)
