@@ -4259,6 +4259,8 @@ def _restore_patch_state(transformer, state: Optional[tuple]) -> None:
     if state is None:
         if patch is not None:
             patch.uninstall()
+        elif sys.modules.get(__package__ + ".processors") is not None:  # (as disable)
+            sys.modules[__package__ + ".processors"].restore_stale_processors(transformer)
         return
     family, settings, attention = state
     if patch is None:  # disabled since: the settings enabled before come back all the same

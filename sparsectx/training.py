@@ -514,13 +514,18 @@ def enable_drop_training(transformer, ratio_range: tuple = DEFAULT_RATIO_RANGE,
 
 
 def disable_drop_training(transformer):
-    """Restores the original forward and attention processors (the same objects); a no-op when drop training is not
-    enabled. Returns ``transformer``."""
+    """Restores the original forward and attention processors (the same objects); when drop training is not
+    enabled, only puts back the diffusers processors of sparsectx processors set back by hand since their install was
+    taken off. Returns ``transformer``."""
     _, model, _ = integration._split_target(transformer)
     with integration.transformer_lock(model):
         patch = getattr(model, integration.DROP_TRAINING_ATTR, None)
         if patch is not None:
             patch.uninstall()
+        else:
+            from . import processors
+
+            processors.restore_stale_processors(model)
     return transformer
 
 

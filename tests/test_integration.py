@@ -4515,6 +4515,11 @@ def test_a_blocks_sparsectx_processors_set_back_after_it_exited_run_the_original
         finally:
             sparsectx.disable(pipe)
     assert _processor_classes(transformer) == diffusers_classes
+    with sparsectx.sparse_context(pipe, budget=2, selector="uniform", attention="sparsectx"):  # from dense
+        saved = dict(transformer.attn_processors)
+        sparsectx.disable(pipe)
+        transformer.set_attn_processor(dict(saved))
+    assert _processor_classes(transformer) == diffusers_classes
 
 
 def test_a_klein_budget_of_zero_equals_the_call_without_references():

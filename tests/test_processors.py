@@ -660,11 +660,14 @@ def test_drop_training_takes_back_its_earlier_processors_set_back_by_hand(models
     disable_drop_training(model)
     enable_drop_training(model, ratio_range=(0.2, 0.6), generator=torch.Generator().manual_seed(1))  # same draw
     try:
-        model.set_attn_processor(saved)
+        model.set_attn_processor(dict(saved))  # (diffusers empties the dict it is given)
         assert torch.equal(_run(model, kwargs), masked)
         assert not any(p.stale for p in _processors(model).values())
     finally:
         disable_drop_training(model)
+    assert _processors(model) == originals
+    model.set_attn_processor(dict(saved))  # set back after disable: the next disable puts diffusers' back
+    disable_drop_training(model)
     assert _processors(model) == originals
 
 
