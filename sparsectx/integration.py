@@ -2171,9 +2171,7 @@ class _SparsePatch(ForwardPatch):
         self.recent.release("disable")
         super().uninstall()
         self.set_attention(NATIVE)
-        from . import processors  # deferred: imports diffusers' model modules
-
-        processors.restore_stale_processors(self.transformer)  # (set back by hand since they were taken off)
+        restore_stale_processors(self.transformer)
 
     def new_call(self) -> None:
         self.epochs_made += 1
@@ -4112,6 +4110,15 @@ def check_enable_target(pipe_or_transformer, attention: str = NATIVE) -> None:
     _check_transformer_state(transformer)
 
 
+def restore_stale_processors(transformer: torch.nn.Module) -> None:
+    """The diffusers processors back in place of sparsectx processors set back by hand since their install was taken
+    off (``processors.restore_stale_processors``; none exist where that module was never imported, and then it is
+    not imported: it imports diffusers' model modules)."""
+    processors = sys.modules.get(__package__ + ".processors")
+    if processors is not None:
+        processors.restore_stale_processors(transformer)
+
+
 def disable(pipe_or_transformer):
     """Restores the original forward, attention processors and pipeline class exactly (the same objects); when
     sparsectx is not enabled, only puts back the diffusers processors of sparsectx processors set back by hand since
@@ -4132,8 +4139,8 @@ def disable(pipe_or_transformer):
             patch = getattr(module, PATCH_ATTR, None)
             if patch is not None:
                 patch.uninstall()
-            elif sys.modules.get(__package__ + ".processors") is not None:  # (none made without it)
-                sys.modules[__package__ + ".processors"].restore_stale_processors(module)  # set back by hand
+            else:
+                restore_stale_processors(module)
     if pipe is not None and hasattr(type(pipe), "_sparsectx_base"):
         pipe.__class__ = type(pipe)._sparsectx_base
     if pipe is not None and _weakly_keyed(pipe):  # a transformer enabled later by itself is not this pipeline's
@@ -4259,8 +4266,8 @@ def _restore_patch_state(transformer, state: Optional[tuple]) -> None:
     if state is None:
         if patch is not None:
             patch.uninstall()
-        elif sys.modules.get(__package__ + ".processors") is not None:  # (as disable)
-            sys.modules[__package__ + ".processors"].restore_stale_processors(transformer)
+        else:
+            restore_stale_processors(transformer)
         return
     family, settings, attention = state
     if patch is None:  # disabled since: the settings enabled before come back all the same

@@ -523,9 +523,7 @@ def disable_drop_training(transformer):
         if patch is not None:
             patch.uninstall()
         else:
-            from . import processors
-
-            processors.restore_stale_processors(model)
+            integration.restore_stale_processors(model)
     return transformer
 
 
